@@ -1,0 +1,1 @@
+"""Inference backends: one interface (`Backend.score`), several engines (PyTorch, ONNX Runtime)."""

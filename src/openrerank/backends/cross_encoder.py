@@ -1,0 +1,36 @@
+"""Cross-encoder scoring: one forward pass over `[CLS] q [SEP] p [SEP]`, the logit is the score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from openrerank.backends.base import Backend, PairItem, Runtime, pad_features
+
+
+def logits_to_scores(logits: np.ndarray) -> np.ndarray:
+    """One label: the logit itself. Two labels: positive minus negative logit (the log-odds)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim == 1:
+        return logits
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    if logits.shape[1] == 2:
+        return logits[:, 1] - logits[:, 0]
+    raise ValueError(f"cannot rerank with a {logits.shape[1]}-label classifier head")
+
+
+class CrossEncoderBackend(Backend):
+    def __init__(self, runtime: Runtime, pad_id: int) -> None:
+        self.runtime = runtime
+        self.pad_id = pad_id
+
+    def score(self, items: Sequence[PairItem]) -> np.ndarray:
+        feats = pad_features(
+            [it.input_ids for it in items],
+            [it.token_type_ids for it in items],
+            self.pad_id,
+            self.runtime.input_names,
+        )
+        return logits_to_scores(self.runtime.run(feats))

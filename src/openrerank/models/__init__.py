@@ -1,0 +1,1 @@
+"""Model sources (hub id, local dir, packaged default), kind detection and safe loading."""

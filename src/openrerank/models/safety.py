@@ -1,0 +1,32 @@
+"""Refuse pickle checkpoints unless asked: loading a .bin can run arbitrary code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SAFE_PATTERNS = ("*.safetensors",)
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+class UnsafeWeightsError(RuntimeError):
+    pass
+
+
+def has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def check_weights(path: Path, *, allow_pickle: bool) -> str:
+    """Return the weight format that will be loaded ("safetensors" or "pickle"), or raise."""
+    if has_safetensors(path):
+        return "safetensors"
+    pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in path.glob(pat))
+    if not pickles:
+        raise UnsafeWeightsError(f"{path} holds no model weights (*.safetensors or pytorch_model.bin)")
+    if not allow_pickle:
+        raise UnsafeWeightsError(
+            f"{path} has only pickle weights ({', '.join(pickles)}), which can run arbitrary code when "
+            "loaded; convert them to safetensors, or pass --allow-pickle (OPENRERANK_ALLOW_PICKLE=1) "
+            "if you trust the source"
+        )
+    return "pickle"

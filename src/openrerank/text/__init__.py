@@ -1,0 +1,1 @@
+"""Text preparation: tokenization, truncation and chunking of query+passage pairs."""
