@@ -50,3 +50,12 @@ def create_backend(
     if spec.kind is ModelKind.CROSS_ENCODER:
         return CrossEncoderBackend(runtime, pad_id)
     return BiEncoderBackend(runtime, pad_id, pooling=spec.pooling)
+
+
+def check_backend_options(backend: str, dtype: str, device: str) -> None:
+    """Validate flags without loading anything (used by `serve` before binding)."""
+    if dtype not in DTYPES:
+        raise BackendConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    name = resolve_backend_name(backend, device)
+    if name == "torch" and dtype == "int8":
+        raise BackendConfigError("--dtype int8 needs --backend onnx")

@@ -1,0 +1,5 @@
+import sys
+
+from openrerank.cli import main
+
+sys.exit(main())

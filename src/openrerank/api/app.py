@@ -1,0 +1,151 @@
+"""The FastAPI app factory: dialect routers, middleware, error handlers, background model loading."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openrerank import __version__
+from openrerank.api import nim
+from openrerank.api.errors import ApiError, dialect_for, format_validation_errors
+from openrerank.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, MetricsMiddleware
+from openrerank.api.responses import OrjsonResponse
+from openrerank.config import ServerConfig
+from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
+from openrerank.engine.scheduler import SchedulerConfig
+from openrerank.engine.served import ModelRegistry, UnknownModelError, load_served_model
+from openrerank.metrics import Metrics
+from openrerank.models.loader import LoadOptions
+from openrerank.models.source import parse_model_arg
+from openrerank.text.prepare import InputTooLongError
+
+log = logging.getLogger(__name__)
+
+#: Dialect routers, in the order their routes appear in the OpenAPI document.
+ROUTERS = [nim.router]
+
+_HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 422: "validation"}
+
+
+def load_options(config: ServerConfig) -> LoadOptions:
+    return LoadOptions(backend=config.backend, dtype=config.dtype, device=config.device,
+                       threads=config.threads, max_length=config.max_length,
+                       allow_pickle=config.allow_pickle, revision=config.revision)
+
+
+def scheduler_config(config: ServerConfig) -> SchedulerConfig:
+    return SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
+                           batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
+                           request_timeout=config.request_timeout)
+
+
+async def load_all(app: FastAPI) -> None:
+    """Load every model off the event loop so health/live answers during a long load."""
+    config: ServerConfig = app.state.config
+    reg: ModelRegistry = app.state.registry
+    try:
+        for arg in config.models:
+            source = parse_model_arg(arg)
+            served = await asyncio.to_thread(load_served_model, source, load_options(config),
+                                             scheduler_config(config), app.state.metrics)
+            await served.scheduler.start()
+            reg.add(served)
+        reg.ready = True
+    except Exception as exc:  # surfaced through /v1/health/ready and the log
+        log.exception("model loading failed")
+        reg.load_error = f"{type(exc).__name__}: {exc}"
+
+
+def _error_response(request: Request, status: int, message: str, kind: str,
+                    headers: dict[str, str] | None = None) -> OrjsonResponse:
+    return dialect_for(request.url.path).response(status, message, kind, headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return _error_response(request, exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        dialect = dialect_for(request.url.path)
+        model = dialect.request_models.get(request.url.path)
+        return dialect.response(400, format_validation_errors(list(exc.errors()), model), "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "request body is not valid JSON"
+        return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"),
+                               dict(exc.headers or {}))
+
+    @app.exception_handler(UnknownModelError)
+    async def _model(request: Request, exc: UnknownModelError):
+        return _error_response(request, 404, str(exc), "model_not_found")
+
+    @app.exception_handler(InputTooLongError)
+    async def _too_long(request: Request, exc: InputTooLongError):
+        return _error_response(request, 400, str(exc), "too_long")
+
+    @app.exception_handler(QueueFullError)
+    async def _full(request: Request, exc: QueueFullError):
+        return _error_response(request, 503, str(exc), "overloaded",
+                               {"Retry-After": str(max(1, round(exc.retry_after)))})
+
+    @app.exception_handler(DeadlineExceededError)
+    async def _deadline(request: Request, exc: DeadlineExceededError):
+        return _error_response(request, 504, str(exc), "timeout")
+
+    @app.exception_handler(EngineStoppedError)
+    async def _stopped(request: Request, exc: EngineStoppedError):
+        return _error_response(request, 503, str(exc), "unavailable", {"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(request, 500, f"internal server error ({type(exc).__name__})", "internal")
+
+
+def create_app(config: ServerConfig | None = None, *, load_models: bool = True) -> FastAPI:
+    config = config or ServerConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(load_all(app)) if load_models else None
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+            await app.state.registry.stop()
+
+    app = FastAPI(
+        title="openrerank",
+        version=__version__,
+        description="Self-hosted reranking: NVIDIA NIM `/v1/ranking`, Cohere/Jina `/v1|v2/rerank`, "
+        "TEI `/rerank` and `/v1/score`.",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+    )
+    app.state.config = config
+    app.state.metrics = Metrics()
+    app.state.registry = ModelRegistry()
+    app.state.registry.expected = [parse_model_arg(m).served_id for m in config.models]
+    for router in ROUTERS:
+        app.include_router(router)
+    install_error_handlers(app)
+    # Last added runs first: metrics see everything, auth runs before the body is read.
+    app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    route_paths = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=lambda: route_paths)
+    return app

@@ -1,0 +1,47 @@
+"""What every dialect does the same way: look up the model, enforce limits, score, time it."""
+
+from __future__ import annotations
+
+from fastapi import Request, Response
+
+from openrerank.api.errors import ApiError
+from openrerank.config import ServerConfig
+from openrerank.engine.served import ModelRegistry, ServedModel
+from openrerank.schemas.internal import RerankRequest, RerankResult
+
+
+def registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def config(request: Request) -> ServerConfig:
+    return request.app.state.config
+
+
+def check_ready(request: Request) -> None:
+    reg = registry(request)
+    if not reg.ready:
+        detail = f": {reg.load_error}" if reg.load_error else "; retry shortly"
+        raise ApiError(503, f"model(s) not loaded yet{detail}", kind="unavailable",
+                       headers={"Retry-After": "5"})
+
+
+def check_passage_count(request: Request, count: int, what: str = "passages") -> None:
+    limit = config(request).max_passages
+    if count > limit:
+        raise ApiError(400, f"Number of {what} ({count}) exceeds the maximum of {limit} (--max-passages)",
+                       kind="too_many")
+
+
+async def rerank(request: Request, response: Response, req: RerankRequest) -> tuple[ServedModel, RerankResult]:
+    """Score `req` on the model it names; timing headers go on `response` (TEI's header names)."""
+    check_ready(request)
+    model = registry(request).get(req.model)
+    check_passage_count(request, len(req.passages))
+    result = await model.rerank(req)
+    t = result.timings
+    response.headers["x-tokenize-time"] = f"{t.tokenize_ms:.2f}"
+    response.headers["x-queue-time"] = f"{t.queue_ms:.2f}"
+    response.headers["x-inference-time"] = f"{t.inference_ms:.2f}"
+    response.headers["x-total-time"] = f"{t.total_ms:.2f}"
+    return model, result

@@ -1,0 +1,96 @@
+"""Errors in each dialect's own shape and status codes.
+
+Handlers raise plain exceptions (ApiError, engine and text errors); the app's exception handlers
+find the dialect that owns the request path and let it render the error. Clients of each API then
+see exactly the error bodies they already parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from openrerank.api.responses import OrjsonResponse
+
+
+class ApiError(Exception):
+    """A client or server error with a generic kind that each dialect maps to its status code."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "validation",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind  # validation | auth | not_found | too_large | overloaded | timeout | backend
+        self.headers = headers or {}
+
+
+@dataclass
+class Dialect:
+    """How one API family reports errors."""
+
+    name: str
+    prefixes: tuple[str, ...]  # request paths it owns (exact or prefix match)
+    render: Callable[[int, str, str], Any]  # (status, message, kind) -> JSON body
+    status_for: dict[str, int] = field(default_factory=dict)  # kind -> status override
+    request_models: dict[str, type[BaseModel]] = field(default_factory=dict)  # path -> body model
+
+    def response(self, status: int, message: str, kind: str,
+                 headers: dict[str, str] | None = None) -> OrjsonResponse:
+        status = self.status_for.get(kind, status)
+        return OrjsonResponse(self.render(status, message, kind), status_code=status, headers=headers)
+
+    def owns(self, path: str) -> bool:
+        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.prefixes)
+
+
+def nim_error_body(status: int, message: str, kind: str) -> dict:
+    return {"object": "error", "message": message, "type": kind}
+
+
+NIM = Dialect("nim", ("/v1/ranking",), nim_error_body)
+_DIALECTS: list[Dialect] = [NIM]
+
+
+def register_dialect(dialect: Dialect) -> Dialect:
+    _DIALECTS.insert(0, dialect)
+    return dialect
+
+
+def dialect_for(path: str) -> Dialect:
+    """The dialect owning a path; NIM's shape for everything else (models, metadata, unknown routes)."""
+    for d in _DIALECTS:
+        if d.owns(path):
+            return d
+    return NIM
+
+
+def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) -> str:
+    """pydantic errors as one readable sentence; unknown top-level fields name the allowed ones."""
+    parts: list[str] = []
+    unknown: list[str] = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        typ = err.get("type", "")
+        if typ == "extra_forbidden":
+            if len(loc) == 1:
+                unknown.append(loc[0])
+                continue
+            parts.append(f"unknown field '{where}'")
+        elif typ == "json_invalid":
+            ctx = err.get("ctx", {}).get("error", "")
+            parts.append(f"request body is not valid JSON: {ctx}".rstrip(": "))
+        elif typ == "missing":
+            parts.append(f"field '{where}' is required")
+        else:
+            msg = err.get("msg", "invalid value")
+            parts.append(f"{where}: {msg}" if where else msg)
+    if unknown:
+        allowed = ", ".join(model.model_fields) if model is not None else ""
+        names = ", ".join(f"'{u}'" for u in unknown)
+        parts.insert(0, f"Unknown field(s) {names}" + (f"; allowed fields are: {allowed}" if allowed else ""))
+    return "; ".join(parts) or "invalid request"

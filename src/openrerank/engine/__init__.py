@@ -1,0 +1,1 @@
+"""The inference engine: per-model scheduler (batching, back-pressure, deadlines) and served models."""

@@ -1,0 +1,157 @@
+"""Read evaluation data in BEIR layout and TREC run files.
+
+A BEIR folder holds `corpus.jsonl[.gz]`, `queries.jsonl[.gz]` and `qrels/<split>.tsv`. Only the queries
+that have a judged-relevant document in the split's qrels are evaluated (SciFact's `queries.jsonl` also holds
+the train queries), the convention BEIR and trec_eval share.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Run = dict[str, dict[str, float]]
+Qrels = dict[str, dict[str, int]]
+
+
+class DatasetError(ValueError):
+    """The folder is not a usable BEIR dataset (missing file, bad line)."""
+
+
+@dataclass(frozen=True)
+class Doc:
+    title: str
+    text: str
+
+    def passage(self) -> str:
+        """The text a reranker or bi-encoder sees: `title + " " + text` when a title exists, as BEIR does."""
+        return f"{self.title} {self.text}" if self.title else self.text
+
+
+@dataclass
+class Dataset:
+    name: str
+    path: Path
+    split: str
+    corpus: dict[str, Doc]
+    queries: dict[str, str]  # only the evaluated queries, in qrels order
+    qrels: Qrels
+    corpus_file: Path
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return list(self.corpus)
+
+    def corpus_hash(self) -> str:
+        """Content hash of the corpus file: embedding caches are keyed by it, so an edited corpus re-encodes."""
+        if self._hash is None:
+            self._hash = file_sha256(self.corpus_file)
+        return self._hash
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DatasetError(f"{folder}: no {stem} or {stem}.gz")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
+    return open(path, encoding="utf-8")
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    raise DatasetError(f"{path}:{n}: not JSON ({exc})") from exc
+
+
+def load_corpus(path: Path) -> dict[str, Doc]:
+    corpus: dict[str, Doc] = {}
+    for row in _jsonl(path):
+        corpus[str(row["_id"])] = Doc((row.get("title") or "").strip(), row.get("text") or "")
+    return corpus
+
+
+def load_qrels(path: Path) -> Qrels:
+    """`query-id<TAB>corpus-id<TAB>score` with a header line (BEIR) or without."""
+    qrels: Qrels = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not row or (n == 1 and row[0] == "query-id"):
+                continue
+            if len(row) < 3:
+                raise DatasetError(f"{path}:{n}: expected 3 tab-separated columns")
+            qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
+    return qrels
+
+
+def load_dataset(path: str | Path, split: str = "test", *, limit_queries: int | None = None) -> Dataset:
+    """Load a BEIR folder; keep the queries that have at least one judgment with grade > 0 in the split."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a directory")
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    if not qrels_file.is_file():
+        raise DatasetError(f"{folder}: no qrels/{split}.tsv")
+    corpus_file = _find(folder, "corpus.jsonl")
+    all_qrels = load_qrels(qrels_file)
+    all_queries = {str(r["_id"]): r.get("text") or "" for r in _jsonl(_find(folder, "queries.jsonl"))}
+    qids = [q for q, judged in all_qrels.items() if any(g > 0 for g in judged.values())]
+    missing = [q for q in qids if q not in all_queries]
+    if missing:
+        raise DatasetError(f"{folder}: {len(missing)} qrels query ids absent from queries.jsonl, e.g. {missing[0]}")
+    if limit_queries:
+        qids = qids[:limit_queries]
+    return Dataset(
+        name=folder.resolve().name,
+        path=folder,
+        split=split,
+        corpus=load_corpus(corpus_file),
+        queries={q: all_queries[q] for q in qids},
+        qrels={q: all_qrels[q] for q in qids},
+        corpus_file=corpus_file,
+    )
+
+
+def read_trec_run(path: str | Path) -> Run:
+    """TREC run format `qid Q0 docid rank score tag` (whitespace separated, optionally gzipped)."""
+    path = Path(path)
+    run: Run = {}
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 5:
+                raise DatasetError(f"{path}:{n}: expected `qid Q0 docid rank score [tag]`")
+            run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+    return run
+
+
+def write_trec_run(run: Run, path: str | Path, tag: str = "openrerank") -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for qid, docs in run.items():
+            for rank, (doc, score) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), 1):
+                f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")

@@ -1,0 +1,62 @@
+"""Run handling and IR metrics through `ranx` (trec_eval parity).
+
+Graded qrels: nDCG uses the grades (gain = grade, trec_eval's formula); binary metrics (recall, MRR) count a
+document as relevant when its grade >= `rel_threshold` (TREC DL uses 2), via ranx's `metric-l<level>` syntax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from openrerank.eval.data import Qrels, Run
+
+DEFAULT_METRICS = ("recall@5", "ndcg@10", "mrr@10", "recall@100")
+_GRADED = ("ndcg", "dcg", "ndcg_burges", "dcg_burges")
+
+
+def drop_self_hits(run: Run) -> Run:
+    """Remove candidates whose id equals the query id (BEIR: some sets put every query in the corpus)."""
+    return {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
+
+
+def ranked(docs: dict[str, float]) -> list[tuple[str, float]]:
+    """Best first, ties broken by doc id descending (what trec_eval does), so results are deterministic."""
+    return sorted(docs.items(), key=lambda x: (x[1], x[0]), reverse=True)
+
+
+def top_k(run: Run, k: int) -> Run:
+    return {q: dict(ranked(docs)[:k]) for q, docs in run.items()}
+
+
+def ranx_metric(name: str, rel_threshold: int) -> str:
+    """Our metric name -> ranx's: binary metrics get the `-l<threshold>` relevance level."""
+    base = name.split("@")[0]
+    if base in _GRADED or rel_threshold == 1:
+        return name
+    return f"{name}-l{rel_threshold}"
+
+
+def evaluate(qrels: Qrels, run: Run, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
+             rel_threshold: int = 1) -> dict[str, float]:
+    """Mean of each metric over the qrels' queries; a query missing from the run scores 0 (trec_eval -c).
+
+    Scores are replaced by strictly decreasing rank scores first, so ranx sees exactly the trec_eval order
+    (ranx's own sort leaves ties in arbitrary order).
+    """
+    from ranx import Qrels as RQrels
+    from ranx import Run as RRun
+    from ranx import evaluate as ranx_evaluate
+
+    rq = RQrels({q: dict(j) for q, j in qrels.items()})
+    ordered: dict[str, dict[str, float]] = {}
+    for q in qrels:
+        docs = ranked(run.get(q, {}))
+        ordered[q] = {d: float(len(docs) - i) for i, (d, _) in enumerate(docs)}
+    rr = RRun({q: docs for q, docs in ordered.items() if docs})
+    names = {m: ranx_metric(m, rel_threshold) for m in metrics}
+    if not len(rr):  # nothing retrieved at all: every metric is 0
+        return dict.fromkeys(metrics, 0.0)
+    scores = ranx_evaluate(rq, rr, list(names.values()), make_comparable=True, save_results_in_run=False)
+    if isinstance(scores, float | np.floating):
+        scores = {next(iter(names.values())): scores}
+    return {m: float(scores[names[m]]) for m in metrics}
