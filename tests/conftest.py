@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models and real servers (session-scoped: starting a server costs seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import build_tiny_model, run_server
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """One-logit random BERT cross-encoder (safetensors)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-ce"), num_labels=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_2label_dir(tmp_path_factory):
+    """Two-label (no/yes) random BERT cross-encoder."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-ce2"), num_labels=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """The embedded default model, served with no --model flag, as a user would start it."""
+    with run_server([], tmp_path_factory.mktemp("default-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_model_dir):
+    """A tiny cross-encoder with a small window and small limits, for fast validation tests."""
+    tmp = tmp_path_factory.mktemp("tiny-server")
+    args = ["--model", f"tiny={tiny_model_dir}", "--max-passages", "8", "--max-body-bytes", "20000"]
+    with run_server(args, tmp) as server:
+        yield server
