@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -114,6 +115,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, 500, f"internal server error ({type(exc).__name__})", "internal")
 
 
+def route_paths(app: FastAPI) -> set[str]:
+    """Every route path, for bounded-cardinality metric labels (included routers are nested)."""
+    paths: set[str] = set()
+    stack = list(app.routes)
+    while stack:
+        route = stack.pop()
+        if getattr(route, "path", None):
+            paths.add(route.path)
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            stack.extend(included.routes)
+    return paths
+
+
 def create_app(config: ServerConfig | None = None, *, load_models: bool = True) -> FastAPI:
     config = config or ServerConfig()
 
@@ -146,6 +161,5 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True) 
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
-    route_paths = {getattr(r, "path", "") for r in app.routes}
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=lambda: route_paths)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=functools.cache(lambda: route_paths(app)))
     return app

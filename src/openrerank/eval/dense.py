@@ -1,0 +1,120 @@
+"""Dense first stage: bi-encoder embeddings + exact inner-product search (numpy).
+
+Corpus embeddings are the expensive part (minutes on a small CPU), so they are cached on disk under a key
+made of the model's file contents, the load options that change the numbers (backend, dtype, window) and the
+corpus file's content hash: a second run with the same model and data never re-encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from openrerank.eval.data import Run
+
+#: Bump when the text fed to the encoder changes (e.g. how title and text are joined).
+PASSAGE_FORMAT = "title-space-text-v1"
+_ENCODE_CHUNK = 128
+
+
+def default_cache_dir() -> Path:
+    """`$OPENRERANK_EVAL_CACHE`, else `$XDG_CACHE_HOME/openrerank/eval`, else `~/.cache/openrerank/eval`."""
+    env = os.environ.get("OPENRERANK_EVAL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "openrerank" / "eval"
+
+
+def model_fingerprint(model_dir: Path, *, backend: str, dtype: str, max_length: int) -> str:
+    """Hash of every file in the model directory (name, size, bytes) plus what changes the embeddings."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 22), b""):
+                h.update(block)
+    h.update(f"backend={backend};dtype={dtype};max_length={max_length}".encode())
+    return h.hexdigest()[:16]
+
+
+class EmbeddingCache:
+    """`<dir>/<dataset>-<corpus hash>/<model key>.npy` plus the doc ids in the matching `.ids.json`."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = Path(root).expanduser() if root is not None else None
+
+    def _paths(self, dataset: str, corpus_hash: str, model_key: str) -> tuple[Path, Path]:
+        assert self.root is not None
+        folder = self.root / f"{dataset}-{corpus_hash[:16]}"
+        stem = f"{model_key}-{PASSAGE_FORMAT}"
+        return folder / f"{stem}.npy", folder / f"{stem}.ids.json"
+
+    def load(self, dataset: str, corpus_hash: str, model_key: str, doc_ids: list[str]) -> np.ndarray | None:
+        if self.root is None:
+            return None
+        emb_path, ids_path = self._paths(dataset, corpus_hash, model_key)
+        if not (emb_path.is_file() and ids_path.is_file()):
+            return None
+        try:
+            if json.loads(ids_path.read_text(encoding="utf-8")) != doc_ids:
+                return None
+            emb = np.load(emb_path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # a torn or foreign file: re-encode and overwrite
+        return emb if emb.shape[0] == len(doc_ids) and emb.dtype == np.float32 else None
+
+    def save(self, dataset: str, corpus_hash: str, model_key: str, doc_ids: list[str], emb: np.ndarray) -> None:
+        if self.root is None:
+            return
+        emb_path, ids_path = self._paths(dataset, corpus_hash, model_key)
+        emb_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename so a killed run never leaves a half-written cache entry behind.
+        tmp = emb_path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
+        os.replace(tmp, emb_path)
+        tmp_ids = ids_path.with_suffix(f".tmp{os.getpid()}")
+        tmp_ids.write_text(json.dumps(doc_ids), encoding="utf-8")
+        os.replace(tmp_ids, ids_path)
+
+
+def encode(embed: Callable[[list[str]], np.ndarray], texts: list[str],
+           advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """Embed in length-sorted chunks (little padding per batch) and report progress per chunk."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    parts = []
+    for start in range(0, len(texts), _ENCODE_CHUNK):
+        chunk = [texts[i] for i in order[start : start + _ENCODE_CHUNK]]
+        parts.append(np.asarray(embed(chunk), dtype=np.float32))
+        advance(len(chunk))
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    emb = np.concatenate(parts)
+    out = np.empty_like(emb)
+    out[order] = emb
+    return out
+
+
+def search(doc_ids: list[str], doc_emb: np.ndarray, query_ids: list[str], query_emb: np.ndarray,
+           k: int, block: int = 256) -> Run:
+    """Exact top-k by inner product (= cosine for normalized vectors), a block of queries at a time."""
+    ids = np.asarray(doc_ids, dtype=object)
+    k = min(k, len(doc_ids))
+    run: Run = {}
+    for start in range(0, len(query_ids), block):
+        sims = query_emb[start : start + block] @ doc_emb.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
+            np.tile(np.arange(sims.shape[1]), (sims.shape[0], 1))
+        for row, qid in enumerate(query_ids[start : start + block]):
+            cand = part[row]
+            best = cand[np.argsort(-sims[row, cand], kind="stable")]
+            run[qid] = dict(zip(ids[best].tolist(), sims[row, best].astype(float).tolist(), strict=True))
+    return run

@@ -1,0 +1,169 @@
+"""Second stage: rerank each query's candidates, in-process or through a running server (NIM dialect).
+
+Both rerankers memoize (query id, doc id) -> score for the whole evaluation, so the sparse, dense and hybrid
+candidate lists (which overlap a lot) cost one scoring of their union, not three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from openrerank.eval.data import Run
+
+Advance = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    qid: str
+    query: str
+    doc_ids: list[str]
+    passages: list[str]
+
+
+class Reranker:
+    """Scores candidates; subclasses implement `_score_jobs` for the pairs not scored before."""
+
+    name = "reranker"
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, str], float] = {}
+        self.pairs_scored = 0
+
+    def rerank(self, jobs: list[RerankJob], advance: Advance = lambda n: None) -> Run:
+        todo: list[RerankJob] = []
+        for job in jobs:
+            keep = [i for i, d in enumerate(job.doc_ids) if (job.qid, d) not in self._memo]
+            if keep:
+                todo.append(RerankJob(job.qid, job.query, [job.doc_ids[i] for i in keep],
+                                      [job.passages[i] for i in keep]))
+            else:
+                advance(1)
+        if todo:
+            for job, scores in zip(todo, self._score_jobs(todo, advance), strict=True):
+                if len(scores) != len(job.doc_ids):
+                    raise RuntimeError(f"reranker returned {len(scores)} scores for {len(job.doc_ids)} passages")
+                for d, s in zip(job.doc_ids, scores, strict=True):
+                    self._memo[(job.qid, d)] = float(s)
+                self.pairs_scored += len(job.doc_ids)
+        return {job.qid: {d: self._memo[(job.qid, d)] for d in job.doc_ids} for job in jobs}
+
+    def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release models or connections."""
+
+
+class InProcessReranker(Reranker):
+    """The engine's own scoring path: `LoadedModel.score(query, passages, truncate=END)` per query.
+
+    `bi_encoder_via_embeddings`: a bi-encoder's pair score is the cosine of two independently computed
+    embeddings, so embedding each distinct passage once (`LoadedModel.embed`, same tokenizer, window and
+    pooling as `score`) gives the same numbers as `score` for a fraction of the work when passages repeat
+    across queries. `doc_embeddings` may hold precomputed passage embeddings by doc id (the dense stage's
+    cache of the same model). Cross-encoders always go through `score`.
+    """
+
+    def __init__(self, model, *, name: str = "in-process", bi_encoder_via_embeddings: bool = True,
+                 doc_embeddings: dict[str, np.ndarray] | None = None, batch_size: int = 64) -> None:
+        from openrerank.models.spec import ModelKind
+
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.batch_size = batch_size
+        self.via_embeddings = bi_encoder_via_embeddings and model.kind is ModelKind.BI_ENCODER
+        self.doc_embeddings = doc_embeddings if doc_embeddings is not None else {}
+
+    def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
+        if self.via_embeddings:
+            return self._via_embeddings(jobs, advance)
+        from openrerank.schemas.internal import Truncate
+
+        out = []
+        for job in jobs:
+            out.append(self.model.score(job.query, job.passages, truncate=Truncate.END,
+                                        batch_size=self.batch_size))
+            advance(1)
+        return out
+
+    def _via_embeddings(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
+        from openrerank.eval.dense import encode
+
+        missing: dict[str, str] = {}
+        for job in jobs:
+            for d, p in zip(job.doc_ids, job.passages, strict=True):
+                if d not in self.doc_embeddings:
+                    missing.setdefault(d, p)
+        if missing:
+            emb = encode(self.model.embed, list(missing.values()))
+            self.doc_embeddings.update(zip(missing, emb, strict=True))
+        q_emb = self.model.embed([job.query for job in jobs])
+        out = []
+        for job, q in zip(jobs, q_emb, strict=True):
+            out.append(np.stack([self.doc_embeddings[d] for d in job.doc_ids]) @ q)
+            advance(1)
+        return out
+
+
+class ServerReranker(Reranker):
+    """A running openrerank (or NIM) server: `POST {url}/v1/ranking`, `concurrency` requests in flight."""
+
+    def __init__(self, url: str, *, model: str | None = None, concurrency: int = 8, timeout_s: float = 300.0,
+                 max_passages: int = 512, retries: int = 5, transport=None) -> None:
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.model_name = model
+        self.name = f"server {self.url}" + (f" ({model})" if model else "")
+        self.concurrency = max(1, concurrency)
+        self.timeout_s = timeout_s
+        self.max_passages = max_passages
+        self.retries = retries
+        self._transport = transport  # tests inject httpx.MockTransport
+
+    def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
+        return asyncio.run(self._score_all(jobs, advance))
+
+    async def _score_all(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        gate = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, transport=self._transport) as client:
+
+            async def one(job: RerankJob) -> np.ndarray:
+                parts = []
+                for start in range(0, len(job.passages), self.max_passages):
+                    async with gate:
+                        parts.append(await self._post(client, job.query, job.passages[start : start + self.max_passages]))
+                advance(1)
+                return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+            return list(await asyncio.gather(*(one(job) for job in jobs)))
+
+    async def _post(self, client, query: str, passages: list[str]) -> np.ndarray:
+        body: dict = {"query": {"text": query}, "passages": [{"text": p} for p in passages], "truncate": "END"}
+        if self.model_name:
+            body["model"] = self.model_name
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            resp = await client.post(f"{self.url}/v1/ranking", json=body)
+            # 429/503 are the server's back-pressure: wait and retry instead of failing the evaluation.
+            if resp.status_code in (429, 503) and attempt < self.retries:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+                continue
+            if resp.status_code != 200:
+                raise RuntimeError(f"{self.url}/v1/ranking answered {resp.status_code}: {resp.text[:300]}")
+            break
+        scores = np.full(len(passages), np.nan, dtype=np.float32)
+        for item in resp.json()["rankings"]:
+            scores[int(item["index"])] = float(item["logit"])
+        if np.isnan(scores).any():
+            raise RuntimeError(f"{self.url}/v1/ranking did not rank every passage")
+        return scores
