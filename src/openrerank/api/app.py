@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openrerank import __version__
-from openrerank.api import nim
+from openrerank.api import cohere, nim, score, tei
 from openrerank.api.errors import ApiError, dialect_for, format_validation_errors
 from openrerank.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, MetricsMiddleware
 from openrerank.api.responses import OrjsonResponse
@@ -29,7 +29,7 @@ from openrerank.text.prepare import InputTooLongError
 log = logging.getLogger(__name__)
 
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
-ROUTERS = [nim.router]
+ROUTERS = [nim.router, cohere.router, tei.router, score.router]
 
 _HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 422: "validation"}

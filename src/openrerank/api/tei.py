@@ -1,0 +1,145 @@
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`.
+
+Errors come back as TEI's `{"error": ..., "error_type": ...}`. Status codes follow the issue's
+contract, which differs from upstream TEI in one place: upstream answers 413 for a client batch
+above its limit and for an over-long input; openrerank answers 422 (a semantic validation error)
+and keeps 413 for a body over `--max-body-bytes`. Empty `texts` -> 400, overloaded -> 429,
+not ready -> 503.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from openrerank import __version__
+from openrerank.api import common
+from openrerank.api.errors import ApiError, Dialect, register_dialect
+from openrerank.api.responses import OrjsonResponse
+from openrerank.api.score_form import relevance
+from openrerank.config import ServerConfig
+from openrerank.models.source import parse_model_arg
+from openrerank.models.spec import ModelKind
+from openrerank.schemas.internal import RerankRequest, RerankResult, Truncate
+from openrerank.schemas.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
+
+_ERROR_TYPES = {
+    "empty": "Empty", "overloaded": "Overloaded", "unavailable": "Unhealthy", "internal": "Backend",
+    "timeout": "Backend", "too_long": "Validation",
+}
+#: TEI's auto-truncate: requests without `truncate` are truncated (TEI's default since 1.x).
+AUTO_TRUNCATE = True
+
+
+def tei_error_body(status: int, message: str, kind: str) -> dict:
+    return {"error": message, "error_type": _ERROR_TYPES.get(kind, "Validation")}
+
+
+TEI = register_dialect(Dialect(
+    "tei",
+    ("/rerank", "/health", "/info"),
+    tei_error_body,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422,
+                "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
+    request_models={"/rerank": TeiRerankRequest},
+))
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": TeiError, "description": desc}
+    for code, desc in ((400, "`texts` is empty"), (401, "Missing or wrong API key"),
+                       (413, "Body too large"),
+                       (422, "Validation error: wrong types, too many texts, over-long input, unknown model"),
+                       (424, "Inference failed"), (429, "Model is overloaded"), (503, "Model not loaded yet"))
+}
+
+
+def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate: bool = AUTO_TRUNCATE
+                ) -> RerankRequest:
+    """TEI request -> internal request.
+
+    truncate (absent = `auto_truncate`): false -> NONE (over-long fails); true -> END / START by
+    `truncation_direction`, or CHUNK when the server runs with `--tei-chunking`.
+    """
+    if not body.texts:
+        raise ApiError(400, "`texts` cannot be empty", kind="empty")
+    truncate = auto_truncate if body.truncate is None else body.truncate
+    if not truncate:
+        mode = Truncate.NONE
+    elif chunking:
+        mode = Truncate.CHUNK
+    else:
+        mode = Truncate.START if body.truncation_direction.lower() == "left" else Truncate.END
+    return RerankRequest(query=body.query, passages=list(body.texts), model=body.model, truncate=mode)
+
+
+def result_to_wire(result: RerankResult, body: TeiRerankRequest, kind: ModelKind) -> list[dict]:
+    """Internal result -> TEI's bare array, best first; [0, 1] scores unless `raw_scores`."""
+    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, kind)
+    out = []
+    for i, _ in result.top():
+        rank: dict[str, Any] = {"index": i, "score": float(scores[i])}
+        if body.return_text:
+            rank["text"] = body.texts[i]
+        out.append(rank)
+    return out
+
+
+@router.post("/rerank", response_model=None, tags=["TEI"],
+             responses={200: {"model": list[TeiRank]}, **_ERRORS},
+             summary="Rerank texts (Hugging Face text-embeddings-inference compatible)")
+async def rerank(body: TeiRerankRequest, request: Request, response: Response) -> list[dict]:
+    config: ServerConfig = common.config(request)
+    req = to_internal(body, chunking=config.tei_chunking)
+    model, result = await common.rerank(request, response, req)
+    response.headers["x-compute-tokens"] = str(result.prompt_tokens)
+    response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
+    return result_to_wire(result, body, model.loaded.kind)
+
+
+@router.get("/health", tags=["TEI"], response_model=None,
+            responses={200: {"description": "Ready"}, 503: {"model": TeiError, "description": "Not ready"}})
+async def health(request: Request) -> Response:
+    """TEI's health check: 200 with an empty body once every model is loaded, else 503."""
+    reg = common.registry(request)
+    if reg.ready:
+        return Response(status_code=200)
+    msg = f"unhealthy: {reg.load_error}" if reg.load_error else "unhealthy: model is loading"
+    return OrjsonResponse({"error": msg, "error_type": "Unhealthy"}, status_code=503)
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+
+
+def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
+    """TEI's /info for the first served model (TEI serves one; see /v1/models for all)."""
+    num_labels = model.loaded.spec.num_labels if model is not None else 1
+    labels = {str(i): f"LABEL_{i}" for i in range(max(1, num_labels))}
+    return {
+        "model_id": model_id,
+        "model_sha": None,
+        "model_dtype": _DTYPES.get(config.dtype, config.dtype),
+        "model_type": {"reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}},
+        "max_concurrent_requests": config.max_queue,
+        "max_input_length": model.max_length if model is not None else 0,
+        "max_batch_tokens": config.max_batch_tokens,
+        "max_batch_requests": config.max_batch_size,
+        "max_client_batch_size": config.max_passages,
+        "auto_truncate": AUTO_TRUNCATE,
+        "tokenization_workers": 1,
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+@router.get("/info", tags=["TEI"], response_model=TeiInfo)
+async def info(request: Request) -> dict:
+    reg = common.registry(request)
+    config: ServerConfig = common.config(request)
+    models = reg.models()
+    model = models[0] if models else None
+    model_id = model.name if model else (reg.names[0] if reg.names else parse_model_arg("default").served_id)
+    return info_body(config, model, model_id)
