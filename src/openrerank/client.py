@@ -1,0 +1,241 @@
+"""Python client for an openrerank server (sync `Client` and `AsyncClient`, over httpx).
+
+    import openrerank
+
+    with openrerank.Client("http://localhost:8000") as client:
+        for r in client.rerank("which way to the station?", ["Turn left.", "Bananas are yellow."]):
+            print(r.index, r.logit, r.text)
+
+It talks to the NIM route (`POST /v1/ranking`), so `logit` is the model's raw score (a cross-encoder's
+logit, or a bi-encoder's cosine). 429 and 503 answers are retried with exponential backoff, waiting
+at least as long as the server's `Retry-After`; other failures raise `RerankError` carrying the
+server's own message, whatever dialect's error shape it came in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+Truncation = Literal["NONE", "END", "CHUNK"]
+RETRY_STATUSES = frozenset({429, 503})
+_MAX_WAIT = 60.0
+
+
+class RerankError(Exception):
+    """A failed request: `status` is the HTTP status (None when the server was unreachable)."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+        super().__init__(f"{status}: {message}" if status is not None else message)
+        self.message = message
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """One passage's result: `index` into the passages sent, its raw `logit`, and its `text`."""
+
+    index: int
+    logit: float
+    text: str
+
+    @property
+    def score(self) -> float:
+        """Alias of `logit` (the raw model score, as the NIM route reports it)."""
+        return self.logit
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's message from any dialect's error shape (NIM/Cohere/vLLM, TEI, OpenAI, FastAPI)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("message", "error", "detail"):
+            value = body.get(key)
+            if isinstance(value, str) and value:
+                return value
+            if isinstance(value, dict) and isinstance(value.get("message"), str):
+                return value["message"]
+            if isinstance(value, list) and value:
+                return "; ".join(str(v.get("msg", v)) if isinstance(v, dict) else str(v) for v in value)
+    return str(body)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or HTTP date), or None."""
+    raw = response.headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int,
+                 backoff: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Exponential backoff with jitter, never shorter than the server's Retry-After."""
+        wait = self.backoff * (2 ** attempt) * (1 + random.random() / 4)
+        hinted = retry_after(response) if response is not None else None
+        if hinted is not None:
+            wait = max(wait, hinted)
+        return min(wait, _MAX_WAIT)
+
+    @staticmethod
+    def _ranking_body(query: str, passages: Sequence[str], model: str | None, truncate: str) -> dict:
+        if isinstance(passages, str):
+            raise TypeError("passages must be a sequence of strings, not one string")
+        body: dict[str, Any] = {"query": {"text": query}, "passages": [{"text": p} for p in passages],
+                                "truncate": truncate}
+        if model is not None:
+            body["model"] = model
+        return body
+
+    @staticmethod
+    def _results(data: dict, passages: Sequence[str], top_n: int | None) -> list[RerankResult]:
+        out = [RerankResult(int(r["index"]), float(r["logit"]), passages[int(r["index"])])
+               for r in data["rankings"]]
+        return out[:top_n] if top_n else out
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.is_success:
+            return response
+        raise RerankError(error_message(response), response.status_code, _json_or_text(response))
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+class Client(_Base):
+    """Blocking client. `max_retries` retries of 429/503 and of connection failures."""
+
+    def __init__(self, base_url: str = "http://localhost:8000", api_key: str | None = None, *,
+                 timeout: float = 120.0, max_retries: int = 3, backoff: float = 0.5,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                                  transport=transport)
+        self._sleep = time.sleep
+
+    def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = ()) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = None
+            try:
+                response = self._http.request(method, path, json=json)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt >= self.max_retries:
+                    raise RerankError(f"cannot reach {self.base_url}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise RerankError(f"request to {self.base_url}{path} failed: {exc}") from exc
+            else:
+                if response.status_code in ok or response.status_code not in RETRY_STATUSES \
+                        or attempt >= self.max_retries:
+                    return response if response.status_code in ok else self._check(response)
+            self._sleep(self._delay(attempt, response))
+            attempt += 1
+
+    def rerank(self, query: str, passages: Sequence[str], model: str | None = None, top_n: int | None = None,
+               truncate: Truncation = "END") -> list[RerankResult]:
+        """Passages best-first (at most `top_n`); truncate NONE (over-long fails), END or CHUNK."""
+        body = self._ranking_body(query, passages, model, truncate)
+        return self._results(self._send("POST", "/v1/ranking", body).json(), passages, top_n)
+
+    def models(self) -> list[str]:
+        """Ids of the served models (the first is the default)."""
+        return [m["id"] for m in self._send("GET", "/v1/models").json()["data"]]
+
+    def health(self) -> bool:
+        """True once every model is loaded; False while loading (no retries)."""
+        response = self._send("GET", "/v1/health/ready", ok=(200, 503))
+        return response.status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client with the same methods as `Client`, awaited."""
+
+    def __init__(self, base_url: str = "http://localhost:8000", api_key: str | None = None, *,
+                 timeout: float = 120.0, max_retries: int = 3, backoff: float = 0.5,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                                       transport=transport)
+        self._sleep = asyncio.sleep
+
+    async def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = ()) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = None
+            try:
+                response = await self._http.request(method, path, json=json)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt >= self.max_retries:
+                    raise RerankError(f"cannot reach {self.base_url}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise RerankError(f"request to {self.base_url}{path} failed: {exc}") from exc
+            else:
+                if response.status_code in ok or response.status_code not in RETRY_STATUSES \
+                        or attempt >= self.max_retries:
+                    return response if response.status_code in ok else self._check(response)
+            await self._sleep(self._delay(attempt, response))
+            attempt += 1
+
+    async def rerank(self, query: str, passages: Sequence[str], model: str | None = None,
+                     top_n: int | None = None, truncate: Truncation = "END") -> list[RerankResult]:
+        body = self._ranking_body(query, passages, model, truncate)
+        response = await self._send("POST", "/v1/ranking", body)
+        return self._results(response.json(), passages, top_n)
+
+    async def models(self) -> list[str]:
+        response = await self._send("GET", "/v1/models")
+        return [m["id"] for m in response.json()["data"]]
+
+    async def health(self) -> bool:
+        response = await self._send("GET", "/v1/health/ready", ok=(200, 503))
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
