@@ -51,14 +51,20 @@ def build_tiny_model(
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(out / "vocab_src.txt")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True,
+    tok = BertTokenizerFast(vocab=str(vocab), do_lower_case=True,
                             model_max_length=model_max_length or max_position_embeddings)
     torch.manual_seed(seed)
+    assert tok.vocab_size > 100, "tokenizer lost its vocabulary"
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=37, max_position_embeddings=max_position_embeddings,
                         num_labels=num_labels)
     model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(out, safe_serialization=safe)
+    if safe:
+        model.save_pretrained(out, safe_serialization=True)
+    else:  # a legacy pickle checkpoint, as old hub repos have (transformers 5 only writes safetensors)
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(out)
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
     tok.save_pretrained(out)
     (out / "vocab_src.txt").unlink()
     return out

@@ -47,7 +47,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
     env_models = _env("model")
     p.add_argument("--model", action="append", dest="models", metavar="[NAME=]SOURCE",
-                   default=None if env_models is None else [m for m in env_models.split(",") if m.strip()],
+                   default=None if env_models is None else [m.strip() for m in env_models.split(",") if m.strip()],
                    help="model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
                    "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several "
                    "(env: comma-separated).")

@@ -62,9 +62,9 @@ def test_usage_counts_scored_tokens(tiny_server):
 def test_truncate_none_rejects_overlong_pair_end_cuts(tiny_server):
     long_passage = " ".join(["river"] * 300)
     with tiny_server.client() as c:
-        none = c.post("/v1/ranking", json=nim_body("paris", ["short", long_passage], truncate="NONE"))
-        default = c.post("/v1/ranking", json=nim_body("paris", ["short", long_passage]))
-        end = c.post("/v1/ranking", json=nim_body("paris", ["short", long_passage], truncate="END"))
+        none = c.post("/v1/ranking", json=nim_body("paris", ["sea", long_passage], truncate="NONE"))
+        default = c.post("/v1/ranking", json=nim_body("paris", ["sea", long_passage]))
+        end = c.post("/v1/ranking", json=nim_body("paris", ["sea", long_passage], truncate="END"))
     body = assert_nim_error(none, 400, "Input length 304 exceeds maximum allowed token size 128")
     assert body["message"] == "Input length 304 exceeds maximum allowed token size 128"
     assert default.status_code == 400

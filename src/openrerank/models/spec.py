@@ -84,6 +84,13 @@ def _max_length(path: Path, config: dict, sbert_max: int | None) -> int:
     return min(candidates)
 
 
+def _num_labels(config: dict) -> int:
+    """As transformers reads it: id2label wins, then num_labels, else its default of 2."""
+    if config.get("id2label"):
+        return len(config["id2label"])
+    return int(config.get("num_labels") or 2)
+
+
 def detect_spec(path: Path) -> ModelSpec:
     """Cross-encoder if config.json names a *ForSequenceClassification; bi-encoder if modules.json pools."""
     path = Path(path)
@@ -98,7 +105,7 @@ def detect_spec(path: Path) -> ModelSpec:
 
     classifier = next((a for a in archs if a.endswith("ForSequenceClassification")), None)
     if classifier:
-        num_labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
+        num_labels = _num_labels(config)
         if num_labels not in (1, 2):
             raise ModelFormatError(
                 f"{path}: {classifier} has {num_labels} labels; a reranker needs 1 (relevance logit) or 2 (no/yes)"

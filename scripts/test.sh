@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv/ with the test extras, then lint and run the whole test suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k nim -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh test
+.venv/bin/ruff check src tests benchmarks
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra "$@"
