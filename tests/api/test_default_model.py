@@ -72,7 +72,7 @@ def _load_dl19():
     run: dict[str, list[str]] = {}
     with gzip.open(DL19 / "runs" / "bm25_top100.trec.gz", "rt") as fh:
         for line in fh:
-            qid, _, doc, rank, _score, _tag = line.split()
+            qid, _, doc, _rank, _score, _tag = line.split()
             run.setdefault(qid, []).append(doc)
     return queries, corpus, run
 

@@ -31,8 +31,9 @@ def _write(path, name, obj):
 
 
 def test_roberta_positions_offset(tmp_path):
-    _write(tmp_path, "config.json", {"model_type": "xlm-roberta", "architectures": ["XLMRobertaForSequenceClassification"],
-                                     "max_position_embeddings": 514, "num_labels": 1})
+    _write(tmp_path, "config.json", {"model_type": "xlm-roberta", "num_labels": 1,
+                                     "architectures": ["XLMRobertaForSequenceClassification"],
+                                     "max_position_embeddings": 514})
     assert detect_spec(tmp_path).max_length == 512
 
 
