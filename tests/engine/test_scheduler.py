@@ -1,0 +1,350 @@
+"""Scheduler behaviour with a fake backend: batching, fairness, back-pressure, deadlines, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from openrerank.backends.base import PairItem
+from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig, split_batches
+from openrerank.metrics import Metrics
+from tests.engine.sched_fakes import BoomError, FakeBackend, Ids, expected, until
+
+
+def make(backend: FakeBackend, metrics: Metrics | None = None, **cfg) -> Scheduler:
+    return Scheduler(backend, SchedulerConfig(**cfg), name="m", metrics=metrics)
+
+
+async def block_worker(sched: Scheduler, backend: FakeBackend, ids: Ids) -> tuple[asyncio.Task, list[PairItem]]:
+    """Submit one request and hold the worker inside its batch, so later requests stack up queued."""
+    backend.hold()
+    items = ids.items(3)
+    task = asyncio.create_task(sched.submit(items))
+    await backend.wait_batch_started()
+    return task, items
+
+
+def check_budgets(backend: FakeBackend, max_tokens: int, max_size: int) -> None:
+    for lengths in backend.lengths:
+        assert len(lengths) <= max_size
+        assert len(lengths) == 1 or len(lengths) * max(lengths) <= max_tokens
+
+
+def owner_map(*requests: list[PairItem]) -> dict[int, int]:
+    return {it.input_ids[0]: r for r, items in enumerate(requests) for it in items}
+
+
+def test_split_batches_respects_budgets_and_covers_every_item_once() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        items = [PairItem([0] * rng.randint(1, 300), None) for _ in range(rng.randint(1, 120))]
+        max_tokens, max_size = rng.choice([256, 1000, 4096]), rng.choice([1, 3, 16, 128])
+        groups = split_batches(items, max_tokens, max_size)
+        assert sorted(i for g in groups for i in g) == list(range(len(items)))
+        for g in groups:
+            lengths = [items[i].length for i in g]
+            assert len(g) <= max_size
+            assert len(g) == 1 or len(g) * max(lengths) <= max_tokens
+        # grouped by length: every batch's items are no longer than the next batch's
+        for a, b in itertools.pairwise(groups):
+            assert max(items[i].length for i in a) <= min(items[i].length for i in b)
+
+
+def test_concurrent_results_return_to_their_request_and_position_within_budgets() -> None:
+    backend, ids = FakeBackend(), Ids()
+    rng = random.Random(1)
+    requests = [ids.items(*[rng.randint(1, 20) for _ in range(rng.randint(1, 15))]) for _ in range(8)]
+
+    async def main() -> list:
+        sched = make(backend, max_batch_tokens=64, max_batch_size=4)
+        await sched.start()
+        try:
+            return await asyncio.gather(*(sched.submit(r) for r in requests))
+        finally:
+            await sched.stop()
+
+    outcomes = asyncio.run(main())
+    for items, out in zip(requests, outcomes, strict=True):
+        assert out.scores.dtype == np.float32
+        np.testing.assert_array_equal(out.scores, expected(items))
+        assert out.queue_ms >= 0 and out.inference_ms >= 0 and out.batches >= 1
+    check_budgets(backend, 64, 4)
+    scored = sorted(i for b in backend.batches for i in b)
+    assert scored == sorted(it.input_ids[0] for r in requests for it in r)  # each item exactly once
+
+
+def test_queued_requests_share_batches_grouped_by_length() -> None:
+    backend, ids = FakeBackend(), Ids()
+    a, b, c, d = ids.items(2, 30), ids.items(30, 2), ids.items(3, 31), ids.items(31, 3)
+
+    async def main() -> list:
+        sched = make(backend, max_batch_tokens=4 * 31, max_batch_size=4)
+        blocker, blocker_items = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (a, b, c, d)]
+        await until(lambda: sched.queued == 4, "4 queued requests")
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks)
+        await sched.stop()
+        np.testing.assert_array_equal(out[0].scores, expected(blocker_items))
+        return out[1:]
+
+    outcomes = asyncio.run(main())
+    for items, out in zip((a, b, c, d), outcomes, strict=True):
+        np.testing.assert_array_equal(out.scores, expected(items))
+        assert out.batches == 2  # its short item rode with the short ones, its long one with the long
+    # after the blocker's batch: one batch of the 4 short items, one of the 4 long ones,
+    # each holding items of all four requests
+    assert backend.lengths[1:] == [[2, 2, 3, 3], [30, 30, 31, 31]]
+    owners = owner_map(a, b, c, d)
+    for batch in backend.batches[1:]:
+        assert {owners[i] for i in batch} == {0, 1, 2, 3}
+
+
+def test_a_request_larger_than_a_batch_spans_several_in_order() -> None:
+    backend, ids = FakeBackend(), Ids()
+    rng = random.Random(2)
+    items = ids.items(*[rng.randint(1, 40) for _ in range(100)])
+
+    async def main():
+        sched = make(backend, max_batch_tokens=200, max_batch_size=16)
+        try:
+            return await sched.submit(items)
+        finally:
+            await sched.stop()
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out.scores, expected(items))
+    assert out.batches == len(backend.batches) > 100 * 1 // 16
+    check_budgets(backend, 200, 16)
+
+
+def test_old_long_request_is_not_starved_by_newer_short_ones() -> None:
+    backend, ids = FakeBackend(), Ids()
+    big = ids.items(*[10] * 20)  # 200 tokens: twice a window (1 batch x 100 tokens), so it fills one alone
+    small = [ids.items(2, 2) for _ in range(4)]
+
+    async def main() -> None:
+        sched = make(backend, max_batch_tokens=100, max_batch_size=10, window_batches=1)
+        blocker, _ = await block_worker(sched, backend, ids)
+        big_task = asyncio.create_task(sched.submit(big))
+        await until(lambda: sched.queued == 1)
+        small_tasks = [asyncio.create_task(sched.submit(r)) for r in small]
+        await until(lambda: sched.queued == 5)
+        backend.release()
+        out = await asyncio.gather(blocker, big_task, *small_tasks)
+        await sched.stop()
+        np.testing.assert_array_equal(out[1].scores, expected(big))
+        for items, o in zip(small, out[2:], strict=True):
+            np.testing.assert_array_equal(o.scores, expected(items))
+
+    asyncio.run(main())
+    big_ids = {it.input_ids[0] for it in big}
+    small_ids = {it.input_ids[0] for r in small for it in r}
+    last_big = max(n for n, b in enumerate(backend.batches) if big_ids & set(b))
+    first_small = min(n for n, b in enumerate(backend.batches) if small_ids & set(b))
+    assert last_big < first_small  # sorting by length alone would have run the short items first
+
+
+def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
+    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    accepted = [ids.items(4, 5), ids.items(6)]
+
+    async def main() -> None:
+        sched = make(backend, metrics, max_queue=3)
+        blocker, blocker_items = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in accepted]
+        await until(lambda: sched.pending == 3, "3 pending requests")
+        with pytest.raises(QueueFullError) as err:
+            await sched.submit(ids.items(1))
+        assert err.value.retry_after >= 1
+        assert sched.pending == 3
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks)
+        np.testing.assert_array_equal(out[0].scores, expected(blocker_items))
+        for items, o in zip(accepted, out[1:], strict=True):
+            np.testing.assert_array_equal(o.scores, expected(items))
+        assert sched.pending == 0
+        late = ids.items(2)  # the slots are free again
+        np.testing.assert_array_equal((await sched.submit(late)).scores, expected(late))
+        await sched.stop()
+
+    asyncio.run(main())
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "queue_full"}) == 1
+
+
+def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
+    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    late = ids.items(5, 6)
+
+    async def main() -> None:
+        sched = make(backend, metrics, max_queue=2)
+        blocker, blocker_items = await block_worker(sched, backend, ids)
+        with pytest.raises(DeadlineExceededError):
+            await sched.submit(late, timeout=0.05)  # the worker is held: it cannot be served in time
+        assert sched.pending == 1 and sched.queued == 0
+        other = ids.items(3)
+        other_task = asyncio.create_task(sched.submit(other))  # would be refused if the slot were held
+        await until(lambda: sched.queued == 1)
+        backend.release()
+        out = await asyncio.gather(blocker, other_task)
+        np.testing.assert_array_equal(out[0].scores, expected(blocker_items))
+        np.testing.assert_array_equal(out[1].scores, expected(other))
+        await sched.stop()
+
+    asyncio.run(main())
+    assert not {it.input_ids[0] for it in late} & {i for b in backend.batches for i in b}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "deadline"}) == 1
+    assert metrics.registry.get_sample_value("openrerank_queue_depth", {"model": "m"}) == 0
+
+
+def test_deadline_during_a_running_batch_discards_results_and_worker_continues() -> None:
+    backend, ids = FakeBackend(), Ids()
+
+    async def main() -> None:
+        sched = make(backend)
+        backend.hold()
+        running = asyncio.create_task(sched.submit(ids.items(4, 4), timeout=1.0))
+        await backend.wait_batch_started()
+        with pytest.raises(DeadlineExceededError):
+            await running  # its batch is stuck in the backend past the deadline
+        assert sched.pending == 0
+        backend.release()  # the batch finishes; nobody receives its scores
+        after = ids.items(2)
+        np.testing.assert_array_equal((await sched.submit(after)).scores, expected(after))
+        await sched.stop()
+
+    asyncio.run(main())
+    assert len(backend.batches) == 2
+
+
+def test_cancellation_frees_queued_items_and_running_ones_are_discarded() -> None:
+    backend, ids = FakeBackend(), Ids()
+    gone = ids.items(7, 8)
+
+    async def main() -> None:
+        sched = make(backend, max_queue=2)
+        blocker, _ = await block_worker(sched, backend, ids)
+        task = asyncio.create_task(sched.submit(gone))
+        await until(lambda: sched.queued == 1)
+        task.cancel()  # a client disconnect cancels the awaiting handler
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sched.pending == 1 and sched.queued == 0
+        blocker.cancel()  # cancelled while its batch is running
+        with pytest.raises(asyncio.CancelledError):
+            await blocker
+        assert sched.pending == 0
+        backend.release()
+        after = ids.items(3)
+        np.testing.assert_array_equal((await sched.submit(after)).scores, expected(after))
+        await sched.stop()
+
+    asyncio.run(main())
+    assert not {it.input_ids[0] for it in gone} & {i for b in backend.batches for i in b}
+
+
+def test_backend_error_reaches_only_the_requests_in_that_batch() -> None:
+    backend, ids = FakeBackend(), Ids()
+    poisoned = ids.items(50)
+    fine = ids.items(5, 5)
+    neighbour = ids.items(50)  # shares the poisoned batch
+    spread = ids.items(4, 4, 60)  # its first batch fails; its last item must then be skipped
+    backend.fail_on = {poisoned[0].input_ids[0], spread[0].input_ids[0]}
+
+    async def main() -> list:
+        sched = make(backend, max_batch_size=2)
+        blocker, _ = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (poisoned, fine, neighbour, spread)]
+        await until(lambda: sched.queued == 4)
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        after = ids.items(9)
+        np.testing.assert_array_equal((await sched.submit(after)).scores, expected(after))  # worker alive
+        await sched.stop()
+        return out[1:]
+
+    r_poisoned, r_fine, r_neighbour, r_spread = asyncio.run(main())
+    assert isinstance(r_poisoned, BoomError) and isinstance(r_neighbour, BoomError)
+    assert isinstance(r_spread, BoomError)
+    np.testing.assert_array_equal(r_fine.scores, expected(fine))
+    assert spread[2].input_ids[0] not in {i for b in backend.batches for i in b}
+
+
+def test_stop_finishes_accepted_work_then_refuses() -> None:
+    backend, ids = FakeBackend(), Ids()
+    requests = [ids.items(3, 9), ids.items(1), ids.items(20, 2, 5)]
+
+    async def main() -> None:
+        sched = make(backend)
+        blocker, blocker_items = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in requests]
+        await until(lambda: sched.queued == 3)
+        stopping = asyncio.create_task(sched.stop())
+        await asyncio.sleep(0)  # stop() has refused new work and is waiting for the worker
+        with pytest.raises(EngineStoppedError):
+            await sched.submit(ids.items(1))
+        assert not stopping.done()
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks)
+        await stopping
+        np.testing.assert_array_equal(out[0].scores, expected(blocker_items))
+        for items, o in zip(requests, out[1:], strict=True):
+            np.testing.assert_array_equal(o.scores, expected(items))
+        with pytest.raises(EngineStoppedError):
+            await sched.submit(ids.items(1))
+
+    asyncio.run(main())
+    assert not [t for t in threading.enumerate() if t.name == "model-m"]
+
+
+def test_model_work_runs_on_the_worker_thread_and_warmup_before_start() -> None:
+    backend, ids = FakeBackend(), Ids()
+    sched = make(backend)
+    sched.warmup(ids.items(3, 4))  # synchronous, no worker needed
+    assert backend.threads == {threading.current_thread().name}
+    backend.threads.clear()
+
+    async def main() -> None:
+        await sched.start()
+        items = ids.items(5)
+        np.testing.assert_array_equal((await sched.submit(items)).scores, expected(items))
+        empty = await sched.submit([])
+        assert empty.scores.shape == (0,)
+        await sched.stop()
+
+    asyncio.run(main())
+    assert backend.threads == {"model-m"}
+
+
+def test_metrics_describe_the_batches() -> None:
+    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    requests = [ids.items(3, 9, 4), ids.items(1, 30), ids.items(12)]
+
+    async def main() -> None:
+        sched = make(backend, metrics, max_batch_size=2)
+        blocker, _ = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in requests]
+        await until(lambda: sched.queued == 3)
+        assert metrics.registry.get_sample_value("openrerank_queue_depth", {"model": "m"}) == 4
+        backend.release()
+        await asyncio.gather(blocker, *tasks)
+        await sched.stop()
+
+    asyncio.run(main())
+    value = metrics.registry.get_sample_value
+    lab = {"model": "m"}
+    n_batches = len(backend.lengths)
+    assert value("openrerank_batch_size_count", lab) == n_batches
+    assert value("openrerank_batch_size_sum", lab) == sum(len(b) for b in backend.lengths)
+    assert value("openrerank_batch_padded_tokens_sum", lab) == sum(len(b) * max(b) for b in backend.lengths)
+    padding = sum(1 - sum(b) / (len(b) * max(b)) for b in backend.lengths)
+    assert value("openrerank_batch_padding_ratio_sum", lab) == pytest.approx(padding)
+    assert value("openrerank_inference_seconds_count", lab) == n_batches
+    assert value("openrerank_queue_seconds_count", lab) == 4
+    assert value("openrerank_queue_depth", lab) == 0
