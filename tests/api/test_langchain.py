@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("langchain_nvidia_ai_endpoints")
 
-from langchain_core.documents import Document  # noqa: E402
-from langchain_nvidia_ai_endpoints import NVIDIARerank  # noqa: E402
+from langchain_core.documents import Document
+from langchain_nvidia_ai_endpoints import NVIDIARerank
 
 DOCS = [
     "Bananas are a yellow fruit rich in potassium.",
