@@ -52,10 +52,11 @@ def evaluate(qrels: Qrels, run: Run, metrics: tuple[str, ...] | list[str] = DEFA
     for q in qrels:
         docs = ranked(run.get(q, {}))
         ordered[q] = {d: float(len(docs) - i) for i, (d, _) in enumerate(docs)}
-    rr = RRun({q: docs for q, docs in ordered.items() if docs})
-    names = {m: ranx_metric(m, rel_threshold) for m in metrics}
-    if not len(rr):  # nothing retrieved at all: every metric is 0
+    nonempty = {q: docs for q, docs in ordered.items() if docs}
+    if not nonempty:  # nothing retrieved at all: every metric is 0 (ranx cannot build an empty Run)
         return dict.fromkeys(metrics, 0.0)
+    rr = RRun(nonempty)
+    names = {m: ranx_metric(m, rel_threshold) for m in metrics}
     scores = ranx_evaluate(rq, rr, list(names.values()), make_comparable=True, save_results_in_run=False)
     if isinstance(scores, float | np.floating):
         scores = {next(iter(names.values())): scores}

@@ -52,6 +52,10 @@ class Reranker:
                 self.pairs_scored += len(job.doc_ids)
         return {job.qid: {d: self._memo[(job.qid, d)] for d in job.doc_ids} for job in jobs}
 
+    def reset(self) -> None:
+        """Forget memoized scores (a new dataset may reuse query and doc ids)."""
+        self._memo.clear()
+
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
         raise NotImplementedError
 
@@ -138,9 +142,10 @@ class ServerReranker(Reranker):
 
             async def one(job: RerankJob) -> np.ndarray:
                 parts = []
-                for start in range(0, len(job.passages), self.max_passages):
+                step = self.max_passages
+                for start in range(0, len(job.passages), step):
                     async with gate:
-                        parts.append(await self._post(client, job.query, job.passages[start : start + self.max_passages]))
+                        parts.append(await self._post(client, job.query, job.passages[start : start + step]))
                 advance(1)
                 return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 

@@ -50,18 +50,26 @@ class BM25Index:
         return Stemmer.Stemmer(self.config.stemmer)
 
     def search(self, query_ids: list[str], queries: list[str], k: int, show_progress: bool = False) -> Run:
-        """Top-k per query; documents with score 0 (no shared term) are not returned."""
-        if not queries:
-            return {}
+        """Top-k per query; documents with score 0 (no shared term) are not returned.
+
+        Query words unseen in the corpus, and stopwords, are dropped. bm25s maps them to its "empty" token,
+        which is also how it indexes documents with no tokens; left in, an all-stopword query would match
+        exactly the empty documents.
+        """
         k = min(k, len(self.doc_ids))
-        # Query words unseen in the corpus map to the empty token, which matches nothing.
+        empty = self._tokenizer.word_to_id.get("")
         tokens = self._tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+        tokens = [[t for t in ids if t != empty] for ids in tokens]
+        run: Run = {qid: {} for qid in query_ids}
+        live = [i for i, ids in enumerate(tokens) if ids]
+        if not live or k == 0:
+            return run
         docs, scores = self._bm25.retrieve(
-            self._tokenizer.to_tokenized_tuple(tokens), k=k, show_progress=show_progress, n_threads=0
+            self._tokenizer.to_tokenized_tuple([tokens[i] for i in live]), k=k, show_progress=show_progress,
+            n_threads=0,
         )
-        run: Run = {}
-        for qid, row_docs, row_scores in zip(query_ids, docs, scores, strict=True):
+        for i, row_docs, row_scores in zip(live, docs, scores, strict=True):
             keep = row_scores > 0
-            run[qid] = dict(zip(self.doc_ids[row_docs[keep]].tolist(), row_scores[keep].astype(float).tolist(),
-                                strict=True))
+            run[query_ids[i]] = dict(zip(self.doc_ids[row_docs[keep]].tolist(),
+                                         row_scores[keep].astype(float).tolist(), strict=True))
         return run

@@ -1,0 +1,23 @@
+"""`python -m openrerank.eval ...`: the `openrerank eval` subcommand without the main CLI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from openrerank.eval.cli import DESCRIPTION, add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m openrerank.eval", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", module="numba")  # ranx's unsigned->signed cast notices
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

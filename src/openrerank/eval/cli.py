@@ -1,0 +1,171 @@
+"""`openrerank eval`: argparse wiring. The main CLI calls `add_parser(subparsers)`; `run(args)` does the work."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from openrerank.eval.pipeline import ALL_PIPELINES
+
+DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optionally reranked) on BEIR-layout
+datasets and print recall@5 / nDCG@10 / MRR@10 / recall@100 per pipeline, like the table in NVIDIA's reranking
+documentation. Example: openrerank eval --dataset ../shared/data/scifact --plot scifact.png"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The eval flags, shared by the `openrerank eval` subcommand and `python -m openrerank.eval`."""
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", action="append", required=True, metavar="DIR",
+                      help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv); repeat for several "
+                           "datasets and an average column")
+    data.add_argument("--split", action="append", metavar="NAME",
+                      help="qrels split (default test); once for all datasets or once per --dataset")
+    data.add_argument("--rel-threshold", action="append", type=int, metavar="N",
+                      help="grade counted as relevant by recall and MRR (default 1; TREC DL uses 2); nDCG uses the "
+                           "grades. Once for all datasets or once per --dataset")
+    data.add_argument("--runs", nargs="+", action="extend", default=[], metavar="FILE",
+                      help="existing TREC run files to score and rerank (a file inside a dataset folder belongs to "
+                           "that dataset; otherwise give exactly one --dataset)")
+    data.add_argument("--limit-queries", type=int, metavar="N", help="evaluate only the first N queries (quick runs)")
+
+    pipe = p.add_argument_group("pipelines")
+    pipe.add_argument("--pipelines", default=",".join(ALL_PIPELINES),
+                      help=f"comma-separated rows (default: {','.join(ALL_PIPELINES)}; `all` = the same)")
+    pipe.add_argument("--top-k", type=int, default=100, help="candidates per query from each first stage")
+    pipe.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Anserini default 0.9)")
+    pipe.add_argument("--b", type=float, default=0.4, help="BM25 b (Anserini default 0.4)")
+    pipe.add_argument("--stemmer", default="porter",
+                      help="PyStemmer algorithm for BM25 (porter = Lucene's EnglishAnalyzer; `none` to disable)")
+    pipe.add_argument("--stopwords", default="en", help="bm25s stopword list (`en` = Lucene's; `none` to disable)")
+    pipe.add_argument("--dense-model", default="default", metavar="SOURCE",
+                      help="bi-encoder for the dense stage (default: the packaged all-MiniLM-L6-v2)")
+    pipe.add_argument("--fusion", choices=("rrf", "wsum"), default="rrf",
+                      help="hybrid fusion: reciprocal rank fusion or min-max normalized weighted sum (ranx)")
+    pipe.add_argument("--rrf-k", type=int, default=60, help="RRF constant")
+    pipe.add_argument("--dense-weight", type=float, default=0.5, help="wsum weight of the dense scores")
+
+    rr = p.add_argument_group("reranking")
+    who = rr.add_mutually_exclusive_group()
+    who.add_argument("--rerank-model", default="default", metavar="SOURCE",
+                     help="in-process reranker: `default`, a local directory or a hub id, e.g. "
+                          "cross-encoder/ms-marco-MiniLM-L-6-v2")
+    who.add_argument("--server", metavar="URL", help="rerank through a running server's NIM /v1/ranking instead")
+    rr.add_argument("--server-model", metavar="NAME", help="`model` field sent to the server")
+    rr.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
+    rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
+                    help="auto: a bi-encoder reranker scores from passage embeddings computed once per passage "
+                         "(same numbers as the engine); score: call the engine per query+passage pair")
+
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--backend", default="auto", help="model backend (auto, torch, onnx)")
+    rt.add_argument("--dtype", default="fp32", help="model dtype (fp32, bf16, fp16, int8)")
+    rt.add_argument("--cache-dir", type=Path, metavar="DIR",
+                    help="corpus-embedding cache (default $OPENRERANK_EVAL_CACHE or ~/.cache/openrerank/eval)")
+    rt.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", type=Path, metavar="OUT", help="write the table as JSON")
+    out.add_argument("--csv", type=Path, metavar="OUT", help="write the table as CSV")
+    out.add_argument("--plot", type=Path, metavar="OUT.png", help="write a bar chart of the table")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` on the main CLI's subparsers."""
+    p = subparsers.add_parser("eval", help="evaluate retrieval + reranking pipelines on BEIR datasets",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _per_dataset(values: list | None, n: int, default, flag: str) -> list:
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise SystemExit(f"openrerank eval: give {flag} once or once per --dataset ({n} times)")
+    return list(values)
+
+
+def _assign_runs(datasets: list[Path], runs: list[str]) -> list[list[Path]]:
+    out: list[list[Path]] = [[] for _ in datasets]
+    roots = [d.resolve() for d in datasets]
+    for r in runs:
+        path = Path(r).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"openrerank eval: --runs {r}: no such file")
+        owners = [i for i, root in enumerate(roots) if root in path.resolve().parents]
+        if not owners and len(datasets) == 1:
+            owners = [0]
+        if not owners:
+            raise SystemExit(f"openrerank eval: --runs {r} is outside every --dataset folder; "
+                             "with several datasets a run file must live in its dataset's folder")
+        out[owners[0]].append(path)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the datasets, evaluate every pipeline, print and write the table. Returns the exit code."""
+    from openrerank.eval.data import DatasetError, load_dataset
+    from openrerank.eval.dense import default_cache_dir
+    from openrerank.eval.pipeline import EvalConfig, PipelineError, evaluate_datasets, parse_pipelines
+    from openrerank.eval.progress import Reporter
+    from openrerank.eval.report import print_tables, write_csv, write_json, write_plot
+    from openrerank.eval.sparse import BM25Config
+
+    reporter = Reporter(quiet=args.quiet)
+    try:
+        pipelines = parse_pipelines(args.pipelines)
+    except PipelineError as exc:
+        print(f"openrerank eval: {exc}", file=sys.stderr)
+        return 2
+    dirs = [Path(d).expanduser() for d in args.dataset]
+    splits = _per_dataset(args.split, len(dirs), "test", "--split")
+    thresholds = _per_dataset(args.rel_threshold, len(dirs), 1, "--rel-threshold")
+    run_files = _assign_runs(dirs, args.runs)
+    off = ("", "none", "off")
+    config = EvalConfig(
+        pipelines=pipelines,
+        top_k=args.top_k,
+        bm25=BM25Config(k1=args.k1, b=args.b,
+                        stemmer=None if args.stemmer.lower() in off else args.stemmer,
+                        stopwords=None if args.stopwords.lower() in off else args.stopwords),
+        dense_model=args.dense_model,
+        rerank_model=None if args.server else args.rerank_model,
+        server=args.server,
+        server_model=args.server_model,
+        concurrency=args.concurrency,
+        backend=args.backend,
+        dtype=args.dtype,
+        fusion=args.fusion,
+        rrf_k=args.rrf_k,
+        dense_weight=args.dense_weight,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        bi_encoder_via_embeddings=args.rerank_path == "auto",
+    )
+    datasets = []
+    start = time.perf_counter()
+    try:
+        for d, split in zip(dirs, splits, strict=True):
+            with reporter.step(f"load {d.name} ({split})", None):
+                datasets.append(load_dataset(d, split, limit_queries=args.limit_queries))
+        results = evaluate_datasets(datasets, config, rel_thresholds=thresholds, run_files=run_files,
+                                    reporter=reporter)
+    except (DatasetError, PipelineError) as exc:
+        print(f"openrerank eval: {exc}", file=sys.stderr)
+        return 2
+    print_tables(results)
+    reporter.note(f"total {time.perf_counter() - start:.1f}s")
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    if args.json:
+        write_json(results, args.json, cfg)
+    if args.csv:
+        write_csv(results, args.csv)
+    if args.plot:
+        write_plot(results, args.plot)
+    return 0

@@ -1,0 +1,343 @@
+"""Run the evaluation table: first stages (sparse, dense, hybrid, TREC run files), optional reranking, metrics.
+
+Each first stage is computed once per dataset and shared by the rows that use it; every row's `seconds`
+lists the stages it depends on (shared stages appear in several rows) so a row shows what that pipeline
+costs on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from openrerank.eval.data import Dataset, Run, read_trec_run
+from openrerank.eval.dense import EmbeddingCache, encode, model_fingerprint, search
+from openrerank.eval.fusion import fuse
+from openrerank.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate, top_k
+from openrerank.eval.progress import Reporter, Stopwatch
+from openrerank.eval.rerank import InProcessReranker, Reranker, RerankJob
+from openrerank.eval.sparse import BM25Config, BM25Index
+
+FIRST_STAGES = ("sparse", "dense", "hybrid")
+ALL_PIPELINES = ("sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank")
+
+
+class PipelineError(ValueError):
+    """A pipeline list or option combination that cannot run."""
+
+
+def parse_pipelines(spec: str | list[str]) -> list[str]:
+    """`sparse,dense+rerank,...` -> validated list; `all` = the six standard rows."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for raw in items:
+        name = raw.strip().lower().replace(" ", "")
+        if not name:
+            continue
+        if name == "all":
+            out.extend(p for p in ALL_PIPELINES if p not in out)
+            continue
+        first, _, rest = name.partition("+")
+        if first not in FIRST_STAGES or rest not in ("", "rerank"):
+            raise PipelineError(f"unknown pipeline {raw!r}; use {', '.join(ALL_PIPELINES)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise PipelineError("no pipeline given")
+    return out
+
+
+@dataclass
+class EvalConfig:
+    pipelines: list[str] = field(default_factory=lambda: list(ALL_PIPELINES))
+    top_k: int = 100
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    bm25: BM25Config = field(default_factory=BM25Config)
+    dense_model: str = "default"
+    rerank_model: str | None = "default"  # None when reranking through a server
+    server: str | None = None
+    server_model: str | None = None
+    concurrency: int = 8
+    backend: str = "auto"
+    dtype: str = "fp32"
+    fusion: str = "rrf"
+    rrf_k: int = 60
+    dense_weight: float = 0.5
+    cache_dir: Path | None = None
+    bi_encoder_via_embeddings: bool = True
+
+
+@dataclass
+class Row:
+    pipeline: str
+    metrics: dict[str, float]
+    seconds: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"pipeline": self.pipeline, "metrics": self.metrics, "seconds": self.seconds}
+
+
+@dataclass
+class DatasetResult:
+    dataset: str
+    split: str
+    rel_threshold: int
+    queries: int
+    docs: int
+    rows: list[Row]
+    stages: dict[str, float]  # wall seconds actually spent per stage (shared stages once)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "rel_threshold": self.rel_threshold,
+            "queries": self.queries,
+            "docs": self.docs,
+            "rows": [r.as_dict() for r in self.rows],
+            "stages": self.stages,
+            "notes": self.notes,
+        }
+
+
+class Models:
+    """Loads the dense model and the in-process reranker once for all datasets; shares them when equal."""
+
+    def __init__(self, config: EvalConfig, reporter: Reporter) -> None:
+        self.config = config
+        self.reporter = reporter
+        self._loaded: dict[str, object] = {}
+        self._fingerprints: dict[str, str] = {}
+
+    def get(self, source: str):
+        if source not in self._loaded:
+            from openrerank.models.loader import LoadOptions, load_model
+
+            with self.reporter.step(f"load model {source}", None):
+                self._loaded[source] = load_model(
+                    source, LoadOptions(backend=self.config.backend, dtype=self.config.dtype))
+        return self._loaded[source]
+
+    def fingerprint(self, source: str) -> str:
+        if source not in self._fingerprints:
+            model = self.get(source)
+            runtime = getattr(model.backend, "runtime", None)
+            backend = getattr(runtime, "description", None) or f"{self.config.backend}-{self.config.dtype}"
+            self._fingerprints[source] = model_fingerprint(
+                model.spec.path, backend=backend, dtype=self.config.dtype, max_length=model.max_length)
+        return self._fingerprints[source]
+
+    def close(self) -> None:
+        for model in self._loaded.values():
+            model.close()
+
+
+class DatasetRunner:
+    """Everything for one dataset: first-stage runs (computed once), rerank rows, scores."""
+
+    def __init__(self, ds: Dataset, config: EvalConfig, models: Models, reranker: Reranker | None,
+                 reporter: Reporter, rel_threshold: int = 1, run_files: list[Path] | None = None) -> None:
+        self.ds = ds
+        self.config = config
+        self.models = models
+        self.reranker = reranker
+        self.reporter = reporter
+        self.rel_threshold = rel_threshold
+        self.run_files = run_files or []
+        self.watch = Stopwatch()
+        self.notes: list[str] = []
+        self._runs: dict[str, Run] = {}
+        self._deps: dict[str, list[str]] = {}
+        self._doc_emb: np.ndarray | None = None
+        self.rerank_shares_encode = False  # reranker reuses the dense corpus embeddings
+
+    # -- first stages -------------------------------------------------------------------------
+
+    def _sparse(self) -> Run:
+        if "sparse" not in self._runs:
+            ds = self.ds
+            with self.reporter.step(f"{ds.name}: BM25 index ({len(ds.corpus):,} docs)", None), \
+                    self.watch.time("sparse.index"):
+                index = BM25Index(ds.doc_ids, [d.passage() for d in ds.corpus.values()], self.config.bm25)
+            with self.reporter.step(f"{ds.name}: BM25 retrieve", None), self.watch.time("sparse.retrieve"):
+                run = index.search(list(ds.queries), list(ds.queries.values()), self.config.top_k + 1)
+            self._runs["sparse"] = top_k(drop_self_hits(run), self.config.top_k)
+            self._deps["sparse"] = ["sparse.index", "sparse.retrieve"]
+            self.notes.append(f"sparse: {self.config.bm25.describe()}")
+        return self._runs["sparse"]
+
+    def doc_embeddings(self) -> np.ndarray:
+        """Corpus embeddings of the dense model, from the cache or encoded (and cached) now."""
+        if self._doc_emb is None:
+            ds, source = self.ds, self.config.dense_model
+            model = self.models.get(source)
+            key = self.models.fingerprint(source)
+            cache = EmbeddingCache(self.config.cache_dir)
+            with self.watch.time("dense.encode"):
+                emb = cache.load(ds.name, ds.corpus_hash(), key, ds.doc_ids)
+                if emb is None:
+                    texts = [d.passage() for d in ds.corpus.values()]
+                    with self.reporter.step(f"{ds.name}: encode corpus", len(texts)) as advance:
+                        emb = encode(model.embed, texts, advance)
+                    cache.save(ds.name, ds.corpus_hash(), key, ds.doc_ids, emb)
+                    self.notes.append(f"dense: encoded {len(texts):,} docs (cache key {key})")
+                else:
+                    self.notes.append(f"dense: corpus embeddings from cache (key {key})")
+            self._doc_emb = emb
+        return self._doc_emb
+
+    def _dense(self) -> Run:
+        if "dense" not in self._runs:
+            ds = self.ds
+            emb = self.doc_embeddings()
+            model = self.models.get(self.config.dense_model)
+            with self.watch.time("dense.retrieve"):
+                with self.reporter.step(f"{ds.name}: encode queries", len(ds.queries)) as advance:
+                    q_emb = encode(model.embed, list(ds.queries.values()), advance)
+                run = search(ds.doc_ids, emb, list(ds.queries), q_emb, self.config.top_k + 1)
+            self._runs["dense"] = top_k(drop_self_hits(run), self.config.top_k)
+            self._deps["dense"] = ["dense.encode", "dense.retrieve"]
+            self.notes.append(f"dense: {self.config.dense_model} ({model.spec.path.name}), exact inner product")
+        return self._runs["dense"]
+
+    def _hybrid(self) -> Run:
+        if "hybrid" not in self._runs:
+            sparse, dense = self._sparse(), self._dense()
+            c = self.config
+            with self.watch.time("hybrid.fuse"):
+                self._runs["hybrid"] = fuse(sparse, dense, method=c.fusion, k=c.top_k, rrf_k=c.rrf_k,
+                                            dense_weight=c.dense_weight)
+            self._deps["hybrid"] = self._deps["sparse"] + self._deps["dense"] + ["hybrid.fuse"]
+            how = f"rrf k={c.rrf_k}" if c.fusion == "rrf" else f"min-max wsum dense weight {c.dense_weight}"
+            self.notes.append(f"hybrid: ranx fusion of sparse and dense top-{c.top_k}, {how}")
+        return self._runs["hybrid"]
+
+    def _run_file(self, path: Path) -> tuple[str, Run]:
+        name = "run:" + path.name.split(".")[0]
+        if name not in self._runs:
+            with self.watch.time(f"{name}.read"):
+                run = {q: docs for q, docs in read_trec_run(path).items() if q in self.ds.queries}
+                missing = sum(1 for docs in run.values() for d in docs if d not in self.ds.corpus)
+            if missing:
+                self.notes.append(f"{name}: {missing} candidates absent from the corpus (cannot be reranked)")
+            self._runs[name] = top_k(drop_self_hits(run), self.config.top_k)
+            self._deps[name] = [f"{name}.read"]
+        return name, self._runs[name]
+
+    def first_stage(self, name: str) -> Run:
+        return {"sparse": self._sparse, "dense": self._dense, "hybrid": self._hybrid}[name]()
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def _rerank(self, name: str, run: Run) -> Run:
+        key = f"{name}+rerank"
+        if self.reranker is None:
+            raise PipelineError(f"{key}: no reranker configured")
+        ds = self.ds
+        jobs = []
+        for qid, docs in run.items():
+            ids = [d for d in docs if d in ds.corpus]
+            if ids:
+                jobs.append(RerankJob(qid, ds.queries[qid], ids, [ds.corpus[d].passage() for d in ids]))
+        before = self.reranker.pairs_scored
+        with self.reporter.step(f"{ds.name}: rerank {name} ({self.reranker.name})", len(jobs)) as advance, \
+                self.watch.time(f"{key}.rerank"):
+            out = self.reranker.rerank(jobs, advance)
+        fresh = self.reranker.pairs_scored - before
+        total = sum(len(j.doc_ids) for j in jobs)
+        self.notes.append(f"{key}: {total:,} pairs, {fresh:,} newly scored (others memoized from earlier rows)")
+        shared = ["dense.encode"] if self.rerank_shares_encode and "dense.encode" not in self._deps[name] else []
+        self._deps[key] = [*self._deps[name], *shared, f"{key}.rerank"]
+        return out
+
+    def _score(self, pipeline: str, run: Run) -> Row:
+        with self.watch.time(f"{pipeline}.score"):
+            metrics = evaluate(self.ds.qrels, run, self.config.metrics, rel_threshold=self.rel_threshold)
+        deps = [*self._deps[pipeline], f"{pipeline}.score"]
+        seconds = {stage: round(self.watch.seconds.get(stage, 0.0), 3) for stage in deps}
+        seconds["total"] = round(sum(seconds.values()), 3)
+        return Row(pipeline, metrics, seconds)
+
+    def run(self) -> DatasetResult:
+        rows: list[Row] = []
+        names = list(self.config.pipelines)
+        wants_rerank = any(p.endswith("+rerank") for p in names)
+        stages: list[tuple[str, Run]] = []
+        for p in names:
+            first = p.split("+")[0]
+            run = self.first_stage(first)
+            if p.endswith("+rerank"):
+                run = self._rerank(first, run)
+            stages.append((p, run))
+        for path in self.run_files:
+            name, run = self._run_file(path)
+            stages.append((name, run))
+            if wants_rerank:
+                stages.append((f"{name}+rerank", self._rerank(name, run)))
+        with self.reporter.step(f"{self.ds.name}: score", len(stages)) as advance:
+            for p, run in stages:
+                rows.append(self._score(p, run))
+                advance(1)
+        stage_seconds = {k: round(v, 3) for k, v in self.watch.seconds.items()}
+        return DatasetResult(self.ds.name, self.ds.split, self.rel_threshold, len(self.ds.queries),
+                             len(self.ds.corpus), rows, stage_seconds, self.notes)
+
+
+def make_reranker(config: EvalConfig, models: Models) -> Reranker | None:
+    """The server client when --server is given, else the in-process model (None if no row reranks)."""
+    from openrerank.eval.rerank import ServerReranker
+
+    if config.server:
+        return ServerReranker(config.server, model=config.server_model, concurrency=config.concurrency)
+    if not config.rerank_model:
+        return None
+    model = models.get(config.rerank_model)
+    return InProcessReranker(model, name=config.rerank_model,
+                             bi_encoder_via_embeddings=config.bi_encoder_via_embeddings)
+
+
+def evaluate_datasets(datasets: list[Dataset], config: EvalConfig, *, rel_thresholds: list[int],
+                      run_files: list[list[Path]] | None = None, reporter: Reporter | None = None
+                      ) -> list[DatasetResult]:
+    """The whole table: every pipeline on every dataset."""
+    reporter = reporter or Reporter()
+    models = Models(config, reporter)
+    wants_rerank = any(p.endswith("+rerank") for p in config.pipelines)
+    reranker = make_reranker(config, models) if wants_rerank else None
+    results = []
+    try:
+        for i, ds in enumerate(datasets):
+            start = time.perf_counter()
+            runner = DatasetRunner(ds, config, models, reranker, reporter, rel_thresholds[i],
+                                   (run_files or [[]] * len(datasets))[i])
+            if reranker is not None:
+                reranker.reset()  # memo keys are (query id, doc id): never carry them across datasets
+            if isinstance(reranker, InProcessReranker) and reranker.via_embeddings:
+                _share_doc_embeddings(runner, reranker, config)
+            results.append(runner.run())
+            reporter.note(f"[dim]{ds.name}: done in {time.perf_counter() - start:.1f}s[/dim]")
+    finally:
+        if reranker is not None:
+            reranker.close()
+        models.close()
+    return results
+
+
+def _share_doc_embeddings(runner: DatasetRunner, reranker: InProcessReranker, config: EvalConfig) -> None:
+    """When the reranker is the dense model itself, reuse the dense stage's corpus embeddings.
+
+    Embeddings are keyed by doc id, so they are reset per dataset; they are only shared when the two model
+    sources are the same (the fingerprint includes every file of the model and the runtime).
+    """
+    reranker.doc_embeddings = {}
+    if config.rerank_model != config.dense_model:
+        return
+    emb = runner.doc_embeddings()
+    reranker.doc_embeddings = dict(zip(runner.ds.doc_ids, emb, strict=True))
+    runner.rerank_shares_encode = True
+    runner.notes.append("rerank: the reranker is the dense bi-encoder; its scores are cosines of the same cached "
+                        "corpus embeddings, so +rerank rows count dense.encode in their seconds")

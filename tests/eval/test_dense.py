@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openrerank.eval.dense import EmbeddingCache, encode, model_fingerprint, search
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_exact_search_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    docs = _unit(rng.normal(size=(500, 16)))
+    queries = _unit(rng.normal(size=(7, 16)))
+    ids = [f"d{i}" for i in range(500)]
+    run = search(ids, docs, [f"q{i}" for i in range(7)], queries, k=10, block=3)
+    for i in range(7):
+        sims = docs @ queries[i]
+        expected = [f"d{j}" for j in np.argsort(-sims)[:10]]
+        assert list(run[f"q{i}"]) == expected
+        assert run[f"q{i}"][expected[0]] == pytest.approx(float(sims.max()), abs=1e-6)
+    # k larger than the corpus returns everything, best first
+    small = search(ids[:3], docs[:3], ["q"], queries[:1], k=10)
+    assert len(small["q"]) == 3
+
+
+def test_encode_restores_input_order() -> None:
+    texts = ["ccc", "a", "bbbbbb", "dd"] * 70  # more than one chunk
+    calls: list[int] = []
+
+    def fake_embed(chunk: list[str]) -> np.ndarray:
+        calls.append(len(chunk))
+        return np.array([[len(t), 0.0] for t in chunk], dtype=np.float32)
+
+    seen = []
+    out = encode(fake_embed, texts, seen.append)
+    assert out[:, 0].tolist() == [len(t) for t in texts]
+    assert sum(seen) == len(texts) and len(calls) > 1
+
+
+def test_cache_roundtrip_and_invalidation(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path)
+    emb = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert cache.load("ds", "h" * 64, "m1", ["a", "b", "c"]) is None
+    cache.save("ds", "h" * 64, "m1", ["a", "b", "c"], emb)
+    np.testing.assert_array_equal(cache.load("ds", "h" * 64, "m1", ["a", "b", "c"]), emb)
+    assert cache.load("ds", "h" * 64, "m1", ["a", "c", "b"]) is None  # other doc order
+    assert cache.load("ds", "g" * 64, "m1", ["a", "b", "c"]) is None  # other corpus content
+    assert cache.load("ds", "h" * 64, "m2", ["a", "b", "c"]) is None  # other model
+    assert EmbeddingCache(None).load("ds", "h" * 64, "m1", ["a"]) is None
+
+
+def test_model_fingerprint_follows_content_and_options(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    base = model_fingerprint(tmp_path, backend="torch-fp32-cpu", dtype="fp32", max_length=256)
+    assert base == model_fingerprint(tmp_path, backend="torch-fp32-cpu", dtype="fp32", max_length=256)
+    assert base != model_fingerprint(tmp_path, backend="onnx-int8-cpu", dtype="int8", max_length=256)
+    assert base != model_fingerprint(tmp_path, backend="torch-fp32-cpu", dtype="fp32", max_length=128)
+    (tmp_path / "model.safetensors").write_bytes(b"abd")
+    assert base != model_fingerprint(tmp_path, backend="torch-fp32-cpu", dtype="fp32", max_length=256)
