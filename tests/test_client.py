@@ -1,0 +1,177 @@
+"""openrerank.Client / AsyncClient: against a real server, and retry behaviour over a mock transport."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+
+import httpx
+import pytest
+
+import openrerank
+from openrerank.client import RerankError, error_message, retry_after
+from tests.support import free_port
+
+PASSAGES = ["banana fruit", "paris is the capital", "the sea"]
+
+
+# -- against the real tiny server -----------------------------------------------------------------
+
+
+def test_exports_are_lazy():
+    assert openrerank.Client is openrerank.client.Client
+    assert {"Client", "AsyncClient", "RerankError"} <= set(openrerank.__all__)
+    with pytest.raises(AttributeError):
+        openrerank.NoSuchThing  # noqa: B018
+
+
+def test_sync_client_against_server(tiny_server):
+    with openrerank.Client(tiny_server.url) as client:
+        assert client.health() is True
+        assert client.models() == ["tiny"]
+        results = client.rerank("paris", PASSAGES)
+        top = client.rerank("paris", PASSAGES, model="tiny", top_n=2, truncate="NONE")
+        with pytest.raises(RerankError) as err:
+            client.rerank("paris", PASSAGES, model="nope")
+    with httpx.Client(base_url=tiny_server.url) as raw:
+        nim = raw.post("/v1/ranking", json={"query": {"text": "paris"},
+                                            "passages": [{"text": p} for p in PASSAGES]}).json()
+    assert [(r.index, r.logit) for r in results] == [(x["index"], x["logit"]) for x in nim["rankings"]]
+    assert all(r.text == PASSAGES[r.index] and r.score == r.logit for r in results)
+    assert top == results[:2]
+    assert err.value.status == 404 and "served models: tiny" in err.value.message
+
+
+def test_chunk_and_refusal_through_the_client(tiny_server):
+    long = " ".join(["paris banana"] * 100)
+    with openrerank.Client(tiny_server.url) as client:
+        assert len(client.rerank("paris", [long, "sea"], truncate="CHUNK")) == 2
+        with pytest.raises(RerankError) as err:
+            client.rerank("paris", [long], truncate="NONE")
+    assert err.value.status == 400 and "exceeds maximum allowed token size" in err.value.message
+
+
+def test_async_client_against_server(tiny_server):
+    async def go():
+        async with openrerank.AsyncClient(tiny_server.url) as client:
+            return await client.health(), await client.models(), await client.rerank("paris", PASSAGES, top_n=1)
+
+    healthy, models, top = asyncio.run(go())
+    assert healthy and models == ["tiny"] and len(top) == 1 and top[0].text == PASSAGES[top[0].index]
+
+
+def test_unreachable_server_raises_without_status():
+    client = openrerank.Client(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff=0.01)
+    with pytest.raises(RerankError) as err:
+        client.models()
+    assert err.value.status is None and "cannot reach" in err.value.message
+
+
+# -- retries and errors over a mock transport -------------------------------------------------------
+
+OK = {"rankings": [{"index": 1, "logit": 2.5}, {"index": 0, "logit": -1.0}],
+      "usage": {"prompt_tokens": 9, "total_tokens": 9}}
+
+
+def scripted(*responses: httpx.Response):
+    """A transport answering with the given responses in turn, recording the requests."""
+    seen: list[httpx.Request] = []
+    queue = list(responses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return queue.pop(0)
+
+    return handler, seen
+
+
+def test_retries_503_honouring_retry_after():
+    handler, seen = scripted(httpx.Response(503, json={"message": "busy"}, headers={"Retry-After": "3"}),
+                             httpx.Response(429, json={"message": "slow down"}),
+                             httpx.Response(200, json=OK))
+    client = openrerank.Client("http://x", api_key="k", transport=httpx.MockTransport(handler), backoff=0.1)
+    sleeps: list[float] = []
+    client._sleep = sleeps.append
+    results = client.rerank("q", ["a", "b"], model="m", truncate="CHUNK")
+    assert [r.index for r in results] == [1, 0] and results[0].text == "b"
+    assert len(seen) == 3 and sleeps[0] >= 3.0 and 0.2 <= sleeps[1] < 1.0  # Retry-After, then backoff
+    body = json.loads(seen[0].content)
+    assert body == {"query": {"text": "q"}, "passages": [{"text": "a"}, {"text": "b"}], "truncate": "CHUNK",
+                    "model": "m"}
+    assert seen[0].headers["authorization"] == "Bearer k" and seen[0].url.path == "/v1/ranking"
+
+
+def test_gives_up_after_max_retries_with_the_server_message():
+    handler, seen = scripted(*[httpx.Response(429, json={"error": "Model is overloaded", "error_type": "Overloaded"})
+                               for _ in range(3)])
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(handler), max_retries=2)
+    sleeps: list[float] = []
+    client._sleep = sleeps.append
+    with pytest.raises(RerankError) as err:
+        client.rerank("q", ["a"])
+    assert len(seen) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0]  # exponential
+    assert err.value.status == 429 and err.value.message == "Model is overloaded"
+    assert err.value.body["error_type"] == "Overloaded"
+
+
+def test_client_errors_are_not_retried():
+    handler, seen = scripted(httpx.Response(400, json={"object": "error", "message": "bad", "type": "validation"}))
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(handler))
+    with pytest.raises(RerankError) as err:
+        client.rerank("q", ["a"])
+    assert len(seen) == 1 and err.value.status == 400 and str(err.value) == "400: bad"
+
+
+def test_health_reports_loading_without_retrying():
+    handler, seen = scripted(httpx.Response(503, json={"status": "not ready"}, headers={"Retry-After": "5"}))
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(handler))
+    client._sleep = lambda s: pytest.fail("health must not sleep")
+    assert client.health() is False and len(seen) == 1
+
+
+def test_async_retry():
+    handler, seen = scripted(httpx.Response(503, json={"message": "busy"}, headers={"Retry-After": "1"}),
+                             httpx.Response(200, json=OK))
+    sleeps: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        sleeps.append(s)
+
+    async def go():
+        client = openrerank.AsyncClient("http://x", transport=httpx.MockTransport(handler), backoff=0.01)
+        client._sleep = fake_sleep
+        try:
+            return await client.rerank("q", ["a", "b"], top_n=1)
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(go())
+    assert [r.index for r in results] == [1] and len(seen) == 2 and sleeps[0] >= 1.0
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"object": "error", "message": "nim says", "type": "validation"}, "nim says"),  # NIM, vLLM
+    ({"message": "cohere says"}, "cohere says"),
+    ({"error": "tei says", "error_type": "Validation"}, "tei says"),
+    ({"error": {"message": "openai says", "type": "x"}}, "openai says"),
+    ({"detail": [{"msg": "field required"}]}, "field required"),
+])
+def test_error_message_from_every_dialect(body, expected):
+    assert error_message(httpx.Response(400, json=body)) == expected
+
+
+def test_error_message_from_plain_text_and_retry_after_forms():
+    assert error_message(httpx.Response(502, text="Bad Gateway from proxy")) == "Bad Gateway from proxy"
+    assert retry_after(httpx.Response(503, headers={"Retry-After": "7"})) == 7
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= retry_after(httpx.Response(503, headers={"Retry-After": later})) <= 31
+    assert retry_after(httpx.Response(503)) is None
+    assert retry_after(httpx.Response(503, headers={"Retry-After": "soon"})) is None
+
+
+def test_passages_must_not_be_one_string():
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(lambda r: httpx.Response(200, json=OK)))
+    with pytest.raises(TypeError):
+        client.rerank("q", "not a list")
