@@ -188,3 +188,11 @@ def test_official_cohere_sdk_v2_and_v1(multi_server):
     with pytest.raises(cohere.errors.UnauthorizedError):
         cohere.ClientV2(base_url=multi_server.url, api_key="wrong").rerank(model=DEFAULT_ID, query="q",
                                                                           documents=["a"])
+
+
+def test_engine_errors_map_to_cohere_statuses():
+    busy = dialect.COHERE.response(503, "server overloaded", "overloaded", {"Retry-After": "1"})
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert busy.body == b'{"message":"server overloaded"}'
+    assert dialect.COHERE.response(404, "x", "model_not_found").status_code == 404
+    assert dialect.COHERE.response(503, "loading", "unavailable").status_code == 503

@@ -144,3 +144,12 @@ def test_malformed_json(tiny_server):
     with tiny_server.client() as c:
         r = c.post("/score", content=b'{"text_1": ', headers={"content-type": "application/json"})
     assert_score_error(r, 400, "JSON")
+
+
+def test_engine_errors_map_to_vllm_shape():
+    busy = dialect.SCORE.response(503, "server overloaded", "overloaded")
+    assert busy.status_code == 503
+    assert dialect.score_error_body(503, "server overloaded", "overloaded") == {
+        "object": "error", "message": "server overloaded", "type": "ServiceUnavailableError", "param": None,
+        "code": 503}
+    assert dialect.SCORE.response(400, "x", "model_not_found").status_code == 404
