@@ -1,38 +1,106 @@
-"""Pick a runtime for (model kind, --backend, --dtype) and wrap it in the right scorer."""
+"""Pick a runtime for (model kind, --backend, --dtype, --device) and wrap it in the right scorer.
+
+What can run where (anything else is refused before the server binds its port):
+
+| backend | device | dtypes                                                     |
+|---------|--------|------------------------------------------------------------|
+| onnx    | cpu    | fp32, int8 (dynamic; fast with VNNI, runs without it)      |
+| torch   | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX, else it is emulated) |
+| torch   | cuda   | fp32, bf16, fp16                                           |
+
+`auto` picks ONNX Runtime on CPU and PyTorch on CUDA; a dtype only one engine runs (bf16/fp16 → torch,
+int8 → onnx) decides the engine.
+"""
 
 from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
 
 from openrerank.backends.base import Backend, Runtime
 from openrerank.backends.bi_encoder import BiEncoderBackend
 from openrerank.backends.cross_encoder import CrossEncoderBackend
 from openrerank.models.spec import ModelKind, ModelSpec
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("fp32", "bf16", "fp16", "int8")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 class BackendConfigError(ValueError):
     """An impossible backend/dtype/device combination; raised before the server starts."""
 
 
-def resolve_backend_name(backend: str, device: str) -> str:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where unreadable, e.g. not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def _is_cuda(device: str) -> bool:
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def resolve_backend_name(backend: str, device: str, dtype: str = "fp32") -> str:
     if backend not in BACKENDS:
         raise BackendConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "torch"
+    if _is_cuda(device) or dtype in ("bf16", "fp16"):
+        return "torch"
+    return "onnx"
+
+
+def check_backend_options(backend: str, dtype: str, device: str) -> str:
+    """Validate flags without loading anything (used by `serve` before binding); returns the engine name."""
+    if dtype not in DTYPES:
+        raise BackendConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device != "cpu" and not _is_cuda(device):
+        raise BackendConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
+    name = resolve_backend_name(backend, device, dtype)
+    if name == "onnx":
+        if _is_cuda(device):
+            raise BackendConfigError("--backend onnx runs on CPU only; use --backend torch for --device cuda")
+        if dtype in ("bf16", "fp16"):
+            raise BackendConfigError(f"--dtype {dtype} needs --backend torch (ONNX Runtime here runs fp32 or int8)")
+        if dtype == "int8" and not cpu_flags() & set(_VNNI_FLAGS):
+            warnings.warn("--dtype int8 on a CPU without VNNI (avx512_vnni/avx_vnni): it runs, but is "
+                          "usually no faster than fp32", RuntimeWarning, stacklevel=2)
+    else:
+        if dtype == "int8":
+            raise BackendConfigError("--dtype int8 needs --backend onnx (dynamic int8 quantization)")
+        if dtype == "fp16" and not _is_cuda(device):
+            raise BackendConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+        if dtype == "bf16" and not _is_cuda(device) and not cpu_flags() & set(_BF16_FLAGS):
+            raise BackendConfigError(
+                "--dtype bf16 on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this "
+                "CPU lacks: bf16 would be emulated and slower than fp32. Use --dtype fp32, or int8 with "
+                "--backend onnx")
+    return name
 
 
 def create_runtime(spec: ModelSpec, *, backend: str, dtype: str, device: str, threads: int | None) -> Runtime:
-    name = resolve_backend_name(backend, device)
+    name = check_backend_options(backend, dtype, device)
     classifier = spec.kind is ModelKind.CROSS_ENCODER
     if name == "torch":
-        if dtype == "int8":
-            raise BackendConfigError("--dtype int8 needs --backend onnx")
         from openrerank.backends.torch_runtime import TorchRuntime
 
         return TorchRuntime(spec.path, classifier=classifier, dtype=dtype, device=device, threads=threads)
-    raise BackendConfigError(f"backend {name!r} is not available in this build")
+    from openrerank.backends.onnx_runtime import OnnxRuntime
+
+    return OnnxRuntime(spec.path, classifier=classifier, dtype=dtype, threads=threads)
 
 
 def create_backend(
@@ -44,18 +112,7 @@ def create_backend(
     device: str = "cpu",
     threads: int | None = None,
 ) -> Backend:
-    if dtype not in DTYPES:
-        raise BackendConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     runtime = create_runtime(spec, backend=backend, dtype=dtype, device=device, threads=threads)
     if spec.kind is ModelKind.CROSS_ENCODER:
         return CrossEncoderBackend(runtime, pad_id)
     return BiEncoderBackend(runtime, pad_id, pooling=spec.pooling)
-
-
-def check_backend_options(backend: str, dtype: str, device: str) -> None:
-    """Validate flags without loading anything (used by `serve` before binding)."""
-    if dtype not in DTYPES:
-        raise BackendConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    name = resolve_backend_name(backend, device)
-    if name == "torch" and dtype == "int8":
-        raise BackendConfigError("--dtype int8 needs --backend onnx")
