@@ -65,3 +65,9 @@ def data_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"evaluation data {path} not present (expected ../shared/data beside the repository)")
     return path
+
+
+@pytest.fixture
+def shared_data():
+    """`shared_data(name)` -> the dataset folder under ../shared/data, or skip the test if it is absent."""
+    return data_dir

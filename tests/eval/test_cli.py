@@ -1,0 +1,106 @@
+"""End to end on a tiny synthetic BEIR folder with the real embedded model: flags, outputs, cache."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from openrerank.eval.__main__ import main
+from openrerank.eval.cli import add_parser
+from openrerank.eval.pipeline import PipelineError, parse_pipelines
+
+
+def test_parse_pipelines() -> None:
+    assert parse_pipelines("all") == ["sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank"]
+    assert parse_pipelines("Sparse, dense+rerank,sparse") == ["sparse", "dense+rerank"]
+    with pytest.raises(PipelineError):
+        parse_pipelines("sparse+magic")
+
+
+def test_add_parser_registers_eval_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="openrerank")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    args = parser.parse_args(["eval", "--dataset", "x", "--dataset", "y", "--server", "http://h:1",
+                              "--runs", "a.trec", "b.trec", "--limit-queries", "3", "--backend", "onnx",
+                              "--dtype", "int8", "--rel-threshold", "2"])
+    assert args.dataset == ["x", "y"] and args.server == "http://h:1" and args.runs == ["a.trec", "b.trec"]
+    assert args.limit_queries == 3 and args.backend == "onnx" and args.dtype == "int8"
+    assert args.rel_threshold == [2] and args.top_k == 100 and callable(args.func)
+    with pytest.raises(SystemExit):  # --rerank-model and --server exclude each other
+        parser.parse_args(["eval", "--dataset", "x", "--server", "u", "--rerank-model", "m"])
+
+
+def test_end_to_end_outputs_and_cache(tiny_beir: Path, tmp_path: Path, make_beir, capsys) -> None:
+    run_file = tiny_beir / "runs.trec"
+    run_file.write_text("q1 Q0 d3 1 9.0 t\nq1 Q0 d1 2 8.0 t\nq2 Q0 q2 1 5.0 t\nq2 Q0 d2 2 4.0 t\n")
+    other = make_beir(tmp_path / "other")
+    out_json, out_csv, out_png = tmp_path / "t.json", tmp_path / "t.csv", tmp_path / "t.png"
+    cache = tmp_path / "cache"
+    argv = ["--dataset", str(tiny_beir), "--dataset", str(other), "--pipelines", "all", "--top-k", "3",
+            "--runs", str(run_file), "--cache-dir", str(cache), "--quiet",
+            "--json", str(out_json), "--csv", str(out_csv), "--plot", str(out_png)]
+    assert main(argv) == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["dataset"] == "average(tiny,other)"
+    tiny = doc["per_dataset"][0]
+    assert tiny["dataset"] == "tiny" and tiny["queries"] == 3
+    pipes = [r["pipeline"] for r in tiny["rows"]]
+    assert pipes == ["sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank",
+                     "run:runs", "run:runs+rerank"]
+    for row in tiny["rows"]:
+        assert set(row["metrics"]) == {"recall@5", "ndcg@10", "mrr@10", "recall@100"}
+        assert all(0.0 <= v <= 1.0 for v in row["metrics"].values())
+        assert row["seconds"]["total"] >= 0
+    by = {r["pipeline"]: r for r in tiny["rows"]}
+    assert {"sparse.index", "sparse.retrieve", "sparse.score"} <= set(by["sparse"]["seconds"])
+    assert {"dense.encode", "hybrid.fuse", "hybrid+rerank.rerank"} <= set(by["hybrid+rerank"]["seconds"])
+    # the default reranker is the dense model: reranking dense candidates changes nothing
+    assert by["dense+rerank"]["metrics"] == by["dense"]["metrics"]
+    # the run file's q2 -> q2 self hit is dropped: d2 is first, so MRR for q2 is 1; q3 missing -> 0
+    assert by["run:runs"]["metrics"]["mrr@10"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    avg = {r["pipeline"]: r for r in doc["rows"]}
+    assert avg["sparse"]["datasets"] == 2 and avg["run:runs"]["datasets"] == 1
+    with open(out_csv, newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert lines[0]["dataset"] == "tiny" and "ndcg@10" in lines[0]
+    assert any(line["dataset"] == "average" for line in lines)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stdout = capsys.readouterr().out
+    assert "Dense+Sparse+Rerank" in stdout and "encoded 6 docs" in stdout
+    # second run: corpus embeddings come from the cache
+    again = [*argv[:2], "--pipelines", "dense", "--cache-dir", str(cache), "--quiet", "--json", str(out_json)]
+    assert main(again) == 0
+    assert "from cache" in capsys.readouterr().out
+    single = json.loads(out_json.read_text())
+    assert single["dataset"] == "tiny" and [r["pipeline"] for r in single["rows"]] == ["dense"]
+
+
+def test_dense_search_drops_query_id_from_candidates(tiny_beir: Path, tmp_path: Path) -> None:
+    """Doc `q2` shares its id with query q2 and is its best dense hit; BEIR drops it before scoring."""
+    from openrerank.eval.data import load_dataset
+    from openrerank.eval.pipeline import DatasetRunner, EvalConfig, Models
+    from openrerank.eval.progress import Reporter
+
+    ds = load_dataset(tiny_beir)
+    cfg = EvalConfig(pipelines=["dense", "sparse"], top_k=6, cache_dir=None)
+    reporter = Reporter(quiet=True)
+    models = Models(cfg, reporter)
+    try:
+        runner = DatasetRunner(ds, cfg, models, None, reporter)
+        for stage in ("dense", "sparse"):
+            run = runner.first_stage(stage)
+            assert "q2" not in run["q2"]
+            assert len(run["q2"]) <= 5
+    finally:
+        models.close()
+
+
+def test_bad_inputs_exit_cleanly(tmp_path: Path, capsys) -> None:
+    assert main(["--dataset", str(tmp_path / "nope"), "--pipelines", "sparse", "--quiet"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["--dataset", str(tmp_path), "--pipelines", "bogus", "--quiet"]) == 2
