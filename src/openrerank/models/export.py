@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ _OPTIMIZER_TYPES = {
 # Files whose bytes decide the exported graph; the tokenizer does not.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FUSION_TOLERANCE = 1e-3
+# torch.onnx.export keeps global state (it asserts it is not re-entered), so exports within one process take
+# turns; across processes the atomic rename below is what keeps the cache consistent.
+_EXPORT_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -288,7 +292,16 @@ def ensure_onnx(model_dir: Path, *, classifier: bool, dtype: str = "fp32", opset
     if meta is not None:
         log.info("ONNX cache hit: %s", final / MODEL_FILE)
         return ExportResult(final / MODEL_FILE, True, key, meta)
+    with _EXPORT_LOCK:
+        meta = _read_meta(final)  # another thread may have finished it while we waited
+        if meta is not None:
+            return ExportResult(final / MODEL_FILE, True, key, meta)
+        return _export_into(model_dir, final, key, facts, classifier=classifier, dtype=dtype, opset=opset,
+                            cache_dir=cache_dir)
 
+
+def _export_into(model_dir: Path, final: Path, key: str, facts: dict, *, classifier: bool, dtype: str,
+                 opset: int, cache_dir: Path) -> ExportResult:
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))

@@ -1,0 +1,53 @@
+"""`openrerank export`: build (or find) the cached ONNX model ahead of time, e.g. while building an image."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from openrerank.models.export import ExportError, ensure_onnx
+    from openrerank.models.safety import check_weights
+    from openrerank.models.source import ModelSourceError, resolve_local_dir
+    from openrerank.models.spec import ModelFormatError, ModelKind, detect_spec
+
+    try:
+        path = resolve_local_dir(args.model, allow_pickle=args.allow_pickle, revision=args.revision)
+        check_weights(path, allow_pickle=args.allow_pickle)
+        spec = detect_spec(path)
+        result = ensure_onnx(path, classifier=spec.kind is ModelKind.CROSS_ENCODER, dtype=args.dtype,
+                             opset=args.opset, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    except (ModelSourceError, ModelFormatError, ExportError, ValueError) as exc:
+        print(f"openrerank export: error: {exc}", file=sys.stderr)
+        return 2
+    target = result.path
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in result.path.parent.iterdir():
+            shutil.copy2(f, out / f.name)
+        target = out / result.path.name
+    state = "cached" if result.cached else "exported"
+    print(f"{state} ({args.dtype}, fusions: {result.meta.get('fusions')})", file=sys.stderr, flush=True)
+    print(target)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from openrerank.models.export import DEFAULT_OPSET, ONNX_DTYPES
+
+    p = sub.add_parser("export", help="export a model to (optimized, optionally int8) ONNX into the cache",
+                       description="Export --model to ONNX with ONNX Runtime's transformer fusions (and int8 "
+                       "quantization with --dtype int8), store it in the cache `serve --backend onnx` reads "
+                       "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx) and print its path.")
+    p.add_argument("--model", default="default", help="'default', a local directory or a hub id")
+    p.add_argument("--dtype", default="fp32", choices=ONNX_DTYPES)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--cache-dir", help="cache folder (default: $OPENRERANK_CACHE_DIR or ~/.cache/openrerank/onnx)")
+    p.add_argument("--out", help="also copy model.onnx and export.json into this folder")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
+    p.add_argument("--revision", help="hub revision")
+    p.set_defaults(func=run_export)

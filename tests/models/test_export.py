@@ -1,0 +1,169 @@
+"""The ONNX export cache: reused across starts, invalidated by a changed model, safe under concurrency."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openrerank.models import export
+from openrerank.models.export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
+from tests.support import build_tiny_model
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_model_dir) -> Path:
+    """A private copy of the tiny cross-encoder, free to edit."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def export_counter(monkeypatch) -> list[Path]:
+    """Records every real torch export."""
+    calls: list[Path] = []
+    real = export._torch_export
+
+    def counting(model_dir, *args, **kwargs):
+        calls.append(Path(model_dir))
+        return real(model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(export, "_torch_export", counting)
+    return calls
+
+
+def test_second_load_reuses_the_cache(tmp_path, model_copy, export_counter):
+    cache = tmp_path / "cache"
+    first = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    assert not first.cached and len(export_counter) == 1
+    mtime = first.path.stat().st_mtime_ns
+    second = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    assert second.cached and second.path == first.path
+    assert len(export_counter) == 1
+    assert second.path.stat().st_mtime_ns == mtime
+    meta = json.loads((first.path.parent / export.META_FILE).read_text())
+    assert meta["dtype"] == "fp32" and meta["opset"] >= 17 and meta["inputs"][0] == "input_ids"
+    assert "Attention" in meta["fusions"]  # the transformer optimizer fused the BERT attention
+
+
+def test_runtime_second_start_does_not_export(model_copy, export_counter):
+    from openrerank.models.loader import LoadOptions, load_model
+
+    a = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    b = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    assert not a.backend.runtime.export.cached
+    assert b.backend.runtime.export.cached
+    assert len(export_counter) == 1
+    passages = ["paris france", "banana"]
+    np.testing.assert_array_equal(a.score("paris", passages), b.score("paris", passages))
+
+
+def test_changed_weights_or_config_invalidate(tmp_path, model_copy, export_counter):
+    cache = tmp_path / "cache"
+    first = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    build_tiny_model(model_copy, seed=7)  # same files, new weights
+    second = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    assert not second.cached and second.path != first.path
+    config = json.loads((model_copy / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (model_copy / "config.json").write_text(json.dumps(config))
+    third = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    assert not third.cached and third.path not in (first.path, second.path)
+    assert len(export_counter) == 3
+    # The tokenizer does not shape the graph: editing it keeps the cache.
+    (model_copy / "tokenizer_config.json").write_text("{}")
+    assert ensure_onnx(model_copy, classifier=True, cache_dir=cache).cached
+
+
+def test_int8_is_cached_on_top_of_fp32(tmp_path, model_copy, export_counter):
+    cache = tmp_path / "cache"
+    q = ensure_onnx(model_copy, classifier=True, dtype="int8", cache_dir=cache)
+    assert not q.cached and "int8" in q.meta["quantization"]
+    assert ensure_onnx(model_copy, classifier=True, dtype="fp32", cache_dir=cache).cached
+    assert ensure_onnx(model_copy, classifier=True, dtype="int8", cache_dir=cache).cached
+    assert len(export_counter) == 1
+    assert q.path.stat().st_size < ensure_onnx(model_copy, classifier=True, cache_dir=cache).path.stat().st_size
+
+
+def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
+    cache = tmp_path / "cache"
+    results, errors = [], []
+
+    def start() -> None:
+        try:
+            results.append(ensure_onnx(model_copy, classifier=True, cache_dir=cache))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({r.path for r in results}) == 1
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(results[0].path), providers=["CPUExecutionProvider"])
+
+
+def test_failed_export_leaves_nothing(tmp_path, model_copy, monkeypatch):
+    cache = tmp_path / "cache"
+
+    def broken(*args, **kwargs):
+        raise ExportError("simulated failure")
+
+    monkeypatch.setattr(export, "_fuse", broken)
+    with pytest.raises(ExportError, match="simulated"):
+        ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_bad_options_are_refused(model_copy, tmp_path):
+    with pytest.raises(ExportError, match="dtype"):
+        ensure_onnx(model_copy, classifier=True, dtype="bf16", cache_dir=tmp_path)
+    with pytest.raises(ExportError, match="opset"):
+        ensure_onnx(model_copy, classifier=True, opset=13, cache_dir=tmp_path)
+
+
+def test_cache_dir_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv(CACHE_ENV)
+    assert default_cache_dir() == Path.home() / ".cache" / "openrerank" / "onnx"
+
+
+def test_export_command_prints_the_cached_path(tmp_path, model_copy, capsys):
+    from openrerank.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["export", "--model", str(model_copy), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr()
+    path = Path(out.out.strip())
+    assert path.is_file() and path.parent.parent == cache and "exported" in out.err
+    assert main(["export", "--model", str(model_copy), "--cache-dir", str(cache), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert Path(out.out.strip()) == tmp_path / "o" / "model.onnx" and "cached" in out.err
+    assert (tmp_path / "o" / "export.json").is_file()
+    assert main(["export", "--model", str(tmp_path / "missing"), "--cache-dir", str(cache)]) == 2
+
+
+def test_publish_race_keeps_the_first_copy(tmp_path):
+    """Another process renamed its export into place first: ours is discarded, theirs kept intact."""
+    final = tmp_path / "key-fp32"
+    final.mkdir()
+    (final / export.MODEL_FILE).write_bytes(b"theirs")
+    (final / export.META_FILE).write_text("{}")
+    ours = tmp_path / ".key-tmp"
+    ours.mkdir()
+    (ours / export.MODEL_FILE).write_bytes(b"ours")
+    assert export._publish(ours, final) is False
+    assert not ours.exists()
+    assert (final / export.MODEL_FILE).read_bytes() == b"theirs"
+    fresh = tmp_path / ".other-tmp"
+    fresh.mkdir()
+    assert export._publish(fresh, tmp_path / "new-fp32") is True
