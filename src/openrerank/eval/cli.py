@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from openrerank.eval.pipeline import ALL_PIPELINES
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from openrerank.eval.report import print_tables, write_csv, write_json, write_plot
     from openrerank.eval.sparse import BM25Config
 
+    warnings.filterwarnings("ignore", module="numba")  # ranx's unsigned->signed cast notices
     reporter = Reporter(quiet=args.quiet)
     try:
         pipelines = parse_pipelines(args.pipelines)
