@@ -43,6 +43,9 @@ class TeiRerankRequest(BaseModel):
 
 
 class TeiRank(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"index": 0, "score": 0.93, "text": "Deep Learning is a branch of ..."}]}
+    )
     index: int
     score: float
     text: str | None = None
