@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import threading
 
@@ -12,7 +11,7 @@ import pytest
 
 from openrerank.backends.base import PairItem
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
-from openrerank.engine.scheduler import Scheduler, SchedulerConfig, split_batches
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
 from tests.engine.sched_fakes import BoomError, FakeBackend, Ids, expected, until
 
@@ -38,22 +37,6 @@ def check_budgets(backend: FakeBackend, max_tokens: int, max_size: int) -> None:
 
 def owner_map(*requests: list[PairItem]) -> dict[int, int]:
     return {it.input_ids[0]: r for r, items in enumerate(requests) for it in items}
-
-
-def test_split_batches_respects_budgets_and_covers_every_item_once() -> None:
-    rng = random.Random(0)
-    for _ in range(200):
-        items = [PairItem([0] * rng.randint(1, 300), None) for _ in range(rng.randint(1, 120))]
-        max_tokens, max_size = rng.choice([256, 1000, 4096]), rng.choice([1, 3, 16, 128])
-        groups = split_batches(items, max_tokens, max_size)
-        assert sorted(i for g in groups for i in g) == list(range(len(items)))
-        for g in groups:
-            lengths = [items[i].length for i in g]
-            assert len(g) <= max_size
-            assert len(g) == 1 or len(g) * max(lengths) <= max_tokens
-        # grouped by length: every batch's items are no longer than the next batch's
-        for a, b in itertools.pairwise(groups):
-            assert max(items[i].length for i in a) <= min(items[i].length for i in b)
 
 
 def test_concurrent_results_return_to_their_request_and_position_within_budgets() -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.backends.base import Runtime
-from openrerank.backends.padding import run_trimmed
 from openrerank.backends.torch_runtime import default_threads
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,7 @@ class OnnxRuntime(Runtime):
                  "cached" if self.export.cached else "fresh export")
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        return run_trimmed(self._run, {n: features[n] for n in self.input_names})
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        out = self.session.run([self._output], feeds)[0]
+        out = self.session.run([self._output], {n: features[n] for n in self.input_names})[0]
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
     def close(self) -> None:

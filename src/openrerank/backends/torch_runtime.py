@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.backends.base import Runtime
-from openrerank.backends.padding import run_trimmed
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -63,11 +62,6 @@ class TorchRuntime(Runtime):
         self.description = f"torch-{dtype}-{device}"
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        if self.device == "cpu":  # on a GPU one wide batch beats several narrow ones
-            return run_trimmed(self._run, features)
-        return self._run(features)
-
-    def _run(self, features: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in features.items() if k in self.input_names}
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrerank.backends.base import Backend, WorkItem
+from openrerank.engine.batching import split_batches
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.metrics import Metrics
 
@@ -50,27 +51,6 @@ class ScoreOutcome:
     queue_ms: float  # submit -> first batch holding one of its items starts
     inference_ms: float  # first batch start -> last batch end
     batches: int = 0  # how many model batches its items were spread over
-
-
-def split_batches(items: Sequence[WorkItem], max_tokens: int, max_size: int) -> list[list[int]]:
-    """Index groups, shortest items first, whose padded size (count x longest) stays within budget.
-
-    An item longer than the whole budget gets a batch of its own (it cannot be split).
-    """
-    order = sorted(range(len(items)), key=lambda i: items[i].length)
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0
-    for i in order:
-        n = items[i].length
-        if cur and (len(cur) >= max_size or max(longest, n) * (len(cur) + 1) > max_tokens):
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 class _Request:

@@ -11,6 +11,7 @@ import numpy as np
 from openrerank.backends.base import Backend
 from openrerank.backends.bi_encoder import BiEncoderBackend
 from openrerank.backends.registry import create_backend
+from openrerank.engine.batching import split_batches
 from openrerank.models.safety import check_weights
 from openrerank.models.source import resolve_local_dir
 from openrerank.models.spec import ModelKind, ModelSpec, detect_spec
@@ -47,16 +48,16 @@ class LoadedModel:
         return self.preparer.max_length
 
     def score(self, query: str, passages: list[str], truncate: Truncate = Truncate.END,
-              batch_size: int = 64) -> np.ndarray:
-        """Synchronous, unbatched-across-requests scoring (eval, tests): one logit per passage.
+              max_batch_tokens: int = 16384, max_batch_size: int = 128) -> np.ndarray:
+        """Synchronous scoring of one query (eval, bench, tests): one logit per passage.
 
-        Chunked passages get their best window's score, like the server does.
+        Batches follow the server's policy (`split_batches`); chunked passages get their best
+        window's score, like the server does.
         """
         prep = self.preparer.prepare(query, passages, truncate)
-        scores = np.concatenate([
-            self.backend.score(prep.items[i : i + batch_size])
-            for i in range(0, len(prep.items), batch_size)
-        ]) if prep.items else np.zeros(0, np.float32)
+        scores = np.zeros(len(prep.items), dtype=np.float32)
+        for idx in split_batches(prep.items, max_batch_tokens, max_batch_size):
+            scores[idx] = self.backend.score([prep.items[i] for i in idx])
         out = np.full(len(passages), -np.inf, dtype=np.float32)
         np.maximum.at(out, np.asarray(prep.owners, dtype=np.int64), scores)
         return out

@@ -1,0 +1,48 @@
+"""How work items are cut into model batches: the one batching policy, shared by the scheduler and
+the offline `LoadedModel.score` path.
+
+Items are sorted by length and cut into batches that respect a padded-token budget (pairs x longest
+pair), a pair cap, and a padding cap. The padding cap matters more than it looks: the 100 BM25
+candidates of one DL19 query range from ~40 to ~270 tokens, so one batch padded to its longest pair
+is about half padding (measured 53%), and attention cost grows with the square of the width.
+Cutting a sorted run once padding would pass `max_padding` (but never below `min_rows`, which keeps
+the matrix kernels efficient) brings that under 20%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+#: Largest share of padded tokens a batch may have once it holds `MIN_ROWS` items.
+MAX_PADDING = 0.2
+#: Rows a batch may always reach regardless of padding: fewer would starve the matrix kernels.
+MIN_ROWS = 16
+
+
+class HasLength(Protocol):
+    @property
+    def length(self) -> int: ...
+
+
+def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
+                  max_padding: float = MAX_PADDING, min_rows: int = MIN_ROWS) -> list[list[int]]:
+    """Index groups, shortest items first, each within the token budget, the pair cap and the
+    padding cap. An item longer than the whole budget gets a batch of its own (it cannot be split)."""
+    order = sorted(range(len(items)), key=lambda i: items[i].length)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    real = 0  # real tokens in `cur`
+    for i in order:
+        n = items[i].length  # sorted: the newcomer is the longest
+        if cur:
+            padded = n * (len(cur) + 1)
+            too_padded = len(cur) >= min_rows and 1 - (real + n) / padded > max_padding
+            if len(cur) >= max_size or padded > max_tokens or too_padded:
+                batches.append(cur)
+                cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        batches.append(cur)
+    return batches
