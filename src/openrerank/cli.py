@@ -65,6 +65,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     opt("max-body-bytes", d.max_body_bytes, int, help="largest request body accepted")
     opt("max-batch-tokens", d.max_batch_tokens, int, help="padded tokens per model batch")
     opt("max-batch-size", d.max_batch_size, int, help="pairs per model batch")
+    opt("max-padding", d.max_padding, float, help="largest share of padding in a model batch (raise on GPU)")
     opt("batch-wait-ms", d.batch_wait_ms, float, help="how long a batch waits for concurrent requests")
     opt("max-queue", d.max_queue, int, help="pending requests before answering 503/429")
     opt("request-timeout", d.request_timeout, float, help="seconds a request may wait for the model")

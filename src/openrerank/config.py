@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openrerank.engine.batching import MAX_PADDING
+
 
 @dataclass
 class ServerConfig:
@@ -26,6 +28,7 @@ class ServerConfig:
     max_batch_tokens: int = 16384
     max_batch_size: int = 128
     batch_wait_ms: float = 1.0
+    max_padding: float = MAX_PADDING
     max_queue: int = 1024
     request_timeout: float = 120.0
     # dialect behaviour

@@ -44,6 +44,7 @@ def load_options(config: ServerConfig) -> LoadOptions:
 def scheduler_config(config: ServerConfig) -> SchedulerConfig:
     return SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
                            batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
+                           max_padding=config.max_padding,
                            request_timeout=config.request_timeout)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrerank.backends.base import Backend, WorkItem
-from openrerank.engine.batching import split_batches
+from openrerank.engine.batching import MAX_PADDING, split_batches
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.metrics import Metrics
 
@@ -43,6 +43,8 @@ class SchedulerConfig:
     #: A window holds about this many batches' worth of queued work; bigger sorts better, smaller
     #: lets newly arrived requests in sooner.
     window_batches: int = 4
+    #: Padding cap of each batch (engine/batching.py): tight on CPU, looser on GPU.
+    max_padding: float = MAX_PADDING
 
 
 @dataclass
@@ -127,7 +129,8 @@ class Scheduler:
     def warmup(self, items: Sequence[WorkItem]) -> None:
         """Score once synchronously (before serving) so first requests don't pay lazy init."""
         items = list(items)
-        for idx in split_batches(items, self.config.max_batch_tokens, self.config.max_batch_size):
+        for idx in split_batches(items, self.config.max_batch_tokens, self.config.max_batch_size,
+                                 max_padding=self.config.max_padding):
             self.backend.score([items[i] for i in idx])
 
     async def submit(self, items: Sequence[WorkItem], *, timeout: float | None = None) -> ScoreOutcome:
@@ -279,7 +282,8 @@ class Scheduler:
         """All items of the window, sorted by length, cut into budget-respecting batches."""
         flat = [(req, i) for req in window for i in range(len(req.items))]
         lengths = [req.items[i] for req, i in flat]
-        groups = split_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_size)
+        groups = split_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_size,
+                               max_padding=self.config.max_padding)
         return [[flat[j] for j in g] for g in groups]
 
     def _run_batch(self, batch: list[tuple[_Request, int]]) -> None:
