@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from openrerank.models.export import CACHE_ENV
 from tests.support import build_tiny_model, run_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """Every ONNX export of the run (in-process and in server processes) goes to a private cache,
+    never the user's ~/.cache; one export per model per run."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("onnx-cache")
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
