@@ -49,8 +49,10 @@ def test_second_load_reuses_the_cache(tmp_path, model_copy, export_counter):
     assert "Attention" in meta["fusions"]  # the transformer optimizer fused the BERT attention
 
 
-def test_runtime_second_start_does_not_export(model_copy, export_counter):
+def test_runtime_second_start_does_not_export(model_copy, export_counter, tmp_path, monkeypatch):
     from openrerank.models.loader import LoadOptions, load_model
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "fresh-cache"))  # the run's shared cache may hold it
 
     a = load_model(str(model_copy), LoadOptions(backend="onnx"))
     b = load_model(str(model_copy), LoadOptions(backend="onnx"))

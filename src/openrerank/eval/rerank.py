@@ -91,8 +91,7 @@ class InProcessReranker(Reranker):
 
         out = []
         for job in jobs:
-            out.append(self.model.score(job.query, job.passages, truncate=Truncate.END,
-                                        batch_size=self.batch_size))
+            out.append(self.model.score(job.query, job.passages, truncate=Truncate.END))
             advance(1)
         return out
 
