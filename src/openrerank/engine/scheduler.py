@@ -166,7 +166,7 @@ class Scheduler:
         self._set_depth()
         try:
             await asyncio.wait_for(req.future, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._abandon(req)
             if self.metrics:
                 self.metrics.rejected.labels(self.name, "deadline").inc()

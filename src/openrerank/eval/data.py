@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from openrerank.models.safety import file_sha256
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -54,14 +55,6 @@ class Dataset:
         if self._hash is None:
             self._hash = file_sha256(self.corpus_file)
         return self._hash
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _find(folder: Path, stem: str) -> Path:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.models.safety import file_sha256
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "OPENRERANK_CACHE_DIR"
@@ -90,14 +92,6 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/openrerank/onnx").expanduser()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(model_dir: Path) -> str:
     """Content hash of config.json and the weight files: what the exported graph depends on."""
     model_dir = Path(model_dir)
@@ -107,7 +101,7 @@ def model_fingerprint(model_dir: Path) -> str:
     for f in files:
         if f.is_file():
             h.update(f.name.encode())
-            h.update(_file_digest(f).encode())
+            h.update(file_sha256(f).encode())
     return h.hexdigest()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 SAFE_PATTERNS = ("*.safetensors",)
@@ -30,3 +31,9 @@ def check_weights(path: Path, *, allow_pickle: bool) -> str:
             "if you trust the source"
         )
     return "pickle"
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a (possibly large) file; keys the ONNX and embedding caches."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
