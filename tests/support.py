@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from openrerank.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO.parent / "shared" / "data").resolve()
@@ -70,63 +65,29 @@ def build_tiny_model(
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(ServeProcess):
+    """The shared launcher plus what tests need: an authenticated client."""
 
-
-@dataclass
-class ServerProcess:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-    api_key: str | None = None
-    env: dict = field(default_factory=dict)
+    def __init__(self, args: list[str], log_dir: Path, api_key: str | None = None, env: dict | None = None):
+        super().__init__([*args, *(["--api-key", api_key] if api_key else [])], log_dir,
+                         {"TOKENIZERS_PARALLELISM": "false", **(env or {})})
+        self.api_key = api_key
 
     def client(self, **kw) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(base_url=self.url, timeout=120, headers=headers, **kw)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @contextlib.contextmanager
 def run_server(args: list[str], tmp: Path, *, api_key: str | None = None, env: dict | None = None,
                ready_timeout: float = 180) -> Iterator[ServerProcess]:
     """Start `openrerank serve` as a real process on a free port; yield once /v1/health/ready is 200."""
-    port = free_port()
-    log = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "openrerank", "serve", "--port", str(port), *args]
-    if api_key:
-        cmd += ["--api-key", api_key]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, api_key)
+    server = ServerProcess(args, tmp, api_key, env)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
-            try:
-                if httpx.get(f"{server.url}/v1/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.output()}")
-            time.sleep(0.2)
+        server.wait_ready(ready_timeout)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        server.stop()
 
 
 def nim_body(query: str, passages: list[str], **extra) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 import openrerank
 from openrerank.client import RerankError, error_message, retry_after
-from tests.support import free_port
+from openrerank.serve_process import free_port
 
 PASSAGES = ["banana fruit", "paris is the capital", "the sea"]
 

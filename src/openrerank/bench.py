@@ -18,9 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from openrerank.serve_process import ServeProcess
 
 DEFAULT_CONFIGS = ("torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8")
 SERVED_NAME = "bench-minilm-l6-ce"
@@ -172,52 +171,6 @@ def _best(runs: list[dict]) -> dict:
     """The fastest of the rounds (the one least disturbed by other load), with every round's rate kept."""
     best = max(runs, key=lambda r: r["pairs_per_s"])
     return {**best, "rounds_pairs_per_s": [round(r["pairs_per_s"], 2) for r in runs]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`openrerank serve` in a subprocess on a free port, as a user would run it."""
-
-    def __init__(self, model_dir: Path, backend: str, dtype: str, threads: int | None, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "openrerank", "serve", "--port", str(self.port), "--model",
-               f"{SERVED_NAME}={model_dir}", "--backend", backend, "--dtype", dtype, "--log-level", "warning"]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self.log = log
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {timeout}s: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _body(query: str, passages: list[str]) -> bytes:
@@ -423,7 +376,9 @@ def run_bench(args: argparse.Namespace) -> int:
         for cfg in runners if not args.no_http else []:
             backend, dtype = cfg.split(":")
             row = rows[cfg]
-            server = Server(model_dir, backend, dtype, args.threads, Path(tmp) / f"server-{backend}-{dtype}.log")
+            serve_args = ["--model", f"{SERVED_NAME}={model_dir}", "--backend", backend, "--dtype", dtype,
+                          "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else [])]
+            server = ServeProcess(serve_args, Path(tmp))
             try:
                 server.wait_ready()
                 console.print(f"{cfg}: HTTP, 1 client ...")

@@ -9,8 +9,9 @@ import time
 import httpx
 import pytest
 
+from openrerank.serve_process import free_port
 from tests.api.conftest import DEFAULT_ID
-from tests.support import build_tiny_model, free_port
+from tests.support import build_tiny_model
 
 PASSAGES = ["paris is the capital of france", "bananas are yellow", "the sea is deep"]
 
