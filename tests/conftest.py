@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from openrerank.models.export import CACHE_ENV
+from openrerank.backends.onnx_export import CACHE_ENV
 from tests.support import build_tiny_model, run_server
 
 
