@@ -66,8 +66,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     opt("host", d.host, help="bind address")
     opt("port", d.port, int, help="port")
     opt("api-key", d.api_key, help="require 'Authorization: Bearer KEY' on every route but health")
-    opt("backend", d.backend, help="inference engine: auto (ONNX Runtime on CPU when available), onnx, torch")
-    opt("dtype", d.dtype, help="fp32, bf16 (torch, AVX512-BF16 CPUs or GPU), fp16 (GPU), int8 (onnx)")
+    opt("backend", d.backend, help="inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
+        "bf16 or fp32, else ONNX Runtime; PyTorch on GPU), openvino, onnx, torch")
+    opt("dtype", d.dtype, help="auto (what --backend auto picks), fp32, bf16 (openvino/torch, AVX512-BF16 CPUs or "
+        "GPU), fp16 (GPU), int8 (openvino via NNCF, or onnx)")
     opt("device", d.device, help="cpu or cuda[:N] (torch backend)")
     opt("threads", d.threads, int, help="intra-op threads (default: the cores available)")
     opt("max-length", d.max_length, int, help="cap on the tokens of one query+passage pair")
@@ -81,6 +83,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     opt("batch-wait-ms", d.batch_wait_ms, float, help="how long a batch waits for concurrent requests")
     opt("max-queue", d.max_queue, int, help="pending requests before answering 503/429")
     opt("request-timeout", d.request_timeout, float, help="seconds a request may wait for the model")
+    opt("score-cache-mb", d.score_cache_mb, float, help="memory for an exact LRU cache of passage scores "
+        "(repeated query+passage pairs skip tokenization and the model); 0 turns it off")
     flag_("tei-chunking", "score over-long TEI /rerank texts by their best chunk instead of truncating")
     opt("log-level", d.log_level, help="debug, info, warning, error")
     opt("graceful-timeout", d.graceful_timeout, float, help="seconds to finish in-flight requests on shutdown")
@@ -106,6 +110,8 @@ def preflight(config: ServerConfig) -> None:
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
     check_backend_options(config.backend, config.dtype, config.device)
+    if config.score_cache_mb < 0:
+        raise ValueError(f"--score-cache-mb must be 0 (off) or positive, not {config.score_cache_mb}")
     for source in sources:
         resolve_model(source, load_options(config))
 

@@ -17,7 +17,7 @@ class ServerConfig:
     api_key: str | None = None
     # model loading
     backend: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None
@@ -33,6 +33,7 @@ class ServerConfig:
     max_padding: float = MAX_PADDING
     max_queue: int = 1024
     request_timeout: float = 120.0
+    score_cache_mb: float = 0.0  # exact LRU of passage scores shared by all models; 0: off
     # dialect behaviour
     tei_chunking: bool = False
     log_level: str = "info"

@@ -21,6 +21,7 @@ from openrerank.config import ServerConfig
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.engine.loading import LoadOptions, model_sources
 from openrerank.engine.scheduler import SchedulerConfig
+from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
 from openrerank.metrics import Metrics
 from openrerank.text.prepare import InputTooLongError
@@ -54,7 +55,7 @@ async def load_all(app: FastAPI) -> None:
     try:
         for source in model_sources(config.models, config.model_families, config.instructions):
             served = await asyncio.to_thread(load_served_model, source, load_options(config),
-                                             scheduler_config(config), app.state.metrics)
+                                             scheduler_config(config), app.state.metrics, app.state.score_cache)
             await served.scheduler.start()
             reg.add(served)
         reg.ready = True
@@ -151,6 +152,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True) 
     )
     app.state.config = config
     app.state.metrics = Metrics()
+    app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
+                             if config.score_cache_mb > 0 else None)
     app.state.models = ServedModels()
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:

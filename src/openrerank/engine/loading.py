@@ -15,8 +15,9 @@ import numpy as np
 
 from openrerank.backends.base import Backend
 from openrerank.backends.bi_scorer import BiEncoderScorer
-from openrerank.backends.selection import check_backend_options, create_runtime
+from openrerank.backends.selection import EngineChoice, check_backend_options, create_runtime
 from openrerank.engine.batching import BatchPolicy
+from openrerank.engine.calibration import calibration_batches
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.registry import resolve_spec
 from openrerank.models.safety import check_weights
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadOptions:
     backend: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see backends/selection.py)
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None  # override of the model's window (never above it)
@@ -48,7 +49,7 @@ class ResolvedModel:
     weights_format: str
     family: Family
     spec: ModelSpec
-    engine: str  # the runtime it will run on (onnx | torch)
+    engine: str  # the runtime it is planned to run on (openvino | onnx | torch)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LoadedModel:
     encoder: TextEncoder
     backend: Backend
     weights_format: str
+    engine: EngineChoice | None = None  # which engine serves and why (None: built by hand, e.g. in tests)
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -101,8 +103,11 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What /v1/metadata and logs say about the model: family, engine, window, family facts."""
-        return {"source": self.source.spec, "score": self.score_kind.value, "backend": self.backend.description,
+        meta = {"source": self.source.spec, "score": self.score_kind.value, "backend": self.backend.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
+        if self.engine is not None:
+            meta["engine"] = self.engine.as_metadata()
+        return meta
 
     def close(self) -> None:
         self.backend.close()
@@ -158,10 +163,11 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     family, spec = resolved.family, resolved.spec
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     encoder = family.text_encoder(spec, tokenizer)
-    runtime = create_runtime(family.network(spec, tokenizer), engines=family.engines, backend=options.backend,
-                             dtype=options.dtype, device=options.device, threads=options.threads,
-                             family=family.id)
+    runtime, engine = create_runtime(
+        family.network(spec, tokenizer), engines=family.engines, backend=options.backend, dtype=options.dtype,
+        device=options.device, threads=options.threads, family=family.id,
+        calibration=lambda: calibration_batches(encoder))
     backend = family.scorer(spec, runtime, encoder.pad_id)
-    log.info("loaded %s as %s (%s weights) on %s, window %d tokens", resolved.source.spec, family.id,
-             resolved.weights_format, backend.description, spec.max_length)
-    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format)
+    log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
+             family.id, resolved.weights_format, backend.description, spec.max_length, engine.label, engine.reason)
+    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format, engine)

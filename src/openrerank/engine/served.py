@@ -7,8 +7,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.score_cache import CacheLookup, ScoreCache
 from openrerank.metrics import Metrics
 from openrerank.models.source import ModelSource
 from openrerank.schemas.internal import RerankRequest, RerankResult, Timings, Truncate
@@ -36,6 +39,7 @@ class ServedModel:
     scheduler: Scheduler
     metrics: Metrics | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    score_cache: ScoreCache | None = None
 
     @property
     def max_length(self) -> int:
@@ -46,29 +50,53 @@ class ServedModel:
         self.scheduler.warmup(prep.items)
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
-        """Prepare text off the loop, score through the scheduler, fold chunk scores to passages."""
+        """Prepare text off the loop, score through the scheduler, fold chunk scores to passages.
+
+        With a score cache, only the passages it does not hold are tokenized and scored."""
         t0 = time.perf_counter()
-        prep = await asyncio.to_thread(
-            self.loaded.encoder.prepare, req.query, req.passages, req.truncate,
-            max_chunks_per_passage=req.max_chunks_per_passage,
-            max_tokens_per_passage=req.max_tokens_per_passage,
-        )
-        t1 = time.perf_counter()
-        outcome = await self.scheduler.submit(prep.items)
-        logits = prep.fold(outcome.scores, len(req.passages))
+        cached = self._cache_lookup(req)
+        todo = req.passages if cached is None else [req.passages[i] for i in cached.missing]
+        logits, prompt_tokens, scored_tokens, t1 = np.zeros(0, np.float32), 0, 0, t0
+        queue_ms = inference_ms = 0.0
+        if todo:
+            prep = await asyncio.to_thread(
+                self.loaded.encoder.prepare, req.query, todo, req.truncate,
+                max_chunks_per_passage=req.max_chunks_per_passage,
+                max_tokens_per_passage=req.max_tokens_per_passage,
+            )
+            t1 = time.perf_counter()
+            outcome = await self.scheduler.submit(prep.items)
+            queue_ms, inference_ms = outcome.queue_ms, outcome.inference_ms
+            logits = prep.fold(outcome.scores, len(todo))
+            prompt_tokens = scored_tokens = prep.prompt_tokens
+            if cached is not None and self.score_cache is not None:
+                self.score_cache.complete(cached, prep, logits)
+        if cached is not None:
+            logits, prompt_tokens = cached.scores, cached.prompt_tokens
+            t1 = t1 if todo else time.perf_counter()
         if self.metrics:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
-            self.metrics.tokens.labels(self.name).inc(prep.prompt_tokens)
-        timings = Timings(
-            tokenize_ms=(t1 - t0) * 1e3,
-            queue_ms=outcome.queue_ms,
-            inference_ms=outcome.inference_ms,
-            total_ms=(time.perf_counter() - t0) * 1e3,
-        )
-        return RerankResult(self.name, logits, prep.prompt_tokens, self.loaded.score_kind, timings)
+            self.metrics.tokens.labels(self.name).inc(scored_tokens)
+        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=queue_ms, inference_ms=inference_ms,
+                          total_ms=(time.perf_counter() - t0) * 1e3)
+        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings)
+
+    def _cache_lookup(self, req: RerankRequest) -> CacheLookup | None:
+        """The request's passages in the score cache, keyed by everything that decides their scores."""
+        if self.score_cache is None:
+            return None
+        loaded = self.loaded
+        namespace = ScoreCache.namespace(
+            self.name, loaded.source.spec, loaded.family.id, sorted(loaded.spec.options.items()),
+            loaded.max_length, loaded.backend.description, req.truncate.value, req.max_chunks_per_passage,
+            req.max_tokens_per_passage)
+        return self.score_cache.lookup(self.name, namespace, req.query, req.passages)
 
     def metadata(self) -> dict:
-        return {"id": self.name, **self.loaded.describe()}
+        meta = {"id": self.name, **self.loaded.describe()}
+        if self.score_cache is not None:
+            meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
+        return meta
 
 
 class ServedModels:
@@ -108,11 +136,11 @@ class ServedModels:
 
 
 def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
-                      metrics: Metrics | None) -> ServedModel:
+                      metrics: Metrics | None, score_cache: ScoreCache | None = None) -> ServedModel:
     """Blocking: load weights, build the scheduler, run a warm-up pass."""
     loaded = load_model(source, options)
     scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
-    served = ServedModel(source.served_id, loaded, scheduler, metrics)
+    served = ServedModel(source.served_id, loaded, scheduler, metrics, score_cache=score_cache)
     served.warmup()
     log.info("model %s ready", source.served_id)
     return served
