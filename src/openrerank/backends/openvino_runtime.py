@@ -3,9 +3,10 @@
 The IR is converted once and cached by `openrerank.backends.openvino_convert`; this class compiles it for
 the CPU with:
 
-- `INFERENCE_PRECISION_HINT`: `f32` for fp32 and int8 (exact fp32 kernels; OpenVINO's CPU default on a
-  bf16-capable CPU would otherwise be bf16), `bf16` for bf16 (matrix products in bf16 on AVX512-BF16/AMX,
-  accumulation in fp32);
+- `INFERENCE_PRECISION_HINT`: `f32` for fp32 (exact fp32 kernels; OpenVINO's CPU default on a
+  bf16-capable CPU would otherwise be bf16) and for the non-matmul parts of int8 (whose int8-weight matrix
+  products quantize their activations dynamically), `bf16` for bf16 (matrix products in bf16 on
+  AVX512-BF16/AMX, accumulation in fp32);
 - `INFERENCE_NUM_THREADS` = `--threads` (default: the cores available), one stream, latency hint: one
   batch at a time from the scheduler's worker, all threads on it;
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +47,12 @@ class OpenVinoRuntime(Runtime):
         dtype: str = "fp32",
         threads: int | None = None,
         cache_dir: Path | None = None,
-        calibration: Sequence[dict[str, np.ndarray]] | None = None,
     ) -> None:
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the openvino backend (use one of {OPENVINO_DTYPES})")
         self.conversion = ensure_openvino(network, variant="int8" if dtype == "int8" else "fp32",
-                                          cache_dir=cache_dir, calibration=calibration)
+                                          cache_dir=cache_dir)
         self.threads = threads or default_threads()
         compiled_dir = compiled_cache_dir(cache_dir)
         compiled_dir.mkdir(parents=True, exist_ok=True)

@@ -15,16 +15,16 @@ a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default mod
 not at startup, so the choice is a pure function of the CPU's flags, what is installed and the family:
 
 1. OpenVINO bf16 where the CPU has bf16 units (avx512_bf16 / amx_bf16): bf16 matrix products with fp32
-   accumulation pass the gate (probe correlation 0.99995 on the MiniLM-L6 cross-encoder) at 1.5-2x the
-   speed of fp32. int8 (NNCF static or ONNX Runtime dynamic) is faster still but fails it (0.997 / 0.994),
-   so `auto` never picks int8; ask for it with `--dtype int8`.
+   accumulation pass the gate (probe correlation 0.99995 on the MiniLM-L6 cross-encoder, 0.99999 on the
+   default bi-encoder) at 1.5-2x the speed of fp32. int8 is faster still but fails it (OpenVINO int8
+   weights 0.9996, ONNX Runtime dynamic int8 0.991), so `auto` never picks int8; ask for it with `--dtype int8`.
 2. OpenVINO fp32 on other CPUs (exact, and faster than ONNX Runtime fp32).
 3. ONNX Runtime fp32 where OpenVINO is not installed or refuses the model; PyTorch fp32 where ONNX cannot
    export it, and for families that only run on PyTorch (the LLM rerankers), and on CUDA.
 
 With an explicit `--dtype`, `auto` picks the best engine for that dtype (fp32: OpenVINO, then ONNX Runtime;
-bf16: OpenVINO, then PyTorch; int8: OpenVINO + NNCF, then ONNX Runtime). An explicit `--backend` gets
-exactly that engine or a clear error, never a silent substitute.
+bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
+explicit `--backend` gets exactly that engine or a clear error, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -33,11 +33,8 @@ import functools
 import importlib.util
 import logging
 import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from openrerank.backends.base import Network, Runtime
 from openrerank.backends.openvino_runtime import openvino_available
@@ -53,10 +50,6 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
 #: What "faithful" means, quoted in the reasons `auto` gives.
 FIDELITY_GATE = "probe-set scores correlate >= 0.9999 with fp32 and DL19 nDCG@10 stays within 0.002"
-
-#: int8 calibration batches, built lazily by the loader from the model's own text encoder.
-CalibrationSource = Callable[[], Sequence[dict[str, np.ndarray]]]
-
 
 class BackendConfigError(ValueError):
     """An impossible backend/dtype/device combination; raised before the server starts."""
@@ -178,8 +171,8 @@ def _auto_cpu(dtype: str, engines: tuple[str, ...], flags: frozenset[str], famil
             out.append(EngineChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})" + ov_note))
     elif dtype == "int8":
         if ov and nncf_available():
-            out.append(EngineChoice("openvino", "int8", "--dtype int8: OpenVINO with NNCF static int8 (faster and "
-                                    "closer to fp32 than ONNX Runtime's dynamic int8)"))
+            out.append(EngineChoice("openvino", "int8", "--dtype int8: OpenVINO with NNCF int8 weights (closer to "
+                                    "fp32 than ONNX Runtime's dynamic int8)"))
         if "onnx" in engines:
             out.append(EngineChoice("onnx", "int8", "--dtype int8: ONNX Runtime dynamic int8"
                                     + ("" if ov and nncf_available() else " (OpenVINO/NNCF not installed)")))
@@ -225,13 +218,11 @@ def check_backend_options(backend: str, dtype: str, device: str, engines: tuple[
     return plan_engines(backend, dtype, device, engines, family)[0].backend
 
 
-def _build(choice: EngineChoice, network: Network, device: str, threads: int | None,
-           calibration: CalibrationSource | None) -> Runtime:
+def _build(choice: EngineChoice, network: Network, device: str, threads: int | None) -> Runtime:
     if choice.backend == "openvino":
         from openrerank.backends.openvino_runtime import OpenVinoRuntime
 
-        batches = calibration() if calibration and choice.dtype == "int8" else None
-        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads, calibration=batches)
+        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads)
     if choice.backend == "onnx":
         from openrerank.backends.onnx_runtime import OnnxRuntime
 
@@ -242,8 +233,7 @@ def _build(choice: EngineChoice, network: Network, device: str, threads: int | N
 
 
 def create_runtime(network: Network, *, engines: tuple[str, ...], backend: str, dtype: str, device: str,
-                   threads: int | None, family: str = "this model",
-                   calibration: CalibrationSource | None = None) -> tuple[Runtime, EngineChoice]:
+                   threads: int | None, family: str = "this model") -> tuple[Runtime, EngineChoice]:
     """Build the runtime and say which engine serves and why.
 
     With `--backend auto`, an engine that refuses the model (OpenVINO cannot convert it, ONNX cannot export
@@ -253,7 +243,7 @@ def create_runtime(network: Network, *, engines: tuple[str, ...], backend: str, 
     refused: list[str] = []
     for i, choice in enumerate(plan):
         try:
-            runtime = _build(choice, network, device, threads, calibration)
+            runtime = _build(choice, network, device, threads)
         except Exception as exc:
             if i == len(plan) - 1:
                 raise

@@ -17,7 +17,6 @@ from openrerank.backends.base import Backend
 from openrerank.backends.bi_scorer import BiEncoderScorer
 from openrerank.backends.selection import EngineChoice, check_backend_options, create_runtime
 from openrerank.engine.batching import BatchPolicy
-from openrerank.engine.calibration import calibration_batches
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.registry import resolve_spec
 from openrerank.models.safety import check_weights
@@ -165,8 +164,7 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     encoder = family.text_encoder(spec, tokenizer)
     runtime, engine = create_runtime(
         family.network(spec, tokenizer), engines=family.engines, backend=options.backend, dtype=options.dtype,
-        device=options.device, threads=options.threads, family=family.id,
-        calibration=lambda: calibration_batches(encoder))
+        device=options.device, threads=options.threads, family=family.id)
     backend = family.scorer(spec, runtime, encoder.pad_id)
     log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
              family.id, resolved.weights_format, backend.description, spec.max_length, engine.label, engine.reason)

@@ -16,10 +16,13 @@ least recently used entries are evicted beyond `max_bytes // ENTRY_BYTES` of the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,31 +47,48 @@ def item_tokens(item: WorkItem) -> int:
 
 
 @dataclass
-class CacheLookup:
-    """One request's passages: the scores found, and which passages still need the model."""
+class Scored:
+    """Scores the model produced for some passages of a request (what a cache miss costs)."""
 
-    keys: list[bytes]
-    scores: np.ndarray  # float32 per passage; only the hits are filled
-    tokens: np.ndarray  # int64 usage tokens per passage; only the hits are filled
-    shared_tokens: int | None  # the request's tokens that belong to no passage (a bi-encoder's query)
-    missing: list[int]  # passage indices to score
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing
+    logits: np.ndarray  # float32, one per passage
+    prep: Prepared | None  # the prepared items behind them (usage tokens); None when nothing was scored
+    tokenize_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
 
     @property
     def prompt_tokens(self) -> int:
-        return int(self.tokens.sum()) + (self.shared_tokens or 0)
+        return self.prep.prompt_tokens if self.prep is not None else 0
+
+
+@dataclass
+class CachedScores:
+    """A request's scores assembled from cache hits, passages shared with concurrent requests, and its own."""
+
+    logits: np.ndarray
+    prompt_tokens: int  # usage as if every passage had been scored (identical with or without the cache)
+    scored_tokens: int  # tokens this request actually ran through the model
+    tokenize_ms: float
+    queue_ms: float  # includes waiting for a concurrent request that was scoring the same passages
+    inference_ms: float
+
+
+ScoreFn = Callable[[list[str]], Awaitable[Scored]]
+_Entry = tuple[float, int, int]  # score, usage tokens of the passage, usage tokens shared by the request
 
 
 class ScoreCache:
-    """Thread-safe LRU of passage scores shared by every served model (the key names the model)."""
+    """Thread-safe LRU of passage scores shared by every served model (the key names the model).
+
+    Concurrent requests share work too: a passage another request is scoring right now is awaited, not
+    scored twice (16 clients asking the same thing at once cost one pass).
+    """
 
     def __init__(self, max_bytes: int, registry: CollectorRegistry | None = None) -> None:
         self.max_bytes = int(max_bytes)
         self.capacity = max(0, self.max_bytes // ENTRY_BYTES)
-        self._entries: OrderedDict[bytes, tuple[float, int, int]] = OrderedDict()
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._inflight: dict[bytes, Future] = {}  # key -> the entry a running request will deliver (or None)
         self._lock = threading.Lock()
         self._metrics = _CacheMetrics(registry, self.max_bytes) if registry is not None else None
 
@@ -93,40 +113,87 @@ class ScoreCache:
             out.append(h.digest())
         return out
 
-    def lookup(self, model: str, namespace: bytes, query: str, passages: Sequence[str]) -> CacheLookup:
+    async def score(self, model: str, namespace: bytes, query: str, passages: Sequence[str],
+                    score: ScoreFn) -> CachedScores:
+        """Scores of `passages`: from the cache, from concurrent requests, and from `score` for the rest."""
+        t0 = time.perf_counter()
         keys = self.keys(namespace, query, passages)
-        scores = np.zeros(len(keys), dtype=np.float32)
-        tokens = np.zeros(len(keys), dtype=np.int64)
-        shared: int | None = None
-        missing = []
+        n = len(keys)
+        logits = np.zeros(n, dtype=np.float32)
+        tokens = np.zeros(n, dtype=np.int64)
+        shared_tokens: int | None = None
+        own: dict[int, Future] = {}  # passages this request scores (and delivers to concurrent ones)
+        waiting: dict[int, Future] = {}  # passages a concurrent request is scoring
         with self._lock:
             for i, key in enumerate(keys):
                 entry = self._entries.get(key)
-                if entry is None:
-                    missing.append(i)
-                    continue
-                self._entries.move_to_end(key)
-                scores[i], tokens[i], shared = entry
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    logits[i], tokens[i], shared_tokens = entry
+                elif key in self._inflight:
+                    waiting[i] = self._inflight[key]
+                else:
+                    own[i] = self._inflight[key] = Future()
         if self._metrics:
-            self._metrics.hits.labels(model).inc(len(keys) - len(missing))
-            self._metrics.misses.labels(model).inc(len(missing))
-        return CacheLookup(keys, scores, tokens, shared, missing)
+            self._metrics.hits.labels(model).inc(n - len(own) - len(waiting))
+            self._metrics.shared.labels(model).inc(len(waiting))
+            self._metrics.misses.labels(model).inc(len(own))
+        result = CachedScores(logits, 0, 0, (time.perf_counter() - t0) * 1e3, 0.0, 0.0)
+        try:
+            if own:
+                shared_tokens = await self._score_into(result, tokens, list(own), keys, passages, score, own)
+        finally:
+            self._release(keys, own)
+        if waiting:
+            t_wait = time.perf_counter()
+            done = await asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in waiting.values()))
+            result.queue_ms += (time.perf_counter() - t_wait) * 1e3
+            retry = []
+            for i, entry in zip(waiting, done, strict=True):
+                if entry is None:  # the other request failed or was abandoned: score it here
+                    retry.append(i)
+                else:
+                    logits[i], tokens[i], shared_tokens = entry
+            if retry:
+                shared_tokens = await self._score_into(result, tokens, retry, keys, passages, score, {})
+        result.prompt_tokens = int(tokens.sum()) + (shared_tokens or 0)
+        return result
 
-    def complete(self, lookup: CacheLookup, prep: Prepared, scores: np.ndarray) -> None:
-        """Fill the missing passages from their prepared items and folded scores, and remember them."""
-        per_passage = np.zeros(len(lookup.missing), dtype=np.int64)
-        for item, owner in zip(prep.items, prep.owners, strict=True):
-            per_passage[owner] += item_tokens(item)
-        shared = int(prep.prompt_tokens - per_passage.sum())
-        lookup.scores[lookup.missing] = scores
-        lookup.tokens[lookup.missing] = per_passage
-        if lookup.shared_tokens is None:
-            lookup.shared_tokens = shared
-        entries = [(lookup.keys[i], (float(s), int(t), shared))
-                   for i, s, t in zip(lookup.missing, scores, per_passage, strict=True)]
+    async def _score_into(self, result: CachedScores, tokens: np.ndarray, todo: list[int], keys: list[bytes],
+                          passages: Sequence[str], score: ScoreFn, deliver: dict[int, Future]) -> int:
+        """Score passages `todo` with the model, fill them in, store them, hand them to waiting requests."""
+        scored = await score([passages[i] for i in todo])
+        per_passage = np.zeros(len(todo), dtype=np.int64)
+        if scored.prep is not None:
+            for item, owner in zip(scored.prep.items, scored.prep.owners, strict=True):
+                per_passage[owner] += item_tokens(item)
+        shared = int(scored.prompt_tokens - per_passage.sum())
+        result.logits[todo] = scored.logits
+        tokens[todo] = per_passage
+        result.scored_tokens += scored.prompt_tokens
+        result.tokenize_ms += scored.tokenize_ms
+        result.queue_ms += scored.queue_ms
+        result.inference_ms += scored.inference_ms
+        entries = [(keys[i], (float(v), int(t), shared)) for i, v, t in zip(todo, scored.logits, per_passage,
+                                                                           strict=True)]
         self._store(entries)
+        for i, (_, entry) in zip(todo, entries, strict=True):
+            future = deliver.get(i)
+            if future is not None and not future.done():
+                future.set_result(entry)
+        return shared
 
-    def _store(self, entries: list[tuple[bytes, tuple[float, int, int]]]) -> None:
+    def _release(self, keys: list[bytes], own: dict[int, Future]) -> None:
+        """Stop advertising this request's passages; waiters of any it did not score will score them."""
+        with self._lock:
+            for i, future in own.items():
+                if self._inflight.get(keys[i]) is future:
+                    del self._inflight[keys[i]]
+        for future in own.values():
+            if not future.done():
+                future.set_result(None)
+
+    def _store(self, entries: list[tuple[bytes, _Entry]]) -> None:
         if self.capacity == 0:
             return
         evicted = 0
@@ -158,6 +225,8 @@ class _CacheMetrics:
                             ["model"], registry=r)
         self.misses = Counter("openrerank_score_cache_misses_total", "Passages the score cache did not hold",
                               ["model"], registry=r)
+        self.shared = Counter("openrerank_score_cache_shared_total",
+                              "Passages taken from a concurrent request that was scoring them", ["model"], registry=r)
         self.evictions = Counter("openrerank_score_cache_evictions_total",
                                  "Entries evicted to stay within --score-cache-mb", registry=r)
         self.entries = Gauge("openrerank_score_cache_entries", "Passage scores held", registry=r)

@@ -7,11 +7,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
-from openrerank.engine.score_cache import CacheLookup, ScoreCache
+from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.metrics import Metrics
 from openrerank.models.source import ModelSource
 from openrerank.schemas.internal import RerankRequest, RerankResult, Timings, Truncate
@@ -52,45 +50,45 @@ class ServedModel:
     async def rerank(self, req: RerankRequest) -> RerankResult:
         """Prepare text off the loop, score through the scheduler, fold chunk scores to passages.
 
-        With a score cache, only the passages it does not hold are tokenized and scored."""
+        With a score cache, only the passages it does not hold (and no concurrent request is scoring) are
+        tokenized and scored."""
         t0 = time.perf_counter()
-        cached = self._cache_lookup(req)
-        todo = req.passages if cached is None else [req.passages[i] for i in cached.missing]
-        logits, prompt_tokens, scored_tokens, t1 = np.zeros(0, np.float32), 0, 0, t0
-        queue_ms = inference_ms = 0.0
-        if todo:
-            prep = await asyncio.to_thread(
-                self.loaded.encoder.prepare, req.query, todo, req.truncate,
-                max_chunks_per_passage=req.max_chunks_per_passage,
-                max_tokens_per_passage=req.max_tokens_per_passage,
-            )
-            t1 = time.perf_counter()
-            outcome = await self.scheduler.submit(prep.items)
-            queue_ms, inference_ms = outcome.queue_ms, outcome.inference_ms
-            logits = prep.fold(outcome.scores, len(todo))
-            prompt_tokens = scored_tokens = prep.prompt_tokens
-            if cached is not None and self.score_cache is not None:
-                self.score_cache.complete(cached, prep, logits)
-        if cached is not None:
-            logits, prompt_tokens = cached.scores, cached.prompt_tokens
-            t1 = t1 if todo else time.perf_counter()
+        if self.score_cache is None:
+            scored = await self._score(req, req.passages)
+            logits, prompt_tokens, scored_tokens = scored.logits, scored.prompt_tokens, scored.prompt_tokens
+            timings = Timings(scored.tokenize_ms, scored.queue_ms, scored.inference_ms)
+        else:
+            cached = await self.score_cache.score(self.name, self._cache_namespace(req), req.query, req.passages,
+                                                  lambda passages: self._score(req, passages))
+            logits, prompt_tokens, scored_tokens = cached.logits, cached.prompt_tokens, cached.scored_tokens
+            timings = Timings(cached.tokenize_ms, cached.queue_ms, cached.inference_ms)
         if self.metrics:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
             self.metrics.tokens.labels(self.name).inc(scored_tokens)
-        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=queue_ms, inference_ms=inference_ms,
-                          total_ms=(time.perf_counter() - t0) * 1e3)
+        timings.total_ms = (time.perf_counter() - t0) * 1e3
         return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings)
 
-    def _cache_lookup(self, req: RerankRequest) -> CacheLookup | None:
-        """The request's passages in the score cache, keyed by everything that decides their scores."""
-        if self.score_cache is None:
-            return None
+    async def _score(self, req: RerankRequest, passages: list[str]) -> Scored:
+        """Tokenize `passages` with the request's query and options, score them, one float32 per passage."""
+        t0 = time.perf_counter()
+        prep = await asyncio.to_thread(
+            self.loaded.encoder.prepare, req.query, passages, req.truncate,
+            max_chunks_per_passage=req.max_chunks_per_passage,
+            max_tokens_per_passage=req.max_tokens_per_passage,
+        )
+        t1 = time.perf_counter()
+        outcome = await self.scheduler.submit(prep.items)
+        return Scored(prep.fold(outcome.scores, len(passages)), prep, (t1 - t0) * 1e3, outcome.queue_ms,
+                      outcome.inference_ms)
+
+    def _cache_namespace(self, req: RerankRequest) -> bytes:
+        """Everything besides the texts that decides a passage's score: model, family options, window,
+        engine and precision, truncation and chunk bounds."""
         loaded = self.loaded
-        namespace = ScoreCache.namespace(
+        return ScoreCache.namespace(
             self.name, loaded.source.spec, loaded.family.id, sorted(loaded.spec.options.items()),
             loaded.max_length, loaded.backend.description, req.truncate.value, req.max_chunks_per_passage,
             req.max_tokens_per_passage)
-        return self.score_cache.lookup(self.name, namespace, req.query, req.passages)
 
     def metadata(self) -> dict:
         meta = {"id": self.name, **self.loaded.describe()}

@@ -1,14 +1,13 @@
-"""Fixed sample text: queries with candidate passages of search-result length, in several registers.
+"""A fixed probe set that needs no downloaded data: queries with candidate passages of search-result length.
 
-Used where the server needs real text without a request: the int8 calibration of OpenVINO models (NNCF
-measures activation ranges on it, so it spans short and long passages, relevant and unrelated ones,
-numbers, names and code-like tokens) and the warm-up pass. Written for openrerank; fixed, so the int8
-model it calibrates is reproducible (its token ids are part of that model's cache key).
+The fidelity gate (test_fidelity.py) compares every engine's scores with fp32 on it, beside the DL19 pairs
+where those are present. It spans short and long passages, relevant and unrelated ones, numbers, names and
+code-like tokens, in several registers. Written for openrerank.
 """
 
 from __future__ import annotations
 
-SAMPLE_QUERIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+PROBE_QUERIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("what does a reranker do", (
         "A reranker scores each query and passage pair and sorts the passages best-first.",
         "Bananas are yellow.",
