@@ -175,3 +175,21 @@ def test_bi_encoder_embeddings_run_on_openvino():
         bf16 = load_model("default", LoadOptions(backend="openvino", dtype="bf16"))
         assert bf16.backend.description == "openvino-bf16-cpu"
         assert float(np.min(np.sum(bf16.embed(texts) * emb, axis=1))) > 0.999
+
+
+def test_export_command_converts_ahead_of_time(tmp_path, model_copy, capsys):
+    from openrerank.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["export", "--backend", "openvino", "--model", str(model_copy), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr()
+    path = Path(out.out.strip())
+    assert path.name == "model.xml" and path.parent.parent == cache / "openvino" and "exported" in out.err
+    # bf16 is compiled from the same IR: nothing new to convert.
+    assert main(["export", "--backend", "openvino", "--dtype", "bf16", "--model", str(model_copy),
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "cached" in out.err and Path(out.out.strip()) == tmp_path / "o" / "model.xml"
+    assert (tmp_path / "o" / "model.bin").is_file() and (tmp_path / "o" / convert.META_FILE).is_file()
+    assert main(["export", "--dtype", "bf16", "--model", str(model_copy), "--cache-dir", str(cache)]) == 2
+    assert "fp32 or int8" in capsys.readouterr().err
