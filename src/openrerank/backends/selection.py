@@ -49,7 +49,7 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
 #: What "faithful" means, quoted in the reasons `auto` gives.
-FIDELITY_GATE = "probe-set scores correlate >= 0.9999 with fp32 and DL19 nDCG@10 stays within 0.002"
+FIDELITY_GATE = "probe scores correlate >= 0.9999 with fp32, DL19 nDCG@10 within 0.002"
 
 class BackendConfigError(ValueError):
     """An impossible backend/dtype/device combination; raised before the server starts."""
@@ -145,12 +145,12 @@ def _auto_cpu(dtype: str, engines: tuple[str, ...], flags: frozenset[str], famil
         raise _bf16_refusal("torch")
     if dtype == "auto":
         if ov and bf16_unit:
-            out.append(EngineChoice("openvino", "bf16", f"fastest faithful engine for this CPU: it has bf16 units "
-                                    f"({bf16_unit}) and OpenVINO bf16 passes the fidelity gate ({FIDELITY_GATE}); "
-                                    "int8 is faster but does not"))
+            out.append(EngineChoice("openvino", "bf16", f"the CPU has bf16 units ({bf16_unit}): OpenVINO bf16 is the "
+                                    f"fastest engine that passes the fidelity gate ({FIDELITY_GATE}); int8 is "
+                                    "faster but fails it"))
         if ov:
-            out.append(EngineChoice("openvino", "fp32", "fastest faithful engine for this CPU: no bf16 units "
-                                    "(avx512_bf16/amx_bf16), and int8 does not pass the fidelity gate"))
+            out.append(EngineChoice("openvino", "fp32", "no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the "
+                                    "fastest engine that passes the fidelity gate; int8 is faster but fails it"))
         if "onnx" in engines:
             out.append(EngineChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + ov_note))
         if "torch" in engines:
