@@ -43,11 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Export --model to ONNX with ONNX Runtime's transformer fusions (and int8 "
                        "quantization with --dtype int8), store it in the cache `serve --backend onnx` reads "
                        "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx) and print its path.")
-    p.add_argument("--model", default="default", help="'default', a local directory or a hub id")
-    p.add_argument("--dtype", default="fp32", choices=ONNX_DTYPES)
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--cache-dir", help="cache folder (default: $OPENRERANK_CACHE_DIR or ~/.cache/openrerank/onnx)")
-    p.add_argument("--out", help="also copy model.onnx and export.json into this folder")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
-    p.add_argument("--revision", help="hub revision")
+    p.add_argument("--model", default="default", metavar="SOURCE",
+                   help="'default' (the embedded all-MiniLM-L6-v2), a local model directory or a Hugging Face hub id "
+                   "(default: default)")
+    p.add_argument("--dtype", default="fp32", choices=ONNX_DTYPES,
+                   help="fp32 (fused graph) or int8 (dynamic quantization of it) (default: fp32)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset, 17 or newer (default: {DEFAULT_OPSET})")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="export cache that `serve` reads "
+                   "(default: $OPENRERANK_CACHE_DIR, else ~/.cache/openrerank/onnx)")
+    p.add_argument("--out", metavar="DIR",
+                   help="also copy model.onnx and export.json into DIR (default: none)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle (.bin) weights, which can run code when loaded (default: off)")
+    p.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit (default: the main branch)")
     p.set_defaults(func=run_export)
