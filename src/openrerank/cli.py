@@ -132,7 +132,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     configure_logging(config.log_level, config.log_format)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in a server's log
     try:
         preflight(config)
         sock = bind_socket(config.host, config.port)
@@ -175,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]  # `openrerank` alone (or with serve flags) serves the embedded default
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars from weight loading in our output
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:

@@ -126,7 +126,14 @@ def resolve_options(args: argparse.Namespace, options: Iterable[Option], default
 
 
 class SuggestingParser(argparse.ArgumentParser):
-    """argparse with 'did you mean --port?' for unknown flags, reported by the (sub)command they belong to."""
+    """argparse with 'did you mean --port?' for unknown flags, reported by the (sub)command they belong to.
+
+    Abbreviated flags are refused: `--dtyp` silently meaning `--dtype` stops working the day a flag with the
+    same prefix is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def unknown_flags(self, extras: list[str]) -> NoReturn:
         known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
