@@ -82,8 +82,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def preflight(config: ServerConfig) -> None:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later)."""
+    from openrerank.api.app import load_options
     from openrerank.backends.devices import check_device
     from openrerank.backends.registry import check_backend_options
+    from openrerank.models.loader import check_runnable
     from openrerank.models.safety import check_weights
     from openrerank.models.source import parse_model_arg, resolve_local_dir
     from openrerank.models.spec import detect_spec
@@ -101,7 +103,7 @@ def preflight(config: ServerConfig) -> None:
     for arg in config.models:
         source = parse_model_arg(arg)
         path = resolve_local_dir(source.spec, allow_pickle=config.allow_pickle, revision=config.revision)
-        check_weights(path, allow_pickle=config.allow_pickle)
+        check_runnable(check_weights(path, allow_pickle=config.allow_pickle), load_options(config))
         detect_spec(path)
 
 

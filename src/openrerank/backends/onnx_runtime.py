@@ -1,11 +1,14 @@
 """ONNX Runtime runtime: the CPU default, fp32 (fused graph) or dynamic int8.
 
 The model is exported once and cached by `openrerank.models.export`; this class only opens a session on
-the cached file. Inputs stay int64 (what the graph was exported with) so no conversion runs per batch.
+the cached file. A pre-exported directory (`openrerank export --out DIR`, e.g. baked into a container image)
+is opened as it is, without PyTorch. Inputs stay int64 (what the graph was exported with) so no conversion
+runs per batch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +22,19 @@ log = logging.getLogger(__name__)
 
 #: Set to 0 to stop ORT's worker threads spinning between batches (less idle CPU, a little more latency).
 SPIN_ENV = "OPENRERANK_ORT_SPIN"
+
+
+def exported_dir(path: Path, dtype: str):
+    """The ExportResult of a pre-exported directory, None for a plain model directory."""
+    from openrerank.models.export import META_FILE, MODEL_FILE, ExportError, ExportResult
+    from openrerank.models.safety import is_onnx_export
+
+    if not is_onnx_export(path):
+        return None
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("dtype", dtype) != dtype:
+        raise ExportError(f"{path} holds a {meta['dtype']} ONNX export; serve it with --dtype {meta['dtype']}")
+    return ExportResult(path / MODEL_FILE, True, str(meta.get("key", "")), meta)
 
 
 class OnnxRuntime(Runtime):
@@ -35,7 +51,8 @@ class OnnxRuntime(Runtime):
 
         from openrerank.models.export import ensure_onnx
 
-        self.export = ensure_onnx(Path(path), classifier=classifier, dtype=dtype, cache_dir=cache_dir)
+        self.export = exported_dir(Path(path), dtype) or ensure_onnx(Path(path), classifier=classifier, dtype=dtype,
+                                                                       cache_dir=cache_dir)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

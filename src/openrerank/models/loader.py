@@ -10,7 +10,7 @@ import numpy as np
 
 from openrerank.backends.base import Backend
 from openrerank.backends.bi_encoder import BiEncoderBackend
-from openrerank.backends.registry import create_backend
+from openrerank.backends.registry import create_backend, resolve_backend_name
 from openrerank.engine.batching import split_batches
 from openrerank.models.safety import check_weights
 from openrerank.models.source import resolve_local_dir
@@ -82,6 +82,13 @@ class LoadedModel:
         self.backend.close()
 
 
+def check_runnable(weights_format: str, options: LoadOptions) -> None:
+    """A pre-exported ONNX directory has no PyTorch weights: only ONNX Runtime can serve it."""
+    if weights_format == "onnx" and resolve_backend_name(options.backend, options.device, options.dtype) != "onnx":
+        raise ValueError("a pre-exported ONNX directory (model.onnx + export.json) is served by ONNX Runtime "
+                         "only: use --backend onnx (or auto) on CPU")
+
+
 def load_model(source: str, options: LoadOptions | None = None) -> LoadedModel:
     """Resolve, check (safetensors unless allowed), detect the kind, load tokenizer and backend."""
     from transformers import AutoTokenizer
@@ -89,6 +96,7 @@ def load_model(source: str, options: LoadOptions | None = None) -> LoadedModel:
     options = options or LoadOptions()
     path: Path = resolve_local_dir(source, allow_pickle=options.allow_pickle, revision=options.revision)
     weights_format = check_weights(path, allow_pickle=options.allow_pickle)
+    check_runnable(weights_format, options)
     spec = detect_spec(path)
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
