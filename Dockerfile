@@ -21,7 +21,6 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
-COPY scripts/serve_requirements.py ./scripts/
 # The export environment: the CPU build of PyTorch (pinned), openrerank and the embedded default model.
 RUN python3 -m venv /opt/export \
  && /opt/export/bin/pip install -q -c constraints.txt torch \
@@ -31,6 +30,7 @@ RUN python3 -m venv /opt/export \
 RUN OPENRERANK_CACHE_DIR=/tmp/onnx-cache /opt/export/bin/openrerank export --model default \
         --out /opt/openrerank/models/default
 # The serving environment: openrerank and its requirements at the versions above, without PyTorch.
+COPY scripts/serve_requirements.py ./scripts/
 RUN /opt/export/bin/python scripts/serve_requirements.py > /tmp/serve-requirements.txt \
  && python3 -m venv /opt/openrerank/venv \
  && /opt/openrerank/venv/bin/pip install -q -r /tmp/serve-requirements.txt \

