@@ -65,9 +65,11 @@ async def load_all(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     reg: ModelRegistry = app.state.registry
     started = time.perf_counter()
+    loading = "?"
     try:
         for arg in config.models:
             source = parse_model_arg(arg)
+            loading = source.served_id
             served = await asyncio.to_thread(load_served_model, source, load_options(config),
                                              scheduler_config(config), app.state.metrics)
             await served.scheduler.start()
@@ -77,7 +79,7 @@ async def load_all(app: FastAPI) -> None:
         log.info("ready: serving %s%s (loaded and warmed in %.1fs)", ", ".join(reg.names), where,
                  time.perf_counter() - started)
     except Exception as exc:  # surfaced through /v1/health/ready, the log and the exit status
-        reg.load_error = f"{type(exc).__name__}: {exc}"
+        reg.load_error = f"{loading}: {type(exc).__name__}: {exc}"
         log.error("model loading failed: %s", reg.load_error)
         log.debug("model loading traceback", exc_info=True)
         shutdown = getattr(app.state, "request_shutdown", None)
