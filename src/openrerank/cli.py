@@ -80,7 +80,19 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     opt("max-padding", d.max_padding, float, help="largest share of padding in a model batch (raise on GPU)")
     opt("batch-wait-ms", d.batch_wait_ms, float, help="how long a batch waits for concurrent requests")
     opt("max-queue", d.max_queue, int, help="pending requests before answering 503/429")
-    opt("request-timeout", d.request_timeout, float, help="seconds a request may wait for the model")
+    opt("max-queue-tokens", d.max_queue_tokens, int,
+        help="pending tokens (all requests) before answering 503/429 (default: twice --max-request-tokens)")
+    opt("request-timeout", d.request_timeout, float,
+        help="seconds from a request's arrival to its answer (504 after)")
+    opt("max-request-tokens", d.max_request_tokens, int,
+        help="tokens one request may hold after tokenization and chunking (default: --max-batch-tokens x "
+        "--request-timeout / 2 s)")
+    opt("max-chunks-per-passage", d.max_chunks_per_passage, int,
+        help="CHUNK: windows scored per passage (default and most a request may ask for)")
+    opt("max-chunks-per-request", d.max_chunks_per_request, int, help="CHUNK: windows scored per request")
+    opt("header-timeout", d.header_timeout, float, help="seconds a client may take to send request headers")
+    opt("body-timeout", d.body_timeout, float, help="seconds a client may take to send a request body")
+    flag_("allow-partial", "with several models: serve those that load instead of exiting when one fails")
     flag_("tei-chunking", "score over-long TEI /rerank texts by their best chunk instead of truncating")
     opt("log-level", d.log_level, help="debug, info, warning, error")
     opt("graceful-timeout", d.graceful_timeout, float, help="seconds to finish in-flight requests on shutdown")
@@ -105,14 +117,14 @@ def preflight(config: ServerConfig) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
+    config.validate()
     check_backend_options(config.backend, config.dtype, config.device)
     for source in sources:
         resolve_model(source, load_options(config))
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from openrerank import http_server
     from openrerank.api.app import create_app
 
     config = config_from_args(args)
@@ -122,10 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"openrerank: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=config.graceful_timeout, access_log=config.log_level == "debug")
-    return 0
+    return http_server.run(create_app(config), config)
 
 
 def build_parser() -> argparse.ArgumentParser:

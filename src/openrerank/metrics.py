@@ -19,6 +19,9 @@ class Metrics:
         self.request_latency = Histogram("openrerank_request_duration_seconds", "HTTP request latency",
                                          ["route", "status"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("openrerank_requests_in_flight", "HTTP requests being served", registry=r)
+        self.disconnects = Counter("openrerank_client_disconnects_total",
+                                   "Requests whose client went away before the answer (their work is cancelled)",
+                                   registry=r)
         self.passages = Counter("openrerank_passages_total", "Passages scored", ["model"], registry=r)
         self.tokens = Counter("openrerank_tokens_total", "Tokens scored (after truncation/chunking)",
                               ["model"], registry=r)

@@ -123,7 +123,7 @@ def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) 
         elif typ == "missing":
             parts.append(f"field '{where}' is required")
         else:
-            msg = err.get("msg", "invalid value")
+            msg = err.get("msg", "invalid value").removeprefix("Value error, ")
             parts.append(f"{where}: {msg}" if where else msg)
     if unknown:
         allowed = ", ".join(model.model_fields) if model is not None else ""

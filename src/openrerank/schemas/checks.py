@@ -53,5 +53,5 @@ def echoable(value: Any, depth: int = 0) -> Any:
 
 #: A string field that must be valid Unicode.
 Text = Annotated[str, AfterValidator(valid_text)]
-#: Any JSON value that will be echoed back.
-Echoable = Annotated[Any, AfterValidator(echoable)]
+#: A Cohere document: a string or an object, returned whole with `return_documents`.
+Document = Annotated[str | dict[str, Any], AfterValidator(echoable)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.schemas.checks import Echoable, Text
+from openrerank.schemas.checks import Document, Text
 
 _QUERY = Field(min_length=1, description="The search query; must not be empty.")
 _TOP_N = Field(default=None, ge=0, description="Return only the best `top_n` results; 0 or absent = all.")
@@ -32,7 +32,7 @@ class CohereV1RerankRequest(BaseModel):
     )
     model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
     query: Text = _QUERY
-    documents: list[Text | dict[str, Echoable]] = Field(
+    documents: list[Document] = Field(
         min_length=1,
         description="Strings, or objects with a `text` field (other fields are kept and returned).",
     )

@@ -54,3 +54,9 @@ class NimUsage(BaseModel):
 class NimRankingResponse(BaseModel):
     rankings: list[NimRanking]
     usage: NimUsage
+
+
+class HealthResponse(BaseModel):
+    object: Literal["health.response"] = "health.response"
+    message: str
+    status: str
