@@ -97,12 +97,13 @@ async def rerank(body: TeiRerankRequest, request: Request, response: Response) -
 
 
 @router.get("/health", tags=["TEI"], response_model=None,
-            responses={200: {"description": "Ready"}, 503: {"model": TeiError, "description": "Not ready"}})
+            responses={200: {"description": "Ready (empty body)", "content": {"text/plain": {"schema": {
+                "type": "string", "maxLength": 0}}}}, 503: {"model": TeiError, "description": "Not ready"}})
 async def health(request: Request) -> Response:
     """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503."""
     reg = common.served_models(request)
     if reg.ready:
-        return Response(status_code=200)
+        return Response(status_code=200, media_type="text/plain")
     return OrjsonResponse({"error": f"unhealthy: {reg.status()}", "error_type": "Unhealthy"}, status_code=503)
 
 
