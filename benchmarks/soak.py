@@ -74,7 +74,8 @@ def valid_request(rng: random.Random, model: str, queries: list[str], passages: 
         return "/v2/rerank", {"model": model, "query": q, "documents": ps, "top_n": 3}
     if kind == "tei":
         return "/rerank", {"query": q, "texts": ps, "raw_scores": rng.random() < 0.5}
-    return "/v1/score", {"text_1": [q, rng.choice(queries)] * (len(ps) // 2) or q, "text_2": ps[: max(1, len(ps) // 2 * 2)]}
+    pairs = len(ps) // 2 * 2  # two queries, pairwise (two distinct text_1: one admission unit)
+    return "/v1/score", {"text_1": [q, rng.choice(queries)] * (pairs // 2) or q, "text_2": ps[: max(1, pairs)]}
 
 
 def invalid_request(rng: random.Random) -> tuple[str, bytes]:
