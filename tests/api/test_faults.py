@@ -167,3 +167,25 @@ def test_the_deadline_counts_from_arrival(tiny_model_dir, path):
             backend.release()
         assert answer.startswith("HTTP/1.1 504"), answer
         assert waited < 2.5  # about the 1 s left, not a fresh 3 s
+
+
+def test_anything_unexpected_is_a_500_in_the_dialect_shape_with_the_request_id(tiny_model_dir, caplog):
+    with InProcessServer(config(tiny_model_dir, api_key="k")) as server, server.client() as c:
+        model = server.app.state.models.get(MODEL)
+
+        async def broken(*args, **kw):
+            raise ZeroDivisionError("a bug")
+
+        model.rerank_many = broken
+        auth = {"Authorization": "Bearer k"}
+        r = c.post("/v1/rerank", json=DIALECTS["cohere"][1], headers={**auth, "x-request-id": "trace-42"})
+        assert r.status_code == 500 and r.json() == {"message": "internal server error (request id trace-42)"}
+        assert r.headers["x-request-id"] == "trace-42"
+        r = c.post("/rerank", json=DIALECTS["tei"][1], headers=auth)
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend"
+        assert "request id" in r.json()["error"] and "a bug" not in r.text  # details only in the log
+        # hygiene: metadata sits behind the key like every non-health route
+        assert c.get("/v1/metadata").status_code == 401
+        assert c.get("/v1/metadata", headers=auth).status_code == 200
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "openrerank.api.middleware"]
+    assert any("ZeroDivisionError" in m and "trace-42" in m for m in logged)
