@@ -189,3 +189,13 @@ def test_anything_unexpected_is_a_500_in_the_dialect_shape_with_the_request_id(t
         assert c.get("/v1/metadata", headers=auth).status_code == 200
     logged = [rec.getMessage() for rec in caplog.records if rec.name == "openrerank.api.middleware"]
     assert any("ZeroDivisionError" in m and "trace-42" in m for m in logged)
+
+
+def test_a_score_request_with_several_queries_is_one_admission_unit(tiny_model_dir):
+    """vLLM score groups pairs by distinct text_1; they used to take one queue slot each (3 queries ->
+    503 on an idle server with --max-queue 2)."""
+    with InProcessServer(config(tiny_model_dir, max_queue=1)) as server, server.client() as c:
+        r = c.post("/v1/score", json={"text_1": ["paris", "berlin", "river"], "text_2": ["a", "b", "c"]})
+        assert r.status_code == 200, r.text
+        assert [d["index"] for d in r.json()["data"]] == [0, 1, 2]
+        assert server.backends[MODEL].batches == [3]  # one submission, one batch

@@ -76,7 +76,7 @@ def v1_to_internal(body: CohereV1RerankRequest) -> RerankRequest:
     return RerankRequest(
         query=body.query, passages=texts, model=body.model, truncate=Truncate.CHUNK,
         top_n=body.top_n or None,
-        max_chunks_per_passage=body.max_chunks_per_doc or V1_MAX_CHUNKS_PER_DOC,
+        max_chunks_per_passage=body.max_chunks_per_doc, default_chunks_per_passage=V1_MAX_CHUNKS_PER_DOC,
     )
 
 

@@ -114,7 +114,7 @@ class ServedModel:
         limit = self.limits.max_chunks_per_passage
         if asked is not None and asked > limit:
             raise RequestTooLargeError("chunks per passage", asked, limit, "--max-chunks-per-passage")
-        return asked or limit
+        return asked or min(req.default_chunks_per_passage or limit, limit)
 
     def _prepare_all(self, reqs: Sequence[RerankRequest], chunk_caps: list[int | None]) -> list[Prepared]:
         return [self.loaded.encoder.prepare(r.query, r.passages, r.truncate, max_chunks_per_passage=cap,
