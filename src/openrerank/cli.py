@@ -41,10 +41,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "served) instead of detecting it: needed for an LLM reranker whose files do not say which one it is; "
            "`openrerank families` lists them", repeatable=True, dest="model_families", metavar="[NAME=]FAMILY"),
     Option("instruction", "models", "the prompt instruction of an LLM reranker that takes one (qwen3-reranker, "
-           "mxbai-rerank-v2); NAME is a served id, optional with one model", repeatable=True, split_env=False, dest="instructions",
-           metavar="[NAME=]TEXT"),
+           "mxbai-rerank-v2); NAME is a served id, optional with one model", repeatable=True, split_env=False,
+           dest="instructions", metavar="[NAME=]TEXT"),
     Option("revision", "models", "hub revision (branch, tag or commit)"),
     Option("allow-pickle", "models", "allow loading pickle (.bin) weights; safetensors only otherwise", switch=True),
+    Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
+           "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
     Option("backend", "engine", "inference engine: auto (ONNX Runtime on CPU, PyTorch on CUDA)",
            choices=BACKENDS),
@@ -58,7 +60,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
     Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
-    Option("request-timeout", "limits", "seconds a request may wait for the model", float),
+    Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
+           "(none: twice the per-request token budget)", int),
+    Option("request-timeout", "limits", "seconds from a request's arrival to its answer (504 after)", float),
+    Option("max-request-tokens", "limits", "tokens one request may hold after tokenization and chunking "
+           "(none: max-batch-tokens x request-timeout / 2 s)", int),
+    Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
+           "a request may ask for)", int),
+    Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
+    Option("header-timeout", "limits", "seconds a client may take to send its request headers (408)", float),
+    Option("body-timeout", "limits", "seconds a client may take to send its request body (408)", float),
     Option("graceful-timeout", "limits", "seconds to finish in-flight requests on shutdown", float),
     Option("tei-chunking", "limits", "score over-long TEI /rerank texts by their best chunk instead of truncating",
            switch=True),
@@ -89,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def preflight(config: ServerConfig) -> None:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later)."""
-    from openrerank.api.app import load_options
+    from openrerank.api.engine_config import load_options
     from openrerank.backends.devices import check_device
     from openrerank.backends.selection import check_backend_options
     from openrerank.engine.loading import model_sources, resolve_model
@@ -99,6 +110,7 @@ def preflight(config: ServerConfig) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
+    config.validate()
     check_backend_options(config.backend, config.dtype, config.device)
     check_device(config.device)
     if config.otlp_endpoint:
@@ -126,8 +138,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from openrerank import http_server
     from openrerank.api.app import create_app
 
     prog = "openrerank serve"
@@ -144,17 +155,10 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     app = create_app(config, public_url=f"http://{shown_host}:{port}")
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_config=None, log_level=config.log_level, access_log=False,
-        timeout_graceful_shutdown=config.graceful_timeout))
-    app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     logging.getLogger("openrerank").info(
         "openrerank %s listening on http://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
         shown_host, port, ", ".join(config.models))
-    server.run(sockets=[sock])
-    if app.state.models.load_error:
-        return 3
-    return 0
+    return http_server.run(app, config, sock)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,17 @@ class Metrics:
         self.request_latency = Histogram("openrerank_request_duration_seconds", "HTTP request latency",
                                          ["route", "status"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("openrerank_requests_in_flight", "HTTP requests being served", registry=r)
+        self.disconnects = Counter("openrerank_client_disconnects_total",
+                                   "Requests whose client went away before the answer (their work is cancelled)",
+                                   registry=r)
         self.passages = Counter("openrerank_passages_total", "Passages scored", ["model"], registry=r)
         self.tokens = Counter("openrerank_tokens_total", "Tokens scored (after truncation/chunking)",
                               ["model"], registry=r)
         # engine
         self.queue_depth = Gauge("openrerank_queue_depth", "Requests waiting or being scored", ["model"],
                                  registry=r)
+        self.queue_tokens = Gauge("openrerank_queue_tokens", "Tokens of the requests waiting or being scored",
+                                  ["model"], registry=r)
         self.batch_size = Histogram("openrerank_batch_size", "Pairs per model batch", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram("openrerank_batch_padded_tokens", "Padded tokens per model batch",
@@ -36,5 +41,12 @@ class Metrics:
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.inference_time = Histogram("openrerank_inference_seconds", "Model time per batch", ["model"],
                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("openrerank_rejected_total", "Requests refused by back-pressure or deadline",
+        self.rejected = Counter("openrerank_rejected_total",
+                                "Requests refused by back-pressure (queue_full), their size (too_large) or deadline",
                                 ["model", "reason"], registry=r)
+        self.cancelled = Counter("openrerank_cancelled_total",
+                                 "Requests abandoned by their client (disconnect) before their scores were ready",
+                                 ["model"], registry=r)
+        self.batch_failures = Counter("openrerank_batch_failures_total",
+                                      "Model batches that raised (each request in it is then retried on its own)",
+                                      ["model"], registry=r)
