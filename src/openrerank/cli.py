@@ -72,6 +72,21 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     flag_("tei-chunking", "score over-long TEI /rerank texts by their best chunk instead of truncating")
     opt("log-level", d.log_level, help="debug, info, warning, error")
     opt("graceful-timeout", d.graceful_timeout, float, help="seconds to finish in-flight requests on shutdown")
+    scale = p.add_argument_group("scale out on Ray Serve (pip install 'openrerank[ray]'; docs/scale-out.md)")
+
+    def ray_opt(flag: str, cast, help: str) -> None:
+        scale.add_argument(f"--{flag}", default=_env_default(flag, None, cast), type=cast, help=help)
+
+    ray_opt("replicas", int, "serve N replicas behind one endpoint on a local Ray cluster (default: one process)")
+    ray_opt("max-replicas", int, "autoscale from --replicas up to this many on queue depth")
+    ray_opt("replica-cpus", float, "CPUs per replica, also its threads (default: the cores / the most replicas)")
+    ray_opt("ray-metrics-port", int, "port of Ray's Prometheus endpoint with every replica's series")
+    env_options = _env("replica-option")
+    scale.add_argument("--replica-option", action="append", dest="replica_options", metavar="KEY=VALUE",
+                       default=None if env_options is None else [o.strip() for o in env_options.split(",")
+                                                                if o.strip()],
+                       help="any other replica option of openrerank.ray_serve.ReplicaOptions, e.g. "
+                       "target_ongoing_requests=8 or health_check_period_s=5 (repeatable; env: comma-separated)")
     p.set_defaults(func=run_serve)
 
 
@@ -113,6 +128,22 @@ def run_serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"openrerank: error: {exc}", file=sys.stderr)
         return 2
+    if args.replicas or args.max_replicas:
+        from openrerank.ray_local import run_local
+
+        options: dict[str, str | float | int] = {}
+        for item in args.replica_options or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                print(f"openrerank: error: --replica-option takes KEY=VALUE, got {item!r}", file=sys.stderr)
+                return 2
+            options[key.strip()] = value.strip()
+        options["num_replicas"] = args.replicas or 1
+        if args.max_replicas is not None:
+            options["max_replicas"] = args.max_replicas
+        if args.replica_cpus is not None:
+            options["num_cpus"] = args.replica_cpus
+        return run_local(config, options, metrics_port=args.ray_metrics_port)
     app = create_app(config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
                 timeout_graceful_shutdown=config.graceful_timeout, access_log=config.log_level == "debug")

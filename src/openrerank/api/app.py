@@ -130,12 +130,26 @@ def route_paths(app: FastAPI) -> set[str]:
     return paths
 
 
-def create_app(config: ServerConfig | None = None, *, load_models: bool = True) -> FastAPI:
+def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
+               metrics: Metrics | None = None) -> FastAPI:
+    """The whole server as one ASGI app.
+
+    `wait_for_models`: load and warm every model before the lifespan startup completes, and fail the
+    startup on a load error (under Ray Serve a replica counts as ready when its startup completes).
+    The default loads in the background so /v1/health/live answers during a long load.
+    """
     config = config or ServerConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(load_all(app)) if load_models else None
+        task = None
+        if load_models and wait_for_models:
+            await load_all(app)
+            if app.state.registry.load_error:
+                await app.state.registry.stop()
+                raise RuntimeError(f"model loading failed: {app.state.registry.load_error}")
+        elif load_models:
+            task = asyncio.create_task(load_all(app))
         try:
             yield
         finally:
@@ -152,7 +166,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True) 
         default_response_class=OrjsonResponse,
     )
     app.state.config = config
-    app.state.metrics = Metrics()
+    app.state.metrics = metrics or Metrics()
     app.state.registry = ModelRegistry()
     app.state.registry.expected = [parse_model_arg(m).served_id for m in config.models]
     for router in ROUTERS:

@@ -110,6 +110,23 @@ class Scheduler:
         with self._cv:
             return len(self._queue)
 
+    @property
+    def alive(self) -> bool:
+        """False once the worker thread has ended (stopped, or died of an error); True before the first start."""
+        with self._cv:
+            if self._state == _NEW:
+                return True
+            return self._state == _RUNNING and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the pending work is likely done (1-60), the Retry-After of a refusal."""
+        with self._cv:
+            return self._retry_after_locked()
+
+    def _retry_after_locked(self) -> float:
+        return min(60.0, max(1.0, self._pending_items * self._sec_per_item))
+
     async def start(self) -> None:
         with self._cv:
             self._start_locked()
@@ -147,7 +164,7 @@ class Scheduler:
             if self._state in (_STOPPING, _STOPPED):
                 raise EngineStoppedError()
             if self._pending >= self.config.max_queue:
-                retry = min(60.0, max(1.0, self._pending_items * self._sec_per_item))
+                retry = self._retry_after_locked()
                 pending = self._pending
                 full = True
             else:
