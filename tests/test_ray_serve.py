@@ -27,7 +27,15 @@ from fastapi.testclient import TestClient
 
 from openrerank.api.app import create_app
 from openrerank.config import ServerConfig
-from openrerank.ray_serve import APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER
+from openrerank.ray_serve import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    NON_SCORING_HEADROOM,
+    REPLICA_HEADER,
+    deployment_options,
+    parse_args,
+    replica_problems,
+)
 from openrerank.serve_process import free_port
 from tests.support import ServerProcess, nim_body
 
@@ -51,6 +59,81 @@ DIALECT_REQUESTS = [
 ]
 _LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 _WILDCARD = {"0.0.0.0", "::"}
+
+
+# -- builder arguments and deployment options (no cluster) ------------------------------------------------
+
+
+def test_builder_arguments_arrive_as_strings_from_serve_run():
+    server, replicas = parse_args({"model": "a=/m/a, b=/m/b", "num_replicas": "3", "max_queue": "8",
+                                   "tei_chunking": "true", "threads": "2", "num_cpus": "0.5"})
+    assert server.models == ["a=/m/a", "b=/m/b"]
+    assert (server.max_queue, server.tei_chunking, server.threads) == (8, True, 2)
+    assert (replicas.num_replicas, replicas.num_cpus) == (3, 0.5)
+    assert parse_args({})[0].models == ["default"]
+    assert parse_args({"models": ["x=/m"]})[0].models == ["x=/m"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"modle": "default"}, "unknown argument.*modle.*allowed: model"),
+    ({"port": 9000}, "http_options"),
+    ({"num_replicas": "zero"}, "num_replicas"),
+    ({"max_queue": "lots"}, "max_queue"),
+    ({"num_gpus": 1}, "device=cuda"),
+    ({"model": "a", "models": ["b"]}, "either"),
+])
+def test_bad_builder_arguments_are_refused_clearly(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(args)
+
+
+def test_fixed_replicas_admit_max_queue_and_let_health_and_metrics_through():
+    server, replicas = parse_args({"model": "a=/m/a,b=/m/b", "max_queue": 10, "num_replicas": 2, "num_cpus": 2})
+    options = deployment_options(server, replicas)
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 2}
+    # Serve never holds back a scoring request the replica would take: the replica refuses in dialect shape.
+    assert options["max_ongoing_requests"] == 2 * 10 + NON_SCORING_HEADROOM
+    assert options["max_queued_requests"] == -1 and "backpressure_config" not in options
+
+
+def test_max_replicas_turns_on_autoscaling_on_queue_depth():
+    server, replicas = parse_args({"max_replicas": 8, "num_replicas": 2})
+    options = deployment_options(server, replicas)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1, "initial_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 4.0,
+        "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "look_back_period_s": 10.0}
+    with pytest.raises(ValueError, match="within"):
+        deployment_options(*parse_args({"max_replicas": 2, "num_replicas": 3}))
+    capped = deployment_options(*parse_args({"max_queued_requests": 100, "num_gpus": 0.5, "device": "cuda"}))
+    assert capped["backpressure_config"].retry_after_s == 1
+    assert capped["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+
+
+def test_the_cli_refuses_bad_replica_settings_before_starting_ray(capsys):
+    from openrerank.cli import main
+
+    assert main(["serve", "--replicas", "2", "--replica-option", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "4", "--replica-cpus", "1"]) == 2  # more than this machine has
+    assert "CPUs" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "3", "--max-replicas", "2"]) == 2
+    assert "within" in capsys.readouterr().err
+
+
+def test_a_dead_scheduler_or_load_error_is_a_health_problem(tiny_model_dir):
+    with TestClient(create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)) as c:
+        registry = c.app.state.registry
+        assert replica_problems(registry) == []
+        registry.load_error = "OSError: no weights"
+        assert replica_problems(registry) == ["model loading failed: OSError: no weights"]
+        registry.load_error = None
+        asyncio.run(registry.get("tiny").scheduler.stop())
+        assert replica_problems(registry) == ["the scheduler worker of model tiny is not running"]
+
+
+# -- one cluster, started as a user starts it ----------------------------------------------------------
 
 
 class Cluster:

@@ -10,6 +10,7 @@ traffic stays on 127.0.0.1 (only Serve's HTTP proxy binds `--host`). For a real 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -55,13 +56,13 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
     cpus = available_cpus()
     try:
         options = ReplicaOptions(**replica_args)
+        deployment_options(config, options)  # the cross-field checks, before starting anything
         most = max(options.num_replicas, options.max_replicas or 0)
         if "num_cpus" not in replica_args:
-            options.num_cpus = round(cpus / most, 2)
+            options.num_cpus = math.floor(cpus / most * 100) / 100
         if options.num_cpus * most > cpus + 1e-9:
             raise ValueError(f"{most} replicas x {options.num_cpus:g} CPUs exceed the {cpus} CPUs here; "
                              "lower --replica-cpus")
-        deployment_options(config, options)  # the cross-field checks, before starting anything
     except (ValidationError, ValueError) as exc:
         print(f"openrerank: error: {exc}", file=sys.stderr)
         return 2
