@@ -103,7 +103,7 @@ def test_max_replicas_turns_on_autoscaling_on_queue_depth():
     assert "num_replicas" not in options
     assert options["autoscaling_config"] == {
         "min_replicas": 1, "initial_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 4.0,
-        "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "look_back_period_s": 10.0}
+        "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "look_back_period_s": 30.0}
     with pytest.raises(ValueError, match="within"):
         deployment_options(*parse_args({"max_replicas": 2, "num_replicas": 3}))
     capped = deployment_options(*parse_args({"max_queued_requests": 100, "num_gpus": 0.5, "device": "cuda"}))

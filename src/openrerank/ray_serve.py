@@ -60,7 +60,7 @@ class ReplicaOptions(BaseModel):
     target_ongoing_requests: float = Field(4.0, gt=0, description="requests per replica the autoscaler aims at")
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
-    look_back_period_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=10, description="must exceed Serve's 10 s metrics interval")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica; also its intra-op threads")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share one); needs device=cuda")
     memory: int | None = Field(None, ge=0, description="bytes of memory reserved per replica (scheduling only)")
