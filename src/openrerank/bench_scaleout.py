@@ -281,12 +281,19 @@ def summarize(rounds: list[dict], configs: list[str]) -> dict[str, dict]:
                      "failures": sum(r["failures"] for r in rows)}
     one = out.get("ray-1", {}).get("requests_per_s")
     base = out["direct"]["requests_per_s"]
+    by_round = {(r["config"], r["round"]): r["requests_per_s"] for r in rounds}
     for name, row in out.items():
         row["x_direct"] = row["requests_per_s"] / base
         if one and name.startswith("ray-"):
             n = int(name.split("-")[1])
             row["x_one_replica"] = row["requests_per_s"] / one
             row["efficiency"] = row["x_one_replica"] / n
+            # Within one round the two were measured minutes apart, not a whole run: less exposed to drift.
+            paired = [by_round[name, r] / by_round["ray-1", r] for _, r in by_round if _ == name]
+            row["x_one_replica_per_round"] = [round(x, 2) for x in paired]
+        if name == "ray-1":
+            row["x_direct_per_round"] = [round(by_round[name, r] / by_round["direct", r], 2)
+                                         for c, r in by_round if c == name]
     return out
 
 

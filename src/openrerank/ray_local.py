@@ -86,7 +86,8 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
             return 1
         scaling = f", autoscaling up to {options.max_replicas}" if options.max_replicas else ""
         metrics = f"; every replica's metrics at http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
-        print(f"openrerank: {options.num_replicas} replicas x {options.num_cpus:g} CPU{scaling} ready on "
+        plural = "s" if options.num_replicas > 1 else ""
+        print(f"openrerank: {options.num_replicas} replica{plural} x {options.num_cpus:g} CPU{scaling} ready on "
               f"http://{config.host}:{config.port} (Ray cluster {ray.get_runtime_context().gcs_address}"
               f"{metrics})", flush=True)
         stop.wait()

@@ -101,7 +101,7 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOption
     if not server.models:
         server.models = ["default"]
     if replicas.num_gpus > 0 and server.device == "cpu":
-        raise ValueError("num_gpus reserves a GPU per replica: also pass device=cuda (and backend=torch)")
+        raise ValueError("num_gpus reserves a GPU per replica: also pass device=cuda")
     return server, replicas
 
 
