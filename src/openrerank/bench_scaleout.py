@@ -304,8 +304,8 @@ def render(result: dict) -> None:
     m = result["method"]
     t = Table(title=f"openrerank bench --scale-out: {m['passages_per_request']}-passage requests, {m['engine']}, "
               f"{m['isolation']} ({m['cpu_quota_per_node']} CPU per node), medians of {m['rounds']} rounds")
-    for col in ("configuration", "req/s", "pairs/s", "x 1 replica", "efficiency", "x direct", "p50 ms", "p99 ms",
-                "p99/p50", "spread", "failures"):
+    for col in ("configuration", "req/s", "pairs/s", "x 1 replica", "per round", "efficiency", "x direct",
+                "per round", "p50 ms", "p99 ms", "p99/p50", "spread", "failures"):
         t.add_column(col, justify="right")
     for name, row in result["summary"].items():
         pairs = row["requests_per_s"] * m["passages_per_request"]
@@ -313,7 +313,9 @@ def render(result: dict) -> None:
             "direct server (1 node)" if name == "direct" else f"Ray Serve, {name.split('-')[1]} replica(s)",
             f"{row['requests_per_s']:.3f}", f"{pairs:.1f}",
             f"{row['x_one_replica']:.2f}x" if "x_one_replica" in row else "",
+            " ".join(map(str, row.get("x_one_replica_per_round", []))),
             f"{row['efficiency']:.0%}" if "efficiency" in row else "", f"{row['x_direct']:.2f}x",
+            " ".join(map(str, row.get("x_direct_per_round", []))),
             f"{row['p50_ms']:.0f}", f"{row['p99_ms']:.0f}", f"{row['p99_ms'] / row['p50_ms']:.2f}",
             f"±{row['spread'] / 2:.0%}", str(row["failures"]))
-    Console(width=max(Console().width, 150)).print(t)
+    Console(width=max(Console().width, 200)).print(t)
