@@ -124,13 +124,13 @@ def test_the_cli_refuses_bad_replica_settings_before_starting_ray(capsys):
 
 def test_a_dead_scheduler_or_load_error_is_a_health_problem(tiny_model_dir):
     with TestClient(create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)) as c:
-        registry = c.app.state.registry
-        assert replica_problems(registry) == []
-        registry.load_error = "OSError: no weights"
-        assert replica_problems(registry) == ["model loading failed: OSError: no weights"]
-        registry.load_error = None
-        asyncio.run(registry.get("tiny").scheduler.stop())
-        assert replica_problems(registry) == ["the scheduler worker of model tiny is not running"]
+        served = c.app.state.models
+        assert replica_problems(served) == []
+        served.load_error = "OSError: no weights"
+        assert replica_problems(served) == ["model loading failed: OSError: no weights"]
+        served.load_error = None
+        asyncio.run(served.get("tiny").scheduler.stop())
+        assert replica_problems(served) == ["the scheduler worker of model tiny is not running"]
 
 
 # -- one cluster, started as a user starts it ----------------------------------------------------------

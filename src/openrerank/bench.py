@@ -125,9 +125,9 @@ class OfflineRunner:
 
     def __init__(self, model_dir: Path, backend: str, dtype: str, threads: int | None,
                  loop: asyncio.AbstractEventLoop) -> None:
+        from openrerank.engine.loading import LoadOptions
         from openrerank.engine.scheduler import SchedulerConfig
         from openrerank.engine.served import load_served_model
-        from openrerank.models.loader import LoadOptions
         from openrerank.models.source import ModelSource
 
         self.loop = loop
@@ -332,9 +332,9 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
         model_dir = build_bench_cross_encoder(Path(tmp) / "minilm-l6-ce")
-        from openrerank.models.spec import detect_spec
+        from openrerank.engine.loading import resolve_model
 
-        max_length = detect_spec(model_dir).max_length
+        max_length = resolve_model(str(model_dir)).spec.max_length
         result["model"] = {"architecture": "BertForSequenceClassification (MiniLM-L6-H384, 1 logit)",
                            "max_length": max_length}
         # Mean tokens per pair, as the model sees them.

@@ -195,7 +195,7 @@ def _uptime() -> str:
 def run_scaleout(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from openrerank.models.export import ensure_onnx
+    from openrerank.cli import main as cli_main
 
     for key, value in RAY_ENV_DEFAULTS.items():  # before anything imports ray: it reads them at import
         os.environ.setdefault(key, value)
@@ -224,9 +224,9 @@ def run_scaleout(args: argparse.Namespace) -> int:
     configs = ["direct", *[f"ray-{n}" for n in counts]]
     with tempfile.TemporaryDirectory(prefix="openrerank-scaleout-") as tmp:
         model_dir = build_bench_cross_encoder(Path(tmp) / "minilm-l6-ce")
-        # Export once up front, so no configuration pays (or races for) the export.
-        if backend == "onnx":
-            ensure_onnx(model_dir, classifier=True, dtype=dtype)
+        # Export once up front (the documented path for images), so no configuration pays for the export.
+        if backend == "onnx" and cli_main(["export", "--model", str(model_dir), "--dtype", dtype]) != 0:
+            return 2
         model = f"{SERVED_NAME}={model_dir}"
         direct = ServeProcess(["--model", model, "--backend", backend, "--dtype", dtype, "--threads", "1",
                                "--log-level", "warning"], Path(tmp))

@@ -17,7 +17,8 @@ ENV_PREFIX = "OPENRERANK_"
 _TRUE = {"1", "true", "yes", "on"}
 
 # Subcommands that live with their feature: module path -> exposes add_parser(subparsers) and run(args).
-_FEATURE_COMMANDS = ("openrerank.eval.cli", "openrerank.bench", "openrerank.models.export_cli")
+_FEATURE_COMMANDS = ("openrerank.eval.cli", "openrerank.bench", "openrerank.export_cli",
+                     "openrerank.families.cli")
 
 
 def _env(name: str) -> str | None:
@@ -51,6 +52,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
                    "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several "
                    "(env: comma-separated).")
+    env_families = _env("model-family")
+    p.add_argument("--model-family", action="append", dest="model_families", metavar="[NAME=]FAMILY",
+                   default=[] if env_families is None else [f.strip() for f in env_families.split(",") if f.strip()],
+                   help="the family of model NAME (a served id; may be left out when one model is served), "
+                   "instead of detecting it: needed for an LLM reranker whose files do not say which one it is. "
+                   "`openrerank families` lists them. Repeatable (env: comma-separated).")
+    env_instr = _env("instruction")
+    p.add_argument("--instruction", action="append", dest="instructions", metavar="[NAME=]TEXT",
+                   default=[] if env_instr is None else [env_instr],
+                   help="the prompt instruction of an LLM reranker that takes one (qwen3-reranker, "
+                   "mxbai-rerank-v2); NAME as for --model-family. Repeatable.")
     opt("host", d.host, help="bind address")
     opt("port", d.port, int, help="port")
     opt("api-key", d.api_key, help="require 'Authorization: Bearer KEY' on every route but health")
@@ -99,21 +111,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def preflight(config: ServerConfig) -> None:
     """Fail fast on bad --model/--backend values before binding the port (weights load later)."""
-    from openrerank.backends.registry import check_backend_options
-    from openrerank.models.safety import check_weights
-    from openrerank.models.source import parse_model_arg, resolve_local_dir
-    from openrerank.models.spec import detect_spec
+    from openrerank.api.app import load_options
+    from openrerank.backends.selection import check_backend_options
+    from openrerank.engine.loading import model_sources, resolve_model
 
-    names = [parse_model_arg(m).served_id for m in config.models]
+    sources = model_sources(config.models, config.model_families, config.instructions)
+    names = [s.served_id for s in sources]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
-    for arg in config.models:
-        source = parse_model_arg(arg)
-        path = resolve_local_dir(source.spec, allow_pickle=config.allow_pickle, revision=config.revision)
-        check_weights(path, allow_pickle=config.allow_pickle)
-        detect_spec(path)
     check_backend_options(config.backend, config.dtype, config.device)
+    for source in sources:
+        resolve_model(source, load_options(config))
 
 
 def run_serve(args: argparse.Namespace) -> int:

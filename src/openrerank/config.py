@@ -10,6 +10,8 @@ from openrerank.engine.batching import MAX_PADDING
 @dataclass
 class ServerConfig:
     models: list[str] = field(default_factory=lambda: ["default"])
+    model_families: list[str] = field(default_factory=list)  # NAME=FAMILY (or FAMILY with one model)
+    instructions: list[str] = field(default_factory=list)  # NAME=TEXT: an LLM reranker's prompt instruction
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None

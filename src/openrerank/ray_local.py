@@ -27,10 +27,9 @@ log = logging.getLogger(__name__)
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's node address is 127.0.0.1 (single machine)
-    # Serve's router defaults suit millisecond requests. A rerank request takes seconds: trust the router's own
-    # count of what it sent each replica for longer than one request (not 10 s), and give a replica whose CPUs
-    # are busy scoring time to answer a queue-length probe (not 0.1 s); otherwise bursts pile onto one replica.
-    "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S": "60",
+    # Serve's router gives a replica 0.1 s to answer a queue-length probe; one whose CPUs are busy scoring
+    # missed it and bursts piled onto the other replica. (Keeping the router's cached counts longer than
+    # Serve's 10 s was tried too, and left a replica avoided for a minute after a burst.)
     "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "0.5",
 }
 _OBJECT_STORE_BYTES = 128 * 2**20  # requests and answers travel over HTTP; the object store stays idle

@@ -33,7 +33,7 @@ from openrerank.api.app import create_app
 from openrerank.api.errors import dialect_for
 from openrerank.backends.onnx_runtime import SPIN_ENV
 from openrerank.config import ServerConfig
-from openrerank.engine.served import ModelRegistry
+from openrerank.engine.served import ServedModels
 from openrerank.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,12 @@ def assigned_threads() -> int:
     return max(1, int(cpus))
 
 
-def replica_problems(registry: ModelRegistry) -> list[str]:
+def replica_problems(served: ServedModels) -> list[str]:
     """Why this replica cannot serve (empty when it can): what `check_health` reports to Serve."""
     problems = []
-    if registry.load_error:
-        problems.append(f"model loading failed: {registry.load_error}")
-    problems += [f"the scheduler worker of model {m.name} is not running" for m in registry.models()
+    if served.load_error:
+        problems.append(f"model loading failed: {served.load_error}")
+    problems += [f"the scheduler worker of model {m.name} is not running" for m in served.models()
                  if not m.scheduler.alive]
     return problems
 
@@ -201,11 +201,11 @@ class ReplicaMiddleware:
     """Names the replica on every response, and admits at most `limit` scoring requests (POSTs) at once,
     counted from arrival, so a burst is refused before it is tokenized, in the dialect's shape."""
 
-    def __init__(self, app: Any, *, replica: str, limit: int, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, app: Any, *, replica: str, limit: int, served: ServedModels, metrics: Metrics) -> None:
         self.app = app
         self.header = (REPLICA_HEADER.encode(), replica.encode())
         self.limit = limit
-        self.registry = registry
+        self.served = served
         self.metrics = metrics
         self.inside = 0
 
@@ -223,7 +223,7 @@ class ReplicaMiddleware:
             await self.app(scope, receive, tagged)
             return
         if self.inside >= self.limit:
-            retry = max((m.scheduler.retry_after for m in self.registry.models()), default=1.0)
+            retry = max((m.scheduler.retry_after for m in self.served.models()), default=1.0)
             self.metrics.rejected.labels("", "replica_full").inc()
             message = (f"server overloaded: {self.inside} requests in this replica (limit {self.limit}); "
                        "retry later")
@@ -255,7 +255,7 @@ def build_replica_app(config: ServerConfig) -> Any:
     metrics = Metrics(mirror=RayMetricsMirror())
     app = create_app(config, wait_for_models=True, metrics=metrics)
     gate = Middleware(ReplicaMiddleware, replica=serve.get_replica_context().replica_tag,
-                      limit=admitted_requests(config), registry=app.state.registry, metrics=metrics)
+                      limit=admitted_requests(config), served=app.state.models, metrics=metrics)
     # Inside the metrics and auth middleware (counted, authenticated first), before the body is read.
     position = next(i for i, m in enumerate(app.user_middleware) if m.cls is BodyGuardMiddleware)
     app.user_middleware.insert(position, gate)
@@ -279,7 +279,7 @@ class RerankReplica:
         """Raising makes Serve replace this replica."""
         if self._fastapi_app is None:
             return
-        problems = replica_problems(self._fastapi_app.state.registry)
+        problems = replica_problems(self._fastapi_app.state.models)
         if problems:
             log.error("replica unhealthy: %s", "; ".join(problems))
             raise RuntimeError("; ".join(problems))

@@ -10,9 +10,8 @@ import pytest
 
 from openrerank.api import cohere as dialect
 from openrerank.api.errors import ApiError
-from openrerank.models.spec import ModelKind
 from openrerank.schemas.cohere import CohereV1RerankRequest, CohereV2RerankRequest
-from openrerank.schemas.internal import RerankResult, Truncate
+from openrerank.schemas.internal import RerankResult, ScoreKind, Truncate
 from tests.api.conftest import API_KEY, DEFAULT_ID
 
 # -- converters ----------------------------------------------------------------------------------
@@ -50,28 +49,28 @@ def test_v2_to_internal_bounds_tokens_not_chunks():
     assert req.max_tokens_per_passage == 7
 
 
-def _result(logits: list[float]) -> RerankResult:
-    return RerankResult("m", np.asarray(logits, dtype=np.float32), prompt_tokens=11)
+def _result(logits: list[float], kind: ScoreKind = ScoreKind.LOGIT) -> RerankResult:
+    return RerankResult("m", np.asarray(logits, dtype=np.float32), prompt_tokens=11, score_kind=kind)
 
 
 def test_result_to_wire_sorted_cut_sigmoid_and_documents():
     body = CohereV1RerankRequest(query="q", documents=["a", {"text": "b", "id": 7}, "c"], top_n=2)
     req = dialect.v1_to_internal(body)
-    wire = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, ModelKind.CROSS_ENCODER, version="1",
-                                  documents=body.documents, request_id="rid")
+    wire = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, version="1", documents=body.documents,
+                                  request_id="rid")
     assert wire["id"] == "rid" and wire["model"] == "m" and wire["usage"] == {"total_tokens": 11}
     assert wire["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}
     assert [r["index"] for r in wire["results"]] == [1, 0]
     assert wire["results"][0]["relevance_score"] == pytest.approx(1 / (1 + math.exp(-2.0)))
     assert wire["results"][0]["document"] == {"text": "b", "id": 7}
     assert wire["results"][1]["document"] == {"text": "a"}
-    bare = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, ModelKind.CROSS_ENCODER, version="2")
+    bare = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, version="2")
     assert all("document" not in r for r in bare["results"])
 
 
 def test_result_to_wire_bi_encoder_maps_cosine_linearly():
     req = dialect.v2_to_internal(CohereV2RerankRequest(model="m", query="q", documents=["a", "b", "c"]))
-    wire = dialect.result_to_wire(_result([0.8, -1.0, 0.0]), req, ModelKind.BI_ENCODER, version="2")
+    wire = dialect.result_to_wire(_result([0.8, -1.0, 0.0], ScoreKind.COSINE), req, version="2")
     assert [(r["index"], round(r["relevance_score"], 6)) for r in wire["results"]] == [(0, 0.9), (2, 0.5), (1, 0.0)]
 
 

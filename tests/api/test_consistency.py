@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from openrerank.api.score_form import internal_from_relevance, relevance
-from openrerank.models.spec import ModelKind
+from openrerank.schemas.internal import ScoreKind
 from tests.api.conftest import DEFAULT_ID
 
 QUERY = "what is the capital of france"
@@ -26,9 +26,9 @@ PASSAGES = [
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("kind", [ModelKind.CROSS_ENCODER, ModelKind.BI_ENCODER])
+@pytest.mark.parametrize("kind", [ScoreKind.LOGIT, ScoreKind.COSINE])
 def test_relevance_round_trip(kind):
-    x = np.array([-0.99, -0.3, 0.0, 0.42, 0.99] if kind is ModelKind.BI_ENCODER else [-12.0, -1.5, 0.0, 2.5, 9.0])
+    x = np.array([-0.99, -0.3, 0.0, 0.42, 0.99] if kind is ScoreKind.COSINE else [-12.0, -1.5, 0.0, 2.5, 9.0])
     assert internal_from_relevance(relevance(x, kind), kind) == pytest.approx(x, abs=1e-9)
     assert np.all(np.diff(relevance(x, kind)) > 0)  # monotone: the order never changes
 
@@ -40,7 +40,7 @@ def _routes(c, model: str) -> dict[str, list[tuple[int, float]]]:
                                       "passages": [{"text": p} for p in PASSAGES]})
     assert nim.status_code == 200, nim.text
     out["nim"] = [(r["index"], r["logit"]) for r in nim.json()["rankings"]]
-    kind = ModelKind.BI_ENCODER if model == DEFAULT_ID else ModelKind.CROSS_ENCODER
+    kind = ScoreKind.COSINE if model == DEFAULT_ID else ScoreKind.LOGIT
     for path in ("/v1/rerank", "/v2/rerank"):
         r = c.post(path, json={"model": model, "query": QUERY, "documents": PASSAGES})
         assert r.status_code == 200, r.text

@@ -143,7 +143,7 @@ def test_models_health_metadata_docs(tiny_server):
     assert models["data"][0]["object"] == "model"
     assert live.json() == {"object": "health.response", "message": "Service is live.", "status": "live"}
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    assert meta["models"][0]["kind"] == "cross-encoder"
+    assert meta["models"][0]["family"] == "cross-encoder" and meta["models"][0]["score"] == "logit"
     assert meta["models"][0]["max_length"] == 128
     assert docs.status_code == 200
     assert "/v1/ranking" in spec["paths"]

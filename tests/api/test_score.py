@@ -10,8 +10,7 @@ import pytest
 
 from openrerank.api import score as dialect
 from openrerank.api.errors import ApiError
-from openrerank.models.spec import ModelKind
-from openrerank.schemas.internal import RerankResult, Truncate
+from openrerank.schemas.internal import RerankResult, ScoreKind, Truncate
 from openrerank.schemas.score import ScoreRequest
 
 # -- converters ----------------------------------------------------------------------------------
@@ -57,16 +56,15 @@ def test_truncate_prompt_tokens():
 
 def test_result_to_wire_pair_order_and_activation():
     plan = dialect.to_internal(ScoreRequest(text_1=["q1", "q2", "q1"], text_2=["a", "b", "c"]))
-    results = [RerankResult("m", np.asarray([1.0, -2.0], np.float32), 5),
-               RerankResult("m", np.asarray([0.0], np.float32), 3)]
-    wire = dialect.result_to_wire(plan, results, ModelKind.CROSS_ENCODER, activation=True, model="m",
-                                  request_id="score-1", created=7)
+    results = [RerankResult("m", np.asarray([1.0, -2.0], np.float32), 5, ScoreKind.LOGIT),
+               RerankResult("m", np.asarray([0.0], np.float32), 3, ScoreKind.LOGIT)]
+    wire = dialect.result_to_wire(plan, results, activation=True, model="m", request_id="score-1", created=7)
     assert wire["id"] == "score-1" and wire["object"] == "list" and wire["created"] == 7 and wire["model"] == "m"
     assert [d["index"] for d in wire["data"]] == [0, 1, 2]
     assert [d["score"] for d in wire["data"]] == pytest.approx([1 / (1 + math.exp(-1)), 0.5, 1 / (1 + math.exp(2))])
     assert all(d["object"] == "score" for d in wire["data"])
     assert wire["usage"] == {"prompt_tokens": 8, "total_tokens": 8, "completion_tokens": 0}
-    raw = dialect.result_to_wire(plan, results, ModelKind.CROSS_ENCODER, activation=False, model="m")
+    raw = dialect.result_to_wire(plan, results, activation=False, model="m")
     assert [d["score"] for d in raw["data"]] == [1.0, 0.0, -2.0]
 
 

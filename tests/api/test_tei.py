@@ -10,8 +10,7 @@ import pytest
 
 from openrerank.api import tei as dialect
 from openrerank.api.errors import ApiError
-from openrerank.models.spec import ModelKind
-from openrerank.schemas.internal import RerankResult, Truncate
+from openrerank.schemas.internal import RerankResult, ScoreKind, Truncate
 from openrerank.schemas.tei import TeiRerankRequest
 
 # -- converters ----------------------------------------------------------------------------------
@@ -39,13 +38,13 @@ def test_to_internal_empty_texts_is_empty_error():
 
 
 def test_result_to_wire_scores_and_text():
-    result = RerankResult("m", np.asarray([0.5, 2.0, -1.0], dtype=np.float32), prompt_tokens=3)
+    result = RerankResult("m", np.asarray([0.5, 2.0, -1.0], dtype=np.float32), prompt_tokens=3,
+                          score_kind=ScoreKind.LOGIT)
     body = TeiRerankRequest(query="q", texts=["a", "b", "c"], return_text=True)
-    wire = dialect.result_to_wire(result, body, ModelKind.CROSS_ENCODER)
+    wire = dialect.result_to_wire(result, body)
     assert [r["index"] for r in wire] == [1, 0, 2]
     assert wire[0] == {"index": 1, "score": pytest.approx(1 / (1 + math.exp(-2.0))), "text": "b"}
-    raw = dialect.result_to_wire(result, TeiRerankRequest(query="q", texts=["a", "b", "c"], raw_scores=True),
-                                 ModelKind.CROSS_ENCODER)
+    raw = dialect.result_to_wire(result, TeiRerankRequest(query="q", texts=["a", "b", "c"], raw_scores=True))
     assert raw == [{"index": 1, "score": 2.0}, {"index": 0, "score": 0.5}, {"index": 2, "score": -1.0}]
 
 

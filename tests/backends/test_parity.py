@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from openrerank.backends.base import pad_features
-from openrerank.backends.cross_encoder import logits_to_scores
-from openrerank.models.loader import LoadOptions, load_model
+from openrerank.backends.pair_scorer import logits_to_scores
+from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.schemas.internal import Truncate
 
 QUERY = "what is the capital city of france"
@@ -34,7 +34,7 @@ def reference_logits(model_dir, features: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def batch_features(loaded, passages: list[str]) -> dict[str, np.ndarray]:
-    prep = loaded.preparer.prepare(QUERY, passages, Truncate.END)
+    prep = loaded.encoder.prepare(QUERY, passages, Truncate.END)
     items = prep.items
     return pad_features([it.input_ids for it in items], [it.token_type_ids for it in items],
                         loaded.backend.pad_id, loaded.backend.runtime.input_names)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openrerank.backends import registry
-from openrerank.models.loader import LoadOptions, load_model
+from openrerank.backends import selection
+from openrerank.engine.loading import LoadOptions, load_model
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "msmarco-trec-dl19-pooled"
 MAX_DROP = 0.005
@@ -69,7 +69,7 @@ def test_onnx_int8_keeps_ndcg(dl19, fp32_ndcg):
     assert value >= fp32_ndcg - MAX_DROP, f"int8 nDCG@10 {value:.4f} vs fp32 {fp32_ndcg:.4f}"
 
 
-@pytest.mark.skipif(not registry.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
+@pytest.mark.skipif(not selection.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
 def test_torch_bf16_keeps_ndcg(dl19, fp32_ndcg):
     value = ndcg10(dl19, "torch", "bf16")
     assert value >= fp32_ndcg - MAX_DROP, f"bf16 nDCG@10 {value:.4f} vs fp32 {fp32_ndcg:.4f}"

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend, PairItem
+from openrerank.backends.base import Backend
+from openrerank.schemas.work import PairItem
 
 WAIT_S = 30.0  # generous: only reached when something is broken
 

@@ -9,10 +9,10 @@ import threading
 import numpy as np
 import pytest
 
-from openrerank.backends.base import PairItem
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
+from openrerank.schemas.work import PairItem
 from tests.engine.sched_fakes import BoomError, FakeBackend, Ids, expected, until
 
 

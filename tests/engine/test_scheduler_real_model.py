@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.served import ServedModel
-from openrerank.models.loader import LoadedModel, LoadOptions, load_model
 from openrerank.schemas.internal import RerankRequest, Truncate
 from tests.engine.sched_fakes import FakeBackend, until
 
@@ -48,7 +48,7 @@ def test_concurrent_requests_of_different_lengths_score_as_if_alone(tiny_model: 
         (text(rng, rng.randint(1, 6)), [text(rng, rng.randint(1, 90)) for _ in range(rng.randint(1, 12))])
         for _ in range(8)
     ]
-    prepared = [tiny_model.preparer.prepare(q, ps, Truncate.END) for q, ps in requests]
+    prepared = [tiny_model.encoder.prepare(q, ps, Truncate.END) for q, ps in requests]
     # reference: every pair scored on its own, so there is no padding at all
     alone = [np.concatenate([tiny_model.backend.score([it]) for it in p.items]) for p in prepared]
 

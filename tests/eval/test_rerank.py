@@ -108,7 +108,7 @@ def test_server_error_is_reported() -> None:
 
 @pytest.fixture(scope="module")
 def default_model():
-    from openrerank.models.loader import load_model
+    from openrerank.engine.loading import load_model
 
     model = load_model("default")
     yield model

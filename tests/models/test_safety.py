@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from openrerank.models.loader import LoadOptions, load_model
+from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.models.safety import UnsafeWeightsError, check_weights
 from tests.support import build_tiny_model
 

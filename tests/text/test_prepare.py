@@ -1,4 +1,4 @@
-"""Text preparation: truncation directions, refusal, and chunking for both model kinds."""
+"""Pair and bi-encoder text encoders: truncation directions, refusal, and chunking."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import itertools
 import pytest
 from transformers import AutoTokenizer
 
-from openrerank.backends.base import BiItem, PairItem
 from openrerank.models.source import default_model_dir
-from openrerank.models.spec import ModelKind
 from openrerank.schemas.internal import Truncate
+from openrerank.schemas.work import BiItem, PairItem
+from openrerank.text import bi as B
 from openrerank.text import prepare as P
-from openrerank.text.prepare import InputTooLongError, TextPreparer
+from openrerank.text.bi import BiTextEncoder
+from openrerank.text.pairs import PairTextEncoder
+from openrerank.text.prepare import InputTooLongError
 
 WORDS = "paris banana river mountain engine water city gene".split()
 
@@ -22,15 +24,15 @@ def long_text(n_words: int, offset: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def cross(tiny_model_dir) -> TextPreparer:
+def cross(tiny_model_dir) -> PairTextEncoder:
     """Tiny WordPiece tokenizer (one token per word above), window 32."""
-    return TextPreparer(AutoTokenizer.from_pretrained(str(tiny_model_dir)), ModelKind.CROSS_ENCODER, 32)
+    return PairTextEncoder(AutoTokenizer.from_pretrained(str(tiny_model_dir)), 32)
 
 
 @pytest.fixture(scope="module")
-def bi() -> TextPreparer:
+def bi() -> BiTextEncoder:
     """The embedded default's tokenizer, window 256."""
-    return TextPreparer(AutoTokenizer.from_pretrained(str(default_model_dir())), ModelKind.BI_ENCODER, 256)
+    return BiTextEncoder(AutoTokenizer.from_pretrained(str(default_model_dir())), 256)
 
 
 def test_none_refuses_over_long_pairs(cross):
@@ -47,7 +49,7 @@ def test_end_and_start_cut_opposite_ends_keeping_the_query(cross):
     start = cross.prepare("paris", [text], Truncate.START).items[0]
     assert isinstance(end, PairItem) and len(end.input_ids) == len(start.input_ids) == 32
     assert end.input_ids[:3] == start.input_ids[:3]  # [CLS] paris [SEP]
-    full = cross._right(text, add_special_tokens=False)["input_ids"]
+    full = cross.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert end.input_ids[3:-1] == full[:28] and start.input_ids[3:-1] == full[-28:]
 
 
@@ -55,7 +57,7 @@ def test_cross_encoder_chunks_cover_the_passage_with_overlap(cross):
     text = long_text(100)
     prep = cross.prepare("paris", ["sea", text], Truncate.CHUNK)
     assert prep.owners[0] == 0 and set(prep.owners[1:]) == {1} and len(prep.owners) > 4
-    full = cross._right(text, add_special_tokens=False)["input_ids"]
+    full = cross.tokenizer(text, add_special_tokens=False)["input_ids"]
     bodies = [it.input_ids[3:-1] for it, o in zip(prep.items, prep.owners, strict=True) if o == 1]
     assert all(len(it.input_ids) <= 32 and it.input_ids[:3] == prep.items[0].input_ids[:3] for it in prep.items)
     assert bodies[0] == full[: len(bodies[0])] and bodies[-1] == full[-len(bodies[-1]):]  # start and end
@@ -77,15 +79,15 @@ def test_max_tokens_per_passage_clips_before_anything_else(cross):
 
 def test_sentence_spans():
     text = "First one. Second!  Third?\nFourth line\n\nFifth。第六。"
-    spans = P._sentence_spans(text)
+    spans = B._sentence_spans(text)
     assert [text[a:b] for a, b in spans] == ["First one.", "Second!", "Third?", "Fourth line", "Fifth。", "第六。"]
-    assert P._sentence_spans("") == [] and P._sentence_spans("no break") == [(0, 8)]
+    assert B._sentence_spans("") == [] and B._sentence_spans("no break") == [(0, 8)]
 
 
 def test_pack_overlaps_neighbouring_windows():
     text = "abcdefghij"
     units = [(i, i + 1, 10) for i in range(10)]  # ten one-character units of 10 tokens each
-    windows = P._pack(text, units, 40)
+    windows = B._pack(text, units, 40)
     assert windows[0] == "abcd" and all(len(w) <= 4 for w in windows)
     assert windows[-1].endswith("j")
     for a, b in itertools.pairwise(windows):
@@ -106,9 +108,9 @@ def test_bi_encoder_chunks_keep_sentences_whole(bi):
     text = f"{filler} {answer} The end of the report."
     prep = bi.prepare("when does mercury boil", ["short one", text], Truncate.CHUNK)
     assert prep.owners[0] == 0 and set(prep.owners[1:]) == {1}
-    windows = [bi._right.decode(it.passage_ids, skip_special_tokens=True) for it in prep.items[1:]]
-    assert all(len(it.passage_ids) <= P.BI_CHUNK_TOKENS + 2 for it in prep.items[1:])
-    needle = bi._right.decode(bi._right(answer, add_special_tokens=False)["input_ids"])
+    windows = [bi.tokenizer.decode(it.passage_ids, skip_special_tokens=True) for it in prep.items[1:]]
+    assert all(len(it.passage_ids) <= B.BI_CHUNK_TOKENS + 2 for it in prep.items[1:])
+    needle = bi.tokenizer.decode(bi.tokenizer(answer, add_special_tokens=False)["input_ids"])
     assert any(needle in w for w in windows)  # the answer sentence is intact in some window
     assert all(w.endswith(".") and w[0].isalpha() for w in windows)  # windows are whole sentences
     assert prep.prompt_tokens == len(prep.items[0].query_ids) + sum(len(it.passage_ids) for it in prep.items)
@@ -119,7 +121,7 @@ def test_bi_encoder_max_chunks_bounds_the_covered_span(bi):
     text = f"{filler} Mercury boils at 356.7 degrees Celsius."
     full = bi.prepare("q", [text], Truncate.CHUNK)
     one = bi.prepare("q", [text], Truncate.CHUNK, max_chunks_per_passage=1)
-    decoded = [bi._right.decode(it.passage_ids, skip_special_tokens=True) for it in one.items]
+    decoded = [bi.tokenizer.decode(it.passage_ids, skip_special_tokens=True) for it in one.items]
     assert len(one.items) < len(full.items)
     assert sum(len(it.passage_ids) - 2 for it in one.items) < 2 * 254  # about one 254-token window's worth
     assert not any("mercury" in w for w in decoded)
@@ -128,5 +130,5 @@ def test_bi_encoder_max_chunks_bounds_the_covered_span(bi):
 def test_bi_encoder_sentence_longer_than_a_window_is_split(bi):
     run_on = " ".join(["word"] * 600)  # no sentence break at all
     prep = bi.prepare("q", [run_on], Truncate.CHUNK)
-    assert len(prep.items) > 600 // P.BI_CHUNK_TOKENS
-    assert all(len(it.passage_ids) <= P.BI_CHUNK_TOKENS + 2 for it in prep.items)
+    assert len(prep.items) > 600 // B.BI_CHUNK_TOKENS
+    assert all(len(it.passage_ids) <= B.BI_CHUNK_TOKENS + 2 for it in prep.items)

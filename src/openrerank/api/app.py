@@ -19,11 +19,10 @@ from openrerank.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, Met
 from openrerank.api.responses import OrjsonResponse
 from openrerank.config import ServerConfig
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
+from openrerank.engine.loading import LoadOptions, model_sources
 from openrerank.engine.scheduler import SchedulerConfig
-from openrerank.engine.served import ModelRegistry, UnknownModelError, load_served_model
+from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
 from openrerank.metrics import Metrics
-from openrerank.models.loader import LoadOptions
-from openrerank.models.source import parse_model_arg
 from openrerank.text.prepare import InputTooLongError
 
 log = logging.getLogger(__name__)
@@ -51,10 +50,9 @@ def scheduler_config(config: ServerConfig) -> SchedulerConfig:
 async def load_all(app: FastAPI) -> None:
     """Load every model off the event loop so health/live answers during a long load."""
     config: ServerConfig = app.state.config
-    reg: ModelRegistry = app.state.registry
+    reg: ServedModels = app.state.models
     try:
-        for arg in config.models:
-            source = parse_model_arg(arg)
+        for source in model_sources(config.models, config.model_families, config.instructions):
             served = await asyncio.to_thread(load_served_model, source, load_options(config),
                                              scheduler_config(config), app.state.metrics)
             await served.scheduler.start()
@@ -145,9 +143,9 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         task = None
         if load_models and wait_for_models:
             await load_all(app)
-            if app.state.registry.load_error:
-                await app.state.registry.stop()
-                raise RuntimeError(f"model loading failed: {app.state.registry.load_error}")
+            if app.state.models.load_error:
+                await app.state.models.stop()
+                raise RuntimeError(f"model loading failed: {app.state.models.load_error}")
         elif load_models:
             task = asyncio.create_task(load_all(app))
         try:
@@ -155,7 +153,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         finally:
             if task is not None and not task.done():
                 task.cancel()
-            await app.state.registry.stop()
+            await app.state.models.stop()
 
     app = FastAPI(
         title="openrerank",
@@ -167,8 +165,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     )
     app.state.config = config
     app.state.metrics = metrics or Metrics()
-    app.state.registry = ModelRegistry()
-    app.state.registry.expected = [parse_model_arg(m).served_id for m in config.models]
+    app.state.models = ServedModels()
+    app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Request, Response
 from openrerank.api import common
 from openrerank.api.errors import ApiError, Dialect, register_dialect
 from openrerank.api.score_form import relevance
-from openrerank.models.spec import ModelKind
 from openrerank.schemas.cohere import (
     CohereError,
     CohereRerankResponse,
@@ -94,14 +93,14 @@ def v2_to_internal(body: CohereV2RerankRequest) -> RerankRequest:
     )
 
 
-def result_to_wire(result: RerankResult, req: RerankRequest, kind: ModelKind, *, version: str,
+def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
                    documents: list[Any] | None = None, request_id: str | None = None) -> dict:
     """Internal result -> Cohere response: best first, cut to top_n, [0, 1] relevance scores.
 
     `documents`: when given (return_documents), each result carries its document -- the original
     v1 object with all its fields, or `{"text": ...}` for a string.
     """
-    scores = relevance(result.logits, kind)
+    scores = relevance(result.logits, result.score_kind)
     results = []
     for i, _ in result.top(req.top_n):
         item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
@@ -123,9 +122,9 @@ def result_to_wire(result: RerankResult, req: RerankRequest, kind: ModelKind, *,
              summary="Rerank documents (Cohere v1 / Jina compatible)")
 async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Response) -> dict:
     req = v1_to_internal(body)
-    model, result = await common.rerank(request, response, req)
+    result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
-    return result_to_wire(result, req, model.loaded.kind, version="1", documents=docs)
+    return result_to_wire(result, req, version="1", documents=docs)
 
 
 @router.post("/v2/rerank", response_model=None, tags=["Cohere / Jina"],
@@ -133,6 +132,6 @@ async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Res
              summary="Rerank documents (Cohere v2 compatible)")
 async def rerank_v2(body: CohereV2RerankRequest, request: Request, response: Response) -> dict:
     req = v2_to_internal(body)
-    model, result = await common.rerank(request, response, req)
+    result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
-    return result_to_wire(result, req, model.loaded.kind, version="2", documents=docs)
+    return result_to_wire(result, req, version="2", documents=docs)

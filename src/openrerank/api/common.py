@@ -6,12 +6,12 @@ from fastapi import Request, Response
 
 from openrerank.api.errors import ApiError
 from openrerank.config import ServerConfig
-from openrerank.engine.served import ModelRegistry, ServedModel
+from openrerank.engine.served import ServedModels
 from openrerank.schemas.internal import RerankRequest, RerankResult
 
 
-def registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry
+def served_models(request: Request) -> ServedModels:
+    return request.app.state.models
 
 
 def config(request: Request) -> ServerConfig:
@@ -19,7 +19,7 @@ def config(request: Request) -> ServerConfig:
 
 
 def check_ready(request: Request) -> None:
-    reg = registry(request)
+    reg = served_models(request)
     if not reg.ready:
         detail = f": {reg.load_error}" if reg.load_error else "; retry shortly"
         raise ApiError(503, f"model(s) not loaded yet{detail}", kind="unavailable",
@@ -33,10 +33,10 @@ def check_passage_count(request: Request, count: int, what: str = "passages") ->
                        kind="too_many")
 
 
-async def rerank(request: Request, response: Response, req: RerankRequest) -> tuple[ServedModel, RerankResult]:
+async def rerank(request: Request, response: Response, req: RerankRequest) -> RerankResult:
     """Score `req` on the model it names; timing headers go on `response` (TEI's header names)."""
     check_ready(request)
-    model = registry(request).get(req.model)
+    model = served_models(request).get(req.model)
     check_passage_count(request, len(req.passages))
     result = await model.rerank(req)
     t = result.timings
@@ -44,4 +44,4 @@ async def rerank(request: Request, response: Response, req: RerankRequest) -> tu
     response.headers["x-queue-time"] = f"{t.queue_ms:.2f}"
     response.headers["x-inference-time"] = f"{t.inference_ms:.2f}"
     response.headers["x-total-time"] = f"{t.total_ms:.2f}"
-    return model, result
+    return result

@@ -25,7 +25,7 @@ async def ranking(body: NimRankingRequest, request: Request, response: Response)
         model=body.model,
         truncate=Truncate(body.truncate),
     )
-    _, result = await common.rerank(request, response, req)
+    result = await common.rerank(request, response, req)
     return {
         "rankings": [{"index": i, "logit": s} for i, s in result.top()],
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
@@ -34,7 +34,7 @@ async def ranking(body: NimRankingRequest, request: Request, response: Response)
 
 @router.get("/v1/models", tags=["NIM"])
 async def models(request: Request) -> dict:
-    reg = common.registry(request)
+    reg = common.served_models(request)
     served = {m.name: m for m in reg.models()}
     return {
         "object": "list",
@@ -53,7 +53,7 @@ async def live() -> dict:
 
 @router.get("/v1/health/ready", tags=["health"])
 async def ready(request: Request) -> OrjsonResponse:
-    reg = common.registry(request)
+    reg = common.served_models(request)
     if reg.ready:
         return OrjsonResponse({"object": "health.response", "message": "Service is ready.", "status": "ready"})
     msg = f"Model failed to load: {reg.load_error}" if reg.load_error else "Model is loading."
@@ -63,10 +63,10 @@ async def ready(request: Request) -> OrjsonResponse:
 
 @router.get("/v1/metadata", tags=["NIM"])
 async def metadata(request: Request) -> dict:
-    reg = common.registry(request)
+    reg = common.served_models(request)
     return {
         "version": __version__,
-        "modelInfo": [{"shortName": m.name, "modelUrl": m.metadata()["path"]} for m in reg.models()],
+        "modelInfo": [{"shortName": m.name, "modelUrl": m.metadata()["source"]} for m in reg.models()],
         "models": [m.metadata() for m in reg.models()],
         "limits": {
             "max_passages": common.config(request).max_passages,

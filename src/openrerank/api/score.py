@@ -19,7 +19,6 @@ from fastapi import APIRouter, Request, Response
 from openrerank.api import common
 from openrerank.api.errors import ApiError, Dialect, register_dialect
 from openrerank.api.score_form import relevance
-from openrerank.models.spec import ModelKind
 from openrerank.schemas.internal import RerankRequest, RerankResult, Truncate
 from openrerank.schemas.score import ScoreError, ScoreRequest, ScoreResponse
 
@@ -97,10 +96,10 @@ def use_activation(body: ScoreRequest) -> bool:
     return body.activation if body.activation is not None else True
 
 
-def result_to_wire(plan: ScorePlan, results: list[RerankResult], kind: ModelKind, *, activation: bool,
+def result_to_wire(plan: ScorePlan, results: list[RerankResult], *, activation: bool,
                    model: str, request_id: str | None = None, created: int | None = None) -> dict:
     """Internal results -> vLLM ScoreResponse, one entry per pair in request order."""
-    forms = [relevance(r.logits, kind) if activation else r.logits.astype(float) for r in results]
+    forms = [relevance(r.logits, r.score_kind) if activation else r.logits.astype(float) for r in results]
     tokens = sum(r.prompt_tokens for r in results)
     return {
         "id": request_id or f"score-{uuid.uuid4().hex}",
@@ -134,9 +133,8 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> dic
     t0 = time.perf_counter()
     plan = to_internal(body)
     common.check_ready(request)
-    model = common.registry(request).get(body.model)  # unknown model: one 404 before any work
+    model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
     common.check_passage_count(request, len(plan.pairs), "pairs")
     outcomes = await _run_all(request, response, plan)
     response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
-    return result_to_wire(plan, [r for _, r in outcomes], model.loaded.kind,
-                          activation=use_activation(body), model=model.name)
+    return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name)

@@ -20,7 +20,6 @@ from openrerank.api.responses import OrjsonResponse
 from openrerank.api.score_form import relevance
 from openrerank.config import ServerConfig
 from openrerank.models.source import parse_model_arg
-from openrerank.models.spec import ModelKind
 from openrerank.schemas.internal import RerankRequest, RerankResult, Truncate
 from openrerank.schemas.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
@@ -75,9 +74,9 @@ def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate
     return RerankRequest(query=body.query, passages=list(body.texts), model=body.model, truncate=mode)
 
 
-def result_to_wire(result: RerankResult, body: TeiRerankRequest, kind: ModelKind) -> list[dict]:
+def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
     """Internal result -> TEI's bare array, best first; [0, 1] scores unless `raw_scores`."""
-    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, kind)
+    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
     out = []
     for i, _ in result.top():
         rank: dict[str, Any] = {"index": i, "score": float(scores[i])}
@@ -93,17 +92,17 @@ def result_to_wire(result: RerankResult, body: TeiRerankRequest, kind: ModelKind
 async def rerank(body: TeiRerankRequest, request: Request, response: Response) -> list[dict]:
     config: ServerConfig = common.config(request)
     req = to_internal(body, chunking=config.tei_chunking)
-    model, result = await common.rerank(request, response, req)
+    result = await common.rerank(request, response, req)
     response.headers["x-compute-tokens"] = str(result.prompt_tokens)
     response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
-    return result_to_wire(result, body, model.loaded.kind)
+    return result_to_wire(result, body)
 
 
 @router.get("/health", tags=["TEI"], response_model=None,
             responses={200: {"description": "Ready"}, 503: {"model": TeiError, "description": "Not ready"}})
 async def health(request: Request) -> Response:
     """TEI's health check: 200 with an empty body once every model is loaded, else 503."""
-    reg = common.registry(request)
+    reg = common.served_models(request)
     if reg.ready:
         return Response(status_code=200)
     msg = f"unhealthy: {reg.load_error}" if reg.load_error else "unhealthy: model is loading"
@@ -115,8 +114,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "in
 
 def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
     """TEI's /info for the first served model (TEI serves one; see /v1/models for all)."""
-    num_labels = model.loaded.spec.num_labels if model is not None else 1
-    labels = {str(i): f"LABEL_{i}" for i in range(max(1, num_labels))}
+    labels = {"0": "LABEL_0"}  # every family yields one relevance score per pair
     return {
         "model_id": model_id,
         "model_sha": None,
@@ -137,7 +135,7 @@ def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
 
 @router.get("/info", tags=["TEI"], response_model=TeiInfo)
 async def info(request: Request) -> dict:
-    reg = common.registry(request)
+    reg = common.served_models(request)
     config: ServerConfig = common.config(request)
     models = reg.models()
     model = models[0] if models else None

@@ -1,45 +1,48 @@
 """The seam between the scheduler and the engines.
 
 The scheduler hands a backend a list of tokenized work items (one per query+passage pair, or per
-chunk) and gets one float32 logit per item back. A backend is a *scorer* (cross-encoder logits or
-bi-encoder cosine) on top of a *runtime* (PyTorch or ONNX Runtime) that runs the network on padded
-numpy features. Neither knows about HTTP, dialects or batching policy.
+chunk) and gets one float32 score per item back. A backend is a *scorer* (one score per sequence, or
+bi-encoder cosine) on top of a *runtime* (PyTorch or ONNX Runtime) that runs a family's network on padded
+numpy features. Neither knows about HTTP, dialects, batching policy or which model family it runs: a
+family describes its network as a `Network`, and the runtimes build, export and run that.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-
-@dataclass(slots=True)
-class PairItem:
-    """A cross-encoder input: `[CLS] query [SEP] passage [SEP]` as token ids."""
-
-    input_ids: list[int]
-    token_type_ids: list[int] | None
-
-    @property
-    def length(self) -> int:
-        return len(self.input_ids)
+from openrerank.schemas.work import WorkItem
 
 
-@dataclass(slots=True)
-class BiItem:
-    """A bi-encoder input: query and passage encoded separately, compared by cosine."""
+@dataclass(frozen=True)
+class NetworkBuild:
+    """How a runtime wants the torch module: precision, device, and whether it is for an ONNX export."""
 
-    query_ids: list[int]
-    passage_ids: list[int]
-
-    @property
-    def length(self) -> int:
-        return max(len(self.query_ids), len(self.passage_ids))
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights); CPU bf16 keeps fp32 weights under autocast
+    device: str = "cpu"
+    export: bool = False  # eager attention, traceable code paths
 
 
-WorkItem = PairItem | BiItem
+@dataclass(frozen=True)
+class Network:
+    """A family's network as the runtimes need it.
+
+    `build` returns a `torch.nn.Module` with an `input_names` tuple attribute, whose `forward` takes those
+    inputs positionally (int64 tensors, right-padded) and returns one float tensor with one row per sequence:
+    scores `(batch,)`, logits `(batch, labels)` or pooled embeddings `(batch, hidden)`.
+    """
+
+    path: Path  # the model directory; its files' hashes key the ONNX cache
+    head: str  # what the module computes, e.g. "cross-encoder:logits"; part of every cache key
+    build: Callable[[NetworkBuild], Any]
+    output: str = "scores"  # the ONNX output's name
+    fusion: str | None = None  # onnxruntime transformer-optimizer model type ("bert"); None: no fusion recipe
 
 
 def pad_features(
@@ -48,7 +51,11 @@ def pad_features(
     pad_id: int,
     input_names: Sequence[str],
 ) -> dict[str, np.ndarray]:
-    """Right-pad token id lists into the int64 arrays a transformer takes."""
+    """Right-pad token id lists into the int64 arrays a transformer takes.
+
+    Right padding keeps every real token at the positions it has alone (position ids count from 0), so a
+    sequence scores the same whatever it is batched with; readouts find the last real token by the mask.
+    """
     width = max(len(s) for s in seqs)
     n = len(seqs)
     ids = np.full((n, width), pad_id, dtype=np.int64)
@@ -66,13 +73,9 @@ def pad_features(
 
 
 class Runtime(ABC):
-    """Runs the network on padded features; returns its first output as float32.
+    """Runs a network on padded features; returns its output as float32, one row per sequence."""
 
-    For a sequence classifier that is the logits `(batch, num_labels)`; for a bi-encoder's
-    transformer it is the last hidden state `(batch, tokens, hidden)`.
-    """
-
-    #: Feature names the network accepts (`token_type_ids` is absent for RoBERTa-like models).
+    #: Feature names the network takes, in order (`token_type_ids` only where the model uses it).
     input_names: tuple[str, ...]
     #: Short description for logs, metrics and /v1/metadata, e.g. "torch-fp32-cpu".
     description: str
@@ -92,7 +95,7 @@ class Backend(ABC):
 
     @abstractmethod
     def score(self, items: Sequence[WorkItem]) -> np.ndarray:
-        """One float32 logit per item, in item order."""
+        """One float32 score per item, in item order."""
 
     @property
     def description(self) -> str:

@@ -1,7 +1,8 @@
-"""ONNX Runtime runtime: the CPU default, fp32 (fused graph) or dynamic int8.
+"""ONNX Runtime runtime: the CPU default for encoder families, fp32 (fused graph) or dynamic int8.
 
-The model is exported once and cached by `openrerank.models.export`; this class only opens a session on
-the cached file. Inputs stay int64 (what the graph was exported with) so no conversion runs per batch.
+The network is exported once and cached by `openrerank.backends.onnx_export`; this class only opens a
+session on the cached file. Inputs stay int64 (what the graph was exported with) so no conversion runs per
+batch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.backends.base import Runtime
+from openrerank.backends.base import Network, Runtime
 from openrerank.backends.torch_runtime import default_threads
 
 log = logging.getLogger(__name__)
@@ -24,18 +25,17 @@ SPIN_ENV = "OPENRERANK_ORT_SPIN"
 class OnnxRuntime(Runtime):
     def __init__(
         self,
-        path: Path,
+        network: Network,
         *,
-        classifier: bool,
         dtype: str = "fp32",
         threads: int | None = None,
         cache_dir: Path | None = None,
     ) -> None:
         import onnxruntime as ort
 
-        from openrerank.models.export import ensure_onnx
+        from openrerank.backends.onnx_export import ensure_onnx
 
-        self.export = ensure_onnx(Path(path), classifier=classifier, dtype=dtype, cache_dir=cache_dir)
+        self.export = ensure_onnx(network, dtype=dtype, cache_dir=cache_dir)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -17,6 +17,7 @@ On a GPU, wide batches are cheap and launches are not: raise it (`--max-padding 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 #: Largest share of padded tokens a batch may have once it holds `MIN_ROWS` items.
@@ -51,3 +52,17 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
     if cur:
         batches.append(cur)
     return batches
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The batching knobs together, so the scheduler and the offline path cut batches the same way."""
+
+    max_tokens: int = 16384  # padded tokens per batch: pairs x longest pair
+    max_size: int = 128  # pairs per batch
+    max_padding: float = MAX_PADDING
+    min_rows: int = MIN_ROWS
+
+    def split(self, items: Sequence[HasLength]) -> list[list[int]]:
+        return split_batches(items, self.max_tokens, self.max_size, max_padding=self.max_padding,
+                             min_rows=self.min_rows)

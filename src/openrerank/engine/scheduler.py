@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrerank.backends.base import Backend, WorkItem
-from openrerank.engine.batching import MAX_PADDING, split_batches
+from openrerank.backends.base import Backend
+from openrerank.engine.batching import MAX_PADDING, BatchPolicy
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.metrics import Metrics
+from openrerank.schemas.work import WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class SchedulerConfig:
     window_batches: int = 4
     #: Padding cap of each batch (engine/batching.py): tight on CPU, looser on GPU.
     max_padding: float = MAX_PADDING
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return BatchPolicy(self.max_batch_tokens, self.max_batch_size, self.max_padding)
 
 
 @dataclass
@@ -146,8 +151,7 @@ class Scheduler:
     def warmup(self, items: Sequence[WorkItem]) -> None:
         """Score once synchronously (before serving) so first requests don't pay lazy init."""
         items = list(items)
-        for idx in split_batches(items, self.config.max_batch_tokens, self.config.max_batch_size,
-                                 max_padding=self.config.max_padding):
+        for idx in self.config.policy.split(items):
             self.backend.score([items[i] for i in idx])
 
     async def submit(self, items: Sequence[WorkItem], *, timeout: float | None = None) -> ScoreOutcome:
@@ -299,8 +303,7 @@ class Scheduler:
         """All items of the window, sorted by length, cut into budget-respecting batches."""
         flat = [(req, i) for req in window for i in range(len(req.items))]
         lengths = [req.items[i] for req, i in flat]
-        groups = split_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_size,
-                               max_padding=self.config.max_padding)
+        groups = self.config.policy.split(lengths)
         return [[flat[j] for j in g] for g in groups]
 
     def _run_batch(self, batch: list[tuple[_Request, int]]) -> None:

@@ -1,4 +1,4 @@
-"""A served model (loaded model + its scheduler) and the registry dialects look models up in."""
+"""A served model (loaded model + its scheduler) and the set of them dialects look models up in."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
-from openrerank.models.loader import LoadedModel, LoadOptions, load_model
 from openrerank.models.source import ModelSource
 from openrerank.schemas.internal import RerankRequest, RerankResult, Timings, Truncate
 
@@ -44,21 +42,20 @@ class ServedModel:
         return self.loaded.max_length
 
     def warmup(self) -> None:
-        prep = self.loaded.preparer.prepare(_WARMUP_QUERY, _WARMUP_PASSAGES, Truncate.END)
+        prep = self.loaded.encoder.prepare(_WARMUP_QUERY, _WARMUP_PASSAGES, Truncate.END)
         self.scheduler.warmup(prep.items)
 
     async def rerank(self, req: RerankRequest) -> RerankResult:
         """Prepare text off the loop, score through the scheduler, fold chunk scores to passages."""
         t0 = time.perf_counter()
         prep = await asyncio.to_thread(
-            self.loaded.preparer.prepare, req.query, req.passages, req.truncate,
+            self.loaded.encoder.prepare, req.query, req.passages, req.truncate,
             max_chunks_per_passage=req.max_chunks_per_passage,
             max_tokens_per_passage=req.max_tokens_per_passage,
         )
         t1 = time.perf_counter()
         outcome = await self.scheduler.submit(prep.items)
-        logits = np.full(len(req.passages), -np.inf, dtype=np.float32)
-        np.maximum.at(logits, np.asarray(prep.owners, dtype=np.int64), outcome.scores)
+        logits = prep.fold(outcome.scores, len(req.passages))
         if self.metrics:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
             self.metrics.tokens.labels(self.name).inc(prep.prompt_tokens)
@@ -68,19 +65,13 @@ class ServedModel:
             inference_ms=outcome.inference_ms,
             total_ms=(time.perf_counter() - t0) * 1e3,
         )
-        return RerankResult(self.name, logits, prep.prompt_tokens, timings)
+        return RerankResult(self.name, logits, prep.prompt_tokens, self.loaded.score_kind, timings)
 
     def metadata(self) -> dict:
-        return {
-            "id": self.name,
-            "path": str(self.loaded.spec.path),
-            "backend": self.loaded.backend.description,
-            "weights_format": self.loaded.weights_format,
-            **self.loaded.spec.as_metadata(),
-        }
+        return {"id": self.name, **self.loaded.describe()}
 
 
-class ModelRegistry:
+class ServedModels:
     """All models of one server; `ready` only once every model is loaded and warmed up."""
 
     def __init__(self) -> None:
@@ -119,7 +110,7 @@ class ModelRegistry:
 def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
                       metrics: Metrics | None) -> ServedModel:
     """Blocking: load weights, build the scheduler, run a warm-up pass."""
-    loaded = load_model(source.spec, options)
+    loaded = load_model(source, options)
     scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
     served = ServedModel(source.served_id, loaded, scheduler, metrics)
     served.warmup()

@@ -115,7 +115,7 @@ class Models:
 
     def get(self, source: str):
         if source not in self._loaded:
-            from openrerank.models.loader import LoadOptions, load_model
+            from openrerank.engine.loading import LoadOptions, load_model
 
             with self.reporter.step(f"load model {source}", None):
                 self._loaded[source] = load_model(

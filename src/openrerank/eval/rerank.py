@@ -75,13 +75,11 @@ class InProcessReranker(Reranker):
 
     def __init__(self, model, *, name: str = "in-process", bi_encoder_via_embeddings: bool = True,
                  doc_embeddings: dict[str, np.ndarray] | None = None, batch_size: int = 64) -> None:
-        from openrerank.models.spec import ModelKind
-
         super().__init__()
         self.model = model
         self.name = name
         self.batch_size = batch_size
-        self.via_embeddings = bi_encoder_via_embeddings and model.kind is ModelKind.BI_ENCODER
+        self.via_embeddings = bi_encoder_via_embeddings and model.embeds
         self.doc_embeddings = doc_embeddings if doc_embeddings is not None else {}
 
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:

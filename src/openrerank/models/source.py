@@ -22,6 +22,8 @@ class ModelSourceError(RuntimeError):
 class ModelSource:
     served_id: str
     spec: str  # what the user wrote after NAME=, or the whole argument
+    family: str | None = None  # --model-family: the operator names the family instead of detection
+    instruction: str | None = None  # --instruction: the prompt instruction of an LLM reranker
 
 
 def parse_model_arg(arg: str) -> ModelSource:

@@ -12,6 +12,17 @@ from enum import Enum
 import numpy as np
 
 
+class ScoreKind(str, Enum):
+    """What a model's internal score is, so dialects can convert it without knowing the model.
+
+    LOGIT: a relevance logit (log-odds); its unit-interval form is the sigmoid.
+    COSINE: a cosine similarity in [-1, 1]; its unit-interval form is (cosine + 1) / 2.
+    """
+
+    LOGIT = "logit"
+    COSINE = "cosine"
+
+
 class Truncate(str, Enum):
     """What to do with a query+passage pair longer than the model's window."""
 
@@ -48,11 +59,16 @@ class Timings:
 
 @dataclass
 class RerankResult:
-    """One float32 logit per request passage, in request order (not sorted)."""
+    """One float32 score per request passage, in request order (not sorted).
+
+    `logits` holds the model's raw score (NIM's `logit`); `score_kind` says what it is, which is all a
+    dialect needs to report it in the unit interval.
+    """
 
     model: str
     logits: np.ndarray
     prompt_tokens: int
+    score_kind: ScoreKind
     timings: Timings = field(default_factory=Timings)
 
     def order(self) -> list[int]:

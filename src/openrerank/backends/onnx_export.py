@@ -1,17 +1,19 @@
-"""Export a Hugging Face model to an optimized (and optionally int8) ONNX file, cached on disk.
+"""Export a family's network to an optimized (and optionally int8) ONNX file, cached on disk.
 
 Why a cache: exporting and fusing MiniLM takes several seconds, a large model minutes; a server restart
 must not pay that again. The cache key hashes the model's content (config + weights) and everything that
-changes the produced graph (dtype, opset, exporter format, torch/transformers/onnxruntime versions), so an
-edited checkpoint or an upgraded runtime re-exports while a plain restart reuses the file.
+changes the produced graph (the network's head, dtype, opset, exporter format, torch/transformers/onnxruntime
+versions), so an edited checkpoint or an upgraded runtime re-exports while a plain restart reuses the file.
 
 Steps (the same ones optimum and sentence-transformers' ONNX backend take):
 1. `torch.onnx.export` (the TorchScript exporter, `dynamo=False`: the dynamo exporter needs `onnxscript`
-   and does not produce the attention pattern ONNX Runtime's fusions recognise), eager attention, dynamic
-   batch and sequence axes, traced on a padded dummy batch so the attention mask stays a real input.
-2. `onnxruntime.transformers.optimizer.optimize_model` for BERT-like encoders: fused embedding+LayerNorm,
-   multi-head Attention, bias+GELU and skip+LayerNorm kernels. The fused graph is checked against the
-   plain export on a padded batch; if a fusion changed the numbers, the plain export is kept.
+   and does not produce the attention pattern ONNX Runtime's fusions recognise) of the module the family
+   builds (its readout included: logits or pooled embeddings), eager attention, dynamic batch and sequence
+   axes, traced on a padded dummy batch so the attention mask stays a real input.
+2. `onnxruntime.transformers.optimizer.optimize_model` where the family names a recipe (BERT-like
+   encoders): fused embedding+LayerNorm, multi-head Attention, bias+GELU and skip+LayerNorm kernels. The
+   fused graph is checked against the plain export on a padded batch; if a fusion changed the numbers, the
+   plain export is kept.
 3. `--dtype int8`: `onnxruntime.quantization.quantize_dynamic` (int8 weights per output channel,
    activations quantized on the fly), which uses VNNI dot products where the CPU has them.
 
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.backends.base import Network, NetworkBuild
 from openrerank.models.safety import file_sha256
 
 log = logging.getLogger(__name__)
@@ -46,15 +49,10 @@ CACHE_ENV = "OPENRERANK_CACHE_DIR"
 ONNX_DTYPES = ("fp32", "int8")
 DEFAULT_OPSET = 17
 #: Bump when the export recipe changes in a way the versions below would not capture.
-EXPORT_FORMAT = 3
+EXPORT_FORMAT = 4
 MODEL_FILE = "model.onnx"
 META_FILE = "export.json"
 
-# model_type -> onnxruntime.transformers optimizer family (as optimum maps them).
-_OPTIMIZER_TYPES = {
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert", "electra": "bert",
-    "distilbert": "bert", "mpnet": "bert", "ernie": "bert",
-}
 # Files whose bytes decide the exported graph; the tokenizer does not.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FUSION_TOLERANCE = 1e-3
@@ -118,11 +116,11 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def cache_key(model_dir: Path, *, classifier: bool, dtype: str, opset: int) -> tuple[str, dict]:
+def cache_key(network: Network, *, dtype: str, opset: int) -> tuple[str, dict]:
     """The cache key and the facts it was built from (kept next to the model for inspection)."""
     facts = {
-        "model_sha256": model_fingerprint(model_dir),
-        "head": "sequence-classification" if classifier else "base",
+        "model_sha256": model_fingerprint(network.path),
+        "head": network.head,
         "dtype": dtype,
         "opset": opset,
         "format": EXPORT_FORMAT,
@@ -144,58 +142,25 @@ def _dummy_inputs(input_names: list[str], vocab_size: int) -> dict[str, np.ndarr
     return {n: feats[n] for n in input_names}
 
 
-def _load_torch_model(model_dir: Path, classifier: bool):
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    cls = AutoModelForSequenceClassification if classifier else AutoModel
-    try:
-        # Eager attention exports the MatMul/Softmax pattern the ORT Attention fusion recognises.
-        return cls.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager").eval()
-    except (ValueError, TypeError):
-        return cls.from_pretrained(str(model_dir), local_files_only=True).eval()
-
-
-def _input_names(model) -> list[str]:
-    import inspect
-
-    accepted = inspect.signature(model.forward).parameters
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
-    # RoBERTa-like models accept token_type_ids but have a single type; keep the input only where it matters.
-    if "token_type_ids" in names and int(getattr(model.config, "type_vocab_size", 0) or 0) < 2:
-        names.remove("token_type_ids")
-    return names
-
-
-def _torch_export(model_dir: Path, classifier: bool, out: Path, opset: int) -> tuple[list[str], dict]:
+def _torch_export(network: Network, out: Path, opset: int) -> tuple[list[str], dict]:
     """Plain ONNX export; returns the input names and a padded probe batch with the torch outputs."""
-    import torch
-
-    model = _load_torch_model(model_dir, classifier)
-    names = _input_names(model)
-    output = "logits" if classifier else "last_hidden_state"
-    probe = _dummy_inputs(names, int(getattr(model.config, "vocab_size", 1000)))
-    with torch.inference_mode():
-        expected = model(**{k: torch.from_numpy(v) for k, v in probe.items()})[0].float().numpy()
-
-    class FirstOutput(torch.nn.Module):
-        """Positional inputs in `names` order, one tensor out (logits or last hidden state)."""
-
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, args, strict=True)))[0]
-
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes[output] = {0: "batch"} if classifier else {0: "batch", 1: "sequence"}
     import warnings
 
+    import torch
+
+    module = network.build(NetworkBuild(export=True)).eval()
+    names = list(module.input_names)
+    config = json.loads((Path(network.path) / "config.json").read_text(encoding="utf-8"))
+    probe = _dummy_inputs(names, int(config.get("vocab_size") or 1000))
+    with torch.inference_mode():
+        expected = module(*(torch.from_numpy(probe[n]) for n in names)).float().numpy()
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes[network.output] = {0: "batch"}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer chatter about Python booleans; checked numerically below
         torch.onnx.export(
-            FirstOutput(model), tuple(torch.from_numpy(probe[n]) for n in names), str(out),
-            input_names=names, output_names=[output], dynamic_axes=axes, opset_version=opset,
+            module, tuple(torch.from_numpy(probe[n]) for n in names), str(out),
+            input_names=names, output_names=[network.output], dynamic_axes=axes, opset_version=opset,
             do_constant_folding=True, dynamo=False,
         )
     return names, {"inputs": probe, "expected": expected}
@@ -210,17 +175,14 @@ def _run_onnx(path: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, feats)[0]
 
 
-def _max_diff(out: np.ndarray, expected: np.ndarray, mask: np.ndarray, classifier: bool) -> float:
-    diff = np.abs(out.astype(np.float32) - expected)
-    if not classifier:  # padded positions of a hidden state are meaningless
-        diff = diff * mask[:, :, None]
-    return float(diff.max())
+def _max_diff(out: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float32) - expected).max())
 
 
-def _fuse(raw: Path, out: Path, model_dir: Path, probe: dict, classifier: bool) -> str:
+def _fuse(raw: Path, out: Path, network: Network, probe: dict) -> str:
     """Transformer fusions when the architecture has them and they keep the numbers; returns what was done."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    family = _OPTIMIZER_TYPES.get(str(config.get("model_type")))
+    config = json.loads((Path(network.path) / "config.json").read_text(encoding="utf-8"))
+    family = network.fusion
     if family is None:
         shutil.copyfile(raw, out)
         return "none (no fusion recipe for this model type; ORT session optimizations still apply)"
@@ -234,7 +196,7 @@ def _fuse(raw: Path, out: Path, model_dir: Path, probe: dict, classifier: bool) 
         fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
         optimized.save_model_to_file(str(out))
     got = _run_onnx(out, probe["inputs"])
-    diff = _max_diff(got, probe["expected"], probe["inputs"]["attention_mask"], classifier)
+    diff = _max_diff(got, probe["expected"])
     if diff > _FUSION_TOLERANCE:
         log.warning("ORT fusions changed the outputs by %.2g; keeping the unfused export", diff)
         shutil.copyfile(raw, out)
@@ -310,16 +272,15 @@ def _read_meta(folder: Path) -> dict | None:
     return meta if (folder / MODEL_FILE).is_file() else None
 
 
-def ensure_onnx(model_dir: Path, *, classifier: bool, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
+def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                 cache_dir: Path | None = None) -> ExportResult:
-    """Return the cached ONNX model for these options, exporting (and quantizing) it first if needed."""
+    """Return the cached ONNX model of this network, exporting (and quantizing) it first if needed."""
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"ONNX export supports dtype {', '.join(ONNX_DTYPES)}, not {dtype!r}")
     if opset < 17:
         raise ExportError("opset 17 or newer is needed (LayerNormalization)")
-    model_dir = Path(model_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key, facts = cache_key(model_dir, classifier=classifier, dtype=dtype, opset=opset)
+    key, facts = cache_key(network, dtype=dtype, opset=opset)
     final = cache_dir / f"{key}-{dtype}"
     meta = _read_meta(final)
     if meta is not None:
@@ -330,12 +291,11 @@ def ensure_onnx(model_dir: Path, *, classifier: bool, dtype: str = "fp32", opset
         if meta is not None:
             log.info("ONNX cache hit after waiting for another export: %s", final / MODEL_FILE)
             return ExportResult(final / MODEL_FILE, True, key, meta)
-        return _export_into(model_dir, final, key, facts, classifier=classifier, dtype=dtype, opset=opset,
-                            cache_dir=cache_dir)
+        return _export_into(network, final, key, facts, dtype=dtype, opset=opset, cache_dir=cache_dir)
 
 
-def _export_into(model_dir: Path, final: Path, key: str, facts: dict, *, classifier: bool, dtype: str,
-                 opset: int, cache_dir: Path) -> ExportResult:
+def _export_into(network: Network, final: Path, key: str, facts: dict, *, dtype: str, opset: int,
+                 cache_dir: Path) -> ExportResult:
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
@@ -343,22 +303,25 @@ def _export_into(model_dir: Path, final: Path, key: str, facts: dict, *, classif
     try:
         if dtype == "int8":
             # Quantize the fused fp32 graph, itself cached (and reused by an fp32 start).
-            base = ensure_onnx(model_dir, classifier=classifier, dtype="fp32", opset=opset, cache_dir=cache_dir)
+            base = ensure_onnx(network, dtype="fp32", opset=opset, cache_dir=cache_dir)
             _quantize(base.path, tmp / MODEL_FILE)
             details = {"inputs": base.meta["inputs"], "fusions": base.meta["fusions"],
                        "quantization": "dynamic int8, per-channel QInt8 weights"}
         else:
             raw = tmp / "raw.onnx"
-            log.info("exporting %s to ONNX (first start with these options; cached afterwards)", model_dir)
-            names, probe = _torch_export(model_dir, classifier, raw, opset)
-            plain_diff = _max_diff(_run_onnx(raw, probe["inputs"]), probe["expected"],
-                                   probe["inputs"]["attention_mask"], classifier)
+            log.info("exporting %s to ONNX (first start with these options; cached afterwards)", network.path)
+            try:
+                names, probe = _torch_export(network, raw, opset)
+            except Exception as exc:  # an architecture the TorchScript exporter cannot trace
+                raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
+                    from exc
+            plain_diff = _max_diff(_run_onnx(raw, probe["inputs"]), probe["expected"])
             if plain_diff > _FUSION_TOLERANCE:
-                raise ExportError(f"the ONNX export of {model_dir} differs from PyTorch by {plain_diff:.3g}")
-            fusions = _fuse(raw, tmp / MODEL_FILE, model_dir, probe, classifier)
+                raise ExportError(f"the ONNX export of {network.path} differs from PyTorch by {plain_diff:.3g}")
+            fusions = _fuse(raw, tmp / MODEL_FILE, network, probe)
             raw.unlink()
             details = {"inputs": names, "fusions": fusions}
-        meta = {**facts, **details, "source": str(model_dir), "key": key,
+        meta = {**facts, **details, "source": str(network.path), "key": key,
                 "export_seconds": round(time.perf_counter() - started, 2)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _publish(tmp, final)

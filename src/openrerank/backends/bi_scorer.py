@@ -1,7 +1,8 @@
 """Bi-encoder scoring: embed query and passage apart, score = cosine of the pooled embeddings.
 
-This is how the embedded default (all-MiniLM-L6-v2) reranks. Queries repeat across the items of a
-batch (one request = one query), so each distinct query is embedded once per batch.
+This is how the embedded default (all-MiniLM-L6-v2) reranks. The network pools (on the device, or in the
+ONNX graph); this class normalizes and compares. Queries repeat across the items of a batch (one request
+= one query), so each distinct query is embedded once per batch.
 """
 
 from __future__ import annotations
@@ -10,21 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend, BiItem, Runtime, pad_features
-
-
-def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    """sentence-transformers pooling over the token axis, padding excluded."""
-    if mode == "cls":
-        return hidden[:, 0]
-    m = mask[:, :, None].astype(hidden.dtype)
-    if mode == "max":
-        return np.where(m > 0, hidden, -np.inf).max(axis=1)
-    summed = (hidden * m).sum(axis=1)
-    counts = np.clip(m.sum(axis=1), 1e-9, None)
-    if mode == "mean_sqrt_len":
-        return summed / np.sqrt(counts)
-    return summed / counts
+from openrerank.backends.base import Backend, Runtime, pad_features
+from openrerank.schemas.work import BiItem
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -32,17 +20,15 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(norms, 1e-12, None)
 
 
-class BiEncoderBackend(Backend):
-    def __init__(self, runtime: Runtime, pad_id: int, pooling: str = "mean") -> None:
+class BiEncoderScorer(Backend):
+    def __init__(self, runtime: Runtime, pad_id: int) -> None:
         self.runtime = runtime
         self.pad_id = pad_id
-        self.pooling = pooling
 
     def embed_ids(self, seqs: Sequence[list[int]]) -> np.ndarray:
         """L2-normalized float32 embeddings of already tokenized texts."""
         feats = pad_features(seqs, None, self.pad_id, self.runtime.input_names)
-        hidden = self.runtime.run(feats)
-        return normalize(pool(hidden, feats["attention_mask"], self.pooling)).astype(np.float32)
+        return normalize(self.runtime.run(feats)).astype(np.float32)
 
     def score(self, items: Sequence[BiItem]) -> np.ndarray:
         unique: dict[tuple[int, ...], int] = {}

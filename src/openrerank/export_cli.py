@@ -9,18 +9,23 @@ from pathlib import Path
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from openrerank.models.export import ExportError, ensure_onnx
-    from openrerank.models.safety import check_weights
-    from openrerank.models.source import ModelSourceError, resolve_local_dir
-    from openrerank.models.spec import ModelFormatError, ModelKind, detect_spec
+    from transformers import AutoTokenizer
+
+    from openrerank.backends.onnx_export import ExportError, ensure_onnx
+    from openrerank.backends.selection import BackendConfigError
+    from openrerank.engine.loading import LoadOptions, model_sources, resolve_model
+    from openrerank.families.base import ModelFormatError
+    from openrerank.models.source import ModelSourceError
 
     try:
-        path = resolve_local_dir(args.model, allow_pickle=args.allow_pickle, revision=args.revision)
-        check_weights(path, allow_pickle=args.allow_pickle)
-        spec = detect_spec(path)
-        result = ensure_onnx(path, classifier=spec.kind is ModelKind.CROSS_ENCODER, dtype=args.dtype,
-                             opset=args.opset, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    except (ModelSourceError, ModelFormatError, ExportError, ValueError) as exc:
+        source = model_sources([args.model], [args.model_family] if args.model_family else None)[0]
+        resolved = resolve_model(source, LoadOptions(backend="onnx", dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                                     revision=args.revision))
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.spec.path), local_files_only=True)
+        network = resolved.family.network(resolved.spec, tokenizer)
+        result = ensure_onnx(network, dtype=args.dtype, opset=args.opset,
+                             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    except (ModelSourceError, ModelFormatError, ExportError, BackendConfigError, ValueError) as exc:
         print(f"openrerank export: error: {exc}", file=sys.stderr)
         return 2
     target = result.path
@@ -37,13 +42,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from openrerank.models.export import DEFAULT_OPSET, ONNX_DTYPES
+    from openrerank.backends.onnx_export import DEFAULT_OPSET, ONNX_DTYPES
 
     p = sub.add_parser("export", help="export a model to (optimized, optionally int8) ONNX into the cache",
                        description="Export --model to ONNX with ONNX Runtime's transformer fusions (and int8 "
                        "quantization with --dtype int8), store it in the cache `serve --backend onnx` reads "
-                       "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx) and print its path.")
+                       "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx) and print its path. Encoder "
+                       "families only (LLM rerankers run on PyTorch).")
     p.add_argument("--model", default="default", help="'default', a local directory or a hub id")
+    p.add_argument("--model-family", help="the model's family when its files do not say (see `openrerank families`)")
     p.add_argument("--dtype", default="fp32", choices=ONNX_DTYPES)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--cache-dir", help="cache folder (default: $OPENRERANK_CACHE_DIR or ~/.cache/openrerank/onnx)")

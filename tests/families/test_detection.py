@@ -1,4 +1,4 @@
-"""Kind detection from model files alone."""
+"""Family detection from model files alone: encoder families and unservable directories."""
 
 from __future__ import annotations
 
@@ -6,23 +6,28 @@ import json
 
 import pytest
 
+from openrerank.families.base import ModelFiles, ModelFormatError, ModelSpec
+from openrerank.families.registry import resolve_spec
 from openrerank.models.source import default_model_dir
-from openrerank.models.spec import ModelFormatError, ModelKind, detect_spec
+
+
+def detect_spec(path) -> ModelSpec:
+    return resolve_spec(ModelFiles.read(path))[1]
 
 
 def test_cross_encoder_one_and_two_labels(tiny_model_dir, tiny_model_2label_dir):
     one = detect_spec(tiny_model_dir)
     two = detect_spec(tiny_model_2label_dir)
-    assert one.kind is two.kind is ModelKind.CROSS_ENCODER
-    assert (one.num_labels, two.num_labels) == (1, 2)
+    assert one.family == two.family == "cross-encoder"
+    assert (one.options["num_labels"], two.options["num_labels"]) == (1, 2)
     assert one.architecture == "BertForSequenceClassification"
     assert one.max_length == 128
 
 
 def test_default_is_mean_pooled_bi_encoder():
     spec = detect_spec(default_model_dir())
-    assert spec.kind is ModelKind.BI_ENCODER
-    assert spec.pooling == "mean"
+    assert spec.family == "bi-encoder"
+    assert spec.options["pooling"] == "mean"
     assert spec.max_length == 256  # sentence_bert_config max_seq_length, below the 512 positions
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openrerank.backends import registry
-from openrerank.backends.registry import BackendConfigError, check_backend_options, resolve_backend_name
-from openrerank.models.loader import LoadOptions, load_model
+from openrerank.backends import selection
+from openrerank.backends.selection import BackendConfigError, check_backend_options, resolve_backend_name
+from openrerank.engine.loading import LoadOptions, load_model
 
 MODERN = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
 OLD = frozenset({"avx2", "avx512f"})
@@ -18,7 +18,7 @@ def cpu(monkeypatch):
     """Pretend to be a CPU with the given flags."""
 
     def set_flags(flags: frozenset[str]) -> None:
-        monkeypatch.setattr(registry, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(selection, "cpu_flags", lambda: flags)
 
     return set_flags
 
@@ -76,7 +76,7 @@ def test_int8_without_vnni_warns_but_runs(cpu):
 
 
 def test_cpu_flags_reads_this_machine():
-    flags = registry.cpu_flags()
+    flags = selection.cpu_flags()
     assert isinstance(flags, frozenset)
     if flags:  # Linux: the usual baseline flags are present
         assert "sse2" in flags or "fp" in flags or "neon" in flags
@@ -89,7 +89,7 @@ def test_serve_refuses_before_binding(capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not registry.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
+@pytest.mark.skipif(not selection.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
 def test_torch_bf16_returns_float32_close_to_fp32():
     texts = ["what is the capital of france", "paris is the capital of france", "bananas are yellow"]
     fp32 = load_model("default", LoadOptions(backend="torch"))

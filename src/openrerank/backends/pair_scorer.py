@@ -1,4 +1,5 @@
-"""Cross-encoder scoring: one forward pass over `[CLS] q [SEP] p [SEP]`, the logit is the score."""
+"""One forward pass per sequence, one score per sequence: cross-encoders, Llama-bidirectional and the
+yes/no decoders alike (the family's network already reduced its output to a score, or to class logits)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend, PairItem, Runtime, pad_features
+from openrerank.backends.base import Backend, Runtime, pad_features
+from openrerank.schemas.work import PairItem
 
 
 def logits_to_scores(logits: np.ndarray) -> np.ndarray:
-    """One label: the logit itself. Two labels: positive minus negative logit (the log-odds)."""
+    """A score per row: a score itself, a one-label logit, or positive minus negative (2 labels: log-odds)."""
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim == 1:
         return logits
@@ -21,7 +23,7 @@ def logits_to_scores(logits: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot rerank with a {logits.shape[1]}-label classifier head")
 
 
-class CrossEncoderBackend(Backend):
+class PairScorer(Backend):
     def __init__(self, runtime: Runtime, pad_id: int) -> None:
         self.runtime = runtime
         self.pad_id = pad_id

@@ -10,9 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openrerank.models import export
-from openrerank.models.export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
+from openrerank.backends import onnx_export as export
+from openrerank.backends.base import Network
+from openrerank.backends.onnx_export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
+from openrerank.families.base import ModelFiles
+from openrerank.families.registry import get_family
 from tests.support import build_tiny_model
+
+
+def cross_encoder_network(model_dir: Path) -> Network:
+    """The network the cross-encoder family exports for a model directory."""
+    family = get_family("cross-encoder")
+    return family.network(family.spec(ModelFiles.read(model_dir)), None)
 
 
 @pytest.fixture
@@ -27,9 +36,9 @@ def export_counter(monkeypatch) -> list[Path]:
     calls: list[Path] = []
     real = export._torch_export
 
-    def counting(model_dir, *args, **kwargs):
-        calls.append(Path(model_dir))
-        return real(model_dir, *args, **kwargs)
+    def counting(network, *args, **kwargs):
+        calls.append(Path(network.path))
+        return real(network, *args, **kwargs)
 
     monkeypatch.setattr(export, "_torch_export", counting)
     return calls
@@ -37,10 +46,10 @@ def export_counter(monkeypatch) -> list[Path]:
 
 def test_second_load_reuses_the_cache(tmp_path, model_copy, export_counter):
     cache = tmp_path / "cache"
-    first = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    first = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
     assert not first.cached and len(export_counter) == 1
     mtime = first.path.stat().st_mtime_ns
-    second = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    second = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
     assert second.cached and second.path == first.path
     assert len(export_counter) == 1
     assert second.path.stat().st_mtime_ns == mtime
@@ -50,7 +59,7 @@ def test_second_load_reuses_the_cache(tmp_path, model_copy, export_counter):
 
 
 def test_runtime_second_start_does_not_export(model_copy, export_counter, tmp_path, monkeypatch):
-    from openrerank.models.loader import LoadOptions, load_model
+    from openrerank.engine.loading import LoadOptions, load_model
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "fresh-cache"))  # the run's shared cache may hold it
 
@@ -65,29 +74,29 @@ def test_runtime_second_start_does_not_export(model_copy, export_counter, tmp_pa
 
 def test_changed_weights_or_config_invalidate(tmp_path, model_copy, export_counter):
     cache = tmp_path / "cache"
-    first = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    first = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
     build_tiny_model(model_copy, seed=7)  # same files, new weights
-    second = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    second = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
     assert not second.cached and second.path != first.path
     config = json.loads((model_copy / "config.json").read_text())
     config["layer_norm_eps"] = 1e-6
     (model_copy / "config.json").write_text(json.dumps(config))
-    third = ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+    third = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
     assert not third.cached and third.path not in (first.path, second.path)
     assert len(export_counter) == 3
     # The tokenizer does not shape the graph: editing it keeps the cache.
     (model_copy / "tokenizer_config.json").write_text("{}")
-    assert ensure_onnx(model_copy, classifier=True, cache_dir=cache).cached
+    assert ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache).cached
 
 
 def test_int8_is_cached_on_top_of_fp32(tmp_path, model_copy, export_counter):
     cache = tmp_path / "cache"
-    q = ensure_onnx(model_copy, classifier=True, dtype="int8", cache_dir=cache)
+    q = ensure_onnx(cross_encoder_network(model_copy), dtype="int8", cache_dir=cache)
     assert not q.cached and "int8" in q.meta["quantization"]
-    assert ensure_onnx(model_copy, classifier=True, dtype="fp32", cache_dir=cache).cached
-    assert ensure_onnx(model_copy, classifier=True, dtype="int8", cache_dir=cache).cached
+    assert ensure_onnx(cross_encoder_network(model_copy), dtype="fp32", cache_dir=cache).cached
+    assert ensure_onnx(cross_encoder_network(model_copy), dtype="int8", cache_dir=cache).cached
     assert len(export_counter) == 1
-    assert q.path.stat().st_size < ensure_onnx(model_copy, classifier=True, cache_dir=cache).path.stat().st_size
+    assert q.path.stat().st_size < ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache).path.stat().st_size
 
 
 def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
@@ -96,7 +105,7 @@ def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
 
     def start() -> None:
         try:
-            results.append(ensure_onnx(model_copy, classifier=True, cache_dir=cache))
+            results.append(ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -125,7 +134,7 @@ def _export_in_a_process(model_dir: Path, cache: Path, ready_dir: Path, index: i
     deadline = time.monotonic() + 120
     while len(list(ready_dir.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    return ensure_onnx(model_dir, classifier=True, cache_dir=cache).cached
+    return ensure_onnx(cross_encoder_network(model_dir), cache_dir=cache).cached
 
 
 def test_processes_starting_together_export_once(tmp_path, model_copy):
@@ -150,15 +159,15 @@ def test_failed_export_leaves_nothing(tmp_path, model_copy, monkeypatch):
 
     monkeypatch.setattr(export, "_fuse", broken)
     with pytest.raises(ExportError, match="simulated"):
-        ensure_onnx(model_copy, classifier=True, cache_dir=cache)
+        ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
     assert list(cache.iterdir()) == []
 
 
 def test_bad_options_are_refused(model_copy, tmp_path):
     with pytest.raises(ExportError, match="dtype"):
-        ensure_onnx(model_copy, classifier=True, dtype="bf16", cache_dir=tmp_path)
+        ensure_onnx(cross_encoder_network(model_copy), dtype="bf16", cache_dir=tmp_path)
     with pytest.raises(ExportError, match="opset"):
-        ensure_onnx(model_copy, classifier=True, opset=13, cache_dir=tmp_path)
+        ensure_onnx(cross_encoder_network(model_copy), opset=13, cache_dir=tmp_path)
 
 
 def test_cache_dir_env_override(monkeypatch, tmp_path):

@@ -1,0 +1,114 @@
+"""Sentence-transformers bi-encoders: query and passage embedded apart, the score is their cosine.
+
+Detected by `modules.json` with a Pooling module (the embedded default, all-MiniLM-L6-v2, is one). The
+network pools the token states the way the Pooling module says (mean, CLS, max, mean/sqrt(len)) inside the
+torch module or the ONNX graph, so only one vector per text leaves the runtime.
+"""
+
+from __future__ import annotations
+
+from openrerank.backends.base import Network, NetworkBuild
+from openrerank.backends.bi_scorer import BiEncoderScorer
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, _read_json
+from openrerank.families.cross_encoder import ORT_FUSIONS, encoder_input_names, load_encoder
+from openrerank.schemas.internal import ScoreKind
+from openrerank.text.bi import BiTextEncoder
+
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+
+
+def pooling_mode(files: ModelFiles) -> str:
+    for mod in files.modules or []:
+        if isinstance(mod, dict) and str(mod.get("type", "")).endswith("Pooling"):
+            cfg = _read_json(files.path / str(mod.get("path", "")) / "config.json") or {}
+            for key, mode in (
+                ("pooling_mode_cls_token", "cls"),
+                ("pooling_mode_max_tokens", "max"),
+                ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
+                ("pooling_mode_mean_tokens", "mean"),
+            ):
+                if cfg.get(key):
+                    return mode
+            return "mean"
+    raise ModelFormatError(f"{files.path}/modules.json has no Pooling module")
+
+
+def normalizes(files: ModelFiles) -> bool:
+    """sentence-transformers L2-normalizes its embeddings when modules.json has a Normalize module."""
+    return any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in files.modules or [])
+
+
+def pool(hidden, mask, mode: str):
+    """sentence-transformers pooling over the token axis, padding excluded; float32 out."""
+    import torch
+
+    hidden = hidden.float()
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+    summed = (hidden * m).sum(dim=1)
+    counts = torch.clamp(m.sum(dim=1), min=1e-9)
+    if mode == "mean_sqrt_len":
+        return summed / torch.sqrt(counts)
+    return summed / counts
+
+
+def _pooled_module(path, mode: str, build: NetworkBuild):
+    import torch
+    from transformers import AutoModel
+
+    inner = load_encoder(AutoModel, path, build)
+    names = encoder_input_names(inner)
+    mask_at = names.index("attention_mask")
+
+    class Pooled(torch.nn.Module):
+        """Positional inputs in `input_names` order -> pooled embeddings `(batch, hidden)`, float32."""
+
+        input_names = names
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            hidden = self.inner(**dict(zip(names, inputs, strict=True)))[0]
+            return pool(hidden, inputs[mask_at], mode)
+
+    return Pooled()
+
+
+class BiEncoderFamily(Family):
+    id = "bi-encoder"
+    title = "Sentence-transformers bi-encoders (embedding models, e.g. the embedded all-MiniLM-L6-v2)"
+    input_format = "query and passage encoded separately: [CLS] text [SEP]"
+    readout = "Pooling module (mean/CLS/max) over each text's tokens; score = cosine of the two embeddings"
+    score_kind = ScoreKind.COSINE
+    engines = ("onnx", "torch")
+    examples = ("sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5")
+
+    def matches(self, files: ModelFiles) -> bool:
+        return files.modules is not None  # a sentence-transformers folder; spec() insists on a Pooling module
+
+    def spec(self, files: ModelFiles, instruction: str | None = None) -> ModelSpec:
+        if files.modules is None:
+            raise ModelFormatError(f"{files.path}: a bi-encoder needs sentence-transformers' modules.json")
+        archs = files.architectures
+        options = {"pooling": pooling_mode(files), "normalize": normalizes(files)}
+        prompts = files.st_config.get("prompts")
+        if isinstance(prompts, dict) and prompts:
+            options["prompts"] = {str(k): str(v) for k, v in prompts.items()}
+        return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None, files.window(),
+                         options)
+
+    def text_encoder(self, spec: ModelSpec, tokenizer) -> BiTextEncoder:
+        return BiTextEncoder(tokenizer, spec.max_length)
+
+    def network(self, spec: ModelSpec, tokenizer) -> Network:
+        mode = spec.options["pooling"]
+        return Network(spec.path, head=f"pooled:{mode}", build=lambda b: _pooled_module(spec.path, mode, b),
+                       output="embeddings", fusion=ORT_FUSIONS.get(spec.model_type))
+
+    def scorer(self, spec, runtime, pad_id) -> BiEncoderScorer:
+        return BiEncoderScorer(runtime, pad_id)

@@ -1,0 +1,61 @@
+"""The registry of model families: the one place that lists them, detects them, and looks them up by id."""
+
+from __future__ import annotations
+
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
+from openrerank.families.bge_reranker_gemma import BgeRerankerGemmaFamily
+from openrerank.families.bi_encoder import BiEncoderFamily
+from openrerank.families.cross_encoder import CrossEncoderFamily
+from openrerank.families.decoder import causal_architecture
+from openrerank.families.llama_bidirectional import LlamaBidirectionalFamily
+from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
+from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
+
+#: In detection order: the specific before the general (a Llama-bidirectional config also names a
+#: *ForSequenceClassification, which the cross-encoder family would claim).
+FAMILIES: tuple[Family, ...] = (
+    LlamaBidirectionalFamily(),
+    Qwen3RerankerFamily(),
+    MxbaiRerankV2Family(),
+    BgeRerankerGemmaFamily(),
+    CrossEncoderFamily(),
+    BiEncoderFamily(),
+)
+_BY_ID = {f.id: f for f in FAMILIES}
+
+
+def family_ids() -> list[str]:
+    return [f.id for f in FAMILIES]
+
+
+def get_family(family_id: str) -> Family:
+    try:
+        return _BY_ID[family_id]
+    except KeyError:
+        raise ModelFormatError(f"unknown model family {family_id!r}; families: {', '.join(_BY_ID)}") from None
+
+
+def detect_family(files: ModelFiles) -> Family:
+    """The family the files name unambiguously; a clear error (naming --model-family) otherwise."""
+    for family in FAMILIES:
+        if family.matches(files):
+            return family
+    causal = causal_architecture(files)
+    if causal:
+        decoders = ", ".join(f.id for f in FAMILIES if f.engines == ("torch",) and f.id != "llama-bidirectional")
+        raise ModelFormatError(
+            f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
+            f"its name or model card says which reranker it is. If it is one, name its family with "
+            f"--model-family NAME=FAMILY ({decoders})")
+    raise ModelFormatError(
+        f"{files.path}: neither a sequence-classification cross-encoder (config.json architectures "
+        f"*ForSequenceClassification, found {files.architectures or 'none'}) nor a sentence-transformers bi-encoder "
+        f"(modules.json with a Pooling module); --model-family names the family of a model that is neither "
+        f"({', '.join(_BY_ID)})")
+
+
+def resolve_spec(files: ModelFiles, family_id: str | None = None, instruction: str | None = None
+                 ) -> tuple[Family, ModelSpec]:
+    """The model's family (detected, or the one named) and its spec."""
+    family = get_family(family_id) if family_id else detect_family(files)
+    return family, family.spec(files, instruction)

@@ -1,0 +1,157 @@
+"""Prompt templates, as LLM rerankers (and NVIDIA's Llama-bidirectional reranker) read text.
+
+A template is a sequence of pieces tokenized one at a time and concatenated at the token level, the way
+each family's reference implementation builds its ids (Qwen3-Reranker: prefix | body | suffix; mxbai and
+bge-gemma: every piece apart; Llama-bidirectional: one string after BOS). Tokenizing the way the reference
+does is what makes the ids byte-exact: tokenizing the rendered prompt in one go can merge tokens across a
+seam (e.g. "?\\n") and change the ids.
+
+A piece may hold the `{query}` and `{passage}` slots (each once in the whole template). Which tokens
+belong to a slot is read from the tokenizer's character offsets, so truncation never cuts the template's
+fixed text: the query is first capped at `query_share` of the free window (as the references do), then the
+passage is trimmed (END: its end, START: its start), then the query gets back any room left. NONE refuses
+an over-long pair. CHUNK slides overlapping windows over the passage's tokens, splicing each into the same
+prompt; the query is cut first when it would leave the passage less than half the free window.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from openrerank.schemas.internal import Truncate
+from openrerank.schemas.work import PairItem, WorkItem
+from openrerank.text.prepare import InputTooLongError, Prepared, TextEncoder, cap_chunks, chunk_starts
+
+QUERY = "query"
+PASSAGE = "passage"
+FIXED = "fixed"
+_SLOT = re.compile(r"\{(query|passage)\}")
+
+Run = tuple[str, list[int]]  # (role, token ids)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    #: Pieces tokenized apart (no special tokens added) and concatenated; `{query}`/`{passage}` are the slots.
+    pieces: tuple[str, ...]
+    #: Prepend the tokenizer's BOS token (Llama-3 and Gemma references do; Qwen's tokenizers have none).
+    bos: bool = False
+    #: Largest share of the free window (window minus fixed tokens) the query may take when a pair is cut.
+    query_share: float = 0.75
+
+    def __post_init__(self) -> None:
+        slots = [m.group(1) for p in self.pieces for m in _SLOT.finditer(p)]
+        if sorted(slots) != [PASSAGE, QUERY]:
+            raise ValueError(f"a prompt template needs one {{query}} and one {{passage}} slot, found {slots}")
+
+    def render(self, query: str, passage: str) -> str:
+        """The prompt as one string (for docs and tests; never tokenized as a whole)."""
+        return "".join(fill(p, query, passage)[0] for p in self.pieces)
+
+
+def fill(piece: str, query: str, passage: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """A piece with its slots filled, and each slot's character span in the result."""
+    out: list[str] = []
+    spans: dict[str, tuple[int, int]] = {}
+    pos = last = 0
+    for m in _SLOT.finditer(piece):
+        out.append(piece[last : m.start()])
+        pos += m.start() - last
+        value = query if m.group(1) == QUERY else passage
+        spans[m.group(1)] = (pos, pos + len(value))
+        out.append(value)
+        pos += len(value)
+        last = m.end()
+    out.append(piece[last:])
+    return "".join(out), spans
+
+
+def _split_runs(ids: list[int], offsets: list[tuple[int, int]], spans: dict[str, tuple[int, int]]) -> list[Run]:
+    """Consecutive tokens grouped by role; a token overlapping a slot's characters belongs to the slot."""
+    runs: list[Run] = []
+    for tid, (a, b) in zip(ids, offsets, strict=True):
+        role = FIXED
+        for name, (s, e) in spans.items():
+            if a < e and b > s:
+                role = name
+                break
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((role, [tid]))
+    return runs
+
+
+class TemplateTextEncoder(TextEncoder):
+    def __init__(self, tokenizer, max_length: int, template: PromptTemplate) -> None:
+        super().__init__(tokenizer, max_length)
+        self.template = template
+        if template.bos and tokenizer.bos_token_id is None:
+            raise ValueError("this prompt starts with BOS but the tokenizer defines no bos_token")
+        self._bos: list[int] = [tokenizer.bos_token_id] if template.bos else []
+        self._fixed = {i: self.tok.ids(p) for i, p in enumerate(template.pieces) if not _SLOT.search(p)}
+        fixed = len(self._bos) + sum(len(ids) for ids in self._fixed.values())
+        if fixed >= max_length // 2:
+            raise ValueError(f"a {max_length}-token window is too small for this prompt ({fixed} fixed tokens)")
+
+    def runs(self, query: str, passages: list[str]) -> list[list[Run]]:
+        """Each pair as role-tagged token runs, tokenized piece by piece."""
+        pairs: list[list[Run]] = [[(FIXED, self._bos)] if self._bos else [] for _ in passages]
+        for i, piece in enumerate(self.template.pieces):
+            if i in self._fixed:
+                for runs in pairs:
+                    runs.append((FIXED, self._fixed[i]))
+                continue
+            per_passage = "{passage}" in piece
+            filled = [fill(piece, query, p) for p in (passages if per_passage else [""])]
+            enc = self.tok([t for t, _ in filled], add_special_tokens=False, return_offsets_mapping=True)
+            split = [_split_runs(ids, offs, spans) for ids, offs, (_, spans)
+                     in zip(enc["input_ids"], enc["offset_mapping"], filled, strict=True)]
+            for k, runs in enumerate(pairs):
+                runs.extend(split[k] if per_passage else split[0])
+        return pairs
+
+    def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
+        items: list[WorkItem] = []
+        owners: list[int] = []
+        for idx, runs in enumerate(self.runs(query, passages)):
+            for ids in self._fit(runs, truncate, idx):
+                items.append(PairItem(ids))
+                owners.append(idx)
+        keep = cap_chunks(owners, max_chunks)
+        items = [items[i] for i in keep]
+        return Prepared(items, [owners[i] for i in keep], sum(it.length for it in items))
+
+    def _fit(self, runs: list[Run], truncate: Truncate, idx: int) -> list[list[int]]:
+        """The pair's ids (one list), cut to the window per `truncate`, or its chunks (several)."""
+        m = self.max_length
+        total = sum(len(ids) for _, ids in runs)
+        if total <= m:
+            return [[t for _, ids in runs for t in ids]]
+        if truncate is Truncate.NONE:
+            raise InputTooLongError(total, m, idx)
+        free = m - sum(len(ids) for role, ids in runs if role == FIXED)
+        q = sum(len(ids) for role, ids in runs if role == QUERY)
+        p = sum(len(ids) for role, ids in runs if role == PASSAGE)
+        share = self.template.query_share if truncate is not Truncate.CHUNK else min(0.5, self.template.query_share)
+        q_keep = min(q, int(free * share))
+        p_keep = min(p, free - q_keep)
+        q_keep = min(q, free - p_keep)  # room the passage does not need goes back to the query
+        passage = next((ids for role, ids in runs if role == PASSAGE), [])
+        if truncate is Truncate.CHUNK:
+            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in chunk_starts(len(passage), p_keep)]
+        window = passage[len(passage) - p_keep :] if truncate is Truncate.START else passage[:p_keep]
+        return [_assemble(runs, q_keep, window)]
+
+
+def _assemble(runs: list[Run], q_keep: int, passage: list[int]) -> list[int]:
+    out: list[int] = []
+    for role, ids in runs:
+        if role == QUERY:
+            out.extend(ids[:q_keep])
+        elif role == PASSAGE:
+            out.extend(passage)
+        else:
+            out.extend(ids)
+    return out
