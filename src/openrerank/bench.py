@@ -300,7 +300,17 @@ def _render(result: dict) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from openrerank.extras import MissingExtraError, require
+
     if args.scale_out:
+        from openrerank.ray_local import set_ray_env
+
+        set_ray_env()
+        try:
+            require("ray.serve", "ray", "openrerank bench --scale-out")
+        except MissingExtraError as exc:
+            print(f"openrerank bench: error: {exc}", file=sys.stderr)
+            return 2
         from openrerank.bench_scaleout import run_scaleout
 
         args.rounds = args.rounds or 3
@@ -308,6 +318,11 @@ def run_bench(args: argparse.Namespace) -> int:
     args.rounds = args.rounds or 2
 
     console = Console(stderr=True)
+    try:
+        require("sentence_transformers", "bench", "openrerank bench (its baseline)")
+    except MissingExtraError as exc:
+        print(f"openrerank bench: error: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data) if args.data else default_data_dir()
     if not data.is_dir():
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")

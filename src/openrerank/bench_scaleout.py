@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.bench import SERVED_NAME, _body, build_bench_cross_encoder, default_data_dir, load_workload
-from openrerank.ray_local import RAY_ENV_DEFAULTS
+from openrerank.ray_local import set_ray_env
 from openrerank.serve_process import ServeProcess, free_port
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
@@ -197,8 +197,7 @@ def run_scaleout(args: argparse.Namespace) -> int:
 
     from openrerank.cli import main as cli_main
 
-    for key, value in RAY_ENV_DEFAULTS.items():  # before anything imports ray: it reads them at import
-        os.environ.setdefault(key, value)
+    set_ray_env()  # before anything imports ray: it reads them at import
     console = Console(stderr=True)
     data = Path(args.data) if args.data else default_data_dir()
     if not data.is_dir():

@@ -35,6 +35,12 @@ RAY_ENV_DEFAULTS = {
 _OBJECT_STORE_BYTES = 128 * 2**20  # requests and answers travel over HTTP; the object store stays idle
 
 
+def set_ray_env() -> None:
+    """RAY_ENV_DEFAULTS where the environment does not say otherwise; before `import ray`, which reads them."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def available_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -46,17 +52,19 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
     """Serve `config` on replicas described by `replica_args` (`ReplicaOptions` fields) until a signal.
 
     `num_cpus` defaults to an equal share of this machine's CPUs for the most replicas there can be."""
-    for key, value in RAY_ENV_DEFAULTS.items():  # before `import ray`: it reads them at import
-        os.environ.setdefault(key, value)
-    try:
-        import ray
-        from ray import serve
+    from openrerank.extras import MissingExtraError, require
 
-        from openrerank.ray_serve import APP_NAME, ReplicaOptions, bind, deployment_options
-    except ModuleNotFoundError as exc:
-        print(f"openrerank: error: --replicas needs Ray Serve ({exc}); pip install 'openrerank[ray]'",
-              file=sys.stderr)
+    set_ray_env()
+    try:
+        require("ray.serve", "ray", "serve --replicas")
+    except MissingExtraError as exc:
+        print(f"openrerank serve: error: {exc}", file=sys.stderr)
         return 2
+    import ray
+    from ray import serve
+
+    from openrerank.ray_serve import APP_NAME, ReplicaOptions, bind, deployment_options
+
     cpus = available_cpus()
     try:
         options = ReplicaOptions(**replica_args)
@@ -68,7 +76,7 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
             raise ValueError(f"{most} replicas x {options.num_cpus:g} CPUs exceed the {cpus} CPUs here; "
                              "lower --replica-cpus")
     except (ValidationError, ValueError) as exc:
-        print(f"openrerank: error: {exc}", file=sys.stderr)
+        print(f"openrerank serve: error: {exc}", file=sys.stderr)
         return 2
 
     stop = threading.Event()
@@ -81,7 +89,7 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
         try:
             serve.run(bind(config, options), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start (e.g. a model that does not load)
-            print(f"openrerank: error: the replicas did not start: {exc}", file=sys.stderr)
+            print(f"openrerank serve: error: the replicas did not start: {exc}", file=sys.stderr)
             return 1
         scaling = f", autoscaling up to {options.max_replicas}" if options.max_replicas else ""
         metrics = f"; every replica's metrics at http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
