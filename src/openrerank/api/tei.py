@@ -74,7 +74,7 @@ INFINITY = Dialect(
 
 #: Request bodies documented for /rerank (the route reads its body itself to pick the form).
 OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankRequest, TeiRank,
-                                                InfinityRerankResponse)
+                                                InfinityRerankResponse, TeiError, InfinityError)
 
 router = APIRouter()
 
@@ -82,6 +82,14 @@ _ERRORS = TEI.responses(
     400, 401, 408, 413, 422, 424, 429, 503, s400="`texts` is empty",
     s422="Validation error: wrong types, too many texts or tokens, over-long input, unknown model",
     s424="Inference failed or timed out", s503="Not ready, shutting down, or a model worker died")
+#: /rerank answers each error in the form the request used: TEI's flat body or Infinity's nested one.
+_EITHER_ERROR = {"application/json": {"schema": {"oneOf": [
+    {"$ref": f"#/components/schemas/{m.__name__}"} for m in (TeiError, InfinityError)]}}}
+_RERANK_ERRORS = {code: {"description": entry["description"], "content": _EITHER_ERROR}
+                  for code, entry in _ERRORS.items()}
+_RERANK_ERRORS[400] = {"description": "TEI form: `texts` is empty; Infinity form: unknown model",
+                       "content": _EITHER_ERROR}
+_RERANK_ERRORS[504] = {"description": "Infinity form: deadline exceeded", "content": _EITHER_ERROR}
 
 
 def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate: bool = AUTO_TRUNCATE
@@ -151,7 +159,7 @@ _FORMS_BODY = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in
                  {"type": "array", "items": {"$ref": "#/components/schemas/TeiRank"}},
                  {"$ref": "#/components/schemas/InfinityRerankResponse"}]}}},
                  "description": "TEI form: a bare array of ranks; Infinity form: `results`"},
-                 **_ERRORS, 400: {"model": InfinityError, "description": "Infinity form: unknown model"}},
+                 **_RERANK_ERRORS},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": _FORMS_BODY}}}},
              summary="Rerank texts: TEI form (`texts`) or Infinity/Cohere form (`documents`)")
