@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend
+from openrerank.backends.base import Backend, DeviceMemoryError, RowsFailedError
 from openrerank.schemas.work import PairItem
 
 WAIT_S = 30.0  # generous: only reached when something is broken
@@ -36,6 +36,7 @@ class FakeBackend(Backend):
         self.lengths: list[list[int]] = []
         self.threads: set[str] = set()
         self.fail_on: set[int] = set()
+        self.fail_alone: set[int] = set()
         self._gate = threading.Event()
         self._gate.set()
         self.started = threading.Semaphore(0)  # released once per batch that enters score()
@@ -59,7 +60,12 @@ class FakeBackend(Backend):
             raise BoomError(f"poisoned batch {ids}")
         if self.inner is not None:
             return self.inner.score(items)
-        return np.asarray(ids, dtype=np.float32)
+        scores = np.asarray(ids, dtype=np.float32)
+        failed = [row for row, i in enumerate(ids) if i in self.fail_alone]
+        if failed:
+            scores[failed] = np.nan
+            raise RowsFailedError(scores, failed, DeviceMemoryError(f"rows {failed} do not fit"))
+        return scores
 
     async def wait_batch_started(self) -> None:
         """Wait (off the loop) until one more batch has entered score()."""

@@ -18,7 +18,7 @@ from openrerank.api.errors import ApiError, dialect_for, format_validation_error
 from openrerank.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, MetricsMiddleware
 from openrerank.api.responses import OrjsonResponse
 from openrerank.config import ServerConfig
-from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
+from openrerank.engine.errors import DeadlineExceededError, DeviceMemoryError, EngineStoppedError, QueueFullError
 from openrerank.engine.loading import LoadOptions, model_sources
 from openrerank.engine.scheduler import SchedulerConfig
 from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
@@ -43,7 +43,7 @@ def load_options(config: ServerConfig) -> LoadOptions:
 def scheduler_config(config: ServerConfig) -> SchedulerConfig:
     return SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
                            batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
-                           max_padding=config.max_padding,
+                           max_padding=config.max_padding, min_rows=config.min_batch_rows,
                            request_timeout=config.request_timeout)
 
 
@@ -107,6 +107,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStoppedError)
     async def _stopped(request: Request, exc: EngineStoppedError):
         return _error_response(request, 503, str(exc), "unavailable", {"Retry-After": "1"})
+
+    @app.exception_handler(DeviceMemoryError)
+    async def _memory(request: Request, exc: DeviceMemoryError):
+        # Capacity, not a client error: one of its sequences does not fit even alone (other requests scored).
+        return _error_response(request, 503, str(exc), "unavailable")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

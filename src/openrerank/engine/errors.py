@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from openrerank.backends.base import DeviceMemoryError
+
+__all__ = ["DeadlineExceededError", "DeviceMemoryError", "EngineError", "EngineStoppedError", "QueueFullError"]
+
 
 class EngineError(RuntimeError):
     pass

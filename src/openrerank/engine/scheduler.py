@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrerank.backends.base import Backend
-from openrerank.engine.batching import MAX_PADDING, BatchPolicy
+from openrerank.backends.base import Backend, RowsFailedError
+from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, BatchPolicy
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.metrics import Metrics
 from openrerank.schemas.work import WorkItem
@@ -46,10 +46,12 @@ class SchedulerConfig:
     window_batches: int = 4
     #: Padding cap of each batch (engine/batching.py): tight on CPU, looser on GPU.
     max_padding: float = MAX_PADDING
+    #: Pairs a batch may always reach whatever their padding.
+    min_rows: int = MIN_ROWS
 
     @property
     def policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch_tokens, self.max_batch_size, self.max_padding)
+        return BatchPolicy(self.max_batch_tokens, self.max_batch_size, self.max_padding, self.min_rows)
 
 
 @dataclass
@@ -303,10 +305,20 @@ class Scheduler:
                 req.first_start = start
                 if self.metrics:
                     self.metrics.queue_time.labels(self.name).observe(start - req.submitted)
+        failed: set[_Request] = set()
         try:
             scores = np.asarray(self.backend.score(items), dtype=np.float32).reshape(-1)
             if scores.shape[0] != len(items):
                 raise RuntimeError(f"backend returned {scores.shape[0]} scores for {len(items)} items")
+        except RowsFailedError as exc:
+            # Some items could not be scored even alone (e.g. out of device memory); the rest were.
+            scores = np.asarray(exc.outputs, dtype=np.float32).reshape(-1)
+            failed = {live[i][0] for i in exc.failed}
+            log.warning("%d of %d items failed on %s (%s); failing their %d request(s) only",
+                        len(exc.failed), len(items), self.name, exc.cause, len(failed))
+            for req in failed:
+                req.failed = True
+                self._post(req, exc.cause)
         except Exception as exc:
             log.exception("batch of %d items failed on %s", len(items), self.name)
             for req in reqs:
@@ -319,9 +331,12 @@ class Scheduler:
             self._sec_per_item = per_item if not self._sec_per_item else 0.8 * self._sec_per_item + 0.2 * per_item
         self._observe(items, end - start)
         for (req, i), s in zip(live, scores, strict=True):
-            req.scores[i] = s
-            req.remaining -= 1
+            if req not in failed:
+                req.scores[i] = s
+                req.remaining -= 1
         for req in reqs:
+            if req in failed:
+                continue
             req.last_end = end
             if req.remaining == 0:
                 self._post(req, None)
