@@ -112,3 +112,33 @@ def test_other_errors_are_not_retried() -> None:
     with pytest.raises(ValueError, match="not a memory problem"):
         runtime(module).run(features([3, 4]))
     assert len(module.calls) == 1
+
+
+def test_bf16_weights_stored_once_give_what_autocast_gives() -> None:
+    """CPU bf16 keeps big matrices in bf16 (autocast would cast them every batch to the same values); score
+    heads and weights an embedding shares stay float32."""
+    import copy
+
+    from openrerank.backends.torch_runtime import store_matrices_in
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 128)
+    tied = torch.nn.Linear(128, 100, bias=False)
+    tied.weight = emb.weight
+    body = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 128))
+    head = torch.nn.Linear(128, 1)
+    net = torch.nn.ModuleDict({"emb": emb, "tied": tied, "body": body, "head": head})
+
+    def forward(m, ids):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            h = m["body"](m["emb"](ids))
+            return m["head"](h).float(), m["tied"](h).float()
+
+    ids = torch.randint(0, 100, (4, 9))
+    expected = forward(net, ids)
+    stored = copy.deepcopy(net)
+    assert store_matrices_in(stored, torch.bfloat16) == 2
+    assert stored["body"][0].weight.dtype == stored["body"][2].weight.dtype == torch.bfloat16
+    assert stored["head"].weight.dtype == stored["emb"].weight.dtype == torch.float32
+    for got, want in zip(forward(stored, ids), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
