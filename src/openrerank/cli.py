@@ -75,9 +75,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     opt("revision", d.revision, help="hub revision (branch, tag or commit)")
     opt("max-passages", d.max_passages, int, help="most passages in one request")
     opt("max-body-bytes", d.max_body_bytes, int, help="largest request body accepted")
-    opt("max-batch-tokens", d.max_batch_tokens, int, help="padded tokens per model batch")
-    opt("max-batch-size", d.max_batch_size, int, help="pairs per model batch")
-    opt("max-padding", d.max_padding, float, help="largest share of padding in a model batch (raise on GPU)")
+    # batching: None = the --device's default, resolved by ServerConfig
+    opt("max-batch-tokens", None, int, help="padded tokens per model batch (default: 16384 on CPU, "
+        "32768 on CUDA)")
+    opt("max-batch-size", None, int, help="pairs per model batch (default: 128 on CPU, 256 on CUDA)")
+    opt("max-padding", None, float, help="largest share of padding in a model batch (default: 0.02 on "
+        "CPU, 0.2 on CUDA)")
+    opt("min-batch-rows", None, int, help="pairs a batch may always reach whatever their padding "
+        "(default: 4 on CPU, 16 on CUDA)")
     opt("batch-wait-ms", d.batch_wait_ms, float, help="how long a batch waits for concurrent requests")
     opt("max-queue", d.max_queue, int, help="pending requests before answering 503/429")
     opt("request-timeout", d.request_timeout, float, help="seconds a request may wait for the model")
@@ -144,7 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_idle_threads() -> None:
+    """Let PyTorch's OpenMP workers sleep, not spin, between parallel regions (unless the user chose).
+
+    Spinning workers burn the cores the event loop, the tokenizer threads and any neighbour need, and a
+    worker descheduled mid-region stalls its peers: on this project's shared 2-core VM (load average ~15)
+    two spinning threads ran a Qwen3-0.6B-shaped forward 2-3x slower than one thread, and passive waiting
+    brought two threads back to one thread's time or better. Must happen before torch loads libgomp.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_idle_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["serve"]  # `openrerank` alone serves the embedded default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from openrerank.engine.batching import MAX_PADDING
+from openrerank.engine.batching import default_policy
 
 
 @dataclass
@@ -26,14 +26,27 @@ class ServerConfig:
     # request limits
     max_passages: int = 512
     max_body_bytes: int = 8 * 1024 * 1024
-    # scheduler
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 128
+    # scheduler; None: the device's default (engine/batching.py: 16384 / 128 / 0.02 on CPU, 32768 / 256 / 0.2
+    # on CUDA, where a batch may also always reach 16 pairs whatever their padding)
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
     batch_wait_ms: float = 1.0
-    max_padding: float = MAX_PADDING
+    max_padding: float | None = None
+    min_batch_rows: int | None = None
     max_queue: int = 1024
     request_timeout: float = 120.0
     # dialect behaviour
     tei_chunking: bool = False
     log_level: str = "info"
     graceful_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        policy = default_policy(self.device)
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = policy.max_tokens
+        if self.max_batch_size is None:
+            self.max_batch_size = policy.max_size
+        if self.max_padding is None:
+            self.max_padding = policy.max_padding
+        if self.min_batch_rows is None:
+            self.min_batch_rows = policy.min_rows
