@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from openrerank.engine.batching import default_policy
 
+#: Scheduler settings whose default depends on the device (None: `default_policy(device)`'s value).
+BATCHING_FIELDS = ("max_batch_tokens", "max_batch_size", "max_padding", "min_batch_rows")
+
 
 @dataclass
 class ServerConfig:
@@ -37,7 +40,10 @@ class ServerConfig:
     request_timeout: float = 120.0
     # dialect behaviour
     tei_chunking: bool = False
+    # logging and tracing
     log_level: str = "info"
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
     graceful_timeout: float = 30.0
 
     def __post_init__(self) -> None:

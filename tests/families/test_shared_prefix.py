@@ -37,7 +37,7 @@ def test_running_the_prefix_once_gives_the_full_pass_states(model) -> None:
     body = (transformers.Qwen3Model(transformers.Qwen3Config(**kw, head_dim=8)) if model == "qwen3"
             else transformers.LlamaModel(transformers.LlamaConfig(**kw))).eval()
     prefix = list(range(3, 23))  # 20 shared tokens: above MIN_SHARED_TOKENS
-    rows = [prefix + [30, 31, 32], prefix + [40], prefix + [50, 51, 52, 53, 54, 55]]
+    rows = [[*prefix, 30, 31, 32], [*prefix, 40], [*prefix, 50, 51, 52, 53, 54, 55]]
     ids, mask = batch(rows)
     with torch.inference_mode():
         full = body(input_ids=ids, attention_mask=mask).last_hidden_state
