@@ -12,7 +12,7 @@
 #
 # Expects (nothing is downloaded here): python3 >= 3.11 with a CUDA build of torch >= 2.4, transformers >= 5,
 # tokenizers, safetensors, numpy, sentence-transformers, pytest, httpx, rich, prometheus-client, pyyaml, and,
-# for the server the HTTP tests start, fastapi, starlette, pydantic, uvicorn, orjson: where those are missing,
+# for the server the HTTP tests start, fastapi, fastapi-offline, starlette, pydantic, uvicorn, orjson: where missing,
 # carry them as wheels in .whl/ (benchmarks/gpu_wheels.sh fetches them) and they are installed from there.
 # openrerank runs from src/ (PYTHONPATH); it is not installed. The check stops before using the GPU and names
 # what is missing if anything is.
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$PWD/results}"
 mkdir -p "$OUT_DIR"
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, pydantic, uvicorn, orjson" 2>/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, fastapi_offline, pydantic, uvicorn, orjson" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/openrerank-gpu-site .whl/*.whl
   export PYTHONPATH="/tmp/openrerank-gpu-site${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,7 +36,8 @@ import importlib.util, sys
 if sys.version_info < (3, 11):
     sys.exit(f"gpu_check: needs Python >= 3.11, this is {sys.version.split()[0]}")
 need = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "sentence_transformers", "pytest", "httpx",
-        "rich", "prometheus_client", "yaml", "fastapi", "starlette", "pydantic", "uvicorn", "orjson"]
+        "rich", "prometheus_client", "yaml", "fastapi", "fastapi_offline", "starlette", "pydantic", "uvicorn",
+        "orjson"]
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit("gpu_check: missing Python packages: " + ", ".join(missing)
