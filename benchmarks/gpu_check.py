@@ -93,7 +93,9 @@ def run_pytest(args: list[str], env: dict, xml: Path, timeout: int) -> dict:
         out, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
         out, rc = f"{exc.stdout or ''}\n(timed out after {timeout} s)", 124
-    tail = out.strip().splitlines()[-1] if out.strip() else ""
+    lines = out.strip().splitlines()
+    tail = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error|skipped)", ln)),
+                lines[-1] if lines else "")  # pytest's summary line (progress bars may come after it)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", tail)}
     print("\n".join(line for line in out.splitlines() if line.startswith(("parity", "FAILED", "ERROR", "E "))
                     or " max |diff| " in line)[-6000:], flush=True)
