@@ -27,6 +27,7 @@ _GROUPS = {
     "engine": "how models run and how requests are batched",
     "limits": "what one request may ask for, and how long it may wait",
     "logging": "logs and tracing",
+    "scale-out": "replicas on Ray Serve, needs the ray extra (docs/scale-out.md)",
 }
 
 #: Every `serve` flag, one line each; defaults come from ServerConfig, each is also OPENRERANK_<FLAG>.
@@ -45,6 +46,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            dest="instructions", metavar="[NAME=]TEXT"),
     Option("revision", "models", "hub revision (branch, tag or commit)"),
     Option("allow-pickle", "models", "allow loading pickle (.bin) weights; safetensors only otherwise", switch=True),
+    Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
+           "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
     Option("backend", "engine", "inference engine: auto (ONNX Runtime on CPU, PyTorch on CUDA)",
            choices=BACKENDS),
@@ -61,7 +64,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
     Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
-    Option("request-timeout", "limits", "seconds a request may wait for the model", float),
+    Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
+           "(none: twice the per-request token budget)", int),
+    Option("request-timeout", "limits", "seconds from a request's arrival to its answer (504 after)", float),
+    Option("max-request-tokens", "limits", "tokens one request may hold after tokenization and chunking "
+           "(none: max-batch-tokens x request-timeout / 2 s)", int),
+    Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
+           "a request may ask for)", int),
+    Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
+    Option("header-timeout", "limits", "seconds a client may take to send its request headers (408)", float),
+    Option("body-timeout", "limits", "seconds a client may take to send its request body (408)", float),
     Option("graceful-timeout", "limits", "seconds to finish in-flight requests on shutdown", float),
     Option("tei-chunking", "limits", "score over-long TEI /rerank texts by their best chunk instead of truncating",
            switch=True),
@@ -70,6 +82,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("log-format", "logging", "text (human) or json (one object per line)", choices=LOG_FORMATS),
     Option("otlp-endpoint", "logging", "send OpenTelemetry traces (OTLP/HTTP) to this URL, e.g. "
            "http://localhost:4318; needs the otel extra", metavar="URL"),
+    Option("replicas", "scale-out", "serve N replicas behind one endpoint on a local Ray cluster (none: one "
+           "process, no Ray)", int),
+    Option("max-replicas", "scale-out", "autoscale on queue depth, up to this many replicas", int),
+    Option("replica-cpus", "scale-out", "CPUs per replica, also its threads (none: the cores / the most replicas)",
+           float),
+    Option("ray-metrics-port", "scale-out", "port of Ray's Prometheus endpoint with every replica's series", int),
+    Option("replica-option", "scale-out", "any other openrerank.ray_serve.ReplicaOptions field, e.g. "
+           "target_ongoing_requests=8", repeatable=True, dest="replica_options", metavar="KEY=VALUE"),
 )
 
 
@@ -100,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def preflight(config: ServerConfig) -> None:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later)."""
-    from openrerank.api.app import load_options
+    from openrerank.api.engine_config import load_options
     from openrerank.backends.devices import check_device
     from openrerank.backends.selection import check_backend_options
     from openrerank.engine.loading import model_sources, resolve_model
@@ -110,6 +130,7 @@ def preflight(config: ServerConfig) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
+    config.validate()
     check_backend_options(config.backend, config.dtype, config.device)
     check_device(config.device)
     if config.otlp_endpoint:
@@ -137,8 +158,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from openrerank import http_server
     from openrerank.api.app import create_app
 
     prog = "openrerank serve"
@@ -147,25 +167,40 @@ def run_serve(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     configure_logging(config.log_level, config.log_format)
+    replicated = bool(args.replicas or args.max_replicas)
     try:
         preflight(config)
-        sock = bind_socket(config.host, config.port)
+        if not replicated:
+            sock = bind_socket(config.host, config.port)
     except Exception as exc:  # every startup failure is one line, exit 2
         return fail(prog, str(exc))
+    if replicated:
+        return run_replicas(args, config)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     app = create_app(config, public_url=f"http://{shown_host}:{port}")
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_config=None, log_level=config.log_level, access_log=False,
-        timeout_graceful_shutdown=config.graceful_timeout))
-    app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     logging.getLogger("openrerank").info(
         "openrerank %s listening on http://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
         shown_host, port, ", ".join(config.models))
-    server.run(sockets=[sock])
-    if app.state.models.load_error:
-        return 3
-    return 0
+    return http_server.run(app, config, sock)
+
+
+def run_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`serve --replicas N`: the same app on N replicas of a local Ray Serve cluster (openrerank.ray_local)."""
+    from openrerank.ray_local import run_local
+
+    options: dict[str, str | float | int] = {}
+    for item in args.replica_options or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return fail("openrerank serve", f"--replica-option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    options["num_replicas"] = args.replicas or 1
+    if args.max_replicas is not None:
+        options["max_replicas"] = args.max_replicas
+    if args.replica_cpus is not None:
+        options["num_cpus"] = args.replica_cpus
+    return run_local(config, options, metrics_port=args.ray_metrics_port)
 
 
 def build_parser() -> argparse.ArgumentParser:

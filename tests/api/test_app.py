@@ -31,6 +31,20 @@ def test_not_ready_until_models_load():
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["sentence-transformers/all-MiniLM-L6-v2"]
 
 
+def test_wait_for_models_is_ready_at_startup(tiny_model_dir):
+    """Under Ray Serve a replica is ready when the lifespan startup ends: models must be loaded by then."""
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)
+    with TestClient(app) as c:
+        assert c.get("/v1/health/ready").status_code == 200  # no polling: loaded and warmed up
+        assert c.post("/v1/ranking", json=nim_body("q", ["a", "b"])).status_code == 200
+
+
+def test_wait_for_models_fails_the_startup_on_a_load_error(tmp_path):
+    app = create_app(ServerConfig(models=[f"broken={tmp_path / 'missing'}"]), wait_for_models=True)
+    with pytest.raises(RuntimeError, match=r"model loading failed: .*missing"), TestClient(app):
+        pass
+
+
 def test_route_paths_cover_included_routers():
     paths = route_paths(create_app(load_models=False))
     assert {"/v1/ranking", "/v1/models", "/v1/health/ready", "/v1/metrics"} <= paths
@@ -66,7 +80,7 @@ def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_m
     app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), load_models=False)
     with TestClient(app) as c:
         app.state.models.add(served)
-        app.state.models.ready = True
+        app.state.models.loaded = True
         r = c.post("/v1/ranking", json=nim_body("q", [*short, " ".join(["alpha"] * 80)], truncate="END"))
         assert r.status_code == 503
         assert r.json()["object"] == "error" and "out of memory" in r.json()["message"]

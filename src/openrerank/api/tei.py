@@ -52,9 +52,10 @@ TEI = register_dialect(Dialect(
     "tei",
     ("/rerank", "/health", "/info"),
     tei_error_body,
-    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
                 "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
     request_models={"/rerank": TeiRerankRequest},
+    error_model=TeiError,
 ))
 
 
@@ -77,13 +78,10 @@ OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankR
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": TeiError, "description": desc}
-    for code, desc in ((400, "`texts` is empty"), (401, "Missing or wrong API key"),
-                       (413, "Body too large"),
-                       (422, "Validation error: wrong types, too many texts, over-long input, unknown model"),
-                       (424, "Inference failed"), (429, "Model is overloaded"), (503, "Model not loaded yet"))
-}
+_ERRORS = TEI.responses(
+    400, 401, 408, 413, 422, 424, 429, 503, s400="`texts` is empty",
+    s422="Validation error: wrong types, too many texts or tokens, over-long input, unknown model",
+    s424="Inference failed or timed out", s503="Not ready, shutting down, or a model worker died")
 
 
 def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate: bool = AUTO_TRUNCATE
@@ -187,14 +185,14 @@ async def rerank(request: Request, response: Response) -> Any:
 
 
 @router.get("/health", tags=["TEI"], response_model=None,
-            responses={200: {"description": "Ready"}, 503: {"model": TeiError, "description": "Not ready"}})
+            responses={200: {"description": "Ready (empty body)", "content": {"text/plain": {"schema": {
+                "type": "string", "maxLength": 0}}}}, 503: {"model": TeiError, "description": "Not ready"}})
 async def health(request: Request) -> Response:
-    """TEI's health check: 200 with an empty body once every model is loaded, else 503."""
+    """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503."""
     reg = common.served_models(request)
     if reg.ready:
-        return Response(status_code=200)
-    msg = f"unhealthy: {reg.load_error}" if reg.load_error else "unhealthy: model is loading"
-    return OrjsonResponse({"error": msg, "error_type": "Unhealthy"}, status_code=503)
+        return Response(status_code=200, media_type="text/plain")
+    return OrjsonResponse({"error": f"unhealthy: {reg.status()}", "error_type": "Unhealthy"}, status_code=503)
 
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
@@ -221,7 +219,7 @@ def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
     }
 
 
-@router.get("/info", tags=["TEI"], response_model=TeiInfo)
+@router.get("/info", tags=["TEI"], response_model=TeiInfo, responses=TEI.responses(401))
 async def info(request: Request) -> dict:
     reg = common.served_models(request)
     config: ServerConfig = common.config(request)
