@@ -124,7 +124,8 @@ class OfflineRunner:
     """One served model in-process, scored through the public path: tokenization + scheduler + backend."""
 
     def __init__(self, model_dir: Path, backend: str, dtype: str, threads: int | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, device: str = "cpu") -> None:
+        from openrerank.engine.batching import default_policy
         from openrerank.engine.loading import LoadOptions
         from openrerank.engine.scheduler import SchedulerConfig
         from openrerank.engine.served import load_served_model
@@ -132,9 +133,12 @@ class OfflineRunner:
 
         self.loop = loop
         t = time.perf_counter()
+        policy = default_policy(device)  # the server's defaults for the device
+        sched = SchedulerConfig(max_batch_tokens=policy.max_tokens, max_batch_size=policy.max_size,
+                                max_padding=policy.max_padding, min_rows=policy.min_rows)
         self.served = load_served_model(ModelSource(SERVED_NAME, str(model_dir)),
-                                        LoadOptions(backend=backend, dtype=dtype, threads=threads),
-                                        SchedulerConfig(), None)
+                                        LoadOptions(backend=backend, dtype=dtype, device=device, threads=threads),
+                                        sched, None)
         self.load_seconds = time.perf_counter() - t
         self.description = self.served.loaded.backend.description
         loop.run_until_complete(self.served.scheduler.start())
@@ -315,6 +319,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
         args.rounds = args.rounds or 3
         return run_scaleout(args)
+    if args.suite == "llm":
+        from openrerank.bench_llm import run_llm_bench
+
+        args.rounds = args.rounds or 2
+        return run_llm_bench(args)
     args.rounds = args.rounds or 2
 
     console = Console(stderr=True)
@@ -327,12 +336,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if not data.is_dir():
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")
         return 2
-    configs = [c.strip() for c in args.backends.split(",") if c.strip()]
+    configs = [c.strip() for c in (args.backends or ",".join(DEFAULT_CONFIGS)).split(",") if c.strip()]
     for c in configs:
         if c.count(":") != 1:
             console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
             return 2
-    wl = load_workload(data, args.run, args.queries, args.passages)
+    wl = load_workload(data, args.run, args.queries, args.passages or 100)
     console.print(f"workload: {len(wl.queries)} requests, {wl.pairs} pairs from {data.name}/{args.run}")
     result: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -341,7 +350,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": _load_average()},
         "workload": {"dataset": data.name, "run": args.run, "requests": len(wl.queries),
-                     "passages_per_request": args.passages, "pairs": wl.pairs},
+                     "passages_per_request": args.passages or 100, "pairs": wl.pairs},
         "concurrency": {"clients": args.clients, "requests": args.concurrent_requests},
         "backends": [],
     }
@@ -424,20 +433,27 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark backends against the sentence-transformers baseline",
+    p = sub.add_parser("bench", help="benchmark engines against the usual hand-written PyTorch baseline",
                        description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=("cross-encoder", "llm"), default="cross-encoder",
+                   help="cross-encoder: MiniLM-L6 vs sentence-transformers (default); llm: Qwen3-0.6B- and "
+                   "Llama-1B-shaped LLM rerankers vs their reference code (see openrerank.bench_llm)")
     p.add_argument("--data", help=f"BEIR folder of {_DATASET} (default: ../shared/data/{_DATASET})")
     p.add_argument("--run", default="runs/bm25_top100.trec.gz", help="TREC run giving each query's candidates")
-    p.add_argument("--queries", type=int, default=None, help="use the first N queries (quick run)")
-    p.add_argument("--passages", type=int, default=100, help="passages per request")
-    p.add_argument("--backends", default=",".join(DEFAULT_CONFIGS), help="comma-separated BACKEND:DTYPE list")
+    p.add_argument("--queries", type=int, default=None, help="use the first N queries (default: all; llm: 1)")
+    p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
+    p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
+                   f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores available)")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     p.add_argument("--concurrent-requests", type=int, default=64, help="requests sent by the concurrent clients")
     p.add_argument("--rounds", type=int, default=None,
                    help="offline rounds (interleaved; the best is kept; default 2); --scale-out: rounds of every "
                    "configuration (interleaved; medians reported; default 3)")
-    p.add_argument("--no-http", action="store_true", help="offline numbers only (no server)")
+    p.add_argument("--no-http", action="store_true", help="offline numbers only (no server; llm: always)")
+    p.add_argument("--llm-models", default="qwen3,llama", help="llm suite: which of qwen3, llama")
+    p.add_argument("--model-cache", help="llm suite: where the random-weight models are built once "
+                   "(default: ~/.cache/openrerank/bench-models)")
     p.add_argument("--json", help="where to write the JSON result (default: benchmarks/results/bench-<time>.json)")
     so = p.add_argument_group("--scale-out: Ray Serve replicas, each in its own CPU quota, against the direct "
                               "server (needs openrerank[ray]; root for the cgroup quotas)")

@@ -205,6 +205,7 @@ def run_scaleout(args: argparse.Namespace) -> int:
         return 2
     backend, _, dtype = args.scale_out_backend.partition(":")
     counts = [int(n) for n in args.replica_counts.split(",")]
+    args.passages = args.passages or 100
     wl = load_workload(data, args.run, args.queries, args.passages)
     bodies = [_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)]
     quotas = CpuQuotas(args.cpu_quota)

@@ -14,7 +14,7 @@ from dataclasses import fields
 from openrerank import __version__
 from openrerank.backends.selection import BACKENDS, DTYPES
 from openrerank.cli_support import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
-from openrerank.config import ServerConfig
+from openrerank.config import BATCHING_FIELDS, ServerConfig
 from openrerank.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 # Subcommands that live with their feature: module path -> exposes add_parser(subparsers) and run(args).
@@ -54,9 +54,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("dtype", "engine", "fp32; bf16 (torch: AVX512-BF16 CPU or GPU); fp16 (GPU); int8 (onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
-    Option("max-batch-tokens", "engine", "padded tokens per model batch", int),
-    Option("max-batch-size", "engine", "pairs per model batch", int),
-    Option("max-padding", "engine", "largest share of padding in a model batch (raise on GPU)", float),
+    Option("max-batch-tokens", "engine", "padded tokens per model batch (none: 16384 on CPU, 32768 on CUDA)", int),
+    Option("max-batch-size", "engine", "pairs per model batch (none: 128 on CPU, 256 on CUDA)", int),
+    Option("max-padding", "engine", "largest share of padding in a model batch (none: 0.02 on CPU, 0.2 on CUDA)",
+           float),
+    Option("min-batch-rows", "engine", "pairs a batch may always reach whatever their padding (none: 4 on CPU, "
+           "16 on CUDA)", int),
     Option("batch-wait-ms", "engine", "how long a batch waits for concurrent requests", float),
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
@@ -90,17 +93,25 @@ SERVE_OPTIONS: tuple[Option, ...] = (
 )
 
 
+def serve_defaults() -> ServerConfig:
+    """ServerConfig's defaults, the batching ones left unset: they depend on --device (ServerConfig fills them)."""
+    defaults = ServerConfig()
+    for name in BATCHING_FIELDS:
+        setattr(defaults, name, None)
+    return defaults
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the HTTP server",
                        description="Serve reranking models over HTTP (NIM, Cohere/Jina, TEI/Infinity, score APIs). "
                        "Every flag can also be set as OPENRERANK_<FLAG>, e.g. OPENRERANK_PORT=9000; flags win.")
-    add_options(p, SERVE_OPTIONS, ServerConfig(), _GROUPS)
+    add_options(p, SERVE_OPTIONS, serve_defaults(), _GROUPS)
     p.set_defaults(func=run_serve, options=SERVE_OPTIONS)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Flags, then OPENRERANK_* variables, then ServerConfig's defaults; UsageError names a bad variable."""
-    resolve_options(args, SERVE_OPTIONS, ServerConfig())
+    resolve_options(args, SERVE_OPTIONS, serve_defaults())
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     if not values.get("models"):
         values["models"] = ["default"]
@@ -209,7 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_idle_threads() -> None:
+    """Let PyTorch's OpenMP workers sleep, not spin, between parallel regions (unless the user chose).
+
+    Spinning workers burn the cores the event loop, the tokenizer threads and any neighbour need, and a
+    worker descheduled mid-region stalls its peers: on this project's shared 2-core VM (load average ~15)
+    two spinning threads ran a Qwen3-0.6B-shaped forward 2-3x slower than one thread, and passive waiting
+    brought two threads back to one thread's time or better. Must happen before torch loads libgomp.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_idle_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]  # `openrerank` alone (or with serve flags) serves the embedded default

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from openrerank.engine.batching import MAX_PADDING
+from openrerank.engine.batching import default_policy
+
+#: Scheduler settings whose default depends on the device (None: `default_policy(device)`'s value).
+BATCHING_FIELDS = ("max_batch_tokens", "max_batch_size", "max_padding", "min_batch_rows")
 
 
 @dataclass
@@ -30,11 +33,13 @@ class ServerConfig:
     # request limits
     max_passages: int = 512
     max_body_bytes: int = 8 * 1024 * 1024
-    # scheduler
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 128
+    # scheduler; None: the device's default (engine/batching.py: 16384 / 128 / 0.02 on CPU, 32768 / 256 / 0.2
+    # on CUDA, where a batch may also always reach 16 pairs whatever their padding)
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
     batch_wait_ms: float = 1.0
-    max_padding: float = MAX_PADDING
+    max_padding: float | None = None
+    min_batch_rows: int | None = None
     max_queue: int = 1024
     request_timeout: float = 120.0
     # bounded work per request (docs/reliability.md)
@@ -54,6 +59,17 @@ class ServerConfig:
     graceful_timeout: float = 30.0
     allow_partial: bool = False  # several models: serve those that load, instead of exiting
 
+    def __post_init__(self) -> None:
+        policy = default_policy(self.device)
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = policy.max_tokens
+        if self.max_batch_size is None:
+            self.max_batch_size = policy.max_size
+        if self.max_padding is None:
+            self.max_padding = policy.max_padding
+        if self.min_batch_rows is None:
+            self.min_batch_rows = policy.min_rows
+
     def validate(self) -> None:
         """Raise ValueError naming every flag whose value cannot work."""
         problems: list[str] = []
@@ -63,8 +79,8 @@ class ServerConfig:
                 problems.append(f"--{flag} {getattr(self, flag.replace('-', '_'))!r}: {what}")
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
-        for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "max-queue",
-                     "max-chunks-per-passage", "max-chunks-per-request"):
+        for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
+                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request"):
             need(getattr(self, flag.replace("-", "_")) >= 1, flag, "must be at least 1")
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
             value = getattr(self, flag.replace("-", "_"))

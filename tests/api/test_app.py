@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from openrerank.api.app import create_app, route_paths
 from openrerank.api.errors import format_validation_errors
 from openrerank.config import ServerConfig
+from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.served import ServedModel
 from openrerank.schemas.nim import NimRankingRequest
 from tests.support import nim_body
 
@@ -52,3 +56,35 @@ def test_validation_message_names_allowed_fields():
     msg = format_validation_errors(errors, NimRankingRequest)
     assert msg.startswith("Unknown field(s) 'top_n'; allowed fields are: model, query, passages, truncate")
     assert "field 'query' is required" in msg
+
+
+def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_model_dir):
+    """One sequence that does not fit in device memory even alone: its request gets a 503 in the dialect's
+    error shape, the rest of the batch is still scored (the runtime splits, the scheduler fails only it)."""
+    torch = pytest.importorskip("torch")
+
+    class OutOfMemoryAbove(torch.nn.Module):
+        def __init__(self, inner, max_width: int) -> None:
+            super().__init__()
+            self.inner, self.max_width = inner, max_width
+
+        def forward(self, *inputs):
+            if inputs[0].shape[1] > self.max_width:
+                raise torch.OutOfMemoryError("fake: too wide for this device")
+            return self.inner(*inputs)
+
+    loaded = load_model(str(tiny_model_dir), LoadOptions(backend="torch", threads=1))
+    loaded.backend.runtime.module = OutOfMemoryAbove(loaded.backend.runtime.module, max_width=40)
+    served = ServedModel("tiny", loaded, Scheduler(loaded.backend, SchedulerConfig(), name="tiny"))
+    short = ["alpha beta", "gamma delta epsilon"]
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), load_models=False)
+    with TestClient(app) as c:
+        app.state.models.add(served)
+        app.state.models.loaded = True
+        r = c.post("/v1/ranking", json=nim_body("q", [*short, " ".join(["alpha"] * 80)], truncate="END"))
+        assert r.status_code == 503
+        assert r.json()["object"] == "error" and "out of memory" in r.json()["message"]
+        ok = c.post("/v1/ranking", json=nim_body("q", short))
+        assert ok.status_code == 200
+        scores = [x["logit"] for x in sorted(ok.json()["rankings"], key=lambda x: x["index"])]
+        np.testing.assert_allclose(scores, loaded.score("q", short), rtol=0, atol=1e-5)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend
+from openrerank.backends.base import Backend, DeviceMemoryError, RowsFailedError
 from openrerank.schemas.work import PairItem
 
 WAIT_S = 30.0  # generous: only reached when something is broken
@@ -41,6 +41,7 @@ class FakeBackend(Backend):
         self.lengths: list[list[int]] = []
         self.threads: set[str] = set()
         self.fail_on: set[int] = set()
+        self.fail_alone: set[int] = set()
         self.fatal_on: set[int] = set()
         self.on_batch: Callable[[list[int]], None] | None = None  # called as each batch enters score()
         self.sleep_per_token = 0.0
@@ -73,7 +74,12 @@ class FakeBackend(Backend):
             raise BoomError(f"poisoned batch {ids}")
         if self.inner is not None:
             return self.inner.score(items)
-        return np.asarray(ids, dtype=np.float32)
+        scores = np.asarray(ids, dtype=np.float32)
+        failed = [row for row, i in enumerate(ids) if i in self.fail_alone]
+        if failed:
+            scores[failed] = np.nan
+            raise RowsFailedError(scores, failed, DeviceMemoryError(f"rows {failed} do not fit"))
+        return scores
 
     async def wait_batch_started(self) -> None:
         """Wait (off the loop) until one more batch has entered score()."""

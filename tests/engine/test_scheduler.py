@@ -12,6 +12,7 @@ import pytest
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
+    DeviceMemoryError,
     EngineStoppedError,
     QueueFullError,
     RequestTooLargeError,
@@ -391,6 +392,34 @@ def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
         await sched.stop()
 
     asyncio.run(main())
+
+
+def test_rows_that_fail_alone_fail_only_their_requests() -> None:
+    """A runtime that scores a batch but for some rows (one sequence too big for the device even alone)
+    fails only the requests owning those rows; the rest of that same batch is delivered."""
+    backend, ids = FakeBackend(), Ids()
+    oversized = ids.items(20, 20, 40)  # its last item would run in a later batch
+    neighbour = ids.items(20, 20)  # same length as its first two: lands in their batch
+    later = ids.items(30, 30)
+    backend.fail_alone = {oversized[1].input_ids[0]}
+
+    async def main() -> list:
+        sched = make(backend, max_batch_size=4, batch_wait_ms=0)
+        blocker, _ = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (oversized, neighbour, later)]
+        await until(lambda: sched.queued == 3)
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        await sched.stop()
+        return out[1:]
+
+    r_oversized, r_neighbour, r_later = asyncio.run(main())
+    assert isinstance(r_oversized, DeviceMemoryError)
+    np.testing.assert_array_equal(r_neighbour.scores, expected(neighbour))
+    np.testing.assert_array_equal(r_later.scores, expected(later))
+    shared = next(b for b in backend.batches if oversized[1].input_ids[0] in b)
+    assert {it.input_ids[0] for it in neighbour} <= set(shared)  # really the same batch
+    assert oversized[2].input_ids[0] not in {i for b in backend.batches for i in b}  # skipped once failed
 
 
 def test_stop_finishes_accepted_work_then_refuses() -> None:

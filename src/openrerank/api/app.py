@@ -34,6 +34,7 @@ from openrerank.config import ServerConfig
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
+    DeviceMemoryError,
     EngineStoppedError,
     ModelOutputError,
     QueueFullError,
@@ -175,6 +176,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStoppedError)
     async def _stopped(request: Request, exc: EngineStoppedError):
         return _error_response(request, 503, str(exc), "unavailable", {"Retry-After": "1"})
+
+    @app.exception_handler(DeviceMemoryError)
+    async def _memory(request: Request, exc: DeviceMemoryError):
+        # Capacity, not a client error: one of its sequences does not fit even alone (other requests scored).
+        return _error_response(request, 503, str(exc), "unavailable")
 
     @app.exception_handler(WorkerDiedError)
     async def _dead(request: Request, exc: WorkerDiedError):

@@ -17,7 +17,7 @@ def load_options(config: ServerConfig) -> LoadOptions:
 def scheduler_config(config: ServerConfig) -> SchedulerConfig:
     return SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
                            batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
-                           max_padding=config.max_padding,
+                           max_padding=config.max_padding, min_rows=config.min_batch_rows,
                            request_timeout=config.request_timeout,
                            max_request_tokens=config.max_request_tokens,
                            max_queue_tokens=config.max_queue_tokens)

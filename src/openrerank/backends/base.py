@@ -72,6 +72,29 @@ def pad_features(
     return feats
 
 
+class DeviceMemoryError(RuntimeError):
+    """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
+
+
+class RowsFailedError(RuntimeError):
+    """Part of a batch could not be scored; the rest was.
+
+    `outputs` holds one row per input row (NaN where the row failed), `failed` the indices of the rows
+    that failed even alone, `cause` why. Runtimes raise it instead of failing the whole batch, so the
+    scheduler can fail only the requests those rows belong to.
+    """
+
+    def __init__(self, outputs: np.ndarray, failed: Sequence[int], cause: BaseException) -> None:
+        super().__init__(f"{len(failed)} of {len(outputs)} sequences could not be scored: {cause}")
+        self.outputs = outputs
+        self.failed = list(failed)
+        self.cause = cause
+
+    def with_outputs(self, outputs: np.ndarray) -> RowsFailedError:
+        """The same failure over transformed outputs (e.g. logits turned into scores)."""
+        return RowsFailedError(outputs, self.failed, self.cause)
+
+
 class Runtime(ABC):
     """Runs a network on padded features; returns its output as float32, one row per sequence."""
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend, Runtime, pad_features
+from openrerank.backends.base import Backend, RowsFailedError, Runtime, pad_features
 from openrerank.schemas.work import BiItem
 
 
@@ -35,7 +35,10 @@ class BiEncoderScorer(Backend):
         for it in items:
             unique.setdefault(tuple(it.query_ids), len(unique))
         seqs = [list(q) for q in unique] + [it.passage_ids for it in items]
-        emb = self.embed_ids(seqs)
+        try:
+            emb = self.embed_ids(seqs)
+        except RowsFailedError as exc:  # its rows are queries and passages, not items: the batch fails
+            raise exc.cause from exc
         q_emb = emb[: len(unique)]
         p_emb = emb[len(unique) :]
         q_rows = np.array([unique[tuple(it.query_ids)] for it in items])

@@ -6,6 +6,10 @@ text, tracebacks) go to the log, never into a response.
 
 from __future__ import annotations
 
+from openrerank.backends.base import DeviceMemoryError
+
+__all__ = ["DeadlineExceededError", "DeviceMemoryError", "EngineError", "EngineStoppedError", "QueueFullError"]
+
 
 class EngineError(RuntimeError):
     pass

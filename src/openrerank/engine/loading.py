@@ -16,7 +16,7 @@ import numpy as np
 from openrerank.backends.base import Backend
 from openrerank.backends.bi_scorer import BiEncoderScorer
 from openrerank.backends.selection import check_backend_options, create_runtime
-from openrerank.engine.batching import BatchPolicy
+from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.registry import resolve_spec
 from openrerank.models.safety import check_weights
@@ -59,6 +59,7 @@ class LoadedModel:
     encoder: TextEncoder
     backend: Backend
     weights_format: str
+    device: str = "cpu"
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -82,7 +83,7 @@ class LoadedModel:
         """
         prep = self.encoder.prepare(query, passages, truncate)
         scores = np.zeros(len(prep.items), dtype=np.float32)
-        for idx in (policy or BatchPolicy()).split(prep.items):
+        for idx in (policy or default_policy(self.device)).split(prep.items):
             scores[idx] = self.backend.score([prep.items[i] for i in idx])
         return prep.fold(scores, len(passages))
 
@@ -167,4 +168,4 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     backend = family.scorer(spec, runtime, encoder.pad_id)
     log.info("loaded %s as %s (%s weights) on %s, window %d tokens", resolved.source.spec, family.id,
              resolved.weights_format, backend.description, spec.max_length)
-    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format)
+    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format, options.device)

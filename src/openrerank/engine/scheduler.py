@@ -15,9 +15,10 @@ than an asyncio task: the model never idles waiting for a busy event loop to han
 The event loop only appends requests, abandons them (deadline, client disconnect) and receives results.
 
 Failures stay where they belong: a batch that raises is re-run request by request, so only the
-request whose input fails gets the error. If the worker thread itself dies, every accepted request is
-answered with `WorkerDiedError`, later submits are refused at once and `alive` turns False (health
-checks report it).
+request whose input fails gets the error; a runtime that could score all but some rows (a sequence that
+does not fit in device memory even alone: `RowsFailedError`) fails only those rows' requests, with no
+re-run. If the worker thread itself dies, every accepted request is answered with `WorkerDiedError`, later
+submits are refused at once and `alive` turns False (health checks report it).
 
 Interface used outside the engine (the API layer, the Ray Serve adapter, the embeddings route):
 `submit`, `start`, `stop`, `warmup`, and the read-only `alive`, `failure`, `pending`,
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrerank.backends.base import Backend
-from openrerank.engine.batching import MAX_PADDING, BatchPolicy
+from openrerank.backends.base import Backend, RowsFailedError
+from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, BatchPolicy
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -76,10 +77,12 @@ class SchedulerConfig:
     window_batches: int = 4
     #: Padding cap of each batch (engine/batching.py): tight on CPU, looser on GPU.
     max_padding: float = MAX_PADDING
+    #: Pairs a batch may always reach whatever their padding.
+    min_rows: int = MIN_ROWS
 
     @property
     def policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch_tokens, self.max_batch_size, self.max_padding)
+        return BatchPolicy(self.max_batch_tokens, self.max_batch_size, self.max_padding, self.min_rows)
 
     @property
     def request_budget(self) -> int:
@@ -413,10 +416,22 @@ class Scheduler:
                 req.first_start = start
                 if self.metrics:
                     self.metrics.queue_time.labels(self.name).observe(start - req.submitted)
+        failed: set[_Request] = set()
         try:
             scores = np.asarray(self.backend.score(items), dtype=np.float32).reshape(-1)
             if scores.shape[0] != len(items):
                 raise RuntimeError(f"backend returned {scores.shape[0]} scores for {len(items)} items")
+        except RowsFailedError as exc:
+            # Some items could not be scored even alone (e.g. out of device memory); the rest were.
+            scores = np.asarray(exc.outputs, dtype=np.float32).reshape(-1)
+            failed = {live[i][0] for i in exc.failed}
+            if self.metrics:
+                self.metrics.batch_failures.labels(self.name).inc()
+            log.warning("%d of %d items failed on %s (%s); failing their %d request(s) only",
+                        len(exc.failed), len(items), self.name, exc.cause, len(failed))
+            for req in failed:
+                req.failed = True
+                self._post(req, exc.cause)
         except Exception as exc:
             if self.metrics:
                 self.metrics.batch_failures.labels(self.name).inc()
@@ -441,9 +456,12 @@ class Scheduler:
             self._sec_per_token = per_token if not s else 0.8 * s + 0.2 * per_token
         self._observe(items, end - start)
         for (req, i), s in zip(live, scores, strict=True):
-            req.scores[i] = s
-            req.remaining -= 1
+            if req not in failed:
+                req.scores[i] = s
+                req.remaining -= 1
         for req in reqs:
+            if req in failed:
+                continue
             req.last_end = end
             if req.remaining == 0:
                 self._post(req, None)
