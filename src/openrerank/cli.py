@@ -74,6 +74,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     flag_("allow-pickle", "allow loading pickle (.bin) weights; safetensors only otherwise")
     opt("revision", d.revision, help="hub revision (branch, tag or commit)")
     opt("max-passages", d.max_passages, int, help="most passages in one request")
+    opt("max-inputs", d.max_inputs, int, help="most texts in one /v1/embeddings request")
     opt("max-body-bytes", d.max_body_bytes, int, help="largest request body accepted")
     opt("max-batch-tokens", d.max_batch_tokens, int, help="padded tokens per model batch")
     opt("max-batch-size", d.max_batch_size, int, help="pairs per model batch")

@@ -25,6 +25,7 @@ class ServerConfig:
     revision: str | None = None
     # request limits
     max_passages: int = 512
+    max_inputs: int = 2048  # texts in one /v1/embeddings request (OpenAI's limit)
     max_body_bytes: int = 8 * 1024 * 1024
     # scheduler
     max_batch_tokens: int = 16384

@@ -20,21 +20,22 @@ class Metrics:
                                          ["route", "status"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("openrerank_requests_in_flight", "HTTP requests being served", registry=r)
         self.passages = Counter("openrerank_passages_total", "Passages scored", ["model"], registry=r)
-        self.tokens = Counter("openrerank_tokens_total", "Tokens scored (after truncation/chunking)",
-                              ["model"], registry=r)
-        # engine
+        self.texts_embedded = Counter("openrerank_texts_embedded_total", "Texts embedded", ["model"], registry=r)
+        self.tokens = Counter("openrerank_tokens_total", "Tokens run through the model (after truncation/chunking)",
+                              ["model", "task"], registry=r)
+        # engine: one queue per model; the rest labelled by task (rerank | embed), which share that queue
         self.queue_depth = Gauge("openrerank_queue_depth", "Requests waiting or being scored", ["model"],
                                  registry=r)
-        self.batch_size = Histogram("openrerank_batch_size", "Pairs per model batch", ["model"],
-                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("openrerank_batch_size", "Items (pairs or texts) per model batch",
+                                    ["model", "task"], buckets=_BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram("openrerank_batch_padded_tokens", "Padded tokens per model batch",
-                                      ["model"], buckets=_TOKEN_BUCKETS, registry=r)
+                                      ["model", "task"], buckets=_TOKEN_BUCKETS, registry=r)
         self.padding_ratio = Histogram("openrerank_batch_padding_ratio",
-                                       "Share of padded tokens that are padding", ["model"],
+                                       "Share of padded tokens that are padding", ["model", "task"],
                                        buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
         self.queue_time = Histogram("openrerank_queue_seconds", "Time a request waited before its first batch",
-                                    ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.inference_time = Histogram("openrerank_inference_seconds", "Model time per batch", ["model"],
+                                    ["model", "task"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_time = Histogram("openrerank_inference_seconds", "Model time per batch", ["model", "task"],
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("openrerank_rejected_total", "Requests refused by back-pressure or deadline",
-                                ["model", "reason"], registry=r)
+                                ["model", "task", "reason"], registry=r)

@@ -158,7 +158,8 @@ def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
         await sched.stop()
 
     asyncio.run(main())
-    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "queue_full"}) == 1
+    rejected = {"model": "m", "task": "rerank", "reason": "queue_full"}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", rejected) == 1
 
 
 def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
@@ -182,7 +183,8 @@ def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
 
     asyncio.run(main())
     assert not {it.input_ids[0] for it in late} & {i for b in backend.batches for i in b}
-    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "deadline"}) == 1
+    rejected = {"model": "m", "task": "rerank", "reason": "deadline"}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", rejected) == 1
     assert metrics.registry.get_sample_value("openrerank_queue_depth", {"model": "m"}) == 0
 
 
@@ -321,7 +323,7 @@ def test_metrics_describe_the_batches() -> None:
 
     asyncio.run(main())
     value = metrics.registry.get_sample_value
-    lab = {"model": "m"}
+    lab = {"model": "m", "task": "rerank"}
     n_batches = len(backend.lengths)
     assert value("openrerank_batch_size_count", lab) == n_batches
     assert value("openrerank_batch_size_sum", lab) == sum(len(b) for b in backend.lengths)
@@ -330,4 +332,4 @@ def test_metrics_describe_the_batches() -> None:
     assert value("openrerank_batch_padding_ratio_sum", lab) == pytest.approx(padding)
     assert value("openrerank_inference_seconds_count", lab) == n_batches
     assert value("openrerank_queue_seconds_count", lab) == 4
-    assert value("openrerank_queue_depth", lab) == 0
+    assert value("openrerank_queue_depth", {"model": "m"}) == 0

@@ -13,12 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openrerank import __version__
-from openrerank.api import cohere, nim, score, tei
+from openrerank.api import cohere, embeddings, nim, score, tei
 from openrerank.api.errors import ApiError, dialect_for, format_validation_errors
 from openrerank.api.middleware import ApiKeyMiddleware, BodyGuardMiddleware, MetricsMiddleware
 from openrerank.api.responses import OrjsonResponse
 from openrerank.config import ServerConfig
-from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
+from openrerank.engine.errors import (
+    DeadlineExceededError,
+    EngineStoppedError,
+    QueueFullError,
+    UnsupportedRequestError,
+)
 from openrerank.engine.loading import LoadOptions, model_sources
 from openrerank.engine.scheduler import SchedulerConfig
 from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
@@ -28,7 +33,7 @@ from openrerank.text.prepare import InputTooLongError
 log = logging.getLogger(__name__)
 
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
-ROUTERS = [nim.router, cohere.router, tei.router, score.router]
+ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router]
 
 _HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 422: "validation"}
@@ -91,6 +96,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _model(request: Request, exc: UnknownModelError):
         return _error_response(request, 404, str(exc), "model_not_found")
 
+    @app.exception_handler(UnsupportedRequestError)
+    async def _unsupported(request: Request, exc: UnsupportedRequestError):
+        return _error_response(request, 400, str(exc), "unsupported")
+
     @app.exception_handler(InputTooLongError)
     async def _too_long(request: Request, exc: InputTooLongError):
         return _error_response(request, 400, str(exc), "too_long")
@@ -145,7 +154,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True) 
         title="openrerank",
         version=__version__,
         description="Self-hosted reranking: NVIDIA NIM `/v1/ranking`, Cohere/Jina `/v1|v2/rerank`, "
-        "TEI `/rerank` and `/v1/score`.",
+        "TEI `/rerank` and `/v1/score`; embeddings (OpenAI / NIM `/v1/embeddings`) from bi-encoder models.",
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
     )

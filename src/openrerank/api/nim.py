@@ -40,7 +40,9 @@ async def models(request: Request) -> dict:
         "object": "list",
         "data": [
             {"id": name, "object": "model", "owned_by": "openrerank",
-             "created": served[name].created if name in served else 0}
+             "created": served[name].created if name in served else 0,
+             # rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings ([] while loading)
+             "tasks": served[name].tasks if name in served else []}
             for name in reg.names
         ],
     }
@@ -70,6 +72,7 @@ async def metadata(request: Request) -> dict:
         "models": [m.metadata() for m in reg.models()],
         "limits": {
             "max_passages": common.config(request).max_passages,
+            "max_inputs": common.config(request).max_inputs,
             "max_body_bytes": common.config(request).max_body_bytes,
         },
     }

@@ -23,3 +23,9 @@ class DeadlineExceededError(EngineError):
 class EngineStoppedError(EngineError):
     def __init__(self) -> None:
         super().__init__("the model is shutting down")
+
+
+class UnsupportedRequestError(EngineError):
+    """A request the model cannot serve as asked (embeddings from a reranker, a dimension it cannot give).
+
+    Dialects answer 400: the client asked for something this server's model does not do."""

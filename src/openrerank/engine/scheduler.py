@@ -11,6 +11,11 @@ starve an old long one); a request bigger than one batch simply spans several ba
 Why the worker thread forms batches itself (as text-embeddings-inference's queue task does) rather
 than an asyncio task: the model never idles waiting for a busy event loop to hand it the next batch.
 The event loop only appends requests, abandons them (deadline, cancellation) and receives results.
+
+Reranking and embedding share this one path: a request's items all serve one task (`schemas/work.py`), a
+window's items are batched per task (a backend call runs one task), and an item's result is a row of the
+request's result array: a score, or an embedding vector. Limits, deadlines, cancellation and metrics (labelled
+by task) are the same for both.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from openrerank.backends.base import Backend
 from openrerank.engine.batching import MAX_PADDING, BatchPolicy
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
 from openrerank.metrics import Metrics
-from openrerank.schemas.work import WorkItem
+from openrerank.schemas.work import TASKS, Task, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,7 @@ class SchedulerConfig:
 
 @dataclass
 class ScoreOutcome:
-    scores: np.ndarray  # float32, aligned with the submitted items
+    scores: np.ndarray  # float32, one row per submitted item: scores (n,), or embeddings (n, dim)
     queue_ms: float  # submit -> first batch holding one of its items starts
     inference_ms: float  # first batch start -> last batch end
     batches: int = 0  # how many model batches its items were spread over
@@ -64,15 +69,16 @@ class _Request:
     """One submitted request. The worker owns `scores`/`remaining`/timings; the loop owns `future`."""
 
     __slots__ = ("abandoned", "batches", "failed", "first_start", "future", "items", "last_end", "loop",
-                 "remaining", "scores", "submitted", "tokens")
+                 "remaining", "scores", "submitted", "task", "tokens")
 
     def __init__(self, items: list[WorkItem], loop: asyncio.AbstractEventLoop) -> None:
         self.items = items
+        self.task: Task = items[0].task  # one task per request
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
         self.submitted = time.perf_counter()
         self.tokens = sum(it.length for it in items)
-        self.scores = np.empty(len(items), dtype=np.float32)
+        self.scores: np.ndarray | None = None  # made by its first batch: (n,) scores or (n, dim) embeddings
         self.remaining = len(items)
         self.first_start: float | None = None
         self.last_end: float | None = None
@@ -134,8 +140,10 @@ class Scheduler:
     def warmup(self, items: Sequence[WorkItem]) -> None:
         """Score once synchronously (before serving) so first requests don't pay lazy init."""
         items = list(items)
-        for idx in self.config.policy.split(items):
-            self.backend.score([items[i] for i in idx])
+        for task in TASKS:
+            group = [it for it in items if it.task == task]
+            for idx in self.config.policy.split(group):
+                self.backend.compute([group[i] for i in idx])
 
     async def submit(self, items: Sequence[WorkItem], *, timeout: float | None = None) -> ScoreOutcome:
         """Score `items` in batches shared with other requests; scores come back in item order.
@@ -165,7 +173,7 @@ class Scheduler:
                 self._cv.notify_all()
         if full:
             if self.metrics:
-                self.metrics.rejected.labels(self.name, "queue_full").inc()
+                self.metrics.rejected.labels(self.name, req.task, "queue_full").inc()
             raise QueueFullError(pending, self.config.max_queue, retry_after=retry)
         self._set_depth()
         try:
@@ -173,7 +181,7 @@ class Scheduler:
         except TimeoutError:
             self._abandon(req)
             if self.metrics:
-                self.metrics.rejected.labels(self.name, "deadline").inc()
+                self.metrics.rejected.labels(self.name, req.task, "deadline").inc()
             raise DeadlineExceededError(timeout) from None
         except asyncio.CancelledError:
             self._abandon(req)
@@ -183,7 +191,7 @@ class Scheduler:
                 self._pending -= 1
                 self._pending_items -= len(items)
             self._set_depth()
-        assert req.first_start is not None and req.last_end is not None
+        assert req.scores is not None and req.first_start is not None and req.last_end is not None
         return ScoreOutcome(req.scores, (req.first_start - req.submitted) * 1e3,
                             (req.last_end - req.first_start) * 1e3, req.batches)
 
@@ -283,11 +291,13 @@ class Scheduler:
             return window
 
     def _plan(self, window: list[_Request]) -> list[list[tuple[_Request, int]]]:
-        """All items of the window, sorted by length, cut into budget-respecting batches."""
-        flat = [(req, i) for req in window for i in range(len(req.items))]
-        lengths = [req.items[i] for req, i in flat]
-        groups = self.config.policy.split(lengths)
-        return [[flat[j] for j in g] for g in groups]
+        """All items of the window, per task, sorted by length, cut into budget-respecting batches."""
+        batches: list[list[tuple[_Request, int]]] = []
+        for task in TASKS:
+            flat = [(req, i) for req in window if req.task == task for i in range(len(req.items))]
+            groups = self.config.policy.split([req.items[i] for req, i in flat])
+            batches.extend([flat[j] for j in g] for g in groups)
+        return batches
 
     def _run_batch(self, batch: list[tuple[_Request, int]]) -> None:
         with self._cv:
@@ -296,17 +306,20 @@ class Scheduler:
             return
         reqs = list(dict.fromkeys(req for req, _ in live))
         items = [req.items[i] for req, i in live]
+        task = reqs[0].task
         start = time.perf_counter()
         for req in reqs:
             req.batches += 1
             if req.first_start is None:
                 req.first_start = start
                 if self.metrics:
-                    self.metrics.queue_time.labels(self.name).observe(start - req.submitted)
+                    self.metrics.queue_time.labels(self.name, task).observe(start - req.submitted)
         try:
-            scores = np.asarray(self.backend.score(items), dtype=np.float32).reshape(-1)
-            if scores.shape[0] != len(items):
-                raise RuntimeError(f"backend returned {scores.shape[0]} scores for {len(items)} items")
+            rows = np.asarray(self.backend.compute(items), dtype=np.float32)
+            if task == "rerank":
+                rows = rows.reshape(-1)
+            if rows.shape[0] != len(items) or rows.ndim != (1 if task == "rerank" else 2):
+                raise RuntimeError(f"backend returned shape {rows.shape} for {len(items)} {task} items")
         except Exception as exc:
             log.exception("batch of %d items failed on %s", len(items), self.name)
             for req in reqs:
@@ -317,23 +330,25 @@ class Scheduler:
         with self._cv:
             per_item = (end - start) / len(items)
             self._sec_per_item = per_item if not self._sec_per_item else 0.8 * self._sec_per_item + 0.2 * per_item
-        self._observe(items, end - start)
-        for (req, i), s in zip(live, scores, strict=True):
-            req.scores[i] = s
+        self._observe(items, task, end - start)
+        for (req, i), row in zip(live, rows, strict=True):
+            if req.scores is None:
+                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=np.float32)
+            req.scores[i] = row
             req.remaining -= 1
         for req in reqs:
             req.last_end = end
             if req.remaining == 0:
                 self._post(req, None)
 
-    def _observe(self, items: list[WorkItem], seconds: float) -> None:
+    def _observe(self, items: list[WorkItem], task: Task, seconds: float) -> None:
         if not self.metrics:
             return
         longest = max(it.length for it in items)
         padded = longest * len(items)
         real = sum(it.length for it in items)
         m = self.metrics
-        m.inference_time.labels(self.name).observe(seconds)
-        m.batch_size.labels(self.name).observe(len(items))
-        m.batch_tokens.labels(self.name).observe(padded)
-        m.padding_ratio.labels(self.name).observe(1 - real / padded)
+        m.inference_time.labels(self.name, task).observe(seconds)
+        m.batch_size.labels(self.name, task).observe(len(items))
+        m.batch_tokens.labels(self.name, task).observe(padded)
+        m.padding_ratio.labels(self.name, task).observe(1 - real / padded)
