@@ -1,4 +1,8 @@
-"""Server settings: one dataclass, filled from CLI flags, each also settable as OPENRERANK_<FLAG>."""
+"""Server settings: one dataclass, filled from CLI flags, each also settable as OPENRERANK_<FLAG>.
+
+`validate()` is called before the server binds its port, so a nonsensical value is one clear line at
+startup instead of odd behaviour under load.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +38,44 @@ class ServerConfig:
     max_padding: float = MAX_PADDING
     max_queue: int = 1024
     request_timeout: float = 120.0
+    # bounded work per request (docs/reliability.md)
+    max_request_tokens: int | None = None  # None: max_batch_tokens x request_timeout / 2 s
+    max_queue_tokens: int | None = None  # None: two request budgets
+    max_chunks_per_passage: int = 16
+    max_chunks_per_request: int = 2048
+    # slow clients
+    header_timeout: float = 10.0  # seconds to receive a request's headers
+    body_timeout: float = 60.0  # seconds to receive a request's body
     # dialect behaviour
     tei_chunking: bool = False
+    # logging and tracing
     log_level: str = "info"
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
     graceful_timeout: float = 30.0
+    allow_partial: bool = False  # several models: serve those that load, instead of exiting
+
+    def validate(self) -> None:
+        """Raise ValueError naming every flag whose value cannot work."""
+        problems: list[str] = []
+
+        def need(ok: bool, flag: str, what: str) -> None:
+            if not ok:
+                problems.append(f"--{flag} {getattr(self, flag.replace('-', '_'))!r}: {what}")
+
+        need(0 <= self.port <= 65535, "port", "must be 0-65535")
+        for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "max-queue",
+                     "max-chunks-per-passage", "max-chunks-per-request"):
+            need(getattr(self, flag.replace("-", "_")) >= 1, flag, "must be at least 1")
+        for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
+            value = getattr(self, flag.replace("-", "_"))
+            need(value is None or value >= 1, flag, "must be at least 1 (or left unset)")
+        for flag in ("request-timeout", "header-timeout", "body-timeout"):
+            need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
+        need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
+        need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
+        need(0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
+        need(self.log_level.lower() in ("critical", "error", "warning", "info", "debug", "trace"), "log-level",
+             "must be one of debug, info, warning, error, critical")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -59,8 +59,9 @@ def tiny_bi_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bi_server(tmp_path_factory, tiny_bi_dir):
-    """Small --max-inputs; a batch waits 150 ms for company so concurrent requests meet in one batch."""
-    args = ["--model", f"tiny-bi={tiny_bi_dir}", "--max-inputs", "4", "--batch-wait-ms", "150"]
+    """Small --max-inputs and token budget; a batch waits 150 ms for company so concurrent requests meet."""
+    args = ["--model", f"tiny-bi={tiny_bi_dir}", "--max-inputs", "4", "--batch-wait-ms", "150",
+            "--max-request-tokens", "200"]
     with run_server(args, tmp_path_factory.mktemp("tiny-bi-server")) as server:
         yield server
 
@@ -211,11 +212,14 @@ def test_matryoshka_dimensions_keep_the_leading_ones(tiny_bi_server):
     assert r.status_code == 400 and "between 1 and 32" in r.json()["message"]
 
 
-def test_max_inputs(tiny_bi_server):
+def test_max_inputs_and_the_schedulers_token_budget(tiny_bi_server):
     assert vectors(post(tiny_bi_server, {"input": TEXTS[:4]})).shape == (4, 32)
     r = post(tiny_bi_server, {"input": TEXTS[:5]})
     assert r.status_code == 400
     assert r.json()["message"] == "Number of inputs (5) exceeds the maximum of 4 (--max-inputs)"
+    r = post(tiny_bi_server, {"input": [LONG] * 4, "truncate": "END"})  # 4 x 64 tokens, over 200
+    assert r.status_code == 400 and r.json()["object"] == "error"
+    assert "--max-request-tokens" in r.json()["message"]
 
 
 def test_concurrent_requests_are_batched_together(tiny_bi_server):

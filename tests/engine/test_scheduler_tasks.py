@@ -4,12 +4,13 @@ each request getting its own rows back (scores or vectors), metrics labelled by 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from openrerank.backends.base import TaskNotSupportedError
+from openrerank.engine.errors import BatchFailedError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
 from openrerank.schemas.work import EmbedItem
@@ -82,11 +83,11 @@ def test_a_backend_without_embeddings_fails_only_the_embed_request() -> None:
         return pairs, results
 
     pairs, (embedded, scored) = asyncio.run(main())
-    assert isinstance(embedded, TaskNotSupportedError)
+    assert isinstance(embedded, BatchFailedError) and "TaskNotSupportedError" in str(embedded)
     np.testing.assert_array_equal(scored.scores, expected(pairs))
 
 
-def test_a_wrong_shape_from_the_backend_fails_the_request_clearly() -> None:
+def test_a_wrong_shape_from_the_backend_fails_the_request_clearly(caplog) -> None:
     class Flat(FakeEmbedBackend):
         def embed(self, items):
             return self.score(items)  # one number per text instead of a vector
@@ -98,5 +99,7 @@ def test_a_wrong_shape_from_the_backend_fails_the_request_clearly() -> None:
         finally:
             await sched.stop()
 
-    with pytest.raises(RuntimeError, match=r"backend returned shape \(2,\) for 2 embed items"):
+    with pytest.raises(BatchFailedError, match="RuntimeError"), \
+            caplog.at_level(logging.ERROR, logger="openrerank.engine.scheduler"):
         asyncio.run(main())
+    assert "backend returned shape (2,) for 2 embed items" in caplog.text

@@ -15,9 +15,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from openrerank.api import common
-from openrerank.api.errors import ApiError, Dialect, nim_error_body, register_dialect
+from openrerank.api.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
 from openrerank.api.responses import OrjsonResponse
-from openrerank.schemas.embeddings import EmbeddingsError, EmbeddingsRequest, EmbeddingsResponse
+from openrerank.schemas.embeddings import EmbeddingsRequest, EmbeddingsResponse
 from openrerank.schemas.internal import EmbedRequest, Truncate
 
 EMBEDDINGS = register_dialect(Dialect(
@@ -26,6 +26,7 @@ EMBEDDINGS = register_dialect(Dialect(
     nim_error_body,
     status_for={"model_not_found": 404},
     request_models={"/v1/embeddings": EmbeddingsRequest},
+    error_model=NimError,
 ))
 
 #: NIM's model-name suffixes that stand for `input_type` (for OpenAI clients, which cannot send it).
@@ -33,12 +34,8 @@ INPUT_TYPE_SUFFIXES = {"-query": "query", "-passage": "passage"}
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": EmbeddingsError, "description": desc}
-    for code, desc in ((400, "Invalid request, over-long text with truncate NONE, or a model without embeddings"),
-                       (401, "Missing or wrong API key"), (404, "Unknown model"), (413, "Body too large"),
-                       (503, "Overloaded or not loaded yet"))
-}
+_ERRORS = EMBEDDINGS.responses(400, 401, 404, 408, 413, 500, 503, 504, s400="Invalid request, an over-long text "
+                                "with truncate NONE, an unsupported dimensions, or a model without embeddings")
 
 
 def input_texts(value: Any) -> list[str]:
@@ -102,11 +99,11 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> OrjsonRespons
     common.check_input_count(request, len(texts))
     req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]
                        truncate=Truncate(body.truncate), dimensions=body.dimensions)
-    result = await model.embed(req)
+    result = await model.embed(req, deadline=common.deadline(request))
     data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
             for i, v in enumerate(result.embeddings)]
-    return OrjsonResponse(
-        {"object": "list", "data": data, "model": result.model,
-         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}},
-        headers=common.timing_headers(result.timings),
-    )
+    response = OrjsonResponse({"object": "list", "data": data, "model": result.model,
+                               "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
+    common.record_usage(request, response, model=model.name, items=len(texts), tokens=result.prompt_tokens,
+                        timings=result.timings)
+    return response

@@ -8,18 +8,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from openrerank.backends.bi_scorer import normalize
-from openrerank.engine.errors import UnsupportedRequestError
+from openrerank.engine.errors import (
+    DeadlineExceededError,
+    ModelOutputError,
+    RequestTooLargeError,
+    UnsupportedRequestError,
+)
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
 from openrerank.models.source import ModelSource
 from openrerank.schemas.internal import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
 from openrerank.schemas.work import Task
+from openrerank.text.prepare import Prepared
+
+#: Largest finite float32: what +-inf scores are reported as (JSON has no infinity).
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,16 @@ class NotAnEmbeddingModelError(UnsupportedRequestError):
         super().__init__(f"{what}; {where}")
 
 
+@dataclass(frozen=True)
+class ChunkLimits:
+    """How much chunking one request may ask for (CHUNK only); the token budget is the scheduler's."""
+
+    #: Windows per passage when the request does not say (Cohere v1 says 10 itself); also the most it may ask.
+    max_chunks_per_passage: int = 16
+    #: Windows in one request, all passages together.
+    max_chunks_per_request: int = 2048
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -58,6 +78,7 @@ class ServedModel:
     scheduler: Scheduler
     metrics: Metrics | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    limits: ChunkLimits = field(default_factory=ChunkLimits)
     embedding_dim: int | None = None  # length of its embeddings (embedding models), known after warm-up
 
     @property
@@ -80,36 +101,83 @@ class ServedModel:
             self.scheduler.warmup(items)
             self.embedding_dim = int(self.loaded.backend.embed(items[:1]).shape[1])
 
-    async def rerank(self, req: RerankRequest) -> RerankResult:
-        """Prepare text off the loop, score through the scheduler, fold chunk scores to passages."""
-        t0 = time.perf_counter()
-        prep = await asyncio.to_thread(
-            self.loaded.encoder.prepare, req.query, req.passages, req.truncate,
-            max_chunks_per_passage=req.max_chunks_per_passage,
-            max_tokens_per_passage=req.max_tokens_per_passage,
-        )
-        t1 = time.perf_counter()
-        outcome = await self.scheduler.submit(prep.items)
-        logits = prep.fold(outcome.scores, len(req.passages))
-        if self.metrics:
-            self.metrics.passages.labels(self.name).inc(len(req.passages))
-            self.metrics.tokens.labels(self.name, "rerank").inc(prep.prompt_tokens)
-        timings = Timings(
-            tokenize_ms=(t1 - t0) * 1e3,
-            queue_ms=outcome.queue_ms,
-            inference_ms=outcome.inference_ms,
-            total_ms=(time.perf_counter() - t0) * 1e3,
-        )
-        return RerankResult(self.name, logits, prep.prompt_tokens, self.loaded.score_kind, timings)
+    async def rerank(self, req: RerankRequest, *, deadline: float | None = None) -> RerankResult:
+        """Prepare text off the loop, score through the scheduler, fold chunk scores to passages.
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
-        """Tokenize off the loop, embed through the same scheduler as reranking, shorten if asked."""
+        `deadline` (a `time.monotonic()` instant; default now + the request timeout) covers text
+        preparation as well as queueing and scoring."""
+        return (await self.rerank_many([req], deadline=deadline))[0]
+
+    async def rerank_many(self, reqs: Sequence[RerankRequest], *, deadline: float | None = None
+                          ) -> list[RerankResult]:
+        """Several queries of one client request (vLLM score's distinct text_1) as one scheduler
+        submission: one admission unit, one deadline, one cancellation."""
+        t0 = time.perf_counter()
+        timeout = self.scheduler.config.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        chunk_caps = [self._chunk_cap(r) for r in reqs]
+        try:
+            preps = await asyncio.wait_for(asyncio.to_thread(self._prepare_all, reqs, chunk_caps),
+                                           max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceededError(timeout) from None
+        chunked = sum(len(p.items) for p, r in zip(preps, reqs, strict=True) if r.truncate is Truncate.CHUNK)
+        if chunked > self.limits.max_chunks_per_request:
+            raise RequestTooLargeError("chunks", chunked, self.limits.max_chunks_per_request,
+                                       "--max-chunks-per-request", "send fewer or shorter passages, or ask for "
+                                       "fewer chunks per passage")
+        t1 = time.perf_counter()
+        items = [it for p in preps for it in p.items]
+        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
+        results = []
+        offset = 0
+        for req, prep in zip(reqs, preps, strict=True):
+            scores = outcome.scores[offset : offset + len(prep.items)]
+            offset += len(prep.items)
+            logits = _reportable(prep.fold(scores, len(req.passages)))
+            if self.metrics:
+                self.metrics.passages.labels(self.name).inc(len(req.passages))
+                self.metrics.tokens.labels(self.name, "rerank").inc(prep.prompt_tokens)
+            timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
+                              inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
+            results.append(RerankResult(self.name, logits, prep.prompt_tokens, self.loaded.score_kind, timings))
+        return results
+
+    def _chunk_cap(self, req: RerankRequest) -> int | None:
+        if req.truncate is not Truncate.CHUNK:
+            return req.max_chunks_per_passage
+        asked = req.max_chunks_per_passage
+        limit = self.limits.max_chunks_per_passage
+        if asked is not None and asked > limit:
+            raise RequestTooLargeError("chunks per passage", asked, limit, "--max-chunks-per-passage")
+        return asked or min(req.default_chunks_per_passage or limit, limit)
+
+    def _prepare_all(self, reqs: Sequence[RerankRequest], chunk_caps: list[int | None]) -> list[Prepared]:
+        return [self.loaded.encoder.prepare(r.query, r.passages, r.truncate, max_chunks_per_passage=cap,
+                                            max_tokens_per_passage=r.max_tokens_per_passage)
+                for r, cap in zip(reqs, chunk_caps, strict=True)]
+
+    async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
+        """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
+        admission unit, one deadline covering tokenization too, one cancellation), shorten if asked."""
         self.check_dimensions(req.dimensions)
         t0 = time.perf_counter()
-        items = await asyncio.to_thread(self.loaded.embedding_items, req.texts, req.truncate, req.input_type)
+        timeout = self.scheduler.config.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        try:
+            items = await asyncio.wait_for(
+                asyncio.to_thread(self.loaded.embedding_items, req.texts, req.truncate, req.input_type),
+                max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceededError(timeout) from None
         t1 = time.perf_counter()
-        outcome = await self.scheduler.submit(items)
+        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
         vectors = outcome.scores
+        if not np.isfinite(vectors).all():
+            bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+            raise ModelOutputError(f"the model produced a non-finite embedding for input {bad}")
         if req.dimensions is not None and req.dimensions < vectors.shape[1]:
             vectors = vectors[:, : req.dimensions]
             if self.loaded.spec.options.get("normalize"):  # a shortened unit vector is unit again
@@ -143,21 +211,59 @@ class ServedModel:
         return meta
 
 
+def _reportable(logits: np.ndarray) -> np.ndarray:
+    """Scores every dialect can put in JSON: NaN is a model fault (never a silent `null`); +-inf, a
+    legitimate extreme (e.g. fp16 overflow), is reported as the largest finite float32."""
+    if np.isnan(logits).any():
+        raise ModelOutputError(f"the model produced a NaN score for passage {int(np.flatnonzero(np.isnan(logits))[0])}")
+    return np.clip(logits, -_FLOAT32_MAX, _FLOAT32_MAX)
+
+
 class ServedModels:
-    """All models of one server; `ready` only once every model is loaded and warmed up."""
+    """All models of one server.
+
+    Health, as the probes report it: `ready` once every model (or, with `--allow-partial`, every model
+    that could load) is loaded and warmed up, and while every scheduler worker is alive; `live` unless
+    a worker died (then the process must be restarted). Messages stay short; details go to the log."""
 
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
         self.expected: list[str] = []
-        self.ready = False
-        self.load_error: str | None = None
+        self.loaded = False  # the loader finished (some models may have failed: `failed`)
+        self.load_error: str | None = None  # the loader gave up: nothing is served
+        self.failed: dict[str, str] = {}  # served id -> short reason, models skipped by --allow-partial
 
     def add(self, model: ServedModel) -> None:
         self._models[model.name] = model
 
     @property
+    def ready(self) -> bool:
+        return self.loaded and bool(self._models) and self.live
+
+    @property
+    def live(self) -> bool:
+        return not self.dead_workers()
+
+    def dead_workers(self) -> list[str]:
+        """Models whose scheduler worker is gone although it was never asked to stop."""
+        return [m.name for m in self._models.values() if m.scheduler.failure is not None]
+
+    def status(self) -> str:
+        """One short line for health bodies (no exception text: that is in the log)."""
+        if self.load_error:
+            return "Model failed to load; see the server log."
+        dead = self.dead_workers()
+        if dead:
+            return f"Model worker stopped ({', '.join(dead)}); restart the server."
+        if not self.loaded:
+            return "Model is loading."
+        if self.failed:
+            return f"Service is ready; {len(self.failed)} model(s) failed to load (see the server log)."
+        return "Service is ready."
+
+    @property
     def names(self) -> list[str]:
-        return list(self._models) or list(self.expected)
+        return list(self._models) or [n for n in self.expected if n not in self.failed]
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
@@ -201,11 +307,11 @@ class ServedModels:
 
 
 def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
-                      metrics: Metrics | None) -> ServedModel:
+                      metrics: Metrics | None, limits: ChunkLimits | None = None) -> ServedModel:
     """Blocking: load weights, build the scheduler, run a warm-up pass."""
     loaded = load_model(source, options)
     scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
-    served = ServedModel(source.served_id, loaded, scheduler, metrics)
+    served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits())
     served.warmup()
     log.info("model %s ready", source.served_id)
     return served

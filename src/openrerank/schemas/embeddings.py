@@ -72,8 +72,3 @@ class EmbeddingsResponse(BaseModel):
     model: str
     usage: EmbeddingsUsage
 
-
-class EmbeddingsError(BaseModel):
-    object: Literal["error"] = "error"
-    message: str
-    type: str

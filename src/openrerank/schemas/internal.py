@@ -46,6 +46,8 @@ class RerankRequest:
     # passage tokens considered in total (Cohere's max_chunks_per_doc / max_tokens_per_doc).
     max_chunks_per_passage: int | None = None
     max_tokens_per_passage: int | None = None
+    # The dialect's own default when the client did not ask (Cohere v1: 10), kept under the server's cap.
+    default_chunks_per_passage: int | None = None
 
 
 #: NIM's `input_type`: which side of an asymmetric retrieval model a text is on (None: not said).

@@ -115,15 +115,17 @@ class TemplateTextEncoder(TextEncoder):
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
         items: list[WorkItem] = []
         owners: list[int] = []
+        if truncate is Truncate.CHUNK and max_chunks:  # no window can hold more than the model window
+            passages = self.clip_passages(passages, max_chunks * self.max_length)
         for idx, runs in enumerate(self.runs(query, passages)):
-            for ids in self._fit(runs, truncate, idx):
+            for ids in self._fit(runs, truncate, idx, max_chunks):
                 items.append(PairItem(ids))
                 owners.append(idx)
         keep = cap_chunks(owners, max_chunks)
         items = [items[i] for i in keep]
         return Prepared(items, [owners[i] for i in keep], sum(it.length for it in items))
 
-    def _fit(self, runs: list[Run], truncate: Truncate, idx: int) -> list[list[int]]:
+    def _fit(self, runs: list[Run], truncate: Truncate, idx: int, max_chunks: int | None = None) -> list[list[int]]:
         """The pair's ids (one list), cut to the window per `truncate`, or its chunks (several)."""
         m = self.max_length
         total = sum(len(ids) for _, ids in runs)
@@ -140,7 +142,8 @@ class TemplateTextEncoder(TextEncoder):
         q_keep = min(q, free - p_keep)  # room the passage does not need goes back to the query
         passage = next((ids for role, ids in runs if role == PASSAGE), [])
         if truncate is Truncate.CHUNK:
-            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in chunk_starts(len(passage), p_keep)]
+            starts = chunk_starts(len(passage), p_keep)[: max_chunks or None]
+            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in starts]
         window = passage[len(passage) - p_keep :] if truncate is Truncate.START else passage[:p_keep]
         return [_assemble(runs, q_keep, window)]
 
