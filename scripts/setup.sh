@@ -3,6 +3,7 @@
 #   scripts/setup.sh              # the server + `openrerank eval` (everything the README runs)
 #   scripts/setup.sh test         # + the test tools (what scripts/test.sh and CI use)
 #   scripts/setup.sh otel         # + OpenTelemetry tracing (serve --otlp-endpoint)
+#   scripts/setup.sh ray          # + Ray Serve (serve --replicas N, docs/scale-out.md)
 #   scripts/setup.sh --gpu [...]  # a CUDA build of PyTorch instead of the CPU one (docs/gpu.md)
 # Extras combine: scripts/setup.sh --gpu otel. Python 3.11 or newer (PYTHON=python3.12 to pick one).
 # torch is pinned by constraints.txt; without --gpu the CPU build is used (an unpinned torch pulls a multi-GB
@@ -16,9 +17,9 @@ for arg in "$@"; do
   case "$arg" in
     --gpu) gpu=1 ;;
     server) extras=() ;;
-    eval | test | otel | bench) extras+=("$arg") ;;
-    -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench; flag: --gpu)" >&2
+    eval | test | otel | bench | ray) extras+=("$arg") ;;
+    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench, ray; flag: --gpu)" >&2
        exit 2 ;;
   esac
 done

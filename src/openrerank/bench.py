@@ -317,6 +317,21 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from openrerank.extras import MissingExtraError, require
 
+    if args.scale_out:
+        from openrerank.ray_local import set_ray_env
+
+        set_ray_env()
+        try:
+            require("ray.serve", "ray", "openrerank bench --scale-out")
+        except MissingExtraError as exc:
+            print(f"openrerank bench: error: {exc}", file=sys.stderr)
+            return 2
+        from openrerank.bench_scaleout import run_scaleout
+
+        args.rounds = args.rounds or 3
+        return run_scaleout(args)
+    args.rounds = args.rounds or 2
+
     console = Console(stderr=True)
     try:
         require("sentence_transformers", "bench", "openrerank bench (its baseline)")
@@ -459,7 +474,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores available)")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     p.add_argument("--concurrent-requests", type=int, default=64, help="requests sent by the concurrent clients")
-    p.add_argument("--rounds", type=int, default=2, help="offline rounds (interleaved; the best is kept)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="offline rounds (interleaved; the best is kept; default 2); --scale-out: rounds of every "
+                   "configuration (interleaved; medians reported; default 3)")
     p.add_argument("--no-http", action="store_true", help="offline numbers only (no server)")
     p.add_argument("--json", help="where to write the JSON result (default: benchmarks/results/bench-<time>.json)")
+    so = p.add_argument_group("--scale-out: Ray Serve replicas, each in its own CPU quota, against the direct "
+                              "server (needs openrerank[ray]; root for the cgroup quotas)")
+    so.add_argument("--scale-out", action="store_true", help="run the scale-out benchmark instead")
+    so.add_argument("--replica-counts", default="1,2,3", help="replica counts to measure")
+    so.add_argument("--cpu-quota", type=float, default=0.5, help="CPUs per replica and for the direct server")
+    so.add_argument("--clients-per-replica", type=int, default=4, help="concurrent clients per replica (node)")
+    so.add_argument("--requests-per-replica", type=int, default=16,
+                    help="measured requests per replica (node), per configuration and round")
+    so.add_argument("--scale-out-backend", default="onnx:int8", help="BACKEND:DTYPE of the replicas")
     p.set_defaults(func=run_bench)

@@ -27,6 +27,7 @@ _GROUPS = {
     "engine": "how models run and how requests are batched",
     "limits": "what one request may ask for, and how long it may wait",
     "logging": "logs and tracing",
+    "scale-out": "replicas on Ray Serve, needs the ray extra (docs/scale-out.md)",
 }
 
 #: Every `serve` flag, one line each; defaults come from ServerConfig, each is also OPENRERANK_<FLAG>.
@@ -79,6 +80,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("log-format", "logging", "text (human) or json (one object per line)", choices=LOG_FORMATS),
     Option("otlp-endpoint", "logging", "send OpenTelemetry traces (OTLP/HTTP) to this URL, e.g. "
            "http://localhost:4318; needs the otel extra", metavar="URL"),
+    Option("replicas", "scale-out", "serve N replicas behind one endpoint on a local Ray cluster (none: one "
+           "process, no Ray)", int),
+    Option("max-replicas", "scale-out", "autoscale on queue depth, up to this many replicas", int),
+    Option("replica-cpus", "scale-out", "CPUs per replica, also its threads (none: the cores / the most replicas)",
+           float),
+    Option("ray-metrics-port", "scale-out", "port of Ray's Prometheus endpoint with every replica's series", int),
+    Option("replica-option", "scale-out", "any other openrerank.ray_serve.ReplicaOptions field, e.g. "
+           "target_ongoing_requests=8", repeatable=True, dest="replica_options", metavar="KEY=VALUE"),
 )
 
 
@@ -149,11 +158,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     configure_logging(config.log_level, config.log_format)
+    replicated = bool(args.replicas or args.max_replicas)
     try:
         preflight(config)
-        sock = bind_socket(config.host, config.port)
+        if not replicated:
+            sock = bind_socket(config.host, config.port)
     except Exception as exc:  # every startup failure is one line, exit 2
         return fail(prog, str(exc))
+    if replicated:
+        return run_replicas(args, config)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     app = create_app(config, public_url=f"http://{shown_host}:{port}")
@@ -161,6 +174,24 @@ def run_serve(args: argparse.Namespace) -> int:
         "openrerank %s listening on http://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
         shown_host, port, ", ".join(config.models))
     return http_server.run(app, config, sock)
+
+
+def run_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`serve --replicas N`: the same app on N replicas of a local Ray Serve cluster (openrerank.ray_local)."""
+    from openrerank.ray_local import run_local
+
+    options: dict[str, str | float | int] = {}
+    for item in args.replica_options or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return fail("openrerank serve", f"--replica-option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    options["num_replicas"] = args.replicas or 1
+    if args.max_replicas is not None:
+        options["max_replicas"] = args.max_replicas
+    if args.replica_cpus is not None:
+        options["num_cpus"] = args.replica_cpus
+    return run_local(config, options, metrics_port=args.ray_metrics_port)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from openrerank.api.app import create_app, route_paths
@@ -24,6 +25,20 @@ def test_not_ready_until_models_load():
         assert "Retry-After" in r.headers
         # listed before loading, so clients that ask /v1/models first still see the id
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["sentence-transformers/all-MiniLM-L6-v2"]
+
+
+def test_wait_for_models_is_ready_at_startup(tiny_model_dir):
+    """Under Ray Serve a replica is ready when the lifespan startup ends: models must be loaded by then."""
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)
+    with TestClient(app) as c:
+        assert c.get("/v1/health/ready").status_code == 200  # no polling: loaded and warmed up
+        assert c.post("/v1/ranking", json=nim_body("q", ["a", "b"])).status_code == 200
+
+
+def test_wait_for_models_fails_the_startup_on_a_load_error(tmp_path):
+    app = create_app(ServerConfig(models=[f"broken={tmp_path / 'missing'}"]), wait_for_models=True)
+    with pytest.raises(RuntimeError, match=r"model loading failed: .*missing"), TestClient(app):
+        pass
 
 
 def test_route_paths_cover_included_routers():

@@ -122,6 +122,35 @@ def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
     ort.InferenceSession(str(results[0].path), providers=["CPUExecutionProvider"])
 
 
+def _export_in_a_process(model_dir: Path, cache: Path, ready_dir: Path, index: int) -> bool:
+    """Child process: import everything, meet the sibling, then start at once; True if it reused an export."""
+    import time
+
+    import onnxruntime  # noqa: F401 - the imports are slow; get them out of the race
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    (ready_dir / str(index)).touch()
+    deadline = time.monotonic() + 120
+    while len(list(ready_dir.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return ensure_onnx(cross_encoder_network(model_dir), cache_dir=cache).cached
+
+
+def test_processes_starting_together_export_once(tmp_path, model_copy):
+    """Two replicas on one cache: the first exports under the cache lock, the other waits and reuses it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    ready.mkdir()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_export_in_a_process, model_copy, cache, ready, i) for i in range(2)]
+        reused = sorted(f.result(timeout=300) for f in futures)
+    assert reused == [False, True]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+
+
 def test_failed_export_leaves_nothing(tmp_path, model_copy, monkeypatch):
     cache = tmp_path / "cache"
 

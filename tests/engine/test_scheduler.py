@@ -467,3 +467,32 @@ def test_metrics_describe_the_batches() -> None:
     assert value("openrerank_inference_seconds_count", lab) == n_batches
     assert value("openrerank_queue_seconds_count", lab) == 4
     assert value("openrerank_queue_depth", {"model": "m"}) == 0
+
+
+class _DyingBackend:
+    """Raises what no batch handler catches, as an interpreter-level failure would."""
+
+    def score(self, items):
+        raise SystemExit("worker killed")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_alive_reports_a_stopped_or_dead_worker() -> None:
+    ids = Ids()
+
+    async def main() -> None:
+        sched = make(FakeBackend())
+        assert sched.alive  # never started: nothing has died
+        await sched.start()
+        assert sched.alive
+        await sched.stop()
+        assert not sched.alive
+        dying_backend = FakeBackend()
+        dying_backend.inner = _DyingBackend()  # type: ignore[assignment]
+        dying = make(dying_backend)
+        await dying.start()
+        with pytest.raises(WorkerDiedError):  # settled at once, not left to its deadline
+            await dying.submit(ids.items(2), timeout=30)
+        assert not dying.alive
+
+    asyncio.run(main())

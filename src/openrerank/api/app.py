@@ -48,8 +48,6 @@ from openrerank.text.prepare import InputTooLongError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "load_options", "scheduler_config"]
-
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
 ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router]
 
@@ -209,9 +207,14 @@ def route_paths(app: FastAPI) -> set[str]:
     return paths
 
 
-def create_app(config: ServerConfig | None = None, *, load_models: bool = True,
-               public_url: str | None = None) -> FastAPI:
-    """The app; `public_url` is only what the "ready" log line shows."""
+def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
+               metrics: Metrics | None = None, public_url: str | None = None) -> FastAPI:
+    """The whole server as one ASGI app; `public_url` is only what the "ready" log line shows.
+
+    `wait_for_models`: load and warm every model before the lifespan startup completes, and fail the
+    startup on a load error (under Ray Serve a replica counts as ready when its startup completes).
+    The default loads in the background so /v1/health/live answers during a long load.
+    """
     config = config or ServerConfig()
     tracer = None
     if config.otlp_endpoint:
@@ -221,7 +224,14 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(load_all(app)) if load_models else None
+        task = None
+        if load_models and wait_for_models:
+            await load_all(app)
+            if app.state.models.load_error:
+                await app.state.models.stop()
+                raise RuntimeError(f"model loading failed: {app.state.models.load_error}")
+        elif load_models:
+            task = asyncio.create_task(load_all(app))
         try:
             yield
         finally:
@@ -245,7 +255,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True,
     )
     app.state.config = config
     app.state.public_url = public_url
-    app.state.metrics = Metrics()
+    app.state.metrics = metrics or Metrics()
     app.state.models = ServedModels()
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:

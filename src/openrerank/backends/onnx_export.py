@@ -19,6 +19,8 @@ Steps (the same ones optimum and sentence-transformers' ONNX backend take):
 
 Each result is written into a temporary directory beside its final place and renamed, so two servers
 starting at once never see a half-written model: the first rename wins, the loser discards its copy.
+Exports into one cache directory also take turns under a `flock` on it, so replicas starting together
+export once: the others wait and reuse the result.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FUSION_TOLERANCE = 1e-3
 # torch.onnx.export keeps global state (it asserts it is not re-entered), so exports within one process take
-# turns; across processes the atomic rename below is what keeps the cache consistent.
+# turns; across processes a flock on the cache directory does (`_cache_lock`), and the atomic rename below
+# keeps the cache consistent even where that lock is unavailable.
 _EXPORT_LOCK = threading.RLock()
+_cache_lock_depth = 0  # 1 while this process holds the cache directory's flock (guarded by _EXPORT_LOCK)
 
 
 @contextlib.contextmanager
@@ -224,6 +228,41 @@ def _publish(tmp: Path, final: Path) -> bool:
         raise
 
 
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the cache directory across processes (replicas starting together): the
+    first exports, the others wait and then find its result. Held only around an export, never for a
+    cache hit, so a read-only cache of ready exports needs no lock. Where `flock` is unavailable (no
+    fcntl, or a file system that refuses it) the atomic rename alone keeps the cache consistent.
+    Called under `_EXPORT_LOCK`; re-entered by an int8 export that builds its fp32 base."""
+    global _cache_lock_depth
+    if _cache_lock_depth:  # this process holds it already (a second flock would wait on itself)
+        yield
+        return
+    try:
+        import fcntl
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir, os.O_RDONLY)
+    except (ImportError, OSError) as exc:
+        log.debug("no cross-process lock on %s (%s); relying on the atomic rename", cache_dir, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is exporting into %s; waiting for it", cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.debug("flock refused on %s (%s); relying on the atomic rename", cache_dir, exc)
+        _cache_lock_depth = 1
+        yield
+    finally:
+        _cache_lock_depth = 0
+        os.close(fd)  # releases the lock
+
+
 def _read_meta(folder: Path) -> dict | None:
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
@@ -262,9 +301,10 @@ def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_O
     if meta is not None:
         log.info("ONNX cache hit: %s", final / MODEL_FILE)
         return ExportResult(final / MODEL_FILE, True, key, meta)
-    with _EXPORT_LOCK:
-        meta = _read_meta(final)  # another thread may have finished it while we waited
+    with _EXPORT_LOCK, _cache_lock(cache_dir):
+        meta = _read_meta(final)  # another thread or process may have finished it while we waited
         if meta is not None:
+            log.info("ONNX cache hit after waiting for another export: %s", final / MODEL_FILE)
             return ExportResult(final / MODEL_FILE, True, key, meta)
         return _export_into(network, final, key, facts, dtype=dtype, opset=opset, cache_dir=cache_dir)
 
