@@ -47,7 +47,7 @@ def test_the_mirror_gets_every_update_with_its_labels_as_tags():
     m.requests.labels("/v1/ranking", "200").inc()
     m.passages.labels("tiny").inc(100)
     m.passages.labels("tiny").inc(0)  # passed on as is; the Ray sink drops non-positive increments itself
-    m.inference_time.labels("tiny").observe(0.25)
+    m.inference_time.labels("tiny", "rerank").observe(0.25)
     m.in_flight.inc()
     m.in_flight.inc()
     m.in_flight.dec()
@@ -55,7 +55,7 @@ def test_the_mirror_gets_every_update_with_its_labels_as_tags():
     # Counters lose prometheus_client's _total suffix (Ray adds it back on export).
     assert sink.calls[("counter", "openrerank_requests")] == [(1, {"route": "/v1/ranking", "status": "200"})] * 2
     assert sink.calls[("counter", "openrerank_passages")] == [(100, {"model": "tiny"}), (0, {"model": "tiny"})]
-    assert sink.calls[("histogram", "openrerank_inference_seconds")] == [(0.25, {"model": "tiny"})]
+    assert sink.calls[("histogram", "openrerank_inference_seconds")] == [(0.25, {"model": "tiny", "task": "rerank"})]
     # Gauges are told absolute values, so inc/dec from several places stay consistent.
     assert [v for v, _ in sink.calls[("gauge", "openrerank_requests_in_flight")]] == [1, 2, 1]
     assert sink.calls[("gauge", "openrerank_queue_depth")] == [(7, {"model": "tiny"})]

@@ -9,6 +9,9 @@ default batch size) on the same pairs, measured in the same run, so every figure
 Per backend/dtype: pairs/s in-process (through the served model's scheduler), pairs/s and latency through
 the real HTTP server, the share of client-side time spent outside the model (HTTP, JSON, tokenization,
 queueing), and 16 concurrent clients. Results go to a rich table and a JSON file.
+
+The embeddings row (`bench_embed.py`) measures `/v1/embeddings`' path on the embedded default against
+`SentenceTransformer.encode` in the same run; `--tasks` picks either part.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.bench_embed import DEFAULT_EMBED_CONFIGS
 from openrerank.serve_process import ServeProcess
 
 DEFAULT_CONFIGS = ("torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8")
@@ -267,6 +271,17 @@ def _load_average() -> list[float] | None:
 
 def _render(result: dict) -> None:
     from rich.console import Console
+
+    console = Console(width=max(Console().width, 170))
+    if "baseline" in result:
+        _render_rerank(result, console)
+    if "embeddings" in result:
+        from openrerank.bench_embed import render
+
+        render(result["embeddings"], console)
+
+
+def _render_rerank(result: dict, console) -> None:
     from rich.table import Table
 
     base = result["baseline"]["pairs_per_s"]
@@ -298,7 +313,7 @@ def _render(result: dict) -> None:
             f"{f(conc, 'p50_ms', '{:.0f}')}/{f(conc, 'p99_ms', '{:.0f}')}", f(conc, "failures", "{}"),
             f(row.get("parity", {}), "max_abs_diff", "{:.1e}"),
         )
-    Console(width=max(Console().width, 170)).print(t)
+    console.print(t)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -337,7 +352,12 @@ def run_bench(args: argparse.Namespace) -> int:
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")
         return 2
     configs = [c.strip() for c in (args.backends or ",".join(DEFAULT_CONFIGS)).split(",") if c.strip()]
-    for c in configs:
+    embed_configs = [c.strip() for c in args.embed_backends.split(",") if c.strip()]
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    if not tasks or tasks - {"rerank", "embed"}:
+        console.print(f"[red]--tasks is a comma-separated list of rerank, embed; got {args.tasks!r}[/red]")
+        return 2
+    for c in configs + embed_configs:
         if c.count(":") != 1:
             console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
             return 2
@@ -354,6 +374,16 @@ def run_bench(args: argparse.Namespace) -> int:
         "concurrency": {"clients": args.clients, "requests": args.concurrent_requests},
         "backends": [],
     }
+    if "embed" in tasks:
+        from openrerank.bench_embed import distinct_texts, run_embeddings
+
+        with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
+            texts = distinct_texts(wl.passages, args.embed_texts)
+            console.print(f"embeddings workload: {len(texts)} distinct passages")
+            result["embeddings"] = run_embeddings(texts, embed_configs, rounds=args.rounds, threads=args.threads,
+                                                  http=not args.no_http, tmp=Path(tmp), console=console)
+    if "rerank" not in tasks:
+        return _finish(result, args, console)
     with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
         model_dir = build_bench_cross_encoder(Path(tmp) / "minilm-l6-ce")
         from openrerank.engine.loading import resolve_model
@@ -423,13 +453,19 @@ def run_bench(args: argparse.Namespace) -> int:
                 console.print(f"[red]{cfg} HTTP failed: {row['error']}[/red]")
             finally:
                 server.stop()
+    return _finish(result, args, console)
+
+
+def _finish(result: dict, args: argparse.Namespace, console) -> int:
+    """Print the tables, write the JSON; exit 1 if any engine failed."""
     result["machine"]["load_average_end"] = _load_average()
     _render(result)
     out = Path(args.json) if args.json else Path("benchmarks/results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     console.print(f"wrote {out}")
-    return 1 if any(r.get("error") for r in result["backends"]) else 0
+    rows = result["backends"] + result.get("embeddings", {}).get("backends", [])
+    return 1 if any(r.get("error") for r in rows) else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -444,6 +480,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
     p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
                    f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
+    p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
+    p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
+                   help="BACKEND:DTYPE list for the embeddings row")
+    p.add_argument("--embed-texts", type=int, default=1000, help="distinct DL19 passages the embeddings row embeds")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores available)")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     p.add_argument("--concurrent-requests", type=int, default=64, help="requests sent by the concurrent clients")

@@ -62,6 +62,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "16 on CUDA)", int),
     Option("batch-wait-ms", "engine", "how long a batch waits for concurrent requests", float),
     Option("max-passages", "limits", "most passages in one request", int),
+    Option("max-inputs", "limits", "most texts in one /v1/embeddings request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
     Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
     Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
@@ -103,7 +104,8 @@ def serve_defaults() -> ServerConfig:
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the HTTP server",
-                       description="Serve reranking models over HTTP (NIM, Cohere/Jina, TEI/Infinity, score APIs). "
+                       description="Serve reranking models over HTTP (NIM, Cohere/Jina, TEI/Infinity, score APIs; "
+                       "OpenAI/NIM embeddings from bi-encoders). "
                        "Every flag can also be set as OPENRERANK_<FLAG>, e.g. OPENRERANK_PORT=9000; flags win.")
     add_options(p, SERVE_OPTIONS, serve_defaults(), _GROUPS)
     p.set_defaults(func=run_serve, options=SERVE_OPTIONS)

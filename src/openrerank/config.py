@@ -32,6 +32,7 @@ class ServerConfig:
     revision: str | None = None
     # request limits
     max_passages: int = 512
+    max_inputs: int = 2048  # texts in one /v1/embeddings request (OpenAI's limit)
     max_body_bytes: int = 8 * 1024 * 1024
     # scheduler; None: the device's default (engine/batching.py: 16384 / 128 / 0.02 on CPU, 32768 / 256 / 0.2
     # on CUDA, where a batch may also always reach 16 pairs whatever their padding)

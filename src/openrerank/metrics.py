@@ -101,28 +101,30 @@ class Metrics:
                                          "Requests whose client went away before the answer (their work is "
                                          "cancelled)", ())
         self.passages = self._counter("openrerank_passages_total", "Passages scored", ("model",))
-        self.tokens = self._counter("openrerank_tokens_total", "Tokens scored (after truncation/chunking)",
-                                    ("model",))
-        # engine
+        self.texts_embedded = self._counter("openrerank_texts_embedded_total", "Texts embedded", ("model",))
+        self.tokens = self._counter("openrerank_tokens_total", "Tokens run through the model (after truncation/"
+                                    "chunking)", ("model", "task"))
+        # engine: one queue per model (depth, tokens); the rest labelled by task (rerank | embed), which share it
         self.queue_depth = self._gauge("openrerank_queue_depth", "Requests waiting or being scored", ("model",))
         self.queue_tokens = self._gauge("openrerank_queue_tokens", "Tokens of the requests waiting or being scored",
                                         ("model",))
-        self.batch_size = self._histogram("openrerank_batch_size", "Pairs per model batch", ("model",),
-                                          _BATCH_BUCKETS)
+        self.batch_size = self._histogram("openrerank_batch_size", "Items (pairs or texts) per model batch",
+                                          ("model", "task"), _BATCH_BUCKETS)
         self.batch_tokens = self._histogram("openrerank_batch_padded_tokens", "Padded tokens per model batch",
-                                            ("model",), _TOKEN_BUCKETS)
+                                            ("model", "task"), _TOKEN_BUCKETS)
         self.padding_ratio = self._histogram("openrerank_batch_padding_ratio",
-                                             "Share of padded tokens that are padding", ("model",), _RATIO_BUCKETS)
+                                             "Share of padded tokens that are padding", ("model", "task"),
+                                             _RATIO_BUCKETS)
         self.queue_time = self._histogram("openrerank_queue_seconds", "Time a request waited before its first batch",
-                                          ("model",), _LATENCY_BUCKETS)
-        self.inference_time = self._histogram("openrerank_inference_seconds", "Model time per batch", ("model",),
-                                              _LATENCY_BUCKETS)
+                                          ("model", "task"), _LATENCY_BUCKETS)
+        self.inference_time = self._histogram("openrerank_inference_seconds", "Model time per batch",
+                                              ("model", "task"), _LATENCY_BUCKETS)
         self.rejected = self._counter("openrerank_rejected_total", "Requests refused by back-pressure (queue_full), "
-                                      "their size (too_large) or deadline", ("model", "reason"))
+                                      "their size (too_large) or deadline", ("model", "task", "reason"))
         self.cancelled = self._counter("openrerank_cancelled_total", "Requests abandoned by their client "
-                                       "(disconnect) before their scores were ready", ("model",))
+                                       "(disconnect) before their results were ready", ("model", "task"))
         self.batch_failures = self._counter("openrerank_batch_failures_total", "Model batches that raised (each "
-                                            "request in it is then retried on its own)", ("model",))
+                                            "request in it is then retried on its own)", ("model", "task"))
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Any:
         prom = Counter(name, doc, labels, registry=self.registry)

@@ -224,7 +224,8 @@ class ReplicaMiddleware:
             return
         if self.inside >= self.limit:
             retry = max((m.scheduler.retry_after for m in self.served.models()), default=1.0)
-            self.metrics.rejected.labels("", "replica_full").inc()
+            task = "embed" if scope["path"] == "/v1/embeddings" else "rerank"
+            self.metrics.rejected.labels("", task, "replica_full").inc()
             message = (f"server overloaded: {self.inside} requests in this replica (limit {self.limit}); "
                        "retry later")
             response = dialect_for(scope["path"]).response(503, message, "overloaded",

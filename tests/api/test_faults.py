@@ -45,7 +45,8 @@ def test_a_full_queue_answers_503_or_429_with_retry_after(tiny_model_dir):
             assert "overloaded" in r.text
         backend.release()
         assert first().status_code == 200
-        assert server.metric("openrerank_rejected_total", {"model": MODEL, "reason": "queue_full"}) == 4
+        rejected = {"model": MODEL, "task": "rerank", "reason": "queue_full"}
+        assert server.metric("openrerank_rejected_total", rejected) == 4
 
 
 def test_a_request_past_its_deadline_answers_504_tei_424(tiny_model_dir):
@@ -122,7 +123,7 @@ def test_a_failing_input_fails_only_its_own_request(tiny_model_dir):
         assert body["object"] == "error" and "RuntimeError" in body["message"] and "request id" in body["message"]
         assert r_poisoned.headers["x-request-id"] in body["message"]
         assert backend.batches[1] == 4  # the two queued requests did share a batch
-        assert server.metric("openrerank_batch_failures_total", {"model": MODEL}) >= 1
+        assert server.metric("openrerank_batch_failures_total", {"model": MODEL, "task": "rerank"}) >= 1
 
 
 def test_a_client_that_disconnects_frees_its_work(tiny_model_dir):
@@ -137,7 +138,8 @@ def test_a_client_that_disconnects_frees_its_work(tiny_model_dir):
             sock.sendall(raw)
             backend.wait_started()  # the first of its 10 batches is being scored
         until(lambda: server.metric("openrerank_client_disconnects_total") == 1, "the disconnect to be seen")
-        until(lambda: server.metric("openrerank_cancelled_total", {"model": MODEL}) == 1, "the work to be cancelled")
+        cancelled = {"model": MODEL, "task": "rerank"}
+        until(lambda: server.metric("openrerank_cancelled_total", cancelled) == 1, "the work to be cancelled")
         scheduler = server.app.state.models.get(MODEL).scheduler
         assert scheduler.pending == 0  # its slot is free although its batch is still running
         backend.release()

@@ -202,7 +202,8 @@ def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
         await sched.stop()
 
     asyncio.run(main())
-    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "queue_full"}) == 1
+    rejected = {"model": "m", "task": "rerank", "reason": "queue_full"}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", rejected) == 1
 
 
 def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
@@ -226,7 +227,8 @@ def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
 
     asyncio.run(main())
     assert not {it.input_ids[0] for it in late} & {i for b in backend.batches for i in b}
-    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "deadline"}) == 1
+    rejected = {"model": "m", "task": "rerank", "reason": "deadline"}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", rejected) == 1
     assert metrics.registry.get_sample_value("openrerank_queue_depth", {"model": "m"}) == 0
 
 
@@ -274,7 +276,7 @@ def test_cancellation_frees_queued_items_and_running_ones_are_discarded() -> Non
 
     asyncio.run(main())
     assert not {it.input_ids[0] for it in gone} & {i for b in backend.batches for i in b}
-    assert metrics.registry.get_sample_value("openrerank_cancelled_total", {"model": "m"}) == 2
+    assert metrics.registry.get_sample_value("openrerank_cancelled_total", {"model": "m", "task": "rerank"}) == 2
 
 
 def test_a_failing_input_fails_only_its_own_request() -> None:
@@ -303,7 +305,7 @@ def test_a_failing_input_fails_only_its_own_request() -> None:
     np.testing.assert_array_equal(r_fine.scores, expected(fine))
     np.testing.assert_array_equal(r_neighbour.scores, expected(neighbour))
     assert spread[2].input_ids[0] not in {i for b in backend.batches for i in b}
-    assert metrics.registry.get_sample_value("openrerank_batch_failures_total", {"model": "m"}) >= 2
+    assert metrics.registry.get_sample_value("openrerank_batch_failures_total", {"model": "m", "task": "rerank"}) >= 2
 
 
 def test_a_dead_worker_settles_everything_and_reports_it() -> None:
@@ -356,8 +358,8 @@ def test_admission_counts_tokens_and_one_request_is_one_unit() -> None:
 
     asyncio.run(main())
     value = metrics.registry.get_sample_value
-    assert value("openrerank_rejected_total", {"model": "m", "reason": "too_large"}) == 1
-    assert value("openrerank_rejected_total", {"model": "m", "reason": "queue_full"}) == 1
+    assert value("openrerank_rejected_total", {"model": "m", "task": "rerank", "reason": "too_large"}) == 1
+    assert value("openrerank_rejected_total", {"model": "m", "task": "rerank", "reason": "queue_full"}) == 1
 
 
 def test_an_idle_scheduler_admits_one_request_above_the_queue_budget() -> None:
@@ -484,7 +486,7 @@ def test_metrics_describe_the_batches() -> None:
 
     asyncio.run(main())
     value = metrics.registry.get_sample_value
-    lab = {"model": "m"}
+    lab = {"model": "m", "task": "rerank"}
     n_batches = len(backend.lengths)
     assert value("openrerank_batch_size_count", lab) == n_batches
     assert value("openrerank_batch_size_sum", lab) == sum(len(b) for b in backend.lengths)
@@ -493,7 +495,7 @@ def test_metrics_describe_the_batches() -> None:
     assert value("openrerank_batch_padding_ratio_sum", lab) == pytest.approx(padding)
     assert value("openrerank_inference_seconds_count", lab) == n_batches
     assert value("openrerank_queue_seconds_count", lab) == 4
-    assert value("openrerank_queue_depth", lab) == 0
+    assert value("openrerank_queue_depth", {"model": "m"}) == 0
 
 
 class _DyingBackend:

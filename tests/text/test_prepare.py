@@ -154,3 +154,35 @@ def test_bi_encoder_sentence_longer_than_a_window_is_split(bi):
     prep = bi.prepare("q", [run_on], Truncate.CHUNK)
     assert len(prep.items) > 600 // B.BI_CHUNK_TOKENS
     assert all(len(it.passage_ids) <= B.BI_CHUNK_TOKENS + 2 for it in prep.items)
+
+
+# -- texts embedded on their own (/v1/embeddings) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompted() -> BiTextEncoder:
+    """The default's tokenizer with a query prompt (as e5/bge models have), window 16."""
+    return BiTextEncoder(AutoTokenizer.from_pretrained(str(default_model_dir())), 16,
+                         prompts={"query": "query: ", None: "default: "})
+
+
+def test_encode_texts_prepends_the_prompt_of_the_input_type(prompted):
+    tok = prompted.tokenizer
+    assert prompted.encode_texts(["paris"], input_type="query") == [tok("query: paris")["input_ids"]]
+    assert prompted.encode_texts(["paris"], input_type="passage") == [tok("paris")["input_ids"]]  # no prompt
+    assert prompted.encode_texts(["paris"]) == [tok("default: paris")["input_ids"]]
+
+
+def test_encode_texts_truncation_keeps_the_prompt(prompted):
+    text = long_text(40)
+    tok = prompted.tokenizer
+    with pytest.raises(InputTooLongError):
+        prompted.encode_texts([text], Truncate.NONE, input_type="query")
+    end = prompted.encode_texts([text], Truncate.END, input_type="query")[0]
+    start = prompted.encode_texts([text], Truncate.START, input_type="query")[0]
+    prompt_ids = tok("query:", add_special_tokens=False)["input_ids"]
+    assert len(end) == len(start) == 16
+    assert end[1 : 1 + len(prompt_ids)] == start[1 : 1 + len(prompt_ids)] == prompt_ids
+    words = tok(text, add_special_tokens=False)["input_ids"]
+    assert start[1 + len(prompt_ids) : -1] == words[-(16 - 2 - len(prompt_ids)) :]  # the text's end
+    assert end[1 + len(prompt_ids) : -1] == words[: 16 - 2 - len(prompt_ids)]  # the text's start

@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openrerank import __version__
-from openrerank.api import cohere, nim, score, tei
+from openrerank.api import cohere, embeddings, nim, score, tei
 from openrerank.api.engine_config import chunk_limits, load_options, scheduler_config
 from openrerank.api.errors import ApiError, Dialect, dialect_for, format_validation_errors
 from openrerank.api.middleware import (
@@ -39,6 +39,7 @@ from openrerank.engine.errors import (
     ModelOutputError,
     QueueFullError,
     RequestTooLargeError,
+    UnsupportedRequestError,
     WorkerDiedError,
 )
 from openrerank.engine.loading import model_sources
@@ -49,7 +50,7 @@ from openrerank.text.prepare import InputTooLongError
 log = logging.getLogger(__name__)
 
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
-ROUTERS = [nim.router, cohere.router, tei.router, score.router]
+ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router]
 
 #: Where the Swagger UI / ReDoc assets are served from (public, like /docs itself).
 DOCS_ASSETS = "/docs-assets"
@@ -156,6 +157,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _model(request: Request, exc: UnknownModelError):
         return _error_response(request, 404, str(exc), "model_not_found")
 
+    @app.exception_handler(UnsupportedRequestError)
+    async def _unsupported(request: Request, exc: UnsupportedRequestError):
+        return _error_response(request, 400, str(exc), "unsupported")
+
     @app.exception_handler(InputTooLongError)
     async def _too_long(request: Request, exc: InputTooLongError):
         return _error_response(request, 400, str(exc), "too_long")
@@ -248,7 +253,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         title="openrerank",
         version=__version__,
         description="Self-hosted reranking: NVIDIA NIM `/v1/ranking`, Cohere/Jina `/v1|v2/rerank`, "
-        "TEI and Infinity `/rerank` and `/v1/score`.",
+        "TEI and Infinity `/rerank` and `/v1/score`; embeddings (OpenAI / NIM `/v1/embeddings`) from "
+        "bi-encoder models.",
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
         static_url=DOCS_ASSETS,

@@ -37,6 +37,13 @@ def check_passage_count(request: Request, count: int, what: str = "passages") ->
                        kind="too_many")
 
 
+def check_input_count(request: Request, count: int) -> None:
+    limit = config(request).max_inputs
+    if count > limit:
+        raise ApiError(400, f"Number of inputs ({count}) exceeds the maximum of {limit} (--max-inputs)",
+                       kind="too_many")
+
+
 def deadline(request: Request) -> float:
     """`time.monotonic()` instant by which the answer is due: arrival + --request-timeout."""
     return arrival(request.scope) + config(request).request_timeout

@@ -45,7 +45,9 @@ async def models(request: Request) -> dict:
         "object": "list",
         "data": [
             {"id": name, "object": "model", "owned_by": "openrerank",
-             "created": served[name].created if name in served else 0}
+             "created": served[name].created if name in served else 0,
+             # rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings ([] while loading)
+             "tasks": served[name].tasks if name in served else []}
             for name in reg.names
         ],
     }
@@ -87,6 +89,7 @@ def limits(config) -> dict:
     sched = scheduler_config(config)
     return {
         "max_passages": config.max_passages,
+        "max_inputs": config.max_inputs,
         "max_body_bytes": config.max_body_bytes,
         "max_request_tokens": sched.request_budget,
         "max_chunks_per_passage": config.max_chunks_per_passage,

@@ -60,3 +60,9 @@ class BatchFailedError(EngineError):
 
     def __init__(self, cause: str) -> None:
         super().__init__(f"the model failed on this request's input ({cause}); the server log has the details")
+
+
+class UnsupportedRequestError(EngineError):
+    """A request the model cannot serve as asked (embeddings from a reranker, a dimension it cannot give).
+
+    Dialects answer 400: the client asked for something this server's model does not do."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from openrerank.backends.base import Backend
+from openrerank.backends.base import Backend, TaskNotSupportedError
 from openrerank.backends.bi_scorer import BiEncoderScorer
 from openrerank.backends.selection import check_backend_options, create_runtime
 from openrerank.engine.batching import BatchPolicy, default_policy
@@ -21,8 +21,8 @@ from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.registry import resolve_spec
 from openrerank.models.safety import check_weights
 from openrerank.models.source import ModelSource, parse_model_arg, resolve_local_dir
-from openrerank.schemas.internal import ScoreKind, Truncate
-from openrerank.schemas.work import PairItem
+from openrerank.schemas.internal import InputType, ScoreKind, Truncate
+from openrerank.schemas.work import EmbedItem, Task
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.prepare import TextEncoder
 
@@ -87,22 +87,42 @@ class LoadedModel:
             scores[idx] = self.backend.score([prep.items[i] for i in idx])
         return prep.fold(scores, len(passages))
 
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """L2-normalized embeddings (bi-encoders only), truncated to the model window."""
+    def embedding_items(self, texts: list[str], truncate: Truncate = Truncate.END,
+                        input_type: InputType | None = None) -> list[EmbedItem]:
+        """Texts as embedding work items: the model's prompt for `input_type` prepended, cut (or refused,
+        NONE) at the window. The one text path of the server's `/v1/embeddings` and of `embed` below."""
         if not self.embeds:
-            raise TypeError(f"{self.source.served_id} is a {self.family.id}; only bi-encoders embed")
-        seqs = [PairItem(ids) for ids in self.encoder.encode_texts(texts)]
+            raise TaskNotSupportedError(f"{self.source.served_id} is a {self.family.id}; only bi-encoders embed")
+        encoder: BiTextEncoder = self.encoder  # type: ignore[assignment]
+        return [EmbedItem(ids) for ids in encoder.encode_texts(texts, truncate, input_type)]
+
+    def embed(self, texts: list[str], batch_size: int = 64, *, input_type: InputType | None = None,
+              truncate: Truncate = Truncate.END, normalize: bool = True) -> np.ndarray:
+        """Synchronous embeddings (eval, bench, tests), `(texts, dim)` float32, batched by the one policy.
+
+        `normalize=True`: unit vectors, so inner products are cosines (what eval searches with);
+        `normalize=False`: the model's own output, as `/v1/embeddings` returns it (unit length only when the
+        model ends with a Normalize module)."""
+        items = self.embedding_items(texts, truncate, input_type)
         out = np.zeros((len(texts), 0), dtype=np.float32)
-        for idx in BatchPolicy(max_size=batch_size).split(seqs):
-            emb = self.backend.embed_ids([seqs[i].input_ids for i in idx])  # type: ignore[attr-defined]
+        for idx in BatchPolicy(max_size=batch_size).split(items):
+            batch = [items[i] for i in idx]
+            emb = (self.backend.embed_ids([it.input_ids for it in batch])  # type: ignore[attr-defined]
+                   if normalize else self.backend.embed(batch))
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
             out[idx] = emb
         return out
 
+    @property
+    def tasks(self) -> list[Task]:
+        """What the model serves: every model reranks; bi-encoders also embed."""
+        return ["rerank", "embed"] if self.embeds else ["rerank"]
+
     def describe(self) -> dict:
         """What /v1/metadata and logs say about the model: family, engine, window, family facts."""
-        return {"source": self.source.spec, "score": self.score_kind.value, "backend": self.backend.description,
+        return {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
+                "backend": self.backend.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
 
     def close(self) -> None:

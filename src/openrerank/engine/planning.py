@@ -14,6 +14,9 @@ batches, not for the big request (the scheduler re-plans once a newcomer is queu
 
 Costs are in tokens, and an item costs at least `floor_cost` (the per-item share of a batch,
 `max_tokens / max_size`), so one unit bounds both a window's tokens and its items.
+
+Reranking and embedding requests share windows and fair shares, but a batch holds items of one task only (a
+backend call returns scores or vectors, not both): each group is split per task before it is cut into batches.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from openrerank.engine.batching import BatchPolicy, HasLength
+from openrerank.schemas.work import TASKS
 
 
 def fair_shares(needs: Sequence[int], capacity: int) -> list[int]:
@@ -37,10 +41,15 @@ def fair_shares(needs: Sequence[int], capacity: int) -> list[int]:
     return alloc
 
 
+class PlannedItem(HasLength, Protocol):
+    @property
+    def task(self) -> str: ...
+
+
 class Pending(Protocol):
     """One unfinished request as the planner sees it."""
 
-    items: Sequence[HasLength]  # all of the request's items
+    items: Sequence[PlannedItem]  # all of the request's items
     todo: list[int]  # indices into `items` not scheduled yet, shortest first
 
 
@@ -77,8 +86,9 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int) 
         (quick if not p.todo and need <= policy.max_tokens else rest).extend((p, i) for i in chosen)
     batches: list[list[tuple[P, int]]] = []
     for group in (quick, rest):
-        lengths = [p.items[i] for p, i in group]
-        batches.extend([group[j] for j in idx] for idx in policy.split(lengths))
+        for task in TASKS:
+            part = [(p, i) for p, i in group if p.items[i].task == task]
+            batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part]))
     return batches
 
 

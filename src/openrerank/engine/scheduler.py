@@ -20,6 +20,11 @@ does not fit in device memory even alone: `RowsFailedError`) fails only those ro
 re-run. If the worker thread itself dies, every accepted request is answered with `WorkerDiedError`, later
 submits are refused at once and `alive` turns False (health checks report it).
 
+Reranking and embedding share this one path: a request's items all serve one task (`schemas/work.py`), a
+window's items are batched per task (a backend call runs one task, `engine/planning.py`), and an item's result
+is a row of the request's result array: a score, or an embedding vector. Admission, deadlines, cancellation,
+failure isolation and metrics (labelled by task) are the same for both.
+
 Interface used outside the engine (the API layer, the Ray Serve adapter, the embeddings route):
 `submit`, `start`, `stop`, `warmup`, and the read-only `alive`, `failure`, `pending`,
 `pending_tokens`, `queued`, `retry_after`.
@@ -49,7 +54,7 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.planning import give_back, plan_window
 from openrerank.metrics import Metrics
-from openrerank.schemas.work import WorkItem
+from openrerank.schemas.work import TASKS, Task, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +102,7 @@ class SchedulerConfig:
 
 @dataclass
 class ScoreOutcome:
-    scores: np.ndarray  # float32, aligned with the submitted items
+    scores: np.ndarray  # float32, one row per submitted item: scores (n,), or embeddings (n, dim)
     queue_ms: float  # submit -> first batch holding one of its items starts
     inference_ms: float  # first batch start -> last batch end
     batches: int = 0  # how many model batches its items were spread over
@@ -107,7 +112,7 @@ class _Request:
     """One submitted request. The worker owns `todo`/`scores`/`remaining`/timings; the loop owns `future`."""
 
     __slots__ = ("abandoned", "batches", "failed", "first_start", "future", "items", "last_end", "loop",
-                 "remaining", "scores", "submitted", "todo", "tokens")
+                 "remaining", "scores", "submitted", "task", "todo", "tokens")
 
     def __init__(self, items: list[WorkItem], loop: asyncio.AbstractEventLoop) -> None:
         self.items = items
@@ -116,7 +121,8 @@ class _Request:
         self.submitted = time.perf_counter()
         self.tokens = sum(it.length for it in items)
         self.todo = sorted(range(len(items)), key=lambda i: items[i].length)  # not yet planned
-        self.scores = np.empty(len(items), dtype=np.float32)
+        self.task: Task = items[0].task  # one task per request
+        self.scores: np.ndarray | None = None  # made by its first batch: (n,) scores or (n, dim) embeddings
         self.remaining = len(items)
         self.first_start: float | None = None
         self.last_end: float | None = None
@@ -207,8 +213,10 @@ class Scheduler:
     def warmup(self, items: Sequence[WorkItem]) -> None:
         """Score once synchronously (before serving) so first requests don't pay lazy init."""
         items = list(items)
-        for idx in self.config.policy.split(items):
-            self.backend.score([items[i] for i in idx])
+        for task in TASKS:
+            group = [it for it in items if it.task == task]
+            for idx in self.config.policy.split(group):
+                self.backend.compute([group[i] for i in idx])
 
     async def submit(self, items: Sequence[WorkItem], *, timeout: float | None = None,
                      deadline: float | None = None) -> ScoreOutcome:
@@ -228,7 +236,7 @@ class Scheduler:
         req = _Request(items, asyncio.get_running_loop())
         budget = self.config.request_budget
         if req.tokens > budget:
-            self._count_rejected("too_large")
+            self._count_rejected(req.task, "too_large")
             raise RequestTooLargeError("tokens", req.tokens, budget, "--max-request-tokens",
                                        "send fewer or shorter passages, or fewer chunks")
         with self._cv:
@@ -246,26 +254,26 @@ class Scheduler:
                 self._pending_tokens += req.tokens
                 self._cv.notify_all()
         if full is not None:
-            self._count_rejected("queue_full")
+            self._count_rejected(req.task, "queue_full")
             raise full
         self._set_depth()
         try:
             await asyncio.wait_for(req.future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             self._abandon(req)
-            self._count_rejected("deadline")
+            self._count_rejected(req.task, "deadline")
             raise DeadlineExceededError(timeout) from None
         except asyncio.CancelledError:
             self._abandon(req)
             if self.metrics:
-                self.metrics.cancelled.labels(self.name).inc()
+                self.metrics.cancelled.labels(self.name, req.task).inc()
             raise
         finally:
             with self._cv:
                 self._pending -= 1
                 self._pending_tokens -= req.tokens
             self._set_depth()
-        assert req.first_start is not None and req.last_end is not None
+        assert req.scores is not None and req.first_start is not None and req.last_end is not None
         return ScoreOutcome(req.scores, (req.first_start - req.submitted) * 1e3,
                             (req.last_end - req.first_start) * 1e3, req.batches)
 
@@ -284,9 +292,9 @@ class Scheduler:
     def _retry_after_locked(self) -> float:
         return min(60.0, max(1.0, self._pending_tokens * self._sec_per_token))
 
-    def _count_rejected(self, reason: str) -> None:
+    def _count_rejected(self, task: Task, reason: str) -> None:
         if self.metrics:
-            self.metrics.rejected.labels(self.name, reason).inc()
+            self.metrics.rejected.labels(self.name, task, reason).inc()
 
     def _start_locked(self) -> None:
         if self._state == _RUNNING:
@@ -409,24 +417,23 @@ class Scheduler:
     def _score(self, live: list[tuple[_Request, int]], *, isolate: bool) -> None:
         reqs = list(dict.fromkeys(req for req, _ in live))
         items = [req.items[i] for req, i in live]
+        task = reqs[0].task  # the planner never mixes tasks in a batch
         start = time.perf_counter()
         for req in reqs:
             req.batches += 1
             if req.first_start is None:
                 req.first_start = start
                 if self.metrics:
-                    self.metrics.queue_time.labels(self.name).observe(start - req.submitted)
+                    self.metrics.queue_time.labels(self.name, task).observe(start - req.submitted)
         failed: set[_Request] = set()
         try:
-            scores = np.asarray(self.backend.score(items), dtype=np.float32).reshape(-1)
-            if scores.shape[0] != len(items):
-                raise RuntimeError(f"backend returned {scores.shape[0]} scores for {len(items)} items")
+            rows = self._check_rows(self.backend.compute(items), task, len(items))
         except RowsFailedError as exc:
-            # Some items could not be scored even alone (e.g. out of device memory); the rest were.
-            scores = np.asarray(exc.outputs, dtype=np.float32).reshape(-1)
+            # Some items could not be computed even alone (e.g. out of device memory); the rest were.
+            rows = self._check_rows(exc.outputs, task, len(items))
             failed = {live[i][0] for i in exc.failed}
             if self.metrics:
-                self.metrics.batch_failures.labels(self.name).inc()
+                self.metrics.batch_failures.labels(self.name, task).inc()
             log.warning("%d of %d items failed on %s (%s); failing their %d request(s) only",
                         len(exc.failed), len(items), self.name, exc.cause, len(failed))
             for req in failed:
@@ -434,7 +441,7 @@ class Scheduler:
                 self._post(req, exc.cause)
         except Exception as exc:
             if self.metrics:
-                self.metrics.batch_failures.labels(self.name).inc()
+                self.metrics.batch_failures.labels(self.name, task).inc()
             if isolate and len(reqs) > 1:
                 # Batches mix requests: find the one whose input fails instead of failing them all.
                 log.warning("a batch of %d items from %d requests failed on %s (%s: %s); scoring each "
@@ -454,11 +461,14 @@ class Scheduler:
             per_token = (end - start) / max(1, tokens)
             s = self._sec_per_token
             self._sec_per_token = per_token if not s else 0.8 * s + 0.2 * per_token
-        self._observe(items, end - start)
-        for (req, i), s in zip(live, scores, strict=True):
-            if req not in failed:
-                req.scores[i] = s
-                req.remaining -= 1
+        self._observe(items, task, end - start)
+        for (req, i), row in zip(live, rows, strict=True):
+            if req in failed:
+                continue
+            if req.scores is None:
+                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=np.float32)
+            req.scores[i] = row
+            req.remaining -= 1
         for req in reqs:
             if req in failed:
                 continue
@@ -466,14 +476,24 @@ class Scheduler:
             if req.remaining == 0:
                 self._post(req, None)
 
-    def _observe(self, items: list[WorkItem], seconds: float) -> None:
+    @staticmethod
+    def _check_rows(output: object, task: Task, n: int) -> np.ndarray:
+        """A backend's output as one float32 row per item: a score (rerank) or a vector (embed)."""
+        rows = np.asarray(output, dtype=np.float32)
+        if task == "rerank":
+            rows = rows.reshape(-1)
+        if rows.shape[0] != n or rows.ndim != (1 if task == "rerank" else 2):
+            raise RuntimeError(f"backend returned shape {rows.shape} for {n} {task} items")
+        return rows
+
+    def _observe(self, items: list[WorkItem], task: Task, seconds: float) -> None:
         if not self.metrics:
             return
         longest = max(it.length for it in items)
         padded = longest * len(items)
         real = sum(it.length for it in items)
         m = self.metrics
-        m.inference_time.labels(self.name).observe(seconds)
-        m.batch_size.labels(self.name).observe(len(items))
-        m.batch_tokens.labels(self.name).observe(padded)
-        m.padding_ratio.labels(self.name).observe(1 - real / padded)
+        m.inference_time.labels(self.name, task).observe(seconds)
+        m.batch_size.labels(self.name, task).observe(len(items))
+        m.batch_tokens.labels(self.name, task).observe(padded)
+        m.padding_ratio.labels(self.name, task).observe(1 - real / padded)

@@ -1,4 +1,7 @@
-"""A served model (loaded model + its scheduler) and the set of them dialects look models up in."""
+"""A served model (loaded model + its scheduler) and the set of them dialects look models up in.
+
+A served model reranks, and (a bi-encoder) embeds: both go through its one scheduler.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.engine.errors import DeadlineExceededError, ModelOutputError, RequestTooLargeError
+from openrerank.backends.bi_scorer import normalize
+from openrerank.engine.errors import (
+    DeadlineExceededError,
+    ModelOutputError,
+    RequestTooLargeError,
+    UnsupportedRequestError,
+)
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
 from openrerank.models.source import ModelSource
-from openrerank.schemas.internal import RerankRequest, RerankResult, Timings, Truncate
+from openrerank.schemas.internal import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
+from openrerank.schemas.work import Task
 from openrerank.text.prepare import Prepared
 
 #: Largest finite float32: what +-inf scores are reported as (JSON has no infinity).
@@ -31,10 +41,24 @@ _WARMUP_PASSAGES = [
 
 
 class UnknownModelError(LookupError):
-    def __init__(self, name: str, served: list[str]) -> None:
+    def __init__(self, name: str, served: list[str], what: str = "models") -> None:
         self.name = name
         self.served = served
-        super().__init__(f"Model '{name}' is not served here; served models: {', '.join(served)}")
+        listed = f"served {what}: {', '.join(served)}" if served else f"no {what} are served here"
+        super().__init__(f"Model '{name}' is not served here; {listed}")
+
+
+class NotAnEmbeddingModelError(UnsupportedRequestError):
+    """Embeddings asked of a reranker that has none (a cross-encoder or LLM reranker scores pairs only)."""
+
+    def __init__(self, name: str | None, family: str | None, embedders: list[str]) -> None:
+        self.embedders = embedders
+        what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
+        if name is None:
+            what = "No model was named and the first served model produces no embeddings"
+        where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
+                 "no embedding model is served here (serve a sentence-transformers bi-encoder, e.g. --model default)")
+        super().__init__(f"{what}; {where}")
 
 
 @dataclass(frozen=True)
@@ -55,14 +79,27 @@ class ServedModel:
     metrics: Metrics | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     limits: ChunkLimits = field(default_factory=ChunkLimits)
+    embedding_dim: int | None = None  # length of its embeddings (embedding models), known after warm-up
 
     @property
     def max_length(self) -> int:
         return self.loaded.max_length
 
+    @property
+    def embeds(self) -> bool:
+        return self.loaded.embeds
+
+    @property
+    def tasks(self) -> list[Task]:
+        return self.loaded.tasks
+
     def warmup(self) -> None:
         prep = self.loaded.encoder.prepare(_WARMUP_QUERY, _WARMUP_PASSAGES, Truncate.END)
         self.scheduler.warmup(prep.items)
+        if self.embeds:
+            items = self.loaded.embedding_items(_WARMUP_PASSAGES)
+            self.scheduler.warmup(items)
+            self.embedding_dim = int(self.loaded.backend.embed(items[:1]).shape[1])
 
     async def rerank(self, req: RerankRequest, *, deadline: float | None = None) -> RerankResult:
         """Prepare text off the loop, score through the scheduler, fold chunk scores to passages.
@@ -101,7 +138,7 @@ class ServedModel:
             logits = _reportable(prep.fold(scores, len(req.passages)))
             if self.metrics:
                 self.metrics.passages.labels(self.name).inc(len(req.passages))
-                self.metrics.tokens.labels(self.name).inc(prep.prompt_tokens)
+                self.metrics.tokens.labels(self.name, "rerank").inc(prep.prompt_tokens)
             timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
                               inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
             results.append(RerankResult(self.name, logits, prep.prompt_tokens, self.loaded.score_kind, timings))
@@ -121,8 +158,57 @@ class ServedModel:
                                             max_tokens_per_passage=r.max_tokens_per_passage)
                 for r, cap in zip(reqs, chunk_caps, strict=True)]
 
+    async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
+        """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
+        admission unit, one deadline covering tokenization too, one cancellation), shorten if asked."""
+        self.check_dimensions(req.dimensions)
+        t0 = time.perf_counter()
+        timeout = self.scheduler.config.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        try:
+            items = await asyncio.wait_for(
+                asyncio.to_thread(self.loaded.embedding_items, req.texts, req.truncate, req.input_type),
+                max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceededError(timeout) from None
+        t1 = time.perf_counter()
+        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
+        vectors = outcome.scores
+        if not np.isfinite(vectors).all():
+            bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+            raise ModelOutputError(f"the model produced a non-finite embedding for input {bad}")
+        if req.dimensions is not None and req.dimensions < vectors.shape[1]:
+            vectors = vectors[:, : req.dimensions]
+            if self.loaded.spec.options.get("normalize"):  # a shortened unit vector is unit again
+                vectors = normalize(vectors).astype(np.float32)
+        tokens = sum(it.length for it in items)
+        if self.metrics:
+            self.metrics.texts_embedded.labels(self.name).inc(len(items))
+            self.metrics.tokens.labels(self.name, "embed").inc(tokens)
+        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
+                          inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
+        return EmbedResult(self.name, vectors, tokens, timings)
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """`dimensions` must be the model's own, or (Matryoshka models) any smaller positive size."""
+        dim = self.embedding_dim
+        if dimensions is None or dim is None or dimensions == dim:
+            return
+        if dimensions < 1 or dimensions > dim:
+            raise UnsupportedRequestError(f"dimensions must be between 1 and {dim} for model '{self.name}' "
+                                          f"(its embeddings have {dim} dimensions)")
+        if not self.loaded.spec.options.get("matryoshka"):
+            raise UnsupportedRequestError(
+                f"Model '{self.name}' does not support shortened embeddings (dimensions={dimensions}): its "
+                f"embeddings have {dim} dimensions and it is not a Matryoshka model; omit dimensions or "
+                f"send {dim}")
+
     def metadata(self) -> dict:
-        return {"id": self.name, **self.loaded.describe()}
+        meta = {"id": self.name, **self.loaded.describe()}
+        if self.embedding_dim is not None:
+            meta["embedding_dim"] = self.embedding_dim
+        return meta
 
 
 def _reportable(logits: np.ndarray) -> np.ndarray:
@@ -191,6 +277,27 @@ class ServedModels:
         model = self._models.get(name)
         if model is None:
             raise UnknownModelError(name, self.names)
+        return model
+
+    @property
+    def embedders(self) -> list[str]:
+        """Ids of the served models that produce embeddings."""
+        return [m.name for m in self._models.values() if m.embeds]
+
+    def get_embedder(self, name: str | None) -> ServedModel:
+        """The embedding model `name` (None: the first served embedding model, as NIM picks its one model)."""
+        if name is None:
+            embedders = self.embedders
+            if not embedders:
+                first = next(iter(self._models.values()), None)
+                raise NotAnEmbeddingModelError(None, first.loaded.family.id if first else None, [])
+            return self._models[embedders[0]]
+        model = self._models.get(name)
+        if model is None:
+            raise UnknownModelError(name, self.embedders or self.names, "embedding models" if self.embedders
+                                    else "models")
+        if not model.embeds:
+            raise NotAnEmbeddingModelError(name, model.loaded.family.id, self.embedders)
         return model
 
     async def stop(self) -> None:

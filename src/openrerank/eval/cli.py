@@ -9,7 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
-from openrerank.eval.pipeline import ALL_PIPELINES
+from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM
 
 DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optionally reranked) on BEIR-layout
 datasets and print recall@5 / nDCG@10 / MRR@10 / recall@100 per pipeline, like the table in NVIDIA's reranking
@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="PyStemmer algorithm for BM25 (porter = Lucene's EnglishAnalyzer; `none` to disable)")
     pipe.add_argument("--stopwords", default="en", help="bm25s stopword list (`en` = Lucene's; `none` to disable)")
     pipe.add_argument("--dense-model", default="default", metavar="SOURCE",
-                      help="bi-encoder for the dense stage (default: the packaged all-MiniLM-L6-v2)")
+                      help="in-process bi-encoder for the dense stage (default: the packaged all-MiniLM-L6-v2)")
+    pipe.add_argument("--dense-from", choices=DENSE_FROM, default="auto",
+                      help="with --server: auto = the server's /v1/embeddings when it serves an embedding model, "
+                           "else --dense-model in-process; server = the server's or fail; local = --dense-model")
+    pipe.add_argument("--dense-server-model", metavar="NAME",
+                      help="with --server: the served embedding model for the dense stage (default: the first)")
     pipe.add_argument("--fusion", choices=("rrf", "wsum"), default="rrf",
                       help="hybrid fusion: reciprocal rank fusion or min-max normalized weighted sum (ranx)")
     pipe.add_argument("--rrf-k", type=int, default=60, help="RRF constant")
@@ -57,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     who.add_argument("--rerank-model", default="default", metavar="SOURCE",
                      help="in-process reranker: `default`, a local directory or a hub id, e.g. "
                           "cross-encoder/ms-marco-MiniLM-L-6-v2")
-    who.add_argument("--server", metavar="URL", help="rerank through a running server's NIM /v1/ranking instead")
+    who.add_argument("--server", metavar="URL",
+                     help="rerank through a running server's NIM /v1/ranking instead, and embed the dense stage "
+                          "with its /v1/embeddings when it serves an embedding model (see --dense-from)")
     rr.add_argument("--server-model", metavar="NAME", help="`model` field sent to the server")
     rr.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
     rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
@@ -176,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         dense_weight=args.dense_weight,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         bi_encoder_via_embeddings=args.rerank_path == "auto",
+        dense_from=args.dense_from,
+        dense_server_model=args.dense_server_model,
     )
     datasets = []
     start = time.perf_counter()
