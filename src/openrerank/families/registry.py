@@ -58,4 +58,10 @@ def resolve_spec(files: ModelFiles, family_id: str | None = None, instruction: s
                  ) -> tuple[Family, ModelSpec]:
     """The model's family (detected, or the one named) and its spec."""
     family = get_family(family_id) if family_id else detect_family(files)
+    if instruction is not None:
+        try:
+            family.check_instruction(instruction)
+        except ModelFormatError as exc:
+            takers = ", ".join(f.id for f in FAMILIES if f.takes_instruction)
+            raise ModelFormatError(f"{files.path}: {exc} (families that take one: {takers})") from None
     return family, family.spec(files, instruction)
