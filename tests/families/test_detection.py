@@ -195,3 +195,12 @@ def test_decoders_refuse_the_onnx_engine(tmp_path):
     with pytest.raises(ValueError, match="qwen3-reranker runs on the torch backend, not onnx"):
         resolve_model(str(path), LoadOptions(backend="onnx"))
     assert resolve_model(str(path), LoadOptions(backend="auto")).engine == "torch"
+
+
+def test_a_converted_seq_cls_decoder_is_explained(tmp_path):
+    _write(tmp_path, "config.json", {"architectures": ["Qwen3ForSequenceClassification"], "model_type": "qwen3",
+                                     "num_labels": 1})
+    with pytest.raises(ModelFormatError, match="Qwen3ForSequenceClassification is a qwen3 decoder with a "
+                                               "classification head") as err:
+        detect_spec(tmp_path)
+    assert "original causal-LM checkpoints" in str(err.value)
