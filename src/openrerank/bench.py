@@ -300,7 +300,14 @@ def _render(result: dict) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from openrerank.extras import MissingExtraError, require
+
     console = Console(stderr=True)
+    try:
+        require("sentence_transformers", "bench", "openrerank bench (its baseline)")
+    except MissingExtraError as exc:
+        print(f"openrerank bench: error: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data) if args.data else default_data_dir()
     if not data.is_dir():
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")

@@ -35,5 +35,8 @@ class ServerConfig:
     request_timeout: float = 120.0
     # dialect behaviour
     tei_chunking: bool = False
+    # logging and tracing
     log_level: str = "info"
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
     graceful_timeout: float = 30.0

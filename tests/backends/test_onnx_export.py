@@ -178,3 +178,29 @@ def test_publish_race_keeps_the_first_copy(tmp_path):
     fresh = tmp_path / ".other-tmp"
     fresh.mkdir()
     assert export._publish(fresh, tmp_path / "new-fp32") is True
+
+
+def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, model_copy, monkeypatch):
+    """`export --out DIR` gives model.onnx + export.json + tokenizer/config, no weights; it loads (on ONNX
+    Runtime, never on torch), scores like the source model, and a torch export is never attempted."""
+    from openrerank.cli import main
+    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.models.safety import check_weights
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(model_copy), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "export.json", "config.json", "tokenizer.json"} <= names
+    assert not any(n.endswith((".safetensors", ".bin")) for n in names)
+    assert check_weights(out, allow_pickle=False) == "onnx"
+    source = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    monkeypatch.setattr(export, "_torch_export", lambda *a, **k: pytest.fail("exported again"))
+    served = load_model(str(out), LoadOptions(backend="auto"))
+    assert served.weights_format == "onnx" and served.backend.description == "onnx-fp32-cpu"
+    passages = ["paris is the capital of france", "bananas are yellow"]
+    assert np.allclose(served.score("capital of france", passages), source.score("capital of france", passages),
+                       atol=1e-6)
+    with pytest.raises(ValueError, match="ONNX Runtime only"):
+        load_model(str(out), LoadOptions(backend="torch"))
+    with pytest.raises(ExportError, match="serve it with --dtype fp32"):
+        load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))

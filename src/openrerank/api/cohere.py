@@ -124,7 +124,8 @@ async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Res
     req = v1_to_internal(body)
     result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
-    return result_to_wire(result, req, version="1", documents=docs)
+    return result_to_wire(result, req, version="1", documents=docs,
+                          request_id=common.request_id(request))
 
 
 @router.post("/v2/rerank", response_model=None, tags=["Cohere / Jina"],
@@ -134,4 +135,5 @@ async def rerank_v2(body: CohereV2RerankRequest, request: Request, response: Res
     req = v2_to_internal(body)
     result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
-    return result_to_wire(result, req, version="2", documents=docs)
+    return result_to_wire(result, req, version="2", documents=docs,
+                          request_id=common.request_id(request))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import Request, Response
 
 from openrerank.api.errors import ApiError
+from openrerank.api.middleware import request_usage
 from openrerank.config import ServerConfig
 from openrerank.engine.served import ServedModels
-from openrerank.schemas.internal import RerankRequest, RerankResult
+from openrerank.schemas.internal import RerankRequest, RerankResult, Timings
 
 
 def served_models(request: Request) -> ServedModels:
@@ -39,9 +40,25 @@ async def rerank(request: Request, response: Response, req: RerankRequest) -> Re
     model = served_models(request).get(req.model)
     check_passage_count(request, len(req.passages))
     result = await model.rerank(req)
-    t = result.timings
+    record_usage(request, response, model=model.name, items=len(req.passages), tokens=result.prompt_tokens,
+                 timings=result.timings)
+    return result
+
+
+def request_id(request: Request) -> str | None:
+    """The request's id (the caller's x-request-id, or one the server made); echoed in the response header."""
+    return request.scope.get("state", {}).get("request_id")
+
+
+def record_usage(request: Request, response: Response, *, model: str, items: int, tokens: int,
+                 timings: Timings) -> None:
+    """What the access log line, the trace and the x-*-time headers (TEI's names) report for this request.
+
+    Any route that runs a model calls this once (items: passages, or texts embedded)."""
+    t = timings
     response.headers["x-tokenize-time"] = f"{t.tokenize_ms:.2f}"
     response.headers["x-queue-time"] = f"{t.queue_ms:.2f}"
     response.headers["x-inference-time"] = f"{t.inference_ms:.2f}"
     response.headers["x-total-time"] = f"{t.total_ms:.2f}"
-    return result
+    request_usage(request.scope).update(model=model, passages=items, tokens=tokens, tokenize_ms=t.tokenize_ms,
+                                        queue_ms=t.queue_ms, inference_ms=t.inference_ms)

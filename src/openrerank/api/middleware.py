@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request metrics, API-key auth, body size / encoding guard.
+"""Pure-ASGI middleware: request log + request id, request metrics, API-key auth, body size / encoding guard.
 
 Each one answers in the error shape of the dialect that owns the path, so a client never sees a
 foreign error body.
@@ -7,16 +7,91 @@ foreign error body.
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openrerank.api.errors import dialect_for
 from openrerank.metrics import Metrics
 
-PUBLIC_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")
+HEALTH_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")
+#: Routes open without the API key: health probes and the API documentation (it holds no secrets).
+PUBLIC_PATHS = (*HEALTH_PATHS, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+PUBLIC_PREFIXES = ("/docs-assets/",)
+#: Probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO.
+_QUIET_PATHS = (*HEALTH_PATHS, "/v1/metrics", "/metrics")
 _JSON_CT = (b"content-type", b"application/json")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+REQUEST_ID_HEADER = b"x-request-id"
+
+access_log = logging.getLogger("openrerank.access")
+
+
+def request_usage(scope: Scope) -> dict[str, Any]:
+    """What a route recorded about its work (model, passages, tokens, timings); see api.common.record_usage."""
+    return scope.setdefault("state", {}).setdefault("usage", {})
+
+
+class RequestLogMiddleware:
+    """One access line per request (INFO; health and metrics at DEBUG) and an `x-request-id` on every answer:
+    the caller's, when it sent a sane one, else a new one. With tracing on, the request's spans as well."""
+
+    def __init__(self, app: ASGIApp, routes: Callable[[], set[str]], tracer: Any = None) -> None:
+        self.app = app
+        self.routes = routes
+        self.tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        request_id = given if _REQUEST_ID_OK.fullmatch(given) else str(uuid.uuid4())
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+        start = time.perf_counter()
+        start_ns = time.time_ns()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._log(scope, status, request_id, (time.perf_counter() - start) * 1e3, start_ns, headers)
+
+    def _log(self, scope: Scope, status: int, request_id: str, total_ms: float, start_ns: int,
+             headers: dict[bytes, bytes]) -> None:
+        path = scope["path"]
+        route = path if path in self.routes() else "unmatched"
+        usage = request_usage(scope)
+        fields = {"method": scope["method"], "route": route, "status": status, "model": usage.get("model"),
+                  "passages": usage.get("passages"), "tokens": usage.get("tokens"),
+                  "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
+                  "total_ms": total_ms, "request_id": request_id}
+        level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+        access_log.log(level, "%s %s %d", scope["method"], route, status,
+                       extra={"fields": fields, "in_message": ("method", "route", "status")})
+        if self.tracer is not None and "model" in usage:
+            stages = {k: usage[f"{k}_ms"] for k in ("tokenize", "queue", "inference") if f"{k}_ms" in usage}
+            attrs = {"http.request.method": scope["method"], "http.route": route,
+                     "http.response.status_code": status, "openrerank.model": usage.get("model"),
+                     "openrerank.passages": usage.get("passages"), "openrerank.tokens": usage.get("tokens"),
+                     "openrerank.request_id": request_id}
+            self.tracer.record(f"{scope['method']} {route}", {k.decode("latin-1"): v.decode("latin-1")
+                               for k, v in headers.items()}, start_ns, stages, attrs)
 
 
 class MetricsMiddleware:
@@ -56,7 +131,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

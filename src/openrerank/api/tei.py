@@ -1,4 +1,8 @@
-"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`.
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`; and Infinity's
+`POST /rerank` on the same path.
+
+The body decides the dialect: `texts` is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's
+(Cohere-shaped answer with `results`, OpenAI-style errors `{"error": {"message", "type", "param", "code"}}`).
 
 Errors come back as TEI's `{"error": ..., "error_type": ...}`. Status codes follow the issue's
 contract, which differs from upstream TEI in one place: upstream answers 413 for a client batch
@@ -9,17 +13,26 @@ not ready -> 503.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ValidationError
 
 from openrerank import __version__
 from openrerank.api import common
-from openrerank.api.errors import ApiError, Dialect, register_dialect
+from openrerank.api.errors import ApiError, Dialect, format_validation_errors, register_dialect
 from openrerank.api.responses import OrjsonResponse
 from openrerank.api.score_form import relevance
 from openrerank.config import ServerConfig
 from openrerank.models.source import parse_model_arg
+from openrerank.schemas.infinity import (
+    INFINITY_UNSPECIFIED_MODEL,
+    InfinityError,
+    InfinityRerankRequest,
+    InfinityRerankResponse,
+)
 from openrerank.schemas.internal import RerankRequest, RerankResult, Truncate
 from openrerank.schemas.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
@@ -43,6 +56,24 @@ TEI = register_dialect(Dialect(
                 "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
     request_models={"/rerank": TeiRerankRequest},
 ))
+
+
+
+def infinity_error_body(status: int, message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+#: Infinity's form of /rerank. It owns no path of its own: the /rerank handler picks it for `documents` bodies.
+INFINITY = Dialect(
+    "infinity", (), infinity_error_body,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 400,
+                "overloaded": 429, "unavailable": 503, "timeout": 504},
+    request_models={"/rerank": InfinityRerankRequest},
+)
+
+#: Request bodies documented for /rerank (the route reads its body itself to pick the form).
+OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankRequest, TeiRank,
+                                                InfinityRerankResponse)
 
 router = APIRouter()
 
@@ -86,16 +117,73 @@ def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
     return out
 
 
-@router.post("/rerank", response_model=None, tags=["TEI"],
-             responses={200: {"model": list[TeiRank]}, **_ERRORS},
-             summary="Rerank texts (Hugging Face text-embeddings-inference compatible)")
-async def rerank(body: TeiRerankRequest, request: Request, response: Response) -> list[dict]:
+def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
+    """Infinity request -> internal request; over-long documents are cut at the end, as Infinity does."""
+    model = None if body.model in (None, INFINITY_UNSPECIFIED_MODEL) else body.model
+    return RerankRequest(query=body.query, passages=list(body.documents), model=model, truncate=Truncate.END,
+                         top_n=body.top_n)
+
+
+def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, request_id: str | None) -> dict:
+    """Internal result -> Infinity's answer: best first, cut to top_n, [0, 1] scores unless raw_scores."""
+    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    results = []
+    for i, _ in result.top(body.top_n):
+        item: dict[str, Any] = {"relevance_score": float(scores[i]), "index": i}
+        if body.return_documents:
+            item["document"] = body.documents[i]
+        results.append(item)
+    return {"object": "rerank", "results": results, "model": result.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+            "id": request_id or "", "created": int(time.time())}
+
+
+def _parse(model: type[BaseModel], payload: dict) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(422, format_validation_errors(list(exc.errors()), model)) from None
+
+
+_FORMS_BODY = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in OPENAPI_MODELS[:2]]}
+
+
+@router.post("/rerank", response_model=None, tags=["TEI", "Infinity"],
+             responses={200: {"content": {"application/json": {"schema": {"oneOf": [
+                 {"type": "array", "items": {"$ref": "#/components/schemas/TeiRank"}},
+                 {"$ref": "#/components/schemas/InfinityRerankResponse"}]}}},
+                 "description": "TEI form: a bare array of ranks; Infinity form: `results`"},
+                 **_ERRORS, 400: {"model": InfinityError, "description": "Infinity form: unknown model"}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": _FORMS_BODY}}}},
+             summary="Rerank texts: TEI form (`texts`) or Infinity/Cohere form (`documents`)")
+async def rerank(request: Request, response: Response) -> Any:
+    """`texts` -> TEI (bare array); `documents` -> Infinity (`results`, Cohere-shaped). Each form answers
+    errors in its own shape."""
+    try:
+        payload = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(422, "request body must be a JSON object with 'query' and 'texts' (TEI) or 'documents' "
+                       "(Infinity/Cohere)")
+    if "documents" in payload and "texts" not in payload:
+        request.state.dialect = INFINITY
+        body = _parse(InfinityRerankRequest, payload)
+        req = infinity_to_internal(body)
+        result = await common.rerank(request, response, req)
+        return infinity_result_to_wire(result, body, common.request_id(request))
+    if "documents" in payload:
+        raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
+    if "texts" not in payload:
+        raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
+    tei_body = _parse(TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
-    req = to_internal(body, chunking=config.tei_chunking)
+    req = to_internal(tei_body, chunking=config.tei_chunking)
     result = await common.rerank(request, response, req)
     response.headers["x-compute-tokens"] = str(result.prompt_tokens)
     response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
-    return result_to_wire(result, body)
+    return result_to_wire(result, tei_body)
 
 
 @router.get("/health", tags=["TEI"], response_model=None,

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.backends.base import Network, NetworkBuild
-from openrerank.models.safety import file_sha256
+from openrerank.models.safety import ONNX_EXPORT_FILES, file_sha256, is_onnx_export
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ ONNX_DTYPES = ("fp32", "int8")
 DEFAULT_OPSET = 17
 #: Bump when the export recipe changes in a way the versions below would not capture.
 EXPORT_FORMAT = 4
-MODEL_FILE = "model.onnx"
-META_FILE = "export.json"
+MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
 
 # Files whose bytes decide the exported graph; the tokenizer does not.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -231,6 +230,22 @@ def _read_meta(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if (folder / MODEL_FILE).is_file() else None
+
+
+def servable_export(network: Network, dtype: str) -> ExportResult | None:
+    """The export inside a pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json
+    beside the tokenizer and config), opened as it is, without PyTorch; None for a plain model directory."""
+    folder = Path(network.path)
+    if not is_onnx_export(folder):
+        return None
+    meta = _read_meta(folder)
+    if meta is None:
+        raise ExportError(f"{folder}/{META_FILE} is unreadable")
+    if meta.get("dtype", dtype) != dtype:
+        raise ExportError(f"{folder} holds a {meta['dtype']} ONNX export; serve it with --dtype {meta['dtype']}")
+    if meta.get("head", network.head) != network.head:
+        raise ExportError(f"{folder} holds an export of {meta['head']!r}, but its files describe {network.head!r}")
+    return ExportResult(folder / MODEL_FILE, True, str(meta.get("key", "")), meta)
 
 
 def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET,

@@ -146,6 +146,9 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
     engine = check_backend_options(options.backend, options.dtype, options.device, family.engines, family.id)
+    if weights_format == "onnx" and engine != "onnx":
+        raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
+                         "ONNX Runtime only: use --backend onnx (or auto) on CPU")
     return ResolvedModel(source, weights_format, family, spec, engine)
 
 
