@@ -41,8 +41,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "served) instead of detecting it: needed for an LLM reranker whose files do not say which one it is; "
            "`openrerank families` lists them", repeatable=True, dest="model_families", metavar="[NAME=]FAMILY"),
     Option("instruction", "models", "the prompt instruction of an LLM reranker that takes one (qwen3-reranker, "
-           "mxbai-rerank-v2); NAME is a served id, optional with one model", repeatable=True, split_env=False, dest="instructions",
-           metavar="[NAME=]TEXT"),
+           "mxbai-rerank-v2); NAME is a served id, optional with one model", repeatable=True, split_env=False,
+           dest="instructions", metavar="[NAME=]TEXT"),
     Option("revision", "models", "hub revision (branch, tag or commit)"),
     Option("allow-pickle", "models", "allow loading pickle (.bin) weights; safetensors only otherwise", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
