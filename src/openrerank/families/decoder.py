@@ -105,10 +105,8 @@ class DecoderRerankerFamily(Family):
         if arch is None:
             raise ModelFormatError(f"{files.path}: {self.id} needs a causal LM checkpoint (*ForCausalLM), found "
                                    f"{files.architectures or 'no architectures'}")
-        if instruction is not None and not self.takes_instruction:
-            raise ModelFormatError(f"the {self.id} prompt has no instruction to set")
-        if instruction is not None and re.search(r"\{(query|passage)\}", instruction):
-            raise ModelFormatError("an instruction may not contain {query} or {passage}")
+        if instruction is not None:
+            self.check_instruction(instruction)
         options = {"instruction": instruction if instruction is not None else self.default_instruction}
         return ModelSpec(files.path, self.id, files.model_type, arch, files.window(), options)
 

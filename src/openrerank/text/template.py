@@ -91,9 +91,13 @@ class TemplateTextEncoder(TextEncoder):
             raise ValueError("this prompt starts with BOS but the tokenizer defines no bos_token")
         self._bos: list[int] = [tokenizer.bos_token_id] if template.bos else []
         self._fixed = {i: self.tok.ids(p) for i, p in enumerate(template.pieces) if not _SLOT.search(p)}
-        fixed = len(self._bos) + sum(len(ids) for ids in self._fixed.values())
+        # The fixed text of the slot pieces (an instruction, `<Query>: `) counts too; filled with empty slots
+        # it is within a token or two of what any pair will have.
+        fixed = len(self._bos) + sum(len(self._fixed[i]) if i in self._fixed else len(self.tok.ids(fill(p, "", "")[0]))
+                                     for i, p in enumerate(template.pieces))
         if fixed >= max_length // 2:
-            raise ValueError(f"a {max_length}-token window is too small for this prompt ({fixed} fixed tokens)")
+            raise ValueError(f"a {max_length}-token window is too small for this prompt: its fixed text (instruction "
+                             f"included) takes {fixed} tokens, and may take at most half the window")
 
     def runs(self, query: str, passages: list[str]) -> list[list[Run]]:
         """Each pair as role-tagged token runs, tokenized piece by piece."""
@@ -133,7 +137,7 @@ class TemplateTextEncoder(TextEncoder):
             return [[t for _, ids in runs for t in ids]]
         if truncate is Truncate.NONE:
             raise InputTooLongError(total, m, idx)
-        free = m - sum(len(ids) for role, ids in runs if role == FIXED)
+        free = max(0, m - sum(len(ids) for role, ids in runs if role == FIXED))
         q = sum(len(ids) for role, ids in runs if role == QUERY)
         p = sum(len(ids) for role, ids in runs if role == PASSAGE)
         share = self.template.query_share if truncate is not Truncate.CHUNK else min(0.5, self.template.query_share)
