@@ -1,21 +1,58 @@
 #!/usr/bin/env bash
-# Create .venv/ in the repo root and install openrerank into it (editable).
-#   scripts/setup.sh          # the server
-#   scripts/setup.sh test     # the server + evaluation + test tools
-# torch is pinned by constraints.txt to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+# Create .venv/ in the repo root and install openrerank into it (editable), then check that it imports.
+#   scripts/setup.sh              # the server + `openrerank eval` (everything the README runs)
+#   scripts/setup.sh test         # + the test tools (what scripts/test.sh and CI use)
+#   scripts/setup.sh otel         # + OpenTelemetry tracing (serve --otlp-endpoint)
+#   scripts/setup.sh ray          # + Ray Serve (serve --replicas N, docs/scale-out.md)
+#   scripts/setup.sh --gpu [...]  # a CUDA build of PyTorch instead of the CPU one (docs/gpu.md)
+# Extras combine: scripts/setup.sh --gpu otel. Python 3.11 or newer (PYTHON=python3.12 to pick one).
+# torch is pinned by constraints.txt; without --gpu the CPU build is used (an unpinned torch pulls a multi-GB
+# CUDA build). TORCH_SPEC overrides what --gpu installs, e.g. TORCH_SPEC='torch==2.13.0+cu126' together with
+# PIP_EXTRA_INDEX_URL pointing at PyTorch's CUDA 12.6 wheel index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-}"
+gpu=0
+extras=(eval)
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) gpu=1 ;;
+    server) extras=() ;;
+    eval | test | otel | bench | ray | int8) extras+=("$arg") ;;
+    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench, ray, int8; flag: --gpu)" >&2
+       exit 2 ;;
+  esac
+done
 python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "scripts/setup.sh: openrerank needs Python 3.11 or newer; $python is $("$python" -V 2>&1)." \
+       "Set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first, pinned, so nothing that depends on it can pull another build.
-.venv/bin/python -m pip install -q -c constraints.txt torch
-if [ "$extras" = "test" ]; then
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+pip=(.venv/bin/python -m pip install -q)
+"${pip[@]}" --upgrade pip
+torch_pin="$(grep -E '^torch==' constraints.txt)"
+if [ "$gpu" = 1 ]; then
+  # '===' matches the version string exactly, so a local CPU wheel (2.13.0+cpu) cannot stand in for it;
+  # PyPI's Linux x86_64 torch wheel is the CUDA build (its CUDA libraries come as nvidia-* packages, ~3 GB).
+  "${pip[@]}" "${TORCH_SPEC:-torch===${torch_pin#torch==}}"
 else
-  .venv/bin/python -m pip install -q -c constraints.txt -e .
+  # torch first, pinned, so nothing that depends on it can pull another build.
+  "${pip[@]}" -c constraints.txt torch
 fi
-echo "openrerank installed in .venv/ ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+spec="."
+if [ "${#extras[@]}" -gt 0 ]; then
+  spec=".[$(IFS=,; echo "${extras[*]}")]"
+fi
+"${pip[@]}" -c constraints.txt -e "$spec"
+.venv/bin/python - <<'EOF'
+import torch
+import openrerank
+cuda = torch.version.cuda
+gpus = torch.cuda.device_count() if cuda else 0
+print(f"openrerank {openrerank.__version__} installed in .venv/ (torch {torch.__version__}, "
+      + (f"CUDA {cuda}, {gpus} GPU(s) visible" if cuda else "CPU build") + "); run .venv/bin/openrerank --help")
+EOF

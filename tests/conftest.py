@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from openrerank.backends.onnx_export import CACHE_ENV
 from tests.support import build_tiny_model, run_server
+
+# Every Ray process the tests start or connect (tests/test_ray_serve.py) advertises 127.0.0.1, reports no
+# usage and uses token auth (a driver joining a cluster needs the mode said explicitly). Ray reads these when it
+# is first imported, which collecting the tests may do, hence here.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session", autouse=True)

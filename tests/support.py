@@ -65,6 +65,47 @@ def build_tiny_model(
     return out
 
 
+def build_tiny_bi_encoder(
+    out: Path,
+    *,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    normalize: bool = False,
+    matryoshka: bool = False,
+    max_position_embeddings: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A random BERT saved by sentence-transformers (modules.json, Pooling, optional Normalize and prompts),
+    as an embedding model's hub folder; `matryoshka` adds the card tag sentence-transformers writes."""
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    bert = out.parent / f"{out.name}-bert"
+    tok = BertTokenizerFast(vocab=str(write_vocab(out.parent / f"{out.name}-vocab.txt")), do_lower_case=True,
+                            model_max_length=max_position_embeddings)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=max_position_embeddings)
+    BertModel(config).eval().save_pretrained(bert, safe_serialization=True)
+    tok.save_pretrained(bert)
+    modules = [models.Transformer(str(bert), max_seq_length=max_position_embeddings),
+               models.Pooling(32, pooling_mode="mean")]
+    if normalize:
+        modules.append(models.Normalize())
+    st = SentenceTransformer(modules=modules, device="cpu", prompts=prompts, default_prompt_name=default_prompt_name)
+    st.save(str(out), create_model_card=False)
+    shutil.rmtree(bert)
+    (out.parent / f"{out.name}-vocab.txt").unlink()
+    if matryoshka:
+        (out / "README.md").write_text("---\ntags:\n- sentence-transformers\n- loss:MatryoshkaLoss\n---\n# tiny\n",
+                                       encoding="utf-8")
+    return out
+
+
 class ServerProcess(ServeProcess):
     """The shared launcher plus what tests need: an authenticated client."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from openrerank.cli import build_parser, config_from_args
 from tests.support import build_tiny_model
 
@@ -61,3 +63,120 @@ def test_duplicate_served_ids_refused():
     done = _serve("--model", "default", "--model", "default")
     assert done.returncode == 2
     assert "NAME=SOURCE" in done.stderr
+
+
+# -- the flag table: help, env variables, one-line startup errors ------------------------------------------
+
+
+def test_every_serve_flag_shows_default_env_and_group():
+    from openrerank.cli import SERVE_OPTIONS
+
+    serve = build_parser().commands["serve"]
+    help_text = " ".join(serve.format_help().split()).split(" options: ", 1)[1]  # past the usage, unwrapped
+    for title in ("network:", "models:", "engine:", "limits:", "logging:"):
+        assert title in help_text
+    for opt in SERVE_OPTIONS:
+        entry = help_text.split(f"--{opt.flag} ", 1)[1].split(" --", 1)[0]
+        assert "(default: " in entry and f"env {opt.env_name}" in entry.replace("- ", "-"), opt.flag
+
+
+def test_export_help_has_text_for_every_flag():
+    export = build_parser().commands["export"]
+    for action in export._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_one_new_option_line_gets_flag_env_and_help(monkeypatch):
+    """The machinery is generic: a repeatable NAME=VALUE flag (like --model-family) is one Option line."""
+    import argparse
+    from types import SimpleNamespace
+
+    from openrerank.cli_support import Option, add_options, resolve_options
+
+    opts = (Option("model-family", "models", "family of a served model", repeatable=True, dest="model_families",
+                   metavar="NAME=FAMILY"),)
+    parser = argparse.ArgumentParser()
+    add_options(parser, opts, SimpleNamespace(model_families=[]))
+    assert "env OPENRERANK_MODEL_FAMILY, comma-separated" in " ".join(parser.format_help().split())
+    monkeypatch.setenv("OPENRERANK_MODEL_FAMILY", "a=bert, b=qwen")
+    args = parser.parse_args([])
+    resolve_options(args, opts, SimpleNamespace(model_families=[]))
+    assert args.model_families == ["a=bert", "b=qwen"]
+    args = parser.parse_args(["--model-family", "c=x"])
+    resolve_options(args, opts, SimpleNamespace(model_families=[]))
+    assert args.model_families == ["c=x"]  # the flag beats the variable
+
+
+def _openrerank(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "openrerank", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def _one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
+    err = done.stderr.strip()
+    assert done.returncode == 2, (done.returncode, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_env_values_name_the_variable():
+    _one_line_error(_openrerank("serve", env={"OPENRERANK_PORT": "abc"}), "OPENRERANK_PORT='abc'", "integer")
+    _one_line_error(_openrerank("serve", env={"OPENRERANK_ALLOW_PICKLE": "maybe"}), "OPENRERANK_ALLOW_PICKLE")
+    _one_line_error(_openrerank("serve", env={"OPENRERANK_LOG_FORMAT": "xml"}), "OPENRERANK_LOG_FORMAT", "json")
+
+
+def test_unknown_flag_suggests_the_right_one():
+    _one_line_error(_openrerank("serve", "--prot", "9000"), "unknown flag --prot", "did you mean --port?")
+    # `openrerank` with serve flags and no subcommand serves, so the same suggestion comes back
+    _one_line_error(_openrerank("--prot", "9000"), "did you mean --port?")
+    _one_line_error(_openrerank("export", "--dtyp", "int8"), "openrerank export", "did you mean --dtype?")
+    _one_line_error(_openrerank("serve", "--max-pass", "3"), "did you mean --max-passages?")  # no abbreviations
+
+
+def test_cuda_without_a_usable_gpu_fails_at_startup():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    err = _one_line_error(_openrerank("serve", "--device", "cuda", "--port", "0"), "--device cuda")
+    assert "scripts/setup.sh --gpu" in err or "no usable GPU" in err
+
+
+def test_busy_port_fails_before_the_model_loads():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _openrerank("serve", "--port", str(port), env={"OPENRERANK_LOG_LEVEL": "info"})
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "Traceback" not in err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
+    assert "loaded" not in err and "export" not in err  # nothing was loaded first
+
+
+def test_model_that_fails_to_load_exits_3_with_one_error_line(tmp_path):
+    """Weights present but unreadable: preflight passes, the load fails; the server must not linger at 503."""
+    model = build_tiny_model(tmp_path / "m")
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    done = _openrerank("serve", "--model", str(model), "--port", "0", "--backend", "torch")
+    assert done.returncode == 3, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "could not be loaded" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_otlp_endpoint_without_the_extra_names_the_install_command():
+    code = ("import sys; sys.modules['opentelemetry.sdk'] = None; from openrerank.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    import os
+
+    done = subprocess.run([sys.executable, "-c", code, "serve", "--otlp-endpoint", "http://127.0.0.1:1",
+                           "--port", "0"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _one_line_error(done, "--otlp-endpoint needs the 'otel' extra", "scripts/setup.sh otel")

@@ -175,3 +175,54 @@ def test_passages_must_not_be_one_string():
     client = openrerank.Client("http://x", transport=httpx.MockTransport(lambda r: httpx.Response(200, json=OK)))
     with pytest.raises(TypeError):
         client.rerank("q", "not a list")
+
+
+# -- embeddings ----------------------------------------------------------------------------------------
+
+
+def test_embed_sync_and_async_against_the_default_server(default_server):
+    import numpy as np
+
+    texts = ["paris is the capital of france", "bananas are yellow", "the sea"]
+    with openrerank.Client(default_server.url) as client:
+        sync = client.embed(texts)
+        query = client.embed(texts[:1], input_type="query", truncate="NONE")
+        with pytest.raises(RerankError) as err:
+            client.embed(texts, model="nope")
+
+    async def go():
+        async with openrerank.AsyncClient(default_server.url) as client:
+            return await client.embed(texts, input_type="passage")
+
+    asynced = asyncio.run(go())
+    with httpx.Client(base_url=default_server.url) as raw:
+        floats = raw.post("/v1/embeddings", json={"input": texts}).json()["data"]
+    expected = np.asarray([d["embedding"] for d in floats], dtype=np.float32)
+    assert sync.dtype == np.float32 and sync.shape == (3, 384)
+    np.testing.assert_array_equal(sync, expected)  # base64 on the wire: bit-exact
+    np.testing.assert_array_equal(asynced, expected)  # the default model has no prompts
+    np.testing.assert_allclose(query[0], expected[0], atol=1e-6)
+    assert err.value.status == 404 and "served embedding models" in err.value.message
+
+
+def test_embed_sends_openai_body_with_nim_extensions():
+    import base64
+
+    import numpy as np
+
+    seen = []
+    vecs = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(vecs[i].tobytes()).decode()}
+                for i in (1, 0)]  # out of order: the client sorts by index
+        return httpx.Response(200, json={"object": "list", "data": data, "model": "m", "usage": {}})
+
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(handler))
+    out = client.embed(["a", "b"], "m", input_type="query", dimensions=3)
+    np.testing.assert_array_equal(out, vecs)
+    assert seen == [{"input": ["a", "b"], "encoding_format": "base64", "truncate": "END", "model": "m",
+                     "input_type": "query", "dimensions": 3}]
+    with pytest.raises(TypeError):
+        client.embed("one string")

@@ -6,8 +6,11 @@
         for r in client.rerank("which way to the station?", ["Turn left.", "Bananas are yellow."]):
             print(r.index, r.logit, r.text)
 
+        vectors = client.embed(["Turn left.", "Bananas are yellow."], input_type="passage")  # (2, dim)
+
 It talks to the NIM route (`POST /v1/ranking`), so `logit` is the model's raw score (a cross-encoder's
-logit, or a bi-encoder's cosine). 429 and 503 answers are retried with exponential backoff, waiting
+logit, or a bi-encoder's cosine), and to `POST /v1/embeddings` (float32 vectors, sent as base64 so they
+arrive bit-exact). 429 and 503 answers are retried with exponential backoff, waiting
 at least as long as the server's `Retry-After`; other failures raise `RerankError` carrying the
 server's own message, whatever dialect's error shape it came in.
 """
@@ -15,6 +18,7 @@ server's own message, whatever dialect's error shape it came in.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import random
 import time
@@ -23,8 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+import numpy as np
 
 Truncation = Literal["NONE", "END", "CHUNK"]
+EmbedTruncation = Literal["NONE", "START", "END"]
+InputType = Literal["query", "passage"]
 RETRY_STATUSES = frozenset({429, 503})
 _MAX_WAIT = 60.0
 
@@ -121,6 +128,25 @@ class _Base:
         return out[:top_n] if top_n else out
 
     @staticmethod
+    def _embeddings_body(texts: Sequence[str], model: str | None, input_type: str | None, truncate: str,
+                         dimensions: int | None) -> dict:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        body: dict[str, Any] = {"input": list(texts), "encoding_format": "base64", "truncate": truncate}
+        for key, value in (("model", model), ("input_type", input_type), ("dimensions", dimensions)):
+            if value is not None:
+                body[key] = value
+        return body
+
+    @staticmethod
+    def _vectors(data: dict) -> np.ndarray:
+        """The response's embeddings as one float32 array, rows in input order."""
+        rows = sorted(data["data"], key=lambda d: int(d["index"]))
+        vecs = [np.frombuffer(base64.b64decode(r["embedding"]), dtype="<f4") if isinstance(r["embedding"], str)
+                else np.asarray(r["embedding"], dtype=np.float32) for r in rows]
+        return np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), dtype=np.float32)
+
+    @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
         if response.is_success:
             return response
@@ -168,6 +194,15 @@ class Client(_Base):
         """Passages best-first (at most `top_n`); truncate NONE (over-long fails), END or CHUNK."""
         body = self._ranking_body(query, passages, model, truncate)
         return self._results(self._send("POST", "/v1/ranking", body).json(), passages, top_n)
+
+    def embed(self, texts: Sequence[str], model: str | None = None, *, input_type: InputType | None = None,
+              truncate: EmbedTruncation = "END", dimensions: int | None = None) -> np.ndarray:
+        """Embeddings of `texts` as a float32 array `(len(texts), dim)`, in order.
+
+        `input_type` ("query" or "passage") applies the model's prompt for that side, if it has one;
+        `model` defaults to the first served embedding model; truncate NONE makes an over-long text fail."""
+        body = self._embeddings_body(texts, model, input_type, truncate, dimensions)
+        return self._vectors(self._send("POST", "/v1/embeddings", body).json())
 
     def models(self) -> list[str]:
         """Ids of the served models (the first is the default)."""
@@ -222,6 +257,12 @@ class AsyncClient(_Base):
         body = self._ranking_body(query, passages, model, truncate)
         response = await self._send("POST", "/v1/ranking", body)
         return self._results(response.json(), passages, top_n)
+
+    async def embed(self, texts: Sequence[str], model: str | None = None, *, input_type: InputType | None = None,
+                    truncate: EmbedTruncation = "END", dimensions: int | None = None) -> np.ndarray:
+        body = self._embeddings_body(texts, model, input_type, truncate, dimensions)
+        response = await self._send("POST", "/v1/embeddings", body)
+        return self._vectors(response.json())
 
     async def models(self) -> list[str]:
         response = await self._send("GET", "/v1/models")

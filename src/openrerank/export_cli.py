@@ -8,6 +8,21 @@ import shutil
 import sys
 from pathlib import Path
 
+# Weights and other runtimes' copies stay behind: the ONNX graph replaces them.
+_NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot")
+_NOT_COPIED_DIRS = ("onnx", "openvino", ".cache", ".git")
+
+
+def write_servable_dir(model_dir: Path, onnx_file: Path, out: Path) -> Path:
+    """`out` = model.onnx + export.json + the model's config, tokenizer and sentence-transformers files:
+    a directory `serve --model` runs with ONNX Runtime alone (no PyTorch), e.g. in a container image."""
+    out.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns(*_NOT_COPIED, *_NOT_COPIED_DIRS)
+    shutil.copytree(model_dir, out, ignore=ignore, dirs_exist_ok=True)
+    for f in onnx_file.parent.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out / onnx_file.name
+
 
 def run_export(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
@@ -39,7 +54,9 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"openrerank export: error: {exc}", file=sys.stderr)
         return 2
     target = result.path
-    if args.out:
+    if args.out and args.backend == "onnx":
+        target = write_servable_dir(resolved.spec.path, result.path, Path(args.out))
+    elif args.out:  # the IR and its record, as cached (serve reads IRs from the cache)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for f in result.path.parent.iterdir():
@@ -61,15 +78,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "weights; bf16 uses the fp32 IR), store it in the cache `serve` reads "
                        "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx; OpenVINO IRs in its openvino/ "
                        "folder) and print its path. Encoder families only (LLM rerankers run on PyTorch).")
-    p.add_argument("--model", default="default", help="'default', a local directory or a hub id")
-    p.add_argument("--model-family", help="the model's family when its files do not say (see `openrerank families`)")
-    p.add_argument("--backend", default="onnx", choices=("onnx", "openvino"))
-    p.add_argument("--dtype", default="fp32", choices=(*ONNX_DTYPES, "bf16"))
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--cache-dir", help="cache folder (default: $OPENRERANK_CACHE_DIR or ~/.cache/openrerank/onnx; "
-                   "for openvino its openvino/ subfolder)")
-    p.add_argument("--out", help="also copy the model files (model.onnx, or model.xml + model.bin) and their "
-                   "metadata into this folder")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
-    p.add_argument("--revision", help="hub revision")
+    p.add_argument("--model", default="default", metavar="SOURCE",
+                   help="'default' (the embedded all-MiniLM-L6-v2), a local model directory or a Hugging Face hub id "
+                   "(default: default)")
+    p.add_argument("--model-family", metavar="FAMILY",
+                   help="the model's family when its files do not say (`openrerank families` lists them) "
+                   "(default: detected)")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "openvino"),
+                   help="onnx (ONNX Runtime) or openvino (default: onnx)")
+    p.add_argument("--dtype", default="fp32", choices=(*ONNX_DTYPES, "bf16"),
+                   help="fp32 (fused graph / IR), int8 (onnx: dynamic quantization; openvino: NNCF int8 weights) "
+                   "or bf16 (openvino: the fp32 IR, run in bf16) (default: fp32)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset, 17 or newer (default: {DEFAULT_OPSET})")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="cache that `serve` reads (default: $OPENRERANK_CACHE_DIR, else ~/.cache/openrerank/onnx; "
+                   "OpenVINO IRs in its openvino/ folder)")
+    p.add_argument("--out", metavar="DIR",
+                   help="onnx: also write a servable copy into DIR (model.onnx, export.json and the tokenizer/config "
+                   "files; `serve --model DIR` runs it without PyTorch); openvino: copy the IR files into DIR "
+                   "(default: none)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle (.bin) weights, which can run code when loaded (default: off)")
+    p.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit (default: the main branch)")
     p.set_defaults(func=run_export)

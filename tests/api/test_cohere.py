@@ -22,7 +22,8 @@ def test_v1_to_internal_strings_objects_and_defaults():
     req = dialect.v1_to_internal(body)
     assert req.passages == ["a", "b"]
     assert req.truncate is Truncate.CHUNK  # chunked by default, as Cohere does
-    assert req.max_chunks_per_passage == 10 and req.max_tokens_per_passage is None
+    assert req.max_chunks_per_passage is None and req.default_chunks_per_passage == 10  # under the server's cap
+    assert req.max_tokens_per_passage is None
     assert req.top_n is None and req.model is None
     assert dialect.v1_to_internal(CohereV1RerankRequest(query="q", documents=["a"], max_chunks_per_doc=3,
                                                         top_n=2)).max_chunks_per_passage == 3

@@ -33,3 +33,25 @@ def test_nvidia_rerank_reorders(default_server, with_model):
     assert {d.page_content for d in out[:2]} == {DOCS[4], DOCS[1]}
     scores = [d.metadata["relevance_score"] for d in out]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_nvidia_embeddings_unchanged(default_server):
+    import httpx
+    import numpy as np
+    from langchain_nvidia_ai_endpoints import NVIDIAEmbeddings
+
+    emb = NVIDIAEmbeddings(base_url=f"{default_server.url}/v1", model="sentence-transformers/all-MiniLM-L6-v2")
+    docs = emb.embed_documents(DOCS)
+    query = emb.embed_query("What is the capital of France?")
+    with httpx.Client(base_url=default_server.url, timeout=60) as c:
+        direct = c.post("/v1/embeddings", json={"input": DOCS, "input_type": "passage"}).json()["data"]
+    np.testing.assert_array_equal(np.asarray(docs, np.float32),
+                                  np.asarray([d["embedding"] for d in direct], np.float32))
+    assert len(query) == 384
+    best = int(np.argmax(np.asarray(docs) @ np.asarray(query)))
+    assert DOCS[best] == DOCS[4]
+    # NVIDIAEmbeddings' default truncate NONE: an over-long text is the server's 400, raised by the client
+    with pytest.raises(Exception, match="exceeds maximum allowed token size"):
+        emb.embed_documents(["paris " * 400])
+    assert len(NVIDIAEmbeddings(base_url=f"{default_server.url}/v1", model="sentence-transformers/all-MiniLM-L6-v2",
+                                truncate="END").embed_documents(["paris " * 400])[0]) == 384

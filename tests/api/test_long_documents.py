@@ -80,8 +80,11 @@ def test_cohere_chunks_by_default(default_server):
 def test_cohere_v1_max_chunks_bounds_the_work(default_server):
     with default_server.client() as c:
         default = c.post("/v1/rerank", json={"query": QUERY, "documents": PASSAGES})
-        more = c.post("/v1/rerank", json={"query": QUERY, "documents": PASSAGES, "max_chunks_per_doc": 20})
-    # 10 windows of 256 tokens (overlapping by a quarter) cover ~2,000 tokens: not the answer.
+        more = c.post("/v1/rerank", json={"query": QUERY, "documents": PASSAGES, "max_chunks_per_doc": 16})
+        too_many = c.post("/v1/rerank", json={"query": QUERY, "documents": PASSAGES, "max_chunks_per_doc": 20})
+    assert too_many.status_code == 400 and "--max-chunks-per-passage" in too_many.json()["message"]
+    # 10 windows of 256 tokens (overlapping by a quarter) cover ~2,000 tokens: not the answer; the
+    # server's most, 16, cover ~3,100.
     assert default.json()["results"][0]["index"] != DOC
     assert more.json()["results"][0]["index"] == DOC
     assert more.json()["usage"]["total_tokens"] > default.json()["usage"]["total_tokens"]

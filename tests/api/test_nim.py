@@ -157,7 +157,7 @@ def test_metrics_count_requests_passages_tokens(tiny_server):
     assert 'openrerank_requests_total{route="/v1/ranking",status="200"}' in text
     assert 'openrerank_requests_total{route="/v1/ranking",status="400"}' in text
     assert 'openrerank_passages_total{model="tiny"}' in text
-    assert 'openrerank_tokens_total{model="tiny"}' in text
+    assert 'openrerank_tokens_total{model="tiny",task="rerank"}' in text
     assert "openrerank_request_duration_seconds_bucket" in text
     assert "openrerank_requests_in_flight" in text
 

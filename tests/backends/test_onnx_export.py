@@ -123,6 +123,35 @@ def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
     ort.InferenceSession(str(results[0].path), providers=["CPUExecutionProvider"])
 
 
+def _export_in_a_process(model_dir: Path, cache: Path, ready_dir: Path, index: int) -> bool:
+    """Child process: import everything, meet the sibling, then start at once; True if it reused an export."""
+    import time
+
+    import onnxruntime  # noqa: F401 - the imports are slow; get them out of the race
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    (ready_dir / str(index)).touch()
+    deadline = time.monotonic() + 120
+    while len(list(ready_dir.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return ensure_onnx(cross_encoder_network(model_dir), cache_dir=cache).cached
+
+
+def test_processes_starting_together_export_once(tmp_path, model_copy):
+    """Two replicas on one cache: the first exports under the cache lock, the other waits and reuses it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    ready.mkdir()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_export_in_a_process, model_copy, cache, ready, i) for i in range(2)]
+        reused = sorted(f.result(timeout=300) for f in futures)
+    assert reused == [False, True]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+
+
 def test_failed_export_leaves_nothing(tmp_path, model_copy, monkeypatch):
     cache = tmp_path / "cache"
 
@@ -179,3 +208,29 @@ def test_publish_race_keeps_the_first_copy(tmp_path):
     fresh = tmp_path / ".other-tmp"
     fresh.mkdir()
     assert publish(fresh, tmp_path / "new-fp32", export.META_FILE) is True
+
+
+def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, model_copy, monkeypatch):
+    """`export --out DIR` gives model.onnx + export.json + tokenizer/config, no weights; it loads (on ONNX
+    Runtime, never on torch), scores like the source model, and a torch export is never attempted."""
+    from openrerank.cli import main
+    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.models.safety import check_weights
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(model_copy), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "export.json", "config.json", "tokenizer.json"} <= names
+    assert not any(n.endswith((".safetensors", ".bin")) for n in names)
+    assert check_weights(out, allow_pickle=False) == "onnx"
+    source = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    monkeypatch.setattr(export, "_torch_export", lambda *a, **k: pytest.fail("exported again"))
+    served = load_model(str(out), LoadOptions(backend="auto"))
+    assert served.weights_format == "onnx" and served.backend.description == "onnx-fp32-cpu"
+    passages = ["paris is the capital of france", "bananas are yellow"]
+    assert np.allclose(served.score("capital of france", passages), source.score("capital of france", passages),
+                       atol=1e-6)
+    with pytest.raises(ValueError, match="ONNX Runtime only"):
+        load_model(str(out), LoadOptions(backend="torch"))
+    with pytest.raises(ExportError, match="serve it with --dtype fp32"):
+        load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))

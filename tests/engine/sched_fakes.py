@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend
+from openrerank.backends.base import Backend, DeviceMemoryError, RowsFailedError
 from openrerank.schemas.work import PairItem
 
 WAIT_S = 30.0  # generous: only reached when something is broken
@@ -19,6 +20,10 @@ WAIT_S = 30.0  # generous: only reached when something is broken
 
 class BoomError(RuntimeError):
     pass
+
+
+class FatalError(BaseException):
+    """Escapes the scheduler's per-batch error handling: it kills the worker thread."""
 
 
 class FakeBackend(Backend):
@@ -36,6 +41,10 @@ class FakeBackend(Backend):
         self.lengths: list[list[int]] = []
         self.threads: set[str] = set()
         self.fail_on: set[int] = set()
+        self.fail_alone: set[int] = set()
+        self.fatal_on: set[int] = set()
+        self.on_batch: Callable[[list[int]], None] | None = None  # called as each batch enters score()
+        self.sleep_per_token = 0.0
         self._gate = threading.Event()
         self._gate.set()
         self.started = threading.Semaphore(0)  # released once per batch that enters score()
@@ -53,13 +62,24 @@ class FakeBackend(Backend):
         self.lengths.append([it.length for it in items])
         self.threads.add(threading.current_thread().name)
         self.started.release()
+        if self.on_batch is not None:
+            self.on_batch(ids)
         if not self._gate.wait(WAIT_S):
             raise TimeoutError("test never released the fake backend")
+        if self.sleep_per_token:
+            time.sleep(self.sleep_per_token * sum(it.length for it in items))
+        if self.fatal_on.intersection(ids):
+            raise FatalError(f"fatal batch {ids}")
         if self.fail_on.intersection(ids):
             raise BoomError(f"poisoned batch {ids}")
         if self.inner is not None:
             return self.inner.score(items)
-        return np.asarray(ids, dtype=np.float32)
+        scores = np.asarray(ids, dtype=np.float32)
+        failed = [row for row, i in enumerate(ids) if i in self.fail_alone]
+        if failed:
+            scores[failed] = np.nan
+            raise RowsFailedError(scores, failed, DeviceMemoryError(f"rows {failed} do not fit"))
+        return scores
 
     async def wait_batch_started(self) -> None:
         """Wait (off the loop) until one more batch has entered score()."""

@@ -9,11 +9,19 @@ import threading
 import numpy as np
 import pytest
 
-from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, QueueFullError
+from openrerank.engine.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    DeviceMemoryError,
+    EngineStoppedError,
+    QueueFullError,
+    RequestTooLargeError,
+    WorkerDiedError,
+)
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.metrics import Metrics
 from openrerank.schemas.work import PairItem
-from tests.engine.sched_fakes import BoomError, FakeBackend, Ids, expected, until
+from tests.engine.sched_fakes import FakeBackend, Ids, expected, until
 
 
 def make(backend: FakeBackend, metrics: Metrics | None = None, **cfg) -> Scheduler:
@@ -107,31 +115,67 @@ def test_a_request_larger_than_a_batch_spans_several_in_order() -> None:
     check_budgets(backend, 200, 16)
 
 
-def test_old_long_request_is_not_starved_by_newer_short_ones() -> None:
+def test_a_small_request_waits_one_batch_behind_a_big_one_not_all_of_it() -> None:
     backend, ids = FakeBackend(), Ids()
-    big = ids.items(*[10] * 20)  # 200 tokens: twice a window (1 batch x 100 tokens), so it fills one alone
-    small = [ids.items(2, 2) for _ in range(4)]
+    big = ids.items(*[10] * 40)  # 4 windows of 1 batch x ... : 40 items of 10 tokens, 10 per batch
+    small = ids.items(3, 4)
 
     async def main() -> None:
-        sched = make(backend, max_batch_tokens=100, max_batch_size=10, window_batches=1)
-        blocker, _ = await block_worker(sched, backend, ids)
+        sched = make(backend, max_batch_tokens=100, max_batch_size=10, window_batches=4)
+        backend.hold()
         big_task = asyncio.create_task(sched.submit(big))
+        await backend.wait_batch_started()  # the big request's first batch is being scored
+        small_task = asyncio.create_task(sched.submit(small))
         await until(lambda: sched.queued == 1)
-        small_tasks = [asyncio.create_task(sched.submit(r)) for r in small]
-        await until(lambda: sched.queued == 5)
         backend.release()
-        out = await asyncio.gather(blocker, big_task, *small_tasks)
+        out = await asyncio.gather(big_task, small_task)
         await sched.stop()
-        np.testing.assert_array_equal(out[1].scores, expected(big))
-        for items, o in zip(small, out[2:], strict=True):
-            np.testing.assert_array_equal(o.scores, expected(items))
+        np.testing.assert_array_equal(out[0].scores, expected(big))
+        np.testing.assert_array_equal(out[1].scores, expected(small))
 
     asyncio.run(main())
+    small_ids = {it.input_ids[0] for it in small}
+    holding = [n for n, b in enumerate(backend.batches) if small_ids & set(b)]
+    assert holding == [1]  # right after the batch in progress, all in one batch
+    assert backend.batches[1] == [it.input_ids[0] for it in small]  # not mixed into a big batch
+    assert len(backend.batches) == 5  # the big request still went on in full batches
+
+
+def test_a_stream_of_small_requests_does_not_starve_a_big_one() -> None:
+    backend, ids = FakeBackend(), Ids()
+    big = ids.items(*[10] * 30)
     big_ids = {it.input_ids[0] for it in big}
-    small_ids = {it.input_ids[0] for r in small for it in r}
+    smalls: list[list[PairItem]] = []
+    tasks: list[asyncio.Task] = []
+
+    async def main() -> None:
+        sched = make(backend, max_batch_tokens=100, max_batch_size=10, window_batches=4)
+        loop = asyncio.get_running_loop()
+
+        def spawn() -> None:  # a new small request arrives during every batch
+            if len(smalls) >= 12:
+                return
+            items = ids.items(2)
+            smalls.append(items)
+            tasks.append(asyncio.create_task(sched.submit(items)))
+
+        backend.on_batch = lambda _ids: loop.call_soon_threadsafe(spawn)
+        out = await sched.submit(big)
+        np.testing.assert_array_equal(out.scores, expected(big))
+        await until(lambda: len(smalls) == 12)
+        for items, o in zip(smalls, await asyncio.gather(*tasks), strict=True):
+            np.testing.assert_array_equal(o.scores, expected(items))
+        await sched.stop()
+
+    asyncio.run(main())
+    # between two batches of the big request there is at most one batch of newcomers
     last_big = max(n for n, b in enumerate(backend.batches) if big_ids & set(b))
-    first_small = min(n for n, b in enumerate(backend.batches) if small_ids & set(b))
-    assert last_big < first_small  # sorting by length alone would have run the short items first
+    run = longest = 0
+    for b in backend.batches[: last_big + 1]:
+        run = 0 if big_ids & set(b) else run + 1
+        longest = max(longest, run)
+    assert longest <= 1
+    assert backend.batches[0] == [it.input_ids[0] for it in big[:10]]  # full batches while alone
 
 
 def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
@@ -158,7 +202,8 @@ def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
         await sched.stop()
 
     asyncio.run(main())
-    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "queue_full"}) == 1
+    rejected = {"model": "m", "task": "rerank", "reason": "queue_full"}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", rejected) == 1
 
 
 def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
@@ -182,7 +227,8 @@ def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
 
     asyncio.run(main())
     assert not {it.input_ids[0] for it in late} & {i for b in backend.batches for i in b}
-    assert metrics.registry.get_sample_value("openrerank_rejected_total", {"model": "m", "reason": "deadline"}) == 1
+    rejected = {"model": "m", "task": "rerank", "reason": "deadline"}
+    assert metrics.registry.get_sample_value("openrerank_rejected_total", rejected) == 1
     assert metrics.registry.get_sample_value("openrerank_queue_depth", {"model": "m"}) == 0
 
 
@@ -207,11 +253,11 @@ def test_deadline_during_a_running_batch_discards_results_and_worker_continues()
 
 
 def test_cancellation_frees_queued_items_and_running_ones_are_discarded() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
     gone = ids.items(7, 8)
 
     async def main() -> None:
-        sched = make(backend, max_queue=2)
+        sched = make(backend, metrics, max_queue=2)
         blocker, _ = await block_worker(sched, backend, ids)
         task = asyncio.create_task(sched.submit(gone))
         await until(lambda: sched.queued == 1)
@@ -230,18 +276,19 @@ def test_cancellation_frees_queued_items_and_running_ones_are_discarded() -> Non
 
     asyncio.run(main())
     assert not {it.input_ids[0] for it in gone} & {i for b in backend.batches for i in b}
+    assert metrics.registry.get_sample_value("openrerank_cancelled_total", {"model": "m", "task": "rerank"}) == 2
 
 
-def test_backend_error_reaches_only_the_requests_in_that_batch() -> None:
-    backend, ids = FakeBackend(), Ids()
+def test_a_failing_input_fails_only_its_own_request() -> None:
+    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
     poisoned = ids.items(50)
     fine = ids.items(5, 5)
-    neighbour = ids.items(50)  # shares the poisoned batch
+    neighbour = ids.items(50)  # shares the poisoned batch, then is re-run on its own
     spread = ids.items(4, 4, 60)  # its first batch fails; its last item must then be skipped
     backend.fail_on = {poisoned[0].input_ids[0], spread[0].input_ids[0]}
 
     async def main() -> list:
-        sched = make(backend, max_batch_size=2)
+        sched = make(backend, metrics, max_batch_size=2)
         blocker, _ = await block_worker(sched, backend, ids)
         tasks = [asyncio.create_task(sched.submit(r)) for r in (poisoned, fine, neighbour, spread)]
         await until(lambda: sched.queued == 4)
@@ -253,10 +300,128 @@ def test_backend_error_reaches_only_the_requests_in_that_batch() -> None:
         return out[1:]
 
     r_poisoned, r_fine, r_neighbour, r_spread = asyncio.run(main())
-    assert isinstance(r_poisoned, BoomError) and isinstance(r_neighbour, BoomError)
-    assert isinstance(r_spread, BoomError)
+    assert isinstance(r_poisoned, BatchFailedError) and "BoomError" in str(r_poisoned)
+    assert isinstance(r_spread, BatchFailedError)
     np.testing.assert_array_equal(r_fine.scores, expected(fine))
+    np.testing.assert_array_equal(r_neighbour.scores, expected(neighbour))
     assert spread[2].input_ids[0] not in {i for b in backend.batches for i in b}
+    assert metrics.registry.get_sample_value("openrerank_batch_failures_total", {"model": "m", "task": "rerank"}) >= 2
+
+
+def test_a_dead_worker_settles_everything_and_reports_it() -> None:
+    backend, ids = FakeBackend(), Ids()
+    fatal = ids.items(5)
+    backend.fatal_on = {fatal[0].input_ids[0]}
+
+    async def main() -> list:
+        sched = make(backend)
+        assert sched.alive  # before the first start
+        blocker, _ = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (fatal, ids.items(3), ids.items(4, 4))]
+        await until(lambda: sched.queued == 3)
+        assert sched.alive
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        await until(lambda: not sched.alive, "the worker to end")
+        assert sched.failure == "FatalError"
+        with pytest.raises(WorkerDiedError):
+            await sched.submit(ids.items(1))  # refused at once, not after the timeout
+        await sched.stop()  # returns: nothing left to drain
+        return out
+
+    out = asyncio.run(main())
+    assert not isinstance(out[0], BaseException)  # the blocker's batch finished before the fatal one
+    assert all(isinstance(o, WorkerDiedError) for o in out[1:])
+
+
+def test_admission_counts_tokens_and_one_request_is_one_unit() -> None:
+    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+
+    async def main() -> None:
+        sched = make(backend, metrics, max_queue=10, max_queue_tokens=100, max_request_tokens=80)
+        with pytest.raises(RequestTooLargeError) as err:
+            await sched.submit(ids.items(*[9] * 9))  # 81 tokens: refused even when idle
+        assert "81 tokens" in str(err.value) and "80" in str(err.value) and "--max-request-tokens" in str(err.value)
+        blocker, _ = await block_worker(sched, backend, ids)  # 3 tokens pending
+        first = asyncio.create_task(sched.submit(ids.items(*[10] * 7)))  # 70 tokens: 73 pending
+        await until(lambda: sched.pending == 2)
+        assert sched.pending_tokens == 73
+        with pytest.raises(QueueFullError) as full:
+            await sched.submit(ids.items(*[10] * 3))  # 30 more would pass 100
+        assert "tokens" in str(full.value) and "--max-queue-tokens" in str(full.value)
+        fits = asyncio.create_task(sched.submit(ids.items(*[9] * 3)))  # 27: exactly 100
+        await until(lambda: sched.pending == 3)
+        backend.release()
+        await asyncio.gather(blocker, first, fits)
+        assert sched.pending == 0 and sched.pending_tokens == 0
+        await sched.stop()
+
+    asyncio.run(main())
+    value = metrics.registry.get_sample_value
+    assert value("openrerank_rejected_total", {"model": "m", "task": "rerank", "reason": "too_large"}) == 1
+    assert value("openrerank_rejected_total", {"model": "m", "task": "rerank", "reason": "queue_full"}) == 1
+
+
+def test_an_idle_scheduler_admits_one_request_above_the_queue_budget() -> None:
+    backend, ids = FakeBackend(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, max_queue_tokens=10, max_request_tokens=100)
+        items = ids.items(*[10] * 5)
+        np.testing.assert_array_equal((await sched.submit(items)).scores, expected(items))
+        await sched.stop()
+
+    asyncio.run(main())
+
+
+def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
+    backend, ids = FakeBackend(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, max_queue=2)
+        assert sched.retry_after == 1.0  # nothing measured yet
+        backend.sleep_per_token = 0.002
+        await sched.submit(ids.items(*[10] * 5))  # measures at least 2 ms per token
+        backend.sleep_per_token = 0.0
+        blocker, _ = await block_worker(sched, backend, ids)
+        backlog = asyncio.create_task(sched.submit(ids.items(*[100] * 20)))  # 2,000 tokens: >= 4 s of work
+        await until(lambda: sched.pending == 2)
+        with pytest.raises(QueueFullError) as full:
+            await sched.submit(ids.items(1))
+        assert 4.0 <= full.value.retry_after <= 60.0
+        backend.release()
+        await asyncio.gather(blocker, backlog)
+        await sched.stop()
+
+    asyncio.run(main())
+
+
+def test_rows_that_fail_alone_fail_only_their_requests() -> None:
+    """A runtime that scores a batch but for some rows (one sequence too big for the device even alone)
+    fails only the requests owning those rows; the rest of that same batch is delivered."""
+    backend, ids = FakeBackend(), Ids()
+    oversized = ids.items(20, 20, 40)  # its last item would run in a later batch
+    neighbour = ids.items(20, 20)  # same length as its first two: lands in their batch
+    later = ids.items(30, 30)
+    backend.fail_alone = {oversized[1].input_ids[0]}
+
+    async def main() -> list:
+        sched = make(backend, max_batch_size=4, batch_wait_ms=0)
+        blocker, _ = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (oversized, neighbour, later)]
+        await until(lambda: sched.queued == 3)
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        await sched.stop()
+        return out[1:]
+
+    r_oversized, r_neighbour, r_later = asyncio.run(main())
+    assert isinstance(r_oversized, DeviceMemoryError)
+    np.testing.assert_array_equal(r_neighbour.scores, expected(neighbour))
+    np.testing.assert_array_equal(r_later.scores, expected(later))
+    shared = next(b for b in backend.batches if oversized[1].input_ids[0] in b)
+    assert {it.input_ids[0] for it in neighbour} <= set(shared)  # really the same batch
+    assert oversized[2].input_ids[0] not in {i for b in backend.batches for i in b}  # skipped once failed
 
 
 def test_stop_finishes_accepted_work_then_refuses() -> None:
@@ -321,7 +486,7 @@ def test_metrics_describe_the_batches() -> None:
 
     asyncio.run(main())
     value = metrics.registry.get_sample_value
-    lab = {"model": "m"}
+    lab = {"model": "m", "task": "rerank"}
     n_batches = len(backend.lengths)
     assert value("openrerank_batch_size_count", lab) == n_batches
     assert value("openrerank_batch_size_sum", lab) == sum(len(b) for b in backend.lengths)
@@ -330,4 +495,33 @@ def test_metrics_describe_the_batches() -> None:
     assert value("openrerank_batch_padding_ratio_sum", lab) == pytest.approx(padding)
     assert value("openrerank_inference_seconds_count", lab) == n_batches
     assert value("openrerank_queue_seconds_count", lab) == 4
-    assert value("openrerank_queue_depth", lab) == 0
+    assert value("openrerank_queue_depth", {"model": "m"}) == 0
+
+
+class _DyingBackend:
+    """Raises what no batch handler catches, as an interpreter-level failure would."""
+
+    def score(self, items):
+        raise SystemExit("worker killed")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_alive_reports_a_stopped_or_dead_worker() -> None:
+    ids = Ids()
+
+    async def main() -> None:
+        sched = make(FakeBackend())
+        assert sched.alive  # never started: nothing has died
+        await sched.start()
+        assert sched.alive
+        await sched.stop()
+        assert not sched.alive
+        dying_backend = FakeBackend()
+        dying_backend.inner = _DyingBackend()  # type: ignore[assignment]
+        dying = make(dying_backend)
+        await dying.start()
+        with pytest.raises(WorkerDiedError):  # settled at once, not left to its deadline
+            await dying.submit(ids.items(2), timeout=30)
+        assert not dying.alive
+
+    asyncio.run(main())

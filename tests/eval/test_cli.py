@@ -104,3 +104,54 @@ def test_bad_inputs_exit_cleanly(tmp_path: Path, capsys) -> None:
     assert main(["--dataset", str(tmp_path / "nope"), "--pipelines", "sparse", "--quiet"]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert main(["--dataset", str(tmp_path), "--pipelines", "bogus", "--quiet"]) == 2
+
+
+def test_missing_eval_extra_is_one_line_naming_the_install_command(tiny_beir: Path, monkeypatch, capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # as if the eval extra were not installed
+    assert main(["--dataset", str(tiny_beir), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "'eval' extra" in err and "bm25s" in err and "scripts/setup.sh eval" in err
+
+
+def test_bare_output_names_go_to_the_out_dir(tiny_beir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", str(tiny_beir), "--pipelines", "sparse,sparse+rerank", "--quiet", "--no-cache",
+            "--json", "t.json", "--plot", "t.png", "--csv", str(tmp_path / "elsewhere" / "t.csv")]
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / "t.json").is_file() and (tmp_path / "runs" / "t.png").is_file()
+    assert (tmp_path / "elsewhere" / "t.csv").is_file() and not (tmp_path / "t.json").exists()
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from openrerank.eval.progress import Reporter, progress_line
+
+    buf = io.StringIO()
+    reporter = Reporter(console=Console(file=buf, force_terminal=False), every=0.0)
+    with reporter.step("encode corpus", 4) as advance:
+        for _ in range(4):
+            advance(1)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "encode corpus: started (4 to do)"
+    assert any(line.startswith("encode corpus: 2/4 (50%), ") and "/s, ETA " in line for line in lines)
+    assert lines[-1].startswith("encode corpus: done 4/4 in ")
+    assert progress_line("x", 25, 100, 5.0) == "x: 25/100 (25%), 5.0/s, ETA 15s"
+
+
+def test_plot_pairs_each_first_stage_with_its_rerank() -> None:
+    from openrerank.eval.report import _zoomed_limits, rerank_pairs
+
+    pipes = ["sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "run:bm25", "run:bm25+rerank",
+             "hybrid+rerank"]
+    assert rerank_pairs(pipes) == [("Sparse", "sparse", "sparse+rerank"), ("Dense", "dense", "dense+rerank"),
+                                   ("Dense+Sparse", "hybrid", "hybrid+rerank"),
+                                   ("run:bm25", "run:bm25", "run:bm25+rerank")]
+    assert rerank_pairs(["dense+rerank"]) == [("Dense", None, "dense+rerank")]
+    lo, hi = _zoomed_limits([0.64, 0.72])
+    assert 0.5 < lo < 0.64 and hi > 0.72  # zoomed, not from 0

@@ -63,3 +63,14 @@ def test_model_fingerprint_follows_content_and_options(tmp_path: Path) -> None:
     assert base != model_fingerprint(tmp_path, backend="torch-fp32-cpu", dtype="fp32", max_length=128)
     (tmp_path / "model.safetensors").write_bytes(b"abd")
     assert base != model_fingerprint(tmp_path, backend="torch-fp32-cpu", dtype="fp32", max_length=256)
+
+
+def test_server_fingerprint_follows_server_model_and_its_description() -> None:
+    from openrerank.eval.dense import server_fingerprint
+
+    meta = {"source": "default", "backend": "onnx-fp32-cpu", "max_length": 256}
+    base = server_fingerprint("http://h:8000", "m", meta)
+    assert base.startswith("server-") and base == server_fingerprint("http://h:8000/", "m", dict(meta))
+    assert base != server_fingerprint("http://h:9000", "m", meta)
+    assert base != server_fingerprint("http://h:8000", "other", meta)
+    assert base != server_fingerprint("http://h:8000", "m", {**meta, "backend": "onnx-int8-cpu"})

@@ -1,4 +1,5 @@
-"""`openrerank eval --server URL` reranks through a real running server, with the same result as in-process."""
+"""`openrerank eval --server URL` reranks through a real running server, and embeds the dense stage with its
+`/v1/embeddings` when it serves an embedding model, with the same result as in-process."""
 
 from __future__ import annotations
 
@@ -21,3 +22,36 @@ def test_server_rerank_matches_in_process(default_server, tiny_beir: Path, tmp_p
     with default_server.client() as c:
         metrics = c.get("/v1/metrics").text
     assert 'openrerank_requests_total{route="/v1/ranking",status="200"}' in metrics
+
+
+def _rows(path: Path) -> dict:
+    return {r["pipeline"]: r["metrics"] for r in json.loads(path.read_text())["rows"]}
+
+
+def test_server_dense_stage_uses_its_embeddings(default_server, tiny_beir: Path, tmp_path: Path) -> None:
+    common = ["--dataset", str(tiny_beir), "--pipelines", "dense,hybrid,dense+rerank", "--top-k", "4",
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    local, remote, again = tmp_path / "local.json", tmp_path / "remote.json", tmp_path / "again.json"
+    assert main([*common, "--json", str(local)]) == 0
+    assert main([*common, "--server", default_server.url, "--json", str(remote)]) == 0
+    assert main([*common, "--server", default_server.url, "--json", str(again)]) == 0
+    assert _rows(remote) == _rows(local)
+    notes = json.loads(remote.read_text())["notes"]
+    assert any(f"via {default_server.url}/v1/embeddings" in n for n in notes)
+    assert any("encoded 6 docs (cache key server-" in n for n in notes)
+    text = again.read_text()
+    assert "corpus embeddings from cache (key server-" in text and _rows(again) == _rows(local)
+    with default_server.client() as c:
+        metrics = c.get("/v1/metrics").text
+    assert 'openrerank_requests_total{route="/v1/embeddings",status="200"}' in metrics
+
+
+def test_server_without_embedding_model(tiny_server, tiny_beir: Path, tmp_path: Path, capsys) -> None:
+    common = ["--dataset", str(tiny_beir), "--pipelines", "dense", "--top-k", "4", "--no-cache", "--quiet",
+              "--server", tiny_server.url]
+    out = tmp_path / "fallback.json"
+    assert main([*common, "--json", str(out)]) == 0  # auto: the dense model in-process
+    assert "serves no embedding model; embedded in-process instead" in out.read_text()
+    assert main([*common, "--dense-from", "server"]) == 2
+    assert main([*common, "--dense-server-model", "tiny"]) == 2
+    assert "serves no embedding model 'tiny'" in capsys.readouterr().err

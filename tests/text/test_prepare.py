@@ -72,6 +72,28 @@ def test_max_chunks_keeps_leading_windows(cross):
     assert capped.owners == [0, 0, 1, 1]
 
 
+def test_the_chunk_cap_clips_a_huge_passage_before_its_windows_are_made(cross, monkeypatch):
+    """A 1 MB passage under a chunk cap costs what its capped windows cost: the tokenizer only ever
+    sees the span those windows cover, not the megabyte."""
+    seen: list[int] = []
+    real_call = type(cross.tok).__call__
+
+    def spy(self, *args, **kw):
+        texts = [a for a in args if isinstance(a, list) and a and isinstance(a[0], str)]
+        seen.extend(len(t) for group in texts for t in group)
+        return real_call(self, *args, **kw)
+
+    monkeypatch.setattr(type(cross.tok), "__call__", spy)
+    huge = long_text(200_000)  # ~1.2 MB
+    prep = cross.prepare("paris " * 40, [huge], Truncate.CHUNK, max_chunks_per_passage=3)
+    assert prep.owners == [0, 0, 0]
+    assert max(seen) < 32 * 3 * P.MAX_CHARS_PER_TOKEN  # never the whole megabyte
+    # the over-long query was cut to half the window, so each window still holds a real slice
+    q_len = prep.items[0].token_type_ids.index(1) - 2  # [CLS] query [SEP] | passage [SEP]
+    assert q_len <= (32 - 3) // 2
+    assert all(len(it.input_ids) - q_len - 3 >= (32 - 3) // 2 for it in prep.items[:2])
+
+
 def test_max_tokens_per_passage_clips_before_anything_else(cross):
     prep = cross.prepare("paris", [long_text(100)], Truncate.CHUNK, max_tokens_per_passage=20)
     assert prep.owners == [0] and len(prep.items[0].input_ids) == 3 + 20 + 1
@@ -132,3 +154,35 @@ def test_bi_encoder_sentence_longer_than_a_window_is_split(bi):
     prep = bi.prepare("q", [run_on], Truncate.CHUNK)
     assert len(prep.items) > 600 // B.BI_CHUNK_TOKENS
     assert all(len(it.passage_ids) <= B.BI_CHUNK_TOKENS + 2 for it in prep.items)
+
+
+# -- texts embedded on their own (/v1/embeddings) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompted() -> BiTextEncoder:
+    """The default's tokenizer with a query prompt (as e5/bge models have), window 16."""
+    return BiTextEncoder(AutoTokenizer.from_pretrained(str(default_model_dir())), 16,
+                         prompts={"query": "query: ", None: "default: "})
+
+
+def test_encode_texts_prepends_the_prompt_of_the_input_type(prompted):
+    tok = prompted.tokenizer
+    assert prompted.encode_texts(["paris"], input_type="query") == [tok("query: paris")["input_ids"]]
+    assert prompted.encode_texts(["paris"], input_type="passage") == [tok("paris")["input_ids"]]  # no prompt
+    assert prompted.encode_texts(["paris"]) == [tok("default: paris")["input_ids"]]
+
+
+def test_encode_texts_truncation_keeps_the_prompt(prompted):
+    text = long_text(40)
+    tok = prompted.tokenizer
+    with pytest.raises(InputTooLongError):
+        prompted.encode_texts([text], Truncate.NONE, input_type="query")
+    end = prompted.encode_texts([text], Truncate.END, input_type="query")[0]
+    start = prompted.encode_texts([text], Truncate.START, input_type="query")[0]
+    prompt_ids = tok("query:", add_special_tokens=False)["input_ids"]
+    assert len(end) == len(start) == 16
+    assert end[1 : 1 + len(prompt_ids)] == start[1 : 1 + len(prompt_ids)] == prompt_ids
+    words = tok(text, add_special_tokens=False)["input_ids"]
+    assert start[1 + len(prompt_ids) : -1] == words[-(16 - 2 - len(prompt_ids)) :]  # the text's end
+    assert end[1 + len(prompt_ids) : -1] == words[: 16 - 2 - len(prompt_ids)]  # the text's start

@@ -41,16 +41,12 @@ COHERE = register_dialect(Dialect(
     # Cohere answers 429 when it is overloaded, 404 for a model it does not know.
     status_for={"overloaded": 429, "model_not_found": 404, "too_many": 400, "too_long": 400},
     request_models={"/v1/rerank": CohereV1RerankRequest, "/v2/rerank": CohereV2RerankRequest},
+    error_model=CohereError,
 ))
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": CohereError, "description": desc}
-    for code, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
-                       (404, "Unknown model"), (413, "Body too large"), (429, "Overloaded, retry"),
-                       (503, "Model not loaded yet"))
-}
+_ERRORS = COHERE.responses(400, 401, 404, 408, 413, 429, 500, 503, 504)
 
 
 def document_text(doc: str | dict[str, Any], index: int, rank_fields: list[str] | None) -> str:
@@ -80,7 +76,7 @@ def v1_to_internal(body: CohereV1RerankRequest) -> RerankRequest:
     return RerankRequest(
         query=body.query, passages=texts, model=body.model, truncate=Truncate.CHUNK,
         top_n=body.top_n or None,
-        max_chunks_per_passage=body.max_chunks_per_doc or V1_MAX_CHUNKS_PER_DOC,
+        max_chunks_per_passage=body.max_chunks_per_doc, default_chunks_per_passage=V1_MAX_CHUNKS_PER_DOC,
     )
 
 
@@ -124,7 +120,8 @@ async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Res
     req = v1_to_internal(body)
     result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
-    return result_to_wire(result, req, version="1", documents=docs)
+    return result_to_wire(result, req, version="1", documents=docs,
+                          request_id=common.request_id(request))
 
 
 @router.post("/v2/rerank", response_model=None, tags=["Cohere / Jina"],
@@ -134,4 +131,5 @@ async def rerank_v2(body: CohereV2RerankRequest, request: Request, response: Res
     req = v2_to_internal(body)
     result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
-    return result_to_wire(result, req, version="2", documents=docs)
+    return result_to_wire(result, req, version="2", documents=docs,
+                          request_id=common.request_id(request))

@@ -7,16 +7,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from openrerank import __version__
 from openrerank.api import common
+from openrerank.api.engine_config import scheduler_config
 from openrerank.api.errors import NIM
 from openrerank.api.responses import OrjsonResponse
 from openrerank.schemas.internal import RerankRequest, Truncate
-from openrerank.schemas.nim import NimRankingRequest, NimRankingResponse
+from openrerank.schemas.nim import HealthResponse, NimRankingRequest, NimRankingResponse
 
 router = APIRouter()
 NIM.request_models["/v1/ranking"] = NimRankingRequest
+_AUTH = NIM.responses(401)
+_HEALTH = {503: {"model": HealthResponse, "description": "Not ready (loading, failed, or a model worker died)"}}
 
 
 @router.post("/v1/ranking", response_model=NimRankingResponse, tags=["NIM"],
+             responses=NIM.responses(400, 401, 404, 408, 413, 500, 503, 504),
              summary="Rank passages by relevance to a query (NVIDIA NIM compatible)")
 async def ranking(body: NimRankingRequest, request: Request, response: Response) -> dict:
     req = RerankRequest(
@@ -24,6 +28,7 @@ async def ranking(body: NimRankingRequest, request: Request, response: Response)
         passages=[p.text for p in body.passages],
         model=body.model,
         truncate=Truncate(body.truncate),
+        max_chunks_per_passage=body.max_chunks_per_passage,
     )
     result = await common.rerank(request, response, req)
     return {
@@ -32,7 +37,7 @@ async def ranking(body: NimRankingRequest, request: Request, response: Response)
     }
 
 
-@router.get("/v1/models", tags=["NIM"])
+@router.get("/v1/models", tags=["NIM"], responses=_AUTH)
 async def models(request: Request) -> dict:
     reg = common.served_models(request)
     served = {m.name: m for m in reg.models()}
@@ -40,42 +45,61 @@ async def models(request: Request) -> dict:
         "object": "list",
         "data": [
             {"id": name, "object": "model", "owned_by": "openrerank",
-             "created": served[name].created if name in served else 0}
+             "created": served[name].created if name in served else 0,
+             # rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings ([] while loading)
+             "tasks": served[name].tasks if name in served else []}
             for name in reg.names
         ],
     }
 
 
-@router.get("/v1/health/live", tags=["health"])
-async def live() -> dict:
-    return {"object": "health.response", "message": "Service is live.", "status": "live"}
-
-
-@router.get("/v1/health/ready", tags=["health"])
-async def ready(request: Request) -> OrjsonResponse:
+@router.get("/v1/health/live", tags=["health"], response_model=HealthResponse, responses=_HEALTH)
+async def live(request: Request) -> OrjsonResponse:
+    """200 while the process can serve; 503 once a model worker died (restart the process)."""
     reg = common.served_models(request)
-    if reg.ready:
-        return OrjsonResponse({"object": "health.response", "message": "Service is ready.", "status": "ready"})
-    msg = f"Model failed to load: {reg.load_error}" if reg.load_error else "Model is loading."
-    return OrjsonResponse({"object": "health.response", "message": msg, "status": "not ready"},
+    if reg.live:
+        return OrjsonResponse({"object": "health.response", "message": "Service is live.", "status": "live"})
+    return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "not live"},
                           status_code=503)
 
 
-@router.get("/v1/metadata", tags=["NIM"])
+@router.get("/v1/health/ready", tags=["health"], response_model=HealthResponse, responses=_HEALTH)
+async def ready(request: Request) -> OrjsonResponse:
+    """200 once every model is loaded and warmed and every model worker is alive, else 503."""
+    reg = common.served_models(request)
+    if reg.ready:
+        return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "ready"})
+    return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "not ready"},
+                          status_code=503)
+
+
+@router.get("/v1/metadata", tags=["NIM"], responses=_AUTH)
 async def metadata(request: Request) -> dict:
     reg = common.served_models(request)
     return {
         "version": __version__,
         "modelInfo": [{"shortName": m.name, "modelUrl": m.metadata()["source"]} for m in reg.models()],
         "models": [m.metadata() for m in reg.models()],
-        "limits": {
-            "max_passages": common.config(request).max_passages,
-            "max_body_bytes": common.config(request).max_body_bytes,
-        },
+        "limits": limits(common.config(request)),
     }
 
 
-@router.get("/v1/metrics", tags=["health"], response_class=Response)
+def limits(config) -> dict:
+    """The per-request limits a client may run into (docs/reliability.md)."""
+    sched = scheduler_config(config)
+    return {
+        "max_passages": config.max_passages,
+        "max_inputs": config.max_inputs,
+        "max_body_bytes": config.max_body_bytes,
+        "max_request_tokens": sched.request_budget,
+        "max_chunks_per_passage": config.max_chunks_per_passage,
+        "max_chunks_per_request": config.max_chunks_per_request,
+        "request_timeout_s": config.request_timeout,
+    }
+
+
+@router.get("/v1/metrics", tags=["health"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}, **_AUTH})
 @router.get("/metrics", include_in_schema=False, response_class=Response)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,17 +2,16 @@
 
 `text_1` str + `text_2` list: one query against many texts. Equal-length lists: pairwise
 (`text_1[i]` with `text_2[i]`); a one-element `text_1` list is broadcast. Pairs are grouped by
-their distinct `text_1` into one internal request each, and the groups run concurrently through
-the model's scheduler. `data` keeps pair order (not sorted), as vLLM does.
+their distinct `text_1` into one internal request each, and the groups go to the model's scheduler
+as one submission (one admission unit, one deadline, one cancellation, whatever
+the number of groups). `data` keeps pair order (not sorted), as vLLM does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
@@ -22,8 +21,8 @@ from openrerank.api.score_form import relevance
 from openrerank.schemas.internal import RerankRequest, RerankResult, Truncate
 from openrerank.schemas.score import ScoreError, ScoreRequest, ScoreResponse
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "BadRequestError",
-          422: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
+          413: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
           504: "TimeoutError"}
 
 
@@ -39,15 +38,12 @@ SCORE = register_dialect(Dialect(
     score_error_body,
     status_for={"model_not_found": 404},
     request_models={"/v1/score": ScoreRequest, "/score": ScoreRequest},
+    error_model=ScoreError,
 ))
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ScoreError, "description": desc}
-    for code, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
-                       (413, "Body too large"), (503, "Overloaded or not loaded yet"))
-}
+_ERRORS = SCORE.responses(400, 401, 404, 408, 413, 500, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -112,17 +108,6 @@ def result_to_wire(plan: ScorePlan, results: list[RerankResult], *, activation: 
     }
 
 
-async def _run_all(request: Request, response: Response, plan: ScorePlan):
-    """Score every group concurrently; the first failure cancels the rest and propagates."""
-    tasks = [asyncio.ensure_future(common.rerank(request, response, r)) for r in plan.requests]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
-
-
 @router.post("/v1/score", response_model=None, tags=["Score (vLLM)"],
              responses={200: {"model": ScoreResponse}, **_ERRORS},
              summary="Score text pairs (vLLM compatible)")
@@ -135,6 +120,6 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> dic
     common.check_ready(request)
     model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
     common.check_passage_count(request, len(plan.pairs), "pairs")
-    outcomes = await _run_all(request, response, plan)
+    outcomes = await common.rerank_many(request, response, plan.requests)
     response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
     return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name)

@@ -1,4 +1,8 @@
-"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`.
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`; and Infinity's
+`POST /rerank` on the same path.
+
+The body decides the dialect: `texts` is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's
+(Cohere-shaped answer with `results`, OpenAI-style errors `{"error": {"message", "type", "param", "code"}}`).
 
 Errors come back as TEI's `{"error": ..., "error_type": ...}`. Status codes follow the issue's
 contract, which differs from upstream TEI in one place: upstream answers 413 for a client batch
@@ -9,17 +13,26 @@ not ready -> 503.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ValidationError
 
 from openrerank import __version__
 from openrerank.api import common
-from openrerank.api.errors import ApiError, Dialect, register_dialect
+from openrerank.api.errors import ApiError, Dialect, format_validation_errors, register_dialect
 from openrerank.api.responses import OrjsonResponse
 from openrerank.api.score_form import relevance
 from openrerank.config import ServerConfig
 from openrerank.models.source import parse_model_arg
+from openrerank.schemas.infinity import (
+    INFINITY_UNSPECIFIED_MODEL,
+    InfinityError,
+    InfinityRerankRequest,
+    InfinityRerankResponse,
+)
 from openrerank.schemas.internal import RerankRequest, RerankResult, Truncate
 from openrerank.schemas.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
@@ -39,20 +52,44 @@ TEI = register_dialect(Dialect(
     "tei",
     ("/rerank", "/health", "/info"),
     tei_error_body,
-    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
                 "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
     request_models={"/rerank": TeiRerankRequest},
+    error_model=TeiError,
 ))
+
+
+
+def infinity_error_body(status: int, message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+#: Infinity's form of /rerank. It owns no path of its own: the /rerank handler picks it for `documents` bodies.
+INFINITY = Dialect(
+    "infinity", (), infinity_error_body,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 400,
+                "overloaded": 429, "unavailable": 503, "timeout": 504},
+    request_models={"/rerank": InfinityRerankRequest},
+)
+
+#: Request bodies documented for /rerank (the route reads its body itself to pick the form).
+OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankRequest, TeiRank,
+                                                InfinityRerankResponse, TeiError, InfinityError)
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": TeiError, "description": desc}
-    for code, desc in ((400, "`texts` is empty"), (401, "Missing or wrong API key"),
-                       (413, "Body too large"),
-                       (422, "Validation error: wrong types, too many texts, over-long input, unknown model"),
-                       (424, "Inference failed"), (429, "Model is overloaded"), (503, "Model not loaded yet"))
-}
+_ERRORS = TEI.responses(
+    400, 401, 408, 413, 422, 424, 429, 503, s400="`texts` is empty",
+    s422="Validation error: wrong types, too many texts or tokens, over-long input, unknown model",
+    s424="Inference failed or timed out", s503="Not ready, shutting down, or a model worker died")
+#: /rerank answers each error in the form the request used: TEI's flat body or Infinity's nested one.
+_EITHER_ERROR = {"application/json": {"schema": {"oneOf": [
+    {"$ref": f"#/components/schemas/{m.__name__}"} for m in (TeiError, InfinityError)]}}}
+_RERANK_ERRORS = {code: {"description": entry["description"], "content": _EITHER_ERROR}
+                  for code, entry in _ERRORS.items()}
+_RERANK_ERRORS[400] = {"description": "TEI form: `texts` is empty; Infinity form: unknown model",
+                       "content": _EITHER_ERROR}
+_RERANK_ERRORS[504] = {"description": "Infinity form: deadline exceeded", "content": _EITHER_ERROR}
 
 
 def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate: bool = AUTO_TRUNCATE
@@ -86,27 +123,84 @@ def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
     return out
 
 
-@router.post("/rerank", response_model=None, tags=["TEI"],
-             responses={200: {"model": list[TeiRank]}, **_ERRORS},
-             summary="Rerank texts (Hugging Face text-embeddings-inference compatible)")
-async def rerank(body: TeiRerankRequest, request: Request, response: Response) -> list[dict]:
+def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
+    """Infinity request -> internal request; over-long documents are cut at the end, as Infinity does."""
+    model = None if body.model in (None, INFINITY_UNSPECIFIED_MODEL) else body.model
+    return RerankRequest(query=body.query, passages=list(body.documents), model=model, truncate=Truncate.END,
+                         top_n=body.top_n)
+
+
+def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, request_id: str | None) -> dict:
+    """Internal result -> Infinity's answer: best first, cut to top_n, [0, 1] scores unless raw_scores."""
+    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    results = []
+    for i, _ in result.top(body.top_n):
+        item: dict[str, Any] = {"relevance_score": float(scores[i]), "index": i}
+        if body.return_documents:
+            item["document"] = body.documents[i]
+        results.append(item)
+    return {"object": "rerank", "results": results, "model": result.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+            "id": request_id or "", "created": int(time.time())}
+
+
+def _parse(model: type[BaseModel], payload: dict) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(422, format_validation_errors(list(exc.errors()), model)) from None
+
+
+_FORMS_BODY = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in OPENAPI_MODELS[:2]]}
+
+
+@router.post("/rerank", response_model=None, tags=["TEI", "Infinity"],
+             responses={200: {"content": {"application/json": {"schema": {"oneOf": [
+                 {"type": "array", "items": {"$ref": "#/components/schemas/TeiRank"}},
+                 {"$ref": "#/components/schemas/InfinityRerankResponse"}]}}},
+                 "description": "TEI form: a bare array of ranks; Infinity form: `results`"},
+                 **_RERANK_ERRORS},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": _FORMS_BODY}}}},
+             summary="Rerank texts: TEI form (`texts`) or Infinity/Cohere form (`documents`)")
+async def rerank(request: Request, response: Response) -> Any:
+    """`texts` -> TEI (bare array); `documents` -> Infinity (`results`, Cohere-shaped). Each form answers
+    errors in its own shape."""
+    try:
+        payload = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(422, "request body must be a JSON object with 'query' and 'texts' (TEI) or 'documents' "
+                       "(Infinity/Cohere)")
+    if "documents" in payload and "texts" not in payload:
+        request.state.dialect = INFINITY
+        body = _parse(InfinityRerankRequest, payload)
+        req = infinity_to_internal(body)
+        result = await common.rerank(request, response, req)
+        return infinity_result_to_wire(result, body, common.request_id(request))
+    if "documents" in payload:
+        raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
+    if "texts" not in payload:
+        raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
+    tei_body = _parse(TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
-    req = to_internal(body, chunking=config.tei_chunking)
+    req = to_internal(tei_body, chunking=config.tei_chunking)
     result = await common.rerank(request, response, req)
     response.headers["x-compute-tokens"] = str(result.prompt_tokens)
     response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
-    return result_to_wire(result, body)
+    return result_to_wire(result, tei_body)
 
 
 @router.get("/health", tags=["TEI"], response_model=None,
-            responses={200: {"description": "Ready"}, 503: {"model": TeiError, "description": "Not ready"}})
+            responses={200: {"description": "Ready (empty body)", "content": {"text/plain": {"schema": {
+                "type": "string", "maxLength": 0}}}}, 503: {"model": TeiError, "description": "Not ready"}})
 async def health(request: Request) -> Response:
-    """TEI's health check: 200 with an empty body once every model is loaded, else 503."""
+    """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503."""
     reg = common.served_models(request)
     if reg.ready:
-        return Response(status_code=200)
-    msg = f"unhealthy: {reg.load_error}" if reg.load_error else "unhealthy: model is loading"
-    return OrjsonResponse({"error": msg, "error_type": "Unhealthy"}, status_code=503)
+        return Response(status_code=200, media_type="text/plain")
+    return OrjsonResponse({"error": f"unhealthy: {reg.status()}", "error_type": "Unhealthy"}, status_code=503)
 
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
@@ -133,7 +227,7 @@ def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
     }
 
 
-@router.get("/info", tags=["TEI"], response_model=TeiInfo)
+@router.get("/info", tags=["TEI"], response_model=TeiInfo, responses=TEI.responses(401))
 async def info(request: Request) -> dict:
     reg = common.served_models(request)
     config: ServerConfig = common.config(request)

@@ -7,11 +7,14 @@ checkpoint or an upgraded converter gets a new key.
 
 Each result is built in a temporary folder beside its final place and renamed into place, so two servers
 starting at once never read a half-written model: the first rename wins, the other discards its copy.
-Within one process builds take turns on a lock (exporters keep global state).
+Within one process builds take turns on a lock (exporters keep global state); across processes (replicas
+starting together) they take turns under a `flock` on the cache directory, so one builds and the others
+wait and reuse its result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ CACHE_ENV = "OPENRERANK_CACHE_DIR"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # One build at a time per process: torch.onnx.export and the OpenVINO converter trace through global state.
 BUILD_LOCK = threading.RLock()
+_flock_depth = 0  # > 0 while this process holds a cache directory's flock (guarded by BUILD_LOCK)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,44 @@ def read_meta(folder: Path, model_file: str, meta_file: str) -> dict | None:
     return meta if (folder / model_file).is_file() else None
 
 
+@contextlib.contextmanager
+def _directory_lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the cache directory across processes, held only around a build (never for a
+    hit, so a read-only cache of ready builds needs no lock). Re-entered by a build that needs another
+    (int8 from its fp32 base). Where `flock` is unavailable (no fcntl, a file system that refuses it)
+    the atomic rename alone keeps the cache consistent. Called under BUILD_LOCK."""
+    global _flock_depth
+    if _flock_depth:  # this process holds it already (a second flock would wait on itself)
+        _flock_depth += 1
+        try:
+            yield
+        finally:
+            _flock_depth -= 1
+        return
+    try:
+        import fcntl
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir, os.O_RDONLY)
+    except (ImportError, OSError) as exc:
+        log.debug("no cross-process lock on %s (%s); relying on the atomic rename", cache_dir, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building into %s; waiting for it", cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.debug("flock refused on %s (%s); relying on the atomic rename", cache_dir, exc)
+        _flock_depth = 1
+        yield
+    finally:
+        _flock_depth = 0
+        os.close(fd)  # releases the lock
+
+
 def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str, meta_file: str, facts: dict,
                     build: Callable[[Path], dict], what: str) -> CachedArtifact:
     """The cached folder `<key>-<variant>`, built with `build(staging_dir) -> details` if missing.
@@ -103,9 +145,10 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
     if meta is not None:
         log.info("%s cache hit: %s", what, final / model_file)
         return CachedArtifact(final / model_file, True, key, meta)
-    with BUILD_LOCK:
-        meta = read_meta(final, model_file, meta_file)  # another thread may have finished it while we waited
+    with BUILD_LOCK, _directory_lock(cache_dir):
+        meta = read_meta(final, model_file, meta_file)  # another thread or process may have finished it
         if meta is not None:
+            log.info("%s cache hit after waiting for another build: %s", what, final / model_file)
             return CachedArtifact(final / model_file, True, key, meta)
         cache_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()

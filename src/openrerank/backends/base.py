@@ -1,10 +1,11 @@
 """The seam between the scheduler and the engines.
 
-The scheduler hands a backend a list of tokenized work items (one per query+passage pair, or per
-chunk) and gets one float32 score per item back. A backend is a *scorer* (one score per sequence, or
-bi-encoder cosine) on top of a *runtime* (PyTorch or ONNX Runtime) that runs a family's network on padded
-numpy features. Neither knows about HTTP, dialects, batching policy or which model family it runs: a
-family describes its network as a `Network`, and the runtimes build, export and run that.
+The scheduler hands a backend a list of tokenized work items of one task and gets one float32 row per item
+back: a score per query+passage pair (or chunk), or an embedding per text (bi-encoders only). A backend is a
+*scorer* (one score per sequence, or bi-encoder cosine) on top of a *runtime* (PyTorch or ONNX Runtime) that
+runs a family's network on padded numpy features. Neither knows about HTTP, dialects, batching policy or
+which model family it runs: a family describes its network as a `Network`, and the runtimes build, export and
+run that.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from openrerank.schemas.work import WorkItem
+from openrerank.schemas.work import EmbedItem, WorkItem
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,29 @@ def probe_features(input_names: Sequence[str], vocab_size: int) -> dict[str, np.
     return {n: feats[n] for n in input_names}
 
 
+class DeviceMemoryError(RuntimeError):
+    """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
+
+
+class RowsFailedError(RuntimeError):
+    """Part of a batch could not be scored; the rest was.
+
+    `outputs` holds one row per input row (NaN where the row failed), `failed` the indices of the rows
+    that failed even alone, `cause` why. Runtimes raise it instead of failing the whole batch, so the
+    scheduler can fail only the requests those rows belong to.
+    """
+
+    def __init__(self, outputs: np.ndarray, failed: Sequence[int], cause: BaseException) -> None:
+        super().__init__(f"{len(failed)} of {len(outputs)} sequences could not be scored: {cause}")
+        self.outputs = outputs
+        self.failed = list(failed)
+        self.cause = cause
+
+    def with_outputs(self, outputs: np.ndarray) -> RowsFailedError:
+        """The same failure over transformed outputs (e.g. logits turned into scores)."""
+        return RowsFailedError(outputs, self.failed, self.cause)
+
+
 class Runtime(ABC):
     """Runs a network on padded features; returns its output as float32, one row per sequence."""
 
@@ -102,15 +126,29 @@ class Runtime(ABC):
         """Release native resources."""
 
 
+class TaskNotSupportedError(TypeError):
+    """A backend asked for a task its model cannot do (e.g. embeddings from a cross-encoder)."""
+
+
 class Backend(ABC):
-    """Scores work items; the only thing the scheduler calls (always off the event loop)."""
+    """Runs work items; the only thing the scheduler calls (always off the event loop)."""
 
     runtime: Runtime
     pad_id: int
 
+    def compute(self, items: Sequence[WorkItem]) -> np.ndarray:
+        """What the scheduler calls with a batch of one task: scores `(n,)` or embeddings `(n, dim)`."""
+        if items and isinstance(items[0], EmbedItem):
+            return self.embed(items)  # type: ignore[arg-type]
+        return self.score(items)
+
     @abstractmethod
     def score(self, items: Sequence[WorkItem]) -> np.ndarray:
         """One float32 score per item, in item order."""
+
+    def embed(self, items: Sequence[EmbedItem]) -> np.ndarray:
+        """One float32 embedding per text, in item order; only models that embed implement it."""
+        raise TaskNotSupportedError(f"{type(self).__name__} does not produce embeddings")
 
     @property
     def description(self) -> str:

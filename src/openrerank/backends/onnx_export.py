@@ -31,9 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.backends.artifact_cache import CACHE_ENV, CachedArtifact, cache_root, ensure_artifact, key_of
+from openrerank.backends.artifact_cache import (
+    CACHE_ENV,
+    CachedArtifact,
+    cache_root,
+    ensure_artifact,
+    key_of,
+    read_meta,
+)
 from openrerank.backends.artifact_cache import model_fingerprint as model_fingerprint
 from openrerank.backends.base import Network, NetworkBuild, probe_features
+from openrerank.models.safety import ONNX_EXPORT_FILES, is_onnx_export
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +49,12 @@ ONNX_DTYPES = ("fp32", "int8")
 DEFAULT_OPSET = 17
 #: Bump when the export recipe changes in a way the versions below would not capture.
 EXPORT_FORMAT = 4
-MODEL_FILE = "model.onnx"
-META_FILE = "export.json"
+MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
 _FUSION_TOLERANCE = 1e-3
 #: What `ensure_onnx` returns: the model.onnx path, whether it was cached, the key and export.json's facts.
 ExportResult = CachedArtifact
-__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "model_fingerprint"]
+__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "model_fingerprint",
+           "servable_export"]
 
 
 @contextlib.contextmanager
@@ -164,6 +172,22 @@ def _quantize(src: Path, out: Path) -> None:
             # Fused contrib ops (Attention, SkipLayerNormalization) have no shape-inferred output types.
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )
+
+
+def servable_export(network: Network, dtype: str) -> ExportResult | None:
+    """The export inside a pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json
+    beside the tokenizer and config), opened as it is, without PyTorch; None for a plain model directory."""
+    folder = Path(network.path)
+    if not is_onnx_export(folder):
+        return None
+    meta = read_meta(folder, MODEL_FILE, META_FILE)
+    if meta is None:
+        raise ExportError(f"{folder}/{META_FILE} is unreadable")
+    if meta.get("dtype", dtype) != dtype:
+        raise ExportError(f"{folder} holds a {meta['dtype']} ONNX export; serve it with --dtype {meta['dtype']}")
+    if meta.get("head", network.head) != network.head:
+        raise ExportError(f"{folder} holds an export of {meta['head']!r}, but its files describe {network.head!r}")
+    return ExportResult(folder / MODEL_FILE, True, str(meta.get("key", "")), meta)
 
 
 def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET,

@@ -1,8 +1,9 @@
 """ONNX Runtime runtime: the CPU default for encoder families, fp32 (fused graph) or dynamic int8.
 
 The network is exported once and cached by `openrerank.backends.onnx_export`; this class only opens a
-session on the cached file. Inputs stay int64 (what the graph was exported with) so no conversion runs per
-batch.
+session on the cached file. A pre-exported directory (`openrerank export --out DIR`, e.g. baked into a
+container image) is opened as it is, without PyTorch. Inputs stay int64 (what the graph was exported with)
+so no conversion runs per batch.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class OnnxRuntime(Runtime):
     ) -> None:
         import onnxruntime as ort
 
-        from openrerank.backends.onnx_export import ensure_onnx
+        from openrerank.backends.onnx_export import ensure_onnx, servable_export
 
-        self.export = ensure_onnx(network, dtype=dtype, cache_dir=cache_dir)
+        self.export = servable_export(network, dtype) or ensure_onnx(network, dtype=dtype, cache_dir=cache_dir)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

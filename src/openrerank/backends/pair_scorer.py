@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend, Runtime, pad_features
+from openrerank.backends.base import Backend, RowsFailedError, Runtime, pad_features
 from openrerank.schemas.work import PairItem
 
 
@@ -35,4 +35,7 @@ class PairScorer(Backend):
             self.pad_id,
             self.runtime.input_names,
         )
-        return logits_to_scores(self.runtime.run(feats))
+        try:
+            return logits_to_scores(self.runtime.run(feats))
+        except RowsFailedError as exc:  # rows are items here: keep the others' scores
+            raise exc.with_outputs(logits_to_scores(exc.outputs)) from exc.cause

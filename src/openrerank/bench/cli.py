@@ -13,6 +13,11 @@ with the baseline's, best kept, spread shown), pairs/s and latency through the r
 client and with 16, the Pearson correlation and largest difference of its scores against the fp32
 baseline's, and the default model's DL19 nDCG@10 on that engine: the two halves of the fidelity gate
 `--backend auto` relies on. Results go to a rich table and a JSON file.
+
+The embeddings row (`bench/embed.py`) measures `/v1/embeddings`' path on the embedded default against
+`SentenceTransformer.encode` in the same run; `--tasks` picks either part. `--suite llm` (`bench/llm.py`)
+measures the LLM reranker families against their model cards' code; `--scale-out` (`bench/scaleout.py`)
+Ray Serve replicas against the direct server.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from openrerank.bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank.bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank.bench.report import render
 from openrerank.bench.runners import (
@@ -67,16 +73,49 @@ def _auto_pick() -> str | None:
 def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from openrerank.extras import MissingExtraError, require
+
+    if args.scale_out:
+        from openrerank.ray_local import set_ray_env
+
+        set_ray_env()
+        try:
+            require("ray.serve", "ray", "openrerank bench --scale-out")
+        except MissingExtraError as exc:
+            print(f"openrerank bench: error: {exc}", file=sys.stderr)
+            return 2
+        from openrerank.bench.scaleout import run_scaleout
+
+        args.rounds = args.rounds or 3
+        return run_scaleout(args)
+    if args.suite == "llm":
+        from openrerank.bench.llm import run_llm_bench
+
+        args.rounds = args.rounds or 2
+        return run_llm_bench(args)
+    args.rounds = args.rounds or 2
+
     console = Console(stderr=True)
+    try:
+        require("sentence_transformers", "bench", "openrerank bench (its baseline)")
+    except MissingExtraError as exc:
+        print(f"openrerank bench: error: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data) if args.data else default_data_dir()
     if not data.is_dir():
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")
         return 2
-    configs = [c.strip() for c in args.backends.split(",") if c.strip()]
-    for c in configs:
+    configs = [c.strip() for c in (args.backends or ",".join(DEFAULT_CONFIGS)).split(",") if c.strip()]
+    embed_configs = [c.strip() for c in args.embed_backends.split(",") if c.strip()]
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    if not tasks or tasks - {"rerank", "embed"}:
+        console.print(f"[red]--tasks is a comma-separated list of rerank, embed; got {args.tasks!r}[/red]")
+        return 2
+    for c in configs + embed_configs:
         if c.count(":") != 1:
             console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
             return 2
+    args.passages = args.passages or 100
     wl = load_workload(data, args.run, args.queries, args.passages)
     console.print(f"workload: {len(wl.queries)} requests, {wl.pairs} pairs from {data.name}/{args.run}; "
                   f"load average {load_average()}")
@@ -93,6 +132,16 @@ def run_bench(args: argparse.Namespace) -> int:
         "auto": auto,
         "backends": [],
     }
+    if "embed" in tasks:
+        from openrerank.bench.embed import distinct_texts, run_embeddings
+
+        with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
+            texts = distinct_texts(wl.passages, args.embed_texts)
+            console.print(f"embeddings workload: {len(texts)} distinct passages")
+            result["embeddings"] = run_embeddings(texts, embed_configs, rounds=args.rounds, threads=args.threads,
+                                                  http=not args.no_http, tmp=Path(tmp), console=console)
+    if "rerank" not in tasks:
+        return _finish(result, args, console)
     with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
         bi_encoder = args.model == "default"
         if bi_encoder:
@@ -113,15 +162,26 @@ def run_bench(args: argparse.Namespace) -> int:
             _quality(args, wl, result, console)
         if not args.no_http:
             _http(args, wl, model_dir, Path(tmp), result, console)
+    return _finish(result, args, console)
+
+
+def _finish(result: dict, args: argparse.Namespace, console) -> int:
+    """Print the tables, write the JSON; exit 1 if any engine failed."""
     result["machine"]["load_average_end"] = load_average()
-    render(result)
+    if result["backends"]:
+        render(result)
+    if "embeddings" in result:
+        from openrerank.bench.embed import render as render_embeddings
+
+        render_embeddings(result["embeddings"], console)
     console.print(f"load average at start {result['machine']['load_average_start']}, "
                   f"at end {result['machine']['load_average_end']}")
     out = Path(args.json) if args.json else Path("benchmarks/results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     console.print(f"wrote {out}")
-    return 1 if any(r.get("error") for r in result["backends"]) else 0
+    rows = result["backends"] + result.get("embeddings", {}).get("backends", [])
+    return 1 if any(r.get("error") for r in rows) else 0
 
 
 def _cpu_model() -> str | None:
@@ -224,20 +284,42 @@ def _http(args, wl, model_dir, tmp: Path, result, console) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark engines against the sentence-transformers baseline",
+    p = sub.add_parser("bench", help="benchmark engines against the usual hand-written PyTorch baseline",
                        description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=("cross-encoder", "llm"), default="cross-encoder",
+                   help="cross-encoder: MiniLM-L6 vs sentence-transformers (default); llm: Qwen3-0.6B- and "
+                   "Llama-1B-shaped LLM rerankers vs their reference code (see openrerank.bench.llm)")
     p.add_argument("--data", help=f"BEIR folder of {DATASET} (default: ../shared/data/{DATASET})")
     p.add_argument("--run", default="runs/bm25_top100.trec.gz", help="TREC run giving each query's candidates")
     p.add_argument("--model", choices=MODELS, default="cross-encoder",
                    help="the MiniLM-L6 cross-encoder shape, or the embedded default bi-encoder")
-    p.add_argument("--queries", type=int, default=None, help="use the first N queries (quick run)")
-    p.add_argument("--passages", type=int, default=100, help="passages per request")
-    p.add_argument("--backends", default=",".join(DEFAULT_CONFIGS), help="comma-separated BACKEND:DTYPE list")
+    p.add_argument("--queries", type=int, default=None, help="use the first N queries (default: all; llm: 1)")
+    p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
+    p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
+                   f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
+    p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
+    p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
+                   help="BACKEND:DTYPE list for the embeddings row")
+    p.add_argument("--embed-texts", type=int, default=1000, help="distinct DL19 passages the embeddings row embeds")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores available)")
     p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     p.add_argument("--concurrent-requests", type=int, default=64, help="requests sent by the concurrent clients")
-    p.add_argument("--rounds", type=int, default=2, help="offline rounds (interleaved; the best is kept)")
-    p.add_argument("--no-http", action="store_true", help="offline numbers only (no server)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="offline rounds (interleaved; the best is kept; default 2); --scale-out: rounds of every "
+                   "configuration (interleaved; medians reported; default 3)")
+    p.add_argument("--no-http", action="store_true", help="offline numbers only (no server; llm: always)")
     p.add_argument("--no-quality", action="store_true", help="skip the default model's nDCG@10 per engine")
+    p.add_argument("--llm-models", default="qwen3,llama", help="llm suite: which of qwen3, llama")
+    p.add_argument("--model-cache", help="llm suite: where the random-weight models are built once "
+                   "(default: ~/.cache/openrerank/bench-models)")
     p.add_argument("--json", help="where to write the JSON result (default: benchmarks/results/bench-<time>.json)")
+    so = p.add_argument_group("--scale-out: Ray Serve replicas, each in its own CPU quota, against the direct "
+                              "server (needs openrerank[ray]; root for the cgroup quotas)")
+    so.add_argument("--scale-out", action="store_true", help="run the scale-out benchmark instead")
+    so.add_argument("--replica-counts", default="1,2,3", help="replica counts to measure")
+    so.add_argument("--cpu-quota", type=float, default=0.5, help="CPUs per replica and for the direct server")
+    so.add_argument("--clients-per-replica", type=int, default=4, help="concurrent clients per replica (node)")
+    so.add_argument("--requests-per-replica", type=int, default=16,
+                    help="measured requests per replica (node), per configuration and round")
+    so.add_argument("--scale-out-backend", default="onnx:int8", help="BACKEND:DTYPE of the replicas")
     p.set_defaults(func=run_bench)

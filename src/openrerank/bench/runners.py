@@ -65,7 +65,8 @@ class OfflineRunner:
     """One served model in-process, scored through the public path: tokenization + scheduler + engine."""
 
     def __init__(self, model_dir: Path, backend: str, dtype: str, threads: int | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, device: str = "cpu") -> None:
+        from openrerank.engine.batching import default_policy
         from openrerank.engine.loading import LoadOptions
         from openrerank.engine.scheduler import SchedulerConfig
         from openrerank.engine.served import load_served_model
@@ -73,9 +74,12 @@ class OfflineRunner:
 
         self.loop = loop
         t = time.perf_counter()
+        policy = default_policy(device)  # the server's defaults for the device
+        sched = SchedulerConfig(max_batch_tokens=policy.max_tokens, max_batch_size=policy.max_size,
+                                max_padding=policy.max_padding, min_rows=policy.min_rows)
         self.served = load_served_model(ModelSource(SERVED_NAME, str(model_dir)),
-                                        LoadOptions(backend=backend, dtype=dtype, threads=threads),
-                                        SchedulerConfig(), None)
+                                        LoadOptions(backend=backend, dtype=dtype, device=device, threads=threads),
+                                        sched, None)
         self.load_seconds = time.perf_counter() - t
         self.description = self.served.loaded.backend.description
         loop.run_until_complete(self.served.scheduler.start())

@@ -11,7 +11,14 @@ On CPU, padding is pure waste and small batches cost almost nothing, so the defa
 Measured on this project's 2-core dev box, 10 DL19 queries x BM25 top-100 through the MiniLM-L6
 cross-encoder, pairs/s by (max_padding, min_rows): ONNX int8 218 at (0.2, 16), 258 at (0.1, 8),
 287 at (0.05, 4), 314 at (0.02, 4), 325 at (0.01, 2); ONNX fp32 121 at (0.2, 16), 158 at (0.02, 4).
-On a GPU, wide batches are cheap and launches are not: raise it (`--max-padding 0.3`).
+On a GPU the trade is the other way: a batch costs a fixed overhead (hundreds of kernel launches in eager
+PyTorch, and a batch too small to fill the device) plus its padded tokens. Modelling a batch as overhead +
+padded tokens over the same DL19 requests (43 x 100 passages, Qwen3 and Llama-bidirectional prompts), the CPU
+policy costs 1.4-17x the ideal (14-20 batches per request) for an overhead worth 500-8000 tokens, while
+(max_padding 0.2, min_rows 16) stays within 0-22% of the best setting found across that whole range (2-3
+batches per request, ~19% padding). `CUDA_POLICY` uses it, with room for wider batches (32,768 padded
+tokens, 256 pairs: a 100-passage request of 256-token pairs is one batch). Not yet measured on a GPU;
+`benchmarks/gpu_check.sh` records the batches it forms.
 """
 
 from __future__ import annotations
@@ -66,3 +73,12 @@ class BatchPolicy:
     def split(self, items: Sequence[HasLength]) -> list[list[int]]:
         return split_batches(items, self.max_tokens, self.max_size, max_padding=self.max_padding,
                              min_rows=self.min_rows)
+
+
+#: The defaults on a GPU (see the module docstring); `BatchPolicy()` is the CPU's.
+CUDA_POLICY = BatchPolicy(max_tokens=32768, max_size=256, max_padding=0.2, min_rows=16)
+
+
+def default_policy(device: str) -> BatchPolicy:
+    """The batching defaults for a device: `cpu` or `cuda[:N]`."""
+    return CUDA_POLICY if device == "cuda" or device.startswith("cuda:") else BatchPolicy()

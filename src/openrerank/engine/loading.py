@@ -13,16 +13,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from openrerank.backends.base import Backend
+from openrerank.backends.base import Backend, TaskNotSupportedError
 from openrerank.backends.bi_scorer import BiEncoderScorer
 from openrerank.backends.selection import EngineChoice, check_backend_options, create_runtime
-from openrerank.engine.batching import BatchPolicy
+from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.registry import resolve_spec
 from openrerank.models.safety import check_weights
 from openrerank.models.source import ModelSource, parse_model_arg, resolve_local_dir
-from openrerank.schemas.internal import ScoreKind, Truncate
-from openrerank.schemas.work import PairItem
+from openrerank.schemas.internal import InputType, ScoreKind, Truncate
+from openrerank.schemas.work import EmbedItem, Task
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.prepare import TextEncoder
 
@@ -49,6 +49,7 @@ class ResolvedModel:
     family: Family
     spec: ModelSpec
     engine: str  # the runtime it is planned to run on (openvino | onnx | torch)
+    engines: tuple[str, ...]  # the runtimes these files can run on (a pre-exported ONNX folder: onnx only)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LoadedModel:
     encoder: TextEncoder
     backend: Backend
     weights_format: str
+    device: str = "cpu"
     engine: EngineChoice | None = None  # which engine serves and why (None: built by hand, e.g. in tests)
 
     @property
@@ -83,26 +85,46 @@ class LoadedModel:
         """
         prep = self.encoder.prepare(query, passages, truncate)
         scores = np.zeros(len(prep.items), dtype=np.float32)
-        for idx in (policy or BatchPolicy()).split(prep.items):
+        for idx in (policy or default_policy(self.device)).split(prep.items):
             scores[idx] = self.backend.score([prep.items[i] for i in idx])
         return prep.fold(scores, len(passages))
 
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """L2-normalized embeddings (bi-encoders only), truncated to the model window."""
+    def embedding_items(self, texts: list[str], truncate: Truncate = Truncate.END,
+                        input_type: InputType | None = None) -> list[EmbedItem]:
+        """Texts as embedding work items: the model's prompt for `input_type` prepended, cut (or refused,
+        NONE) at the window. The one text path of the server's `/v1/embeddings` and of `embed` below."""
         if not self.embeds:
-            raise TypeError(f"{self.source.served_id} is a {self.family.id}; only bi-encoders embed")
-        seqs = [PairItem(ids) for ids in self.encoder.encode_texts(texts)]
+            raise TaskNotSupportedError(f"{self.source.served_id} is a {self.family.id}; only bi-encoders embed")
+        encoder: BiTextEncoder = self.encoder  # type: ignore[assignment]
+        return [EmbedItem(ids) for ids in encoder.encode_texts(texts, truncate, input_type)]
+
+    def embed(self, texts: list[str], batch_size: int = 64, *, input_type: InputType | None = None,
+              truncate: Truncate = Truncate.END, normalize: bool = True) -> np.ndarray:
+        """Synchronous embeddings (eval, bench, tests), `(texts, dim)` float32, batched by the one policy.
+
+        `normalize=True`: unit vectors, so inner products are cosines (what eval searches with);
+        `normalize=False`: the model's own output, as `/v1/embeddings` returns it (unit length only when the
+        model ends with a Normalize module)."""
+        items = self.embedding_items(texts, truncate, input_type)
         out = np.zeros((len(texts), 0), dtype=np.float32)
-        for idx in BatchPolicy(max_size=batch_size).split(seqs):
-            emb = self.backend.embed_ids([seqs[i].input_ids for i in idx])  # type: ignore[attr-defined]
+        for idx in BatchPolicy(max_size=batch_size).split(items):
+            batch = [items[i] for i in idx]
+            emb = (self.backend.embed_ids([it.input_ids for it in batch])  # type: ignore[attr-defined]
+                   if normalize else self.backend.embed(batch))
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
             out[idx] = emb
         return out
 
+    @property
+    def tasks(self) -> list[Task]:
+        """What the model serves: every model reranks; bi-encoders also embed."""
+        return ["rerank", "embed"] if self.embeds else ["rerank"]
+
     def describe(self) -> dict:
         """What /v1/metadata and logs say about the model: family, engine, window, family facts."""
-        meta = {"source": self.source.spec, "score": self.score_kind.value, "backend": self.backend.description,
+        meta = {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
+                "backend": self.backend.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
         if self.engine is not None:
             meta["engine"] = self.engine.as_metadata()
@@ -149,8 +171,14 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     family, spec = resolve_spec(ModelFiles.read(path, name=source.spec), source.family, source.instruction)
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
-    engine = check_backend_options(options.backend, options.dtype, options.device, family.engines, family.id)
-    return ResolvedModel(source, weights_format, family, spec, engine)
+    engines = family.engines
+    if weights_format == "onnx":
+        if options.backend not in ("auto", "onnx") or options.device != "cpu":
+            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
+                             "ONNX Runtime only: use --backend onnx (or auto) on CPU")
+        engines = ("onnx",)
+    engine = check_backend_options(options.backend, options.dtype, options.device, engines, family.id)
+    return ResolvedModel(source, weights_format, family, spec, engine, engines)
 
 
 def load_model(source: ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:
@@ -163,9 +191,10 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     encoder = family.text_encoder(spec, tokenizer)
     runtime, engine = create_runtime(
-        family.network(spec, tokenizer), engines=family.engines, backend=options.backend, dtype=options.dtype,
+        family.network(spec, tokenizer), engines=resolved.engines, backend=options.backend, dtype=options.dtype,
         device=options.device, threads=options.threads, family=family.id)
     backend = family.scorer(spec, runtime, encoder.pad_id)
     log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
              family.id, resolved.weights_format, backend.description, spec.max_length, engine.label, engine.reason)
-    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format, engine)
+    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format,
+                       device=options.device, engine=engine)

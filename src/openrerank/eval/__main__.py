@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
 from openrerank.eval.cli import DESCRIPTION, add_arguments, run
 
@@ -15,7 +14,6 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore", module="numba")  # ranx's unsigned->signed cast notices
     return run(args)
 
 

@@ -9,11 +9,15 @@ import time
 import warnings
 from pathlib import Path
 
-from openrerank.eval.pipeline import ALL_PIPELINES
+from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM
 
 DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optionally reranked) on BEIR-layout
 datasets and print recall@5 / nDCG@10 / MRR@10 / recall@100 per pipeline, like the table in NVIDIA's reranking
-documentation. Example: openrerank eval --dataset ../shared/data/scifact --plot scifact.png"""
+documentation. Example: openrerank eval --dataset ../shared/data/scifact --plot scifact.png
+(writes runs/scifact.png)"""
+
+#: Where --json/--csv/--plot files go unless given with a directory (git-ignored in the repository).
+DEFAULT_OUT_DIR = Path("runs")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="PyStemmer algorithm for BM25 (porter = Lucene's EnglishAnalyzer; `none` to disable)")
     pipe.add_argument("--stopwords", default="en", help="bm25s stopword list (`en` = Lucene's; `none` to disable)")
     pipe.add_argument("--dense-model", default="default", metavar="SOURCE",
-                      help="bi-encoder for the dense stage (default: the packaged all-MiniLM-L6-v2)")
+                      help="in-process bi-encoder for the dense stage (default: the packaged all-MiniLM-L6-v2)")
+    pipe.add_argument("--dense-from", choices=DENSE_FROM, default="auto",
+                      help="with --server: auto = the server's /v1/embeddings when it serves an embedding model, "
+                           "else --dense-model in-process; server = the server's or fail; local = --dense-model")
+    pipe.add_argument("--dense-server-model", metavar="NAME",
+                      help="with --server: the served embedding model for the dense stage (default: the first)")
     pipe.add_argument("--fusion", choices=("rrf", "wsum"), default="rrf",
                       help="hybrid fusion: reciprocal rank fusion or min-max normalized weighted sum (ranx)")
     pipe.add_argument("--rrf-k", type=int, default=60, help="RRF constant")
@@ -53,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     who.add_argument("--rerank-model", default="default", metavar="SOURCE",
                      help="in-process reranker: `default`, a local directory or a hub id, e.g. "
                           "cross-encoder/ms-marco-MiniLM-L-6-v2")
-    who.add_argument("--server", metavar="URL", help="rerank through a running server's NIM /v1/ranking instead")
+    who.add_argument("--server", metavar="URL",
+                     help="rerank through a running server's NIM /v1/ranking instead, and embed the dense stage "
+                          "with its /v1/embeddings when it serves an embedding model (see --dense-from)")
     rr.add_argument("--server-model", metavar="NAME", help="`model` field sent to the server")
     rr.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
     rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
@@ -68,10 +79,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     rt.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    out = p.add_argument_group("output")
+    out = p.add_argument_group("output", "a bare file name goes into --out-dir; a path with a folder is used as is")
+    out.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, metavar="DIR",
+                     help="folder for output files (default: runs/, created when needed)")
     out.add_argument("--json", type=Path, metavar="OUT", help="write the table as JSON")
     out.add_argument("--csv", type=Path, metavar="OUT", help="write the table as CSV")
     out.add_argument("--plot", type=Path, metavar="OUT.png", help="write a bar chart of the table")
+
+
+def output_path(name: Path, out_dir: Path) -> Path:
+    """A bare file name lands in `out_dir`; anything with a folder part (or absolute) is kept."""
+    if name.is_absolute() or name.parent != Path("."):
+        return name
+    return out_dir / name
+
+
+def check_extras(plot: bool) -> None:
+    """One line naming the install command when the eval extra is missing (instead of a traceback later)."""
+    from openrerank.extras import require
+
+    for module in ("bm25s", "Stemmer", "ranx", *(("matplotlib",) if plot else ())):
+        require(module, "eval", "openrerank eval")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -118,8 +146,14 @@ def run(args: argparse.Namespace) -> int:
     from openrerank.eval.progress import Reporter
     from openrerank.eval.report import print_tables, write_csv, write_json, write_plot
     from openrerank.eval.sparse import BM25Config
+    from openrerank.extras import MissingExtraError
 
-    warnings.filterwarnings("ignore", module="numba")  # ranx's unsigned->signed cast notices
+    try:
+        check_extras(bool(args.plot))
+    except MissingExtraError as exc:
+        print(f"openrerank eval: error: {exc}", file=sys.stderr)
+        return 2
+    silence_library_warnings()
     reporter = Reporter(quiet=args.quiet)
     try:
         pipelines = parse_pipelines(args.pipelines)
@@ -149,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         dense_weight=args.dense_weight,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         bi_encoder_via_embeddings=args.rerank_path == "auto",
+        dense_from=args.dense_from,
+        dense_server_model=args.dense_server_model,
     )
     datasets = []
     start = time.perf_counter()
@@ -164,10 +200,33 @@ def run(args: argparse.Namespace) -> int:
     print_tables(results)
     reporter.note(f"total {time.perf_counter() - start:.1f}s")
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
-    if args.json:
-        write_json(results, args.json, cfg)
-    if args.csv:
-        write_csv(results, args.csv)
-    if args.plot:
-        write_plot(results, args.plot)
+    writers = ((args.json, lambda p: write_json(results, p, cfg)), (args.csv, lambda p: write_csv(results, p)),
+               (args.plot, lambda p: write_plot(results, p, reranker=reranker_label(args))))
+    for name, write in writers:
+        if name:
+            path = output_path(name, args.out_dir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+            reporter.note(f"wrote {path}")
     return 0
+
+
+def reranker_label(args: argparse.Namespace) -> str:
+    """Who reranked, for the plot's title."""
+    if args.server:
+        return f"{args.server_model or 'first model'} at {args.server}"
+    from openrerank.models.source import parse_model_arg
+
+    return parse_model_arg(args.rerank_model).served_id
+
+
+def silence_library_warnings() -> None:
+    """ranx (through numba) and its dependencies warn about casts and deprecations a user cannot act on."""
+    warnings.filterwarnings("ignore", module="numba")
+    warnings.filterwarnings("ignore", module="ranx")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from numba.core.errors import NumbaWarning
+    except ImportError:
+        return
+    warnings.filterwarnings("ignore", category=NumbaWarning)

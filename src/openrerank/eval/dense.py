@@ -1,12 +1,18 @@
 """Dense first stage: bi-encoder embeddings + exact inner-product search (numpy).
 
+The embeddings come from the model loaded in-process (`LocalEncoder`) or from a running server's
+`/v1/embeddings` (`ServerEncoder`, with `--server`); either way queries are embedded as `query` and documents as
+`passage` (the model's prompts, if it has any) and vectors are L2-normalized, so inner products are cosines.
+
 Corpus embeddings are the expensive part (minutes on a small CPU), so they are cached on disk under a key
 made of the model's file contents, the load options that change the numbers (backend, dtype, window) and the
-corpus file's content hash: a second run with the same model and data never re-encodes.
+corpus file's content hash (for a server: its URL, the model id and what the server says of the model): a
+second run with the same model and data never re-encodes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -16,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.eval.data import Run
+
+Advance = Callable[[int], None]
 
 #: Bump when the text fed to the encoder changes (e.g. how title and text are joined).
 PASSAGE_FORMAT = "title-space-text-v1"
@@ -44,6 +52,14 @@ def model_fingerprint(model_dir: Path, *, backend: str, dtype: str, max_length: 
                 h.update(block)
     h.update(f"backend={backend};dtype={dtype};max_length={max_length}".encode())
     return h.hexdigest()[:16]
+
+
+def server_fingerprint(url: str, model: str, metadata: dict) -> str:
+    """Key of a server's embeddings: its URL, the model id and the server's description of the model
+    (source, engine, window, pooling, prompts...), so a server restarted with another model re-encodes."""
+    h = hashlib.sha256(json.dumps({"server": url.rstrip("/"), "model": model, "metadata": metadata},
+                                  sort_keys=True, default=str).encode())
+    return "server-" + h.hexdigest()[:16]
 
 
 class EmbeddingCache:
@@ -118,3 +134,85 @@ def search(doc_ids: list[str], doc_emb: np.ndarray, query_ids: list[str], query_
             best = cand[np.argsort(-sims[row, cand], kind="stable")]
             run[qid] = dict(zip(ids[best].tolist(), sims[row, best].astype(float).tolist(), strict=True))
     return run
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+class LocalEncoder:
+    """The dense model loaded in-process (`LoadedModel.embed`)."""
+
+    def __init__(self, model, key: str, name: str) -> None:
+        self.model = model
+        prompt = getattr(model.encoder, "prompts", {}).get("passage")
+        # Documents embedded with a prompt are other numbers than without: key them apart.
+        self.key = key if not prompt else f"{key}-p{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+        self.name = name
+
+    def encode(self, texts: list[str], input_type: str, advance: Advance = lambda n: None) -> np.ndarray:
+        return encode(lambda chunk: self.model.embed(chunk, input_type=input_type), texts, advance)
+
+
+class ServerEncoder:
+    """A running server's `POST /v1/embeddings`: length-sorted chunks, `concurrency` requests in flight (the
+    server batches them together), 429/503 retried by the client. Vectors are normalized here, as the
+    in-process path normalizes, so both give cosines whatever the model's own normalization."""
+
+    def __init__(self, url: str, model: str, metadata: dict, *, concurrency: int = 8, max_inputs: int = 2048,
+                 transport=None) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.key = server_fingerprint(self.url, model, metadata)
+        self.name = f"{model} via {self.url}/v1/embeddings"
+        self.concurrency = max(1, concurrency)
+        self.chunk = max(1, min(_ENCODE_CHUNK, max_inputs))
+        self._transport = transport
+
+    def encode(self, texts: list[str], input_type: str, advance: Advance = lambda n: None) -> np.ndarray:
+        return asyncio.run(self._encode(texts, input_type, advance))
+
+    async def _encode(self, texts: list[str], input_type: str, advance: Advance) -> np.ndarray:
+        from openrerank.client import AsyncClient
+
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        chunks = [order[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
+        gate = asyncio.Semaphore(self.concurrency)
+        async with AsyncClient(self.url, timeout=600, max_retries=8, transport=self._transport) as client:
+
+            async def one(idx: np.ndarray) -> np.ndarray:
+                # The server refuses empty texts (as OpenAI does); a blank embeds as the empty text does.
+                batch = [texts[i] or " " for i in idx]
+                async with gate:
+                    emb = await client.embed(batch, self.model, input_type=input_type, truncate="END")
+                advance(len(idx))
+                return emb
+
+            parts = await asyncio.gather(*(one(idx) for idx in chunks))
+        if not parts:
+            return np.zeros((0, 0), np.float32)
+        out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+        out[order] = np.concatenate(parts)
+        return _unit(out)
+
+
+def find_server_embedder(url: str, wanted: str | None = None, transport=None) -> tuple[str, dict, int] | None:
+    """(model id, its /v1/metadata entry, the server's max inputs) of the server's embedding model: `wanted`,
+    or the first one it serves; None when it serves none (or is not an openrerank server)."""
+    import httpx
+
+    url = url.rstrip("/")
+    with httpx.Client(base_url=url, timeout=60, transport=transport) as http:
+        listed = http.get("/v1/models")
+        listed.raise_for_status()
+        embedders = [m["id"] for m in listed.json().get("data", []) if "embed" in (m.get("tasks") or [])]
+        if wanted is not None and wanted not in embedders:
+            return None
+        if not embedders:
+            return None
+        model = wanted or embedders[0]
+        meta = http.get("/v1/metadata")
+        body = meta.json() if meta.status_code == 200 else {}
+    entry = next((m for m in body.get("models", []) if m.get("id") == model), {})
+    return model, entry, int(body.get("limits", {}).get("max_inputs", 2048))

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.eval.data import Dataset, Run, read_trec_run
-from openrerank.eval.dense import EmbeddingCache, encode, model_fingerprint, search
+from openrerank.eval.dense import (
+    EmbeddingCache,
+    LocalEncoder,
+    ServerEncoder,
+    find_server_embedder,
+    model_fingerprint,
+    search,
+)
 from openrerank.eval.fusion import fuse
 from openrerank.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate, top_k
 from openrerank.eval.progress import Reporter, Stopwatch
@@ -23,6 +30,9 @@ from openrerank.eval.sparse import BM25Config, BM25Index
 
 FIRST_STAGES = ("sparse", "dense", "hybrid")
 ALL_PIPELINES = ("sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank")
+#: Where the dense stage's embeddings come from with --server: the server when it serves an embedding model
+#: (auto), always the server (server), or always the in-process --dense-model (local).
+DENSE_FROM = ("auto", "server", "local")
 
 
 class PipelineError(ValueError):
@@ -68,6 +78,8 @@ class EvalConfig:
     dense_weight: float = 0.5
     cache_dir: Path | None = None
     bi_encoder_via_embeddings: bool = True
+    dense_from: str = "auto"  # see DENSE_FROM
+    dense_server_model: str | None = None  # the server's embedding model (default: its first one)
 
 
 @dataclass
@@ -112,6 +124,8 @@ class Models:
         self.reporter = reporter
         self._loaded: dict[str, object] = {}
         self._fingerprints: dict[str, str] = {}
+        self._dense: LocalEncoder | ServerEncoder | None = None
+        self.dense_note: str | None = None  # why the dense stage runs where it does, when that needs saying
 
     def get(self, source: str):
         if source not in self._loaded:
@@ -130,6 +144,30 @@ class Models:
             self._fingerprints[source] = model_fingerprint(
                 model.spec.path, backend=backend, dtype=self.config.dtype, max_length=model.max_length)
         return self._fingerprints[source]
+
+    def dense(self) -> LocalEncoder | ServerEncoder:
+        """The dense stage's encoder: the server's embedding model with --server (unless --dense-from local),
+        else the in-process --dense-model."""
+        if self._dense is None:
+            c = self.config
+            if c.server and c.dense_from != "local":
+                with self.reporter.step(f"ask {c.server} for an embedding model", None):
+                    try:
+                        found = find_server_embedder(c.server, c.dense_server_model)
+                    except Exception as exc:
+                        raise PipelineError(f"cannot ask {c.server} for its models: {exc}") from exc
+                if found is not None:
+                    model, meta, max_inputs = found
+                    self._dense = ServerEncoder(c.server, model, meta, concurrency=c.concurrency,
+                                                max_inputs=max_inputs)
+                    return self._dense
+                which = f"embedding model '{c.dense_server_model}'" if c.dense_server_model else "embedding model"
+                if c.dense_from == "server" or c.dense_server_model:
+                    raise PipelineError(f"{c.server} serves no {which} (GET /v1/models lists each model's tasks)")
+                self.dense_note = f"dense: {c.server} serves no embedding model; embedded in-process instead"
+            source = c.dense_model
+            self._dense = LocalEncoder(self.get(source), self.fingerprint(source), source)
+        return self._dense
 
     def close(self) -> None:
         for model in self._loaded.values():
@@ -173,16 +211,15 @@ class DatasetRunner:
     def doc_embeddings(self) -> np.ndarray:
         """Corpus embeddings of the dense model, from the cache or encoded (and cached) now."""
         if self._doc_emb is None:
-            ds, source = self.ds, self.config.dense_model
-            model = self.models.get(source)
-            key = self.models.fingerprint(source)
+            ds, dense = self.ds, self.models.dense()
+            key = dense.key
             cache = EmbeddingCache(self.config.cache_dir)
             with self.watch.time("dense.encode"):
                 emb = cache.load(ds.name, ds.corpus_hash(), key, ds.doc_ids)
                 if emb is None:
                     texts = [d.passage() for d in ds.corpus.values()]
                     with self.reporter.step(f"{ds.name}: encode corpus", len(texts)) as advance:
-                        emb = encode(model.embed, texts, advance)
+                        emb = dense.encode(texts, "passage", advance)
                     cache.save(ds.name, ds.corpus_hash(), key, ds.doc_ids, emb)
                     self.notes.append(f"dense: encoded {len(texts):,} docs (cache key {key})")
                 else:
@@ -194,14 +231,16 @@ class DatasetRunner:
         if "dense" not in self._runs:
             ds = self.ds
             emb = self.doc_embeddings()
-            model = self.models.get(self.config.dense_model)
+            dense = self.models.dense()
             with self.watch.time("dense.retrieve"):
                 with self.reporter.step(f"{ds.name}: encode queries", len(ds.queries)) as advance:
-                    q_emb = encode(model.embed, list(ds.queries.values()), advance)
+                    q_emb = dense.encode(list(ds.queries.values()), "query", advance)
                 run = search(ds.doc_ids, emb, list(ds.queries), q_emb, self.config.top_k + 1)
             self._runs["dense"] = top_k(drop_self_hits(run), self.config.top_k)
             self._deps["dense"] = ["dense.encode", "dense.retrieve"]
-            self.notes.append(f"dense: {self.config.dense_model} ({model.spec.path.name}), exact inner product")
+            if self.models.dense_note:
+                self.notes.append(self.models.dense_note)
+            self.notes.append(f"dense: {dense.name}, exact inner product of normalized embeddings")
         return self._runs["dense"]
 
     def _hybrid(self) -> Run:
@@ -334,7 +373,11 @@ def _share_doc_embeddings(runner: DatasetRunner, reranker: InProcessReranker, co
     sources are the same (the fingerprint includes every file of the model and the runtime).
     """
     reranker.doc_embeddings = {}
-    if config.rerank_model != config.dense_model:
+    dense = runner.models.dense()
+    # Shared only when the dense stage is that same model in-process and embeds documents without a prompt
+    # (the reranker's bi-encoder path embeds the bare passage).
+    if config.rerank_model != config.dense_model or not isinstance(dense, LocalEncoder) \
+            or dense.key != runner.models.fingerprint(config.dense_model):
         return
     emb = runner.doc_embeddings()
     reranker.doc_embeddings = dict(zip(runner.ds.doc_ids, emb, strict=True))

@@ -123,37 +123,74 @@ def print_tables(results: list[DatasetResult], console: Console | None = None) -
         console.print(t)
 
 
-def write_plot(results: list[DatasetResult], path: Path) -> None:
-    """Grouped bars: one panel per dataset (plus the average), metrics on the x axis, one bar per pipeline."""
+def rerank_pairs(pipelines: list[str]) -> list[tuple[str, str | None, str | None]]:
+    """(label, base pipeline, its +rerank pipeline) in table order; either side may be missing."""
+    pairs: list[tuple[str, str | None, str | None]] = []
+    seen: set[str] = set()
+    for p in pipelines:
+        base = p.removesuffix("+rerank")
+        if base in seen:
+            continue
+        seen.add(base)
+        rerank = f"{base}+rerank"
+        pairs.append((pretty(base), base if base in pipelines else None, rerank if rerank in pipelines else None))
+    return pairs
+
+
+def _zoomed_limits(values: list[float]) -> tuple[float, float]:
+    """An axis around the values (not from 0: 0.64 vs 0.72 must not look flat), with room for the labels."""
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, 0.02)
+    start = max(0.0, lo - 0.35 * span)
+    return start, min(1.0, hi) + 0.45 * span + 0.01
+
+
+def write_plot(results: list[DatasetResult], path: Path, reranker: str | None = None) -> None:
+    """One row per dataset (plus the average), one panel per metric; in each panel a first-stage pipeline and
+    the same pipeline reranked sit side by side, values printed at the bar ends, on an axis zoomed to the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     metrics = metric_names(results)
-    panels = [(f"{r.dataset} ({r.split})", {row.pipeline: row.metrics for row in r.rows}) for r in results]
+    panels = [(f"{r.dataset} ({r.split}, {r.queries} queries)", {row.pipeline: row.metrics for row in r.rows})
+              for r in results]
     if len(results) > 1:
-        panels.append(("average", {row["pipeline"]: row["metrics"] for row in average_rows(results)}))
-    pipes = pipeline_names(results)
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 1.6 * len(metrics) + 3) * len(panels), 4.8),
-                             squeeze=False)
-    width = 0.8 / max(1, len(pipes))
-    x = np.arange(len(metrics))
-    cmap = plt.get_cmap("tab10")
-    for ax, (title, table) in zip(axes[0], panels, strict=True):
-        for i, p in enumerate(pipes):
-            if p not in table:
-                continue
-            vals = [table[p][m] for m in metrics]
-            bars = ax.bar(x + (i - (len(pipes) - 1) / 2) * width, vals, width, label=pretty(p), color=cmap(i % 10))
-            ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
-        ax.set_xticks(x, metrics)
-        ax.set_ylim(0, 1.1)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        panels.append(("average over datasets", {row["pipeline"]: row["metrics"] for row in average_rows(results)}))
+    pairs = rerank_pairs(pipeline_names(results))
+    base_color, rerank_color = "#9ecae1", "#08519c"
+    height = 0.38
+    fig, axes = plt.subplots(len(panels), len(metrics), squeeze=False,
+                             figsize=(3.6 * len(metrics) + 1.6, (0.55 * len(pairs) + 1.3) * len(panels)))
+    for r, (title, table) in enumerate(panels):
+        for c, metric in enumerate(metrics):
+            ax = axes[r][c]
+            values = [table[p][metric] for _, b, rr in pairs for p in (b, rr) if p in table]
+            for y, (_, base, rerank) in enumerate(pairs):
+                for p, offset, color in ((base, -height / 2, base_color), (rerank, height / 2, rerank_color)):
+                    if p not in table:
+                        continue
+                    v = table[p][metric]
+                    ax.barh(y + offset, v, height, color=color)
+                    ax.text(v, y + offset, f" {v:.3f}", va="center", ha="left", fontsize=9)
+            if values:
+                ax.set_xlim(*_zoomed_limits(values))
+            ax.set_yticks(range(len(pairs)), [label for label, _, _ in pairs] if c == 0 else [""] * len(pairs),
+                          fontsize=10)
+            ax.invert_yaxis()
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_title(metric if len(panels) == 1 else f"{metric}: {title}", fontsize=11)
+        if len(panels) > 1:
+            axes[r][0].set_ylabel(title, fontsize=10)
+    handles = [matplotlib.patches.Patch(color=base_color, label="first stage"),
+               matplotlib.patches.Patch(color=rerank_color, label=f"+ rerank ({reranker})" if reranker
+                                        else "+ rerank")]
+    who = f"reranker: {reranker}" if reranker else "reranked"
+    dataset = panels[0][0] if len(panels) == 1 else ", ".join(r.dataset for r in results)
+    fig.suptitle(f"{dataset} — first stage vs {who}  (axes zoomed to the values)", fontsize=13)
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,6 +29,7 @@ class ModelFormatError(ValueError):
 # Models whose position ids start after the padding index: usable length is max_position_embeddings - 2.
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
 _UNBOUNDED = 100_000_000
+_SLOT = re.compile(r"\{(query|passage)\}")
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
 
 
@@ -159,6 +160,15 @@ class Family(ABC):
     @abstractmethod
     def spec(self, files: ModelFiles, instruction: str | None = None) -> ModelSpec:
         """Validate the files for this family (ModelFormatError if they do not fit) and record its facts."""
+
+    def check_instruction(self, instruction: str) -> None:
+        """An operator's `--instruction` must mean something for this family: refused, never ignored."""
+        if not self.takes_instruction:
+            raise ModelFormatError(f"--instruction: the {self.id} family has no prompt instruction to set")
+        if not instruction.strip():
+            raise ModelFormatError("--instruction: the instruction is empty (leave the flag out for the default)")
+        if _SLOT.search(instruction):
+            raise ModelFormatError("--instruction: an instruction may not contain {query} or {passage}")
 
     @abstractmethod
     def text_encoder(self, spec: ModelSpec, tokenizer) -> TextEncoder: ...

@@ -3,6 +3,11 @@
 Detected by `modules.json` with a Pooling module (the embedded default, all-MiniLM-L6-v2, is one). The
 network pools the token states the way the Pooling module says (mean, CLS, max, mean/sqrt(len)) inside the
 torch module or the ONNX graph, so only one vector per text leaves the runtime.
+
+Every bi-encoder is also an embedding model (`/v1/embeddings`). What its files say about embeddings is read
+here: whether `encode` normalizes (a Normalize module), the query/passage prompts of
+`config_sentence_transformers.json`, and whether the embeddings may be shortened (a Matryoshka model, declared
+by its card's tags, e.g. `loss:MatryoshkaLoss` as sentence-transformers writes it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from openrerank.schemas.internal import ScoreKind
 from openrerank.text.bi import BiTextEncoder
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+#: Prompt names models use for NIM's `input_type` values, most common first.
+INPUT_TYPE_PROMPTS = {
+    "query": ("query", "search_query", "queries", "retrieval.query"),
+    "passage": ("passage", "document", "search_document", "passages", "documents", "corpus", "retrieval.passage"),
+}
 
 
 def pooling_mode(files: ModelFiles) -> str:
@@ -36,6 +46,31 @@ def pooling_mode(files: ModelFiles) -> str:
 def normalizes(files: ModelFiles) -> bool:
     """sentence-transformers L2-normalizes its embeddings when modules.json has a Normalize module."""
     return any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in files.modules or [])
+
+
+def matryoshka(files: ModelFiles) -> bool:
+    """The card declares Matryoshka training (tags such as `matryoshka` or `loss:MatryoshkaLoss`): leading
+    dimensions of its embeddings are embeddings themselves, so `dimensions` may shorten them."""
+    tags = files.card.get("tags") or []
+    return isinstance(tags, list) and any("matryoshka" in str(t).lower() for t in tags)
+
+
+def input_prompts(spec: ModelSpec) -> dict[str | None, str]:
+    """NIM `input_type` (query | passage; None when absent) -> the prompt sentence-transformers would prepend.
+
+    A type with no prompt in the config maps to nothing (no prompt), as `encode` without a prompt does; an
+    absent `input_type` gets the config's `default_prompt_name`, as `encode` does."""
+    prompts: dict = spec.options.get("prompts") or {}
+    out: dict[str | None, str] = {}
+    for input_type, names in INPUT_TYPE_PROMPTS.items():
+        for name in names:
+            if prompts.get(name):
+                out[input_type] = prompts[name]
+                break
+    default = spec.options.get("default_prompt_name")
+    if default and prompts.get(default):
+        out[None] = prompts[default]
+    return out
 
 
 def pool(hidden, mask, mode: str):
@@ -95,15 +130,18 @@ class BiEncoderFamily(Family):
         if files.modules is None:
             raise ModelFormatError(f"{files.path}: a bi-encoder needs sentence-transformers' modules.json")
         archs = files.architectures
-        options = {"pooling": pooling_mode(files), "normalize": normalizes(files)}
+        options = {"pooling": pooling_mode(files), "normalize": normalizes(files), "matryoshka": matryoshka(files)}
         prompts = files.st_config.get("prompts")
         if isinstance(prompts, dict) and prompts:
             options["prompts"] = {str(k): str(v) for k, v in prompts.items()}
+            default = files.st_config.get("default_prompt_name")
+            if isinstance(default, str) and default in options["prompts"]:
+                options["default_prompt_name"] = default
         return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None, files.window(),
                          options)
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> BiTextEncoder:
-        return BiTextEncoder(tokenizer, spec.max_length)
+        return BiTextEncoder(tokenizer, spec.max_length, prompts=input_prompts(spec))
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         mode = spec.options["pooling"]
@@ -111,4 +149,4 @@ class BiEncoderFamily(Family):
                        output="embeddings", fusion=ORT_FUSIONS.get(spec.model_type))
 
     def scorer(self, spec, runtime, pad_id) -> BiEncoderScorer:
-        return BiEncoderScorer(runtime, pad_id)
+        return BiEncoderScorer(runtime, pad_id, normalize_embeddings=bool(spec.options.get("normalize")))

@@ -43,6 +43,8 @@ def _build_readout(spec: ModelSpec, token_ids: tuple[int, ...], build: NetworkBu
     import torch
     from transformers import AutoModelForCausalLM
 
+    from openrerank.families.shared_prefix import last_hidden_states
+
     model = AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=torch_dtype(build.dtype),
                                                  local_files_only=True)
     head = model.get_output_embeddings().weight
@@ -62,8 +64,8 @@ def _build_readout(spec: ModelSpec, token_ids: tuple[int, ...], build: NetworkBu
             self.register_buffer("rows", rows)
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            last = attention_mask.sum(dim=1) - 1
+            hidden, offset = last_hidden_states(self.body, input_ids, attention_mask)  # shared prefix once
+            last = attention_mask.sum(dim=1) - 1 - offset
             h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 logits = h_last.float() @ self.rows.T
@@ -103,10 +105,8 @@ class DecoderRerankerFamily(Family):
         if arch is None:
             raise ModelFormatError(f"{files.path}: {self.id} needs a causal LM checkpoint (*ForCausalLM), found "
                                    f"{files.architectures or 'no architectures'}")
-        if instruction is not None and not self.takes_instruction:
-            raise ModelFormatError(f"the {self.id} prompt has no instruction to set")
-        if instruction is not None and re.search(r"\{(query|passage)\}", instruction):
-            raise ModelFormatError("an instruction may not contain {query} or {passage}")
+        if instruction is not None:
+            self.check_instruction(instruction)
         options = {"instruction": instruction if instruction is not None else self.default_instruction}
         return ModelSpec(files.path, self.id, files.model_type, arch, files.window(), options)
 

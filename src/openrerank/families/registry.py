@@ -5,7 +5,7 @@ from __future__ import annotations
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.bge_reranker_gemma import BgeRerankerGemmaFamily
 from openrerank.families.bi_encoder import BiEncoderFamily
-from openrerank.families.cross_encoder import CrossEncoderFamily
+from openrerank.families.cross_encoder import CrossEncoderFamily, classifier_architecture
 from openrerank.families.decoder import causal_architecture
 from openrerank.families.llama_bidirectional import LlamaBidirectionalFamily
 from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
@@ -47,6 +47,13 @@ def detect_family(files: ModelFiles) -> Family:
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "
             f"--model-family NAME=FAMILY ({decoders})")
+    classifier = classifier_architecture(files)
+    if classifier:  # a decoder with a classification head (cross-encoder detection leaves these alone)
+        raise ModelFormatError(
+            f"{files.path}: {classifier} is a {files.model_type} decoder with a classification head, which reads "
+            f"text through a prompt template; openrerank serves LLM rerankers from their original causal-LM "
+            f"checkpoints (e.g. Qwen/Qwen3-Reranker-0.6B rather than a -seq-cls conversion) or NVIDIA's "
+            f"Llama-bidirectional config: `openrerank families` lists them")
     raise ModelFormatError(
         f"{files.path}: neither a sequence-classification cross-encoder (config.json architectures "
         f"*ForSequenceClassification, found {files.architectures or 'none'}) nor a sentence-transformers bi-encoder "
@@ -58,4 +65,10 @@ def resolve_spec(files: ModelFiles, family_id: str | None = None, instruction: s
                  ) -> tuple[Family, ModelSpec]:
     """The model's family (detected, or the one named) and its spec."""
     family = get_family(family_id) if family_id else detect_family(files)
+    if instruction is not None:
+        try:
+            family.check_instruction(instruction)
+        except ModelFormatError as exc:
+            takers = ", ".join(f.id for f in FAMILIES if f.takes_instruction)
+            raise ModelFormatError(f"{files.path}: {exc} (families that take one: {takers})") from None
     return family, family.spec(files, instruction)

@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 
 SAFE_PATTERNS = ("*.safetensors",)
+#: A directory written by `openrerank export --out`: the ONNX graph, its export record and the tokenizer files.
+ONNX_EXPORT_FILES = ("model.onnx", "export.json")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -17,10 +19,17 @@ def has_safetensors(path: Path) -> bool:
     return any(path.glob("*.safetensors"))
 
 
+def is_onnx_export(path: Path) -> bool:
+    """True for a pre-exported ONNX model directory (served by ONNX Runtime without PyTorch)."""
+    return all((Path(path) / name).is_file() for name in ONNX_EXPORT_FILES)
+
+
 def check_weights(path: Path, *, allow_pickle: bool) -> str:
-    """Return the weight format that will be loaded ("safetensors" or "pickle"), or raise."""
+    """Return the weight format that will be loaded ("safetensors", "onnx" or "pickle"), or raise."""
     if has_safetensors(path):
         return "safetensors"
+    if is_onnx_export(path):
+        return "onnx"
     pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in path.glob(pat))
     if not pickles:
         raise UnsafeWeightsError(f"{path} holds no model weights (*.safetensors or pytorch_model.bin)")

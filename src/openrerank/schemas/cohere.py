@@ -7,9 +7,9 @@ Unknown fields are ignored rather than rejected: the official SDK sends `priorit
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from openrerank.schemas.checks import Document, Text
 
 _QUERY = Field(min_length=1, description="The search query; must not be empty.")
 _TOP_N = Field(default=None, ge=0, description="Return only the best `top_n` results; 0 or absent = all.")
@@ -30,14 +30,14 @@ class CohereV1RerankRequest(BaseModel):
             }]
         },
     )
-    model: str | None = Field(default=None, description="Served model id; omit to use the first model.")
-    query: str = _QUERY
-    documents: list[str | dict[str, Any]] = Field(
+    model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
+    query: Text = _QUERY
+    documents: list[Document] = Field(
         min_length=1,
         description="Strings, or objects with a `text` field (other fields are kept and returned).",
     )
     top_n: int | None = _TOP_N
-    rank_fields: list[str] | None = Field(
+    rank_fields: list[Text] | None = Field(
         default=None, min_length=1,
         description="Object fields to rank on (default `text`); several are joined as `key: value` lines.",
     )
@@ -59,9 +59,9 @@ class CohereV2RerankRequest(BaseModel):
             }]
         },
     )
-    model: str = Field(description="Served model id (required by Cohere v2); see GET /v1/models.")
-    query: str = _QUERY
-    documents: list[str] = Field(min_length=1, description="Texts to rank against the query.")
+    model: Text = Field(description="Served model id (required by Cohere v2); see GET /v1/models.")
+    query: Text = _QUERY
+    documents: list[Text] = Field(min_length=1, description="Texts to rank against the query.")
     top_n: int | None = _TOP_N
     return_documents: bool = _RETURN_DOCS
     max_tokens_per_doc: int | None = Field(

@@ -1,4 +1,4 @@
-"""The one request/result shape all dialects convert to and from.
+"""The request/result shapes all dialects convert to and from (rerank and embed).
 
 Dialects (NIM, Cohere, TEI, score) only translate wire formats; everything below them
 (text preparation, scheduler, backends) sees these types alone.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 
@@ -45,6 +46,23 @@ class RerankRequest:
     # passage tokens considered in total (Cohere's max_chunks_per_doc / max_tokens_per_doc).
     max_chunks_per_passage: int | None = None
     max_tokens_per_passage: int | None = None
+    # The dialect's own default when the client did not ask (Cohere v1: 10), kept under the server's cap.
+    default_chunks_per_passage: int | None = None
+
+
+#: NIM's `input_type`: which side of an asymmetric retrieval model a text is on (None: not said).
+InputType = Literal["query", "passage"]
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """A dialect-neutral embeddings request: texts embedded on their own, one vector each."""
+
+    texts: list[str]
+    model: str | None = None
+    input_type: InputType | None = None  # selects the model's query/passage prompt, if it has one
+    truncate: Truncate = Truncate.NONE  # NONE | START | END (CHUNK means nothing for one vector)
+    dimensions: int | None = None  # keep the leading N dimensions (models that allow it)
 
 
 @dataclass
@@ -80,6 +98,16 @@ class RerankResult:
         if top_n is not None and top_n > 0:
             idx = idx[:top_n]
         return [(i, float(self.logits[i])) for i in idx]
+
+
+@dataclass
+class EmbedResult:
+    """One float32 vector per request text, in request order: `embeddings` is `(texts, dim)`."""
+
+    model: str
+    embeddings: np.ndarray
+    prompt_tokens: int
+    timings: Timings = field(default_factory=Timings)
 
 
 def sigmoid(x: np.ndarray | float) -> np.ndarray:

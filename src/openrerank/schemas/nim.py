@@ -6,10 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openrerank.schemas.checks import Text
+
 
 class NimText(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, description="The text; must not be empty.")
+    text: Text = Field(min_length=1, description="The text; must not be empty.")
 
 
 class NimRankingRequest(BaseModel):
@@ -24,13 +26,18 @@ class NimRankingRequest(BaseModel):
             }]
         },
     )
-    model: str | None = Field(default=None, description="Served model id; omit to use the first model.")
+    model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
     query: NimText
     passages: list[NimText] = Field(min_length=1)
     truncate: Literal["NONE", "END", "CHUNK"] = Field(
         default="NONE",
         description="NONE: over-long pairs fail the request. END: cut the passage end. "
         "CHUNK (openrerank extension): score overlapping windows, passage = best window.",
+    )
+    max_chunks_per_passage: int | None = Field(
+        default=None, ge=1,
+        description="openrerank extension, with CHUNK: most windows scored per passage (default and "
+        "maximum: the server's --max-chunks-per-passage, 16 unless changed).",
     )
 
 
@@ -47,3 +54,9 @@ class NimUsage(BaseModel):
 class NimRankingResponse(BaseModel):
     rankings: list[NimRanking]
     usage: NimUsage
+
+
+class HealthResponse(BaseModel):
+    object: Literal["health.response"] = "health.response"
+    message: str
+    status: str

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openrerank.schemas.checks import Text
+
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(
@@ -22,9 +24,9 @@ class ScoreRequest(BaseModel):
             ]
         },
     )
-    model: str | None = Field(default=None, description="Served model id; omit to use the first model.")
-    text_1: str | list[str] = Field(description="Query, or queries (1 or as many as text_2).")
-    text_2: str | list[str] = Field(description="Text(s) scored against text_1.")
+    model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
+    text_1: Text | list[Text] = Field(description="Query, or queries (1 or as many as text_2).")
+    text_2: Text | list[Text] = Field(description="Text(s) scored against text_1.")
     truncate_prompt_tokens: int | None = Field(
         default=None, ge=-1,
         description="Absent: an over-long pair fails (400). -1: cut to the model window. "

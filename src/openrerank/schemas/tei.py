@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openrerank.schemas.checks import Text
+
 
 class TeiRerankRequest(BaseModel):
     model_config = ConfigDict(
@@ -24,8 +26,8 @@ class TeiRerankRequest(BaseModel):
             }]
         },
     )
-    query: str
-    texts: list[str] = Field(description="Texts to rank; an empty list is a 400.")
+    query: Text
+    texts: list[Text] = Field(description="Texts to rank; an empty list is a 400.")
     truncate: bool | None = Field(
         default=None,
         description="Cut over-long pairs to the model window (absent = the server's auto-truncate, on). "
@@ -37,7 +39,7 @@ class TeiRerankRequest(BaseModel):
     )
     raw_scores: bool = Field(default=False, description="Raw model scores instead of [0, 1] scores.")
     return_text: bool = Field(default=False, description="Include each text in the response.")
-    model: str | None = Field(
+    model: Text | None = Field(
         default=None, description="openrerank extension: served model id (TEI serves one model; absent = first)."
     )
 

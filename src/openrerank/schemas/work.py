@@ -1,11 +1,18 @@
 """Tokenized work items: what text preparation hands the scheduler and the scheduler hands a runtime.
 
 They live below every layer that passes them along, so text, engine and backends share one definition.
+Each item says which task it serves: a rerank item comes back as one score, an embed item as one vector.
+The scheduler never batches items of different tasks together, so a backend call returns one or the other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+#: What a work item asks of the model; also the `task` label of the engine metrics.
+Task = Literal["rerank", "embed"]
+TASKS: tuple[Task, ...] = ("rerank", "embed")
 
 
 @dataclass(slots=True)
@@ -14,6 +21,7 @@ class PairItem:
 
     input_ids: list[int]
     token_type_ids: list[int] | None = None
+    task: ClassVar[Task] = "rerank"
 
     @property
     def length(self) -> int:
@@ -26,10 +34,23 @@ class BiItem:
 
     query_ids: list[int]
     passage_ids: list[int]
+    task: ClassVar[Task] = "rerank"
 
     @property
     def length(self) -> int:
         return max(len(self.query_ids), len(self.passage_ids))
 
 
-WorkItem = PairItem | BiItem
+@dataclass(slots=True)
+class EmbedItem:
+    """One text embedded on its own (`[CLS] text [SEP]`, prompt included); its result is a vector."""
+
+    input_ids: list[int]
+    task: ClassVar[Task] = "embed"
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+WorkItem = PairItem | BiItem | EmbedItem

@@ -26,20 +26,37 @@ _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\n\s*")
 
 
 class BiTextEncoder(TextEncoder):
-    def __init__(self, tokenizer, max_length: int) -> None:
+    def __init__(self, tokenizer, max_length: int, prompts: dict[str | None, str] | None = None) -> None:
         super().__init__(tokenizer, max_length)
         self.single_specials = tokenizer.num_special_tokens_to_add(pair=False)
+        #: input_type (query | passage | None) -> prompt prepended to the text, as the family resolved them.
+        self.prompts = dict(prompts or {})
 
-    def encode_texts(self, texts: list[str], truncate: Truncate = Truncate.END) -> list[list[int]]:
+    def encode_texts(self, texts: list[str], truncate: Truncate = Truncate.END,
+                     input_type: str | None = None) -> list[list[int]]:
         """Token ids of texts embedded on their own (with special tokens), cut to the window.
 
-        NONE refuses a text over the window (`InputTooLongError`); START keeps its end."""
+        The model's prompt for `input_type` (if it has one) is prepended to each text, as
+        sentence-transformers' `encode(prompt=...)` does; it counts towards the window. NONE refuses a text
+        over the window (`InputTooLongError`); START keeps the text's end (and the prompt)."""
+        prompt = self.prompts.get(input_type, "")
+        if prompt and truncate is Truncate.START:
+            texts = self._clip_starts(prompt, texts)
+        if prompt:
+            texts = [prompt + t for t in texts]
         if truncate is Truncate.NONE:
             ids = self.tok(texts)["input_ids"]
             self.check_lengths(ids)
             return ids
-        enc = self.tok(texts, left=truncate is Truncate.START, truncation=True, max_length=self.max_length)
-        return enc["input_ids"]
+        left = truncate is Truncate.START and not prompt  # with a prompt, _clip_starts already cut the start
+        return self.tok(texts, left=left, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _clip_starts(self, prompt: str, texts: list[str]) -> list[str]:
+        """Cut each text's start so that prompt + text fits the window: left truncation keeping the prompt."""
+        room = max(1, self.max_length - self.single_specials - len(self.tok.ids(prompt)))
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [t if len(offs) <= room else t[offs[len(offs) - room][0]:]
+                for t, offs in zip(texts, enc["offset_mapping"], strict=True)]
 
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
         m = self.max_length

@@ -3,14 +3,15 @@
 Truncation and chunking are the tokenizer's own (`truncation="only_second"`, `stride` +
 `return_overflowing_tokens` for sliding windows): the query is kept whole and the passage is cut or
 windowed. Under CHUNK a query longer than half the window is cut first, so every window still holds a
-real slice of the passage and the windows never degenerate into a few tokens with a stride of one.
+real slice of the passage and the windows never degenerate into a few tokens with a stride of one; a
+passage is clipped to what `max_chunks` windows cover before its windows are made.
 """
 
 from __future__ import annotations
 
 from openrerank.schemas.internal import Truncate
 from openrerank.schemas.work import PairItem, WorkItem
-from openrerank.text.prepare import Prepared, TextEncoder, cap_chunks, chunk_overlap
+from openrerank.text.prepare import Prepared, TextEncoder, cap_chunks, chunk_overlap, chunk_span
 
 
 class PairTextEncoder(TextEncoder):
@@ -32,6 +33,8 @@ class PairTextEncoder(TextEncoder):
                 q_len = len(self.tok.ids(query))
                 window = max(1, m - q_len - self.pair_specials)
                 kw.update(stride=chunk_overlap(window), return_overflowing_tokens=True)
+                if max_chunks:  # never tokenize windows past the cap: bounded work for any passage size
+                    passages = self.clip_passages(passages, chunk_span(window, max_chunks))
             left = truncate is Truncate.START
             try:
                 enc = self.tok([query] * n, passages, left=left, **kw)

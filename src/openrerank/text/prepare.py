@@ -20,8 +20,12 @@ import numpy as np
 from openrerank.schemas.internal import Truncate
 from openrerank.schemas.work import WorkItem
 
-#: Fraction of a chunk window that overlaps the previous window.
+#: Fraction of a chunk window that overlaps the previous window; the stride is the rest (at least 3/4 of
+#: the window, and the window is at least half the model's free window: see the encoders).
 CHUNK_OVERLAP = 0.25
+#: When only a passage's first N tokens matter (a chunk cap, max_tokens_per_doc), only its first
+#: N x this many characters are tokenized, so a megabyte passage costs what its used part costs.
+MAX_CHARS_PER_TOKEN = 64
 
 
 class InputTooLongError(ValueError):
@@ -97,7 +101,8 @@ class TextEncoder(ABC):
     def _prepare(self, query: str, passages: list[str], truncate: Truncate, max_chunks: int | None) -> Prepared: ...
 
     def clip_passages(self, passages: list[str], limit: int) -> list[str]:
-        """Cohere's max_tokens_per_doc: keep only each document's first `limit` tokens."""
+        """Keep only each passage's first `limit` tokens (Cohere's max_tokens_per_doc, chunk caps)."""
+        passages = [p[: limit * MAX_CHARS_PER_TOKEN] for p in passages]
         enc = self.tok(passages, add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for text, offsets in zip(passages, enc["offset_mapping"], strict=True):
@@ -113,6 +118,11 @@ class TextEncoder(ABC):
 def chunk_overlap(window: int) -> int:
     """Tokens a chunk shares with the previous one."""
     return max(1, int(window * CHUNK_OVERLAP))
+
+
+def chunk_span(window: int, max_chunks: int) -> int:
+    """Tokens that `max_chunks` overlapping windows of `window` tokens cover."""
+    return window + (max_chunks - 1) * max(1, window - chunk_overlap(window))
 
 
 def chunk_starts(total: int, window: int) -> list[int]:

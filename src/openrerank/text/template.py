@@ -91,9 +91,13 @@ class TemplateTextEncoder(TextEncoder):
             raise ValueError("this prompt starts with BOS but the tokenizer defines no bos_token")
         self._bos: list[int] = [tokenizer.bos_token_id] if template.bos else []
         self._fixed = {i: self.tok.ids(p) for i, p in enumerate(template.pieces) if not _SLOT.search(p)}
-        fixed = len(self._bos) + sum(len(ids) for ids in self._fixed.values())
+        # The fixed text of the slot pieces (an instruction, `<Query>: `) counts too; filled with empty slots
+        # it is within a token or two of what any pair will have.
+        fixed = len(self._bos) + sum(len(self._fixed[i]) if i in self._fixed else len(self.tok.ids(fill(p, "", "")[0]))
+                                     for i, p in enumerate(template.pieces))
         if fixed >= max_length // 2:
-            raise ValueError(f"a {max_length}-token window is too small for this prompt ({fixed} fixed tokens)")
+            raise ValueError(f"a {max_length}-token window is too small for this prompt: its fixed text (instruction "
+                             f"included) takes {fixed} tokens, and may take at most half the window")
 
     def runs(self, query: str, passages: list[str]) -> list[list[Run]]:
         """Each pair as role-tagged token runs, tokenized piece by piece."""
@@ -115,15 +119,17 @@ class TemplateTextEncoder(TextEncoder):
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
         items: list[WorkItem] = []
         owners: list[int] = []
+        if truncate is Truncate.CHUNK and max_chunks:  # no window can hold more than the model window
+            passages = self.clip_passages(passages, max_chunks * self.max_length)
         for idx, runs in enumerate(self.runs(query, passages)):
-            for ids in self._fit(runs, truncate, idx):
+            for ids in self._fit(runs, truncate, idx, max_chunks):
                 items.append(PairItem(ids))
                 owners.append(idx)
         keep = cap_chunks(owners, max_chunks)
         items = [items[i] for i in keep]
         return Prepared(items, [owners[i] for i in keep], sum(it.length for it in items))
 
-    def _fit(self, runs: list[Run], truncate: Truncate, idx: int) -> list[list[int]]:
+    def _fit(self, runs: list[Run], truncate: Truncate, idx: int, max_chunks: int | None = None) -> list[list[int]]:
         """The pair's ids (one list), cut to the window per `truncate`, or its chunks (several)."""
         m = self.max_length
         total = sum(len(ids) for _, ids in runs)
@@ -131,7 +137,7 @@ class TemplateTextEncoder(TextEncoder):
             return [[t for _, ids in runs for t in ids]]
         if truncate is Truncate.NONE:
             raise InputTooLongError(total, m, idx)
-        free = m - sum(len(ids) for role, ids in runs if role == FIXED)
+        free = max(0, m - sum(len(ids) for role, ids in runs if role == FIXED))
         q = sum(len(ids) for role, ids in runs if role == QUERY)
         p = sum(len(ids) for role, ids in runs if role == PASSAGE)
         share = self.template.query_share if truncate is not Truncate.CHUNK else min(0.5, self.template.query_share)
@@ -140,7 +146,8 @@ class TemplateTextEncoder(TextEncoder):
         q_keep = min(q, free - p_keep)  # room the passage does not need goes back to the query
         passage = next((ids for role, ids in runs if role == PASSAGE), [])
         if truncate is Truncate.CHUNK:
-            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in chunk_starts(len(passage), p_keep)]
+            starts = chunk_starts(len(passage), p_keep)[: max_chunks or None]
+            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in starts]
         window = passage[len(passage) - p_keep :] if truncate is Truncate.START else passage[:p_keep]
         return [_assemble(runs, q_keep, window)]
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU readiness check for openrerank, one script, ~5-8 minutes on one H100/H200:
+#   1. the parity tests on the GPU: LLM rerankers in fp32 / bf16 / fp16 against hand-written fp32 references,
+#      and the model-family tests over HTTP with the server on the GPU (fp32);
+#   2. a MiniLM-L6 cross-encoder: openrerank against sentence-transformers CrossEncoder on the same GPU;
+#   3. the latency of one request of 500 passages x ~256 tokens on Llama-1B- and Mistral-4B-shaped
+#      bidirectional rerankers (random weights), fp16 and bf16 (NIM: ~1,750 ms on an H100; target <= 875 ms).
+# Figures go to $OUT/gpu_check.json (else ./results/gpu_check.json), the log to gpu_check.log beside it.
+#
+#   benchmarks/gpu_check.sh                          # on the GPU machine (extra arguments go to gpu_check.py)
+#   benchmarks/gpu_check.sh --device cpu --quick     # dry run of every step on a CPU machine
+#
+# Expects (nothing is downloaded here): python3 >= 3.11 with a CUDA build of torch >= 2.4, transformers >= 5,
+# tokenizers, safetensors, numpy, sentence-transformers, pytest, httpx, rich, prometheus-client, pyyaml, and,
+# for the server the HTTP tests start, fastapi, fastapi-offline, starlette, pydantic, uvicorn, orjson: where missing,
+# carry them as wheels in .whl/ (benchmarks/gpu_wheels.sh fetches them) and they are installed from there.
+# openrerank runs from src/ (PYTHONPATH); it is not installed. The check stops before using the GPU and names
+# what is missing if anything is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-$PWD/results}"
+mkdir -p "$OUT_DIR"
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, fastapi_offline, pydantic, uvicorn, orjson" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/openrerank-gpu-site .whl/*.whl
+  export PYTHONPATH="/tmp/openrerank-gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+"$PY" - <<'PYEOF'
+import importlib.util, sys
+if sys.version_info < (3, 11):
+    sys.exit(f"gpu_check: needs Python >= 3.11, this is {sys.version.split()[0]}")
+need = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "sentence_transformers", "pytest", "httpx",
+        "rich", "prometheus_client", "yaml", "fastapi", "fastapi_offline", "starlette", "pydantic", "uvicorn",
+        "orjson"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit("gpu_check: missing Python packages: " + ", ".join(missing)
+             + " (carry wheels in .whl/: benchmarks/gpu_wheels.sh)")
+print("gpu_check: python", sys.version.split()[0], "- all needed packages found")
+PYEOF
+set -o pipefail
+"$PY" benchmarks/gpu_check.py --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"

@@ -1,0 +1,161 @@
+"""Generic CLI machinery: declarative options with groups, env variables, defaults in the help, one-line errors.
+
+A command declares its flags as a table of `Option`s; `add_options` turns the table into argparse groups whose
+help shows each flag's default and environment variable, and `resolve_options` fills every flag that was not
+given on the command line from its `OPENRERANK_<FLAG>` variable, else from the default. A bad variable is a
+`UsageError` naming the variable, never a traceback. Adding a flag is one `Option(...)` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+ENV_PREFIX = "OPENRERANK_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_TYPE_WORDS: dict[Callable, str] = {int: "an integer", float: "a number", str: "a string"}
+
+
+class UsageError(ValueError):
+    """A bad flag or environment value; printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag. `default` None means: take it from the defaults object (e.g. ServerConfig) by `dest`."""
+
+    flag: str  # without dashes, e.g. "max-passages"
+    group: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # on/off flag (env: 1/true/yes/on, 0/false/no/off)
+    repeatable: bool = False  # may be given several times; env: comma-separated
+    split_env: bool = True  # a repeatable option's variable holds several comma-separated values
+    dest: str | None = None  # attribute name; default: flag with '_' for '-'
+    metavar: str | None = None
+    env: bool = True  # also settable as OPENRERANK_<FLAG>
+
+    @property
+    def attr(self) -> str:
+        return self.dest or self.flag.replace("-", "_")
+
+    @property
+    def env_name(self) -> str:
+        return ENV_PREFIX + self.flag.upper().replace("-", "_")
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def option_help(opt: Option, default: Any) -> str:
+    env = f"; env {opt.env_name}" + (", comma-separated" if opt.repeatable and opt.split_env else "") \
+        if opt.env else ""
+    return f"{opt.help} (default: {_show_default(default)}{env})".replace("%", "%%")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option], defaults: object,
+                group_titles: Mapping[str, str] | None = None) -> None:
+    """Add `options` to `parser` in argument groups; values not given stay absent (see resolve_options)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options:
+        if opt.group not in groups:
+            groups[opt.group] = parser.add_argument_group(opt.group, (group_titles or {}).get(opt.group))
+        kw: dict[str, Any] = {"dest": opt.attr, "default": argparse.SUPPRESS,
+                              "help": option_help(opt, getattr(defaults, opt.attr, None))}
+        if opt.switch:
+            kw["action"] = "store_true"
+        else:
+            kw.update(type=opt.type, metavar=opt.metavar or opt.flag.split("-")[-1].upper())
+            if opt.choices:
+                kw["choices"] = opt.choices
+                kw["metavar"] = opt.metavar or "{" + ",".join(opt.choices) + "}"
+            if opt.repeatable:
+                kw["action"] = "append"
+        groups[opt.group].add_argument(f"--{opt.flag}", **kw)
+
+
+def env_value(opt: Option, environ: Mapping[str, str]) -> Any:
+    """The option's value from its environment variable, or raise UsageError naming the variable."""
+    raw = environ[opt.env_name]
+    shown = f"{opt.env_name}={raw!r}"
+    if opt.switch:
+        word = raw.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise UsageError(f"{shown}: expected one of 1/true/yes/on or 0/false/no/off")
+    split = opt.repeatable and opt.split_env
+    items = [p.strip() for p in raw.split(",") if p.strip()] if split else [raw.strip()]
+    values = []
+    for item in items:
+        try:
+            value = opt.type(item)
+        except (TypeError, ValueError) as exc:
+            what = _TYPE_WORDS.get(opt.type, getattr(opt.type, "__name__", "a valid value"))
+            detail = "" if opt.type in _TYPE_WORDS else f" ({exc})"
+            raise UsageError(f"{shown}: expected {what}{detail}") from None
+        if opt.choices and value not in opt.choices:
+            raise UsageError(f"{shown}: expected one of {', '.join(opt.choices)}")
+        values.append(value)
+    return values if opt.repeatable else values[0]
+
+
+def resolve_options(args: argparse.Namespace, options: Iterable[Option], defaults: object,
+                    environ: Mapping[str, str] | None = None) -> None:
+    """Fill each option absent from `args`: environment variable (if set and not empty), else the default."""
+    environ = os.environ if environ is None else environ
+    for opt in options:
+        if hasattr(args, opt.attr):
+            continue
+        if opt.env and environ.get(opt.env_name, "") != "":
+            setattr(args, opt.attr, env_value(opt, environ))
+        else:
+            setattr(args, opt.attr, getattr(defaults, opt.attr, None))
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse with 'did you mean --port?' for unknown flags, reported by the (sub)command they belong to.
+
+    Abbreviated flags are refused: `--dtyp` silently meaning `--dtype` stops working the day a flag with the
+    same prefix is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def unknown_flags(self, extras: list[str]) -> NoReturn:
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        parts = []
+        for arg in extras:
+            flag = arg.split("=", 1)[0]
+            if not flag.startswith("-"):
+                parts.append(f"unexpected argument {arg!r}")
+                continue
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            parts.append(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        self.error("; ".join(parts) + f"; see {self.prog} --help")
+
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr and exit 2 (argparse prints the whole usage block first)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(prog: str, message: str, status: int = 2) -> int:
+    """Print a one-line error for `prog` and return the exit status."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status

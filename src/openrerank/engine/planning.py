@@ -1,0 +1,98 @@
+"""Which pending work the scheduler runs next: fair shares of a window, and the order of its batches.
+
+A *window* is about `window_batches` batches' worth of work, taken from every unfinished request and
+sorted by length across requests (so padding stays small), then cut into batches by the one batching
+policy. How much each request puts in is a max-min fair share of the window: a request that needs
+less than an equal share gets all of it, the others split what is left evenly. The items of *quick*
+requests -- all their remaining work fits in one batch and is in this window -- are batched among
+themselves and run first; everything else is sorted and batched together after them.
+
+So a small request that arrives while a 512-passage request is being scored needs only its own share
+of the next window, and its batches run first: it waits for the batch in progress and its own
+batches, not for the big request (the scheduler re-plans once a newcomer is queued, see
+`Scheduler._run_window`). The big request is never starved either: every window gives it a share.
+
+Costs are in tokens, and an item costs at least `floor_cost` (the per-item share of a batch,
+`max_tokens / max_size`), so one unit bounds both a window's tokens and its items.
+
+Reranking and embedding requests share windows and fair shares, but a batch holds items of one task only (a
+backend call returns scores or vectors, not both): each group is split per task before it is cut into batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from openrerank.engine.batching import BatchPolicy, HasLength
+from openrerank.schemas.work import TASKS
+
+
+def fair_shares(needs: Sequence[int], capacity: int) -> list[int]:
+    """Max-min fair split of `capacity` among needs: the smallest needs are met in full, the rest
+    split the remainder equally. Returns one allocation per need, in the given order."""
+    alloc = [0] * len(needs)
+    left = capacity
+    order = sorted(range(len(needs)), key=lambda i: needs[i])
+    for k, i in enumerate(order):
+        share = left // (len(order) - k)
+        alloc[i] = min(needs[i], share)
+        left -= alloc[i]
+    return alloc
+
+
+class PlannedItem(HasLength, Protocol):
+    @property
+    def task(self) -> str: ...
+
+
+class Pending(Protocol):
+    """One unfinished request as the planner sees it."""
+
+    items: Sequence[PlannedItem]  # all of the request's items
+    todo: list[int]  # indices into `items` not scheduled yet, shortest first
+
+
+P = TypeVar("P", bound=Pending)
+
+
+def item_cost(length: int, floor_cost: int) -> int:
+    return max(length, floor_cost)
+
+
+def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int) -> list[list[tuple[P, int]]]:
+    """Take each request's fair share of one window off its `todo` and return the window's batches
+    (lists of (request, item index)), quick requests' batches first.
+
+    Every request with work gets at least one item, so none is ever starved."""
+    floor_cost = max(1, policy.max_tokens // max(1, policy.max_size))
+    capacity = window_batches * policy.max_tokens
+    needs = [sum(item_cost(p.items[i].length, floor_cost) for i in p.todo) for p in pending]
+    alloc = fair_shares(needs, capacity)
+    quick: list[tuple[P, int]] = []
+    rest: list[tuple[P, int]] = []
+    for p, need, budget in zip(pending, needs, alloc, strict=True):
+        if not p.todo:
+            continue
+        taken = 0
+        used = 0
+        for i in p.todo:
+            cost = item_cost(p.items[i].length, floor_cost)
+            if taken and used + cost > budget:
+                break
+            used += cost
+            taken += 1
+        chosen, p.todo = p.todo[:taken], p.todo[taken:]
+        (quick if not p.todo and need <= policy.max_tokens else rest).extend((p, i) for i in chosen)
+    batches: list[list[tuple[P, int]]] = []
+    for group in (quick, rest):
+        for task in TASKS:
+            part = [(p, i) for p, i in group if p.items[i].task == task]
+            batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part]))
+    return batches
+
+
+def give_back(pending: Pending, indices: Sequence[int]) -> None:
+    """Return planned-but-unrun items to a request's `todo` (kept sorted by length)."""
+    if indices:
+        pending.todo = sorted([*pending.todo, *indices], key=lambda i: pending.items[i].length)

@@ -1,0 +1,23 @@
+"""Optional dependencies: a missing one is a one-line message naming the command that installs it."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class MissingExtraError(RuntimeError):
+    """An optional feature's package is not installed."""
+
+
+def install_hint(extra: str) -> str:
+    return f"scripts/setup.sh {extra} (from a clone) or pip install 'openrerank[{extra}]'"
+
+
+def require(module: str, extra: str, feature: str) -> ModuleType:
+    """Import `module` or raise MissingExtraError saying which extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError(f"{feature} needs the '{extra}' extra ({exc.name} is not installed); "
+                                f"install it with: {install_hint(extra)}") from None

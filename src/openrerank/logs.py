@@ -1,0 +1,95 @@
+"""One log format for openrerank's lines and uvicorn's: `--log-format text` (human) or `json` (one object a line).
+
+Every record goes through the root handler installed here; uvicorn is started with `log_config=None`, so its
+loggers propagate to it. Structured fields travel in `extra={"fields": {...}}`: the text format appends them as
+`key=value`, the JSON format as top-level keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# uvicorn lines that say nothing to an operator of this server (ours say it better, at the right moment).
+_UVICORN_NOISE = ("Uvicorn running on", "Waiting for application startup", "Application startup complete",
+                  "Waiting for application shutdown", "Application shutdown complete")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    t = time.gmtime(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else {}
+
+
+def _text_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """Fields the text format appends: all but those the message already says (`extra={"in_message": ...}`)."""
+    said = getattr(record, "in_message", ())
+    return {k: v for k, v in _fields(record).items() if k not in said}
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-01-01T12:00:00.000Z INFO openrerank.access: message key=value ...`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        extra = " ".join(f"{k}={_text_value(v)}" for k, v in _text_fields(record).items() if v is not None)
+        if extra:
+            line += " " + extra
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    text = str(value)
+    return f'"{text}"' if (" " in text or not text) else text
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"ts", "level", "logger", "message", ...fields}`; exceptions as an `exception` string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name,
+                               "message": record.getMessage()}
+        for k, v in _fields(record).items():
+            if v is not None:
+                out[k] = round(v, 3) if isinstance(v, float) else v
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class _DropUvicornNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("uvicorn") and record.getMessage().startswith(_UVICORN_NOISE))
+
+
+def configure_logging(level: str = "info", fmt: str = "text", stream=None) -> None:
+    """Install the one root handler; uvicorn's loggers lose theirs and propagate to it."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_DropUvicornNoise())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+        lg.setLevel(level.upper())
+    logging.captureWarnings(True)

@@ -1,0 +1,57 @@
+"""Input checks every dialect's wire models share: text must be valid Unicode, echoed JSON must be echoable.
+
+Python's JSON parser accepts strings holding lone UTF-16 surrogates (`"\\udc00"`), integers of any size,
+`1e400` (infinity) and nesting up to its recursion limit. None of these can be tokenized or written back
+by the server, so they are refused here, as a 4xx in the dialect's error shape, instead of failing later.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+
+#: Deepest nesting of a document object the server accepts (it may be echoed back).
+MAX_DOCUMENT_DEPTH = 32
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what a JSON encoder writes as a number (orjson's range)
+
+
+def valid_text(value: str) -> str:
+    """Refuse text with a lone surrogate: it is not Unicode, so it cannot be tokenized or echoed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x} at character "
+                         f"{exc.start}), which is not valid Unicode") from None
+    return value
+
+
+def echoable(value: Any, depth: int = 0) -> Any:
+    """Refuse a JSON value the server could not write back as it came (documents are returned whole)."""
+    if depth > MAX_DOCUMENT_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DOCUMENT_DEPTH} levels")
+    if isinstance(value, str):
+        valid_text(value)
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError("holds an integer beyond 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("holds a number too large for JSON (it would be infinity)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            valid_text(k)
+            echoable(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            echoable(v, depth + 1)
+    return value
+
+
+#: A string field that must be valid Unicode.
+Text = Annotated[str, AfterValidator(valid_text)]
+#: A Cohere document: a string or an object, returned whole with `return_documents`.
+Document = Annotated[str | dict[str, Any], AfterValidator(echoable)]

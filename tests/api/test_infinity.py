@@ -1,0 +1,79 @@
+"""Infinity's `POST /rerank` (`documents`, Cohere-shaped answer) beside TEI's (`texts`, bare array) on one route,
+each form answering its errors in its own shape."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+
+def _assert_infinity_error(resp, status: int, *needles: str) -> None:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    for needle in needles:
+        assert needle in err["message"], err
+
+
+def _assert_tei_error(resp, status: int, *needles: str) -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error", "error_type"}
+    for needle in needles:
+        assert needle in body["error"], body
+
+
+def test_documents_form_answers_like_infinity_and_agrees_with_tei(tiny_server):
+    docs = ["paris is the capital of france", "bananas are yellow", "berlin is in germany"]
+    with tiny_server.client() as c:
+        inf = c.post("/rerank", json={"query": "capital of france", "documents": docs, "return_documents": True})
+        tei = c.post("/rerank", json={"query": "capital of france", "texts": docs, "raw_scores": True})
+        top = c.post("/rerank", json={"query": "capital of france", "documents": docs, "top_n": 1,
+                                      "raw_scores": True, "model": "default/not-specified"})
+    assert inf.status_code == 200, inf.text
+    body = inf.json()
+    assert body["object"] == "rerank" and body["model"] == "tiny"
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    assert body["id"] == inf.headers["x-request-id"] and isinstance(body["created"], int)
+    results = body["results"]
+    assert [set(r) for r in results] == [{"relevance_score", "index", "document"}] * 3
+    assert all(r["document"] == docs[r["index"]] for r in results)
+    assert all(0.0 <= r["relevance_score"] <= 1.0 for r in results)
+    # same order and, undoing the sigmoid, the same scores as the TEI form's raw scores
+    tei_ranks = tei.json()
+    assert [r["index"] for r in results] == [r["index"] for r in tei_ranks]
+    for r, t in zip(results, tei_ranks, strict=True):
+        assert r["relevance_score"] == pytest.approx(1 / (1 + math.exp(-t["score"])), abs=1e-6)
+    one = top.json()["results"]
+    assert len(one) == 1 and one[0]["index"] == tei_ranks[0]["index"] and "document" not in one[0]
+    assert one[0]["relevance_score"] == pytest.approx(tei_ranks[0]["score"], abs=1e-5)
+
+
+def test_each_form_has_its_own_errors(tiny_server):
+    with tiny_server.client() as c:
+        # Infinity form: OpenAI-style errors
+        _assert_infinity_error(c.post("/rerank", json={"query": "q", "documents": []}), 422, "documents")
+        _assert_infinity_error(c.post("/rerank", json={"query": "q", "documents": ["a"], "model": "nope"}), 400,
+                               "nope", "tiny")
+        _assert_infinity_error(c.post("/rerank", json={"documents": ["a"]}), 422, "'query' is required")
+        _assert_infinity_error(c.post("/rerank", json={"query": "q", "documents": ["a"], "top_n": 0}), 422,
+                               "top_n")
+        _assert_infinity_error(c.post("/rerank", json={"query": "q", "documents": ["a"] * 9}), 422, "9", "8")
+        # TEI form: TEI's errors, as before
+        _assert_tei_error(c.post("/rerank", json={"query": "q", "texts": []}), 400, "empty")
+        _assert_tei_error(c.post("/rerank", json={"query": "q", "texts": ["a"], "documents": ["b"]}), 422,
+                          "not both")
+        _assert_tei_error(c.post("/rerank", json={"query": "q"}), 422, "'texts' is required", "'documents'")
+        _assert_tei_error(c.post("/rerank", content=b"[1, 2]"), 422, "JSON object")
+        _assert_tei_error(c.post("/rerank", content=b"{nope"), 422, "not valid JSON")
+
+
+def test_openapi_documents_both_forms(tiny_server):
+    with tiny_server.client() as c:
+        doc = c.get("/openapi.json").json()
+    body = doc["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    refs = {item["$ref"].rsplit("/", 1)[1] for item in body["oneOf"]}
+    assert refs == {"TeiRerankRequest", "InfinityRerankRequest"}
+    schemas = doc["components"]["schemas"]
+    assert schemas["InfinityRerankRequest"]["examples"] and "InfinityRerankResponse" in schemas

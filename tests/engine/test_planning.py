@@ -1,0 +1,49 @@
+"""Window planning: max-min fair shares, quick requests first, nothing starved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from openrerank.engine.batching import BatchPolicy
+from openrerank.engine.planning import fair_shares, give_back, plan_window
+from openrerank.schemas.work import PairItem
+
+
+def test_fair_shares_meet_small_needs_and_split_the_rest():
+    assert fair_shares([10, 1000, 1000], 410) == [10, 200, 200]
+    assert fair_shares([5, 5], 100) == [5, 5]  # everything fits
+    assert fair_shares([300, 100], 200) == [100, 100]
+    assert sum(fair_shares([7, 9, 1000, 3], 50)) <= 50
+
+
+@dataclass(eq=False)
+class Req:
+    items: list[PairItem]
+    todo: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.todo = sorted(range(len(self.items)), key=lambda i: self.items[i].length)
+
+
+def make(*lengths: int) -> Req:
+    return Req([PairItem([1] * n) for n in lengths])
+
+
+def test_quick_requests_run_first_and_the_big_one_still_gets_a_share():
+    policy = BatchPolicy(max_tokens=100, max_size=10, max_padding=1.0)
+    big = make(*[10] * 50)
+    small = make(12, 12, 12)
+    window = plan_window([big, small], policy, window_batches=4)
+    assert all(req is small for req, _ in window[0])  # the newcomer's own batch, first
+    assert {i for req, i in window[0]} == {0, 1, 2}
+    assert sum(1 for b in window for req, _ in b if req is big) >= 10  # at least a batch of the big one
+    assert len(big.todo) == 50 - sum(1 for b in window for req, _ in b if req is big)
+    assert small.todo == []
+
+
+def test_give_back_keeps_todo_sorted():
+    req = make(5, 1, 9, 3)
+    window = plan_window([req], BatchPolicy(max_tokens=8, max_size=2, max_padding=1.0), window_batches=1)
+    taken = [i for b in window for _, i in b]
+    give_back(req, taken)
+    assert [req.items[i].length for i in req.todo] == [1, 3, 5, 9]

@@ -1,0 +1,30 @@
+"""What a served model hands dialects: scores JSON can hold, or a clear model fault."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from openrerank.engine.errors import ModelOutputError
+from openrerank.engine.served import _reportable
+
+
+def test_infinities_become_the_largest_float32_and_nan_is_a_fault():
+    out = _reportable(np.array([1.5, np.inf, -np.inf], dtype=np.float32))
+    assert np.isfinite(out).all() and out[0] == 1.5 and out[1] == -out[2] == np.finfo(np.float32).max
+    with pytest.raises(ModelOutputError, match="passage 1"):
+        _reportable(np.array([0.0, np.nan], dtype=np.float32))
+
+
+def test_chunk_caps_a_client_may_ask_for_and_dialect_defaults_under_the_server_cap():
+    from openrerank.engine.errors import RequestTooLargeError
+    from openrerank.engine.served import ChunkLimits, ServedModel
+    from openrerank.schemas.internal import RerankRequest, Truncate
+
+    model = ServedModel("m", loaded=None, scheduler=None, limits=ChunkLimits(max_chunks_per_passage=5))  # type: ignore[arg-type]
+    chunk = {"query": "q", "passages": ["a"], "truncate": Truncate.CHUNK}
+    assert model._chunk_cap(RerankRequest(**chunk)) == 5  # the server's default
+    assert model._chunk_cap(RerankRequest(**chunk, max_chunks_per_passage=3)) == 3
+    assert model._chunk_cap(RerankRequest(**chunk, default_chunks_per_passage=10)) == 5  # Cohere's 10, capped
+    with pytest.raises(RequestTooLargeError, match="--max-chunks-per-passage"):
+        model._chunk_cap(RerankRequest(**chunk, max_chunks_per_passage=6))

@@ -1,0 +1,92 @@
+"""Encoder cross-encoders beyond BERT (XLM-RoBERTa as bge-reranker-v2-m3, ModernBERT, DeBERTa-v2) over HTTP, on
+both engines, equal a plain transformers forward of each pair; an architecture ONNX cannot export falls back
+to PyTorch under `--backend auto`, and says so."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from openrerank.backends.base import Network
+from openrerank.backends.selection import create_runtime
+from openrerank.families.base import ModelFiles
+from openrerank.families.registry import resolve_spec
+from openrerank.schemas.internal import Truncate
+from tests.families.builders import PASSAGES, QUERIES
+from tests.families.conftest import ENCODERS, assert_parity, served_logits
+
+
+class Reference:
+    """`AutoModelForSequenceClassification` on each `(query, passage)` pair alone, as the model card shows."""
+
+    def __init__(self, model_dir) -> None:
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.window = self.model.config.max_position_embeddings - (2 if "roberta" in self.model.config.model_type
+                                                                   else 0)
+
+    def scores(self, query: str, passages: list[str]) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for p in passages:
+                enc = self.tok(query, p, truncation="only_second", max_length=self.window, return_tensors="pt")
+                logits = self.model(**enc).logits[0].double()
+                out.append(float(logits[0]) if logits.shape[0] == 1 else float(logits[1] - logits[0]))
+        return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def references(family_dirs) -> dict[str, Reference]:
+    return {name: Reference(family_dirs[name]) for name in ENCODERS}
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+@pytest.mark.parametrize(("engine", "server"), [("onnx", "family_server"), ("torch", "encoder_torch_server")])
+def test_logits_equal_transformers_on_both_engines(request, references, name, engine, server):
+    server = request.getfixturevalue(server)
+    with server.client() as c:
+        meta = {m["id"]: m for m in c.get("/v1/metadata").json()["models"]}
+    assert meta[name]["family"] == "cross-encoder" and meta[name]["backend"] == f"{engine}-fp32-cpu"
+    for query in QUERIES[:2]:
+        assert_parity(served_logits(server, name, query, PASSAGES), references[name].scores(query, PASSAGES),
+                      f"{name} on {engine}")
+
+
+def test_long_passages_past_modernberts_local_window(family_server, references):
+    """ModernBERT alternates global and local (16-token, in the tiny model) attention: passages longer than
+    the window, cut at 128 tokens, still match (the ONNX graph was traced on 17 tokens)."""
+    long_passages = [" ".join(PASSAGES[-1].split()[i:] * 3) for i in range(0, 12, 3)]
+    assert_parity(served_logits(family_server, "modernbert", QUERIES[1], long_passages, truncate="END"),
+                  references["modernbert"].scores(QUERIES[1], long_passages), "modernbert long")
+
+
+def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, references, caplog, tmp_path):
+    """`--backend auto`: when the ONNX export fails, the model is served by PyTorch, with a warning naming why.
+    (All three encoder architectures export today, so the failure is forced at the export build.)"""
+    spec_dir = family_dirs["deberta"]
+    family, spec = resolve_spec(ModelFiles.read(spec_dir))
+    network = family.network(spec, references["deberta"].tok)
+
+    def build(b):
+        if b.export:
+            raise RuntimeError("this architecture does not trace")
+        return network.build(b)
+
+    broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
+    with caplog.at_level(logging.WARNING, logger="openrerank.backends.selection"):
+        runtime = create_runtime(broken, engines=family.engines, backend="auto", dtype="fp32", device="cpu",
+                                 threads=1)
+    assert runtime.description == "torch-fp32-cpu"
+    assert "could not be exported to ONNX" in caplog.text and "serving it with PyTorch instead" in caplog.text
+    assert "does not trace" in caplog.text
+    scorer = family.scorer(spec, runtime, references["deberta"].tok.pad_token_id)
+    encoder = family.text_encoder(spec, references["deberta"].tok)
+    prep = encoder.prepare(QUERIES[0], PASSAGES, Truncate.END)
+    expected = references["deberta"].scores(QUERIES[0], PASSAGES)
+    assert_parity(prep.fold(scorer.score(prep.items), len(PASSAGES)), expected, "deberta after fallback")
+    with pytest.raises(Exception, match="could not be exported"):  # asked for onnx by name: no silent fallback
+        create_runtime(broken, engines=family.engines, backend="onnx", dtype="fp32", device="cpu", threads=1)

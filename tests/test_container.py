@@ -1,0 +1,160 @@
+"""The CPU container image, for real: build it with podman, run it, rank a request through it.
+
+Needs podman (+ runc) and, for the base image, either OPENRERANK_CONTAINER_BASE (an image podman has) or
+debootstrap (Debian bookworm with python3 + venv, built once and cached as a tarball under
+OPENRERANK_CONTAINER_CACHE, default ~/.cache/openrerank/container). pip inside the build uses this machine's
+pip settings (`pip config list`: index, extra index, find-links, CA bundle), passed as build args, with local
+folders and files mounted read-only. First run: debootstrap ~3 min + build ~5 min on 2 cores; later runs reuse
+the base image and podman's layer cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from openrerank.serve_process import free_port
+from tests.support import REPO, nim_body
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+IMAGE = "localhost/openrerank-test:cpu"
+BASE_IMAGE = "localhost/openrerank-test-base:bookworm"
+# Rootful podman on a machine without systemd or cgroup delegation.
+PODMAN = ["podman", "--cgroup-manager=cgroupfs"]
+LIMITS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+
+
+def _podman_works() -> str | None:
+    if shutil.which("podman") is None:
+        return "podman is not installed (apt-get install podman runc debootstrap)"
+    if shutil.which("runc") is None:
+        return "runc is not installed"
+    done = subprocess.run([*PODMAN, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True,
+                          text=True, timeout=60)
+    return None if done.returncode == 0 else f"podman does not work here: {done.stderr.strip()[:200]}"
+
+
+def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    assert done.returncode == 0, f"{shlex.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _has_image(name: str) -> bool:
+    return subprocess.run([*PODMAN, "image", "exists", name], timeout=60).returncode == 0
+
+
+def base_image() -> str:
+    """A Debian bookworm image with python3 and venv: given, imported from the cached tarball, or built."""
+    given = os.environ.get("OPENRERANK_CONTAINER_BASE")
+    if given:
+        return given
+    if _has_image(BASE_IMAGE):
+        return BASE_IMAGE
+    cache = Path(os.environ.get("OPENRERANK_CONTAINER_CACHE", "~/.cache/openrerank/container")).expanduser()
+    tarball = cache / "bookworm-python3.tar"
+    if not tarball.is_file():
+        if shutil.which("debootstrap") is None:
+            pytest.skip("no base image: set OPENRERANK_CONTAINER_BASE or install debootstrap")
+        cache.mkdir(parents=True, exist_ok=True)
+        rootfs = cache / "rootfs"
+        shutil.rmtree(rootfs, ignore_errors=True)
+        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
+              str(rootfs), "http://deb.debian.org/debian"], timeout=1800)
+        _run(["tar", "-C", str(rootfs), "-cf", str(tarball) + ".part", "."], timeout=600)
+        os.replace(str(tarball) + ".part", tarball)
+        shutil.rmtree(rootfs, ignore_errors=True)
+    _run([*PODMAN, "import", str(tarball), BASE_IMAGE], timeout=600)
+    return BASE_IMAGE
+
+
+def pip_build_options() -> list[str]:
+    """This machine's pip settings as build args, and the local paths they name as read-only volumes."""
+    done = subprocess.run(["python3", "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60)
+    settings: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            settings[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
+    args: list[str] = []
+    mounts: dict[str, str] = {}  # path in the build -> path here
+    for key, var in (("index-url", "PIP_INDEX_URL"), ("extra-index-url", "PIP_EXTRA_INDEX_URL"),
+                     ("find-links", "PIP_FIND_LINKS"), ("cert", "PIP_CERT"), ("trusted-host", "PIP_TRUSTED_HOST")):
+        value = os.environ.get(var) or settings.get(key)
+        if not value:
+            continue
+        args += ["--build-arg", f"{var}={value}"]
+        for item in value.split():
+            path = Path(item.removeprefix("file://"))
+            if not path.is_absolute() or not path.exists():
+                continue
+            if path.is_dir() and path.name == "simple":
+                path = path.parent  # a file index links to files beside its simple/ folder
+            mounts[str(path)] = str(path.resolve())
+    for inside, here in sorted(mounts.items()):
+        args += ["--volume", f"{here}:{inside}:ro"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    reason = _podman_works()
+    if reason:
+        pytest.skip(reason)
+    base = base_image()
+    started = time.monotonic()
+    _run([*PODMAN, "build", "--format", "docker", "--network=host", *LIMITS, "--build-arg", f"BASE={base}",
+          *pip_build_options(), "--target", "cpu", "-t", IMAGE, "-f", str(REPO / "Dockerfile"), str(REPO)],
+         timeout=3600)
+    size = int(_run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", IMAGE], timeout=60).stdout.strip())
+    print(f"\nbuilt {IMAGE} in {time.monotonic() - started:.0f}s: {size / 1e6:.0f} MB")
+    return IMAGE
+
+
+def test_cpu_image_ranks_a_request_without_torch_as_non_root(image):
+    port = free_port()
+    name = f"openrerank-test-{port}"
+    _run([*PODMAN, "run", "-d", "--name", name, *LIMITS, "--network=host", "-e", f"OPENRERANK_PORT={port}",
+          image], timeout=120)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.Status}}", name],
+                                   capture_output=True, text=True, timeout=60).stdout.strip()
+            logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=60)
+            assert state == "running", f"container {state}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+            time.sleep(1)
+        resp = httpx.post(f"{url}/v1/ranking", timeout=60, json=nim_body(
+            "What is the capital of France?", ["Bananas are yellow.", "Paris is the capital of France."]))
+        assert resp.status_code == 200, resp.text
+        assert [r["index"] for r in resp.json()["rankings"]] == [1, 0]
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["sentence-transformers/all-MiniLM-L6-v2"]
+        meta = httpx.get(f"{url}/v1/metadata", timeout=10).json()["models"][0]
+        assert meta["weights_format"] == "onnx" and meta["backend"].startswith("onnx")
+        # the image's HEALTHCHECK passes, it runs as a non-root user, and PyTorch is not in it
+        _run([*PODMAN, "healthcheck", "run", name], timeout=60)
+        uid = _run([*PODMAN, "exec", name, "id", "-u"], timeout=60).stdout.strip()
+        assert uid != "0"
+        no_torch = subprocess.run([*PODMAN, "exec", name, "python3", "-c", "import torch"], capture_output=True,
+                                  text=True, timeout=60)
+        assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+        logs = _run([*PODMAN, "logs", name], timeout=60)
+        assert '"logger":"openrerank.access"' in logs.stdout + logs.stderr  # JSON logs by default in the image
+    finally:
+        subprocess.run([*PODMAN, "rm", "-f", "-t", "5", name], capture_output=True, timeout=120)

@@ -1,0 +1,54 @@
+"""Operator-facing logs: one format for ours and uvicorn's, JSON lines, access lines with the request id,
+and the ready line only once the model is loaded and warmed."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from openrerank.logs import JsonFormatter, TextFormatter
+from tests.support import nim_body, run_server
+
+
+def _record(msg: str, **fields) -> logging.LogRecord:
+    rec = logging.LogRecord("openrerank.access", logging.INFO, __file__, 1, msg, (), None)
+    rec.fields = fields
+    return rec
+
+
+def test_text_format_appends_fields_json_format_nests_nothing():
+    rec = _record("POST /v1/ranking 200", model="m", passages=2, queue_ms=1.23456, missing=None)
+    text = TextFormatter().format(rec)
+    assert text.endswith("INFO openrerank.access: POST /v1/ranking 200 model=m passages=2 queue_ms=1.23")
+    doc = json.loads(JsonFormatter().format(rec))
+    assert doc["message"] == "POST /v1/ranking 200" and doc["model"] == "m" and doc["queue_ms"] == 1.235
+    assert "missing" not in doc and doc["level"] == "INFO" and doc["ts"].endswith("Z")
+
+
+def test_json_logs_access_lines_and_request_ids(tmp_path, tiny_model_dir):
+    with run_server(["--model", f"tiny={tiny_model_dir}", "--log-format", "json"], tmp_path) as server:
+        with server.client() as c:
+            given = c.post("/v1/ranking", json=nim_body("paris", ["a", "b", "c"]),
+                           headers={"x-request-id": "trace-42"})
+            made = c.post("/v1/ranking", json={"bad": 1})
+            c.get("/v1/health/ready")
+        log_text = server.output()
+    assert given.headers["x-request-id"] == "trace-42"
+    generated = made.headers["x-request-id"]
+    assert len(generated) >= 16 and generated != "trace-42"
+    lines = [json.loads(line) for line in log_text.splitlines() if line.strip()]  # every line is JSON
+    assert {"ts", "level", "logger", "message"} <= set(lines[0])
+    assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's lines share the format
+    assert not any("Uvicorn running" in line["message"] for line in lines)
+    access = [line for line in lines if line["logger"] == "openrerank.access"]
+    ok = next(line for line in access if line["request_id"] == "trace-42")
+    assert ok["method"] == "POST" and ok["route"] == "/v1/ranking" and ok["status"] == 200
+    assert ok["model"] == "tiny" and ok["passages"] == 3 and ok["tokens"] > 0
+    assert ok["queue_ms"] >= 0 and ok["inference_ms"] > 0 and ok["level"] == "INFO"
+    bad = next(line for line in access if line["request_id"] == generated)
+    assert bad["status"] == 400 and "model" not in bad
+    assert not any(line["route"] == "/v1/health/ready" for line in access)  # probes only at debug
+    messages = [line["message"] for line in lines]
+    ready = next(i for i, m in enumerate(messages) if m.startswith("ready: serving tiny"))
+    loaded = next(i for i, m in enumerate(messages) if m.startswith("loaded "))
+    assert loaded < ready < messages.index(ok["message"])

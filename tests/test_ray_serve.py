@@ -1,0 +1,415 @@
+"""openrerank on Ray Serve, end to end: `openrerank serve --replicas 2` on a loopback-only local Ray cluster.
+
+One module-scoped cluster (Ray head + Serve + 2 replicas of the tiny model at 0.5 CPU each), started the
+way a user starts it, serves every test here; the tests that change it (overload, a dead replica,
+shutdown) come last. Skipped when the `ray` extra is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from fastapi.testclient import TestClient
+
+from openrerank.api.app import create_app
+from openrerank.config import ServerConfig
+from openrerank.ray_serve import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    NON_SCORING_HEADROOM,
+    REPLICA_HEADER,
+    deployment_options,
+    parse_args,
+    replica_problems,
+)
+from openrerank.serve_process import free_port
+from tests.support import ServerProcess, nim_body
+
+QUERY = "what is the capital of france"
+PASSAGES = [
+    "paris is the capital of france",
+    "berlin is the capital city of germany",
+    "the banana is a yellow fruit",
+    "a river flows to the sea",
+    "how does a neural network learn from data",
+]
+MAX_QUEUE = 2  # per replica: small, so the overload test needs few requests
+#: One request per dialect: (path, body); rankings through Ray must equal the in-process app's.
+DIALECT_REQUESTS = [
+    ("/v1/ranking", nim_body(QUERY, PASSAGES, truncate="END")),
+    ("/v1/rerank", {"query": QUERY, "documents": PASSAGES, "top_n": 3, "return_documents": True}),
+    ("/v2/rerank", {"model": "tiny", "query": QUERY, "documents": PASSAGES}),
+    ("/rerank", {"query": QUERY, "texts": PASSAGES, "return_text": True}),
+    ("/rerank", {"query": QUERY, "texts": PASSAGES, "raw_scores": True}),
+    ("/v1/score", {"text_1": QUERY, "text_2": PASSAGES}),
+]
+_LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+_WILDCARD = {"0.0.0.0", "::"}
+
+
+# -- builder arguments and deployment options (no cluster) ------------------------------------------------
+
+
+def test_builder_arguments_arrive_as_strings_from_serve_run():
+    server, replicas = parse_args({"model": "a=/m/a, b=/m/b", "num_replicas": "3", "max_queue": "8",
+                                   "tei_chunking": "true", "threads": "2", "num_cpus": "0.5"})
+    assert server.models == ["a=/m/a", "b=/m/b"]
+    assert (server.max_queue, server.tei_chunking, server.threads) == (8, True, 2)
+    assert (replicas.num_replicas, replicas.num_cpus) == (3, 0.5)
+    assert parse_args({})[0].models == ["default"]
+    assert parse_args({"models": ["x=/m"]})[0].models == ["x=/m"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"modle": "default"}, "unknown argument.*modle.*allowed: model"),
+    ({"port": 9000}, "http_options"),
+    ({"num_replicas": "zero"}, "num_replicas"),
+    ({"max_queue": "lots"}, "max_queue"),
+    ({"num_gpus": 1}, "device=cuda"),
+    ({"model": "a", "models": ["b"]}, "either"),
+])
+def test_bad_builder_arguments_are_refused_clearly(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(args)
+
+
+def test_fixed_replicas_admit_max_queue_and_let_health_and_metrics_through():
+    server, replicas = parse_args({"model": "a=/m/a,b=/m/b", "max_queue": 10, "num_replicas": 2, "num_cpus": 2})
+    options = deployment_options(server, replicas)
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 2}
+    # Serve never holds back a scoring request the replica would take: the replica refuses in dialect shape.
+    assert options["max_ongoing_requests"] == 2 * 10 + NON_SCORING_HEADROOM
+    assert options["max_queued_requests"] == -1 and "backpressure_config" not in options
+
+
+def test_max_replicas_turns_on_autoscaling_on_queue_depth():
+    server, replicas = parse_args({"max_replicas": 8, "num_replicas": 2})
+    options = deployment_options(server, replicas)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1, "initial_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 4.0,
+        "upscale_delay_s": 10.0, "downscale_delay_s": 300.0, "look_back_period_s": 30.0}
+    with pytest.raises(ValueError, match="within"):
+        deployment_options(*parse_args({"max_replicas": 2, "num_replicas": 3}))
+    capped = deployment_options(*parse_args({"max_queued_requests": 100, "num_gpus": 0.5, "device": "cuda"}))
+    assert capped["backpressure_config"].retry_after_s == 1
+    assert capped["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+
+
+def test_the_cli_refuses_bad_replica_settings_before_starting_ray(capsys):
+    from openrerank.cli import main
+
+    assert main(["serve", "--replicas", "2", "--replica-option", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "4", "--replica-cpus", "1"]) == 2  # more than this machine has
+    assert "CPUs" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "3", "--max-replicas", "2"]) == 2
+    assert "within" in capsys.readouterr().err
+
+
+def test_a_dead_scheduler_or_load_error_is_a_health_problem(tiny_model_dir):
+    with TestClient(create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)) as c:
+        served = c.app.state.models
+        assert replica_problems(served) == []
+        served.load_error = "OSError: no weights"
+        assert replica_problems(served) == ["model loading failed: OSError: no weights"]
+        served.load_error = None
+        asyncio.run(served.get("tiny").scheduler.stop())
+        assert replica_problems(served) == ["the scheduler worker of model tiny is not running"]
+
+
+# -- one cluster, started as a user starts it ----------------------------------------------------------
+
+
+class Cluster:
+    def __init__(self, server: ServerProcess, metrics_port: int) -> None:
+        self.server = server
+        self.url = server.url
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 60  # the proxy may answer a moment before `serve run` returns
+        while not (match := re.search(r"Ray cluster (\S+?)[;)]", server.output())) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert match, server.output()[-2000:]
+        self.gcs_address = match.group(1)
+        self.processes = descendants(server.proc.pid)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid` (pid -> command line), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            try:
+                found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            stack.append(child)
+    return found
+
+
+def listening_addresses(pids: set[int]) -> dict[int, set[str]]:
+    """pid -> local addresses of its listening TCP sockets (IPv4 and IPv6), from /proc."""
+    inode_owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in (Path("/proc") / str(pid) / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inode_owner[target[8:-1]] = pid
+        except OSError:
+            continue
+    found: dict[int, set[str]] = {}
+    for table, v6 in (("tcp", False), ("tcp6", True)):
+        for line in (Path("/proc/net") / table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inode_owner:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(cols[1].split(":")[0])
+            if v6:  # four little-endian 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                addr = ipaddress.IPv6Address(raw)
+                text = f"::ffff:{addr.ipv4_mapped}" if addr.ipv4_mapped else str(addr)
+            else:
+                text = ".".join(str(b) for b in raw[::-1])
+            found.setdefault(inode_owner[cols[9]], set()).add(text)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("ray-serve")
+    metrics_port = free_port()
+    args = ["--model", f"tiny={tiny_model_dir}", "--replicas", "2", "--replica-cpus", "0.5",
+            "--max-queue", str(MAX_QUEUE), "--ray-metrics-port", str(metrics_port),
+            "--replica-option", "health_check_period_s=1", "--replica-option", "max_constructor_retry_count=2"]
+    env = {"RAY_DEDUP_LOGS": "0",
+           "OPENRERANK_CACHE_DIR": str(tmp / "onnx-cache")}  # empty: both replicas need the export at once
+    server = ServerProcess(args, tmp, env=env)
+    try:
+        server.wait_ready(240)
+        yield Cluster(server, metrics_port)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model_dir) -> Iterator[TestClient]:
+    """The plain single-process app with the same settings and the same thread count as a replica."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], max_queue=MAX_QUEUE, threads=1)
+    with TestClient(create_app(config, wait_for_models=True)) as client:
+        yield client
+
+
+def comparable(body):
+    """A response body without what legitimately differs between two servers (request ids, timings)."""
+    if isinstance(body, dict):
+        return {k: comparable(v) for k, v in body.items() if k not in ("id", "meta", "created")}
+    if isinstance(body, list):
+        return [comparable(v) for v in body]
+    return body
+
+
+def test_ready_through_the_proxy(cluster):
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        ready = c.get("/v1/health/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert c.get("/-/healthz").status_code == 200  # Serve's proxy health, what KubeRay probes
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
+
+
+def test_both_replicas_answer(cluster):
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        seen = {c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES)).headers[REPLICA_HEADER] for _ in range(24)}
+    assert len(seen) == 2, seen
+
+
+def test_rankings_equal_the_in_process_app_for_every_dialect(cluster, in_process):
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        for path, body in DIALECT_REQUESTS:
+            for _ in range(2):  # most likely one answer from each replica
+                ray_resp = c.post(path, json=body)
+                local = in_process.post(path, json=body)
+                assert ray_resp.status_code == local.status_code == 200, (path, ray_resp.text)
+                assert comparable(ray_resp.json()) == comparable(local.json()), path
+
+
+def test_replicas_share_one_export_and_use_their_cpu_share(cluster):
+    """Both replicas started together on an empty ONNX cache: one exported, the other reused it; each
+    runs as many threads as the CPUs Ray gave it (0.5 -> 1), not one per core of the machine."""
+    log = cluster.server.output()
+    assert log.count("to ONNX (first start") == 1, log[-3000:]
+    sessions = re.findall(r"ONNX Runtime session on \S+ \((\d+) threads", log)
+    assert sessions == ["1", "1"], log[-3000:]
+
+
+def test_ray_stays_on_loopback(cluster):
+    import ray
+
+    with ray_driver(cluster):
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    listening = listening_addresses(set(cluster.processes))
+    assert listening, "found no listening socket of the cluster's processes"
+    for pid, addresses in listening.items():
+        assert addresses <= _LOOPBACK | _WILDCARD, (cluster.processes[pid], addresses)
+        if addresses & _WILDCARD:  # Serve binds each replica's internal gRPC server to [::] (hard-coded)
+            assert "ServeReplica" in cluster.processes[pid], (cluster.processes[pid], addresses)
+
+
+@contextlib.contextmanager
+def ray_driver(cluster: Cluster, **kwargs) -> Iterator[None]:
+    """This test process connected to the cluster as a Ray driver (token auth: see conftest.py)."""
+    import ray
+
+    ray.init(address=cluster.gcs_address, log_to_driver=False, logging_level="ERROR", **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _route_totals(metrics_url: str, route: str) -> dict[str, float]:
+    """replica -> its `openrerank_requests_total` for `route` with status 200, as Ray exports it."""
+    text = httpx.get(metrics_url, timeout=10).text
+    pattern = re.compile(r'^ray_openrerank_requests_total\{(?P<tags>[^}]*)\} (?P<value>\S+)$', re.M)
+    totals: dict[str, float] = {}
+    for m in pattern.finditer(text):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', m["tags"]))
+        if tags.get("route") == route and tags.get("status") == "200":
+            totals[tags["replica"]] = totals.get(tags["replica"], 0.0) + float(m["value"])
+    return totals
+
+
+def test_metrics_sum_across_replicas(cluster):
+    """Ray's endpoint has each replica's series; their sum is the number of requests served.
+    (`/score` is not used by any other test of this module, so its total starts at 0.)"""
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        replicas = [c.post("/score", json={"text_1": QUERY, "text_2": PASSAGES}).headers[REPLICA_HEADER]
+                    for _ in range(10)]
+    assert len(set(replicas)) == 2
+    deadline = time.monotonic() + 40  # Ray's agents export what the replicas report every few seconds
+    while sum(_route_totals(cluster.metrics_url, "/score").values()) < 10 and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(2)  # nothing more arrives
+    totals = _route_totals(cluster.metrics_url, "/score")
+    assert totals == {r: float(replicas.count(r)) for r in set(replicas)}
+    assert sum(totals.values()) == 10
+
+
+async def _burst(url: str, path: str, body: dict, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+        return await asyncio.gather(*(c.post(path, json=body) for _ in range(n)))
+
+
+@pytest.mark.parametrize(("path", "status"), [("/v1/ranking", 503), ("/v1/rerank", 429), ("/rerank", 429)])
+def test_overload_answers_in_the_dialect_shape(cluster, path, status):
+    passages = [f"{p} number {i}" for i in range(60) for p in PASSAGES][:300]
+    body = {"/v1/ranking": nim_body(QUERY, passages, truncate="END"),
+            "/v1/rerank": {"query": QUERY, "documents": passages},
+            "/rerank": {"query": QUERY, "texts": passages, "truncate": True}}[path]
+    responses = asyncio.run(_burst(cluster.url, path, body, 40))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, status}, codes
+    assert codes.count(status) > 0 and codes.count(200) >= MAX_QUEUE, codes
+    for r in responses:
+        if r.status_code == 200:  # every accepted request is answered in full
+            ranked = r.json() if path == "/rerank" else r.json().get("rankings") or r.json()["results"]
+            assert sorted(x["index"] for x in ranked) == list(range(len(passages)))
+        else:
+            assert int(r.headers["Retry-After"]) >= 1
+            error = r.json()
+            if path == "/v1/ranking":
+                assert error["object"] == "error" and error["type"] == "overloaded", error
+            elif path == "/rerank":
+                assert error["error_type"] == "Overloaded", error
+            else:
+                assert "overloaded" in error["message"], error
+
+
+def _kill_scheduler_workers(replica) -> list[tuple[str, bool]]:
+    """Runs inside a replica: ends each model's scheduler worker thread the way an uncaught error would."""
+    out = []
+    for thread in threading.enumerate():
+        if thread.name.startswith("model-"):
+            scheduler = thread._target.__self__  # type: ignore[attr-defined]
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit))
+            with scheduler._cv:
+                scheduler._cv.notify_all()  # wake it so the exception is raised
+            thread.join(10)
+            out.append((scheduler.name, scheduler.alive))
+    return out
+
+
+def test_a_replica_whose_scheduler_died_is_replaced(cluster):
+    import ray
+
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        before: set[str] = set()
+        for _ in range(60):  # right after a burst Serve's router may favour one replica for a while
+            before.add(c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES)).headers[REPLICA_HEADER])
+            if len(before) == 2:
+                break
+            time.sleep(0.2)
+        assert len(before) == 2
+        victim = sorted(before)[0]
+        with ray_driver(cluster, namespace="serve"):
+            actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{victim}", namespace="serve")
+            assert ray.get(actor.__ray_call__.remote(_kill_scheduler_workers), timeout=30) == [("tiny", False)]
+        deadline = time.monotonic() + 60
+        recent: list[str] = []
+        while time.monotonic() < deadline:
+            r = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES))
+            recent = [*recent[-11:], r.headers[REPLICA_HEADER] if r.status_code == 200 else "error"]
+            if len(recent) == 12 and len(set(recent) - before) == 1 and victim not in recent and "error" not in recent:
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"the replica was not replaced: last answers {recent}")
+    assert "the scheduler worker of model tiny is not running" in cluster.server.output()
+
+
+def test_shutdown_leaves_no_process(cluster):
+    processes = descendants(cluster.server.proc.pid) | cluster.processes
+    assert any("raylet" in cmd for cmd in processes.values())
+    cluster.server.stop()
+    assert cluster.server.proc.returncode == 0, cluster.server.output()[-3000:]
+    deadline = time.monotonic() + 20
+    while (left := still_running(processes)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+
+def still_running(processes: dict[int, str]) -> dict[int, str]:
+    """Those of `processes` still alive (same pid, same command line: not a reused pid)."""
+    left = {}
+    for pid, cmd in processes.items():
+        try:
+            if (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode() == cmd:
+                left[pid] = cmd
+        except OSError:
+            continue
+    return left
