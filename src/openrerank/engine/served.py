@@ -88,6 +88,11 @@ class ServedModel:
         return self.loaded.max_length
 
     @property
+    def dtype(self) -> str | None:
+        """The precision it runs in (what `--dtype auto` resolved to); None when built by hand."""
+        return self.loaded.engine.dtype if self.loaded.engine is not None else None
+
+    @property
     def embeds(self) -> bool:
         return self.loaded.embeds
 
