@@ -73,7 +73,7 @@ def texts_for_workload() -> tuple[list[str], list[str], str]:
     data = Path(os.environ.get("OPENRERANK_BENCH_DATA", "")) if os.environ.get("OPENRERANK_BENCH_DATA") \
         else default_data_dir()
     if (data / "corpus.jsonl.gz").is_file():
-        from openrerank.bench_llm import corpus_texts
+        from openrerank.bench.llm import corpus_texts
 
         queries = [json.loads(line)["text"] for line in (data / "queries.jsonl").read_text().splitlines() if line]
         return corpus_texts(data), queries, f"DL19 ({data})"
@@ -124,7 +124,7 @@ def minilm(device: str, dtypes: list[str], requests: int, tmp: Path) -> dict:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from openrerank.bench import OfflineRunner, Workload
+    from openrerank.bench.runners import OfflineRunner, Workload
     from openrerank.schemas.internal import RerankRequest, Truncate
     from openrerank.synthetic import build_minilm_cross_encoder
 

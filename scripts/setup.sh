@@ -17,9 +17,9 @@ for arg in "$@"; do
   case "$arg" in
     --gpu) gpu=1 ;;
     server) extras=() ;;
-    eval | test | otel | bench | ray) extras+=("$arg") ;;
+    eval | test | otel | bench | ray | int8) extras+=("$arg") ;;
     -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench, ray; flag: --gpu)" >&2
+    *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench, ray, int8; flag: --gpu)" >&2
        exit 2 ;;
   esac
 done

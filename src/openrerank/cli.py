@@ -49,9 +49,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
-    Option("backend", "engine", "inference engine: auto (ONNX Runtime on CPU, PyTorch on CUDA)",
-           choices=BACKENDS),
-    Option("dtype", "engine", "fp32; bf16 (torch: AVX512-BF16 CPU or GPU); fp16 (GPU); int8 (onnx)", choices=DTYPES),
+    Option("backend", "engine", "inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
+           "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
+    Option("dtype", "engine", "auto (what backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
+           "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
     Option("max-batch-tokens", "engine", "padded tokens per model batch (none: 16384 on CPU, 32768 on CUDA)", int),
@@ -61,6 +62,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("min-batch-rows", "engine", "pairs a batch may always reach whatever their padding (none: 4 on CPU, "
            "16 on CUDA)", int),
     Option("batch-wait-ms", "engine", "how long a batch waits for concurrent requests", float),
+    Option("score-cache-mb", "engine", "memory for an exact LRU cache of passage scores (repeated query+passage "
+           "pairs skip tokenization and the model); 0 turns it off", float),
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-inputs", "limits", "most texts in one /v1/embeddings request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),

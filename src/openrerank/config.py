@@ -24,7 +24,7 @@ class ServerConfig:
     api_key: str | None = None
     # model loading
     backend: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None
@@ -43,6 +43,7 @@ class ServerConfig:
     min_batch_rows: int | None = None
     max_queue: int = 1024
     request_timeout: float = 120.0
+    score_cache_mb: float = 0.0  # exact LRU of passage scores shared by all models; 0: off
     # bounded work per request (docs/reliability.md)
     max_request_tokens: int | None = None  # None: max_batch_tokens x request_timeout / 2 s
     max_queue_tokens: int | None = None  # None: two request budgets
@@ -89,6 +90,7 @@ class ServerConfig:
         for flag in ("request-timeout", "header-timeout", "body-timeout"):
             need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
+        need(self.score_cache_mb >= 0, "score-cache-mb", "must be 0 (off) or more")
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
         need(0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
         need(self.log_level.lower() in ("critical", "error", "warning", "info", "debug", "trace"), "log-level",

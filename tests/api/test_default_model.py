@@ -54,10 +54,13 @@ def test_default_scores_equal_sentence_transformers_cosine(default_server):
     expected = (p @ q[0]).astype(np.float32)
     with default_server.client() as c:
         ranks = c.post("/v1/ranking", json=nim_body(query, passages)).json()["rankings"]
+        engine = c.get("/v1/metadata").json()["models"][0]["engine"]
     got = np.zeros(len(passages), np.float32)
     for x in ranks:
         got[x["index"]] = x["logit"]
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # fp32 engines are exact; bf16 (what auto serves on a CPU with bf16 units) is within its fidelity gate.
+    np.testing.assert_allclose(got, expected, atol=1e-4 if engine["dtype"] == "fp32" else 3e-3)
+    assert list(np.argsort(-got)) == list(np.argsort(-expected))
 
 
 def _load_dl19():

@@ -132,10 +132,12 @@ def test_health_and_info(tiny_server):
     with tiny_server.client() as c:
         health = c.get("/health")
         info = c.get("/info").json()
+        engine = c.get("/v1/metadata").json()["models"][0]["engine"]
     assert health.status_code == 200 and health.content == b""
     assert info["model_id"] == "tiny" and info["max_input_length"] == 128
     assert info["max_client_batch_size"] == 8 and info["auto_truncate"] is True
-    assert "reranker" in info["model_type"] and info["model_dtype"] == "float32"
+    assert "reranker" in info["model_type"]
+    assert info["model_dtype"] == {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[engine["dtype"]]
     for key in ("max_concurrent_requests", "max_batch_tokens", "version", "tokenization_workers"):
         assert key in info
 

@@ -1,6 +1,6 @@
 """LLM rerankers on the torch runtime, per device and dtype, against the hand-written fp32 reference on CPU.
 
-The references are what a user writes from each model card (`openrerank.bench_llm`: the Qwen3-Reranker
+The references are what a user writes from each model card (`openrerank.bench.llm`: the Qwen3-Reranker
 snippet with full-vocabulary logits and left padding; NVIDIA's stock-Llama/Mistral forward with a non-causal
 4-D mask and masked mean), independent of openrerank's families. fp32 must match within 1e-4; bf16/fp16 are
 gated by correlation with the fp32 reference (>= 0.999), as the benchmark gates them.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from openrerank.backends.selection import BackendConfigError, check_backend_options
-from openrerank.bench_llm import HandLlamaBidirectional, HandQwen3Reranker
+from openrerank.bench.llm import HandLlamaBidirectional, HandQwen3Reranker
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.synthetic import build_model, train_tokenizer
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from openrerank.backends import onnx_export as export
+from openrerank.backends.artifact_cache import publish
 from openrerank.backends.base import Network
 from openrerank.backends.onnx_export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
 from openrerank.families.base import ModelFiles
@@ -201,12 +202,12 @@ def test_publish_race_keeps_the_first_copy(tmp_path):
     ours = tmp_path / ".key-tmp"
     ours.mkdir()
     (ours / export.MODEL_FILE).write_bytes(b"ours")
-    assert export._publish(ours, final) is False
+    assert publish(ours, final, export.META_FILE) is False
     assert not ours.exists()
     assert (final / export.MODEL_FILE).read_bytes() == b"theirs"
     fresh = tmp_path / ".other-tmp"
     fresh.mkdir()
-    assert export._publish(fresh, tmp_path / "new-fp32") is True
+    assert publish(fresh, tmp_path / "new-fp32", export.META_FILE) is True
 
 
 def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, model_copy, monkeypatch):

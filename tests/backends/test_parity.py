@@ -1,4 +1,5 @@
-"""fp32 engines agree with the reference implementations (transformers, sentence-transformers) within 1e-4."""
+"""fp32 engines (OpenVINO, ONNX Runtime, PyTorch) agree with the reference implementations (transformers,
+sentence-transformers) within 1e-4."""
 
 from __future__ import annotations
 
@@ -40,11 +41,14 @@ def batch_features(loaded, passages: list[str]) -> dict[str, np.ndarray]:
                         loaded.backend.pad_id, loaded.backend.runtime.input_names)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
+ENGINES = ["openvino", "onnx", "torch"]
+
+
+@pytest.mark.parametrize("backend", ENGINES)
 @pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_model_2label_dir"])
 def test_cross_encoder_logits_match_transformers(request, backend, which):
     model_dir = request.getfixturevalue(which)
-    loaded = load_model(str(model_dir), LoadOptions(backend=backend))
+    loaded = load_model(str(model_dir), LoadOptions(backend=backend, dtype="fp32"))
     assert loaded.backend.description == f"{backend}-fp32-cpu"
     # Batch sizes and padded widths unlike the export's dummy batch: the axes must really be dynamic.
     for passages in (PASSAGES, PASSAGES[:1], PASSAGES[2:7]):
@@ -70,9 +74,10 @@ def sentence_transformer():
     return SentenceTransformer(str(default_model_dir()), device="cpu", local_files_only=True)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("backend", ENGINES)
 def test_bi_encoder_matches_sentence_transformers(sentence_transformer, backend):
-    loaded = load_model("default", LoadOptions(backend=backend))
+    loaded = load_model("default", LoadOptions(backend=backend, dtype="fp32"))
+    assert loaded.backend.description == f"{backend}-fp32-cpu"
     texts = [QUERY, *PASSAGES, "A much longer passage about rivers. " * 30]
     ref = sentence_transformer.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=4)
     got = loaded.embed(texts, batch_size=5)

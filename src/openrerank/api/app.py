@@ -43,6 +43,7 @@ from openrerank.engine.errors import (
     WorkerDiedError,
 )
 from openrerank.engine.loading import model_sources
+from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
 from openrerank.metrics import Metrics
 from openrerank.text.prepare import InputTooLongError
@@ -79,7 +80,8 @@ async def load_all(app: FastAPI) -> None:
     for source in model_sources(config.models, config.model_families, config.instructions):
         try:
             served = await asyncio.to_thread(load_served_model, source, load_options(config),
-                                             scheduler_config(config), app.state.metrics, chunk_limits(config))
+                                             scheduler_config(config), app.state.metrics,
+                                             limits=chunk_limits(config), score_cache=app.state.score_cache)
             await served.scheduler.start()
         except Exception as exc:
             reason = first_line(exc)
@@ -262,6 +264,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.config = config
     app.state.public_url = public_url
     app.state.metrics = metrics or Metrics()
+    app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
+                             if config.score_cache_mb > 0 else None)
     app.state.models = ServedModels()
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:

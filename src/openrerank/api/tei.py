@@ -208,11 +208,12 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "in
 
 def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
     """TEI's /info for the first served model (TEI serves one; see /v1/models for all)."""
+    dtype = (model.dtype if model is not None else None) or config.dtype  # what auto resolved to
     labels = {"0": "LABEL_0"}  # every family yields one relevance score per pair
     return {
         "model_id": model_id,
         "model_sha": None,
-        "model_dtype": _DTYPES.get(config.dtype, config.dtype),
+        "model_dtype": _DTYPES.get(dtype, dtype),
         "model_type": {"reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}},
         "max_concurrent_requests": config.max_queue,
         "max_input_length": model.max_length if model is not None else 0,

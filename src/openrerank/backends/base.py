@@ -73,6 +73,21 @@ def pad_features(
     return feats
 
 
+def probe_features(input_names: Sequence[str], vocab_size: int) -> dict[str, np.ndarray]:
+    """A small padded batch to trace a network on and to check a conversion against PyTorch.
+
+    Padded on purpose: with an all-ones mask transformers may drop the mask, and a trace would bake that in.
+    """
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(3, 17)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {n: feats[n] for n in input_names}
+
+
 class DeviceMemoryError(RuntimeError):
     """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
 

@@ -17,49 +17,44 @@ Steps (the same ones optimum and sentence-transformers' ONNX backend take):
 3. `--dtype int8`: `onnxruntime.quantization.quantize_dynamic` (int8 weights per output channel,
    activations quantized on the fly), which uses VNNI dot products where the CPU has them.
 
-Each result is written into a temporary directory beside its final place and renamed, so two servers
-starting at once never see a half-written model: the first rename wins, the loser discards its copy.
-Exports into one cache directory also take turns under a `flock` on it, so replicas starting together
-export once: the others wait and reuse the result.
+Caching, keys and the atomic publication two concurrent starts rely on: `backends/artifact_cache.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from openrerank.backends.base import Network, NetworkBuild
-from openrerank.models.safety import ONNX_EXPORT_FILES, file_sha256, is_onnx_export
+from openrerank.backends.artifact_cache import (
+    CACHE_ENV,
+    CachedArtifact,
+    cache_root,
+    ensure_artifact,
+    key_of,
+    read_meta,
+)
+from openrerank.backends.artifact_cache import model_fingerprint as model_fingerprint
+from openrerank.backends.base import Network, NetworkBuild, probe_features
+from openrerank.models.safety import ONNX_EXPORT_FILES, is_onnx_export
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "OPENRERANK_CACHE_DIR"
 ONNX_DTYPES = ("fp32", "int8")
 DEFAULT_OPSET = 17
 #: Bump when the export recipe changes in a way the versions below would not capture.
 EXPORT_FORMAT = 4
 MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
-
-# Files whose bytes decide the exported graph; the tokenizer does not.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FUSION_TOLERANCE = 1e-3
-# torch.onnx.export keeps global state (it asserts it is not re-entered), so exports within one process take
-# turns; across processes a flock on the cache directory does (`_cache_lock`), and the atomic rename below
-# keeps the cache consistent even where that lock is unavailable.
-_EXPORT_LOCK = threading.RLock()
-_cache_lock_depth = 0  # 1 while this process holds the cache directory's flock (guarded by _EXPORT_LOCK)
+#: What `ensure_onnx` returns: the model.onnx path, whether it was cached, the key and export.json's facts.
+ExportResult = CachedArtifact
+__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "model_fingerprint",
+           "servable_export"]
 
 
 @contextlib.contextmanager
@@ -77,33 +72,9 @@ class ExportError(RuntimeError):
     """The model could not be exported to ONNX."""
 
 
-@dataclass(frozen=True)
-class ExportResult:
-    path: Path  # the model.onnx to load
-    cached: bool  # True when an earlier export was reused
-    key: str
-    meta: dict
-
-
 def default_cache_dir() -> Path:
     """`$OPENRERANK_CACHE_DIR` when set, else `~/.cache/openrerank/onnx`."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/openrerank/onnx").expanduser()
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Content hash of config.json and the weight files: what the exported graph depends on."""
-    model_dir = Path(model_dir)
-    weights = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
-    files = [model_dir / "config.json", *weights]
-    h = hashlib.sha256()
-    for f in files:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(file_sha256(f).encode())
-    return h.hexdigest()
+    return cache_root()
 
 
 def _versions() -> dict[str, str]:
@@ -125,20 +96,7 @@ def cache_key(network: Network, *, dtype: str, opset: int) -> tuple[str, dict]:
         "format": EXPORT_FORMAT,
         **_versions(),
     }
-    key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
-    return key, facts
-
-
-def _dummy_inputs(input_names: list[str], vocab_size: int) -> dict[str, np.ndarray]:
-    """A padded batch: with an all-ones mask transformers may drop the mask and the trace would bake that in."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(3, 17)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[1, 11:] = 0
-    mask[2, 5:] = 0
-    ids[mask == 0] = 0
-    feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {n: feats[n] for n in input_names}
+    return key_of(facts), facts
 
 
 def _torch_export(network: Network, out: Path, opset: int) -> tuple[list[str], dict]:
@@ -150,7 +108,7 @@ def _torch_export(network: Network, out: Path, opset: int) -> tuple[list[str], d
     module = network.build(NetworkBuild(export=True)).eval()
     names = list(module.input_names)
     config = json.loads((Path(network.path) / "config.json").read_text(encoding="utf-8"))
-    probe = _dummy_inputs(names, int(config.get("vocab_size") or 1000))
+    probe = probe_features(names, int(config.get("vocab_size") or 1000))
     with torch.inference_mode():
         expected = module(*(torch.from_numpy(probe[n]) for n in names)).float().numpy()
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
@@ -216,68 +174,13 @@ def _quantize(src: Path, out: Path) -> None:
         )
 
 
-def _publish(tmp: Path, final: Path) -> bool:
-    """Atomically move a finished export into place; False when another process got there first."""
-    try:
-        os.rename(tmp, final)
-        return True
-    except OSError:
-        if (final / META_FILE).is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        raise
-
-
-@contextlib.contextmanager
-def _cache_lock(cache_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the cache directory across processes (replicas starting together): the
-    first exports, the others wait and then find its result. Held only around an export, never for a
-    cache hit, so a read-only cache of ready exports needs no lock. Where `flock` is unavailable (no
-    fcntl, or a file system that refuses it) the atomic rename alone keeps the cache consistent.
-    Called under `_EXPORT_LOCK`; re-entered by an int8 export that builds its fp32 base."""
-    global _cache_lock_depth
-    if _cache_lock_depth:  # this process holds it already (a second flock would wait on itself)
-        yield
-        return
-    try:
-        import fcntl
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_dir, os.O_RDONLY)
-    except (ImportError, OSError) as exc:
-        log.debug("no cross-process lock on %s (%s); relying on the atomic rename", cache_dir, exc)
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is exporting into %s; waiting for it", cache_dir)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            log.debug("flock refused on %s (%s); relying on the atomic rename", cache_dir, exc)
-        _cache_lock_depth = 1
-        yield
-    finally:
-        _cache_lock_depth = 0
-        os.close(fd)  # releases the lock
-
-
-def _read_meta(folder: Path) -> dict | None:
-    try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if (folder / MODEL_FILE).is_file() else None
-
-
 def servable_export(network: Network, dtype: str) -> ExportResult | None:
     """The export inside a pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json
     beside the tokenizer and config), opened as it is, without PyTorch; None for a plain model directory."""
     folder = Path(network.path)
     if not is_onnx_export(folder):
         return None
-    meta = _read_meta(folder)
+    meta = read_meta(folder, MODEL_FILE, META_FILE)
     if meta is None:
         raise ExportError(f"{folder}/{META_FILE} is unreadable")
     if meta.get("dtype", dtype) != dtype:
@@ -296,26 +199,8 @@ def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_O
         raise ExportError("opset 17 or newer is needed (LayerNormalization)")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key, facts = cache_key(network, dtype=dtype, opset=opset)
-    final = cache_dir / f"{key}-{dtype}"
-    meta = _read_meta(final)
-    if meta is not None:
-        log.info("ONNX cache hit: %s", final / MODEL_FILE)
-        return ExportResult(final / MODEL_FILE, True, key, meta)
-    with _EXPORT_LOCK, _cache_lock(cache_dir):
-        meta = _read_meta(final)  # another thread or process may have finished it while we waited
-        if meta is not None:
-            log.info("ONNX cache hit after waiting for another export: %s", final / MODEL_FILE)
-            return ExportResult(final / MODEL_FILE, True, key, meta)
-        return _export_into(network, final, key, facts, dtype=dtype, opset=opset, cache_dir=cache_dir)
 
-
-def _export_into(network: Network, final: Path, key: str, facts: dict, *, dtype: str, opset: int,
-                 cache_dir: Path) -> ExportResult:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users' servers
-    try:
+    def build(tmp: Path) -> dict:
         if dtype == "int8":
             # Quantize the fused fp32 graph, itself cached (and reused by an fp32 start).
             base = ensure_onnx(network, dtype="fp32", opset=opset, cache_dir=cache_dir)
@@ -336,14 +221,10 @@ def _export_into(network: Network, final: Path, key: str, facts: dict, *, dtype:
             fusions = _fuse(raw, tmp / MODEL_FILE, network, probe)
             raw.unlink()
             details = {"inputs": names, "fusions": fusions}
-        meta = {**facts, **details, "source": str(network.path), "key": key,
-                "export_seconds": round(time.perf_counter() - started, 2)}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    meta = _read_meta(final) or meta
-    log.info("ONNX %s export ready in %.1fs: %s (fusions: %s)", dtype, meta["export_seconds"],
-             final / MODEL_FILE, meta.get("fusions"))
-    return ExportResult(final / MODEL_FILE, False, key, meta)
+        return {**details, "source": str(network.path)}
+
+    result = ensure_artifact(cache_dir, key, dtype, model_file=MODEL_FILE, meta_file=META_FILE, facts=facts,
+                             build=build, what=f"ONNX {dtype} export")
+    if not result.cached:
+        log.info("ONNX fusions: %s", result.meta.get("fusions"))
+    return result

@@ -15,7 +15,7 @@ import numpy as np
 
 from openrerank.backends.base import Backend, TaskNotSupportedError
 from openrerank.backends.bi_scorer import BiEncoderScorer
-from openrerank.backends.selection import check_backend_options, create_runtime
+from openrerank.backends.selection import EngineChoice, check_backend_options, create_runtime
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.registry import resolve_spec
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadOptions:
     backend: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see backends/selection.py)
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None  # override of the model's window (never above it)
@@ -48,7 +48,8 @@ class ResolvedModel:
     weights_format: str
     family: Family
     spec: ModelSpec
-    engine: str  # the runtime it will run on (onnx | torch)
+    engine: str  # the runtime it is planned to run on (openvino | onnx | torch)
+    engines: tuple[str, ...]  # the runtimes these files can run on (a pre-exported ONNX folder: onnx only)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class LoadedModel:
     backend: Backend
     weights_format: str
     device: str = "cpu"
+    engine: EngineChoice | None = None  # which engine serves and why (None: built by hand, e.g. in tests)
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -121,9 +123,12 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What /v1/metadata and logs say about the model: family, engine, window, family facts."""
-        return {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
+        meta = {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
                 "backend": self.backend.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
+        if self.engine is not None:
+            meta["engine"] = self.engine.as_metadata()
+        return meta
 
     def close(self) -> None:
         self.backend.close()
@@ -166,11 +171,14 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     family, spec = resolve_spec(ModelFiles.read(path, name=source.spec), source.family, source.instruction)
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
-    engine = check_backend_options(options.backend, options.dtype, options.device, family.engines, family.id)
-    if weights_format == "onnx" and engine != "onnx":
-        raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
-                         "ONNX Runtime only: use --backend onnx (or auto) on CPU")
-    return ResolvedModel(source, weights_format, family, spec, engine)
+    engines = family.engines
+    if weights_format == "onnx":
+        if options.backend not in ("auto", "onnx") or options.device != "cpu":
+            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
+                             "ONNX Runtime only: use --backend onnx (or auto) on CPU")
+        engines = ("onnx",)
+    engine = check_backend_options(options.backend, options.dtype, options.device, engines, family.id)
+    return ResolvedModel(source, weights_format, family, spec, engine, engines)
 
 
 def load_model(source: ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:
@@ -182,10 +190,11 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     family, spec = resolved.family, resolved.spec
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     encoder = family.text_encoder(spec, tokenizer)
-    runtime = create_runtime(family.network(spec, tokenizer), engines=family.engines, backend=options.backend,
-                             dtype=options.dtype, device=options.device, threads=options.threads,
-                             family=family.id)
+    runtime, engine = create_runtime(
+        family.network(spec, tokenizer), engines=resolved.engines, backend=options.backend, dtype=options.dtype,
+        device=options.device, threads=options.threads, family=family.id)
     backend = family.scorer(spec, runtime, encoder.pad_id)
-    log.info("loaded %s as %s (%s weights) on %s, window %d tokens", resolved.source.spec, family.id,
-             resolved.weights_format, backend.description, spec.max_length)
-    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format, options.device)
+    log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
+             family.id, resolved.weights_format, backend.description, spec.max_length, engine.label, engine.reason)
+    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format,
+                       device=options.device, engine=engine)

@@ -22,6 +22,7 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.metrics import Metrics
 from openrerank.models.source import ModelSource
 from openrerank.schemas.internal import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
@@ -80,10 +81,16 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     limits: ChunkLimits = field(default_factory=ChunkLimits)
     embedding_dim: int | None = None  # length of its embeddings (embedding models), known after warm-up
+    score_cache: ScoreCache | None = None
 
     @property
     def max_length(self) -> int:
         return self.loaded.max_length
+
+    @property
+    def dtype(self) -> str | None:
+        """The precision it runs in (what `--dtype auto` resolved to); None when built by hand."""
+        return self.loaded.engine.dtype if self.loaded.engine is not None else None
 
     @property
     def embeds(self) -> bool:
@@ -111,14 +118,42 @@ class ServedModel:
     async def rerank_many(self, reqs: Sequence[RerankRequest], *, deadline: float | None = None
                           ) -> list[RerankResult]:
         """Several queries of one client request (vLLM score's distinct text_1) as one scheduler
-        submission: one admission unit, one deadline, one cancellation."""
+        submission: one admission unit, one deadline, one cancellation.
+
+        With a score cache, each query consults it on its own and only the passages it does not hold (and
+        no concurrent request is scoring) are tokenized and scored."""
+        t0 = time.perf_counter()
+        if deadline is None:
+            deadline = time.monotonic() + self.scheduler.config.request_timeout
+        chunk_caps = [self._chunk_cap(r) for r in reqs]
+        if self.score_cache is not None:
+            return list(await asyncio.gather(*(self._rerank_cached(r, cap, deadline, t0)
+                                               for r, cap in zip(reqs, chunk_caps, strict=True))))
+        scored = await self._score(reqs, [r.passages for r in reqs], chunk_caps, deadline)
+        return [self._result(req, s.logits, s.prompt_tokens, s.prompt_tokens,
+                             Timings(s.tokenize_ms, s.queue_ms, s.inference_ms), t0)
+                for req, s in zip(reqs, scored, strict=True)]
+
+    async def _rerank_cached(self, req: RerankRequest, chunk_cap: int | None, deadline: float, t0: float
+                             ) -> RerankResult:
+        assert self.score_cache is not None
+
+        async def score_misses(passages: list[str]) -> Scored:
+            return (await self._score([req], [passages], [chunk_cap], deadline))[0]
+
+        cached = await self.score_cache.score(self.name, self._cache_namespace(req, chunk_cap), req.query,
+                                              req.passages, score_misses)
+        return self._result(req, cached.logits, cached.prompt_tokens, cached.scored_tokens,
+                            Timings(cached.tokenize_ms, cached.queue_ms, cached.inference_ms), t0)
+
+    async def _score(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
+                     chunk_caps: list[int | None], deadline: float) -> list[Scored]:
+        """Tokenize each request's `passages` off the loop (within the deadline) and score them all as one
+        scheduler submission; one float32 per passage."""
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
-        if deadline is None:
-            deadline = time.monotonic() + timeout
-        chunk_caps = [self._chunk_cap(r) for r in reqs]
         try:
-            preps = await asyncio.wait_for(asyncio.to_thread(self._prepare_all, reqs, chunk_caps),
+            preps = await asyncio.wait_for(asyncio.to_thread(self._prepare_all, reqs, passages, chunk_caps),
                                            max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(timeout) from None
@@ -128,21 +163,34 @@ class ServedModel:
                                        "--max-chunks-per-request", "send fewer or shorter passages, or ask for "
                                        "fewer chunks per passage")
         t1 = time.perf_counter()
-        items = [it for p in preps for it in p.items]
-        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
-        results = []
+        outcome = await self.scheduler.submit([it for p in preps for it in p.items], timeout=timeout,
+                                              deadline=deadline)
+        out = []
         offset = 0
-        for req, prep in zip(reqs, preps, strict=True):
+        for texts, prep in zip(passages, preps, strict=True):
             scores = outcome.scores[offset : offset + len(prep.items)]
             offset += len(prep.items)
-            logits = _reportable(prep.fold(scores, len(req.passages)))
-            if self.metrics:
-                self.metrics.passages.labels(self.name).inc(len(req.passages))
-                self.metrics.tokens.labels(self.name, "rerank").inc(prep.prompt_tokens)
-            timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
-                              inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
-            results.append(RerankResult(self.name, logits, prep.prompt_tokens, self.loaded.score_kind, timings))
-        return results
+            out.append(Scored(prep.fold(scores, len(texts)), prep, (t1 - t0) * 1e3, outcome.queue_ms,
+                              outcome.inference_ms))
+        return out
+
+    def _result(self, req: RerankRequest, logits: np.ndarray, prompt_tokens: int, scored_tokens: int,
+                timings: Timings, t0: float) -> RerankResult:
+        logits = _reportable(logits)
+        if self.metrics:
+            self.metrics.passages.labels(self.name).inc(len(req.passages))
+            self.metrics.tokens.labels(self.name, "rerank").inc(scored_tokens)
+        timings.total_ms = (time.perf_counter() - t0) * 1e3
+        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings)
+
+    def _cache_namespace(self, req: RerankRequest, chunk_cap: int | None) -> bytes:
+        """Everything besides the texts that decides a passage's score: model, family options, window,
+        engine and precision, truncation and chunk bounds."""
+        loaded = self.loaded
+        return ScoreCache.namespace(
+            self.name, loaded.source.spec, loaded.family.id, sorted(loaded.spec.options.items()),
+            loaded.max_length, loaded.backend.description, req.truncate.value, chunk_cap,
+            req.max_tokens_per_passage)
 
     def _chunk_cap(self, req: RerankRequest) -> int | None:
         if req.truncate is not Truncate.CHUNK:
@@ -153,10 +201,11 @@ class ServedModel:
             raise RequestTooLargeError("chunks per passage", asked, limit, "--max-chunks-per-passage")
         return asked or min(req.default_chunks_per_passage or limit, limit)
 
-    def _prepare_all(self, reqs: Sequence[RerankRequest], chunk_caps: list[int | None]) -> list[Prepared]:
-        return [self.loaded.encoder.prepare(r.query, r.passages, r.truncate, max_chunks_per_passage=cap,
+    def _prepare_all(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
+                     chunk_caps: list[int | None]) -> list[Prepared]:
+        return [self.loaded.encoder.prepare(r.query, texts, r.truncate, max_chunks_per_passage=cap,
                                             max_tokens_per_passage=r.max_tokens_per_passage)
-                for r, cap in zip(reqs, chunk_caps, strict=True)]
+                for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True)]
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
@@ -208,6 +257,8 @@ class ServedModel:
         meta = {"id": self.name, **self.loaded.describe()}
         if self.embedding_dim is not None:
             meta["embedding_dim"] = self.embedding_dim
+        if self.score_cache is not None:
+            meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
         return meta
 
 
@@ -307,11 +358,13 @@ class ServedModels:
 
 
 def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
-                      metrics: Metrics | None, limits: ChunkLimits | None = None) -> ServedModel:
+                      metrics: Metrics | None, *, limits: ChunkLimits | None = None,
+                      score_cache: ScoreCache | None = None) -> ServedModel:
     """Blocking: load weights, build the scheduler, run a warm-up pass."""
     loaded = load_model(source, options)
     scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
-    served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits())
+    served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits(),
+                         score_cache=score_cache)
     served.warmup()
     log.info("model %s ready", source.served_id)
     return served

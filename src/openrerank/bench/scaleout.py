@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.bench import SERVED_NAME, _body, build_bench_cross_encoder, default_data_dir, load_workload
+from openrerank.bench.runners import SERVED_NAME, nim_body
+from openrerank.bench.workload import build_bench_cross_encoder, default_data_dir, load_workload
 from openrerank.ray_local import set_ray_env
 from openrerank.serve_process import ServeProcess, free_port
 
@@ -207,7 +208,7 @@ def run_scaleout(args: argparse.Namespace) -> int:
     counts = [int(n) for n in args.replica_counts.split(",")]
     args.passages = args.passages or 100
     wl = load_workload(data, args.run, args.queries, args.passages)
-    bodies = [_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)]
+    bodies = [nim_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)]
     quotas = CpuQuotas(args.cpu_quota)
     result: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["openrerank", *sys.argv[1:]]),

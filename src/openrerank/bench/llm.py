@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.bench import Workload, default_data_dir, load_workload, percentile
+from openrerank.bench.workload import Workload, default_data_dir, load_workload, percentile
 
 LLM_MODELS = {"qwen3": "qwen3-reranker-0.6b", "llama": "llama-bidirectional-1b"}
 DEFAULT_LLM_CONFIGS = ("torch:fp32", "torch:bf16")
@@ -214,7 +214,7 @@ def _compare(scores: list[np.ndarray], ref: list[np.ndarray]) -> dict:
 def bench_model(key: str, path: Path, wl: Workload, configs: list[str], rounds: int, threads: int | None,
                 console) -> dict:
     """One model: its hand-written baseline and each engine, rounds interleaved."""
-    from openrerank.bench import OfflineRunner
+    from openrerank.bench.runners import OfflineRunner
     from openrerank.engine.loading import resolve_model
 
     spec = resolve_model(str(path)).spec

@@ -1,0 +1,226 @@
+"""The pair-score cache: exact hits that skip tokenization and inference, misses for anything that changes a
+score, LRU eviction within the memory cap, and concurrent requests sharing entries."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from openrerank.engine.loading import LoadOptions
+from openrerank.engine.scheduler import SchedulerConfig
+from openrerank.engine.score_cache import ENTRY_BYTES, ScoreCache, Scored
+from openrerank.engine.served import load_served_model
+from openrerank.models.source import ModelSource
+from openrerank.schemas.internal import RerankRequest, Truncate
+
+QUERY = "what is the capital of france"
+PASSAGES = ["paris is the capital of france", "bananas are yellow", "berlin is in germany",
+            "the river flows to the sea " * 12, "who"]
+
+
+class Spy:
+    """Counts the calls and items that reach a real function."""
+
+    def __init__(self, fn, count=len) -> None:
+        self.fn, self.count, self.calls, self.items = fn, count, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.items += self.count(args[1] if len(args) > 1 else args[0])
+        return self.fn(*args, **kwargs)
+
+
+def serve(model: str, cache: ScoreCache | None, name: str = "m"):
+    served = load_served_model(ModelSource(name, model), LoadOptions(threads=1), SchedulerConfig(), None,
+                               score_cache=cache)
+    prepare = Spy(served.loaded.encoder.prepare)  # counts passages tokenized
+    score = Spy(served.scheduler.backend.score, count=lambda items: len(items))  # counts items scored
+    served.loaded.encoder.prepare = prepare
+    served.scheduler.backend.score = score
+    return served, prepare, score
+
+
+def rerank(served, passages=PASSAGES, query=QUERY, **kw):
+    kw.setdefault("truncate", Truncate.END)
+    return asyncio.run(served.rerank(RerankRequest(query=query, passages=list(passages), **kw)))
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return CollectorRegistry()
+
+
+def metric(registry, name: str, **labels) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "default"])
+def test_hits_are_exact_and_skip_tokenization_and_inference(request, model):
+    source = "default" if model == "default" else str(request.getfixturevalue(model))
+    registry = CollectorRegistry()
+    served, prepare, score = serve(source, ScoreCache(2**20, registry))
+    plain, _, _ = serve(source, None)
+    reference = rerank(plain, truncate=Truncate.END)
+    first = rerank(served, truncate=Truncate.END)
+    assert prepare.items == len(PASSAGES) and score.calls >= 1
+    calls = score.calls
+    second = rerank(served, truncate=Truncate.END)
+    assert prepare.items == len(PASSAGES) and score.calls == calls  # nothing tokenized, nothing scored
+    assert second.logits.dtype == np.float32
+    assert second.logits.tobytes() == first.logits.tobytes() == reference.logits.tobytes()  # bit for bit
+    assert second.prompt_tokens == first.prompt_tokens == reference.prompt_tokens  # same usage either way
+    assert second.timings.inference_ms == 0.0
+    assert metric(registry, "openrerank_score_cache_hits_total", model="m") == len(PASSAGES)
+    assert metric(registry, "openrerank_score_cache_misses_total", model="m") == len(PASSAGES)
+    assert metric(registry, "openrerank_score_cache_entries") == len(PASSAGES)
+
+
+def test_partial_hits_score_only_the_new_passages(tiny_model_dir):
+    served, prepare, score = serve(str(tiny_model_dir), ScoreCache(2**20))
+    plain, _, _ = serve(str(tiny_model_dir), None)
+    rerank(served, PASSAGES[:2])
+    prepare.items = score.items = 0
+    mixed = [PASSAGES[1], PASSAGES[2], PASSAGES[0], PASSAGES[3]]
+    got = rerank(served, mixed)
+    assert prepare.items == 2 and score.items == 2  # PASSAGES[2] and [3] only
+    want = rerank(plain, mixed)
+    assert got.logits.tobytes() == want.logits.tobytes() and got.prompt_tokens == want.prompt_tokens
+
+
+def test_anything_that_changes_a_score_is_a_miss(tiny_model_dir, tiny_model_2label_dir):
+    cache = ScoreCache(2**20)
+    served, prepare, _ = serve(str(tiny_model_dir), cache, "a")
+    other, other_prepare, _ = serve(str(tiny_model_2label_dir), cache, "b")
+    long_passage = ["paris " * 300]
+    rerank(served, long_passage, truncate=Truncate.END)
+    for kw in ({"truncate": Truncate.START}, {"truncate": Truncate.CHUNK},
+               {"truncate": Truncate.CHUNK, "max_chunks_per_passage": 1},
+               {"truncate": Truncate.END, "max_tokens_per_passage": 10}):
+        before = prepare.items
+        rerank(served, long_passage, **kw)
+        assert prepare.items == before + 1, kw
+    before = prepare.items
+    rerank(served, long_passage, query=QUERY + " ", truncate=Truncate.END)  # another query text
+    assert prepare.items == before + 1
+    rerank(other, long_passage, truncate=Truncate.END)  # another model, same cache
+    assert other_prepare.items == 1
+    assert len(cache) == 7
+
+
+def test_keys_are_unambiguous():
+    ns = ScoreCache.namespace("m", "fp32")
+    assert ScoreCache.keys(ns, "ab", ["c"]) != ScoreCache.keys(ns, "a", ["bc"])
+    assert ScoreCache.keys(ns, "q", ["p"]) != ScoreCache.keys(ScoreCache.namespace("m", "bf16"), "q", ["p"])
+    assert ScoreCache.keys(ns, "q", ["p", "p"])[0] == ScoreCache.keys(ns, "q", ["p"])[0]
+    assert len(ScoreCache.keys(ns, "\ud800 lone surrogate", ["x"])[0]) == 16
+
+
+class CountingScorer:
+    """A stand-in model for cache-only tests: a passage's score is its length; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def __call__(self, passages: list[str]) -> Scored:
+        self.asked += passages
+        await asyncio.sleep(0.01)  # long enough for concurrent requests to overlap
+        return Scored(np.array([len(p) for p in passages], dtype=np.float32), None)
+
+
+def test_eviction_keeps_the_most_recent_within_the_cap():
+    registry = CollectorRegistry()
+    cache = ScoreCache(10 * ENTRY_BYTES, registry)
+    model = CountingScorer()
+    assert cache.capacity == 10
+
+    def ask(passages: list[str]) -> list[str]:
+        before = len(model.asked)
+        asyncio.run(cache.score("m", b"ns", "q", passages, model))
+        return model.asked[before:]
+
+    ask([f"p{i}" for i in range(8)])
+    assert ask(["p0"]) == []  # a hit, and now the most recent entry
+    ask([f"n{i}" for i in range(5)])  # 13 entries for 10 places: the 3 least recently used go
+    assert len(cache) == 10
+    assert ask(["p0"]) == []
+    assert ask(["p1"]) == ["p1"]  # evicted
+    assert metric(registry, "openrerank_score_cache_evictions_total") >= 3
+    assert metric(registry, "openrerank_score_cache_bytes") <= 10 * ENTRY_BYTES
+    assert ScoreCache(ENTRY_BYTES - 1).capacity == 0
+
+
+def test_concurrent_requests_for_the_same_passages_score_them_once():
+    registry = CollectorRegistry()
+    cache = ScoreCache(2**20, registry)
+    model = CountingScorer()
+
+    async def go():
+        return await asyncio.gather(*(cache.score("m", b"ns", "q", ["a", "bb", f"own-{i}"], model) for i in range(16)))
+
+    results = asyncio.run(go())
+    assert sorted(model.asked) == sorted(["a", "bb", *[f"own-{i}" for i in range(16)]])  # each passage once
+    assert all(list(r.logits) == [1.0, 2.0, float(len(f"own-{i}"))] for i, r in enumerate(results))
+    assert metric(registry, "openrerank_score_cache_shared_total", model="m") == 30
+
+
+def test_a_failed_request_does_not_fail_the_ones_waiting_for_its_passages():
+    cache = ScoreCache(2**20)
+    good = CountingScorer()
+
+    async def failing(passages):
+        await asyncio.sleep(0.01)
+        raise RuntimeError("the model broke on this batch")
+
+    async def go():
+        first = asyncio.create_task(cache.score("m", b"ns", "q", ["a", "b"], failing))
+        await asyncio.sleep(0)  # the first request now owns "a" and "b"
+        second = asyncio.create_task(cache.score("m", b"ns", "q", ["b", "c"], good))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    first, second = asyncio.run(go())
+    assert isinstance(first, RuntimeError)
+    assert list(second.logits) == [1.0, 1.0] and sorted(good.asked) == ["b", "c"]  # it scored "b" itself
+
+
+def test_memory_per_entry_stays_within_the_accounted_bytes():
+    n = 21_900  # just past a hash-table resize: the dearest point per entry
+    cache = ScoreCache(n * ENTRY_BYTES)
+    ns = ScoreCache.namespace("m")
+    keys = ScoreCache.keys(ns, "query", [f"passage number {i}" for i in range(n)])
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    cache._store([(k, (float(np.float32(i) / 7), 100 + i % 400, 9)) for i, k in enumerate(keys)])
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(cache) == n
+    assert used / n <= ENTRY_BYTES, f"{used / n:.0f} bytes per entry; ENTRY_BYTES is {ENTRY_BYTES}"
+
+
+def test_concurrent_requests_share_entries(tiny_model_dir):
+    served, prepare, _ = serve(str(tiny_model_dir), ScoreCache(2**20))
+    plain, _, _ = serve(str(tiny_model_dir), None)
+    requests = [PASSAGES[i:] + PASSAGES[:i] for i in range(len(PASSAGES))] * 3  # 15 overlapping requests
+
+    async def go(model):
+        await model.scheduler.start()
+        try:
+            return await asyncio.gather(*(model.rerank(RerankRequest(query=QUERY, passages=p, truncate=Truncate.END))
+                                          for p in requests))
+        finally:
+            await model.scheduler.stop()
+
+    got = asyncio.run(go(served))
+    want = asyncio.run(go(plain))
+    for g, w in zip(got, want, strict=True):
+        assert g.logits.tobytes() == w.logits.tobytes() and g.prompt_tokens == w.prompt_tokens
+    first_round = prepare.items
+    assert first_round < len(requests) * len(PASSAGES)  # later requests found earlier ones' entries
+    again = asyncio.run(go(served))
+    assert prepare.items == first_round  # every entry is shared now: nothing tokenized
+    assert all(a.logits.tobytes() == w.logits.tobytes() for a, w in zip(again, want, strict=True))
