@@ -258,11 +258,11 @@ def test_rankings_equal_the_in_process_app_for_every_dialect(cluster, in_process
 
 
 def test_replicas_share_one_export_and_use_their_cpu_share(cluster):
-    """Both replicas started together on an empty ONNX cache: one exported, the other reused it; each
-    runs as many threads as the CPUs Ray gave it (0.5 -> 1), not one per core of the machine."""
+    """Both replicas started together on an empty model cache: one converted the model, the other reused it;
+    each runs as many threads as the CPUs Ray gave it (0.5 -> 1), not one per core of the machine."""
     log = cluster.server.output()
-    assert log.count("to ONNX (first start") == 1, log[-3000:]
-    sessions = re.findall(r"ONNX Runtime session on \S+ \((\d+) threads", log)
+    assert log.count("(first start with these options") == 1, log[-3000:]
+    sessions = re.findall(r"(?:ONNX Runtime session|OpenVINO \w+ model) on \S+ \((\d+) threads", log)
     assert sessions == ["1", "1"], log[-3000:]
 
 

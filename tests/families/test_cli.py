@@ -37,7 +37,7 @@ def test_families_json_lists_every_family_with_its_semantics(capsys):
     assert "<think>\\n\\n</think>\\n\\n" in qwen3["input"]  # the prompt, newlines visible
     assert listed["bi-encoder"]["unit_score"] == "(cosine + 1) / 2"
     assert listed["llama-bidirectional"]["input"] == "<BOS>question:{query} \\n \\n passage:{passage}"
-    assert listed["cross-encoder"]["engines"] == ["onnx", "torch"]
+    assert listed["cross-encoder"]["engines"] == ["openvino", "onnx", "torch"]
 
 
 def test_families_table(capsys):

@@ -45,8 +45,9 @@ def references(family_dirs) -> dict[str, Reference]:
 
 
 @pytest.mark.parametrize("name", ENCODERS)
-@pytest.mark.parametrize(("engine", "server"), [("onnx", "family_server"), ("torch", "encoder_torch_server")])
-def test_logits_equal_transformers_on_both_engines(request, references, name, engine, server):
+@pytest.mark.parametrize(("engine", "server"), [("openvino", "family_server"), ("onnx", "encoder_onnx_server"),
+                                               ("torch", "encoder_torch_server")])
+def test_logits_equal_transformers_on_every_engine(request, references, name, engine, server):
     server = request.getfixturevalue(server)
     with server.client() as c:
         meta = {m["id"]: m for m in c.get("/v1/metadata").json()["models"]}
@@ -65,8 +66,9 @@ def test_long_passages_past_modernberts_local_window(family_server, references):
 
 
 def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, references, caplog, tmp_path):
-    """`--backend auto`: when the ONNX export fails, the model is served by PyTorch, with a warning naming why.
-    (All three encoder architectures export today, so the failure is forced at the export build.)"""
+    """`--backend auto`: when OpenVINO's conversion and the ONNX export both fail, the model is served by
+    PyTorch, with a warning naming why and the reason saying so. (All three encoder architectures convert
+    and export today, so the failure is forced at the export build both converters use.)"""
     spec_dir = family_dirs["deberta"]
     family, spec = resolve_spec(ModelFiles.read(spec_dir))
     network = family.network(spec, references["deberta"].tok)
@@ -78,11 +80,12 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
 
     broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
     with caplog.at_level(logging.WARNING, logger="openrerank.backends.selection"):
-        runtime = create_runtime(broken, engines=family.engines, backend="auto", dtype="fp32", device="cpu",
-                                 threads=1)
-    assert runtime.description == "torch-fp32-cpu"
-    assert "could not be exported to ONNX" in caplog.text and "serving it with PyTorch instead" in caplog.text
+        runtime, choice = create_runtime(broken, engines=family.engines, backend="auto", dtype="fp32",
+                                         device="cpu", threads=1)
+    assert runtime.description == "torch-fp32-cpu" and choice.backend == "torch"
+    assert "could not be exported to ONNX" in caplog.text and "trying PyTorch fp32" in caplog.text
     assert "does not trace" in caplog.text
+    assert "OpenVINO fp32 refused it" in choice.reason and "ONNX Runtime fp32 refused it" in choice.reason
     scorer = family.scorer(spec, runtime, references["deberta"].tok.pad_token_id)
     encoder = family.text_encoder(spec, references["deberta"].tok)
     prep = encoder.prepare(QUERIES[0], PASSAGES, Truncate.END)

@@ -20,7 +20,7 @@ import numpy as np
 
 from openrerank.serve_process import ServeProcess
 
-DEFAULT_EMBED_CONFIGS = ("torch:fp32", "onnx:fp32", "onnx:int8")
+DEFAULT_EMBED_CONFIGS = ("openvino:bf16", "openvino:fp32", "onnx:fp32", "onnx:int8", "torch:fp32")
 SERVED_NAME = "bench-embed"
 HTTP_REQUESTS = 8
 
