@@ -133,3 +133,34 @@ def run_server(args: list[str], tmp: Path, *, api_key: str | None = None, env: d
 
 def nim_body(query: str, passages: list[str], **extra) -> dict:
     return {"query": {"text": query}, "passages": [{"text": p} for p in passages], **extra}
+
+
+def cross_encoder_network(model_dir: Path):
+    """The network the cross-encoder family converts (ONNX export, OpenVINO IR) for a model directory."""
+    from openrerank.families.base import ModelFiles
+    from openrerank.families.registry import get_family
+
+    family = get_family("cross-encoder")
+    return family.network(family.spec(ModelFiles.read(model_dir)), None)
+
+
+def run_concurrently(fn, times: int = 3) -> list:
+    """Call `fn()` from `times` threads started together (concurrent server starts); their results, after
+    checking that none raised."""
+    import threading
+
+    results, errors = [], []
+
+    def call() -> None:
+        try:
+            results.append(fn())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(times)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results

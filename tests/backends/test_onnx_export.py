@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +10,8 @@ import pytest
 
 from openrerank.backends import onnx_export as export
 from openrerank.backends.artifact_cache import publish
-from openrerank.backends.base import Network
 from openrerank.backends.onnx_export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
-from openrerank.families.base import ModelFiles
-from openrerank.families.registry import get_family
-from tests.support import build_tiny_model
-
-
-def cross_encoder_network(model_dir: Path) -> Network:
-    """The network the cross-encoder family exports for a model directory."""
-    family = get_family("cross-encoder")
-    return family.network(family.spec(ModelFiles.read(model_dir)), None)
-
-
-@pytest.fixture
-def model_copy(tmp_path, tiny_model_dir) -> Path:
-    """A private copy of the tiny cross-encoder, free to edit."""
-    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+from tests.support import build_tiny_model, cross_encoder_network, run_concurrently
 
 
 @pytest.fixture
@@ -102,20 +85,7 @@ def test_int8_is_cached_on_top_of_fp32(tmp_path, model_copy, export_counter):
 
 def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
     cache = tmp_path / "cache"
-    results, errors = [], []
-
-    def start() -> None:
-        try:
-            results.append(ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = run_concurrently(lambda: ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache))
     assert len({r.path for r in results}) == 1
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
     import onnxruntime as ort

@@ -7,31 +7,16 @@ gates on real models in test_fidelity.py.
 from __future__ import annotations
 
 import json
-import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from openrerank.backends import openvino_convert as convert
-from openrerank.backends.base import Network
 from openrerank.backends.openvino_convert import ConversionError, ensure_openvino
 from openrerank.backends.openvino_runtime import OpenVinoRuntime
 from openrerank.engine.loading import LoadOptions, load_model
-from openrerank.families.base import ModelFiles
-from openrerank.families.registry import get_family
-from tests.support import build_tiny_model
-
-
-def cross_encoder_network(model_dir: Path) -> Network:
-    family = get_family("cross-encoder")
-    return family.network(family.spec(ModelFiles.read(model_dir)), None)
-
-
-@pytest.fixture
-def model_copy(tmp_path, tiny_model_dir) -> Path:
-    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+from tests.support import build_tiny_model, cross_encoder_network, run_concurrently
 
 
 @pytest.fixture
@@ -110,20 +95,7 @@ def test_compile_options_honour_threads_and_precision(tmp_path, model_copy):
 
 def test_concurrent_starts_share_one_valid_ir(tmp_path, model_copy):
     cache = tmp_path / "cache"
-    results, errors = [], []
-
-    def start() -> None:
-        try:
-            results.append(ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = run_concurrently(lambda: ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache))
     assert len({r.path for r in results}) == 1
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging folders left
     OpenVinoRuntime(cross_encoder_network(model_copy), cache_dir=cache).run(
