@@ -3,7 +3,7 @@
 Steps, each recorded in one JSON file (`$OUT/gpu_check.json`, else `./results/gpu_check.json`):
 
 1. environment: torch/CUDA/device facts.
-2. parity: the device/dtype parity tests (`tests/backends/test_device_parity.py`, fp32 / bf16 / fp16 on the
+2. parity: the device/dtype parity tests (`tests/runtimes/test_device_parity.py`, fp32 / bf16 / fp16 on the
    device against the hand-written fp32 references on CPU), and the family parity tests over HTTP with the
    server on the device in fp32 (`OPENRERANK_DEVICE`; `tests/families`, where present).
 3. minilm: a MiniLM-L6 cross-encoder, sentence-transformers `CrossEncoder.predict` (fp32, its default batch
@@ -67,13 +67,13 @@ def environment(device: str) -> dict:
 
 def texts_for_workload() -> tuple[list[str], list[str], str]:
     """(passage texts, queries, source): DL19 where the data is at hand, else synthetic English-like text."""
-    from openrerank.bench import default_data_dir
-    from openrerank.synthetic import synthetic_texts
+    from openrerank_bench import default_data_dir
+    from openrerank_bench.synthetic import synthetic_texts
 
     data = Path(os.environ.get("OPENRERANK_BENCH_DATA", "")) if os.environ.get("OPENRERANK_BENCH_DATA") \
         else default_data_dir()
     if (data / "corpus.jsonl.gz").is_file():
-        from openrerank.bench.llm import corpus_texts
+        from openrerank_bench.llm import corpus_texts
 
         queries = [json.loads(line)["text"] for line in (data / "queries.jsonl").read_text().splitlines() if line]
         return corpus_texts(data), queries, f"DL19 ({data})"
@@ -105,7 +105,7 @@ def run_pytest(args: list[str], env: dict, xml: Path, timeout: int) -> dict:
 
 def parity(device: str, dtypes: list[str], out: Path, quick: bool) -> dict:
     result = {"device_parity": run_pytest(
-        ["-s", "tests/backends/test_device_parity.py"],
+        ["-s", "tests/runtimes/test_device_parity.py"],
         {"OPENRERANK_TEST_DEVICE": device, "OPENRERANK_TEST_DTYPES": ",".join(dtypes)},
         out / "parity-device.xml", timeout=300)}
     families = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests" / "families").glob("test_*.py")
@@ -122,16 +122,16 @@ def parity(device: str, dtypes: list[str], out: Path, quick: bool) -> dict:
 
 def minilm(device: str, dtypes: list[str], requests: int, tmp: Path) -> dict:
     import torch
+    from openrerank_bench.runners import OfflineRunner, Workload
+    from openrerank_bench.synthetic import build_minilm_cross_encoder
     from sentence_transformers import CrossEncoder
 
-    from openrerank.bench.runners import OfflineRunner, Workload
-    from openrerank.schemas.internal import RerankRequest, Truncate
-    from openrerank.synthetic import build_minilm_cross_encoder
+    from openrerank.core.requests import RerankRequest, Truncate
 
     texts, queries, source = texts_for_workload()
     model_dir = tmp / "minilm-l6-ce"
     try:
-        from openrerank.bench import build_bench_cross_encoder
+        from openrerank_bench import build_bench_cross_encoder
 
         build_bench_cross_encoder(model_dir)  # the packaged MiniLM-L6 weights, where installed
         weights = "all-MiniLM-L6-v2 + seeded head"
@@ -202,14 +202,14 @@ def body_flops(shape, lengths: list[int]) -> float:
 def latency(shape_name: str, device: str, dtypes: list[str], passages: int, tokens: int, requests: int,
             tmp: Path) -> dict:
     import torch
+    from openrerank_bench.synthetic import SHAPES, build_model, passages_of_length, train_tokenizer
 
+    from openrerank.core.requests import RerankRequest, Truncate
     from openrerank.engine.batching import default_policy
     from openrerank.engine.loading import LoadOptions
     from openrerank.engine.scheduler import SchedulerConfig
     from openrerank.engine.served import load_served_model
-    from openrerank.models.source import ModelSource
-    from openrerank.schemas.internal import RerankRequest, Truncate
-    from openrerank.synthetic import SHAPES, build_model, passages_of_length, train_tokenizer
+    from openrerank.sources.source import ModelSource
 
     shape = SHAPES[shape_name]
     texts, queries, source = texts_for_workload()

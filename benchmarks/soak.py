@@ -26,8 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
-
-from openrerank.serve_process import ServeProcess
+from openrerank_bench.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DL19 = REPO.parent / "shared" / "data" / "msmarco-trec-dl19-pooled"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv/ in the repo root and install openrerank into it (editable), then check that it imports.
 #   scripts/setup.sh              # the server + `openrerank eval` (everything the README runs)
-#   scripts/setup.sh test         # + the test tools (what scripts/test.sh and CI use)
+#   scripts/setup.sh test         # + the test tools and benchmarks/ (what scripts/test.sh and CI use)
+#   scripts/setup.sh bench        # + the benchmarks package (`openrerank bench`, benchmarks/)
 #   scripts/setup.sh otel         # + OpenTelemetry tracing (serve --otlp-endpoint)
 #   scripts/setup.sh ray          # + Ray Serve (serve --replicas N, docs/scale-out.md)
 #   scripts/setup.sh --gpu [...]  # a CUDA build of PyTorch instead of the CPU one (docs/gpu.md)
@@ -18,7 +19,7 @@ for arg in "$@"; do
     --gpu) gpu=1 ;;
     server) extras=() ;;
     eval | test | otel | bench | ray | int8) extras+=("$arg") ;;
-    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench, ray, int8; flag: --gpu)" >&2
        exit 2 ;;
   esac
@@ -43,11 +44,23 @@ else
   # torch first, pinned, so nothing that depends on it can pull another build.
   "${pip[@]}" -c constraints.txt torch
 fi
+bench=0
 spec="."
-if [ "${#extras[@]}" -gt 0 ]; then
-  spec=".[$(IFS=,; echo "${extras[*]}")]"
+kept=()
+for extra in "${extras[@]}"; do
+  case "$extra" in
+    bench) bench=1 ;;  # not an extra of the serving package: the separate benchmarks/ package
+    test) bench=1; kept+=("$extra") ;;
+    *) kept+=("$extra") ;;
+  esac
+done
+if [ "${#kept[@]}" -gt 0 ]; then
+  spec=".[$(IFS=,; echo "${kept[*]}")]"
 fi
 "${pip[@]}" -c constraints.txt -e "$spec"
+if [ "$bench" = 1 ]; then
+  "${pip[@]}" -c constraints.txt -e benchmarks
+fi
 .venv/bin/python - <<'EOF'
 import torch
 import openrerank

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from openrerank.backends.onnx_export import CACHE_ENV
+from openrerank.runtimes.onnx_export import CACHE_ENV
 from tests.support import build_tiny_model, run_server
 
 # Every Ray process the tests start or connect (tests/test_ray_serve.py) advertises 127.0.0.1, reports no

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-
-from openrerank.serve_process import ServeProcess
+from openrerank_bench.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO.parent / "shared" / "data").resolve()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from openrerank.cli import main
+from openrerank.cli.main import main
 from tests.support import DATA
 
 DL19 = DATA / "msmarco-trec-dl19-pooled"

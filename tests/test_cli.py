@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from openrerank.cli import build_parser, config_from_args
+from openrerank.cli.main import build_parser, config_from_args
 from tests.support import build_tiny_model
 
 
@@ -69,7 +69,7 @@ def test_duplicate_served_ids_refused():
 
 
 def test_every_serve_flag_shows_default_env_and_group():
-    from openrerank.cli import SERVE_OPTIONS
+    from openrerank.cli.main import SERVE_OPTIONS
 
     serve = build_parser().commands["serve"]
     help_text = " ".join(serve.format_help().split()).split(" options: ", 1)[1]  # past the usage, unwrapped
@@ -91,7 +91,7 @@ def test_one_new_option_line_gets_flag_env_and_help(monkeypatch):
     import argparse
     from types import SimpleNamespace
 
-    from openrerank.cli_support import Option, add_options, resolve_options
+    from openrerank.cli.options import Option, add_options, resolve_options
 
     opts = (Option("model-family", "models", "family of a served model", repeatable=True, dest="model_families",
                    metavar="NAME=FAMILY"),)
@@ -172,7 +172,7 @@ def test_model_that_fails_to_load_exits_3_with_one_error_line(tmp_path):
 
 
 def test_otlp_endpoint_without_the_extra_names_the_install_command():
-    code = ("import sys; sys.modules['opentelemetry.sdk'] = None; from openrerank.cli import main; "
+    code = ("import sys; sys.modules['opentelemetry.sdk'] = None; from openrerank.cli.main import main; "
             "sys.exit(main(sys.argv[1:]))")
     import os
 

@@ -9,10 +9,10 @@ import time
 
 import httpx
 import pytest
+from openrerank_bench.serve_process import free_port
 
 import openrerank
 from openrerank.client import RerankError, error_message, retry_after
-from openrerank.serve_process import free_port
 
 PASSAGES = ["banana fruit", "paris is the capital", "the sea"]
 

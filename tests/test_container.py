@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openrerank_bench.serve_process import free_port
 
-from openrerank.serve_process import free_port
 from tests.support import REPO, nim_body
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

@@ -14,11 +14,11 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from openrerank.api.app import create_app, route_paths
-from openrerank.cli import build_parser
-from openrerank.config import ServerConfig
-from openrerank.metrics import Metrics
-from openrerank.ray_serve import DEPLOYMENT_NAME, build_app, parse_args
+from openrerank.cli.main import build_parser
+from openrerank.observe.metrics import Metrics
+from openrerank.server.app import create_app, route_paths
+from openrerank.server.config import ServerConfig
+from openrerank.server.ray_serve import DEPLOYMENT_NAME, build_app, parse_args
 from tests.support import REPO
 
 DEPLOY = REPO / "deploy"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from openrerank.logs import JsonFormatter, TextFormatter
+from openrerank.observe.logs import JsonFormatter, TextFormatter
 from tests.support import nim_body, run_server
 
 

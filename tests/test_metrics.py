@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from openrerank.metrics import Metrics
+from openrerank.observe.metrics import Metrics
 
 
 class RecordingSink:

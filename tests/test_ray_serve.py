@@ -24,10 +24,11 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from fastapi.testclient import TestClient
+from openrerank_bench.serve_process import free_port
 
-from openrerank.api.app import create_app
-from openrerank.config import ServerConfig
-from openrerank.ray_serve import (
+from openrerank.server.app import create_app
+from openrerank.server.config import ServerConfig
+from openrerank.server.ray_serve import (
     APP_NAME,
     DEPLOYMENT_NAME,
     NON_SCORING_HEADROOM,
@@ -36,7 +37,6 @@ from openrerank.ray_serve import (
     parse_args,
     replica_problems,
 )
-from openrerank.serve_process import free_port
 from tests.support import ServerProcess, nim_body
 
 QUERY = "what is the capital of france"
@@ -112,7 +112,7 @@ def test_max_replicas_turns_on_autoscaling_on_queue_depth():
 
 
 def test_the_cli_refuses_bad_replica_settings_before_starting_ray(capsys):
-    from openrerank.cli import main
+    from openrerank.cli.main import main
 
     assert main(["serve", "--replicas", "2", "--replica-option", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err

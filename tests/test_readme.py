@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openrerank_bench.serve_process import free_port
 
-from openrerank.cli import build_parser
-from openrerank.serve_process import free_port
+from openrerank.cli.main import build_parser
 from tests.support import DATA, REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -1,5 +1,5 @@
 import sys
 
-from openrerank.cli import main
+from openrerank.cli.main import main
 
 sys.exit(main())

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from openrerank.backends.base import Backend, DeviceMemoryError, RowsFailedError
-from openrerank.schemas.work import PairItem
+from openrerank.core.work import PairItem
+from openrerank.runtimes.base import Backend, DeviceMemoryError, RowsFailedError
 
 WAIT_S = 30.0  # generous: only reached when something is broken
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 
+from openrerank.core.work import PairItem
 from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, split_batches
-from openrerank.schemas.work import PairItem
 
 
 def items_of(*lengths: int) -> list[PairItem]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openrerank.core.work import PairItem
 from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.planning import fair_shares, give_back, plan_window
-from openrerank.schemas.work import PairItem
 
 
 def test_fair_shares_meet_small_needs_and_split_the_rest():

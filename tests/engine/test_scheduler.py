@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from openrerank.core.work import PairItem
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -19,8 +20,7 @@ from openrerank.engine.errors import (
     WorkerDiedError,
 )
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
-from openrerank.metrics import Metrics
-from openrerank.schemas.work import PairItem
+from openrerank.observe.metrics import Metrics
 from tests.engine.sched_fakes import FakeBackend, Ids, expected, until
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from openrerank.core.requests import RerankRequest, Truncate
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.served import ServedModel
-from openrerank.schemas.internal import RerankRequest, Truncate
 from tests.engine.sched_fakes import FakeBackend, until
 
 WORDS = [f"w{i}" for i in range(60)]

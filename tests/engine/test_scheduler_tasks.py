@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from openrerank.core.work import EmbedItem
 from openrerank.engine.errors import BatchFailedError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
-from openrerank.metrics import Metrics
-from openrerank.schemas.work import EmbedItem
+from openrerank.observe.metrics import Metrics
 from tests.engine.sched_fakes import FakeBackend, Ids, expected, until
 
 

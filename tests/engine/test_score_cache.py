@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from openrerank.core.requests import RerankRequest, Truncate
 from openrerank.engine.loading import LoadOptions
 from openrerank.engine.scheduler import SchedulerConfig
 from openrerank.engine.score_cache import ENTRY_BYTES, ScoreCache, Scored
 from openrerank.engine.served import load_served_model
-from openrerank.models.source import ModelSource
-from openrerank.schemas.internal import RerankRequest, Truncate
+from openrerank.sources.source import ModelSource
 
 QUERY = "what is the capital of france"
 PASSAGES = ["paris is the capital of france", "bananas are yellow", "berlin is in germany",

@@ -7,7 +7,7 @@ import json
 from openrerank.families.base import ModelFiles
 from openrerank.families.bi_encoder import input_prompts
 from openrerank.families.registry import resolve_spec
-from openrerank.models.source import default_model_dir
+from openrerank.sources.source import default_model_dir
 
 
 def spec_of(path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from openrerank.cli import build_parser, config_from_args, main, preflight
+from openrerank.cli.main import build_parser, config_from_args, main, preflight
 from openrerank.engine.loading import model_sources
 from openrerank.families.registry import family_ids
 

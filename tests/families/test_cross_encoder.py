@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from openrerank.backends.base import Network
-from openrerank.backends.openvino_runtime import openvino_available
-from openrerank.backends.selection import create_runtime
+from openrerank.core.requests import Truncate
 from openrerank.families.base import ModelFiles
 from openrerank.families.registry import resolve_spec
-from openrerank.schemas.internal import Truncate
+from openrerank.runtimes.base import Network
+from openrerank.runtimes.openvino_runtime import openvino_available
+from openrerank.runtimes.selection import create_runtime
 from tests.families.builders import PASSAGES, QUERIES
 from tests.families.conftest import ENCODERS, assert_parity, served_logits
 
@@ -87,7 +87,7 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
         return network.build(b)
 
     broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
-    with caplog.at_level(logging.WARNING, logger="openrerank.backends.selection"):
+    with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.selection"):
         runtime, choice = create_runtime(broken, engines=family.engines, backend="auto", dtype="fp32",
                                          device="cpu", threads=1)
     assert runtime.description == "torch-fp32-cpu" and choice.backend == "torch"

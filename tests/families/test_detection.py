@@ -9,7 +9,7 @@ import pytest
 
 from openrerank.families.base import ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.registry import resolve_spec
-from openrerank.models.source import default_model_dir
+from openrerank.sources.source import default_model_dir
 
 
 def detect_spec(path) -> ModelSpec:

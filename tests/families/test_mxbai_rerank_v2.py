@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from openrerank.core.requests import Truncate
 from openrerank.families.base import ModelFiles
 from openrerank.families.registry import resolve_spec
-from openrerank.schemas.internal import Truncate
 from tests.families.builders import PASSAGES, QUERIES
 from tests.families.conftest import (
     assert_caught,

@@ -7,9 +7,9 @@ import itertools
 import pytest
 from transformers import AutoTokenizer
 
-from openrerank.models.source import default_model_dir
-from openrerank.schemas.internal import Truncate
-from openrerank.schemas.work import BiItem, PairItem
+from openrerank.core.requests import Truncate
+from openrerank.core.work import BiItem, PairItem
+from openrerank.sources.source import default_model_dir
 from openrerank.text import bi as B
 from openrerank.text import prepare as P
 from openrerank.text.bi import BiTextEncoder

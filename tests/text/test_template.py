@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from openrerank.schemas.internal import Truncate
+from openrerank.core.requests import Truncate
 from openrerank.text.prepare import InputTooLongError
 from openrerank.text.template import FIXED, PASSAGE, QUERY, PromptTemplate, TemplateTextEncoder, fill
 from tests.families.builders import GEMMA, QWEN, build_tokenizer

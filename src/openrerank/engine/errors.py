@@ -6,7 +6,7 @@ text, tracebacks) go to the log, never into a response.
 
 from __future__ import annotations
 
-from openrerank.backends.base import DeviceMemoryError
+from openrerank.runtimes.base import DeviceMemoryError
 
 __all__ = ["DeadlineExceededError", "DeviceMemoryError", "EngineError", "EngineStoppedError", "QueueFullError"]
 

@@ -1,7 +1,7 @@
 """Load a model source into something that scores: the one composition root of the model side.
 
 source (`models/`: where the files are, are they safe) -> files -> family (`families/`: what kind of
-reranker) -> tokenizer + text encoder (`text/`) -> runtime + scorer (`backends/`). The packages below know
+reranker) -> tokenizer + text encoder (`text/`) -> runtime + scorer (`runtimes/`, `families/`). The packages below know
 nothing of each other beyond what this module wires together; the server (`engine/served.py`), `eval`,
 `bench` and `export` all load models through here.
 """
@@ -13,16 +13,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from openrerank.backends.base import Backend, TaskNotSupportedError
-from openrerank.backends.bi_scorer import BiEncoderScorer
-from openrerank.backends.selection import EngineChoice, check_backend_options, create_runtime
+from openrerank.core.requests import InputType, ScoreKind, Truncate
+from openrerank.core.work import EmbedItem, Task
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.families.base import Family, ModelFiles, ModelSpec
+from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
-from openrerank.models.safety import check_weights
-from openrerank.models.source import ModelSource, parse_model_arg, resolve_local_dir
-from openrerank.schemas.internal import InputType, ScoreKind, Truncate
-from openrerank.schemas.work import EmbedItem, Task
+from openrerank.runtimes.base import Backend, TaskNotSupportedError
+from openrerank.runtimes.selection import EngineChoice, check_backend_options, create_runtime
+from openrerank.sources.safety import check_weights
+from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.prepare import TextEncoder
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadOptions:
     backend: str = "auto"
-    dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see backends/selection.py)
+    dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see runtimes/selection.py)
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None  # override of the model's window (never above it)

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+from openrerank.core.work import TASKS
 from openrerank.engine.batching import BatchPolicy, HasLength
-from openrerank.schemas.work import TASKS
 
 
 def fair_shares(needs: Sequence[int], capacity: int) -> list[int]:

@@ -20,7 +20,7 @@ does not fit in device memory even alone: `RowsFailedError`) fails only those ro
 re-run. If the worker thread itself dies, every accepted request is answered with `WorkerDiedError`, later
 submits are refused at once and `alive` turns False (health checks report it).
 
-Reranking and embedding share this one path: a request's items all serve one task (`schemas/work.py`), a
+Reranking and embedding share this one path: a request's items all serve one task (`core/work.py`), a
 window's items are batched per task (a backend call runs one task, `engine/planning.py`), and an item's result
 is a row of the request's result array: a score, or an embedding vector. Admission, deadlines, cancellation,
 failure isolation and metrics (labelled by task) are the same for both.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrerank.backends.base import Backend, RowsFailedError
+from openrerank.core.work import TASKS, Task, WorkItem
 from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, BatchPolicy
 from openrerank.engine.errors import (
     BatchFailedError,
@@ -53,8 +53,8 @@ from openrerank.engine.errors import (
     WorkerDiedError,
 )
 from openrerank.engine.planning import give_back, plan_window
-from openrerank.metrics import Metrics
-from openrerank.schemas.work import TASKS, Task, WorkItem
+from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.base import Backend, RowsFailedError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from openrerank.schemas.work import BiItem, WorkItem
+from openrerank.core.work import BiItem, WorkItem
 from openrerank.text.prepare import Prepared
 
 #: Heap bytes one entry may take (16-byte key, (score, tokens, shared) tuple, the OrderedDict's share);

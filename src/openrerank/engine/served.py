@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.backends.bi_scorer import normalize
+from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
+from openrerank.core.work import Task
 from openrerank.engine.errors import (
     DeadlineExceededError,
     ModelOutputError,
@@ -23,10 +24,9 @@ from openrerank.engine.errors import (
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.score_cache import ScoreCache, Scored
-from openrerank.metrics import Metrics
-from openrerank.models.source import ModelSource
-from openrerank.schemas.internal import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
-from openrerank.schemas.work import Task
+from openrerank.families.bi_scorer import normalize
+from openrerank.observe.metrics import Metrics
+from openrerank.sources.source import ModelSource
 from openrerank.text.prepare import Prepared
 
 #: Largest finite float32: what +-inf scores are reported as (JSON has no infinity).

@@ -215,7 +215,7 @@ def reranker_label(args: argparse.Namespace) -> str:
     """Who reranked, for the plot's title."""
     if args.server:
         return f"{args.server_model or 'first model'} at {args.server}"
-    from openrerank.models.source import parse_model_arg
+    from openrerank.sources.source import parse_model_arg
 
     return parse_model_arg(args.rerank_model).served_id
 

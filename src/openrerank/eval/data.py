@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openrerank.models.safety import file_sha256
+from openrerank.sources.safety import file_sha256
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]

@@ -85,7 +85,7 @@ class InProcessReranker(Reranker):
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
         if self.via_embeddings:
             return self._via_embeddings(jobs, advance)
-        from openrerank.schemas.internal import Truncate
+        from openrerank.core.requests import Truncate
 
         out = []
         for job in jobs:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from openrerank.backends.base import Backend, Network, Runtime
-from openrerank.schemas.internal import ScoreKind
+from openrerank.core.requests import ScoreKind
+from openrerank.runtimes.base import Backend, Network, Runtime
 from openrerank.text.prepare import TextEncoder
 
 

@@ -12,11 +12,11 @@ by its card's tags, e.g. `loss:MatryoshkaLoss` as sentence-transformers writes i
 
 from __future__ import annotations
 
-from openrerank.backends.base import Network, NetworkBuild
-from openrerank.backends.bi_scorer import BiEncoderScorer
+from openrerank.core.requests import ScoreKind
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, _read_json
+from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.cross_encoder import ORT_FUSIONS, encoder_input_names, load_encoder
-from openrerank.schemas.internal import ScoreKind
+from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.text.bi import BiTextEncoder
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")

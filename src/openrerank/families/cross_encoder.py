@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import inspect
 
-from openrerank.backends.base import Network, NetworkBuild
-from openrerank.backends.pair_scorer import PairScorer
+from openrerank.core.requests import ScoreKind
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
-from openrerank.schemas.internal import ScoreKind
+from openrerank.families.pair_scorer import PairScorer
+from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.text.pairs import PairTextEncoder
 
 # model_type -> onnxruntime.transformers optimizer family (as optimum maps them).

@@ -15,10 +15,10 @@ import re
 from abc import abstractmethod
 from typing import ClassVar
 
-from openrerank.backends.base import Network, NetworkBuild
-from openrerank.backends.pair_scorer import PairScorer
+from openrerank.core.requests import ScoreKind
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
-from openrerank.schemas.internal import ScoreKind
+from openrerank.families.pair_scorer import PairScorer
+from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 
 

@@ -16,10 +16,10 @@ after BOS; END truncation cuts the passage first (NIM), then the query.
 
 from __future__ import annotations
 
-from openrerank.backends.base import Network, NetworkBuild
-from openrerank.backends.pair_scorer import PairScorer
+from openrerank.core.requests import ScoreKind
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
-from openrerank.schemas.internal import ScoreKind
+from openrerank.families.pair_scorer import PairScorer
+from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 
 #: config architectures / model_type -> the stock transformers body it runs on

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from openrerank.schemas.internal import Truncate
-from openrerank.schemas.work import BiItem, WorkItem
+from openrerank.core.requests import Truncate
+from openrerank.core.work import BiItem, WorkItem
 from openrerank.text.prepare import CHUNK_OVERLAP, Prepared, TextEncoder, cap_chunks, chunk_overlap
 
 #: Token budget of one bi-encoder chunk: as many whole sentences as fit (see the module docstring).

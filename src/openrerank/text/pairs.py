@@ -9,8 +9,8 @@ passage is clipped to what `max_chunks` windows cover before its windows are mad
 
 from __future__ import annotations
 
-from openrerank.schemas.internal import Truncate
-from openrerank.schemas.work import PairItem, WorkItem
+from openrerank.core.requests import Truncate
+from openrerank.core.work import PairItem, WorkItem
 from openrerank.text.prepare import Prepared, TextEncoder, cap_chunks, chunk_overlap, chunk_span
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrerank.schemas.internal import Truncate
-from openrerank.schemas.work import WorkItem
+from openrerank.core.requests import Truncate
+from openrerank.core.work import WorkItem
 
 #: Fraction of a chunk window that overlaps the previous window; the stride is the rest (at least 3/4 of
 #: the window, and the window is at least half the model's free window: see the encoders).

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from openrerank.schemas.internal import Truncate
-from openrerank.schemas.work import PairItem, WorkItem
+from openrerank.core.requests import Truncate
+from openrerank.core.work import PairItem, WorkItem
 from openrerank.text.prepare import InputTooLongError, Prepared, TextEncoder, cap_chunks, chunk_starts
 
 QUERY = "query"

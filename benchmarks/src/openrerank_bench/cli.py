@@ -1,0 +1,325 @@
+"""`openrerank bench`: throughput, latency and fidelity of each engine against the usual sentence-transformers
+baseline, one run.
+
+Workload: the TREC DL19 queries with their BM25 top-100 passages (real MS MARCO text), sent as 100-passage
+requests. Model (`--model`): `cross-encoder` (default), the MiniLM-L6 cross-encoder shape built from the
+packaged all-MiniLM-L6-v2 weights plus a seeded one-logit head (the compute of ms-marco-MiniLM-L-6-v2), or
+`default`, the embedded bi-encoder itself. Baseline: sentence-transformers fp32 (`CrossEncoder.predict`, or
+`SentenceTransformer.encode` + cosine) on the same pairs, measured in the same run, so every figure is also a
+ratio.
+
+Per engine (BACKEND:DTYPE): pairs/s in-process (through the served model's scheduler; rounds interleaved
+with the baseline's, best kept, spread shown), pairs/s and latency through the real HTTP server with one
+client and with 16, the Pearson correlation and largest difference of its scores against the fp32
+baseline's, and the default model's DL19 nDCG@10 on that engine: the two halves of the fidelity gate
+`--backend auto` relies on. Results go to a rich table and a JSON file.
+
+The embeddings row (`openrerank_bench/embed.py`) measures `/v1/embeddings`' path on the embedded default against
+`SentenceTransformer.encode` in the same run; `--tasks` picks either part. `--suite llm` (`openrerank_bench/llm.py`)
+measures the LLM reranker families against their model cards' code; `--scale-out` (`openrerank_bench/scaleout.py`)
+Ray Serve replicas against the direct server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
+from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
+from openrerank_bench.report import render
+from openrerank_bench.runners import (
+    SERVED_NAME,
+    Baseline,
+    OfflineRunner,
+    best_round,
+    run_http_concurrent,
+    run_http_sequential,
+    workload_bodies,
+)
+from openrerank_bench.serve_process import ServeProcess
+from openrerank_bench.workload import DATASET, build_bench_cross_encoder, default_data_dir, load_workload
+
+DEFAULT_CONFIGS = ("openvino:bf16", "openvino:int8", "openvino:fp32", "onnx:fp32", "onnx:int8", "torch:fp32",
+                   "torch:bf16")
+MODELS = ("cross-encoder", "default")
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _auto_pick() -> str | None:
+    """What `--backend auto` serves an encoder with on this machine, as BACKEND:DTYPE."""
+    from openrerank.runtimes.selection import BackendConfigError, plan_engines
+
+    try:
+        choice = plan_engines("auto", "auto", "cpu")[0]
+    except BackendConfigError:
+        return None
+    return f"{choice.backend}:{choice.dtype}"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from openrerank.extras import MissingExtraError, require
+
+    if args.scale_out:
+        from openrerank.server.ray_local import set_ray_env
+
+        set_ray_env()
+        try:
+            require("ray.serve", "ray", "openrerank bench --scale-out")
+        except MissingExtraError as exc:
+            print(f"openrerank bench: error: {exc}", file=sys.stderr)
+            return 2
+        from openrerank_bench.scaleout import run_scaleout
+
+        args.rounds = args.rounds or 3
+        return run_scaleout(args)
+    if args.suite == "llm":
+        from openrerank_bench.llm import run_llm_bench
+
+        args.rounds = args.rounds or 2
+        return run_llm_bench(args)
+    args.rounds = args.rounds or 2
+
+    console = Console(stderr=True)
+    try:
+        require("sentence_transformers", "bench", "openrerank bench (its baseline)")
+    except MissingExtraError as exc:
+        print(f"openrerank bench: error: {exc}", file=sys.stderr)
+        return 2
+    data = Path(args.data) if args.data else default_data_dir()
+    if not data.is_dir():
+        console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")
+        return 2
+    configs = [c.strip() for c in (args.backends or ",".join(DEFAULT_CONFIGS)).split(",") if c.strip()]
+    embed_configs = [c.strip() for c in args.embed_backends.split(",") if c.strip()]
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    if not tasks or tasks - {"rerank", "embed"}:
+        console.print(f"[red]--tasks is a comma-separated list of rerank, embed; got {args.tasks!r}[/red]")
+        return 2
+    for c in configs + embed_configs:
+        if c.count(":") != 1:
+            console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
+            return 2
+    args.passages = args.passages or 100
+    wl = load_workload(data, args.run, args.queries, args.passages)
+    console.print(f"workload: {len(wl.queries)} requests, {wl.pairs} pairs from {data.name}/{args.run}; "
+                  f"load average {load_average()}")
+    auto = _auto_pick()
+    result: dict = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["openrerank", *sys.argv[1:]]) if sys.argv else "",
+        "machine": {"cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                    "cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_start": load_average()},
+        "workload": {"dataset": data.name, "run": args.run, "requests": len(wl.queries),
+                     "passages_per_request": args.passages, "pairs": wl.pairs},
+        "concurrency": {"clients": args.clients, "requests": args.concurrent_requests},
+        "auto": auto,
+        "backends": [],
+    }
+    if "embed" in tasks:
+        from openrerank_bench.embed import distinct_texts, run_embeddings
+
+        with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
+            texts = distinct_texts(wl.passages, args.embed_texts)
+            console.print(f"embeddings workload: {len(texts)} distinct passages")
+            result["embeddings"] = run_embeddings(texts, embed_configs, rounds=args.rounds, threads=args.threads,
+                                                  http=not args.no_http, tmp=Path(tmp), console=console)
+    if "rerank" not in tasks:
+        return _finish(result, args, console)
+    with tempfile.TemporaryDirectory(prefix="openrerank-bench-") as tmp:
+        bi_encoder = args.model == "default"
+        if bi_encoder:
+            from openrerank.sources.source import default_model_dir
+
+            model_dir = default_model_dir()
+            result["model"] = {"name": "default bi-encoder all-MiniLM-L6-v2"}
+        else:
+            model_dir = build_bench_cross_encoder(Path(tmp) / "minilm-l6-ce")
+            result["model"] = {"name": "MiniLM-L6 cross-encoder",
+                               "architecture": "BertForSequenceClassification (MiniLM-L6-H384, 1 logit)"}
+        from openrerank.engine.loading import resolve_model
+
+        max_length = resolve_model(str(model_dir)).spec.max_length
+        result["model"]["max_length"] = max_length
+        _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result, console)
+        if not args.no_quality:
+            _quality(args, wl, result, console)
+        if not args.no_http:
+            _http(args, wl, model_dir, Path(tmp), result, console)
+    return _finish(result, args, console)
+
+
+def _finish(result: dict, args: argparse.Namespace, console) -> int:
+    """Print the tables, write the JSON; exit 1 if any engine failed."""
+    result["machine"]["load_average_end"] = load_average()
+    if result["backends"]:
+        render(result)
+    if "embeddings" in result:
+        from openrerank_bench.embed import render as render_embeddings
+
+        render_embeddings(result["embeddings"], console)
+    console.print(f"load average at start {result['machine']['load_average_start']}, "
+                  f"at end {result['machine']['load_average_end']}")
+    out = Path(args.json) if args.json else Path("benchmarks/results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    console.print(f"wrote {out}")
+    rows = result["backends"] + result.get("embeddings", {}).get("backends", [])
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result, console) -> None:
+    """Every engine loaded side by side, rounds interleaved (baseline, then each engine), best round kept,
+    so a burst of other load on the machine does not land on one engine only."""
+    loop = asyncio.new_event_loop()
+    runners: dict[str, OfflineRunner] = {}
+    rows: dict[str, dict] = {}
+    baseline = Baseline(model_dir, max_length, bi_encoder)
+    for cfg in configs:
+        backend, dtype = cfg.split(":")
+        row = rows[cfg] = {"name": f"{backend} {dtype}", "backend": backend, "dtype": dtype, "auto": cfg == auto}
+        result["backends"].append(row)
+        try:
+            console.print(f"loading {cfg} ...")
+            runners[cfg] = OfflineRunner(model_dir, backend, dtype, args.threads, loop)
+        except Exception as exc:  # one broken config must not lose the others' numbers
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            console.print(f"[red]{cfg} failed: {row['error']}[/red]")
+    rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
+    reference: list = []
+    for r in range(args.rounds):
+        stats, reference = baseline.measure(wl)
+        rounds["baseline"].append(stats)
+        console.print(f"round {r + 1}/{args.rounds}: baseline {stats['pairs_per_s']:.1f} pairs/s")
+        for cfg, runner in runners.items():
+            stats, scores = runner.measure(wl)
+            rounds[cfg].append(stats)
+            rows[cfg]["agreement"] = score_agreement(scores, reference)
+            console.print(f"round {r + 1}/{args.rounds}: {cfg} {stats['pairs_per_s']:.1f} pairs/s "
+                          f"({stats['pairs_per_s'] / rounds['baseline'][-1]['pairs_per_s']:.2f}x), correlation "
+                          f"{rows[cfg]['agreement']['correlation']:.6f}")
+    result["baseline"] = {**best_round(rounds["baseline"]), "name": baseline.name}
+    if bi_encoder:
+        result["reference_ndcg@10"] = ndcg10(wl, reference)  # the default model in sentence-transformers fp32
+    baseline.close()
+    for cfg, runner in runners.items():
+        runner.close()
+        rows[cfg]["offline"] = best_round(rounds[cfg])
+    loop.close()
+
+
+def _quality(args, wl, result, console) -> None:
+    """The default model's DL19 nDCG@10 on each engine, against sentence-transformers fp32's."""
+    if "reference_ndcg@10" not in result:
+        from openrerank.sources.source import default_model_dir
+        from openrerank_bench.runners import Baseline
+
+        ref = Baseline(default_model_dir(), 256, bi_encoder=True)
+        result["reference_ndcg@10"] = ndcg10(wl, [ref.predict(q, ps) for q, ps in zip(wl.queries, wl.passages,
+                                                                                       strict=True)])
+        ref.close()
+    console.print(f"default model DL19 nDCG@10, sentence-transformers fp32: {result['reference_ndcg@10']:.4f}")
+    for row in result["backends"]:
+        if row.get("error"):
+            continue
+        try:
+            q = default_model_ndcg(wl, row["backend"], row["dtype"], args.threads)
+        except Exception as exc:  # e.g. an engine the default model cannot run on
+            console.print(f"[red]{row['name']}: default-model nDCG failed: {exc}[/red]")
+            continue
+        row["default_ndcg@10"] = q["ndcg@10"]
+        row["faithful"] = faithful(row, result["reference_ndcg@10"])
+        console.print(f"{row['name']}: default model DL19 nDCG@10 {q['ndcg@10']:.4f}")
+
+
+def _http(args, wl, model_dir, tmp: Path, result, console) -> None:
+    bodies, sizes = workload_bodies(wl)
+    for row in result["backends"]:
+        if row.get("error"):
+            continue
+        serve_args = ["--model", f"{SERVED_NAME}={model_dir}", "--backend", row["backend"], "--dtype",
+                      row["dtype"], "--log-level", "warning",
+                      *(["--threads", str(args.threads)] if args.threads else [])]
+        server = ServeProcess(serve_args, tmp)
+        try:
+            server.wait_ready()
+            console.print(f"{row['name']}: HTTP, 1 client ...")
+            row["http"] = run_http_sequential(server.url, wl)
+            console.print(f"{row['name']}: HTTP, {args.clients} clients x {args.concurrent_requests} requests ...")
+            row["concurrent"] = run_http_concurrent(server.url, bodies, sizes, args.clients,
+                                                    args.concurrent_requests)
+            console.print(f"  1 client {row['http']['pairs_per_s']:.1f} pairs/s, "
+                          f"{args.clients} clients {row['concurrent']['pairs_per_s']:.1f} pairs/s")
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            console.print(f"[red]{row['name']} HTTP failed: {row['error']}[/red]")
+        finally:
+            server.stop()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark engines against the usual hand-written PyTorch baseline",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=("cross-encoder", "llm"), default="cross-encoder",
+                   help="cross-encoder: MiniLM-L6 vs sentence-transformers (default); llm: Qwen3-0.6B- and "
+                   "Llama-1B-shaped LLM rerankers vs their reference code (see openrerank_bench.llm)")
+    p.add_argument("--data", help=f"BEIR folder of {DATASET} (default: ../shared/data/{DATASET})")
+    p.add_argument("--run", default="runs/bm25_top100.trec.gz", help="TREC run giving each query's candidates")
+    p.add_argument("--model", choices=MODELS, default="cross-encoder",
+                   help="the MiniLM-L6 cross-encoder shape, or the embedded default bi-encoder")
+    p.add_argument("--queries", type=int, default=None, help="use the first N queries (default: all; llm: 1)")
+    p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
+    p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
+                   f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
+    p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
+    p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
+                   help="BACKEND:DTYPE list for the embeddings row")
+    p.add_argument("--embed-texts", type=int, default=1000, help="distinct DL19 passages the embeddings row embeds")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores available)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
+    p.add_argument("--concurrent-requests", type=int, default=64, help="requests sent by the concurrent clients")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="offline rounds (interleaved; the best is kept; default 2); --scale-out: rounds of every "
+                   "configuration (interleaved; medians reported; default 3)")
+    p.add_argument("--no-http", action="store_true", help="offline numbers only (no server; llm: always)")
+    p.add_argument("--no-quality", action="store_true", help="skip the default model's nDCG@10 per engine")
+    p.add_argument("--llm-models", default="qwen3,llama", help="llm suite: which of qwen3, llama")
+    p.add_argument("--model-cache", help="llm suite: where the random-weight models are built once "
+                   "(default: ~/.cache/openrerank/bench-models)")
+    p.add_argument("--json", help="where to write the JSON result (default: benchmarks/results/bench-<time>.json)")
+    so = p.add_argument_group("--scale-out: Ray Serve replicas, each in its own CPU quota, against the direct "
+                              "server (needs openrerank[ray]; root for the cgroup quotas)")
+    so.add_argument("--scale-out", action="store_true", help="run the scale-out benchmark instead")
+    so.add_argument("--replica-counts", default="1,2,3", help="replica counts to measure")
+    so.add_argument("--cpu-quota", type=float, default=0.5, help="CPUs per replica and for the direct server")
+    so.add_argument("--clients-per-replica", type=int, default=4, help="concurrent clients per replica (node)")
+    so.add_argument("--requests-per-replica", type=int, default=16,
+                    help="measured requests per replica (node), per configuration and round")
+    so.add_argument("--scale-out-backend", default="onnx:int8", help="BACKEND:DTYPE of the replicas")
+    p.set_defaults(func=run_bench)

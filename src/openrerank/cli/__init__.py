@@ -1,0 +1,1 @@
+"""The `openrerank` command line: `serve` and the subcommands wired to it."""

@@ -1,0 +1,104 @@
+"""`openrerank export`: build (or find) the cached ONNX model or OpenVINO IR ahead of time, e.g. while
+building an image."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+# Weights and other runtimes' copies stay behind: the ONNX graph replaces them.
+_NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot")
+_NOT_COPIED_DIRS = ("onnx", "openvino", ".cache", ".git")
+
+
+def write_servable_dir(model_dir: Path, onnx_file: Path, out: Path) -> Path:
+    """`out` = model.onnx + export.json + the model's config, tokenizer and sentence-transformers files:
+    a directory `serve --model` runs with ONNX Runtime alone (no PyTorch), e.g. in a container image."""
+    out.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns(*_NOT_COPIED, *_NOT_COPIED_DIRS)
+    shutil.copytree(model_dir, out, ignore=ignore, dirs_exist_ok=True)
+    for f in onnx_file.parent.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out / onnx_file.name
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from openrerank.engine.loading import LoadOptions, model_sources, resolve_model
+    from openrerank.families.base import ModelFormatError
+    from openrerank.runtimes.onnx_export import ExportError, ensure_onnx
+    from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
+    from openrerank.runtimes.selection import BackendConfigError
+    from openrerank.sources.source import ModelSourceError
+
+    try:
+        source = model_sources([args.model], [args.model_family] if args.model_family else None)[0]
+        # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
+        variant = "fp32" if args.backend == "openvino" and args.dtype == "bf16" else args.dtype
+        if args.backend == "onnx" and args.dtype == "bf16":
+            raise BackendConfigError("ONNX Runtime runs fp32 or int8 here; bf16 is an OpenVINO or PyTorch dtype")
+        resolved = resolve_model(source, LoadOptions(backend=args.backend, dtype=variant,
+                                                     allow_pickle=args.allow_pickle, revision=args.revision))
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.spec.path), local_files_only=True)
+        network = resolved.family.network(resolved.spec, tokenizer)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else None
+        if args.backend == "openvino":
+            result = ensure_openvino(network, variant=variant, cache_dir=cache_dir / "openvino" if cache_dir else None)
+        else:
+            result = ensure_onnx(network, dtype=args.dtype, opset=args.opset, cache_dir=cache_dir)
+    except (ModelSourceError, ModelFormatError, ExportError, ConversionError, BackendConfigError,
+            ValueError) as exc:
+        print(f"openrerank export: error: {exc}", file=sys.stderr)
+        return 2
+    target = result.path
+    if args.out and args.backend == "onnx":
+        target = write_servable_dir(resolved.spec.path, result.path, Path(args.out))
+    elif args.out:  # the IR and its record, as cached (serve reads IRs from the cache)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in result.path.parent.iterdir():
+            shutil.copy2(f, out / f.name)
+        target = out / result.path.name
+    state = "cached" if result.cached else "exported"
+    details = result.meta.get("fusions") if args.backend == "onnx" else result.meta.get("quantization", "fp32 IR")
+    print(f"{state} ({args.backend} {args.dtype}: {details})", file=sys.stderr, flush=True)
+    print(target)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from openrerank.runtimes.onnx_export import DEFAULT_OPSET, ONNX_DTYPES
+
+    p = sub.add_parser("export", help="convert a model to ONNX or OpenVINO into the cache the server reads",
+                       description="Export --model to ONNX with ONNX Runtime's transformer fusions (int8: dynamic "
+                       "quantization), or with --backend openvino convert it to an OpenVINO IR (int8: NNCF int8 "
+                       "weights; bf16 uses the fp32 IR), store it in the cache `serve` reads "
+                       "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx; OpenVINO IRs in its openvino/ "
+                       "folder) and print its path. Encoder families only (LLM rerankers run on PyTorch).")
+    p.add_argument("--model", default="default", metavar="SOURCE",
+                   help="'default' (the embedded all-MiniLM-L6-v2), a local model directory or a Hugging Face hub id "
+                   "(default: default)")
+    p.add_argument("--model-family", metavar="FAMILY",
+                   help="the model's family when its files do not say (`openrerank families` lists them) "
+                   "(default: detected)")
+    p.add_argument("--backend", default="onnx", choices=("onnx", "openvino"),
+                   help="onnx (ONNX Runtime) or openvino (default: onnx)")
+    p.add_argument("--dtype", default="fp32", choices=(*ONNX_DTYPES, "bf16"),
+                   help="fp32 (fused graph / IR), int8 (onnx: dynamic quantization; openvino: NNCF int8 weights) "
+                   "or bf16 (openvino: the fp32 IR, run in bf16) (default: fp32)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset, 17 or newer (default: {DEFAULT_OPSET})")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="cache that `serve` reads (default: $OPENRERANK_CACHE_DIR, else ~/.cache/openrerank/onnx; "
+                   "OpenVINO IRs in its openvino/ folder)")
+    p.add_argument("--out", metavar="DIR",
+                   help="onnx: also write a servable copy into DIR (model.onnx, export.json and the tokenizer/config "
+                   "files; `serve --model DIR` runs it without PyTorch); openvino: copy the IR files into DIR "
+                   "(default: none)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle (.bin) weights, which can run code when loaded (default: off)")
+    p.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit (default: the main branch)")
+    p.set_defaults(func=run_export)

@@ -1,0 +1,256 @@
+"""`openrerank serve | eval | bench | export`. Every serve flag is also an OPENRERANK_<FLAG> variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from importlib.metadata import entry_points
+
+from openrerank import __version__
+from openrerank.cli import export, families
+from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
+from openrerank.eval import cli as eval_cli
+from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from openrerank.runtimes.selection import BACKENDS, DTYPES
+from openrerank.server.config import BATCHING_FIELDS, ServerConfig
+
+#: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
+#: object with `add_parser(subparsers)`. The serving package never imports them itself.
+PLUGIN_GROUP = "openrerank.commands"
+
+_GROUPS = {
+    "network": "where the server listens and who may call it",
+    "models": "what is served",
+    "engine": "how models run and how requests are batched",
+    "limits": "what one request may ask for, and how long it may wait",
+    "logging": "logs and tracing",
+    "scale-out": "replicas on Ray Serve, needs the ray extra (docs/scale-out.md)",
+}
+
+#: Every `serve` flag, one line each; defaults come from ServerConfig, each is also OPENRERANK_<FLAG>.
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("host", "network", "bind address (0.0.0.0 for every interface)"),
+    Option("port", "network", "TCP port; checked before any model loads", int),
+    Option("api-key", "network", "require 'Authorization: Bearer KEY' on every route but health"),
+    Option("model", "models", "model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
+           "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several",
+           repeatable=True, dest="models", metavar="[NAME=]SOURCE"),
+    Option("model-family", "models", "the family of model NAME (a served id; may be left out when one model is "
+           "served) instead of detecting it: needed for an LLM reranker whose files do not say which one it is; "
+           "`openrerank families` lists them", repeatable=True, dest="model_families", metavar="[NAME=]FAMILY"),
+    Option("instruction", "models", "the prompt instruction of an LLM reranker that takes one (qwen3-reranker, "
+           "mxbai-rerank-v2); NAME is a served id, optional with one model", repeatable=True, split_env=False,
+           dest="instructions", metavar="[NAME=]TEXT"),
+    Option("revision", "models", "hub revision (branch, tag or commit)"),
+    Option("allow-pickle", "models", "allow loading pickle (.bin) weights; safetensors only otherwise", switch=True),
+    Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
+           "fails", switch=True),
+    Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
+    Option("backend", "engine", "inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
+           "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
+    Option("dtype", "engine", "auto (what backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
+           "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
+    Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
+    Option("threads", "engine", "intra-op threads (none: the cores available)", int),
+    Option("max-batch-tokens", "engine", "padded tokens per model batch (none: 16384 on CPU, 32768 on CUDA)", int),
+    Option("max-batch-size", "engine", "pairs per model batch (none: 128 on CPU, 256 on CUDA)", int),
+    Option("max-padding", "engine", "largest share of padding in a model batch (none: 0.02 on CPU, 0.2 on CUDA)",
+           float),
+    Option("min-batch-rows", "engine", "pairs a batch may always reach whatever their padding (none: 4 on CPU, "
+           "16 on CUDA)", int),
+    Option("batch-wait-ms", "engine", "how long a batch waits for concurrent requests", float),
+    Option("score-cache-mb", "engine", "memory for an exact LRU cache of passage scores (repeated query+passage "
+           "pairs skip tokenization and the model); 0 turns it off", float),
+    Option("max-passages", "limits", "most passages in one request", int),
+    Option("max-inputs", "limits", "most texts in one /v1/embeddings request", int),
+    Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
+    Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
+    Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
+           "(none: twice the per-request token budget)", int),
+    Option("request-timeout", "limits", "seconds from a request's arrival to its answer (504 after)", float),
+    Option("max-request-tokens", "limits", "tokens one request may hold after tokenization and chunking "
+           "(none: max-batch-tokens x request-timeout / 2 s)", int),
+    Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
+           "a request may ask for)", int),
+    Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
+    Option("header-timeout", "limits", "seconds a client may take to send its request headers (408)", float),
+    Option("body-timeout", "limits", "seconds a client may take to send its request body (408)", float),
+    Option("graceful-timeout", "limits", "seconds to finish in-flight requests on shutdown", float),
+    Option("tei-chunking", "limits", "score over-long TEI /rerank texts by their best chunk instead of truncating",
+           switch=True),
+    Option("log-level", "logging", "debug, info (one access line per request), warning, error",
+           choices=LOG_LEVELS),
+    Option("log-format", "logging", "text (human) or json (one object per line)", choices=LOG_FORMATS),
+    Option("otlp-endpoint", "logging", "send OpenTelemetry traces (OTLP/HTTP) to this URL, e.g. "
+           "http://localhost:4318; needs the otel extra", metavar="URL"),
+    Option("replicas", "scale-out", "serve N replicas behind one endpoint on a local Ray cluster (none: one "
+           "process, no Ray)", int),
+    Option("max-replicas", "scale-out", "autoscale on queue depth, up to this many replicas", int),
+    Option("replica-cpus", "scale-out", "CPUs per replica, also its threads (none: the cores / the most replicas)",
+           float),
+    Option("ray-metrics-port", "scale-out", "port of Ray's Prometheus endpoint with every replica's series", int),
+    Option("replica-option", "scale-out", "any other openrerank.server.ray_serve.ReplicaOptions field, e.g. "
+           "target_ongoing_requests=8", repeatable=True, dest="replica_options", metavar="KEY=VALUE"),
+)
+
+
+def serve_defaults() -> ServerConfig:
+    """ServerConfig's defaults, the batching ones left unset: they depend on --device (ServerConfig fills them)."""
+    defaults = ServerConfig()
+    for name in BATCHING_FIELDS:
+        setattr(defaults, name, None)
+    return defaults
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP server",
+                       description="Serve reranking models over HTTP (NIM, Cohere/Jina, TEI/Infinity, score APIs; "
+                       "OpenAI/NIM embeddings from bi-encoders). "
+                       "Every flag can also be set as OPENRERANK_<FLAG>, e.g. OPENRERANK_PORT=9000; flags win.")
+    add_options(p, SERVE_OPTIONS, serve_defaults(), _GROUPS)
+    p.set_defaults(func=run_serve, options=SERVE_OPTIONS)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Flags, then OPENRERANK_* variables, then ServerConfig's defaults; UsageError names a bad variable."""
+    resolve_options(args, SERVE_OPTIONS, serve_defaults())
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    if not values.get("models"):
+        values["models"] = ["default"]
+    return ServerConfig(**values)
+
+
+def preflight(config: ServerConfig) -> None:
+    """Fail fast on bad --model/--backend/--device values before binding the port (weights load later)."""
+    from openrerank.engine.loading import model_sources, resolve_model
+    from openrerank.runtimes.devices import check_device
+    from openrerank.runtimes.selection import check_backend_options
+    from openrerank.server.engine_config import load_options
+
+    sources = model_sources(config.models, config.model_families, config.instructions)
+    names = [s.served_id for s in sources]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
+    config.validate()
+    check_backend_options(config.backend, config.dtype, config.device)
+    check_device(config.device)
+    if config.otlp_endpoint:
+        from openrerank.observe.tracing import check_tracing_available
+
+        check_tracing_available()
+    for source in sources:
+        resolve_model(source, load_options(config))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Take the port now, before any model loads, so a busy port fails in a second, not after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"cannot listen on {host}:{port}: {reason.lower()} (--host/--port, OPENRERANK_PORT)"
+                         ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from openrerank.server import http as http_server
+    from openrerank.server.app import create_app
+
+    prog = "openrerank serve"
+    try:
+        config = config_from_args(args)
+    except UsageError as exc:
+        return fail(prog, str(exc))
+    configure_logging(config.log_level, config.log_format)
+    replicated = bool(args.replicas or args.max_replicas)
+    try:
+        preflight(config)
+        if not replicated:
+            sock = bind_socket(config.host, config.port)
+    except Exception as exc:  # every startup failure is one line, exit 2
+        return fail(prog, str(exc))
+    if replicated:
+        return run_replicas(args, config)
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    app = create_app(config, public_url=f"http://{shown_host}:{port}")
+    logging.getLogger("openrerank").info(
+        "openrerank %s listening on http://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
+        shown_host, port, ", ".join(config.models))
+    return http_server.run(app, config, sock)
+
+
+def run_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`serve --replicas N`: the same app on N replicas of a local Ray Serve cluster (openrerank.server.ray_local)."""
+    from openrerank.server.ray_local import run_local
+
+    options: dict[str, str | float | int] = {}
+    for item in args.replica_options or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return fail("openrerank serve", f"--replica-option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    options["num_replicas"] = args.replicas or 1
+    if args.max_replicas is not None:
+        options["max_replicas"] = args.max_replicas
+    if args.replica_cpus is not None:
+        options["num_cpus"] = args.replica_cpus
+    return run_local(config, options, metrics_port=args.ray_metrics_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = SuggestingParser(prog="openrerank", description="Self-hosted text reranking service.")
+    parser.add_argument("--version", action="version", version=f"openrerank {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve_parser(sub)
+    eval_cli.add_parser(sub)
+    export.add_parser(sub)
+    families.add_parser(sub)
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        entry.load().add_parser(sub)
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # name -> subparser, for flag errors
+    return parser
+
+
+def quiet_idle_threads() -> None:
+    """Let PyTorch's OpenMP workers sleep, not spin, between parallel regions (unless the user chose).
+
+    Spinning workers burn the cores the event loop, the tokenizer threads and any neighbour need, and a
+    worker descheduled mid-region stalls its peers: on this project's shared 2-core VM (load average ~15)
+    two spinning threads ran a Qwen3-0.6B-shaped forward 2-3x slower than one thread, and passive waiting
+    brought two threads back to one thread's time or better. Must happen before torch loads libgomp.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_idle_threads()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve", *argv]  # `openrerank` alone (or with serve flags) serves the embedded default
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars from weight loading in our output
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = parser.commands.get(getattr(args, "command", None) or "")
+        (command or parser).unknown_flags(extras)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

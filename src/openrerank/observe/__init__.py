@@ -1,0 +1,1 @@
+"""Observability: logs, Prometheus metrics, OpenTelemetry tracing. Imports nothing above it."""

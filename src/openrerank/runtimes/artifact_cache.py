@@ -1,0 +1,167 @@
+"""The on-disk cache of converted models (ONNX exports, OpenVINO IRs): keys, atomic publication, metadata.
+
+Converting a model costs seconds to minutes, so each result is stored once under a key that hashes the
+model's content (config + weights, not mtimes) and everything else that shapes the result (the network's
+head, dtype, converter versions, recipe number). A plain restart finds the folder and reuses it; an edited
+checkpoint or an upgraded converter gets a new key.
+
+Each result is built in a temporary folder beside its final place and renamed into place, so two servers
+starting at once never read a half-written model: the first rename wins, the other discards its copy.
+Within one process builds take turns on a lock (exporters keep global state); across processes (replicas
+starting together) they take turns under a `flock` on the cache directory, so one builds and the others
+wait and reuse its result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from openrerank.sources.safety import file_sha256
+
+log = logging.getLogger(__name__)
+
+#: Root of every converted-model cache (ONNX exports directly in it, OpenVINO IRs in `openvino/`).
+CACHE_ENV = "OPENRERANK_CACHE_DIR"
+
+# Files whose bytes decide a converted graph; the tokenizer does not.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# One build at a time per process: torch.onnx.export and the OpenVINO converter trace through global state.
+BUILD_LOCK = threading.RLock()
+_flock_depth = 0  # > 0 while this process holds a cache directory's flock (guarded by BUILD_LOCK)
+
+
+@dataclass(frozen=True)
+class CachedArtifact:
+    path: Path  # the model file to load (model.onnx, model.xml)
+    cached: bool  # True when an earlier build was reused
+    key: str
+    meta: dict
+
+
+def cache_root() -> Path:
+    """`$OPENRERANK_CACHE_DIR` when set, else `~/.cache/openrerank/onnx` (where ONNX exports always lived)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/openrerank/onnx").expanduser()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Content hash of config.json and the weight files: what a converted graph depends on."""
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    h = hashlib.sha256()
+    for f in [model_dir / "config.json", *weights]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def key_of(facts: dict) -> str:
+    """A short stable key for the facts a build depends on."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def publish(tmp: Path, final: Path, meta_file: str) -> bool:
+    """Atomically move a finished build into place; False when another process got there first."""
+    try:
+        os.rename(tmp, final)
+        return True
+    except OSError:
+        if (final / meta_file).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+
+
+def read_meta(folder: Path, model_file: str, meta_file: str) -> dict | None:
+    """The metadata of a complete cache folder, None when it is absent or unfinished."""
+    try:
+        meta = json.loads((folder / meta_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if (folder / model_file).is_file() else None
+
+
+@contextlib.contextmanager
+def _directory_lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the cache directory across processes, held only around a build (never for a
+    hit, so a read-only cache of ready builds needs no lock). Re-entered by a build that needs another
+    (int8 from its fp32 base). Where `flock` is unavailable (no fcntl, a file system that refuses it)
+    the atomic rename alone keeps the cache consistent. Called under BUILD_LOCK."""
+    global _flock_depth
+    if _flock_depth:  # this process holds it already (a second flock would wait on itself)
+        _flock_depth += 1
+        try:
+            yield
+        finally:
+            _flock_depth -= 1
+        return
+    try:
+        import fcntl
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir, os.O_RDONLY)
+    except (ImportError, OSError) as exc:
+        log.debug("no cross-process lock on %s (%s); relying on the atomic rename", cache_dir, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building into %s; waiting for it", cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.debug("flock refused on %s (%s); relying on the atomic rename", cache_dir, exc)
+        _flock_depth = 1
+        yield
+    finally:
+        _flock_depth = 0
+        os.close(fd)  # releases the lock
+
+
+def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str, meta_file: str, facts: dict,
+                    build: Callable[[Path], dict], what: str) -> CachedArtifact:
+    """The cached folder `<key>-<variant>`, built with `build(staging_dir) -> details` if missing.
+
+    `build` writes `model_file` (and its side files) into the staging folder; its returned details and the
+    `facts` become the folder's metadata. A failed build leaves nothing behind.
+    """
+    final = cache_dir / f"{key}-{variant}"
+    meta = read_meta(final, model_file, meta_file)
+    if meta is not None:
+        log.info("%s cache hit: %s", what, final / model_file)
+        return CachedArtifact(final / model_file, True, key, meta)
+    with BUILD_LOCK, _directory_lock(cache_dir):
+        meta = read_meta(final, model_file, meta_file)  # another thread or process may have finished it
+        if meta is not None:
+            log.info("%s cache hit after waiting for another build: %s", what, final / model_file)
+            return CachedArtifact(final / model_file, True, key, meta)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users' servers
+        try:
+            details = build(tmp)
+            meta = {**facts, **details, "key": key, "build_seconds": round(time.perf_counter() - started, 2)}
+            (tmp / meta_file).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            publish(tmp, final, meta_file)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    meta = read_meta(final, model_file, meta_file) or meta
+    log.info("%s ready in %.1fs: %s", what, meta["build_seconds"], final / model_file)
+    return CachedArtifact(final / model_file, False, key, meta)

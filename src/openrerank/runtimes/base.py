@@ -1,0 +1,158 @@
+"""The seam between the scheduler and the engines.
+
+The scheduler hands a backend a list of tokenized work items of one task and gets one float32 row per item
+back: a score per query+passage pair (or chunk), or an embedding per text (bi-encoders only). A backend is a
+*scorer* (one score per sequence, or bi-encoder cosine) on top of a *runtime* (PyTorch or ONNX Runtime) that
+runs a family's network on padded numpy features. Neither knows about HTTP, dialects, batching policy or
+which model family it runs: a family describes its network as a `Network`, and the runtimes build, export and
+run that.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openrerank.core.work import EmbedItem, WorkItem
+
+
+@dataclass(frozen=True)
+class NetworkBuild:
+    """How a runtime wants the torch module: precision, device, and whether it is for an ONNX export."""
+
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights); CPU bf16 keeps fp32 weights under autocast
+    device: str = "cpu"
+    export: bool = False  # eager attention, traceable code paths
+
+
+@dataclass(frozen=True)
+class Network:
+    """A family's network as the runtimes need it.
+
+    `build` returns a `torch.nn.Module` with an `input_names` tuple attribute, whose `forward` takes those
+    inputs positionally (int64 tensors, right-padded) and returns one float tensor with one row per sequence:
+    scores `(batch,)`, logits `(batch, labels)` or pooled embeddings `(batch, hidden)`.
+    """
+
+    path: Path  # the model directory; its files' hashes key the ONNX cache
+    head: str  # what the module computes, e.g. "cross-encoder:logits"; part of every cache key
+    build: Callable[[NetworkBuild], Any]
+    output: str = "scores"  # the ONNX output's name
+    fusion: str | None = None  # onnxruntime transformer-optimizer model type ("bert"); None: no fusion recipe
+
+
+def pad_features(
+    seqs: Sequence[list[int]],
+    type_seqs: Sequence[list[int] | None] | None,
+    pad_id: int,
+    input_names: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Right-pad token id lists into the int64 arrays a transformer takes.
+
+    Right padding keeps every real token at the positions it has alone (position ids count from 0), so a
+    sequence scores the same whatever it is batched with; readouts find the last real token by the mask.
+    """
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    types = np.zeros((n, width), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        if type_seqs is not None and type_seqs[row] is not None:
+            types[row, : len(seq)] = type_seqs[row]
+    feats = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in input_names:
+        feats["token_type_ids"] = types
+    return feats
+
+
+def probe_features(input_names: Sequence[str], vocab_size: int) -> dict[str, np.ndarray]:
+    """A small padded batch to trace a network on and to check a conversion against PyTorch.
+
+    Padded on purpose: with an all-ones mask transformers may drop the mask, and a trace would bake that in.
+    """
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(3, 17)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {n: feats[n] for n in input_names}
+
+
+class DeviceMemoryError(RuntimeError):
+    """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
+
+
+class RowsFailedError(RuntimeError):
+    """Part of a batch could not be scored; the rest was.
+
+    `outputs` holds one row per input row (NaN where the row failed), `failed` the indices of the rows
+    that failed even alone, `cause` why. Runtimes raise it instead of failing the whole batch, so the
+    scheduler can fail only the requests those rows belong to.
+    """
+
+    def __init__(self, outputs: np.ndarray, failed: Sequence[int], cause: BaseException) -> None:
+        super().__init__(f"{len(failed)} of {len(outputs)} sequences could not be scored: {cause}")
+        self.outputs = outputs
+        self.failed = list(failed)
+        self.cause = cause
+
+    def with_outputs(self, outputs: np.ndarray) -> RowsFailedError:
+        """The same failure over transformed outputs (e.g. logits turned into scores)."""
+        return RowsFailedError(outputs, self.failed, self.cause)
+
+
+class Runtime(ABC):
+    """Runs a network on padded features; returns its output as float32, one row per sequence."""
+
+    #: Feature names the network takes, in order (`token_type_ids` only where the model uses it).
+    input_names: tuple[str, ...]
+    #: Short description for logs, metrics and /v1/metadata, e.g. "torch-fp32-cpu".
+    description: str
+
+    @abstractmethod
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release native resources."""
+
+
+class TaskNotSupportedError(TypeError):
+    """A backend asked for a task its model cannot do (e.g. embeddings from a cross-encoder)."""
+
+
+class Backend(ABC):
+    """Runs work items; the only thing the scheduler calls (always off the event loop)."""
+
+    runtime: Runtime
+    pad_id: int
+
+    def compute(self, items: Sequence[WorkItem]) -> np.ndarray:
+        """What the scheduler calls with a batch of one task: scores `(n,)` or embeddings `(n, dim)`."""
+        if items and isinstance(items[0], EmbedItem):
+            return self.embed(items)  # type: ignore[arg-type]
+        return self.score(items)
+
+    @abstractmethod
+    def score(self, items: Sequence[WorkItem]) -> np.ndarray:
+        """One float32 score per item, in item order."""
+
+    def embed(self, items: Sequence[EmbedItem]) -> np.ndarray:
+        """One float32 embedding per text, in item order; only models that embed implement it."""
+        raise TaskNotSupportedError(f"{type(self).__name__} does not produce embeddings")
+
+    @property
+    def description(self) -> str:
+        return self.runtime.description
+
+    def close(self) -> None:
+        self.runtime.close()

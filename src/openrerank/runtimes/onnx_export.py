@@ -1,0 +1,230 @@
+"""Export a family's network to an optimized (and optionally int8) ONNX file, cached on disk.
+
+Why a cache: exporting and fusing MiniLM takes several seconds, a large model minutes; a server restart
+must not pay that again. The cache key hashes the model's content (config + weights) and everything that
+changes the produced graph (the network's head, dtype, opset, exporter format, torch/transformers/onnxruntime
+versions), so an edited checkpoint or an upgraded runtime re-exports while a plain restart reuses the file.
+
+Steps (the same ones optimum and sentence-transformers' ONNX backend take):
+1. `torch.onnx.export` (the TorchScript exporter, `dynamo=False`: the dynamo exporter needs `onnxscript`
+   and does not produce the attention pattern ONNX Runtime's fusions recognise) of the module the family
+   builds (its readout included: logits or pooled embeddings), eager attention, dynamic batch and sequence
+   axes, traced on a padded dummy batch so the attention mask stays a real input.
+2. `onnxruntime.transformers.optimizer.optimize_model` where the family names a recipe (BERT-like
+   encoders): fused embedding+LayerNorm, multi-head Attention, bias+GELU and skip+LayerNorm kernels. The
+   fused graph is checked against the plain export on a padded batch; if a fusion changed the numbers, the
+   plain export is kept.
+3. `--dtype int8`: `onnxruntime.quantization.quantize_dynamic` (int8 weights per output channel,
+   activations quantized on the fly), which uses VNNI dot products where the CPU has them.
+
+Caching, keys and the atomic publication two concurrent starts rely on: `runtimes/artifact_cache.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from openrerank.runtimes.artifact_cache import (
+    CACHE_ENV,
+    CachedArtifact,
+    cache_root,
+    ensure_artifact,
+    key_of,
+    read_meta,
+)
+from openrerank.runtimes.artifact_cache import model_fingerprint as model_fingerprint
+from openrerank.runtimes.base import Network, NetworkBuild, probe_features
+from openrerank.sources.safety import ONNX_EXPORT_FILES, is_onnx_export
+
+log = logging.getLogger(__name__)
+
+ONNX_DTYPES = ("fp32", "int8")
+DEFAULT_OPSET = 17
+#: Bump when the export recipe changes in a way the versions below would not capture.
+EXPORT_FORMAT = 4
+MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
+_FUSION_TOLERANCE = 1e-3
+#: What `ensure_onnx` returns: the model.onnx path, whether it was cached, the key and export.json's facts.
+ExportResult = CachedArtifact
+__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "model_fingerprint",
+           "servable_export"]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's optimizer and quantizer log every fusion and tensor at INFO (some on the root logger)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # incl. the quantizer's generic "consider pre-processing" advice
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported to ONNX."""
+
+
+def default_cache_dir() -> Path:
+    """`$OPENRERANK_CACHE_DIR` when set, else `~/.cache/openrerank/onnx`."""
+    return cache_root()
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def cache_key(network: Network, *, dtype: str, opset: int) -> tuple[str, dict]:
+    """The cache key and the facts it was built from (kept next to the model for inspection)."""
+    facts = {
+        "model_sha256": model_fingerprint(network.path),
+        "head": network.head,
+        "dtype": dtype,
+        "opset": opset,
+        "format": EXPORT_FORMAT,
+        **_versions(),
+    }
+    return key_of(facts), facts
+
+
+def _torch_export(network: Network, out: Path, opset: int) -> tuple[list[str], dict]:
+    """Plain ONNX export; returns the input names and a padded probe batch with the torch outputs."""
+    import warnings
+
+    import torch
+
+    module = network.build(NetworkBuild(export=True)).eval()
+    names = list(module.input_names)
+    config = json.loads((Path(network.path) / "config.json").read_text(encoding="utf-8"))
+    probe = probe_features(names, int(config.get("vocab_size") or 1000))
+    with torch.inference_mode():
+        expected = module(*(torch.from_numpy(probe[n]) for n in names)).float().numpy()
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes[network.output] = {0: "batch"}
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer chatter about Python booleans; checked numerically below
+        torch.onnx.export(
+            module, tuple(torch.from_numpy(probe[n]) for n in names), str(out),
+            input_names=names, output_names=[network.output], dynamic_axes=axes, opset_version=opset,
+            do_constant_folding=True, dynamo=False,
+        )
+    return names, {"inputs": probe, "expected": expected}
+
+
+def _run_onnx(path: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feats)[0]
+
+
+def _max_diff(out: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float32) - expected).max())
+
+
+def _fuse(raw: Path, out: Path, network: Network, probe: dict) -> str:
+    """Transformer fusions when the architecture has them and they keep the numbers; returns what was done."""
+    config = json.loads((Path(network.path) / "config.json").read_text(encoding="utf-8"))
+    family = network.fusion
+    if family is None:
+        shutil.copyfile(raw, out)
+        return "none (no fusion recipe for this model type; ORT session optimizations still apply)"
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads = int(config.get("num_attention_heads") or config.get("n_heads") or 0)
+    hidden = int(config.get("hidden_size") or config.get("dim") or 0)
+    with _quiet():
+        optimized = optimize_model(str(raw), model_type=family, num_heads=heads, hidden_size=hidden,
+                                   opt_level=0, use_gpu=False)
+        fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        optimized.save_model_to_file(str(out))
+    got = _run_onnx(out, probe["inputs"])
+    diff = _max_diff(got, probe["expected"])
+    if diff > _FUSION_TOLERANCE:
+        log.warning("ORT fusions changed the outputs by %.2g; keeping the unfused export", diff)
+        shutil.copyfile(raw, out)
+        return f"none (fusion rejected, max diff {diff:.2g})"
+    return ", ".join(f"{k}x{v}" for k, v in sorted(fused.items())) or "none found"
+
+
+def _quantize(src: Path, out: Path) -> None:
+    """Dynamic int8: int8 weights per output channel, uint8/int8 activations quantized per batch at run time."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(
+            str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+            # Fused contrib ops (Attention, SkipLayerNormalization) have no shape-inferred output types.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+
+
+def servable_export(network: Network, dtype: str) -> ExportResult | None:
+    """The export inside a pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json
+    beside the tokenizer and config), opened as it is, without PyTorch; None for a plain model directory."""
+    folder = Path(network.path)
+    if not is_onnx_export(folder):
+        return None
+    meta = read_meta(folder, MODEL_FILE, META_FILE)
+    if meta is None:
+        raise ExportError(f"{folder}/{META_FILE} is unreadable")
+    if meta.get("dtype", dtype) != dtype:
+        raise ExportError(f"{folder} holds a {meta['dtype']} ONNX export; serve it with --dtype {meta['dtype']}")
+    if meta.get("head", network.head) != network.head:
+        raise ExportError(f"{folder} holds an export of {meta['head']!r}, but its files describe {network.head!r}")
+    return ExportResult(folder / MODEL_FILE, True, str(meta.get("key", "")), meta)
+
+
+def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
+                cache_dir: Path | None = None) -> ExportResult:
+    """Return the cached ONNX model of this network, exporting (and quantizing) it first if needed."""
+    if dtype not in ONNX_DTYPES:
+        raise ExportError(f"ONNX export supports dtype {', '.join(ONNX_DTYPES)}, not {dtype!r}")
+    if opset < 17:
+        raise ExportError("opset 17 or newer is needed (LayerNormalization)")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key, facts = cache_key(network, dtype=dtype, opset=opset)
+
+    def build(tmp: Path) -> dict:
+        if dtype == "int8":
+            # Quantize the fused fp32 graph, itself cached (and reused by an fp32 start).
+            base = ensure_onnx(network, dtype="fp32", opset=opset, cache_dir=cache_dir)
+            _quantize(base.path, tmp / MODEL_FILE)
+            details = {"inputs": base.meta["inputs"], "fusions": base.meta["fusions"],
+                       "quantization": "dynamic int8, per-channel QInt8 weights"}
+        else:
+            raw = tmp / "raw.onnx"
+            log.info("exporting %s to ONNX (first start with these options; cached afterwards)", network.path)
+            try:
+                names, probe = _torch_export(network, raw, opset)
+            except Exception as exc:  # an architecture the TorchScript exporter cannot trace
+                raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
+                    from exc
+            plain_diff = _max_diff(_run_onnx(raw, probe["inputs"]), probe["expected"])
+            if plain_diff > _FUSION_TOLERANCE:
+                raise ExportError(f"the ONNX export of {network.path} differs from PyTorch by {plain_diff:.3g}")
+            fusions = _fuse(raw, tmp / MODEL_FILE, network, probe)
+            raw.unlink()
+            details = {"inputs": names, "fusions": fusions}
+        return {**details, "source": str(network.path)}
+
+    result = ensure_artifact(cache_dir, key, dtype, model_file=MODEL_FILE, meta_file=META_FILE, facts=facts,
+                             build=build, what=f"ONNX {dtype} export")
+    if not result.cached:
+        log.info("ONNX fusions: %s", result.meta.get("fusions"))
+    return result

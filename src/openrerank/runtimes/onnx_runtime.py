@@ -1,0 +1,61 @@
+"""ONNX Runtime runtime: the CPU default for encoder families, fp32 (fused graph) or dynamic int8.
+
+The network is exported once and cached by `openrerank.runtimes.onnx_export`; this class only opens a
+session on the cached file. A pre-exported directory (`openrerank export --out DIR`, e.g. baked into a
+container image) is opened as it is, without PyTorch. Inputs stay int64 (what the graph was exported with)
+so no conversion runs per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from openrerank.runtimes.base import Network, Runtime
+from openrerank.runtimes.torch_runtime import default_threads
+
+log = logging.getLogger(__name__)
+
+#: Set to 0 to stop ORT's worker threads spinning between batches (less idle CPU, a little more latency).
+SPIN_ENV = "OPENRERANK_ORT_SPIN"
+
+
+class OnnxRuntime(Runtime):
+    def __init__(
+        self,
+        network: Network,
+        *,
+        dtype: str = "fp32",
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        from openrerank.runtimes.onnx_export import ensure_onnx, servable_export
+
+        self.export = servable_export(network, dtype) or ensure_onnx(network, dtype=dtype, cache_dir=cache_dir)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        if os.environ.get(SPIN_ENV, "1").strip() == "0":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.export.path), so, providers=["CPUExecutionProvider"])
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self._output = self.session.get_outputs()[0].name
+        self.dtype = dtype
+        self.threads = so.intra_op_num_threads
+        self.description = f"onnx-{dtype}-cpu"
+        log.info("ONNX Runtime session on %s (%d threads, %s)", self.export.path, self.threads,
+                 "cached" if self.export.cached else "fresh export")
+
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        out = self.session.run([self._output], {n: features[n] for n in self.input_names})[0]
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]

@@ -1,1 +1,0 @@
-"""Wire models per dialect and the internal request/result every dialect converts to."""

@@ -1,0 +1,287 @@
+"""The FastAPI app factory: dialect routers, middleware, error handlers, background model loading."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openrerank import __version__
+from openrerank.engine.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    DeviceMemoryError,
+    EngineStoppedError,
+    ModelOutputError,
+    QueueFullError,
+    RequestTooLargeError,
+    UnsupportedRequestError,
+    WorkerDiedError,
+)
+from openrerank.engine.loading import model_sources
+from openrerank.engine.score_cache import ScoreCache
+from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
+from openrerank.observe.metrics import Metrics
+from openrerank.server.config import ServerConfig
+from openrerank.server.dialects import cohere, embeddings, nim, score, tei
+from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
+from openrerank.server.errors import ApiError, Dialect, dialect_for, format_validation_errors
+from openrerank.server.middleware import (
+    ApiKeyMiddleware,
+    BodyGuardMiddleware,
+    CatchAllMiddleware,
+    MetricsMiddleware,
+    RequestLogMiddleware,
+    request_id,
+)
+from openrerank.server.openapi import install_openapi
+from openrerank.server.responses import OrjsonResponse
+from openrerank.text.prepare import InputTooLongError
+
+log = logging.getLogger(__name__)
+
+#: Dialect routers, in the order their routes appear in the OpenAPI document.
+ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router]
+
+#: Where the Swagger UI / ReDoc assets are served from (public, like /docs itself).
+DOCS_ASSETS = "/docs-assets"
+
+_HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 422: "validation"}
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+async def load_all(app: FastAPI) -> None:
+    """Load every model off the event loop so health/live answers during a long load.
+
+    A model that cannot load is one error line in the log (the traceback at debug level). Unless
+    `--allow-partial` lets the others serve, loading stops there: `load_error` is set and, when the
+    CLI runs the server, `app.state.request_shutdown` ends it with a non-zero exit status -- a
+    supervisor restarts it or shows the line, instead of a process that answers 503 forever. When every
+    model is loaded and warmed, one "ready" line is logged.
+    """
+    config: ServerConfig = app.state.config
+    reg: ServedModels = app.state.models
+    started = time.perf_counter()
+    for source in model_sources(config.models, config.model_families, config.instructions):
+        try:
+            served = await asyncio.to_thread(load_served_model, source, load_options(config),
+                                             scheduler_config(config), app.state.metrics,
+                                             limits=chunk_limits(config), score_cache=app.state.score_cache)
+            await served.scheduler.start()
+        except Exception as exc:
+            reason = first_line(exc)
+            log.error("model %s (%s) could not be loaded: %s", source.served_id, source.spec, reason)
+            log.debug("model loading traceback", exc_info=True)
+            reg.failed[source.served_id] = reason
+            if config.allow_partial:
+                continue
+            reg.load_error = f"model {source.served_id} could not be loaded: {reason}"
+            break
+        reg.add(served)
+    if not reg.load_error and not reg.models():
+        reg.load_error = "no model could be loaded"
+    if reg.load_error:
+        shutdown = getattr(app.state, "request_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        return
+    reg.loaded = True
+    where = f" on {app.state.public_url}" if app.state.public_url else ""
+    log.info("ready: serving %s%s (loaded and warmed in %.1fs)", ", ".join(reg.names), where,
+             time.perf_counter() - started)
+
+
+def request_dialect(request: Request) -> Dialect:
+    """The dialect a route chose for this request (one path, two forms: /rerank), else the path's owner."""
+    return getattr(request.state, "dialect", None) or dialect_for(request.url.path)
+
+
+def _error_response(request: Request, status: int, message: str, kind: str,
+                    headers: dict[str, str] | None = None) -> OrjsonResponse:
+    return request_dialect(request).response(status, message, kind, headers)
+
+
+def install_openapi_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Add schemas that routes reference by hand (bodies they parse themselves) to the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        _, defs = models_json_schema([(m, "validation") for m in models],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model_schema in defs.get("$defs", {}).items():
+            components.setdefault(name, model_schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure becomes the dialect's error shape; CatchAllMiddleware covers the unexpected."""
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return _error_response(request, exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        dialect = request_dialect(request)
+        model = dialect.request_models.get(request.url.path)
+        return dialect.response(400, format_validation_errors(list(exc.errors()), model), "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "request body is not valid JSON"
+        return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"),
+                               dict(exc.headers or {}))
+
+    @app.exception_handler(UnknownModelError)
+    async def _model(request: Request, exc: UnknownModelError):
+        return _error_response(request, 404, str(exc), "model_not_found")
+
+    @app.exception_handler(UnsupportedRequestError)
+    async def _unsupported(request: Request, exc: UnsupportedRequestError):
+        return _error_response(request, 400, str(exc), "unsupported")
+
+    @app.exception_handler(InputTooLongError)
+    async def _too_long(request: Request, exc: InputTooLongError):
+        return _error_response(request, 400, str(exc), "too_long")
+
+    @app.exception_handler(RequestTooLargeError)
+    async def _too_much(request: Request, exc: RequestTooLargeError):
+        return _error_response(request, 400, str(exc), "too_much_work")
+
+    @app.exception_handler(QueueFullError)
+    async def _full(request: Request, exc: QueueFullError):
+        return _error_response(request, 503, str(exc), "overloaded",
+                               {"Retry-After": str(max(1, round(exc.retry_after)))})
+
+    @app.exception_handler(DeadlineExceededError)
+    async def _deadline(request: Request, exc: DeadlineExceededError):
+        return _error_response(request, 504, str(exc), "timeout")
+
+    @app.exception_handler(EngineStoppedError)
+    async def _stopped(request: Request, exc: EngineStoppedError):
+        return _error_response(request, 503, str(exc), "unavailable", {"Retry-After": "1"})
+
+    @app.exception_handler(DeviceMemoryError)
+    async def _memory(request: Request, exc: DeviceMemoryError):
+        # Capacity, not a client error: one of its sequences does not fit even alone (other requests scored).
+        return _error_response(request, 503, str(exc), "unavailable")
+
+    @app.exception_handler(WorkerDiedError)
+    async def _dead(request: Request, exc: WorkerDiedError):
+        return _error_response(request, 503, str(exc), "unavailable")
+
+    @app.exception_handler(BatchFailedError)
+    @app.exception_handler(ModelOutputError)
+    async def _model_fault(request: Request, exc: Exception):
+        rid = request_id(request.scope)
+        log.error("%s on %s (request id %s): %s", type(exc).__name__, request.url.path, rid, exc)
+        return _error_response(request, 500, f"{exc} (request id {rid})", "internal", {"x-request-id": rid})
+
+
+def route_paths(app: FastAPI) -> set[str]:
+    """Every route path, for bounded-cardinality metric labels (included routers are nested)."""
+    paths: set[str] = set()
+    stack = list(app.routes)
+    while stack:
+        route = stack.pop()
+        if getattr(route, "path", None):
+            paths.add(route.path)
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            stack.extend(included.routes)
+    return paths
+
+
+def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
+               metrics: Metrics | None = None, public_url: str | None = None) -> FastAPI:
+    """The whole server as one ASGI app; `public_url` is only what the "ready" log line shows.
+
+    `wait_for_models`: load and warm every model before the lifespan startup completes, and fail the
+    startup on a load error (under Ray Serve a replica counts as ready when its startup completes).
+    The default loads in the background so /v1/health/live answers during a long load.
+    """
+    config = config or ServerConfig()
+    tracer = None
+    if config.otlp_endpoint:
+        from openrerank.observe.tracing import Tracer
+
+        tracer = Tracer(config.otlp_endpoint)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if load_models and wait_for_models:
+            await load_all(app)
+            if app.state.models.load_error:
+                await app.state.models.stop()
+                raise RuntimeError(f"model loading failed: {app.state.models.load_error}")
+        elif load_models:
+            task = asyncio.create_task(load_all(app))
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+            await app.state.models.stop()
+            if tracer is not None:
+                tracer.shutdown()
+
+    # /docs and /redoc load Swagger UI and ReDoc from files the app serves itself (the fastapi-offline
+    # package ships them), so the documentation works on a machine without internet access.
+    app = FastAPIOffline(
+        title="openrerank",
+        version=__version__,
+        description="Self-hosted reranking: NVIDIA NIM `/v1/ranking`, Cohere/Jina `/v1|v2/rerank`, "
+        "TEI and Infinity `/rerank` and `/v1/score`; embeddings (OpenAI / NIM `/v1/embeddings`) from "
+        "bi-encoder models.",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+        static_url=DOCS_ASSETS,
+    )
+    app.state.config = config
+    app.state.public_url = public_url
+    app.state.metrics = metrics or Metrics()
+    app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
+                             if config.score_cache_mb > 0 else None)
+    app.state.models = ServedModels()
+    app.state.models.expected = [s.served_id for s in model_sources(config.models)]
+    for router in ROUTERS:
+        app.include_router(router)
+    install_error_handlers(app)
+    install_openapi(app, config)
+    install_openapi_models(app, tei.OPENAPI_MODELS)
+    routes = functools.cache(lambda: route_paths(app))
+    # Last added runs first: the request log sees every answer (and gives each its x-request-id), the
+    # catch-all turns anything unexpected into a 500 in the dialect's shape, metrics see everything, auth
+    # runs before the body is read.
+    app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
+                       metrics=app.state.metrics)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(RequestLogMiddleware, routes=routes, tracer=tracer)
+    return app

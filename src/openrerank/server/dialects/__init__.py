@@ -1,0 +1,1 @@
+"""One module per API dialect: parse the wire request, call the engine, answer in the dialect's shape."""

@@ -1,0 +1,135 @@
+"""Cohere / Jina dialect: `POST /v1/rerank` and `POST /v2/rerank`.
+
+Chunking is on by default, as Cohere does: a document longer than the model's window is scored
+by its best overlapping window (v1: at most `max_chunks_per_doc` windows, default 10; v2: only the
+first `max_tokens_per_doc` tokens, default 4096). `relevance_score` is in [0, 1]; see
+`openrerank.server.dialects.score_form` for how it is derived from the model's score.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from openrerank.core.requests import RerankRequest, RerankResult, Truncate
+from openrerank.server.dialects import common
+from openrerank.server.dialects.score_form import relevance
+from openrerank.server.errors import ApiError, Dialect, register_dialect
+from openrerank.wire.cohere import (
+    CohereError,
+    CohereRerankResponse,
+    CohereV1RerankRequest,
+    CohereV2RerankRequest,
+)
+
+#: Cohere's documented defaults.
+V1_MAX_CHUNKS_PER_DOC = 10
+V2_MAX_TOKENS_PER_DOC = 4096
+
+
+def cohere_error_body(status: int, message: str, kind: str) -> dict:
+    return {"message": message}
+
+
+COHERE = register_dialect(Dialect(
+    "cohere",
+    ("/v1/rerank", "/v2/rerank"),
+    cohere_error_body,
+    # Cohere answers 429 when it is overloaded, 404 for a model it does not know.
+    status_for={"overloaded": 429, "model_not_found": 404, "too_many": 400, "too_long": 400},
+    request_models={"/v1/rerank": CohereV1RerankRequest, "/v2/rerank": CohereV2RerankRequest},
+    error_model=CohereError,
+))
+
+router = APIRouter()
+
+_ERRORS = COHERE.responses(400, 401, 404, 408, 413, 429, 500, 503, 504)
+
+
+def document_text(doc: str | dict[str, Any], index: int, rank_fields: list[str] | None) -> str:
+    """The text a v1 document is ranked on: the string, its `text`, or its `rank_fields`."""
+    if isinstance(doc, str):
+        return doc
+    fields = rank_fields or ["text"]
+    missing = [f for f in fields if f not in doc]
+    if missing:
+        raise ApiError(400, f"documents[{index}] has no field {', '.join(repr(m) for m in missing)} "
+                       f"(documents must be strings or objects with {' and '.join(repr(f) for f in fields)})")
+    if len(fields) == 1:
+        value = doc[fields[0]]
+        if not isinstance(value, str):
+            raise ApiError(400, f"documents[{index}].{fields[0]} must be a string")
+        return value
+    return "\n".join(f"{f}: {doc[f] if isinstance(doc[f], str) else _plain(doc[f])}" for f in fields)
+
+
+def _plain(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def v1_to_internal(body: CohereV1RerankRequest) -> RerankRequest:
+    """Cohere v1 request -> internal request (chunked, at most `max_chunks_per_doc` windows)."""
+    texts = [document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
+    return RerankRequest(
+        query=body.query, passages=texts, model=body.model, truncate=Truncate.CHUNK,
+        top_n=body.top_n or None,
+        max_chunks_per_passage=body.max_chunks_per_doc, default_chunks_per_passage=V1_MAX_CHUNKS_PER_DOC,
+    )
+
+
+def v2_to_internal(body: CohereV2RerankRequest) -> RerankRequest:
+    """Cohere v2 request -> internal request (first `max_tokens_per_doc` tokens, chunked)."""
+    return RerankRequest(
+        query=body.query, passages=list(body.documents), model=body.model, truncate=Truncate.CHUNK,
+        top_n=body.top_n or None,
+        max_tokens_per_passage=body.max_tokens_per_doc or V2_MAX_TOKENS_PER_DOC,
+    )
+
+
+def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
+                   documents: list[Any] | None = None, request_id: str | None = None) -> dict:
+    """Internal result -> Cohere response: best first, cut to top_n, [0, 1] relevance scores.
+
+    `documents`: when given (return_documents), each result carries its document -- the original
+    v1 object with all its fields, or `{"text": ...}` for a string.
+    """
+    scores = relevance(result.logits, result.score_kind)
+    results = []
+    for i, _ in result.top(req.top_n):
+        item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+        if documents is not None:
+            doc = documents[i]
+            item["document"] = {"text": doc} if isinstance(doc, str) else doc
+        results.append(item)
+    return {
+        "id": request_id or str(uuid.uuid4()),
+        "results": results,
+        "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
+        "model": result.model,
+        "usage": {"total_tokens": result.prompt_tokens},
+    }
+
+
+@router.post("/v1/rerank", response_model=None, tags=["Cohere / Jina"],
+             responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+             summary="Rerank documents (Cohere v1 / Jina compatible)")
+async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Response) -> dict:
+    req = v1_to_internal(body)
+    result = await common.rerank(request, response, req)
+    docs = list(body.documents) if body.return_documents else None
+    return result_to_wire(result, req, version="1", documents=docs,
+                          request_id=common.request_id(request))
+
+
+@router.post("/v2/rerank", response_model=None, tags=["Cohere / Jina"],
+             responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+             summary="Rerank documents (Cohere v2 compatible)")
+async def rerank_v2(body: CohereV2RerankRequest, request: Request, response: Response) -> dict:
+    req = v2_to_internal(body)
+    result = await common.rerank(request, response, req)
+    docs = list(body.documents) if body.return_documents else None
+    return result_to_wire(result, req, version="2", documents=docs,
+                          request_id=common.request_id(request))

@@ -1,0 +1,84 @@
+"""What every dialect does the same way: look up the model, enforce limits, score, time it."""
+
+from __future__ import annotations
+
+from fastapi import Request, Response
+
+from openrerank.core.requests import RerankRequest, RerankResult, Timings
+from openrerank.engine.served import ServedModels
+from openrerank.server.config import ServerConfig
+from openrerank.server.errors import ApiError
+from openrerank.server.middleware import arrival, request_usage
+from openrerank.server.middleware import request_id as scope_request_id
+
+
+def served_models(request: Request) -> ServedModels:
+    return request.app.state.models
+
+
+def config(request: Request) -> ServerConfig:
+    return request.app.state.config
+
+
+def check_ready(request: Request) -> None:
+    """503 until the models are loaded (a dead model worker answers 503 itself, per model)."""
+    reg = served_models(request)
+    if reg.load_error:
+        raise ApiError(503, "model(s) failed to load; see the server log", kind="unavailable")
+    if not reg.loaded:
+        raise ApiError(503, "model(s) not loaded yet; retry shortly", kind="unavailable",
+                       headers={"Retry-After": "5"})
+
+
+def check_passage_count(request: Request, count: int, what: str = "passages") -> None:
+    limit = config(request).max_passages
+    if count > limit:
+        raise ApiError(400, f"Number of {what} ({count}) exceeds the maximum of {limit} (--max-passages)",
+                       kind="too_many")
+
+
+def check_input_count(request: Request, count: int) -> None:
+    limit = config(request).max_inputs
+    if count > limit:
+        raise ApiError(400, f"Number of inputs ({count}) exceeds the maximum of {limit} (--max-inputs)",
+                       kind="too_many")
+
+
+def deadline(request: Request) -> float:
+    """`time.monotonic()` instant by which the answer is due: arrival + --request-timeout."""
+    return arrival(request.scope) + config(request).request_timeout
+
+
+async def rerank(request: Request, response: Response, req: RerankRequest) -> RerankResult:
+    """Score `req` on the model it names; timing headers go on `response` (TEI's header names)."""
+    check_passage_count(request, len(req.passages))
+    return (await rerank_many(request, response, [req]))[0]
+
+
+async def rerank_many(request: Request, response: Response, reqs: list[RerankRequest]) -> list[RerankResult]:
+    """Several queries of one client request, scored as one unit on the model the first one names."""
+    check_ready(request)
+    model = served_models(request).get(reqs[0].model)
+    results = await model.rerank_many(reqs, deadline=deadline(request))
+    record_usage(request, response, model=model.name, items=sum(len(r.passages) for r in reqs),
+                 tokens=sum(r.prompt_tokens for r in results), timings=results[0].timings)
+    return results
+
+
+def request_id(request: Request) -> str:
+    """The request's id (the caller's x-request-id, or one the server made); echoed in the response header."""
+    return scope_request_id(request.scope)
+
+
+def record_usage(request: Request, response: Response, *, model: str, items: int, tokens: int,
+                 timings: Timings) -> None:
+    """What the access log line, the trace and the x-*-time headers (TEI's names) report for this request.
+
+    Any route that runs a model calls this once (items: passages, or texts embedded)."""
+    t = timings
+    response.headers["x-tokenize-time"] = f"{t.tokenize_ms:.2f}"
+    response.headers["x-queue-time"] = f"{t.queue_ms:.2f}"
+    response.headers["x-inference-time"] = f"{t.inference_ms:.2f}"
+    response.headers["x-total-time"] = f"{t.total_ms:.2f}"
+    request_usage(request.scope).update(model=model, passages=items, tokens=tokens, tokenize_ms=t.tokenize_ms,
+                                        queue_ms=t.queue_ms, inference_ms=t.inference_ms)

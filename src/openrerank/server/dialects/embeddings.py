@@ -1,0 +1,109 @@
+"""OpenAI / NVIDIA NIM embeddings dialect: `POST /v1/embeddings`.
+
+OpenAI's request and response (so the `openai` SDK works unchanged: it asks for base64 by default) with
+NIM's extensions (`input_type`, `truncate`, the `<model>-query` / `<model>-passage` names) and NIM's error
+body. Every bi-encoder served is an embedding model; the texts go through the model's one scheduler, batched
+with whatever else (embeddings or reranking) is in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from openrerank.core.requests import EmbedRequest, Truncate
+from openrerank.server.dialects import common
+from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
+from openrerank.server.responses import OrjsonResponse
+from openrerank.wire.embeddings import EmbeddingsRequest, EmbeddingsResponse
+
+EMBEDDINGS = register_dialect(Dialect(
+    "embeddings",
+    ("/v1/embeddings",),
+    nim_error_body,
+    status_for={"model_not_found": 404},
+    request_models={"/v1/embeddings": EmbeddingsRequest},
+    error_model=NimError,
+))
+
+#: NIM's model-name suffixes that stand for `input_type` (for OpenAI clients, which cannot send it).
+INPUT_TYPE_SUFFIXES = {"-query": "query", "-passage": "passage"}
+
+router = APIRouter()
+
+_ERRORS = EMBEDDINGS.responses(400, 401, 404, 408, 413, 500, 503, 504, s400="Invalid request, an over-long text "
+                                "with truncate NONE, an unsupported dimensions, or a model without embeddings")
+
+
+def input_texts(value: Any) -> list[str]:
+    """`input` as a list of texts: a string or a list of strings; token ids and empty texts refused."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ApiError(400, f"input must be a string or a list of strings, not {_json_type(value)}")
+    if not value:
+        raise ApiError(400, "input is empty: send at least one text")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or \
+            all(isinstance(v, list) for v in value):
+        raise ApiError(400, "input as token ids is not supported: send the texts as strings (this server "
+                       "tokenizes with the model's own tokenizer; LangChain's OpenAIEmbeddings sends token ids "
+                       "unless check_embedding_ctx_length=False)")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise ApiError(400, f"input[{i}] must be a string, not {_json_type(v)}")
+        if not v:
+            raise ApiError(400, f"input[{i}] is an empty string: every text must have content")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "a list",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def model_and_input_type(body: EmbeddingsRequest, served: list[str]) -> tuple[str | None, str | None]:
+    """The served id asked for and the input type, reading NIM's `-query`/`-passage` model names."""
+    name, input_type = body.model, body.input_type
+    if name is not None and name not in served:
+        for suffix, kind in INPUT_TYPE_SUFFIXES.items():
+            stem = name.removesuffix(suffix)
+            if stem != name and stem in served:
+                if input_type is not None and input_type != kind:
+                    raise ApiError(400, f"model '{name}' means input_type '{kind}', but input_type is "
+                                   f"'{input_type}'")
+                return stem, kind
+    return name, input_type
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    """base64: OpenAI's little-endian float32 bytes. float: the float32 array itself, which orjson writes
+    as the shortest decimal that reads back as the same float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return np.ascontiguousarray(vector, dtype=np.float32)
+
+
+@router.post("/v1/embeddings", tags=["Embeddings"], response_model=None,
+             responses={200: {"model": EmbeddingsResponse}, **_ERRORS},
+             summary="Embed texts (OpenAI and NVIDIA NIM compatible)")
+async def embeddings(body: EmbeddingsRequest, request: Request) -> OrjsonResponse:
+    common.check_ready(request)
+    texts = input_texts(body.input)
+    models = common.served_models(request)
+    name, input_type = model_and_input_type(body, models.names)
+    model = models.get_embedder(name)
+    common.check_input_count(request, len(texts))
+    req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]
+                       truncate=Truncate(body.truncate), dimensions=body.dimensions)
+    result = await model.embed(req, deadline=common.deadline(request))
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(result.embeddings)]
+    response = OrjsonResponse({"object": "list", "data": data, "model": result.model,
+                               "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
+    common.record_usage(request, response, model=model.name, items=len(texts), tokens=result.prompt_tokens,
+                        timings=result.timings)
+    return response

@@ -1,0 +1,105 @@
+"""NVIDIA NIM dialect: `/v1/ranking` plus models, health, metadata and metrics endpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from openrerank import __version__
+from openrerank.core.requests import RerankRequest, Truncate
+from openrerank.server.dialects import common
+from openrerank.server.engine_config import scheduler_config
+from openrerank.server.errors import NIM
+from openrerank.server.responses import OrjsonResponse
+from openrerank.wire.nim import HealthResponse, NimRankingRequest, NimRankingResponse
+
+router = APIRouter()
+NIM.request_models["/v1/ranking"] = NimRankingRequest
+_AUTH = NIM.responses(401)
+_HEALTH = {503: {"model": HealthResponse, "description": "Not ready (loading, failed, or a model worker died)"}}
+
+
+@router.post("/v1/ranking", response_model=NimRankingResponse, tags=["NIM"],
+             responses=NIM.responses(400, 401, 404, 408, 413, 500, 503, 504),
+             summary="Rank passages by relevance to a query (NVIDIA NIM compatible)")
+async def ranking(body: NimRankingRequest, request: Request, response: Response) -> dict:
+    req = RerankRequest(
+        query=body.query.text,
+        passages=[p.text for p in body.passages],
+        model=body.model,
+        truncate=Truncate(body.truncate),
+        max_chunks_per_passage=body.max_chunks_per_passage,
+    )
+    result = await common.rerank(request, response, req)
+    return {
+        "rankings": [{"index": i, "logit": s} for i, s in result.top()],
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+
+
+@router.get("/v1/models", tags=["NIM"], responses=_AUTH)
+async def models(request: Request) -> dict:
+    reg = common.served_models(request)
+    served = {m.name: m for m in reg.models()}
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "owned_by": "openrerank",
+             "created": served[name].created if name in served else 0,
+             # rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings ([] while loading)
+             "tasks": served[name].tasks if name in served else []}
+            for name in reg.names
+        ],
+    }
+
+
+@router.get("/v1/health/live", tags=["health"], response_model=HealthResponse, responses=_HEALTH)
+async def live(request: Request) -> OrjsonResponse:
+    """200 while the process can serve; 503 once a model worker died (restart the process)."""
+    reg = common.served_models(request)
+    if reg.live:
+        return OrjsonResponse({"object": "health.response", "message": "Service is live.", "status": "live"})
+    return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "not live"},
+                          status_code=503)
+
+
+@router.get("/v1/health/ready", tags=["health"], response_model=HealthResponse, responses=_HEALTH)
+async def ready(request: Request) -> OrjsonResponse:
+    """200 once every model is loaded and warmed and every model worker is alive, else 503."""
+    reg = common.served_models(request)
+    if reg.ready:
+        return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "ready"})
+    return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "not ready"},
+                          status_code=503)
+
+
+@router.get("/v1/metadata", tags=["NIM"], responses=_AUTH)
+async def metadata(request: Request) -> dict:
+    reg = common.served_models(request)
+    return {
+        "version": __version__,
+        "modelInfo": [{"shortName": m.name, "modelUrl": m.metadata()["source"]} for m in reg.models()],
+        "models": [m.metadata() for m in reg.models()],
+        "limits": limits(common.config(request)),
+    }
+
+
+def limits(config) -> dict:
+    """The per-request limits a client may run into (docs/reliability.md)."""
+    sched = scheduler_config(config)
+    return {
+        "max_passages": config.max_passages,
+        "max_inputs": config.max_inputs,
+        "max_body_bytes": config.max_body_bytes,
+        "max_request_tokens": sched.request_budget,
+        "max_chunks_per_passage": config.max_chunks_per_passage,
+        "max_chunks_per_request": config.max_chunks_per_request,
+        "request_timeout_s": config.request_timeout,
+    }
+
+
+@router.get("/v1/metrics", tags=["health"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}, **_AUTH})
+@router.get("/metrics", include_in_schema=False, response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,125 @@
+"""vLLM score dialect: `POST /v1/score` and `POST /score`.
+
+`text_1` str + `text_2` list: one query against many texts. Equal-length lists: pairwise
+(`text_1[i]` with `text_2[i]`); a one-element `text_1` list is broadcast. Pairs are grouped by
+their distinct `text_1` into one internal request each, and the groups go to the model's scheduler
+as one submission (one admission unit, one deadline, one cancellation, whatever
+the number of groups). `data` keeps pair order (not sorted), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request, Response
+
+from openrerank.core.requests import RerankRequest, RerankResult, Truncate
+from openrerank.server.dialects import common
+from openrerank.server.dialects.score_form import relevance
+from openrerank.server.errors import ApiError, Dialect, register_dialect
+from openrerank.wire.score import ScoreError, ScoreRequest, ScoreResponse
+
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
+          413: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
+          504: "TimeoutError"}
+
+
+def score_error_body(status: int, message: str, kind: str) -> dict:
+    """vLLM's (OpenAI-style) ErrorResponse."""
+    return {"object": "error", "message": message, "type": _TYPES.get(status, "InternalServerError"),
+            "param": None, "code": status}
+
+
+SCORE = register_dialect(Dialect(
+    "score",
+    ("/v1/score", "/score"),
+    score_error_body,
+    status_for={"model_not_found": 404},
+    request_models={"/v1/score": ScoreRequest, "/score": ScoreRequest},
+    error_model=ScoreError,
+))
+
+router = APIRouter()
+
+_ERRORS = SCORE.responses(400, 401, 404, 408, 413, 500, 503, 504)
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """Internal requests (one per distinct text_1) and, per pair, (request index, passage index)."""
+
+    requests: list[RerankRequest]
+    pairs: list[tuple[int, int]]
+
+
+def to_internal(body: ScoreRequest) -> ScorePlan:
+    """vLLM score request -> internal requests; 1:1, 1:N and N:N (vLLM's rule), else 400."""
+    texts_1 = [body.text_1] if isinstance(body.text_1, str) else list(body.text_1)
+    texts_2 = [body.text_2] if isinstance(body.text_2, str) else list(body.text_2)
+    if not texts_1:
+        raise ApiError(400, "text_1: at least one text element must be given")
+    if not texts_2:
+        raise ApiError(400, "text_2: at least one text element must be given")
+    if len(texts_1) > 1 and len(texts_1) != len(texts_2):
+        raise ApiError(400, f"Input lengths must be either 1:1, 1:N or N:N; got {len(texts_1)}:{len(texts_2)}")
+    if len(texts_1) == 1:
+        texts_1 = texts_1 * len(texts_2)
+    k = body.truncate_prompt_tokens
+    truncate = Truncate.NONE if k is None else Truncate.END
+    cap = k if k is not None and k > 0 else None
+    groups: dict[str, int] = {}
+    passages: list[list[str]] = []
+    pairs: list[tuple[int, int]] = []
+    for t1, t2 in zip(texts_1, texts_2, strict=True):
+        g = groups.setdefault(t1, len(groups))
+        if g == len(passages):
+            passages.append([])
+        pairs.append((g, len(passages[g])))
+        passages[g].append(t2)
+    requests = [
+        RerankRequest(query=q, passages=passages[g], model=body.model, truncate=truncate,
+                      max_tokens_per_passage=cap)
+        for q, g in groups.items()
+    ]
+    return ScorePlan(requests, pairs)
+
+
+def use_activation(body: ScoreRequest) -> bool:
+    if body.use_activation is not None:
+        return body.use_activation
+    return body.activation if body.activation is not None else True
+
+
+def result_to_wire(plan: ScorePlan, results: list[RerankResult], *, activation: bool,
+                   model: str, request_id: str | None = None, created: int | None = None) -> dict:
+    """Internal results -> vLLM ScoreResponse, one entry per pair in request order."""
+    forms = [relevance(r.logits, r.score_kind) if activation else r.logits.astype(float) for r in results]
+    tokens = sum(r.prompt_tokens for r in results)
+    return {
+        "id": request_id or f"score-{uuid.uuid4().hex}",
+        "object": "list",
+        "created": created if created is not None else int(time.time()),
+        "model": model,
+        "data": [{"index": n, "object": "score", "score": float(forms[g][p])}
+                 for n, (g, p) in enumerate(plan.pairs)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+    }
+
+
+@router.post("/v1/score", response_model=None, tags=["Score (vLLM)"],
+             responses={200: {"model": ScoreResponse}, **_ERRORS},
+             summary="Score text pairs (vLLM compatible)")
+@router.post("/score", response_model=None, tags=["Score (vLLM)"], include_in_schema=True,
+             responses={200: {"model": ScoreResponse}, **_ERRORS},
+             summary="Score text pairs (vLLM compatible, unversioned path)")
+async def score(body: ScoreRequest, request: Request, response: Response) -> dict:
+    t0 = time.perf_counter()
+    plan = to_internal(body)
+    common.check_ready(request)
+    model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
+    common.check_passage_count(request, len(plan.pairs), "pairs")
+    outcomes = await common.rerank_many(request, response, plan.requests)
+    response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
+    return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name)

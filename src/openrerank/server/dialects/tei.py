@@ -1,0 +1,238 @@
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`; and Infinity's
+`POST /rerank` on the same path.
+
+The body decides the dialect: `texts` is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's
+(Cohere-shaped answer with `results`, OpenAI-style errors `{"error": {"message", "type", "param", "code"}}`).
+
+Errors come back as TEI's `{"error": ..., "error_type": ...}`. Status codes follow the issue's
+contract, which differs from upstream TEI in one place: upstream answers 413 for a client batch
+above its limit and for an over-long input; openrerank answers 422 (a semantic validation error)
+and keeps 413 for a body over `--max-body-bytes`. Empty `texts` -> 400, overloaded -> 429,
+not ready -> 503.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ValidationError
+
+from openrerank import __version__
+from openrerank.core.requests import RerankRequest, RerankResult, Truncate
+from openrerank.server.config import ServerConfig
+from openrerank.server.dialects import common
+from openrerank.server.dialects.score_form import relevance
+from openrerank.server.errors import ApiError, Dialect, format_validation_errors, register_dialect
+from openrerank.server.responses import OrjsonResponse
+from openrerank.sources.source import parse_model_arg
+from openrerank.wire.infinity import (
+    INFINITY_UNSPECIFIED_MODEL,
+    InfinityError,
+    InfinityRerankRequest,
+    InfinityRerankResponse,
+)
+from openrerank.wire.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
+
+_ERROR_TYPES = {
+    "empty": "Empty", "overloaded": "Overloaded", "unavailable": "Unhealthy", "internal": "Backend",
+    "timeout": "Backend", "too_long": "Validation",
+}
+#: TEI's auto-truncate: requests without `truncate` are truncated (TEI's default since 1.x).
+AUTO_TRUNCATE = True
+
+
+def tei_error_body(status: int, message: str, kind: str) -> dict:
+    return {"error": message, "error_type": _ERROR_TYPES.get(kind, "Validation")}
+
+
+TEI = register_dialect(Dialect(
+    "tei",
+    ("/rerank", "/health", "/info"),
+    tei_error_body,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
+                "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
+    request_models={"/rerank": TeiRerankRequest},
+    error_model=TeiError,
+))
+
+
+
+def infinity_error_body(status: int, message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+#: Infinity's form of /rerank. It owns no path of its own: the /rerank handler picks it for `documents` bodies.
+INFINITY = Dialect(
+    "infinity", (), infinity_error_body,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 400,
+                "overloaded": 429, "unavailable": 503, "timeout": 504},
+    request_models={"/rerank": InfinityRerankRequest},
+)
+
+#: Request bodies documented for /rerank (the route reads its body itself to pick the form).
+OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankRequest, TeiRank,
+                                                InfinityRerankResponse, TeiError, InfinityError)
+
+router = APIRouter()
+
+_ERRORS = TEI.responses(
+    400, 401, 408, 413, 422, 424, 429, 503, s400="`texts` is empty",
+    s422="Validation error: wrong types, too many texts or tokens, over-long input, unknown model",
+    s424="Inference failed or timed out", s503="Not ready, shutting down, or a model worker died")
+#: /rerank answers each error in the form the request used: TEI's flat body or Infinity's nested one.
+_EITHER_ERROR = {"application/json": {"schema": {"oneOf": [
+    {"$ref": f"#/components/schemas/{m.__name__}"} for m in (TeiError, InfinityError)]}}}
+_RERANK_ERRORS = {code: {"description": entry["description"], "content": _EITHER_ERROR}
+                  for code, entry in _ERRORS.items()}
+_RERANK_ERRORS[400] = {"description": "TEI form: `texts` is empty; Infinity form: unknown model",
+                       "content": _EITHER_ERROR}
+_RERANK_ERRORS[504] = {"description": "Infinity form: deadline exceeded", "content": _EITHER_ERROR}
+
+
+def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate: bool = AUTO_TRUNCATE
+                ) -> RerankRequest:
+    """TEI request -> internal request.
+
+    truncate (absent = `auto_truncate`): false -> NONE (over-long fails); true -> END / START by
+    `truncation_direction`, or CHUNK when the server runs with `--tei-chunking`.
+    """
+    if not body.texts:
+        raise ApiError(400, "`texts` cannot be empty", kind="empty")
+    truncate = auto_truncate if body.truncate is None else body.truncate
+    if not truncate:
+        mode = Truncate.NONE
+    elif chunking:
+        mode = Truncate.CHUNK
+    else:
+        mode = Truncate.START if body.truncation_direction.lower() == "left" else Truncate.END
+    return RerankRequest(query=body.query, passages=list(body.texts), model=body.model, truncate=mode)
+
+
+def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
+    """Internal result -> TEI's bare array, best first; [0, 1] scores unless `raw_scores`."""
+    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    out = []
+    for i, _ in result.top():
+        rank: dict[str, Any] = {"index": i, "score": float(scores[i])}
+        if body.return_text:
+            rank["text"] = body.texts[i]
+        out.append(rank)
+    return out
+
+
+def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
+    """Infinity request -> internal request; over-long documents are cut at the end, as Infinity does."""
+    model = None if body.model in (None, INFINITY_UNSPECIFIED_MODEL) else body.model
+    return RerankRequest(query=body.query, passages=list(body.documents), model=model, truncate=Truncate.END,
+                         top_n=body.top_n)
+
+
+def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, request_id: str | None) -> dict:
+    """Internal result -> Infinity's answer: best first, cut to top_n, [0, 1] scores unless raw_scores."""
+    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    results = []
+    for i, _ in result.top(body.top_n):
+        item: dict[str, Any] = {"relevance_score": float(scores[i]), "index": i}
+        if body.return_documents:
+            item["document"] = body.documents[i]
+        results.append(item)
+    return {"object": "rerank", "results": results, "model": result.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+            "id": request_id or "", "created": int(time.time())}
+
+
+def _parse(model: type[BaseModel], payload: dict) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(422, format_validation_errors(list(exc.errors()), model)) from None
+
+
+_FORMS_BODY = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in OPENAPI_MODELS[:2]]}
+
+
+@router.post("/rerank", response_model=None, tags=["TEI", "Infinity"],
+             responses={200: {"content": {"application/json": {"schema": {"oneOf": [
+                 {"type": "array", "items": {"$ref": "#/components/schemas/TeiRank"}},
+                 {"$ref": "#/components/schemas/InfinityRerankResponse"}]}}},
+                 "description": "TEI form: a bare array of ranks; Infinity form: `results`"},
+                 **_RERANK_ERRORS},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": _FORMS_BODY}}}},
+             summary="Rerank texts: TEI form (`texts`) or Infinity/Cohere form (`documents`)")
+async def rerank(request: Request, response: Response) -> Any:
+    """`texts` -> TEI (bare array); `documents` -> Infinity (`results`, Cohere-shaped). Each form answers
+    errors in its own shape."""
+    try:
+        payload = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(422, "request body must be a JSON object with 'query' and 'texts' (TEI) or 'documents' "
+                       "(Infinity/Cohere)")
+    if "documents" in payload and "texts" not in payload:
+        request.state.dialect = INFINITY
+        body = _parse(InfinityRerankRequest, payload)
+        req = infinity_to_internal(body)
+        result = await common.rerank(request, response, req)
+        return infinity_result_to_wire(result, body, common.request_id(request))
+    if "documents" in payload:
+        raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
+    if "texts" not in payload:
+        raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
+    tei_body = _parse(TeiRerankRequest, payload)
+    config: ServerConfig = common.config(request)
+    req = to_internal(tei_body, chunking=config.tei_chunking)
+    result = await common.rerank(request, response, req)
+    response.headers["x-compute-tokens"] = str(result.prompt_tokens)
+    response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
+    return result_to_wire(result, tei_body)
+
+
+@router.get("/health", tags=["TEI"], response_model=None,
+            responses={200: {"description": "Ready (empty body)", "content": {"text/plain": {"schema": {
+                "type": "string", "maxLength": 0}}}}, 503: {"model": TeiError, "description": "Not ready"}})
+async def health(request: Request) -> Response:
+    """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503."""
+    reg = common.served_models(request)
+    if reg.ready:
+        return Response(status_code=200, media_type="text/plain")
+    return OrjsonResponse({"error": f"unhealthy: {reg.status()}", "error_type": "Unhealthy"}, status_code=503)
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+
+
+def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
+    """TEI's /info for the first served model (TEI serves one; see /v1/models for all)."""
+    dtype = (model.dtype if model is not None else None) or config.dtype  # what auto resolved to
+    labels = {"0": "LABEL_0"}  # every family yields one relevance score per pair
+    return {
+        "model_id": model_id,
+        "model_sha": None,
+        "model_dtype": _DTYPES.get(dtype, dtype),
+        "model_type": {"reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}},
+        "max_concurrent_requests": config.max_queue,
+        "max_input_length": model.max_length if model is not None else 0,
+        "max_batch_tokens": config.max_batch_tokens,
+        "max_batch_requests": config.max_batch_size,
+        "max_client_batch_size": config.max_passages,
+        "auto_truncate": AUTO_TRUNCATE,
+        "tokenization_workers": 1,
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+@router.get("/info", tags=["TEI"], response_model=TeiInfo, responses=TEI.responses(401))
+async def info(request: Request) -> dict:
+    reg = common.served_models(request)
+    config: ServerConfig = common.config(request)
+    models = reg.models()
+    model = models[0] if models else None
+    model_id = model.name if model else (reg.names[0] if reg.names else parse_model_arg("default").served_id)
+    return info_body(config, model, model_id)

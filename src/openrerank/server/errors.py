@@ -1,0 +1,132 @@
+"""Errors in each dialect's own shape and status codes.
+
+Handlers raise plain exceptions (ApiError, engine and text errors); the app's exception handlers
+find the dialect that owns the request path and let it render the error. Clients of each API then
+see exactly the error bodies they already parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from openrerank.server.responses import OrjsonResponse
+
+
+class ApiError(Exception):
+    """A client or server error with a generic kind that each dialect maps to its status code."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "validation",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind  # validation | auth | not_found | too_large | overloaded | timeout | backend
+        self.headers = headers or {}
+
+
+#: Longest message an error body carries (messages may quote client input, e.g. a model name).
+MAX_MESSAGE_CHARS = 2000
+
+
+def safe_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Text that can always be put in a JSON response: lone surrogates escaped, bounded length."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: What each kind of failure is by default; dialects override some (`Dialect.status_for`).
+STATUS_DESCRIPTIONS = {
+    400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 408: "Request body too slow",
+    413: "Body too large", 422: "Validation error", 424: "Inference failed", 429: "Overloaded, retry later",
+    500: "Internal error (the log has the request id)", 503: "Not ready, shutting down, or overloaded",
+    504: "Request timed out",
+}
+
+
+@dataclass
+class Dialect:
+    """How one API family reports errors."""
+
+    name: str
+    prefixes: tuple[str, ...]  # request paths it owns (exact or prefix match)
+    render: Callable[[int, str, str], Any]  # (status, message, kind) -> JSON body
+    status_for: dict[str, int] = field(default_factory=dict)  # kind -> status override
+    request_models: dict[str, type[BaseModel]] = field(default_factory=dict)  # path -> body model
+    error_model: type[BaseModel] | None = None  # the error body, for the OpenAPI document
+
+    def response(self, status: int, message: str, kind: str,
+                 headers: dict[str, str] | None = None) -> OrjsonResponse:
+        status = self.status_for.get(kind, status)
+        return OrjsonResponse(self.render(status, safe_text(message), kind), status_code=status, headers=headers)
+
+    def responses(self, *codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+        """OpenAPI `responses` for a route: each status with this dialect's error body."""
+        out: dict[int | str, dict[str, Any]] = {}
+        for code in codes:
+            entry: dict[str, Any] = {"description": descriptions.get(f"s{code}", STATUS_DESCRIPTIONS[code])}
+            if self.error_model is not None:
+                entry["model"] = self.error_model
+            out[code] = entry
+        return out
+
+    def owns(self, path: str) -> bool:
+        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.prefixes)
+
+
+def nim_error_body(status: int, message: str, kind: str) -> dict:
+    return {"object": "error", "message": message, "type": kind}
+
+
+class NimError(BaseModel):
+    object: str = "error"
+    message: str
+    type: str
+
+
+NIM = Dialect("nim", ("/v1/ranking",), nim_error_body, error_model=NimError)
+_DIALECTS: list[Dialect] = [NIM]
+
+
+def register_dialect(dialect: Dialect) -> Dialect:
+    _DIALECTS.insert(0, dialect)
+    return dialect
+
+
+def dialect_for(path: str) -> Dialect:
+    """The dialect owning a path; NIM's shape for everything else (models, metadata, unknown routes)."""
+    for d in _DIALECTS:
+        if d.owns(path):
+            return d
+    return NIM
+
+
+def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) -> str:
+    """pydantic errors as one readable sentence; unknown top-level fields name the allowed ones."""
+    parts: list[str] = []
+    unknown: list[str] = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        typ = err.get("type", "")
+        if typ == "extra_forbidden":
+            if len(loc) == 1:
+                unknown.append(loc[0])
+                continue
+            parts.append(f"unknown field '{where}'")
+        elif typ == "json_invalid":
+            ctx = err.get("ctx", {}).get("error", "")
+            parts.append(f"request body is not valid JSON: {ctx}".rstrip(": "))
+        elif typ == "missing":
+            parts.append(f"field '{where}' is required")
+        else:
+            msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+    if unknown:
+        allowed = ", ".join(model.model_fields) if model is not None else ""
+        names = ", ".join(f"'{u}'" for u in unknown)
+        parts.insert(0, f"Unknown field(s) {names}" + (f"; allowed fields are: {allowed}" if allowed else ""))
+    return "; ".join(parts) or "invalid request"

@@ -1,0 +1,322 @@
+"""Pure-ASGI middleware: request log + request id, catch-all, request metrics, API-key auth, body guard
+(size, encoding, slow bodies, client disconnects).
+
+Each one answers in the error shape of the dialect that owns the path, so a client never sees a
+foreign error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openrerank.observe.metrics import Metrics
+from openrerank.server.errors import dialect_for
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("openrerank.access")
+
+HEALTH_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")
+#: Routes open without the API key: health probes and the API documentation (it holds no secrets).
+PUBLIC_PATHS = (*HEALTH_PATHS, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+PUBLIC_PREFIXES = ("/docs-assets/",)
+#: Probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO.
+_QUIET_PATHS = (*HEALTH_PATHS, "/v1/metrics", "/metrics")
+_JSON_CT = (b"content-type", b"application/json")
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+#: Status recorded for a request whose client went away before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def request_state(scope: Scope) -> dict:
+    return scope.setdefault("state", {})
+
+
+def request_id(scope: Scope) -> str:
+    """The request's id: one set earlier in the chain, else the caller's sane `x-request-id`, else a new one."""
+    state = request_state(scope)
+    rid = state.get("request_id")
+    if rid is None:
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        rid = given if _REQUEST_ID_OK.fullmatch(given) else uuid.uuid4().hex
+        state["request_id"] = rid
+    return rid
+
+
+def arrival(scope: Scope) -> float:
+    """When the request arrived (`time.monotonic()`): its deadline counts from here."""
+    return request_state(scope).setdefault("arrival", time.monotonic())
+
+
+def request_usage(scope: Scope) -> dict[str, Any]:
+    """What a route recorded about its work (model, passages, tokens, timings); see api.common.record_usage."""
+    return request_state(scope).setdefault("usage", {})
+
+
+class RequestLogMiddleware:
+    """One access line per request (INFO; health and metrics at DEBUG) and an `x-request-id` on every answer:
+    the caller's, when it sent a sane one, else a new one. With tracing on, the request's spans as well."""
+
+    def __init__(self, app: ASGIApp, routes: Callable[[], set[str]], tracer: Any = None) -> None:
+        self.app = app
+        self.routes = routes
+        self.tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = request_id(scope)
+        arrival(scope)
+        status = 500
+        start = time.perf_counter()
+        start_ns = time.time_ns()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                sent = list(message.get("headers") or [])
+                if not any(k.lower() == REQUEST_ID_HEADER for k, _ in sent):
+                    message["headers"] = [*sent, (REQUEST_ID_HEADER, rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if request_state(scope).get("disconnected"):
+                status = CLIENT_CLOSED
+            self._log(scope, status, rid, (time.perf_counter() - start) * 1e3, start_ns, headers)
+
+    def _log(self, scope: Scope, status: int, request_id: str, total_ms: float, start_ns: int,
+             headers: dict[bytes, bytes]) -> None:
+        path = scope["path"]
+        route = path if path in self.routes() else "unmatched"
+        usage = request_usage(scope)
+        fields = {"method": scope["method"], "route": route, "status": status, "model": usage.get("model"),
+                  "passages": usage.get("passages"), "tokens": usage.get("tokens"),
+                  "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
+                  "total_ms": total_ms, "request_id": request_id}
+        level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+        access_log.log(level, "%s %s %d", scope["method"], route, status,
+                       extra={"fields": fields, "in_message": ("method", "route", "status")})
+        if self.tracer is not None and "model" in usage:
+            stages = {k: usage[f"{k}_ms"] for k in ("tokenize", "queue", "inference") if f"{k}_ms" in usage}
+            attrs = {"http.request.method": scope["method"], "http.route": route,
+                     "http.response.status_code": status, "openrerank.model": usage.get("model"),
+                     "openrerank.passages": usage.get("passages"), "openrerank.tokens": usage.get("tokens"),
+                     "openrerank.request_id": request_id}
+            self.tracer.record(f"{scope['method']} {route}", {k.decode("latin-1"): v.decode("latin-1")
+                               for k, v in headers.items()}, start_ns, stages, attrs)
+
+
+class CatchAllMiddleware:
+    """Anything unexpected becomes a 500 in the dialect's shape carrying a request id, logged once with
+    the same id; never a plain-text 500 or a crashed connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrival(scope)
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            rid = request_id(scope)
+            log.error("unhandled %s on %s %s (request id %s)", type(exc).__name__, scope.get("method"),
+                      scope.get("path"), rid, exc_info=exc)
+            if started:
+                return  # the answer is under way: the server closes the connection
+            message = f"internal server error (request id {rid})"
+            resp = dialect_for(scope["path"]).response(500, message, "internal",
+                                                       headers={"x-request-id": rid})
+            await resp(scope, receive, send)
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Callable[[], set[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes  # known route paths; anything else is labelled "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            if request_state(scope).get("disconnected"):
+                status = CLIENT_CLOSED
+            label = scope["path"] if scope["path"] in self.routes() else "unmatched"
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.request_latency.labels(label, str(status)).observe(time.perf_counter() - start)
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on every route but health; constant-time comparison."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        msg = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+        resp = dialect_for(scope["path"]).response(401, msg, "auth", headers={"WWW-Authenticate": "Bearer"})
+        await resp(scope, receive, send)
+
+
+class BodyGuardMiddleware:
+    """Reads POST bodies up front, within `body_timeout` seconds (408 otherwise: a client that sends
+    slowly, or declares more than it sends, cannot hold a connection forever); refuses oversize (413)
+    and non-UTF-8 (400) before any parsing; treats bodies sent without a JSON content type (e.g.
+    `curl -d`) as JSON. Then, while the route runs, it watches for the client going away
+    (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0, metrics: Metrics | None = None
+                 ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        dialect = dialect_for(scope["path"])
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send, 413, dialect, int(declared))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        deadline = time.monotonic() + self.body_timeout
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                msg = (f"request body not received within {self.body_timeout:g} s ({size} bytes arrived; "
+                       "--body-timeout)")
+                await dialect.response(408, msg, "timeout_body", headers={"Connection": "close"})(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send, 413, dialect, size)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            resp = dialect.response(400, f"request body is not valid UTF-8 (byte {exc.start})", "validation")
+            await resp(scope, receive, send)
+            return
+        ctype = headers.get(b"content-type", b"")
+        if not ctype.startswith(b"application/json") and not ctype.endswith(b"+json"):
+            scope = dict(scope)
+            scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [_JSON_CT]
+        await self._run_watching(scope, body, receive, send)
+
+    async def _run_watching(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Run the route; cancel it if the client disconnects before the answer is complete."""
+        gone = asyncio.Event()
+        answered = False
+        sent_body = False
+
+        async def replay() -> Message:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not answered:
+                        gone.set()
+                    return
+
+        route = asyncio.ensure_future(self.app(scope, replay, tracking_send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({route, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server itself is cancelling us: take the route along
+            route.cancel()
+            watcher.cancel()
+            raise
+        if gone.is_set() and not route.done():
+            request_state(scope)["disconnected"] = True
+            if self.metrics:
+                self.metrics.disconnects.inc()
+            route.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await route
+            log.info("client disconnected from %s %s before its answer; its work was cancelled (request id %s)",
+                     scope["method"], scope["path"], request_id(scope))
+            return
+        if not route.done():
+            await asyncio.wait({route})  # the watcher ended on a completed answer
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        route.result()  # re-raise what the route raised
+
+    async def _reject(self, scope, receive, send, status, dialect, size) -> None:
+        msg = f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"
+        await dialect.response(status, msg, "too_large", headers={"Connection": "close"})(scope, receive, send)

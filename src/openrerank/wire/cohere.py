@@ -1,0 +1,125 @@
+"""Cohere (and Jina / vLLM-compatible) rerank wire models: `POST /v1/rerank`, `POST /v2/rerank`.
+
+Unknown fields are ignored rather than rejected: the official SDK sends `priority` and
+`relevant_spans`, Jina and LangChain clients send their own extras, and Cohere-compatible servers
+(vLLM, Infinity, Jina) accept them. Wrong types and missing required fields are still a 400.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from openrerank.wire.checks import Document, Text
+
+_QUERY = Field(min_length=1, description="The search query; must not be empty.")
+_TOP_N = Field(default=None, ge=0, description="Return only the best `top_n` results; 0 or absent = all.")
+_RETURN_DOCS = Field(default=False, description="Include each result's document in the response.")
+
+
+class CohereV1RerankRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "query": "What is the capital of France?",
+                "documents": ["Paris is the capital of France.", "Bananas are yellow.",
+                              {"text": "Berlin is in Germany.", "id": "doc-3"}],
+                "top_n": 2,
+                "return_documents": True,
+            }]
+        },
+    )
+    model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
+    query: Text = _QUERY
+    documents: list[Document] = Field(
+        min_length=1,
+        description="Strings, or objects with a `text` field (other fields are kept and returned).",
+    )
+    top_n: int | None = _TOP_N
+    rank_fields: list[Text] | None = Field(
+        default=None, min_length=1,
+        description="Object fields to rank on (default `text`); several are joined as `key: value` lines.",
+    )
+    return_documents: bool = _RETURN_DOCS
+    max_chunks_per_doc: int | None = Field(
+        default=None, ge=1, description="Most chunks scored per long document (default 10)."
+    )
+
+
+class CohereV2RerankRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "query": "What is the capital of France?",
+                "documents": ["Paris is the capital of France.", "Bananas are yellow."],
+                "top_n": 1,
+            }]
+        },
+    )
+    model: Text = Field(description="Served model id (required by Cohere v2); see GET /v1/models.")
+    query: Text = _QUERY
+    documents: list[Text] = Field(min_length=1, description="Texts to rank against the query.")
+    top_n: int | None = _TOP_N
+    return_documents: bool = _RETURN_DOCS
+    max_tokens_per_doc: int | None = Field(
+        default=None, ge=1,
+        description="Only each document's first N tokens are considered (default 4096); "
+        "within them, windows longer than the model's are chunked and scored by the best chunk.",
+    )
+
+
+class CohereDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str | None = None
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: CohereDocument | None = None
+
+
+class CohereApiVersion(BaseModel):
+    version: str
+
+
+class CohereBilledUnits(BaseModel):
+    search_units: int
+
+
+class CohereMeta(BaseModel):
+    api_version: CohereApiVersion
+    billed_units: CohereBilledUnits
+
+
+class CohereUsage(BaseModel):
+    total_tokens: int
+
+
+class CohereRerankResponse(BaseModel):
+    """Cohere's response plus Jina's `model` and `usage`, so Jina-style clients parse it too."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{
+                "id": "4a1ba6a1-6f2b-4f5e-9a51-2d8f7a4c1c0e",
+                "results": [{"index": 0, "relevance_score": 0.93,
+                             "document": {"text": "Paris is the capital of France."}}],
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "usage": {"total_tokens": 42},
+            }]
+        }
+    )
+    id: str
+    results: list[CohereResult]
+    meta: CohereMeta
+    model: str
+    usage: CohereUsage
+
+
+class CohereError(BaseModel):
+    message: str

@@ -1,0 +1,62 @@
+"""NVIDIA Retriever Reranking NIM wire models (`POST /v1/ranking`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from openrerank.wire.checks import Text
+
+
+class NimText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Text = Field(min_length=1, description="The text; must not be empty.")
+
+
+class NimRankingRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "query": {"text": "which way should i go?"},
+                "passages": [{"text": "Turn left at the church."}, {"text": "Bananas are yellow."}],
+                "truncate": "END",
+            }]
+        },
+    )
+    model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
+    query: NimText
+    passages: list[NimText] = Field(min_length=1)
+    truncate: Literal["NONE", "END", "CHUNK"] = Field(
+        default="NONE",
+        description="NONE: over-long pairs fail the request. END: cut the passage end. "
+        "CHUNK (openrerank extension): score overlapping windows, passage = best window.",
+    )
+    max_chunks_per_passage: int | None = Field(
+        default=None, ge=1,
+        description="openrerank extension, with CHUNK: most windows scored per passage (default and "
+        "maximum: the server's --max-chunks-per-passage, 16 unless changed).",
+    )
+
+
+class NimRanking(BaseModel):
+    index: int
+    logit: float
+
+
+class NimUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class NimRankingResponse(BaseModel):
+    rankings: list[NimRanking]
+    usage: NimUsage
+
+
+class HealthResponse(BaseModel):
+    object: Literal["health.response"] = "health.response"
+    message: str
+    status: str

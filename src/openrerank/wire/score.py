@@ -1,0 +1,78 @@
+"""vLLM score wire models: `POST /v1/score` and `POST /score`.
+
+Like vLLM's OpenAI-style models, unknown request fields are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from openrerank.wire.checks import Text
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"model": "sentence-transformers/all-MiniLM-L6-v2", "text_1": "What is the capital of France?",
+                 "text_2": ["Paris is the capital of France.", "Bananas are yellow."]},
+                {"text_1": ["What is the capital of France?", "What colour are bananas?"],
+                 "text_2": ["Paris is the capital of France.", "Bananas are yellow."]},
+            ]
+        },
+    )
+    model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
+    text_1: Text | list[Text] = Field(description="Query, or queries (1 or as many as text_2).")
+    text_2: Text | list[Text] = Field(description="Text(s) scored against text_1.")
+    truncate_prompt_tokens: int | None = Field(
+        default=None, ge=-1,
+        description="Absent: an over-long pair fails (400). -1: cut to the model window. "
+        "k > 0: also keep only the first k tokens of each text_2.",
+    )
+    use_activation: bool | None = Field(
+        default=None, description="false: raw model scores; true/absent: [0, 1] scores."
+    )
+    activation: bool | None = Field(default=None, description="Deprecated vLLM alias of use_activation.")
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{
+                "id": "score-5f1c2e6a9b7d4c3e8f0a1b2c3d4e5f60", "object": "list", "created": 1735689600,
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "data": [{"index": 0, "object": "score", "score": 0.87},
+                         {"index": 1, "object": "score", "score": 0.49}],
+                "usage": {"prompt_tokens": 31, "total_tokens": 31, "completion_tokens": 0},
+            }]
+        }
+    )
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
+
+
+class ScoreError(BaseModel):
+    object: Literal["error"] = "error"
+    message: str
+    type: str
+    param: str | None = None
+    code: int

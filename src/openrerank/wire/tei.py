@@ -1,0 +1,85 @@
+"""Hugging Face text-embeddings-inference (TEI) wire models: `POST /rerank`, `GET /info`.
+
+Like TEI (serde's default), unknown request fields are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from openrerank.wire.checks import Text
+
+
+class TeiRerankRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{
+                "query": "What is Deep Learning?",
+                "texts": ["Deep Learning is a branch of machine learning.", "Cheese is made from milk."],
+                "truncate": True,
+                "truncation_direction": "right",
+                "raw_scores": False,
+                "return_text": True,
+            }]
+        },
+    )
+    query: Text
+    texts: list[Text] = Field(description="Texts to rank; an empty list is a 400.")
+    truncate: bool | None = Field(
+        default=None,
+        description="Cut over-long pairs to the model window (absent = the server's auto-truncate, on). "
+        "false: an over-long pair fails the request (422). With `serve --tei-chunking`, over-long texts are "
+        "scored by their best overlapping chunk instead of being cut.",
+    )
+    truncation_direction: Literal["right", "left", "Right", "Left"] = Field(
+        default="right", description="right: cut the text's end; left: cut its start."
+    )
+    raw_scores: bool = Field(default=False, description="Raw model scores instead of [0, 1] scores.")
+    return_text: bool = Field(default=False, description="Include each text in the response.")
+    model: Text | None = Field(
+        default=None, description="openrerank extension: served model id (TEI serves one model; absent = first)."
+    )
+
+
+class TeiRank(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"index": 0, "score": 0.93, "text": "Deep Learning is a branch of ..."}]}
+    )
+    index: int
+    score: float
+    text: str | None = None
+
+
+class TeiError(BaseModel):
+    error: str
+    error_type: Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]
+
+
+class TeiClassifierModel(BaseModel):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class TeiModelType(BaseModel):
+    reranker: TeiClassifierModel
+
+
+class TeiInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str
+    model_type: TeiModelType
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None = None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None

@@ -1,0 +1,206 @@
+"""The ONNX export cache: reused across starts, invalidated by a changed model, safe under concurrency."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openrerank.runtimes import onnx_export as export
+from openrerank.runtimes.artifact_cache import publish
+from openrerank.runtimes.onnx_export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
+from tests.support import build_tiny_model, cross_encoder_network, run_concurrently
+
+
+@pytest.fixture
+def export_counter(monkeypatch) -> list[Path]:
+    """Records every real torch export."""
+    calls: list[Path] = []
+    real = export._torch_export
+
+    def counting(network, *args, **kwargs):
+        calls.append(Path(network.path))
+        return real(network, *args, **kwargs)
+
+    monkeypatch.setattr(export, "_torch_export", counting)
+    return calls
+
+
+def test_second_load_reuses_the_cache(tmp_path, model_copy, export_counter):
+    cache = tmp_path / "cache"
+    first = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    assert not first.cached and len(export_counter) == 1
+    mtime = first.path.stat().st_mtime_ns
+    second = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    assert second.cached and second.path == first.path
+    assert len(export_counter) == 1
+    assert second.path.stat().st_mtime_ns == mtime
+    meta = json.loads((first.path.parent / export.META_FILE).read_text())
+    assert meta["dtype"] == "fp32" and meta["opset"] >= 17 and meta["inputs"][0] == "input_ids"
+    assert "Attention" in meta["fusions"]  # the transformer optimizer fused the BERT attention
+
+
+def test_runtime_second_start_does_not_export(model_copy, export_counter, tmp_path, monkeypatch):
+    from openrerank.engine.loading import LoadOptions, load_model
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "fresh-cache"))  # the run's shared cache may hold it
+
+    a = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    b = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    assert not a.backend.runtime.export.cached
+    assert b.backend.runtime.export.cached
+    assert len(export_counter) == 1
+    passages = ["paris france", "banana"]
+    np.testing.assert_array_equal(a.score("paris", passages), b.score("paris", passages))
+
+
+def test_changed_weights_or_config_invalidate(tmp_path, model_copy, export_counter):
+    cache = tmp_path / "cache"
+    first = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    build_tiny_model(model_copy, seed=7)  # same files, new weights
+    second = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    assert not second.cached and second.path != first.path
+    config = json.loads((model_copy / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (model_copy / "config.json").write_text(json.dumps(config))
+    third = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    assert not third.cached and third.path not in (first.path, second.path)
+    assert len(export_counter) == 3
+    # The tokenizer does not shape the graph: editing it keeps the cache.
+    (model_copy / "tokenizer_config.json").write_text("{}")
+    assert ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache).cached
+
+
+def test_int8_is_cached_on_top_of_fp32(tmp_path, model_copy, export_counter):
+    cache = tmp_path / "cache"
+    q = ensure_onnx(cross_encoder_network(model_copy), dtype="int8", cache_dir=cache)
+    assert not q.cached and "int8" in q.meta["quantization"]
+    assert ensure_onnx(cross_encoder_network(model_copy), dtype="fp32", cache_dir=cache).cached
+    assert ensure_onnx(cross_encoder_network(model_copy), dtype="int8", cache_dir=cache).cached
+    assert len(export_counter) == 1
+    assert q.path.stat().st_size < ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache).path.stat().st_size
+
+
+def test_concurrent_starts_share_one_valid_export(tmp_path, model_copy):
+    cache = tmp_path / "cache"
+    results = run_concurrently(lambda: ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache))
+    assert len({r.path for r in results}) == 1
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(results[0].path), providers=["CPUExecutionProvider"])
+
+
+def _export_in_a_process(model_dir: Path, cache: Path, ready_dir: Path, index: int) -> bool:
+    """Child process: import everything, meet the sibling, then start at once; True if it reused an export."""
+    import time
+
+    import onnxruntime  # noqa: F401 - the imports are slow; get them out of the race
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    (ready_dir / str(index)).touch()
+    deadline = time.monotonic() + 120
+    while len(list(ready_dir.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return ensure_onnx(cross_encoder_network(model_dir), cache_dir=cache).cached
+
+
+def test_processes_starting_together_export_once(tmp_path, model_copy):
+    """Two replicas on one cache: the first exports under the cache lock, the other waits and reuses it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    ready.mkdir()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_export_in_a_process, model_copy, cache, ready, i) for i in range(2)]
+        reused = sorted(f.result(timeout=300) for f in futures)
+    assert reused == [False, True]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_failed_export_leaves_nothing(tmp_path, model_copy, monkeypatch):
+    cache = tmp_path / "cache"
+
+    def broken(*args, **kwargs):
+        raise ExportError("simulated failure")
+
+    monkeypatch.setattr(export, "_fuse", broken)
+    with pytest.raises(ExportError, match="simulated"):
+        ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_bad_options_are_refused(model_copy, tmp_path):
+    with pytest.raises(ExportError, match="dtype"):
+        ensure_onnx(cross_encoder_network(model_copy), dtype="bf16", cache_dir=tmp_path)
+    with pytest.raises(ExportError, match="opset"):
+        ensure_onnx(cross_encoder_network(model_copy), opset=13, cache_dir=tmp_path)
+
+
+def test_cache_dir_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv(CACHE_ENV)
+    assert default_cache_dir() == Path.home() / ".cache" / "openrerank" / "onnx"
+
+
+def test_export_command_prints_the_cached_path(tmp_path, model_copy, capsys):
+    from openrerank.cli.main import main
+
+    cache = tmp_path / "cache"
+    assert main(["export", "--model", str(model_copy), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr()
+    path = Path(out.out.strip())
+    assert path.is_file() and path.parent.parent == cache and "exported" in out.err
+    assert main(["export", "--model", str(model_copy), "--cache-dir", str(cache), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert Path(out.out.strip()) == tmp_path / "o" / "model.onnx" and "cached" in out.err
+    assert (tmp_path / "o" / "export.json").is_file()
+    assert main(["export", "--model", str(tmp_path / "missing"), "--cache-dir", str(cache)]) == 2
+
+
+def test_publish_race_keeps_the_first_copy(tmp_path):
+    """Another process renamed its export into place first: ours is discarded, theirs kept intact."""
+    final = tmp_path / "key-fp32"
+    final.mkdir()
+    (final / export.MODEL_FILE).write_bytes(b"theirs")
+    (final / export.META_FILE).write_text("{}")
+    ours = tmp_path / ".key-tmp"
+    ours.mkdir()
+    (ours / export.MODEL_FILE).write_bytes(b"ours")
+    assert publish(ours, final, export.META_FILE) is False
+    assert not ours.exists()
+    assert (final / export.MODEL_FILE).read_bytes() == b"theirs"
+    fresh = tmp_path / ".other-tmp"
+    fresh.mkdir()
+    assert publish(fresh, tmp_path / "new-fp32", export.META_FILE) is True
+
+
+def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, model_copy, monkeypatch):
+    """`export --out DIR` gives model.onnx + export.json + tokenizer/config, no weights; it loads (on ONNX
+    Runtime, never on torch), scores like the source model, and a torch export is never attempted."""
+    from openrerank.cli.main import main
+    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.sources.safety import check_weights
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(model_copy), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "export.json", "config.json", "tokenizer.json"} <= names
+    assert not any(n.endswith((".safetensors", ".bin")) for n in names)
+    assert check_weights(out, allow_pickle=False) == "onnx"
+    source = load_model(str(model_copy), LoadOptions(backend="onnx"))
+    monkeypatch.setattr(export, "_torch_export", lambda *a, **k: pytest.fail("exported again"))
+    served = load_model(str(out), LoadOptions(backend="auto"))
+    assert served.weights_format == "onnx" and served.backend.description == "onnx-fp32-cpu"
+    passages = ["paris is the capital of france", "bananas are yellow"]
+    assert np.allclose(served.score("capital of france", passages), source.score("capital of france", passages),
+                       atol=1e-6)
+    with pytest.raises(ValueError, match="ONNX Runtime only"):
+        load_model(str(out), LoadOptions(backend="torch"))
+    with pytest.raises(ExportError, match="serve it with --dtype fp32"):
+        load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))

@@ -1,0 +1,167 @@
+"""The OpenVINO engine: conversion cache (reuse, invalidation, concurrency), compile options, int8 via NNCF.
+
+Parity with transformers / sentence-transformers is in test_parity.py (every engine), the bf16/int8 fidelity
+gates on real models in test_fidelity.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.runtimes import openvino_convert as convert
+from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
+from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
+from tests.support import build_tiny_model, cross_encoder_network, run_concurrently
+
+
+@pytest.fixture
+def conversions(monkeypatch) -> list[Path]:
+    """Records every real torch -> OpenVINO conversion."""
+    calls: list[Path] = []
+    real = convert._convert
+
+    def counting(network, out):
+        calls.append(Path(network.path))
+        return real(network, out)
+
+    monkeypatch.setattr(convert, "_convert", counting)
+    return calls
+
+
+def test_second_start_reuses_the_ir(tmp_path, model_copy, conversions):
+    cache = tmp_path / "cache"
+    first = ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
+    assert not first.cached and len(conversions) == 1
+    assert first.path.name == "model.xml" and first.path.with_suffix(".bin").is_file()
+    mtime = first.path.stat().st_mtime_ns
+    second = ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
+    assert second.cached and second.path == first.path and second.path.stat().st_mtime_ns == mtime
+    assert len(conversions) == 1
+    meta = json.loads((first.path.parent / convert.META_FILE).read_text())
+    assert meta["variant"] == "fp32" and meta["inputs"][:2] == ["input_ids", "attention_mask"]
+    assert meta["max_abs_diff_vs_torch"] < 1e-4 and meta["openvino"]
+
+
+def test_changed_weights_or_config_invalidate(tmp_path, model_copy, conversions):
+    cache = tmp_path / "cache"
+    first = ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
+    build_tiny_model(model_copy, seed=7)  # same files, new weights
+    second = ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
+    assert not second.cached and second.path != first.path
+    config = json.loads((model_copy / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (model_copy / "config.json").write_text(json.dumps(config))
+    third = ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
+    assert not third.cached and third.path not in (first.path, second.path)
+    assert len(conversions) == 3
+    (model_copy / "tokenizer_config.json").write_text("{}")  # the tokenizer does not shape the graph
+    assert ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache).cached
+
+
+def test_runtime_second_start_does_not_convert_or_compile_again(tmp_path, model_copy, conversions):
+    cache = tmp_path / "cache"
+    network = cross_encoder_network(model_copy)
+    a = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
+    blobs = sorted((cache / convert.COMPILED_DIR).iterdir())
+    assert blobs, "OpenVINO wrote no compiled-model cache"
+    b = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
+    assert not a.conversion.cached and b.conversion.cached and len(conversions) == 1
+    assert sorted((cache / convert.COMPILED_DIR).iterdir()) == blobs  # the compiled blob was reused
+    feats = {"input_ids": np.array([[2, 10, 11, 3, 0]]), "attention_mask": np.array([[1, 1, 1, 1, 0]]),
+             "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
+    np.testing.assert_array_equal(a.run(feats), b.run(feats))
+
+
+def test_compile_options_honour_threads_and_precision(tmp_path, model_copy):
+    network = cross_encoder_network(model_copy)
+    fp32 = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=tmp_path)
+    assert fp32.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    # fp32 means f32 kernels even where OpenVINO's CPU default would be bf16
+    assert str(fp32.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    assert fp32.description == "openvino-fp32-cpu" and fp32.input_names[0] == "input_ids"
+    from openrerank.runtimes.selection import cpu_flags
+
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        bf16 = OpenVinoRuntime(network, dtype="bf16", threads=2, cache_dir=tmp_path)
+        assert bf16.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+        assert "bf" in str(bf16.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        assert bf16.conversion.path == fp32.conversion.path  # one IR, precision chosen at compile time
+
+
+def test_concurrent_starts_share_one_valid_ir(tmp_path, model_copy):
+    cache = tmp_path / "cache"
+    results = run_concurrently(lambda: ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache))
+    assert len({r.path for r in results}) == 1
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging folders left
+    OpenVinoRuntime(cross_encoder_network(model_copy), cache_dir=cache).run(
+        {"input_ids": np.array([[2, 3]]), "attention_mask": np.array([[1, 1]]),
+         "token_type_ids": np.zeros((1, 2), dtype=np.int64)})
+
+
+def test_a_conversion_that_drifts_is_refused(tmp_path, model_copy, monkeypatch):
+    monkeypatch.setattr(convert, "_TOLERANCE", -1.0)  # any difference at all counts as drift
+    with pytest.raises(ConversionError, match="differs from PyTorch"):
+        ensure_openvino(cross_encoder_network(model_copy), cache_dir=tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_int8_weights_are_compressed_on_top_of_the_cached_fp32_ir(tmp_path, model_copy, conversions):
+    cache = tmp_path / "cache"
+    network = cross_encoder_network(model_copy)
+    q = ensure_openvino(network, variant="int8", cache_dir=cache)
+    assert not q.cached and "NNCF int8 weight" in q.meta["quantization"] and q.meta["nncf"]
+    assert ensure_openvino(network, cache_dir=cache).cached  # the fp32 IR it started from
+    assert ensure_openvino(network, variant="int8", cache_dir=cache).cached
+    assert len(conversions) == 1
+    fp32_bin = ensure_openvino(network, cache_dir=cache).path.with_suffix(".bin")
+    assert q.path.with_suffix(".bin").stat().st_size < 0.5 * fp32_bin.stat().st_size  # int8 weights
+    assert 'element_type="u8"' in q.path.read_text() or 'element_type="i8"' in q.path.read_text()
+
+
+def test_int8_runtime_scores_like_fp32(tiny_model_dir):
+    """The tiny model is random, so this checks plumbing (the int8 graph running on real features), not
+    fidelity: test_fidelity.py measures that on real models."""
+    fp32 = load_model(str(tiny_model_dir), LoadOptions(backend="openvino", dtype="fp32"))
+    int8 = load_model(str(tiny_model_dir), LoadOptions(backend="openvino", dtype="int8"))
+    assert int8.backend.description == "openvino-int8-cpu"
+    passages = ["paris is the capital of france", "bananas are yellow", "berlin germany", "the river"]
+    a, b = fp32.score("capital of france", passages), int8.score("capital of france", passages)
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    assert np.abs(a - b).max() < 0.1 * (np.abs(a).max() + 1e-3) + 0.02
+
+
+def test_bi_encoder_embeddings_run_on_openvino():
+    """Embeddings (the default bi-encoder) get the engine too, and bf16 stays close to fp32."""
+    from openrerank.runtimes.selection import cpu_flags
+
+    texts = ["what is the capital of france", "paris is the capital of france", "bananas are yellow"]
+    fp32 = load_model("default", LoadOptions(backend="openvino", dtype="fp32"))
+    emb = fp32.embed(texts)
+    assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        bf16 = load_model("default", LoadOptions(backend="openvino", dtype="bf16"))
+        assert bf16.backend.description == "openvino-bf16-cpu"
+        assert float(np.min(np.sum(bf16.embed(texts) * emb, axis=1))) > 0.999
+
+
+def test_export_command_converts_ahead_of_time(tmp_path, model_copy, capsys):
+    from openrerank.cli.main import main
+
+    cache = tmp_path / "cache"
+    assert main(["export", "--backend", "openvino", "--model", str(model_copy), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr()
+    path = Path(out.out.strip())
+    assert path.name == "model.xml" and path.parent.parent == cache / "openvino" and "exported" in out.err
+    # bf16 is compiled from the same IR: nothing new to convert.
+    assert main(["export", "--backend", "openvino", "--dtype", "bf16", "--model", str(model_copy),
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "cached" in out.err and Path(out.out.strip()) == tmp_path / "o" / "model.xml"
+    assert (tmp_path / "o" / "model.bin").is_file() and (tmp_path / "o" / convert.META_FILE).is_file()
+    assert main(["export", "--dtype", "bf16", "--model", str(model_copy), "--cache-dir", str(cache)]) == 2
+    assert "fp32 or int8" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""Engine selection: what `auto` picks for a CPU flag set, the fallbacks, and the combinations refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.runtimes import openvino_convert, selection
+from openrerank.runtimes.selection import BackendConfigError, check_backend_options, plan_engines
+
+BF16_CPU = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # e.g. Zen 4, Cooper Lake
+AMX_CPU = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8"})  # Sapphire Rapids
+VNNI_CPU = frozenset({"avx2", "avx512f", "avx512_vnni"})  # Cascade Lake, Ice Lake
+OLD_CPU = frozenset({"avx2", "fma"})
+ENCODERS = ("openvino", "onnx", "torch")
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend to be a CPU with the given flags, with or without OpenVINO / NNCF installed."""
+
+    def set_machine(flags: frozenset[str], openvino: bool = True, nncf: bool = True) -> None:
+        monkeypatch.setattr(selection, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(selection, "openvino_available", lambda: openvino)
+        monkeypatch.setattr(selection, "nncf_available", lambda: nncf)
+
+    return set_machine
+
+
+def first(backend: str, dtype: str, device: str = "cpu", engines: tuple[str, ...] = ENCODERS) -> tuple[str, str]:
+    choice = plan_engines(backend, dtype, device, engines)[0]
+    return choice.backend, choice.dtype
+
+
+@pytest.mark.parametrize(("flags", "openvino", "dtype", "expected"), [
+    # dtype auto: the fastest faithful engine for the CPU
+    (BF16_CPU, True, "auto", ("openvino", "bf16")),
+    (AMX_CPU, True, "auto", ("openvino", "bf16")),
+    (VNNI_CPU, True, "auto", ("openvino", "fp32")),  # int8 would be faster, but fails the fidelity gate
+    (OLD_CPU, True, "auto", ("openvino", "fp32")),
+    (BF16_CPU, False, "auto", ("onnx", "fp32")),  # OpenVINO not installed
+    (OLD_CPU, False, "auto", ("onnx", "fp32")),
+    # an explicit dtype: the best engine for it
+    (BF16_CPU, True, "fp32", ("openvino", "fp32")),
+    (BF16_CPU, False, "fp32", ("onnx", "fp32")),
+    (BF16_CPU, True, "bf16", ("openvino", "bf16")),
+    (BF16_CPU, False, "bf16", ("torch", "bf16")),
+    (VNNI_CPU, True, "int8", ("openvino", "int8")),
+    (VNNI_CPU, False, "int8", ("onnx", "int8")),
+])
+def test_auto_depends_only_on_cpu_flags_and_packages(machine, flags, openvino, dtype, expected):
+    machine(flags, openvino)
+    plans = [plan_engines("auto", dtype, "cpu", ENCODERS) for _ in range(3)]
+    assert plans[0] == plans[1] == plans[2]  # deterministic: same machine, same answer, same reason
+    assert (plans[0][0].backend, plans[0][0].dtype) == expected
+    assert check_backend_options("auto", dtype, "cpu", ENCODERS) == expected[0]
+    assert plans[0][0].reason
+
+
+def test_auto_plans_exact_fallbacks_after_the_first_choice(machine):
+    machine(BF16_CPU)
+    plan = [(c.backend, c.dtype) for c in plan_engines("auto", "auto", "cpu", ENCODERS)]
+    assert plan == [("openvino", "bf16"), ("openvino", "fp32"), ("onnx", "fp32"), ("torch", "fp32")]
+    assert "bf16 units (avx512_bf16)" in plan_engines("auto", "auto", "cpu", ENCODERS)[0].reason
+    machine(BF16_CPU, openvino=False)
+    onnx = plan_engines("auto", "auto", "cpu", ENCODERS)[0]
+    assert "OpenVINO is not installed" in onnx.reason
+    # Without NNCF, int8 is ONNX Runtime's.
+    machine(VNNI_CPU, nncf=False)
+    assert first("auto", "int8") == ("onnx", "int8")
+
+
+def test_llm_families_and_gpus_get_pytorch(machine):
+    machine(BF16_CPU)
+    assert first("auto", "auto", engines=("torch",)) == ("torch", "fp32")
+    assert first("auto", "auto", "cuda") == ("torch", "fp32")
+    assert first("auto", "fp16", "cuda:1") == ("torch", "fp16")
+    assert "CUDA" in plan_engines("auto", "auto", "cuda", ENCODERS)[0].reason
+
+
+@pytest.mark.parametrize(("backend", "dtype", "device", "message"), [
+    ("torch", "int8", "cpu", "needs --backend openvino or onnx"),
+    ("onnx", "bf16", "cpu", "needs --backend openvino or torch"),
+    ("onnx", "fp16", "cpu", "needs a GPU"),
+    ("openvino", "fp16", "cpu", "needs a GPU"),
+    ("torch", "fp16", "cpu", "needs a GPU"),
+    ("auto", "fp16", "cpu", "needs a GPU"),
+    ("onnx", "fp32", "cuda", "CPU only"),
+    ("openvino", "auto", "cuda:0", "CPU only"),
+    ("onnx", "int8", "cuda:0", "CPU only"),
+    ("tensorrt", "fp32", "cpu", "unknown backend"),
+    ("auto", "fp8", "cpu", "unknown dtype"),
+    ("auto", "fp32", "tpu", "unknown device"),
+])
+def test_impossible_combinations_are_refused(machine, backend, dtype, device, message):
+    machine(BF16_CPU)
+    with pytest.raises(BackendConfigError, match=message):
+        check_backend_options(backend, dtype, device)
+
+
+def test_explicit_backends_are_exact_or_refused(machine):
+    machine(BF16_CPU, openvino=False, nncf=False)
+    with pytest.raises(BackendConfigError, match="needs the openvino package"):
+        check_backend_options("openvino", "fp32", "cpu")
+    machine(BF16_CPU, nncf=False)
+    with pytest.raises(BackendConfigError, match="needs the nncf package"):
+        check_backend_options("openvino", "int8", "cpu")
+    assert first("openvino", "auto") == ("openvino", "bf16")
+    assert first("onnx", "auto") == ("onnx", "fp32")
+    assert first("torch", "auto") == ("torch", "fp32")
+    assert len(plan_engines("openvino", "auto", "cpu", ENCODERS)) == 1  # no silent substitute
+    with pytest.raises(BackendConfigError, match="runs on the torch backend, not openvino"):
+        check_backend_options("openvino", "fp32", "cpu", ("torch",), "qwen3-reranker")
+
+
+def test_bf16_on_cpu_needs_bf16_hardware(machine):
+    machine(VNNI_CPU)
+    for backend in ("torch", "openvino", "auto"):
+        with pytest.raises(BackendConfigError, match="AVX512-BF16 or AMX"):
+            check_backend_options(backend, "bf16", "cpu")
+    assert check_backend_options("torch", "bf16", "cuda") == "torch"  # the GPU does bf16 itself
+    assert first("openvino", "auto") == ("openvino", "fp32")
+
+
+def test_int8_without_vnni_warns_but_runs(machine):
+    machine(OLD_CPU)
+    with pytest.warns(RuntimeWarning, match="VNNI"):
+        assert check_backend_options("onnx", "int8", "cpu") == "onnx"
+    with pytest.warns(RuntimeWarning, match="VNNI"):
+        assert check_backend_options("openvino", "int8", "cpu") == "openvino"
+    machine(frozenset({"avx_vnni"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_backend_options("onnx", "int8", "cpu")
+
+
+def test_cpu_flags_reads_this_machine():
+    flags = selection.cpu_flags()
+    assert isinstance(flags, frozenset)
+    if flags:  # Linux: the usual baseline flags are present
+        assert "sse2" in flags or "fp" in flags or "neon" in flags
+
+
+def test_serve_refuses_before_binding(capsys):
+    from openrerank.cli.main import main
+
+    assert main(["serve", "--dtype", "fp16", "--port", "1"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert main(["serve", "--score-cache-mb", "-1", "--port", "1"]) == 2
+    assert "--score-cache-mb" in capsys.readouterr().err
+
+
+def test_auto_falls_back_when_openvino_refuses_the_model(tiny_model_dir, monkeypatch, tmp_path):
+    """A model OpenVINO cannot convert is served by ONNX Runtime, and the reason says so; asked for
+    explicitly, OpenVINO's refusal is an error."""
+    monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path))
+
+    def refuse(network, out):
+        raise openvino_convert.ConversionError("unsupported operation aten::frobnicate")
+
+    monkeypatch.setattr(openvino_convert, "_convert", refuse)
+    loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32"))
+    assert loaded.backend.description == "onnx-fp32-cpu"
+    assert loaded.engine is not None and loaded.engine.backend == "onnx"
+    assert "OpenVINO fp32 refused it (ConversionError: unsupported operation" in loaded.engine.reason
+    assert loaded.describe()["engine"]["reason"] == loaded.engine.reason
+    assert np.isfinite(loaded.score("paris", ["paris is in france", "bananas"])).all()
+    with pytest.raises(openvino_convert.ConversionError, match="frobnicate"):
+        load_model(str(tiny_model_dir), LoadOptions(backend="openvino", dtype="fp32"))
+    assert not list((tmp_path / "openvino").glob("*-fp32"))  # nothing half-converted left in the cache
+
+
+def test_auto_without_openvino_serves_onnx(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(selection, "openvino_available", lambda: False)
+    loaded = load_model(str(tiny_model_dir))
+    assert loaded.backend.description == "onnx-fp32-cpu"
+    assert "not installed" in loaded.engine.reason
+
+
+@pytest.mark.skipif(not selection.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
+def test_torch_bf16_returns_float32_close_to_fp32():
+    texts = ["what is the capital of france", "paris is the capital of france", "bananas are yellow"]
+    fp32 = load_model("default", LoadOptions(backend="torch"))
+    bf16 = load_model("default", LoadOptions(backend="torch", dtype="bf16"))
+    assert bf16.backend.description == "torch-bf16-cpu"
+    a, b = fp32.score(texts[0], texts[1:]), bf16.score(texts[0], texts[1:])
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, a, atol=0.02)
+    assert b[0] > b[1]

@@ -1,0 +1,90 @@
+"""App-level behaviour that needs no model: readiness before loading, error shapes, metric labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.served import ServedModel
+from openrerank.server.app import create_app, route_paths
+from openrerank.server.config import ServerConfig
+from openrerank.server.errors import format_validation_errors
+from openrerank.wire.nim import NimRankingRequest
+from tests.support import nim_body
+
+
+def test_not_ready_until_models_load():
+    app = create_app(ServerConfig(models=["default"]), load_models=False)
+    with TestClient(app) as c:
+        assert c.get("/v1/health/live").status_code == 200
+        ready = c.get("/v1/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "not ready"
+        r = c.post("/v1/ranking", json=nim_body("q", ["a"]))
+        assert r.status_code == 503
+        assert r.json()["object"] == "error"
+        assert "Retry-After" in r.headers
+        # listed before loading, so clients that ask /v1/models first still see the id
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["sentence-transformers/all-MiniLM-L6-v2"]
+
+
+def test_wait_for_models_is_ready_at_startup(tiny_model_dir):
+    """Under Ray Serve a replica is ready when the lifespan startup ends: models must be loaded by then."""
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)
+    with TestClient(app) as c:
+        assert c.get("/v1/health/ready").status_code == 200  # no polling: loaded and warmed up
+        assert c.post("/v1/ranking", json=nim_body("q", ["a", "b"])).status_code == 200
+
+
+def test_wait_for_models_fails_the_startup_on_a_load_error(tmp_path):
+    app = create_app(ServerConfig(models=[f"broken={tmp_path / 'missing'}"]), wait_for_models=True)
+    with pytest.raises(RuntimeError, match=r"model loading failed: .*missing"), TestClient(app):
+        pass
+
+
+def test_route_paths_cover_included_routers():
+    paths = route_paths(create_app(load_models=False))
+    assert {"/v1/ranking", "/v1/models", "/v1/health/ready", "/v1/metrics"} <= paths
+
+
+def test_validation_message_names_allowed_fields():
+    errors = [{"type": "extra_forbidden", "loc": ("body", "top_n"), "msg": "Extra inputs are not permitted"},
+              {"type": "missing", "loc": ("body", "query"), "msg": "Field required"}]
+    msg = format_validation_errors(errors, NimRankingRequest)
+    assert msg.startswith("Unknown field(s) 'top_n'; allowed fields are: model, query, passages, truncate")
+    assert "field 'query' is required" in msg
+
+
+def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_model_dir):
+    """One sequence that does not fit in device memory even alone: its request gets a 503 in the dialect's
+    error shape, the rest of the batch is still scored (the runtime splits, the scheduler fails only it)."""
+    torch = pytest.importorskip("torch")
+
+    class OutOfMemoryAbove(torch.nn.Module):
+        def __init__(self, inner, max_width: int) -> None:
+            super().__init__()
+            self.inner, self.max_width = inner, max_width
+
+        def forward(self, *inputs):
+            if inputs[0].shape[1] > self.max_width:
+                raise torch.OutOfMemoryError("fake: too wide for this device")
+            return self.inner(*inputs)
+
+    loaded = load_model(str(tiny_model_dir), LoadOptions(backend="torch", threads=1))
+    loaded.backend.runtime.module = OutOfMemoryAbove(loaded.backend.runtime.module, max_width=40)
+    served = ServedModel("tiny", loaded, Scheduler(loaded.backend, SchedulerConfig(), name="tiny"))
+    short = ["alpha beta", "gamma delta epsilon"]
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), load_models=False)
+    with TestClient(app) as c:
+        app.state.models.add(served)
+        app.state.models.loaded = True
+        r = c.post("/v1/ranking", json=nim_body("q", [*short, " ".join(["alpha"] * 80)], truncate="END"))
+        assert r.status_code == 503
+        assert r.json()["object"] == "error" and "out of memory" in r.json()["message"]
+        ok = c.post("/v1/ranking", json=nim_body("q", short))
+        assert ok.status_code == 200
+        scores = [x["logit"] for x in sorted(ok.json()["rankings"], key=lambda x: x["index"])]
+        np.testing.assert_allclose(scores, loaded.score("q", short), rtol=0, atol=1e-5)

@@ -1,0 +1,54 @@
+"""A real server says which engine serves and why, and answers repeats from the pair-score cache."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from openrerank.runtimes.selection import plan_engines
+from tests.support import nim_body, run_server
+
+QUERY = "what is the capital of france"
+PASSAGES = ["paris is the capital of france", "bananas are yellow", "berlin is in germany", "the river"]
+
+
+@pytest.fixture(scope="module")
+def cached_server(tmp_path_factory, tiny_model_dir):
+    args = ["--model", f"tiny={tiny_model_dir}", "--score-cache-mb", "1", "--log-level", "info"]
+    with run_server(args, tmp_path_factory.mktemp("cached-server")) as server:
+        yield server
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.M))
+
+
+def test_metadata_and_startup_log_say_which_engine_and_why(cached_server):
+    with cached_server.client() as c:
+        model = c.get("/v1/metadata").json()["models"][0]
+    expected = plan_engines("auto", "auto", "cpu")[0]  # what auto plans on this machine
+    engine = model["engine"]
+    assert (engine["backend"], engine["dtype"]) == (expected.backend, expected.dtype)
+    assert engine["reason"] == expected.reason and len(engine["reason"]) > 20
+    assert model["backend"] == f"{expected.backend}-{expected.dtype}-cpu"
+    assert model["score_cache"]["max_bytes"] == 2**20
+    log = cached_server.output()
+    assert f"engine {expected.label}: {expected.reason}" in log
+
+
+def test_repeated_requests_are_answered_from_the_cache(cached_server):
+    with cached_server.client() as c:
+        before = c.get("/v1/metrics").text
+        first = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES, truncate="END"))
+        again = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES, truncate="END"))
+        after = c.get("/v1/metrics").text
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()  # identical answer, usage included
+    assert float(again.headers["x-inference-time"]) == 0.0
+    hits = metric(after, "openrerank_score_cache_hits_total") - metric(before, "openrerank_score_cache_hits_total")
+    misses = (metric(after, "openrerank_score_cache_misses_total")
+              - metric(before, "openrerank_score_cache_misses_total"))
+    assert hits >= len(PASSAGES) and misses >= len(PASSAGES)
+    assert metric(after, "openrerank_score_cache_entries") >= len(PASSAGES)
+    assert metric(after, "openrerank_score_cache_capacity_bytes") == 2**20

@@ -1,0 +1,73 @@
+"""No 500 from any JSON: text that is not Unicode, values that cannot be echoed, absurd nesting.
+
+Python's JSON parser accepts all of these; each must come back as a 4xx in the dialect's own error shape
+(before this was fixed, each of them answered 500 or TEI's 424).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from openrerank.server.errors import NIM
+from openrerank.server.responses import dumps
+
+LONE = '"\\udc00 lone"'  # raw JSON text: a lone low surrogate escape
+HUGE_INT = str(2**70)
+
+
+def deep(n: int) -> str:
+    return '{"a": ' * n + "1" + "}" * n
+
+
+# (path, raw JSON body, expected status, how to recognise the dialect's error shape)
+CASES = [
+    ("/v1/ranking", f'{{"query": {{"text": {LONE}}}, "passages": [{{"text": "a"}}]}}', 400, "object"),
+    ("/v1/ranking", f'{{"query": {{"text": "q"}}, "passages": [{{"text": {LONE}}}]}}', 400, "object"),
+    ("/v1/ranking", f'{{"model": {LONE}, "query": {{"text": "q"}}, "passages": [{{"text": "a"}}]}}', 400, "object"),
+    ("/v1/rerank", f'{{"query": "q", "documents": [{LONE}]}}', 400, "message"),
+    ("/v1/rerank", f'{{"query": "q", "documents": [{{"text": {LONE}}}]}}', 400, "message"),
+    ("/v1/rerank", f'{{"query": "q", "documents": [{{"text": "a", {LONE}: 1}}]}}', 400, "message"),
+    ("/v1/rerank", f'{{"model": {LONE}, "query": "q", "documents": ["a"]}}', 400, "message"),
+    ("/v1/rerank", f'{{"query": "q", "documents": [{{"text": "a", "id": {HUGE_INT}}}], "return_documents": true}}',
+     400, "message"),
+    ("/v1/rerank", f'{{"query": "q", "documents": [{{"text": "a", "id": {HUGE_INT}}}]}}', 400, "message"),
+    ("/v1/rerank", f'{{"query": "q", "documents": [{{"text": "a", "x": {deep(300)}}}], "return_documents": true}}',
+     400, "message"),
+    ("/v1/rerank", '{"query": "q", "documents": [{"text": "a", "x": 1e400}], "return_documents": true}', 400,
+     "message"),
+    ("/v2/rerank", f'{{"model": "tiny", "query": {LONE}, "documents": ["a"]}}', 400, "message"),
+    ("/rerank", f'{{"query": "q", "texts": [{LONE}]}}', 422, "error_type"),
+    ("/rerank", f'{{"query": {LONE}, "texts": ["a"]}}', 422, "error_type"),
+    ("/v1/score", f'{{"text_1": {LONE}, "text_2": ["a"]}}', 400, "code"),
+    ("/v1/score", f'{{"text_1": ["q", "r"], "text_2": ["a", {LONE}]}}', 400, "code"),
+    ("/v1/score", f'{{"model": {LONE}, "text_1": "q", "text_2": ["a"]}}', 400, "code"),
+    # nesting deeper than Python's parser can recurse, in an ignored field and as the whole body
+    ("/v1/score", '{"text_1": "q", "text_2": ["a"], "x": ' + "[" * 5000 + "]" * 5000 + "}", 400, "code"),
+    ("/v1/ranking", "[" * 6000 + "]" * 6000, 400, "object"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "shape"), CASES,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(CASES)])
+def test_hostile_json_gets_a_4xx_in_the_dialect_shape(tiny_server, path, body, status, shape):
+    with tiny_server.client() as c:
+        r = c.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert shape in r.json()
+    assert "internal" not in r.text
+
+
+def test_an_ignored_huge_integer_is_harmless(tiny_server):
+    body = f'{{"query": "q", "texts": ["a"], "extra": {HUGE_INT}}}'
+    with tiny_server.client() as c:
+        r = c.post("/rerank", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+
+
+def test_error_bodies_always_render():
+    # a message quoting client text with a lone surrogate (e.g. an unknown model's name) still renders
+    resp = NIM.response(404, "Model '\udc00' is not served here", "model_not_found")
+    assert resp.status_code == 404 and b"\\\\udc00" in resp.body
+    # a value orjson refuses falls back to the standard encoder instead of failing the answer
+    assert dumps({"n": 2**70}) == b'{"n": 1180591620717411303424}'
+

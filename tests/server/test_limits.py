@@ -1,0 +1,131 @@
+"""Bounded work per request, slow clients, fail-fast startup: against `openrerank serve` as users run it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openrerank_bench.serve_process import free_port
+
+from tests.support import nim_body, run_server
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def chunk_server(tmp_path_factory, tiny_model_dir):
+    args = ["--model", f"tiny={tiny_model_dir}", "--max-body-bytes", str(8 * 1024 * 1024), "--threads", "1"]
+    with run_server(args, tmp_path_factory.mktemp("chunk-server")) as server:
+        yield server
+
+
+def test_the_chunk_amplification_request_is_bounded(chunk_server):
+    """A query near the window plus a 1 MB passage under CHUNK once ran for minutes and kept 12 GB:
+    now the query is cut to half the window, the passage to the chunk cap, and memory comes back."""
+    query = " ".join(["paris"] * 120)  # about the whole 128-token window
+    passage = " ".join(["berlin", "river", "water"] * 100_000)[: 1024 * 1024]
+    pid = chunk_server.proc.pid
+    with chunk_server.client() as c:
+        c.post("/v1/ranking", json=nim_body("q", ["warm up"]))
+        before = rss_mib(pid)
+        t0 = time.monotonic()
+        r = c.post("/v1/ranking", json=nim_body(query, [passage], truncate="CHUNK"))
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] <= 16 * 128  # at most 16 windows of the model's size
+        assert elapsed < 30
+        small = c.post("/v1/ranking", json=nim_body("q", ["a"]))
+        assert small.status_code == 200
+        after = rss_mib(pid)
+        # asking for more chunks than the server allows is a clear 400 naming the limit
+        r = c.post("/v1/ranking", json=nim_body(query, [passage], truncate="CHUNK", max_chunks_per_passage=64))
+        assert r.status_code == 400 and "--max-chunks-per-passage" in r.json()["message"]
+    assert after - before < 150, f"RSS {before:.0f} MiB -> {after:.0f} MiB"
+
+
+def test_a_request_over_the_token_budget_is_refused_naming_the_limit(tmp_path, tiny_model_dir):
+    relative = os.path.relpath(tiny_model_dir)  # the server runs in this process's working directory
+    args = ["--model", f"tiny={relative}", "--max-request-tokens", "500", "--max-chunks-per-request", "20",
+            "--threads", "1"]
+    with run_server(args, tmp_path) as server, server.client() as c:
+        ok = c.post("/v1/ranking", json=nim_body("q", ["a b c"] * 8))
+        assert ok.status_code == 200
+        r = c.post("/v1/ranking", json=nim_body("q", ["paris " * 100] * 8, truncate="END"))
+        assert r.status_code == 400 and "--max-request-tokens" in r.json()["message"]
+        r = c.post("/rerank", json={"query": "q", "texts": ["paris " * 100] * 8})
+        assert r.status_code == 422 and "--max-request-tokens" in r.json()["error"]
+        long = "berlin " * 2000
+        r = c.post("/v1/ranking", json=nim_body("q", [long, long], truncate="CHUNK"))
+        assert r.status_code == 400 and "--max-chunks-per-request" in r.json()["message"]
+        meta = c.get("/v1/metadata").json()
+        assert meta["limits"]["max_request_tokens"] == 500
+        assert meta["models"][0]["source"] == meta["modelInfo"][0]["modelUrl"] == relative  # as given
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_headers_and_bodies_are_cut_off(tmp_path, tiny_model_dir):
+    args = ["--model", f"tiny={tiny_model_dir}", "--header-timeout", "1", "--body-timeout", "1", "--threads", "1"]
+    with run_server(args, tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\n")  # ... and never the rest
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+            assert sock.recv(4096) == b""  # closed
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 1000\r\n\r\n{\"query\":")  # declares more than it sends
+            sock.settimeout(10)
+            answer = read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer
+        with httpx.Client(base_url=server.url) as c:  # a normal client is unaffected
+            assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 200
+
+
+def serve_exit(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "openrerank", "serve", "--port", str(free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1",
+                          "PATH": "/usr/bin:/bin", "OPENRERANK_CACHE_DIR": str(Path.home() / ".cache" / "none")})
+
+
+def test_a_model_that_cannot_load_makes_serve_exit_with_one_clear_line(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 3] if f.suffix == ".safetensors" else data)
+    done = serve_exit(["--model", f"broken={broken}", "--backend", "torch"])
+    assert done.returncode == 3, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("openrerank: error: model broken could not be loaded:"), last
+    # with several models, --allow-partial serves the ones that load
+    args = ["--model", f"broken={broken}", "--model", f"tiny={tiny_model_dir}", "--allow-partial",
+            "--backend", "torch", "--threads", "1"]
+    with run_server(args, tmp_path) as server, server.client() as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
+        assert "1 model(s) failed to load" in c.get("/v1/health/ready").json()["message"]
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"], model="broken")).status_code == 404
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-queue", "-1"), ("--max-padding", "1.5"),
+                                              ("--request-timeout", "0"), ("--max-chunks-per-passage", "0")])
+def test_nonsense_settings_are_refused_before_anything_loads(flag, value):
+    done = serve_exit([flag, value], timeout=60)
+    assert done.returncode == 2
+    assert f"{flag} " in done.stderr and "must" in done.stderr

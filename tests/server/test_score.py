@@ -1,0 +1,153 @@
+"""vLLM score dialect: the pure converters, then /v1/score and /score over HTTP."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from openrerank.core.requests import RerankResult, ScoreKind, Truncate
+from openrerank.server.dialects import score as dialect
+from openrerank.server.errors import ApiError
+from openrerank.wire.score import ScoreRequest
+
+# -- converters ----------------------------------------------------------------------------------
+
+
+def test_one_to_many():
+    plan = dialect.to_internal(ScoreRequest(text_1="q", text_2=["a", "b", "c"]))
+    assert len(plan.requests) == 1 and plan.requests[0].query == "q"
+    assert plan.requests[0].passages == ["a", "b", "c"] and plan.requests[0].truncate is Truncate.NONE
+    assert plan.pairs == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_pairwise_groups_by_distinct_text_1():
+    plan = dialect.to_internal(ScoreRequest(text_1=["q1", "q2", "q1"], text_2=["a", "b", "c"], model="m"))
+    assert [(r.query, r.passages, r.model) for r in plan.requests] == [("q1", ["a", "c"], "m"), ("q2", ["b"], "m")]
+    assert plan.pairs == [(0, 0), (1, 0), (0, 1)]
+
+
+def test_broadcast_and_one_to_one():
+    assert dialect.to_internal(ScoreRequest(text_1=["q"], text_2=["a", "b"])).pairs == [(0, 0), (0, 1)]
+    plan = dialect.to_internal(ScoreRequest(text_1="q", text_2="a"))
+    assert plan.pairs == [(0, 0)] and plan.requests[0].passages == ["a"]
+
+
+@pytest.mark.parametrize(("t1", "t2", "fragment"), [
+    (["a", "b", "c"], ["x", "y"], "1:1, 1:N or N:N"),
+    (["a", "b"], "x", "1:1, 1:N or N:N"),
+    ([], ["x"], "text_1"),
+    ("q", [], "text_2"),
+])
+def test_invalid_shapes(t1, t2, fragment):
+    with pytest.raises(ApiError) as err:
+        dialect.to_internal(ScoreRequest(text_1=t1, text_2=t2))
+    assert err.value.status == 400 and fragment in err.value.message
+
+
+def test_truncate_prompt_tokens():
+    assert dialect.to_internal(ScoreRequest(text_1="q", text_2="a", truncate_prompt_tokens=-1)).requests[0].truncate \
+        is Truncate.END
+    req = dialect.to_internal(ScoreRequest(text_1="q", text_2="a", truncate_prompt_tokens=16)).requests[0]
+    assert req.truncate is Truncate.END and req.max_tokens_per_passage == 16
+
+
+def test_result_to_wire_pair_order_and_activation():
+    plan = dialect.to_internal(ScoreRequest(text_1=["q1", "q2", "q1"], text_2=["a", "b", "c"]))
+    results = [RerankResult("m", np.asarray([1.0, -2.0], np.float32), 5, ScoreKind.LOGIT),
+               RerankResult("m", np.asarray([0.0], np.float32), 3, ScoreKind.LOGIT)]
+    wire = dialect.result_to_wire(plan, results, activation=True, model="m", request_id="score-1", created=7)
+    assert wire["id"] == "score-1" and wire["object"] == "list" and wire["created"] == 7 and wire["model"] == "m"
+    assert [d["index"] for d in wire["data"]] == [0, 1, 2]
+    assert [d["score"] for d in wire["data"]] == pytest.approx([1 / (1 + math.exp(-1)), 0.5, 1 / (1 + math.exp(2))])
+    assert all(d["object"] == "score" for d in wire["data"])
+    assert wire["usage"] == {"prompt_tokens": 8, "total_tokens": 8, "completion_tokens": 0}
+    raw = dialect.result_to_wire(plan, results, activation=False, model="m")
+    assert [d["score"] for d in raw["data"]] == [1.0, 0.0, -2.0]
+
+
+def test_use_activation_and_legacy_alias():
+    assert dialect.use_activation(ScoreRequest(text_1="q", text_2="a")) is True
+    assert dialect.use_activation(ScoreRequest(text_1="q", text_2="a", use_activation=False)) is False
+    assert dialect.use_activation(ScoreRequest(text_1="q", text_2="a", activation=False)) is False
+
+
+# -- over HTTP (tiny cross-encoder, window 128, --max-passages 8) ---------------------------------------
+
+
+def assert_score_error(resp: httpx.Response, status: int, *fragments: str) -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["object"] == "error" and body["code"] == status and body["type"], body
+    for frag in fragments:
+        assert frag in body["message"], body["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/score"])
+def test_one_to_many_matches_nim(tiny_server, path):
+    texts = ["banana fruit", "paris is the capital", "the sea"]
+    with tiny_server.client() as c:
+        r = c.post(path, json={"model": "tiny", "text_1": "paris", "text_2": texts})
+        raw = c.post(path, json={"text_1": "paris", "text_2": texts, "use_activation": False})
+        nim = c.post("/v1/ranking", json={"query": {"text": "paris"}, "passages": [{"text": t} for t in texts]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+    assert body["object"] == "list" and body["model"] == "tiny" and body["id"].startswith("score-")
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]  # pair order, not sorted
+    logits = {x["index"]: x["logit"] for x in nim.json()["rankings"]}
+    assert [d["score"] for d in raw.json()["data"]] == pytest.approx([logits[i] for i in range(3)], abs=1e-5)
+    assert [d["score"] for d in body["data"]] == pytest.approx(
+        [1 / (1 + math.exp(-logits[i])) for i in range(3)], abs=1e-6)
+    assert body["usage"]["prompt_tokens"] == nim.json()["usage"]["prompt_tokens"]
+
+
+def test_pairwise_equals_separate_requests(tiny_server):
+    t1 = ["paris", "banana", "paris"]
+    t2 = ["paris is the capital", "yellow fruit", "the sea"]
+    with tiny_server.client() as c:
+        pairwise = c.post("/v1/score", json={"text_1": t1, "text_2": t2, "use_activation": False}).json()
+        single = [c.post("/v1/score", json={"text_1": a, "text_2": b, "use_activation": False}).json()
+                  for a, b in zip(t1, t2, strict=True)]
+    assert [d["score"] for d in pairwise["data"]] == pytest.approx([s["data"][0]["score"] for s in single], abs=1e-5)
+    assert pairwise["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in single)
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    ({"text_1": ["a", "b", "c"], "text_2": ["x", "y"]}, 400, "1:1, 1:N or N:N"),
+    ({"text_1": "q", "text_2": []}, 400, "text_2"),
+    ({"text_1": 5, "text_2": ["a"]}, 400, "text_1"),
+    ({"text_2": ["a"]}, 400, "text_1"),
+    ({"text_1": "q", "text_2": [None]}, 400, "text_2"),
+    ({"text_1": "q", "text_2": ["a"], "model": "nope"}, 404, "served models: tiny"),
+    ({"text_1": "q", "text_2": ["a"] * 9}, 400, "exceeds the maximum of 8"),
+    ({"text_1": "paris", "text_2": [" ".join(["paris banana"] * 100)]}, 400, "exceeds maximum allowed token size"),
+    ({"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+])
+def test_bad_input_in_vllm_shape(tiny_server, body, status, fragment):
+    with tiny_server.client() as c:
+        assert_score_error(c.post("/v1/score", json=body), status, fragment)
+
+
+def test_truncate_prompt_tokens_over_http(tiny_server):
+    long = " ".join(["paris banana"] * 100)
+    with tiny_server.client() as c:
+        r = c.post("/score", json={"text_1": "paris", "text_2": [long, "sea"], "truncate_prompt_tokens": -1})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+
+def test_malformed_json(tiny_server):
+    with tiny_server.client() as c:
+        r = c.post("/score", content=b'{"text_1": ', headers={"content-type": "application/json"})
+    assert_score_error(r, 400, "JSON")
+
+
+def test_engine_errors_map_to_vllm_shape():
+    busy = dialect.SCORE.response(503, "server overloaded", "overloaded")
+    assert busy.status_code == 503
+    assert dialect.score_error_body(503, "server overloaded", "overloaded") == {
+        "object": "error", "message": "server overloaded", "type": "ServiceUnavailableError", "param": None,
+        "code": 503}
+    assert dialect.SCORE.response(400, "x", "model_not_found").status_code == 404

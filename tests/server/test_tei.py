@@ -1,0 +1,155 @@
+"""TEI dialect: the pure converters, then /rerank, /health and /info over HTTP."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from openrerank.core.requests import RerankResult, ScoreKind, Truncate
+from openrerank.server.dialects import tei as dialect
+from openrerank.server.errors import ApiError
+from openrerank.wire.tei import TeiRerankRequest
+
+# -- converters ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "chunking", "expected"), [
+    ({}, False, Truncate.END),  # absent = auto-truncate, as TEI
+    ({"truncate": True}, False, Truncate.END),
+    ({"truncate": True, "truncation_direction": "left"}, False, Truncate.START),
+    ({"truncate": True, "truncation_direction": "Left"}, False, Truncate.START),
+    ({"truncate": False}, False, Truncate.NONE),
+    ({}, True, Truncate.CHUNK),
+    ({"truncation_direction": "left"}, True, Truncate.CHUNK),
+    ({"truncate": False}, True, Truncate.NONE),  # asked not to cut: over-long still fails
+])
+def test_to_internal_truncation(fields, chunking, expected):
+    req = dialect.to_internal(TeiRerankRequest(query="q", texts=["a", "b"], **fields), chunking=chunking)
+    assert req.truncate is expected and req.passages == ["a", "b"] and req.top_n is None
+
+
+def test_to_internal_empty_texts_is_empty_error():
+    with pytest.raises(ApiError) as err:
+        dialect.to_internal(TeiRerankRequest(query="q", texts=[]))
+    assert err.value.status == 400 and err.value.kind == "empty"
+
+
+def test_result_to_wire_scores_and_text():
+    result = RerankResult("m", np.asarray([0.5, 2.0, -1.0], dtype=np.float32), prompt_tokens=3,
+                          score_kind=ScoreKind.LOGIT)
+    body = TeiRerankRequest(query="q", texts=["a", "b", "c"], return_text=True)
+    wire = dialect.result_to_wire(result, body)
+    assert [r["index"] for r in wire] == [1, 0, 2]
+    assert wire[0] == {"index": 1, "score": pytest.approx(1 / (1 + math.exp(-2.0))), "text": "b"}
+    raw = dialect.result_to_wire(result, TeiRerankRequest(query="q", texts=["a", "b", "c"], raw_scores=True))
+    assert raw == [{"index": 1, "score": 2.0}, {"index": 0, "score": 0.5}, {"index": 2, "score": -1.0}]
+
+
+def test_error_body_shape():
+    assert dialect.tei_error_body(429, "busy", "overloaded") == {"error": "busy", "error_type": "Overloaded"}
+    assert dialect.tei_error_body(400, "empty", "empty")["error_type"] == "Empty"
+    assert dialect.tei_error_body(422, "bad", "validation")["error_type"] == "Validation"
+    assert dialect.TEI.status_for["overloaded"] == 429 and dialect.TEI.status_for["too_many"] == 422
+
+
+# -- over HTTP (tiny cross-encoder, window 128, --max-passages 8) --------------------------------------
+
+LONG = " ".join(["paris banana river mountain"] * 60)  # ~240 tokens > the tiny model's 128
+
+
+def assert_tei_error(resp: httpx.Response, status: int, error_type: str, *fragments: str) -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error", "error_type"} and body["error_type"] == error_type, body
+    for frag in fragments:
+        assert frag in body["error"], body["error"]
+
+
+def test_bare_array_sorted_with_text_and_raw_scores(tiny_server):
+    texts = ["banana fruit", "paris is the capital", "the sea"]
+    with tiny_server.client() as c:
+        plain = c.post("/rerank", json={"query": "paris", "texts": texts})
+        with_text = c.post("/rerank", json={"query": "paris", "texts": texts, "return_text": True})
+        raw = c.post("/rerank", json={"query": "paris", "texts": texts, "raw_scores": True})
+        nim = c.post("/v1/ranking", json={"query": {"text": "paris"}, "passages": [{"text": t} for t in texts]})
+    assert plain.status_code == 200, plain.text
+    ranks = plain.json()
+    assert isinstance(ranks, list) and all(set(r) == {"index", "score"} for r in ranks)
+    assert sorted(r["index"] for r in ranks) == [0, 1, 2]
+    assert [r["score"] for r in ranks] == sorted((r["score"] for r in ranks), reverse=True)
+    assert all(0 <= r["score"] <= 1 for r in ranks)
+    assert all(r["text"] == texts[r["index"]] for r in with_text.json())
+    logits = {r["index"]: r["logit"] for r in nim.json()["rankings"]}
+    assert {r["index"]: r["score"] for r in raw.json()} == pytest.approx(logits, abs=1e-5)
+    for r in ranks:
+        assert r["score"] == pytest.approx(1 / (1 + math.exp(-logits[r["index"]])), abs=1e-6)
+    assert int(plain.headers["x-compute-tokens"]) > 0 and float(plain.headers["x-total-time"]) >= 0
+
+
+def test_truncation_default_direction_and_refusal(tiny_server):
+    with tiny_server.client() as c:
+        auto = c.post("/rerank", json={"query": "paris", "texts": [LONG, "sea"], "raw_scores": True})
+        right = c.post("/rerank", json={"query": "paris", "texts": [LONG + " sea", "sea"], "raw_scores": True,
+                                        "truncate": True, "truncation_direction": "right"})
+        left = c.post("/rerank", json={"query": "paris", "texts": [LONG + " sea", "sea"], "raw_scores": True,
+                                       "truncate": True, "truncation_direction": "left"})
+        refused = c.post("/rerank", json={"query": "paris", "texts": [LONG, "sea"], "truncate": False})
+    assert auto.status_code == right.status_code == left.status_code == 200
+    r_right = {r["index"]: r["score"] for r in right.json()}
+    r_left = {r["index"]: r["score"] for r in left.json()}
+    assert r_right[1] == pytest.approx(r_left[1], abs=1e-6)  # short text: both directions equal
+    assert r_right[0] != r_left[0]  # the long text was cut at different ends
+    assert_tei_error(refused, 422, "Validation", "exceeds maximum allowed token size 128")
+
+
+@pytest.mark.parametrize(("body", "status", "error_type", "fragment"), [
+    ({"query": "q", "texts": []}, 400, "Empty", "`texts` cannot be empty"),
+    ({"query": "q", "texts": ["a"] * 9}, 422, "Validation", "exceeds the maximum of 8"),
+    ({"query": "q", "texts": "abc"}, 422, "Validation", "texts"),
+    ({"query": "q", "texts": [1]}, 422, "Validation", "texts"),
+    ({"texts": ["a"]}, 422, "Validation", "query"),
+    ({"query": "q", "texts": ["a"], "raw_scores": "maybe"}, 422, "Validation", "raw_scores"),
+    ({"query": "q", "texts": ["a"], "truncation_direction": "up"}, 422, "Validation", "truncation_direction"),
+    ({"query": "q", "texts": ["a"], "model": "nope"}, 422, "Validation", "served models: tiny"),
+])
+def test_bad_input_in_tei_shape(tiny_server, body, status, error_type, fragment):
+    with tiny_server.client() as c:
+        assert_tei_error(c.post("/rerank", json=body), status, error_type, fragment)
+
+
+def test_malformed_json_and_oversize(tiny_server):
+    with tiny_server.client() as c:
+        bad = c.post("/rerank", content=b"{not json", headers={"content-type": "application/json"})
+        big = c.post("/rerank", json={"query": "q", "texts": ["x" * 30000]})
+    assert_tei_error(bad, 422, "Validation", "JSON")
+    assert big.status_code == 413 and set(big.json()) == {"error", "error_type"}
+
+
+def test_health_and_info(tiny_server):
+    with tiny_server.client() as c:
+        health = c.get("/health")
+        info = c.get("/info").json()
+        engine = c.get("/v1/metadata").json()["models"][0]["engine"]
+    assert health.status_code == 200 and health.content == b""
+    assert info["model_id"] == "tiny" and info["max_input_length"] == 128
+    assert info["max_client_batch_size"] == 8 and info["auto_truncate"] is True
+    assert "reranker" in info["model_type"]
+    assert info["model_dtype"] == {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[engine["dtype"]]
+    for key in ("max_concurrent_requests", "max_batch_tokens", "version", "tokenization_workers"):
+        assert key in info
+
+
+def test_openapi_lists_every_dialect_route_with_examples(tiny_server):
+    with tiny_server.client() as c:
+        doc = c.get("/openapi.json").json()
+    paths = doc["paths"]
+    for path in ("/v1/ranking", "/v1/rerank", "/v2/rerank", "/rerank", "/health", "/info", "/v1/score", "/score"):
+        assert path in paths, path
+    schemas = doc["components"]["schemas"]
+    for name in ("CohereV1RerankRequest", "CohereV2RerankRequest", "TeiRerankRequest", "ScoreRequest"):
+        assert schemas[name].get("examples"), name
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank", "/v1/score"):
+        assert "200" in paths[path]["post"]["responses"]

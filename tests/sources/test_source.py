@@ -1,0 +1,48 @@
+"""Model sources: NAME=SOURCE, the packaged default, local dirs, hub ids (offline here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from openrerank.sources.source import (
+    DEFAULT_MODEL_ID,
+    ModelSourceError,
+    default_model_dir,
+    parse_model_arg,
+    resolve_local_dir,
+)
+
+
+def test_parse_model_arg(tmp_path):
+    assert parse_model_arg("default").served_id == DEFAULT_MODEL_ID
+    assert parse_model_arg("fast=default") == parse_model_arg("fast=default")
+    aliased = parse_model_arg(f"mine={tmp_path}")
+    assert (aliased.served_id, aliased.spec) == ("mine", str(tmp_path))
+    assert parse_model_arg(str(tmp_path)).served_id == tmp_path.name
+    hub = parse_model_arg("BAAI/bge-reranker-base")
+    assert (hub.served_id, hub.spec) == ("BAAI/bge-reranker-base", "BAAI/bge-reranker-base")
+    with pytest.raises(ModelSourceError):
+        parse_model_arg("  ")
+
+
+def test_default_dir_has_safetensors_and_tokenizer():
+    d = default_model_dir()
+    assert (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+    assert resolve_local_dir("default") == d
+
+
+def test_local_dir_and_missing_paths(tmp_path):
+    assert resolve_local_dir(str(tmp_path)) == tmp_path.resolve()
+    with pytest.raises(ModelSourceError, match="no such directory"):
+        resolve_local_dir(str(tmp_path / "absent"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ModelSourceError, match="not a directory"):
+        resolve_local_dir(str(f))
+
+
+def test_unreachable_hub_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="Hugging Face Hub") as err:
+        resolve_local_dir("openrerank-test/does-not-exist")
+    assert "local directory" in str(err.value)
