@@ -258,7 +258,7 @@ def latency(shape_name: str, device: str, dtypes: list[str], passages: int, toke
         total = [x[0] for x in timings]
         model_ms = float(np.median([x[2] for x in timings]))
         flops = body_flops(shape, lengths)
-        row = {"load_seconds": round(load_s, 1), "runtime": served.loaded.backend.description,
+        row = {"load_seconds": round(load_s, 1), "runtime": served.loaded.scorer.description,
                "mean_tokens_per_pair": round(float(np.mean(lengths)), 1), "batches": len(batches),
                "padding": round(1 - sum(lengths) / padded, 3),
                "ms_per_request": [round(x, 1) for x in total], "p50_ms": round(float(np.median(total)), 1),

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from openrerank.core.work import PairItem
-from openrerank.runtimes.base import Backend, DeviceMemoryError, RowsFailedError
+from openrerank.families.scorer import Scorer
+from openrerank.runtimes.base import DeviceMemoryError, RowsFailedError
 
 WAIT_S = 30.0  # generous: only reached when something is broken
 
@@ -26,7 +27,7 @@ class FatalError(BaseException):
     """Escapes the scheduler's per-batch error handling: it kills the worker thread."""
 
 
-class FakeBackend(Backend):
+class FakeScorer(Scorer):
     """Scores an item as its id (its first token); records each batch's ids and the thread it ran on.
 
     `hold()` makes the next batches block inside `score` until `release()`, so a test can stack up
@@ -35,7 +36,7 @@ class FakeBackend(Backend):
 
     def __init__(self) -> None:
         self.pad_id = 0
-        self.inner: Backend | None = None  # when set, scores come from it (real-model tests)
+        self.inner: Scorer | None = None  # when set, scores come from it (real-model tests)
         self.batches: list[list[int]] = []
         self.items_seen: list[list[PairItem]] = []
         self.lengths: list[list[int]] = []

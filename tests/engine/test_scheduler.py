@@ -21,14 +21,14 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.observe.metrics import Metrics
-from tests.engine.sched_fakes import FakeBackend, Ids, expected, until
+from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
 
-def make(backend: FakeBackend, metrics: Metrics | None = None, **cfg) -> Scheduler:
+def make(backend: FakeScorer, metrics: Metrics | None = None, **cfg) -> Scheduler:
     return Scheduler(backend, SchedulerConfig(**cfg), name="m", metrics=metrics)
 
 
-async def block_worker(sched: Scheduler, backend: FakeBackend, ids: Ids) -> tuple[asyncio.Task, list[PairItem]]:
+async def block_worker(sched: Scheduler, backend: FakeScorer, ids: Ids) -> tuple[asyncio.Task, list[PairItem]]:
     """Submit one request and hold the worker inside its batch, so later requests stack up queued."""
     backend.hold()
     items = ids.items(3)
@@ -37,7 +37,7 @@ async def block_worker(sched: Scheduler, backend: FakeBackend, ids: Ids) -> tupl
     return task, items
 
 
-def check_budgets(backend: FakeBackend, max_tokens: int, max_size: int) -> None:
+def check_budgets(backend: FakeScorer, max_tokens: int, max_size: int) -> None:
     for lengths in backend.lengths:
         assert len(lengths) <= max_size
         assert len(lengths) == 1 or len(lengths) * max(lengths) <= max_tokens
@@ -48,7 +48,7 @@ def owner_map(*requests: list[PairItem]) -> dict[int, int]:
 
 
 def test_concurrent_results_return_to_their_request_and_position_within_budgets() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     rng = random.Random(1)
     requests = [ids.items(*[rng.randint(1, 20) for _ in range(rng.randint(1, 15))]) for _ in range(8)]
 
@@ -71,7 +71,7 @@ def test_concurrent_results_return_to_their_request_and_position_within_budgets(
 
 
 def test_queued_requests_share_batches_grouped_by_length() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     a, b, c, d = ids.items(2, 30), ids.items(30, 2), ids.items(3, 31), ids.items(31, 3)
 
     async def main() -> list:
@@ -98,7 +98,7 @@ def test_queued_requests_share_batches_grouped_by_length() -> None:
 
 
 def test_a_request_larger_than_a_batch_spans_several_in_order() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     rng = random.Random(2)
     items = ids.items(*[rng.randint(1, 40) for _ in range(100)])
 
@@ -116,7 +116,7 @@ def test_a_request_larger_than_a_batch_spans_several_in_order() -> None:
 
 
 def test_a_small_request_waits_one_batch_behind_a_big_one_not_all_of_it() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     big = ids.items(*[10] * 40)  # 4 windows of 1 batch x ... : 40 items of 10 tokens, 10 per batch
     small = ids.items(3, 4)
 
@@ -142,7 +142,7 @@ def test_a_small_request_waits_one_batch_behind_a_big_one_not_all_of_it() -> Non
 
 
 def test_a_stream_of_small_requests_does_not_starve_a_big_one() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     big = ids.items(*[10] * 30)
     big_ids = {it.input_ids[0] for it in big}
     smalls: list[list[PairItem]] = []
@@ -179,7 +179,7 @@ def test_a_stream_of_small_requests_does_not_starve_a_big_one() -> None:
 
 
 def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
-    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeScorer(), Ids(), Metrics()
     accepted = [ids.items(4, 5), ids.items(6)]
 
     async def main() -> None:
@@ -207,7 +207,7 @@ def test_full_queue_rejects_immediately_and_loses_nothing_accepted() -> None:
 
 
 def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
-    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeScorer(), Ids(), Metrics()
     late = ids.items(5, 6)
 
     async def main() -> None:
@@ -233,7 +233,7 @@ def test_deadline_fails_a_queued_request_and_frees_its_slot() -> None:
 
 
 def test_deadline_during_a_running_batch_discards_results_and_worker_continues() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
 
     async def main() -> None:
         sched = make(backend)
@@ -253,7 +253,7 @@ def test_deadline_during_a_running_batch_discards_results_and_worker_continues()
 
 
 def test_cancellation_frees_queued_items_and_running_ones_are_discarded() -> None:
-    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeScorer(), Ids(), Metrics()
     gone = ids.items(7, 8)
 
     async def main() -> None:
@@ -280,7 +280,7 @@ def test_cancellation_frees_queued_items_and_running_ones_are_discarded() -> Non
 
 
 def test_a_failing_input_fails_only_its_own_request() -> None:
-    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeScorer(), Ids(), Metrics()
     poisoned = ids.items(50)
     fine = ids.items(5, 5)
     neighbour = ids.items(50)  # shares the poisoned batch, then is re-run on its own
@@ -309,7 +309,7 @@ def test_a_failing_input_fails_only_its_own_request() -> None:
 
 
 def test_a_dead_worker_settles_everything_and_reports_it() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     fatal = ids.items(5)
     backend.fatal_on = {fatal[0].input_ids[0]}
 
@@ -335,7 +335,7 @@ def test_a_dead_worker_settles_everything_and_reports_it() -> None:
 
 
 def test_admission_counts_tokens_and_one_request_is_one_unit() -> None:
-    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeScorer(), Ids(), Metrics()
 
     async def main() -> None:
         sched = make(backend, metrics, max_queue=10, max_queue_tokens=100, max_request_tokens=80)
@@ -363,7 +363,7 @@ def test_admission_counts_tokens_and_one_request_is_one_unit() -> None:
 
 
 def test_an_idle_scheduler_admits_one_request_above_the_queue_budget() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
 
     async def main() -> None:
         sched = make(backend, max_queue_tokens=10, max_request_tokens=100)
@@ -375,7 +375,7 @@ def test_an_idle_scheduler_admits_one_request_above_the_queue_budget() -> None:
 
 
 def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
 
     async def main() -> None:
         sched = make(backend, max_queue=2)
@@ -399,7 +399,7 @@ def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
 def test_rows_that_fail_alone_fail_only_their_requests() -> None:
     """A runtime that scores a batch but for some rows (one sequence too big for the device even alone)
     fails only the requests owning those rows; the rest of that same batch is delivered."""
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     oversized = ids.items(20, 20, 40)  # its last item would run in a later batch
     neighbour = ids.items(20, 20)  # same length as its first two: lands in their batch
     later = ids.items(30, 30)
@@ -425,7 +425,7 @@ def test_rows_that_fail_alone_fail_only_their_requests() -> None:
 
 
 def test_stop_finishes_accepted_work_then_refuses() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     requests = [ids.items(3, 9), ids.items(1), ids.items(20, 2, 5)]
 
     async def main() -> None:
@@ -452,7 +452,7 @@ def test_stop_finishes_accepted_work_then_refuses() -> None:
 
 
 def test_model_work_runs_on_the_worker_thread_and_warmup_before_start() -> None:
-    backend, ids = FakeBackend(), Ids()
+    backend, ids = FakeScorer(), Ids()
     sched = make(backend)
     sched.warmup(ids.items(3, 4))  # synchronous, no worker needed
     assert backend.threads == {threading.current_thread().name}
@@ -471,7 +471,7 @@ def test_model_work_runs_on_the_worker_thread_and_warmup_before_start() -> None:
 
 
 def test_metrics_describe_the_batches() -> None:
-    backend, ids, metrics = FakeBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeScorer(), Ids(), Metrics()
     requests = [ids.items(3, 9, 4), ids.items(1, 30), ids.items(12)]
 
     async def main() -> None:
@@ -498,7 +498,7 @@ def test_metrics_describe_the_batches() -> None:
     assert value("openrerank_queue_depth", {"model": "m"}) == 0
 
 
-class _DyingBackend:
+class _DyingScorer:
     """Raises what no batch handler catches, as an interpreter-level failure would."""
 
     def score(self, items):
@@ -510,14 +510,14 @@ def test_alive_reports_a_stopped_or_dead_worker() -> None:
     ids = Ids()
 
     async def main() -> None:
-        sched = make(FakeBackend())
+        sched = make(FakeScorer())
         assert sched.alive  # never started: nothing has died
         await sched.start()
         assert sched.alive
         await sched.stop()
         assert not sched.alive
-        dying_backend = FakeBackend()
-        dying_backend.inner = _DyingBackend()  # type: ignore[assignment]
+        dying_backend = FakeScorer()
+        dying_backend.inner = _DyingScorer()  # type: ignore[assignment]
         dying = make(dying_backend)
         await dying.start()
         with pytest.raises(WorkerDiedError):  # settled at once, not left to its deadline

@@ -13,7 +13,7 @@ from openrerank.core.requests import RerankRequest, Truncate
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.served import ServedModel
-from tests.engine.sched_fakes import FakeBackend, until
+from tests.engine.sched_fakes import FakeScorer, until
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -50,10 +50,10 @@ def test_concurrent_requests_of_different_lengths_score_as_if_alone(tiny_model: 
     ]
     prepared = [tiny_model.encoder.prepare(q, ps, Truncate.END) for q, ps in requests]
     # reference: every pair scored on its own, so there is no padding at all
-    alone = [np.concatenate([tiny_model.backend.score([it]) for it in p.items]) for p in prepared]
+    alone = [np.concatenate([tiny_model.scorer.score([it]) for it in p.items]) for p in prepared]
 
-    backend = FakeBackend()
-    backend.inner = tiny_model.backend
+    backend = FakeScorer()
+    backend.inner = tiny_model.scorer
     owner = {id(it): r for r, p in enumerate(prepared) for it in p.items}
 
     async def main() -> list:
@@ -82,7 +82,7 @@ def test_served_model_rerank_through_the_scheduler_matches_direct_scoring(tiny_m
                               truncate=Truncate.END) for _ in range(6)]
 
     async def main() -> list:
-        sched = Scheduler(tiny_model.backend, SchedulerConfig(max_batch_tokens=400), name="tiny")
+        sched = Scheduler(tiny_model.scorer, SchedulerConfig(max_batch_tokens=400), name="tiny")
         served = ServedModel("tiny", tiny_model, sched)
         await sched.start()
         try:

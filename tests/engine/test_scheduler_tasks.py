@@ -14,10 +14,10 @@ from openrerank.core.work import EmbedItem
 from openrerank.engine.errors import BatchFailedError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.observe.metrics import Metrics
-from tests.engine.sched_fakes import FakeBackend, Ids, expected, until
+from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
 
-class FakeEmbedBackend(FakeBackend):
+class FakeEmbedScorer(FakeScorer):
     """Also embeds: an item's vector is (id, 2 * id, its length), recorded and held like a score batch."""
 
     def embed(self, items: Sequence[EmbedItem]) -> np.ndarray:
@@ -35,7 +35,7 @@ def vectors(items: Sequence[EmbedItem]) -> np.ndarray:
 
 
 def test_embed_and_rerank_requests_share_the_queue_but_not_a_batch() -> None:
-    backend, ids, metrics = FakeEmbedBackend(), Ids(), Metrics()
+    backend, ids, metrics = FakeEmbedScorer(), Ids(), Metrics()
     embeds = [embed_items(ids, 5, 5), embed_items(ids, 5), embed_items(ids, 5, 5, 5)]
     reranks = [ids.items(5, 5), ids.items(5)]
     blocker_items = ids.items(5)
@@ -72,7 +72,7 @@ def test_embed_and_rerank_requests_share_the_queue_but_not_a_batch() -> None:
 
 
 def test_a_backend_without_embeddings_fails_only_the_embed_request() -> None:
-    backend, ids = FakeBackend(), Ids()  # scores only, like a cross-encoder's
+    backend, ids = FakeScorer(), Ids()  # scores only, like a cross-encoder's
 
     async def main():
         sched = Scheduler(backend, SchedulerConfig(), name="m")
@@ -88,7 +88,7 @@ def test_a_backend_without_embeddings_fails_only_the_embed_request() -> None:
 
 
 def test_a_wrong_shape_from_the_backend_fails_the_request_clearly(caplog) -> None:
-    class Flat(FakeEmbedBackend):
+    class Flat(FakeEmbedScorer):
         def embed(self, items):
             return self.score(items)  # one number per text instead of a vector
 

@@ -39,9 +39,9 @@ def serve(model: str, cache: ScoreCache | None, name: str = "m"):
     served = load_served_model(ModelSource(name, model), LoadOptions(threads=1), SchedulerConfig(), None,
                                score_cache=cache)
     prepare = Spy(served.loaded.encoder.prepare)  # counts passages tokenized
-    score = Spy(served.scheduler.backend.score, count=lambda items: len(items))  # counts items scored
+    score = Spy(served.scheduler.scorer.score, count=lambda items: len(items))  # counts items scored
     served.loaded.encoder.prepare = prepare
-    served.scheduler.backend.score = score
+    served.scheduler.scorer.score = score
     return served, prepare, score
 
 

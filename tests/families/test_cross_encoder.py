@@ -88,9 +88,9 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
 
     broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
     with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.selection"):
-        runtime, choice = create_runtime(broken, engines=family.engines, backend="auto", dtype="fp32",
+        runtime, choice = create_runtime(broken, runtimes=family.runtimes, backend="auto", dtype="fp32",
                                          device="cpu", threads=1)
-    assert runtime.description == "torch-fp32-cpu" and choice.backend == "torch"
+    assert runtime.description == "torch-fp32-cpu" and choice.runtime == "torch"
     assert "could not be exported to ONNX" in caplog.text and "trying PyTorch fp32" in caplog.text
     assert "does not trace" in caplog.text
     assert "ONNX Runtime fp32 refused it" in choice.reason
@@ -101,4 +101,4 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
     expected = references["deberta"].scores(QUERIES[0], PASSAGES)
     assert_parity(prep.fold(scorer.score(prep.items), len(PASSAGES)), expected, "deberta after fallback")
     with pytest.raises(Exception, match="could not be exported"):  # asked for onnx by name: no silent fallback
-        create_runtime(broken, engines=family.engines, backend="onnx", dtype="fp32", device="cpu", threads=1)
+        create_runtime(broken, runtimes=family.runtimes, backend="onnx", dtype="fp32", device="cpu", threads=1)

@@ -194,7 +194,7 @@ def test_decoders_refuse_the_onnx_engine(tmp_path):
     (path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="qwen3-reranker runs on the torch backend, not onnx"):
         resolve_model(str(path), LoadOptions(backend="onnx"))
-    assert resolve_model(str(path), LoadOptions(backend="auto")).engine == "torch"
+    assert resolve_model(str(path), LoadOptions(backend="auto")).runtime == "torch"
 
 
 def test_a_converted_seq_cls_decoder_is_explained(tmp_path):

@@ -21,7 +21,7 @@ from openrerank_bench.llm import HandLlamaBidirectional, HandQwen3Reranker
 from openrerank_bench.synthetic import build_model, train_tokenizer
 
 from openrerank.engine.loading import LoadOptions, load_model
-from openrerank.runtimes.selection import BackendConfigError, check_backend_options
+from openrerank.runtimes.selection import RuntimeConfigError, check_runtime_options
 
 DEVICE = os.environ.get("OPENRERANK_TEST_DEVICE", "cpu")
 DTYPES = os.environ.get("OPENRERANK_TEST_DTYPES", "fp32,bf16" if DEVICE == "cpu" else "fp32,bf16,fp16").split(",")
@@ -63,8 +63,8 @@ def reference(shape: str, path) -> list[np.ndarray]:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_llm_reranker_matches_the_hand_written_reference(model_dirs, shape, dtype):
     try:
-        check_backend_options("torch", dtype, DEVICE)
-    except BackendConfigError as exc:
+        check_runtime_options("torch", dtype, DEVICE)
+    except RuntimeConfigError as exc:
         pytest.skip(str(exc))
     expected = reference(shape, model_dirs[shape])
     loaded = load_model(str(model_dirs[shape]), LoadOptions(backend="torch", dtype=dtype, device=DEVICE, threads=1))

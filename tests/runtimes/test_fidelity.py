@@ -66,10 +66,10 @@ def model(request, cross_encoder) -> str:
 @pytest.mark.parametrize("probe_name", ["text", "dl19"])
 def test_what_auto_picks_is_faithful(model, probe_name):
     auto = load_model(model)  # --backend auto --dtype auto
-    engine = auto.engine
+    engine = auto.runtime_choice
     auto.close()
     reference = scores(model, probe_name, "torch", "fp32")
-    got = scores(model, probe_name, engine.backend, engine.dtype)
+    got = scores(model, probe_name, engine.runtime, engine.dtype)
     r = correlation(reference, got)
     print(f"\n{model[-12:]} {probe_name}: auto = {engine.label}, correlation {r:.6f}, "
           f"max|Δ| {np.abs(got - reference).max():.2e}")

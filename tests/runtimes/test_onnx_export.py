@@ -49,8 +49,8 @@ def test_runtime_second_start_does_not_export(model_copy, export_counter, tmp_pa
 
     a = load_model(str(model_copy), LoadOptions(backend="onnx"))
     b = load_model(str(model_copy), LoadOptions(backend="onnx"))
-    assert not a.backend.runtime.export.cached
-    assert b.backend.runtime.export.cached
+    assert not a.scorer.runtime.export.cached
+    assert b.scorer.runtime.export.cached
     assert len(export_counter) == 1
     passages = ["paris france", "banana"]
     np.testing.assert_array_equal(a.score("paris", passages), b.score("paris", passages))
@@ -196,7 +196,7 @@ def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, mode
     source = load_model(str(model_copy), LoadOptions(backend="onnx"))
     monkeypatch.setattr(export, "_torch_export", lambda *a, **k: pytest.fail("exported again"))
     served = load_model(str(out), LoadOptions(backend="auto"))
-    assert served.weights_format == "onnx" and served.backend.description == "onnx-fp32-cpu"
+    assert served.weights_format == "onnx" and served.scorer.description == "onnx-fp32-cpu"
     passages = ["paris is the capital of france", "bananas are yellow"]
     assert np.allclose(served.score("capital of france", passages), source.score("capital of france", passages),
                        atol=1e-6)

@@ -128,7 +128,7 @@ def test_int8_runtime_scores_like_fp32(tiny_model_dir):
     fidelity: test_fidelity.py measures that on real models."""
     fp32 = load_model(str(tiny_model_dir), LoadOptions(backend="openvino", dtype="fp32"))
     int8 = load_model(str(tiny_model_dir), LoadOptions(backend="openvino", dtype="int8"))
-    assert int8.backend.description == "openvino-int8-cpu"
+    assert int8.scorer.description == "openvino-int8-cpu"
     passages = ["paris is the capital of france", "bananas are yellow", "berlin germany", "the river"]
     a, b = fp32.score("capital of france", passages), int8.score("capital of france", passages)
     assert b.dtype == np.float32 and np.isfinite(b).all()
@@ -145,7 +145,7 @@ def test_bi_encoder_embeddings_run_on_openvino():
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         bf16 = load_model("default", LoadOptions(backend="openvino", dtype="bf16"))
-        assert bf16.backend.description == "openvino-bf16-cpu"
+        assert bf16.scorer.description == "openvino-bf16-cpu"
         assert float(np.min(np.sum(bf16.embed(texts) * emb, axis=1))) > 0.999
 
 

@@ -38,7 +38,7 @@ def batch_features(loaded, passages: list[str]) -> dict[str, np.ndarray]:
     prep = loaded.encoder.prepare(QUERY, passages, Truncate.END)
     items = prep.items
     return pad_features([it.input_ids for it in items], [it.token_type_ids for it in items],
-                        loaded.backend.pad_id, loaded.backend.runtime.input_names)
+                        loaded.scorer.pad_id, loaded.scorer.runtime.input_names)
 
 
 ENGINES = ["openvino", "onnx", "torch"]
@@ -49,12 +49,12 @@ ENGINES = ["openvino", "onnx", "torch"]
 def test_cross_encoder_logits_match_transformers(request, backend, which):
     model_dir = request.getfixturevalue(which)
     loaded = load_model(str(model_dir), LoadOptions(backend=backend, dtype="fp32"))
-    assert loaded.backend.description == f"{backend}-fp32-cpu"
+    assert loaded.scorer.description == f"{backend}-fp32-cpu"
     # Batch sizes and padded widths unlike the export's dummy batch: the axes must really be dynamic.
     for passages in (PASSAGES, PASSAGES[:1], PASSAGES[2:7]):
         feats = batch_features(loaded, passages)
         ref = reference_logits(model_dir, feats)
-        got = loaded.backend.runtime.run(feats)
+        got = loaded.scorer.runtime.run(feats)
         assert got.dtype == np.float32
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
@@ -77,7 +77,7 @@ def sentence_transformer():
 @pytest.mark.parametrize("backend", ENGINES)
 def test_bi_encoder_matches_sentence_transformers(sentence_transformer, backend):
     loaded = load_model("default", LoadOptions(backend=backend, dtype="fp32"))
-    assert loaded.backend.description == f"{backend}-fp32-cpu"
+    assert loaded.scorer.description == f"{backend}-fp32-cpu"
     texts = [QUERY, *PASSAGES, "A much longer passage about rivers. " * 30]
     ref = sentence_transformer.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=4)
     got = loaded.embed(texts, batch_size=5)

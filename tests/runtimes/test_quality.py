@@ -44,7 +44,7 @@ def ndcg10(dl19, backend: str, dtype: str, expect: str | None = None) -> float:
     ds, candidates = dl19
     loaded = load_model("default", LoadOptions(backend=backend, dtype=dtype))
     if expect:
-        assert loaded.backend.description == expect
+        assert loaded.scorer.description == expect
     try:
         doc_ids = sorted({d for docs in candidates.values() for d in docs})
         qids = list(candidates)
@@ -70,8 +70,8 @@ def fp32_ndcg(dl19) -> float:
 
 
 def test_what_auto_picks_keeps_ndcg(dl19, fp32_ndcg):
-    engine = load_model("default").engine
-    value = ndcg10(dl19, engine.backend, engine.dtype)
+    engine = load_model("default").runtime_choice
+    value = ndcg10(dl19, engine.runtime, engine.dtype)
     print(f"\nDL19 nDCG@10: fp32 {fp32_ndcg:.4f}, auto ({engine.label}) {value:.4f}")
     assert abs(value - fp32_ndcg) <= AUTO_TOLERANCE, f"{engine.label} nDCG@10 {value:.4f} vs fp32 {fp32_ndcg:.4f}"
 

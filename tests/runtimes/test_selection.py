@@ -9,7 +9,7 @@ import pytest
 
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import openvino_convert, selection
-from openrerank.runtimes.selection import BackendConfigError, check_backend_options, plan_engines
+from openrerank.runtimes.selection import RuntimeConfigError, check_runtime_options, plan_runtimes
 
 BF16_CPU = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # e.g. Zen 4, Cooper Lake
 AMX_CPU = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8"})  # Sapphire Rapids
@@ -31,8 +31,8 @@ def machine(monkeypatch):
 
 
 def first(backend: str, dtype: str, device: str = "cpu", engines: tuple[str, ...] = ENCODERS) -> tuple[str, str]:
-    choice = plan_engines(backend, dtype, device, engines)[0]
-    return choice.backend, choice.dtype
+    choice = plan_runtimes(backend, dtype, device, engines)[0]
+    return choice.runtime, choice.dtype
 
 
 @pytest.mark.parametrize(("flags", "openvino", "dtype", "expected"), [
@@ -53,20 +53,20 @@ def first(backend: str, dtype: str, device: str = "cpu", engines: tuple[str, ...
 ])
 def test_auto_depends_only_on_cpu_flags_and_packages(machine, flags, openvino, dtype, expected):
     machine(flags, openvino)
-    plans = [plan_engines("auto", dtype, "cpu", ENCODERS) for _ in range(3)]
+    plans = [plan_runtimes("auto", dtype, "cpu", ENCODERS) for _ in range(3)]
     assert plans[0] == plans[1] == plans[2]  # deterministic: same machine, same answer, same reason
-    assert (plans[0][0].backend, plans[0][0].dtype) == expected
-    assert check_backend_options("auto", dtype, "cpu", ENCODERS) == expected[0]
+    assert (plans[0][0].runtime, plans[0][0].dtype) == expected
+    assert check_runtime_options("auto", dtype, "cpu", ENCODERS) == expected[0]
     assert plans[0][0].reason
 
 
 def test_auto_plans_exact_fallbacks_after_the_first_choice(machine):
     machine(BF16_CPU)
-    plan = [(c.backend, c.dtype) for c in plan_engines("auto", "auto", "cpu", ENCODERS)]
+    plan = [(c.runtime, c.dtype) for c in plan_runtimes("auto", "auto", "cpu", ENCODERS)]
     assert plan == [("openvino", "bf16"), ("openvino", "fp32"), ("onnx", "fp32"), ("torch", "fp32")]
-    assert "bf16 units (avx512_bf16)" in plan_engines("auto", "auto", "cpu", ENCODERS)[0].reason
+    assert "bf16 units (avx512_bf16)" in plan_runtimes("auto", "auto", "cpu", ENCODERS)[0].reason
     machine(BF16_CPU, openvino=False)
-    onnx = plan_engines("auto", "auto", "cpu", ENCODERS)[0]
+    onnx = plan_runtimes("auto", "auto", "cpu", ENCODERS)[0]
     assert "OpenVINO is not installed" in onnx.reason
     # Without NNCF, int8 is ONNX Runtime's.
     machine(VNNI_CPU, nncf=False)
@@ -78,7 +78,7 @@ def test_llm_families_and_gpus_get_pytorch(machine):
     assert first("auto", "auto", engines=("torch",)) == ("torch", "fp32")
     assert first("auto", "auto", "cuda") == ("torch", "fp32")
     assert first("auto", "fp16", "cuda:1") == ("torch", "fp16")
-    assert "CUDA" in plan_engines("auto", "auto", "cuda", ENCODERS)[0].reason
+    assert "CUDA" in plan_runtimes("auto", "auto", "cuda", ENCODERS)[0].reason
 
 
 @pytest.mark.parametrize(("backend", "dtype", "device", "message"), [
@@ -97,44 +97,44 @@ def test_llm_families_and_gpus_get_pytorch(machine):
 ])
 def test_impossible_combinations_are_refused(machine, backend, dtype, device, message):
     machine(BF16_CPU)
-    with pytest.raises(BackendConfigError, match=message):
-        check_backend_options(backend, dtype, device)
+    with pytest.raises(RuntimeConfigError, match=message):
+        check_runtime_options(backend, dtype, device)
 
 
 def test_explicit_backends_are_exact_or_refused(machine):
     machine(BF16_CPU, openvino=False, nncf=False)
-    with pytest.raises(BackendConfigError, match="needs the openvino package"):
-        check_backend_options("openvino", "fp32", "cpu")
+    with pytest.raises(RuntimeConfigError, match="needs the openvino package"):
+        check_runtime_options("openvino", "fp32", "cpu")
     machine(BF16_CPU, nncf=False)
-    with pytest.raises(BackendConfigError, match="needs the nncf package"):
-        check_backend_options("openvino", "int8", "cpu")
+    with pytest.raises(RuntimeConfigError, match="needs the nncf package"):
+        check_runtime_options("openvino", "int8", "cpu")
     assert first("openvino", "auto") == ("openvino", "bf16")
     assert first("onnx", "auto") == ("onnx", "fp32")
     assert first("torch", "auto") == ("torch", "fp32")
-    assert len(plan_engines("openvino", "auto", "cpu", ENCODERS)) == 1  # no silent substitute
-    with pytest.raises(BackendConfigError, match="runs on the torch backend, not openvino"):
-        check_backend_options("openvino", "fp32", "cpu", ("torch",), "qwen3-reranker")
+    assert len(plan_runtimes("openvino", "auto", "cpu", ENCODERS)) == 1  # no silent substitute
+    with pytest.raises(RuntimeConfigError, match="runs on the torch backend, not openvino"):
+        check_runtime_options("openvino", "fp32", "cpu", ("torch",), "qwen3-reranker")
 
 
 def test_bf16_on_cpu_needs_bf16_hardware(machine):
     machine(VNNI_CPU)
     for backend in ("torch", "openvino", "auto"):
-        with pytest.raises(BackendConfigError, match="AVX512-BF16 or AMX"):
-            check_backend_options(backend, "bf16", "cpu")
-    assert check_backend_options("torch", "bf16", "cuda") == "torch"  # the GPU does bf16 itself
+        with pytest.raises(RuntimeConfigError, match="AVX512-BF16 or AMX"):
+            check_runtime_options(backend, "bf16", "cpu")
+    assert check_runtime_options("torch", "bf16", "cuda") == "torch"  # the GPU does bf16 itself
     assert first("openvino", "auto") == ("openvino", "fp32")
 
 
 def test_int8_without_vnni_warns_but_runs(machine):
     machine(OLD_CPU)
     with pytest.warns(RuntimeWarning, match="VNNI"):
-        assert check_backend_options("onnx", "int8", "cpu") == "onnx"
+        assert check_runtime_options("onnx", "int8", "cpu") == "onnx"
     with pytest.warns(RuntimeWarning, match="VNNI"):
-        assert check_backend_options("openvino", "int8", "cpu") == "openvino"
+        assert check_runtime_options("openvino", "int8", "cpu") == "openvino"
     machine(frozenset({"avx_vnni"}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_backend_options("onnx", "int8", "cpu")
+        check_runtime_options("onnx", "int8", "cpu")
 
 
 def test_cpu_flags_reads_this_machine():
@@ -163,10 +163,10 @@ def test_auto_falls_back_when_openvino_refuses_the_model(tiny_model_dir, monkeyp
 
     monkeypatch.setattr(openvino_convert, "_convert", refuse)
     loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32"))
-    assert loaded.backend.description == "onnx-fp32-cpu"
-    assert loaded.engine is not None and loaded.engine.backend == "onnx"
-    assert "OpenVINO fp32 refused it (ConversionError: unsupported operation" in loaded.engine.reason
-    assert loaded.describe()["engine"]["reason"] == loaded.engine.reason
+    assert loaded.scorer.description == "onnx-fp32-cpu"
+    assert loaded.runtime_choice is not None and loaded.runtime_choice.runtime == "onnx"
+    assert "OpenVINO fp32 refused it (ConversionError: unsupported operation" in loaded.runtime_choice.reason
+    assert loaded.describe()["engine"]["reason"] == loaded.runtime_choice.reason
     assert np.isfinite(loaded.score("paris", ["paris is in france", "bananas"])).all()
     with pytest.raises(openvino_convert.ConversionError, match="frobnicate"):
         load_model(str(tiny_model_dir), LoadOptions(backend="openvino", dtype="fp32"))
@@ -176,8 +176,8 @@ def test_auto_falls_back_when_openvino_refuses_the_model(tiny_model_dir, monkeyp
 def test_auto_without_openvino_serves_onnx(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(selection, "openvino_available", lambda: False)
     loaded = load_model(str(tiny_model_dir))
-    assert loaded.backend.description == "onnx-fp32-cpu"
-    assert "not installed" in loaded.engine.reason
+    assert loaded.scorer.description == "onnx-fp32-cpu"
+    assert "not installed" in loaded.runtime_choice.reason
 
 
 @pytest.mark.skipif(not selection.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
@@ -185,7 +185,7 @@ def test_torch_bf16_returns_float32_close_to_fp32():
     texts = ["what is the capital of france", "paris is the capital of france", "bananas are yellow"]
     fp32 = load_model("default", LoadOptions(backend="torch"))
     bf16 = load_model("default", LoadOptions(backend="torch", dtype="bf16"))
-    assert bf16.backend.description == "torch-bf16-cpu"
+    assert bf16.scorer.description == "torch-bf16-cpu"
     a, b = fp32.score(texts[0], texts[1:]), bf16.score(texts[0], texts[1:])
     assert b.dtype == np.float32
     np.testing.assert_allclose(b, a, atol=0.02)

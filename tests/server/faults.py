@@ -18,7 +18,7 @@ import uvicorn
 from openrerank_bench.serve_process import free_port
 
 from openrerank.core.work import WorkItem
-from openrerank.runtimes.base import Backend
+from openrerank.families.scorer import Scorer
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.http import guarded_protocol
@@ -30,10 +30,10 @@ class Fatal(BaseException):
     """Escapes the scheduler's per-batch handling: kills the worker thread."""
 
 
-class GatedBackend(Backend):
+class GatedScorer(Scorer):
     """Wraps a model's real backend: can hold batches, fail any batch holding `poison_token`, or die."""
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Scorer) -> None:
         self.inner = inner
         self.runtime = inner.runtime
         self.pad_id = inner.pad_id
@@ -75,7 +75,7 @@ class InProcessServer:
                                                     http=guarded_protocol(config.header_timeout)))
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.backends: dict[str, GatedBackend] = {}
+        self.backends: dict[str, GatedScorer] = {}
 
     def _run(self) -> None:
         async def main() -> None:
@@ -97,8 +97,8 @@ class InProcessServer:
             assert self.thread.is_alive(), "in-process server died"
             time.sleep(0.1)
         for model in self.app.state.models.models():
-            gated = GatedBackend(model.scheduler.backend)
-            model.scheduler.backend = gated
+            gated = GatedScorer(model.scheduler.scorer)
+            model.scheduler.scorer = gated
             self.backends[model.name] = gated
         return self
 

@@ -74,8 +74,8 @@ def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_m
             return self.inner(*inputs)
 
     loaded = load_model(str(tiny_model_dir), LoadOptions(backend="torch", threads=1))
-    loaded.backend.runtime.module = OutOfMemoryAbove(loaded.backend.runtime.module, max_width=40)
-    served = ServedModel("tiny", loaded, Scheduler(loaded.backend, SchedulerConfig(), name="tiny"))
+    loaded.scorer.runtime.module = OutOfMemoryAbove(loaded.scorer.runtime.module, max_width=40)
+    served = ServedModel("tiny", loaded, Scheduler(loaded.scorer, SchedulerConfig(), name="tiny"))
     short = ["alpha beta", "gamma delta epsilon"]
     app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), load_models=False)
     with TestClient(app) as c:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from openrerank.runtimes.selection import plan_engines
+from openrerank.runtimes.selection import plan_runtimes
 from tests.support import nim_body, run_server
 
 QUERY = "what is the capital of france"
@@ -27,11 +27,11 @@ def metric(text: str, name: str) -> float:
 def test_metadata_and_startup_log_say_which_engine_and_why(cached_server):
     with cached_server.client() as c:
         model = c.get("/v1/metadata").json()["models"][0]
-    expected = plan_engines("auto", "auto", "cpu")[0]  # what auto plans on this machine
+    expected = plan_runtimes("auto", "auto", "cpu")[0]  # what auto plans on this machine
     engine = model["engine"]
-    assert (engine["backend"], engine["dtype"]) == (expected.backend, expected.dtype)
+    assert (engine["backend"], engine["dtype"]) == (expected.runtime, expected.dtype)
     assert engine["reason"] == expected.reason and len(engine["reason"]) > 20
-    assert model["backend"] == f"{expected.backend}-{expected.dtype}-cpu"
+    assert model["backend"] == f"{expected.runtime}-{expected.dtype}-cpu"
     assert model["score_cache"]["max_bytes"] == 2**20
     log = cached_server.output()
     assert f"engine {expected.label}: {expected.reason}" in log

@@ -61,13 +61,13 @@ def load_average() -> list[float] | None:
 
 def _auto_pick() -> str | None:
     """What `--backend auto` serves an encoder with on this machine, as BACKEND:DTYPE."""
-    from openrerank.runtimes.selection import BackendConfigError, plan_engines
+    from openrerank.runtimes.selection import RuntimeConfigError, plan_runtimes
 
     try:
-        choice = plan_engines("auto", "auto", "cpu")[0]
-    except BackendConfigError:
+        choice = plan_runtimes("auto", "auto", "cpu")[0]
+    except RuntimeConfigError:
         return None
-    return f"{choice.backend}:{choice.dtype}"
+    return f"{choice.runtime}:{choice.dtype}"
 
 
 def run_bench(args: argparse.Namespace) -> int:

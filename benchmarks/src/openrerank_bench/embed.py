@@ -81,7 +81,7 @@ class EmbedRunner:
                                         LoadOptions(backend=backend, dtype=dtype, threads=threads),
                                         SchedulerConfig(), None)
         self.load_seconds = time.perf_counter() - t
-        self.description = self.served.loaded.backend.description
+        self.description = self.served.loaded.scorer.description
         loop.run_until_complete(self.served.scheduler.start())
 
     def measure(self, texts: list[str]) -> tuple[dict, np.ndarray]:

@@ -45,7 +45,7 @@ def default_model_ndcg(wl: Workload, backend: str, dtype: str, threads: int | No
         scores = [loaded.score(q, ps, Truncate.END) for q, ps in zip(wl.queries, wl.passages, strict=True)]
     finally:
         loaded.close()
-    return {"ndcg@10": ndcg10(wl, scores), "runtime": loaded.backend.description, "scores": scores}
+    return {"ndcg@10": ndcg10(wl, scores), "runtime": loaded.scorer.description, "scores": scores}
 
 
 def faithful(row: dict, reference_ndcg: float | None) -> bool | None:

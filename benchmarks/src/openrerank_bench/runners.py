@@ -81,7 +81,7 @@ class OfflineRunner:
                                         LoadOptions(backend=backend, dtype=dtype, device=device, threads=threads),
                                         sched, None)
         self.load_seconds = time.perf_counter() - t
-        self.description = self.served.loaded.backend.description
+        self.description = self.served.loaded.scorer.description
         loop.run_until_complete(self.served.scheduler.start())
 
     def measure(self, wl: Workload) -> tuple[dict, list[np.ndarray]]:

@@ -31,7 +31,7 @@ def run_export(args: argparse.Namespace) -> int:
     from openrerank.families.base import ModelFormatError
     from openrerank.runtimes.onnx_export import ExportError, ensure_onnx
     from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
-    from openrerank.runtimes.selection import BackendConfigError
+    from openrerank.runtimes.selection import RuntimeConfigError
     from openrerank.sources.source import ModelSourceError
 
     try:
@@ -39,7 +39,7 @@ def run_export(args: argparse.Namespace) -> int:
         # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
         variant = "fp32" if args.backend == "openvino" and args.dtype == "bf16" else args.dtype
         if args.backend == "onnx" and args.dtype == "bf16":
-            raise BackendConfigError("ONNX Runtime runs fp32 or int8 here; bf16 is an OpenVINO or PyTorch dtype")
+            raise RuntimeConfigError("ONNX Runtime runs fp32 or int8 here; bf16 is an OpenVINO or PyTorch dtype")
         resolved = resolve_model(source, LoadOptions(backend=args.backend, dtype=variant,
                                                      allow_pickle=args.allow_pickle, revision=args.revision))
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.spec.path), local_files_only=True)
@@ -49,7 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
             result = ensure_openvino(network, variant=variant, cache_dir=cache_dir / "openvino" if cache_dir else None)
         else:
             result = ensure_onnx(network, dtype=args.dtype, opset=args.opset, cache_dir=cache_dir)
-    except (ModelSourceError, ModelFormatError, ExportError, ConversionError, BackendConfigError,
+    except (ModelSourceError, ModelFormatError, ExportError, ConversionError, RuntimeConfigError,
             ValueError) as exc:
         print(f"openrerank export: error: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from openrerank.cli import export, families
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from openrerank.runtimes.selection import BACKENDS, DTYPES
+from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
 from openrerank.server.config import BATCHING_FIELDS, ServerConfig
 
 #: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
@@ -52,7 +52,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
     Option("backend", "engine", "inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
-           "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
+           "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKEND_CHOICES),
     Option("dtype", "engine", "auto (what backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
            "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
@@ -129,7 +129,7 @@ def preflight(config: ServerConfig) -> None:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later)."""
     from openrerank.engine.loading import model_sources, resolve_model
     from openrerank.runtimes.devices import check_device
-    from openrerank.runtimes.selection import check_backend_options
+    from openrerank.runtimes.selection import check_runtime_options
     from openrerank.server.engine_config import load_options
 
     sources = model_sources(config.models, config.model_families, config.instructions)
@@ -138,7 +138,7 @@ def preflight(config: ServerConfig) -> None:
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
     config.validate()
-    check_backend_options(config.backend, config.dtype, config.device)
+    check_runtime_options(config.backend, config.dtype, config.device)
     check_device(config.device)
     if config.otlp_endpoint:
         from openrerank.observe.tracing import check_tracing_available

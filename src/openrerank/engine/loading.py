@@ -1,6 +1,6 @@
 """Load a model source into something that scores: the one composition root of the model side.
 
-source (`models/`: where the files are, are they safe) -> files -> family (`families/`: what kind of
+source (`sources/`: where the files are, are they safe) -> files -> family (`families/`: what kind of
 reranker) -> tokenizer + text encoder (`text/`) -> runtime + scorer (`runtimes/`, `families/`). The packages below know
 nothing of each other beyond what this module wires together; the server (`engine/served.py`), `eval`,
 `bench` and `export` all load models through here.
@@ -19,8 +19,8 @@ from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
-from openrerank.runtimes.base import Backend, TaskNotSupportedError
-from openrerank.runtimes.selection import EngineChoice, check_backend_options, create_runtime
+from openrerank.families.scorer import Scorer, TaskNotSupportedError
+from openrerank.runtimes.selection import RuntimeChoice, check_runtime_options, create_runtime
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadOptions:
-    backend: str = "auto"
+    backend: str = "auto"  # the --backend flag's value: the runtime to run on, or auto (it keeps the flag's name)
     dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see runtimes/selection.py)
     device: str = "cpu"
     threads: int | None = None
@@ -48,8 +48,8 @@ class ResolvedModel:
     weights_format: str
     family: Family
     spec: ModelSpec
-    engine: str  # the runtime it is planned to run on (openvino | onnx | torch)
-    engines: tuple[str, ...]  # the runtimes these files can run on (a pre-exported ONNX folder: onnx only)
+    runtime: str  # the runtime it is planned to run on (openvino | onnx | torch)
+    runtimes: tuple[str, ...]  # the runtimes these files can run on (a pre-exported ONNX folder: onnx only)
 
 
 @dataclass
@@ -58,10 +58,10 @@ class LoadedModel:
     spec: ModelSpec
     family: Family
     encoder: TextEncoder
-    backend: Backend
+    scorer: Scorer
     weights_format: str
     device: str = "cpu"
-    engine: EngineChoice | None = None  # which engine serves and why (None: built by hand, e.g. in tests)
+    runtime_choice: RuntimeChoice | None = None  # which runtime serves and why (None: built by hand, e.g. in tests)
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -74,7 +74,7 @@ class LoadedModel:
     @property
     def embeds(self) -> bool:
         """Whether the model hands out embeddings (bi-encoders), not only pair scores."""
-        return isinstance(self.backend, BiEncoderScorer) and isinstance(self.encoder, BiTextEncoder)
+        return isinstance(self.scorer, BiEncoderScorer) and isinstance(self.encoder, BiTextEncoder)
 
     def score(self, query: str, passages: list[str], truncate: Truncate = Truncate.END,
               policy: BatchPolicy | None = None) -> np.ndarray:
@@ -86,7 +86,7 @@ class LoadedModel:
         prep = self.encoder.prepare(query, passages, truncate)
         scores = np.zeros(len(prep.items), dtype=np.float32)
         for idx in (policy or default_policy(self.device)).split(prep.items):
-            scores[idx] = self.backend.score([prep.items[i] for i in idx])
+            scores[idx] = self.scorer.score([prep.items[i] for i in idx])
         return prep.fold(scores, len(passages))
 
     def embedding_items(self, texts: list[str], truncate: Truncate = Truncate.END,
@@ -109,8 +109,8 @@ class LoadedModel:
         out = np.zeros((len(texts), 0), dtype=np.float32)
         for idx in BatchPolicy(max_size=batch_size).split(items):
             batch = [items[i] for i in idx]
-            emb = (self.backend.embed_ids([it.input_ids for it in batch])  # type: ignore[attr-defined]
-                   if normalize else self.backend.embed(batch))
+            emb = (self.scorer.embed_ids([it.input_ids for it in batch])  # type: ignore[attr-defined]
+                   if normalize else self.scorer.embed(batch))
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
             out[idx] = emb
@@ -122,16 +122,19 @@ class LoadedModel:
         return ["rerank", "embed"] if self.embeds else ["rerank"]
 
     def describe(self) -> dict:
-        """What /v1/metadata and logs say about the model: family, engine, window, family facts."""
+        """What /v1/metadata and logs say about the model: family, runtime, window, family facts.
+
+        The keys are the API's and stay as they were: "backend" is the scorer's runtime description and
+        "engine" the runtime choice (which runtime, which dtype, why)."""
         meta = {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
-                "backend": self.backend.description,
+                "backend": self.scorer.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
-        if self.engine is not None:
-            meta["engine"] = self.engine.as_metadata()
+        if self.runtime_choice is not None:
+            meta["engine"] = self.runtime_choice.as_metadata()
         return meta
 
     def close(self) -> None:
-        self.backend.close()
+        self.scorer.close()
 
 
 def model_sources(models: list[str], families: list[str] | None = None,
@@ -162,7 +165,7 @@ def model_sources(models: list[str], families: list[str] | None = None,
 
 
 def resolve_model(source: ModelSource | str, options: LoadOptions | None = None) -> ResolvedModel:
-    """Locate (downloading from the hub if needed), check the weights, detect the family, check the engine."""
+    """Locate (downloading from the hub if needed), check the weights, detect the family, check the runtime."""
     if isinstance(source, str):
         source = ModelSource(source, source)
     options = options or LoadOptions()
@@ -171,14 +174,14 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     family, spec = resolve_spec(ModelFiles.read(path, name=source.spec), source.family, source.instruction)
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
-    engines = family.engines
+    runtimes = family.runtimes
     if weights_format == "onnx":
         if options.backend not in ("auto", "onnx") or options.device != "cpu":
             raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
                              "ONNX Runtime only: use --backend onnx (or auto) on CPU")
-        engines = ("onnx",)
-    engine = check_backend_options(options.backend, options.dtype, options.device, engines, family.id)
-    return ResolvedModel(source, weights_format, family, spec, engine, engines)
+        runtimes = ("onnx",)
+    runtime = check_runtime_options(options.backend, options.dtype, options.device, runtimes, family.id)
+    return ResolvedModel(source, weights_format, family, spec, runtime, runtimes)
 
 
 def load_model(source: ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:
@@ -190,11 +193,11 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     family, spec = resolved.family, resolved.spec
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     encoder = family.text_encoder(spec, tokenizer)
-    runtime, engine = create_runtime(
-        family.network(spec, tokenizer), engines=resolved.engines, backend=options.backend, dtype=options.dtype,
+    runtime, choice = create_runtime(
+        family.network(spec, tokenizer), runtimes=resolved.runtimes, backend=options.backend, dtype=options.dtype,
         device=options.device, threads=options.threads, family=family.id)
-    backend = family.scorer(spec, runtime, encoder.pad_id)
-    log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
-             family.id, resolved.weights_format, backend.description, spec.max_length, engine.label, engine.reason)
-    return LoadedModel(resolved.source, spec, family, encoder, backend, resolved.weights_format,
-                       device=options.device, engine=engine)
+    scorer = family.scorer(spec, runtime, encoder.pad_id)
+    log.info("loaded %s as %s (%s weights) on %s, window %d tokens; runtime %s: %s", resolved.source.spec,
+             family.id, resolved.weights_format, scorer.description, spec.max_length, choice.label, choice.reason)
+    return LoadedModel(resolved.source, spec, family, encoder, scorer, resolved.weights_format,
+                       device=options.device, runtime_choice=choice)

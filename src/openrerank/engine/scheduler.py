@@ -53,8 +53,9 @@ from openrerank.engine.errors import (
     WorkerDiedError,
 )
 from openrerank.engine.planning import give_back, plan_window
+from openrerank.families.scorer import Scorer
 from openrerank.observe.metrics import Metrics
-from openrerank.runtimes.base import Backend, RowsFailedError
+from openrerank.runtimes.base import RowsFailedError
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,9 @@ _NEW, _RUNNING, _STOPPING, _STOPPED, _FAILED = "new", "running", "stopping", "st
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, config: SchedulerConfig, *, name: str,
+    def __init__(self, scorer: Scorer, config: SchedulerConfig, *, name: str,
                  metrics: Metrics | None = None) -> None:
-        self.backend = backend
+        self.scorer = scorer
         self.config = config
         self.name = name
         self.metrics = metrics
@@ -216,7 +217,7 @@ class Scheduler:
         for task in TASKS:
             group = [it for it in items if it.task == task]
             for idx in self.config.policy.split(group):
-                self.backend.compute([group[i] for i in idx])
+                self.scorer.compute([group[i] for i in idx])
 
     async def submit(self, items: Sequence[WorkItem], *, timeout: float | None = None,
                      deadline: float | None = None) -> ScoreOutcome:
@@ -427,7 +428,7 @@ class Scheduler:
                     self.metrics.queue_time.labels(self.name, task).observe(start - req.submitted)
         failed: set[_Request] = set()
         try:
-            rows = self._check_rows(self.backend.compute(items), task, len(items))
+            rows = self._check_rows(self.scorer.compute(items), task, len(items))
         except RowsFailedError as exc:
             # Some items could not be computed even alone (e.g. out of device memory); the rest were.
             rows = self._check_rows(exc.outputs, task, len(items))

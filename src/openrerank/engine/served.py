@@ -90,7 +90,7 @@ class ServedModel:
     @property
     def dtype(self) -> str | None:
         """The precision it runs in (what `--dtype auto` resolved to); None when built by hand."""
-        return self.loaded.engine.dtype if self.loaded.engine is not None else None
+        return self.loaded.runtime_choice.dtype if self.loaded.runtime_choice is not None else None
 
     @property
     def embeds(self) -> bool:
@@ -106,7 +106,7 @@ class ServedModel:
         if self.embeds:
             items = self.loaded.embedding_items(_WARMUP_PASSAGES)
             self.scheduler.warmup(items)
-            self.embedding_dim = int(self.loaded.backend.embed(items[:1]).shape[1])
+            self.embedding_dim = int(self.loaded.scorer.embed(items[:1]).shape[1])
 
     async def rerank(self, req: RerankRequest, *, deadline: float | None = None) -> RerankResult:
         """Prepare text off the loop, score through the scheduler, fold chunk scores to passages.
@@ -189,7 +189,7 @@ class ServedModel:
         loaded = self.loaded
         return ScoreCache.namespace(
             self.name, loaded.source.spec, loaded.family.id, sorted(loaded.spec.options.items()),
-            loaded.max_length, loaded.backend.description, req.truncate.value, chunk_cap,
+            loaded.max_length, loaded.scorer.description, req.truncate.value, chunk_cap,
             req.max_tokens_per_passage)
 
     def _chunk_cap(self, req: RerankRequest) -> int | None:
@@ -362,7 +362,7 @@ def load_served_model(source: ModelSource, options: LoadOptions, sched: Schedule
                       score_cache: ScoreCache | None = None) -> ServedModel:
     """Blocking: load weights, build the scheduler, run a warm-up pass."""
     loaded = load_model(source, options)
-    scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
+    scheduler = Scheduler(loaded.scorer, sched, name=source.served_id, metrics=metrics)
     served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits(),
                          score_cache=score_cache)
     served.warmup()

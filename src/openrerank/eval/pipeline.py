@@ -139,7 +139,7 @@ class Models:
     def fingerprint(self, source: str) -> str:
         if source not in self._fingerprints:
             model = self.get(source)
-            runtime = getattr(model.backend, "runtime", None)
+            runtime = getattr(model.scorer, "runtime", None)
             backend = getattr(runtime, "description", None) or f"{self.config.backend}-{self.config.dtype}"
             self._fingerprints[source] = model_fingerprint(
                 model.spec.path, backend=backend, dtype=self.config.dtype, max_length=model.max_length)

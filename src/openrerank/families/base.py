@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from openrerank.core.requests import ScoreKind
-from openrerank.runtimes.base import Backend, Network, Runtime
+from openrerank.families.scorer import Scorer
+from openrerank.runtimes.base import Network, Runtime
 from openrerank.text.prepare import TextEncoder
 
 
@@ -149,7 +150,7 @@ class Family(ABC):
     input_format: ClassVar[str]  # how a (query, passage) pair is written, for `openrerank families` and docs
     readout: ClassVar[str]  # how the network's output becomes the score
     score_kind: ClassVar[ScoreKind]
-    engines: ClassVar[tuple[str, ...]]  # runtimes it runs on, the preferred CPU engine first
+    runtimes: ClassVar[tuple[str, ...]]  # runtimes it runs on, the preferred CPU runtime first
     examples: ClassVar[tuple[str, ...]] = ()  # published hub ids served by this family
     takes_instruction: ClassVar[bool] = False
 
@@ -177,16 +178,16 @@ class Family(ABC):
     def network(self, spec: ModelSpec, tokenizer) -> Network: ...
 
     @abstractmethod
-    def scorer(self, spec: ModelSpec, runtime: Runtime, pad_id: int) -> Backend: ...
+    def scorer(self, spec: ModelSpec, runtime: Runtime, pad_id: int) -> Scorer: ...
 
     @property
     def unit_score(self) -> str:
         return "sigmoid(score)" if self.score_kind is ScoreKind.LOGIT else "(cosine + 1) / 2"
 
     def describe(self) -> dict:
-        """The family as `openrerank families` and docs show it."""
+        """The family as `openrerank families` and docs show it (the "engines" key lists its runtimes)."""
         return {"id": self.id, "title": self.title, "input": self.input_format, "readout": self.readout,
-                "score": self.score_kind.value, "unit_score": self.unit_score, "engines": list(self.engines),
+                "score": self.score_kind.value, "unit_score": self.unit_score, "engines": list(self.runtimes),
                 "instruction": self.takes_instruction, "examples": list(self.examples)}
 
 

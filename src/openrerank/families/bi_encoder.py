@@ -120,7 +120,7 @@ class BiEncoderFamily(Family):
     input_format = "query and passage encoded separately: [CLS] text [SEP]"
     readout = "Pooling module (mean/CLS/max) over each text's tokens; score = cosine of the two embeddings"
     score_kind = ScoreKind.COSINE
-    engines = ("openvino", "onnx", "torch")
+    runtimes = ("openvino", "onnx", "torch")
     examples = ("sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5")
 
     def matches(self, files: ModelFiles) -> bool:

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from openrerank.core.work import BiItem, EmbedItem
-from openrerank.runtimes.base import Backend, RowsFailedError, Runtime, pad_features
+from openrerank.families.scorer import Scorer
+from openrerank.runtimes.base import RowsFailedError, Runtime, pad_features
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -24,7 +25,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(norms, 1e-12, None)
 
 
-class BiEncoderScorer(Backend):
+class BiEncoderScorer(Scorer):
     def __init__(self, runtime: Runtime, pad_id: int, *, normalize_embeddings: bool = True) -> None:
         self.runtime = runtime
         self.pad_id = pad_id

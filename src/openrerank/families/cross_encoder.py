@@ -93,7 +93,7 @@ class CrossEncoderFamily(Family):
     readout = ("sequence-classification head on the pair: 1 label -> the logit; 2 labels (no/yes) -> "
                "yes logit minus no logit")
     score_kind = ScoreKind.LOGIT
-    engines = ("openvino", "onnx", "torch")
+    runtimes = ("openvino", "onnx", "torch")
     examples = ("cross-encoder/ms-marco-MiniLM-L-6-v2", "BAAI/bge-reranker-v2-m3", "BAAI/bge-reranker-base",
                 "Alibaba-NLP/gte-reranker-modernbert-base", "mixedbread-ai/mxbai-rerank-base-v1")
 

@@ -80,7 +80,7 @@ class DecoderRerankerFamily(Family):
     """A causal LM asked a yes/no question; subclasses give the prompt and the answer tokens."""
 
     score_kind = ScoreKind.LOGIT
-    engines = ("torch",)
+    runtimes = ("torch",)
     #: `*ForCausalLM` architectures this family is published with (auto-detection needs one of them).
     architectures: ClassVar[tuple[str, ...]]
     #: Published repository names (matched in the hub id or directory name) that make detection unambiguous.

@@ -100,7 +100,7 @@ class LlamaBidirectionalFamily(Family):
     readout = ("bidirectional attention; linear head over the masked mean of all real tokens (BOS included), "
                "divided by temperature")
     score_kind = ScoreKind.LOGIT
-    engines = ("torch",)
+    runtimes = ("torch",)
     examples = ("nvidia/llama-nemotron-rerank-1b-v2", "nvidia/llama-3.2-nv-rerankqa-1b-v2")
 
     def matches(self, files: ModelFiles) -> bool:

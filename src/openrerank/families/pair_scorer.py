@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from openrerank.core.work import PairItem
-from openrerank.runtimes.base import Backend, RowsFailedError, Runtime, pad_features
+from openrerank.families.scorer import Scorer
+from openrerank.runtimes.base import RowsFailedError, Runtime, pad_features
 
 
 def logits_to_scores(logits: np.ndarray) -> np.ndarray:
@@ -23,7 +24,7 @@ def logits_to_scores(logits: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot rerank with a {logits.shape[1]}-label classifier head")
 
 
-class PairScorer(Backend):
+class PairScorer(Scorer):
     def __init__(self, runtime: Runtime, pad_id: int) -> None:
         self.runtime = runtime
         self.pad_id = pad_id

@@ -42,7 +42,7 @@ def detect_family(files: ModelFiles) -> Family:
             return family
     causal = causal_architecture(files)
     if causal:
-        decoders = ", ".join(f.id for f in FAMILIES if f.engines == ("torch",) and f.id != "llama-bidirectional")
+        decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and f.id != "llama-bidirectional")
         raise ModelFormatError(
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "

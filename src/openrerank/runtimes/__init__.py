@@ -1,1 +1,1 @@
-"""Inference backends: one interface (`Backend.score`), several engines (PyTorch, ONNX Runtime)."""
+"""Runtimes run a family's network on padded features (OpenVINO, ONNX Runtime, PyTorch); selection picks one."""

@@ -1,11 +1,9 @@
-"""The seam between the scheduler and the engines.
+"""What every runtime shares: a family's network as the runtimes need it, padded features, runtime failures.
 
-The scheduler hands a backend a list of tokenized work items of one task and gets one float32 row per item
-back: a score per query+passage pair (or chunk), or an embedding per text (bi-encoders only). A backend is a
-*scorer* (one score per sequence, or bi-encoder cosine) on top of a *runtime* (PyTorch or ONNX Runtime) that
-runs a family's network on padded numpy features. Neither knows about HTTP, dialects, batching policy or
-which model family it runs: a family describes its network as a `Network`, and the runtimes build, export and
-run that.
+A *runtime* (OpenVINO, ONNX Runtime, PyTorch) runs a family's network on padded numpy features and returns
+one float32 row per sequence. It knows nothing of HTTP, dialects, batching policy or which model family it
+runs: a family describes its network as a `Network`, and the runtimes build, export and run that. The
+per-family *scorer* that turns work items into scores on top of a runtime is `families/scorer.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from openrerank.core.work import EmbedItem, WorkItem
 
 
 @dataclass(frozen=True)
@@ -124,35 +120,3 @@ class Runtime(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources."""
-
-
-class TaskNotSupportedError(TypeError):
-    """A backend asked for a task its model cannot do (e.g. embeddings from a cross-encoder)."""
-
-
-class Backend(ABC):
-    """Runs work items; the only thing the scheduler calls (always off the event loop)."""
-
-    runtime: Runtime
-    pad_id: int
-
-    def compute(self, items: Sequence[WorkItem]) -> np.ndarray:
-        """What the scheduler calls with a batch of one task: scores `(n,)` or embeddings `(n, dim)`."""
-        if items and isinstance(items[0], EmbedItem):
-            return self.embed(items)  # type: ignore[arg-type]
-        return self.score(items)
-
-    @abstractmethod
-    def score(self, items: Sequence[WorkItem]) -> np.ndarray:
-        """One float32 score per item, in item order."""
-
-    def embed(self, items: Sequence[EmbedItem]) -> np.ndarray:
-        """One float32 embedding per text, in item order; only models that embed implement it."""
-        raise TaskNotSupportedError(f"{type(self).__name__} does not produce embeddings")
-
-    @property
-    def description(self) -> str:
-        return self.runtime.description
-
-    def close(self) -> None:
-        self.runtime.close()

@@ -1,4 +1,7 @@
-"""Pick the engine for (the family's engines, --backend, --dtype, --device) and build it.
+"""Pick the runtime for (the family's runtimes, --backend, --dtype, --device) and build it.
+
+The `--backend` flag keeps its name for compatibility; what it picks is a runtime. This module declares its
+legal values (`BACKEND_CHOICES`, `DTYPES`) once; the CLI and the export command take them from here.
 
 What can run where (anything else is refused before the server binds its port):
 
@@ -9,7 +12,7 @@ What can run where (anything else is refused before the server binds its port):
 | torch    | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX, else it is emulated)      | all      |
 | torch    | cuda   | fp32, bf16, fp16                                                | all      |
 
-`--backend auto` (the default) serves with the fastest *faithful* engine for this CPU: one whose scores on
+`--backend auto` (the default) serves with the fastest *faithful* runtime for this CPU: one whose scores on
 a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default model's DL19 nDCG@10 within
 0.002 of fp32. That is measured in the tests (`tests/runtimes/test_fidelity.py`) and by `openrerank bench`,
 not at startup, so the choice is a pure function of the CPU's flags, what is installed and the family:
@@ -22,9 +25,9 @@ not at startup, so the choice is a pure function of the CPU's flags, what is ins
 3. ONNX Runtime fp32 where OpenVINO is not installed or refuses the model; PyTorch fp32 where ONNX cannot
    export it, and for families that only run on PyTorch (the LLM rerankers), and on CUDA.
 
-With an explicit `--dtype`, `auto` picks the best engine for that dtype (fp32: OpenVINO, then ONNX Runtime;
+With an explicit `--dtype`, `auto` picks the best runtime for that dtype (fp32: OpenVINO, then ONNX Runtime;
 bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
-explicit `--backend` gets exactly that engine or a clear error, never a silent substitute.
+explicit `--backend` gets exactly that runtime or a clear error, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -42,33 +45,35 @@ from openrerank.runtimes.torch_runtime import is_cuda
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "openvino", "onnx", "torch")
+#: The runtimes, best CPU runtime first.
+RUNTIMES = ("openvino", "onnx", "torch")
+#: Legal values of `--backend` (it picks the runtime) and `--dtype`.
+BACKEND_CHOICES = ("auto", *RUNTIMES)
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
-ALL_ENGINES = ("openvino", "onnx", "torch")
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
 #: What "faithful" means, quoted in the reasons `auto` gives.
 FIDELITY_GATE = "probe scores correlate >= 0.9999 with fp32, DL19 nDCG@10 within 0.002"
 
-class BackendConfigError(ValueError):
+class RuntimeConfigError(ValueError):
     """An impossible backend/dtype/device combination; raised before the server starts."""
 
 
 @dataclass(frozen=True)
-class EngineChoice:
-    """An engine and precision to serve with, and why (shown in the startup log and /v1/metadata)."""
+class RuntimeChoice:
+    """A runtime and precision to serve with, and why (shown in the startup log and /v1/metadata)."""
 
-    backend: str
+    runtime: str  # openvino | onnx | torch
     dtype: str
     reason: str
 
     @property
     def label(self) -> str:
-        return f"{_NAMES.get(self.backend, self.backend)} {self.dtype}"
+        return f"{_NAMES.get(self.runtime, self.runtime)} {self.dtype}"
 
     def as_metadata(self) -> dict:
-        return {"backend": self.backend, "dtype": self.dtype, "reason": self.reason}
+        return {"backend": self.runtime, "dtype": self.dtype, "reason": self.reason}
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,136 +99,136 @@ def _has(flags: frozenset[str], wanted: tuple[str, ...]) -> str | None:
     return found[0] if found else None
 
 
-def _bf16_refusal(engine: str) -> BackendConfigError:
-    return BackendConfigError(
+def _bf16_refusal(runtime: str) -> RuntimeConfigError:
+    return RuntimeConfigError(
         f"--dtype bf16 on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this CPU "
-        f"lacks: {_NAMES[engine]} would emulate bf16 or quietly run fp32. Use --dtype fp32, or int8")
+        f"lacks: {_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32, or int8")
 
 
-def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str]) -> EngineChoice:
-    """The one engine an explicit --backend means, or why it cannot run that way."""
+def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str]) -> RuntimeChoice:
+    """The one runtime an explicit --backend means, or why it cannot run that way."""
     gpu = is_cuda(device)
     bf16_unit = _has(flags, _BF16_FLAGS)
     if backend == "torch":
         if dtype == "int8":
-            raise BackendConfigError("--dtype int8 needs --backend openvino or onnx (PyTorch runs fp32/bf16/fp16)")
+            raise RuntimeConfigError("--dtype int8 needs --backend openvino or onnx (PyTorch runs fp32/bf16/fp16)")
         if dtype == "fp16" and not gpu:
-            raise BackendConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+            raise RuntimeConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
         if dtype == "bf16" and not gpu and not bf16_unit:
             raise _bf16_refusal("torch")
-        return EngineChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")
+        return RuntimeChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")
     if gpu:
-        raise BackendConfigError(f"--backend {backend} runs on CPU only; use --backend torch for --device {device}")
+        raise RuntimeConfigError(f"--backend {backend} runs on CPU only; use --backend torch for --device {device}")
     if dtype == "fp16":
-        raise BackendConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+        raise RuntimeConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if backend == "onnx":
         if dtype == "bf16":
-            raise BackendConfigError("--dtype bf16 needs --backend openvino or torch (ONNX Runtime here runs "
+            raise RuntimeConfigError("--dtype bf16 needs --backend openvino or torch (ONNX Runtime here runs "
                                      "fp32 or int8)")
-        return EngineChoice("onnx", "fp32" if dtype == "auto" else dtype, "--backend onnx")
+        return RuntimeChoice("onnx", "fp32" if dtype == "auto" else dtype, "--backend onnx")
     # openvino
     if not openvino_available():
-        raise BackendConfigError("--backend openvino needs the openvino package (pip install openvino)")
+        raise RuntimeConfigError("--backend openvino needs the openvino package (pip install openvino)")
     if dtype == "auto":
         dtype = "bf16" if bf16_unit else "fp32"
     if dtype == "bf16" and not bf16_unit:
         raise _bf16_refusal("openvino")
     if dtype == "int8" and not nncf_available():
-        raise BackendConfigError("--backend openvino --dtype int8 needs the nncf package (pip install nncf)")
-    return EngineChoice("openvino", dtype, "--backend openvino")
+        raise RuntimeConfigError("--backend openvino --dtype int8 needs the nncf package (pip install nncf)")
+    return RuntimeChoice("openvino", dtype, "--backend openvino")
 
 
-def _auto_cpu(dtype: str, engines: tuple[str, ...], flags: frozenset[str], family: str) -> list[EngineChoice]:
+def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], family: str) -> list[RuntimeChoice]:
     """Candidates for `--backend auto` on CPU, best first."""
     bf16_unit = _has(flags, _BF16_FLAGS)
-    ov = "openvino" in engines and openvino_available()
-    ov_note = "" if ov or "openvino" not in engines else " (OpenVINO is not installed)"
-    out: list[EngineChoice] = []
+    ov = "openvino" in runtimes and openvino_available()
+    ov_note = "" if ov or "openvino" not in runtimes else " (OpenVINO is not installed)"
+    out: list[RuntimeChoice] = []
     if dtype == "fp16":
-        raise BackendConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+        raise RuntimeConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if dtype == "bf16" and not bf16_unit:
         raise _bf16_refusal("torch")
     if dtype == "auto":
         if ov and bf16_unit:
-            out.append(EngineChoice("openvino", "bf16", f"the CPU has bf16 units ({bf16_unit}): OpenVINO bf16 is the "
+            out.append(RuntimeChoice("openvino", "bf16", f"the CPU has bf16 units ({bf16_unit}): OpenVINO bf16 is the "
                                     f"fastest engine that passes the fidelity gate ({FIDELITY_GATE}); int8 is "
                                     "faster but fails it"))
         if ov:
-            out.append(EngineChoice("openvino", "fp32", "no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the "
+            out.append(RuntimeChoice("openvino", "fp32", "no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the "
                                     "fastest engine that passes the fidelity gate; int8 is faster but fails it"))
-        if "onnx" in engines:
-            out.append(EngineChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + ov_note))
-        if "torch" in engines:
-            why = "the only engine this family runs on" if engines == ("torch",) else "fp32, exact"
-            out.append(EngineChoice("torch", "fp32", f"PyTorch fp32: {why}"))
+        if "onnx" in runtimes:
+            out.append(RuntimeChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + ov_note))
+        if "torch" in runtimes:
+            why = "the only engine this family runs on" if runtimes == ("torch",) else "fp32, exact"
+            out.append(RuntimeChoice("torch", "fp32", f"PyTorch fp32: {why}"))
         return out
     if dtype == "fp32":
         if ov:
-            out.append(EngineChoice("openvino", "fp32", "--dtype fp32: OpenVINO is the fastest exact fp32 engine"))
-        if "onnx" in engines:
-            out.append(EngineChoice("onnx", "fp32", "--dtype fp32: ONNX Runtime" + ov_note))
-        if "torch" in engines:
-            out.append(EngineChoice("torch", "fp32", "--dtype fp32: PyTorch"))
+            out.append(RuntimeChoice("openvino", "fp32", "--dtype fp32: OpenVINO is the fastest exact fp32 engine"))
+        if "onnx" in runtimes:
+            out.append(RuntimeChoice("onnx", "fp32", "--dtype fp32: ONNX Runtime" + ov_note))
+        if "torch" in runtimes:
+            out.append(RuntimeChoice("torch", "fp32", "--dtype fp32: PyTorch"))
     elif dtype == "bf16":
         if ov:
-            out.append(EngineChoice("openvino", "bf16", f"--dtype bf16: OpenVINO bf16 ({bf16_unit})"))
-        if "torch" in engines:
-            out.append(EngineChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})" + ov_note))
+            out.append(RuntimeChoice("openvino", "bf16", f"--dtype bf16: OpenVINO bf16 ({bf16_unit})"))
+        if "torch" in runtimes:
+            out.append(RuntimeChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})" + ov_note))
     elif dtype == "int8":
         if ov and nncf_available():
-            out.append(EngineChoice("openvino", "int8", "--dtype int8: OpenVINO with NNCF int8 weights (closer to "
+            out.append(RuntimeChoice("openvino", "int8", "--dtype int8: OpenVINO with NNCF int8 weights (closer to "
                                     "fp32 than ONNX Runtime's dynamic int8)"))
-        if "onnx" in engines:
-            out.append(EngineChoice("onnx", "int8", "--dtype int8: ONNX Runtime dynamic int8"
+        if "onnx" in runtimes:
+            out.append(RuntimeChoice("onnx", "int8", "--dtype int8: ONNX Runtime dynamic int8"
                                     + ("" if ov and nncf_available() else " (OpenVINO/NNCF not installed)")))
     if not out:
-        raise BackendConfigError(f"--dtype {dtype} needs an engine {family} does not run on "
-                                 f"(engines: {', '.join(engines)})")
+        raise RuntimeConfigError(f"--dtype {dtype} needs an engine {family} does not run on "
+                                 f"(engines: {', '.join(runtimes)})")
     return out
 
 
-def plan_engines(backend: str, dtype: str, device: str, engines: tuple[str, ...] = ALL_ENGINES,
-                 family: str = "this model") -> list[EngineChoice]:
-    """The engines to try, best first (the first that loads serves); refuses impossible combinations.
+def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
+                 family: str = "this model") -> list[RuntimeChoice]:
+    """The runtimes to try, best first (the first that loads serves); refuses impossible combinations.
 
     Deterministic: the same flags, installed packages, family and options always give the same list.
     """
-    if backend not in BACKENDS:
-        raise BackendConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKEND_CHOICES:
+        raise RuntimeConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     if dtype not in DTYPES:
-        raise BackendConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise RuntimeConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if device != "cpu" and not is_cuda(device):
-        raise BackendConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
+        raise RuntimeConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
     flags = cpu_flags()
     if backend != "auto":
-        if backend not in engines:
-            raise BackendConfigError(f"{family} runs on the {' or '.join(engines)} backend, not {backend}")
+        if backend not in runtimes:
+            raise RuntimeConfigError(f"{family} runs on the {' or '.join(runtimes)} backend, not {backend}")
         plan = [_explicit(backend, dtype, device, flags)]
     elif is_cuda(device):
-        if "torch" not in engines:
-            raise BackendConfigError(f"{family} runs on CPU only (engines: {', '.join(engines)})")
+        if "torch" not in runtimes:
+            raise RuntimeConfigError(f"{family} runs on CPU only (engines: {', '.join(runtimes)})")
         plan = [_explicit("torch", dtype, device, flags)]
-        plan[0] = EngineChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices")
+        plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices")
     else:
-        plan = _auto_cpu(dtype, engines, flags, family)
+        plan = _auto_cpu(dtype, runtimes, flags, family)
     if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):
         warnings.warn("--dtype int8 on a CPU without VNNI (avx512_vnni/avx_vnni): it runs, but is usually no "
                       "faster than fp32", RuntimeWarning, stacklevel=2)
     return plan
 
 
-def check_backend_options(backend: str, dtype: str, device: str, engines: tuple[str, ...] = ALL_ENGINES,
+def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
                           family: str = "this model") -> str:
-    """Validate flags without loading anything (used by `serve` before binding); returns the planned engine."""
-    return plan_engines(backend, dtype, device, engines, family)[0].backend
+    """Validate flags without loading anything (used by `serve` before binding); returns the planned runtime."""
+    return plan_runtimes(backend, dtype, device, runtimes, family)[0].runtime
 
 
-def _build(choice: EngineChoice, network: Network, device: str, threads: int | None) -> Runtime:
-    if choice.backend == "openvino":
+def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | None) -> Runtime:
+    if choice.runtime == "openvino":
         from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 
         return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads)
-    if choice.backend == "onnx":
+    if choice.runtime == "onnx":
         from openrerank.runtimes.onnx_runtime import OnnxRuntime
 
         return OnnxRuntime(network, dtype=choice.dtype, threads=threads)
@@ -232,14 +237,14 @@ def _build(choice: EngineChoice, network: Network, device: str, threads: int | N
     return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads)
 
 
-def create_runtime(network: Network, *, engines: tuple[str, ...], backend: str, dtype: str, device: str,
-                   threads: int | None, family: str = "this model") -> tuple[Runtime, EngineChoice]:
-    """Build the runtime and say which engine serves and why.
+def create_runtime(network: Network, *, runtimes: tuple[str, ...], backend: str, dtype: str, device: str,
+                   threads: int | None, family: str = "this model") -> tuple[Runtime, RuntimeChoice]:
+    """Build the runtime and say which one serves and why.
 
-    With `--backend auto`, an engine that refuses the model (OpenVINO cannot convert it, ONNX cannot export
+    With `--backend auto`, a runtime that refuses the model (OpenVINO cannot convert it, ONNX cannot export
     it) hands over to the next candidate, and the reason says so; an explicit backend raises instead.
     """
-    plan = plan_engines(backend, dtype, device, engines, family)
+    plan = plan_runtimes(backend, dtype, device, runtimes, family)
     refused: list[str] = []
     for i, choice in enumerate(plan):
         try:
@@ -251,6 +256,6 @@ def create_runtime(network: Network, *, engines: tuple[str, ...], backend: str, 
             log.warning("%s could not serve %s: %s; trying %s", choice.label, network.path, exc, plan[i + 1].label)
             continue
         if refused:
-            choice = EngineChoice(choice.backend, choice.dtype, f"{'; '.join(refused)}; so {choice.reason}")
+            choice = RuntimeChoice(choice.runtime, choice.dtype, f"{'; '.join(refused)}; so {choice.reason}")
         return runtime, choice
     raise AssertionError("unreachable: the plan is never empty")
