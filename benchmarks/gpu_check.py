@@ -225,8 +225,7 @@ def latency(shape_name: str, device: str, dtypes: list[str], passages: int, toke
     query = queries[0]
     req = RerankRequest(query=query, passages=docs, truncate=Truncate.END)
     policy = default_policy(device)
-    sched = SchedulerConfig(max_batch_tokens=policy.max_tokens, max_batch_size=policy.max_size,
-                            max_padding=policy.max_padding, min_rows=policy.min_rows)
+    sched = SchedulerConfig(policy=policy)
     out = {"shape": shape_name, "reference": shape.note, "text": source, "passages": passages,
            "build_seconds": round(built_s, 1), "dtypes": {}}
     for dtype in dtypes:

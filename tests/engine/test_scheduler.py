@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from openrerank.core.work import PairItem
+from openrerank.engine.batching import CPU_POLICY, BatchPolicy
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -24,8 +25,10 @@ from openrerank.observe.metrics import Metrics
 from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
 
-def make(backend: FakeScorer, metrics: Metrics | None = None, **cfg) -> Scheduler:
-    return Scheduler(backend, SchedulerConfig(**cfg), name="m", metrics=metrics)
+def make(backend: FakeScorer, metrics: Metrics | None = None, *, max_batch_tokens: int = CPU_POLICY.max_tokens,
+         max_batch_size: int = CPU_POLICY.max_size, **cfg) -> Scheduler:
+    policy = BatchPolicy(max_tokens=max_batch_tokens, max_size=max_batch_size)
+    return Scheduler(backend, SchedulerConfig(policy, **cfg), name="m", metrics=metrics)
 
 
 async def block_worker(sched: Scheduler, backend: FakeScorer, ids: Ids) -> tuple[asyncio.Task, list[PairItem]]:

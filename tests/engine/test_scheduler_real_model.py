@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from openrerank.core.requests import RerankRequest, Truncate
+from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.served import ServedModel
@@ -57,7 +58,7 @@ def test_concurrent_requests_of_different_lengths_score_as_if_alone(tiny_model: 
     owner = {id(it): r for r, p in enumerate(prepared) for it in p.items}
 
     async def main() -> list:
-        sched = Scheduler(backend, SchedulerConfig(max_batch_tokens=600, max_batch_size=16), name="tiny")
+        sched = Scheduler(backend, SchedulerConfig(BatchPolicy(max_tokens=600, max_size=16)), name="tiny")
         backend.hold()  # the first request's batch waits until all the others are queued
         first = asyncio.create_task(sched.submit(prepared[0].items))
         await backend.wait_batch_started()
@@ -82,7 +83,7 @@ def test_served_model_rerank_through_the_scheduler_matches_direct_scoring(tiny_m
                               truncate=Truncate.END) for _ in range(6)]
 
     async def main() -> list:
-        sched = Scheduler(tiny_model.scorer, SchedulerConfig(max_batch_tokens=400), name="tiny")
+        sched = Scheduler(tiny_model.scorer, SchedulerConfig(BatchPolicy(max_tokens=400)), name="tiny")
         served = ServedModel("tiny", tiny_model, sched)
         await sched.start()
         try:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from openrerank.core.work import EmbedItem
+from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.errors import BatchFailedError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.observe.metrics import Metrics
@@ -41,7 +42,7 @@ def test_embed_and_rerank_requests_share_the_queue_but_not_a_batch() -> None:
     blocker_items = ids.items(5)
 
     async def main():
-        sched = Scheduler(backend, SchedulerConfig(max_batch_size=16), name="m", metrics=metrics)
+        sched = Scheduler(backend, SchedulerConfig(BatchPolicy(max_size=16)), name="m", metrics=metrics)
         backend.hold()
         blocker = asyncio.create_task(sched.submit(blocker_items))
         await backend.wait_batch_started()

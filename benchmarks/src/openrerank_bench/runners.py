@@ -75,8 +75,7 @@ class OfflineRunner:
         self.loop = loop
         t = time.perf_counter()
         policy = default_policy(device)  # the server's defaults for the device
-        sched = SchedulerConfig(max_batch_tokens=policy.max_tokens, max_batch_size=policy.max_size,
-                                max_padding=policy.max_padding, min_rows=policy.min_rows)
+        sched = SchedulerConfig(policy=policy)
         self.served = load_served_model(ModelSource(SERVED_NAME, str(model_dir)),
                                         LoadOptions(backend=backend, dtype=dtype, device=device, threads=threads),
                                         sched, None)

@@ -14,10 +14,12 @@ from importlib.metadata import entry_points
 from openrerank import __version__
 from openrerank.cli import export, families
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
+from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
+from openrerank.engine.scheduler import SECONDS_PER_BUDGET_BATCH
 from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
-from openrerank.server.config import BATCHING_FIELDS, ServerConfig
+from openrerank.server.config import ServerConfig
 
 #: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
 #: object with `add_parser(subparsers)`. The serving package never imports them itself.
@@ -31,6 +33,11 @@ _GROUPS = {
     "logging": "logs and tracing",
     "scale-out": "replicas on Ray Serve, needs the ray extra (docs/scale-out.md)",
 }
+
+def _per_device(knob: str) -> str:
+    """A batching flag's default as its help states it: the engine's CPU and CUDA policies, written there once."""
+    return f"none: {getattr(CPU_POLICY, knob)} on CPU, {getattr(CUDA_POLICY, knob)} on CUDA"
+
 
 #: Every `serve` flag, one line each; defaults come from ServerConfig, each is also OPENRERANK_<FLAG>.
 SERVE_OPTIONS: tuple[Option, ...] = (
@@ -57,12 +64,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
-    Option("max-batch-tokens", "engine", "padded tokens per model batch (none: 16384 on CPU, 32768 on CUDA)", int),
-    Option("max-batch-size", "engine", "pairs per model batch (none: 128 on CPU, 256 on CUDA)", int),
-    Option("max-padding", "engine", "largest share of padding in a model batch (none: 0.02 on CPU, 0.2 on CUDA)",
+    Option("max-batch-tokens", "engine", f"padded tokens per model batch ({_per_device('max_tokens')})", int),
+    Option("max-batch-size", "engine", f"pairs per model batch ({_per_device('max_size')})", int),
+    Option("max-padding", "engine", f"largest share of padding in a model batch ({_per_device('max_padding')})",
            float),
-    Option("min-batch-rows", "engine", "pairs a batch may always reach whatever their padding (none: 4 on CPU, "
-           "16 on CUDA)", int),
+    Option("min-batch-rows", "engine", "pairs a batch may always reach whatever their padding "
+           f"({_per_device('min_rows')})", int),
     Option("batch-wait-ms", "engine", "how long a batch waits for concurrent requests", float),
     Option("score-cache-mb", "engine", "memory for an exact LRU cache of passage scores (repeated query+passage "
            "pairs skip tokenization and the model); 0 turns it off", float),
@@ -74,7 +81,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "(none: twice the per-request token budget)", int),
     Option("request-timeout", "limits", "seconds from a request's arrival to its answer (504 after)", float),
     Option("max-request-tokens", "limits", "tokens one request may hold after tokenization and chunking "
-           "(none: max-batch-tokens x request-timeout / 2 s)", int),
+           f"(none: max-batch-tokens x request-timeout / {SECONDS_PER_BUDGET_BATCH:g} s)", int),
     Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
            "a request may ask for)", int),
     Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
@@ -99,26 +106,18 @@ SERVE_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def serve_defaults() -> ServerConfig:
-    """ServerConfig's defaults, the batching ones left unset: they depend on --device (ServerConfig fills them)."""
-    defaults = ServerConfig()
-    for name in BATCHING_FIELDS:
-        setattr(defaults, name, None)
-    return defaults
-
-
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the HTTP server",
                        description="Serve reranking models over HTTP (NIM, Cohere/Jina, TEI/Infinity, score APIs; "
                        "OpenAI/NIM embeddings from bi-encoders). "
                        "Every flag can also be set as OPENRERANK_<FLAG>, e.g. OPENRERANK_PORT=9000; flags win.")
-    add_options(p, SERVE_OPTIONS, serve_defaults(), _GROUPS)
+    add_options(p, SERVE_OPTIONS, ServerConfig(), _GROUPS)
     p.set_defaults(func=run_serve, options=SERVE_OPTIONS)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Flags, then OPENRERANK_* variables, then ServerConfig's defaults; UsageError names a bad variable."""
-    resolve_options(args, SERVE_OPTIONS, serve_defaults())
+    resolve_options(args, SERVE_OPTIONS, ServerConfig())
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     if not values.get("models"):
         values["models"] = ["default"]

@@ -24,7 +24,7 @@ tokens, 256 pairs: a 100-passage request of 256-token pairs is one batch). Not y
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 #: Largest share of padded tokens a batch may have once it holds `MIN_ROWS` items.
@@ -63,7 +63,10 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """The batching knobs together, so the scheduler and the offline path cut batches the same way."""
+    """The batching knobs together, so the scheduler and the offline path cut batches the same way.
+
+    Its defaults are the CPU's (`CPU_POLICY`); `CUDA_POLICY` is the GPU's. This is the one place either is
+    written: the flags' help, the server's config and TEI's /info read them from here."""
 
     max_tokens: int = 16384  # padded tokens per batch: pairs x longest pair
     max_size: int = 128  # pairs per batch
@@ -74,11 +77,19 @@ class BatchPolicy:
         return split_batches(items, self.max_tokens, self.max_size, max_padding=self.max_padding,
                              min_rows=self.min_rows)
 
+    def overridden(self, *, max_tokens: int | None = None, max_size: int | None = None,
+                   max_padding: float | None = None, min_rows: int | None = None) -> BatchPolicy:
+        """This policy with each value that is given (not None) replaced: flags left unset keep the default."""
+        given = {"max_tokens": max_tokens, "max_size": max_size, "max_padding": max_padding, "min_rows": min_rows}
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
 
-#: The defaults on a GPU (see the module docstring); `BatchPolicy()` is the CPU's.
+
+#: The defaults on a CPU.
+CPU_POLICY = BatchPolicy()
+#: The defaults on a GPU (see the module docstring).
 CUDA_POLICY = BatchPolicy(max_tokens=32768, max_size=256, max_padding=0.2, min_rows=16)
 
 
 def default_policy(device: str) -> BatchPolicy:
     """The batching defaults for a device: `cpu` or `cuda[:N]`."""
-    return CUDA_POLICY if device == "cuda" or device.startswith("cuda:") else BatchPolicy()
+    return CUDA_POLICY if device == "cuda" or device.startswith("cuda:") else CPU_POLICY

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrerank.core.work import TASKS, Task, WorkItem
-from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, BatchPolicy
+from openrerank.engine.batching import CPU_POLICY, BatchPolicy
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -68,12 +68,11 @@ QUEUE_BUDGETS = 2
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_tokens: int = 16384  # padded tokens per batch: pairs x longest pair
-    max_batch_size: int = 128  # pairs per batch
+    policy: BatchPolicy = CPU_POLICY  # how batches are cut (tokens, pairs, padding): `default_policy(device)`
     batch_wait_ms: float = 1.0  # how long the oldest queued request may wait for company
     max_queue: int = 1024  # pending requests (queued or being scored) before QueueFullError
     request_timeout: float = 120.0  # seconds from arrival to result
-    #: Tokens one request may hold (None: `max_batch_tokens` x request_timeout / 2 s).
+    #: Tokens one request may hold (None: the policy's `max_tokens` x request_timeout / 2 s).
     max_request_tokens: int | None = None
     #: Tokens of all pending requests before QueueFullError (None: two request budgets). A request
     #: arriving at an idle scheduler is always admitted (if within its own budget).
@@ -81,20 +80,12 @@ class SchedulerConfig:
     #: A window holds about this many batches' worth of work; bigger sorts better, smaller lets
     #: newly arrived requests in sooner.
     window_batches: int = 4
-    #: Padding cap of each batch (engine/batching.py): tight on CPU, looser on GPU.
-    max_padding: float = MAX_PADDING
-    #: Pairs a batch may always reach whatever their padding.
-    min_rows: int = MIN_ROWS
-
-    @property
-    def policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch_tokens, self.max_batch_size, self.max_padding, self.min_rows)
 
     @property
     def request_budget(self) -> int:
         if self.max_request_tokens:
             return self.max_request_tokens
-        return self.max_batch_tokens * max(1, int(self.request_timeout / SECONDS_PER_BUDGET_BATCH))
+        return self.policy.max_tokens * max(1, int(self.request_timeout / SECONDS_PER_BUDGET_BATCH))
 
     @property
     def queue_budget(self) -> int:
@@ -374,8 +365,8 @@ class Scheduler:
                 if self._active and not self._queue:
                     break
                 if self._queue:
-                    if (self._active or self._state != _RUNNING or self._queued_items >= cfg.max_batch_size
-                            or self._queued_tokens >= cfg.max_batch_tokens):
+                    if (self._active or self._state != _RUNNING or self._queued_items >= cfg.policy.max_size
+                            or self._queued_tokens >= cfg.policy.max_tokens):
                         break
                     left = self._queue[0].submitted + wait_s - time.perf_counter()
                     if left <= 0:

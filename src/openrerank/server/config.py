@@ -2,16 +2,20 @@
 
 `validate()` is called before the server binds its port, so a nonsensical value is one clear line at
 startup instead of odd behaviour under load.
+
+The fields are the flags as given. Defaults that belong to the engine are not repeated here: they are read
+from the engine's own objects (`LoadOptions`, `SchedulerConfig`, `ChunkLimits`, the device's `BatchPolicy`),
+and `server/engine_config.py` turns a ServerConfig into those objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from openrerank.engine.batching import default_policy
-
-#: Scheduler settings whose default depends on the device (None: `default_policy(device)`'s value).
-BATCHING_FIELDS = ("max_batch_tokens", "max_batch_size", "max_padding", "min_batch_rows")
+from openrerank.engine.batching import BatchPolicy, default_policy
+from openrerank.engine.loading import LoadOptions
+from openrerank.engine.scheduler import SchedulerConfig
+from openrerank.engine.served import ChunkLimits
 
 
 @dataclass
@@ -23,9 +27,9 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     # model loading
-    backend: str = "auto"
-    dtype: str = "auto"
-    device: str = "cpu"
+    backend: str = LoadOptions.backend  # the --backend flag: which runtime (or auto)
+    dtype: str = LoadOptions.dtype
+    device: str = LoadOptions.device
     threads: int | None = None
     max_length: int | None = None
     allow_pickle: bool = False
@@ -34,21 +38,20 @@ class ServerConfig:
     max_passages: int = 512
     max_inputs: int = 2048  # texts in one /v1/embeddings request (OpenAI's limit)
     max_body_bytes: int = 8 * 1024 * 1024
-    # scheduler; None: the device's default (engine/batching.py: 16384 / 128 / 0.02 on CPU, 32768 / 256 / 0.2
-    # on CUDA, where a batch may also always reach 16 pairs whatever their padding)
+    # batching; None: the device's default policy (`batch_policy`, engine/batching.py)
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
-    batch_wait_ms: float = 1.0
+    batch_wait_ms: float = SchedulerConfig.batch_wait_ms
     max_padding: float | None = None
     min_batch_rows: int | None = None
-    max_queue: int = 1024
-    request_timeout: float = 120.0
+    max_queue: int = SchedulerConfig.max_queue
+    request_timeout: float = SchedulerConfig.request_timeout
     score_cache_mb: float = 0.0  # exact LRU of passage scores shared by all models; 0: off
     # bounded work per request (docs/reliability.md)
-    max_request_tokens: int | None = None  # None: max_batch_tokens x request_timeout / 2 s
-    max_queue_tokens: int | None = None  # None: two request budgets
-    max_chunks_per_passage: int = 16
-    max_chunks_per_request: int = 2048
+    max_request_tokens: int | None = None  # None: SchedulerConfig.request_budget
+    max_queue_tokens: int | None = None  # None: SchedulerConfig.queue_budget
+    max_chunks_per_passage: int = ChunkLimits.max_chunks_per_passage
+    max_chunks_per_request: int = ChunkLimits.max_chunks_per_request
     # slow clients
     header_timeout: float = 10.0  # seconds to receive a request's headers
     body_timeout: float = 60.0  # seconds to receive a request's body
@@ -61,16 +64,11 @@ class ServerConfig:
     graceful_timeout: float = 30.0
     allow_partial: bool = False  # several models: serve those that load, instead of exiting
 
-    def __post_init__(self) -> None:
-        policy = default_policy(self.device)
-        if self.max_batch_tokens is None:
-            self.max_batch_tokens = policy.max_tokens
-        if self.max_batch_size is None:
-            self.max_batch_size = policy.max_size
-        if self.max_padding is None:
-            self.max_padding = policy.max_padding
-        if self.min_batch_rows is None:
-            self.min_batch_rows = policy.min_rows
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        """How the models' batches are cut: the device's default policy with the batching flags given on top."""
+        return default_policy(self.device).overridden(max_tokens=self.max_batch_tokens, max_size=self.max_batch_size,
+                                                      max_padding=self.max_padding, min_rows=self.min_batch_rows)
 
     def validate(self) -> None:
         """Raise ValueError naming every flag whose value cannot work."""
@@ -83,7 +81,8 @@ class ServerConfig:
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
                      "max-queue", "max-chunks-per-passage", "max-chunks-per-request"):
-            need(getattr(self, flag.replace("-", "_")) >= 1, flag, "must be at least 1")
+            value = getattr(self, flag.replace("-", "_"))  # None: the device's default
+            need(value is None or value >= 1, flag, "must be at least 1")
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
             value = getattr(self, flag.replace("-", "_"))
             need(value is None or value >= 1, flag, "must be at least 1 (or left unset)")
@@ -92,7 +91,7 @@ class ServerConfig:
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
         need(self.score_cache_mb >= 0, "score-cache-mb", "must be 0 (off) or more")
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
-        need(0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
+        need(self.max_padding is None or 0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
         need(self.log_level.lower() in ("critical", "error", "warning", "info", "debug", "trace"), "log-level",
              "must be one of debug, info, warning, error, critical")
         if problems:

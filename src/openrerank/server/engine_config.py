@@ -1,4 +1,8 @@
-"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk limits)."""
+"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk limits).
+
+The one place flags become engine objects; each knob then travels inside the object that owns it (the batch
+policy inside `SchedulerConfig`, the runtime flags inside `LoadOptions`).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,8 @@ def load_options(config: ServerConfig) -> LoadOptions:
 
 
 def scheduler_config(config: ServerConfig) -> SchedulerConfig:
-    return SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
-                           batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
-                           max_padding=config.max_padding, min_rows=config.min_batch_rows,
-                           request_timeout=config.request_timeout,
+    return SchedulerConfig(policy=config.batch_policy, batch_wait_ms=config.batch_wait_ms,
+                           max_queue=config.max_queue, request_timeout=config.request_timeout,
                            max_request_tokens=config.max_request_tokens,
                            max_queue_tokens=config.max_queue_tokens)
 
