@@ -17,7 +17,7 @@ from openrerank.families.base import ModelFiles
 from openrerank.families.registry import resolve_spec
 from openrerank.runtimes.base import Network
 from openrerank.runtimes.openvino_runtime import openvino_available
-from openrerank.runtimes.selection import create_runtime
+from openrerank.runtimes.selection import create_runtime, plan_runtimes
 from tests.families.builders import PASSAGES, QUERIES
 from tests.families.conftest import ENCODERS, assert_parity, served_logits
 
@@ -88,7 +88,7 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
 
     broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
     with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.selection"):
-        runtime, choice = create_runtime(broken, runtimes=family.runtimes, backend="auto", dtype="fp32",
+        runtime, choice = create_runtime(broken, plan_runtimes("auto", "fp32", "cpu", family.runtimes),
                                          device="cpu", threads=1)
     assert runtime.description == "torch-fp32-cpu" and choice.runtime == "torch"
     assert "could not be exported to ONNX" in caplog.text and "trying PyTorch fp32" in caplog.text
@@ -101,4 +101,4 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
     expected = references["deberta"].scores(QUERIES[0], PASSAGES)
     assert_parity(prep.fold(scorer.score(prep.items), len(PASSAGES)), expected, "deberta after fallback")
     with pytest.raises(Exception, match="could not be exported"):  # asked for onnx by name: no silent fallback
-        create_runtime(broken, runtimes=family.runtimes, backend="onnx", dtype="fp32", device="cpu", threads=1)
+        create_runtime(broken, plan_runtimes("onnx", "fp32", "cpu", family.runtimes), device="cpu", threads=1)

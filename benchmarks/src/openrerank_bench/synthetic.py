@@ -127,10 +127,11 @@ def build_model(shape: Shape | str, out: Path, tokenizer, *, seed: int = 0, devi
         Qwen3ForCausalLM,
     )
 
+    from openrerank.runtimes.torch_runtime import torch_dtype
+
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if shape.base == "qwen3":
         config, model_cls = Qwen3Config(**shape.config), Qwen3ForCausalLM
     else:
@@ -141,7 +142,7 @@ def build_model(shape: Shape | str, out: Path, tokenizer, *, seed: int = 0, devi
         config.initializer_range = init_std
     torch.manual_seed(seed)
     with torch.device(device):
-        model = model_cls._from_config(config, dtype=torch_dtype)
+        model = model_cls._from_config(config, dtype=torch_dtype(dtype))
         if shape.base != "qwen3":
             # Draws like a trained head's: a random score row of the init's scale, so scores spread.
             torch.nn.init.normal_(model.score.weight, std=config.initializer_range)

@@ -71,6 +71,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from openrerank.runtimes.onnx_export import DEFAULT_OPSET, ONNX_DTYPES
+    from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES
 
     p = sub.add_parser("export", help="convert a model to ONNX or OpenVINO into the cache the server reads",
                        description="Export --model to ONNX with ONNX Runtime's transformer fusions (int8: dynamic "
@@ -85,8 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the model's family when its files do not say (`openrerank families` lists them) "
                    "(default: detected)")
     p.add_argument("--backend", default="onnx", choices=("onnx", "openvino"),
-                   help="onnx (ONNX Runtime) or openvino (default: onnx)")
-    p.add_argument("--dtype", default="fp32", choices=(*ONNX_DTYPES, "bf16"),
+                   help="the runtime to convert for: onnx (ONNX Runtime) or openvino (default: onnx)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(dict.fromkeys((*ONNX_DTYPES, *OPENVINO_DTYPES))),
                    help="fp32 (fused graph / IR), int8 (onnx: dynamic quantization; openvino: NNCF int8 weights) "
                    "or bf16 (openvino: the fp32 IR, run in bf16) (default: fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",

@@ -15,6 +15,7 @@ from openrerank import __version__
 from openrerank.cli import export, families
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
+from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.scheduler import SECONDS_PER_BUDGET_BATCH
 from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -28,7 +29,7 @@ PLUGIN_GROUP = "openrerank.commands"
 _GROUPS = {
     "network": "where the server listens and who may call it",
     "models": "what is served",
-    "engine": "how models run and how requests are batched",
+    "engine": "which runtime runs the models, and how the engine batches requests",
     "limits": "what one request may ask for, and how long it may wait",
     "logging": "logs and tracing",
     "scale-out": "replicas on Ray Serve, needs the ray extra (docs/scale-out.md)",
@@ -58,11 +59,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
-    Option("backend", "engine", "inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
-           "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKEND_CHOICES),
-    Option("dtype", "engine", "auto (what backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
+    Option("backend", "engine", "the runtime that runs the models: auto (the fastest faithful runtime for this "
+           "CPU: OpenVINO bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch",
+           choices=BACKEND_CHOICES),
+    Option("dtype", "engine", "auto (what --backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
            "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
-    Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
+    Option("device", "engine", "cpu or cuda[:N] (torch runtime; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
     Option("max-batch-tokens", "engine", f"padded tokens per model batch ({_per_device('max_tokens')})", int),
     Option("max-batch-size", "engine", f"pairs per model batch ({_per_device('max_size')})", int),
@@ -124,8 +126,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**values)
 
 
-def preflight(config: ServerConfig) -> None:
-    """Fail fast on bad --model/--backend/--device values before binding the port (weights load later)."""
+def preflight(config: ServerConfig) -> list[ResolvedModel]:
+    """Fail fast on bad --model/--backend/--device values before binding the port (weights load later).
+
+    Flags no runtime could honour fail before any model is located (a hub download can be long); then each
+    model is resolved, its runtime plan computed, and handed to the app so loading does not do it again."""
     from openrerank.engine.loading import model_sources, resolve_model
     from openrerank.runtimes.devices import check_device
     from openrerank.runtimes.selection import check_runtime_options
@@ -143,8 +148,7 @@ def preflight(config: ServerConfig) -> None:
         from openrerank.observe.tracing import check_tracing_available
 
         check_tracing_available()
-    for source in sources:
-        resolve_model(source, load_options(config))
+    return [resolve_model(source, load_options(config)) for source in sources]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -175,7 +179,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     replicated = bool(args.replicas or args.max_replicas)
     try:
-        preflight(config)
+        resolved = preflight(config)
         if not replicated:
             sock = bind_socket(config.host, config.port)
     except Exception as exc:  # every startup failure is one line, exit 2
@@ -184,7 +188,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_replicas(args, config)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    app = create_app(config, public_url=f"http://{shown_host}:{port}")
+    app = create_app(config, public_url=f"http://{shown_host}:{port}", resolved=resolved)
     logging.getLogger("openrerank").info(
         "openrerank %s listening on http://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
         shown_host, port, ", ".join(config.models))

@@ -20,7 +20,7 @@ from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
-from openrerank.runtimes.selection import RuntimeChoice, check_runtime_options, create_runtime
+from openrerank.runtimes.selection import RuntimeChoice, create_runtime, plan_runtimes
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
@@ -42,14 +42,21 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model located, checked and understood, before anything heavy is loaded."""
+    """A model located, checked and understood, before anything heavy is loaded.
+
+    `plan` is computed here, once per model start: `load_model` builds the first runtime of it that loads."""
 
     source: ModelSource
     weights_format: str
     family: Family
     spec: ModelSpec
-    runtime: str  # the runtime it is planned to run on (openvino | onnx | torch)
     runtimes: tuple[str, ...]  # the runtimes these files can run on (a pre-exported ONNX folder: onnx only)
+    plan: tuple[RuntimeChoice, ...]  # the runtimes to try, best first
+
+    @property
+    def runtime(self) -> str:
+        """The runtime it is planned to run on (openvino | onnx | torch)."""
+        return self.plan[0].runtime
 
 
 @dataclass
@@ -180,22 +187,22 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
             raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
                              "ONNX Runtime only: use --backend onnx (or auto) on CPU")
         runtimes = ("onnx",)
-    runtime = check_runtime_options(options.backend, options.dtype, options.device, runtimes, family.id)
-    return ResolvedModel(source, weights_format, family, spec, runtime, runtimes)
+    plan = plan_runtimes(options.backend, options.dtype, options.device, runtimes, family.id)
+    return ResolvedModel(source, weights_format, family, spec, runtimes, tuple(plan))
 
 
-def load_model(source: ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:
-    """Resolve, then load tokenizer, text encoder, runtime and scorer (blocking; seconds to minutes)."""
+def load_model(source: ResolvedModel | ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:
+    """Resolve (unless `source` is resolved already, with these options), then load tokenizer, text encoder,
+    runtime and scorer (blocking; seconds to minutes)."""
     from transformers import AutoTokenizer
 
     options = options or LoadOptions()
-    resolved = resolve_model(source, options)
+    resolved = source if isinstance(source, ResolvedModel) else resolve_model(source, options)
     family, spec = resolved.family, resolved.spec
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     encoder = family.text_encoder(spec, tokenizer)
-    runtime, choice = create_runtime(
-        family.network(spec, tokenizer), runtimes=resolved.runtimes, backend=options.backend, dtype=options.dtype,
-        device=options.device, threads=options.threads, family=family.id)
+    runtime, choice = create_runtime(family.network(spec, tokenizer), resolved.plan, device=options.device,
+                                     threads=options.threads)
     scorer = family.scorer(spec, runtime, encoder.pad_id)
     log.info("loaded %s as %s (%s weights) on %s, window %d tokens; runtime %s: %s", resolved.source.spec,
              family.id, resolved.weights_format, scorer.description, spec.max_length, choice.label, choice.reason)

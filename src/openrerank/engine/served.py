@@ -21,7 +21,7 @@ from openrerank.engine.errors import (
     RequestTooLargeError,
     UnsupportedRequestError,
 )
-from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
+from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.families.bi_scorer import normalize
@@ -357,14 +357,15 @@ class ServedModels:
             m.loaded.close()
 
 
-def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
+def load_served_model(source: ResolvedModel | ModelSource, options: LoadOptions, sched: SchedulerConfig,
                       metrics: Metrics | None, *, limits: ChunkLimits | None = None,
                       score_cache: ScoreCache | None = None) -> ServedModel:
-    """Blocking: load weights, build the scheduler, run a warm-up pass."""
+    """Blocking: load weights (resolving the source first unless it is resolved), build the scheduler, run a
+    warm-up pass."""
     loaded = load_model(source, options)
-    scheduler = Scheduler(loaded.scorer, sched, name=source.served_id, metrics=metrics)
-    served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits(),
-                         score_cache=score_cache)
+    name = loaded.source.served_id
+    scheduler = Scheduler(loaded.scorer, sched, name=name, metrics=metrics)
+    served = ServedModel(name, loaded, scheduler, metrics, limits=limits or ChunkLimits(), score_cache=score_cache)
     served.warmup()
-    log.info("model %s ready", source.served_id)
+    log.info("model %s ready", name)
     return served

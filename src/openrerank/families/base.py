@@ -189,9 +189,3 @@ class Family(ABC):
         return {"id": self.id, "title": self.title, "input": self.input_format, "readout": self.readout,
                 "score": self.score_kind.value, "unit_score": self.unit_score, "engines": list(self.runtimes),
                 "instruction": self.takes_instruction, "examples": list(self.examples)}
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

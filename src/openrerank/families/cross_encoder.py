@@ -12,9 +12,10 @@ from __future__ import annotations
 import inspect
 
 from openrerank.core.requests import ScoreKind
-from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
+from openrerank.runtimes.torch_runtime import torch_dtype
 from openrerank.text.pairs import PairTextEncoder
 
 # model_type -> onnxruntime.transformers optimizer family (as optimum maps them).

@@ -16,9 +16,10 @@ from abc import abstractmethod
 from typing import ClassVar
 
 from openrerank.core.requests import ScoreKind
-from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
+from openrerank.runtimes.torch_runtime import torch_dtype
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 
 

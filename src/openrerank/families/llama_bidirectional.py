@@ -17,9 +17,10 @@ after BOS; END truncation cuts the passage first (NIM), then the query.
 from __future__ import annotations
 
 from openrerank.core.requests import ScoreKind
-from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
+from openrerank.runtimes.torch_runtime import torch_dtype
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 
 #: config architectures / model_type -> the stock transformers body it runs on

@@ -36,20 +36,23 @@ import functools
 import importlib.util
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from openrerank.runtimes.base import Network, Runtime
-from openrerank.runtimes.openvino_runtime import openvino_available
-from openrerank.runtimes.torch_runtime import is_cuda
+from openrerank.runtimes.onnx_export import ONNX_DTYPES
+from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
+from openrerank.runtimes.torch_runtime import TORCH_DTYPES, is_cuda
 
 log = logging.getLogger(__name__)
 
 #: The runtimes, best CPU runtime first.
 RUNTIMES = ("openvino", "onnx", "torch")
-#: Legal values of `--backend` (it picks the runtime) and `--dtype`.
+#: Legal values of `--backend` (it picks the runtime) and `--dtype` (auto, or what some runtime runs: each
+#: runtime declares its own precisions).
 BACKEND_CHOICES = ("auto", *RUNTIMES)
-DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
+DTYPES = ("auto", *dict.fromkeys((*TORCH_DTYPES, *OPENVINO_DTYPES, *ONNX_DTYPES)))
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
@@ -237,14 +240,13 @@ def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | 
     return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads)
 
 
-def create_runtime(network: Network, *, runtimes: tuple[str, ...], backend: str, dtype: str, device: str,
-                   threads: int | None, family: str = "this model") -> tuple[Runtime, RuntimeChoice]:
-    """Build the runtime and say which one serves and why.
+def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: str,
+                   threads: int | None) -> tuple[Runtime, RuntimeChoice]:
+    """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why.
 
     With `--backend auto`, a runtime that refuses the model (OpenVINO cannot convert it, ONNX cannot export
     it) hands over to the next candidate, and the reason says so; an explicit backend raises instead.
     """
-    plan = plan_runtimes(backend, dtype, device, runtimes, family)
     refused: list[str] = []
     for i, choice in enumerate(plan):
         try:

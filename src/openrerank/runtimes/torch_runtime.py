@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def torch_dtype(name: str):
+    """The torch dtype of one of `TORCH_DTYPES`' names (imports torch)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
 def default_threads() -> int:
     """Cores this process may use (cgroup/affinity aware), the intra-op thread count we default to."""
     try:

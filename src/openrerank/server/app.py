@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -28,7 +28,7 @@ from openrerank.engine.errors import (
     UnsupportedRequestError,
     WorkerDiedError,
 )
-from openrerank.engine.loading import model_sources
+from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
 from openrerank.observe.metrics import Metrics
@@ -76,10 +76,12 @@ async def load_all(app: FastAPI) -> None:
     """
     config: ServerConfig = app.state.config
     reg: ServedModels = app.state.models
+    resolved: dict[str, ResolvedModel] = app.state.resolved
     started = time.perf_counter()
     for source in model_sources(config.models, config.model_families, config.instructions):
         try:
-            served = await asyncio.to_thread(load_served_model, source, load_options(config),
+            served = await asyncio.to_thread(load_served_model, resolved.get(source.served_id, source),
+                                             load_options(config),
                                              scheduler_config(config), app.state.metrics,
                                              limits=chunk_limits(config), score_cache=app.state.score_cache)
             await served.scheduler.start()
@@ -216,8 +218,12 @@ def route_paths(app: FastAPI) -> set[str]:
 
 
 def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
-               metrics: Metrics | None = None, public_url: str | None = None) -> FastAPI:
+               metrics: Metrics | None = None, public_url: str | None = None,
+               resolved: Sequence[ResolvedModel] = ()) -> FastAPI:
     """The whole server as one ASGI app; `public_url` is only what the "ready" log line shows.
+
+    `resolved`: models the caller already resolved with this config (the CLI's preflight), so each is
+    located and its runtime plan computed once per start; the others are resolved when they load.
 
     `wait_for_models`: load and warm every model before the lifespan startup completes, and fail the
     startup on a load error (under Ray Serve a replica counts as ready when its startup completes).
@@ -267,6 +273,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
                              if config.score_cache_mb > 0 else None)
     app.state.models = ServedModels()
+    app.state.resolved = {r.source.served_id: r for r in resolved}
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:
         app.include_router(router)

@@ -1,0 +1,23 @@
+"""Loading plans a model's runtimes once: a resolved model carries its plan into the load."""
+
+from __future__ import annotations
+
+from openrerank.engine import loading
+from openrerank.engine.loading import LoadOptions, load_model, resolve_model
+
+
+def test_a_model_start_plans_its_runtimes_once(tiny_model_dir, monkeypatch):
+    calls = []
+    plan = loading.plan_runtimes
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "plan_runtimes", counting)
+    options = LoadOptions(backend="torch", threads=1)
+    resolved = resolve_model(str(tiny_model_dir), options)
+    loaded = load_model(resolved, options)
+    assert len(calls) == 1
+    assert loaded.runtime_choice == resolved.plan[0] and loaded.scorer.description == "torch-fp32-cpu"
+    loaded.close()
