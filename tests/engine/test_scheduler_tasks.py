@@ -101,6 +101,6 @@ def test_a_wrong_shape_from_the_backend_fails_the_request_clearly(caplog) -> Non
             await sched.stop()
 
     with pytest.raises(BatchFailedError, match="RuntimeError"), \
-            caplog.at_level(logging.ERROR, logger="openrerank.engine.scheduler"):
+            caplog.at_level(logging.ERROR, logger="openrerank.engine"):
         asyncio.run(main())
-    assert "backend returned shape (2,) for 2 embed items" in caplog.text
+    assert "scorer returned shape (2,) for 2 embed items" in caplog.text

@@ -18,8 +18,9 @@ def test_infinities_become_the_largest_float32_and_nan_is_a_fault():
 
 def test_chunk_caps_a_client_may_ask_for_and_dialect_defaults_under_the_server_cap():
     from openrerank.core.requests import RerankRequest, Truncate
+    from openrerank.engine.admission import ChunkLimits
     from openrerank.engine.errors import RequestTooLargeError
-    from openrerank.engine.served import ChunkLimits, ServedModel
+    from openrerank.engine.served import ServedModel
 
     model = ServedModel("m", loaded=None, scheduler=None, limits=ChunkLimits(max_chunks_per_passage=5))  # type: ignore[arg-type]
     chunk = {"query": "q", "passages": ["a"], "truncate": Truncate.CHUNK}

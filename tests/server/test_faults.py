@@ -70,7 +70,7 @@ def test_requests_reaching_a_stopping_model_answer_503(tiny_model_dir):
         in_flight = post_in_thread(server, "/v1/ranking", nim_body("q", ["a"]))
         backend.wait_started()
         stopping = in_thread(lambda: server.call(server.app.state.models.stop))  # as the lifespan does
-        until(lambda: server.app.state.models.get(MODEL).scheduler._state == "stopping", "the model to stop")
+        until(lambda: server.app.state.models.get(MODEL).scheduler._admission.state == "stopping", "the model to stop")
         for path, body, _, _ in DIALECTS.values():
             r = c.post(path, json=body)
             assert r.status_code == 503, (path, r.text)

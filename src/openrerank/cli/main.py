@@ -14,9 +14,9 @@ from importlib.metadata import entry_points
 from openrerank import __version__
 from openrerank.cli import export, families
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
+from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
-from openrerank.engine.scheduler import SECONDS_PER_BUDGET_BATCH
 from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
@@ -62,7 +62,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("backend", "engine", "the runtime that runs the models: auto (the fastest faithful runtime for this "
            "CPU: OpenVINO bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch",
            choices=BACKEND_CHOICES),
-    Option("dtype", "engine", "auto (what --backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
+    Option("dtype", "engine", "auto (what the runtime choice picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
            "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch runtime; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),

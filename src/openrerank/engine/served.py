@@ -15,6 +15,7 @@ import numpy as np
 
 from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
 from openrerank.core.work import Task
+from openrerank.engine.admission import ChunkLimits
 from openrerank.engine.errors import (
     DeadlineExceededError,
     ModelOutputError,
@@ -60,16 +61,6 @@ class NotAnEmbeddingModelError(UnsupportedRequestError):
         where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
                  "no embedding model is served here (serve a sentence-transformers bi-encoder, e.g. --model default)")
         super().__init__(f"{what}; {where}")
-
-
-@dataclass(frozen=True)
-class ChunkLimits:
-    """How much chunking one request may ask for (CHUNK only); the token budget is the scheduler's."""
-
-    #: Windows per passage when the request does not say (Cohere v1 says 10 itself); also the most it may ask.
-    max_chunks_per_passage: int = 16
-    #: Windows in one request, all passages together.
-    max_chunks_per_request: int = 2048
 
 
 @dataclass

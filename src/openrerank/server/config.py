@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
-from openrerank.engine.scheduler import SchedulerConfig
-from openrerank.engine.served import ChunkLimits
 
 
 @dataclass

@@ -6,9 +6,8 @@ policy inside `SchedulerConfig`, the runtime flags inside `LoadOptions`).
 
 from __future__ import annotations
 
+from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.loading import LoadOptions
-from openrerank.engine.scheduler import SchedulerConfig
-from openrerank.engine.served import ChunkLimits
 from openrerank.server.config import ServerConfig
 
 

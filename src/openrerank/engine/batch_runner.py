@@ -1,0 +1,101 @@
+"""Run one batch on the model's scorer, fill each request's rows, and keep failures where they belong.
+
+A batch mixes requests. If it raises, it is re-run request by request, so only the request whose input fails
+gets the error (`BatchFailedError`); a scorer that could score all but some rows (a sequence that does not fit
+in device memory even alone: `RowsFailedError`) fails only those rows' requests, with no re-run. A request
+whose items failed is marked `failed`, so its other items are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from openrerank.core.work import Task
+from openrerank.engine.admission import AdmissionQueue
+from openrerank.engine.errors import BatchFailedError
+from openrerank.engine.pending import PendingRequest, post
+from openrerank.engine.scheduler_metrics import SchedulerMetrics
+from openrerank.families.scorer import Scorer
+from openrerank.runtimes.base import RowsFailedError
+
+log = logging.getLogger(__name__)
+
+#: One batch's work: (request, index of the item in that request).
+Batch = list[tuple[PendingRequest, int]]
+
+
+class BatchRunner:
+    def __init__(self, scorer: Scorer, name: str, metrics: SchedulerMetrics, admission: AdmissionQueue) -> None:
+        self.scorer = scorer
+        self.name = name
+        self.metrics = metrics
+        self.admission = admission
+
+    def run(self, live: Batch, *, isolate: bool = True) -> None:
+        """Score `live` (items of one task) and hand each request its rows; post a request once it is done."""
+        reqs = list(dict.fromkeys(req for req, _ in live))
+        items = [req.items[i] for req, i in live]
+        task = reqs[0].task  # the planner never mixes tasks in a batch
+        start = time.perf_counter()
+        for req in reqs:
+            req.batches += 1
+            if req.first_start is None:
+                req.first_start = start
+                self.metrics.queue_time(task, start - req.submitted)
+        failed: set[PendingRequest] = set()
+        try:
+            rows = check_rows(self.scorer.compute(items), task, len(items))
+        except RowsFailedError as exc:
+            # Some items could not be computed even alone (e.g. out of device memory); the rest were.
+            rows = check_rows(exc.outputs, task, len(items))
+            failed = {live[i][0] for i in exc.failed}
+            self.metrics.batch_failed(task)
+            log.warning("%d of %d items failed on %s (%s); failing their %d request(s) only",
+                        len(exc.failed), len(items), self.name, exc.cause, len(failed))
+            for req in failed:
+                req.failed = True
+                post(req, exc.cause)
+        except Exception as exc:
+            self.metrics.batch_failed(task)
+            if isolate and len(reqs) > 1:
+                # Batches mix requests: find the one whose input fails instead of failing them all.
+                log.warning("a batch of %d items from %d requests failed on %s (%s: %s); scoring each "
+                            "request on its own", len(items), len(reqs), self.name, type(exc).__name__, exc)
+                for req in reqs:
+                    self.run([(r, i) for r, i in live if r is req], isolate=False)
+                return
+            log.error("scoring failed on %s for a request of %d items (%s: %s)", self.name,
+                      len(reqs[0].items), type(exc).__name__, exc, exc_info=True)
+            for req in reqs:
+                req.failed = True  # its other items are skipped
+                post(req, BatchFailedError(type(exc).__name__))
+            return
+        end = time.perf_counter()
+        self.admission.record_speed(end - start, sum(it.length for it in items))
+        self.metrics.batch(items, task, end - start)
+        for (req, i), row in zip(live, rows, strict=True):
+            if req in failed:
+                continue
+            if req.scores is None:
+                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=np.float32)
+            req.scores[i] = row
+            req.remaining -= 1
+        for req in reqs:
+            if req in failed:
+                continue
+            req.last_end = end
+            if req.remaining == 0:
+                post(req, None)
+
+
+def check_rows(output: object, task: Task, n: int) -> np.ndarray:
+    """A scorer's output as one float32 row per item: a score (rerank) or a vector (embed)."""
+    rows = np.asarray(output, dtype=np.float32)
+    if task == "rerank":
+        rows = rows.reshape(-1)
+    if rows.shape[0] != n or rows.ndim != (1 if task == "rerank" else 2):
+        raise RuntimeError(f"scorer returned shape {rows.shape} for {n} {task} items")
+    return rows
