@@ -17,25 +17,22 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openrerank import __version__
-from openrerank.engine.errors import (
-    BatchFailedError,
-    DeadlineExceededError,
-    DeviceMemoryError,
-    EngineStoppedError,
-    ModelOutputError,
-    QueueFullError,
-    RequestTooLargeError,
-    UnsupportedRequestError,
-    WorkerDiedError,
-)
 from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
-from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
+from openrerank.engine.served import ServedModels, load_served_model
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import cohere, embeddings, nim, score, tei
 from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
-from openrerank.server.errors import ApiError, Dialect, dialect_for, format_validation_errors
+from openrerank.server.errors import (
+    FAILURES,
+    MODEL_FAULTS,
+    ApiError,
+    Dialect,
+    Failure,
+    dialect_for,
+    format_validation_errors,
+)
 from openrerank.server.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
@@ -46,7 +43,6 @@ from openrerank.server.middleware import (
 )
 from openrerank.server.openapi import install_openapi
 from openrerank.server.responses import OrjsonResponse
-from openrerank.text.prepare import InputTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +133,9 @@ def install_openapi_models(app: FastAPI, models: tuple[type[BaseModel], ...]) ->
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every failure becomes the dialect's error shape; CatchAllMiddleware covers the unexpected."""
+    """Every failure becomes the dialect's error shape; CatchAllMiddleware covers the unexpected.
+
+    Engine and text failures are answered from one table (`errors.FAILURES`); the rest need the request."""
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
@@ -157,50 +155,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"),
                                dict(exc.headers or {}))
 
-    @app.exception_handler(UnknownModelError)
-    async def _model(request: Request, exc: UnknownModelError):
-        return _error_response(request, 404, str(exc), "model_not_found")
+    def answer(failure: Failure):
+        async def handler(request: Request, exc: Exception):
+            headers = failure.headers(exc) if failure.headers else None
+            return _error_response(request, failure.status, str(exc), failure.kind, headers)
+        return handler
 
-    @app.exception_handler(UnsupportedRequestError)
-    async def _unsupported(request: Request, exc: UnsupportedRequestError):
-        return _error_response(request, 400, str(exc), "unsupported")
+    for exc_type, failure in FAILURES.items():
+        app.add_exception_handler(exc_type, answer(failure))
 
-    @app.exception_handler(InputTooLongError)
-    async def _too_long(request: Request, exc: InputTooLongError):
-        return _error_response(request, 400, str(exc), "too_long")
-
-    @app.exception_handler(RequestTooLargeError)
-    async def _too_much(request: Request, exc: RequestTooLargeError):
-        return _error_response(request, 400, str(exc), "too_much_work")
-
-    @app.exception_handler(QueueFullError)
-    async def _full(request: Request, exc: QueueFullError):
-        return _error_response(request, 503, str(exc), "overloaded",
-                               {"Retry-After": str(max(1, round(exc.retry_after)))})
-
-    @app.exception_handler(DeadlineExceededError)
-    async def _deadline(request: Request, exc: DeadlineExceededError):
-        return _error_response(request, 504, str(exc), "timeout")
-
-    @app.exception_handler(EngineStoppedError)
-    async def _stopped(request: Request, exc: EngineStoppedError):
-        return _error_response(request, 503, str(exc), "unavailable", {"Retry-After": "1"})
-
-    @app.exception_handler(DeviceMemoryError)
-    async def _memory(request: Request, exc: DeviceMemoryError):
-        # Capacity, not a client error: one of its sequences does not fit even alone (other requests scored).
-        return _error_response(request, 503, str(exc), "unavailable")
-
-    @app.exception_handler(WorkerDiedError)
-    async def _dead(request: Request, exc: WorkerDiedError):
-        return _error_response(request, 503, str(exc), "unavailable")
-
-    @app.exception_handler(BatchFailedError)
-    @app.exception_handler(ModelOutputError)
     async def _model_fault(request: Request, exc: Exception):
         rid = request_id(request.scope)
         log.error("%s on %s (request id %s): %s", type(exc).__name__, request.url.path, rid, exc)
         return _error_response(request, 500, f"{exc} (request id {rid})", "internal", {"x-request-id": rid})
+
+    for exc_type in MODEL_FAULTS:
+        app.add_exception_handler(exc_type, _model_fault)
 
 
 def route_paths(app: FastAPI) -> set[str]:

@@ -13,7 +13,20 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from openrerank.engine.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    DeviceMemoryError,
+    EngineStoppedError,
+    ModelOutputError,
+    QueueFullError,
+    RequestTooLargeError,
+    UnsupportedRequestError,
+    WorkerDiedError,
+)
+from openrerank.engine.served import UnknownModelError
 from openrerank.server.responses import OrjsonResponse
+from openrerank.text.prepare import InputTooLongError
 
 
 class ApiError(Exception):
@@ -26,6 +39,38 @@ class ApiError(Exception):
         self.message = message
         self.kind = kind  # validation | auth | not_found | too_large | overloaded | timeout | backend
         self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one kind of engine or text failure is answered: a status and a generic kind (each dialect may
+    map the kind to its own status, `Dialect.status_for`), and any headers the answer carries."""
+
+    status: int
+    kind: str
+    headers: Callable[[Exception], dict[str, str]] | None = None
+
+
+def _retry_after(exc: Exception) -> dict[str, str]:
+    return {"Retry-After": str(max(1, round(getattr(exc, "retry_after", 1.0))))}
+
+
+#: Every failure below the server, answered in the request's dialect (a subclass answers as its base).
+FAILURES: dict[type[Exception], Failure] = {
+    UnknownModelError: Failure(404, "model_not_found"),
+    UnsupportedRequestError: Failure(400, "unsupported"),
+    InputTooLongError: Failure(400, "too_long"),
+    RequestTooLargeError: Failure(400, "too_much_work"),
+    QueueFullError: Failure(503, "overloaded", _retry_after),
+    DeadlineExceededError: Failure(504, "timeout"),
+    EngineStoppedError: Failure(503, "unavailable", lambda exc: {"Retry-After": "1"}),
+    # Capacity, not a client error: one of its sequences does not fit even alone (other requests scored).
+    DeviceMemoryError: Failure(503, "unavailable"),
+    WorkerDiedError: Failure(503, "unavailable"),
+}
+
+#: Faults of the model itself: a 500 whose message names the request id, and an error line in the log.
+MODEL_FAULTS: tuple[type[Exception], ...] = (BatchFailedError, ModelOutputError)
 
 
 #: Longest message an error body carries (messages may quote client input, e.g. a model name).
