@@ -1,8 +1,7 @@
-"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`; and Infinity's
-`POST /rerank` on the same path.
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`.
 
-The body decides the dialect: `texts` is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's
-(Cohere-shaped answer with `results`, OpenAI-style errors `{"error": {"message", "type", "param", "code"}}`).
+`POST /rerank` is shared with Infinity (`server/dialects/infinity.py`); the body decides the dialect: `texts`
+is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's, which this route hands over.
 
 Errors come back as TEI's `{"error": ..., "error_type": ...}`. Status codes follow the issue's
 contract, which differs from upstream TEI in one place: upstream answers 413 for a client batch
@@ -13,27 +12,21 @@ not ready -> 503.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from openrerank import __version__
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, infinity
 from openrerank.server.dialects.score_form import relevance
-from openrerank.server.errors import ApiError, Dialect, format_validation_errors, register_dialect
+from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import parse_model_arg
-from openrerank.wire.infinity import (
-    INFINITY_UNSPECIFIED_MODEL,
-    InfinityError,
-    InfinityRerankRequest,
-    InfinityRerankResponse,
-)
+from openrerank.wire.infinity import InfinityError, InfinityRerankRequest, InfinityRerankResponse
 from openrerank.wire.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
 _ERROR_TYPES = {
@@ -58,19 +51,6 @@ TEI = register_dialect(Dialect(
     error_model=TeiError,
 ))
 
-
-
-def infinity_error_body(status: int, message: str, kind: str) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
-
-
-#: Infinity's form of /rerank. It owns no path of its own: the /rerank handler picks it for `documents` bodies.
-INFINITY = Dialect(
-    "infinity", (), infinity_error_body,
-    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 400,
-                "overloaded": 429, "unavailable": 503, "timeout": 504},
-    request_models={"/rerank": InfinityRerankRequest},
-)
 
 #: Request bodies documented for /rerank (the route reads its body itself to pick the form).
 OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankRequest, TeiRank,
@@ -123,34 +103,6 @@ def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
     return out
 
 
-def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
-    """Infinity request -> internal request; over-long documents are cut at the end, as Infinity does."""
-    model = None if body.model in (None, INFINITY_UNSPECIFIED_MODEL) else body.model
-    return RerankRequest(query=body.query, passages=list(body.documents), model=model, truncate=Truncate.END,
-                         top_n=body.top_n)
-
-
-def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, request_id: str | None) -> dict:
-    """Internal result -> Infinity's answer: best first, cut to top_n, [0, 1] scores unless raw_scores."""
-    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
-    results = []
-    for i, _ in result.top(body.top_n):
-        item: dict[str, Any] = {"relevance_score": float(scores[i]), "index": i}
-        if body.return_documents:
-            item["document"] = body.documents[i]
-        results.append(item)
-    return {"object": "rerank", "results": results, "model": result.model,
-            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-            "id": request_id or "", "created": int(time.time())}
-
-
-def _parse(model: type[BaseModel], payload: dict) -> Any:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        raise ApiError(422, format_validation_errors(list(exc.errors()), model)) from None
-
-
 _FORMS_BODY = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in OPENAPI_MODELS[:2]]}
 
 
@@ -174,16 +126,12 @@ async def rerank(request: Request, response: Response) -> Any:
         raise ApiError(422, "request body must be a JSON object with 'query' and 'texts' (TEI) or 'documents' "
                        "(Infinity/Cohere)")
     if "documents" in payload and "texts" not in payload:
-        request.state.dialect = INFINITY
-        body = _parse(InfinityRerankRequest, payload)
-        req = infinity_to_internal(body)
-        result = await common.rerank(request, response, req)
-        return infinity_result_to_wire(result, body, common.request_id(request))
+        return await infinity.rerank(request, response, payload)
     if "documents" in payload:
         raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
     if "texts" not in payload:
         raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
-    tei_body = _parse(TeiRerankRequest, payload)
+    tei_body = common.parse_body(TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
     req = to_internal(tei_body, chunking=config.tei_chunking)
     result = await common.rerank(request, response, req)
