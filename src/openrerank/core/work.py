@@ -1,8 +1,8 @@
 """Tokenized work items: what text preparation hands the scheduler and the scheduler hands a runtime.
 
-They live below every layer that passes them along, so text, engine and backends share one definition.
+They live below every layer that passes them along, so text, engine, families and runtimes share one definition.
 Each item says which task it serves: a rerank item comes back as one score, an embed item as one vector.
-The scheduler never batches items of different tasks together, so a backend call returns one or the other.
+The scheduler never batches items of different tasks together, so a scorer call returns one or the other.
 """
 
 from __future__ import annotations

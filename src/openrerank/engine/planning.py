@@ -16,7 +16,7 @@ Costs are in tokens, and an item costs at least `floor_cost` (the per-item share
 `max_tokens / max_size`), so one unit bounds both a window's tokens and its items.
 
 Reranking and embedding requests share windows and fair shares, but a batch holds items of one task only (a
-backend call returns scores or vectors, not both): each group is split per task before it is cut into batches.
+scorer call returns scores or vectors, not both): each group is split per task before it is cut into batches.
 """
 
 from __future__ import annotations

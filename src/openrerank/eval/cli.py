@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rr.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
     rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
                     help="auto: a bi-encoder reranker scores from passage embeddings computed once per passage "
-                         "(same numbers as the engine); score: call the engine per query+passage pair")
+                         "(same numbers as the served model); score: call the served model's scorer per "
+                         "query+passage pair")
 
     rt = p.add_argument_group("runtime")
     rt.add_argument("--backend", default="auto", help="model backend (auto, torch, onnx)")

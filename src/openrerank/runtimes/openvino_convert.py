@@ -5,7 +5,7 @@ Steps:
    logits or pooled embeddings), traced on a padded probe batch; inputs keep the family's names
    (`input_ids`, `attention_mask`, `token_type_ids` where used) and both axes stay dynamic.
 2. The converted model, compiled at f32 precision, is compared with PyTorch on that batch; more than 1e-3
-   apart and the conversion is refused (`ConversionError`), so `--backend auto` falls back to another engine.
+   apart and the conversion is refused (`ConversionError`), so `--backend auto` falls back to another runtime.
 3. `openvino.save_model(..., compress_to_fp16=False)`: the IR keeps fp32 weights. bf16 is not a property of
    the IR but of compilation (`INFERENCE_PRECISION_HINT`), so fp32 and bf16 share one cached IR.
 4. `--dtype int8`: `nncf.compress_weights` of that IR (INT8_ASYM: int8 weights per output channel). At run

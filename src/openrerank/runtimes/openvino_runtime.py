@@ -1,4 +1,4 @@
-"""OpenVINO runtime: the fastest CPU engine for encoder families (fp32, bf16, or NNCF int8).
+"""OpenVINO runtime: the fastest CPU runtime for encoder families (fp32, bf16, or NNCF int8).
 
 The IR is converted once and cached by `openrerank.runtimes.openvino_convert`; this class compiles it for
 the CPU with:
@@ -35,7 +35,7 @@ _PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 def openvino_available() -> bool:
     """Whether the openvino package is installed (found without importing it; a broken install still fails
-    at load, where `--backend auto` falls back to the next engine)."""
+    at load, where `--backend auto` falls back to the next runtime)."""
     return importlib.util.find_spec("openvino") is not None
 
 
@@ -50,7 +50,7 @@ class OpenVinoRuntime(Runtime):
     ) -> None:
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} for the openvino backend (use one of {OPENVINO_DTYPES})")
+            raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime (use one of {OPENVINO_DTYPES})")
         self.conversion = ensure_openvino(network, variant="int8" if dtype == "int8" else "fp32",
                                           cache_dir=cache_dir)
         self.threads = threads or default_threads()

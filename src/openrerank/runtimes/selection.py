@@ -5,7 +5,7 @@ legal values (`BACKEND_CHOICES`, `DTYPES`) once; the CLI and the export command 
 
 What can run where (anything else is refused before the server binds its port):
 
-| backend  | device | dtypes                                                          | families |
+| runtime  | device | dtypes                                                          | families |
 |----------|--------|-----------------------------------------------------------------|----------|
 | openvino | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX), int8 (NNCF; best with VNNI) | encoders |
 | onnx     | cpu    | fp32, int8 (dynamic; fast with VNNI, runs without it)           | encoders |
@@ -56,11 +56,12 @@ DTYPES = ("auto", *dict.fromkeys((*TORCH_DTYPES, *OPENVINO_DTYPES, *ONNX_DTYPES)
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
-#: What "faithful" means, quoted in the reasons `auto` gives.
+#: What "faithful" means, quoted in the reasons `auto` gives. (The reasons and refusals below still say "engine"
+#: for a runtime: they are API output, /v1/metadata's `engine.reason`, kept as clients have seen them.)
 FIDELITY_GATE = "probe scores correlate >= 0.9999 with fp32, DL19 nDCG@10 within 0.002"
 
 class RuntimeConfigError(ValueError):
-    """An impossible backend/dtype/device combination; raised before the server starts."""
+    """An impossible runtime/dtype/device combination (--backend/--dtype/--device); raised before the server starts."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why.
 
     With `--backend auto`, a runtime that refuses the model (OpenVINO cannot convert it, ONNX cannot export
-    it) hands over to the next candidate, and the reason says so; an explicit backend raises instead.
+    it) hands over to the next candidate, and the reason says so; an explicit --backend raises instead.
     """
     refused: list[str] = []
     for i, choice in enumerate(plan):

@@ -55,7 +55,7 @@ class TorchRuntime(Runtime):
         import torch
 
         if dtype not in TORCH_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} for the torch backend (use one of {sorted(TORCH_DTYPES)})")
+            raise ValueError(f"unknown dtype {dtype!r} for the torch runtime (use one of {sorted(TORCH_DTYPES)})")
         if not is_cuda(device):
             torch.set_num_threads(threads or default_threads())
         # CPU bf16: fp32 weights + autocast (see the module docstring); GPU: weights in the dtype.
