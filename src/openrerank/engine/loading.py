@@ -204,7 +204,8 @@ def load_model(source: ResolvedModel | ModelSource | str, options: LoadOptions |
     runtime, choice = create_runtime(family.network(spec, tokenizer), resolved.plan, device=options.device,
                                      threads=options.threads)
     scorer = family.scorer(spec, runtime, encoder.pad_id)
-    log.info("loaded %s as %s (%s weights) on %s, window %d tokens; runtime %s: %s", resolved.source.spec,
+    # The log line keeps its words ("engine X: why") as operators and tests read them.
+    log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
              family.id, resolved.weights_format, scorer.description, spec.max_length, choice.label, choice.reason)
     return LoadedModel(resolved.source, spec, family, encoder, scorer, resolved.weights_format,
                        device=options.device, runtime_choice=choice)
