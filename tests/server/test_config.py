@@ -1,0 +1,25 @@
+"""ServerConfig keeps the flags as given; the batching policy is the device's default with the given flags on top."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
+from openrerank.server.config import ServerConfig
+from openrerank.server.engine_config import scheduler_config
+
+
+def test_the_batch_policy_is_the_devices_default_with_the_given_flags_on_top():
+    assert ServerConfig().batch_policy == CPU_POLICY
+    assert ServerConfig(device="cuda:1").batch_policy == CUDA_POLICY
+    config = ServerConfig(device="cuda", max_batch_tokens=1000, min_batch_rows=2)
+    assert config.batch_policy == replace(CUDA_POLICY, max_tokens=1000, min_rows=2)
+    assert scheduler_config(config).policy == config.batch_policy
+
+
+def test_unset_batching_flags_validate_and_bad_ones_are_named():
+    ServerConfig().validate()
+    with pytest.raises(ValueError, match=r"--max-batch-tokens 0: must be at least 1.*--max-padding 1\.0"):
+        ServerConfig(max_batch_tokens=0, max_padding=1.0).validate()
