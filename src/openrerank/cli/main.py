@@ -16,7 +16,7 @@ from openrerank.cli import export, families
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from openrerank.runtimes.selection import BACKENDS, DTYPES
+from openrerank.runtimes.selection import BACKEND_CHOICES, BACKENDS, DTYPES
 from openrerank.server.config import BATCHING_FIELDS, ServerConfig
 
 #: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
@@ -51,8 +51,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
-    Option("backend", "engine", "inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
-           "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
+    Option("backend", "engine", "inference engine: auto (the fastest faithful engine on this machine, see "
+           "--backend-choice; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
+    Option("backend-choice", "engine", "how auto picks: measure (time each faithful engine on the model's shapes "
+           "for about a second at first start, cached per machine) or rules (a fixed order from the CPU's "
+           "flags, nothing timed; reproducible)", choices=BACKEND_CHOICES),
     Option("dtype", "engine", "auto (what backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
            "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),

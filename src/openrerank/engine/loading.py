@@ -20,7 +20,8 @@ from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
 from openrerank.runtimes.base import Backend, TaskNotSupportedError
-from openrerank.runtimes.selection import EngineChoice, check_backend_options, create_runtime
+from openrerank.runtimes.measure import Throughput
+from openrerank.runtimes.selection import DEFAULT_BACKEND_CHOICE, EngineChoice, check_backend_options, create_runtime
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 class LoadOptions:
     backend: str = "auto"
     dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see runtimes/selection.py)
+    backend_choice: str = DEFAULT_BACKEND_CHOICE  # how auto picks: measure (timed here, cached) or rules
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None  # override of the model's window (never above it)
@@ -62,6 +64,12 @@ class LoadedModel:
     weights_format: str
     device: str = "cpu"
     engine: EngineChoice | None = None  # which engine serves and why (None: built by hand, e.g. in tests)
+
+    @property
+    def throughput(self) -> Throughput | None:
+        """What the serving engine sustains on this machine (sequences and tokens per second at the timed
+        shapes), measured when it was chosen; None when nothing was timed (`--backend-choice rules`)."""
+        return self.engine.throughput if self.engine is not None else None
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -192,7 +200,8 @@ def load_model(source: ModelSource | str, options: LoadOptions | None = None) ->
     encoder = family.text_encoder(spec, tokenizer)
     runtime, engine = create_runtime(
         family.network(spec, tokenizer), engines=resolved.engines, backend=options.backend, dtype=options.dtype,
-        device=options.device, threads=options.threads, family=family.id)
+        device=options.device, threads=options.threads, family=family.id, choice=options.backend_choice,
+        max_length=spec.max_length)
     backend = family.scorer(spec, runtime, encoder.pad_id)
     log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,
              family.id, resolved.weights_format, backend.description, spec.max_length, engine.label, engine.reason)

@@ -9,6 +9,10 @@ the CPU with:
   AVX512-BF16/AMX, accumulation in fp32);
 - `INFERENCE_NUM_THREADS` = `--threads` (default: the cores available), one stream, latency hint: one
   batch at a time from the scheduler's worker, all threads on it;
+- `ENABLE_CPU_PINNING` off: OpenVINO otherwise pins its worker threads to cores chosen without regard to
+  other processes, so two servers on one host (replicas, containers, pods) pin to the same core while
+  another idles (measured: two one-thread servers on a 2-core VM both on core 0, `--replicas 2` at 0.91-1.05x
+  of one replica). Unpinned, the kernel's scheduler spreads them over the process's affinity set;
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation.
 
 Inputs stay int64 (what the IR was traced with) and are handed over without a copy.
@@ -61,6 +65,7 @@ class OpenVinoRuntime(Runtime):
             "INFERENCE_NUM_THREADS": self.threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,  # see the module docstring: pinned threads of two processes collide
             "CACHE_DIR": str(compiled_dir),
         }
         self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from openrerank.engine.batching import default_policy
+from openrerank.runtimes.selection import DEFAULT_BACKEND_CHOICE
 
 #: Scheduler settings whose default depends on the device (None: `default_policy(device)`'s value).
 BATCHING_FIELDS = ("max_batch_tokens", "max_batch_size", "max_padding", "min_batch_rows")
@@ -25,6 +26,7 @@ class ServerConfig:
     # model loading
     backend: str = "auto"
     dtype: str = "auto"
+    backend_choice: str = DEFAULT_BACKEND_CHOICE  # measure | rules (runtimes/selection.py)
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None
