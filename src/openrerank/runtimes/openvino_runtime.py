@@ -37,6 +37,20 @@ OPENVINO_DTYPES = ("fp32", "bf16", "int8")
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
+def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None) -> dict:
+    """How the CPU plugin compiles a model to serve (see the module docstring)."""
+    config = {
+        "INFERENCE_PRECISION_HINT": _PRECISION[dtype],
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,  # pinned threads of two processes collide (module docstring)
+    }
+    if compiled_dir is not None:
+        config["CACHE_DIR"] = str(compiled_dir)
+    return config
+
+
 def openvino_available() -> bool:
     """Whether the openvino package is installed (found without importing it; a broken install still fails
     at load, where `--backend auto` falls back to the next engine)."""
@@ -60,14 +74,7 @@ class OpenVinoRuntime(Runtime):
         self.threads = threads or default_threads()
         compiled_dir = compiled_cache_dir(cache_dir)
         compiled_dir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "INFERENCE_PRECISION_HINT": _PRECISION[dtype],
-            "INFERENCE_NUM_THREADS": self.threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
-            "ENABLE_CPU_PINNING": False,  # see the module docstring: pinned threads of two processes collide
-            "CACHE_DIR": str(compiled_dir),
-        }
+        config = compile_config(dtype, self.threads, compiled_dir)
         self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request; the scheduler's worker is the only regular caller
