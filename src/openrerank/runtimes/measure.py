@@ -1,10 +1,10 @@
 """Time candidate engines on the model's own shapes, once per machine, model and engine versions.
 
 `--backend auto` serves with the engine that is fastest on *this* machine among the faithful ones, because
-CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32, on an EPYC with
-the same flags four times faster. Each candidate is built, warmed up (one pass: the first batch of a shape
-compiles kernels and allocates) and timed on a few batches at the lengths a reranker serves, for about a
-second, then closed. The timings are a JSON record in the converted-model cache (`engine-choice/`), keyed
+CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
+GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. Each candidate is built, warmed up (one pass: the
+first batch of a shape compiles kernels and allocates) and timed on a few batches at the lengths a reranker
+serves, for about a second, then closed. The timings are a JSON record in the converted-model cache (`engine-choice/`), keyed
 by the CPU (model name and flags), the thread count, the device, the model's content and head, the
 candidates, the shapes and the engine versions; later starts read it, and replicas starting together wait on
 the cache's lock while the first one times (`artifact_cache.ensure_record`), so a machine times once.

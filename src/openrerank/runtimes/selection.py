@@ -15,9 +15,10 @@ on a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default 
 engines there are is a rule of the CPU's flags, what is installed and the family (`plan_engines`, best
 first by the rule below); which of them is fastest is measured (`--backend-choice measure`, the default):
 each is timed for about a second on the model's own shapes the first time a model is loaded on a machine,
-and the timings are cached (`runtimes/measure.py`). CPU flags do not predict speed: an AVX512-BF16 Xeon ran
-OpenVINO bf16 at 0.65x of its fp32, an EPYC with the same flags at 3x. `--backend-choice rules` serves the
-first of the plan without timing anything (reproducible; what tests that need determinism use):
+and the timings are cached (`runtimes/measure.py`). CPU flags do not predict speed: an AVX512-BF16 Xeon
+ran OpenVINO bf16 at 0.65x of its fp32, while on an EPYC with the same flags it was the fastest engine.
+`--backend-choice rules` serves the first of the plan without timing anything (reproducible; what tests
+that need determinism use):
 
 1. OpenVINO bf16 where the CPU has bf16 units (avx512_bf16 / amx_bf16): bf16 matrix products with fp32
    accumulation pass the gate (probe correlation 0.99995 on the MiniLM-L6 cross-encoder, 0.99999 on the
