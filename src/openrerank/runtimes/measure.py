@@ -4,10 +4,11 @@
 CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
 GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. Each candidate is built, warmed up (one pass: the
 first batch of a shape compiles kernels and allocates) and timed on a few batches at the lengths a reranker
-serves, for about a second, then closed. The timings are a JSON record in the converted-model cache (`engine-choice/`), keyed
-by the CPU (model name and flags), the thread count, the device, the model's content and head, the
-candidates, the shapes and the engine versions; later starts read it, and replicas starting together wait on
-the cache's lock while the first one times (`artifact_cache.ensure_record`), so a machine times once.
+serves, for about a second, then closed. The timings are a JSON record in the converted-model cache
+(`engine-choice/`), keyed by the CPU (model name and flags), the thread count, the device, the model's
+content and head, the candidates, the shapes and the engine versions; later starts read it, and replicas
+starting together wait on the cache's lock while the first one times (`artifact_cache.ensure_record`), so a
+machine times once.
 
 The winner's rate (`Throughput`, sequences and tokens per second at the timed shapes) travels with the
 engine choice, so what admits requests can size its budgets by what this engine sustains here.
