@@ -51,8 +51,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
-    Option("backend", "engine", "inference engine: auto (the fastest faithful engine on this machine, see "
-           "--backend-choice; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
+    Option("backend", "engine", "inference engine: auto (the fastest faithful engine measured on this machine; "
+           "PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
     Option("backend-choice", "engine", "how auto picks: measure (time each faithful engine on the model's shapes "
            "for about a second at first start, cached per machine) or rules (a fixed order from the CPU's "
            "flags, nothing timed; reproducible)", choices=BACKEND_CHOICES),
