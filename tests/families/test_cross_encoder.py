@@ -89,7 +89,7 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
     broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
     with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.selection"):
         runtime, choice = create_runtime(broken, plan_runtimes("auto", "fp32", "cpu", family.runtimes),
-                                         device="cpu", threads=1)
+                                         device="cpu", threads=1, mode="rules")
     assert runtime.description == "torch-fp32-cpu" and choice.runtime == "torch"
     assert "could not be exported to ONNX" in caplog.text and "trying PyTorch fp32" in caplog.text
     assert "does not trace" in caplog.text

@@ -76,6 +76,12 @@ def test_auto_plans_exact_fallbacks_after_the_first_choice(machine):
 def test_llm_families_and_gpus_get_pytorch(machine):
     machine(BF16_CPU)
     assert first("auto", "auto", engines=("torch",)) == ("torch", "fp32")
+    # bf16 units: bf16 is a candidate too (measured against fp32; bf16 is not always faster)
+    assert [(c.runtime, c.dtype) for c in plan_runtimes("auto", "auto", "cpu", ("torch",))] == [
+        ("torch", "fp32"), ("torch", "bf16")]
+    machine(VNNI_CPU)
+    assert len(plan_runtimes("auto", "auto", "cpu", ("torch",))) == 1  # emulated bf16 is never a candidate
+    machine(BF16_CPU)
     assert first("auto", "auto", "cuda") == ("torch", "fp32")
     assert first("auto", "fp16", "cuda:1") == ("torch", "fp16")
     assert "CUDA" in plan_runtimes("auto", "auto", "cuda", ENCODERS)[0].reason
@@ -162,7 +168,7 @@ def test_auto_falls_back_when_openvino_refuses_the_model(tiny_model_dir, monkeyp
         raise openvino_convert.ConversionError("unsupported operation aten::frobnicate")
 
     monkeypatch.setattr(openvino_convert, "_convert", refuse)
-    loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32"))
+    loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", backend_choice="rules"))
     assert loaded.scorer.description == "onnx-fp32-cpu"
     assert loaded.runtime_choice is not None and loaded.runtime_choice.runtime == "onnx"
     assert "OpenVINO fp32 refused it (ConversionError: unsupported operation" in loaded.runtime_choice.reason
@@ -175,7 +181,7 @@ def test_auto_falls_back_when_openvino_refuses_the_model(tiny_model_dir, monkeyp
 
 def test_auto_without_openvino_serves_onnx(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(selection, "openvino_available", lambda: False)
-    loaded = load_model(str(tiny_model_dir))
+    loaded = load_model(str(tiny_model_dir), LoadOptions(backend_choice="rules"))
     assert loaded.scorer.description == "onnx-fp32-cpu"
     assert "not installed" in loaded.runtime_choice.reason
 

@@ -24,17 +24,26 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, flags=re.M))
 
 
-def test_metadata_and_startup_log_say_which_engine_and_why(cached_server):
+def test_metadata_info_and_startup_log_say_which_engine_and_why(cached_server):
+    """Every faithful candidate's measured rate is shown, and the fastest serves (whichever it is here)."""
     with cached_server.client() as c:
         model = c.get("/v1/metadata").json()["models"][0]
-    expected = plan_runtimes("auto", "auto", "cpu")[0]  # what auto plans on this machine
+        info = c.get("/info").json()
+    planned = {(p.runtime, p.dtype) for p in plan_runtimes("auto", "auto", "cpu")}  # the faithful candidates here
     engine = model["engine"]
-    assert (engine["backend"], engine["dtype"]) == (expected.runtime, expected.dtype)
-    assert engine["reason"] == expected.reason and len(engine["reason"]) > 20
-    assert model["backend"] == f"{expected.runtime}-{expected.dtype}-cpu"
+    assert engine["choice"] == "measure"
+    assert {(m["backend"], m["dtype"]) for m in engine["measured"]} == planned
+    timed = [m for m in engine["measured"] if "pairs_per_s" in m]
+    fastest = max(timed, key=lambda m: m["pairs_per_s"])
+    assert (engine["backend"], engine["dtype"]) == (fastest["backend"], fastest["dtype"])
+    assert engine["throughput"]["pairs_per_s"] == fastest["pairs_per_s"] > 0
+    assert engine["throughput"]["tokens_per_s"] > engine["throughput"]["pairs_per_s"]
+    for m in timed:  # the reason names every candidate's rate
+        assert f"{m['pairs_per_s']:.1f}/s" in engine["reason"]
+    assert model["backend"] == f"{engine['backend']}-{engine['dtype']}-cpu"
+    assert info["engine"] == engine  # TEI /info carries the same object
     assert model["score_cache"]["max_bytes"] == 2**20
-    log = cached_server.output()
-    assert f"engine {expected.label}: {expected.reason}" in log
+    assert f": {engine['reason']}" in cached_server.output()  # the startup log line
 
 
 def test_repeated_requests_are_answered_from_the_cache(cached_server):

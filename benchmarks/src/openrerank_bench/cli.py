@@ -35,6 +35,7 @@ from pathlib import Path
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
+from openrerank_bench.roofline import flops_per_pair, gemm_gflops, workload_sequences
 from openrerank_bench.runners import (
     SERVED_NAME,
     Baseline,
@@ -59,15 +60,22 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _auto_pick() -> str | None:
-    """What `--backend auto` serves an encoder with on this machine, as BACKEND:DTYPE."""
-    from openrerank.runtimes.selection import RuntimeConfigError, plan_runtimes
+def _auto_pick(model_dir: Path, threads: int | None, console) -> tuple[str | None, dict | None]:
+    """What `--backend auto` serves the bench model with on this machine (BACKEND:DTYPE, measured: every
+    faithful engine timed on the model's shapes, or read from the cache), and its engine metadata."""
+    from openrerank.engine.loading import LoadOptions, load_model
 
     try:
-        choice = plan_runtimes("auto", "auto", "cpu")[0]
-    except RuntimeConfigError:
-        return None
-    return f"{choice.runtime}:{choice.dtype}"
+        loaded = load_model(str(model_dir), LoadOptions(threads=threads))
+    except Exception as exc:  # the engines' own rows say more
+        console.print(f"[red]auto could not load the model: {exc}[/red]")
+        return None, None
+    engine = loaded.runtime_choice
+    loaded.close()
+    if engine is None:
+        return None, None
+    console.print(f"auto: {engine.label}: {engine.reason}")
+    return f"{engine.runtime}:{engine.dtype}", engine.as_metadata()
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -119,7 +127,6 @@ def run_bench(args: argparse.Namespace) -> int:
     wl = load_workload(data, args.run, args.queries, args.passages)
     console.print(f"workload: {len(wl.queries)} requests, {wl.pairs} pairs from {data.name}/{args.run}; "
                   f"load average {load_average()}")
-    auto = _auto_pick()
     result: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["openrerank", *sys.argv[1:]]) if sys.argv else "",
@@ -129,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "workload": {"dataset": data.name, "run": args.run, "requests": len(wl.queries),
                      "passages_per_request": args.passages, "pairs": wl.pairs},
         "concurrency": {"clients": args.clients, "requests": args.concurrent_requests},
-        "auto": auto,
+        "auto": None,
         "backends": [],
     }
     if "embed" in tasks:
@@ -157,6 +164,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         max_length = resolve_model(str(model_dir)).spec.max_length
         result["model"]["max_length"] = max_length
+        auto, result["auto_choice"] = _auto_pick(model_dir, args.threads, console)
+        result["auto"] = auto
         _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result, console)
         if not args.no_quality:
             _quality(args, wl, result, console)
@@ -213,7 +222,10 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
             console.print(f"[red]{cfg} failed: {row['error']}[/red]")
     rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
     reference: list = []
+    threads = args.threads or len(os.sched_getaffinity(0))
+    gflops: list[float] = []
     for r in range(args.rounds):
+        gflops.append(gemm_gflops(threads))  # the roofline, measured beside the engines in every round
         stats, reference = baseline.measure(wl)
         rounds["baseline"].append(stats)
         console.print(f"round {r + 1}/{args.rounds}: baseline {stats['pairs_per_s']:.1f} pairs/s")
@@ -228,10 +240,34 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
     if bi_encoder:
         result["reference_ndcg@10"] = ndcg10(wl, reference)  # the default model in sentence-transformers fp32
     baseline.close()
+    if runners:
+        result["roofline"] = _roofline(next(iter(runners.values())), wl, model_dir, threads, max(gflops))
+        console.print(f"fp32 roofline: GEMM {result['roofline']['gemm_gflops']:.1f} GFLOP/s on {threads} threads "
+                      f"(rounds {', '.join(f'{g:.1f}' for g in gflops)}), "
+                      f"{result['roofline']['gflop_per_pair']:.2f} GFLOP per pair: "
+                      f"{result['roofline']['pairs_per_s']:.1f} pairs/s")
     for cfg, runner in runners.items():
         runner.close()
         rows[cfg]["offline"] = best_round(rounds[cfg])
+        if "roofline" in result:
+            rows[cfg]["roofline_fraction"] = rows[cfg]["offline"]["pairs_per_s"] / result["roofline"]["pairs_per_s"]
+        if runner.first_request_ms is not None and runner.warm_request_ms:
+            rows[cfg]["first_request"] = {"first_ms": round(runner.first_request_ms, 1),
+                                          "warm_ms": round(runner.warm_request_ms, 1),
+                                          "ratio": round(runner.first_request_ms / runner.warm_request_ms, 2)}
+    if "roofline" in result:
+        result["baseline"]["roofline_fraction"] = result["baseline"]["pairs_per_s"] / result["roofline"]["pairs_per_s"]
     loop.close()
+
+
+def _roofline(runner: OfflineRunner, wl, model_dir: Path, threads: int, gflops: float) -> dict:
+    """The fp32 roofline of this workload on this machine (formula: openrerank_bench/roofline.py)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    sequences, pairs = workload_sequences(runner.served.loaded, wl.queries, wl.passages)
+    per_pair = flops_per_pair(config, sequences, pairs)
+    return {"gemm_gflops": round(gflops, 1), "threads": threads, "gflop_per_pair": per_pair / 1e9,
+            "mean_tokens": sum(sequences) / max(1, len(sequences)),
+            "pairs_per_s": gflops * 1e9 / per_pair}
 
 
 def _quality(args, wl, result, console) -> None:

@@ -19,12 +19,18 @@ def render(result: dict) -> None:
               f"{wl['passages_per_request']} passages = {wl['pairs']} pairs; baseline {b['name']} = {base:.1f} "
               f"pairs/s (best of {len(b['rounds_pairs_per_s'])} rounds, spread {b['spread']:.0%}); load "
               f"{result['machine']['load_average_start']} -> {result['machine'].get('load_average_end')}")
-    cols = ["engine", "offline pairs/s", "spread", "HTTP pairs/s", "HTTP p50/p95 ms", "model share",
+    roof = result.get("roofline")
+    if roof:
+        t.caption = (f"fp32 roofline: {roof['gemm_gflops']:.1f} GFLOP/s fp32 GEMM on {roof['threads']} threads / "
+                     f"{roof['gflop_per_pair']:.2f} GFLOP per pair ({roof['mean_tokens']:.0f} tokens) = "
+                     f"{roof['pairs_per_s']:.1f} pairs/s (docs/engine.md)")
+    cols = ["engine", "offline pairs/s", "roofline", "first req.", "spread", "HTTP pairs/s", "HTTP p50/p95 ms",
+            "model share",
             f"{conc['clients']} clients pairs/s", f"{conc['clients']}c p50/p99 ms", "fail", "corr vs fp32",
             "max|Δ|", "default nDCG@10", "faithful"]
     for c in cols:
         t.add_column(c, justify="right")
-    t.add_row("baseline", f"{base:.1f} (1.00x)", f"{b['spread']:.0%}", "",
+    t.add_row("baseline", f"{base:.1f} (1.00x)", _fmt(b, "roofline_fraction", "{:.2f}"), "", f"{b['spread']:.0%}", "",
               f"{b['p50_ms']:.0f}/{b['p95_ms']:.0f}", "", "", "", "", "1", "0",
               f"{ref_ndcg:.4f}" if ref_ndcg is not None else "-", "")
     for row in result["backends"]:
@@ -37,6 +43,8 @@ def render(result: dict) -> None:
         gate = row.get("faithful")
         t.add_row(
             name, f"{off['pairs_per_s']:.1f} ({off['pairs_per_s'] / base:.2f}x)" if off else "-",
+            _fmt(row, "roofline_fraction", "{:.2f}"),
+            _fmt(row.get("first_request", {}), "ratio", "{:.2f}x"),
             _fmt(off, "spread", "{:.0%}"),
             f"{http['pairs_per_s']:.1f} ({http['pairs_per_s'] / base:.2f}x)" if http else "-",
             f"{_fmt(http, 'p50_ms', '{:.0f}')}/{_fmt(http, 'p95_ms', '{:.0f}')}",

@@ -19,7 +19,7 @@ from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
 from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
+from openrerank.runtimes.selection import AUTO_MODES, BACKEND_CHOICES, DTYPES
 from openrerank.server.config import ServerConfig
 
 #: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
@@ -59,9 +59,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
-    Option("backend", "engine", "the runtime that runs the models: auto (the fastest faithful runtime for this "
-           "CPU: OpenVINO bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch",
-           choices=BACKEND_CHOICES),
+    Option("backend", "engine", "the runtime that runs the models: auto (the fastest faithful runtime measured on "
+           "this machine; PyTorch on CUDA), openvino, onnx, torch", choices=BACKEND_CHOICES),
+    Option("backend-choice", "engine", "how auto picks: measure (time each faithful runtime on the model's shapes "
+           "for about a second at first start, cached per machine) or rules (a fixed order from the CPU's "
+           "flags, nothing timed; reproducible)", choices=AUTO_MODES),
     Option("dtype", "engine", "auto (what the runtime choice picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
            "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch runtime; fails at startup without a usable GPU)"),

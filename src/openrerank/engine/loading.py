@@ -20,7 +20,8 @@ from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
-from openrerank.runtimes.selection import RuntimeChoice, create_runtime, plan_runtimes
+from openrerank.runtimes.measure import Throughput
+from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, create_runtime, plan_runtimes
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 class LoadOptions:
     backend: str = "auto"  # the --backend flag's value: the runtime to run on, or auto (it keeps the flag's name)
     dtype: str = "auto"  # auto: the fastest faithful precision for this CPU (see runtimes/selection.py)
+    backend_choice: str = DEFAULT_AUTO_MODE  # how auto picks: measure (timed here, cached) or rules
     device: str = "cpu"
     threads: int | None = None
     max_length: int | None = None  # override of the model's window (never above it)
@@ -69,6 +71,12 @@ class LoadedModel:
     weights_format: str
     device: str = "cpu"
     runtime_choice: RuntimeChoice | None = None  # which runtime serves and why (None: built by hand, e.g. in tests)
+
+    @property
+    def throughput(self) -> Throughput | None:
+        """What the serving engine sustains on this machine (sequences and tokens per second at the timed
+        shapes), measured when it was chosen; None when nothing was timed (`--backend-choice rules`)."""
+        return self.runtime_choice.throughput if self.runtime_choice is not None else None
 
     @property
     def score_kind(self) -> ScoreKind:
@@ -202,7 +210,8 @@ def load_model(source: ResolvedModel | ModelSource | str, options: LoadOptions |
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     encoder = family.text_encoder(spec, tokenizer)
     runtime, choice = create_runtime(family.network(spec, tokenizer), resolved.plan, device=options.device,
-                                     threads=options.threads)
+                                     threads=options.threads, mode=options.backend_choice,
+                                     max_length=spec.max_length)
     scorer = family.scorer(spec, runtime, encoder.pad_id)
     # The log line keeps its words ("engine X: why") as operators and tests read them.
     log.info("loaded %s as %s (%s weights) on %s, window %d tokens; engine %s: %s", resolved.source.spec,

@@ -165,3 +165,42 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
     meta = read_meta(final, model_file, meta_file) or meta
     log.info("%s ready in %.1fs: %s", what, meta["build_seconds"], final / model_file)
     return CachedArtifact(final / model_file, False, key, meta)
+
+
+def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: str) -> tuple[dict, bool]:
+    """The JSON record `<key>.json` in `cache_dir`, computed with `compute()` if missing; (record, cached).
+
+    For results that are facts about this machine rather than files (the engine timings `--backend auto`
+    chooses by): computed under the same locks as a build, so replicas starting together compute once and
+    the others wait and read it; written to a temporary file and renamed, so nobody reads half a record.
+    """
+    path = cache_dir / f"{key}.json"
+
+    def read() -> dict | None:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    record = read()
+    if record is not None:
+        log.info("%s cache hit: %s", what, path)
+        return record, True
+    with BUILD_LOCK, _directory_lock(cache_dir):
+        record = read()
+        if record is not None:
+            log.info("%s cache hit after waiting for another process: %s", what, path)
+            return record, True
+        record = compute()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared by several users' servers
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return record, False

@@ -3,6 +3,9 @@ without a usable GPU is one clear line and exit 2, not a traceback and a server 
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 GPU_SETUP_HINT = "scripts/setup.sh --gpu installs a CUDA build of PyTorch (docs/gpu.md)"
 
 
@@ -32,3 +35,19 @@ def check_device(device: str) -> None:
         count = torch.cuda.device_count()
         if int(index) >= count:
             raise DeviceError(f"--device {device}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (empty where unreadable, e.g. not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "", frozenset()
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        if line.startswith("model name") and not model:
+            model = line.partition(":")[2].strip()
+        elif line.startswith("flags") and not flags:
+            flags = frozenset(line.partition(":")[2].split())
+    return model, flags

@@ -9,6 +9,10 @@ the CPU with:
   AVX512-BF16/AMX, accumulation in fp32);
 - `INFERENCE_NUM_THREADS` = `--threads` (default: the cores available), one stream, latency hint: one
   batch at a time from the scheduler's worker, all threads on it;
+- `ENABLE_CPU_PINNING` off: OpenVINO otherwise pins its worker threads to cores chosen without regard to
+  other processes, so two servers on one host (replicas, containers, pods) pin to the same core while
+  another idles (measured: two one-thread servers on a 2-core VM both on core 0, `--replicas 2` at 0.91-1.05x
+  of one replica). Unpinned, the kernel's scheduler spreads them over the process's affinity set;
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation.
 
 Inputs stay int64 (what the IR was traced with) and are handed over without a copy.
@@ -31,6 +35,20 @@ log = logging.getLogger(__name__)
 
 OPENVINO_DTYPES = ("fp32", "bf16", "int8")
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None) -> dict:
+    """How the CPU plugin compiles a model to serve (see the module docstring)."""
+    config = {
+        "INFERENCE_PRECISION_HINT": _PRECISION[dtype],
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,  # pinned threads of two processes collide (module docstring)
+    }
+    if compiled_dir is not None:
+        config["CACHE_DIR"] = str(compiled_dir)
+    return config
 
 
 def openvino_available() -> bool:
@@ -56,13 +74,7 @@ class OpenVinoRuntime(Runtime):
         self.threads = threads or default_threads()
         compiled_dir = compiled_cache_dir(cache_dir)
         compiled_dir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "INFERENCE_PRECISION_HINT": _PRECISION[dtype],
-            "INFERENCE_NUM_THREADS": self.threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
-            "CACHE_DIR": str(compiled_dir),
-        }
+        config = compile_config(dtype, self.threads, compiled_dir)
         self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request; the scheduler's worker is the only regular caller

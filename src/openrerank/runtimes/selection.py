@@ -12,38 +12,45 @@ What can run where (anything else is refused before the server binds its port):
 | torch    | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX, else it is emulated)      | all      |
 | torch    | cuda   | fp32, bf16, fp16                                                | all      |
 
-`--backend auto` (the default) serves with the fastest *faithful* runtime for this CPU: one whose scores on
-a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default model's DL19 nDCG@10 within
-0.002 of fp32. That is measured in the tests (`tests/runtimes/test_fidelity.py`) and by `openrerank bench`,
-not at startup, so the choice is a pure function of the CPU's flags, what is installed and the family:
+`--backend auto` (the default) serves with the fastest *faithful* runtime on this machine: one whose scores
+on a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default model's DL19 nDCG@10 within
+0.002 of fp32 (measured in `tests/runtimes/test_fidelity.py` and by `openrerank bench`). Which faithful
+runtimes there are is a rule of the CPU's flags, what is installed and the family (`plan_runtimes`, best
+first by the rule below); which of them is fastest is measured (`--backend-choice measure`, the default):
+each is timed for about a second on the model's own shapes the first time a model is loaded on a machine,
+and the timings are cached (`runtimes/measure.py`). CPU flags do not predict speed: an AVX512-BF16 Xeon
+ran OpenVINO bf16 at 0.65x of its fp32, while on an EPYC with the same flags it was the fastest engine.
+`--backend-choice rules` serves the first of the plan without timing anything (reproducible; what tests
+that need determinism use):
 
 1. OpenVINO bf16 where the CPU has bf16 units (avx512_bf16 / amx_bf16): bf16 matrix products with fp32
    accumulation pass the gate (probe correlation 0.99995 on the MiniLM-L6 cross-encoder, 0.99999 on the
-   default bi-encoder) at 1.5-2x the speed of fp32. int8 is faster still but fails it (OpenVINO int8
-   weights 0.9996, ONNX Runtime dynamic int8 0.991), so `auto` never picks int8; ask for it with `--dtype int8`.
-2. OpenVINO fp32 on other CPUs (exact, and faster than ONNX Runtime fp32).
-3. ONNX Runtime fp32 where OpenVINO is not installed or refuses the model; PyTorch fp32 where ONNX cannot
-   export it, and for families that only run on PyTorch (the LLM rerankers), and on CUDA.
+   default bi-encoder). int8 fails it (OpenVINO int8 weights 0.9996, ONNX Runtime dynamic int8 0.991; the
+   recipes tried are in docs/runtime.md), so `auto` never picks int8; ask for it with `--dtype int8`.
+2. OpenVINO fp32, then ONNX Runtime fp32, then PyTorch fp32 (exact).
+3. Families that only run on PyTorch (the LLM rerankers): PyTorch fp32, and PyTorch bf16 (autocast) where
+   the CPU has bf16 units; CUDA: PyTorch.
 
-With an explicit `--dtype`, `auto` picks the best runtime for that dtype (fp32: OpenVINO, then ONNX Runtime;
+With an explicit `--dtype`, `auto` plans the runtimes for that dtype (fp32: OpenVINO, ONNX Runtime, PyTorch;
 bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
-explicit `--backend` gets exactly that runtime or a clear error, never a silent substitute.
+explicit `--backend` gets exactly that runtime or a clear error, never a silent substitute. An runtime that
+fails to load hands over to the next candidate, and the reason says so.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from openrerank.runtimes.base import Network, Runtime
+from openrerank.runtimes.devices import cpu_info
+from openrerank.runtimes.measure import Measurement, Throughput, Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
-from openrerank.runtimes.torch_runtime import TORCH_DTYPES, is_cuda
+from openrerank.runtimes.torch_runtime import TORCH_DTYPES, default_threads, is_cuda
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,10 @@ RUNTIMES = ("openvino", "onnx", "torch")
 #: runtime declares its own precisions).
 BACKEND_CHOICES = ("auto", *RUNTIMES)
 DTYPES = ("auto", *dict.fromkeys((*TORCH_DTYPES, *OPENVINO_DTYPES, *ONNX_DTYPES)))
+#: How `--backend auto` picks among the faithful runtimes (`--backend-choice`): time them here (cached), or take
+#: the rule's first.
+AUTO_MODES = ("measure", "rules")
+DEFAULT_AUTO_MODE = "measure"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
@@ -71,26 +82,34 @@ class RuntimeChoice:
     runtime: str  # openvino | onnx | torch
     dtype: str
     reason: str
+    #: How it was chosen: "rules" (the plan's first that loads) or "measure" (the fastest timed here).
+    choice: str = "rules"
+    #: Every candidate's timing on this machine, fastest first (empty when nothing was timed).
+    measured: tuple[Measurement, ...] = ()
+    #: What this runtime sustains here (sequences and tokens per second at the timed shapes); None when
+    #: nothing was timed (`--backend-choice rules`). Admission control sizes its budgets from it.
+    throughput: Throughput | None = None
 
     @property
     def label(self) -> str:
-        return f"{_NAMES.get(self.runtime, self.runtime)} {self.dtype}"
+        return label(self.runtime, self.dtype)
 
     def as_metadata(self) -> dict:
-        return {"backend": self.runtime, "dtype": self.dtype, "reason": self.reason}
+        meta: dict = {"backend": self.runtime, "dtype": self.dtype, "reason": self.reason, "choice": self.choice}
+        if self.throughput is not None:
+            meta["throughput"] = self.throughput.as_metadata()
+        if self.measured:
+            meta["measured"] = [m.as_metadata() for m in self.measured]
+        return meta
 
 
-@functools.lru_cache(maxsize=1)
+def label(runtime: str, dtype: str) -> str:
+    return f"{_NAMES.get(runtime, runtime)} {dtype}"
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags from /proc/cpuinfo (empty where unreadable, e.g. not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+    return cpu_info()[1]
 
 
 def nncf_available() -> bool:
@@ -165,6 +184,9 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
         if "torch" in runtimes:
             why = "the only engine this family runs on" if runtimes == ("torch",) else "fp32, exact"
             out.append(RuntimeChoice("torch", "fp32", f"PyTorch fp32: {why}"))
+            if runtimes == ("torch",) and bf16_unit:
+                out.append(RuntimeChoice("torch", "bf16", f"PyTorch bf16 autocast ({bf16_unit}): faster than fp32 "
+                                         "on some CPUs with bf16 units, slower on others"))
         return out
     if dtype == "fp32":
         if ov:
@@ -241,13 +263,72 @@ def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | 
     return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads)
 
 
-def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: str,
-                   threads: int | None) -> tuple[Runtime, RuntimeChoice]:
+def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: str, threads: int | None,
+                   mode: str = DEFAULT_AUTO_MODE, max_length: int = 512) -> tuple[Runtime, RuntimeChoice]:
     """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why.
 
-    With `--backend auto`, a runtime that refuses the model (OpenVINO cannot convert it, ONNX cannot export
-    it) hands over to the next candidate, and the reason says so; an explicit --backend raises instead.
+    `mode="measure"`: every planned engine is timed on this machine (or its cached timings read) and the
+    fastest serves; with a single planned engine (an explicit `--backend`) it is timed too, for its
+    throughput. `mode="rules"`: the plan's first that loads, nothing timed. Either way an engine that
+    refuses the model (OpenVINO cannot convert it, ONNX cannot export it) hands over to the next and the
+    reason says so; when every one fails, the last one's error is raised.
     """
+    if mode not in AUTO_MODES:
+        raise RuntimeConfigError(f"unknown backend choice {mode!r}; choose one of {', '.join(AUTO_MODES)}")
+    plan = list(plan)
+    if mode == "rules":
+        return _first_that_loads(plan, network, device, threads)
+    by_key = {(c.runtime, c.dtype): c for c in plan}
+
+    def build(runtime: str, dtype: str) -> Runtime:
+        return _build(by_key[(runtime, dtype)], network, device, threads)
+
+    timings = measure_candidates(list(by_key), build, model_dir=network.path, head=network.head, device=device,
+                                 threads=threads or default_threads(), max_length=max_length)
+    ranked = timings.ranked
+    refused = [f"{label(m.backend, m.dtype)} refused it ({m.error})" for m in ranked if m.throughput is None]
+    failed: list[str] = []
+    timed = [m for m in ranked if m.throughput is not None]
+    if not timed:  # a stale record of failures only (a fresh one is never written): let the engine say why
+        return _first_that_loads(plan, network, device, threads)
+    for i, m in enumerate(timed):
+        try:
+            runtime = build(m.backend, m.dtype)
+        except Exception as exc:
+            if i == len(timed) - 1:
+                raise
+            failed.append(f"{label(m.backend, m.dtype)} failed to load ({type(exc).__name__}: {str(exc)[:200]})")
+            log.warning("%s could not serve %s: %s; trying %s", label(m.backend, m.dtype), network.path, exc,
+                        label(timed[i + 1].backend, timed[i + 1].dtype))
+            continue
+        reason = _measured_reason(m, timed, refused + failed, timings, len(plan) > 1)
+        return runtime, RuntimeChoice(m.backend, m.dtype, reason, "measure", tuple(ranked), m.throughput)
+    raise AssertionError("unreachable: the timed list is never empty")
+
+
+def _measured_reason(winner: Measurement, timed: list[Measurement], refused: list[str], timings: Timings,
+                     compared: bool) -> str:
+    """Why the winner serves, with every candidate's rate, as the startup log and /v1/metadata show it."""
+    assert winner.throughput is not None
+    best = winner.throughput.pairs_per_s
+    shapes = " and ".join(f"{r}x{w}" for r, w in winner.throughput.shapes)
+    rates = ", ".join(f"{label(m.backend, m.dtype)} {m.throughput.pairs_per_s:.1f}/s"  # type: ignore[union-attr]
+                      + ("" if m is winner else f" ({m.throughput.pairs_per_s / best:.2f}x)")  # type: ignore[union-attr]
+                      for m in timed)
+    when = (f"timings cached from an earlier start (key {timings.key})" if timings.cached
+            else f"timed at this start in {timings.seconds:.1f}s")
+    cpu = cpu_info()[0] or "this CPU"
+    what = (f"the fastest on {cpu} of the engines that pass the fidelity gate ({FIDELITY_GATE})" if compared
+            else "the one engine asked for")
+    parts = [f"{what}: sequences/s on {shapes}-token batches: {rates}; {when}"]
+    if refused:
+        parts.append("; ".join(refused))
+    return "; ".join(parts)
+
+
+def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str,
+                      threads: int | None) -> tuple[Runtime, RuntimeChoice]:
+    """The rule-based choice: the plan's first runtime that loads."""
     refused: list[str] = []
     for i, choice in enumerate(plan):
         try:

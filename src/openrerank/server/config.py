@@ -28,6 +28,7 @@ class ServerConfig:
     # model loading
     backend: str = LoadOptions.backend  # the --backend flag: which runtime (or auto)
     dtype: str = LoadOptions.dtype
+    backend_choice: str = LoadOptions.backend_choice  # measure | rules (runtimes/selection.py)
     device: str = LoadOptions.device
     threads: int | None = None
     max_length: int | None = None

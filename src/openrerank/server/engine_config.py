@@ -12,7 +12,8 @@ from openrerank.server.config import ServerConfig
 
 
 def load_options(config: ServerConfig) -> LoadOptions:
-    return LoadOptions(backend=config.backend, dtype=config.dtype, device=config.device,
+    return LoadOptions(backend=config.backend, dtype=config.dtype, backend_choice=config.backend_choice,
+                       device=config.device,
                        threads=config.threads, max_length=config.max_length,
                        allow_pickle=config.allow_pickle, revision=config.revision)
 

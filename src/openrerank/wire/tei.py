@@ -83,3 +83,6 @@ class TeiInfo(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+    #: openrerank's addition: which engine serves and why, with every candidate's measured rate
+    #: (the `engine` object of /v1/metadata); TEI clients ignore it.
+    engine: dict | None = None

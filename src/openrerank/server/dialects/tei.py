@@ -173,6 +173,7 @@ def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
         "version": __version__,
         "sha": None,
         "docker_label": None,
+        "engine": model.loaded.runtime_choice.as_metadata() if model is not None and model.loaded.runtime_choice else None,
     }
 
 

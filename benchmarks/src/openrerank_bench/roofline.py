@@ -1,0 +1,70 @@
+"""The fp32 roofline: the pairs/s this machine would reach if every FLOP of the model ran at its own fp32
+GEMM rate, measured in the same run on the same threads, so "0.8 of the roofline" means the same on any CPU.
+
+    roofline pairs/s = fp32 GEMM FLOP/s (threads used) / model FLOPs per pair (at the workload's token counts)
+    fraction         = an engine's measured pairs/s / roofline pairs/s
+
+FLOPs of a BERT-style encoder on a sequence of n tokens (hidden h, feed-forward f, L layers; a multiply-add
+is 2 FLOPs): per layer 2n(4h^2 + 2hf) for the Q/K/V/output and feed-forward matrices plus 4n^2 h for the
+attention scores and their weighted sum; embeddings, norms, softmax and the head are left out (< 1%). A
+cross-encoder pair is one sequence ([CLS] query [SEP] passage [SEP]); a bi-encoder pair is its passage's
+sequence plus the query's, which is encoded once per request and shared by its passages. Padding is not
+counted: the FLOPs an engine spends on it count against it. Above 1.0 means fewer FLOPs than fp32 dense math
+(int8/bf16 units, or skipped work).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+
+def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """fp32 GEMM rate (GFLOP/s) of PyTorch on `threads` threads: the best of `repeats` square products."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 / best / 1e9
+
+
+def sequence_flops(config: dict, tokens: int) -> float:
+    """FLOPs of one encoder pass over `tokens` tokens (see the module docstring)."""
+    h = int(config["hidden_size"])
+    f = int(config.get("intermediate_size") or 4 * h)
+    layers = int(config["num_hidden_layers"])
+    return layers * (2 * tokens * (4 * h * h + 2 * h * f) + 4 * tokens * tokens * h)
+
+
+def flops_per_pair(config: dict, sequences: Sequence[int], pairs: int) -> float:
+    """Mean FLOPs per pair of a workload whose encoder passes have the token counts `sequences`."""
+    return sum(sequence_flops(config, n) for n in sequences) / max(1, pairs)
+
+
+def workload_sequences(loaded, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> tuple[list[int], int]:
+    """The token counts of the encoder passes a served model makes for the workload, and its pair count."""
+    from openrerank.core.requests import Truncate
+
+    lengths: list[int] = []
+    pairs = 0
+    for q, ps in zip(queries, passages, strict=True):
+        items = loaded.encoder.prepare(q, list(ps), Truncate.END).items
+        pairs += len(ps)
+        for i, item in enumerate(items):
+            if hasattr(item, "passage_ids"):  # bi-encoder: the passage, and the query once per request
+                lengths.append(len(item.passage_ids))
+                if i == 0:
+                    lengths.append(len(item.query_ids))
+            else:
+                lengths.append(len(item.input_ids))
+    return lengths, pairs

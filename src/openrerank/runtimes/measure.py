@@ -1,0 +1,245 @@
+"""Time candidate engines on the model's own shapes, once per machine, model and engine versions.
+
+`--backend auto` serves with the engine that is fastest on *this* machine among the faithful ones, because
+CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
+GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. Each candidate is built, warmed up (one pass: the
+first batch of a shape compiles kernels and allocates) and timed on a few batches at the lengths a reranker
+serves, for about a second, then closed. The timings are a JSON record in the converted-model cache
+(`engine-choice/`), keyed by the CPU (model name and flags), the thread count, the device, the model's
+content and head, the candidates, the shapes and the engine versions; later starts read it, and replicas
+starting together wait on the cache's lock while the first one times (`artifact_cache.ensure_record`), so a
+machine times once.
+
+The winner's rate (`Throughput`, sequences and tokens per second at the timed shapes) travels with the
+engine choice, so what admits requests can size its budgets by what this engine sustains here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from openrerank.runtimes.artifact_cache import CACHE_ENV, ensure_record, key_of, model_fingerprint
+from openrerank.runtimes.base import Runtime
+from openrerank.runtimes.devices import cpu_info
+
+log = logging.getLogger(__name__)
+
+#: Bump when what is timed or how changes, so old records are not read as new ones.
+MEASURE_FORMAT = 1
+#: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
+#: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
+#: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
+#: seconds for an LLM reranker too.
+TIMING_SHAPES: tuple[tuple[int, int], ...] = ((8, 128), (4, 256))
+_REFERENCE_PARAMS = 25e6
+#: Seconds of timed passes per candidate after its warm-up pass (at least one pass, at most `_MAX_PASSES`).
+TIMING_SECONDS = 1.0
+_MAX_PASSES = 8
+#: Packages whose versions decide an engine's speed (absent ones count as absent).
+_ENGINE_PACKAGES = ("openvino", "onnxruntime", "torch", "transformers", "nncf")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What an engine sustained on this machine: sequences (pairs) and padded tokens per second at `shapes`."""
+
+    pairs_per_s: float
+    tokens_per_s: float
+    shapes: tuple[tuple[int, int], ...]
+
+    def as_metadata(self) -> dict:
+        return {"pairs_per_s": round(self.pairs_per_s, 1), "tokens_per_s": round(self.tokens_per_s),
+                "shapes": [list(s) for s in self.shapes]}
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> Throughput:
+        return cls(float(meta["pairs_per_s"]), float(meta["tokens_per_s"]),
+                   tuple((int(r), int(w)) for r, w in meta["shapes"]))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One candidate's timing, or why it could not be timed (it failed to build or to run)."""
+
+    backend: str
+    dtype: str
+    throughput: Throughput | None = None
+    error: str | None = None
+
+    def as_metadata(self) -> dict:
+        out: dict = {"backend": self.backend, "dtype": self.dtype}
+        if self.throughput is not None:
+            out.update(self.throughput.as_metadata())
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> Measurement:
+        rate = Throughput.from_metadata(meta) if "pairs_per_s" in meta else None
+        return cls(meta["backend"], meta["dtype"], rate, meta.get("error"))
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Every candidate's measurement, fastest first (failures last), and where they came from."""
+
+    measurements: tuple[Measurement, ...]
+    cached: bool  # read from an earlier start's record
+    seconds: float  # what timing cost (on the start that timed)
+    key: str
+
+    @property
+    def ranked(self) -> list[Measurement]:
+        ok = [m for m in self.measurements if m.throughput is not None]
+        return sorted(ok, key=lambda m: -m.throughput.pairs_per_s) + [m for m in self.measurements
+                                                                      if m.throughput is None]
+
+
+def approximate_params(model_dir: Path) -> float:
+    """Parameters, from the weight files' sizes (2 bytes each unless the config says float32)."""
+    model_dir = Path(model_dir)
+    size = sum(p.stat().st_size for p in model_dir.iterdir()
+               if p.is_file() and p.name.endswith((".safetensors", ".bin", ".onnx")))
+    try:
+        dtype = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    except (OSError, ValueError):
+        dtype = None
+    return size / (4 if dtype in (None, "float32") else 2)
+
+
+def timing_shapes(max_length: int, params: float = _REFERENCE_PARAMS) -> tuple[tuple[int, int], ...]:
+    """TIMING_SHAPES for a model of `params` parameters, widths capped at its window (duplicates dropped)."""
+    scale = min(1.0, _REFERENCE_PARAMS / max(params, 1.0))
+    shapes: list[tuple[int, int]] = []
+    for rows, width in TIMING_SHAPES:
+        shape = (max(1, round(rows * scale)), max(2, min(width, max_length)))
+        if shape not in shapes:
+            shapes.append(shape)
+    return tuple(shapes)
+
+
+def timing_features(input_names: Sequence[str], rows: int, width: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """A full batch of random token ids (no padding: the timed work is all real tokens)."""
+    rng = np.random.default_rng(rows * 7919 + width)
+    ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(rows, width)).astype(np.int64)
+    feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {n: feats[n] for n in input_names}
+
+
+def vocab_size_of(model_dir: Path) -> int:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1000
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return int(config.get("vocab_size") or text.get("vocab_size") or 1000)
+
+
+def time_runtime(runtime: Runtime, shapes: Sequence[tuple[int, int]], vocab_size: int,
+                 seconds: float = TIMING_SECONDS) -> Throughput:
+    """The runtime's rate on `shapes`: one warm-up pass, then timed passes for about `seconds`; the fastest
+    pass counts (the one least disturbed by whatever else the machine runs)."""
+    batches = [timing_features(runtime.input_names, rows, width, vocab_size) for rows, width in shapes]
+    for feats in batches:
+        runtime.run(feats)
+    best, started, passes = float("inf"), time.perf_counter(), 0
+    while passes < _MAX_PASSES and (passes == 0 or time.perf_counter() - started < seconds):
+        t = time.perf_counter()
+        for feats in batches:
+            runtime.run(feats)
+        best = min(best, time.perf_counter() - t)
+        passes += 1
+    rows = sum(r for r, _ in shapes)
+    tokens = sum(r * w for r, w in shapes)
+    return Throughput(rows / best, tokens / best, tuple(shapes))
+
+
+def cache_dir() -> Path:
+    """`$OPENRERANK_CACHE_DIR/engine-choice` when set, else `~/.cache/openrerank/engine-choice`."""
+    env = os.environ.get(CACHE_ENV)
+    root = Path(env).expanduser() if env else Path("~/.cache/openrerank").expanduser()
+    return root / "engine-choice"
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in _ENGINE_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _model_content(model_dir: Path) -> dict:
+    """The model's content hash, and every file's name and size (pre-exported graphs are not weights)."""
+    model_dir = Path(model_dir)
+    files = sorted((p.name, p.stat().st_size) for p in model_dir.iterdir() if p.is_file())
+    return {"model_sha256": model_fingerprint(model_dir), "files": files}
+
+
+def timing_key(model_dir: Path, head: str, candidates: Sequence[tuple[str, str]], device: str, threads: int,
+               shapes: Sequence[tuple[int, int]]) -> tuple[str, dict]:
+    """The record's key: what decides which engine is fastest here."""
+    model, flags = cpu_info()
+    facts = {
+        "format": MEASURE_FORMAT, "cpu": model,
+        "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": threads, "device": device, "head": head, **_model_content(model_dir),
+        "candidates": [list(c) for c in candidates], "shapes": [list(s) for s in shapes],
+        "versions": _versions(),
+    }
+    return key_of(facts), facts
+
+
+def measure_candidates(candidates: Sequence[tuple[str, str]], build: Callable[[str, str], Runtime], *,
+                       model_dir: Path, head: str, device: str, threads: int, max_length: int) -> Timings:
+    """Every candidate (backend, dtype) timed on this machine, or read from the cache when timed before.
+
+    `build(backend, dtype)` makes the runtime; one that raises is recorded with its error and skipped; when
+    every one raises, the last error is raised and nothing is cached.
+    """
+    shapes = timing_shapes(max_length, approximate_params(model_dir))
+    vocab = vocab_size_of(model_dir)
+    key, facts = timing_key(model_dir, head, candidates, device, threads, shapes)
+
+    def compute() -> dict:
+        started = time.perf_counter()
+        results: list[Measurement] = []
+        last_error: Exception | None = None
+        for backend, dtype in candidates:
+            runtime = None
+            try:
+                runtime = build(backend, dtype)
+                rate = time_runtime(runtime, shapes, vocab)
+                results.append(Measurement(backend, dtype, rate))
+                log.info("timed %s %s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype, rate.pairs_per_s,
+                         rate.tokens_per_s, shapes)
+            except Exception as exc:  # an engine that cannot serve this model hands over to the next
+                last_error = exc
+                results.append(Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                log.warning("%s %s could not be timed on %s: %s", backend, dtype, model_dir, exc)
+            finally:
+                if runtime is not None:
+                    runtime.close()
+        if last_error is not None and all(m.throughput is None for m in results):
+            raise last_error  # nothing can serve it: say why, and cache nothing (the cause may pass)
+        return {**facts, "key": key, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.perf_counter() - started, 2),
+                "measurements": [m.as_metadata() for m in results]}
+
+    record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
+    return Timings(tuple(Measurement.from_metadata(m) for m in record["measurements"]), cached,
+                   float(record.get("seconds", 0.0)), key)
