@@ -41,6 +41,12 @@ CASES = [
     ("/v1/score", f'{{"text_1": {LONE}, "text_2": ["a"]}}', 400, "code"),
     ("/v1/score", f'{{"text_1": ["q", "r"], "text_2": ["a", {LONE}]}}', 400, "code"),
     ("/v1/score", f'{{"model": {LONE}, "text_1": "q", "text_2": ["a"]}}', 400, "code"),
+    # booleans are JSON booleans: 0, 1 or "yes" is not one (pydantic's lax mode took them)
+    ("/v1/rerank", '{"query": "q", "documents": ["a"], "return_documents": 0}', 400, "message"),
+    ("/v2/rerank", '{"model": "tiny", "query": "q", "documents": ["a"], "return_documents": "yes"}', 400, "message"),
+    ("/rerank", '{"query": "q", "texts": ["a"], "raw_scores": 1}', 422, "error_type"),
+    ("/rerank", '{"query": "q", "documents": ["a"], "return_documents": 0}', 422, "error"),
+    ("/v1/score", '{"text_1": "q", "text_2": ["a"], "use_activation": 0}', 400, "code"),
     # nesting deeper than Python's parser can recurse, in an ignored field and as the whole body
     ("/v1/score", '{"text_1": "q", "text_2": ["a"], "x": ' + "[" * 5000 + "]" * 5000 + "}", 400, "code"),
     ("/v1/ranking", "[" * 6000 + "]" * 6000, 400, "object"),
