@@ -43,10 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrerank.core.work import TASKS, Task, WorkItem
+from openrerank.engine.admission import budget_for, finish_estimate
 from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, BatchPolicy
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
+    DeadlineUnreachableError,
     EngineStoppedError,
     QueueFullError,
     RequestTooLargeError,
@@ -152,6 +154,8 @@ class Scheduler:
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
         self._sec_per_token = 0.0  # moving average of model time per token, for Retry-After
+        #: Measured model speed (engine/admission.py): sets the request budget and deadline admission.
+        self.tokens_per_second: float | None = None
         # Worker thread only:
         self._active: list[_Request] = []  # seen by the worker, unfinished
 
@@ -234,17 +238,16 @@ class Scheduler:
         timeout = self.config.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout if deadline is None else deadline
         req = _Request(items, asyncio.get_running_loop())
-        budget = self.config.request_budget
+        budget = self.request_budget
         if req.tokens > budget:
-            self._count_rejected(req.task, "too_large")
-            raise RequestTooLargeError("tokens", req.tokens, budget, "--max-request-tokens",
-                                       "send fewer or shorter passages, or fewer chunks")
+            self.count_rejected(req.task, "too_large")
+            raise RequestTooLargeError("tokens", req.tokens, budget, "--max-request-tokens", self.budget_reason)
         with self._cv:
             if self._state == _FAILED:
                 raise WorkerDiedError()
             if self._state in (_STOPPING, _STOPPED):
                 raise EngineStoppedError()
-            full = self._refusal_locked(req.tokens)
+            full = self._refusal_locked(req.tokens, deadline - time.monotonic())
             if full is None:
                 self._start_locked()  # tolerate callers that never called start()
                 self._queue.append(req)
@@ -254,14 +257,14 @@ class Scheduler:
                 self._pending_tokens += req.tokens
                 self._cv.notify_all()
         if full is not None:
-            self._count_rejected(req.task, "queue_full")
+            self.count_rejected(req.task, "queue_full")
             raise full
         self._set_depth()
         try:
             await asyncio.wait_for(req.future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             self._abandon(req)
-            self._count_rejected(req.task, "deadline")
+            self.count_rejected(req.task, "deadline")
             raise DeadlineExceededError(timeout) from None
         except asyncio.CancelledError:
             self._abandon(req)
@@ -279,20 +282,48 @@ class Scheduler:
 
     # -- event-loop side helpers -----------------------------------------------------------------
 
-    def _refusal_locked(self, tokens: int) -> QueueFullError | None:
+    @property
+    def request_budget(self) -> int:
+        """Tokens one request may hold: `--max-request-tokens` if set, else what the measured rate scores in
+        part of the request timeout (engine/admission.py), else the static default."""
+        cfg = self.config
+        if cfg.max_request_tokens or not self.tokens_per_second:
+            return cfg.request_budget
+        return budget_for(self.tokens_per_second, cfg.request_timeout)
+
+    @property
+    def queue_budget(self) -> int:
+        return self.config.max_queue_tokens or QUEUE_BUDGETS * self.request_budget
+
+    @property
+    def budget_reason(self) -> str:
+        """Why the request budget is what it is, for the refusal's message."""
+        if self.config.max_request_tokens or not self.tokens_per_second:
+            return "send fewer or shorter passages, or fewer chunks"
+        return (f"this model scores ~{self.tokens_per_second:,.0f} tokens/s here (measured), so more would not "
+                f"finish within the {self.config.request_timeout:g} s request timeout; send fewer or shorter "
+                "passages, or fewer chunks")
+
+    def _refusal_locked(self, tokens: int, left: float) -> QueueFullError | None:
         cfg = self.config
         if self._pending >= cfg.max_queue:
             return QueueFullError(f"{self._pending} requests", f"{cfg.max_queue}, --max-queue",
                                   self._retry_after_locked())
-        if self._pending and self._pending_tokens + tokens > cfg.queue_budget:
-            return QueueFullError(f"{self._pending_tokens} tokens", f"{cfg.queue_budget}, --max-queue-tokens",
+        if self._pending and self._pending_tokens + tokens > self.queue_budget:
+            return QueueFullError(f"{self._pending_tokens} tokens", f"{self.queue_budget}, --max-queue-tokens",
                                   self._retry_after_locked())
+        rate = self.tokens_per_second
+        if self._pending and rate and not cfg.max_request_tokens:
+            estimate = finish_estimate(tokens, self._pending, self._pending_tokens, rate)
+            if estimate > left:
+                return DeadlineUnreachableError(estimate, left, rate, self._retry_after_locked())
         return None
 
     def _retry_after_locked(self) -> float:
         return min(60.0, max(1.0, self._pending_tokens * self._sec_per_token))
 
-    def _count_rejected(self, task: Task, reason: str) -> None:
+    def count_rejected(self, task: Task, reason: str) -> None:
+        """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""
         if self.metrics:
             self.metrics.rejected.labels(self.name, task, reason).inc()
 
