@@ -4,10 +4,14 @@ N clients send a mix of dialects (NIM, Cohere v1/v2, TEI, score) for a bounded t
 requests is invalid on purpose (each must get a 4xx) and a share is abandoned by its client mid-flight
 (a disconnect, which the server must cancel). Printed: requests and status counts, lost = accepted -
 answered (a request sent and never answered, disconnects by design excluded), p50/p99 latency of the
-valid requests per minute, the server's RSS every 30 s, and first a fairness probe: the latency of a
-10-passage request sent while a 512-passage request is being scored, in batch times.
+valid requests per minute, the server's RSS every `--rss-every` seconds with its slope (MiB per minute,
+least squares over the samples after the first minute: what the growth would be if the run went on), and
+first a fairness probe: the latency of a 10-passage request sent while a 512-passage request is being
+scored, in batch times. `--backend` (repeatable) runs the whole soak once per engine, each on a fresh
+server, and ends with one summary line per engine.
 
     flock /tmp/openrerank-bench.lock python benchmarks/soak.py --duration 600 --clients 4 --json soak.json
+    python benchmarks/soak.py --duration 600 --backend onnx --backend openvino --backend torch --json soak.json
 """
 
 from __future__ import annotations
@@ -185,6 +189,25 @@ async def fairness_probe(url: str, headers: dict, queries: list[str], passages: 
             "worst_in_batch_times": max(during) / batch_ms if during and batch_ms else None}
 
 
+def rss_slope(samples: list[tuple[int, float | None]], skip_s: float = 60) -> float | None:
+    """MiB per minute: the least-squares slope of the RSS samples taken after `skip_s` (warm-up excluded)."""
+    points = [(t, v) for t, v in samples if v is not None and t >= skip_s]
+    if len(points) < 3:
+        return None
+    slope, _ = statistics.linear_regression([t for t, _ in points], [v for _, v in points])
+    return slope * 60
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -208,7 +231,7 @@ async def main_async(args, url: str, headers: dict, pid: int | None) -> dict:
             rss.append((int(time.monotonic() - t0), rss_mib(pid) if pid else None))
             print(f"  t={rss[-1][0]:4d}s rss={rss[-1][1]} MiB sent={tally.sent} answered={tally.answered}",
                   flush=True)
-            await asyncio.sleep(30)
+            await asyncio.sleep(args.rss_every)
 
     sampler = asyncio.create_task(sample_rss())
     await asyncio.gather(*(client_loop(i, url, headers, args, stop_at, t0, tally, queries, passages, model)
@@ -217,7 +240,12 @@ async def main_async(args, url: str, headers: dict, pid: int | None) -> dict:
     await asyncio.sleep(2)  # let the server settle before the last reading
     rss.append((int(time.monotonic() - t0), rss_mib(pid) if pid else None))
     text = httpx.get(f"{url}/v1/metrics", headers=headers, timeout=30).text
+    valid = [ms for v in tally.latency_by_minute.values() for ms in v]
+    readings = [v for _, v in rss if v is not None]
     report.update({
+        "p50_ms": pct(valid, 0.5), "p99_ms": pct(valid, 0.99),
+        "rss_start_mib": readings[0] if readings else None, "rss_end_mib": readings[-1] if readings else None,
+        "rss_slope_mib_per_min": rss_slope(rss), "cpu": cpu_name(), "cpus": os.cpu_count(),
         "sent": tally.sent, "answered": tally.answered, "disconnected_on_purpose": tally.disconnected,
         "lost": tally.sent - tally.answered - tally.disconnected, "transport_errors": tally.errors_transport,
         "invalid_not_4xx": tally.invalid_not_4xx, "statuses": dict(tally.statuses),
@@ -245,26 +273,40 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-fairness", dest="fairness", action="store_false")
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--backend", action="append", default=[],
+                   help="run the soak on a fresh server with this --backend (repeatable: one run per engine)")
+    p.add_argument("--rss-every", type=float, default=10, help="seconds between RSS samples")
     args = p.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    print(f"load average at start: {os.getloadavg()}", flush=True)
-    server = None
-    try:
-        if args.url:
-            url, pid = args.url, None
-        else:
-            server = ServeProcess(["--model", args.model, *args.serve_arg], Path(tempfile.mkdtemp()))
-            server.wait_ready()
-            url, pid = server.url, server.proc.pid
-        report = asyncio.run(main_async(args, url, headers, pid))
-    finally:
-        if server is not None:
-            server.stop()
-    print(json.dumps(report, indent=2))
+    print(f"load average at start: {os.getloadavg()}; CPU: {cpu_name()} x{os.cpu_count()}", flush=True)
+    reports: dict[str, dict] = {}
+    for backend in args.backend or [None]:
+        extra = ["--backend", backend] if backend else []
+        server = None
+        try:
+            if args.url:
+                url, pid = args.url, None
+            else:
+                server = ServeProcess(["--model", args.model, *extra, *args.serve_arg], Path(tempfile.mkdtemp()))
+                server.wait_ready()
+                url, pid = server.url, server.proc.pid
+            print(f"== soak on {backend or 'the default engine'}", flush=True)
+            reports[backend or "default"] = asyncio.run(main_async(args, url, headers, pid))
+        finally:
+            if server is not None:
+                server.stop()
+    print(json.dumps(reports, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    ok = report["lost"] == 0 and report["invalid_not_4xx"] == 0 and not any(
-        s.startswith("5") and s not in ("503",) for s in report["statuses"])
+        args.json.write_text(json.dumps(reports, indent=2))
+    ok = True
+    print("engine | sent | answered | lost | 5xx | p50 ms | p99 ms | RSS start / slope / end (MiB, MiB/min) | load")
+    for name, r in reports.items():
+        server_errors = sum(n for s, n in r["statuses"].items() if s.startswith("5") and s != "503")
+        ok = ok and r["lost"] == 0 and r["invalid_not_4xx"] == 0 and server_errors == 0
+        slope = r["rss_slope_mib_per_min"]
+        print(f"{name} | {r['sent']} | {r['answered']} | {r['lost']} | {server_errors} | {r['p50_ms']:.0f} | "
+              f"{r['p99_ms']:.0f} | {r['rss_start_mib']} / {'n/a' if slope is None else f'{slope:+.2f}'} / "
+              f"{r['rss_end_mib']} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}")
     print(f"load average at end: {os.getloadavg()}; {'OK' if ok else 'PROBLEMS'}")
     return 0 if ok else 1
 

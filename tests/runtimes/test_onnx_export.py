@@ -204,3 +204,18 @@ def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, mode
         load_model(str(out), LoadOptions(backend="torch"))
     with pytest.raises(ExportError, match="serve it with --dtype fp32"):
         load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))
+
+
+def test_caches_follow_xdg_cache_home(monkeypatch, tmp_path):
+    """The XDG base-directory spec: $XDG_CACHE_HOME when set to an absolute path, else ~/.cache."""
+    from openrerank.runtimes import openvino_convert
+    from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_root() == tmp_path / "openrerank" / "onnx"
+    assert openvino_convert.default_cache_dir() == tmp_path / "openrerank" / "openvino"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # not absolute: ignored, as the spec says
+    assert cache_root() == Path("~/.cache/openrerank/onnx").expanduser()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))  # the explicit setting still wins
+    assert cache_root() == tmp_path / "mine"

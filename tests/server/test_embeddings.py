@@ -246,3 +246,15 @@ def test_concurrent_requests_are_batched_together(tiny_bi_server):
     after = embed_batches()
     assert after[1] - before[1] == 2 * requests  # every text ran once
     assert after[0] - before[0] <= requests / 2  # in far fewer batches than requests
+
+
+@pytest.mark.parametrize("raw", ['{"input": ["a\\ud800b"]}', '{"input": "a\\ud800b"}',
+                                 '{"input": ["ok", "\\udc00"], "model": "tiny-bi"}'])
+def test_lone_surrogate_is_a_400_not_a_500(tiny_bi_server, raw):
+    """Python's JSON parser accepts a lone surrogate; it is not Unicode, so it must be refused before the
+    tokenizer sees it (it used to reach the tokenizer and answer 500)."""
+    with tiny_bi_server.client() as c:
+        r = c.post("/v1/embeddings", content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["object"] == "error" and "surrogate" in body["message"] and "input[" in body["message"]

@@ -201,3 +201,45 @@ def test_a_score_request_with_several_queries_is_one_admission_unit(tiny_model_d
         assert r.status_code == 200, r.text
         assert [d["index"] for d in r.json()["data"]] == [0, 1, 2]
         assert server.backends[MODEL].batches == [3]  # one submission, one batch
+
+
+def test_an_internal_error_answers_in_the_form_the_route_chose(tiny_model_dir, caplog):
+    """/rerank serves two forms: an Infinity request's unexpected error is Infinity's 500, not TEI's 424."""
+    with InProcessServer(config(tiny_model_dir)) as server, server.client() as c:
+        model = server.app.state.models.get(MODEL)
+
+        async def broken(*args, **kw):
+            raise ZeroDivisionError("a bug")
+
+        model.rerank_many = broken
+        r = c.post("/rerank", json={"query": "q", "documents": ["paris", "berlin"]})
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == 500 and "request id" in r.json()["error"]["message"]
+        r = c.post("/rerank", json=DIALECTS["tei"][1])
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend"  # the TEI form keeps TEI's 424
+
+
+def test_only_client_mistakes_in_a_body_are_a_400(tiny_model_dir, monkeypatch, caplog):
+    """FastAPI turns any exception while parsing a body into 400 "error parsing the body": a MemoryError or a
+    bug must surface as a logged 500, a body nested too deeply is the client's (400, said so)."""
+    import json
+    import types
+
+    import starlette.requests
+
+    def loads(body, *args, **kw):
+        if b"boom" in body:
+            raise MemoryError()
+        return json.loads(body, *args, **kw)
+
+    monkeypatch.setattr(starlette.requests, "json", types.SimpleNamespace(loads=loads))
+    with InProcessServer(config(tiny_model_dir)) as server, server.client() as c:
+        r = c.post("/v1/ranking", json={"query": {"text": "boom"}, "passages": [{"text": "a"}]})
+        assert r.status_code == 500 and r.json()["object"] == "error" and "request id" in r.json()["message"]
+        r = c.post("/v1/ranking", content=b"[" * 100_000 + b"]" * 100_000,
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in r.json()["message"]
+        r = c.post("/v1/ranking", content=b'{"query": ', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "openrerank.server.middleware"]
+    assert any("MemoryError" in m for m in logged)

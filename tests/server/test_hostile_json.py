@@ -41,6 +41,12 @@ CASES = [
     ("/v1/score", f'{{"text_1": {LONE}, "text_2": ["a"]}}', 400, "code"),
     ("/v1/score", f'{{"text_1": ["q", "r"], "text_2": ["a", {LONE}]}}', 400, "code"),
     ("/v1/score", f'{{"model": {LONE}, "text_1": "q", "text_2": ["a"]}}', 400, "code"),
+    # booleans are JSON booleans: 0, 1 or "yes" is not one (pydantic's lax mode took them)
+    ("/v1/rerank", '{"query": "q", "documents": ["a"], "return_documents": 0}', 400, "message"),
+    ("/v2/rerank", '{"model": "tiny", "query": "q", "documents": ["a"], "return_documents": "yes"}', 400, "message"),
+    ("/rerank", '{"query": "q", "texts": ["a"], "raw_scores": 1}', 422, "error_type"),
+    ("/rerank", '{"query": "q", "documents": ["a"], "return_documents": 0}', 422, "error"),
+    ("/v1/score", '{"text_1": "q", "text_2": ["a"], "use_activation": 0}', 400, "code"),
     # nesting deeper than Python's parser can recurse, in an ignored field and as the whole body
     ("/v1/score", '{"text_1": "q", "text_2": ["a"], "x": ' + "[" * 5000 + "]" * 5000 + "}", 400, "code"),
     ("/v1/ranking", "[" * 6000 + "]" * 6000, 400, "object"),
@@ -71,3 +77,33 @@ def test_error_bodies_always_render():
     # a value orjson refuses falls back to the standard encoder instead of failing the answer
     assert dumps({"n": 2**70}) == b'{"n": 1180591620717411303424}'
 
+
+
+# The hostile matrix: every field of a valid request of every dialect replaced by each hostile value.
+VALID = {
+    "/v1/ranking": {"model": "tiny", "query": {"text": "q"}, "passages": [{"text": "a"}], "truncate": "END"},
+    "/v1/rerank": {"model": "tiny", "query": "q", "documents": ["a", {"text": "b"}], "top_n": 1,
+                   "return_documents": True, "max_chunks_per_doc": 2},
+    "/v2/rerank": {"model": "tiny", "query": "q", "documents": ["a"], "top_n": 1, "max_tokens_per_doc": 10},
+    "/rerank": {"query": "q", "texts": ["a"], "truncate": True, "raw_scores": False, "return_text": True},
+    "/v1/score": {"model": "tiny", "text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": -1},
+    "/v1/embeddings": {"model": "tiny", "input": ["a"], "encoding_format": "float", "dimensions": 8},
+}
+HOSTILE = [None, 0, -1, 2**70, 1.5, "", "\udc00", "x" * 3000, [], [None], {}, {"text": 1}, True, [[[[]]]]]
+MATRIX = [(path, field, value) for path, body in VALID.items() for field in body for value in HOSTILE]
+
+
+def test_the_hostile_matrix_gets_no_5xx_and_every_answer_in_its_dialect_shape(tiny_server):
+    """What the issue's probe sent (441 requests, one of them a 500) as a test: each request must get a JSON
+    answer below 500. Encoded with the standard library, which writes lone surrogates as escapes."""
+    import json
+
+    failures = []
+    with tiny_server.client() as c:
+        for path, field, value in MATRIX:
+            body = json.dumps({**VALID[path], field: value}).encode()
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+            if r.status_code >= 500 or not r.headers.get("content-type", "").startswith("application/json"):
+                failures.append((path, field, repr(value)[:40], r.status_code, r.text[:200]))
+    assert not failures, failures
+    assert len(MATRIX) > 300

@@ -196,6 +196,11 @@ def test_api_key(tmp_path, tiny_model_dir):
         wrong = anon.post("/v1/ranking", json=nim_body("q", ["a"]), headers={"Authorization": "Bearer nope"})
         assert_nim_error(wrong, 401)
         assert wrong.headers["www-authenticate"] == "Bearer"
+        # RFC 7235: the scheme name is case-insensitive; the key itself is not, and another scheme is refused
+        for header, status in (("bearer s3cret", 200), ("BEARER s3cret", 200), ("Bearer S3CRET", 401),
+                               ("Basic s3cret", 401), ("s3cret", 401), ("Bearers3cret", 401)):
+            r = anon.post("/v1/ranking", json=nim_body("q", ["a"]), headers={"Authorization": header})
+            assert r.status_code == status, header
         with server.client() as c:
             assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 200
             assert c.get("/v1/models").status_code == 200

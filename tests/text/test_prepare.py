@@ -15,6 +15,7 @@ from openrerank.text import prepare as P
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.pairs import PairTextEncoder
 from openrerank.text.prepare import InputTooLongError
+from openrerank.text.tokenizing import CHARS_PER_TOKEN_GUESS
 
 WORDS = "paris banana river mountain engine water city gene".split()
 
@@ -87,7 +88,7 @@ def test_the_chunk_cap_clips_a_huge_passage_before_its_windows_are_made(cross, m
     huge = long_text(200_000)  # ~1.2 MB
     prep = cross.prepare("paris " * 40, [huge], Truncate.CHUNK, max_chunks_per_passage=3)
     assert prep.owners == [0, 0, 0]
-    assert max(seen) < 32 * 3 * P.MAX_CHARS_PER_TOKEN  # never the whole megabyte
+    assert max(seen) <= 4 * 32 * 3 * CHARS_PER_TOKEN_GUESS  # never the whole megabyte
     # the over-long query was cut to half the window, so each window still holds a real slice
     q_len = prep.items[0].token_type_ids.index(1) - 2  # [CLS] query [SEP] | passage [SEP]
     assert q_len <= (32 - 3) // 2

@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Export --model to ONNX with ONNX Runtime's transformer fusions (int8: dynamic "
                        "quantization), or with --backend openvino convert it to an OpenVINO IR (int8: NNCF int8 "
                        "weights; bf16 uses the fp32 IR), store it in the cache `serve` reads "
-                       "(OPENRERANK_CACHE_DIR, default ~/.cache/openrerank/onnx; OpenVINO IRs in its openvino/ "
+                       "(OPENRERANK_CACHE_DIR, default $XDG_CACHE_HOME/openrerank/onnx; OpenVINO IRs in its openvino/ "
                        "folder) and print its path. Encoder families only (LLM rerankers run on PyTorch).")
     p.add_argument("--model", default="default", metavar="SOURCE",
                    help="'default' (the embedded all-MiniLM-L6-v2), a local model directory or a Hugging Face hub id "
@@ -93,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
                    help=f"ONNX opset, 17 or newer (default: {DEFAULT_OPSET})")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="cache that `serve` reads (default: $OPENRERANK_CACHE_DIR, else ~/.cache/openrerank/onnx; "
+                   help="cache that `serve` reads (default: $OPENRERANK_CACHE_DIR, else "
+                   "$XDG_CACHE_HOME/openrerank/onnx; "
                    "OpenVINO IRs in its openvino/ folder)")
     p.add_argument("--out", metavar="DIR",
                    help="onnx: also write a servable copy into DIR (model.onnx, export.json and the tokenizer/config "

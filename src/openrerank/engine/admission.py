@@ -8,16 +8,40 @@ Refusals carry a Retry-After: the pending tokens times the measured model time p
 `AdmissionQueue` holds everything the event loop and the worker thread share, under one condition variable:
 the requests accepted but not yet planned, the pending totals the limits bound, the scheduler's lifecycle
 state (admission closes when it stops or its worker dies) and the speed estimate behind Retry-After.
+
+Admission by measured speed: A fixed token budget assumed a speed the machine may not have (983,040 tokens assumed ~8k tokens/s; a
+MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran 120 s and ended 504).
+Instead the model's rate is measured when it is warmed up (`measure_rate`: warm-up batches growing until
+one takes about `WARMUP_TARGET_S`), and:
+
+- one request may hold what the model scores in `BUDGET_SHARE` of `--request-timeout` at that rate
+  (`budget_for`); more is refused at once (400; TEI 422) naming the rate, since it could not finish even
+  alone. `--max-request-tokens` overrides it.
+- a request that fits the budget but would not finish before its deadline behind the work already pending
+  (each pending request scores at most as many tokens as the newcomer before it is done, the planner
+  being max-min fair) is refused at once with 503 (TEI/Cohere 429) and Retry-After (`finish_estimate`).
+
+`Scheduler.tokens_per_second` holds the rate; whoever knows a better one (the engine choice times each
+candidate runtime on the loaded model) may set it before the model serves.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Sequence
 from collections import deque
 from dataclasses import dataclass
 
+from openrerank.core.work import WorkItem
 from openrerank.engine.batching import CPU_POLICY, BatchPolicy
-from openrerank.engine.errors import EngineStoppedError, QueueFullError, RequestTooLargeError, WorkerDiedError
+from openrerank.engine.errors import (
+    DeadlineUnreachableError,
+    EngineStoppedError,
+    QueueFullError,
+    RequestTooLargeError,
+    WorkerDiedError,
+)
 from openrerank.engine.pending import PendingRequest
 
 #: The default per-request token budget assumes at least one full batch every this many seconds of
@@ -25,6 +49,39 @@ from openrerank.engine.pending import PendingRequest
 SECONDS_PER_BUDGET_BATCH = 2.0
 #: Default pending-token limit, in per-request budgets.
 QUEUE_BUDGETS = 2
+
+#: Share of the request timeout one request's work may take at the measured rate (the rest: queueing,
+#: tokenization, and a rate measured on a machine that may get busier).
+BUDGET_SHARE = 0.5
+#: Warm-up batches grow until one takes about this long (or reaches the batch token limit).
+WARMUP_TARGET_S = 0.5
+
+
+def budget_for(tokens_per_second: float, timeout: float) -> int:
+    """Tokens one request may hold: what the model scores in BUDGET_SHARE of the timeout."""
+    return max(1, int(tokens_per_second * timeout * BUDGET_SHARE))
+
+
+def finish_estimate(tokens: int, pending_requests: int, pending_tokens: int, tokens_per_second: float) -> float:
+    """Seconds until a newcomer of `tokens` is scored behind the pending work, under max-min fairness: each
+    pending request is scored at most `tokens` more before the newcomer is done."""
+    ahead = min(pending_tokens, pending_requests * tokens)
+    return (ahead + tokens) / tokens_per_second
+
+
+def measure_rate(compute: Callable[[Sequence[WorkItem]], object], item: WorkItem, max_tokens: int) -> float:
+    """Tokens per second of `compute` on batches of copies of `item`: 1, 4, 16... items, until a batch takes
+    `WARMUP_TARGET_S` or the next would pass `max_tokens`; the rate of the last (largest) batch."""
+    n = 1
+    while True:
+        start = time.perf_counter()
+        compute([item] * n)
+        seconds = max(time.perf_counter() - start, 1e-6)
+        tokens = n * item.length
+        if seconds >= WARMUP_TARGET_S or tokens * 4 > max_tokens:
+            return tokens / seconds
+        n *= 4
+
 
 #: Lifecycle states: admits while NEW (the first submit starts the worker) or RUNNING.
 NEW, RUNNING, STOPPING, STOPPED, FAILED = "new", "running", "stopping", "stopped", "failed"
@@ -81,12 +138,36 @@ class AdmissionQueue:
         self.state = NEW
         self.failure: str | None = None  # why the worker died (the exception's type)
         self.sec_per_token = 0.0  # moving average of model time per token, for Retry-After
+        #: Measured model speed (`measure_rate`, or the runtime choice's timing): sets the request budget and
+        #: deadline admission. None: the static budget of `SchedulerConfig`.
+        self.tokens_per_second: float | None = None
+
+    @property
+    def request_budget(self) -> int:
+        """Tokens one request may hold: `--max-request-tokens` if set, else what the measured rate scores in
+        part of the request timeout, else the static default."""
+        cfg = self.config
+        if cfg.max_request_tokens or not self.tokens_per_second:
+            return cfg.request_budget
+        return budget_for(self.tokens_per_second, cfg.request_timeout)
+
+    @property
+    def queue_budget(self) -> int:
+        return self.config.max_queue_tokens or QUEUE_BUDGETS * self.request_budget
+
+    @property
+    def budget_reason(self) -> str:
+        """Why the request budget is what it is, for the refusal's message."""
+        if self.config.max_request_tokens or not self.tokens_per_second:
+            return "send fewer or shorter passages, or fewer chunks"
+        return (f"this model scores ~{self.tokens_per_second:,.0f} tokens/s here (measured), so more would not "
+                f"finish within the {self.config.request_timeout:g} s request timeout; send fewer or shorter "
+                "passages, or fewer chunks")
 
     def too_large(self, req: PendingRequest) -> RequestTooLargeError | None:
-        budget = self.config.request_budget
+        budget = self.request_budget
         if req.tokens > budget:
-            return RequestTooLargeError("tokens", req.tokens, budget, "--max-request-tokens",
-                                        "send fewer or shorter passages, or fewer chunks")
+            return RequestTooLargeError("tokens", req.tokens, budget, "--max-request-tokens", self.budget_reason)
         return None
 
     def check_open_locked(self) -> None:
@@ -95,14 +176,20 @@ class AdmissionQueue:
         if self.state in (STOPPING, STOPPED):
             raise EngineStoppedError()
 
-    def refusal_locked(self, tokens: int) -> QueueFullError | None:
+    def refusal_locked(self, tokens: int, left: float) -> QueueFullError | None:
+        """Why a request of `tokens` with `left` seconds to its deadline cannot be accepted now, or None."""
         cfg = self.config
         if self.pending >= cfg.max_queue:
             return QueueFullError(f"{self.pending} requests", f"{cfg.max_queue}, --max-queue",
                                   self.retry_after_locked())
-        if self.pending and self.pending_tokens + tokens > cfg.queue_budget:
-            return QueueFullError(f"{self.pending_tokens} tokens", f"{cfg.queue_budget}, --max-queue-tokens",
+        if self.pending and self.pending_tokens + tokens > self.queue_budget:
+            return QueueFullError(f"{self.pending_tokens} tokens", f"{self.queue_budget}, --max-queue-tokens",
                                   self.retry_after_locked())
+        rate = self.tokens_per_second
+        if self.pending and rate and not cfg.max_request_tokens:
+            estimate = finish_estimate(tokens, self.pending, self.pending_tokens, rate)
+            if estimate > left:
+                return DeadlineUnreachableError(estimate, left, rate, self.retry_after_locked())
         return None
 
     def retry_after_locked(self) -> float:

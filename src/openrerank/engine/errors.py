@@ -23,6 +23,17 @@ class QueueFullError(EngineError):
         super().__init__(f"server overloaded: {what} pending (limit {limit}); retry later")
 
 
+class DeadlineUnreachableError(QueueFullError):
+    """The request fits its budget, but behind the work pending it would not finish before its deadline at
+    the model's measured rate: refused at once (503/429, Retry-After) instead of a 504 much later."""
+
+    def __init__(self, estimate: float, left: float, tokens_per_second: float, retry_after: float) -> None:
+        QueueFullError.__init__(self, "", "", retry_after)
+        self.args = (f"server overloaded: this request would finish in about {estimate:.0f} s behind the work "
+                     f"pending (the model scores ~{tokens_per_second:,.0f} tokens/s here), after its deadline "
+                     f"in {left:.0f} s (--request-timeout); retry later",)
+
+
 class RequestTooLargeError(EngineError):
     """One request holds more work than the server scores for a single request (a 4xx: the client
     can split it, send fewer or shorter passages, or fewer chunks)."""

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openrerank.core.work import TASKS, WorkItem
+from openrerank.core.work import TASKS, Task, WorkItem
 from openrerank.engine.admission import (
     FAILED,
     NEW,
@@ -105,6 +105,28 @@ class Scheduler:
         return self._admission.failure
 
     @property
+    def tokens_per_second(self) -> float | None:
+        """The model's measured speed here (engine/admission.py); None until measured."""
+        return self._admission.tokens_per_second
+
+    @tokens_per_second.setter
+    def tokens_per_second(self, rate: float | None) -> None:
+        self._admission.tokens_per_second = rate
+
+    @property
+    def request_budget(self) -> int:
+        """Tokens one request may hold (`--max-request-tokens`, else from the measured speed)."""
+        return self._admission.request_budget
+
+    @property
+    def budget_reason(self) -> str:
+        return self._admission.budget_reason
+
+    def count_rejected(self, task: Task, reason: str) -> None:
+        """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""
+        self._counts.rejected(task, reason)
+
+    @property
     def retry_after(self) -> float:
         """Seconds until the pending work is likely done (1-60): backlog x measured time per token."""
         with self._cv:
@@ -176,7 +198,7 @@ class Scheduler:
             raise too_large
         with self._cv:
             adm.check_open_locked()
-            full = adm.refusal_locked(req.tokens)
+            full = adm.refusal_locked(req.tokens, deadline - time.monotonic())
             if full is None:
                 self._start_locked()  # tolerate callers that never called start()
                 adm.accept_locked(req)

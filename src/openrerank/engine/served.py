@@ -15,7 +15,7 @@ import numpy as np
 
 from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
 from openrerank.core.work import Task
-from openrerank.engine.admission import ChunkLimits
+from openrerank.engine.admission import ChunkLimits, measure_rate
 from openrerank.engine.errors import (
     DeadlineExceededError,
     ModelOutputError,
@@ -28,7 +28,12 @@ from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.families.bi_scorer import normalize
 from openrerank.observe.metrics import Metrics
 from openrerank.sources.source import ModelSource
-from openrerank.text.prepare import Prepared
+from openrerank.text.prepare import InputTooLongError, Prepared
+
+#: A request's texts are tokenized in slices of at most this many texts, or about this many characters
+#: (a longer text is a slice of its own; only its scorable part is tokenized, text/tokenizing.py).
+SLICE_TEXTS = 64
+SLICE_CHARS = 256 * 1024
 
 #: Largest finite float32: what +-inf scores are reported as (JSON has no infinity).
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -92,8 +97,20 @@ class ServedModel:
         return self.loaded.tasks
 
     def warmup(self) -> None:
+        """First calls (lazy init) before serving, and the model's speed for admission, unless it is known."""
         prep = self.loaded.encoder.prepare(_WARMUP_QUERY, _WARMUP_PASSAGES, Truncate.END)
         self.scheduler.warmup(prep.items)
+        if self.scheduler.tokens_per_second is None and self.loaded.throughput is not None:
+            # the runtime choice timed the serving runtime on this model's shapes already (runtimes/measure.py)
+            self.scheduler.tokens_per_second = self.loaded.throughput.tokens_per_s
+        elif self.scheduler.tokens_per_second is None:
+            # a passage of a typical length (~250 tokens, or the window), timed in batches of growing size
+            long = self.loaded.encoder.prepare(_WARMUP_QUERY, [" ".join(_WARMUP_PASSAGES * 14)], Truncate.END)
+            self.scheduler.tokens_per_second = measure_rate(self.loaded.scorer.compute, long.items[0],
+                                                            self.scheduler.config.policy.max_tokens)
+        if self.scheduler.tokens_per_second:
+            log.info("model %s scores ~%.0f tokens/s here: one request may hold %d tokens", self.name,
+                     self.scheduler.tokens_per_second, self.scheduler.request_budget)
         if self.embeds:
             items = self.loaded.embedding_items(_WARMUP_PASSAGES)
             self.scheduler.warmup(items)
@@ -144,15 +161,10 @@ class ServedModel:
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
         try:
-            preps = await asyncio.wait_for(asyncio.to_thread(self._prepare_all, reqs, passages, chunk_caps),
+            preps = await asyncio.wait_for(self._prepare_all(reqs, passages, chunk_caps),
                                            max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(timeout) from None
-        chunked = sum(len(p.items) for p, r in zip(preps, reqs, strict=True) if r.truncate is Truncate.CHUNK)
-        if chunked > self.limits.max_chunks_per_request:
-            raise RequestTooLargeError("chunks", chunked, self.limits.max_chunks_per_request,
-                                       "--max-chunks-per-request", "send fewer or shorter passages, or ask for "
-                                       "fewer chunks per passage")
         t1 = time.perf_counter()
         outcome = await self.scheduler.submit([it for p in preps for it in p.items], timeout=timeout,
                                               deadline=deadline)
@@ -192,11 +204,38 @@ class ServedModel:
             raise RequestTooLargeError("chunks per passage", asked, limit, "--max-chunks-per-passage")
         return asked or min(req.default_chunks_per_passage or limit, limit)
 
-    def _prepare_all(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
-                     chunk_caps: list[int | None]) -> list[Prepared]:
-        return [self.loaded.encoder.prepare(r.query, texts, r.truncate, max_chunks_per_passage=cap,
-                                            max_tokens_per_passage=r.max_tokens_per_passage)
-                for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True)]
+    async def _prepare_all(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
+                           chunk_caps: list[int | None]) -> list[Prepared]:
+        """Tokenize off the loop, a slice of passages at a time (`text_slices`): no worker thread or tokenizer
+        is held for a whole big request, so small requests interleave; a request over its chunk limit or
+        token budget is refused as soon as the slices tokenized so far pass it."""
+        encoder = self.loaded.encoder
+        budget = self.scheduler.request_budget
+        out: list[Prepared] = []
+        tokens = chunks = 0
+        for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True):
+            parts: list[tuple[int, Prepared]] = []
+            for a, b in text_slices(texts):
+                try:
+                    part = await asyncio.to_thread(encoder.prepare, r.query, texts[a:b], r.truncate,
+                                                   max_chunks_per_passage=cap,
+                                                   max_tokens_per_passage=r.max_tokens_per_passage)
+                except InputTooLongError as exc:
+                    exc.passage_index += a
+                    raise
+                parts.append((a, part))
+                tokens += part.prompt_tokens
+                chunks += len(part.items) if r.truncate is Truncate.CHUNK else 0
+                if chunks > self.limits.max_chunks_per_request:
+                    raise RequestTooLargeError("chunks", chunks, self.limits.max_chunks_per_request,
+                                               "--max-chunks-per-request", "send fewer or shorter passages, or "
+                                               "ask for fewer chunks per passage")
+                if tokens > budget:
+                    self.scheduler.count_rejected(part.items[0].task if part.items else "rerank", "too_large")
+                    raise RequestTooLargeError("tokens", tokens, budget, "--max-request-tokens",
+                                               self.scheduler.budget_reason)
+            out.append(Prepared.concat(parts))
+        return out
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
@@ -207,9 +246,7 @@ class ServedModel:
         if deadline is None:
             deadline = time.monotonic() + timeout
         try:
-            items = await asyncio.wait_for(
-                asyncio.to_thread(self.loaded.embedding_items, req.texts, req.truncate, req.input_type),
-                max(0.0, deadline - time.monotonic()))
+            items = await asyncio.wait_for(self._embedding_items(req), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(timeout) from None
         t1 = time.perf_counter()
@@ -230,6 +267,18 @@ class ServedModel:
                           inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
         return EmbedResult(self.name, vectors, tokens, timings)
 
+    async def _embedding_items(self, req: EmbedRequest) -> list:
+        """The texts' work items, tokenized off the loop a slice at a time (see `_prepare_all`)."""
+        items: list = []
+        for a, b in text_slices(req.texts):
+            try:
+                items += await asyncio.to_thread(self.loaded.embedding_items, req.texts[a:b], req.truncate,
+                                                 req.input_type)
+            except InputTooLongError as exc:
+                exc.passage_index += a
+                raise
+        return items
+
     def check_dimensions(self, dimensions: int | None) -> None:
         """`dimensions` must be the model's own, or (Matryoshka models) any smaller positive size."""
         dim = self.embedding_dim
@@ -245,12 +294,28 @@ class ServedModel:
                 f"send {dim}")
 
     def metadata(self) -> dict:
-        meta = {"id": self.name, **self.loaded.describe()}
+        meta = {"id": self.name, **self.loaded.describe(), "max_request_tokens": self.scheduler.request_budget}
+        if self.scheduler.tokens_per_second:
+            meta["tokens_per_second"] = round(self.scheduler.tokens_per_second, 1)
         if self.embedding_dim is not None:
             meta["embedding_dim"] = self.embedding_dim
         if self.score_cache is not None:
             meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
         return meta
+
+
+def text_slices(texts: Sequence[str]) -> list[tuple[int, int]]:
+    """[start, end) ranges of `texts` holding at most SLICE_TEXTS texts or about SLICE_CHARS characters."""
+    out: list[tuple[int, int]] = []
+    start = chars = 0
+    for i, text in enumerate(texts):
+        if i > start and (i - start >= SLICE_TEXTS or chars + len(text) > SLICE_CHARS):
+            out.append((start, i))
+            start, chars = i, 0
+        chars += len(text)
+    if start < len(texts):
+        out.append((start, len(texts)))
+    return out
 
 
 def _reportable(logits: np.ndarray) -> np.ndarray:

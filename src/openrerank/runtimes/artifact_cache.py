@@ -49,12 +49,21 @@ class CachedArtifact:
     meta: dict
 
 
+def user_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/openrerank` (the XDG base-directory spec; `~/.cache/openrerank` when it is unset or
+    not an absolute path, as the spec says)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.cache").expanduser()
+    return base / "openrerank"
+
+
 def cache_root() -> Path:
-    """`$OPENRERANK_CACHE_DIR` when set, else `~/.cache/openrerank/onnx` (where ONNX exports always lived)."""
+    """`$OPENRERANK_CACHE_DIR` when set, else `$XDG_CACHE_HOME/openrerank/onnx` (where ONNX exports always
+    lived)."""
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
-    return Path("~/.cache/openrerank/onnx").expanduser()
+    return user_cache_dir() / "onnx"
 
 
 def model_fingerprint(model_dir: Path) -> str:

@@ -73,7 +73,7 @@ class ExportError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """`$OPENRERANK_CACHE_DIR` when set, else `~/.cache/openrerank/onnx`."""
+    """`$OPENRERANK_CACHE_DIR` when set, else `$XDG_CACHE_HOME/openrerank/onnx`."""
     return cache_root()
 
 

@@ -15,7 +15,7 @@ Steps:
    weights+activations quantization calibrated on generic text reached 0.989-0.997 and ONNX Runtime's
    dynamic int8 0.991, at about the same speed; neither kind of int8 passes `auto`'s fidelity gate.
 
-Cache: `$OPENRERANK_CACHE_DIR/openvino/<key>-<fp32|int8>/` (default `~/.cache/openrerank/openvino`) with
+Cache: `$OPENRERANK_CACHE_DIR/openvino/<key>-<fp32|int8>/` (default `$XDG_CACHE_HOME/openrerank/openvino`) with
 `model.xml`, `model.bin` and `convert.json`; the key hashes the model files, the head, the variant and the
 torch / transformers / openvino (and nncf) versions. OpenVINO's own compiled-model cache (CPU kernels for
 this machine, so a restart does not compile again) lives beside it in `compiled/`.
@@ -39,7 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.artifact_cache import CACHE_ENV, CachedArtifact, ensure_artifact, key_of, model_fingerprint
+from openrerank.runtimes.artifact_cache import (
+    CACHE_ENV,
+    CachedArtifact,
+    ensure_artifact,
+    key_of,
+    model_fingerprint,
+    user_cache_dir,
+)
 from openrerank.runtimes.base import Network, NetworkBuild, probe_features
 
 log = logging.getLogger(__name__)
@@ -85,11 +92,11 @@ def import_openvino():
 
 
 def default_cache_dir() -> Path:
-    """`$OPENRERANK_CACHE_DIR/openvino` when set, else `~/.cache/openrerank/openvino`."""
+    """`$OPENRERANK_CACHE_DIR/openvino` when set, else `$XDG_CACHE_HOME/openrerank/openvino`."""
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser() / "openvino"
-    return Path("~/.cache/openrerank/openvino").expanduser()
+    return user_cache_dir() / "openvino"
 
 
 def compiled_cache_dir(cache_dir: Path | None = None) -> Path:

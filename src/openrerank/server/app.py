@@ -23,6 +23,7 @@ from openrerank.engine.served import ServedModels, load_served_model
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import cohere, embeddings, nim, score, tei
+from openrerank.server.drain import Drain
 from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
 from openrerank.server.errors import (
     FAILURES,
@@ -132,6 +133,16 @@ def install_openapi_models(app: FastAPI, models: tuple[type[BaseModel], ...]) ->
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def body_parse_message(cause: BaseException | None) -> str:
+    """What FastAPI's generic "error parsing the body" (it catches any exception while parsing) meant, when
+    the client caused it; anything else (MemoryError, a bug) is raised again, to surface as a logged 500."""
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if cause is None or isinstance(cause, ValueError):  # JSON and UTF-8 decoding errors are ValueErrors
+        return "request body is not valid JSON"
+    raise cause
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure becomes the dialect's error shape; CatchAllMiddleware covers the unexpected.
 
@@ -151,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
-            message = "request body is not valid JSON"
+            message = body_parse_message(exc.__cause__)
         return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"),
                                dict(exc.headers or {}))
 
@@ -244,21 +255,22 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
                              if config.score_cache_mb > 0 else None)
     app.state.models = ServedModels()
     app.state.resolved = {r.source.served_id: r for r in resolved}
+    app.state.drain = Drain(config.graceful_timeout)
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
-    install_openapi(app, config)
     install_openapi_models(app, tei.OPENAPI_MODELS)
+    install_openapi(app, config)  # after: the limits it declares cover the hand-referenced bodies too
     routes = functools.cache(lambda: route_paths(app))
     # Last added runs first: the request log sees every answer (and gives each its x-request-id), the
     # catch-all turns anything unexpected into a 500 in the dialect's shape, metrics see everything, auth
     # runs before the body is read.
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
-                       metrics=app.state.metrics)
+                       metrics=app.state.metrics, drain=app.state.drain)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
-    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(CatchAllMiddleware, drain=app.state.drain)
     app.add_middleware(RequestLogMiddleware, routes=routes, tracer=tracer)
     return app

@@ -54,6 +54,7 @@ class ServerConfig:
     max_chunks_per_request: int = ChunkLimits.max_chunks_per_request
     # slow clients
     header_timeout: float = 10.0  # seconds to receive a request's headers
+    max_header_bytes: int = 64 * 1024  # request line + headers (nginx's default buffers: 32 KiB); over it: 431
     body_timeout: float = 60.0  # seconds to receive a request's body
     # dialect behaviour
     tei_chunking: bool = False
@@ -80,7 +81,7 @@ class ServerConfig:
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
-                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request"):
+                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-header-bytes"):
             value = getattr(self, flag.replace("-", "_"))  # None: the device's default
             need(value is None or value >= 1, flag, "must be at least 1")
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):

@@ -17,10 +17,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openrerank.observe.metrics import Metrics
-from openrerank.server.errors import dialect_for
+from openrerank.server.drain import RETRY_AFTER_S, Drain
+from openrerank.server.errors import Dialect, dialect_for
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("openrerank.access")
@@ -121,12 +123,29 @@ class RequestLogMiddleware:
                                for k, v in headers.items()}, start_ns, stages, attrs)
 
 
+def scope_dialect(scope: Scope) -> Dialect:
+    """The dialect a route chose for this request (one path, two forms: /rerank), else the path's owner."""
+    return request_state(scope).get("dialect") or dialect_for(scope["path"])
+
+
+def shutting_down_response(scope: Scope, drain: Drain | None) -> Response:
+    """The dialect's retryable 503 for a request the server will not finish because it is stopping."""
+    message = drain.message() if drain is not None else "the server is shutting down; retry this request"
+    return scope_dialect(scope).response(503, message, "unavailable", headers={
+        "Retry-After": str(RETRY_AFTER_S), "Connection": "close", "x-request-id": request_id(scope)})
+
+
 class CatchAllMiddleware:
     """Anything unexpected becomes a 500 in the dialect's shape carrying a request id, logged once with
-    the same id; never a plain-text 500 or a crashed connection."""
+    the same id; never a plain-text 500 or a crashed connection.
 
-    def __init__(self, app: ASGIApp) -> None:
+    A request cancelled from outside the app (the server ending past its grace period; normally the drain
+    has answered it before) gets the dialect's retryable 503 rather than escaping as a cancellation, which
+    uvicorn would turn into a plain-text 500."""
+
+    def __init__(self, app: ASGIApp, drain: Drain | None = None) -> None:
         self.app = app
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,6 +162,15 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            if started:
+                raise  # the answer is under way: the server closes the connection
+            log.warning("%s %s cancelled by the server before its answer (request id %s); answered 503",
+                        scope.get("method"), scope.get("path"), request_id(scope))
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # answered here: the cancellation ends with this request
+            await shutting_down_response(scope, self.drain)(scope, receive, send)
         except Exception as exc:
             rid = request_id(scope)
             log.error("unhandled %s on %s %s (request id %s)", type(exc).__name__, scope.get("method"),
@@ -150,8 +178,7 @@ class CatchAllMiddleware:
             if started:
                 return  # the answer is under way: the server closes the connection
             message = f"internal server error (request id {rid})"
-            resp = dialect_for(scope["path"]).response(500, message, "internal",
-                                                       headers={"x-request-id": rid})
+            resp = scope_dialect(scope).response(500, message, "internal", headers={"x-request-id": rid})
             await resp(scope, receive, send)
 
 
@@ -187,18 +214,19 @@ class MetricsMiddleware:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but health; constant-time comparison."""
+    """`Authorization: Bearer <key>` on every route but health; constant-time comparison of the key. The
+    scheme name is case-insensitive (RFC 7235 section 2.1: `bearer`, `BEARER` are the same scheme)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if hmac.compare_digest(token.lstrip(b" "), self.expected) & (scheme.lower() == b"bearer"):
             await self.app(scope, receive, send)
             return
         msg = "missing or invalid API key: send 'Authorization: Bearer <key>'"
@@ -211,14 +239,16 @@ class BodyGuardMiddleware:
     slowly, or declares more than it sends, cannot hold a connection forever); refuses oversize (413)
     and non-UTF-8 (400) before any parsing; treats bodies sent without a JSON content type (e.g.
     `curl -d`) as JSON. Then, while the route runs, it watches for the client going away
-    (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue."""
+    (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue; and for the end
+    of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0, metrics: Metrics | None = None
-                 ) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0, metrics: Metrics | None = None,
+                 drain: Drain | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout = body_timeout
         self.metrics = metrics
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -265,9 +295,10 @@ class BodyGuardMiddleware:
         await self._run_watching(scope, body, receive, send)
 
     async def _run_watching(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        """Run the route; cancel it if the client disconnects before the answer is complete."""
+        """Run the route; cancel it if the client disconnects before the answer is complete, or answer the
+        dialect's retryable 503 if the server's shutdown grace period ends first (`server/drain.py`)."""
         gone = asyncio.Event()
-        answered = False
+        started = answered = False
         sent_body = False
 
         async def replay() -> Message:
@@ -279,7 +310,9 @@ class BodyGuardMiddleware:
             return {"type": "http.disconnect"}
 
         async def tracking_send(message: Message) -> None:
-            nonlocal answered
+            nonlocal started, answered
+            if message["type"] == "http.response.start":
+                started = True
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
             await send(message)
@@ -293,29 +326,44 @@ class BodyGuardMiddleware:
                     return
 
         route = asyncio.ensure_future(self.app(scope, replay, tracking_send))
-        watcher = asyncio.ensure_future(watch())
+        helpers = [asyncio.ensure_future(watch())]
+        if self.drain is not None:
+            helpers.append(asyncio.ensure_future(self.drain.wait_expired()))
         try:
-            await asyncio.wait({route, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            waiting = {route, *helpers}
+            while not route.done():
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if route.done():
+                    break
+                if gone.is_set() or (self.drain is not None and self.drain.expired and not started):
+                    await self._cancel(route)
+                    if gone.is_set():
+                        request_state(scope)["disconnected"] = True
+                        if self.metrics:
+                            self.metrics.disconnects.inc()
+                        log.info("client disconnected from %s %s before its answer; its work was cancelled "
+                                 "(request id %s)", scope["method"], scope["path"], request_id(scope))
+                    else:
+                        log.warning("%s %s not finished when the shutdown grace period ended; answered 503 "
+                                    "(request id %s)", scope["method"], scope["path"], request_id(scope))
+                        await shutting_down_response(scope, self.drain)(scope, replay, send)
+                    return
+                waiting = {route, *(h for h in helpers if not h.done())}
         except asyncio.CancelledError:  # the server itself is cancelling us: take the route along
-            route.cancel()
-            watcher.cancel()
+            await self._cancel(route)
             raise
-        if gone.is_set() and not route.done():
-            request_state(scope)["disconnected"] = True
-            if self.metrics:
-                self.metrics.disconnects.inc()
-            route.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await route
-            log.info("client disconnected from %s %s before its answer; its work was cancelled (request id %s)",
-                     scope["method"], scope["path"], request_id(scope))
-            return
-        if not route.done():
-            await asyncio.wait({route})  # the watcher ended on a completed answer
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
         route.result()  # re-raise what the route raised
+
+    @staticmethod
+    async def _cancel(route: asyncio.Future) -> None:
+        """Cancel the route and wait until it has let go of its work (its queued model work is dropped)."""
+        route.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await route
 
     async def _reject(self, scope, receive, send, status, dialect, size) -> None:
         msg = f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"

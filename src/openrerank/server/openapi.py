@@ -3,7 +3,9 @@
 FastAPI declares a 422 "Validation Error" on every route with a body; openrerank's NIM, Cohere and
 score routes answer 400 for invalid input (TEI 422, in its own error shape), so that generic entry is
 dropped and each route declares its own statuses with its dialect's error body. With `--api-key` the
-document declares the bearer scheme and the 401 on every protected route; without it, neither.
+document declares the bearer scheme and the 401 on every protected route; without it, neither. The list
+limits the server enforces are declared too: non-empty lists, and at most `--max-passages` passages
+(documents, texts) or `--max-inputs` embedding inputs, as this server was started with.
 """
 
 from __future__ import annotations
@@ -52,13 +54,39 @@ def adjust(schema: dict[str, Any], *, api_key: bool) -> dict[str, Any]:
     return schema
 
 
+#: (request schema, field) -> the ServerConfig attribute bounding that list's length.
+LIST_LIMITS = {
+    ("NimRankingRequest", "passages"): "max_passages",
+    ("CohereV1RerankRequest", "documents"): "max_passages",
+    ("CohereV2RerankRequest", "documents"): "max_passages",
+    ("TeiRerankRequest", "texts"): "max_passages",
+    ("InfinityRerankRequest", "documents"): "max_passages",
+    ("ScoreRequest", "text_1"): "max_passages",
+    ("ScoreRequest", "text_2"): "max_passages",
+    ("EmbeddingsRequest", "input"): "max_inputs",
+}
+
+
+def declare_list_limits(schema: dict[str, Any], config: ServerConfig) -> dict[str, Any]:
+    """Every list-valued field the server bounds gets `minItems: 1` and `maxItems` = the flag's value."""
+    schemas = schema.get("components", {}).get("schemas", {})
+    for (name, field), attr in LIST_LIMITS.items():
+        prop = schemas.get(name, {}).get("properties", {}).get(field)
+        if prop is None:
+            continue
+        for branch in [prop, *prop.get("anyOf", [])]:
+            if branch.get("type") == "array":
+                branch.update(minItems=1, maxItems=getattr(config, attr))
+    return schema
+
+
 def install_openapi(app: FastAPI, config: ServerConfig) -> None:
     build = app.openapi
     adjusted: list[dict[str, Any]] = []
 
     def openapi() -> dict[str, Any]:
         if not adjusted:
-            adjusted.append(adjust(build(), api_key=bool(config.api_key)))
+            adjusted.append(declare_list_limits(adjust(build(), api_key=bool(config.api_key)), config))
         return adjusted[0]
 
     app.openapi = openapi  # type: ignore[method-assign]

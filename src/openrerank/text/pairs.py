@@ -2,9 +2,11 @@
 
 Truncation and chunking are the tokenizer's own (`truncation="only_second"`, `stride` +
 `return_overflowing_tokens` for sliding windows): the query is kept whole and the passage is cut or
-windowed. Under CHUNK a query longer than half the window is cut first, so every window still holds a
-real slice of the passage and the windows never degenerate into a few tokens with a stride of one; a
-passage is clipped to what `max_chunks` windows cover before its windows are made.
+windowed. A query that fills the window by itself is cut to its first half-window first (it used to be
+retried with `longest_first` after any tokenizer error, whose split depends on the texts' full lengths).
+Under CHUNK a query longer than half the window is cut first, so every window still holds a real slice of
+the passage and the windows never degenerate into a few tokens with a stride of one; a passage is clipped
+to what `max_chunks` windows cover before its windows are made.
 """
 
 from __future__ import annotations
@@ -28,19 +30,16 @@ class PairTextEncoder(TextEncoder):
             owners = list(range(n))
         else:
             kw: dict = {"truncation": "only_second", "max_length": m, "return_token_type_ids": True}
-            if truncate is Truncate.CHUNK:
+            if truncate is Truncate.CHUNK or len(self.tok.ids(query)) + self.pair_specials >= m:
+                # a query that fills the window would leave no passage (the tokenizer refuses only_second)
                 query = self._cut_query(query, (m - self.pair_specials) // 2)
+            if truncate is Truncate.CHUNK:
                 q_len = len(self.tok.ids(query))
                 window = max(1, m - q_len - self.pair_specials)
                 kw.update(stride=chunk_overlap(window), return_overflowing_tokens=True)
                 if max_chunks:  # never tokenize windows past the cap: bounded work for any passage size
                     passages = self.clip_passages(passages, chunk_span(window, max_chunks))
-            left = truncate is Truncate.START
-            try:
-                enc = self.tok([query] * n, passages, left=left, **kw)
-            except Exception:  # the query alone overflows the window: cut both, longest first
-                kw["truncation"] = "longest_first"
-                enc = self.tok([query] * n, passages, left=left, **kw)
+            enc = self.tok([query] * n, passages, left=truncate is Truncate.START, **kw)
             owners = list(enc.get("overflow_to_sample_mapping", range(n)))
         ids, types = enc["input_ids"], enc.get("token_type_ids")
         keep = cap_chunks(owners, max_chunks)

@@ -1,5 +1,5 @@
-"""What every text encoder shares: the prepared work, truncation errors, chunk arithmetic, a thread-safe
-tokenizer.
+"""What every text encoder shares: the prepared work, truncation errors, chunk arithmetic, a pool of
+tokenizers, and bounded work: only the part of a text that can be scored is tokenized.
 
 A model family decides *how* a query and a passage become token ids (pair encoding, separate
 encodings, or a prompt template: `text/pairs.py`, `text/bi.py`, `text/template.py`); all of them return
@@ -10,8 +10,6 @@ path alike). Tokenization is always the fast (Rust) tokenizer's, never a Python 
 
 from __future__ import annotations
 
-import copy
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -19,23 +17,25 @@ import numpy as np
 
 from openrerank.core.requests import Truncate
 from openrerank.core.work import WorkItem
+from openrerank.text.tokenizing import TokenizerPool, bound_texts
 
 #: Fraction of a chunk window that overlaps the previous window; the stride is the rest (at least 3/4 of
 #: the window, and the window is at least half the model's free window: see the encoders).
 CHUNK_OVERLAP = 0.25
-#: When only a passage's first N tokens matter (a chunk cap, max_tokens_per_doc), only its first
-#: N x this many characters are tokenized, so a megabyte passage costs what its used part costs.
-MAX_CHARS_PER_TOKEN = 64
+#: Under truncate=NONE a text is read up to this many model windows: enough to report an over-long
+#: pair's exact length in ordinary cases, bounded for a megabyte one ("at least N tokens").
+NONE_WINDOWS = 4
 
 
 class InputTooLongError(ValueError):
     """A pair exceeds the model window under truncate=NONE (NIM: the whole request fails)."""
 
-    def __init__(self, length: int, maximum: int, passage_index: int) -> None:
+    def __init__(self, length: int, maximum: int, passage_index: int, *, at_least: bool = False) -> None:
         self.length = length
         self.maximum = maximum
         self.passage_index = passage_index
-        super().__init__(f"Input length {length} exceeds maximum allowed token size {maximum}")
+        size = f"of at least {length}" if at_least else str(length)
+        super().__init__(f"Input length {size} exceeds maximum allowed token size {maximum}")
 
 
 @dataclass
@@ -44,6 +44,18 @@ class Prepared:
     owners: list[int]  # passage index of each item
     prompt_tokens: int  # tokens that will actually be scored
 
+    @staticmethod
+    def concat(parts: list[tuple[int, Prepared]]) -> Prepared:
+        """One Prepared from those of consecutive slices of the passages (each with its first passage's index)."""
+        if len(parts) == 1 and parts[0][0] == 0:
+            return parts[0][1]
+        items: list[WorkItem] = []
+        owners: list[int] = []
+        for start, part in parts:
+            items += part.items
+            owners += [start + o for o in part.owners]
+        return Prepared(items, owners, sum(part.prompt_tokens for _, part in parts))
+
     def fold(self, scores: np.ndarray, passages: int) -> np.ndarray:
         """Item scores -> one float32 score per passage: the best of its chunks."""
         out = np.full(passages, -np.inf, dtype=np.float32)
@@ -51,32 +63,16 @@ class Prepared:
         return out
 
 
-class LockedTokenizer:
-    """A fast tokenizer shared by threads. The Rust tokenizer keeps truncation and padding state between
-    calls, so every call holds a lock; a left-truncating twin serves `truncate=START`."""
-
-    def __init__(self, tokenizer) -> None:
-        self.right = tokenizer
-        self.left = copy.deepcopy(tokenizer)
-        self.left.truncation_side = "left"
-        self._locks = {id(self.right): threading.Lock(), id(self.left): threading.Lock()}
-
-    def __call__(self, *args, left: bool = False, **kw) -> dict:
-        tok = self.left if left else self.right
-        with self._locks[id(tok)]:
-            return tok(*args, return_attention_mask=False, **kw)
-
-    def ids(self, text: str | list[str], **kw) -> list:
-        """Token ids without special tokens."""
-        return self(text, add_special_tokens=False, **kw)["input_ids"]
-
-
 class TextEncoder(ABC):
-    """(query, passages, truncation policy) -> work items; one subclass per input format."""
+    """(query, passages, truncation policy) -> work items; one subclass per input format.
+
+    `prepare` first bounds every text to what the policy can use (`bound_texts`), so a subclass never
+    tokenizes more than about that: a window under END/START, the span `max_chunks` windows cover under
+    CHUNK, `max_tokens_per_passage`, `NONE_WINDOWS` windows under NONE."""
 
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer  # the Hugging Face tokenizer itself (read-only use)
-        self.tok = LockedTokenizer(tokenizer)
+        self.tok = TokenizerPool(tokenizer)
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -93,8 +89,16 @@ class TextEncoder(ABC):
         max_chunks_per_passage: int | None = None,
         max_tokens_per_passage: int | None = None,
     ) -> Prepared:
+        m = self.max_length
+        from_end = truncate is Truncate.START
+        need = {Truncate.NONE: NONE_WINDOWS * m, Truncate.CHUNK: (max_chunks_per_passage or 0) * m}.get(truncate, m)
         if max_tokens_per_passage:
             passages = self.clip_passages(passages, max_tokens_per_passage)
+        if need:
+            (query,), q_cut = bound_texts(self.tok, [query], NONE_WINDOWS * m if truncate is Truncate.NONE else m)
+            passages, cut = bound_texts(self.tok, passages, need, from_end=from_end)
+            if truncate is Truncate.NONE and (q_cut or cut):  # over the window whatever the rest holds
+                raise InputTooLongError(need, m, cut[0] if cut else 0, at_least=True)
         return self._prepare(query, passages, truncate, max_chunks_per_passage)
 
     @abstractmethod
@@ -102,7 +106,7 @@ class TextEncoder(ABC):
 
     def clip_passages(self, passages: list[str], limit: int) -> list[str]:
         """Keep only each passage's first `limit` tokens (Cohere's max_tokens_per_doc, chunk caps)."""
-        passages = [p[: limit * MAX_CHARS_PER_TOKEN] for p in passages]
+        passages, _ = bound_texts(self.tok, passages, limit)
         enc = self.tok(passages, add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for text, offsets in zip(passages, enc["offset_mapping"], strict=True):

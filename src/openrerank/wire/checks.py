@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Strict
 
 #: Deepest nesting of a document object the server accepts (it may be echoed back).
 MAX_DOCUMENT_DEPTH = 32
@@ -55,3 +55,5 @@ def echoable(value: Any, depth: int = 0) -> Any:
 Text = Annotated[str, AfterValidator(valid_text)]
 #: A Cohere document: a string or an object, returned whole with `return_documents`.
 Document = Annotated[str | dict[str, Any], AfterValidator(echoable)]
+#: A JSON boolean: `true` or `false` only (pydantic's lax mode would also take 0, 1, "yes", "off").
+Flag = Annotated[bool, Strict()]

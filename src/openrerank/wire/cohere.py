@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Document, Text
+from openrerank.wire.checks import Document, Flag, Text
 
 _QUERY = Field(min_length=1, description="The search query; must not be empty.")
 _TOP_N = Field(default=None, ge=0, description="Return only the best `top_n` results; 0 or absent = all.")
@@ -41,7 +41,7 @@ class CohereV1RerankRequest(BaseModel):
         default=None, min_length=1,
         description="Object fields to rank on (default `text`); several are joined as `key: value` lines.",
     )
-    return_documents: bool = _RETURN_DOCS
+    return_documents: Flag = _RETURN_DOCS
     max_chunks_per_doc: int | None = Field(
         default=None, ge=1, description="Most chunks scored per long document (default 10)."
     )
@@ -63,7 +63,7 @@ class CohereV2RerankRequest(BaseModel):
     query: Text = _QUERY
     documents: list[Text] = Field(min_length=1, description="Texts to rank against the query.")
     top_n: int | None = _TOP_N
-    return_documents: bool = _RETURN_DOCS
+    return_documents: Flag = _RETURN_DOCS
     max_tokens_per_doc: int | None = Field(
         default=None, ge=1,
         description="Only each document's first N tokens are considered (default 4096); "

@@ -12,8 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from openrerank.wire.checks import Text
+
 _INPUT_SCHEMA = {
-    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}],
     "description": "A text, or a list of texts (at most --max-inputs). Token-id lists are refused.",
 }
 
@@ -31,7 +34,7 @@ class EmbeddingsRequest(BaseModel):
         },
     )
     input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)] = Field(...)
-    model: str | None = Field(
+    model: Text | None = Field(
         default=None,
         description="Served embedding model id; omit to use the first served embedding model. NIM's "
         "'<id>-query' / '<id>-passage' names set input_type.")

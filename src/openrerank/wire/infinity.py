@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openrerank.wire.checks import Flag
+
 #: Infinity's default `model` value; it means "the one served model".
 INFINITY_UNSPECIFIED_MODEL = "default/not-specified"
 
@@ -28,8 +30,8 @@ class InfinityRerankRequest(BaseModel):
     )
     query: str
     documents: list[str] = Field(min_length=1, description="Documents to rank (at least one).")
-    return_documents: bool = Field(default=False, description="Include each document's text in the results.")
-    raw_scores: bool = Field(default=False, description="Raw model scores instead of [0, 1] relevance scores.")
+    return_documents: Flag = Field(default=False, description="Include each document's text in the results.")
+    raw_scores: Flag = Field(default=False, description="Raw model scores instead of [0, 1] relevance scores.")
     model: str | None = Field(default=None, description="Served model id; absent (or Infinity's "
                               f"'{INFINITY_UNSPECIFIED_MODEL}') = the first served model.")
     top_n: int | None = Field(default=None, gt=0, description="Return only the best N (absent: all).")

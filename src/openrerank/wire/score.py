@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Text
+from openrerank.wire.checks import Flag, Text
 
 
 class ScoreRequest(BaseModel):
@@ -32,10 +32,10 @@ class ScoreRequest(BaseModel):
         description="Absent: an over-long pair fails (400). -1: cut to the model window. "
         "k > 0: also keep only the first k tokens of each text_2.",
     )
-    use_activation: bool | None = Field(
+    use_activation: Flag | None = Field(
         default=None, description="false: raw model scores; true/absent: [0, 1] scores."
     )
-    activation: bool | None = Field(default=None, description="Deprecated vLLM alias of use_activation.")
+    activation: Flag | None = Field(default=None, description="Deprecated vLLM alias of use_activation.")
 
 
 class ScoreData(BaseModel):

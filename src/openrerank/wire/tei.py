@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Text
+from openrerank.wire.checks import Flag, Text
 
 
 class TeiRerankRequest(BaseModel):
@@ -28,7 +28,7 @@ class TeiRerankRequest(BaseModel):
     )
     query: Text
     texts: list[Text] = Field(description="Texts to rank; an empty list is a 400.")
-    truncate: bool | None = Field(
+    truncate: Flag | None = Field(
         default=None,
         description="Cut over-long pairs to the model window (absent = the server's auto-truncate, on). "
         "false: an over-long pair fails the request (422). With `serve --tei-chunking`, over-long texts are "
@@ -37,8 +37,8 @@ class TeiRerankRequest(BaseModel):
     truncation_direction: Literal["right", "left", "Right", "Left"] = Field(
         default="right", description="right: cut the text's end; left: cut its start."
     )
-    raw_scores: bool = Field(default=False, description="Raw model scores instead of [0, 1] scores.")
-    return_text: bool = Field(default=False, description="Include each text in the response.")
+    raw_scores: Flag = Field(default=False, description="Raw model scores instead of [0, 1] scores.")
+    return_text: Flag = Field(default=False, description="Include each text in the response.")
     model: Text | None = Field(
         default=None, description="openrerank extension: served model id (TEI serves one model; absent = first)."
     )

@@ -18,6 +18,7 @@ from openrerank.core.requests import EmbedRequest, Truncate
 from openrerank.server.dialects import common
 from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
+from openrerank.wire.checks import valid_text
 from openrerank.wire.embeddings import EmbeddingsRequest, EmbeddingsResponse
 
 EMBEDDINGS = register_dialect(Dialect(
@@ -56,6 +57,10 @@ def input_texts(value: Any) -> list[str]:
             raise ApiError(400, f"input[{i}] must be a string, not {_json_type(v)}")
         if not v:
             raise ApiError(400, f"input[{i}] is an empty string: every text must have content")
+        try:
+            valid_text(v)
+        except ValueError as exc:
+            raise ApiError(400, f"input[{i}]: {exc}") from None
     return value
 
 

@@ -80,18 +80,20 @@ async def metadata(request: Request) -> dict:
         "version": __version__,
         "modelInfo": [{"shortName": m.name, "modelUrl": m.metadata()["source"]} for m in reg.models()],
         "models": [m.metadata() for m in reg.models()],
-        "limits": limits(common.config(request)),
+        "limits": limits(common.config(request), reg.models()),
     }
 
 
-def limits(config) -> dict:
-    """The per-request limits a client may run into (docs/reliability.md)."""
-    sched = scheduler_config(config)
+def limits(config, models: list | None = None) -> dict:
+    """The per-request limits a client may run into (docs/reliability.md). The token budget is each model's
+    own (from its measured speed; `models[].max_request_tokens`); this is the smallest."""
+    budgets = [m.scheduler.request_budget for m in models or []]
     return {
         "max_passages": config.max_passages,
         "max_inputs": config.max_inputs,
         "max_body_bytes": config.max_body_bytes,
-        "max_request_tokens": sched.request_budget,
+        "max_header_bytes": config.max_header_bytes,
+        "max_request_tokens": min(budgets) if budgets else scheduler_config(config).request_budget,
         "max_chunks_per_passage": config.max_chunks_per_passage,
         "max_chunks_per_request": config.max_chunks_per_request,
         "request_timeout_s": config.request_timeout,

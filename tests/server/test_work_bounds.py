@@ -1,0 +1,141 @@
+"""Work proportional to what is scored, over HTTP: a megabyte passage costs what its window costs, one
+request's tokenization cannot stall another's, and a request that cannot finish in time is refused at once
+from the model's measured speed."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from openrerank.core.requests import Truncate
+from openrerank.engine.admission import BUDGET_SHARE
+from openrerank.server.config import ServerConfig
+from tests.server.faults import WAIT_S, InProcessServer, in_thread, until
+from tests.support import nim_body, run_server
+
+MB = 1 << 20
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_multi_megabyte_passage_costs_what_its_window_costs(tmp_path, tiny_model_dir):
+    """Passages used to be tokenized whole before they were cut: a 2 MB END passage took RSS 624 -> 1,762 MB
+    (kept after), CHUNK 1 MB 9.4 s and +390 MB, Cohere max_tokens_per_doc the same."""
+    args = ["--model", f"tiny={tiny_model_dir}", "--backend", "torch", "--threads", "1"]
+    huge = "river water mountain city engine " * (6 * MB // 33)  # ~6 MB of words the tiny vocabulary knows
+    with run_server(args, tmp_path) as server, server.client(timeout=300) as c:
+        assert c.post("/v1/ranking", json=nim_body("q", ["warm up"], truncate="END")).status_code == 200
+        before = rss_mib(server.proc.pid)
+        requests = [("/v1/ranking", nim_body("rivers", [huge], truncate="END")),
+                    ("/v1/ranking", nim_body("rivers", [huge], truncate="CHUNK")),
+                    ("/v2/rerank", {"model": "tiny", "query": "rivers", "documents": [huge],
+                                    "max_tokens_per_doc": 300}),
+                    ("/v1/rerank", {"query": "rivers", "documents": [huge, "a short one"]})]
+        for path, body in requests:
+            r = c.post(path, json=body)
+            assert r.status_code == 200, (path, r.text[:300])
+            assert rss_mib(server.proc.pid) - before < 150, path  # the body itself is 6 MB, its JSON copy too
+        chunked = c.post("/v1/ranking", json=nim_body("rivers", [huge], truncate="CHUNK")).json()
+        assert chunked["usage"]["prompt_tokens"] <= 16 * 128  # 16 windows of the 128-token model, at most
+
+
+@pytest.fixture
+def gated_tokenizer(monkeypatch):
+    """Tokenizer calls holding GATE stop until released: a tokenization that takes as long as the test wants."""
+    reached, release = threading.Event(), threading.Event()
+    call = PreTrainedTokenizerBase.__call__
+
+    def gated(self, *args, **kw):
+        texts = [t for a in args if isinstance(a, list) for t in a if isinstance(t, str)]
+        if any("GATE" in t for t in texts):
+            reached.set()
+            assert release.wait(WAIT_S), "the test never released the tokenizer"
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", gated)
+    yield reached, release
+    release.set()
+
+
+def test_a_long_tokenization_does_not_hold_up_another_request(tiny_model_dir, gated_tokenizer):
+    """With one locked tokenizer per model, a 2-passage request waited 6-23.5 s behind one 7 MB request."""
+    reached, release = gated_tokenizer
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with InProcessServer(config) as server, server.client() as c:
+        big = in_thread(lambda: server.client().post("/v1/ranking", json=nim_body("q", ["GATE river"] * 3)))
+        assert reached.wait(WAIT_S)  # the big request is inside the tokenizer, holding a copy
+        small = c.post("/v1/ranking", json=nim_body("paris", ["paris is in france", "bananas"]))
+        assert small.status_code == 200 and len(small.json()["rankings"]) == 2
+        release.set()
+        assert big().status_code == 200
+
+
+def test_the_token_budget_follows_the_measured_speed(tmp_path):
+    """The default budget assumed ~8k tokens/s; on a slower machine a request admitted under it ran to 504.
+    One thread of MiniLM scores far below what this request needs within 5 s on any CPU."""
+    timeout = 5.0
+    args = ["--backend", "torch", "--threads", "1", "--request-timeout", str(timeout)]
+    with run_server(args, tmp_path) as server, server.client() as c:
+        model = c.get("/v1/metadata").json()["models"][0]
+        rate, budget = model["tokens_per_second"], model["max_request_tokens"]
+        assert budget == pytest.approx(rate * timeout * BUDGET_SHARE, rel=0.01)
+        assert c.get("/v1/metadata").json()["limits"]["max_request_tokens"] == budget
+        passage = "the river flows through the mountain city to the sea " * 60  # over the 256-token window
+        r = c.post("/v1/ranking", json=nim_body("q", [passage] * 512, truncate="END"))
+        assert r.status_code == 400, r.text[:300]
+        assert "tokens/s" in r.json()["message"] and "--max-request-tokens" in r.json()["message"]
+        assert "x-inference-time" not in r.headers  # refused before any scoring
+        assert c.post("/v1/ranking", json=nim_body("q", ["a river"], truncate="END")).status_code == 200
+    # the explicit flag still wins
+    with run_server([*args, "--max-request-tokens", "123456"], tmp_path) as server, server.client() as c:
+        assert c.get("/v1/metadata").json()["models"][0]["max_request_tokens"] == 123456
+
+
+def test_a_request_that_cannot_finish_behind_the_queue_is_refused_at_once(tiny_model_dir):
+    """Fits its budget, but behind the pending work at the model's rate it would end past its deadline:
+    503 with Retry-After now, not a 504 after --request-timeout."""
+    timeout = 30.0
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1, request_timeout=timeout,
+                          max_queue_tokens=100_000)
+    with InProcessServer(config) as server, server.client() as c:
+        model = server.app.state.models.get("tiny")
+        body = nim_body("q", ["paris", "berlin"])
+        tokens = model.loaded.encoder.prepare("q", ["paris", "berlin"], Truncate.NONE).prompt_tokens
+        # a rate at which one request takes 0.4 of the timeout: two fit (0.8), a third would end at 1.2
+        server.call(lambda: setattr(model.scheduler, "tokens_per_second", 2.5 * tokens / timeout))
+        gate = server.backends["tiny"]
+        gate.hold()
+        first = in_thread(lambda: server.client().post("/v1/ranking", json=body))
+        gate.wait_started()
+        second = in_thread(lambda: server.client().post("/v1/ranking", json=body))
+        until(lambda: model.scheduler.pending == 2, "two pending requests")
+        r = c.post("/v1/ranking", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert "would finish in about" in r.json()["message"] and "tokens/s" in r.json()["message"]
+        gate.release()
+        assert first().status_code == 200 and second().status_code == 200
+
+
+def test_over_budget_text_is_refused_before_all_of_it_is_tokenized(tiny_model_dir):
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1, max_request_tokens=500)
+    with InProcessServer(config) as server, server.client() as c:
+        calls: list[int] = []
+        encoder = server.app.state.models.get("tiny").loaded.encoder
+        prepare = encoder.prepare
+
+        def counting(query, passages, *args, **kw):
+            calls.append(len(passages))
+            return prepare(query, passages, *args, **kw)
+
+        encoder.prepare = counting
+        r = c.post("/v1/ranking", json=nim_body("q", ["river water sea mountain " * 20] * 512, truncate="END"))
+        assert r.status_code == 400 and "--max-request-tokens" in r.json()["message"]
+        assert sum(calls) < 512  # refused after the first slice, not after tokenizing all 512 passages
