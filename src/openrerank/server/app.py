@@ -233,6 +233,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
+        for companion in app.state.companions:
+            await companion.start()
         if load_models and wait_for_models:
             await load_all(app)
             if app.state.models.load_error:
@@ -245,6 +247,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         finally:
             if task is not None and not task.done():
                 task.cancel()
+            for companion in app.state.companions:
+                await companion.stop()
             await app.state.models.stop()
             if tracer is not None:
                 tracer.shutdown()
@@ -268,6 +272,10 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
                              if config.score_cache_mb > 0 else None)
     app.state.models = ServedModels()
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
+    app.state.models.aliases = nim.model_aliases(app.state.models.expected, config.alias_map())
+    #: Servers that run beside HTTP in the same event loop (the gRPC server): started before the models
+    #: load, stopped before they stop; each has `async start()` and `async stop()`.
+    app.state.companions = []
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)

@@ -92,6 +92,7 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
 
     server = uvicorn.Server(uvicorn.Config(
         app, log_config=None, log_level=config.log_level, access_log=False,
+        ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
         timeout_graceful_shutdown=config.graceful_timeout, http=guarded_protocol(config.header_timeout)))
 
     def request_shutdown() -> None:
