@@ -38,7 +38,7 @@ def test_without_a_mirror_the_series_are_plain_prometheus_client():
     m = Metrics()
     m.requests.labels("/v1/ranking", "200", "http").inc()
     text = generate_latest(m.registry)
-    assert b'openrerank_requests_total{route="/v1/ranking",status="200",protocol="http"} 1.0' in text
+    assert b'openrerank_requests_total{protocol="http",route="/v1/ranking",status="200"} 1.0' in text
 
 
 def test_the_mirror_gets_every_update_with_its_labels_as_tags():
@@ -63,7 +63,7 @@ def test_the_mirror_gets_every_update_with_its_labels_as_tags():
     assert sink.calls[("gauge", "openrerank_queue_depth")] == [(7, {"model": "tiny"})]
     # ...and the app's own registry still has everything.
     text = generate_latest(m.registry).decode()
-    assert 'openrerank_requests_total{route="/v1/ranking",status="200",protocol="http"} 2.0' in text
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="200"} 2.0' in text
     assert "openrerank_requests_in_flight 1.0" in text
     assert 'openrerank_passages_total{model="tiny"} 100.0' in text
     # Every series the app exports is mirrored (counter families are named without _total on both sides).

@@ -154,8 +154,8 @@ def test_metrics_count_requests_passages_tokens(tiny_server):
         c.post("/v1/ranking", json=nim_body("paris", ["a", "b", "c"]))
         c.post("/v1/ranking", json={"bad": 1})
         text = c.get("/v1/metrics").text
-    assert 'openrerank_requests_total{route="/v1/ranking",status="200",protocol="http"}' in text
-    assert 'openrerank_requests_total{route="/v1/ranking",status="400",protocol="http"}' in text
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="200"}' in text
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="400"}' in text
     assert 'openrerank_passages_total{model="tiny"}' in text
     assert 'openrerank_tokens_total{model="tiny",task="rerank"}' in text
     assert "openrerank_request_duration_seconds_bucket" in text
