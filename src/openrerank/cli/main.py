@@ -40,7 +40,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("api-key", "network", "require 'Authorization: Bearer KEY' on every route but health"),
     Option("grpc-port", "network", "also serve KServe V2 gRPC (NIM's gRPC API, docs/api.md) on this port (none: off)",
            int),
-    Option("grpc-host", "network", "gRPC bind address (none: --host)"),
+    Option("grpc-host", "network", "gRPC bind address (none: the HTTP bind address)"),
     Option("ssl-certfile", "network", "TLS certificate chain (PEM) for HTTP and gRPC", metavar="PEM"),
     Option("ssl-keyfile", "network", "TLS private key (PEM) for HTTP and gRPC", metavar="PEM"),
     Option("model", "models", "model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
