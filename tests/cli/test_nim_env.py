@@ -70,3 +70,9 @@ def test_alias_grpc_and_tls_settings_are_checked_before_loading(tmp_path):
         config(["--ssl-certfile", str(tmp_path / "no.pem"), "--ssl-keyfile", str(tmp_path / "no.key")], {}).validate()
     with pytest.raises(ValueError, match="grpc-port"):
         config(["--grpc-port", "70000"], {}).validate()
+
+
+def test_grpc_and_tls_are_refused_with_replicas():
+    from openrerank.cli.main import main
+
+    assert main(["serve", "--replicas", "2", "--grpc-port", "8001", "--model", "default"]) == 2

@@ -198,6 +198,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # every startup failure is one line, exit 2
         return fail(prog, str(exc))
     if replicated:
+        if config.grpc_port is not None or config.tls:
+            return fail(prog, "--grpc-port and --ssl-certfile/--ssl-keyfile serve from one process; with "
+                        "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
         return run_replicas(args, config)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
