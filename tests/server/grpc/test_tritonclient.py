@@ -229,3 +229,58 @@ def test_request_id_metrics_and_access_log_are_labelled_grpc(grpc_server, client
     log = grpc_server.output()
     line = next(ln for ln in log.splitlines() if "trace-grpc-1" in ln)
     assert "gRPC ModelInfer OK" in line and "protocol=grpc" in line and "passages=3" in line
+
+
+def test_the_nim_documentations_grpc_example_flow(grpc_server):
+    """NIM's "Use the API (gRPC)" example, as written there: StrEnum names (lower case: `query`, `passage`,
+    `index`, `logit`, `token_count`), a pydantic parameters model that lowercases `truncate`, the asyncio client,
+    the query once per passage, every output requested and read back into numpy arrays."""
+    from dataclasses import dataclass
+    from enum import StrEnum, auto
+
+    from pydantic import BaseModel, field_validator
+
+    class TritonInputName(StrEnum):
+        QUERY = auto()
+        PASSAGE = auto()
+
+    class TruncateValue(StrEnum):
+        END = auto()
+        NONE = auto()
+
+    class TritonInputParameters(BaseModel):
+        truncate: TruncateValue | None = None
+
+        @field_validator("truncate", mode="before")
+        @classmethod
+        def value_to_lower(cls, v):
+            return v.lower() if isinstance(v, str) else v
+
+    class TritonOutputName(StrEnum):
+        INDEX = auto()
+        LOGIT = auto()
+        TOKEN_COUNT = auto()
+
+    @dataclass
+    class TritonRankingResponse:
+        index: np.ndarray
+        logit: np.ndarray
+        token_count: np.ndarray
+
+    async def compute(model_name: str, query: str, passages: list[str], truncate: str) -> TritonRankingResponse:
+        async with aioclient.InferenceServerClient(url=grpc_server.grpc_url) as client:
+            queries = np.array([[query.encode("utf-8")]] * len(passages), dtype=np.object_)
+            texts = np.array([[p.encode("utf-8")] for p in passages], dtype=np.object_)
+            inputs = [aioclient.InferInput(TritonInputName.QUERY, list(queries.shape), "BYTES"),
+                      aioclient.InferInput(TritonInputName.PASSAGE, list(texts.shape), "BYTES")]
+            inputs[0].set_data_from_numpy(queries)
+            inputs[1].set_data_from_numpy(texts)
+            outputs = [aioclient.InferRequestedOutput(name) for name in TritonOutputName]
+            params = TritonInputParameters(truncate=truncate).model_dump(exclude_none=True)
+            result = await client.infer(model_name, inputs, outputs=outputs, parameters=params, headers=AUTH)
+            return TritonRankingResponse(*(result.as_numpy(name) for name in TritonOutputName))
+
+    response = asyncio.run(compute(MODEL, "which way should i go?", PASSAGES, "END"))
+    assert response.index.shape == response.logit.shape == (3, 1)
+    assert response.logit[:, 0].tolist() == sorted(response.logit[:, 0].tolist(), reverse=True)
+    assert int(response.token_count[0]) > 0
