@@ -50,7 +50,7 @@ def test_chunk_and_refusal_through_the_client(tiny_server):
         assert len(client.rerank("paris", [long, "sea"], truncate="CHUNK")) == 2
         with pytest.raises(RerankError) as err:
             client.rerank("paris", [long], truncate="NONE")
-    assert err.value.status == 400 and "exceeds maximum allowed token size" in err.value.message
+    assert err.value.status == 422 and "exceeds maximum allowed token size" in err.value.message
 
 
 def test_async_client_against_server(tiny_server):

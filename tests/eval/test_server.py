@@ -21,7 +21,7 @@ def test_server_rerank_matches_in_process(default_server, tiny_beir: Path, tmp_p
     # the server saw the rerank requests
     with default_server.client() as c:
         metrics = c.get("/v1/metrics").text
-    assert 'openrerank_requests_total{route="/v1/ranking",status="200"}' in metrics
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="200"}' in metrics
 
 
 def _rows(path: Path) -> dict:
@@ -43,7 +43,7 @@ def test_server_dense_stage_uses_its_embeddings(default_server, tiny_beir: Path,
     assert "corpus embeddings from cache (key server-" in text and _rows(again) == _rows(local)
     with default_server.client() as c:
         metrics = c.get("/v1/metrics").text
-    assert 'openrerank_requests_total{route="/v1/embeddings",status="200"}' in metrics
+    assert 'openrerank_requests_total{protocol="http",route="/v1/embeddings",status="200"}' in metrics
 
 
 def test_server_without_embedding_model(tiny_server, tiny_beir: Path, tmp_path: Path, capsys) -> None:

@@ -146,7 +146,8 @@ def test_a_client_that_disconnects_frees_its_work(tiny_model_dir):
         r = c.post("/v1/ranking", json=nim_body("q", ["a"]))  # would be refused with max_queue=1 otherwise
         assert r.status_code == 200
         assert backend.batches == [4, 1]  # none of its 9 other batches ran
-        assert server.metric("openrerank_requests_total", {"route": "/v1/ranking", "status": "499"}) == 1
+        assert server.metric("openrerank_requests_total", {"route": "/v1/ranking", "status": "499",
+                                                         "protocol": "http"}) == 1
 
 
 @pytest.mark.parametrize("path", ["/v1/ranking", "/v1/score"])

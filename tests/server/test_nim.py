@@ -65,9 +65,10 @@ def test_truncate_none_rejects_overlong_pair_end_cuts(tiny_server):
         none = c.post("/v1/ranking", json=nim_body("paris", ["sea", long_passage], truncate="NONE"))
         default = c.post("/v1/ranking", json=nim_body("paris", ["sea", long_passage]))
         end = c.post("/v1/ranking", json=nim_body("paris", ["sea", long_passage], truncate="END"))
-    body = assert_nim_error(none, 400, "Input length 304 exceeds maximum allowed token size 128")
+    # 422 since NIM 1.9.1 (400 before), with NIM's message
+    body = assert_nim_error(none, 422, "Input length 304 exceeds maximum allowed token size 128")
     assert body["message"] == "Input length 304 exceeds maximum allowed token size 128"
-    assert default.status_code == 400
+    assert default.status_code == 422
     assert end.status_code == 200
     # END keeps the query and cuts the passage: the long pair is scored on exactly 128 tokens.
     assert end.json()["usage"]["prompt_tokens"] == 5 + 128
@@ -154,8 +155,8 @@ def test_metrics_count_requests_passages_tokens(tiny_server):
         c.post("/v1/ranking", json=nim_body("paris", ["a", "b", "c"]))
         c.post("/v1/ranking", json={"bad": 1})
         text = c.get("/v1/metrics").text
-    assert 'openrerank_requests_total{route="/v1/ranking",status="200"}' in text
-    assert 'openrerank_requests_total{route="/v1/ranking",status="400"}' in text
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="200"}' in text
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="400"}' in text
     assert 'openrerank_passages_total{model="tiny"}' in text
     assert 'openrerank_tokens_total{model="tiny",task="rerank"}' in text
     assert "openrerank_request_duration_seconds_bucket" in text

@@ -7,12 +7,13 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from importlib.metadata import entry_points
 
 from openrerank import __version__
 from openrerank.cli import export, families
+from openrerank.cli.nim_env import read_nim_env, rename_single_model
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
@@ -45,6 +46,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("host", "network", "bind address (0.0.0.0 for every interface)"),
     Option("port", "network", "TCP port; checked before any model loads", int),
     Option("api-key", "network", "require 'Authorization: Bearer KEY' on every route but health"),
+    Option("grpc-port", "network", "also serve KServe V2 gRPC (NIM's gRPC API, docs/api.md) on this port (none: off)",
+           int),
+    Option("grpc-host", "network", "gRPC bind address (none: the HTTP bind address)"),
+    Option("ssl-certfile", "network", "TLS certificate chain (PEM) for HTTP and gRPC", metavar="PEM"),
+    Option("ssl-keyfile", "network", "TLS private key (PEM) for HTTP and gRPC", metavar="PEM"),
     Option("model", "models", "model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
            "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several",
            repeatable=True, dest="models", metavar="[NAME=]SOURCE"),
@@ -54,6 +60,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("instruction", "models", "the prompt instruction of an LLM reranker that takes one (qwen3-reranker, "
            "mxbai-rerank-v2); NAME is a served id, optional with one model", repeatable=True, split_env=False,
            dest="instructions", metavar="[NAME=]TEXT"),
+    Option("alias", "models", "another id that requests may name model SERVED by (NIM's old model ids already "
+           "resolve to their new names)", repeatable=True, dest="aliases", metavar="NAME=SERVED"),
     Option("revision", "models", "hub revision (branch, tag or commit)"),
     Option("allow-pickle", "models", "allow loading pickle (.bin) weights; safetensors only otherwise", switch=True),
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
@@ -121,12 +129,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve, options=SERVE_OPTIONS)
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """Flags, then OPENRERANK_* variables, then ServerConfig's defaults; UsageError names a bad variable."""
-    resolve_options(args, SERVE_OPTIONS, ServerConfig())
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags, then OPENRERANK_* variables, then NIM_* ones (cli/nim_env.py), then ServerConfig's defaults;
+    UsageError names a bad variable."""
+    environ = os.environ if environ is None else environ
+    nim = read_nim_env(environ)
+    resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ))
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    if not values.get("models"):
-        values["models"] = ["default"]
+    values["models"] = rename_single_model(values.get("models") or ["default"], nim.served_model_name)
     return ServerConfig(**values)
 
 
@@ -146,6 +156,10 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
     config.validate()
+    for alias, target in config.alias_map().items():
+        if target not in names or alias in names:
+            raise ValueError(f"--alias {alias}={target}: " + (f"{alias} is itself a served model" if alias in names
+                             else f"no model is served as {target} (served: {', '.join(names)})"))
     check_runtime_options(config.backend, config.dtype, config.device)
     check_device(config.device)
     if config.otlp_endpoint:
@@ -155,7 +169,7 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
     return [resolve_model(source, load_options(config)) for source in sources]
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, flags: str = "--host/--port, OPENRERANK_PORT") -> socket.socket:
     """Take the port now, before any model loads, so a busy port fails in a second, not after the load."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -165,8 +179,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)
-        raise UsageError(f"cannot listen on {host}:{port}: {reason.lower()} (--host/--port, OPENRERANK_PORT)"
-                         ) from None
+        raise UsageError(f"cannot listen on {host}:{port}: {reason.lower()} ({flags})") from None
     sock.set_inheritable(True)
     return sock
 
@@ -181,21 +194,32 @@ def run_serve(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return fail(prog, str(exc))
     configure_logging(config.log_level, config.log_format)
+    read_nim_env(os.environ).report()
     replicated = bool(args.replicas or args.max_replicas)
     try:
         resolved = preflight(config)
         if not replicated:
             sock = bind_socket(config.host, config.port)
+            if config.grpc_port is not None:
+                bind_socket(config.grpc_host or config.host, config.grpc_port, "--grpc-host/--grpc-port").close()
     except Exception as exc:  # every startup failure is one line, exit 2
         return fail(prog, str(exc))
     if replicated:
+        if config.grpc_port is not None or config.tls:
+            return fail(prog, "--grpc-port and --ssl-certfile/--ssl-keyfile serve from one process; with "
+                        "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
         return run_replicas(args, config)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    app = create_app(config, public_url=f"http://{shown_host}:{port}", resolved=resolved)
+    scheme = "https" if config.tls else "http"
+    app = create_app(config, public_url=f"{scheme}://{shown_host}:{port}", resolved=resolved)
+    if config.grpc_port is not None:
+        from openrerank.server.grpc.server import GrpcServer
+
+        app.state.companions.append(GrpcServer(app, config.grpc_host or config.host, config.grpc_port))
     logging.getLogger("openrerank").info(
-        "openrerank %s listening on http://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
-        shown_host, port, ", ".join(config.models))
+        "openrerank %s listening on %s://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
+        scheme, shown_host, port, ", ".join(config.models))
     return http_server.run(app, config, sock)
 
 

@@ -339,6 +339,7 @@ class ServedModels:
         self.loaded = False  # the loader finished (some models may have failed: `failed`)
         self.load_error: str | None = None  # the loader gave up: nothing is served
         self.failed: dict[str, str] = {}  # served id -> short reason, models skipped by --allow-partial
+        self.aliases: dict[str, str] = {}  # another id -> the served id it names (--alias, NIM's renamed ids)
 
     def add(self, model: ServedModel) -> None:
         self._models[model.name] = model
@@ -381,7 +382,7 @@ class ServedModels:
             if not self._models:
                 raise UnknownModelError("<none>", self.names)
             return next(iter(self._models.values()))
-        model = self._models.get(name)
+        model = self._models.get(self.aliases.get(name, name))
         if model is None:
             raise UnknownModelError(name, self.names)
         return model
@@ -399,7 +400,7 @@ class ServedModels:
                 first = next(iter(self._models.values()), None)
                 raise NotAnEmbeddingModelError(None, first.loaded.family.id if first else None, [])
             return self._models[embedders[0]]
-        model = self._models.get(name)
+        model = self._models.get(self.aliases.get(name, name))
         if model is None:
             raise UnknownModelError(name, self.embedders or self.names, "embedding models" if self.embedders
                                     else "models")

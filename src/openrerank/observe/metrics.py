@@ -92,11 +92,13 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._mirror = mirror
         # HTTP layer
-        self.requests = self._counter("openrerank_requests_total", "HTTP requests by route and status",
-                                      ("route", "status"))
-        self.request_latency = self._histogram("openrerank_request_duration_seconds", "HTTP request latency",
-                                               ("route", "status"), _LATENCY_BUCKETS)
-        self.in_flight = self._gauge("openrerank_requests_in_flight", "HTTP requests being served", ())
+        # route: an HTTP path or a gRPC method (/inference.GRPCInferenceService/ModelInfer); status: an HTTP
+        # status or a gRPC status code name (OK, INVALID_ARGUMENT, ...); protocol: http or grpc
+        self.requests = self._counter("openrerank_requests_total", "Requests by route, status and protocol",
+                                      ("route", "status", "protocol"))
+        self.request_latency = self._histogram("openrerank_request_duration_seconds", "Request latency",
+                                               ("route", "status", "protocol"), _LATENCY_BUCKETS)
+        self.in_flight = self._gauge("openrerank_requests_in_flight", "Requests being served (HTTP and gRPC)", ())
         self.disconnects = self._counter("openrerank_client_disconnects_total",
                                          "Requests whose client went away before the answer (their work is "
                                          "cancelled)", ())

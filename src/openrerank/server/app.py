@@ -220,6 +220,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
+        for companion in app.state.companions:
+            await companion.start()
         if load_models and wait_for_models:
             await load_all(app)
             if app.state.models.load_error:
@@ -232,6 +234,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         finally:
             if task is not None and not task.done():
                 task.cancel()
+            for companion in app.state.companions:
+                await companion.stop()
             await app.state.models.stop()
             if tracer is not None:
                 tracer.shutdown()
@@ -257,6 +261,10 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.resolved = {r.source.served_id: r for r in resolved}
     app.state.drain = Drain(config.graceful_timeout)
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
+    app.state.models.aliases = nim.model_aliases(app.state.models.expected, config.alias_map())
+    #: Servers that run beside HTTP in the same event loop (the gRPC server): started before the models
+    #: load, stopped before they stop; each has `async start()` and `async stop()`.
+    app.state.companions = []
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)

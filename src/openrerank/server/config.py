@@ -10,6 +10,7 @@ and `server/engine_config.py` turns a ServerConfig into those objects.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
@@ -22,9 +23,14 @@ class ServerConfig:
     models: list[str] = field(default_factory=lambda: ["default"])
     model_families: list[str] = field(default_factory=list)  # NAME=FAMILY (or FAMILY with one model)
     instructions: list[str] = field(default_factory=list)  # NAME=TEXT: an LLM reranker's prompt instruction
+    aliases: list[str] = field(default_factory=list)  # NAME=SERVED: another id a served model answers to
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    grpc_port: int | None = None  # KServe V2 gRPC beside HTTP (server/grpc); None: off
+    grpc_host: str | None = None  # None: `host`
+    ssl_certfile: str | None = None  # TLS on HTTP and gRPC: both files or neither
+    ssl_keyfile: str | None = None
     # model loading
     backend: str = LoadOptions.backend  # the --backend flag: which runtime (or auto)
     dtype: str = LoadOptions.dtype
@@ -80,6 +86,14 @@ class ServerConfig:
                 problems.append(f"--{flag} {getattr(self, flag.replace('-', '_'))!r}: {what}")
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
+        need(self.grpc_port is None or 0 <= self.grpc_port <= 65535, "grpc-port", "must be 0-65535")
+        need((self.ssl_certfile is None) == (self.ssl_keyfile is None), "ssl-certfile",
+             "--ssl-certfile and --ssl-keyfile go together")
+        for flag in ("ssl-certfile", "ssl-keyfile"):
+            path = getattr(self, flag.replace("-", "_"))
+            need(path is None or os.access(path, os.R_OK), flag, "not a readable file")
+        problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
+                     if not all(p.strip() for p in a.partition("=")[::2])]
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
                      "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-header-bytes"):
             value = getattr(self, flag.replace("-", "_"))  # None: the device's default
@@ -97,3 +111,11 @@ class ServerConfig:
              "must be one of debug, info, warning, error, critical")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def alias_map(self) -> dict[str, str]:
+        """`--alias NAME=SERVED` as {NAME: SERVED}."""
+        return dict((n.strip(), s.strip()) for n, s in (a.split("=", 1) for a in self.aliases))
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None

@@ -132,7 +132,8 @@ class NimError(BaseModel):
     type: str
 
 
-NIM = Dialect("nim", ("/v1/ranking",), nim_error_body, error_model=NimError)
+#: NIM 1.9.1+ answers an over-window pair under truncate NONE with 422 (400 before).
+NIM = Dialect("nim", ("/v1/ranking",), nim_error_body, status_for={"too_long": 422}, error_model=NimError)
 _DIALECTS: list[Dialect] = [NIM]
 
 

@@ -163,6 +163,7 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
 
     server = DrainingServer(uvicorn.Config(
         app, log_config=None, log_level=config.log_level, access_log=False,
+        ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
         timeout_graceful_shutdown=config.graceful_timeout + UVICORN_MARGIN_S,
         http=guarded_protocol(config.header_timeout, config.max_header_bytes)))
 

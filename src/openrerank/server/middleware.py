@@ -106,8 +106,8 @@ class RequestLogMiddleware:
         path = scope["path"]
         route = path if path in self.routes() else "unmatched"
         usage = request_usage(scope)
-        fields = {"method": scope["method"], "route": route, "status": status, "model": usage.get("model"),
-                  "passages": usage.get("passages"), "tokens": usage.get("tokens"),
+        fields = {"protocol": "http", "method": scope["method"], "route": route, "status": status,
+                  "model": usage.get("model"), "passages": usage.get("passages"), "tokens": usage.get("tokens"),
                   "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
                   "total_ms": total_ms, "request_id": request_id}
         level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
@@ -209,8 +209,8 @@ class MetricsMiddleware:
             if request_state(scope).get("disconnected"):
                 status = CLIENT_CLOSED
             label = scope["path"] if scope["path"] in self.routes() else "unmatched"
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.request_latency.labels(label, str(status)).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(label, str(status), "http").inc()
+            self.metrics.request_latency.labels(label, str(status), "http").observe(time.perf_counter() - start)
 
 
 class ApiKeyMiddleware:

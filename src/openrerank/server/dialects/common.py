@@ -25,7 +25,11 @@ def config(request: Request) -> ServerConfig:
 
 def check_ready(request: Request) -> None:
     """503 until the models are loaded (a dead model worker answers 503 itself, per model)."""
-    reg = served_models(request)
+    require_ready(served_models(request))
+
+
+def require_ready(reg: ServedModels) -> None:
+    """check_ready for any protocol (gRPC maps the ApiError's kind to its own status)."""
     if reg.load_error:
         raise ApiError(503, "model(s) failed to load; see the server log", kind="unavailable")
     if not reg.loaded:
@@ -34,7 +38,11 @@ def check_ready(request: Request) -> None:
 
 
 def check_passage_count(request: Request, count: int, what: str = "passages") -> None:
-    limit = config(request).max_passages
+    require_passage_count(config(request), count, what)
+
+
+def require_passage_count(config: ServerConfig, count: int, what: str = "passages") -> None:
+    limit = config.max_passages
     if count > limit:
         raise ApiError(400, f"Number of {what} ({count}) exceeds the maximum of {limit} (--max-passages)",
                        kind="too_many")

@@ -14,27 +14,44 @@ from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.nim import HealthResponse, NimRankingRequest, NimRankingResponse
 
 router = APIRouter()
+
+#: Model ids NVIDIA renamed: clients written for the old id reach the model served under the new one.
+RENAMED_MODELS = {
+    "nvidia/llama-3.2-nv-rerankqa-1b-v2": "nvidia/llama-nemotron-rerank-1b-v2",
+    "nvidia/llama-3.2-nemoretriever-500m-rerank-v2": "nvidia/llama-nemotron-rerank-500m-v2",
+}
 NIM.request_models["/v1/ranking"] = NimRankingRequest
 _AUTH = NIM.responses(401)
 _HEALTH = {503: {"model": HealthResponse, "description": "Not ready (loading, failed, or a model worker died)"}}
 
 
 @router.post("/v1/ranking", response_model=NimRankingResponse, tags=["NIM"],
-             responses=NIM.responses(400, 401, 404, 408, 413, 500, 503, 504),
+             responses=NIM.responses(400, 401, 404, 408, 413, 422, 500, 503, 504,
+                                     s422="A query+passage pair over the model's window with truncate NONE"),
              summary="Rank passages by relevance to a query (NVIDIA NIM compatible)")
 async def ranking(body: NimRankingRequest, request: Request, response: Response) -> dict:
-    req = RerankRequest(
+    result = await common.rerank(request, response, rerank_request(body))
+    return {
+        "rankings": [{"index": i, "logit": s} for i, s in result.top()],
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+
+
+def rerank_request(body: NimRankingRequest) -> RerankRequest:
+    """The NIM request as the engine's request: one conversion for HTTP and gRPC (server/grpc)."""
+    return RerankRequest(
         query=body.query.text,
         passages=[p.text for p in body.passages],
         model=body.model,
         truncate=Truncate(body.truncate),
         max_chunks_per_passage=body.max_chunks_per_passage,
     )
-    result = await common.rerank(request, response, req)
-    return {
-        "rankings": [{"index": i, "logit": s} for i, s in result.top()],
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-    }
+
+
+def model_aliases(served: list[str], aliases: dict[str, str]) -> dict[str, str]:
+    """Every other id a served model answers to: NIM's renamed ids of served models, then --alias."""
+    renamed = {old: new for old, new in RENAMED_MODELS.items() if new in served and old not in served}
+    return {**renamed, **aliases}
 
 
 @router.get("/v1/models", tags=["NIM"], responses=_AUTH)

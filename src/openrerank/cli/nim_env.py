@@ -1,0 +1,172 @@
+"""NVIDIA NIM's `NIM_*` environment variables, read as aliases of the matching `serve` settings.
+
+A deployment that ran the Reranking NIM keeps its environment when it switches to openrerank: each NIM variable
+with an openrerank equivalent fills that setting's `OPENRERANK_*` variable, unless the flag or the
+`OPENRERANK_*` variable itself is set (those win). Every other `NIM_*` variable is reported once at startup as
+ignored, never dropped silently. The names are those of the NIM's environment-variable reference: 2.3+
+(`NIM_SERVER_*`), 2.0-2.2 (`NIM_*` without `SERVER_`) and 1.x (Triton-based) spellings are all read;
+docs/api.md has the table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from openrerank.cli.options import ENV_PREFIX, UsageError
+
+log = logging.getLogger("openrerank")
+
+
+def _addr(flag_host: str, flag_port: str) -> Callable[[str, str], dict[str, str]]:
+    """`HOST:PORT` (or `[V6]:PORT`, or a bare port) -> the host and port settings."""
+
+    def convert(name: str, value: str) -> dict[str, str]:
+        host, sep, port = value.strip().rpartition(":")
+        if not sep:
+            host, port = "", value.strip()
+        if not port.isdigit():
+            raise UsageError(f"{name}={value!r}: expected HOST:PORT")
+        out = {flag_port: port}
+        if host:
+            out[flag_host] = host.strip("[]")
+        return out
+
+    return convert
+
+
+def _same(flag: str, transform: Callable[[str], str] = str.strip) -> Callable[[str, str], dict[str, str]]:
+    return lambda name, value: {flag: transform(value)}
+
+
+def _microseconds_to_ms(value: str) -> str:
+    try:
+        return str(float(value) / 1000)
+    except ValueError:
+        return value  # the setting's own check names the bad value
+
+
+def _switch_to(flag: str, on: str, off: str | None = None) -> Callable[[str, str], dict[str, str]]:
+    def convert(name: str, value: str) -> dict[str, str]:
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return {flag: on}
+        if word in ("0", "false", "no", "off", ""):
+            return {flag: off} if off else {}
+        raise UsageError(f"{name}={value!r}: expected true or false")
+
+    return convert
+
+
+_CERT = _same("ssl-certfile")
+_KEY = _same("ssl-keyfile")
+
+#: NIM variable -> how it becomes openrerank settings (flag name -> value). Newest spelling first.
+NIM_VARIABLES: dict[str, Callable[[str, str], dict[str, str]]] = {
+    "NIM_SERVER_BIND_ADDR": _addr("host", "port"),
+    "NIM_BIND_ADDR": _addr("host", "port"),
+    "NIM_HTTP_API_PORT": _same("port"),
+    "NIM_SERVER_GRPC_BIND_ADDR": _addr("grpc-host", "grpc-port"),
+    "NIM_GRPC_BIND_ADDR": _addr("grpc-host", "grpc-port"),
+    "NIM_GRPC_API_PORT": _same("grpc-port"),
+    "NIM_SERVER_MAX_QUEUE_SIZE": _same("max-queue"),
+    "NIM_MAX_QUEUE_SIZE": _same("max-queue"),
+    "NIM_SERVER_REQUEST_TIMEOUT_S": _same("request-timeout"),
+    "NIM_REQUEST_TIMEOUT_S": _same("request-timeout"),
+    "NIM_PIPELINE_MAX_BATCH_SIZE": _same("max-batch-size"),
+    "NIM_TRITON_MAX_BATCH_SIZE": _same("max-batch-size"),
+    "NIM_SERVER_MAX_WAIT_MS": _same("batch-wait-ms"),
+    "NIM_MAX_WAIT_MS": _same("batch-wait-ms"),
+    "NIM_TRITON_DYNAMIC_BATCHING_MAX_QUEUE_DELAY_MICROSECONDS": _same("batch-wait-ms", _microseconds_to_ms),
+    "NIM_SERVER_TLS_CERT_PATH": _CERT,
+    "NIM_TLS_CERT_PATH": _CERT,
+    "NIM_SSL_CERTS_PATH": _CERT,
+    "NIM_SERVER_TLS_KEY_PATH": _KEY,
+    "NIM_TLS_KEY_PATH": _KEY,
+    "NIM_SSL_KEY_PATH": _KEY,
+    "NIM_LOG_LEVEL": _same("log-level", lambda v: v.strip().lower()),
+    "NIM_JSONL_LOGGING": _switch_to("log-format", "json"),
+    "NIM_SERVER_SERVED_MODEL_NAME": _same("served-model-name"),
+    "NIM_SERVED_MODEL_NAME": _same("served-model-name"),
+}
+
+#: NIM variables that need no setting here: what they choose is always so in openrerank.
+NIM_NOT_NEEDED = {
+    # TLS is on exactly when a certificate and key are given; mutual TLS is not offered (docs/api.md).
+    "NIM_SSL_MODE": "TLS is on when --ssl-certfile/--ssl-keyfile are set",
+    # The gRPC message limit is --max-body-bytes, as the NIM's own default (the HTTP body limit).
+    "NIM_SERVER_GRPC_MAX_DECODING_MESSAGE_BYTES": "gRPC messages are limited by --max-body-bytes",
+    "NIM_GRPC_MAX_DECODING_MESSAGE_BYTES": "gRPC messages are limited by --max-body-bytes",
+}
+
+
+@dataclass
+class NimEnv:
+    """What the NIM variables of one environment amount to."""
+
+    settings: dict[str, str] = field(default_factory=dict)  # OPENRERANK_* name -> value
+    used: dict[str, str] = field(default_factory=dict)  # NIM variable -> the flags it set
+    ignored: list[str] = field(default_factory=list)  # NIM variables openrerank has nothing for
+    shadowed: dict[str, str] = field(default_factory=dict)  # NIM variable -> what won over it
+    served_model_name: str | None = None
+
+    def environ(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """`environ` with the NIM-derived OPENRERANK_* variables added (those already set keep their value)."""
+        return {**self.settings, **{k: v for k, v in environ.items() if v != "" or k not in self.settings}}
+
+    def report(self) -> None:
+        """One line about the NIM variables read and one about those ignored; after logging is configured."""
+        if self.used:
+            log.info("NIM variables read: %s", ", ".join(f"{k} as --{v}" for k, v in self.used.items()))
+        if self.ignored:
+            log.warning("NIM variables ignored (no openrerank equivalent): %s", ", ".join(self.ignored))
+        for name, why in self.shadowed.items():
+            log.info("%s not used: %s", name, why)
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.upper().replace("-", "_")
+
+
+def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
+    """Translate the `NIM_*` variables of `environ`; a bad value is a UsageError naming the NIM variable.
+
+    Read in NIM_VARIABLES' order, so a newer spelling wins over an older one of the same setting."""
+    out = NimEnv()
+    for name in sorted(k for k in environ if k.startswith("NIM_")):
+        if name in NIM_NOT_NEEDED:
+            out.shadowed[name] = NIM_NOT_NEEDED[name]
+        elif name not in NIM_VARIABLES:
+            out.ignored.append(name)
+    for name, convert in NIM_VARIABLES.items():
+        value = environ.get(name, "")
+        if value.strip() == "":
+            continue
+        flags = []
+        for flag, setting in convert(name, value).items():
+            env = _env_name(flag)
+            if flag == "served-model-name":
+                if out.served_model_name is not None:
+                    out.shadowed[name] = "another NIM variable named the served model"
+                    continue
+                out.served_model_name = setting
+            elif environ.get(env, "") != "":
+                out.shadowed[name] = f"{env} is set"
+                continue
+            elif env in out.settings:
+                out.shadowed[name] = f"another NIM variable set --{flag}"
+                continue
+            else:
+                out.settings[env] = setting
+            flags.append(flag)
+        if flags:
+            out.used[name] = "/--".join(flags)
+    return out
+
+
+def rename_single_model(models: list[str], served_name: str | None) -> list[str]:
+    """NIM's served-model-name: the one model (unless already NAME=SOURCE) is served under that id."""
+    if served_name and len(models) == 1 and "=" not in models[0]:
+        return [f"{served_name}={models[0]}"]
+    return models

@@ -1,0 +1,173 @@
+"""The NIM reranking model as a KServe V2 model: input tensors -> NIM's request model -> output tensors.
+
+The gRPC request is turned into the very body the HTTP route validates (`wire.nim.NimRankingRequest`), so a
+bad input fails with the HTTP route's message and a good one becomes the same engine request
+(`dialects.nim.rerank_request`). What the tensors may carry is declared once, in `INPUTS` and `PARAMETERS`:
+adding an input (an instruction, a passage image) is one line there plus its field in the wire model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from openrerank.core.requests import RerankResult
+from openrerank.server.errors import format_validation_errors
+from openrerank.server.grpc.tensors import BytesTensor, TensorError, decode_text
+from openrerank.wire.nim import NimRankingRequest
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """One BYTES input: where its UTF-8 text goes in the NIM request body.
+
+    `per_passage`: one value per passage ([N, 1]), put at `path` inside each passage object; otherwise one
+    value for the request ([1, 1], or the same value repeated once per passage), put at `path` in the body."""
+
+    name: str
+    path: tuple[str, ...]
+    per_passage: bool = False
+    required: bool = True
+    aliases: tuple[str, ...] = ()
+
+
+#: The inputs of NIM's reranking model (its gRPC reference: `query` [1, 1] or [N, 1], `passage` [N, 1]).
+INPUTS: tuple[TextInput, ...] = (
+    TextInput("query", ("query", "text")),
+    TextInput("passage", ("text",), per_passage=True, aliases=("passages",)),
+)
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+#: Request parameters -> (NIM body field, normalization). NIM's own example sends truncate in lower case.
+PARAMETERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "truncate": ("truncate", _upper),
+    "max_chunks_per_passage": ("max_chunks_per_passage", lambda v: v),
+}
+#: Parameters Triton's clients add themselves (priority, sequence batching): accepted and without effect
+#: here, except `timeout` (microseconds), which shortens the request's deadline (service.py).
+CLIENT_PARAMETERS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    datatype: str
+    per_passage_column: bool  # shape [N, 1] (else [1]: one value for the request)
+
+
+#: NIM's outputs: passage indices best-first, their logits in that order, and the tokens scored.
+OUTPUTS: tuple[Output, ...] = (
+    Output("index", "INT32", True),
+    Output("logit", "FP32", True),
+    Output("token_count", "INT32", False),
+)
+
+
+def grpc_model_name(model_id: str) -> str:
+    """NIM's gRPC model name: the id lowercased, every character but an ASCII letter or digit made `_`."""
+    return "".join(c.lower() if c.isascii() and c.isalnum() else "_" for c in model_id)
+
+
+def _input_names() -> str:
+    return ", ".join(i.name + (f" (or {', '.join(i.aliases)})" if i.aliases else "") for i in INPUTS)
+
+
+def _column(tensor: BytesTensor) -> list[str]:
+    """[N, 1] or [N] -> N texts."""
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise TensorError(f"input '{tensor.name}' has shape {list(tensor.shape)}; expected [N, 1]")
+    return decode_text(tensor)
+
+
+def _pick_inputs(tensors: dict[str, BytesTensor]) -> dict[str, BytesTensor]:
+    known = {alias: spec.name for spec in INPUTS for alias in (spec.name, *spec.aliases)}
+    unknown = sorted(set(tensors) - set(known))
+    if unknown:
+        names = ", ".join(f"'{u}'" for u in unknown)
+        raise TensorError(f"Unknown input(s) {names}; the inputs are: {_input_names()}")
+    picked: dict[str, BytesTensor] = {}
+    for given, tensor in tensors.items():
+        name = known[given]
+        if name in picked:
+            raise TensorError(f"input '{name}' is given twice (as '{picked[name].name}' and '{given}')")
+        picked[name] = tensor
+    for spec in INPUTS:
+        if spec.required and spec.name not in picked:
+            raise TensorError(f"input '{spec.name}' is required; the inputs are: {_input_names()}")
+    return picked
+
+
+def request_body(tensors: dict[str, BytesTensor], parameters: dict[str, Any], model: str) -> dict[str, Any]:
+    """The NIM HTTP body these tensors and parameters stand for (not yet validated)."""
+    picked = _pick_inputs(tensors)
+    columns = {spec.name: _column(picked[spec.name]) for spec in INPUTS if spec.name in picked}
+    counts = {len(columns[s.name]) for s in INPUTS if s.per_passage and s.name in columns}
+    if len(counts) > 1:
+        raise TensorError("the per-passage inputs differ in length: "
+                          + ", ".join(f"'{s.name}' has {len(columns[s.name])}" for s in INPUTS
+                                      if s.per_passage and s.name in columns))
+    passages = counts.pop() if counts else 0
+    body: dict[str, Any] = {"model": model, "passages": [{} for _ in range(passages)]}
+    for spec in INPUTS:
+        values = columns.get(spec.name)
+        if values is None:
+            continue
+        if spec.per_passage:
+            for passage, value in zip(body["passages"], values, strict=True):
+                _put(passage, spec.path, value)
+            continue
+        if not values:
+            raise TensorError(f"input '{spec.name}' holds no value; send one ([1, 1])")
+        if len(set(values)) > 1:
+            raise TensorError(f"input '{spec.name}' holds {len(set(values))} different values: distinct queries in "
+                              f"one request are rejected; send one ([1, 1]) or the same one once per passage")
+        if len(values) not in (1, passages):
+            raise TensorError(f"input '{spec.name}' has {len(values)} values for {passages} passages; "
+                              "send one ([1, 1]) or one per passage")
+        _put(body, spec.path, values[0])
+    for key, value in parameters.items():
+        if key in CLIENT_PARAMETERS:
+            continue
+        if key not in PARAMETERS:
+            allowed = ", ".join(PARAMETERS)
+            raise TensorError(f"Unknown parameter '{key}'; the parameters are: {allowed}")
+        field, normalize = PARAMETERS[key]
+        body[field] = normalize(value)
+    return body
+
+
+def _put(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+def parse_request(tensors: dict[str, BytesTensor], parameters: dict[str, Any], model: str) -> NimRankingRequest:
+    """The validated NIM request; TensorError with the HTTP route's message when it is not valid."""
+    try:
+        return NimRankingRequest.model_validate(request_body(tensors, parameters, model))
+    except ValidationError as exc:
+        raise TensorError(format_validation_errors(list(exc.errors()), NimRankingRequest)) from None
+
+
+def output_values(result: RerankResult) -> dict[str, np.ndarray]:
+    """Each output's values for a scored request, shaped as the NIM returns them."""
+    order = np.asarray(result.order(), dtype=np.int32)
+    return {
+        "index": order.reshape(-1, 1),
+        "logit": np.asarray(result.logits, dtype=np.float32)[order].reshape(-1, 1),
+        "token_count": np.asarray([result.prompt_tokens], dtype=np.int32),
+    }
+
+
+def output_shape(output: Output) -> list[int]:
+    """The shape ModelMetadata reports (-1: any size)."""
+    return [-1, 1] if output.per_passage_column else [1]

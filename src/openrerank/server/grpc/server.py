@@ -1,0 +1,85 @@
+"""The gRPC server beside HTTP: grpc.aio in the HTTP server's event loop, started and stopped with the app.
+
+It registers as one of the app's companions (`app.state.companions`, server/app.py): it binds and starts
+before the models load (so a client can probe it during a long load, as it can HTTP), and stops, letting
+in-flight calls finish within --graceful-timeout, before the models stop. `grpc.health.v1` reports
+SERVING exactly while the server is ready (every model loaded and every worker alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
+from openrerank.server.grpc.service import SERVICE, InferenceService
+
+log = logging.getLogger("openrerank")
+
+#: How often the health service looks at readiness (it changes when loading ends or a worker dies).
+HEALTH_POLL_S = 0.5
+
+
+class GrpcServer:
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None  # the bound port, once started
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._watch: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port if self.port is not None else self.requested_port}"
+
+    async def start(self) -> None:
+        config = self.app.state.config
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared with another server
+        ])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.app.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            if config.tls:
+                key, cert = Path(config.ssl_keyfile).read_bytes(), Path(config.ssl_certfile).read_bytes()
+                self.port = server.add_secure_port(self.address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.port = server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot serve gRPC on {self.address}: {exc} (--grpc-host/--grpc-port)") from None
+        await server.start()
+        self._server = server
+        self._watch = asyncio.create_task(self._watch_readiness())
+        scheme = "TLS" if config.tls else "plaintext"
+        log.info("gRPC (KServe V2, NIM's gRPC API) listening on %s (%s)", self.address, scheme)
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace=self.app.state.config.graceful_timeout)
+
+    async def _watch_readiness(self) -> None:
+        status = None
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        while True:
+            now = serving if self.app.state.models.ready else not_serving
+            if now != status:
+                status = now
+                for service in ("", SERVICE):
+                    await self._health.set(service, status)
+            await asyncio.sleep(HEALTH_POLL_S)

@@ -1,0 +1,278 @@
+"""The KServe V2 `GRPCInferenceService`: NIM's gRPC API over the same models, limits and scheduler as HTTP.
+
+Every RPC goes through `_call`: API key (a bearer token in the `authorization` metadata, as over HTTP; the
+liveness and readiness RPCs are open, as the HTTP health routes are), request id (`x-request-id` metadata
+in and out), one access-log line and the request metrics labelled `protocol="grpc"`, and the mapping of
+failures to status codes. A client error is never INTERNAL: the status table is `_STATUS` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from openrerank import __version__
+from openrerank.engine.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    DeviceMemoryError,
+    EngineStoppedError,
+    ModelOutputError,
+    QueueFullError,
+    RequestTooLargeError,
+    UnsupportedRequestError,
+    WorkerDiedError,
+)
+from openrerank.engine.served import ServedModels, UnknownModelError
+from openrerank.server.config import ServerConfig
+from openrerank.server.dialects import common, nim
+from openrerank.server.errors import ApiError, safe_text
+from openrerank.server.grpc import ranking
+from openrerank.server.grpc.protocol import open_inference_pb2 as pb
+from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
+from openrerank.server.grpc.tensors import TensorError, parameter_value, raw_output, read_bytes_inputs
+from openrerank.text.prepare import InputTooLongError
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("openrerank.access")
+
+SERVICE = "inference.GRPCInferenceService"
+Code = grpc.StatusCode
+
+#: Failure -> status code; the first matching class wins. Client errors are INVALID_ARGUMENT/NOT_FOUND.
+_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (TensorError, Code.INVALID_ARGUMENT),
+    (InputTooLongError, Code.INVALID_ARGUMENT),
+    (RequestTooLargeError, Code.INVALID_ARGUMENT),
+    (UnsupportedRequestError, Code.INVALID_ARGUMENT),
+    (UnknownModelError, Code.NOT_FOUND),
+    (QueueFullError, Code.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, Code.DEADLINE_EXCEEDED),
+    (EngineStoppedError, Code.UNAVAILABLE),
+    (DeviceMemoryError, Code.UNAVAILABLE),
+    (WorkerDiedError, Code.UNAVAILABLE),
+)
+#: ApiError kinds (server/errors.py) -> status code; any other 4xx is INVALID_ARGUMENT, 5xx UNAVAILABLE.
+_KIND_STATUS = {"auth": Code.UNAUTHENTICATED, "unavailable": Code.UNAVAILABLE, "not_found": Code.NOT_FOUND,
+                "model_not_found": Code.NOT_FOUND}
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+#: Probes: their access lines are DEBUG, as the HTTP health routes' are.
+_QUIET = ("ServerLive", "ServerReady", "ModelReady")
+_PUBLIC = _QUIET
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """Serves the models of one app (its `state`: models, config, metrics)."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        api_key = state.config.api_key
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @property
+    def models(self) -> ServedModels:
+        return self.state.models
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.state.config
+
+    # --- the RPCs ---------------------------------------------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._call("ServerLive", context, lambda usage: self._live())
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._call("ServerReady", context, lambda usage: self._ready())
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._call("ModelReady", context, lambda usage: self._model_ready(request))
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._call("ServerMetadata", context, lambda usage: self._server_metadata())
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._call("ModelMetadata", context, lambda usage: self._model_metadata(request))
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        arrival = time.monotonic()
+        return await self._call("ModelInfer", context, lambda usage: self._infer(request, context, usage, arrival))
+
+    # --- what each does -----------------------------------------------------------------------------------
+
+    async def _live(self) -> Any:
+        return pb.ServerLiveResponse(live=self.models.live)
+
+    async def _ready(self) -> Any:
+        return pb.ServerReadyResponse(ready=self.models.ready)
+
+    async def _model_ready(self, request: Any) -> Any:
+        try:
+            name = self._served_id(request.name)
+        except UnknownModelError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.models.ready and name in {m.name for m in self.models.models()})
+
+    async def _server_metadata(self) -> Any:
+        return pb.ServerMetadataResponse(name="openrerank", version=__version__, extensions=[])
+
+    async def _model_metadata(self, request: Any) -> Any:
+        name = self._served_id(request.name)
+        self._check_version(request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        served = {m.name: m for m in self.models.models()}
+        properties = {"model_id": name}
+        if name in served:
+            properties["max_length"] = str(served[name].max_length)
+        return pb.ModelMetadataResponse(
+            name=ranking.grpc_model_name(name), versions=["1"], platform="openrerank",
+            inputs=[tensor(name=i.name, datatype="BYTES", shape=[-1, 1]) for i in ranking.INPUTS],
+            outputs=[tensor(name=o.name, datatype=o.datatype, shape=ranking.output_shape(o))
+                     for o in ranking.OUTPUTS],
+            properties=properties)
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext, usage: dict[str, Any],
+                     arrival: float) -> Any:
+        served_id = self._served_id(request.model_name)
+        self._check_version(request.model_version)
+        parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
+        body = ranking.parse_request(read_bytes_inputs(request), parameters, served_id)
+        wanted = [o.name for o in request.outputs] or [o.name for o in ranking.OUTPUTS]
+        outputs = {o.name: o for o in ranking.OUTPUTS}
+        unknown = [w for w in wanted if w not in outputs]
+        if unknown:
+            raise TensorError(f"Unknown output(s) {', '.join(repr(u) for u in unknown)}; the outputs are: "
+                              + ", ".join(outputs))
+        req = nim.rerank_request(body)
+        common.require_passage_count(self.config, len(req.passages))
+        common.require_ready(self.models)
+        model = self.models.get(served_id)
+        result = (await model.rerank_many([req], deadline=self._deadline(arrival, context, parameters)))[0]
+        t = result.timings
+        usage.update(model=model.name, passages=len(req.passages), tokens=result.prompt_tokens,
+                     queue_ms=t.queue_ms, inference_ms=t.inference_ms)
+        values = ranking.output_values(result)
+        response = pb.ModelInferResponse(model_name=request.model_name or ranking.grpc_model_name(model.name),
+                                         model_version="1", id=request.id)
+        for name in wanted:
+            out = outputs[name]
+            response.outputs.add(name=name, datatype=out.datatype, shape=list(values[name].shape))
+            response.raw_output_contents.append(raw_output(out.datatype, values[name]))
+        return response
+
+    # --- shared -------------------------------------------------------------------------------------------
+
+    def _served_id(self, name: str) -> str:
+        """The served id a gRPC model name means: NIM's derived name, the id itself, or an alias of it."""
+        reg = self.models
+        if not name:
+            if not reg.names:
+                raise UnknownModelError("<none>", [])
+            return reg.names[0]
+        ids = [*reg.names, *reg.aliases]
+        by_grpc = {ranking.grpc_model_name(i): i for i in ids}
+        found = name if name in ids else by_grpc.get(name)
+        if found is None:
+            raise UnknownModelError(name, [ranking.grpc_model_name(n) for n in reg.names])
+        return reg.aliases.get(found, found)
+
+    @staticmethod
+    def _check_version(version: str) -> None:
+        if version not in ("", "1"):
+            raise _Abort(Code.NOT_FOUND, f"model version '{safe_text(version, 100)}' is not served; "
+                         "the only version is 1 (or leave it empty)")
+
+    def _deadline(self, arrival: float, context: grpc.aio.ServicerContext, parameters: dict[str, Any]) -> float:
+        """The soonest of --request-timeout, the client's gRPC deadline and a Triton `timeout` parameter (µs)."""
+        deadline = arrival + self.config.request_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining)
+        timeout_us = parameters.get("timeout")
+        if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
+            deadline = min(deadline, arrival + timeout_us / 1e6)
+        return deadline
+
+    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
+        if self._expected is None:
+            return True
+        given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
+        given = given.encode() if isinstance(given, str) else given
+        return hmac.compare_digest(given, self._expected)
+
+    @staticmethod
+    def _request_id(context: grpc.aio.ServicerContext) -> str:
+        given = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), "")
+        return given if isinstance(given, str) and _REQUEST_ID_OK.fullmatch(given) else uuid.uuid4().hex
+
+    def _status(self, exc: Exception, rid: str, method: str) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, _Abort):
+            return exc.code, exc.message
+        if isinstance(exc, ApiError):
+            code = _KIND_STATUS.get(exc.kind) or (Code.INVALID_ARGUMENT if exc.status < 500 else Code.UNAVAILABLE)
+            return code, exc.message
+        for cls, code in _STATUS:
+            if isinstance(exc, cls):
+                return code, str(exc)
+        if isinstance(exc, BatchFailedError | ModelOutputError):
+            log.error("%s on %s (request id %s): %s", type(exc).__name__, method, rid, exc)
+            return Code.INTERNAL, f"{exc} (request id {rid})"
+        log.error("unhandled %s on gRPC %s (request id %s)", type(exc).__name__, method, rid, exc_info=exc)
+        return Code.INTERNAL, f"internal server error (request id {rid})"
+
+    async def _call(self, method: str, context: grpc.aio.ServicerContext,
+                    handler: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+        """Run one RPC with auth, request id, metrics, access log and status mapping."""
+        metrics = self.state.metrics
+        start = time.perf_counter()
+        rid = self._request_id(context)
+        usage: dict[str, Any] = {}
+        code, message = Code.OK, ""
+        metrics.in_flight.inc()
+        try:
+            context.set_trailing_metadata((("x-request-id", rid),))
+            if method not in _PUBLIC and not self._authorized(context):
+                raise _Abort(Code.UNAUTHENTICATED, "missing or invalid API key: send the metadata "
+                             "'authorization: Bearer <key>'")
+            return await handler(usage)
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            metrics.disconnects.inc()
+            log.info("gRPC client cancelled %s or went away before its answer; its work was cancelled "
+                     "(request id %s)", method, rid)
+            raise
+        except Exception as exc:
+            code, message = self._status(exc, rid, method)
+        finally:
+            metrics.in_flight.dec()
+            self._record(method, code, rid, usage, (time.perf_counter() - start) * 1e3)
+        await context.abort(code, safe_text(message))
+
+    def _record(self, method: str, code: grpc.StatusCode, rid: str, usage: dict[str, Any], total_ms: float) -> None:
+        route = f"/{SERVICE}/{method}"
+        status = code.name
+        metrics = self.state.metrics
+        metrics.requests.labels(route, status, "grpc").inc()
+        metrics.request_latency.labels(route, status, "grpc").observe(total_ms / 1e3)
+        fields = {"protocol": "grpc", "method": method, "route": route, "status": status,
+                  "model": usage.get("model"), "passages": usage.get("passages"), "tokens": usage.get("tokens"),
+                  "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
+                  "total_ms": total_ms, "request_id": rid}
+        level = logging.DEBUG if method in _QUIET else logging.INFO
+        access_log.log(level, "gRPC %s %s", method, status,
+                       extra={"fields": fields, "in_message": ("method", "status")})

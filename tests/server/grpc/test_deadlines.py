@@ -1,0 +1,111 @@
+"""Deadlines, cancellation and overload over gRPC: the scheduler gives the work up exactly as for HTTP.
+
+A request of 256 passages on the embedded MiniLM model takes seconds on any CPU; the assertions are on the
+server's own counters (work abandoned, requests refused), polled with a deadline, never on timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from openrerank_bench.serve_process import free_port
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.grpc.support import failure, ranking_inputs, status_of
+from tests.support import run_server
+
+MODEL = "sentence_transformers_all_minilm_l6_v2"
+SERVED = "sentence-transformers/all-MiniLM-L6-v2"
+WAIT_S = 60.0
+#: ~120 tokens a pair: seconds of work for 256 of them
+LONG = ["river bank water stone " * 24 + str(i) for i in range(256)]
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """The default model (PyTorch: no conversion at start), one request at a time (--max-queue 1)."""
+    port = free_port()
+    args = ["--backend", "torch", "--max-queue", "1", "--max-passages", "512", "--grpc-port", str(port)]
+    with run_server(args, tmp_path_factory.mktemp("slow-grpc")) as server:
+        server.grpc_url = f"127.0.0.1:{port}"
+        yield server
+
+
+def metric(server, name: str, **labels: str) -> float:
+    with server.client() as c:
+        text = c.get("/v1/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def until(cond, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def abandoned(server) -> float:
+    """Requests whose work the scheduler gave up: cancelled, or past their deadline."""
+    return (metric(server, "openrerank_cancelled_total", model=SERVED, task="rerank")
+            + metric(server, "openrerank_rejected_total", model=SERVED, task="rerank", reason="deadline"))
+
+
+def idle(server) -> bool:
+    return metric(server, "openrerank_queue_depth", model=SERVED) == 0
+
+
+def test_the_clients_deadline_is_honoured(slow_server):
+    before = abandoned(slow_server)
+    with grpcclient.InferenceServerClient(slow_server.grpc_url) as c:
+        exc = failure(c.infer, MODEL, ranking_inputs("river", LONG), client_timeout=1.0)
+    assert status_of(exc) == "DEADLINE_EXCEEDED"
+    until(lambda: abandoned(slow_server) == before + 1, "the server to give the work up")
+    until(lambda: idle(slow_server), "the queue to empty")
+
+
+def test_a_cancelled_call_leaves_the_queue(slow_server):
+    before_disconnects = metric(slow_server, "openrerank_client_disconnects_total")
+    before = abandoned(slow_server)
+
+    async def main() -> None:
+        async with aioclient.InferenceServerClient(slow_server.grpc_url) as c:
+            call = asyncio.create_task(c.infer(MODEL, ranking_inputs("river", LONG)))
+            while idle(slow_server):  # admitted: its work is queued or running
+                assert not call.done(), "the request finished before it could be cancelled"
+                await asyncio.sleep(0.05)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(main())
+    until(lambda: metric(slow_server, "openrerank_client_disconnects_total") == before_disconnects + 1,
+          "the cancellation to be seen")
+    until(lambda: abandoned(slow_server) == before + 1, "the work to be cancelled")
+    until(lambda: idle(slow_server), "the queue to empty")
+    assert "gRPC ModelInfer CANCELLED" in slow_server.output()
+
+
+def test_overload_is_resource_exhausted(slow_server):
+    async def main() -> str:
+        async with aioclient.InferenceServerClient(slow_server.grpc_url) as c:
+            busy = asyncio.create_task(c.infer(MODEL, ranking_inputs("river", LONG)))
+            while idle(slow_server):
+                assert not busy.done(), "the first request finished before the second was sent"
+                await asyncio.sleep(0.05)
+            with grpcclient.InferenceServerClient(slow_server.grpc_url) as sync:
+                exc = failure(sync.infer, MODEL, ranking_inputs("river", ["a"]))
+            busy.cancel()
+            return f"{status_of(exc)}: {exc.message()}"
+
+    outcome = asyncio.run(main())
+    assert outcome.startswith("RESOURCE_EXHAUSTED: server overloaded"), outcome
+    assert "--max-queue" in outcome
+    until(lambda: idle(slow_server), "the queue to empty")

@@ -1,0 +1,71 @@
+"""The reranking model's tensor table (server/grpc/ranking.py) and tensor decoding, without a server."""
+
+from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+
+import pytest
+
+from openrerank.server.grpc.ranking import grpc_model_name, parse_request, request_body
+from openrerank.server.grpc.tensors import BytesTensor, TensorError, read_bytes_inputs
+
+
+def column(name: str, *texts: str) -> BytesTensor:
+    return BytesTensor(name, (len(texts), 1), [t.encode() for t in texts])
+
+
+@pytest.mark.parametrize(("model_id", "grpc_name"), [
+    ("nvidia/llama-nemotron-rerank-1b-v2", "nvidia_llama_nemotron_rerank_1b_v2"),
+    ("nvidia/Nemotron-3.5-Rerank-8B-BF16", "nvidia_nemotron_3_5_rerank_8b_bf16"),
+    ("tiny", "tiny"),
+    ("café/x", "caf__x"),
+])
+def test_grpc_model_names_follow_nims_rule(model_id, grpc_name):
+    assert grpc_model_name(model_id) == grpc_name
+
+
+def test_tensors_become_the_nim_http_body():
+    body = request_body({"query": column("query", "q", "q"), "passages": column("passages", "a", "b")},
+                        {"truncate": "end", "priority": 3}, "m")
+    assert body == {"model": "m", "query": {"text": "q"}, "passages": [{"text": "a"}, {"text": "b"}],
+                    "truncate": "END"}
+    req = parse_request({"query": column("query", "q"), "passage": column("passage", "a")}, {}, "m")
+    assert (req.query.text, [p.text for p in req.passages], req.truncate) == ("q", ["a"], "NONE")
+
+
+def test_both_passage_spellings_at_once_are_refused():
+    with pytest.raises(TensorError, match="given twice"):
+        request_body({"query": column("query", "q"), "passage": column("passage", "a"),
+                      "passages": column("passages", "b")}, {}, "m")
+
+
+def _request(raw: list[bytes], *inputs: SimpleNamespace) -> SimpleNamespace:
+    return SimpleNamespace(inputs=list(inputs), raw_input_contents=raw)
+
+
+def _input(name: str, shape: list[int], contents: list[bytes] | None = None, datatype: str = "BYTES"):
+    return SimpleNamespace(name=name, datatype=datatype, shape=shape,
+                           contents=SimpleNamespace(bytes_contents=contents or []))
+
+
+def test_raw_and_typed_contents_decode_alike():
+    pack = b"".join(struct.pack("<I", len(v)) + v for v in (b"ab", b""))
+    raw = read_bytes_inputs(_request([pack], _input("passage", [2, 1])))
+    typed = read_bytes_inputs(_request([], _input("passage", [2, 1], [b"ab", b""])))
+    assert raw["passage"].values == typed["passage"].values == [b"ab", b""]
+
+
+@pytest.mark.parametrize(("request_", "fragment"), [
+    (_request([b"\x05\x00\x00\x00ab"], _input("passage", [1, 1])), "fewer bytes"),
+    (_request([b"\x01\x00"], _input("passage", [1, 1])), "length prefix"),
+    (_request([struct.pack("<I", 1) + b"a"], _input("passage", [2, 1])), "needs 2"),
+    (_request([b"", b""], _input("passage", [0, 1])), "raw_input_contents has 2 entries"),
+    (_request([], _input("passage", [2, 1], [b"a"])), "needs 2"),
+    (_request([], _input("passage", [-1, 1])), "negative"),
+    (_request([], _input("passage", [1, 1], [b"a"], "FP32")), "BYTES"),
+    (_request([], _input("passage", [1, 1], [b"a"]), _input("passage", [1, 1], [b"a"])), "more than once"),
+])
+def test_malformed_tensors_are_the_clients_fault(request_, fragment):
+    with pytest.raises(TensorError, match=fragment):
+        read_bytes_inputs(request_)
