@@ -20,6 +20,7 @@ from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
 from openrerank.runtimes.base import Backend, TaskNotSupportedError
+from openrerank.runtimes.onnx_export import exported_engines
 from openrerank.runtimes.selection import EngineChoice, check_backend_options, create_runtime
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
@@ -173,10 +174,10 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
     engines = family.engines
     if weights_format == "onnx":
-        if options.backend not in ("auto", "onnx") or options.device != "cpu":
-            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
-                             "ONNX Runtime only: use --backend onnx (or auto) on CPU")
-        engines = ("onnx",)
+        engines = tuple(e for e in exported_engines(path) if e in family.engines)
+        if options.backend not in ("auto", *engines) or options.device != "cpu":
+            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served on "
+                             f"CPU by {' or '.join(engines)}: use --backend {' or '.join(engines)} (or auto)")
     engine = check_backend_options(options.backend, options.dtype, options.device, engines, family.id)
     return ResolvedModel(source, weights_format, family, spec, engine, engines)
 
