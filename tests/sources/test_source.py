@@ -46,3 +46,15 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     with pytest.raises(ModelSourceError, match="Hugging Face Hub") as err:
         resolve_local_dir("openrerank-test/does-not-exist")
     assert "local directory" in str(err.value)
+
+
+def test_public_source_hides_local_paths_only(tmp_path):
+    from openrerank.sources.source import public_source
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert public_source(str(folder)) == "my-model"
+    assert public_source(str(folder) + "/") == "my-model"
+    assert public_source("/srv/models/not-here") == "not-here"
+    assert public_source("default") == "default"
+    assert public_source("cross-encoder/ms-marco-MiniLM-L-6-v2") == "cross-encoder/ms-marco-MiniLM-L-6-v2"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from openrerank.runtimes.base import Backend, TaskNotSupportedError
 from openrerank.runtimes.onnx_export import exported_engines
 from openrerank.runtimes.selection import EngineChoice, check_backend_options, create_runtime
 from openrerank.sources.safety import check_weights
-from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
+from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.prepare import TextEncoder
 
@@ -124,11 +125,13 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What /v1/metadata and logs say about the model: family, engine, window, family facts."""
-        meta = {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
+        meta = {"source": public_source(self.source.spec), "tasks": self.tasks, "score": self.score_kind.value,
                 "backend": self.backend.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
         if self.engine is not None:
-            meta["engine"] = self.engine.as_metadata()
+            engine = self.engine.as_metadata()  # a fallback's reason may quote the model's folder
+            engine["reason"] = engine["reason"].replace(str(self.spec.path), Path(self.spec.path).name)
+            meta["engine"] = engine
         return meta
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    metrics_public: bool = False  # with api_key: /v1/metrics stays open (a scraper by pod annotation has no key)
     # model loading
     backend: str = "auto"
     dtype: str = "auto"

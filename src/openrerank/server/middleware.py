@@ -29,8 +29,10 @@ HEALTH_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")
 #: Routes open without the API key: health probes and the API documentation (it holds no secrets).
 PUBLIC_PATHS = (*HEALTH_PATHS, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 PUBLIC_PREFIXES = ("/docs-assets/",)
+#: Prometheus' routes; open without the key with --metrics-public.
+METRICS_PATHS = ("/v1/metrics", "/metrics")
 #: Probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO.
-_QUIET_PATHS = (*HEALTH_PATHS, "/v1/metrics", "/metrics")
+_QUIET_PATHS = (*HEALTH_PATHS, *METRICS_PATHS)
 _JSON_CT = (b"content-type", b"application/json")
 REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -189,12 +191,13 @@ class MetricsMiddleware:
 class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` on every route but health; constant-time comparison."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.public = (*PUBLIC_PATHS, *(METRICS_PATHS if metrics_public else ()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
+        if scope["type"] != "http" or scope["path"] in self.public or scope["path"].startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

