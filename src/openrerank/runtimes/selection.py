@@ -20,7 +20,8 @@ not at startup, so the choice is a pure function of the CPU's flags, what is ins
    weights 0.9996, ONNX Runtime dynamic int8 0.991), so `auto` never picks int8; ask for it with `--dtype int8`.
 2. OpenVINO fp32 on other CPUs (exact, and faster than ONNX Runtime fp32).
 3. ONNX Runtime fp32 where OpenVINO is not installed or refuses the model; PyTorch fp32 where ONNX cannot
-   export it, and for families that only run on PyTorch (the LLM rerankers), and on CUDA.
+   export it, and for families that only run on PyTorch (the LLM rerankers), and on CUDA (where
+   `--dtype auto` is fp16 or bf16 by the GPU's compute capability: runtimes/devices.py).
 
 With an explicit `--dtype`, `auto` picks the best engine for that dtype (fp32: OpenVINO, then ONNX Runtime;
 bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openrerank.runtimes.base import Network, Runtime
+from openrerank.runtimes.devices import cuda_auto_dtype, cuda_capability
 from openrerank.runtimes.openvino_runtime import openvino_available
 from openrerank.runtimes.torch_runtime import is_cuda
 
@@ -195,15 +197,20 @@ def plan_engines(backend: str, dtype: str, device: str, engines: tuple[str, ...]
     if device != "cpu" and not is_cuda(device):
         raise BackendConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
     flags = cpu_flags()
+    cuda_note = ""
+    if is_cuda(device) and dtype == "auto":  # half precision by the GPU's capability (runtimes/devices.py)
+        dtype, why = cuda_auto_dtype(cuda_capability(device), decoder=engines == ("torch",))
+        cuda_note = f"; --dtype auto on CUDA: {why}"
     if backend != "auto":
         if backend not in engines:
             raise BackendConfigError(f"{family} runs on the {' or '.join(engines)} backend, not {backend}")
         plan = [_explicit(backend, dtype, device, flags)]
+        plan[0] = EngineChoice(plan[0].backend, plan[0].dtype, plan[0].reason + cuda_note)
     elif is_cuda(device):
         if "torch" not in engines:
             raise BackendConfigError(f"{family} runs on CPU only (engines: {', '.join(engines)})")
         plan = [_explicit("torch", dtype, device, flags)]
-        plan[0] = EngineChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices")
+        plan[0] = EngineChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices" + cuda_note)
     else:
         plan = _auto_cpu(dtype, engines, flags, family)
     if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):
