@@ -109,3 +109,22 @@ def test_metadata_names_a_local_folder_by_its_name_only(tiny_model_dir):
         resp = c.get("/v1/metadata")
     assert str(tiny_model_dir.parent) not in resp.text
     assert resp.json()["models"][0]["source"] == tiny_model_dir.name
+
+
+def test_access_lines_say_why_a_request_failed_which_asset_and_what_was_embedded(caplog):
+    """Access lines for errors carry the reason the client got; Swagger UI's files log under their mount, not
+    `unmatched`; an embeddings request counts texts, not passages."""
+    app = create_app(ServerConfig(models=["default"], api_key="k"), wait_for_models=True)
+    auth = {"Authorization": "Bearer k"}
+    with caplog.at_level("DEBUG", logger="openrerank.access"), TestClient(app) as c:
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 401
+        assert c.post("/v1/ranking", json={"query": "q"}, headers=auth).status_code in (400, 422)
+        assert c.get("/docs-assets/swagger-ui.css").status_code == 200
+        assert c.post("/v1/embeddings", json={"input": ["a", "b"], "model": "sentence-transformers/all-MiniLM-L6-v2"},
+                      headers=auth).status_code == 200
+    lines = [r.fields for r in caplog.records if r.name == "openrerank.access"]
+    unauthorized, invalid, asset, embedded = lines[-4:]
+    assert unauthorized["status"] == 401 and "API key" in unauthorized["reason"]
+    assert "query" in invalid["reason"] and "passages" in invalid["reason"]
+    assert asset["route"] == "/docs-assets" and asset["reason"] is None
+    assert embedded["texts"] == 2 and embedded["passages"] is None and embedded["reason"] is None

@@ -65,6 +65,17 @@ def request_usage(scope: Scope) -> dict[str, Any]:
     return request_state(scope).setdefault("usage", {})
 
 
+def route_label(path: str, routes: set[str]) -> str:
+    """A request's route for logs and metric labels: the route path, the static mount for its files (Swagger
+    UI's assets), else "unmatched" (bounded label values whatever clients send)."""
+    if path in routes:
+        return path
+    for prefix in PUBLIC_PREFIXES:
+        if path.startswith(prefix) and prefix.rstrip("/") in routes:
+            return prefix.rstrip("/")
+    return "unmatched"
+
+
 class RequestLogMiddleware:
     """One access line per request (INFO; health and metrics at DEBUG) and an `x-request-id` on every answer:
     the caller's, when it sent a sane one, else a new one. With tracing on, the request's spans as well."""
@@ -104,12 +115,13 @@ class RequestLogMiddleware:
     def _log(self, scope: Scope, status: int, request_id: str, total_ms: float, start_ns: int,
              headers: dict[bytes, bytes]) -> None:
         path = scope["path"]
-        route = path if path in self.routes() else "unmatched"
+        route = route_label(path, self.routes())
         usage = request_usage(scope)
         fields = {"method": scope["method"], "route": route, "status": status, "model": usage.get("model"),
-                  "passages": usage.get("passages"), "tokens": usage.get("tokens"),
+                  "passages": usage.get("passages"), "texts": usage.get("texts"), "tokens": usage.get("tokens"),
                   "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
-                  "total_ms": total_ms, "request_id": request_id}
+                  "total_ms": total_ms, "request_id": request_id,
+                  "reason": request_state(scope).get("error") if status >= 400 else None}
         level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
         access_log.log(level, "%s %s %d", scope["method"], route, status,
                        extra={"fields": fields, "in_message": ("method", "route", "status")})
@@ -183,7 +195,7 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             if request_state(scope).get("disconnected"):
                 status = CLIENT_CLOSED
-            label = scope["path"] if scope["path"] in self.routes() else "unmatched"
+            label = route_label(scope["path"], self.routes())
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.request_latency.labels(label, str(status)).observe(time.perf_counter() - start)
 
