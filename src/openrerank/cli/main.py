@@ -55,8 +55,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
     Option("backend", "engine", "inference engine: auto (the fastest faithful engine for this CPU: OpenVINO "
            "bf16 or fp32, else ONNX Runtime; PyTorch on CUDA), openvino, onnx, torch", choices=BACKENDS),
-    Option("dtype", "engine", "auto (what backend auto picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
-           "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
+    Option("dtype", "engine", "auto (what backend auto picks; on CUDA fp16 or bf16 by the GPU, docs/gpu.md); fp32 "
+           "(exact); bf16 (openvino/torch: AVX512-BF16 CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)",
+           choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch backend; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
     Option("max-batch-tokens", "engine", "padded tokens per model batch (none: 16384 on CPU, 32768 on CUDA)", int),
