@@ -37,8 +37,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("host", "network", "bind address (0.0.0.0 for every interface)"),
     Option("port", "network", "TCP port; checked before any model loads", int),
     Option("api-key", "network", "require 'Authorization: Bearer KEY' on every route but health"),
-    Option("metrics-public", "network", "with --api-key, leave /v1/metrics (and /metrics) open to a Prometheus "
-           "that scrapes without the key; keep the port private then (docs/deploy.md)", switch=True),
+    Option("metrics-public", "network", "with an API key set, leave /v1/metrics (and /metrics) open to a "
+           "Prometheus that scrapes without the key; keep them off the public network (docs/deploy.md)",
+           switch=True),
     Option("model", "models", "model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
            "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several",
            repeatable=True, dest="models", metavar="[NAME=]SOURCE"),
