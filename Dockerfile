@@ -47,7 +47,8 @@ RUN /opt/export/bin/python scripts/serve_requirements.py > /tmp/serve-requiremen
 
 # Export variant: fills a model volume with `openrerank export --out DIR` (ONNX graph + tokenizer/config files,
 # no weights), which the cpu image serves without PyTorch. Hub ids need network access (HF_TOKEN for gated models).
-FROM build AS export
+FROM ${BASE} AS export
+COPY --from=build /opt/export /opt/export
 RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /home/openrerank --create-home \
         openrerank) || (mkdir -p /home/openrerank && chown 10001:10001 /home/openrerank)
 USER 10001

@@ -129,7 +129,7 @@ def image() -> str:
 
 @pytest.fixture(scope="module")
 def export_image(image) -> str:
-    return build("export", EXPORT_IMAGE)  # the cpu build's first stage plus a user: mostly cached layers
+    return build("export", EXPORT_IMAGE)  # the cpu build's export venv plus a user: cached layers
 
 
 def wait_ready(name: str, url: str, seconds: float = 180) -> None:
@@ -192,7 +192,7 @@ def _volume_args(spec: dict, container: dict, host: dict[str, Path]) -> list[str
     for mount in container["volumeMounts"]:
         volume = kinds[mount["name"]]
         if "emptyDir" in volume:
-            args += ["--tmpfs", f"{mount['mountPath']}:rw,size=64m,mode=1777"]
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,size=256m,mode=1777,notmpcopyup"]  # empty, as emptyDir
         else:
             mode = "ro" if mount.get("readOnly") else "rw"
             args += ["--volume", f"{host[mount['name']]}:{mount['mountPath']}:{mode}"]
