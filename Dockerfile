@@ -1,13 +1,17 @@
-# openrerank container image. Two variants (docs/deploy.md):
-#   CPU (the default target): ONNX Runtime serves the embedded default model, exported to ONNX at build time;
-#       PyTorch is used in the build stage only and is not in the image.
+# openrerank container images (docs/deploy.md). Three targets:
+#   cpu (the default target): OpenVINO (else ONNX Runtime) serves the embedded default model, exported to ONNX
+#       at build time; PyTorch is used in the build stage only and is not in the image.
 #       podman build -t openrerank:cpu .            (or docker build)
-#   CUDA: PyTorch (CUDA build) serves on the GPU; run with the NVIDIA container toolkit (--gpus all).
+#   export: PyTorch (CPU build) + openrerank, whose entrypoint is `openrerank export`: fills a model volume the
+#       cpu image serves (deploy/kubernetes/openrerank.yaml runs it as a Job).
+#       podman build --target export -t openrerank:export .
+#   cuda: PyTorch (CUDA build) serves on the GPU; run with the NVIDIA container toolkit (--gpus all).
 #       podman build --target cuda -t openrerank:cuda .
 # BASE is any Debian/Ubuntu-like image with python3 >= 3.11 and venv (python:3.11-slim-bookworm by default).
 # pip inside the build reads the usual PIP_* variables, passed as build args where a mirror, a private CA
 # bundle or local wheels are needed, e.g. --build-arg PIP_INDEX_URL=https://mirror/simple
-# (mount local wheel folders or CA files with --volume when building with podman).
+# (mount local wheel folders or CA files with --volume when building with podman). PyTorch's build is chosen
+# by scripts/install-torch.sh (its CPU wheel index, TORCH_CPU_INDEX, is named there).
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
@@ -18,13 +22,16 @@ ARG PIP_CERT
 ARG PIP_TRUSTED_HOST
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore \
     HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+ARG TORCH_CPU_INDEX
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY constraints.txt ./
+COPY scripts/install-torch.sh ./scripts/
+# The export environment: the CPU build of PyTorch (pinned; before the sources, so a source change reuses it),
+# then openrerank and the embedded default model.
+RUN python3 -m venv /opt/export && scripts/install-torch.sh /opt/export/bin/python -q
+COPY pyproject.toml README.md ./
 COPY src ./src
-# The export environment: the CPU build of PyTorch (pinned), openrerank and the embedded default model.
-RUN python3 -m venv /opt/export \
- && /opt/export/bin/pip install -q -c constraints.txt torch \
- && /opt/export/bin/pip install -q -c constraints.txt . \
+RUN /opt/export/bin/pip install -q -c constraints.txt . \
  && /opt/export/bin/pip wheel -q --no-deps -w /tmp/wheels .
 # The default model as a servable ONNX directory: model.onnx + export.json + tokenizer and config files.
 RUN OPENRERANK_CACHE_DIR=/tmp/onnx-cache /opt/export/bin/openrerank export --model default \
@@ -38,22 +45,36 @@ RUN /opt/export/bin/python scripts/serve_requirements.py > /tmp/serve-requiremen
  && /opt/openrerank/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
 
-# CUDA variant: PyTorch with CUDA serves the embedded default model (torch backend, --device cuda).
+# Export variant: fills a model volume with `openrerank export --out DIR` (ONNX graph + tokenizer/config files,
+# no weights), which the cpu image serves without PyTorch. Hub ids need network access (HF_TOKEN for gated models).
+FROM ${BASE} AS export
+COPY --from=build /opt/export /opt/export
+RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /home/openrerank --create-home \
+        openrerank) || (mkdir -p /home/openrerank && chown 10001:10001 /home/openrerank)
+USER 10001
+WORKDIR /home/openrerank
+ENV PATH=/opt/export/bin:$PATH HOME=/home/openrerank HF_HUB_DISABLE_PROGRESS_BARS=1
+ENTRYPOINT ["openrerank", "export"]
+
+
+# CUDA variant: PyTorch with CUDA serves the embedded default model (torch backend, --device cuda; --dtype auto
+# = fp16/bf16 by the GPU's compute capability, docs/gpu.md).
 FROM ${BASE} AS cuda
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
 ARG PIP_TRUSTED_HOST
-# '===' takes exactly the pinned version, i.e. PyPI's CUDA build (never a local "+cpu" wheel).
+# PyPI's CUDA build of the pinned version (install-torch.sh --gpu), or TORCH_SPEC for another CUDA release.
 ARG TORCH_SPEC=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY constraints.txt ./
+COPY scripts/install-torch.sh ./scripts/
+RUN python3 -m venv /opt/openrerank/venv && scripts/install-torch.sh /opt/openrerank/venv/bin/python --gpu -q
+COPY pyproject.toml README.md ./
 COPY src ./src
-RUN python3 -m venv /opt/openrerank/venv \
- && /opt/openrerank/venv/bin/pip install -q "${TORCH_SPEC:-torch===$(sed -n 's/^torch==//p' constraints.txt)}" \
- && /opt/openrerank/venv/bin/pip install -q -c constraints.txt . \
+RUN /opt/openrerank/venv/bin/pip install -q -c constraints.txt . \
  && rm -rf /src
 RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /home/openrerank --create-home \
         openrerank) || (mkdir -p /home/openrerank && chown 10001:10001 /home/openrerank)
@@ -68,7 +89,8 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
 ENTRYPOINT ["openrerank", "serve"]
 
 
-# CPU variant (the default target): ONNX Runtime, no PyTorch, the model pre-exported at build time.
+# CPU variant (the default target): OpenVINO (bf16 where the CPU has bf16 units, else fp32; ONNX Runtime if
+# OpenVINO refuses the graph), no PyTorch, the model pre-exported at build time.
 FROM ${BASE} AS cpu
 COPY --from=build /opt/openrerank /opt/openrerank
 RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /home/openrerank --create-home \

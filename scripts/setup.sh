@@ -7,8 +7,9 @@
 #   scripts/setup.sh ray          # + Ray Serve (serve --replicas N, docs/scale-out.md)
 #   scripts/setup.sh --gpu [...]  # a CUDA build of PyTorch instead of the CPU one (docs/gpu.md)
 # Extras combine: scripts/setup.sh --gpu otel. Python 3.11 or newer (PYTHON=python3.12 to pick one).
-# torch is pinned by constraints.txt; without --gpu the CPU build is used (an unpinned torch pulls a multi-GB
-# CUDA build). TORCH_SPEC overrides what --gpu installs, e.g. TORCH_SPEC='torch==2.13.0+cu126' together with
+# torch is pinned by constraints.txt and installed first by scripts/install-torch.sh: without --gpu the CPU
+# build (a local wheel where pip's find-links has one, else PyTorch's CPU wheel index), with --gpu PyPI's CUDA
+# build. TORCH_SPEC overrides what --gpu installs, e.g. TORCH_SPEC='torch==2.13.0+cu126' together with
 # PIP_EXTRA_INDEX_URL pointing at PyTorch's CUDA 12.6 wheel index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,14 +36,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install -q)
 "${pip[@]}" --upgrade pip
-torch_pin="$(grep -E '^torch==' constraints.txt)"
+# torch first, pinned, so nothing that depends on it can pull another build.
 if [ "$gpu" = 1 ]; then
-  # '===' matches the version string exactly, so a local CPU wheel (2.13.0+cpu) cannot stand in for it;
-  # PyPI's Linux x86_64 torch wheel is the CUDA build (its CUDA libraries come as nvidia-* packages, ~3 GB).
-  "${pip[@]}" "${TORCH_SPEC:-torch===${torch_pin#torch==}}"
+  scripts/install-torch.sh .venv/bin/python --gpu -q
 else
-  # torch first, pinned, so nothing that depends on it can pull another build.
-  "${pip[@]}" -c constraints.txt torch
+  scripts/install-torch.sh .venv/bin/python -q
 fi
 bench=0
 spec="."

@@ -1,11 +1,14 @@
-"""The CPU container image, for real: build it with podman, run it, rank a request through it.
+"""The container images, for real: build the cpu and export targets with podman, run them the way
+deploy/kubernetes/openrerank.yaml does (the export Job fills a volume; the server reads it read-only, as a
+non-root user on a read-only root file system, with the manifest's environment), rank requests through them.
 
 Needs podman (+ runc) and, for the base image, either OPENRERANK_CONTAINER_BASE (an image podman has) or
 debootstrap (Debian bookworm with python3 + venv, built once and cached as a tarball under
 OPENRERANK_CONTAINER_CACHE, default ~/.cache/openrerank/container). pip inside the build uses this machine's
 pip settings (`pip config list`: index, extra index, find-links, CA bundle), passed as build args, with local
-folders and files mounted read-only. First run: debootstrap ~3 min + build ~5 min on 2 cores; later runs reuse
-the base image and podman's layer cache.
+folders and files mounted read-only. First run: debootstrap ~3 min + build ~5-10 min on 2 cores; later runs
+reuse the base image and podman's layer cache (PyTorch is installed before the sources are copied, so a source
+change rebuilds only the layers after it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from tests.support import REPO, nim_body
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 IMAGE = "localhost/openrerank-test:cpu"
+EXPORT_IMAGE = "localhost/openrerank-test:export"
+MANIFEST = REPO / "deploy" / "kubernetes" / "openrerank.yaml"
 BASE_IMAGE = "localhost/openrerank-test-base:bookworm"
 # Rootful podman on a machine without systemd or cgroup delegation.
 PODMAN = ["podman", "--cgroup-manager=cgroupfs"]
@@ -104,19 +109,43 @@ def pip_build_options() -> list[str]:
     return args
 
 
+def build(target: str, tag: str) -> str:
+    started = time.monotonic()
+    _run([*PODMAN, "build", "--format", "docker", "--network=host", *LIMITS, "--build-arg", f"BASE={base_image()}",
+          *pip_build_options(), "--target", target, "-t", tag, "-f", str(REPO / "Dockerfile"), str(REPO)],
+         timeout=3600)
+    size = int(_run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", tag], timeout=60).stdout.strip())
+    print(f"\nbuilt {tag} in {time.monotonic() - started:.0f}s: {size / 1e6:.0f} MB")
+    return tag
+
+
 @pytest.fixture(scope="module")
 def image() -> str:
     reason = _podman_works()
     if reason:
         pytest.skip(reason)
-    base = base_image()
-    started = time.monotonic()
-    _run([*PODMAN, "build", "--format", "docker", "--network=host", *LIMITS, "--build-arg", f"BASE={base}",
-          *pip_build_options(), "--target", "cpu", "-t", IMAGE, "-f", str(REPO / "Dockerfile"), str(REPO)],
-         timeout=3600)
-    size = int(_run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", IMAGE], timeout=60).stdout.strip())
-    print(f"\nbuilt {IMAGE} in {time.monotonic() - started:.0f}s: {size / 1e6:.0f} MB")
-    return IMAGE
+    return build("cpu", IMAGE)
+
+
+@pytest.fixture(scope="module")
+def export_image(image) -> str:
+    return build("export", EXPORT_IMAGE)  # the cpu build's export venv plus a user: cached layers
+
+
+def wait_ready(name: str, url: str, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.Status}}", name],
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+        logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=60)
+        assert state == "running", f"container {state}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        assert time.monotonic() < deadline, f"not ready:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        time.sleep(1)
 
 
 def test_cpu_image_ranks_a_request_without_torch_as_non_root(image):
@@ -126,19 +155,7 @@ def test_cpu_image_ranks_a_request_without_torch_as_non_root(image):
           image], timeout=120)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.Status}}", name],
-                                   capture_output=True, text=True, timeout=60).stdout.strip()
-            logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=60)
-            assert state == "running", f"container {state}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
-            time.sleep(1)
+        wait_ready(name, url)
         resp = httpx.post(f"{url}/v1/ranking", timeout=60, json=nim_body(
             "What is the capital of France?", ["Bananas are yellow.", "Paris is the capital of France."]))
         assert resp.status_code == 200, resp.text
@@ -146,7 +163,8 @@ def test_cpu_image_ranks_a_request_without_torch_as_non_root(image):
         models = httpx.get(f"{url}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["sentence-transformers/all-MiniLM-L6-v2"]
         meta = httpx.get(f"{url}/v1/metadata", timeout=10).json()["models"][0]
-        assert meta["weights_format"] == "onnx" and meta["backend"].startswith("onnx")
+        # the fastest faithful engine for this CPU serves the pre-exported graph (not ONNX Runtime's fp32)
+        assert meta["weights_format"] == "onnx" and meta["backend"].startswith("openvino-")
         # the image's HEALTHCHECK passes, it runs as a non-root user, and PyTorch is not in it
         _run([*PODMAN, "healthcheck", "run", name], timeout=60)
         uid = _run([*PODMAN, "exec", name, "id", "-u"], timeout=60).stdout.strip()
@@ -156,5 +174,101 @@ def test_cpu_image_ranks_a_request_without_torch_as_non_root(image):
         assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
         logs = _run([*PODMAN, "logs", name], timeout=60)
         assert '"logger":"openrerank.access"' in logs.stdout + logs.stderr  # JSON logs by default in the image
+    finally:
+        subprocess.run([*PODMAN, "rm", "-f", "-t", "5", name], capture_output=True, timeout=120)
+
+
+def _manifest() -> dict[str, dict]:
+    import yaml
+
+    return {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text())}
+
+
+def _volume_args(spec: dict, container: dict, host: dict[str, Path]) -> list[str]:
+    """The pod's volumes as podman options: PVCs as host folders (read-only where the mount says so),
+    emptyDirs as tmpfs."""
+    kinds = {v["name"]: v for v in spec["volumes"]}
+    args: list[str] = []
+    for mount in container["volumeMounts"]:
+        volume = kinds[mount["name"]]
+        if "emptyDir" in volume:
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,size=256m,mode=1777,notmpcopyup"]  # empty, as emptyDir
+        else:
+            mode = "ro" if mount.get("readOnly") else "rw"
+            args += ["--volume", f"{host[mount['name']]}:{mount['mountPath']}:{mode}"]
+    return args
+
+
+def _security_args(spec: dict, container: dict) -> list[str]:
+    pod, own = spec["securityContext"], container.get("securityContext", {})
+    args = ["--user", f"{pod['runAsUser']}:{pod.get('runAsGroup', pod['runAsUser'])}"]
+    if own.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    if own.get("capabilities", {}).get("drop") == ["ALL"]:
+        args += ["--cap-drop", "ALL"]
+    if own.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    return args
+
+
+def test_images_run_the_way_the_kubernetes_manifest_runs_them(image, export_image, tiny_model_dir, tmp_path):
+    """The Job's `openrerank export` fills the model volume (the tiny model stands in for the hub id); the
+    Deployment's container serves it from read-only volumes with the manifest's environment (API key from the
+    Secret, public metrics), non-root on a read-only root file system, on OpenVINO without PyTorch."""
+    docs = _manifest()
+    models = tmp_path / "models"
+    models.mkdir()
+    models.chmod(0o777)  # the PVC: fsGroup makes it writable for the Job's user
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, source)
+    for folder in [source, *(p for p in source.rglob("*") if p.is_dir())]:
+        folder.chmod(0o755)  # pytest's temporary folders are private to root; the Job runs as 10001
+
+    job = docs["Job"]["spec"]["template"]["spec"]
+    export = job["containers"][0]
+    args = list(export["args"])
+    args[args.index("--model") + 1] = "/source"
+    env = [f"{v['name']}={v['value']}" for v in export.get("env", []) if "value" in v]
+    _run([*PODMAN, "run", "--rm", *LIMITS, "--network=none", *_security_args(job, export),
+          *_volume_args(job, export, {"models": models}), "--volume", f"{source}:/source:ro",
+          *[x for e in env for x in ("-e", e)], export_image, *args], timeout=600)
+
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    port = free_port()
+    key = "manifest-test-key"
+    env = {}
+    for var in server["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "secretKeyRef" in var["valueFrom"]:
+            env[var["name"]] = key
+        else:  # resourceFieldRef limits.cpu
+            env[var["name"]] = str(server["resources"]["limits"]["cpu"])
+    env["OPENRERANK_PORT"] = str(port)  # host networking here; 8000 in the pod
+    name = f"openrerank-manifest-{port}"
+    _run([*PODMAN, "run", "-d", "--name", name, *LIMITS, "--network=host", *_security_args(pod, server),
+          *_volume_args(pod, server, {"models": models}), *[x for k, v in env.items() for x in ("-e", f"{k}={v}")],
+          image], timeout=120)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(name, url)
+        auth = {"Authorization": f"Bearer {key}"}
+        body = nim_body("What is the capital of France?", ["bananas are yellow", "paris is the capital of france"])
+        assert httpx.post(f"{url}/v1/ranking", json=body, timeout=60).status_code == 401
+        resp = httpx.post(f"{url}/v1/ranking", json=body, headers=auth, timeout=60)
+        assert resp.status_code == 200, resp.text
+        served_id, _, folder = env["OPENRERANK_MODEL"].partition("=")
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models", headers=auth, timeout=10).json()["data"]] == \
+            [served_id]
+        meta = httpx.get(f"{url}/v1/metadata", headers=auth, timeout=10).json()["models"][0]
+        assert meta["source"] == Path(folder).name  # a folder by its name only
+        assert meta["weights_format"] == "onnx" and meta["backend"].startswith("openvino-")
+        scrape = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+        metrics = httpx.get(f"{url}{scrape}", timeout=10)  # the scraper sends no key
+        assert metrics.status_code == 200 and "openrerank_queue_depth" in metrics.text
+        logs = _run([*PODMAN, "logs", name], timeout=60)
+        lines = [ln for ln in (logs.stdout + logs.stderr).splitlines() if ln.strip()]
+        assert all(ln.startswith("{") for ln in lines), [ln for ln in lines if not ln.startswith("{")][:5]
     finally:
         subprocess.run([*PODMAN, "rm", "-f", "-t", "5", name], capture_output=True, timeout=120)

@@ -18,6 +18,7 @@ from openrerank.cli.main import build_parser
 from openrerank.observe.metrics import Metrics
 from openrerank.server.app import create_app, route_paths
 from openrerank.server.config import ServerConfig
+from openrerank.server.middleware import METRICS_PATHS
 from openrerank.server.ray_serve import DEPLOYMENT_NAME, build_app, parse_args
 from tests.support import REPO
 
@@ -56,20 +57,87 @@ def test_rayservice_runs_the_same_application_on_the_pinned_ray():
     assert cpus >= embedded.applications[0].args["num_cpus"]  # a worker pod fits at least one replica
 
 
-def test_kubernetes_manifest_uses_real_flags_routes_and_metrics():
-    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "openrerank.yaml").read_text())}
-    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
-    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    serve_flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
-    for var in container["env"]:
-        if var["name"].startswith("OPENRERANK_") and var["name"] != "OPENRERANK_CACHE_DIR":
-            name = var["name"].removeprefix("OPENRERANK_").lower()
-            assert name in serve_flags or name + "s" in serve_flags, var["name"]
+def manifest(name: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text())}
+
+
+def serve_flags() -> set[str]:
+    return {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+
+
+def check_serving_pod(docs: dict[str, dict]) -> dict:
+    """The Deployment's container: real flags, real probe and scrape routes, a Secret-held key, non-root."""
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {v["name"]: v for v in container["env"]}
+    for name in env:
+        if name.startswith("OPENRERANK_") and name != "OPENRERANK_CACHE_DIR":
+            flag = name.removeprefix("OPENRERANK_").lower()
+            assert flag in serve_flags() or flag + "s" in serve_flags(), name
     routes = route_paths(create_app(load_models=False))
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["path"] in routes
     annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/path"] in routes
+    assert annotations["prometheus.io/path"] in METRICS_PATHS
+    # the key comes from a Secret, and the scraper (no key) still reaches the metrics
+    assert env["OPENRERANK_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == docs["Secret"]["metadata"]["name"]
+    assert env["OPENRERANK_METRICS_PUBLIC"]["value"] in ("1", "true")
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] == "models")
+    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    return container
+
+
+def test_kubernetes_manifest_uses_real_flags_routes_and_metrics():
+    docs = manifest("openrerank.yaml")
+    assert set(docs) == {"PersistentVolumeClaim", "Secret", "Job", "Deployment", "Service",
+                         "HorizontalPodAutoscaler", "Ingress"}
+    container = check_serving_pod(docs)
+    assert container["image"].endswith("-cpu")  # the Dockerfile's torch-free cpu target
     metric = docs["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert metric in {m.name for m in Metrics().registry.collect()}
-    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_fill_job_exports_what_the_deployment_serves():
+    """The Job runs `openrerank export` (the export image) into the folder OPENRERANK_MODEL names, and into the
+    cache the server reads; both volumes are the same claim, written by the Job, read-only for the server."""
+    docs = manifest("openrerank.yaml")
+    job = docs["Job"]["spec"]["template"]["spec"]
+    export = build_parser().parse_args(["export", *job["containers"][0]["args"]])
+    assert job["containers"][0]["image"].endswith("-export")
+    env = {v["name"]: v.get("value") for v in docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["OPENRERANK_MODEL"].partition("=")[2] == export.out
+    assert env["OPENRERANK_CACHE_DIR"] == export.cache_dir
+    claims = {v["persistentVolumeClaim"]["claimName"] for spec in (job, docs["Deployment"]["spec"]["template"]["spec"])
+              for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {docs["PersistentVolumeClaim"]["metadata"]["name"]}
+
+
+def test_ingress_terminates_tls_and_exposes_the_api_not_the_metrics():
+    docs = manifest("openrerank.yaml")
+    ingress = docs["Ingress"]["spec"]
+    assert ingress["tls"][0]["hosts"] == [ingress["rules"][0]["host"]] and ingress["tls"][0]["secretName"]
+    paths = [p["path"] for p in ingress["rules"][0]["http"]["paths"]]
+    routes = route_paths(create_app(load_models=False))
+    assert set(paths) <= routes
+    assert {"/v1/ranking", "/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/v1/score"} <= set(paths)
+    assert not set(paths) & set(METRICS_PATHS)  # public metrics stay inside the cluster
+    service = docs["Service"]
+    for p in ingress["rules"][0]["http"]["paths"]:
+        backend = p["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+        assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
+
+
+def test_gpu_manifest_asks_for_one_gpu_per_pod_and_serves_on_cuda():
+    docs = manifest("openrerank-gpu.yaml")
+    assert {"Job", "Deployment", "Service"} <= set(docs)
+    docs["Secret"] = {"metadata": {"name": "openrerank-api-key"}}  # created with kubectl (the CPU manifest's)
+    container = check_serving_pod(docs)
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert env["OPENRERANK_DEVICE"] == "cuda" and "OPENRERANK_DTYPE" not in env  # auto: fp16/bf16 by GPU
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert container["image"].endswith("-cuda")
+    job = docs["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"][:2] == ["hf", "download"]
+    assert env["OPENRERANK_MODEL"].partition("=")[2] == job["command"][job["command"].index("--local-dir") + 1]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 from openrerank.observe.logs import JsonFormatter, TextFormatter
 from tests.support import nim_body, run_server
@@ -52,3 +54,24 @@ def test_json_logs_access_lines_and_request_ids(tmp_path, tiny_model_dir):
     ready = next(i for i, m in enumerate(messages) if m.startswith("ready: serving tiny"))
     loaded = next(i for i, m in enumerate(messages) if m.startswith("loaded "))
     assert loaded < ready < messages.index(ok["message"])
+
+
+def test_transformers_lines_come_out_as_json_and_its_noise_is_dropped():
+    """In the torch-free image transformers would print plain-text `[transformers] PyTorch was not found`
+    and (for a BERT bi-encoder) `loss_type=None ... ForCausalLMLoss` among the JSON lines."""
+    script = """
+import sys
+sys.modules["torch"] = None  # as in the container image
+from openrerank.observe.logs import configure_logging
+configure_logging("info", "json")
+import transformers
+from transformers.utils import logging as hf
+hf.get_logger("transformers.modeling_utils").warning(
+    "`loss_type=None` was set in the config but it is unrecognized. Using the default loss: `ForCausalLMLoss`.")
+hf.get_logger("transformers.tokenization_utils_base").warning("a tokenizer warning")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line is JSON
+    assert [(r["logger"], r["message"]) for r in lines] == [
+        ("transformers.tokenization_utils_base", "a tokenizer warning")]

@@ -49,6 +49,9 @@ def test_end_to_end_outputs_and_cache(tiny_beir: Path, tmp_path: Path, make_beir
     assert doc["dataset"] == "average(tiny,other)"
     tiny = doc["per_dataset"][0]
     assert tiny["dataset"] == "tiny" and tiny["queries"] == 3
+    ran = tiny["engines"]["default"]  # what ran the embedded model, not the `auto` asked for
+    assert ran["backend"] in ("openvino", "onnx", "torch") and ran["dtype"] == "fp32" and ran["reason"]
+    assert ran["runtime"] == f"{ran['backend']}-fp32-cpu"
     pipes = [r["pipeline"] for r in tiny["rows"]]
     assert pipes == ["sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank",
                      "run:runs", "run:runs+rerank"]
@@ -155,3 +158,21 @@ def test_plot_pairs_each_first_stage_with_its_rerank() -> None:
     assert rerank_pairs(["dense+rerank"]) == [("Dense", None, "dense+rerank")]
     lo, hi = _zoomed_limits([0.64, 0.72])
     assert 0.5 < lo < 0.64 and hi > 0.72  # zoomed, not from 0
+
+
+@pytest.mark.parametrize("flag", ["--rerank-model", "--dense-model"])
+def test_a_model_that_cannot_load_is_one_line_naming_evals_flag(tiny_beir: Path, tmp_path: Path, flag, capsys):
+    pipelines = "sparse+rerank" if flag == "--rerank-model" else "dense"
+    assert main(["--dataset", str(tiny_beir), "--pipelines", pipelines, flag, "./nope", "--quiet",
+                 "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{flag} ./nope" in err and "no such directory" in err and "--model " not in err
+
+
+def test_help_shows_defaults_and_every_engine(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{auto,openvino,onnx,torch}" in text
+    assert "(default: 100)" in text and "(default: fp32)" in text  # --top-k, --dtype

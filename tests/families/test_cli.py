@@ -48,6 +48,14 @@ def test_families_table(capsys):
     assert "jina-reranker-v3" in out  # listwise models are named as not served
 
 
+def test_families_table_fits_the_terminal(capsys, monkeypatch):
+    """Without --width the table takes the terminal's width (rich reads $COLUMNS), not a fixed 160."""
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["families"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 100 and any(len(line) > 90 for line in lines)
+
+
 def test_a_causal_lm_without_a_reranker_name_fails_startup_naming_the_flag(tmp_path, capsys):
     model = _causal_dir(tmp_path / "some-qwen2")
     assert main(["serve", "--model", str(model)]) == 2

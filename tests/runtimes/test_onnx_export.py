@@ -195,12 +195,12 @@ def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, mode
     assert check_weights(out, allow_pickle=False) == "onnx"
     source = load_model(str(model_copy), LoadOptions(backend="onnx"))
     monkeypatch.setattr(export, "_torch_export", lambda *a, **k: pytest.fail("exported again"))
-    served = load_model(str(out), LoadOptions(backend="auto"))
+    served = load_model(str(out), LoadOptions(backend="onnx"))
     assert served.weights_format == "onnx" and served.scorer.description == "onnx-fp32-cpu"
     passages = ["paris is the capital of france", "bananas are yellow"]
     assert np.allclose(served.score("capital of france", passages), source.score("capital of france", passages),
                        atol=1e-6)
-    with pytest.raises(ValueError, match="ONNX Runtime only"):
+    with pytest.raises(ValueError, match="served on CPU by openvino or onnx"):
         load_model(str(out), LoadOptions(backend="torch"))
     with pytest.raises(ExportError, match="serve it with --dtype fp32"):
         load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))
@@ -219,3 +219,20 @@ def test_caches_follow_xdg_cache_home(monkeypatch, tmp_path):
     assert cache_root() == Path("~/.cache/openrerank/onnx").expanduser()
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))  # the explicit setting still wins
     assert cache_root() == tmp_path / "mine"
+def test_cache_keys_are_computed_without_torch(tmp_path, model_copy, monkeypatch):
+    """A torch-free server (the container image) must find what `openrerank export` wrote into the cache:
+    the keys of ONNX exports and OpenVINO IRs are computed without importing PyTorch."""
+    import sys
+
+    from openrerank.runtimes import openvino_convert as ovc
+
+    cache = tmp_path / "cache"
+    onnx = ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    ir = ovc.ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache / "openvino")
+    assert onnx.meta["torch"] and ir.meta["torch"]  # recorded for inspection, not keyed
+    monkeypatch.setitem(sys.modules, "torch", None)  # from here on `import torch` raises ImportError
+    network = cross_encoder_network(model_copy)
+    assert export.cache_key(network, dtype="fp32", opset=export.DEFAULT_OPSET)[0] == onnx.key
+    assert ovc.cache_key(network, "fp32")[0] == ir.key
+    assert ensure_onnx(network, cache_dir=cache).cached
+    assert ovc.ensure_openvino(network, cache_dir=cache / "openvino").cached

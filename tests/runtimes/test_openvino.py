@@ -165,3 +165,60 @@ def test_export_command_converts_ahead_of_time(tmp_path, model_copy, capsys):
     assert (tmp_path / "o" / "model.bin").is_file() and (tmp_path / "o" / convert.META_FILE).is_file()
     assert main(["export", "--dtype", "bf16", "--model", str(model_copy), "--cache-dir", str(cache)]) == 2
     assert "fp32 or int8" in capsys.readouterr().err
+
+
+@pytest.fixture
+def exported_dir(tmp_path, model_copy) -> Path:
+    """`openrerank export --out DIR` of the tiny cross-encoder: model.onnx + export.json, no weights."""
+    from openrerank.cli.main import main
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(model_copy), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    return out
+
+
+def test_a_pre_exported_directory_is_served_by_openvino(exported_dir, model_copy, conversions):
+    """The torch-free image serves `export --out` folders: `auto` picks OpenVINO (its ONNX graph read as it is,
+    checked against ONNX Runtime, nothing converted from PyTorch; tests/test_container.py runs it without
+    PyTorch installed), with the same numbers as the model folder on PyTorch."""
+    reference = load_model(str(model_copy), LoadOptions(backend="torch", dtype="fp32"))
+    served = load_model(str(exported_dir), LoadOptions(backend="openvino", dtype="fp32"))
+    assert served.weights_format == "onnx" and served.scorer.description == "openvino-fp32-cpu"
+    assert served.scorer.runtime.conversion.meta["max_abs_diff_vs_onnxruntime"] < 1e-4
+    passages = ["paris is the capital of france", "bananas are yellow"]
+    np.testing.assert_allclose(served.score("capital of france", passages),
+                               reference.score("capital of france", passages), atol=1e-4)
+    auto = load_model(str(exported_dir), LoadOptions(backend_choice="rules"))  # the rule, not a timing
+    assert auto.runtime_choice.runtime == "openvino" and auto.scorer.description.startswith("openvino-")
+    assert conversions == []  # nothing converted from PyTorch
+    with pytest.raises(ConversionError, match="export with --dtype int8"):
+        OpenVinoRuntime(cross_encoder_network(exported_dir), dtype="int8")
+
+
+def test_a_pre_exported_graph_openvino_misreads_falls_back_to_onnx_runtime(exported_dir, monkeypatch):
+    monkeypatch.setattr(convert, "_diff_from_onnxruntime", lambda *a: 0.5)
+    served = load_model(str(exported_dir), LoadOptions())
+    assert served.engine.backend == "onnx" and "refused" in served.engine.reason
+    with pytest.raises(ConversionError, match="away from ONNX Runtime"):
+        load_model(str(exported_dir), LoadOptions(backend="openvino"))
+
+
+def test_a_read_only_cache_serves_without_the_compiled_model_cache(tmp_path, model_copy, monkeypatch, caplog):
+    """A cache volume an export job filled is mounted read-only: the compiled-model cache is left out."""
+    from openrerank.runtimes import openvino_runtime
+
+    cache = tmp_path / "cache"
+    ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self == convert.compiled_cache_dir(cache):
+            raise PermissionError(13, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with caplog.at_level("INFO", logger=openvino_runtime.__name__):
+        runtime = OpenVinoRuntime(cross_encoder_network(model_copy), cache_dir=cache)
+    assert runtime.conversion.cached
+    assert "compiled-model cache off" in caplog.text
+    assert not convert.compiled_cache_dir(cache).exists()

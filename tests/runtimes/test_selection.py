@@ -82,9 +82,28 @@ def test_llm_families_and_gpus_get_pytorch(machine):
     machine(VNNI_CPU)
     assert len(plan_runtimes("auto", "auto", "cpu", ("torch",))) == 1  # emulated bf16 is never a candidate
     machine(BF16_CPU)
-    assert first("auto", "auto", "cuda") == ("torch", "fp32")
     assert first("auto", "fp16", "cuda:1") == ("torch", "fp16")
     assert "CUDA" in plan_runtimes("auto", "auto", "cuda", ENCODERS)[0].reason
+
+
+@pytest.mark.parametrize(("capability", "encoder", "llm"), [
+    ((9, 0), "fp16", "bf16"),   # H100/H200
+    ((8, 0), "fp16", "bf16"),   # A100
+    ((7, 5), "fp16", "fp32"),   # T4: no bf16, and fp16 can overflow an LLM
+    ((6, 1), "fp32", "fp32"),   # no tensor cores
+    (None, "fp32", "fp32"),     # capability unreadable
+])
+def test_auto_dtype_on_cuda_is_half_precision_by_capability(machine, monkeypatch, capability, encoder, llm):
+    """No GPU here: the capability is the input (the GPU check script measures it on a real one)."""
+    from openrerank.runtimes import selection
+
+    machine(BF16_CPU)
+    monkeypatch.setattr(selection, "cuda_capability", lambda device: capability)
+    assert first("auto", "auto", "cuda") == ("torch", encoder)
+    assert first("auto", "auto", "cuda:1", engines=("torch",)) == ("torch", llm)
+    assert first("torch", "auto", "cuda") == ("torch", encoder)  # --backend torch: the same dtype
+    assert first("auto", "fp32", "cuda") == ("torch", "fp32")  # an explicit dtype wins
+    assert "compute capability" in plan_runtimes("auto", "auto", "cuda", ENCODERS)[0].reason
 
 
 @pytest.mark.parametrize(("backend", "dtype", "device", "message"), [

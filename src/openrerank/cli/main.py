@@ -51,6 +51,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("grpc-host", "network", "gRPC bind address (none: the HTTP bind address)"),
     Option("ssl-certfile", "network", "TLS certificate chain (PEM) for HTTP and gRPC", metavar="PEM"),
     Option("ssl-keyfile", "network", "TLS private key (PEM) for HTTP and gRPC", metavar="PEM"),
+    Option("metrics-public", "network", "with an API key set, leave /v1/metrics (and /metrics) open to a "
+           "Prometheus that scrapes without the key; keep them off the public network (docs/deploy.md)",
+           switch=True),
     Option("model", "models", "model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
            "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several",
            repeatable=True, dest="models", metavar="[NAME=]SOURCE"),
@@ -72,8 +75,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("backend-choice", "engine", "how auto picks: measure (time each faithful runtime on the model's shapes "
            "for about a second at first start, cached per machine) or rules (a fixed order from the CPU's "
            "flags, nothing timed; reproducible)", choices=AUTO_MODES),
-    Option("dtype", "engine", "auto (what the runtime choice picks); fp32 (exact); bf16 (openvino/torch: AVX512-BF16 "
-           "CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or onnx)", choices=DTYPES),
+    Option("dtype", "engine", "auto (what the runtime choice picks; on CUDA fp16 or bf16 by the GPU, docs/gpu.md); "
+           "fp32 (exact); bf16 (openvino/torch: AVX512-BF16 CPU, or GPU); fp16 (GPU); int8 (openvino via NNCF, or "
+           "onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch runtime; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
     Option("max-batch-tokens", "engine", f"padded tokens per model batch ({_per_device('max_tokens')})", int),

@@ -155,6 +155,17 @@ class SuggestingParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows every option's default, unless its help already says it (the eval and bench flags; the
+    serve flags get theirs from `option_help`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def fail(prog: str, message: str, status: int = 2) -> int:
     """Print a one-line error for `prog` and return the exit status."""
     print(f"{prog}: error: {message}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -21,9 +22,10 @@ from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
 from openrerank.runtimes.measure import Throughput
+from openrerank.runtimes.onnx_export import exported_engines
 from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, create_runtime, plan_runtimes
 from openrerank.sources.safety import check_weights
-from openrerank.sources.source import ModelSource, parse_model_arg, resolve_local_dir
+from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.prepare import TextEncoder
 
@@ -140,12 +142,14 @@ class LoadedModel:
         """What /v1/metadata and logs say about the model: family, runtime, window, family facts.
 
         The keys are the API's and stay as they were: "backend" is the scorer's runtime description and
-        "engine" the runtime choice (which runtime, which dtype, why)."""
-        meta = {"source": self.source.spec, "tasks": self.tasks, "score": self.score_kind.value,
+        "engine" the runtime choice (which runtime, which dtype, why). A local folder shows by its name only."""
+        meta = {"source": public_source(self.source.spec), "tasks": self.tasks, "score": self.score_kind.value,
                 "backend": self.scorer.description,
                 "weights_format": self.weights_format, **self.spec.as_metadata()}
         if self.runtime_choice is not None:
-            meta["engine"] = self.runtime_choice.as_metadata()
+            engine = self.runtime_choice.as_metadata()  # a fallback's reason may quote the model's folder
+            engine["reason"] = engine["reason"].replace(str(self.spec.path), Path(self.spec.path).name)
+            meta["engine"] = engine
         return meta
 
     def close(self) -> None:
@@ -191,10 +195,10 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
     runtimes = family.runtimes
     if weights_format == "onnx":
-        if options.backend not in ("auto", "onnx") or options.device != "cpu":
-            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served by "
-                             "ONNX Runtime only: use --backend onnx (or auto) on CPU")
-        runtimes = ("onnx",)
+        runtimes = tuple(e for e in exported_engines(path) if e in family.runtimes)
+        if options.backend not in ("auto", *runtimes) or options.device != "cpu":
+            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served on "
+                             f"CPU by {' or '.join(runtimes)}: use --backend {' or '.join(runtimes)} (or auto)")
     plan = plan_runtimes(options.backend, options.dtype, options.device, runtimes, family.id)
     return ResolvedModel(source, weights_format, family, spec, runtimes, tuple(plan))
 

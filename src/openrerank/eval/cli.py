@@ -9,7 +9,9 @@ import time
 import warnings
 from pathlib import Path
 
+from openrerank.cli.options import DefaultsHelpFormatter
 from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM
+from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
 
 DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optionally reranked) on BEIR-layout
 datasets and print recall@5 / nDCG@10 / MRR@10 / recall@100 per pipeline, like the table in NVIDIA's reranking
@@ -61,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     who = rr.add_mutually_exclusive_group()
     who.add_argument("--rerank-model", default="default", metavar="SOURCE",
                      help="in-process reranker: `default`, a local directory or a hub id, e.g. "
-                          "cross-encoder/ms-marco-MiniLM-L-6-v2")
+                          "cross-encoder/ms-marco-MiniLM-L-6-v2 (default: default, the embedded all-MiniLM-L6-v2)")
     who.add_argument("--server", metavar="URL",
                      help="rerank through a running server's NIM /v1/ranking instead, and embed the dense stage "
                           "with its /v1/embeddings when it serves an embedding model (see --dense-from)")
@@ -73,8 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "query+passage pair")
 
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--backend", default="auto", help="model backend (auto, torch, onnx)")
-    rt.add_argument("--dtype", default="fp32", help="model dtype (fp32, bf16, fp16, int8)")
+    rt.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                    help="engine of the in-process models: auto (what `serve` picks: OpenVINO, else ONNX Runtime; "
+                         "PyTorch on CUDA), openvino, onnx or torch; the JSON output's `engines` says what ran")
+    rt.add_argument("--dtype", default="fp32", choices=DTYPES,
+                    help="precision of the in-process models; fp32 (exact) keeps tables comparable, auto is what "
+                         "`serve` picks")
     rt.add_argument("--cache-dir", type=Path, metavar="DIR",
                     help="corpus-embedding cache (default $OPENRERANK_EVAL_CACHE or ~/.cache/openrerank/eval)")
     rt.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
@@ -106,7 +112,7 @@ def check_extras(plot: bool) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on the main CLI's subparsers."""
     p = subparsers.add_parser("eval", help="evaluate retrieval + reranking pipelines on BEIR datasets",
-                              description=DESCRIPTION)
+                              description=DESCRIPTION, formatter_class=DefaultsHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p

@@ -7,6 +7,7 @@ costs on its own.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class DatasetResult:
     rows: list[Row]
     stages: dict[str, float]  # wall seconds actually spent per stage (shared stages once)
     notes: list[str] = field(default_factory=list)
+    engines: dict[str, dict] = field(default_factory=dict)  # in-process model source -> what ran it
 
     def as_dict(self) -> dict:
         return {
@@ -113,6 +115,7 @@ class DatasetResult:
             "rows": [r.as_dict() for r in self.rows],
             "stages": self.stages,
             "notes": self.notes,
+            "engines": self.engines,
         }
 
 
@@ -127,14 +130,28 @@ class Models:
         self._dense: LocalEncoder | ServerEncoder | None = None
         self.dense_note: str | None = None  # why the dense stage runs where it does, when that needs saying
 
-    def get(self, source: str):
+    def get(self, source: str, flag: str = "--rerank-model"):
+        """The model `flag` names, loaded once; a model that cannot load is one PipelineError naming `flag`
+        (RuntimeError/ValueError/OSError: the loaders' source, format, engine and file errors)."""
         if source not in self._loaded:
             from openrerank.engine.loading import LoadOptions, load_model
 
             with self.reporter.step(f"load model {source}", None):
-                self._loaded[source] = load_model(
-                    source, LoadOptions(backend=self.config.backend, dtype=self.config.dtype))
+                try:
+                    self._loaded[source] = load_model(
+                        source, LoadOptions(backend=self.config.backend, dtype=self.config.dtype))
+                except (RuntimeError, ValueError, OSError) as exc:
+                    text = re.sub(r"--model(?![-\w])", flag, str(exc))  # the loaders speak serve's flag
+                    raise PipelineError(text if text.startswith(flag) else f"{flag} {source}: {text}") from exc
         return self._loaded[source]
+
+    def engines(self) -> dict[str, dict]:
+        """What actually ran each in-process model (not the `auto` that was asked for)."""
+        out = {}
+        for source, model in self._loaded.items():
+            engine = model.runtime_choice.as_metadata() if model.runtime_choice is not None else {}
+            out[source] = {**engine, "runtime": model.scorer.description}
+        return out
 
     def fingerprint(self, source: str) -> str:
         if source not in self._fingerprints:
@@ -166,7 +183,7 @@ class Models:
                     raise PipelineError(f"{c.server} serves no {which} (GET /v1/models lists each model's tasks)")
                 self.dense_note = f"dense: {c.server} serves no embedding model; embedded in-process instead"
             source = c.dense_model
-            self._dense = LocalEncoder(self.get(source), self.fingerprint(source), source)
+            self._dense = LocalEncoder(self.get(source, "--dense-model"), self.fingerprint(source), source)
         return self._dense
 
     def close(self) -> None:
@@ -358,6 +375,7 @@ def evaluate_datasets(datasets: list[Dataset], config: EvalConfig, *, rel_thresh
             if isinstance(reranker, InProcessReranker) and reranker.via_embeddings:
                 _share_doc_embeddings(runner, reranker, config)
             results.append(runner.run())
+            results[-1].engines = models.engines()
             reporter.note(f"[dim]{ds.name}: done in {time.perf_counter() - start:.1f}s[/dim]")
     finally:
         if reranker is not None:

@@ -8,6 +8,7 @@ loggers propagate to it. Structured fields travel in `extra={"fields": {...}}`: 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -77,11 +78,20 @@ class _DropUvicornNoise(logging.Filter):
         return not (record.name.startswith("uvicorn") and record.getMessage().startswith(_UVICORN_NOISE))
 
 
+class _DropTrainingAdvice(logging.Filter):
+    """transformers' advice about training (`loss_type=None ... ForCausalLMLoss`, even for a BERT bi-encoder)
+    means nothing to a server that only infers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("transformers") and "loss_type=" in record.getMessage())
+
+
 def configure_logging(level: str = "info", fmt: str = "text", stream=None) -> None:
     """Install the one root handler; uvicorn's loggers lose theirs and propagate to it."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_DropUvicornNoise())
+    handler.addFilter(_DropTrainingAdvice())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -93,3 +103,16 @@ def configure_logging(level: str = "info", fmt: str = "text", stream=None) -> No
         lg.propagate = True
         lg.setLevel(level.upper())
     logging.captureWarnings(True)
+    adopt_transformers_logging()
+
+
+def adopt_transformers_logging() -> None:
+    """transformers writes through its own plain-text stderr handler (not propagating), which would put
+    bare lines among JSON ones: drop that handler so its records reach ours. Its import-time advice that
+    PyTorch is absent is silenced: a torch-free install (the container image) is torch-free on purpose."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+

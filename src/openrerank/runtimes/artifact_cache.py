@@ -3,7 +3,10 @@
 Converting a model costs seconds to minutes, so each result is stored once under a key that hashes the
 model's content (config + weights, not mtimes) and everything else that shapes the result (the network's
 head, dtype, converter versions, recipe number). A plain restart finds the folder and reuses it; an edited
-checkpoint or an upgraded converter gets a new key.
+checkpoint or an upgraded converter gets a new key. Versions are read from package metadata, never by
+importing, and PyTorch's is recorded but not keyed: a server without PyTorch (the container image, serving
+from a read-only cache an `openrerank export` job filled) computes the same key as the exporter did, and
+every build is checked numerically against PyTorch when it is made.
 
 Each result is built in a temporary folder beside its final place and renamed into place, so two servers
 starting at once never read a half-written model: the first rename wins, the other discards its copy.
@@ -76,6 +79,20 @@ def model_fingerprint(model_dir: Path) -> str:
             h.update(f.name.encode())
             h.update(file_sha256(f).encode())
     return h.hexdigest()
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions from package metadata, without importing the packages (cheap, and works for a
+    package that is absent only as an error naming it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def key_of(facts: dict) -> str:

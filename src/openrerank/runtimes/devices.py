@@ -51,3 +51,34 @@ def cpu_info() -> tuple[str, frozenset[str]]:
         elif line.startswith("flags") and not flags:
             flags = frozenset(line.partition(":")[2].split())
     return model, flags
+def cuda_capability(device: str) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device (e.g. (9, 0) for an H100), None where it cannot be read."""
+    try:
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+    except Exception:  # no PyTorch, a CPU build, no driver: the caller falls back to fp32
+        return None
+
+
+def cuda_auto_dtype(capability: tuple[int, int] | None, *, decoder: bool) -> tuple[str, str]:
+    """What `--dtype auto` serves with on a GPU of this compute capability, and why (docs/gpu.md).
+
+    Half precision runs on tensor cores at 2-4x fp32's speed; which half is decided by faithfulness:
+    - encoders (BERT-like cross-/bi-encoders): fp16 from Volta (7.0) on: its 10-bit mantissa keeps scores
+      closer to fp32 than bf16's 7 bits, and their activations stay far inside fp16's range;
+    - decoder (LLM) rerankers: bf16 from Ampere (8.0) on: trained in bf16, their activations can overflow
+      fp16's range (scores of inf/nan); on older GPUs, fp32;
+    - no tensor cores (before 7.0) or an unknown GPU: fp32.
+    """
+    if capability is None:
+        return "fp32", "compute capability unknown: fp32"
+    sm = f"compute capability {capability[0]}.{capability[1]}"
+    if decoder:
+        if capability >= (8, 0):
+            return "bf16", f"{sm}: bf16 for an LLM reranker (fp32's range, no fp16 overflow)"
+        return "fp32", f"{sm}: no bf16 before 8.0, and fp16 can overflow an LLM reranker: fp32"
+    if capability >= (7, 0):
+        return "fp16", f"{sm}: fp16 on tensor cores (closer to fp32 than bf16 for an encoder)"
+    return "fp32", f"{sm}: no tensor cores: fp32"

@@ -2,8 +2,9 @@
 
 Why a cache: exporting and fusing MiniLM takes several seconds, a large model minutes; a server restart
 must not pay that again. The cache key hashes the model's content (config + weights) and everything that
-changes the produced graph (the network's head, dtype, opset, exporter format, torch/transformers/onnxruntime
-versions), so an edited checkpoint or an upgraded runtime re-exports while a plain restart reuses the file.
+changes the produced graph (the network's head, dtype, opset, exporter format, transformers/onnxruntime
+versions; PyTorch's is recorded in export.json, not keyed, so a torch-free server finds what `export` wrote),
+so an edited checkpoint or an upgraded runtime re-exports while a plain restart reuses the file.
 
 Steps (the same ones optimum and sentence-transformers' ONNX backend take):
 1. `torch.onnx.export` (the TorchScript exporter, `dynamo=False`: the dynamo exporter needs `onnxscript`
@@ -37,6 +38,7 @@ from openrerank.runtimes.artifact_cache import (
     cache_root,
     ensure_artifact,
     key_of,
+    package_versions,
     read_meta,
 )
 from openrerank.runtimes.artifact_cache import model_fingerprint as model_fingerprint
@@ -53,8 +55,8 @@ MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
 _FUSION_TOLERANCE = 1e-3
 #: What `ensure_onnx` returns: the model.onnx path, whether it was cached, the key and export.json's facts.
 ExportResult = CachedArtifact
-__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "model_fingerprint",
-           "servable_export"]
+__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "exported_engines",
+           "model_fingerprint", "servable_export"]
 
 
 @contextlib.contextmanager
@@ -78,12 +80,8 @@ def default_cache_dir() -> Path:
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    """The versions that key an export; computed without PyTorch (see artifact_cache)."""
+    return package_versions("transformers", "onnxruntime")
 
 
 def cache_key(network: Network, *, dtype: str, opset: int) -> tuple[str, dict]:
@@ -190,6 +188,14 @@ def servable_export(network: Network, dtype: str) -> ExportResult | None:
     return ExportResult(folder / MODEL_FILE, True, str(meta.get("key", "")), meta)
 
 
+def exported_engines(folder: Path) -> tuple[str, ...]:
+    """The engines that serve a pre-exported directory: its fp32 graph runs on OpenVINO (read as ONNX, see
+    `openvino_convert.pre_exported_onnx`) or ONNX Runtime; an int8 graph (ONNX Runtime's dynamic
+    quantization) on ONNX Runtime only."""
+    meta = read_meta(Path(folder), MODEL_FILE, META_FILE) or {}
+    return ("openvino", "onnx") if meta.get("dtype", "fp32") == "fp32" else ("onnx",)
+
+
 def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
                 cache_dir: Path | None = None) -> ExportResult:
     """Return the cached ONNX model of this network, exporting (and quantizing) it first if needed."""
@@ -221,7 +227,7 @@ def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_O
             fusions = _fuse(raw, tmp / MODEL_FILE, network, probe)
             raw.unlink()
             details = {"inputs": names, "fusions": fusions}
-        return {**details, "source": str(network.path)}
+        return {**details, "source": str(network.path), "torch": package_versions("torch")["torch"]}
 
     result = ensure_artifact(cache_dir, key, dtype, model_file=MODEL_FILE, meta_file=META_FILE, facts=facts,
                              build=build, what=f"ONNX {dtype} export")

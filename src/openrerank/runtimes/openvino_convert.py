@@ -17,8 +17,9 @@ Steps:
 
 Cache: `$OPENRERANK_CACHE_DIR/openvino/<key>-<fp32|int8>/` (default `$XDG_CACHE_HOME/openrerank/openvino`) with
 `model.xml`, `model.bin` and `convert.json`; the key hashes the model files, the head, the variant and the
-torch / transformers / openvino (and nncf) versions. OpenVINO's own compiled-model cache (CPU kernels for
-this machine, so a restart does not compile again) lives beside it in `compiled/`.
+transformers / openvino (and nncf) versions (PyTorch's is recorded, not keyed: a torch-free server finds the
+IR an export job wrote). OpenVINO's own compiled-model cache (CPU kernels for this machine, so a restart does
+not compile again) lives beside it in `compiled/` where that is writable (a read-only cache compiles at start).
 
 No telemetry: OpenVINO's converter and NNCF send usage events to Google Analytics unless the user opted out
 (a missing consent file counts as consent). A self-hosted service must not phone home, so every import and
@@ -46,6 +47,7 @@ from openrerank.runtimes.artifact_cache import (
     key_of,
     model_fingerprint,
     user_cache_dir,
+    package_versions,
 )
 from openrerank.runtimes.base import Network, NetworkBuild, probe_features
 
@@ -105,16 +107,8 @@ def compiled_cache_dir(cache_dir: Path | None = None) -> Path:
 
 
 def _versions(variant: str) -> dict[str, str]:
-    from importlib.metadata import version
-
-    import torch
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "openvino": version("openvino")}
-    if variant == "int8":
-        versions["nncf"] = version("nncf")
-    return versions
+    """The versions that key an IR; computed without PyTorch (see artifact_cache)."""
+    return package_versions("transformers", "openvino", *(("nncf",) if variant == "int8" else ()))
 
 
 def cache_key(network: Network, variant: str) -> tuple[str, dict]:
@@ -174,6 +168,46 @@ def _compress(fp32: CachedArtifact, out: Path) -> dict:
                             "quantized dynamically by the CPU plugin at run time"}
 
 
+def pre_exported_onnx(network: Network, dtype: str) -> CachedArtifact | None:
+    """The fp32 graph of a pre-exported directory (`openrerank export --out DIR`), which OpenVINO reads as it
+    is, without PyTorch (the container image serves this way); None for a plain model directory.
+
+    OpenVINO's ONNX frontend takes ONNX Runtime's fused operators (Attention, SkipLayerNormalization, ...);
+    its result is compared with ONNX Runtime's on the probe batch and refused past the conversion tolerance,
+    so `--backend auto` falls back to ONNX Runtime rather than serve different numbers."""
+    from openrerank.runtimes.onnx_export import ExportError, servable_export
+    from openrerank.sources.safety import is_onnx_export
+
+    folder = Path(network.path)
+    if not is_onnx_export(folder):
+        return None
+    if dtype == "int8":
+        raise ConversionError(f"{folder} is a pre-exported ONNX directory; OpenVINO runs its fp32 graph in fp32 "
+                              "or bf16. For int8, export with --dtype int8 (ONNX Runtime) or serve the model folder")
+    try:
+        export = servable_export(network, "fp32")
+    except ExportError as exc:
+        raise ConversionError(str(exc)) from exc
+    diff = _diff_from_onnxruntime(export.path, list(export.meta.get("inputs") or []), folder)
+    if diff > _TOLERANCE:
+        raise ConversionError(f"OpenVINO reads {export.path} {diff:.3g} away from ONNX Runtime")
+    return CachedArtifact(export.path, True, export.key, {**export.meta, "max_abs_diff_vs_onnxruntime": diff})
+
+
+def _diff_from_onnxruntime(onnx_file: Path, names: list[str], folder: Path) -> float:
+    import onnxruntime as ort
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    probe = probe_features(names, int(config.get("vocab_size") or 1000))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    expected = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"]).run(None, probe)[0]
+    ov = import_openvino()
+    compiled = ov.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                               "INFERENCE_NUM_THREADS": 1})
+    return _max_diff(compiled(probe)[0], np.asarray(expected, dtype=np.float32))
+
+
 def ensure_openvino(network: Network, *, variant: str = "fp32", cache_dir: Path | None = None) -> CachedArtifact:
     """Return the cached OpenVINO IR of this network (`variant` fp32 or int8), converting it first if needed."""
     if variant not in IR_VARIANTS:
@@ -191,7 +225,7 @@ def ensure_openvino(network: Network, *, variant: str = "fp32", cache_dir: Path 
             log.info("converting %s to OpenVINO (first start with these options; cached afterwards)",
                      network.path)
             details = _convert(network, tmp)
-        return {**details, "source": str(network.path)}
+        return {**details, "source": str(network.path), "torch": package_versions("torch")["torch"]}
 
     return ensure_artifact(cache_dir, key, variant, model_file=MODEL_FILE, meta_file=META_FILE, facts=facts,
                            build=build, what=f"OpenVINO {variant} IR")

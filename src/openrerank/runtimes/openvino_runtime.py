@@ -13,7 +13,11 @@ the CPU with:
   other processes, so two servers on one host (replicas, containers, pods) pin to the same core while
   another idles (measured: two one-thread servers on a 2-core VM both on core 0, `--replicas 2` at 0.91-1.05x
   of one replica). Unpinned, the kernel's scheduler spreads them over the process's affinity set;
-- `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation.
+- `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (left out where the
+  cache directory is read-only, e.g. a volume an export job filled: each start then compiles).
+
+A pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json) is compiled from its
+ONNX graph as it is, without PyTorch (`openvino_convert.pre_exported_onnx`).
 
 Inputs stay int64 (what the IR was traced with) and are handed over without a copy.
 """
@@ -22,13 +26,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from openrerank.runtimes.base import Network, Runtime
-from openrerank.runtimes.openvino_convert import compiled_cache_dir, ensure_openvino, import_openvino
+from openrerank.runtimes.openvino_convert import (
+    compiled_cache_dir,
+    ensure_openvino,
+    import_openvino,
+    pre_exported_onnx,
+)
 from openrerank.runtimes.torch_runtime import default_threads
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,19 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def _writable(folder: Path) -> Path | None:
+    """`folder`, created if needed, or None where it cannot be written (a read-only cache volume)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.info("OpenVINO compiled-model cache off (%s): every start compiles the model", exc)
+        return None
+    if not os.access(folder, os.W_OK):
+        log.info("OpenVINO compiled-model cache off (%s is read-only): every start compiles the model", folder)
+        return None
+    return folder
+
+
 class OpenVinoRuntime(Runtime):
     def __init__(
         self,
@@ -69,12 +92,10 @@ class OpenVinoRuntime(Runtime):
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime (use one of {OPENVINO_DTYPES})")
-        self.conversion = ensure_openvino(network, variant="int8" if dtype == "int8" else "fp32",
-                                          cache_dir=cache_dir)
+        self.conversion = pre_exported_onnx(network, dtype) or ensure_openvino(
+            network, variant="int8" if dtype == "int8" else "fp32", cache_dir=cache_dir)
         self.threads = threads or default_threads()
-        compiled_dir = compiled_cache_dir(cache_dir)
-        compiled_dir.mkdir(parents=True, exist_ok=True)
-        config = compile_config(dtype, self.threads, compiled_dir)
+        config = compile_config(dtype, self.threads, _writable(compiled_cache_dir(cache_dir)))
         self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request; the scheduler's worker is the only regular caller

@@ -29,7 +29,8 @@ that need determinism use):
    recipes tried are in docs/runtime.md), so `auto` never picks int8; ask for it with `--dtype int8`.
 2. OpenVINO fp32, then ONNX Runtime fp32, then PyTorch fp32 (exact).
 3. Families that only run on PyTorch (the LLM rerankers): PyTorch fp32, and PyTorch bf16 (autocast) where
-   the CPU has bf16 units; CUDA: PyTorch.
+   the CPU has bf16 units; CUDA: PyTorch, where `--dtype auto` is fp16 or bf16 by the GPU's compute
+   capability (runtimes/devices.py).
 
 With an explicit `--dtype`, `auto` plans the runtimes for that dtype (fp32: OpenVINO, ONNX Runtime, PyTorch;
 bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
@@ -46,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from openrerank.runtimes.base import Network, Runtime
-from openrerank.runtimes.devices import cpu_info
+from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
 from openrerank.runtimes.measure import Measurement, Throughput, Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
@@ -226,15 +227,20 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
     if device != "cpu" and not is_cuda(device):
         raise RuntimeConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
     flags = cpu_flags()
+    cuda_note = ""
+    if is_cuda(device) and dtype == "auto":  # half precision by the GPU's capability (runtimes/devices.py)
+        dtype, why = cuda_auto_dtype(cuda_capability(device), decoder=runtimes == ("torch",))
+        cuda_note = f"; --dtype auto on CUDA: {why}"
     if backend != "auto":
         if backend not in runtimes:
             raise RuntimeConfigError(f"{family} runs on the {' or '.join(runtimes)} backend, not {backend}")
         plan = [_explicit(backend, dtype, device, flags)]
+        plan[0] = RuntimeChoice(plan[0].runtime, plan[0].dtype, plan[0].reason + cuda_note)
     elif is_cuda(device):
         if "torch" not in runtimes:
             raise RuntimeConfigError(f"{family} runs on CPU only (engines: {', '.join(runtimes)})")
         plan = [_explicit("torch", dtype, device, flags)]
-        plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices")
+        plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices" + cuda_note)
     else:
         plan = _auto_cpu(dtype, runtimes, flags, family)
     if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):

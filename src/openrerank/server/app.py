@@ -277,7 +277,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
                        metrics=app.state.metrics, drain=app.state.drain)
     if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, metrics_public=config.metrics_public)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     app.add_middleware(CatchAllMiddleware, drain=app.state.drain)
     app.add_middleware(RequestLogMiddleware, routes=routes, tracer=tracer)

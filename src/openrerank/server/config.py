@@ -31,6 +31,7 @@ class ServerConfig:
     grpc_host: str | None = None  # None: `host`
     ssl_certfile: str | None = None  # TLS on HTTP and gRPC: both files or neither
     ssl_keyfile: str | None = None
+    metrics_public: bool = False  # with api_key: /v1/metrics stays open (a scraper by pod annotation has no key)
     # model loading
     backend: str = LoadOptions.backend  # the --backend flag: which runtime (or auto)
     dtype: str = LoadOptions.dtype

@@ -71,6 +71,17 @@ FAILURES: dict[type[Exception], Failure] = {
 
 #: Faults of the model itself: a 500 whose message names the request id, and an error line in the log.
 MODEL_FAULTS: tuple[type[Exception], ...] = (BatchFailedError, ModelOutputError)
+class ErrorResponse(OrjsonResponse):
+    """An error answer that also leaves its message in the request's state (`error`), where the access log
+    line picks it up as `reason`."""
+
+    def __init__(self, content: Any, *, reason: str, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.reason = reason
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope.setdefault("state", {})["error"] = self.reason
+        await super().__call__(scope, receive, send)
 
 
 #: Longest message an error body carries (messages may quote client input, e.g. a model name).
@@ -106,7 +117,9 @@ class Dialect:
     def response(self, status: int, message: str, kind: str,
                  headers: dict[str, str] | None = None) -> OrjsonResponse:
         status = self.status_for.get(kind, status)
-        return OrjsonResponse(self.render(status, safe_text(message), kind), status_code=status, headers=headers)
+        message = safe_text(message)
+        return ErrorResponse(self.render(status, message, kind), reason=message, status_code=status,
+                             headers=headers)
 
     def responses(self, *codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
         """OpenAPI `responses` for a route: each status with this dialect's error body."""

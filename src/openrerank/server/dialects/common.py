@@ -82,17 +82,18 @@ def request_id(request: Request) -> str:
 
 
 def record_usage(request: Request, response: Response, *, model: str, items: int, tokens: int,
-                 timings: Timings) -> None:
+                 timings: Timings, item_kind: str = "passages") -> None:
     """What the access log line, the trace and the x-*-time headers (TEI's names) report for this request.
 
-    Any route that runs a model calls this once (items: passages, or texts embedded)."""
+    Any route that runs a model calls this once (items: passages scored, or `item_kind="texts"` embedded)."""
     t = timings
     response.headers["x-tokenize-time"] = f"{t.tokenize_ms:.2f}"
     response.headers["x-queue-time"] = f"{t.queue_ms:.2f}"
     response.headers["x-inference-time"] = f"{t.inference_ms:.2f}"
     response.headers["x-total-time"] = f"{t.total_ms:.2f}"
-    request_usage(request.scope).update(model=model, passages=items, tokens=tokens, tokenize_ms=t.tokenize_ms,
-                                        queue_ms=t.queue_ms, inference_ms=t.inference_ms)
+    request_usage(request.scope).update({"model": model, item_kind: items, "tokens": tokens,
+                                         "tokenize_ms": t.tokenize_ms, "queue_ms": t.queue_ms,
+                                         "inference_ms": t.inference_ms})
 
 
 def parse_body(model: type[BaseModel], payload: dict) -> Any:

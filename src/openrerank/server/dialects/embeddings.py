@@ -110,5 +110,5 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> OrjsonRespons
     response = OrjsonResponse({"object": "list", "data": data, "model": result.model,
                                "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
     common.record_usage(request, response, model=model.name, items=len(texts), tokens=result.prompt_tokens,
-                        timings=result.timings)
+                        timings=result.timings, item_kind="texts")
     return response
