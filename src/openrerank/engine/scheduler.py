@@ -22,8 +22,10 @@ submits are refused at once and `alive` turns False (health checks report it).
 
 Reranking and embedding share this one path: a request's items all serve one task (`core/work.py`), a
 window's items are batched per task (a backend call runs one task, `engine/planning.py`), and an item's result
-is a row of the request's result array: a score, or an embedding vector. Admission, deadlines, cancellation,
-failure isolation and metrics (labelled by task) are the same for both.
+is a row of the request's result array: a score, or an embedding vector. Listwise blocks (`BlockItem`) take the
+same path; a block's result is a small matrix whose height varies with the block, so their rows are held in an
+object array. Admission, deadlines, cancellation, failure isolation and metrics (labelled by task) are the same
+for all three.
 
 Interface used outside the engine (the API layer, the Ray Serve adapter, the embeddings route):
 `submit`, `start`, `stop`, `warmup`, and the read-only `alive`, `failure`, `pending`,
@@ -102,7 +104,7 @@ class SchedulerConfig:
 
 @dataclass
 class ScoreOutcome:
-    scores: np.ndarray  # float32, one row per submitted item: scores (n,), or embeddings (n, dim)
+    scores: np.ndarray  # one row per submitted item: float32 scores (n,) or embeddings (n, dim); listwise: object (n,)
     queue_ms: float  # submit -> first batch holding one of its items starts
     inference_ms: float  # first batch start -> last batch end
     batches: int = 0  # how many model batches its items were spread over
@@ -466,7 +468,7 @@ class Scheduler:
             if req in failed:
                 continue
             if req.scores is None:
-                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=np.float32)
+                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=rows.dtype)
             req.scores[i] = row
             req.remaining -= 1
         for req in reqs:
@@ -478,7 +480,18 @@ class Scheduler:
 
     @staticmethod
     def _check_rows(output: object, task: Task, n: int) -> np.ndarray:
-        """A backend's output as one float32 row per item: a score (rerank) or a vector (embed)."""
+        """A backend's output as one row per item: a float32 score (rerank) or vector (embed), or a listwise
+        block's float32 `(entries + 1, dim)` matrix (held in an object array: blocks differ in height)."""
+        if task == "listwise":
+            blocks = list(output)  # type: ignore[call-overload]
+            rows = np.empty(len(blocks), dtype=object)
+            for i, block in enumerate(blocks):
+                rows[i] = np.asarray(block, dtype=np.float32)
+                if rows[i].ndim != 2:
+                    raise RuntimeError(f"backend returned a block of shape {rows[i].shape}")
+            if len(rows) != n:
+                raise RuntimeError(f"backend returned {len(rows)} blocks for {n} listwise items")
+            return rows
         rows = np.asarray(output, dtype=np.float32)
         if task == "rerank":
             rows = rows.reshape(-1)

@@ -28,6 +28,10 @@ CHUNK_OVERLAP = 0.25
 MAX_CHARS_PER_TOKEN = 64
 
 
+class InstructionError(ValueError):
+    """A request's instruction this model cannot take (its input has none, or it does not fit the window)."""
+
+
 class InputTooLongError(ValueError):
     """A pair exceeds the model window under truncate=NONE (NIM: the whole request fails)."""
 
@@ -41,8 +45,13 @@ class InputTooLongError(ValueError):
 @dataclass
 class Prepared:
     items: list[WorkItem]
-    owners: list[int]  # passage index of each item
+    owners: list[int]  # passage index of each item (listwise: of each passage or chunk in its blocks)
     prompt_tokens: int  # tokens that will actually be scored
+
+    @property
+    def windows(self) -> int:
+        """Passages and chunks scored: a passage cut into N windows counts N."""
+        return len(self.owners)
 
     def fold(self, scores: np.ndarray, passages: int) -> np.ndarray:
         """Item scores -> one float32 score per passage: the best of its chunks."""
@@ -92,10 +101,17 @@ class TextEncoder(ABC):
         *,
         max_chunks_per_passage: int | None = None,
         max_tokens_per_passage: int | None = None,
+        instruction: str | None = None,
     ) -> Prepared:
+        """Work items for one query; `instruction` (a request's own) replaces the model's default one."""
+        encoder = self if instruction is None else self.with_instruction(instruction)
         if max_tokens_per_passage:
-            passages = self.clip_passages(passages, max_tokens_per_passage)
-        return self._prepare(query, passages, truncate, max_chunks_per_passage)
+            passages = encoder.clip_passages(passages, max_tokens_per_passage)
+        return encoder._prepare(query, passages, truncate, max_chunks_per_passage)
+
+    def with_instruction(self, instruction: str) -> TextEncoder:
+        """This encoder with a request's own task instruction; InstructionError where the input has none."""
+        raise InstructionError("this model's input has no task instruction")
 
     @abstractmethod
     def _prepare(self, query: str, passages: list[str], truncate: Truncate, max_chunks: int | None) -> Prepared: ...

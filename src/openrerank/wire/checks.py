@@ -55,3 +55,9 @@ def echoable(value: Any, depth: int = 0) -> Any:
 Text = Annotated[str, AfterValidator(valid_text)]
 #: A Cohere document: a string or an object, returned whole with `return_documents`.
 Document = Annotated[str | dict[str, Any], AfterValidator(echoable)]
+
+
+#: The request field that carries a task instruction for instruction-aware rerankers (vLLM's name for it).
+INSTRUCTION_DESCRIPTION = (
+    "Task instruction for instruction-aware rerankers (Qwen3-Reranker, mxbai-rerank-v2, jina-reranker-v3); "
+    "absent: the model's own (serve --instruction, else the model card's). A model that takes none answers 400.")

@@ -29,6 +29,7 @@ async def ranking(body: NimRankingRequest, request: Request, response: Response)
         model=body.model,
         truncate=Truncate(body.truncate),
         max_chunks_per_passage=body.max_chunks_per_passage,
+        instruction=body.instruction,
     )
     result = await common.rerank(request, response, req)
     return {
