@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from openrerank.core.work import EmbedItem
+from openrerank.core.work import BlockItem, EmbedItem, PairItem
 from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.errors import BatchFailedError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
@@ -104,3 +104,48 @@ def test_a_wrong_shape_from_the_backend_fails_the_request_clearly(caplog) -> Non
             caplog.at_level(logging.ERROR, logger="openrerank.engine"):
         asyncio.run(main())
     assert "scorer returned shape (2,) for 2 embed items" in caplog.text
+
+
+
+class FakeBlockScorer(FakeScorer):
+    """Listwise blocks: a block's result is `(entries + 1, 2)` rows of (id, row), held and recorded like a batch."""
+
+    def score(self, items):
+        if not items or not isinstance(items[0], BlockItem):
+            return super().score(items)
+        ids = super().score([PairItem(it.input_ids) for it in items])
+        return [np.stack([np.full(it.entries + 1, i), np.arange(it.entries + 1)], axis=1).astype(np.float32)
+                for i, it in zip(ids, items, strict=True)]
+
+
+def test_listwise_blocks_are_the_unit_of_work_and_come_back_whole() -> None:
+    """Blocks of concurrent requests are batched together (never with pairs); each request gets its own blocks'
+    results, of their own heights, in order."""
+    backend, ids, metrics = FakeBlockScorer(), Ids(), Metrics()
+    requests = [[BlockItem(p.input_ids, entries) for p, entries in zip(ids.items(40, 60), (3, 5), strict=True)],
+                [BlockItem(ids.items(50)[0].input_ids, 1)]]
+    pairs = ids.items(5, 5)
+
+    async def main():
+        sched = Scheduler(backend, SchedulerConfig(BatchPolicy(max_size=16)), name="m", metrics=metrics)
+        backend.hold()
+        blocker = asyncio.create_task(sched.submit(ids.items(5)))
+        await backend.wait_batch_started()
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (*requests, pairs)]
+        await until(lambda: sched.queued == len(tasks), "all requests queued behind the running batch")
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks)
+        await sched.stop()
+        return out[1:]
+
+    *blocks_out, pairs_out = asyncio.run(main())
+    for items, out in zip(requests, blocks_out, strict=True):
+        assert out.scores.dtype == object and len(out.scores) == len(items)
+        for item, rows in zip(items, out.scores, strict=True):
+            assert rows.shape == (item.entries + 1, 2) and rows[0, 0] == item.input_ids[0]
+    np.testing.assert_array_equal(pairs_out.scores, expected(pairs))
+    block_ids = {it.input_ids[0] for r in requests for it in r}
+    pair_ids = {p.input_ids[0] for p in pairs}
+    mixed = [b for b in backend.batches if set(b) & block_ids and set(b) & pair_ids]
+    assert not mixed, f"a batch mixed blocks and pairs: {mixed}"
+    assert any(len(set(b) & block_ids) == 3 for b in backend.batches), "the three blocks should share a batch"

@@ -50,9 +50,13 @@ DEFAULT_INIT_STD = 0.25
 
 def _template_texts() -> list[str]:
     """Every fixed prompt text the families use (imported lazily: the builders do not need openrerank)."""
-    from openrerank.families import bge_reranker_gemma, mxbai_rerank_v2, qwen3_reranker
+    from openrerank.families import bge_reranker_gemma, jina_reranker_v3, mxbai_rerank_v2, qwen3_reranker
 
-    return [qwen3_reranker.PREFIX, qwen3_reranker.SUFFIX, qwen3_reranker.DEFAULT_INSTRUCTION,
+    return [jina_reranker_v3.SYSTEM, jina_reranker_v3.SUFFIX, "I will provide you with ",
+            " passages, each indicated by a numerical identifier. Rank the passages based on their relevance to "
+            "query: ", '<passage id="', '">\n', "\n</passage>", "<query>\n", "\n</query>", "<instruct>\n",
+            "\n</instruct>\n",
+            qwen3_reranker.PREFIX, qwen3_reranker.SUFFIX, qwen3_reranker.DEFAULT_INSTRUCTION,
             mxbai_rerank_v2.PREFIX, mxbai_rerank_v2.SUFFIX, mxbai_rerank_v2.TASK, bge_reranker_gemma.PROMPT,
             "<Instruct>: ", "\n<Query>: ", "\n<Document>: ", "query: ", "document: ", "instruction: ",
             "A: ", "B: ", "question:", " \n \n passage:"]
@@ -86,6 +90,9 @@ class TokenizerSpec:
 
 QWEN = TokenizerSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
                      eos="<|im_end|>", pad="<|endoftext|>")
+#: Qwen's specials plus jina-reranker-v3's two marker tokens (151670 / 151671 in the published vocabulary).
+JINA = TokenizerSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|embed_token|>",
+                      "<|rerank_token|>"), eos="<|im_end|>", pad="<|endoftext|>")
 LLAMA3 = TokenizerSpec(("<|begin_of_text|>", "<|end_of_text|>"), bos="<|begin_of_text|>",
                        eos="<|end_of_text|>", add_bos=True)  # no pad token, as Llama-3.2 ships
 GEMMA = TokenizerSpec(("<pad>", "<eos>", "<bos>", "<unk>"), bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
@@ -204,6 +211,30 @@ def build_qwen3_reranker(out: Path, *, shape: Shape = Shape(), seed: int = 0, in
     _seeded(seed)
     model = Qwen3ForCausalLM(_decoder_config(Qwen3Config, tok, shape, init_std, tie_word_embeddings=True)).eval()
     return _save(model, tok, out, card)
+
+
+def build_jina_reranker_v3(out: Path, *, shape: Shape = Shape(), seed: int = 8, init_std: float = DEFAULT_INIT_STD,
+                           projector_dim: int = 24, model_max_length: int | None = None) -> Path:
+    """jina-reranker-v3's layout: a Qwen3 body saved as `model.*`, the projector `projector.0/2.weight`
+    (hidden -> hidden/2 -> projector_dim, no bias), no LM head, config `architectures: ["JinaForRanking"]`;
+    the tokenizer carries `<|embed_token|>` and `<|rerank_token|>` as special tokens."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_tokenizer(JINA)
+    if model_max_length:
+        tok.model_max_length = model_max_length
+    _seeded(seed)
+    model = Qwen3ForCausalLM(_decoder_config(Qwen3Config, tok, shape, init_std, tie_word_embeddings=True)).eval()
+    _save(model, tok, out, None, {"architectures": ["JinaForRanking"]})
+    weights = {k: v for k, v in load_file(out / "model.safetensors").items() if k.startswith("model.")}
+    generator = torch.Generator().manual_seed(seed + 100)
+    half = shape.hidden // 2
+    weights["projector.0.weight"] = torch.randn(half, shape.hidden, generator=generator) / shape.hidden ** 0.5
+    weights["projector.2.weight"] = torch.randn(projector_dim, half, generator=generator) / half ** 0.5
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def build_mxbai_rerank_v2(out: Path, *, shape: Shape = Shape(), seed: int = 1, init_std: float = DEFAULT_INIT_STD,

@@ -133,8 +133,8 @@ def test_model_family_names_what_detection_cannot(tmp_path):
     path = _causal(tmp_path / "plain", "Qwen2ForCausalLM", "qwen2")
     family, spec = resolve_spec(ModelFiles.read(path), "mxbai-rerank-v2")
     assert family.id == spec.family == "mxbai-rerank-v2" and spec.options["instruction"] is None
-    with pytest.raises(ModelFormatError, match="unknown model family 'qwen3'; families: llama-bidirectional, "
-                                               "qwen3-reranker"):
+    with pytest.raises(ModelFormatError, match="unknown model family 'qwen3'; families: jina-reranker-v3, "
+                                               "llama-bidirectional, qwen3-reranker"):
         resolve_spec(ModelFiles.read(path), "qwen3")
 
 
@@ -158,7 +158,7 @@ def test_bad_instructions_are_refused(tmp_path, family, instruction, fragment):
     path = _causal(tmp_path / "m", arch, "x")
     with pytest.raises(ModelFormatError, match=re.escape(fragment)) as err:
         resolve_spec(ModelFiles.read(path), family, instruction)
-    assert "families that take one: qwen3-reranker, mxbai-rerank-v2" in str(err.value)
+    assert "families that take one: jina-reranker-v3, qwen3-reranker, mxbai-rerank-v2" in str(err.value)
 
 
 def test_an_instruction_for_an_encoder_is_refused_not_ignored(tiny_model_dir):

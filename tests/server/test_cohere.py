@@ -59,14 +59,23 @@ def test_result_to_wire_sorted_cut_sigmoid_and_documents():
     req = dialect.v1_to_internal(body)
     wire = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, version="1", documents=body.documents,
                                   request_id="rid")
-    assert wire["id"] == "rid" and wire["model"] == "m" and wire["usage"] == {"total_tokens": 11}
-    assert wire["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}
+    assert wire["id"] == "rid" and wire["model"] == "m" and wire["usage"] == {"prompt_tokens": 11, "total_tokens": 11}
+    assert wire["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1},
+                            "tokens": {"input_tokens": 11, "output_tokens": 0}}
     assert [r["index"] for r in wire["results"]] == [1, 0]
     assert wire["results"][0]["relevance_score"] == pytest.approx(1 / (1 + math.exp(-2.0)))
     assert wire["results"][0]["document"] == {"text": "b", "id": 7}
     assert wire["results"][1]["document"] == {"text": "a"}
     bare = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, version="2")
     assert all("document" not in r for r in bare["results"])
+
+
+@pytest.mark.parametrize(("passages", "windows", "units"), [
+    (3, None, 1), (100, None, 1), (101, None, 2), (3, 100, 1), (3, 101, 2), (250, 250, 3), (1, 1000, 10)])
+def test_search_units_count_chunks_as_documents(passages, windows, units):
+    """Cohere: one search unit is one query with up to 100 documents; each chunk of a long one counts."""
+    result = RerankResult("m", np.zeros(passages, dtype=np.float32), 5, ScoreKind.LOGIT, windows=windows)
+    assert dialect.search_units(result) == units
 
 
 def test_result_to_wire_bi_encoder_maps_cosine_linearly():

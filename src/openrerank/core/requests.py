@@ -48,6 +48,8 @@ class RerankRequest:
     max_tokens_per_passage: int | None = None
     # The dialect's own default when the client did not ask (Cohere v1: 10), kept under the server's cap.
     default_chunks_per_passage: int | None = None
+    # The request's own task instruction (instruction-aware families only); None: the model's (--instruction).
+    instruction: str | None = None
 
 
 #: NIM's `input_type`: which side of an asymmetric retrieval model a text is on (None: not said).
@@ -88,6 +90,13 @@ class RerankResult:
     prompt_tokens: int
     score_kind: ScoreKind
     timings: Timings = field(default_factory=Timings)
+    #: Model inputs the passages took, a passage cut into N chunks counting N (what Cohere bills search units
+    #: by); None: one per passage.
+    windows: int | None = None
+
+    @property
+    def scored_windows(self) -> int:
+        return len(self.logits) if self.windows is None else self.windows
 
     def order(self) -> list[int]:
         """Passage indices best-first; ties keep request order (stable sort)."""

@@ -1,8 +1,9 @@
 """Tokenized work items: what text preparation hands the scheduler and the scheduler hands a runtime.
 
 They live below every layer that passes them along, so text, engine, families and runtimes share one definition.
-Each item says which task it serves: a rerank item comes back as one score, an embed item as one vector.
-The scheduler never batches items of different tasks together, so a scorer call returns one or the other.
+Each item says which task it serves: a rerank item comes back as one score, an embed item as one vector, a
+listwise block as one small matrix (a vector per passage in the block, then the query's). The scheduler never
+batches items of different tasks together, so a scorer call returns one kind of result.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 #: What a work item asks of the model; also the `task` label of the engine metrics.
-Task = Literal["rerank", "embed"]
-TASKS: tuple[Task, ...] = ("rerank", "embed")
+Task = Literal["rerank", "embed", "listwise"]
+TASKS: tuple[Task, ...] = ("rerank", "embed", "listwise")
 
 
 @dataclass(slots=True)
@@ -53,4 +54,19 @@ class EmbedItem:
         return len(self.input_ids)
 
 
-WorkItem = PairItem | BiItem | EmbedItem
+@dataclass(slots=True)
+class BlockItem:
+    """A listwise block: one prompt holding a query and `entries` passages (or passage chunks), read at the
+    special token that ends each passage and at the one after the query. Its result is `(entries + 1, dim)`:
+    the passages' vectors in prompt order, then the query's. The block, not a pair, is the unit a batch holds."""
+
+    input_ids: list[int]
+    entries: int
+    task: ClassVar[Task] = "listwise"
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+WorkItem = PairItem | BiItem | EmbedItem | BlockItem

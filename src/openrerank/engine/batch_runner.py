@@ -80,7 +80,7 @@ class BatchRunner:
             if req in failed:
                 continue
             if req.scores is None:
-                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=np.float32)
+                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=rows.dtype)
             req.scores[i] = row
             req.remaining -= 1
         for req in reqs:
@@ -92,7 +92,18 @@ class BatchRunner:
 
 
 def check_rows(output: object, task: Task, n: int) -> np.ndarray:
-    """A scorer's output as one float32 row per item: a score (rerank) or a vector (embed)."""
+    """A scorer's output as one row per item: a float32 score (rerank) or vector (embed), or a listwise
+    block's float32 `(entries + 1, dim)` matrix (held in an object array: blocks differ in height)."""
+    if task == "listwise":
+        blocks = list(output)  # type: ignore[call-overload]
+        rows = np.empty(len(blocks), dtype=object)
+        for i, block in enumerate(blocks):
+            rows[i] = np.asarray(block, dtype=np.float32)
+            if rows[i].ndim != 2:
+                raise RuntimeError(f"scorer returned a block of shape {rows[i].shape}")
+        if len(rows) != n:
+            raise RuntimeError(f"scorer returned {len(rows)} blocks for {n} listwise items")
+        return rows
     rows = np.asarray(output, dtype=np.float32)
     if task == "rerank":
         rows = rows.reshape(-1)

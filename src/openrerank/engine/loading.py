@@ -101,10 +101,11 @@ class LoadedModel:
         the server folds them.
         """
         prep = self.encoder.prepare(query, passages, truncate)
-        scores = np.zeros(len(prep.items), dtype=np.float32)
+        outputs: list = [None] * len(prep.items)  # a score per pair, or a listwise block's vectors
         for idx in (policy or default_policy(self.device)).split(prep.items):
-            scores[idx] = self.scorer.score([prep.items[i] for i in idx])
-        return prep.fold(scores, len(passages))
+            for i, out in zip(idx, self.scorer.score([prep.items[i] for i in idx]), strict=True):
+                outputs[i] = out
+        return prep.fold(outputs, len(passages))
 
     def embedding_items(self, texts: list[str], truncate: Truncate = Truncate.END,
                         input_type: InputType | None = None) -> list[EmbedItem]:

@@ -17,7 +17,7 @@ from openrerank.core.work import Task, WorkItem
 
 @dataclass
 class ScoreOutcome:
-    scores: np.ndarray  # float32, one row per submitted item: scores (n,), or embeddings (n, dim)
+    scores: np.ndarray  # one row per submitted item: float32 scores (n,) or embeddings (n, dim); listwise: object (n,)
     queue_ms: float  # submit -> first batch holding one of its items starts
     inference_ms: float  # first batch start -> last batch end
     batches: int = 0  # how many model batches its items were spread over

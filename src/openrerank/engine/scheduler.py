@@ -11,9 +11,11 @@ than an asyncio task: the model never idles waiting for a busy event loop to han
 The event loop only appends requests, abandons them (deadline, client disconnect) and receives results.
 
 Reranking and embedding share this one path: a request's items all serve one task (`core/work.py`), a
-window's items are batched per task (a scorer call runs one task), and an item's result is a row of the
-request's result array: a score, or an embedding vector. Admission, deadlines, cancellation, failure
-isolation and metrics (labelled by task) are the same for both.
+window's items are batched per task (a scorer call runs one task, `engine/planning.py`), and an item's result
+is a row of the request's result array: a score, or an embedding vector. Listwise blocks (`BlockItem`) take the
+same path; a block's result is a small matrix whose height varies with the block, so their rows are held in an
+object array. Admission, deadlines, cancellation, failure isolation and metrics (labelled by task) are the same
+for all three.
 
 Interface used outside the engine (the server, the Ray Serve adapter, the embeddings route):
 `submit`, `start`, `stop`, `warmup`, and the read-only `alive`, `failure`, `pending`,

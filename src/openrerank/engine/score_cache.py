@@ -7,8 +7,8 @@ tokenization and inference for that passage; only the misses of a request go to 
 Exact by construction: the key hashes everything that decides a passage's score — the served model, its
 family and family options (instruction, pooling, labels), the window, the engine and precision, the
 truncation mode and chunk bounds — with the query and the passage text (BLAKE2b, 128 bits). A hit returns
-the float32 score the model produced, bit for bit, and the token count it was billed, so a response is the
-same whether it was cached or not.
+the float32 score the model produced, bit for bit, and the token count and number of windows (chunks) it was
+billed, so a response is the same whether it was cached or not.
 
 Memory is bounded: each entry costs at most `ENTRY_BYTES` of Python heap (measured in the tests), and the
 least recently used entries are evicted beyond `max_bytes // ENTRY_BYTES` of them.
@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from openrerank.core.work import BiItem, WorkItem
 from openrerank.text.prepare import Prepared
 
-#: Heap bytes one entry may take (16-byte key, (score, tokens, shared) tuple, the OrderedDict's share);
+#: Heap bytes one entry may take (16-byte key, (score, tokens, shared, windows) tuple, the OrderedDict's share);
 #: `tests/engine/test_score_cache.py` measures the real figure with tracemalloc and checks it stays below.
 ENTRY_BYTES = 320
 _DIGEST = 16
@@ -60,6 +60,10 @@ class Scored:
     def prompt_tokens(self) -> int:
         return self.prep.prompt_tokens if self.prep is not None else 0
 
+    @property
+    def windows(self) -> int:
+        return self.prep.windows if self.prep is not None else 0
+
 
 @dataclass
 class CachedScores:
@@ -71,10 +75,11 @@ class CachedScores:
     tokenize_ms: float
     queue_ms: float  # includes waiting for a concurrent request that was scoring the same passages
     inference_ms: float
+    windows: int = 0  # passages and chunks, as if every passage had been scored (Cohere's search units)
 
 
 ScoreFn = Callable[[list[str]], Awaitable[Scored]]
-_Entry = tuple[float, int, int]  # score, usage tokens of the passage, usage tokens shared by the request
+_Entry = tuple[float, int, int, int]  # score, usage tokens of the passage, usage tokens shared, windows of it
 
 
 class ScoreCache:
@@ -121,6 +126,7 @@ class ScoreCache:
         n = len(keys)
         logits = np.zeros(n, dtype=np.float32)
         tokens = np.zeros(n, dtype=np.int64)
+        windows = np.ones(n, dtype=np.int64)
         shared_tokens: int | None = None
         own: dict[int, Future] = {}  # passages this request scores (and delivers to concurrent ones)
         waiting: dict[int, Future] = {}  # passages a concurrent request is scoring
@@ -129,7 +135,7 @@ class ScoreCache:
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._entries.move_to_end(key)
-                    logits[i], tokens[i], shared_tokens = entry
+                    logits[i], tokens[i], shared_tokens, windows[i] = entry
                 elif key in self._inflight:
                     waiting[i] = self._inflight[key]
                 else:
@@ -141,7 +147,7 @@ class ScoreCache:
         result = CachedScores(logits, 0, 0, (time.perf_counter() - t0) * 1e3, 0.0, 0.0)
         try:
             if own:
-                shared_tokens = await self._score_into(result, tokens, list(own), keys, passages, score, own)
+                shared_tokens = await self._score_into(result, tokens, windows, list(own), keys, passages, score, own)
         finally:
             self._release(keys, own)
         if waiting:
@@ -153,29 +159,34 @@ class ScoreCache:
                 if entry is None:  # the other request failed or was abandoned: score it here
                     retry.append(i)
                 else:
-                    logits[i], tokens[i], shared_tokens = entry
+                    logits[i], tokens[i], shared_tokens, windows[i] = entry
             if retry:
-                shared_tokens = await self._score_into(result, tokens, retry, keys, passages, score, {})
+                shared_tokens = await self._score_into(result, tokens, windows, retry, keys, passages, score, {})
         result.prompt_tokens = int(tokens.sum()) + (shared_tokens or 0)
+        result.windows = int(windows.sum())
         return result
 
-    async def _score_into(self, result: CachedScores, tokens: np.ndarray, todo: list[int], keys: list[bytes],
-                          passages: Sequence[str], score: ScoreFn, deliver: dict[int, Future]) -> int:
+    async def _score_into(self, result: CachedScores, tokens: np.ndarray, windows: np.ndarray, todo: list[int],
+                          keys: list[bytes], passages: Sequence[str], score: ScoreFn, deliver: dict[int, Future]
+                          ) -> int:
         """Score passages `todo` with the model, fill them in, store them, hand them to waiting requests."""
         scored = await score([passages[i] for i in todo])
         per_passage = np.zeros(len(todo), dtype=np.int64)
+        per_windows = np.ones(len(todo), dtype=np.int64)
         if scored.prep is not None:
             for item, owner in zip(scored.prep.items, scored.prep.owners, strict=True):
                 per_passage[owner] += item_tokens(item)
+            per_windows = np.bincount(np.asarray(scored.prep.owners, dtype=np.int64), minlength=len(todo))
         shared = int(scored.prompt_tokens - per_passage.sum())
         result.logits[todo] = scored.logits
         tokens[todo] = per_passage
+        windows[todo] = per_windows
         result.scored_tokens += scored.prompt_tokens
         result.tokenize_ms += scored.tokenize_ms
         result.queue_ms += scored.queue_ms
         result.inference_ms += scored.inference_ms
-        entries = [(keys[i], (float(v), int(t), shared)) for i, v, t in zip(todo, scored.logits, per_passage,
-                                                                           strict=True)]
+        entries = [(keys[i], (float(v), int(t), shared, int(w)))
+                   for i, v, t, w in zip(todo, scored.logits, per_passage, per_windows, strict=True)]
         self._store(entries)
         for i, (_, entry) in zip(todo, entries, strict=True):
             future = deliver.get(i)

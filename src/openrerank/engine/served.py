@@ -28,7 +28,7 @@ from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.families.bi_scorer import normalize
 from openrerank.observe.metrics import Metrics
 from openrerank.sources.source import ModelSource
-from openrerank.text.prepare import InputTooLongError, Prepared
+from openrerank.text.prepare import InputTooLongError, InstructionError, Prepared
 
 #: A request's texts are tokenized in slices of at most this many texts, or about this many characters
 #: (a longer text is a slice of its own; only its scorable part is tokenized, text/tokenizing.py).
@@ -129,18 +129,35 @@ class ServedModel:
         submission: one admission unit, one deadline, one cancellation.
 
         With a score cache, each query consults it on its own and only the passages it does not hold (and
-        no concurrent request is scoring) are tokenized and scored."""
+        no concurrent request is scoring) are tokenized and scored. A listwise model never uses it: its passages'
+        scores depend on each other, so a passage's score alone is not a cacheable fact."""
         t0 = time.perf_counter()
         if deadline is None:
             deadline = time.monotonic() + self.scheduler.config.request_timeout
+        for r in reqs:
+            self.check_instruction(r.instruction)
         chunk_caps = [self._chunk_cap(r) for r in reqs]
-        if self.score_cache is not None:
+        if self.score_cache is not None and not self.loaded.family.listwise:
             return list(await asyncio.gather(*(self._rerank_cached(r, cap, deadline, t0)
                                                for r, cap in zip(reqs, chunk_caps, strict=True))))
         scored = await self._score(reqs, [r.passages for r in reqs], chunk_caps, deadline)
         return [self._result(req, s.logits, s.prompt_tokens, s.prompt_tokens,
-                             Timings(s.tokenize_ms, s.queue_ms, s.inference_ms), t0)
+                             Timings(s.tokenize_ms, s.queue_ms, s.inference_ms), t0, s.windows)
                 for req, s in zip(reqs, scored, strict=True)]
+
+    def check_instruction(self, instruction: str | None) -> None:
+        """A request's `instruction` must mean something to this model: 400 before any work, never ignored."""
+        if instruction is None:
+            return
+        problem = self.loaded.family.instruction_problem(instruction)
+        if problem is None:
+            try:
+                self.loaded.encoder.with_instruction(instruction)
+            except InstructionError as exc:
+                problem = str(exc)
+        if problem:
+            raise UnsupportedRequestError(f"instruction: {problem} (model '{self.name}', family "
+                                          f"{self.loaded.family.id})")
 
     async def _rerank_cached(self, req: RerankRequest, chunk_cap: int | None, deadline: float, t0: float
                              ) -> RerankResult:
@@ -152,7 +169,7 @@ class ServedModel:
         cached = await self.score_cache.score(self.name, self._cache_namespace(req, chunk_cap), req.query,
                                               req.passages, score_misses)
         return self._result(req, cached.logits, cached.prompt_tokens, cached.scored_tokens,
-                            Timings(cached.tokenize_ms, cached.queue_ms, cached.inference_ms), t0)
+                            Timings(cached.tokenize_ms, cached.queue_ms, cached.inference_ms), t0, cached.windows)
 
     async def _score(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
                      chunk_caps: list[int | None], deadline: float) -> list[Scored]:
@@ -178,22 +195,22 @@ class ServedModel:
         return out
 
     def _result(self, req: RerankRequest, logits: np.ndarray, prompt_tokens: int, scored_tokens: int,
-                timings: Timings, t0: float) -> RerankResult:
+                timings: Timings, t0: float, windows: int) -> RerankResult:
         logits = _reportable(logits)
         if self.metrics:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
             self.metrics.tokens.labels(self.name, "rerank").inc(scored_tokens)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
-        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings)
+        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings, windows)
 
     def _cache_namespace(self, req: RerankRequest, chunk_cap: int | None) -> bytes:
         """Everything besides the texts that decides a passage's score: model, family options, window,
-        engine and precision, truncation and chunk bounds."""
+        engine and precision, truncation and chunk bounds, and the request's own instruction."""
         loaded = self.loaded
         return ScoreCache.namespace(
             self.name, loaded.source.spec, loaded.family.id, sorted(loaded.spec.options.items()),
             loaded.max_length, loaded.scorer.description, req.truncate.value, chunk_cap,
-            req.max_tokens_per_passage)
+            req.max_tokens_per_passage, req.instruction)
 
     def _chunk_cap(self, req: RerankRequest) -> int | None:
         if req.truncate is not Truncate.CHUNK:
@@ -215,17 +232,20 @@ class ServedModel:
         tokens = chunks = 0
         for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True):
             parts: list[tuple[int, Prepared]] = []
-            for a, b in text_slices(texts):
+            # a listwise model reads its passages together (blocks): one slice, folded its own way
+            slices = [(0, len(texts))] if self.loaded.family.listwise else text_slices(texts)
+            for a, b in slices:
                 try:
                     part = await asyncio.to_thread(encoder.prepare, r.query, texts[a:b], r.truncate,
                                                    max_chunks_per_passage=cap,
-                                                   max_tokens_per_passage=r.max_tokens_per_passage)
+                                                   max_tokens_per_passage=r.max_tokens_per_passage,
+                                                   instruction=r.instruction)
                 except InputTooLongError as exc:
                     exc.passage_index += a
                     raise
                 parts.append((a, part))
                 tokens += part.prompt_tokens
-                chunks += len(part.items) if r.truncate is Truncate.CHUNK else 0
+                chunks += part.windows if r.truncate is Truncate.CHUNK else 0
                 if chunks > self.limits.max_chunks_per_request:
                     raise RequestTooLargeError("chunks", chunks, self.limits.max_chunks_per_request,
                                                "--max-chunks-per-request", "send fewer or shorter passages, or "

@@ -153,6 +153,8 @@ class Family(ABC):
     runtimes: ClassVar[tuple[str, ...]]  # runtimes it runs on, the preferred CPU runtime first
     examples: ClassVar[tuple[str, ...]] = ()  # published hub ids served by this family
     takes_instruction: ClassVar[bool] = False
+    #: A passage's score depends on the other passages of its request (listwise models): no per-passage cache.
+    listwise: ClassVar[bool] = False
 
     @abstractmethod
     def matches(self, files: ModelFiles) -> bool:
@@ -162,14 +164,22 @@ class Family(ABC):
     def spec(self, files: ModelFiles, instruction: str | None = None) -> ModelSpec:
         """Validate the files for this family (ModelFormatError if they do not fit) and record its facts."""
 
-    def check_instruction(self, instruction: str) -> None:
-        """An operator's `--instruction` must mean something for this family: refused, never ignored."""
+    def instruction_problem(self, instruction: str) -> str | None:
+        """Why this family cannot take `instruction` (None: it can). The one rule for the operator's
+        `--instruction` and a request's `instruction` field: refused, never ignored."""
         if not self.takes_instruction:
-            raise ModelFormatError(f"--instruction: the {self.id} family has no prompt instruction to set")
+            return f"the {self.id} family has no prompt instruction to set"
         if not instruction.strip():
-            raise ModelFormatError("--instruction: the instruction is empty (leave the flag out for the default)")
+            return "the instruction is empty (leave it out for the model's default)"
         if _SLOT.search(instruction):
-            raise ModelFormatError("--instruction: an instruction may not contain {query} or {passage}")
+            return "an instruction may not contain {query} or {passage}"
+        return None
+
+    def check_instruction(self, instruction: str) -> None:
+        """An operator's `--instruction` must mean something for this family."""
+        problem = self.instruction_problem(instruction)
+        if problem:
+            raise ModelFormatError(f"--instruction: {problem}")
 
     @abstractmethod
     def text_encoder(self, spec: ModelSpec, tokenizer) -> TextEncoder: ...

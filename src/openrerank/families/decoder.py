@@ -112,7 +112,8 @@ class DecoderRerankerFamily(Family):
         return ModelSpec(files.path, self.id, files.model_type, arch, files.window(), options)
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> TemplateTextEncoder:
-        return TemplateTextEncoder(tokenizer, spec.max_length, self.template(spec.options.get("instruction")))
+        return TemplateTextEncoder(tokenizer, spec.max_length, self.template(spec.options.get("instruction")),
+                                   template_for=self.template if self.takes_instruction else None)
 
     def answer_ids(self, tokenizer) -> tuple[int, ...]:
         true, false = self.answer

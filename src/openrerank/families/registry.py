@@ -7,6 +7,7 @@ from openrerank.families.bge_reranker_gemma import BgeRerankerGemmaFamily
 from openrerank.families.bi_encoder import BiEncoderFamily
 from openrerank.families.cross_encoder import CrossEncoderFamily, classifier_architecture
 from openrerank.families.decoder import causal_architecture
+from openrerank.families.jina_reranker_v3 import JinaRerankerV3Family
 from openrerank.families.llama_bidirectional import LlamaBidirectionalFamily
 from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
 from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
@@ -14,6 +15,7 @@ from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 #: In detection order: the specific before the general (a Llama-bidirectional config also names a
 #: *ForSequenceClassification, which the cross-encoder family would claim).
 FAMILIES: tuple[Family, ...] = (
+    JinaRerankerV3Family(),
     LlamaBidirectionalFamily(),
     Qwen3RerankerFamily(),
     MxbaiRerankV2Family(),
@@ -42,7 +44,8 @@ def detect_family(files: ModelFiles) -> Family:
             return family
     causal = causal_architecture(files)
     if causal:
-        decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and f.id != "llama-bidirectional")
+        decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and f.id != "llama-bidirectional"
+                             and not f.listwise)
         raise ModelFormatError(
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "

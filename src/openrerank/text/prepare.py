@@ -27,6 +27,10 @@ CHUNK_OVERLAP = 0.25
 NONE_WINDOWS = 4
 
 
+class InstructionError(ValueError):
+    """A request's instruction this model cannot take (its input has none, or it does not fit the window)."""
+
+
 class InputTooLongError(ValueError):
     """A pair exceeds the model window under truncate=NONE (NIM: the whole request fails)."""
 
@@ -41,7 +45,7 @@ class InputTooLongError(ValueError):
 @dataclass
 class Prepared:
     items: list[WorkItem]
-    owners: list[int]  # passage index of each item
+    owners: list[int]  # passage index of each item (listwise: of each passage or chunk in its blocks)
     prompt_tokens: int  # tokens that will actually be scored
 
     @staticmethod
@@ -55,6 +59,10 @@ class Prepared:
             items += part.items
             owners += [start + o for o in part.owners]
         return Prepared(items, owners, sum(part.prompt_tokens for _, part in parts))
+    @property
+    def windows(self) -> int:
+        """Passages and chunks scored: a passage cut into N windows counts N."""
+        return len(self.owners)
 
     def fold(self, scores: np.ndarray, passages: int) -> np.ndarray:
         """Item scores -> one float32 score per passage: the best of its chunks."""
@@ -88,18 +96,25 @@ class TextEncoder(ABC):
         *,
         max_chunks_per_passage: int | None = None,
         max_tokens_per_passage: int | None = None,
+        instruction: str | None = None,
     ) -> Prepared:
+        """Work items for one query; `instruction` (a request's own) replaces the model's default one."""
+        encoder = self if instruction is None else self.with_instruction(instruction)
         m = self.max_length
         from_end = truncate is Truncate.START
         need = {Truncate.NONE: NONE_WINDOWS * m, Truncate.CHUNK: (max_chunks_per_passage or 0) * m}.get(truncate, m)
         if max_tokens_per_passage:
-            passages = self.clip_passages(passages, max_tokens_per_passage)
+            passages = encoder.clip_passages(passages, max_tokens_per_passage)
         if need:
             (query,), q_cut = bound_texts(self.tok, [query], NONE_WINDOWS * m if truncate is Truncate.NONE else m)
             passages, cut = bound_texts(self.tok, passages, need, from_end=from_end)
             if truncate is Truncate.NONE and (q_cut or cut):  # over the window whatever the rest holds
                 raise InputTooLongError(need, m, cut[0] if cut else 0, at_least=True)
-        return self._prepare(query, passages, truncate, max_chunks_per_passage)
+        return encoder._prepare(query, passages, truncate, max_chunks_per_passage)
+
+    def with_instruction(self, instruction: str) -> TextEncoder:
+        """This encoder with a request's own task instruction; InstructionError where the input has none."""
+        raise InstructionError("this model's input has no task instruction")
 
     @abstractmethod
     def _prepare(self, query: str, passages: list[str], truncate: Truncate, max_chunks: int | None) -> Prepared: ...

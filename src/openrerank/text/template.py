@@ -16,12 +16,23 @@ prompt; the query is cut first when it would leave the passage less than half th
 
 from __future__ import annotations
 
+import copy
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from openrerank.core.requests import Truncate
 from openrerank.core.work import PairItem, WorkItem
-from openrerank.text.prepare import InputTooLongError, Prepared, TextEncoder, cap_chunks, chunk_starts
+from openrerank.text.prepare import (
+    InputTooLongError,
+    InstructionError,
+    Prepared,
+    TextEncoder,
+    cap_chunks,
+    chunk_starts,
+)
 
 QUERY = "query"
 PASSAGE = "passage"
@@ -83,21 +94,55 @@ def _split_runs(ids: list[int], offsets: list[tuple[int, int]], spans: dict[str,
     return runs
 
 
+#: Per-request instructions whose prompt pieces an encoder keeps tokenized (least recently used beyond).
+INSTRUCTION_VARIANTS = 64
+
+
 class TemplateTextEncoder(TextEncoder):
-    def __init__(self, tokenizer, max_length: int, template: PromptTemplate) -> None:
+    """`template_for` (instruction -> template) lets a request bring its own instruction: the encoder for it
+    shares this one's tokenizer and only tokenizes the fixed pieces anew (kept for the last few instructions)."""
+
+    def __init__(self, tokenizer, max_length: int, template: PromptTemplate,
+                 template_for: Callable[[str], PromptTemplate] | None = None) -> None:
         super().__init__(tokenizer, max_length)
+        self._template_for = template_for
+        self._variants: OrderedDict[str, TemplateTextEncoder] = OrderedDict()
+        self._variants_lock = threading.Lock()
+        self._use(template)
+
+    def _use(self, template: PromptTemplate) -> None:
         self.template = template
-        if template.bos and tokenizer.bos_token_id is None:
+        if template.bos and self.tokenizer.bos_token_id is None:
             raise ValueError("this prompt starts with BOS but the tokenizer defines no bos_token")
-        self._bos: list[int] = [tokenizer.bos_token_id] if template.bos else []
+        self._bos: list[int] = [self.tokenizer.bos_token_id] if template.bos else []
         self._fixed = {i: self.tok.ids(p) for i, p in enumerate(template.pieces) if not _SLOT.search(p)}
         # The fixed text of the slot pieces (an instruction, `<Query>: `) counts too; filled with empty slots
         # it is within a token or two of what any pair will have.
         fixed = len(self._bos) + sum(len(self._fixed[i]) if i in self._fixed else len(self.tok.ids(fill(p, "", "")[0]))
                                      for i, p in enumerate(template.pieces))
-        if fixed >= max_length // 2:
-            raise ValueError(f"a {max_length}-token window is too small for this prompt: its fixed text (instruction "
-                             f"included) takes {fixed} tokens, and may take at most half the window")
+        if fixed >= self.max_length // 2:
+            raise ValueError(f"a {self.max_length}-token window is too small for this prompt: its fixed text "
+                             f"(instruction included) takes {fixed} tokens, and may take at most half the window")
+
+    def with_instruction(self, instruction: str) -> TemplateTextEncoder:
+        if self._template_for is None:
+            return super().with_instruction(instruction)  # type: ignore[return-value]
+        with self._variants_lock:
+            variant = self._variants.get(instruction)
+            if variant is not None:
+                self._variants.move_to_end(instruction)
+                return variant
+        try:
+            template = self._template_for(instruction)
+            variant = copy.copy(self)  # shares the tokenizer and its locks
+            variant._use(template)
+        except ValueError as exc:
+            raise InstructionError(str(exc)) from None
+        with self._variants_lock:
+            self._variants[instruction] = variant
+            while len(self._variants) > INSTRUCTION_VARIANTS:
+                self._variants.popitem(last=False)
+        return variant
 
     def runs(self, query: str, passages: list[str]) -> list[list[Run]]:
         """Each pair as role-tagged token runs, tokenized piece by piece."""

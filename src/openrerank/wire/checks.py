@@ -57,3 +57,9 @@ Text = Annotated[str, AfterValidator(valid_text)]
 Document = Annotated[str | dict[str, Any], AfterValidator(echoable)]
 #: A JSON boolean: `true` or `false` only (pydantic's lax mode would also take 0, 1, "yes", "off").
 Flag = Annotated[bool, Strict()]
+
+
+#: The request field that carries a task instruction for instruction-aware rerankers (vLLM's name for it).
+INSTRUCTION_DESCRIPTION = (
+    "Task instruction for instruction-aware rerankers (Qwen3-Reranker, mxbai-rerank-v2, jina-reranker-v3); "
+    "absent: the model's own (serve --instruction, else the model card's). A model that takes none answers 400.")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Document, Flag, Text
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Document, Flag, Text
 
 _QUERY = Field(min_length=1, description="The search query; must not be empty.")
 _TOP_N = Field(default=None, ge=0, description="Return only the best `top_n` results; 0 or absent = all.")
 _RETURN_DOCS = Field(default=False, description="Include each result's document in the response.")
+_INSTRUCTION = Field(default=None, description="openrerank extension (vLLM's field name): " + INSTRUCTION_DESCRIPTION)
 
 
 class CohereV1RerankRequest(BaseModel):
@@ -45,6 +46,7 @@ class CohereV1RerankRequest(BaseModel):
     max_chunks_per_doc: int | None = Field(
         default=None, ge=1, description="Most chunks scored per long document (default 10)."
     )
+    instruction: Text | None = _INSTRUCTION
 
 
 class CohereV2RerankRequest(BaseModel):
@@ -69,6 +71,7 @@ class CohereV2RerankRequest(BaseModel):
         description="Only each document's first N tokens are considered (default 4096); "
         "within them, windows longer than the model's are chunked and scored by the best chunk.",
     )
+    instruction: Text | None = _INSTRUCTION
 
 
 class CohereDocument(BaseModel):
@@ -87,20 +90,30 @@ class CohereApiVersion(BaseModel):
 
 
 class CohereBilledUnits(BaseModel):
-    search_units: int
+    search_units: int = Field(description="Cohere's unit: one query with up to 100 documents, each chunk of a "
+                              "long document counting as a document of its own (ceil(chunks / 100)).")
+
+
+class CohereTokens(BaseModel):
+    input_tokens: int = Field(description="Tokens the model read: prompts, queries and documents as scored.")
+    output_tokens: int = 0
 
 
 class CohereMeta(BaseModel):
     api_version: CohereApiVersion
     billed_units: CohereBilledUnits
+    tokens: CohereTokens
 
 
 class CohereUsage(BaseModel):
+    """Jina's `total_tokens` and vLLM's `prompt_tokens` (the same number: a reranker generates nothing)."""
+
+    prompt_tokens: int
     total_tokens: int
 
 
 class CohereRerankResponse(BaseModel):
-    """Cohere's response plus Jina's `model` and `usage`, so Jina-style clients parse it too."""
+    """Cohere's response plus Jina's and vLLM's `model` and `usage`, so their clients parse it too."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -108,9 +121,10 @@ class CohereRerankResponse(BaseModel):
                 "id": "4a1ba6a1-6f2b-4f5e-9a51-2d8f7a4c1c0e",
                 "results": [{"index": 0, "relevance_score": 0.93,
                              "document": {"text": "Paris is the capital of France."}}],
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                         "tokens": {"input_tokens": 42, "output_tokens": 0}},
                 "model": "sentence-transformers/all-MiniLM-L6-v2",
-                "usage": {"total_tokens": 42},
+                "usage": {"prompt_tokens": 42, "total_tokens": 42},
             }]
         }
     )

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Text
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Text
 
 
 class NimText(BaseModel):
@@ -39,6 +39,8 @@ class NimRankingRequest(BaseModel):
         description="openrerank extension, with CHUNK: most windows scored per passage (default and "
         "maximum: the server's --max-chunks-per-passage, 16 unless changed).",
     )
+    instruction: Text | None = Field(
+        default=None, description="openrerank extension (vLLM's field name): " + INSTRUCTION_DESCRIPTION)
 
 
 class NimRanking(BaseModel):

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Flag, Text
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Flag, Text
 
 
 class ScoreRequest(BaseModel):
@@ -36,6 +36,7 @@ class ScoreRequest(BaseModel):
         default=None, description="false: raw model scores; true/absent: [0, 1] scores."
     )
     activation: Flag | None = Field(default=None, description="Deprecated vLLM alias of use_activation.")
+    instruction: Text | None = Field(default=None, description=INSTRUCTION_DESCRIPTION)
 
 
 class ScoreData(BaseModel):

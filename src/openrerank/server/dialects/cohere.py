@@ -9,6 +9,7 @@ first `max_tokens_per_doc` tokens, default 4096). `relevance_score` is in [0, 1]
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
@@ -27,6 +28,8 @@ from openrerank.wire.cohere import (
 
 #: Cohere's documented defaults.
 V1_MAX_CHUNKS_PER_DOC = 10
+#: Documents (or chunks of them) one search unit covers.
+SEARCH_UNIT_DOCUMENTS = 100
 V2_MAX_TOKENS_PER_DOC = 4096
 
 
@@ -77,6 +80,7 @@ def v1_to_internal(body: CohereV1RerankRequest) -> RerankRequest:
         query=body.query, passages=texts, model=body.model, truncate=Truncate.CHUNK,
         top_n=body.top_n or None,
         max_chunks_per_passage=body.max_chunks_per_doc, default_chunks_per_passage=V1_MAX_CHUNKS_PER_DOC,
+        instruction=body.instruction,
     )
 
 
@@ -86,7 +90,14 @@ def v2_to_internal(body: CohereV2RerankRequest) -> RerankRequest:
         query=body.query, passages=list(body.documents), model=body.model, truncate=Truncate.CHUNK,
         top_n=body.top_n or None,
         max_tokens_per_passage=body.max_tokens_per_doc or V2_MAX_TOKENS_PER_DOC,
+        instruction=body.instruction,
     )
+
+
+def search_units(result: RerankResult) -> int:
+    """Cohere's billing unit: "one query with up to 100 documents to be ranked", where a document longer than
+    the model's window is split into chunks that each count as a document (cohere.com/pricing)."""
+    return max(1, math.ceil(result.scored_windows / SEARCH_UNIT_DOCUMENTS))
 
 
 def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
@@ -107,9 +118,10 @@ def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
     return {
         "id": request_id or str(uuid.uuid4()),
         "results": results,
-        "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
+        "meta": {"api_version": {"version": version}, "billed_units": {"search_units": search_units(result)},
+                 "tokens": {"input_tokens": result.prompt_tokens, "output_tokens": 0}},
         "model": result.model,
-        "usage": {"total_tokens": result.prompt_tokens},
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
 
 

@@ -45,6 +45,7 @@ def rerank_request(body: NimRankingRequest) -> RerankRequest:
         model=body.model,
         truncate=Truncate(body.truncate),
         max_chunks_per_passage=body.max_chunks_per_passage,
+        instruction=body.instruction,
     )
 
 

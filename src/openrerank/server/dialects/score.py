@@ -80,7 +80,7 @@ def to_internal(body: ScoreRequest) -> ScorePlan:
         passages[g].append(t2)
     requests = [
         RerankRequest(query=q, passages=passages[g], model=body.model, truncate=truncate,
-                      max_tokens_per_passage=cap)
+                      max_tokens_per_passage=cap, instruction=body.instruction)
         for q, g in groups.items()
     ]
     return ScorePlan(requests, pairs)
