@@ -146,7 +146,7 @@ class JinaRerankerV3Family(Family):
     readout = ("cosine(P(h at <|rerank_token|>), P(h at each passage's <|embed_token|>)), P = the projector MLP; "
                "blocks of up to 125 passages merged as the reference does")
     score_kind = ScoreKind.COSINE
-    engines = ("torch",)
+    runtimes = ("torch",)
     examples = ("jinaai/jina-reranker-v3",)
     takes_instruction = True
     listwise = True

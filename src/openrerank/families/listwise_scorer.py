@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from openrerank.core.work import BlockItem
-from openrerank.families.scorer import Scorer, RowsFailedError, Runtime, pad_features
+from openrerank.families.scorer import Scorer
+from openrerank.runtimes.base import RowsFailedError, Runtime, pad_features
 
 
-class ListwiseScorer(Backend):
+class ListwiseScorer(Scorer):
     def __init__(self, runtime: Runtime, pad_id: int) -> None:
         self.runtime = runtime
         self.pad_id = pad_id
