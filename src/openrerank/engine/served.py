@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
+from openrerank.core.requests import (
+    EmbedRequest,
+    EmbedResult,
+    MultiVectorResult,
+    RerankRequest,
+    RerankResult,
+    ScoreKind,
+    Timings,
+    Truncate,
+)
 from openrerank.core.work import Task
 from openrerank.engine.errors import (
     DeadlineExceededError,
@@ -25,7 +34,10 @@ from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.families.bi_scorer import normalize
+from openrerank.families.late_scorer import LateInteractionScorer, unpack
+from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.artifact_cache import model_fingerprint
 from openrerank.sources.source import ModelSource
 from openrerank.text.prepare import Prepared
 
@@ -181,7 +193,11 @@ class ServedModel:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
             self.metrics.tokens.labels(self.name, "rerank").inc(scored_tokens)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
-        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings)
+        query_vectors = None
+        if self.loaded.score_kind is ScoreKind.MAXSIM:  # the bound the unit-interval form divides by
+            query_vectors = self.loaded.encoder.query_vectors(req.query)  # type: ignore[attr-defined]
+        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings,
+                            query_vectors=query_vectors)
 
     def _cache_namespace(self, req: RerankRequest, chunk_cap: int | None) -> bytes:
         """Everything besides the texts that decides a passage's score: model, family options, window,
@@ -239,6 +255,36 @@ class ServedModel:
                           inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
         return EmbedResult(self.name, vectors, tokens, timings)
 
+    async def embed_multi_vector(self, req: EmbedRequest, *, deadline: float | None = None) -> MultiVectorResult:
+        """Per-token vectors of each text (late-interaction models), through the same scheduler as
+        reranking; passages share the token cache with reranking."""
+        if not self.loaded.multi_vector:
+            raise UnsupportedRequestError(f"Model '{self.name}' ({self.loaded.family.id}) has no multi-vector "
+                                          "embeddings; only late-interaction (ColBERT) models do")
+        t0 = time.perf_counter()
+        timeout = self.scheduler.config.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        try:
+            items = await asyncio.wait_for(
+                asyncio.to_thread(self.loaded.token_items, req.texts, req.truncate, req.input_type or "passage"),
+                max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceededError(timeout) from None
+        t1 = time.perf_counter()
+        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
+        vectors = [unpack(row) for row in outcome.scores]
+        bad = next((i for i, v in enumerate(vectors) if not np.isfinite(v).all()), None)
+        if bad is not None:
+            raise ModelOutputError(f"the model produced a non-finite token vector for input {bad}")
+        tokens = sum(it.length for it in items)
+        if self.metrics:
+            self.metrics.texts_embedded.labels(self.name).inc(len(items))
+            self.metrics.tokens.labels(self.name, "embed").inc(tokens)
+        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
+                          inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
+        return MultiVectorResult(self.name, vectors, tokens, timings)
+
     def check_dimensions(self, dimensions: int | None) -> None:
         """`dimensions` must be the model's own, or (Matryoshka models) any smaller positive size."""
         dim = self.embedding_dim
@@ -259,7 +305,16 @@ class ServedModel:
             meta["embedding_dim"] = self.embedding_dim
         if self.score_cache is not None:
             meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
+        if self.loaded.multi_vector:
+            meta["multi_vector"] = True
         return meta
+
+
+def token_namespace(loaded: LoadedModel) -> bytes:
+    """What decides a passage's token vectors besides its token ids: the model's content (a digest of its
+    files), family settings, window, engine and precision."""
+    return TokenCache.namespace(model_fingerprint(loaded.spec.path), loaded.family.id,
+                                sorted(loaded.spec.options.items()), loaded.max_length, loaded.backend.description)
 
 
 def _reportable(logits: np.ndarray) -> np.ndarray:
@@ -359,12 +414,15 @@ class ServedModels:
 
 def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
                       metrics: Metrics | None, *, limits: ChunkLimits | None = None,
-                      score_cache: ScoreCache | None = None) -> ServedModel:
-    """Blocking: load weights, build the scheduler, run a warm-up pass."""
+                      score_cache: ScoreCache | None = None, token_cache: TokenCache | None = None) -> ServedModel:
+    """Blocking: load weights, build the scheduler, run a warm-up pass; a late-interaction model gets its
+    view of the token cache after the warm-up (which then holds only what clients sent)."""
     loaded = load_model(source, options)
     scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
     served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits(),
                          score_cache=score_cache)
     served.warmup()
+    if token_cache is not None and isinstance(loaded.backend, LateInteractionScorer):
+        loaded.backend.cache = token_cache.bind(source.served_id, token_namespace(loaded))
     log.info("model %s ready", source.served_id)
     return served

@@ -31,6 +31,7 @@ from openrerank.engine.errors import (
 from openrerank.engine.loading import model_sources
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import ServedModels, UnknownModelError, load_served_model
+from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import cohere, embeddings, nim, score, tei
@@ -81,7 +82,8 @@ async def load_all(app: FastAPI) -> None:
         try:
             served = await asyncio.to_thread(load_served_model, source, load_options(config),
                                              scheduler_config(config), app.state.metrics,
-                                             limits=chunk_limits(config), score_cache=app.state.score_cache)
+                                             limits=chunk_limits(config), score_cache=app.state.score_cache,
+                                             token_cache=app.state.token_cache)
             await served.scheduler.start()
         except Exception as exc:
             reason = first_line(exc)
@@ -266,6 +268,9 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.metrics = metrics or Metrics()
     app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
                              if config.score_cache_mb > 0 else None)
+    # Always made (it costs nothing until a late-interaction model stores vectors): with 0 MiB it holds nothing
+    # but still counts what those models encode.
+    app.state.token_cache = TokenCache(int(config.token_cache_mb * 2**20), app.state.metrics.registry)
     app.state.models = ServedModels()
     app.state.models.expected = [s.served_id for s in model_sources(config.models)]
     for router in ROUTERS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from openrerank.engine.batching import default_policy
+from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 
 #: Scheduler settings whose default depends on the device (None: `default_policy(device)`'s value).
 BATCHING_FIELDS = ("max_batch_tokens", "max_batch_size", "max_padding", "min_batch_rows")
@@ -44,6 +45,7 @@ class ServerConfig:
     max_queue: int = 1024
     request_timeout: float = 120.0
     score_cache_mb: float = 0.0  # exact LRU of passage scores shared by all models; 0: off
+    token_cache_mb: float = DEFAULT_TOKEN_CACHE_MB  # late-interaction passages' token vectors; 0: off
     # bounded work per request (docs/reliability.md)
     max_request_tokens: int | None = None  # None: max_batch_tokens x request_timeout / 2 s
     max_queue_tokens: int | None = None  # None: two request budgets
@@ -91,6 +93,7 @@ class ServerConfig:
             need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
         need(self.score_cache_mb >= 0, "score-cache-mb", "must be 0 (off) or more")
+        need(self.token_cache_mb >= 0, "token-cache-mb", "must be 0 (off) or more")
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
         need(0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
         need(self.log_level.lower() in ("critical", "error", "warning", "info", "debug", "trace"), "log-level",

@@ -24,7 +24,7 @@ from openrerank import __version__
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common
-from openrerank.server.dialects.score_form import relevance
+from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, format_validation_errors, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import parse_model_arg
@@ -113,7 +113,7 @@ def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate
 
 def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
     """Internal result -> TEI's bare array, best first; [0, 1] scores unless `raw_scores`."""
-    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    scores = result.logits.astype(float) if body.raw_scores else result_relevance(result)
     out = []
     for i, _ in result.top():
         rank: dict[str, Any] = {"index": i, "score": float(scores[i])}
@@ -132,7 +132,7 @@ def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
 
 def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, request_id: str | None) -> dict:
     """Internal result -> Infinity's answer: best first, cut to top_n, [0, 1] scores unless raw_scores."""
-    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    scores = result.logits.astype(float) if body.raw_scores else result_relevance(result)
     results = []
     for i, _ in result.top(body.top_n):
         item: dict[str, Any] = {"relevance_score": float(scores[i]), "index": i}
