@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +31,7 @@ from openrerank.engine.errors import (
     UnsupportedRequestError,
 )
 from openrerank.engine.loading import LoadedModel, LoadOptions, load_model
-from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig, ScoreOutcome
 from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.families.bi_scorer import normalize
 from openrerank.families.late_scorer import LateInteractionScorer, unpack
@@ -64,9 +64,13 @@ class UnknownModelError(LookupError):
 class NotAnEmbeddingModelError(UnsupportedRequestError):
     """Embeddings asked of a reranker that has none (a cross-encoder or LLM reranker scores pairs only)."""
 
-    def __init__(self, name: str | None, family: str | None, embedders: list[str]) -> None:
+    def __init__(self, name: str | None, family: str | None, embedders: list[str], *,
+                 multi_vector: bool = False) -> None:
         self.embedders = embedders
         what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
+        if multi_vector:
+            what = (f"Model '{name}' ({family}) has one vector per token, not one per text: its embeddings are on "
+                    f"POST /v1/embeddings/multi_vector")
         if name is None:
             what = "No model was named and the first served model produces no embeddings"
         where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
@@ -228,17 +232,8 @@ class ServedModel:
         admission unit, one deadline covering tokenization too, one cancellation), shorten if asked."""
         self.check_dimensions(req.dimensions)
         t0 = time.perf_counter()
-        timeout = self.scheduler.config.request_timeout
-        if deadline is None:
-            deadline = time.monotonic() + timeout
-        try:
-            items = await asyncio.wait_for(
-                asyncio.to_thread(self.loaded.embedding_items, req.texts, req.truncate, req.input_type),
-                max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise DeadlineExceededError(timeout) from None
-        t1 = time.perf_counter()
-        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
+        items, outcome, tokenize_ms = await self._submit_texts(
+            lambda: self.loaded.embedding_items(req.texts, req.truncate, req.input_type), deadline)
         vectors = outcome.scores
         if not np.isfinite(vectors).all():
             bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
@@ -247,12 +242,7 @@ class ServedModel:
             vectors = vectors[:, : req.dimensions]
             if self.loaded.spec.options.get("normalize"):  # a shortened unit vector is unit again
                 vectors = normalize(vectors).astype(np.float32)
-        tokens = sum(it.length for it in items)
-        if self.metrics:
-            self.metrics.texts_embedded.labels(self.name).inc(len(items))
-            self.metrics.tokens.labels(self.name, "embed").inc(tokens)
-        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
-                          inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
+        tokens, timings = self._embedded(items, outcome, tokenize_ms, t0)
         return EmbedResult(self.name, vectors, tokens, timings)
 
     async def embed_multi_vector(self, req: EmbedRequest, *, deadline: float | None = None) -> MultiVectorResult:
@@ -262,28 +252,38 @@ class ServedModel:
             raise UnsupportedRequestError(f"Model '{self.name}' ({self.loaded.family.id}) has no multi-vector "
                                           "embeddings; only late-interaction (ColBERT) models do")
         t0 = time.perf_counter()
-        timeout = self.scheduler.config.request_timeout
-        if deadline is None:
-            deadline = time.monotonic() + timeout
-        try:
-            items = await asyncio.wait_for(
-                asyncio.to_thread(self.loaded.token_items, req.texts, req.truncate, req.input_type or "passage"),
-                max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise DeadlineExceededError(timeout) from None
-        t1 = time.perf_counter()
-        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
+        items, outcome, tokenize_ms = await self._submit_texts(
+            lambda: self.loaded.token_items(req.texts, req.truncate, req.input_type or "passage"), deadline)
         vectors = [unpack(row) for row in outcome.scores]
         bad = next((i for i, v in enumerate(vectors) if not np.isfinite(v).all()), None)
         if bad is not None:
             raise ModelOutputError(f"the model produced a non-finite token vector for input {bad}")
+        tokens, timings = self._embedded(items, outcome, tokenize_ms, t0)
+        return MultiVectorResult(self.name, vectors, tokens, timings)
+
+    async def _submit_texts(self, make_items: Callable[[], list], deadline: float | None
+                            ) -> tuple[list, ScoreOutcome, float]:
+        """Tokenize off the loop within the deadline, then submit the items as one unit; the items, the
+        outcome and the milliseconds tokenization took."""
+        t0 = time.perf_counter()
+        timeout = self.scheduler.config.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        try:
+            items = await asyncio.wait_for(asyncio.to_thread(make_items), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceededError(timeout) from None
+        tokenize_ms = (time.perf_counter() - t0) * 1e3
+        return items, await self.scheduler.submit(items, timeout=timeout, deadline=deadline), tokenize_ms
+
+    def _embedded(self, items: list, outcome: ScoreOutcome, tokenize_ms: float, t0: float) -> tuple[int, Timings]:
+        """Count embedded texts and tokens; the usage tokens and the request's timings."""
         tokens = sum(it.length for it in items)
         if self.metrics:
             self.metrics.texts_embedded.labels(self.name).inc(len(items))
             self.metrics.tokens.labels(self.name, "embed").inc(tokens)
-        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
-                          inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
-        return MultiVectorResult(self.name, vectors, tokens, timings)
+        return tokens, Timings(tokenize_ms=tokenize_ms, queue_ms=outcome.queue_ms, inference_ms=outcome.inference_ms,
+                               total_ms=(time.perf_counter() - t0) * 1e3)
 
     def check_dimensions(self, dimensions: int | None) -> None:
         """`dimensions` must be the model's own, or (Matryoshka models) any smaller positive size."""
@@ -403,7 +403,8 @@ class ServedModels:
             raise UnknownModelError(name, self.embedders or self.names, "embedding models" if self.embedders
                                     else "models")
         if not model.embeds:
-            raise NotAnEmbeddingModelError(name, model.loaded.family.id, self.embedders)
+            raise NotAnEmbeddingModelError(name, model.loaded.family.id, self.embedders,
+                                           multi_vector=model.loaded.multi_vector)
         return model
 
     async def stop(self) -> None:

@@ -34,7 +34,7 @@ from openrerank.engine.served import ServedModels, UnknownModelError, load_serve
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import cohere, embeddings, nim, score, tei
+from openrerank.server.dialects import cohere, embeddings, multi_vector, nim, score, tei
 from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
 from openrerank.server.errors import ApiError, Dialect, dialect_for, format_validation_errors
 from openrerank.server.middleware import (
@@ -52,7 +52,7 @@ from openrerank.text.prepare import InputTooLongError
 log = logging.getLogger(__name__)
 
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
-ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router]
+ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router, multi_vector.router]
 
 #: Where the Swagger UI / ReDoc assets are served from (public, like /docs itself).
 DOCS_ASSETS = "/docs-assets"
