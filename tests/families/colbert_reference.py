@@ -61,7 +61,7 @@ class Reference:
         length = s["q_len"] if query else s["d_len"]
         marker = tok.convert_tokens_to_ids(s["q"] if query else s["d"])
         ids = tok(text.strip(), truncation=True, max_length=length - 1)["input_ids"]
-        ids = ids[:1] + [marker] + ids[1:]
+        ids = [*ids[:1], marker, *ids[1:]]
         attn = [1] * len(ids)
         if query and augment:
             pad = length - len(ids)

@@ -102,7 +102,8 @@ def test_parity_with_the_reference_and_negative_controls(server, references, nam
         for query in QUERY_SET:
             got = _raw(c, name, query, CORPUS)
             assert got == pytest.approx(ref.scores(query, CORPUS), abs=TOL), query
-    # `got` holds the last query's scores. Each step matters: the reference without it misses the server's scores by far more than the tolerance.
+    # `got` holds the last query's scores. Each step matters: the reference without it misses the server's
+    # scores by far more than the tolerance.
     for switch in ("augment", "skiplist", "normalize"):
         wrong = ref.scores(QUERY_SET[-1], CORPUS, **{switch: False})
         assert np.abs(wrong - got).max() > WRONG, switch
