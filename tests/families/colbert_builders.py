@@ -37,8 +37,9 @@ class ColbertShape:
 
 def _vocab() -> list[str]:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    return (["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.punctuation)
-            + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters])
+    tokens = (["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.punctuation)
+              + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters])
+    return list(dict.fromkeys(tokens))  # once each ("a" is a word and a letter): ids stay below the vocab size
 
 
 def _bert(out: Path, shape: ColbertShape, seed: int, *, architectures: list[str] | None = None):
