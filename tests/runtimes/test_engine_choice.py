@@ -86,7 +86,8 @@ def test_timings_are_cached_and_reused_without_timing_again(tiny_model_dir, cach
     assert all(m["pairs_per_s"] > 0 for m in record["measurements"] if "error" not in m)
     no_timing(monkeypatch)
     again = load_model(str(tiny_model_dir))
-    assert (again.runtime_choice.runtime, again.runtime_choice.dtype) == (first.runtime_choice.runtime, first.runtime_choice.dtype)
+    a, b = again.runtime_choice, first.runtime_choice
+    assert (a.runtime, a.dtype) == (b.runtime, b.dtype)
     assert again.throughput == first.throughput
     assert "cached from an earlier start" in again.runtime_choice.reason
     again.close()

@@ -96,6 +96,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
         args.rounds = args.rounds or 3
         return run_scaleout(args)
+    if args.suite == "colbert":
+        from openrerank_bench.colbert import run_colbert_bench
+
+        return run_colbert_bench(args)
     if args.suite == "llm":
         from openrerank_bench.llm import run_llm_bench
 
@@ -324,9 +328,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="benchmark engines against the usual hand-written PyTorch baseline",
                        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--suite", choices=("cross-encoder", "llm"), default="cross-encoder",
+    p.add_argument("--suite", choices=("cross-encoder", "llm", "colbert"), default="cross-encoder",
                    help="cross-encoder: MiniLM-L6 vs sentence-transformers (default); llm: Qwen3-0.6B- and "
-                   "Llama-1B-shaped LLM rerankers vs their reference code (see openrerank_bench.llm)")
+                   "Llama-1B-shaped LLM rerankers vs their reference code (see openrerank_bench.llm); colbert: "
+                   "answerai-colbert-small-shaped ColBERT, cold and warm token cache, vs the MiniLM-L6 "
+                   "cross-encoder (see openrerank_bench.colbert)")
     p.add_argument("--data", help=f"BEIR folder of {DATASET} (default: ../shared/data/{DATASET})")
     p.add_argument("--run", default="runs/bm25_top100.trec.gz", help="TREC run giving each query's candidates")
     p.add_argument("--model", choices=MODELS, default="cross-encoder",

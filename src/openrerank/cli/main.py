@@ -89,6 +89,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("batch-wait-ms", "engine", "how long a batch waits for concurrent requests", float),
     Option("score-cache-mb", "engine", "memory for an exact LRU cache of passage scores (repeated query+passage "
            "pairs skip tokenization and the model); 0 turns it off", float),
+    Option("token-cache-mb", "engine", "memory for an exact LRU cache of passages' token vectors (late-interaction "
+           "models: a passage seen again costs only the query); 0 turns it off", float),
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-inputs", "limits", "most texts in one /v1/embeddings request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),

@@ -18,10 +18,14 @@ class ScoreKind(str, Enum):
 
     LOGIT: a relevance logit (log-odds); its unit-interval form is the sigmoid.
     COSINE: a cosine similarity in [-1, 1]; its unit-interval form is (cosine + 1) / 2.
+    MAXSIM: late interaction (ColBERT): the sum, over the query's n token vectors, of each one's best cosine
+    with the passage's token vectors, in [-n, n]; its unit-interval form is (score / n + 1) / 2 (the mean
+    best cosine, mapped like COSINE). n travels with the result (`RerankResult.query_vectors`).
     """
 
     LOGIT = "logit"
     COSINE = "cosine"
+    MAXSIM = "maxsim"
 
 
 class Truncate(str, Enum):
@@ -97,6 +101,8 @@ class RerankResult:
     @property
     def scored_windows(self) -> int:
         return len(self.logits) if self.windows is None else self.windows
+    #: MAXSIM only: how many query vectors the scores sum over (the bound of the score's magnitude).
+    query_vectors: int | None = None
 
     def order(self) -> list[int]:
         """Passage indices best-first; ties keep request order (stable sort)."""
@@ -115,6 +121,16 @@ class EmbedResult:
 
     model: str
     embeddings: np.ndarray
+    prompt_tokens: int
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class MultiVectorResult:
+    """Token vectors of each request text, in request order: `vectors[i]` is `(tokens_i, dim)` float32."""
+
+    model: str
+    vectors: list[np.ndarray]
     prompt_tokens: int
     timings: Timings = field(default_factory=Timings)
 

@@ -31,7 +31,8 @@ class PairItem:
 
 @dataclass(slots=True)
 class BiItem:
-    """A bi-encoder input: query and passage encoded separately, compared by cosine."""
+    """Query and passage encoded separately: a bi-encoder compares their pooled vectors by cosine, a
+    late-interaction (ColBERT) model their token vectors by MaxSim."""
 
     query_ids: list[int]
     passage_ids: list[int]
@@ -67,6 +68,13 @@ class BlockItem:
     @property
     def length(self) -> int:
         return len(self.input_ids)
+
+
+class TokenEmbedItem(EmbedItem):
+    """One text embedded token by token (late interaction, e.g. ColBERT); `query` picks the query side
+    (query marker, expansion) or the document side (document marker, skiplist)."""
+
+    query: bool = False
 
 
 WorkItem = PairItem | BiItem | EmbedItem | BlockItem

@@ -9,8 +9,8 @@ Refusals carry a Retry-After: the pending tokens times the measured model time p
 the requests accepted but not yet planned, the pending totals the limits bound, the scheduler's lifecycle
 state (admission closes when it stops or its worker dies) and the speed estimate behind Retry-After.
 
-Admission by measured speed: A fixed token budget assumed a speed the machine may not have (983,040 tokens assumed ~8k tokens/s; a
-MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran 120 s and ended 504).
+Admission by measured speed. A fixed token budget assumed a speed the machine may not have (983,040 tokens
+assumed ~8k tokens/s; a MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran 120 s and ended 504).
 Instead the model's rate is measured when it is warmed up (`measure_rate`: warm-up batches growing until
 one takes about `WARMUP_TARGET_S`), and:
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from openrerank.core.work import WorkItem

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.core.requests import InputType, ScoreKind, Truncate
-from openrerank.core.work import EmbedItem, Task
+from openrerank.core.work import EmbedItem, Task, TokenEmbedItem
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
@@ -27,6 +27,7 @@ from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, crea
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
+from openrerank.text.late import LateTextEncoder
 from openrerank.text.prepare import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,21 @@ class LoadedModel:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
             out[idx] = emb
         return out
+
+    @property
+    def multi_vector(self) -> bool:
+        """Whether the model hands out per-token (multi-vector) embeddings: late-interaction models."""
+        return isinstance(self.encoder, LateTextEncoder)
+
+    def token_items(self, texts: list[str], truncate: Truncate = Truncate.END, input_type: InputType = "passage"
+                    ) -> list[TokenEmbedItem]:
+        """Texts as per-token embedding work items (the multi-vector route): queries with their marker (and
+        augmentation, added by the scorer), passages with theirs, cut (or refused, NONE) at the window."""
+        if not self.multi_vector:
+            raise TaskNotSupportedError(f"{self.source.served_id} is a {self.family.id}; only late-interaction "
+                                        "models have multi-vector embeddings")
+        encoder: LateTextEncoder = self.encoder  # type: ignore[assignment]
+        return encoder.token_items(texts, truncate, query=input_type == "query")
 
     @property
     def tasks(self) -> list[Task]:

@@ -8,12 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
+from openrerank.core.requests import (
+    EmbedRequest,
+    EmbedResult,
+    MultiVectorResult,
+    RerankRequest,
+    RerankResult,
+    ScoreKind,
+    Timings,
+    Truncate,
+)
 from openrerank.core.work import Task
 from openrerank.engine.admission import ChunkLimits, measure_rate
 from openrerank.engine.errors import (
@@ -23,10 +32,13 @@ from openrerank.engine.errors import (
     UnsupportedRequestError,
 )
 from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
-from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig, ScoreOutcome
 from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.families.bi_scorer import normalize
+from openrerank.families.late_scorer import LateInteractionScorer, unpack
+from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.artifact_cache import model_fingerprint
 from openrerank.sources.source import ModelSource
 from openrerank.text.prepare import InputTooLongError, InstructionError, Prepared
 
@@ -58,9 +70,13 @@ class UnknownModelError(LookupError):
 class NotAnEmbeddingModelError(UnsupportedRequestError):
     """Embeddings asked of a reranker that has none (a cross-encoder or LLM reranker scores pairs only)."""
 
-    def __init__(self, name: str | None, family: str | None, embedders: list[str]) -> None:
+    def __init__(self, name: str | None, family: str | None, embedders: list[str], *,
+                 multi_vector: bool = False) -> None:
         self.embedders = embedders
         what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
+        if multi_vector:
+            what = (f"Model '{name}' ({family}) has one vector per token, not one per text: its embeddings are on "
+                    f"POST /v1/embeddings/multi_vector")
         if name is None:
             what = "No model was named and the first served model produces no embeddings"
         where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
@@ -201,7 +217,11 @@ class ServedModel:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
             self.metrics.tokens.labels(self.name, "rerank").inc(scored_tokens)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
-        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings, windows)
+        query_vectors = None
+        if self.loaded.score_kind is ScoreKind.MAXSIM:  # the bound the unit-interval form divides by
+            query_vectors = self.loaded.encoder.query_vectors(req.query)  # type: ignore[attr-defined]
+        return RerankResult(self.name, logits, prompt_tokens, self.loaded.score_kind, timings, windows,
+                            query_vectors=query_vectors)
 
     def _cache_namespace(self, req: RerankRequest, chunk_cap: int | None) -> bytes:
         """Everything besides the texts that decides a passage's score: model, family options, window,
@@ -269,7 +289,7 @@ class ServedModel:
             items = await asyncio.wait_for(self._embedding_items(req), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(timeout) from None
-        t1 = time.perf_counter()
+        tokenize_ms = (time.perf_counter() - t0) * 1e3
         outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
         vectors = outcome.scores
         if not np.isfinite(vectors).all():
@@ -279,13 +299,48 @@ class ServedModel:
             vectors = vectors[:, : req.dimensions]
             if self.loaded.spec.options.get("normalize"):  # a shortened unit vector is unit again
                 vectors = normalize(vectors).astype(np.float32)
+        tokens, timings = self._embedded(items, outcome, tokenize_ms, t0)
+        return EmbedResult(self.name, vectors, tokens, timings)
+
+    async def embed_multi_vector(self, req: EmbedRequest, *, deadline: float | None = None) -> MultiVectorResult:
+        """Per-token vectors of each text (late-interaction models), through the same scheduler as
+        reranking; passages share the token cache with reranking."""
+        if not self.loaded.multi_vector:
+            raise UnsupportedRequestError(f"Model '{self.name}' ({self.loaded.family.id}) has no multi-vector "
+                                          "embeddings; only late-interaction (ColBERT) models do")
+        t0 = time.perf_counter()
+        items, outcome, tokenize_ms = await self._submit_texts(
+            lambda: self.loaded.token_items(req.texts, req.truncate, req.input_type or "passage"), deadline)
+        vectors = [unpack(row) for row in outcome.scores]
+        bad = next((i for i, v in enumerate(vectors) if not np.isfinite(v).all()), None)
+        if bad is not None:
+            raise ModelOutputError(f"the model produced a non-finite token vector for input {bad}")
+        tokens, timings = self._embedded(items, outcome, tokenize_ms, t0)
+        return MultiVectorResult(self.name, vectors, tokens, timings)
+
+    async def _submit_texts(self, make_items: Callable[[], list], deadline: float | None
+                            ) -> tuple[list, ScoreOutcome, float]:
+        """Tokenize off the loop within the deadline, then submit the items as one unit; the items, the
+        outcome and the milliseconds tokenization took."""
+        t0 = time.perf_counter()
+        timeout = self.scheduler.config.request_timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        try:
+            items = await asyncio.wait_for(asyncio.to_thread(make_items), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceededError(timeout) from None
+        tokenize_ms = (time.perf_counter() - t0) * 1e3
+        return items, await self.scheduler.submit(items, timeout=timeout, deadline=deadline), tokenize_ms
+
+    def _embedded(self, items: list, outcome: ScoreOutcome, tokenize_ms: float, t0: float) -> tuple[int, Timings]:
+        """Count embedded texts and tokens; the usage tokens and the request's timings."""
         tokens = sum(it.length for it in items)
         if self.metrics:
             self.metrics.texts_embedded.labels(self.name).inc(len(items))
             self.metrics.tokens.labels(self.name, "embed").inc(tokens)
-        timings = Timings(tokenize_ms=(t1 - t0) * 1e3, queue_ms=outcome.queue_ms,
-                          inference_ms=outcome.inference_ms, total_ms=(time.perf_counter() - t0) * 1e3)
-        return EmbedResult(self.name, vectors, tokens, timings)
+        return tokens, Timings(tokenize_ms=tokenize_ms, queue_ms=outcome.queue_ms, inference_ms=outcome.inference_ms,
+                               total_ms=(time.perf_counter() - t0) * 1e3)
 
     async def _embedding_items(self, req: EmbedRequest) -> list:
         """The texts' work items, tokenized off the loop a slice at a time (see `_prepare_all`)."""
@@ -321,6 +376,8 @@ class ServedModel:
             meta["embedding_dim"] = self.embedding_dim
         if self.score_cache is not None:
             meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
+        if self.loaded.multi_vector:
+            meta["multi_vector"] = True
         return meta
 
 
@@ -336,6 +393,11 @@ def text_slices(texts: Sequence[str]) -> list[tuple[int, int]]:
     if start < len(texts):
         out.append((start, len(texts)))
     return out
+def token_namespace(loaded: LoadedModel) -> bytes:
+    """What decides a passage's token vectors besides its token ids: the model's content (a digest of its
+    files), family settings, window, engine and precision."""
+    return TokenCache.namespace(model_fingerprint(loaded.spec.path), loaded.family.id,
+                                sorted(loaded.spec.options.items()), loaded.max_length, loaded.scorer.description)
 
 
 def _reportable(logits: np.ndarray) -> np.ndarray:
@@ -425,7 +487,8 @@ class ServedModels:
             raise UnknownModelError(name, self.embedders or self.names, "embedding models" if self.embedders
                                     else "models")
         if not model.embeds:
-            raise NotAnEmbeddingModelError(name, model.loaded.family.id, self.embedders)
+            raise NotAnEmbeddingModelError(name, model.loaded.family.id, self.embedders,
+                                           multi_vector=model.loaded.multi_vector)
         return model
 
     async def stop(self) -> None:
@@ -436,13 +499,16 @@ class ServedModels:
 
 def load_served_model(source: ResolvedModel | ModelSource, options: LoadOptions, sched: SchedulerConfig,
                       metrics: Metrics | None, *, limits: ChunkLimits | None = None,
-                      score_cache: ScoreCache | None = None) -> ServedModel:
+                      score_cache: ScoreCache | None = None, token_cache: TokenCache | None = None) -> ServedModel:
     """Blocking: load weights (resolving the source first unless it is resolved), build the scheduler, run a
-    warm-up pass."""
+    warm-up pass; a late-interaction model gets its view of the token cache after the warm-up (which then
+    holds only what clients sent)."""
     loaded = load_model(source, options)
     name = loaded.source.served_id
     scheduler = Scheduler(loaded.scorer, sched, name=name, metrics=metrics)
     served = ServedModel(name, loaded, scheduler, metrics, limits=limits or ChunkLimits(), score_cache=score_cache)
     served.warmup()
+    if token_cache is not None and isinstance(loaded.scorer, LateInteractionScorer):
+        loaded.scorer.cache = token_cache.bind(name, token_namespace(loaded))
     log.info("model %s ready", name)
     return served

@@ -192,7 +192,8 @@ class Family(ABC):
 
     @property
     def unit_score(self) -> str:
-        return "sigmoid(score)" if self.score_kind is ScoreKind.LOGIT else "(cosine + 1) / 2"
+        return {ScoreKind.LOGIT: "sigmoid(score)", ScoreKind.COSINE: "(cosine + 1) / 2",
+                ScoreKind.MAXSIM: "(maxsim / query vectors + 1) / 2"}[self.score_kind]
 
     def describe(self) -> dict:
         """The family as `openrerank families` and docs show it (the "engines" key lists its runtimes)."""

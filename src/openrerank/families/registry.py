@@ -5,6 +5,7 @@ from __future__ import annotations
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.bge_reranker_gemma import BgeRerankerGemmaFamily
 from openrerank.families.bi_encoder import BiEncoderFamily
+from openrerank.families.colbert import ColbertFamily
 from openrerank.families.cross_encoder import CrossEncoderFamily, classifier_architecture
 from openrerank.families.decoder import causal_architecture
 from openrerank.families.jina_reranker_v3 import JinaRerankerV3Family
@@ -13,7 +14,8 @@ from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
 from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 
 #: In detection order: the specific before the general (a Llama-bidirectional config also names a
-#: *ForSequenceClassification, which the cross-encoder family would claim).
+#: *ForSequenceClassification, which the cross-encoder family would claim; a PyLate ColBERT folder also has
+#: the modules.json the bi-encoder family would claim).
 FAMILIES: tuple[Family, ...] = (
     JinaRerankerV3Family(),
     LlamaBidirectionalFamily(),
@@ -21,6 +23,7 @@ FAMILIES: tuple[Family, ...] = (
     MxbaiRerankV2Family(),
     BgeRerankerGemmaFamily(),
     CrossEncoderFamily(),
+    ColbertFamily(),
     BiEncoderFamily(),
 )
 _BY_ID = {f.id: f for f in FAMILIES}
@@ -44,8 +47,8 @@ def detect_family(files: ModelFiles) -> Family:
             return family
     causal = causal_architecture(files)
     if causal:
-        decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and f.id != "llama-bidirectional"
-                             and not f.listwise)
+        decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and not f.listwise
+                             and f.id not in ("llama-bidirectional", "colbert"))
         raise ModelFormatError(
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "

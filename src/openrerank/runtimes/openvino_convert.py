@@ -46,8 +46,8 @@ from openrerank.runtimes.artifact_cache import (
     ensure_artifact,
     key_of,
     model_fingerprint,
-    user_cache_dir,
     package_versions,
+    user_cache_dir,
 )
 from openrerank.runtimes.base import Network, NetworkBuild, probe_features
 

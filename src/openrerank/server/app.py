@@ -20,9 +20,10 @@ from openrerank import __version__
 from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import ServedModels, load_served_model
+from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import cohere, embeddings, nim, score, tei
+from openrerank.server.dialects import cohere, embeddings, multi_vector, nim, score, tei
 from openrerank.server.drain import Drain
 from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
 from openrerank.server.errors import (
@@ -48,7 +49,7 @@ from openrerank.server.responses import OrjsonResponse
 log = logging.getLogger(__name__)
 
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
-ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router]
+ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router, multi_vector.router]
 
 #: Where the Swagger UI / ReDoc assets are served from (public, like /docs itself).
 DOCS_ASSETS = "/docs-assets"
@@ -80,7 +81,8 @@ async def load_all(app: FastAPI) -> None:
             served = await asyncio.to_thread(load_served_model, resolved.get(source.served_id, source),
                                              load_options(config),
                                              scheduler_config(config), app.state.metrics,
-                                             limits=chunk_limits(config), score_cache=app.state.score_cache)
+                                             limits=chunk_limits(config), score_cache=app.state.score_cache,
+                                             token_cache=app.state.token_cache)
             await served.scheduler.start()
         except Exception as exc:
             reason = first_line(exc)
@@ -257,6 +259,9 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.metrics = metrics or Metrics()
     app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
                              if config.score_cache_mb > 0 else None)
+    # Always made (it costs nothing until a late-interaction model stores vectors): with 0 MiB it holds nothing
+    # but still counts what those models encode.
+    app.state.token_cache = TokenCache(int(config.token_cache_mb * 2**20), app.state.metrics.registry)
     app.state.models = ServedModels()
     app.state.resolved = {r.source.served_id: r for r in resolved}
     app.state.drain = Drain(config.graceful_timeout)

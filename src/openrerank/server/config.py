@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
+from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ServerConfig:
     max_queue: int = SchedulerConfig.max_queue
     request_timeout: float = SchedulerConfig.request_timeout
     score_cache_mb: float = 0.0  # exact LRU of passage scores shared by all models; 0: off
+    token_cache_mb: float = DEFAULT_TOKEN_CACHE_MB  # late-interaction passages' token vectors; 0: off
     # bounded work per request (docs/reliability.md)
     max_request_tokens: int | None = None  # None: SchedulerConfig.request_budget
     max_queue_tokens: int | None = None  # None: SchedulerConfig.queue_budget
@@ -106,6 +108,7 @@ class ServerConfig:
             need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
         need(self.score_cache_mb >= 0, "score-cache-mb", "must be 0 (off) or more")
+        need(self.token_cache_mb >= 0, "token-cache-mb", "must be 0 (off) or more")
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
         need(self.max_padding is None or 0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
         need(self.log_level.lower() in ("critical", "error", "warning", "info", "debug", "trace"), "log-level",

@@ -156,11 +156,14 @@ def register_dialect(dialect: Dialect) -> Dialect:
 
 
 def dialect_for(path: str) -> Dialect:
-    """The dialect owning a path; NIM's shape for everything else (models, metadata, unknown routes)."""
+    """The dialect owning a path, the most specific prefix first (`/v1/embeddings/multi_vector` is not
+    `/v1/embeddings`); NIM's shape for everything else (models, metadata, unknown routes)."""
+    best, best_len = NIM, -1
     for d in _DIALECTS:
-        if d.owns(path):
-            return d
-    return NIM
+        for p in d.prefixes:
+            if (path == p or path.startswith(p.rstrip("/") + "/")) and len(p) > best_len:
+                best, best_len = d, len(p)
+    return best
 
 
 def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) -> str:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common
-from openrerank.server.dialects.score_form import relevance
+from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.cohere import (
     CohereError,
@@ -107,7 +107,7 @@ def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
     `documents`: when given (return_documents), each result carries its document -- the original
     v1 object with all its fields, or `{"text": ...}` for a string.
     """
-    scores = relevance(result.logits, result.score_kind)
+    scores = result_relevance(result)
     results = []
     for i, _ in result.top(req.top_n):
         item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}

@@ -13,7 +13,7 @@ from fastapi import Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common
-from openrerank.server.dialects.score_form import relevance
+from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import Dialect
 from openrerank.wire.infinity import INFINITY_UNSPECIFIED_MODEL, InfinityRerankRequest
 
@@ -40,7 +40,7 @@ def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
 
 def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, request_id: str | None) -> dict:
     """Internal result -> Infinity's answer: best first, cut to top_n, [0, 1] scores unless raw_scores."""
-    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    scores = result.logits.astype(float) if body.raw_scores else result_relevance(result)
     results = []
     for i, _ in result.top(body.top_n):
         item: dict[str, Any] = {"relevance_score": float(scores[i]), "index": i}

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common
-from openrerank.server.dialects.score_form import relevance
+from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.score import ScoreError, ScoreRequest, ScoreResponse
 
@@ -95,7 +95,7 @@ def use_activation(body: ScoreRequest) -> bool:
 def result_to_wire(plan: ScorePlan, results: list[RerankResult], *, activation: bool,
                    model: str, request_id: str | None = None, created: int | None = None) -> dict:
     """Internal results -> vLLM ScoreResponse, one entry per pair in request order."""
-    forms = [relevance(r.logits, r.score_kind) if activation else r.logits.astype(float) for r in results]
+    forms = [result_relevance(r) if activation else r.logits.astype(float) for r in results]
     tokens = sum(r.prompt_tokens for r in results)
     return {
         "id": request_id or f"score-{uuid.uuid4().hex}",

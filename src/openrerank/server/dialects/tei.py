@@ -22,7 +22,7 @@ from openrerank import __version__
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, infinity
-from openrerank.server.dialects.score_form import relevance
+from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import parse_model_arg
@@ -93,7 +93,7 @@ def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate
 
 def result_to_wire(result: RerankResult, body: TeiRerankRequest) -> list[dict]:
     """Internal result -> TEI's bare array, best first; [0, 1] scores unless `raw_scores`."""
-    scores = result.logits.astype(float) if body.raw_scores else relevance(result.logits, result.score_kind)
+    scores = result.logits.astype(float) if body.raw_scores else result_relevance(result)
     out = []
     for i, _ in result.top():
         rank: dict[str, Any] = {"index": i, "score": float(scores[i])}
@@ -173,7 +173,8 @@ def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
         "version": __version__,
         "sha": None,
         "docker_label": None,
-        "engine": model.loaded.runtime_choice.as_metadata() if model is not None and model.loaded.runtime_choice else None,
+        "engine": (model.loaded.runtime_choice.as_metadata()
+                   if model is not None and model.loaded.runtime_choice else None),
     }
 
 
