@@ -78,6 +78,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
            "a request may ask for)", int),
     Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
+    Option("max-image-bytes", "limits", "bytes of one passage image, as decoded from its base64 data URL (413 "
+           "above)", int),
+    Option("max-image-pixels", "limits", "pixels (width x height) of one passage image, checked before decoding "
+           "(413 above)", int),
     Option("header-timeout", "limits", "seconds a client may take to send its request headers (408)", float),
     Option("body-timeout", "limits", "seconds a client may take to send its request body (408)", float),
     Option("graceful-timeout", "limits", "seconds to finish in-flight requests on shutdown", float),

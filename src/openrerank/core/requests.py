@@ -48,6 +48,13 @@ class RerankRequest:
     max_tokens_per_passage: int | None = None
     # The dialect's own default when the client did not ask (Cohere v1: 10), kept under the server's cap.
     default_chunks_per_passage: int | None = None
+    # Per passage, the client's image as sent (a data URL, `core/images.py` decodes it) or None; None for
+    # the whole field: text only. An image-only passage has the empty string as its text.
+    images: tuple[str | None, ...] | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.images is not None and any(i is not None for i in self.images)
 
 
 #: NIM's `input_type`: which side of an asymmetric retrieval model a text is on (None: not said).

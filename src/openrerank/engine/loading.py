@@ -72,6 +72,11 @@ class LoadedModel:
         return self.encoder.max_length
 
     @property
+    def takes_images(self) -> bool:
+        """Whether passages may carry an image (a vision-language reranker)."""
+        return self.family.takes_images and getattr(self.encoder, "accepts_images", False)
+
+    @property
     def embeds(self) -> bool:
         """Whether the model hands out embeddings (bi-encoders), not only pair scores."""
         return isinstance(self.backend, BiEncoderScorer) and isinstance(self.encoder, BiTextEncoder)

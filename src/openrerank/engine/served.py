@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from openrerank.core.images import ImageLimits, check_request_size, open_image, parse_data_url
 from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
 from openrerank.core.work import Task
 from openrerank.engine.errors import (
@@ -62,6 +63,17 @@ class NotAnEmbeddingModelError(UnsupportedRequestError):
         super().__init__(f"{what}; {where}")
 
 
+class ImagesNotSupportedError(UnsupportedRequestError):
+    """A passage image sent to a model that reads text only."""
+
+    def __init__(self, name: str, family: str, image_models: list[str] | None) -> None:
+        where = ("" if image_models is None else
+                 f"; models served here that take images: {', '.join(image_models)}" if image_models else
+                 "; no model served here takes images (serve a vision-language reranker, e.g. "
+                 "nvidia/llama-nemotron-rerank-vl-1b-v2)")
+        super().__init__(f"Model '{name}' ({family}) reads text only: it cannot score a passage's image{where}")
+
+
 @dataclass(frozen=True)
 class ChunkLimits:
     """How much chunking one request may ask for (CHUNK only); the token budget is the scheduler's."""
@@ -82,6 +94,11 @@ class ServedModel:
     limits: ChunkLimits = field(default_factory=ChunkLimits)
     embedding_dim: int | None = None  # length of its embeddings (embedding models), known after warm-up
     score_cache: ScoreCache | None = None
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.loaded.takes_images
 
     @property
     def max_length(self) -> int:
@@ -126,7 +143,9 @@ class ServedModel:
         if deadline is None:
             deadline = time.monotonic() + self.scheduler.config.request_timeout
         chunk_caps = [self._chunk_cap(r) for r in reqs]
-        if self.score_cache is not None:
+        if any(r.has_images for r in reqs) and not self.takes_images:
+            raise ImagesNotSupportedError(self.name, self.loaded.family.id, None)
+        if self.score_cache is not None and not any(r.has_images for r in reqs):  # keys are texts only
             return list(await asyncio.gather(*(self._rerank_cached(r, cap, deadline, t0)
                                                for r, cap in zip(reqs, chunk_caps, strict=True))))
         scored = await self._score(reqs, [r.passages for r in reqs], chunk_caps, deadline)
@@ -203,9 +222,30 @@ class ServedModel:
 
     def _prepare_all(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
                      chunk_caps: list[int | None]) -> list[Prepared]:
-        return [self.loaded.encoder.prepare(r.query, texts, r.truncate, max_chunks_per_passage=cap,
+        return [self._prepare_images(r, texts, cap) if r.has_images else
+                self.loaded.encoder.prepare(r.query, texts, r.truncate, max_chunks_per_passage=cap,
                                             max_tokens_per_passage=r.max_tokens_per_passage)
                 for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True)]
+
+    def _prepare_images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
+        """Image passages (off the event loop): every image checked from its bytes and header first, and the
+        request's cost, images included, held to the per-request token budget before a pixel is decoded;
+        then the family's encoder decodes, tiles and tokenizes them one by one."""
+        assert req.images is not None
+        limits = self.image_limits
+        check_request_size(list(req.images), limits)
+        opened = [open_image(parse_data_url(url, limits, i), limits, i) if url is not None else None
+                  for i, url in enumerate(req.images)]
+        encoder = self.loaded.encoder
+        cost = sum(encoder.image_cost(*im.size) for im in opened if im is not None)  # type: ignore[attr-defined]
+        budget = self.scheduler.config.request_budget
+        if cost > budget:
+            raise RequestTooLargeError("tokens", cost, budget, "--max-request-tokens",
+                                       "each image tile costs its vision patches and placeholder tokens; send "
+                                       "fewer or smaller images")
+        return encoder.prepare_images(req.query, texts, opened, req.truncate,  # type: ignore[attr-defined]
+                                      max_chunks_per_passage=chunk_cap,
+                                      max_tokens_per_passage=req.max_tokens_per_passage)
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
@@ -331,6 +371,16 @@ class ServedModels:
         return model
 
     @property
+    def image_models(self) -> list[str]:
+        """Ids of the served models whose passages may carry images."""
+        return [m.name for m in self._models.values() if m.takes_images]
+
+    def check_images(self, model: ServedModel) -> None:
+        """Refuse an image for a text-only model, naming the served models that take one."""
+        if not model.takes_images:
+            raise ImagesNotSupportedError(model.name, model.loaded.family.id, self.image_models)
+
+    @property
     def embedders(self) -> list[str]:
         """Ids of the served models that produce embeddings."""
         return [m.name for m in self._models.values() if m.embeds]
@@ -359,12 +409,12 @@ class ServedModels:
 
 def load_served_model(source: ModelSource, options: LoadOptions, sched: SchedulerConfig,
                       metrics: Metrics | None, *, limits: ChunkLimits | None = None,
-                      score_cache: ScoreCache | None = None) -> ServedModel:
+                      score_cache: ScoreCache | None = None, images: ImageLimits | None = None) -> ServedModel:
     """Blocking: load weights, build the scheduler, run a warm-up pass."""
     loaded = load_model(source, options)
     scheduler = Scheduler(loaded.backend, sched, name=source.served_id, metrics=metrics)
     served = ServedModel(source.served_id, loaded, scheduler, metrics, limits=limits or ChunkLimits(),
-                         score_cache=score_cache)
+                         score_cache=score_cache, image_limits=images or ImageLimits())
     served.warmup()
     log.info("model %s ready", source.served_id)
     return served

@@ -152,6 +152,8 @@ class Family(ABC):
     engines: ClassVar[tuple[str, ...]]  # runtimes it runs on, the preferred CPU engine first
     examples: ClassVar[tuple[str, ...]] = ()  # published hub ids served by this family
     takes_instruction: ClassVar[bool] = False
+    #: Passages may carry an image (vision-language rerankers); the others refuse one with a 4xx.
+    takes_images: ClassVar[bool] = False
 
     @abstractmethod
     def matches(self, files: ModelFiles) -> bool:
@@ -187,7 +189,7 @@ class Family(ABC):
         """The family as `openrerank families` and docs show it."""
         return {"id": self.id, "title": self.title, "input": self.input_format, "readout": self.readout,
                 "score": self.score_kind.value, "unit_score": self.unit_score, "engines": list(self.engines),
-                "instruction": self.takes_instruction, "examples": list(self.examples)}
+                "instruction": self.takes_instruction, "images": self.takes_images, "examples": list(self.examples)}
 
 
 def torch_dtype(name: str):

@@ -9,11 +9,13 @@ from openrerank.families.cross_encoder import CrossEncoderFamily, classifier_arc
 from openrerank.families.decoder import causal_architecture
 from openrerank.families.llama_bidirectional import LlamaBidirectionalFamily
 from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
+from openrerank.families.nemotron_vl import NemotronVLFamily
 from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 
 #: In detection order: the specific before the general (a Llama-bidirectional config also names a
-#: *ForSequenceClassification, which the cross-encoder family would claim).
+#: *ForSequenceClassification, which the cross-encoder family would claim; so does the VL reranker's).
 FAMILIES: tuple[Family, ...] = (
+    NemotronVLFamily(),
     LlamaBidirectionalFamily(),
     Qwen3RerankerFamily(),
     MxbaiRerankV2Family(),
@@ -42,7 +44,8 @@ def detect_family(files: ModelFiles) -> Family:
             return family
     causal = causal_architecture(files)
     if causal:
-        decoders = ", ".join(f.id for f in FAMILIES if f.engines == ("torch",) and f.id != "llama-bidirectional")
+        decoders = ", ".join(f.id for f in FAMILIES
+                             if f.engines == ("torch",) and f.id not in ("llama-bidirectional", "nemotron-vl"))
         raise ModelFormatError(
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "

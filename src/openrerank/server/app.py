@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openrerank import __version__
+from openrerank.core.images import ImageInputError
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -34,7 +35,7 @@ from openrerank.engine.served import ServedModels, UnknownModelError, load_serve
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import cohere, embeddings, nim, score, tei
-from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
+from openrerank.server.engine_config import chunk_limits, image_limits, load_options, scheduler_config
 from openrerank.server.errors import ApiError, Dialect, dialect_for, format_validation_errors
 from openrerank.server.middleware import (
     ApiKeyMiddleware,
@@ -81,7 +82,8 @@ async def load_all(app: FastAPI) -> None:
         try:
             served = await asyncio.to_thread(load_served_model, source, load_options(config),
                                              scheduler_config(config), app.state.metrics,
-                                             limits=chunk_limits(config), score_cache=app.state.score_cache)
+                                             limits=chunk_limits(config), score_cache=app.state.score_cache,
+                                             images=image_limits(config))
             await served.scheduler.start()
         except Exception as exc:
             reason = first_line(exc)
@@ -162,6 +164,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnsupportedRequestError)
     async def _unsupported(request: Request, exc: UnsupportedRequestError):
         return _error_response(request, 400, str(exc), "unsupported")
+
+    @app.exception_handler(ImageInputError)
+    async def _image(request: Request, exc: ImageInputError):
+        return _error_response(request, exc.status, str(exc), "too_large" if exc.status == 413 else "invalid_image")
 
     @app.exception_handler(InputTooLongError)
     async def _too_long(request: Request, exc: InputTooLongError):

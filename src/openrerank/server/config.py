@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openrerank.core.images import ImageLimits
 from openrerank.engine.batching import default_policy
 
 #: Scheduler settings whose default depends on the device (None: `default_policy(device)`'s value).
@@ -49,6 +50,8 @@ class ServerConfig:
     max_queue_tokens: int | None = None  # None: two request budgets
     max_chunks_per_passage: int = 16
     max_chunks_per_request: int = 2048
+    max_image_bytes: int = ImageLimits.max_image_bytes
+    max_image_pixels: int = ImageLimits.max_pixels
     # slow clients
     header_timeout: float = 10.0  # seconds to receive a request's headers
     body_timeout: float = 60.0  # seconds to receive a request's body
@@ -82,7 +85,8 @@ class ServerConfig:
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
-                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request"):
+                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-image-bytes",
+                     "max-image-pixels"):
             need(getattr(self, flag.replace("-", "_")) >= 1, flag, "must be at least 1")
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
             value = getattr(self, flag.replace("-", "_"))

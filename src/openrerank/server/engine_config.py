@@ -1,7 +1,8 @@
-"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk limits)."""
+"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk and image limits)."""
 
 from __future__ import annotations
 
+from openrerank.core.images import ImageLimits
 from openrerank.engine.loading import LoadOptions
 from openrerank.engine.scheduler import SchedulerConfig
 from openrerank.engine.served import ChunkLimits
@@ -25,3 +26,7 @@ def scheduler_config(config: ServerConfig) -> SchedulerConfig:
 
 def chunk_limits(config: ServerConfig) -> ChunkLimits:
     return ChunkLimits(config.max_chunks_per_passage, config.max_chunks_per_request)
+
+
+def image_limits(config: ServerConfig) -> ImageLimits:
+    return ImageLimits(max_image_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)

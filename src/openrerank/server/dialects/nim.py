@@ -23,12 +23,14 @@ _HEALTH = {503: {"model": HealthResponse, "description": "Not ready (loading, fa
              responses=NIM.responses(400, 401, 404, 408, 413, 500, 503, 504),
              summary="Rank passages by relevance to a query (NVIDIA NIM compatible)")
 async def ranking(body: NimRankingRequest, request: Request, response: Response) -> dict:
+    images = tuple(p.image for p in body.passages)
     req = RerankRequest(
         query=body.query.text,
-        passages=[p.text for p in body.passages],
+        passages=[p.text or "" for p in body.passages],
         model=body.model,
         truncate=Truncate(body.truncate),
         max_chunks_per_passage=body.max_chunks_per_passage,
+        images=images if any(i is not None for i in images) else None,
     )
     result = await common.rerank(request, response, req)
     return {
@@ -94,6 +96,8 @@ def limits(config) -> dict:
         "max_request_tokens": sched.request_budget,
         "max_chunks_per_passage": config.max_chunks_per_passage,
         "max_chunks_per_request": config.max_chunks_per_request,
+        "max_image_bytes": config.max_image_bytes,
+        "max_image_pixels": config.max_image_pixels,
         "request_timeout_s": config.request_timeout,
     }
 
