@@ -248,3 +248,26 @@ def test_metadata_says_the_model_takes_images(vl_server):
         meta = c.get("/v1/metadata").json()
     model = meta["models"][0]
     assert model["family"] == "nemotron-vl" and model["tokens_per_tile"] == 4 and model["max_input_tiles"] == 6
+
+
+def test_detected_from_the_config_and_checked(vl_dir, tmp_path):
+    """The VL config is claimed by nemotron-vl (not by the cross-encoder or Llama-bidirectional families), and
+    a config or tokenizer that lacks what the reference needs is refused at load, not at the first request."""
+    import shutil
+
+    from openrerank.families.base import ModelFiles, ModelFormatError
+    from openrerank.families.registry import detect_family, resolve_spec
+
+    assert detect_family(ModelFiles.read(vl_dir)).id == "nemotron-vl"
+    broken = tmp_path / "no-vision"
+    shutil.copytree(vl_dir, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["vision_config"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match="vision_config and llm_config"):
+        resolve_spec(ModelFiles.read(broken))
+    cfg = json.loads((vl_dir / "config.json").read_text()) | {"img_context_token_id": 5}
+    (broken / "config.json").write_text(json.dumps(cfg))
+    family, spec = resolve_spec(ModelFiles.read(broken))
+    with pytest.raises(ModelFormatError, match="img_context_token_id 5 is not the tokenizer's"):
+        family.text_encoder(spec, AutoTokenizer.from_pretrained(broken))

@@ -75,6 +75,11 @@ def apng(frames: int = 2) -> bytes:
     return encode(first, save_all=True, append_images=rest, duration=100, loop=0)
 
 
+def mpo() -> bytes:
+    """A multi-picture JPEG (two frames), as some cameras write."""
+    return encode(page(20, 20, 0), "MPO", save_all=True, append_images=[page(20, 20, 1)])
+
+
 def truncated(fmt: str) -> bytes:
     data = encode(page(64, 64), fmt)
     return data[: len(data) // 2]
@@ -94,7 +99,8 @@ CASES = {
     "random bytes": (url(bytes(range(256)) * 4), 400, ("not a png or jpeg",)),
     "truncated png": (url(truncated("PNG")), 400, ("truncated",)),
     "truncated jpeg": (url(truncated("JPEG"), "image/jpeg"), 400, ("truncated",)),
-    "animated png": (url(apng()), 400, ("animated",)),
+    "animated png": (url(apng()), 400, ("2 frames",)),
+    "multi-frame jpeg": (url(mpo(), "image/jpeg"), 400, ("2 frames",)),
     "too many pixels": (url(encode(Image.new("1", (1200, 1000)))), 413, ("pixels",)),
     "decompression bomb": (url(encode(Image.new("1", (20000, 20000)))), 413, ("pixels",)),
     "too many bytes": (url(encode(page(300, 300))), 413, ("bytes",)),

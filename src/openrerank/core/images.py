@@ -140,7 +140,7 @@ def open_image(encoded: EncodedImage, limits: ImageLimits, passage_index: int | 
         raise fail(f"the image is {width}x{height} = {width * height} pixels, above the limit of "
                    f"{limits.max_pixels} pixels per image", 413)
     if getattr(image, "n_frames", 1) != 1:
-        raise fail(f"the image is animated ({image.n_frames} frames); send a still PNG or JPEG")
+        raise fail(f"the image has {image.n_frames} frames (animated or multi-picture); send a still PNG or JPEG")
     return image
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.core.images import ImageLimits, check_request_size, open_image, parse_data_url
+from openrerank.core.images import ImageLimits
 from openrerank.core.requests import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings, Truncate
 from openrerank.core.work import Task
 from openrerank.engine.errors import (
@@ -228,24 +228,11 @@ class ServedModel:
                 for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True)]
 
     def _prepare_images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
-        """Image passages (off the event loop): every image checked from its bytes and header first, and the
-        request's cost, images included, held to the per-request token budget before a pixel is decoded;
-        then the family's encoder decodes, tiles and tokenizes them one by one."""
+        """Image passages, off the event loop, priced against the per-request token budget before decoding."""
         assert req.images is not None
-        limits = self.image_limits
-        check_request_size(list(req.images), limits)
-        opened = [open_image(parse_data_url(url, limits, i), limits, i) if url is not None else None
-                  for i, url in enumerate(req.images)]
-        encoder = self.loaded.encoder
-        cost = sum(encoder.image_cost(*im.size) for im in opened if im is not None)  # type: ignore[attr-defined]
-        budget = self.scheduler.config.request_budget
-        if cost > budget:
-            raise RequestTooLargeError("tokens", cost, budget, "--max-request-tokens",
-                                       "each image tile costs its vision patches and placeholder tokens; send "
-                                       "fewer or smaller images")
-        return encoder.prepare_images(req.query, texts, opened, req.truncate,  # type: ignore[attr-defined]
-                                      max_chunks_per_passage=chunk_cap,
-                                      max_tokens_per_passage=req.max_tokens_per_passage)
+        return self.loaded.prepare_images(req.query, texts, req.images, req.truncate, limits=self.image_limits,
+                                          budget=self.scheduler.config.request_budget, max_chunks_per_passage=chunk_cap,
+                                          max_tokens_per_passage=req.max_tokens_per_passage)
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one

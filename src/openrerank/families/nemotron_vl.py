@@ -290,7 +290,8 @@ def _build(spec: ModelSpec, build: NetworkBuild):
         name = _module_key(key, vision_prefix)
         if name is not None:
             state[name] = tensor
-    result = module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(state, strict=False, assign=True)  # the loaded tensors, not a second copy
+    del state
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing:
         raise ModelFormatError(f"{spec.path}: the checkpoint lacks {len(missing)} tensors of the VL reranker "
