@@ -218,6 +218,15 @@ def _module_key(key: str, vision_prefix: str) -> str | None:
     return None
 
 
+def _no_init():
+    """transformers' context that skips weight initialisation (its home moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def _build(spec: ModelSpec, build: NetworkBuild):
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -283,7 +292,8 @@ def _build(spec: ModelSpec, build: NetworkBuild):
                 score = torch.nn.functional.linear(pooled, self.head.weight.float())
             return score[:, 0] / temperature
 
-    module = NemotronVLScore()
+    with _no_init():  # every weight comes from the checkpoint: untouched memory, no second copy at load
+        module = NemotronVLScore()
     state = {}
     vision_prefix = "vision.vision_model." if hasattr(module.vision, "vision_model") else "vision."
     for key, tensor in _load_state(spec.path).items():
