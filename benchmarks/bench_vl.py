@@ -1,6 +1,7 @@
 """Image passages on CPU: openrerank's nemotron-vl path against the model card's code written by hand, same run.
 
     PYTHONPATH=src:benchmarks/src:. python benchmarks/bench_vl.py [--shape real|tiny] [--pairs 4] [--rounds 2]
+        [--vision-layers 27 --llm-layers 16]
 
 Model: random weights with the shapes of nvidia/llama-nemotron-rerank-vl-1b-v2 (SigLIP so400m: hidden 1152,
 27 layers, 16 heads, 512-pixel tiles of 16-pixel patches; Llama-3.2-1B: hidden 2048, 16 layers; 256 image
@@ -55,15 +56,17 @@ def data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def build(shape: str, cache: Path) -> Path:
+def build(shape: str, cache: Path, vision_layers: int = 27, llm_layers: int = 16) -> Path:
+    """The model, built once. `real`: the published widths; depth 27 + 16 layers unless cut for a loaded box
+    (per-layer cost is then still the real one; the report says which depth ran)."""
     from tests.families.builders import Shape, VisionShape, build_nemotron_vl
 
-    out = cache / f"nemotron-vl-{shape}"
+    out = cache / (f"nemotron-vl-{shape}" + (f"-v{vision_layers}-l{llm_layers}" if shape == "real" else ""))
     if (out / "config.json").is_file():
         return out
     if shape == "real":
-        llm = Shape(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, intermediate=8192, window=8192)
-        vision = VisionShape(tile=512, patch=16, hidden=1152, layers=27, heads=16, intermediate=4304)
+        llm = Shape(hidden=2048, layers=llm_layers, heads=32, kv_heads=8, head_dim=64, intermediate=8192, window=8192)
+        vision = VisionShape(tile=512, patch=16, hidden=1152, layers=vision_layers, heads=16, intermediate=4304)
         return build_nemotron_vl(out, shape=llm, vision=vision, init_std=0.02)
     return build_nemotron_vl(out)
 
@@ -121,6 +124,8 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vision-layers", type=int, default=27, help="SigLIP depth (27: the real model)")
+    ap.add_argument("--llm-layers", type=int, default=16, help="Llama depth (16: the real model)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "openrerank" / "bench-models")
     args = ap.parse_args()
@@ -129,7 +134,7 @@ def main() -> None:
     from openrerank.engine.batching import BatchPolicy
     from openrerank.engine.loading import LoadOptions, load_model
 
-    model_dir = build(args.shape, args.cache)
+    model_dir = build(args.shape, args.cache, args.vision_layers, args.llm_layers)
     cfg = json.loads((model_dir / "config.json").read_text())
     model = load_model(str(model_dir), LoadOptions(backend="torch", dtype="fp32"))
     base = Baseline(model.backend.runtime.module, cfg, model.encoder.tokenizer)
@@ -163,7 +168,8 @@ def main() -> None:
     model_name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     tiles = model.encoder.tiling.count(args.page, args.page)
     report = {
-        "shape": args.shape, "pairs": args.pairs, "page_px": args.page, "tiles_per_page": tiles,
+        "shape": args.shape, "layers": {"vision": args.vision_layers, "llm": args.llm_layers},
+        "pairs": args.pairs, "page_px": args.page, "tiles_per_page": tiles,
         "batch": args.batch, "rounds": args.rounds, "cpu": model_name, "machine": platform.machine(),
         "load_avg_at_end": os.getloadavg(),
         "pairs_per_s": {k: args.pairs / v for k, v in best.items()},

@@ -271,3 +271,18 @@ def test_detected_from_the_config_and_checked(vl_dir, tmp_path):
     family, spec = resolve_spec(ModelFiles.read(broken))
     with pytest.raises(ModelFormatError, match="img_context_token_id 5 is not the tokenizer's"):
         family.text_encoder(spec, AutoTokenizer.from_pretrained(broken))
+
+
+def test_image_passages_batch_with_image_passages():
+    """An image pair's length counts its vision patches, so the length-sorted batching keeps the cheap text
+    pairs together and the costly image pairs together instead of padding text rows up to an image's width."""
+    from openrerank.core.work import PairItem, VisionPairItem
+    from openrerank.engine.batching import BatchPolicy
+
+    tiles = np.zeros((7, 32, 32, 3), np.uint8)
+    items = [PairItem(list(range(40 + i))) if i % 2 else VisionPairItem(list(range(60 + i)), tiles, 7 * 1024)
+             for i in range(16)]
+    assert items[0].length == 60 + 7 * 1024
+    for batch in BatchPolicy(max_tokens=64_000).split(items):
+        kinds = {type(items[i]) for i in batch}
+        assert len(kinds) == 1, [type(items[i]).__name__ for i in batch]
