@@ -339,3 +339,71 @@ def build_deberta_v2_ce(out: Path, *, seed: int = 6, init_std: float = DEFAULT_I
                              position_biased_input=False, num_labels=labels, initializer_range=init_std,
                              pad_token_id=tok.pad_token_id)
     return _save(DebertaV2ForSequenceClassification(config).eval(), tok, out, None)
+
+
+#: Llama-3's tokenizer plus the VL reranker's image tokens, as real special tokens.
+LLAMA3_VL = TokenizerSpec((*LLAMA3.specials, "<img>", "</img>", "<IMG_CONTEXT>"), bos=LLAMA3.bos, eos=LLAMA3.eos,
+                          add_bos=True)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The SigLIP side of a VL reranker (the real one: 512-pixel tiles, patch 16, hidden 1152, 27 layers)."""
+
+    tile: int = 32
+    patch: int = 8
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 64
+
+
+def build_nemotron_vl(out: Path, *, shape: Shape = Shape(), vision: VisionShape = VisionShape(), seed: int = 8,
+                      init_std: float = DEFAULT_INIT_STD, temperature: float = 0.5, max_tiles: int = 6) -> Path:
+    """NVIDIA's LlamaNemotronVLForSequenceClassification layout (the model card's remote code): tensors
+    `model.vision_model.vision_model.*` (a SigLIP vision tower), `model.mlp1.{0,1,3}.*`, `model.language_model.*`
+    (a bidirectional Llama) and a bias-free `score.weight`; config with `vision_config`, `llm_config`,
+    `force_image_size`, `downsample_ratio` 0.5 and `img_context_token_id`."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+
+    tok = build_tokenizer(LLAMA3_VL)
+    _seeded(seed)
+    llm_config = _decoder_config(LlamaConfig, tok, shape, init_std)
+    body = LlamaModel(llm_config).eval()
+    vcfg = SiglipVisionConfig(hidden_size=vision.hidden, intermediate_size=vision.intermediate,
+                              num_hidden_layers=vision.layers, num_attention_heads=vision.heads,
+                              image_size=vision.tile, patch_size=vision.patch, vision_use_head=False)
+    tower = SiglipVisionModel(vcfg).eval()
+    mlp1 = torch.nn.Sequential(torch.nn.LayerNorm(vision.hidden * 4), torch.nn.Linear(vision.hidden * 4, shape.hidden),
+                               torch.nn.GELU(), torch.nn.Linear(shape.hidden, shape.hidden))
+    score = torch.nn.Linear(shape.hidden, 1, bias=False)
+    with torch.no_grad():  # spread: image features that move the scores well beyond the parity tolerance
+        for name, p in [*tower.named_parameters(), *mlp1.named_parameters()]:
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+            elif "layernorm" in name.lower() or name.startswith("0."):
+                p.normal_(1.0, 0.2) if name.endswith("weight") else p.normal_(0.0, 0.2)
+        score.weight.normal_(0.0, 1.0)
+    state = {f"model.language_model.{k}": v for k, v in body.state_dict().items()}
+    state |= {f"model.vision_model.{k if k.startswith('vision_model.') else 'vision_model.' + k}": v
+              for k, v in tower.state_dict().items()}  # transformers 4's nested layout, as the hub checkpoint has
+    state |= {f"model.mlp1.{k}": v for k, v in mlp1.state_dict().items()}
+    state["score.weight"] = score.weight
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    tok.save_pretrained(out)
+    llm = llm_config.to_dict() | {"architectures": ["LlamaBidirectionalModel"], "model_type": "llama_bidirec",
+                                  "pooling": "avg"}
+    config = {
+        "architectures": ["LlamaNemotronVLForSequenceClassification"], "model_type": "llama_nemotron_vl_rerank",
+        "auto_map": {"AutoModelForSequenceClassification":
+                     "modeling_llama_nemotron_vl.LlamaNemotronVLForSequenceClassification"},
+        "vision_config": vcfg.to_dict(), "llm_config": llm, "force_image_size": vision.tile,
+        "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2", "template": "bidirectional-llama-retriever",
+        "img_context_token_id": tok.convert_tokens_to_ids("<IMG_CONTEXT>"), "pooling": "avg",
+        "temperature": temperature, "max_input_tiles": max_tiles, "use_thumbnail": True, "num_labels": 1,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out

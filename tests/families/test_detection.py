@@ -133,7 +133,8 @@ def test_model_family_names_what_detection_cannot(tmp_path):
     path = _causal(tmp_path / "plain", "Qwen2ForCausalLM", "qwen2")
     family, spec = resolve_spec(ModelFiles.read(path), "mxbai-rerank-v2")
     assert family.id == spec.family == "mxbai-rerank-v2" and spec.options["instruction"] is None
-    with pytest.raises(ModelFormatError, match="unknown model family 'qwen3'; families: jina-reranker-v3, "
+    with pytest.raises(ModelFormatError, match="unknown model family 'qwen3'; families: nemotron-vl, "
+                                               "jina-reranker-v3, "
                                                "llama-bidirectional, qwen3-reranker"):
         resolve_spec(ModelFiles.read(path), "qwen3")
 

@@ -103,6 +103,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
            "a request may ask for)", int),
     Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
+    Option("max-image-bytes", "limits", "bytes of one passage image, as decoded from its base64 data URL (413 "
+           "above)", int),
+    Option("max-image-pixels", "limits", "pixels (width x height) of one passage image, checked before decoding "
+           "(413 above)", int),
     Option("header-timeout", "limits", "seconds a client may take to send its request headers (408)", float),
     Option("max-header-bytes", "limits", "bytes of a request's line and headers together (431)", int),
     Option("body-timeout", "limits", "seconds a client may take to send its request body (408)", float),

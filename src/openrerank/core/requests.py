@@ -54,6 +54,13 @@ class RerankRequest:
     default_chunks_per_passage: int | None = None
     # The request's own task instruction (instruction-aware families only); None: the model's (--instruction).
     instruction: str | None = None
+    # Per passage, the client's image as sent (a data URL, `core/images.py` decodes it) or None; None for
+    # the whole field: text only. An image-only passage has the empty string as its text.
+    images: tuple[str | None, ...] | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.images is not None and any(i is not None for i in self.images)
 
 
 #: NIM's `input_type`: which side of an asymmetric retrieval model a text is on (None: not said).

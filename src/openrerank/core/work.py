@@ -9,7 +9,7 @@ batches items of different tasks together, so a scorer call returns one kind of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 #: What a work item asks of the model; also the `task` label of the engine metrics.
 Task = Literal["rerank", "embed", "listwise"]
@@ -27,6 +27,25 @@ class PairItem:
     @property
     def length(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass(slots=True)
+class VisionPairItem:
+    """A pair whose passage has an image: the prompt's ids (image placeholders included) and the image's
+    tiles, uint8 `(tiles, height, width, 3)` RGB, in the order their placeholders appear.
+
+    Its length counts what it costs, not just its ids: each tile also runs the vision encoder over
+    `vision_tokens` patches, so admission, batching and metrics see an image as the work it is.
+    """
+
+    input_ids: list[int]
+    tiles: Any  # numpy uint8 (tiles, H, W, 3)
+    vision_tokens: int  # vision-encoder patches of all tiles together
+    task: ClassVar[Task] = "rerank"
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids) + self.vision_tokens
 
 
 @dataclass(slots=True)
@@ -77,4 +96,4 @@ class TokenEmbedItem(EmbedItem):
     query: bool = False
 
 
-WorkItem = PairItem | BiItem | EmbedItem | BlockItem
+WorkItem = PairItem | VisionPairItem | BiItem | EmbedItem | BlockItem

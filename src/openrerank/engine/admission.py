@@ -10,7 +10,8 @@ the requests accepted but not yet planned, the pending totals the limits bound, 
 state (admission closes when it stops or its worker dies) and the speed estimate behind Retry-After.
 
 Admission by measured speed. A fixed token budget assumed a speed the machine may not have (983,040 tokens
-assumed ~8k tokens/s; a MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran 120 s and ended 504).
+assumed ~8k tokens/s; a MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran
+120 s and ended 504).
 Instead the model's rate is measured when it is warmed up (`measure_rate`: warm-up batches growing until
 one takes about `WARMUP_TARGET_S`), and:
 

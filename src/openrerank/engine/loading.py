@@ -9,14 +9,17 @@ nothing of each other beyond what this module wires together; the server (`engin
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from openrerank.core.images import ImageLimits, check_request_size, open_image, parse_data_url
 from openrerank.core.requests import InputType, ScoreKind, Truncate
 from openrerank.core.work import EmbedItem, Task, TokenEmbedItem
 from openrerank.engine.batching import BatchPolicy, default_policy
+from openrerank.engine.errors import RequestTooLargeError
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.registry import resolve_spec
@@ -28,7 +31,7 @@ from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.late import LateTextEncoder
-from openrerank.text.prepare import TextEncoder
+from openrerank.text.prepare import Prepared, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +93,54 @@ class LoadedModel:
         return self.encoder.max_length
 
     @property
+    def takes_images(self) -> bool:
+        """Whether passages may carry an image (a vision-language reranker)."""
+        return self.family.takes_images and getattr(self.encoder, "accepts_images", False)
+
+    @property
     def embeds(self) -> bool:
         """Whether the model hands out embeddings (bi-encoders), not only pair scores."""
         return isinstance(self.scorer, BiEncoderScorer) and isinstance(self.encoder, BiTextEncoder)
 
     def score(self, query: str, passages: list[str], truncate: Truncate = Truncate.END,
-              policy: BatchPolicy | None = None) -> np.ndarray:
+              policy: BatchPolicy | None = None, images: Sequence[str | None] | None = None) -> np.ndarray:
         """Synchronous scoring of one query (eval, bench, tests): one score per passage.
 
-        Batches are cut by the server's one batching policy and chunk scores fold to their passage the way
-        the server folds them.
+        `images`: per passage a data URL or None (vision-language models). Batches are cut by the server's one
+        batching policy and chunk scores fold to their passage the way the server folds them.
         """
-        prep = self.encoder.prepare(query, passages, truncate)
+        if images is not None and any(i is not None for i in images):
+            prep = self.prepare_images(query, passages, images, truncate)
+        else:
+            prep = self.encoder.prepare(query, passages, truncate)
         outputs: list = [None] * len(prep.items)  # a score per pair, or a listwise block's vectors
         for idx in (policy or default_policy(self.device)).split(prep.items):
             for i, out in zip(idx, self.scorer.score([prep.items[i] for i in idx]), strict=True):
                 outputs[i] = out
         return prep.fold(outputs, len(passages))
+
+    def prepare_images(self, query: str, passages: list[str], images: Sequence[str | None], truncate: Truncate,
+                       *, limits: ImageLimits | None = None, budget: int | None = None,
+                       max_chunks_per_passage: int | None = None,
+                       max_tokens_per_passage: int | None = None) -> Prepared:
+        """Passages with images (data URLs; None: text only) as work items: every image checked from its bytes
+        and header first, the request priced (images included) against `budget` before a pixel is decoded,
+        then decoded, tiled and tokenized one by one by the family's encoder. The server's and eval's one path."""
+        if not self.takes_images:
+            raise TaskNotSupportedError(f"{self.source.served_id} is a {self.family.id}; it reads text only")
+        limits = limits or ImageLimits()
+        check_request_size(list(images), limits)
+        opened = [open_image(parse_data_url(url, limits, i), limits, i) if url is not None else None
+                  for i, url in enumerate(images)]
+        encoder = self.encoder
+        cost = sum(encoder.image_cost(*im.size) for im in opened if im is not None)  # type: ignore[attr-defined]
+        if budget is not None and cost > budget:
+            raise RequestTooLargeError("tokens", cost, budget, "--max-request-tokens",
+                                       "each image tile costs its vision patches and placeholder tokens; send "
+                                       "fewer or smaller images")
+        return encoder.prepare_images(query, passages, opened, truncate,  # type: ignore[attr-defined]
+                                      max_chunks_per_passage=max_chunks_per_passage,
+                                      max_tokens_per_passage=max_tokens_per_passage)
 
     def embedding_items(self, texts: list[str], truncate: Truncate = Truncate.END,
                         input_type: InputType | None = None) -> list[EmbedItem]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from openrerank.core.images import ImageLimits
 from openrerank.core.requests import (
     EmbedRequest,
     EmbedResult,
@@ -84,6 +85,15 @@ class NotAnEmbeddingModelError(UnsupportedRequestError):
         super().__init__(f"{what}; {where}")
 
 
+class ImagesNotSupportedError(UnsupportedRequestError):
+    """A passage image sent to a model that reads text only."""
+
+    def __init__(self, name: str, family: str, image_models: list[str] | None) -> None:
+        where = ("" if image_models is None else
+                 f"; models served here that take images: {', '.join(image_models)}" if image_models else
+                 "; no model served here takes images (serve a vision-language reranker, e.g. "
+                 "nvidia/llama-nemotron-rerank-vl-1b-v2)")
+        super().__init__(f"Model '{name}' ({family}) reads text only: it cannot score a passage's image{where}")
 @dataclass
 class ServedModel:
     name: str
@@ -94,6 +104,11 @@ class ServedModel:
     limits: ChunkLimits = field(default_factory=ChunkLimits)
     embedding_dim: int | None = None  # length of its embeddings (embedding models), known after warm-up
     score_cache: ScoreCache | None = None
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.loaded.takes_images
 
     @property
     def max_length(self) -> int:
@@ -153,7 +168,10 @@ class ServedModel:
         for r in reqs:
             self.check_instruction(r.instruction)
         chunk_caps = [self._chunk_cap(r) for r in reqs]
-        if self.score_cache is not None and not self.loaded.family.listwise:
+        if any(r.has_images for r in reqs) and not self.takes_images:
+            raise ImagesNotSupportedError(self.name, self.loaded.family.id, None)
+        # listwise: a passage's score depends on its neighbours; images: the keys are texts only
+        if self.score_cache is not None and not self.loaded.family.listwise and not any(r.has_images for r in reqs):
             return list(await asyncio.gather(*(self._rerank_cached(r, cap, deadline, t0)
                                                for r, cap in zip(reqs, chunk_caps, strict=True))))
         scored = await self._score(reqs, [r.passages for r in reqs], chunk_caps, deadline)
@@ -251,6 +269,11 @@ class ServedModel:
         out: list[Prepared] = []
         tokens = chunks = 0
         for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True):
+            if r.has_images:  # image passages: priced against the token budget before decoding, as one slice
+                part = await asyncio.to_thread(self._prepare_images, r, texts, cap)
+                tokens += part.prompt_tokens
+                out.append(part)
+                continue
             parts: list[tuple[int, Prepared]] = []
             # a listwise model reads its passages together (blocks): one slice, folded its own way
             slices = [(0, len(texts))] if self.loaded.family.listwise else text_slices(texts)
@@ -276,6 +299,13 @@ class ServedModel:
                                                self.scheduler.budget_reason)
             out.append(Prepared.concat(parts))
         return out
+
+    def _prepare_images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
+        """Image passages, off the event loop, priced against the per-request token budget before decoding."""
+        assert req.images is not None
+        return self.loaded.prepare_images(req.query, texts, req.images, req.truncate, limits=self.image_limits,
+                                          budget=self.scheduler.request_budget, max_chunks_per_passage=chunk_cap,
+                                          max_tokens_per_passage=req.max_tokens_per_passage)
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
@@ -470,6 +500,16 @@ class ServedModels:
         return model
 
     @property
+    def image_models(self) -> list[str]:
+        """Ids of the served models whose passages may carry images."""
+        return [m.name for m in self._models.values() if m.takes_images]
+
+    def check_images(self, model: ServedModel) -> None:
+        """Refuse an image for a text-only model, naming the served models that take one."""
+        if not model.takes_images:
+            raise ImagesNotSupportedError(model.name, model.loaded.family.id, self.image_models)
+
+    @property
     def embedders(self) -> list[str]:
         """Ids of the served models that produce embeddings."""
         return [m.name for m in self._models.values() if m.embeds]
@@ -499,14 +539,16 @@ class ServedModels:
 
 def load_served_model(source: ResolvedModel | ModelSource, options: LoadOptions, sched: SchedulerConfig,
                       metrics: Metrics | None, *, limits: ChunkLimits | None = None,
-                      score_cache: ScoreCache | None = None, token_cache: TokenCache | None = None) -> ServedModel:
+                      score_cache: ScoreCache | None = None, token_cache: TokenCache | None = None,
+                      images: ImageLimits | None = None) -> ServedModel:
     """Blocking: load weights (resolving the source first unless it is resolved), build the scheduler, run a
     warm-up pass; a late-interaction model gets its view of the token cache after the warm-up (which then
     holds only what clients sent)."""
     loaded = load_model(source, options)
     name = loaded.source.served_id
     scheduler = Scheduler(loaded.scorer, sched, name=name, metrics=metrics)
-    served = ServedModel(name, loaded, scheduler, metrics, limits=limits or ChunkLimits(), score_cache=score_cache)
+    served = ServedModel(name, loaded, scheduler, metrics, limits=limits or ChunkLimits(), score_cache=score_cache,
+                         image_limits=images or ImageLimits())
     served.warmup()
     if token_cache is not None and isinstance(loaded.scorer, LateInteractionScorer):
         loaded.scorer.cache = token_cache.bind(name, token_namespace(loaded))

@@ -1,6 +1,8 @@
 """Read evaluation data in BEIR layout and TREC run files.
 
-A BEIR folder holds `corpus.jsonl[.gz]`, `queries.jsonl[.gz]` and `qrels/<split>.tsv`. Only the queries
+A BEIR folder holds `corpus.jsonl[.gz]`, `queries.jsonl[.gz]` and `qrels/<split>.tsv`. A page-image corpus is
+the same layout whose rows also (or only) name an `image`: a PNG or JPEG file, relative to the folder, that a
+vision-language reranker reads with the row's text (`title`/`text` may be empty). Only the queries
 that have a judged-relevant document in the split's qrels are evaluated (SciFact's `queries.jsonl` also holds
 the train queries), the convention BEIR and trec_eval share.
 """
@@ -25,10 +27,24 @@ class DatasetError(ValueError):
     """The folder is not a usable BEIR dataset (missing file, bad line)."""
 
 
+#: Image file suffix -> the MIME type its data URL declares (what `core/images.py` accepts).
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
 @dataclass(frozen=True)
 class Doc:
     title: str
     text: str
+    image: Path | None = None  # a page image (page-image corpora), read when the document is reranked
+
+    def image_url(self) -> str | None:
+        """The page image as the base64 data URL a reranker takes (None: a text document)."""
+        if self.image is None:
+            return None
+        import base64
+
+        data = base64.b64encode(self.image.read_bytes()).decode("ascii")
+        return f"data:{IMAGE_TYPES[self.image.suffix.lower()]};base64,{data}"
 
     def passage(self) -> str:
         """The text a reranker or bi-encoder sees: `title + " " + text` when a title exists, as BEIR does."""
@@ -83,8 +99,26 @@ def _jsonl(path: Path) -> Iterator[dict]:
 def load_corpus(path: Path) -> dict[str, Doc]:
     corpus: dict[str, Doc] = {}
     for row in _jsonl(path):
-        corpus[str(row["_id"])] = Doc((row.get("title") or "").strip(), row.get("text") or "")
+        doc_id = str(row["_id"])
+        corpus[doc_id] = Doc((row.get("title") or "").strip(), row.get("text") or "",
+                             _image_file(path.parent, row.get("image"), doc_id))
     return corpus
+
+
+def _image_file(folder: Path, name: object, doc_id: str) -> Path | None:
+    """A row's `image`, checked to be a PNG/JPEG file inside the dataset folder."""
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str):
+        raise DatasetError(f"corpus row {doc_id}: image must be a file name, not {type(name).__name__}")
+    file = (folder / name).resolve()
+    if not file.is_relative_to(folder.resolve()):
+        raise DatasetError(f"corpus row {doc_id}: image {name!r} is outside the dataset folder")
+    if file.suffix.lower() not in IMAGE_TYPES:
+        raise DatasetError(f"corpus row {doc_id}: image {name!r} is not a .png, .jpg or .jpeg file")
+    if not file.is_file():
+        raise DatasetError(f"corpus row {doc_id}: image file {name!r} does not exist")
+    return file
 
 
 def load_qrels(path: Path) -> Qrels:

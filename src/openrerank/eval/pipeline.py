@@ -298,7 +298,9 @@ class DatasetRunner:
         for qid, docs in run.items():
             ids = [d for d in docs if d in ds.corpus]
             if ids:
-                jobs.append(RerankJob(qid, ds.queries[qid], ids, [ds.corpus[d].passage() for d in ids]))
+                images = [ds.corpus[d].image_url() for d in ids]
+                jobs.append(RerankJob(qid, ds.queries[qid], ids, [ds.corpus[d].passage() for d in ids],
+                                      images if any(i is not None for i in images) else None))
         before = self.reranker.pairs_scored
         with self.reporter.step(f"{ds.name}: rerank {name} ({self.reranker.name})", len(jobs)) as advance, \
                 self.watch.time(f"{key}.rerank"):

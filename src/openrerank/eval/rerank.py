@@ -23,6 +23,11 @@ class RerankJob:
     query: str
     doc_ids: list[str]
     passages: list[str]
+    images: list[str | None] | None = None  # per passage a data URL (page-image corpora), else None
+
+    def subset(self, keep: list[int]) -> RerankJob:
+        return RerankJob(self.qid, self.query, [self.doc_ids[i] for i in keep], [self.passages[i] for i in keep],
+                         [self.images[i] for i in keep] if self.images is not None else None)
 
 
 class Reranker:
@@ -39,8 +44,7 @@ class Reranker:
         for job in jobs:
             keep = [i for i, d in enumerate(job.doc_ids) if (job.qid, d) not in self._memo]
             if keep:
-                todo.append(RerankJob(job.qid, job.query, [job.doc_ids[i] for i in keep],
-                                      [job.passages[i] for i in keep]))
+                todo.append(job.subset(keep))
             else:
                 advance(1)
         if todo:
@@ -89,7 +93,7 @@ class InProcessReranker(Reranker):
 
         out = []
         for job in jobs:
-            out.append(self.model.score(job.query, job.passages, truncate=Truncate.END))
+            out.append(self.model.score(job.query, job.passages, truncate=Truncate.END, images=job.images))
             advance(1)
         return out
 
@@ -141,15 +145,19 @@ class ServerReranker(Reranker):
                 parts = []
                 step = self.max_passages
                 for start in range(0, len(job.passages), step):
+                    images = job.images[start : start + step] if job.images is not None else None
                     async with gate:
-                        parts.append(await self._post(client, job.query, job.passages[start : start + step]))
+                        parts.append(await self._post(client, job.query, job.passages[start : start + step],
+                                                      images))
                 advance(1)
                 return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
             return list(await asyncio.gather(*(one(job) for job in jobs)))
 
-    async def _post(self, client, query: str, passages: list[str]) -> np.ndarray:
-        body: dict = {"query": {"text": query}, "passages": [{"text": p} for p in passages], "truncate": "END"}
+    async def _post(self, client, query: str, passages: list[str], images: list[str | None] | None = None
+                    ) -> np.ndarray:
+        body: dict = {"query": {"text": query}, "passages": [_passage(p, images[i] if images else None)
+                                                             for i, p in enumerate(passages)], "truncate": "END"}
         if self.model_name:
             body["model"] = self.model_name
         delay = 0.5
@@ -169,3 +177,11 @@ class ServerReranker(Reranker):
         if np.isnan(scores).any():
             raise RuntimeError(f"{self.url}/v1/ranking did not rank every passage")
         return scores
+
+
+def _passage(text: str, image: str | None) -> dict:
+    """A NIM passage: its text, its image, or both (an image-only passage omits the text)."""
+    out: dict = {"text": text} if text or image is None else {}
+    if image is not None:
+        out["image"] = image
+    return out

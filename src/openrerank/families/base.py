@@ -155,6 +155,8 @@ class Family(ABC):
     takes_instruction: ClassVar[bool] = False
     #: A passage's score depends on the other passages of its request (listwise models): no per-passage cache.
     listwise: ClassVar[bool] = False
+    #: Passages may carry an image (vision-language rerankers); the others refuse one with a 4xx.
+    takes_images: ClassVar[bool] = False
 
     @abstractmethod
     def matches(self, files: ModelFiles) -> bool:
@@ -199,4 +201,4 @@ class Family(ABC):
         """The family as `openrerank families` and docs show it (the "engines" key lists its runtimes)."""
         return {"id": self.id, "title": self.title, "input": self.input_format, "readout": self.readout,
                 "score": self.score_kind.value, "unit_score": self.unit_score, "engines": list(self.runtimes),
-                "instruction": self.takes_instruction, "examples": list(self.examples)}
+                "instruction": self.takes_instruction, "images": self.takes_images, "examples": list(self.examples)}

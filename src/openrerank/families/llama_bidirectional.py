@@ -39,6 +39,21 @@ def _base(files: ModelFiles) -> str | None:
     return None
 
 
+def bidirectional_body(raw_config: dict, *, export: bool = False):
+    """A stock `LlamaModel` (random weights) that attends both ways, from a Llama-bidirectional config dict
+    (the VL reranker's `llm_config` reuses it; its weights are loaded by the caller)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(**{k: v for k, v in raw_config.items() if k not in _WRAPPER_KEYS})
+    config.is_causal = False  # transformers builds a padding-only (bidirectional) mask for the body
+    if export:
+        config._attn_implementation = "eager"
+    body = LlamaModel(config)
+    for layer in body.layers:
+        layer.self_attn.is_causal = False  # SDPA's own causal flag, used when no mask is materialized
+    return body
+
+
 def _build(spec: ModelSpec, build: NetworkBuild):
     import torch
     from transformers import (

@@ -11,12 +11,14 @@ from openrerank.families.decoder import causal_architecture
 from openrerank.families.jina_reranker_v3 import JinaRerankerV3Family
 from openrerank.families.llama_bidirectional import LlamaBidirectionalFamily
 from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
+from openrerank.families.nemotron_vl import NemotronVLFamily
 from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 
 #: In detection order: the specific before the general (a Llama-bidirectional config also names a
-#: *ForSequenceClassification, which the cross-encoder family would claim; a PyLate ColBERT folder also has
-#: the modules.json the bi-encoder family would claim).
+#: *ForSequenceClassification, which the cross-encoder family would claim, and so does the VL reranker's; a
+#: PyLate ColBERT folder also has the modules.json the bi-encoder family would claim).
 FAMILIES: tuple[Family, ...] = (
+    NemotronVLFamily(),
     JinaRerankerV3Family(),
     LlamaBidirectionalFamily(),
     Qwen3RerankerFamily(),
@@ -48,7 +50,7 @@ def detect_family(files: ModelFiles) -> Family:
     causal = causal_architecture(files)
     if causal:
         decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and not f.listwise
-                             and f.id not in ("llama-bidirectional", "colbert"))
+                             and f.id not in ("llama-bidirectional", "colbert", "nemotron-vl"))
         raise ModelFormatError(
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "

@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openrerank import __version__
+from openrerank.core.images import ImageInputError
 from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import ServedModels, load_served_model
@@ -25,7 +26,7 @@ from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import cohere, embeddings, multi_vector, nim, score, tei
 from openrerank.server.drain import Drain
-from openrerank.server.engine_config import chunk_limits, load_options, scheduler_config
+from openrerank.server.engine_config import chunk_limits, image_limits, load_options, scheduler_config
 from openrerank.server.errors import (
     FAILURES,
     MODEL_FAULTS,
@@ -82,7 +83,7 @@ async def load_all(app: FastAPI) -> None:
                                              load_options(config),
                                              scheduler_config(config), app.state.metrics,
                                              limits=chunk_limits(config), score_cache=app.state.score_cache,
-                                             token_cache=app.state.token_cache)
+                                             token_cache=app.state.token_cache, images=image_limits(config))
             await served.scheduler.start()
         except Exception as exc:
             reason = first_line(exc)
@@ -177,6 +178,10 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type, failure in FAILURES.items():
         app.add_exception_handler(exc_type, answer(failure))
 
+    @app.exception_handler(ImageInputError)
+    async def _image(request: Request, exc: ImageInputError):
+        # a bad passage image: its status says which (413 too large, else 400/422 as core/images.py decides)
+        return _error_response(request, exc.status, str(exc), "too_large" if exc.status == 413 else "invalid_image")
     async def _model_fault(request: Request, exc: Exception):
         rid = request_id(request.scope)
         log.error("%s on %s (request id %s): %s", type(exc).__name__, request.url.path, rid, exc)

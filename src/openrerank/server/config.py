@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from openrerank.core.images import ImageLimits
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
@@ -61,6 +62,8 @@ class ServerConfig:
     max_queue_tokens: int | None = None  # None: SchedulerConfig.queue_budget
     max_chunks_per_passage: int = ChunkLimits.max_chunks_per_passage
     max_chunks_per_request: int = ChunkLimits.max_chunks_per_request
+    max_image_bytes: int = ImageLimits.max_image_bytes
+    max_image_pixels: int = ImageLimits.max_pixels
     # slow clients
     header_timeout: float = 10.0  # seconds to receive a request's headers
     max_header_bytes: int = 64 * 1024  # request line + headers (nginx's default buffers: 32 KiB); over it: 431
@@ -98,7 +101,8 @@ class ServerConfig:
         problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
                      if not all(p.strip() for p in a.partition("=")[::2])]
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
-                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-header-bytes"):
+                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-header-bytes",
+                     "max-image-bytes", "max-image-pixels"):
             value = getattr(self, flag.replace("-", "_"))  # None: the device's default
             need(value is None or value >= 1, flag, "must be at least 1")
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):

@@ -1,4 +1,4 @@
-"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk limits).
+"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk and image limits).
 
 The one place flags become engine objects; each knob then travels inside the object that owns it (the batch
 policy inside `SchedulerConfig`, the runtime flags inside `LoadOptions`).
@@ -6,6 +6,7 @@ policy inside `SchedulerConfig`, the runtime flags inside `LoadOptions`).
 
 from __future__ import annotations
 
+from openrerank.core.images import ImageLimits
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.loading import LoadOptions
 from openrerank.server.config import ServerConfig
@@ -27,3 +28,7 @@ def scheduler_config(config: ServerConfig) -> SchedulerConfig:
 
 def chunk_limits(config: ServerConfig) -> ChunkLimits:
     return ChunkLimits(config.max_chunks_per_passage, config.max_chunks_per_request)
+
+
+def image_limits(config: ServerConfig) -> ImageLimits:
+    return ImageLimits(max_image_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)

@@ -70,6 +70,8 @@ async def rerank_many(request: Request, response: Response, reqs: list[RerankReq
     """Several queries of one client request, scored as one unit on the model the first one names."""
     check_ready(request)
     model = served_models(request).get(reqs[0].model)
+    if any(r.has_images for r in reqs):
+        served_models(request).check_images(model)
     results = await model.rerank_many(reqs, deadline=deadline(request))
     record_usage(request, response, model=model.name, items=sum(len(r.passages) for r in reqs),
                  tokens=sum(r.prompt_tokens for r in results), timings=results[0].timings)

@@ -39,13 +39,15 @@ async def ranking(body: NimRankingRequest, request: Request, response: Response)
 
 def rerank_request(body: NimRankingRequest) -> RerankRequest:
     """The NIM request as the engine's request: one conversion for HTTP and gRPC (server/grpc)."""
+    images = tuple(p.image for p in body.passages)
     return RerankRequest(
         query=body.query.text,
-        passages=[p.text for p in body.passages],
+        passages=[p.text or "" for p in body.passages],
         model=body.model,
         truncate=Truncate(body.truncate),
         max_chunks_per_passage=body.max_chunks_per_passage,
         instruction=body.instruction,
+        images=images if any(i is not None for i in images) else None,
     )
 
 
@@ -114,6 +116,8 @@ def limits(config, models: list | None = None) -> dict:
         "max_request_tokens": min(budgets) if budgets else scheduler_config(config).request_budget,
         "max_chunks_per_passage": config.max_chunks_per_passage,
         "max_chunks_per_request": config.max_chunks_per_request,
+        "max_image_bytes": config.max_image_bytes,
+        "max_image_pixels": config.max_image_pixels,
         "request_timeout_s": config.request_timeout,
     }
 

@@ -1,0 +1,162 @@
+"""Passage images as clients send them: base64 data URLs, decoded with Pillow under hard limits.
+
+Images are hostile input. A data URL is checked before anything is decoded: it must be `data:image/png` or
+`data:image/jpeg` with base64 content (the Reranking NIM's formats; an `http(s)://` URL is refused: the
+server fetches nothing), its encoded size is capped per image and per request, and the bytes must be the
+format the URL declares (a PNG labelled JPEG is refused, not guessed). Opening reads only the header, so the
+pixel count is checked before a single pixel is decoded (decompression bombs); animated files are refused;
+truncated or corrupt files fail as the client's error. What comes out is always a still, upright (EXIF
+orientation applied), 8-bit RGB image, whatever the mode (palette, alpha, CMYK, 16-bit grey) it came in.
+
+Every failure is an `ImageInputError` with the passage it belongs to and the status a dialect answers
+(400, or 413 for sizes). This module is the one owner of the rules: the HTTP dialects and the gRPC
+`passage_image` input both hand it the client's string (`parse_data_url`, then `open_image` /
+`decode_image` off the event loop).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+#: MIME type -> Pillow format name. PNG and JPEG only, as the Reranking NIM's API reference says.
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}
+_ALIASES = {"image/jpg": "image/jpeg"}
+_MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
+_DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """How much image one passage and one request may carry (the only place these defaults live)."""
+
+    #: Decoded (binary) bytes of one image: a 300-dpi letter page as PNG is 1-3 MB.
+    max_image_bytes: int = 8 * 1024 * 1024
+    #: Decoded bytes of all images of one request (the HTTP body cap, --max-body-bytes, also applies).
+    max_request_bytes: int = 32 * 1024 * 1024
+    #: Pixels of one image (width x height), checked from the header before decoding: 36 Mpx is a
+    #: 600-dpi letter page; a decoded RGB image then takes at most ~110 MB while it is tiled.
+    max_pixels: int = 36_000_000
+
+
+class ImageInputError(ValueError):
+    """An image the server will not decode; `status` is 400 (bad image) or 413 (too large)."""
+
+    def __init__(self, message: str, *, passage_index: int | None = None, status: int = 400) -> None:
+        where = f"passage {passage_index}: " if passage_index is not None else ""
+        super().__init__(f"{where}{message}")
+        self.passage_index = passage_index
+        self.status = status
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A data URL's bytes, checked against the declared format but not decoded."""
+
+    format: str  # Pillow's format name: PNG | JPEG
+    data: bytes
+
+
+def encoded_size(url: str) -> int:
+    """Bytes a base64 payload decodes to (an upper bound, without decoding it)."""
+    comma = url.find(",")
+    return (len(url) - comma - 1) * 3 // 4 if comma >= 0 else len(url)
+
+
+def check_request_size(urls: list[str | None], limits: ImageLimits) -> None:
+    """All images of a request together, before any is decoded."""
+    total = sum(encoded_size(u) for u in urls if u is not None)
+    if total > limits.max_request_bytes:
+        raise ImageInputError(f"the request's images hold {total} bytes, above the limit of "
+                              f"{limits.max_request_bytes} bytes per request; send fewer or smaller images",
+                              status=413)
+
+
+def parse_data_url(url: str, limits: ImageLimits, passage_index: int | None = None) -> EncodedImage:
+    """A `data:image/png|jpeg;base64,...` string -> its bytes, refused unless the bytes are what it says."""
+    def fail(message: str, status: int = 400) -> ImageInputError:
+        return ImageInputError(message, passage_index=passage_index, status=status)
+
+    head = url[:64].lower()
+    if head.startswith(("http://", "https://", "ftp://", "file:")):
+        raise fail("image URLs are not fetched: send the image inline as a base64 data URL "
+                   "(data:image/png;base64,... or data:image/jpeg;base64,...)")
+    match = _DATA_URL.match(url[:256])
+    if not head.startswith("data:") or match is None:
+        raise fail("an image must be a base64 data URL (data:image/png;base64,... or data:image/jpeg;base64,...)")
+    mime = match.group(1).strip().lower()
+    mime = _ALIASES.get(mime, mime)
+    params = [p.strip().lower() for p in match.group(2).split(";") if p.strip()]
+    if "base64" not in params:
+        raise fail("an image data URL must be base64-encoded (data:image/png;base64,...)")
+    if mime not in FORMATS:
+        raise fail(f"image type {mime or 'unspecified'!r} is not supported: send PNG or JPEG "
+                   f"({', '.join(FORMATS)})")
+    size = encoded_size(url)
+    if size > limits.max_image_bytes:
+        raise fail(f"the image holds {size} bytes, above the limit of {limits.max_image_bytes} bytes per image",
+                   413)
+    try:
+        data = base64.b64decode(url[match.end():], validate=True)
+    except (binascii.Error, ValueError):
+        raise fail("the image data is not valid base64") from None
+    fmt = FORMATS[mime]
+    found = next((name for name, magic in _MAGIC.items() if data.startswith(magic)), None)
+    if found is None:
+        raise fail(f"the data URL says {mime} but the bytes are not a PNG or JPEG image")
+    if found != fmt:
+        raise fail(f"the data URL says {mime} but the bytes are a {found} image")
+    return EncodedImage(fmt, data)
+
+
+def open_image(encoded: EncodedImage, limits: ImageLimits, passage_index: int | None = None) -> Image:
+    """Open (header only): format, size and frame count checked; no pixel decoded yet."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    def fail(message: str, status: int = 400) -> ImageInputError:
+        return ImageInputError(message, passage_index=passage_index, status=status)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise fail(f"the image has more pixels than the limit of {limits.max_pixels}", 413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise fail(f"the {encoded.format} image cannot be read ({type(exc).__name__})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise fail(f"the image is {width}x{height} pixels")
+    if width * height > limits.max_pixels:
+        raise fail(f"the image is {width}x{height} = {width * height} pixels, above the limit of "
+                   f"{limits.max_pixels} pixels per image", 413)
+    if getattr(image, "n_frames", 1) != 1:
+        raise fail(f"the image has {image.n_frames} frames (animated or multi-picture); send a still PNG or JPEG")
+    return image
+
+
+def decode_image(image: Image, passage_index: int | None = None) -> Image:
+    """An opened image -> upright 8-bit RGB pixels (EXIF orientation applied, alpha dropped as the
+    reference processors' `convert("RGB")` drops it)."""
+    from PIL import ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warnings on odd EXIF / palette transparency are not errors
+            image.load()  # a truncated file raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("P", "PA", "LA", "La", "RGBa", "I;16", "I;16B", "I;16L", "I", "F"):
+                image = image.convert("RGBA" if image.mode in ("P", "PA", "LA", "La", "RGBa") else "L")
+            return image.convert("RGB") if image.mode != "RGB" else image
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageInputError(f"the image is truncated or corrupt ({type(exc).__name__})",
+                              passage_index=passage_index) from None
