@@ -24,9 +24,10 @@ import json
 from pathlib import Path
 
 from openrerank.core.requests import ScoreKind
-from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, torch_dtype
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.listwise_scorer import ListwiseScorer
 from openrerank.runtimes.base import Network, NetworkBuild
+from openrerank.runtimes.torch_runtime import torch_dtype
 from openrerank.text.listwise import ListwiseLimits, ListwiseTextEncoder
 
 ARCHITECTURE = "JinaForRanking"
