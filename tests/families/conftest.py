@@ -50,9 +50,10 @@ def _serve_args(dirs: dict[str, Path], names) -> list[str]:
 
 @pytest.fixture(scope="session")
 def family_server(tmp_path_factory, family_dirs):
-    """Every family on one server, `--backend auto --dtype fp32` (OpenVINO fp32 for encoders, PyTorch for
-    decoders: the exact precision, so parity holds at 1e-4); Qwen3 twice, once with its own instruction."""
-    args = [*_serve_args(family_dirs, MODELS), "--dtype", "fp32"]
+    """Every family on one server, `--backend auto --dtype fp32` chosen by the rules (OpenVINO fp32 for
+    encoders, PyTorch for decoders: the exact precision, so parity holds at 1e-4; measured, the fastest on
+    tiny models could be any engine); Qwen3 twice, once with its own instruction."""
+    args = [*_serve_args(family_dirs, MODELS), "--dtype", "fp32", "--backend-choice", "rules"]
     args += ["--model", f"qwen3-instr={family_dirs['qwen3']}", "--instruction", f"qwen3-instr={QWEN3_INSTRUCTION}",
              "--model-family", "mxbai=mxbai-rerank-v2"]
     with run_server(args, tmp_path_factory.mktemp("family-server")) as server:
