@@ -15,7 +15,7 @@ def test_a_model_start_plans_its_runtimes_once(tiny_model_dir, monkeypatch):
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(loading, "plan_runtimes", counting)
-    options = LoadOptions(backend="torch", threads=1)
+    options = LoadOptions(backend="torch", threads=1, backend_choice="rules")  # rules: the plan itself serves
     resolved = resolve_model(str(tiny_model_dir), options)
     loaded = load_model(resolved, options)
     assert len(calls) == 1
