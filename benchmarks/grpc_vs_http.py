@@ -43,7 +43,7 @@ class Http:
     name = "HTTP"
 
     def __init__(self, url: str, model: str) -> None:
-        self.client = httpx.Client(base_url=url, timeout=300)
+        self.client = httpx.Client(base_url=url, timeout=None)  # the server's --request-timeout bounds it
         self.model = model
 
     def rank(self, query: str, passages: list[str]) -> None:
