@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrerank.core.work import TASKS, Task, WorkItem
-from openrerank.engine.admission import budget_for, finish_estimate
+from openrerank.engine.admission import budget_for, finish_estimate, observed_rate
 from openrerank.engine.batching import MAX_PADDING, MIN_ROWS, BatchPolicy
 from openrerank.engine.errors import (
     BatchFailedError,
@@ -492,6 +492,8 @@ class Scheduler:
             per_token = (end - start) / max(1, tokens)
             s = self._sec_per_token
             self._sec_per_token = per_token if not s else 0.8 * s + 0.2 * per_token
+            self.tokens_per_second = observed_rate(self.tokens_per_second, tokens, end - start,
+                                                   self.config.max_batch_tokens)
         self._observe(items, task, end - start)
         for (req, i), row in zip(live, rows, strict=True):
             if req in failed:
