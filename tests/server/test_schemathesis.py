@@ -13,6 +13,10 @@ import pytest
 from tests.support import run_server
 
 CHECKS = "all"
+#: Schema-valid requests the server must refuse for rules JSON Schema cannot state: score's 1:1 / 1:N / N:N
+#: pairing of text_1 and text_2, rank_fields naming a field some document lacks, embeddings asked of a
+#: cross-encoder, a model name that is not served (Infinity answers 400 for it, as Infinity does).
+EXCLUDED = "positive_data_acceptance"
 API_KEY = "schemathesis-key"
 
 
@@ -22,10 +26,11 @@ def test_served_openapi_holds_under_generated_requests(tmp_path, tiny_model_dir)
         st = shutil.which("st")
     if st is None:
         pytest.skip("schemathesis is not installed (scripts/setup.sh test installs it)")
-    args = ["--model", f"tiny={tiny_model_dir}", "--max-passages", "8", "--threads", "1"]
+    args = ["--model", f"tiny={tiny_model_dir}", "--max-passages", "8", "--threads", "1", "--backend", "torch"]
     with run_server(args, tmp_path, api_key=API_KEY) as server:
         done = subprocess.run(
-            [str(st), "run", f"{server.url}/openapi.json", "--checks", CHECKS, "--max-examples", "20",
+            [str(st), "run", f"{server.url}/openapi.json", "--checks", CHECKS, "--exclude-checks", EXCLUDED,
+             "--max-examples", "20",
              "--seed", "1", "--workers", "1", "--request-timeout", "60", "--no-color",
              "-H", f"Authorization: Bearer {API_KEY}"],
             capture_output=True, text=True, timeout=900, cwd=tmp_path)

@@ -31,7 +31,7 @@ def test_a_multi_megabyte_passage_costs_what_its_window_costs(tmp_path, tiny_mod
     (kept after), CHUNK 1 MB 9.4 s and +390 MB, Cohere max_tokens_per_doc the same."""
     args = ["--model", f"tiny={tiny_model_dir}", "--backend", "torch", "--threads", "1"]
     huge = "river water mountain city engine " * (6 * MB // 33)  # ~6 MB of words the tiny vocabulary knows
-    with run_server(args, tmp_path) as server, server.client(timeout=300) as c:
+    with run_server(args, tmp_path) as server, server.client() as c:
         assert c.post("/v1/ranking", json=nim_body("q", ["warm up"], truncate="END")).status_code == 200
         before = rss_mib(server.proc.pid)
         requests = [("/v1/ranking", nim_body("rivers", [huge], truncate="END")),

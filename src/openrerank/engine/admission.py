@@ -23,7 +23,9 @@ one takes about `WARMUP_TARGET_S`), and:
   being max-min fair) is refused at once with 503 (TEI/Cohere 429) and Retry-After (`finish_estimate`).
 
 `Scheduler.tokens_per_second` holds the rate; whoever knows a better one (the engine choice times each
-candidate runtime on the loaded model) may set it before the model serves.
+candidate runtime on the loaded model) may set it before the model serves. While serving, every batch of
+at least `RATE_BATCH_SHARE` of the batch token limit moves it (`observed_rate`), so the budget follows the
+machine: a warm-up timed on a busy machine does not shrink it for good, nor an idle one inflate it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ QUEUE_BUDGETS = 2
 BUDGET_SHARE = 0.5
 #: Warm-up batches grow until one takes about this long (or reaches the batch token limit).
 WARMUP_TARGET_S = 0.5
+
+
+#: Batches at least this share of --max-batch-tokens update the rate (small ones are mostly overhead).
+RATE_BATCH_SHARE = 0.25
+#: Weight of one such batch in the moving average of the rate.
+RATE_WEIGHT = 0.1
+
+
+def observed_rate(rate: float | None, tokens: int, seconds: float, max_batch_tokens: int) -> float | None:
+    """The rate after a batch of `tokens` that took `seconds`: a moving average over big-enough batches."""
+    if tokens < RATE_BATCH_SHARE * max_batch_tokens or seconds <= 0:
+        return rate
+    now = tokens / seconds
+    return now if not rate else (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * now
 
 
 def budget_for(tokens_per_second: float, timeout: float) -> int:
@@ -229,8 +245,11 @@ class AdmissionQueue:
             self.queued_tokens -= req.tokens
 
     def record_speed(self, seconds: float, tokens: int) -> None:
-        """One batch's model time, folded into the per-token estimate behind Retry-After."""
+        """One batch's model time, folded into the per-token estimate behind Retry-After and, for a big
+        enough batch, into the measured rate behind the budgets (`observed_rate`)."""
         with self.cv:
             per_token = seconds / max(1, tokens)
             s = self.sec_per_token
             self.sec_per_token = per_token if not s else 0.8 * s + 0.2 * per_token
+            self.tokens_per_second = observed_rate(self.tokens_per_second, tokens, seconds,
+                                                   self.config.policy.max_tokens)

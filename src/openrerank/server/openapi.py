@@ -67,9 +67,22 @@ LIST_LIMITS = {
 }
 
 
+#: (request schema, field) -> the ServerConfig attribute that is the field's largest accepted value.
+VALUE_LIMITS = {
+    ("NimRankingRequest", "max_chunks_per_passage"): "max_chunks_per_passage",
+    ("CohereV1RerankRequest", "max_chunks_per_doc"): "max_chunks_per_passage",
+}
+
+
 def declare_list_limits(schema: dict[str, Any], config: ServerConfig) -> dict[str, Any]:
-    """Every list-valued field the server bounds gets `minItems: 1` and `maxItems` = the flag's value."""
+    """Every list-valued field the server bounds gets `minItems: 1` and `maxItems` = the flag's value; the
+    chunk counts a request may ask for get their `maximum`."""
     schemas = schema.get("components", {}).get("schemas", {})
+    for (name, field), attr in VALUE_LIMITS.items():
+        prop = schemas.get(name, {}).get("properties", {}).get(field)
+        for branch in [] if prop is None else [prop, *prop.get("anyOf", [])]:
+            if branch.get("type") == "integer":
+                branch["maximum"] = getattr(config, attr)
     for (name, field), attr in LIST_LIMITS.items():
         prop = schemas.get(name, {}).get("properties", {}).get(field)
         if prop is None:
