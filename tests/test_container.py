@@ -221,8 +221,8 @@ def test_images_run_the_way_the_kubernetes_manifest_runs_them(image, export_imag
     models.chmod(0o777)  # the PVC: fsGroup makes it writable for the Job's user
     source = tmp_path / "source"
     shutil.copytree(tiny_model_dir, source)
-    for folder in [source, *(p for p in source.rglob("*") if p.is_dir())]:
-        folder.chmod(0o755)  # pytest's temporary folders are private to root; the Job runs as 10001
+    for path in [source, *source.rglob("*")]:  # pytest's temporary files are private; the Job runs as 10001
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
     job = docs["Job"]["spec"]["template"]["spec"]
     export = job["containers"][0]
