@@ -129,11 +129,18 @@ def timing_shapes(max_length: int, params: float = _REFERENCE_PARAMS) -> tuple[t
     return tuple(shapes)
 
 
+class NotTimeableError(ValueError):
+    """The network takes an input the timer cannot make up (e.g. a vision model's `pixel_values`)."""
+
+
 def timing_features(input_names: Sequence[str], rows: int, width: int, vocab_size: int) -> dict[str, np.ndarray]:
     """A full batch of random token ids (no padding: the timed work is all real tokens)."""
     rng = np.random.default_rng(rows * 7919 + width)
     ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(rows, width)).astype(np.int64)
     feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    unknown = [n for n in input_names if n not in feats]
+    if unknown:
+        raise NotTimeableError(f"its inputs {', '.join(unknown)} cannot be made up for timing")
     return {n: feats[n] for n in input_names}
 
 

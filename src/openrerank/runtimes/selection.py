@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from openrerank.runtimes.base import Network, Runtime
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
-from openrerank.runtimes.measure import Measurement, Throughput, Timings, measure_candidates
+from openrerank.runtimes.measure import Measurement, NotTimeableError, Throughput, Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
 from openrerank.runtimes.torch_runtime import TORCH_DTYPES, default_threads, is_cuda
@@ -289,8 +289,12 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     def build(runtime: str, dtype: str) -> Runtime:
         return _build(by_key[(runtime, dtype)], network, device, threads)
 
-    timings = measure_candidates(list(by_key), build, model_dir=network.path, head=network.head, device=device,
-                                 threads=threads or default_threads(), max_length=max_length)
+    try:
+        timings = measure_candidates(list(by_key), build, model_dir=network.path, head=network.head,
+                                     device=device, threads=threads or default_threads(), max_length=max_length)
+    except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
+        log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
+        return _first_that_loads(plan, network, device, threads)
     ranked = timings.ranked
     refused = [f"{label(m.backend, m.dtype)} refused it ({m.error})" for m in ranked if m.throughput is None]
     failed: list[str] = []
