@@ -72,7 +72,8 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(tmp_path, t
         assert r.status_code == 400 and "--max-chunks-per-request" in r.json()["message"]
         meta = c.get("/v1/metadata").json()
         assert meta["limits"]["max_request_tokens"] == 500
-        assert meta["models"][0]["source"] == meta["modelInfo"][0]["modelUrl"] == relative  # as given
+        # a local folder by its name only: clients learn nothing of the server's filesystem layout
+        assert meta["models"][0]["source"] == meta["modelInfo"][0]["modelUrl"] == Path(relative).name
 
 
 def read_all(sock: socket.socket) -> bytes:
