@@ -77,3 +77,41 @@ class UnsupportedRequestError(EngineError):
     """A request the model cannot serve as asked (embeddings from a reranker, a dimension it cannot give).
 
     Dialects answer 400: the client asked for something this server's model does not do."""
+
+
+class UnknownModelError(LookupError):
+    """A request named a model this server does not serve (404 in every dialect)."""
+
+    def __init__(self, name: str, served: list[str], what: str = "models") -> None:
+        self.name = name
+        self.served = served
+        listed = f"served {what}: {', '.join(served)}" if served else f"no {what} are served here"
+        super().__init__(f"Model '{name}' is not served here; {listed}")
+
+
+class NotAnEmbeddingModelError(UnsupportedRequestError):
+    """Embeddings asked of a reranker that has none (a cross-encoder or LLM reranker scores pairs only)."""
+
+    def __init__(self, name: str | None, family: str | None, embedders: list[str], *,
+                 multi_vector: bool = False) -> None:
+        self.embedders = embedders
+        what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
+        if multi_vector:
+            what = (f"Model '{name}' ({family}) has one vector per token, not one per text: its embeddings are on "
+                    f"POST /v1/embeddings/multi_vector")
+        if name is None:
+            what = "No model was named and the first served model produces no embeddings"
+        where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
+                 "no embedding model is served here (serve a sentence-transformers bi-encoder, e.g. --model default)")
+        super().__init__(f"{what}; {where}")
+
+
+class ImagesNotSupportedError(UnsupportedRequestError):
+    """A passage image sent to a model that reads text only."""
+
+    def __init__(self, name: str, family: str, image_models: list[str] | None) -> None:
+        where = ("" if image_models is None else
+                 f"; models served here that take images: {', '.join(image_models)}" if image_models else
+                 "; no model served here takes images (serve a vision-language reranker, e.g. "
+                 "nvidia/llama-nemotron-rerank-vl-1b-v2)")
+        super().__init__(f"Model '{name}' ({family}) reads text only: it cannot score a passage's image{where}")

@@ -1,6 +1,7 @@
-"""A served model (loaded model + its scheduler) and the set of them dialects look models up in.
+"""A served model: a loaded model and its scheduler, the path every request to it takes.
 
-A served model reranks, and (a bi-encoder) embeds: both go through its one scheduler.
+A served model reranks, and (a bi-encoder) embeds, (a ColBERT model) hands out token vectors: all go through
+its one scheduler. The set of served models the dialects look models up in is `engine/served_models.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from openrerank.core.work import Task
 from openrerank.engine.admission import ChunkLimits, measure_rate
 from openrerank.engine.errors import (
     DeadlineExceededError,
+    ImagesNotSupportedError,
     ModelOutputError,
     RequestTooLargeError,
     UnsupportedRequestError,
@@ -60,40 +62,6 @@ _WARMUP_PASSAGES = [
 ]
 
 
-class UnknownModelError(LookupError):
-    def __init__(self, name: str, served: list[str], what: str = "models") -> None:
-        self.name = name
-        self.served = served
-        listed = f"served {what}: {', '.join(served)}" if served else f"no {what} are served here"
-        super().__init__(f"Model '{name}' is not served here; {listed}")
-
-
-class NotAnEmbeddingModelError(UnsupportedRequestError):
-    """Embeddings asked of a reranker that has none (a cross-encoder or LLM reranker scores pairs only)."""
-
-    def __init__(self, name: str | None, family: str | None, embedders: list[str], *,
-                 multi_vector: bool = False) -> None:
-        self.embedders = embedders
-        what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
-        if multi_vector:
-            what = (f"Model '{name}' ({family}) has one vector per token, not one per text: its embeddings are on "
-                    f"POST /v1/embeddings/multi_vector")
-        if name is None:
-            what = "No model was named and the first served model produces no embeddings"
-        where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
-                 "no embedding model is served here (serve a sentence-transformers bi-encoder, e.g. --model default)")
-        super().__init__(f"{what}; {where}")
-
-
-class ImagesNotSupportedError(UnsupportedRequestError):
-    """A passage image sent to a model that reads text only."""
-
-    def __init__(self, name: str, family: str, image_models: list[str] | None) -> None:
-        where = ("" if image_models is None else
-                 f"; models served here that take images: {', '.join(image_models)}" if image_models else
-                 "; no model served here takes images (serve a vision-language reranker, e.g. "
-                 "nvidia/llama-nemotron-rerank-vl-1b-v2)")
-        super().__init__(f"Model '{name}' ({family}) reads text only: it cannot score a passage's image{where}")
 @dataclass
 class ServedModel:
     name: str
@@ -436,105 +404,6 @@ def _reportable(logits: np.ndarray) -> np.ndarray:
     if np.isnan(logits).any():
         raise ModelOutputError(f"the model produced a NaN score for passage {int(np.flatnonzero(np.isnan(logits))[0])}")
     return np.clip(logits, -_FLOAT32_MAX, _FLOAT32_MAX)
-
-
-class ServedModels:
-    """All models of one server.
-
-    Health, as the probes report it: `ready` once every model (or, with `--allow-partial`, every model
-    that could load) is loaded and warmed up, and while every scheduler worker is alive; `live` unless
-    a worker died (then the process must be restarted). Messages stay short; details go to the log."""
-
-    def __init__(self) -> None:
-        self._models: dict[str, ServedModel] = {}
-        self.expected: list[str] = []
-        self.loaded = False  # the loader finished (some models may have failed: `failed`)
-        self.load_error: str | None = None  # the loader gave up: nothing is served
-        self.failed: dict[str, str] = {}  # served id -> short reason, models skipped by --allow-partial
-        self.aliases: dict[str, str] = {}  # another id -> the served id it names (--alias, NIM's renamed ids)
-
-    def add(self, model: ServedModel) -> None:
-        self._models[model.name] = model
-
-    @property
-    def ready(self) -> bool:
-        return self.loaded and bool(self._models) and self.live
-
-    @property
-    def live(self) -> bool:
-        return not self.dead_workers()
-
-    def dead_workers(self) -> list[str]:
-        """Models whose scheduler worker is gone although it was never asked to stop."""
-        return [m.name for m in self._models.values() if m.scheduler.failure is not None]
-
-    def status(self) -> str:
-        """One short line for health bodies (no exception text: that is in the log)."""
-        if self.load_error:
-            return "Model failed to load; see the server log."
-        dead = self.dead_workers()
-        if dead:
-            return f"Model worker stopped ({', '.join(dead)}); restart the server."
-        if not self.loaded:
-            return "Model is loading."
-        if self.failed:
-            return f"Service is ready; {len(self.failed)} model(s) failed to load (see the server log)."
-        return "Service is ready."
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._models) or [n for n in self.expected if n not in self.failed]
-
-    def models(self) -> list[ServedModel]:
-        return list(self._models.values())
-
-    def get(self, name: str | None) -> ServedModel:
-        """`None` (field omitted) picks the first model, as NIM does with its single model."""
-        if name is None:
-            if not self._models:
-                raise UnknownModelError("<none>", self.names)
-            return next(iter(self._models.values()))
-        model = self._models.get(self.aliases.get(name, name))
-        if model is None:
-            raise UnknownModelError(name, self.names)
-        return model
-
-    @property
-    def image_models(self) -> list[str]:
-        """Ids of the served models whose passages may carry images."""
-        return [m.name for m in self._models.values() if m.takes_images]
-
-    def check_images(self, model: ServedModel) -> None:
-        """Refuse an image for a text-only model, naming the served models that take one."""
-        if not model.takes_images:
-            raise ImagesNotSupportedError(model.name, model.loaded.family.id, self.image_models)
-
-    @property
-    def embedders(self) -> list[str]:
-        """Ids of the served models that produce embeddings."""
-        return [m.name for m in self._models.values() if m.embeds]
-
-    def get_embedder(self, name: str | None) -> ServedModel:
-        """The embedding model `name` (None: the first served embedding model, as NIM picks its one model)."""
-        if name is None:
-            embedders = self.embedders
-            if not embedders:
-                first = next(iter(self._models.values()), None)
-                raise NotAnEmbeddingModelError(None, first.loaded.family.id if first else None, [])
-            return self._models[embedders[0]]
-        model = self._models.get(self.aliases.get(name, name))
-        if model is None:
-            raise UnknownModelError(name, self.embedders or self.names, "embedding models" if self.embedders
-                                    else "models")
-        if not model.embeds:
-            raise NotAnEmbeddingModelError(name, model.loaded.family.id, self.embedders,
-                                           multi_vector=model.loaded.multi_vector)
-        return model
-
-    async def stop(self) -> None:
-        for m in self._models.values():
-            await m.scheduler.stop()
-            m.loaded.close()
 
 
 def load_served_model(source: ResolvedModel | ModelSource, options: LoadOptions, sched: SchedulerConfig,

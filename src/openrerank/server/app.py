@@ -20,7 +20,8 @@ from openrerank import __version__
 from openrerank.core.images import ImageInputError
 from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
-from openrerank.engine.served import ServedModels, load_served_model
+from openrerank.engine.served import load_served_model
+from openrerank.engine.served_models import ServedModels
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig

@@ -21,10 +21,10 @@ from openrerank.engine.errors import (
     ModelOutputError,
     QueueFullError,
     RequestTooLargeError,
+    UnknownModelError,
     UnsupportedRequestError,
     WorkerDiedError,
 )
-from openrerank.engine.served import UnknownModelError
 from openrerank.server.responses import OrjsonResponse
 from openrerank.text.prepare import InputTooLongError
 

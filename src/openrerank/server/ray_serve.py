@@ -29,7 +29,7 @@ from ray import serve
 from ray.serve import metrics as serve_metrics
 from ray.serve.config import BackpressureConfig
 
-from openrerank.engine.served import ServedModels
+from openrerank.engine.served_models import ServedModels
 from openrerank.observe.metrics import Metrics
 from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app

@@ -8,7 +8,7 @@ from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
 from openrerank.core.requests import RerankRequest, RerankResult, Timings
-from openrerank.engine.served import ServedModels
+from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import ApiError, format_validation_errors
 from openrerank.server.middleware import arrival, request_usage

@@ -15,7 +15,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from openrerank.core.requests import EmbedRequest, Truncate
-from openrerank.engine.served import ServedModel, UnknownModelError
+from openrerank.engine.errors import UnknownModelError
+from openrerank.engine.served import ServedModel
 from openrerank.server.dialects import common
 from openrerank.server.dialects.embeddings import encode_vector, input_texts, model_and_input_type
 from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect

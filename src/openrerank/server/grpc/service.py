@@ -28,10 +28,11 @@ from openrerank.engine.errors import (
     ModelOutputError,
     QueueFullError,
     RequestTooLargeError,
+    UnknownModelError,
     UnsupportedRequestError,
     WorkerDiedError,
 )
-from openrerank.engine.served import ServedModels, UnknownModelError
+from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
 from openrerank.server.errors import ApiError, safe_text
