@@ -154,24 +154,30 @@ def test_every_dialect_reports_maxsim_and_its_unit_form(server):
 
 def test_a_passage_seen_again_costs_only_the_query(server):
     passages = [f"the capital city of france number {i}, paris." for i in "abcdefgh"]
-    body = nim_body("what is the capital of france", passages, model="stanford")
+    first_body = nim_body("what is the capital of france", passages, model="stanford")
+    other_body = nim_body("which city is the capital", passages, model="stanford")
+
+    def encoded(c) -> dict[str, float]:
+        return {s: _metric(c, "openrerank_late_interaction_encoded_total", model="stanford", side=s)
+                for s in ("query", "passage")}
+
     with server.client() as c:
-        before = {s: _metric(c, "openrerank_late_interaction_encoded_total", model="stanford", side=s)
-                  for s in ("query", "passage")}
+        before = encoded(c)
         hits0 = _metric(c, "openrerank_token_cache_hits_total", model="stanford")
-        first = c.post("/v1/ranking", json=body)
-        mid = {s: _metric(c, "openrerank_late_interaction_encoded_total", model="stanford", side=s)
-               for s in ("query", "passage")}
-        second = c.post("/v1/ranking", json=body)
-        after = {s: _metric(c, "openrerank_late_interaction_encoded_total", model="stanford", side=s)
-                 for s in ("query", "passage")}
+        first = c.post("/v1/ranking", json=first_body)
+        mid = encoded(c)
+        other = c.post("/v1/ranking", json=other_body)  # the same passages, a new query
+        after = encoded(c)
         hits = _metric(c, "openrerank_token_cache_hits_total", model="stanford") - hits0
-    assert first.status_code == second.status_code == 200
+        again = c.post("/v1/ranking", json=first_body)  # the first request again
+        last = encoded(c)
+    assert first.status_code == other.status_code == again.status_code == 200
     assert mid["passage"] - before["passage"] == len(passages) and mid["query"] - before["query"] == 1
     assert after["passage"] == mid["passage"], "the second request encoded passages again"
-    assert after["query"] - mid["query"] == 1
+    assert after["query"] - mid["query"] == 1  # only its query ran through the model
     assert hits == len(passages)
-    assert second.json()["rankings"] == first.json()["rankings"]  # bit for bit: the same JSON floats
+    assert last == after  # a repeated query is remembered too: nothing ran
+    assert again.json()["rankings"] == first.json()["rankings"]  # bit for bit: the same JSON floats
 
 
 # multi-vector embeddings -----------------------------------------------------------------------------------------

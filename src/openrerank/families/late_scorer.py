@@ -7,7 +7,9 @@ is L2-normalized (PyLate's `normalize_embeddings=True`), and a pair's score is M
 vector its best dot product with a passage vector, summed over the query vectors.
 
 Each pair is scored on its own arrays (one small matrix product), so a score never depends on what
-else shared the batch, and a passage's cached vectors give bit-identical scores on a hit.
+else shared the batch, and a passage's cached vectors give bit-identical scores on a hit. A query's vectors
+are kept too, in a small byte-bounded LRU of its own (`QUERY_MEMO_BYTES`): the scheduler cuts one request's
+passages into several batches by length, and the query would otherwise be encoded again for each.
 
 The same vectors are the multi-vector embeddings (`embed`): one packed float32 row per text (`pack`),
 since the scheduler moves fixed-width rows.
@@ -15,6 +17,8 @@ since the scheduler moves fixed-width rows.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +28,9 @@ from openrerank.families.scorer import Scorer
 from openrerank.families.token_cache import BoundTokenCache
 from openrerank.runtimes.base import RowsFailedError, Runtime
 from openrerank.text.late import LateSettings
+
+#: Bytes of query vectors a scorer keeps (a 32-token query of 128 dimensions is 16 KiB: ~1,000 queries).
+QUERY_MEMO_BYTES = 16 * 2**20
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -44,6 +51,9 @@ class LateInteractionScorer(Scorer):
         self.settings = settings
         #: The token cache (attached by the server; None: every passage is encoded).
         self.cache: BoundTokenCache | None = None
+        self._queries: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._query_bytes = 0
+        self._lock = threading.Lock()
 
     @property
     def row_tokens(self) -> int:
@@ -70,7 +80,21 @@ class LateInteractionScorer(Scorer):
 
     def query_vectors(self, queries: Sequence[list[int]]) -> list[np.ndarray]:
         """Normalized vectors of each query (real tokens, marker included): query_length of them with
-        augmentation (the mask-token positions count), the real tokens' without."""
+        augmentation (the mask-token positions count), the real tokens' without. Queries encoded before
+        (by an earlier batch of the same request, or an earlier request) come from the memo."""
+        keys = [tuple(q) for q in queries]
+        with self._lock:
+            found = {k: self._queries[k] for k in keys if k in self._queries}
+            for k in found:
+                self._queries.move_to_end(k)
+        todo = [list(k) for k in dict.fromkeys(k for k in keys if k not in found)]
+        if todo:
+            for k, v in zip(todo, self._encode_queries(todo), strict=True):
+                found[tuple(k)] = v
+            self._remember({tuple(k): found[tuple(k)] for k in todo})
+        return [found[k] for k in keys]
+
+    def _encode_queries(self, queries: list[list[int]]) -> list[np.ndarray]:
         s = self.settings
         if s.expansion_id is not None:
             seqs = [q + [s.expansion_id] * (s.query_length - len(q)) for q in queries]
@@ -80,7 +104,20 @@ class LateInteractionScorer(Scorer):
         out = self._run(seqs, attended)
         if self.cache is not None:
             self.cache.encoded("query", len(queries))
-        return [normalize_rows(out[i, : len(seq)]) for i, seq in enumerate(seqs)]
+        vecs = [normalize_rows(out[i, : len(seq)]) for i, seq in enumerate(seqs)]
+        for v in vecs:
+            v.setflags(write=False)
+        return vecs
+
+    def _remember(self, fresh: dict[tuple[int, ...], np.ndarray]) -> None:
+        with self._lock:
+            for k, v in fresh.items():
+                if k not in self._queries:
+                    self._queries[k] = v
+                    self._query_bytes += v.nbytes
+            while self._query_bytes > QUERY_MEMO_BYTES and self._queries:
+                _, old = self._queries.popitem(last=False)
+                self._query_bytes -= old.nbytes
 
     def _kept(self, seq: list[int]) -> np.ndarray:
         skip = self.settings.skiplist
