@@ -89,6 +89,7 @@ class BlockItem:
         return len(self.input_ids)
 
 
+@dataclass(slots=True)
 class TokenEmbedItem(EmbedItem):
     """One text embedded token by token (late interaction, e.g. ColBERT); `query` picks the query side
     (query marker, expansion) or the document side (document marker, skiplist)."""
