@@ -197,8 +197,8 @@ def test_a_pre_exported_directory_is_served_by_openvino(exported_dir, model_copy
 
 def test_a_pre_exported_graph_openvino_misreads_falls_back_to_onnx_runtime(exported_dir, monkeypatch):
     monkeypatch.setattr(convert, "_diff_from_onnxruntime", lambda *a: 0.5)
-    served = load_model(str(exported_dir), LoadOptions())
-    assert served.engine.backend == "onnx" and "refused" in served.engine.reason
+    served = load_model(str(exported_dir), LoadOptions(backend_choice="rules"))  # the rule's hand-over
+    assert served.runtime_choice.runtime == "onnx" and "refused" in served.runtime_choice.reason
     with pytest.raises(ConversionError, match="away from ONNX Runtime"):
         load_model(str(exported_dir), LoadOptions(backend="openvino"))
 
