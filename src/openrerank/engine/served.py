@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -280,15 +280,7 @@ class ServedModel:
         admission unit, one deadline covering tokenization too, one cancellation), shorten if asked."""
         self.check_dimensions(req.dimensions)
         t0 = time.perf_counter()
-        timeout = self.scheduler.config.request_timeout
-        if deadline is None:
-            deadline = time.monotonic() + timeout
-        try:
-            items = await asyncio.wait_for(self._embedding_items(req), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise DeadlineExceededError(timeout) from None
-        tokenize_ms = (time.perf_counter() - t0) * 1e3
-        outcome = await self.scheduler.submit(items, timeout=timeout, deadline=deadline)
+        items, outcome, tokenize_ms = await self._submit_texts(lambda: self._embedding_items(req), deadline)
         vectors = outcome.scores
         if not np.isfinite(vectors).all():
             bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
@@ -307,8 +299,8 @@ class ServedModel:
             raise UnsupportedRequestError(f"Model '{self.name}' ({self.loaded.family.id}) has no multi-vector "
                                           "embeddings; only late-interaction (ColBERT) models do")
         t0 = time.perf_counter()
-        items, outcome, tokenize_ms = await self._submit_texts(
-            lambda: self.loaded.token_items(req.texts, req.truncate, req.input_type or "passage"), deadline)
+        items, outcome, tokenize_ms = await self._submit_texts(lambda: asyncio.to_thread(
+            self.loaded.token_items, req.texts, req.truncate, req.input_type or "passage"), deadline)
         vectors = [unpack(row) for row in outcome.scores]
         bad = next((i for i, v in enumerate(vectors) if not np.isfinite(v).all()), None)
         if bad is not None:
@@ -316,16 +308,16 @@ class ServedModel:
         tokens, timings = self._embedded(items, outcome, tokenize_ms, t0)
         return MultiVectorResult(self.name, vectors, tokens, timings)
 
-    async def _submit_texts(self, make_items: Callable[[], list], deadline: float | None
+    async def _submit_texts(self, make_items: Callable[[], Awaitable[list]], deadline: float | None
                             ) -> tuple[list, ScoreOutcome, float]:
-        """Tokenize off the loop within the deadline, then submit the items as one unit; the items, the
-        outcome and the milliseconds tokenization took."""
+        """Tokenize (`make_items`, which works off the loop) within the deadline, then submit the items as one
+        unit; the items, the outcome and the milliseconds tokenization took."""
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
         if deadline is None:
             deadline = time.monotonic() + timeout
         try:
-            items = await asyncio.wait_for(asyncio.to_thread(make_items), max(0.0, deadline - time.monotonic()))
+            items = await asyncio.wait_for(make_items(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(timeout) from None
         tokenize_ms = (time.perf_counter() - t0) * 1e3
