@@ -305,6 +305,18 @@ def run_llm_bench(args) -> int:
         console.print(f"[red]{exc}[/red]")
         return 2
     configs = [c.strip() for c in (args.backends or ",".join(DEFAULT_LLM_CONFIGS)).split(",") if c.strip()]
+    skipped: dict[str, str] = {}
+    if not args.backends:  # the defaults: leave out what this CPU refuses (bf16 without bf16 units), and say so
+        from openrerank.runtimes.selection import RuntimeConfigError, check_runtime_options
+
+        for cfg in list(configs):
+            runtime, dtype = cfg.split(":")
+            try:
+                check_runtime_options(runtime, dtype, "cpu", ("torch",))
+            except RuntimeConfigError as exc:
+                configs.remove(cfg)
+                skipped[cfg] = str(exc)
+                console.print(f"[yellow]{cfg} left out on this CPU: {exc}[/yellow]")
     wl = load_workload(data, args.run, args.queries or 1, args.passages or 32)
     cache = Path(args.model_cache) if args.model_cache else default_model_cache()
     result: dict = {
@@ -315,7 +327,7 @@ def run_llm_bench(args) -> int:
                     "load_average_start": _load_average()},
         "workload": {"dataset": data.name, "run": args.run, "requests": len(wl.queries),
                      "passages_per_request": len(wl.passages[0]), "pairs": wl.pairs},
-        "rounds": args.rounds, "baseline_batch": BASELINE_BATCH, "models": [],
+        "rounds": args.rounds, "baseline_batch": BASELINE_BATCH, "models": [], "skipped_configs": skipped,
     }
     console.print(f"workload: {len(wl.queries)} request(s), {wl.pairs} pairs from {data.name}/{args.run}")
     for key, shape in zip(keys, shapes, strict=True):
