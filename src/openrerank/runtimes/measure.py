@@ -247,6 +247,10 @@ def measure_candidates(candidates: Sequence[tuple[str, str]], build: Callable[[s
                 "seconds": round(time.perf_counter() - started, 2),
                 "measurements": [m.as_metadata() for m in results]}
 
-    record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
+    try:
+        record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
+    except OSError as exc:  # a read-only cache volume (an export Job filled it): time here, keep nothing
+        log.info("engine timings not cached (%s): every start times the runtimes", exc)
+        record, cached = compute(), False
     return Timings(tuple(Measurement.from_metadata(m) for m in record["measurements"]), cached,
                    float(record.get("seconds", 0.0)), key)
