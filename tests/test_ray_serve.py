@@ -217,9 +217,12 @@ def cluster(tmp_path_factory, tiny_model_dir) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def in_process(tiny_model_dir) -> Iterator[TestClient]:
-    """The plain single-process app with the same settings and the same thread count as a replica."""
-    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], max_queue=MAX_QUEUE, threads=1)
+def in_process(cluster, tiny_model_dir) -> Iterator[TestClient]:
+    """The plain single-process app with the same settings, the same thread count and the same runtime as a
+    replica (the replicas' measured choice: timing it again here could pick another, faithful to 1e-5 only)."""
+    engine = httpx.get(f"{cluster.url}/v1/metadata", timeout=30).json()["models"][0]["engine"]
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], max_queue=MAX_QUEUE, threads=1,
+                          backend=engine["backend"], dtype=engine["dtype"], backend_choice="rules")
     with TestClient(create_app(config, wait_for_models=True)) as client:
         yield client
 
@@ -258,12 +261,14 @@ def test_rankings_equal_the_in_process_app_for_every_dialect(cluster, in_process
 
 
 def test_replicas_share_one_export_and_use_their_cpu_share(cluster):
-    """Both replicas started together on an empty model cache: one converted the model, the other reused it;
-    each runs as many threads as the CPUs Ray gave it (0.5 -> 1), not one per core of the machine."""
+    """Both replicas started together on an empty model cache: for each runtime timed or served, one replica
+    converted the model and the other reused it; each runs as many threads as the CPUs Ray gave it (0.5 -> 1),
+    not one per core of the machine."""
     log = cluster.server.output()
-    assert log.count("(first start with these options") == 1, log[-3000:]
+    conversions = re.findall(r"(exporting|converting|compressing) \S+ .*\(first start with these options", log)
+    assert conversions and len(conversions) == len(set(conversions)), log[-3000:]
     sessions = re.findall(r"(?:ONNX Runtime session|OpenVINO \w+ model) on \S+ \((\d+) threads", log)
-    assert sessions == ["1", "1"], log[-3000:]
+    assert len(sessions) >= 2 and set(sessions) == {"1"}, log[-3000:]  # each replica's, and timed candidates
 
 
 def test_ray_stays_on_loopback(cluster):

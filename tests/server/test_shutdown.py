@@ -14,7 +14,8 @@ import httpx
 from tests.support import nim_body, run_server
 
 GRACE_S = 3
-PASSAGES = [" ".join(["river water sea mountain car road engine computer model"] * 20)] * 100  # ~190 tokens
+# ~190 tokens each, all different: identical passages are scored once (work follows what is scored)
+PASSAGES = [f"{i} " + " ".join(["river water sea mountain car road engine computer model"] * 20) for i in range(100)]
 # (path, body, how the dialect's error body is recognised)
 REQUESTS = [
     ("/v1/ranking", nim_body("rivers", PASSAGES, truncate="END"), lambda b: b["object"] == "error"),
