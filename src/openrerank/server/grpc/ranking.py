@@ -4,6 +4,10 @@ The gRPC request is turned into the very body the HTTP route validates (`wire.ni
 bad input fails with the HTTP route's message and a good one becomes the same engine request
 (`dialects.nim.rerank_request`). What the tensors may carry is declared once, in `INPUTS` and `PARAMETERS`:
 adding an input (an instruction, a passage image) is one line there plus its field in the wire model.
+
+Images: `passage_image` carries one PNG/JPEG data URL per passage, an empty value for a passage without one;
+an image-only passage sends an empty `passage` (the HTTP form omits its `text`). It is listed in ModelMetadata
+only for models that read images.
 """
 
 from __future__ import annotations
@@ -26,20 +30,30 @@ class TextInput:
     """One BYTES input: where its UTF-8 text goes in the NIM request body.
 
     `per_passage`: one value per passage ([N, 1]), put at `path` inside each passage object; otherwise one
-    value for the request ([1, 1], or the same value repeated once per passage), put at `path` in the body."""
+    value for the request ([1, 1], or the same value repeated once per passage), put at `path` in the body.
+    `image`: the input carries images (an empty value: none for that passage), so only models that read
+    images list it."""
 
     name: str
     path: tuple[str, ...]
     per_passage: bool = False
     required: bool = True
     aliases: tuple[str, ...] = ()
+    image: bool = False
 
 
-#: The inputs of NIM's reranking model (its gRPC reference: `query` [1, 1] or [N, 1], `passage` [N, 1]).
+#: The inputs of NIM's reranking model (its gRPC reference: `query` [1, 1] or [N, 1], `passage` [N, 1], and for
+#: a model that reads images `passage_image` [N, 1], a base64 data URL per passage).
 INPUTS: tuple[TextInput, ...] = (
     TextInput("query", ("query", "text")),
     TextInput("passage", ("text",), per_passage=True, aliases=("passages",)),
+    TextInput("passage_image", ("image",), per_passage=True, required=False, image=True),
 )
+
+
+def model_inputs(takes_images: bool) -> list[TextInput]:
+    """The inputs a model lists in its metadata: the image input only where the model reads images."""
+    return [i for i in INPUTS if takes_images or not i.image]
 
 
 def _upper(value: Any) -> Any:
@@ -122,7 +136,8 @@ def request_body(tensors: dict[str, BytesTensor], parameters: dict[str, Any], mo
             continue
         if spec.per_passage:
             for passage, value in zip(body["passages"], values, strict=True):
-                _put(passage, spec.path, value)
+                if not (spec.image and value == ""):  # no image for this passage
+                    _put(passage, spec.path, value)
             continue
         if not values:
             raise TensorError(f"input '{spec.name}' holds no value; send one ([1, 1])")
@@ -133,6 +148,9 @@ def request_body(tensors: dict[str, BytesTensor], parameters: dict[str, Any], mo
             raise TensorError(f"input '{spec.name}' has {len(values)} values for {passages} passages; "
                               "send one ([1, 1]) or one per passage")
         _put(body, spec.path, values[0])
+    for passage in body["passages"]:
+        if passage.get("text") == "" and "image" in passage:  # an image-only passage: HTTP omits its text
+            del passage["text"]
     for key, value in parameters.items():
         if key in CLIENT_PARAMETERS:
             continue

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from openrerank import __version__
+from openrerank.core.images import ImageInputError
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
@@ -142,7 +143,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             properties["max_length"] = str(served[name].max_length)
         return pb.ModelMetadataResponse(
             name=ranking.grpc_model_name(name), versions=["1"], platform="openrerank",
-            inputs=[tensor(name=i.name, datatype="BYTES", shape=[-1, 1]) for i in ranking.INPUTS],
+            inputs=[tensor(name=i.name, datatype="BYTES", shape=[-1, 1])
+                    for i in ranking.model_inputs(name in served and served[name].takes_images)],
             outputs=[tensor(name=o.name, datatype=o.datatype, shape=ranking.output_shape(o))
                      for o in ranking.OUTPUTS],
             properties=properties)
@@ -163,6 +165,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         common.require_passage_count(self.config, len(req.passages))
         common.require_ready(self.models)
         model = self.models.get(served_id)
+        if req.has_images:
+            self.models.check_images(model)
         result = (await model.rerank_many([req], deadline=self._deadline(arrival, context, parameters)))[0]
         t = result.timings
         usage.update(model=model.name, passages=len(req.passages), tokens=result.prompt_tokens,
@@ -227,6 +231,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(exc, ApiError):
             code = _KIND_STATUS.get(exc.kind) or (Code.INVALID_ARGUMENT if exc.status < 500 else Code.UNAVAILABLE)
             return code, exc.message
+        if isinstance(exc, ImageInputError):  # a bad or oversized passage image (HTTP 400 or 413)
+            return (Code.RESOURCE_EXHAUSTED if exc.status == 413 else Code.INVALID_ARGUMENT), str(exc)
         for cls, code in _STATUS:
             if isinstance(exc, cls):
                 return code, str(exc)
