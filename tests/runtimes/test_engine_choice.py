@@ -32,12 +32,11 @@ def fake_rates(monkeypatch, rates: dict[str, float]) -> list[str]:
     """Time runtimes at made-up rates (by description, e.g. "onnx-fp32-cpu"); returns what was timed."""
     timed: list[str] = []
 
-    def fake(runtime, shapes, vocab_size, seconds=measure.TIMING_SECONDS):
-        timed.append(runtime.description)
-        rate = rates[runtime.description]
-        return Throughput(rate, rate * 100, tuple(shapes))
+    def fake(runtimes, shapes, vocab_size, seconds=measure.TIMING_SECONDS):
+        timed.extend(rt.description for rt in runtimes)
+        return [Throughput(rates[rt.description], rates[rt.description] * 100, tuple(shapes)) for rt in runtimes]
 
-    monkeypatch.setattr(measure, "time_runtime", fake)
+    monkeypatch.setattr(measure, "time_runtimes", fake)
     return timed
 
 
@@ -45,7 +44,7 @@ def no_timing(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("timed an engine where nothing should be timed")
 
-    monkeypatch.setattr(measure, "time_runtime", refuse)
+    monkeypatch.setattr(measure, "time_runtimes", refuse)
 
 
 def records(cache) -> list[dict]:

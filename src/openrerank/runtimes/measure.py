@@ -2,13 +2,13 @@
 
 `--backend auto` serves with the engine that is fastest on *this* machine among the faithful ones, because
 CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
-GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. Each candidate is built, warmed up (one pass: the
-first batch of a shape compiles kernels and allocates) and timed on a few batches at the lengths a reranker
-serves, for about a second, then closed. The timings are a JSON record in the converted-model cache
-(`engine-choice/`), keyed by the CPU (model name and flags), the thread count, the device, the model's
-content and head, the candidates, the shapes and the engine versions; later starts read it, and replicas
-starting together wait on the cache's lock while the first one times (`artifact_cache.ensure_record`), so a
-machine times once.
+GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. The candidates are built, warmed up (one pass: the
+first batch of a shape compiles kernels and allocates) and timed in turns on a few batches at the lengths a
+reranker serves, for about a second each (`time_runtimes`), then closed. The timings are a JSON record in
+the converted-model cache (`engine-choice/`), keyed by the CPU (model name and flags), the thread count, the
+device, the model's content and head, the candidates, the shapes and the engine versions; later starts read
+it, and replicas starting together wait on the cache's lock while the first one times
+(`artifact_cache.ensure_record`), so a machine times once.
 
 The winner's rate (`Throughput`, sequences and tokens per second at the timed shapes) travels with the
 engine choice, so what admits requests can size its budgets by what this engine sustains here.
@@ -45,6 +45,9 @@ _REFERENCE_PARAMS = 25e6
 #: Seconds of timed passes per candidate after its warm-up pass (at least one pass, at most `_MAX_PASSES`).
 TIMING_SECONDS = 1.0
 _MAX_PASSES = 8
+#: Candidates of a model up to this size are built together and timed in turns (`time_runtimes`); a bigger
+#: one is timed one candidate at a time, so that only one copy of its weights is in memory.
+_TOGETHER_MAX_PARAMS = 1.5e9
 #: Packages whose versions decide an engine's speed (absent ones count as absent).
 _ENGINE_PACKAGES = ("openvino", "onnxruntime", "torch", "transformers", "nncf")
 
@@ -153,23 +156,32 @@ def vocab_size_of(model_dir: Path) -> int:
     return int(config.get("vocab_size") or text.get("vocab_size") or 1000)
 
 
-def time_runtime(runtime: Runtime, shapes: Sequence[tuple[int, int]], vocab_size: int,
-                 seconds: float = TIMING_SECONDS) -> Throughput:
-    """The runtime's rate on `shapes`: one warm-up pass, then timed passes for about `seconds`; the fastest
-    pass counts (the one least disturbed by whatever else the machine runs)."""
-    batches = [timing_features(runtime.input_names, rows, width, vocab_size) for rows, width in shapes]
-    for feats in batches:
-        runtime.run(feats)
-    best, started, passes = float("inf"), time.perf_counter(), 0
-    while passes < _MAX_PASSES and (passes == 0 or time.perf_counter() - started < seconds):
-        t = time.perf_counter()
-        for feats in batches:
-            runtime.run(feats)
-        best = min(best, time.perf_counter() - t)
+def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]], vocab_size: int,
+                  seconds: float = TIMING_SECONDS) -> list[Throughput]:
+    """Each runtime's rate on `shapes`: one warm-up pass each, then timed passes in turns (A, B, C, A, B, C,
+    ...) for about `seconds` per runtime; each runtime's fastest pass counts.
+
+    Taking turns is what makes the comparison fair on a machine that is not idle: a burst of other work
+    slows a pass of every candidate instead of the whole timing of one (timed one after the other, a busy
+    second once ranked ONNX Runtime at 0.36x of OpenVINO where the two serve at the same speed), and the
+    fastest pass is the one least disturbed."""
+    batches = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes]
+               for rt in runtimes]
+    for rt, feats in zip(runtimes, batches, strict=True):
+        for f in feats:
+            rt.run(f)
+    best = [float("inf")] * len(runtimes)
+    started, passes = time.perf_counter(), 0
+    while passes < _MAX_PASSES and (passes == 0 or time.perf_counter() - started < seconds * len(runtimes)):
+        for i, (rt, feats) in enumerate(zip(runtimes, batches, strict=True)):
+            t = time.perf_counter()
+            for f in feats:
+                rt.run(f)
+            best[i] = min(best[i], time.perf_counter() - t)
         passes += 1
     rows = sum(r for r, _ in shapes)
     tokens = sum(r * w for r, w in shapes)
-    return Throughput(rows / best, tokens / best, tuple(shapes))
+    return [Throughput(rows / b, tokens / b, tuple(shapes)) for b in best]
 
 
 def cache_dir() -> Path:
@@ -224,28 +236,54 @@ def measure_candidates(candidates: Sequence[tuple[str, str]], build: Callable[[s
 
     def compute() -> dict:
         started = time.perf_counter()
-        results: list[Measurement] = []
+        together = approximate_params(model_dir) <= _TOGETHER_MAX_PARAMS
+        results: dict[tuple[str, str], Measurement] = {}
         last_error: Exception | None = None
-        for backend, dtype in candidates:
-            runtime = None
-            try:
-                runtime = build(backend, dtype)
-                rate = time_runtime(runtime, shapes, vocab)
-                results.append(Measurement(backend, dtype, rate))
-                log.info("timed %s %s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype, rate.pairs_per_s,
-                         rate.tokens_per_s, shapes)
-            except Exception as exc:  # an engine that cannot serve this model hands over to the next
-                last_error = exc
-                results.append(Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-                log.warning("%s %s could not be timed on %s: %s", backend, dtype, model_dir, exc)
-            finally:
-                if runtime is not None:
-                    runtime.close()
-        if last_error is not None and all(m.throughput is None for m in results):
+
+        def failed(backend: str, dtype: str, exc: Exception) -> None:  # hands over to the next
+            nonlocal last_error
+            last_error = exc
+            results[(backend, dtype)] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            log.warning("%s %s could not be timed on %s: %s", backend, dtype, model_dir, exc)
+
+        def timed(groups: list[list[tuple[str, str, Runtime]]]) -> None:
+            for group in groups:
+                try:
+                    rates = time_runtimes([rt for _, _, rt in group], shapes, vocab)
+                except NotTimeableError:
+                    raise  # no candidate can be timed on made-up inputs: the caller falls back to the rules
+                except Exception as exc:  # one of them failed to run: time each alone, to know which
+                    if len(group) == 1:
+                        failed(group[0][0], group[0][1], exc)
+                        continue
+                    timed([[member] for member in group])
+                    continue
+                for (backend, dtype, _), rate in zip(group, rates, strict=True):
+                    results[(backend, dtype)] = Measurement(backend, dtype, rate)
+                    log.info("timed %s %s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype,
+                             rate.pairs_per_s, rate.tokens_per_s, shapes)
+
+        built: list[tuple[str, str, Runtime]] = []
+        try:
+            for backend, dtype in candidates:
+                try:
+                    built.append((backend, dtype, build(backend, dtype)))
+                except Exception as exc:
+                    failed(backend, dtype, exc)
+                    continue
+                if not together:  # a big model: one copy in memory at a time
+                    timed([built[-1:]])
+                    built.pop()[2].close()
+            timed([built] if built else [])
+        finally:
+            for _, _, rt in built:
+                rt.close()
+        measurements = [results[c] for c in candidates]
+        if last_error is not None and all(m.throughput is None for m in measurements):
             raise last_error  # nothing can serve it: say why, and cache nothing (the cause may pass)
         return {**facts, "key": key, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.perf_counter() - started, 2),
-                "measurements": [m.as_metadata() for m in results]}
+                "measurements": [m.as_metadata() for m in measurements]}
 
     try:
         record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
