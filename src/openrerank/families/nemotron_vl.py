@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from openrerank.core.images import ImageInputError, decode_image
 from openrerank.core.requests import ScoreKind, Truncate
 from openrerank.core.work import PairItem, VisionPairItem, WorkItem
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
+from openrerank.families.checkpoint import load_safetensors, no_init
 from openrerank.families.llama_bidirectional import POOLINGS, TEMPLATE, bidirectional_body
 from openrerank.families.pair_scorer import logits_to_scores
 from openrerank.families.scorer import Scorer
@@ -192,18 +192,6 @@ class VisionPairScorer(Scorer):
             raise exc.with_outputs(logits_to_scores(exc.outputs)) from exc.cause
 
 
-def _load_state(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"{path}: no *.safetensors weights")
-    state: dict = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def _module_key(key: str, vision_prefix: str) -> str | None:
     """Checkpoint name -> our module's name (None: not part of the reranker, e.g. an unused LM head).
 
@@ -218,15 +206,6 @@ def _module_key(key: str, vision_prefix: str) -> str | None:
     if key.startswith("model.mlp1."):
         return "mlp1." + key.removeprefix("model.mlp1.")
     return None
-
-
-def _no_init():
-    """transformers' context that skips weight initialisation (its home moved in transformers 5)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
 
 
 def _build(spec: ModelSpec, build: NetworkBuild):
@@ -294,11 +273,11 @@ def _build(spec: ModelSpec, build: NetworkBuild):
                 score = torch.nn.functional.linear(pooled, self.head.weight.float())
             return score[:, 0] / temperature
 
-    with _no_init():  # every weight comes from the checkpoint: untouched memory, no second copy at load
+    with no_init():  # every weight comes from the checkpoint: untouched memory, no second copy at load
         module = NemotronVLScore()
     state = {}
     vision_prefix = "vision.vision_model." if hasattr(module.vision, "vision_model") else "vision."
-    for key, tensor in _load_state(spec.path).items():
+    for key, tensor in load_safetensors(spec.path).items():
         name = _module_key(key, vision_prefix)
         if name is not None:
             state[name] = tensor

@@ -8,6 +8,7 @@ from openrerank.families.bi_encoder import BiEncoderFamily
 from openrerank.families.colbert import ColbertFamily
 from openrerank.families.cross_encoder import CrossEncoderFamily, classifier_architecture
 from openrerank.families.decoder import causal_architecture
+from openrerank.families.jina_reranker_m0 import JinaRerankerM0Family
 from openrerank.families.jina_reranker_v3 import JinaRerankerV3Family
 from openrerank.families.llama_bidirectional import LlamaBidirectionalFamily
 from openrerank.families.mxbai_rerank_v2 import MxbaiRerankV2Family
@@ -15,13 +16,15 @@ from openrerank.families.nemotron_vl import NemotronVLFamily
 from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 
 #: In detection order: the specific before the general (a Llama-bidirectional config also names a
-#: *ForSequenceClassification, which the cross-encoder family would claim, and so does the VL reranker's; a
-#: PyLate ColBERT folder also has the modules.json the bi-encoder family would claim).
+#: *ForSequenceClassification, which the cross-encoder family would claim, and so does the VL reranker's, and
+#: vLLM's name for jina-reranker-m0; a PyLate ColBERT folder also has the modules.json the bi-encoder family
+#: would claim). jina-reranker-m0 is claimed by its architecture alone, which no family above it names.
 FAMILIES: tuple[Family, ...] = (
     NemotronVLFamily(),
     JinaRerankerV3Family(),
     LlamaBidirectionalFamily(),
     Qwen3RerankerFamily(),
+    JinaRerankerM0Family(),
     MxbaiRerankV2Family(),
     BgeRerankerGemmaFamily(),
     CrossEncoderFamily(),
@@ -50,7 +53,7 @@ def detect_family(files: ModelFiles) -> Family:
     causal = causal_architecture(files)
     if causal:
         decoders = ", ".join(f.id for f in FAMILIES if f.runtimes == ("torch",) and not f.listwise
-                             and f.id not in ("llama-bidirectional", "colbert", "nemotron-vl"))
+                             and f.id not in ("llama-bidirectional", "colbert", "nemotron-vl", "jina-reranker-m0"))
         raise ModelFormatError(
             f"{files.path}: {causal} is a causal language model; openrerank serves one as a reranker only when "
             f"its name or model card says which reranker it is. If it is one, name its family with "
