@@ -1,0 +1,178 @@
+"""Processes sharing one machine: does each keep its speed? Per CPU engine, and for Ray Serve replicas.
+
+Configurations, interleaved over rounds so drifting machine load spreads over all of them:
+- per engine (`--engine BACKEND:DTYPE`, repeatable): one `openrerank serve --threads 1` alone, then two of
+  them at once, each driven by its own sequential client; the figure is each server's pairs/s together
+  divided by one alone (issue 16's target: each >= 0.85x; a pinning fight puts both threads on one core and
+  gives ~0.5x);
+- with `--ray`: `serve --replicas 2 --threads 1` against `--replicas 1 --threads 1`, each driven by two
+  concurrent clients (target >= 1.7x).
+
+Load: DL19 queries with their 100 BM25 passages each (bench.py's workload) on the MiniLM-L6 cross-encoder,
+one unmeasured request per client first. Run it on an otherwise idle machine with at least two cores.
+
+    .venv/bin/python benchmarks/side_by_side.py --rounds 2 --ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from openrerank_bench.runners import SERVED_NAME, nim_body
+from openrerank_bench.serve_process import ServeProcess
+from openrerank_bench.workload import build_bench_cross_encoder, default_data_dir, load_workload
+
+ENGINES = ("openvino:fp32", "onnx:fp32", "torch:fp32")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def drive(url: str, bodies: list[bytes], pairs_each: int, out: list[float], start: threading.Barrier) -> None:
+    """One sequential client: a warm-up request, then `bodies` one after another; appends pairs/s."""
+    with httpx.Client(base_url=url, timeout=600) as client:
+        headers = {"content-type": "application/json"}
+        warm = client.post("/v1/ranking", content=bodies[0], headers=headers)
+        assert warm.status_code == 200, warm.text[:300]
+        start.wait()
+        t0 = time.perf_counter()
+        for body in bodies:
+            resp = client.post("/v1/ranking", content=body, headers=headers)
+            assert resp.status_code == 200, resp.text[:300]
+        out.append(len(bodies) * pairs_each / (time.perf_counter() - t0))
+
+
+def run_clients(urls: list[str], bodies: list[bytes], pairs_each: int) -> list[float]:
+    """One client per url (several per url where a url repeats), all started together; pairs/s of each."""
+    rates: list[list[float]] = [[] for _ in urls]
+    barrier = threading.Barrier(len(urls))
+    threads = [threading.Thread(target=drive, args=(u, bodies, pairs_each, rates[i], barrier))
+               for i, u in enumerate(urls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r[0] for r in rates]
+
+
+def serve(args: list[str], log_dir: Path, timeout: float = 600) -> ServeProcess:
+    server = ServeProcess(args, log_dir)
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def engine_round(engine: str, model: Path, bodies: list[bytes], pairs_each: int, tmp: Path) -> dict:
+    backend, dtype = engine.split(":")
+    args = ["--model", f"{SERVED_NAME}={model}", "--backend", backend, "--dtype", dtype, "--backend-choice", "rules",
+            "--threads", "1", "--max-passages", "1000"]
+    alone = serve(args, tmp)
+    try:
+        one = run_clients([alone.url], bodies, pairs_each)[0]
+    finally:
+        alone.stop()
+    a, b = serve(args, tmp), None
+    try:
+        b = serve(args, tmp)
+        pair = run_clients([a.url, b.url], bodies, pairs_each)
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+    return {"alone": one, "pair": pair}
+
+
+def ray_round(model: Path, bodies: list[bytes], pairs_each: int, tmp: Path, engine: str | None) -> dict:
+    out = {}
+    for replicas in (1, 2):
+        args = ["--model", f"{SERVED_NAME}={model}", "--replicas", str(replicas), "--threads", "1",
+                "--replica-cpus", "1", "--max-passages", "1000"]
+        if engine:
+            backend, dtype = engine.split(":")
+            args += ["--backend", backend, "--dtype", dtype]
+        server = serve(args, tmp, timeout=900)
+        try:
+            out[replicas] = sum(run_clients([server.url] * 2, bodies, pairs_each))
+        finally:
+            server.stop()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", action="append", default=[], help=f"BACKEND:DTYPE (default: {', '.join(ENGINES)})")
+    p.add_argument("--queries", type=int, default=4, help="requests per client and configuration")
+    p.add_argument("--passages", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--ray", action="store_true", help="also Ray Serve: 2 replicas against 1 (needs the ray extra)")
+    p.add_argument("--ray-engine", help="BACKEND:DTYPE of the replicas (default: the server's auto choice)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        print("side_by_side.py needs at least two CPUs", file=sys.stderr)
+        return 2
+    engines = args.engine or list(ENGINES)
+    wl = load_workload(default_data_dir(), "runs/bm25_top100.trec.gz", args.queries + 1, args.passages)
+    bodies = [nim_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)][: args.queries]
+    pairs_each = args.passages
+    load_start = os.getloadavg()
+    results: dict = {e: [] for e in engines}
+    ray: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model = build_bench_cross_encoder(tmp / "bench-cross-encoder")
+        for r in range(args.rounds):
+            order = engines if r % 2 == 0 else engines[::-1]
+            for engine in order:
+                res = engine_round(engine, model, bodies, pairs_each, tmp)
+                results[engine].append(res)
+                each = ", ".join(f"{x:.1f}" for x in res["pair"])
+                ratio = ", ".join(f"{x / res['alone']:.2f}x" for x in res["pair"])
+                print(f"round {r + 1}: {engine}: alone {res['alone']:.1f} pairs/s, two at once {each} pairs/s "
+                      f"({ratio})", flush=True)
+            if args.ray:
+                res = ray_round(model, bodies, pairs_each, tmp, args.ray_engine)
+                ray.append(res)
+                print(f"round {r + 1}: ray: 1 replica {res[1]:.1f} pairs/s, 2 replicas {res[2]:.1f} pairs/s "
+                      f"({res[2] / res[1]:.2f}x)", flush=True)
+    print(f"\n{cpu_name()}, {os.cpu_count()} CPUs; load {load_start} -> {os.getloadavg()}; "
+          f"{args.queries} requests x {args.passages} passages per client; medians of {args.rounds} rounds")
+    print("| engine | one alone (pairs/s) | each of two at once | ratio (min of the two) | spread of ratio |")
+    print("|---|---:|---:|---:|---:|")
+    summary: dict = {"cpu": cpu_name(), "load": [load_start, os.getloadavg()], "engines": {}, "ray": ray}
+    for engine, runs in results.items():
+        ratios = [min(r["pair"]) / r["alone"] for r in runs]
+        alone = statistics.median(r["alone"] for r in runs)
+        each = statistics.median(x for r in runs for x in r["pair"])
+        summary["engines"][engine] = {"runs": runs, "ratio_median": statistics.median(ratios)}
+        print(f"| {engine} | {alone:.1f} | {each:.1f} | {statistics.median(ratios):.2f}x | "
+              f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    if ray:
+        ratios = [r[2] / r[1] for r in ray]
+        print(f"| ray 2 replicas / 1 | {statistics.median(r[1] for r in ray):.1f} | "
+              f"{statistics.median(r[2] for r in ray):.1f} (both) | {statistics.median(ratios):.2f}x | "
+              f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
