@@ -23,6 +23,7 @@ from openrerank.engine.batch_runner import Batch, BatchRunner
 from openrerank.engine.errors import EngineStoppedError, WorkerDiedError
 from openrerank.engine.pending import PendingRequest, post
 from openrerank.engine.planning import give_back, plan_window
+from openrerank.runtimes.heap import HEAP
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +109,4 @@ class Worker:
             live = [(req, i) for req, i in batch if not req.abandoned and not req.failed]
         if live:
             self.runner.run(live, isolate=True)
+            HEAP.after_batch()  # what the batch's new tensor sizes freed goes back to the OS (runtimes/heap.py)
