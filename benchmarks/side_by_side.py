@@ -123,12 +123,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ray", action="store_true", help="also Ray Serve: 2 replicas against 1 (needs the ray extra)")
     p.add_argument("--ray-engine", help="BACKEND:DTYPE of the replicas (default: the server's auto choice)")
+    p.add_argument("--only-ray", action="store_true", help="Ray Serve only, no engine pairs")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         print("side_by_side.py needs at least two CPUs", file=sys.stderr)
         return 2
-    engines = args.engine or list(ENGINES)
+    engines = [] if args.only_ray else args.engine or list(ENGINES)
+    args.ray = args.ray or args.only_ray
     wl = load_workload(default_data_dir(), "runs/bm25_top100.trec.gz", args.queries + 1, args.passages)
     bodies = [nim_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)][: args.queries]
     pairs_each = args.passages
