@@ -21,27 +21,15 @@ import grpc
 
 from openrerank import __version__
 from openrerank.core.images import ImageInputError
-from openrerank.engine.errors import (
-    BatchFailedError,
-    DeadlineExceededError,
-    DeviceMemoryError,
-    EngineStoppedError,
-    ModelOutputError,
-    QueueFullError,
-    RequestTooLargeError,
-    UnknownModelError,
-    UnsupportedRequestError,
-    WorkerDiedError,
-)
+from openrerank.engine.errors import UnknownModelError
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
-from openrerank.server.errors import ApiError, safe_text
+from openrerank.server.errors import FAILURES, MODEL_FAULTS, ApiError, safe_text
 from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
 from openrerank.server.grpc.tensors import TensorError, parameter_value, raw_output, read_bytes_inputs
-from openrerank.text.prepare import InputTooLongError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("openrerank.access")
@@ -49,26 +37,19 @@ access_log = logging.getLogger("openrerank.access")
 SERVICE = "inference.GRPCInferenceService"
 Code = grpc.StatusCode
 
-#: Failure -> status code; the first matching class wins. Client errors are INVALID_ARGUMENT/NOT_FOUND.
-_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (TensorError, Code.INVALID_ARGUMENT),
-    (InputTooLongError, Code.INVALID_ARGUMENT),
-    (RequestTooLargeError, Code.INVALID_ARGUMENT),
-    (UnsupportedRequestError, Code.INVALID_ARGUMENT),
-    (UnknownModelError, Code.NOT_FOUND),
-    (QueueFullError, Code.RESOURCE_EXHAUSTED),
-    (DeadlineExceededError, Code.DEADLINE_EXCEEDED),
-    (EngineStoppedError, Code.UNAVAILABLE),
-    (DeviceMemoryError, Code.UNAVAILABLE),
-    (WorkerDiedError, Code.UNAVAILABLE),
-)
-#: ApiError kinds (server/errors.py) -> status code; any other 4xx is INVALID_ARGUMENT, 5xx UNAVAILABLE.
+#: A failure's kind (server/errors.py: ApiError kinds and FAILURES' kinds) -> status code; any other 4xx is
+#: INVALID_ARGUMENT, any other 5xx UNAVAILABLE. The HTTP routes' table (FAILURES) is the one list of failures.
 _KIND_STATUS = {"auth": Code.UNAUTHENTICATED, "unavailable": Code.UNAVAILABLE, "not_found": Code.NOT_FOUND,
-                "model_not_found": Code.NOT_FOUND}
+                "model_not_found": Code.NOT_FOUND, "overloaded": Code.RESOURCE_EXHAUSTED,
+                "too_large": Code.RESOURCE_EXHAUSTED, "timeout": Code.DEADLINE_EXCEEDED}
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 #: Probes: their access lines are DEBUG, as the HTTP health routes' are.
 _QUIET = ("ServerLive", "ServerReady", "ModelReady")
 _PUBLIC = _QUIET
+
+
+def _code(status: int, kind: str) -> grpc.StatusCode:
+    return _KIND_STATUS.get(kind) or (Code.INVALID_ARGUMENT if status < 500 else Code.UNAVAILABLE)
 
 
 class _Abort(Exception):
@@ -228,15 +209,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _status(self, exc: Exception, rid: str, method: str) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, _Abort):
             return exc.code, exc.message
+        if isinstance(exc, TensorError):
+            return Code.INVALID_ARGUMENT, str(exc)
         if isinstance(exc, ApiError):
-            code = _KIND_STATUS.get(exc.kind) or (Code.INVALID_ARGUMENT if exc.status < 500 else Code.UNAVAILABLE)
-            return code, exc.message
+            return _code(exc.status, exc.kind), exc.message
         if isinstance(exc, ImageInputError):  # a bad or oversized passage image (HTTP 400 or 413)
-            return (Code.RESOURCE_EXHAUSTED if exc.status == 413 else Code.INVALID_ARGUMENT), str(exc)
-        for cls, code in _STATUS:
-            if isinstance(exc, cls):
-                return code, str(exc)
-        if isinstance(exc, BatchFailedError | ModelOutputError):
+            return _code(exc.status, "too_large" if exc.status == 413 else "invalid_image"), str(exc)
+        failure = next((f for cls, f in FAILURES.items() if isinstance(exc, cls)), None)
+        if failure is not None:
+            return _code(failure.status, failure.kind), str(exc)
+        if isinstance(exc, MODEL_FAULTS):
             log.error("%s on %s (request id %s): %s", type(exc).__name__, method, rid, exc)
             return Code.INTERNAL, f"{exc} (request id {rid})"
         log.error("unhandled %s on gRPC %s (request id %s)", type(exc).__name__, method, rid, exc_info=exc)
