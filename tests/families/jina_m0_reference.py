@@ -11,12 +11,8 @@ processor with `min_pixels=3136, max_pixels=602112` as `compute_score` sets them
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
-
-import numpy as np
 
 from tests.families.builders import QWEN, TokenizerSpec, build_tokenizer
 
@@ -26,24 +22,6 @@ QWEN2_VL = TokenizerSpec((*QWEN.specials, "<|vision_start|>", "<|vision_end|>", 
 PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 CARD_MIN_PIXELS, CARD_MAX_PIXELS, CARD_LOGIT_BIAS, CARD_SCORE_TOKEN = 3136, 602112, 2.65, 100
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-
-
-def picture(width: int, height: int, seed: int):
-    """A structured RGB picture (gradients, a block, noise), so every patch and its place matter."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x * y) % 256], -1)
-    img = img + rng.integers(-40, 40, size=img.shape)
-    img[height // 3: height // 2, width // 4: width // 2] = rng.integers(0, 255, size=3)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
-
-
-def data_url(image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
 def build_jina_reranker_m0(out: Path, *, seed: int = 12, hidden: int = 64, window: int = 1024) -> Path:

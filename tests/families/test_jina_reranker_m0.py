@@ -22,10 +22,9 @@ from tests.families.jina_m0_reference import (
     CLIP_STD,
     Reference,
     build_jina_reranker_m0,
-    data_url,
     image_processor,
-    picture,
 )
+from tests.images import data_url, picture
 from tests.support import run_server
 
 IMAGES = {"wide": picture(100, 60, 1), "square": picture(40, 40, 2), "tall": picture(30, 90, 3),
