@@ -163,3 +163,10 @@ def run_concurrently(fn, times: int = 3) -> list:
         t.join()
     assert not errors, errors
     return results
+
+
+def run_eval(argv: list[str]) -> int:
+    """`openrerank eval ARGV` in this process (the main CLI's subcommand); its exit status."""
+    from openrerank.cli.main import main
+
+    return main(["eval", *argv])

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.support import run_eval as main
 
-from openrerank.eval.__main__ import main
-from openrerank.eval.cli import add_parser
+from openrerank.cli.eval import add_parser
 from openrerank.eval.pipeline import PipelineError, parse_pipelines
 
 

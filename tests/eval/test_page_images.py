@@ -110,7 +110,7 @@ def test_server_reranking_sends_image_passages(tmp_path):
 
 
 def test_eval_cli_reranks_a_page_image_run(tmp_path, vl_model):
-    from openrerank.eval.__main__ import main
+    from tests.support import run_eval as main
 
     folder = write_pages(tmp_path / "pages-ds")
     out = tmp_path / "table.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from openrerank.eval.__main__ import main
+from tests.support import run_eval as main
 
 
 def test_server_rerank_matches_in_process(default_server, tiny_beir: Path, tmp_path: Path) -> None:

@@ -12,13 +12,13 @@ from dataclasses import fields
 from importlib.metadata import entry_points
 
 from openrerank import __version__
+from openrerank.cli import eval as eval_cli
 from openrerank.cli import export, families
 from openrerank.cli.nim_env import read_nim_env, rename_single_model
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
-from openrerank.eval import cli as eval_cli
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import AUTO_MODES, BACKEND_CHOICES, DTYPES
 from openrerank.server.config import ServerConfig

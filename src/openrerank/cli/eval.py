@@ -23,7 +23,7 @@ DEFAULT_OUT_DIR = Path("runs")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The eval flags, shared by the `openrerank eval` subcommand and `python -m openrerank.eval`."""
+    """The eval flags of the `openrerank eval` subcommand."""
     data = p.add_argument_group("data")
     data.add_argument("--dataset", action="append", required=True, metavar="DIR",
                       help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv); repeat for several "
