@@ -222,3 +222,49 @@ def test_a_read_only_cache_serves_without_the_compiled_model_cache(tmp_path, mod
     assert runtime.conversion.cached
     assert "compiled-model cache off" in caplog.text
     assert not convert.compiled_cache_dir(cache).exists()
+
+
+def test_buckets_are_finite_and_pad_little():
+    from openrerank.runtimes.openvino_runtime import bucket_shape
+
+    shapes = {bucket_shape(rows, width) for rows in range(1, 65) for width in range(1, 513)}
+    assert len(shapes) <= 20 * 56  # instead of 64 x 512 distinct compiled shapes
+    for rows in range(1, 65):
+        for width in range(1, 513):
+            to_rows, to_width = bucket_shape(rows, width)
+            assert rows <= to_rows <= 1.25 * rows and width <= to_width <= 1.125 * width
+    assert bucket_shape(4, 8) == (4, 8) and bucket_shape(9, 17) == (10, 18) and bucket_shape(33, 300) == (40, 320)
+
+
+def test_every_batch_runs_at_a_bucket_shape_and_scores_as_sent(tmp_path, model_copy):
+    """What bounds OpenVINO's per-shape memory: the compiled model only ever sees bucket shapes, and padding
+    changes no score (zero-masked columns, copied rows, both cut from the output)."""
+    from openrerank.runtimes import openvino_runtime
+    from openrerank.runtimes.torch_runtime import TorchRuntime
+
+    network = cross_encoder_network(model_copy)
+    ov = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=tmp_path)
+    reference = TorchRuntime(network, dtype="fp32", threads=1)
+    seen: list[tuple[int, int]] = []
+    request = ov._request
+
+    class Recording:
+        def infer(self, inputs, **kw):
+            seen.append(inputs["input_ids"].shape)
+            return request.infer(inputs, **kw)
+
+    ov._request = Recording()
+    rng = np.random.default_rng(0)
+    for rows, width in [(1, 5), (3, 17), (9, 19), (13, 37), (5, 100)]:
+        ids = rng.integers(5, 90, size=(rows, width))
+        mask = np.ones_like(ids)
+        for r in range(rows):  # right padding as pad_features makes it
+            mask[r, int(rng.integers(1, width + 1)):] = 0
+        ids[mask == 0] = 0
+        feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feats = {n: feats[n] for n in ov.input_names}
+        out = ov.run(feats)
+        assert seen[-1] == openvino_runtime.bucket_shape(rows, width)
+        assert out.shape[0] == rows
+        np.testing.assert_allclose(out, reference.run(feats), atol=1e-4)
+    assert seen[1:] == [(3, 18), (10, 20), (14, 40), (5, 104)]  # padded where off the grid

@@ -16,6 +16,15 @@ the CPU with:
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (left out where the
   cache directory is read-only, e.g. a volume an export job filled: each start then compiles).
 
+- **shape buckets**: OpenVINO's CPU plugin builds and keeps kernel code for every input shape it meets (a
+  dynamic-shape model; openvinotoolkit/openvino#20633, #23316), so a server fed the endless variety of
+  (pairs x longest pair) batches grew ~25 MiB a minute under steady load and never stopped
+  (`CPU_RUNTIME_CACHE_CAPACITY=0` does not bound it). `run` pads each batch up to a bucket
+  (`bucket_shape`: widths and rows rounded up on a grid at most 1/8 (widths) or 1/4 (rows, only the last
+  batches of a request are short) coarser than the shape itself), so the shapes, and the memory they
+  hold, are finite. Extra columns carry a zero attention mask (no real token attends to them) and extra
+  rows repeat the first (a real sequence, so no all-masked row); both are cut from the output.
+
 A pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json) is compiled from its
 ONNX graph as it is, without PyTorch (`openvino_convert.pre_exported_onnx`).
 
@@ -80,6 +89,36 @@ def _writable(folder: Path) -> Path | None:
     return folder
 
 
+def bucket(n: int, fine: int) -> int:
+    """`n` rounded up to a grid of `fine` steps per doubling (exact up to `fine`): 1/fine at most added."""
+    step = 1 << max(0, (n - 1).bit_length() - fine.bit_length())
+    return -(-n // step) * step
+
+
+#: Steps per doubling: widths 8 (<= 12.5% padding), rows 4 (<= 25%, only a request's last batch is short).
+WIDTH_STEPS, ROW_STEPS = 8, 4
+
+
+def bucket_shape(rows: int, width: int) -> tuple[int, int]:
+    """The shape a (rows x width) batch is padded to: one of a finite set (module docstring)."""
+    return bucket(rows, ROW_STEPS), bucket(width, WIDTH_STEPS)
+
+
+def pad_to_bucket(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Features padded to their bucket: zero-masked columns on the right, copies of row 0 below."""
+    rows, width = features["attention_mask"].shape
+    to_rows, to_width = bucket_shape(rows, width)
+    if (to_rows, to_width) == (rows, width):
+        return features
+    padded = {}
+    for name, values in features.items():
+        out = np.zeros((to_rows, to_width), dtype=values.dtype)
+        out[:rows, :width] = values
+        out[rows:, :width] = values[0]
+        padded[name] = out
+    return padded
+
+
 class OpenVinoRuntime(Runtime):
     def __init__(
         self,
@@ -106,9 +145,12 @@ class OpenVinoRuntime(Runtime):
                  "cached" if self.conversion.cached else "fresh conversion")
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = {n: np.ascontiguousarray(features[n]) for n in self.input_names}
+        rows, width = features["attention_mask"].shape
+        inputs = pad_to_bucket({n: np.ascontiguousarray(features[n]) for n in self.input_names})
         with self._lock:
-            out = self._request.infer(inputs, share_inputs=True)[0]
+            out = self._request.infer(inputs, share_inputs=True)[0][:rows]
+            if out.ndim > 2:  # per-token outputs: cut the bucket's columns too
+                out = out[:, :width]
             return np.array(out, dtype=np.float32, copy=True)  # the request reuses its output buffer
 
     def close(self) -> None:
