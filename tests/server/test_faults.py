@@ -244,3 +244,27 @@ def test_only_client_mistakes_in_a_body_are_a_400(tiny_model_dir, monkeypatch, c
         assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
     logged = [rec.getMessage() for rec in caplog.records if rec.name == "openrerank.server.middleware"]
     assert any("MemoryError" in m for m in logged)
+
+
+def test_a_tokenizer_failure_is_not_retried_with_another_truncation(tiny_model_dir, monkeypatch):
+    """text/pairs.py retried a pair tokenization with `longest_first` after any exception, so a tokenizer bug
+    (or a MemoryError) answered 200 with differently cut pairs; now only a window-filling query is handled, up
+    front, and anything else the tokenizer raises is a logged 500."""
+    from transformers import PreTrainedTokenizerBase
+
+    call = PreTrainedTokenizerBase.__call__
+    truncations: list[str] = []
+
+    def failing(self, *args, **kw):
+        texts = [t for a in args if isinstance(a, list) for t in a if isinstance(t, str)]
+        if any("POISON" in t for t in texts) and kw.get("truncation"):
+            truncations.append(kw["truncation"])
+            if kw["truncation"] == "only_second":
+                raise RuntimeError("a tokenizer bug")
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", failing)
+    with InProcessServer(config(tiny_model_dir)) as server, server.client() as c:
+        r = c.post("/v1/ranking", json=nim_body("q", ["POISON river"], truncate="END"))
+    assert r.status_code == 500 and r.json()["object"] == "error" and "request id" in r.json()["message"], r.text
+    assert truncations == ["only_second"]  # tried once, never again with another truncation

@@ -78,6 +78,15 @@ def test_error_bodies_always_render():
     assert dumps({"n": 2**70}) == b'{"n": 1180591620717411303424}'
 
 
+def test_only_the_values_orjson_refuses_fall_back():
+    """Any other object orjson cannot encode is a bug that must surface (a logged 500), not a body quietly written
+    by the standard encoder (whose `default` renders anything with a `tolist`: arrays, tensors)."""
+    import array
+
+    with pytest.raises(TypeError):  # orjson.JSONEncodeError is a TypeError
+        dumps({"leaked": array.array("f", [0.5])})
+
+
 
 # The hostile matrix: every field of a valid request of every dialect replaced by each hostile value.
 VALID = {

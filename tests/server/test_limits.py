@@ -159,3 +159,34 @@ def test_headers_past_the_limit_get_431_in_the_dialect_shape(tmp_path, tiny_mode
             assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
             assert b"--max-header-bytes" in answer
         assert c.get("/v1/models").status_code == 200  # the server is fine
+
+
+def test_openapi_declares_the_limits_this_server_enforces(tiny_model_dir):
+    """The served OpenAPI document states non-empty lists and the --max-passages / --max-inputs bounds (and the
+    chunk counts a request may ask for) as this server was started with; a client generating requests from it
+    (Schemathesis, SDK validators) learns them before a 400 does."""
+    from openrerank.server.config import ServerConfig
+    from tests.server.faults import InProcessServer
+
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1, max_passages=8,
+                          max_inputs=5, max_chunks_per_passage=7)
+    with InProcessServer(config) as server, server.client() as c:
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+
+        def branches(name: str, field: str, kind: str) -> list[dict]:
+            prop = schemas[name]["properties"][field]
+            found = [b for b in [prop, *prop.get("anyOf", [])] if b.get("type") == kind]
+            assert found, (name, field, prop)
+            return found
+
+        for name, field in [("NimRankingRequest", "passages"), ("CohereV1RerankRequest", "documents"),
+                            ("CohereV2RerankRequest", "documents"), ("TeiRerankRequest", "texts"),
+                            ("InfinityRerankRequest", "documents"), ("ScoreRequest", "text_2")]:
+            for b in branches(name, field, "array"):
+                assert (b.get("minItems"), b.get("maxItems")) == (1, 8), (name, field, b)
+        for b in branches("EmbeddingsRequest", "input", "array"):
+            assert (b.get("minItems"), b.get("maxItems")) == (1, 5), b
+        assert branches("NimRankingRequest", "max_chunks_per_passage", "integer")[0]["maximum"] == 7
+        # what the document states is what the server enforces
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"] * 8)).status_code == 200
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"] * 9)).status_code == 400

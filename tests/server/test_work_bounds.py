@@ -92,7 +92,12 @@ def test_the_token_budget_follows_the_measured_speed(tmp_path):
         r = c.post("/v1/ranking", json=nim_body("q", [passage] * 512, truncate="END"))
         assert r.status_code == 400, r.text[:300]
         assert "tokens/s" in r.json()["message"] and "--max-request-tokens" in r.json()["message"]
+        # the limit enforced is the measured one, not the static default (32768 tokens at this timeout)
+        assert f"above the limit of {budget} per request" in r.json()["message"], r.text[:300]
         assert "x-inference-time" not in r.headers  # refused before any scoring
+        # just over the measured budget (on a slow CPU, far below the static default): refused too
+        r = c.post("/v1/ranking", json=nim_body("q", [passage] * (budget // 256 + 2), truncate="END"))
+        assert r.status_code == 400 and f"above the limit of {budget} per request" in r.json()["message"], r.text[:300]
         assert c.post("/v1/ranking", json=nim_body("q", ["a river"], truncate="END")).status_code == 200
     # the explicit flag still wins
     with run_server([*args, "--max-request-tokens", "123456"], tmp_path) as server, server.client() as c:
@@ -139,3 +144,35 @@ def test_over_budget_text_is_refused_before_all_of_it_is_tokenized(tiny_model_di
         r = c.post("/v1/ranking", json=nim_body("q", ["river water sea mountain " * 20] * 512, truncate="END"))
         assert r.status_code == 400 and "--max-request-tokens" in r.json()["message"]
         assert sum(calls) < 512  # refused after the first slice, not after tokenizing all 512 passages
+
+
+def test_a_small_request_gets_a_tokenizer_between_the_slices_of_big_ones(tiny_model_dir, monkeypatch):
+    """Every tokenizer copy busy with a big request: the big ones are tokenized a slice at a time
+    (engine/served.py text_slices), so a small request gets a copy between two slices instead of waiting for
+    a whole big request's tokenization."""
+    import time
+
+    from openrerank.engine.served import SLICE_TEXTS
+
+    per_text = 0.01  # seconds of tokenization per SLOW text: a slice ~0.64 s, a whole big request ~5 s
+    call = PreTrainedTokenizerBase.__call__
+
+    def slow(self, *args, **kw):
+        texts = [t for a in args if isinstance(a, list) for t in a if isinstance(t, str)]
+        time.sleep(per_text * sum("SLOW" in t for t in texts))
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", slow)
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with InProcessServer(config) as server, server.client() as c:
+        pool = server.app.state.models.get("tiny").loaded.encoder.tok
+        n = 8 * SLICE_TEXTS
+        body = nim_body("q", [f"SLOW river {i}" for i in range(n)], truncate="END")
+        bigs = [in_thread(lambda: server.client().post("/v1/ranking", json=body)) for _ in range(pool.size)]
+        until(lambda: not pool._free and pool._made >= pool.size, "every tokenizer copy busy")
+        start = time.monotonic()
+        small = c.post("/v1/ranking", json=nim_body("paris", ["paris is in france", "bananas"]))
+        took = time.monotonic() - start
+        assert small.status_code == 200
+        assert took < n * per_text / 2, f"the small request waited {took:.1f} s for a tokenizer"
+        assert all(big().status_code == 200 for big in bigs)
