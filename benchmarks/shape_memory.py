@@ -2,7 +2,8 @@
 
 Each configuration runs in its own fresh process (RSS is a per-process figure): the MiniLM-L6 cross-encoder
 (bench.py's model), one thread, `--batches` random batches of 1-16 rows x 16-256 tokens (the same seeded
-sequence for every configuration), RSS sampled eight times. Configurations:
+sequence for every configuration), RSS sampled eight times. Conversions are made once beforehand, so every
+process starts from a cached model. Configurations:
 
 - `openvino`: the runtime as served, padding each batch to a shape bucket (`runtimes/openvino_runtime.py`);
 - `openvino-unbucketed`: the same runtime with the padding switched off here, what the server did before;
@@ -32,17 +33,36 @@ def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
 
+def network_of(model_dir: Path):
+    from openrerank.families.base import ModelFiles
+    from openrerank.families.registry import get_family
+
+    family = get_family("cross-encoder")
+    return family.network(family.spec(ModelFiles.read(model_dir)), None)
+
+
+def convert_ahead(configs: list[str], model_dir: Path, cache_dir: Path) -> None:
+    """The conversions every configuration reads, made here, so that no child's RSS holds a conversion's
+    PyTorch residue and each starts from its cached artifact."""
+    network = network_of(model_dir)
+    if any(c.startswith("openvino") for c in configs):
+        from openrerank.runtimes.openvino_convert import ensure_openvino
+
+        ensure_openvino(network, cache_dir=cache_dir)
+    if "onnx" in configs:
+        from openrerank.runtimes.onnx_export import ensure_onnx
+
+        ensure_onnx(network, cache_dir=cache_dir)
+
+
 def child(config: str, batches: int, model_dir: Path, cache_dir: Path) -> dict:
     """One configuration in this process: RSS after every batches/8 batches, and the seconds they took."""
     import numpy as np
 
-    from openrerank.families.base import ModelFiles
-    from openrerank.families.registry import get_family
     from openrerank.runtimes import openvino_runtime
     from openrerank.runtimes.heap import HEAP
 
-    family = get_family("cross-encoder")
-    network = family.network(family.spec(ModelFiles.read(model_dir)), None)
+    network = network_of(model_dir)
     if config.startswith("openvino"):
         if config == "openvino-unbucketed":
             openvino_runtime.pad_to_bucket = lambda features: features
@@ -90,6 +110,7 @@ def main() -> None:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_bench_cross_encoder(Path(tmp) / "model")
+        convert_ahead(configs, model_dir, Path(tmp) / "cache")
         results = []
         for config in configs:  # fresh process each: conversions are cached in tmp, RSS starts clean
             cmd = [sys.executable, __file__, "--child", config, "--batches", str(args.batches),
