@@ -26,7 +26,7 @@ that need determinism use):
 1. OpenVINO bf16 where the CPU has bf16 units (avx512_bf16 / amx_bf16): bf16 matrix products with fp32
    accumulation pass the gate (probe correlation 0.99995 on the MiniLM-L6 cross-encoder, 0.99999 on the
    default bi-encoder). int8 fails it (OpenVINO int8 weights 0.9996, ONNX Runtime dynamic int8 0.991; the
-   recipes tried are in docs/runtime.md), so `auto` never picks int8; ask for it with `--dtype int8`.
+   recipes tried are in docs/engine.md), so `auto` never picks int8; ask for it with `--dtype int8`.
 2. OpenVINO fp32, then ONNX Runtime fp32, then PyTorch fp32 (exact).
 3. Families that only run on PyTorch (the LLM rerankers): PyTorch fp32, and PyTorch bf16 (autocast) where
    the CPU has bf16 units; CUDA: PyTorch, where `--dtype auto` is fp16 or bf16 by the GPU's compute

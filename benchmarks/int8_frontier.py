@@ -1,0 +1,251 @@
+"""int8 against the fidelity gate: which matrices move the scores, and what a faithful int8 mix keeps.
+
+The gate (`runtimes/selection.py`): probe correlation >= 0.9999 with fp32. Three parts, on the MiniLM-L6
+cross-encoder `openrerank bench` serves:
+
+1. Recipes, simulated: int8 numerics reproduced exactly in fp32 PyTorch (quantize, then dequantize: what
+   an int8 kernel with int32 accumulation computes), so every recipe is measured on any CPU, VNNI or not.
+   Weights per output channel (asym = NNCF's INT8_ASYM, sym) or per group of inputs; activations per token
+   (ONNX Runtime's dynamic int8 is coarser still: one scale per batch) or per token and group of 32 inputs
+   (what OpenVINO's CPU plugin runs on VNNI CPUs with int8 weights).
+2. Sensitivity and frontier: each of the 36 encoder matrices quantized alone under `--recipe`; then the k
+   most sensitive per FLOP (ranked on the gate's DL19 probe only) kept in fp32, k = 0..24, scored on the
+   gate probe and on held-out DL19 pairs, with the share of the matrix FLOPs left in int8.
+3. The real engine: OpenVINO with NNCF int8 weights (all matrices; the frontier's first passing mix, via an
+   ignored scope; with and without the embedding table), correlation and pairs/s against OpenVINO fp32,
+   interleaved rounds. Without VNNI the CPU plugin runs int8 weights by decompressing them (weights-only
+   error, no speed-up); with VNNI it quantizes activations too, which is what part 1's activation rows model.
+
+    .venv/bin/python benchmarks/int8_frontier.py --json /tmp/int8.json          # ~25 min on 2 cores
+    .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3, ~8 min
+
+Results and what they mean: docs/engine.md, "int8: the recipes tried against the fidelity gate".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GATE = 0.9999
+GROUP = 32  # OpenVINO's CPU dynamic quantization group size (DYNAMIC_QUANTIZATION_GROUP_SIZE)
+RECIPES = {  # name: (weight mode, weight group, activation mode, activation group)
+    "W asym/channel": ("asym", None, None, None),
+    "W sym/channel": ("sym", None, None, None),
+    "W sym/g64": ("sym", 64, None, None),
+    "W asym/g32": ("asym", 32, None, None),
+    "W asym/channel + A asym/token": ("asym", None, "asym", None),
+    "W asym/channel + A asym/token/g32": ("asym", None, "asym", GROUP),
+    "W asym/channel + A sym/token/g32": ("asym", None, "sym", GROUP),
+    "W sym/g64 + A asym/token/g32": ("sym", 64, "asym", GROUP),
+}
+FRONTIER_RECIPE = "W asym/channel + A asym/token/g32"
+
+
+def fake_quant(x: torch.Tensor, mode: str, group: int | None) -> torch.Tensor:
+    """Round x to int8 along its last axis (one scale per row, or per `group` values of a row), back to float."""
+    shape = x.shape
+    y = x.reshape(*shape[:-1], -1, group) if group else x.unsqueeze(-2)
+    if mode == "asym":
+        lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+        scale = (hi - lo).clamp_min(1e-12) / 255
+        zero = torch.round(-lo / scale)
+        q = (torch.clamp(torch.round(y / scale) + zero, 0, 255) - zero) * scale
+    else:
+        scale = y.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+        q = torch.clamp(torch.round(y / scale), -127, 127) * scale
+    return q.reshape(shape)
+
+
+class Simulated:
+    """The cross-encoder in PyTorch fp32 with chosen encoder matrices replaced by their int8 simulation."""
+
+    def __init__(self, path: str, sets: dict[str, list[tuple[str, list[str]]]]) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        self.batches = {name: [tok([q] * len(ps), ps, padding=True, truncation=True, max_length=512,
+                                   return_tensors="pt") for q, ps in pairs] for name, pairs in sets.items()}
+        self.linears = {n: m for n, m in self.model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"}
+        self.original = {n: m.weight.data.clone() for n, m in self.linears.items()}
+        self.hooks: list = []
+        self.reference = {name: self.scores(name) for name in self.batches}
+
+    @torch.no_grad()
+    def scores(self, name: str) -> np.ndarray:
+        return torch.cat([self.model(**b).logits[:, 0] for b in self.batches[name]]).numpy()
+
+    def quantize(self, names, recipe: str) -> None:
+        wmode, wgroup, amode, agroup = RECIPES[recipe]
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        for n, m in self.linears.items():
+            m.weight.data.copy_(fake_quant(self.original[n], wmode, wgroup) if n in names else self.original[n])
+            if n in names and amode:
+                self.hooks.append(m.register_forward_pre_hook(
+                    lambda _m, args, am=amode, ag=agroup: (fake_quant(args[0], am, ag),)))
+
+    def correlations(self) -> dict[str, float]:
+        return {name: float(np.corrcoef(ref, self.scores(name))[0, 1]) for name, ref in self.reference.items()}
+
+
+def flop_weight(name: str) -> int:
+    """A matrix's FLOPs in units of h x h: the feed-forward ones are h x 4h."""
+    return 4 if name.endswith("intermediate.dense") or (name.endswith("output.dense") and "attention" not in name) \
+        else 1
+
+
+def fmt(r: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.6f}" for k, v in r.items())
+
+
+def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dict]:
+    """OpenVINO fp32 against NNCF int8-weight variants of the same IR: correlation and pairs/s, interleaved."""
+    import nncf
+    import openvino as ov
+
+    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.runtimes.openvino_runtime import compile_config
+
+    ref_model = load_model(path, LoadOptions(backend="torch", dtype="fp32", threads=torch.get_num_threads()))
+    pairs = [p for name in ("gate", "held") for p in sets[name]]
+    reference = np.concatenate([ref_model.score(q, ps) for q, ps in pairs])
+    ref_model.close()
+    model = load_model(path, LoadOptions(backend="openvino", dtype="fp32", threads=torch.get_num_threads()))
+    runtime = model.scorer.runtime
+    core = ov.Core()
+    ir = core.read_model(str(runtime.conversion.path))
+    tmp = Path(tempfile.mkdtemp(prefix="int8-frontier-"))
+
+    def compressed(label: str, ignored: list[str], embeddings: bool) -> Path:
+        names = [f"__module.inner.{n}/aten::linear/MatMul" for n in ignored]
+        if not embeddings:
+            names += [op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "Gather"
+                      and "embeddings" in op.get_friendly_name()]
+        out = tmp / f"{label}.xml"
+        model_ir = core.read_model(str(runtime.conversion.path))
+        ov.save_model(nncf.compress_weights(model_ir, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                            ignored_scope=nncf.IgnoredScope(names=names, validate=False)),
+                      str(out), compress_to_fp16=False)
+        return out
+
+    variants = {"OpenVINO fp32": (runtime.conversion.path, "fp32"),
+                "NNCF int8 weights, all (--dtype int8 today)": (compressed("all", [], True), "int8"),
+                "NNCF int8 weights, embeddings fp32": (compressed("noemb", [], False), "int8"),
+                f"NNCF int8 weights, {len(keep)} matrices + embeddings fp32": (compressed("mix", keep, False), "int8")}
+    compiled = {label: core.compile_model(str(p), "CPU", compile_config(dtype, runtime.threads))
+                for label, (p, dtype) in variants.items()}
+    results = {label: {"pairs_per_s": 0.0} for label in variants}
+    for _ in range(rounds):
+        for label, c in compiled.items():
+            runtime.compiled, runtime._request = c, c.create_infer_request()
+            model.score(*pairs[0])  # warm
+            t0 = time.perf_counter()
+            got = np.concatenate([model.score(q, ps) for q, ps in pairs])
+            rate = sum(len(ps) for _, ps in pairs) / (time.perf_counter() - t0)
+            results[label]["pairs_per_s"] = max(results[label]["pairs_per_s"], rate)
+            results[label]["correlation"] = float(np.corrcoef(reference, got)[0, 1])
+    model.close()
+    base = results["OpenVINO fp32"]["pairs_per_s"]
+    rows = []
+    for label, r in results.items():
+        rows.append({"engine": label, **r, "vs_fp32": r["pairs_per_s"] / base})
+        print(f"  {label:55s} corr {r['correlation']:.6f}  {r['pairs_per_s']:6.1f} pairs/s "
+              f"({r['pairs_per_s'] / base:.2f}x)", flush=True)
+    return rows
+
+
+def cpu_name() -> tuple[str, list[str]]:
+    """The CPU as lscpu names it (model name, family, model) and its int8-relevant flags."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = f"{info.get('model name', platform.processor())}, family {info.get('cpu family')} model {info.get('model')}"
+    flags = info.get("flags", "").split()
+    return name, [f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")]
+
+
+def main() -> None:
+    from openrerank_bench import build_bench_cross_encoder, default_data_dir, load_workload
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=default_data_dir(), help="the DL19 folder (shared data)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the real engine")
+    ap.add_argument("--skip-sensitivity", action="store_true",
+                    help="recipes and the real engine only; the engine keeps the mix found last time (--keep)")
+    ap.add_argument("--keep", type=Path, help="JSON from an earlier run whose passing mix the engine part uses")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    name, flags = cpu_name()
+    print(f"CPU: {name} ({', '.join(flags)}), {args.threads} threads, load {os.getloadavg()[0]:.1f}")
+    path = str(build_bench_cross_encoder(Path(tempfile.mkdtemp(prefix="int8-frontier-")) / "minilm-l6-ce"))
+    wl = load_workload(args.data, "runs/bm25_top100.trec.gz", 28, 15)
+    pairs = [(q, list(ps)) for q, ps in zip(wl.queries, wl.passages, strict=True)]
+    sets = {"gate": pairs[:8], "held": pairs[8:]}  # the gate's DL19 probe (8 x 15), and 20 x 15 held out
+    sim = Simulated(path, sets)
+    report: dict = {"cpu": name, "flags": flags, "threads": args.threads, "recipes": {}}
+
+    print("1. recipes, every encoder matrix int8 (simulated):")
+    for recipe in RECIPES:
+        sim.quantize(set(sim.linears), recipe)
+        report["recipes"][recipe] = r = sim.correlations()
+        print(f"  {recipe:40s} {fmt(r)}", flush=True)
+
+    keep: list[str] = []
+    if not args.skip_sensitivity:
+        print(f"2. sensitivity under {FRONTIER_RECIPE}: 1 - correlation with one matrix int8")
+        sens = {}
+        for n in sim.linears:
+            sim.quantize({n}, FRONTIER_RECIPE)
+            sens[n] = {k: 1 - v for k, v in sim.correlations().items()}
+            print(f"  {n:50s} gate {sens[n]['gate']:.2e}  held {sens[n]['held']:.2e}", flush=True)
+        order = sorted(sim.linears, key=lambda n: -sens[n]["gate"] / flop_weight(n))
+        total = sum(flop_weight(n) for n in sim.linears)
+        frontier = []
+        print("   frontier: the k most sensitive per FLOP kept fp32")
+        for k in (0, 4, 8, 12, 14, 16, 20, 24):
+            int8 = set(order[k:])
+            sim.quantize(int8, FRONTIER_RECIPE)
+            r = sim.correlations()
+            share = sum(flop_weight(n) for n in int8) / total
+            frontier.append({"fp32": order[:k], "int8_flop_share": share, **r})
+            print(f"  fp32 {k:2d}  int8 FLOP share {share:.2f}  {fmt(r)}", flush=True)
+            if not keep and min(r.values()) >= GATE:
+                keep = order[:k]
+        report.update(sensitivity=sens, order=order, frontier=frontier)
+    elif args.keep:
+        prior = json.loads(args.keep.read_text())
+        keep = next((f["fp32"] for f in prior.get("frontier", []) if min(f["gate"], f["held"]) >= GATE), [])
+    report["passing_mix"] = keep
+
+    vnni = bool(set(flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    print(f"3. the real engine (OpenVINO {'with VNNI: int8 activations' if vnni else 'without VNNI: weights only'}),"
+          " gate + held pairs:")
+    report["engine"] = real_engine(path, sets, keep, args.rounds)
+    report["load_end"] = os.getloadavg()[0]
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
