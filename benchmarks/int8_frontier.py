@@ -7,7 +7,8 @@ cross-encoder `openrerank bench` serves:
    an int8 kernel with int32 accumulation computes), so every recipe is measured on any CPU, VNNI or not.
    Weights per output channel (asym = NNCF's INT8_ASYM, sym) or per group of inputs; activations per token
    (ONNX Runtime's dynamic int8 is coarser still: one scale per batch) or per token and group of 32 inputs
-   (what OpenVINO's CPU plugin runs on VNNI CPUs with int8 weights).
+   (what OpenVINO's CPU plugin runs on VNNI CPUs with int8 weights); SmoothQuant scaling calibrated on 15
+   other DL19 queries.
 2. Sensitivity and frontier: each of the 36 encoder matrices quantized alone under `--recipe`; then the k
    most sensitive per FLOP (ranked on the gate's DL19 probe only) kept in fp32, k = 0..24, scored on the
    gate probe and on held-out DL19 pairs, with the share of the matrix FLOPs left in int8.
@@ -17,7 +18,8 @@ cross-encoder `openrerank bench` serves:
    error, no speed-up); with VNNI it quantizes activations too, which is what part 1's activation rows model.
 
     .venv/bin/python benchmarks/int8_frontier.py --json /tmp/int8.json          # ~25 min on 2 cores
-    .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3, ~8 min
+    .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3
+    .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --no-engine --recipes SmoothQuant
 
 Results and what they mean: docs/engine.md, "int8: the recipes tried against the fidelity gate".
 """
@@ -37,15 +39,18 @@ import torch
 
 GATE = 0.9999
 GROUP = 32  # OpenVINO's CPU dynamic quantization group size (DYNAMIC_QUANTIZATION_GROUP_SIZE)
-RECIPES = {  # name: (weight mode, weight group, activation mode, activation group)
-    "W asym/channel": ("asym", None, None, None),
-    "W sym/channel": ("sym", None, None, None),
-    "W sym/g64": ("sym", 64, None, None),
-    "W asym/g32": ("asym", 32, None, None),
-    "W asym/channel + A asym/token": ("asym", None, "asym", None),
-    "W asym/channel + A asym/token/g32": ("asym", None, "asym", GROUP),
-    "W asym/channel + A sym/token/g32": ("asym", None, "sym", GROUP),
-    "W sym/g64 + A asym/token/g32": ("sym", 64, "asym", GROUP),
+#: name: (weight mode, weight group, activation mode, activation group, SmoothQuant alpha)
+RECIPES: dict[str, tuple[str, int | None, str | None, int | None, float | None]] = {
+    "W asym/channel": ("asym", None, None, None, None),
+    "W sym/channel": ("sym", None, None, None, None),
+    "W sym/g64": ("sym", 64, None, None, None),
+    "W asym/g32": ("asym", 32, None, None, None),
+    "W asym/channel + A asym/token": ("asym", None, "asym", None, None),
+    "W asym/channel + A asym/token/g32": ("asym", None, "asym", GROUP, None),
+    "W asym/channel + A sym/token/g32": ("asym", None, "sym", GROUP, None),
+    "W sym/g64 + A asym/token/g32": ("sym", 64, "asym", GROUP, None),
+    **{f"SmoothQuant {a} + W asym/channel + A asym/token/g32": ("asym", None, "asym", GROUP, a)
+       for a in (0.3, 0.5, 0.8)},
 }
 FRONTIER_RECIPE = "W asym/channel + A asym/token/g32"
 
@@ -68,33 +73,62 @@ def fake_quant(x: torch.Tensor, mode: str, group: int | None) -> torch.Tensor:
 class Simulated:
     """The cross-encoder in PyTorch fp32 with chosen encoder matrices replaced by their int8 simulation."""
 
-    def __init__(self, path: str, sets: dict[str, list[tuple[str, list[str]]]]) -> None:
+    def __init__(self, path: str, sets: dict[str, list[tuple[str, list[str]]]],
+                 calibration: list[tuple[str, list[str]]]) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        self.batches = {name: [tok([q] * len(ps), ps, padding=True, truncation=True, max_length=512,
-                                   return_tensors="pt") for q, ps in pairs] for name, pairs in sets.items()}
+
+        def batches(pairs):
+            return [tok([q] * len(ps), ps, padding=True, truncation=True, max_length=512, return_tensors="pt")
+                    for q, ps in pairs]
+
+        self.batches = {name: batches(pairs) for name, pairs in sets.items()}
         self.linears = {n: m for n, m in self.model.named_modules()
                         if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"}
         self.original = {n: m.weight.data.clone() for n, m in self.linears.items()}
         self.hooks: list = []
         self.reference = {name: self.scores(name) for name in self.batches}
+        # SmoothQuant's statistic: each matrix's largest |input| per channel, on text of its own kind.
+        self.input_max: dict[str, torch.Tensor] = {}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            seen = x.abs().reshape(-1, x.shape[-1]).amax(0)
+            self.input_max[name] = torch.maximum(self.input_max.get(name, seen), seen)
+
+        hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0]))
+                 for n, m in self.linears.items()]
+        with torch.no_grad():
+            for b in batches(calibration):
+                self.model(**b)
+        for h in hooks:
+            h.remove()
 
     @torch.no_grad()
     def scores(self, name: str) -> np.ndarray:
         return torch.cat([self.model(**b).logits[:, 0] for b in self.batches[name]]).numpy()
 
     def quantize(self, names, recipe: str) -> None:
-        wmode, wgroup, amode, agroup = RECIPES[recipe]
+        """SmoothQuant divides each input channel by s = max|x|^a / max|w|^(1-a) and multiplies the weights'
+        matching column by s (the product is unchanged) before both are rounded."""
+        wmode, wgroup, amode, agroup, alpha = RECIPES[recipe]
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
         for n, m in self.linears.items():
-            m.weight.data.copy_(fake_quant(self.original[n], wmode, wgroup) if n in names else self.original[n])
-            if n in names and amode:
+            w = self.original[n]
+            if n not in names:
+                m.weight.data.copy_(w)
+                continue
+            s = torch.ones(w.shape[1])
+            if alpha is not None:
+                s = (self.input_max[n].clamp_min(1e-5) ** alpha
+                     / w.abs().amax(0).clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
+            m.weight.data.copy_(fake_quant(w * s, wmode, wgroup) / s)
+            if amode:
                 self.hooks.append(m.register_forward_pre_hook(
-                    lambda _m, args, am=amode, ag=agroup: (fake_quant(args[0], am, ag),)))
+                    lambda _m, args, am=amode, ag=agroup, s=s: (fake_quant(args[0] / s, am, ag) * s,)))
 
     def correlations(self) -> dict[str, float]:
         return {name: float(np.corrcoef(ref, self.scores(name))[0, 1]) for name, ref in self.reference.items()}
@@ -192,20 +226,26 @@ def main() -> None:
     ap.add_argument("--skip-sensitivity", action="store_true",
                     help="recipes and the real engine only; the engine keeps the mix found last time (--keep)")
     ap.add_argument("--keep", type=Path, help="JSON from an earlier run whose passing mix the engine part uses")
+    ap.add_argument("--recipes", help="comma-separated substrings: only the recipes of part 1 that match one")
+    ap.add_argument("--no-engine", action="store_true", help="skip part 3 (the real engine)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     name, flags = cpu_name()
     print(f"CPU: {name} ({', '.join(flags)}), {args.threads} threads, load {os.getloadavg()[0]:.1f}")
     path = str(build_bench_cross_encoder(Path(tempfile.mkdtemp(prefix="int8-frontier-")) / "minilm-l6-ce"))
-    wl = load_workload(args.data, "runs/bm25_top100.trec.gz", 28, 15)
+    wl = load_workload(args.data, "runs/bm25_top100.trec.gz", 43, 15)
     pairs = [(q, list(ps)) for q, ps in zip(wl.queries, wl.passages, strict=True)]
-    sets = {"gate": pairs[:8], "held": pairs[8:]}  # the gate's DL19 probe (8 x 15), and 20 x 15 held out
-    sim = Simulated(path, sets)
+    # The gate's DL19 probe (8 x 15), 20 x 15 held out, and the other 15 queries x 15 to calibrate SmoothQuant.
+    sets = {"gate": pairs[:8], "held": pairs[8:28]}
+    sim = Simulated(path, sets, calibration=pairs[28:])
     report: dict = {"cpu": name, "flags": flags, "threads": args.threads, "recipes": {}}
 
     print("1. recipes, every encoder matrix int8 (simulated):")
+    wanted = [w.strip() for w in (args.recipes or "").split(",") if w.strip()]
     for recipe in RECIPES:
+        if wanted and not any(w in recipe for w in wanted):
+            continue
         sim.quantize(set(sim.linears), recipe)
         report["recipes"][recipe] = r = sim.correlations()
         print(f"  {recipe:40s} {fmt(r)}", flush=True)
@@ -237,10 +277,11 @@ def main() -> None:
         keep = next((f["fp32"] for f in prior.get("frontier", []) if min(f["gate"], f["held"]) >= GATE), [])
     report["passing_mix"] = keep
 
-    vnni = bool(set(flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    print(f"3. the real engine (OpenVINO {'with VNNI: int8 activations' if vnni else 'without VNNI: weights only'}),"
-          " gate + held pairs:")
-    report["engine"] = real_engine(path, sets, keep, args.rounds)
+    if not args.no_engine:
+        vnni = bool(set(flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        print(f"3. the real engine (OpenVINO {'with VNNI: int8 activations' if vnni else 'without VNNI: weights only'}"
+              "), gate + held pairs:")
+        report["engine"] = real_engine(path, sets, keep, args.rounds)
     report["load_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
