@@ -6,7 +6,9 @@ Configurations, interleaved over rounds so drifting machine load spreads over al
   divided by one alone (issue 16's target: each >= 0.85x; a pinning fight puts both threads on one core and
   gives ~0.5x);
 - with `--ray`: `serve --replicas 2 --threads 1` against `--replicas 1 --threads 1`, each driven by two
-  concurrent clients (target >= 1.7x).
+  concurrent clients (target >= 1.7x); `--ray-router` (repeatable) names the request routers the 2-replica
+  setup is run with, e.g. `--ray-router least-busy --ray-router power-of-two` (Serve's default) to see
+  what the router is worth in the same rounds.
 
 Load: DL19 queries with their 100 BM25 passages each (bench.py's workload) on the MiniLM-L6 cross-encoder,
 one unmeasured request per client first. Run it on an otherwise idle machine with at least two cores.
@@ -99,17 +101,21 @@ def engine_round(engine: str, model: Path, bodies: list[bytes], pairs_each: int,
     return {"alone": one, "pair": pair}
 
 
-def ray_round(model: Path, bodies: list[bytes], pairs_each: int, tmp: Path, engine: str | None) -> dict:
+def ray_round(model: Path, bodies: list[bytes], pairs_each: int, tmp: Path, engine: str | None,
+              routers: list[str]) -> dict[str, float]:
+    """pairs/s of two clients together: on 1 replica ("1"), and on 2 replicas with each router."""
     out = {}
-    for replicas in (1, 2):
+    for name, replicas, router in [("1", 1, None)] + [(f"2 {r}", 2, r) for r in routers]:
         args = ["--model", f"{SERVED_NAME}={model}", "--replicas", str(replicas), "--threads", "1",
                 "--replica-cpus", "1", "--max-passages", "1000"]
+        if router not in (None, "default"):
+            args += ["--replica-option", f"router={router}"]
         if engine:
             backend, dtype = engine.split(":")
             args += ["--backend", backend, "--dtype", dtype]
         server = serve(args, tmp, timeout=900)
         try:
-            out[replicas] = sum(run_clients([server.url] * 2, bodies, pairs_each))
+            out[name] = sum(run_clients([server.url] * 2, bodies, pairs_each))
         finally:
             server.stop()
     return out
@@ -124,6 +130,9 @@ def main() -> int:
     p.add_argument("--ray", action="store_true", help="also Ray Serve: 2 replicas against 1 (needs the ray extra)")
     p.add_argument("--ray-engine", help="BACKEND:DTYPE of the replicas (default: the server's auto choice)")
     p.add_argument("--only-ray", action="store_true", help="Ray Serve only, no engine pairs")
+    p.add_argument("--ray-router", action="append", default=[],
+                   help="request router of the 2-replica setup (ReplicaOptions.router), repeatable "
+                        "(default: the server's own)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
@@ -131,6 +140,7 @@ def main() -> int:
         return 2
     engines = [] if args.only_ray else args.engine or list(ENGINES)
     args.ray = args.ray or args.only_ray
+    routers = args.ray_router or ["default"]
     wl = load_workload(default_data_dir(), "runs/bm25_top100.trec.gz", args.queries + 1, args.passages)
     bodies = [nim_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)][: args.queries]
     pairs_each = args.passages
@@ -150,10 +160,12 @@ def main() -> int:
                 print(f"round {r + 1}: {engine}: alone {res['alone']:.1f} pairs/s, two at once {each} pairs/s "
                       f"({ratio})", flush=True)
             if args.ray:
-                res = ray_round(model, bodies, pairs_each, tmp, args.ray_engine)
+                res = ray_round(model, bodies, pairs_each, tmp, args.ray_engine,
+                                routers if r % 2 == 0 else routers[::-1])
                 ray.append(res)
-                print(f"round {r + 1}: ray: 1 replica {res[1]:.1f} pairs/s, 2 replicas {res[2]:.1f} pairs/s "
-                      f"({res[2] / res[1]:.2f}x)", flush=True)
+                twos = ", ".join(f"2 replicas ({k[2:]}) {v:.1f} pairs/s ({v / res['1']:.2f}x)"
+                                 for k, v in res.items() if k != "1")
+                print(f"round {r + 1}: ray: 1 replica {res['1']:.1f} pairs/s, {twos}", flush=True)
     print(f"\n{cpu_name()}, {os.cpu_count()} CPUs; load {load_start} -> {os.getloadavg()}; "
           f"{args.queries} requests x {args.passages} passages per client; medians of {args.rounds} rounds")
     print("| engine | one alone (pairs/s) | each of two at once | ratio (min of the two) | spread of ratio |")
@@ -166,10 +178,10 @@ def main() -> int:
         summary["engines"][engine] = {"runs": runs, "ratio_median": statistics.median(ratios)}
         print(f"| {engine} | {alone:.1f} | {each:.1f} | {statistics.median(ratios):.2f}x | "
               f"{min(ratios):.2f}-{max(ratios):.2f} |")
-    if ray:
-        ratios = [r[2] / r[1] for r in ray]
-        print(f"| ray 2 replicas / 1 | {statistics.median(r[1] for r in ray):.1f} | "
-              f"{statistics.median(r[2] for r in ray):.1f} (both) | {statistics.median(ratios):.2f}x | "
+    for router in routers if ray else []:
+        ratios = [r[f"2 {router}"] / r["1"] for r in ray]
+        print(f"| ray 2 replicas ({router}) / 1 | {statistics.median(r['1'] for r in ray):.1f} | "
+              f"{statistics.median(r[f'2 {router}'] for r in ray):.1f} (both) | {statistics.median(ratios):.2f}x | "
               f"{min(ratios):.2f}-{max(ratios):.2f} |")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

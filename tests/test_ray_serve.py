@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import itertools
 import os
 import re
 import threading
@@ -28,6 +29,7 @@ from openrerank_bench.serve_process import free_port
 
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
+from openrerank.server.ray_router import LeastBusyRouter
 from openrerank.server.ray_serve import (
     APP_NAME,
     DEPLOYMENT_NAME,
@@ -95,6 +97,9 @@ def test_fixed_replicas_admit_max_queue_and_let_health_and_metrics_through():
     # Serve never holds back a scoring request the replica would take: the replica refuses in dialect shape.
     assert options["max_ongoing_requests"] == 2 * 10 + NON_SCORING_HEADROOM
     assert options["max_queued_requests"] == -1 and "backpressure_config" not in options
+    assert options["request_router_config"].request_router_class == f"{LeastBusyRouter.__module__}.LeastBusyRouter"
+    serve_default = deployment_options(*parse_args({"router": "power-of-two"}))
+    assert "request_router_config" not in serve_default  # Serve's own PowerOfTwoChoicesRequestRouter
 
 
 def test_max_replicas_turns_on_autoscaling_on_queue_depth():
@@ -244,10 +249,12 @@ def test_ready_through_the_proxy(cluster):
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
 
 
-def test_both_replicas_answer(cluster):
+def test_sequential_requests_take_turns_on_the_replicas(cluster):
+    """A lone sequential client finds both replicas idle each time, and the least-busy router then takes the
+    one chosen longest ago (Serve's default router flips a coin: 12 alternating answers, 1 in 2048)."""
     with httpx.Client(base_url=cluster.url, timeout=30) as c:
-        seen = {c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES)).headers[REPLICA_HEADER] for _ in range(24)}
-    assert len(seen) == 2, seen
+        seen = [c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES)).headers[REPLICA_HEADER] for _ in range(12)]
+    assert len(set(seen)) == 2 and all(a != b for a, b in itertools.pairwise(seen)), seen
 
 
 def test_rankings_equal_the_in_process_app_for_every_dialect(cluster, in_process):

@@ -22,12 +22,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ray import serve
 from ray.serve import metrics as serve_metrics
-from ray.serve.config import BackpressureConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from openrerank.engine.served_models import ServedModels
 from openrerank.observe.metrics import Metrics
@@ -35,6 +35,7 @@ from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import dialect_for
+from openrerank.server.ray_router import LeastBusyRouter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class ReplicaOptions(BaseModel):
     max_replicas_per_node: int | None = Field(None, ge=1)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: admitted scoring requests + 32")
     max_queued_requests: int = Field(-1, ge=-1, description="requests waiting in Serve's queue; -1: no limit")
+    router: Literal["least-busy", "power-of-two"] = Field(
+        "least-busy", description="least-busy: fewest requests in flight, asked fresh when all look busy; "
+        "power-of-two: Serve's default (two random replicas, cached queue lengths)")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     max_constructor_retry_count: int | None = Field(None, ge=1, description="replica start attempts before the "
@@ -125,6 +129,8 @@ def deployment_options(server: ServerConfig, replicas: ReplicaOptions) -> dict[s
         "health_check_timeout_s": replicas.health_check_timeout_s,
         "graceful_shutdown_timeout_s": server.graceful_timeout,
     }
+    if replicas.router == "least-busy":
+        options["request_router_config"] = RequestRouterConfig(request_router_class=LeastBusyRouter)
     if replicas.max_replicas_per_node:
         options["max_replicas_per_node"] = replicas.max_replicas_per_node
     if replicas.max_constructor_retry_count:
