@@ -33,7 +33,7 @@ class StandInReplica:
 
 
 def new_router() -> LeastBusyRouter:
-    router = LeastBusyRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.PROXY,
+    router = LeastBusyRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN,
                              use_replica_queue_len_cache=True)
     router.initialize_state()
     return router
@@ -135,3 +135,20 @@ def test_large_deployments_ask_a_sample():
     ranks = asyncio.run(router.choose_replicas(replicas))
     assert len(ranks) == PROBE_AT_MOST
     assert sum(r.probes for r in replicas) == PROBE_AT_MOST
+
+
+def test_a_replica_that_leaves_is_forgotten():
+    """Autoscaling and replacement change the replicas: nothing is kept for ones that are gone."""
+    router = new_router()
+    a, b = StandInReplica("a"), StandInReplica("b")
+
+    async def go():
+        router.update_replicas([a, b])
+        await router.choose_replicas([a, b])  # a reservation and a "last chosen" for one of them
+        chosen = first(await router.choose_replicas([a, b]))
+        router.update_replicas([r for r in (a, b) if r is not chosen])
+        return chosen
+
+    gone = asyncio.run(go())
+    assert gone.replica_id not in router._reserved and gone.replica_id not in router._last_chosen
+    assert len(router._last_chosen) == 1

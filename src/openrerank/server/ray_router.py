@@ -84,5 +84,15 @@ class LeastBusyRouter(FIFOMixin, RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._reserved.pop(replica_id, None)
-        self._last_chosen.pop(replica_id, None)
+        self._forget({replica_id})
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Replicas come and go (autoscaling, replacement): keep state only for the current ones."""
+        current = {r.replica_id for r in replicas}
+        self._forget((set(self._reserved) | set(self._last_chosen)) - current)
+        super().update_replicas(replicas)
+
+    def _forget(self, replica_ids: set[ReplicaID]) -> None:
+        for replica_id in replica_ids:
+            self._reserved.pop(replica_id, None)
+            self._last_chosen.pop(replica_id, None)
