@@ -1,6 +1,6 @@
 """Print the requirements of the installed openrerank that serving an ONNX export needs, pinned to the versions
-installed here: everything but PyTorch, the onnx package and the embedded default model's weights (the container image's final
-stage serves a pre-exported ONNX directory, so it carries neither). Used by the Dockerfile."""
+installed here: everything but PyTorch, the onnx package and the embedded default model's weights (the container
+image's final stage serves a pre-exported ONNX directory, so it carries neither). Used by the Dockerfile."""
 
 from __future__ import annotations
 

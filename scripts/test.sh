@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/lint-imports  # imports only go down the layers (pyproject.toml, docs/architecture.md)
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra "$@"
