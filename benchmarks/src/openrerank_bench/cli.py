@@ -366,4 +366,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     so.add_argument("--requests-per-replica", type=int, default=16,
                     help="measured requests per replica (node), per configuration and round")
     so.add_argument("--scale-out-backend", default="onnx:int8", help="BACKEND:DTYPE of the replicas")
+    so.add_argument("--scale-out-routers", default="",
+                    help="comma-separated request routers (ReplicaOptions.router) to measure 2+ replicas with, "
+                         "e.g. least-busy,power-of-two (default: the server's own only)")
     p.set_defaults(func=run_bench)

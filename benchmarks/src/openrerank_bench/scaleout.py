@@ -155,11 +155,13 @@ class RayReplicas:
         self.url = f"http://127.0.0.1:{self.port}"
         self.placed: set[str] = set()
 
-    def scale(self, replicas: int) -> list[int]:
-        """Run `replicas` replicas (a lightweight update: existing ones stay), each in its own quota."""
+    def scale(self, replicas: int, router: str | None = None) -> list[int]:
+        """Run `replicas` replicas, each in its own quota (a lightweight update where only the count changes:
+        existing ones stay; another `router` replaces them), routed by `router` (default: the server's)."""
         from openrerank.server.ray_serve import APP_NAME, ReplicaOptions, bind
 
-        options = ReplicaOptions(num_replicas=replicas, num_cpus=self.quota_cpus)
+        options = ReplicaOptions(num_replicas=replicas, num_cpus=self.quota_cpus,
+                                 **({"router": router} if router else {}))
         self.serve.run(bind(self.config, options), name=APP_NAME, route_prefix="/")
         deadline = time.monotonic() + 120
         while True:
@@ -222,7 +224,10 @@ def run_scaleout(args: argparse.Namespace) -> int:
         "rounds": [],
     }
     console.print(f"load before: {result['machine']['loadavg_start']}; isolation: {result['method']['isolation']}")
-    configs = ["direct", *[f"ray-{n}" for n in counts]]
+    routers = [r for r in args.scale_out_routers.split(",") if r]
+    # One replica is routed the same by any router; more are measured with each router asked for.
+    configs = ["direct", *[f"ray-{n}" for n in counts if n == 1 or not routers],
+               *[f"ray-{n}/{r}" for r in routers for n in counts if n > 1]]
     with tempfile.TemporaryDirectory(prefix="openrerank-scaleout-") as tmp:
         model_dir = build_bench_cross_encoder(Path(tmp) / "minilm-l6-ce")
         # Export once up front (the documented path for images), so no configuration pays for the export.
@@ -242,8 +247,8 @@ def run_scaleout(args: argparse.Namespace) -> int:
                     if name == "direct":
                         url, nodes = direct.url, 1
                     else:
-                        nodes = int(name.split("-")[1])
-                        cluster.scale(nodes)
+                        nodes, router = replica_count(name), name.partition("/")[2] or None
+                        cluster.scale(nodes, router)
                         url = cluster.url
                     stats = measure(url, bodies, args.clients_per_replica * nodes, args.requests_per_replica * nodes)
                     stats |= {"config": name, "round": r + 1, "loadavg": _uptime()}
@@ -269,6 +274,11 @@ def run_scaleout(args: argparse.Namespace) -> int:
     return 1 if any(r["failures"] for r in result["rounds"]) else 0
 
 
+def replica_count(config: str) -> int:
+    """`ray-N` or `ray-N/ROUTER` -> N."""
+    return int(config.split("-", 1)[1].partition("/")[0])
+
+
 def summarize(rounds: list[dict], configs: list[str]) -> dict[str, dict]:
     """Per configuration: the median over rounds, the spread, and ratios to 1 replica and to the direct server."""
     out: dict[str, dict] = {}
@@ -286,7 +296,7 @@ def summarize(rounds: list[dict], configs: list[str]) -> dict[str, dict]:
     for name, row in out.items():
         row["x_direct"] = row["requests_per_s"] / base
         if one and name.startswith("ray-"):
-            n = int(name.split("-")[1])
+            n = replica_count(name)
             row["x_one_replica"] = row["requests_per_s"] / one
             row["efficiency"] = row["x_one_replica"] / n
             # Within one round the two were measured minutes apart, not a whole run: less exposed to drift.
@@ -311,7 +321,8 @@ def render(result: dict) -> None:
     for name, row in result["summary"].items():
         pairs = row["requests_per_s"] * m["passages_per_request"]
         t.add_row(
-            "direct server (1 node)" if name == "direct" else f"Ray Serve, {name.split('-')[1]} replica(s)",
+            "direct server (1 node)" if name == "direct" else
+            f"Ray Serve, {replica_count(name)} replica(s)" + (f", {name.partition('/')[2]}" if "/" in name else ""),
             f"{row['requests_per_s']:.3f}", f"{pairs:.1f}",
             f"{row['x_one_replica']:.2f}x" if "x_one_replica" in row else "",
             " ".join(map(str, row.get("x_one_replica_per_round", []))),
