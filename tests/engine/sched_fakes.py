@@ -34,6 +34,8 @@ class FakeScorer(Scorer):
     requests behind a running batch deterministically. Ids in `fail_on` make their batch raise.
     """
 
+    lanes = 1  # batches the scheduler may run at once (a test sets 2 to run lanes)
+
     def __init__(self) -> None:
         self.pad_id = 0
         self.inner: Scorer | None = None  # when set, scores come from it (real-model tests)

@@ -47,3 +47,13 @@ def test_give_back_keeps_todo_sorted():
     taken = [i for b in window for _, i in b]
     give_back(req, taken)
     assert [req.items[i].length for i in req.todo] == [1, 3, 5, 9]
+
+
+def test_spread_halves_the_largest_batches_until_every_lane_has_one() -> None:
+    from openrerank.engine.planning import spread
+
+    assert spread([[1, 2, 3, 4, 5]], 2) == [[1, 2, 3], [4, 5]]
+    assert spread([[1, 2, 3, 4], [5]], 4) == [[1], [2], [3, 4], [5]]
+    assert spread([[1], [2]], 4) == [[1], [2]]  # one-row batches cannot be cut
+    assert spread([[1, 2], [3, 4], [5, 6]], 2) == [[1, 2], [3, 4], [5, 6]]  # enough batches: untouched
+    assert spread([], 2) == []

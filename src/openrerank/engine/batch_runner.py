@@ -1,5 +1,8 @@
 """Run one batch on the model's scorer, fill each request's rows, and keep failures where they belong.
 
+Batches may run on several lanes at once (`engine/worker.py`): what they share of a request (its rows,
+counts and completion) is updated under one lock, the scoring itself runs outside it.
+
 A batch mixes requests. If it raises, it is re-run request by request, so only the request whose input fails
 gets the error (`BatchFailedError`); a scorer that could score all but some rows (a sequence that does not fit
 in device memory even alone: `RowsFailedError`) fails only those rows' requests, with no re-run. A request
@@ -9,6 +12,7 @@ whose items failed is marked `failed`, so its other items are skipped.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -33,6 +37,7 @@ class BatchRunner:
         self.name = name
         self.metrics = metrics
         self.admission = admission
+        self._lock = threading.Lock()  # requests' shared fields, when lanes run batches at once
 
     def run(self, live: Batch, *, isolate: bool = True) -> None:
         """Score `live` (items of one task) and hand each request its rows; post a request once it is done."""
@@ -40,11 +45,12 @@ class BatchRunner:
         items = [req.items[i] for req, i in live]
         task = reqs[0].task  # the planner never mixes tasks in a batch
         start = time.perf_counter()
-        for req in reqs:
-            req.batches += 1
-            if req.first_start is None:
-                req.first_start = start
-                self.metrics.queue_time(task, start - req.submitted)
+        with self._lock:
+            for req in reqs:
+                req.batches += 1
+                if req.first_start is None:
+                    req.first_start = start
+                    self.metrics.queue_time(task, start - req.submitted)
         failed: set[PendingRequest] = set()
         try:
             rows = check_rows(self.scorer.compute(items), task, len(items))
@@ -55,9 +61,10 @@ class BatchRunner:
             self.metrics.batch_failed(task)
             log.warning("%d of %d items failed on %s (%s); failing their %d request(s) only",
                         len(exc.failed), len(items), self.name, exc.cause, len(failed))
-            for req in failed:
-                req.failed = True
-                post(req, exc.cause)
+            with self._lock:
+                for req in failed:
+                    req.failed = True
+                    post(req, exc.cause)
         except Exception as exc:
             self.metrics.batch_failed(task)
             if isolate and len(reqs) > 1:
@@ -69,26 +76,29 @@ class BatchRunner:
                 return
             log.error("scoring failed on %s for a request of %d items (%s: %s)", self.name,
                       len(reqs[0].items), type(exc).__name__, exc, exc_info=True)
-            for req in reqs:
-                req.failed = True  # its other items are skipped
-                post(req, BatchFailedError(type(exc).__name__))
+            with self._lock:
+                for req in reqs:
+                    req.failed = True  # its other items are skipped
+                    post(req, BatchFailedError(type(exc).__name__))
             return
         end = time.perf_counter()
-        self.admission.record_speed(end - start, sum(it.length for it in items))
+        # Per lane: `lanes` batches at once, so the model's rate is `lanes` times what one batch shows.
+        self.admission.record_speed((end - start) / max(1, self.scorer.lanes), sum(it.length for it in items))
         self.metrics.batch(items, task, end - start)
-        for (req, i), row in zip(live, rows, strict=True):
-            if req in failed:
-                continue
-            if req.scores is None:
-                req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=rows.dtype)
-            req.scores[i] = row
-            req.remaining -= 1
-        for req in reqs:
-            if req in failed:
-                continue
-            req.last_end = end
-            if req.remaining == 0:
-                post(req, None)
+        with self._lock:
+            for (req, i), row in zip(live, rows, strict=True):
+                if req in failed:
+                    continue
+                if req.scores is None:
+                    req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=rows.dtype)
+                req.scores[i] = row
+                req.remaining -= 1
+            for req in reqs:
+                if req in failed:
+                    continue
+                req.last_end = max(end, req.last_end or end)
+                if req.remaining == 0:
+                    post(req, None)
 
 
 def check_rows(output: object, task: Task, n: int) -> np.ndarray:

@@ -54,6 +54,7 @@ class Pending(Protocol):
 
 
 P = TypeVar("P", bound=Pending)
+T = TypeVar("T")
 
 
 def item_cost(length: int, floor_cost: int) -> int:
@@ -90,6 +91,21 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int) 
             part = [(p, i) for p, i in group if p.items[i].task == task]
             batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part]))
     return batches
+
+
+def spread(batches: list[list[T]], lanes: int) -> list[list[T]]:
+    """A window with fewer batches than lanes, its largest batches cut in halves (rows in order) until every
+    lane has one or no batch has two rows: a lone small request then runs on every lane's threads instead
+    of one lane's share."""
+    out = list(batches)
+    while len(out) < lanes:
+        k = max(range(len(out)), key=lambda j: len(out[j]), default=None)
+        if k is None or len(out[k]) < 2:
+            break
+        batch = out.pop(k)
+        half = (len(batch) + 1) // 2
+        out[k:k] = [batch[:half], batch[half:]]
+    return out
 
 
 def give_back(pending: Pending, indices: Sequence[int]) -> None:

@@ -8,6 +8,12 @@ planned again with the newcomer, as soon as every request in the window has had 
 waits about one batch behind a big one, never for all of it, and a big request keeps getting a share of
 every window. A lone newcomer may wait `batch_wait_ms` for company before its window is planned.
 
+**Lanes.** Where the scorer's runtime runs several batches at once (`Runtime.lanes`: OpenVINO streams,
+ONNX Runtime concurrent runs, each lane on its share of the threads), the worker hands each batch to the
+next free lane instead of running it itself, and plans the next window while the last batches still run.
+A window with fewer batches than lanes has its largest batches halved (`planning.spread`), so a lone small
+request still uses every lane. Batches finish out of order; a request is answered when its last one does.
+
 If the loop itself dies, admission closes (`FAILED`, with the exception's type as `failure`) and every
 accepted request is answered with `WorkerDiedError`.
 """
@@ -15,14 +21,16 @@ accepted request is answered with `WorkerDiedError`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from openrerank.engine.admission import FAILED, RUNNING, STOPPED, AdmissionQueue
 from openrerank.engine.batch_runner import Batch, BatchRunner
 from openrerank.engine.errors import EngineStoppedError, WorkerDiedError
 from openrerank.engine.pending import PendingRequest, post
-from openrerank.engine.planning import give_back, plan_window
+from openrerank.engine.planning import give_back, plan_window, spread
 from openrerank.runtimes.heap import HEAP
 
 log = logging.getLogger(__name__)
@@ -34,17 +42,26 @@ class Worker:
         self.runner = runner
         self.name = name
         self._active: list[PendingRequest] = []  # seen by the worker, unfinished (worker thread only)
+        self._pool: ThreadPoolExecutor | None = None  # the lanes, when the scorer has more than one
+        self._free: threading.Semaphore | None = None  # one permit per idle lane
+        self._in_flight: dict[Future, Batch] = {}  # batches handed to a lane (worker thread only)
+        self._lane_failed = False  # a lane died: set under the admission lock, read by the worker
 
     def run(self) -> None:
         """The thread's body: until stopped and drained, or until it dies."""
         adm = self.admission
         died = False
+        lanes = max(1, self.runner.scorer.lanes)
+        if lanes > 1:
+            self._pool = ThreadPoolExecutor(lanes, thread_name_prefix=f"{self.name}-lane")
+            self._free = threading.Semaphore(lanes)
         try:
             while True:
                 window = self._next_window()
                 if window is None:
+                    self._finish_lanes()
                     return
-                self._run_window(window)
+                self._run_window(spread(window, lanes))
         except BaseException as exc:
             died = True
             log.critical("the scheduler worker of model %s died (%s); every pending request is answered 503 "
@@ -52,8 +69,10 @@ class Worker:
             with adm.cv:
                 adm.failure = type(exc).__name__
         finally:
+            if died:
+                self._finish_lanes(raise_error=False)
             with adm.cv:
-                leftover = [*adm.take_locked(), *self._active]
+                leftover = [*adm.take_locked(), *self._active, *self._unanswered()]
                 self._active = []
                 adm.state = FAILED if died else STOPPED
             for req in leftover:  # only if the loop above died
@@ -67,6 +86,8 @@ class Worker:
         wait_s = cfg.batch_wait_ms / 1e3
         with adm.cv:
             while True:
+                if self._lane_failed:
+                    break
                 self._active = [r for r in self._active if r.todo and not r.abandoned and not r.failed]
                 if self._active and not adm.queue:
                     break
@@ -83,6 +104,7 @@ class Worker:
                 else:
                     adm.cv.wait()
             self._active.extend(adm.take_locked())
+        self._raise_lane_error()
         return plan_window(self._active, cfg.policy, cfg.window_batches)
 
     def _run_window(self, window: list[Batch]) -> None:
@@ -90,12 +112,11 @@ class Worker:
         window has had a batch here, hand the rest back to be planned again with the newcomer."""
         ran: set[int] = set()
         for k, batch in enumerate(window):
-            self._run_batch(batch)
-            ran.update(id(req) for req, _ in batch)
-            rest = window[k + 1:]
-            if not rest or not self.admission.queue:  # unlocked read: a stale answer only delays the re-plan
-                continue
-            if all(id(req) in ran for b in rest for req, _ in b):
+            self._wait_for_lane()
+            rest = window[k:]
+            if k and self.admission.queue and all(id(req) in ran for b in rest for req, _ in b):
+                # (an unlocked read of the queue: a stale answer only delays the re-plan)
+                self._release_lane()
                 returned: dict[PendingRequest, list[int]] = defaultdict(list)
                 for b in rest:
                     for req, i in b:
@@ -103,6 +124,59 @@ class Worker:
                 for req, idx in returned.items():
                     give_back(req, idx)
                 return
+            self._start(batch)
+            ran.update(id(req) for req, _ in batch)
+
+    # -- lanes -----------------------------------------------------------------------------------
+
+    def _wait_for_lane(self) -> None:
+        """Block until a lane is free (no-op with one lane: the worker runs batches itself); re-raise what
+        killed a lane, so the worker dies of it as it would have running the batch itself."""
+        if self._free is None:
+            return
+        self._free.acquire()
+        self._raise_lane_error()
+
+    def _release_lane(self) -> None:
+        if self._free is not None:
+            self._free.release()
+
+    def _start(self, batch: Batch) -> None:
+        if self._pool is None:
+            self._run_batch(batch)
+            return
+        future = self._pool.submit(self._run_batch, batch)
+        self._in_flight[future] = batch
+        future.add_done_callback(self._lane_done)
+
+    def _raise_lane_error(self) -> None:
+        for future in [f for f in self._in_flight if f.done() and f.exception() is None]:
+            del self._in_flight[future]
+        for future in self._in_flight:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+    def _lane_done(self, future: Future) -> None:
+        """A lane finished a batch: free the lane; if the lane died, wake the worker to die of it too."""
+        self._release_lane()
+        if future.exception() is not None:
+            with self.admission.cv:
+                self._lane_failed = True
+                self.admission.cv.notify_all()
+
+    def _finish_lanes(self, *, raise_error: bool = True) -> None:
+        """Wait for every batch still running on a lane (drain, or the worker's death), then stop the lanes."""
+        if self._pool is None:
+            return
+        wait(list(self._in_flight))
+        if raise_error:
+            self._raise_lane_error()
+        self._pool.shutdown(wait=True)
+
+    def _unanswered(self) -> list[PendingRequest]:
+        """Requests of batches whose lane died: nobody else will answer them."""
+        return [req for future, batch in self._in_flight.items() if future.exception() is not None
+                for req, _ in batch]
 
     def _run_batch(self, batch: Batch) -> None:
         with self.admission.cv:

@@ -44,5 +44,11 @@ class Scorer(ABC):
     def description(self) -> str:
         return self.runtime.description
 
+    @property
+    def lanes(self) -> int:
+        """Batches the scheduler may run at once on this scorer (its runtime's lanes); `compute` is then
+        called from that many threads."""
+        return self.runtime.lanes
+
     def close(self) -> None:
         self.runtime.close()

@@ -1,0 +1,142 @@
+"""The scheduler with a scorer whose runtime runs several batches at once (`Runtime.lanes`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from openrerank.engine.batching import BatchPolicy
+from openrerank.engine.errors import BatchFailedError, WorkerDiedError
+from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from tests.engine.sched_fakes import WAIT_S, FakeScorer, Ids, expected, until
+
+
+def lanes_of(n: int) -> FakeScorer:
+    backend = FakeScorer()
+    backend.lanes = n
+    return backend
+
+
+def make(backend: FakeScorer, **policy) -> Scheduler:
+    return Scheduler(backend, SchedulerConfig(BatchPolicy(**policy)), name="m")
+
+
+def started(backend: FakeScorer, n: int) -> bool:
+    """Whether `n` more batches enter score() while the backend is held (waits at most WAIT_S for each)."""
+    return all(backend.started.acquire(timeout=WAIT_S) for _ in range(n))
+
+
+def test_two_lanes_run_two_batches_at_once_and_every_score_reaches_its_request() -> None:
+    backend, ids = lanes_of(2), Ids()
+    requests = [ids.items(*range(3, 13)), ids.items(5, 40, 41, 6), ids.items(20)]
+
+    async def main() -> list:
+        sched = make(backend, max_size=2)
+        await sched.start()
+        backend.hold()
+        tasks = [asyncio.create_task(sched.submit(r)) for r in requests]
+        # Both lanes are inside a batch while the first is held: one lane alone could not start a second.
+        assert await asyncio.to_thread(started, backend, 2)
+        assert not backend.started.acquire(timeout=0.2)  # and no third: two lanes
+        backend.release()
+        out = await asyncio.gather(*tasks)
+        await sched.stop()
+        return out
+
+    outcomes = asyncio.run(main())
+    for items, out in zip(requests, outcomes, strict=True):
+        np.testing.assert_array_equal(out.scores, expected(items))
+    assert sorted(i for b in backend.batches for i in b) == sorted(it.input_ids[0] for r in requests for it in r)
+    assert backend.threads <= {"m-lane_0", "m-lane_1"} and len(backend.threads) == 2
+
+
+def test_a_lone_batch_is_halved_so_both_lanes_work_on_it() -> None:
+    backend, ids = lanes_of(2), Ids()
+    items = ids.items(8, 8, 8, 8, 8)
+
+    async def main():
+        sched = make(backend)
+        await sched.start()
+        out = await sched.submit(items)
+        await sched.stop()
+        return out
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out.scores, expected(items))
+    assert sorted(len(b) for b in backend.batches) == [2, 3] and out.batches == 2
+
+
+def test_one_lane_keeps_the_batch_whole_on_the_worker_thread() -> None:
+    backend, ids = lanes_of(1), Ids()
+    items = ids.items(8, 8, 8, 8, 8)
+
+    async def main():
+        sched = make(backend)
+        await sched.start()
+        out = await sched.submit(items)
+        await sched.stop()
+        return out
+
+    asyncio.run(main())
+    assert [len(b) for b in backend.batches] == [5] and backend.threads == {"model-m"}
+
+
+def test_a_failing_batch_on_one_lane_fails_only_its_request() -> None:
+    backend, ids = lanes_of(2), Ids()
+    poisoned, fine = ids.items(4), ids.items(30)
+    backend.fail_on = {poisoned[0].input_ids[0]}
+    gate = threading.Barrier(2, timeout=WAIT_S)
+    backend.on_batch = lambda _ids: gate.wait()  # both batches are in score() at once, or this times out
+
+    async def main():
+        sched = make(backend, max_padding=0.0)
+        await sched.start()
+        out = await asyncio.gather(sched.submit(poisoned), sched.submit(fine), return_exceptions=True)
+        await sched.stop()
+        return out
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, BatchFailedError)
+    np.testing.assert_array_equal(good.scores, expected(fine))
+
+
+def test_stop_waits_for_batches_still_on_the_lanes() -> None:
+    backend, ids = lanes_of(2), Ids()
+    items = ids.items(6, 6, 7, 7)
+
+    async def main():
+        sched = make(backend)
+        await sched.start()
+        backend.hold()
+        task = asyncio.create_task(sched.submit(items))
+        assert await asyncio.to_thread(started, backend, 2)
+        stopping = asyncio.create_task(sched.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done() and not task.done()  # drain: accepted work is finished, not dropped
+        backend.release()
+        await stopping
+        return await task
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out.scores, expected(items))
+
+
+def test_a_lane_that_dies_kills_the_worker_and_every_request_is_answered() -> None:
+    backend, ids = lanes_of(2), Ids()
+    fatal, other = ids.items(5), ids.items(40, 41)
+    backend.fatal_on = {fatal[0].input_ids[0]}
+
+    async def main():
+        sched = make(backend, max_padding=0.0)
+        await sched.start()
+        out = await asyncio.gather(sched.submit(fatal), sched.submit(other), return_exceptions=True)
+        await until(lambda: not sched.alive, "the worker to end")
+        assert sched.failure == "FatalError"
+        await sched.stop()
+        return out
+
+    dead, other_out = asyncio.run(main())
+    assert isinstance(dead, WorkerDiedError)  # its batch's lane died: answered, not left waiting
+    assert isinstance(other_out, WorkerDiedError) or np.array_equal(other_out.scores, expected(other))
