@@ -236,3 +236,30 @@ def test_cache_keys_are_computed_without_torch(tmp_path, model_copy, monkeypatch
     assert ovc.cache_key(network, "fp32")[0] == ir.key
     assert ensure_onnx(network, cache_dir=cache).cached
     assert ovc.ensure_openvino(network, cache_dir=cache / "openvino").cached
+
+
+def test_onnx_runtime_lanes_split_the_threads_and_run_at_once(tmp_path, model_copy, monkeypatch):
+    """With `OPENRERANK_LANES=2` one session takes concurrent runs, each on half the threads, and scores
+    as one lane does; unset, ONNX Runtime keeps one lane on every thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openrerank.runtimes.base import LANES_ENV
+    from openrerank.runtimes.onnx_runtime import OnnxRuntime
+
+    network = cross_encoder_network(model_copy)
+    monkeypatch.delenv(LANES_ENV, raising=False)
+    single = OnnxRuntime(network, threads=2, cache_dir=tmp_path)
+    assert single.lanes == 1 and single.threads == 2
+    monkeypatch.setenv(LANES_ENV, "2")
+    laned = OnnxRuntime(network, threads=2, cache_dir=tmp_path)
+    assert laned.lanes == 2 and laned.threads == 2
+    rng = np.random.default_rng(2)
+    batches = []
+    for rows, width in [(3, 17), (5, 30), (2, 9), (4, 41)] * 2:
+        ids = rng.integers(5, 90, size=(rows, width))
+        feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        batches.append({n: feats[n] for n in laned.input_names})
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(laned.run, batches))
+    for out, feats in zip(together, batches, strict=True):
+        np.testing.assert_allclose(out, single.run(feats), atol=1e-5)

@@ -246,14 +246,14 @@ def test_every_batch_runs_at_a_bucket_shape_and_scores_as_sent(tmp_path, model_c
     ov = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=tmp_path)
     reference = TorchRuntime(network, dtype="fp32", threads=1)
     seen: list[tuple[int, int]] = []
-    request = ov._request
+    request = ov._requests.get()
 
     class Recording:
         def infer(self, inputs, **kw):
             seen.append(inputs["input_ids"].shape)
             return request.infer(inputs, **kw)
 
-    ov._request = Recording()
+    ov._requests.put(Recording())
     rng = np.random.default_rng(0)
     for rows, width in [(1, 5), (3, 17), (9, 19), (13, 37), (5, 100)]:
         ids = rng.integers(5, 90, size=(rows, width))
@@ -268,3 +268,33 @@ def test_every_batch_runs_at_a_bucket_shape_and_scores_as_sent(tmp_path, model_c
         assert out.shape[0] == rows
         np.testing.assert_allclose(out, reference.run(feats), atol=1e-4)
     assert seen[1:] == [(3, 18), (10, 20), (14, 40), (5, 104)]  # padded where off the grid
+
+
+def test_lanes_are_streams_each_with_its_own_request_and_score_as_one_lane(tmp_path, model_copy, monkeypatch):
+    """`OPENRERANK_LANES`: OpenVINO compiles that many streams over the threads and keeps one infer request
+    per stream, so batches given at once from several threads run at once and score as one lane does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openrerank.runtimes.base import LANES_ENV
+
+    network = cross_encoder_network(model_copy)
+    monkeypatch.setenv(LANES_ENV, "2")
+    laned = OpenVinoRuntime(network, dtype="fp32", threads=2, cache_dir=tmp_path)
+    assert laned.lanes == 2 and laned.compiled.get_property("NUM_STREAMS") == 2
+    assert laned._requests.qsize() == 2
+    monkeypatch.setenv(LANES_ENV, "1")
+    single = OpenVinoRuntime(network, dtype="fp32", threads=2, cache_dir=tmp_path)
+    assert single.lanes == 1 and single.compiled.get_property("NUM_STREAMS") == 1
+    monkeypatch.setenv(LANES_ENV, "4")
+    assert OpenVinoRuntime(network, dtype="fp32", threads=2, cache_dir=tmp_path).lanes == 2  # one per thread
+    rng = np.random.default_rng(1)
+    batches = []
+    for rows, width in [(3, 17), (5, 30), (2, 9), (4, 41)] * 3:
+        ids = rng.integers(5, 90, size=(rows, width))
+        feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        batches.append({n: feats[n] for n in laned.input_names})
+    with ThreadPoolExecutor(4) as pool:  # more callers than lanes: they wait for a free request
+        together = list(pool.map(laned.run, batches))
+    for out, feats in zip(together, batches, strict=True):
+        np.testing.assert_allclose(out, single.run(feats), atol=1e-5)
+    assert laned._requests.qsize() == 2  # every request handed back

@@ -8,8 +8,10 @@ per-family *scorer* that turns work items into scores on top of a runtime is `fa
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,26 @@ class RowsFailedError(RuntimeError):
         return RowsFailedError(outputs, self.failed, self.cause)
 
 
+#: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: the
+#: runtime's own default (OpenVINO 2, ONNX Runtime 1: docs/engine.md, "Lanes").
+LANES_ENV = "OPENRERANK_LANES"
+
+
+def lanes_for(threads: int, default: int) -> int:
+    """How many batches a lane-capable runtime runs at once with `threads` threads in all: `OPENRERANK_LANES`
+    if set, else the runtime's `default`; never more than one lane per thread."""
+    raw = os.environ.get(LANES_ENV, "").strip()
+    if not raw:
+        return max(1, min(default, threads))
+    try:
+        lanes = int(raw)
+    except ValueError:
+        lanes = 0
+    if lanes < 1:
+        raise ValueError(f"{LANES_ENV}={raw!r}: expected a whole number of lanes >= 1")
+    return max(1, min(lanes, threads))
+
+
 class Runtime(ABC):
     """Runs a network on padded features; returns its output as float32, one row per sequence."""
 
@@ -114,9 +136,19 @@ class Runtime(ABC):
     input_names: tuple[str, ...]
     #: Short description for logs, metrics and /v1/metadata, e.g. "torch-fp32-cpu".
     description: str
+    #: Batches `run` may be given at once from different threads, each on its own share of the threads.
+    lanes: int = 1
 
     @abstractmethod
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def run_all(self, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Every batch's output, up to `lanes` of them running at once (timing uses it; the scheduler has
+        its own lanes, `engine/worker.py`)."""
+        if self.lanes <= 1 or len(batches) <= 1:
+            return [self.run(b) for b in batches]
+        with ThreadPoolExecutor(self.lanes, thread_name_prefix="lane") as pool:
+            return list(pool.map(self.run, batches))
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources."""

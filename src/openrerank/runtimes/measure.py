@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CACHE_ENV, ensure_record, key_of, model_fingerprint
-from openrerank.runtimes.base import Runtime
+from openrerank.runtimes.base import LANES_ENV, Runtime
 from openrerank.runtimes.devices import cpu_info
 
 log = logging.getLogger(__name__)
 
 #: Bump when what is timed or how changes, so old records are not read as new ones.
-MEASURE_FORMAT = 1
+MEASURE_FORMAT = 2  # 2: runtimes with lanes timed with their lanes at once
 #: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
 #: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
 #: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
@@ -164,24 +164,26 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
     Taking turns is what makes the comparison fair on a machine that is not idle: a burst of other work
     slows a pass of every candidate instead of the whole timing of one (timed one after the other, a busy
     second once ranked ONNX Runtime at 0.36x of OpenVINO where the two serve at the same speed), and the
-    fastest pass is the one least disturbed."""
-    batches = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes]
+    fastest pass is the one least disturbed.
+
+    A runtime with lanes (`Runtime.lanes`) is timed as it serves: a pass gives each lane every shape, and
+    the lanes run at once."""
+    batches = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes] * rt.lanes
                for rt in runtimes]
     for rt, feats in zip(runtimes, batches, strict=True):
-        for f in feats:
-            rt.run(f)
+        rt.run_all(feats)
     best = [float("inf")] * len(runtimes)
     started, passes = time.perf_counter(), 0
     while passes < _MAX_PASSES and (passes == 0 or time.perf_counter() - started < seconds * len(runtimes)):
         for i, (rt, feats) in enumerate(zip(runtimes, batches, strict=True)):
             t = time.perf_counter()
-            for f in feats:
-                rt.run(f)
+            rt.run_all(feats)
             best[i] = min(best[i], time.perf_counter() - t)
         passes += 1
     rows = sum(r for r, _ in shapes)
     tokens = sum(r * w for r, w in shapes)
-    return [Throughput(rows / b, tokens / b, tuple(shapes)) for b in best]
+    return [Throughput(rows * rt.lanes / b, tokens * rt.lanes / b, tuple(shapes))
+            for rt, b in zip(runtimes, best, strict=True)]
 
 
 def cache_dir() -> Path:
@@ -216,7 +218,8 @@ def timing_key(model_dir: Path, head: str, candidates: Sequence[tuple[str, str]]
         "format": MEASURE_FORMAT, "cpu": model,
         "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "threads": threads, "device": device, "head": head, **_model_content(model_dir),
+        "threads": threads, "lanes": os.environ.get(LANES_ENV), "device": device, "head": head,
+        **_model_content(model_dir),
         "candidates": [list(c) for c in candidates], "shapes": [list(s) for s in shapes],
         "versions": _versions(),
     }

@@ -14,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.base import Network, Runtime
+from openrerank.runtimes.base import Network, Runtime, lanes_for
 from openrerank.runtimes.torch_runtime import default_threads
 
 log = logging.getLogger(__name__)
 
 #: Set to 0 to stop ORT's worker threads spinning between batches (less idle CPU, a little more latency).
 SPIN_ENV = "OPENRERANK_ORT_SPIN"
+
+
+#: Concurrent runs by default: one. Two (each on half the threads) gave 1.05-1.11x the pairs/s on a 2-core
+#: EPYC but 1.15-1.18x the latency of a lone 4-16-passage request, where ONNX Runtime's own threading is
+#: already efficient; `OPENRERANK_LANES=2` trades that for throughput (docs/engine.md, "Lanes").
+DEFAULT_LANES = 1
 
 
 class OnnxRuntime(Runtime):
@@ -40,7 +46,10 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or default_threads()
+        total = threads or default_threads()
+        self.lanes = lanes_for(total, DEFAULT_LANES)
+        # A session runs concurrent `run` calls; each lane gets its share of the threads.
+        so.intra_op_num_threads = max(1, total // self.lanes)
         so.inter_op_num_threads = 1
         if os.environ.get(SPIN_ENV, "1").strip() == "0":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -48,10 +57,10 @@ class OnnxRuntime(Runtime):
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self._output = self.session.get_outputs()[0].name
         self.dtype = dtype
-        self.threads = so.intra_op_num_threads
+        self.threads = total
         self.description = f"onnx-{dtype}-cpu"
-        log.info("ONNX Runtime session on %s (%d threads, %s)", self.export.path, self.threads,
-                 "cached" if self.export.cached else "fresh export")
+        log.info("ONNX Runtime session on %s (%d threads in %d lanes, %s)", self.export.path, self.threads,
+                 self.lanes, "cached" if self.export.cached else "fresh export")
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
         out = self.session.run([self._output], {n: features[n] for n in self.input_names})[0]
