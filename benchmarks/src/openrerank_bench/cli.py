@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from openrerank.runtimes.base import LANES_ENV
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
@@ -127,6 +129,15 @@ def run_bench(args: argparse.Namespace) -> int:
         if c.count(":") != 1:
             console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
             return 2
+    try:
+        lanes = [int(n) for n in args.lanes.split(",") if n.strip()] if args.lanes else []
+    except ValueError:
+        lanes = [0]
+    if any(n < 1 for n in lanes):
+        console.print(f"[red]--lanes is a comma-separated list of lane counts >= 1, got {args.lanes!r}[/red]")
+        return 2
+    if lanes:  # each engine once per lane count, side by side in the same rounds
+        configs = [f"{c}{LANES_SEP}{n}" for c in configs for n in lanes]
     args.passages = args.passages or 100
     wl = load_workload(data, args.run, args.queries, args.passages)
     console.print(f"workload: {len(wl.queries)} requests, {wl.pairs} pairs from {data.name}/{args.run}; "
@@ -197,6 +208,27 @@ def _finish(result: dict, args: argparse.Namespace, console) -> int:
     return 1 if any(r.get("error") for r in rows) else 0
 
 
+#: Separates an engine from its lane count in the expanded `--lanes` configs ("openvino:fp32@2").
+LANES_SEP = "@"
+
+
+@contextlib.contextmanager
+def lanes_env(lanes: int | None):
+    """`OPENRERANK_LANES` set to `lanes` while a runner loads (runtimes read it when built); None: as it is."""
+    if lanes is None:
+        yield
+        return
+    before = os.environ.get(LANES_ENV)
+    os.environ[LANES_ENV] = str(lanes)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LANES_ENV, None)
+        else:
+            os.environ[LANES_ENV] = before
+
+
 def _cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
@@ -215,12 +247,16 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
     rows: dict[str, dict] = {}
     baseline = Baseline(model_dir, max_length, bi_encoder)
     for cfg in configs:
-        backend, dtype = cfg.split(":")
-        row = rows[cfg] = {"name": f"{backend} {dtype}", "backend": backend, "dtype": dtype, "auto": cfg == auto}
+        engine, _, lanes = cfg.partition(LANES_SEP)
+        backend, dtype = engine.split(":")
+        row = rows[cfg] = {"name": f"{backend} {dtype}", "backend": backend, "dtype": dtype, "auto": engine == auto}
+        if lanes:
+            row.update(name=f"{backend} {dtype}, {lanes} lane{'s' if lanes != '1' else ''}", lanes=int(lanes))
         result["backends"].append(row)
         try:
             console.print(f"loading {cfg} ...")
-            runners[cfg] = OfflineRunner(model_dir, backend, dtype, args.threads, loop)
+            with lanes_env(row.get("lanes")):
+                runners[cfg] = OfflineRunner(model_dir, backend, dtype, args.threads, loop)
         except Exception as exc:  # one broken config must not lose the others' numbers
             row["error"] = f"{type(exc).__name__}: {exc}"
             console.print(f"[red]{cfg} failed: {row['error']}[/red]")
@@ -285,8 +321,12 @@ def _quality(args, wl, result, console) -> None:
                                                                                        strict=True)])
         ref.close()
     console.print(f"default model DL19 nDCG@10, sentence-transformers fp32: {result['reference_ndcg@10']:.4f}")
+    done: dict[tuple[str, str], dict] = {}
     for row in result["backends"]:
         if row.get("error"):
+            continue
+        if (row["backend"], row["dtype"]) in done:  # the same engine with other lanes: the same scores
+            row.update({k: done[(row["backend"], row["dtype"])][k] for k in ("default_ndcg@10", "faithful")})
             continue
         try:
             q = default_model_ndcg(wl, row["backend"], row["dtype"], args.threads)
@@ -295,6 +335,7 @@ def _quality(args, wl, result, console) -> None:
             continue
         row["default_ndcg@10"] = q["ndcg@10"]
         row["faithful"] = faithful(row, result["reference_ndcg@10"])
+        done[(row["backend"], row["dtype"])] = row
         console.print(f"{row['name']}: default model DL19 nDCG@10 {q['ndcg@10']:.4f}")
 
 
@@ -306,7 +347,7 @@ def _http(args, wl, model_dir, tmp: Path, result, console) -> None:
         serve_args = ["--model", f"{SERVED_NAME}={model_dir}", "--backend", row["backend"], "--dtype",
                       row["dtype"], "--log-level", "warning",
                       *(["--threads", str(args.threads)] if args.threads else [])]
-        server = ServeProcess(serve_args, tmp)
+        server = ServeProcess(serve_args, tmp, env={LANES_ENV: str(row["lanes"])} if "lanes" in row else None)
         try:
             server.wait_ready()
             console.print(f"{row['name']}: HTTP, 1 client ...")
@@ -341,6 +382,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
     p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
                    f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
+    p.add_argument("--lanes", default=None, help="comma-separated lane counts (e.g. 1,2): each reranking engine "
+                   f"once per count, side by side ({LANES_ENV}; default: the runtimes' own, docs/engine.md)")
     p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
     p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
                    help="BACKEND:DTYPE list for the embeddings row")
