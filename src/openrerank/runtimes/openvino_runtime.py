@@ -169,5 +169,5 @@ class OpenVinoRuntime(Runtime):
             self._requests.put(request)
 
     def close(self) -> None:
-        self._requests = queue.SimpleQueue()
+        self._requests = None  # type: ignore[assignment]  # a late `run` fails instead of waiting forever
         self.compiled = None  # type: ignore[assignment]
