@@ -143,6 +143,25 @@ def cross_encoder_network(model_dir: Path):
     return family.network(family.spec(ModelFiles.read(model_dir)), None)
 
 
+def runs_alike_at_once(laned, single, callers: int, seed: int) -> None:
+    """Random full batches given to `laned.run` from `callers` threads at once score as `single.run` scores
+    them one by one (lanes change when a batch runs, never what it computes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    batches = []
+    for rows, width in [(3, 17), (5, 30), (2, 9), (4, 41)] * 3:
+        ids = rng.integers(5, 90, size=(rows, width))
+        feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        batches.append({n: feats[n] for n in laned.input_names})
+    with ThreadPoolExecutor(callers) as pool:
+        together = list(pool.map(laned.run, batches))
+    for out, feats in zip(together, batches, strict=True):
+        np.testing.assert_allclose(out, single.run(feats), atol=1e-5)
+
+
 def run_concurrently(fn, times: int = 3) -> list:
     """Call `fn()` from `times` threads started together (concurrent server starts); their results, after
     checking that none raised."""

@@ -23,6 +23,19 @@ def make(backend: FakeScorer, **policy) -> Scheduler:
     return Scheduler(backend, SchedulerConfig(BatchPolicy(**policy)), name="m")
 
 
+def score_alone(backend: FakeScorer, items: list):
+    """One request on a fresh scheduler: its outcome."""
+
+    async def main():
+        sched = make(backend)
+        await sched.start()
+        out = await sched.submit(items)
+        await sched.stop()
+        return out
+
+    return asyncio.run(main())
+
+
 def started(backend: FakeScorer, n: int) -> bool:
     """Whether `n` more batches enter score() while the backend is held (waits at most WAIT_S for each)."""
     return all(backend.started.acquire(timeout=WAIT_S) for _ in range(n))
@@ -55,31 +68,14 @@ def test_two_lanes_run_two_batches_at_once_and_every_score_reaches_its_request()
 def test_a_lone_batch_is_halved_so_both_lanes_work_on_it() -> None:
     backend, ids = lanes_of(2), Ids()
     items = ids.items(8, 8, 8, 8, 8)
-
-    async def main():
-        sched = make(backend)
-        await sched.start()
-        out = await sched.submit(items)
-        await sched.stop()
-        return out
-
-    out = asyncio.run(main())
+    out = score_alone(backend, items)
     np.testing.assert_array_equal(out.scores, expected(items))
     assert sorted(len(b) for b in backend.batches) == [2, 3] and out.batches == 2
 
 
 def test_one_lane_keeps_the_batch_whole_on_the_worker_thread() -> None:
     backend, ids = lanes_of(1), Ids()
-    items = ids.items(8, 8, 8, 8, 8)
-
-    async def main():
-        sched = make(backend)
-        await sched.start()
-        out = await sched.submit(items)
-        await sched.stop()
-        return out
-
-    asyncio.run(main())
+    score_alone(backend, ids.items(8, 8, 8, 8, 8))
     assert [len(b) for b in backend.batches] == [5] and backend.threads == {"model-m"}
 
 

@@ -11,7 +11,7 @@ import pytest
 from openrerank.runtimes import onnx_export as export
 from openrerank.runtimes.artifact_cache import publish
 from openrerank.runtimes.onnx_export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
-from tests.support import build_tiny_model, cross_encoder_network, run_concurrently
+from tests.support import build_tiny_model, cross_encoder_network, run_concurrently, runs_alike_at_once
 
 
 @pytest.fixture
@@ -241,8 +241,6 @@ def test_cache_keys_are_computed_without_torch(tmp_path, model_copy, monkeypatch
 def test_onnx_runtime_lanes_split_the_threads_and_run_at_once(tmp_path, model_copy, monkeypatch):
     """With `OPENRERANK_LANES=2` one session takes concurrent runs, each on half the threads, and scores
     as one lane does; unset, ONNX Runtime keeps one lane on every thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from openrerank.runtimes.base import LANES_ENV
     from openrerank.runtimes.onnx_runtime import OnnxRuntime
 
@@ -253,13 +251,4 @@ def test_onnx_runtime_lanes_split_the_threads_and_run_at_once(tmp_path, model_co
     monkeypatch.setenv(LANES_ENV, "2")
     laned = OnnxRuntime(network, threads=2, cache_dir=tmp_path)
     assert laned.lanes == 2 and laned.threads == 2
-    rng = np.random.default_rng(2)
-    batches = []
-    for rows, width in [(3, 17), (5, 30), (2, 9), (4, 41)] * 2:
-        ids = rng.integers(5, 90, size=(rows, width))
-        feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        batches.append({n: feats[n] for n in laned.input_names})
-    with ThreadPoolExecutor(2) as pool:
-        together = list(pool.map(laned.run, batches))
-    for out, feats in zip(together, batches, strict=True):
-        np.testing.assert_allclose(out, single.run(feats), atol=1e-5)
+    runs_alike_at_once(laned, single, callers=2, seed=2)

@@ -16,7 +16,7 @@ from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import openvino_convert as convert
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
 from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
-from tests.support import build_tiny_model, cross_encoder_network, run_concurrently
+from tests.support import build_tiny_model, cross_encoder_network, run_concurrently, runs_alike_at_once
 
 
 @pytest.fixture
@@ -273,8 +273,6 @@ def test_every_batch_runs_at_a_bucket_shape_and_scores_as_sent(tmp_path, model_c
 def test_lanes_are_streams_each_with_its_own_request_and_score_as_one_lane(tmp_path, model_copy, monkeypatch):
     """`OPENRERANK_LANES`: OpenVINO compiles that many streams over the threads and keeps one infer request
     per stream, so batches given at once from several threads run at once and score as one lane does."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from openrerank.runtimes.base import LANES_ENV
 
     network = cross_encoder_network(model_copy)
@@ -287,14 +285,5 @@ def test_lanes_are_streams_each_with_its_own_request_and_score_as_one_lane(tmp_p
     assert single.lanes == 1 and single.compiled.get_property("NUM_STREAMS") == 1
     monkeypatch.setenv(LANES_ENV, "4")
     assert OpenVinoRuntime(network, dtype="fp32", threads=2, cache_dir=tmp_path).lanes == 2  # one per thread
-    rng = np.random.default_rng(1)
-    batches = []
-    for rows, width in [(3, 17), (5, 30), (2, 9), (4, 41)] * 3:
-        ids = rng.integers(5, 90, size=(rows, width))
-        feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        batches.append({n: feats[n] for n in laned.input_names})
-    with ThreadPoolExecutor(4) as pool:  # more callers than lanes: they wait for a free request
-        together = list(pool.map(laned.run, batches))
-    for out, feats in zip(together, batches, strict=True):
-        np.testing.assert_allclose(out, single.run(feats), atol=1e-5)
+    runs_alike_at_once(laned, single, callers=4, seed=1)  # more callers than lanes: they wait for a request
     assert laned._requests.qsize() == 2  # every request handed back
