@@ -59,7 +59,7 @@ class OnnxRuntime(Runtime):
         self.dtype = dtype
         self.threads = total
         self.description = f"onnx-{dtype}-cpu"
-        log.info("ONNX Runtime session on %s (%d threads in %d lanes, %s)", self.export.path, self.threads,
+        log.info("ONNX Runtime session on %s (%d threads, lanes: %d, %s)", self.export.path, self.threads,
                  self.lanes, "cached" if self.export.cached else "fresh export")
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:

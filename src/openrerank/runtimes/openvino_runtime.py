@@ -153,7 +153,7 @@ class OpenVinoRuntime(Runtime):
         self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
         self.dtype = dtype
         self.description = f"openvino-{dtype}-cpu"
-        log.info("OpenVINO %s model on %s (%d threads in %d lanes, %s)", dtype, self.conversion.path,
+        log.info("OpenVINO %s model on %s (%d threads, lanes: %d, %s)", dtype, self.conversion.path,
                  self.threads, self.lanes, "cached" if self.conversion.cached else "fresh conversion")
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
