@@ -82,7 +82,13 @@ def work():
         request.infer(feeds)
 worker = threading.Thread(target=work)  # like the scheduler's worker thread
 worker.start(); worker.join()
-print(json.dumps({t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}))
+out = {}
+for t in os.listdir("/proc/self/task"):
+    try:
+        out[t] = sorted(os.sched_getaffinity(int(t)))
+    except ProcessLookupError:  # a thread that ended between listing and asking
+        pass
+print(json.dumps(out))
 """
 
 
