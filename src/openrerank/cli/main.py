@@ -203,9 +203,12 @@ def run_serve(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except UsageError as exc:
         return fail(prog, str(exc))
+    replicated = bool(args.replicas or args.max_replicas)
+    if replicated and (config.grpc_port is not None or config.tls):  # a usage error: refused before any work
+        return fail(prog, "--grpc-port and --ssl-certfile/--ssl-keyfile serve from one process; with "
+                    "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
     configure_logging(config.log_level, config.log_format)
     read_nim_env(os.environ).report()
-    replicated = bool(args.replicas or args.max_replicas)
     try:
         resolved = preflight(config)
         if not replicated:
@@ -215,9 +218,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # every startup failure is one line, exit 2
         return fail(prog, str(exc))
     if replicated:
-        if config.grpc_port is not None or config.tls:
-            return fail(prog, "--grpc-port and --ssl-certfile/--ssl-keyfile serve from one process; with "
-                        "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
         return run_replicas(args, config)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
