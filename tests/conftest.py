@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -15,6 +16,17 @@ from tests.support import build_tiny_model, run_server
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """A test that calls `main(["serve", ...])` in-process installs the CLI's root handler on pytest's
+    captured stderr, which pytest closes after the test; later tests' log lines would then fail to write."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)
