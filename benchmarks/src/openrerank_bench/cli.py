@@ -37,7 +37,7 @@ from openrerank.runtimes.base import LANES_ENV
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
-from openrerank_bench.roofline import flops_per_pair, gemm_gflops, workload_sequences
+from openrerank_bench.roofline import flops_per_pair, fraction_summary, gemm_gflops, workload_sequences
 from openrerank_bench.runners import (
     SERVED_NAME,
     Baseline,
@@ -263,15 +263,16 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
     rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
     reference: list = []
     threads = args.threads or len(os.sched_getaffinity(0))
-    gflops: list[float] = []
+    gflops = [gemm_gflops(threads)]  # the roofline's pace, timed between every two measurements (paired)
     for r in range(args.rounds):
-        gflops.append(gemm_gflops(threads))  # the roofline, measured beside the engines in every round
         stats, reference = baseline.measure(wl)
-        rounds["baseline"].append(stats)
+        gflops.append(gemm_gflops(threads))
+        rounds["baseline"].append({**stats, "gemm_gflops": (gflops[-2], gflops[-1])})
         console.print(f"round {r + 1}/{args.rounds}: baseline {stats['pairs_per_s']:.1f} pairs/s")
         for cfg, runner in runners.items():
             stats, scores = runner.measure(wl)
-            rounds[cfg].append(stats)
+            gflops.append(gemm_gflops(threads))
+            rounds[cfg].append({**stats, "gemm_gflops": (gflops[-2], gflops[-1])})
             rows[cfg]["agreement"] = score_agreement(scores, reference)
             console.print(f"round {r + 1}/{args.rounds}: {cfg} {stats['pairs_per_s']:.1f} pairs/s "
                           f"({stats['pairs_per_s'] / rounds['baseline'][-1]['pairs_per_s']:.2f}x), correlation "
@@ -281,33 +282,33 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
         result["reference_ndcg@10"] = ndcg10(wl, reference)  # the default model in sentence-transformers fp32
     baseline.close()
     if runners:
-        result["roofline"] = _roofline(next(iter(runners.values())), wl, model_dir, threads, max(gflops))
-        console.print(f"fp32 roofline: GEMM {result['roofline']['gemm_gflops']:.1f} GFLOP/s on {threads} threads "
-                      f"(rounds {', '.join(f'{g:.1f}' for g in gflops)}), "
-                      f"{result['roofline']['gflop_per_pair']:.2f} GFLOP per pair: "
-                      f"{result['roofline']['pairs_per_s']:.1f} pairs/s")
+        result["roofline"] = roof = _roofline(next(iter(runners.values())), wl, model_dir, threads, gflops)
+        console.print(f"fp32 roofline: GEMM {roof['gemm_gflops']:.1f} GFLOP/s on {threads} threads (median of "
+                      f"{len(gflops)}, {min(gflops):.1f}-{max(gflops):.1f}), {roof['gflop_per_pair']:.2f} GFLOP "
+                      f"per pair: {roof['pairs_per_s']:.1f} pairs/s; fractions are paired per round")
+        result["baseline"].update(fraction_summary(rounds["baseline"], roof["gflop_per_pair"]))
     for cfg, runner in runners.items():
         runner.close()
         rows[cfg]["offline"] = best_round(rounds[cfg])
         if "roofline" in result:
-            rows[cfg]["roofline_fraction"] = rows[cfg]["offline"]["pairs_per_s"] / result["roofline"]["pairs_per_s"]
+            rows[cfg].update(fraction_summary(rounds[cfg], result["roofline"]["gflop_per_pair"]))
         if runner.first_request_ms is not None and runner.warm_request_ms:
             rows[cfg]["first_request"] = {"first_ms": round(runner.first_request_ms, 1),
                                           "warm_ms": round(runner.warm_request_ms, 1),
                                           "ratio": round(runner.first_request_ms / runner.warm_request_ms, 2)}
-    if "roofline" in result:
-        result["baseline"]["roofline_fraction"] = result["baseline"]["pairs_per_s"] / result["roofline"]["pairs_per_s"]
     loop.close()
 
 
-def _roofline(runner: OfflineRunner, wl, model_dir: Path, threads: int, gflops: float) -> dict:
-    """The fp32 roofline of this workload on this machine (formula: openrerank_bench/roofline.py)."""
+def _roofline(runner: OfflineRunner, wl, model_dir: Path, threads: int, gflops: list[float]) -> dict:
+    """The fp32 roofline of this workload on this machine at the run's median GEMM pace (formula and pairing:
+    openrerank_bench/roofline.py)."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     sequences, pairs = workload_sequences(runner.served.loaded, wl.queries, wl.passages)
     per_pair = flops_per_pair(config, sequences, pairs)
-    return {"gemm_gflops": round(gflops, 1), "threads": threads, "gflop_per_pair": per_pair / 1e9,
-            "mean_tokens": sum(sequences) / max(1, len(sequences)),
-            "pairs_per_s": gflops * 1e9 / per_pair}
+    pace = sorted(gflops)[len(gflops) // 2]
+    return {"gemm_gflops": round(pace, 1), "gemm_gflops_range": [round(min(gflops), 1), round(max(gflops), 1)],
+            "threads": threads, "gflop_per_pair": per_pair / 1e9,
+            "mean_tokens": sum(sequences) / max(1, len(sequences)), "pairs_per_s": pace * 1e9 / per_pair}
 
 
 def _quality(args, wl, result, console) -> None:

@@ -11,6 +11,10 @@ cross-encoder pair is one sequence ([CLS] query [SEP] passage [SEP]); a bi-encod
 sequence plus the query's, which is encoded once per request and shared by its passages. Padding is not
 counted: the FLOPs an engine spends on it count against it. Above 1.0 means fewer FLOPs than fp32 dense math
 (int8/bf16 units, or skipped work).
+
+Paired: a host's pace can drift by a third within minutes (a shared VM), so one GEMM figure for a whole run
+mixes moments. The GEMM is timed between every two measurements, and each measurement is set against the mean
+of the GEMMs just before and just after it; the fraction reported is the median of those per-round fractions.
 """
 
 from __future__ import annotations
@@ -49,6 +53,23 @@ def sequence_flops(config: dict, tokens: int) -> float:
 def flops_per_pair(config: dict, sequences: Sequence[int], pairs: int) -> float:
     """Mean FLOPs per pair of a workload whose encoder passes have the token counts `sequences`."""
     return sum(sequence_flops(config, n) for n in sequences) / max(1, pairs)
+
+
+def paired_fraction(pairs_per_s: float, gflop_per_pair: float, gemm_before: float, gemm_after: float) -> float:
+    """A measurement's fraction of the roofline at the machine's pace around it (GEMM GFLOP/s either side)."""
+    return pairs_per_s * gflop_per_pair / ((gemm_before + gemm_after) / 2)
+
+
+def fraction_summary(rounds: Sequence[dict], gflop_per_pair: float) -> dict:
+    """Median and range of per-round paired fractions; each round carries `pairs_per_s` and `gemm_gflops`
+    (the GEMM before and after it)."""
+    fractions = sorted(paired_fraction(r["pairs_per_s"], gflop_per_pair, *r["gemm_gflops"]) for r in rounds)
+    if not fractions:
+        return {}
+    mid = len(fractions) // 2
+    median = fractions[mid] if len(fractions) % 2 else (fractions[mid - 1] + fractions[mid]) / 2
+    return {"roofline_fraction": round(median, 3),
+            "roofline_fraction_rounds": [round(f, 3) for f in fractions]}
 
 
 def workload_sequences(loaded, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> tuple[list[int], int]:

@@ -1,0 +1,56 @@
+"""`openrerank bench`'s fp32 roofline: the FLOP formula against PyTorch's own FLOP counter on a real BERT
+forward, and the pairing that keeps a drifting host's pace out of the fraction."""
+
+from __future__ import annotations
+
+import pytest
+from openrerank_bench.roofline import flops_per_pair, fraction_summary, paired_fraction, sequence_flops
+
+
+@pytest.mark.parametrize("tokens", [8, 40, 200])
+def test_the_flop_formula_counts_what_pytorch_counts_in_a_bert_forward(tokens):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertModel
+
+    config = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4}
+    model = BertModel(BertConfig(vocab_size=100, max_position_embeddings=256, attn_implementation="eager", **config),
+                      add_pooling_layer=False).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(input_ids=torch.ones(1, tokens, dtype=torch.long))
+    counted = counter.get_total_flops()  # every matmul: the linear layers and attention's two products
+    assert sequence_flops(config, tokens) == pytest.approx(counted, rel=1e-9)
+
+
+def test_flops_per_pair_is_the_mean_over_the_workload_pairs():
+    config = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1}
+    # a bi-encoder request: two passages and its query, encoded once, over 2 pairs
+    assert flops_per_pair(config, [10, 20, 5], 2) == pytest.approx(
+        (sequence_flops(config, 10) + sequence_flops(config, 20) + sequence_flops(config, 5)) / 2)
+
+
+def test_a_measurement_is_set_against_the_pace_either_side_of_it():
+    # 50 pairs/s of 2 GFLOP each = 100 GFLOP/s of model work; the GEMM ran at 120 before and 130 after
+    assert paired_fraction(50.0, 2.0, 120.0, 130.0) == pytest.approx(100 / 125)
+
+
+def test_an_engine_that_keeps_pace_with_a_drifting_host_has_one_fraction():
+    # the host slows from 160 to 110 GFLOP/s over the run; the engine always runs at 0.8 of its pace
+    gemm = [160.0, 150.0, 135.0, 120.0, 110.0]
+    rounds = [{"pairs_per_s": 0.8 * (a + b) / 2 / 2.0, "gemm_gflops": (a, b)} for a, b in zip(gemm, gemm[1:])]
+    out = fraction_summary(rounds, 2.0)
+    assert out["roofline_fraction"] == pytest.approx(0.8)
+    assert out["roofline_fraction_rounds"] == pytest.approx([0.8] * 4)
+    # whereas its best round against the run's best GEMM would have understated it
+    assert max(r["pairs_per_s"] for r in rounds) * 2.0 / max(gemm) < 0.8 - 0.02
+
+
+def test_the_fraction_is_the_median_of_the_rounds():
+    def rounds(*fractions: float) -> list[dict]:
+        return [{"pairs_per_s": f * 100.0, "gemm_gflops": (100.0, 100.0)} for f in fractions]
+
+    assert fraction_summary(rounds(0.9, 0.5, 0.7), 1.0) == {"roofline_fraction": 0.7,
+                                                             "roofline_fraction_rounds": [0.5, 0.7, 0.9]}
+    assert fraction_summary(rounds(0.9, 0.5, 0.7, 0.6), 1.0)["roofline_fraction"] == pytest.approx(0.65)
+    assert fraction_summary([], 1.0) == {}
