@@ -3,6 +3,8 @@ forward, and the pairing that keeps a drifting host's pace out of the fraction."
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from openrerank_bench.roofline import flops_per_pair, fraction_summary, paired_fraction, sequence_flops
 
@@ -38,7 +40,7 @@ def test_a_measurement_is_set_against_the_pace_either_side_of_it():
 def test_an_engine_that_keeps_pace_with_a_drifting_host_has_one_fraction():
     # the host slows from 160 to 110 GFLOP/s over the run; the engine always runs at 0.8 of its pace
     gemm = [160.0, 150.0, 135.0, 120.0, 110.0]
-    rounds = [{"pairs_per_s": 0.8 * (a + b) / 2 / 2.0, "gemm_gflops": (a, b)} for a, b in zip(gemm, gemm[1:])]
+    rounds = [{"pairs_per_s": 0.8 * (a + b) / 2 / 2.0, "gemm_gflops": (a, b)} for a, b in pairwise(gemm)]
     out = fraction_summary(rounds, 2.0)
     assert out["roofline_fraction"] == pytest.approx(0.8)
     assert out["roofline_fraction_rounds"] == pytest.approx([0.8] * 4)

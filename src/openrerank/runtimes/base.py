@@ -111,6 +111,15 @@ class RowsFailedError(RuntimeError):
 
 #: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: the
 #: runtime's own default (OpenVINO 2, ONNX Runtime 1: docs/engine.md, "Lanes").
+def default_threads() -> int:
+    """Cores this process may use (affinity aware: taskset, a cpuset or a Ray replica's binding), the thread
+    count every runtime defaults to."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
 LANES_ENV = "OPENRERANK_LANES"
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.base import Network, Runtime, lanes_for
-from openrerank.runtimes.torch_runtime import default_threads
+from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_for
 
 log = logging.getLogger(__name__)
 

@@ -42,14 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.base import Network, Runtime, lanes_for
+from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_for
 from openrerank.runtimes.openvino_convert import (
     compiled_cache_dir,
     ensure_openvino,
     import_openvino,
     pre_exported_onnx,
 )
-from openrerank.runtimes.torch_runtime import default_threads
 
 log = logging.getLogger(__name__)
 

@@ -46,12 +46,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from openrerank.runtimes.base import Network, Runtime
+from openrerank.runtimes.base import Network, Runtime, default_threads
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
 from openrerank.runtimes.measure import Measurement, NotTimeableError, Throughput, Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
-from openrerank.runtimes.torch_runtime import TORCH_DTYPES, default_threads, is_cuda
+from openrerank.runtimes.torch_runtime import TORCH_DTYPES, is_cuda
 
 log = logging.getLogger(__name__)
 

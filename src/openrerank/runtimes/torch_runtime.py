@@ -19,11 +19,17 @@ high for the device costs one failed attempt, not one per batch.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
-from openrerank.runtimes.base import DeviceMemoryError, Network, NetworkBuild, RowsFailedError, Runtime
+from openrerank.runtimes.base import (
+    DeviceMemoryError,
+    Network,
+    NetworkBuild,
+    RowsFailedError,
+    Runtime,
+    default_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +41,6 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, TORCH_DTYPES[name])
-
-
-def default_threads() -> int:
-    """Cores this process may use (cgroup/affinity aware), the intra-op thread count we default to."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def is_cuda(device: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from openrerank.runtimes.base import default_threads
 from openrerank.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,6 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
 
 def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_port: int | None = None) -> int:
     """Serve `config` on replicas described by `replica_args` (`ReplicaOptions` fields) until a signal.
@@ -65,7 +60,7 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
 
     from openrerank.server.ray_serve import APP_NAME, ReplicaOptions, bind, deployment_options
 
-    cpus = available_cpus()
+    cpus = default_threads()
     try:
         options = ReplicaOptions(**replica_args)
         deployment_options(config, options)  # the cross-field checks, before starting anything
