@@ -109,8 +109,6 @@ class RowsFailedError(RuntimeError):
         return RowsFailedError(outputs, self.failed, self.cause)
 
 
-#: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: the
-#: runtime's own default (OpenVINO 2, ONNX Runtime 1: docs/engine.md, "Lanes").
 def default_threads() -> int:
     """Cores this process may use (affinity aware: taskset, a cpuset or a Ray replica's binding), the thread
     count every runtime defaults to."""
@@ -120,6 +118,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: the
+#: runtime's own default (OpenVINO 2, ONNX Runtime 1: docs/engine.md, "Lanes").
 LANES_ENV = "OPENRERANK_LANES"
 
 
