@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from openrerank.runtimes.base import LANES_ENV
+from openrerank.runtimes.base import LANES_ENV, default_threads
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
@@ -145,7 +145,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["openrerank", *sys.argv[1:]]) if sys.argv else "",
-        "machine": {"cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "machine": {"cpus_available": default_threads(),
                     "cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": load_average()},
         "workload": {"dataset": data.name, "run": args.run, "requests": len(wl.queries),
@@ -262,7 +262,7 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
             console.print(f"[red]{cfg} failed: {row['error']}[/red]")
     rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
     reference: list = []
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or default_threads()
     gflops = [gemm_gflops(threads)]  # the roofline's pace, timed between every two measurements (paired)
     for r in range(args.rounds):
         stats, reference = baseline.measure(wl)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.runtimes.base import default_threads
 from openrerank_bench.workload import Workload, default_data_dir, load_workload, percentile
 
 LLM_MODELS = {"qwen3": "qwen3-reranker-0.6b", "llama": "llama-bidirectional-1b"}
@@ -322,7 +323,7 @@ def run_llm_bench(args) -> int:
     result: dict = {
         "suite": "llm", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["openrerank", *sys.argv[1:]]) if sys.argv else "",
-        "machine": {"cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "machine": {"cpus_available": default_threads(),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": _load_average()},
         "workload": {"dataset": data.name, "run": args.run, "requests": len(wl.queries),
