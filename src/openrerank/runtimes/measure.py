@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CACHE_ENV, ensure_record, key_of, model_fingerprint
-from openrerank.runtimes.base import LANES_ENV, Runtime
+from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads
 from openrerank.runtimes.devices import cpu_info
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def timing_key(model_dir: Path, head: str, candidates: Sequence[tuple[str, str]]
     facts = {
         "format": MEASURE_FORMAT, "cpu": model,
         "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_available": default_threads(),
         "threads": threads, "lanes": os.environ.get(LANES_ENV), "device": device, "head": head,
         **_model_content(model_dir),
         "candidates": [list(c) for c in candidates], "shapes": [list(s) for s in shapes],

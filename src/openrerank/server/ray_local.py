@@ -42,7 +42,6 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
-
 def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_port: int | None = None) -> int:
     """Serve `config` on replicas described by `replica_args` (`ReplicaOptions` fields) until a signal.
 
