@@ -1,5 +1,6 @@
-"""`--backend auto` measures: the fastest faithful engine serves, its timings are cached and reused, replicas
-starting together time once, `--backend-choice rules` times nothing, and a failing engine hands over.
+"""`--backend auto` measures: the fastest faithful engine (and its fastest lane count) serves, its timings are
+cached and reused, replicas starting together time once, `--backend-choice rules` times nothing, and a failing
+engine hands over.
 
 No test assumes which engine is fastest on this machine: where the winner matters, the timings are faked.
 """
@@ -15,26 +16,33 @@ import pytest
 
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import measure, openvino_convert, selection
+from openrerank.runtimes.base import LANES_ENV, default_threads, lane_counts
 from openrerank.runtimes.measure import Throughput, timing_shapes
-from openrerank.runtimes.selection import RuntimeConfigError, plan_runtimes
+from openrerank.runtimes.selection import LANED_RUNTIMES, RuntimeConfigError, plan_runtimes
 
 ENCODERS = ("openvino", "onnx", "torch")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A private converted-model cache (so timings are not found from another test)."""
+    """A private converted-model cache (so timings are not found from another test), lanes not forced."""
     monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(LANES_ENV, raising=False)
     return tmp_path
 
 
+def name(rt) -> str:
+    """A built runtime as the candidates are named here: description and lanes, e.g. "onnx-fp32-cpu@2"."""
+    return f"{rt.description}@{rt.lanes}"
+
+
 def fake_rates(monkeypatch, rates: dict[str, float]) -> list[str]:
-    """Time runtimes at made-up rates (by description, e.g. "onnx-fp32-cpu"); returns what was timed."""
+    """Time runtimes at made-up rates (by `name`); returns what was timed."""
     timed: list[str] = []
 
     def fake(runtimes, shapes, vocab_size, seconds=measure.TIMING_SECONDS):
-        timed.extend(rt.description for rt in runtimes)
-        return [Throughput(rates[rt.description], rates[rt.description] * 100, tuple(shapes)) for rt in runtimes]
+        timed.extend(name(rt) for rt in runtimes)
+        return [Throughput(rates[name(rt)], rates[name(rt)] * 100, tuple(shapes)) for rt in runtimes]
 
     monkeypatch.setattr(measure, "time_runtimes", fake)
     return timed
@@ -51,8 +59,11 @@ def records(cache) -> list[dict]:
     return [json.loads(p.read_text()) for p in (cache / "engine-choice").glob("*.json")]
 
 
-def planned() -> list[str]:
-    return [f"{c.runtime}-{c.dtype}-cpu" for c in plan_runtimes("auto", "auto", "cpu", ENCODERS)]
+def planned(threads: int | None = None) -> list[str]:
+    """The candidates `auto` times here: each faithful runtime, once per lane count where it has lanes."""
+    counts = lane_counts(threads or default_threads())
+    return [f"{c.runtime}-{c.dtype}-cpu@{n}" for c in plan_runtimes("auto", "auto", "cpu", ENCODERS)
+            for n in (counts if c.runtime in LANED_RUNTIMES else (1,))]
 
 
 def test_the_fastest_candidate_serves_and_every_rate_is_shown(tiny_model_dir, cache, monkeypatch):
@@ -64,29 +75,62 @@ def test_the_fastest_candidate_serves_and_every_rate_is_shown(tiny_model_dir, ca
         timed = fake_rates(monkeypatch, {c: (50.0 if c == fastest else 10.0 + i) for i, c in enumerate(candidates)})
         loaded = load_model(str(tiny_model_dir))
         assert sorted(timed) == sorted(candidates)  # every faithful candidate was timed once
-        assert loaded.scorer.description == fastest
+        assert f"{loaded.scorer.description}@{loaded.scorer.lanes}" == fastest
         engine = loaded.describe()["engine"]
-        assert engine["choice"] == "measure"
+        assert engine["choice"] == "measure" and engine["lanes"] == loaded.scorer.lanes
         first = engine["measured"][0]  # fastest first
-        assert f"{first['backend']}-{first['dtype']}-cpu" == fastest
+        assert f"{first['backend']}-{first['dtype']}-cpu@{first['lanes']}" == fastest
         assert loaded.throughput is not None and loaded.throughput.pairs_per_s == 50.0
         assert loaded.throughput.tokens_per_s == 5000.0
         assert "50.0/s" in engine["reason"] and "timed at this start" in engine["reason"]
         loaded.close()
 
 
+def test_each_lane_count_is_a_candidate_and_the_fastest_serves_with_its_lanes(tiny_model_dir, cache, monkeypatch):
+    laned = [c for c in plan_runtimes("auto", "fp32", "cpu", ENCODERS) if c.runtime in LANED_RUNTIMES]
+    if not laned:
+        pytest.skip("no lane-capable runtime installed")
+    runtime = f"{laned[0].runtime}-fp32-cpu"
+    for lanes in (1, 2):  # one lane fastest, then two: neither is assumed
+        monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(cache / str(lanes)))
+        candidates = planned(threads=2)
+        fastest = f"{runtime}@{lanes}"
+        timed = fake_rates(monkeypatch, {c: (50.0 if c == fastest else 10.0) for c in candidates})
+        loaded = load_model(str(tiny_model_dir), LoadOptions(threads=2))
+        assert sorted(timed) == sorted(candidates) and f"{runtime}@1" in timed and f"{runtime}@2" in timed
+        assert loaded.scorer.lanes == lanes and loaded.scorer.description == runtime
+        engine = loaded.describe()["engine"]
+        assert engine["lanes"] == lanes
+        assert f"({lanes} lane{'s' * (lanes > 1)}) 50.0/s" in engine["reason"]
+        loaded.close()
+
+
+def test_lanes_set_by_the_operator_are_the_only_count_timed(tiny_model_dir, cache, monkeypatch):
+    monkeypatch.setenv(LANES_ENV, "1")
+    timed = fake_rates(monkeypatch, {c: 10.0 + i for i, c in enumerate(planned(threads=2))})
+    loaded = load_model(str(tiny_model_dir), LoadOptions(threads=2))
+    assert timed and all(t.endswith("@1") for t in timed) and loaded.scorer.lanes == 1
+    loaded.close()
+    # Another setting is another record (the key holds it): timed again, at that count only.
+    monkeypatch.setenv(LANES_ENV, "2")
+    timed.clear()
+    load_model(str(tiny_model_dir), LoadOptions(threads=2)).close()
+    assert timed and all(t.endswith("@2") or t.startswith("torch-") for t in timed)
+    assert len(records(cache)) == 2
+
+
 def test_timings_are_cached_and_reused_without_timing_again(tiny_model_dir, cache, monkeypatch):
     first = load_model(str(tiny_model_dir))  # really timed, on this machine
     first.close()
     [record] = records(cache)
-    assert {(m["backend"], m["dtype"]) for m in record["measurements"]} == {
-        (c.runtime, c.dtype) for c in plan_runtimes("auto", "auto", "cpu", ENCODERS)}
+    assert sorted(f"{m['backend']}-{m['dtype']}-cpu@{m['lanes']}" for m in record["measurements"]) == sorted(
+        planned())
     assert record["threads"] >= 1 and record["cpu_flags_sha256"] and record["versions"]["onnxruntime"]
     assert all(m["pairs_per_s"] > 0 for m in record["measurements"] if "error" not in m)
     no_timing(monkeypatch)
     again = load_model(str(tiny_model_dir))
     a, b = again.runtime_choice, first.runtime_choice
-    assert (a.runtime, a.dtype) == (b.runtime, b.dtype)
+    assert (a.runtime, a.dtype, a.lanes) == (b.runtime, b.dtype, b.lanes)
     assert again.throughput == first.throughput
     assert "cached from an earlier start" in again.runtime_choice.reason
     again.close()
@@ -114,15 +158,22 @@ def test_an_engine_that_refuses_the_model_hands_over(tiny_model_dir, cache, monk
     if not selection.openvino_available():
         pytest.skip("OpenVINO is not installed")
 
+    conversions = []
+
     def refuse(network, out):
+        conversions.append(out)
         raise openvino_convert.ConversionError("unsupported operation aten::frobnicate")
 
     monkeypatch.setattr(openvino_convert, "_convert", refuse)
-    loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32"))
+    loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", threads=2))
     assert loaded.runtime_choice.runtime != "openvino" and loaded.runtime_choice.choice == "measure"
-    assert "OpenVINO fp32 refused it (ConversionError: unsupported operation" in loaded.runtime_choice.reason
-    [failed] = [m for m in loaded.describe()["engine"]["measured"] if m["backend"] == "openvino"]
-    assert "frobnicate" in failed["error"] and "pairs_per_s" not in failed
+    reason = loaded.runtime_choice.reason
+    assert "OpenVINO fp32 refused it (ConversionError: unsupported operation" in reason
+    assert reason.count("OpenVINO fp32 refused it") == 1  # said once, not once per lane count
+    failed = [m for m in loaded.describe()["engine"]["measured"] if m["backend"] == "openvino"]
+    assert sorted(m["lanes"] for m in failed) == [1, 2]  # both lane counts recorded as refused ...
+    assert all("frobnicate" in m["error"] and "pairs_per_s" not in m for m in failed)
+    assert len(conversions) == 1  # ... from one attempt: a runtime that refuses is not tried per lane count
     loaded.close()
     # Asked for explicitly, the refusal is an error, and no record of it is kept (the cause may pass).
     with pytest.raises(openvino_convert.ConversionError, match="frobnicate"):
@@ -132,9 +183,9 @@ def test_an_engine_that_refuses_the_model_hands_over(tiny_model_dir, cache, monk
 
 def test_the_fastest_failing_to_load_later_hands_over_to_the_next(tiny_model_dir, cache, monkeypatch):
     candidates = planned()
-    if "torch-fp32-cpu" not in candidates or len(candidates) < 2:
+    if "torch-fp32-cpu@1" not in candidates or len(candidates) < 2:
         pytest.skip("needs PyTorch and another engine")
-    fake_rates(monkeypatch, {c: (90.0 if c == "torch-fp32-cpu" else 10.0 + i) for i, c in enumerate(candidates)})
+    fake_rates(monkeypatch, {c: (90.0 if c == "torch-fp32-cpu@1" else 10.0 + i) for i, c in enumerate(candidates)})
     load_model(str(tiny_model_dir)).close()  # timed: PyTorch "fastest", cached
 
     from openrerank.runtimes import torch_runtime
@@ -145,8 +196,8 @@ def test_the_fastest_failing_to_load_later_hands_over_to_the_next(tiny_model_dir
     no_timing(monkeypatch)
     monkeypatch.setattr(torch_runtime.TorchRuntime, "__init__", broken)
     loaded = load_model(str(tiny_model_dir))
-    runner_up = max((c for c in candidates if c != "torch-fp32-cpu"), key=candidates.index)
-    assert loaded.scorer.description == runner_up
+    runner_up = max((c for c in candidates if c != "torch-fp32-cpu@1"), key=candidates.index)
+    assert f"{loaded.scorer.description}@{loaded.scorer.lanes}" == runner_up
     assert "PyTorch fp32 failed to load (RuntimeError: out of file handles)" in loaded.runtime_choice.reason
     loaded.close()
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 from openrerank.runtimes.base import Runtime
-from openrerank.runtimes.measure import time_runtimes
+from openrerank.runtimes.measure import Throughput, time_runtimes
 
 
 class FakeRuntime(Runtime):
@@ -82,3 +82,20 @@ def test_lanes_come_from_the_runtime_default_or_the_environment(monkeypatch):
         monkeypatch.setenv(LANES_ENV, bad)
         with pytest.raises(ValueError, match=LANES_ENV):
             lanes_for(4, 2)
+
+
+def test_lane_counts_timed_are_what_the_threads_allow_or_what_the_operator_set(monkeypatch):
+    from openrerank.runtimes.base import LANES_ENV, lane_counts
+
+    monkeypatch.delenv(LANES_ENV, raising=False)
+    assert (lane_counts(1), lane_counts(2), lane_counts(3), lane_counts(16)) == ((1,), (1, 2), (1, 2), (1, 2, 4))
+    monkeypatch.setenv(LANES_ENV, "3")
+    assert (lane_counts(8), lane_counts(2)) == ((3,), (2,))
+
+
+def test_a_measurement_keeps_its_lanes_and_an_older_record_reads_as_one_lane():
+    from openrerank.runtimes.measure import Measurement
+
+    m = Measurement("onnx", "fp32", Throughput(50.0, 5000.0, ((8, 128),)), lanes=2)
+    assert Measurement.from_metadata(m.as_metadata()) == m and m.candidate == ("onnx", "fp32", 2)
+    assert Measurement.from_metadata({"backend": "torch", "dtype": "fp32", "error": "x"}).lanes == 1

@@ -248,6 +248,9 @@ def test_onnx_runtime_lanes_split_the_threads_and_run_at_once(tmp_path, model_co
     monkeypatch.delenv(LANES_ENV, raising=False)
     single = OnnxRuntime(network, threads=2, cache_dir=tmp_path)
     assert single.lanes == 1 and single.threads == 2
+    chosen = OnnxRuntime(network, threads=2, cache_dir=tmp_path, lanes=2)  # as `auto` measured
+    assert chosen.lanes == 2 and chosen.session.get_session_options().intra_op_num_threads == 1
+    chosen.close()
     monkeypatch.setenv(LANES_ENV, "2")
     laned = OnnxRuntime(network, threads=2, cache_dir=tmp_path)
     assert laned.lanes == 2 and laned.threads == 2

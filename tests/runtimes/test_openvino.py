@@ -285,5 +285,8 @@ def test_lanes_are_streams_each_with_its_own_request_and_score_as_one_lane(tmp_p
     assert single.lanes == 1 and single.compiled.get_property("NUM_STREAMS") == 1
     monkeypatch.setenv(LANES_ENV, "4")
     assert OpenVinoRuntime(network, dtype="fp32", threads=2, cache_dir=tmp_path).lanes == 2  # one per thread
+    chosen = OpenVinoRuntime(network, dtype="fp32", threads=2, cache_dir=tmp_path, lanes=1)  # as `auto` measured
+    assert chosen.lanes == 1 and chosen.compiled.get_property("NUM_STREAMS") == 1
+    chosen.close()
     runs_alike_at_once(laned, single, callers=4, seed=1)  # more callers than lanes: they wait for a request
     assert laned._requests.qsize() == 2  # every request handed back

@@ -178,6 +178,15 @@ def test_serve_refuses_before_binding(capsys):
     assert "--score-cache-mb" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_bad_lane_count_before_binding(capsys, monkeypatch):
+    from openrerank.cli.main import main
+    from openrerank.runtimes.base import LANES_ENV
+
+    monkeypatch.setenv(LANES_ENV, "two")
+    assert main(["serve", "--port", "1"]) == 2
+    assert "OPENRERANK_LANES='two': expected a whole number of lanes >= 1" in capsys.readouterr().err
+
+
 def test_auto_falls_back_when_openvino_refuses_the_model(tiny_model_dir, monkeypatch, tmp_path):
     """A model OpenVINO cannot convert is served by ONNX Runtime, and the reason says so; asked for
     explicitly, OpenVINO's refusal is an error."""

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from openrerank.runtimes.base import LANES_ENV, default_threads
+from openrerank.runtimes.selection import LANED_RUNTIMES
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
@@ -250,8 +251,10 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
         engine, _, lanes = cfg.partition(LANES_SEP)
         backend, dtype = engine.split(":")
         row = rows[cfg] = {"name": f"{backend} {dtype}", "backend": backend, "dtype": dtype, "auto": engine == auto}
+        if not lanes and row["auto"] and (result.get("auto_choice") or {}).get("lanes"):
+            lanes = str(result["auto_choice"]["lanes"])  # auto's row runs what auto serves, lanes included
         if lanes:
-            row.update(name=f"{backend} {dtype}, {lanes} lane{'s' if lanes != '1' else ''}", lanes=int(lanes))
+            row["lanes"] = int(lanes)
         result["backends"].append(row)
         try:
             console.print(f"loading {cfg} ...")
@@ -260,6 +263,11 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
         except Exception as exc:  # one broken config must not lose the others' numbers
             row["error"] = f"{type(exc).__name__}: {exc}"
             console.print(f"[red]{cfg} failed: {row['error']}[/red]")
+            continue
+        # Unless given, the lane count is what loading measured fastest; the HTTP server runs the same.
+        row["lanes"] = n = runners[cfg].served.loaded.scorer.lanes
+        if backend in LANED_RUNTIMES:
+            row["name"] = f"{backend} {dtype}, {n} lane{'s' * (n != 1)}"
     rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
     reference: list = []
     threads = args.threads or default_threads()

@@ -118,14 +118,20 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: the
-#: runtime's own default (OpenVINO 2, ONNX Runtime 1: docs/engine.md, "Lanes").
+#: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: timed
+#: (`lane_counts`) where `--backend-choice measure` chooses, else the runtime's own default (OpenVINO 2, ONNX
+#: Runtime 1: docs/engine.md, "Lanes").
 LANES_ENV = "OPENRERANK_LANES"
+#: Lane counts timed for a lane-capable runtime when `OPENRERANK_LANES` is unset (`lane_counts`).
+TIMED_LANES = (1, 2, 4)
 
 
-def lanes_for(threads: int, default: int) -> int:
-    """How many batches a lane-capable runtime runs at once with `threads` threads in all: `OPENRERANK_LANES`
-    if set, else the runtime's `default`; never more than one lane per thread."""
+def lanes_for(threads: int, default: int, lanes: int | None = None) -> int:
+    """How many batches a lane-capable runtime runs at once with `threads` threads in all: `lanes` if given
+    (the measured choice), else `OPENRERANK_LANES` if set, else the runtime's `default`; never more than one
+    lane per thread."""
+    if lanes is not None:
+        return max(1, min(lanes, threads))
     raw = os.environ.get(LANES_ENV, "").strip()
     if not raw:
         return max(1, min(default, threads))
@@ -136,6 +142,15 @@ def lanes_for(threads: int, default: int) -> int:
     if lanes < 1:
         raise ValueError(f"{LANES_ENV}={raw!r}: expected a whole number of lanes >= 1")
     return max(1, min(lanes, threads))
+
+
+def lane_counts(threads: int) -> tuple[int, ...]:
+    """The lane counts to time for a lane-capable runtime on `threads` threads: `OPENRERANK_LANES` alone when
+    set, else each of `TIMED_LANES` the threads allow. Whether two batches at once beat one on all the threads
+    depends on the CPU (how wide its matrix units are, how its cores share caches), so it is measured too."""
+    if os.environ.get(LANES_ENV, "").strip():
+        return (lanes_for(threads, 1),)
+    return tuple(n for n in TIMED_LANES if n <= max(1, threads))
 
 
 class Runtime(ABC):

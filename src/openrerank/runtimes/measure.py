@@ -10,6 +10,10 @@ device, the model's content and head, the candidates, the shapes and the engine 
 it, and replicas starting together wait on the cache's lock while the first one times
 (`artifact_cache.ensure_record`), so a machine times once.
 
+A candidate is a runtime, a precision and a lane count (`runtimes/base.lane_counts`: batches run at once,
+each on its share of the threads): whether two lanes beat one depends on the CPU as much as which runtime
+wins does, so each lane count of a lane-capable runtime is timed as a candidate of its own.
+
 The winner's rate (`Throughput`, sequences and tokens per second at the timed shapes) travels with the
 engine choice, so what admits requests can size its budgets by what this engine sustains here.
 """
@@ -35,7 +39,7 @@ from openrerank.runtimes.devices import cpu_info
 log = logging.getLogger(__name__)
 
 #: Bump when what is timed or how changes, so old records are not read as new ones.
-MEASURE_FORMAT = 2  # 2: runtimes with lanes timed with their lanes at once
+MEASURE_FORMAT = 3  # 2: runtimes with lanes timed with their lanes at once; 3: lane counts are candidates
 #: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
 #: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
 #: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
@@ -45,9 +49,10 @@ _REFERENCE_PARAMS = 25e6
 #: Seconds of timed passes per candidate after its warm-up pass (at least one pass, at most `_MAX_PASSES`).
 TIMING_SECONDS = 1.0
 _MAX_PASSES = 8
-#: Candidates of a model up to this size are built together and timed in turns (`time_runtimes`); a bigger
-#: one is timed one candidate at a time, so that only one copy of its weights is in memory.
-_TOGETHER_MAX_PARAMS = 1.5e9
+#: Candidates are built together and timed in turns (`time_runtimes`) while their weights, counted once per
+#: candidate, stay under this many parameters (three copies of a 1.5B model); past it each candidate is timed
+#: alone, so that only one copy of the weights is in memory.
+_TOGETHER_MAX_PARAMS = 4.5e9
 #: Packages whose versions decide an engine's speed (absent ones count as absent).
 _ENGINE_PACKAGES = ("openvino", "onnxruntime", "torch", "transformers", "nncf")
 
@@ -70,6 +75,10 @@ class Throughput:
                    tuple((int(r), int(w)) for r, w in meta["shapes"]))
 
 
+#: What is timed: (runtime, precision, lanes); a runtime without lanes has one.
+Candidate = tuple[str, str, int]
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One candidate's timing, or why it could not be timed (it failed to build or to run)."""
@@ -78,9 +87,14 @@ class Measurement:
     dtype: str
     throughput: Throughput | None = None
     error: str | None = None
+    lanes: int = 1
+
+    @property
+    def candidate(self) -> Candidate:
+        return (self.backend, self.dtype, self.lanes)
 
     def as_metadata(self) -> dict:
-        out: dict = {"backend": self.backend, "dtype": self.dtype}
+        out: dict = {"backend": self.backend, "dtype": self.dtype, "lanes": self.lanes}
         if self.throughput is not None:
             out.update(self.throughput.as_metadata())
         if self.error is not None:
@@ -90,7 +104,7 @@ class Measurement:
     @classmethod
     def from_metadata(cls, meta: dict) -> Measurement:
         rate = Throughput.from_metadata(meta) if "pairs_per_s" in meta else None
-        return cls(meta["backend"], meta["dtype"], rate, meta.get("error"))
+        return cls(meta["backend"], meta["dtype"], rate, meta.get("error"), int(meta.get("lanes", 1)))
 
 
 @dataclass(frozen=True)
@@ -210,7 +224,7 @@ def _model_content(model_dir: Path) -> dict:
     return {"model_sha256": model_fingerprint(model_dir), "files": files}
 
 
-def timing_key(model_dir: Path, head: str, candidates: Sequence[tuple[str, str]], device: str, threads: int,
+def timing_key(model_dir: Path, head: str, candidates: Sequence[Candidate], device: str, threads: int,
                shapes: Sequence[tuple[int, int]]) -> tuple[str, dict]:
     """The record's key: what decides which engine is fastest here."""
     model, flags = cpu_info()
@@ -226,11 +240,12 @@ def timing_key(model_dir: Path, head: str, candidates: Sequence[tuple[str, str]]
     return key_of(facts), facts
 
 
-def measure_candidates(candidates: Sequence[tuple[str, str]], build: Callable[[str, str], Runtime], *,
+def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, str, int], Runtime], *,
                        model_dir: Path, head: str, device: str, threads: int, max_length: int) -> Timings:
-    """Every candidate (backend, dtype) timed on this machine, or read from the cache when timed before.
+    """Every candidate (runtime, dtype, lanes) timed on this machine, or read from the cache when timed before.
 
-    `build(backend, dtype)` makes the runtime; one that raises is recorded with its error and skipped; when
+    `build(backend, dtype, lanes)` makes the runtime; one that raises is recorded with its error and skipped
+    (and so are that runtime's other lane counts: what refuses a model is the runtime, not its lanes); when
     every one raises, the last error is raised and nothing is cached.
     """
     shapes = timing_shapes(max_length, approximate_params(model_dir))
@@ -239,47 +254,55 @@ def measure_candidates(candidates: Sequence[tuple[str, str]], build: Callable[[s
 
     def compute() -> dict:
         started = time.perf_counter()
-        together = approximate_params(model_dir) <= _TOGETHER_MAX_PARAMS
-        results: dict[tuple[str, str], Measurement] = {}
+        together = approximate_params(model_dir) * len(candidates) <= _TOGETHER_MAX_PARAMS
+        results: dict[Candidate, Measurement] = {}
+        refused: dict[tuple[str, str], Exception] = {}  # a runtime that failed to build, by (backend, dtype)
         last_error: Exception | None = None
 
-        def failed(backend: str, dtype: str, exc: Exception) -> None:  # hands over to the next
+        def failed(candidate: Candidate, exc: Exception) -> None:  # hands over to the next
             nonlocal last_error
             last_error = exc
-            results[(backend, dtype)] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            log.warning("%s %s could not be timed on %s: %s", backend, dtype, model_dir, exc)
+            backend, dtype, lanes = candidate
+            results[candidate] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                                             lanes=lanes)
+            log.warning("%s %s (%d lanes) could not be timed on %s: %s", backend, dtype, lanes, model_dir, exc)
 
-        def timed(groups: list[list[tuple[str, str, Runtime]]]) -> None:
+        def timed(groups: list[list[tuple[Candidate, Runtime]]]) -> None:
             for group in groups:
                 try:
-                    rates = time_runtimes([rt for _, _, rt in group], shapes, vocab)
+                    rates = time_runtimes([rt for _, rt in group], shapes, vocab)
                 except NotTimeableError:
                     raise  # no candidate can be timed on made-up inputs: the caller falls back to the rules
                 except Exception as exc:  # one of them failed to run: time each alone, to know which
                     if len(group) == 1:
-                        failed(group[0][0], group[0][1], exc)
+                        failed(group[0][0], exc)
                         continue
                     timed([[member] for member in group])
                     continue
-                for (backend, dtype, _), rate in zip(group, rates, strict=True):
-                    results[(backend, dtype)] = Measurement(backend, dtype, rate)
-                    log.info("timed %s %s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype,
-                             rate.pairs_per_s, rate.tokens_per_s, shapes)
+                for ((backend, dtype, lanes), _), rate in zip(group, rates, strict=True):
+                    results[(backend, dtype, lanes)] = Measurement(backend, dtype, rate, lanes=lanes)
+                    log.info("timed %s %s, %d lane%s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype,
+                             lanes, "" if lanes == 1 else "s", rate.pairs_per_s, rate.tokens_per_s, shapes)
 
-        built: list[tuple[str, str, Runtime]] = []
+        built: list[tuple[Candidate, Runtime]] = []
         try:
-            for backend, dtype in candidates:
-                try:
-                    built.append((backend, dtype, build(backend, dtype)))
-                except Exception as exc:
-                    failed(backend, dtype, exc)
+            for candidate in candidates:
+                backend, dtype, lanes = candidate
+                if (backend, dtype) in refused:
+                    failed(candidate, refused[(backend, dtype)])
                     continue
-                if not together:  # a big model: one copy in memory at a time
+                try:
+                    built.append((candidate, build(backend, dtype, lanes)))
+                except Exception as exc:
+                    refused[(backend, dtype)] = exc
+                    failed(candidate, exc)
+                    continue
+                if not together:  # big weights: one copy in memory at a time
                     timed([built[-1:]])
-                    built.pop()[2].close()
+                    built.pop()[1].close()
             timed([built] if built else [])
         finally:
-            for _, _, rt in built:
+            for _, rt in built:
                 rt.close()
         measurements = [results[c] for c in candidates]
         if last_error is not None and all(m.throughput is None for m in measurements):

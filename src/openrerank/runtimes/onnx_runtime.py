@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 SPIN_ENV = "OPENRERANK_ORT_SPIN"
 
 
-#: Concurrent runs by default: one. Two (each on half the threads) gave 1.05-1.11x the pairs/s on a 2-core
-#: EPYC but 1.15-1.18x the latency of a lone 4-16-passage request, where ONNX Runtime's own threading is
-#: already efficient; `OPENRERANK_LANES=2` trades that for throughput (docs/engine.md, "Lanes").
+#: Concurrent runs where nothing measured them (`--backend-choice rules`): one. Two (each on half the threads) gave
+#: 1.05-1.11x the pairs/s on a 2-core EPYC but 1.15-1.18x the latency of a lone 4-16-passage request, where ONNX
+#: Runtime's own threading is already efficient; `OPENRERANK_LANES=2` trades that for throughput (docs/engine.md,
+#: "Lanes").
 DEFAULT_LANES = 1
 
 
@@ -36,6 +37,7 @@ class OnnxRuntime(Runtime):
         dtype: str = "fp32",
         threads: int | None = None,
         cache_dir: Path | None = None,
+        lanes: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -46,7 +48,7 @@ class OnnxRuntime(Runtime):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         total = threads or default_threads()
-        self.lanes = lanes_for(total, DEFAULT_LANES)
+        self.lanes = lanes_for(total, DEFAULT_LANES, lanes)
         # A session runs concurrent `run` calls; each lane gets its share of the threads.
         so.intra_op_num_threads = max(1, total // self.lanes)
         so.inter_op_num_threads = 1

@@ -8,8 +8,9 @@ the CPU with:
   products quantize their activations dynamically), `bf16` for bf16 (matrix products in bf16 on
   AVX512-BF16/AMX, accumulation in fp32);
 - `INFERENCE_NUM_THREADS` = `--threads` (default: the cores available), split over `lanes` streams
-  (`runtimes/base.lanes_for`): one infer request per stream, so the scheduler's lanes each run a batch at
-  once on their share of the threads;
+  (`runtimes/base.lanes_for`: as `--backend auto` measured, else `OPENRERANK_LANES`, else `DEFAULT_LANES`):
+  one infer request per stream, so the scheduler's lanes each run a batch at once on their share of the
+  threads;
 - `ENABLE_CPU_PINNING` off: OpenVINO otherwise pins its worker threads to cores chosen without regard to
   other processes, so two servers on one host (replicas, containers, pods) pin to the same core while
   another idles (measured: two one-thread servers on a 2-core VM both on core 0, `--replicas 2` at 0.91-1.05x
@@ -56,10 +57,10 @@ OPENVINO_DTYPES = ("fp32", "bf16", "int8")
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
-#: Streams (lanes) by default: two batches at once, each on half the threads, beat one batch on all of them
-#: on the encoders' small matrices (fewer threads meet at each operation's barrier, and one stream's
-#: single-threaded parts overlap the other's matrix products). Measured on a 2-core EPYC: 1.08-1.13x the
-#: pairs/s on DL19 requests, 0.90-0.97x the latency of requests of 4-100 passages, 1.5x that of a
+#: Streams (lanes) where nothing measured them (`--backend-choice rules`): two batches at once, each on half the
+#: threads, beat one batch on all of them on the encoders' small matrices (fewer threads meet at each operation's
+#: barrier, and one stream's single-threaded parts overlap the other's matrix products). Measured on a 2-core EPYC:
+#: 1.08-1.13x the pairs/s on DL19 requests, 0.90-0.97x the latency of requests of 4-100 passages, 1.5x that of a
 #: one-passage request (one row cannot be shared by two lanes): docs/engine.md, "Lanes".
 DEFAULT_LANES = 2
 
@@ -135,6 +136,7 @@ class OpenVinoRuntime(Runtime):
         dtype: str = "fp32",
         threads: int | None = None,
         cache_dir: Path | None = None,
+        lanes: int | None = None,
     ) -> None:
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
@@ -142,7 +144,7 @@ class OpenVinoRuntime(Runtime):
         self.conversion = pre_exported_onnx(network, dtype) or ensure_openvino(
             network, variant="int8" if dtype == "int8" else "fp32", cache_dir=cache_dir)
         self.threads = threads or default_threads()
-        self.lanes = lanes_for(self.threads, DEFAULT_LANES)
+        self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
         config = compile_config(dtype, self.threads, _writable(compiled_cache_dir(cache_dir)), self.lanes)
         self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
         # One infer request per stream: a caller takes a free one, so `lanes` batches run at once.

@@ -18,7 +18,8 @@ on a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default 
 runtimes there are is a rule of the CPU's flags, what is installed and the family (`plan_runtimes`, best
 first by the rule below); which of them is fastest is measured (`--backend-choice measure`, the default):
 each is timed for about a second on the model's own shapes the first time a model is loaded on a machine,
-and the timings are cached (`runtimes/measure.py`). CPU flags do not predict speed: an AVX512-BF16 Xeon
+once per lane count where it has lanes (`LANED_RUNTIMES`; `runtimes/base.lane_counts`), and the timings are
+cached (`runtimes/measure.py`). CPU flags do not predict speed: an AVX512-BF16 Xeon
 ran OpenVINO bf16 at 0.65x of its fp32, while on an EPYC with the same flags it was the fastest engine.
 `--backend-choice rules` serves the first of the plan without timing anything (reproducible; what tests
 that need determinism use):
@@ -46,7 +47,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from openrerank.runtimes.base import Network, Runtime, default_threads
+from openrerank.runtimes.base import Network, Runtime, default_threads, lane_counts
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
 from openrerank.runtimes.measure import Measurement, NotTimeableError, Throughput, Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: The runtimes, best CPU runtime first.
 RUNTIMES = ("openvino", "onnx", "torch")
+#: The runtimes that run several batches at once (`Runtime.lanes`; they take a `lanes` argument).
+LANED_RUNTIMES = ("openvino", "onnx")
 #: Legal values of `--backend` (it picks the runtime) and `--dtype` (auto, or what some runtime runs: each
 #: runtime declares its own precisions).
 BACKEND_CHOICES = ("auto", *RUNTIMES)
@@ -90,13 +93,18 @@ class RuntimeChoice:
     #: What this runtime sustains here (sequences and tokens per second at the timed shapes); None when
     #: nothing was timed (`--backend-choice rules`). Admission control sizes its budgets from it.
     throughput: Throughput | None = None
+    #: Batches it runs at once (`Runtime.lanes`): what was measured fastest, else the runtime's default;
+    #: None in a plan, before anything is built.
+    lanes: int | None = None
 
     @property
     def label(self) -> str:
-        return label(self.runtime, self.dtype)
+        return label(self.runtime, self.dtype, self.lanes)
 
     def as_metadata(self) -> dict:
         meta: dict = {"backend": self.runtime, "dtype": self.dtype, "reason": self.reason, "choice": self.choice}
+        if self.lanes is not None:
+            meta["lanes"] = self.lanes
         if self.throughput is not None:
             meta["throughput"] = self.throughput.as_metadata()
         if self.measured:
@@ -104,8 +112,10 @@ class RuntimeChoice:
         return meta
 
 
-def label(runtime: str, dtype: str) -> str:
-    return f"{_NAMES.get(runtime, runtime)} {dtype}"
+def label(runtime: str, dtype: str, lanes: int | None = None) -> str:
+    """E.g. "OpenVINO fp32", or "OpenVINO fp32 (2 lanes)" where lanes are known and the runtime has them."""
+    name = f"{_NAMES.get(runtime, runtime)} {dtype}"
+    return name if lanes is None or runtime not in LANED_RUNTIMES else f"{name} ({lanes} lane{'s' * (lanes != 1)})"
 
 
 def cpu_flags() -> frozenset[str]:
@@ -251,19 +261,27 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
 
 def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
                           family: str = "this model") -> str:
-    """Validate flags without loading anything (used by `serve` before binding); returns the planned runtime."""
+    """Validate flags (and `OPENRERANK_LANES`) without loading anything (used by `serve` before binding);
+    returns the planned runtime."""
+    try:
+        lane_counts(1)
+    except ValueError as exc:
+        raise RuntimeConfigError(str(exc)) from None
     return plan_runtimes(backend, dtype, device, runtimes, family)[0].runtime
 
 
-def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | None) -> Runtime:
+def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | None,
+           lanes: int | None = None) -> Runtime:
+    """The runtime of `choice`; `lanes` (lane-capable runtimes only): how many batches at once, None for the
+    runtime's default (`OPENRERANK_LANES`, else its own)."""
     if choice.runtime == "openvino":
         from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 
-        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads)
+        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes)
     if choice.runtime == "onnx":
         from openrerank.runtimes.onnx_runtime import OnnxRuntime
 
-        return OnnxRuntime(network, dtype=choice.dtype, threads=threads)
+        return OnnxRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes)
     from openrerank.runtimes.torch_runtime import TorchRuntime
 
     return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads)
@@ -285,35 +303,44 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     if mode == "rules":
         return _first_that_loads(plan, network, device, threads)
     by_key = {(c.runtime, c.dtype): c for c in plan}
+    counts = lane_counts(threads or default_threads())
+    candidates = [(r, d, n) for r, d in by_key for n in (counts if r in LANED_RUNTIMES else (1,))]
 
-    def build(runtime: str, dtype: str) -> Runtime:
-        return _build(by_key[(runtime, dtype)], network, device, threads)
+    def build(runtime: str, dtype: str, lanes: int) -> Runtime:
+        return _build(by_key[(runtime, dtype)], network, device, threads,
+                      lanes if runtime in LANED_RUNTIMES else None)
 
     try:
-        timings = measure_candidates(list(by_key), build, model_dir=network.path, head=network.head,
+        timings = measure_candidates(candidates, build, model_dir=network.path, head=network.head,
                                      device=device, threads=threads or default_threads(), max_length=max_length)
     except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
         log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
         return _first_that_loads(plan, network, device, threads)
     ranked = timings.ranked
-    refused = [f"{label(m.backend, m.dtype)} refused it ({m.error})" for m in ranked if m.throughput is None]
+    # What refuses a model is the runtime, whatever its lanes: one line each.
+    refused = list(dict.fromkeys(f"{label(m.backend, m.dtype)} refused it ({m.error})" for m in ranked
+                                 if m.throughput is None))
     failed: list[str] = []
     timed = [m for m in ranked if m.throughput is not None]
     if not timed:  # a stale record of failures only (a fresh one is never written): let the engine say why
         return _first_that_loads(plan, network, device, threads)
     for i, m in enumerate(timed):
         try:
-            runtime = build(m.backend, m.dtype)
+            runtime = build(m.backend, m.dtype, m.lanes)
         except Exception as exc:
             if i == len(timed) - 1:
                 raise
-            failed.append(f"{label(m.backend, m.dtype)} failed to load ({type(exc).__name__}: {str(exc)[:200]})")
-            log.warning("%s could not serve %s: %s; trying %s", label(m.backend, m.dtype), network.path, exc,
-                        label(timed[i + 1].backend, timed[i + 1].dtype))
+            failed.append(f"{_label(m)} failed to load ({type(exc).__name__}: {str(exc)[:200]})")
+            log.warning("%s could not serve %s: %s; trying %s", _label(m), network.path, exc, _label(timed[i + 1]))
             continue
         reason = _measured_reason(m, timed, refused + failed, timings, len(plan) > 1)
-        return runtime, RuntimeChoice(m.backend, m.dtype, reason, "measure", tuple(ranked), m.throughput)
+        return runtime, RuntimeChoice(m.backend, m.dtype, reason, "measure", tuple(ranked), m.throughput,
+                                      runtime.lanes)
     raise AssertionError("unreachable: the timed list is never empty")
+
+
+def _label(m: Measurement) -> str:
+    return label(m.backend, m.dtype, m.lanes)
 
 
 def _measured_reason(winner: Measurement, timed: list[Measurement], refused: list[str], timings: Timings,
@@ -322,14 +349,15 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
     assert winner.throughput is not None
     best = winner.throughput.pairs_per_s
     shapes = " and ".join(f"{r}x{w}" for r, w in winner.throughput.shapes)
-    rates = ", ".join(f"{label(m.backend, m.dtype)} {m.throughput.pairs_per_s:.1f}/s"  # type: ignore[union-attr]
+    rates = ", ".join(f"{_label(m)} {m.throughput.pairs_per_s:.1f}/s"  # type: ignore[union-attr]
                       + ("" if m is winner else f" ({m.throughput.pairs_per_s / best:.2f}x)")  # type: ignore[union-attr]
                       for m in timed)
     when = (f"timings cached from an earlier start (key {timings.key})" if timings.cached
             else f"timed at this start in {timings.seconds:.1f}s")
     cpu = cpu_info()[0] or "this CPU"
+    lane_counts_timed = len({m.lanes for m in timed if m.backend == winner.backend and m.dtype == winner.dtype})
     what = (f"the fastest on {cpu} of the engines that pass the fidelity gate ({FIDELITY_GATE})" if compared
-            else "the one engine asked for")
+            else "the one engine asked for" + (", at its fastest lane count" if lane_counts_timed > 1 else ""))
     parts = [f"{what}: sequences/s on {shapes}-token batches: {rates}; {when}"]
     if refused:
         parts.append("; ".join(refused))
@@ -349,7 +377,6 @@ def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str,
             refused.append(f"{choice.label} refused it ({type(exc).__name__}: {str(exc)[:200]})")
             log.warning("%s could not serve %s: %s; trying %s", choice.label, network.path, exc, plan[i + 1].label)
             continue
-        if refused:
-            choice = RuntimeChoice(choice.runtime, choice.dtype, f"{'; '.join(refused)}; so {choice.reason}")
-        return runtime, choice
+        reason = f"{'; '.join(refused)}; so {choice.reason}" if refused else choice.reason
+        return runtime, RuntimeChoice(choice.runtime, choice.dtype, reason, lanes=runtime.lanes)
     raise AssertionError("unreachable: the plan is never empty")
