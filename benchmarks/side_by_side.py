@@ -34,6 +34,8 @@ from openrerank_bench.runners import SERVED_NAME, nim_body
 from openrerank_bench.serve_process import ServeProcess
 from openrerank_bench.workload import build_bench_cross_encoder, default_data_dir, load_workload
 
+from openrerank.runtimes.base import default_threads
+
 ENGINES = ("openvino:fp32", "onnx:fp32", "torch:fp32")
 
 
@@ -135,7 +137,7 @@ def main() -> int:
                         "(default: the server's own)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if len(os.sched_getaffinity(0)) < 2:
+    if default_threads() < 2:
         print("side_by_side.py needs at least two CPUs", file=sys.stderr)
         return 2
     engines = [] if args.only_ray else args.engine or list(ENGINES)
@@ -166,7 +168,7 @@ def main() -> int:
                 twos = ", ".join(f"2 replicas ({k[2:]}) {v:.1f} pairs/s ({v / res['1']:.2f}x)"
                                  for k, v in res.items() if k != "1")
                 print(f"round {r + 1}: ray: 1 replica {res['1']:.1f} pairs/s, {twos}", flush=True)
-    print(f"\n{cpu_name()}, {os.cpu_count()} CPUs; load {load_start} -> {os.getloadavg()}; "
+    print(f"\n{cpu_name()}, {default_threads()} CPUs available; load {load_start} -> {os.getloadavg()}; "
           f"{args.queries} requests x {args.passages} passages per client; medians of {args.rounds} rounds")
     print("| engine | one alone (pairs/s) | each of two at once | ratio (min of the two) | spread of ratio |")
     print("|---|---:|---:|---:|---:|")
