@@ -97,5 +97,5 @@ def test_a_measurement_keeps_its_lanes_and_an_older_record_reads_as_one_lane():
     from openrerank.runtimes.measure import Measurement
 
     m = Measurement("onnx", "fp32", Throughput(50.0, 5000.0, ((8, 128),)), lanes=2)
-    assert Measurement.from_metadata(m.as_metadata()) == m and m.candidate == ("onnx", "fp32", 2)
+    assert Measurement.from_metadata(m.as_metadata()) == m and m.as_metadata()["lanes"] == 2
     assert Measurement.from_metadata({"backend": "torch", "dtype": "fp32", "error": "x"}).lanes == 1

@@ -89,10 +89,6 @@ class Measurement:
     error: str | None = None
     lanes: int = 1
 
-    @property
-    def candidate(self) -> Candidate:
-        return (self.backend, self.dtype, self.lanes)
-
     def as_metadata(self) -> dict:
         out: dict = {"backend": self.backend, "dtype": self.dtype, "lanes": self.lanes}
         if self.throughput is not None:
