@@ -105,6 +105,27 @@ def test_each_lane_count_is_a_candidate_and_the_fastest_serves_with_its_lanes(ti
         loaded.close()
 
 
+def test_fewer_lanes_serve_when_they_time_within_the_tie_of_the_fastest(tiny_model_dir, cache, monkeypatch):
+    """Two lanes 3% faster than one is a tie (the timing's noise): one lane serves, so a lone small request
+    keeps every thread; 15% faster is not, and two lanes serve."""
+    laned = [c for c in plan_runtimes("auto", "fp32", "cpu", ENCODERS) if c.runtime in LANED_RUNTIMES]
+    if not laned:
+        pytest.skip("no lane-capable runtime installed")
+    runtime = f"{laned[0].runtime}-fp32-cpu"
+    assert 0.03 < selection.LANES_TIE < 0.15
+    for one_lane, serves in ((48.5, 1), (42.5, 2)):
+        monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(cache / str(serves)))
+        rates = {c: 10.0 for c in planned(threads=2)} | {f"{runtime}@2": 50.0, f"{runtime}@1": one_lane}
+        fake_rates(monkeypatch, rates)
+        loaded = load_model(str(tiny_model_dir), LoadOptions(threads=2))
+        assert loaded.scorer.description == runtime and loaded.scorer.lanes == serves
+        engine = loaded.describe()["engine"]
+        assert engine["measured"][0]["lanes"] == 2  # the record still ranks by rate
+        tied = "of the fastest" in engine["reason"] and "with fewer lanes" in engine["reason"]
+        assert tied == (serves == 1), engine["reason"]
+        loaded.close()
+
+
 def test_lanes_set_by_the_operator_are_the_only_count_timed(tiny_model_dir, cache, monkeypatch):
     monkeypatch.setenv(LANES_ENV, "1")
     timed = fake_rates(monkeypatch, {c: 10.0 + i for i, c in enumerate(planned(threads=2))})

@@ -68,6 +68,10 @@ DTYPES = ("auto", *dict.fromkeys((*TORCH_DTYPES, *OPENVINO_DTYPES, *ONNX_DTYPES)
 #: the rule's first.
 AUTO_MODES = ("measure", "rules")
 DEFAULT_AUTO_MODE = "measure"
+#: A candidate with fewer lanes that times within this fraction of the fastest serves instead of it: the same
+#: throughput within the timing's noise, and a lone small request keeps every thread (one sequence cannot be
+#: shared by two lanes; docs/engine.md, "Lanes").
+LANES_TIE = 0.05
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
@@ -324,6 +328,7 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     timed = [m for m in ranked if m.throughput is not None]
     if not timed:  # a stale record of failures only (a fresh one is never written): let the engine say why
         return _first_that_loads(plan, network, device, threads)
+    fastest, timed = timed[0], _serving_order(timed)
     for i, m in enumerate(timed):
         try:
             runtime = build(m.backend, m.dtype, m.lanes)
@@ -333,7 +338,8 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
             failed.append(f"{_label(m)} failed to load ({type(exc).__name__}: {str(exc)[:200]})")
             log.warning("%s could not serve %s: %s; trying %s", _label(m), network.path, exc, _label(timed[i + 1]))
             continue
-        reason = _measured_reason(m, timed, refused + failed, timings, len(plan) > 1)
+        tied = m is timed[0] and m is not fastest  # fewer lanes, within LANES_TIE of the fastest
+        reason = _measured_reason(m, timed, refused + failed, timings, len(plan) > 1, fastest if tied else None)
         return runtime, RuntimeChoice(m.backend, m.dtype, reason, "measure", tuple(ranked), m.throughput,
                                       runtime.lanes)
     raise AssertionError("unreachable: the timed list is never empty")
@@ -343,21 +349,40 @@ def _label(m: Measurement) -> str:
     return label(m.backend, m.dtype, m.lanes)
 
 
+def _rate(m: Measurement) -> float:
+    return m.throughput.pairs_per_s if m.throughput is not None else 0.0
+
+
+def _serving_order(timed: list[Measurement]) -> list[Measurement]:
+    """The timed candidates (fastest first) in the order they are tried: the fastest, unless one with fewer
+    lanes is within `LANES_TIE` of it; then the fastest of those with the fewest lanes goes first."""
+    tied = [m for m in timed if _rate(m) >= _rate(timed[0]) * (1 - LANES_TIE)]
+    first = min(tied, key=lambda m: (m.lanes, -_rate(m)))
+    return [first, *(m for m in timed if m is not first)]
+
+
 def _measured_reason(winner: Measurement, timed: list[Measurement], refused: list[str], timings: Timings,
-                     compared: bool) -> str:
-    """Why the winner serves, with every candidate's rate, as the startup log and /v1/metadata show it."""
+                     compared: bool, tied_with: Measurement | None = None) -> str:
+    """Why the winner serves, with every candidate's rate, as the startup log and /v1/metadata show it;
+    `tied_with`: the faster candidate it serves instead of (`LANES_TIE`)."""
     assert winner.throughput is not None
     best = winner.throughput.pairs_per_s
     shapes = " and ".join(f"{r}x{w}" for r, w in winner.throughput.shapes)
-    rates = ", ".join(f"{_label(m)} {m.throughput.pairs_per_s:.1f}/s"  # type: ignore[union-attr]
-                      + ("" if m is winner else f" ({m.throughput.pairs_per_s / best:.2f}x)")  # type: ignore[union-attr]
-                      for m in timed)
+    rates = ", ".join(f"{_label(m)} {_rate(m):.1f}/s" + ("" if m is winner else f" ({_rate(m) / best:.2f}x)")
+                      for m in sorted(timed, key=lambda m: -_rate(m)))
     when = (f"timings cached from an earlier start (key {timings.key})" if timings.cached
             else f"timed at this start in {timings.seconds:.1f}s")
     cpu = cpu_info()[0] or "this CPU"
     lane_counts_timed = len({m.lanes for m in timed if m.backend == winner.backend and m.dtype == winner.dtype})
-    what = (f"the fastest on {cpu} of the engines that pass the fidelity gate ({FIDELITY_GATE})" if compared
-            else "the one engine asked for" + (", at its fastest lane count" if lane_counts_timed > 1 else ""))
+    fewer = ", with fewer lanes, so a lone small request keeps every thread"
+    tie = "" if tied_with is None else f"within {LANES_TIE:.0%} of the fastest ({_label(tied_with)})"
+    if compared:
+        gate = f"of the engines that pass the fidelity gate ({FIDELITY_GATE})"
+        what = f"the fastest on {cpu} {gate}" if not tie else f"on {cpu}, {tie} {gate}{fewer}"
+    elif tie:
+        what = f"the one engine asked for, {tie}{fewer}"
+    else:
+        what = "the one engine asked for" + (", at its fastest lane count" if lane_counts_timed > 1 else "")
     parts = [f"{what}: sequences/s on {shapes}-token batches: {rates}; {when}"]
     if refused:
         parts.append("; ".join(refused))
