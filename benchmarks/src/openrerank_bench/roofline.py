@@ -19,6 +19,7 @@ of the GEMMs just before and just after it; the fraction reported is the median 
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -66,9 +67,7 @@ def fraction_summary(rounds: Sequence[dict], gflop_per_pair: float) -> dict:
     fractions = sorted(paired_fraction(r["pairs_per_s"], gflop_per_pair, *r["gemm_gflops"]) for r in rounds)
     if not fractions:
         return {}
-    mid = len(fractions) // 2
-    median = fractions[mid] if len(fractions) % 2 else (fractions[mid - 1] + fractions[mid]) / 2
-    return {"roofline_fraction": round(median, 3),
+    return {"roofline_fraction": round(statistics.median(fractions), 3),
             "roofline_fraction_rounds": [round(f, 3) for f in fractions]}
 
 

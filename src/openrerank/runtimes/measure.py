@@ -261,7 +261,8 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
             backend, dtype, lanes = candidate
             results[candidate] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}",
                                              lanes=lanes)
-            log.warning("%s %s (%d lanes) could not be timed on %s: %s", backend, dtype, lanes, model_dir, exc)
+            log.warning("%s %s, %d lane%s, could not be timed on %s: %s", backend, dtype, lanes,
+                        "" if lanes == 1 else "s", model_dir, exc)
 
         def timed(groups: list[list[tuple[Candidate, Runtime]]]) -> None:
             for group in groups:
