@@ -137,8 +137,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if any(n < 1 for n in lanes):
         console.print(f"[red]--lanes is a comma-separated list of lane counts >= 1, got {args.lanes!r}[/red]")
         return 2
-    if lanes:  # each engine once per lane count, side by side in the same rounds
-        configs = [f"{c}{LANES_SEP}{n}" for c in configs for n in lanes]
+    if lanes:
+        configs = lane_configs(configs, lanes)
     args.passages = args.passages or 100
     wl = load_workload(data, args.run, args.queries, args.passages)
     console.print(f"workload: {len(wl.queries)} requests, {wl.pairs} pairs from {data.name}/{args.run}; "
@@ -211,6 +211,15 @@ def _finish(result: dict, args: argparse.Namespace, console) -> int:
 
 #: Separates an engine from its lane count in the expanded `--lanes` configs ("openvino:fp32@2").
 LANES_SEP = "@"
+
+
+def lane_configs(configs: list[str], lanes: list[int]) -> list[str]:
+    """Each engine that has lanes once per lane count, side by side in the same rounds; an engine without
+    lanes (PyTorch runs one batch at a time) keeps its one row."""
+    out: list[str] = []
+    for c in configs:
+        out += [f"{c}{LANES_SEP}{n}" for n in lanes] if c.partition(":")[0] in LANED_RUNTIMES else [c]
+    return out
 
 
 @contextlib.contextmanager
@@ -391,8 +400,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
     p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
                    f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
-    p.add_argument("--lanes", default=None, help="comma-separated lane counts (e.g. 1,2): each reranking engine "
-                   f"once per count, side by side ({LANES_ENV}; default: the runtimes' own, docs/engine.md)")
+    p.add_argument("--lanes", default=None, help="comma-separated lane counts (e.g. 1,2): each OpenVINO and ONNX "
+                   f"Runtime engine once per count, side by side; PyTorch, without lanes, once ({LANES_ENV}; "
+                   "default: the runtimes' own, docs/engine.md)")
     p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
     p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
                    help="BACKEND:DTYPE list for the embeddings row")
