@@ -8,9 +8,10 @@ cross-encoder `openrerank bench` serves:
    Weights per output channel (asym = NNCF's INT8_ASYM, sym) or per group of inputs; activations per token
    (ONNX Runtime's dynamic int8 is coarser still: one scale per batch) or per token and group of 32 inputs
    (what OpenVINO's CPU plugin runs on VNNI CPUs with int8 weights); SmoothQuant scaling calibrated on 15
-   other DL19 queries.
-2. Sensitivity and frontier: each of the 36 encoder matrices quantized alone under `--recipe`; then the k
-   most sensitive per FLOP (ranked on the gate's DL19 probe only) kept in fp32, k = 0..24, scored on the
+   other DL19 queries; per token with the few input channels of outlying activations kept fp32 (LLM.int8()'s
+   decomposition; the finest scale ONNX Runtime's MatMulInteger takes: `int8_ort_kernels.py` times it).
+2. Sensitivity and frontier: each of the 36 encoder matrices quantized alone under `--frontier-recipe`; then
+   the k most sensitive per FLOP (ranked on the gate's DL19 probe only) kept in fp32, k = 0..24, scored on the
    gate probe and on held-out DL19 pairs, with the share of the matrix FLOPs left in int8.
 3. The real engine: OpenVINO with NNCF int8 weights (all matrices; the frontier's first passing mix, via an
    ignored scope; with and without the embedding table), correlation and pairs/s against OpenVINO fp32,
@@ -20,6 +21,8 @@ cross-encoder `openrerank bench` serves:
     .venv/bin/python benchmarks/int8_frontier.py --json /tmp/int8.json          # ~25 min on 2 cores
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --no-engine --recipes SmoothQuant
+    .venv/bin/python benchmarks/int8_frontier.py --no-engine --recipes "A sym/token,outliers" \
+        --frontier-recipe "W asym/channel + A asym/token + 4 outliers"                # ONNX Runtime's, ~20 min
 
 Results and what they mean: docs/engine.md, "int8: the recipes tried against the fidelity gate".
 """
@@ -32,6 +35,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +43,38 @@ import torch
 
 GATE = 0.9999
 GROUP = 32  # OpenVINO's CPU dynamic quantization group size (DYNAMIC_QUANTIZATION_GROUP_SIZE)
-#: name: (weight mode, weight group, activation mode, activation group, SmoothQuant alpha)
-RECIPES: dict[str, tuple[str, int | None, str | None, int | None, float | None]] = {
-    "W asym/channel": ("asym", None, None, None, None),
-    "W sym/channel": ("sym", None, None, None, None),
-    "W sym/g64": ("sym", 64, None, None, None),
-    "W asym/g32": ("asym", 32, None, None, None),
-    "W asym/channel + A asym/token": ("asym", None, "asym", None, None),
-    "W asym/channel + A asym/token/g32": ("asym", None, "asym", GROUP, None),
-    "W asym/channel + A sym/token/g32": ("asym", None, "sym", GROUP, None),
-    "W sym/g64 + A asym/token/g32": ("sym", 64, "asym", GROUP, None),
-    **{f"SmoothQuant {a} + W asym/channel + A asym/token/g32": ("asym", None, "asym", GROUP, a)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Weights per output channel (group None) or per `wgroup` inputs; activations likewise per token, or kept
+    fp32 (amode None); SmoothQuant's alpha; the `outliers` input channels with the largest calibration |x|
+    kept fp32, weights and activations (LLM.int8()'s decomposition)."""
+
+    wmode: str
+    wgroup: int | None = None
+    amode: str | None = None
+    agroup: int | None = None
+    alpha: float | None = None
+    outliers: int = 0
+
+
+RECIPES: dict[str, Recipe] = {
+    "W asym/channel": Recipe("asym"),
+    "W sym/channel": Recipe("sym"),
+    "W sym/g64": Recipe("sym", 64),
+    "W asym/g32": Recipe("asym", 32),
+    "W asym/channel + A asym/token": Recipe("asym", None, "asym"),
+    "W asym/channel + A asym/token/g32": Recipe("asym", None, "asym", GROUP),
+    "W asym/channel + A sym/token/g32": Recipe("asym", None, "sym", GROUP),
+    "W sym/g64 + A asym/token/g32": Recipe("sym", 64, "asym", GROUP),
+    **{f"SmoothQuant {a} + W asym/channel + A asym/token/g32": Recipe("asym", None, "asym", GROUP, a)
        for a in (0.3, 0.5, 0.8)},
+    # Per row (token) is the finest activation scale ONNX Runtime's MatMulInteger can be given: int8_ort_kernels.py.
+    "W sym/channel + A sym/token": Recipe("sym", None, "sym"),
+    **{f"SmoothQuant {a} + W sym/channel + A sym/token": Recipe("sym", None, "sym", None, a) for a in (0.3, 0.5, 0.7)},
+    **{f"W asym/channel + A asym/token + {k} outliers": Recipe("asym", None, "asym", None, None, k)
+       for k in (2, 4, 16)},
 }
 FRONTIER_RECIPE = "W asym/channel + A asym/token/g32"
 
@@ -112,7 +136,7 @@ class Simulated:
     def quantize(self, names, recipe: str) -> None:
         """SmoothQuant divides each input channel by s = max|x|^a / max|w|^(1-a) and multiplies the weights'
         matching column by s (the product is unchanged) before both are rounded."""
-        wmode, wgroup, amode, agroup, alpha = RECIPES[recipe]
+        r = RECIPES[recipe]
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
@@ -122,13 +146,26 @@ class Simulated:
                 m.weight.data.copy_(w)
                 continue
             s = torch.ones(w.shape[1])
-            if alpha is not None:
-                s = (self.input_max[n].clamp_min(1e-5) ** alpha
-                     / w.abs().amax(0).clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
-            m.weight.data.copy_(fake_quant(w * s, wmode, wgroup) / s)
-            if amode:
+            if r.alpha is not None:
+                s = (self.input_max[n].clamp_min(1e-5) ** r.alpha
+                     / w.abs().amax(0).clamp_min(1e-5) ** (1 - r.alpha)).clamp_min(1e-5)
+            inner = torch.ones(w.shape[1], dtype=torch.bool)  # the input channels rounded to int8
+            if r.outliers:
+                inner[self.input_max[n].topk(r.outliers).indices] = False
+            ws = w * s
+            ws[:, inner] = fake_quant(ws[:, inner], r.wmode, r.wgroup)
+            m.weight.data.copy_(ws / s)
+            if r.amode:
                 self.hooks.append(m.register_forward_pre_hook(
-                    lambda _m, args, am=amode, ag=agroup, s=s: (fake_quant(args[0] / s, am, ag) * s,)))
+                    lambda _m, args, r=r, s=s, inner=inner: (self._round_input(args[0] / s, r, inner) * s,)))
+
+    @staticmethod
+    def _round_input(x: torch.Tensor, r: Recipe, inner: torch.Tensor) -> torch.Tensor:
+        if bool(inner.all()):
+            return fake_quant(x, r.amode, r.agroup)
+        x = x.clone()
+        x[..., inner] = fake_quant(x[..., inner], r.amode, r.agroup)
+        return x
 
     def correlations(self) -> dict[str, float]:
         return {name: float(np.corrcoef(ref, self.scores(name))[0, 1]) for name, ref in self.reference.items()}
@@ -228,6 +265,9 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="JSON from an earlier run whose passing mix the engine part uses")
     ap.add_argument("--recipes", help="comma-separated substrings: only the recipes of part 1 that match one")
     ap.add_argument("--no-engine", action="store_true", help="skip part 3 (the real engine)")
+    ap.add_argument("--frontier-recipe", choices=list(RECIPES), default=FRONTIER_RECIPE, metavar="RECIPE",
+                    help=f"part 2's recipe (default: {FRONTIER_RECIPE!r}, OpenVINO's VNNI path; part 3 runs "
+                         "OpenVINO whichever is chosen)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -236,10 +276,12 @@ def main() -> None:
     path = str(build_bench_cross_encoder(Path(tempfile.mkdtemp(prefix="int8-frontier-")) / "minilm-l6-ce"))
     wl = load_workload(args.data, "runs/bm25_top100.trec.gz", 43, 15)
     pairs = [(q, list(ps)) for q, ps in zip(wl.queries, wl.passages, strict=True)]
-    # The gate's DL19 probe (8 x 15), 20 x 15 held out, and the other 15 queries x 15 to calibrate SmoothQuant.
+    # The gate's DL19 probe (8 x 15), 20 x 15 held out, and the other 15 queries x 15 to calibrate SmoothQuant
+    # and to find the outlier channels.
     sets = {"gate": pairs[:8], "held": pairs[8:28]}
     sim = Simulated(path, sets, calibration=pairs[28:])
-    report: dict = {"cpu": name, "flags": flags, "threads": args.threads, "recipes": {}}
+    report: dict = {"cpu": name, "flags": flags, "threads": args.threads, "recipes": {},
+                    "frontier_recipe": args.frontier_recipe}
 
     print("1. recipes, every encoder matrix int8 (simulated):")
     wanted = [w.strip() for w in (args.recipes or "").split(",") if w.strip()]
@@ -252,10 +294,10 @@ def main() -> None:
 
     keep: list[str] = []
     if not args.skip_sensitivity:
-        print(f"2. sensitivity under {FRONTIER_RECIPE}: 1 - correlation with one matrix int8")
+        print(f"2. sensitivity under {args.frontier_recipe}: 1 - correlation with one matrix int8")
         sens = {}
         for n in sim.linears:
-            sim.quantize({n}, FRONTIER_RECIPE)
+            sim.quantize({n}, args.frontier_recipe)
             sens[n] = {k: 1 - v for k, v in sim.correlations().items()}
             print(f"  {n:50s} gate {sens[n]['gate']:.2e}  held {sens[n]['held']:.2e}", flush=True)
         order = sorted(sim.linears, key=lambda n: -sens[n]["gate"] / flop_weight(n))
@@ -264,7 +306,7 @@ def main() -> None:
         print("   frontier: the k most sensitive per FLOP kept fp32")
         for k in (0, 4, 8, 12, 14, 16, 20, 24):
             int8 = set(order[k:])
-            sim.quantize(int8, FRONTIER_RECIPE)
+            sim.quantize(int8, args.frontier_recipe)
             r = sim.correlations()
             share = sum(flop_weight(n) for n in int8) / total
             frontier.append({"fp32": order[:k], "int8_flop_share": share, **r})
