@@ -277,6 +277,9 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
         row["lanes"] = n = runners[cfg].served.loaded.scorer.lanes
         if backend in LANED_RUNTIMES:
             row["name"] = f"{backend} {dtype}, {n} lane{'s' * (n != 1)}"
+            auto_lanes = (result.get("auto_choice") or {}).get("lanes")
+            if row["auto"] and auto_lanes and n != auto_lanes:
+                row["auto"] = False  # under --lanes, auto's row is the one with the count auto serves
     rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
     reference: list = []
     threads = args.threads or default_threads()
