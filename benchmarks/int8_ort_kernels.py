@@ -8,7 +8,7 @@ batch: every row that batch's matrix product computes), as:
 
 - fp32: MatMul + bias, what the fp32 engine runs;
 - per tensor: `quantize_dynamic` (what `--dtype int8` runs on ONNX Runtime: one activation scale per batch,
-  int8 weights per output channel);
+  int8 weights per output channel), and the same with uint8 weights (a product that cannot saturate, below);
 - per token + 4 outliers: one asymmetric activation scale per row (token) computed by graph ops, the 4 input
   channels with the largest |x| on other DL19 text kept fp32 (LLM.int8()'s decomposition), uint8 weights
   per output channel; the activations' zero points folded in as a rank-1 correction, since MatMulInteger
@@ -58,13 +58,15 @@ def fp32_graph(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
     return _model(nodes, [nh.from_array(w, "W"), nh.from_array(b, "B")], *w.shape)
 
 
-def per_tensor_graph(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
-    """What `onnx_export._quantize` makes of the matrix: ONNX Runtime's own dynamic quantization."""
+def per_tensor_graph(w: np.ndarray, b: np.ndarray, unsigned: bool = False) -> onnx.ModelProto:
+    """What `onnx_export._quantize` makes of the matrix: ONNX Runtime's own dynamic quantization (int8 weights;
+    `unsigned`: uint8 weights, whose product cannot saturate)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(fp32_graph(w, b), f"{tmp}/fp32.onnx")
-        quantize_dynamic(f"{tmp}/fp32.onnx", f"{tmp}/int8.onnx", weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(f"{tmp}/fp32.onnx", f"{tmp}/int8.onnx", per_channel=True,
+                         weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8)
         return onnx.load(f"{tmp}/int8.onnx")
 
 
@@ -194,6 +196,7 @@ def main() -> None:
         w, b, a = m["W"], m["B"], m["run"]
         outliers = np.argsort(-np.abs(m["calibration"]).max(0))[:OUTLIERS]
         graphs = {"fp32": fp32_graph(w, b), "per tensor (--dtype int8)": per_tensor_graph(w, b),
+                  "per tensor, uint8 weights": per_tensor_graph(w, b, unsigned=True),
                   f"per token + {OUTLIERS} outliers": per_token_graph(w, b, outliers),
                   "MatMulNBits 8b acc 4": nbits_graph(w, b, 4), "MatMulNBits 8b acc 0": nbits_graph(w, b, 0)}
         sessions = {k: ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
