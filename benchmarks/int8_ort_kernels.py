@@ -107,6 +107,8 @@ def per_token_graph(w: np.ndarray, b: np.ndarray, outliers: np.ndarray) -> onnx.
 
 
 def nbits_graph(w: np.ndarray, b: np.ndarray, accuracy_level: int) -> onnx.ModelProto:
+    """8-bit weights per block of BLOCK inputs (asymmetric); accuracy level 4 quantizes the activations per
+    block too and multiplies in int8, level 0 decompresses the weights and multiplies in fp32."""
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
     k, n = w.shape
