@@ -290,3 +290,46 @@ def test_lanes_are_streams_each_with_its_own_request_and_score_as_one_lane(tmp_p
     chosen.close()
     runs_alike_at_once(laned, single, callers=4, seed=1)  # more callers than lanes: they wait for a request
     assert laned._requests.qsize() == 2  # every request handed back
+
+
+def test_replicas_take_turns_compiling_into_a_shared_cache_dir(tmp_path, model_copy):
+    """OpenVINO writes its compiled blob in place: two processes compiling the same model into one CACHE_DIR
+    at once failed ("cannot set permissions ... .blob"). While another process holds the compiled cache's
+    lock, a starting runtime waits, writes nothing, and compiles once the lock is free."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+    ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)  # the IR, so only the compile is left
+    compiled = convert.compiled_cache_dir(cache)
+    compiled.mkdir(parents=True)
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            "from pathlib import Path\n"
+            "from tests.support import cross_encoder_network\n"
+            "from openrerank.runtimes.openvino_runtime import OpenVinoRuntime\n"
+            f"OpenVinoRuntime(cross_encoder_network(Path({str(model_copy)!r})), dtype='fp32', threads=1, "
+            f"cache_dir=Path({str(cache)!r}))\n"
+            "print('compiled', flush=True)\n")
+    fd = os.open(compiled, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another replica compiling would
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("waiting for it" in line for line in lines):
+            assert proc.poll() is None, f"compiled without waiting for the lock: {proc.stdout.read()} {lines}"
+            assert time.monotonic() < deadline, f"never waited for the lock: {lines}"
+            time.sleep(0.05)
+        assert list(compiled.iterdir()) == []  # nothing written while another holds the lock
+    finally:
+        os.close(fd)  # the other replica is done
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0 and "compiled" in out, lines
+    assert any(p.suffix == ".blob" for p in compiled.iterdir())

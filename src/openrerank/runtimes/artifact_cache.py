@@ -159,6 +159,18 @@ def _directory_lock(cache_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def exclusive(cache_dir: Path | None) -> Iterator[None]:
+    """This process's build lock and the directory's `flock`, around work that another thread or process
+    must not do in `cache_dir` at the same time: OpenVINO writes a compiled blob in place, with no lock of
+    its own. None (no cache directory) locks nothing."""
+    if cache_dir is None:
+        yield
+        return
+    with BUILD_LOCK, _directory_lock(cache_dir):
+        yield
+
+
 def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str, meta_file: str, facts: dict,
                     build: Callable[[Path], dict], what: str) -> CachedArtifact:
     """The cached folder `<key>-<variant>`, built with `build(staging_dir) -> details` if missing.

@@ -15,7 +15,8 @@ the CPU with:
   other processes, so two servers on one host (replicas, containers, pods) pin to the same core while
   another idles (measured: two one-thread servers on a 2-core VM both on core 0, `--replicas 2` at 0.91-1.05x
   of one replica). Unpinned, the kernel's scheduler spreads them over the process's affinity set;
-- `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (left out where the
+- `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (compiled under the
+  cache directory's lock: OpenVINO writes the blob in place, so replicas take turns; left out where the
   cache directory is read-only, e.g. a volume an export job filled: each start then compiles).
 
 - **shape buckets**: OpenVINO's CPU plugin builds and keeps kernel code for every input shape it meets (a
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.runtimes.artifact_cache import exclusive
 from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_for
 from openrerank.runtimes.openvino_convert import (
     compiled_cache_dir,
@@ -145,8 +147,13 @@ class OpenVinoRuntime(Runtime):
             network, variant="int8" if dtype == "int8" else "fp32", cache_dir=cache_dir)
         self.threads = threads or default_threads()
         self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
-        config = compile_config(dtype, self.threads, _writable(compiled_cache_dir(cache_dir)), self.lanes)
-        self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
+        compiled_dir = _writable(compiled_cache_dir(cache_dir))
+        config = compile_config(dtype, self.threads, compiled_dir, self.lanes)
+        # OpenVINO writes its compiled blob straight to the final file: a replica compiling the same model into
+        # the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read half a
+        # blob. One compile per cache directory at a time; the others then import the finished blob.
+        with exclusive(compiled_dir):
+            self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
         # One infer request per stream: a caller takes a free one, so `lanes` batches run at once.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.lanes):
