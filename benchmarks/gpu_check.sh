@@ -9,6 +9,8 @@
 #
 #   benchmarks/gpu_check.sh                          # on the GPU machine (extra arguments go to gpu_check.py)
 #   benchmarks/gpu_check.sh --device cpu --quick     # dry run of every step on a CPU machine
+#   benchmarks/gpu_check.sh --device cpu --quick --steps latency --passages 500 --tokens 256
+#                                                    # a full-size request's tokenization on this CPU (tiny models)
 #
 # Expects (nothing is downloaded here): python3 >= 3.11 with a CUDA build of torch >= 2.4, transformers >= 5,
 # tokenizers, safetensors, numpy, sentence-transformers, pytest, httpx, rich, prometheus-client, pyyaml, and,
@@ -26,8 +28,9 @@ if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, fastapi_off
     --target /tmp/openrerank-gpu-site .whl/*.whl
   export PYTHONPATH="/tmp/openrerank-gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD/benchmarks/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Tokenization runs on the tokenizers' thread pool as it does in `serve` (gpu_check.py turns it off for pytest).
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
