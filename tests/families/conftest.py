@@ -8,6 +8,7 @@ card, the Qwen2 (mxbai) model only through `--model-family`, the Llama/Mistral o
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,9 @@ ENCODERS = ("xlmr", "modernbert", "deberta")
 DECODERS = ("qwen3", "mxbai", "gemma", "llama-bi", "mistral-bi")
 #: fp32 parity tolerance (issue 8) and the margin a deliberately wrong input must miss it by.
 TOL = 1e-4
+# The device the servers run on: the CPU, unless benchmarks/gpu_check.sh serves these tests on a GPU (`serve`
+# reads OPENRERANK_DEVICE).
+SERVER_DEVICE = os.environ.get("OPENRERANK_DEVICE", "cpu")
 WRONG = 1e-2
 
 

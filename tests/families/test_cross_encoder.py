@@ -5,7 +5,6 @@ to PyTorch under `--backend auto`, and says so."""
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from openrerank.runtimes.base import Network
 from openrerank.runtimes.openvino_runtime import openvino_available
 from openrerank.runtimes.selection import create_runtime, plan_runtimes
 from tests.families.builders import PASSAGES, QUERIES
-from tests.families.conftest import ENCODERS, assert_parity, served_logits
+from tests.families.conftest import ENCODERS, SERVER_DEVICE, assert_parity, served_logits
 
 
 class Reference:
@@ -50,7 +49,7 @@ def references(family_dirs) -> dict[str, Reference]:
 @pytest.mark.parametrize(("engine", "server"), [("openvino", "family_server"), ("onnx", "encoder_onnx_server"),
                                                ("torch", "encoder_torch_server")])
 def test_logits_equal_transformers_on_every_engine(request, references, name, engine, server):
-    device = os.environ.get("OPENRERANK_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs these on a GPU
+    device = SERVER_DEVICE
     if device != "cpu":
         if engine != "torch":
             pytest.skip(f"{engine} runs on CPU only")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.families.builders import PASSAGES, QUERIES
-from tests.families.conftest import DECODERS, ENCODERS, QWEN3_INSTRUCTION, TOL, served_logits
+from tests.families.conftest import DECODERS, ENCODERS, QWEN3_INSTRUCTION, SERVER_DEVICE, TOL, served_logits
 from tests.support import nim_body
 
 LONG = " ".join(PASSAGES[-1].split() * 4)  # ~170 tokens
@@ -102,7 +102,7 @@ def test_metadata_reports_each_family(family_server):
         models = {m["id"]: m for m in c.get("/v1/metadata").json()["models"]}
     assert {k: v["family"] for k, v in models.items()} == FAMILY_OF
     for name in DECODERS:
-        assert models[name]["backend"] == "torch-fp32-cpu" and models[name]["score"] == "logit"
+        assert models[name]["backend"] == f"torch-fp32-{SERVER_DEVICE}" and models[name]["score"] == "logit"
         assert models[name]["max_length"] == 512
     assert models["qwen3-instr"]["instruction"] == QWEN3_INSTRUCTION
     assert models["qwen3"]["instruction"].startswith("Given a web search query")
