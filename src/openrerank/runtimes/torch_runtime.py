@@ -56,6 +56,12 @@ class TorchRuntime(Runtime):
             raise ValueError(f"unknown dtype {dtype!r} for the torch runtime (use one of {sorted(TORCH_DTYPES)})")
         if not is_cuda(device):
             torch.set_num_threads(threads or default_threads())
+        elif dtype == "fp32":
+            # fp32 means fp32: PyTorch lets cuDNN run fp32 convolutions (the VL families' patch embeddings) in
+            # TF32, which on an H200 moved their logits by up to 7e-3 and made scores depend on batch company.
+            # Process-wide, and bf16/fp16 do not read it; matrix products are IEEE by default, kept so here.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         # CPU bf16: fp32 weights + autocast (see the module docstring); GPU: weights in the dtype.
         self._autocast = dtype == "bf16" and not is_cuda(device)
         self.module = network.build(NetworkBuild(dtype="fp32" if self._autocast else dtype, device=device))
