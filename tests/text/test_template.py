@@ -3,11 +3,13 @@ never touches the template's fixed text (END / START / NONE / CHUNK, the query c
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from openrerank.core.requests import Truncate
 from openrerank.text.prepare import InputTooLongError
-from openrerank.text.template import FIXED, PASSAGE, QUERY, PromptTemplate, TemplateTextEncoder, fill
+from openrerank.text.template import FIXED, PASSAGE, QUERY, PromptTemplate, TemplateTextEncoder, _split_runs, fill
 from tests.families.builders import GEMMA, QWEN, build_tokenizer
 
 PREFIX, SUFFIX = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
@@ -44,6 +46,33 @@ def test_fill_reports_each_slots_character_span():
     text, spans = fill("Q: {query}\nD: {passage}.", "what", "paris is")
     assert text == "Q: what\nD: paris is."
     assert text[slice(*spans["query"])] == "what" and text[slice(*spans["passage"])] == "paris is"
+
+
+def split_runs_reference(ids, offsets, spans):
+    """Token by token: the first slot (in `spans`' order) whose characters the token overlaps, else fixed."""
+    runs = []
+    for tid, (a, b) in zip(ids, offsets, strict=True):
+        role = next((name for name, (s, e) in spans.items() if a < e and b > s), FIXED)
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((role, [tid]))
+    return runs
+
+
+def test_runs_are_split_like_the_token_by_token_rule():
+    """Random offsets (repeated, zero-width, straddling both slots) against the rule stated token by token."""
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randrange(0, 40)
+        starts = sorted(rng.randrange(0, 120) for _ in range(n))
+        offsets = [(a, a + rng.choice((0, 1, 3, 8))) for a in starts]
+        q = sorted(rng.sample(range(0, 121), 2))
+        p = sorted(rng.sample(range(0, 121), 2))
+        spans = dict(rng.sample([(QUERY, tuple(q)), (PASSAGE, tuple(p))], 2))
+        ids = [rng.randrange(1000) for _ in range(n)]
+        assert _split_runs(ids, offsets, spans) == split_runs_reference(ids, offsets, spans)
+    assert _split_runs([], [], {QUERY: (0, 3), PASSAGE: (4, 9)}) == []
 
 
 def test_pieces_are_tokenized_apart_not_as_one_prompt(tok):

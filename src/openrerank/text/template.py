@@ -17,11 +17,14 @@ prompt; the query is cut first when it would leave the passage less than half th
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from openrerank.core.requests import Truncate
 from openrerank.core.work import PairItem, WorkItem
@@ -79,19 +82,20 @@ def fill(piece: str, query: str, passage: str) -> tuple[str, dict[str, tuple[int
 
 
 def _split_runs(ids: list[int], offsets: list[tuple[int, int]], spans: dict[str, tuple[int, int]]) -> list[Run]:
-    """Consecutive tokens grouped by role; a token overlapping a slot's characters belongs to the slot."""
-    runs: list[Run] = []
-    for tid, (a, b) in zip(ids, offsets, strict=True):
-        role = FIXED
-        for name, (s, e) in spans.items():
-            if a < e and b > s:
-                role = name
-                break
-        if runs and runs[-1][0] == role:
-            runs[-1][1].append(tid)
-        else:
-            runs.append((role, [tid]))
-    return runs
+    """Consecutive tokens grouped by role; a token overlapping a slot's characters belongs to the slot (the
+    first slot, in `spans`' order, where it overlaps two). Array-wise: a per-token Python loop took 0.3 ms a
+    256-token pair, more than the tokenizer itself."""
+    if not ids:
+        return []
+    off = np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(ids)).reshape(len(ids), 2)
+    names = list(spans)
+    role = np.full(len(ids), len(names))  # len(names): fixed text
+    for k in reversed(range(len(names))):  # the first overlapping slot wins, so it is written last
+        s, e = spans[names[k]]
+        role[(off[:, 0] < e) & (off[:, 1] > s)] = k
+    bounds = [0, *(np.flatnonzero(role[1:] != role[:-1]) + 1).tolist(), len(ids)]
+    labels = [*names, FIXED]
+    return [(labels[role[i]], ids[i:j]) for i, j in itertools.pairwise(bounds)]
 
 
 #: Per-request instructions whose prompt pieces an encoder keeps tokenized (least recently used beyond).
