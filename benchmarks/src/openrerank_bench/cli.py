@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from openrerank.runtimes.base import LANES_ENV, default_threads
+from openrerank.runtimes.base import LANES_ENV, default_threads, lanes_text
 from openrerank.runtimes.selection import LANED_RUNTIMES
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
@@ -276,7 +276,7 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
         # Unless given, the lane count is what loading measured fastest; the HTTP server runs the same.
         row["lanes"] = n = runners[cfg].served.loaded.scorer.lanes
         if backend in LANED_RUNTIMES:
-            row["name"] = f"{backend} {dtype}, {n} lane{'s' * (n != 1)}"
+            row["name"] = f"{backend} {dtype}, {lanes_text(n)}"
             auto_lanes = (result.get("auto_choice") or {}).get("lanes")
             if row["auto"] and auto_lanes and n != auto_lanes:
                 row["auto"] = False  # under --lanes, auto's row is the one with the count auto serves

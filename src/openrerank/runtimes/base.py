@@ -144,6 +144,11 @@ def lanes_for(threads: int, default: int, lanes: int | None = None) -> int:
     return max(1, min(lanes, threads))
 
 
+def lanes_text(lanes: int) -> str:
+    """"1 lane", "2 lanes": how logs, labels and the bench name a lane count."""
+    return f"{lanes} lane{'' if lanes == 1 else 's'}"
+
+
 def lane_counts(threads: int) -> tuple[int, ...]:
     """The lane counts to time for a lane-capable runtime on `threads` threads: `OPENRERANK_LANES` alone when
     set, else each of `TIMED_LANES` the threads allow. Whether two batches at once beat one on all the threads

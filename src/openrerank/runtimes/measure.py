@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CACHE_ENV, ensure_record, key_of, model_fingerprint
-from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads
+from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads, lanes_text
 from openrerank.runtimes.devices import cpu_info
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,8 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
             backend, dtype, lanes = candidate
             results[candidate] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}",
                                              lanes=lanes)
-            log.warning("%s %s, %d lane%s, could not be timed on %s: %s", backend, dtype, lanes,
-                        "" if lanes == 1 else "s", model_dir, exc)
+            log.warning("%s %s, %s, could not be timed on %s: %s", backend, dtype, lanes_text(lanes), model_dir,
+                        exc)
 
         def timed(groups: list[list[tuple[Candidate, Runtime]]]) -> None:
             for group in groups:
@@ -278,8 +278,8 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                     continue
                 for ((backend, dtype, lanes), _), rate in zip(group, rates, strict=True):
                     results[(backend, dtype, lanes)] = Measurement(backend, dtype, rate, lanes=lanes)
-                    log.info("timed %s %s, %d lane%s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype,
-                             lanes, "" if lanes == 1 else "s", rate.pairs_per_s, rate.tokens_per_s, shapes)
+                    log.info("timed %s %s, %s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype,
+                             lanes_text(lanes), rate.pairs_per_s, rate.tokens_per_s, shapes)
 
         built: list[tuple[Candidate, Runtime]] = []
         try:

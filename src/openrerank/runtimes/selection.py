@@ -47,7 +47,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from openrerank.runtimes.base import Network, Runtime, default_threads, lane_counts
+from openrerank.runtimes.base import Network, Runtime, default_threads, lane_counts, lanes_text
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
 from openrerank.runtimes.measure import Measurement, NotTimeableError, Throughput, Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
@@ -119,7 +119,7 @@ class RuntimeChoice:
 def label(runtime: str, dtype: str, lanes: int | None = None) -> str:
     """E.g. "OpenVINO fp32", or "OpenVINO fp32 (2 lanes)" where lanes are known and the runtime has them."""
     name = f"{_NAMES.get(runtime, runtime)} {dtype}"
-    return name if lanes is None or runtime not in LANED_RUNTIMES else f"{name} ({lanes} lane{'s' * (lanes != 1)})"
+    return name if lanes is None or runtime not in LANED_RUNTIMES else f"{name} ({lanes_text(lanes)})"
 
 
 def cpu_flags() -> frozenset[str]:
