@@ -33,10 +33,10 @@ ENCODERS = ("xlmr", "modernbert", "deberta")
 DECODERS = ("qwen3", "mxbai", "gemma", "llama-bi", "mistral-bi")
 #: fp32 parity tolerance (issue 8) and the margin a deliberately wrong input must miss it by.
 TOL = 1e-4
+WRONG = 1e-2
 # The device the servers run on: the CPU, unless benchmarks/gpu_check.sh serves these tests on a GPU (`serve`
 # reads OPENRERANK_DEVICE).
 SERVER_DEVICE = os.environ.get("OPENRERANK_DEVICE", "cpu")
-WRONG = 1e-2
 
 
 @pytest.fixture(scope="session")
