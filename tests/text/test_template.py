@@ -61,18 +61,21 @@ def split_runs_reference(ids, offsets, spans):
 
 
 def test_runs_are_split_like_the_token_by_token_rule():
-    """Random offsets (repeated, zero-width, straddling both slots) against the rule stated token by token."""
+    """Batches of texts with random offsets (repeated, zero-width, straddling both slots; empty texts too) and
+    their own slot spans, against the rule stated token by token for each text."""
     rng = random.Random(7)
-    for _ in range(300):
-        n = rng.randrange(0, 40)
-        starts = sorted(rng.randrange(0, 120) for _ in range(n))
-        offsets = [(a, a + rng.choice((0, 1, 3, 8))) for a in starts]
-        q = sorted(rng.sample(range(0, 121), 2))
-        p = sorted(rng.sample(range(0, 121), 2))
-        spans = dict(rng.sample([(QUERY, tuple(q)), (PASSAGE, tuple(p))], 2))
-        ids = [rng.randrange(1000) for _ in range(n)]
-        assert _split_runs(ids, offsets, spans) == split_runs_reference(ids, offsets, spans)
-    assert _split_runs([], [], {QUERY: (0, 3), PASSAGE: (4, 9)}) == []
+    for _ in range(100):
+        order = rng.sample([QUERY, PASSAGE], 2)
+        rows = []
+        for _ in range(rng.randrange(1, 6)):
+            n = rng.randrange(0, 40)
+            starts = sorted(rng.randrange(0, 120) for _ in range(n))
+            offsets = [(a, a + rng.choice((0, 1, 3, 8))) for a in starts]
+            spans = {name: tuple(sorted(rng.sample(range(0, 121), 2))) for name in order}
+            rows.append(([rng.randrange(1000) for _ in range(n)], offsets, spans))
+        got = _split_runs([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+        assert got == [split_runs_reference(*r) for r in rows]
+    assert _split_runs([[], []], [[], []], [{QUERY: (0, 3), PASSAGE: (4, 9)}] * 2) == [[], []]
 
 
 def test_pieces_are_tokenized_apart_not_as_one_prompt(tok):
