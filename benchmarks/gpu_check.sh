@@ -8,9 +8,9 @@
 # Figures go to $OUT/gpu_check.json (else ./results/gpu_check.json), the log to gpu_check.log beside it.
 #
 #   benchmarks/gpu_check.sh                          # on the GPU machine (extra arguments go to gpu_check.py)
-#   benchmarks/gpu_check.sh --device cpu --quick     # dry run of every step on a CPU machine
-#   benchmarks/gpu_check.sh --device cpu --quick --steps latency --passages 500 --tokens 256
-#                                                    # a full-size request's tokenization on this CPU (tiny models)
+#   PYTHON=.venv/bin/python benchmarks/gpu_check.sh --device cpu --quick     # dry run of every step on a CPU
+#   PYTHON=.venv/bin/python benchmarks/gpu_check.sh --device cpu --quick --steps latency --passages 500 --tokens 256
+#                                       # a full-size request's tokenization on this CPU (tiny models)
 #
 # Expects (nothing is downloaded here): python3 >= 3.11 with a CUDA build of torch >= 2.4, transformers >= 5,
 # tokenizers, safetensors, numpy, sentence-transformers, pytest, httpx, rich, prometheus-client, pyyaml, and,
