@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +104,23 @@ def test_each_lane_count_is_a_candidate_and_the_fastest_serves_with_its_lanes(ti
         assert engine["lanes"] == lanes
         assert f"({lanes} lane{'s' * (lanes > 1)}) 50.0/s" in engine["reason"]
         loaded.close()
+
+
+def test_only_the_configuration_that_serves_keeps_a_compiled_blob(tiny_model_dir, cache, monkeypatch):
+    """Every timed OpenVINO configuration compiles, but a blob (a model's size on disk) is kept only for the
+    one that serves: in the folder of its own configuration, where the next start finds it."""
+    if "openvino" not in [c.runtime for c in plan_runtimes("auto", "fp32", "cpu", ENCODERS)]:
+        pytest.skip("OpenVINO is not installed")
+    from openrerank.runtimes.openvino_runtime import compile_config, compiled_config_dir
+
+    candidates = planned(threads=2)
+    fake_rates(monkeypatch, {c: (50.0 if c == "openvino-fp32-cpu@2" else 10.0) for c in candidates})
+    loaded = load_model(str(tiny_model_dir), LoadOptions(threads=2, dtype="fp32"))
+    assert f"{loaded.scorer.description}@{loaded.scorer.lanes}" == "openvino-fp32-cpu@2"
+    loaded.close()
+    blobs = list(cache.rglob("*.blob"))
+    serving = compiled_config_dir(Path("."), compile_config("fp32", 2, lanes=2)).name
+    assert [b.parent.name for b in blobs] == [serving]
 
 
 def test_fewer_lanes_serve_when_they_time_within_the_tie_of_the_fastest(tiny_model_dir, cache, monkeypatch):

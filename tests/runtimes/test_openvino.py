@@ -67,14 +67,42 @@ def test_runtime_second_start_does_not_convert_or_compile_again(tmp_path, model_
     cache = tmp_path / "cache"
     network = cross_encoder_network(model_copy)
     a = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
-    blobs = sorted((cache / convert.COMPILED_DIR).iterdir())
+    blobs = sorted((cache / convert.COMPILED_DIR).rglob("*.blob"))
     assert blobs, "OpenVINO wrote no compiled-model cache"
     b = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
     assert not a.conversion.cached and b.conversion.cached and len(conversions) == 1
-    assert sorted((cache / convert.COMPILED_DIR).iterdir()) == blobs  # the compiled blob was reused
+    assert sorted((cache / convert.COMPILED_DIR).rglob("*.blob")) == blobs  # the compiled blob was reused
+    assert b.compiled.get_property("LOADED_FROM_CACHE")
     feats = {"input_ids": np.array([[2, 10, 11, 3, 0]]), "attention_mask": np.array([[1, 1, 1, 1, 0]]),
              "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
     np.testing.assert_array_equal(a.run(feats), b.run(feats))
+
+
+def test_each_compile_configuration_keeps_its_own_blob(tmp_path, model_copy):
+    """OpenVINO's CPU plugin names a blob by the model and the device alone, so in one CACHE_DIR a compile
+    with other threads, streams or precision imported the first configuration's blob (on an AMX Xeon a bf16
+    compile importing an fp32 blob crashed in `infer`). Each configuration compiles its own blob, and finds
+    it again on the next start."""
+    cache = tmp_path / "cache"
+    network = cross_encoder_network(model_copy)
+    first = OpenVinoRuntime(network, dtype="fp32", threads=1, lanes=1, cache_dir=cache)
+    other = OpenVinoRuntime(network, dtype="fp32", threads=2, lanes=2, cache_dir=cache)
+    assert not first.compiled.get_property("LOADED_FROM_CACHE")
+    assert not other.compiled.get_property("LOADED_FROM_CACHE"), "compiled from another configuration's blob"
+    again = OpenVinoRuntime(network, dtype="fp32", threads=2, lanes=2, cache_dir=cache)
+    assert again.compiled.get_property("LOADED_FROM_CACHE")
+    assert len(list((cache / convert.COMPILED_DIR).rglob("*.blob"))) == 2
+    feats = {"input_ids": np.array([[2, 10, 11, 3, 0]]), "attention_mask": np.array([[1, 1, 1, 1, 0]]),
+             "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
+    np.testing.assert_allclose(first.run(feats), again.run(feats), atol=1e-5)
+
+
+def test_a_runtime_only_timed_leaves_no_blob(tmp_path, model_copy):
+    """`--backend auto` times every candidate configuration once; only the one that serves keeps a blob."""
+    cache = tmp_path / "cache"
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache,
+                    compiled_cache=False).close()
+    assert not list((cache / convert.COMPILED_DIR).rglob("*.blob"))
 
 
 def test_compile_options_honour_threads_and_precision(tmp_path, model_copy):
@@ -332,4 +360,4 @@ def test_replicas_take_turns_compiling_into_a_shared_cache_dir(tmp_path, model_c
         os.close(fd)  # the other replica is done
     out = proc.stdout.read()
     assert proc.wait(timeout=120) == 0 and "compiled" in out, lines
-    assert any(p.suffix == ".blob" for p in compiled.iterdir())
+    assert any(compiled.rglob("*.blob"))

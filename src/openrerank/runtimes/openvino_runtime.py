@@ -17,7 +17,14 @@ the CPU with:
   of one replica). Unpinned, the kernel's scheduler spreads them over the process's affinity set;
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (compiled under the
   cache directory's lock: OpenVINO writes the blob in place, so replicas take turns; left out where the
-  cache directory is read-only, e.g. a volume an export job filled: each start then compiles).
+  cache directory is read-only, e.g. a volume an export job filled: each start then compiles). One folder
+  per compile configuration (`compiled_config_dir`): the CPU plugin names a blob by the model and the
+  device alone (its `CACHING_PROPERTIES` are only `FULL_DEVICE_NAME`), so in one folder every configuration
+  of an IR (fp32 or bf16, threads, streams) imported whichever blob was written first. On an AMX Xeon a
+  bf16 compile that imported an fp32 blob crashed in `infer` (glibc "double free or corruption"); with a
+  fresh cache the same start served. Candidates that `--backend auto` only times compile without it
+  (`compiled_cache=False`): a blob per timed configuration would cost disk (a model's size each) for
+  nothing.
 
 - **shape buckets**: OpenVINO's CPU plugin builds and keeps kernel code for every input shape it meets (a
   dynamic-shape model; openvinotoolkit/openvino#20633, #23316), so a server fed the endless variety of
@@ -36,7 +43,9 @@ Inputs stay int64 (what the IR was traced with) and are handed over without a co
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import queue
@@ -68,7 +77,8 @@ DEFAULT_LANES = 2
 
 
 def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None, lanes: int = 1) -> dict:
-    """How the CPU plugin compiles a model to serve (see the module docstring)."""
+    """How the CPU plugin compiles a model to serve (see the module docstring); `compiled_dir`: the compiled-
+    model cache's root, under which this configuration's blobs get a folder of their own."""
     config = {
         "INFERENCE_PRECISION_HINT": _PRECISION[dtype],
         "INFERENCE_NUM_THREADS": threads,
@@ -77,8 +87,16 @@ def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None, l
         "ENABLE_CPU_PINNING": False,  # pinned threads of two processes collide (module docstring)
     }
     if compiled_dir is not None:
-        config["CACHE_DIR"] = str(compiled_dir)
+        config["CACHE_DIR"] = str(compiled_config_dir(compiled_dir, config))
     return config
+
+
+def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
+    """The folder of one compile configuration's blobs under the compiled-model cache: OpenVINO keys a blob by
+    the model and the device only, so a configuration must not see another's (module docstring)."""
+    settings = {k: v for k, v in config.items() if k != "CACHE_DIR"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
 
 
 def openvino_available() -> bool:
@@ -139,7 +157,9 @@ class OpenVinoRuntime(Runtime):
         threads: int | None = None,
         cache_dir: Path | None = None,
         lanes: int | None = None,
+        compiled_cache: bool = True,
     ) -> None:
+        """`compiled_cache=False`: compile without OpenVINO's blob cache (a candidate that is only timed)."""
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime (use one of {OPENVINO_DTYPES})")
@@ -147,7 +167,7 @@ class OpenVinoRuntime(Runtime):
             network, variant="int8" if dtype == "int8" else "fp32", cache_dir=cache_dir)
         self.threads = threads or default_threads()
         self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
-        compiled_dir = _writable(compiled_cache_dir(cache_dir))
+        compiled_dir = _writable(compiled_cache_dir(cache_dir)) if compiled_cache else None
         config = compile_config(dtype, self.threads, compiled_dir, self.lanes)
         # OpenVINO writes its compiled blob straight to the final file: a replica compiling the same model into
         # the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read half a

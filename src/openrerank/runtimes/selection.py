@@ -275,13 +275,14 @@ def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple
 
 
 def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | None,
-           lanes: int | None = None) -> Runtime:
+           lanes: int | None = None, *, timing: bool = False) -> Runtime:
     """The runtime of `choice`; `lanes` (lane-capable runtimes only): how many batches at once, None for the
-    runtime's default (`OPENRERANK_LANES`, else its own)."""
+    runtime's default (`OPENRERANK_LANES`, else its own); `timing`: it is only timed, so it leaves no compiled
+    blob behind (OpenVINO's are a model's size each)."""
     if choice.runtime == "openvino":
         from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 
-        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes)
+        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes, compiled_cache=not timing)
     if choice.runtime == "onnx":
         from openrerank.runtimes.onnx_runtime import OnnxRuntime
 
@@ -310,12 +311,15 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     counts = lane_counts(threads or default_threads())
     candidates = [(r, d, n) for r, d in by_key for n in (counts if r in LANED_RUNTIMES else (1,))]
 
-    def build(runtime: str, dtype: str, lanes: int) -> Runtime:
+    def build(runtime: str, dtype: str, lanes: int, timing: bool = False) -> Runtime:
         return _build(by_key[(runtime, dtype)], network, device, threads,
-                      lanes if runtime in LANED_RUNTIMES else None)
+                      lanes if runtime in LANED_RUNTIMES else None, timing=timing)
+
+    def build_to_time(runtime: str, dtype: str, lanes: int) -> Runtime:
+        return build(runtime, dtype, lanes, timing=True)
 
     try:
-        timings = measure_candidates(candidates, build, model_dir=network.path, head=network.head,
+        timings = measure_candidates(candidates, build_to_time, model_dir=network.path, head=network.head,
                                      device=device, threads=threads or default_threads(), max_length=max_length)
     except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
         log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
