@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import tempfile
 import time
 from dataclasses import dataclass
@@ -198,12 +199,16 @@ def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dic
     core = ov.Core()
     ir = core.read_model(str(runtime.conversion.path))
     tmp = Path(tempfile.mkdtemp(prefix="int8-frontier-"))
+    present = {op.get_friendly_name() for op in ir.get_ordered_ops()}
 
     def compressed(label: str, ignored: list[str], embeddings: bool) -> Path:
         names = [f"__module.inner.{n}/aten::linear/MatMul" for n in ignored]
         if not embeddings:
             names += [op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "Gather"
                       and "embeddings" in op.get_friendly_name()]
+        missing = sorted(set(names) - present)
+        if missing:  # validate=False below would silently keep them int8
+            raise RuntimeError(f"names not in the IR (has its naming changed?): {missing[:3]}")
         out = tmp / f"{label}.xml"
         model_ir = core.read_model(str(runtime.conversion.path))
         ov.save_model(nncf.compress_weights(model_ir, mode=nncf.CompressWeightsMode.INT8_ASYM,
@@ -215,12 +220,19 @@ def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dic
                 "NNCF int8 weights, all (--dtype int8 today)": (compressed("all", [], True), "int8"),
                 "NNCF int8 weights, embeddings fp32": (compressed("noemb", [], False), "int8"),
                 f"NNCF int8 weights, {len(keep)} matrices + embeddings fp32": (compressed("mix", keep, False), "int8")}
-    compiled = {label: core.compile_model(str(p), "CPU", compile_config(dtype, runtime.threads))
+    compiled = {label: core.compile_model(str(p), "CPU", compile_config(dtype, runtime.threads, lanes=runtime.lanes))
                 for label, (p, dtype) in variants.items()}
+    if not isinstance(getattr(runtime, "_requests", None), queue.SimpleQueue):
+        # The swap below feeds the runtime's own request queue; if the runtime stops keeping one, every variant
+        # would silently time the fp32 model (it did once: this guard makes that loud).
+        raise RuntimeError("OpenVinoRuntime no longer keeps `_requests`: update real_engine's variant swap")
     results = {label: {"pairs_per_s": 0.0} for label in variants}
     for _ in range(rounds):
         for label, c in compiled.items():
-            runtime.compiled, runtime._request = c, c.create_infer_request()
+            requests: queue.SimpleQueue = queue.SimpleQueue()
+            for _lane in range(runtime.lanes):
+                requests.put(c.create_infer_request())
+            runtime.compiled, runtime._requests = c, requests
             model.score(*pairs[0])  # warm
             t0 = time.perf_counter()
             got = np.concatenate([model.score(q, ps) for q, ps in pairs])
