@@ -15,6 +15,10 @@ Steps, each recorded in one JSON file (`$OUT/gpu_check.json`, else `./results/gp
    FLOP rate achieved. NIM's published figure for its Mistral-4B reranker is ~1,750 ms / 500 passages on an
    H100; the target is <= 875 ms. That needs ~1.0 PFLOP/s on 128k tokens of a 3.5B-parameter body (above a
    Hopper's dense bf16/fp16 peak, ~0.99), which the JSON's `required_tflops` makes explicit.
+5. dtype: the runtime alone (no tokenization or scheduling) on random-weight encoders of three sizes
+   (MiniLM-L6, BERT-base, BERT-large shapes), sequences/s per dtype at batch shapes from `--backend auto`'s
+   CPU timing shapes (8x128, 4x256) to a 500-passage request's (128x256): whether `--dtype auto`'s rule
+   (fp16 for encoders) holds at the shapes a GPU serves, and where a small model is launch-bound instead.
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ sys.path.insert(0, str(REPO / "src"))
 NIM_MISTRAL_4B_MS = 1750.0  # NIM's published latency, 500 passages on an H100
 TARGET_MS = 875.0
 QUICK = {"shapes": ("llama-bidirectional-tiny", "mistral-bidirectional-tiny"), "passages": 40, "tokens": 64,
-         "requests": 2, "minilm_requests": 2}
+         "requests": 2, "minilm_requests": 2, "encoders": {"bert-tiny": (64, 2, 128)}, "batches": ((2, 16), (4, 32))}
 FULL = {"shapes": ("llama-bidirectional-1b", "mistral-bidirectional-4b"), "passages": 500, "tokens": 256,
-        "requests": 5, "minilm_requests": 20}
+        "requests": 5, "minilm_requests": 20,
+        # (hidden, layers, feed-forward) beside the MiniLM-L6 cross-encoder (384, 6, 1536)
+        "encoders": {"bert-base": (768, 12, 3072), "bert-large": (1024, 24, 4096)},
+        "batches": ((8, 128), (4, 256), (64, 128), (32, 256), (128, 256))}
 
 
 def log(msg: str) -> None:
@@ -187,6 +194,39 @@ def minilm(device: str, dtypes: list[str], requests: int, tmp: Path) -> dict:
     return result
 
 
+def encoder_dtypes(device: str, dtypes: list[str], encoders: dict, batches: tuple, tmp: Path) -> dict:
+    """Sequences/s of the torch runtime alone per encoder size, dtype and batch shape (module docstring, 5)."""
+    from openrerank_bench.synthetic import build_minilm_cross_encoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.runtimes.measure import time_runtimes
+
+    texts, _, _ = texts_for_workload()
+    models = {"minilm-l6": build_minilm_cross_encoder(tmp / "dtype-minilm-l6", texts[:20000])}
+    for name, (hidden, layers, ff) in encoders.items():
+        out = tmp / f"dtype-{name}"
+        config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=max(1, hidden // 64), intermediate_size=ff, num_labels=1)
+        BertForSequenceClassification(config).eval().save_pretrained(out)
+        for f in models["minilm-l6"].iterdir():  # the tokenizer's files
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+                (out / f.name).write_bytes(f.read_bytes())
+        models[name] = out
+    rates: dict[str, dict[str, float]] = {}
+    for name, path in models.items():
+        for dtype in dtypes:
+            loaded = load_model(str(path), LoadOptions(device=device, backend="torch", dtype=dtype,
+                                                       backend_choice="rules"))
+            runtime = loaded.scorer.runtime
+            rates[f"{name} {dtype}"] = {f"{rows}x{width}": round(time_runtimes([runtime], [(rows, width)], 30522,
+                                                                                seconds=0.5)[0].pairs_per_s, 1)
+                                        for rows, width in batches}
+            loaded.close()
+            log(f"dtype: {name} {dtype} {rates[f'{name} {dtype}']}")
+    return {"sequences_per_s": rates, "batches": [list(b) for b in batches]}
+
+
 # -- one request of 500 passages x ~256 tokens ------------------------------------------------------------
 
 
@@ -300,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda[:N], or cpu for a dry run")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few pairs (a dry run of every step)")
-    p.add_argument("--steps", default="parity,minilm,latency", help="comma-separated subset of the steps")
+    p.add_argument("--steps", default="parity,minilm,latency,dtype",
+                   help="comma-separated subset of the steps")
     p.add_argument("--dtypes", default=None, help="default: fp32,bf16,fp16 on CUDA (latency: fp16,bf16); "
                    "fp32 on CPU, and bf16 where the CPU has bf16 units")
     p.add_argument("--passages", type=int, default=None, help="latency: passages per request (default: 500, "
@@ -334,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["parity"] = parity(args.device, dtypes, out, args.quick)
                 elif step == "minilm":
                     result["minilm"] = minilm(args.device, dtypes, size["minilm_requests"], Path(tmp))
+                elif step == "dtype":
+                    result["dtype"] = encoder_dtypes(args.device, dtypes, size["encoders"], size["batches"],
+                                                     Path(tmp))
                 elif step == "latency":
                     result["latency"] = [latency(s, args.device, fast_dtypes, size["passages"], size["tokens"],
                                                  size["requests"], Path(tmp)) for s in size["shapes"]]
