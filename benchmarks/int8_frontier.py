@@ -21,6 +21,8 @@ cross-encoder `openrerank bench` serves:
     .venv/bin/python benchmarks/int8_frontier.py --json /tmp/int8.json          # ~25 min on 2 cores
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --no-engine --recipes SmoothQuant
+    .venv/bin/python benchmarks/int8_frontier.py --recipes none --no-engine --json /tmp/sens.json    # part 2 only
+    .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --keep /tmp/sens.json --recipes none  # 3 only
     .venv/bin/python benchmarks/int8_frontier.py --no-engine --recipes "A sym/token,outliers" \
         --frontier-recipe "W asym/channel + A asym/token + 4 outliers"                # ONNX Runtime's, ~20 min
 
@@ -275,7 +277,8 @@ def main() -> None:
     ap.add_argument("--skip-sensitivity", action="store_true",
                     help="recipes and the real engine only; the engine keeps the mix found last time (--keep)")
     ap.add_argument("--keep", type=Path, help="JSON from an earlier run whose passing mix the engine part uses")
-    ap.add_argument("--recipes", help="comma-separated substrings: only the recipes of part 1 that match one")
+    ap.add_argument("--recipes", help="comma-separated substrings: only the recipes of part 1 that match one "
+                    "('none': skip part 1)")
     ap.add_argument("--no-engine", action="store_true", help="skip part 3 (the real engine)")
     ap.add_argument("--frontier-recipe", choices=list(RECIPES), default=FRONTIER_RECIPE, metavar="RECIPE",
                     help=f"part 2's recipe (default: {FRONTIER_RECIPE!r}, OpenVINO's VNNI path; part 3 runs "
@@ -298,7 +301,7 @@ def main() -> None:
     print("1. recipes, every encoder matrix int8 (simulated):")
     wanted = [w.strip() for w in (args.recipes or "").split(",") if w.strip()]
     for recipe in RECIPES:
-        if wanted and not any(w in recipe for w in wanted):
+        if wanted == ["none"] or (wanted and not any(w in recipe for w in wanted)):
             continue
         sim.quantize(set(sim.linears), recipe)
         report["recipes"][recipe] = r = sim.correlations()
