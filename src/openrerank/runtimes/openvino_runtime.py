@@ -24,7 +24,8 @@ the CPU with:
   bf16 compile that imported an fp32 blob crashed in `infer` (glibc "double free or corruption"); with a
   fresh cache the same start served. Candidates that `--backend auto` only times compile without it
   (`compiled_cache=False`): a blob per timed configuration would cost disk (a model's size each) for
-  nothing.
+  nothing; the one that serves compiles once more, with it (on the start that times; later starts read the
+  timings and import its blob).
 
 - **shape buckets**: OpenVINO's CPU plugin builds and keeps kernel code for every input shape it meets (a
   dynamic-shape model; openvinotoolkit/openvino#20633, #23316), so a server fed the endless variety of
