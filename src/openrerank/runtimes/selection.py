@@ -41,6 +41,7 @@ fails to load hands over to the next candidate, and the reason says so.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import warnings
@@ -315,12 +316,10 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
         return _build(by_key[(runtime, dtype)], network, device, threads,
                       lanes if runtime in LANED_RUNTIMES else None, timing=timing)
 
-    def build_to_time(runtime: str, dtype: str, lanes: int) -> Runtime:
-        return build(runtime, dtype, lanes, timing=True)
-
     try:
-        timings = measure_candidates(candidates, build_to_time, model_dir=network.path, head=network.head,
-                                     device=device, threads=threads or default_threads(), max_length=max_length)
+        timings = measure_candidates(candidates, functools.partial(build, timing=True), model_dir=network.path,
+                                     head=network.head, device=device, threads=threads or default_threads(),
+                                     max_length=max_length)
     except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
         log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
         return _first_that_loads(plan, network, device, threads)
