@@ -94,3 +94,39 @@ def test_served_model_rerank_through_the_scheduler_matches_direct_scoring(tiny_m
     for req, res in zip(requests, asyncio.run(main()), strict=True):
         np.testing.assert_allclose(res.logits, tiny_model.score(req.query, req.passages), rtol=0, atol=1e-5)
         assert res.timings.total_ms >= res.timings.queue_ms + res.timings.inference_ms - 1e-6
+
+
+class _Recorded:
+    """An OpenVINO infer request that notes the shape of every batch it runs."""
+
+    def __init__(self, request, seen: list) -> None:
+        self.request, self.seen = request, seen
+
+    def infer(self, inputs, **kwargs):
+        self.seen.append(tuple(inputs["input_ids"].shape))
+        return self.request.infer(inputs, **kwargs)
+
+
+def test_warmup_reaches_every_lane(tiny_model: LoadedModel, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane's kernels for a shape are its own (an OpenVINO stream compiles them on its first batch of it),
+    so the warm-up runs each of its batches on every lane, not only on the one a lone batch would take."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("OPENRERANK_LANES", "2")
+    loaded = load_model(str(tiny_model.spec.path), LoadOptions(backend="openvino", dtype="fp32", threads=2,
+                                                               backend_choice="rules"))
+    try:
+        runtime = loaded.scorer.runtime
+        assert runtime.lanes == 2
+        seen: list[list] = [[], []]
+        for lane_seen in seen:  # the runtime hands out free requests from its queue
+            runtime._requests.put(_Recorded(runtime._requests.get(), lane_seen))
+        rng = random.Random(5)
+        items = loaded.encoder.prepare(text(rng, 3), [text(rng, n) for n in (4, 9, 30, 60)], Truncate.END).items
+        sched = Scheduler(loaded.scorer, SchedulerConfig(BatchPolicy(max_tokens=120)), name="tiny")
+        sched.warmup(items)
+        assert seen[0] and sorted(seen[0]) == sorted(seen[1])  # every warm-up shape, on both lanes
+        assert len(seen[0]) >= 2  # more than one batch: the items split under max_tokens
+    finally:
+        loaded.close()

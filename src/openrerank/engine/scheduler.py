@@ -28,6 +28,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -44,6 +45,7 @@ from openrerank.engine.admission import (
 from openrerank.engine.batch_runner import BatchRunner
 from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError
 from openrerank.engine.pending import PendingRequest, ScoreOutcome
+from openrerank.engine.planning import spread
 from openrerank.engine.scheduler_metrics import SchedulerMetrics
 from openrerank.engine.worker import Worker
 from openrerank.families.scorer import Scorer
@@ -168,12 +170,27 @@ class Scheduler:
         self._worker.run()
 
     def warmup(self, items: Sequence[WorkItem]) -> None:
-        """Score once synchronously (before serving) so first requests don't pay lazy init."""
+        """Score once synchronously (before serving) so first requests don't pay lazy init: the batches a lone
+        request of `items` makes (`planning.spread` over the lanes, as the worker would), each on every lane.
+
+        Every lane, because a lane's state is its own: an OpenVINO stream compiles kernels for a shape on its
+        own first batch of it (on an Intel AMX CPU a first request cost 1.67x a warm one with two lanes, of
+        which the warm-up had reached one, and 1.38x with one lane; docs/engine.md). The `lanes` copies of a
+        batch run at once, so each holds a lane of its own while it runs."""
         items = list(items)
-        for task in TASKS:
-            group = [it for it in items if it.task == task]
-            for idx in self.config.policy.split(group):
-                self.scorer.compute([group[i] for i in idx])
+        lanes = max(1, self.scorer.lanes)
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix=f"{self.name}-warmup") if lanes > 1 else None
+        try:
+            for task in TASKS:
+                group = [it for it in items if it.task == task]
+                for batch in spread([[group[i] for i in idx] for idx in self.config.policy.split(group)], lanes):
+                    if pool is None:
+                        self.scorer.compute(batch)
+                    else:
+                        list(pool.map(self.scorer.compute, [batch] * lanes))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     # -- submitting ------------------------------------------------------------------------------
 
