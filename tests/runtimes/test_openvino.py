@@ -97,6 +97,19 @@ def test_each_compile_configuration_keeps_its_own_blob(tmp_path, model_copy):
     np.testing.assert_allclose(first.run(feats), again.run(feats), atol=1e-5)
 
 
+def test_blobs_of_the_old_shared_layout_are_removed(tmp_path, model_copy):
+    """Blobs an older version wrote into the cache's root (shared by every configuration) are read by nothing
+    now; a compile with the cache removes them, and keeps its own configuration's blob and other files."""
+    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled.mkdir(parents=True)
+    (compiled / "1234567890.blob").write_bytes(b"an old blob")
+    (compiled / "notes.txt").write_text("not a blob")
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
+    assert not (compiled / "1234567890.blob").exists()
+    assert (compiled / "notes.txt").exists()
+    assert len(list(compiled.glob("*/*.blob"))) == 1
+
+
 def test_a_runtime_only_timed_leaves_no_blob(tmp_path, model_copy):
     """`--backend auto` times every candidate configuration once; only the one that serves keeps a blob."""
     cache = tmp_path / "cache"

@@ -100,6 +100,19 @@ def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
     return Path(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
 
 
+def _drop_shared_blobs(compiled_dir: Path) -> None:
+    """Delete the blobs an older openrerank wrote straight into the cache's root, where every configuration
+    shared them: nothing reads them since each configuration has its own folder, and each is a model's size.
+    Called under the folder's lock, so no replica is importing one meanwhile."""
+    for blob in compiled_dir.glob("*.blob"):
+        try:
+            blob.unlink()
+        except OSError as exc:  # another start removed it first, or the volume refuses: harmless either way
+            log.debug("stale OpenVINO blob %s not removed: %s", blob, exc)
+        else:
+            log.info("removed %s: a compiled blob of the old shared layout, read by no configuration", blob)
+
+
 def openvino_available() -> bool:
     """Whether the openvino package is installed (found without importing it; a broken install still fails
     at load, where `--backend auto` falls back to the next runtime)."""
@@ -174,6 +187,8 @@ class OpenVinoRuntime(Runtime):
         # the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read half a
         # blob. One compile per cache directory at a time; the others then import the finished blob.
         with exclusive(compiled_dir):
+            if compiled_dir is not None:
+                _drop_shared_blobs(compiled_dir)
             self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
         # One infer request per stream: a caller takes a free one, so `lanes` batches run at once.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
