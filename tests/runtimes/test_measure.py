@@ -50,6 +50,42 @@ def test_a_runtime_with_lanes_is_timed_with_its_lanes_at_once_and_credited_for_b
     assert laned_rate.pairs_per_s > 1.5 * single_rate.pairs_per_s, (laned_rate, single_rate)
 
 
+class FifoLanes(Runtime):
+    """Two lanes handed out like OpenVINO's infer requests (a free one from a FIFO queue); a batch of `slow_rows`
+    rows costs 20 ms, any other 1 ms. Notes which lane ran which shape."""
+
+    input_names = ("input_ids", "attention_mask")
+    lanes = 2
+
+    def __init__(self, slow_rows: int) -> None:
+        import queue
+
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for lane in ("A", "B"):
+            self.free.put(lane)
+        self.slow_rows = slow_rows
+        self.ran: list[tuple[str, tuple[int, int]]] = []
+
+    def run(self, features) -> None:
+        lane = self.free.get()
+        try:
+            shape = features["input_ids"].shape
+            self.ran.append((lane, shape))
+            time.sleep(0.02 if shape[0] == self.slow_rows else 0.001)
+        finally:
+            self.free.put(lane)
+
+
+def test_the_warm_up_runs_every_shape_on_every_lane():
+    """A lane compiles a shape's kernels on its own first batch of it: warmed in one mixed pass, the fast shape
+    took lane A twice while B ran the slow one, and B's first fast batch fell in a timed pass."""
+    shapes = ((2, 8), (1, 16))
+    rt = FifoLanes(slow_rows=1)
+    time_runtimes([rt], shapes, 100, seconds=0.05)
+    warm_up = rt.ran[:len(shapes) * rt.lanes]
+    assert set(warm_up) == {(lane, shape) for lane in "AB" for shape in shapes}, warm_up
+
+
 def test_a_burst_of_other_work_does_not_decide_the_ranking():
     shapes = ((2, 8), (1, 16))
 

@@ -39,7 +39,8 @@ from openrerank.runtimes.devices import cpu_info
 log = logging.getLogger(__name__)
 
 #: Bump when what is timed or how changes, so old records are not read as new ones.
-MEASURE_FORMAT = 3  # 2: runtimes with lanes timed with their lanes at once; 3: lane counts are candidates
+MEASURE_FORMAT = 4  # 2: runtimes with lanes timed with their lanes at once; 3: lane counts are candidates;
+#: 4: the warm-up runs every shape on every lane
 #: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
 #: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
 #: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
@@ -177,11 +178,15 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
     fastest pass is the one least disturbed.
 
     A runtime with lanes (`Runtime.lanes`) is timed as it serves: a pass gives each lane every shape, and
-    the lanes run at once."""
-    batches = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes] * rt.lanes
-               for rt in runtimes]
-    for rt, feats in zip(runtimes, batches, strict=True):
-        rt.run_all(feats)
+    the lanes run at once. Its warm-up runs each shape on every lane at once (`lanes` copies together each
+    hold a lane), because a lane compiles a shape's kernels on its own first batch of it: warmed in one mixed
+    pass, a fast shape could take the same lane twice and leave that compile to a timed pass."""
+    features = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes]
+                for rt in runtimes]
+    for rt, feats in zip(runtimes, features, strict=True):
+        for f in feats:
+            rt.run_all([f] * rt.lanes)
+    batches = [feats * rt.lanes for rt, feats in zip(runtimes, features, strict=True)]
     best = [float("inf")] * len(runtimes)
     started, passes = time.perf_counter(), 0
     while passes < _MAX_PASSES and (passes == 0 or time.perf_counter() - started < seconds * len(runtimes)):
