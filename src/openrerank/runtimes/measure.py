@@ -38,9 +38,9 @@ from openrerank.runtimes.devices import cpu_info
 
 log = logging.getLogger(__name__)
 
-#: Bump when what is timed or how changes, so old records are not read as new ones.
-MEASURE_FORMAT = 4  # 2: runtimes with lanes timed with their lanes at once; 3: lane counts are candidates;
-#: 4: the warm-up runs every shape on every lane
+#: Bump when what is timed or how changes, so old records are not read as new ones (2: runtimes with lanes
+#: timed with their lanes at once; 3: lane counts are candidates; 4: the warm-up runs every shape on every lane).
+MEASURE_FORMAT = 4
 #: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
 #: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
 #: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
