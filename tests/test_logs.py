@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from openrerank.observe.logs import JsonFormatter, TextFormatter
+from tests.server.faults import until
 from tests.support import nim_body, run_server
 
 
@@ -34,9 +35,12 @@ def test_json_logs_access_lines_and_request_ids(tmp_path, tiny_model_dir):
                            headers={"x-request-id": "trace-42"})
             made = c.post("/v1/ranking", json={"bad": 1})
             c.get("/v1/health/ready")
+        generated = made.headers["x-request-id"]
+        # A request's access line is written once its response has gone out: the client can be first.
+        until(lambda: all(f'"request_id":"{rid}"' in server.output() for rid in ("trace-42", generated)),
+              "both requests' access lines")
         log_text = server.output()
     assert given.headers["x-request-id"] == "trace-42"
-    generated = made.headers["x-request-id"]
     assert len(generated) >= 16 and generated != "trace-42"
     lines = [json.loads(line) for line in log_text.splitlines() if line.strip()]  # every line is JSON
     assert {"ts", "level", "logger", "message"} <= set(lines[0])
