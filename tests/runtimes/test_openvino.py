@@ -110,6 +110,22 @@ def test_blobs_of_the_old_shared_layout_are_removed(tmp_path, model_copy):
     assert len(list(compiled.glob("*/*.blob"))) == 1
 
 
+def test_an_old_blob_that_cannot_be_removed_does_not_stop_the_start(tmp_path, model_copy, monkeypatch):
+    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled.mkdir(parents=True)
+    (compiled / "1234567890.blob").write_bytes(b"an old blob")
+    real_unlink = Path.unlink
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "1234567890.blob":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    rt = OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
+    assert (compiled / "1234567890.blob").exists() and rt.compiled is not None
+
+
 def test_a_runtime_only_timed_leaves_no_blob(tmp_path, model_copy):
     """`--backend auto` times every candidate configuration once; only the one that serves keeps a blob."""
     cache = tmp_path / "cache"

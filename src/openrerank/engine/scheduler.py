@@ -173,10 +173,10 @@ class Scheduler:
         """Score once synchronously (before serving) so first requests don't pay lazy init: the batches a lone
         request of `items` makes (`planning.spread` over the lanes, as the worker would), each on every lane.
 
-        Every lane, because a lane's state is its own: an OpenVINO stream compiles kernels for a shape on its
-        own first batch of it (on an Intel AMX CPU a first request cost 1.67x a warm one with two lanes, of
-        which the warm-up had reached one, and 1.38x with one lane; docs/engine.md). The `lanes` copies of a
-        batch run at once, so each holds a lane of its own while it runs."""
+        Every lane, because a lane's state is its own: each OpenVINO stream runs its own infer request, and
+        seemingly its own per-shape kernels (on an Intel AMX CPU a first request cost 1.67x a warm one with two
+        lanes, of which the warm-up had reached one, and 1.38x with one lane; docs/engine.md). The `lanes`
+        copies of a batch run at once, so each holds a lane of its own while it runs."""
         items = list(items)
         lanes = max(1, self.scorer.lanes)
         pool = ThreadPoolExecutor(lanes, thread_name_prefix=f"{self.name}-warmup") if lanes > 1 else None

@@ -179,8 +179,8 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
 
     A runtime with lanes (`Runtime.lanes`) is timed as it serves: a pass gives each lane every shape, and
     the lanes run at once. Its warm-up runs each shape on every lane at once (`lanes` copies together each
-    hold a lane), because a lane compiles a shape's kernels on its own first batch of it: warmed in one mixed
-    pass, a fast shape could take the same lane twice and leave that compile to a timed pass."""
+    hold a lane), because a lane's first batch of a shape may cost more (kernels compiled per stream): warmed
+    in one mixed pass, a fast shape could take the same lane twice and leave that cost to a timed pass."""
     features = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes]
                 for rt in runtimes]
     for rt, feats in zip(runtimes, features, strict=True):
