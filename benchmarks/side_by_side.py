@@ -103,10 +103,18 @@ def engine_round(engine: str, model: Path, bodies: list[bytes], pairs_each: int,
     return {"alone": one, "pair": pair}
 
 
+def served_engine(url: str) -> str:
+    """The engine a server (a replica of it, behind Ray) serves, from TEI /info's `engine` object."""
+    engine = httpx.get(f"{url}/info", timeout=30).json().get("engine") or {}
+    lanes = engine.get("lanes")
+    return f"{engine.get('backend')}:{engine.get('dtype')}" + (f", {lanes} lane(s)" if lanes else "")
+
+
 def ray_round(model: Path, bodies: list[bytes], pairs_each: int, tmp: Path, engine: str | None,
-              routers: list[str]) -> dict[str, float]:
-    """pairs/s of two clients together: on 1 replica ("1"), and on 2 replicas with each router."""
-    out = {}
+              routers: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """pairs/s of two clients together: on 1 replica ("1"), and on 2 replicas with each router; and the
+    engine each setup served (without --ray-engine, the replicas' own auto choice)."""
+    out, engines = {}, {}
     for name, replicas, router in [("1", 1, None)] + [(f"2 {r}", 2, r) for r in routers]:
         args = ["--model", f"{SERVED_NAME}={model}", "--replicas", str(replicas), "--threads", "1",
                 "--replica-cpus", "1", "--max-passages", "1000"]
@@ -117,10 +125,11 @@ def ray_round(model: Path, bodies: list[bytes], pairs_each: int, tmp: Path, engi
             args += ["--backend", backend, "--dtype", dtype]
         server = serve(args, tmp, timeout=900)
         try:
+            engines[name] = served_engine(server.url)
             out[name] = sum(run_clients([server.url] * 2, bodies, pairs_each))
         finally:
             server.stop()
-    return out
+    return out, engines
 
 
 def main() -> int:
@@ -149,6 +158,7 @@ def main() -> int:
     load_start = os.getloadavg()
     results: dict = {e: [] for e in engines}
     ray: list[dict] = []
+    ray_engines: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = build_bench_cross_encoder(tmp / "bench-cross-encoder")
@@ -162,17 +172,20 @@ def main() -> int:
                 print(f"round {r + 1}: {engine}: alone {res['alone']:.1f} pairs/s, two at once {each} pairs/s "
                       f"({ratio})", flush=True)
             if args.ray:
-                res = ray_round(model, bodies, pairs_each, tmp, args.ray_engine,
-                                routers if r % 2 == 0 else routers[::-1])
+                res, served = ray_round(model, bodies, pairs_each, tmp, args.ray_engine,
+                                        routers if r % 2 == 0 else routers[::-1])
                 ray.append(res)
+                ray_engines.append(served)
                 twos = ", ".join(f"2 replicas ({k[2:]}) {v:.1f} pairs/s ({v / res['1']:.2f}x)"
                                  for k, v in res.items() if k != "1")
-                print(f"round {r + 1}: ray: 1 replica {res['1']:.1f} pairs/s, {twos}", flush=True)
+                kinds = "; ".join(f"{k}: {v}" for k, v in served.items())
+                print(f"round {r + 1}: ray: 1 replica {res['1']:.1f} pairs/s, {twos} (engines {kinds})", flush=True)
     print(f"\n{cpu_name()}, {default_threads()} CPUs available; load {load_start} -> {os.getloadavg()}; "
           f"{args.queries} requests x {args.passages} passages per client; medians of {args.rounds} rounds")
     print("| engine | one alone (pairs/s) | each of two at once | ratio (min of the two) | spread of ratio |")
     print("|---|---:|---:|---:|---:|")
-    summary: dict = {"cpu": cpu_name(), "load": [load_start, os.getloadavg()], "engines": {}, "ray": ray}
+    summary: dict = {"cpu": cpu_name(), "load": [load_start, os.getloadavg()], "engines": {}, "ray": ray,
+                     "ray_engines": ray_engines}
     for engine, runs in results.items():
         ratios = [min(r["pair"]) / r["alone"] for r in runs]
         alone = statistics.median(r["alone"] for r in runs)
