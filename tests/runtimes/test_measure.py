@@ -4,6 +4,7 @@ them a lot, so the ranking survives it (the fake runtimes' costs are sleeps: the
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -58,8 +59,6 @@ class FifoLanes(Runtime):
     lanes = 2
 
     def __init__(self, slow_rows: int) -> None:
-        import queue
-
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         for lane in ("A", "B"):
             self.free.put(lane)

@@ -7,7 +7,6 @@ server's own counters (work abandoned, requests refused), polled with a deadline
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import tritonclient.grpc as grpcclient
@@ -15,12 +14,12 @@ import tritonclient.grpc.aio as aioclient
 from openrerank_bench.serve_process import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server.faults import until
 from tests.server.grpc.support import failure, ranking_inputs, status_of
 from tests.support import run_server
 
 MODEL = "sentence_transformers_all_minilm_l6_v2"
 SERVED = "sentence-transformers/all-MiniLM-L6-v2"
-WAIT_S = 60.0
 #: ~120 tokens a pair: seconds of work for 256 of them
 LONG = ["river bank water stone " * 24 + str(i) for i in range(256)]
 
@@ -43,13 +42,6 @@ def metric(server, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
-
-
-def until(cond, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def abandoned(server) -> float:
