@@ -7,22 +7,26 @@ cross-encoder `openrerank bench` serves:
    an int8 kernel with int32 accumulation computes), so every recipe is measured on any CPU, VNNI or not.
    Weights per output channel (asym = NNCF's INT8_ASYM, sym) or per group of inputs; activations per token
    (ONNX Runtime's dynamic int8 is coarser still: one scale per batch) or per token and group of 32 inputs
-   (what OpenVINO's CPU plugin runs on VNNI CPUs with int8 weights); SmoothQuant scaling calibrated on 15
-   other DL19 queries; per token with the few input channels of outlying activations kept fp32 (LLM.int8()'s
-   decomposition; the finest scale ONNX Runtime's MatMulInteger takes: `int8_ort_kernels.py` times it).
+   (symmetric: what OpenVINO's CPU plugin runs on VNNI CPUs with int8 weights, part 3 checks it; asymmetric,
+   which it does not); SmoothQuant scaling calibrated on 15 other DL19 queries; per token with the few input
+   channels of outlying activations kept fp32 (LLM.int8()'s decomposition; the finest scale ONNX Runtime's
+   MatMulInteger takes: `int8_ort_kernels.py` times it).
 2. Sensitivity and frontier: each of the 36 encoder matrices quantized alone under `--frontier-recipe`; then
    the k most sensitive per FLOP (ranked on the gate's DL19 probe only) kept in fp32, k = 0..24, scored on the
    gate probe and on held-out DL19 pairs, with the share of the matrix FLOPs left in int8.
-3. The real engine: OpenVINO with NNCF int8 weights (all matrices; the frontier's first passing mix, via an
-   ignored scope; with and without the embedding table), correlation and pairs/s against OpenVINO fp32,
-   interleaved rounds. Without VNNI the CPU plugin runs int8 weights by decompressing them (weights-only
-   error, no speed-up); with VNNI it quantizes activations too, which is what part 1's activation rows model.
+3. The real engine: OpenVINO with NNCF int8 weights (every matrix and the embedding table, as `--dtype int8`;
+   then each mix of the frontier, the same encoder matrices int8 as simulated, everything else fp32, via an
+   ignored scope), correlation on the gate probe and the held-out pairs next to the simulation's, and pairs/s
+   against OpenVINO fp32, interleaved rounds. Without VNNI the CPU plugin runs int8 weights by decompressing
+   them (weights-only error, no speed-up); with VNNI it quantizes activations too, per token and `--group`
+   inputs (its DYNAMIC_QUANTIZATION_GROUP_SIZE), which is what the frontier recipe models.
 
     .venv/bin/python benchmarks/int8_frontier.py --json /tmp/int8.json          # ~25 min on 2 cores
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --no-engine --recipes SmoothQuant
     .venv/bin/python benchmarks/int8_frontier.py --recipes none --no-engine --json /tmp/sens.json    # part 2 only
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --keep /tmp/sens.json --recipes none  # 3 only
+    .venv/bin/python benchmarks/int8_frontier.py --recipes none --group 16    # 2 and 3, the plugin's groups of 16
     .venv/bin/python benchmarks/int8_frontier.py --no-engine --recipes "A sym/token,outliers" \
         --frontier-recipe "W asym/channel + A asym/token + 4 outliers"                # ONNX Runtime's, ~20 min
 
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 
 GATE = 0.9999
-GROUP = 32  # OpenVINO's CPU dynamic quantization group size (DYNAMIC_QUANTIZATION_GROUP_SIZE)
+GROUP = 32  # OpenVINO's CPU dynamic quantization group size (DYNAMIC_QUANTIZATION_GROUP_SIZE): its default
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,19 @@ RECIPES: dict[str, Recipe] = {
     **{f"W asym/channel + A asym/token + {k} outliers": Recipe("asym", None, "asym", None, None, k)
        for k in (2, 4, 16)},
 }
-FRONTIER_RECIPE = "W asym/channel + A asym/token/g32"
+# What OpenVINO's CPU plugin computes on a VNNI CPU with NNCF's int8 weights: its scores match this recipe's and
+# not the asymmetric one's (part 3 prints both; docs/engine.md has the comparison).
+FRONTIER_RECIPE = "W asym/channel + A sym/token/g32"
+
+
+def plugin_recipe(group: int) -> str:
+    """The frontier recipe with the plugin's activations in groups of `group` inputs (registered if new); with
+    group 0 the plugin leaves activations fp32."""
+    if not group:
+        return "W asym/channel"
+    name = FRONTIER_RECIPE.replace(f"/g{GROUP}", f"/g{group}")
+    RECIPES.setdefault(name, Recipe("asym", None, "sym", group))
+    return name
 
 
 def fake_quant(x: torch.Tensor, mode: str, group: int | None) -> torch.Tensor:
@@ -184,8 +200,14 @@ def fmt(r: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.6f}" for k, v in r.items())
 
 
-def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dict]:
-    """OpenVINO fp32 against NNCF int8-weight variants of the same IR: correlation and pairs/s, interleaved."""
+ENCODER_INT8 = "encoder int8, every matrix"  # what the simulation quantizes when every matrix is int8
+
+
+def real_engine(path: str, sets: dict, frontier: list[dict], rounds: int, group: int,
+                sim: Simulated) -> tuple[list[dict], dict[str, float]]:
+    """OpenVINO fp32 against NNCF int8-weight variants of the same IR (`--dtype int8`, every encoder matrix, then
+    each frontier mix): correlation on each pair set and pairs/s, interleaved rounds, the plugin's activation
+    groups of `group`. Second: how far each activation model's simulation is from the plugin's scores."""
     import nncf
     import openvino as ov
 
@@ -193,8 +215,7 @@ def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dic
     from openrerank.runtimes.openvino_runtime import compile_config
 
     ref_model = load_model(path, LoadOptions(backend="torch", dtype="fp32", threads=torch.get_num_threads()))
-    pairs = [p for name in ("gate", "held") for p in sets[name]]
-    reference = np.concatenate([ref_model.score(q, ps) for q, ps in pairs])
+    reference = {name: np.concatenate([ref_model.score(q, ps) for q, ps in pairs]) for name, pairs in sets.items()}
     ref_model.close()
     model = load_model(path, LoadOptions(backend="openvino", dtype="fp32", threads=torch.get_num_threads()))
     runtime = model.scorer.runtime
@@ -203,32 +224,49 @@ def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dic
     tmp = Path(tempfile.mkdtemp(prefix="int8-frontier-"))
     present = {op.get_friendly_name() for op in ir.get_ordered_ops()}
 
-    def compressed(label: str, ignored: list[str], embeddings: bool) -> Path:
-        names = [f"__module.inner.{n}/aten::linear/MatMul" for n in ignored]
-        if not embeddings:
-            names += [op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "Gather"
-                      and "embeddings" in op.get_friendly_name()]
-        missing = sorted(set(names) - present)
+    def matmul(n: str) -> str:
+        return f"__module.inner.{n}/aten::linear/MatMul"
+
+    encoder = {op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"
+               and ".encoder." in op.get_friendly_name()}
+    # What the simulation leaves fp32 whatever the mix: the embedding tables, the pooler, the classifier.
+    outside = [op.get_friendly_name() for op in ir.get_ordered_ops()
+               if (op.get_type_name() == "Gather" and "embeddings" in op.get_friendly_name())
+               or (op.get_type_name() == "MatMul" and op.get_friendly_name().endswith("aten::linear/MatMul")
+                   and op.get_friendly_name() not in encoder)]
+
+    def compressed(label: str, ignored: list[str]) -> Path:
+        missing = sorted(set(ignored) - present)
         if missing:  # validate=False below would silently keep them int8
             raise RuntimeError(f"names not in the IR (has its naming changed?): {missing[:3]}")
         out = tmp / f"{label}.xml"
         model_ir = core.read_model(str(runtime.conversion.path))
         ov.save_model(nncf.compress_weights(model_ir, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                            ignored_scope=nncf.IgnoredScope(names=names, validate=False)),
+                                            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False)),
                       str(out), compress_to_fp16=False)
         return out
 
-    variants = {"OpenVINO fp32": (runtime.conversion.path, "fp32"),
-                "NNCF int8 weights, all (--dtype int8 today)": (compressed("all", [], True), "int8"),
-                "NNCF int8 weights, embeddings fp32": (compressed("noemb", [], False), "int8"),
-                f"NNCF int8 weights, {len(keep)} matrices + embeddings fp32": (compressed("mix", keep, False), "int8")}
-    compiled = {label: core.compile_model(str(p), "CPU", compile_config(dtype, runtime.threads, lanes=runtime.lanes))
-                for label, (p, dtype) in variants.items()}
+    int8_config = {**compile_config("int8", runtime.threads, lanes=runtime.lanes),
+                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": group}
+    variants: dict[str, tuple[Path, dict, dict]] = {
+        "OpenVINO fp32": (runtime.conversion.path, compile_config("fp32", runtime.threads, lanes=runtime.lanes), {}),
+        "NNCF int8 weights, every matrix (--dtype int8)": (compressed("all", []), int8_config, {}),
+        ENCODER_INT8: (compressed("encoder", outside), int8_config, {})}
+    for point in frontier:
+        k = len(point["fp32"])
+        if not k:  # the same IR as ENCODER_INT8
+            variants[ENCODER_INT8] = (*variants[ENCODER_INT8][:2], point)
+            continue
+        variants[f"encoder int8, {k} of its matrices fp32"] = (
+            compressed(f"mix{k}", outside + [matmul(n) for n in point["fp32"]]), int8_config, point)
+    compiled = {label: core.compile_model(str(p), "CPU", config) for label, (p, config, _) in variants.items()}
     if not isinstance(getattr(runtime, "_requests", None), queue.SimpleQueue):
         # The swap below feeds the runtime's own request queue; if the runtime stops keeping one, every variant
         # would silently time the fp32 model (it did once: this guard makes that loud).
         raise RuntimeError("OpenVinoRuntime no longer keeps `_requests`: update real_engine's variant swap")
-    results = {label: {"pairs_per_s": 0.0} for label in variants}
+    pairs = [p for name in sets for p in sets[name]]
+    results: dict[str, dict] = {label: {"pairs_per_s": 0.0} for label in variants}
+    scored: dict[str, np.ndarray] = {}
     for _ in range(rounds):
         for label, c in compiled.items():
             requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -237,18 +275,46 @@ def real_engine(path: str, sets: dict, keep: list[str], rounds: int) -> list[dic
             runtime.compiled, runtime._requests = c, requests
             model.score(*pairs[0])  # warm
             t0 = time.perf_counter()
-            got = np.concatenate([model.score(q, ps) for q, ps in pairs])
+            got = [model.score(q, ps) for q, ps in pairs]
             rate = sum(len(ps) for _, ps in pairs) / (time.perf_counter() - t0)
             results[label]["pairs_per_s"] = max(results[label]["pairs_per_s"], rate)
-            results[label]["correlation"] = float(np.corrcoef(reference, got)[0, 1])
+            scored[label] = np.concatenate(got)
+            i = 0
+            for name, part in sets.items():
+                scores = np.concatenate(got[i:i + len(part)])
+                results[label][name] = float(np.corrcoef(reference[name], scores)[0, 1])
+                i += len(part)
     model.close()
     base = results["OpenVINO fp32"]["pairs_per_s"]
     rows = []
     for label, r in results.items():
-        rows.append({"engine": label, **r, "vs_fp32": r["pairs_per_s"] / base})
-        print(f"  {label:55s} corr {r['correlation']:.6f}  {r['pairs_per_s']:6.1f} pairs/s "
-              f"({r['pairs_per_s'] / base:.2f}x)", flush=True)
-    return rows
+        point = variants[label][2]
+        rows.append({"engine": label, **r, "vs_fp32": r["pairs_per_s"] / base,
+                     **({"fp32_matrices": len(point["fp32"]), "int8_flop_share": point["int8_flop_share"],
+                         "simulated": {name: point[name] for name in sets}} if point else {})})
+        simulated = "  simulated " + "  ".join(f"{name} {point[name]:.6f}" for name in sets) if point else ""
+        passes = " faithful" if min(r[name] for name in sets) >= GATE else ""
+        print(f"  {label:48s} {fmt({name: r[name] for name in sets})}  {r['pairs_per_s']:6.1f} pairs/s "
+              f"({r['pairs_per_s'] / base:.2f}x){passes}{simulated}", flush=True)
+    return rows, plugin_model(sim, scored[ENCODER_INT8], group)
+
+
+def plugin_model(sim: Simulated, real: np.ndarray, group: int) -> dict[str, float]:
+    """Which activation model reproduces the plugin: |real - simulated| / |real - fp32| over the same pairs with
+    every encoder matrix int8 (0: the simulation is the plugin; 1: no better than fp32 is)."""
+    fp32 = np.concatenate(list(sim.reference.values()))
+    candidates = {"weights only": "W asym/channel"}
+    for mode in ("asym", "sym") if group else ():
+        candidates[f"A {mode}/token/g{group}"] = name = f"W asym/channel + A {mode}/token/g{group}"
+        RECIPES.setdefault(name, Recipe("asym", None, mode, group))
+    distance = {}
+    print(f"  which simulation the plugin computes (every encoder matrix int8, activation groups of {group}):")
+    for label, name in candidates.items():
+        sim.quantize(set(sim.linears), name)
+        simulated = np.concatenate([sim.scores(n) for n in sim.reference])
+        distance[label] = float(np.linalg.norm(real - simulated) / np.linalg.norm(real - fp32))
+        print(f"    {label:20s} |real - simulated| / |real - fp32| = {distance[label]:.3f}", flush=True)
+    return distance
 
 
 def cpu_name() -> tuple[str, list[str]]:
@@ -275,16 +341,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the real engine")
     ap.add_argument("--skip-sensitivity", action="store_true",
-                    help="recipes and the real engine only; the engine keeps the mix found last time (--keep)")
-    ap.add_argument("--keep", type=Path, help="JSON from an earlier run whose passing mix the engine part uses")
+                    help="recipes and the real engine only; the engine runs the frontier found last time (--keep)")
+    ap.add_argument("--keep", type=Path, help="JSON from an earlier run whose frontier the engine part runs")
     ap.add_argument("--recipes", help="comma-separated substrings: only the recipes of part 1 that match one "
                     "('none': skip part 1)")
     ap.add_argument("--no-engine", action="store_true", help="skip part 3 (the real engine)")
-    ap.add_argument("--frontier-recipe", choices=list(RECIPES), default=FRONTIER_RECIPE, metavar="RECIPE",
-                    help=f"part 2's recipe (default: {FRONTIER_RECIPE!r}, OpenVINO's VNNI path; part 3 runs "
-                         "OpenVINO whichever is chosen)")
+    ap.add_argument("--frontier-recipe", choices=list(RECIPES), metavar="RECIPE",
+                    help=f"part 2's recipe (default: {FRONTIER_RECIPE!r} with --group, OpenVINO's VNNI path; "
+                         "part 3 runs OpenVINO whichever is chosen)")
+    ap.add_argument("--group", type=int, default=GROUP,
+                    help="the plugin's activation group (DYNAMIC_QUANTIZATION_GROUP_SIZE) in part 3 and in the "
+                         f"default frontier recipe (default {GROUP}, OpenVINO's; 0 = weights only in part 3)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    args.frontier_recipe = args.frontier_recipe or plugin_recipe(args.group)
     torch.set_num_threads(args.threads)
     name, flags = cpu_name()
     print(f"CPU: {name} ({', '.join(flags)}), {args.threads} threads, load {os.getloadavg()[0]:.1f}")
@@ -308,6 +378,7 @@ def main() -> None:
         print(f"  {recipe:40s} {fmt(r)}", flush=True)
 
     keep: list[str] = []
+    frontier: list[dict] = []
     if not args.skip_sensitivity:
         print(f"2. sensitivity under {args.frontier_recipe}: 1 - correlation with one matrix int8")
         sens = {}
@@ -317,7 +388,6 @@ def main() -> None:
             print(f"  {n:50s} gate {sens[n]['gate']:.2e}  held {sens[n]['held']:.2e}", flush=True)
         order = sorted(sim.linears, key=lambda n: -sens[n]["gate"] / flop_weight(n))
         total = sum(flop_weight(n) for n in sim.linears)
-        frontier = []
         print("   frontier: the k most sensitive per FLOP kept fp32")
         for k in (0, 4, 8, 12, 14, 16, 20, 24):
             int8 = set(order[k:])
@@ -331,14 +401,16 @@ def main() -> None:
         report.update(sensitivity=sens, order=order, frontier=frontier)
     elif args.keep:
         prior = json.loads(args.keep.read_text())
-        keep = next((f["fp32"] for f in prior.get("frontier", []) if min(f["gate"], f["held"]) >= GATE), [])
+        frontier = prior.get("frontier", [])
+        keep = next((f["fp32"] for f in frontier if min(f["gate"], f["held"]) >= GATE), [])
+        report["frontier_recipe"] = prior.get("frontier_recipe")
     report["passing_mix"] = keep
 
     if not args.no_engine:
         vnni = bool(set(flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
         print(f"3. the real engine (OpenVINO {'with VNNI: int8 activations' if vnni else 'without VNNI: weights only'}"
-              "), gate + held pairs:")
-        report["engine"] = real_engine(path, sets, keep, args.rounds)
+              f"), gate + held pairs; the frontier simulated under {report['frontier_recipe']}:")
+        report["engine"], report["plugin_model"] = real_engine(path, sets, frontier, args.rounds, args.group, sim)
     report["load_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
