@@ -19,7 +19,8 @@ cross-encoder `openrerank bench` serves:
    ignored scope), correlation on the gate probe and the held-out pairs next to the simulation's, and pairs/s
    against OpenVINO fp32, interleaved rounds. Without VNNI the CPU plugin runs int8 weights by decompressing
    them (weights-only error, no speed-up); with VNNI it quantizes activations too, per token and `--group`
-   inputs (its DYNAMIC_QUANTIZATION_GROUP_SIZE), which is what the frontier recipe models.
+   inputs (its DYNAMIC_QUANTIZATION_GROUP_SIZE), which is what the frontier recipe models. `--static` adds
+   NNCF's static int8 (`nncf.quantize`: activations one scale per tensor, fixed on the calibration queries).
 
     .venv/bin/python benchmarks/int8_frontier.py --json /tmp/int8.json          # ~25 min on 2 cores
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity              # parts 1 and 3
@@ -27,6 +28,7 @@ cross-encoder `openrerank bench` serves:
     .venv/bin/python benchmarks/int8_frontier.py --recipes none --no-engine --json /tmp/sens.json    # part 2 only
     .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --keep /tmp/sens.json --recipes none  # 3 only
     .venv/bin/python benchmarks/int8_frontier.py --recipes none --group 16    # 2 and 3, the plugin's groups of 16
+    .venv/bin/python benchmarks/int8_frontier.py --skip-sensitivity --recipes none --static   # + static int8
     .venv/bin/python benchmarks/int8_frontier.py --no-engine --recipes "A sym/token,outliers" \
         --frontier-recipe "W asym/channel + A asym/token + 4 outliers"                # ONNX Runtime's, ~20 min
 
@@ -204,10 +206,11 @@ ENCODER_INT8 = "encoder int8, every matrix"  # what the simulation quantizes whe
 
 
 def real_engine(path: str, sets: dict, frontier: list[dict], rounds: int, group: int,
-                sim: Simulated) -> tuple[list[dict], dict[str, float]]:
+                sim: Simulated, static: list | None = None) -> tuple[list[dict], dict[str, float]]:
     """OpenVINO fp32 against NNCF int8-weight variants of the same IR (`--dtype int8`, every encoder matrix, then
     each frontier mix): correlation on each pair set and pairs/s, interleaved rounds, the plugin's activation
-    groups of `group`. Second: how far each activation model's simulation is from the plugin's scores."""
+    groups of `group`. Second: how far each activation model's simulation is from the plugin's scores. With
+    `static` (calibration pairs), also NNCF's static int8 (one scale per tensor, fixed by calibration)."""
     import nncf
     import openvino as ov
 
@@ -252,6 +255,9 @@ def real_engine(path: str, sets: dict, frontier: list[dict], rounds: int, group:
         "OpenVINO fp32": (runtime.conversion.path, compile_config("fp32", runtime.threads, lanes=runtime.lanes), {}),
         "NNCF int8 weights, every matrix (--dtype int8)": (compressed("all", []), int8_config, {}),
         ENCODER_INT8: (compressed("encoder", outside), int8_config, {})}
+    for alpha in (None, 0.5, 0.95) if static else ():
+        variants[f"NNCF static int8, SmoothQuant {alpha or 'off'}"] = (
+            static_int8(path, runtime.conversion.path, static, alpha, tmp / f"static-{alpha}.xml"), int8_config, {})
     for point in frontier:
         k = len(point["fp32"])
         if not k:  # the same IR as ENCODER_INT8
@@ -297,6 +303,32 @@ def real_engine(path: str, sets: dict, frontier: list[dict], rounds: int, group:
         print(f"  {label:48s} {fmt({name: r[name] for name in sets})}  {r['pairs_per_s']:6.1f} pairs/s "
               f"({r['pairs_per_s'] / base:.2f}x){passes}{simulated}", flush=True)
     return rows, plugin_model(sim, scored[ENCODER_INT8], group)
+
+
+def static_int8(path: str, ir_path: Path, calibration: list[tuple[str, list[str]]], alpha: float | None,
+                out: Path) -> Path:
+    """`nncf.quantize` of the fp32 IR at `ir_path` (the model at `path`), the transformer preset (weights per
+    channel, activations one scale per tensor), calibrated on `calibration` in batches of 5 pairs; SmoothQuant
+    at `alpha` on the matrix products."""
+    import nncf
+    import openvino as ov
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ir = ov.Core().read_model(str(ir_path))
+    names = [i.get_any_name() for i in ir.inputs]
+    items = []
+    for q, passages in calibration:
+        for i in range(0, len(passages), 5):
+            batch = tok([q] * len(passages[i:i + 5]), passages[i:i + 5], padding=True, truncation=True,
+                        max_length=512, return_tensors="np")
+            items.append({n: batch[n].astype(np.int64) for n in names})
+    smooth = nncf.AdvancedSmoothQuantParameters(matmul=alpha if alpha is not None else -1)  # -1: off
+    quantized = nncf.quantize(ir, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(items),
+                              advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alphas=smooth))
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
 
 
 def plugin_model(sim: Simulated, real: np.ndarray, group: int) -> dict[str, float]:
@@ -352,6 +384,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=GROUP,
                     help="the plugin's activation group (DYNAMIC_QUANTIZATION_GROUP_SIZE) in part 3 and in the "
                          f"default frontier recipe (default {GROUP}, OpenVINO's; 0 = weights only in part 3)")
+    ap.add_argument("--static", action="store_true",
+                    help="part 3 also runs NNCF's static int8 (per-tensor activations) calibrated on DL19")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.frontier_recipe = args.frontier_recipe or plugin_recipe(args.group)
@@ -364,7 +398,8 @@ def main() -> None:
     # The gate's DL19 probe (8 x 15), 20 x 15 held out, and the other 15 queries x 15 to calibrate SmoothQuant
     # and to find the outlier channels.
     sets = {"gate": pairs[:8], "held": pairs[8:28]}
-    sim = Simulated(path, sets, calibration=pairs[28:])
+    calibration = pairs[28:]
+    sim = Simulated(path, sets, calibration=calibration)
     report: dict = {"cpu": name, "flags": flags, "threads": args.threads, "recipes": {},
                     "frontier_recipe": args.frontier_recipe}
 
@@ -410,7 +445,8 @@ def main() -> None:
         vnni = bool(set(flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
         print(f"3. the real engine (OpenVINO {'with VNNI: int8 activations' if vnni else 'without VNNI: weights only'}"
               f"), gate + held pairs; the frontier simulated under {report['frontier_recipe']}:")
-        report["engine"], report["plugin_model"] = real_engine(path, sets, frontier, args.rounds, args.group, sim)
+        report["engine"], report["plugin_model"] = real_engine(path, sets, frontier, args.rounds, args.group, sim,
+                                                                  calibration if args.static else None)
     report["load_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
