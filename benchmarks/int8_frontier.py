@@ -383,7 +383,7 @@ def main() -> None:
                          "part 3 runs OpenVINO whichever is chosen)")
     ap.add_argument("--group", type=int, default=GROUP,
                     help="the plugin's activation group (DYNAMIC_QUANTIZATION_GROUP_SIZE) in part 3 and in the "
-                         f"default frontier recipe (default {GROUP}, OpenVINO's; 0 = weights only in part 3)")
+                         f"default frontier recipe (default {GROUP}, OpenVINO's; 0: weights only, in both)")
     ap.add_argument("--static", action="store_true",
                     help="part 3 also runs NNCF's static int8 (per-tensor activations) calibrated on DL19")
     ap.add_argument("--json", type=Path)
