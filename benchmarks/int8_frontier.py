@@ -335,10 +335,11 @@ def plugin_model(sim: Simulated, real: np.ndarray, group: int) -> dict[str, floa
     """Which activation model reproduces the plugin: |real - simulated| / |real - fp32| over the same pairs with
     every encoder matrix int8 (0: the simulation is the plugin; 1: no better than fp32 is)."""
     fp32 = np.concatenate(list(sim.reference.values()))
-    candidates = {"weights only": "W asym/channel"}
-    for mode in ("asym", "sym") if group else ():
-        candidates[f"A {mode}/token/g{group}"] = name = f"W asym/channel + A {mode}/token/g{group}"
-        RECIPES.setdefault(name, Recipe("asym", None, mode, group))
+    candidates = {"weights only": plugin_recipe(0)}
+    if group:
+        candidates[f"A asym/token/g{group}"] = name = f"W asym/channel + A asym/token/g{group}"
+        RECIPES.setdefault(name, Recipe("asym", None, "asym", group))
+        candidates[f"A sym/token/g{group}"] = plugin_recipe(group)
     distance = {}
     print(f"  which simulation the plugin computes (every encoder matrix int8, activation groups of {group}):")
     for label, name in candidates.items():
