@@ -114,7 +114,7 @@ class LoadedModel:
         else:
             prep = self.encoder.prepare(query, passages, truncate)
         outputs: list = [None] * len(prep.items)  # a score per pair, or a listwise block's vectors
-        for idx in (policy or default_policy(self.device)).split(prep.items):
+        for idx in (policy or default_policy(self.device)).split(prep.items, self.scorer.padded_shape):
             for i, out in zip(idx, self.scorer.score([prep.items[i] for i in idx]), strict=True):
                 outputs[i] = out
         return prep.fold(outputs, len(passages))
@@ -160,7 +160,7 @@ class LoadedModel:
         model ends with a Normalize module)."""
         items = self.embedding_items(texts, truncate, input_type)
         out = np.zeros((len(texts), 0), dtype=np.float32)
-        for idx in BatchPolicy(max_size=batch_size).split(items):
+        for idx in BatchPolicy(max_size=batch_size).split(items, self.scorer.padded_shape):
             batch = [items[i] for i in idx]
             emb = (self.scorer.embed_ids([it.input_ids for it in batch])  # type: ignore[attr-defined]
                    if normalize else self.scorer.embed(batch))

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from openrerank.core.work import TASKS
-from openrerank.engine.batching import BatchPolicy, HasLength
+from openrerank.engine.batching import BatchPolicy, HasLength, Shape, exact_shape
 
 
 def fair_shares(needs: Sequence[int], capacity: int) -> list[int]:
@@ -61,11 +61,13 @@ def item_cost(length: int, floor_cost: int) -> int:
     return max(length, floor_cost)
 
 
-def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int) -> list[list[tuple[P, int]]]:
+def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int,
+                shape: Shape = exact_shape) -> list[list[tuple[P, int]]]:
     """Take each request's fair share of one window off its `todo` and return the window's batches
     (lists of (request, item index)), quick requests' batches first.
 
-    Every request with work gets at least one item, so none is ever starved."""
+    `shape`: the scorer's runtime's `padded_shape`. Every request with work gets at least one item, so none is
+    ever starved."""
     floor_cost = max(1, policy.max_tokens // max(1, policy.max_size))
     capacity = window_batches * policy.max_tokens
     needs = [sum(item_cost(p.items[i].length, floor_cost) for i in p.todo) for p in pending]
@@ -89,7 +91,7 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int) 
     for group in (quick, rest):
         for task in TASKS:
             part = [(p, i) for p, i in group if p.items[i].task == task]
-            batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part]))
+            batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part], shape))
     return batches
 
 

@@ -183,7 +183,8 @@ class Scheduler:
         try:
             for task in TASKS:
                 group = [it for it in items if it.task == task]
-                for batch in spread([[group[i] for i in idx] for idx in self.config.policy.split(group)], lanes):
+                cuts = self.config.policy.split(group, self.scorer.padded_shape)
+                for batch in spread([[group[i] for i in idx] for idx in cuts], lanes):
                     if pool is None:
                         self.scorer.compute(batch)
                     else:

@@ -105,7 +105,7 @@ class Worker:
                     adm.cv.wait()
             self._active.extend(adm.take_locked())
         self._raise_lane_error()
-        return plan_window(self._active, cfg.policy, cfg.window_batches)
+        return plan_window(self._active, cfg.policy, cfg.window_batches, self.runner.scorer.padded_shape)
 
     def _run_window(self, window: list[Batch]) -> None:
         """Run the window's batches; once a newcomer is queued and every request in the rest of the

@@ -50,5 +50,9 @@ class Scorer(ABC):
         called from that many threads."""
         return self.runtime.lanes
 
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The shape its runtime computes for a (rows x width) batch: the batcher cuts along it."""
+        return self.runtime.padded_shape(rows, width)
+
     def close(self) -> None:
         self.runtime.close()

@@ -171,6 +171,11 @@ class Runtime(ABC):
     @abstractmethod
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
 
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The shape `run` computes for a (rows x width) batch; a runtime that pads to a grid says so here, so
+        the batcher cuts along the grid instead of paying for padding twice."""
+        return rows, width
+
     def run_all(self, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
         """Every batch's output, up to `lanes` of them running at once (timing uses it; the scheduler has
         its own lanes, `engine/worker.py`)."""

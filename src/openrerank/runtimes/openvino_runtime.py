@@ -31,10 +31,11 @@ the CPU with:
   dynamic-shape model; openvinotoolkit/openvino#20633, #23316), so a server fed the endless variety of
   (pairs x longest pair) batches grew ~25 MiB a minute under steady load and never stopped
   (`CPU_RUNTIME_CACHE_CAPACITY=0` does not bound it). `run` pads each batch up to a bucket
-  (`bucket_shape`: widths and rows rounded up on a grid at most 1/8 (widths) or 1/4 (rows, only the last
-  batches of a request are short) coarser than the shape itself), so the shapes, and the memory they
-  hold, are finite. Extra columns carry a zero attention mask (no real token attends to them) and extra
-  rows repeat the first (a real sequence, so no all-masked row); both are cut from the output.
+  (`bucket_shape`: widths and rows rounded up on a grid at most 1/8 (widths) or 1/4 (rows) coarser than
+  the shape itself), so the shapes, and the memory they hold, are finite. `padded_shape` tells the batcher,
+  which then cuts along the grid (`engine/batching.py`) instead of padding pairs twice. Extra columns carry a
+  zero attention mask (no real token attends to them) and extra rows repeat the first (a real sequence, so
+  no all-masked row); both are cut from the output.
 
 A pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json) is compiled from its
 ONNX graph as it is, without PyTorch (`openvino_convert.pre_exported_onnx`).
@@ -199,6 +200,9 @@ class OpenVinoRuntime(Runtime):
         self.description = f"openvino-{dtype}-cpu"
         log.info("OpenVINO %s model on %s (%d threads, lanes: %d, %s)", dtype, self.conversion.path,
                  self.threads, self.lanes, "cached" if self.conversion.cached else "fresh conversion")
+
+    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        return bucket_shape(rows, width)
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
         rows, width = features["attention_mask"].shape
