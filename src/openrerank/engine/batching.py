@@ -101,7 +101,6 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if feasible(mid, j) else (mid + 1, hi)
         fewest = best[lo][0]
-        choice: tuple[tuple[int, int], int] | None = None
         width, choice, least = widths[j - 1], lo, -1
         for i in range(lo, min(j, lo + CUT_CANDIDATES)):
             if best[i][0] != fewest:
