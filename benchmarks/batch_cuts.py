@@ -5,8 +5,11 @@ those, the cuts whose padded shapes (`Runtime.padded_shape`: OpenVINO rounds wid
 1/4) compute the fewest tokens. Before, it cut first-fit: a batch ended once the next pair would pass a cap.
 This script scores the DL19 queries' BM25 top-100 through `LoadedModel.score` with both, rounds interleaved,
 and prints the tokens each computes per real token and the median and range of the per-round pairs/s ratio.
+`--planning` times the cut search instead (it runs on the worker thread between batches): windows of the
+requests' pairs put together, CPU and GPU caps, against first-fit, on the engine's grid.
 
     .venv/bin/python benchmarks/batch_cuts.py --engine openvino:fp32 --engine onnx:fp32 --queries 8 --rounds 8
+    .venv/bin/python benchmarks/batch_cuts.py --engine openvino:fp32 --engine onnx:fp32 --queries 43 --planning
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from openrerank_bench.cli import _cpu_model, load_average
 from openrerank_bench.workload import build_bench_cross_encoder, default_data_dir, load_workload
 
 from openrerank.core.requests import Truncate
-from openrerank.engine.batching import CPU_POLICY, HasLength
+from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY, HasLength
 
 
 def first_fit(items: Sequence[HasLength], max_tokens: int = CPU_POLICY.max_tokens,
@@ -56,6 +59,30 @@ class FirstFit:
         return first_fit(items)
 
 
+def print_planning_times(model, wl, sizes: Sequence[int] = (100, 1000, 1400), repeats: int = 15) -> None:
+    """Median milliseconds to cut windows of `sizes` pairs (the requests' pairs in order), CPU and GPU caps."""
+    items = [it for q, ps in zip(wl.queries, wl.passages, strict=True)
+             for it in model.encoder.prepare(q, ps, Truncate.END).items]
+    for size in sizes:
+        window = items[:size]
+        for name, policy in (("CPU", CPU_POLICY), ("GPU", CUDA_POLICY)):
+            cuttings = {
+                "first-fit": lambda w=window, p=policy: first_fit(w, p.max_tokens, p.max_size, p.max_padding,
+                                                                   p.min_rows),
+                "search": lambda w=window, p=policy: p.split(w, model.scorer.padded_shape),
+            }
+            times, batches = {}, {}
+            for label, cut in cuttings.items():
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    batches[label] = len(cut())
+                    runs.append((time.perf_counter() - start) * 1e3)
+                times[label] = statistics.median(runs)
+            print(f"  {len(window):5d} pairs, {name} caps: search {times['search']:.2f} ms, "
+                  f"first-fit {times['first-fit']:.2f} ms ({batches['search']} and {batches['first-fit']} batches)")
+
+
 def computed(model, wl, policy) -> tuple[float, float]:
     """(tokens the runtime computes per real token, batches per request) for the workload under `policy`."""
     real = done = batches = 0
@@ -76,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data", type=Path, default=default_data_dir())
+    p.add_argument("--planning", action="store_true", help="time the cut search instead of the engine")
     args = p.parse_args(argv)
     from openrerank.engine.loading import LoadOptions, load_model
 
@@ -91,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 per_real, per_request = computed(model, wl, policy)
                 print(f"{engine} {name}: {per_real:.3f} computed tokens per real token, "
                       f"{per_request:.1f} batches per request")
+            if args.planning:
+                print(f"{engine}: planning time, median of 15")
+                print_planning_times(model, wl)
+                model.scorer.close()
+                continue
             for q, ps in zip(wl.queries[:2], wl.passages[:2], strict=True):  # warm every shape both make
                 for policy in policies.values():
                     model.score(q, ps, policy=policy)

@@ -293,6 +293,18 @@ def test_buckets_are_finite_and_pad_little():
     assert bucket_shape(4, 8) == (4, 8) and bucket_shape(9, 17) == (10, 18) and bucket_shape(33, 300) == (40, 320)
 
 
+def test_buckets_of_arrays_are_the_buckets_of_their_elements():
+    """The batcher asks for many candidate shapes at once (`padded_shape` on arrays)."""
+    import numpy as np
+
+    from openrerank.runtimes.openvino_runtime import bucket_shape
+
+    n = np.arange(1, 5000)
+    rows, width = bucket_shape(n[:, None], n[::-1, None])  # 2-D, as the batcher's candidates are
+    assert rows.ravel().tolist() == [bucket_shape(int(k), 1)[0] for k in n]
+    assert width.ravel().tolist() == [bucket_shape(1, int(k))[1] for k in n[::-1]]
+
+
 def test_every_batch_runs_at_a_bucket_shape_and_scores_as_sent(tmp_path, model_copy):
     """What bounds OpenVINO's per-shape memory: the compiled model only ever sees bucket shapes, and padding
     changes no score (zero-masked columns, copied rows, both cut from the output)."""

@@ -29,6 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import numpy as np
+
+from openrerank.runtimes.base import IntOrArray
+
 #: Largest share of padded tokens a batch may have once it holds `MIN_ROWS` items.
 MAX_PADDING = 0.02
 #: Rows a batch may always reach regardless of padding, so ragged lengths don't make batches of one.
@@ -40,13 +44,15 @@ class HasLength(Protocol):
     def length(self) -> int: ...
 
 
-#: The shape a runtime computes for a (rows x width) batch: the same, or rounded up to the runtime's grid.
-Shape = Callable[[int, int], tuple[int, int]]
-#: Cut points weighed per batch end, among those that keep the fewest batches (bounds the planning time).
-CUT_CANDIDATES = 16
+#: The shape a runtime computes for a (rows x width) batch: the same, or rounded up to the runtime's grid;
+#: elementwise on integer arrays (`Runtime.padded_shape`).
+Shape = Callable[[IntOrArray, IntOrArray], tuple[IntOrArray, IntOrArray]]
+#: Starts weighed per batch end, among those that keep the fewest batches (bounds the planning time; 32 found
+#: the fewest tokens on each of the 20 DL19 requests tried, 16 came within 0.2%).
+CUT_CANDIDATES = 32
 
 
-def exact_shape(rows: int, width: int) -> tuple[int, int]:
+def exact_shape(rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
     return rows, width
 
 
@@ -60,60 +66,73 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
     computes a pair at its grid width anyway, so padding is counted against each item's grid width, and the cuts
     fall on the grid's steps. On the 43 DL19 requests of 100 BM25 passages (MiniLM tokens), OpenVINO computed
     8.0% more tokens than the pairs hold with the first-fit cuts this replaced (a batch ended once the next pair
-    would pass a cap), 5.6% with these, in 14.2 batches per request instead of 20.2; on exact shapes 2.8% ->
+    would pass a cap), 5.6% with these, in 13.8 batches per request instead of 20.2; on exact shapes 2.8% ->
     2.5% (CPU caps) and 23.0% -> 21.1% (GPU caps). `benchmarks/batch_cuts.py` measures it on an engine.
-    Planning 100 pairs takes under a millisecond, 1,000 pairs 5-10 ms (first-fit: 0.5).
-    An item longer than the whole budget gets a batch of its own (it cannot be split).
+
+    The search runs on arrays, one batch count at a time for all the ends with that count, because it runs on
+    the worker thread between batches and a GPU scores a window of ~1,400 MiniLM pairs in tens of
+    milliseconds: 1.5 ms for such a window (11 ms one end at a time in Python; `benchmarks/batch_cuts.py
+    --planning`). An item longer than the whole budget gets a batch of its own (it cannot be split).
     """
-    order = sorted(range(len(items)), key=lambda i: items[i].length)
-    widths = [shape(1, items[i].length)[1] for i in order]  # what the runtime computes for each alone
-    n = len(order)
-    real = [0]  # prefix sums of `widths`
-    for w in widths:
-        real.append(real[-1] + w)
+    n = len(items)
+    if n == 0:
+        return []
+    lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=n)
+    order = np.argsort(lengths, kind="stable")
+    widths = np.asarray(shape(np.ones(n, dtype=np.int64), lengths[order])[1])  # what each costs alone
+    real = np.concatenate(([0], np.cumsum(widths)))  # prefix sums of `widths`
+    ends = np.arange(1, n + 1)  # j: a batch of sorted items i..j-1, whose longest (j-1) sets its width
 
-    def feasible(i: int, j: int) -> bool:
-        """Whether sorted items i..j-1 may share a batch (the longest, j-1, sets its width)."""
-        k, width = j - i, widths[j - 1]
-        if k == 1:
-            return True
-        if k > max_size or k * width > max_tokens:
-            return False
-        return k <= min_rows or 1 - (real[j] - real[i]) / (k * width) <= max_padding
+    def feasible(starts: np.ndarray) -> np.ndarray:
+        """Whether sorted items starts[j]..j-1 may share a batch, for every j at once."""
+        k, width = ends - starts, widths[ends - 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            padding = 1 - (real[ends] - real[starts]) / (k * width)
+        within = (k <= max_size) & (k * width <= max_tokens) & ((k <= min_rows) | (padding <= max_padding))
+        return (k == 1) | within
 
-    # best[j]: (batches, computed tokens) for the first j items; cut[j]: where the last of those batches starts.
-    # Feasibility only shrinks as a batch reaches further back, so the furthest start is found by bisection.
-    areas: dict[tuple[int, int], int] = {}
-
-    def area(rows: int, width: int) -> int:
-        """Tokens the runtime computes for such a batch (memoized: a request meets few distinct shapes)."""
-        key = (rows, width)
-        if key not in areas:
-            r, w = shape(rows, width)
-            areas[key] = r * w
-        return areas[key]
-
-    best: list[tuple[int, int]] = [(0, 0)] * (n + 1)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        lo, hi = max(0, j - max_size), j - 1  # the furthest feasible start lies in [lo, hi]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if feasible(mid, j) else (mid + 1, hi)
-        fewest = best[lo][0]
-        width, choice, least = widths[j - 1], lo, -1
-        for i in range(lo, min(j, lo + CUT_CANDIDATES)):
-            if best[i][0] != fewest:
-                break
-            cost = best[i][1] + area(j - i, width)
-            if least < 0 or cost < least:
-                choice, least = i, cost
-        best[j], cut[j] = (fewest + 1, least), choice
+    # The furthest start of a batch ending at each j: feasibility only shrinks as a batch reaches further
+    # back, so bisection finds it, for every j at once.
+    lo, hi = np.maximum(0, ends - max_size), ends - 1
+    while (open_ := lo < hi).any():
+        mid = (lo + hi) // 2
+        ok = feasible(mid)
+        hi = np.where(open_ & ok, mid, hi)
+        lo = np.where(open_ & ~ok, mid + 1, lo)
+    # Every start from the furthest one on is feasible. The ends that c batches can reach are those with an
+    # end of c - 1 batches among their feasible starts; the last batch starts at one of those (the first
+    # CUT_CANDIDATES positions from the furthest): the one that computes the fewest tokens in all. So each
+    # batch count is one step for all its ends at once, on arrays.
+    counts = np.full(n + 1, -1)
+    counts[0] = 0
+    cost = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    positions, steps = np.arange(n + 1), np.arange(CUT_CANDIDATES)
+    never = np.iinfo(np.int64).max
+    previous = counts == 0  # the ends reached with c - 1 batches
+    c = 0
+    while (counts < 0).any():
+        c += 1
+        seen = np.concatenate(([0], np.cumsum(previous)))  # seen[k]: how many of them lie before k
+        js = ends[(counts[1:] < 0) & (seen[ends] > seen[lo])]
+        counts[js] = c
+        following = np.minimum.accumulate(np.where(previous, positions, n + 1)[::-1])[::-1]
+        starts = following[lo[js - 1], None] + steps  # candidate starts, furthest first
+        inside = np.minimum(starts, n)
+        usable = (starts < js[:, None]) & previous[inside]
+        rows, width = shape(js[:, None] - starts, widths[js - 1, None])
+        total = np.where(usable, cost[inside] + rows * width, never)
+        best = total.argmin(axis=1)  # the first of equals: the furthest start
+        pick = np.arange(len(js))
+        cost[js], cut[js] = total[pick, best], starts[pick, best]
+        previous = np.zeros(n + 1, dtype=bool)
+        previous[js] = True
+    ordered, cuts = order.tolist(), cut.tolist()
     batches: list[list[int]] = []
     j = n
     while j > 0:
-        batches.append(order[cut[j]:j])
-        j = cut[j]
+        batches.append(ordered[cuts[j]:j])
+        j = cuts[j]
     return batches[::-1]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from openrerank.core.work import EmbedItem, WorkItem
-from openrerank.runtimes.base import Runtime
+from openrerank.runtimes.base import IntOrArray, Runtime
 
 
 class TaskNotSupportedError(TypeError):
@@ -50,8 +50,9 @@ class Scorer(ABC):
         called from that many threads."""
         return self.runtime.lanes
 
-    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
-        """The shape its runtime computes for a (rows x width) batch: the batcher cuts along it."""
+    def padded_shape(self, rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
+        """The shape its runtime computes for a (rows x width) batch (elementwise on arrays): the batcher cuts
+        along it."""
         return self.runtime.padded_shape(rows, width)
 
     def close(self) -> None:

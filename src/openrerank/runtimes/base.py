@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+#: A count, or an integer array of them (`Runtime.padded_shape` answers for many batches at once).
+IntOrArray = int | np.ndarray
+
 
 @dataclass(frozen=True)
 class NetworkBuild:
@@ -171,9 +174,10 @@ class Runtime(ABC):
     @abstractmethod
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
 
-    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+    def padded_shape(self, rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
         """The shape `run` computes for a (rows x width) batch; a runtime that pads to a grid says so here, so
-        the batcher cuts along the grid instead of paying for padding twice."""
+        the batcher cuts along the grid instead of paying for padding twice. Elementwise on integer arrays
+        too: the batcher asks for all its candidate batches at once."""
         return rows, width
 
     def run_all(self, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:

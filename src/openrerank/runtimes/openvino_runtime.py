@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import exclusive
-from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_for
+from openrerank.runtimes.base import IntOrArray, Network, Runtime, default_threads, lanes_for
 from openrerank.runtimes.openvino_convert import (
     compiled_cache_dir,
     ensure_openvino,
@@ -133,17 +133,22 @@ def _writable(folder: Path) -> Path | None:
     return folder
 
 
-def bucket(n: int, fine: int) -> int:
-    """`n` rounded up to a grid of `fine` steps per doubling (exact up to `fine`): 1/fine at most added."""
+def bucket(n: IntOrArray, fine: int) -> IntOrArray:
+    """`n` rounded up to a grid of `fine` steps per doubling (exact up to `fine`): 1/fine at most added.
+    Elementwise on an integer array too (the batcher weighs many candidate batches at once)."""
+    if isinstance(n, np.ndarray | np.integer):
+        bits = np.frexp(n - 1)[1]  # (n - 1).bit_length(), exact below 2**53
+        step = np.left_shift(1, np.maximum(0, bits - fine.bit_length()))
+        return -(-n // step) * step
     step = 1 << max(0, (n - 1).bit_length() - fine.bit_length())
     return -(-n // step) * step
 
 
-#: Steps per doubling: widths 8 (<= 12.5% padding), rows 4 (<= 25%, only a request's last batch is short).
+#: Steps per doubling: widths 8 (<= 12.5% padding), rows 4 (<= 25%; the batcher counts both when it cuts).
 WIDTH_STEPS, ROW_STEPS = 8, 4
 
 
-def bucket_shape(rows: int, width: int) -> tuple[int, int]:
+def bucket_shape(rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
     """The shape a (rows x width) batch is padded to: one of a finite set (module docstring)."""
     return bucket(rows, ROW_STEPS), bucket(width, WIDTH_STEPS)
 
@@ -201,7 +206,7 @@ class OpenVinoRuntime(Runtime):
         log.info("OpenVINO %s model on %s (%d threads, lanes: %d, %s)", dtype, self.conversion.path,
                  self.threads, self.lanes, "cached" if self.conversion.cached else "fresh conversion")
 
-    def padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+    def padded_shape(self, rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
         return bucket_shape(rows, width)
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
