@@ -59,7 +59,7 @@ class FirstFit:
         return first_fit(items)
 
 
-def print_planning_times(model, wl, sizes: Sequence[int] = (100, 1000, 1400), repeats: int = 15) -> None:
+def print_planning_times(model, wl, sizes: Sequence[int] = (10, 30, 100, 1000, 1400), repeats: int = 15) -> None:
     """Median milliseconds to cut windows of `sizes` pairs (the requests' pairs in order), CPU and GPU caps."""
     items = [it for q, ps in zip(wl.queries, wl.passages, strict=True)
              for it in model.encoder.prepare(q, ps, Truncate.END).items]

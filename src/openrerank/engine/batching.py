@@ -52,6 +52,9 @@ Shape = Callable[[IntOrArray, IntOrArray], tuple[IntOrArray, IntOrArray]]
 CUT_CANDIDATES = 32
 
 
+_NEVER = np.iinfo(np.int64).max  # the cost of a start that may not be taken
+
+
 def exact_shape(rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
     return rows, width
 
@@ -71,12 +74,20 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
 
     The search runs on arrays, one batch count at a time for all the ends with that count, because it runs on
     the worker thread between batches and a GPU scores a window of ~1,400 MiniLM pairs in tens of
-    milliseconds: 1.5 ms for such a window (11 ms one end at a time in Python; `benchmarks/batch_cuts.py
-    --planning`). An item longer than the whole budget gets a batch of its own (it cannot be split).
+    milliseconds: 1.3 ms for such a window (11 ms one end at a time in Python; `benchmarks/batch_cuts.py
+    --planning`); a request that fits one batch is cut without arrays. An item longer than the whole budget
+    gets a batch of its own (it cannot be split).
     """
     n = len(items)
     if n == 0:
         return []
+    if n <= max_size:  # the whole request in one batch, where the caps allow it: the fewest, on no arrays
+        sizes = [it.length for it in items]
+        whole = sorted(range(n), key=sizes.__getitem__)
+        width = shape(1, sizes[whole[-1]])[1]
+        if n == 1 or (n * width <= max_tokens and (
+                n <= min_rows or 1 - sum(shape(1, size)[1] for size in sizes) / (n * width) <= max_padding)):
+            return [whole]
     lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=n)
     order = np.argsort(lengths, kind="stable")
     widths = np.asarray(shape(np.ones(n, dtype=np.int64), lengths[order])[1])  # what each costs alone
@@ -84,11 +95,12 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
     ends = np.arange(1, n + 1)  # j: a batch of sorted items i..j-1, whose longest (j-1) sets its width
 
     def feasible(starts: np.ndarray) -> np.ndarray:
-        """Whether sorted items starts[j]..j-1 may share a batch, for every j at once."""
-        k, width = ends - starts, widths[ends - 1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            padding = 1 - (real[ends] - real[starts]) / (k * width)
-        within = (k <= max_size) & (k * width <= max_tokens) & ((k <= min_rows) | (padding <= max_padding))
+        """Whether sorted items starts[j]..j-1 may share a batch, for every j at once (`widths` and
+        `real[1:]` are each j's own width and prefix sum)."""
+        k = ends - starts
+        area = k * widths
+        padding = 1 - (real[1:] - real[starts]) / np.maximum(area, 1)
+        within = (k <= max_size) & (area <= max_tokens) & ((k <= min_rows) | (padding <= max_padding))
         return (k == 1) | within
 
     # The furthest start of a batch ending at each j: feasibility only shrinks as a batch reaches further
@@ -108,20 +120,19 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
     cost = np.zeros(n + 1, dtype=np.int64)
     cut = np.zeros(n + 1, dtype=np.int64)
     positions, steps = np.arange(n + 1), np.arange(CUT_CANDIDATES)
-    never = np.iinfo(np.int64).max
     previous = counts == 0  # the ends reached with c - 1 batches
     c = 0
     while (counts < 0).any():
         c += 1
         seen = np.concatenate(([0], np.cumsum(previous)))  # seen[k]: how many of them lie before k
-        js = ends[(counts[1:] < 0) & (seen[ends] > seen[lo])]
+        js = ends[(counts[1:] < 0) & (seen[1:-1] > seen[lo])]
         counts[js] = c
         following = np.minimum.accumulate(np.where(previous, positions, n + 1)[::-1])[::-1]
         starts = following[lo[js - 1], None] + steps  # candidate starts, furthest first
         inside = np.minimum(starts, n)
         usable = (starts < js[:, None]) & previous[inside]
         rows, width = shape(js[:, None] - starts, widths[js - 1, None])
-        total = np.where(usable, cost[inside] + rows * width, never)
+        total = np.where(usable, cost[inside] + rows * width, _NEVER)
         best = total.argmin(axis=1)  # the first of equals: the furthest start
         pick = np.arange(len(js))
         cost[js], cut[js] = total[pick, best], starts[pick, best]
