@@ -4,7 +4,8 @@
 #      and the model-family tests over HTTP with the server on the GPU (fp32);
 #   2. a MiniLM-L6 cross-encoder: openrerank against sentence-transformers CrossEncoder on the same GPU;
 #   3. the latency of one request of 500 passages x ~256 tokens on Llama-1B- and Mistral-4B-shaped
-#      bidirectional rerankers (random weights), fp16 and bf16 (NIM: ~1,750 ms on an H100; target <= 875 ms);
+#      bidirectional rerankers (random weights), fp16 and bf16 (NIM: ~1,750 ms on an H100; target <= 875 ms),
+#      and how long the batcher takes to cut that request on this host;
 #   4. encoders of three sizes, the runtime alone, per dtype and batch shape (does fp16 for encoders hold?).
 # Figures go to $OUT/gpu_check.json (else ./results/gpu_check.json), the log to gpu_check.log beside it.
 #
