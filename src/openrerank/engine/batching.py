@@ -19,8 +19,9 @@ padded tokens over the same DL19 requests (43 x 100 passages, Qwen3 and Llama-bi
 policy costs 1.4-17x the ideal (14-20 batches per request) for an overhead worth 500-8000 tokens, while
 (max_padding 0.2, min_rows 16) stays within 0-22% of the best setting found across that whole range (2-3
 batches per request, ~19% padding). `CUDA_POLICY` uses it, with room for wider batches (32,768 padded
-tokens, 256 pairs: a 100-passage request of 256-token pairs is one batch). Not yet measured on a GPU;
-`benchmarks/gpu_check.sh` records the batches it forms.
+tokens, 256 pairs: a 100-passage request of 256-token pairs is one batch). On an H200 a 500-passage request
+of ~252-token pairs formed 4 batches with 0.9% padding (docs/gpu.md); `benchmarks/gpu_check.sh` records the
+batches it forms and the time taken to cut them; the overhead-vs-padding trade itself is still modelled.
 """
 
 from __future__ import annotations
