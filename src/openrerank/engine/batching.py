@@ -76,22 +76,19 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
     The search runs on arrays, one batch count at a time for all the ends with that count, because it runs on
     the worker thread between batches and a GPU scores a window of ~1,400 MiniLM pairs in tens of
     milliseconds: 1.3 ms for such a window (11 ms one end at a time in Python; `benchmarks/batch_cuts.py
-    --planning`); a request that fits one batch is cut without arrays. An item longer than the whole budget
+    --planning`); a request that fits one batch skips the search. An item longer than the whole budget
     gets a batch of its own (it cannot be split).
     """
     n = len(items)
     if n == 0:
         return []
-    if n <= max_size:  # the whole request in one batch, where the caps allow it: the fewest, on no arrays
-        sizes = [it.length for it in items]
-        whole = sorted(range(n), key=sizes.__getitem__)
-        width = shape(1, sizes[whole[-1]])[1]
-        if n == 1 or (n * width <= max_tokens and (
-                n <= min_rows or 1 - sum(shape(1, size)[1] for size in sizes) / (n * width) <= max_padding)):
-            return [whole]
     lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=n)
     order = np.argsort(lengths, kind="stable")
     widths = np.asarray(shape(np.ones(n, dtype=np.int64), lengths[order])[1])  # what each costs alone
+    width = int(widths[-1])
+    if n == 1 or (n <= max_size and n * width <= max_tokens  # the whole request in one batch: the fewest
+                  and (n <= min_rows or 1 - int(widths.sum()) / (n * width) <= max_padding)):
+        return [order.tolist()]
     real = np.concatenate(([0], np.cumsum(widths)))  # prefix sums of `widths`
     ends = np.arange(1, n + 1)  # j: a batch of sorted items i..j-1, whose longest (j-1) sets its width
 

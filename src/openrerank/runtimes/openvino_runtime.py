@@ -136,12 +136,10 @@ def _writable(folder: Path) -> Path | None:
 def bucket(n: IntOrArray, fine: int) -> IntOrArray:
     """`n` rounded up to a grid of `fine` steps per doubling (exact up to `fine`): 1/fine at most added.
     Elementwise on an integer array too (the batcher weighs many candidate batches at once)."""
-    if isinstance(n, np.ndarray | np.integer):
-        bits = np.frexp(n - 1)[1]  # (n - 1).bit_length(), exact below 2**53
-        step = np.left_shift(1, np.maximum(0, bits - fine.bit_length()))
-        return -(-n // step) * step
-    step = 1 << max(0, (n - 1).bit_length() - fine.bit_length())
-    return -(-n // step) * step
+    bits = np.frexp(np.asarray(n) - 1)[1]  # (n - 1).bit_length(), exact below 2**53
+    step = np.left_shift(1, np.maximum(0, bits - fine.bit_length()))
+    rounded = -(-n // step) * step
+    return rounded if isinstance(n, np.ndarray) else int(rounded)
 
 
 #: Steps per doubling: widths 8 (<= 12.5% padding), rows 4 (<= 25%; the batcher counts both when it cuts).
