@@ -29,3 +29,7 @@ def test_chunk_caps_a_client_may_ask_for_and_dialect_defaults_under_the_server_c
     assert model._chunk_cap(RerankRequest(**chunk, default_chunks_per_passage=10)) == 5  # Cohere's 10, capped
     with pytest.raises(RequestTooLargeError, match="--max-chunks-per-passage"):
         model._chunk_cap(RerankRequest(**chunk, max_chunks_per_passage=6))
+    for truncate in (Truncate.NONE, Truncate.END):  # no chunks scored, but the maximum holds all the same
+        assert model._chunk_cap(RerankRequest("q", ["a"], truncate=truncate, max_chunks_per_passage=5)) is None
+        with pytest.raises(RequestTooLargeError, match="--max-chunks-per-passage"):
+            model._chunk_cap(RerankRequest("q", ["a"], truncate=truncate, max_chunks_per_passage=6))

@@ -53,6 +53,49 @@ CASES = [
 ]
 
 
+# Integers are JSON integers: pydantic's lax mode turned true into 1 and "2" into 2, so a request the OpenAPI
+# document calls invalid was scored (schemathesis found top_n: false answered 200 with every result).
+INTEGER_CASES = [
+    ("/v1/ranking", '{"query": {"text": "q"}, "passages": [{"text": "a"}], "max_chunks_per_passage": "2"}', 400,
+     "message"),
+    ("/v1/rerank", '{"query": "q", "documents": ["a"], "top_n": true}', 400, "message"),
+    ("/v1/rerank", '{"query": "q", "documents": ["a"], "max_chunks_per_doc": false}', 400, "message"),
+    ("/v2/rerank", '{"model": "tiny", "query": "q", "documents": ["a"], "top_n": "1"}', 400, "message"),
+    ("/v2/rerank", '{"model": "tiny", "query": "q", "documents": ["a"], "max_tokens_per_doc": "512"}', 400,
+     "message"),
+    ("/rerank", '{"query": "q", "documents": ["a"], "top_n": true}', 422, "error"),
+    ("/v1/score", '{"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": true}', 400, "message"),
+    ("/score", '{"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": "-1"}', 400, "message"),
+    ("/v1/embeddings", '{"input": "q", "dimensions": true}', 400, "message"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "where"), INTEGER_CASES,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(INTEGER_CASES)])
+def test_integer_fields_take_json_integers_only(tiny_server, path, body, status, where):
+    with tiny_server.client() as c:
+        r = c.post(path, content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        answer = r.json()
+        message = answer["error"]["message"] if where == "error" else answer[where]
+        assert "must be an integer" in message, message
+        # the same request with an integer is scored (or, embeddings of a cross-encoder, refused for that)
+        fixed = body.replace('"2"', "2").replace("true", "1").replace("false", "1").replace('"1"', "1") \
+            .replace('"512"', "512").replace('"-1"', "-1")
+        again = c.post(path, content=fixed.encode(), headers={"content-type": "application/json"})
+        assert "must be an integer" not in again.text, again.text
+        assert again.status_code == 200 or path == "/v1/embeddings", again.text
+
+
+def test_a_whole_number_written_with_a_point_is_an_integer(tiny_server):
+    """JSON Schema calls 2.0 an integer; only a fractional part is refused."""
+    with tiny_server.client() as c:
+        ok = c.post("/v2/rerank", json={"model": "tiny", "query": "q", "documents": ["a", "b", "c"], "top_n": 2.0})
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 2, ok.text
+        half = c.post("/v2/rerank", json={"model": "tiny", "query": "q", "documents": ["a"], "top_n": 2.5})
+        assert half.status_code == 400 and "top_n" in half.json()["message"], half.text
+
+
 @pytest.mark.parametrize(("path", "body", "status", "shape"), CASES,
                          ids=[f"{i}-{c[0]}" for i, c in enumerate(CASES)])
 def test_hostile_json_gets_a_4xx_in_the_dialect_shape(tiny_server, path, body, status, shape):

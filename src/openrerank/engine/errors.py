@@ -38,11 +38,14 @@ class RequestTooLargeError(EngineError):
     """One request holds more work than the server scores for a single request (a 4xx: the client
     can split it, send fewer or shorter passages, or fewer chunks)."""
 
-    def __init__(self, what: str, amount: int, limit: int, flag: str, hint: str = "") -> None:
+    def __init__(self, what: str, amount: int, limit: int, flag: str, hint: str = "", *,
+                 per: str = "request") -> None:
+        """`per`: what the limit counts over; a limit per passage is asked for, not yet scored."""
         self.amount = amount
         self.limit = limit
-        super().__init__(f"this request would score {amount} {what}, above the limit of {limit} per request "
-                         f"({flag}){'; ' + hint if hint else ''}")
+        head = (f"this request would score {amount} {what}, above the limit of {limit} per request" if per == "request"
+                else f"this request asks for {amount} {what} per {per}, above the limit of {limit}")
+        super().__init__(f"{head} ({flag}){'; ' + hint if hint else ''}")
 
 
 class DeadlineExceededError(EngineError):

@@ -219,12 +219,14 @@ class ServedModel:
             req.max_tokens_per_passage, req.instruction)
 
     def _chunk_cap(self, req: RerankRequest) -> int | None:
-        if req.truncate is not Truncate.CHUNK:
-            return req.max_chunks_per_passage
+        """Most windows scored per passage: None unless chunking. A count over the server's maximum is refused
+        whatever the truncation, as the served OpenAPI document declares that maximum."""
         asked = req.max_chunks_per_passage
         limit = self.limits.max_chunks_per_passage
         if asked is not None and asked > limit:
-            raise RequestTooLargeError("chunks per passage", asked, limit, "--max-chunks-per-passage")
+            raise RequestTooLargeError("chunks", asked, limit, "--max-chunks-per-passage", per="passage")
+        if req.truncate is not Truncate.CHUNK:
+            return None
         return asked or min(req.default_chunks_per_passage or limit, limit)
 
     async def _prepare_all(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Strict
+from pydantic import AfterValidator, BeforeValidator, Field, Strict
 
 #: Deepest nesting of a document object the server accepts (it may be echoed back).
 MAX_DOCUMENT_DEPTH = 32
@@ -57,6 +57,26 @@ Text = Annotated[str, AfterValidator(valid_text)]
 Document = Annotated[str | dict[str, Any], AfterValidator(echoable)]
 #: A JSON boolean: `true` or `false` only (pydantic's lax mode would also take 0, 1, "yes", "off").
 Flag = Annotated[bool, Strict()]
+
+
+def json_integer(value: Any) -> Any:
+    """Refuse what pydantic's lax mode would turn into an integer but JSON does not call one: `true`/`false`
+    (a bool is an int in Python) and numeric strings. Integral numbers written with a point (`5.0`) are
+    integers in JSON Schema and still pass; pydantic refuses `5.5`."""
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be an integer, not {'a boolean' if isinstance(value, bool) else 'a string'}")
+    return value
+
+
+def integer(minimum: int) -> Any:
+    """The type of a request's integer field of at least `minimum` (see `json_integer`). The bound sits
+    inside the type, before the check: given to the field's `Field()` it would apply after the check, and
+    pydantic would then write it into the OpenAPI document as `ge`, which JSON Schema does not know."""
+    return Annotated[int, Field(ge=minimum), BeforeValidator(json_integer)]
+
+
+#: A request's count of 1 or more (results, chunks, tokens, dimensions).
+Count = integer(1)
 
 
 #: The request field that carries a task instruction for instruction-aware rerankers (vLLM's name for it).

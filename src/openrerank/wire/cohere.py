@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Document, Flag, Text
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Count, Document, Flag, Text, integer
 
 _QUERY = Field(min_length=1, description="The search query; must not be empty.")
-_TOP_N = Field(default=None, ge=0, description="Return only the best `top_n` results; 0 or absent = all.")
+#: Cohere takes 0 for "all".
+_TopN = integer(0)
+_TOP_N = Field(default=None, description="Return only the best `top_n` results; 0 or absent = all.")
 _RETURN_DOCS = Field(default=False, description="Include each result's document in the response.")
 _INSTRUCTION = Field(default=None, description="openrerank extension (vLLM's field name): " + INSTRUCTION_DESCRIPTION)
 
@@ -37,14 +39,14 @@ class CohereV1RerankRequest(BaseModel):
         min_length=1,
         description="Strings, or objects with a `text` field (other fields are kept and returned).",
     )
-    top_n: int | None = _TOP_N
+    top_n: _TopN | None = _TOP_N
     rank_fields: list[Text] | None = Field(
         default=None, min_length=1,
         description="Object fields to rank on (default `text`); several are joined as `key: value` lines.",
     )
     return_documents: Flag = _RETURN_DOCS
-    max_chunks_per_doc: int | None = Field(
-        default=None, ge=1, description="Most chunks scored per long document (default 10)."
+    max_chunks_per_doc: Count | None = Field(
+        default=None, description="Most chunks scored per long document (default 10)."
     )
     instruction: Text | None = _INSTRUCTION
 
@@ -64,10 +66,10 @@ class CohereV2RerankRequest(BaseModel):
     model: Text = Field(description="Served model id (required by Cohere v2); see GET /v1/models.")
     query: Text = _QUERY
     documents: list[Text] = Field(min_length=1, description="Texts to rank against the query.")
-    top_n: int | None = _TOP_N
+    top_n: _TopN | None = _TOP_N
     return_documents: Flag = _RETURN_DOCS
-    max_tokens_per_doc: int | None = Field(
-        default=None, ge=1,
+    max_tokens_per_doc: Count | None = Field(
+        default=None,
         description="Only each document's first N tokens are considered (default 4096); "
         "within them, windows longer than the model's are chunked and scored by the best chunk.",
     )

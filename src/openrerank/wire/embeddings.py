@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from openrerank.wire.checks import Text
+from openrerank.wire.checks import Count, Text
 
 _INPUT_SCHEMA = {
     "anyOf": [{"type": "string", "minLength": 1},
@@ -40,8 +40,8 @@ class EmbeddingsRequest(BaseModel):
         "'<id>-query' / '<id>-passage' names set input_type.")
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="float: lists of numbers; base64: little-endian float32 bytes, base64.")
-    dimensions: int | None = Field(
-        default=None, ge=1,
+    dimensions: Count | None = Field(
+        default=None,
         description="Keep the leading N dimensions: Matryoshka models only (any other model accepts only "
         "its own size).")
     user: str | None = Field(default=None, description="Accepted and ignored (OpenAI compatibility).")

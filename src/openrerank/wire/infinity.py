@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import Flag
+from openrerank.wire.checks import Count, Flag
 
 #: Infinity's default `model` value; it means "the one served model".
 INFINITY_UNSPECIFIED_MODEL = "default/not-specified"
@@ -34,7 +34,7 @@ class InfinityRerankRequest(BaseModel):
     raw_scores: Flag = Field(default=False, description="Raw model scores instead of [0, 1] relevance scores.")
     model: str | None = Field(default=None, description="Served model id; absent (or Infinity's "
                               f"'{INFINITY_UNSPECIFIED_MODEL}') = the first served model.")
-    top_n: int | None = Field(default=None, gt=0, description="Return only the best N (absent: all).")
+    top_n: Count | None = Field(default=None, description="Return only the best N (absent: all).")
 
 
 class InfinityRerankResult(BaseModel):

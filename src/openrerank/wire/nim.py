@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Text
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Count, Text
 
 
 class NimText(BaseModel):
@@ -52,8 +52,8 @@ class NimRankingRequest(BaseModel):
         description="NONE: over-long pairs fail the request. END: cut the passage end. "
         "CHUNK (openrerank extension): score overlapping windows, passage = best window.",
     )
-    max_chunks_per_passage: int | None = Field(
-        default=None, ge=1,
+    max_chunks_per_passage: Count | None = Field(
+        default=None,
         description="openrerank extension, with CHUNK: most windows scored per passage (default and "
         "maximum: the server's --max-chunks-per-passage, 16 unless changed).",
     )

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Flag, Text
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Flag, Text, integer
 
 
 class ScoreRequest(BaseModel):
@@ -27,8 +27,8 @@ class ScoreRequest(BaseModel):
     model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
     text_1: Text | list[Text] = Field(description="Query, or queries (1 or as many as text_2).")
     text_2: Text | list[Text] = Field(description="Text(s) scored against text_1.")
-    truncate_prompt_tokens: int | None = Field(
-        default=None, ge=-1,
+    truncate_prompt_tokens: integer(-1) | None = Field(
+        default=None,
         description="Absent: an over-long pair fails (400). -1: cut to the model window. "
         "k > 0: also keep only the first k tokens of each text_2.",
     )
