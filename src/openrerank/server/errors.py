@@ -97,9 +97,9 @@ def safe_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 #: What each kind of failure is by default; dialects override some (`Dialect.status_for`).
 STATUS_DESCRIPTIONS = {
     400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 408: "Request body too slow",
-    413: "Body too large", 422: "Validation error", 424: "Inference failed", 429: "Overloaded, retry later",
-    500: "Internal error (the log has the request id)", 503: "Not ready, shutting down, or overloaded",
-    504: "Request timed out",
+    413: "Body too large", 415: "Content-Encoding other than gzip or deflate", 422: "Validation error",
+    424: "Inference failed", 429: "Overloaded, retry later", 500: "Internal error (the log has the request id)",
+    503: "Not ready, shutting down, or overloaded", 504: "Request timed out",
 }
 
 

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openrerank.observe.metrics import Metrics
+from openrerank.server import body_coding
 from openrerank.server.drain import RETRY_AFTER_S, Drain
 from openrerank.server.errors import Dialect, dialect_for
 
@@ -253,7 +254,8 @@ class ApiKeyMiddleware:
 class BodyGuardMiddleware:
     """Reads POST bodies up front, within `body_timeout` seconds (408 otherwise: a client that sends
     slowly, or declares more than it sends, cannot hold a connection forever); refuses oversize (413)
-    and non-UTF-8 (400) before any parsing; treats bodies sent without a JSON content type (e.g.
+    and non-UTF-8 (400) before any parsing, after undoing a gzip or deflate Content-Encoding
+    (`server/body_coding.py`); treats bodies sent without a JSON content type (e.g.
     `curl -d`) as JSON. Then, while the route runs, it watches for the client going away
     (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue; and for the end
     of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable)."""
@@ -298,6 +300,13 @@ class BodyGuardMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if (coding := headers.get(b"content-encoding")) is not None:
+            try:
+                body = body_coding.decode(body, coding, self.max_bytes)
+            except body_coding.BodyCodingError as exc:
+                await dialect.response(exc.status, str(exc), exc.kind, headers=exc.headers)(scope, receive, send)
+                return
+            scope = body_coding.decoded_scope(scope, len(body))
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:

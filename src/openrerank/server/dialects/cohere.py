@@ -49,7 +49,7 @@ COHERE = register_dialect(Dialect(
 
 router = APIRouter()
 
-_ERRORS = COHERE.responses(400, 401, 404, 408, 413, 429, 500, 503, 504)
+_ERRORS = COHERE.responses(400, 401, 404, 408, 413, 415, 429, 500, 503, 504)
 
 
 def document_text(doc: str | dict[str, Any], index: int, rank_fields: list[str] | None) -> str:

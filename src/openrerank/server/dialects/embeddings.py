@@ -35,7 +35,7 @@ INPUT_TYPE_SUFFIXES = {"-query": "query", "-passage": "passage"}
 
 router = APIRouter()
 
-_ERRORS = EMBEDDINGS.responses(400, 401, 404, 408, 413, 500, 503, 504, s400="Invalid request, an over-long text "
+_ERRORS = EMBEDDINGS.responses(400, 401, 404, 408, 413, 415, 500, 503, 504, s400="Invalid request, an over-long text "
                                 "with truncate NONE, an unsupported dimensions, or a model without embeddings")
 
 

@@ -40,7 +40,7 @@ MULTI_VECTOR = register_dialect(Dialect(
 router = APIRouter()
 
 _ERRORS = MULTI_VECTOR.responses(
-    400, 401, 404, 408, 413, 500, 503, 504,
+    400, 401, 404, 408, 413, 415, 500, 503, 504,
     s400="Invalid request, no input_type, an over-long passage with truncate NONE, or a model without "
          "multi-vector embeddings",
     s413="More texts than the route takes in one request")

@@ -26,7 +26,7 @@ _HEALTH = {503: {"model": HealthResponse, "description": "Not ready (loading, fa
 
 
 @router.post("/v1/ranking", response_model=NimRankingResponse, tags=["NIM"],
-             responses=NIM.responses(400, 401, 404, 408, 413, 422, 500, 503, 504,
+             responses=NIM.responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504,
                                      s422="A query+passage pair over the model's window with truncate NONE"),
              summary="Rank passages by relevance to a query (NVIDIA NIM compatible)")
 async def ranking(body: NimRankingRequest, request: Request, response: Response) -> dict:

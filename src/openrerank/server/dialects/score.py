@@ -22,8 +22,8 @@ from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.score import ScoreError, ScoreRequest, ScoreResponse
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
-          413: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
-          504: "TimeoutError"}
+          413: "BadRequestError", 415: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError",
+          503: "ServiceUnavailableError", 504: "TimeoutError"}
 
 
 def score_error_body(status: int, message: str, kind: str) -> dict:
@@ -43,7 +43,7 @@ SCORE = register_dialect(Dialect(
 
 router = APIRouter()
 
-_ERRORS = SCORE.responses(400, 401, 404, 408, 413, 500, 503, 504)
+_ERRORS = SCORE.responses(400, 401, 404, 408, 413, 415, 500, 503, 504)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankR
 router = APIRouter()
 
 _ERRORS = TEI.responses(
-    400, 401, 408, 413, 422, 424, 429, 503, s400="`texts` is empty",
+    400, 401, 408, 413, 415, 422, 424, 429, 503, s400="`texts` is empty",
     s422="Validation error: wrong types, too many texts or tokens, over-long input, unknown model",
     s424="Inference failed or timed out", s503="Not ready, shutting down, or a model worker died")
 #: /rerank answers each error in the form the request used: TEI's flat body or Infinity's nested one.
