@@ -11,7 +11,6 @@ server does not decode is a 415 whose `Accept-Encoding` names those it does (RFC
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 #: The codings decoded, by their HTTP names (`x-gzip` is gzip's old alias, RFC 9110 8.4.1.3).
 _GZIP, _ZLIB = 16 + zlib.MAX_WBITS, zlib.MAX_WBITS
@@ -45,12 +44,6 @@ def decode(body: bytes, content_encoding: bytes, limit: int) -> bytes:
     for coding in reversed(codings):
         body = _inflate(body, coding, limit)
     return body
-
-
-def decoded_scope(scope: dict[str, Any], length: int) -> dict[str, Any]:
-    """The request as the route sees it once decoded: no Content-Encoding, the decoded Content-Length."""
-    headers = [h for h in scope["headers"] if h[0] not in (b"content-encoding", b"content-length")]
-    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
 def _inflate(data: bytes, coding: str, limit: int) -> bytes:

@@ -300,13 +300,12 @@ class BodyGuardMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if (coding := headers.get(b"content-encoding")) is not None:
+        if (coding := headers.get(b"content-encoding")) is not None:  # the route gets the decoded body
             try:
                 body = body_coding.decode(body, coding, self.max_bytes)
             except body_coding.BodyCodingError as exc:
                 await dialect.response(exc.status, str(exc), exc.kind, headers=exc.headers)(scope, receive, send)
                 return
-            scope = body_coding.decoded_scope(scope, len(body))
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
