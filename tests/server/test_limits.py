@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -190,3 +191,32 @@ def test_openapi_declares_the_limits_this_server_enforces(tiny_model_dir):
         # what the document states is what the server enforces
         assert c.post("/v1/ranking", json=nim_body("q", ["a"] * 8)).status_code == 200
         assert c.post("/v1/ranking", json=nim_body("q", ["a"] * 9)).status_code == 400
+
+
+def test_an_oversize_body_gets_its_413_while_the_client_is_still_sending_it(tmp_path, tiny_model_dir):
+    """The 413 goes out before the body is read. Closing the connection then, with the client's bytes
+    unread, reset it, and httpx's async client (the OpenAI and Cohere SDKs' async clients) lost the answer
+    to a ReadError every time. The server now reads and drops the rest of the body before it closes."""
+    args = ["--model", f"tiny={tiny_model_dir}", "--max-body-bytes", str(1 << 20), "--threads", "1"]
+    big = b'{"query": {"text": "q"}, "passages": [' + b'{"text": "word"}, ' * (1 << 20) + b'{"text": "x"}]}'
+    assert len(big) > 16 << 20  # far more than the socket buffers hold: the client is mid-send at the 413
+    json_type = {"content-type": "application/json"}
+
+    async def chunked():  # no Content-Length: the limit is found while streaming
+        for start in range(0, len(big), 1 << 16):
+            yield big[start:start + (1 << 16)]
+
+    async def send_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return [await c.post("/v1/ranking", content=big, headers=json_type),
+                    await c.post("/v1/rerank", content=chunked(), headers=json_type),
+                    await c.post("/v1/ranking", json=nim_body("q", ["a"]))]
+
+    with run_server(args, tmp_path) as server:
+        for attempt in range(3):
+            declared, streamed, fine = asyncio.run(send_all(server.url))
+            assert declared.status_code == 413 and "--max-body-bytes" in declared.json()["message"], attempt
+            assert streamed.status_code == 413 and set(streamed.json()) == {"message"}, attempt  # Cohere's shape
+            assert fine.status_code == 200
+        with httpx.Client(base_url=server.url, timeout=60) as c:  # the sync client read it before too
+            assert c.post("/v1/ranking", content=big, headers=json_type).status_code == 413

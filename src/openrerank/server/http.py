@@ -5,8 +5,12 @@ trickles them (slowloris) holds a connection for ever. `header_timeout` closes s
 408; the body is bounded by the app's BodyGuardMiddleware (`--body-timeout`), idle keep-alive
 connections by uvicorn's own keep-alive timeout. Nor does its httptools protocol bound the size of the
 headers (1 MB, 32 MB headers were read whole): past `max_header_bytes` the connection gets a 431 in the
-path's dialect and is closed, before the parser buffers more. A reverse proxy in front should still bound
-connections per client (docs/reliability.md).
+path's dialect and is closed, before the parser buffers more. And uvicorn closes a connection as soon as
+a `Connection: close` answer is out, even one sent before the request's body was read (the body guard's
+413 on a declared length): the kernel then resets the connection and a client still sending loses the
+answer. Such a connection is closed gently instead (half-closed, the rest of the body read and dropped,
+bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should still bound connections per client
+(docs/reliability.md).
 
 On SIGTERM/SIGINT the app's drain (`server/drain.py`) starts as uvicorn stops accepting connections: every
 accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed.
@@ -36,8 +40,10 @@ EXIT_LOAD_FAILED = 3
 _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
                 b"content-length: 37\r\nconnection: close\r\n\r\nrequest headers not received in time\n")
 _HEAD_END = b"\r\n\r\n"
-#: How long a connection refused for oversize headers is still read (and dropped) before it is closed.
+#: A connection answered before its request was read whole is closed once the client has been quiet for
+#: LINGER_S, or LINGER_MAX_S after the answer at the latest (nginx's lingering_timeout and lingering_time).
 LINGER_S = 2.0
+LINGER_MAX_S = 30.0
 
 
 def headers_too_large(head_start: bytes, limit: int) -> bytes:
@@ -50,10 +56,22 @@ def headers_too_large(head_start: bytes, limit: int) -> bytes:
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
 
 
+class _ClosingGently:
+    """The transport as a request's cycle sees it: `close` goes through the protocol, which lingers when the
+    request is not read whole (see `_close_gently`); everything else is the transport's own."""
+
+    def __init__(self, transport: Any, close: Any) -> None:
+        self._transport = transport
+        self.close = close
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig.max_header_bytes
                      ) -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with a deadline on each request's headers and a bound on their size
-    ("auto" without httptools)."""
+    """uvicorn's httptools protocol with a deadline on each request's headers, a bound on their size, and a
+    gentle close of a connection answered early ("auto" without httptools)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - uvicorn[standard] ships httptools
@@ -63,18 +81,22 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
     class HeaderTimeoutProtocol(HttpToolsProtocol):
         """Closes a connection whose request headers are not complete `header_timeout` seconds after the
         connection opened or the request's first byte arrived, and one whose request line and headers
-        pass `max_header_bytes` (431)."""
+        pass `max_header_bytes` (431); and closes gently a connection answered before its request was
+        read whole (a 413 sent on the declared length, a 408), so the client still sending reads it."""
 
         _header_timer: asyncio.TimerHandle | None = None
         _in_head = True  # the next bytes belong to a request's line and headers
         _head_bytes = 0
         _head_start = b""  # the head's first bytes: the request line, for the path's dialect
         _tail = b""  # the last bytes counted, to find a head end split across two reads
-        _refused = False
+        _lingering = False  # answered and closing: what the client still sends is dropped
+        _linger_timer: asyncio.TimerHandle | None = None
+        _linger_end = 0.0
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return  # the rest of an oversize head: read and dropped until the connection closes
+            if self._lingering:
+                self._linger_until_quiet()  # the rest of a refused request: read and dropped
+                return
             if self._in_head:  # count before the parser buffers anything: it would take any size
                 seen = self._tail + data
                 end = seen.find(_HEAD_END)
@@ -88,19 +110,40 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             super().data_received(data)
 
         def _headers_too_large(self) -> None:
-            """Answer 431 and close gently: stop writing, drop what the client still sends for a moment,
-            then close. Closing at once with unread bytes would reset the connection, and the client could
-            lose the 431 (the reason servers linger on close)."""
             self._disarm()
-            self._refused = True
             if self.transport.is_closing():
                 return
             log.info("refusing a request from %s: request headers over %d bytes (--max-header-bytes)",
                      self.client, max_header_bytes)
             self.transport.write(headers_too_large(self._head_start, max_header_bytes))
-            if self.transport.can_write_eof():
+            self._linger()
+
+        def _close_gently(self) -> None:
+            """The cycle's `transport.close()`: at once if the request was read whole, else a lingering
+            close. Closing with the client's bytes unread makes the kernel reset the connection, and a
+            client still sending its body loses the answer already sent (RFC 9112 section 9.6)."""
+            if self._in_head or self.transport.is_closing():
+                self.transport.close()
+            else:
+                self._linger()
+
+        def _linger(self) -> None:
+            """Stop writing, drop what the client still sends, close once it is quiet for LINGER_S (or has
+            closed its side: asyncio closes on EOF), LINGER_MAX_S from now at the latest."""
+            if self._lingering or self.transport.is_closing():
+                return
+            self._lingering = True
+            if self.transport.can_write_eof():  # not under TLS
                 self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self.transport.close)
+            self.flow.resume_reading()  # reading may have paused while the body filled the cycle's buffer
+            self._linger_end = self.loop.time() + LINGER_MAX_S
+            self._linger_until_quiet()
+
+        def _linger_until_quiet(self) -> None:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            when = min(self.loop.time() + LINGER_S, self._linger_end)
+            self._linger_timer = self.loop.call_at(when, self.transport.close)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -135,13 +178,21 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             self._disarm()
             self._in_head = False
             super().on_headers_complete()
+            if self.cycle is not None and self.cycle.transport is self.transport:  # a new request's cycle
+                self.cycle.transport = _ClosingGently(self.transport, self._close_gently)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
             super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
+            if self._lingering:  # requests pipelined behind a refused one are dropped, as a close drops them
+                self.pipeline.clear()
             super().on_response_complete()
+            if self._lingering:  # the linger bounds the connection now, not the keep-alive timeout
+                self._unset_keepalive_if_required()
             # the next request's headers are timed from its first byte; until then the keep-alive
             # timeout applies
 
