@@ -3,6 +3,7 @@ the tokenizer pool lets a call through while another holds a copy."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 
@@ -116,3 +117,16 @@ def test_the_pool_serves_a_call_while_another_holds_a_copy():
             waiter.start()
             assert not third.wait(0.2)
         assert third.wait(60)
+
+
+def test_a_text_past_the_window_is_tokenized_without_transformers_warning(caplog):
+    """The server cuts texts past the window itself; transformers' "will result in indexing errors"
+    warning (once per tokenizer copy) read as a fault in the server's log."""
+    tok = TokenizerPool(AutoTokenizer.from_pretrained(str(default_model_dir())), size=1)
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("transformers").addHandler(caplog.handler)
+        try:
+            assert len(tok.ids("word " * 2000)) == 2000
+        finally:
+            logging.getLogger("transformers").removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "sequence length" in r.getMessage()]

@@ -68,8 +68,9 @@ class TokenizerPool:
         with self._borrow() as tok:
             side = tok.truncation_side
             tok.truncation_side = "left" if left else "right"
-            try:
-                return tok(*args, return_attention_mask=False, **kw)
+            try:  # not verbose: transformers warns of "indexing errors" for any text past the model's
+                # window, which every text bound here for truncation or chunking may be
+                return tok(*args, return_attention_mask=False, verbose=False, **kw)
             finally:
                 tok.truncation_side = side
 
