@@ -95,7 +95,13 @@ def invalid_request(rng: random.Random) -> tuple[str, bytes]:
         ("/v1/score", b'{"text_1": ["a", "b", "c"], "text_2": ["x", "y"]}'),
         ("/v1/score", b'{"text_1": "q", "text_2": ["a"'),
         ("/v1/ranking", b"[" * 5000 + b"]" * 5000),
+        ("/v1/ranking", OVERSIZE),
     ])
+
+
+#: 9.4 MiB, over the default --max-body-bytes (8 MiB): answered 413 while the client is still sending it (the server
+#: must read and drop the rest, or the client's connection is reset and the 413 lost; docs/reliability.md).
+OVERSIZE = b'{"query": {"text": "q"}, "passages": [' + b'{"text": "a"}, ' * (10 << 16) + b'{"text": "a"}]}'
 
 
 class Tally:
