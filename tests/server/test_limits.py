@@ -128,7 +128,8 @@ def test_a_model_that_cannot_load_makes_serve_exit_with_one_clear_line(tmp_path,
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--max-queue", "-1"), ("--max-padding", "1.5"),
-                                              ("--request-timeout", "0"), ("--max-chunks-per-passage", "0")])
+                                              ("--request-timeout", "0"), ("--max-chunks-per-passage", "0"),
+                                              ("--cors-allow-origin", "rag.example.com")])
 def test_nonsense_settings_are_refused_before_anything_loads(flag, value):
     done = serve_exit([flag, value], timeout=60)
     assert done.returncode == 2

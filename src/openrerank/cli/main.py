@@ -54,6 +54,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("metrics-public", "network", "with an API key set, leave /v1/metrics (and /metrics) open to a "
            "Prometheus that scrapes without the key; keep them off the public network (docs/deploy.md)",
            switch=True),
+    Option("cors-allow-origin", "network", "a web origin (scheme://host[:port]) whose pages may call the API from "
+           "a browser (CORS), '*' for any; repeat for several (none: no CORS headers, browsers keep other "
+           "origins out)", repeatable=True, dest="cors_allow_origins", metavar="ORIGIN"),
     Option("model", "models", "model to serve: 'default' (embedded all-MiniLM-L6-v2), a local directory or a "
            "Hugging Face hub id; NAME=SOURCE serves it as NAME. Repeat to serve several",
            repeatable=True, dest="models", metavar="[NAME=]SOURCE"),

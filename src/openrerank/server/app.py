@@ -15,6 +15,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from openrerank import __version__
 from openrerank.core.images import ImageInputError
@@ -55,6 +56,11 @@ ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.route
 
 #: Where the Swagger UI / ReDoc assets are served from (public, like /docs itself).
 DOCS_ASSETS = "/docs-assets"
+#: CORS (`--cors-allow-origin`): what a browser page may send, and which answer headers its script may read (the
+#: request id to report, Retry-After to back off); browsers cache a preflight's answer for CORS_MAX_AGE_S.
+CORS_METHODS = ["GET", "POST"]
+CORS_EXPOSED = ["x-request-id", "retry-after"]
+CORS_MAX_AGE_S = 600
 
 _HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 422: "validation"}
@@ -291,5 +297,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, metrics_public=config.metrics_public)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     app.add_middleware(CatchAllMiddleware, drain=app.state.drain)
+    if config.cors_allow_origins:  # outside auth: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_allow_origins, allow_methods=CORS_METHODS,
+                           allow_headers=["*"], expose_headers=CORS_EXPOSED, max_age=CORS_MAX_AGE_S)
     app.add_middleware(RequestLogMiddleware, routes=routes, tracer=tracer)
     return app

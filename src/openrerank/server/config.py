@@ -11,6 +11,7 @@ and `server/engine_config.py` turns a ServerConfig into those objects.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from openrerank.core.images import ImageLimits
@@ -18,6 +19,9 @@ from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
 from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
+
+#: A web origin as browsers send it in `Origin` (RFC 6454): scheme, host, optional port; nothing after.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ServerConfig:
     ssl_certfile: str | None = None  # TLS on HTTP and gRPC: both files or neither
     ssl_keyfile: str | None = None
     metrics_public: bool = False  # with api_key: /v1/metrics stays open (a scraper by pod annotation has no key)
+    cors_allow_origins: list[str] = field(default_factory=list)  # browser origins that may call the API; "*": any
     # model loading
     backend: str = LoadOptions.backend  # the --backend flag: which runtime (or auto)
     dtype: str = LoadOptions.dtype
@@ -98,6 +103,8 @@ class ServerConfig:
         for flag in ("ssl-certfile", "ssl-keyfile"):
             path = getattr(self, flag.replace("-", "_"))
             need(path is None or os.access(path, os.R_OK), flag, "not a readable file")
+        problems += [f"--cors-allow-origin {o!r}: must be '*' or an origin, scheme://host[:port] with no path"
+                     for o in self.cors_allow_origins if o != "*" and not _ORIGIN.fullmatch(o)]
         problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
                      if not all(p.strip() for p in a.partition("=")[::2])]
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",

@@ -1,0 +1,56 @@
+"""`--cors-allow-origin`: a web page on an allowed origin may call the API from a browser; others may not, and
+without the flag no CORS header is sent at all. Against `openrerank serve` with an API key, as deployed."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.support import nim_body, run_server
+
+APP = "https://rag.example.com"
+KEY = "cors-secret"
+
+
+def preflight(c: httpx.Client, origin: str, path: str = "/v1/ranking") -> httpx.Response:
+    """What a browser sends before a JSON POST with a bearer key from another origin."""
+    return c.options(path, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                    "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_an_allowed_origin_may_call_the_api_and_read_its_answers_and_errors(tmp_path, tiny_model_dir):
+    args = ["--model", f"tiny={tiny_model_dir}", "--threads", "1", "--cors-allow-origin", APP,
+            "--cors-allow-origin", "http://localhost:3000"]
+    with run_server(args, tmp_path, api_key=KEY) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        ok = preflight(c, APP)  # no key in a preflight: it is answered before auth
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == APP
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        assert preflight(c, "http://localhost:3000").headers["access-control-allow-origin"] == "http://localhost:3000"
+
+        answer = c.post("/v1/ranking", json=nim_body("q", ["a", "b"]),
+                        headers={"Origin": APP, "Authorization": f"Bearer {KEY}"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == APP
+        exposed = answer.headers["access-control-expose-headers"].lower()
+        assert "x-request-id" in exposed and "retry-after" in exposed and answer.headers["x-request-id"]
+
+        refused = c.post("/v1/ranking", json=nim_body("q", ["a"]), headers={"Origin": APP})  # no key: the page
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == APP  # reads why
+        bad = c.post("/v1/rerank", json={"query": "q", "documents": []},
+                     headers={"Origin": APP, "Authorization": f"Bearer {KEY}"})
+        assert bad.status_code == 400 and set(bad.json()) == {"message"}  # Cohere's shape, readable by the page
+        assert bad.headers["access-control-allow-origin"] == APP
+
+        other = preflight(c, "https://evil.example.net")
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        stray = c.post("/v1/ranking", json=nim_body("q", ["a"]),
+                       headers={"Origin": "https://evil.example.net", "Authorization": f"Bearer {KEY}"})
+        assert "access-control-allow-origin" not in stray.headers  # the browser keeps the answer from that page
+
+
+def test_without_the_flag_no_cors_header_is_sent(tmp_path, tiny_model_dir):
+    args = ["--model", f"tiny={tiny_model_dir}", "--threads", "1"]
+    with run_server(args, tmp_path) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        assert preflight(c, APP).status_code == 405
+        answer = c.post("/v1/ranking", json=nim_body("q", ["a"]), headers={"Origin": APP})
+        assert answer.status_code == 200
+        assert not [h for h in answer.headers if h.startswith("access-control-")]
