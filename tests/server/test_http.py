@@ -17,6 +17,8 @@ from openrerank_bench.serve_process import free_port
 from openrerank.server import http
 
 WAIT_S = 10.0
+KEEP_ALIVE_S = 1  # uvicorn's idle keep-alive timeout here (5 s by default)
+SEEN: list[str] = []  # the paths refusing_app was called for
 
 
 async def refusing_app(scope, receive, send) -> None:
@@ -24,6 +26,7 @@ async def refusing_app(scope, receive, send) -> None:
     once the body is read whole."""
     if scope["type"] != "http":
         return
+    SEEN.append(scope["path"])
     if scope["path"] != "/refuse":
         while (await receive()).get("more_body"):
             pass
@@ -37,11 +40,18 @@ class Served:
     def __init__(self) -> None:
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(refusing_app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    lifespan="off", http=http.guarded_protocol(5.0)))
+                                                    lifespan="off", http=http.guarded_protocol(5.0),
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
     def connections(self) -> int:
         return len(self.server.server_state.connections)
+
+    def wait_accepted(self) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not self.connections():
+            assert time.monotonic() < deadline, "the server never accepted the connection"
+            time.sleep(0.01)
 
     def wait_closed(self) -> float:
         """Seconds until the server holds no connection (fails after WAIT_S)."""
@@ -54,6 +64,7 @@ class Served:
 
 @pytest.fixture
 def served() -> Iterator[Served]:
+    SEEN.clear()
     s = Served()
     s.thread.start()
     deadline = time.monotonic() + WAIT_S
@@ -109,11 +120,12 @@ def test_a_quiet_client_is_closed_linger_s_after_the_answer(served, monkeypatch)
 
 
 def test_a_client_that_never_stops_sending_is_closed_after_linger_max_s(served, monkeypatch):
-    monkeypatch.setattr(http, "LINGER_S", 0.5)
-    monkeypatch.setattr(http, "LINGER_MAX_S", 1.5)
+    monkeypatch.setattr(http, "LINGER_S", 1.0)  # 20 sends' gaps: a stalled test thread does not end it early
+    monkeypatch.setattr(http, "LINGER_MAX_S", 2.5)
     stop = threading.Event()
     with socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(head("/refuse", 1 << 30))
+        served.wait_accepted()
 
         def trickle() -> None:  # never quiet for LINGER_S
             with contextlib.suppress(OSError):
@@ -124,10 +136,27 @@ def test_a_client_that_never_stops_sending_is_closed_after_linger_max_s(served, 
         sender = threading.Thread(target=trickle, daemon=True)
         sender.start()
         try:
-            assert 1.0 < served.wait_closed() < WAIT_S
+            assert 2.0 < served.wait_closed() < WAIT_S
         finally:
             stop.set()
             sender.join(WAIT_S)
+
+
+def test_the_keep_alive_timeout_does_not_cut_a_linger_short(served, monkeypatch):
+    """A body still arriving over a slow link outlasts uvicorn's keep-alive timeout; closing then would reset
+    the connection under the client as closing at once did."""
+    monkeypatch.setattr(http, "LINGER_S", 1.0)
+    monkeypatch.setattr(http, "LINGER_MAX_S", 30.0)
+    sending_s = KEEP_ALIVE_S + 1.5
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.settimeout(WAIT_S)
+        sock.sendall(head("/refuse", 1 << 30))
+        start = time.monotonic()
+        while time.monotonic() - start < sending_s:  # raises if the server resets the connection
+            sock.sendall(b"x" * 1000)
+            time.sleep(0.05)
+        assert read_all(sock).startswith(b"HTTP/1.1 413")
+        served.wait_closed()
 
 
 def test_a_request_read_whole_is_closed_at_once(served, monkeypatch):
@@ -137,3 +166,18 @@ def test_a_request_read_whole_is_closed_at_once(served, monkeypatch):
         sock.sendall(head("/read", 5) + b"hello")
         assert read_all(sock).startswith(b"HTTP/1.1 200")
         served.wait_closed()
+
+
+def test_requests_pipelined_behind_a_refused_one_are_dropped_as_a_close_drops_them(served):
+    """A refusal with `Connection: close` ends the connection: a request queued behind it must not run, nor
+    write its answer after the server has half-closed."""
+    refused = head("/refuse", 2) + b"no"
+    queued = head("/read", 5) + b"hello"
+    unfinished = head("/read", 1 << 20) + b"x" * 1000  # still arriving when the refusal goes out
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.settimeout(WAIT_S)
+        sock.sendall(refused + queued + unfinished)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1") == 1
+    served.wait_closed()
+    assert SEEN == ["/refuse"]

@@ -135,7 +135,6 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             self._lingering = True
             if self.transport.can_write_eof():  # not under TLS
                 self.transport.write_eof()
-            self.flow.resume_reading()  # reading may have paused while the body filled the cycle's buffer
             self._linger_end = self.loop.time() + LINGER_MAX_S
             self._linger_until_quiet()
 
