@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ipaddress
 import itertools
+import json
 import os
 import re
 import threading
@@ -289,6 +290,40 @@ def test_ray_stays_on_loopback(cluster):
         assert addresses <= _LOOPBACK | _WILDCARD, (cluster.processes[pid], addresses)
         if addresses & _WILDCARD:  # Serve binds each replica's internal gRPC server to [::] (hard-coded)
             assert "ServeReplica" in cluster.processes[pid], (cluster.processes[pid], addresses)
+
+
+async def _send_whole_then_read(url: str, body: bytes, n: int) -> list[httpx.Response | str]:
+    """`n` posts from one async client, which sends the whole body before it reads the answer."""
+    out: list[httpx.Response | str] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        for _ in range(n):
+            try:
+                out.append(await c.post("/v1/ranking", content=body, headers={"content-type": "application/json"}))
+            except httpx.TransportError as exc:
+                out.append(type(exc).__name__)
+        out.append(await c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES)))
+    return out
+
+
+def test_a_body_over_the_limit_gets_its_413_through_the_proxy(cluster):
+    """The replica refuses from the declared length, before the body is read. With its `Connection: close`
+    Serve's uvicorn closed at once, the body unread, and the reset lost the answer (ReadError, every time here)."""
+    body = json.dumps(nim_body(QUERY, ["x" * 1000] * 17_500)).encode()  # 17.6 MB, over the default 8 MiB
+    *refused, after = asyncio.run(_send_whole_then_read(cluster.url, body, 3))
+    assert [getattr(r, "status_code", r) for r in refused] == [413] * 3, refused
+    assert all(r.json()["type"] == "too_large" and "--max-body-bytes" in r.json()["message"] for r in refused)
+    assert after.status_code == 200
+
+
+def test_each_answer_names_its_request_id_once(cluster):
+    """Serve's proxy puts the request's id on every answer; the replica's own copy made it "id, id"."""
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        generated = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES))
+        given = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES), headers={"x-request-id": "caller-7"})
+        refused = c.post("/v1/rerank", json={"query": QUERY}, headers={"x-request-id": "caller-8"})
+    assert generated.status_code == 200 and len(generated.headers.get_list("x-request-id")) == 1
+    assert given.headers.get_list("x-request-id") == ["caller-7"]
+    assert refused.status_code == 400 and refused.headers.get_list("x-request-id") == ["caller-8"]
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ autoscaling and multi-node placement; this module only adapts what breaks under 
 - health: `check_health` fails when a model failed to load or its scheduler worker is gone;
 - metrics: every series is also written through `ray.serve.metrics`, so Ray exports per-replica
   series that sum across replicas and nodes (`/v1/metrics` through the proxy shows one replica only);
+- headers: `Connection` and a second `x-request-id` are Serve's HTTP server's to set (`BehindServeMiddleware`);
 - back-pressure: a replica refuses scoring requests past its limit in the dialect's own error shape
   with `Retry-After`, before Serve's queue would answer with its bare error.
 
@@ -35,6 +36,7 @@ from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import dialect_for
+from openrerank.server.middleware import REQUEST_ID_HEADER
 from openrerank.server.ray_router import LeastBusyRouter
 
 log = logging.getLogger(__name__)
@@ -245,6 +247,40 @@ class ReplicaMiddleware:
             self.inside -= 1
 
 
+class BehindServeMiddleware:
+    """Leaves to Serve's HTTP server the response headers that are its to set: `Connection` and `x-request-id`.
+
+    Under Serve the client's connection belongs to Serve's uvicorn (the proxy's, or the replica's own with
+    direct ingress), not to the app. `Connection` is hop-by-hop (RFC 9110 7.6.1), and that uvicorn honours an
+    app's `Connection: close` by closing as soon as the answer is out, with the rest of the body unread,
+    which resets the connection: a client that sends its whole body before reading (the async httpx under
+    the OpenAI, Cohere and LangChain clients) lost the 413 for a body over `--max-body-bytes`. Without it
+    the server keeps the connection and reads the rest of the body past, as uvicorn does after any answer
+    given before the body was read (a replica's overload 503). Serve's request-id middleware puts an
+    `x-request-id` on every request that lacks one and the same on its answer, so the app's equal one made
+    it twice (`headers.get` read "id, id"); one the app chose itself, for a caller's id it found unfit, stays."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER)
+
+        def serves(name: bytes, value: bytes) -> bool:
+            return name == b"connection" or (name == REQUEST_ID_HEADER and value == given)
+
+        async def hop(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if not serves(k.lower(), v)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, hop)
+
+
 def build_replica_app(config: ServerConfig) -> Any:
     """The openrerank app as one replica serves it (called inside the replica process)."""
     from starlette.middleware import Middleware
@@ -266,6 +302,7 @@ def build_replica_app(config: ServerConfig) -> Any:
     # Inside the metrics and auth middleware (counted, authenticated first), before the body is read.
     position = next(i for i, m in enumerate(app.user_middleware) if m.cls is BodyGuardMiddleware)
     app.user_middleware.insert(position, gate)
+    app.add_middleware(BehindServeMiddleware)  # outermost: it sees every layer's headers
     return app
 
 
