@@ -23,6 +23,8 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from openrerank.families import cost
+
 
 def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
     """fp32 GEMM rate (GFLOP/s) of PyTorch on `threads` threads: the best of `repeats` square products."""
@@ -44,11 +46,9 @@ def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
 
 
 def sequence_flops(config: dict, tokens: int) -> float:
-    """FLOPs of one encoder pass over `tokens` tokens (see the module docstring)."""
-    h = int(config["hidden_size"])
-    f = int(config.get("intermediate_size") or 4 * h)
-    layers = int(config["num_hidden_layers"])
-    return layers * (2 * tokens * (4 * h * h + 2 * h * f) + 4 * tokens * tokens * h)
+    """FLOPs of one encoder pass over `tokens` tokens (see the module docstring; the serving package's
+    formula, which admission weighs long sequences by)."""
+    return cost.sequence_flops(config, tokens)
 
 
 def flops_per_pair(config: dict, sequences: Sequence[int], pairs: int) -> float:
