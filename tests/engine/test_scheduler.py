@@ -377,6 +377,54 @@ def test_an_idle_scheduler_admits_one_request_above_the_queue_budget() -> None:
     asyncio.run(main())
 
 
+def test_a_measured_budget_weighs_long_sequences_by_their_attention() -> None:
+    """With a knee of 100 tokens, a 100-token sequence costs twice its tokens: 400 tokens of them are the
+    work of 800 short ones. Counted in tokens, a long-context model's budget admitted twice what it scores."""
+    backend, ids = FakeScorer(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, request_timeout=10.0)
+        sched.knee = 100.0
+        sched.work_per_second = 100.0  # work per second: one request may hold 100 x 10 s x BUDGET_SHARE = 500
+        assert sched.request_budget == 500
+        short = ids.items(*[5] * 90)  # 450 tokens, 472.5 of work
+        np.testing.assert_array_equal((await sched.submit(short)).scores, expected(short))
+        with pytest.raises(RequestTooLargeError) as err:
+            await sched.submit(ids.items(*[100] * 3))  # 300 tokens, 600 of work
+        message = str(err.value)
+        assert "300 tokens, above the limit of 250 per request" in message, message  # 500 x 300 / 600
+        assert "~50 tokens/s here at these lengths" in message, message  # 100 x 300 / 600
+        assert sched.over_budget(200, sched.weigh(ids.items(100, 100))) is None  # 400 of work: fits
+        sched.knee = None  # unknown shape: tokens
+        assert sched.over_budget(300, sched.weigh(ids.items(*[100] * 3))) is None
+        await sched.stop()
+
+    asyncio.run(main())
+
+
+def test_deadline_admission_counts_the_work_pending() -> None:
+    """Behind a pending request of long sequences, a newcomer would finish after its deadline although the
+    tokens pending would have let it in."""
+    backend, ids = FakeScorer(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, request_timeout=10.0)
+        sched.knee, sched.work_per_second = 100.0, 100.0
+        blocker, _ = await block_worker(sched, backend, ids)
+        long = asyncio.create_task(sched.submit(ids.items(*[100] * 2)))  # 200 tokens, 400 of work: 4 s
+        await until(lambda: sched.pending == 2)
+        # ahead: the blocker's 3.09 and 400 of work, then its own 400: 8.03 s at 100/s, past a 7 s deadline;
+        # in tokens it was 203 + 200 at 100/s: 4 s, admitted, and then it missed its deadline
+        with pytest.raises(QueueFullError, match="would finish in about 8 s") as err:
+            await sched.submit(ids.items(*[100] * 2), timeout=7.0)
+        assert "tokens/s here at these lengths" in str(err.value)
+        backend.release()
+        await asyncio.gather(blocker, long)
+        await sched.stop()
+
+    asyncio.run(main())
+
+
 def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
     backend, ids = FakeScorer(), Ids()
 

@@ -4,6 +4,7 @@ from the model's measured speed."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from openrerank.core.requests import Truncate
-from openrerank.engine.admission import BUDGET_SHARE
+from openrerank.engine.admission import BUDGET_SHARE, work_of
 from openrerank.server.config import ServerConfig
 from tests.server.faults import WAIT_S, InProcessServer, in_thread, until
 from tests.support import nim_body, run_server
@@ -85,19 +86,28 @@ def test_the_token_budget_follows_the_measured_speed(tmp_path):
     args = ["--backend", "torch", "--threads", "1", "--request-timeout", str(timeout)]
     with run_server(args, tmp_path) as server, server.client() as c:
         model = c.get("/v1/metadata").json()["models"][0]
-        rate, budget = model["tokens_per_second"], model["max_request_tokens"]
+        rate, budget, knee = model["tokens_per_second"], model["max_request_tokens"], model["attention_knee"]
         assert budget == pytest.approx(rate * timeout * BUDGET_SHARE, rel=0.01)
+        assert knee == 6 * 384  # MiniLM's: a token of an L-token pair costs 1 + L/2304 of a short one's
         assert c.get("/v1/metadata").json()["limits"]["max_request_tokens"] == budget
         passage = "the river flows through the mountain city to the sea " * 60  # over the 256-token window
+        # the limit for 256-token passages, in tokens: the budget (tokens of short sequences) / (1 + 256/knee)
+        limit = budget * 256 / work_of([256], knee)
         r = c.post("/v1/ranking", json=nim_body("q", [passage] * 512, truncate="END"))
         assert r.status_code == 400, r.text[:300]
-        assert "tokens/s" in r.json()["message"] and "--max-request-tokens" in r.json()["message"]
-        # the limit enforced is the measured one, not the static default (32768 tokens at this timeout)
-        assert f"above the limit of {budget} per request" in r.json()["message"], r.text[:300]
+        message = r.json()["message"]
+        assert "tokens/s here at these lengths" in message and "--max-request-tokens" in message, message
+        # the limit enforced is the measured one at these lengths (the query's 3 tokens move it a little), not
+        # the static default (32768 tokens at this timeout), nor the budget counted in tokens
+        said = int(re.search(r"above the limit of (\d+) per request", message).group(1))
+        assert said == pytest.approx(limit, rel=1e-3) and said < budget, message
         assert "x-inference-time" not in r.headers  # refused before any scoring
         # just over the measured budget (on a slow CPU, far below the static default): refused too
-        r = c.post("/v1/ranking", json=nim_body("q", [passage] * (budget // 256 + 2), truncate="END"))
-        assert r.status_code == 400 and f"above the limit of {budget} per request" in r.json()["message"], r.text[:300]
+        passages = int(limit // 256) + 1
+        r = c.post("/v1/ranking", json=nim_body("q", [passage] * passages, truncate="END"))
+        assert r.status_code == 400 and "above the limit of" in r.json()["message"], r.text[:300]
+        # and under it is scored: 256-token passages are weighed by their length, not counted as short ones
+        assert c.post("/v1/ranking", json=nim_body("q", [passage] * (passages - 2), truncate="END")).status_code == 200
         assert c.post("/v1/ranking", json=nim_body("q", ["a river"], truncate="END")).status_code == 200
     # the explicit flag still wins
     with run_server([*args, "--max-request-tokens", "123456"], tmp_path) as server, server.client() as c:
@@ -113,9 +123,9 @@ def test_a_request_that_cannot_finish_behind_the_queue_is_refused_at_once(tiny_m
     with InProcessServer(config) as server, server.client() as c:
         model = server.app.state.models.get("tiny")
         body = nim_body("q", ["paris", "berlin"])
-        tokens = model.loaded.encoder.prepare("q", ["paris", "berlin"], Truncate.NONE).prompt_tokens
+        items = model.loaded.encoder.prepare("q", ["paris", "berlin"], Truncate.NONE).items
         # a rate at which one request takes 0.4 of the timeout: two fit (0.8), a third would end at 1.2
-        server.call(lambda: setattr(model.scheduler, "tokens_per_second", 2.5 * tokens / timeout))
+        server.call(lambda: setattr(model.scheduler, "work_per_second", 2.5 * model.scheduler.weigh(items) / timeout))
         gate = server.backends["tiny"]
         gate.hold()
         first = in_thread(lambda: server.client().post("/v1/ranking", json=body))

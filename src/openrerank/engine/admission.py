@@ -22,10 +22,18 @@ one takes about `WARMUP_TARGET_S`), and:
   (each pending request scores at most as many tokens as the newcomer before it is done, the planner
   being max-min fair) is refused at once with 503 (TEI/Cohere 429) and Retry-After (`finish_estimate`).
 
-`Scheduler.tokens_per_second` holds the rate; whoever knows a better one (the engine choice times each
+`Scheduler.work_per_second` holds the rate; whoever knows a better one (the engine choice times each
 candidate runtime on the loaded model) may set it before the model serves. While serving, every batch of
 at least `RATE_BATCH_SHARE` of the batch token limit moves it (`observed_rate`), so the budget follows the
 machine: a warm-up timed on a busy machine does not shrink it for good, nor an idle one inflate it.
+
+Work, not tokens. Attention costs a token more the longer its sequence (`families/cost.py`: a token of an
+L-token sequence costs 1 + L/knee tokens of a short one; knee = 6 x hidden size for BERT), so the measured
+budgets count *work*: `work_of`, each sequence's tokens times 1 + L/knee, and rates are work per second.
+Counted in tokens, a rate timed on 128-256-token batches promised 2,048-token sequences 2.0-2.6x the speed
+they get; weighed, 1.1-1.5x (docs/reliability.md, `benchmarks/admission_widths.py`). Clients still read
+tokens: a refusal names the limit in tokens at the request's own lengths. The operator's explicit
+`--max-request-tokens` and `--max-queue-tokens` count tokens, as they say.
 """
 
 from __future__ import annotations
@@ -60,34 +68,51 @@ BUDGET_SHARE = 0.5
 WARMUP_TARGET_S = 0.5
 
 
+def work_of(lengths: Sequence[int], knee: float | None) -> float:
+    """What sequences of these lengths cost, in tokens of a short sequence (module docstring); tokens when
+    the knee is unknown."""
+    if not knee:
+        return float(sum(lengths))
+    return float(sum(n * (1 + n / knee) for n in lengths))
+
+
+def work_rate(tokens_per_s: float, shapes: Sequence[tuple[int, int]], knee: float | None) -> float:
+    """A rate in tokens/s, timed on batches of these (rows, width) shapes, as work per second."""
+    tokens = sum(rows * width for rows, width in shapes)
+    return tokens_per_s * work_of([w for rows, w in shapes for _ in range(rows)], knee) / max(1, tokens)
+
+
 #: Batches at least this share of --max-batch-tokens update the rate (small ones are mostly overhead).
 RATE_BATCH_SHARE = 0.25
 #: Weight of one such batch in the moving average of the rate.
 RATE_WEIGHT = 0.1
 
 
-def observed_rate(rate: float | None, tokens: int, seconds: float, max_batch_tokens: int) -> float | None:
-    """The rate after a batch of `tokens` that took `seconds`: a moving average over big-enough batches."""
+def observed_rate(rate: float | None, tokens: int, work: float, seconds: float, max_batch_tokens: int
+                  ) -> float | None:
+    """The work rate after a batch of `tokens` (`work`) that took `seconds`: a moving average over batches of
+    a big-enough share of the batch token limit."""
     if tokens < RATE_BATCH_SHARE * max_batch_tokens or seconds <= 0:
         return rate
-    now = tokens / seconds
+    now = work / seconds
     return now if not rate else (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * now
 
 
-def budget_for(tokens_per_second: float, timeout: float) -> int:
-    """Tokens one request may hold: what the model scores in BUDGET_SHARE of the timeout."""
-    return max(1, int(tokens_per_second * timeout * BUDGET_SHARE))
+def budget_for(work_per_second: float, timeout: float) -> int:
+    """Work one request may hold: what the model scores in BUDGET_SHARE of the timeout."""
+    return max(1, int(work_per_second * timeout * BUDGET_SHARE))
 
 
-def finish_estimate(tokens: int, pending_requests: int, pending_tokens: int, tokens_per_second: float) -> float:
-    """Seconds until a newcomer of `tokens` is scored behind the pending work, under max-min fairness: each
-    pending request is scored at most `tokens` more before the newcomer is done."""
-    ahead = min(pending_tokens, pending_requests * tokens)
-    return (ahead + tokens) / tokens_per_second
+def finish_estimate(work: float, pending_requests: int, pending_work: float, work_per_second: float) -> float:
+    """Seconds until a newcomer of `work` is scored behind the pending work, under max-min fairness: each
+    pending request is scored at most as much more as the newcomer before the newcomer is done."""
+    ahead = min(pending_work, pending_requests * work)
+    return (ahead + work) / work_per_second
 
 
-def measure_rate(compute: Callable[[Sequence[WorkItem]], object], item: WorkItem, max_tokens: int) -> float:
-    """Tokens per second of `compute` on batches of copies of `item`: 1, 4, 16... items, until a batch takes
+def measure_rate(compute: Callable[[Sequence[WorkItem]], object], item: WorkItem, max_tokens: int,
+                 knee: float | None = None) -> float:
+    """Work per second of `compute` on batches of copies of `item`: 1, 4, 16... items, until a batch takes
     `WARMUP_TARGET_S` or the next would pass `max_tokens`; the rate of the last (largest) batch."""
     n = 1
     while True:
@@ -96,7 +121,7 @@ def measure_rate(compute: Callable[[Sequence[WorkItem]], object], item: WorkItem
         seconds = max(time.perf_counter() - start, 1e-6)
         tokens = n * item.length
         if seconds >= WARMUP_TARGET_S or tokens * 4 > max_tokens:
-            return tokens / seconds
+            return n * work_of([item.length], knee) / seconds
         n *= 4
 
 
@@ -152,40 +177,62 @@ class AdmissionQueue:
         self.queued_tokens = 0
         self.pending = 0  # accepted and unfinished (queued, planned, or being scored)
         self.pending_tokens = 0
+        self.pending_work = 0.0
         self.state = NEW
         self.failure: str | None = None  # why the worker died (the exception's type)
-        self.sec_per_token = 0.0  # moving average of model time per token, for Retry-After
-        #: Measured model speed (`measure_rate`, or the runtime choice's timing): sets the request budget and
-        #: deadline admission. None: the static budget of `SchedulerConfig`.
-        self.tokens_per_second: float | None = None
+        self.sec_per_work = 0.0  # moving average of model time per unit of work, for Retry-After
+        #: Measured model speed in work per second (`measure_rate`, or the runtime choice's timing): sets the
+        #: request budget and deadline admission. None: the static budget of `SchedulerConfig`.
+        self.work_per_second: float | None = None
+        #: The model's attention knee (`families/cost.py`): None counts work as tokens.
+        self.knee: float | None = None
+
+    def weigh(self, items: Sequence[WorkItem]) -> float:
+        return work_of([it.length for it in items], self.knee)
+
+    @property
+    def measured(self) -> bool:
+        """Whether the budgets come from the measured rate (in work), not from tokens."""
+        return bool(self.work_per_second) and not self.config.max_request_tokens
 
     @property
     def request_budget(self) -> int:
-        """Tokens one request may hold: `--max-request-tokens` if set, else what the measured rate scores in
-        part of the request timeout, else the static default."""
+        """What one request may hold: `--max-request-tokens` if set, else the work the measured rate scores
+        in part of the request timeout (tokens of short sequences), else the static default."""
         cfg = self.config
-        if cfg.max_request_tokens or not self.tokens_per_second:
+        if not self.measured:
             return cfg.request_budget
-        return budget_for(self.tokens_per_second, cfg.request_timeout)
+        return budget_for(self.work_per_second, cfg.request_timeout)
 
-    @property
-    def queue_budget(self) -> int:
-        return self.config.max_queue_tokens or QUEUE_BUDGETS * self.request_budget
-
-    @property
-    def budget_reason(self) -> str:
-        """Why the request budget is what it is, for the refusal's message."""
-        if self.config.max_request_tokens or not self.tokens_per_second:
+    def budget_reason(self, tokens: int, work: float) -> str:
+        """Why the request budget is what it is, for the refusal of a request of `tokens` (`work`)."""
+        if not self.measured:
             return "send fewer or shorter passages, or fewer chunks"
-        return (f"this model scores ~{self.tokens_per_second:,.0f} tokens/s here (measured), so more would not "
-                f"finish within the {self.config.request_timeout:g} s request timeout; send fewer or shorter "
-                "passages, or fewer chunks")
+        return (f"this model scores ~{self.tokens_rate(tokens, work):,.0f} tokens/s here at these lengths "
+                f"(measured), so more would not finish within the {self.config.request_timeout:g} s request "
+                "timeout; send fewer or shorter passages, or fewer chunks")
+
+    def tokens_rate(self, tokens: int, work: float) -> float:
+        """The measured rate in tokens per second for sequences like these."""
+        return (self.work_per_second or 0.0) * tokens / max(work, 1e-9)
+
+    def over_budget(self, tokens: int, work: float) -> RequestTooLargeError | None:
+        """Why a request of `tokens` (`work`) is more than one request may hold, or None; the limit is said
+        in tokens at the request's own lengths."""
+        budget = self.request_budget
+        if not self.measured:
+            if tokens > budget:
+                return RequestTooLargeError("tokens", tokens, budget, "--max-request-tokens",
+                                            self.budget_reason(tokens, work))
+            return None
+        if work > budget:
+            limit = int(budget * tokens / work)
+            return RequestTooLargeError("tokens", tokens, limit, "--max-request-tokens",
+                                        self.budget_reason(tokens, work))
+        return None
 
     def too_large(self, req: PendingRequest) -> RequestTooLargeError | None:
-        budget = self.request_budget
-        if req.tokens > budget:
-            return RequestTooLargeError("tokens", req.tokens, budget, "--max-request-tokens", self.budget_reason)
-        return None
+        return self.over_budget(req.tokens, req.work)
 
     def check_open_locked(self) -> None:
         if self.state == FAILED:
@@ -193,24 +240,32 @@ class AdmissionQueue:
         if self.state in (STOPPING, STOPPED):
             raise EngineStoppedError()
 
-    def refusal_locked(self, tokens: int, left: float) -> QueueFullError | None:
-        """Why a request of `tokens` with `left` seconds to its deadline cannot be accepted now, or None."""
+    def refusal_locked(self, tokens: int, work: float, left: float) -> QueueFullError | None:
+        """Why a request of `tokens` (`work`) with `left` seconds to its deadline cannot be accepted now, or None."""
         cfg = self.config
         if self.pending >= cfg.max_queue:
             return QueueFullError(f"{self.pending} requests", f"{cfg.max_queue}, --max-queue",
                                   self.retry_after_locked())
-        if self.pending and self.pending_tokens + tokens > self.queue_budget:
-            return QueueFullError(f"{self.pending_tokens} tokens", f"{self.queue_budget}, --max-queue-tokens",
-                                  self.retry_after_locked())
-        rate = self.tokens_per_second
+        if self.pending:
+            if cfg.max_queue_tokens or not self.measured:
+                limit = cfg.max_queue_tokens or QUEUE_BUDGETS * self.request_budget
+                if self.pending_tokens + tokens > limit:
+                    return QueueFullError(f"{self.pending_tokens} tokens", f"{limit}, --max-queue-tokens",
+                                          self.retry_after_locked())
+            elif self.pending_work + work > QUEUE_BUDGETS * self.request_budget:
+                return QueueFullError(f"{self.pending_tokens} tokens",
+                                      f"{QUEUE_BUDGETS} request budgets, --max-queue-tokens",
+                                      self.retry_after_locked())
+        rate = self.work_per_second
         if self.pending and rate and not cfg.max_request_tokens:
-            estimate = finish_estimate(tokens, self.pending, self.pending_tokens, rate)
+            estimate = finish_estimate(work, self.pending, self.pending_work, rate)
             if estimate > left:
-                return DeadlineUnreachableError(estimate, left, rate, self.retry_after_locked())
+                return DeadlineUnreachableError(estimate, left, self.tokens_rate(tokens, work),
+                                                self.retry_after_locked())
         return None
 
     def retry_after_locked(self) -> float:
-        return min(60.0, max(1.0, self.pending_tokens * self.sec_per_token))
+        return min(60.0, max(1.0, self.pending_work * self.sec_per_work))
 
     def accept_locked(self, req: PendingRequest) -> None:
         self.queue.append(req)
@@ -218,6 +273,7 @@ class AdmissionQueue:
         self.queued_tokens += req.tokens
         self.pending += 1
         self.pending_tokens += req.tokens
+        self.pending_work += req.work
         self.cv.notify_all()
 
     def take_locked(self) -> list[PendingRequest]:
@@ -232,6 +288,7 @@ class AdmissionQueue:
         with self.cv:
             self.pending -= 1
             self.pending_tokens -= req.tokens
+            self.pending_work = max(0.0, self.pending_work - req.work) if self.pending else 0.0
 
     def abandon(self, req: PendingRequest) -> None:
         """Free a request's queued work; its items already planned are skipped, a running batch discarded."""
@@ -244,12 +301,12 @@ class AdmissionQueue:
             self.queued_items -= len(req.items)
             self.queued_tokens -= req.tokens
 
-    def record_speed(self, seconds: float, tokens: int) -> None:
-        """One batch's model time, folded into the per-token estimate behind Retry-After and, for a big
+    def record_speed(self, seconds: float, tokens: int, work: float) -> None:
+        """One batch's model time, folded into the time per unit of work behind Retry-After and, for a big
         enough batch, into the measured rate behind the budgets (`observed_rate`)."""
         with self.cv:
-            per_token = seconds / max(1, tokens)
-            s = self.sec_per_token
-            self.sec_per_token = per_token if not s else 0.8 * s + 0.2 * per_token
-            self.tokens_per_second = observed_rate(self.tokens_per_second, tokens, seconds,
-                                                   self.config.policy.max_tokens)
+            per_work = seconds / max(1e-9, work)
+            s = self.sec_per_work
+            self.sec_per_work = per_work if not s else 0.8 * s + 0.2 * per_work
+            self.work_per_second = observed_rate(self.work_per_second, tokens, work, seconds,
+                                                 self.config.policy.max_tokens)

@@ -83,7 +83,8 @@ class BatchRunner:
             return
         end = time.perf_counter()
         # Per lane: `lanes` batches at once, so the model's rate is `lanes` times what one batch shows.
-        self.admission.record_speed((end - start) / max(1, self.scorer.lanes), sum(it.length for it in items))
+        self.admission.record_speed((end - start) / max(1, self.scorer.lanes), sum(it.length for it in items),
+                                    self.admission.weigh(items))
         self.metrics.batch(items, task, end - start)
         with self._lock:
             for (req, i), row in zip(live, rows, strict=True):

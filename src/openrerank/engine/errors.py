@@ -28,9 +28,11 @@ class DeadlineUnreachableError(QueueFullError):
     the model's measured rate: refused at once (503/429, Retry-After) instead of a 504 much later."""
 
     def __init__(self, estimate: float, left: float, tokens_per_second: float, retry_after: float) -> None:
+        """`tokens_per_second`: the measured rate for sequences as long as this request's."""
         QueueFullError.__init__(self, "", "", retry_after)
         self.args = (f"server overloaded: this request would finish in about {estimate:.0f} s behind the work "
-                     f"pending (the model scores ~{tokens_per_second:,.0f} tokens/s here), after its deadline "
+                     f"pending (the model scores ~{tokens_per_second:,.0f} tokens/s here at these lengths), "
+                     "after its deadline "
                      f"in {left:.0f} s (--request-timeout); retry later",)
 
 

@@ -8,6 +8,7 @@ nothing of each other beyond what this module wires together; the server (`engin
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.errors import RequestTooLargeError
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
+from openrerank.families.cost import knee_of
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
 from openrerank.runtimes.measure import Throughput
@@ -83,6 +85,11 @@ class LoadedModel:
         """What the serving engine sustains on this machine (sequences and tokens per second at the timed
         shapes), measured when it was chosen; None when nothing was timed (`--backend-choice rules`)."""
         return self.runtime_choice.throughput if self.runtime_choice is not None else None
+
+    @functools.cached_property
+    def knee(self) -> float | None:
+        """The length at which attention costs a token as much as the matrices do (`families/cost.py`)."""
+        return knee_of(self.spec.path)
 
     @property
     def score_kind(self) -> ScoreKind:

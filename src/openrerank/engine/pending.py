@@ -27,7 +27,7 @@ class PendingRequest:
     """One submitted request. The worker owns `todo`/`scores`/`remaining`/timings; the loop owns `future`."""
 
     __slots__ = ("abandoned", "batches", "failed", "first_start", "future", "items", "last_end", "loop",
-                 "remaining", "scores", "submitted", "task", "todo", "tokens")
+                 "remaining", "scores", "submitted", "task", "todo", "tokens", "work")
 
     def __init__(self, items: list[WorkItem], loop: asyncio.AbstractEventLoop) -> None:
         self.items = items
@@ -35,6 +35,7 @@ class PendingRequest:
         self.future: asyncio.Future[None] = loop.create_future()
         self.submitted = time.perf_counter()
         self.tokens = sum(it.length for it in items)
+        self.work = float(self.tokens)  # what admission weighs it at (engine/admission.py), set on submit
         self.todo = sorted(range(len(items)), key=lambda i: items[i].length)  # not yet planned
         self.task: Task = items[0].task  # one task per request
         self.scores: np.ndarray | None = None  # made by its first batch: (n,) scores or (n, dim) embeddings

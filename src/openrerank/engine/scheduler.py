@@ -43,7 +43,7 @@ from openrerank.engine.admission import (
     SchedulerConfig,
 )
 from openrerank.engine.batch_runner import BatchRunner
-from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError
+from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, RequestTooLargeError
 from openrerank.engine.pending import PendingRequest, ScoreOutcome
 from openrerank.engine.planning import spread
 from openrerank.engine.scheduler_metrics import SchedulerMetrics
@@ -109,22 +109,36 @@ class Scheduler:
         return self._admission.failure
 
     @property
-    def tokens_per_second(self) -> float | None:
-        """The model's measured speed here (engine/admission.py); None until measured."""
-        return self._admission.tokens_per_second
+    def work_per_second(self) -> float | None:
+        """The model's measured speed here, in work per second (engine/admission.py); None until measured."""
+        return self._admission.work_per_second
 
-    @tokens_per_second.setter
-    def tokens_per_second(self, rate: float | None) -> None:
-        self._admission.tokens_per_second = rate
+    @work_per_second.setter
+    def work_per_second(self, rate: float | None) -> None:
+        self._admission.work_per_second = rate
+
+    @property
+    def knee(self) -> float | None:
+        """The model's attention knee (families/cost.py), by which admission weighs long sequences."""
+        return self._admission.knee
+
+    @knee.setter
+    def knee(self, knee: float | None) -> None:
+        self._admission.knee = knee
 
     @property
     def request_budget(self) -> int:
-        """Tokens one request may hold (`--max-request-tokens`, else from the measured speed)."""
+        """What one request may hold: `--max-request-tokens` tokens, else work (tokens of short sequences)
+        from the measured speed."""
         return self._admission.request_budget
 
-    @property
-    def budget_reason(self) -> str:
-        return self._admission.budget_reason
+    def weigh(self, items: Sequence[WorkItem]) -> float:
+        """The work of these items (engine/admission.py)."""
+        return self._admission.weigh(items)
+
+    def over_budget(self, tokens: int, work: float) -> RequestTooLargeError | None:
+        """Why a request of `tokens` (`work`) is over the per-request budget, or None."""
+        return self._admission.over_budget(tokens, work)
 
     def count_rejected(self, task: Task, reason: str) -> None:
         """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""
@@ -212,13 +226,14 @@ class Scheduler:
         deadline = time.monotonic() + timeout if deadline is None else deadline
         req = PendingRequest(items, asyncio.get_running_loop())
         adm = self._admission
+        req.work = adm.weigh(items)
         too_large = adm.too_large(req)
         if too_large is not None:
             self._counts.rejected(req.task, "too_large")
             raise too_large
         with self._cv:
             adm.check_open_locked()
-            full = adm.refusal_locked(req.tokens, deadline - time.monotonic())
+            full = adm.refusal_locked(req.tokens, req.work, deadline - time.monotonic())
             if full is None:
                 self._start_locked()  # tolerate callers that never called start()
                 adm.accept_locked(req)

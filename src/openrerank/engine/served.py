@@ -26,7 +26,7 @@ from openrerank.core.requests import (
     Truncate,
 )
 from openrerank.core.work import Task
-from openrerank.engine.admission import ChunkLimits, measure_rate
+from openrerank.engine.admission import ChunkLimits, measure_rate, work_rate
 from openrerank.engine.errors import (
     DeadlineExceededError,
     ImagesNotSupportedError,
@@ -99,17 +99,21 @@ class ServedModel:
         """First calls (lazy init) before serving, and the model's speed for admission, unless it is known."""
         prep = self.loaded.encoder.prepare(_WARMUP_QUERY, _WARMUP_PASSAGES, Truncate.END)
         self.scheduler.warmup(prep.items)
-        if self.scheduler.tokens_per_second is None and self.loaded.throughput is not None:
+        knee = self.scheduler.knee
+        if self.scheduler.work_per_second is None and self.loaded.throughput is not None:
             # the runtime choice timed the serving runtime on this model's shapes already (runtimes/measure.py)
-            self.scheduler.tokens_per_second = self.loaded.throughput.tokens_per_s
-        elif self.scheduler.tokens_per_second is None:
+            timed = self.loaded.throughput
+            self.scheduler.work_per_second = work_rate(timed.tokens_per_s, timed.shapes, knee)
+        elif self.scheduler.work_per_second is None:
             # a passage of a typical length (~250 tokens, or the window), timed in batches of growing size
             long = self.loaded.encoder.prepare(_WARMUP_QUERY, [" ".join(_WARMUP_PASSAGES * 14)], Truncate.END)
-            self.scheduler.tokens_per_second = measure_rate(self.loaded.scorer.compute, long.items[0],
-                                                            self.scheduler.config.policy.max_tokens)
-        if self.scheduler.tokens_per_second:
-            log.info("model %s scores ~%.0f tokens/s here: one request may hold %d tokens", self.name,
-                     self.scheduler.tokens_per_second, self.scheduler.request_budget)
+            self.scheduler.work_per_second = measure_rate(self.loaded.scorer.compute, long.items[0],
+                                                          self.scheduler.config.policy.max_tokens, knee)
+        if self.scheduler.work_per_second:
+            log.info("model %s scores ~%.0f tokens/s here on short sequences%s: one request may hold %d such "
+                     "tokens", self.name, self.scheduler.work_per_second,
+                     f" (a token of an L-token sequence costs 1 + L/{knee:.0f})" if knee else "",
+                     self.scheduler.request_budget)
         if self.embeds:
             items = self.loaded.embedding_items(_WARMUP_PASSAGES)
             self.scheduler.warmup(items)
@@ -235,13 +239,14 @@ class ServedModel:
         is held for a whole big request, so small requests interleave; a request over its chunk limit or
         token budget is refused as soon as the slices tokenized so far pass it."""
         encoder = self.loaded.encoder
-        budget = self.scheduler.request_budget
         out: list[Prepared] = []
         tokens = chunks = 0
+        work = 0.0
         for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True):
             if r.has_images:  # image passages: priced against the token budget before decoding, as one slice
                 part = await asyncio.to_thread(self._prepare_images, r, texts, cap)
                 tokens += part.prompt_tokens
+                work += self.scheduler.weigh(part.items)
                 out.append(part)
                 continue
             parts: list[tuple[int, Prepared]] = []
@@ -258,15 +263,16 @@ class ServedModel:
                     raise
                 parts.append((a, part))
                 tokens += part.prompt_tokens
+                work += self.scheduler.weigh(part.items)
                 chunks += part.windows if r.truncate is Truncate.CHUNK else 0
                 if chunks > self.limits.max_chunks_per_request:
                     raise RequestTooLargeError("chunks", chunks, self.limits.max_chunks_per_request,
                                                "--max-chunks-per-request", "send fewer or shorter passages, or "
                                                "ask for fewer chunks per passage")
-                if tokens > budget:
+                too_large = self.scheduler.over_budget(tokens, work)
+                if too_large is not None:
                     self.scheduler.count_rejected(part.items[0].task if part.items else "rerank", "too_large")
-                    raise RequestTooLargeError("tokens", tokens, budget, "--max-request-tokens",
-                                               self.scheduler.budget_reason)
+                    raise too_large
             out.append(Prepared.concat(parts))
         return out
 
@@ -362,8 +368,10 @@ class ServedModel:
 
     def metadata(self) -> dict:
         meta = {"id": self.name, **self.loaded.describe(), "max_request_tokens": self.scheduler.request_budget}
-        if self.scheduler.tokens_per_second:
-            meta["tokens_per_second"] = round(self.scheduler.tokens_per_second, 1)
+        if self.scheduler.work_per_second:  # on short sequences; a token of an L-token one costs 1 + L/knee
+            meta["tokens_per_second"] = round(self.scheduler.work_per_second, 1)
+            if self.scheduler.knee:
+                meta["attention_knee"] = round(self.scheduler.knee)
         if self.embedding_dim is not None:
             meta["embedding_dim"] = self.embedding_dim
         if self.score_cache is not None:
@@ -410,6 +418,7 @@ def load_served_model(source: ResolvedModel | ModelSource, options: LoadOptions,
     loaded = load_model(source, options)
     name = loaded.source.served_id
     scheduler = Scheduler(loaded.scorer, sched, name=name, metrics=metrics)
+    scheduler.knee = loaded.knee  # admission weighs long sequences by it (engine/admission.py)
     served = ServedModel(name, loaded, scheduler, metrics, limits=limits or ChunkLimits(), score_cache=score_cache,
                          image_limits=images or ImageLimits())
     served.warmup()
