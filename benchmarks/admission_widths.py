@@ -39,7 +39,9 @@ def build_encoder(out: Path, window: int) -> Path:
     config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                         intermediate_size=1536, max_position_embeddings=window, num_labels=1)
     BertForSequenceClassification(config).eval().save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    tokenizer.model_max_length = window  # served with the whole window
+    tokenizer.save_pretrained(out)
     return out
 
 
