@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ PASSAGES = [
     "how does a neural network learn from data",
 ]
 MAX_QUEUE = 2  # per replica: small, so the overload test needs few requests
+BODY_TIMEOUT = 2  # seconds: short, so the slow-body test waits little
 #: One request per dialect: (path, body); rankings through Ray must equal the in-process app's.
 DIALECT_REQUESTS = [
     ("/v1/ranking", nim_body(QUERY, PASSAGES, truncate="END")),
@@ -210,7 +212,7 @@ def cluster(tmp_path_factory, tiny_model_dir) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("ray-serve")
     metrics_port = free_port()
     args = ["--model", f"tiny={tiny_model_dir}", "--replicas", "2", "--replica-cpus", "0.5",
-            "--max-queue", str(MAX_QUEUE), "--ray-metrics-port", str(metrics_port),
+            "--max-queue", str(MAX_QUEUE), "--ray-metrics-port", str(metrics_port), "--body-timeout", str(BODY_TIMEOUT),
             "--replica-option", "health_check_period_s=1", "--replica-option", "max_constructor_retry_count=2"]
     env = {"RAY_DEDUP_LOGS": "0",
            "OPENRERANK_CACHE_DIR": str(tmp / "onnx-cache")}  # empty: both replicas need the export at once
@@ -313,6 +315,20 @@ def test_a_body_over_the_limit_gets_its_413_through_the_proxy(cluster):
     assert [getattr(r, "status_code", r) for r in refused] == [413] * 3, refused
     assert all(r.json()["type"] == "too_large" and "--max-body-bytes" in r.json()["message"] for r in refused)
     assert after.status_code == 200
+
+
+def test_a_body_too_slow_is_refused_and_its_connection_closed(cluster):
+    """The 408 keeps its `Connection: close` through the proxy: Serve's uvicorn would otherwise read a
+    trickling body for as long as it trickles."""
+    host, port = cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{\"query\":")  # declares more than it sends
+        sock.settimeout(BODY_TIMEOUT + 30)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer[:300]
 
 
 def test_each_answer_names_its_request_id_once(cluster):

@@ -256,7 +256,9 @@ class BehindServeMiddleware:
     which resets the connection: a client that sends its whole body before reading (the async httpx under
     the OpenAI, Cohere and LangChain clients) lost the 413 for a body over `--max-body-bytes`. Without it
     the server keeps the connection and reads the rest of the body past, as uvicorn does after any answer
-    given before the body was read (a replica's overload 503). Serve's request-id middleware puts an
+    given before the body was read (a replica's overload 503). A 408 keeps its `Connection: close`: that
+    client sends too slowly to be worth reading past, and Serve's uvicorn would read it for as long as it
+    trickles (it has no body timeout of its own). Serve's request-id middleware puts an
     `x-request-id` on every request that lacks one and the same on its answer, so the app's equal one made
     it twice (`headers.get` read "id, id"); one the app chose itself, for a caller's id it found unfit, stays."""
 
@@ -269,12 +271,13 @@ class BehindServeMiddleware:
             return
         given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER)
 
-        def serves(name: bytes, value: bytes) -> bool:
-            return name == b"connection" or (name == REQUEST_ID_HEADER and value == given)
+        def serves(status: int, name: bytes, value: bytes) -> bool:
+            return (name == b"connection" and status != 408) or (name == REQUEST_ID_HEADER and value == given)
 
         async def hop(message: dict) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if not serves(k.lower(), v)]
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if not serves(status, k.lower(), v)]
                 message = {**message, "headers": headers}
             await send(message)
 
