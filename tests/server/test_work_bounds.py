@@ -99,6 +99,7 @@ def test_the_token_budget_follows_the_measured_speed(tmp_path):
         assert "tokens/s here at these lengths" in message and "--max-request-tokens" in message, message
         # the limit enforced is the measured one at these lengths (the query's 3 tokens move it a little), not
         # the static default (32768 tokens at this timeout), nor the budget counted in tokens
+        assert "would score at least" in message, message  # refused after the first of its 8 slices
         said = int(re.search(r"above the limit of (\d+) per request", message).group(1))
         assert said == pytest.approx(limit, rel=1e-3) and said < budget, message
         assert "x-inference-time" not in r.headers  # refused before any scoring
@@ -106,6 +107,7 @@ def test_the_token_budget_follows_the_measured_speed(tmp_path):
         passages = int(limit // 256) + 1
         r = c.post("/v1/ranking", json=nim_body("q", [passage] * passages, truncate="END"))
         assert r.status_code == 400 and "above the limit of" in r.json()["message"], r.text[:300]
+        assert "at least" not in r.json()["message"]  # one slice: the whole request was counted
         # and under it is scored: 256-token passages are weighed by their length, not counted as short ones
         assert c.post("/v1/ranking", json=nim_body("q", [passage] * (passages - 2), truncate="END")).status_code == 200
         assert c.post("/v1/ranking", json=nim_body("q", ["a river"], truncate="END")).status_code == 200

@@ -216,19 +216,19 @@ class AdmissionQueue:
         """The measured rate in tokens per second for sequences like these."""
         return (self.work_per_second or 0.0) * tokens / max(work, 1e-9)
 
-    def over_budget(self, tokens: int, work: float) -> RequestTooLargeError | None:
+    def over_budget(self, tokens: int, work: float, *, partial: bool = False) -> RequestTooLargeError | None:
         """Why a request of `tokens` (`work`) is more than one request may hold, or None; the limit is said
-        in tokens at the request's own lengths."""
+        in tokens at the request's own lengths. `partial`: the counts are of the part tokenized so far."""
         budget = self.request_budget
         if not self.measured:
             if tokens > budget:
                 return RequestTooLargeError("tokens", tokens, budget, "--max-request-tokens",
-                                            self.budget_reason(tokens, work))
+                                            self.budget_reason(tokens, work), at_least=partial)
             return None
         if work > budget:
             limit = int(budget * tokens / work)
             return RequestTooLargeError("tokens", tokens, limit, "--max-request-tokens",
-                                        self.budget_reason(tokens, work))
+                                        self.budget_reason(tokens, work), at_least=partial)
         return None
 
     def too_large(self, req: PendingRequest) -> RequestTooLargeError | None:

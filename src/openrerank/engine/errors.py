@@ -41,11 +41,13 @@ class RequestTooLargeError(EngineError):
     can split it, send fewer or shorter passages, or fewer chunks)."""
 
     def __init__(self, what: str, amount: int, limit: int, flag: str, hint: str = "", *,
-                 per: str = "request") -> None:
-        """`per`: what the limit counts over; a limit per passage is asked for, not yet scored."""
+                 per: str = "request", at_least: bool = False) -> None:
+        """`per`: what the limit counts over; a limit per passage is asked for, not yet scored. `at_least`:
+        `amount` counts only the part of the request read so far (refused before the rest was tokenized)."""
         self.amount = amount
         self.limit = limit
-        head = (f"this request would score {amount} {what}, above the limit of {limit} per request" if per == "request"
+        scores = f"at least {amount}" if at_least else f"{amount}"
+        head = (f"this request would score {scores} {what}, above the limit of {limit} per request" if per == "request"
                 else f"this request asks for {amount} {what} per {per}, above the limit of {limit}")
         super().__init__(f"{head} ({flag}){'; ' + hint if hint else ''}")
 

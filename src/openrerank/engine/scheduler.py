@@ -136,9 +136,9 @@ class Scheduler:
         """The work of these items (engine/admission.py)."""
         return self._admission.weigh(items)
 
-    def over_budget(self, tokens: int, work: float) -> RequestTooLargeError | None:
-        """Why a request of `tokens` (`work`) is over the per-request budget, or None."""
-        return self._admission.over_budget(tokens, work)
+    def over_budget(self, tokens: int, work: float, *, partial: bool = False) -> RequestTooLargeError | None:
+        """Why a request of `tokens` (`work`) is over the per-request budget, or None (`partial`: so far)."""
+        return self._admission.over_budget(tokens, work, partial=partial)
 
     def count_rejected(self, task: Task, reason: str) -> None:
         """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""

@@ -242,7 +242,7 @@ class ServedModel:
         out: list[Prepared] = []
         tokens = chunks = 0
         work = 0.0
-        for r, texts, cap in zip(reqs, passages, chunk_caps, strict=True):
+        for ri, (r, texts, cap) in enumerate(zip(reqs, passages, chunk_caps, strict=True)):
             if r.has_images:  # image passages: priced against the token budget before decoding, as one slice
                 part = await asyncio.to_thread(self._prepare_images, r, texts, cap)
                 tokens += part.prompt_tokens
@@ -265,11 +265,12 @@ class ServedModel:
                 tokens += part.prompt_tokens
                 work += self.scheduler.weigh(part.items)
                 chunks += part.windows if r.truncate is Truncate.CHUNK else 0
+                partial = b < len(texts) or ri < len(reqs) - 1  # more of the request is still to tokenize
                 if chunks > self.limits.max_chunks_per_request:
                     raise RequestTooLargeError("chunks", chunks, self.limits.max_chunks_per_request,
                                                "--max-chunks-per-request", "send fewer or shorter passages, or "
-                                               "ask for fewer chunks per passage")
-                too_large = self.scheduler.over_budget(tokens, work)
+                                               "ask for fewer chunks per passage", at_least=partial)
+                too_large = self.scheduler.over_budget(tokens, work, partial=partial)
                 if too_large is not None:
                     self.scheduler.count_rejected(part.items[0].task if part.items else "rerank", "too_large")
                     raise too_large
