@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(tmp_path, t
         long = "berlin " * 2000
         r = c.post("/v1/ranking", json=nim_body("q", [long, long], truncate="CHUNK"))
         assert r.status_code == 400 and "--max-chunks-per-request" in r.json()["message"]
+        assert re.search(r"would score \d+ chunks", r.json()["message"])  # one slice: counted whole
+        # refused after its first slice of 64 passages: the count is of that slice, and says so
+        r = c.post("/v1/ranking", json=nim_body("q", ["berlin " * 300] * 70, truncate="CHUNK"))
+        assert r.status_code == 400 and "would score at least" in r.json()["message"], r.text[:300]
         meta = c.get("/v1/metadata").json()
         assert meta["limits"]["max_request_tokens"] == 500
         # a local folder by its name only: clients learn nothing of the server's filesystem layout

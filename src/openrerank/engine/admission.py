@@ -247,11 +247,10 @@ class AdmissionQueue:
             return QueueFullError(f"{self.pending} requests", f"{cfg.max_queue}, --max-queue",
                                   self.retry_after_locked())
         if self.pending:
-            if cfg.max_queue_tokens or not self.measured:
-                limit = cfg.max_queue_tokens or QUEUE_BUDGETS * self.request_budget
-                if self.pending_tokens + tokens > limit:
-                    return QueueFullError(f"{self.pending_tokens} tokens", f"{limit}, --max-queue-tokens",
-                                          self.retry_after_locked())
+            if cfg.max_queue_tokens or not self.measured:  # the flag's tokens, or the static budget's
+                if self.pending_tokens + tokens > cfg.queue_budget:
+                    return QueueFullError(f"{self.pending_tokens} tokens",
+                                          f"{cfg.queue_budget}, --max-queue-tokens", self.retry_after_locked())
             elif self.pending_work + work > QUEUE_BUDGETS * self.request_budget:
                 return QueueFullError(f"{self.pending_tokens} tokens",
                                       f"{QUEUE_BUDGETS} request budgets, --max-queue-tokens",
