@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh test
 .venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/lint-imports  # imports only go down the layers (pyproject.toml, docs/architecture.md)
-HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra "$@"
+# PYTHONFAULTHANDLER: a crash (SIGSEGV in a native library) prints every thread's Python stack.
+PYTHONFAULTHANDLER=1 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra "$@"

@@ -35,9 +35,25 @@ class Spy:
         return self.fn(*args, **kwargs)
 
 
+_served: list = []  # every model a test served here, stopped after it (`stop_served`)
+
+
+@pytest.fixture(autouse=True)
+def stop_served():
+    """Ends each served model's scheduler worker and closes its runtime after the test: left running, they
+    outlived the test session as daemon threads holding native runtimes into the interpreter's teardown."""
+    yield
+    while _served:
+        served = _served.pop()
+        asyncio.run(served.scheduler.stop())
+        served.loaded.close()
+        assert not served.scheduler.alive
+
+
 def serve(model: str, cache: ScoreCache | None, name: str = "m"):
     served = load_served_model(ModelSource(name, model), LoadOptions(threads=1), SchedulerConfig(), None,
                                score_cache=cache)
+    _served.append(served)
     prepare = Spy(served.loaded.encoder.prepare)  # counts passages tokenized
     score = Spy(served.scheduler.scorer.score, count=lambda items: len(items))  # counts items scored
     served.loaded.encoder.prepare = prepare
