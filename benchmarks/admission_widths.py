@@ -7,7 +7,9 @@ of an L-token sequence costs 1 + L/knee) it should not. This script builds a ran
 shape with a `--window`-token window (speed only: its scores mean nothing), times the engine-choice shapes
 as admission's rate, then batches of about `--tokens` tokens at each width, rounds interleaved, and prints
 per width the rate measured and, for both ways of counting, the time admission predicts over the time taken
-(1.0 is exact; below 1.0 admits work that then takes longer than it planned for).
+(1.0 is exact; below 1.0 admits work that then takes longer than it planned for). A third column replays
+the timed batches, round by round, into an `AdmissionQueue` as if they had been served: its rate's moving
+average and the knee fitted from them (`engine/knee_fit.py`) predict the same batches.
 
     .venv/bin/python benchmarks/admission_widths.py --engine openvino:fp32 --window 2048 --rounds 3
 """
@@ -24,7 +26,8 @@ from pathlib import Path
 from openrerank_bench.cli import _cpu_model, load_average
 
 from openrerank.core.work import PairItem
-from openrerank.engine.admission import work_of, work_rate
+from openrerank.engine.admission import AdmissionQueue, SchedulerConfig, work_of, work_rate
+from openrerank.engine.batching import BatchPolicy
 from openrerank.runtimes.measure import TIMING_SHAPES
 
 
@@ -89,18 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         load.append((load_average() or [0.0])[0])
     rate = statistics.median(short)
     per_work = work_rate(rate, TIMING_SHAPES, knee)
+    served = AdmissionQueue(SchedulerConfig(BatchPolicy(max_tokens=args.tokens)))
+    served.set_knee(knee)
+    served.work_per_second = per_work
+    for r in range(args.rounds):  # in the order they were timed
+        for w, items in tests.items():
+            served.record_speed(took[w][r], [w] * len(items))
     print(f"{args.engine}, random MiniLM-L6-shaped encoder, window {args.window}, knee {knee:.0f} tokens; "
           f"{_cpu_model()}; load {load[0]:.1f} -> {load[-1]:.1f}; median of {args.rounds} rounds")
     print(f"admission's rate: {rate:,.0f} tokens/s on {' and '.join(f'{r}x{w}' for r, w in TIMING_SHAPES)} "
           f"(rounds {min(short):,.0f}-{max(short):,.0f}) = {per_work:,.0f} work/s")
-    print("width | rows | tokens/s measured (rounds) | predicted / taken, tokens | predicted / taken, work")
+    print(f"served: knee {served.knee:.0f} fitted from {served.knee_fit.batches:.0f} batches (FLOPs: {knee:.0f}); "
+          f"rate {served.work_per_second:,.0f} work/s")
+    print("width | rows | tokens/s measured (rounds) | predicted / taken: tokens | work | served, fitted knee")
     for w, items in tests.items():
         tokens = len(items) * w
         seconds = statistics.median(took[w])
         as_tokens = tokens / rate / seconds
         as_work = work_of([w] * len(items), knee) / per_work / seconds
         spread = f"{tokens / max(took[w]):,.0f}-{tokens / min(took[w]):,.0f}"
-        print(f"{w} | {len(items)} | {tokens / seconds:,.0f} ({spread}) | {as_tokens:.2f} | {as_work:.2f}")
+        as_served = served.weigh(items) / served.work_per_second / seconds
+        print(f"{w} | {len(items)} | {tokens / seconds:,.0f} ({spread}) | {as_tokens:.2f} | {as_work:.2f} | "
+              f"{as_served:.2f}")
     return 0
 
 

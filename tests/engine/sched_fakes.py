@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from openrerank.core.work import PairItem
+from openrerank.engine.admission import work_of
 from openrerank.families.scorer import Scorer
 from openrerank.runtimes.base import DeviceMemoryError, RowsFailedError
 
@@ -51,6 +52,7 @@ class FakeScorer(Scorer):
         self.fatal_on: set[int] = set()
         self.on_batch: Callable[[list[int]], None] | None = None  # called as each batch enters score()
         self.sleep_per_token = 0.0
+        self.sleep_knee: float | None = None  # with it, a token of an L-token item sleeps 1 + L/knee times as long
         self._gate = threading.Event()
         self._gate.set()
         self.started = threading.Semaphore(0)  # released once per batch that enters score()
@@ -73,7 +75,7 @@ class FakeScorer(Scorer):
         if not self._gate.wait(WAIT_S):
             raise TimeoutError("test never released the fake backend")
         if self.sleep_per_token:
-            time.sleep(self.sleep_per_token * sum(it.length for it in items))
+            time.sleep(self.sleep_per_token * work_of([it.length for it in items], self.sleep_knee))
         if self.fatal_on.intersection(ids):
             raise FatalError(f"fatal batch {ids}")
         if self.fail_on.intersection(ids):

@@ -402,6 +402,24 @@ def test_a_measured_budget_weighs_long_sequences_by_their_attention() -> None:
     asyncio.run(main())
 
 
+def test_served_batches_move_the_knee_to_what_the_scorer_shows() -> None:
+    """A scorer whose time grows as if its knee were 400 while the model's FLOPs say 1,600: after batches of
+    mixed lengths the scheduler weighs by ~400, and /v1/metadata would say so."""
+    backend, ids = FakeScorer(), Ids()
+    backend.sleep_per_token, backend.sleep_knee = 2e-5, 400.0
+
+    async def main() -> None:
+        sched = make(backend, max_batch_tokens=2048)
+        sched.knee = 1600.0
+        for _ in range(6):
+            for width in (32, 128, 512):  # one request per batch: 2,048 tokens of one width
+                await sched.submit(ids.items(*[width] * (2048 // width)))
+        assert sched.knee == pytest.approx(400.0, rel=0.25)
+        await sched.stop()
+
+    asyncio.run(main())
+
+
 def test_deadline_admission_counts_the_work_pending() -> None:
     """Behind a pending request of long sequences, a newcomer would finish after its deadline although the
     tokens pending would have let it in."""

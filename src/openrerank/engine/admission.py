@@ -31,7 +31,9 @@ Work, not tokens. Attention costs a token more the longer its sequence (`familie
 L-token sequence costs 1 + L/knee tokens of a short one; knee = 6 x hidden size for BERT), so the measured
 budgets count *work*: `work_of`, each sequence's tokens times 1 + L/knee, and rates are work per second.
 Counted in tokens, a rate timed on 128-256-token batches promised 2,048-token sequences 2.0-2.6x the speed
-they get; weighed, 1.1-1.5x (docs/reliability.md, `benchmarks/admission_widths.py`). Clients still read
+they get; weighed, 1.1-1.5x, and 0.9-1.2x once the knee is fitted from the served batches (`knee_fit.py`:
+OpenVINO's attention runs slower per FLOP than its matrix products; docs/reliability.md,
+`benchmarks/admission_widths.py`). Clients still read
 tokens: a refusal names the limit in tokens at the request's own lengths. The operator's explicit
 `--max-request-tokens` and `--max-queue-tokens` count tokens, as they say.
 """
@@ -53,6 +55,7 @@ from openrerank.engine.errors import (
     RequestTooLargeError,
     WorkerDiedError,
 )
+from openrerank.engine.knee_fit import KneeFit
 from openrerank.engine.pending import PendingRequest
 
 #: The default per-request token budget assumes at least one full batch every this many seconds of
@@ -86,6 +89,8 @@ def work_rate(tokens_per_s: float, shapes: Sequence[tuple[int, int]], knee: floa
 RATE_BATCH_SHARE = 0.25
 #: Weight of one such batch in the moving average of the rate.
 RATE_WEIGHT = 0.1
+#: The fitted knee replaces the one in use when they differ by more than this share.
+KNEE_MOVE = 0.1
 
 
 def observed_rate(rate: float | None, tokens: int, work: float, seconds: float, max_batch_tokens: int
@@ -184,8 +189,16 @@ class AdmissionQueue:
         #: Measured model speed in work per second (`measure_rate`, or the runtime choice's timing): sets the
         #: request budget and deadline admission. None: the static budget of `SchedulerConfig`.
         self.work_per_second: float | None = None
-        #: The model's attention knee (`families/cost.py`): None counts work as tokens.
+        #: The model's attention knee (`families/cost.py`, then as the served batches show it: `set_knee`):
+        #: None counts work as tokens.
         self.knee: float | None = None
+        self.knee_fit: KneeFit | None = None
+
+    def set_knee(self, knee: float | None) -> None:
+        """The knee from the model's FLOPs: weighs work until the served batches fit another (`knee_fit.py`)."""
+        with self.cv:
+            self.knee = knee
+            self.knee_fit = KneeFit(knee) if knee else None
 
     def weigh(self, items: Sequence[WorkItem]) -> float:
         return work_of([it.length for it in items], self.knee)
@@ -300,12 +313,31 @@ class AdmissionQueue:
             self.queued_items -= len(req.items)
             self.queued_tokens -= req.tokens
 
-    def record_speed(self, seconds: float, tokens: int, work: float) -> None:
-        """One batch's model time, folded into the time per unit of work behind Retry-After and, for a big
-        enough batch, into the measured rate behind the budgets (`observed_rate`)."""
+    def record_speed(self, seconds: float, lengths: Sequence[int]) -> float | None:
+        """One batch's model time and its sequences' lengths, folded into the time per unit of work behind
+        Retry-After and, for a big enough batch, into the measured rate behind the budgets (`observed_rate`)
+        and the knee's fit (`knee_fit.py`). Returns the knee when the fit moved it."""
+        tokens = sum(lengths)
         with self.cv:
+            work = work_of(lengths, self.knee)
             per_work = seconds / max(1e-9, work)
             s = self.sec_per_work
             self.sec_per_work = per_work if not s else 0.8 * s + 0.2 * per_work
             self.work_per_second = observed_rate(self.work_per_second, tokens, work, seconds,
                                                  self.config.policy.max_tokens)
+            if self.knee_fit is not None and tokens >= RATE_BATCH_SHARE * self.config.policy.max_tokens:
+                self.knee_fit.add(lengths, seconds)
+                fitted = self.knee_fit.knee
+                if fitted and self.knee and abs(fitted - self.knee) > KNEE_MOVE * self.knee:
+                    self._move_knee_locked(fitted, lengths)
+                    return fitted
+        return None
+
+    def _move_knee_locked(self, knee: float, lengths: Sequence[int]) -> None:
+        """Weigh by `knee` from now on; the rates, in work, are converted at this batch's lengths. (Requests
+        already pending keep the work they were admitted with until they are answered.)"""
+        ratio = work_of(lengths, knee) / work_of(lengths, self.knee)
+        if self.work_per_second:
+            self.work_per_second *= ratio
+        self.sec_per_work /= ratio
+        self.knee = knee

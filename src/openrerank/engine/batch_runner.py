@@ -83,8 +83,10 @@ class BatchRunner:
             return
         end = time.perf_counter()
         # Per lane: `lanes` batches at once, so the model's rate is `lanes` times what one batch shows.
-        self.admission.record_speed((end - start) / max(1, self.scorer.lanes), sum(it.length for it in items),
-                                    self.admission.weigh(items))
+        knee = self.admission.record_speed((end - start) / max(1, self.scorer.lanes), [it.length for it in items])
+        if knee is not None:
+            log.info("model %s: the served batches put its attention knee at ~%.0f tokens (its FLOPs: %.0f); "
+                     "admission weighs long sequences by it", self.name, knee, self.admission.knee_fit.prior)
         self.metrics.batch(items, task, end - start)
         with self._lock:
             for (req, i), row in zip(live, rows, strict=True):

@@ -119,12 +119,13 @@ class Scheduler:
 
     @property
     def knee(self) -> float | None:
-        """The model's attention knee (families/cost.py), by which admission weighs long sequences."""
+        """The attention knee by which admission weighs long sequences: the model's FLOPs' (families/cost.py)
+        until the served batches fit another (engine/knee_fit.py)."""
         return self._admission.knee
 
     @knee.setter
     def knee(self, knee: float | None) -> None:
-        self._admission.knee = knee
+        self._admission.set_knee(knee)
 
     @property
     def request_budget(self) -> int:

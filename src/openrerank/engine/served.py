@@ -371,8 +371,9 @@ class ServedModel:
         meta = {"id": self.name, **self.loaded.describe(), "max_request_tokens": self.scheduler.request_budget}
         if self.scheduler.work_per_second:  # on short sequences; a token of an L-token one costs 1 + L/knee
             meta["tokens_per_second"] = round(self.scheduler.work_per_second, 1)
-            if self.scheduler.knee:
+            if self.scheduler.knee:  # as the served batches show it (engine/knee_fit.py), and from the FLOPs
                 meta["attention_knee"] = round(self.scheduler.knee)
+                meta["attention_knee_flops"] = round(self.loaded.knee or self.scheduler.knee)
         if self.embedding_dim is not None:
             meta["embedding_dim"] = self.embedding_dim
         if self.score_cache is not None:
