@@ -121,13 +121,16 @@ class ServerProcess(ServeProcess):
 @contextlib.contextmanager
 def run_server(args: list[str], tmp: Path, *, api_key: str | None = None, env: dict | None = None,
                ready_timeout: float = 180) -> Iterator[ServerProcess]:
-    """Start `openrerank serve` as a real process on a free port; yield once /v1/health/ready is 200."""
+    """Start `openrerank serve` as a real process on a free port; yield once /v1/health/ready is 200. After
+    the test the server is stopped with SIGINT (or was stopped by the test) and must have exited 0: a clean
+    shutdown's status, which a crash or a traceback at exit would change."""
     server = ServerProcess(args, tmp, api_key, env)
     try:
         server.wait_ready(ready_timeout)
         yield server
     finally:
         server.stop()
+    assert server.proc.returncode == 0, f"server exited {server.proc.returncode}:\n{server.output()[-3000:]}"
 
 
 def nim_body(query: str, passages: list[str], **extra) -> dict:

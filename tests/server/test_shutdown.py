@@ -91,7 +91,7 @@ def test_sigterm_answers_every_accepted_request(tmp_path):
     assert waited < GRACE_S + 10  # answered at the end of the grace period, not at uvicorn's own deadline
     log = server.output()
     assert "Exception in ASGI application" not in log and "Cancel " not in log
-    assert server.proc.returncode in (0, -signal.SIGTERM)
+    assert server.proc.returncode == 0  # a drained shutdown, not a death by the signal (143)
 
 
 def test_sigterm_lets_a_request_finish_within_the_grace_period(tmp_path, tiny_model_dir):

@@ -15,14 +15,18 @@ bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should still bou
 On SIGTERM/SIGINT the app's drain (`server/drain.py`) starts as uvicorn stops accepting connections: every
 accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed.
 
-The exit status: 0 after a normal shutdown, 3 when the models could not be loaded (the server stops by
-itself then, with one clear line on stderr, so a supervisor restarts it or shows why).
+The exit status: 0 after a normal shutdown, on SIGTERM or SIGINT once the drain is done; 3 when the models
+could not be loaded (the server stops by itself then, with one clear line on stderr, so a supervisor restarts
+it or shows why). uvicorn re-raises the signal it shut down on to the handler it found, which made Ctrl-C end
+in a KeyboardInterrupt traceback and status 1, and SIGTERM in a death by signal (143), after a clean
+shutdown; `run` gives it handlers that let the process end with its own status instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
 from typing import Any
@@ -198,6 +202,10 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
     return HeaderTimeoutProtocol
 
 
+def _shut_down_already(signum: int, frame: object) -> None:
+    """Where uvicorn re-raises the signal it shut down on (module docstring): the shutdown is done."""
+
+
 def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
     """Serve on the already bound `sock` until stopped; the exit status (see the module docstring).
 
@@ -221,7 +229,12 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
         server.should_exit = True
 
     app.state.request_shutdown = request_shutdown
-    server.run(sockets=[sock])
+    previous = {sig: signal.signal(sig, _shut_down_already) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     models = app.state.models
     if models.load_error:
         print(f"openrerank: error: {models.load_error}", file=sys.stderr)
