@@ -53,8 +53,8 @@ class ServeProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
+            try:  # the default drain may take --graceful-timeout (30 s) and uvicorn's 3 s beyond it
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
