@@ -402,3 +402,51 @@ def test_replicas_take_turns_compiling_into_a_shared_cache_dir(tmp_path, model_c
     out = proc.stdout.read()
     assert proc.wait(timeout=120) == 0 and "compiled" in out, lines
     assert any(compiled.rglob("*.blob"))
+
+
+def test_the_first_inference_runs_alone_and_later_ones_at_once(tmp_path, model_copy, monkeypatch):
+    """Two lanes' first batches given at once hung a server before ready: OpenVINO's bindings build a table on
+    first use that two threads must not build together (`FirstCallAlone`). The process's first call runs
+    alone; after it, calls run at once again (the lanes still overlap)."""
+    import threading
+    import time
+
+    from openrerank.runtimes import openvino_runtime
+
+    monkeypatch.setattr(openvino_runtime, "FIRST_CALL", openvino_runtime.FirstCallAlone())  # as in a new process
+    runtime = OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=2, cache_dir=tmp_path,
+                              lanes=2)
+    spans: list[tuple[float, float]] = []
+
+    class Timed:
+        """An infer request that says when each inference ran, and takes long enough to overlap another."""
+
+        def __init__(self, request) -> None:
+            self.request = request
+
+        def infer(self, *args, **kwargs):
+            start = time.monotonic()
+            time.sleep(0.2)
+            out = self.request.infer(*args, **kwargs)
+            spans.append((start, time.monotonic()))
+            return out
+
+    timed = [Timed(runtime._requests.get()) for _ in range(runtime.lanes)]
+    for request in timed:
+        runtime._requests.put(request)
+    ids = np.full((3, 12), 7, dtype=np.int64)
+    features = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    together = threading.Barrier(4)
+
+    def call() -> np.ndarray:
+        together.wait()
+        return runtime.run(features)
+
+    scores = run_concurrently(call, times=4)
+    assert all(np.array_equal(s, scores[0]) for s in scores)
+    spans.sort()
+    assert len(spans) == 4
+    first_end = spans[0][1]
+    assert all(start >= first_end for start, _ in spans[1:]), f"a call ran beside the first: {spans}"
+    assert spans[2][0] < spans[1][1], f"after the first call, two lanes did not run at once: {spans}"
+    runtime.close()

@@ -41,16 +41,22 @@ A pre-exported directory (`openrerank export --out DIR`: model.onnx + export.jso
 ONNX graph as it is, without PyTorch (`openvino_convert.pre_exported_onnx`).
 
 Inputs stay int64 (what the IR was traced with) and are handed over without a copy.
+
+The process's first inference runs alone (`FirstCallAlone`): OpenVINO's Python bindings build tables on first
+use that deadlock when two threads build them at once, which two lanes' first batches did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +82,36 @@ _PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 #: 1.08-1.13x the pairs/s on DL19 requests, 0.90-0.97x the latency of requests of 4-100 passages, 1.5x that of a
 #: one-passage request (one row cannot be shared by two lanes): docs/engine.md, "Lanes".
 DEFAULT_LANES = 2
+
+
+class FirstCallAlone:
+    """Lets the process's first inference run alone, later ones at once.
+
+    `InferRequest.infer` converts element types to numpy dtypes through a table the bindings build on first
+    use (a function-local static), and building it initializes pybind11's numpy API, which lets go of the GIL
+    midway. A second thread entering then holds the GIL and waits on the table's guard, while the first waits
+    for the GIL inside it: both stop for good. A server whose two lanes started warm-up together hung before
+    ready (openvino 2026.4; both threads' stacks in `to_dtype`, at `data_dispatcher.py`); 8 threads calling
+    `ov.Type.f32.to_dtype()` at once in a fresh process hung 2 times in 12. Once one call has been through,
+    every table on the path is built and calls run at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if not self._done:
+            with self._lock:
+                if not self._done:
+                    yield
+                    self._done = True
+                    return
+        yield
+
+
+#: One per process: the tables it guards are the bindings' own, shared by every runtime.
+FIRST_CALL = FirstCallAlone()
 
 
 def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None, lanes: int = 1) -> dict:
@@ -212,7 +248,8 @@ class OpenVinoRuntime(Runtime):
         inputs = pad_to_bucket({n: np.ascontiguousarray(features[n]) for n in self.input_names})
         request = self._requests.get()  # waits while every lane is busy
         try:
-            out = request.infer(inputs, share_inputs=True)[0][:rows]
+            with FIRST_CALL():
+                out = request.infer(inputs, share_inputs=True)[0][:rows]
             if out.ndim > 2:  # per-token outputs: cut the bucket's columns too
                 out = out[:, :width]
             return np.array(out, dtype=np.float32, copy=True)  # the request reuses its output buffer
