@@ -29,7 +29,8 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "openrerank", "serve", "--port", str(self.port), *args]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        # PYTHONFAULTHANDLER: a server that hangs can be made to print every thread's stack (`dump_stacks`).
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
 
@@ -47,8 +48,20 @@ class ServeProcess:
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()[-3000:]}")
+                self.dump_stacks()
+                raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()[-12000:]}")
             time.sleep(0.2)
+
+    def dump_stacks(self) -> None:
+        """End a server that is stuck so that it says where: SIGABRT makes Python's fault handler write every
+        thread's stack to the log before the process dies."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
