@@ -21,6 +21,7 @@ from openrerank.engine.errors import (
     WorkerDiedError,
 )
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
+from openrerank.engine.speed_record import SpeedRecord
 from openrerank.observe.metrics import Metrics
 from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
@@ -402,20 +403,36 @@ def test_a_measured_budget_weighs_long_sequences_by_their_attention() -> None:
     asyncio.run(main())
 
 
-def test_served_batches_move_the_knee_to_what_the_scorer_shows() -> None:
+def test_served_batches_move_the_knee_to_what_the_scorer_shows(tmp_path) -> None:
     """A scorer whose time grows as if its knee were 400 while the model's FLOPs say 1,600: after batches of
-    mixed lengths the scheduler weighs by ~400, and /v1/metadata would say so."""
+    mixed lengths the scheduler weighs by ~400, and /v1/metadata would say so. The knee and the rate are kept:
+    the next start of the model begins with them instead of the FLOP knee and its timed rate."""
     backend, ids = FakeScorer(), Ids()
     backend.sleep_per_token, backend.sleep_knee = 2e-5, 400.0
+    record = SpeedRecord(tmp_path / "speed.json", 1600.0)
 
     async def main() -> None:
         sched = make(backend, max_batch_tokens=2048)
         sched.knee = 1600.0
+        assert sched.keep_speed(record) is None  # nothing kept yet: the FLOP knee stands
+        assert sched.knee == 1600.0
+        sched.work_per_second = 1e9  # as timed at start: far from what the batches show
         for _ in range(6):
             for width in (32, 128, 512):  # one request per batch: 2,048 tokens of one width
                 await sched.submit(ids.items(*[width] * (2048 // width)))
         assert sched.knee == pytest.approx(400.0, rel=0.25)
+        assert record.load().knee == sched.knee  # the last knee it moved to, kept at once
+        await sched.submit(ids.items(*[32] * 64))  # the rate moves on after the knee's last move
         await sched.stop()
+        kept = record.load()  # at stop: the rate the batches moved to
+        assert kept.knee == sched.knee and kept.work_per_second == sched.work_per_second < 1e9
+
+        restarted = make(backend, max_batch_tokens=2048)
+        restarted.knee = 1600.0
+        assert restarted.keep_speed(SpeedRecord(tmp_path / "speed.json", 1600.0)) == kept
+        assert (restarted.knee, restarted.work_per_second) == (kept.knee, kept.work_per_second)  # before any batch
+        await restarted.stop()  # it served nothing: what it read stays
+        assert record.load() == kept
 
     asyncio.run(main())
 

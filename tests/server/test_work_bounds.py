@@ -13,6 +13,9 @@ from transformers import PreTrainedTokenizerBase
 
 from openrerank.core.requests import Truncate
 from openrerank.engine.admission import BUDGET_SHARE, work_of
+from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.engine.speed_record import SpeedRecord
+from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.server.config import ServerConfig
 from tests.server.faults import WAIT_S, InProcessServer, in_thread, until
 from tests.support import nim_body, run_server
@@ -84,7 +87,8 @@ def test_the_token_budget_follows_the_measured_speed(tmp_path):
     One thread of MiniLM scores far below what this request needs within 5 s on any CPU."""
     timeout = 5.0
     args = ["--backend", "torch", "--threads", "1", "--request-timeout", str(timeout)]
-    with run_server(args, tmp_path) as server, server.client() as c:
+    own_cache = {CACHE_ENV: str(tmp_path / "cache")}  # no speed another test's batches showed (speed_record.py)
+    with run_server(args, tmp_path, env=own_cache) as server, server.client() as c:
         model = c.get("/v1/metadata").json()["models"][0]
         rate, budget, knee = model["tokens_per_second"], model["max_request_tokens"], model["attention_knee"]
         assert budget == pytest.approx(rate * timeout * BUDGET_SHARE, rel=0.01)
@@ -189,3 +193,36 @@ def test_a_small_request_gets_a_tokenizer_between_the_slices_of_big_ones(tiny_mo
         assert small.status_code == 200
         assert took < n * per_text / 2, f"the small request waited {took:.1f} s for a tokenizer"
         assert all(big().status_code == 200 for big in bigs)
+
+
+def test_a_restart_starts_with_the_speed_its_served_batches_showed(tmp_path, monkeypatch):
+    """The knee and rate the served batches moved to are kept (engine/speed_record.py): the next start of the
+    model on this machine and engine weighs and budgets its first request by them, not by the FLOP knee and
+    the engine choice's timing; and it keeps what its own batches show when it stops."""
+    import torch
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    try:  # the record of the model the server below serves, computed as it computes it
+        model = load_model("default", LoadOptions(backend="torch", threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    record = SpeedRecord.of(model)
+    model.close()
+    record.save(1000.0, 5000.0, 30.0)  # as if an earlier start's batches had shown these
+    timeout = 10.0
+    args = ["--backend", "torch", "--threads", "1", "--request-timeout", str(timeout)]
+    with run_server(args, tmp_path, env={CACHE_ENV: str(tmp_path / "cache")}) as server, server.client() as c:
+        model = c.get("/v1/metadata").json()["models"][0]
+        assert model["attention_knee"] == 1000 and model["attention_knee_flops"] == 6 * 384
+        assert model["tokens_per_second"] == 5000.0
+        assert model["max_request_tokens"] == int(5000.0 * timeout * BUDGET_SHARE)
+        assert "starts with the speed its served batches showed on an earlier start" in server.output()
+        passage = "the river flows through the mountain city to the sea " * 60  # over the 256-token window
+        for _ in range(2):  # batches big enough to move the rate (a quarter of --max-batch-tokens at least)
+            r = c.post("/v1/ranking", json=nim_body("q", [passage] * 40, truncate="END"))
+            assert r.status_code == 200, r.text[:300]
+        served = c.get("/v1/metadata").json()["models"][0]["tokens_per_second"]
+        assert served != 5000.0
+    kept = record.load()  # the server kept what its batches showed when it stopped
+    assert kept.work_per_second == pytest.approx(served, rel=1e-3)

@@ -57,6 +57,7 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.knee_fit import KneeFit
 from openrerank.engine.pending import PendingRequest
+from openrerank.engine.speed_record import KeptSpeed, SpeedRecord
 
 #: The default per-request token budget assumes at least one full batch every this many seconds of
 #: `request_timeout`: work a slow CPU still finishes before the deadline.
@@ -193,12 +194,38 @@ class AdmissionQueue:
         #: None counts work as tokens.
         self.knee: float | None = None
         self.knee_fit: KneeFit | None = None
+        #: Where the served batches' speed is kept for the next start (`speed_record.py`); None: not kept.
+        self.speed_record: SpeedRecord | None = None
+        self.rate_batches = 0  # batches that moved the rate in this process
 
     def set_knee(self, knee: float | None) -> None:
         """The knee from the model's FLOPs: weighs work until the served batches fit another (`knee_fit.py`)."""
         with self.cv:
             self.knee = knee
             self.knee_fit = KneeFit(knee) if knee else None
+
+    def keep_speed(self, record: SpeedRecord) -> KeptSpeed | None:
+        """Start with the knee and rate an earlier start's served batches showed here, if `record` holds them,
+        and keep what this start's batches show in it (`speed_record.py`). Called before the model's rate is
+        measured. Returns what it starts with, None when the FLOP knee and the timed rate stand."""
+        kept = record.load()
+        with self.cv:
+            self.speed_record = record
+            if kept is None or not self.knee:
+                return None
+            self.knee = kept.knee
+            if kept.work_per_second:
+                self.work_per_second = kept.work_per_second
+        return kept
+
+    def save_speed(self) -> None:
+        """Keep the knee and rate the served batches moved to, if any moved them (the model stops)."""
+        with self.cv:
+            record, knee, rate = self.speed_record, self.knee, self.work_per_second
+            batches = self.knee_fit.batches if self.knee_fit is not None else 0.0
+            moved = self.rate_batches > 0
+        if record is not None and knee and moved:
+            record.save(knee, rate, batches)
 
     def weigh(self, items: Sequence[WorkItem]) -> float:
         return work_of([it.length for it in items], self.knee)
@@ -316,7 +343,8 @@ class AdmissionQueue:
     def record_speed(self, seconds: float, lengths: Sequence[int]) -> float | None:
         """One batch's model time and its sequences' lengths, folded into the time per unit of work behind
         Retry-After and, for a big enough batch, into the measured rate behind the budgets (`observed_rate`)
-        and the knee's fit (`knee_fit.py`). Returns the knee when the fit moved it."""
+        and the knee's fit (`knee_fit.py`). Returns the knee when the fit moved it, and keeps it with the rate in the
+        model's record if it has one (`keep_speed`)."""
         tokens = sum(lengths)
         with self.cv:
             work = work_of(lengths, self.knee)
@@ -325,13 +353,20 @@ class AdmissionQueue:
             self.sec_per_work = per_work if not s else 0.8 * s + 0.2 * per_work
             self.work_per_second = observed_rate(self.work_per_second, tokens, work, seconds,
                                                  self.config.policy.max_tokens)
-            if self.knee_fit is not None and tokens >= RATE_BATCH_SHARE * self.config.policy.max_tokens:
-                self.knee_fit.add(lengths, seconds)
-                fitted = self.knee_fit.knee
-                if fitted and self.knee and abs(fitted - self.knee) > KNEE_MOVE * self.knee:
-                    self._move_knee_locked(fitted, lengths)
-                    return fitted
-        return None
+            if tokens < RATE_BATCH_SHARE * self.config.policy.max_tokens:
+                return None
+            self.rate_batches += 1
+            if self.knee_fit is None:
+                return None
+            self.knee_fit.add(lengths, seconds)
+            fitted = self.knee_fit.knee
+            if not (fitted and self.knee and abs(fitted - self.knee) > KNEE_MOVE * self.knee):
+                return None
+            self._move_knee_locked(fitted, lengths)
+            record, rate, batches = self.speed_record, self.work_per_second, self.knee_fit.batches
+        if record is not None:  # outside the lock, so admitting a request never waits on the disk
+            record.save(fitted, rate, batches)
+        return fitted
 
     def _move_knee_locked(self, knee: float, lengths: Sequence[int]) -> None:
         """Weigh by `knee` from now on; the rates, in work, are converted at this batch's lengths. (Requests

@@ -47,6 +47,7 @@ from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, 
 from openrerank.engine.pending import PendingRequest, ScoreOutcome
 from openrerank.engine.planning import spread
 from openrerank.engine.scheduler_metrics import SchedulerMetrics
+from openrerank.engine.speed_record import KeptSpeed, SpeedRecord
 from openrerank.engine.worker import Worker
 from openrerank.families.scorer import Scorer
 from openrerank.observe.metrics import Metrics
@@ -127,6 +128,11 @@ class Scheduler:
     def knee(self, knee: float | None) -> None:
         self._admission.set_knee(knee)
 
+    def keep_speed(self, record: SpeedRecord) -> KeptSpeed | None:
+        """Start with the knee and rate an earlier start's served batches showed here (`speed_record.py`),
+        and keep this start's in the record when the knee moves and at `stop`; what it starts with, or None."""
+        return self._admission.keep_speed(record)
+
     @property
     def request_budget(self) -> int:
         """What one request may hold: `--max-request-tokens` tokens, else work (tokens of short sequences)
@@ -170,6 +176,7 @@ class Scheduler:
             thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join)
+        await asyncio.to_thread(adm.save_speed)  # for the next start (speed_record.py)
 
     def _start_locked(self) -> None:
         adm = self._admission

@@ -37,6 +37,7 @@ from openrerank.engine.errors import (
 from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig, ScoreOutcome
 from openrerank.engine.score_cache import ScoreCache, Scored
+from openrerank.engine.speed_record import SpeedRecord
 from openrerank.families.bi_scorer import normalize
 from openrerank.families.late_scorer import LateInteractionScorer, unpack
 from openrerank.families.token_cache import TokenCache
@@ -421,6 +422,11 @@ def load_served_model(source: ResolvedModel | ModelSource, options: LoadOptions,
     name = loaded.source.served_id
     scheduler = Scheduler(loaded.scorer, sched, name=name, metrics=metrics)
     scheduler.knee = loaded.knee  # admission weighs long sequences by it (engine/admission.py)
+    record = SpeedRecord.of(loaded)
+    if record is not None and (kept := scheduler.keep_speed(record)):
+        log.info("model %s starts with the speed its served batches showed on an earlier start here: an attention "
+                 "knee of ~%.0f tokens (its FLOPs: %.0f)%s", name, kept.knee, loaded.knee,
+                 f", ~{kept.work_per_second:.0f} tokens/s on short sequences" if kept.work_per_second else "")
     served = ServedModel(name, loaded, scheduler, metrics, limits=limits or ChunkLimits(), score_cache=score_cache,
                          image_limits=images or ImageLimits())
     served.warmup()

@@ -170,6 +170,8 @@ class Runtime(ABC):
     description: str
     #: Batches `run` may be given at once from different threads, each on its own share of the threads.
     lanes: int = 1
+    #: CPU threads it computes on, all lanes together (None on a GPU).
+    threads: int | None = None
 
     @abstractmethod
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray: ...

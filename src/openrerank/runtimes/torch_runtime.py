@@ -55,7 +55,8 @@ class TorchRuntime(Runtime):
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the torch runtime (use one of {sorted(TORCH_DTYPES)})")
         if not is_cuda(device):
-            torch.set_num_threads(threads or default_threads())
+            self.threads = threads or default_threads()
+            torch.set_num_threads(self.threads)
         elif dtype == "fp32":
             # fp32 means fp32: PyTorch lets cuDNN run fp32 convolutions (the VL families' patch embeddings) in
             # TF32, which on an H200 moved their logits by up to 7e-3 and made scores depend on batch company.
