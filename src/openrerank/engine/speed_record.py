@@ -16,19 +16,24 @@ is ignored (the FLOP knee and the timed rate stand); a cache that cannot be writ
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openrerank.engine.knee_fit import KNEE_RANGE
-from openrerank.runtimes.artifact_cache import CACHE_ENV, key_of, model_fingerprint, package_versions, user_cache_dir
+from openrerank.runtimes.artifact_cache import (
+    CACHE_ENV,
+    key_of,
+    model_fingerprint,
+    package_versions,
+    user_cache_dir,
+    write_json,
+)
 from openrerank.runtimes.base import default_threads
 from openrerank.runtimes.devices import cpu_info
 
@@ -109,17 +114,7 @@ class SpeedRecord:
         record = {"knee": knee, "work_per_second": work_per_second, "flops_knee": self.flops_knee,
                   "batches": round(batches, 1), **self.facts}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=".json", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(record, f, indent=2)
-                os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared by several users
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json(self.path, record)
         except OSError as exc:  # a read-only cache volume: the speed is measured again on each start
             self._writable = False
             log.info("the served speed is not kept for the next start: %s", exc)

@@ -230,15 +230,21 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
             log.info("%s cache hit after waiting for another process: %s", what, path)
             return record, True
         record = compute()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=2)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared by several users' servers
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_json(path, record)
     return record, False
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write `record` to `path` whole or not at all (a temporary file beside it, renamed over it), readable by
+    every user (the cache may be shared by several users' servers); creates the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
