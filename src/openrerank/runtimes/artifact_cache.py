@@ -18,6 +18,7 @@ wait and reuse its result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -70,14 +71,26 @@ def cache_root() -> Path:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Content hash of config.json and the weight files: what a converted graph depends on."""
+    """Content hash of config.json and the weight files: what a converted graph depends on.
+
+    One start asks for it several times (the engine timing's key, each conversion's, the served speed's);
+    each asking read every weight byte (7 times for the default model from an empty cache: 0.07 s each here,
+    seconds each for a model of gigabytes). So the hash is remembered for files whose identity, size and
+    modification time are unchanged: a rewritten or edited file is hashed again."""
     model_dir = Path(model_dir)
     weights = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    files = [f for f in [model_dir / "config.json", *weights] if f.is_file()]
+    stats = tuple((f.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                  for f, st in ((f, f.stat()) for f in files))
+    return _fingerprint(str(model_dir), stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(model_dir: str, stats: tuple) -> str:
     h = hashlib.sha256()
-    for f in [model_dir / "config.json", *weights]:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(file_sha256(f).encode())
+    for name, *_ in stats:
+        h.update(name.encode())
+        h.update(file_sha256(Path(model_dir) / name).encode())
     return h.hexdigest()
 
 
