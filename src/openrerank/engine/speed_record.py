@@ -16,26 +16,16 @@ is ignored (the FLOP knee and the timed rate stand); a cache that cannot be writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openrerank.engine.knee_fit import KNEE_RANGE
-from openrerank.runtimes.artifact_cache import (
-    CACHE_ENV,
-    key_of,
-    model_fingerprint,
-    package_versions,
-    user_cache_dir,
-    write_json,
-)
-from openrerank.runtimes.base import default_threads
-from openrerank.runtimes.devices import cpu_info
+from openrerank.runtimes.artifact_cache import key_of, model_fingerprint, write_json
+from openrerank.runtimes.measure import cache_dir, engine_versions, machine_facts
 
 if TYPE_CHECKING:
     from openrerank.engine.loading import LoadedModel
@@ -44,14 +34,12 @@ log = logging.getLogger(__name__)
 
 #: Bump when what a record holds or how it is measured changes, so old records are not read as new ones.
 SPEED_FORMAT = 1
-#: Packages whose versions decide how fast an engine runs.
-_ENGINE_PACKAGES = ("openvino", "onnxruntime", "torch")
 
 
 def speed_dir() -> Path:
-    """`$OPENRERANK_CACHE_DIR/speed` when set, else `$XDG_CACHE_HOME/openrerank/speed`."""
-    env = os.environ.get(CACHE_ENV)
-    return (Path(env).expanduser() if env else user_cache_dir()) / "speed"
+    """Beside the engine timings (`measure.cache_dir`): `$OPENRERANK_CACHE_DIR/speed`, else
+    `~/.cache/openrerank/speed`."""
+    return cache_dir().parent / "speed"
 
 
 @dataclass(frozen=True)
@@ -75,14 +63,11 @@ class SpeedRecord:
         if not loaded.knee:
             return None
         runtime = loaded.scorer.runtime
-        model, flags = cpu_info()
         facts = {
-            "format": SPEED_FORMAT, "cpu": model,
-            "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
-            "cpus_available": default_threads(), "threads": runtime.threads, "lanes": runtime.lanes,
+            "format": SPEED_FORMAT, **machine_facts(), "threads": runtime.threads, "lanes": runtime.lanes,
             "engine": runtime.description, "model_sha256": model_fingerprint(loaded.spec.path),
             "family": loaded.family.id, "options": sorted(loaded.spec.options.items()),
-            "window": loaded.max_length, "versions": package_versions(*_ENGINE_PACKAGES),
+            "window": loaded.max_length, "versions": engine_versions(),
         }
         return cls(speed_dir() / f"{key_of(facts)}.json", loaded.knee, facts)
 

@@ -208,7 +208,8 @@ def cache_dir() -> Path:
     return root / "engine-choice"
 
 
-def _versions() -> dict[str, str | None]:
+def engine_versions() -> dict[str, str | None]:
+    """The versions of the packages that decide how fast an engine runs (None: not installed)."""
     out: dict[str, str | None] = {}
     for name in _ENGINE_PACKAGES:
         try:
@@ -216,6 +217,13 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def machine_facts() -> dict:
+    """What decides an engine's speed on this machine besides the engine: the CPU and the CPUs available."""
+    model, flags = cpu_info()
+    return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
+            "cpus_available": default_threads()}
 
 
 def _model_content(model_dir: Path) -> dict:
@@ -228,15 +236,12 @@ def _model_content(model_dir: Path) -> dict:
 def timing_key(model_dir: Path, head: str, candidates: Sequence[Candidate], device: str, threads: int,
                shapes: Sequence[tuple[int, int]]) -> tuple[str, dict]:
     """The record's key: what decides which engine is fastest here."""
-    model, flags = cpu_info()
     facts = {
-        "format": MEASURE_FORMAT, "cpu": model,
-        "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
-        "cpus_available": default_threads(),
+        "format": MEASURE_FORMAT, **machine_facts(),
         "threads": threads, "lanes": os.environ.get(LANES_ENV), "device": device, "head": head,
         **_model_content(model_dir),
         "candidates": [list(c) for c in candidates], "shapes": [list(s) for s in shapes],
-        "versions": _versions(),
+        "versions": engine_versions(),
     }
     return key_of(facts), facts
 
