@@ -39,6 +39,18 @@ def test_wait_for_models_is_ready_at_startup(tiny_model_dir):
         assert c.post("/v1/ranking", json=nim_body("q", ["a", "b"])).status_code == 200
 
 
+def test_the_readiness_probes_say_503_once_the_server_drains(tiny_model_dir):
+    """A probe on a keep-alive connection opened before SIGTERM must not see a draining server as ready."""
+    app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)
+    with TestClient(app) as c:
+        assert c.get("/v1/health/ready").status_code == 200 and c.get("/health").status_code == 200
+        c.portal.call(app.state.drain.begin)  # on the app's event loop, as the HTTP runner calls it
+        ready, tei = c.get("/v1/health/ready"), c.get("/health")
+        assert ready.status_code == 503 and ready.json()["message"] == "Service is shutting down."
+        assert tei.status_code == 503 and tei.json()["error"] == "unhealthy: Service is shutting down."
+        assert c.get("/v1/health/live").status_code == 200  # alive: finishing its requests
+
+
 def test_wait_for_models_fails_the_startup_on_a_load_error(tmp_path):
     app = create_app(ServerConfig(models=[f"broken={tmp_path / 'missing'}"]), wait_for_models=True)
     with pytest.raises(RuntimeError, match=r"model loading failed: .*missing"), TestClient(app):

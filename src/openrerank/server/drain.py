@@ -2,11 +2,14 @@
 
 On SIGTERM (or SIGINT) the HTTP runner (`server/http.py`) stops accepting connections and calls
 `Drain.begin()`. Requests already accepted keep running for `--graceful-timeout` seconds (no new
-connection is accepted, so load balancers see the server gone). When the grace period ends, every request
-still running is cancelled inside the app (its queued model work is dropped) and answered with its
-dialect's retryable 503 (`Retry-After`, `Connection: close`), so a client always gets an answer it can
-act on instead of a dropped connection or uvicorn's plain-text 500. uvicorn's own deadline is set a
-little later (`UVICORN_MARGIN_S`), so it never cancels a request before the app has answered it.
+connection is accepted, so load balancers see the server gone; the readiness probes say 503). When the grace
+period ends, every request still running is cancelled inside the app (its queued model work is dropped) and
+answered with its dialect's retryable 503 (`Retry-After`, `Connection: close`), so a client always gets an
+answer it can act on instead of a dropped connection or uvicorn's plain-text 500. uvicorn's own deadline is
+set a little later (`UVICORN_MARGIN_S`), so it never cancels a request before the app has answered it.
+
+gRPC drains on the same grace period (`server/grpc/server.py`): it refuses new calls from the moment the
+drain begins, and a call still running when the period ends is answered UNAVAILABLE with the same message.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Drain:
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self.draining = False
+        self._began = asyncio.Event()
         self._expired = asyncio.Event()
 
     @property
@@ -40,9 +44,13 @@ class Drain:
         if self.draining:
             return
         self.draining = True
+        self._began.set()
         log.info("shutting down: finishing accepted requests for up to %g s (--graceful-timeout); the rest "
                  "will be answered 503", self.grace)
         asyncio.get_running_loop().call_later(self.grace, self._expired.set)
+
+    async def wait_begun(self) -> None:
+        await self._began.wait()
 
     async def wait_expired(self) -> None:
         await self._expired.wait()

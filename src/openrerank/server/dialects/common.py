@@ -23,6 +23,15 @@ def config(request: Request) -> ServerConfig:
     return request.app.state.config
 
 
+def unready_reason(request: Request) -> str | None:
+    """Why the readiness probes say 503 (None: ready): loading, a load error or a dead worker, or the server
+    shutting down (a probe on a connection opened before the drain began must not see it ready)."""
+    if request.app.state.drain.draining:
+        return "Service is shutting down."
+    reg = served_models(request)
+    return None if reg.ready else reg.status()
+
+
 def check_ready(request: Request) -> None:
     """503 until the models are loaded (a dead model worker answers 503 itself, per model)."""
     require_ready(served_models(request))

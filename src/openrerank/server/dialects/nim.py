@@ -85,11 +85,13 @@ async def live(request: Request) -> OrjsonResponse:
 
 @router.get("/v1/health/ready", tags=["health"], response_model=HealthResponse, responses=_HEALTH)
 async def ready(request: Request) -> OrjsonResponse:
-    """200 once every model is loaded and warmed and every model worker is alive, else 503."""
-    reg = common.served_models(request)
-    if reg.ready:
-        return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "ready"})
-    return OrjsonResponse({"object": "health.response", "message": reg.status(), "status": "not ready"},
+    """200 once every model is loaded and warmed and every model worker is alive, else 503 (also while the
+    server shuts down)."""
+    reason = common.unready_reason(request)
+    if reason is None:
+        return OrjsonResponse({"object": "health.response", "message": common.served_models(request).status(),
+                               "status": "ready"})
+    return OrjsonResponse({"object": "health.response", "message": reason, "status": "not ready"},
                           status_code=503)
 
 

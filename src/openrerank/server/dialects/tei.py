@@ -144,11 +144,12 @@ async def rerank(request: Request, response: Response) -> Any:
             responses={200: {"description": "Ready (empty body)", "content": {"text/plain": {"schema": {
                 "type": "string", "maxLength": 0}}}}, 503: {"model": TeiError, "description": "Not ready"}})
 async def health(request: Request) -> Response:
-    """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503."""
-    reg = common.served_models(request)
-    if reg.ready:
+    """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503 (also while
+    the server shuts down)."""
+    reason = common.unready_reason(request)
+    if reason is None:
         return Response(status_code=200, media_type="text/plain")
-    return OrjsonResponse({"error": f"unhealthy: {reg.status()}", "error_type": "Unhealthy"}, status_code=503)
+    return OrjsonResponse({"error": f"unhealthy: {reason}", "error_type": "Unhealthy"}, status_code=503)
 
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}

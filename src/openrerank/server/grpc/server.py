@@ -1,9 +1,12 @@
 """The gRPC server beside HTTP: grpc.aio in the HTTP server's event loop, started and stopped with the app.
 
 It registers as one of the app's companions (`app.state.companions`, server/app.py): it binds and starts
-before the models load (so a client can probe it during a long load, as it can HTTP), and stops, letting
-in-flight calls finish within --graceful-timeout, before the models stop. `grpc.health.v1` reports
-SERVING exactly while the server is ready (every model loaded and every worker alive).
+before the models load (so a client can probe it during a long load, as it can HTTP). It drains with HTTP:
+when the app's drain begins (SIGTERM, `server/drain.py`) it stops accepting calls at once (a new call gets
+UNAVAILABLE), `grpc.health.v1` turns NOT_SERVING, and the calls in flight have the same --graceful-timeout
+as HTTP's requests (past it, UNAVAILABLE with the drain's message: `service.InferenceService`). Without a
+drain (the app stopped otherwise) it stops when the app stops, before the models. `grpc.health.v1` reports
+SERVING exactly while the server is ready (every model loaded and every worker alive) and not draining.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from openrerank.server.drain import UVICORN_MARGIN_S
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
 from openrerank.server.grpc.service import SERVICE, InferenceService
 
@@ -35,6 +39,7 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._watch: asyncio.Task | None = None
+        self._drain_watch: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -61,17 +66,35 @@ class GrpcServer:
         await server.start()
         self._server = server
         self._watch = asyncio.create_task(self._watch_readiness())
+        self._drain_watch = asyncio.create_task(self._stop_on_drain())
         scheme = "TLS" if config.tls else "plaintext"
         log.info("gRPC (KServe V2, NIM's gRPC API) listening on %s (%s)", self.address, scheme)
 
     async def stop(self) -> None:
+        """Stop serving: the drain's stop if one began (awaited), else now."""
+        if self._drain_watch is not None:
+            if not self.app.state.drain.draining:
+                self._drain_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_watch
+        await self._stop_serving()
+
+    async def _stop_on_drain(self) -> None:
+        await self.app.state.drain.wait_begun()
+        await self._stop_serving()
+
+    async def _stop_serving(self) -> None:
+        """Refuse new calls, report NOT_SERVING, and wait for the calls in flight: each answers by the end of
+        the drain's grace period itself; grpc cancels whatever still runs a margin later."""
+        server, self._server = self._server, None
+        if server is None:
+            return
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        if self._server is not None:
-            await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace=self.app.state.config.graceful_timeout)
+        await self._health.enter_graceful_shutdown()
+        await server.stop(grace=self.app.state.drain.grace + UVICORN_MARGIN_S)
 
     async def _watch_readiness(self) -> None:
         status = None

@@ -102,7 +102,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=self.models.live)
 
     async def _ready(self) -> Any:
-        return pb.ServerReadyResponse(ready=self.models.ready)
+        return pb.ServerReadyResponse(ready=self.models.ready and not self.state.drain.draining)
 
     async def _model_ready(self, request: Any) -> Any:
         try:
@@ -238,7 +238,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if method not in _PUBLIC and not self._authorized(context):
                 raise _Abort(Code.UNAUTHENTICATED, "missing or invalid API key: send the metadata "
                              "'authorization: Bearer <key>'")
-            return await handler(usage)
+            return await self._within_grace(handler(usage))
         except asyncio.CancelledError:
             code = Code.CANCELLED
             metrics.disconnects.inc()
@@ -251,6 +251,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             metrics.in_flight.dec()
             self._record(method, code, rid, usage, (time.perf_counter() - start) * 1e3)
         await context.abort(code, safe_text(message))
+
+    async def _within_grace(self, work: Awaitable[Any]) -> Any:
+        """`work`'s result, unless the server's shutdown grace period ends first: then the work is cancelled
+        (its queued scoring dropped) and the call answered UNAVAILABLE, retryable, as HTTP answers 503."""
+        drain = self.state.drain
+        task = asyncio.ensure_future(work)
+        expiry = asyncio.ensure_future(drain.wait_expired())
+        try:
+            await asyncio.wait((task, expiry), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            expiry.cancel()
+            expired = not task.done()
+            if expired:  # the grace period ended, or this call was cancelled (the client went away)
+                task.cancel()
+                await asyncio.wait((task,))
+        if expired:
+            raise _Abort(Code.UNAVAILABLE, drain.message())
+        return task.result()
 
     def _record(self, method: str, code: grpc.StatusCode, rid: str, usage: dict[str, Any], total_ms: float) -> None:
         route = f"/{SERVICE}/{method}"

@@ -1,0 +1,83 @@
+"""SIGTERM with gRPC calls in flight: gRPC drains with HTTP, on one grace period.
+
+Before, the gRPC server stopped only after uvicorn's HTTP drain had ended: for the whole HTTP grace period it
+reported SERVING, `ServerReady` said true and new calls were accepted and scored; its own grace period came on
+top (a --graceful-timeout of 4 s ended the process 17 s after SIGTERM), and its calls then ended in grpc's
+"Cancelling all calls", counted as client disconnects. The assertions are on what the clients see; the only
+timing is the bound on the whole shutdown, which is many grace periods wide.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import signal
+import time
+
+import grpc
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from openrerank_bench.serve_process import free_port
+
+from tests.server.faults import until
+from tests.server.grpc.support import failure, ranking_inputs, status_of
+from tests.server.test_shutdown import in_flight, passages, seconds_per_passage
+from tests.support import nim_body, run_server
+
+MODEL = "sentence_transformers_all_minilm_l6_v2"
+GRACE_S = 2
+#: how much scoring the in-flight calls hold, in grace periods, on whatever machine runs this
+WORK_GRACES = 5
+
+
+def health_status(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def serving(address: str) -> bool:
+    """grpc.health.v1 says SERVING (a refused call or NOT_SERVING: no)."""
+    try:
+        return health_status(address) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def test_sigterm_drains_grpc_with_http_on_one_grace_period(tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    args = ["--backend", "torch", "--threads", "1", "--max-batch-size", "1", "--graceful-timeout", str(GRACE_S),
+            "--grpc-port", str(port)]
+    with run_server(args, tmp_path) as server, server.client() as c:
+        per_passage = seconds_per_passage(c)
+        n = min(512, math.ceil(WORK_GRACES * GRACE_S / (3 * per_passage)))
+        assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
+        with concurrent.futures.ThreadPoolExecutor(3) as pool, \
+                grpcclient.InferenceServerClient(address) as busy, \
+                grpcclient.InferenceServerClient(address) as late:
+            assert late.is_server_ready()  # its channel is connected before the drain
+            calls = [pool.submit(failure, busy.infer, MODEL, ranking_inputs(q, passages(q, n))) for q in ("a", "b")]
+            http = pool.submit(server.client().post, "/v1/ranking", json=nim_body("c", passages("c", n),
+                                                                                   truncate="END"))
+            until(lambda: in_flight(c) >= 2 + 1 + 1, "the calls all in flight (and this metrics request)")
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+
+            # within the grace period nothing reports SERVING, and then new calls are refused, even on a
+            # channel connected before
+            until(lambda: not serving(address) and time.monotonic() - signalled < GRACE_S,
+                  "the drain to end SERVING within the grace period")
+            refused = failure(late.infer, MODEL, ranking_inputs("q", ["p"]))
+            assert status_of(refused) == "UNAVAILABLE", refused
+
+            # the calls in flight get the drain's retryable answer at the end of the same grace period
+            for call in calls:
+                exc = call.result(timeout=120)
+                assert status_of(exc) == "UNAVAILABLE" and "grace period" in exc.message(), exc
+            assert http.result(timeout=120).status_code == 503
+        server.proc.wait(timeout=30)
+        waited = time.monotonic() - signalled
+    assert waited < GRACE_S + 8, f"the process ended {waited:.1f} s after SIGTERM, grace {GRACE_S} s"
+    log = server.output()
+    assert "went away" not in log  # the drained calls are not counted as clients that left
+    assert server.proc.returncode == 0
