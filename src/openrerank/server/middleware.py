@@ -229,9 +229,15 @@ class MetricsMiddleware:
             self.metrics.request_latency.labels(label, str(status), "http").observe(time.perf_counter() - start)
 
 
+def bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """`authorization` is `Bearer <key>`: the scheme name case-insensitive (RFC 7235 section 2.1: `bearer`,
+    `BEARER` are the same scheme), the key compared in constant time. HTTP and gRPC check keys with this."""
+    scheme, _, token = authorization.partition(b" ")
+    return hmac.compare_digest(token.lstrip(b" "), key) & (scheme.lower() == b"bearer")
+
+
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but health; constant-time comparison of the key. The
-    scheme name is case-insensitive (RFC 7235 section 2.1: `bearer`, `BEARER` are the same scheme)."""
+    """`Authorization: Bearer <key>` on every route but health (`bearer_matches`)."""
 
     def __init__(self, app: ASGIApp, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
@@ -242,8 +248,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope["path"] in self.public or scope["path"].startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
-        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-        if hmac.compare_digest(token.lstrip(b" "), self.expected) & (scheme.lower() == b"bearer"):
+        if bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.expected):
             await self.app(scope, receive, send)
             return
         msg = "missing or invalid API key: send 'Authorization: Bearer <key>'"

@@ -44,9 +44,9 @@ def _request(raw: list[bytes], *inputs: SimpleNamespace) -> SimpleNamespace:
     return SimpleNamespace(inputs=list(inputs), raw_input_contents=raw)
 
 
-def _input(name: str, shape: list[int], contents: list[bytes] | None = None, datatype: str = "BYTES"):
+def _input(name: str, shape: list[int], contents: list[bytes] | None = None, datatype: str = "BYTES", **typed):
     return SimpleNamespace(name=name, datatype=datatype, shape=shape,
-                           contents=SimpleNamespace(bytes_contents=contents or []))
+                           contents=SimpleNamespace(bytes_contents=contents or [], **typed))
 
 
 def test_raw_and_typed_contents_decode_alike():
@@ -65,6 +65,9 @@ def test_raw_and_typed_contents_decode_alike():
     (_request([], _input("passage", [-1, 1])), "negative"),
     (_request([], _input("passage", [1, 1], [b"a"], "FP32")), "BYTES"),
     (_request([], _input("passage", [1, 1], [b"a"]), _input("passage", [1, 1], [b"a"])), "more than once"),
+    # the protocol: raw_input_contents excludes contents (before, the contents were silently dropped)
+    (_request([struct.pack("<I", 1) + b"a"], _input("passage", [1, 1], [b"b"])), "one of the two"),
+    (_request([], _input("passage", [1, 1], fp32_contents=[1.0])), "fp32_contents"),
 ])
 def test_malformed_tensors_are_the_clients_fault(request_, fragment):
     with pytest.raises(TensorError, match=fragment):

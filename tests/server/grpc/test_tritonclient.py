@@ -105,7 +105,17 @@ def test_model_names_nim_derived_served_id_and_aliases(client):
     assert status_of(exc) == "NOT_FOUND"
 
 
-@pytest.mark.parametrize("headers", [None, {"authorization": "Bearer wrong"}, {"authorization": "grpc-secret"}])
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer "])
+def test_the_api_keys_scheme_name_is_case_insensitive_as_over_http(grpc_server, client, scheme):
+    """RFC 7235: the scheme name is case-insensitive; the HTTP routes take these, so gRPC must too."""
+    headers = {"authorization": f"{scheme} {AUTH['authorization'].split()[1]}"}
+    assert infer(client, "paris", PASSAGES, headers=headers).as_numpy("logit") is not None
+    with grpc_server.client() as c:
+        assert c.post("/v1/ranking", json=nim_body("paris", PASSAGES), headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [None, {"authorization": "Bearer wrong"}, {"authorization": "grpc-secret"},
+                                     {"authorization": "Basic grpc-secret"}])
 def test_api_key_missing_or_wrong_is_unauthenticated(client, headers):
     exc = failure(infer, client, "paris", PASSAGES, headers=headers)
     assert status_of(exc) == "UNAUTHENTICATED" and "API key" in exc.message()
@@ -203,6 +213,9 @@ def test_model_version(client):
     exc = failure(client.infer, MODEL, ranking_inputs("q", ["a"]), model_version="2", headers=AUTH)
     assert status_of(exc) == "NOT_FOUND" and "version" in exc.message()
     assert client.infer(MODEL, ranking_inputs("q", ["a"]), model_version="1", headers=AUTH) is not None
+    # a version that is not served is not ready (as Triton answers), the served one is
+    assert client.is_model_ready(MODEL, "1") and client.is_model_ready(MODEL)
+    assert not client.is_model_ready(MODEL, "2")
 
 
 def test_asyncio_client_ranks_concurrently(grpc_server):

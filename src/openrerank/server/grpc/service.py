@@ -9,7 +9,6 @@ failures to status codes. A client error is never INTERNAL: the status table is 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -30,6 +29,7 @@ from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
 from openrerank.server.grpc.tensors import TensorError, parameter_value, raw_output, read_bytes_inputs
+from openrerank.server.middleware import bearer_matches
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("openrerank.access")
@@ -65,7 +65,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: Any) -> None:
         self.state = state
         api_key = state.config.api_key
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._key = api_key.encode() if api_key else None
 
     @property
     def models(self) -> ServedModels:
@@ -107,7 +107,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _model_ready(self, request: Any) -> Any:
         try:
             name = self._served_id(request.name)
-        except UnknownModelError:
+            self._check_version(request.version)
+        except (UnknownModelError, _Abort):  # not served: not ready (Triton's answer), as for an unknown name
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.models.ready and name in {m.name for m in self.models.models()})
 
@@ -195,11 +196,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return deadline
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        if self._expected is None:
+        if self._key is None:
             return True
         given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        given = given.encode() if isinstance(given, str) else given
-        return hmac.compare_digest(given, self._expected)
+        return bearer_matches(given.encode() if isinstance(given, str) else given, self._key)
 
     @staticmethod
     def _request_id(context: grpc.aio.ServicerContext) -> str:

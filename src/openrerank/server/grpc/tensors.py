@@ -20,6 +20,9 @@ import numpy as np
 OUTPUT_DTYPES = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FP32": np.dtype("<f4"),
                  "FP64": np.dtype("<f8")}
 _LENGTH = struct.Struct("<I")
+#: InferTensorContents' typed value fields.
+CONTENTS_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
+                   "fp32_contents", "fp64_contents", "bytes_contents")
 
 
 class TensorError(ValueError):
@@ -76,9 +79,16 @@ def read_bytes_inputs(request: Any) -> dict[str, BytesTensor]:
         if any(d < 0 for d in shape):
             raise TensorError(f"input '{name}' has shape {list(shape)}; dimensions must not be negative")
         count = math.prod(shape)
+        typed = [field for field in CONTENTS_FIELDS if len(getattr(tensor.contents, field, ()))]
         if raw:
+            if typed:  # the protocol: with raw_input_contents, no input may have contents
+                raise TensorError(f"input '{name}' has contents.{typed[0]}, and the request has raw_input_contents; "
+                                  "send the values in one of the two")
             values = _split_raw(name, raw[i], shape)
         else:
+            if set(typed) - {"bytes_contents"}:
+                raise TensorError(f"input '{name}' is BYTES but has contents.{typed[0]}; "
+                                  "send its values in contents.bytes_contents")
             values = list(tensor.contents.bytes_contents)
             if len(values) != count:
                 raise TensorError(f"input '{name}': shape {list(shape)} needs {count} element(s), "
