@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from openrerank import __version__
 from openrerank.cli import eval as eval_cli
 from openrerank.cli import export, families
-from openrerank.cli.nim_env import read_nim_env, rename_single_model
+from openrerank.cli.nim_env import check_ssl_mode, read_nim_env, rename_single_model
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
@@ -50,7 +50,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            int),
     Option("grpc-host", "network", "gRPC bind address (none: the HTTP bind address)"),
     Option("ssl-certfile", "network", "TLS certificate chain (PEM) for HTTP and gRPC", metavar="PEM"),
-    Option("ssl-keyfile", "network", "TLS private key (PEM) for HTTP and gRPC", metavar="PEM"),
+    Option("ssl-keyfile", "network", "TLS private key (PEM, unencrypted) for HTTP and gRPC", metavar="PEM"),
+    Option("ssl-ca-certs", "network", "mutual TLS: CA certificates (PEM); HTTP and gRPC clients must present a "
+           "certificate one of them signed (none: no client certificates asked)", metavar="PEM"),
+    Option("grpc-max-message-bytes", "network", "largest gRPC request message (RESOURCE_EXHAUSTED above it; none: "
+           "--max-body-bytes)", int),
     Option("metrics-public", "network", "with an API key set, leave /v1/metrics (and /metrics) open to a "
            "Prometheus that scrapes without the key; keep them off the public network (docs/deploy.md)",
            switch=True),
@@ -117,7 +121,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "retryable 503", float),
     Option("tei-chunking", "limits", "score over-long TEI /rerank texts by their best chunk instead of truncating",
            switch=True),
-    Option("log-level", "logging", "debug, info (one access line per request), warning, error",
+    Option("log-level", "logging", "debug, info (one access line per request), warning, error, critical",
            choices=LOG_LEVELS),
     Option("log-format", "logging", "text (human) or json (one object per line)", choices=LOG_FORMATS),
     Option("otlp-endpoint", "logging", "send OpenTelemetry traces (OTLP/HTTP) to this URL, e.g. "
@@ -147,10 +151,12 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     UsageError names a bad variable."""
     environ = os.environ if environ is None else environ
     nim = read_nim_env(environ)
-    resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ))
+    resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     values["models"] = rename_single_model(values.get("models") or ["default"], nim.served_model_name)
-    return ServerConfig(**values)
+    config = ServerConfig(**values)
+    check_ssl_mode(nim.ssl_mode, config.tls, config.ssl_ca_certs is not None)
+    return config
 
 
 def preflight(config: ServerConfig) -> list[ResolvedModel]:
@@ -173,6 +179,13 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
         if target not in names or alias in names:
             raise ValueError(f"--alias {alias}={target}: " + (f"{alias} is itself a served model" if alias in names
                              else f"no model is served as {target} (served: {', '.join(names)})"))
+    if config.grpc_port is not None:
+        from openrerank.server.grpc.ranking import name_clashes
+
+        clashes = name_clashes({**{n: n for n in names}, **config.alias_map()})
+        if clashes:
+            raise ValueError(f"{'; '.join(clashes)}: a client could reach only one of them over gRPC; serve "
+                             "one under another name (NAME=SOURCE, --alias)")
     check_runtime_options(config.backend, config.dtype, config.device)
     check_device(config.device)
     if config.otlp_endpoint:

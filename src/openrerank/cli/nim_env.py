@@ -2,7 +2,9 @@
 
 A deployment that ran the Reranking NIM keeps its environment when it switches to openrerank: each NIM variable
 with an openrerank equivalent fills that setting's `OPENRERANK_*` variable, unless the flag or the
-`OPENRERANK_*` variable itself is set (those win). Every other `NIM_*` variable is reported once at startup as
+`OPENRERANK_*` variable itself is set (those win); a bad value is reported under the NIM variable's name.
+NIM_SSL_MODE keeps NIM's meaning: DISABLED leaves the NIM certificate variables unused, TLS and MTLS refuse to
+start a server without the files they need. Every other `NIM_*` variable is reported once at startup as
 ignored, never dropped silently. The names are those of the NIM's environment-variable reference: 2.3+
 (`NIM_SERVER_*`), 2.0-2.2 (`NIM_*` without `SERVER_`) and 1.x (Triton-based) spellings are all read;
 docs/api.md has the table.
@@ -59,8 +61,22 @@ def _switch_to(flag: str, on: str, off: str | None = None) -> Callable[[str, str
     return convert
 
 
+def _log_level(value: str) -> str:
+    """NIM's levels are Python's upper-cased; NIM 1.x also had DEFAULT (INFO) and TRACE (the most detail)."""
+    word = value.strip().lower()
+    return {"default": "info", "trace": "debug"}.get(word, word)
+
+
 _CERT = _same("ssl-certfile")
 _KEY = _same("ssl-keyfile")
+_CA = _same("ssl-ca-certs")
+_GRPC_MESSAGE = _same("grpc-max-message-bytes")
+#: NIM 1.x's NIM_SSL_MODE: DISABLED (the default there), TLS, or MTLS (client certificates signed by
+#: NIM_SSL_CA_CERTS_PATH).
+SSL_MODES = ("DISABLED", "TLS", "MTLS")
+#: The NIM variables of the TLS files, which NIM_SSL_MODE=DISABLED leaves unused; the CA only serves MTLS.
+_TLS_FILES = ("NIM_SERVER_TLS_CERT_PATH", "NIM_TLS_CERT_PATH", "NIM_SSL_CERTS_PATH", "NIM_SERVER_TLS_KEY_PATH",
+              "NIM_TLS_KEY_PATH", "NIM_SSL_KEY_PATH", "NIM_SSL_CA_CERTS_PATH")
 
 #: NIM variable -> how it becomes openrerank settings (flag name -> value). Newest spelling first.
 NIM_VARIABLES: dict[str, Callable[[str, str], dict[str, str]]] = {
@@ -85,21 +101,14 @@ NIM_VARIABLES: dict[str, Callable[[str, str], dict[str, str]]] = {
     "NIM_SERVER_TLS_KEY_PATH": _KEY,
     "NIM_TLS_KEY_PATH": _KEY,
     "NIM_SSL_KEY_PATH": _KEY,
-    "NIM_LOG_LEVEL": _same("log-level", lambda v: v.strip().lower()),
+    "NIM_SSL_CA_CERTS_PATH": _CA,
+    "NIM_SERVER_GRPC_MAX_DECODING_MESSAGE_BYTES": _GRPC_MESSAGE,
+    "NIM_GRPC_MAX_DECODING_MESSAGE_BYTES": _GRPC_MESSAGE,
+    "NIM_LOG_LEVEL": _same("log-level", _log_level),
     "NIM_JSONL_LOGGING": _switch_to("log-format", "json"),
     "NIM_SERVER_SERVED_MODEL_NAME": _same("served-model-name"),
     "NIM_SERVED_MODEL_NAME": _same("served-model-name"),
 }
-
-#: NIM variables that need no setting here: what they choose is always so in openrerank.
-NIM_NOT_NEEDED = {
-    # TLS is on exactly when a certificate and key are given; mutual TLS is not offered (docs/api.md).
-    "NIM_SSL_MODE": "TLS is on when --ssl-certfile/--ssl-keyfile are set",
-    # The gRPC message limit is --max-body-bytes, as the NIM's own default (the HTTP body limit).
-    "NIM_SERVER_GRPC_MAX_DECODING_MESSAGE_BYTES": "gRPC messages are limited by --max-body-bytes",
-    "NIM_GRPC_MAX_DECODING_MESSAGE_BYTES": "gRPC messages are limited by --max-body-bytes",
-}
-
 
 @dataclass
 class NimEnv:
@@ -110,6 +119,8 @@ class NimEnv:
     ignored: list[str] = field(default_factory=list)  # NIM variables openrerank has nothing for
     shadowed: dict[str, str] = field(default_factory=dict)  # NIM variable -> what won over it
     served_model_name: str | None = None
+    ssl_mode: str | None = None  # NIM_SSL_MODE, upper-cased; None: not set
+    named: dict[str, str] = field(default_factory=dict)  # OPENRERANK_* name -> "NIM_X='value'", for errors
 
     def environ(self, environ: Mapping[str, str]) -> dict[str, str]:
         """`environ` with the NIM-derived OPENRERANK_* variables added (those already set keep their value)."""
@@ -134,14 +145,18 @@ def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
 
     Read in NIM_VARIABLES' order, so a newer spelling wins over an older one of the same setting."""
     out = NimEnv()
-    for name in sorted(k for k in environ if k.startswith("NIM_")):
-        if name in NIM_NOT_NEEDED:
-            out.shadowed[name] = NIM_NOT_NEEDED[name]
-        elif name not in NIM_VARIABLES:
-            out.ignored.append(name)
+    out.ignored = sorted(k for k in environ if k.startswith("NIM_") and k not in NIM_VARIABLES
+                         and k != "NIM_SSL_MODE")
+    mode = environ.get("NIM_SSL_MODE", "").strip().upper()
+    if mode and mode not in SSL_MODES:
+        raise UsageError(f"NIM_SSL_MODE={environ['NIM_SSL_MODE']!r}: expected one of {', '.join(SSL_MODES)}")
+    out.ssl_mode = mode or None
     for name, convert in NIM_VARIABLES.items():
         value = environ.get(name, "")
         if value.strip() == "":
+            continue
+        if name in _TLS_FILES and (mode == "DISABLED" or (mode == "TLS" and convert is _CA)):
+            out.shadowed[name] = f"NIM_SSL_MODE={mode}"
             continue
         flags = []
         for flag, setting in convert(name, value).items():
@@ -159,6 +174,7 @@ def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
                 continue
             else:
                 out.settings[env] = setting
+                out.named[env] = f"{name}={value!r}"
             flags.append(flag)
         if flags:
             out.used[name] = "/--".join(flags)
@@ -170,3 +186,14 @@ def rename_single_model(models: list[str], served_name: str | None) -> list[str]
     if served_name and len(models) == 1 and "=" not in models[0]:
         return [f"{served_name}={models[0]}"]
     return models
+
+
+def check_ssl_mode(mode: str | None, tls: bool, client_certificates: bool) -> None:
+    """NIM_SSL_MODE=TLS or MTLS is a demand: a server that would start without it refuses to start."""
+    if mode == "TLS" and not tls:
+        raise UsageError("NIM_SSL_MODE=TLS needs a certificate and its key: NIM_SSL_CERTS_PATH and "
+                         "NIM_SSL_KEY_PATH (or --ssl-certfile and --ssl-keyfile)")
+    if mode == "MTLS" and not (tls and client_certificates):
+        raise UsageError("NIM_SSL_MODE=MTLS needs a certificate, its key and the clients' CA: NIM_SSL_CERTS_PATH, "
+                         "NIM_SSL_KEY_PATH and NIM_SSL_CA_CERTS_PATH (or --ssl-certfile, --ssl-keyfile and "
+                         "--ssl-ca-certs)")

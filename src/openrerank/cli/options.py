@@ -88,10 +88,11 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option], defa
         groups[opt.group].add_argument(f"--{opt.flag}", **kw)
 
 
-def env_value(opt: Option, environ: Mapping[str, str]) -> Any:
-    """The option's value from its environment variable, or raise UsageError naming the variable."""
+def env_value(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] | None = None) -> Any:
+    """The option's value from its environment variable, or raise UsageError naming the variable (or what
+    `named` says the value came from, e.g. the NIM variable it was translated from)."""
     raw = environ[opt.env_name]
-    shown = f"{opt.env_name}={raw!r}"
+    shown = (named or {}).get(opt.env_name) or f"{opt.env_name}={raw!r}"
     if opt.switch:
         word = raw.strip().lower()
         if word in _TRUE:
@@ -116,14 +117,14 @@ def env_value(opt: Option, environ: Mapping[str, str]) -> Any:
 
 
 def resolve_options(args: argparse.Namespace, options: Iterable[Option], defaults: object,
-                    environ: Mapping[str, str] | None = None) -> None:
+                    environ: Mapping[str, str] | None = None, named: Mapping[str, str] | None = None) -> None:
     """Fill each option absent from `args`: environment variable (if set and not empty), else the default."""
     environ = os.environ if environ is None else environ
     for opt in options:
         if hasattr(args, opt.attr):
             continue
         if opt.env and environ.get(opt.env_name, "") != "":
-            setattr(args, opt.attr, env_value(opt, environ))
+            setattr(args, opt.attr, env_value(opt, environ, named))
         else:
             setattr(args, opt.attr, getattr(defaults, opt.attr, None))
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # uvicorn lines that say nothing to an operator of this server (ours say it better, at the right moment).
 _UVICORN_NOISE = ("Uvicorn running on", "Waiting for application startup", "Application startup complete",

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from openrerank.core.images import ImageLimits
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
 from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
+from openrerank.observe.logs import LOG_LEVELS
 
+#: The largest gRPC message grpc can be told to accept (its channel options are C ints).
+GRPC_MESSAGE_LIMIT = 2**31 - 1
 #: A web origin as browsers send it in `Origin` (RFC 6454): scheme, host, optional port; nothing after.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
@@ -35,8 +40,10 @@ class ServerConfig:
     api_key: str | None = None
     grpc_port: int | None = None  # KServe V2 gRPC beside HTTP (server/grpc); None: off
     grpc_host: str | None = None  # None: `host`
+    grpc_max_message_bytes: int | None = None  # inbound gRPC message limit; None: max_body_bytes
     ssl_certfile: str | None = None  # TLS on HTTP and gRPC: both files or neither
     ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None  # mutual TLS: clients must present a certificate these CAs signed
     metrics_public: bool = False  # with api_key: /v1/metrics stays open (a scraper by pod annotation has no key)
     cors_allow_origins: list[str] = field(default_factory=list)  # browser origins that may call the API; "*": any
     # model loading
@@ -100,9 +107,18 @@ class ServerConfig:
         need(self.grpc_port is None or 0 <= self.grpc_port <= 65535, "grpc-port", "must be 0-65535")
         need((self.ssl_certfile is None) == (self.ssl_keyfile is None), "ssl-certfile",
              "--ssl-certfile and --ssl-keyfile go together")
-        for flag in ("ssl-certfile", "ssl-keyfile"):
+        need(self.ssl_ca_certs is None or self.tls, "ssl-ca-certs", "asks clients for certificates over TLS: "
+             "give --ssl-certfile and --ssl-keyfile too")
+        readable = True
+        for flag in ("ssl-certfile", "ssl-keyfile", "ssl-ca-certs"):
             path = getattr(self, flag.replace("-", "_"))
-            need(path is None or os.access(path, os.R_OK), flag, "not a readable file")
+            ok = path is None or (Path(path).is_file() and os.access(path, os.R_OK))
+            need(ok, flag, "not a readable file")
+            readable &= ok
+        if readable and not problems:
+            problems += self._tls_problems()
+        need(self.grpc_max_message_bytes is None or 1 <= self.grpc_max_message_bytes <= GRPC_MESSAGE_LIMIT,
+             "grpc-max-message-bytes", f"must be 1-{GRPC_MESSAGE_LIMIT} (gRPC's largest)")
         problems += [f"--cors-allow-origin {o!r}: must be '*' or an origin, scheme://host[:port] with no path"
                      for o in self.cors_allow_origins if o != "*" and not _ORIGIN.fullmatch(o)]
         problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
@@ -122,10 +138,33 @@ class ServerConfig:
         need(self.token_cache_mb >= 0, "token-cache-mb", "must be 0 (off) or more")
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
         need(self.max_padding is None or 0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
-        need(self.log_level.lower() in ("critical", "error", "warning", "info", "debug", "trace"), "log-level",
-             "must be one of debug, info, warning, error, critical")
+        need(self.log_level.lower() in LOG_LEVELS, "log-level", f"must be one of {', '.join(LOG_LEVELS)}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _tls_problems(self) -> list[str]:
+        """Load the TLS files as the servers will, so a bad certificate or key is one line now, not a traceback
+        after "listening" (uvicorn and grpc read them only when they start)."""
+        if not self.tls:
+            return []
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=_no_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return [f"--ssl-certfile {self.ssl_certfile!r} / --ssl-keyfile {self.ssl_keyfile!r}: not a certificate "
+                    f"chain and its unencrypted private key, both PEM ({_ssl_reason(exc)})"]
+        if self.ssl_ca_certs is not None:
+            try:
+                context.load_verify_locations(cafile=self.ssl_ca_certs)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                return [f"--ssl-ca-certs {self.ssl_ca_certs!r}: not PEM CA certificates ({_ssl_reason(exc)})"]
+        return []
+
+    @property
+    def grpc_message_bytes(self) -> int:
+        """The inbound gRPC message limit: --grpc-max-message-bytes, else the HTTP body limit (NIM's rule),
+        within what grpc accepts."""
+        return min(self.grpc_max_message_bytes or self.max_body_bytes, GRPC_MESSAGE_LIMIT)
 
     def alias_map(self) -> dict[str, str]:
         """`--alias NAME=SERVED` as {NAME: SERVED}."""
@@ -134,3 +173,12 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.ssl_certfile is not None
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load instead of OpenSSL prompting on the terminal for its passphrase."""
+    raise ValueError("the private key is encrypted")
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or str(exc).strip() or type(exc).__name__

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import sys
 from typing import Any
 
@@ -221,7 +222,8 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
 
     server = DrainingServer(uvicorn.Config(
         app, log_config=None, log_level=config.log_level, access_log=False,
-        ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile, ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if config.ssl_ca_certs else ssl.CERT_NONE,
         timeout_graceful_shutdown=config.graceful_timeout + UVICORN_MARGIN_S,
         http=guarded_protocol(config.header_timeout, config.max_header_bytes)))
 

@@ -27,36 +27,52 @@ def tls(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {"ca": tmp / "ca.pem", "cert": tmp / "cert.pem", "key": tmp / "key.pem"}
+    paths = {"ca": tmp / "ca.pem", "cert": tmp / "cert.pem", "key": tmp / "key.pem",
+             "client.cert": tmp / "client.pem", "client.key": tmp / "client.key"}
     ca.cert_pem.write_to_path(str(paths["ca"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    for i, pem in enumerate(cert.cert_chain_pems):
-        pem.write_to_path(str(paths["cert"]), append=i > 0)
+    for issued, cert_path, key_path in ((cert, "cert", "key"), (ca.issue_cert("client@example.com"),
+                                                                "client.cert", "client.key")):
+        issued.private_key_pem.write_to_path(str(paths[key_path]))
+        for i, pem in enumerate(issued.cert_chain_pems):
+            pem.write_to_path(str(paths[cert_path]), append=i > 0)
     return paths
+
+
+def tls_server(args: list[str], env: dict[str, str], tmp, tls, client_cert: bool = False):
+    """A started server whose HTTP and gRPC are on TLS; `server.ssl`: a client context trusting the test CA
+    (with the client's certificate when `client_cert`)."""
+    grpc_port = free_port()
+    env = {**env, "NIM_SERVER_GRPC_BIND_ADDR": f"127.0.0.1:{grpc_port}"}
+    server = ServerProcess(args, tmp, env=env)
+    server.url = server.url.replace("http://", "https://")
+    server.grpc_url = f"127.0.0.1:{grpc_port}"
+    server.ssl = ssl.create_default_context(cafile=str(tls["ca"]))
+    if client_cert:
+        server.ssl.load_cert_chain(str(tls["client.cert"]), str(tls["client.key"]))
+    deadline = time.monotonic() + 180
+    while True:
+        if server.proc.poll() is not None:
+            server.stop()
+            raise AssertionError(server.output()[-3000:])
+        try:
+            if httpx.get(f"{server.url}/v1/health/ready", verify=server.ssl, timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError(server.output()[-3000:])
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def nim_server(tmp_path_factory, tiny_model_dir, tls):
-    grpc_port = free_port()
-    env = {"NIM_SERVER_SERVED_MODEL_NAME": NEW_ID, "NIM_SERVER_GRPC_BIND_ADDR": f"127.0.0.1:{grpc_port}",
+    env = {"NIM_SERVER_SERVED_MODEL_NAME": NEW_ID,
            "NIM_SERVER_TLS_CERT_PATH": str(tls["cert"]), "NIM_SERVER_TLS_KEY_PATH": str(tls["key"]),
            "NIM_SERVER_REQUEST_TIMEOUT_S": "33", "NIM_TRITON_MAX_BATCH_SIZE": "16",
            "NIM_NOT_A_SETTING_HERE": "1"}
-    server = ServerProcess(["--model", str(tiny_model_dir)], tmp_path_factory.mktemp("nim-env"), env=env)
-    server.url = server.url.replace("http://", "https://")
-    server.grpc_url = f"127.0.0.1:{grpc_port}"
-    server.ssl = ssl.create_default_context(cafile=str(tls["ca"]))
+    server = tls_server(["--model", str(tiny_model_dir)], env, tmp_path_factory.mktemp("nim-env"), tls)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.proc.poll() is None, server.output()[-3000:]
-            try:
-                if httpx.get(f"{server.url}/v1/health/ready", verify=server.ssl, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, server.output()[-3000:]
-            time.sleep(0.2)
         yield server
     finally:
         server.stop()
@@ -99,3 +115,28 @@ def test_tritonclient_over_tls_with_old_and_new_grpc_names(nim_server, tls):
         exc = failure(insecure.infer, "nvidia_llama_nemotron_rerank_1b_v2", ranking_inputs("paris", ["a"]),
                       client_timeout=10)
     assert status_of(exc) in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_nims_mtls_mode_asks_http_and_grpc_clients_for_a_certificate(tmp_path, tiny_model_dir, tls):
+    """NIM_SSL_MODE=MTLS: a client must present a certificate the CA in NIM_SSL_CA_CERTS_PATH signed (before,
+    the server started with plain TLS and said so only in an INFO line)."""
+    env = {"NIM_SSL_MODE": "MTLS", "NIM_SSL_CERTS_PATH": str(tls["cert"]), "NIM_SSL_KEY_PATH": str(tls["key"]),
+           "NIM_SSL_CA_CERTS_PATH": str(tls["ca"])}
+    server = tls_server(["--model", f"tiny={tiny_model_dir}"], env, tmp_path, tls, client_cert=True)
+    try:
+        with httpx.Client(base_url=server.url, verify=server.ssl, timeout=60) as c:
+            assert c.post("/v1/ranking", json=nim_body("paris", ["a", "b"])).status_code == 200
+        no_cert = ssl.create_default_context(cafile=str(tls["ca"]))
+        with pytest.raises(httpx.TransportError):  # the handshake fails (TLS 1.3: at the first read)
+            httpx.get(f"{server.url}/v1/health/live", verify=no_cert, timeout=10)
+        mutual = {"ssl": True, "root_certificates": str(tls["ca"]), "private_key": str(tls["client.key"]),
+                  "certificate_chain": str(tls["client.cert"])}
+        with grpcclient.InferenceServerClient(server.grpc_url, **mutual) as c:
+            assert c.infer("tiny", ranking_inputs("paris", ["a", "b"])).as_numpy("logit").shape == (2, 1)
+        with grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(tls["ca"])) as c:
+            exc = failure(c.infer, "tiny", ranking_inputs("paris", ["a"]), client_timeout=10)
+        assert status_of(exc) in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+        assert "gRPC (KServe V2, NIM's gRPC API) listening on 127.0.0.1" in server.output()
+        assert "(mutual TLS)" in server.output()
+    finally:
+        server.stop()

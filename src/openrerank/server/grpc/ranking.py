@@ -12,7 +12,7 @@ only for models that read images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,16 @@ OUTPUTS: tuple[Output, ...] = (
 def grpc_model_name(model_id: str) -> str:
     """NIM's gRPC model name: the id lowercased, every character but an ASCII letter or digit made `_`."""
     return "".join(c.lower() if c.isascii() and c.isalnum() else "_" for c in model_id)
+
+
+def name_clashes(names: Mapping[str, str]) -> list[str]:
+    """Where NIM's rule gives two served models one gRPC name (`names`: each id or alias -> the served id it
+    means): that name could only reach one of them, so a server with gRPC refuses to start."""
+    by_grpc: dict[str, dict[str, str]] = {}
+    for name, served in names.items():
+        by_grpc.setdefault(grpc_model_name(name), {})[name] = served
+    return [f"{' and '.join(repr(n) for n in group)} share the gRPC model name '{grpc}'"
+            for grpc, group in by_grpc.items() if len(set(group.values())) > 1]
 
 
 def _input_names() -> str:

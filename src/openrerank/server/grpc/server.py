@@ -49,7 +49,7 @@ class GrpcServer:
     async def start(self) -> None:
         config = self.app.state.config
         server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", config.max_body_bytes),
+            ("grpc.max_receive_message_length", config.grpc_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared with another server
         ])
@@ -58,7 +58,10 @@ class GrpcServer:
         try:
             if config.tls:
                 key, cert = Path(config.ssl_keyfile).read_bytes(), Path(config.ssl_certfile).read_bytes()
-                self.port = server.add_secure_port(self.address, grpc.ssl_server_credentials([(key, cert)]))
+                ca = Path(config.ssl_ca_certs).read_bytes() if config.ssl_ca_certs else None
+                credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                          require_client_auth=ca is not None)
+                self.port = server.add_secure_port(self.address, credentials)
             else:
                 self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
@@ -67,7 +70,7 @@ class GrpcServer:
         self._server = server
         self._watch = asyncio.create_task(self._watch_readiness())
         self._drain_watch = asyncio.create_task(self._stop_on_drain())
-        scheme = "TLS" if config.tls else "plaintext"
+        scheme = ("mutual TLS" if config.ssl_ca_certs else "TLS") if config.tls else "plaintext"
         log.info("gRPC (KServe V2, NIM's gRPC API) listening on %s (%s)", self.address, scheme)
 
     async def stop(self) -> None:
