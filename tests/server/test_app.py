@@ -102,6 +102,23 @@ def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_m
         np.testing.assert_allclose(scores, loaded.score("q", short), rtol=0, atol=1e-5)
 
 
+# (path, the keys of its dialect's error body): every route whose body FastAPI parses into a model
+EMPTY_BODY_SHAPES = [("/v1/ranking", {"object", "message", "type"}), ("/v1/rerank", {"message"}),
+                     ("/v2/rerank", {"message"}), ("/v1/score", {"object", "message", "type", "param", "code"}),
+                     ("/score", {"object", "message", "type", "param", "code"}),
+                     ("/v1/embeddings", {"object", "message", "type"}),
+                     ("/v1/embeddings/multi_vector", {"object", "message", "type"})]
+
+
+@pytest.mark.parametrize(("path", "keys"), EMPTY_BODY_SHAPES, ids=[p for p, _ in EMPTY_BODY_SHAPES])
+def test_an_empty_body_is_named_as_such_in_the_dialect_shape(path, keys):
+    """FastAPI reports a missing body at location ("body",): stripped of "body", it read "field '' is required"."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.post(path, content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == keys and r.json()["message"] == "request body is empty: send a JSON object"
+
+
 @pytest.mark.parametrize("public", [False, True])
 def test_metrics_public_opens_the_scrape_route_only(public):
     """With --api-key, a Prometheus that scrapes by pod annotation (no key) needs --metrics-public."""
