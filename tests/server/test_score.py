@@ -7,8 +7,12 @@ import math
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from openrerank.core.requests import RerankResult, ScoreKind, Truncate
+from openrerank.server import http
+from openrerank.server.app import create_app
+from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import score as dialect
 from openrerank.server.errors import ApiError
 from openrerank.wire.score import ScoreRequest
@@ -151,3 +155,21 @@ def test_engine_errors_map_to_vllm_shape():
         "object": "error", "message": "server overloaded", "type": "ServiceUnavailableError", "param": None,
         "code": 503}
     assert dialect.SCORE.response(400, "x", "model_not_found").status_code == 404
+
+
+def test_no_client_error_is_typed_as_a_server_error():
+    """405 and 431 were typed InternalServerError (the table's fallback): every 4xx is a client error type."""
+    for status in range(400, 500):
+        assert dialect.error_type(status) != "InternalServerError", status
+    assert dialect.error_type(400) == dialect.error_type(405) == dialect.error_type(431) == "BadRequestError"
+    assert dialect.error_type(404) == "NotFoundError" and dialect.error_type(500) == "InternalServerError"
+    head = http.headers_too_large(b"POST /v1/score HTTP/1.1\r\nx-pad: aaaa", 8)
+    assert b'"type":"BadRequestError"' in head and b'"code":431' in head
+
+
+def test_a_wrong_method_is_a_client_error_in_vllm_shape():
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        for path in ("/v1/score", "/score"):
+            r = c.put(path, json={})
+            assert_score_error(r, 405)
+            assert r.json()["type"] == "BadRequestError"

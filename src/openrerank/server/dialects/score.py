@@ -21,15 +21,21 @@ from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.score import ScoreError, ScoreRequest, ScoreResponse
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError",
-          413: "BadRequestError", 415: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError",
+#: vLLM's error `type` for the statuses that have their own (the OpenAI SDK's exception names); any other
+#: status is typed by its class (`error_type`), so a client error is never an "InternalServerError".
+_TYPES = {401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError", 429: "RateLimitError",
           503: "ServiceUnavailableError", 504: "TimeoutError"}
+
+
+def error_type(status: int) -> str:
+    """vLLM's error type for a status: its own name, else BadRequestError for a 4xx (vLLM's default type for
+    a client error: 405, 413, 415, 422, 431, ...), InternalServerError for the rest."""
+    return _TYPES.get(status) or ("BadRequestError" if 400 <= status < 500 else "InternalServerError")
 
 
 def score_error_body(status: int, message: str, kind: str) -> dict:
     """vLLM's (OpenAI-style) ErrorResponse."""
-    return {"object": "error", "message": message, "type": _TYPES.get(status, "InternalServerError"),
-            "param": None, "code": status}
+    return {"object": "error", "message": message, "type": error_type(status), "param": None, "code": status}
 
 
 SCORE = register_dialect(Dialect(
