@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -12,6 +14,7 @@ from openrerank.engine.served import ServedModel
 from openrerank.server.app import create_app, route_paths
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import format_validation_errors
+from openrerank.server.middleware import HeadMiddleware
 from openrerank.wire.nim import NimRankingRequest
 from tests.support import nim_body
 
@@ -157,3 +160,41 @@ def test_access_lines_say_why_a_request_failed_which_asset_and_what_was_embedded
     assert "query" in invalid["reason"] and "passages" in invalid["reason"]
     assert asset["route"] == "/docs-assets" and asset["reason"] is None
     assert embedded["texts"] == 2 and embedded["passages"] is None and embedded["reason"] is None
+
+
+def test_every_get_route_answers_head_with_the_gets_status_and_headers(caplog):
+    """RFC 9110 section 9.1: HEAD wherever GET is supported (load balancers probe with it); every GET route
+    answered 405. The OpenAPI document keeps one operation per route (no HEAD twins)."""
+    app = create_app(ServerConfig(models=["default"]), load_models=False)
+    with caplog.at_level("DEBUG", logger="openrerank.access"), TestClient(app) as c:
+        doc = c.get("/openapi.json").json()
+        gets = [p for p, item in doc["paths"].items() if "get" in item]
+        assert {"/health", "/v1/health/live", "/v1/health/ready", "/v1/models", "/info", "/v1/metadata",
+                "/v1/metrics"} <= set(gets)
+        for path in [*gets, "/metrics", "/docs", "/redoc", "/openapi.json"]:
+            got, head = c.get(path), c.head(path)
+            assert head.status_code == got.status_code != 405, path
+            assert head.headers["content-type"] == got.headers["content-type"] and head.content == b"", path
+        for path in ("/v1/health/live", "/v1/models", "/info"):  # answers that do not change between calls
+            assert int(c.head(path).headers["content-length"]) == len(c.get(path).content), path
+        assert c.head("/v1/ranking").status_code == 405  # a POST route: HEAD is refused as GET is
+    assert not any("head" in item for item in doc["paths"].values())
+    assert any(r.fields["method"] == "HEAD" for r in caplog.records if r.name == "openrerank.access")
+
+
+def test_head_middleware_runs_the_get_and_drops_its_body():
+    """The body goes even where no server drops it (uvicorn does; an ASGI server need not)."""
+    seen: list[str] = []
+    sent: list[dict] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    asyncio.run(HeadMiddleware(app)({"type": "http", "method": "HEAD", "path": "/x", "headers": []}, None, send))
+    assert seen == ["GET"]
+    assert sent[0]["headers"] == [(b"content-length", b"5")] and sent[1]["body"] == b""

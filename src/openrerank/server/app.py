@@ -42,6 +42,7 @@ from openrerank.server.middleware import (
     ApiKeyMiddleware,
     BodyGuardMiddleware,
     CatchAllMiddleware,
+    HeadMiddleware,
     MetricsMiddleware,
     RequestLogMiddleware,
     request_id,
@@ -290,7 +291,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     routes = functools.cache(lambda: route_paths(app))
     # Last added runs first: the request log sees every answer (and gives each its x-request-id), the
     # catch-all turns anything unexpected into a 500 in the dialect's shape, metrics see everything, auth
-    # runs before the body is read.
+    # runs before the body is read; HEAD becomes GET innermost, so the log and metrics still say HEAD.
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
                        metrics=app.state.metrics, drain=app.state.drain)
     if config.api_key:

@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware: request log + request id, catch-all, request metrics, API-key auth, body guard
-(size, encoding, slow bodies, client disconnects).
+"""Pure-ASGI middleware: request log + request id, catch-all, request metrics, API-key auth, HEAD as GET, body
+guard (size, encoding, slow bodies, client disconnects).
 
 Each one answers in the error shape of the dialect that owns the path, so a client never sees a
 foreign error body.
@@ -254,6 +254,28 @@ class ApiKeyMiddleware:
         msg = "missing or invalid API key: send 'Authorization: Bearer <key>'"
         resp = dialect_for(scope["path"]).response(401, msg, "auth", headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
+
+
+class HeadMiddleware:
+    """HEAD answered as the same path's GET, with its status and headers and no body: RFC 9110 section 9.1 says a
+    server MUST support HEAD wherever it supports GET, and load balancers probe health with it. FastAPI's routes
+    take only the methods they declare; doing it here covers every GET route at once and keeps the OpenAPI
+    document free of a HEAD twin of each GET operation. A path without GET answers HEAD as it answers GET (405)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class BodyGuardMiddleware:
