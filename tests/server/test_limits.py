@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
@@ -95,8 +96,19 @@ def test_slow_headers_and_bodies_are_cut_off(tmp_path, tiny_model_dir):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\n")  # ... and never the rest
             sock.settimeout(10)
-            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
-            assert sock.recv(4096) == b""  # closed
+            answer = read_all(sock)  # then closed
+            assert answer.startswith(b"HTTP/1.1 408")
+            body = json.loads(answer.split(b"\r\n\r\n", 1)[1])  # in the path's dialect, as the 431 is
+            assert body["object"] == "error" and "--header-timeout" in body["message"], answer
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/rerank HTTP/1.1\r\n")
+            sock.settimeout(10)
+            assert json.loads(read_all(sock).split(b"\r\n\r\n", 1)[1]).keys() == {"message"}  # Cohere's shape
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/ran")  # not even the whole request line: no dialect to answer in
+            sock.settimeout(10)
+            answer = read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 408") and answer.endswith(b"request headers not received in time\n")
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                          b"content-length: 1000\r\n\r\n{\"query\":")  # declares more than it sends

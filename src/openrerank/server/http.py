@@ -1,16 +1,16 @@
 """Run the app under uvicorn the way `openrerank serve` does: header limits, a drain, exit status that tells.
 
-uvicorn has no limit on how long a client may take to send its request headers, so a client that
-trickles them (slowloris) holds a connection for ever. `header_timeout` closes such a connection with a
-408; the body is bounded by the app's BodyGuardMiddleware (`--body-timeout`), idle keep-alive
-connections by uvicorn's own keep-alive timeout. Nor does its httptools protocol bound the size of the
-headers (1 MB, 32 MB headers were read whole): past `max_header_bytes` the connection gets a 431 in the
-path's dialect and is closed, before the parser buffers more. And uvicorn closes a connection as soon as
-a `Connection: close` answer is out, even one sent before the request's body was read (the body guard's
-413 on a declared length): the kernel then resets the connection and a client still sending loses the
-answer. Such a connection is closed gently instead (half-closed, the rest of the body read and dropped,
-bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should still bound connections per client
-(docs/reliability.md).
+uvicorn has no limit on how long a client may take to send its request headers, so a client that trickles them
+(slowloris) holds a connection for ever. `header_timeout` closes such a connection with a 408 (in the path's
+dialect once the request line arrived); the body is bounded by the app's BodyGuardMiddleware
+(`--body-timeout`), idle keep-alive connections by uvicorn's own keep-alive timeout. Nor does its httptools
+protocol bound the size of the headers (1 MB, 32 MB headers were read whole): past `max_header_bytes` the
+connection gets a 431 in the path's dialect and is closed, before the parser buffers more. And uvicorn closes
+a connection as soon as a `Connection: close` answer is out, even one sent before the request's body was read
+(the body guard's 413 on a declared length): the kernel then resets the connection and a client still sending
+loses the answer. Such a connection is closed gently instead (half-closed, the rest of the body read and
+dropped, bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should still bound connections per
+client (docs/reliability.md).
 
 On SIGTERM/SIGINT the app's drain (`server/drain.py`) starts as uvicorn stops accepting connections: every
 accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed.
@@ -51,14 +51,38 @@ LINGER_S = 2.0
 LINGER_MAX_S = 30.0
 
 
+def request_path(head_start: bytes, *, whole_line: bool = False) -> str | None:
+    """The path of the request line that `head_start` begins with (None before its target arrived, or, with
+    `whole_line`, before the line's end: a target cut short may name another dialect's path)."""
+    line, ended, _ = head_start.partition(b"\r\n")
+    target = line.split(b" ")
+    if len(target) < 2 or (whole_line and not ended):
+        return None
+    return target[1].split(b"?", 1)[0].decode("latin-1")
+
+
+def error_answer(status: int, reason: bytes, path: str, message: str, kind: str) -> bytes:
+    """A whole closing response, in the error shape of the dialect owning `path`: for a connection the
+    protocol answers itself, before the app has the request."""
+    body = dumps(dialect_for(path).render(status, message, kind))
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
+            b"\r\n%s" % (status, reason, len(body), body))
+
+
 def headers_too_large(head_start: bytes, limit: int) -> bytes:
     """A whole 431 response, in the error shape of the dialect owning the request's path."""
-    target = head_start.split(b"\r\n", 1)[0].split(b" ")
-    path = target[1].split(b"?", 1)[0].decode("latin-1") if len(target) > 1 else "/"
     message = f"request headers exceed {limit} bytes (--max-header-bytes)"
-    body = dumps(dialect_for(path).render(431, message, "too_large"))
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    return error_answer(431, b"Request Header Fields Too Large", request_path(head_start) or "/", message,
+                        "too_large")
+
+
+def headers_too_slow(head_start: bytes, timeout: float) -> bytes:
+    """A whole 408 response: in the path's dialect once the request line arrived whole, else plain text."""
+    path = request_path(head_start, whole_line=True)
+    if path is None:
+        return _TIMEOUT_408
+    message = f"request headers not received within {timeout:g} s (--header-timeout)"
+    return error_answer(408, b"Request Timeout", path, message, "timeout_headers")
 
 
 class _ClosingGently:
@@ -167,7 +191,7 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             if not self.transport.is_closing():
                 log.info("closing a connection from %s: request headers not received within %g s "
                          "(--header-timeout)", self.client, header_timeout)
-                self.transport.write(_TIMEOUT_408)
+                self.transport.write(headers_too_slow(self._head_start, header_timeout))
                 self.transport.close()
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
