@@ -25,7 +25,7 @@ def infinity_error_body(status: int, message: str, kind: str) -> dict:
 #: Infinity's form of /rerank. It owns no path of its own: the /rerank handler picks it for `documents` bodies.
 INFINITY = Dialect(
     "infinity", (), infinity_error_body,
-    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 400,
+    status_for={"validation": 422, "too_many": 422, "too_long": 422, "too_much_work": 422, "model_not_found": 400,
                 "overloaded": 429, "unavailable": 503, "timeout": 504},
     request_models={"/rerank": InfinityRerankRequest},
 )
