@@ -198,3 +198,14 @@ def test_head_middleware_runs_the_get_and_drops_its_body():
     asyncio.run(HeadMiddleware(app)({"type": "http", "method": "HEAD", "path": "/x", "headers": []}, None, send))
     assert seen == ["GET"]
     assert sent[0]["headers"] == [(b"content-length", b"5")] and sent[1]["body"] == b""
+
+
+@pytest.mark.parametrize("ctype", ["application/jsonl", "application/json5", "application/json-seq", "text/plain",
+                                   "Application/JSON; charset=utf-8", "application/vnd.api+json", ""])
+def test_a_body_of_any_declared_type_is_read_as_json(ctype):
+    """The body guard reads bodies as JSON whatever their type (`curl -d` sends a form type); a prefix test took
+    `application/jsonl` for JSON, so FastAPI passed it on unparsed: 400 "Input should be a valid dictionary"."""
+    headers = {"content-type": ctype} if ctype else {}
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.post("/v1/ranking", content=b'{"passages": [{"text": "a"}]}', headers=headers)
+    assert r.status_code == 400 and r.json()["message"] == "field 'query' is required", r.text

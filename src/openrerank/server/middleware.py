@@ -79,6 +79,14 @@ def route_label(path: str, routes: set[str]) -> str:
     return "unmatched"
 
 
+def is_json_media_type(content_type: bytes) -> bool:
+    """Whether FastAPI reads a body of this type as JSON (application/json or application/*+json, parameters and
+    case aside); the body guard declares any other body JSON. A prefix test let `application/jsonl`, `json5` and
+    `json-seq` through, which FastAPI then handed to the route as bytes ("Input should be a valid dictionary")."""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
 class RequestLogMiddleware:
     """One access line per request (INFO; health and metrics at DEBUG) and an `x-request-id` on every answer:
     the caller's, when it sent a sane one, else a new one. With tracing on, the request's spans as well."""
@@ -339,8 +347,7 @@ class BodyGuardMiddleware:
             resp = dialect.response(400, f"request body is not valid UTF-8 (byte {exc.start})", "validation")
             await resp(scope, receive, send)
             return
-        ctype = headers.get(b"content-type", b"")
-        if not ctype.startswith(b"application/json") and not ctype.endswith(b"+json"):
+        if not is_json_media_type(headers.get(b"content-type", b"")):
             scope = dict(scope)
             scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [_JSON_CT]
         await self._run_watching(scope, body, receive, send)
