@@ -182,7 +182,7 @@ def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) 
         elif typ == "json_invalid":
             ctx = err.get("ctx", {}).get("error", "")
             parts.append(f"request body is not valid JSON: {ctx}".rstrip(": "))
-        elif typ == "missing" and not loc:  # FastAPI's missing body: nothing was sent, or `null`
+        elif typ == "missing" and not loc:  # FastAPI's missing body: nothing was sent
             parts.append("request body is empty: send a JSON object")
         elif typ == "missing":
             parts.append(f"field '{where}' is required")
