@@ -150,6 +150,21 @@ def test_a_client_that_disconnects_frees_its_work(tiny_model_dir):
                                                          "protocol": "http"}) == 1
 
 
+def test_a_client_that_leaves_while_sending_its_body_is_a_499_not_a_500(tiny_model_dir):
+    """Before, the body guard returned without a word and the access log and metrics counted a 500: a
+    client's doing set off server-error alerts."""
+    with InProcessServer(config(tiny_model_dir)) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 1000\r\n\r\n{\"query\": ")
+            until(lambda: server.metric("openrerank_requests_in_flight") == 1, "the request to be read")
+        until(lambda: server.metric("openrerank_client_disconnects_total") == 1, "the disconnect to be seen")
+        statuses = {"route": "/v1/ranking", "protocol": "http"}
+        until(lambda: server.metric("openrerank_requests_total", {**statuses, "status": "499"}) == 1,
+              "the request to be counted as the client's")
+        assert server.metric("openrerank_requests_total", {**statuses, "status": "500"}) == 0
+
+
 @pytest.mark.parametrize("path", ["/v1/ranking", "/v1/score"])
 def test_the_deadline_counts_from_arrival(tiny_model_dir, path):
     """A request that waited (here: for the body) has less time left; the deadline covers everything."""

@@ -325,7 +325,12 @@ class BodyGuardMiddleware:
                        "--body-timeout)")
                 await dialect.response(408, msg, "timeout_body", headers={"Connection": "close"})(scope, receive, send)
                 return
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect":  # gone while sending: the client's doing (499), not a 500
+                request_state(scope)["disconnected"] = True
+                if self.metrics:
+                    self.metrics.disconnects.inc()
+                log.info("client disconnected from %s %s while sending its body (%d bytes arrived)",
+                         scope["method"], scope["path"], size)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
