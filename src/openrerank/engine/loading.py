@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from openrerank.sources.source import ModelSource, parse_model_arg, public_sourc
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.late import LateTextEncoder
 from openrerank.text.prepare import Prepared, TextEncoder
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +134,30 @@ class LoadedModel:
                        *, limits: ImageLimits | None = None, budget: int | None = None,
                        max_chunks_per_passage: int | None = None,
                        max_tokens_per_passage: int | None = None) -> Prepared:
-        """Passages with images (data URLs; None: text only) as work items: every image checked from its bytes
-        and header first, the request priced (images included) against `budget` before a pixel is decoded,
-        then decoded, tiled and tokenized one by one by the family's encoder. The server's and eval's one path."""
+        """Passages with images (data URLs; None: text only) as work items: `open_images`, then decoded, tiled
+        and tokenized one by one by the family's encoder (eval's path; the server runs the encoder a slice at a
+        time, `ServedModel`)."""
+        opened = self.open_images(images, limits=limits, budget=budget)
+        return self.encoder.prepare_images(query, passages, opened, truncate,  # type: ignore[attr-defined]
+                                           max_chunks_per_passage=max_chunks_per_passage,
+                                           max_tokens_per_passage=max_tokens_per_passage)
+
+    def open_images(self, images: Sequence[str | None], *, limits: ImageLimits | None = None,
+                    budget: int | None = None) -> list[Image | None]:
+        """Every image checked from its bytes and header, and the request priced (images included) against
+        `budget`, before a pixel is decoded; the opened images (None: a text-only passage)."""
         if not self.takes_images:
             raise TaskNotSupportedError(f"{self.source.served_id} is a {self.family.id}; it reads text only")
         limits = limits or ImageLimits()
         check_request_size(list(images), limits)
         opened = [open_image(parse_data_url(url, limits, i), limits, i) if url is not None else None
                   for i, url in enumerate(images)]
-        encoder = self.encoder
-        cost = sum(encoder.image_cost(*im.size) for im in opened if im is not None)  # type: ignore[attr-defined]
+        cost = sum(self.encoder.image_cost(*im.size) for im in opened if im is not None)  # type: ignore[attr-defined]
         if budget is not None and cost > budget:
             raise RequestTooLargeError("tokens", cost, budget, "--max-request-tokens",
                                        "each image tile costs its vision patches and placeholder tokens; send "
                                        "fewer or smaller images")
-        return encoder.prepare_images(query, passages, opened, truncate,  # type: ignore[attr-defined]
-                                      max_chunks_per_passage=max_chunks_per_passage,
-                                      max_tokens_per_passage=max_tokens_per_passage)
+        return opened
 
     def embedding_items(self, texts: list[str], truncate: Truncate = Truncate.END,
                         input_type: InputType | None = None) -> list[EmbedItem]:

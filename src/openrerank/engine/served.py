@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.core.images import ImageLimits
+from openrerank.core.images import ImageInputError, ImageLimits
 from openrerank.core.requests import (
     EmbedRequest,
     EmbedResult,
@@ -244,8 +245,8 @@ class ServedModel:
         tokens = chunks = 0
         work = 0.0
         for ri, (r, texts, cap) in enumerate(zip(reqs, passages, chunk_caps, strict=True)):
-            if r.has_images:  # image passages: priced against the token budget before decoding, as one slice
-                part = await asyncio.to_thread(self._prepare_images, r, texts, cap)
+            if r.has_images:  # image passages: priced against the token budget before decoding
+                part = await self._prepare_images(r, texts, cap)
                 tokens += part.prompt_tokens
                 work += self.scheduler.weigh(part.items)
                 out.append(part)
@@ -278,12 +279,32 @@ class ServedModel:
             out.append(Prepared.concat(parts))
         return out
 
-    def _prepare_images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
-        """Image passages, off the event loop, priced against the per-request token budget before decoding."""
+    async def _prepare_images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
+        """Image passages, off the event loop: every image opened and the request priced against the token
+        budget before a pixel is decoded, then decoded a slice (one image) at a time, so a request cancelled
+        (its client gone, its deadline passed) stops after the image in hand, and the worker threads that every
+        model's tokenization shares are never held for a whole request. Each slice lets go of its images as it
+        decodes them, and no list here keeps them: one full-size image is held at a time."""
         assert req.images is not None
-        return self.loaded.prepare_images(req.query, texts, req.images, req.truncate, limits=self.image_limits,
-                                          budget=self.scheduler.request_budget, max_chunks_per_passage=chunk_cap,
-                                          max_tokens_per_passage=req.max_tokens_per_passage)
+        opened = await asyncio.to_thread(self.loaded.open_images, req.images, limits=self.image_limits,
+                                         budget=self.scheduler.request_budget)
+        pending = deque((a, opened[a:b]) for a, b in text_slices(texts, opened))
+        del opened
+        parts: list[tuple[int, Prepared]] = []
+        while pending:
+            start, images = pending.popleft()
+            try:
+                part = await asyncio.to_thread(
+                    self.loaded.encoder.prepare_images, req.query,  # type: ignore[attr-defined]
+                    texts[start : start + len(images)], images, req.truncate, max_chunks_per_passage=chunk_cap,
+                    max_tokens_per_passage=req.max_tokens_per_passage)
+            except InputTooLongError as exc:
+                exc.passage_index += start
+                raise
+            except ImageInputError as exc:
+                raise exc.shifted(start) from None
+            parts.append((start, part))
+        return Prepared.concat(parts)
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
@@ -384,15 +405,19 @@ class ServedModel:
         return meta
 
 
-def text_slices(texts: Sequence[str]) -> list[tuple[int, int]]:
-    """[start, end) ranges of `texts` holding at most SLICE_TEXTS texts or about SLICE_CHARS characters."""
+def text_slices(texts: Sequence[str], images: Sequence[object | None] | None = None) -> list[tuple[int, int]]:
+    """[start, end) ranges of `texts` holding at most SLICE_TEXTS texts or about SLICE_CHARS characters, and
+    with `images` (None: a text-only passage) at most one image, whose decoding is the slow part."""
     out: list[tuple[int, int]] = []
     start = chars = 0
+    pictured = False
     for i, text in enumerate(texts):
-        if i > start and (i - start >= SLICE_TEXTS or chars + len(text) > SLICE_CHARS):
+        image = images is not None and images[i] is not None
+        if i > start and (i - start >= SLICE_TEXTS or chars + len(text) > SLICE_CHARS or (image and pictured)):
             out.append((start, i))
-            start, chars = i, 0
+            start, chars, pictured = i, 0, False
         chars += len(text)
+        pictured |= image
     if start < len(texts):
         out.append((start, len(texts)))
     return out

@@ -137,7 +137,8 @@ class JinaM0Encoder(TemplateTextEncoder):
                        max_chunks_per_passage: int | None = None,
                        max_tokens_per_passage: int | None = None) -> Prepared:
         """`images[i]`: the opened (not yet decoded) image of passage i, or None; decoded, resized and dropped
-        in turn, so at most one full-size image is held at a time."""
+        in turn (its entry set to None, so the caller's list lets go of it too): at most one full-size image is
+        held at a time."""
         if max_tokens_per_passage:
             passages = self.clip_passages(passages, max_tokens_per_passage)
         text_idx = [i for i, im in enumerate(images) if im is None]
@@ -148,10 +149,11 @@ class JinaM0Encoder(TemplateTextEncoder):
             items += prep.items
             owners += [text_idx[o] for o in prep.owners]
         cut = Truncate.END if truncate is Truncate.CHUNK else truncate
-        for idx in (i for i, im in enumerate(images) if im is not None):
+        for idx in [i for i, im in enumerate(images) if im is not None]:
             encoder = self.with_text if passages[idx] else self.image_only
             pair = encoder.runs(query, [passages[idx]])[0]
-            pixels = self.resizer.pixels(decode_image(images[idx], idx), idx)
+            image, images[idx] = images[idx], None
+            pixels = self.resizer.pixels(decode_image(image, idx), idx)
             grid = (pixels.shape[1] // self.resizer.patch) * (pixels.shape[2] // self.resizer.patch)
             tokens = grid // (self.resizer.merge ** 2)
             head = [*self.document_ids, self.start_id, *[self.image_id] * tokens, self.end_id]

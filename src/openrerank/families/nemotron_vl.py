@@ -130,7 +130,8 @@ class VisionPromptEncoder(TemplateTextEncoder):
                        max_chunks_per_passage: int | None = None,
                        max_tokens_per_passage: int | None = None) -> Prepared:
         """`images[i]`: the opened (not yet decoded) image of passage i, or None. Each is decoded, tiled and
-        dropped in turn, so at most one full-size image is held at a time."""
+        dropped in turn (its entry set to None, so the caller's list lets go of it too): at most one full-size
+        image is held at a time."""
         if max_tokens_per_passage:
             passages = self.clip_passages(passages, max_tokens_per_passage)
         text_idx = [i for i, im in enumerate(images) if im is None]
@@ -145,7 +146,8 @@ class VisionPromptEncoder(TemplateTextEncoder):
         runs = self.image_text.runs(query, [passages[i] for i in image_idx])
         tokens = 0
         for idx, pair in zip(image_idx, runs, strict=True):
-            tiles = self.tiling.tiles(decode_image(images[idx], idx))
+            image, images[idx] = images[idx], None
+            tiles = self.tiling.tiles(decode_image(image, idx))
             placeholder = [self.start_id] + [self.context_id] * (self.tokens_per_tile * len(tiles)) + [self.end_id]
             head = [self.tokenizer.bos_token_id, *placeholder]
             ids = self.image_text._fit([(FIXED, head), *pair], cut, idx)[0]

@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openrerank.core.images import ImageLimits
+from openrerank.core.images import ImageLimits, pixel_bound
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
@@ -117,6 +117,8 @@ class ServerConfig:
             readable &= ok
         if readable and not problems:
             problems += self._tls_problems()
+        need(self.max_image_pixels <= pixel_bound(), "max-image-pixels",
+             f"must be at most {pixel_bound()} (Pillow's decompression-bomb bound)")
         need(self.grpc_max_message_bytes is None or 1 <= self.grpc_max_message_bytes <= GRPC_MESSAGE_LIMIT,
              "grpc-max-message-bytes", f"must be 1-{GRPC_MESSAGE_LIMIT} (gRPC's largest)")
         problems += [f"--cors-allow-origin {o!r}: must be '*' or an origin, scheme://host[:port] with no path"

@@ -1,0 +1,51 @@
+"""Image limits (core/images.py): the configured pixel limit is the one that holds, up to Pillow's own bound."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+
+from openrerank.core.images import EncodedImage, ImageInputError, ImageLimits, open_image, pixel_bound
+from openrerank.server.config import ServerConfig
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR (1-bit greyscale), then IEND: opening reads no pixel, so any size is cheap."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_a_pixel_limit_above_pillows_warning_level_is_honoured():
+    """9,500 x 9,500 = 90.25 Mpx is above Pillow's ~89.5 Mpx warning level; before, a limit of 100 Mpx
+    still refused it, saying it was above the limit of 100000000."""
+    image = EncodedImage("PNG", png_header(9500, 9500))
+    assert open_image(image, ImageLimits(max_pixels=100_000_000)).size == (9500, 9500)
+    with pytest.raises(ImageInputError, match="90250000 pixels, above the limit of 90000000") as caught:
+        open_image(image, ImageLimits(max_pixels=90_000_000))
+    assert caught.value.status == 413
+
+
+def test_past_pillows_own_bound_it_is_refused_with_the_limit():
+    side = int(pixel_bound() ** 0.5) + 10
+    with pytest.raises(ImageInputError, match="more pixels than the limit of 36000000") as caught:
+        open_image(EncodedImage("PNG", png_header(side, side)), ImageLimits(), passage_index=2)
+    assert caught.value.status == 413 and str(caught.value).startswith("passage 2: ")
+
+
+def test_no_pixel_limit_above_pillows_bound_is_accepted():
+    with pytest.raises(ValueError, match="max-image-pixels"):
+        ServerConfig(max_image_pixels=pixel_bound() + 1).validate()
+    ServerConfig(max_image_pixels=pixel_bound()).validate()
+
+
+def test_an_error_moves_to_the_requests_passage_index():
+    """The server decodes a request's images a slice at a time; an error names the request's passage."""
+    error = ImageInputError("the image is truncated", passage_index=1, status=400)
+    moved = error.shifted(5)
+    assert (str(moved), moved.passage_index, moved.status) == ("passage 6: the image is truncated", 6, 400)
+    assert str(ImageInputError("x").shifted(3)) == "x"

@@ -1,0 +1,95 @@
+"""A request's image passages as the served model prepares them (engine/served.py `_prepare_images`): decoded a
+slice, one image, at a time, holding one full-size image at a time, and stopping with the request.
+
+A tester found both broken: every decoded image stayed in memory until the request ended (one server reached
+9.4 GB on 8 requests of 38 small 6,000 x 6,000 PNGs), and a request's images were decoded in one worker-thread
+call that neither a disconnect nor the deadline could stop (abandoned decodes kept a core busy for 25 s and
+delayed another model's one-passage request to 119 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+from openrerank.core.requests import RerankRequest
+from openrerank.engine.admission import SchedulerConfig
+from openrerank.engine.errors import DeadlineExceededError
+from openrerank.engine.loading import LoadOptions
+from openrerank.engine.served import load_served_model, text_slices
+from openrerank.families import nemotron_vl
+from openrerank.sources.source import ModelSource
+from tests.families.builders import build_nemotron_vl
+from tests.images import data_url, picture
+
+#: Seconds each decode is made to take in the cancellation test.
+DECODE_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = build_nemotron_vl(tmp_path_factory.mktemp("vl") / "tiny-nemotron-vl")
+    options = LoadOptions(backend="torch", dtype="fp32", threads=1)
+    model = load_served_model(ModelSource("vl", str(model_dir)), options, SchedulerConfig(), None)
+    yield model
+    asyncio.run(model.scheduler.stop())
+
+
+def request(images: int, texts: int = 2) -> RerankRequest:
+    urls = [data_url(picture(64, 48, seed)) for seed in range(images)]
+    passages = [f"passage {i}" for i in range(images + texts)]
+    return RerankRequest("what is on the page", passages, images=(*urls, *[None] * texts))
+
+
+def test_slices_hold_one_image_each():
+    texts = ["a"] * 7
+    assert text_slices(texts, [None, "i", None, "i", "i", None, None]) == [(0, 3), (3, 4), (4, 7)]
+    assert text_slices(texts, [None] * 7) == text_slices(texts) == [(0, 7)]
+
+
+def test_one_full_size_image_is_held_at_a_time(served, monkeypatch):
+    decoded: list[weakref.ref] = []
+    alive_at_each: list[int] = []
+    decode = nemotron_vl.decode_image
+
+    def watching(image, index=None):
+        gc.collect()
+        alive_at_each.append(sum(ref() is not None for ref in decoded))  # opened images decoded earlier
+        decoded.append(weakref.ref(image))
+        return decode(image, index)
+
+    monkeypatch.setattr(nemotron_vl, "decode_image", watching)
+    result = asyncio.run(served.rerank(request(4)))
+    assert len(result.logits) == 6 and np.isfinite(result.logits).all()
+    assert alive_at_each == [0, 0, 0, 0]  # before: [0, 1, 2, 3], every image kept until the request ended
+
+
+def test_a_request_past_its_deadline_stops_decoding(served, monkeypatch):
+    calls: list[float] = []
+    lock = threading.Lock()
+    decode = nemotron_vl.decode_image
+
+    def slow(image, index=None):
+        with lock:
+            calls.append(time.monotonic())
+        time.sleep(DECODE_S)
+        return decode(image, index)
+
+    monkeypatch.setattr(nemotron_vl, "decode_image", slow)
+    images = 12
+    with pytest.raises(DeadlineExceededError):
+        asyncio.run(served.rerank(request(images, texts=0), deadline=time.monotonic() + 2.5 * DECODE_S))
+    ended = time.monotonic()
+    # Showing that decoding stopped needs a window: as long as all the images would have taken, and more.
+    # With the decoding in one call, every image was decoded (before: 12 of 12).
+    deadline = ended + images * DECODE_S + 1.0
+    while time.monotonic() < deadline and len(calls) < images:
+        time.sleep(0.05)
+    assert len(calls) <= 4, f"{len(calls)} of {images} images decoded after the request's deadline passed"
+    assert all(t < ended + 2 * DECODE_S for t in calls)  # none started after the one in hand
