@@ -129,6 +129,14 @@ def test_bad_env_values_name_the_variable():
     _one_line_error(_openrerank("serve", env={"OPENRERANK_LOG_FORMAT": "xml"}), "OPENRERANK_LOG_FORMAT", "json")
 
 
+@pytest.mark.parametrize("flag", ["--batch-wait-ms", "--request-timeout", "--graceful-timeout", "--header-timeout"])
+def test_an_infinite_number_is_refused_before_any_model_loads(flag):
+    """Before, --batch-wait-ms inf served until the first request killed the model's worker for good, and
+    --request-timeout inf was reported as a model that could not load (exit 3)."""
+    err = _one_line_error(_openrerank("serve", flag, "inf"), f"{flag} inf: must be a finite number")
+    assert "loaded" not in err
+
+
 def test_unknown_flag_suggests_the_right_one():
     _one_line_error(_openrerank("serve", "--prot", "9000"), "unknown flag --prot", "did you mean --port?")
     # `openrerank` with serve flags and no subcommand serves, so the same suggestion comes back

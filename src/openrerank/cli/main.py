@@ -54,7 +54,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("ssl-ca-certs", "network", "mutual TLS: CA certificates (PEM); HTTP and gRPC clients must present a "
            "certificate one of them signed (none: no client certificates asked)", metavar="PEM"),
     Option("grpc-max-message-bytes", "network", "largest gRPC request message (RESOURCE_EXHAUSTED above it; none: "
-           "--max-body-bytes)", int),
+           "the HTTP body limit)", int),
     Option("metrics-public", "network", "with an API key set, leave /v1/metrics (and /metrics) open to a "
            "Prometheus that scrapes without the key; keep them off the public network (docs/deploy.md)",
            switch=True),

@@ -10,10 +10,11 @@ and `server/engine_config.py` turns a ServerConfig into those objects.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from openrerank.core.images import ImageLimits, pixel_bound
@@ -133,6 +134,9 @@ class ServerConfig:
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
             value = getattr(self, flag.replace("-", "_"))
             need(value is None or value >= 1, flag, "must be at least 1 (or left unset)")
+        numbers = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)]
+        problems += [f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a finite number" for name in numbers
+                     if not math.isfinite(getattr(self, name))]  # inf overflowed timers and budgets much later
         for flag in ("request-timeout", "header-timeout", "body-timeout"):
             need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
