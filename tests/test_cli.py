@@ -137,6 +137,15 @@ def test_an_infinite_number_is_refused_before_any_model_loads(flag):
     assert "loaded" not in err
 
 
+def test_export_to_a_path_that_is_a_file_is_one_line_before_the_export(tmp_path):
+    """Before: the whole export ran, then a FileExistsError traceback and exit 1."""
+    out = tmp_path / "a-file"
+    out.write_text("hi")
+    _one_line_error(_openrerank("export", "--out", str(out), "--cache-dir", str(tmp_path / "cache")),
+                    "openrerank export: error: --out", "is not a directory")
+    assert not (tmp_path / "cache").exists()  # refused before anything was exported
+
+
 def test_unknown_flag_suggests_the_right_one():
     _one_line_error(_openrerank("serve", "--prot", "9000"), "unknown flag --prot", "did you mean --port?")
     # `openrerank` with serve flags and no subcommand serves, so the same suggestion comes back

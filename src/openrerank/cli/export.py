@@ -8,6 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from openrerank.cli.options import fail
+
+PROG = "openrerank export"
 # Weights and other runtimes' copies stay behind: the ONNX graph replaces them.
 _NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot")
 _NOT_COPIED_DIRS = ("onnx", "openvino", ".cache", ".git")
@@ -34,6 +37,9 @@ def run_export(args: argparse.Namespace) -> int:
     from openrerank.runtimes.selection import RuntimeConfigError
     from openrerank.sources.source import ModelSourceError
 
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():  # found before the export, not after it
+        return fail(PROG, f"--out {out}: exists and is not a directory")
     try:
         source = model_sources([args.model], [args.model_family] if args.model_family else None)[0]
         # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
@@ -51,17 +57,18 @@ def run_export(args: argparse.Namespace) -> int:
             result = ensure_onnx(network, dtype=args.dtype, opset=args.opset, cache_dir=cache_dir)
     except (ModelSourceError, ModelFormatError, ExportError, ConversionError, RuntimeConfigError,
             ValueError) as exc:
-        print(f"openrerank export: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(exc))
     target = result.path
-    if args.out and args.backend == "onnx":
-        target = write_servable_dir(resolved.spec.path, result.path, Path(args.out))
-    elif args.out:  # the IR and its record, as cached (serve reads IRs from the cache)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in result.path.parent.iterdir():
-            shutil.copy2(f, out / f.name)
-        target = out / result.path.name
+    try:
+        if out is not None and args.backend == "onnx":
+            target = write_servable_dir(resolved.spec.path, result.path, out)
+        elif out is not None:  # the IR and its record, as cached (serve reads IRs from the cache)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in result.path.parent.iterdir():
+                shutil.copy2(f, out / f.name)
+            target = out / result.path.name
+    except OSError as exc:
+        return fail(PROG, f"cannot write --out {out}: {exc.strerror or exc}")
     state = "cached" if result.cached else "exported"
     details = result.meta.get("fusions") if args.backend == "onnx" else result.meta.get("quantization", "fp32 IR")
     print(f"{state} ({args.backend} {args.dtype}: {details})", file=sys.stderr, flush=True)
