@@ -165,11 +165,11 @@ def test_over_budget_text_is_refused_before_all_of_it_is_tokenized(tiny_model_di
 
 def test_a_small_request_gets_a_tokenizer_between_the_slices_of_big_ones(tiny_model_dir, monkeypatch):
     """Every tokenizer copy busy with a big request: the big ones are tokenized a slice at a time
-    (engine/served.py text_slices), so a small request gets a copy between two slices instead of waiting for
+    (engine/preparing.py text_slices), so a small request gets a copy between two slices instead of waiting for
     a whole big request's tokenization."""
     import time
 
-    from openrerank.engine.served import SLICE_TEXTS
+    from openrerank.engine.preparing import SLICE_TEXTS
 
     per_text = 0.01  # seconds of tokenization per SLOW text: a slice ~0.64 s, a whole big request ~5 s
     call = PreTrainedTokenizerBase.__call__

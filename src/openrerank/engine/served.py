@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from openrerank.core.images import ImageInputError, ImageLimits
+from openrerank.core.images import ImageLimits
 from openrerank.core.requests import (
     EmbedRequest,
     EmbedResult,
@@ -36,6 +35,7 @@ from openrerank.engine.errors import (
     UnsupportedRequestError,
 )
 from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
+from openrerank.engine.preparing import Preparing, text_slices
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig, ScoreOutcome
 from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.engine.speed_record import SpeedRecord
@@ -45,12 +45,7 @@ from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.runtimes.artifact_cache import model_fingerprint
 from openrerank.sources.source import ModelSource
-from openrerank.text.prepare import InputTooLongError, InstructionError, Prepared
-
-#: A request's texts are tokenized in slices of at most this many texts, or about this many characters
-#: (a longer text is a slice of its own; only its scorable part is tokenized, text/tokenizing.py).
-SLICE_TEXTS = 64
-SLICE_CHARS = 256 * 1024
+from openrerank.text.prepare import InputTooLongError, InstructionError
 
 #: Largest finite float32: what +-inf scores are reported as (JSON has no infinity).
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -186,7 +181,8 @@ class ServedModel:
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
         try:
-            preps = await asyncio.wait_for(self._prepare_all(reqs, passages, chunk_caps),
+            preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits)
+            preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
                                            max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceededError(timeout) from None
@@ -234,77 +230,6 @@ class ServedModel:
         if req.truncate is not Truncate.CHUNK:
             return None
         return asked or min(req.default_chunks_per_passage or limit, limit)
-
-    async def _prepare_all(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
-                           chunk_caps: list[int | None]) -> list[Prepared]:
-        """Tokenize off the loop, a slice of passages at a time (`text_slices`): no worker thread or tokenizer
-        is held for a whole big request, so small requests interleave; a request over its chunk limit or
-        token budget is refused as soon as the slices tokenized so far pass it."""
-        encoder = self.loaded.encoder
-        out: list[Prepared] = []
-        tokens = chunks = 0
-        work = 0.0
-        for ri, (r, texts, cap) in enumerate(zip(reqs, passages, chunk_caps, strict=True)):
-            if r.has_images:  # image passages: priced against the token budget before decoding
-                part = await self._prepare_images(r, texts, cap)
-                tokens += part.prompt_tokens
-                work += self.scheduler.weigh(part.items)
-                out.append(part)
-                continue
-            parts: list[tuple[int, Prepared]] = []
-            # a listwise model reads its passages together (blocks): one slice, folded its own way
-            slices = [(0, len(texts))] if self.loaded.family.listwise else text_slices(texts)
-            for a, b in slices:
-                try:
-                    part = await asyncio.to_thread(encoder.prepare, r.query, texts[a:b], r.truncate,
-                                                   max_chunks_per_passage=cap,
-                                                   max_tokens_per_passage=r.max_tokens_per_passage,
-                                                   instruction=r.instruction)
-                except InputTooLongError as exc:
-                    exc.passage_index += a
-                    raise
-                parts.append((a, part))
-                tokens += part.prompt_tokens
-                work += self.scheduler.weigh(part.items)
-                chunks += part.windows if r.truncate is Truncate.CHUNK else 0
-                partial = b < len(texts) or ri < len(reqs) - 1  # more of the request is still to tokenize
-                if chunks > self.limits.max_chunks_per_request:
-                    raise RequestTooLargeError("chunks", chunks, self.limits.max_chunks_per_request,
-                                               "--max-chunks-per-request", "send fewer or shorter passages, or "
-                                               "ask for fewer chunks per passage", at_least=partial)
-                too_large = self.scheduler.over_budget(tokens, work, partial=partial)
-                if too_large is not None:
-                    self.scheduler.count_rejected(part.items[0].task if part.items else "rerank", "too_large")
-                    raise too_large
-            out.append(Prepared.concat(parts))
-        return out
-
-    async def _prepare_images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
-        """Image passages, off the event loop: every image opened and the request priced against the token
-        budget before a pixel is decoded, then decoded a slice (one image) at a time, so a request cancelled
-        (its client gone, its deadline passed) stops after the image in hand, and the worker threads that every
-        model's tokenization shares are never held for a whole request. Each slice lets go of its images as it
-        decodes them, and no list here keeps them: one full-size image is held at a time."""
-        assert req.images is not None
-        opened = await asyncio.to_thread(self.loaded.open_images, req.images, limits=self.image_limits,
-                                         budget=self.scheduler.request_budget)
-        pending = deque((a, opened[a:b]) for a, b in text_slices(texts, opened))
-        del opened
-        parts: list[tuple[int, Prepared]] = []
-        while pending:
-            start, images = pending.popleft()
-            try:
-                part = await asyncio.to_thread(
-                    self.loaded.encoder.prepare_images, req.query,  # type: ignore[attr-defined]
-                    texts[start : start + len(images)], images, req.truncate, max_chunks_per_passage=chunk_cap,
-                    max_tokens_per_passage=req.max_tokens_per_passage)
-            except InputTooLongError as exc:
-                exc.passage_index += start
-                raise
-            except ImageInputError as exc:
-                raise exc.shifted(start) from None
-            parts.append((start, part))
-        return Prepared.concat(parts)
 
     async def embed(self, req: EmbedRequest, *, deadline: float | None = None) -> EmbedResult:
         """Tokenize off the loop, embed through the same scheduler as reranking (one submission: one
@@ -364,7 +289,7 @@ class ServedModel:
                                total_ms=(time.perf_counter() - t0) * 1e3)
 
     async def _embedding_items(self, req: EmbedRequest) -> list:
-        """The texts' work items, tokenized off the loop a slice at a time (see `_prepare_all`)."""
+        """The texts' work items, tokenized off the loop a slice at a time (engine/preparing.py)."""
         items: list = []
         for a, b in text_slices(req.texts):
             try:
@@ -405,22 +330,6 @@ class ServedModel:
         return meta
 
 
-def text_slices(texts: Sequence[str], images: Sequence[object | None] | None = None) -> list[tuple[int, int]]:
-    """[start, end) ranges of `texts` holding at most SLICE_TEXTS texts or about SLICE_CHARS characters, and
-    with `images` (None: a text-only passage) at most one image, whose decoding is the slow part."""
-    out: list[tuple[int, int]] = []
-    start = chars = 0
-    pictured = False
-    for i, text in enumerate(texts):
-        image = images is not None and images[i] is not None
-        if i > start and (i - start >= SLICE_TEXTS or chars + len(text) > SLICE_CHARS or (image and pictured)):
-            out.append((start, i))
-            start, chars, pictured = i, 0, False
-        chars += len(text)
-        pictured |= image
-    if start < len(texts):
-        out.append((start, len(texts)))
-    return out
 def token_namespace(loaded: LoadedModel) -> bytes:
     """What decides a passage's token vectors besides its token ids: the model's content (a digest of its
     files), family settings, window, engine and precision."""

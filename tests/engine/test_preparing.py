@@ -1,4 +1,4 @@
-"""A request's image passages as the served model prepares them (engine/served.py `_prepare_images`): decoded a
+"""A request's image passages as the served model prepares them (engine/preparing.py `Preparing.images`): decoded a
 slice, one image, at a time, holding one full-size image at a time, and stopping with the request.
 
 A tester found both broken: every decoded image stayed in memory until the request ended (one server reached
@@ -22,7 +22,8 @@ from openrerank.core.requests import RerankRequest
 from openrerank.engine.admission import SchedulerConfig
 from openrerank.engine.errors import DeadlineExceededError
 from openrerank.engine.loading import LoadOptions
-from openrerank.engine.served import load_served_model, text_slices
+from openrerank.engine.preparing import text_slices
+from openrerank.engine.served import load_served_model
 from openrerank.families import nemotron_vl
 from openrerank.sources.source import ModelSource
 from tests.families.builders import build_nemotron_vl
