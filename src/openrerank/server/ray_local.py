@@ -98,6 +98,10 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
+            # Deleting the application first drains it: each replica finishes its requests in flight (up to
+            # --graceful-timeout, the deployment's graceful_shutdown_timeout_s) while the proxy, still up,
+            # delivers their answers. serve.shutdown() alone took the proxy down under them.
+            serve.delete(APP_NAME)
             serve.shutdown()
         finally:
             ray.shutdown()
