@@ -39,6 +39,7 @@ from openrerank.server.ray_serve import (
     REPLICA_HEADER,
     deployment_options,
     parse_args,
+    replica_app,
     replica_problems,
 )
 from tests.support import ServerProcess, nim_body
@@ -128,6 +129,61 @@ def test_the_cli_refuses_bad_replica_settings_before_starting_ray(capsys):
     assert "CPUs" in capsys.readouterr().err
     assert main(["serve", "--replicas", "3", "--max-replicas", "2"]) == 2
     assert "within" in capsys.readouterr().err
+
+
+def test_every_answer_names_the_replica_a_401_and_a_preflight_too():
+    """The replica header was added inside the API-key and CORS middleware, so their answers lacked it."""
+    config = ServerConfig(api_key="k", cors_allow_origins=["https://ok.example"])
+    with TestClient(replica_app(create_app(config, load_models=False), config, "replica-7")) as c:
+        answers = [c.get("/v1/models"), c.get("/v1/models", headers={"Authorization": "Bearer k"}),
+                   c.options("/v1/ranking", headers={"Origin": "https://ok.example",
+                                                     "Access-Control-Request-Method": "POST"}),
+                   c.get("/v1/health/live")]
+    assert [r.status_code for r in answers] == [401, 200, 200, 200]
+    assert [r.headers.get_list(REPLICA_HEADER) for r in answers] == [["replica-7"]] * 4
+
+
+def test_a_request_cancelled_by_serve_is_the_clients_499_not_a_shutdown_503(caplog):
+    """Serve's proxy cancels a request whose client went away (no `http.disconnect` reaches the app). It was
+    answered as a server-side cancellation (a 503, a WARNING) and counted as a 500."""
+    config = ServerConfig()
+    app = replica_app(create_app(config, load_models=False), config, "replica-7")
+    sent: list[dict] = []
+
+    async def main() -> None:
+        waiting = asyncio.Event()
+
+        async def receive() -> dict:  # the body never comes: the request waits in the body guard
+            waiting.set()
+            await asyncio.Event().wait()
+            return {}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/ranking", "raw_path": b"/v1/ranking",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
+                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "http_version": "1.1",
+                 "root_path": "", "app": app}
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(waiting.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level("INFO", logger="openrerank"):
+        asyncio.run(main())
+    assert sent == []  # nothing answered: the client is gone
+    text = _metrics_text(app)
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="499"} 1.0' in text
+    assert "openrerank_client_disconnects_total 1.0" in text
+    assert "client disconnected" in caplog.text and "cancelled by the server" not in caplog.text
+
+
+def _metrics_text(app) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(app.state.metrics.registry).decode()
 
 
 def test_a_dead_scheduler_or_load_error_is_a_health_problem(tiny_model_dir):
@@ -337,9 +393,17 @@ def test_each_answer_names_its_request_id_once(cluster):
         generated = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES))
         given = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES), headers={"x-request-id": "caller-7"})
         refused = c.post("/v1/rerank", json={"query": QUERY}, headers={"x-request-id": "caller-8"})
+        unfit = c.post("/v1/ranking", json=nim_body(QUERY, PASSAGES), headers={"x-request-id": "has space"})
     assert generated.status_code == 200 and len(generated.headers.get_list("x-request-id")) == 1
     assert given.headers.get_list("x-request-id") == ["caller-7"]
     assert refused.status_code == 400 and refused.headers.get_list("x-request-id") == ["caller-8"]
+    # an id the replica finds unfit: Serve's echo only (it was "new-id, has space")
+    assert unfit.status_code == 200 and unfit.headers.get_list("x-request-id") == ["has space"]
+    # the replicas log with openrerank's formatter: the access line's fields (they were dropped)
+    deadline = time.monotonic() + 30  # Ray forwards the replicas' lines to the driver's output in batches
+    while "request_id=caller-7" not in cluster.server.output():
+        assert time.monotonic() < deadline, cluster.server.output()[-2000:]
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

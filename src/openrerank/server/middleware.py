@@ -187,8 +187,8 @@ class CatchAllMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except asyncio.CancelledError:
-            if started:
-                raise  # the answer is under way: the server closes the connection
+            if started or request_state(scope).get("disconnected"):
+                raise  # the answer is under way, or its client is gone (a replica under Ray Serve)
             log.warning("%s %s cancelled by the server before its answer (request id %s); answered 503",
                         scope.get("method"), scope.get("path"), request_id(scope))
             task = asyncio.current_task()

@@ -20,6 +20,7 @@ Serve config files and KubeRay), and `openrerank serve --replicas N` (`openreran
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import asdict, fields
@@ -31,12 +32,13 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from openrerank.engine.served_models import ServedModels
+from openrerank.observe.logs import configure_logging
 from openrerank.observe.metrics import Metrics
 from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import dialect_for
-from openrerank.server.middleware import REQUEST_ID_HEADER
+from openrerank.server.middleware import REQUEST_ID_HEADER, request_id, request_state
 from openrerank.server.ray_router import LeastBusyRouter
 
 log = logging.getLogger(__name__)
@@ -206,12 +208,13 @@ class RayMetricsMirror:
 
 
 class ReplicaMiddleware:
-    """Names the replica on every response, and admits at most `limit` scoring requests (POSTs) at once,
-    counted from arrival, so a burst is refused before it is tokenized, in the dialect's shape."""
+    """Admits at most `limit` scoring requests (POSTs) at once, counted from arrival, so a burst is refused
+    before it is tokenized, in the dialect's shape; and takes a cancellation for what it is under Serve: its
+    proxy cancels a request whose client went away (it delivers no `http.disconnect`), so the request is
+    marked as the client's (499, a disconnect), as a single server marks it, not answered as a shutdown."""
 
-    def __init__(self, app: Any, *, replica: str, limit: int, served: ServedModels, metrics: Metrics) -> None:
+    def __init__(self, app: Any, *, limit: int, served: ServedModels, metrics: Metrics) -> None:
         self.app = app
-        self.header = (REPLICA_HEADER.encode(), replica.encode())
         self.limit = limit
         self.served = served
         self.metrics = metrics
@@ -221,14 +224,18 @@ class ReplicaMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        try:
+            await self._admit(scope, receive, send)
+        except asyncio.CancelledError:
+            request_state(scope)["disconnected"] = True
+            self.metrics.disconnects.inc()
+            log.info("client disconnected from %s %s before its answer; its work was cancelled (request id %s)",
+                     scope["method"], scope["path"], request_id(scope))
+            raise
 
-        async def tagged(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
+    async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["method"] != "POST":
-            await self.app(scope, receive, tagged)
+            await self.app(scope, receive, send)
             return
         if self.inside >= self.limit:
             retry = max((m.scheduler.retry_after for m in self.served.models()), default=1.0)
@@ -238,17 +245,19 @@ class ReplicaMiddleware:
                        "retry later")
             response = dialect_for(scope["path"]).response(503, message, "overloaded",
                                                            {"Retry-After": str(max(1, round(retry)))})
-            await response(scope, receive, tagged)
+            await response(scope, receive, send)
             return
         self.inside += 1
         try:
-            await self.app(scope, receive, tagged)
+            await self.app(scope, receive, send)
         finally:
             self.inside -= 1
 
 
 class BehindServeMiddleware:
-    """Leaves to Serve's HTTP server the response headers that are its to set: `Connection` and `x-request-id`.
+    """Names the replica on every answer (`x-openrerank-replica`; outermost, so a 401 and a CORS preflight
+    carry it too), and leaves to Serve's HTTP server the response headers that are its to set: `Connection`
+    and `x-request-id`.
 
     Under Serve the client's connection belongs to Serve's uvicorn (the proxy's, or the replica's own with
     direct ingress), not to the app. `Connection` is hop-by-hop (RFC 9110 7.6.1), and that uvicorn honours an
@@ -259,26 +268,26 @@ class BehindServeMiddleware:
     given before the body was read (a replica's overload 503). A 408 keeps its `Connection: close`: that
     client sends too slowly to be worth reading past, and Serve's uvicorn would read it for as long as it
     trickles (it has no body timeout of its own). Serve's request-id middleware puts an
-    `x-request-id` on every request that lacks one and the same on its answer, so the app's equal one made
-    it twice (`headers.get` read "id, id"); one the app chose itself, for a caller's id it found unfit, stays."""
+    `x-request-id` on every request that lacks one and the request's on its answer, so the app's made it twice
+    (`headers.get` read "id, id", or "new-id, caller's id" when the app found the caller's unfit and chose its
+    own): the app's copy is always dropped."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, replica: str) -> None:
         self.app = app
+        self.replica = (REPLICA_HEADER.encode(), replica.encode())
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER)
-
-        def serves(status: int, name: bytes, value: bytes) -> bool:
-            return (name == b"connection" and status != 408) or (name == REQUEST_ID_HEADER and value == given)
+        def serves(status: int, name: bytes) -> bool:
+            return (name == b"connection" and status != 408) or name == REQUEST_ID_HEADER
 
         async def hop(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if not serves(status, k.lower(), v)]
-                message = {**message, "headers": headers}
+                headers = [(k, v) for k, v in message.get("headers", []) if not serves(status, k.lower())]
+                message = {**message, "headers": [*headers, self.replica]}
             await send(message)
 
         await self.app(scope, receive, hop)
@@ -286,26 +295,31 @@ class BehindServeMiddleware:
 
 def build_replica_app(config: ServerConfig) -> Any:
     """The openrerank app as one replica serves it (called inside the replica process)."""
-    from starlette.middleware import Middleware
-
-    from openrerank.server.middleware import BodyGuardMiddleware
-
     if not config.threads:
         config.threads = assigned_threads()
     # Replicas share the node's cores: no spinning ORT threads, a tokenizer pool of the same size.
     os.environ.setdefault(SPIN_ENV, "0")
     os.environ.setdefault("RAYON_NUM_THREADS", str(config.threads))
-    # A replica process has no logging set up: openrerank's lines would only reach stderr from WARNING on.
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("openrerank").setLevel(config.log_level.upper())
+    # A replica process has no logging set up: openrerank's own, in --log-format, with every line's fields
+    # (Ray prefixes each line it forwards to the driver with the replica's name).
+    configure_logging(config.log_level, config.log_format)
     metrics = Metrics(mirror=RayMetricsMirror())
-    app = create_app(config, wait_for_models=True, metrics=metrics)
-    gate = Middleware(ReplicaMiddleware, replica=serve.get_replica_context().replica_tag,
-                      limit=admitted_requests(config), served=app.state.models, metrics=metrics)
-    # Inside the metrics and auth middleware (counted, authenticated first), before the body is read.
+    return replica_app(create_app(config, wait_for_models=True, metrics=metrics), config,
+                       serve.get_replica_context().replica_tag)
+
+
+def replica_app(app: Any, config: ServerConfig, replica: str) -> Any:
+    """The app's middleware for a replica: the admission gate and disconnects inside the metrics and auth
+    middleware (counted, authenticated first), before the body is read; Serve's headers outermost."""
+    from starlette.middleware import Middleware
+
+    from openrerank.server.middleware import BodyGuardMiddleware
+
+    gate = Middleware(ReplicaMiddleware, limit=admitted_requests(config), served=app.state.models,
+                      metrics=app.state.metrics)
     position = next(i for i, m in enumerate(app.user_middleware) if m.cls is BodyGuardMiddleware)
     app.user_middleware.insert(position, gate)
-    app.add_middleware(BehindServeMiddleware)  # outermost: it sees every layer's headers
+    app.add_middleware(BehindServeMiddleware, replica=replica)  # outermost: it sees every layer's headers
     return app
 
 
