@@ -154,6 +154,24 @@ def test_unknown_flag_suggests_the_right_one():
     _one_line_error(_openrerank("serve", "--max-pass", "3"), "did you mean --max-passages?")  # no abbreviations
 
 
+def test_a_startup_failure_in_json_logs_is_a_json_line(tmp_path):
+    """--log-format json promises one JSON object a line; a startup failure was a plain-text line after them."""
+    import json
+
+    done = _openrerank("serve", "--log-format", "json", "--model", str(tmp_path / "missing"))
+    assert done.returncode == 2, done.stderr
+    records = [json.loads(line) for line in done.stderr.strip().splitlines()]  # every line is JSON
+    assert records[-1]["level"] == "ERROR" and "openrerank serve: error:" in records[-1]["message"]
+    assert str(tmp_path / "missing") in records[-1]["message"]
+
+
+def test_an_error_of_several_lines_is_printed_as_one(capsys):
+    from openrerank.cli.options import fail
+
+    assert fail("openrerank serve", "cannot reach the hub:\n  offline\n") == 2
+    assert capsys.readouterr().err == "openrerank serve: error: cannot reach the hub: offline\n"
+
+
 def test_cuda_without_a_usable_gpu_fails_at_startup():
     import torch
 

@@ -232,7 +232,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if config.grpc_port is not None:
                 bind_socket(config.grpc_host or config.host, config.grpc_port, "--grpc-host/--grpc-port").close()
     except Exception as exc:  # every startup failure is one line, exit 2
-        return fail(prog, str(exc))
+        return fail(prog, str(exc), log_format=config.log_format)
     if replicated:
         return run_replicas(args, config)
     host, port = sock.getsockname()[:2]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -167,7 +168,13 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def fail(prog: str, message: str, status: int = 2) -> int:
-    """Print a one-line error for `prog` and return the exit status."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def fail(prog: str, message: str, status: int = 2, *, log_format: str = "text") -> int:
+    """Print a one-line error for `prog` (a message of several lines, as some libraries' errors are, joined
+    into one) and return the exit status. With `log_format="json"` (logging configured that way) the line
+    is a log record, so the output stays one JSON object per line."""
+    line = f"{prog}: error: {' '.join(part.strip() for part in message.splitlines() if part.strip())}"
+    if log_format == "json":
+        logging.getLogger("openrerank").error(line)
+    else:
+        print(line, file=sys.stderr)
     return status

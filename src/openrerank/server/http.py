@@ -263,6 +263,9 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
             signal.signal(sig, handler)
     models = app.state.models
     if models.load_error:
-        print(f"openrerank: error: {models.load_error}", file=sys.stderr)
+        if config.log_format == "json":  # already logged as a JSON record by the loader: one format a stream
+            log.error("openrerank: error: %s", models.load_error)
+        else:
+            print(f"openrerank: error: {models.load_error}", file=sys.stderr)
         return EXIT_LOAD_FAILED
     return 0
