@@ -109,6 +109,34 @@ def test_bad_inputs_exit_cleanly(tmp_path: Path, capsys) -> None:
     assert main(["--dataset", str(tmp_path), "--pipelines", "bogus", "--quiet"]) == 2
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--top-k", "-5"), ("--top-k", "0"), ("--limit-queries", "0"),
+                                           ("--limit-queries", "-1"), ("--concurrency", "0")])
+def test_a_count_below_one_is_one_line_naming_its_flag(tiny_beir: Path, flag, value, capsys) -> None:
+    """Before: --top-k -5 was a bm25s traceback, --top-k 0 a table of zeros, --limit-queries 0 every query
+    and -1 all but the last."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--dataset", str(tiny_beir), "--pipelines", "sparse", flag, value, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2 and len(err.splitlines()) == 1
+    assert f"argument {flag}: {value}: must be at least 1" in err
+
+
+def test_argument_mistakes_found_after_parsing_exit_2_too(tiny_beir: Path, tmp_path: Path, capsys) -> None:
+    """They were `raise SystemExit(message)`: one line, but exit status 1."""
+    assert main(["--dataset", str(tiny_beir), "--runs", str(tmp_path / "none.trec"), "--quiet"]) == 2
+    assert "--runs" in capsys.readouterr().err
+    twice = ["--dataset", str(tiny_beir), "--dataset", str(tiny_beir)]
+    assert main([*twice, "--split", "test", "--split", "test", "--split", "test", "--quiet"]) == 2
+    assert "give --split once or once per --dataset" in capsys.readouterr().err
+
+
+def test_a_dataset_with_nothing_to_evaluate_is_one_line(tmp_path: Path, make_beir, capsys) -> None:
+    """No query judged above 0: it was a ranx traceback (max() of an empty sequence)."""
+    folder = make_beir(tmp_path / "unjudged", qrels=[])
+    assert main(["--dataset", str(folder), "--pipelines", "sparse", "--quiet"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
 def test_missing_eval_extra_is_one_line_naming_the_install_command(tiny_beir: Path, monkeypatch, capsys) -> None:
     import sys
 

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from openrerank.cli.options import at_least_one
 from openrerank.runtimes.base import LANES_ENV, default_threads, lanes_text
 from openrerank.runtimes.selection import LANED_RUNTIMES
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
@@ -399,8 +400,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", default="runs/bm25_top100.trec.gz", help="TREC run giving each query's candidates")
     p.add_argument("--model", choices=MODELS, default="cross-encoder",
                    help="the MiniLM-L6 cross-encoder shape, or the embedded default bi-encoder")
-    p.add_argument("--queries", type=int, default=None, help="use the first N queries (default: all; llm: 1)")
-    p.add_argument("--passages", type=int, default=None, help="passages per request (default 100; llm: 32)")
+    p.add_argument("--queries", type=at_least_one, default=None, help="use the first N queries (default: all; llm: 1)")
+    p.add_argument("--passages", type=at_least_one, default=None, help="passages per request (default 100; llm: 32)")
     p.add_argument("--backends", default=None, help="comma-separated BACKEND:DTYPE list (default: "
                    f"{','.join(DEFAULT_CONFIGS)}; llm: torch:fp32,torch:bf16)")
     p.add_argument("--lanes", default=None, help="comma-separated lane counts (e.g. 1,2): each OpenVINO and ONNX "

@@ -9,7 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
-from openrerank.cli.options import DefaultsHelpFormatter
+from openrerank.cli.options import DefaultsHelpFormatter, UsageError, at_least_one, fail
 from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM
 from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
 
@@ -36,12 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--runs", nargs="+", action="extend", default=[], metavar="FILE",
                       help="existing TREC run files to score and rerank (a file inside a dataset folder belongs to "
                            "that dataset; otherwise give exactly one --dataset)")
-    data.add_argument("--limit-queries", type=int, metavar="N", help="evaluate only the first N queries (quick runs)")
+    data.add_argument("--limit-queries", type=at_least_one, metavar="N",
+                      help="evaluate only the first N queries (quick runs)")
 
     pipe = p.add_argument_group("pipelines")
     pipe.add_argument("--pipelines", default=",".join(ALL_PIPELINES),
                       help=f"comma-separated rows (default: {','.join(ALL_PIPELINES)}; `all` = the same)")
-    pipe.add_argument("--top-k", type=int, default=100, help="candidates per query from each first stage")
+    pipe.add_argument("--top-k", type=at_least_one, default=100, help="candidates per query from each first stage")
     pipe.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Anserini default 0.9)")
     pipe.add_argument("--b", type=float, default=0.4, help="BM25 b (Anserini default 0.4)")
     pipe.add_argument("--stemmer", default="porter",
@@ -56,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="with --server: the served embedding model for the dense stage (default: the first)")
     pipe.add_argument("--fusion", choices=("rrf", "wsum"), default="rrf",
                       help="hybrid fusion: reciprocal rank fusion or min-max normalized weighted sum (ranx)")
-    pipe.add_argument("--rrf-k", type=int, default=60, help="RRF constant")
+    pipe.add_argument("--rrf-k", type=at_least_one, default=60, help="RRF constant")
     pipe.add_argument("--dense-weight", type=float, default=0.5, help="wsum weight of the dense scores")
 
     rr = p.add_argument_group("reranking")
@@ -68,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="rerank through a running server's NIM /v1/ranking instead, and embed the dense stage "
                           "with its /v1/embeddings when it serves an embedding model (see --dense-from)")
     rr.add_argument("--server-model", metavar="NAME", help="`model` field sent to the server")
-    rr.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server")
+    rr.add_argument("--concurrency", type=at_least_one, default=8, help="requests in flight with --server")
     rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
                     help="auto: a bi-encoder reranker scores from passage embeddings computed once per passage "
                          "(same numbers as the served model); score: call the served model's scorer per "
@@ -124,7 +125,7 @@ def _per_dataset(values: list | None, n: int, default, flag: str) -> list:
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise SystemExit(f"openrerank eval: give {flag} once or once per --dataset ({n} times)")
+        raise UsageError(f"give {flag} once or once per --dataset ({n} times)")
     return list(values)
 
 
@@ -134,12 +135,12 @@ def _assign_runs(datasets: list[Path], runs: list[str]) -> list[list[Path]]:
     for r in runs:
         path = Path(r).expanduser()
         if not path.is_file():
-            raise SystemExit(f"openrerank eval: --runs {r}: no such file")
+            raise UsageError(f"--runs {r}: no such file")
         owners = [i for i, root in enumerate(roots) if root in path.resolve().parents]
         if not owners and len(datasets) == 1:
             owners = [0]
         if not owners:
-            raise SystemExit(f"openrerank eval: --runs {r} is outside every --dataset folder; "
+            raise UsageError(f"--runs {r} is outside every --dataset folder; "
                              "with several datasets a run file must live in its dataset's folder")
         out[owners[0]].append(path)
     return out
@@ -168,9 +169,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"openrerank eval: {exc}", file=sys.stderr)
         return 2
     dirs = [Path(d).expanduser() for d in args.dataset]
-    splits = _per_dataset(args.split, len(dirs), "test", "--split")
-    thresholds = _per_dataset(args.rel_threshold, len(dirs), 1, "--rel-threshold")
-    run_files = _assign_runs(dirs, args.runs)
+    try:
+        splits = _per_dataset(args.split, len(dirs), "test", "--split")
+        thresholds = _per_dataset(args.rel_threshold, len(dirs), 1, "--rel-threshold")
+        run_files = _assign_runs(dirs, args.runs)
+    except UsageError as exc:
+        return fail("openrerank eval", str(exc))
     off = ("", "none", "off")
     config = EvalConfig(
         pipelines=pipelines,

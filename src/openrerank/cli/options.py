@@ -130,6 +130,17 @@ def resolve_options(args: argparse.Namespace, options: Iterable[Option], default
             setattr(args, opt.attr, getattr(defaults, opt.attr, None))
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (else argparse's one-line error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 class SuggestingParser(argparse.ArgumentParser):
     """argparse with 'did you mean --port?' for unknown flags, reported by the (sub)command they belong to.
 

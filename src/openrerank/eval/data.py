@@ -149,7 +149,11 @@ def load_dataset(path: str | Path, split: str = "test", *, limit_queries: int | 
     missing = [q for q in qids if q not in all_queries]
     if missing:
         raise DatasetError(f"{folder}: {len(missing)} qrels query ids absent from queries.jsonl, e.g. {missing[0]}")
-    if limit_queries:
+    if not qids:
+        raise DatasetError(f"{folder}: no query has a judgement above 0 in qrels/{split}.tsv: nothing to evaluate")
+    if limit_queries is not None:
+        if limit_queries < 1:
+            raise DatasetError(f"limit_queries {limit_queries}: must be at least 1")
         qids = qids[:limit_queries]
     return Dataset(
         name=folder.resolve().name,
