@@ -180,6 +180,36 @@ def test_passages_must_not_be_one_string():
 # -- embeddings ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("answer", [{"text": "<html>oops</html>"}, {"json": {"unexpected": True}},
+                                    {"json": {"rankings": [{"index": 7, "logit": 1.0}]}}])
+def test_an_answer_that_is_not_the_routes_is_a_rerank_error(answer):
+    """A proxy's page or another service on the port answering 200: it was a JSONDecodeError or KeyError."""
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, **answer))
+    client = openrerank.Client("http://x", transport=transport)
+    for call in (lambda: client.rerank("q", ["a"]), lambda: client.embed(["a"]), client.models):
+        with pytest.raises(openrerank.RerankError, match="unexpected answer") as caught:
+            call()
+        assert caught.value.status == 200
+
+    async def main() -> None:
+        async with openrerank.AsyncClient("http://x", transport=transport) as aclient:
+            with pytest.raises(openrerank.RerankError, match="unexpected answer"):
+                await aclient.rerank("q", ["a"])
+
+    asyncio.run(main())
+
+
+def test_a_negative_top_n_is_refused_before_sending():
+    """It sliced `out[:-1]`, dropping the last passage."""
+    sent = []
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(lambda r: sent.append(r) or
+                                                                         httpx.Response(200, json=OK)))
+    with pytest.raises(ValueError, match="top_n -1"):
+        client.rerank("q", ["a", "b"], top_n=-1)
+    assert sent == []
+    assert len(client.rerank("q", ["a", "b"], top_n=0)) == 2  # 0: every passage, as Cohere's 0
+
+
 def test_embed_sync_and_async_against_the_default_server(default_server):
     import numpy as np
 

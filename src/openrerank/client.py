@@ -22,9 +22,9 @@ import base64
 import email.utils
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
@@ -34,6 +34,7 @@ EmbedTruncation = Literal["NONE", "START", "END"]
 InputType = Literal["query", "passage"]
 RETRY_STATUSES = frozenset({429, 503})
 _MAX_WAIT = 60.0
+T = TypeVar("T")
 
 
 class RerankError(Exception):
@@ -112,9 +113,12 @@ class _Base:
         return min(wait, _MAX_WAIT)
 
     @staticmethod
-    def _ranking_body(query: str, passages: Sequence[str], model: str | None, truncate: str) -> dict:
+    def _ranking_body(query: str, passages: Sequence[str], model: str | None, truncate: str,
+                      top_n: int | None = None) -> dict:
         if isinstance(passages, str):
             raise TypeError("passages must be a sequence of strings, not one string")
+        if top_n is not None and top_n < 0:
+            raise ValueError(f"top_n {top_n}: give 0 or None (every passage) or a positive count")
         body: dict[str, Any] = {"query": {"text": query}, "passages": [{"text": p} for p in passages],
                                 "truncate": truncate}
         if model is not None:
@@ -145,6 +149,16 @@ class _Base:
         vecs = [np.frombuffer(base64.b64decode(r["embedding"]), dtype="<f4") if isinstance(r["embedding"], str)
                 else np.asarray(r["embedding"], dtype=np.float32) for r in rows]
         return np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), dtype=np.float32)
+
+    @staticmethod
+    def _answer(response: httpx.Response, read: Callable[[Any], T]) -> T:
+        """`read` applied to a successful answer's JSON. An answer that is not the route's (a proxy's HTML page,
+        another service on the port) is a RerankError like any failure, not a JSONDecodeError or KeyError."""
+        try:
+            return read(response.json())
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise RerankError(f"unexpected answer from {response.request.url} ({type(exc).__name__}: {exc})",
+                              response.status_code, _json_or_text(response)) from None
 
     @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
@@ -192,8 +206,8 @@ class Client(_Base):
     def rerank(self, query: str, passages: Sequence[str], model: str | None = None, top_n: int | None = None,
                truncate: Truncation = "END") -> list[RerankResult]:
         """Passages best-first (at most `top_n`); truncate NONE (over-long fails), END or CHUNK."""
-        body = self._ranking_body(query, passages, model, truncate)
-        return self._results(self._send("POST", "/v1/ranking", body).json(), passages, top_n)
+        body = self._ranking_body(query, passages, model, truncate, top_n)
+        return self._answer(self._send("POST", "/v1/ranking", body), lambda d: self._results(d, passages, top_n))
 
     def embed(self, texts: Sequence[str], model: str | None = None, *, input_type: InputType | None = None,
               truncate: EmbedTruncation = "END", dimensions: int | None = None) -> np.ndarray:
@@ -202,11 +216,11 @@ class Client(_Base):
         `input_type` ("query" or "passage") applies the model's prompt for that side, if it has one;
         `model` defaults to the first served embedding model; truncate NONE makes an over-long text fail."""
         body = self._embeddings_body(texts, model, input_type, truncate, dimensions)
-        return self._vectors(self._send("POST", "/v1/embeddings", body).json())
+        return self._answer(self._send("POST", "/v1/embeddings", body), self._vectors)
 
     def models(self) -> list[str]:
         """Ids of the served models (the first is the default)."""
-        return [m["id"] for m in self._send("GET", "/v1/models").json()["data"]]
+        return self._answer(self._send("GET", "/v1/models"), lambda d: [m["id"] for m in d["data"]])
 
     def health(self) -> bool:
         """True once every model is loaded; False while loading (no retries)."""
@@ -254,19 +268,19 @@ class AsyncClient(_Base):
 
     async def rerank(self, query: str, passages: Sequence[str], model: str | None = None,
                      top_n: int | None = None, truncate: Truncation = "END") -> list[RerankResult]:
-        body = self._ranking_body(query, passages, model, truncate)
+        body = self._ranking_body(query, passages, model, truncate, top_n)
         response = await self._send("POST", "/v1/ranking", body)
-        return self._results(response.json(), passages, top_n)
+        return self._answer(response, lambda d: self._results(d, passages, top_n))
 
     async def embed(self, texts: Sequence[str], model: str | None = None, *, input_type: InputType | None = None,
                     truncate: EmbedTruncation = "END", dimensions: int | None = None) -> np.ndarray:
         body = self._embeddings_body(texts, model, input_type, truncate, dimensions)
         response = await self._send("POST", "/v1/embeddings", body)
-        return self._vectors(response.json())
+        return self._answer(response, self._vectors)
 
     async def models(self) -> list[str]:
         response = await self._send("GET", "/v1/models")
-        return [m["id"] for m in response.json()["data"]]
+        return self._answer(response, lambda d: [m["id"] for m in d["data"]])
 
     async def health(self) -> bool:
         response = await self._send("GET", "/v1/health/ready", ok=(200, 503))
