@@ -94,3 +94,22 @@ def test_a_request_past_its_deadline_stops_decoding(served, monkeypatch):
         time.sleep(0.05)
     assert len(calls) <= 4, f"{len(calls)} of {images} images decoded after the request's deadline passed"
     assert all(t < ended + 2 * DECODE_S for t in calls)  # none started after the one in hand
+
+
+def test_an_error_in_a_later_slice_names_the_requests_passage(served):
+    """Each image is prepared in a slice of its own; an error there must name the passage's index in the
+    request, not in its slice (`Preparing.images` shifts it)."""
+    import base64
+    import io
+
+    from openrerank.core.images import ImageInputError
+
+    buf = io.BytesIO()
+    picture(64, 48, 9).save(buf, format="PNG")
+    # a PNG cut short: its header opens (checked before slicing), its pixels fail to decode, in the third slice
+    broken = "data:image/png;base64," + base64.b64encode(buf.getvalue()[: len(buf.getvalue()) // 2]).decode()
+    req = request(3)
+    req = RerankRequest(req.query, req.passages, images=(*req.images[:2], broken, *req.images[3:]))
+    with pytest.raises(ImageInputError) as caught:
+        asyncio.run(served.rerank(req))
+    assert caught.value.passage_index == 2 and str(caught.value).startswith("passage 2: ")
