@@ -144,6 +144,22 @@ def test_export_to_a_path_that_is_a_file_is_one_line_before_the_export(tmp_path)
     _one_line_error(_openrerank("export", "--out", str(out), "--cache-dir", str(tmp_path / "cache")),
                     "openrerank export: error: --out", "is not a directory")
     assert not (tmp_path / "cache").exists()  # refused before anything was exported
+    _one_line_error(_openrerank("export", "--out", str(out / "sub"), "--cache-dir", str(tmp_path / "cache")),
+                    f"--out {out / 'sub'}: {out} is not a directory")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_export_that_cannot_write_its_copy_is_one_line(tmp_path):
+    """A failure only writing shows (here a folder where model.onnx goes) ends in one line, exit 2, after the
+    export, which stays cached."""
+    out = tmp_path / "out"
+    (out / "model.onnx").mkdir(parents=True)
+    model = build_tiny_model(tmp_path / "m")
+    err = _one_line_error(_openrerank("export", "--model", str(model), "--out", str(out),
+                                      "--cache-dir", str(tmp_path / "cache")),
+                          f"openrerank export: error: cannot write --out {out}: ")
+    assert "exported (onnx fp32" not in err
+    assert list((tmp_path / "cache").rglob("model.onnx"))  # the export itself was done and kept
 
 
 def test_unknown_flag_suggests_the_right_one():
@@ -163,6 +179,21 @@ def test_a_startup_failure_in_json_logs_is_a_json_line(tmp_path):
     records = [json.loads(line) for line in done.stderr.strip().splitlines()]  # every line is JSON
     assert records[-1]["level"] == "ERROR" and "openrerank serve: error:" in records[-1]["message"]
     assert str(tmp_path / "missing") in records[-1]["message"]
+
+
+def test_a_model_that_fails_to_load_in_json_logs_exits_3_with_json_lines(tmp_path):
+    """The load failure's last line is printed after the server stops; under --log-format json it must be a
+    JSON record too, and the loader's own error record must not be doubled in text."""
+    import json
+
+    model = build_tiny_model(tmp_path / "m")
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    done = _openrerank("serve", "--log-format", "json", "--model", str(model), "--port", "0", "--backend", "torch")
+    assert done.returncode == 3, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stderr.strip().splitlines()]  # every line is JSON
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert "could not be loaded" in errors[0]["message"]
+    assert errors[-1]["message"].startswith("openrerank: error: ") and "could not be loaded" in errors[-1]["message"]
 
 
 def test_an_error_of_several_lines_is_printed_as_one(capsys):

@@ -4,6 +4,8 @@ building an image."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,15 +18,33 @@ _NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.m
 _NOT_COPIED_DIRS = ("onnx", "openvino", ".cache", ".git")
 
 
+def _copy_file(src: str | Path, dst: str | Path) -> None:
+    """shutil.copy2 into exactly `dst`: given a folder there, copy2 would write inside it and report success."""
+    if Path(dst).is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(dst))
+    shutil.copy2(src, dst)
+
+
 def write_servable_dir(model_dir: Path, onnx_file: Path, out: Path) -> Path:
     """`out` = model.onnx + export.json + the model's config, tokenizer and sentence-transformers files:
     a directory `serve --model` runs with ONNX Runtime alone (no PyTorch), e.g. in a container image."""
     out.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns(*_NOT_COPIED, *_NOT_COPIED_DIRS)
-    shutil.copytree(model_dir, out, ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(model_dir, out, ignore=ignore, dirs_exist_ok=True, copy_function=_copy_file)
     for f in onnx_file.parent.iterdir():
-        shutil.copy2(f, out / f.name)
+        _copy_file(f, out / f.name)
     return out / onnx_file.name
+
+
+def _not_a_directory(out: Path) -> str | None:
+    """Why `out` cannot be (made) a directory: it, or the nearest of its parents that exists, is something
+    else. Other failures (permissions, a full disk) show only when writing, after the export."""
+    for path in (out, *out.parents):
+        if path.is_dir():
+            return None
+        if path.exists():
+            return "exists and is not a directory" if path == out else f"{path} is not a directory"
+    return None
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -38,8 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
     from openrerank.sources.source import ModelSourceError
 
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not out.is_dir():  # found before the export, not after it
-        return fail(PROG, f"--out {out}: exists and is not a directory")
+    if out is not None and (problem := _not_a_directory(out)):  # found before the export, not after it
+        return fail(PROG, f"--out {out}: {problem}")
     try:
         source = model_sources([args.model], [args.model_family] if args.model_family else None)[0]
         # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
@@ -65,7 +85,7 @@ def run_export(args: argparse.Namespace) -> int:
         elif out is not None:  # the IR and its record, as cached (serve reads IRs from the cache)
             out.mkdir(parents=True, exist_ok=True)
             for f in result.path.parent.iterdir():
-                shutil.copy2(f, out / f.name)
+                _copy_file(f, out / f.name)
             target = out / result.path.name
     except OSError as exc:
         return fail(PROG, f"cannot write --out {out}: {exc.strerror or exc}")
