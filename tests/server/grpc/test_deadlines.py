@@ -63,6 +63,18 @@ def test_the_clients_deadline_is_honoured(slow_server):
     until(lambda: idle(slow_server), "the queue to empty")
 
 
+def test_a_triton_timeout_parameter_is_honoured_and_named(slow_server):
+    """Triton's `timeout` request parameter (microseconds) shortens the deadline; the answer names it, not
+    the server's --request-timeout, which the caller did not hit."""
+    before = abandoned(slow_server)
+    with grpcclient.InferenceServerClient(slow_server.grpc_url) as c:
+        exc = failure(c.infer, MODEL, ranking_inputs("river", LONG), timeout=500_000)
+    assert status_of(exc) == "DEADLINE_EXCEEDED"
+    assert "timed out after 0.5 s (the call's `timeout` parameter)" in exc.message(), exc.message()
+    until(lambda: abandoned(slow_server) == before + 1, "the server to give the work up")
+    until(lambda: idle(slow_server), "the queue to empty")
+
+
 def test_a_cancelled_call_leaves_the_queue(slow_server):
     before_disconnects = metric(slow_server, "openrerank_client_disconnects_total")
     before = abandoned(slow_server)

@@ -20,7 +20,7 @@ import grpc
 
 from openrerank import __version__
 from openrerank.core.images import ImageInputError
-from openrerank.engine.errors import UnknownModelError
+from openrerank.engine.errors import DeadlineExceededError, UnknownModelError
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
@@ -149,7 +149,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = self.models.get(served_id)
         if req.has_images:
             self.models.check_images(model)
-        result = (await model.rerank_many([req], deadline=self._deadline(arrival, context, parameters)))[0]
+        deadline, by_parameter = self._deadline(arrival, context, parameters)
+        try:
+            result = (await model.rerank_many([req], deadline=deadline))[0]
+        except DeadlineExceededError:
+            if not by_parameter:
+                raise
+            raise _Abort(Code.DEADLINE_EXCEEDED, f"request timed out after {deadline - arrival:g} s (the call's "
+                         "`timeout` parameter)") from None
         t = result.timings
         usage.update(model=model.name, passages=len(req.passages), tokens=result.prompt_tokens,
                      queue_ms=t.queue_ms, inference_ms=t.inference_ms)
@@ -184,16 +191,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise _Abort(Code.NOT_FOUND, f"model version '{safe_text(version, 100)}' is not served; "
                          "the only version is 1 (or leave it empty)")
 
-    def _deadline(self, arrival: float, context: grpc.aio.ServicerContext, parameters: dict[str, Any]) -> float:
-        """The soonest of --request-timeout, the client's gRPC deadline and a Triton `timeout` parameter (µs)."""
+    def _deadline(self, arrival: float, context: grpc.aio.ServicerContext,
+                  parameters: dict[str, Any]) -> tuple[float, bool]:
+        """The soonest of --request-timeout, the client's gRPC deadline and a Triton `timeout` parameter (µs),
+        and whether the parameter set it (a timeout then names the parameter, not the server's flag)."""
         deadline = arrival + self.config.request_timeout
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining)
         timeout_us = parameters.get("timeout")
-        if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
-            deadline = min(deadline, arrival + timeout_us / 1e6)
-        return deadline
+        if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and 0 < timeout_us:
+            by_parameter = arrival + timeout_us / 1e6
+            if by_parameter < deadline:
+                return by_parameter, True
+        return deadline, False
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         if self._key is None:
