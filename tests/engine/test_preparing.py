@@ -83,10 +83,13 @@ def test_a_request_past_its_deadline_stops_decoding(served, monkeypatch):
         return decode(image, index)
 
     monkeypatch.setattr(nemotron_vl, "decode_image", slow)
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(served.scheduler, "count_rejected", lambda task, reason: counted.append((task, reason)))
     images = 12
     with pytest.raises(DeadlineExceededError):
         asyncio.run(served.rerank(request(images, texts=0), deadline=time.monotonic() + 2.5 * DECODE_S))
     ended = time.monotonic()
+    assert counted == [("rerank", "deadline")]  # in openrerank_rejected_total, as a deadline passed in the queue
     # Showing that decoding stopped needs a window: as long as all the images would have taken, and more.
     # With the decoding in one call, every image was decoded (before: 12 of 12).
     deadline = ended + images * DECODE_S + 1.0

@@ -184,7 +184,8 @@ class ServedModel:
             preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits)
             preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
                                            max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
+        except TimeoutError:  # counted as the scheduler counts a deadline passed in its queue
+            self.scheduler.count_rejected("listwise" if self.loaded.family.listwise else "rerank", "deadline")
             raise DeadlineExceededError(timeout) from None
         t1 = time.perf_counter()
         outcome = await self.scheduler.submit([it for p in preps for it in p.items], timeout=timeout,
@@ -264,8 +265,8 @@ class ServedModel:
         tokens, timings = self._embedded(items, outcome, tokenize_ms, t0)
         return MultiVectorResult(self.name, vectors, tokens, timings)
 
-    async def _submit_texts(self, make_items: Callable[[], Awaitable[list]], deadline: float | None
-                            ) -> tuple[list, ScoreOutcome, float]:
+    async def _submit_texts(self, make_items: Callable[[], Awaitable[list]], deadline: float | None,
+                            task: Task = "embed") -> tuple[list, ScoreOutcome, float]:
         """Tokenize (`make_items`, which works off the loop) within the deadline, then submit the items as one
         unit; the items, the outcome and the milliseconds tokenization took."""
         t0 = time.perf_counter()
@@ -275,6 +276,7 @@ class ServedModel:
         try:
             items = await asyncio.wait_for(make_items(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
+            self.scheduler.count_rejected(task, "deadline")
             raise DeadlineExceededError(timeout) from None
         tokenize_ms = (time.perf_counter() - t0) * 1e3
         return items, await self.scheduler.submit(items, timeout=timeout, deadline=deadline), tokenize_ms
