@@ -25,7 +25,6 @@ def run_families(args: argparse.Namespace) -> int:
         table.add_row(d["id"], d["input"], d["readout"], d["unit_score"], ", ".join(d["engines"]),
                       "\n".join(d["examples"]))
     Console(width=max(args.width, 80) if args.width else None).print(table)  # None: the terminal's width
-    print("Listwise rerankers (jina-reranker-v3) are not served: their scores depend on the other passages.")
     return 0
 
 
