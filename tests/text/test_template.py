@@ -224,6 +224,15 @@ def test_chunking_cuts_a_long_query_to_half_the_free_window(tok):
     q_kept = (64 - _fixed(tok)) // 2
     start = len(ids(tok, PREFIX)) + len(ids(tok, "Q:"))
     assert all(it.input_ids[start : start + q_kept] == query_ids[:q_kept] for it in prep.items)
+    # a short passage of the same request is scored against the same cut query (before: the whole query)
+    [short] = enc.prepare(words(300, 5), ["sea"], Truncate.CHUNK).items
+    [end] = enc.prepare(words(300, 5), ["sea"], Truncate.END).items  # END gives the room back to the query
+    tail = end.input_ids[-(len(ids(tok, "\nD: sea")) + len(ids(tok, SUFFIX))):]
+    assert short.input_ids == end.input_ids[: start + q_kept] + tail
+    assert len(end.input_ids) == 64 > len(short.input_ids)
+    # a query that fits half the window is kept whole
+    assert enc.prepare("what", ["sea"], Truncate.CHUNK).items[0].input_ids == enc.prepare(
+        "what", ["sea"], Truncate.END).items[0].input_ids
 
 
 def test_max_tokens_per_passage_clips_before_the_template(tok):

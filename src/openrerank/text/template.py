@@ -11,7 +11,8 @@ belong to a slot is read from the tokenizer's character offsets, so truncation n
 fixed text: the query is first capped at `query_share` of the free window (as the references do), then the
 passage is trimmed (END: its end, START: its start), then the query gets back any room left. NONE refuses
 an over-long pair. CHUNK slides overlapping windows over the passage's tokens, splicing each into the same
-prompt; the query is cut first when it would leave the passage less than half the free window.
+prompt; a query longer than half the free window is cut to that half for every passage (short ones too), as
+the pair encoder does, so all of a request's passages are scored against one query text.
 """
 
 from __future__ import annotations
@@ -197,21 +198,25 @@ class TemplateTextEncoder(TextEncoder):
         """The pair's ids (one list), cut to the window per `truncate`, or its chunks (several)."""
         m = self.max_length
         total = sum(len(ids) for _, ids in runs)
+        free = max(0, m - sum(len(ids) for role, ids in runs if role == FIXED))
+        q = sum(len(ids) for role, ids in runs if role == QUERY)
+        passage = next((ids for role, ids in runs if role == PASSAGE), [])
+        if truncate is Truncate.CHUNK:
+            # The query is cut to half the free window for every pair, short passages too (docs/api.md), so a
+            # request's passages are all scored against one query text and their scores stay comparable.
+            q_keep = min(q, int(free * min(0.5, self.template.query_share)))
+            if total <= m and q_keep == q:
+                return [[t for _, ids in runs for t in ids]]
+            p_keep = free - q_keep
+            starts = chunk_starts(len(passage), p_keep)[: max_chunks or None]
+            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in starts]
         if total <= m:
             return [[t for _, ids in runs for t in ids]]
         if truncate is Truncate.NONE:
             raise InputTooLongError(total, m, idx)
-        free = max(0, m - sum(len(ids) for role, ids in runs if role == FIXED))
-        q = sum(len(ids) for role, ids in runs if role == QUERY)
-        p = sum(len(ids) for role, ids in runs if role == PASSAGE)
-        share = self.template.query_share if truncate is not Truncate.CHUNK else min(0.5, self.template.query_share)
-        q_keep = min(q, int(free * share))
-        p_keep = min(p, free - q_keep)
+        q_keep = min(q, int(free * self.template.query_share))
+        p_keep = min(len(passage), free - q_keep)
         q_keep = min(q, free - p_keep)  # room the passage does not need goes back to the query
-        passage = next((ids for role, ids in runs if role == PASSAGE), [])
-        if truncate is Truncate.CHUNK:
-            starts = chunk_starts(len(passage), p_keep)[: max_chunks or None]
-            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in starts]
         window = passage[len(passage) - p_keep :] if truncate is Truncate.START else passage[:p_keep]
         return [_assemble(runs, q_keep, window)]
 
