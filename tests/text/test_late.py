@@ -54,3 +54,14 @@ def test_chunk_windows_are_whole_document_sequences(encoder):
     assert set(text) == set(encoder.tok.ids(long))  # the windows cover the passage
     capped = encoder.prepare("where is paris", [long], Truncate.CHUNK, max_chunks_per_passage=2)
     assert len(capped.items) == 2
+
+
+def test_none_cuts_any_query_and_refuses_only_a_long_passage(encoder):
+    """The query is always cut to its query length; under NONE a query of several document windows was
+    refused with the document's limit (and a shorter long one cut), while the multi-vector route cut it."""
+    long_query = " ".join(["paris", "france", "river", "sea"] * 30)  # far past NONE's four document windows
+    prep = encoder.prepare(long_query, ["paris"], Truncate.NONE)
+    assert prep.items[0].query_ids == encoder.prepare(long_query, ["paris"], Truncate.END).items[0].query_ids
+    assert len(prep.items[0].query_ids) == 8
+    with pytest.raises(InputTooLongError):
+        encoder.prepare("paris", [long_query], Truncate.NONE)

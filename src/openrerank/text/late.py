@@ -43,6 +43,8 @@ class LateSettings:
 
 
 class LateTextEncoder(TextEncoder):
+    cuts_query = True  # to query_length, under every truncation (PyLate, colbert-ai)
+
     def __init__(self, tokenizer, settings: LateSettings) -> None:
         super().__init__(tokenizer, settings.document_length)
         self.settings = settings

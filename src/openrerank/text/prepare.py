@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -78,6 +79,10 @@ class TextEncoder(ABC):
     tokenizes more than about that: a window under END/START, the span `max_chunks` windows cover under
     CHUNK, `max_tokens_per_passage`, `NONE_WINDOWS` windows under NONE."""
 
+    #: The query is always cut to a length of the encoder's own (late interaction: its query length), so
+    #: NONE refuses over-long passages only.
+    cuts_query: ClassVar[bool] = False
+
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer  # the Hugging Face tokenizer itself (read-only use)
         self.tok = TokenizerPool(tokenizer)
@@ -106,9 +111,10 @@ class TextEncoder(ABC):
         if max_tokens_per_passage:
             passages = encoder.clip_passages(passages, max_tokens_per_passage)
         if need:
-            (query,), q_cut = bound_texts(self.tok, [query], NONE_WINDOWS * m if truncate is Truncate.NONE else m)
+            refusing = truncate is Truncate.NONE and not self.cuts_query
+            (query,), q_cut = bound_texts(self.tok, [query], NONE_WINDOWS * m if refusing else m)
             passages, cut = bound_texts(self.tok, passages, need, from_end=from_end)
-            if truncate is Truncate.NONE and (q_cut or cut):  # over the window whatever the rest holds
+            if truncate is Truncate.NONE and ((q_cut and refusing) or cut):  # over the window whatever the rest holds
                 raise InputTooLongError(need, m, cut[0] if cut else 0, at_least=True)
         return encoder._prepare(query, passages, truncate, max_chunks_per_passage)
 
