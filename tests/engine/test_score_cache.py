@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import tracemalloc
 
 import numpy as np
@@ -201,6 +202,73 @@ def test_a_failed_request_does_not_fail_the_ones_waiting_for_its_passages():
     first, second = asyncio.run(go())
     assert isinstance(first, RuntimeError)
     assert list(second.logits) == [1.0, 1.0] and sorted(good.asked) == ["b", "c"]  # it scored "b" itself
+
+
+class HeldScorer(CountingScorer):
+    """Scores only once `release` is set: a request that is still being scored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, passages: list[str]) -> Scored:
+        self.asked += passages
+        await self.release.wait()
+        return Scored(np.array([len(p) for p in passages], dtype=np.float32), None)
+
+
+def test_a_small_request_does_not_wait_for_a_larger_one_scoring_its_passage():
+    """Head-of-line blocking through the cache: a one-passage request whose passage a 300-passage request was
+    scoring waited for all 300 (4.5 s against 1.0 s for a passage of its own). It scores the passage itself."""
+    cache = ScoreCache(2**20)
+    big, small = HeldScorer(), CountingScorer()
+
+    async def go():
+        first = asyncio.create_task(cache.score("m", b"ns", "q", ["x", *[f"p{i}" for i in range(9)]], big))
+        await asyncio.sleep(0)  # the big request now owns "x"
+        alone = await asyncio.wait_for(cache.score("m", b"ns", "q", ["x"], small), 5)
+        assert not first.done()
+        big.release.set()
+        return alone, await first
+
+    alone, first = asyncio.run(go())
+    assert small.asked == ["x"] and list(alone.logits) == [1.0] and first.logits[0] == 1.0
+
+
+def test_waiting_for_a_concurrent_request_ends_at_the_deadline():
+    cache = ScoreCache(2**20)
+    owner = HeldScorer()
+
+    async def go():
+        first = asyncio.create_task(cache.score("m", b"ns", "q", ["x"], owner))
+        await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):  # the same size: it waits, but not past its own deadline
+            await cache.score("m", b"ns", "q", ["x"], CountingScorer(), deadline=time.monotonic() + 0.1)
+        owner.release.set()
+        await first
+
+    asyncio.run(go())
+
+
+def test_several_queries_of_one_request_are_one_submission(tiny_model_dir):
+    """vLLM score with several text_1 is one admission unit; through the cache each query was submitted on
+    its own (with --max-queue 2, one request of 5 queries got 503 on an idle server)."""
+    served, _, _ = serve(str(tiny_model_dir), ScoreCache(2**20))
+    plain, _, _ = serve(str(tiny_model_dir), None)
+    submits: list[int] = []
+    submit = served.scheduler.submit
+
+    async def counting(items, **kw):
+        submits.append(len(items))
+        return await submit(items, **kw)
+
+    served.scheduler.submit = counting
+    reqs = [RerankRequest(query=f"{QUERY} {i}", passages=PASSAGES, truncate=Truncate.END) for i in range(5)]
+    got = asyncio.run(served.rerank_many(reqs))
+    want = asyncio.run(plain.rerank_many(reqs))
+    assert len(submits) == 1 and submits[0] == 5 * len(PASSAGES)
+    for g, w in zip(got, want, strict=True):
+        assert g.logits.tobytes() == w.logits.tobytes() and g.prompt_tokens == w.prompt_tokens
 
 
 def test_memory_per_entry_stays_within_the_accounted_bytes():

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -79,21 +79,44 @@ class CachedScores:
 
 
 ScoreFn = Callable[[list[str]], Awaitable[Scored]]
+#: Scores several queries' passages at once (one scheduler submission): (query's index, its passages) each.
+ScoreManyFn = Callable[[list[tuple[int, list[str]]]], Awaitable[list[Scored]]]
 _Entry = tuple[float, int, int, int]  # score, usage tokens of the passage, usage tokens shared, windows of it
+
+
+@dataclass
+class _Lookup:
+    """One query's passages as the cache found them."""
+
+    keys: list[bytes]
+    result: CachedScores
+    tokens: np.ndarray
+    windows: np.ndarray
+    shared_tokens: int | None = None
+    own: dict[int, Future] = field(default_factory=dict)  # passages it scores and delivers to concurrent ones
+    also: list[int] = field(default_factory=list)  # passages a larger concurrent request is scoring: scored too
+    waiting: dict[int, Future] = field(default_factory=dict)  # passages a concurrent request is scoring
+
+    @property
+    def todo(self) -> list[int]:
+        return [*self.own, *self.also]
 
 
 class ScoreCache:
     """Thread-safe LRU of passage scores shared by every served model (the key names the model).
 
     Concurrent requests share work too: a passage another request is scoring right now is awaited, not
-    scored twice (16 clients asking the same thing at once cost one pass).
+    scored twice (16 clients asking the same thing at once cost one pass), but only from a request that
+    scores no more passages than the one asking: a one-passage request does not wait for a 300-passage one
+    to finish (head-of-line blocking); it scores its passage itself.
     """
 
     def __init__(self, max_bytes: int, registry: CollectorRegistry | None = None) -> None:
         self.max_bytes = int(max_bytes)
         self.capacity = max(0, self.max_bytes // ENTRY_BYTES)
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._inflight: dict[bytes, Future] = {}  # key -> the entry a running request will deliver (or None)
+        #: key -> (the entry a running request will deliver (or None), how many passages that request scores)
+        self._inflight: dict[bytes, tuple[Future, int]] = {}
         self._lock = threading.Lock()
         self._metrics = _CacheMetrics(registry, self.max_bytes) if registry is not None else None
 
@@ -119,86 +142,127 @@ class ScoreCache:
         return out
 
     async def score(self, model: str, namespace: bytes, query: str, passages: Sequence[str],
-                    score: ScoreFn) -> CachedScores:
+                    score: ScoreFn, deadline: float | None = None) -> CachedScores:
         """Scores of `passages`: from the cache, from concurrent requests, and from `score` for the rest."""
+
+        async def one(parts: list[tuple[int, list[str]]]) -> list[Scored]:
+            return [await score(parts[0][1])]
+
+        return (await self.score_many(model, [(namespace, query, passages)], one, deadline))[0]
+
+    async def score_many(self, model: str, queries: Sequence[tuple[bytes, str, Sequence[str]]],
+                         score: ScoreManyFn, deadline: float | None = None) -> list[CachedScores]:
+        """Each (namespace, query, passages)'s scores, the misses of all of them scored by one `score` call
+        (one client request stays one admission unit). Waiting for a concurrent request's passages ends at
+        `deadline` (a `time.monotonic()` instant): TimeoutError."""
         t0 = time.perf_counter()
+        looks = [self._lookup(ns, query, passages) for ns, query, passages in queries]
+        if self._metrics:
+            for look in looks:
+                n, mine, shared = len(look.keys), len(look.todo), len(look.waiting)
+                self._metrics.hits.labels(model).inc(n - mine - shared)
+                self._metrics.shared.labels(model).inc(shared)
+                self._metrics.misses.labels(model).inc(mine)
+        for look in looks:
+            look.result.tokenize_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            await self._score_into(looks, [look.todo for look in looks], queries, score, deliver=True)
+        finally:
+            for look in looks:
+                self._release(look.keys, look.own)
+        if any(look.waiting for look in looks):
+            t_wait = time.perf_counter()
+            futures = [f for look in looks for f in look.waiting.values()]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done = iter(await asyncio.wait_for(
+                asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in futures)), left))
+            waited = (time.perf_counter() - t_wait) * 1e3
+            retry: list[list[int]] = []
+            for look in looks:
+                look.result.queue_ms += waited
+                retry.append([])
+                for i in look.waiting:
+                    entry = next(done)
+                    if entry is None:  # the other request failed or was abandoned: score it here
+                        retry[-1].append(i)
+                    else:
+                        look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
+            await self._score_into(looks, retry, queries, score, deliver=False)
+        for look in looks:
+            look.result.prompt_tokens = int(look.tokens.sum()) + (look.shared_tokens or 0)
+            look.result.windows = int(look.windows.sum())
+        return [look.result for look in looks]
+
+    def _lookup(self, namespace: bytes, query: str, passages: Sequence[str]) -> _Lookup:
         keys = self.keys(namespace, query, passages)
         n = len(keys)
-        logits = np.zeros(n, dtype=np.float32)
-        tokens = np.zeros(n, dtype=np.int64)
-        windows = np.ones(n, dtype=np.int64)
-        shared_tokens: int | None = None
-        own: dict[int, Future] = {}  # passages this request scores (and delivers to concurrent ones)
-        waiting: dict[int, Future] = {}  # passages a concurrent request is scoring
+        look = _Lookup(keys, CachedScores(np.zeros(n, dtype=np.float32), 0, 0, 0.0, 0.0, 0.0),
+                       np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
+        fresh: dict[bytes, int] = {}
+        repeats: list[int] = []  # a passage given twice: scored once, the second waits for the first
         with self._lock:
             for i, key in enumerate(keys):
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._entries.move_to_end(key)
-                    logits[i], tokens[i], shared_tokens, windows[i] = entry
+                    look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
+                elif key in fresh:
+                    repeats.append(i)
                 elif key in self._inflight:
-                    waiting[i] = self._inflight[key]
+                    future, size = self._inflight[key]
+                    if size <= n:  # done no later than this request would be: wait for it
+                        look.waiting[i] = future
+                    else:
+                        look.also.append(i)
                 else:
-                    own[i] = self._inflight[key] = Future()
-        if self._metrics:
-            self._metrics.hits.labels(model).inc(n - len(own) - len(waiting))
-            self._metrics.shared.labels(model).inc(len(waiting))
-            self._metrics.misses.labels(model).inc(len(own))
-        result = CachedScores(logits, 0, 0, (time.perf_counter() - t0) * 1e3, 0.0, 0.0)
-        try:
-            if own:
-                shared_tokens = await self._score_into(result, tokens, windows, list(own), keys, passages, score, own)
-        finally:
-            self._release(keys, own)
-        if waiting:
-            t_wait = time.perf_counter()
-            done = await asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in waiting.values()))
-            result.queue_ms += (time.perf_counter() - t_wait) * 1e3
-            retry = []
-            for i, entry in zip(waiting, done, strict=True):
-                if entry is None:  # the other request failed or was abandoned: score it here
-                    retry.append(i)
-                else:
-                    logits[i], tokens[i], shared_tokens, windows[i] = entry
-            if retry:
-                shared_tokens = await self._score_into(result, tokens, windows, retry, keys, passages, score, {})
-        result.prompt_tokens = int(tokens.sum()) + (shared_tokens or 0)
-        result.windows = int(windows.sum())
-        return result
+                    fresh[key] = i
+            size = len(fresh) + len(look.also)
+            for key, i in fresh.items():
+                look.own[i] = Future()
+                self._inflight[key] = (look.own[i], size)
+        for i in repeats:
+            look.waiting[i] = look.own[fresh[keys[i]]]
+        return look
 
-    async def _score_into(self, result: CachedScores, tokens: np.ndarray, windows: np.ndarray, todo: list[int],
-                          keys: list[bytes], passages: Sequence[str], score: ScoreFn, deliver: dict[int, Future]
-                          ) -> int:
-        """Score passages `todo` with the model, fill them in, store them, hand them to waiting requests."""
-        scored = await score([passages[i] for i in todo])
-        per_passage = np.zeros(len(todo), dtype=np.int64)
-        per_windows = np.ones(len(todo), dtype=np.int64)
-        if scored.prep is not None:
-            for item, owner in zip(scored.prep.items, scored.prep.owners, strict=True):
-                per_passage[owner] += item_tokens(item)
-            per_windows = np.bincount(np.asarray(scored.prep.owners, dtype=np.int64), minlength=len(todo))
-        shared = int(scored.prompt_tokens - per_passage.sum())
-        result.logits[todo] = scored.logits
-        tokens[todo] = per_passage
-        windows[todo] = per_windows
-        result.scored_tokens += scored.prompt_tokens
-        result.tokenize_ms += scored.tokenize_ms
-        result.queue_ms += scored.queue_ms
-        result.inference_ms += scored.inference_ms
-        entries = [(keys[i], (float(v), int(t), shared, int(w)))
-                   for i, v, t, w in zip(todo, scored.logits, per_passage, per_windows, strict=True)]
-        self._store(entries)
-        for i, (_, entry) in zip(todo, entries, strict=True):
-            future = deliver.get(i)
-            if future is not None and not future.done():
-                future.set_result(entry)
-        return shared
+    async def _score_into(self, looks: list[_Lookup], todo: list[list[int]],
+                          queries: Sequence[tuple[bytes, str, Sequence[str]]], score: ScoreManyFn,
+                          deliver: bool) -> None:
+        """Score each query's passages `todo[q]` with the model in one call, fill them in, store them, and
+        (`deliver`) hand them to the requests waiting for them."""
+        parts = [(q, [queries[q][2][i] for i in idx]) for q, idx in enumerate(todo) if idx]
+        if not parts:
+            return
+        for (q, _), scored in zip(parts, await score(parts), strict=True):
+            look, idx = looks[q], todo[q]
+            per_passage = np.zeros(len(idx), dtype=np.int64)
+            per_windows = np.ones(len(idx), dtype=np.int64)
+            if scored.prep is not None:
+                for item, owner in zip(scored.prep.items, scored.prep.owners, strict=True):
+                    per_passage[owner] += item_tokens(item)
+                per_windows = np.bincount(np.asarray(scored.prep.owners, dtype=np.int64), minlength=len(idx))
+            look.shared_tokens = int(scored.prompt_tokens - per_passage.sum())
+            result = look.result
+            result.logits[idx] = scored.logits
+            look.tokens[idx] = per_passage
+            look.windows[idx] = per_windows
+            result.scored_tokens += scored.prompt_tokens
+            result.tokenize_ms += scored.tokenize_ms
+            result.queue_ms += scored.queue_ms
+            result.inference_ms += scored.inference_ms
+            entries = [(look.keys[i], (float(v), int(t), look.shared_tokens, int(w)))
+                       for i, v, t, w in zip(idx, scored.logits, per_passage, per_windows, strict=True)]
+            self._store(entries)
+            for i, (_, entry) in zip(idx, entries, strict=True):
+                future = look.own.get(i) if deliver else None
+                if future is not None and not future.done():
+                    future.set_result(entry)
 
     def _release(self, keys: list[bytes], own: dict[int, Future]) -> None:
         """Stop advertising this request's passages; waiters of any it did not score will score them."""
         with self._lock:
             for i, future in own.items():
-                if self._inflight.get(keys[i]) is future:
+                held = self._inflight.get(keys[i])
+                if held is not None and held[0] is future:
                     del self._inflight[keys[i]]
         for future in own.values():
             if not future.done():

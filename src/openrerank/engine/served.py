@@ -141,8 +141,7 @@ class ServedModel:
             raise ImagesNotSupportedError(self.name, self.loaded.family.id, None)
         # listwise: a passage's score depends on its neighbours; images: the keys are texts only
         if self.score_cache is not None and not self.loaded.family.listwise and not any(r.has_images for r in reqs):
-            return list(await asyncio.gather(*(self._rerank_cached(r, cap, deadline, t0)
-                                               for r, cap in zip(reqs, chunk_caps, strict=True))))
+            return await self._rerank_cached(reqs, chunk_caps, deadline, t0)
         scored = await self._score(reqs, [r.passages for r in reqs], chunk_caps, deadline)
         return [self._result(req, s.logits, s.prompt_tokens, s.prompt_tokens,
                              Timings(s.tokenize_ms, s.queue_ms, s.inference_ms), t0, s.windows)
@@ -162,17 +161,26 @@ class ServedModel:
             raise UnsupportedRequestError(f"instruction: {problem} (model '{self.name}', family "
                                           f"{self.loaded.family.id})")
 
-    async def _rerank_cached(self, req: RerankRequest, chunk_cap: int | None, deadline: float, t0: float
-                             ) -> RerankResult:
+    async def _rerank_cached(self, reqs: Sequence[RerankRequest], chunk_caps: list[int | None], deadline: float,
+                             t0: float) -> list[RerankResult]:
+        """Through the score cache: the passages no query of the request finds there (or can wait for) are
+        scored in one submission, as without the cache."""
         assert self.score_cache is not None
 
-        async def score_misses(passages: list[str]) -> Scored:
-            return (await self._score([req], [passages], [chunk_cap], deadline))[0]
+        async def score_misses(parts: list[tuple[int, list[str]]]) -> list[Scored]:
+            return await self._score([reqs[q] for q, _ in parts], [passages for _, passages in parts],
+                                     [chunk_caps[q] for q, _ in parts], deadline)
 
-        cached = await self.score_cache.score(self.name, self._cache_namespace(req, chunk_cap), req.query,
-                                              req.passages, score_misses)
-        return self._result(req, cached.logits, cached.prompt_tokens, cached.scored_tokens,
-                            Timings(cached.tokenize_ms, cached.queue_ms, cached.inference_ms), t0, cached.windows)
+        queries = [(self._cache_namespace(r, cap), r.query, r.passages)
+                   for r, cap in zip(reqs, chunk_caps, strict=True)]
+        try:
+            cached = await self.score_cache.score_many(self.name, queries, score_misses, deadline)
+        except TimeoutError:  # waiting for a concurrent request's passages outlasted this one's deadline
+            self.scheduler.count_rejected("rerank", "deadline")
+            raise DeadlineExceededError(self.scheduler.config.request_timeout) from None
+        return [self._result(r, c.logits, c.prompt_tokens, c.scored_tokens,
+                             Timings(c.tokenize_ms, c.queue_ms, c.inference_ms), t0, c.windows)
+                for r, c in zip(reqs, cached, strict=True)]
 
     async def _score(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
                      chunk_caps: list[int | None], deadline: float) -> list[Scored]:
