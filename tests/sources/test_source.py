@@ -81,3 +81,13 @@ def _hub_error() -> str:
     with pytest.raises(ModelSourceError) as err:
         resolve_local_dir("openrerank-test/does-not-exist")
     return str(err.value)
+
+
+def test_a_folder_with_an_equals_sign_or_a_link_is_served_under_its_own_name(tmp_path):
+    folder = tmp_path / "v=2"
+    folder.mkdir()
+    assert (parse_model_arg(str(folder)).served_id, parse_model_arg(str(folder)).spec) == ("v=2", str(folder))
+    link = tmp_path / "current"
+    link.symlink_to(folder)
+    assert parse_model_arg(str(link)).served_id == "current"  # the id stays when the link moves
+    assert parse_model_arg(f"mine={link}").served_id == "mine"

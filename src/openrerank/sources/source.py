@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +33,21 @@ def parse_model_arg(arg: str) -> ModelSource:
     arg = arg.strip()
     if not arg:
         raise ModelSourceError("empty --model value")
+    path = Path(arg).expanduser()
     name, sep, source = arg.partition("=")
-    if sep and name and source:
+    if sep and name and source and not path.exists():  # a folder named "v=2" is a folder
         return ModelSource(name.strip(), source.strip())
     if arg == "default":
         return ModelSource(DEFAULT_MODEL_ID, "default")
-    path = Path(arg).expanduser()
     if path.exists():
-        return ModelSource(path.resolve().name, arg)
+        return ModelSource(_folder_name(path), arg)
     return ModelSource(arg, arg)
+
+
+def _folder_name(path: Path) -> str:
+    """A folder's own name, a symbolic link's rather than its target's: serving `current -> v2` keeps the id
+    `current` that clients send when the link moves to v3."""
+    return Path(os.path.abspath(path)).name
 
 
 def public_source(spec: str) -> str:
@@ -48,7 +55,7 @@ def public_source(spec: str) -> str:
     business learning the server's filesystem layout), `default` and hub ids as given."""
     path = Path(spec).expanduser()
     if spec != "default" and (spec.startswith((".", "/", "~")) or path.exists()):
-        return path.resolve().name or spec
+        return _folder_name(path) or spec
     return spec
 
 
