@@ -58,6 +58,10 @@ def _read_card(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+#: Files that hold a tokenizer's vocabulary (besides a sentencepiece `*.model`); one must be present.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """What detection reads from a model directory, parsed once."""
@@ -88,6 +92,13 @@ class ModelFiles:
             tokenizer_config=_dict(_read_json(path / "tokenizer_config.json")),
             card=_read_card(path),
         )
+
+    def check_tokenizer(self) -> None:
+        """A folder without its tokenizer's vocabulary is refused: transformers would build a tokenizer of the
+        special tokens alone, every word [UNK] and every passage the same score."""
+        if not any((self.path / f).is_file() for f in TOKENIZER_FILES) and not any(self.path.glob("*.model")):
+            raise ModelFormatError(f"{self.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)} or a "
+                                   "sentencepiece *.model): copy them from the model's repository")
 
     @property
     def architectures(self) -> list[str]:
