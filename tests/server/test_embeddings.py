@@ -204,6 +204,34 @@ def test_input_type_applies_the_models_prompts(tiny_bi_server, tiny_bi_dir):
     assert cosines(bare, vectors(post(tiny_bi_server, {"input": texts, "input_type": "query"}))).max() < 0.999
 
 
+def test_an_alias_takes_nims_query_and_passage_suffixes_on_both_routes(tmp_path, tiny_bi_dir):
+    """docs/api.md: an alias works wherever an id does. `<alias>-query` answered 404 on /v1/embeddings and
+    /v1/embeddings/multi_vector: the suffix was read off served ids only."""
+    from fastapi.testclient import TestClient
+
+    from openrerank.server.app import create_app
+    from openrerank.server.config import ServerConfig
+    from tests.families.colbert_builders import build_pylate_colbert
+
+    colbert = build_pylate_colbert(tmp_path / "colbert")
+    config = ServerConfig(models=[f"tiny-bi={tiny_bi_dir}", f"late={colbert}"], aliases=["bi=tiny-bi", "lc=late"],
+                          backend="torch", threads=1)
+    texts = TEXTS[:2]
+    with TestClient(create_app(config, wait_for_models=True)) as c:
+        for kind in ("query", "passage"):
+            typed = c.post("/v1/embeddings", json={"input": texts, "model": "tiny-bi", "input_type": kind})
+            suffixed = c.post("/v1/embeddings", json={"input": texts, "model": f"bi-{kind}"})
+            assert suffixed.status_code == 200, suffixed.text
+            assert suffixed.json()["model"] == "tiny-bi"
+            np.testing.assert_allclose(vectors(suffixed), vectors(typed), atol=1e-6)
+            typed = c.post("/v1/embeddings/multi_vector", json={"input": texts, "model": "late", "input_type": kind})
+            suffixed = c.post("/v1/embeddings/multi_vector", json={"input": texts, "model": f"lc-{kind}"})
+            assert suffixed.status_code == 200, suffixed.text
+            assert [d["embedding"] for d in suffixed.json()["data"]] == [d["embedding"] for d in typed.json()["data"]]
+        clash = c.post("/v1/embeddings", json={"input": texts, "model": "bi-query", "input_type": "passage"})
+        assert clash.status_code == 400 and "means input_type 'query'" in clash.json()["message"]
+
+
 def test_matryoshka_dimensions_keep_the_leading_ones(tiny_bi_server):
     full = vectors(post(tiny_bi_server, {"input": TEXTS[:2]}))
     short = vectors(post(tiny_bi_server, {"input": TEXTS[:2], "dimensions": 8}))

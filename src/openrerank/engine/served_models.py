@@ -58,6 +58,11 @@ class ServedModels:
     def names(self) -> list[str]:
         return list(self._models) or [n for n in self.expected if n not in self.failed]
 
+    @property
+    def ids(self) -> list[str]:
+        """Every id a request may name: the served ids, then the other ids they answer to (aliases)."""
+        return [*self.names, *self.aliases]
+
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 

@@ -71,7 +71,10 @@ def _json_type(value: Any) -> str:
 
 
 def model_and_input_type(body: EmbeddingsRequest, served: list[str]) -> tuple[str | None, str | None]:
-    """The served id asked for and the input type, reading NIM's `-query`/`-passage` model names."""
+    """The id asked for and the input type, reading NIM's `-query`/`-passage` model names.
+
+    `served`: every id a request may name, aliases included (`ServedModels.ids`), so that an alias takes the
+    suffix as the served id does."""
     name, input_type = body.model, body.input_type
     if name is not None and name not in served:
         for suffix, kind in INPUT_TYPE_SUFFIXES.items():
@@ -99,7 +102,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> OrjsonRespons
     common.check_ready(request)
     texts = input_texts(body.input)
     models = common.served_models(request)
-    name, input_type = model_and_input_type(body, models.names)
+    name, input_type = model_and_input_type(body, models.ids)
     model = models.get_embedder(name)
     common.check_input_count(request, len(texts))
     req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]

@@ -75,7 +75,7 @@ async def multi_vector_embeddings(body: MultiVectorRequest, request: Request) ->
     if len(texts) > limit:
         raise ApiError(413, f"Number of inputs ({len(texts)}) exceeds the maximum of {limit} per multi-vector "
                        f"request; send them in several requests", kind="too_large")
-    name, input_type = model_and_input_type(body, common.served_models(request).names)  # type: ignore[arg-type]
+    name, input_type = model_and_input_type(body, common.served_models(request).ids)  # type: ignore[arg-type]
     if input_type is None:
         raise ApiError(400, "input_type is required: 'query' or 'passage' (a late-interaction model encodes the two "
                        "sides differently), or name the model '<id>-query' / '<id>-passage'")

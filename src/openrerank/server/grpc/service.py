@@ -178,7 +178,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if not reg.names:
                 raise UnknownModelError("<none>", [])
             return reg.names[0]
-        ids = [*reg.names, *reg.aliases]
+        ids = reg.ids
         by_grpc = {ranking.grpc_model_name(i): i for i in ids}
         found = name if name in ids else by_grpc.get(name)
         if found is None:
