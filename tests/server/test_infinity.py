@@ -73,6 +73,18 @@ def test_each_form_has_its_own_errors(tiny_server):
         _assert_tei_error(c.post("/rerank", content=b"{nope"), 422, "not valid JSON")
 
 
+def test_a_null_form_field_counts_as_absent(tiny_model_dir):
+    """`"texts": null` beside `documents` (a client that fills every optional field) was refused as "not both"."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with TestClient(create_app(config, wait_for_models=True)) as c:
+        inf = c.post("/rerank", json={"query": "q", "documents": ["a", "b"], "texts": None})
+        tei = c.post("/rerank", json={"query": "q", "texts": ["a", "b"], "documents": None})
+        neither = c.post("/rerank", json={"query": "q", "texts": None, "documents": None})
+    assert inf.status_code == 200 and len(inf.json()["results"]) == 2, inf.text
+    assert tei.status_code == 200 and len(tei.json()) == 2, tei.text
+    _assert_tei_error(neither, 422, "'texts' is required", "'documents'")
+
+
 def test_openapi_documents_both_forms(tiny_server):
     with tiny_server.client() as c:
         doc = c.get("/openapi.json").json()

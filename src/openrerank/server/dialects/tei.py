@@ -125,11 +125,13 @@ async def rerank(request: Request, response: Response) -> Any:
     if not isinstance(payload, dict):
         raise ApiError(422, "request body must be a JSON object with 'query' and 'texts' (TEI) or 'documents' "
                        "(Infinity/Cohere)")
-    if "documents" in payload and "texts" not in payload:
+    # A null field is an absent one (clients that fill every optional field send `"texts": null`).
+    given = {name for name in ("texts", "documents") if payload.get(name) is not None}
+    if given == {"documents"}:
         return await infinity.rerank(request, response, payload)
-    if "documents" in payload:
+    if "documents" in given:
         raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
-    if "texts" not in payload:
+    if "texts" not in given:
         raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
     tei_body = common.parse_body(TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
