@@ -93,6 +93,11 @@ def test_openapi_documents_both_forms(tiny_server):
     assert refs == {"TeiRerankRequest", "InfinityRerankRequest"}
     schemas = doc["components"]["schemas"]
     assert schemas["InfinityRerankRequest"]["examples"] and "InfinityRerankResponse" in schemas
+    # a model fault: the Infinity form answers Infinity's 500 (tests/server/test_faults.py), the TEI form 424
+    responses = doc["paths"]["/rerank"]["post"]["responses"]
+    infinity_500 = responses["500"]["content"]["application/json"]["schema"]
+    assert infinity_500["$ref"].endswith("/InfinityError") and "Infinity form" in responses["500"]["description"]
+    assert "424" in responses
 
 
 def test_a_request_over_the_token_budget_is_422_in_both_forms(tiny_model_dir):

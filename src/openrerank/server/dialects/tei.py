@@ -70,6 +70,10 @@ _RERANK_ERRORS = {code: {"description": entry["description"], "content": _EITHER
 _RERANK_ERRORS[400] = {"description": "TEI form: `texts` is empty; Infinity form: unknown model",
                        "content": _EITHER_ERROR}
 _RERANK_ERRORS[504] = {"description": "Infinity form: deadline exceeded", "content": _EITHER_ERROR}
+#: Infinity answers an inference failure with 500 in its own shape (its /rerank turns any engine exception into
+#: `InternalServerError`), so the Infinity form does too; the TEI form's is 424.
+_RERANK_ERRORS[500] = {"description": "Infinity form: inference failed (the message names the request id)",
+                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InfinityError"}}}}
 
 
 def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate: bool = AUTO_TRUNCATE
