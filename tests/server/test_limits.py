@@ -203,12 +203,29 @@ def test_openapi_declares_the_limits_this_server_enforces(tiny_model_dir):
                             ("InfinityRerankRequest", "documents"), ("ScoreRequest", "text_2")]:
             for b in branches(name, field, "array"):
                 assert (b.get("minItems"), b.get("maxItems")) == (1, 8), (name, field, b)
-        for b in branches("EmbeddingsRequest", "input", "array"):
-            assert (b.get("minItems"), b.get("maxItems")) == (1, 5), b
+        for name in ("EmbeddingsRequest", "MultiVectorRequest"):
+            for b in branches(name, "input", "array"):
+                assert (b.get("minItems"), b.get("maxItems")) == (1, 5), (name, b)
         assert branches("NimRankingRequest", "max_chunks_per_passage", "integer")[0]["maximum"] == 7
         # what the document states is what the server enforces
         assert c.post("/v1/ranking", json=nim_body("q", ["a"] * 8)).status_code == 200
         assert c.post("/v1/ranking", json=nim_body("q", ["a"] * 9)).status_code == 400
+
+
+def test_openapi_declares_the_multi_vector_routes_own_bound():
+    """/v1/embeddings/multi_vector refuses more texts than its own bound (413) even under a higher --max-inputs;
+    its `input` declared no maxItems at all."""
+    from fastapi.testclient import TestClient
+
+    from openrerank.server.app import create_app
+    from openrerank.server.config import ServerConfig
+    from openrerank.server.dialects.multi_vector import MAX_INPUTS
+
+    config = ServerConfig(models=["default"], max_inputs=MAX_INPUTS * 2)
+    with TestClient(create_app(config, load_models=False)) as c:
+        prop = c.get("/openapi.json").json()["components"]["schemas"]["MultiVectorRequest"]["properties"]["input"]
+    arrays = [b for b in prop["anyOf"] if b.get("type") == "array"]
+    assert [(b["minItems"], b["maxItems"]) for b in arrays] == [(1, MAX_INPUTS)]
 
 
 def test_an_oversize_body_gets_its_413_while_the_client_is_still_sending_it(tmp_path, tiny_model_dir):

@@ -92,6 +92,11 @@ class ServedModels:
         """Ids of the served models that produce embeddings."""
         return [m.name for m in self._models.values() if m.embeds]
 
+    @property
+    def late_interaction(self) -> list[str]:
+        """Ids of the served models with per-token (multi-vector) embeddings."""
+        return [m.name for m in self._models.values() if m.loaded.multi_vector]
+
     def get_embedder(self, name: str | None) -> ServedModel:
         """The embedding model `name` (None: the first served embedding model, as NIM picks its one model)."""
         if name is None:

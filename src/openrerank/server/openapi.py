@@ -5,16 +5,20 @@ score routes answer 400 for invalid input (TEI 422, in its own error shape), so 
 dropped and each route declares its own statuses with its dialect's error body. With `--api-key` the
 document declares the bearer scheme and the 401 on every protected route; without it, neither. The list
 limits the server enforces are declared too: non-empty lists, and at most `--max-passages` passages
-(documents, texts) or `--max-inputs` embedding inputs, as this server was started with.
+(documents, texts) or `--max-inputs` embedding inputs (or the multi-vector route's own bound, when lower), as
+this server was started with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from fastapi import FastAPI
 
 from openrerank.server.config import ServerConfig
+from openrerank.server.dialects import multi_vector
 from openrerank.server.middleware import PUBLIC_PATHS
 
 SECURITY_SCHEME = "bearerAuth"
@@ -54,16 +58,18 @@ def adjust(schema: dict[str, Any], *, api_key: bool) -> dict[str, Any]:
     return schema
 
 
-#: (request schema, field) -> the ServerConfig attribute bounding that list's length.
-LIST_LIMITS = {
-    ("NimRankingRequest", "passages"): "max_passages",
-    ("CohereV1RerankRequest", "documents"): "max_passages",
-    ("CohereV2RerankRequest", "documents"): "max_passages",
-    ("TeiRerankRequest", "texts"): "max_passages",
-    ("InfinityRerankRequest", "documents"): "max_passages",
-    ("ScoreRequest", "text_1"): "max_passages",
-    ("ScoreRequest", "text_2"): "max_passages",
-    ("EmbeddingsRequest", "input"): "max_inputs",
+_PASSAGES = attrgetter("max_passages")
+#: (request schema, field) -> the bound on that list's length, read off the server's config.
+LIST_LIMITS: dict[tuple[str, str], Callable[[ServerConfig], int]] = {
+    ("NimRankingRequest", "passages"): _PASSAGES,
+    ("CohereV1RerankRequest", "documents"): _PASSAGES,
+    ("CohereV2RerankRequest", "documents"): _PASSAGES,
+    ("TeiRerankRequest", "texts"): _PASSAGES,
+    ("InfinityRerankRequest", "documents"): _PASSAGES,
+    ("ScoreRequest", "text_1"): _PASSAGES,
+    ("ScoreRequest", "text_2"): _PASSAGES,
+    ("EmbeddingsRequest", "input"): attrgetter("max_inputs"),
+    ("MultiVectorRequest", "input"): multi_vector.input_limit,
 }
 
 
@@ -75,7 +81,7 @@ VALUE_LIMITS = {
 
 
 def declare_list_limits(schema: dict[str, Any], config: ServerConfig) -> dict[str, Any]:
-    """Every list-valued field the server bounds gets `minItems: 1` and `maxItems` = the flag's value; the
+    """Every list-valued field the server bounds gets `minItems: 1` and `maxItems` = its bound; the
     chunk counts a request may ask for get their `maximum`."""
     schemas = schema.get("components", {}).get("schemas", {})
     for (name, field), attr in VALUE_LIMITS.items():
@@ -83,13 +89,13 @@ def declare_list_limits(schema: dict[str, Any], config: ServerConfig) -> dict[st
         for branch in [] if prop is None else [prop, *prop.get("anyOf", [])]:
             if branch.get("type") == "integer":
                 branch["maximum"] = getattr(config, attr)
-    for (name, field), attr in LIST_LIMITS.items():
+    for (name, field), limit in LIST_LIMITS.items():
         prop = schemas.get(name, {}).get("properties", {}).get(field)
         if prop is None:
             continue
         for branch in [prop, *prop.get("anyOf", [])]:
             if branch.get("type") == "array":
-                branch.update(minItems=1, maxItems=getattr(config, attr))
+                branch.update(minItems=1, maxItems=limit(config))
     return schema
 
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from openrerank.core.requests import EmbedRequest, Truncate
 from openrerank.engine.errors import UnknownModelError
 from openrerank.engine.served import ServedModel
+from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common
 from openrerank.server.dialects.embeddings import encode_vector, input_texts, model_and_input_type
 from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
@@ -46,9 +47,14 @@ _ERRORS = MULTI_VECTOR.responses(
     s413="More texts than the route takes in one request")
 
 
+def input_limit(config: ServerConfig) -> int:
+    """Most texts one request may send: the route's own bound, or --max-inputs when lower."""
+    return min(MAX_INPUTS, config.max_inputs)
+
+
 def _model(request: Request, name: str | None) -> ServedModel:
     reg = common.served_models(request)
-    multi = [m.name for m in reg.models() if m.loaded.multi_vector]
+    multi = reg.late_interaction
     if name is None:
         if not multi:
             raise ApiError(400, "no late-interaction (ColBERT) model is served here: multi-vector embeddings come "
@@ -71,7 +77,7 @@ def _model(request: Request, name: str | None) -> ServedModel:
 async def multi_vector_embeddings(body: MultiVectorRequest, request: Request) -> OrjsonResponse:
     common.check_ready(request)
     texts = input_texts(body.input)
-    limit = min(MAX_INPUTS, common.config(request).max_inputs)
+    limit = input_limit(common.config(request))
     if len(texts) > limit:
         raise ApiError(413, f"Number of inputs ({len(texts)}) exceeds the maximum of {limit} per multi-vector "
                        f"request; send them in several requests", kind="too_large")
