@@ -98,6 +98,7 @@ def safe_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 STATUS_DESCRIPTIONS = {
     400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 408: "Request body too slow",
     413: "Body too large", 415: "Content-Encoding other than gzip or deflate", 422: "Validation error",
+    431: "Request line and headers over --max-header-bytes (the connection is closed)",
     424: "Inference failed", 429: "Overloaded, retry later", 500: "Internal error (the log has the request id)",
     503: "Not ready, shutting down, or overloaded", 504: "Request timed out",
 }

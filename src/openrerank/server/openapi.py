@@ -3,10 +3,10 @@
 FastAPI declares a 422 "Validation Error" on every route with a body; openrerank's NIM, Cohere and
 score routes answer 400 for invalid input (TEI 422, in its own error shape), so that generic entry is
 dropped and each route declares its own statuses with its dialect's error body. With `--api-key` the
-document declares the bearer scheme and the 401 on every protected route; without it, neither. The list
-limits the server enforces are declared too: non-empty lists, and at most `--max-passages` passages
-(documents, texts) or `--max-inputs` embedding inputs (or the multi-vector route's own bound, when lower), as
-this server was started with.
+document declares the bearer scheme and the 401 on every protected route; without it, neither. Every route
+declares the 431 that the connection's guard answers for any path. The list limits the server enforces are
+declared too: non-empty lists, and at most `--max-passages` passages (documents, texts) or `--max-inputs`
+embedding inputs (or the multi-vector route's own bound, when lower), as this server was started with.
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ from fastapi import FastAPI
 
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import multi_vector
+from openrerank.server.errors import STATUS_DESCRIPTIONS, dialect_for
 from openrerank.server.middleware import PUBLIC_PATHS
 
 SECURITY_SCHEME = "bearerAuth"
 _METHODS = ("get", "post", "put", "patch", "delete")
+
+
+#: What any path may answer before its route runs: the connection's guard (server/http.py) answers these in the
+#: error shape of the dialect owning the path, whatever the route.
+GUARD_STATUSES = (431,)
 
 
 def _is_fastapi_422(entry: dict[str, Any]) -> bool:
@@ -30,13 +36,24 @@ def _is_fastapi_422(entry: dict[str, Any]) -> bool:
     return ref.endswith("/HTTPValidationError")
 
 
+def _guard_responses(path: str, schemas: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """GUARD_STATUSES as `path` answers them, with its dialect's error body."""
+    model = dialect_for(path).error_model
+    entry: dict[str, Any] = {}
+    if model is not None and model.__name__ in schemas:
+        entry["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    return {str(code): {"description": STATUS_DESCRIPTIONS[code], **entry} for code in GUARD_STATUSES}
+
+
 def adjust(schema: dict[str, Any], *, api_key: bool) -> dict[str, Any]:
+    known = schema.get("components", {}).get("schemas", {})
     for path, item in schema.get("paths", {}).items():
         for method in _METHODS:
             op = item.get(method)
             if op is None:
                 continue
             responses = op.setdefault("responses", {})
+            responses.update(_guard_responses(path, known))
             if "422" in responses and _is_fastapi_422(responses["422"]):
                 del responses["422"]
             if api_key and path not in PUBLIC_PATHS:
