@@ -33,3 +33,46 @@ def test_every_route_declares_the_431_in_the_shape_its_path_answers():
             model.model_validate(body)
             checked += 1
     assert checked >= 15
+
+
+def _examples(doc: dict, name: str) -> list[dict]:
+    return doc["components"]["schemas"][name].get("examples", [])
+
+
+def test_examples_name_a_model_this_server_serves_and_work_as_sent(tmp_path, tiny_model_dir):
+    """The examples named all-MiniLM-L6-v2 (a ColBERT id for multi-vector) whatever was served, so "Try it
+    out" in /docs answered 404. Each now names a served model that fits its route, and answers 200 as sent."""
+    from tests.families.colbert_builders import build_pylate_colbert
+    from tests.support import build_tiny_bi_encoder
+
+    bi = build_tiny_bi_encoder(tmp_path / "bi")
+    late = build_pylate_colbert(tmp_path / "late")
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}", f"bi={bi}", f"late={late}"], backend="torch", threads=1)
+    with TestClient(create_app(config, wait_for_models=True)) as c:
+        doc = c.get("/openapi.json").json()
+        for name in ("NimRankingRequest", "CohereV1RerankRequest", "CohereV2RerankRequest", "ScoreRequest",
+                     "CohereRerankResponse", "InfinityRerankResponse", "ScoreResponse"):
+            assert {e.get("model", "tiny") for e in _examples(doc, name)} == {"tiny"}, name
+        assert [e["model"] for e in _examples(doc, "EmbeddingsRequest")] == ["bi"]
+        assert [e["model"] for e in _examples(doc, "MultiVectorRequest")] == ["late"]
+        assert len(_examples(doc, "ScoreRequest")) == 2  # the one naming no model is kept as it was
+        tried = 0
+        for path, item in doc["paths"].items():
+            body = item.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json", {})
+            ref = body.get("schema", {}).get("$ref", "")
+            for example in _examples(doc, ref.rsplit("/", 1)[-1]) if ref else []:
+                r = c.post(path, json=example)
+                assert r.status_code == 200, (path, example, r.text)
+                tried += 1
+        assert tried >= 8
+
+
+def test_an_example_naming_a_model_is_left_out_where_none_fits(tiny_model_dir):
+    """A reranker alone: no embedding or late-interaction model, so no example for those routes."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with TestClient(create_app(config, wait_for_models=True)) as c:
+        doc = c.get("/openapi.json").json()
+    assert "examples" not in doc["components"]["schemas"]["EmbeddingsRequest"]
+    assert "examples" not in doc["components"]["schemas"]["MultiVectorRequest"]
+    assert [e["model"] for e in _examples(doc, "NimRankingRequest")] == ["tiny"]
+    assert _examples(doc, "InfinityRerankRequest")  # names no model: kept

@@ -287,7 +287,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         app.include_router(router)
     install_error_handlers(app)
     install_openapi_models(app, tei.OPENAPI_MODELS)
-    install_openapi(app, config)  # after: the limits it declares cover the hand-referenced bodies too
+    install_openapi(app, config, app.state.models)  # after: its limits cover the hand-referenced bodies too
     routes = functools.cache(lambda: route_paths(app))
     # Last added runs first: the request log sees every answer (and gives each its x-request-id), the
     # catch-all turns anything unexpected into a 500 in the dialect's shape, metrics see everything, auth

@@ -6,17 +6,20 @@ dropped and each route declares its own statuses with its dialect's error body. 
 document declares the bearer scheme and the 401 on every protected route; without it, neither. Every route
 declares the 431 that the connection's guard answers for any path. The list limits the server enforces are
 declared too: non-empty lists, and at most `--max-passages` passages (documents, texts) or `--max-inputs`
-embedding inputs (or the multi-vector route's own bound, when lower), as this server was started with.
+embedding inputs (or the multi-vector route's own bound, when lower), as this server was started with. The
+examples name a model this server serves.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
 
 from fastapi import FastAPI
 
+from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import multi_vector
 from openrerank.server.errors import STATUS_DESCRIPTIONS, dialect_for
@@ -116,13 +119,56 @@ def declare_list_limits(schema: dict[str, Any], config: ServerConfig) -> dict[st
     return schema
 
 
-def install_openapi(app: FastAPI, config: ServerConfig) -> None:
+_SERVED = attrgetter("names")
+#: Schemas whose examples name a model -> the served ids such an example may name (it names the first): with a
+#: fixed id, "Try it out" in /docs answered 404 on a server serving another model.
+EXAMPLE_MODELS: dict[str, Callable[[ServedModels], list[str]]] = {
+    "NimRankingRequest": _SERVED,
+    "CohereV1RerankRequest": _SERVED,
+    "CohereV2RerankRequest": _SERVED,
+    "CohereRerankResponse": _SERVED,
+    "InfinityRerankResponse": _SERVED,
+    "ScoreRequest": _SERVED,
+    "ScoreResponse": _SERVED,
+    "EmbeddingsRequest": attrgetter("embedders"),
+    "MultiVectorRequest": attrgetter("late_interaction"),
+}
+
+
+def name_served_models(schema: dict[str, Any], models: ServedModels) -> dict[str, Any]:
+    """A copy of `schema` whose examples name a model this server serves; an example naming a model is left
+    out where no model fits (no embedding model: no /v1/embeddings example)."""
+    schema = copy.deepcopy(schema)  # the examples are the wire models' own objects: never edited in place
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name, candidates in EXAMPLE_MODELS.items():
+        target = schemas.get(name, {})
+        if "examples" not in target:
+            continue
+        served = candidates(models)
+        kept = [example if "model" not in example else {**example, "model": served[0]}
+                for example in target["examples"] if served or "model" not in example]
+        if kept:
+            target["examples"] = kept
+        else:
+            del target["examples"]
+    return schema
+
+
+def install_openapi(app: FastAPI, config: ServerConfig, models: ServedModels) -> None:
+    """`app.openapi` answers the adjusted document, its examples naming `models`; it is kept once the models
+    are loaded (while they load, which of them embed is not known yet)."""
     build = app.openapi
     adjusted: list[dict[str, Any]] = []
+    final: list[dict[str, Any]] = []
 
     def openapi() -> dict[str, Any]:
+        if final:
+            return final[0]
         if not adjusted:
             adjusted.append(declare_list_limits(adjust(build(), api_key=bool(config.api_key)), config))
-        return adjusted[0]
+        doc = name_served_models(adjusted[0], models)
+        if models.loaded:
+            final.append(doc)
+        return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
