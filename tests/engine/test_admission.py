@@ -1,10 +1,22 @@
-"""Admission's arithmetic: work, and a rate timed on some shapes as work per second."""
+"""Admission's arithmetic (work, and a rate timed on some shapes as work per second) and its deadline checks."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from openrerank.engine.admission import finish_estimate, work_of, work_rate
+from openrerank.engine.admission import (
+    AdmissionQueue,
+    SchedulerConfig,
+    finish_estimate,
+    pushed_past_deadline,
+    work_of,
+    work_rate,
+)
+from openrerank.engine.errors import DeadlinePushedError, QueueFullError
+from openrerank.engine.pending import PendingRequest
+from tests.engine.sched_fakes import Ids
 
 
 def test_work_counts_each_token_of_an_l_token_sequence_one_plus_l_over_the_knee():
@@ -22,3 +34,86 @@ def test_a_rate_timed_on_two_shapes_becomes_work_per_second():
     # at the timed rate would say: 1.13x for MiniLM
     seconds = finish_estimate(work_of([512] * 10, knee), 0, 0, rate)
     assert seconds / (5120 / 1000) == pytest.approx((1 + 512 / knee) / (1 + 192 / knee))
+
+
+# -- an admitted request is not pushed past its deadline by later newcomers ---------------------------------
+
+RATE = 100.0  # work per second, fixed: no test below times anything
+NOW = 1000.0  # a time.monotonic() instant
+
+
+def test_a_newcomer_that_would_push_an_admitted_request_past_its_deadline_is_named():
+    # alone behind nothing, 800 of work left finishes in 8 s; a newcomer of 300 delays it by 3 s, past 10 s
+    assert pushed_past_deadline(300.0, [(800.0, 10.0)], RATE) == pytest.approx((8.0, 11.0, 10.0))
+    assert pushed_past_deadline(200.0, [(800.0, 10.0)], RATE) is None  # 10 s: just in time
+    # under max-min fairness a big newcomer delays a small request by the small one's work only
+    assert pushed_past_deadline(5000.0, [(100.0, 2.5)], RATE) is None  # 1 s, then 2 s
+    # each admitted one is estimated behind the others as a newcomer is: 300 left behind 800 and 100 finishes
+    # after min(900, 2 x 300) + 300 = 900 of work: 9 s, and 10 s with a newcomer of 100
+    assert pushed_past_deadline(100.0, [(800.0, 60.0), (300.0, 9.5), (100.0, 60.0)], RATE) == pytest.approx(
+        (9.0, 10.0, 9.5))
+
+
+def test_a_request_that_misses_its_deadline_anyway_does_not_refuse_every_newcomer():
+    assert pushed_past_deadline(300.0, [(800.0, 7.0)], RATE) is None  # 8 s already: it ends 504 either way
+    # but the one beside it still in time is: 100 left finishes in 2 s behind it, in 3 s with the newcomer
+    assert pushed_past_deadline(300.0, [(800.0, 7.0), (100.0, 2.5)], RATE) == pytest.approx((2.0, 3.0, 2.5))
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def admission() -> AdmissionQueue:
+    adm = AdmissionQueue(SchedulerConfig(request_timeout=20.0))
+    adm.work_per_second = RATE  # one request may hold 1,000 of work, the queue 2,000
+    return adm
+
+
+def admit(adm: AdmissionQueue, loop: asyncio.AbstractEventLoop, ids: Ids, work: int, left: float
+          ) -> PendingRequest:
+    """Admit a request of `work` tokens (knee unknown: work = tokens) due `left` seconds after NOW."""
+    req = PendingRequest(ids.items(*[work // 10] * 10), loop)
+    req.work, req.deadline = adm.weigh(req.items), NOW + left
+    with adm.cv:
+        assert adm.refusal_locked(req.tokens, req.work, req.deadline, NOW) is None
+        adm.accept_locked(req)
+    return req
+
+
+def test_admission_refuses_a_newcomer_that_would_push_an_admitted_request_past_its_deadline(loop):
+    adm, ids = admission(), Ids()
+    big = admit(adm, loop, ids, 800, left=10.0)  # 8 s of work, 2 s to spare
+    admit(adm, loop, ids, 100, left=20.0)  # it delays the big one by 1 s: admitted
+    with adm.cv:
+        # 300 more would finish by itself in (min(900, 2 x 300) + 300) / 100 = 9 s, but the big one in 12 s
+        refusal = adm.refusal_locked(300, 300.0, NOW + 20.0, NOW)
+    assert isinstance(refusal, DeadlinePushedError) and isinstance(refusal, QueueFullError)  # 503/429
+    assert "would push a request already admitted past its deadline" in str(refusal)
+    assert "finish in about 12.0 s instead of 9.0 s, its deadline is in 10.0 s" in str(refusal)
+    assert refusal.retry_after >= 1.0
+    adm.release(big)  # answered: its deadline binds no one any more
+    with adm.cv:
+        assert adm.refusal_locked(300, 300.0, NOW + 20.0, NOW) is None
+
+
+def test_admission_weighs_an_admitted_request_by_the_work_it_has_left(loop):
+    adm, ids = admission(), Ids()
+    big = admit(adm, loop, ids, 800, left=10.0)
+    big.left_tokens = 400  # half of it scored (batch_runner): 4 s left, so 3 s more still fit
+    with adm.cv:
+        assert adm.refusal_locked(300, 300.0, NOW + 20.0, NOW) is None
+    big.abandoned = True  # timed out or cancelled, not yet released: nothing of it will run
+    big.left_tokens = 800
+    with adm.cv:
+        assert adm.refusal_locked(300, 300.0, NOW + 20.0, NOW) is None
+
+
+def test_admission_does_not_protect_a_request_already_past_saving(loop):
+    adm, ids = admission(), Ids()
+    admit(adm, loop, ids, 800, left=7.0)  # at an idle model: admitted, 8 s of work before a 7 s deadline
+    with adm.cv:
+        assert adm.refusal_locked(300, 300.0, NOW + 22.0, NOW + 2.0) is None  # 2 s later, none of it scored

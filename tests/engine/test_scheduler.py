@@ -460,6 +460,55 @@ def test_deadline_admission_counts_the_work_pending() -> None:
     asyncio.run(main())
 
 
+def test_deadline_admission_keeps_a_newcomer_from_pushing_an_admitted_request_past_its_deadline() -> None:
+    """A newcomer that would itself finish in time is refused when its share would make a request admitted
+    before it miss that one's deadline (it was admitted, and the earlier request ended 504 after its work)."""
+    backend, ids = FakeScorer(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, request_timeout=20.0)
+        sched.work_per_second = 100.0  # the knee unknown: work is tokens
+        blocker, _ = await block_worker(sched, backend, ids)
+        big = asyncio.create_task(sched.submit(ids.items(*[80] * 10), timeout=10.0))  # 8.03 s of its 10
+        await until(lambda: sched.pending == 2)
+        # its own 20 s suffice for 300 more ((min(803, 2 x 300) + 300) / 100 = 9 s); the big one's 10 s do not
+        with pytest.raises(QueueFullError, match="would push a request already admitted past its deadline"):
+            await sched.submit(ids.items(*[30] * 10))
+        backend.release()
+        await asyncio.gather(blocker, big)
+        await sched.stop()
+
+    asyncio.run(main())
+
+
+def test_deadline_admission_counts_what_an_admitted_request_has_left() -> None:
+    """Half of a request scored, half its work is left: a newcomer that would have pushed all of it past its
+    deadline delays only the rest, in time."""
+    backend, ids = FakeScorer(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, request_timeout=20.0, max_batch_tokens=400)
+
+        def second_batch(_: list[int]) -> None:
+            if len(backend.batches) == 2:
+                sched.work_per_second = 100.0  # as it was: the first batch's timing moved it
+                backend.hold()
+
+        backend.on_batch = second_batch
+        sched.work_per_second = 100.0
+        big = asyncio.create_task(sched.submit(ids.items(*[80] * 10), timeout=10.0))  # 8 s of work, 2 batches
+        await backend.wait_batch_started()
+        await backend.wait_batch_started()  # the second, held: 400 of work left, 4 s
+        newcomer = asyncio.create_task(sched.submit(ids.items(*[30] * 10)))  # 3 s more: 7 s, in time
+        await until(lambda: sched.pending == 2 or newcomer.done())
+        assert not newcomer.done()  # admitted (a refusal would have ended it)
+        backend.release()
+        await asyncio.gather(big, newcomer)
+        await sched.stop()
+
+    asyncio.run(main())
+
+
 def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
     backend, ids = FakeScorer(), Ids()
 

@@ -21,6 +21,8 @@ one takes about `WARMUP_TARGET_S`), and:
 - a request that fits the budget but would not finish before its deadline behind the work already pending
   (each pending request scores at most as many tokens as the newcomer before it is done, the planner
   being max-min fair) is refused at once with 503 (TEI/Cohere 429) and Retry-After (`finish_estimate`).
+- so is one that would push a request admitted before it past that one's deadline (`pushed_past_deadline`):
+  newcomers are scored beside the pending requests, so a stream of small ones made a big one end 504.
 
 `Scheduler.work_per_second` holds the rate; whoever knows a better one (the engine choice times each
 candidate runtime on the loaded model) may set it before the model serves. While serving, every batch of
@@ -43,12 +45,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from openrerank.core.work import WorkItem
 from openrerank.engine.batching import CPU_POLICY, BatchPolicy
 from openrerank.engine.errors import (
+    DeadlinePushedError,
     DeadlineUnreachableError,
     EngineStoppedError,
     QueueFullError,
@@ -114,6 +117,23 @@ def finish_estimate(work: float, pending_requests: int, pending_work: float, wor
     pending request is scored at most as much more as the newcomer before the newcomer is done."""
     ahead = min(pending_work, pending_requests * work)
     return (ahead + work) / work_per_second
+
+
+def pushed_past_deadline(work: float, admitted: Sequence[tuple[float, float]], work_per_second: float
+                         ) -> tuple[float, float, float] | None:
+    """A pending request, of `admitted` as (work left, seconds to its deadline), that a newcomer of `work` would
+    push past its deadline, as (its finish without the newcomer, with it, seconds left), or None. Its finish is
+    estimated as a newcomer's (`finish_estimate`); under max-min fairness the newcomer delays it by at most
+    min(work, its work left) / rate. One that misses its deadline anyway is not protected: it would have every
+    newcomer refused until it ends 504."""
+    total = sum(left_work for left_work, _ in admitted)
+    others = len(admitted) - 1
+    for left_work, left in admitted:
+        finish = finish_estimate(left_work, others, total - left_work, work_per_second)
+        pushed = finish + min(work, left_work) / work_per_second
+        if finish <= left < pushed:
+            return finish, pushed, left
+    return None
 
 
 def measure_rate(compute: Callable[[Sequence[WorkItem]], object], item: WorkItem, max_tokens: int,
@@ -184,6 +204,7 @@ class AdmissionQueue:
         self.pending = 0  # accepted and unfinished (queued, planned, or being scored)
         self.pending_tokens = 0
         self.pending_work = 0.0
+        self.admitted: set[PendingRequest] = set()  # the pending requests, for their deadlines
         self.state = NEW
         self.failure: str | None = None  # why the worker died (the exception's type)
         self.sec_per_work = 0.0  # moving average of model time per unit of work, for Retry-After
@@ -280,9 +301,11 @@ class AdmissionQueue:
         if self.state in (STOPPING, STOPPED):
             raise EngineStoppedError()
 
-    def refusal_locked(self, tokens: int, work: float, left: float) -> QueueFullError | None:
-        """Why a request of `tokens` (`work`) with `left` seconds to its deadline cannot be accepted now, or None."""
+    def refusal_locked(self, tokens: int, work: float, deadline: float, now: float) -> QueueFullError | None:
+        """Why a request of `tokens` (`work`) due by `deadline` cannot be accepted at `now` (`time.monotonic()`
+        instants), or None."""
         cfg = self.config
+        left = deadline - now
         if self.pending >= cfg.max_queue:
             return QueueFullError(f"{self.pending} requests", f"{cfg.max_queue}, --max-queue",
                                   self.retry_after_locked())
@@ -301,13 +324,24 @@ class AdmissionQueue:
             if estimate > left:
                 return DeadlineUnreachableError(estimate, left, self.tokens_rate(tokens, work),
                                                 self.retry_after_locked())
+            pushed = pushed_past_deadline(work, list(self.work_left_locked(now)), rate)
+            if pushed is not None:
+                return DeadlinePushedError(*pushed, self.retry_after_locked())
         return None
+
+    def work_left_locked(self, now: float) -> Iterable[tuple[float, float]]:
+        """Each pending request as (work left: its work in proportion to its unscored tokens, an estimate read
+        while batches run; seconds to its deadline at `now`)."""
+        for req in self.admitted:
+            if not (req.abandoned or req.failed):
+                yield req.work * max(0, req.left_tokens) / max(1, req.tokens), req.deadline - now
 
     def retry_after_locked(self) -> float:
         return min(60.0, max(1.0, self.pending_work * self.sec_per_work))
 
     def accept_locked(self, req: PendingRequest) -> None:
         self.queue.append(req)
+        self.admitted.add(req)
         self.queued_items += len(req.items)
         self.queued_tokens += req.tokens
         self.pending += 1
@@ -325,6 +359,7 @@ class AdmissionQueue:
     def release(self, req: PendingRequest) -> None:
         """The request is answered (scored, failed, timed out or cancelled): it is pending no more."""
         with self.cv:
+            self.admitted.discard(req)
             self.pending -= 1
             self.pending_tokens -= req.tokens
             self.pending_work = max(0.0, self.pending_work - req.work) if self.pending else 0.0

@@ -96,6 +96,7 @@ class BatchRunner:
                     req.scores = np.empty((len(req.items), *rows.shape[1:]), dtype=rows.dtype)
                 req.scores[i] = row
                 req.remaining -= 1
+                req.left_tokens -= req.items[i].length
             for req in reqs:
                 if req in failed:
                     continue

@@ -36,6 +36,19 @@ class DeadlineUnreachableError(QueueFullError):
                      f"in {left:.0f} s (--request-timeout); retry later",)
 
 
+class DeadlinePushedError(QueueFullError):
+    """The request could finish in time itself, but its share of the model would push a request already
+    admitted past that one's deadline: refused at once (503/429, Retry-After), so the admitted one does not
+    end 504 after using model time."""
+
+    def __init__(self, finish: float, pushed: float, left: float, retry_after: float) -> None:
+        """`finish`, `pushed`: the admitted request's estimated seconds to finish without and with this one."""
+        QueueFullError.__init__(self, "", "", retry_after)
+        self.args = (f"server overloaded: admitting this request would push a request already admitted past its "
+                     f"deadline (it would finish in about {pushed:.1f} s instead of {finish:.1f} s, its deadline "
+                     f"is in {left:.1f} s); retry later",)
+
+
 class RequestTooLargeError(EngineError):
     """One request holds more work than the server scores for a single request (a 4xx: the client
     can split it, send fewer or shorter passages, or fewer chunks)."""

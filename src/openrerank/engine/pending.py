@@ -26,8 +26,8 @@ class ScoreOutcome:
 class PendingRequest:
     """One submitted request. The worker owns `todo`/`scores`/`remaining`/timings; the loop owns `future`."""
 
-    __slots__ = ("abandoned", "batches", "failed", "first_start", "future", "items", "last_end", "loop",
-                 "remaining", "scores", "submitted", "task", "todo", "tokens", "work")
+    __slots__ = ("abandoned", "batches", "deadline", "failed", "first_start", "future", "items", "last_end",
+                 "left_tokens", "loop", "remaining", "scores", "submitted", "task", "todo", "tokens", "work")
 
     def __init__(self, items: list[WorkItem], loop: asyncio.AbstractEventLoop) -> None:
         self.items = items
@@ -36,10 +36,13 @@ class PendingRequest:
         self.submitted = time.perf_counter()
         self.tokens = sum(it.length for it in items)
         self.work = float(self.tokens)  # what admission weighs it at (engine/admission.py), set on submit
+        #: Its `time.monotonic()` deadline, set on submit: admission refuses a newcomer that would push it past.
+        self.deadline = float("inf")
         self.todo = sorted(range(len(items)), key=lambda i: items[i].length)  # not yet planned
         self.task: Task = items[0].task  # one task per request
         self.scores: np.ndarray | None = None  # made by its first batch: (n,) scores or (n, dim) embeddings
         self.remaining = len(items)
+        self.left_tokens = self.tokens  # of items not scored yet: admission's estimate of the work it has left
         self.first_start: float | None = None
         self.last_end: float | None = None
         self.batches = 0

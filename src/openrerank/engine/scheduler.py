@@ -233,6 +233,7 @@ class Scheduler:
         timeout = self.config.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout if deadline is None else deadline
         req = PendingRequest(items, asyncio.get_running_loop())
+        req.deadline = deadline
         adm = self._admission
         req.work = adm.weigh(items)
         too_large = adm.too_large(req)
@@ -241,7 +242,7 @@ class Scheduler:
             raise too_large
         with self._cv:
             adm.check_open_locked()
-            full = adm.refusal_locked(req.tokens, req.work, deadline - time.monotonic())
+            full = adm.refusal_locked(req.tokens, req.work, deadline, time.monotonic())
             if full is None:
                 self._start_locked()  # tolerate callers that never called start()
                 adm.accept_locked(req)
