@@ -149,6 +149,17 @@ def test_export_to_a_path_that_is_a_file_is_one_line_before_the_export(tmp_path)
     assert not (tmp_path / "cache").exists()
 
 
+def test_export_refusals_of_the_model_or_the_cache_are_one_line(tmp_path):
+    """Before: pickle-only weights without --allow-pickle, and a file where the cache goes, were tracebacks."""
+    pickled = build_tiny_model(tmp_path / "pickled", safe=False)
+    _one_line_error(_openrerank("export", "--model", str(pickled), "--cache-dir", str(tmp_path / "cache")),
+                    "openrerank export: error: ", "--allow-pickle")
+    (tmp_path / "a-file").write_text("x")
+    model = build_tiny_model(tmp_path / "m")
+    _one_line_error(_openrerank("export", "--model", str(model), "--cache-dir", str(tmp_path / "a-file")),
+                    "openrerank export: error: ", str(tmp_path / "a-file"))
+
+
 def test_export_that_cannot_write_its_copy_is_one_line(tmp_path):
     """A failure only writing shows (here a folder where model.onnx goes) ends in one line, exit 2, after the
     export, which stays cached."""

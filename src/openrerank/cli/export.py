@@ -55,6 +55,7 @@ def run_export(args: argparse.Namespace) -> int:
     from openrerank.runtimes.onnx_export import ExportError, ensure_onnx
     from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
     from openrerank.runtimes.selection import RuntimeConfigError
+    from openrerank.sources.safety import UnsafeWeightsError
     from openrerank.sources.source import ModelSourceError
 
     out = Path(args.out) if args.out else None
@@ -75,9 +76,11 @@ def run_export(args: argparse.Namespace) -> int:
             result = ensure_openvino(network, variant=variant, cache_dir=cache_dir / "openvino" if cache_dir else None)
         else:
             result = ensure_onnx(network, dtype=args.dtype, opset=args.opset, cache_dir=cache_dir)
-    except (ModelSourceError, ModelFormatError, ExportError, ConversionError, RuntimeConfigError,
-            ValueError) as exc:
+    except (ModelSourceError, ModelFormatError, UnsafeWeightsError, ExportError, ConversionError,
+            RuntimeConfigError, ValueError) as exc:
         return fail(PROG, str(exc))
+    except OSError as exc:  # e.g. the cache (--cache-dir): a file where its folder goes, read-only, full
+        return fail(PROG, f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
     target = result.path
     try:
         if out is not None and args.backend == "onnx":
