@@ -35,7 +35,7 @@ from pathlib import Path
 
 from openrerank.cli.options import at_least_one
 from openrerank.runtimes.base import LANES_ENV, default_threads, lanes_text
-from openrerank.runtimes.selection import LANED_RUNTIMES
+from openrerank.runtimes.selection import LANED_RUNTIMES, RuntimeConfigError
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
@@ -132,6 +132,12 @@ def run_bench(args: argparse.Namespace) -> int:
             console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
             return 2
     try:
+        configs = _runnable(configs, given=args.backends is not None, console=console)
+        embed_configs = _runnable(embed_configs, given=True, console=console)
+    except RuntimeConfigError as exc:
+        print(f"openrerank bench: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         lanes = [int(n) for n in args.lanes.split(",") if n.strip()] if args.lanes else []
     except ValueError:
         lanes = [0]
@@ -189,6 +195,30 @@ def run_bench(args: argparse.Namespace) -> int:
         if not args.no_http:
             _http(args, wl, model_dir, Path(tmp), result, console)
     return _finish(result, args, console)
+
+
+def _runnable(configs: list[str], *, given: bool, console) -> list[str]:
+    """The BACKEND:DTYPE entries this machine runs, checked before anything is timed: one the user named and
+    this CPU or install refuses ends the bench (RuntimeConfigError); a default one is left out, said why (a CPU
+    without bf16 refuses the default list's bf16 rows by design, which made every plain bench exit 1)."""
+    import warnings
+
+    from openrerank.runtimes.selection import plan_runtimes
+
+    kept = []
+    for cfg in configs:
+        backend, _, dtype = cfg.partition(":")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # int8 without VNNI: the engine's own load says it
+                plan_runtimes(backend, dtype, "cpu")
+        except RuntimeConfigError as exc:
+            if given:
+                raise RuntimeConfigError(f"--backends {cfg}: {exc}") from None
+            console.print(f"skipping {cfg}: {exc}")
+            continue
+        kept.append(cfg)
+    return kept
 
 
 def _finish(result: dict, args: argparse.Namespace, console) -> int:
@@ -410,11 +440,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
     p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
                    help="BACKEND:DTYPE list for the embeddings row")
-    p.add_argument("--embed-texts", type=int, default=1000, help="distinct DL19 passages the embeddings row embeds")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: cores available)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
-    p.add_argument("--concurrent-requests", type=int, default=64, help="requests sent by the concurrent clients")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--embed-texts", type=at_least_one, default=1000,
+                   help="distinct DL19 passages the embeddings row embeds")
+    p.add_argument("--threads", type=at_least_one, default=None, help="intra-op threads (default: cores available)")
+    p.add_argument("--clients", type=at_least_one, default=16, help="concurrent HTTP clients")
+    p.add_argument("--concurrent-requests", type=at_least_one, default=64,
+                   help="requests sent by the concurrent clients")
+    p.add_argument("--rounds", type=at_least_one, default=None,
                    help="offline rounds (interleaved; the best is kept; default 2); --scale-out: rounds of every "
                    "configuration (interleaved; medians reported; default 3)")
     p.add_argument("--no-http", action="store_true", help="offline numbers only (no server; llm: always)")
