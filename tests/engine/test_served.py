@@ -33,3 +33,48 @@ def test_chunk_caps_a_client_may_ask_for_and_dialect_defaults_under_the_server_c
         assert model._chunk_cap(RerankRequest("q", ["a"], truncate=truncate, max_chunks_per_passage=5)) is None
         with pytest.raises(RequestTooLargeError, match="--max-chunks-per-passage"):
             model._chunk_cap(RerankRequest("q", ["a"], truncate=truncate, max_chunks_per_passage=6))
+
+
+def test_a_full_queue_refuses_before_the_request_is_tokenized(tiny_model_dir):
+    """A 300-passage request was refused (503) only after 1.8 s of tokenizing, and every refused retry of an
+    overloaded server cost that again."""
+    import asyncio
+    import threading
+    import time
+
+    from openrerank.core.requests import RerankRequest
+    from openrerank.engine.admission import SchedulerConfig
+    from openrerank.engine.errors import QueueFullError
+    from openrerank.engine.loading import LoadOptions
+    from openrerank.engine.served import load_served_model
+    from openrerank.sources.source import ModelSource
+
+    served = load_served_model(ModelSource("m", str(tiny_model_dir)), LoadOptions(backend="torch", threads=1),
+                               SchedulerConfig(max_queue=1), None)
+    release = threading.Event()
+    score = served.scheduler.scorer.score
+    served.scheduler.scorer.score = lambda items: (release.wait(60), score(items))[1]  # the first request holds
+    tokenized: list[int] = []
+    prepare = served.loaded.encoder.prepare
+    served.loaded.encoder.prepare = lambda q, passages, *a, **kw: (tokenized.append(len(passages)),
+                                                                   prepare(q, passages, *a, **kw))[1]
+
+    async def go() -> None:
+        await served.scheduler.start()
+        try:
+            first = asyncio.create_task(served.rerank(RerankRequest("q", ["a"])))
+            deadline = time.monotonic() + 60
+            while served.scheduler.pending == 0:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                await asyncio.sleep(0.01)
+            with pytest.raises(QueueFullError, match="--max-queue"):
+                await served.rerank(RerankRequest("q", ["b"] * 300))
+            assert tokenized == [1]  # the refused request's passages were never tokenized
+            release.set()
+            await first
+        finally:
+            release.set()
+            await served.scheduler.stop()
+            served.loaded.close()
+
+    asyncio.run(go())

@@ -147,6 +147,16 @@ class Scheduler:
         """Why a request of `tokens` (`work`) is over the per-request budget, or None (`partial`: so far)."""
         return self._admission.over_budget(tokens, work, partial=partial)
 
+    def refuse_if_full(self, task: Task) -> None:
+        """QueueFullError (counted) when --max-queue requests are pending: checked before a request is
+        tokenized, so an overloaded server refuses at once instead of after preparing the work; `submit`
+        checks again, with the rest of admission."""
+        with self._cv:
+            full = self._admission.queue_full_locked()
+        if full is not None:
+            self._counts.rejected(task, "queue_full")
+            raise full
+
     def count_rejected(self, task: Task, reason: str) -> None:
         """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""
         self._counts.rejected(task, reason)

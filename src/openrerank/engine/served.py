@@ -188,6 +188,7 @@ class ServedModel:
         scheduler submission; one float32 per passage."""
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
+        self.scheduler.refuse_if_full("listwise" if self.loaded.family.listwise else "rerank")
         try:
             preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits)
             preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
@@ -281,6 +282,7 @@ class ServedModel:
         timeout = self.scheduler.config.request_timeout
         if deadline is None:
             deadline = time.monotonic() + timeout
+        self.scheduler.refuse_if_full(task)
         try:
             items = await asyncio.wait_for(make_items(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
