@@ -5,8 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from openrerank.runtimes import artifact_cache
 from openrerank.runtimes.artifact_cache import model_fingerprint
+from tests.support import build_tiny_bi_encoder
 
 
 def test_a_fingerprint_reads_the_weights_once_and_again_after_they_change(tmp_path: Path, tiny_model_dir,
@@ -32,3 +35,16 @@ def test_a_fingerprint_reads_the_weights_once_and_again_after_they_change(tmp_pa
 
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
     assert model_fingerprint(model) not in (first, changed)
+
+
+def test_the_weights_of_sentence_transformers_modules_are_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """A bi-encoder's Dense layer (`2_Dense/model.safetensors`) is part of its exported graph: a changed one
+    must not be served from the export of the old one."""
+    pytest.importorskip("sentence_transformers")
+    path = build_tiny_bi_encoder(tmp_path / "model", dense=({"out_features": 8},))
+    first = model_fingerprint(path)
+    weights = path / "2_Dense" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the same size, another content
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(path) != first

@@ -73,16 +73,31 @@ def cache_root() -> Path:
 def model_fingerprint(model_dir: Path) -> str:
     """Content hash of config.json and the weight files: what a converted graph depends on.
 
+    The weight files are the folder's own and those in the folders of its sentence-transformers modules
+    (`modules.json`: a Dense layer's `2_Dense/model.safetensors` is part of a bi-encoder's graph).
+
     One start asks for it several times (the engine timing's key, each conversion's, the served speed's);
     each asking read every weight byte (7 times for the default model from an empty cache: 0.07 s each here,
     seconds each for a model of gigabytes). So the hash is remembered for files whose identity, size and
     modification time are unchanged: a rewritten or edited file is hashed again."""
     model_dir = Path(model_dir)
-    weights = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    folders = [model_dir, *_module_folders(model_dir)]
+    weights = sorted(p for d in folders for p in d.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
     files = [f for f in [model_dir / "config.json", *weights] if f.is_file()]
-    stats = tuple((f.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                  for f, st in ((f, f.stat()) for f in files))
+    stats = tuple((f.relative_to(model_dir).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                   st.st_ctime_ns) for f, st in ((f, f.stat()) for f in files))
     return _fingerprint(str(model_dir), stats)
+
+
+def _module_folders(model_dir: Path) -> list[Path]:
+    """The sub-folders `modules.json` names (none when it is absent or unreadable)."""
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    paths = {str(m.get("path") or "") for m in modules if isinstance(m, dict)} if isinstance(modules, list) else ()
+    inside = [p for p in map(Path, sorted(paths)) if p.parts and not p.is_absolute() and ".." not in p.parts]
+    return [model_dir / p for p in inside if p != Path(".") and (model_dir / p).is_dir()]
 
 
 @functools.lru_cache(maxsize=64)
