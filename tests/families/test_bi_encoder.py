@@ -62,6 +62,18 @@ def test_empty_and_unrelated_prompts_are_no_prompt(tmp_path):
     assert input_prompts(spec_of(path)) == {"query": "Represent this sentence for searching relevant passages: "}
 
 
+def test_the_passage_prompt_is_chosen_in_encode_documents_order(tmp_path):
+    """document, passage, corpus: `encode_document`'s order; an empty or null prompt is no prompt and the next
+    name's serves (sentence-transformers >= 6 saves `"document": ""` beside a model's passage prompt)."""
+    path = copy_default(tmp_path)
+    write(path, "config_sentence_transformers.json", json.dumps({
+        "prompts": {"passage": "p: ", "document": "d: ", "query": None, "search_query": "sq: "}}))
+    assert input_prompts(spec_of(path)) == {"query": "sq: ", "passage": "d: "}
+    write(path, "config_sentence_transformers.json", json.dumps({
+        "prompts": {"query": "q: ", "document": "", "passage": "p: "}}))
+    assert input_prompts(spec_of(path)) == {"query": "q: ", "passage": "p: "}
+
+
 def test_matryoshka_is_read_from_the_card_tags(tmp_path):
     path = copy_default(tmp_path)
     write(path, "README.md", "---\ntags:\n- sentence-transformers\n- loss:MatryoshkaLoss\n---\n# card\n")
@@ -196,3 +208,10 @@ def test_pooling_modes_and_dense_layers_run_alike_on_every_engine(stacked_dir, s
     assert [(d["out_features"], d["activation"], d["residual"]) for d in spec.options["dense"]] == [
         (24, "GELU", True), (8, "Tanh", False)]
     assert_like_sentence_transformers(stacked_dir, backend, sentence_transformers)
+
+
+def test_rerank_embeds_the_query_and_passages_with_their_prompts(tmp_path, sentence_transformers):
+    prompts = {"query": "query: ", "passage": "passage: "}
+    path = build_tiny_bi_encoder(tmp_path / "model", prompts=prompts, normalize=True, seed=4)
+    assert_like_sentence_transformers(path, "torch", sentence_transformers, query_prompt="query: ",
+                                      passage_prompt="passage: ")

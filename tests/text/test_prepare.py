@@ -187,3 +187,25 @@ def test_encode_texts_truncation_keeps_the_prompt(prompted):
     words = tok(text, add_special_tokens=False)["input_ids"]
     assert start[1 + len(prompt_ids) : -1] == words[-(16 - 2 - len(prompt_ids)) :]  # the text's end
     assert end[1 + len(prompt_ids) : -1] == words[: 16 - 2 - len(prompt_ids)]  # the text's start
+
+
+def test_bi_encoder_reranks_with_the_query_and_passage_prompts():
+    """Each text gets its input type's prompt (what /v1/embeddings prepends for input_type query / passage),
+    under every truncation; a CHUNK window of whole sentences leaves room for it (none is cut short), START
+    keeps it and cuts the passage's start."""
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    enc = BiTextEncoder(tok, 32, prompts={"query": "query: ", "passage": "passage: "})
+    q_ids = tok("query: capital of france")["input_ids"]
+    head = tok("passage: ")["input_ids"][:-1]  # [CLS] passage :
+    text = " ".join(long_text(9, i) + "." for i in range(10))  # sentences of 10 tokens
+    period = tok.convert_tokens_to_ids(".")
+    for truncate in (Truncate.END, Truncate.START, Truncate.CHUNK):
+        prep = enc.prepare("capital of france", ["paris is the capital", text], truncate)
+        assert all(it.query_ids == q_ids for it in prep.items)
+        assert prep.items[0].passage_ids == tok("passage: paris is the capital")["input_ids"]
+        long = prep.items[1:]
+        assert all(it.passage_ids[: len(head)] == head and len(it.passage_ids) <= 32 for it in long)
+        if truncate is Truncate.CHUNK:
+            assert len(long) > 1 and all(it.passage_ids[-2] == period for it in long)
+    start = enc.prepare("q", [text], Truncate.START).items[0].passage_ids
+    assert start[-4:-1] == tok(text, add_special_tokens=False)["input_ids"][-3:]

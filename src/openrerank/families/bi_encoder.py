@@ -9,7 +9,9 @@ per text leaves the runtime and every engine computes the same thing.
 Every bi-encoder is also an embedding model (`/v1/embeddings`). What its files say about embeddings is read
 here: whether `encode` normalizes (a Normalize module), the query/passage prompts of
 `config_sentence_transformers.json`, and whether the embeddings may be shortened (a Matryoshka model, declared
-by its card's tags, e.g. `loss:MatryoshkaLoss` as sentence-transformers writes it).
+by its card's tags, e.g. `loss:MatryoshkaLoss` as sentence-transformers writes it). Reranking embeds the query
+with its query prompt and each passage with its passage prompt, as `encode_query` / `encode_document` do, so
+the rerank score is the cosine a first stage built on those embeddings computes.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from openrerank.families.st_modules import load_dense, read_stack
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.text.bi import BiTextEncoder
 
-#: Prompt names models use for NIM's `input_type` values, most common first.
+#: Prompt names models use for NIM's `input_type` values, most common first; a passage's start with
+#: sentence-transformers' `encode_document` candidates, in its order (document, passage, corpus).
 INPUT_TYPE_PROMPTS = {
     "query": ("query", "search_query", "queries", "retrieval.query"),
-    "passage": ("passage", "document", "search_document", "passages", "documents", "corpus", "retrieval.passage"),
+    "passage": ("document", "passage", "corpus", "search_document", "passages", "documents", "retrieval.passage"),
 }
 
 
@@ -40,7 +43,10 @@ def input_prompts(spec: ModelSpec) -> dict[str | None, str]:
     """NIM `input_type` (query | passage; None when absent) -> the prompt sentence-transformers would prepend.
 
     A type with no prompt in the config maps to nothing (no prompt), as `encode` without a prompt does; an
-    absent `input_type` gets the config's `default_prompt_name`, as `encode` does."""
+    absent `input_type` gets the config's `default_prompt_name`, as `encode` does. An empty prompt is passed
+    over for the next name: sentence-transformers >= 6 saves `"document": ""` beside a model's own `passage`
+    prompt, and the prompt the model was trained with is the passage's (its `encode_document` takes the first
+    name present, empty or not, so there it embeds such a passage with no prompt)."""
     prompts: dict = spec.options.get("prompts") or {}
     out: dict[str | None, str] = {}
     for input_type, names in INPUT_TYPE_PROMPTS.items():
@@ -129,7 +135,7 @@ def network_head(spec: ModelSpec) -> str:
 class BiEncoderFamily(Family):
     id = "bi-encoder"
     title = "Sentence-transformers bi-encoders (embedding models, e.g. the embedded all-MiniLM-L6-v2)"
-    input_format = "query and passage encoded separately: [CLS] text [SEP]"
+    input_format = "query and passage encoded separately, each with its prompt: [CLS] prompt text [SEP]"
     readout = ("the module stack over each text's tokens: Pooling (mean/CLS/max/weighted mean/last token), Dense "
                "layers; score = cosine of the two embeddings")
     score_kind = ScoreKind.COSINE
@@ -150,7 +156,7 @@ class BiEncoderFamily(Family):
             options["dense"] = stack["dense"]
         prompts = files.st_config.get("prompts")
         if isinstance(prompts, dict) and prompts:
-            options["prompts"] = {str(k): str(v) for k, v in prompts.items()}
+            options["prompts"] = {str(k): str(v) for k, v in prompts.items() if v is not None}
             default = files.st_config.get("default_prompt_name")
             if isinstance(default, str) and default in options["prompts"]:
                 options["default_prompt_name"] = default

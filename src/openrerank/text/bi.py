@@ -59,35 +59,32 @@ class BiTextEncoder(TextEncoder):
                 for t, offs in zip(texts, enc["offset_mapping"], strict=True)]
 
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
-        m = self.max_length
-        if truncate is Truncate.NONE:
-            q = self.tok(query)["input_ids"]
-            p = self.tok(passages)["input_ids"]
-            self.check_lengths([q])
-            self.check_lengths(p)
-            owners = list(range(len(passages)))
-        else:
-            q = self.tok(query, truncation=True, max_length=m)["input_ids"]
-            if truncate is Truncate.CHUNK:
-                texts, owners = self._bi_windows(passages, max_chunks)
-                p = self.tok(texts, truncation=True, max_length=m)["input_ids"] if texts else []
-                items: list[WorkItem] = [BiItem(q, ids) for ids in p]
-                return Prepared(items, owners, len(q) + sum(len(ids) for ids in p))
-            enc = self.tok(passages, left=truncate is Truncate.START, truncation=True, max_length=m)
-            p = enc["input_ids"]
-            owners = list(range(len(passages)))
+        """The query embedded with the model's query prompt, each passage (or window) with its passage prompt:
+        the ids `/v1/embeddings` gives with input_type query / passage, so the score is those embeddings' cosine."""
+        q = self.encode_texts([query], Truncate.NONE if truncate is Truncate.NONE else Truncate.END, "query")[0]
+        if truncate is Truncate.CHUNK:
+            prompt = self.prompts.get("passage", "")
+            texts, owners = self._bi_windows(passages, max_chunks, len(self.tok.ids(prompt)) if prompt else 0)
+            p = (self.tok([prompt + t for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
+                 if texts else [])
+            items: list[WorkItem] = [BiItem(q, ids) for ids in p]
+            return Prepared(items, owners, len(q) + sum(len(ids) for ids in p))
+        p = self.encode_texts(passages, truncate, "passage")
+        owners = list(range(len(passages)))
         keep = cap_chunks(owners, max_chunks)
-        items: list[WorkItem] = [BiItem(q, p[i]) for i in keep]
+        items = [BiItem(q, p[i]) for i in keep]
         return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep))
 
-    def _bi_windows(self, passages: list[str], max_chunks: int | None) -> tuple[list[str], list[int]]:
+    def _bi_windows(self, passages: list[str], max_chunks: int | None, prompt_tokens: int = 0
+                    ) -> tuple[list[str], list[int]]:
         """Window texts and their owners: whole passages that fit, else sentence windows.
 
         A long passage is first bounded to the span `max_chunks` model-sized windows would cover,
         then cut into half-overlapping windows of up to `BI_CHUNK_TOKENS` tokens of whole sentences
-        (a sentence longer than that is cut into overlapping token windows).
+        (a sentence longer than that is cut into overlapping token windows). The passage prompt
+        (`prompt_tokens`), prepended to each window, takes its room from the model's window.
         """
-        window = max(1, self.max_length - self.single_specials)
+        window = max(1, self.max_length - self.single_specials - prompt_tokens)
         budget = min(BI_CHUNK_TOKENS, window)
         enc = self.tok(passages, add_special_tokens=False, return_offsets_mapping=True)
         texts: list[str] = []
