@@ -224,3 +224,14 @@ def test_torch_bf16_returns_float32_close_to_fp32():
     assert b.dtype == np.float32
     np.testing.assert_allclose(b, a, atol=0.02)
     assert b[0] > b[1]
+
+
+def test_a_bf16_refusal_suggests_only_dtypes_the_backend_runs(monkeypatch):
+    """PyTorch's refusal suggested int8, which --backend torch refuses in turn."""
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(RuntimeConfigError) as torch_err:
+        plan_runtimes("torch", "bf16", "cpu")
+    assert str(torch_err.value).endswith("Use --dtype fp32")
+    with pytest.raises(RuntimeConfigError) as ov_err:
+        plan_runtimes("openvino", "bf16", "cpu")
+    assert str(ov_err.value).endswith("Use --dtype fp32, or int8")

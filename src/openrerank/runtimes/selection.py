@@ -141,7 +141,9 @@ def _has(flags: frozenset[str], wanted: tuple[str, ...]) -> str | None:
 def _bf16_refusal(runtime: str) -> RuntimeConfigError:
     return RuntimeConfigError(
         f"--dtype bf16 on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this CPU "
-        f"lacks: {_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32, or int8")
+        f"lacks: {_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32"
+        + (", or int8" if "int8" in {"torch": TORCH_DTYPES, "openvino": OPENVINO_DTYPES, "onnx": ONNX_DTYPES}[runtime]
+           else ""))
 
 
 def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str]) -> RuntimeChoice:
