@@ -235,3 +235,13 @@ def test_a_bf16_refusal_suggests_only_dtypes_the_backend_runs(monkeypatch):
     with pytest.raises(RuntimeConfigError) as ov_err:
         plan_runtimes("openvino", "bf16", "cpu")
     assert str(ov_err.value).endswith("Use --dtype fp32, or int8")
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_loading(monkeypatch, tmp_path):
+    """Every conversion failed on it and auto served PyTorch with only warnings in the log."""
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path / "a-file"))
+    with pytest.raises(RuntimeConfigError, match="is not a directory"):
+        check_runtime_options("auto", "auto", "cpu")
+    monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path / "not-yet"))  # made when first written
+    check_runtime_options("auto", "auto", "cpu")

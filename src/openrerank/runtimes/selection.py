@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import Network, Runtime, default_threads, lane_counts, lanes_text
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
 from openrerank.runtimes.measure import Measurement, NotTimeableError, Throughput, Timings, measure_candidates
@@ -274,6 +275,9 @@ def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple
         lane_counts(1)
     except ValueError as exc:
         raise RuntimeConfigError(str(exc)) from None
+    root = cache_root()
+    if root.exists() and not root.is_dir():  # else every conversion fails and auto quietly serves PyTorch
+        raise RuntimeConfigError(f"the model cache {root} ({CACHE_ENV} or $XDG_CACHE_HOME) is not a directory")
     return plan_runtimes(backend, dtype, device, runtimes, family)[0].runtime
 
 
