@@ -150,6 +150,26 @@ def test_bi_encoder_max_chunks_bounds_the_covered_span(bi):
     assert not any("mercury" in w for w in decoded)
 
 
+def test_a_bi_encoders_long_passage_counts_the_model_windows_its_span_fills(bi):
+    """Billing (search_units) and --max-chunks-per-request counted each small sentence window: Cohere v1's
+    default 10 chunks on 100 long documents was refused (over 2,048 chunks) on the default model though a
+    cross-encoder, with the same window, counted 1,000. A long passage counts as the windows a cross-encoder
+    of that window would cut from the same span."""
+    from openrerank.text.prepare import chunk_starts
+
+    filler = " ".join(f"Sentence number {i} talks about the weather in town." for i in range(120))
+    for cap in (None, 1, 3):
+        prep = bi.prepare("q", ["short one", filler], Truncate.CHUNK, max_chunks_per_passage=cap)
+        tokens = len(bi.tok.ids(filler))
+        window = bi.max_length - bi.single_specials
+        span = tokens if cap is None else min(tokens, window + (cap - 1) * (window - P.chunk_overlap(window)))
+        assert len(prep.items) > 1 + len(chunk_starts(span, window))  # more sentence windows than that ...
+        assert prep.windows == 1 + len(chunk_starts(span, window))  # ... but counted as model windows
+        assert list(prep.windows_of(2)) == [1, len(chunk_starts(span, window))]
+        if cap is not None:
+            assert prep.windows - 1 <= cap
+
+
 def test_bi_encoder_sentence_longer_than_a_window_is_split(bi):
     run_on = " ".join(["word"] * 600)  # no sentence break at all
     prep = bi.prepare("q", [run_on], Truncate.CHUNK)

@@ -239,7 +239,7 @@ class ScoreCache:
             if scored.prep is not None:
                 for item, owner in zip(scored.prep.items, scored.prep.owners, strict=True):
                     per_passage[owner] += item_tokens(item)
-                per_windows = np.bincount(np.asarray(scored.prep.owners, dtype=np.int64), minlength=len(idx))
+                per_windows = scored.prep.windows_of(len(idx))
             look.shared_tokens = int(scored.prompt_tokens - per_passage.sum())
             result = look.result
             result.logits[idx] = scored.logits

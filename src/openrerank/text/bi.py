@@ -16,7 +16,14 @@ import re
 
 from openrerank.core.requests import Truncate
 from openrerank.core.work import BiItem, WorkItem
-from openrerank.text.prepare import CHUNK_OVERLAP, Prepared, TextEncoder, cap_chunks, chunk_overlap
+from openrerank.text.prepare import (
+    CHUNK_OVERLAP,
+    Prepared,
+    TextEncoder,
+    cap_chunks,
+    chunk_overlap,
+    chunk_starts,
+)
 
 #: Token budget of one bi-encoder chunk: as many whole sentences as fit (see the module docstring).
 BI_CHUNK_TOKENS = 64
@@ -64,11 +71,12 @@ class BiTextEncoder(TextEncoder):
         q = self.encode_texts([query], Truncate.NONE if truncate is Truncate.NONE else Truncate.END, "query")[0]
         if truncate is Truncate.CHUNK:
             prompt = self.prompts.get("passage", "")
-            texts, owners = self._bi_windows(passages, max_chunks, len(self.tok.ids(prompt)) if prompt else 0)
+            texts, owners, counts = self._bi_windows(passages, max_chunks,
+                                                     len(self.tok.ids(prompt)) if prompt else 0)
             p = (self.tok([prompt + t for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
                  if texts else [])
             items: list[WorkItem] = [BiItem(q, ids) for ids in p]
-            return Prepared(items, owners, len(q) + sum(len(ids) for ids in p))
+            return Prepared(items, owners, len(q) + sum(len(ids) for ids in p), counts or None)
         p = self.encode_texts(passages, truncate, "passage")
         owners = list(range(len(passages)))
         keep = cap_chunks(owners, max_chunks)
@@ -76,8 +84,10 @@ class BiTextEncoder(TextEncoder):
         return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep))
 
     def _bi_windows(self, passages: list[str], max_chunks: int | None, prompt_tokens: int = 0
-                    ) -> tuple[list[str], list[int]]:
-        """Window texts and their owners: whole passages that fit, else sentence windows.
+                    ) -> tuple[list[str], list[int], dict[int, int]]:
+        """Window texts, their owners, and what each long passage counts as: whole passages that fit, else
+        sentence windows, a long passage counted as the model-sized windows its span fills (`chunk_starts`,
+        as a cross-encoder cuts it), so billing and the per-request chunk bound do not depend on the family.
 
         A long passage is first bounded to the span `max_chunks` model-sized windows would cover,
         then cut into half-overlapping windows of up to `BI_CHUNK_TOKENS` tokens of whole sentences
@@ -89,19 +99,23 @@ class BiTextEncoder(TextEncoder):
         enc = self.tok(passages, add_special_tokens=False, return_offsets_mapping=True)
         texts: list[str] = []
         owners: list[int] = []
+        counts: dict[int, int] = {}
         long: list[tuple[int, str]] = []
         for idx, (text, offsets) in enumerate(zip(passages, enc["offset_mapping"], strict=True)):
             if len(offsets) <= window:
                 texts.append(text)
                 owners.append(idx)
                 continue
+            spanned = len(offsets)
             if max_chunks:
                 span = window + (max_chunks - 1) * (window - chunk_overlap(window))
                 if len(offsets) > span:
                     text = text[: offsets[span - 1][1]]
+                    spanned = span
+            counts[idx] = len(chunk_starts(spanned, window))
             long.append((idx, text))
         if not long:
-            return texts, owners
+            return texts, owners, counts
         spans = [_sentence_spans(text) for _, text in long]
         flat = [text[a:b] for (_, text), ss in zip(long, spans, strict=True) for a, b in ss]
         sent_enc = self.tok(flat, add_special_tokens=False, return_offsets_mapping=True)
@@ -115,7 +129,7 @@ class BiTextEncoder(TextEncoder):
             for piece in _pack(text, units, budget):
                 texts.append(piece)
                 owners.append(idx)
-        return texts, owners
+        return texts, owners, counts
 
 
 def _sentence_spans(text: str) -> list[tuple[int, int]]:

@@ -48,6 +48,10 @@ class Prepared:
     items: list[WorkItem]
     owners: list[int]  # passage index of each item (listwise: of each passage or chunk in its blocks)
     prompt_tokens: int  # tokens that will actually be scored
+    #: Passages counted (billed, bounded by --max-chunks-per-request) as a number of windows other than their
+    #: items: a bi-encoder scores a long passage over small sentence windows, but counts the model-sized
+    #: windows its span fills, as a cross-encoder would.
+    window_counts: dict[int, int] | None = None
 
     @staticmethod
     def concat(parts: list[tuple[int, Prepared]]) -> Prepared:
@@ -56,14 +60,26 @@ class Prepared:
             return parts[0][1]
         items: list[WorkItem] = []
         owners: list[int] = []
+        counts: dict[int, int] = {}
         for start, part in parts:
             items += part.items
             owners += [start + o for o in part.owners]
-        return Prepared(items, owners, sum(part.prompt_tokens for _, part in parts))
+            counts.update({start + o: c for o, c in (part.window_counts or {}).items()})
+        return Prepared(items, owners, sum(part.prompt_tokens for _, part in parts), counts or None)
+
     @property
     def windows(self) -> int:
         """Passages and chunks scored: a passage cut into N windows counts N."""
-        return len(self.owners)
+        if not self.window_counts:
+            return len(self.owners)
+        return int(self.windows_of(max(self.owners, default=-1) + 1).sum())
+
+    def windows_of(self, passages: int) -> np.ndarray:
+        """The windows each of `passages` counts (the items it owns, unless `window_counts` says)."""
+        out = np.bincount(np.asarray(self.owners, dtype=np.int64), minlength=passages)
+        for owner, count in (self.window_counts or {}).items():
+            out[owner] = count
+        return out
 
     def fold(self, scores: np.ndarray, passages: int) -> np.ndarray:
         """Item scores -> one float32 score per passage: the best of its chunks."""
