@@ -245,3 +245,13 @@ def test_a_cache_path_that_is_a_file_is_refused_before_loading(monkeypatch, tmp_
         check_runtime_options("auto", "auto", "cpu")
     monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path / "not-yet"))  # made when first written
     check_runtime_options("auto", "auto", "cpu")
+
+
+def test_int8_without_vnni_warns_once_however_often_it_is_planned(machine):
+    """The preflight check and the model's resolution each planned the runtimes: the log said it twice."""
+    machine(OLD_CPU)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own action for RuntimeWarning: once per location
+        check_runtime_options("onnx", "int8", "cpu")
+        plan_runtimes("onnx", "int8", "cpu")
+    assert len([w for w in seen if "VNNI" in str(w.message)]) == 1

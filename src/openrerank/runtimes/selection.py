@@ -263,7 +263,7 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
         plan = _auto_cpu(dtype, runtimes, flags, family)
     if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):
         warnings.warn("--dtype int8 on a CPU without VNNI (avx512_vnni/avx_vnni): it runs, but is usually no "
-                      "faster than fp32", RuntimeWarning, stacklevel=2)
+                      "faster than fp32", RuntimeWarning, stacklevel=1)  # one location: shown once a process
     return plan
 
 
