@@ -237,6 +237,20 @@ def test_busy_port_fails_before_the_model_loads():
     assert "loaded" not in err and "export" not in err  # nothing was loaded first
 
 
+def test_more_threads_than_cores_is_warned_at_start():
+    """Silently accepted before; the threads take turns on the cores and score slower than fewer would."""
+    import os
+    import socket
+
+    cores = len(os.sched_getaffinity(0))
+    with socket.socket() as busy:  # the start stops right after the checks: nothing is loaded
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        done = _openrerank("serve", "--threads", str(cores + 1), "--port", str(busy.getsockname()[1]))
+    assert f"--threads {cores + 1} is more than the {cores} cores this process may use" in done.stderr
+    assert " WARNING " in done.stderr and done.returncode == 2
+
+
 def test_model_that_fails_to_load_exits_3_with_one_error_line(tmp_path):
     """Weights present but unreadable: preflight passes, the load fails; the server must not linger at 503."""
     model = build_tiny_model(tmp_path / "m")

@@ -165,6 +165,7 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
     Flags no runtime could honour fail before any model is located (a hub download can be long); then each
     model is resolved, its runtime plan computed, and handed to the app so loading does not do it again."""
     from openrerank.engine.loading import model_sources, resolve_model
+    from openrerank.runtimes.base import default_threads
     from openrerank.runtimes.devices import check_device
     from openrerank.runtimes.selection import check_runtime_options
     from openrerank.server.engine_config import load_options
@@ -188,6 +189,12 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
                              "one under another name (NAME=SOURCE, --alias)")
     check_runtime_options(config.backend, config.dtype, config.device)
     check_device(config.device)
+    cores = default_threads()
+    if config.threads and config.threads > cores and config.device == "cpu":
+        logging.getLogger("openrerank").warning(
+            "--threads %d is more than the %d cores this process may use: the threads will take turns on them "
+            "and score slower than %d would (docs/engine.md, Thread knobs)",
+            config.threads, cores, cores)
     if config.otlp_endpoint:
         from openrerank.observe.tracing import check_tracing_available
 
