@@ -35,6 +35,18 @@ def test_every_route_declares_the_431_in_the_shape_its_path_answers():
     assert checked >= 15
 
 
+def test_every_retryable_status_declares_its_retry_after_header():
+    """Overload, loading and draining answers carry Retry-After; no response declared it for generated clients."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        doc = c.get("/openapi.json").json()
+        loading = c.post("/v1/ranking", json={"query": {"text": "q"}, "passages": [{"text": "p"}]})
+    assert loading.status_code == 503 and int(loading.headers["retry-after"]) >= 1
+    declared = [op["responses"][code] for item in doc["paths"].values() for op in item.values()
+                for code in ("429", "503") if code in op["responses"]]
+    assert len(declared) >= 10
+    assert all(r["headers"]["Retry-After"]["schema"]["type"] == "integer" for r in declared)
+
+
 def _examples(doc: dict, name: str) -> list[dict]:
     return doc["components"]["schemas"][name].get("examples", [])
 

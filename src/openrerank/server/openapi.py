@@ -32,6 +32,9 @@ _METHODS = ("get", "post", "put", "patch", "delete")
 #: What any path may answer before its route runs: the connection's guard (server/http.py) answers these in the
 #: error shape of the dialect owning the path, whatever the route.
 GUARD_STATUSES = (431,)
+#: Statuses answered with a Retry-After (overload, loading, draining), declared so generated clients read it.
+RETRYABLE = ("429", "503")
+RETRY_AFTER_HEADER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
 
 
 def _is_fastapi_422(entry: dict[str, Any]) -> bool:
@@ -57,6 +60,9 @@ def adjust(schema: dict[str, Any], *, api_key: bool) -> dict[str, Any]:
                 continue
             responses = op.setdefault("responses", {})
             responses.update(_guard_responses(path, known))
+            for code in RETRYABLE:
+                if code in responses:
+                    responses[code].setdefault("headers", {})["Retry-After"] = RETRY_AFTER_HEADER
             if "422" in responses and _is_fastapi_422(responses["422"]):
                 del responses["422"]
             if api_key and path not in PUBLIC_PATHS:
