@@ -235,6 +235,52 @@ def test_a_small_request_does_not_wait_for_a_larger_one_scoring_its_passage():
     assert small.asked == ["x"] and list(alone.logits) == [1.0] and first.logits[0] == 1.0
 
 
+def test_a_request_is_sized_by_its_whole_submission_and_by_what_it_would_score():
+    """Two ways the rule let a small asker wait behind a large request: a 300-query vLLM score request (one
+    passage a query) registered each passage as a 1-passage request; and an asker's cache hits counted as
+    work it would do."""
+    cache = ScoreCache(2**20)
+    big = HeldScorer()
+
+    async def score_big(parts):
+        return [await big(passages) for _, passages in parts]
+
+    async def go():
+        queries = [(b"ns", f"q{i}", [f"p{i}"]) for i in range(300)]
+        first = asyncio.create_task(cache.score_many("m", queries, score_big))
+        await asyncio.sleep(0)
+        small = CountingScorer()
+        alone = await asyncio.wait_for(cache.score("m", b"ns", "q0", ["p0"], small), 5)
+        assert small.asked == ["p0"] and not first.done()
+        # 299 passages held by the cache and 1 that a 200-passage request is scoring: it scores that one
+        await cache.score("m", b"ns", "held", [f"h{i}" for i in range(299)], CountingScorer())
+        second = asyncio.create_task(cache.score("m", b"ns", "held", ["x", *[f"y{i}" for i in range(199)]], big))
+        await asyncio.sleep(0)
+        mostly_hits = CountingScorer()
+        await asyncio.wait_for(cache.score("m", b"ns", "held", [*[f"h{i}" for i in range(299)], "x"], mostly_hits), 5)
+        assert mostly_hits.asked == ["x"]
+        big.release.set()
+        await asyncio.gather(first, second)
+        return alone
+
+    assert list(asyncio.run(go()).logits) == [2.0]
+
+
+def test_a_passage_given_twice_is_scored_once_and_never_waits_on_the_deadline():
+    """The repeat waited, under the deadline, for the request's own resolved score: a request whose scoring
+    ended at its deadline got a 504 with every score in hand."""
+    cache = ScoreCache(2**20)
+    model = CountingScorer()
+
+    async def slow(passages):
+        scored = await model(passages)
+        await asyncio.sleep(0.1)  # past the deadline by the time the scores come back
+        return scored
+
+    got = asyncio.run(cache.score("m", b"ns", "q", ["a", "bb", "a"], slow, deadline=time.monotonic() + 0.05))
+    assert list(got.logits) == [1.0, 2.0, 1.0] and model.asked == ["a", "bb"]
+
+
 def test_waiting_for_a_concurrent_request_ends_at_the_deadline():
     cache = ScoreCache(2**20)
     owner = HeldScorer()

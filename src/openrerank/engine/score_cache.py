@@ -96,6 +96,8 @@ class _Lookup:
     own: dict[int, Future] = field(default_factory=dict)  # passages it scores and delivers to concurrent ones
     also: list[int] = field(default_factory=list)  # passages a larger concurrent request is scoring: scored too
     waiting: dict[int, Future] = field(default_factory=dict)  # passages a concurrent request is scoring
+    #: passage -> (query, passage) of the request itself that scores the same pair: filled from it, once scored
+    copies: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def todo(self) -> list[int]:
@@ -107,8 +109,9 @@ class ScoreCache:
 
     Concurrent requests share work too: a passage another request is scoring right now is awaited, not
     scored twice (16 clients asking the same thing at once cost one pass), but only from a request that
-    scores no more passages than the one asking: a one-passage request does not wait for a 300-passage one
-    to finish (head-of-line blocking); it scores its passage itself.
+    scores no more passages than the one asking would: a one-passage request does not wait for a 300-passage
+    one to finish (head-of-line blocking); it scores its passage itself. A request's size is that of its whole
+    submission (all its queries' passages the cache does not hold).
     """
 
     def __init__(self, max_bytes: int, registry: CollectorRegistry | None = None) -> None:
@@ -156,10 +159,10 @@ class ScoreCache:
         (one client request stays one admission unit). Waiting for a concurrent request's passages ends at
         `deadline` (a `time.monotonic()` instant): TimeoutError."""
         t0 = time.perf_counter()
-        looks = [self._lookup(ns, query, passages) for ns, query, passages in queries]
+        looks = self._lookup(queries)
         if self._metrics:
             for look in looks:
-                n, mine, shared = len(look.keys), len(look.todo), len(look.waiting)
+                n, mine, shared = len(look.keys), len(look.todo), len(look.waiting) + len(look.copies)
                 self._metrics.hits.labels(model).inc(n - mine - shared)
                 self._metrics.shared.labels(model).inc(shared)
                 self._metrics.misses.labels(model).inc(mine)
@@ -170,59 +173,71 @@ class ScoreCache:
         finally:
             for look in looks:
                 self._release(look.keys, look.own)
-        if any(look.waiting for look in looks):
+        futures = [f for look in looks for f in look.waiting.values()]
+        pending = [f for f in futures if not f.done()]  # the deadline bounds waiting, not reading what is done
+        if pending:
             t_wait = time.perf_counter()
-            futures = [f for look in looks for f in look.waiting.values()]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done = iter(await asyncio.wait_for(
-                asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in futures)), left))
-            waited = (time.perf_counter() - t_wait) * 1e3
-            retry: list[list[int]] = []
+            await asyncio.wait_for(asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in pending)), left)
             for look in looks:
-                look.result.queue_ms += waited
-                retry.append([])
-                for i in look.waiting:
-                    entry = next(done)
-                    if entry is None:  # the other request failed or was abandoned: score it here
-                        retry[-1].append(i)
-                    else:
-                        look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
-            await self._score_into(looks, retry, queries, score, deliver=False)
+                look.result.queue_ms += (time.perf_counter() - t_wait) * 1e3
+        retry: list[list[int]] = []
         for look in looks:
+            retry.append([])
+            for i, future in look.waiting.items():
+                entry = future.result()
+                if entry is None:  # the other request failed or was abandoned: score it here
+                    retry[-1].append(i)
+                else:
+                    look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
+        await self._score_into(looks, retry, queries, score, deliver=False)
+        for look in looks:
+            for i, (q, j) in look.copies.items():
+                src = looks[q]
+                look.result.logits[i], look.tokens[i], look.windows[i] = (src.result.logits[j], src.tokens[j],
+                                                                          src.windows[j])
             look.result.prompt_tokens = int(look.tokens.sum()) + (look.shared_tokens or 0)
             look.result.windows = int(look.windows.sum())
         return [look.result for look in looks]
 
-    def _lookup(self, namespace: bytes, query: str, passages: Sequence[str]) -> _Lookup:
-        keys = self.keys(namespace, query, passages)
-        n = len(keys)
-        look = _Lookup(keys, CachedScores(np.zeros(n, dtype=np.float32), 0, 0, 0.0, 0.0, 0.0),
-                       np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
-        fresh: dict[bytes, int] = {}
-        repeats: list[int] = []  # a passage given twice: scored once, the second waits for the first
+    def _lookup(self, queries: Sequence[tuple[bytes, str, Sequence[str]]]) -> list[_Lookup]:
+        """Each query's passages sorted into hits, passages this request scores (delivering them to concurrent
+        requests), passages to wait for, and repeats of its own. A concurrent request's passage is waited for
+        only if that request scores no more passages than this one would scoring all it does not hold."""
+        looks = []
+        fresh: dict[bytes, tuple[int, int]] = {}  # key -> (query, passage) that scores it, in this request
+        inflight: list[tuple[int, int, Future, int]] = []  # (query, passage, future, its request's size)
         with self._lock:
-            for i, key in enumerate(keys):
-                entry = self._entries.get(key)
-                if entry is not None:
-                    self._entries.move_to_end(key)
-                    look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
-                elif key in fresh:
-                    repeats.append(i)
-                elif key in self._inflight:
-                    future, size = self._inflight[key]
-                    if size <= n:  # done no later than this request would be: wait for it
-                        look.waiting[i] = future
+            for q, (namespace, query, passages) in enumerate(queries):
+                keys = self.keys(namespace, query, passages)
+                n = len(keys)
+                look = _Lookup(keys, CachedScores(np.zeros(n, dtype=np.float32), 0, 0, 0.0, 0.0, 0.0),
+                               np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
+                looks.append(look)
+                for i, key in enumerate(keys):
+                    entry = self._entries.get(key)
+                    if entry is not None:
+                        self._entries.move_to_end(key)
+                        look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
+                    elif key in fresh:
+                        look.copies[i] = fresh[key]
+                    elif key in self._inflight:
+                        inflight.append((q, i, *self._inflight[key]))
+                        fresh[key] = (q, i)  # a repeat follows this one, waited for or scored
                     else:
-                        look.also.append(i)
+                        fresh[key] = (q, i)
+                        look.own[i] = Future()
+            would_score = sum(len(look.own) for look in looks) + len(inflight)
+            for q, i, future, size in inflight:
+                if size <= would_score:  # done no later than this request would be: wait for it
+                    looks[q].waiting[i] = future
                 else:
-                    fresh[key] = i
-            size = len(fresh) + len(look.also)
-            for key, i in fresh.items():
-                look.own[i] = Future()
-                self._inflight[key] = (look.own[i], size)
-        for i in repeats:
-            look.waiting[i] = look.own[fresh[keys[i]]]
-        return look
+                    looks[q].also.append(i)
+            size = sum(len(look.todo) for look in looks)
+            for look in looks:
+                for i, future in look.own.items():
+                    self._inflight[look.keys[i]] = (future, size)
+        return looks
 
     async def _score_into(self, looks: list[_Lookup], todo: list[list[int]],
                           queries: Sequence[tuple[bytes, str, Sequence[str]]], score: ScoreManyFn,
