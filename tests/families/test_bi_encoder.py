@@ -141,6 +141,8 @@ def dense_folder(path, config: dict, *, weights: bool = True) -> None:
     (lambda p: dense_folder(p, {"in_features": 384, "out_features": 8,
                                 "activation_function": "my_package.Swish"}), "activation_function"),
     (lambda p: dense_folder(p, {"in_features": 384, "out_features": 8}, weights=False), "model.safetensors"),
+    (lambda p: dense_folder(p, {"in_features": 384, "out_features": 8, "module_output_name": "projected"}),
+     "writing 'projected'"),  # sentence-transformers leaves the sentence embedding as it is
 ])
 def test_a_stack_it_cannot_run_exactly_is_refused_at_load(tmp_path, edit, needle):
     path = copy_default(tmp_path)

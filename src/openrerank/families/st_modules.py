@@ -67,9 +67,11 @@ def dense_layer(files: ModelFiles, folder: str) -> dict:
     cfg = _read_json(files.path / folder / "config.json")
     if not isinstance(cfg, dict) or "in_features" not in cfg or "out_features" not in cfg:
         raise ModelFormatError(f"{where}/config.json: a Dense module needs in_features and out_features")
-    if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
-        raise ModelFormatError(f"{where}: a Dense module over {cfg['module_input_name']!r} (not the pooled "
-                               "sentence_embedding) is not one openrerank runs")
+    for side, verb in (("input", "over"), ("output", "writing")):
+        named = cfg.get(f"module_{side}_name") or "sentence_embedding"
+        if named != "sentence_embedding":  # another key: sentence-transformers leaves the embedding as it is
+            raise ModelFormatError(f"{where}: a Dense module {verb} {named!r} (not the pooled "
+                                   "sentence_embedding) is not one openrerank runs")
     name = str(cfg.get("activation_function") or f"torch.nn.{DEFAULT_DENSE_ACTIVATION}")
     activation = name.rsplit(".", 1)[-1]
     if not name.startswith("torch.nn.") or activation not in DENSE_ACTIVATIONS:
