@@ -1,6 +1,6 @@
 """`time_runtimes` takes turns: a burst of other work on the machine slows every candidate a little, not one of
 them a lot, so the ranking survives it (the fake runtimes' costs are sleeps: the test checks an order with a
-5x margin, not a speed)."""
+5x margin, not a speed). The engine-choice record lives under $XDG_CACHE_HOME, as the converted models do."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import queue
 import threading
 import time
 
+from openrerank.runtimes import measure
+from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.base import Runtime
 from openrerank.runtimes.measure import Throughput, time_runtimes
 
@@ -134,3 +136,12 @@ def test_a_measurement_keeps_its_lanes_and_an_older_record_reads_as_one_lane():
     m = Measurement("onnx", "fp32", Throughput(50.0, 5000.0, ((8, 128),)), lanes=2)
     assert Measurement.from_metadata(m.as_metadata()) == m and m.as_metadata()["lanes"] == 2
     assert Measurement.from_metadata({"backend": "torch", "dtype": "fp32", "error": "x"}).lanes == 1
+
+
+def test_the_record_follows_xdg_cache_home(monkeypatch, tmp_path):
+    """Where the ONNX and OpenVINO caches are: `$XDG_CACHE_HOME/openrerank` unless OPENRERANK_CACHE_DIR is set."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert measure.cache_dir() == tmp_path / "openrerank" / "engine-choice"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert measure.cache_dir() == tmp_path / "mine" / "engine-choice"

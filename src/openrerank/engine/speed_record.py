@@ -38,7 +38,7 @@ SPEED_FORMAT = 1
 
 def speed_dir() -> Path:
     """Beside the engine timings (`measure.cache_dir`): `$OPENRERANK_CACHE_DIR/speed`, else
-    `~/.cache/openrerank/speed`."""
+    `$XDG_CACHE_HOME/openrerank/speed`."""
     return cache_dir().parent / "speed"
 
 

@@ -70,6 +70,13 @@ def cache_root() -> Path:
     return user_cache_dir() / "onnx"
 
 
+def cache_folder(name: str) -> Path:
+    """The cache folder `name` beside the ONNX exports: `$OPENRERANK_CACHE_DIR/<name>` when set, else
+    `$XDG_CACHE_HOME/openrerank/<name>` (`user_cache_dir`)."""
+    env = os.environ.get(CACHE_ENV)
+    return (Path(env).expanduser() if env else user_cache_dir()) / name
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """Content hash of config.json and the weight files: what a converted graph depends on.
 

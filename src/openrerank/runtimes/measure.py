@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.artifact_cache import CACHE_ENV, ensure_record, key_of, model_fingerprint
+from openrerank.runtimes.artifact_cache import cache_folder, ensure_record, key_of, model_fingerprint
 from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads, lanes_text
 from openrerank.runtimes.devices import cpu_info
 
@@ -202,10 +202,8 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
 
 
 def cache_dir() -> Path:
-    """`$OPENRERANK_CACHE_DIR/engine-choice` when set, else `~/.cache/openrerank/engine-choice`."""
-    env = os.environ.get(CACHE_ENV)
-    root = Path(env).expanduser() if env else Path("~/.cache/openrerank").expanduser()
-    return root / "engine-choice"
+    """`$OPENRERANK_CACHE_DIR/engine-choice` when set, else `$XDG_CACHE_HOME/openrerank/engine-choice`."""
+    return cache_folder("engine-choice")
 
 
 def engine_versions() -> dict[str, str | None]:

@@ -41,13 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import (
-    CACHE_ENV,
     CachedArtifact,
+    cache_folder,
     ensure_artifact,
     key_of,
     model_fingerprint,
     package_versions,
-    user_cache_dir,
 )
 from openrerank.runtimes.base import Network, NetworkBuild, probe_features
 
@@ -95,10 +94,7 @@ def import_openvino():
 
 def default_cache_dir() -> Path:
     """`$OPENRERANK_CACHE_DIR/openvino` when set, else `$XDG_CACHE_HOME/openrerank/openvino`."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser() / "openvino"
-    return user_cache_dir() / "openvino"
+    return cache_folder("openvino")
 
 
 def compiled_cache_dir(cache_dir: Path | None = None) -> Path:
