@@ -1,6 +1,7 @@
 """`time_runtimes` takes turns: a burst of other work on the machine slows every candidate a little, not one of
 them a lot, so the ranking survives it (the fake runtimes' costs are sleeps: the test checks an order with a
-5x margin, not a speed). The engine-choice record lives under $XDG_CACHE_HOME, as the converted models do."""
+5x margin, not a speed). The engine-choice record is used where it cannot be written, and lives under
+$XDG_CACHE_HOME, as the converted models do."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import queue
 import threading
 import time
 
-from openrerank.runtimes import measure
+import pytest
+
+from openrerank.runtimes import artifact_cache, measure
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.base import Runtime
-from openrerank.runtimes.measure import Throughput, time_runtimes
+from openrerank.runtimes.measure import Throughput, Timings, measure_candidates, time_runtimes
 
 
 class FakeRuntime(Runtime):
@@ -136,6 +139,62 @@ def test_a_measurement_keeps_its_lanes_and_an_older_record_reads_as_one_lane():
     m = Measurement("onnx", "fp32", Throughput(50.0, 5000.0, ((8, 128),)), lanes=2)
     assert Measurement.from_metadata(m.as_metadata()) == m and m.as_metadata()["lanes"] == 2
     assert Measurement.from_metadata({"backend": "torch", "dtype": "fp32", "error": "x"}).lanes == 1
+
+
+# The engine-choice record (`measure_candidates`): what it keeps, where it lives, and what it does not trust.
+
+CANDIDATES = [("openvino", "fp32", 1), ("onnx", "fp32", 1), ("torch", "fp32", 1)]
+
+
+class Timed(Runtime):
+    input_names = ("input_ids", "attention_mask")
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def run(self, features) -> None:
+        return None
+
+
+def measure_with(model_dir, refuse: dict[str, BaseException]) -> tuple[Timings, list[str]]:
+    """`measure_candidates` on fake runtimes: those named in `refuse` raise it when built; returns what was
+    built and timed (timing is faked: a second per candidate is not what these tests are about)."""
+    built: list[str] = []
+
+    def build(backend: str, dtype: str, lanes: int) -> Runtime:
+        built.append(backend)
+        if backend in refuse:
+            raise refuse[backend]
+        return Timed(backend)
+
+    timings = measure_candidates(CANDIDATES, build, model_dir=model_dir, head="score", device="cpu", threads=1,
+                                 max_length=64)
+    return timings, built
+
+
+@pytest.fixture
+def fake_timing(tmp_path, monkeypatch):
+    """A private cache, and rates by backend (openvino 30/s, onnx 20/s, torch 10/s) instead of timing."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    rates = {"openvino": 30.0, "onnx": 20.0, "torch": 10.0}
+    monkeypatch.setattr(measure, "time_runtimes", lambda rts, shapes, vocab, seconds=1.0: [
+        Throughput(rates[rt.backend], rates[rt.backend] * 64, tuple(shapes)) for rt in rts])
+    return tmp_path / "cache" / "engine-choice"
+
+
+def test_a_read_only_cache_times_once_and_serves_what_it_timed(tiny_model_dir, fake_timing, monkeypatch, caplog):
+    """The documented setup (a cache volume `openrerank export` filled, mounted read-only) timed every
+    candidate twice at each start: the write failed and the caller timed again."""
+    def read_only(path, record):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(artifact_cache, "write_json", read_only)
+    with caplog.at_level("INFO"):
+        timings, built = measure_with(tiny_model_dir, {})
+    assert sorted(built) == sorted(b for b, _, _ in CANDIDATES)  # each built (and timed) once
+    assert timings.ranked[0].backend == "openvino" and not timings.cached
+    [said] = [r.getMessage() for r in caplog.records if "Read-only file system" in r.getMessage()]
+    assert "not cached" in said
 
 
 def test_the_record_follows_xdg_cache_home(monkeypatch, tmp_path):

@@ -246,6 +246,8 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
     For results that are facts about this machine rather than files (the engine timings `--backend auto`
     chooses by): computed under the same locks as a build, so replicas starting together compute once and
     the others wait and read it; written to a temporary file and renamed, so nobody reads half a record.
+    A record that cannot be written (a read-only cache volume) is used all the same: computing it twice
+    would only cost time.
     """
     path = cache_dir / f"{key}.json"
 
@@ -265,7 +267,10 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
             log.info("%s cache hit after waiting for another process: %s", what, path)
             return record, True
         record = compute()
-        write_json(path, record)
+        try:
+            write_json(path, record)
+        except OSError as exc:  # a read-only cache volume (an export Job filled it)
+            log.info("%s not cached (%s): every start computes it", what, exc)
     return record, False
 
 

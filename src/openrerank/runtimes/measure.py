@@ -316,10 +316,7 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                 "seconds": round(time.perf_counter() - started, 2),
                 "measurements": [m.as_metadata() for m in measurements]}
 
-    try:
-        record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
-    except OSError as exc:  # a read-only cache volume (an export Job filled it): time here, keep nothing
-        log.info("engine timings not cached (%s): every start times the runtimes", exc)
-        record, cached = compute(), False
+    # A read-only cache volume (an export Job filled it) keeps nothing: the timings serve this start all the same.
+    record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
     return Timings(tuple(Measurement.from_metadata(m) for m in record["measurements"]), cached,
                    float(record.get("seconds", 0.0)), key)
