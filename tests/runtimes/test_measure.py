@@ -1,10 +1,11 @@
 """`time_runtimes` takes turns: a burst of other work on the machine slows every candidate a little, not one of
 them a lot, so the ranking survives it (the fake runtimes' costs are sleeps: the test checks an order with a
-5x margin, not a speed). The engine-choice record is used where it cannot be written, and lives under
-$XDG_CACHE_HOME, as the converted models do."""
+5x margin, not a speed). The engine-choice record is used where it cannot be written, one of the wrong
+shape is timed again, and it lives under $XDG_CACHE_HOME, as the converted models do."""
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -180,6 +181,24 @@ def fake_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "time_runtimes", lambda rts, shapes, vocab, seconds=1.0: [
         Throughput(rates[rt.backend], rates[rt.backend] * 64, tuple(shapes)) for rt in rts])
     return tmp_path / "cache" / "engine-choice"
+
+
+@pytest.mark.parametrize("stored", [{}, [], "x", {"measurements": {}},
+                                    {"measurements": [{"backend": "openvino", "dtype": "fp32", "lanes": 1,
+                                                       "pairs_per_s": "fast", "tokens_per_s": 1, "shapes": []}]},
+                                    {"measurements": [{"backend": "openvino", "dtype": "fp32", "lanes": 1,
+                                                       "pairs_per_s": 0, "tokens_per_s": 0, "shapes": []}]}])
+def test_a_record_of_the_wrong_shape_is_timed_again_and_said_once(tiny_model_dir, fake_timing, stored, caplog):
+    """Valid JSON of another shape ended the start with exit 3 and a bare KeyError or TypeError."""
+    measure_with(tiny_model_dir, {})
+    [path] = fake_timing.glob("*.json")
+    path.write_text(json.dumps(stored))
+    with caplog.at_level("WARNING"):
+        timings, built = measure_with(tiny_model_dir, {})
+    assert not timings.cached and sorted(built) == sorted(b for b, _, _ in CANDIDATES)
+    [said] = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    assert "is not used" in said and "computing it again" in said
+    assert json.loads(path.read_text())["measurements"][0]["pairs_per_s"] == 30.0  # rewritten whole
 
 
 def test_a_read_only_cache_times_once_and_serves_what_it_timed(tiny_model_dir, fake_timing, monkeypatch, caplog):

@@ -240,22 +240,35 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
     return CachedArtifact(final / model_file, False, key, meta)
 
 
-def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: str) -> tuple[dict, bool]:
+def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: str,
+                  unusable: Callable[[dict], str | None] = lambda record: None) -> tuple[dict, bool]:
     """The JSON record `<key>.json` in `cache_dir`, computed with `compute()` if missing; (record, cached).
 
     For results that are facts about this machine rather than files (the engine timings `--backend auto`
     chooses by): computed under the same locks as a build, so replicas starting together compute once and
     the others wait and read it; written to a temporary file and renamed, so nobody reads half a record.
-    A record that cannot be written (a read-only cache volume) is used all the same: computing it twice
-    would only cost time.
+
+    `unusable(record)` says why a record must not be used or kept (None: it may): a stored one that fails it
+    is computed again, like a missing or truncated one; a computed one that fails it is used but not written,
+    so the next start computes again. A record that cannot be written (a read-only cache volume) is used
+    all the same: computing it twice would only cost time.
     """
     path = cache_dir / f"{key}.json"
+    warned = False
 
     def read() -> dict | None:
+        nonlocal warned
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        why = unusable(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+        if why is None:
+            return record
+        if not warned:  # the read under the lock meets it again: say it once
+            warned = True
+            log.warning("%s record %s is not used (%s): computing it again", what, path, why)
+        return None
 
     record = read()
     if record is not None:
@@ -267,6 +280,10 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
             log.info("%s cache hit after waiting for another process: %s", what, path)
             return record, True
         record = compute()
+        why = unusable(record)
+        if why is not None:
+            log.info("%s not kept (%s): the next start computes it again", what, why)
+            return record, False
         try:
             write_json(path, record)
         except OSError as exc:  # a read-only cache volume (an export Job filled it)

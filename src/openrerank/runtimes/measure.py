@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -206,6 +207,33 @@ def cache_dir() -> Path:
     return cache_folder("engine-choice")
 
 
+def measurements_of(record: dict, candidates: Sequence[Candidate]) -> tuple[Measurement, ...]:
+    """A record's measurements, one per candidate in order; ValueError when it is not such a record (a
+    hand-edited or foreign file that is valid JSON: `{}`, `"pairs_per_s": "fast"`)."""
+    try:
+        out = tuple(Measurement.from_metadata(m) for m in record["measurements"])
+        float(record.get("seconds", 0.0))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    if [(m.backend, m.dtype, m.lanes) for m in out] != [tuple(c) for c in candidates]:
+        raise ValueError("its measurements are not this start's candidates")
+    for m in out:
+        rate = m.throughput.pairs_per_s if m.throughput is not None else None
+        if (rate is None) == (m.error is None) or (rate is not None and not (math.isfinite(rate) and rate > 0)):
+            raise ValueError(f"{m.backend} {m.dtype} has {'no rate or error' if rate is None else 'no usable rate'}")
+    return out
+
+
+def record_problem(record: dict, candidates: Sequence[Candidate]) -> str | None:
+    """Why an engine-timing record must not be used or kept, None when it may: it is not one (see
+    `measurements_of`)."""
+    try:
+        measurements_of(record, candidates)
+    except ValueError as exc:
+        return f"not an engine-timing record: {exc}"
+    return None
+
+
 def engine_versions() -> dict[str, str | None]:
     """The versions of the packages that decide how fast an engine runs (None: not installed)."""
     out: dict[str, str | None] = {}
@@ -317,6 +345,6 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                 "measurements": [m.as_metadata() for m in measurements]}
 
     # A read-only cache volume (an export Job filled it) keeps nothing: the timings serve this start all the same.
-    record, cached = ensure_record(cache_dir(), key, compute, "engine timing")
-    return Timings(tuple(Measurement.from_metadata(m) for m in record["measurements"]), cached,
-                   float(record.get("seconds", 0.0)), key)
+    record, cached = ensure_record(cache_dir(), key, compute, "engine timing",
+                                   lambda r: record_problem(r, candidates))
+    return Timings(measurements_of(record, candidates), cached, float(record.get("seconds", 0.0)), key)
