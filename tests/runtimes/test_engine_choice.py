@@ -152,7 +152,7 @@ def test_lanes_set_by_the_operator_are_the_only_count_timed(tiny_model_dir, cach
     loaded.close()
     # Another setting is another record (the key holds it): timed again, at that count only.
     monkeypatch.setenv(LANES_ENV, "2")
-    timed.clear()
+    timed = fake_rates(monkeypatch, {c: 10.0 + i for i, c in enumerate(planned(threads=2))})
     load_model(str(tiny_model_dir), LoadOptions(threads=2)).close()
     assert timed and all(t.endswith("@2") or t.startswith("torch-") for t in timed)
     assert len(records(cache)) == 2

@@ -1,7 +1,7 @@
 """`time_runtimes` takes turns: a burst of other work on the machine slows every candidate a little, not one of
 them a lot, so the ranking survives it (the fake runtimes' costs are sleeps: the test checks an order with a
-5x margin, not a speed). The engine-choice record is used where it cannot be written, one of the wrong
-shape is timed again, and it lives under $XDG_CACHE_HOME, as the converted models do."""
+5x margin, not a speed). The engine-choice record keeps only failures that last, is used where it cannot be
+written, lives under $XDG_CACHE_HOME, and one of the wrong shape is timed again."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from openrerank.runtimes import artifact_cache, measure
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.base import Runtime
 from openrerank.runtimes.measure import Throughput, Timings, measure_candidates, time_runtimes
+from openrerank.runtimes.onnx_export import ExportError
+from openrerank.runtimes.openvino_convert import ConversionError
 
 
 class FakeRuntime(Runtime):
@@ -181,6 +183,42 @@ def fake_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "time_runtimes", lambda rts, shapes, vocab, seconds=1.0: [
         Throughput(rates[rt.backend], rates[rt.backend] * 64, tuple(shapes)) for rt in rts])
     return tmp_path / "cache" / "engine-choice"
+
+
+def errors(timings: Timings) -> dict[str, str]:
+    return {m.backend: m.error for m in timings.measurements if m.error is not None}
+
+
+def test_a_failure_that_may_pass_is_not_remembered(tiny_model_dir, fake_timing):
+    """A corrupt cached model.onnx made ONNX Runtime fail once; the operator deleted it, and every later start
+    still read "ONNX Runtime refused it" from the record and served a slower engine."""
+    corrupt = RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf parsing failed.")
+    out_of_disk = ExportError("could not be exported to ONNX: OSError: [Errno 28] No space left on device")
+    out_of_disk.__cause__ = OSError(28, "No space left on device")
+    for passing in (corrupt, OSError(5, "Input/output error"), MemoryError(), out_of_disk):
+        first, _ = measure_with(tiny_model_dir, {"onnx": passing})
+        assert "onnx" in errors(first) and not list(fake_timing.glob("*.json"))  # used by this start, not kept
+        again, built = measure_with(tiny_model_dir, {})  # the cause is gone: ONNX Runtime is tried again
+        assert not again.cached and not errors(again) and "onnx" in built
+        for record in fake_timing.glob("*.json"):
+            record.unlink()
+
+
+def test_a_lasting_refusal_is_remembered_and_an_unmarked_one_from_an_older_record_is_not(tiny_model_dir,
+                                                                                         fake_timing):
+    refusal = ConversionError("unsupported operation aten::frobnicate")
+    first, _ = measure_with(tiny_model_dir, {"openvino": refusal})
+    assert first.measurements[0].lasting and first.ranked[0].backend == "onnx"  # the fastest that built
+    again, built = measure_with(tiny_model_dir, {})
+    assert again.cached and not built and "frobnicate" in errors(again)["openvino"]  # read, nothing tried
+    # A record written before failures said whether they last: its failures are not trusted.
+    [path] = fake_timing.glob("*.json")
+    record = json.loads(path.read_text())
+    for m in record["measurements"]:
+        m.pop("lasting", None)
+    path.write_text(json.dumps(record))
+    third, built = measure_with(tiny_model_dir, {})
+    assert not third.cached and "openvino" in built and not errors(third)
 
 
 @pytest.mark.parametrize("stored", [{}, [], "x", {"measurements": {}},

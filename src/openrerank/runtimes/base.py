@@ -89,6 +89,27 @@ def probe_features(input_names: Sequence[str], vocab_size: int) -> dict[str, np.
     return {n: feats[n] for n in input_names}
 
 
+class ModelRefusedError(RuntimeError):
+    """An engine cannot serve this model, whatever the machine's state: the conversion or export cannot be
+    done, or its result fails the fidelity gate. Only such a refusal is worth remembering (`measure`); a
+    failure with any other cause (memory, the disk, a damaged cached file) may pass."""
+
+
+def lasting_refusal(exc: BaseException) -> bool:
+    """Whether `exc` refuses the model for good: a `ModelRefusedError` not caused by an OSError or a lack of
+    memory (an export that ran out of disk is wrapped as an export error too)."""
+    if not isinstance(exc, ModelRefusedError):
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (OSError, MemoryError, DeviceMemoryError)):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
 class DeviceMemoryError(RuntimeError):
     """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
 

@@ -8,7 +8,11 @@ reranker serves, for about a second each (`time_runtimes`), then closed. The tim
 the converted-model cache (`engine-choice/`), keyed by the CPU (model name and flags), the thread count, the
 device, the model's content and head, the candidates, the shapes and the engine versions; later starts read
 it, and replicas starting together wait on the cache's lock while the first one times
-(`artifact_cache.ensure_record`), so a machine times once.
+(`artifact_cache.ensure_record`), so a machine times once. A record keeps a candidate's failure only when it
+lasts (`base.lasting_refusal`: the model cannot be converted, or fails the fidelity gate); one for a cause that
+may pass (memory, the disk, a damaged cached file) serves that start and is not written, so the next start
+tries that engine again. A record of the wrong shape is timed again, and one that cannot be written (a
+read-only cache volume) serves the start that timed it.
 
 A candidate is a runtime, a precision and a lane count (`runtimes/base.lane_counts`: batches run at once,
 each on its share of the threads): whether two lanes beat one depends on the CPU as much as which runtime
@@ -34,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import cache_folder, ensure_record, key_of, model_fingerprint
-from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads, lanes_text
+from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads, lanes_text, lasting_refusal
 from openrerank.runtimes.devices import cpu_info
 
 log = logging.getLogger(__name__)
@@ -83,13 +87,15 @@ Candidate = tuple[str, str, int]
 
 @dataclass(frozen=True)
 class Measurement:
-    """One candidate's timing, or why it could not be timed (it failed to build or to run)."""
+    """One candidate's timing, or why it could not be timed (it failed to build or to run); `lasting`: the
+    failure refuses the model for good (`base.lasting_refusal`), so a record may keep it."""
 
     backend: str
     dtype: str
     throughput: Throughput | None = None
     error: str | None = None
     lanes: int = 1
+    lasting: bool = False
 
     def as_metadata(self) -> dict:
         out: dict = {"backend": self.backend, "dtype": self.dtype, "lanes": self.lanes}
@@ -97,12 +103,14 @@ class Measurement:
             out.update(self.throughput.as_metadata())
         if self.error is not None:
             out["error"] = self.error
+            out["lasting"] = self.lasting
         return out
 
     @classmethod
     def from_metadata(cls, meta: dict) -> Measurement:
         rate = Throughput.from_metadata(meta) if "pairs_per_s" in meta else None
-        return cls(meta["backend"], meta["dtype"], rate, meta.get("error"), int(meta.get("lanes", 1)))
+        return cls(meta["backend"], meta["dtype"], rate, meta.get("error"), int(meta.get("lanes", 1)),
+                   meta.get("lasting") is True)
 
 
 @dataclass(frozen=True)
@@ -226,11 +234,17 @@ def measurements_of(record: dict, candidates: Sequence[Candidate]) -> tuple[Meas
 
 def record_problem(record: dict, candidates: Sequence[Candidate]) -> str | None:
     """Why an engine-timing record must not be used or kept, None when it may: it is not one (see
-    `measurements_of`)."""
+    `measurements_of`), or a candidate failed for a cause that may pass (memory, the disk, a damaged cached
+    file, or a record written before failures said whether they last): remembered, it would keep that
+    engine out after the cause is gone."""
     try:
-        measurements_of(record, candidates)
+        measurements = measurements_of(record, candidates)
     except ValueError as exc:
         return f"not an engine-timing record: {exc}"
+    passing = next((m for m in measurements if m.error is not None and not m.lasting), None)
+    if passing is not None:
+        return (f"{passing.backend} {passing.dtype}, {lanes_text(passing.lanes)}, failed for a cause that may "
+                f"pass: {passing.error}")
     return None
 
 
@@ -296,7 +310,7 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
             last_error = exc
             backend, dtype, lanes = candidate
             results[candidate] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                                             lanes=lanes)
+                                             lanes=lanes, lasting=lasting_refusal(exc))
             log.warning("%s %s, %s, could not be timed on %s: %s", backend, dtype, lanes_text(lanes), model_dir,
                         exc)
 

@@ -42,7 +42,7 @@ from openrerank.runtimes.artifact_cache import (
     read_meta,
 )
 from openrerank.runtimes.artifact_cache import model_fingerprint as model_fingerprint
-from openrerank.runtimes.base import Network, NetworkBuild, probe_features
+from openrerank.runtimes.base import ModelRefusedError, Network, NetworkBuild, probe_features
 from openrerank.sources.safety import ONNX_EXPORT_FILES, is_onnx_export
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-class ExportError(RuntimeError):
+class ExportError(ModelRefusedError):
     """The model could not be exported to ONNX."""
 
 

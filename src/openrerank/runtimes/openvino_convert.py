@@ -48,7 +48,7 @@ from openrerank.runtimes.artifact_cache import (
     model_fingerprint,
     package_versions,
 )
-from openrerank.runtimes.base import Network, NetworkBuild, probe_features
+from openrerank.runtimes.base import ModelRefusedError, Network, NetworkBuild, probe_features
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ CONVERT_FORMAT = 1
 _TOLERANCE = 1e-3
 
 
-class ConversionError(RuntimeError):
+class ConversionError(ModelRefusedError):
     """OpenVINO could not convert (or faithfully run) the model."""
 
 
