@@ -209,3 +209,20 @@ def test_a_body_of_any_declared_type_is_read_as_json(ctype):
     with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
         r = c.post("/v1/ranking", content=b'{"passages": [{"text": "a"}]}', headers=headers)
     assert r.status_code == 400 and r.json()["message"] == "field 'query' is required", r.text
+
+
+def test_a_load_failure_keeps_its_cause_on_one_bounded_line():
+    """OpenVINO puts the cause on later lines; the operator saw only "Exception from src/.../core.cpp:132:"."""
+    from openrerank.server.app import LOAD_ERROR_CHARS, one_line
+
+    ov = RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n"
+                      "Exception from src/inference/src/dev/plugin.cpp:59:\n"
+                      "Check 'is_axis_valid(axis, r)' failed at src/core/src/validation_util.cpp:336:\n"
+                      "While validating node 'Gather_61':\n"
+                      "Axis 1073741824 out of the tensor rank range [-1, 0].\n\n\n")
+    said = one_line(ov)
+    assert "\n" not in said and said.startswith("RuntimeError: Check 'is_axis_valid")
+    assert said.endswith("| Axis 1073741824 out of the tensor rank range [-1, 0].") and "core.cpp" not in said
+    assert one_line(ValueError("plain")) == "ValueError: plain" and one_line(KeyError()) == "KeyError"
+    long = one_line(OSError("\n".join(f"line {i} " + "x" * 50 for i in range(100)) + "\nthe cause"))
+    assert len(long) == LOAD_ERROR_CHARS and long.startswith("OSError: line 0 ") and long.endswith("the cause")

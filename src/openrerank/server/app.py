@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -67,9 +68,22 @@ _HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_no
                413: "too_large", 422: "validation"}
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+#: The most characters of a load failure's one line (its head and its tail are kept: the cause is often last).
+LOAD_ERROR_CHARS = 600
+# A line that only says where an exception passed (OpenVINO's "Exception from src/inference/src/cpp/core.cpp:132:").
+_WHERE_ONLY = re.compile(r"Exception from \S+:\d+:")
+
+
+def one_line(exc: BaseException) -> str:
+    """`exc` as one log line: its lines joined, less those that only say where it passed, at most
+    LOAD_ERROR_CHARS. An OpenVINO error's cause is on its last lines; its first only names a source file."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    meaningful = [line for line in lines if not _WHERE_ONLY.fullmatch(line)] or lines[:1]
+    text = f"{type(exc).__name__}: {' | '.join(meaningful)}" if meaningful else type(exc).__name__
+    if len(text) <= LOAD_ERROR_CHARS:
+        return text
+    head = LOAD_ERROR_CHARS // 3
+    return f"{text[:head]} ... {text[len(text) - (LOAD_ERROR_CHARS - head - 5):]}"
 
 
 async def load_all(app: FastAPI) -> None:
@@ -94,7 +108,7 @@ async def load_all(app: FastAPI) -> None:
                                              token_cache=app.state.token_cache, images=image_limits(config))
             await served.scheduler.start()
         except Exception as exc:
-            reason = first_line(exc)
+            reason = one_line(exc)
             log.error("model %s (%s) could not be loaded: %s", source.served_id, source.spec, reason)
             log.debug("model loading traceback", exc_info=True)
             reg.failed[source.served_id] = reason
