@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
+import weakref
 
 import numpy as np
 from PIL import Image
@@ -23,3 +25,20 @@ def data_url(image: Image.Image, fmt: str = "PNG", **save) -> str:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def watch_decodes(monkeypatch, module) -> list[int]:
+    """Wrap `module.decode_image`: the list it returns gets, at each decode, how many images decoded earlier
+    are still alive (a family that lets go of each image once decoded: all zeros)."""
+    decoded: list[weakref.ref] = []
+    alive_at_each: list[int] = []
+    decode = module.decode_image
+
+    def watching(image, index=None):
+        gc.collect()
+        alive_at_each.append(sum(ref() is not None for ref in decoded))
+        decoded.append(weakref.ref(image))
+        return decode(image, index)
+
+    monkeypatch.setattr(module, "decode_image", watching)
+    return alive_at_each

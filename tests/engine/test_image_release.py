@@ -4,9 +4,6 @@ one image at a time (tests/engine/test_preparing.py); this one hands the family 
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import pytest
 
@@ -15,7 +12,7 @@ from openrerank.families import jina_reranker_m0, nemotron_vl
 from openrerank.sources.source import ModelSource
 from tests.families.builders import build_nemotron_vl
 from tests.families.jina_m0_reference import build_jina_reranker_m0
-from tests.images import data_url, picture
+from tests.images import data_url, picture, watch_decodes
 
 FAMILIES = {"nemotron_vl": (nemotron_vl, build_nemotron_vl),
             "jina_reranker_m0": (jina_reranker_m0, build_jina_reranker_m0)}
@@ -26,17 +23,7 @@ def test_each_image_is_let_go_once_decoded(name, tmp_path, monkeypatch):
     module, build = FAMILIES[name]
     model = load_model(ModelSource(name, str(build(tmp_path / name))),
                        LoadOptions(backend="torch", dtype="fp32", threads=1))
-    decoded: list[weakref.ref] = []
-    alive_at_each: list[int] = []
-    decode = module.decode_image
-
-    def watching(image, index=None):
-        gc.collect()
-        alive_at_each.append(sum(ref() is not None for ref in decoded))  # opened images decoded earlier
-        decoded.append(weakref.ref(image))
-        return decode(image, index)
-
-    monkeypatch.setattr(module, "decode_image", watching)
+    alive_at_each = watch_decodes(monkeypatch, module)
     images = [data_url(picture(64, 48, seed)) for seed in range(4)]
     scores = model.score("what is on the page", [f"passage {i}" for i in range(5)], images=[*images, None])
     assert len(scores) == 5 and np.isfinite(scores).all()

@@ -10,10 +10,8 @@ delayed another model's one-passage request to 119 s).
 from __future__ import annotations
 
 import asyncio
-import gc
 import threading
 import time
-import weakref
 
 import numpy as np
 import pytest
@@ -27,7 +25,7 @@ from openrerank.engine.served import load_served_model
 from openrerank.families import nemotron_vl
 from openrerank.sources.source import ModelSource
 from tests.families.builders import build_nemotron_vl
-from tests.images import data_url, picture
+from tests.images import data_url, picture, watch_decodes
 
 #: Seconds each decode is made to take in the cancellation test.
 DECODE_S = 0.2
@@ -55,17 +53,7 @@ def test_slices_hold_one_image_each():
 
 
 def test_one_full_size_image_is_held_at_a_time(served, monkeypatch):
-    decoded: list[weakref.ref] = []
-    alive_at_each: list[int] = []
-    decode = nemotron_vl.decode_image
-
-    def watching(image, index=None):
-        gc.collect()
-        alive_at_each.append(sum(ref() is not None for ref in decoded))  # opened images decoded earlier
-        decoded.append(weakref.ref(image))
-        return decode(image, index)
-
-    monkeypatch.setattr(nemotron_vl, "decode_image", watching)
+    alive_at_each = watch_decodes(monkeypatch, nemotron_vl)
     result = asyncio.run(served.rerank(request(4)))
     assert len(result.logits) == 6 and np.isfinite(result.logits).all()
     assert alive_at_each == [0, 0, 0, 0]  # before: [0, 1, 2, 3], every image kept until the request ended
