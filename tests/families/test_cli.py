@@ -18,6 +18,7 @@ def _causal_dir(path, arch="Qwen2ForCausalLM", model_type="qwen2"):
     (path / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": model_type,
                                                   "max_position_embeddings": 32768}))
     (path / "model.safetensors").write_bytes(b"")
+    (path / "vocab.json").write_text("{}")  # a tokenizer's file: preflight refuses a folder without one
     return path
 
 

@@ -259,8 +259,8 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     path = resolve_local_dir(source.spec, allow_pickle=options.allow_pickle, revision=options.revision)
     weights_format = check_weights(path, allow_pickle=options.allow_pickle)
     files = ModelFiles.read(path, name=source.spec)
-    files.check_tokenizer()
     family, spec = resolve_spec(files, source.family, source.instruction)
+    files.check_tokenizer()  # after the family: what the folder is comes first
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
     runtimes = family.runtimes
