@@ -79,3 +79,23 @@ hf.get_logger("transformers.tokenization_utils_base").warning("a tokenizer warni
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line is JSON
     assert [(r["logger"], r["message"]) for r in lines] == [
         ("transformers.tokenization_utils_base", "a tokenizer warning")]
+
+
+def test_text_field_values_cannot_end_their_line_or_field():
+    rec = _record("POST /v1/ranking 400", reason='model "x\nEVIL INFO forged\u2028y" k=v', model="m", empty="")
+    text = TextFormatter().format(rec)
+    assert "\n" not in text and "\u2028" not in text
+    assert text.endswith(r'reason="model \"x\nEVIL INFO forged\u2028y\" k=v" model=m empty=""')
+
+
+def test_a_client_cannot_write_a_line_of_the_text_log(tmp_path, tiny_model_dir):
+    """A model name the client chose is quoted in the error the access line carries (`reason=`)."""
+    forged = "x\n2026-12-06T12:00:00.000Z INFO openrerank.access: POST /v1/ranking 200 request_id=forged"
+    with run_server(["--model", f"tiny={tiny_model_dir}"], tmp_path) as server:  # --log-format text: default
+        with server.client() as c:
+            answer = c.post("/v1/ranking", json={**nim_body("q", ["p"]), "model": forged})
+        until(lambda: f"request_id={answer.headers['x-request-id']}" in server.output(), "the access line")
+        lines = server.output().splitlines()
+    assert answer.status_code == 404
+    assert not any(line.startswith("2026-12-06T12:00:00.000Z") for line in lines)
+    assert not any("request_id=forged" in line and "\\n" not in line for line in lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -52,11 +53,23 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+#: A field value written bare: no space, quote, `=`, backslash or control character (anything else is quoted).
+_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+
+
 def _text_value(value: Any) -> str:
+    """A field value that cannot end its line or its field: values carry client text (a model name an error
+    quotes), so one with a newline or a quote wrote a log line of the client's own."""
     if isinstance(value, float):
         return f"{value:.2f}"
     text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    if _BARE.fullmatch(text):
+        return text
+    quoted = orjson.dumps(text).decode()  # quoted; control characters, quotes and backslashes escaped
+    return quoted.translate(_UNICODE_BREAKS)  # and the line breaks JSON leaves as they are
+
+
+_UNICODE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class JsonFormatter(logging.Formatter):
