@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from openrerank.core.images import EncodedImage, ImageInputError, ImageLimits, open_image, pixel_bound
+from openrerank.core.images import (
+    EncodedImage,
+    ImageInputError,
+    ImageLimits,
+    decode_image,
+    open_image,
+    pixel_bound,
+)
 from openrerank.server.config import ServerConfig
 
 
@@ -49,3 +59,18 @@ def test_an_error_moves_to_the_requests_passage_index():
     moved = error.shifted(5)
     assert (str(moved), moved.passage_index, moved.status) == ("passage 6: the image is truncated", 6, 400)
     assert str(ImageInputError("x").shifted(3)) == "x"
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(mode):
+    """Pillow's convert("L") clips 16-bit grey at 255: a mid-grey gradient came out all white."""
+    grey8 = np.tile(np.arange(256, dtype=np.uint8), (8, 1))
+    wide = Image.fromarray(grey8.astype(np.uint16) * 257)  # the same page in 16 bits
+    data = io.BytesIO()
+    wide.save(data, "PNG")
+    opened = open_image(EncodedImage("PNG", data.getvalue()), ImageLimits())
+    assert opened.mode == "I;16"
+    decoded = decode_image(opened if mode == "I;16" else opened.convert("I"))  # "I": older Pillow's 16-bit grey
+    assert decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded)[..., 0], grey8)
+    assert np.array_equal(np.asarray(decoded)[..., 1], grey8)

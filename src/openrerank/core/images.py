@@ -158,6 +158,20 @@ def open_image(encoded: EncodedImage, limits: ImageLimits, passage_index: int | 
     return image
 
 
+#: The modes a 16-bit grey PNG opens as ("I;16"; "I" in older Pillow).
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _grey_to_8_bits(image: Image) -> Image:
+    """16-bit grey scaled to 8 bits (v / 257, rounded): Pillow's own `convert("L")` clips at 255, so a 16-bit
+    page came out almost all white."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    wide = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+    return PILImage.fromarray(((wide + 128) // 257).astype(np.uint8))
+
+
 def decode_image(image: Image, passage_index: int | None = None) -> Image:
     """An opened image -> upright 8-bit RGB pixels (EXIF orientation applied, alpha dropped as the
     reference processors' `convert("RGB")` drops it)."""
@@ -168,8 +182,10 @@ def decode_image(image: Image, passage_index: int | None = None) -> Image:
             warnings.simplefilter("ignore")  # Pillow's warnings on odd EXIF / palette transparency are not errors
             image.load()  # a truncated file raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
             image = ImageOps.exif_transpose(image)
-            if image.mode in ("P", "PA", "LA", "La", "RGBa", "I;16", "I;16B", "I;16L", "I", "F"):
-                image = image.convert("RGBA" if image.mode in ("P", "PA", "LA", "La", "RGBa") else "L")
+            if image.mode in _WIDE_GREY:
+                image = _grey_to_8_bits(image)
+            elif image.mode in ("P", "PA", "LA", "La", "RGBa"):
+                image = image.convert("RGBA")
             return image.convert("RGB") if image.mode != "RGB" else image
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageInputError(f"the image is truncated or corrupt ({type(exc).__name__})",
