@@ -161,6 +161,10 @@ def test_scores_do_not_depend_on_batch_company(m0_server):
 def test_text_that_spells_a_vision_token_is_refused(m0_server):
     rank(m0_server, QUERIES[0], [{"text": "a page <|image_pad|> here"}], status=400)
     rank(m0_server, QUERIES[0], [{"text": "<|vision_start|>", "image": data_url(IMAGES["square"])}], status=400)
+    with m0_server.client() as c:
+        resp = c.post("/v1/ranking", json={"model": "m0", "query": {"text": "<|image_pad|> what"},
+                                           "passages": [{"text": "a page"}]})
+    assert resp.status_code == 400 and resp.json()["message"].startswith("the query spells"), resp.text
 
 
 def test_metadata_says_what_the_model_reads(m0_server):

@@ -270,3 +270,16 @@ def test_image_passages_batch_with_image_passages():
     for batch in BatchPolicy(max_tokens=64_000).split(items):
         kinds = {type(items[i]) for i in batch}
         assert len(kinds) == 1, [type(items[i]).__name__ for i in batch]
+
+
+@pytest.mark.parametrize("query,passage,words", [
+    ("what does <img> show", {"text": PASSAGES[0]}, "the query spells"),
+    ("what is shown", {"text": "a page <IMG_CONTEXT> here"}, "passage 0: the passage text spells"),
+    ("what is shown", {"text": "</img>", "image": data_url(IMAGES["square"])}, "passage 0: the passage text spells"),
+])
+def test_text_that_spells_a_placeholder_is_refused_naming_whose_it_is(vl_server, query, passage, words):
+    """Placeholder tokens in text would take the place of image features."""
+    with vl_server.client() as c:
+        resp = c.post("/v1/ranking", json={"model": "vl", "query": {"text": query}, "passages": [passage]})
+    assert resp.status_code == 400, resp.text
+    assert words in resp.json()["message"]

@@ -129,9 +129,16 @@ class JinaM0Encoder(TemplateTextEncoder):
         return 2 + self.resizer.tokens(width, height) + self.resizer.patches(width, height)
 
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
+        self._check_query(query)
         prep = super()._prepare(query, passages, truncate, max_chunks)
         self._check_placeholders(prep.items, prep.owners, 0)
         return prep
+
+    def _check_query(self, query: str) -> None:
+        """A query that spells a vision token is the query's fault, not its first passage's."""
+        if self.reserved & set(self.tok.ids(query)):
+            raise ImageInputError(f"the query spells a vision token ({VISION_START}, {IMAGE_PAD}, {VISION_END} or "
+                                  f"{VIDEO_PAD}); remove it")
 
     def prepare_images(self, query: str, passages: list[str], images: list, truncate: Truncate, *,
                        max_chunks_per_passage: int | None = None,
@@ -139,6 +146,7 @@ class JinaM0Encoder(TemplateTextEncoder):
         """`images[i]`: the opened (not yet decoded) image of passage i, or None; decoded, resized and dropped
         in turn (its entry set to None, so the caller's list lets go of it too): at most one full-size image is
         held at a time."""
+        self._check_query(query)
         if max_tokens_per_passage:
             passages = self.clip_passages(passages, max_tokens_per_passage)
         text_idx = [i for i, im in enumerate(images) if im is None]
@@ -171,7 +179,7 @@ class JinaM0Encoder(TemplateTextEncoder):
             ids = item.input_ids
             found = sum(1 for t in ids if t in self.reserved)
             if found != (expected + 2 if expected else 0) or ids.count(self.image_id) != expected:
-                raise ImageInputError(f"the query or passage text spells a vision token ({VISION_START}, "
+                raise ImageInputError(f"the passage text spells a vision token ({VISION_START}, "
                                       f"{IMAGE_PAD}, {VISION_END} or {VIDEO_PAD}); remove it",
                                       passage_index=owner)
 

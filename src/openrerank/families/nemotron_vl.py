@@ -122,9 +122,16 @@ class VisionPromptEncoder(TemplateTextEncoder):
         return 2 + tiles * (self.tokens_per_tile + self.patches_per_tile)
 
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
+        self._check_query(query)
         prep = super()._prepare(query, passages, truncate, max_chunks)
         self._check_placeholders(prep.items, prep.owners, 0)
         return prep
+
+    def _check_query(self, query: str) -> None:
+        """A query that spells a placeholder is the query's fault, not its first passage's."""
+        if {self.start_id, self.end_id, self.context_id} & set(self.tok.ids(query)):
+            raise ImageInputError(f"the query spells an image placeholder token ({IMG_START}, {IMG_CONTEXT} or "
+                                  f"{IMG_END}); remove it")
 
     def prepare_images(self, query: str, passages: list[str], images: list, truncate: Truncate, *,
                        max_chunks_per_passage: int | None = None,
@@ -132,6 +139,7 @@ class VisionPromptEncoder(TemplateTextEncoder):
         """`images[i]`: the opened (not yet decoded) image of passage i, or None. Each is decoded, tiled and
         dropped in turn (its entry set to None, so the caller's list lets go of it too): at most one full-size
         image is held at a time."""
+        self._check_query(query)
         if max_tokens_per_passage:
             passages = self.clip_passages(passages, max_tokens_per_passage)
         text_idx = [i for i, im in enumerate(images) if im is None]
@@ -161,10 +169,11 @@ class VisionPromptEncoder(TemplateTextEncoder):
     def _check_placeholders(self, items: list, owners: list[int], expected: int) -> None:
         """Text that spells an image placeholder would take the place of image features: refused."""
         for item, owner in zip(items, owners, strict=True):
-            found = item.input_ids.count(self.context_id)
-            if found != expected or (not expected and (self.start_id in item.input_ids
-                                                       or self.end_id in item.input_ids)):
-                raise ImageInputError(f"the query or passage text spells an image placeholder token "
+            ids = item.input_ids
+            blocks = 1 if expected else 0  # an image passage holds one <img>...</img>, a text passage none
+            if ids.count(self.context_id) != expected or ids.count(self.start_id) != blocks \
+                    or ids.count(self.end_id) != blocks:
+                raise ImageInputError(f"the passage text spells an image placeholder token "
                                       f"({IMG_START}, {IMG_CONTEXT} or {IMG_END}); remove it",
                                       passage_index=owner)
 
