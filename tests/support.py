@@ -75,11 +75,13 @@ def build_tiny_bi_encoder(
     seed: int = 0,
     pooling: str | tuple[str, ...] = "mean",
     dense: tuple[dict, ...] = (),
+    include_prompt: bool = True,
 ) -> Path:
     """A random BERT saved by sentence-transformers (modules.json, Pooling, optional Dense layers, Normalize
     and prompts), as an embedding model's hub folder; `matryoshka` adds the card tag sentence-transformers
     writes. `pooling`: the Pooling module's mode(s); `dense`: one `models.Dense` per entry, its keyword
-    arguments but `in_features` (the previous module's size)."""
+    arguments but `in_features` (the previous module's size); `include_prompt=False`: the Pooling leaves the
+    prompt's tokens out (INSTRUCTOR-style)."""
     import shutil
 
     import torch
@@ -96,7 +98,7 @@ def build_tiny_bi_encoder(
     BertModel(config).eval().save_pretrained(bert, safe_serialization=True)
     tok.save_pretrained(bert)
     modules = [models.Transformer(str(bert), max_seq_length=max_position_embeddings),
-               models.Pooling(32, pooling_mode=pooling)]
+               models.Pooling(32, pooling_mode=pooling, include_prompt=include_prompt)]
     size = modules[-1].get_embedding_dimension()
     for layer in dense:
         modules.append(models.Dense(size, **layer))

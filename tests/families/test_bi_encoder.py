@@ -132,8 +132,6 @@ def dense_folder(path, config: dict, *, weights: bool = True) -> None:
 
 @pytest.mark.parametrize(("edit", "needle"), [
     (lambda p: set_pooling(p, {"pooling_mode": "attention"}), "pooling mode 'attention'"),
-    (lambda p: set_pooling(p, {"pooling_mode": "cls", "include_prompt": False})
-     or write(p, "config_sentence_transformers.json", json.dumps({"prompts": {"query": "q: "}})), "include_prompt"),
     (lambda p: write(p, "modules.json", json.dumps(
         [*json.loads((default_model_dir() / "modules.json").read_text()),
          {"idx": 3, "name": "3", "path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}])),
@@ -155,7 +153,20 @@ def test_a_prompt_less_pooling_without_prompts_loads(tmp_path):
     """include_prompt: false changes nothing where no prompt is ever prepended."""
     path = copy_default(tmp_path)
     set_pooling(path, {"pooling_mode": "mean", "include_prompt": False})
-    assert spec_of(path).options["pooling"] == "mean"
+    spec = spec_of(path)
+    assert spec.options["pooling"] == "mean" and "include_prompt" not in spec.options
+    assert get_family("bi-encoder").network(spec, None).head == "pooled:mean"
+
+
+def test_a_prompt_less_pooling_is_a_network_and_a_score_of_its_own(tmp_path):
+    """With prompts, include_prompt: false is served: it is in the family options (the score cache's key) and
+    in the network's head (the ONNX and OpenVINO caches' key: that network takes a pooling_mask input)."""
+    path = copy_default(tmp_path)
+    set_pooling(path, {"pooling_mode": "mean", "include_prompt": False})
+    write(path, "config_sentence_transformers.json", json.dumps({"prompts": {"query": "q: "}}))
+    spec = spec_of(path)
+    assert spec.options["include_prompt"] is False
+    assert get_family("bi-encoder").network(spec, None).head == "pooled:mean:exclude-prompt"
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +228,46 @@ def test_rerank_embeds_the_query_and_passages_with_their_prompts(tmp_path, sente
     path = build_tiny_bi_encoder(tmp_path / "model", prompts=prompts, normalize=True, seed=4)
     assert_like_sentence_transformers(path, "torch", sentence_transformers, query_prompt="query: ",
                                       passage_prompt="passage: ")
+
+
+# -- include_prompt: false (INSTRUCTOR-style): the prompt is prepended but left out of the pooling -------------
+
+PROMPTS = {"query": "represent the question for searching relevant passages: ", "passage": "passage: ",
+           "classification": "classify this text: "}
+
+
+@pytest.fixture(scope="module")
+def prompt_less_dir(tmp_path_factory, sentence_transformers):
+    """Prompts of different lengths, a default prompt, a Pooling that leaves them out in every mode (cls: the
+    first token after the prompt) and a Dense layer; raw vectors, so their scale counts."""
+    return build_tiny_bi_encoder(
+        tmp_path_factory.mktemp("tiny-bi-prompt-less") / "model", seed=6, prompts=PROMPTS,
+        default_prompt_name="classification", include_prompt=False, dense=({"out_features": 16},),
+        pooling=("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"))
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_a_prompt_left_out_of_the_pooling_embeds_and_reranks_as_sentence_transformers_does(
+        prompt_less_dir, sentence_transformers, backend):
+    """Embeddings per input type = `encode(prompt_name=...)`'s (no input type: the default prompt), and the
+    rerank score = the cosine of those embeddings, on every engine."""
+    st = sentence_transformers.SentenceTransformer(str(prompt_less_dir), device="cpu")
+    assert st[1].include_prompt is False
+    texts = [QUERY, *PASSAGES]
+    loaded = load_model(str(prompt_less_dir), LoadOptions(backend=backend, dtype="fp32"))
+    try:
+        assert loaded.scorer.description == f"{backend}-fp32-cpu"
+        for input_type, name in (("query", "query"), ("passage", "passage"), (None, "classification")):
+            ref = st.encode(texts, prompt_name=name, convert_to_numpy=True)
+            got = loaded.embed(texts, batch_size=3, input_type=input_type, normalize=False)
+            np.testing.assert_allclose(got, ref, atol=TOL, rtol=0, err_msg=str(input_type))
+        q = st.encode([QUERY], prompt_name="query")[0]
+        p = st.encode(PASSAGES, prompt_name="passage")
+        cosine = p @ q / np.linalg.norm(p, axis=1) / np.linalg.norm(q)
+        np.testing.assert_allclose(loaded.score(QUERY, PASSAGES), cosine, atol=TOL, rtol=0)
+        # the prompt's tokens do count: the same ids pooled whole are another vector
+        with_prompt = st.encode(texts, prompt_name="query", convert_to_numpy=True)
+        st[1].include_prompt = True
+        assert np.abs(st.encode(texts, prompt_name="query", convert_to_numpy=True) - with_prompt).max() > 10 * TOL
+    finally:
+        loaded.close()

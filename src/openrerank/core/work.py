@@ -51,10 +51,13 @@ class VisionPairItem:
 @dataclass(slots=True)
 class BiItem:
     """Query and passage encoded separately: a bi-encoder compares their pooled vectors by cosine, a
-    late-interaction (ColBERT) model their token vectors by MaxSim."""
+    late-interaction (ColBERT) model their token vectors by MaxSim. The prompt lengths: leading tokens of each
+    that the pooling leaves out (a bi-encoder whose Pooling has `include_prompt: false`; else 0)."""
 
     query_ids: list[int]
     passage_ids: list[int]
+    query_prompt_length: int = 0
+    passage_prompt_length: int = 0
     task: ClassVar[Task] = "rerank"
 
     @property
@@ -64,9 +67,11 @@ class BiItem:
 
 @dataclass(slots=True)
 class EmbedItem:
-    """One text embedded on its own (`[CLS] text [SEP]`, prompt included); its result is a vector."""
+    """One text embedded on its own (`[CLS] text [SEP]`, prompt included); its result is a vector.
+    `prompt_length`: its leading tokens the pooling leaves out (`include_prompt: false`; else 0)."""
 
     input_ids: list[int]
+    prompt_length: int = 0
     task: ClassVar[Task] = "embed"
 
     @property

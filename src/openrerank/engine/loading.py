@@ -166,7 +166,8 @@ class LoadedModel:
         if not self.embeds:
             raise TaskNotSupportedError(f"{self.source.served_id} is a {self.family.id}; only bi-encoders embed")
         encoder: BiTextEncoder = self.encoder  # type: ignore[assignment]
-        return [EmbedItem(ids) for ids in encoder.encode_texts(texts, truncate, input_type)]
+        skip = encoder.prompt_length(input_type)
+        return [EmbedItem(ids, skip) for ids in encoder.encode_texts(texts, truncate, input_type)]
 
     def embed(self, texts: list[str], batch_size: int = 64, *, input_type: InputType | None = None,
               truncate: Truncate = Truncate.END, normalize: bool = True) -> np.ndarray:
@@ -179,7 +180,8 @@ class LoadedModel:
         out = np.zeros((len(texts), 0), dtype=np.float32)
         for idx in BatchPolicy(max_size=batch_size).split(items, self.scorer.padded_shape):
             batch = [items[i] for i in idx]
-            emb = (self.scorer.embed_ids([it.input_ids for it in batch])  # type: ignore[attr-defined]
+            emb = (self.scorer.embed_ids([it.input_ids for it in batch],  # type: ignore[attr-defined]
+                                         [it.prompt_length for it in batch])
                    if normalize else self.scorer.embed(batch))
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)

@@ -4,7 +4,9 @@ Detected by `modules.json` with a Pooling module (the embedded default, all-Mini
 network runs the whole module stack (`st_modules.py` reads and checks it): the Pooling module's modes (cls,
 max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken; several concatenated) and the Dense layers after
 it, inside the torch module that the ONNX export and the OpenVINO conversion trace, so only the final vector
-per text leaves the runtime and every engine computes the same thing.
+per text leaves the runtime and every engine computes the same thing. A Pooling with `include_prompt: false`
+(INSTRUCTOR-style) leaves each text's prompt out of the pooling as sentence-transformers does: the network
+then takes a `pooling_mask` input beside the attention mask (the prompt's tokens attended to, not pooled).
 
 Every bi-encoder is also an embedding model (`/v1/embeddings`). What its files say about embeddings is read
 here: whether `encode` normalizes (a Normalize module), the query/passage prompts of
@@ -21,7 +23,7 @@ from openrerank.families.base import Family, ModelFiles, ModelFormatError, Model
 from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.cross_encoder import ORT_FUSIONS, encoder_input_names, load_encoder
 from openrerank.families.st_modules import load_dense, read_stack
-from openrerank.runtimes.base import Network, NetworkBuild
+from openrerank.runtimes.base import POOLING_MASK, Network, NetworkBuild
 from openrerank.text.bi import BiTextEncoder
 
 #: Prompt names models use for NIM's `input_type` values, most common first; a passage's start with
@@ -60,18 +62,28 @@ def input_prompts(spec: ModelSpec) -> dict[str | None, str]:
     return out
 
 
-def pool(hidden, mask, modes: tuple[str, ...]):
+def pool(hidden, mask, modes: tuple[str, ...], pooled=None):
     """sentence-transformers' Pooling over the token axis, padding excluded; float32 out, the modes' vectors
     concatenated in order. The network's inputs are right-padded, so the CLS token is column 0; weightedmean
-    and lasttoken find the real tokens from the mask, as sentence-transformers does on either padding side."""
+    and lasttoken find the real tokens from the mask, as sentence-transformers does on either padding side.
+
+    `pooled` (the `pooling_mask` input): the tokens pooled when the prompt is left out. As in
+    sentence-transformers' Pooling, every mode reads it in place of the mask: cls takes the first pooled token
+    (column 0 when none is), and weightedmean's weights still count from the first real token."""
     import torch
 
     hidden = hidden.float()
+    real = mask
+    if pooled is not None:
+        mask = pooled
     m = mask.unsqueeze(-1).to(hidden.dtype)
     positions = torch.cumsum(torch.ones_like(mask), dim=1).to(hidden.dtype)  # 1..T, traced with dynamic T
     out = []
     for mode in modes:
-        if mode == "cls":
+        if mode == "cls" and pooled is not None:
+            index = mask.to(hidden.dtype).argmax(dim=1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+            out.append(torch.gather(hidden, 1, index).squeeze(1))
+        elif mode == "cls":
             out.append(hidden[:, 0])
         elif mode == "max":
             out.append(hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values)
@@ -79,8 +91,8 @@ def pool(hidden, mask, modes: tuple[str, ...]):
             counts = torch.clamp(m.sum(dim=1), min=1e-9)
             out.append((hidden * m).sum(dim=1) / (counts if mode == "mean" else torch.sqrt(counts)))
         elif mode == "weightedmean":
-            # Weight i for the i-th real token: positions counted from the first unmasked column.
-            first = mask.to(hidden.dtype).argmax(dim=1, keepdim=True).to(hidden.dtype)
+            # Weight i for the i-th real token: positions counted from the first real (unpadded) column.
+            first = real.to(hidden.dtype).argmax(dim=1, keepdim=True).to(hidden.dtype)
             weights = m * (positions - first).unsqueeze(-1)
             out.append((hidden * weights).sum(dim=1) / torch.clamp(weights.sum(dim=1), min=1e-9))
         elif mode == "lasttoken":
@@ -102,12 +114,14 @@ def _pooled_module(spec: ModelSpec, build: NetworkBuild):
     mask_at = names.index("attention_mask")
     modes: tuple[str, ...] = tuple(spec.options["pooling"].split("+"))
     layers = [load_dense(spec.path, layer) for layer in spec.options.get("dense") or ()]
+    exclude_prompt = spec.options.get("include_prompt") is False
+    all_names = (*names, POOLING_MASK) if exclude_prompt else names
 
     class Pooled(torch.nn.Module):
         """Positional inputs in `input_names` order -> the sentence embeddings `(batch, dim)`, float32: pooled,
         then through the Dense layers."""
 
-        input_names = names
+        input_names = all_names
 
         def __init__(self) -> None:
             super().__init__()
@@ -115,8 +129,8 @@ def _pooled_module(spec: ModelSpec, build: NetworkBuild):
             self.dense = torch.nn.ModuleList(layers)
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            hidden = self.inner(**dict(zip(names, inputs, strict=True)))[0]
-            out = pool(hidden, inputs[mask_at], modes)
+            hidden = self.inner(**dict(zip(names, inputs[: len(names)], strict=True)))[0]
+            out = pool(hidden, inputs[mask_at], modes, inputs[len(names)] if exclude_prompt else None)
             for layer in self.dense:
                 out = layer(out).float()
             return out
@@ -125,11 +139,13 @@ def _pooled_module(spec: ModelSpec, build: NetworkBuild):
 
 
 def network_head(spec: ModelSpec) -> str:
-    """What the network computes, for the cache keys: the pooling modes and each Dense layer's shape."""
+    """What the network computes, for the cache keys: the pooling modes (and whether they leave the prompt out,
+    which adds the `pooling_mask` input) and each Dense layer's shape."""
     dense = "".join(f"|dense:{d['in_features']}x{d['out_features']}:{d['activation']}"
                     f"{'' if d['bias'] else ':nobias'}{':residual' if d['residual'] else ''}"
                     for d in spec.options.get("dense") or ())
-    return f"pooled:{spec.options['pooling']}{dense}"
+    prompt = ":exclude-prompt" if spec.options.get("include_prompt") is False else ""
+    return f"pooled:{spec.options['pooling']}{prompt}{dense}"
 
 
 class BiEncoderFamily(Family):
@@ -161,13 +177,13 @@ class BiEncoderFamily(Family):
             if isinstance(default, str) and default in options["prompts"]:
                 options["default_prompt_name"] = default
         if not stack["include_prompt"] and any(options.get("prompts", {}).values()):
-            raise ModelFormatError(f"{files.path}: its Pooling module leaves the prompt's tokens out "
-                                   "(include_prompt: false), which openrerank does not run")
+            options["include_prompt"] = False  # only where a prompt is ever prepended: else nothing changes
         return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None, files.window(),
                          options)
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> BiTextEncoder:
-        return BiTextEncoder(tokenizer, spec.max_length, prompts=input_prompts(spec))
+        return BiTextEncoder(tokenizer, spec.max_length, prompts=input_prompts(spec),
+                             exclude_prompt=spec.options.get("include_prompt") is False)
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         return Network(spec.path, head=network_head(spec), build=lambda b: _pooled_module(spec, b),

@@ -20,6 +20,10 @@ import numpy as np
 
 #: A count, or an integer array of them (`Runtime.padded_shape` answers for many batches at once).
 IntOrArray = int | np.ndarray
+#: An input a pooling network may take beside the attention mask: 1 where a token is pooled. It is the attention
+#: mask with each row's first `pooled_from` tokens zeroed (a prompt that sentence-transformers' Pooling leaves
+#: out, `include_prompt: false`); those tokens are still attended to.
+POOLING_MASK = "pooling_mask"
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,13 @@ def pad_features(
     type_seqs: Sequence[list[int] | None] | None,
     pad_id: int,
     input_names: Sequence[str],
+    pooled_from: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Right-pad token id lists into the int64 arrays a transformer takes.
 
     Right padding keeps every real token at the positions it has alone (position ids count from 0), so a
     sequence scores the same whatever it is batched with; readouts find the last real token by the mask.
+    A network that takes `POOLING_MASK` gets it too: each row's tokens from `pooled_from[row]` on (all: None).
     """
     width = max(len(s) for s in seqs)
     n = len(seqs)
@@ -71,6 +77,11 @@ def pad_features(
     feats = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in input_names:
         feats["token_type_ids"] = types
+    if POOLING_MASK in input_names:
+        pooled = mask.copy()
+        for row, skip in enumerate(pooled_from or ()):
+            pooled[row, :skip] = 0
+        feats[POOLING_MASK] = pooled
     return feats
 
 
@@ -85,7 +96,9 @@ def probe_features(input_names: Sequence[str], vocab_size: int) -> dict[str, np.
     mask[1, 11:] = 0
     mask[2, 5:] = 0
     ids[mask == 0] = 0
-    feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    pooled = mask.copy()
+    pooled[0, :3] = pooled[1, :1] = pooled[2, :2] = 0  # a prompt left out of the pooling, of several lengths
+    feats = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids), POOLING_MASK: pooled}
     return {n: feats[n] for n in input_names}
 
 

@@ -38,7 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import cache_folder, ensure_record, key_of, model_fingerprint
-from openrerank.runtimes.base import LANES_ENV, Runtime, default_threads, lanes_text, lasting_refusal
+from openrerank.runtimes.base import (
+    LANES_ENV,
+    POOLING_MASK,
+    Runtime,
+    default_threads,
+    lanes_text,
+    lasting_refusal,
+)
 from openrerank.runtimes.devices import cpu_info
 
 log = logging.getLogger(__name__)
@@ -160,7 +167,8 @@ def timing_features(input_names: Sequence[str], rows: int, width: int, vocab_siz
     """A full batch of random token ids (no padding: the timed work is all real tokens)."""
     rng = np.random.default_rng(rows * 7919 + width)
     ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(rows, width)).astype(np.int64)
-    feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+             POOLING_MASK: np.ones_like(ids)}
     unknown = [n for n in input_names if n not in feats]
     if unknown:
         raise NotTimeableError(f"its inputs {', '.join(unknown)} cannot be made up for timing")

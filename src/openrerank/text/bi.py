@@ -33,11 +33,26 @@ _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\n\s*")
 
 
 class BiTextEncoder(TextEncoder):
-    def __init__(self, tokenizer, max_length: int, prompts: dict[str | None, str] | None = None) -> None:
+    def __init__(self, tokenizer, max_length: int, prompts: dict[str | None, str] | None = None, *,
+                 exclude_prompt: bool = False) -> None:
         super().__init__(tokenizer, max_length)
         self.single_specials = tokenizer.num_special_tokens_to_add(pair=False)
         #: input_type (query | passage | None) -> prompt prepended to the text, as the family resolved them.
         self.prompts = dict(prompts or {})
+        #: input_type -> leading tokens the pooling leaves out (the model's Pooling has `include_prompt: false`).
+        self.prompt_lengths = ({t: self._prompt_length(p) for t, p in self.prompts.items() if p}
+                               if exclude_prompt else {})
+
+    def _prompt_length(self, prompt: str) -> int:
+        """A prompt's length in tokens as sentence-transformers measures it to leave it out of the pooling: the
+        prompt tokenized alone (special tokens included, cut at the window), less a trailing special token.
+        With a [CLS]-style start token, the prompt's tokens and that start token are left out."""
+        ids = self.tok([prompt], truncation=True, max_length=self.max_length)["input_ids"][0]
+        return len(ids) - int(bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids))
+
+    def prompt_length(self, input_type: str | None) -> int:
+        """Leading tokens of a text encoded for `input_type` that the pooling leaves out (0: all pooled)."""
+        return self.prompt_lengths.get(input_type, 0)
 
     def encode_texts(self, texts: list[str], truncate: Truncate = Truncate.END,
                      input_type: str | None = None) -> list[list[int]]:
@@ -69,18 +84,19 @@ class BiTextEncoder(TextEncoder):
         """The query embedded with the model's query prompt, each passage (or window) with its passage prompt:
         the ids `/v1/embeddings` gives with input_type query / passage, so the score is those embeddings' cosine."""
         q = self.encode_texts([query], Truncate.NONE if truncate is Truncate.NONE else Truncate.END, "query")[0]
+        lengths = (self.prompt_length("query"), self.prompt_length("passage"))
         if truncate is Truncate.CHUNK:
             prompt = self.prompts.get("passage", "")
             texts, owners, counts = self._bi_windows(passages, max_chunks,
                                                      len(self.tok.ids(prompt)) if prompt else 0)
             p = (self.tok([prompt + t for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
                  if texts else [])
-            items: list[WorkItem] = [BiItem(q, ids) for ids in p]
+            items: list[WorkItem] = [BiItem(q, ids, *lengths) for ids in p]
             return Prepared(items, owners, len(q) + sum(len(ids) for ids in p), counts or None)
         p = self.encode_texts(passages, truncate, "passage")
         owners = list(range(len(passages)))
         keep = cap_chunks(owners, max_chunks)
-        items = [BiItem(q, p[i]) for i in keep]
+        items = [BiItem(q, p[i], *lengths) for i in keep]
         return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep))
 
     def _bi_windows(self, passages: list[str], max_chunks: int | None, prompt_tokens: int = 0
