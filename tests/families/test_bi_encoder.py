@@ -271,3 +271,40 @@ def test_a_prompt_left_out_of_the_pooling_embeds_and_reranks_as_sentence_transfo
         assert np.abs(st.encode(texts, prompt_name="query", convert_to_numpy=True) - with_prompt).max() > 10 * TOL
     finally:
         loaded.close()
+
+
+# -- Dense weights only in pickle (sentence-transformers' safe_serialization=False): with --allow-pickle only ----
+
+@pytest.fixture(scope="module")
+def pickle_dense_dir(tmp_path_factory, sentence_transformers):
+    """A bi-encoder whose Dense layer's weights are only `pytorch_model.bin`, as sentence-transformers < 3 (or
+    `save(safe_serialization=False)`) writes them; the transformer's are safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = build_tiny_bi_encoder(tmp_path_factory.mktemp("tiny-bi-pickle-dense") / "model", seed=7,
+                                 dense=({"out_features": 12, "activation_function": torch.nn.GELU()},))
+    weights = path / "2_Dense" / "model.safetensors"
+    torch.save(load_file(str(weights)), path / "2_Dense" / "pytorch_model.bin")
+    weights.unlink()
+    return path
+
+
+def test_dense_pickle_weights_are_refused_without_allow_pickle(pickle_dense_dir):
+    from openrerank.sources.safety import UnsafeWeightsError
+
+    with pytest.raises(UnsafeWeightsError, match=r"2_Dense has only pickle weights \(pytorch_model.bin\).*"
+                                                 r"--allow-pickle") as info:
+        load_model(str(pickle_dense_dir), LoadOptions(backend="torch", dtype="fp32"))
+    assert "\n" not in str(info.value)
+
+
+def test_dense_pickle_weights_are_served_exactly_with_allow_pickle(pickle_dense_dir, sentence_transformers):
+    st = sentence_transformers.SentenceTransformer(str(pickle_dense_dir), device="cpu")
+    loaded = load_model(str(pickle_dense_dir), LoadOptions(backend="torch", dtype="fp32", allow_pickle=True))
+    try:
+        texts = [QUERY, *PASSAGES]
+        np.testing.assert_allclose(loaded.embed(texts, batch_size=3, normalize=False),
+                                   st.encode(texts, convert_to_numpy=True), atol=TOL, rtol=0)
+    finally:
+        loaded.close()

@@ -91,3 +91,24 @@ def test_a_folder_with_an_equals_sign_or_a_link_is_served_under_its_own_name(tmp
     link.symlink_to(folder)
     assert parse_model_arg(str(link)).served_id == "current"  # the id stays when the link moves
     assert parse_model_arg(f"mine={link}").served_id == "mine"
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_a_hub_download_takes_a_module_folders_pickle_only_with_allow_pickle(monkeypatch, tmp_path, allow_pickle):
+    """A Dense folder's `pytorch_model.bin` is fetched with --allow-pickle (the loader then reads it), as the
+    root's is; its safetensors and configs always."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = ["config.json", "model.safetensors", "pytorch_model.bin", "modules.json", "1_Pooling/config.json",
+            "2_Dense/config.json", "2_Dense/model.safetensors", "2_Dense/pytorch_model.bin"]
+    asked = {}
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked["files"] = set(filter_repo_objects(repo, allow_patterns=allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    resolve_local_dir("openrerank-test/dense-model", allow_pickle=allow_pickle)
+    pickles = {"pytorch_model.bin", "2_Dense/pytorch_model.bin"}
+    assert asked["files"] == (set(repo) if allow_pickle else set(repo) - pickles)

@@ -262,6 +262,8 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     weights_format = check_weights(path, allow_pickle=options.allow_pickle)
     files = ModelFiles.read(path, name=source.spec)
     family, spec = resolve_spec(files, source.family, source.instruction)
+    for folder in family.weight_folders(spec):  # pickle there is refused as in the root, unless --allow-pickle
+        check_weights(path / folder, allow_pickle=options.allow_pickle)
     files.check_tokenizer()  # after the family: what the folder is comes first
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))

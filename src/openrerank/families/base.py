@@ -194,6 +194,11 @@ class Family(ABC):
         if problem:
             raise ModelFormatError(f"--instruction: {problem}")
 
+    def weight_folders(self, spec: ModelSpec) -> tuple[str, ...]:
+        """Sub-folders of the model holding weights its network loads besides the root's (e.g. a bi-encoder's
+        Dense layers); the loader checks them as it checks the root's: pickle only with --allow-pickle."""
+        return ()
+
     @abstractmethod
     def text_encoder(self, spec: ModelSpec, tokenizer) -> TextEncoder: ...
 

@@ -24,6 +24,7 @@ from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.cross_encoder import ORT_FUSIONS, encoder_input_names, load_encoder
 from openrerank.families.st_modules import load_dense, read_stack
 from openrerank.runtimes.base import POOLING_MASK, Network, NetworkBuild
+from openrerank.sources.safety import is_onnx_export
 from openrerank.text.bi import BiTextEncoder
 
 #: Prompt names models use for NIM's `input_type` values, most common first; a passage's start with
@@ -180,6 +181,10 @@ class BiEncoderFamily(Family):
             options["include_prompt"] = False  # only where a prompt is ever prepended: else nothing changes
         return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None, files.window(),
                          options)
+
+    def weight_folders(self, spec: ModelSpec) -> tuple[str, ...]:
+        """The Dense layers' folders (a pre-exported ONNX folder has their weights in its graph)."""
+        return () if is_onnx_export(spec.path) else tuple(d["path"] for d in spec.options.get("dense") or ())
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> BiTextEncoder:
         return BiTextEncoder(tokenizer, spec.max_length, prompts=input_prompts(spec),

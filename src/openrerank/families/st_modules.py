@@ -7,7 +7,9 @@ Transformer (the model's root folder), one Pooling, any Dense layers after it, a
 Pooling is read as sentence-transformers (>= 6) reads it: the `pooling_mode` string (or list, whose pooled
 vectors are concatenated), else the legacy `pooling_mode_*` booleans (several true: concatenated in the
 legacy keys' order; none: mean). Dense layers are `Linear` + the activation its config names (a `torch.nn`
-class) + optionally the residual; their weights must be safetensors (pickle is not read).
+class) + optionally the residual; their weights are `model.safetensors`, else `pytorch_model.bin`, which (like
+the transformer's pickle weights) the loader refuses unless `--allow-pickle` (`BiEncoderFamily.weight_folders`)
+and which is then read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ DEFAULT_DENSE_ACTIVATION = "Tanh"
 #: Module kinds (the last part of the type's dotted name) the family runs.
 KNOWN_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 DENSE_WEIGHTS = "model.safetensors"
+#: What sentence-transformers < 3 saved a Dense layer's weights as (a pickle).
+DENSE_PICKLE = "pytorch_model.bin"
 
 
 def module_kind(mod: Any) -> str | None:
@@ -77,9 +81,9 @@ def dense_layer(files: ModelFiles, folder: str) -> dict:
     if not name.startswith("torch.nn.") or activation not in DENSE_ACTIVATIONS:
         raise ModelFormatError(f"{where}: activation_function {name!r} is not one openrerank runs (torch.nn "
                                f"{', '.join(DENSE_ACTIVATIONS)})")
-    if not is_onnx_export(files.path) and not (files.path / folder / DENSE_WEIGHTS).is_file():
-        raise ModelFormatError(f"{where} has no {DENSE_WEIGHTS} (pickle weights are not read: convert them "
-                               "to safetensors)")
+    if not is_onnx_export(files.path) and not any((files.path / folder / f).is_file()
+                                                  for f in (DENSE_WEIGHTS, DENSE_PICKLE)):
+        raise ModelFormatError(f"{where} has no {DENSE_WEIGHTS} (nor {DENSE_PICKLE}, read with --allow-pickle)")
     return {"path": folder, "in_features": int(cfg["in_features"]), "out_features": int(cfg["out_features"]),
             "bias": bool(cfg.get("bias", True)), "activation": activation,
             "residual": bool(cfg.get("use_residual", False))}
@@ -118,7 +122,11 @@ def read_stack(files: ModelFiles) -> dict:
 
 
 def load_dense(path: Path, layer: dict):
-    """The Dense module as a torch module: Linear, activation, residual, as sentence-transformers runs it."""
+    """The Dense module as a torch module: Linear, activation, residual, as sentence-transformers runs it.
+    Its weights: `model.safetensors`, else `pytorch_model.bin` (the loader has refused that pickle unless
+    --allow-pickle was given), read with `weights_only=True`: tensors only, as transformers reads a model's."""
+    import pickle
+
     import torch
     from safetensors.torch import load_file
 
@@ -139,7 +147,12 @@ def load_dense(path: Path, layer: dict):
     module = Dense()
     file = path / layer["path"] / DENSE_WEIGHTS
     try:
-        module.load_state_dict(load_file(str(file)), strict=True)
-    except (RuntimeError, OSError) as exc:
+        if file.is_file():
+            state = load_file(str(file))
+        else:
+            file = path / layer["path"] / DENSE_PICKLE
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError) as exc:
         raise ModelFormatError(f"{file}: not the weights its config describes ({exc})") from exc
     return module.eval()

@@ -100,7 +100,9 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    patterns = list(_HUB_PATTERNS) + (["pytorch_model*.bin"] if allow_pickle else [])
+    # A sentence-transformers module folder's pickle too (e.g. 2_Dense/pytorch_model.bin): the loader reads it
+    # where the folder has no safetensors, with --allow-pickle only.
+    patterns = list(_HUB_PATTERNS) + (["pytorch_model*.bin", "*/pytorch_model.bin"] if allow_pickle else [])
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except HFValidationError as exc:
