@@ -308,3 +308,22 @@ def test_dense_pickle_weights_are_served_exactly_with_allow_pickle(pickle_dense_
                                    st.encode(texts, convert_to_numpy=True), atol=TOL, rtol=0)
     finally:
         loaded.close()
+
+
+def test_a_pre_exported_prompt_less_bi_encoder_leaves_the_prompt_out_too(prompt_less_dir, sentence_transformers,
+                                                                        tmp_path):
+    """`export --out DIR` keeps the pooling_mask input and the Pooling config: served from the folder alone (ONNX
+    Runtime, no PyTorch weights), its embeddings are still `encode(prompt_name=...)`'s."""
+    from openrerank.cli.main import main
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(prompt_less_dir), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "c")]) == 0
+    st = sentence_transformers.SentenceTransformer(str(prompt_less_dir), device="cpu")
+    served = load_model(str(out), LoadOptions(backend="onnx", dtype="fp32"))
+    try:
+        assert served.weights_format == "onnx"
+        got = served.embed(PASSAGES, input_type="query", normalize=False)
+        np.testing.assert_allclose(got, st.encode(PASSAGES, prompt_name="query"), atol=TOL, rtol=0)
+    finally:
+        served.close()
