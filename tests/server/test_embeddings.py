@@ -286,3 +286,35 @@ def test_lone_surrogate_is_a_400_not_a_500(tiny_bi_server, raw):
     assert r.status_code == 400, r.text
     body = r.json()
     assert body["object"] == "error" and "surrogate" in body["message"] and "input[" in body["message"]
+
+
+# -- a Pooling that leaves the prompt out (include_prompt: false) ---------------------------------
+
+
+def test_a_prompt_left_out_of_the_pooling_on_both_routes(tmp_path):
+    """`/v1/embeddings` per input_type = `encode(prompt_name=...)`; `/v1/ranking`'s cosine = the cosine of those
+    embeddings, asked twice (the second from the score cache)."""
+    from sentence_transformers import SentenceTransformer
+
+    from tests.support import nim_body
+
+    path = build_tiny_bi_encoder(tmp_path / "model", prompts={"query": "represent the question: ", "passage": "p: "},
+                                 include_prompt=False, pooling=("cls", "mean"), seed=8)
+    st = SentenceTransformer(str(path), device="cpu")
+    texts = [*TEXTS[:3], TEXTS[4]]  # within the tiny window: NIM does not truncate
+    with run_server(["--model", f"tiny-bi={path}", "--backend", "torch", "--dtype", "fp32"],
+                    tmp_path) as server:
+        for input_type in ("query", "passage"):
+            np.testing.assert_allclose(vectors(post(server, {"input": texts, "input_type": input_type})),
+                                       st.encode(texts, prompt_name=input_type), atol=1e-4, rtol=0)
+        q = st.encode([texts[0]], prompt_name="query")[0]
+        p = st.encode(texts[1:], prompt_name="passage")
+        expected = p @ q / np.linalg.norm(p, axis=1) / np.linalg.norm(q)
+        for _ in range(2):
+            with server.client() as c:
+                r = c.post("/v1/ranking", json=nim_body(texts[0], texts[1:]))
+            assert r.status_code == 200, r.text
+            got = np.zeros(len(expected), np.float32)
+            for x in r.json()["rankings"]:
+                got[x["index"]] = x["logit"]
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
