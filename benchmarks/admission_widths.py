@@ -26,8 +26,9 @@ from pathlib import Path
 from openrerank_bench.cli import _cpu_model, load_average
 
 from openrerank.core.work import PairItem
-from openrerank.engine.admission import AdmissionQueue, SchedulerConfig, work_of, work_rate
+from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy
+from openrerank.engine.rates import work_of, work_rate
 from openrerank.runtimes.measure import TIMING_SHAPES
 
 

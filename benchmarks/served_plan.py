@@ -29,7 +29,7 @@ from admission_widths import build_encoder
 from openrerank_bench.cli import _cpu_model, load_average
 from openrerank_bench.serve_process import ServeProcess
 
-from openrerank.engine.admission import work_of
+from openrerank.engine.rates import work_of
 
 FIT_LENGTHS = (120, 500, 1000, 2000)
 

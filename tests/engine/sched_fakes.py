@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from openrerank.core.work import PairItem
-from openrerank.engine.admission import work_of
+from openrerank.engine.rates import work_of
 from openrerank.families.scorer import Scorer
 from openrerank.runtimes.base import DeviceMemoryError, RowsFailedError
 

@@ -6,16 +6,10 @@ import asyncio
 
 import pytest
 
-from openrerank.engine.admission import (
-    AdmissionQueue,
-    SchedulerConfig,
-    finish_estimate,
-    pushed_past_deadline,
-    work_of,
-    work_rate,
-)
+from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
 from openrerank.engine.errors import DeadlinePushedError, QueueFullError
 from openrerank.engine.pending import PendingRequest
+from openrerank.engine.rates import finish_estimate, pushed_past_deadline, work_of, work_rate
 from tests.engine.sched_fakes import Ids
 
 

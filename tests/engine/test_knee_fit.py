@@ -6,9 +6,10 @@ import random
 
 import pytest
 
-from openrerank.engine.admission import AdmissionQueue, SchedulerConfig, work_of
+from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.knee_fit import KNEE_RANGE, KneeFit
+from openrerank.engine.rates import work_of
 
 MAX_TOKENS = 8192
 SEC_PER_TOKEN = 1e-4  # of a short sequence

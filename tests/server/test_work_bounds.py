@@ -12,8 +12,8 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from openrerank.core.requests import Truncate
-from openrerank.engine.admission import BUDGET_SHARE, work_of
 from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.engine.rates import BUDGET_SHARE, work_of
 from openrerank.engine.speed_record import SpeedRecord
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.server.config import ServerConfig

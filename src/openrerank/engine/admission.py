@@ -9,43 +9,15 @@ Refusals carry a Retry-After: the pending tokens times the measured model time p
 the requests accepted but not yet planned, the pending totals the limits bound, the scheduler's lifecycle
 state (admission closes when it stops or its worker dies) and the speed estimate behind Retry-After.
 
-Admission by measured speed. A fixed token budget assumed a speed the machine may not have (983,040 tokens
-assumed ~8k tokens/s; a MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran
-120 s and ended 504).
-Instead the model's rate is measured when it is warmed up (`measure_rate`: warm-up batches growing until
-one takes about `WARMUP_TARGET_S`), and:
-
-- one request may hold what the model scores in `BUDGET_SHARE` of `--request-timeout` at that rate
-  (`budget_for`); more is refused at once (400; TEI 422) naming the rate, since it could not finish even
-  alone. `--max-request-tokens` overrides it.
-- a request that fits the budget but would not finish before its deadline behind the work already pending
-  (each pending request scores at most as many tokens as the newcomer before it is done, the planner
-  being max-min fair) is refused at once with 503 (TEI/Cohere 429) and Retry-After (`finish_estimate`).
-- so is one that would push a request admitted before it past that one's deadline (`pushed_past_deadline`):
-  newcomers are scored beside the pending requests, so a stream of small ones made a big one end 504.
-
-`Scheduler.work_per_second` holds the rate; whoever knows a better one (the engine choice times each
-candidate runtime on the loaded model) may set it before the model serves. While serving, every batch of
-at least `RATE_BATCH_SHARE` of the batch token limit moves it (`observed_rate`), so the budget follows the
-machine: a warm-up timed on a busy machine does not shrink it for good, nor an idle one inflate it.
-
-Work, not tokens. Attention costs a token more the longer its sequence (`families/cost.py`: a token of an
-L-token sequence costs 1 + L/knee tokens of a short one; knee = 6 x hidden size for BERT), so the measured
-budgets count *work*: `work_of`, each sequence's tokens times 1 + L/knee, and rates are work per second.
-Counted in tokens, a rate timed on 128-256-token batches promised 2,048-token sequences 2.0-2.6x the speed
-they get; weighed, 1.1-1.5x, and 0.9-1.2x once the knee is fitted from the served batches (`knee_fit.py`:
-OpenVINO's attention runs slower per FLOP than its matrix products; docs/reliability.md,
-`benchmarks/admission_widths.py`). Clients still read
-tokens: a refusal names the limit in tokens at the request's own lengths. The operator's explicit
-`--max-request-tokens` and `--max-queue-tokens` count tokens, as they say.
+Admission by measured speed, and work rather than tokens: the arithmetic is `rates.py`'s (its docstring says
+why); this queue holds the rate and the knee it uses and moves them as batches are served (`record_speed`).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from openrerank.core.work import WorkItem
@@ -60,6 +32,14 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.knee_fit import KneeFit
 from openrerank.engine.pending import PendingRequest
+from openrerank.engine.rates import (
+    RATE_BATCH_SHARE,
+    budget_for,
+    finish_estimate,
+    observed_rate,
+    pushed_past_deadline,
+    work_of,
+)
 from openrerank.engine.speed_record import KeptSpeed, SpeedRecord
 
 #: The default per-request token budget assumes at least one full batch every this many seconds of
@@ -68,87 +48,8 @@ SECONDS_PER_BUDGET_BATCH = 2.0
 #: Default pending-token limit, in per-request budgets.
 QUEUE_BUDGETS = 2
 
-#: Share of the request timeout one request's work may take at the measured rate (the rest: queueing,
-#: tokenization, and a rate measured on a machine that may get busier).
-BUDGET_SHARE = 0.5
-#: Warm-up batches grow until one takes about this long (or reaches the batch token limit).
-WARMUP_TARGET_S = 0.5
-
-
-def work_of(lengths: Sequence[int], knee: float | None) -> float:
-    """What sequences of these lengths cost, in tokens of a short sequence (module docstring); tokens when
-    the knee is unknown."""
-    if not knee:
-        return float(sum(lengths))
-    return float(sum(n * (1 + n / knee) for n in lengths))
-
-
-def work_rate(tokens_per_s: float, shapes: Sequence[tuple[int, int]], knee: float | None) -> float:
-    """A rate in tokens/s, timed on batches of these (rows, width) shapes, as work per second."""
-    tokens = sum(rows * width for rows, width in shapes)
-    return tokens_per_s * work_of([w for rows, w in shapes for _ in range(rows)], knee) / max(1, tokens)
-
-
-#: Batches at least this share of --max-batch-tokens update the rate (small ones are mostly overhead).
-RATE_BATCH_SHARE = 0.25
-#: Weight of one such batch in the moving average of the rate.
-RATE_WEIGHT = 0.1
 #: The fitted knee replaces the one in use when they differ by more than this share.
 KNEE_MOVE = 0.1
-
-
-def observed_rate(rate: float | None, tokens: int, work: float, seconds: float, max_batch_tokens: int
-                  ) -> float | None:
-    """The work rate after a batch of `tokens` (`work`) that took `seconds`: a moving average over batches of
-    a big-enough share of the batch token limit."""
-    if tokens < RATE_BATCH_SHARE * max_batch_tokens or seconds <= 0:
-        return rate
-    now = work / seconds
-    return now if not rate else (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * now
-
-
-def budget_for(work_per_second: float, timeout: float) -> int:
-    """Work one request may hold: what the model scores in BUDGET_SHARE of the timeout."""
-    return max(1, int(work_per_second * timeout * BUDGET_SHARE))
-
-
-def finish_estimate(work: float, pending_requests: int, pending_work: float, work_per_second: float) -> float:
-    """Seconds until a newcomer of `work` is scored behind the pending work, under max-min fairness: each
-    pending request is scored at most as much more as the newcomer before the newcomer is done."""
-    ahead = min(pending_work, pending_requests * work)
-    return (ahead + work) / work_per_second
-
-
-def pushed_past_deadline(work: float, admitted: Sequence[tuple[float, float]], work_per_second: float
-                         ) -> tuple[float, float, float] | None:
-    """A pending request, of `admitted` as (work left, seconds to its deadline), that a newcomer of `work` would
-    push past its deadline, as (its finish without the newcomer, with it, seconds left), or None. Its finish is
-    estimated as a newcomer's (`finish_estimate`); under max-min fairness the newcomer delays it by at most
-    min(work, its work left) / rate. One that misses its deadline anyway is not protected: it would have every
-    newcomer refused until it ends 504."""
-    total = sum(left_work for left_work, _ in admitted)
-    others = len(admitted) - 1
-    for left_work, left in admitted:
-        finish = finish_estimate(left_work, others, total - left_work, work_per_second)
-        pushed = finish + min(work, left_work) / work_per_second
-        if finish <= left < pushed:
-            return finish, pushed, left
-    return None
-
-
-def measure_rate(compute: Callable[[Sequence[WorkItem]], object], item: WorkItem, max_tokens: int,
-                 knee: float | None = None) -> float:
-    """Work per second of `compute` on batches of copies of `item`: 1, 4, 16... items, until a batch takes
-    `WARMUP_TARGET_S` or the next would pass `max_tokens`; the rate of the last (largest) batch."""
-    n = 1
-    while True:
-        start = time.perf_counter()
-        compute([item] * n)
-        seconds = max(time.perf_counter() - start, 1e-6)
-        tokens = n * item.length
-        if seconds >= WARMUP_TARGET_S or tokens * 4 > max_tokens:
-            return n * work_of([item.length], knee) / seconds
-        n *= 4
 
 
 #: Lifecycle states: admits while NEW (the first submit starts the worker) or RUNNING.

@@ -1,6 +1,6 @@
 """The attention knee as the machine shows it: fitted from the batches a model scores.
 
-Admission weighs a token of an L-token sequence as 1 + L/knee tokens of a short one (`admission.work_of`), with
+Admission weighs a token of an L-token sequence as 1 + L/knee tokens of a short one (`rates.work_of`), with
 the knee from the model's FLOPs (`families/cost.py`). Engines do not run attention at the speed of their
 matrix products: OpenVINO's 2,048-token batches took 1.5x what the FLOP knee (2,304) planned for a MiniLM-shaped
 encoder on a Zen 3 (an effective knee near 1,000), so admission still promised long passages more speed than

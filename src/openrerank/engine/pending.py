@@ -35,7 +35,7 @@ class PendingRequest:
         self.future: asyncio.Future[None] = loop.create_future()
         self.submitted = time.perf_counter()
         self.tokens = sum(it.length for it in items)
-        self.work = float(self.tokens)  # what admission weighs it at (engine/admission.py), set on submit
+        self.work = float(self.tokens)  # what admission weighs it at (engine/rates.py), set on submit
         #: Its `time.monotonic()` deadline, set on submit: admission refuses a newcomer that would push it past.
         self.deadline = float("inf")
         self.todo = sorted(range(len(items)), key=lambda i: items[i].length)  # not yet planned

@@ -140,7 +140,7 @@ class Scheduler:
         return self._admission.request_budget
 
     def weigh(self, items: Sequence[WorkItem]) -> float:
-        """The work of these items (engine/admission.py)."""
+        """The work of these items (engine/rates.py)."""
         return self._admission.weigh(items)
 
     def over_budget(self, tokens: int, work: float, *, partial: bool = False) -> RequestTooLargeError | None:

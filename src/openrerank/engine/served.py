@@ -26,7 +26,7 @@ from openrerank.core.requests import (
     Truncate,
 )
 from openrerank.core.work import Task
-from openrerank.engine.admission import ChunkLimits, measure_rate, work_rate
+from openrerank.engine.admission import ChunkLimits
 from openrerank.engine.errors import (
     DeadlineExceededError,
     ImagesNotSupportedError,
@@ -36,6 +36,7 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
 from openrerank.engine.preparing import Preparing, text_slices
+from openrerank.engine.rates import measure_rate, work_rate
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig, ScoreOutcome
 from openrerank.engine.score_cache import ScoreCache, Scored
 from openrerank.engine.speed_record import SpeedRecord

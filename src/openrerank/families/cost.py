@@ -11,7 +11,7 @@ Embeddings, norms, softmax and the head are left out (< 1% for an encoder). For 
 2n(4h^2 + 2hf) + 4n^2 h, the formula `openrerank bench` divides its roofline by. Per token, attention adds
 n / knee to the matrices' cost, where knee = (h q + 2 h kv + q h + m h f) / (2 q): 6h for BERT (2,304 tokens
 for MiniLM, 6,144 for an XLM-RoBERTa-large reranker), so a token of an 8,192-token passage costs about 2.3x
-one of a 100-token passage. Admission weighs requests by this (`engine/admission.py`); sliding-window
+one of a 100-token passage. Admission weighs requests by this (`engine/rates.py`); sliding-window
 attention (ModernBERT's local layers, Gemma 2's) is counted as full, which overstates, never understates.
 """
 
