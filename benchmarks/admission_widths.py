@@ -8,8 +8,8 @@ shape with a `--window`-token window (speed only: its scores mean nothing), time
 as admission's rate, then batches of about `--tokens` tokens at each width, rounds interleaved, and prints
 per width the rate measured and, for both ways of counting, the time admission predicts over the time taken
 (1.0 is exact; below 1.0 admits work that then takes longer than it planned for). A third column replays
-the timed batches, round by round, into an `AdmissionQueue` as if they had been served: its rate's moving
-average and the knee fitted from them (`engine/knee_fit.py`) predict the same batches.
+the timed batches, round by round, into an `AdmissionQueue` as if they had been served: its served rate
+(`rates.ServedRate`) and the knee fitted from them (`engine/knee_fit.py`) predict the same batches.
 
     .venv/bin/python benchmarks/admission_widths.py --engine openvino:fp32 --window 2048 --rounds 3
 """

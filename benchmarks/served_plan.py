@@ -1,8 +1,8 @@
 """Does a served model plan long requests right, from its first request after a restart?
 
 Admission plans a request by a rate and weighs a token of an L-token sequence as 1 + L/knee
-(`engine/admission.py`), starting from the engine choice's timed rate and the knee of the model's FLOPs;
-the served batches move both (`observed_rate`, `engine/knee_fit.py`), and what they showed is kept for the
+(`engine/rates.py`), starting from the engine choice's timed rate and the knee of the model's FLOPs;
+the served batches move both (`rates.ServedRate`, `engine/knee_fit.py`), and what they showed is kept for the
 next start (`engine/speed_record.py`). This script serves a random encoder of
 MiniLM-L6's shape with a `--window`-token window (speed only) from an empty cache and, on that server:
 

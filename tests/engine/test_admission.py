@@ -111,3 +111,20 @@ def test_admission_does_not_protect_a_request_already_past_saving(loop):
     admit(adm, loop, ids, 800, left=7.0)  # at an idle model: admitted, 8 s of work before a 7 s deadline
     with adm.cv:
         assert adm.refusal_locked(300, 300.0, NOW + 22.0, NOW + 2.0) is None  # 2 s later, none of it scored
+
+
+def test_admission_plans_by_the_rate_the_served_small_batches_show(loop):
+    """A big request admitted by the warm-up's rate, then a stream of small requests whose small batches run
+    at 40% of it (a loaded CPU): a newcomer that fit at the warm-up's rate now pushes the big one past its
+    deadline, and is refused. Small batches did not move the rate, and the big request ended 504."""
+    adm, ids = AdmissionQueue(SchedulerConfig(request_timeout=60.0)), Ids()  # budgets far from binding
+    adm.work_per_second = RATE
+    admit(adm, loop, ids, 600, left=20.0)  # 6 s at the warm-up's 100/s, 15 s at 40/s
+    with adm.cv:  # at 100/s it finishes in 6 + 3 s
+        assert adm.refusal_locked(300, 300.0, NOW + 60.0, NOW) is None
+    for _ in range(50):  # 25 s of small batches: 20 of work in 0.5 s
+        adm.record_speed(0.5, [5] * 4)
+    assert adm.work_per_second == pytest.approx(40.0, rel=0.05)
+    with adm.cv:  # at 40/s: 15 s, and 22.5 s with the newcomer, past its 20 s
+        refusal = adm.refusal_locked(300, 300.0, NOW + 60.0, NOW)
+    assert isinstance(refusal, DeadlinePushedError)

@@ -390,6 +390,7 @@ def test_a_measured_budget_weighs_long_sequences_by_their_attention() -> None:
         assert sched.request_budget == 500
         short = ids.items(*[5] * 90)  # 450 tokens, 472.5 of work
         np.testing.assert_array_equal((await sched.submit(short)).scores, expected(short))
+        sched.work_per_second = 100.0  # as it was: every served batch moves it
         with pytest.raises(RequestTooLargeError) as err:
             await sched.submit(ids.items(*[100] * 3))  # 300 tokens, 600 of work
         message = str(err.value)

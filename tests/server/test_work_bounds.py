@@ -219,7 +219,7 @@ def test_a_restart_starts_with_the_speed_its_served_batches_showed(tmp_path, mon
         assert model["max_request_tokens"] == int(5000.0 * timeout * BUDGET_SHARE)
         assert "starts with the speed its served batches showed on an earlier start" in server.output()
         passage = "the river flows through the mountain city to the sea " * 60  # over the 256-token window
-        for _ in range(2):  # batches big enough to move the rate (a quarter of --max-batch-tokens at least)
+        for _ in range(2):  # served batches move the rate
             r = c.post("/v1/ranking", json=nim_body("q", [passage] * 40, truncate="END"))
             assert r.status_code == 200, r.text[:300]
         served = c.get("/v1/metadata").json()["models"][0]["tokens_per_second"]

@@ -30,16 +30,9 @@ from openrerank.engine.errors import (
     RequestTooLargeError,
     WorkerDiedError,
 )
-from openrerank.engine.knee_fit import KneeFit
+from openrerank.engine.knee_fit import FIT_BATCH_SHARE, KneeFit
 from openrerank.engine.pending import PendingRequest
-from openrerank.engine.rates import (
-    RATE_BATCH_SHARE,
-    budget_for,
-    finish_estimate,
-    observed_rate,
-    pushed_past_deadline,
-    work_of,
-)
+from openrerank.engine.rates import ServedRate, budget_for, finish_estimate, pushed_past_deadline, work_of
 from openrerank.engine.speed_record import KeptSpeed, SpeedRecord
 
 #: The default per-request token budget assumes at least one full batch every this many seconds of
@@ -109,9 +102,8 @@ class AdmissionQueue:
         self.state = NEW
         self.failure: str | None = None  # why the worker died (the exception's type)
         self.sec_per_work = 0.0  # moving average of model time per unit of work, for Retry-After
-        #: Measured model speed in work per second (`measure_rate`, or the runtime choice's timing): sets the
-        #: request budget and deadline admission. None: the static budget of `SchedulerConfig`.
-        self.work_per_second: float | None = None
+        #: The model's speed (`work_per_second`): from its warm-up, then as the served batches show it.
+        self.served = ServedRate()
         #: The model's attention knee (`families/cost.py`, then as the served batches show it: `set_knee`):
         #: None counts work as tokens.
         self.knee: float | None = None
@@ -119,6 +111,18 @@ class AdmissionQueue:
         #: Where the served batches' speed is kept for the next start (`speed_record.py`); None: not kept.
         self.speed_record: SpeedRecord | None = None
         self.rate_batches = 0  # batches that moved the rate in this process
+
+    @property
+    def work_per_second(self) -> float | None:
+        """Measured model speed in work per second (`measure_rate`, the runtime choice's timing or a kept
+        record's, then the served batches': `rates.ServedRate`): sets the request budget and deadline
+        admission. None: the static budget of `SchedulerConfig`."""
+        return self.served.rate
+
+    @work_per_second.setter
+    def work_per_second(self, rate: float | None) -> None:
+        """Start from `rate` (before the model serves): the served batches move it on."""
+        self.served = ServedRate.starting(rate)
 
     def set_knee(self, knee: float | None) -> None:
         """The knee from the model's FLOPs: weighs work until the served batches fit another (`knee_fit.py`)."""
@@ -285,20 +289,19 @@ class AdmissionQueue:
 
     def record_speed(self, seconds: float, lengths: Sequence[int]) -> float | None:
         """One batch's model time and its sequences' lengths, folded into the time per unit of work behind
-        Retry-After and, for a big enough batch, into the measured rate behind the budgets (`observed_rate`)
-        and the knee's fit (`knee_fit.py`). Returns the knee when the fit moved it, and keeps it with the rate in the
-        model's record if it has one (`keep_speed`)."""
+        Retry-After, into the measured rate behind the budgets (`rates.ServedRate`: every batch) and, for a
+        big enough batch, into the knee's fit (`knee_fit.py`). Returns the knee when the fit moved it, and
+        keeps it with the rate in the model's record if it has one (`keep_speed`)."""
         tokens = sum(lengths)
         with self.cv:
             work = work_of(lengths, self.knee)
             per_work = seconds / max(1e-9, work)
             s = self.sec_per_work
             self.sec_per_work = per_work if not s else 0.8 * s + 0.2 * per_work
-            self.work_per_second = observed_rate(self.work_per_second, tokens, work, seconds,
-                                                 self.config.policy.max_tokens)
-            if tokens < RATE_BATCH_SHARE * self.config.policy.max_tokens:
-                return None
+            self.served = self.served.after(work, seconds)
             self.rate_batches += 1
+            if tokens < FIT_BATCH_SHARE * self.config.policy.max_tokens:
+                return None
             if self.knee_fit is None:
                 return None
             self.knee_fit.add(lengths, seconds)
@@ -315,7 +318,6 @@ class AdmissionQueue:
         """Weigh by `knee` from now on; the rates, in work, are converted at this batch's lengths. (Requests
         already pending keep the work they were admitted with until they are answered.)"""
         ratio = work_of(lengths, knee) / work_of(lengths, self.knee)
-        if self.work_per_second:
-            self.work_per_second *= ratio
+        self.served = self.served.reweighed(ratio)
         self.sec_per_work /= ratio
         self.knee = knee

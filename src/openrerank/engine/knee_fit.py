@@ -19,6 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+#: Batches at least this share of --max-batch-tokens are fitted (in smaller ones the per-batch overhead blurs
+#: the time a token's length costs).
+FIT_BATCH_SHARE = 0.25
 #: Weight of the previous batches after each new one (memory of about 1 / (1 - decay) batches).
 DECAY = 0.98
 #: Batches (effective, after the decay) before a fit is offered.

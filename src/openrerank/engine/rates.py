@@ -1,5 +1,5 @@
 """Admission's rate arithmetic: what a request's sequences cost (work), the model's measured rate in work per
-second, and the estimates admission makes from it. Pure functions; the state is `admission.AdmissionQueue`'s.
+second, and the estimates admission makes from it. Pure: the state is `admission.AdmissionQueue`'s.
 
 Admission by measured speed. A fixed token budget assumed a speed the machine may not have (983,040 tokens
 assumed ~8k tokens/s; a MiniLM cross-encoder scores ~3k/s on a small CPU, so a request admitted under it ran
@@ -17,9 +17,14 @@ one takes about `WARMUP_TARGET_S`), and:
   newcomers are scored beside the pending requests, so a stream of small ones made a big one end 504.
 
 `Scheduler.work_per_second` holds the rate; whoever knows a better one (the engine choice times each
-candidate runtime on the loaded model) may set it before the model serves. While serving, every batch of
-at least `RATE_BATCH_SHARE` of the batch token limit moves it (`observed_rate`), so the budget follows the
-machine: a warm-up timed on a busy machine does not shrink it for good, nor an idle one inflate it.
+candidate runtime on the loaded model) may set it before the model serves. While serving, every batch moves
+it (`ServedRate`: the recent batches' work over the model seconds they took), so the budget and the
+estimates follow what the scheduler achieves: a warm-up timed on a busy machine does not shrink the budget
+for good, nor an idle one inflate it, and a stream of small requests, whose small batches score less per
+second, is planned at the speed its batches get. (Only batches of a quarter of the batch token limit used
+to move it; the CPU's batching, at most 2% padding, seldom makes one of passages of mixed lengths, so the
+rate stayed the warm-up's while the batches ran at half of it, and a big request admitted before a stream
+of small ones ended 504: docs/reliability.md.)
 
 Work, not tokens. Attention costs a token more the longer its sequence (`families/cost.py`: a token of an
 L-token sequence costs 1 + L/knee tokens of a short one; knee = 6 x hidden size for BERT), so the measured
@@ -34,8 +39,10 @@ tokens: a refusal names the limit in tokens at the request's own lengths. The op
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from openrerank.core.work import WorkItem
 
@@ -60,20 +67,47 @@ def work_rate(tokens_per_s: float, shapes: Sequence[tuple[int, int]], knee: floa
     return tokens_per_s * work_of([w for rows, w in shapes for _ in range(rows)], knee) / max(1, tokens)
 
 
-#: Batches at least this share of --max-batch-tokens update the rate (small ones are mostly overhead).
-RATE_BATCH_SHARE = 0.25
-#: Weight of one such batch in the moving average of the rate.
-RATE_WEIGHT = 0.1
+#: The served rate's memory, in seconds of model time: a batch weighs 1/e as much once the model has run this
+#: long since (~10-30 CPU batches of a MiniLM).
+RATE_MEMORY_S = 10.0
+#: What the rate the model starts with (the warm-up's timing, the engine choice's, or a kept record's) weighs,
+#: in seconds of served batches: about what the warm-up timed, so the first served seconds soon outweigh it.
+RATE_PRIOR_S = 1.0
 
 
-def observed_rate(rate: float | None, tokens: int, work: float, seconds: float, max_batch_tokens: int
-                  ) -> float | None:
-    """The work rate after a batch of `tokens` (`work`) that took `seconds`: a moving average over batches of
-    a big-enough share of the batch token limit."""
-    if tokens < RATE_BATCH_SHARE * max_batch_tokens or seconds <= 0:
-        return rate
-    now = work / seconds
-    return now if not rate else (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * now
+@dataclass(frozen=True)
+class ServedRate:
+    """The rate the scheduler achieves under the current mix of batches: the work of the recent batches over
+    the model seconds they took, every batch counted for the time it ran, the model time run since fading it
+    by e every `RATE_MEMORY_S` (an exponential moving average over model time of the speed batches ran at:
+    ten 0.1 s batches count as one 1 s batch of their work). Small batches count for what they cost, so the
+    rate is what the next seconds of batches like these will score: what admission's estimates need.
+    Idle time counts for nothing (nothing is learnt while nothing runs)."""
+
+    work: float = 0.0  # the recent batches' work, faded
+    seconds: float = 0.0  # their model seconds, faded alike
+
+    @classmethod
+    def starting(cls, rate: float | None) -> ServedRate:
+        """Before any batch: `rate` (None: unknown), weighing as `RATE_PRIOR_S` of batches."""
+        return cls(rate * RATE_PRIOR_S, RATE_PRIOR_S) if rate else cls()
+
+    @property
+    def rate(self) -> float | None:
+        """Work per second; None until measured."""
+        return self.work / self.seconds if self.seconds > 0 else None
+
+    def after(self, work: float, seconds: float) -> ServedRate:
+        """With one more batch of `work` that took `seconds`."""
+        if seconds <= 0:
+            return self
+        keep = math.exp(-seconds / RATE_MEMORY_S)
+        span = RATE_MEMORY_S * (1 - keep)  # its seconds, each faded by the rest of the batch
+        return ServedRate(self.work * keep + work / seconds * span, self.seconds * keep + span)
+
+    def reweighed(self, ratio: float) -> ServedRate:
+        """The same batches with their work counted `ratio` times as much (a new knee)."""
+        return ServedRate(self.work * ratio, self.seconds)
 
 
 def budget_for(work_per_second: float, timeout: float) -> int:

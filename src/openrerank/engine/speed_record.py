@@ -1,7 +1,7 @@
 """The speed a model's served batches showed (attention knee and rate), kept for its next start here.
 
 Admission plans by a rate and a knee (`admission.py`): at start the rate is the engine choice's timing on
-short batches and the knee the model's FLOPs'; the served batches then move both (`observed_rate`,
+short batches and the knee the model's FLOPs'; the served batches then move both (`rates.ServedRate`,
 `knee_fit.py`). Both starting points were off on a Zen 3 serving a 2,048-token encoder on OpenVINO: the FLOP
 knee planned its 2,048-token batches 1.5x too fast, and the timed rate ran ~10% above what served batches
 sustain. So what the served batches showed is written to the converted-model cache (`speed/<key>.json`,
