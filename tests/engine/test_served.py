@@ -78,3 +78,26 @@ def test_a_full_queue_refuses_before_the_request_is_tokenized(tiny_model_dir):
             served.loaded.close()
 
     asyncio.run(go())
+
+
+
+def test_a_listwise_models_rerank_work_is_counted_under_the_task_its_scheduler_runs():
+    """A listwise model's blocks run (and are refused, and time out) in the scheduler as `listwise`; its
+    scored tokens were counted as `rerank`, so one model's metrics split over two task labels."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from openrerank.core.requests import RerankRequest, ScoreKind, Timings
+    from openrerank.engine.served import ServedModel
+    from openrerank.observe.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for listwise, task in ((True, "listwise"), (False, "rerank")):
+        loaded = SimpleNamespace(family=SimpleNamespace(listwise=listwise), score_kind=ScoreKind.LOGIT)
+        model = ServedModel(task, loaded=loaded, scheduler=None, metrics=metrics)  # type: ignore[arg-type]
+        assert model.rerank_task == task
+        model._result(RerankRequest("q", ["a", "b"]), np.zeros(2, np.float32), 7, 7, Timings(), 0.0, 1)
+        assert registry.get_sample_value("openrerank_tokens_total", {"model": task, "task": task}) == 7
+    assert registry.get_sample_value("openrerank_tokens_total", {"model": "listwise", "task": "rerank"}) is None

@@ -93,6 +93,12 @@ class ServedModel:
     def tasks(self) -> list[Task]:
         return self.loaded.tasks
 
+    @property
+    def rerank_task(self) -> Task:
+        """The task its rerank work runs as in the scheduler and is counted under in metrics: a listwise
+        model scores blocks (`listwise`), any other pairs (`rerank`)."""
+        return "listwise" if self.loaded.family.listwise else "rerank"
+
     def warmup(self) -> None:
         """First calls (lazy init) before serving, and the model's speed for admission, unless it is known."""
         prep = self.loaded.encoder.prepare(_WARMUP_QUERY, _WARMUP_PASSAGES, Truncate.END)
@@ -177,7 +183,7 @@ class ServedModel:
         try:
             cached = await self.score_cache.score_many(self.name, queries, score_misses, deadline)
         except TimeoutError:  # waiting for a concurrent request's passages outlasted this one's deadline
-            self.scheduler.count_rejected("rerank", "deadline")
+            self.scheduler.count_rejected(self.rerank_task, "deadline")
             raise DeadlineExceededError(self.scheduler.config.request_timeout) from None
         return [self._result(r, c.logits, c.prompt_tokens, c.scored_tokens,
                              Timings(c.tokenize_ms, c.queue_ms, c.inference_ms), t0, c.windows)
@@ -189,13 +195,13 @@ class ServedModel:
         scheduler submission; one float32 per passage."""
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
-        self.scheduler.refuse_if_full("listwise" if self.loaded.family.listwise else "rerank")
+        self.scheduler.refuse_if_full(self.rerank_task)
         try:
             preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits)
             preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
                                            max(0.0, deadline - time.monotonic()))
         except TimeoutError:  # counted as the scheduler counts a deadline passed in its queue
-            self.scheduler.count_rejected("listwise" if self.loaded.family.listwise else "rerank", "deadline")
+            self.scheduler.count_rejected(self.rerank_task, "deadline")
             raise DeadlineExceededError(timeout) from None
         t1 = time.perf_counter()
         outcome = await self.scheduler.submit([it for p in preps for it in p.items], timeout=timeout,
@@ -214,7 +220,7 @@ class ServedModel:
         logits = _reportable(logits)
         if self.metrics:
             self.metrics.passages.labels(self.name).inc(len(req.passages))
-            self.metrics.tokens.labels(self.name, "rerank").inc(scored_tokens)
+            self.metrics.tokens.labels(self.name, self.rerank_task).inc(scored_tokens)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         query_vectors = None
         if self.loaded.score_kind is ScoreKind.MAXSIM:  # the bound the unit-interval form divides by

@@ -106,7 +106,7 @@ class Metrics:
         self.texts_embedded = self._counter("openrerank_texts_embedded_total", "Texts embedded", ("model",))
         self.tokens = self._counter("openrerank_tokens_total", "Tokens run through the model (after truncation/"
                                     "chunking)", ("model", "task"))
-        # engine: one queue per model (depth, tokens); the rest labelled by task (rerank | embed), which share it
+        # engine: one queue per model (depth, tokens); the rest by task (rerank | listwise | embed), which share it
         self.queue_depth = self._gauge("openrerank_queue_depth", "Requests waiting or being scored", ("model",))
         self.queue_tokens = self._gauge("openrerank_queue_tokens", "Tokens of the requests waiting or being scored",
                                         ("model",))
