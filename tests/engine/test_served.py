@@ -35,29 +35,36 @@ def test_chunk_caps_a_client_may_ask_for_and_dialect_defaults_under_the_server_c
             model._chunk_cap(RerankRequest("q", ["a"], truncate=truncate, max_chunks_per_passage=6))
 
 
-def test_a_full_queue_refuses_before_the_request_is_tokenized(tiny_model_dir):
+@pytest.mark.parametrize("task", ["rerank", "embed"])
+def test_a_full_queue_refuses_before_the_request_is_tokenized(tmp_path, task):
     """A 300-passage request was refused (503) only after 1.8 s of tokenizing, and every refused retry of an
-    overloaded server cost that again."""
+    overloaded server cost that again; /v1/embeddings goes through the same check (`_submit_texts`)."""
     import asyncio
     import threading
     import time
 
-    from openrerank.core.requests import RerankRequest
+    from openrerank.core.requests import EmbedRequest, RerankRequest
     from openrerank.engine.admission import SchedulerConfig
     from openrerank.engine.errors import QueueFullError
     from openrerank.engine.loading import LoadOptions
     from openrerank.engine.served import load_served_model
     from openrerank.sources.source import ModelSource
+    from tests.support import build_tiny_bi_encoder
 
-    served = load_served_model(ModelSource("m", str(tiny_model_dir)), LoadOptions(backend="torch", threads=1),
+    model = build_tiny_bi_encoder(tmp_path / "bi")  # a bi-encoder both reranks and embeds
+    served = load_served_model(ModelSource("m", str(model)), LoadOptions(backend="torch", threads=1),
                                SchedulerConfig(max_queue=1), None)
     release = threading.Event()
     score = served.scheduler.scorer.score
     served.scheduler.scorer.score = lambda items: (release.wait(60), score(items))[1]  # the first request holds
-    tokenized: list[int] = []
-    prepare = served.loaded.encoder.prepare
+    tokenized: list[int] = []  # texts tokenized, a call at a time, whichever the path
+    prepare, embedding_items = served.loaded.encoder.prepare, served.loaded.embedding_items
     served.loaded.encoder.prepare = lambda q, passages, *a, **kw: (tokenized.append(len(passages)),
                                                                    prepare(q, passages, *a, **kw))[1]
+    served.loaded.embedding_items = lambda texts, *a, **kw: (tokenized.append(len(texts)),
+                                                             embedding_items(texts, *a, **kw))[1]
+    refused = {"rerank": lambda: served.rerank(RerankRequest("q", ["b"] * 300)),
+               "embed": lambda: served.embed(EmbedRequest(["b"] * 300))}[task]
 
     async def go() -> None:
         await served.scheduler.start()
@@ -68,8 +75,8 @@ def test_a_full_queue_refuses_before_the_request_is_tokenized(tiny_model_dir):
                 assert time.monotonic() < deadline, "the first request was never admitted"
                 await asyncio.sleep(0.01)
             with pytest.raises(QueueFullError, match="--max-queue"):
-                await served.rerank(RerankRequest("q", ["b"] * 300))
-            assert tokenized == [1]  # the refused request's passages were never tokenized
+                await refused()
+            assert tokenized == [1]  # the refused request's texts were never tokenized
             release.set()
             await first
         finally:
@@ -78,8 +85,6 @@ def test_a_full_queue_refuses_before_the_request_is_tokenized(tiny_model_dir):
             served.loaded.close()
 
     asyncio.run(go())
-
-
 
 def test_a_listwise_models_rerank_work_is_counted_under_the_task_its_scheduler_runs():
     """A listwise model's blocks run (and are refused, and time out) in the scheduler as `listwise`; its

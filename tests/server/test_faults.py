@@ -283,3 +283,26 @@ def test_a_tokenizer_failure_is_not_retried_with_another_truncation(tiny_model_d
         r = c.post("/v1/ranking", json=nim_body("q", ["POISON river"], truncate="END"))
     assert r.status_code == 500 and r.json()["object"] == "error" and "request id" in r.json()["message"], r.text
     assert truncations == ["only_second"]  # tried once, never again with another truncation
+
+
+def test_waiting_past_the_deadline_for_another_requests_passages_answers_504(tiny_model_dir):
+    """With the score cache, a request whose passages a concurrent request is scoring waits for them (in the
+    cache, not the scheduler): past its own deadline that wait is a 504 like any other, counted as one."""
+    from openrerank.core.requests import RerankRequest
+
+    with InProcessServer(config(tiny_model_dir, request_timeout=1.0, score_cache_mb=1)) as server, \
+            server.client() as c:
+        backend = server.backends[MODEL]
+        backend.hold()
+        served = server.app.state.models.get(MODEL)
+        # the owner of "paris" has all the time it needs; its batch is held
+        owner = in_thread(lambda: server.call(lambda: served.rerank(RerankRequest("q", ["paris"]),
+                                                                    deadline=time.monotonic() + 60)))
+        backend.wait_started()
+        r = c.post("/v1/ranking", json=nim_body("q", ["paris"]))
+        assert r.status_code == 504 and "timed out" in r.text, r.text
+        assert backend.batches == [1]  # it waited for the owner's score, never reaching the model itself
+        deadline = {"model": MODEL, "task": "rerank", "reason": "deadline"}
+        assert server.metric("openrerank_rejected_total", deadline) == 1
+        backend.release()
+        assert len(owner().logits) == 1
