@@ -271,3 +271,11 @@ def test_otlp_endpoint_without_the_extra_names_the_install_command():
                            "--port", "0"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _one_line_error(done, "--otlp-endpoint needs the 'otel' extra", "scripts/setup.sh otel")
+
+
+def test_a_max_length_too_small_for_the_models_fixed_tokens_is_refused_at_startup(tiny_model_dir):
+    """`--max-length 1` started a server that refused every request as too long. The smallest window is the
+    model's ([CLS] q [SEP] p [SEP]: 5 tokens here), so 4 is refused in one line before the port is taken."""
+    err = _one_line_error(_openrerank("serve", "--port", "0", "--model", str(tiny_model_dir), "--max-length", "4"),
+                          "--max-length 4: a 4-token window is too small", "take 5")
+    assert "loaded" not in err

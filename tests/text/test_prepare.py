@@ -229,3 +229,27 @@ def test_bi_encoder_reranks_with_the_query_and_passage_prompts():
             assert len(long) > 1 and all(it.passage_ids[-2] == period for it in long)
     start = enc.prepare("q", [text], Truncate.START).items[0].passage_ids
     assert start[-4:-1] == tok(text, add_special_tokens=False)["input_ids"][-3:]
+
+
+def test_the_smallest_window_holds_the_fixed_tokens_and_a_token_of_query_and_passage(tiny_model_dir):
+    """`--max-length 1` started a server that refused every request as too long; the window an encoder
+    needs is its own to say (special tokens, a prompt), and the smallest one it says still scores a pair."""
+    from openrerank.text.prepare import WindowTooSmallError
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    pair = PairTextEncoder(tok, 32)
+    assert pair.min_length == tok.num_special_tokens_to_add(pair=True) + 2
+    one = BiTextEncoder(tok, 32)
+    prompted = BiTextEncoder(tok, 32, prompts={"query": "paris banana river: ", "passage": "city: "})
+    longest = len(tok("paris banana river: ", add_special_tokens=False)["input_ids"])
+    assert prompted.min_length == one.min_length + longest == tok.num_special_tokens_to_add(pair=False) + longest + 1
+    for enc in (pair, one, prompted):
+        enc.check_window()
+        enc.max_length = enc.min_length
+        enc.check_window()
+        items = enc.prepare(long_text(5), [long_text(9), "x"], Truncate.END).items
+        assert items and all(len(it.input_ids if isinstance(it, PairItem) else it.passage_ids) <= enc.max_length
+                             for it in items)
+        enc.max_length -= 1
+        with pytest.raises(WindowTooSmallError, match=f"a {enc.max_length}-token window is too small"):
+            enc.check_window()

@@ -34,7 +34,7 @@ from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.late import LateTextEncoder
-from openrerank.text.prepare import Prepared, TextEncoder
+from openrerank.text.prepare import Prepared, TextEncoder, WindowTooSmallError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -267,6 +267,7 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     files.check_tokenizer()  # after the family: what the folder is comes first
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
+        check_window(family, spec, options.max_length)
     runtimes = family.runtimes
     if weights_format == "onnx":
         runtimes = tuple(e for e in exported_engines(path) if e in family.runtimes)
@@ -275,6 +276,19 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
                              f"CPU by {' or '.join(runtimes)}: use --backend {' or '.join(runtimes)} (or auto)")
     plan = plan_runtimes(options.backend, options.dtype, options.device, runtimes, family.id)
     return ResolvedModel(source, weights_format, family, spec, runtimes, tuple(plan))
+
+
+def check_window(family: Family, spec: ModelSpec, max_length: int) -> None:
+    """`--max-length` must leave room for the family's fixed tokens (special tokens, markers, its prompt's text)
+    and a token of query and of passage: a smaller window would start a server refusing every request. Its
+    text encoder knows what it needs (`TextEncoder.min_length`); this loads the tokenizer (about a second)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
+    try:
+        family.text_encoder(spec, tokenizer).check_window()
+    except WindowTooSmallError as exc:
+        raise ValueError(f"--max-length {max_length}: {exc}") from None
 
 
 def load_model(source: ResolvedModel | ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:

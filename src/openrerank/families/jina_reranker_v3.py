@@ -171,7 +171,7 @@ class JinaRerankerV3Family(Family):
             self.check_instruction(instruction)
         window = files.window()
         lim = limits_for(window)
-        if lim.doc_window < 8 or lim.query_window < 4:
+        if lim.too_small():
             raise ModelFormatError(f"{files.path}: a {window}-token window is too small for listwise blocks")
         options = {"instruction": instruction, "block_size": lim.block_size}
         return ModelSpec(files.path, self.id, files.model_type, ARCHITECTURE, window, options)

@@ -54,6 +54,12 @@ class BiTextEncoder(TextEncoder):
         """Leading tokens of a text encoded for `input_type` that the pooling leaves out (0: all pooled)."""
         return self.prompt_lengths.get(input_type, 0)
 
+    @property
+    def min_length(self) -> int:
+        """A text is encoded on its own: its special tokens, the longest prompt, and one token of its own."""
+        prompt = max((len(self.tok.ids(p)) for p in self.prompts.values() if p), default=0)
+        return self.single_specials + prompt + 1
+
     def encode_texts(self, texts: list[str], truncate: Truncate = Truncate.END,
                      input_type: str | None = None) -> list[list[int]]:
         """Token ids of texts embedded on their own (with special tokens), cut to the window.

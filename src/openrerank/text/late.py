@@ -49,6 +49,12 @@ class LateTextEncoder(TextEncoder):
         super().__init__(tokenizer, settings.document_length)
         self.settings = settings
 
+    @property
+    def min_length(self) -> int:
+        """A passage is encoded on its own (the query has its own length): specials, marker, one token."""
+        marker = 1 if self.settings.document_marker is not None else 0
+        return self.tokenizer.num_special_tokens_to_add(pair=False) + marker + 1
+
     def _marked(self, seqs: list[list[int]], marker: int | None) -> list[list[int]]:
         if marker is None:
             return seqs

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from openrerank.core.requests import Truncate
 from openrerank.core.work import BlockItem
-from openrerank.text.prepare import InputTooLongError, Prepared, TextEncoder, chunk_starts
+from openrerank.text.prepare import InputTooLongError, Prepared, TextEncoder, WindowTooSmallError, chunk_starts
 
 #: (query, passages, instruction or None) -> the whole prompt of one block.
 Render = Callable[[str, list[str], "str | None"], str]
@@ -42,6 +43,13 @@ class ListwiseLimits:
     doc_window: int  # tokens of one passage (the reference's max_doc_length)
     query_window: int  # tokens of the query (the reference's max_query_length)
     block_size: int  # passages in one block (the reference: 125)
+
+    #: The smallest passage and query windows a block is still worth reading with.
+    MIN_DOC_WINDOW: ClassVar[int] = 8
+    MIN_QUERY_WINDOW: ClassVar[int] = 4
+
+    def too_small(self) -> bool:
+        return self.doc_window < self.MIN_DOC_WINDOW or self.query_window < self.MIN_QUERY_WINDOW
 
 
 def split_blocks(lengths: list[int], query_length: int, limits: ListwiseLimits) -> list[list[int]]:
@@ -96,6 +104,14 @@ class ListwiseTextEncoder(TextEncoder):
         self.markers = markers
         self.instruction = instruction
         self.marker_ids = {int(tokenizer.convert_tokens_to_ids(m)) for m in markers}
+
+    @property
+    def min_length(self) -> int:
+        return ListwiseLimits.MIN_DOC_WINDOW  # `max_length` is a passage's window; the block's, `limits.context`
+
+    def check_window(self) -> None:
+        if self.limits.too_small():
+            raise WindowTooSmallError(f"a {self.limits.context}-token window is too small for listwise blocks")
 
     def with_instruction(self, instruction: str) -> ListwiseTextEncoder:
         variant = ListwiseTextEncoder.__new__(ListwiseTextEncoder)

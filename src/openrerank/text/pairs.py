@@ -21,6 +21,10 @@ class PairTextEncoder(TextEncoder):
         super().__init__(tokenizer, max_length)
         self.pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
 
+    @property
+    def min_length(self) -> int:
+        return self.pair_specials + 2  # [CLS] q [SEP] p [SEP]: a token of each
+
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
         n = len(passages)
         m = self.max_length

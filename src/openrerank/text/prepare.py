@@ -32,6 +32,10 @@ class InstructionError(ValueError):
     """A request's instruction this model cannot take (its input has none, or it does not fit the window)."""
 
 
+class WindowTooSmallError(ValueError):
+    """A window (`--max-length`) too small for the model's fixed text and one token of query and of passage."""
+
+
 class InputTooLongError(ValueError):
     """A pair exceeds the model window under truncate=NONE (NIM: the whole request fails)."""
 
@@ -104,6 +108,19 @@ class TextEncoder(ABC):
         self.tok = TokenizerPool(tokenizer)
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    @abstractmethod
+    def min_length(self) -> int:
+        """The smallest window this encoder can work in: what every input spends on fixed text (special
+        tokens, markers, a prompt's text) plus one token of query and one of passage."""
+
+    def check_window(self) -> None:
+        """WindowTooSmallError unless `max_length` is at least `min_length`: a smaller window would refuse
+        every request as too long."""
+        if self.max_length < self.min_length:
+            raise WindowTooSmallError(f"a {self.max_length}-token window is too small for this model: its fixed "
+                                      f"tokens and one token of query and of passage take {self.min_length}")
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a text without special tokens (used by dialects for token budgets)."""

@@ -34,6 +34,7 @@ from openrerank.text.prepare import (
     InstructionError,
     Prepared,
     TextEncoder,
+    WindowTooSmallError,
     cap_chunks,
     chunk_starts,
 )
@@ -141,9 +142,16 @@ class TemplateTextEncoder(TextEncoder):
         # it is within a token or two of what any pair will have.
         fixed = len(self._bos) + sum(len(self._fixed[i]) if i in self._fixed else len(self.tok.ids(fill(p, "", "")[0]))
                                      for i, p in enumerate(template.pieces))
+        self.fixed_tokens = fixed
         if fixed >= self.max_length // 2:
-            raise ValueError(f"a {self.max_length}-token window is too small for this prompt: its fixed text "
-                             f"(instruction included) takes {fixed} tokens, and may take at most half the window")
+            raise WindowTooSmallError(f"a {self.max_length}-token window is too small for this prompt: its fixed "
+                                      f"text (instruction included) takes {fixed} tokens, and may take at most half "
+                                      "the window")
+
+    @property
+    def min_length(self) -> int:
+        """The prompt's fixed text may take at most half the window (less one token), as its check says."""
+        return 2 * self.fixed_tokens + 2
 
     def with_instruction(self, instruction: str) -> TemplateTextEncoder:
         if self._template_for is None:
