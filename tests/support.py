@@ -202,3 +202,18 @@ def run_eval(argv: list[str]) -> int:
     from openrerank.cli.main import main
 
     return main(["eval", *argv])
+
+
+def check_against_openapi(client, path: str) -> dict:
+    """GET `path` and validate its 200 answer against the schema the served /openapi.json declares for it
+    (its models' `extra="forbid"` publish additionalProperties false: an undeclared key fails too)."""
+    import jsonschema
+
+    doc = client.get("/openapi.json").json()
+    declared = doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert "$ref" in declared, f"{path} answers a free-form object in /openapi.json: {declared}"
+    got = client.get(path)
+    assert got.status_code == 200, got.text
+    body = got.json()
+    jsonschema.Draft202012Validator({**declared, "components": doc["components"]}).validate(body)
+    return body

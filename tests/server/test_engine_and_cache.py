@@ -67,3 +67,12 @@ def test_repeated_requests_are_answered_from_the_cache(cached_server):
     assert hits >= len(PASSAGES) and misses >= len(PASSAGES)
     assert metric(after, "openrerank_score_cache_entries") >= len(PASSAGES)
     assert metric(after, "openrerank_score_cache_capacity_bytes") == 2**20
+
+
+def test_a_measured_choice_answers_metadata_as_the_document_declares(cached_server):
+    """The richest /v1/metadata: every candidate's timing and the throughput the choice measured."""
+    from tests.support import check_against_openapi
+
+    with cached_server.client() as c:
+        meta = check_against_openapi(c, "/v1/metadata")
+    assert meta["models"][0]["engine"]["measured"] and meta["models"][0]["engine"]["throughput"]

@@ -88,3 +88,26 @@ def test_an_example_naming_a_model_is_left_out_where_none_fits(tiny_model_dir):
     assert "examples" not in doc["components"]["schemas"]["MultiVectorRequest"]
     assert [e["model"] for e in _examples(doc, "NimRankingRequest")] == ["tiny"]
     assert _examples(doc, "InfinityRerankRequest")  # names no model: kept
+
+
+def test_models_and_metadata_answer_as_the_document_declares(tmp_path, tiny_model_dir):
+    """/v1/models and /v1/metadata were free-form objects in /openapi.json. A reranker, a bi-encoder (embeds)
+    and a ColBERT model (multi-vector), behind a score cache; then the same server while its models load."""
+    from tests.families.colbert_builders import build_pylate_colbert
+    from tests.support import build_tiny_bi_encoder, check_against_openapi
+
+    bi = build_tiny_bi_encoder(tmp_path / "bi", prompts={"query": "query: "}, matryoshka=True)
+    late = build_pylate_colbert(tmp_path / "late")
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}", f"bi={bi}", f"late={late}"], backend="torch", threads=1,
+                          score_cache_mb=1)
+    with TestClient(create_app(config, wait_for_models=True)) as c:
+        listed = check_against_openapi(c, "/v1/models")
+        meta = check_against_openapi(c, "/v1/metadata")
+    assert {m["id"]: m["tasks"] for m in listed["data"]} == {"tiny": ["rerank"], "bi": ["rerank", "embed"],
+                                                              "late": ["rerank"]}
+    models = {m["id"]: m for m in meta["models"]}
+    assert models["bi"]["embedding_dim"] > 0 and models["late"]["multi_vector"] is True
+    assert models["tiny"]["score_cache"]["max_bytes"] == 2**20 and models["tiny"]["engine"]["measured"]
+    with TestClient(create_app(config, load_models=False)) as c:
+        assert check_against_openapi(c, "/v1/models")["data"][0]["tasks"] == []
+        assert check_against_openapi(c, "/v1/metadata")["models"] == []

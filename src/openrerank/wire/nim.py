@@ -80,3 +80,124 @@ class HealthResponse(BaseModel):
     object: Literal["health.response"] = "health.response"
     message: str
     status: str
+
+
+# -- GET /v1/models and GET /v1/metadata ----------------------------------------------------------------------
+
+_CLOSED = ConfigDict(extra="forbid", protected_namespaces=())  # the published schema says no other keys come
+
+
+class NimModelCard(BaseModel):
+    """One served model as OpenAI's and the NIM's `/v1/models` list it."""
+
+    model_config = _CLOSED
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+    created: int = Field(description="Unix time it was loaded; 0 while it loads.")
+    tasks: list[Literal["rerank", "embed"]] = Field(
+        description="rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings; empty while it loads.")
+
+
+class NimModelList(BaseModel):
+    model_config = _CLOSED
+    object: Literal["list"] = "list"
+    data: list[NimModelCard]
+
+
+class NimModelInfo(BaseModel):
+    model_config = _CLOSED
+    shortName: str  # the NIM's key
+    modelUrl: str
+
+
+class TimedRate(BaseModel):
+    """What a runtime sustained here at the timed (rows, width) shapes."""
+
+    model_config = _CLOSED
+    pairs_per_s: float
+    tokens_per_s: int
+    shapes: list[list[int]]
+
+
+class TimedCandidate(BaseModel):
+    """One runtime timed (or refused) when `--backend auto` chose by measuring."""
+
+    model_config = _CLOSED
+    backend: str
+    dtype: str
+    lanes: int
+    pairs_per_s: float | None = None
+    tokens_per_s: int | None = None
+    shapes: list[list[int]] | None = None
+    error: str | None = Field(default=None, description="Why it could not be timed.")
+    lasting: bool | None = Field(default=None, description="The failure refuses the model for good.")
+
+
+class EngineChoice(BaseModel):
+    """Which runtime serves the model, in which precision, and why."""
+
+    model_config = _CLOSED
+    backend: str
+    dtype: str
+    reason: str
+    choice: Literal["rules", "measure"]
+    lanes: int | None = Field(default=None, description="Batches it runs at once.")
+    throughput: TimedRate | None = None
+    measured: list[TimedCandidate] | None = Field(default=None, description="Every candidate timed, fastest first.")
+
+
+class ScoreCacheInfo(BaseModel):
+    model_config = _CLOSED
+    max_bytes: int
+    entries: int
+
+
+class ServedModelInfo(BaseModel):
+    """A served model: where it came from, its family and window, the engine serving it, its measured speed.
+    Family facts (labels, pooling, prompts, instruction, ...) come as further keys of their own."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    id: str
+    source: str
+    tasks: list[Literal["rerank", "embed"]]
+    score: Literal["logit", "cosine", "maxsim"] = Field(description="What its internal score is.")
+    backend: str = Field(description="The scorer's runtime, as it describes itself.")
+    weights_format: str
+    family: str
+    model_type: str
+    architecture: str | None
+    max_length: int = Field(description="Its window in tokens (after --max-length).")
+    max_request_tokens: int = Field(description="Most tokens one request may hold (from its measured speed).")
+    engine: EngineChoice | None = None
+    tokens_per_second: float | None = Field(default=None, description="Scored here on short sequences.")
+    attention_knee: int | None = Field(
+        default=None, description="A token of an L-token sequence costs 1 + L/knee (as its batches show it).")
+    attention_knee_flops: int | None = Field(default=None, description="The knee its FLOPs predict.")
+    embedding_dim: int | None = None
+    score_cache: ScoreCacheInfo | None = None
+    multi_vector: bool | None = Field(default=None, description="It hands out per-token vectors (ColBERT).")
+
+
+class RequestLimits(BaseModel):
+    """The per-request limits a client may run into (docs/reliability.md)."""
+
+    model_config = _CLOSED
+    max_passages: int
+    max_inputs: int
+    max_body_bytes: int
+    max_header_bytes: int
+    max_request_tokens: int = Field(description="The smallest of the models' own (`models[].max_request_tokens`).")
+    max_chunks_per_passage: int
+    max_chunks_per_request: int
+    max_image_bytes: int
+    max_image_pixels: int
+    request_timeout_s: float
+
+
+class NimMetadata(BaseModel):
+    model_config = _CLOSED
+    version: str
+    modelInfo: list[NimModelInfo]  # the NIM's key
+    models: list[ServedModelInfo] = Field(description="The loaded models (one loading is not listed yet).")
+    limits: RequestLimits

@@ -11,7 +11,7 @@ from openrerank.server.dialects import common
 from openrerank.server.engine_config import scheduler_config
 from openrerank.server.errors import NIM
 from openrerank.server.responses import OrjsonResponse
-from openrerank.wire.nim import HealthResponse, NimRankingRequest, NimRankingResponse
+from openrerank.wire.nim import HealthResponse, NimMetadata, NimModelList, NimRankingRequest, NimRankingResponse
 
 router = APIRouter()
 
@@ -57,7 +57,7 @@ def model_aliases(served: list[str], aliases: dict[str, str]) -> dict[str, str]:
     return {**renamed, **aliases}
 
 
-@router.get("/v1/models", tags=["NIM"], responses=_AUTH)
+@router.get("/v1/models", tags=["NIM"], response_model=None, responses={200: {"model": NimModelList}, **_AUTH})
 async def models(request: Request) -> dict:
     reg = common.served_models(request)
     served = {m.name: m for m in reg.models()}
@@ -95,7 +95,7 @@ async def ready(request: Request) -> OrjsonResponse:
                           status_code=503)
 
 
-@router.get("/v1/metadata", tags=["NIM"], responses=_AUTH)
+@router.get("/v1/metadata", tags=["NIM"], response_model=None, responses={200: {"model": NimMetadata}, **_AUTH})
 async def metadata(request: Request) -> dict:
     reg = common.served_models(request)
     return {
