@@ -15,8 +15,9 @@ from openrerank.core.requests import Truncate
 from openrerank.families.base import ModelFiles
 from openrerank.families.registry import resolve_spec
 from openrerank.runtimes.base import Network
+from openrerank.runtimes.choosing import create_runtime
 from openrerank.runtimes.openvino_runtime import openvino_available
-from openrerank.runtimes.selection import create_runtime, plan_runtimes
+from openrerank.runtimes.selection import plan_runtimes
 from tests.families.builders import PASSAGES, QUERIES
 from tests.families.conftest import ENCODERS, SERVER_DEVICE, assert_parity, served_logits
 
@@ -86,7 +87,7 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
         return network.build(b)
 
     broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
-    with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.selection"):
+    with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.choosing"):
         runtime, choice = create_runtime(broken, plan_runtimes("auto", "fp32", "cpu", family.runtimes),
                                          device="cpu", threads=1, mode="rules")
     assert runtime.description == "torch-fp32-cpu" and choice.runtime == "torch"

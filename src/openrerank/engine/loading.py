@@ -27,9 +27,10 @@ from openrerank.families.bi_scorer import BiEncoderScorer
 from openrerank.families.cost import knee_of
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
+from openrerank.runtimes.choosing import create_runtime
 from openrerank.runtimes.measure import Throughput
 from openrerank.runtimes.onnx_export import exported_engines
-from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, create_runtime, plan_runtimes
+from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, plan_runtimes
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder

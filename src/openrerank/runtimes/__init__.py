@@ -1,1 +1,2 @@
-"""Runtimes run a family's network on padded features (OpenVINO, ONNX Runtime, PyTorch); selection picks one."""
+"""Runtimes run a family's network on padded features (OpenVINO, ONNX Runtime, PyTorch); selection plans
+them, choosing builds the one that serves."""

@@ -1,4 +1,5 @@
-"""Pick the runtime for (the family's runtimes, --backend, --dtype, --device) and build it.
+"""Plan the runtimes for (the family's runtimes, --backend, --dtype, --device); `runtimes/choosing.py` builds
+the one that serves.
 
 The `--backend` flag keeps its name for compatibility; what it picks is a runtime. This module declares its
 legal values (`BACKEND_CHOICES`, `DTYPES`) once; the CLI and the export command take them from here.
@@ -41,22 +42,17 @@ fails to load hands over to the next candidate, and the reason says so.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import logging
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
-from openrerank.runtimes.base import Network, Runtime, default_threads, lane_counts, lanes_text
+from openrerank.runtimes.base import lane_counts, lanes_text
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
-from openrerank.runtimes.measure import Measurement, NotTimeableError, Throughput, Timings, measure_candidates
+from openrerank.runtimes.measure import Measurement, Throughput
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
 from openrerank.runtimes.torch_runtime import TORCH_DTYPES, is_cuda
-
-log = logging.getLogger(__name__)
 
 #: The runtimes, best CPU runtime first.
 RUNTIMES = ("openvino", "onnx", "torch")
@@ -279,138 +275,3 @@ def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple
     if root.exists() and not root.is_dir():  # else every conversion fails and auto quietly serves PyTorch
         raise RuntimeConfigError(f"the model cache {root} ({CACHE_ENV} or $XDG_CACHE_HOME) is not a directory")
     return plan_runtimes(backend, dtype, device, runtimes, family)[0].runtime
-
-
-def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | None,
-           lanes: int | None = None, *, timing: bool = False) -> Runtime:
-    """The runtime of `choice`; `lanes` (lane-capable runtimes only): how many batches at once, None for the
-    runtime's default (`OPENRERANK_LANES`, else its own); `timing`: it is only timed, so it leaves no compiled
-    blob behind (OpenVINO's are a model's size each)."""
-    if choice.runtime == "openvino":
-        from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
-
-        return OpenVinoRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes, compiled_cache=not timing)
-    if choice.runtime == "onnx":
-        from openrerank.runtimes.onnx_runtime import OnnxRuntime
-
-        return OnnxRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes)
-    from openrerank.runtimes.torch_runtime import TorchRuntime
-
-    return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads)
-
-
-def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: str, threads: int | None,
-                   mode: str = DEFAULT_AUTO_MODE, max_length: int = 512) -> tuple[Runtime, RuntimeChoice]:
-    """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why.
-
-    `mode="measure"`: every planned engine is timed on this machine (or its cached timings read) and the
-    fastest serves; with a single planned engine (an explicit `--backend`) it is timed too, for its
-    throughput. `mode="rules"`: the plan's first that loads, nothing timed. Either way an engine that
-    refuses the model (OpenVINO cannot convert it, ONNX cannot export it) hands over to the next and the
-    reason says so; when every one fails, the last one's error is raised.
-    """
-    if mode not in AUTO_MODES:
-        raise RuntimeConfigError(f"unknown backend choice {mode!r}; choose one of {', '.join(AUTO_MODES)}")
-    plan = list(plan)
-    if mode == "rules":
-        return _first_that_loads(plan, network, device, threads)
-    by_key = {(c.runtime, c.dtype): c for c in plan}
-    counts = lane_counts(threads or default_threads())
-    candidates = [(r, d, n) for r, d in by_key for n in (counts if r in LANED_RUNTIMES else (1,))]
-
-    def build(runtime: str, dtype: str, lanes: int, timing: bool = False) -> Runtime:
-        return _build(by_key[(runtime, dtype)], network, device, threads,
-                      lanes if runtime in LANED_RUNTIMES else None, timing=timing)
-
-    try:
-        timings = measure_candidates(candidates, functools.partial(build, timing=True), model_dir=network.path,
-                                     head=network.head, device=device, threads=threads or default_threads(),
-                                     max_length=max_length)
-    except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
-        log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
-        return _first_that_loads(plan, network, device, threads)
-    ranked = timings.ranked
-    # What refuses a model is the runtime, whatever its lanes: one line each.
-    refused = list(dict.fromkeys(f"{label(m.backend, m.dtype)} refused it ({m.error})" for m in ranked
-                                 if m.throughput is None))
-    failed: list[str] = []
-    timed = [m for m in ranked if m.throughput is not None]
-    if not timed:  # a stale record of failures only (a fresh one is never written): let the engine say why
-        return _first_that_loads(plan, network, device, threads)
-    fastest, timed = timed[0], _serving_order(timed)
-    for i, m in enumerate(timed):
-        try:
-            runtime = build(m.backend, m.dtype, m.lanes)
-        except Exception as exc:
-            if i == len(timed) - 1:
-                raise
-            failed.append(f"{_label(m)} failed to load ({type(exc).__name__}: {str(exc)[:200]})")
-            log.warning("%s could not serve %s: %s; trying %s", _label(m), network.path, exc, _label(timed[i + 1]))
-            continue
-        tied = m is timed[0] and m is not fastest  # fewer lanes, within LANES_TIE of the fastest
-        reason = _measured_reason(m, timed, refused + failed, timings, len(plan) > 1, fastest if tied else None)
-        return runtime, RuntimeChoice(m.backend, m.dtype, reason, "measure", tuple(ranked), m.throughput,
-                                      runtime.lanes)
-    raise AssertionError("unreachable: the timed list is never empty")
-
-
-def _label(m: Measurement) -> str:
-    return label(m.backend, m.dtype, m.lanes)
-
-
-def _rate(m: Measurement) -> float:
-    return m.throughput.pairs_per_s if m.throughput is not None else 0.0
-
-
-def _serving_order(timed: list[Measurement]) -> list[Measurement]:
-    """The timed candidates (fastest first) in the order they are tried: the fastest, unless one with fewer
-    lanes is within `LANES_TIE` of it; then the fastest of those with the fewest lanes goes first."""
-    tied = [m for m in timed if _rate(m) >= _rate(timed[0]) * (1 - LANES_TIE)]
-    first = min(tied, key=lambda m: (m.lanes, -_rate(m)))
-    return [first, *(m for m in timed if m is not first)]
-
-
-def _measured_reason(winner: Measurement, timed: list[Measurement], refused: list[str], timings: Timings,
-                     compared: bool, tied_with: Measurement | None = None) -> str:
-    """Why the winner serves, with every candidate's rate, as the startup log and /v1/metadata show it;
-    `tied_with`: the faster candidate it serves instead of (`LANES_TIE`)."""
-    assert winner.throughput is not None
-    best = winner.throughput.pairs_per_s
-    shapes = " and ".join(f"{r}x{w}" for r, w in winner.throughput.shapes)
-    rates = ", ".join(f"{_label(m)} {_rate(m):.1f}/s" + ("" if m is winner else f" ({_rate(m) / best:.2f}x)")
-                      for m in sorted(timed, key=lambda m: -_rate(m)))
-    when = (f"timings cached from an earlier start (key {timings.key})" if timings.cached
-            else f"timed at this start in {timings.seconds:.1f}s")
-    cpu = cpu_info()[0] or "this CPU"
-    lane_counts_timed = len({m.lanes for m in timed if m.backend == winner.backend and m.dtype == winner.dtype})
-    fewer = ", with fewer lanes, so a lone small request keeps every thread"
-    tie = "" if tied_with is None else f"within {LANES_TIE:.0%} of the fastest ({_label(tied_with)})"
-    if compared:
-        gate = f"of the engines that pass the fidelity gate ({FIDELITY_GATE})"
-        what = f"the fastest on {cpu} {gate}" if not tie else f"on {cpu}, {tie} {gate}{fewer}"
-    elif tie:
-        what = f"the one engine asked for, {tie}{fewer}"
-    else:
-        what = "the one engine asked for" + (", at its fastest lane count" if lane_counts_timed > 1 else "")
-    parts = [f"{what}: sequences/s on {shapes}-token batches: {rates}; {when}"]
-    if refused:
-        parts.append("; ".join(refused))
-    return "; ".join(parts)
-
-
-def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str,
-                      threads: int | None) -> tuple[Runtime, RuntimeChoice]:
-    """The rule-based choice: the plan's first runtime that loads."""
-    refused: list[str] = []
-    for i, choice in enumerate(plan):
-        try:
-            runtime = _build(choice, network, device, threads)
-        except Exception as exc:
-            if i == len(plan) - 1:
-                raise
-            refused.append(f"{choice.label} refused it ({type(exc).__name__}: {str(exc)[:200]})")
-            log.warning("%s could not serve %s: %s; trying %s", choice.label, network.path, exc, plan[i + 1].label)
-            continue
-        reason = f"{'; '.join(refused)}; so {choice.reason}" if refused else choice.reason
-        return runtime, RuntimeChoice(choice.runtime, choice.dtype, reason, lanes=runtime.lanes)
-    raise AssertionError("unreachable: the plan is never empty")
