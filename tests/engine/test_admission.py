@@ -9,7 +9,7 @@ import pytest
 from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
 from openrerank.engine.errors import DeadlinePushedError, QueueFullError
 from openrerank.engine.pending import PendingRequest
-from openrerank.engine.rates import finish_estimate, pushed_past_deadline, work_of, work_rate
+from openrerank.engine.rates import DEADLINE_SHARE, finish_estimate, pushed_past_deadline, work_of, work_rate
 from tests.engine.sched_fakes import Ids
 
 
@@ -38,14 +38,25 @@ NOW = 1000.0  # a time.monotonic() instant
 
 def test_a_newcomer_that_would_push_an_admitted_request_past_its_deadline_is_named():
     # alone behind nothing, 800 of work left finishes in 8 s; a newcomer of 300 delays it by 3 s, past 10 s
-    assert pushed_past_deadline(300.0, [(800.0, 10.0)], RATE) == pytest.approx((8.0, 11.0, 10.0))
-    assert pushed_past_deadline(200.0, [(800.0, 10.0)], RATE) is None  # 10 s: just in time
+    # (share=1: no margin, the arithmetic alone)
+    assert pushed_past_deadline(300.0, [(800.0, 10.0)], RATE, 1.0) == pytest.approx((8.0, 11.0, 10.0))
+    assert pushed_past_deadline(200.0, [(800.0, 10.0)], RATE, 1.0) is None  # 10 s: just in time
     # under max-min fairness a big newcomer delays a small request by the small one's work only
-    assert pushed_past_deadline(5000.0, [(100.0, 2.5)], RATE) is None  # 1 s, then 2 s
+    assert pushed_past_deadline(5000.0, [(100.0, 2.5)], RATE, 1.0) is None  # 1 s, then 2 s
     # each admitted one is estimated behind the others as a newcomer is: 300 left behind 800 and 100 finishes
     # after min(900, 2 x 300) + 300 = 900 of work: 9 s, and 10 s with a newcomer of 100
-    assert pushed_past_deadline(100.0, [(800.0, 60.0), (300.0, 9.5), (100.0, 60.0)], RATE) == pytest.approx(
+    assert pushed_past_deadline(100.0, [(800.0, 60.0), (300.0, 9.5), (100.0, 60.0)], RATE, 1.0) == pytest.approx(
         (9.0, 10.0, 9.5))
+
+
+def test_newcomers_fill_at_most_the_deadline_share_of_an_admitted_requests_time():
+    """A margin: the rate of the last seconds is no promise for the next ones."""
+    assert DEADLINE_SHARE < 1
+    # 800 left finishes in 8 s of its 10: 200 more would end it at exactly 10 s, past the planned share
+    assert pushed_past_deadline(200.0, [(800.0, 10.0)], RATE) == pytest.approx((8.0, 10.0, 10.0))
+    fits = (DEADLINE_SHARE * 10.0 - 8.0) * RATE  # the work that still fits into the share
+    assert pushed_past_deadline(fits * 0.99, [(800.0, 10.0)], RATE) is None
+    assert pushed_past_deadline(fits * 1.01 + 1, [(800.0, 10.0)], RATE) is not None
 
 
 def test_a_request_that_misses_its_deadline_anyway_does_not_refuse_every_newcomer():
@@ -80,14 +91,14 @@ def admit(adm: AdmissionQueue, loop: asyncio.AbstractEventLoop, ids: Ids, work: 
 
 def test_admission_refuses_a_newcomer_that_would_push_an_admitted_request_past_its_deadline(loop):
     adm, ids = admission(), Ids()
-    big = admit(adm, loop, ids, 800, left=10.0)  # 8 s of work, 2 s to spare
+    big = admit(adm, loop, ids, 800, left=12.5)  # 8 s of work; the planned share of its time: 10 s
     admit(adm, loop, ids, 100, left=20.0)  # it delays the big one by 1 s: admitted
     with adm.cv:
         # 300 more would finish by itself in (min(900, 2 x 300) + 300) / 100 = 9 s, but the big one in 12 s
         refusal = adm.refusal_locked(300, 300.0, NOW + 20.0, NOW)
     assert isinstance(refusal, DeadlinePushedError) and isinstance(refusal, QueueFullError)  # 503/429
     assert "would push a request already admitted past its deadline" in str(refusal)
-    assert "finish in about 12.0 s instead of 9.0 s, its deadline is in 10.0 s" in str(refusal)
+    assert "finish in about 12.0 s instead of 9.0 s, its deadline is in 12.5 s" in str(refusal)
     assert refusal.retry_after >= 1.0
     adm.release(big)  # answered: its deadline binds no one any more
     with adm.cv:

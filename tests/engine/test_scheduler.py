@@ -470,9 +470,9 @@ def test_deadline_admission_keeps_a_newcomer_from_pushing_an_admitted_request_pa
         sched = make(backend, request_timeout=20.0)
         sched.work_per_second = 100.0  # the knee unknown: work is tokens
         blocker, _ = await block_worker(sched, backend, ids)
-        big = asyncio.create_task(sched.submit(ids.items(*[80] * 10), timeout=10.0))  # 8.03 s of its 10
+        big = asyncio.create_task(sched.submit(ids.items(*[80] * 10), timeout=11.0))  # 8.03 s of the 8.8 planned
         await until(lambda: sched.pending == 2)
-        # its own 20 s suffice for 300 more ((min(803, 2 x 300) + 300) / 100 = 9 s); the big one's 10 s do not
+        # its own 20 s suffice for 300 more ((min(803, 2 x 300) + 300) / 100 = 9 s); the big one's 11 s do not
         with pytest.raises(QueueFullError, match="would push a request already admitted past its deadline"):
             await sched.submit(ids.items(*[30] * 10))
         backend.release()

@@ -32,7 +32,14 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.knee_fit import FIT_BATCH_SHARE, KneeFit
 from openrerank.engine.pending import PendingRequest
-from openrerank.engine.rates import ServedRate, budget_for, finish_estimate, pushed_past_deadline, work_of
+from openrerank.engine.rates import (
+    DEADLINE_SHARE,
+    ServedRate,
+    budget_for,
+    finish_estimate,
+    pushed_past_deadline,
+    work_of,
+)
 from openrerank.engine.speed_record import KeptSpeed, SpeedRecord
 
 #: The default per-request token budget assumes at least one full batch every this many seconds of
@@ -225,7 +232,7 @@ class AdmissionQueue:
         rate = self.work_per_second
         if self.pending and rate and not cfg.max_request_tokens:
             estimate = finish_estimate(work, self.pending, self.pending_work, rate)
-            if estimate > left:
+            if estimate > DEADLINE_SHARE * left:
                 return DeadlineUnreachableError(estimate, left, self.tokens_rate(tokens, work),
                                                 self.retry_after_locked())
             pushed = pushed_past_deadline(work, list(self.work_left_locked(now)), rate)

@@ -6,6 +6,7 @@ text, tracebacks) go to the log, never into a response.
 
 from __future__ import annotations
 
+from openrerank.engine.rates import DEADLINE_SHARE
 from openrerank.runtimes.base import DeviceMemoryError
 
 __all__ = ["DeadlineExceededError", "DeviceMemoryError", "EngineError", "EngineStoppedError", "QueueFullError"]
@@ -32,8 +33,8 @@ class DeadlineUnreachableError(QueueFullError):
         QueueFullError.__init__(self, "", "", retry_after)
         self.args = (f"server overloaded: this request would finish in about {estimate:.0f} s behind the work "
                      f"pending (the model scores ~{tokens_per_second:,.0f} tokens/s here at these lengths), "
-                     "after its deadline "
-                     f"in {left:.0f} s (--request-timeout); retry later",)
+                     f"too close to its deadline in {left:.0f} s (--request-timeout; work is planned into at most "
+                     f"{DEADLINE_SHARE:.0%} of the time left); retry later",)
 
 
 class DeadlinePushedError(QueueFullError):
@@ -46,7 +47,8 @@ class DeadlinePushedError(QueueFullError):
         QueueFullError.__init__(self, "", "", retry_after)
         self.args = (f"server overloaded: admitting this request would push a request already admitted past its "
                      f"deadline (it would finish in about {pushed:.1f} s instead of {finish:.1f} s, its deadline "
-                     f"is in {left:.1f} s); retry later",)
+                     f"is in {left:.1f} s, and work is planned into at most {DEADLINE_SHARE:.0%} of the time "
+                     "left); retry later",)
 
 
 class RequestTooLargeError(EngineError):

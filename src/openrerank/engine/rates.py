@@ -15,6 +15,8 @@ one takes about `WARMUP_TARGET_S`), and:
   being max-min fair) is refused at once with 503 (TEI/Cohere 429) and Retry-After (`finish_estimate`).
 - so is one that would push a request admitted before it past that one's deadline (`pushed_past_deadline`):
   newcomers are scored beside the pending requests, so a stream of small ones made a big one end 504.
+- both plan work into at most `DEADLINE_SHARE` of the time left to a deadline: the rest is margin for a
+  machine whose speed changes faster than the measured rate follows.
 
 `Scheduler.work_per_second` holds the rate; whoever knows a better one (the engine choice times each
 candidate runtime on the loaded model) may set it before the model serves. While serving, every batch moves
@@ -122,19 +124,26 @@ def finish_estimate(work: float, pending_requests: int, pending_work: float, wor
     return (ahead + work) / work_per_second
 
 
-def pushed_past_deadline(work: float, admitted: Sequence[tuple[float, float]], work_per_second: float
-                         ) -> tuple[float, float, float] | None:
+#: Admission plans work into at most this share of the time to a deadline, the newcomer's and those of the
+#: requests admitted before it; the rest is margin. The rate of the last seconds is no promise for the next:
+#: on a shared 2-core EPYC the batches' speed swung 690-1,580 work/s between 10 s spans, and with no margin a
+#: stream of small newcomers filled a big request's spare time until any slowdown made it end 504.
+DEADLINE_SHARE = 0.8
+
+
+def pushed_past_deadline(work: float, admitted: Sequence[tuple[float, float]], work_per_second: float,
+                         share: float = DEADLINE_SHARE) -> tuple[float, float, float] | None:
     """A pending request, of `admitted` as (work left, seconds to its deadline), that a newcomer of `work` would
-    push past its deadline, as (its finish without the newcomer, with it, seconds left), or None. Its finish is
-    estimated as a newcomer's (`finish_estimate`); under max-min fairness the newcomer delays it by at most
-    min(work, its work left) / rate. One that misses its deadline anyway is not protected: it would have every
-    newcomer refused until it ends 504."""
+    push past `share` of its time left, as (its finish without the newcomer, with it, seconds left), or None.
+    Its finish is estimated as a newcomer's (`finish_estimate`); under max-min fairness the newcomer delays it
+    by at most min(work, its work left) / rate. One that misses its deadline anyway is not protected: it would
+    have every newcomer refused until it ends 504."""
     total = sum(left_work for left_work, _ in admitted)
     others = len(admitted) - 1
     for left_work, left in admitted:
         finish = finish_estimate(left_work, others, total - left_work, work_per_second)
         pushed = finish + min(work, left_work) / work_per_second
-        if finish <= left < pushed:
+        if finish <= left and pushed > share * left:
             return finish, pushed, left
     return None
 
