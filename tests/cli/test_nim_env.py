@@ -27,11 +27,26 @@ def test_nim_variables_fill_the_matching_settings():
     assert cfg.models == ["nvidia/llama-nemotron-rerank-1b-v2=default"]
 
 
-def test_older_spellings_are_read_and_the_newest_wins():
+@pytest.fixture
+def tls_vars(tmp_path) -> dict[str, str]:
+    """NIM 1.x's TLS variables naming a real certificate, its key and their CA (the files are loaded)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return {"NIM_SSL_CERTS_PATH": str(tmp_path / "c.pem"), "NIM_SSL_KEY_PATH": str(tmp_path / "k.pem"),
+            "NIM_SSL_CA_CERTS_PATH": str(tmp_path / "ca.pem")}
+
+
+def test_older_spellings_are_read_and_the_newest_wins(tls_vars):
+    cert, key = tls_vars["NIM_SSL_CERTS_PATH"], tls_vars["NIM_SSL_KEY_PATH"]
     cfg = config([], {"NIM_HTTP_API_PORT": "8100", "NIM_GRPC_API_PORT": "8101", "NIM_MAX_QUEUE_SIZE": "5",
-                      "NIM_SERVER_MAX_QUEUE_SIZE": "6", "NIM_SSL_CERTS_PATH": "/c.pem", "NIM_SSL_KEY_PATH": "/k.pem"})
+                      "NIM_SERVER_MAX_QUEUE_SIZE": "6", "NIM_SSL_CERTS_PATH": cert, "NIM_SSL_KEY_PATH": key})
     assert (cfg.port, cfg.grpc_port, cfg.max_queue) == (8100, 8101, 6)
-    assert (cfg.ssl_certfile, cfg.ssl_keyfile) == ("/c.pem", "/k.pem")
+    assert (cfg.ssl_certfile, cfg.ssl_keyfile) == (cert, key)
     nim = read_nim_env({"NIM_MAX_QUEUE_SIZE": "5", "NIM_SERVER_MAX_QUEUE_SIZE": "6"})
     assert "NIM_MAX_QUEUE_SIZE" in nim.shadowed
 
@@ -84,17 +99,15 @@ def test_nims_grpc_message_limit_is_the_grpc_limit():
         config(["--grpc-max-message-bytes", "3000000000"], {}).validate()
 
 
-TLS_VARS = {"NIM_SSL_CERTS_PATH": "/c.pem", "NIM_SSL_KEY_PATH": "/k.pem", "NIM_SSL_CA_CERTS_PATH": "/ca.pem"}
-
-
-def test_nim_ssl_mode_keeps_nims_meaning():
-    mtls = config([], {"NIM_SSL_MODE": "MTLS", **TLS_VARS})
-    assert (mtls.ssl_certfile, mtls.ssl_keyfile, mtls.ssl_ca_certs) == ("/c.pem", "/k.pem", "/ca.pem")
-    tls = config([], {"NIM_SSL_MODE": "tls", **TLS_VARS})  # TLS asks no client certificate
-    assert (tls.ssl_certfile, tls.ssl_ca_certs) == ("/c.pem", None)
-    off = config([], {"NIM_SSL_MODE": "DISABLED", **TLS_VARS})
+def test_nim_ssl_mode_keeps_nims_meaning(tls_vars):
+    cert, key, ca = tls_vars.values()
+    mtls = config([], {"NIM_SSL_MODE": "MTLS", **tls_vars})
+    assert (mtls.ssl_certfile, mtls.ssl_keyfile, mtls.ssl_ca_certs) == (cert, key, ca)
+    tls = config([], {"NIM_SSL_MODE": "tls", **tls_vars})  # TLS asks no client certificate
+    assert (tls.ssl_certfile, tls.ssl_ca_certs) == (cert, None)
+    off = config([], {"NIM_SSL_MODE": "DISABLED", **tls_vars})
     assert (off.tls, off.ssl_ca_certs) == (False, None)
-    assert config([], TLS_VARS).ssl_ca_certs == "/ca.pem"  # no mode: the files given are used
+    assert config([], tls_vars).ssl_ca_certs == ca  # no mode: the files given are used
 
 
 @pytest.mark.parametrize(("mode", "given"), [
@@ -168,3 +181,53 @@ def test_grpc_and_tls_are_refused_with_replicas():
     from openrerank.cli.main import main
 
     assert main(["serve", "--replicas", "2", "--grpc-port", "8001", "--model", "default"]) == 2
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"NIM_HTTP_API_PORT": "70000"}, "NIM_HTTP_API_PORT='70000': must be 0-65535"),
+    ({"NIM_SERVER_BIND_ADDR": "0.0.0.0:70000"}, "NIM_SERVER_BIND_ADDR='0.0.0.0:70000': must be 0-65535"),
+    ({"NIM_SERVER_MAX_QUEUE_SIZE": "-1"}, "NIM_SERVER_MAX_QUEUE_SIZE='-1': must be at least 1"),
+    ({"NIM_REQUEST_TIMEOUT_S": "0"}, "NIM_REQUEST_TIMEOUT_S='0': must be more than 0 seconds"),
+    ({"NIM_REQUEST_TIMEOUT_S": "inf"}, "NIM_REQUEST_TIMEOUT_S='inf': must be a finite number"),
+    # converted (µs -> ms): the value the user wrote, not the -0.001 ms it became
+    ({"NIM_TRITON_DYNAMIC_BATCHING_MAX_QUEUE_DELAY_MICROSECONDS": "-1"},
+     "NIM_TRITON_DYNAMIC_BATCHING_MAX_QUEUE_DELAY_MICROSECONDS='-1': must not be negative"),
+    ({"NIM_GRPC_MAX_DECODING_MESSAGE_BYTES": "0"}, "NIM_GRPC_MAX_DECODING_MESSAGE_BYTES='0': must be 1-"),
+    # one of a pair: named by the variable that was set (it was `--ssl-certfile None`)
+    ({"NIM_TLS_KEY_PATH": __file__}, f"NIM_TLS_KEY_PATH={__file__!r}: no --ssl-certfile given: "),
+    ({"NIM_SERVER_TLS_CERT_PATH": __file__}, f"NIM_SERVER_TLS_CERT_PATH={__file__!r}: no --ssl-keyfile given: "),
+    ({"NIM_SSL_CERTS_PATH": "/no/c.pem", "NIM_SSL_KEY_PATH": __file__},
+     "NIM_SSL_CERTS_PATH='/no/c.pem': not a readable file"),
+    ({"NIM_TLS_CERT_PATH": __file__, "NIM_TLS_KEY_PATH": __file__},
+     f"NIM_TLS_CERT_PATH={__file__!r} / NIM_TLS_KEY_PATH={__file__!r}: not a certificate chain"),
+])
+def test_an_out_of_range_nim_value_names_the_nim_variable(environ, expected):
+    """A value that parsed but could not work was named as the openrerank flag (`--port 70000`), with the value
+    after conversion (`--batch-wait-ms -0.001`) or of the other half of a pair (`--ssl-certfile None`)."""
+    with pytest.raises(UsageError) as caught:
+        config([], environ)
+    assert str(caught.value).startswith(expected), str(caught.value)
+    assert "--port" not in str(caught.value) and "OPENRERANK_" not in str(caught.value)
+
+
+def test_a_flag_given_beside_a_nim_variable_is_named_as_the_flag():
+    """The NIM value was not used: the error is about the flag the user typed."""
+    with pytest.raises(UsageError, match=r"^--port 70000: must be 0-65535$"):
+        config(["--port", "70000"], {"NIM_HTTP_API_PORT": "8000"})
+    with pytest.raises(UsageError, match=r"^OPENRERANK_MAX_QUEUE='0': must be at least 1$"):
+        config([], {"OPENRERANK_MAX_QUEUE": "0", "NIM_SERVER_MAX_QUEUE_SIZE": "5"})
+
+
+def test_an_out_of_range_nim_value_is_one_line_before_any_log():
+    """docs/api.md: one line naming the NIM variable, exit 2. Before, the INFO "NIM variables read" line came
+    first (the check ran after logging was configured)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NIM_", "OPENRERANK_"))}
+    done = subprocess.run([sys.executable, "-m", "openrerank", "serve", "--model", "default"], capture_output=True,
+                          text=True, timeout=120, env={**env, "HF_HUB_OFFLINE": "1", "NIM_HTTP_API_PORT": "70000"})
+    assert done.returncode == 2, done
+    assert (done.stdout + done.stderr).strip() == ("openrerank serve: error: NIM_HTTP_API_PORT='70000': "
+                                                   "must be 0-65535")

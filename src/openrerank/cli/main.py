@@ -148,22 +148,28 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """Flags, then OPENRERANK_* variables, then NIM_* ones (cli/nim_env.py), then ServerConfig's defaults;
-    UsageError names a bad variable."""
+    checked (ServerConfig.validate) before anything is logged. A bad value is a UsageError naming what the
+    user set: the flag, or the variable and the value written there (NIM_HTTP_API_PORT='70000': ...)."""
     environ = os.environ if environ is None else environ
     nim = read_nim_env(environ)
-    resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
+    shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     values["models"] = rename_single_model(values.get("models") or ["default"], nim.served_model_name)
     config = ServerConfig(**values)
     check_ssl_mode(nim.ssl_mode, config.tls, config.ssl_ca_certs is not None)
+    try:
+        config.validate(shown)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return config
 
 
 def preflight(config: ServerConfig) -> list[ResolvedModel]:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later).
 
-    Flags no runtime could honour fail before any model is located (a hub download can be long); then each
-    model is resolved, its runtime plan computed, and handed to the app so loading does not do it again."""
+    `config` is validated already (config_from_args). Flags no runtime could honour fail before any model is
+    located (a hub download can be long); then each model is resolved, its runtime plan computed, and handed
+    to the app so loading does not do it again."""
     from openrerank.engine.loading import model_sources, resolve_model
     from openrerank.runtimes.base import default_threads
     from openrerank.runtimes.devices import check_device
@@ -175,7 +181,6 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
-    config.validate()
     for alias, target in config.alias_map().items():
         if target not in names or alias in names:
             raise ValueError(f"--alias {alias}={target}: " + (f"{alias} is itself a served model" if alias in names

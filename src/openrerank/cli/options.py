@@ -93,7 +93,7 @@ def env_value(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] 
     """The option's value from its environment variable, or raise UsageError naming the variable (or what
     `named` says the value came from, e.g. the NIM variable it was translated from)."""
     raw = environ[opt.env_name]
-    shown = (named or {}).get(opt.env_name) or f"{opt.env_name}={raw!r}"
+    shown = env_shown(opt, environ, named)
     if opt.switch:
         word = raw.strip().lower()
         if word in _TRUE:
@@ -117,17 +117,30 @@ def env_value(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] 
     return values if opt.repeatable else values[0]
 
 
+def env_shown(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] | None = None) -> str:
+    """How an error names the option's value from the environment: the variable and the value as the user wrote
+    them (`named` may say another variable it was translated from, e.g. "NIM_HTTP_API_PORT='70000'")."""
+    return (named or {}).get(opt.env_name) or f"{opt.env_name}={environ[opt.env_name]!r}"
+
+
 def resolve_options(args: argparse.Namespace, options: Iterable[Option], defaults: object,
-                    environ: Mapping[str, str] | None = None, named: Mapping[str, str] | None = None) -> None:
-    """Fill each option absent from `args`: environment variable (if set and not empty), else the default."""
+                    environ: Mapping[str, str] | None = None, named: Mapping[str, str] | None = None
+                    ) -> dict[str, str]:
+    """Fill each option absent from `args`: environment variable (if set and not empty), else the default.
+
+    Returns flag -> how an error names the value (`env_shown`) for those taken from the environment, so a
+    later check of the value (ServerConfig.validate) names what the user set, not a flag they never typed."""
     environ = os.environ if environ is None else environ
+    shown: dict[str, str] = {}
     for opt in options:
         if hasattr(args, opt.attr):
             continue
         if opt.env and environ.get(opt.env_name, "") != "":
             setattr(args, opt.attr, env_value(opt, environ, named))
+            shown[opt.flag] = env_shown(opt, environ, named)
         else:
             setattr(args, opt.attr, getattr(defaults, opt.attr, None))
+    return shown
 
 
 def at_least_one(text: str) -> int:

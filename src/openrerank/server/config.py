@@ -14,6 +14,7 @@ import math
 import os
 import re
 import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -96,18 +97,27 @@ class ServerConfig:
         return default_policy(self.device).overridden(max_tokens=self.max_batch_tokens, max_size=self.max_batch_size,
                                                       max_padding=self.max_padding, min_rows=self.min_batch_rows)
 
-    def validate(self) -> None:
-        """Raise ValueError naming every flag whose value cannot work."""
+    def validate(self, shown: Mapping[str, str] | None = None) -> None:
+        """Raise ValueError naming every flag whose value cannot work.
+
+        `shown`: flag -> how to name its value when it did not come from the command line, e.g.
+        "NIM_HTTP_API_PORT='70000'" (the variable and the value as the user wrote them; cli/options.py's
+        resolve_options says); other flags are named `--flag value`."""
         problems: list[str] = []
+
+        def name(flag: str) -> str:
+            return (shown or {}).get(flag) or f"--{flag} {getattr(self, flag.replace('-', '_'))!r}"
 
         def need(ok: bool, flag: str, what: str) -> None:
             if not ok:
-                problems.append(f"--{flag} {getattr(self, flag.replace('-', '_'))!r}: {what}")
+                problems.append(f"{name(flag)}: {what}")
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
         need(self.grpc_port is None or 0 <= self.grpc_port <= 65535, "grpc-port", "must be 0-65535")
-        need((self.ssl_certfile is None) == (self.ssl_keyfile is None), "ssl-certfile",
-             "--ssl-certfile and --ssl-keyfile go together")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):  # named by the one given
+            given, missing = ("ssl-certfile", "ssl-keyfile") if self.ssl_keyfile is None else \
+                ("ssl-keyfile", "ssl-certfile")
+            need(False, given, f"no --{missing} given: --ssl-certfile and --ssl-keyfile go together")
         need(self.ssl_ca_certs is None or self.tls, "ssl-ca-certs", "asks clients for certificates over TLS: "
              "give --ssl-certfile and --ssl-keyfile too")
         readable = True
@@ -117,7 +127,7 @@ class ServerConfig:
             need(ok, flag, "not a readable file")
             readable &= ok
         if readable and not problems:
-            problems += self._tls_problems()
+            problems += self._tls_problems(name)
         need(self.max_image_pixels <= pixel_bound(), "max-image-pixels",
              f"must be at most {pixel_bound()} (Pillow's decompression-bomb bound)")
         need(self.grpc_max_message_bytes is None or 1 <= self.grpc_max_message_bytes <= GRPC_MESSAGE_LIMIT,
@@ -135,8 +145,8 @@ class ServerConfig:
             value = getattr(self, flag.replace("-", "_"))
             need(value is None or value >= 1, flag, "must be at least 1 (or left unset)")
         numbers = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)]
-        problems += [f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a finite number" for name in numbers
-                     if not math.isfinite(getattr(self, name))]  # inf overflowed timers and budgets much later
+        problems += [f"{name(n.replace('_', '-'))}: must be a finite number" for n in numbers
+                     if not math.isfinite(getattr(self, n))]  # inf overflowed timers and budgets much later
         for flag in ("request-timeout", "header-timeout", "body-timeout"):
             need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
@@ -148,22 +158,22 @@ class ServerConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def _tls_problems(self) -> list[str]:
+    def _tls_problems(self, name: Callable[[str], str]) -> list[str]:
         """Load the TLS files as the servers will, so a bad certificate or key is one line now, not a traceback
-        after "listening" (uvicorn and grpc read them only when they start)."""
+        after "listening" (uvicorn and grpc read them only when they start). `name`: how a flag is named."""
         if not self.tls:
             return []
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=_no_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            return [f"--ssl-certfile {self.ssl_certfile!r} / --ssl-keyfile {self.ssl_keyfile!r}: not a certificate "
-                    f"chain and its unencrypted private key, both PEM ({_ssl_reason(exc)})"]
+            return [f"{name('ssl-certfile')} / {name('ssl-keyfile')}: not a certificate chain and its unencrypted "
+                    f"private key, both PEM ({_ssl_reason(exc)})"]
         if self.ssl_ca_certs is not None:
             try:
                 context.load_verify_locations(cafile=self.ssl_ca_certs)
             except (ssl.SSLError, OSError, ValueError) as exc:
-                return [f"--ssl-ca-certs {self.ssl_ca_certs!r}: not PEM CA certificates ({_ssl_reason(exc)})"]
+                return [f"{name('ssl-ca-certs')}: not PEM CA certificates ({_ssl_reason(exc)})"]
         return []
 
     @property
