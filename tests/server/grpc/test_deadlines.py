@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from openrerank_bench.serve_process import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 from tests.server.faults import until
 from tests.server.grpc.support import failure, ranking_inputs, status_of
@@ -61,6 +62,29 @@ def test_the_clients_deadline_is_honoured(slow_server):
     assert status_of(exc) == "DEADLINE_EXCEEDED"
     until(lambda: abandoned(slow_server) == before + 1, "the server to give the work up")
     until(lambda: idle(slow_server), "the queue to empty")
+
+
+def test_the_clients_deadline_is_named_not_the_servers_timeout(slow_server):
+    """A client's gRPC deadline that expired in the server was reported as "request timed out after 120 s
+    (--request-timeout)", a timeout the call never reached. The client's own timer races the server's answer
+    and wins some calls ("Deadline Exceeded", written by grpc in the client), so calls are made until one
+    brings the server's answer back; each of them must name the client's deadline."""
+    answers: list[str] = []
+
+    def a_server_answer() -> bool:
+        until(lambda: idle(slow_server), "the queue to empty")
+        with grpcclient.InferenceServerClient(slow_server.grpc_url) as c:
+            try:
+                c.infer(MODEL, ranking_inputs("river", LONG), client_timeout=0.2)
+                return False  # scored in time: says nothing
+            except InferenceServerException as exc:
+                assert status_of(exc) == "DEADLINE_EXCEEDED", exc
+                if exc.message() != "Deadline Exceeded":  # the server's answer, not the client's timer
+                    answers.append(exc.message())
+        return bool(answers)
+
+    until(a_server_answer, "an answer written by the server")
+    assert "(the client's gRPC deadline)" in answers[0] and "--request-timeout" not in answers[0], answers
 
 
 def test_a_triton_timeout_parameter_is_honoured_and_named(slow_server):

@@ -149,14 +149,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = self.models.get(served_id)
         if req.has_images:
             self.models.check_images(model)
-        deadline, by_parameter = self._deadline(arrival, context, parameters)
+        deadline, set_by = self._deadline(arrival, context, parameters)
         try:
             result = (await model.rerank_many([req], deadline=deadline))[0]
-        except DeadlineExceededError:
-            if not by_parameter:
+        except DeadlineExceededError:  # on any path (tokenizing, queue, score cache): the deadline that applied
+            if set_by is None:
                 raise
-            raise _Abort(Code.DEADLINE_EXCEEDED, f"request timed out after {deadline - arrival:g} s (the call's "
-                         "`timeout` parameter)") from None
+            raise _Abort(Code.DEADLINE_EXCEEDED, f"request timed out after {deadline - arrival:.3g} s ({set_by})"
+                         ) from None
         t = result.timings
         usage.update(model=model.name, passages=len(req.passages), tokens=result.prompt_tokens,
                      queue_ms=t.queue_ms, inference_ms=t.inference_ms)
@@ -192,19 +192,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                          "the only version is 1 (or leave it empty)")
 
     def _deadline(self, arrival: float, context: grpc.aio.ServicerContext,
-                  parameters: dict[str, Any]) -> tuple[float, bool]:
+                  parameters: dict[str, Any]) -> tuple[float, str | None]:
         """The soonest of --request-timeout, the client's gRPC deadline and a Triton `timeout` parameter (µs),
-        and whether the parameter set it (a timeout then names the parameter, not the server's flag)."""
-        deadline = arrival + self.config.request_timeout
+        and what set it when not --request-timeout (a timeout then names that, not the server's flag, which
+        the engine's DeadlineExceededError names)."""
+        deadline, set_by = arrival + self.config.request_timeout, None
         remaining = context.time_remaining()
-        if remaining is not None:
-            deadline = min(deadline, time.monotonic() + remaining)
+        if remaining is not None and (by_client := time.monotonic() + remaining) < deadline:
+            deadline, set_by = by_client, "the client's gRPC deadline"
         timeout_us = parameters.get("timeout")
         if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and 0 < timeout_us:
             by_parameter = arrival + timeout_us / 1e6
             if by_parameter < deadline:
-                return by_parameter, True
-        return deadline, False
+                return by_parameter, "the call's `timeout` parameter"
+        return deadline, set_by
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         if self._key is None:
