@@ -4,6 +4,7 @@ routes and metrics."""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 
 import pytest
@@ -141,3 +142,32 @@ def test_gpu_manifest_asks_for_one_gpu_per_pod_and_serves_on_cuda():
     job = docs["Job"]["spec"]["template"]["spec"]["containers"][0]
     assert job["command"][:2] == ["hf", "download"]
     assert env["OPENRERANK_MODEL"].partition("=")[2] == job["command"][job["command"].index("--local-dir") + 1]
+
+
+def test_gpu_fill_job_downloads_config_tokenizer_and_weights():
+    """The Job's `hf download` command, parsed by huggingface_hub's own CLI: the patterns that reach the download
+    take the config, the tokenizer and the safetensors weights. (`--include A B C` gives the CLI one pattern and
+    four file names, and file names make it ignore --include: no config.json, so the server refused the folder.)"""
+    pytest.importorskip("huggingface_hub.cli.download")
+    from unittest import mock
+
+    import huggingface_hub.cli.download as hf_download
+    from huggingface_hub.cli.hf import main as hf_main
+
+    command = manifest("openrerank-gpu.yaml")["Job"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    asked: dict = {}
+
+    def snapshot_download(**kwargs):
+        asked.update(kwargs)
+        return kwargs.get("local_dir") or "/nowhere"
+
+    with mock.patch.object(hf_download, "snapshot_download", snapshot_download), \
+            mock.patch.object(hf_download, "hf_hub_download", side_effect=AssertionError("one file only")), \
+            mock.patch("sys.argv", command), pytest.raises(SystemExit) as done:
+        hf_main()
+    assert done.value.code in (0, None)
+    assert asked["repo_id"] == command[2]
+    patterns = asked["allow_patterns"]
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "model.safetensors", "sentencepiece.bpe.model"):
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), (name, patterns)
