@@ -14,6 +14,7 @@ change rebuilds only the layers after it).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -216,10 +217,11 @@ def _security_args(spec: dict, container: dict) -> list[str]:
 
 
 def test_images_run_the_way_the_kubernetes_manifest_runs_them(image, export_image, tiny_model_dir, tmp_path):
-    """The Job's `openrerank export` fills the model volume (the tiny model stands in for the hub id); the
-    Deployment's container serves it from read-only volumes with the manifest's environment (API key from the
-    Secret, public metrics), non-root on a read-only root file system, without PyTorch, on the runtime it timed
-    fastest there (the cache volume is read-only: it keeps no record)."""
+    """Before the Job has run, the server stops as the manifest's header says; the Job's `openrerank export`
+    fills the model volume (the tiny model stands in for the hub id); the Deployment's container serves it from
+    read-only volumes with the manifest's environment (API key from the Secret, public metrics), non-root on a
+    read-only root file system, without PyTorch, on the runtime it timed fastest there (the cache volume is
+    read-only: it keeps no record)."""
     docs = _manifest()
     models = tmp_path / "models"
     models.mkdir()
@@ -228,15 +230,6 @@ def test_images_run_the_way_the_kubernetes_manifest_runs_them(image, export_imag
     shutil.copytree(tiny_model_dir, source)
     for path in [source, *source.rglob("*")]:  # pytest's temporary files are private; the Job runs as 10001
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-    job = docs["Job"]["spec"]["template"]["spec"]
-    export = job["containers"][0]
-    args = list(export["args"])
-    args[args.index("--model") + 1] = "/source"
-    env = [f"{v['name']}={v['value']}" for v in export.get("env", []) if "value" in v]
-    _run([*PODMAN, "run", "--rm", *LIMITS, "--network=none", *_security_args(job, export),
-          *_volume_args(job, export, {"models": models}), "--volume", f"{source}:/source:ro",
-          *[x for e in env for x in ("-e", e)], export_image, *args], timeout=600)
 
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     server = pod["containers"][0]
@@ -251,10 +244,31 @@ def test_images_run_the_way_the_kubernetes_manifest_runs_them(image, export_imag
         else:  # resourceFieldRef limits.cpu
             env[var["name"]] = str(server["resources"]["limits"]["cpu"])
     env["OPENRERANK_PORT"] = str(port)  # host networking here; 8000 in the pod
+    server_args = [*LIMITS, "--network=host", *_security_args(pod, server),
+                   *_volume_args(pod, server, {"models": models}),
+                   *[x for k, v in env.items() for x in ("-e", f"{k}={v}")]]
+
+    # Before the Job is done the volume is empty: the server stops with the status the manifest's header
+    # promises (the pod restarts until the model is there) and one JSON line naming the missing folder.
+    promised = re.search(r"a missing model exits with status (\d+)", MANIFEST.read_text())
+    assert promised, "the manifest's header says how a pod ends before the Job is done"
+    early = subprocess.run([*PODMAN, "run", "--rm", *server_args, image], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in (early.stdout + early.stderr).splitlines() if ln.startswith("{")]
+    folder = env["OPENRERANK_MODEL"].partition("=")[2]
+    assert early.returncode == int(promised.group(1)) and len(lines) == 1 and folder in lines[0], \
+        (early.returncode, early.stdout[-2000:], early.stderr[-2000:])
+
+    job = docs["Job"]["spec"]["template"]["spec"]
+    export = job["containers"][0]
+    args = list(export["args"])
+    args[args.index("--model") + 1] = "/source"
+    job_env = [f"{v['name']}={v['value']}" for v in export.get("env", []) if "value" in v]
+    _run([*PODMAN, "run", "--rm", *LIMITS, "--network=none", *_security_args(job, export),
+          *_volume_args(job, export, {"models": models}), "--volume", f"{source}:/source:ro",
+          *[x for e in job_env for x in ("-e", e)], export_image, *args], timeout=600)
+
     name = f"openrerank-manifest-{port}"
-    _run([*PODMAN, "run", "-d", "--name", name, *LIMITS, "--network=host", *_security_args(pod, server),
-          *_volume_args(pod, server, {"models": models}), *[x for k, v in env.items() for x in ("-e", f"{k}={v}")],
-          image], timeout=120)
+    _run([*PODMAN, "run", "-d", "--name", name, *server_args, image], timeout=120)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(name, url)
