@@ -1,6 +1,6 @@
 # openrerank container images (docs/deploy.md). Three targets:
-#   cpu (the default target): OpenVINO (else ONNX Runtime) serves the embedded default model, exported to ONNX
-#       at build time; PyTorch is used in the build stage only and is not in the image.
+#   cpu (the default target): OpenVINO or ONNX Runtime (whichever times fastest at start) serves the embedded
+#       default model, exported to ONNX at build time; PyTorch is used in the build stage only, not in the image.
 #       podman build -t openrerank:cpu .            (or docker build)
 #   export: PyTorch (CPU build) + openrerank, whose entrypoint is `openrerank export`: fills a model volume the
 #       cpu image serves (deploy/kubernetes/openrerank.yaml runs it as a Job).
@@ -89,8 +89,8 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
 ENTRYPOINT ["openrerank", "serve"]
 
 
-# CPU variant (the default target): OpenVINO (bf16 where the CPU has bf16 units, else fp32; ONNX Runtime if
-# OpenVINO refuses the graph), no PyTorch, the model pre-exported at build time.
+# CPU variant (the default target): OpenVINO or ONNX Runtime, whichever `--backend auto` times fastest on the
+# model at start (docs/engine.md), no PyTorch, the model pre-exported at build time.
 FROM ${BASE} AS cpu
 COPY --from=build /opt/openrerank /opt/openrerank
 RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /home/openrerank --create-home \
