@@ -139,3 +139,21 @@ def test_admission_plans_by_the_rate_the_served_small_batches_show(loop):
     with adm.cv:  # at 40/s: 15 s, and 22.5 s with the newcomer, past its 20 s
         refusal = adm.refusal_locked(300, 300.0, NOW + 60.0, NOW)
     assert isinstance(refusal, DeadlinePushedError)
+
+
+def test_the_request_budget_never_falls_below_the_rate_the_model_started_from():
+    """Slow batches (a loaded machine, a mix of small ones) lower the rate the deadline checks plan with, but a
+    request is refused as too large (400) only if it could not finish even at the model's own speed: the
+    budget fell with the served rate, and a request that ran in 2 s was refused on a busy 2-core machine."""
+    adm = AdmissionQueue(SchedulerConfig(request_timeout=20.0))
+    adm.work_per_second = RATE
+    start = adm.request_budget
+    for _ in range(50):  # 25 s of batches at 40/s
+        adm.record_speed(0.5, [5] * 4)
+    assert adm.work_per_second == pytest.approx(40.0, rel=0.05)  # what the deadline checks use
+    assert adm.request_budget == start == 1000  # RATE x 20 s x BUDGET_SHARE
+    assert adm.over_budget(1000, 1000.0) is None and adm.over_budget(1001, 1001.0) is not None
+    assert "~100 tokens/s" in adm.budget_reason(1001, 1001.0)
+    for _ in range(50):  # faster batches than the start raise it
+        adm.record_speed(0.1, [50] * 4)
+    assert adm.request_budget > start

@@ -111,6 +111,8 @@ class AdmissionQueue:
         self.sec_per_work = 0.0  # moving average of model time per unit of work, for Retry-After
         #: The model's speed (`work_per_second`): from its warm-up, then as the served batches show it.
         self.served = ServedRate()
+        #: The rate it started from (warm-up, engine choice or kept record): the budget's floor (`budget_rate`).
+        self.start_rate: float | None = None
         #: The model's attention knee (`families/cost.py`, then as the served batches show it: `set_knee`):
         #: None counts work as tokens.
         self.knee: float | None = None
@@ -130,6 +132,16 @@ class AdmissionQueue:
     def work_per_second(self, rate: float | None) -> None:
         """Start from `rate` (before the model serves): the served batches move it on."""
         self.served = ServedRate.starting(rate)
+        self.start_rate = rate
+
+    @property
+    def budget_rate(self) -> float | None:
+        """The rate behind the per-request budget: the served rate, but never below the one the model started
+        from. A 400 says the request could not finish even alone, and alone it runs at the model's speed, not
+        at what a moment of small batches on a loaded machine showed (the served rate fell to ~30 tokens/s on
+        a tiny model while a 2-core machine ran other work, and a request that took 2 s was refused 400)."""
+        rates = [r for r in (self.served.rate, self.start_rate) if r]
+        return max(rates) if rates else None
 
     def set_knee(self, knee: float | None) -> None:
         """The knee from the model's FLOPs: weighs work until the served batches fit another (`knee_fit.py`)."""
@@ -175,19 +187,20 @@ class AdmissionQueue:
         cfg = self.config
         if not self.measured:
             return cfg.request_budget
-        return budget_for(self.work_per_second, cfg.request_timeout)
+        return budget_for(self.budget_rate, cfg.request_timeout)
 
     def budget_reason(self, tokens: int, work: float) -> str:
         """Why the request budget is what it is, for the refusal of a request of `tokens` (`work`)."""
         if not self.measured:
             return "send fewer or shorter passages, or fewer chunks"
-        return (f"this model scores ~{self.tokens_rate(tokens, work):,.0f} tokens/s here at these lengths "
+        rate = self.tokens_rate(tokens, work, self.budget_rate)
+        return (f"this model scores ~{rate:,.0f} tokens/s here at these lengths "
                 f"(measured), so more would not finish within the {self.config.request_timeout:g} s request "
                 "timeout; send fewer or shorter passages, or fewer chunks")
 
-    def tokens_rate(self, tokens: int, work: float) -> float:
-        """The measured rate in tokens per second for sequences like these."""
-        return (self.work_per_second or 0.0) * tokens / max(work, 1e-9)
+    def tokens_rate(self, tokens: int, work: float, rate: float | None = None) -> float:
+        """The measured rate (`rate`, else the served one) in tokens per second for sequences like these."""
+        return (rate or self.work_per_second or 0.0) * tokens / max(work, 1e-9)
 
     def over_budget(self, tokens: int, work: float, *, partial: bool = False) -> RequestTooLargeError | None:
         """Why a request of `tokens` (`work`) is more than one request may hold, or None; the limit is said
@@ -326,5 +339,7 @@ class AdmissionQueue:
         already pending keep the work they were admitted with until they are answered.)"""
         ratio = work_of(lengths, knee) / work_of(lengths, self.knee)
         self.served = self.served.reweighed(ratio)
+        if self.start_rate:
+            self.start_rate *= ratio
         self.sec_per_work /= ratio
         self.knee = knee

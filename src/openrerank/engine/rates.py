@@ -22,7 +22,8 @@ one takes about `WARMUP_TARGET_S`), and:
 candidate runtime on the loaded model) may set it before the model serves. While serving, every batch moves
 it (`ServedRate`: the recent batches' work over the model seconds they took), so the budget and the
 estimates follow what the scheduler achieves: a warm-up timed on a busy machine does not shrink the budget
-for good, nor an idle one inflate it, and a stream of small requests, whose small batches score less per
+for good (nor does a moment of slow batches: the budget keeps the starting rate as its floor,
+`AdmissionQueue.budget_rate`), and a stream of small requests, whose small batches score less per
 second, is planned at the speed its batches get. (Only batches of a quarter of the batch token limit used
 to move it; the CPU's batching, at most 2% padding, seldom makes one of passages of mixed lengths, so the
 rate stayed the warm-up's while the batches ran at half of it, and a big request admitted before a stream
