@@ -119,7 +119,7 @@ class AdmissionQueue:
         self.knee_fit: KneeFit | None = None
         #: Where the served batches' speed is kept for the next start (`speed_record.py`); None: not kept.
         self.speed_record: SpeedRecord | None = None
-        self.rate_batches = 0  # batches that moved the rate in this process
+        self.rate_batches = 0  # big batches served in this process (`record_speed`): the rate is worth keeping
 
     @property
     def work_per_second(self) -> float | None:
@@ -319,9 +319,12 @@ class AdmissionQueue:
             s = self.sec_per_work
             self.sec_per_work = per_work if not s else 0.8 * s + 0.2 * per_work
             self.served = self.served.after(work, seconds)
-            self.rate_batches += 1
             if tokens < FIT_BATCH_SHARE * self.config.policy.max_tokens:
                 return None
+            # Only a big batch makes the rate worth keeping for the next start (`save_speed`): a small one's
+            # speed is mostly overhead and the moment's load (a test's held batch kept ~30 tokens/s for a
+            # tiny model, and the next server started with a budget of a few hundred tokens).
+            self.rate_batches += 1
             if self.knee_fit is None:
                 return None
             self.knee_fit.add(lengths, seconds)
