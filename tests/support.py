@@ -118,9 +118,10 @@ def build_tiny_bi_encoder(
 class ServerProcess(ServeProcess):
     """The shared launcher plus what tests need: an authenticated client."""
 
-    def __init__(self, args: list[str], log_dir: Path, api_key: str | None = None, env: dict | None = None):
+    def __init__(self, args: list[str], log_dir: Path, api_key: str | None = None, env: dict | None = None,
+                 program: list[str] | None = None):
         super().__init__([*args, *(["--api-key", api_key] if api_key else [])], log_dir,
-                         {"TOKENIZERS_PARALLELISM": "false", **(env or {})})
+                         {"TOKENIZERS_PARALLELISM": "false", **(env or {})}, program)
         self.api_key = api_key
 
     def client(self, **kw) -> httpx.Client:

@@ -24,11 +24,13 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 program: list[str] | None = None) -> None:
+        """`program`: what Python runs instead of `-m openrerank` (a test's wrapper that takes the same arguments)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "openrerank", "serve", "--port", str(self.port), *args]
+        cmd = [sys.executable, *(program or ["-m", "openrerank"]), "serve", "--port", str(self.port), *args]
         # PYTHONFAULTHANDLER: a server that hangs can be made to print every thread's stack (`dump_stacks`).
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
         with open(self.log, "wb") as fh:

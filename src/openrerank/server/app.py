@@ -261,8 +261,11 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         try:
             yield
         finally:
-            if task is not None and not task.done():
+            if task is not None and not task.done():  # stopped while loading: the load is not waited for
                 task.cancel()
+                loaded = {m.name for m in app.state.models.models()}
+                log.info("stopping before every model was loaded (not loaded: %s); the load in progress is "
+                         "abandoned", ", ".join(n for n in app.state.models.expected if n not in loaded))
             for companion in app.state.companions:
                 await companion.stop()
             await app.state.models.stop()

@@ -15,6 +15,13 @@ client (docs/reliability.md).
 On SIGTERM/SIGINT the app's drain (`server/drain.py`) starts as uvicorn stops accepting connections: every
 accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed.
 
+Work that nobody waits for any more is not waited for either: a model load cut short by a signal (a Python
+thread cannot be interrupted) and images still being prepared for requests already answered 503 kept the
+process alive until they ended (a signal during a 55 s load took effect after it; `--graceful-timeout 4` ended
+the process 8-13 s after SIGTERM), with every further signal ignored. The event loop's worker threads are
+`WorkerThreads`, which the loop's closing does not join; once the server has stopped, the process waits at
+most ABANDONED_WORK_WAIT_S for those still busy, then exits without them (`os._exit`, after flushing the log).
+
 The exit status: 0 after a normal shutdown, on SIGTERM or SIGINT once the drain is done; 3 when the models
 could not be loaded (the server stops by itself then, with one clear line on stderr, so a supervisor restarts
 it or shows why). uvicorn re-raises the signal it shut down on to the handler it found, which made Ctrl-C end
@@ -26,10 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from openrerank.server.config import ServerConfig
@@ -49,6 +59,9 @@ _HEAD_END = b"\r\n\r\n"
 #: LINGER_S, or LINGER_MAX_S after the answer at the latest (nginx's lingering_timeout and lingering_time).
 LINGER_S = 2.0
 LINGER_MAX_S = 30.0
+#: Once the server has stopped, how long the process waits for worker threads still busy with work nobody waits
+#: for (a model load cut short, images being prepared for requests already answered) before exiting without them.
+ABANDONED_WORK_WAIT_S = 1.0
 
 
 def request_path(head_start: bytes, *, whole_line: bool = False) -> str | None:
@@ -227,18 +240,76 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
     return HeaderTimeoutProtocol
 
 
+class WorkerThreads(ThreadPoolExecutor):
+    """The event loop's default executor (`asyncio.to_thread`: model loading, tokenization, image preparation),
+    as asyncio makes it, except that shutting it down never waits: what still runs when the loop closes was
+    abandoned (its request answered, its load cut short), and a Python thread cannot be interrupted. It counts
+    the work it holds, so `run` knows whether any is still busy."""
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="asyncio")
+        self._idle = threading.Condition()
+        self._busy = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        with self._idle:
+            self._busy += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._finished(None)
+            raise
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future: Future | None) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)  # nobody waits for queued work any more either
+
+    def still_busy(self, timeout: float) -> int:
+        """How many jobs are still running (or queued) after waiting up to `timeout` seconds for none to be."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy <= 0, timeout)
+            return self._busy
+
+
 def _shut_down_already(signum: int, frame: object) -> None:
     """Where uvicorn re-raises the signal it shut down on (module docstring): the shutdown is done."""
 
 
+def exit_now(status: int) -> None:
+    """End the process at once with `status`, the log flushed: no waiting for threads (see the module docstring)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            pass
+    os._exit(status)
+
+
 def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
-    """Serve on the already bound `sock` until stopped; the exit status (see the module docstring).
+    """Serve on the already bound `sock` until stopped; the exit status (see the module docstring). When
+    worker threads are still busy with abandoned work once the server has stopped, the process ends here.
 
     Logging is openrerank's (`openrerank.observe.logs`): uvicorn's own config and access log are off."""
     import uvicorn
 
+    threads = WorkerThreads()
+
     class DrainingServer(uvicorn.Server):
         """uvicorn's server that starts the app's drain as it stops accepting connections."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            self.loop.set_default_executor(threads)
+            await super().serve(sockets)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             app.state.drain.begin()
@@ -258,14 +329,20 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
     previous = {sig: signal.signal(sig, _shut_down_already) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
+        busy = threads.still_busy(ABANDONED_WORK_WAIT_S)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    status = 0
     models = app.state.models
     if models.load_error:
         if config.log_format == "json":  # already logged as a JSON record by the loader: one format a stream
             log.error("openrerank: error: %s", models.load_error)
         else:
             print(f"openrerank: error: {models.load_error}", file=sys.stderr)
-        return EXIT_LOAD_FAILED
-    return 0
+        status = EXIT_LOAD_FAILED
+    if busy:
+        log.info("exiting without waiting for %d job(s) nobody waits for any more (a model load cut short, "
+                 "images prepared for requests already answered)", busy)
+        exit_now(status)
+    return status

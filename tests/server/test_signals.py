@@ -1,0 +1,96 @@
+"""Signals at awkward moments, on a real server process: while the models load, with work nobody waits for any
+more (docs/reliability.md, Shutdown).
+
+The stuck work is made to order (`stalling_serve.py`: a load, a tokenization or a clean-up that waits for
+ever), so nothing here is timed: "exits" means within EXIT_S, where before the process never exited (or
+only when the stuck work ended, 55 s for a real model's load)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.faults import in_thread, until
+from tests.server.stalling_serve import LOAD_STALLED, MODELS_STOPPED, QUERY_STALLED
+from tests.support import ServerProcess, nim_body
+
+STALLING = [str(Path(__file__).with_name("stalling_serve.py"))]
+#: How long a stopping server may take here: far more than it needs, far less than "never".
+EXIT_S = 30
+
+
+@contextlib.contextmanager
+def stalling_server(tmp_path: Path, model_dir: Path, stall: dict[str, str], *args: str) -> Iterator[ServerProcess]:
+    server = ServerProcess(["--model", f"tiny={model_dir}", "--backend", "torch", "--threads", "1", *args],
+                           tmp_path, env=stall, program=STALLING)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:  # it did not exit (the failure being tested): don't leave it behind
+            server.proc.kill()
+            server.proc.wait()
+
+
+def exit_status(server: ServerProcess, what: str) -> int:
+    try:
+        return server.proc.wait(timeout=EXIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server was still running {EXIT_S} s after {what}:\n{server.output()[-3000:]}")
+
+
+def wait_live(server: ServerProcess) -> None:
+    def live() -> bool:
+        assert server.proc.poll() is None, server.output()[-3000:]
+        try:
+            return httpx.get(f"{server.url}/v1/health/live", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    until(live, "the server to answer /v1/health/live")
+
+
+def rank_in_thread(server: ServerProcess, query: str):
+    def post() -> httpx.Response:
+        with server.client() as c:
+            return c.post("/v1/ranking", json=nim_body(query, ["a river", "a road"]))
+
+    return in_thread(post)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_models_load_exits_without_waiting_for_the_load(tmp_path, tiny_model_dir, sig):
+    # Before, closing the event loop joined the thread loading the model (a Python thread cannot be stopped),
+    # and every further signal was ignored: the process ended when the load did, here never.
+    with stalling_server(tmp_path, tiny_model_dir, {"STALL_LOAD": "1"}) as server:
+        wait_live(server)
+        until(lambda: LOAD_STALLED in server.output(), "the model load to begin")
+        assert httpx.get(f"{server.url}/v1/health/ready", timeout=5).status_code == 503
+        server.proc.send_signal(sig)
+        status = exit_status(server, f"{sig.name} during the model load")
+    log = server.output()
+    assert status == 0, log[-3000:]
+    assert "stopping before every model was loaded (not loaded: tiny)" in log
+    assert "exiting without waiting for 1 job" in log
+    assert "Traceback" not in log and " ERROR " not in log
+
+
+def test_work_abandoned_at_the_end_of_the_grace_period_does_not_keep_the_process(tmp_path, tiny_model_dir):
+    # The request is answered 503 when the grace period ends, but its tokenization goes on in a worker thread
+    # (images being tiled, in the case reported); before, the process waited for that thread to end.
+    with stalling_server(tmp_path, tiny_model_dir, {"STALL_QUERY": "stuck"}, "--graceful-timeout", "1") as server:
+        server.wait_ready(180)
+        answer = rank_in_thread(server, "stuck")
+        until(lambda: QUERY_STALLED in server.output(), "the request's tokenization to begin")
+        server.proc.send_signal(signal.SIGTERM)
+        response = answer()
+        status = exit_status(server, "the grace period ended")
+    log = server.output()
+    assert response.status_code == 503 and "1 s grace period" in response.json()["message"], response.text
+    assert status == 0, log[-3000:]
+    assert MODELS_STOPPED in log and "exiting without waiting for 1 job" in log
