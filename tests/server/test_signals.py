@@ -1,5 +1,5 @@
 """Signals at awkward moments, on a real server process: while the models load, with work nobody waits for any
-more (docs/reliability.md, Shutdown).
+more, a second and a third signal (docs/reliability.md, Shutdown).
 
 The stuck work is made to order (`stalling_serve.py`: a load, a tokenization or a clean-up that waits for
 ever), so nothing here is timed: "exits" means within EXIT_S, where before the process never exited (or
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.server.faults import in_thread, until
-from tests.server.stalling_serve import LOAD_STALLED, MODELS_STOPPED, QUERY_STALLED
+from tests.server.stalling_serve import LOAD_STALLED, MODELS_STOPPED, QUERY_STALLED, STOP_STALLED
 from tests.support import ServerProcess, nim_body
 
 STALLING = [str(Path(__file__).with_name("stalling_serve.py"))]
@@ -94,3 +94,42 @@ def test_work_abandoned_at_the_end_of_the_grace_period_does_not_keep_the_process
     assert response.status_code == 503 and "1 s grace period" in response.json()["message"], response.text
     assert status == 0, log[-3000:]
     assert MODELS_STOPPED in log and "exiting without waiting for 1 job" in log
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_answers_what_still_runs_now_and_still_cleans_up(tmp_path, tiny_model_dir, second):
+    # Before, a second SIGINT was uvicorn's force-quit: the request was told its 120 s grace period had run out,
+    # the lifespan was cancelled (the models never stopped) with a CancelledError traceback; a second SIGTERM
+    # did nothing at all.
+    with stalling_server(tmp_path, tiny_model_dir, {"STALL_QUERY": "stuck"}, "--graceful-timeout", "120") as server:
+        server.wait_ready(180)
+        answer = rank_in_thread(server, "stuck")
+        until(lambda: QUERY_STALLED in server.output(), "the request's tokenization to begin")
+        server.proc.send_signal(signal.SIGINT)
+        until(lambda: "shutting down: finishing accepted requests" in server.output(), "the drain to begin")
+        server.proc.send_signal(second)
+        response = answer()
+        status = exit_status(server, f"a second signal ({second.name})")
+    log = server.output()
+    message = response.json()["message"]
+    assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+    assert "a second shutdown signal" in message and "grace period" not in message, message
+    assert status == 0, log[-3000:]
+    assert MODELS_STOPPED in log  # the clean-up ran
+    assert "Traceback" not in log and " ERROR " not in log and "CancelledError" not in log
+
+
+def test_a_signal_after_the_grace_period_ended_exits_at_once(tmp_path, tiny_model_dir):
+    # The clean-up sticks (a model worker finishing a long batch, say): one more signal must end the process.
+    with stalling_server(tmp_path, tiny_model_dir, {"STALL_STOP": "1"}, "--graceful-timeout", "60") as server:
+        server.wait_ready(180)
+        server.proc.send_signal(signal.SIGTERM)
+        until(lambda: STOP_STALLED in server.output(), "the clean-up to begin")
+        server.proc.send_signal(signal.SIGTERM)  # ends the grace period now
+        until(lambda: "shutting down now (a second signal)" in server.output(), "the grace period to end")
+        server.proc.send_signal(signal.SIGTERM)  # and this one the process
+        status = exit_status(server, "a third signal")
+    log = server.output()
+    assert status == 128 + signal.SIGTERM, log[-3000:]
+    assert "SIGTERM after the grace period ended: exiting now, without the clean-up" in log
+    assert MODELS_STOPPED not in log

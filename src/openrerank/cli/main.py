@@ -118,7 +118,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-header-bytes", "limits", "bytes of a request's line and headers together (431)", int),
     Option("body-timeout", "limits", "seconds a client may take to send its request body (408)", float),
     Option("graceful-timeout", "limits", "seconds to finish in-flight requests on shutdown; the rest get a "
-           "retryable 503", float),
+           "retryable 503 (at once on a second SIGTERM/SIGINT)", float),
     Option("tei-chunking", "limits", "score over-long TEI /rerank texts by their best chunk instead of truncating",
            switch=True),
     Option("log-level", "logging", "debug, info (one access line per request), warning, error, critical",

@@ -8,6 +8,11 @@ answered with its dialect's retryable 503 (`Retry-After`, `Connection: close`), 
 answer it can act on instead of a dropped connection or uvicorn's plain-text 500. uvicorn's own deadline is
 set a little later (`UVICORN_MARGIN_S`), so it never cancels a request before the app has answered it.
 
+A second SIGTERM or SIGINT during the drain ends the grace period at once (`Drain.end_now`): every request
+still running is answered the same way now, with a message that says so, and the clean-up (models stopped)
+still runs; a signal after the grace period has ended (by time or by that second signal) ends the process at
+once, clean-up or not (`server/http.py`).
+
 gRPC drains on the same grace period (`server/grpc/server.py`): it refuses new calls from the moment the
 drain begins, and a call still running when the period ends is answered UNAVAILABLE with the same message.
 """
@@ -27,13 +32,16 @@ RETRY_AFTER_S = 1
 
 
 class Drain:
-    """The shutdown state of one server: not draining, draining (grace running), or expired."""
+    """The shutdown state of one server: not draining, draining (grace running), or expired (the grace period
+    ran out, or was ended early by a second signal)."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self.draining = False
+        self.cut_short = False  # ended early by a second signal, not by the time running out
         self._began = asyncio.Event()
         self._expired = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def expired(self) -> bool:
@@ -46,8 +54,20 @@ class Drain:
         self.draining = True
         self._began.set()
         log.info("shutting down: finishing accepted requests for up to %g s (--graceful-timeout); the rest "
-                 "will be answered 503", self.grace)
-        asyncio.get_running_loop().call_later(self.grace, self._expired.set)
+                 "will be answered 503 (a second SIGTERM/SIGINT answers them now)", self.grace)
+        self._timer = asyncio.get_running_loop().call_later(self.grace, self._expired.set)
+
+    def end_now(self) -> None:
+        """End the grace period now (a second signal; on the event loop): what still runs is answered 503."""
+        if self.expired:
+            return
+        self.draining = self.cut_short = True
+        self._began.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        log.warning("shutting down now (a second signal): requests still running are answered 503; a further "
+                    "signal ends the process without waiting for the clean-up")
+        self._expired.set()
 
     async def wait_begun(self) -> None:
         await self._began.wait()
@@ -55,6 +75,15 @@ class Drain:
     async def wait_expired(self) -> None:
         await self._expired.wait()
 
+    def ending(self) -> str:
+        """What ended the grace period, for log lines."""
+        if self.cut_short:
+            return "a second signal ended the shutdown grace period"
+        return "the shutdown grace period ended"
+
     def message(self) -> str:
+        if self.cut_short:
+            return ("the server was told to stop at once (a second shutdown signal) before this request finished; "
+                    "retry it (another replica, or this one once restarted)")
         return (f"the server is shutting down and this request did not finish within its {self.grace:g} s grace "
                 "period; retry it (another replica, or this one once restarted)")

@@ -13,7 +13,11 @@ dropped, bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should 
 client (docs/reliability.md).
 
 On SIGTERM/SIGINT the app's drain (`server/drain.py`) starts as uvicorn stops accepting connections: every
-accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed.
+accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed. A second
+signal ends the grace period at once (the same 503s now, then the clean-up); a signal after the grace period
+ended exits at once, without the clean-up (status 128 + the signal's number, as a shell reports a death by it).
+uvicorn's own second Ctrl-C skipped the app's clean-up (the models never stopped), logged a CancelledError
+traceback and told the requests it cut that their grace period had run out.
 
 Work that nobody waits for any more is not waited for either: a model load cut short by a signal (a Python
 thread cannot be interrupted) and images still being prepared for requests already answered 503 kept the
@@ -302,7 +306,8 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
     threads = WorkerThreads()
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn's server that starts the app's drain as it stops accepting connections."""
+        """uvicorn's server that starts the app's drain as it stops accepting connections, ends the grace period
+        on a second signal, and exits on a signal after it ended."""
 
         loop: asyncio.AbstractEventLoop | None = None
 
@@ -314,6 +319,16 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             app.state.drain.begin()
             await super().shutdown(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit or self.loop is None:
+                super().handle_exit(sig, frame)  # the first: stop accepting, drain
+                return
+            if app.state.drain.expired:
+                log.warning("%s after the grace period ended: exiting now, without the clean-up",
+                            signal.Signals(sig).name)
+                exit_now(128 + sig)
+            self.loop.call_soon_threadsafe(app.state.drain.end_now)  # not uvicorn's force-quit (docstring)
 
     server = DrainingServer(uvicorn.Config(
         app, log_config=None, log_level=config.log_level, access_log=False,

@@ -407,8 +407,8 @@ class BodyGuardMiddleware:
                         log.info("client disconnected from %s %s before its answer; its work was cancelled "
                                  "(request id %s)", scope["method"], scope["path"], request_id(scope))
                     else:
-                        log.warning("%s %s not finished when the shutdown grace period ended; answered 503 "
-                                    "(request id %s)", scope["method"], scope["path"], request_id(scope))
+                        log.warning("%s %s not finished when %s; answered 503 (request id %s)", scope["method"],
+                                    scope["path"], self.drain.ending(), request_id(scope))
                         await shutting_down_response(scope, self.drain)(scope, replay, send)
                     return
                 waiting = {route, *(h for h in helpers if not h.done())}
