@@ -1,5 +1,6 @@
 """Signals at awkward moments, on a real server process: while the models load, with work nobody waits for any
-more, a second and a third signal (docs/reliability.md, Shutdown).
+more, a second and a third signal, a body still arriving when the grace period ends (docs/reliability.md,
+Shutdown).
 
 The stuck work is made to order (`stalling_serve.py`: a load, a tokenization or a clean-up that waits for
 ever), so nothing here is timed: "exits" means within EXIT_S, where before the process never exited (or
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,8 @@ import pytest
 
 from tests.server.faults import in_thread, until
 from tests.server.stalling_serve import LOAD_STALLED, MODELS_STOPPED, QUERY_STALLED, STOP_STALLED
-from tests.support import ServerProcess, nim_body
+from tests.server.test_shutdown import in_flight
+from tests.support import ServerProcess, nim_body, run_server
 
 STALLING = [str(Path(__file__).with_name("stalling_serve.py"))]
 #: How long a stopping server may take here: far more than it needs, far less than "never".
@@ -133,3 +137,29 @@ def test_a_signal_after_the_grace_period_ended_exits_at_once(tmp_path, tiny_mode
     assert status == 128 + signal.SIGTERM, log[-3000:]
     assert "SIGTERM after the grace period ended: exiting now, without the clean-up" in log
     assert MODELS_STOPPED not in log
+
+
+def test_a_body_still_arriving_when_the_grace_period_ends_is_answered_503_then(tmp_path, tiny_model_dir):
+    # Before, the body guard waited only on --body-timeout while reading: the request was cut by uvicorn's own
+    # deadline 3 s later, which logged "ERROR ... Cancel 1 running task(s), timeout graceful shutdown exceeded".
+    args = ["--model", f"tiny={tiny_model_dir}", "--graceful-timeout", "1", "--body-timeout", "300"]
+    body = b'{"query": {"text": "rivers"}, "passages": [{"text": "a river"}]}'
+    with run_server(args, tmp_path) as server, server.client() as c, \
+            socket.create_connection(("127.0.0.1", server.port)) as upload:
+        upload.sendall(b"POST /v1/ranking HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+        until(lambda: in_flight(c) >= 2, "the upload to be in flight")  # it and this metrics request
+        server.proc.send_signal(signal.SIGTERM)
+        upload.settimeout(EXIT_S)
+        answer = b""
+        deadline = time.monotonic() + EXIT_S
+        while time.monotonic() < deadline and (chunk := upload.recv(65536)):
+            answer += chunk
+        status = exit_status(server, "the grace period ended")
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"retry-after: 1" in head.lower() and b'"object":"error"' in payload and b"grace period" in payload
+    log = server.output()
+    assert status == 0
+    assert "still sending its body when the shutdown grace period ended" in log
+    assert "timeout graceful shutdown exceeded" not in log and " ERROR " not in log

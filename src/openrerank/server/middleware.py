@@ -318,9 +318,13 @@ class BodyGuardMiddleware:
         more = True
         deadline = time.monotonic() + self.body_timeout
         while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            message = await self._next_part(receive, deadline)
+            if message is None and self.drain is not None and self.drain.expired:
+                log.warning("%s %s still sending its body when %s (%d bytes arrived); answered 503 (request id %s)",
+                            scope["method"], scope["path"], self.drain.ending(), size, request_id(scope))
+                await shutting_down_response(scope, self.drain)(scope, receive, send)
+                return
+            if message is None:
                 msg = (f"request body not received within {self.body_timeout:g} s ({size} bytes arrived; "
                        "--body-timeout)")
                 await dialect.response(408, msg, "timeout_body", headers={"Connection": "close"})(scope, receive, send)
@@ -356,6 +360,28 @@ class BodyGuardMiddleware:
             scope = dict(scope)
             scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [_JSON_CT]
         await self._run_watching(scope, body, receive, send)
+
+    async def _next_part(self, receive: Receive, deadline: float) -> Message | None:
+        """The body's next message, or None when `deadline` (`--body-timeout`) or the end of the shutdown grace
+        period comes first: a request still uploading is answered then, not at uvicorn's later deadline."""
+        if self.drain is None:
+            try:
+                return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return None
+        if self.drain.expired:
+            return None
+        part = asyncio.ensure_future(receive())
+        expiry = asyncio.ensure_future(self.drain.wait_expired())
+        try:
+            await asyncio.wait((part, expiry), timeout=max(0.0, deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            expiry.cancel()
+            if not part.done():
+                part.cancel()
+            await asyncio.gather(part, expiry, return_exceptions=True)
+        return part.result() if part.done() and not part.cancelled() else None
 
     async def _run_watching(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         """Run the route; cancel it if the client disconnects before the answer is complete, or answer the
