@@ -59,6 +59,14 @@ def wait_live(server: ServerProcess) -> None:
     until(live, "the server to answer /v1/health/live")
 
 
+def fails(get, url: str) -> bool:
+    try:
+        get(url, timeout=5)
+    except httpx.TransportError:
+        return True
+    return False
+
+
 def rank_in_thread(server: ServerProcess, query: str):
     def post() -> httpx.Response:
         with server.client() as c:
@@ -109,8 +117,14 @@ def test_a_second_signal_answers_what_still_runs_now_and_still_cleans_up(tmp_pat
         server.wait_ready(180)
         answer = rank_in_thread(server, "stuck")
         until(lambda: QUERY_STALLED in server.output(), "the request's tokenization to begin")
-        server.proc.send_signal(signal.SIGINT)
-        until(lambda: "shutting down: finishing accepted requests" in server.output(), "the drain to begin")
+        with server.client() as probe:
+            assert probe.get("/v1/health/ready").status_code == 200  # its connection is kept alive
+            server.proc.send_signal(signal.SIGINT)
+            # while draining, a readiness probe fails by its connection (docs/reliability.md): the kept one is
+            # closed, a new one refused
+            until(lambda: fails(probe.get, "/v1/health/ready"), "the kept-alive probe to fail")
+            until(lambda: fails(httpx.get, f"{server.url}/v1/health/ready"), "a new probe to be refused")
+        assert "shutting down: finishing accepted requests" in server.output()
         server.proc.send_signal(second)
         response = answer()
         status = exit_status(server, f"a second signal ({second.name})")

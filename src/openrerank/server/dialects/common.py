@@ -25,7 +25,8 @@ def config(request: Request) -> ServerConfig:
 
 def unready_reason(request: Request) -> str | None:
     """Why the readiness probes say 503 (None: ready): loading, a load error or a dead worker, or the server
-    shutting down (a probe on a connection opened before the drain began must not see it ready)."""
+    shutting down (under uvicorn no probe gets here then: the drain closes the listening socket and every idle
+    connection; an ASGI host that still delivers one, such as Starlette's TestClient, must not see it ready)."""
     if request.app.state.drain.draining:
         return "Service is shutting down."
     reg = served_models(request)
