@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import multi_vector
+from openrerank.server.dialects.list_bounds import BOUNDED
 from openrerank.server.errors import STATUS_DESCRIPTIONS, dialect_for
 from openrerank.server.middleware import PUBLIC_PATHS
 
@@ -84,19 +84,10 @@ def adjust(schema: dict[str, Any], *, api_key: bool) -> dict[str, Any]:
     return schema
 
 
-_PASSAGES = attrgetter("max_passages")
-#: (request schema, field) -> the bound on that list's length, read off the server's config.
-LIST_LIMITS: dict[tuple[str, str], Callable[[ServerConfig], int]] = {
-    ("NimRankingRequest", "passages"): _PASSAGES,
-    ("CohereV1RerankRequest", "documents"): _PASSAGES,
-    ("CohereV2RerankRequest", "documents"): _PASSAGES,
-    ("TeiRerankRequest", "texts"): _PASSAGES,
-    ("InfinityRerankRequest", "documents"): _PASSAGES,
-    ("ScoreRequest", "text_1"): _PASSAGES,
-    ("ScoreRequest", "text_2"): _PASSAGES,
-    ("EmbeddingsRequest", "input"): attrgetter("max_inputs"),
-    ("MultiVectorRequest", "input"): multi_vector.input_limit,
-}
+def list_limits() -> dict[tuple[str, str], Callable[[ServerConfig], int]]:
+    """(request schema, field) -> the bound on that list's length, read off the server's config: the bounds the
+    dialects declared (`dialects/list_bounds.py`), which the routes enforce."""
+    return {(model.__name__, name): bound.limit for model, fields in BOUNDED.items() for name, bound in fields.items()}
 
 
 #: (request schema, field) -> the ServerConfig attribute that is the field's largest accepted value.
@@ -115,7 +106,7 @@ def declare_list_limits(schema: dict[str, Any], config: ServerConfig) -> dict[st
         for branch in [] if prop is None else [prop, *prop.get("anyOf", [])]:
             if branch.get("type") == "integer":
                 branch["maximum"] = getattr(config, attr)
-    for (name, field), limit in LIST_LIMITS.items():
+    for (name, field), limit in list_limits().items():
         prop = schemas.get(name, {}).get("properties", {}).get(field)
         if prop is None:
             continue

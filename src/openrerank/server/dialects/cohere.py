@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.cohere import (
@@ -46,8 +46,10 @@ COHERE = register_dialect(Dialect(
     request_models={"/v1/rerank": CohereV1RerankRequest, "/v2/rerank": CohereV2RerankRequest},
     error_model=CohereError,
 ))
+list_bounds.bound(CohereV1RerankRequest, documents=list_bounds.PASSAGES)
+list_bounds.bound(CohereV2RerankRequest, documents=list_bounds.PASSAGES)
 
-router = APIRouter()
+router = APIRouter(route_class=list_bounds.BoundedRoute)
 
 _ERRORS = COHERE.responses(400, 401, 404, 408, 413, 415, 429, 500, 503, 504)
 

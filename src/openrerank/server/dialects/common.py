@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from openrerank.core.requests import RerankRequest, RerankResult, Timings
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
+from openrerank.server.dialects.list_bounds import PASSAGES, check_lists
 from openrerank.server.errors import ApiError, format_validation_errors
 from openrerank.server.middleware import arrival, request_usage
 from openrerank.server.middleware import request_id as scope_request_id
@@ -47,22 +48,10 @@ def require_ready(reg: ServedModels) -> None:
                        headers={"Retry-After": "5"})
 
 
-def check_passage_count(request: Request, count: int, what: str = "passages") -> None:
-    require_passage_count(config(request), count, what)
-
-
-def require_passage_count(config: ServerConfig, count: int, what: str = "passages") -> None:
-    limit = config.max_passages
-    if count > limit:
-        raise ApiError(400, f"Number of {what} ({count}) exceeds the maximum of {limit} (--max-passages)",
-                       kind="too_many")
-
-
-def check_input_count(request: Request, count: int) -> None:
-    limit = config(request).max_inputs
-    if count > limit:
-        raise ApiError(400, f"Number of inputs ({count}) exceeds the maximum of {limit} (--max-inputs)",
-                       kind="too_many")
+def require_passage_count(config: ServerConfig, count: int) -> None:
+    """`--max-passages` for a request that is not JSON (gRPC); JSON bodies are counted as they are parsed
+    (`list_bounds`)."""
+    PASSAGES.require(config, count)
 
 
 def deadline(request: Request) -> float:
@@ -71,8 +60,8 @@ def deadline(request: Request) -> float:
 
 
 async def rerank(request: Request, response: Response, req: RerankRequest) -> RerankResult:
-    """Score `req` on the model it names; timing headers go on `response` (TEI's header names)."""
-    check_passage_count(request, len(req.passages))
+    """Score `req` on the model it names; timing headers go on `response` (TEI's header names). Its passages
+    were counted as the body was parsed (`list_bounds`)."""
     return (await rerank_many(request, response, [req]))[0]
 
 
@@ -108,8 +97,10 @@ def record_usage(request: Request, response: Response, *, model: str, items: int
                                          "inference_ms": t.inference_ms})
 
 
-def parse_body(model: type[BaseModel], payload: dict) -> Any:
-    """A body the route parsed itself (a path shared by two forms), validated as `model`: 422 when it is not."""
+def parse_body(request: Request, model: type[BaseModel], payload: dict) -> Any:
+    """A body the route parsed itself (a path shared by two forms), validated as `model`: 422 when it is not.
+    A bounded list over its count is refused first, before any element is validated."""
+    check_lists(config(request), model, payload)
     try:
         return model.model_validate(payload)
     except ValidationError as exc:

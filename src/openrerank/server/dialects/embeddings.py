@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from openrerank.core.requests import EmbedRequest, Truncate
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, list_bounds
 from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.checks import valid_text
@@ -29,11 +29,12 @@ EMBEDDINGS = register_dialect(Dialect(
     request_models={"/v1/embeddings": EmbeddingsRequest},
     error_model=NimError,
 ))
+list_bounds.bound(EmbeddingsRequest, input=list_bounds.INPUTS)
 
 #: NIM's model-name suffixes that stand for `input_type` (for OpenAI clients, which cannot send it).
 INPUT_TYPE_SUFFIXES = {"-query": "query", "-passage": "passage"}
 
-router = APIRouter()
+router = APIRouter(route_class=list_bounds.BoundedRoute)
 
 _ERRORS = EMBEDDINGS.responses(400, 401, 404, 408, 413, 415, 500, 503, 504, s400="Invalid request, an over-long text "
                                 "with truncate NONE, an unsupported dimensions, or a model without embeddings")
@@ -104,7 +105,6 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> OrjsonRespons
     models = common.served_models(request)
     name, input_type = model_and_input_type(body, models.ids)
     model = models.get_embedder(name)
-    common.check_input_count(request, len(texts))
     req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]
                        truncate=Truncate(body.truncate), dimensions=body.dimensions)
     result = await model.embed(req, deadline=common.deadline(request))

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import Dialect
 from openrerank.wire.infinity import INFINITY_UNSPECIFIED_MODEL, InfinityRerankRequest
@@ -29,6 +29,7 @@ INFINITY = Dialect(
                 "overloaded": 429, "unavailable": 503, "timeout": 504},
     request_models={"/rerank": InfinityRerankRequest},
 )
+list_bounds.bound(InfinityRerankRequest, documents=list_bounds.PASSAGES)
 
 
 def infinity_to_internal(body: InfinityRerankRequest) -> RerankRequest:
@@ -55,7 +56,7 @@ def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, r
 async def rerank(request: Request, response: Response, payload: dict) -> dict:
     """The Infinity form of /rerank: `payload` is the parsed JSON body, with `documents`."""
     request.state.dialect = INFINITY
-    body = common.parse_body(InfinityRerankRequest, payload)
+    body = common.parse_body(request, InfinityRerankRequest, payload)
     req = infinity_to_internal(body)
     result = await common.rerank(request, response, req)
     return infinity_result_to_wire(result, body, common.request_id(request))

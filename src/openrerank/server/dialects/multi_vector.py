@@ -18,7 +18,7 @@ from openrerank.core.requests import EmbedRequest, Truncate
 from openrerank.engine.errors import UnknownModelError
 from openrerank.engine.served import ServedModel
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.embeddings import encode_vector, input_texts, model_and_input_type
 from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
@@ -38,7 +38,7 @@ MULTI_VECTOR = register_dialect(Dialect(
     error_model=NimError,
 ))
 
-router = APIRouter()
+router = APIRouter(route_class=list_bounds.BoundedRoute)
 
 _ERRORS = MULTI_VECTOR.responses(
     400, 401, 404, 408, 413, 415, 500, 503, 504,
@@ -50,6 +50,11 @@ _ERRORS = MULTI_VECTOR.responses(
 def input_limit(config: ServerConfig) -> int:
     """Most texts one request may send: the route's own bound, or --max-inputs when lower."""
     return min(MAX_INPUTS, config.max_inputs)
+
+
+list_bounds.bound(MultiVectorRequest, input=list_bounds.ListBound(
+    "inputs", input_limit, " per multi-vector request; send them in several requests", status=413, kind="too_large",
+    count=list_bounds.INPUTS.count))
 
 
 def _model(request: Request, name: str | None) -> ServedModel:
@@ -77,10 +82,6 @@ def _model(request: Request, name: str | None) -> ServedModel:
 async def multi_vector_embeddings(body: MultiVectorRequest, request: Request) -> OrjsonResponse:
     common.check_ready(request)
     texts = input_texts(body.input)
-    limit = input_limit(common.config(request))
-    if len(texts) > limit:
-        raise ApiError(413, f"Number of inputs ({len(texts)}) exceeds the maximum of {limit} per multi-vector "
-                       f"request; send them in several requests", kind="too_large")
     name, input_type = model_and_input_type(body, common.served_models(request).ids)  # type: ignore[arg-type]
     if input_type is None:
         raise ApiError(400, "input_type is required: 'query' or 'passage' (a late-interaction model encodes the two "

@@ -7,13 +7,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from openrerank import __version__
 from openrerank.core.requests import RerankRequest, Truncate
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, list_bounds
 from openrerank.server.engine_config import scheduler_config
 from openrerank.server.errors import NIM
 from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.nim import HealthResponse, NimMetadata, NimModelList, NimRankingRequest, NimRankingResponse
 
-router = APIRouter()
+router = APIRouter(route_class=list_bounds.BoundedRoute)
 
 #: Model ids NVIDIA renamed: clients written for the old id reach the model served under the new one.
 RENAMED_MODELS = {
@@ -21,6 +21,7 @@ RENAMED_MODELS = {
     "nvidia/llama-3.2-nemoretriever-500m-rerank-v2": "nvidia/llama-nemotron-rerank-500m-v2",
 }
 NIM.request_models["/v1/ranking"] = NimRankingRequest
+list_bounds.bound(NimRankingRequest, passages=list_bounds.PASSAGES)
 _AUTH = NIM.responses(401)
 _HEALTH = {503: {"model": HealthResponse, "description": "Not ready (loading, failed, or a model worker died)"}}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
-from openrerank.server.dialects import common
+from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.score import ScoreError, ScoreRequest, ScoreResponse
@@ -46,8 +46,9 @@ SCORE = register_dialect(Dialect(
     request_models={"/v1/score": ScoreRequest, "/score": ScoreRequest},
     error_model=ScoreError,
 ))
+list_bounds.bound(ScoreRequest, text_1=list_bounds.PAIRS, text_2=list_bounds.PAIRS)
 
-router = APIRouter()
+router = APIRouter(route_class=list_bounds.BoundedRoute)
 
 _ERRORS = SCORE.responses(400, 401, 404, 408, 413, 415, 500, 503, 504)
 
@@ -125,7 +126,6 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> dic
     plan = to_internal(body)
     common.check_ready(request)
     model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
-    common.check_passage_count(request, len(plan.pairs), "pairs")
     outcomes = await common.rerank_many(request, response, plan.requests)
     response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
     return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from openrerank import __version__
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import common, infinity
+from openrerank.server.dialects import common, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.server.responses import OrjsonResponse
@@ -50,13 +50,14 @@ TEI = register_dialect(Dialect(
     request_models={"/rerank": TeiRerankRequest},
     error_model=TeiError,
 ))
+list_bounds.bound(TeiRerankRequest, texts=list_bounds.PASSAGES)
 
 
 #: Request bodies documented for /rerank (the route reads its body itself to pick the form).
 OPENAPI_MODELS: tuple[type[BaseModel], ...] = (TeiRerankRequest, InfinityRerankRequest, TeiRank,
                                                 InfinityRerankResponse, TeiError, InfinityError)
 
-router = APIRouter()
+router = APIRouter(route_class=list_bounds.BoundedRoute)
 
 _ERRORS = TEI.responses(
     400, 401, 408, 413, 415, 422, 424, 429, 503, s400="`texts` is empty",
@@ -137,7 +138,7 @@ async def rerank(request: Request, response: Response) -> Any:
         raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
     if "texts" not in given:
         raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
-    tei_body = common.parse_body(TeiRerankRequest, payload)
+    tei_body = common.parse_body(request, TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
     req = to_internal(tei_body, chunking=config.tei_chunking)
     result = await common.rerank(request, response, req)

@@ -12,6 +12,7 @@ only for models that read images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,21 @@ def _pick_inputs(tensors: dict[str, BytesTensor]) -> dict[str, BytesTensor]:
         if spec.required and spec.name not in picked:
             raise TensorError(f"input '{spec.name}' is required; the inputs are: {_input_names()}")
     return picked
+
+
+def declared_passages(inputs: Any) -> int:
+    """The passages a ModelInferRequest's input tensors declare by their shapes (0: none), read before any value
+    is: the most elements a per-passage input's shape holds. An input that is not one of passage-count size
+    (the query: one value, or one per passage) declaring more values than that is refused here too, with the
+    message its values would get, so that no request is decoded whose count alone refuses it."""
+    specs = {alias: spec for spec in INPUTS for alias in (spec.name, *spec.aliases)}
+    declared = [(specs[t.name], t.name, math.prod(max(int(d), 0) for d in t.shape)) for t in inputs if t.name in specs]
+    passages = max((count for spec, _, count in declared if spec.per_passage), default=0)
+    for spec, name, count in declared:
+        if not spec.per_passage and count > max(passages, 1):
+            raise TensorError(f"input '{name}' has {count} values for {passages} passages; "
+                              "send one ([1, 1]) or one per passage")
+    return passages
 
 
 def request_body(tensors: dict[str, BytesTensor], parameters: dict[str, Any], model: str) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def _split_raw(name: str, blob: bytes, shape: tuple[int, ...]) -> list[bytes]:
     values: list[bytes] = []
     offset = 0
     while offset < len(blob):
+        if len(values) == count:  # stop here: a small shape over a huge blob is not read whole
+            raise TensorError(f"input '{name}': shape {list(shape)} needs {count} element(s), "
+                              "the raw contents hold more")
         if offset + 4 > len(blob):
             raise TensorError(f"input '{name}': raw contents end inside a length prefix")
         (size,) = _LENGTH.unpack_from(blob, offset)
@@ -89,10 +92,10 @@ def read_bytes_inputs(request: Any) -> dict[str, BytesTensor]:
             if set(typed) - {"bytes_contents"}:
                 raise TensorError(f"input '{name}' is BYTES but has contents.{typed[0]}; "
                                   "send its values in contents.bytes_contents")
-            values = list(tensor.contents.bytes_contents)
-            if len(values) != count:
+            if len(tensor.contents.bytes_contents) != count:
                 raise TensorError(f"input '{name}': shape {list(shape)} needs {count} element(s), "
-                                  f"contents.bytes_contents holds {len(values)}")
+                                  f"contents.bytes_contents holds {len(tensor.contents.bytes_contents)}")
+            values = list(tensor.contents.bytes_contents)
         out[name] = BytesTensor(name, shape, values)
     return out
 

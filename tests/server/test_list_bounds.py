@@ -1,0 +1,57 @@
+"""A request over a count limit is refused by its count alone, before any element is validated.
+
+Each body below is over its route's bound AND holds only invalid elements. Validated first (as it was), it got
+the elements' validation error, after pydantic had walked every element on the event loop: an 8 MB body of
+600k one-letter passages took 14 s, with `/v1/health/live` unanswered meanwhile. Counted first, it gets the
+count refusal in the dialect's shape, whatever its elements hold: that the answer names the count and not an
+element is what shows no element was looked at (no timing involved).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+#: tiny_server: --max-passages 8, --max-inputs at its default (2048); the multi-vector route's own bound is 64.
+OVER = 9
+
+
+def message(body: dict | list) -> str:
+    """The message of any dialect's error shape."""
+    if isinstance(body.get("error"), dict):  # Infinity
+        return body["error"]["message"]
+    return body.get("message") or body["error"]  # NIM, Cohere, score / TEI
+
+
+@pytest.mark.parametrize(("path", "body", "status", "expected"), [
+    ("/v1/ranking", {"query": {"text": "q"}, "passages": [{"text": ""}] * OVER}, 400,
+     "Number of passages (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/v1/rerank", {"query": "q", "documents": [1] * OVER}, 400,
+     "Number of passages (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/v2/rerank", {"model": "tiny", "query": "q", "documents": [1] * OVER}, 400,
+     "Number of passages (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/rerank", {"query": "q", "texts": [1] * OVER}, 422,
+     "Number of passages (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/rerank", {"query": "q", "documents": [1] * OVER}, 422,
+     "Number of passages (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/v1/score", {"text_1": "q", "text_2": [1] * OVER}, 400,
+     "Number of pairs (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/score", {"text_1": [1] * OVER, "text_2": [1] * OVER}, 400,
+     "Number of pairs (9) exceeds the maximum of 8 (--max-passages)"),
+    ("/v1/embeddings", {"input": [""] * 2049}, 400,
+     "Number of inputs (2049) exceeds the maximum of 2048 (--max-inputs)"),
+    ("/v1/embeddings/multi_vector", {"input": [""] * 65, "input_type": "passage"}, 413,
+     "Number of inputs (65) exceeds the maximum of 64 per multi-vector request; send them in several requests"),
+])
+def test_an_over_count_request_is_refused_before_its_elements_are_validated(tiny_server, path, body, status,
+                                                                           expected):
+    with tiny_server.client() as c:
+        r = c.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert message(r.json()) == expected
+
+
+def test_a_token_id_list_is_one_input_not_a_count(tiny_server):
+    """OpenAI's `input` as one text's token ids is not counted as inputs: it gets its own refusal."""
+    with tiny_server.client() as c:
+        r = c.post("/v1/embeddings", json={"input": [1] * 3000})
+    assert r.status_code == 400 and "token ids is not supported" in r.json()["message"]
