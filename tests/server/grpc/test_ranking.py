@@ -72,3 +72,11 @@ def test_raw_and_typed_contents_decode_alike():
 def test_malformed_tensors_are_the_clients_fault(request_, fragment):
     with pytest.raises(TensorError, match=fragment):
         read_bytes_inputs(request_)
+
+
+def test_a_raw_blob_holding_more_elements_than_its_shape_is_not_read_whole():
+    """A [1, 1] shape over a blob of 3 elements stops at the second: its elements are not all split first
+    (an 8 MB blob of one-byte elements is 1.6M of them)."""
+    blob = struct.pack("<I", 1) + b"a" + struct.pack("<I", 1) + b"b" + b"\xff\xff"  # the tail: not even an element
+    with pytest.raises(TensorError, match=r"needs 1 element\(s\), the raw contents hold more"):
+        read_bytes_inputs(_request([blob], _input("passage", [1, 1])))
