@@ -74,3 +74,18 @@ def test_server_fingerprint_follows_server_model_and_its_description() -> None:
     assert base != server_fingerprint("http://h:9000", "m", meta)
     assert base != server_fingerprint("http://h:8000", "other", meta)
     assert base != server_fingerprint("http://h:8000", "m", {**meta, "backend": "onnx-int8-cpu"})
+
+
+def test_server_fingerprint_ignores_what_serving_measures() -> None:
+    """The served rate moves with every batch, and with it `tokens_per_second` and `max_request_tokens`: a key
+    over them re-encoded the corpus on every run against the same server."""
+    from openrerank.eval.dense import server_fingerprint
+
+    engine = {"backend": "onnx", "dtype": "fp32", "reason": "fastest", "choice": "measure", "measured": [1]}
+    meta = {"source": "default", "max_length": 256, "engine": engine, "tokens_per_second": 3000.0,
+            "max_request_tokens": 180000, "attention_knee": 2304, "score_cache": {"entries": 3}}
+    moved = {**meta, "tokens_per_second": 2100.5, "max_request_tokens": 126000, "attention_knee": 2100,
+             "score_cache": {"entries": 40}, "engine": {**engine, "measured": [2]}}
+    assert server_fingerprint("http://h:8000", "m", meta) == server_fingerprint("http://h:8000", "m", moved)
+    other = {**meta, "engine": {**engine, "dtype": "int8"}}
+    assert server_fingerprint("http://h:8000", "m", meta) != server_fingerprint("http://h:8000", "m", other)

@@ -54,10 +54,20 @@ def model_fingerprint(model_dir: Path, *, backend: str, dtype: str, max_length: 
     return h.hexdigest()[:16]
 
 
+#: What /v1/metadata says of a model that its serving measures and moves (speed, budget, cache fill): not
+#: what it embeds with, and it changes between two calls (the rate moves with every batch served).
+MEASURED_FACTS = ("tokens_per_second", "max_request_tokens", "attention_knee", "attention_knee_flops",
+                  "score_cache")
+
+
 def server_fingerprint(url: str, model: str, metadata: dict) -> str:
     """Key of a server's embeddings: its URL, the model id and the server's description of the model
-    (source, engine, window, pooling, prompts...), so a server restarted with another model re-encodes."""
-    h = hashlib.sha256(json.dumps({"server": url.rstrip("/"), "model": model, "metadata": metadata},
+    (source, engine, window, pooling, prompts...), so a server restarted with another model re-encodes; the
+    facts its serving measures are left out (`MEASURED_FACTS`; of the engine, only which runtime and precision)."""
+    facts = {k: v for k, v in metadata.items() if k not in MEASURED_FACTS}
+    if isinstance(facts.get("engine"), dict):
+        facts["engine"] = {k: facts["engine"].get(k) for k in ("backend", "dtype")}
+    h = hashlib.sha256(json.dumps({"server": url.rstrip("/"), "model": model, "metadata": facts},
                                   sort_keys=True, default=str).encode())
     return "server-" + h.hexdigest()[:16]
 
