@@ -248,7 +248,11 @@ def test_only_client_mistakes_in_a_body_are_a_400(tiny_model_dir, monkeypatch, c
             raise MemoryError()
         return json.loads(body, *args, **kw)
 
-    monkeypatch.setattr(starlette.requests, "json", types.SimpleNamespace(loads=loads))
+    from openrerank.server.dialects import list_bounds
+
+    parser = types.SimpleNamespace(loads=loads)
+    monkeypatch.setattr(starlette.requests, "json", parser)
+    monkeypatch.setattr(list_bounds, "json", parser)  # the routes that count lists parse the body first
     with InProcessServer(config(tiny_model_dir)) as server, server.client() as c:
         r = c.post("/v1/ranking", json={"query": {"text": "boom"}, "passages": [{"text": "a"}]})
         assert r.status_code == 500 and r.json()["object"] == "error" and "request id" in r.json()["message"]
