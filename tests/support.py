@@ -141,7 +141,16 @@ def run_server(args: list[str], tmp: Path, *, api_key: str | None = None, env: d
         yield server
     finally:
         server.stop()
-    assert server.proc.returncode == 0, f"server exited {server.proc.returncode}:\n{server.output()[-3000:]}"
+    assert server.proc.returncode == 0, f"server exited {server.proc.returncode}:\n{crash_report(server.output())}"
+
+
+def crash_report(output: str, tail: int = 3000) -> str:
+    """The end of a server's output, and, after a crash, faulthandler's report from its first line: its head
+    names the thread that crashed, which the last lines (the main thread's stack) do not."""
+    start = output.find("Fatal Python error")
+    if start < 0 or start >= len(output) - tail:
+        return output[-tail:]
+    return output[start:start + tail] + "\n...\n" + output[-tail:]
 
 
 def nim_body(query: str, passages: list[str], **extra) -> dict:
