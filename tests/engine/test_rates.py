@@ -58,7 +58,11 @@ def test_the_served_seconds_soon_outweigh_the_warm_up():
 def test_a_rate_not_measured_starts_with_the_first_batch():
     assert ServedRate.starting(None).rate is None
     assert ServedRate.starting(None).after(300.0, 0.5).rate == pytest.approx(600.0)
-    assert ServedRate.starting(WARMUP).after(300.0, 0.0).rate == WARMUP  # no time taken: nothing learnt
+    # a batch that ran beside another, whose seconds were handed to that one (batch_runner.BusyClock): its work
+    # counts in the same seconds (two lanes, each 600 work in the same second: 1,200 per second)
+    beside = ServedRate().after(600.0, 1.0).after(600.0, 0.0)
+    assert beside.rate == pytest.approx(1200.0, rel=0.05)  # (the first faded over its second)
+    assert ServedRate().after(300.0, 0.0).rate is None  # no seconds at all yet: nothing to divide by
 
 
 def test_a_new_knee_reweighs_the_work_not_the_seconds():

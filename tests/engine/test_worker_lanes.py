@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from openrerank.engine.batch_runner import BusyClock
 from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.errors import BatchFailedError, WorkerDiedError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
@@ -138,3 +139,35 @@ def test_a_lane_that_dies_kills_the_worker_and_every_request_is_answered() -> No
         return out[0]
 
     assert isinstance(asyncio.run(main()), WorkerDiedError)
+
+
+def test_a_lone_batch_on_two_lanes_shows_the_rate_of_one() -> None:
+    """A lane's batch took its seconds divided by the lane count in the rate, as if the other lane had run one
+    beside it: a model serving one small request at a time was rated twice as fast as it ran, and admission
+    planned with that speed. The rate is work over the seconds the model was busy (`BusyClock`)."""
+    backend, ids = lanes_of(2), Ids()
+    backend.sleep_per_token = 0.005  # 10-token items: 50 ms a batch, at most 200 tokens/s
+
+    async def main() -> float | None:
+        sched = make(backend)
+        await sched.start()
+        for _ in range(6):  # one at a time: one batch, one lane
+            await sched.submit(ids.items(10))
+        rate = sched.work_per_second
+        await sched.stop()
+        return rate
+
+    rate = asyncio.run(main())
+    assert rate is not None and rate <= 200.0  # (halved seconds made it ~400)
+
+
+def test_the_busy_clock_hands_out_the_time_at_least_one_lane_was_busy() -> None:
+    clock = BusyClock()
+    clock.started(0.0)
+    clock.started(0.5)  # beside the first
+    assert clock.ended(1.0) == 1.0  # [0, 1]
+    assert clock.ended(1.5) == 0.5  # (1, 1.5]: together 1.5 s busy, not 2
+    clock.started(3.0)  # idle from 1.5 to 3: not counted
+    clock.started(3.2)
+    assert clock.ended(4.0) == 1.0
+    assert clock.ended(3.9) == 0.0  # it ended before the other one handed out the time: nothing left

@@ -3,7 +3,7 @@
 A request is one admission unit, whatever its size. It is refused at once when it alone holds more tokens
 than one request may (`request_budget`), or when too much is pending already: `max_queue` requests, or
 `queue_budget` tokens (a request arriving at an idle scheduler is always admitted if within its own budget).
-Refusals carry a Retry-After: the pending tokens times the measured model time per token.
+Refusals carry a Retry-After: the pending work at the served rate (the time until the model is idle again).
 
 `AdmissionQueue` holds everything the event loop and the worker thread share, under one condition variable:
 the requests accepted but not yet planned, the pending totals the limits bound, the scheduler's lifecycle
@@ -108,7 +108,6 @@ class AdmissionQueue:
         self.admitted: set[PendingRequest] = set()  # the pending requests, for their deadlines
         self.state = NEW
         self.failure: str | None = None  # why the worker died (the exception's type)
-        self.sec_per_work = 0.0  # moving average of model time per unit of work, for Retry-After
         #: The model's speed (`work_per_second`): from its warm-up, then as the served batches show it.
         self.served = ServedRate()
         #: The rate it started from (warm-up, engine choice or kept record): the budget's floor (`budget_rate`).
@@ -269,7 +268,11 @@ class AdmissionQueue:
                 yield req.work * max(0, req.left_tokens) / max(1, req.tokens), req.deadline - now
 
     def retry_after_locked(self) -> float:
-        return min(60.0, max(1.0, self.pending_work * self.sec_per_work))
+        """Seconds until the pending work is done at the served rate (1 to 60; 1 before any rate is known).
+        (It was a moving average of its own, of each batch's time per work: with several lanes, or small batches
+        beside big ones, it said something other than the rate the refusal was made by.)"""
+        rate = self.work_per_second
+        return min(60.0, max(1.0, self.pending_work / rate if rate else 0.0))
 
     def accept_locked(self, req: PendingRequest) -> None:
         self.queue.append(req)
@@ -307,18 +310,16 @@ class AdmissionQueue:
             self.queued_items -= len(req.items)
             self.queued_tokens -= req.tokens
 
-    def record_speed(self, seconds: float, lengths: Sequence[int]) -> float | None:
-        """One batch's model time and its sequences' lengths, folded into the time per unit of work behind
-        Retry-After, into the measured rate behind the budgets (`rates.ServedRate`: every batch) and, for a
-        big enough batch, into the knee's fit (`knee_fit.py`). Returns the knee when the fit moved it, and
-        keeps it with the rate in the model's record if it has one (`keep_speed`)."""
+    def record_speed(self, seconds: float, lengths: Sequence[int], busy: float | None = None) -> float | None:
+        """One batch's model time and its sequences' lengths, folded into the measured rate behind the budgets,
+        the deadline checks and Retry-After (`rates.ServedRate`: every batch) and, for a big enough batch,
+        into the knee's fit (`knee_fit.py`). `busy`: the model seconds the batch adds to the rate, when lanes
+        run batches at once (`batch_runner.BusyClock`; default `seconds`). Returns the knee when the fit moved
+        it, and keeps it with the rate in the model's record if it has one (`keep_speed`)."""
         tokens = sum(lengths)
         with self.cv:
             work = work_of(lengths, self.knee)
-            per_work = seconds / max(1e-9, work)
-            s = self.sec_per_work
-            self.sec_per_work = per_work if not s else 0.8 * s + 0.2 * per_work
-            self.served = self.served.after(work, seconds)
+            self.served = self.served.after(work, seconds if busy is None else busy)
             if tokens < FIT_BATCH_SHARE * self.config.policy.max_tokens:
                 return None
             # Only a big batch makes the rate worth keeping for the next start (`save_speed`): a small one's
@@ -344,5 +345,4 @@ class AdmissionQueue:
         self.served = self.served.reweighed(ratio)
         if self.start_rate:
             self.start_rate *= ratio
-        self.sec_per_work /= ratio
         self.knee = knee

@@ -31,6 +31,32 @@ log = logging.getLogger(__name__)
 Batch = list[tuple[PendingRequest, int]]
 
 
+class BusyClock:
+    """The model's busy time as the lanes make it together: the seconds during which at least one lane ran a
+    batch, handed out as batches end (each gets the time since the previous one ended, or since the model
+    became busy), so what the batches are given adds up to the time the model was busy, however many lanes
+    ran at once. (Each batch's seconds divided by the lane count undercounted it whenever fewer lanes than
+    that were busy, a lone request's tail, and the rate came out up to `lanes` times too high.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._mark = 0.0
+
+    def started(self, at: float) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._mark = at
+            self._running += 1
+
+    def ended(self, at: float) -> float:
+        """A batch ended `at`: the busy seconds it adds (0 if one ending beside it took them)."""
+        with self._lock:
+            self._running -= 1
+            busy, self._mark = max(0.0, at - self._mark), max(at, self._mark)
+            return busy
+
+
 class BatchRunner:
     def __init__(self, scorer: Scorer, name: str, metrics: SchedulerMetrics, admission: AdmissionQueue) -> None:
         self.scorer = scorer
@@ -38,6 +64,7 @@ class BatchRunner:
         self.metrics = metrics
         self.admission = admission
         self._lock = threading.Lock()  # requests' shared fields, when lanes run batches at once
+        self.busy = BusyClock()
 
     def run(self, live: Batch, *, isolate: bool = True) -> None:
         """Score `live` (items of one task) and hand each request its rows; post a request once it is done."""
@@ -52,6 +79,7 @@ class BatchRunner:
                     req.first_start = start
                     self.metrics.queue_time(task, start - req.submitted)
         failed: set[PendingRequest] = set()
+        self.busy.started(start)
         try:
             rows = check_rows(self.scorer.compute(items), task, len(items))
         except RowsFailedError as exc:
@@ -81,9 +109,13 @@ class BatchRunner:
                     req.failed = True  # its other items are skipped
                     post(req, BatchFailedError(type(exc).__name__))
             return
-        end = time.perf_counter()
-        # Per lane: `lanes` batches at once, so the model's rate is `lanes` times what one batch shows.
-        knee = self.admission.record_speed((end - start) / max(1, self.scorer.lanes), [it.length for it in items])
+        finally:
+            end = time.perf_counter()
+            busy = self.busy.ended(end)
+        # The knee's fit takes the batch's own seconds per lane (`lanes` batches at once); the rate, the model's
+        # busy seconds (`BusyClock`).
+        knee = self.admission.record_speed((end - start) / max(1, self.scorer.lanes), [it.length for it in items],
+                                           busy=busy)
         if knee is not None:
             log.info("model %s: the served batches put its attention knee at ~%.0f tokens (its FLOPs: %.0f); "
                      "admission weighs long sequences by it", self.name, knee, self.admission.knee_fit.prior)

@@ -101,9 +101,10 @@ class ServedRate:
         return self.work / self.seconds if self.seconds > 0 else None
 
     def after(self, work: float, seconds: float) -> ServedRate:
-        """With one more batch of `work` that took `seconds`."""
+        """With one more batch of `work` that took `seconds` (0: a batch that ran beside another, whose seconds
+        were counted with that one's: its work counts, no time passes)."""
         if seconds <= 0:
-            return self
+            return ServedRate(self.work + work, self.seconds) if self.seconds > 0 else self
         keep = math.exp(-seconds / RATE_MEMORY_S)
         span = RATE_MEMORY_S * (1 - keep)  # its seconds, each faded by the rest of the batch
         return ServedRate(self.work * keep + work / seconds * span, self.seconds * keep + span)
