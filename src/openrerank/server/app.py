@@ -26,6 +26,7 @@ from openrerank.engine.served import load_served_model
 from openrerank.engine.served_models import ServedModels
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
+from openrerank.server.body_guard import BodyGuardMiddleware
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import cohere, embeddings, multi_vector, nim, score, tei
 from openrerank.server.drain import Drain
@@ -41,7 +42,6 @@ from openrerank.server.errors import (
 )
 from openrerank.server.middleware import (
     ApiKeyMiddleware,
-    BodyGuardMiddleware,
     CatchAllMiddleware,
     HeadMiddleware,
     MetricsMiddleware,

@@ -313,7 +313,7 @@ def replica_app(app: Any, config: ServerConfig, replica: str) -> Any:
     middleware (counted, authenticated first), before the body is read; Serve's headers outermost."""
     from starlette.middleware import Middleware
 
-    from openrerank.server.middleware import BodyGuardMiddleware
+    from openrerank.server.body_guard import BodyGuardMiddleware
 
     gate = Middleware(ReplicaMiddleware, limit=admitted_requests(config), served=app.state.models,
                       metrics=app.state.metrics)

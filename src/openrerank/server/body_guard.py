@@ -1,0 +1,203 @@
+"""The body guard: a POST body read whole, within its time, size and encoding limits, before any route sees it;
+then the route is watched for the client going away and for the end of the shutdown grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openrerank.observe.metrics import Metrics
+from openrerank.server import body_coding
+from openrerank.server.drain import Drain
+from openrerank.server.errors import dialect_for
+from openrerank.server.middleware import request_id, request_state, shutting_down_response
+
+log = logging.getLogger(__name__)
+
+_JSON_CT = (b"content-type", b"application/json")
+
+
+def is_json_media_type(content_type: bytes) -> bool:
+    """Whether FastAPI reads a body of this type as JSON (application/json or application/*+json, parameters and
+    case aside); the body guard declares any other body JSON. A prefix test let `application/jsonl`, `json5` and
+    `json-seq` through, which FastAPI then handed to the route as bytes ("Input should be a valid dictionary")."""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class BodyGuardMiddleware:
+    """Reads POST bodies up front, within `body_timeout` seconds (408 otherwise: a client that sends
+    slowly, or declares more than it sends, cannot hold a connection forever); refuses oversize (413)
+    and non-UTF-8 (400) before any parsing, after undoing a gzip or deflate Content-Encoding
+    (`server/body_coding.py`); treats bodies sent without a JSON content type (e.g.
+    `curl -d`) as JSON. Then, while the route runs, it watches for the client going away
+    (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue; and for the end
+    of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0, metrics: Metrics | None = None,
+                 drain: Drain | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
+        self.metrics = metrics
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        dialect = dialect_for(scope["path"])
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send, 413, dialect, int(declared))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        deadline = time.monotonic() + self.body_timeout
+        while more:
+            message = await self._next_part(receive, deadline)
+            if message is None and self.drain is not None and self.drain.expired:
+                log.warning("%s %s still sending its body when %s (%d bytes arrived); answered 503 (request id %s)",
+                            scope["method"], scope["path"], self.drain.ending(), size, request_id(scope))
+                await shutting_down_response(scope, self.drain)(scope, receive, send)
+                return
+            if message is None:
+                msg = (f"request body not received within {self.body_timeout:g} s ({size} bytes arrived; "
+                       "--body-timeout)")
+                await dialect.response(408, msg, "timeout_body", headers={"Connection": "close"})(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":  # gone while sending: the client's doing (499), not a 500
+                request_state(scope)["disconnected"] = True
+                if self.metrics:
+                    self.metrics.disconnects.inc()
+                log.info("client disconnected from %s %s while sending its body (%d bytes arrived)",
+                         scope["method"], scope["path"], size)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send, 413, dialect, size)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if (coding := headers.get(b"content-encoding")) is not None:  # the route gets the decoded body
+            try:
+                body = body_coding.decode(body, coding, self.max_bytes)
+            except body_coding.BodyCodingError as exc:
+                await dialect.response(exc.status, str(exc), exc.kind, headers=exc.headers)(scope, receive, send)
+                return
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            resp = dialect.response(400, f"request body is not valid UTF-8 (byte {exc.start})", "validation")
+            await resp(scope, receive, send)
+            return
+        if not is_json_media_type(headers.get(b"content-type", b"")):
+            scope = dict(scope)
+            scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [_JSON_CT]
+        await self._run_watching(scope, body, receive, send)
+
+    async def _next_part(self, receive: Receive, deadline: float) -> Message | None:
+        """The body's next message, or None when `deadline` (`--body-timeout`) or the end of the shutdown grace
+        period comes first: a request still uploading is answered then, not at uvicorn's later deadline."""
+        if self.drain is None:
+            try:
+                return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return None
+        if self.drain.expired:
+            return None
+        part = asyncio.ensure_future(receive())
+        expiry = asyncio.ensure_future(self.drain.wait_expired())
+        try:
+            await asyncio.wait((part, expiry), timeout=max(0.0, deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            expiry.cancel()
+            if not part.done():
+                part.cancel()
+            await asyncio.gather(part, expiry, return_exceptions=True)
+        return part.result() if part.done() and not part.cancelled() else None
+
+    async def _run_watching(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Run the route; cancel it if the client disconnects before the answer is complete, or answer the
+        dialect's retryable 503 if the server's shutdown grace period ends first (`server/drain.py`)."""
+        gone = asyncio.Event()
+        started = answered = False
+        sent_body = False
+
+        async def replay() -> Message:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started, answered
+            if message["type"] == "http.response.start":
+                started = True
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not answered:
+                        gone.set()
+                    return
+
+        route = asyncio.ensure_future(self.app(scope, replay, tracking_send))
+        helpers = [asyncio.ensure_future(watch())]
+        if self.drain is not None:
+            helpers.append(asyncio.ensure_future(self.drain.wait_expired()))
+        try:
+            waiting = {route, *helpers}
+            while not route.done():
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if route.done():
+                    break
+                if gone.is_set() or (self.drain is not None and self.drain.expired and not started):
+                    await self._cancel(route)
+                    if gone.is_set():
+                        request_state(scope)["disconnected"] = True
+                        if self.metrics:
+                            self.metrics.disconnects.inc()
+                        log.info("client disconnected from %s %s before its answer; its work was cancelled "
+                                 "(request id %s)", scope["method"], scope["path"], request_id(scope))
+                    else:
+                        log.warning("%s %s not finished when %s; answered 503 (request id %s)", scope["method"],
+                                    scope["path"], self.drain.ending(), request_id(scope))
+                        await shutting_down_response(scope, self.drain)(scope, replay, send)
+                    return
+                waiting = {route, *(h for h in helpers if not h.done())}
+        except asyncio.CancelledError:  # the server itself is cancelling us: take the route along
+            await self._cancel(route)
+            raise
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+        route.result()  # re-raise what the route raised
+
+    @staticmethod
+    async def _cancel(route: asyncio.Future) -> None:
+        """Cancel the route and wait until it has let go of its work (its queued model work is dropped)."""
+        route.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await route
+
+    async def _reject(self, scope, receive, send, status, dialect, size) -> None:
+        msg = f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"
+        await dialect.response(status, msg, "too_large", headers={"Connection": "close"})(scope, receive, send)
