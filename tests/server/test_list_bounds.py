@@ -9,7 +9,16 @@ element is what shows no element was looked at (no timing involved).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import pytest
+
+from openrerank.server.config import ServerConfig
+from openrerank.server.dialects import nim
+from openrerank.wire.tei import TeiRerankRequest
+from tests.server.faults import WAIT_S, InProcessServer, in_thread
 
 #: tiny_server: --max-passages 8, --max-inputs at its default (2048); the multi-vector route's own bound is 64.
 OVER = 9
@@ -55,3 +64,50 @@ def test_a_token_id_list_is_one_input_not_a_count(tiny_server):
     with tiny_server.client() as c:
         r = c.post("/v1/embeddings", json={"input": [1] * 3000})
     assert r.status_code == 400 and "token ids is not supported" in r.json()["message"]
+
+
+# A legal body this big (over `list_bounds.OFF_LOOP_BYTES`) is validated on a worker thread.
+LONG = "word " * 2500  # 12.5 kB a passage: 8 of them make a 100 kB body
+BIG = {
+    "/v1/ranking": {"query": {"text": "q"}, "passages": [{"text": LONG}] * 8, "truncate": "END"},
+    "/rerank": {"query": "q", "texts": [LONG] * 8, "truncate": True},
+}
+
+
+class HeldValidation:
+    """Wraps a validation: says when it started and holds it until released (at most `faults.WAIT_S`)."""
+
+    def __init__(self, validate: Callable[..., Any]) -> None:
+        self.validate = validate
+        self.entered, self.released = threading.Event(), threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.released.wait(WAIT_S)
+        return self.validate(*args, **kwargs)
+
+
+@pytest.mark.parametrize("path", sorted(BIG))
+def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir, monkeypatch, path):
+    """Validating a legal 8 MB body took a quarter of a second on the event loop, during which no probe was
+    answered. Here the validation is held: the liveness probe must still be answered meanwhile (validated on the
+    loop, it could not be until the validation ended), and the held request then answers normally."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with InProcessServer(config) as server, server.client() as c:
+        if path == "/rerank":  # the TEI route parses and validates the body itself
+            held = HeldValidation(TeiRerankRequest.model_validate)
+            monkeypatch.setattr(TeiRerankRequest, "model_validate", held)
+        else:
+            route = next(r for r in nim.router.routes if r.path == path)
+            held = HeldValidation(route.body_field.validate)
+            monkeypatch.setattr(route.body_field, "validate", held)
+        answer = in_thread(lambda: server.client().post(path, json=BIG[path]))
+        try:
+            assert held.entered.wait(WAIT_S), "the body was never validated"
+            live = c.get("/v1/health/live", timeout=5)
+        finally:
+            held.released.set()
+        assert live.status_code == 200
+        r = answer()
+        assert r.status_code == 200, r.text
+        assert len(r.json()["rankings"] if path == "/v1/ranking" else r.json()) == 8

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from openrerank.core.requests import RerankRequest, RerankResult, Timings
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects.list_bounds import PASSAGES, check_lists
+from openrerank.server.dialects.list_bounds import PASSAGES, check_lists, off_loop
 from openrerank.server.errors import ApiError, format_validation_errors
 from openrerank.server.middleware import arrival, request_usage
 from openrerank.server.middleware import request_id as scope_request_id
@@ -97,11 +97,12 @@ def record_usage(request: Request, response: Response, *, model: str, items: int
                                          "inference_ms": t.inference_ms})
 
 
-def parse_body(request: Request, model: type[BaseModel], payload: dict) -> Any:
+async def parse_body(request: Request, model: type[BaseModel], payload: dict) -> Any:
     """A body the route parsed itself (a path shared by two forms), validated as `model`: 422 when it is not.
-    A bounded list over its count is refused first, before any element is validated."""
+    A bounded list over its count is refused first, before any element is validated; a big body is validated
+    off the event loop (`list_bounds.off_loop`)."""
     check_lists(config(request), model, payload)
     try:
-        return model.model_validate(payload)
+        return await off_loop(len(await request.body()), model.model_validate, payload)
     except ValidationError as exc:
         raise ApiError(422, format_validation_errors(list(exc.errors()), model)) from None

@@ -56,7 +56,7 @@ def infinity_result_to_wire(result: RerankResult, body: InfinityRerankRequest, r
 async def rerank(request: Request, response: Response, payload: dict) -> dict:
     """The Infinity form of /rerank: `payload` is the parsed JSON body, with `documents`."""
     request.state.dialect = INFINITY
-    body = common.parse_body(request, InfinityRerankRequest, payload)
+    body = await common.parse_body(request, InfinityRerankRequest, payload)
     req = infinity_to_internal(body)
     result = await common.rerank(request, response, req)
     return infinity_result_to_wire(result, body, common.request_id(request))

@@ -124,7 +124,8 @@ async def rerank(request: Request, response: Response) -> Any:
     """`texts` -> TEI (bare array); `documents` -> Infinity (`results`, Cohere-shaped). Each form answers
     errors in its own shape."""
     try:
-        payload = orjson.loads(await request.body())
+        raw = await request.body()
+        payload = await list_bounds.off_loop(len(raw), orjson.loads, raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(422, f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
@@ -138,7 +139,7 @@ async def rerank(request: Request, response: Response) -> Any:
         raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
     if "texts" not in given:
         raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
-    tei_body = common.parse_body(request, TeiRerankRequest, payload)
+    tei_body = await common.parse_body(request, TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
     req = to_internal(tei_body, chunking=config.tei_chunking)
     result = await common.rerank(request, response, req)
