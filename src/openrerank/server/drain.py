@@ -14,7 +14,8 @@ still runs; a signal after the grace period has ended (by time or by that second
 once, clean-up or not (`server/http.py`).
 
 gRPC drains on the same grace period (`server/grpc/server.py`): it refuses new calls from the moment the
-drain begins, and a call still running when the period ends is answered UNAVAILABLE with the same message.
+drain begins (UNAVAILABLE, `CLOSED_MESSAGE`), and a call still running when the period ends is answered
+UNAVAILABLE with the same message as HTTP's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 UVICORN_MARGIN_S = 3.0
 #: What a client should wait before retrying (elsewhere, or here once restarted).
 RETRY_AFTER_S = 1
+#: A call that arrives once the drain has begun (gRPC: HTTP no longer accepts the connection).
+CLOSED_MESSAGE = ("the server is shutting down and takes no new requests; retry it (another replica, or this one "
+                  "once restarted)")
 
 
 class Drain:

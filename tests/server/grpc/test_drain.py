@@ -68,7 +68,12 @@ def test_sigterm_drains_grpc_with_http_on_one_grace_period(tmp_path):
             until(lambda: not serving(address) and time.monotonic() - signalled < GRACE_S,
                   "the drain to end SERVING within the grace period")
             refused = failure(late.infer, MODEL, ranking_inputs("q", ["p"]))
-            assert status_of(refused) == "UNAVAILABLE", refused
+            assert status_of(refused) == "UNAVAILABLE" and "takes no new requests" in refused.message(), refused
+            # by the service, the server still listening: grpc's own stop would cancel (CANCELLED, which clients
+            # do not retry) the calls it had received but not yet handed over, so it waits for the calls in flight
+            with grpcclient.InferenceServerClient(address) as newcomer:
+                refused = failure(newcomer.infer, MODEL, ranking_inputs("q", ["p"]))
+            assert status_of(refused) == "UNAVAILABLE" and "takes no new requests" in refused.message(), refused
 
             # the calls in flight get the drain's retryable answer at the end of the same grace period
             for call in calls:

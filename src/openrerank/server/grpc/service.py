@@ -1,6 +1,7 @@
 """The KServe V2 `GRPCInferenceService`: NIM's gRPC API over the same models, limits and scheduler as HTTP.
 
-Every RPC goes through `_call`: API key (a bearer token in the `authorization` metadata, as over HTTP; the
+Every RPC goes through `_call`: once the server's drain has begun, a refusal (UNAVAILABLE) for any but the
+probes; API key (a bearer token in the `authorization` metadata, as over HTTP; the
 liveness and readiness RPCs are open, as the HTTP health routes are), request id (`x-request-id` metadata
 in and out), one access-log line and the request metrics labelled `protocol="grpc"`, and the mapping of
 failures to status codes. A client error is never INTERNAL: the status table is `_STATUS` below.
@@ -24,6 +25,7 @@ from openrerank.engine.errors import DeadlineExceededError, UnknownModelError
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
+from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.errors import FAILURES, MODEL_FAULTS, ApiError, safe_text
 from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
@@ -66,6 +68,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.state = state
         api_key = state.config.api_key
         self._key = api_key.encode() if api_key else None
+        self._running = 0  # calls other than the probes, unfinished
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no call but the probes is running (`server.py` stops the server only then: see there)."""
+        await self._idle.wait()
 
     @property
     def models(self) -> ServedModels:
@@ -247,8 +256,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         usage: dict[str, Any] = {}
         code, message = Code.OK, ""
         metrics.in_flight.inc()
+        counted = method not in _PUBLIC
+        if counted:
+            self._running += 1
+            self._idle.clear()
         try:
             context.set_trailing_metadata((("x-request-id", rid),))
+            if counted and self.state.drain.draining:
+                raise _Abort(Code.UNAVAILABLE, CLOSED_MESSAGE)
             if method not in _PUBLIC and not self._authorized(context):
                 raise _Abort(Code.UNAUTHENTICATED, "missing or invalid API key: send the metadata "
                              "'authorization: Bearer <key>'")
@@ -263,6 +278,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             code, message = self._status(exc, rid, method)
         finally:
             metrics.in_flight.dec()
+            if counted:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
             self._record(method, code, rid, usage, (time.perf_counter() - start) * 1e3)
         await context.abort(code, safe_text(message))
 
