@@ -21,7 +21,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # uvicorn lines that say nothing to an operator of this server (ours say it better, at the right moment).
 _UVICORN_NOISE = ("Uvicorn running on", "Waiting for application startup", "Application startup complete",
-                  "Waiting for application shutdown", "Application shutdown complete")
+                  "Waiting for application shutdown", "Application shutdown complete",
+                  # "(CTRL+C to force quit)": not what a second Ctrl-C does here (server/drain.py), and the
+                  # drain's own line says what happens to the requests still running
+                  "Waiting for connections to close", "Waiting for background tasks to complete")
 
 
 def _timestamp(record: logging.LogRecord) -> str:
