@@ -77,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     rt = p.add_argument_group("runtime")
     rt.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                    help="engine of the in-process models: auto (what `serve` picks: OpenVINO, else ONNX Runtime; "
-                         "PyTorch on CUDA), openvino, onnx or torch; the JSON output's `engines` says what ran")
+                    help="engine of the in-process models: auto (what `serve` picks: the fastest faithful engine timed "
+                         "here, docs/engine.md), openvino, onnx or torch; the JSON output's `engines` says what ran")
     rt.add_argument("--dtype", default="fp32", choices=DTYPES,
                     help="precision of the in-process models; fp32 (exact) keeps tables comparable, auto is what "
                          "`serve` picks")

@@ -45,7 +45,7 @@ def _per_device(knob: str) -> str:
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option("host", "network", "bind address (0.0.0.0 for every interface)"),
     Option("port", "network", "TCP port; checked before any model loads", int),
-    Option("api-key", "network", "require 'Authorization: Bearer KEY' on every route but health"),
+    Option("api-key", "network", "require 'Authorization: Bearer KEY' on every route but health and the docs"),
     Option("grpc-port", "network", "also serve KServe V2 gRPC (NIM's gRPC API, docs/api.md) on this port (none: off)",
            int),
     Option("grpc-host", "network", "gRPC bind address (none: the HTTP bind address)"),

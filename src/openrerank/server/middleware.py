@@ -234,7 +234,7 @@ def bearer_matches(authorization: bytes, key: bytes) -> bool:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but health (`bearer_matches`)."""
+    """`Authorization: Bearer <key>` on every route but health and the docs (`bearer_matches`)."""
 
     def __init__(self, app: ASGIApp, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
