@@ -186,6 +186,12 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
             raise ValueError(f"--alias {alias}={target}: " + (f"{alias} is itself a served model" if alias in names
                              else f"no model is served as {target} (served: {', '.join(names)})"))
     if config.grpc_port is not None:
+        try:  # its stubs load now: an incompatible protobuf (a client's tritonclient[grpc] installed beside the
+            # server downgrades it) is one line at start, not a traceback
+            from openrerank.server.grpc import server as _  # noqa: F401
+        except Exception as exc:
+            raise ValueError(f"--grpc-port: the gRPC server cannot load ({type(exc).__name__}: {exc}); it needs "
+                             "the protobuf and grpcio versions `pip install openrerank` installs") from None
         from openrerank.server.grpc.ranking import name_clashes
 
         clashes = name_clashes({**{n: n for n in names}, **config.alias_map()})
