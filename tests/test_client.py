@@ -131,6 +131,39 @@ def test_health_reports_loading_without_retrying():
     assert client.health() is False and len(seen) == 1
 
 
+def test_health_of_an_unreachable_server_raises_at_once():
+    """A probe answers now: it retried a refused connection (3 times, ~4 s) though it says it does not."""
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    seen: list[httpx.Request] = []
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(refuse))
+    client._sleep = lambda s: pytest.fail("health must not sleep")
+    with pytest.raises(RerankError, match="cannot reach"):
+        client.health()
+    assert len(seen) == 1
+
+
+def test_a_timeout_says_so_on_both_clients():
+    """httpx's async ReadTimeout carries no text: the async client's error read 'request to ... failed: '."""
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("", request=request)
+
+    with pytest.raises(RerankError, match=r"failed: timed out after 7 s \(ReadTimeout\)"):
+        openrerank.Client("http://x", timeout=7, transport=httpx.MockTransport(slow)).models()
+
+    async def go() -> None:
+        client = openrerank.AsyncClient("http://x", timeout=7, transport=httpx.MockTransport(slow))
+        try:
+            await client.models()
+        finally:
+            await client.aclose()
+
+    with pytest.raises(RerankError, match=r"failed: timed out after 7 s \(ReadTimeout\)"):
+        asyncio.run(go())
+
+
 def test_async_retry():
     handler, seen = scripted(httpx.Response(503, json={"message": "busy"}, headers={"Retry-After": "1"}),
                              httpx.Response(200, json=OK))

@@ -104,6 +104,12 @@ class _Base:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
+    def _reason(self, exc: httpx.HTTPError) -> str:
+        """What went wrong, never empty (httpx's timeouts on the async client carry no text)."""
+        if isinstance(exc, httpx.TimeoutException):
+            return f"timed out after {self.timeout:g} s ({type(exc).__name__})"
+        return str(exc) or type(exc).__name__
+
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         """Exponential backoff with jitter, never shorter than the server's Retry-After."""
         wait = self.backoff * (2 ** attempt) * (1 + random.random() / 4)
@@ -185,20 +191,22 @@ class Client(_Base):
                                   transport=transport)
         self._sleep = time.sleep
 
-    def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = ()) -> httpx.Response:
+    def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = (),
+              retries: bool = True) -> httpx.Response:
         attempt = 0
+        last = self.max_retries if retries else 0
         while True:
             response = None
             try:
                 response = self._http.request(method, path, json=json)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt >= self.max_retries:
-                    raise RerankError(f"cannot reach {self.base_url}: {exc}") from exc
+                if attempt >= last:
+                    raise RerankError(f"cannot reach {self.base_url}: {self._reason(exc)}") from exc
             except httpx.HTTPError as exc:
-                raise RerankError(f"request to {self.base_url}{path} failed: {exc}") from exc
+                raise RerankError(f"request to {self.base_url}{path} failed: {self._reason(exc)}") from exc
             else:
                 if response.status_code in ok or response.status_code not in RETRY_STATUSES \
-                        or attempt >= self.max_retries:
+                        or attempt >= last:
                     return response if response.status_code in ok else self._check(response)
             self._sleep(self._delay(attempt, response))
             attempt += 1
@@ -223,8 +231,9 @@ class Client(_Base):
         return self._answer(self._send("GET", "/v1/models"), lambda d: [m["id"] for m in d["data"]])
 
     def health(self) -> bool:
-        """True once every model is loaded; False while loading (no retries)."""
-        response = self._send("GET", "/v1/health/ready", ok=(200, 503))
+        """True once every model is loaded; False while loading; a server that cannot be reached raises
+        RerankError at once (no retries: a probe answers now)."""
+        response = self._send("GET", "/v1/health/ready", ok=(200, 503), retries=False)
         return response.status_code == 200
 
     def close(self) -> None:
@@ -248,20 +257,22 @@ class AsyncClient(_Base):
                                        transport=transport)
         self._sleep = asyncio.sleep
 
-    async def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = ()) -> httpx.Response:
+    async def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = (),
+              retries: bool = True) -> httpx.Response:
         attempt = 0
+        last = self.max_retries if retries else 0
         while True:
             response = None
             try:
                 response = await self._http.request(method, path, json=json)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt >= self.max_retries:
-                    raise RerankError(f"cannot reach {self.base_url}: {exc}") from exc
+                if attempt >= last:
+                    raise RerankError(f"cannot reach {self.base_url}: {self._reason(exc)}") from exc
             except httpx.HTTPError as exc:
-                raise RerankError(f"request to {self.base_url}{path} failed: {exc}") from exc
+                raise RerankError(f"request to {self.base_url}{path} failed: {self._reason(exc)}") from exc
             else:
                 if response.status_code in ok or response.status_code not in RETRY_STATUSES \
-                        or attempt >= self.max_retries:
+                        or attempt >= last:
                     return response if response.status_code in ok else self._check(response)
             await self._sleep(self._delay(attempt, response))
             attempt += 1
@@ -283,7 +294,7 @@ class AsyncClient(_Base):
         return self._answer(response, lambda d: [m["id"] for m in d["data"]])
 
     async def health(self) -> bool:
-        response = await self._send("GET", "/v1/health/ready", ok=(200, 503))
+        response = await self._send("GET", "/v1/health/ready", ok=(200, 503), retries=False)
         return response.status_code == 200
 
     async def aclose(self) -> None:
