@@ -29,3 +29,49 @@ def test_counts_below_one_are_refused(flag, capsys):
     with pytest.raises(SystemExit) as done:
         main(["bench", flag, "0"])
     assert done.value.code == 2 and flag in capsys.readouterr().err
+
+
+class _Reached(Exception):
+    """The bench got past its argument checks (to loading the workload)."""
+
+
+def _bench(argv, monkeypatch, tmp_path, flags):
+    import openrerank_bench.cli as bench_cli
+
+    from openrerank.cli.main import main
+
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset(flags))
+
+    def reached(*_a, **_k):
+        raise _Reached
+
+    monkeypatch.setattr(bench_cli, "load_workload", reached)
+    return main(["bench", "--data", str(tmp_path), *argv])
+
+
+NO_BF16 = {"avx2", "fma"}
+BF16 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("flags", [NO_BF16, BF16], ids=["cpu-without-bf16", "cpu-with-bf16"])
+@pytest.mark.parametrize("tasks", ["rerank", "embed", "rerank,embed"])
+def test_the_default_lists_run_on_any_cpu(tasks, flags, monkeypatch, tmp_path, capsys):
+    """Before, a plain bench on a CPU without bf16 exited 2: the default --embed-backends (with openvino:bf16) was
+    checked as if the user had named it, even with --tasks rerank. Now the default rows it refuses are left out."""
+    with pytest.raises(_Reached):
+        _bench(["--tasks", tasks], monkeypatch, tmp_path, flags)
+    err = capsys.readouterr().err
+    assert "error" not in err
+    assert ("skipping openvino:bf16" in err) == (flags == NO_BF16)
+
+
+@pytest.mark.parametrize("tasks", ["rerank", "rerank,embed"])
+def test_embed_backends_are_checked_only_when_embed_is_measured(tasks, monkeypatch, tmp_path, capsys):
+    """An --embed-backends entry this CPU refuses ends the bench only when the embeddings row runs."""
+    argv = ["--tasks", tasks, "--embed-backends", "openvino:bf16,onnx:fp32"]
+    if tasks == "rerank":
+        with pytest.raises(_Reached):
+            _bench(argv, monkeypatch, tmp_path, NO_BF16)
+    else:
+        assert _bench(argv, monkeypatch, tmp_path, NO_BF16) == 2
+        assert "error: --embed-backends openvino:bf16: " in capsys.readouterr().err

@@ -122,7 +122,8 @@ def run_bench(args: argparse.Namespace) -> int:
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")
         return 2
     configs = [c.strip() for c in (args.backends or ",".join(DEFAULT_CONFIGS)).split(",") if c.strip()]
-    embed_configs = [c.strip() for c in args.embed_backends.split(",") if c.strip()]
+    embed_configs = [c.strip() for c in (args.embed_backends or ",".join(DEFAULT_EMBED_CONFIGS)).split(",")
+                     if c.strip()]
     tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
     if not tasks or tasks - {"rerank", "embed"}:
         console.print(f"[red]--tasks is a comma-separated list of rerank, embed; got {args.tasks!r}[/red]")
@@ -131,9 +132,12 @@ def run_bench(args: argparse.Namespace) -> int:
         if c.count(":") != 1:
             console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
             return 2
-    try:
-        configs = _runnable(configs, given=args.backends is not None, console=console)
-        embed_configs = _runnable(embed_configs, given=True, console=console)
+    try:  # only the engines of the tasks asked for; a default list's row this CPU refuses is left out, said why
+        if "rerank" in tasks:
+            configs = _runnable(configs, given=args.backends is not None, console=console)
+        if "embed" in tasks:
+            embed_configs = _runnable(embed_configs, given=args.embed_backends is not None, console=console,
+                                      flag="--embed-backends")
     except RuntimeConfigError as exc:
         print(f"openrerank bench: error: {exc}", file=sys.stderr)
         return 2
@@ -197,7 +201,7 @@ def run_bench(args: argparse.Namespace) -> int:
     return _finish(result, args, console)
 
 
-def _runnable(configs: list[str], *, given: bool, console) -> list[str]:
+def _runnable(configs: list[str], *, given: bool, console, flag: str = "--backends") -> list[str]:
     """The BACKEND:DTYPE entries this machine runs, checked before anything is timed: one the user named and
     this CPU or install refuses ends the bench (RuntimeConfigError); a default one is left out, said why (a CPU
     without bf16 refuses the default list's bf16 rows by design, which made every plain bench exit 1)."""
@@ -214,7 +218,7 @@ def _runnable(configs: list[str], *, given: bool, console) -> list[str]:
                 plan_runtimes(backend, dtype, "cpu")
         except RuntimeConfigError as exc:
             if given:
-                raise RuntimeConfigError(f"--backends {cfg}: {exc}") from None
+                raise RuntimeConfigError(f"{flag} {cfg}: {exc}") from None
             console.print(f"skipping {cfg}: {exc}")
             continue
         kept.append(cfg)
@@ -438,8 +442,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"Runtime engine once per count, side by side; PyTorch, without lanes, once ({LANES_ENV}; "
                    "default: the runtimes' own, docs/engine.md)")
     p.add_argument("--tasks", default="rerank,embed", help="what to measure: rerank, embed, or both")
-    p.add_argument("--embed-backends", default=",".join(DEFAULT_EMBED_CONFIGS),
-                   help="BACKEND:DTYPE list for the embeddings row")
+    p.add_argument("--embed-backends", default=None,
+                   help=f"BACKEND:DTYPE list for the embeddings row (default: {','.join(DEFAULT_EMBED_CONFIGS)}, "
+                   "less what this CPU refuses)")
     p.add_argument("--embed-texts", type=at_least_one, default=1000,
                    help="distinct DL19 passages the embeddings row embeds")
     p.add_argument("--threads", type=at_least_one, default=None, help="intra-op threads (default: cores available)")
