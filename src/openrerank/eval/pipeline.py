@@ -191,6 +191,42 @@ class Models:
             model.close()
 
 
+#: What a TREC run file's name ends with that is not part of its row name (`bm25_top100.trec.gz` -> bm25_top100).
+RUN_FILE_SUFFIXES = (".trec", ".run", ".txt", ".tsv")
+
+
+def _run_stem(path: Path) -> str:
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    for suffix in RUN_FILE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name or path.name
+
+
+def run_file_names(paths: list[Path]) -> dict[Path, str]:
+    """Each run file's row name (the table shows `run:NAME`): its file name less .gz and RUN_FILE_SUFFIXES, and
+    where distinct files share that, the folders above it until the names differ (`a/bm25`, `b/bm25`; the
+    whole path as the last resort), so no row silently shows another file's numbers. `paths` are resolved."""
+    depth = dict.fromkeys(paths, 0)
+
+    def label(path: Path) -> str:
+        if depth[path] > len(path.parents):  # `x.trec` beside `x.trec.gz`
+            return str(path)
+        folders = [p.name for p in path.parents][: depth[path]][::-1]
+        return "/".join([*(n for n in folders if n), _run_stem(path)])
+
+    while True:
+        groups: dict[str, list[Path]] = {}
+        for path in paths:
+            groups.setdefault(label(path), []).append(path)
+        clashes = [path for group in groups.values() if len(group) > 1 for path in group]
+        if not clashes:
+            return {path: label(path) for path in paths}
+        for path in clashes:
+            depth[path] += 1
+
+
 class DatasetRunner:
     """Everything for one dataset: first-stage runs (computed once), rerank rows, scores."""
 
@@ -202,7 +238,9 @@ class DatasetRunner:
         self.reranker = reranker
         self.reporter = reporter
         self.rel_threshold = rel_threshold
-        self.run_files = run_files or []
+        unique = {p.resolve(): p for p in run_files or []}  # a file given twice is one row
+        self.run_files = list(unique.values())
+        self._run_names = run_file_names(list(unique))
         self.watch = Stopwatch()
         self.notes: list[str] = []
         self._runs: dict[str, Run] = {}
@@ -273,7 +311,7 @@ class DatasetRunner:
         return self._runs["hybrid"]
 
     def _run_file(self, path: Path) -> tuple[str, Run]:
-        name = "run:" + path.name.split(".")[0]
+        name = "run:" + self._run_names[path.resolve()]
         if name not in self._runs:
             with self.watch.time(f"{name}.read"):
                 run = {q: docs for q, docs in read_trec_run(path).items() if q in self.ds.queries}
