@@ -55,3 +55,20 @@ def test_server_without_embedding_model(tiny_server, tiny_beir: Path, tmp_path: 
     assert main([*common, "--dense-from", "server"]) == 2
     assert main([*common, "--dense-server-model", "tiny"]) == 2
     assert "serves no embedding model 'tiny'" in capsys.readouterr().err
+
+
+def test_an_empty_document_is_reranked_through_the_server_as_in_process(tiny_server, tiny_model_dir, make_beir,
+                                                                       tmp_path: Path) -> None:
+    """Before, a corpus document with no title and no text went to the server as {"text": ""}: the server refused
+    the whole request (400) and the table was lost. Now it is sent as the in-process path scores it."""
+    ds = make_beir(tmp_path / "with-empty", gz=False)
+    with open(ds / "corpus.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "empty", "title": "", "text": "", "metadata": {}}) + "\n")
+    run = ds / "cands.trec"
+    run.write_text("q1 Q0 empty 1 9.0 t\nq1 Q0 d1 2 8.0 t\nq2 Q0 d2 1 5.0 t\nq2 Q0 empty 2 4.0 t\n")
+    common = ["--dataset", str(ds), "--pipelines", "sparse+rerank", "--top-k", "4", "--runs", str(run),
+              "--no-cache", "--quiet"]
+    local, remote = tmp_path / "local.json", tmp_path / "remote.json"
+    assert main([*common, "--rerank-model", str(tiny_model_dir), "--json", str(local)]) == 0
+    assert main([*common, "--server", tiny_server.url, "--json", str(remote)]) == 0
+    assert _rows(remote)["run:cands+rerank"] == _rows(local)["run:cands+rerank"]

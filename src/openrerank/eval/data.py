@@ -51,6 +51,13 @@ class Doc:
         return f"{self.title} {self.text}" if self.title else self.text
 
 
+def served_text(text: str) -> str:
+    """A text as sent to a server: the empty text as one space. The server refuses an empty text (as OpenAI and
+    NIM do) and a whole request with it; a blank tokenizes to nothing, so it scores and embeds as the empty text
+    does in-process."""
+    return text or " "
+
+
 @dataclass
 class Dataset:
     name: str

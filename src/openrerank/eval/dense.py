@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.eval.data import Run
+from openrerank.eval.data import Run, served_text
 
 Advance = Callable[[int], None]
 
@@ -192,8 +192,7 @@ class ServerEncoder:
         async with AsyncClient(self.url, timeout=600, max_retries=8, transport=self._transport) as client:
 
             async def one(idx: np.ndarray) -> np.ndarray:
-                # The server refuses empty texts (as OpenAI does); a blank embeds as the empty text does.
-                batch = [texts[i] or " " for i in idx]
+                batch = [served_text(texts[i]) for i in idx]
                 async with gate:
                     emb = await client.embed(batch, self.model, input_type=input_type, truncate="END")
                 advance(len(idx))

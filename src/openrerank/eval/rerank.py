@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrerank.eval.data import Run
+from openrerank.eval.data import Run, served_text
 
 Advance = Callable[[int], None]
 
@@ -180,8 +180,9 @@ class ServerReranker(Reranker):
 
 
 def _passage(text: str, image: str | None) -> dict:
-    """A NIM passage: its text, its image, or both (an image-only passage omits the text)."""
-    out: dict = {"text": text} if text or image is None else {}
+    """A NIM passage: its text, its image, or both (an image-only passage omits the text; an empty text without
+    an image is sent as `served_text` sends it)."""
+    out: dict = {"text": served_text(text)} if text or image is None else {}
     if image is not None:
         out["image"] = image
     return out
