@@ -97,6 +97,8 @@ def test_server_reranking_sends_image_passages(tmp_path):
     seen: list[dict] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/metadata":  # a server without it: the default passages per request
+            return httpx.Response(404, json={"detail": "Not Found"})
         body = json.loads(request.content)
         seen.append(body)
         return httpx.Response(200, json={"rankings": [{"index": i, "logit": float(i)}

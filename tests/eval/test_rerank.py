@@ -8,7 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from openrerank.eval.rerank import InProcessReranker, Reranker, RerankJob, ServerReranker
+from openrerank.client import RerankError
+from openrerank.eval.rerank import DEFAULT_MAX_PASSAGES, InProcessReranker, Reranker, RerankJob, ServerReranker
 
 JOBS = [
     RerankJob("q1", "why do cats purr", ["d1", "d2", "d3"], ["cats purr when happy", "dogs bark", "stocks fell"]),
@@ -45,11 +46,13 @@ def test_memo_scores_each_pair_once_and_reset_forgets() -> None:
     assert r.asked.count(("q1", "d3")) == 2
 
 
-def _nim_handler(seen: list[dict], fail_first: int = 0):
+def _nim_handler(seen: list[dict], fail_first: int = 0, max_passages: int = 512):
     state = {"inflight": 0, "max_inflight": 0, "calls": 0}
     lock = threading.Lock()
 
     async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/metadata":
+            return httpx.Response(200, json={"limits": {"max_passages": max_passages}})
         assert request.url.path == "/v1/ranking"
         body = json.loads(request.content)
         with lock:
@@ -85,24 +88,71 @@ def test_server_reranker_speaks_nim_with_requests_in_flight() -> None:
     assert sum(ticks) == 12 and len(seen) == 12  # the 503 was retried
 
 
-def test_server_reranker_splits_large_candidate_lists() -> None:
+@pytest.mark.parametrize("given", [2, None], ids=["max_passages", "server-limit"])
+def test_server_reranker_splits_large_candidate_lists(given) -> None:
+    """Split by the server's own --max-passages (/v1/metadata limits.max_passages) unless told: before, 512 was
+    hard-coded and a server started with --max-passages 50 refused every 100-candidate request (400)."""
     seen: list[dict] = []
-    handler, _ = _nim_handler(seen)
+    handler, _ = _nim_handler(seen, max_passages=2)
     passages = [f"w{i} cats" for i in range(5)]
     job = RerankJob("q", "cats w3", [f"d{i}" for i in range(5)], passages)
-    r = ServerReranker("http://fake", max_passages=2, transport=httpx.MockTransport(handler))
+    r = ServerReranker("http://fake", max_passages=given, transport=httpx.MockTransport(handler))
     out = r.rerank([job])
     assert [len(b["passages"]) for b in seen] == [2, 2, 1]
     assert "model" not in seen[0]
     assert out["q"]["d3"] == 2.0 and out["q"]["d0"] == 1.0
 
 
+def test_server_reranker_without_metadata_sends_the_default_count() -> None:
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/metadata":  # a NIM without the route
+            return httpx.Response(404, json={"detail": "Not Found"})
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json={"rankings": [{"index": i, "logit": 0.0}
+                                                      for i in range(len(body["passages"]))]})
+
+    job = RerankJob("q", "x", [f"d{i}" for i in range(600)], ["p"] * 600)
+    ServerReranker("http://fake", transport=httpx.MockTransport(handler)).rerank([job])
+    assert [len(b["passages"]) for b in seen] == [DEFAULT_MAX_PASSAGES, 600 - DEFAULT_MAX_PASSAGES]
+
+
+def test_server_reranker_waits_as_long_as_retry_after_says_and_sends_the_key(monkeypatch) -> None:
+    """Before, the eval's own retry loop waited a fixed 0.5 s whatever the server's Retry-After, and sent no key."""
+    import openrerank.client as client_module
+
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if request.url.path == "/v1/metadata":
+            return httpx.Response(200, json={"limits": {"max_passages": 8}})
+        if len(calls) == 2:
+            return httpx.Response(503, json={"object": "error", "message": "busy"}, headers={"Retry-After": "4"})
+        return httpx.Response(200, json={"rankings": [{"index": 0, "logit": 1.0}]})
+
+    r = ServerReranker("http://fake", api_key="s3cret", transport=httpx.MockTransport(handler))
+    assert r.rerank([RerankJob("q", "query", ["d"], ["p"])]) == {"q": {"d": 1.0}}
+    assert waits and waits[0] >= 4.0
+    assert all(c.headers["authorization"] == "Bearer s3cret" for c in calls)
+
+
 def test_server_error_is_reported() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(422, json={"detail": "bad"})
 
-    r = ServerReranker("http://fake", transport=httpx.MockTransport(handler))
-    with pytest.raises(RuntimeError, match="422"):
+    r = ServerReranker("http://fake", max_passages=8, transport=httpx.MockTransport(handler))
+    with pytest.raises(RerankError, match="422: bad"):  # the server's own message, not a traceback of ours
         r.rerank(JOBS)
 
 

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import pytest
 from tests.support import run_eval as main
+from tests.support import run_server
 
 
 def test_server_rerank_matches_in_process(default_server, tiny_beir: Path, tmp_path: Path) -> None:
@@ -72,3 +75,41 @@ def test_an_empty_document_is_reranked_through_the_server_as_in_process(tiny_ser
     assert main([*common, "--rerank-model", str(tiny_model_dir), "--json", str(local)]) == 0
     assert main([*common, "--server", tiny_server.url, "--json", str(remote)]) == 0
     assert _rows(remote)["run:cands+rerank"] == _rows(local)["run:cands+rerank"]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, tiny_model_dir):
+    """A server that wants a key and takes at most 2 passages a request."""
+    args = ["--model", f"tiny={tiny_model_dir}", "--max-passages", "2"]
+    with run_server(args, tmp_path_factory.mktemp("keyed-server"), api_key="s3cret") as server:
+        yield server
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_server_errors_are_one_line_and_the_key_and_the_servers_max_passages_are_honoured(
+        keyed_server, tiny_beir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Before, a 401 (no key: eval had no --api-key) or a refused connection was a raw traceback, and a server
+    started with --max-passages below --top-k refused every request (eval sent up to 512 passages)."""
+    common = ["--dataset", str(tiny_beir), "--pipelines", "sparse,sparse+rerank", "--top-k", "4", "--no-cache",
+              "--quiet"]
+    monkeypatch.delenv("OPENRERANK_API_KEY", raising=False)
+    capsys.readouterr()
+    assert main([*common, "--server", keyed_server.url]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"openrerank eval: error: --server {keyed_server.url}: 401")
+    out = tmp_path / "keyed.json"
+    assert main([*common, "--server", keyed_server.url, "--api-key", "s3cret", "--json", str(out)]) == 0
+    assert "s3cret" not in out.read_text()  # the key is never written out
+    monkeypatch.setenv("OPENRERANK_API_KEY", "s3cret")  # the variable `serve --api-key` reads
+    assert main([*common, "--server", keyed_server.url]) == 0
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    capsys.readouterr()
+    assert main([*common, "--server", refused]) == 2
+    assert "cannot reach" in _one_line_error(capsys.readouterr().err)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from openrerank.cli.options import DefaultsHelpFormatter, UsageError, at_least_one, fail
+from openrerank.cli.options import ENV_PREFIX, DefaultsHelpFormatter, UsageError, at_least_one, fail
 from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM
 from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
 
@@ -17,6 +18,9 @@ DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optiona
 datasets and print recall@5 / nDCG@10 / MRR@10 / recall@100 per pipeline, like the table in NVIDIA's reranking
 documentation. Example: openrerank eval --dataset ../shared/data/scifact --plot scifact.png
 (writes runs/scifact.png)"""
+
+#: The variable `serve --api-key` is also read from, and eval's --api-key defaults to.
+API_KEY_ENV = ENV_PREFIX + "API_KEY"
 
 #: Where --json/--csv/--plot files go unless given with a directory (git-ignored in the repository).
 DEFAULT_OUT_DIR = Path("runs")
@@ -70,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "with its /v1/embeddings when it serves an embedding model (see --dense-from)")
     rr.add_argument("--server-model", metavar="NAME", help="`model` field sent to the server")
     rr.add_argument("--concurrency", type=at_least_one, default=8, help="requests in flight with --server")
+    rr.add_argument("--api-key", metavar="KEY",
+                    help=f"with --server: the key a server started with --api-key requires, sent as "
+                         f"'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, the variable `serve` reads)")
     rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
                     help="auto: a bi-encoder reranker scores from passage embeddings computed once per passage "
                          "(same numbers as the served model); score: call the served model's scorer per "
@@ -148,6 +155,7 @@ def _assign_runs(datasets: list[Path], runs: list[str]) -> list[list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the datasets, evaluate every pipeline, print and write the table. Returns the exit code."""
+    from openrerank.client import RerankError
     from openrerank.eval.data import DatasetError, load_dataset
     from openrerank.eval.dense import default_cache_dir
     from openrerank.eval.pipeline import EvalConfig, PipelineError, evaluate_datasets, parse_pipelines
@@ -196,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         bi_encoder_via_embeddings=args.rerank_path == "auto",
         dense_from=args.dense_from,
         dense_server_model=args.dense_server_model,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
     datasets = []
     start = time.perf_counter()
@@ -208,9 +217,13 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, PipelineError) as exc:
         print(f"openrerank eval: {exc}", file=sys.stderr)
         return 2
+    except RerankError as exc:  # the server refused, failed or could not be reached (retries spent)
+        print(f"openrerank eval: error: --server {args.server}: {exc}", file=sys.stderr)
+        return 2
     print_tables(results)
     reporter.note(f"total {time.perf_counter() - start:.1f}s")
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
+           if k != "api_key"}  # a secret: never in the JSON
     writers = ((args.json, lambda p: write_json(results, p, cfg)), (args.csv, lambda p: write_csv(results, p)),
                (args.plot, lambda p: write_plot(results, p, reranker=reranker_label(args))))
     for name, write in writers:

@@ -171,13 +171,14 @@ class ServerEncoder:
     in-process path normalizes, so both give cosines whatever the model's own normalization."""
 
     def __init__(self, url: str, model: str, metadata: dict, *, concurrency: int = 8, max_inputs: int = 2048,
-                 transport=None) -> None:
+                 api_key: str | None = None, transport=None) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.key = server_fingerprint(self.url, model, metadata)
         self.name = f"{model} via {self.url}/v1/embeddings"
         self.concurrency = max(1, concurrency)
         self.chunk = max(1, min(_ENCODE_CHUNK, max_inputs))
+        self.api_key = api_key
         self._transport = transport
 
     def encode(self, texts: list[str], input_type: str, advance: Advance = lambda n: None) -> np.ndarray:
@@ -189,7 +190,8 @@ class ServerEncoder:
         order = np.argsort([len(t) for t in texts], kind="stable")
         chunks = [order[i : i + self.chunk] for i in range(0, len(texts), self.chunk)]
         gate = asyncio.Semaphore(self.concurrency)
-        async with AsyncClient(self.url, timeout=600, max_retries=8, transport=self._transport) as client:
+        async with AsyncClient(self.url, self.api_key, timeout=600, max_retries=8,
+                               transport=self._transport) as client:
 
             async def one(idx: np.ndarray) -> np.ndarray:
                 batch = [served_text(texts[i]) for i in idx]
@@ -206,13 +208,15 @@ class ServerEncoder:
         return _unit(out)
 
 
-def find_server_embedder(url: str, wanted: str | None = None, transport=None) -> tuple[str, dict, int] | None:
+def find_server_embedder(url: str, wanted: str | None = None, transport=None, api_key: str | None = None
+                         ) -> tuple[str, dict, int] | None:
     """(model id, its /v1/metadata entry, the server's max inputs) of the server's embedding model: `wanted`,
     or the first one it serves; None when it serves none (or is not an openrerank server)."""
     import httpx
 
     url = url.rstrip("/")
-    with httpx.Client(base_url=url, timeout=60, transport=transport) as http:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=60, transport=transport, headers=headers) as http:
         listed = http.get("/v1/models")
         listed.raise_for_status()
         embedders = [m["id"] for m in listed.json().get("data", []) if "embed" in (m.get("tasks") or [])]

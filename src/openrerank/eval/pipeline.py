@@ -81,6 +81,7 @@ class EvalConfig:
     bi_encoder_via_embeddings: bool = True
     dense_from: str = "auto"  # see DENSE_FROM
     dense_server_model: str | None = None  # the server's embedding model (default: its first one)
+    api_key: str | None = field(default=None, repr=False)  # with --server: sent as Authorization: Bearer
 
 
 @dataclass
@@ -170,13 +171,13 @@ class Models:
             if c.server and c.dense_from != "local":
                 with self.reporter.step(f"ask {c.server} for an embedding model", None):
                     try:
-                        found = find_server_embedder(c.server, c.dense_server_model)
+                        found = find_server_embedder(c.server, c.dense_server_model, api_key=c.api_key)
                     except Exception as exc:
                         raise PipelineError(f"cannot ask {c.server} for its models: {exc}") from exc
                 if found is not None:
                     model, meta, max_inputs = found
                     self._dense = ServerEncoder(c.server, model, meta, concurrency=c.concurrency,
-                                                max_inputs=max_inputs)
+                                                max_inputs=max_inputs, api_key=c.api_key)
                     return self._dense
                 which = f"embedding model '{c.dense_server_model}'" if c.dense_server_model else "embedding model"
                 if c.dense_from == "server" or c.dense_server_model:
@@ -388,7 +389,8 @@ def make_reranker(config: EvalConfig, models: Models) -> Reranker | None:
     from openrerank.eval.rerank import ServerReranker
 
     if config.server:
-        return ServerReranker(config.server, model=config.server_model, concurrency=config.concurrency)
+        return ServerReranker(config.server, model=config.server_model, concurrency=config.concurrency,
+                              api_key=config.api_key)
     if not config.rerank_model:
         return None
     model = models.get(config.rerank_model)

@@ -117,10 +117,14 @@ class InProcessReranker(Reranker):
 
 
 class ServerReranker(Reranker):
-    """A running openrerank (or NIM) server: `POST {url}/v1/ranking`, `concurrency` requests in flight."""
+    """A running openrerank (or NIM) server: `POST {url}/v1/ranking` through `openrerank.AsyncClient` (429/503
+    retried, no sooner than the server's Retry-After; any other failure a `RerankError` with the server's message),
+    `concurrency` requests in flight. A candidate list longer than the server's `--max-passages` (its
+    /v1/metadata `limits.max_passages`, read once; `max_passages` overrides it) is split into several requests."""
 
     def __init__(self, url: str, *, model: str | None = None, concurrency: int = 8, timeout_s: float = 300.0,
-                 max_passages: int = 512, retries: int = 5, transport=None) -> None:
+                 max_passages: int | None = None, retries: int = 5, api_key: str | None = None,
+                 transport=None) -> None:
         super().__init__()
         self.url = url.rstrip("/")
         self.model_name = model
@@ -129,21 +133,24 @@ class ServerReranker(Reranker):
         self.timeout_s = timeout_s
         self.max_passages = max_passages
         self.retries = retries
+        self.api_key = api_key
         self._transport = transport  # tests inject httpx.MockTransport
 
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
         return asyncio.run(self._score_all(jobs, advance))
 
     async def _score_all(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
-        import httpx
+        from openrerank.client import AsyncClient
 
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         gate = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, transport=self._transport) as client:
+        async with AsyncClient(self.url, self.api_key, timeout=self.timeout_s, max_retries=self.retries,
+                               transport=self._transport) as client:
+            if self.max_passages is None:
+                self.max_passages = (await server_limits(client)).get("max_passages") or DEFAULT_MAX_PASSAGES
 
             async def one(job: RerankJob) -> np.ndarray:
                 parts = []
-                step = self.max_passages
+                step = max(1, int(self.max_passages))
                 for start in range(0, len(job.passages), step):
                     images = job.images[start : start + step] if job.images is not None else None
                     async with gate:
@@ -156,27 +163,42 @@ class ServerReranker(Reranker):
 
     async def _post(self, client, query: str, passages: list[str], images: list[str | None] | None = None
                     ) -> np.ndarray:
+        # The client's rerank() sends text passages only; a page-image corpus needs the NIM body with images.
         body: dict = {"query": {"text": query}, "passages": [_passage(p, images[i] if images else None)
                                                              for i, p in enumerate(passages)], "truncate": "END"}
         if self.model_name:
             body["model"] = self.model_name
-        delay = 0.5
-        for attempt in range(self.retries + 1):
-            resp = await client.post(f"{self.url}/v1/ranking", json=body)
-            # 429/503 are the server's back-pressure: wait and retry instead of failing the evaluation.
-            if resp.status_code in (429, 503) and attempt < self.retries:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 8.0)
-                continue
-            if resp.status_code != 200:
-                raise RuntimeError(f"{self.url}/v1/ranking answered {resp.status_code}: {resp.text[:300]}")
-            break
-        scores = np.full(len(passages), np.nan, dtype=np.float32)
-        for item in resp.json()["rankings"]:
-            scores[int(item["index"])] = float(item["logit"])
+        response = await client._send("POST", "/v1/ranking", body)
+        scores = client._answer(response, lambda data: _scores(data, len(passages)))
         if np.isnan(scores).any():
-            raise RuntimeError(f"{self.url}/v1/ranking did not rank every passage")
+            from openrerank.client import RerankError
+
+            raise RerankError(f"{self.url}/v1/ranking did not rank every passage")
         return scores
+
+
+#: Passages per request when the server does not say its limit (a NIM without /v1/metadata).
+DEFAULT_MAX_PASSAGES = 512
+
+
+async def server_limits(client) -> dict:
+    """The server's per-request limits (`limits` of GET /v1/metadata); {} from a server without that route."""
+    from openrerank.client import RerankError
+
+    try:
+        response = await client._send("GET", "/v1/metadata")
+    except RerankError as exc:
+        if exc.status in (404, 405):
+            return {}
+        raise
+    return client._answer(response, lambda data: dict(data.get("limits") or {}))
+
+
+def _scores(data: dict, n: int) -> np.ndarray:
+    scores = np.full(n, np.nan, dtype=np.float32)
+    for item in data["rankings"]:
+        scores[int(item["index"])] = float(item["logit"])
+    return scores
 
 
 def _passage(text: str, image: str | None) -> dict:
