@@ -204,3 +204,16 @@ def test_help_shows_defaults_and_every_engine(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "{auto,openvino,onnx,torch}" in text
     assert "(default: 100)" in text and "(default: fp32)" in text  # --top-k, --dtype
+
+
+def test_sparse_only_rerank_rows_embed_only_the_candidates(tiny_beir: Path, tmp_path: Path) -> None:
+    """Before, with the default bi-encoder reranker, a sparse-only table (here one query, two candidates) still
+    embedded the whole corpus to share it with a dense stage that no row used."""
+    out = tmp_path / "sparse.json"
+    assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse,sparse+rerank", "--limit-queries", "1",
+                 "--top-k", "2", "--no-cache", "--quiet", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert not any("dense" in note for note in doc["notes"]), doc["notes"]
+    assert "sparse+rerank: 2 pairs, 2 newly scored" in " ".join(doc["notes"])
+    by = {r["pipeline"]: r for r in doc["rows"]}
+    assert "dense.encode" not in by["sparse+rerank"]["seconds"]

@@ -430,9 +430,13 @@ def _share_doc_embeddings(runner: DatasetRunner, reranker: InProcessReranker, co
     """When the reranker is the dense model itself, reuse the dense stage's corpus embeddings.
 
     Embeddings are keyed by doc id, so they are reset per dataset; they are only shared when the two model
-    sources are the same (the fingerprint includes every file of the model and the runtime).
+    sources are the same (the fingerprint includes every file of the model and the runtime), and only when a
+    dense or hybrid row embeds the corpus anyway: for sparse-only or run-file rows (or `--limit-queries`) the
+    reranker embeds just the candidates it is given, not the whole corpus.
     """
     reranker.doc_embeddings = {}
+    if not any(p.split("+")[0] in ("dense", "hybrid") for p in config.pipelines):
+        return
     dense = runner.models.dense()
     # Shared only when the dense stage is that same model in-process and embeds documents without a prompt
     # (the reranker's bi-encoder path embeds the bare passage).
