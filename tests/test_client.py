@@ -289,3 +289,22 @@ def test_embed_sends_openai_body_with_nim_extensions():
                      "input_type": "query", "dimensions": 3}]
     with pytest.raises(TypeError):
         client.embed("one string")
+
+
+def test_ranking_sends_the_body_as_given_and_checks_the_answer():
+    """`ranking` is the raw NIM call (image passages, text and image together): the body goes as given, a
+    malformed answer is a RerankError like any failure."""
+    sent: list[httpx.Request] = []
+    answers = [httpx.Response(200, json=OK), httpx.Response(200, json={"rankings": [{"index": "0"}]}),
+               httpx.Response(200, json={"limits": {"max_passages": 50}})]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return answers.pop(0)
+
+    body = {"query": {"text": "q"}, "passages": [{"image": "data:image/png;base64,AAAA"}, {"text": "b"}]}
+    client = openrerank.Client("http://x", transport=httpx.MockTransport(handler))
+    assert client.ranking(body) == OK and json.loads(sent[0].content) == body
+    with pytest.raises(RerankError, match="unexpected answer"):
+        client.ranking(body)
+    assert client.metadata()["limits"]["max_passages"] == 50 and sent[2].url.path == "/v1/metadata"

@@ -167,6 +167,13 @@ class _Base:
                               response.status_code, _json_or_text(response)) from None
 
     @staticmethod
+    def _ranking_answer(data: Any) -> dict:
+        """A /v1/ranking answer as it came, once it holds a `rankings` list of `index`/`logit` entries."""
+        if not all(isinstance(r["index"], int) and isinstance(r["logit"], int | float) for r in data["rankings"]):
+            raise TypeError("a ranking without an integer index and a numeric logit")
+        return data
+
+    @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
         if response.is_success:
             return response
@@ -230,6 +237,15 @@ class Client(_Base):
         """Ids of the served models (the first is the default)."""
         return self._answer(self._send("GET", "/v1/models"), lambda d: [m["id"] for m in d["data"]])
 
+    def ranking(self, body: dict) -> dict:
+        """`POST /v1/ranking` with a NIM body as given (what `rerank` does not build: image passages, a passage
+        with both text and image), its JSON answer; retried and refused as every call is."""
+        return self._answer(self._send("POST", "/v1/ranking", body), self._ranking_answer)
+
+    def metadata(self) -> dict:
+        """`GET /v1/metadata`: each model's engine and the server's `limits` (e.g. `max_passages`)."""
+        return self._answer(self._send("GET", "/v1/metadata"), dict)
+
     def health(self) -> bool:
         """True once every model is loaded; False while loading; a server that cannot be reached raises
         RerankError at once (no retries: a probe answers now)."""
@@ -258,7 +274,7 @@ class AsyncClient(_Base):
         self._sleep = asyncio.sleep
 
     async def _send(self, method: str, path: str, json: Any = None, ok: Sequence[int] = (),
-              retries: bool = True) -> httpx.Response:
+                    retries: bool = True) -> httpx.Response:
         attempt = 0
         last = self.max_retries if retries else 0
         while True:
@@ -292,6 +308,12 @@ class AsyncClient(_Base):
     async def models(self) -> list[str]:
         response = await self._send("GET", "/v1/models")
         return self._answer(response, lambda d: [m["id"] for m in d["data"]])
+
+    async def ranking(self, body: dict) -> dict:
+        return self._answer(await self._send("POST", "/v1/ranking", body), self._ranking_answer)
+
+    async def metadata(self) -> dict:
+        return self._answer(await self._send("GET", "/v1/metadata"), dict)
 
     async def health(self) -> bool:
         response = await self._send("GET", "/v1/health/ready", ok=(200, 503), retries=False)

@@ -168,8 +168,7 @@ class ServerReranker(Reranker):
                                                              for i, p in enumerate(passages)], "truncate": "END"}
         if self.model_name:
             body["model"] = self.model_name
-        response = await client._send("POST", "/v1/ranking", body)
-        scores = client._answer(response, lambda data: _scores(data, len(passages)))
+        scores = _scores(await client.ranking(body), len(passages))
         if np.isnan(scores).any():
             from openrerank.client import RerankError
 
@@ -186,18 +185,24 @@ async def server_limits(client) -> dict:
     from openrerank.client import RerankError
 
     try:
-        response = await client._send("GET", "/v1/metadata")
+        metadata = await client.metadata()
     except RerankError as exc:
         if exc.status in (404, 405):
             return {}
         raise
-    return client._answer(response, lambda data: dict(data.get("limits") or {}))
+    return dict(metadata.get("limits") or {})
 
 
 def _scores(data: dict, n: int) -> np.ndarray:
+    """The logits of a /v1/ranking answer (`Client.ranking`: its shape checked) in passage order; NaN where a
+    passage got none."""
+    from openrerank.client import RerankError
+
     scores = np.full(n, np.nan, dtype=np.float32)
     for item in data["rankings"]:
-        scores[int(item["index"])] = float(item["logit"])
+        if not 0 <= item["index"] < n:
+            raise RerankError(f"/v1/ranking answered index {item['index']} for {n} passages")
+        scores[item["index"]] = item["logit"]
     return scores
 
 
