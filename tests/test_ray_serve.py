@@ -31,6 +31,8 @@ from openrerank_bench.serve_process import free_port
 
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
+from openrerank.server.drain import CLOSED_MESSAGE
+from openrerank.server.ray_drain import DRAIN, NOW, DrainFlag
 from openrerank.server.ray_router import LeastBusyRouter
 from openrerank.server.ray_serve import (
     APP_NAME,
@@ -184,6 +186,44 @@ def _metrics_text(app) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(app.state.metrics.registry).decode()
+
+
+def test_the_launchers_flag_drains_a_replicas_app_and_the_replica_reports_idle():
+    """`openrerank serve --replicas` stops its replicas through a flag file (server/ray_drain.py): the app's
+    drain begins (a new request: the dialect's 503, readiness 503), a second signal's flag ends its grace period
+    now, and the replica reports idle, so the launcher stops Serve only then."""
+    config = ServerConfig(graceful_timeout=60)
+    flag = DrainFlag()
+    app = replica_app(create_app(config, load_models=False), config, "replica-7", str(flag.directory))
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        watch = asyncio.create_task(app.state.replica_drain.watch())
+        try:
+            await until(flag.busy)  # the replica registered (serving)
+            assert not app.state.drain.draining
+            flag.raise_flag(DRAIN)
+            await until(lambda: not flag.busy())
+            assert app.state.drain.draining and not app.state.drain.expired
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as c:
+                answers = await c.post("/v1/ranking", json={"query": {"text": "q"}, "passages": [{"text": "p"}]}), \
+                    await c.get("/v1/health/ready")
+            flag.raise_flag(NOW)
+            await until(lambda: app.state.drain.expired)
+            return answers
+        finally:
+            watch.cancel()
+            flag.remove()
+
+    refused, ready = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert refused.json() == {"object": "error", "message": CLOSED_MESSAGE, "type": "unavailable"}
+    assert ready.status_code == 503 and "shutting down" in ready.text
 
 
 def test_a_dead_scheduler_or_load_error_is_a_health_problem(tiny_model_dir):

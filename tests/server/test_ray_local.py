@@ -1,8 +1,13 @@
-"""`openrerank serve --replicas N` stopping (server/ray_local.py): Ctrl-C drains the requests in flight.
+"""`openrerank serve --replicas N` stopping (server/ray_local.py, server/ray_drain.py): it drains as one server
+does (server/drain.py), in what the clients see.
 
 Before, the launcher called serve.shutdown() at once, which took Serve's proxy down under the requests still
 being scored: the client lost its answer ("Server disconnected without sending a response") although the
-replica computed it. The work each request holds is sized on this machine (tests/server/test_shutdown.py).
+replica computed it. Then serve.delete() drained them, but took the route off the proxy at once (a new request,
+a readiness probe: Serve's plain-text 404), let Serve kill a replica whose request outlasted the grace period
+(Serve's plain-text 500, not the app's 503), and a second signal cut every connection (exit 130, a
+KeyboardInterrupt traceback). The work each request holds is sized on this machine
+(tests/server/test_shutdown.py).
 """
 
 from __future__ import annotations
@@ -24,31 +29,98 @@ from tests.support import ServerProcess, nim_body
 #: the signal, so both are still being scored when it comes (checked below: they answer after it)
 WORK_S = 6
 WAIT_S = 1.0
+#: How long the drain may take to show (a replica looks at the launcher's flag every 0.1 s).
+SHOWS_S = 30
 
 
-def test_ctrl_c_drains_the_requests_in_flight(tmp_path):
-    server = ServerProcess(["--replicas", "2", "--threads", "1", "--graceful-timeout", "60"], tmp_path,
+def start(tmp_path, grace: float) -> ServerProcess:
+    server = ServerProcess(["--replicas", "2", "--threads", "1", "--graceful-timeout", str(grace)], tmp_path,
                            env={"RAY_DEDUP_LOGS": "0"})
+    server.wait_ready(240)
+    return server
 
-    def post(tag: str, n: int) -> tuple[httpx.Response, float]:
+
+def in_flight(server: ServerProcess, tags: tuple[str, ...], pool: concurrent.futures.Executor, work_s: float
+              ) -> tuple[list[concurrent.futures.Future], int]:
+    """Requests holding `work_s` seconds of scoring each, sent now; (their futures, passages each)."""
+    with server.client() as c:
+        n = min(512, math.ceil(work_s / seconds_per_passage(c)))
+
+    def post(tag: str) -> tuple[httpx.Response, float]:
         with server.client() as c:
             return c.post("/v1/ranking", json=nim_body(tag, passages(tag, n), truncate="END")), time.monotonic()
 
+    futures = [pool.submit(post, tag) for tag in tags]
+    # Serve's metrics through the proxy come from one replica, perhaps an idle one: no in-flight count says the
+    # requests arrived, so the signal comes after a fraction of their work
+    time.sleep(WAIT_S)
+    return futures, n
+
+
+def is_unavailable(r: httpx.Response, says: str) -> bool:
+    """The NIM dialect's retryable 503 (not Serve's plain-text 404 or 500), saying `says`."""
+    return (r.status_code == 503 and r.headers["content-type"] == "application/json"
+            and r.json()["object"] == "error" and says in r.json()["message"] and r.headers["retry-after"] == "1")
+
+
+def refused_while_draining(server: ServerProcess) -> None:
+    """New requests get 200 until the replicas have seen the drain, then the dialect's 503 (never a 404), and the
+    readiness probe says 503."""
+    deadline = time.monotonic() + SHOWS_S
+    with server.client() as c:
+        while True:
+            r = c.post("/v1/ranking", json=nim_body("new", ["a", "b"]))
+            if r.status_code != 200:
+                break
+            assert time.monotonic() < deadline, "the drain never refused a new request"
+            time.sleep(0.05)
+        assert is_unavailable(r, "shutting down and takes no new requests"), (r.status_code, r.text)
+        ready = c.get("/v1/health/ready")
+        assert ready.status_code == 503, (ready.status_code, ready.text)
+
+
+def test_ctrl_c_drains_the_requests_in_flight_and_refuses_new_ones(tmp_path):
+    server = start(tmp_path, 60)
     try:
-        server.wait_ready(240)
-        with server.client() as c:
-            n = min(512, math.ceil(WORK_S / seconds_per_passage(c)))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(post, tag, n) for tag in ("a", "b")]
-            # Serve's metrics through the proxy come from one replica, perhaps an idle one: no in-flight count
-            # says both requests arrived, so the signal comes after a fraction of their work
-            time.sleep(WAIT_S)
+            futures, n = in_flight(server, ("a", "b"), pool, WORK_S)
             server.proc.send_signal(signal.SIGINT)
             signalled = time.monotonic()
+            refused_while_draining(server)
             answers = [f.result(timeout=180) for f in futures]
         for r, done in answers:
             assert r.status_code == 200 and len(r.json()["rankings"]) == n, r.text[:300]
             assert done > signalled, "a request finished before the signal: raise WORK_S"
         assert server.proc.wait(timeout=120) == 0
+    finally:
+        server.stop()
+
+
+def test_a_request_past_the_grace_period_gets_the_dialects_503(tmp_path):
+    grace = 1
+    server = start(tmp_path, grace)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            futures, _ = in_flight(server, ("a",), pool, WAIT_S + grace + WORK_S)
+            server.proc.send_signal(signal.SIGTERM)
+            r, _ = futures[0].result(timeout=180)
+        assert is_unavailable(r, f"did not finish within its {grace} s grace period"), (r.status_code, r.text)
+        assert server.proc.wait(timeout=120) == 0
+    finally:
+        server.stop()
+
+
+def test_a_second_signal_answers_503_now_and_exits_0(tmp_path):
+    server = start(tmp_path, 60)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            futures, _ = in_flight(server, ("a",), pool, 4 * WORK_S)
+            server.proc.send_signal(signal.SIGTERM)
+            refused_while_draining(server)  # the replicas drain: the first signal has been taken
+            server.proc.send_signal(signal.SIGTERM)
+            r, _ = futures[0].result(timeout=180)
+        assert is_unavailable(r, "second shutdown signal"), (r.status_code, r.text)
+        assert server.proc.wait(timeout=120) == 0
+        assert "KeyboardInterrupt" not in server.output()
     finally:
         server.stop()

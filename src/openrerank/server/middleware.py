@@ -141,9 +141,11 @@ def scope_dialect(scope: Scope) -> Dialect:
     return request_state(scope).get("dialect") or dialect_for(scope["path"])
 
 
-def shutting_down_response(scope: Scope, drain: Drain | None) -> Response:
-    """The dialect's retryable 503 for a request the server will not finish because it is stopping."""
-    message = drain.message() if drain is not None else "the server is shutting down; retry this request"
+def shutting_down_response(scope: Scope, drain: Drain | None, message: str | None = None) -> Response:
+    """The dialect's retryable 503 for a request the server will not finish because it is stopping (`message`:
+    another reason, such as `drain.CLOSED_MESSAGE` for one that arrived once the drain had begun)."""
+    if message is None:
+        message = drain.message() if drain is not None else "the server is shutting down; retry this request"
     return scope_dialect(scope).response(503, message, "unavailable", headers={
         "Retry-After": str(RETRY_AFTER_S), "Connection": "close", "x-request-id": request_id(scope)})
 

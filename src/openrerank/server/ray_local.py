@@ -2,9 +2,15 @@
 
 This process is the Ray driver: it starts a private local Ray instance (never joins one already running
 on the machine), Serve's proxy on `--host`/`--port`, deploys `openrerank.server.ray_serve` and waits for
-SIGINT/SIGTERM; then it drains the replicas and stops every Ray process it started. Ray's own
-traffic stays on 127.0.0.1 (only Serve's HTTP proxy binds `--host`). For a real cluster use
-`serve run`/`serve deploy` with `deploy/ray/serve.yaml`, or KubeRay (docs/scale-out.md).
+SIGINT/SIGTERM; then it drains the replicas as one server drains (`server/ray_drain.py`, `server/drain.py`)
+and stops every Ray process it started. Ray's own traffic stays on 127.0.0.1 (only Serve's HTTP proxy binds
+`--host`). For a real cluster use `serve run`/`serve deploy` with `deploy/ray/serve.yaml`, or KubeRay
+(docs/scale-out.md).
+
+Signals, as for one server (`server/http.py`): the first begins the drain (requests in flight run on for
+`--graceful-timeout`, then are answered the dialect's retryable 503; new ones get that 503 at once); a second
+one ends the grace period now (what still runs is answered 503), and the clean-up still runs (exit 0); a signal
+after the grace period ended exits at once, without the clean-up (status 128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from pydantic import ValidationError
 
 from openrerank.runtimes.base import default_threads
 from openrerank.server.config import ServerConfig
+from openrerank.server.drain import UVICORN_MARGIN_S
+from openrerank.server.http import exit_now
+from openrerank.server.ray_drain import DRAIN, NOW, POLL_S, SETTLE_S, DrainFlag
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +83,16 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
         print(f"openrerank serve: error: {exc}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
+    signals = _Signals()
+    flag = DrainFlag()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=_OBJECT_STORE_BYTES,
              _metrics_export_port=metrics_port, logging_level=logging.WARNING)
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, signals.handle)  # kept until the process ends: see _Signals
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         try:
-            serve.run(bind(config, options), name=APP_NAME, route_prefix="/")
+            serve.run(bind(config, options, str(flag.directory)), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start (e.g. a model that does not load)
             print(f"openrerank serve: error: the replicas did not start: {exc}", file=sys.stderr)
             return 1
@@ -91,17 +102,71 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
         print(f"openrerank: {options.num_replicas} replica{plural} x {options.num_cpus:g} CPU{scaling} ready on "
               f"http://{config.host}:{config.port} (Ray cluster {ray.get_runtime_context().gcs_address}"
               f"{metrics})", flush=True)
-        stop.wait()
+        signals.first.wait()
         print("openrerank: stopping (draining in-flight requests)", flush=True)
+        drain(flag, signals, config.graceful_timeout)
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signals.grace_over = True  # a signal now exits at once, without the clean-up
         try:
-            # Deleting the application first drains it: each replica finishes its requests in flight (up to
-            # --graceful-timeout, the deployment's graceful_shutdown_timeout_s) while the proxy, still up,
-            # delivers their answers. serve.shutdown() alone took the proxy down under them.
-            serve.delete(APP_NAME)
+            # The replicas are idle now (or their grace period is over and every request answered), so the proxy
+            # can go with them: before the drain, serve.shutdown() took the proxy down under the requests in
+            # flight. Not serve.delete() first: it took the route off the proxy for its seconds of stopping the
+            # replicas, and the proxy answered its plain-text 404 meanwhile (a refused connection is what a
+            # stopped server gives, and every client retries that).
             serve.shutdown()
         finally:
             ray.shutdown()
+            flag.remove()
+
+
+class _Signals:
+    """SIGINT/SIGTERM for the launcher: the first begins the drain, a second ends the grace period now, one
+    after the grace period ended exits at once (status 128 + its number). Ray's and Python's own handlers
+    ended the launcher with a KeyboardInterrupt in the middle of the drain, its requests cut."""
+
+    def __init__(self) -> None:
+        self.first = threading.Event()
+        self.second = threading.Event()
+        self.grace_over = False
+
+    def handle(self, sig: int, _frame: object) -> None:
+        if not self.first.is_set():
+            self.first.set()
+        elif self.grace_over:
+            log.warning("%s after the grace period ended: exiting now, without the clean-up",
+                        signal.Signals(sig).name)
+            exit_now(128 + sig)
+        else:
+            self.second.set()
+
+
+def drain(flag: DrainFlag, signals: _Signals, grace: float) -> None:
+    """Tell every replica to drain, then wait until each has been idle for `SETTLE_S`, or the grace period and the
+    margin the replicas answer in (`UVICORN_MARGIN_S`) are over; a second signal tells them to end their grace
+    period now."""
+    flag.raise_flag(DRAIN)
+    start = time.monotonic()
+    idle_since: float | None = None
+    told_now = False
+    while True:
+        now = time.monotonic()
+        busy = flag.busy()
+        idle_since = None if busy else now if idle_since is None else idle_since
+        if idle_since is not None and now - idle_since >= SETTLE_S:
+            return
+        if now - start > grace:
+            signals.grace_over = True
+        if now - start > grace + UVICORN_MARGIN_S:
+            if busy:
+                log.warning("replicas %s still busy %g s after the grace period ended; stopping them",
+                            ", ".join(busy), UVICORN_MARGIN_S)
+            return
+        if signals.second.is_set() and not told_now:
+            flag.raise_flag(NOW)
+            told_now = signals.grace_over = True
+            start = min(start, now - grace)  # from now on, the margin only
+        if told_now:
+            time.sleep(POLL_S)
+        else:
+            signals.second.wait(POLL_S)

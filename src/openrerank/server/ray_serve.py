@@ -37,8 +37,16 @@ from openrerank.observe.metrics import Metrics
 from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
+from openrerank.server.drain import CLOSED_MESSAGE, UVICORN_MARGIN_S
 from openrerank.server.errors import dialect_for
-from openrerank.server.middleware import REQUEST_ID_HEADER, request_id, request_state
+from openrerank.server.middleware import (
+    HEALTH_PATHS,
+    REQUEST_ID_HEADER,
+    request_id,
+    request_state,
+    shutting_down_response,
+)
+from openrerank.server.ray_drain import ReplicaDrain
 from openrerank.server.ray_router import LeastBusyRouter
 
 log = logging.getLogger(__name__)
@@ -131,7 +139,9 @@ def deployment_options(server: ServerConfig, replicas: ReplicaOptions) -> dict[s
         "max_queued_requests": replicas.max_queued_requests,
         "health_check_period_s": replicas.health_check_period_s,
         "health_check_timeout_s": replicas.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": server.graceful_timeout,
+        # the app answers what still runs when its grace period ends (server/ray_drain.py): Serve must not kill
+        # the replica before (its proxy's plain-text 500)
+        "graceful_shutdown_timeout_s": server.graceful_timeout + UVICORN_MARGIN_S,
     }
     if replicas.router == "least-busy":
         options["request_router_config"] = RequestRouterConfig(request_router_class=LeastBusyRouter)
@@ -211,19 +221,31 @@ class ReplicaMiddleware:
     """Admits at most `limit` scoring requests (POSTs) at once, counted from arrival, so a burst is refused
     before it is tokenized, in the dialect's shape; and takes a cancellation for what it is under Serve: its
     proxy cancels a request whose client went away (it delivers no `http.disconnect`), so the request is
-    marked as the client's (499, a disconnect), as a single server marks it, not answered as a shutdown."""
+    marked as the client's (499, a disconnect), as a single server marks it, not answered as a shutdown.
 
-    def __init__(self, app: Any, *, limit: int, served: ServedModels, metrics: Metrics) -> None:
+    Once the app's drain has begun (`server/ray_drain.py`) a new request is answered the dialect's retryable
+    503 (a single server no longer accepts its connection); the health probes still reach the app (readiness
+    says 503). `replica.running` counts the requests the app runs, so the launcher knows when it is idle."""
+
+    def __init__(self, app: Any, *, limit: int, served: ServedModels, metrics: Metrics,
+                 replica: ReplicaDrain) -> None:
         self.app = app
         self.limit = limit
         self.served = served
         self.metrics = metrics
+        self.replica = replica
         self.inside = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.replica.drain.draining and scope["path"] not in HEALTH_PATHS:
+            log.info("refusing %s %s: this replica is shutting down (request id %s)", scope["method"],
+                     scope["path"], request_id(scope))
+            await shutting_down_response(scope, self.replica.drain, CLOSED_MESSAGE)(scope, receive, send)
+            return
+        self.replica.running += 1
         try:
             await self._admit(scope, receive, send)
         except asyncio.CancelledError:
@@ -232,6 +254,8 @@ class ReplicaMiddleware:
             log.info("client disconnected from %s %s before its answer; its work was cancelled (request id %s)",
                      scope["method"], scope["path"], request_id(scope))
             raise
+        finally:
+            self.replica.running -= 1
 
     async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["method"] != "POST":
@@ -293,8 +317,9 @@ class BehindServeMiddleware:
         await self.app(scope, receive, hop)
 
 
-def build_replica_app(config: ServerConfig) -> Any:
-    """The openrerank app as one replica serves it (called inside the replica process)."""
+def build_replica_app(config: ServerConfig, drain_dir: str | None = None) -> Any:
+    """The openrerank app as one replica serves it (called inside the replica process); `drain_dir`: the
+    launcher's directory whose flag starts the app's drain (`server/ray_drain.py`)."""
     if not config.threads:
         config.threads = assigned_threads()
     # Replicas share the node's cores: no spinning ORT threads, a tokenizer pool of the same size.
@@ -305,18 +330,19 @@ def build_replica_app(config: ServerConfig) -> Any:
     configure_logging(config.log_level, config.log_format)
     metrics = Metrics(mirror=RayMetricsMirror())
     return replica_app(create_app(config, wait_for_models=True, metrics=metrics), config,
-                       serve.get_replica_context().replica_tag)
+                       serve.get_replica_context().replica_tag, drain_dir)
 
 
-def replica_app(app: Any, config: ServerConfig, replica: str) -> Any:
+def replica_app(app: Any, config: ServerConfig, replica: str, drain_dir: str | None = None) -> Any:
     """The app's middleware for a replica: the admission gate and disconnects inside the metrics and auth
     middleware (counted, authenticated first), before the body is read; Serve's headers outermost."""
     from starlette.middleware import Middleware
 
     from openrerank.server.body_guard import BodyGuardMiddleware
 
+    app.state.replica_drain = ReplicaDrain(drain_dir, app.state.drain)
     gate = Middleware(ReplicaMiddleware, limit=admitted_requests(config), served=app.state.models,
-                      metrics=app.state.metrics)
+                      metrics=app.state.metrics, replica=app.state.replica_drain)
     position = next(i for i, m in enumerate(app.user_middleware) if m.cls is BodyGuardMiddleware)
     app.user_middleware.insert(position, gate)
     app.add_middleware(BehindServeMiddleware, replica=replica)  # outermost: it sees every layer's headers
@@ -328,12 +354,16 @@ def replica_app(app: Any, config: ServerConfig, replica: str) -> Any:
 class RerankReplica:
     """One replica: the openrerank app, built in the replica's own process."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], drain_dir: str | None = None) -> None:
         self._config = config  # plain data: it is pickled to every replica
+        self._drain_dir = drain_dir
         self._fastapi_app: Any = None  # not `self.app`: Serve reserves that name
+        self._drain_watch: asyncio.Task | None = None
 
     async def __serve_build_asgi_app__(self) -> Any:
-        self._fastapi_app = build_replica_app(ServerConfig(**self._config))
+        self._fastapi_app = build_replica_app(ServerConfig(**self._config), self._drain_dir)
+        if self._drain_dir:  # on the loop that runs the app's requests (Serve's user-code loop)
+            self._drain_watch = asyncio.get_running_loop().create_task(self._fastapi_app.state.replica_drain.watch())
         return self._fastapi_app  # Serve then runs its lifespan: load + warm up, or fail
 
     async def check_health(self) -> None:
@@ -346,8 +376,8 @@ class RerankReplica:
             raise RuntimeError("; ".join(problems))
 
 
-def bind(server: ServerConfig, replicas: ReplicaOptions) -> serve.Application:
-    return RerankReplica.options(**deployment_options(server, replicas)).bind(asdict(server))
+def bind(server: ServerConfig, replicas: ReplicaOptions, drain_dir: str | None = None) -> serve.Application:
+    return RerankReplica.options(**deployment_options(server, replicas)).bind(asdict(server), drain_dir)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
