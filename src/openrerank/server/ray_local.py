@@ -15,6 +15,7 @@ after the grace period ended exits at once, without the clean-up (status 128 + t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -136,9 +138,27 @@ class _Signals:
         elif self.grace_over:
             log.warning("%s after the grace period ended: exiting now, without the clean-up",
                         signal.Signals(sig).name)
+            _kill_descendants()
             exit_now(128 + sig)
         else:
             self.second.set()
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process under this one (Ray's, all started by `ray.init`): exiting at once without them
+    left Ray's dashboard and runtime-env agents running (orphans of the raylet). Linux's /proc; elsewhere
+    nothing is killed."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+            todo.append(child)
 
 
 def drain(flag: DrainFlag, signals: _Signals, grace: float) -> None:
