@@ -38,7 +38,7 @@ def test_run_files_sharing_a_name_stem_are_separate_rows(tiny_beir: Path, tmp_pa
 
 
 def test_run_file_names() -> None:
-    from openrerank.eval.pipeline import run_file_names
+    from openrerank.eval.data import run_file_names
 
     paths = [Path("/d/runs/bm25_top100.trec.gz"), Path("/x/a/bm25.trec"), Path("/y/a/bm25.trec"),
              Path("/d/runs/x.trec"), Path("/d/runs/x.trec.gz")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.eval.data import Dataset, Run, read_trec_run
+from openrerank.eval.data import Dataset, Run, read_trec_run, run_file_names
 from openrerank.eval.dense import (
     EmbeddingCache,
     LocalEncoder,
@@ -190,42 +190,6 @@ class Models:
     def close(self) -> None:
         for model in self._loaded.values():
             model.close()
-
-
-#: What a TREC run file's name ends with that is not part of its row name (`bm25_top100.trec.gz` -> bm25_top100).
-RUN_FILE_SUFFIXES = (".trec", ".run", ".txt", ".tsv")
-
-
-def _run_stem(path: Path) -> str:
-    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
-    for suffix in RUN_FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name or path.name
-
-
-def run_file_names(paths: list[Path]) -> dict[Path, str]:
-    """Each run file's row name (the table shows `run:NAME`): its file name less .gz and RUN_FILE_SUFFIXES, and
-    where distinct files share that, the folders above it until the names differ (`a/bm25`, `b/bm25`; the
-    whole path as the last resort), so no row silently shows another file's numbers. `paths` are resolved."""
-    depth = dict.fromkeys(paths, 0)
-
-    def label(path: Path) -> str:
-        if depth[path] > len(path.parents):  # `x.trec` beside `x.trec.gz`
-            return str(path)
-        folders = [p.name for p in path.parents][: depth[path]][::-1]
-        return "/".join([*(n for n in folders if n), _run_stem(path)])
-
-    while True:
-        groups: dict[str, list[Path]] = {}
-        for path in paths:
-            groups.setdefault(label(path), []).append(path)
-        clashes = [path for group in groups.values() if len(group) > 1 for path in group]
-        if not clashes:
-            return {path: label(path) for path in paths}
-        for path in clashes:
-            depth[path] += 1
 
 
 class DatasetRunner:
