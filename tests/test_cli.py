@@ -281,14 +281,13 @@ def test_a_max_length_too_small_for_the_models_fixed_tokens_is_refused_at_startu
     assert "loaded" not in err
 
 
-def test_a_grpc_server_that_cannot_load_is_one_line_at_start(tmp_path, monkeypatch):
+def test_a_grpc_server_that_cannot_load_is_one_line_at_start(tmp_path, monkeypatch, capsys):
     """A client's `tritonclient[grpc]` installed beside the server downgrades protobuf below what the stubs need:
-    `serve --grpc-port` died with protobuf's traceback once the app had started. Now preflight names it."""
-    from openrerank.cli.main import preflight
+    `serve --grpc-port` died with protobuf's traceback once the app had started. Now one line, exit 2."""
+    from openrerank.cli.main import run_serve
 
     monkeypatch.setitem(sys.modules, "openrerank.server.grpc.server", None)  # its import fails, as protobuf's would
-    config = config_from_args(build_parser().parse_args(
-        ["serve", "--model", str(build_tiny_model(tmp_path / "m")), "--grpc-port", "0"]))
-    with pytest.raises(ValueError, match=r"^--grpc-port: the gRPC server cannot load \((ModuleNotFound|Import)Error"):
-        preflight(config)
-
+    args = build_parser().parse_args(["serve", "--model", str(build_tiny_model(tmp_path / "m")), "--port", "0",
+                                      "--grpc-port", "0"])
+    assert run_serve(args) == 2
+    assert "--grpc-port: the gRPC server cannot load (ModuleNotFoundError" in capsys.readouterr().err

@@ -186,12 +186,6 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
             raise ValueError(f"--alias {alias}={target}: " + (f"{alias} is itself a served model" if alias in names
                              else f"no model is served as {target} (served: {', '.join(names)})"))
     if config.grpc_port is not None:
-        try:  # its stubs load now: an incompatible protobuf (a client's tritonclient[grpc] installed beside the
-            # server downgrades it) is one line at start, not a traceback
-            from openrerank.server.grpc import server as _  # noqa: F401
-        except Exception as exc:
-            raise ValueError(f"--grpc-port: the gRPC server cannot load ({type(exc).__name__}: {exc}); it needs "
-                             "the protobuf and grpcio versions `pip install openrerank` installs") from None
         from openrerank.server.grpc.ranking import name_clashes
 
         clashes = name_clashes({**{n: n for n in names}, **config.alias_map()})
@@ -228,6 +222,19 @@ def bind_socket(host: str, port: int, flags: str = "--host/--port, OPENRERANK_PO
     return sock
 
 
+def grpc_server_class() -> type:
+    """The gRPC server, its stubs loaded: an incompatible protobuf (a client's `tritonclient[grpc]` installed
+    beside the server downgrades it) is one line at start, not a traceback once the app has started. (Not in
+    `preflight`: a process that already holds the protocol's messages from another set of stubs, tritonclient's,
+    cannot load ours, and preflight runs in such processes too.)"""
+    try:
+        from openrerank.server.grpc.server import GrpcServer
+    except Exception as exc:
+        raise ValueError(f"--grpc-port: the gRPC server cannot load ({type(exc).__name__}: {exc}); it needs the "
+                         "protobuf and grpcio versions `pip install openrerank` installs") from None
+    return GrpcServer
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from openrerank.server import http as http_server
     from openrerank.server.app import create_app
@@ -243,24 +250,27 @@ def run_serve(args: argparse.Namespace) -> int:
                     "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
     configure_logging(config.log_level, config.log_format)
     read_nim_env(os.environ).report()
+    sock: socket.socket | None = None
     try:
         resolved = preflight(config)
         if not replicated:
             sock = bind_socket(config.host, config.port)
             if config.grpc_port is not None:
                 bind_socket(config.grpc_host or config.host, config.grpc_port, "--grpc-host/--grpc-port").close()
+                grpc_server = grpc_server_class()
     except Exception as exc:  # every startup failure is one line, exit 2
+        if sock is not None:
+            sock.close()
         return fail(prog, str(exc), log_format=config.log_format)
     if replicated:
         return run_replicas(args, config)
+    assert sock is not None
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     scheme = "https" if config.tls else "http"
     app = create_app(config, public_url=f"{scheme}://{shown_host}:{port}", resolved=resolved)
     if config.grpc_port is not None:
-        from openrerank.server.grpc.server import GrpcServer
-
-        app.state.companions.append(GrpcServer(app, config.grpc_host or config.host, config.grpc_port))
+        app.state.companions.append(grpc_server(app, config.grpc_host or config.host, config.grpc_port))
     logging.getLogger("openrerank").info(
         "openrerank %s listening on %s://%s:%d; loading %s (ready at /v1/health/ready)", __version__,
         scheme, shown_host, port, ", ".join(config.models))
