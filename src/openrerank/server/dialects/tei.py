@@ -124,8 +124,7 @@ async def rerank(request: Request, response: Response) -> Any:
     """`texts` -> TEI (bare array); `documents` -> Infinity (`results`, Cohere-shaped). Each form answers
     errors in its own shape."""
     try:
-        raw = await request.body()
-        payload = await list_bounds.off_loop(len(raw), orjson.loads, raw)
+        payload = orjson.loads(await request.body())  # on the loop: a thread would not help, orjson holds the GIL
     except orjson.JSONDecodeError as exc:
         raise ApiError(422, f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
