@@ -15,21 +15,25 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 pytest.importorskip("ray.serve")
 
+from openrerank.server.ray_drain import reports
+from openrerank.server.ray_local import descendants
 from tests.server.test_shutdown import passages, seconds_per_passage
 from tests.support import ServerProcess, nim_body
 
 #: seconds of scoring each in-flight request holds, on whatever machine runs this: many times the wait before
 #: the signal, so both are still being scored when it comes (checked below: they answer after it)
 WORK_S = 6
-WAIT_S = 1.0
-#: How long the drain may take to show (a replica looks at the launcher's flag every 0.1 s).
+#: How long the requests may take to reach the replicas, and the drain to show (a replica looks at the
+#: launcher's flag and reports what it holds every 0.1 s).
 SHOWS_S = 30
 
 
@@ -50,11 +54,29 @@ def in_flight(server: ServerProcess, tags: tuple[str, ...], pool: concurrent.fut
         with server.client() as c:
             return c.post("/v1/ranking", json=nim_body(tag, passages(tag, n), truncate="END")), time.monotonic()
 
+    # the signal comes once the replicas hold them all (a request still on its way would be refused 503), as
+    # they report it every 0.1 s: first the report of the timing requests above must be gone
+    deadline = time.monotonic() + SHOWS_S
+    while (now := held(server)) > 0:
+        assert time.monotonic() < deadline, f"the replicas still report {now} requests held"
+        time.sleep(0.05)
     futures = [pool.submit(post, tag) for tag in tags]
-    # Serve's metrics through the proxy come from one replica, perhaps an idle one: no in-flight count says the
-    # requests arrived, so the signal comes after a fraction of their work
-    time.sleep(WAIT_S)
+    while (now := held(server)) < len(tags):
+        assert time.monotonic() < deadline, f"the replicas hold {now} of the {len(tags)} requests sent"
+        assert not any(f.done() for f in futures), [f.result()[0].text[:300] for f in futures if f.done()]
+        time.sleep(0.05)
     return futures, n
+
+
+def held(server: ServerProcess) -> int:
+    """The requests the server's replicas hold, as they report them to its launcher (server/ray_drain.py), in
+    the launcher's private directory: the one whose replicas are this server's processes."""
+    ours = set(descendants(server.proc.pid))
+    for directory in Path(tempfile.gettempdir()).glob("openrerank-drain-*"):
+        found = reports(directory)
+        if found and set(found) <= ours:
+            return sum(report.held for report in found.values())
+    return 0
 
 
 def is_unavailable(r: httpx.Response, says: str) -> bool:
@@ -105,7 +127,7 @@ def test_a_request_past_the_grace_period_gets_the_dialects_503(tmp_path):
     server = start(tmp_path, grace)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            futures, _ = in_flight(server, ("a",), pool, WAIT_S + grace + WORK_S)
+            futures, _ = in_flight(server, ("a",), pool, grace + WORK_S)
             server.proc.send_signal(signal.SIGTERM)
             r, _ = futures[0].result(timeout=180)
         assert is_unavailable(r, f"did not finish within its {grace} s grace period"), (r.status_code, r.text)

@@ -10,8 +10,9 @@ first signal the launcher writes its flag file (`DRAIN`), and every replica, whi
 begins its app's drain: the requests it holds run on for `--graceful-timeout` and are then answered the
 dialect's retryable 503, a new request is answered 503 with `drain.CLOSED_MESSAGE` and the readiness probes
 say 503. A second signal makes the flag `NOW`: each replica ends its grace period at once (`Drain.end_now`).
-Each replica reports in its own file (named by its process id) whether it still holds requests, and the
-launcher stops Serve only once every living replica has been idle for `SETTLE_S`, or the grace period (plus
+Each replica reports in its own file (named by its process id) how many requests it holds and whether it has
+seen the flag (`Report`), so the launcher says at the signal how many requests it drains, and stops Serve only
+once every living replica has seen it and been idle for `SETTLE_S`, or the grace period (plus
 `drain.UVICORN_MARGIN_S`) is over; by then every request a replica took has had its answer. What remains is
 Serve's: a request that reaches the proxy in the instant it stops loses its connection unanswered (it reached no
 replica: safe to retry), where one server would have refused the connection.
@@ -25,13 +26,14 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from openrerank.server.drain import Drain
 
 log = logging.getLogger(__name__)
 
-#: How often a replica looks at the launcher's flag (and reports whether it is idle).
+#: How often a replica looks at the launcher's flag (and reports the requests it holds).
 POLL_S = 0.1
 #: How long every replica must have been idle before the launcher stops Serve: Serve's proxy cannot stop listening
 #: on its own, and stopping it (with the replicas) cuts what it holds, so the requests already on their way to a
@@ -40,7 +42,43 @@ SETTLE_S = 1.0
 #: The flag's contents: drain (the first signal), or end the grace period now (a second one).
 DRAIN, NOW = "drain", "now"
 _FLAG = "flag"
-_IDLE, _SERVING = "idle", "serving"
+_SERVING, _DRAINING = "serving", "draining"
+_REPORT = "replica-"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one replica last said: the requests its app holds, and whether it has seen the flag (until then it
+    may still take a new one, so it is not idle to the launcher whatever it holds)."""
+
+    held: int
+    draining: bool
+
+    def text(self) -> str:
+        return f"{_DRAINING if self.draining else _SERVING} {self.held}"
+
+    @classmethod
+    def parse(cls, text: str) -> Report:
+        state, held = text.split()
+        return cls(int(held), state == _DRAINING)
+
+    @property
+    def idle(self) -> bool:
+        return self.draining and self.held == 0
+
+
+def reports(directory: Path) -> dict[int, Report]:
+    """Each living replica's last report, by process id (a replica gone holds nothing any more)."""
+    found = {}
+    for path in directory.glob(f"{_REPORT}*"):
+        if path.name.endswith(".part"):
+            continue
+        pid = int(path.name.removeprefix(_REPORT))
+        with contextlib.suppress(FileNotFoundError, ValueError):  # gone, or another version's directory
+            report = Report.parse(path.read_text())
+            if _alive(pid):
+                found[pid] = report
+    return found
 
 
 def _write(path: Path, text: str) -> None:
@@ -71,15 +109,11 @@ class DrainFlag:
 
     def busy(self) -> list[str]:
         """The replicas (process ids) still holding requests, or not yet told; those gone count as idle."""
-        busy = []
-        for report in self.directory.glob("replica-*"):
-            if report.name.endswith(".part"):
-                continue
-            pid = int(report.name.removeprefix("replica-"))
-            with contextlib.suppress(FileNotFoundError):
-                if report.read_text() != _IDLE and _alive(pid):
-                    busy.append(str(pid))
-        return busy
+        return [str(pid) for pid, report in reports(self.directory).items() if not report.idle]
+
+    def held(self) -> int:
+        """The requests the living replicas hold, as they last reported (every `POLL_S`)."""
+        return sum(report.held for report in reports(self.directory).values())
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -95,20 +129,25 @@ class ReplicaDrain:
         self.running = 0  # requests the app runs (not those refused because the drain had begun)
 
     async def watch(self) -> None:
+        """Report the requests held whenever the count changes, and begin (or cut short) the drain when the
+        flag says so."""
         assert self.directory is not None
-        report = self.directory / f"replica-{os.getpid()}"
+        path = self.directory / f"{_REPORT}{os.getpid()}"
         flag = self.directory / _FLAG
-        _write(report, _SERVING)
+        said: Report | None = None
         while True:
-            await asyncio.sleep(POLL_S)
             try:
                 how = flag.read_text()
             except FileNotFoundError:
                 if not self.directory.exists():  # the launcher is gone, and so is this replica soon
                     return
-                continue
-            self.drain.begin()
-            if how == NOW:
-                self.drain.end_now()
-            with contextlib.suppress(OSError):
-                _write(report, _IDLE if self.running == 0 else f"{_SERVING} {self.running}")
+            else:
+                self.drain.begin()
+                if how == NOW:
+                    self.drain.end_now()
+            report = Report(self.running, self.drain.draining)
+            if report != said:
+                with contextlib.suppress(OSError):
+                    _write(path, report.text())
+                    said = report
+            await asyncio.sleep(POLL_S)

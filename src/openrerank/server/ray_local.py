@@ -105,7 +105,9 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
               f"http://{config.host}:{config.port} (Ray cluster {ray.get_runtime_context().gcs_address}"
               f"{metrics})", flush=True)
         signals.first.wait()
-        print("openrerank: stopping (draining in-flight requests)", flush=True)
+        held = flag.held()  # as the replicas reported it within the last POLL_S
+        print(f"openrerank: stopping: draining the {held} request{'' if held == 1 else 's'} the replicas hold, "
+              f"for up to {config.graceful_timeout:g} s (--graceful-timeout)", flush=True)
         drain(flag, signals, config.graceful_timeout)
         return 0
     finally:
@@ -144,21 +146,27 @@ class _Signals:
             self.second.set()
 
 
-def _kill_descendants() -> None:
-    """SIGKILL every process under this one (Ray's, all started by `ray.init`): exiting at once without them
-    left Ray's dashboard and runtime-env agents running (orphans of the raylet). Linux's /proc; elsewhere
-    nothing is killed."""
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, children first (Linux's /proc; elsewhere none)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             children.setdefault(parent, []).append(int(entry.name))
-    todo = [os.getpid()]
+    found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
-            with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGKILL)
+            found.append(child)
             todo.append(child)
+    return found
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process under this one (Ray's, all started by `ray.init`): exiting at once without them
+    left Ray's dashboard and runtime-env agents running (orphans of the raylet)."""
+    for child in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
 
 
 def drain(flag: DrainFlag, signals: _Signals, grace: float) -> None:
