@@ -33,17 +33,9 @@ from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.ray_drain import DRAIN, NOW, DrainFlag
+from openrerank.server.ray_replica import NON_SCORING_HEADROOM, REPLICA_HEADER, replica_app, replica_problems
 from openrerank.server.ray_router import LeastBusyRouter
-from openrerank.server.ray_serve import (
-    APP_NAME,
-    DEPLOYMENT_NAME,
-    NON_SCORING_HEADROOM,
-    REPLICA_HEADER,
-    deployment_options,
-    parse_args,
-    replica_app,
-    replica_problems,
-)
+from openrerank.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, deployment_options, parse_args
 from tests.support import ServerProcess, nim_body
 
 QUERY = "what is the capital of france"

@@ -86,7 +86,7 @@ def measure(url: str, bodies: list[bytes], clients: int, requests: int) -> dict:
     a whole cluster; a fixed amount of work is not."""
     import httpx
 
-    from openrerank.server.ray_serve import REPLICA_HEADER
+    from openrerank.server.ray_replica import REPLICA_HEADER
 
     per_replica: dict[str, int] = {}
     trace: list[tuple[str, float, float]] = []  # (replica, sent at, latency) of every measured request
