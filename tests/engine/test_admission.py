@@ -9,7 +9,14 @@ import pytest
 from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
 from openrerank.engine.errors import DeadlinePushedError, QueueFullError
 from openrerank.engine.pending import PendingRequest
-from openrerank.engine.rates import DEADLINE_SHARE, finish_estimate, pushed_past_deadline, work_of, work_rate
+from openrerank.engine.rates import (
+    DEADLINE_SHARE,
+    at_risk,
+    finish_estimate,
+    pushed_past_deadline,
+    work_of,
+    work_rate,
+)
 from tests.engine.sched_fakes import Ids
 
 
@@ -157,3 +164,13 @@ def test_the_request_budget_never_falls_below_the_rate_the_model_started_from():
     for _ in range(50):  # faster batches than the start raise it
         adm.record_speed(0.1, [50] * 4)
     assert adm.request_budget > start
+
+
+def test_at_risk_names_the_requests_fairness_would_make_late_but_priority_would_not():
+    """(work left, seconds to the deadline) at 100 work/s: under fair shares the first finishes in
+    (300 + 400) / 100 = 7 s, past 80% of its 8 s, and alone in 4 s; the second is in time either way."""
+    assert at_risk([(400.0, 8.0), (300.0, 20.0)], RATE) == [0]
+    assert at_risk([(400.0, 10.0), (300.0, 20.0)], RATE) == []  # 7 s of 10: within the share
+    assert at_risk([(900.0, 8.0), (300.0, 20.0)], RATE) == []  # 9 s alone: late anyway, no priority
+    assert at_risk([(400.0, float("inf")), (100.0, 2.0)], RATE) == [1]  # no deadline, never at risk
+    assert at_risk([(400.0, 8.0), (400.0, 7.0)], RATE) == [1, 0]  # earliest deadline first

@@ -57,3 +57,21 @@ def test_spread_halves_the_largest_batches_until_every_lane_has_one() -> None:
     assert spread([[1], [2]], 4) == [[1], [2]]  # one-row batches cannot be cut
     assert spread([[1, 2], [3, 4], [5, 6]], 2) == [[1, 2], [3, 4], [5, 6]]  # enough batches: untouched
     assert spread([], 2) == []
+
+
+def test_a_request_at_risk_gets_its_whole_need_first_and_its_batches_run_first():
+    """Fair shares would give the big request a quarter of the window and run the small ones first; at risk
+    of missing its deadline (`rates.at_risk`), it takes what it needs, the others share the rest, and each of
+    them still gets an item."""
+    policy = BatchPolicy(max_tokens=100, max_size=10, max_padding=1.0)
+    big, smalls = make(*[10] * 30), [make(12, 12) for _ in range(3)]
+    window = plan_window([*smalls, big], policy, window_batches=3, first=[3])
+    owners = [{id(req) for req, _ in b} for b in window]
+    assert owners[0] == {id(big)} and owners[1] == {id(big)} and owners[2] == {id(big)}  # 30 x 10 tokens
+    assert all(len(s.todo) == 1 for s in smalls)  # one item each, nothing starved
+    assert big.todo == []
+
+    fair = [make(*[10] * 30), *[make(12, 12) for _ in range(3)]]
+    window = plan_window(fair, policy, window_batches=3)
+    assert {id(req) for req, _ in window[0]} == {id(r) for r in fair[1:]}  # without: the small ones first
+    assert len(fair[0].todo) > 0

@@ -510,6 +510,40 @@ def test_deadline_admission_counts_what_an_admitted_request_has_left() -> None:
     asyncio.run(main())
 
 
+def test_a_request_admitted_in_time_runs_first_once_a_slowdown_puts_its_deadline_at_risk() -> None:
+    """Admitted at 100 work/s with two small requests after it, the big one was in time; then the batches show
+    60/s (the machine slowed down): under fair shares it would finish in (200 + 400) / 60 = 10 s, past 80% of
+    its ~10 s, alone in 6.7 s. Its batches run first; before, the small ones' ran first and it ended 504."""
+    backend, ids = FakeScorer(), Ids()
+
+    async def main() -> None:
+        sched = make(backend, request_timeout=20.0, max_batch_tokens=200)
+        sched.work_per_second = 100.0  # the knee unknown: work is tokens
+        adm = sched._admission
+        measured = adm.record_speed
+
+        def slowed(*args, **kwargs):  # what the served batches show from now on
+            knee = measured(*args, **kwargs)
+            adm.work_per_second = 60.0
+            return knee
+
+        blocker, _ = await block_worker(sched, backend, ids)
+        big_items = ids.items(*[80] * 5)
+        big = asyncio.create_task(sched.submit(big_items, timeout=10.0))
+        smalls = [asyncio.create_task(sched.submit(ids.items(50, 50))) for _ in range(2)]
+        await until(lambda: sched.pending == 4, "the big request and two small ones admitted")
+        adm.record_speed = slowed
+        backend.release()
+        await asyncio.gather(blocker, big, *smalls)
+        after_blocker = backend.batches[1:]
+        big_ids = {it.input_ids[0] for it in big_items}
+        ran_big = [set(b) <= big_ids for b in after_blocker]
+        assert ran_big == sorted(ran_big, reverse=True), after_blocker  # every big batch before any small one
+        await sched.stop()
+
+    asyncio.run(main())
+
+
 def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
     backend, ids = FakeScorer(), Ids()
 

@@ -265,7 +265,7 @@ class AdmissionQueue:
         while batches run; seconds to its deadline at `now`)."""
         for req in self.admitted:
             if not (req.abandoned or req.failed):
-                yield req.work * max(0, req.left_tokens) / max(1, req.tokens), req.deadline - now
+                yield req.work_left, req.deadline - now
 
     def retry_after_locked(self) -> float:
         """Seconds until the pending work is done at the served rate (1 to 60; 1 before any rate is known).

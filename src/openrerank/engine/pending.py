@@ -49,6 +49,11 @@ class PendingRequest:
         self.abandoned = False  # deadline or cancellation: set by the loop under the admission lock
         self.failed = False  # its items failed in the model: set by the worker
 
+    @property
+    def work_left(self) -> float:
+        """Its work in proportion to its unscored tokens: an estimate, read while batches run."""
+        return self.work * max(0, self.left_tokens) / max(1, self.tokens)
+
     def outcome(self) -> ScoreOutcome:
         """What `submit` returns once every item is scored."""
         assert self.scores is not None and self.first_start is not None and self.last_end is not None

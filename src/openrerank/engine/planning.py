@@ -12,6 +12,11 @@ of the next window, and its batches run first: it waits for the batch in progres
 batches, not for the big request (the scheduler re-plans once a newcomer is queued, see
 `Scheduler._run_window`). The big request is never starved either: every window gives it a share.
 
+Fairness yields to deadlines only where admission's promise is at stake: a request that would finish past
+`rates.DEADLINE_SHARE` of its time left under fair shares at the served rate, but in time if served first (the
+machine slowed down after it was admitted, say), gets its whole need first and its batches run first, earliest
+deadline first (`rates.at_risk`); the others share what is left.
+
 Costs are in tokens, and an item costs at least `floor_cost` (the per-item share of a batch,
 `max_tokens / max_size`), so one unit bounds both a window's tokens and its items.
 
@@ -62,19 +67,28 @@ def item_cost(length: int, floor_cost: int) -> int:
 
 
 def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int,
-                shape: Shape = exact_shape) -> list[list[tuple[P, int]]]:
+                shape: Shape = exact_shape, first: Sequence[int] = ()) -> list[list[tuple[P, int]]]:
     """Take each request's fair share of one window off its `todo` and return the window's batches
-    (lists of (request, item index)), quick requests' batches first.
+    (lists of (request, item index)): those of `first`, then quick requests', then the rest.
 
-    `shape`: the scorer's runtime's `padded_shape`. Every request with work gets at least one item, so none is
-    ever starved."""
+    `shape`: the scorer's runtime's `padded_shape`. `first`: indices into `pending` whose whole need comes
+    before the fair shares, and whose batches run first (those at risk of missing their deadline,
+    `rates.at_risk`). Every request with work gets at least one item, so none is ever starved."""
     floor_cost = max(1, policy.max_tokens // max(1, policy.max_size))
     capacity = window_batches * policy.max_tokens
     needs = [sum(item_cost(p.items[i].length, floor_cost) for i in p.todo) for p in pending]
-    alloc = fair_shares(needs, capacity)
+    alloc = [0] * len(pending)
+    for i in first:
+        alloc[i] = min(needs[i], capacity)
+        capacity -= alloc[i]
+    chosen_first = set(first)
+    fair = [i for i in range(len(pending)) if i not in chosen_first]
+    for i, share in zip(fair, fair_shares([needs[i] for i in fair], capacity), strict=True):
+        alloc[i] = share
+    urgent: list[tuple[P, int]] = []
     quick: list[tuple[P, int]] = []
     rest: list[tuple[P, int]] = []
-    for p, need, budget in zip(pending, needs, alloc, strict=True):
+    for k, (p, need, budget) in enumerate(zip(pending, needs, alloc, strict=True)):
         if not p.todo:
             continue
         taken = 0
@@ -86,9 +100,10 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int,
             used += cost
             taken += 1
         chosen, p.todo = p.todo[:taken], p.todo[taken:]
-        (quick if not p.todo and need <= policy.max_tokens else rest).extend((p, i) for i in chosen)
+        group = urgent if k in chosen_first else quick if not p.todo and need <= policy.max_tokens else rest
+        group.extend((p, i) for i in chosen)
     batches: list[list[tuple[P, int]]] = []
-    for group in (quick, rest):
+    for group in (urgent, quick, rest):
         for task in TASKS:
             part = [(p, i) for p, i in group if p.items[i].task == task]
             batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part], shape))

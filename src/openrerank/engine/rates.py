@@ -133,6 +133,25 @@ def finish_estimate(work: float, pending_requests: int, pending_work: float, wor
 DEADLINE_SHARE = 0.8
 
 
+def at_risk(pending: Sequence[tuple[float, float]], work_per_second: float, share: float = DEADLINE_SHARE
+            ) -> list[int]:
+    """The pending requests, of `pending` as (work left, seconds to its deadline), that under max-min fairness
+    would finish past `share` of their time left at this rate, yet would still make their deadline if served
+    first: the planner gives them their whole need before fair shares, earliest deadline first (admission's
+    promise, kept when the machine slows down after it was made). One that misses its deadline even so gets
+    no priority: it would take the others' time and end 504 anyway."""
+    total = sum(left_work for left_work, _ in pending)
+    others = len(pending) - 1
+    risky = []
+    for i, (left_work, left) in enumerate(pending):
+        if left_work <= 0 or left == float("inf"):
+            continue
+        finish = finish_estimate(left_work, others, total - left_work, work_per_second)
+        if finish > share * left and left_work / work_per_second <= left:
+            risky.append(i)
+    return sorted(risky, key=lambda i: pending[i][1])
+
+
 def pushed_past_deadline(work: float, admitted: Sequence[tuple[float, float]], work_per_second: float,
                          share: float = DEADLINE_SHARE) -> tuple[float, float, float] | None:
     """A pending request, of `admitted` as (work left, seconds to its deadline), that a newcomer of `work` would

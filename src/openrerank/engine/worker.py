@@ -31,6 +31,7 @@ from openrerank.engine.batch_runner import Batch, BatchRunner
 from openrerank.engine.errors import EngineStoppedError, WorkerDiedError
 from openrerank.engine.pending import PendingRequest, post
 from openrerank.engine.planning import give_back, plan_window, spread
+from openrerank.engine.rates import at_risk
 from openrerank.runtimes.heap import HEAP
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,11 @@ class Worker:
                 else:
                     adm.cv.wait()
             self._active.extend(adm.take_locked())
+            rate = adm.work_per_second
         self._raise_lane_error()
-        return plan_window(self._active, cfg.policy, cfg.window_batches, self.runner.scorer.padded_shape)
+        now = time.monotonic()
+        first = at_risk([(r.work_left, r.deadline - now) for r in self._active], rate) if rate else []
+        return plan_window(self._active, cfg.policy, cfg.window_batches, self.runner.scorer.padded_shape, first)
 
     def _run_window(self, window: list[Batch]) -> None:
         """Run the window's batches; once a newcomer is queued and every request in the rest of the
