@@ -134,6 +134,16 @@ def test_metrics_public_opens_the_scrape_route_only(public):
         assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 401
 
 
+@pytest.mark.parametrize("keys", [("wrong", "k"), ("k", "wrong"), ("k", "k")])
+def test_two_authorization_lines_never_authenticate(keys):
+    """The key check read the last line and Starlette, TEI and vLLM the first: wrong-then-right got in."""
+    app = create_app(ServerConfig(models=["default"], api_key="k"), load_models=False)
+    with TestClient(app) as c:
+        r = c.get("/v1/metadata", headers=[("authorization", f"Bearer {key}") for key in keys])
+        assert r.status_code == 401 and "2 Authorization headers" in r.json()["message"]
+        assert c.get("/v1/metadata", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
 def test_metadata_names_a_local_folder_by_its_name_only(tiny_model_dir):
     """Unauthenticated clients must not learn the server's filesystem layout from /v1/metadata."""
     app = create_app(ServerConfig(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)

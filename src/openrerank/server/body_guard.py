@@ -15,7 +15,13 @@ from openrerank.observe.metrics import Metrics
 from openrerank.server import body_coding
 from openrerank.server.drain import Drain
 from openrerank.server.errors import dialect_for
-from openrerank.server.middleware import request_id, request_state, shutting_down_response
+from openrerank.server.middleware import (
+    first_header,
+    header_lines,
+    request_id,
+    request_state,
+    shutting_down_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,8 @@ class BodyGuardMiddleware:
             await self.app(scope, receive, send)
             return
         dialect = dialect_for(scope["path"])
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        declared = first_header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send, 413, dialect, int(declared))
             return
         chunks: list[bytes] = []
@@ -88,7 +93,9 @@ class BodyGuardMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if (coding := headers.get(b"content-encoding")) is not None:  # the route gets the decoded body
+        # The route gets the decoded body. Repeated lines are one list (RFC 9110 5.3): "gzip" twice is "gzip, gzip".
+        if codings := header_lines(scope, b"content-encoding"):
+            coding = b", ".join(codings)
             try:
                 body = body_coding.decode(body, coding, self.max_bytes)
             except body_coding.BodyCodingError as exc:
@@ -100,7 +107,7 @@ class BodyGuardMiddleware:
             resp = dialect.response(400, f"request body is not valid UTF-8 (byte {exc.start})", "validation")
             await resp(scope, receive, send)
             return
-        if not is_json_media_type(headers.get(b"content-type", b"")):
+        if not is_json_media_type(first_header(scope, b"content-type")):  # the line FastAPI reads: the first
             scope = dict(scope)
             scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [_JSON_CT]
         await self._run_watching(scope, body, receive, send)

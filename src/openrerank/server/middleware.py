@@ -40,6 +40,28 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 CLIENT_CLOSED = 499
 
 
+def header_lines(scope: Scope, name: bytes) -> list[bytes]:
+    """Every line of header `name` (lower case), in the order sent. A header may come as several lines, which
+    `dict(scope["headers"])` reads as its last, while Starlette and FastAPI read the first: each reader here says
+    which lines it means (RFC 9110 5.3: repeated lines of a list header are one comma-joined list)."""
+    return [value for key, value in scope.get("headers") or () if key == name]
+
+
+def first_header(scope: Scope, name: bytes, default: bytes = b"") -> bytes:
+    """Header `name`'s first line, as Starlette's `request.headers[name]` reads it."""
+    lines = header_lines(scope, name)
+    return lines[0] if lines else default
+
+
+def joined_headers(scope: Scope) -> dict[bytes, bytes]:
+    """Every header once, its repeated lines joined with ", " (RFC 9110 5.3; W3C trace context joins `tracestate`
+    so, and a `traceparent` sent twice no longer parses, rather than silently being the last)."""
+    out: dict[bytes, bytes] = {}
+    for key, value in scope.get("headers") or ():
+        out[key] = out[key] + b", " + value if key in out else value
+    return out
+
+
 def request_state(scope: Scope) -> dict:
     return scope.setdefault("state", {})
 
@@ -49,7 +71,7 @@ def request_id(scope: Scope) -> str:
     state = request_state(scope)
     rid = state.get("request_id")
     if rid is None:
-        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        given = first_header(scope, REQUEST_ID_HEADER).decode("latin-1")
         rid = given if _REQUEST_ID_OK.fullmatch(given) else uuid.uuid4().hex
         state["request_id"] = rid
     return rid
@@ -89,7 +111,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = joined_headers(scope)
         rid = request_id(scope)
         arrival(scope)
         status = 500
@@ -236,7 +258,9 @@ def bearer_matches(authorization: bytes, key: bytes) -> bool:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but health and the docs (`bearer_matches`)."""
+    """`Authorization: Bearer <key>` on every route but health and the docs (`bearer_matches`), on exactly one
+    header line: with two, the first (what Starlette, TEI and vLLM read) and the last (what a dict of the lines
+    reads) could disagree, and a wrong key followed by the right one authenticated."""
 
     def __init__(self, app: ASGIApp, api_key: str, metrics_public: bool = False) -> None:
         self.app = app
@@ -247,10 +271,13 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope["path"] in self.public or scope["path"].startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
-        if bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.expected):
+        given = header_lines(scope, b"authorization")
+        if len(given) == 1 and bearer_matches(given[0], self.expected):
             await self.app(scope, receive, send)
             return
         msg = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+        if len(given) > 1:
+            msg = f"{len(given)} Authorization headers: send one, 'Authorization: Bearer <key>'"
         resp = dialect_for(scope["path"]).response(401, msg, "auth", headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
 
