@@ -13,7 +13,7 @@ from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.served import ServedModel
 from openrerank.server.app import create_app, route_paths
 from openrerank.server.config import ServerConfig
-from openrerank.server.errors import format_validation_errors
+from openrerank.server.errors import MAX_ERRORS_READ, format_validation_errors
 from openrerank.server.middleware import HeadMiddleware
 from openrerank.wire.nim import NimRankingRequest
 from tests.support import nim_body
@@ -71,6 +71,13 @@ def test_validation_message_names_allowed_fields():
     msg = format_validation_errors(errors, NimRankingRequest)
     assert msg.startswith("Unknown field(s) 'top_n'; allowed fields are: model, query, passages, truncate")
     assert "field 'query' is required" in msg
+
+
+def test_a_validation_message_reads_a_bounded_number_of_errors():
+    """600k errors made a 6.5 MB message (a second's work) to send its first 2,000 characters."""
+    errors = [{"type": "missing", "loc": ("body", f"f{i}"), "msg": "Field required"} for i in range(1000)]
+    msg = format_validation_errors(errors, NimRankingRequest)
+    assert msg.count("is required") == MAX_ERRORS_READ and msg.endswith(f"; and {1000 - MAX_ERRORS_READ} more errors")
 
 
 def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_model_dir):

@@ -9,6 +9,7 @@ element is what shows no element was looked at (no timing involved).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import nim
+from openrerank.server.dialects.list_bounds import MAX_UNKNOWN_FIELDS
 from openrerank.wire.tei import TeiRerankRequest
 from tests.server.faults import WAIT_S, InProcessServer, in_thread
 
@@ -57,6 +59,39 @@ def test_an_over_count_request_is_refused_before_its_elements_are_validated(tiny
         r = c.post(path, json=body)
     assert r.status_code == status, r.text
     assert message(r.json()) == expected
+
+
+def many(n: int) -> dict[str, int]:
+    return {f"k{i}": 0 for i in range(n)}
+
+
+#: Each body holds 1,000 unknown keys where its model forbids them, and an invalid value: validated, it got an
+#: error per key (600k keys: ~10 s of work while /v1/health/live went unanswered) and the value's error too.
+@pytest.mark.parametrize(("path", "body", "named"), [
+    ("/v1/ranking", {"query": {"text": "q"}, "passages": [{"text": "p"}], "truncate": "BAD", **many(1000)},
+     "Unknown field(s) 'k0', 'k1', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7'; allowed fields are: model, query, passages"),
+    ("/v1/ranking", {"query": {"text": "q"}, "passages": [{"text": "p"}, {"text": "p", **many(1000)}],
+                     "truncate": "BAD"}, "unknown field 'passages.1.k0'; unknown field 'passages.1.k1'"),
+    ("/v1/embeddings", {"input": "p", "truncate": "BAD", **many(1000)},
+     "Unknown field(s) 'k0', 'k1', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7'; allowed fields are: input, model"),
+])
+def test_many_unknown_fields_are_refused_by_name_before_the_body_is_validated(tiny_server, path, body, named):
+    with tiny_server.client() as c:
+        r = c.post(path, json=body)
+    assert r.status_code == 400, r.text
+    msg = message(r.json())
+    assert named in msg and msg.endswith(f"; and {1000 - MAX_UNKNOWN_FIELDS} more unknown fields")
+    assert len(re.findall(r"[.']k\d", msg)) == MAX_UNKNOWN_FIELDS and "truncate:" not in msg  # no validation ran
+
+
+def test_up_to_the_bound_unknown_fields_get_the_validation_answer_and_cohere_ignores_them(tiny_server):
+    with tiny_server.client() as c:
+        few = c.post("/v1/ranking", json={"query": {"text": "q"}, "passages": [{"text": "p"}], "truncate": "BAD",
+                                          **many(MAX_UNKNOWN_FIELDS)})
+        cohere = c.post("/v2/rerank", json={"model": "tiny", "query": "q", "documents": ["p"], **many(1000)})
+    assert few.status_code == 400 and "more unknown" not in few.json()["message"]
+    assert few.json()["message"].count("'k") == MAX_UNKNOWN_FIELDS and "truncate:" in few.json()["message"]
+    assert cohere.status_code == 200, cohere.text
 
 
 def test_a_token_id_list_is_one_input_not_a_count(tiny_server):

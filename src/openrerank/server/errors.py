@@ -167,11 +167,17 @@ def dialect_for(path: str) -> Dialect:
     return best
 
 
+#: Errors a message reads at most: more would be cut at `MAX_MESSAGE_CHARS` anyway, after being formatted (600k
+#: errors made a 6.5 MB message, a second of work, to send its first 2,000 characters).
+MAX_ERRORS_READ = 100
+
+
 def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) -> str:
-    """pydantic errors as one readable sentence; unknown top-level fields name the allowed ones."""
+    """pydantic errors as one readable sentence (the first `MAX_ERRORS_READ`, and how many more); unknown top-level
+    fields name the allowed ones."""
     parts: list[str] = []
     unknown: list[str] = []
-    for err in errors:
+    for err in errors[:MAX_ERRORS_READ]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         typ = err.get("type", "")
@@ -194,4 +200,6 @@ def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) 
         allowed = ", ".join(model.model_fields) if model is not None else ""
         names = ", ".join(f"'{u}'" for u in unknown)
         parts.insert(0, f"Unknown field(s) {names}" + (f"; allowed fields are: {allowed}" if allowed else ""))
+    if len(errors) > MAX_ERRORS_READ:
+        parts.append(f"and {len(errors) - MAX_ERRORS_READ} more errors")
     return "; ".join(parts) or "invalid request"

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from openrerank.server.config import ServerConfig
-from openrerank.server.errors import ApiError
+from openrerank.server.errors import ApiError, format_validation_errors
 
 #: A body at least this large is parsed, counted and validated on a worker thread, not on the event loop: a
 #: legal 8 MB body (Cohere v1, 512 documents of 1,200 fields) took 91 ms to parse and 245 ms to validate, during
@@ -109,6 +109,54 @@ def check_lists(config: ServerConfig, model: type[BaseModel], payload: Any) -> N
             limit.require(config, count)
 
 
+#: A body with more unknown fields than this, where its model forbids them, is refused from its raw JSON naming
+#: the first few, before pydantic validates it: pydantic builds one error per unknown key, and a 7 MB body of
+#: 600k of them cost ~10 s (most of it turning those errors into Python objects, a 6.5 MB message cut to 2,000
+#: characters), with /v1/health/live unanswered for seconds. Up to this many, pydantic answers as ever (every
+#: error it finds, unknown fields named with the allowed ones).
+MAX_UNKNOWN_FIELDS = 8
+
+
+def _closed_model(annotation: Any) -> type[BaseModel] | None:
+    """The one model a field's value is (`M`, `list[M]`, `M | None`), else None (no model, or a choice of two)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {m for arg in get_args(annotation) if (m := _closed_model(arg)) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def unknown_fields(model: type[BaseModel], payload: Any, loc: tuple[str | int, ...] = ()) -> Iterator[tuple]:
+    """Where a raw body holds a key `model` (or a model nested in it, a passage) forbids, in body order."""
+    if not isinstance(payload, dict):
+        return
+    fields = model.model_fields
+    if model.model_config.get("extra") == "forbid":
+        known = {*fields, *(f.alias for f in fields.values() if f.alias),
+                 *(f.validation_alias for f in fields.values() if isinstance(f.validation_alias, str))}
+        yield from ((*loc, key) for key in payload if key not in known)
+    for name, info in fields.items():
+        inner = _closed_model(info.annotation)
+        key = info.alias or name
+        if inner is None or key not in payload:
+            continue
+        value = payload[key]
+        items = enumerate(value) if isinstance(value, list) else ((None, value),)
+        for i, item in items:
+            yield from unknown_fields(inner, item, (*loc, key) if i is None else (*loc, key, i))
+
+
+def check_unknown_fields(model: type[BaseModel], payload: Any) -> None:
+    """Refuse a raw body with more than `MAX_UNKNOWN_FIELDS` unknown fields, naming that many: the answer pydantic's
+    errors would give, less the rest (`format_validation_errors`), with the dialect's status and shape."""
+    found = list(unknown_fields(model, payload))
+    if len(found) <= MAX_UNKNOWN_FIELDS:
+        return
+    named = [{"type": "extra_forbidden", "loc": ("body", *where), "msg": "Extra inputs are not permitted"}
+             for where in found[:MAX_UNKNOWN_FIELDS]]
+    more = len(found) - MAX_UNKNOWN_FIELDS
+    raise ApiError(400, f"{format_validation_errors(named, model)}; and {more} more unknown fields")
+
+
 class _ParsedRequest(Request):
     """The request, its body already read and validated: FastAPI's handler takes both from here (`json()`: the
     validated model, which FastAPI validates again at no cost: pydantic passes an instance of the model through)."""
@@ -149,6 +197,7 @@ class BoundedRoute(APIRoute):
             except (ValueError, RecursionError):
                 return _UNPARSED
             check_lists(config, model, payload)  # type: ignore[arg-type]
+            check_unknown_fields(model, payload)  # type: ignore[arg-type]
             value, errors = body_field.validate(payload, {}, loc=("body",))
             if errors:
                 raise RequestValidationError(errors, body=payload)
