@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -22,18 +23,22 @@ SEEN: list[str] = []  # the paths refusing_app was called for
 
 
 async def refusing_app(scope, receive, send) -> None:
-    """POST /refuse: 413 at once, body unread (as the body guard answers a declared oversize); else 200
-    once the body is read whole."""
+    """POST /refuse: 413 at once, body unread (as the body guard answers a declared oversize); POST /echo: the
+    body read, on a connection kept open; else 200 once the body is read whole."""
     if scope["type"] != "http":
         return
     SEEN.append(scope["path"])
-    if scope["path"] != "/refuse":
-        while (await receive()).get("more_body"):
-            pass
+    body = b""
+    while scope["path"] != "/refuse":
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
     status = 413 if scope["path"] == "/refuse" else 200
+    reply, close = (body, []) if scope["path"] == "/echo" else (b"no", [(b"connection", b"close")])
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-length", b"2"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": b"no"})
+                "headers": [(b"content-length", b"%d" % len(reply)), *close]})
+    await send({"type": "http.response.body", "body": reply})
 
 
 class Served:
@@ -181,3 +186,64 @@ def test_requests_pipelined_behind_a_refused_one_are_dropped_as_a_close_drops_th
     assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1") == 1
     served.wait_closed()
     assert SEEN == ["/refuse"]
+
+
+H2C_OFFER = (b"connection: Upgrade, HTTP2-Settings", b"upgrade: h2c", b"http2-settings: AAMAAABkAAQCAAAAAAIAAAAA")
+
+
+def exchange(served: Served, *writes: bytes) -> bytes:
+    """What the server answers to `writes` (sent 0.2 s apart), read until it closes."""
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.settimeout(WAIT_S)
+        for data in writes:
+            sock.sendall(data)
+            time.sleep(0.2)
+        return read_all(sock)
+
+
+def test_an_upgrade_offer_it_does_not_take_is_served_with_its_body(served):
+    """llhttp stops at the head of a request offering `Upgrade: h2c` (curl --http2, Java's and Ktor's clients
+    on plain http): the app got an empty body, and a body sent apart was parsed as the next request."""
+    closing = b"GET /last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    chunked = b"\r\n".join([b"POST /echo HTTP/1.1", b"host: x", b"transfer-encoding: chunked", *H2C_OFFER, b"", b""])
+    for writes in ([head("/echo", 5, *H2C_OFFER) + b"hello" + closing],
+                   [head("/echo", 5, b"connection: upgrade", b"upgrade: foo/1"), b"hello", closing],
+                   [chunked + b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n" + closing]):
+        SEEN.clear()
+        answer = exchange(served, *writes)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 200 ") == 2, answer
+        assert b"\r\n\r\nhelloHTTP/1.1 200 " in answer and SEEN == ["/echo", "/last"]
+        served.wait_closed()
+
+
+def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(served):
+    """uvicorn answered the malformed request at once, in plain text, and closed: the valid request's answer
+    was lost (and it was logged as the client's disconnect)."""
+    answer = exchange(served, head("/echo", 5) + b"hello" + b"garbage\r\n\r\n")
+    first, _, rest = answer.partition(b"\r\n\r\nhello")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 400 "), answer
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])  # in the error shape of the path's dialect
+    assert body["object"] == "error" and body["message"].startswith("invalid HTTP request"), body
+    served.wait_closed()
+    assert SEEN == ["/echo"]
+
+
+def test_an_unreadable_body_is_refused_at_once(served):
+    """The request whose body cannot be read is the one answered 400, without waiting for its app."""
+    start = time.monotonic()
+    broken = b"\r\n".join([b"POST /echo HTTP/1.1", b"host: x", b"transfer-encoding: chunked", b"", b""])
+    answer = exchange(served, broken + b"ffffffffffffffffff\r\nhello\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"invalid HTTP request" in answer, answer
+    served.wait_closed()
+    assert time.monotonic() - start < 5
+
+
+def test_a_transfer_coding_other_than_chunked_gets_501(served):
+    """llhttp takes `Transfer-Encoding: gzip, chunked` and handed the app the body still gzipped as if it were
+    the request's (RFC 9112 section 6.1: 501 for a transfer coding the server does not know)."""
+    request = b"\r\n".join([b"POST /echo HTTP/1.1", b"host: x", b"transfer-encoding: gzip, chunked", b"", b""])
+    answer = exchange(served, request + b"5\r\nhello\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 501 "), answer
+    assert "Transfer-Encoding 'gzip'" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"]
+    served.wait_closed()
+    assert SEEN == []

@@ -10,7 +10,10 @@ a connection as soon as a `Connection: close` answer is out, even one sent befor
 (the body guard's 413 on a declared length): the kernel then resets the connection and a client still sending
 loses the answer. Such a connection is closed gently instead (half-closed, the rest of the body read and
 dropped, bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should still bound connections per
-client (docs/reliability.md).
+client (docs/reliability.md). A request that cannot be served (unreadable: 400; a transfer coding other than
+chunked: 501; headers too large: 431) is answered after the requests pipelined before it, in the path's error
+shape: uvicorn closed at once, losing their answers. An upgrade offer other than a websocket (h2c) is ignored
+and the request served with its body (`server/http_edges.py`).
 
 On SIGTERM/SIGINT the app's drain (`server/drain.py`) starts as uvicorn stops accepting connections: every
 accepted request is answered, finished or with a retryable 503 once `--graceful-timeout` has passed. A second
@@ -48,16 +51,19 @@ from typing import Any
 
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import UVICORN_MARGIN_S
-from openrerank.server.errors import dialect_for
-from openrerank.server.responses import dumps
+from openrerank.server.http_answers import (
+    bad_request,
+    coding_not_implemented,
+    headers_too_large,
+    headers_too_slow,
+    request_path,
+)
 
 log = logging.getLogger(__name__)
 
 #: `openrerank serve` exit status when a model cannot be loaded.
 EXIT_LOAD_FAILED = 3
 
-_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                b"content-length: 37\r\nconnection: close\r\n\r\nrequest headers not received in time\n")
 _HEAD_END = b"\r\n\r\n"
 #: A connection answered before its request was read whole is closed once the client has been quiet for
 #: LINGER_S, or LINGER_MAX_S after the answer at the latest (nginx's lingering_timeout and lingering_time).
@@ -66,40 +72,6 @@ LINGER_MAX_S = 30.0
 #: Once the server has stopped, how long the process waits for worker threads still busy with work nobody waits
 #: for (a model load cut short, images being prepared for requests already answered) before exiting without them.
 ABANDONED_WORK_WAIT_S = 1.0
-
-
-def request_path(head_start: bytes, *, whole_line: bool = False) -> str | None:
-    """The path of the request line that `head_start` begins with (None before its target arrived, or, with
-    `whole_line`, before the line's end: a target cut short may name another dialect's path)."""
-    line, ended, _ = head_start.partition(b"\r\n")
-    target = line.split(b" ")
-    if len(target) < 2 or (whole_line and not ended):
-        return None
-    return target[1].split(b"?", 1)[0].decode("latin-1")
-
-
-def error_answer(status: int, reason: bytes, path: str, message: str, kind: str) -> bytes:
-    """A whole closing response, in the error shape of the dialect owning `path`: for a connection the
-    protocol answers itself, before the app has the request."""
-    body = dumps(dialect_for(path).render(status, message, kind))
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
-            b"\r\n%s" % (status, reason, len(body), body))
-
-
-def headers_too_large(head_start: bytes, limit: int) -> bytes:
-    """A whole 431 response, in the error shape of the dialect owning the request's path."""
-    message = f"request headers exceed {limit} bytes (--max-header-bytes)"
-    return error_answer(431, b"Request Header Fields Too Large", request_path(head_start) or "/", message,
-                        "too_large")
-
-
-def headers_too_slow(head_start: bytes, timeout: float) -> bytes:
-    """A whole 408 response: in the path's dialect once the request line arrived whole, else plain text."""
-    path = request_path(head_start, whole_line=True)
-    if path is None:
-        return _TIMEOUT_408
-    message = f"request headers not received within {timeout:g} s (--header-timeout)"
-    return error_answer(408, b"Request Timeout", path, message, "timeout_headers")
 
 
 class _ClosingGently:
@@ -120,6 +92,8 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
     gentle close of a connection answered early ("auto" without httptools)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        from openrerank.server.http_edges import OfferIgnoringParser, StopParsing, unsupported_coding
     except ImportError:  # pragma: no cover - uvicorn[standard] ships httptools
         log.warning("httptools is not installed: no --header-timeout (uvicorn's h11 protocol has none)")
         return "auto"
@@ -138,10 +112,22 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
         _lingering = False  # answered and closing: what the client still sends is dropped
         _linger_timer: asyncio.TimerHandle | None = None
         _linger_end = 0.0
+        _refusal: bytes | None = None  # an answer to a request it cannot serve, sent after those before it
+        replaying = False  # OfferIgnoringParser is replaying a body's framing: not a request
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.parser = OfferIgnoringParser(self)
+            try:  # as uvicorn sets its own parser: answer a request pipelined before a close
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+            except AttributeError:  # pragma: no cover - httptools < 0.6.3
+                pass
 
         def data_received(self, data: bytes) -> None:
             if self._lingering:
                 self._linger_until_quiet()  # the rest of a refused request: read and dropped
+                return
+            if self._refusal is not None:  # a request it cannot serve waits for its answer: the rest is dropped
                 return
             if self._in_head:  # count before the parser buffers anything: it would take any size
                 seen = self._tail + data
@@ -156,13 +142,44 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             super().data_received(data)
 
         def _headers_too_large(self) -> None:
-            self._disarm()
-            if self.transport.is_closing():
-                return
             log.info("refusing a request from %s: request headers over %d bytes (--max-header-bytes)",
                      self.client, max_header_bytes)
-            self.transport.write(headers_too_large(self._head_start, max_header_bytes))
+            self._refuse(headers_too_large(self._head_start, max_header_bytes))
+
+        def _refuse(self, answer: bytes) -> None:
+            """Send `answer` to a request that cannot be served and close gently, after the answers to the
+            requests pipelined before it (HTTP/1.1 answers in order): sending it at once lost those."""
+            self._disarm()
+            if self._refusal is None and not self._lingering:
+                self._refusal = answer
+                self._send_refusal()
+
+        def _send_refusal(self) -> None:
+            """The refusal waiting, once no request before it is still to be answered."""
+            cycle = self.cycle
+            if (self._refusal is None or self._lingering or self.transport.is_closing() or self.pipeline
+                    or (cycle is not None and not cycle.response_complete and not cycle.disconnected)):
+                return
+            self.transport.write(self._refusal)
             self._linger()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request llhttp cannot read: a 400 in the path's error shape, after the answers to the requests
+            before it (uvicorn answered in plain text and closed at once: those answers were lost, and their
+            requests logged as the client's disconnect)."""
+            problem = str(sys.exception() or msg)  # llhttp's reason; called while uvicorn handles its error
+            broken = None if self._in_head else self.cycle  # the request whose body could not be read
+            if broken is None:  # its request line, else the path of the request before it
+                path = request_path(self._head_start, whole_line=True) or (
+                    self.cycle.scope["path"] if self.cycle is not None else "/")
+            else:
+                path = broken.scope["path"]
+                if self.pipeline and self.pipeline[0][0] is broken:
+                    self.pipeline.popleft()  # not started: it never will be
+                else:  # its app is told the client is gone, as uvicorn's close told it
+                    broken.disconnected = True
+                    broken.message_event.set()
+            self._refuse(bad_request(path, problem))
 
         def _close_gently(self) -> None:
             """The cycle's `transport.close()`: at once if the request was read whole, else a lingering
@@ -191,6 +208,8 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             self._linger_timer = self.loop.call_at(when, self.transport.close)
 
         def on_message_complete(self) -> None:
+            if self.parser.should_upgrade() and not self._should_upgrade():
+                return  # the head of an upgrade offer ignored: its body follows (OfferIgnoringParser)
             super().on_message_complete()
             self._in_head, self._head_bytes, self._head_start, self._tail = True, 0, b"", b""
 
@@ -216,12 +235,27 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             self._arm()
 
         def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
+            if not self.replaying:
+                super().on_message_begin()
+                self._arm()
+
+        def on_url(self, url: bytes) -> None:
+            if not self.replaying:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if not self.replaying:
+                super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            if self.replaying:
+                return
             self._disarm()
             self._in_head = False
+            coding = unsupported_coding(self.headers)
+            if coding is not None:  # before the app has it: its body cannot be read
+                self._refuse(coding_not_implemented(self.url.partition(b"?")[0].decode("latin-1"), coding))
+                raise StopParsing
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.transport is self.transport:  # a new request's cycle
                 self.cycle.transport = _ClosingGently(self.transport, self._close_gently)
@@ -236,6 +270,7 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             if self._lingering:  # requests pipelined behind a refused one are dropped, as a close drops them
                 self.pipeline.clear()
             super().on_response_complete()
+            self._send_refusal()
             if self._lingering:  # the linger bounds the connection now, not the keep-alive timeout
                 self._unset_keepalive_if_required()
             # the next request's headers are timed from its first byte; until then the keep-alive

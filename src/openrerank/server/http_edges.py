@@ -1,0 +1,64 @@
+"""HTTP/1.1 edges uvicorn's httptools protocol gets wrong, for `server/http.py`'s protocol: an upgrade offer
+the server does not take, and transfer codings other than chunked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httptools
+
+
+def unsupported_coding(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The first transfer coding other than chunked among the request's headers (names in lower case). llhttp
+    takes `Transfer-Encoding: gzip, chunked` and hands on the body still gzipped, as if it were the request's."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            for coding in value.split(b","):
+                coding = coding.strip(b" \t").lower()
+                if coding and coding != b"chunked":
+                    return coding[:40].decode("latin-1")
+    return None
+
+
+def body_framing(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A request head framing a body as `headers` (names in lower case) frame theirs: for llhttp to read the
+    body of a request whose head it stopped at (an upgrade offer, see OfferIgnoringParser)."""
+    framing = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers
+                       if name in (b"content-length", b"transfer-encoding"))
+    return b"POST / HTTP/1.1\r\n%s\r\n" % framing
+
+
+class StopParsing(Exception):
+    """Raised from a parser callback to end the parse of a request the protocol has refused."""
+
+
+class OfferIgnoringParser(httptools.HttpRequestParser):
+    """llhttp as uvicorn drives it, except that an upgrade offer the server does not take (h2c, which curl
+    --http2, Java's and Ktor's clients send on plain http; anything but a websocket) is ignored, as RFC 9110
+    section 7.8 allows: llhttp stops at the end of such a request's head, uvicorn then handed the app an
+    empty body and took the body's bytes for the next request. The body's framing is replayed to llhttp
+    (a head the protocol does not see) and the body read as the request's. A parse the protocol itself
+    stopped (a request it refused) ends quietly, without uvicorn's 400."""
+
+    def __init__(self, protocol: Any) -> None:
+        super().__init__(protocol)
+        self.protocol = protocol
+
+    def feed_data(self, data: bytes) -> None:
+        while data:
+            try:
+                super().feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                if self.protocol._should_upgrade():  # a websocket: uvicorn's
+                    raise
+                data = data[exc.args[0]:]
+                self.protocol.replaying = True
+                try:
+                    super().feed_data(body_framing(self.protocol.headers))
+                finally:
+                    self.protocol.replaying = False
+            except httptools.HttpParserCallbackError as exc:
+                if not isinstance(exc.__context__, StopParsing):
+                    raise
+                return
