@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
-from openrerank.engine.errors import DeadlinePushedError, QueueFullError
+from openrerank.engine.errors import DeadlinePushedError, DeadlineUnreachableError, QueueFullError
 from openrerank.engine.pending import PendingRequest
 from openrerank.engine.rates import (
     DEADLINE_SHARE,
@@ -174,3 +174,12 @@ def test_at_risk_names_the_requests_fairness_would_make_late_but_priority_would_
     assert at_risk([(900.0, 8.0), (300.0, 20.0)], RATE) == []  # 9 s alone: late anyway, no priority
     assert at_risk([(400.0, float("inf")), (100.0, 2.0)], RATE) == [1]  # no deadline, never at risk
     assert at_risk([(400.0, 8.0), (400.0, 7.0)], RATE) == [1, 0]  # earliest deadline first
+
+
+def test_a_deadline_refusal_names_what_set_the_deadline_in_seconds_a_client_can_read():
+    """A client's deadline of a few milliseconds read "too close to its deadline in -0 s (--request-timeout"."""
+    refusal = DeadlineUnreachableError(0.75, -0.004, 1_700.0, 1.0)
+    assert "finish in about 0.75 s" in str(refusal) and "deadline in 0 s (--request-timeout;" in str(refusal)
+    named = refusal.set_by("the client's gRPC deadline")
+    assert "deadline in 0 s (the client's gRPC deadline;" in str(named) and named.retry_after == 1.0
+    assert "finish in about 17 s" in str(DeadlineUnreachableError(17.2, 30.0, 1_700.0, 1.0))

@@ -28,13 +28,25 @@ class DeadlineUnreachableError(QueueFullError):
     """The request fits its budget, but behind the work pending it would not finish before its deadline at
     the model's measured rate: refused at once (503/429, Retry-After) instead of a 504 much later."""
 
-    def __init__(self, estimate: float, left: float, tokens_per_second: float, retry_after: float) -> None:
-        """`tokens_per_second`: the measured rate for sequences as long as this request's."""
+    def __init__(self, estimate: float, left: float, tokens_per_second: float, retry_after: float,
+                 deadline_from: str = "--request-timeout") -> None:
+        """`tokens_per_second`: the measured rate for sequences as long as this request's; `deadline_from`: what
+        set the deadline (the server's flag, or a client's own deadline)."""
         QueueFullError.__init__(self, "", "", retry_after)
-        self.args = (f"server overloaded: this request would finish in about {estimate:.0f} s behind the work "
-                     f"pending (the model scores ~{tokens_per_second:,.0f} tokens/s here at these lengths), "
-                     f"too close to its deadline in {left:.0f} s (--request-timeout; work is planned into at most "
-                     f"{DEADLINE_SHARE:.0%} of the time left); retry later",)
+        self._facts = (estimate, left, tokens_per_second, retry_after)
+        self.args = (f"server overloaded: this request would finish in about {_seconds(estimate)} s behind the "
+                     f"work pending (the model scores ~{tokens_per_second:,.0f} tokens/s here at these lengths), "
+                     f"too close to its deadline in {_seconds(max(0.0, left))} s ({deadline_from}; work is planned "
+                     f"into at most {DEADLINE_SHARE:.0%} of the time left); retry later",)
+
+    def set_by(self, deadline_from: str) -> DeadlineUnreachableError:
+        """The same refusal, naming what set the deadline (a gRPC client's deadline, a call's `timeout`)."""
+        return DeadlineUnreachableError(*self._facts, deadline_from=deadline_from)
+
+
+def _seconds(s: float) -> str:
+    """Seconds for a message: whole ones, and two digits below ten (a client's 50 ms deadline is not "0 s")."""
+    return f"{s:.0f}" if s >= 10 else f"{s:.2g}"
 
 
 class DeadlinePushedError(QueueFullError):

@@ -137,3 +137,33 @@ def test_overload_is_resource_exhausted(slow_server):
     assert outcome.startswith("RESOURCE_EXHAUSTED: server overloaded"), outcome
     assert "--max-queue" in outcome
     until(lambda: idle(slow_server), "the queue to empty")
+
+
+@pytest.fixture(scope="module")
+def queueing_server(tmp_path_factory):
+    """The default model with room in the queue: a call behind seconds of work meets admission's deadline check."""
+    port = free_port()
+    args = ["--backend", "torch", "--max-queue", "4", "--max-passages", "512", "--grpc-port", str(port)]
+    with run_server(args, tmp_path_factory.mktemp("queue-grpc")) as server:
+        server.grpc_url = f"127.0.0.1:{port}"
+        yield server
+
+
+def test_a_refusal_for_a_deadline_too_close_names_the_clients_deadline(queueing_server):
+    """Behind seconds of work, a call with a 2 s gRPC deadline is refused at admission (it would finish long
+    after), and the refusal said its deadline was --request-timeout's (120 s here), "in -0 s" for the shortest."""
+    async def main() -> str:
+        async with aioclient.InferenceServerClient(queueing_server.grpc_url) as c:
+            busy = asyncio.create_task(c.infer(MODEL, ranking_inputs("river", LONG)))
+            while idle(queueing_server):
+                assert not busy.done(), "the first request finished before the second was sent"
+                await asyncio.sleep(0.05)
+            with grpcclient.InferenceServerClient(queueing_server.grpc_url) as sync:
+                exc = failure(sync.infer, MODEL, ranking_inputs("stone", LONG), client_timeout=2.0)
+            busy.cancel()
+            return f"{status_of(exc)}: {exc.message()}"
+
+    outcome = asyncio.run(main())
+    assert outcome.startswith("RESOURCE_EXHAUSTED: server overloaded: this request would finish"), outcome
+    assert "(the client's gRPC deadline;" in outcome and "--request-timeout" not in outcome, outcome
+    until(lambda: idle(queueing_server), "the queue to empty")

@@ -21,7 +21,7 @@ import grpc
 
 from openrerank import __version__
 from openrerank.core.images import ImageInputError
-from openrerank.engine.errors import DeadlineExceededError, UnknownModelError
+from openrerank.engine.errors import DeadlineExceededError, DeadlineUnreachableError, UnknownModelError
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
@@ -168,6 +168,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             raise _Abort(Code.DEADLINE_EXCEEDED, f"request timed out after {deadline - arrival:.3g} s ({set_by})"
                          ) from None
+        except DeadlineUnreachableError as exc:  # refused at admission: name the deadline it would have missed
+            if set_by is None:
+                raise
+            raise exc.set_by(set_by) from None
         t = result.timings
         usage.update(model=model.name, passages=len(req.passages), tokens=result.prompt_tokens,
                      queue_ms=t.queue_ms, inference_ms=t.inference_ms)
@@ -283,7 +287,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if not self._running:
                     self._idle.set()
             self._record(method, code, rid, usage, (time.perf_counter() - start) * 1e3)
-        await context.abort(code, safe_text(message))
+        try:
+            await context.abort(code, safe_text(message))
+        except grpc.aio.AbortError:
+            raise  # the status is sent: how grpc ends a call that aborts
+        except Exception as exc:  # grpc's ExecuteBatchError: the call ended before its status
+            # No status can be sent: the client's deadline passed as the call ended, and grpc already answered it
+            # DEADLINE_EXCEEDED. Ended as a cancelled call (grpc logs none), not with grpc's ERROR and traceback.
+            log.debug("gRPC %s (request id %s) ended before its status %s could be sent: %s", method, rid,
+                      code.name, exc)
+            raise asyncio.CancelledError from None
 
     async def _within_grace(self, work: Awaitable[Any]) -> Any:
         """`work`'s result, unless the server's shutdown grace period ends first: then the work is cancelled
@@ -299,6 +312,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if expired:  # the grace period ended, or this call was cancelled (the client went away)
                 task.cancel()
                 await asyncio.wait((task,))
+            if not task.cancelled():  # read, so asyncio does not log it as never retrieved when this call was
+                task.exception()  # cancelled in the turn the work failed (its deadline and the client's at once)
         if expired:
             raise _Abort(Code.UNAVAILABLE, drain.message())
         return task.result()
