@@ -122,17 +122,8 @@ class BodyGuardMiddleware:
                 return None
         if self.drain.expired:
             return None
-        part = asyncio.ensure_future(receive())
-        expiry = asyncio.ensure_future(self.drain.wait_expired())
-        try:
-            await asyncio.wait((part, expiry), timeout=max(0.0, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            expiry.cancel()
-            if not part.done():
-                part.cancel()
-            await asyncio.gather(part, expiry, return_exceptions=True)
-        return part.result() if part.done() and not part.cancelled() else None
+        part = await self.drain.race(receive(), max(0.0, deadline - time.monotonic()))
+        return None if part is None else part.result()
 
     async def _run_watching(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         """Run the route; cancel it if the client disconnects before the answer is complete, or answer the

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: uvicorn cancels whatever is still running this long after the app's grace period ended; by then every
 #: request has had its 503.
@@ -72,6 +76,24 @@ class Drain:
         log.warning("shutting down now (a second signal): requests still running are answered 503; a further "
                     "signal ends the process without waiting for the clean-up")
         self._expired.set()
+
+    async def race(self, work: Awaitable[T], timeout: float | None = None) -> asyncio.Future[T] | None:
+        """`work` run until it ends, the grace period ends or `timeout` seconds pass: its finished task (its
+        result or exception read from it), or None, once it was cancelled and has stopped. Cancelling the caller
+        cancels the work too, and an exception the work raised as it was cancelled is read, never left for
+        asyncio to log as "never retrieved" (a gRPC call cancelled in the turn its work failed did)."""
+        task = asyncio.ensure_future(work)
+        expiry = asyncio.ensure_future(self.wait_expired())
+        try:
+            await asyncio.wait((task, expiry), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            expiry.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait((task,))
+            if not task.cancelled():
+                task.exception()  # read: whoever waits for it, nobody may
+        return None if task.cancelled() else task
 
     async def wait_begun(self) -> None:
         await self._began.wait()

@@ -107,13 +107,7 @@ class GrpcServer:
         await self._health.enter_graceful_shutdown()
         drain = self.app.state.drain
         if drain.draining and self._service is not None:
-            idle = asyncio.ensure_future(self._service.wait_idle())
-            expired = asyncio.ensure_future(drain.wait_expired())
-            try:
-                await asyncio.wait((idle, expired), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiting in (idle, expired):
-                    waiting.cancel()
+            await drain.race(self._service.wait_idle())
         await server.stop(grace=UVICORN_MARGIN_S if drain.draining else drain.grace + UVICORN_MARGIN_S)
 
     async def _watch_readiness(self) -> None:

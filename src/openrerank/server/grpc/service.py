@@ -301,22 +301,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _within_grace(self, work: Awaitable[Any]) -> Any:
         """`work`'s result, unless the server's shutdown grace period ends first: then the work is cancelled
         (its queued scoring dropped) and the call answered UNAVAILABLE, retryable, as HTTP answers 503."""
-        drain = self.state.drain
-        task = asyncio.ensure_future(work)
-        expiry = asyncio.ensure_future(drain.wait_expired())
-        try:
-            await asyncio.wait((task, expiry), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            expiry.cancel()
-            expired = not task.done()
-            if expired:  # the grace period ended, or this call was cancelled (the client went away)
-                task.cancel()
-                await asyncio.wait((task,))
-            if not task.cancelled():  # read, so asyncio does not log it as never retrieved when this call was
-                task.exception()  # cancelled in the turn the work failed (its deadline and the client's at once)
-        if expired:
-            raise _Abort(Code.UNAVAILABLE, drain.message())
-        return task.result()
+        done = await self.state.drain.race(work)
+        if done is None:
+            raise _Abort(Code.UNAVAILABLE, self.state.drain.message())
+        return done.result()
 
     def _record(self, method: str, code: grpc.StatusCode, rid: str, usage: dict[str, Any], total_ms: float) -> None:
         route = f"/{SERVICE}/{method}"
