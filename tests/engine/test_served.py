@@ -106,3 +106,21 @@ def test_a_listwise_models_rerank_work_is_counted_under_the_task_its_scheduler_r
         model._result(RerankRequest("q", ["a", "b"]), np.zeros(2, np.float32), 7, 7, Timings(), 0.0, 1)
         assert registry.get_sample_value("openrerank_tokens_total", {"model": task, "task": task}) == 7
     assert registry.get_sample_value("openrerank_tokens_total", {"model": "listwise", "task": "rerank"}) is None
+
+
+def test_the_served_ids_are_listed_in_order_from_the_start_whether_loaded_yet_or_not():
+    """/v1/models went from every id (while loading) to only those loaded so far once one had loaded, then back:
+    a client that read the list meanwhile saw models vanish."""
+    from types import SimpleNamespace
+
+    from openrerank.engine.served_models import ServedModels
+
+    served = ServedModels()
+    served.expected = ["a", "b", "c"]
+    assert served.names == ["a", "b", "c"]
+    served.add(SimpleNamespace(name="b"))
+    assert served.names == ["a", "b", "c"]
+    served.failed["c"] = "no weights"
+    assert served.names == ["a", "b"]
+    served.add(SimpleNamespace(name="extra"))  # added without being expected (as a test app adds one)
+    assert served.names == ["a", "b", "extra"]

@@ -56,7 +56,10 @@ class ServedModels:
 
     @property
     def names(self) -> list[str]:
-        return list(self._models) or [n for n in self.expected if n not in self.failed]
+        """The served ids, in the order given, whether loaded yet or not (those that failed to load left out):
+        the list a client reads (`/v1/models`) does not shrink once the first model has loaded."""
+        listed = [n for n in self.expected if n not in self.failed]
+        return [*listed, *(n for n in self._models if n not in listed)]
 
     @property
     def ids(self) -> list[str]:
