@@ -231,3 +231,45 @@ def test_an_out_of_range_nim_value_is_one_line_before_any_log():
     assert done.returncode == 2, done
     assert (done.stdout + done.stderr).strip() == ("openrerank serve: error: NIM_HTTP_API_PORT='70000': "
                                                    "must be 0-65535")
+
+
+def test_a_served_model_name_that_does_not_apply_is_reported_not_used(caplog):
+    """With --model NAME=SOURCE (or several models) NIM_SERVED_MODEL_NAME has no effect; the log said
+    "NIM variables read: NIM_SERVED_MODEL_NAME as --served-model-name", a flag that does not exist."""
+    from openrerank.cli.main import build_parser, config_and_nim_env
+
+    env = {"NIM_SERVED_MODEL_NAME": "nvidia/llama-nemotron-rerank-1b-v2", "NIM_SERVER_MAX_QUEUE_SIZE": "3"}
+    cfg, nim = config_and_nim_env(build_parser().parse_args(["serve", "--model", "ce=default"]), env)
+    assert cfg.models == ["ce=default"]
+    with caplog.at_level("INFO", logger="openrerank"):
+        nim.report()
+    assert "NIM variables read: NIM_SERVER_MAX_QUEUE_SIZE as --max-queue" in caplog.text
+    assert "NIM_SERVED_MODEL_NAME not used: it names the one model served" in caplog.text
+    assert "served-model-name" not in caplog.text
+    caplog.clear()
+    cfg, nim = config_and_nim_env(build_parser().parse_args(["serve"]), env)
+    assert cfg.models == ["nvidia/llama-nemotron-rerank-1b-v2=default"]
+    with caplog.at_level("INFO", logger="openrerank"):
+        nim.report()
+    assert "NIM_SERVED_MODEL_NAME as the served id of the one model" in caplog.text
+
+
+def test_an_alias_given_twice_is_refused():
+    """`--alias x=a --alias x=b`: the last silently won, and a typo passed or failed by where it sat."""
+    with pytest.raises(ValueError, match="--alias 'x' is given 2 times"):
+        config(["--model", "a=default", "--model", "b=default", "--alias", "x=a", "--alias", "x=b"], {})
+
+
+def test_allow_partial_covers_a_model_that_cannot_be_located(tmp_path, caplog):
+    """With --allow-partial, a source that cannot be resolved (a wrong path, a hub id out of reach) stopped the
+    whole server (exit 2) although the flag says the models that load are served."""
+    argv = ["--model", "a=default", "--model", f"b={tmp_path / 'nowhere'}"]
+    with pytest.raises(Exception, match="nowhere"):
+        preflight(config(argv, {}))
+    with caplog.at_level("WARNING", logger="openrerank"):
+        resolved = preflight(config([*argv, "--allow-partial"], {}))
+    assert [r.source.served_id for r in resolved] == ["a"]
+    assert "model b (" in caplog.text and "--allow-partial serves the others" in caplog.text
+    with pytest.raises(Exception, match="nowhere"):  # none can be located: nothing to serve
+        preflight(config(["--model", f"b={tmp_path / 'nowhere'}", "--model", f"c={tmp_path / 'nowhere'}",
+                          "--allow-partial"], {}))

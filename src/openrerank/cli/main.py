@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from openrerank import __version__
 from openrerank.cli import eval as eval_cli
 from openrerank.cli import export, families
-from openrerank.cli.nim_env import check_ssl_mode, read_nim_env, rename_single_model
+from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_under_name
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
@@ -150,18 +150,24 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     """Flags, then OPENRERANK_* variables, then NIM_* ones (cli/nim_env.py), then ServerConfig's defaults;
     checked (ServerConfig.validate) before anything is logged. A bad value is a UsageError naming what the
     user set: the flag, or the variable and the value written there (NIM_HTTP_API_PORT='70000': ...)."""
+    return config_and_nim_env(args, environ)[0]
+
+
+def config_and_nim_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
+                       ) -> tuple[ServerConfig, NimEnv]:
+    """`config_from_args`, and what the NIM variables amounted to (its `report()`: once logging is set up)."""
     environ = os.environ if environ is None else environ
     nim = read_nim_env(environ)
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    values["models"] = rename_single_model(values.get("models") or ["default"], nim.served_model_name)
+    values["models"] = serve_under_name(nim, values.get("models") or ["default"])
     config = ServerConfig(**values)
     check_ssl_mode(nim.ssl_mode, config.tls, config.ssl_ca_certs is not None)
     try:
         config.validate(shown)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return config
+    return config, nim
 
 
 def preflight(config: ServerConfig) -> list[ResolvedModel]:
@@ -204,7 +210,20 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
         from openrerank.observe.tracing import check_tracing_available
 
         check_tracing_available()
-    return [resolve_model(source, load_options(config)) for source in sources]
+    resolved, unresolved = [], []
+    for source in sources:
+        try:
+            resolved.append(resolve_model(source, load_options(config)))
+        except Exception as exc:
+            if not config.allow_partial or len(sources) == 1:
+                raise
+            unresolved.append((source, exc))
+    if unresolved and not resolved:
+        raise unresolved[0][1]
+    for source, exc in unresolved:  # tried again at load, where it is counted as failed (`ServedModels.failed`)
+        logging.getLogger("openrerank").warning("model %s (%s) cannot be located: %s; --allow-partial serves the "
+                                                "others", source.served_id, source.spec, exc)
+    return resolved
 
 
 def bind_socket(host: str, port: int, flags: str = "--host/--port, OPENRERANK_PORT") -> socket.socket:
@@ -241,7 +260,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     prog = "openrerank serve"
     try:
-        config = config_from_args(args)
+        config, nim = config_and_nim_env(args)
     except UsageError as exc:
         return fail(prog, str(exc))
     replicated = bool(args.replicas or args.max_replicas)
@@ -249,7 +268,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return fail(prog, "--grpc-port and --ssl-certfile/--ssl-keyfile serve from one process; with "
                     "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
     configure_logging(config.log_level, config.log_format)
-    read_nim_env(os.environ).report()
+    nim.report()
     sock: socket.socket | None = None
     try:
         resolved = preflight(config)

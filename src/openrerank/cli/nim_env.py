@@ -119,6 +119,7 @@ class NimEnv:
     ignored: list[str] = field(default_factory=list)  # NIM variables openrerank has nothing for
     shadowed: dict[str, str] = field(default_factory=dict)  # NIM variable -> what won over it
     served_model_name: str | None = None
+    served_model_from: str = ""  # the NIM variable that named it
     ssl_mode: str | None = None  # NIM_SSL_MODE, upper-cased; None: not set
     named: dict[str, str] = field(default_factory=dict)  # OPENRERANK_* name -> "NIM_X='value'", for errors
 
@@ -129,7 +130,7 @@ class NimEnv:
     def report(self) -> None:
         """One line about the NIM variables read and one about those ignored; after logging is configured."""
         if self.used:
-            log.info("NIM variables read: %s", ", ".join(f"{k} as --{v}" for k, v in self.used.items()))
+            log.info("NIM variables read: %s", ", ".join(f"{k} as {v}" for k, v in self.used.items()))
         if self.ignored:
             log.warning("NIM variables ignored (no openrerank equivalent): %s", ", ".join(self.ignored))
         for name, why in self.shadowed.items():
@@ -161,12 +162,13 @@ def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
         flags = []
         for flag, setting in convert(name, value).items():
             env = _env_name(flag)
-            if flag == "served-model-name":
+            if flag == "served-model-name":  # not a flag: used or not once the models are known (serve_under_name)
                 if out.served_model_name is not None:
                     out.shadowed[name] = "another NIM variable named the served model"
-                    continue
-                out.served_model_name = setting
-            elif environ.get(env, "") != "":
+                else:
+                    out.served_model_name, out.served_model_from = setting, name
+                continue
+            if environ.get(env, "") != "":
                 out.shadowed[name] = f"{env} is set"
                 continue
             elif env in out.settings:
@@ -177,14 +179,20 @@ def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
                 out.named[env] = f"{name}={value!r}"
             flags.append(flag)
         if flags:
-            out.used[name] = "/--".join(flags)
+            out.used[name] = "/".join(f"--{flag}" for flag in flags)
     return out
 
 
-def rename_single_model(models: list[str], served_name: str | None) -> list[str]:
-    """NIM's served-model-name: the one model (unless already NAME=SOURCE) is served under that id."""
-    if served_name and len(models) == 1 and "=" not in models[0]:
-        return [f"{served_name}={models[0]}"]
+def serve_under_name(nim: NimEnv, models: list[str]) -> list[str]:
+    """NIM's served model name: the one model (unless already NAME=SOURCE) is served under that id. Otherwise
+    the variable is reported as not used, with why (it was reported as read, and had no effect)."""
+    if nim.served_model_name is None:
+        return models
+    if len(models) == 1 and "=" not in models[0]:
+        nim.used[nim.served_model_from] = "the served id of the one model"
+        return [f"{nim.served_model_name}={models[0]}"]
+    nim.shadowed[nim.served_model_from] = ("it names the one model served, and --model names its own id or "
+                                           "several models are served")
     return models
 
 

@@ -136,6 +136,9 @@ class ServerConfig:
                      for o in self.cors_allow_origins if o != "*" and not _ORIGIN.fullmatch(o)]
         problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
                      if not all(p.strip() for p in a.partition("=")[::2])]
+        names = [a.partition("=")[0].strip() for a in self.aliases]
+        problems += [f"--alias {name!r} is given {names.count(name)} times: each name may name one model"
+                     for name in dict.fromkeys(names) if name and names.count(name) > 1]
         for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
                      "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-header-bytes",
                      "max-image-bytes", "max-image-pixels"):
