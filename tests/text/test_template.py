@@ -9,7 +9,17 @@ import pytest
 
 from openrerank.core.requests import Truncate
 from openrerank.text.prepare import InputTooLongError
-from openrerank.text.template import FIXED, PASSAGE, QUERY, PromptTemplate, TemplateTextEncoder, _split_runs, fill
+from openrerank.text.template import (
+    FIXED,
+    HEAD,
+    PASSAGE,
+    QUERY,
+    TAIL,
+    PromptTemplate,
+    TemplateTextEncoder,
+    _split_runs,
+    fill,
+)
 from tests.families.builders import GEMMA, QWEN, build_tokenizer
 
 PREFIX, SUFFIX = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
@@ -89,10 +99,11 @@ def test_pieces_are_tokenized_apart_not_as_one_prompt(tok):
 
 def test_tokens_are_attributed_to_slots_by_offsets(tok):
     """A token that holds slot characters belongs to the slot (" paris" with the template's space; "?\\n"
-    with the template's newline); everything else is fixed."""
+    with the template's newline); everything else is fixed. The newline it holds is also kept apart, for a cut
+    that drops the token to put back (the space is not: a window's own first token brings one)."""
     [runs] = encoder(tok).runs("what is?", ["paris river"])
     roles = [(role, tok.decode(run)) for role, run in runs]
-    assert roles == [(FIXED, PREFIX), (FIXED, "Q:"), (QUERY, " what is?\n"), (FIXED, "D:"),
+    assert roles == [(FIXED, PREFIX), (FIXED, "Q:"), (QUERY, " what is?\n"), (TAIL[QUERY], "\n"), (FIXED, "D:"),
                      (PASSAGE, " paris river"), (FIXED, SUFFIX)]
 
 
@@ -123,7 +134,35 @@ def test_no_sequence_exceeds_the_window_and_the_fixed_text_survives(tok, truncat
         for item in prep.items:
             assert len(item.input_ids) <= 64, (q_words, p_words)
             _, middle, _ = _parts(tok, item.input_ids)
-            assert tok.decode(middle).startswith("Q:") and "D:" in tok.decode(middle)
+            # "\nD:" whole: a query cut before its "?\n" token (one token, the template's newline in it) keeps it
+            assert tok.decode(middle).startswith("Q:") and "\nD:" in tok.decode(middle), (q_words, p_words)
+
+
+@pytest.mark.parametrize("truncate", [Truncate.END, Truncate.CHUNK])
+def test_a_cut_passage_keeps_the_newline_its_last_token_held(tok, truncate):
+    """jina-reranker-m0's layout: fixed text after the passage. A passage ending in "?" tokenizes "?\\n" with the
+    template's newline; a window that ends before it still ends the passage with that newline, in the length
+    the window allows."""
+    template = PromptTemplate((PREFIX, "D: {passage}\nQ: {query}", SUFFIX))
+    passage = words(300) + " what is it?"
+    prep = encoder(tok, 64, template).prepare("which city", [passage], truncate)
+    assert len(prep.items) >= (3 if truncate is Truncate.CHUNK else 1)
+    for item in prep.items[:-1] if truncate is Truncate.CHUNK else prep.items:
+        assert len(item.input_ids) == 64
+        _, middle, _ = _parts(tok, item.input_ids)
+        assert middle[-len(ids(tok, "\nQ: which city")):] == ids(tok, "\nQ: which city")
+    if truncate is Truncate.CHUNK:  # the last window holds the passage's end: "?\n" as the whole pair has it
+        assert tok.decode(prep.items[-1].input_ids).endswith(f"it?\nQ: which city{SUFFIX}")
+
+
+def test_a_cut_passage_keeps_fixed_text_its_first_token_held(tok):
+    """Fixed text before the slot merged into the passage's first token ("?" + "\\n..." is "?\\n") comes back
+    where START drops that token; a space before the slot does not (" capital" brings its own)."""
+    template = PromptTemplate((PREFIX, "Q: {query}\nD?{passage}", SUFFIX))
+    [runs] = encoder(tok, 64, template).runs("what", ["\n" + words(300)])
+    assert (HEAD[PASSAGE], ids(tok, "?")) in runs and not any(role == HEAD[QUERY] for role, _ in runs)
+    [item] = encoder(tok, 64, template).prepare("what", ["\n" + words(300)], Truncate.START).items
+    assert len(item.input_ids) == 64 and tok.decode(item.input_ids).startswith(f"{PREFIX}Q: what\nD?")
 
 
 def _fixed(tok) -> int:

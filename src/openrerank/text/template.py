@@ -8,11 +8,16 @@ seam (e.g. "?\\n") and change the ids.
 
 A piece may hold the `{query}` and `{passage}` slots (each once in the whole template). Which tokens
 belong to a slot is read from the tokenizer's character offsets, so truncation never cuts the template's
-fixed text: the query is first capped at `query_share` of the free window (as the references do), then the
-passage is trimmed (END: its end, START: its start), then the query gets back any room left. NONE refuses
-an over-long pair. CHUNK slides overlapping windows over the passage's tokens, splicing each into the same
-prompt; a query longer than half the free window is cut to that half for every passage (short ones too), as
-the pair encoder does, so all of a request's passages are scored against one query text.
+fixed text. A token that holds both (Qwen's "?\\n": a query's "?" and the template's newline) belongs to the
+slot; where a cut drops it, the fixed characters it held come back, tokenized alone, in place of the window's
+last (first) token, as they stay where a reference cuts the text before formatting it (jina-reranker-m0).
+A space before a slot (" paris" in "D: {passage}") is the exception: a window that starts inside the
+passage mostly starts with a token that brings its own space (" capital"), as a passage that began there would.
+The query is first capped at `query_share` of the free window (as the references do), then the passage is
+trimmed (END: its end, START: its start), then the query gets back any room left. NONE refuses an over-long
+pair. CHUNK slides overlapping windows over the passage's tokens, splicing each into the same prompt; a
+query longer than half the free window is cut to that half for every passage (short ones too), as the pair
+encoder does, so all of a request's passages are scored against one query text.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ FIXED = "fixed"
 _SLOT = re.compile(r"\{(query|passage)\}")
 
 Run = tuple[str, list[int]]  # (role, token ids)
+#: Roles of the fixed text a slot's first (last) token also holds, tokenized alone: a run beside the slot's,
+#: emitted only where a cut drops that token.
+HEAD = {QUERY: "query head", PASSAGE: "passage head"}
+TAIL = {QUERY: "query tail", PASSAGE: "passage tail"}
+_EMITTED = (FIXED, QUERY, PASSAGE)  # what an uncut pair is made of
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,7 @@ class TemplateTextEncoder(TextEncoder):
         if template.bos and self.tokenizer.bos_token_id is None:
             raise ValueError("this prompt starts with BOS but the tokenizer defines no bos_token")
         self._bos: list[int] = [self.tokenizer.bos_token_id] if template.bos else []
+        self._seams: dict[str, list[int]] = {}
         self._fixed = {i: self.tok.ids(p) for i, p in enumerate(template.pieces) if not _SLOT.search(p)}
         # The fixed text of the slot pieces (an instruction, `<Query>: `) counts too; filled with empty slots
         # it is within a token or two of what any pair will have.
@@ -174,7 +185,8 @@ class TemplateTextEncoder(TextEncoder):
         return variant
 
     def runs(self, query: str, passages: list[str]) -> list[list[Run]]:
-        """Each pair as role-tagged token runs, tokenized piece by piece."""
+        """Each pair as role-tagged token runs, tokenized piece by piece (seam runs beside the slots that need
+        them)."""
         pairs: list[list[Run]] = [[(FIXED, self._bos)] if self._bos else [] for _ in passages]
         for i, piece in enumerate(self.template.pieces):
             if i in self._fixed:
@@ -185,9 +197,43 @@ class TemplateTextEncoder(TextEncoder):
             filled = [fill(piece, query, p) for p in (passages if per_passage else [""])]
             enc = self.tok([t for t, _ in filled], add_special_tokens=False, return_offsets_mapping=True)
             split = _split_runs(enc["input_ids"], enc["offset_mapping"], [spans for _, spans in filled])
+            split = [self._with_seams(row, text, spans, offsets)
+                     for row, (text, spans), offsets in zip(split, filled, enc["offset_mapping"], strict=True)]
             for k, runs in enumerate(pairs):
                 runs.extend(split[k] if per_passage else split[0])
         return pairs
+
+    def _with_seams(self, row: list[Run], text: str, spans: dict[str, tuple[int, int]],
+                    offsets: list[tuple[int, int]]) -> list[Run]:
+        """`row` with a HEAD (TAIL) run beside each slot whose first (last) token also holds fixed characters
+        (other than a space before the slot): those characters tokenized alone, what a cut that drops the token
+        must put back."""
+        out: list[Run] = []
+        pos = 0
+        for role, ids in row:
+            if role == FIXED:
+                out.append((role, ids))
+                pos += len(ids)
+                continue
+            start, end = spans[role]
+            others = [sp for name, sp in spans.items() if name != role]
+            first, last = offsets[pos][0], offsets[pos + len(ids) - 1][1]
+            lead = text[max([first, *(e for _, e in others if e <= start)]) : start] if first < start else ""
+            trail = text[end : min([last, *(s for s, _ in others if s >= end)])] if last > end else ""
+            if lead and not lead.isspace():  # a space: the window's own first token (" capital") brings one
+                out.append((HEAD[role], self._seam_ids(lead)))
+            out.append((role, ids))
+            if trail:
+                out.append((TAIL[role], self._seam_ids(trail)))
+            pos += len(ids)
+        return out
+
+    def _seam_ids(self, text: str) -> list[int]:
+        """Fixed characters' ids; few distinct ones per template (a space, a newline), so they are kept."""
+        ids = self._seams.get(text)
+        if ids is None:
+            ids = self._seams[text] = self.tok.ids(text)
+        return ids
 
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
         items: list[WorkItem] = []
@@ -205,37 +251,52 @@ class TemplateTextEncoder(TextEncoder):
     def _fit(self, runs: list[Run], truncate: Truncate, idx: int, max_chunks: int | None = None) -> list[list[int]]:
         """The pair's ids (one list), cut to the window per `truncate`, or its chunks (several)."""
         m = self.max_length
-        total = sum(len(ids) for _, ids in runs)
-        free = max(0, m - sum(len(ids) for role, ids in runs if role == FIXED))
-        q = sum(len(ids) for role, ids in runs if role == QUERY)
-        passage = next((ids for role, ids in runs if role == PASSAGE), [])
+        size = {role: sum(len(ids) for r, ids in runs if r == role) for role in _EMITTED}
+        total = sum(size.values())
+        free = max(0, m - size[FIXED])
+        q, p = size[QUERY], size[PASSAGE]
         if truncate is Truncate.CHUNK:
             # The query is cut to half the free window for every pair, short passages too (docs/api.md), so a
             # request's passages are all scored against one query text and their scores stay comparable.
             q_keep = min(q, int(free * min(0.5, self.template.query_share)))
             if total <= m and q_keep == q:
-                return [[t for _, ids in runs for t in ids]]
+                return [_whole(runs)]
             p_keep = free - q_keep
-            starts = chunk_starts(len(passage), p_keep)[: max_chunks or None]
-            return [_assemble(runs, q_keep, passage[s : s + p_keep]) for s in starts]
+            starts = chunk_starts(p, p_keep)[: max_chunks or None]
+            return [_assemble(runs, {QUERY: (0, q_keep), PASSAGE: (s, s + p_keep)}) for s in starts]
         if total <= m:
-            return [[t for _, ids in runs for t in ids]]
+            return [_whole(runs)]
         if truncate is Truncate.NONE:
             raise InputTooLongError(total, m, idx)
         q_keep = min(q, int(free * self.template.query_share))
-        p_keep = min(len(passage), free - q_keep)
+        p_keep = min(p, free - q_keep)
         q_keep = min(q, free - p_keep)  # room the passage does not need goes back to the query
-        window = passage[len(passage) - p_keep :] if truncate is Truncate.START else passage[:p_keep]
-        return [_assemble(runs, q_keep, window)]
+        window = (p - p_keep, p) if truncate is Truncate.START else (0, p_keep)
+        return [_assemble(runs, {QUERY: (0, q_keep), PASSAGE: window})]
 
 
-def _assemble(runs: list[Run], q_keep: int, passage: list[int]) -> list[int]:
+def _whole(runs: list[Run]) -> list[int]:
+    return [t for role, ids in runs if role in _EMITTED for t in ids]
+
+
+def _assemble(runs: list[Run], windows: dict[str, tuple[int, int]]) -> list[int]:
+    """The pair with each slot cut to its window of token positions (a seam put back where the cut needs it)."""
+    seams = {role: ids for role, ids in runs if role not in _EMITTED}
     out: list[int] = []
     for role, ids in runs:
-        if role == QUERY:
-            out.extend(ids[:q_keep])
-        elif role == PASSAGE:
-            out.extend(passage)
-        else:
+        if role == FIXED:
             out.extend(ids)
+        elif role in windows:
+            out.extend(_cut(ids, *windows[role], seams.get(HEAD[role], []), seams.get(TAIL[role], [])))
     return out
+
+
+def _cut(ids: list[int], a: int, b: int, head: list[int], tail: list[int]) -> list[int]:
+    """`ids[a:b]`; where that drops the first (last) token and it held fixed text, the text's own ids take the
+    place of the window's first (last) tokens, so the pair stays as long as the window made it (a window
+    shorter than that text, which the shares never make of the templates we serve, goes without it)."""
+    b = min(b, len(ids))
+    lead = head if a > 0 and len(head) <= b - a else []
+    a += len(lead)
+    trail = tail if b < len(ids) and len(tail) <= b - a else []
+    return [*lead, *ids[a : b - len(trail)], *trail]
