@@ -51,3 +51,14 @@ def test_async_embeddings_create_with_nim_extensions(default_server):
     resp = asyncio.run(go())
     np.testing.assert_array_equal(np.asarray([d.embedding for d in resp.data], np.float32),
                                   raw_floats(default_server, input_type="query", truncate="END"))
+
+
+def test_models_list_and_retrieve(default_server):
+    """`client.models.retrieve` asks `GET /v1/models/{id}` (an id with a slash in it here): it was a 404."""
+    client = openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [DEFAULT_ID]
+    card = client.models.retrieve(DEFAULT_ID)
+    assert card.id == DEFAULT_ID and card.object == "model" and card.owned_by == "openrerank"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("text-embedding-3-small")
+    assert DEFAULT_ID in str(err.value)

@@ -7,11 +7,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from openrerank import __version__
 from openrerank.core.requests import RerankRequest, Truncate
+from openrerank.engine.errors import UnknownModelError
+from openrerank.engine.served_models import ServedModels
 from openrerank.server.dialects import common, list_bounds
 from openrerank.server.engine_config import scheduler_config
 from openrerank.server.errors import NIM
 from openrerank.server.responses import OrjsonResponse
-from openrerank.wire.nim import HealthResponse, NimMetadata, NimModelList, NimRankingRequest, NimRankingResponse
+from openrerank.wire.nim import (
+    HealthResponse,
+    NimMetadata,
+    NimModelCard,
+    NimModelList,
+    NimRankingRequest,
+    NimRankingResponse,
+)
 
 router = APIRouter(route_class=list_bounds.BoundedRoute)
 
@@ -58,20 +67,29 @@ def model_aliases(served: list[str], aliases: dict[str, str]) -> dict[str, str]:
     return {**renamed, **aliases}
 
 
+def _model_card(reg: ServedModels, name: str) -> dict:
+    served = {m.name: m for m in reg.models()}
+    return {"id": name, "object": "model", "owned_by": "openrerank",
+            "created": served[name].created if name in served else 0,
+            # rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings ([] while loading)
+            "tasks": served[name].tasks if name in served else []}
+
+
 @router.get("/v1/models", tags=["NIM"], response_model=None, responses={200: {"model": NimModelList}, **_AUTH})
 async def models(request: Request) -> dict:
     reg = common.served_models(request)
-    served = {m.name: m for m in reg.models()}
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "owned_by": "openrerank",
-             "created": served[name].created if name in served else 0,
-             # rerank: /v1/ranking and the other rerank routes; embed: /v1/embeddings ([] while loading)
-             "tasks": served[name].tasks if name in served else []}
-            for name in reg.names
-        ],
-    }
+    return {"object": "list", "data": [_model_card(reg, name) for name in reg.names]}
+
+
+@router.get("/v1/models/{model_id:path}", tags=["NIM"], response_model=None,
+            responses={200: {"model": NimModelCard}, **NIM.responses(404, 401)})
+async def model(model_id: str, request: Request) -> dict:
+    """One served model (OpenAI's `GET /v1/models/{model}`, `client.models.retrieve`); an alias names its model."""
+    reg = common.served_models(request)
+    name = reg.aliases.get(model_id, model_id)
+    if name not in reg.names:
+        raise UnknownModelError(model_id, reg.names)
+    return _model_card(reg, name)
 
 
 @router.get("/v1/health/live", tags=["health"], response_model=HealthResponse, responses=_HEALTH)
