@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from openrerank.wire.checks import Text
 from openrerank.wire.embeddings import _INPUT_SCHEMA
 
 
@@ -28,7 +29,7 @@ class MultiVectorRequest(BaseModel):
         },
     )
     input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)] = Field(...)
-    model: str | None = Field(
+    model: Text | None = Field(
         default=None,
         description="Served late-interaction model id; omit to use the first one served. '<id>-query' / "
         "'<id>-passage' set input_type.")
