@@ -171,8 +171,10 @@ def test_access_lines_say_why_a_request_failed_which_asset_and_what_was_embedded
         assert c.get("/docs-assets/swagger-ui.css").status_code == 200
         assert c.post("/v1/embeddings", json={"input": ["a", "b"], "model": "sentence-transformers/all-MiniLM-L6-v2"},
                       headers=auth).status_code == 200
+        assert c.get("/v1/models/sentence-transformers/all-MiniLM-L6-v2", headers=auth).status_code == 200
     lines = [r.fields for r in caplog.records if r.name == "openrerank.access"]
-    unauthorized, invalid, asset, embedded = lines[-4:]
+    unauthorized, invalid, asset, embedded, card = lines[-5:]
+    assert card["route"] == "/v1/models/{model_id:path}"  # a route with a parameter: its template, not `unmatched`
     assert unauthorized["status"] == 401 and "API key" in unauthorized["reason"]
     assert "query" in invalid["reason"] and "passages" in invalid["reason"]
     assert asset["route"] == "/docs-assets" and asset["reason"] is None

@@ -8,6 +8,7 @@ foreign error body.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import re
@@ -82,16 +83,28 @@ def arrival(scope: Scope) -> float:
     return request_state(scope).setdefault("arrival", time.monotonic())
 
 
+@functools.cache
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A route template as a pattern: `{name:path}` any rest of the path, `{name}` one segment."""
+    parts = re.split(r"(\{[^}]*\})", template)
+    return re.compile("".join((".+" if p.endswith(":path}") else "[^/]+") if p.startswith("{") else re.escape(p)
+                              for p in parts))
+
+
 def request_usage(scope: Scope) -> dict[str, Any]:
     """What a route recorded about its work (model, passages, tokens, timings); see api.common.record_usage."""
     return request_state(scope).setdefault("usage", {})
 
 
 def route_label(path: str, routes: set[str]) -> str:
-    """A request's route for logs and metric labels: the route path, the static mount for its files (Swagger
-    UI's assets), else "unmatched" (bounded label values whatever clients send)."""
+    """A request's route for logs and metric labels: the route path (a route with a parameter, its template:
+    `/v1/models/{model_id:path}`), the static mount for its files (Swagger UI's assets), else "unmatched"
+    (bounded label values whatever clients send)."""
     if path in routes:
         return path
+    for template in routes:
+        if "{" in template and _template_pattern(template).fullmatch(path):
+            return template
     for prefix in PUBLIC_PREFIXES:
         if path.startswith(prefix) and prefix.rstrip("/") in routes:
             return prefix.rstrip("/")
