@@ -25,14 +25,19 @@ SERVED = "sentence-transformers/all-MiniLM-L6-v2"
 LONG = ["river bank water stone " * 24 + str(i) for i in range(256)]
 
 
-@pytest.fixture(scope="module")
-def slow_server(tmp_path_factory):
-    """The default model (PyTorch: no conversion at start), one request at a time (--max-queue 1)."""
+def serving(tmp_path_factory, max_queue: int):
+    """The default model (PyTorch: no conversion at start) over gRPC, `max_queue` requests at a time."""
     port = free_port()
-    args = ["--backend", "torch", "--max-queue", "1", "--max-passages", "512", "--grpc-port", str(port)]
-    with run_server(args, tmp_path_factory.mktemp("slow-grpc")) as server:
+    args = ["--backend", "torch", "--max-queue", str(max_queue), "--max-passages", "512", "--grpc-port", str(port)]
+    with run_server(args, tmp_path_factory.mktemp("grpc")) as server:
         server.grpc_url = f"127.0.0.1:{port}"
         yield server
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """One request at a time (--max-queue 1)."""
+    yield from serving(tmp_path_factory, 1)
 
 
 def metric(server, name: str, **labels: str) -> float:
@@ -121,19 +126,24 @@ def test_a_cancelled_call_leaves_the_queue(slow_server):
     assert "gRPC ModelInfer CANCELLED" in slow_server.output()
 
 
-def test_overload_is_resource_exhausted(slow_server):
+def refused_behind_work(server, passages: list[str], **kw) -> str:
+    """The status and message of a call sent while seconds of work are pending, which must fail."""
     async def main() -> str:
-        async with aioclient.InferenceServerClient(slow_server.grpc_url) as c:
+        async with aioclient.InferenceServerClient(server.grpc_url) as c:
             busy = asyncio.create_task(c.infer(MODEL, ranking_inputs("river", LONG)))
-            while idle(slow_server):
+            while idle(server):
                 assert not busy.done(), "the first request finished before the second was sent"
                 await asyncio.sleep(0.05)
-            with grpcclient.InferenceServerClient(slow_server.grpc_url) as sync:
-                exc = failure(sync.infer, MODEL, ranking_inputs("river", ["a"]))
+            with grpcclient.InferenceServerClient(server.grpc_url) as sync:
+                exc = failure(sync.infer, MODEL, ranking_inputs("stone", passages), **kw)
             busy.cancel()
             return f"{status_of(exc)}: {exc.message()}"
 
-    outcome = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_overload_is_resource_exhausted(slow_server):
+    outcome = refused_behind_work(slow_server, ["a"])
     assert outcome.startswith("RESOURCE_EXHAUSTED: server overloaded"), outcome
     assert "--max-queue" in outcome
     until(lambda: idle(slow_server), "the queue to empty")
@@ -141,29 +151,14 @@ def test_overload_is_resource_exhausted(slow_server):
 
 @pytest.fixture(scope="module")
 def queueing_server(tmp_path_factory):
-    """The default model with room in the queue: a call behind seconds of work meets admission's deadline check."""
-    port = free_port()
-    args = ["--backend", "torch", "--max-queue", "4", "--max-passages", "512", "--grpc-port", str(port)]
-    with run_server(args, tmp_path_factory.mktemp("queue-grpc")) as server:
-        server.grpc_url = f"127.0.0.1:{port}"
-        yield server
+    """Room in the queue: a call behind seconds of work meets admission's deadline check."""
+    yield from serving(tmp_path_factory, 4)
 
 
 def test_a_refusal_for_a_deadline_too_close_names_the_clients_deadline(queueing_server):
     """Behind seconds of work, a call with a 2 s gRPC deadline is refused at admission (it would finish long
     after), and the refusal said its deadline was --request-timeout's (120 s here), "in -0 s" for the shortest."""
-    async def main() -> str:
-        async with aioclient.InferenceServerClient(queueing_server.grpc_url) as c:
-            busy = asyncio.create_task(c.infer(MODEL, ranking_inputs("river", LONG)))
-            while idle(queueing_server):
-                assert not busy.done(), "the first request finished before the second was sent"
-                await asyncio.sleep(0.05)
-            with grpcclient.InferenceServerClient(queueing_server.grpc_url) as sync:
-                exc = failure(sync.infer, MODEL, ranking_inputs("stone", LONG), client_timeout=2.0)
-            busy.cancel()
-            return f"{status_of(exc)}: {exc.message()}"
-
-    outcome = asyncio.run(main())
+    outcome = refused_behind_work(queueing_server, LONG, client_timeout=2.0)
     assert outcome.startswith("RESOURCE_EXHAUSTED: server overloaded: this request would finish"), outcome
     assert "(the client's gRPC deadline;" in outcome and "--request-timeout" not in outcome, outcome
     until(lambda: idle(queueing_server), "the queue to empty")
