@@ -267,7 +267,8 @@ def test_qwen3_takes_a_request_instruction_and_the_cache_keys_it(jina_server, ji
 @pytest.mark.parametrize(("path", "body", "shape"), [
     ("/v1/ranking", nim_body("q", ["a"], model="ce", instruction=INSTRUCTION), {"object", "message", "type"}),
     ("/v2/rerank", {"model": "ce", "query": "q", "documents": ["a"], "instruction": INSTRUCTION}, {"message"}),
-    ("/v1/rerank", {"model": "ce", "query": "q", "documents": ["a"], "instruction": INSTRUCTION}, {"message"}),
+    ("/v1/rerank", {"model": "ce", "query": "q", "documents": ["a"], "instruction": INSTRUCTION},
+     {"message", "detail"}),
     ("/v1/score", {"model": "ce", "text_1": "q", "text_2": ["a"], "instruction": INSTRUCTION},
      {"object", "message", "type", "param", "code"}),
 ])

@@ -113,7 +113,7 @@ def test_a_passage_too_big_for_device_memory_is_503_and_spares_the_others(tiny_m
 
 
 # (path, the keys of its dialect's error body): every route whose body FastAPI parses into a model
-EMPTY_BODY_SHAPES = [("/v1/ranking", {"object", "message", "type"}), ("/v1/rerank", {"message"}),
+EMPTY_BODY_SHAPES = [("/v1/ranking", {"object", "message", "type"}), ("/v1/rerank", {"message", "detail"}),
                      ("/v2/rerank", {"message"}), ("/v1/score", {"object", "message", "type", "param", "code"}),
                      ("/score", {"object", "message", "type", "param", "code"}),
                      ("/v1/embeddings", {"object", "message", "type"}),

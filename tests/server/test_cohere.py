@@ -90,7 +90,9 @@ def test_result_to_wire_bi_encoder_maps_cosine_linearly():
 def assert_cohere_error(resp: httpx.Response, status: int, *fragments: str) -> str:
     assert resp.status_code == status, resp.text
     body = resp.json()
-    assert set(body) == {"message"}, body
+    # /v1/rerank is Jina's route too: Jina's clients read `detail` (KeyError without it); /v2 is Cohere's alone
+    assert body == ({"message": body["message"], "detail": body["message"]} if resp.url.path == "/v1/rerank"
+                    else {"message": body["message"]}), body
     for frag in fragments:
         assert frag in body["message"], body["message"]
     return body["message"]
@@ -194,6 +196,9 @@ def test_official_cohere_sdk_v2_and_v1(multi_server):
     with pytest.raises(cohere.errors.NotFoundError) as err:
         v2.rerank(model="rerank-v3.5", query="q", documents=["a"])
     assert DEFAULT_ID in err.value.body["message"]
+    with pytest.raises(cohere.errors.NotFoundError) as err:  # v1's body also carries Jina's `detail`: still read
+        v1.rerank(model="rerank-v3.5", query="q", documents=["a"])
+    assert DEFAULT_ID in err.value.body["message"] and err.value.body["detail"] == err.value.body["message"]
     with pytest.raises(cohere.errors.UnauthorizedError):
         cohere.ClientV2(base_url=multi_server.url, api_key="wrong").rerank(model=DEFAULT_ID, query="q",
                                                                           documents=["a"])
@@ -203,5 +208,7 @@ def test_engine_errors_map_to_cohere_statuses():
     busy = dialect.COHERE.response(503, "server overloaded", "overloaded", {"Retry-After": "1"})
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     assert busy.body == b'{"message":"server overloaded"}'
+    jina = dialect.COHERE_V1.response(503, "server overloaded", "overloaded")
+    assert jina.status_code == 429 and jina.body == b'{"message":"server overloaded","detail":"server overloaded"}'
     assert dialect.COHERE.response(404, "x", "model_not_found").status_code == 404
     assert dialect.COHERE.response(503, "loading", "unavailable").status_code == 503

@@ -197,7 +197,8 @@ def test_anything_unexpected_is_a_500_in_the_dialect_shape_with_the_request_id(t
         model.rerank_many = broken
         auth = {"Authorization": "Bearer k"}
         r = c.post("/v1/rerank", json=DIALECTS["cohere"][1], headers={**auth, "x-request-id": "trace-42"})
-        assert r.status_code == 500 and r.json() == {"message": "internal server error (request id trace-42)"}
+        message = "internal server error (request id trace-42)"
+        assert r.status_code == 500 and r.json() == {"message": message, "detail": message}
         assert r.headers["x-request-id"] == "trace-42"
         r = c.post("/rerank", json=DIALECTS["tei"][1], headers=auth)
         assert r.status_code == 424 and r.json()["error_type"] == "Backend"

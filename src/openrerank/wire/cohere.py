@@ -139,3 +139,10 @@ class CohereRerankResponse(BaseModel):
 
 class CohereError(BaseModel):
     message: str
+
+
+class CohereV1Error(CohereError):
+    """/v1/rerank is Jina's route too: Jina's clients (LlamaIndex's JinaRerank, LangChain's JinaRerank) read an
+    error's text from `detail`, Cohere's SDK from `message`; both carry it."""
+
+    detail: str

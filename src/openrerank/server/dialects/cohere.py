@@ -22,6 +22,7 @@ from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.cohere import (
     CohereError,
     CohereRerankResponse,
+    CohereV1Error,
     CohereV1RerankRequest,
     CohereV2RerankRequest,
 )
@@ -37,21 +38,31 @@ def cohere_error_body(status: int, message: str, kind: str) -> dict:
     return {"message": message}
 
 
+def jina_error_body(status: int, message: str, kind: str) -> dict:
+    """Cohere's body plus Jina's `detail` (Jina's clients raise KeyError without it; Cohere's SDK ignores it)."""
+    return {"message": message, "detail": message}
+
+
+#: Cohere answers 429 when it is overloaded, 404 for a model it does not know.
+_STATUS_FOR = {"overloaded": 429, "model_not_found": 404, "too_many": 400, "too_long": 400}
+#: /v2/rerank: Cohere's alone, its error body exactly Cohere's.
 COHERE = register_dialect(Dialect(
-    "cohere",
-    ("/v1/rerank", "/v2/rerank"),
-    cohere_error_body,
-    # Cohere answers 429 when it is overloaded, 404 for a model it does not know.
-    status_for={"overloaded": 429, "model_not_found": 404, "too_many": 400, "too_long": 400},
-    request_models={"/v1/rerank": CohereV1RerankRequest, "/v2/rerank": CohereV2RerankRequest},
-    error_model=CohereError,
+    "cohere", ("/v2/rerank",), cohere_error_body, status_for=_STATUS_FOR,
+    request_models={"/v2/rerank": CohereV2RerankRequest}, error_model=CohereError,
+))
+#: /v1/rerank: Cohere's v1 and Jina's API, the error body readable by both.
+COHERE_V1 = register_dialect(Dialect(
+    "cohere-v1", ("/v1/rerank",), jina_error_body, status_for=_STATUS_FOR,
+    request_models={"/v1/rerank": CohereV1RerankRequest}, error_model=CohereV1Error,
 ))
 list_bounds.bound(CohereV1RerankRequest, documents=list_bounds.PASSAGES)
 list_bounds.bound(CohereV2RerankRequest, documents=list_bounds.PASSAGES)
 
 router = APIRouter(route_class=list_bounds.BoundedRoute)
 
-_ERRORS = COHERE.responses(400, 401, 404, 408, 413, 415, 429, 500, 503, 504)
+_CODES = (400, 401, 404, 408, 413, 415, 429, 500, 503, 504)
+_V1_ERRORS = COHERE_V1.responses(*_CODES)
+_V2_ERRORS = COHERE.responses(*_CODES)
 
 
 def document_text(doc: str | dict[str, Any], index: int, rank_fields: list[str] | None) -> str:
@@ -128,7 +139,7 @@ def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
 
 
 @router.post("/v1/rerank", response_model=None, tags=["Cohere / Jina"],
-             responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+             responses={200: {"model": CohereRerankResponse}, **_V1_ERRORS},
              summary="Rerank documents (Cohere v1 / Jina compatible)")
 async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Response) -> dict:
     req = v1_to_internal(body)
@@ -139,7 +150,7 @@ async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Res
 
 
 @router.post("/v2/rerank", response_model=None, tags=["Cohere / Jina"],
-             responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+             responses={200: {"model": CohereRerankResponse}, **_V2_ERRORS},
              summary="Rerank documents (Cohere v2 compatible)")
 async def rerank_v2(body: CohereV2RerankRequest, request: Request, response: Response) -> dict:
     req = v2_to_internal(body)
