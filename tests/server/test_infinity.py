@@ -109,3 +109,50 @@ def test_a_request_over_the_token_budget_is_422_in_both_forms(tiny_model_dir):
         _assert_infinity_error(c.post("/rerank", json={"query": "q", "documents": docs}), 422,
                                "--max-request-tokens")
         _assert_tei_error(c.post("/rerank", json={"query": "q", "texts": docs}), 422, "--max-request-tokens")
+
+
+# -- POST /embeddings, GET /models, GET /health at the root, as Infinity serves them ----------------------------
+# The bodies are those infinity_client (its defaults: `default/not-specified`, `dimensions: 0`), LangChain's
+# InfinityEmbeddings and LiteLLM's `infinity/` provider post.
+
+
+def test_embeddings_at_the_root_answer_like_infinity_and_equal_v1_embeddings(default_server):
+    texts = ["What is the capital of France?", "Paris is the capital of France."]
+    with default_server.client() as c:
+        ref = c.post("/v1/embeddings", json={"input": texts}).json()
+        client = c.post("/embeddings", json={"input": texts, "model": "default/not-specified",
+                                             "dimensions": 0, "modality": "text"})
+        named = c.post("/embeddings", json={"input": texts, "model": ref["model"]})  # LangChain, LiteLLM
+        b64 = c.post("/embeddings", json={"input": texts[0], "encoding_format": "base64"})
+    assert client.status_code == 200, client.text
+    body = client.json()
+    assert body["model"] == ref["model"] and body["usage"] == ref["usage"] and body["object"] == "list"
+    assert body["id"] == client.headers["x-request-id"] and isinstance(body["created"], int)
+    assert [d["embedding"] for d in body["data"]] == [d["embedding"] for d in ref["data"]]
+    assert named.json()["data"] == body["data"] and isinstance(b64.json()["data"][0]["embedding"], str)
+
+
+def test_embeddings_errors_in_infinity_shape(default_server, tiny_server):
+    with default_server.client() as c:
+        _assert_infinity_error(c.post("/embeddings", json={"input": "a", "model": "nope"}), 400, "nope")
+        _assert_infinity_error(c.post("/embeddings", json={"input": "a", "dimensions": -1}), 422, "dimensions")
+        _assert_infinity_error(c.post("/embeddings", json={"input": "a", "dimensions": 8}), 400, "dimensions")
+        _assert_infinity_error(c.post("/embeddings", json={"input": []}), 422, "input is empty")
+        _assert_infinity_error(c.post("/embeddings", json={}), 422, "input")
+        # OpenAI refuses dimensions 0; /v1/embeddings keeps OpenAI's rule
+        assert c.post("/v1/embeddings", json={"input": "a", "dimensions": 0}).status_code == 400
+    with tiny_server.client() as c:
+        _assert_infinity_error(c.post("/embeddings", json={"input": "a"}), 400, "embedding")
+
+
+def test_models_and_health_as_infinity_client_reads_them(default_server):
+    with default_server.client() as c:
+        models = c.get("/models")
+        health = c.get("/health")
+    assert models.status_code == 200, models.text
+    (entry,) = models.json()["data"]
+    # infinity_client's ModelInfo.from_dict: `id` and `stats` required, `object`/`owned_by` from its enums
+    assert entry["object"] == "model" and entry["owned_by"] == "infinity" and isinstance(entry["stats"], dict)
+    assert entry["capabilities"] == ["rerank", "embed"] and entry["backend"]
+    assert {"queue_fraction", "queue_absolute", "results_pending", "batch_size"} <= set(entry["stats"])
+    assert health.status_code == 200 and isinstance(health.json()["unix"], float)

@@ -133,7 +133,8 @@ def test_health_and_info(tiny_server):
         health = c.get("/health")
         info = c.get("/info").json()
         engine = c.get("/v1/metadata").json()["models"][0]["engine"]
-    assert health.status_code == 200 and health.content == b""
+    # TEI's clients read only the status; Infinity's (the same /health) parse `{"unix": <time>}`
+    assert health.status_code == 200 and set(health.json()) == {"unix"} and health.json()["unix"] > 1.7e9
     assert info["model_id"] == "tiny" and info["max_input_length"] == 128
     assert info["max_client_batch_size"] == 8 and info["auto_truncate"] is True
     assert "reranker" in info["model_type"]
@@ -153,3 +154,54 @@ def test_openapi_lists_every_dialect_route_with_examples(tiny_server):
         assert schemas[name].get("examples"), name
     for path in ("/v1/rerank", "/v2/rerank", "/rerank", "/v1/score"):
         assert "200" in paths[path]["post"]["responses"]
+
+
+# -- POST /embed and POST / (TEI's embeddings; huggingface_hub's feature_extraction posts to the root) --------------
+# The bodies are those LlamaIndex's TextEmbeddingsInference and huggingface_hub's InferenceClient post.
+
+
+def test_embed_and_root_answer_tei_vectors_equal_to_v1_embeddings(default_server):
+    texts = ["What is the capital of France?", "Paris is the capital of France."]
+    with default_server.client() as c:
+        ref = np.asarray([d["embedding"] for d in c.post("/v1/embeddings", json={"input": texts}).json()["data"]])
+        embed = c.post("/embed", json={"inputs": texts, "truncate": True})  # LlamaIndex's body
+        root = c.post("/", json={"inputs": texts})  # huggingface_hub's feature_extraction body
+        one = c.post("/", json={"inputs": texts[1], "normalize": True, "truncate": True})
+        raw = c.post("/embed", json={"inputs": texts, "normalize": False, "truncation_direction": "Left"})
+    for r in (embed, root, raw):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.asarray(r.json()), ref, atol=1e-6)  # the default model ends with Normalize
+    assert np.asarray(one.json()).shape == (1, 384)
+    assert float(embed.headers["x-inference-time"]) >= 0
+
+
+def test_huggingface_hub_feature_extraction_at_the_base_url(default_server):
+    hub = pytest.importorskip("huggingface_hub")
+    vectors = hub.InferenceClient(model=default_server.url).feature_extraction(["a river", "a mountain"])
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_embed_normalize_prompt_name_and_errors_in_tei_shape(default_server, tiny_server):
+    with default_server.client() as c:
+        assert_tei_error(c.post("/embed", json={"inputs": []}), 400, "Empty", "cannot be empty")
+        assert_tei_error(c.post("/", json={"inputs": ""}), 400, "Empty", "cannot be empty")
+        assert_tei_error(c.post("/embed", json={"inputs": [1, 2]}), 422, "Validation", "inputs as token ids")
+        assert_tei_error(c.post("/embed", json={"texts": ["a"]}), 422, "Validation", "inputs")
+        assert_tei_error(c.post("/embed", json={"inputs": "a", "model": "nope"}), 422, "Validation", "nope")
+        assert_tei_error(c.post("/embed", json={"inputs": "a", "prompt_name": "nope"}), 422, "Validation",
+                         "prompt_name 'nope'")
+        assert_tei_error(c.post("/embed", json={"inputs": "a " * 600, "truncate": False}), 422, "Validation",
+                         "exceeds")
+        query = c.post("/embed", json={"inputs": "a", "prompt_name": "query"})  # a no-op: the model has no prompts
+        plain = c.post("/embed", json={"inputs": "a"})
+    assert query.json() == plain.json()
+    with tiny_server.client() as c:  # a cross-encoder: TEI's root would be predict, which is not served
+        assert_tei_error(c.post("/", json={"inputs": ["a"]}), 400, "Validation", "POST /rerank")
+        assert_tei_error(c.post("/embed", json={"inputs": ["a"]}), 400, "Validation", "embedding")
+
+
+def test_unit_vectors_normalizes_and_keeps_zero():
+    out = dialect.unit_vectors(np.asarray([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+    assert out.dtype == np.float32

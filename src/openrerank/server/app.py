@@ -28,7 +28,7 @@ from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.body_guard import BodyGuardMiddleware
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import cohere, embeddings, multi_vector, nim, score, tei
+from openrerank.server.dialects import cohere, embeddings, infinity, multi_vector, nim, score, tei
 from openrerank.server.drain import Drain
 from openrerank.server.engine_config import chunk_limits, image_limits, load_options, scheduler_config
 from openrerank.server.errors import (
@@ -54,7 +54,8 @@ from openrerank.server.responses import OrjsonResponse
 log = logging.getLogger(__name__)
 
 #: Dialect routers, in the order their routes appear in the OpenAPI document.
-ROUTERS = [nim.router, cohere.router, tei.router, score.router, embeddings.router, multi_vector.router]
+ROUTERS = [nim.router, cohere.router, tei.router, infinity.router, score.router, embeddings.router,
+           multi_vector.router]
 
 #: Where the Swagger UI / ReDoc assets are served from (public, like /docs itself).
 DOCS_ASSETS = "/docs-assets"

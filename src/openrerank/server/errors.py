@@ -133,7 +133,12 @@ class Dialect:
         return out
 
     def owns(self, path: str) -> bool:
-        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.prefixes)
+        return any(_under(path, p) for p in self.prefixes)
+
+
+def _under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it; the root "/" (TEI's `POST /`) owns itself alone, not every path."""
+    return path == prefix or (prefix != "/" and path.startswith(prefix.rstrip("/") + "/"))
 
 
 def nim_error_body(status: int, message: str, kind: str) -> dict:
@@ -162,7 +167,7 @@ def dialect_for(path: str) -> Dialect:
     best, best_len = NIM, -1
     for d in _DIALECTS:
         for p in d.prefixes:
-            if (path == p or path.startswith(p.rstrip("/") + "/")) and len(p) > best_len:
+            if _under(path, p) and len(p) > best_len:
                 best, best_len = d, len(p)
     return best
 

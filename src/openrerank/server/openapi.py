@@ -128,6 +128,8 @@ EXAMPLE_MODELS: dict[str, Callable[[ServedModels], list[str]]] = {
     "ScoreRequest": _SERVED,
     "ScoreResponse": _SERVED,
     "EmbeddingsRequest": attrgetter("embedders"),
+    "InfinityEmbeddingsRequest": attrgetter("embedders"),
+    "TeiEmbedRequest": attrgetter("embedders"),
     "MultiVectorRequest": attrgetter("late_interaction"),
 }
 

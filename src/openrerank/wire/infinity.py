@@ -1,19 +1,23 @@
-"""Infinity (michaelfeil/infinity) rerank wire models: `POST /rerank` with `documents`, Cohere-shaped answer.
+"""Infinity (michaelfeil/infinity) wire models: `POST /rerank` with `documents` (Cohere-shaped answer),
+`POST /embeddings` (OpenAI's shape), `GET /models`, `GET /health`, all at the server's root as Infinity serves them.
 
-TEI posts `texts` to the same path; the route tells the two apart by which field the body has.
+TEI posts `texts` to the same /rerank path; the route tells the two apart by which field the body has.
 Like Infinity (pydantic's default), unknown request fields are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from openrerank.wire.checks import Count, Flag
+from openrerank.wire.checks import Count, Flag, integer
+from openrerank.wire.embeddings import _INPUT_SCHEMA
 
 #: Infinity's default `model` value; it means "the one served model".
 INFINITY_UNSPECIFIED_MODEL = "default/not-specified"
+#: Infinity's `dimensions`: 0 (its default) is the model's full size.
+DimensionsOrZero = integer(0)
 
 
 class InfinityRerankRequest(BaseModel):
@@ -70,3 +74,44 @@ class InfinityErrorDetail(BaseModel):
 
 class InfinityError(BaseModel):
     error: InfinityErrorDetail
+
+
+class InfinityEmbeddingsRequest(BaseModel):
+    """Infinity's `OpenAIEmbeddingInputText`: what infinity_client, LangChain's InfinityEmbeddings and LiteLLM's
+    `infinity/` provider post (the client fills `model` and `dimensions` with its defaults)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
+        "input": ["What is the capital of France?", "Paris is the capital of France."],
+        "model": INFINITY_UNSPECIFIED_MODEL, "encoding_format": "float", "dimensions": 0}]})
+    input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)] = Field(...)
+    model: str | None = Field(default=INFINITY_UNSPECIFIED_MODEL, description="Served embedding model id; "
+                              f"absent or '{INFINITY_UNSPECIFIED_MODEL}' = the first served embedding model.")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: lists of numbers; base64: little-endian float32 bytes, base64.")
+    dimensions: DimensionsOrZero = Field(
+        default=0, description="Keep the leading N dimensions (Matryoshka models only); 0 = the model's full size.")
+    user: str | None = Field(default=None, description="Accepted and ignored.")
+    modality: Literal["text"] = Field(default="text", description="Only 'text' is served here.")
+
+
+class InfinityModel(BaseModel):
+    """One entry of Infinity's `GET /models`: infinity_client reads `id` and `stats`, and checks `object` and
+    `owned_by` against its enums."""
+
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: Literal["infinity"] = "infinity"
+    created: int
+    backend: str
+    capabilities: list[str] = Field(description="rerank, embed ([] while the model loads)")
+    stats: dict[str, int | float] = Field(description="Its queue now: queue_fraction (pending / --max-queue), "
+                                    "queue_absolute (not yet planned), results_pending, batch_size")
+
+
+class InfinityModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[InfinityModel]
+
+
+class InfinityHealth(BaseModel):
+    unix: float = Field(description="The server's clock (seconds since the epoch), as Infinity answers.")

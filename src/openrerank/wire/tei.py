@@ -1,15 +1,16 @@
-"""Hugging Face text-embeddings-inference (TEI) wire models: `POST /rerank`, `GET /info`.
+"""Hugging Face text-embeddings-inference (TEI) wire models: `POST /rerank`, `POST /embed` (and `POST /`), `GET /info`.
 
 Like TEI (serde's default), unknown request fields are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from openrerank.wire.checks import Flag, Text
+from openrerank.wire.checks import Count, Flag, Text
+from openrerank.wire.embeddings import _INPUT_SCHEMA
 
 
 class TeiRerankRequest(BaseModel):
@@ -42,6 +43,30 @@ class TeiRerankRequest(BaseModel):
     model: Text | None = Field(
         default=None, description="openrerank extension: served model id (TEI serves one model; absent = first)."
     )
+
+
+class TeiEmbedRequest(BaseModel):
+    """TEI's `EmbedRequest`, as huggingface_hub's `feature_extraction` and LlamaIndex's
+    `TextEmbeddingsInference` post it."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
+        "inputs": ["What is Deep Learning?", "Deep Learning is a branch of machine learning."],
+        "truncate": True, "normalize": True, "model": "sentence-transformers/all-MiniLM-L6-v2"}]})
+    inputs: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)] = Field(...)
+    truncate: Flag | None = Field(
+        default=None, description="Cut an over-long text to the model window (absent = the server's auto-truncate, "
+        "on). false: an over-long text fails the request (422).")
+    truncation_direction: Literal["right", "left", "Right", "Left"] = Field(
+        default="right", description="right: cut the text's end; left: cut its start.")
+    normalize: Flag = Field(default=True, description="L2-normalize each vector. false: the model's own output "
+                            "(unit length all the same for a model that ends with a Normalize module).")
+    prompt_name: Text | None = Field(
+        default=None, description="A prompt of the model's sentence-transformers config, by a name of its query or "
+        "passage prompt (query, search_query, document, passage, ...); a no-op for a model without prompts.")
+    dimensions: Count | None = Field(
+        default=None, description="Keep the leading N dimensions (Matryoshka models only).")
+    model: Text | None = Field(
+        default=None, description="openrerank extension: served embedding model id (absent = the first one).")
 
 
 class TeiRank(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 
-from openrerank.core.requests import EmbedRequest, Truncate
+from openrerank.core.requests import EmbedRequest, EmbedResult, Truncate
 from openrerank.server.dialects import common, list_bounds
 from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
@@ -40,28 +40,29 @@ _ERRORS = EMBEDDINGS.responses(400, 401, 404, 408, 413, 415, 500, 503, 504, s400
                                 "with truncate NONE, an unsupported dimensions, or a model without embeddings")
 
 
-def input_texts(value: Any) -> list[str]:
-    """`input` as a list of texts: a string or a list of strings; token ids and empty texts refused."""
+def input_texts(value: Any, field: str = "input") -> list[str]:
+    """`field` (the request's texts: `input`, TEI's `inputs`) as a list of texts: a string or a list of strings;
+    token ids and empty texts refused."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ApiError(400, f"input must be a string or a list of strings, not {_json_type(value)}")
+        raise ApiError(400, f"{field} must be a string or a list of strings, not {_json_type(value)}")
     if not value:
-        raise ApiError(400, "input is empty: send at least one text")
+        raise ApiError(400, f"{field} is empty: send at least one text")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or \
             all(isinstance(v, list) for v in value):
-        raise ApiError(400, "input as token ids is not supported: send the texts as strings (this server "
+        raise ApiError(400, f"{field} as token ids is not supported: send the texts as strings (this server "
                        "tokenizes with the model's own tokenizer; LangChain's OpenAIEmbeddings sends token ids "
                        "unless check_embedding_ctx_length=False)")
     for i, v in enumerate(value):
         if not isinstance(v, str):
-            raise ApiError(400, f"input[{i}] must be a string, not {_json_type(v)}")
+            raise ApiError(400, f"{field}[{i}] must be a string, not {_json_type(v)}")
         if not v:
-            raise ApiError(400, f"input[{i}] is an empty string: every text must have content")
+            raise ApiError(400, f"{field}[{i}] is an empty string: every text must have content")
         try:
             valid_text(v)
         except ValueError as exc:
-            raise ApiError(400, f"input[{i}]: {exc}") from None
+            raise ApiError(400, f"{field}[{i}]: {exc}") from None
     return value
 
 
@@ -96,22 +97,40 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
     return np.ascontiguousarray(vector, dtype=np.float32)
 
 
+async def embed_texts(request: Request, texts: list[str], name: str | None, *, input_type: str | None = None,
+                      truncate: Truncate = Truncate.NONE, dimensions: int | None = None) -> EmbedResult:
+    """The one engine call of every embeddings route (OpenAI/NIM here, Infinity's, TEI's): the model `name` picks
+    (None: the first embedding model), through its scheduler, within the request's deadline."""
+    common.check_ready(request)
+    model = common.served_models(request).get_embedder(name)
+    req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]
+                       truncate=truncate, dimensions=dimensions)
+    return await model.embed(req, deadline=common.deadline(request))
+
+
+def embed_response(request: Request, content: Any, result: EmbedResult, texts: list[str]) -> OrjsonResponse:
+    """`content` as the answer (orjson writes the float32 arrays), with the usage every route reports."""
+    response = OrjsonResponse(content)
+    common.record_usage(request, response, model=result.model, items=len(texts), tokens=result.prompt_tokens,
+                        timings=result.timings, item_kind="texts")
+    return response
+
+
+def openai_list(result: EmbedResult, encoding_format: str) -> dict:
+    """OpenAI's embeddings answer (Infinity answers the same shape)."""
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, encoding_format)}
+            for i, v in enumerate(result.embeddings)]
+    return {"object": "list", "data": data, "model": result.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+
+
 @router.post("/v1/embeddings", tags=["Embeddings"], response_model=None,
              responses={200: {"model": EmbeddingsResponse}, **_ERRORS},
              summary="Embed texts (OpenAI and NVIDIA NIM compatible)")
 async def embeddings(body: EmbeddingsRequest, request: Request) -> OrjsonResponse:
     common.check_ready(request)
     texts = input_texts(body.input)
-    models = common.served_models(request)
-    name, input_type = model_and_input_type(body, models.ids)
-    model = models.get_embedder(name)
-    req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]
-                       truncate=Truncate(body.truncate), dimensions=body.dimensions)
-    result = await model.embed(req, deadline=common.deadline(request))
-    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(result.embeddings)]
-    response = OrjsonResponse({"object": "list", "data": data, "model": result.model,
-                               "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
-    common.record_usage(request, response, model=model.name, items=len(texts), tokens=result.prompt_tokens,
-                        timings=result.timings, item_kind="texts")
-    return response
+    name, input_type = model_and_input_type(body, common.served_models(request).ids)
+    result = await embed_texts(request, texts, name, input_type=input_type, truncate=Truncate(body.truncate),
+                               dimensions=body.dimensions)
+    return embed_response(request, openai_list(result, body.encoding_format), result, texts)

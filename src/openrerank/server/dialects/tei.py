@@ -1,4 +1,5 @@
-"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `GET /health`, `GET /info`.
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `POST /embed`, `POST /`, `GET /health`,
+`GET /info`.
 
 `POST /rerank` is shared with Infinity (`server/dialects/infinity.py`); the body decides the dialect: `texts`
 is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's, which this route hands over.
@@ -12,22 +13,25 @@ not ready -> 503.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from openrerank import __version__
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
+from openrerank.families.bi_encoder import INPUT_TYPE_PROMPTS
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import common, infinity, list_bounds
+from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import parse_model_arg
-from openrerank.wire.infinity import InfinityError, InfinityRerankRequest, InfinityRerankResponse
-from openrerank.wire.tei import TeiError, TeiInfo, TeiRank, TeiRerankRequest
+from openrerank.wire.infinity import InfinityError, InfinityHealth, InfinityRerankRequest, InfinityRerankResponse
+from openrerank.wire.tei import TeiEmbedRequest, TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
 _ERROR_TYPES = {
     "empty": "Empty", "overloaded": "Overloaded", "unavailable": "Unhealthy", "internal": "Backend",
@@ -43,14 +47,15 @@ def tei_error_body(status: int, message: str, kind: str) -> dict:
 
 TEI = register_dialect(Dialect(
     "tei",
-    ("/rerank", "/health", "/info"),
+    ("/rerank", "/embed", "/health", "/info", "/"),  # "/" is the root alone (`errors.dialect_for`)
     tei_error_body,
     status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
                 "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
-    request_models={"/rerank": TeiRerankRequest},
+    request_models={"/rerank": TeiRerankRequest, "/embed": TeiEmbedRequest, "/": TeiEmbedRequest},
     error_model=TeiError,
 ))
 list_bounds.bound(TeiRerankRequest, texts=list_bounds.PASSAGES)
+list_bounds.bound(TeiEmbedRequest, inputs=list_bounds.INPUTS)
 
 
 #: Request bodies documented for /rerank (the route reads its body itself to pick the form).
@@ -147,15 +152,15 @@ async def rerank(request: Request, response: Response) -> Any:
     return result_to_wire(result, tei_body)
 
 
-@router.get("/health", tags=["TEI"], response_model=None,
-            responses={200: {"description": "Ready (empty body)", "content": {"text/plain": {"schema": {
-                "type": "string", "maxLength": 0}}}}, 503: {"model": TeiError, "description": "Not ready"}})
+@router.get("/health", tags=["TEI", "Infinity"], response_model=None,
+            responses={200: {"model": InfinityHealth, "description": "Ready"},
+                       503: {"model": TeiError, "description": "Not ready"}})
 async def health(request: Request) -> Response:
-    """TEI's health check: 200 with an empty body once every model is loaded and alive, else 503 (also while
-    the server shuts down)."""
+    """200 once every model is loaded and alive, else 503 (also while the server shuts down). TEI's clients read
+    only the status; Infinity's parse the body, `{"unix": <time>}` as Infinity answers, so 200 carries that."""
     reason = common.unready_reason(request)
     if reason is None:
-        return Response(status_code=200, media_type="text/plain")
+        return OrjsonResponse({"unix": time.time()})
     return OrjsonResponse({"error": f"unhealthy: {reason}", "error_type": "Unhealthy"}, status_code=503)
 
 
@@ -194,3 +199,70 @@ async def info(request: Request) -> dict:
     model = models[0] if models else None
     model_id = model.name if model else (reg.names[0] if reg.names else parse_model_arg("default").served_id)
     return info_body(config, model, model_id)
+
+
+#: TEI's `prompt_name` -> `input_type`: any name a model may give its query or passage prompt.
+PROMPT_INPUT_TYPES = {name: kind for kind, names in INPUT_TYPE_PROMPTS.items() for name in names}
+
+_EMBED_ERRORS = TEI.responses(
+    400, 401, 408, 413, 415, 422, 424, 429, 503, s400="`inputs` is empty, or the model has no embeddings",
+    s422="Validation error: wrong types, too many inputs, over-long input without truncation, unknown model or "
+    "prompt_name, an unsupported dimensions", s424="Inference failed or timed out",
+    s503="Not ready, shutting down, or a model worker died")
+_VECTORS = {200: {"description": "One vector per input, in input order", "content": {"application/json": {
+    "schema": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}}}
+
+
+def embed_options(body: TeiEmbedRequest, auto_truncate: bool = AUTO_TRUNCATE) -> tuple[Truncate, str | None]:
+    """TEI's truncate (absent = `auto_truncate`) and direction, and its `prompt_name` as an input type."""
+    truncate = auto_truncate if body.truncate is None else body.truncate
+    if not truncate:
+        mode = Truncate.NONE
+    else:
+        mode = Truncate.START if body.truncation_direction.lower() == "left" else Truncate.END
+    if body.prompt_name is None:
+        return mode, None
+    if body.prompt_name not in PROMPT_INPUT_TYPES:
+        raise ApiError(422, f"prompt_name '{body.prompt_name}' is not served: name the model's query or passage "
+                       f"prompt ({', '.join(PROMPT_INPUT_TYPES)})")
+    return mode, PROMPT_INPUT_TYPES[body.prompt_name]
+
+
+def unit_vectors(vectors: np.ndarray) -> np.ndarray:
+    """TEI's `normalize`: each vector L2-normalized (a zero vector stays zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0).astype(np.float32)
+
+
+async def embed_answer(request: Request, body: TeiEmbedRequest) -> OrjsonResponse:
+    """TEI's embed: a bare array of vectors, through the embeddings dialect's engine call."""
+    if body.inputs == [] or body.inputs == "":
+        raise ApiError(400, "`inputs` cannot be empty", kind="empty")
+    texts = embeddings.input_texts(body.inputs, field="inputs")
+    truncate, input_type = embed_options(body)
+    result = await embeddings.embed_texts(request, texts, body.model, input_type=input_type, truncate=truncate,
+                                          dimensions=body.dimensions)
+    vectors = unit_vectors(result.embeddings) if body.normalize else result.embeddings
+    return embeddings.embed_response(request, np.ascontiguousarray(vectors, dtype=np.float32), result, texts)
+
+
+@router.post("/embed", tags=["TEI"], response_model=None, responses={**_VECTORS, **_EMBED_ERRORS},
+             summary="Embed texts (TEI): a bare array of vectors")
+async def embed(body: TeiEmbedRequest, request: Request) -> OrjsonResponse:
+    common.check_ready(request)
+    return await embed_answer(request, body)
+
+
+@router.post("/", tags=["TEI"], response_model=None, responses={**_VECTORS, **_EMBED_ERRORS},
+             summary="TEI's root route: /embed for an embedding model (huggingface_hub's feature_extraction)")
+async def root(body: TeiEmbedRequest, request: Request) -> OrjsonResponse:
+    """TEI answers `POST /` with the model's own task; here that is /embed when the model (`model`, else the first
+    served) embeds. A reranker's root route in TEI is `predict` (pairs -> scores), which this server does not serve:
+    refused, naming /rerank."""
+    common.check_ready(request)
+    model = common.served_models(request).get(body.model)
+    if not model.embeds:
+        raise ApiError(400, f"POST / on model '{model.name}' would be TEI's predict, which is not served here: "
+                       "rerank with POST /rerank (query and texts), or embed with an embedding model on POST /embed",
+                       kind="unsupported")
+    return await embed_answer(request, body.model_copy(update={"model": model.name}))
