@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from openrerank.families.jina_reranker_v3 import DOC_MARKER, QUERY_MARKER
 from tests.families import builders as B
 from tests.families.conftest import assert_caught, assert_parity
 from tests.families.jina_reference import Reference
@@ -288,8 +289,52 @@ def test_an_unusable_instruction_is_a_400(jina_server, instruction):
     assert resp.json()["message"].startswith("instruction: ")
 
 
-def test_an_instruction_too_long_for_the_window_is_a_400(jina_server):
+@pytest.mark.parametrize("model", ["qwen3", "jina"])
+def test_an_instruction_too_long_for_the_window_is_a_400(jina_server, model):
+    """jina took any length (a 3000-word instruction: 200, 9186 prompt tokens); it now has the template families'
+    rule: the prompt's fixed text, instruction included, may take at most half the window."""
     with jina_server.client() as c:
-        resp = c.post("/v1/ranking", json=nim_body("q", ["a"], model="qwen3", instruction="the " * 400))
+        resp = c.post("/v1/ranking", json=nim_body("q", ["a"], model=model, instruction="the " * 400))
+        fits = c.post("/v1/ranking", json=nim_body("q", ["a"], model=model, instruction="the " * 20))
     assert resp.status_code == 400, resp.text
     assert "too small for this prompt" in resp.json()["message"]
+    assert fits.status_code == 200, fits.text
+
+
+# -- marker text where only jina's template may put it ---------------------------------------------------------
+
+MARKED = f"prefer {DOC_MARKER} cities"
+
+
+@pytest.mark.parametrize(("path", "body", "shape"), [
+    ("/v1/ranking", nim_body("q", ["a", "b"], model="jina", instruction=MARKED), {"object", "message", "type"}),
+    ("/v2/rerank", {"model": "jina", "query": "q", "documents": ["a", "b"], "instruction": f"x{QUERY_MARKER}"},
+     {"message"}),
+    ("/v1/rerank", {"model": "jina", "query": "q", "documents": ["a", "b"], "instruction": MARKED}, {"message"}),
+    ("/v1/score", {"model": "jina", "text_1": "q", "text_2": ["a", "b"], "instruction": MARKED},
+     {"object", "message", "type", "param", "code"}),
+])
+def test_a_jina_instruction_holding_marker_text_is_a_400(jina_server, path, body, shape):
+    """It was rendered as is and the marker count check failed: a 500 in every route."""
+    with jina_server.client() as c:
+        resp = c.post(path, json=body)
+    assert resp.status_code == 400, resp.text
+    assert set(resp.json()) == shape
+    assert resp.json()["message"].startswith("instruction: an instruction may not contain the model's marker text")
+
+
+@pytest.mark.parametrize(("instruction", "fragment"), [
+    (f"prefer {DOC_MARKER} x", "--instruction: an instruction may not contain the model's marker text"),
+    ("word " * 3000, "--instruction: a 1024-token window is too small for this prompt"),
+])
+def test_a_bad_jina_instruction_flag_is_a_one_line_startup_error(jina_dirs, instruction, fragment):
+    """`serve --instruction` with marker text failed at load with the bare marker count ValueError, and a long
+    one was taken; both are now refused by the checks before the port is taken (`serve` prints the one line and
+    exits 2), naming the flag."""
+    from openrerank.cli.main import build_parser, config_from_args, preflight
+
+    config = config_from_args(build_parser().parse_args(["serve", "--model", f"m={jina_dirs['jina']}",
+                                                         "--instruction", instruction]))
+    with pytest.raises(ValueError) as caught:
+        preflight(config)
+    assert str(caught.value).startswith(fragment) and "\n" not in str(caught.value)

@@ -35,7 +35,7 @@ from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.late import LateTextEncoder
-from openrerank.text.prepare import Prepared, TextEncoder, WindowTooSmallError
+from openrerank.text.prepare import InstructionError, Prepared, TextEncoder, WindowTooSmallError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -268,7 +268,8 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     files.check_tokenizer()  # after the family: what the folder is comes first
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
-        check_window(family, spec, options.max_length)
+    if options.max_length or source.instruction is not None:
+        check_window(family, spec, options.max_length, source.instruction)
     runtimes = family.runtimes
     if weights_format == "onnx":
         runtimes = tuple(e for e in exported_engines(path) if e in family.runtimes)
@@ -279,17 +280,24 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
     return ResolvedModel(source, weights_format, family, spec, runtimes, tuple(plan))
 
 
-def check_window(family: Family, spec: ModelSpec, max_length: int) -> None:
+def check_window(family: Family, spec: ModelSpec, max_length: int | None, instruction: str | None = None) -> None:
     """`--max-length` must leave room for the family's fixed tokens (special tokens, markers, its prompt's text)
     and a token of query and of passage: a smaller window would start a server refusing every request. Its
-    text encoder knows what it needs (`TextEncoder.min_length`); this loads the tokenizer (about a second)."""
+    text encoder knows what it needs (`TextEncoder.min_length`); this loads the tokenizer (about a second).
+    `--instruction` is held to the rule a request's own instruction is (`with_instruction`), so the startup
+    error names the flag, as its other refusals (`Family.check_instruction`) do."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
+    flags = [f"--max-length {max_length}"] if max_length else []
+    flags += ["--instruction"] if instruction is not None else []
     try:
-        family.text_encoder(spec, tokenizer).check_window()
-    except WindowTooSmallError as exc:
-        raise ValueError(f"--max-length {max_length}: {exc}") from None
+        encoder = family.text_encoder(spec, tokenizer)
+        encoder.check_window()
+        if instruction is not None:
+            encoder.with_instruction(instruction)
+    except (WindowTooSmallError, InstructionError) as exc:
+        raise ValueError(f"{', '.join(flags)}: {exc}") from None
 
 
 def load_model(source: ResolvedModel | ModelSource | str, options: LoadOptions | None = None) -> LoadedModel:

@@ -26,7 +26,7 @@ from openrerank.engine.errors import (
     WorkerDiedError,
 )
 from openrerank.server.responses import OrjsonResponse
-from openrerank.text.prepare import InputTooLongError
+from openrerank.text.prepare import InputTooLongError, TextInputError
 
 
 class ApiError(Exception):
@@ -60,6 +60,8 @@ FAILURES: dict[type[Exception], Failure] = {
     UnknownModelError: Failure(404, "model_not_found"),
     UnsupportedRequestError: Failure(400, "unsupported"),
     InputTooLongError: Failure(400, "too_long"),
+    # A text the model cannot read as sent (marker text only): answered as the dialect answers an empty text.
+    TextInputError: Failure(400, "validation"),
     RequestTooLargeError: Failure(400, "too_much_work"),
     QueueFullError: Failure(503, "overloaded", _retry_after),
     DeadlineExceededError: Failure(504, "timeout"),

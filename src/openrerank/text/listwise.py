@@ -15,8 +15,11 @@ which prompt, following the model card's reference `rerank()`:
   query vector is the average of the blocks' query vectors, each weighted by its block's best unit score
   `max((1 + cos) / 2)`, and every passage is scored against that one vector.
 
-Passage text is sanitized of the marker strings before rendering (as the reference does, repeated until none
-is left), so only the template places markers.
+Passage and query text is sanitized of the marker strings before rendering (as the reference does, repeated
+until none is left), so only the template places markers. An
+instruction is the task, not data, and the reference does not sanitize it: one holding marker text is refused
+(`InstructionError`), as is one that makes the prompt's fixed text take more than half the window (the rule of
+the prompt-template families, `text/template.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ import numpy as np
 
 from openrerank.core.requests import Truncate
 from openrerank.core.work import BlockItem
-from openrerank.text.prepare import InputTooLongError, Prepared, TextEncoder, WindowTooSmallError, chunk_starts
+from openrerank.text.prepare import (
+    InputTooLongError,
+    InstructionError,
+    Prepared,
+    TextEncoder,
+    TextInputError,
+    WindowTooSmallError,
+    chunk_starts,
+)
+from openrerank.text.tokenizing import bound_texts
 
 #: (query, passages, instruction or None) -> the whole prompt of one block.
 Render = Callable[[str, list[str], "str | None"], str]
@@ -114,10 +126,34 @@ class ListwiseTextEncoder(TextEncoder):
             raise WindowTooSmallError(f"a {self.limits.context}-token window is too small for listwise blocks")
 
     def with_instruction(self, instruction: str) -> ListwiseTextEncoder:
+        """This encoder with a request's own instruction; InstructionError where `instruction_problem` finds one."""
+        problem = self.instruction_problem(instruction)
+        if problem:
+            raise InstructionError(problem)
         variant = ListwiseTextEncoder.__new__(ListwiseTextEncoder)
         variant.__dict__.update(self.__dict__)
         variant.instruction = instruction
         return variant
+
+    def instruction_problem(self, instruction: str) -> str | None:
+        """Why `instruction` cannot go in this model's prompt (None: it can). Marker text in it would be read as
+        a passage's or the query's end where the template put none; and the prompt's fixed text (one empty
+        passage, the instruction included) may take at most half the window, as in the template families, so a
+        block keeps room for the query and passages and an instruction cannot make every block's cost unbounded.
+        Only about that many of the instruction's tokens are tokenized (`bound_texts`)."""
+        found = [m for m in self.markers if m in instruction]
+        if found:
+            return f"an instruction may not contain the model's marker text {', '.join(found)}"
+        half = self.limits.context // 2
+        (bounded,), cut = bound_texts(self.tok, [instruction], half)
+        ids = self.tok(self.render("", [""], bounded))["input_ids"]
+        if cut or len(ids) >= half:
+            return (f"a {self.limits.context}-token window is too small for this prompt: its fixed text (instruction "
+                    f"included) takes {'more than ' if cut else ''}{len(ids)} tokens, and may take at most half the "
+                    "window")
+        if sum(1 for t in ids if t in self.marker_ids) != 2:
+            return "the instruction holds text this model's tokenizer reads as a marker token"
+        return None
 
     def sanitize(self, text: str) -> str:
         """The text without marker strings (removed until none is left: removing one may join another)."""
@@ -164,6 +200,10 @@ class ListwiseTextEncoder(TextEncoder):
             ids = self.tok(prompt)["input_ids"]
             found = sum(1 for t in ids if t in self.marker_ids)
             if found != len(block) + 1:  # the markers must be where the template put them, nowhere else
-                raise ValueError(f"the listwise prompt holds {found} marker tokens for {len(block)} passages")
+                # the instruction was checked (`instruction_problem`) and marker strings removed from the rest:
+                # what is left is client text the tokenizer still reads as a marker
+                raise TextInputError(f"the query or a passage holds text this model's tokenizer reads as its marker "
+                                     f"tokens ({found} in a block of {len(block)} passages, {len(block) + 1} "
+                                     "expected)")
             items.append(BlockItem(ids, len(block)))
         return ListwisePrepared(items, owners, sum(it.length for it in items))  # type: ignore[arg-type]

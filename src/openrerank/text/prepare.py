@@ -32,6 +32,11 @@ class InstructionError(ValueError):
     """A request's instruction this model cannot take (its input has none, or it does not fit the window)."""
 
 
+class TextInputError(ValueError):
+    """A query or passage this model cannot read as sent (a 4xx in the route's shape, like an empty text): e.g.
+    nothing is left of it once the model's marker text is removed."""
+
+
 class WindowTooSmallError(ValueError):
     """A window (`--max-length`) too small for the model's fixed text and one token of query and of passage."""
 
