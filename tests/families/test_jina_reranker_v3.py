@@ -323,6 +323,21 @@ def test_a_jina_instruction_holding_marker_text_is_a_400(jina_server, path, body
     assert resp.json()["message"].startswith("instruction: an instruction may not contain the model's marker text")
 
 
+@pytest.mark.parametrize(("path", "body", "shape", "fragment"), [
+    ("/v1/ranking", nim_body(DOC_MARKER, ["a", "b"], model="jina"), {"object", "message", "type"}, "query"),
+    ("/v1/ranking", nim_body("q", ["a", QUERY_MARKER * 3], model="jina"), {"object", "message", "type"},
+     "passage 1"),
+    ("/v2/rerank", {"model": "jina", "query": DOC_MARKER + QUERY_MARKER, "documents": ["a"]}, {"message"}, "query"),
+])
+def test_a_jina_text_made_only_of_marker_text_is_a_400_as_an_empty_one(jina_server, path, body, shape, fragment):
+    """It was scored as the empty text it became, where an empty query (or NIM passage) is a 400."""
+    with jina_server.client() as c:
+        resp = c.post(path, json=body)
+    assert resp.status_code == 400, resp.text
+    assert set(resp.json()) == shape
+    assert resp.json()["message"].startswith(f"{fragment}: nothing is left of it once the model's marker text")
+
+
 @pytest.mark.parametrize(("instruction", "fragment"), [
     (f"prefer {DOC_MARKER} x", "--instruction: an instruction may not contain the model's marker text"),
     ("word " * 3000, "--instruction: a 1024-token window is too small for this prompt"),

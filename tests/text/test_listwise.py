@@ -60,6 +60,18 @@ def test_an_instruction_too_long_for_the_window_is_refused(encoder):
         encoder.with_instruction("word " * 1_000_000)
 
 
+@pytest.mark.parametrize(("query", "passages", "name"), [
+    (DOC_MARKER, ["a", "b"], "query"),
+    (QUERY_MARKER + DOC_MARKER, ["a"], "query"),
+    ("q", ["a", "<|embed_<|rerank_token|>token|>"], "passage 1"),
+])
+def test_text_made_only_of_marker_text_is_refused_as_an_empty_text_is(encoder, query, passages, name):
+    """It was sanitized to "" and scored as an empty text, where the dialects refuse an empty query (400)."""
+    with pytest.raises(TextInputError, match=f"^{name}: nothing is left"):
+        encoder.prepare(query, passages, Truncate.END)
+    encoder.prepare("", ["", f"a{DOC_MARKER}"], Truncate.END)  # "" itself, and text beside a marker, are kept
+
+
 def test_a_marker_the_template_did_not_place_is_a_client_text_error(encoder):
     """The marker count check stands for client text a tokenizer reads as a marker despite sanitizing: it raises
     an error answered 4xx, never a bare ValueError (a 500)."""

@@ -16,7 +16,8 @@ which prompt, following the model card's reference `rerank()`:
   `max((1 + cos) / 2)`, and every passage is scored against that one vector.
 
 Passage and query text is sanitized of the marker strings before rendering (as the reference does, repeated
-until none is left), so only the template places markers. An
+until none is left), so only the template places markers; a query or passage that was nothing but marker text
+is refused (`TextInputError`, a 400 like an empty text) rather than scored as the empty text it became. An
 instruction is the task, not data, and the reference does not sanitize it: one holding marker text is refused
 (`InstructionError`), as is one that makes the prompt's fixed text take more than half the window (the rule of
 the prompt-template families, `text/template.py`).
@@ -194,6 +195,10 @@ class ListwiseTextEncoder(TextEncoder):
                 lengths.append(length)
                 owners.append(idx)
         clean_query = self.sanitize(query_text)
+        for name, text in [("query", query), *((f"passage {i}", p) for i, p in enumerate(passages))]:
+            if text and not self.sanitize(text):  # "" itself is the dialect's to refuse or score
+                raise TextInputError(f"{name}: nothing is left of it once the model's marker text "
+                                     f"({', '.join(self.markers)}) is removed")
         items: list[BlockItem] = []
         for block in split_blocks(lengths, query_length, lim):
             prompt = self.render(clean_query, [self.sanitize(entries[i]) for i in block], self.instruction)
