@@ -228,6 +228,18 @@ def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(s
     assert SEEN == ["/echo"]
 
 
+def test_an_unreadable_body_pipelined_behind_a_valid_request_is_refused_after_its_answer(served):
+    """The refusal waited for the refused request's own cycle, which never runs: the 400 never came, and the
+    connection closed at the keep-alive timeout."""
+    broken = b"\r\n".join([b"POST /echo HTTP/1.1", b"host: x", b"transfer-encoding: chunked", b"", b""])
+    answer = exchange(served, head("/echo", 5) + b"hello" + broken + b"ZZ\r\nhello\r\n")
+    first, _, rest = answer.partition(b"\r\n\r\nhello")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 400 "), answer
+    assert b"invalid HTTP request" in rest, rest
+    served.wait_closed()
+    assert SEEN == ["/echo"]
+
+
 def test_an_unreadable_body_is_refused_at_once(served):
     """The request whose body cannot be read is the one answered 400, without waiting for its app."""
     start = time.monotonic()

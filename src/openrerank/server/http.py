@@ -113,6 +113,7 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
         _linger_timer: asyncio.TimerHandle | None = None
         _linger_end = 0.0
         _refusal: bytes | None = None  # an answer to a request it cannot serve, sent after those before it
+        _running: Any = None  # the request cycle the app runs now (`self.cycle` is the last one parsed)
         replaying = False  # OfferIgnoringParser is replaying a body's framing: not a request
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -154,9 +155,15 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
                 self._refusal = answer
                 self._send_refusal()
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
+
         def _send_refusal(self) -> None:
-            """The refusal waiting, once no request before it is still to be answered."""
-            cycle = self.cycle
+            """The refusal waiting, once no request before it is still to be answered: the one running done and
+            none queued. (Not `self.cycle`: that is the refused request's own cycle when its body could not be
+            read while it was queued, which never runs, so the refusal waited for the keep-alive timeout.)"""
+            cycle = self._running or self.cycle  # (a uvicorn without `_start_asgi_task`: the last parsed)
             if (self._refusal is None or self._lingering or self.transport.is_closing() or self.pipeline
                     or (cycle is not None and not cycle.response_complete and not cycle.disconnected)):
                 return
