@@ -58,6 +58,7 @@ def test_json_logs_access_lines_and_request_ids(tmp_path, tiny_model_dir):
     ready = next(i for i, m in enumerate(messages) if m.startswith("ready: serving tiny"))
     loaded = next(i for i, m in enumerate(messages) if m.startswith("loaded "))
     assert loaded < ready < messages.index(ok["message"])
+    assert messages[ready].endswith("; no API key: every route is open)")  # an open server says so at start
 
 
 def test_transformers_lines_come_out_as_json_and_its_noise_is_dropped():

@@ -572,3 +572,21 @@ def still_running(processes: dict[int, str]) -> dict[int, str]:
         except OSError:
             continue
     return left
+
+
+def test_the_api_key_comes_from_the_replicas_environment_and_an_empty_one_is_refused():
+    """Under `serve run`/KubeRay the settings are the application's arguments; OPENRERANK_API_KEY (a Secret in
+    the pod) was ignored without a word, and the replicas served every route without a key."""
+    from openrerank.cli.main import SERVE_OPTIONS
+    from openrerank.server.config import API_KEY_ENV
+    from openrerank.server.ray_replica import take_secrets
+
+    assert next(o for o in SERVE_OPTIONS if o.flag == "api-key").env_name == API_KEY_ENV  # the CLI's variable
+    server, _ = parse_args({"model": "default"})
+    take_secrets(server, {API_KEY_ENV: "from-a-secret\n"})
+    assert server.api_key == "from-a-secret"
+    given, _ = parse_args({"model": "default", "api_key": "in-the-config"})
+    take_secrets(given, {API_KEY_ENV: "from-a-secret"})
+    assert given.api_key == "in-the-config"  # the arguments win, as a flag wins over the variable
+    with pytest.raises(ValueError, match="is empty"):
+        parse_args({"model": "default", "api_key": ""})

@@ -273,3 +273,12 @@ def test_allow_partial_covers_a_model_that_cannot_be_located(tmp_path, caplog):
     with pytest.raises(Exception, match="nowhere"):  # none can be located: nothing to serve
         preflight(config(["--model", f"b={tmp_path / 'nowhere'}", "--model", f"c={tmp_path / 'nowhere'}",
                           "--allow-partial"], {}))
+
+
+def test_an_empty_api_key_is_refused():
+    """`--api-key "$KEY"` with KEY unset served every route without a key, and said nothing."""
+    with pytest.raises(ValueError, match="--api-key '': is empty: leave it out"):
+        config(["--api-key", ""], {})
+    with pytest.raises(ValueError, match="is empty"):
+        config(["--api-key", "  "], {})
+    assert config([], {"OPENRERANK_API_KEY": ""}).api_key is None  # an empty variable is an unset one, as ever

@@ -127,8 +127,9 @@ async def load_all(app: FastAPI) -> None:
         return
     reg.loaded = True
     where = f" on {app.state.public_url}" if app.state.public_url else ""
-    log.info("ready: serving %s%s (loaded and warmed in %.1fs)", ", ".join(reg.names), where,
-             time.perf_counter() - started)
+    access = "API key required" if config.api_key else "no API key: every route is open"
+    log.info("ready: serving %s%s (loaded and warmed in %.1fs; %s)", ", ".join(reg.names), where,
+             time.perf_counter() - started, access)
 
 
 def request_dialect(request: Request) -> Dialect:

@@ -31,6 +31,11 @@ GRPC_MESSAGE_LIMIT = 2**31 - 1
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
+#: Where a replica under Ray Serve finds the API key when its application arguments hold none (a Kubernetes
+#: Secret's value in the pod's environment, not in the Serve config); the CLI's own variable for --api-key.
+API_KEY_ENV = "OPENRERANK_API_KEY"
+
+
 @dataclass
 class ServerConfig:
     models: list[str] = field(default_factory=lambda: ["default"])
@@ -136,6 +141,9 @@ class ServerConfig:
                      for o in self.cors_allow_origins if o != "*" and not _ORIGIN.fullmatch(o)]
         problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
                      if not all(p.strip() for p in a.partition("=")[::2])]
+        need(self.api_key is None or self.api_key.strip() != "", "api-key",
+             "is empty: leave it out to serve without a key (an unset variable in `--api-key \"$KEY\"` would "
+             "otherwise open the server)")
         names = [a.partition("=")[0].strip() for a in self.aliases]
         problems += [f"--alias {name!r} is given {names.count(name)} times: each name may name one model"
                      for name in dict.fromkeys(names) if name and names.count(name) > 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
@@ -18,7 +19,7 @@ from openrerank.observe.logs import configure_logging
 from openrerank.observe.metrics import Metrics
 from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
-from openrerank.server.config import ServerConfig
+from openrerank.server.config import API_KEY_ENV, ServerConfig
 from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.errors import dialect_for
 from openrerank.server.middleware import (
@@ -188,11 +189,20 @@ class BehindServeMiddleware:
         await self.app(scope, receive, hop)
 
 
+def take_secrets(config: ServerConfig, environ: Mapping[str, str]) -> None:
+    """The API key from the replica's environment (`API_KEY_ENV`) when the application's arguments hold none:
+    a Kubernetes Secret's value in the pod, not in the Serve config, which Serve shows as it is (before, the
+    variable was ignored and the replicas served every route without a key)."""
+    if config.api_key is None:
+        config.api_key = environ.get(API_KEY_ENV, "").strip() or None
+
+
 def build_replica_app(config: ServerConfig, drain_dir: str | None = None) -> Any:
     """The openrerank app as one replica serves it (called inside the replica process); `drain_dir`: the
     launcher's directory whose flag starts the app's drain (`server/ray_drain.py`)."""
     if not config.threads:
         config.threads = assigned_threads()
+    take_secrets(config, os.environ)
     # Replicas share the node's cores: no spinning ORT threads, a tokenizer pool of the same size.
     os.environ.setdefault(SPIN_ENV, "0")
     os.environ.setdefault("RAYON_NUM_THREADS", str(config.threads))

@@ -102,6 +102,7 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOption
         raise ValueError(f"invalid openrerank application arguments: {exc}") from None
     if not server.models:
         server.models = ["default"]
+    server.validate()  # the CLI's checks (an empty api_key, a port out of range, ...), named by setting
     if replicas.num_gpus > 0 and server.device == "cpu":
         raise ValueError("num_gpus reserves a GPU per replica: also pass device=cuda")
     return server, replicas

@@ -51,6 +51,15 @@ except grpc.RpcError as exc:
     assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc.code()
 else:
     raise AssertionError("no key, yet answered")
+# two authorization values could disagree (a wrong key first, the right one second was answered): as over HTTP,
+# only exactly one is taken
+for twice in (auth + (("authorization", "Bearer wrong"),), (("authorization", "Bearer wrong"),) + auth):
+    try:
+        stub.ModelInfer(raw, metadata=twice, timeout=60)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc.code()
+    else:
+        raise AssertionError(f"two authorization values, yet answered: {twice}")
 print("raw client ok", index, logit)
 '''
 

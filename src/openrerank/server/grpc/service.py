@@ -225,8 +225,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         if self._key is None:
             return True
-        given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        return bearer_matches(given.encode() if isinstance(given, str) else given, self._key)
+        given = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if len(given) != 1:  # none, or two that could disagree: as HTTP (`ApiKeyMiddleware`), never the first
+            return False
+        value = given[0]
+        return bearer_matches(value.encode() if isinstance(value, str) else value, self._key)
 
     @staticmethod
     def _request_id(context: grpc.aio.ServicerContext) -> str:
