@@ -19,6 +19,7 @@ from openrerank.server import http
 
 WAIT_S = 10.0
 KEEP_ALIVE_S = 1  # uvicorn's idle keep-alive timeout here (5 s by default)
+SLOW_S = 1.5  # what POST /slow takes before it reads its body: longer than the short header timeout below
 SEEN: list[str] = []  # the paths refusing_app was called for
 
 
@@ -28,6 +29,8 @@ async def refusing_app(scope, receive, send) -> None:
     if scope["type"] != "http":
         return
     SEEN.append(scope["path"])
+    if scope["path"] == "/slow":  # an answer still being computed when the next request's head stalls
+        await asyncio.sleep(SLOW_S)
     body = b""
     while scope["path"] != "/refuse":
         message = await receive()
@@ -35,17 +38,17 @@ async def refusing_app(scope, receive, send) -> None:
         if not message.get("more_body"):
             break
     status = 413 if scope["path"] == "/refuse" else 200
-    reply, close = (body, []) if scope["path"] == "/echo" else (b"no", [(b"connection", b"close")])
+    reply, close = (body, []) if scope["path"] in ("/echo", "/slow") else (b"no", [(b"connection", b"close")])
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", b"%d" % len(reply)), *close]})
     await send({"type": "http.response.body", "body": reply})
 
 
 class Served:
-    def __init__(self) -> None:
+    def __init__(self, header_timeout: float = 5.0) -> None:
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(refusing_app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    lifespan="off", http=http.guarded_protocol(5.0),
+                                                    lifespan="off", http=http.guarded_protocol(header_timeout),
                                                     timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
@@ -68,9 +71,9 @@ class Served:
 
 
 @pytest.fixture
-def served() -> Iterator[Served]:
+def served(request) -> Iterator[Served]:
     SEEN.clear()
-    s = Served()
+    s = Served(getattr(request, "param", 5.0))
     s.thread.start()
     deadline = time.monotonic() + WAIT_S
     while not s.server.started:
@@ -226,6 +229,17 @@ def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(s
     assert body["object"] == "error" and body["message"].startswith("invalid HTTP request"), body
     served.wait_closed()
     assert SEEN == ["/echo"]
+
+
+@pytest.mark.parametrize("served", [0.5], indirect=True)  # a header timeout shorter than /slow's answer
+def test_a_pipelined_head_that_stalls_is_refused_after_the_answer_before_it(served):
+    """The 408 for a next request's head that stalls was written at once and the connection closed, cutting off
+    the answer still being computed for the request before it."""
+    answer = exchange(served, head("/slow", 5) + b"hello" + b"POST /echo HTTP/1.1\r\nhost: x\r\n")
+    first, _, rest = answer.partition(b"\r\n\r\nhello")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 408 "), answer
+    served.wait_closed()
+    assert SEEN == ["/slow"]
 
 
 def test_an_unreadable_body_pipelined_behind_a_valid_request_is_refused_after_its_answer(served):

@@ -234,8 +234,9 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             if not self.transport.is_closing():
                 log.info("closing a connection from %s: request headers not received within %g s "
                          "(--header-timeout)", self.client, header_timeout)
-                self.transport.write(headers_too_slow(self._head_start, header_timeout))
-                self.transport.close()
+                # after the answers to the requests before it, as every refusal (a pipelined head that
+                # stalls must not cut off the answer still being computed for the request before it)
+                self._refuse(headers_too_slow(self._head_start, header_timeout))
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
