@@ -175,8 +175,13 @@ def test_embed_and_root_answer_tei_vectors_equal_to_v1_embeddings(default_server
     assert float(embed.headers["x-inference-time"]) >= 0
 
 
-def test_huggingface_hub_feature_extraction_at_the_base_url(default_server):
+def test_huggingface_hub_feature_extraction_at_the_base_url(default_server, monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
+    # the suite runs with HF_HUB_OFFLINE=1 (no hub in reach), which the client applies to any URL, this local
+    # server's too
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     vectors = hub.InferenceClient(model=default_server.url).feature_extraction(["a river", "a mountain"])
     assert vectors.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
