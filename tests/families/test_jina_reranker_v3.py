@@ -310,7 +310,8 @@ MARKED = f"prefer {DOC_MARKER} cities"
     ("/v1/ranking", nim_body("q", ["a", "b"], model="jina", instruction=MARKED), {"object", "message", "type"}),
     ("/v2/rerank", {"model": "jina", "query": "q", "documents": ["a", "b"], "instruction": f"x{QUERY_MARKER}"},
      {"message"}),
-    ("/v1/rerank", {"model": "jina", "query": "q", "documents": ["a", "b"], "instruction": MARKED}, {"message"}),
+    ("/v1/rerank", {"model": "jina", "query": "q", "documents": ["a", "b"], "instruction": MARKED},
+     {"message", "detail"}),  # Jina's clients read `detail`
     ("/v1/score", {"model": "jina", "text_1": "q", "text_2": ["a", "b"], "instruction": MARKED},
      {"object", "message", "type", "param", "code"}),
 ])
