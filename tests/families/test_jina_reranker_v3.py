@@ -274,11 +274,16 @@ def test_qwen3_takes_a_request_instruction_and_the_cache_keys_it(jina_server, ji
      {"object", "message", "type", "param", "code"}),
 ])
 def test_an_instruction_for_a_family_without_one_is_a_400(jina_server, path, body, shape):
-    with jina_server.client() as c:
+    assert "cross-encoder family has no prompt instruction" in refused(jina_server, path, body, shape)
+
+
+def refused(server, path: str, body: dict, shape: set[str]) -> str:
+    """The message of the 400 `body` gets, its error body in the route's shape (`shape`: its keys)."""
+    with server.client() as c:
         resp = c.post(path, json=body)
     assert resp.status_code == 400, resp.text
     assert set(resp.json()) == shape
-    assert "cross-encoder family has no prompt instruction" in resp.json()["message"]
+    return resp.json()["message"]
 
 
 @pytest.mark.parametrize("instruction", ["", "   ", "use {query} here"])
@@ -317,11 +322,8 @@ MARKED = f"prefer {DOC_MARKER} cities"
 ])
 def test_a_jina_instruction_holding_marker_text_is_a_400(jina_server, path, body, shape):
     """It was rendered as is and the marker count check failed: a 500 in every route."""
-    with jina_server.client() as c:
-        resp = c.post(path, json=body)
-    assert resp.status_code == 400, resp.text
-    assert set(resp.json()) == shape
-    assert resp.json()["message"].startswith("instruction: an instruction may not contain the model's marker text")
+    message = refused(jina_server, path, body, shape)
+    assert message.startswith("instruction: an instruction may not contain the model's marker text")
 
 
 @pytest.mark.parametrize(("path", "body", "shape", "fragment"), [
@@ -332,11 +334,8 @@ def test_a_jina_instruction_holding_marker_text_is_a_400(jina_server, path, body
 ])
 def test_a_jina_text_made_only_of_marker_text_is_a_400_as_an_empty_one(jina_server, path, body, shape, fragment):
     """It was scored as the empty text it became, where an empty query (or NIM passage) is a 400."""
-    with jina_server.client() as c:
-        resp = c.post(path, json=body)
-    assert resp.status_code == 400, resp.text
-    assert set(resp.json()) == shape
-    assert resp.json()["message"].startswith(f"{fragment}: nothing is left of it once the model's marker text")
+    message = refused(jina_server, path, body, shape)
+    assert message.startswith(f"{fragment}: nothing is left of it once the model's marker text")
 
 
 @pytest.mark.parametrize(("instruction", "fragment"), [
