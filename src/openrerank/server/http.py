@@ -163,7 +163,7 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             """The refusal waiting, once no request before it is still to be answered: the one running done and
             none queued. (Not `self.cycle`: that is the refused request's own cycle when its body could not be
             read while it was queued, which never runs, so the refusal waited for the keep-alive timeout.)"""
-            cycle = self._running or self.cycle  # (a uvicorn without `_start_asgi_task`: the last parsed)
+            cycle = self._running
             if (self._refusal is None or self._lingering or self.transport.is_closing() or self.pipeline
                     or (cycle is not None and not cycle.response_complete and not cycle.disconnected)):
                 return
