@@ -590,3 +590,16 @@ def test_the_api_key_comes_from_the_replicas_environment_and_an_empty_one_is_ref
     assert given.api_key == "in-the-config"  # the arguments win, as a flag wins over the variable
     with pytest.raises(ValueError, match="is empty"):
         parse_args({"model": "default", "api_key": ""})
+
+
+def test_a_report_the_launcher_cannot_read_is_passed_over(tmp_path):
+    """The launcher (and the drain test) read every report in its directory; one in another version's form
+    (`idle`, before reports held a count) made `reports` raise instead of leaving it out."""
+    import os
+
+    from openrerank.server.ray_drain import Report, reports
+
+    (tmp_path / f"replica-{os.getpid()}").write_text("idle")
+    assert reports(tmp_path) == {}
+    (tmp_path / f"replica-{os.getpid()}").write_text(Report(2, draining=True).text())
+    assert reports(tmp_path) == {os.getpid(): Report(2, draining=True)}
