@@ -157,7 +157,9 @@ def queueing_server(tmp_path_factory):
 
 def test_a_refusal_for_a_deadline_too_close_names_the_clients_deadline(queueing_server):
     """Behind seconds of work, a call with a 2 s gRPC deadline is refused at admission (it would finish long
-    after), and the refusal said its deadline was --request-timeout's (120 s here), "in -0 s" for the shortest."""
+    after), and the refusal said its deadline was --request-timeout's (120 s here), "in -0 s" for the shortest.
+    Two 256-passage requests are ~60k tokens: refused under 2 s on any CPU scoring under ~37k tokens/s with
+    MiniLM-L6 (this Zen 3 does ~3k); a machine that fast would admit it, and the test would fail, not pass."""
     outcome = refused_behind_work(queueing_server, LONG, client_timeout=2.0)
     assert outcome.startswith("RESOURCE_EXHAUSTED: server overloaded: this request would finish"), outcome
     assert "(the client's gRPC deadline;" in outcome and "--request-timeout" not in outcome, outcome
