@@ -42,6 +42,8 @@ CASES = [
     ("/v1/score", f'{{"text_1": ["q", "r"], "text_2": ["a", {LONE}]}}', 400, "code"),
     ("/v1/score", f'{{"model": {LONE}, "text_1": "q", "text_2": ["a"]}}', 400, "code"),
     # the model's name was looked up (404) where every other route refuses it as text
+    ("/rerank", f'{{"model": {LONE}, "query": "q", "documents": ["a"]}}', 422, "error"),
+    ("/embeddings", f'{{"model": {LONE}, "input": ["a"]}}', 422, "error"),
     ("/v1/embeddings/multi_vector", f'{{"model": {LONE}, "input": ["a"], "input_type": "query"}}', 400, "object"),
     # booleans are JSON booleans: 0, 1 or "yes" is not one (pydantic's lax mode took them)
     ("/v1/rerank", '{"query": "q", "documents": ["a"], "return_documents": 0}', 400, "message"),

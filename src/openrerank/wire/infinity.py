@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from openrerank.wire.checks import Count, Flag, integer
+from openrerank.wire.checks import Count, Flag, Text, integer
 from openrerank.wire.embeddings import _INPUT_SCHEMA
 
 #: Infinity's default `model` value; it means "the one served model".
@@ -36,7 +36,7 @@ class InfinityRerankRequest(BaseModel):
     documents: list[str] = Field(min_length=1, description="Documents to rank (at least one).")
     return_documents: Flag = Field(default=False, description="Include each document's text in the results.")
     raw_scores: Flag = Field(default=False, description="Raw model scores instead of [0, 1] relevance scores.")
-    model: str | None = Field(default=None, description="Served model id; absent (or Infinity's "
+    model: Text | None = Field(default=None, description="Served model id; absent (or Infinity's "
                               f"'{INFINITY_UNSPECIFIED_MODEL}') = the first served model.")
     top_n: Count | None = Field(default=None, description="Return only the best N (absent: all).")
 
@@ -84,7 +84,7 @@ class InfinityEmbeddingsRequest(BaseModel):
         "input": ["What is the capital of France?", "Paris is the capital of France."],
         "model": INFINITY_UNSPECIFIED_MODEL, "encoding_format": "float", "dimensions": 0}]})
     input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)] = Field(...)
-    model: str | None = Field(default=INFINITY_UNSPECIFIED_MODEL, description="Served embedding model id; "
+    model: Text | None = Field(default=INFINITY_UNSPECIFIED_MODEL, description="Served embedding model id; "
                               f"absent or '{INFINITY_UNSPECIFIED_MODEL}' = the first served embedding model.")
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="float: lists of numbers; base64: little-endian float32 bytes, base64.")
