@@ -254,6 +254,19 @@ def test_an_unreadable_body_pipelined_behind_a_valid_request_is_refused_after_it
     assert SEEN == ["/echo"]
 
 
+def test_a_proxy_request_is_refused_after_the_answer_before_it(served):
+    """`CONNECT host:443` (the one method llhttp takes an authority-form target for) failed inside uvicorn's
+    parser callback: a bare "User callback error", charged to the request before it, whose answer was dropped."""
+    target = b"example.com:443"
+    answer = exchange(served, head("/echo", 5) + b"hello" + b"CONNECT " + target + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+    first, _, rest = answer.partition(b"\r\n\r\nhello")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 400 "), answer
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])  # not a path of any dialect: NIM's shape
+    assert body["object"] == "error" and f"request target '{target.decode()}' is not a path" in body["message"], body
+    served.wait_closed()
+    assert SEEN == ["/echo"]
+
+
 def test_an_unreadable_body_is_refused_at_once(served):
     """The request whose body cannot be read is the one answered 400, without waiting for its app."""
     start = time.monotonic()

@@ -93,7 +93,12 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        from openrerank.server.http_edges import OfferIgnoringParser, StopParsing, unsupported_coding
+        from openrerank.server.http_edges import (
+            OfferIgnoringParser,
+            StopParsing,
+            target_problem,
+            unsupported_coding,
+        )
     except ImportError:  # pragma: no cover - uvicorn[standard] ships httptools
         log.warning("httptools is not installed: no --header-timeout (uvicorn's h11 protocol has none)")
         return "auto"
@@ -263,6 +268,11 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             coding = unsupported_coding(self.headers)
             if coding is not None:  # before the app has it: its body cannot be read
                 self._refuse(coding_not_implemented(self.url.partition(b"?")[0].decode("latin-1"), coding))
+                raise StopParsing
+            problem = None if self.parser.should_upgrade() and self._should_upgrade() else target_problem(self.url)
+            if problem is not None:  # uvicorn's own parse of it would fail inside this callback
+                log.info("refusing a request from %s: %s", self.client, problem)
+                self._refuse(bad_request(self.url.decode("latin-1"), problem))
                 raise StopParsing
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.transport is self.transport:  # a new request's cycle

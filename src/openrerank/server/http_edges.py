@@ -1,5 +1,5 @@
 """HTTP/1.1 edges uvicorn's httptools protocol gets wrong, for `server/http.py`'s protocol: an upgrade offer
-the server does not take, and transfer codings other than chunked."""
+the server does not take, transfer codings other than chunked, and request targets that are not a URL."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ def unsupported_coding(headers: list[tuple[bytes, bytes]]) -> str | None:
                 coding = coding.strip(b" \t").lower()
                 if coding and coding != b"chunked":
                     return coding[:40].decode("latin-1")
+    return None
+
+
+def target_problem(target: bytes) -> str | None:
+    """Why a request target cannot be routed (None: it can). uvicorn parses it inside a parser callback, so an
+    authority-form target (`CONNECT host:443`) failed as llhttp's bare "User callback error", and the
+    400 was charged to the request pipelined before it, whose answer was dropped."""
+    try:
+        httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        shown = target[:100].decode("latin-1")
+        return f"request target '{shown}' is not a path (this server is not a proxy: CONNECT is not served)"
     return None
 
 
