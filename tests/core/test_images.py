@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -15,7 +16,9 @@ from openrerank.core.images import (
     ImageInputError,
     ImageLimits,
     decode_image,
+    encoded_size,
     open_image,
+    parse_data_url,
     pixel_bound,
 )
 from openrerank.server.config import ServerConfig
@@ -74,3 +77,33 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(mode):
     assert decoded.mode == "RGB"
     assert np.array_equal(np.asarray(decoded)[..., 0], grey8)
     assert np.array_equal(np.asarray(decoded)[..., 1], grey8)
+
+
+def test_an_image_of_exactly_the_byte_limit_is_taken():
+    """The size read from the base64 length counted its `=` padding as data: an image of exactly
+    --max-image-bytes was refused as one byte over (and the request total over-counted the same way)."""
+    for n in range(1, 8):
+        assert encoded_size("data:image/png;base64," + base64.b64encode(b"x" * n).decode()) == n
+    data = io.BytesIO()
+    Image.new("RGB", (7, 5), (10, 20, 30)).save(data, "PNG")
+    png = data.getvalue()
+    assert len(png) % 3, "the check needs a payload with padding"
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert parse_data_url(url, ImageLimits(max_image_bytes=len(png))).data == png
+    with pytest.raises(ImageInputError, match=f"holds {len(png)} bytes") as caught:
+        parse_data_url(url, ImageLimits(max_image_bytes=len(png) - 1))
+    assert caught.value.status == 413
+
+
+def test_a_png_with_damaged_exif_is_decoded_as_stored():
+    """A damaged eXIf chunk (a bad TIFF byte-order mark) is metadata: the pixels were refused as a "truncated or
+    corrupt" image, where the same EXIF in a JPEG was taken."""
+    picture = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    data = io.BytesIO()
+    picture.save(data, "PNG")
+    png = data.getvalue()
+    bad_exif = b"MX\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    chunk = struct.pack(">I", len(bad_exif)) + b"eXIf" + bad_exif + struct.pack(">I", zlib.crc32(b"eXIf" + bad_exif))
+    damaged = png[:33] + chunk + png[33:]  # after the signature and IHDR
+    decoded = decode_image(open_image(EncodedImage("PNG", damaged), ImageLimits()))
+    assert np.array_equal(np.asarray(decoded), np.asarray(picture))

@@ -167,6 +167,16 @@ def test_text_that_spells_a_vision_token_is_refused(m0_server):
     assert resp.status_code == 400 and resp.json()["message"].startswith("the query spells"), resp.text
 
 
+def test_an_image_the_resize_rule_refuses_names_its_passage(m0_server):
+    """Qwen2-VL's `smart_resize` refuses an aspect ratio over 200: the 400 named no passage (the pricing that
+    meets it first did not pass the index on), where every other image error names one."""
+    passages = [{"text": "a page"}, {"image": data_url(IMAGES["square"])}, {"image": data_url(picture(1, 300, 5))}]
+    with m0_server.client() as c:
+        resp = c.post("/v1/ranking", json={"model": "m0", "query": {"text": QUERIES[0]}, "passages": passages})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["message"].startswith("passage 2: ") and "aspect ratio" in resp.json()["message"], resp.text
+
+
 def test_metadata_says_what_the_model_reads(m0_server):
     with m0_server.client() as c:
         model = c.get("/v1/metadata").json()["models"][0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -79,9 +80,12 @@ class EncodedImage:
 
 
 def encoded_size(url: str) -> int:
-    """Bytes a base64 payload decodes to (an upper bound, without decoding it)."""
+    """Bytes a base64 payload decodes to, without decoding it (its `=` padding is not data: an image of exactly
+    the limit was refused as one byte over)."""
     comma = url.find(",")
-    return (len(url) - comma - 1) * 3 // 4 if comma >= 0 else len(url)
+    if comma < 0:
+        return len(url)
+    return (len(url) - comma - 1 - (url.endswith("==") + url.endswith("="))) * 3 // 4
 
 
 def check_request_size(urls: list[str | None], limits: ImageLimits) -> None:
@@ -181,7 +185,10 @@ def decode_image(image: Image, passage_index: int | None = None) -> Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's warnings on odd EXIF / palette transparency are not errors
             image.load()  # a truncated file raises here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
-            image = ImageOps.exif_transpose(image)
+            try:
+                image = ImageOps.exif_transpose(image)
+            except (OSError, ValueError, SyntaxError, EOFError, struct.error):  # damaged metadata, sound pixels:
+                pass  # as stored, as browsers show it (Pillow reads a JPEG's damaged EXIF leniently already)
             if image.mode in _WIDE_GREY:
                 image = _grey_to_8_bits(image)
             elif image.mode in ("P", "PA", "LA", "La", "RGBa"):

@@ -153,7 +153,8 @@ class LoadedModel:
         check_request_size(list(images), limits)
         opened = [open_image(parse_data_url(url, limits, i), limits, i) if url is not None else None
                   for i, url in enumerate(images)]
-        cost = sum(self.encoder.image_cost(*im.size) for im in opened if im is not None)  # type: ignore[attr-defined]
+        cost = sum(self.encoder.image_cost(*im.size, i)  # type: ignore[attr-defined]
+                   for i, im in enumerate(opened) if im is not None)
         if budget is not None and cost > budget:
             raise RequestTooLargeError("tokens", cost, budget, "--max-request-tokens",
                                        "each image tile costs its vision patches and placeholder tokens; send "

@@ -76,11 +76,11 @@ class Resizer:
         except ValueError as exc:
             raise ImageInputError(str(exc), passage_index=owner) from None
 
-    def patches(self, width: int, height: int) -> int:
-        return int(np.prod(self.size(width, height))) // (self.patch * self.patch)
+    def patches(self, width: int, height: int, owner: int | None = None) -> int:
+        return int(np.prod(self.size(width, height, owner))) // (self.patch * self.patch)
 
-    def tokens(self, width: int, height: int) -> int:
-        return self.patches(width, height) // (self.merge * self.merge)
+    def tokens(self, width: int, height: int, owner: int | None = None) -> int:
+        return self.patches(width, height, owner) // (self.merge * self.merge)
 
     def pixels(self, image, owner: int | None = None) -> np.ndarray:
         """An RGB PIL image -> uint8 `(1, height, width, 3)`, resized as the processor resizes it."""
@@ -124,9 +124,10 @@ class JinaM0Encoder(TemplateTextEncoder):
     def runs(self, query: str, passages: list[str]) -> list[list[Run]]:
         return [[*pair, (FIXED, [self.score_id])] for pair in super().runs(query, passages)]
 
-    def image_cost(self, width: int, height: int) -> int:
-        """What an image adds to a pair's length: its placeholder tokens plus its vision-encoder patches."""
-        return 2 + self.resizer.tokens(width, height) + self.resizer.patches(width, height)
+    def image_cost(self, width: int, height: int, owner: int | None = None) -> int:
+        """What an image adds to a pair's length: its placeholder tokens plus its vision-encoder patches (an
+        image `smart_resize` refuses is passage `owner`'s error)."""
+        return 2 + self.resizer.tokens(width, height, owner) + self.resizer.patches(width, height, owner)
 
     def _prepare(self, query, passages, truncate, max_chunks) -> Prepared:
         self._check_query(query)

@@ -116,7 +116,7 @@ class VisionPromptEncoder(TemplateTextEncoder):
         vocab = tokenizer.get_vocab()
         self.start_id, self.end_id, self.context_id = vocab[IMG_START], vocab[IMG_END], context_id
 
-    def image_cost(self, width: int, height: int) -> int:
+    def image_cost(self, width: int, height: int, owner: int | None = None) -> int:
         """What an image of this size adds to a pair's length (placeholders + vision-encoder patches)."""
         tiles = self.tiling.count(width, height)
         return 2 + tiles * (self.tokens_per_tile + self.patches_per_tile)
