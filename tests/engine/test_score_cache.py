@@ -204,6 +204,53 @@ def test_a_failed_request_does_not_fail_the_ones_waiting_for_its_passages():
     assert list(second.logits) == [1.0, 1.0] and sorted(good.asked) == ["b", "c"]  # it scored "b" itself
 
 
+def test_a_passage_waited_for_in_vain_is_counted_a_miss_not_shared():
+    """The shared counter was bumped when a request began waiting: a passage whose scorer then failed, and which
+    the waiter scored itself, was counted shared (work saved) and never a miss."""
+    registry = CollectorRegistry()
+    cache = ScoreCache(2**20, registry)
+
+    async def failing(passages):
+        await asyncio.sleep(0.01)
+        raise RuntimeError("the model broke on this batch")
+
+    async def go():
+        first = asyncio.create_task(cache.score("m", b"ns", "q", ["a", "b"], failing))
+        await asyncio.sleep(0)  # the first request now owns "a" and "b"
+        second = asyncio.create_task(cache.score("m", b"ns", "q", ["b", "c", "c"], CountingScorer()))
+        await asyncio.gather(first, second, return_exceptions=True)
+
+    asyncio.run(go())
+    # first: a, b missed; second: c missed, its repeat shared, b waited for in vain and scored: a miss
+    assert metric(registry, "openrerank_score_cache_misses_total", model="m") == 4
+    assert metric(registry, "openrerank_score_cache_shared_total", model="m") == 1
+
+
+def test_a_waiter_whose_client_leaves_logs_no_asyncio_error(caplog):
+    """A request cancelled (its client gone) while it waited for another request's passages left asyncio's
+    "_GatheringFuture exception was never retrieved" ERROR in the log."""
+    cache = ScoreCache(2**20)
+    owner = HeldScorer()
+
+    async def go():
+        first = asyncio.create_task(cache.score("m", b"ns", "q", ["x"], owner))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(cache.score("m", b"ns", "q", ["x"], CountingScorer(),
+                                                 deadline=time.monotonic() + 30))  # a request's: always set
+        await asyncio.sleep(0.05)  # waiting for "x"
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        gc.collect()
+        owner.release.set()
+        assert list((await first).logits) == [1.0]
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(go())
+        gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
 class HeldScorer(CountingScorer):
     """Scores only once `release` is set: a request that is still being scored."""
 

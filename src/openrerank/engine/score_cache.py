@@ -160,11 +160,10 @@ class ScoreCache:
         `deadline` (a `time.monotonic()` instant): TimeoutError."""
         t0 = time.perf_counter()
         looks = self._lookup(queries)
-        if self._metrics:
+        if self._metrics:  # what it waits for is counted once it is known whether it came (shared) or not (a miss)
             for look in looks:
                 n, mine, shared = len(look.keys), len(look.todo), len(look.waiting) + len(look.copies)
                 self._metrics.hits.labels(model).inc(n - mine - shared)
-                self._metrics.shared.labels(model).inc(shared)
                 self._metrics.misses.labels(model).inc(mine)
         for look in looks:
             look.result.tokenize_ms = (time.perf_counter() - t0) * 1e3
@@ -178,7 +177,12 @@ class ScoreCache:
         if pending:
             t_wait = time.perf_counter()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait_for(asyncio.gather(*(asyncio.shield(asyncio.wrap_future(f)) for f in pending)), left)
+            # not wait_for(gather(shield...)): a waiter cancelled (its client gone) left the gather's
+            # CancelledError unread, an asyncio ERROR in the log; asyncio.wait never cancels what it waits for
+            # (cancelling a wrapped future would cancel the other request's concurrent one)
+            _, late = await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=left)
+            if late:
+                raise TimeoutError
             for look in looks:
                 look.result.queue_ms += (time.perf_counter() - t_wait) * 1e3
         retry: list[list[int]] = []
@@ -190,6 +194,10 @@ class ScoreCache:
                     retry[-1].append(i)
                 else:
                     look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
+        if self._metrics:
+            for look, again in zip(looks, retry, strict=True):
+                self._metrics.shared.labels(model).inc(len(look.waiting) + len(look.copies) - len(again))
+                self._metrics.misses.labels(model).inc(len(again))
         await self._score_into(looks, retry, queries, score, deliver=False)
         for look in looks:
             for i, (q, j) in look.copies.items():
@@ -316,7 +324,8 @@ class _CacheMetrics:
         self.misses = Counter("openrerank_score_cache_misses_total", "Passages the score cache did not hold",
                               ["model"], registry=r)
         self.shared = Counter("openrerank_score_cache_shared_total",
-                              "Passages taken from a concurrent request that was scoring them", ["model"], registry=r)
+                              "Passages not scored again: taken from a concurrent request that was scoring them, "
+                              "or repeating one earlier in the same request", ["model"], registry=r)
         self.evictions = Counter("openrerank_score_cache_evictions_total",
                                  "Entries evicted to stay within --score-cache-mb", registry=r)
         self.entries = Gauge("openrerank_score_cache_entries", "Passage scores held", registry=r)
