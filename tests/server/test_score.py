@@ -142,6 +142,16 @@ def test_truncate_prompt_tokens_over_http(tiny_server):
     assert r.status_code == 200 and len(r.json()["data"]) == 2
 
 
+def test_id_is_score_and_the_callers_request_id(tiny_server):
+    """vLLM answers `score-{X-Request-Id}`; the id was a new uuid whatever the header said."""
+    with tiny_server.client() as c:
+        given = c.post("/v1/score", json={"text_1": "q", "text_2": "a"}, headers={"X-Request-Id": "myid123"})
+        made = c.post("/score", json={"text_1": "q", "text_2": "a"})
+    assert given.status_code == 200, given.text
+    assert given.json()["id"] == "score-myid123" and given.headers["x-request-id"] == "myid123"
+    assert made.json()["id"] == f"score-{made.headers['x-request-id']}"
+
+
 def test_malformed_json(tiny_server):
     with tiny_server.client() as c:
         r = c.post("/score", content=b'{"text_1": ', headers={"content-type": "application/json"})

@@ -128,4 +128,5 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> dic
     model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
     outcomes = await common.rerank_many(request, response, plan.requests)
     response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
-    return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name)
+    return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name,
+                          request_id=f"score-{common.request_id(request)}")
