@@ -72,10 +72,16 @@ def test_result_to_wire_pair_order_and_activation():
     assert [d["score"] for d in raw["data"]] == [1.0, 0.0, -2.0]
 
 
-def test_use_activation_and_legacy_alias():
-    assert dialect.use_activation(ScoreRequest(text_1="q", text_2="a")) is True
-    assert dialect.use_activation(ScoreRequest(text_1="q", text_2="a", use_activation=False)) is False
-    assert dialect.use_activation(ScoreRequest(text_1="q", text_2="a", activation=False)) is False
+def test_use_activation_and_legacy_aliases():
+    """vLLM's get_use_activation: softmax, then activation, then use_activation (softmax was ignored)."""
+    def wants(**flags: bool) -> bool:
+        return ScoreRequest(text_1="q", text_2="a", **flags).wants_activation()
+    assert wants() is True
+    assert wants(use_activation=False) is False and wants(activation=False) is False
+    assert wants(softmax=False) is False
+    assert wants(softmax=True, activation=False, use_activation=False) is True
+    assert wants(softmax=False, use_activation=True) is False
+    assert wants(activation=True, use_activation=False) is True
 
 
 # -- over HTTP (tiny cross-encoder, window 128, --max-passages 8) ---------------------------------------
@@ -95,6 +101,7 @@ def test_one_to_many_matches_nim(tiny_server, path):
     with tiny_server.client() as c:
         r = c.post(path, json={"model": "tiny", "text_1": "paris", "text_2": texts})
         raw = c.post(path, json={"text_1": "paris", "text_2": texts, "use_activation": False})
+        legacy = c.post(path, json={"text_1": "paris", "text_2": texts, "softmax": False})
         nim = c.post("/v1/ranking", json={"query": {"text": "paris"}, "passages": [{"text": t} for t in texts]})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -103,6 +110,7 @@ def test_one_to_many_matches_nim(tiny_server, path):
     assert [d["index"] for d in body["data"]] == [0, 1, 2]  # pair order, not sorted
     logits = {x["index"]: x["logit"] for x in nim.json()["rankings"]}
     assert [d["score"] for d in raw.json()["data"]] == pytest.approx([logits[i] for i in range(3)], abs=1e-5)
+    assert [d["score"] for d in legacy.json()["data"]] == [d["score"] for d in raw.json()["data"]]
     assert [d["score"] for d in body["data"]] == pytest.approx(
         [1 / (1 + math.exp(-logits[i])) for i in range(3)], abs=1e-6)
     assert body["usage"]["prompt_tokens"] == nim.json()["usage"]["prompt_tokens"]

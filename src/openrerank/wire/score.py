@@ -12,7 +12,33 @@ from pydantic import BaseModel, ConfigDict, Field
 from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Flag, Text, integer
 
 
-class ScoreRequest(BaseModel):
+class VllmScoringOptions(BaseModel):
+    """The options vLLM reads on its score and rerank requests alike (/v1/score, and its RerankRequest on
+    /v1/rerank and /v2/rerank), declared once for every route that takes them."""
+
+    truncate_prompt_tokens: integer(-1) | None = Field(
+        default=None,
+        description="Absent: an over-long pair fails (400). -1: cut to the model window. "
+        "k > 0: also keep only the first k tokens of each text_2.",
+    )
+    use_activation: Flag | None = Field(
+        default=None, description="false: raw model scores; true/absent: [0, 1] scores."
+    )
+    activation: Flag | None = Field(default=None, description="Deprecated vLLM alias of use_activation.")
+    softmax: Flag | None = Field(
+        default=None, description="Deprecated vLLM alias of use_activation; wins over activation and it."
+    )
+
+    def wants_activation(self) -> bool:
+        """vLLM's `get_use_activation`: the first flag given of `softmax`, `activation`, `use_activation`;
+        none: the [0, 1] form."""
+        for flag in (self.softmax, self.activation, self.use_activation):
+            if flag is not None:
+                return flag
+        return True
+
+
+class ScoreRequest(VllmScoringOptions):
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
@@ -27,15 +53,6 @@ class ScoreRequest(BaseModel):
     model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
     text_1: Text | list[Text] = Field(description="Query, or queries (1 or as many as text_2).")
     text_2: Text | list[Text] = Field(description="Text(s) scored against text_1.")
-    truncate_prompt_tokens: integer(-1) | None = Field(
-        default=None,
-        description="Absent: an over-long pair fails (400). -1: cut to the model window. "
-        "k > 0: also keep only the first k tokens of each text_2.",
-    )
-    use_activation: Flag | None = Field(
-        default=None, description="false: raw model scores; true/absent: [0, 1] scores."
-    )
-    activation: Flag | None = Field(default=None, description="Deprecated vLLM alias of use_activation.")
     instruction: Text | None = Field(default=None, description=INSTRUCTION_DESCRIPTION)
 
 

@@ -93,12 +93,6 @@ def to_internal(body: ScoreRequest) -> ScorePlan:
     return ScorePlan(requests, pairs)
 
 
-def use_activation(body: ScoreRequest) -> bool:
-    if body.use_activation is not None:
-        return body.use_activation
-    return body.activation if body.activation is not None else True
-
-
 def result_to_wire(plan: ScorePlan, results: list[RerankResult], *, activation: bool,
                    model: str, request_id: str | None = None, created: int | None = None) -> dict:
     """Internal results -> vLLM ScoreResponse, one entry per pair in request order."""
@@ -128,5 +122,5 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> dic
     model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
     outcomes = await common.rerank_many(request, response, plan.requests)
     response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
-    return result_to_wire(plan, outcomes, activation=use_activation(body), model=model.name,
+    return result_to_wire(plan, outcomes, activation=body.wants_activation(), model=model.name,
                           request_id=f"score-{common.request_id(request)}")
