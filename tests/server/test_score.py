@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from openrerank.core.requests import RerankResult, ScoreKind, Truncate
 from openrerank.server import http
@@ -37,6 +38,36 @@ def test_broadcast_and_one_to_one():
     assert dialect.to_internal(ScoreRequest(text_1=["q"], text_2=["a", "b"])).pairs == [(0, 0), (0, 1)]
     plan = dialect.to_internal(ScoreRequest(text_1="q", text_2="a"))
     assert plan.pairs == [(0, 0)] and plan.requests[0].passages == ["a"]
+
+
+#: vLLM's other ScoreRequest forms (ScoreQueriesDocumentsRequest, ScoreQueriesItemsRequest, ScoreDataRequest).
+VLLM_FORMS = [("queries", "documents"), ("queries", "items"), ("data_1", "data_2")]
+
+
+@pytest.mark.parametrize(("first", "second"), VLLM_FORMS)
+def test_vllm_forms_are_text_1_and_text_2(first, second):
+    """vLLM takes these besides text_1/text_2 (each side a string or a list); they were a 400 'text_1 is required'."""
+    plan = dialect.to_internal(ScoreRequest(**{first: "q", second: ["a", "b"]}))
+    assert [(r.query, r.passages) for r in plan.requests] == [("q", ["a", "b"])] and plan.pairs == [(0, 0), (0, 1)]
+    plan = dialect.to_internal(ScoreRequest.model_validate({first: ["q1", "q2"], second: ["a", "b"]}))
+    assert [(r.query, r.passages) for r in plan.requests] == [("q1", ["a"]), ("q2", ["b"])]
+    with pytest.raises(ApiError) as err:
+        dialect.to_internal(ScoreRequest(**{first: "q", second: []}))
+    assert f"{second}: at least one" in err.value.message
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({"text_1": "q", "text_2": "a", "queries": "q", "documents": "a"}, "it sends text_1, text_2, queries, documents"),
+    ({"queries": "q", "documents": "a", "items": "b"}, "it sends queries, documents, items"),
+    ({"text_1": "q", "data_2": "a"}, "it sends text_1, data_2"),
+    ({"queries": "q"}, "field 'documents' or 'items' is required with 'queries'"),
+    ({"data_2": "a"}, "field 'data_1' is required with 'data_2'"),
+    ({}, "field 'text_1' is required"),
+])
+def test_a_body_in_no_form_or_two_is_refused_naming_them(body, fragment):
+    with pytest.raises(ValidationError) as err:
+        ScoreRequest.model_validate(body)
+    assert fragment in str(err.value)
 
 
 @pytest.mark.parametrize(("t1", "t2", "fragment"), [
@@ -116,6 +147,16 @@ def test_one_to_many_matches_nim(tiny_server, path):
     assert body["usage"]["prompt_tokens"] == nim.json()["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize(("first", "second"), VLLM_FORMS)
+def test_vllm_forms_over_http(tiny_server, first, second):
+    texts = ["paris is the capital", "the sea"]
+    with tiny_server.client() as c:
+        ref = c.post("/v1/score", json={"text_1": "paris", "text_2": texts})
+        r = c.post("/v1/score", json={first: "paris", second: texts})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == ref.json()["data"] and r.json()["usage"] == ref.json()["usage"]
+
+
 def test_pairwise_equals_separate_requests(tiny_server):
     t1 = ["paris", "banana", "paris"]
     t2 = ["paris is the capital", "yellow fruit", "the sea"]
@@ -137,6 +178,10 @@ def test_pairwise_equals_separate_requests(tiny_server):
     ({"text_1": "q", "text_2": ["a"] * 9}, 400, "exceeds the maximum of 8"),
     ({"text_1": "paris", "text_2": [" ".join(["paris banana"] * 100)]}, 400, "exceeds maximum allowed token size"),
     ({"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+    ({"text_1": "q", "text_2": "a", "queries": "q", "documents": "a"}, 400, "mixes vLLM's score forms"),
+    ({"queries": "q"}, 400, "'documents' or 'items' is required"),
+    ({"queries": "q", "documents": ["a"] * 9}, 400, "exceeds the maximum of 8"),
+    ({"data_1": "q", "data_2": [5]}, 400, "data_2"),
 ])
 def test_bad_input_in_vllm_shape(tiny_server, body, status, fragment):
     with tiny_server.client() as c:

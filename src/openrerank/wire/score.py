@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Flag, Text, integer
+
+#: vLLM's ScoreRequest forms, each (the query side, the texts scored against it): its ScoreTextRequest,
+#: ScoreQueriesDocumentsRequest, ScoreQueriesItemsRequest and ScoreDataRequest. Either side is a string or a
+#: list, in every form.
+SCORE_FORMS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
+_FORM_FIELDS = tuple(dict.fromkeys(f for form in SCORE_FORMS for f in form))
+_Texts = Text | list[Text]
 
 
 class VllmScoringOptions(BaseModel):
@@ -51,9 +58,47 @@ class ScoreRequest(VllmScoringOptions):
         },
     )
     model: Text | None = Field(default=None, description="Served model id; omit to use the first model.")
-    text_1: Text | list[Text] = Field(description="Query, or queries (1 or as many as text_2).")
-    text_2: Text | list[Text] = Field(description="Text(s) scored against text_1.")
+    text_1: _Texts | None = Field(default=None, description="Query, or queries (1 or as many as text_2).")
+    text_2: _Texts | None = Field(default=None, description="Text(s) scored against text_1.")
+    queries: _Texts | None = Field(default=None, description="vLLM's other name for text_1, with documents or items.")
+    documents: _Texts | None = Field(default=None, description="vLLM's other name for text_2, with queries.")
+    items: _Texts | None = Field(default=None, description="vLLM's other name for text_2, with queries.")
+    data_1: _Texts | None = Field(default=None, description="vLLM's other name for text_1, with data_2.")
+    data_2: _Texts | None = Field(default=None, description="vLLM's other name for text_2, with data_1.")
     instruction: Text | None = Field(default=None, description=INSTRUCTION_DESCRIPTION)
+    _form: tuple[str, str] = PrivateAttr(default=SCORE_FORMS[0])
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreRequest:
+        self._form = score_form({f for f in _FORM_FIELDS if getattr(self, f) is not None})
+        return self
+
+    @property
+    def form(self) -> tuple[str, str]:
+        """The names the body used for (text_1, text_2)."""
+        return self._form
+
+    def sides(self) -> tuple[str | list[str], str | list[str]]:
+        """(text_1, text_2) under whichever of vLLM's names the body used."""
+        first, second = self._form
+        return getattr(self, first), getattr(self, second)
+
+
+def score_form(sent: set[str]) -> tuple[str, str]:
+    """Which of vLLM's forms the fields `sent` are; a body that is none of them (a field missing, or two forms
+    mixed) is refused, naming the fields."""
+    for form in SCORE_FORMS:
+        if sent == set(form):
+            return form
+    forms = ", ".join(" + ".join(form) for form in SCORE_FORMS)
+    if not sent:
+        raise ValueError(f"field 'text_1' is required, with 'text_2' (vLLM's forms: {forms})")
+    partial = [form for form in SCORE_FORMS if sent < set(form)]
+    if partial:
+        missing = " or ".join(f"'{f}'" for form in partial for f in form if f not in sent)
+        raise ValueError(f"field {missing} is required with '{next(iter(sent))}'")
+    names = ", ".join(f for f in _FORM_FIELDS if f in sent)
+    raise ValueError(f"the body mixes vLLM's score forms (it sends {names}): send one of {forms}")
 
 
 class ScoreData(BaseModel):

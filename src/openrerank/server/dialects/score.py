@@ -1,5 +1,7 @@
 """vLLM score dialect: `POST /v1/score` and `POST /score`.
 
+The pair sides go by any of vLLM's names (`text_1`/`text_2`, `queries`/`documents`, `queries`/`items`,
+`data_1`/`data_2`: `wire.score.SCORE_FORMS`); below, text_1 and text_2 stand for whichever the body used.
 `text_1` str + `text_2` list: one query against many texts. Equal-length lists: pairwise
 (`text_1[i]` with `text_2[i]`); a one-element `text_1` list is broadcast. Pairs are grouped by
 their distinct `text_1` into one internal request each, and the groups go to the model's scheduler
@@ -19,7 +21,7 @@ from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
-from openrerank.wire.score import ScoreError, ScoreRequest, ScoreResponse
+from openrerank.wire.score import SCORE_FORMS, ScoreError, ScoreRequest, ScoreResponse
 
 #: vLLM's error `type` for the statuses that have their own (the OpenAI SDK's exception names); any other
 #: status is typed by its class (`error_type`), so a client error is never an "InternalServerError".
@@ -46,7 +48,7 @@ SCORE = register_dialect(Dialect(
     request_models={"/v1/score": ScoreRequest, "/score": ScoreRequest},
     error_model=ScoreError,
 ))
-list_bounds.bound(ScoreRequest, text_1=list_bounds.PAIRS, text_2=list_bounds.PAIRS)
+list_bounds.bound(ScoreRequest, **{f: list_bounds.PAIRS for form in SCORE_FORMS for f in form})
 
 router = APIRouter(route_class=list_bounds.BoundedRoute)
 
@@ -63,12 +65,14 @@ class ScorePlan:
 
 def to_internal(body: ScoreRequest) -> ScorePlan:
     """vLLM score request -> internal requests; 1:1, 1:N and N:N (vLLM's rule), else 400."""
-    texts_1 = [body.text_1] if isinstance(body.text_1, str) else list(body.text_1)
-    texts_2 = [body.text_2] if isinstance(body.text_2, str) else list(body.text_2)
+    side_1, side_2 = body.sides()
+    name_1, name_2 = body.form
+    texts_1 = [side_1] if isinstance(side_1, str) else list(side_1)
+    texts_2 = [side_2] if isinstance(side_2, str) else list(side_2)
     if not texts_1:
-        raise ApiError(400, "text_1: at least one text element must be given")
+        raise ApiError(400, f"{name_1}: at least one text element must be given")
     if not texts_2:
-        raise ApiError(400, "text_2: at least one text element must be given")
+        raise ApiError(400, f"{name_2}: at least one text element must be given")
     if len(texts_1) > 1 and len(texts_1) != len(texts_2):
         raise ApiError(400, f"Input lengths must be either 1:1, 1:N or N:N; got {len(texts_1)}:{len(texts_2)}")
     if len(texts_1) == 1:
