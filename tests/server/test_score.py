@@ -182,6 +182,8 @@ def test_pairwise_equals_separate_requests(tiny_server):
     ({"queries": "q"}, 400, "'documents' or 'items' is required"),
     ({"queries": "q", "documents": ["a"] * 9}, 400, "exceeds the maximum of 8"),
     ({"data_1": "q", "data_2": [5]}, 400, "data_2"),
+    ({"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": 129}, 400,
+     "truncate_prompt_tokens value (129) is greater than max_model_len (128)"),
 ])
 def test_bad_input_in_vllm_shape(tiny_server, body, status, fragment):
     with tiny_server.client() as c:
@@ -192,7 +194,9 @@ def test_truncate_prompt_tokens_over_http(tiny_server):
     long = " ".join(["paris banana"] * 100)
     with tiny_server.client() as c:
         r = c.post("/score", json={"text_1": "paris", "text_2": [long, "sea"], "truncate_prompt_tokens": -1})
+        window = c.post("/score", json={"text_1": "paris", "text_2": [long], "truncate_prompt_tokens": 128})
     assert r.status_code == 200 and len(r.json()["data"]) == 2
+    assert window.status_code == 200, window.text  # the window itself is not over it
 
 
 def test_id_is_score_and_the_callers_request_id(tiny_server):

@@ -97,6 +97,13 @@ def to_internal(body: ScoreRequest) -> ScorePlan:
     return ScorePlan(requests, pairs)
 
 
+def check_truncation(k: int | None, window: int) -> None:
+    """vLLM refuses a `truncate_prompt_tokens` over the model's window (its max_model_len) with this 400."""
+    if k is not None and k > window:
+        raise ApiError(400, f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({window}). "
+                       "Please, select a smaller truncation size.")
+
+
 def result_to_wire(plan: ScorePlan, results: list[RerankResult], *, activation: bool,
                    model: str, request_id: str | None = None, created: int | None = None) -> dict:
     """Internal results -> vLLM ScoreResponse, one entry per pair in request order."""
@@ -124,6 +131,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> dic
     plan = to_internal(body)
     common.check_ready(request)
     model = common.served_models(request).get(body.model)  # unknown model: one 404 before any work
+    check_truncation(body.truncate_prompt_tokens, model.max_length)
     outcomes = await common.rerank_many(request, response, plan.requests)
     response.headers["x-total-time"] = f"{(time.perf_counter() - t0) * 1e3:.2f}"
     return result_to_wire(plan, outcomes, activation=body.wants_activation(), model=model.name,
