@@ -50,6 +50,31 @@ def test_v2_to_internal_bounds_tokens_not_chunks():
     assert req.max_tokens_per_passage == 7
 
 
+@pytest.mark.parametrize("n", [0, -1, -5])
+def test_vllm_top_n_of_zero_or_less_is_all(n):
+    """vLLM's RerankRequest, which vLLM serves on these routes: top_n <= 0 is all (-1 was a 400)."""
+    assert dialect.v1_to_internal(CohereV1RerankRequest(query="q", documents=["a"], top_n=n)).top_n is None
+    assert dialect.v2_to_internal(CohereV2RerankRequest(model="m", query="q", documents=["a"], top_n=n)).top_n is None
+
+
+def test_vllm_truncate_prompt_tokens_cuts_as_the_score_route_does():
+    """It was ignored and the document chunked; now it cuts, as on /v1/score, and refuses Cohere's chunk bounds."""
+    v1 = dialect.v1_to_internal(CohereV1RerankRequest(query="q", documents=["a"], truncate_prompt_tokens=-1))
+    assert v1.truncate is Truncate.END and v1.max_tokens_per_passage is None and v1.default_chunks_per_passage is None
+    v2 = dialect.v2_to_internal(CohereV2RerankRequest(model="m", query="q", documents=["a"], truncate_prompt_tokens=16))
+    assert v2.truncate is Truncate.END and v2.max_tokens_per_passage == 16
+    both = [(dialect.v1_to_internal, CohereV1RerankRequest(query="q", documents=["a"], truncate_prompt_tokens=-1,
+                                                           max_chunks_per_doc=2), "max_chunks_per_doc"),
+            (dialect.v2_to_internal, CohereV2RerankRequest(model="m", query="q", documents=["a"],
+                                                           truncate_prompt_tokens=8, max_tokens_per_doc=8),
+             "max_tokens_per_doc")]
+    for convert, body, field in both:
+        with pytest.raises(ApiError) as err:
+            convert(body)
+        assert err.value.status == 400
+        assert f"truncate_prompt_tokens (cut each document) and {field}" in err.value.message
+
+
 def _result(logits: list[float], kind: ScoreKind = ScoreKind.LOGIT) -> RerankResult:
     return RerankResult("m", np.asarray(logits, dtype=np.float32), prompt_tokens=11, score_kind=kind)
 
@@ -68,6 +93,8 @@ def test_result_to_wire_sorted_cut_sigmoid_and_documents():
     assert wire["results"][1]["document"] == {"text": "a"}
     bare = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, version="2")
     assert all("document" not in r for r in bare["results"])
+    raw = dialect.result_to_wire(_result([0.5, 2.0, -1.0]), req, version="1", activation=False)
+    assert [(r["index"], r["relevance_score"]) for r in raw["results"]] == [(1, 2.0), (0, 0.5)]
 
 
 @pytest.mark.parametrize(("passages", "windows", "units"), [
@@ -159,7 +186,8 @@ def test_unknown_fields_ignored_like_cohere_compatible_servers(tiny_server):
     ("/v1/rerank", {"query": "q", "documents": "abc"}, 400, "documents"),
     ("/v2/rerank", {"model": "tiny", "query": "q", "documents": [1, 2]}, 400, "documents"),
     ("/v2/rerank", {"model": "tiny", "query": 5, "documents": ["a"]}, 400, "query"),
-    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, 400, "top_n"),
+    ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "truncate_prompt_tokens": -1,
+                    "max_tokens_per_doc": 8}, 400, "do not go together"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "x"}, 400, "top_n"),
     ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, 400, "'text'"),
     ("/v1/rerank", {"query": "q", "documents": ["a"] * 9}, 400, "exceeds the maximum of 8"),
@@ -169,6 +197,37 @@ def test_unknown_fields_ignored_like_cohere_compatible_servers(tiny_server):
 def test_bad_input_in_cohere_shape(tiny_server, path, body, status, fragment):
     with tiny_server.client() as c:
         assert_cohere_error(c.post(path, json=body), status, fragment)
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_vllm_rerank_request_fields_are_honoured(tiny_server, path):
+    """vLLM serves its RerankRequest on both routes: use_activation (and its legacy names) gave the [0, 1]
+    score, top_n -1 was a 400, truncate_prompt_tokens was ignored (the document chunked, any value taken)."""
+    docs = ["banana fruit", "paris is the capital", "the sea"]
+    long = " ".join(["paris banana"] * 100)
+    base = {"model": "tiny", "query": "paris"}
+    with tiny_server.client() as c:
+        nim = c.post("/v1/ranking", json={"query": {"text": "paris"}, "passages": [{"text": d} for d in docs]})
+        default = c.post(path, json={**base, "documents": docs})
+        raw = [c.post(path, json={**base, "documents": docs, flag: False})
+               for flag in ("use_activation", "activation", "softmax")]
+        overruled = c.post(path, json={**base, "documents": docs, "softmax": True, "use_activation": False})
+        every = c.post(path, json={**base, "documents": docs, "top_n": -1})
+        cut = c.post(path, json={**base, "documents": [long, "sea"], "truncate_prompt_tokens": -1,
+                                 "use_activation": False})
+        score = c.post("/v1/score", json={"text_1": "paris", "text_2": [long, "sea"], "truncate_prompt_tokens": -1,
+                                          "use_activation": False})
+        wide = c.post(path, json={**base, "documents": docs, "truncate_prompt_tokens": 129})
+    logits = {r["index"]: r["logit"] for r in nim.json()["rankings"]}
+    for r in raw:
+        assert r.status_code == 200, r.text
+        assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(logits, abs=1e-5)
+    assert overruled.json()["results"] == default.json()["results"]  # softmax wins, as in vLLM
+    assert every.status_code == 200 and every.json()["results"] == default.json()["results"]
+    assert cut.status_code == 200, cut.text
+    cut_scores = {x["index"]: x["relevance_score"] for x in cut.json()["results"]}
+    assert [cut_scores[0], cut_scores[1]] == pytest.approx([d["score"] for d in score.json()["data"]], abs=1e-5)
+    assert_cohere_error(wide, 400, "truncate_prompt_tokens value (129) is greater than max_model_len (128)")
 
 
 def test_malformed_and_oversize_bodies(tiny_server):

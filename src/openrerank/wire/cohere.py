@@ -1,5 +1,7 @@
 """Cohere (and Jina / vLLM-compatible) rerank wire models: `POST /v1/rerank`, `POST /v2/rerank`.
 
+vLLM serves its RerankRequest on both routes: its options (`VllmScoringOptions`) are read here too.
+
 Unknown fields are ignored rather than rejected: the official SDK sends `priority` and
 `relevant_spans`, Jina and LangChain clients send their own extras, and Cohere-compatible servers
 (vLLM, Infinity, Jina) accept them. Wrong types and missing required fields are still a 400.
@@ -7,19 +9,23 @@ Unknown fields are ignored rather than rejected: the official SDK sends `priorit
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
 
-from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Count, Document, Flag, Text, integer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from openrerank.wire.checks import INSTRUCTION_DESCRIPTION, Count, Document, Flag, Text, json_integer
+from openrerank.wire.score import VllmScoringOptions
 
 _QUERY = Field(min_length=1, description="The search query; must not be empty.")
-#: Cohere takes 0 for "all".
-_TopN = integer(0)
-_TOP_N = Field(default=None, description="Return only the best `top_n` results; 0 or absent = all.")
+#: vLLM's rule (its RerankRequest, served on these routes): 0 or less is "all". Cohere itself refuses below 1,
+#: so no Cohere client sends one.
+_TopN = Annotated[int, BeforeValidator(json_integer)]
+_TOP_N = Field(default=None, description="Return only the best `top_n` results; absent, 0 or less = all.")
 _RETURN_DOCS = Field(default=False, description="Include each result's document in the response.")
 _INSTRUCTION = Field(default=None, description="openrerank extension (vLLM's field name): " + INSTRUCTION_DESCRIPTION)
 
 
-class CohereV1RerankRequest(BaseModel):
+class CohereV1RerankRequest(VllmScoringOptions):
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
@@ -51,7 +57,7 @@ class CohereV1RerankRequest(BaseModel):
     instruction: Text | None = _INSTRUCTION
 
 
-class CohereV2RerankRequest(BaseModel):
+class CohereV2RerankRequest(VllmScoringOptions):
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={

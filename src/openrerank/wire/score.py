@@ -25,8 +25,9 @@ class VllmScoringOptions(BaseModel):
 
     truncate_prompt_tokens: integer(-1) | None = Field(
         default=None,
-        description="Absent: an over-long pair fails (400). -1: cut to the model window. "
-        "k > 0: also keep only the first k tokens of each text_2; over the model's window it is a 400.",
+        description="-1: cut each pair to the model window. k > 0: also keep only the first k tokens of each "
+        "text_2 (document); over the model's window it is a 400. Absent: /v1/score refuses an over-long pair "
+        "(400), the rerank routes chunk a long document.",
     )
     use_activation: Flag | None = Field(
         default=None, description="false: raw model scores; true/absent: [0, 1] scores."

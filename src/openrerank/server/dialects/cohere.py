@@ -4,6 +4,10 @@ Chunking is on by default, as Cohere does: a document longer than the model's wi
 by its best overlapping window (v1: at most `max_chunks_per_doc` windows, default 10; v2: only the
 first `max_tokens_per_doc` tokens, default 4096). `relevance_score` is in [0, 1]; see
 `openrerank.server.dialects.score_form` for how it is derived from the model's score.
+
+vLLM serves its RerankRequest on these routes: its `truncate_prompt_tokens` cuts instead of chunking (as on
+/v1/score), its `use_activation: false` (or legacy `activation`, `softmax`) returns the raw score, and a
+`top_n` of 0 or less is all.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from fastapi import APIRouter, Request, Response
 
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common, list_bounds
+from openrerank.server.dialects.score import check_truncation, truncation
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.wire.cohere import (
@@ -26,6 +31,7 @@ from openrerank.wire.cohere import (
     CohereV1RerankRequest,
     CohereV2RerankRequest,
 )
+from openrerank.wire.score import VllmScoringOptions
 
 #: Cohere's documented defaults.
 V1_MAX_CHUNKS_PER_DOC = 10
@@ -87,24 +93,53 @@ def _plain(value: Any) -> str:
 
 
 def v1_to_internal(body: CohereV1RerankRequest) -> RerankRequest:
-    """Cohere v1 request -> internal request (chunked, at most `max_chunks_per_doc` windows)."""
+    """Cohere v1 request -> internal request (chunked, at most `max_chunks_per_doc` windows; vLLM's
+    `truncate_prompt_tokens`: cut instead, as /v1/score cuts)."""
     texts = [document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
+    if (cut := _vllm_cut(body, "max_chunks_per_doc", body.max_chunks_per_doc)) is not None:
+        return RerankRequest(query=body.query, passages=texts, model=body.model, truncate=cut[0],
+                             top_n=top_n(body.top_n), max_tokens_per_passage=cut[1], instruction=body.instruction)
     return RerankRequest(
         query=body.query, passages=texts, model=body.model, truncate=Truncate.CHUNK,
-        top_n=body.top_n or None,
+        top_n=top_n(body.top_n),
         max_chunks_per_passage=body.max_chunks_per_doc, default_chunks_per_passage=V1_MAX_CHUNKS_PER_DOC,
         instruction=body.instruction,
     )
 
 
 def v2_to_internal(body: CohereV2RerankRequest) -> RerankRequest:
-    """Cohere v2 request -> internal request (first `max_tokens_per_doc` tokens, chunked)."""
+    """Cohere v2 request -> internal request (first `max_tokens_per_doc` tokens, chunked; vLLM's
+    `truncate_prompt_tokens`: cut instead, as /v1/score cuts)."""
+    cut = _vllm_cut(body, "max_tokens_per_doc", body.max_tokens_per_doc)
+    truncate, cap = cut or (Truncate.CHUNK, body.max_tokens_per_doc or V2_MAX_TOKENS_PER_DOC)
     return RerankRequest(
-        query=body.query, passages=list(body.documents), model=body.model, truncate=Truncate.CHUNK,
-        top_n=body.top_n or None,
-        max_tokens_per_passage=body.max_tokens_per_doc or V2_MAX_TOKENS_PER_DOC,
-        instruction=body.instruction,
+        query=body.query, passages=list(body.documents), model=body.model, truncate=truncate,
+        top_n=top_n(body.top_n), max_tokens_per_passage=cap, instruction=body.instruction,
     )
+
+
+def top_n(value: int | None) -> int | None:
+    """The results kept: absent, 0 or less is all (vLLM's rule; Cohere refuses below 1, so its clients never
+    send one)."""
+    return value if value is not None and value > 0 else None
+
+
+def _vllm_cut(body: VllmScoringOptions, chunk_field: str,
+              chunk_value: int | None) -> tuple[Truncate, int | None] | None:
+    """vLLM's `truncate_prompt_tokens` as the score route reads it; with Cohere's chunking bound it is a 400
+    (cut, or chunk: not both)."""
+    cut = truncation(body.truncate_prompt_tokens)
+    if cut is not None and chunk_value is not None:
+        raise ApiError(400, f"truncate_prompt_tokens (cut each document) and {chunk_field} (chunk it) "
+                       "do not go together: send one")
+    return cut
+
+
+def check_window(request: Request, body: VllmScoringOptions, model: str | None) -> None:
+    """A `truncate_prompt_tokens` over the model's window is a 400, as on /v1/score."""
+    if body.truncate_prompt_tokens is not None:
+        common.check_ready(request)
+        check_truncation(body.truncate_prompt_tokens, common.served_models(request).get(model).max_length)
 
 
 def search_units(result: RerankResult) -> int:
@@ -114,13 +149,15 @@ def search_units(result: RerankResult) -> int:
 
 
 def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
-                   documents: list[Any] | None = None, request_id: str | None = None) -> dict:
-    """Internal result -> Cohere response: best first, cut to top_n, [0, 1] relevance scores.
+                   documents: list[Any] | None = None, request_id: str | None = None,
+                   activation: bool = True) -> dict:
+    """Internal result -> Cohere response: best first, cut to top_n, [0, 1] relevance scores (raw ones
+    without `activation`: vLLM's use_activation false).
 
     `documents`: when given (return_documents), each result carries its document -- the original
     v1 object with all its fields, or `{"text": ...}` for a string.
     """
-    scores = result_relevance(result)
+    scores = result_relevance(result) if activation else result.logits.astype(float)
     results = []
     for i, _ in result.top(req.top_n):
         item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
@@ -143,10 +180,11 @@ def result_to_wire(result: RerankResult, req: RerankRequest, *, version: str,
              summary="Rerank documents (Cohere v1 / Jina compatible)")
 async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Response) -> dict:
     req = v1_to_internal(body)
+    check_window(request, body, body.model)
     result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
     return result_to_wire(result, req, version="1", documents=docs,
-                          request_id=common.request_id(request))
+                          request_id=common.request_id(request), activation=body.wants_activation())
 
 
 @router.post("/v2/rerank", response_model=None, tags=["Cohere / Jina"],
@@ -154,7 +192,8 @@ async def rerank_v1(body: CohereV1RerankRequest, request: Request, response: Res
              summary="Rerank documents (Cohere v2 compatible)")
 async def rerank_v2(body: CohereV2RerankRequest, request: Request, response: Response) -> dict:
     req = v2_to_internal(body)
+    check_window(request, body, body.model)
     result = await common.rerank(request, response, req)
     docs = list(body.documents) if body.return_documents else None
     return result_to_wire(result, req, version="2", documents=docs,
-                          request_id=common.request_id(request))
+                          request_id=common.request_id(request), activation=body.wants_activation())

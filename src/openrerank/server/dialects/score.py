@@ -77,9 +77,7 @@ def to_internal(body: ScoreRequest) -> ScorePlan:
         raise ApiError(400, f"Input lengths must be either 1:1, 1:N or N:N; got {len(texts_1)}:{len(texts_2)}")
     if len(texts_1) == 1:
         texts_1 = texts_1 * len(texts_2)
-    k = body.truncate_prompt_tokens
-    truncate = Truncate.NONE if k is None else Truncate.END
-    cap = k if k is not None and k > 0 else None
+    truncate, cap = truncation(body.truncate_prompt_tokens) or (Truncate.NONE, None)
     groups: dict[str, int] = {}
     passages: list[list[str]] = []
     pairs: list[tuple[int, int]] = []
@@ -95,6 +93,14 @@ def to_internal(body: ScoreRequest) -> ScorePlan:
         for q, g in groups.items()
     ]
     return ScorePlan(requests, pairs)
+
+
+def truncation(k: int | None) -> tuple[Truncate, int | None] | None:
+    """vLLM's `truncate_prompt_tokens` (here and on the rerank routes) as (truncation, tokens kept of each
+    passage): -1 cuts to the window, k > 0 also keeps each passage's first k tokens; None when not asked."""
+    if k is None:
+        return None
+    return Truncate.END, (k if k > 0 else None)
 
 
 def check_truncation(k: int | None, window: int) -> None:
