@@ -190,6 +190,9 @@ def test_unknown_fields_ignored_like_cohere_compatible_servers(tiny_server):
                     "max_tokens_per_doc": 8}, 400, "do not go together"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "x"}, 400, "top_n"),
     ("/v1/rerank", {"query": "q", "documents": [{"title": "no text"}]}, 400, "'text'"),
+    # a Jina image document: "no field 'text'" did not say where images go
+    ("/v1/rerank", {"query": "q", "documents": [{"image": "data:image/png;base64,iVBORw0KGgo="}]}, 400,
+     "send image passages to POST /v1/ranking"),
     ("/v1/rerank", {"query": "q", "documents": ["a"] * 9}, 400, "exceeds the maximum of 8"),
     ("/v2/rerank", {"model": "tiny", "query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 400,
      "max_tokens_per_doc"),

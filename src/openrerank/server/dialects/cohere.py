@@ -77,6 +77,10 @@ def document_text(doc: str | dict[str, Any], index: int, rank_fields: list[str] 
         return doc
     fields = rank_fields or ["text"]
     missing = [f for f in fields if f not in doc]
+    if missing and "image" in doc:  # a Jina image document: this route ranks text
+        raise ApiError(400, f"documents[{index}] is an image document, and this route ranks text: send image "
+                       "passages to POST /v1/ranking ({\"image\": \"data:image/png;base64,...\"}), for a model "
+                       "that reads images")
     if missing:
         raise ApiError(400, f"documents[{index}] has no field {', '.join(repr(m) for m in missing)} "
                        f"(documents must be strings or objects with {' and '.join(repr(f) for f in fields)})")
