@@ -134,3 +134,29 @@ def right_padded_last_column(model, sequences: list[list[int]], token_ids: list[
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     return logits[:, token_ids].double().numpy()
+
+
+def _holds(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def assert_a_long_query_leaves_the_passage_its_share(encoder) -> None:
+    """END and START with a query far over the window: a short passage is kept whole, a long one keeps at
+    least the room the query's share leaves (once the query took all the room, no passage token was left and
+    every passage scored alike). `encoder`: a family's `TemplateTextEncoder`."""
+    from openrerank.core.requests import Truncate
+    from openrerank.text.template import PASSAGE, QUERY_SHARE
+
+    window = encoder.max_length
+    query = " ".join([B.QUERIES[0]] * window)
+    passages = [B.PASSAGES[0], B.PASSAGES[2], " ".join([B.PASSAGES[-1]] * 20)]
+    free = window - encoder.fixed_tokens
+    share = free - int(free * QUERY_SHARE) - 2  # less a token or two put back at a seam
+    for truncate in (Truncate.END, Truncate.START):
+        items = encoder.prepare(query, passages, truncate).items
+        assert len({tuple(it.input_ids) for it in items}) == len(passages), f"{truncate}: passages lost"
+        for item, pair in zip(items, encoder.runs(query, passages), strict=True):
+            passage = next(ids for role, ids in pair if role == PASSAGE)
+            kept = passage if len(passage) < share else \
+                passage[1 : share] if truncate is Truncate.END else passage[-share : -1]
+            assert len(item.input_ids) <= window and _holds(item.input_ids, kept), f"{truncate}: passage cut"

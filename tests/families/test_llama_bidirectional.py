@@ -13,8 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
-from tests.families.builders import PASSAGES, QUERIES
-from tests.families.conftest import assert_caught, assert_parity, served_logits
+from openrerank.families.llama_bidirectional import TEMPLATE as SERVED_TEMPLATE
+from openrerank.text.template import TemplateTextEncoder
+from tests.families.builders import LLAMA3, PASSAGES, QUERIES, build_tokenizer
+from tests.families.conftest import (
+    assert_a_long_query_leaves_the_passage_its_share,
+    assert_caught,
+    assert_parity,
+    served_logits,
+)
 
 TEMPLATE = "question:{query} \n \n passage:{passage}"  # vLLM nemotron-rerank.jinja / NVIDIA's HF test
 
@@ -100,3 +107,8 @@ def test_end_truncation_cuts_the_passage(family_server, served_reference):
     assert_parity(served_logits(family_server, name, QUERIES[2], docs, truncate="END"), ref.scores(seqs),
                   f"{name} truncated")
 
+
+
+def test_a_query_over_the_window_leaves_the_passage_its_share():
+    assert_a_long_query_leaves_the_passage_its_share(TemplateTextEncoder(build_tokenizer(LLAMA3), 128,
+                                                                         SERVED_TEMPLATE))

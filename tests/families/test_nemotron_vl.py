@@ -18,8 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
-from tests.families.builders import PASSAGES, QUERIES, build_nemotron_vl
-from tests.families.conftest import assert_caught, assert_parity
+from openrerank.families.nemotron_vl import IMAGE_TEMPLATE
+from openrerank.text.template import TemplateTextEncoder
+from tests.families.builders import LLAMA3, PASSAGES, QUERIES, build_nemotron_vl, build_tokenizer
+from tests.families.conftest import assert_a_long_query_leaves_the_passage_its_share, assert_caught, assert_parity
 from tests.images import data_url, picture
 from tests.support import run_server
 
@@ -283,3 +285,8 @@ def test_text_that_spells_a_placeholder_is_refused_naming_whose_it_is(vl_server,
         resp = c.post("/v1/ranking", json={"model": "vl", "query": {"text": query}, "passages": [passage]})
     assert resp.status_code == 400, resp.text
     assert words in resp.json()["message"]
+
+
+def test_a_query_over_the_window_leaves_an_image_passages_text_its_share():
+    assert_a_long_query_leaves_the_passage_its_share(TemplateTextEncoder(build_tokenizer(LLAMA3), 128,
+                                                                         IMAGE_TEMPLATE))

@@ -8,9 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.families.builders import PASSAGES, QUERIES
+from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
+from openrerank.text.template import TemplateTextEncoder
+from tests.families.builders import PASSAGES, QUERIES, QWEN, build_tokenizer
 from tests.families.conftest import (
     QWEN3_INSTRUCTION,
+    assert_a_long_query_leaves_the_passage_its_share,
     assert_caught,
     assert_parity,
     last_token_logits,
@@ -130,3 +133,9 @@ def test_truncate_none_over_the_window_is_nims_400(family_server, official):
     assert resp.status_code == 422, resp.text  # NIM 1.9.1+
     assert resp.json() == {"object": "error", "type": "too_long",
                            "message": f"Input length {length} exceeds maximum allowed token size 512"}
+
+
+def test_a_query_over_the_window_leaves_the_document_its_share():
+    """Not the reference's cut of the body's end, which drops the document: the query keeps at most 3/4."""
+    encoder = TemplateTextEncoder(build_tokenizer(QWEN), 256, Qwen3RerankerFamily().template(None))
+    assert_a_long_query_leaves_the_passage_its_share(encoder)

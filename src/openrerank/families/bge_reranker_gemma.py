@@ -28,4 +28,4 @@ class BgeRerankerGemmaFamily(DecoderRerankerFamily):
     answer = ("Yes", None)
 
     def template(self, instruction: str | None) -> PromptTemplate:
-        return PromptTemplate(("A: {query}", "\n", "B: {passage}", "\n", PROMPT), bos=True, query_share=0.75)
+        return PromptTemplate(("A: {query}", "\n", "B: {passage}", "\n", PROMPT), bos=True)

@@ -11,7 +11,8 @@ Served natively on stock transformers weights, without `trust_remote_code`: the 
 `model.*`/`score.*` tensors load into `LlamaForSequenceClassification`, whose body runs with
 `config.is_causal = False` and non-causal attention layers. The Mistral variant (`mistral_bidirec`) loads the
 same way on Mistral. Input text, verbatim from NVIDIA's template: `question:{query} \\n \\n passage:{passage}`
-after BOS; END truncation cuts the passage first (NIM), then the query.
+after BOS; END truncation cuts the passage first (NIM), then the query, which keeps at most three quarters of the
+room (`QUERY_SHARE`) so that an over-long query never leaves the passage out.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 _BASES = {"LlamaBidirectionalForSequenceClassification": "llama", "llama_bidirec": "llama",
           "MistralBidirectionalForSequenceClassification": "mistral", "mistral_bidirec": "mistral"}
 POOLINGS = ("avg", "cls", "last")
-TEMPLATE = PromptTemplate(("question:{query} \n \n passage:{passage}",), bos=True, query_share=1.0)
+TEMPLATE = PromptTemplate(("question:{query} \n \n passage:{passage}",), bos=True)
 # Config keys that describe the remote-code wrapper, not the stock body.
 _WRAPPER_KEYS = ("architectures", "auto_map", "model_type", "pooling", "temperature", "transformers_version")
 

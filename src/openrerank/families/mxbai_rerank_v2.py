@@ -35,4 +35,4 @@ class MxbaiRerankV2Family(DecoderRerankerFamily):
 
     def template(self, instruction: str | None) -> PromptTemplate:
         query = "query: {query}" if not instruction else f"instruction: {instruction}\nquery: {{query}}"
-        return PromptTemplate((PREFIX, query, "\n", "document: {passage}", "\n", TASK, SUFFIX), query_share=0.75)
+        return PromptTemplate((PREFIX, query, "\n", "document: {passage}", "\n", TASK, SUFFIX))

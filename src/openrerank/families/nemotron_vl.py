@@ -48,7 +48,7 @@ _ARCHITECTURES = ("LlamaNemotronVLForSequenceClassification",)
 _MODEL_TYPES = ("llama_nemotron_vl_rerank",)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 #: After `</img>` the reference's prompt goes on with a space: `<image> question:...` with the image expanded.
-IMAGE_TEMPLATE = PromptTemplate((" question:{query} \n \n passage:{passage}",), bos=False, query_share=1.0)
+IMAGE_TEMPLATE = PromptTemplate((" question:{query} \n \n passage:{passage}",), bos=False)
 #: The model card's processor defaults (`max_input_tiles=6, use_thumbnail=True`).
 DEFAULT_MAX_TILES = 6
 

@@ -4,7 +4,9 @@ Ids are built as the reference's transformers path builds them: the system/user 
 `<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {passage}` and the assistant suffix ending in an
 empty think block are tokenized separately and concatenated. Score: `logit(yes) - logit(no)` at the last
 token (NIM `logit`); its sigmoid is the reference's P(yes) = softmax([no, yes])[yes]. The instruction is
-set per model (`--instruction`); its default is the model card's.
+set per model (`--instruction`); its default is the model card's. Truncation differs from the reference in
+one case: a query over three quarters of the room is cut to that (`QUERY_SHARE`, as mxbai and bge-gemma do),
+where the reference's cut of the body's end drops the whole document and scores every pair alike.
 """
 
 from __future__ import annotations
@@ -36,4 +38,4 @@ class Qwen3RerankerFamily(DecoderRerankerFamily):
 
     def template(self, instruction: str | None) -> PromptTemplate:
         body = f"<Instruct>: {instruction or DEFAULT_INSTRUCTION}\n<Query>: {{query}}\n<Document>: {{passage}}"
-        return PromptTemplate((PREFIX, body, SUFFIX), bos=False, query_share=1.0)
+        return PromptTemplate((PREFIX, body, SUFFIX), bos=False)

@@ -13,11 +13,13 @@ slot; where a cut drops it, the fixed characters it held come back, tokenized al
 last (first) token, as they stay where a reference cuts the text before formatting it (jina-reranker-m0).
 A space before a slot (" paris" in "D: {passage}") is the exception: a window that starts inside the
 passage mostly starts with a token that brings its own space (" capital"), as a passage that began there would.
-The query is first capped at `query_share` of the free window (as the references do), then the passage is
-trimmed (END: its end, START: its start), then the query gets back any room left. NONE refuses an over-long
-pair. CHUNK slides overlapping windows over the passage's tokens, splicing each into the same prompt; a
-query longer than half the free window is cut to that half for every passage (short ones too), as the pair
-encoder does, so all of a request's passages are scored against one query text.
+The query is first capped at `query_share` of the free window (`QUERY_SHARE` for every family: mxbai's and
+bge-gemma's references cap it so; Qwen3's and NVIDIA's cut the body's end, so a query that fills the window
+leaves no passage at all and every passage gets the same score), then the passage is trimmed (END: its end,
+START: its start), then the query gets back any room left. NONE refuses an over-long pair. CHUNK slides
+overlapping windows over the passage's tokens, splicing each into the same prompt; a query longer than half
+the free window is cut to that half for every passage (short ones too), as the pair encoder does, so all of
+a request's passages are scored against one query text.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ Run = tuple[str, list[int]]  # (role, token ids)
 HEAD = {QUERY: "query head", PASSAGE: "passage head"}
 TAIL = {QUERY: "query tail", PASSAGE: "passage tail"}
 _EMITTED = (FIXED, QUERY, PASSAGE)  # what an uncut pair is made of
+#: Largest share of the free window a cut pair's query keeps (mxbai's and bge-gemma's references: 3/4), so the
+#: passage always keeps at least the rest.
+QUERY_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class PromptTemplate:
     #: Prepend the tokenizer's BOS token (Llama-3 and Gemma references do; Qwen's tokenizers have none).
     bos: bool = False
     #: Largest share of the free window (window minus fixed tokens) the query may take when a pair is cut.
-    query_share: float = 0.75
+    query_share: float = QUERY_SHARE
 
     def __post_init__(self) -> None:
         slots = [m.group(1) for p in self.pieces for m in _SLOT.finditer(p)]
