@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from transformers import AutoTokenizer
@@ -175,6 +176,34 @@ def test_bi_encoder_sentence_longer_than_a_window_is_split(bi):
     prep = bi.prepare("q", [run_on], Truncate.CHUNK)
     assert len(prep.items) > 600 // B.BI_CHUNK_TOKENS
     assert all(len(it.passage_ids) <= B.BI_CHUNK_TOKENS + 2 for it in prep.items)
+
+
+def test_bi_encoder_windows_of_a_long_sentence_start_and_end_at_word_edges(bi):
+    """Each window is re-tokenized as text: one cut inside a word ('vably antidisestablish') was embedded as
+    other words. Windows of a long run-on sentence are runs of whole words, overlapping, covering the span;
+    so is the last window of a span bounded by `max_chunks`."""
+    rng = random.Random(0)
+    long_words = ["antidisestablishmentarianism", "photosynthesization", "electroencephalography", "paris",
+                  "unbelievably"]
+    text = " ".join(rng.choice(long_words) for _ in range(400))
+    for cap in (None, 1):
+        windows, _, _ = bi._bi_windows([text], cap)
+        assert len(windows) > 3
+        spans = []
+        for w in windows:
+            start = text.find(w, spans[-1][0] + 1 if spans else 0)
+            end = start + len(w)
+            assert start >= 0 and text[start - 1 : start].strip() == text[end : end + 1].strip() == "", \
+                f"cut inside a word: {w[:30]!r} ... {w[-30:]!r}"
+            assert len(bi.tok.ids(w)) <= B.BI_CHUNK_TOKENS
+            spans.append((start, end))
+        assert spans[0][0] == 0 and all(b[0] < a[1] for a, b in itertools.pairwise(spans))  # overlapping
+        assert cap or spans[-1][1] == len(text)
+    # a word longer than a window is still cut into windows that fit (inside the word, where it must)
+    run_on = "-".join(["paris"] * 200)  # one 399-token word
+    windows, _, _ = bi._bi_windows([run_on], None)
+    assert len(windows) > 2 and all(len(bi.tok.ids(w)) <= B.BI_CHUNK_TOKENS for w in windows)
+    assert windows[0].startswith("paris-") and windows[-1].endswith("-paris")
 
 
 # -- texts embedded on their own (/v1/embeddings) -------------------------------------------------

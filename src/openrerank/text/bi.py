@@ -24,6 +24,7 @@ from openrerank.text.prepare import (
     chunk_overlap,
     chunk_starts,
 )
+from openrerank.text.tokenizing import _starts_word
 
 #: Token budget of one bi-encoder chunk: as many whole sentences as fit (see the module docstring).
 BI_CHUNK_TOKENS = 64
@@ -113,7 +114,8 @@ class BiTextEncoder(TextEncoder):
 
         A long passage is first bounded to the span `max_chunks` model-sized windows would cover,
         then cut into half-overlapping windows of up to `BI_CHUNK_TOKENS` tokens of whole sentences
-        (a sentence longer than that is cut into overlapping token windows). The passage prompt
+        (a sentence longer than that into overlapping windows of whole words; a span bounded by
+        `max_chunks` ends at a word's end too). The passage prompt
         (`prompt_tokens`), prepended to each window, takes its room from the model's window.
         """
         window = max(1, self.max_length - self.single_specials - prompt_tokens)
@@ -132,7 +134,7 @@ class BiTextEncoder(TextEncoder):
             if max_chunks:
                 span = window + (max_chunks - 1) * (window - chunk_overlap(window))
                 if len(offsets) > span:
-                    text = text[: offsets[span - 1][1]]
+                    text = text[: offsets[_word_end(text, offsets, span) - 1][1]]
                     spanned = span
             counts[idx] = len(chunk_starts(spanned, window))
             long.append((idx, text))
@@ -146,8 +148,8 @@ class BiTextEncoder(TextEncoder):
             units: list[tuple[int, int, int]] = []  # (start char, end char, tokens)
             for a, _ in ss:
                 offs = sent_enc["offset_mapping"][k]
+                units.extend(_split_unit(flat[k], a, offs, budget))
                 k += 1
-                units.extend(_split_unit(a, offs, budget))
             for piece in _pack(text, units, budget):
                 texts.append(piece)
                 owners.append(idx)
@@ -167,8 +169,20 @@ def _sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _split_unit(base: int, offsets: list[tuple[int, int]], budget: int) -> list[tuple[int, int, int]]:
-    """One sentence as (start, end, tokens) units: whole, or overlapping token windows if too long."""
+def _word_end(text: str, offsets: list[tuple[int, int]], k: int, after: int = 0) -> int:
+    """The largest token count in (`after`, `k`] that ends `text`'s tokens at a word's end (the next token
+    starts a word, as `bound_texts` finds word starts), or `k` where a word runs over that whole range."""
+    for j in range(min(k, len(offsets)), after, -1):
+        if j == len(offsets) or _starts_word(text, offsets[j][0]):
+            return j
+    return k
+
+
+def _split_unit(sentence: str, base: int, offsets: list[tuple[int, int]], budget: int
+                ) -> list[tuple[int, int, int]]:
+    """One sentence as (start, end, tokens) units: whole, or overlapping token windows if too long, each
+    starting and ending at a word's edge: a window is re-tokenized as text, so one cut inside a word would be
+    embedded as other words ('vably antidisestablish'). Only a word longer than a window is cut inside."""
     n = len(offsets)
     if n == 0:
         return []
@@ -176,11 +190,16 @@ def _split_unit(base: int, offsets: list[tuple[int, int]], budget: int) -> list[
         return [(base + offsets[0][0], base + offsets[-1][1], n)]
     step = max(1, budget - int(budget * CHUNK_OVERLAP))
     out = []
-    for s in range(0, n, step):
-        e = min(n, s + budget)
+    s = 0
+    while True:
+        e = _word_end(sentence, offsets, min(n, s + budget), s)
         out.append((base + offsets[s][0], base + offsets[e - 1][1], e - s))
         if e == n:
             break
+        # the next window starts at the last word start at or before the stride, else the first one after it
+        target = min(s + step, e)
+        s = next((j for j in range(target, s, -1) if _starts_word(sentence, offsets[j][0])),
+                 next((j for j in range(target + 1, e + 1) if _starts_word(sentence, offsets[j][0])), target))
     return out
 
 
