@@ -145,6 +145,10 @@ class ListwiseTextEncoder(TextEncoder):
         found = [m for m in self.markers if m in instruction]
         if found:
             return f"an instruction may not contain the model's marker text {', '.join(found)}"
+        special = self.special_tokens_in(instruction)
+        if special:  # the template families' rule (`TemplateTextEncoder.with_instruction`)
+            return f"an instruction may not contain text this model's tokenizer reads as a special token: " \
+                   f"{', '.join(special)}"
         half = self.limits.context // 2
         (bounded,), cut = bound_texts(self.tok, [instruction], half)
         ids = self.tok(self.render("", [""], bounded))["input_ids"]

@@ -113,6 +113,9 @@ class TextEncoder(ABC):
         self.tok = TokenizerPool(tokenizer)
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        #: id -> text of the tokenizer's added tokens (every special token, and Qwen's `<think>`): text the
+        #: tokenizer reads as one of them anywhere in a prompt, a query's or passage's too.
+        self._added = {int(i): t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
 
     @property
     @abstractmethod
@@ -126,6 +129,12 @@ class TextEncoder(ABC):
         if self.max_length < self.min_length:
             raise WindowTooSmallError(f"a {self.max_length}-token window is too small for this model: its fixed "
                                       f"tokens and one token of query and of passage take {self.min_length}")
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """The added tokens `text` spells. An instruction is the task, not data: a special token in it would
+        rewrite the prompt's structure (close the user turn, open the answer), not state a task; queries and
+        passages keep theirs, as the references and vLLM do (docs/models.md)."""
+        return sorted({self._added[t] for t in self.tok.ids(text) if t in self._added})
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a text without special tokens (used by dialects for token budgets)."""

@@ -143,9 +143,6 @@ class TemplateTextEncoder(TextEncoder):
                  template_for: Callable[[str], PromptTemplate] | None = None) -> None:
         super().__init__(tokenizer, max_length)
         self._template_for = template_for
-        #: id -> text of the tokenizer's added tokens (every special token, and Qwen's `<think>`): text the
-        #: tokenizer reads as one of them anywhere in a prompt, a query's or passage's too.
-        self._added = {int(i): t.content for i, t in tokenizer.added_tokens_decoder.items()}
         self._variants: OrderedDict[str, TemplateTextEncoder] = OrderedDict()
         self._variants_lock = threading.Lock()
         self._use(template)
@@ -180,11 +177,8 @@ class TemplateTextEncoder(TextEncoder):
             if variant is not None:
                 self._variants.move_to_end(instruction)
                 return variant
-        found = sorted({self._added[t] for t in self.tok.ids(instruction) if t in self._added})
+        found = self.special_tokens_in(instruction)
         if found:
-            # An instruction is the task, not data: a special token in it would rewrite the prompt's structure
-            # (close the user turn, open the answer), not state a task. Queries and passages keep theirs, as the
-            # references and vLLM do (docs/models.md).
             raise InstructionError(f"an instruction may not contain text this model's tokenizer reads as a "
                                    f"special token: {', '.join(found)}")
         try:
