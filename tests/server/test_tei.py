@@ -68,6 +68,10 @@ def assert_tei_error(resp: httpx.Response, status: int, error_type: str, *fragme
         assert frag in body["error"], body["error"]
 
 
+def by_index(ranks: list[dict]) -> dict[int, float]:
+    return {r["index"]: r["score"] for r in ranks}
+
+
 def test_bare_array_sorted_with_text_and_raw_scores(tiny_server):
     texts = ["banana fruit", "paris is the capital", "the sea"]
     with tiny_server.client() as c:
@@ -201,9 +205,67 @@ def test_embed_normalize_prompt_name_and_errors_in_tei_shape(default_server, tin
         query = c.post("/embed", json={"inputs": "a", "prompt_name": "query"})  # a no-op: the model has no prompts
         plain = c.post("/embed", json={"inputs": "a"})
     assert query.json() == plain.json()
-    with tiny_server.client() as c:  # a cross-encoder: TEI's root would be predict, which is not served
-        assert_tei_error(c.post("/", json={"inputs": ["a"]}), 400, "Validation", "POST /rerank")
+
+
+def test_embed_on_a_reranker_is_refused(tiny_server):
+    with tiny_server.client() as c:
         assert_tei_error(c.post("/embed", json={"inputs": ["a"]}), 400, "Validation", "embedding")
+
+
+# -- POST / and POST /invocations: the model's task (TEI routes a reranker's root to rerank) -------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/invocations"])
+def test_root_on_a_reranker_reranks_as_rerank_does(tiny_server, path):
+    """TEI serves `rerank` at `/` and `/invocations` for a reranker (server.rs, `ModelType::Reranker`); the root
+    was refused here as TEI's predict (400), so TEI clients and SageMaker's invocations failed on a reranker."""
+    body = {"query": "paris", "texts": ["banana fruit", "paris is the capital", "the sea"], "raw_scores": True,
+            "return_text": True}
+    with tiny_server.client() as c:
+        ref = c.post("/rerank", json=body)
+        root = c.post(path, json=body)
+        assert_tei_error(c.post(path, json={"query": "q", "texts": []}), 400, "Empty", "`texts` cannot be empty")
+        assert_tei_error(c.post(path, json={"inputs": ["a"]}), 422, "Validation", "a reranker", "'texts'")
+        assert_tei_error(c.post(path, json={"query": "q", "texts": ["a"] * 9}), 422, "Validation",
+                         "exceeds the maximum of 8")
+        assert_tei_error(c.post(path, content=b"[1]", headers={"content-type": "application/json"}), 422,
+                         "Validation", "JSON object")
+    assert root.status_code == 200, root.text
+    assert by_index(root.json()) == pytest.approx(by_index(ref.json()), abs=1e-6)
+    assert all(r["text"] == body["texts"][r["index"]] for r in root.json())
+    assert root.headers["x-compute-tokens"] == ref.headers["x-compute-tokens"]
+
+
+@pytest.fixture(scope="module")
+def bi_then_tiny(tmp_path_factory, tiny_model_dir):
+    """An embedding model first, then a cross-encoder, in process."""
+    from fastapi.testclient import TestClient
+
+    from openrerank.server.app import create_app
+    from openrerank.server.config import ServerConfig
+    from tests.support import build_tiny_bi_encoder
+
+    bi = build_tiny_bi_encoder(tmp_path_factory.mktemp("tei-bi") / "bi")
+    config = ServerConfig(models=[f"bi={bi}", f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with TestClient(create_app(config, wait_for_models=True)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("path", ["/", "/invocations"])
+def test_root_serves_the_task_of_the_model_it_picks(bi_then_tiny, path):
+    """"The" model of TEI's root is the one `model` names, else the first served, as /embed and /rerank pick."""
+    c = bi_then_tiny
+    texts = ["paris is the capital", "the sea"]
+    embedded = c.post(path, json={"inputs": texts})
+    assert embedded.status_code == 200, embedded.text
+    np.testing.assert_allclose(embedded.json(), c.post("/embed", json={"inputs": texts, "model": "bi"}).json(),
+                               atol=1e-6)
+    ranked = c.post(path, json={"query": "paris", "texts": texts, "model": "tiny"})
+    assert ranked.status_code == 200, ranked.text
+    ref = c.post("/rerank", json={"query": "paris", "texts": texts, "model": "tiny"})
+    assert by_index(ranked.json()) == pytest.approx(by_index(ref.json()), abs=1e-6)
+    assert_tei_error(c.post(path, json={"inputs": texts, "model": "nope"}), 422, "Validation", "nope")
+    assert_tei_error(c.post(path, json={"inputs": texts, "model": 5}), 422, "Validation", "model")
 
 
 def test_unit_vectors_normalizes_and_keeps_zero():

@@ -1,5 +1,5 @@
-"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `POST /embed`, `POST /`, `GET /health`,
-`GET /info`.
+"""Hugging Face text-embeddings-inference dialect: `POST /rerank`, `POST /embed`, `POST /` and `POST /invocations`
+(the model's task), `GET /health`, `GET /info`.
 
 `POST /rerank` is shared with Infinity (`server/dialects/infinity.py`); the body decides the dialect: `texts`
 is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's, which this route hands over.
@@ -47,11 +47,11 @@ def tei_error_body(status: int, message: str, kind: str) -> dict:
 
 TEI = register_dialect(Dialect(
     "tei",
-    ("/rerank", "/embed", "/health", "/info", "/"),  # "/" is the root alone (`errors.dialect_for`)
+    ("/rerank", "/embed", "/health", "/info", "/", "/invocations"),  # "/" is the root alone (`errors.dialect_for`)
     tei_error_body,
     status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
                 "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
-    request_models={"/rerank": TeiRerankRequest, "/embed": TeiEmbedRequest, "/": TeiEmbedRequest},
+    request_models={"/rerank": TeiRerankRequest, "/embed": TeiEmbedRequest},
     error_model=TeiError,
 ))
 list_bounds.bound(TeiRerankRequest, texts=list_bounds.PASSAGES)
@@ -128,13 +128,7 @@ _FORMS_BODY = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in
 async def rerank(request: Request, response: Response) -> Any:
     """`texts` -> TEI (bare array); `documents` -> Infinity (`results`, Cohere-shaped). Each form answers
     errors in its own shape."""
-    try:
-        payload = orjson.loads(await request.body())  # on the loop: a thread would not help, orjson holds the GIL
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(422, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ApiError(422, "request body must be a JSON object with 'query' and 'texts' (TEI) or 'documents' "
-                       "(Infinity/Cohere)")
+    payload = await json_object(request, "'query' and 'texts' (TEI) or 'documents' (Infinity/Cohere)")
     # A null field is an absent one (clients that fill every optional field send `"texts": null`).
     given = {name for name in ("texts", "documents") if payload.get(name) is not None}
     if given == {"documents"}:
@@ -143,6 +137,23 @@ async def rerank(request: Request, response: Response) -> Any:
         raise ApiError(422, "send either 'texts' (TEI form) or 'documents' (Infinity/Cohere form), not both")
     if "texts" not in given:
         raise ApiError(422, "field 'texts' is required (TEI form), or 'documents' for the Infinity/Cohere form")
+    return await tei_rerank(request, response, payload)
+
+
+async def json_object(request: Request, fields: str) -> dict:
+    """The body of a route that parses it itself (its fields decide what it is): a JSON object, else a 422 naming
+    the `fields` it should hold."""
+    try:
+        payload = orjson.loads(await request.body())  # on the loop: a thread would not help, orjson holds the GIL
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(422, f"request body must be a JSON object with {fields}")
+    return payload
+
+
+async def tei_rerank(request: Request, response: Response, payload: dict) -> list[dict]:
+    """TEI's rerank of a parsed body: /rerank's TEI form, and the root routes on a reranker."""
     tei_body = await common.parse_body(request, TeiRerankRequest, payload)
     config: ServerConfig = common.config(request)
     req = to_internal(tei_body, chunking=config.tei_chunking)
@@ -253,16 +264,39 @@ async def embed(body: TeiEmbedRequest, request: Request) -> OrjsonResponse:
     return await embed_answer(request, body)
 
 
-@router.post("/", tags=["TEI"], response_model=None, responses={**_VECTORS, **_EMBED_ERRORS},
-             summary="TEI's root route: /embed for an embedding model (huggingface_hub's feature_extraction)")
-async def root(body: TeiEmbedRequest, request: Request) -> OrjsonResponse:
-    """TEI answers `POST /` with the model's own task; here that is /embed when the model (`model`, else the first
-    served) embeds. A reranker's root route in TEI is `predict` (pairs -> scores), which this server does not serve:
-    refused, naming /rerank."""
+#: anyOf: a body may hold both tasks' fields (unknown fields are ignored); the model decides which are read.
+_ROOT_BODY = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (TeiEmbedRequest, TeiRerankRequest)]}
+_ROOT_ANSWER = {"oneOf": [_VECTORS[200]["content"]["application/json"]["schema"],
+                          {"type": "array", "items": {"$ref": "#/components/schemas/TeiRank"}}]}
+#: What POST / and POST /invocations declare: either task's body, answer and errors.
+_ROOT: dict[str, Any] = {
+    "response_model": None, "tags": ["TEI"],
+    "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {"schema": _ROOT_BODY}}}},
+    "responses": {
+        200: {"description": "An embedding model: one vector per input; a reranker: TEI's ranks, best first",
+              "content": {"application/json": {"schema": _ROOT_ANSWER}}},
+        **TEI.responses(400, 401, 408, 413, 415, 422, 424, 429, 503, s400="`inputs` or `texts` is empty",
+                        s422="Validation error: wrong types, fields of the other task, too many inputs or texts, "
+                        "over-long input without truncation, unknown model or prompt_name",
+                        s424="Inference failed or timed out", s503="Not ready, shutting down, or a model worker died")},
+}
+
+
+@router.post("/", summary="TEI's root route: the model's task, /embed (`inputs`) or /rerank (`query`, `texts`)",
+             **_ROOT)
+@router.post("/invocations", summary="SageMaker's inference route, as TEI serves it: the same as POST /", **_ROOT)
+async def root(request: Request, response: Response) -> Any:
+    """TEI serves one model and routes its root to that model's task: `embed` for an embedding model, `rerank`
+    for a reranker (TEI's `ModelType::Reranker`; every model here that does not embed scores pairs, one score per
+    pair). "The" model is the one `model` names, else the first served, as /rerank and /info pick it."""
+    payload = await json_object(request, "'inputs' (an embedding model) or 'query' and 'texts' (a reranker)")
     common.check_ready(request)
-    model = common.served_models(request).get(body.model)
-    if not model.embeds:
-        raise ApiError(400, f"POST / on model '{model.name}' would be TEI's predict, which is not served here: "
-                       "rerank with POST /rerank (query and texts), or embed with an embedding model on POST /embed",
-                       kind="unsupported")
-    return await embed_answer(request, body.model_copy(update={"model": model.name}))
+    name = payload.get("model")
+    model = common.served_models(request).get(name if isinstance(name, str) else None)  # another type: 422 below
+    if model.embeds:
+        body = await common.parse_body(request, TeiEmbedRequest, payload)
+        return await embed_answer(request, body.model_copy(update={"model": model.name}))
+    if payload.get("texts") is None and payload.get("inputs") is not None:
+        raise ApiError(422, f"POST {request.url.path} on model '{model.name}', a reranker, reranks as TEI's root "
+                       "does: send 'query' and 'texts'; embed with an embedding model on POST /embed")
+    return await tei_rerank(request, response, payload)
