@@ -272,3 +272,38 @@ def test_unit_vectors_normalizes_and_keeps_zero():
     out = dialect.unit_vectors(np.asarray([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
     assert out.dtype == np.float32
+
+
+# -- GET / and GET /ping: TEI's health aliases ----------------------------------------------------------------------
+
+
+def test_get_root_and_ping_answer_as_health(bi_then_tiny):
+    """TEI answers its health on `GET /` (the Inference API's probe) and `GET /ping` (SageMaker's) too; here they
+    were a 405 and a 404, so such a probe never saw the server ready."""
+    c = bi_then_tiny
+    for path in ("/", "/ping"):
+        got = c.get(path)
+        assert got.status_code == 200 and set(got.json()) == {"unix"}, (path, got.text)
+        assert c.head(path).status_code == 200, path
+
+
+def test_health_aliases_are_open_and_the_root_task_is_not(tiny_model_dir):
+    """With --api-key the health aliases stay open, as /health (TEI's public routes), while POST / (the model's task)
+    needs the key, in the server and in the OpenAPI document."""
+    from fastapi.testclient import TestClient
+
+    from openrerank.server.app import create_app
+    from openrerank.server.config import ServerConfig
+
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], api_key="k")
+    with TestClient(create_app(config, load_models=False)) as c:  # still loading: 503, as /health answers
+        health = c.get("/health")
+        for path in ("/", "/ping"):
+            got = c.get(path)
+            assert (got.status_code, got.json()) == (health.status_code, health.json()) == (
+                503, {"error": "unhealthy: Model is loading.", "error_type": "Unhealthy"}), path
+        for path in ("/", "/invocations", "/ping"):
+            assert_tei_error(c.post(path, json={"inputs": "a"}), 401, "Validation", "API key")
+        paths = c.get("/openapi.json").json()["paths"]
+    assert "security" not in paths["/"]["get"] and "security" not in paths["/ping"]["get"]
+    assert paths["/"]["post"]["security"] and paths["/invocations"]["post"]["security"]

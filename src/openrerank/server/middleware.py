@@ -28,13 +28,24 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("openrerank.access")
 
 HEALTH_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")
+#: TEI's other health routes (its server.rs): `GET /` (the Inference API's probe) and `GET /ping` (SageMaker's).
+#: Health on GET (and HEAD) alone: `POST /` is the model's task, which the API key guards.
+HEALTH_GET_PATHS = ("/", "/ping")
 #: Routes open without the API key: health probes and the API documentation (it holds no secrets).
 PUBLIC_PATHS = (*HEALTH_PATHS, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 PUBLIC_PREFIXES = ("/docs-assets/",)
 #: Prometheus' routes; open without the key with --metrics-public.
 METRICS_PATHS = ("/v1/metrics", "/metrics")
-#: Probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO.
-_QUIET_PATHS = (*HEALTH_PATHS, *METRICS_PATHS)
+
+
+def is_health(method: str, path: str) -> bool:
+    """A health probe: open without the API key, logged at DEBUG, let through while a replica drains."""
+    return path in HEALTH_PATHS or (method in ("GET", "HEAD") and path in HEALTH_GET_PATHS)
+
+
+def is_public(method: str, path: str, public: tuple[str, ...] = PUBLIC_PATHS) -> bool:
+    """Open without the API key: a health probe, a `public` path (the documentation), the docs' assets."""
+    return is_health(method, path) or path in public or path.startswith(PUBLIC_PREFIXES)
 REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 #: Status recorded for a request whose client went away before the answer (nginx's convention).
@@ -158,7 +169,8 @@ class RequestLogMiddleware:
                   "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
                   "total_ms": total_ms, "request_id": request_id,
                   "reason": request_state(scope).get("error") if status >= 400 else None}
-        level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+        # probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO
+        level = logging.DEBUG if is_health(scope["method"], path) or path in METRICS_PATHS else logging.INFO
         access_log.log(level, "%s %s %d", scope["method"], route, status,
                        extra={"fields": fields, "in_message": ("method", "route", "status")})
         if self.tracer is not None and "model" in usage:
@@ -281,7 +293,7 @@ class ApiKeyMiddleware:
         self.public = (*PUBLIC_PATHS, *(METRICS_PATHS if metrics_public else ()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public or scope["path"].startswith(PUBLIC_PREFIXES):
+        if scope["type"] != "http" or is_public(scope["method"], scope["path"], self.public):
             await self.app(scope, receive, send)
             return
         given = header_lines(scope, b"authorization")

@@ -23,7 +23,7 @@ from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects.list_bounds import BOUNDED
 from openrerank.server.errors import STATUS_DESCRIPTIONS, dialect_for
-from openrerank.server.middleware import PUBLIC_PATHS
+from openrerank.server.middleware import is_public
 
 SECURITY_SCHEME = "bearerAuth"
 _METHODS = ("get", "post", "put", "patch", "delete")
@@ -65,7 +65,7 @@ def adjust(schema: dict[str, Any], *, api_key: bool) -> dict[str, Any]:
                     responses[code].setdefault("headers", {})["Retry-After"] = RETRY_AFTER_HEADER
             if "422" in responses and _is_fastapi_422(responses["422"]):
                 del responses["422"]
-            if api_key and path not in PUBLIC_PATHS:
+            if api_key and not is_public(method.upper(), path):
                 op["security"] = [{SECURITY_SCHEME: []}]
             else:
                 responses.pop("401", None)

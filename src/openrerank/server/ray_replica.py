@@ -23,8 +23,8 @@ from openrerank.server.config import API_KEY_ENV, ServerConfig
 from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.errors import dialect_for
 from openrerank.server.middleware import (
-    HEALTH_PATHS,
     REQUEST_ID_HEADER,
+    is_health,
     request_id,
     request_state,
     shutting_down_response,
@@ -112,7 +112,7 @@ class ReplicaMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.replica.drain.draining and scope["path"] not in HEALTH_PATHS:
+        if self.replica.drain.draining and not is_health(scope["method"], scope["path"]):
             log.info("refusing %s %s: this replica is shutting down (request id %s)", scope["method"],
                      scope["path"], request_id(scope))
             await shutting_down_response(scope, self.replica.drain, CLOSED_MESSAGE)(scope, receive, send)

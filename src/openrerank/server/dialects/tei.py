@@ -1,5 +1,5 @@
 """Hugging Face text-embeddings-inference dialect: `POST /rerank`, `POST /embed`, `POST /` and `POST /invocations`
-(the model's task), `GET /health`, `GET /info`.
+(the model's task), `GET /health` (and TEI's aliases `GET /`, `GET /ping`), `GET /info`.
 
 `POST /rerank` is shared with Infinity (`server/dialects/infinity.py`); the body decides the dialect: `texts`
 is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's, which this route hands over.
@@ -47,7 +47,7 @@ def tei_error_body(status: int, message: str, kind: str) -> dict:
 
 TEI = register_dialect(Dialect(
     "tei",
-    ("/rerank", "/embed", "/health", "/info", "/", "/invocations"),  # "/" is the root alone (`errors.dialect_for`)
+    ("/rerank", "/embed", "/health", "/info", "/", "/invocations", "/ping"),  # "/": the root alone (`dialect_for`)
     tei_error_body,
     status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
                 "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
@@ -163,12 +163,17 @@ async def tei_rerank(request: Request, response: Response, payload: dict) -> lis
     return result_to_wire(result, tei_body)
 
 
-@router.get("/health", tags=["TEI", "Infinity"], response_model=None,
-            responses={200: {"model": InfinityHealth, "description": "Ready"},
-                       503: {"model": TeiError, "description": "Not ready"}})
+_HEALTH: dict[str, Any] = {"tags": ["TEI", "Infinity"], "response_model": None, "responses": {
+    200: {"model": InfinityHealth, "description": "Ready"}, 503: {"model": TeiError, "description": "Not ready"}}}
+
+
+@router.get("/health", **_HEALTH)
+@router.get("/", summary="TEI's health alias (the Inference API's probe): /health", **_HEALTH)
+@router.get("/ping", summary="TEI's health alias (SageMaker's probe): /health", **_HEALTH)
 async def health(request: Request) -> Response:
     """200 once every model is loaded and alive, else 503 (also while the server shuts down). TEI's clients read
-    only the status; Infinity's parse the body, `{"unix": <time>}` as Infinity answers, so 200 carries that."""
+    only the status; Infinity's parse the body, `{"unix": <time>}` as Infinity answers, so 200 carries that.
+    TEI answers its health on `GET /` and `GET /ping` too (open without the key, as /health: `is_health`)."""
     reason = common.unready_reason(request)
     if reason is None:
         return OrjsonResponse({"unix": time.time()})
