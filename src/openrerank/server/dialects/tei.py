@@ -4,11 +4,9 @@
 `POST /rerank` is shared with Infinity (`server/dialects/infinity.py`); the body decides the dialect: `texts`
 is TEI's form (bare-array answer, TEI errors), `documents` is Infinity's, which this route hands over.
 
-Errors come back as TEI's `{"error": ..., "error_type": ...}`. Status codes follow the issue's
-contract, which differs from upstream TEI in one place: upstream answers 413 for a client batch
-above its limit and for an over-long input; openrerank answers 422 (a semantic validation error)
-and keeps 413 for a body over `--max-body-bytes`. Empty `texts` -> 400, overloaded -> 429,
-not ready -> 503.
+Errors come back as TEI's `{"error": ..., "error_type": ...}`, with TEI's statuses (v1.9.0 and later): a client
+batch above its limit or an over-long input -> 422 `Validation` (TEI answered 413 before 1.9.0), a body over
+`--max-body-bytes` -> 413, empty `texts` or `inputs` -> 400 `Empty`, overloaded -> 429, not ready -> 503.
 """
 
 from __future__ import annotations
