@@ -132,16 +132,18 @@ def test_malformed_json_and_oversize(tiny_server):
     assert big.status_code == 413 and set(big.json()) == {"error", "error_type"}
 
 
-def test_health_and_info(tiny_server):
+def test_health_and_info(tiny_server, tiny_model_dir):
     with tiny_server.client() as c:
         health = c.get("/health")
         info = c.get("/info").json()
         engine = c.get("/v1/metadata").json()["models"][0]["engine"]
     # TEI's clients read only the status; Infinity's (the same /health) parse `{"unix": <time>}`
     assert health.status_code == 200 and set(health.json()) == {"unix"} and health.json()["unix"] > 1.7e9
-    assert info["model_id"] == "tiny" and info["max_input_length"] == 128
+    # TEI's model_id is what the model is (a local folder by its name); served_model_name what requests name it by
+    assert info["model_id"] == tiny_model_dir.name and info["served_model_name"] == "tiny"
+    assert info["max_input_length"] == 128
     assert info["max_client_batch_size"] == 8 and info["auto_truncate"] is True
-    assert "reranker" in info["model_type"]
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
     assert info["model_dtype"] == {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[engine["dtype"]]
     for key in ("max_concurrent_requests", "max_batch_tokens", "version", "tokenization_workers"):
         assert key in info
@@ -307,3 +309,37 @@ def test_health_aliases_are_open_and_the_root_task_is_not(tiny_model_dir):
         paths = c.get("/openapi.json").json()["paths"]
     assert "security" not in paths["/"]["get"] and "security" not in paths["/ping"]["get"]
     assert paths["/"]["post"]["security"] and paths["/invocations"]["post"]["security"]
+
+
+# -- GET /info: what TEI says of its model ---------------------------------------------------------------------------
+
+
+def test_info_of_an_embedding_model_says_embedding_and_its_served_name(bi_then_tiny):
+    """/info said `reranker` of a bi-encoder whose root embeds, and had no `served_model_name` (TEI's `Info`)."""
+    info = bi_then_tiny.get("/info").json()
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["served_model_name"] == "bi" and info["model_id"] == "bi"  # its folder's name
+
+
+def test_info_while_loading_names_the_first_model_as_given():
+    from fastapi.testclient import TestClient
+
+    from openrerank.server.app import create_app
+    from openrerank.server.config import ServerConfig
+
+    with TestClient(create_app(ServerConfig(models=["mini=default"]), load_models=False)) as c:
+        info = c.get("/info").json()
+    assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2" and info["served_model_name"] == "mini"
+
+
+def test_model_type_names_pooling_as_tei_does():
+    from types import SimpleNamespace
+
+    def bi(pooling: str) -> SimpleNamespace:
+        return SimpleNamespace(embeds=True, loaded=SimpleNamespace(spec=SimpleNamespace(options={"pooling": pooling})))
+
+    assert dialect.model_type(bi("cls")) == {"embedding": {"pooling": "cls"}}
+    assert dialect.model_type(bi("lasttoken")) == {"embedding": {"pooling": "last_token"}}
+    assert dialect.model_type(bi("mean+max")) == {"embedding": {"pooling": "mean+max"}}
+    assert set(dialect.model_type(SimpleNamespace(embeds=False))) == {"reranker"}
+    assert set(dialect.model_type(None)) == {"reranker"}

@@ -1,4 +1,5 @@
-"""Hugging Face text-embeddings-inference (TEI) wire models: `POST /rerank`, `POST /embed` (and `POST /`), `GET /info`.
+"""Hugging Face text-embeddings-inference (TEI) wire models: `POST /rerank`, `POST /embed` (and the root routes),
+`GET /info`.
 
 Like TEI (serde's default), unknown request fields are ignored.
 """
@@ -88,16 +89,30 @@ class TeiClassifierModel(BaseModel):
     label2id: dict[str, int]
 
 
-class TeiModelType(BaseModel):
+class TeiEmbeddingModel(BaseModel):
+    pooling: str = Field(description="How token vectors become one: TEI's names (cls, mean, last_token), else "
+                         "sentence-transformers' (max, weightedmean, ...; several joined with '+').")
+
+
+class TeiReranker(BaseModel):
+    """TEI's `model_type` of a model that scores pairs (a one-label classifier in TEI)."""
+
     reranker: TeiClassifierModel
+
+
+class TeiEmbedding(BaseModel):
+    """TEI's `model_type` of an embedding model: its root route embeds."""
+
+    embedding: TeiEmbeddingModel
 
 
 class TeiInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
-    model_id: str
+    model_id: str = Field(description="What the model is: its hub id, or a local folder by its name.")
     model_sha: str | None = None
     model_dtype: str
-    model_type: TeiModelType
+    served_model_name: str = Field(description="The id requests name it by (`NAME=` of `--model`, else as model_id).")
+    model_type: TeiReranker | TeiEmbedding
     max_concurrent_requests: int
     max_input_length: int
     max_batch_tokens: int

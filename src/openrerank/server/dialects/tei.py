@@ -27,7 +27,7 @@ from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, register_dialect
 from openrerank.server.responses import OrjsonResponse
-from openrerank.sources.source import parse_model_arg
+from openrerank.sources.source import DEFAULT_MODEL_ID, parse_model_arg, public_source
 from openrerank.wire.infinity import InfinityError, InfinityHealth, InfinityRerankRequest, InfinityRerankResponse
 from openrerank.wire.tei import TeiEmbedRequest, TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
@@ -181,15 +181,35 @@ async def health(request: Request) -> Response:
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 
 
-def info_body(config: ServerConfig, model: Any | None, model_id: str) -> dict:
-    """TEI's /info for the first served model (TEI serves one; see /v1/models for all)."""
+#: TEI's names of pooling modes where sentence-transformers' differ.
+_TEI_POOLING = {"lasttoken": "last_token"}
+
+
+def tei_model_id(spec: str) -> str:
+    """TEI's `model_id`: what the model is, its hub id or a local folder by its name (`public_source`: never the
+    server's paths), the embedded default by its hub id. The id requests name it by is `served_model_name`."""
+    return DEFAULT_MODEL_ID if spec == "default" else public_source(spec)
+
+
+def model_type(model: Any | None) -> dict:
+    """TEI's `model_type`: `embedding` (with its pooling) for a model that embeds, whose root route embeds; else
+    `reranker` with one label (every other family yields one relevance score per pair)."""
+    if model is not None and model.embeds:
+        modes = str(model.loaded.spec.options["pooling"]).split("+")
+        return {"embedding": {"pooling": "+".join(_TEI_POOLING.get(m, m) for m in modes)}}
+    labels = {"0": "LABEL_0"}
+    return {"reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}
+
+
+def info_body(config: ServerConfig, model: Any | None, name: str, spec: str) -> dict:
+    """TEI's /info for the first served model `name` from `spec` (TEI serves one; see /v1/models for all)."""
     dtype = (model.dtype if model is not None else None) or config.dtype  # what auto resolved to
-    labels = {"0": "LABEL_0"}  # every family yields one relevance score per pair
     return {
-        "model_id": model_id,
+        "model_id": tei_model_id(spec),
         "model_sha": None,
         "model_dtype": _DTYPES.get(dtype, dtype),
-        "model_type": {"reranker": {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}},
+        "served_model_name": name,
+        "model_type": model_type(model),
         "max_concurrent_requests": config.max_queue,
         "max_input_length": model.max_length if model is not None else 0,
         "max_batch_tokens": config.batch_policy.max_tokens,
@@ -211,8 +231,11 @@ async def info(request: Request) -> dict:
     config: ServerConfig = common.config(request)
     models = reg.models()
     model = models[0] if models else None
-    model_id = model.name if model else (reg.names[0] if reg.names else parse_model_arg("default").served_id)
-    return info_body(config, model, model_id)
+    if model is not None:
+        return info_body(config, model, model.name, model.loaded.source.spec)
+    sources = [parse_model_arg(m) for m in config.models] or [parse_model_arg("default")]  # loading: the first
+    first = next((s for s in sources if s.served_id in reg.names), sources[0])
+    return info_body(config, None, first.served_id, first.spec)
 
 
 #: TEI's `prompt_name` -> `input_type`: any name a model may give its query or passage prompt.
