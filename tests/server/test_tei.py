@@ -270,6 +270,17 @@ def test_root_serves_the_task_of_the_model_it_picks(bi_then_tiny, path):
     assert_tei_error(c.post(path, json={"inputs": texts, "model": 5}), 422, "Validation", "model")
 
 
+@pytest.mark.parametrize("path", ["/embed", "/"])
+def test_an_empty_string_among_inputs_is_tei_empty(bi_then_tiny, path):
+    """TEI encodes each input alone and answers an empty one 400 `Empty` (`EncodingInput::is_empty`), as it answers
+    empty `inputs`; here it was a 422 `Validation`. A wrong type among them is still the 422 TEI's parsing gives."""
+    c = bi_then_tiny
+    assert_tei_error(c.post(path, json={"inputs": ["a", ""]}), 400, "Empty", "cannot be empty", "inputs[1]")
+    assert_tei_error(c.post(path, json={"inputs": [""]}), 400, "Empty", "cannot be empty")
+    assert_tei_error(c.post(path, json={"inputs": ["", 5]}), 422, "Validation", "inputs")
+    assert c.post(path, json={"inputs": ["a", " "]}).status_code == 200  # blank is not empty, in TEI either
+
+
 def test_unit_vectors_normalizes_and_keeps_zero():
     out = dialect.unit_vectors(np.asarray([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])

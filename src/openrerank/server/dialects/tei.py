@@ -275,6 +275,10 @@ async def embed_answer(request: Request, body: TeiEmbedRequest) -> OrjsonRespons
     """TEI's embed: a bare array of vectors, through the embeddings dialect's engine call."""
     if body.inputs == [] or body.inputs == "":
         raise ApiError(400, "`inputs` cannot be empty", kind="empty")
+    if isinstance(body.inputs, list) and all(isinstance(v, str) for v in body.inputs) and "" in body.inputs:
+        # TEI encodes each input alone and answers an empty one as it answers empty `inputs` (EncodingInput::is_empty)
+        raise ApiError(400, f"`inputs` cannot be empty: inputs[{body.inputs.index('')}] is an empty string",
+                       kind="empty")
     texts = embeddings.input_texts(body.inputs, field="inputs")
     truncate, input_type = embed_options(body)
     result = await embeddings.embed_texts(request, texts, body.model, input_type=input_type, truncate=truncate,
