@@ -245,3 +245,15 @@ def test_a_load_failure_keeps_its_cause_on_one_bounded_line():
     assert one_line(ValueError("plain")) == "ValueError: plain" and one_line(KeyError()) == "KeyError"
     long = one_line(OSError("\n".join(f"line {i} " + "x" * 50 for i in range(100)) + "\nthe cause"))
     assert len(long) == LOAD_ERROR_CHARS and long.startswith("OSError: line 0 ") and long.endswith("the cause")
+
+
+def test_a_405_allows_every_method_of_its_path():
+    """TEI's `/` is two routes (GET: health, POST: the model's task); Starlette's 405 named only the first one's
+    method in `Allow` (schemathesis: "Allow header mismatch")."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        root = c.request("OPTIONS", "/")
+        put = c.put("/")
+        rerank = c.get("/rerank")
+    assert root.status_code == put.status_code == rerank.status_code == 405
+    assert root.headers["allow"] == put.headers["allow"] == "GET, POST"
+    assert rerank.headers["allow"] == "POST" and set(root.json()) == {"error", "error_type"}

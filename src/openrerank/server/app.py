@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -170,6 +171,17 @@ def body_parse_message(cause: BaseException | None) -> str:
     raise cause
 
 
+def allowed_methods(request: Request) -> str:
+    """A 405's `Allow`: the methods of every route of the request's path. Starlette names those of the first route
+    whose path matches, and TEI's `/` is two routes (GET: health, POST: the model's task)."""
+    methods: set[str] = set()
+    for route in all_routes(request.app):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure becomes the dialect's error shape; CatchAllMiddleware covers the unexpected.
 
@@ -190,8 +202,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
             message = body_parse_message(exc.__cause__)
-        return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"),
-                               dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"), headers)
 
     def answer(failure: Failure):
         async def handler(request: Request, exc: Exception):
@@ -215,18 +229,22 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_type, _model_fault)
 
 
-def route_paths(app: FastAPI) -> set[str]:
-    """Every route path, for bounded-cardinality metric labels (included routers are nested)."""
-    paths: set[str] = set()
+def all_routes(app: FastAPI) -> list[Any]:
+    """Every route of the app, those of included routers too (FastAPI nests them)."""
+    routes: list[Any] = []
     stack = list(app.routes)
     while stack:
         route = stack.pop()
-        if getattr(route, "path", None):
-            paths.add(route.path)
+        routes.append(route)
         included = getattr(route, "original_router", None)
         if included is not None:
             stack.extend(included.routes)
-    return paths
+    return routes
+
+
+def route_paths(app: FastAPI) -> set[str]:
+    """Every route path, for bounded-cardinality metric labels."""
+    return {route.path for route in all_routes(app) if getattr(route, "path", None)}
 
 
 def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
