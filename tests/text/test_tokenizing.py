@@ -11,13 +11,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from openrerank.core.requests import Truncate
+from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 from openrerank.sources.source import default_model_dir
 from openrerank.text import prepare as P
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.pairs import PairTextEncoder
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 from openrerank.text.tokenizing import CHARS_PER_TOKEN_GUESS, TokenizerPool, bound_texts
-from tests.families.builders import QWEN, XLMR, build_tokenizer
+from tests.families.builders import DEBERTA, QWEN, XLMR, build_tokenizer
 
 VOCAB = ("paris banana river mountain engine water city gene über naïve straße 東京 Ελλάδα 12.5% don't "
          "e-mail (see) x=y; antidisestablishmentarianism " + "a" * 150).split()
@@ -65,6 +66,83 @@ def test_bounded_texts_give_the_ids_whole_texts_give(all_encoders, monkeypatch, 
             whole = enc.prepare(query, passages, truncate, **kw)
         assert bounded.owners == whole.owners
         assert bounded.items == whole.items, (query[:60], [p[:60] for p in passages])
+
+
+#: Pieces of the texts below: words, punctuation that byte-level BPE merges with newlines, CJK without spaces,
+#: and runs of whitespace long enough to hold a window (one pre-token: a run of newlines).
+PIECES = ["paris ", "banana", "the ", "東京", "巴黎" * 5, "Ελλάδα ", "don't ", "12.5% ", "?", ". ", "?\n", "a" * 40,
+          "<|im_end|>", " ", "\n", "\t", "\r\n", "\u3000"]
+RUNS = [" ", "\n", "\t", " \n", "\r\n", "\n\n "]
+
+
+def ragged(rng: random.Random, n: int) -> str:
+    """A text of `n` pieces, one in twelve a whitespace run of up to 3000 characters."""
+    return "".join(rng.choice(RUNS) * rng.choice([3, 50, 400, 3000]) if rng.random() < 1 / 12 else rng.choice(PIECES)
+                   for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def pools() -> dict:
+    return {"wordpiece": TokenizerPool(AutoTokenizer.from_pretrained(str(default_model_dir()))),
+            "byte-bpe": TokenizerPool(build_tokenizer(QWEN)), "unigram": TokenizerPool(build_tokenizer(XLMR)),
+            "unigram-deberta": TokenizerPool(build_tokenizer(DEBERTA))}
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "byte-bpe", "unigram", "unigram-deberta"])
+@pytest.mark.parametrize("from_end", [False, True])
+def test_a_bound_text_holds_the_tokens_the_whole_text_has_in_the_window(pools, name, from_end):
+    """Whitespace runs broke the bound: a cut inside a run of newlines stripped the whole run, tokens below
+    `need` included, and the text's last word came into the window (the model read "yellow. Paris")."""
+    tok = pools[name]
+    rng = random.Random(11)
+    for trial in range(16):
+        whole_text = ragged(rng, rng.choice([200, 800]))
+        need = rng.choice([8, 20, 60])
+        (bounded,), _ = bound_texts(tok, [whole_text], need, from_end=from_end)
+        whole, got = tok.ids(whole_text), tok.ids(bounded)
+        window = slice(-need, None) if from_end else slice(0, need)
+        assert got[window] == whole[window], (trial, need, bounded[:80] if from_end else bounded[-80:])
+        assert (len(got) > need) == (len(whole) > need)
+
+
+@pytest.mark.parametrize("name", ["pair-wordpiece", "pair-unigram", "bi-wordpiece", "template-bpe"])
+def test_prepare_on_ragged_texts_gives_what_whole_texts_give(all_encoders, monkeypatch, name):
+    enc = all_encoders[name]
+    rng = random.Random(5)
+    for _ in range(3):
+        query, passages = ragged(rng, rng.choice([3, 30])), [ragged(rng, rng.choice([150, 700])) for _ in range(3)]
+        for truncate, chunks in [(Truncate.END, None), (Truncate.START, None), (Truncate.CHUNK, 3)]:
+            bounded = enc.prepare(query, passages, truncate, max_chunks_per_passage=chunks)
+            with monkeypatch.context() as m:
+                unbounded(m)
+                whole = enc.prepare(query, passages, truncate, max_chunks_per_passage=chunks)
+            assert (bounded.owners, bounded.items) == (whole.owners, whole.items), truncate
+
+
+@pytest.mark.parametrize("truncate", [Truncate.END, Truncate.START])
+def test_a_window_of_newlines_is_scored_as_newlines_not_as_the_last_word(truncate):
+    """The reviewer's case: Qwen3-Reranker's prompt, a 512-token window, 5000 newlines between a short text
+    and "Paris"; only newlines fit in the window after the text, so the pair must not hold "Paris"."""
+    tok = build_tokenizer(QWEN)
+    enc = TemplateTextEncoder(tok, 512, Qwen3RerankerFamily().template(None))
+    bananas = "Bananas are yellow. " * 20
+    passage = bananas + "\n" * 5000 + "Paris" if truncate is Truncate.END else "Paris" + "\n" * 5000 + bananas
+    query = "What is the capital of France?"
+    (item,) = enc.prepare(query, [passage], truncate).items
+    assert item.length == 512
+    assert item.input_ids == enc._prepare(query, [passage], truncate, None).items[0].input_ids  # the whole text's
+    assert "Paris" not in tok.decode(item.input_ids)
+
+
+def test_max_tokens_per_passage_keeps_the_first_tokens_of_a_run():
+    """Cohere's max_tokens_per_doc=50 on a text whose 50 first tokens end in newlines: the clipped text is
+    those tokens, not the text's last word pulled in after a stripped run."""
+    tok = build_tokenizer(QWEN)
+    enc = TemplateTextEncoder(tok, 512, Qwen3RerankerFamily().template(None))
+    passage = "Bananas are yellow. " * 3 + "\n" * 3000 + "Paris"
+    (clipped,) = enc.clip_passages([passage], 50)
+    whole = tok(passage, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert clipped == passage[: whole[49][1]]
 
 
 def test_none_reports_exact_lengths_within_four_windows_and_a_bound_beyond(all_encoders):
