@@ -17,7 +17,7 @@ from openrerank.text import prepare as P
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.pairs import PairTextEncoder
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
-from openrerank.text.tokenizing import CHARS_PER_TOKEN_GUESS, TokenizerPool, bound_texts
+from openrerank.text.tokenizing import CHARS_PER_TOKEN_GUESS, TokenizerPool, bound_read, bound_texts
 from tests.families.builders import DEBERTA, QWEN, XLMR, build_tokenizer
 
 VOCAB = ("paris banana river mountain engine water city gene über naïve straße 東京 Ελλάδα 12.5% don't "
@@ -143,6 +143,47 @@ def test_max_tokens_per_passage_keeps_the_first_tokens_of_a_run():
     (clipped,) = enc.clip_passages([passage], 50)
     whole = tok(passage, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     assert clipped == passage[: whole[49][1]]
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "byte-bpe", "unigram", "unigram-deberta"])
+@pytest.mark.parametrize("run", [" ", "\n"])
+@pytest.mark.parametrize("from_end", [False, True])
+def test_a_long_whitespace_run_is_read_only_as_far_as_the_window_needs(pools, monkeypatch, name, run, from_end):
+    """A run that one pre-token holds was read whole to settle its tokens (4 MB of newlines: 6 s for one
+    512-token window). Past `bound_read(need)` characters the cut is safe, not exact: the window is filled
+    from the text's start (end), its tokens before the run are the whole text's, and "Paris", past the run,
+    stays out of it (where the tokenizer drops whitespace, WordPiece, it is the whole text's next token)."""
+    tok, need = pools[name], 60
+    seen: list[int] = []
+    call = TokenizerPool.__call__
+
+    def spy(self, *args, **kw):
+        seen.extend(len(t) for a in args if isinstance(a, list) for t in a if isinstance(t, str))
+        return call(self, *args, **kw)
+
+    bananas = "Bananas are yellow. " * 5  # fewer tokens than the window: its edge falls inside the run
+    text = "Paris" + run * 4_000_000 + bananas if from_end else bananas + run * 4_000_000 + "Paris"
+    with monkeypatch.context() as m:
+        m.setattr(TokenizerPool, "__call__", spy)
+        (bounded,), which = bound_texts(tok, [text], need, from_end=from_end)
+    assert max(seen) <= bound_read(need) and sum(seen) < 2 * bound_read(need), (max(seen), sum(seen))
+    assert which == [0]
+    got = tok(bounded, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offs = got["input_ids"], got["offset_mapping"]
+    short = "Paris" + run * 200 + bananas if from_end else bananas + run * 200 + "Paris"  # the whole text's ids
+    if name == "wordpiece":
+        assert ids == tok.ids(short)
+        return
+    firm = len(tok.ids(bananas)) - 1  # the tokens before (after) the run, less one it may merge with
+    assert len(ids) > need
+    if from_end:
+        start = offs[-need][0]
+        assert text.endswith(bounded[start:]) and "Paris" not in bounded[start:]
+        assert ids[-firm:] == tok.ids(short)[-firm:]
+    else:
+        end = offs[need - 1][1]
+        assert text.startswith(bounded[:end]) and "Paris" not in bounded[:end]
+        assert ids[:firm] == tok.ids(short)[:firm]
 
 
 def test_none_reports_exact_lengths_within_four_windows_and_a_bound_beyond(all_encoders):
