@@ -14,6 +14,7 @@ from openrerank.core.requests import Truncate
 from openrerank.families.qwen3_reranker import Qwen3RerankerFamily
 from openrerank.sources.source import default_model_dir
 from openrerank.text import prepare as P
+from openrerank.text import tokenizing as T
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.pairs import PairTextEncoder
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
@@ -184,6 +185,26 @@ def test_a_long_whitespace_run_is_read_only_as_far_as_the_window_needs(pools, mo
         end = offs[need - 1][1]
         assert text.startswith(bounded[:end]) and "Paris" not in bounded[:end]
         assert ids[:firm] == tok.ids(short)[:firm]
+
+
+def test_a_text_no_cut_fits_is_cut_to_the_prefix_read_not_kept_whole(all_encoders, monkeypatch):
+    """Where no candidate cut gives the window's tokens again, the text was kept whole and tokenized whole
+    later (a megabyte for a 48-token window); the prefix read holds those tokens and is at most the cap."""
+    enc = all_encoders["pair-wordpiece"]
+    huge = "river water mountain " * 50_000  # 1 MB
+    exact = {t: enc.prepare("q", [huge], t) for t in (Truncate.END, Truncate.START)}
+    seen: list[int] = []
+    call = TokenizerPool.__call__
+
+    def spy(self, *args, **kw):
+        seen.extend(len(t) for a in args if isinstance(a, list) for t in a if isinstance(t, str))
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(TokenizerPool, "__call__", spy)
+    monkeypatch.setattr(T, "_joined", lambda *a: "")  # no candidate cut keeps the tokens
+    for truncate, want in exact.items():
+        assert enc.prepare("q", [huge], truncate).items == want.items
+    assert max(seen) <= bound_read(48)
 
 
 def test_none_reports_exact_lengths_within_four_windows_and_a_bound_beyond(all_encoders):
