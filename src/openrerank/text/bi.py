@@ -24,7 +24,7 @@ from openrerank.text.prepare import (
     chunk_overlap,
     chunk_starts,
 )
-from openrerank.text.tokenizing import _starts_word
+from openrerank.text.tokenizing import starts_word
 
 #: Token budget of one bi-encoder chunk: as many whole sentences as fit (see the module docstring).
 BI_CHUNK_TOKENS = 64
@@ -173,7 +173,7 @@ def _word_end(text: str, offsets: list[tuple[int, int]], k: int, after: int = 0)
     """The largest token count in (`after`, `k`] that ends `text`'s tokens at a word's end (the next token
     starts a word, as `bound_texts` finds word starts), or `k` where a word runs over that whole range."""
     for j in range(min(k, len(offsets)), after, -1):
-        if j == len(offsets) or _starts_word(text, offsets[j][0]):
+        if j == len(offsets) or starts_word(text, offsets[j][0]):
             return j
     return k
 
@@ -198,8 +198,8 @@ def _split_unit(sentence: str, base: int, offsets: list[tuple[int, int]], budget
             break
         # the next window starts at the last word start at or before the stride, else the first one after it
         target = min(s + step, e)
-        s = next((j for j in range(target, s, -1) if _starts_word(sentence, offsets[j][0])),
-                 next((j for j in range(target + 1, e + 1) if _starts_word(sentence, offsets[j][0])), target))
+        s = next((j for j in range(target, s, -1) if starts_word(sentence, offsets[j][0])),
+                 next((j for j in range(target + 1, e + 1) if starts_word(sentence, offsets[j][0])), target))
     return out
 
 

@@ -240,7 +240,7 @@ def _candidates(p: _Piece, need: int, from_end: bool) -> list[int]:
         span = range(need + 1, min(len(p.offs) - BOUND_MARGIN // 2, need + BOUND_MARGIN))
         fallback = need + BOUND_MARGIN // 2
     starts = itertools.islice((k for k in span if p.words[k] != p.words[k - 1]), BOUND_TRIES)
-    words = itertools.islice((k for k in span if _starts_word(p.text, p.offs[k][0])), BOUND_TRIES)
+    words = itertools.islice((k for k in span if starts_word(p.text, p.offs[k][0])), BOUND_TRIES)
     return list(dict.fromkeys([*starts, *words, fallback]))[:BOUND_TRIES]
 
 
@@ -257,7 +257,7 @@ def _joined(text: str, p: _Piece, k: int | None, from_end: bool) -> str:
     return head + (" " if space else "") + body
 
 
-def _starts_word(piece: str, start: int) -> bool:
+def starts_word(piece: str, start: int) -> bool:
     """Whether the token starting at `start` begins a word: whitespace before it, or (byte-level BPE, whose
     tokens carry their leading space) at its start."""
     return start > 0 and (piece[start].isspace() or piece[start - 1].isspace())
