@@ -146,6 +146,19 @@ def test_max_tokens_per_passage_keeps_the_first_tokens_of_a_run():
     assert clipped == passage[: whole[49][1]]
 
 
+def characters_tokenized(monkeypatch) -> list[int]:
+    """The length of every text handed to a TokenizerPool from now on (while `monkeypatch` holds)."""
+    seen: list[int] = []
+    call = TokenizerPool.__call__
+
+    def spy(self, *args, **kw):
+        seen.extend(len(t) for a in args if isinstance(a, list) for t in a if isinstance(t, str))
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(TokenizerPool, "__call__", spy)
+    return seen
+
+
 @pytest.mark.parametrize("name", ["wordpiece", "byte-bpe", "unigram", "unigram-deberta"])
 @pytest.mark.parametrize("run", [" ", "\n"])
 @pytest.mark.parametrize("from_end", [False, True])
@@ -155,17 +168,10 @@ def test_a_long_whitespace_run_is_read_only_as_far_as_the_window_needs(pools, mo
     from the text's start (end), its tokens before the run are the whole text's, and "Paris", past the run,
     stays out of it (where the tokenizer drops whitespace, WordPiece, it is the whole text's next token)."""
     tok, need = pools[name], 60
-    seen: list[int] = []
-    call = TokenizerPool.__call__
-
-    def spy(self, *args, **kw):
-        seen.extend(len(t) for a in args if isinstance(a, list) for t in a if isinstance(t, str))
-        return call(self, *args, **kw)
-
     bananas = "Bananas are yellow. " * 5  # fewer tokens than the window: its edge falls inside the run
     text = "Paris" + run * 4_000_000 + bananas if from_end else bananas + run * 4_000_000 + "Paris"
     with monkeypatch.context() as m:
-        m.setattr(TokenizerPool, "__call__", spy)
+        seen = characters_tokenized(m)
         (bounded,), which = bound_texts(tok, [text], need, from_end=from_end)
     assert max(seen) <= bound_read(need) and sum(seen) < 2 * bound_read(need), (max(seen), sum(seen))
     assert which == [0]
@@ -193,14 +199,7 @@ def test_a_text_no_cut_fits_is_cut_to_the_prefix_read_not_kept_whole(all_encoder
     enc = all_encoders["pair-wordpiece"]
     huge = "river water mountain " * 50_000  # 1 MB
     exact = {t: enc.prepare("q", [huge], t) for t in (Truncate.END, Truncate.START)}
-    seen: list[int] = []
-    call = TokenizerPool.__call__
-
-    def spy(self, *args, **kw):
-        seen.extend(len(t) for a in args if isinstance(a, list) for t in a if isinstance(t, str))
-        return call(self, *args, **kw)
-
-    monkeypatch.setattr(TokenizerPool, "__call__", spy)
+    seen = characters_tokenized(monkeypatch)
     monkeypatch.setattr(T, "_joined", lambda *a: "")  # no candidate cut keeps the tokens
     for truncate, want in exact.items():
         assert enc.prepare("q", [huge], truncate).items == want.items
@@ -219,14 +218,7 @@ def test_none_reports_exact_lengths_within_four_windows_and_a_bound_beyond(all_e
 
 def test_a_megabyte_passage_is_read_only_as_far_as_the_window_needs(all_encoders, monkeypatch):
     enc = all_encoders["pair-wordpiece"]
-    seen: list[int] = []
-    call = TokenizerPool.__call__
-
-    def spy(self, *args, **kw):
-        seen.extend(len(t) for a in args if isinstance(a, list) for t in a if isinstance(t, str))
-        return call(self, *args, **kw)
-
-    monkeypatch.setattr(TokenizerPool, "__call__", spy)
+    seen = characters_tokenized(monkeypatch)
     huge = "river water mountain " * 50_000  # 1 MB
     for truncate in (Truncate.END, Truncate.START):
         prep = enc.prepare("q", [huge], truncate)
