@@ -7,7 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from openrerank.server.grpc.ranking import grpc_model_name, parse_request, request_body
+from openrerank.server.grpc.ranking import (
+    check_input_names,
+    grpc_model_name,
+    parse_request,
+    request_body,
+    requested_outputs,
+)
 from openrerank.server.grpc.tensors import BytesTensor, TensorError, read_bytes_inputs
 
 
@@ -38,6 +44,28 @@ def test_both_passage_spellings_at_once_are_refused():
     with pytest.raises(TensorError, match="given twice"):
         request_body({"query": column("query", "q"), "passage": column("passage", "a"),
                       "passages": column("passages", "b")}, {}, "m")
+
+
+def test_outputs_are_requested_once_each_and_named_by_the_first_few_unknown():
+    assert [o.name for o in requested_outputs([])] == ["index", "logit", "token_count"]
+    assert [o.name for o in requested_outputs(["logit", "index"])] == ["logit", "index"]
+    with pytest.raises(TensorError, match="output 'logit' is requested more than once"):
+        requested_outputs(["logit"] * 100_000)
+    names = (f"o{i}" for i in range(100_000))
+    with pytest.raises(TensorError, match=r"^Unknown output\(s\) 'o0', 'o1', 'o2', \.\.\.; the outputs are: index"):
+        requested_outputs(names)
+    assert next(names) == "o4"  # read no further than the fourth
+
+
+def test_input_names_are_checked_by_the_first_few():
+    names = iter(["query", "passage", *(f"x{i}" for i in range(100_000))])
+    with pytest.raises(TensorError, match=r"^Unknown input\(s\) 'x0', 'x1', 'x2', \.\.\.; the inputs are: query"):
+        check_input_names(names)
+    assert next(names) == "x4"
+    with pytest.raises(TensorError, match="given twice"):
+        check_input_names(["query", "passage", "passages"])
+    with pytest.raises(TensorError, match="input 'passage' is required"):
+        check_input_names(["query"])
 
 
 def _request(raw: list[bytes], *inputs: SimpleNamespace) -> SimpleNamespace:

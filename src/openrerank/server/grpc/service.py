@@ -144,17 +144,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                      arrival: float) -> Any:
         served_id = self._served_id(request.model_name)
         self._check_version(request.model_version)
-        parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
-        # the count from the shapes, before a value is read: 1.6M one-byte passages (8 MB) took 35 s to decode
-        # and validate on the event loop before this refusal, and no other call was answered meanwhile
+        # names first, then counts from the shapes, and only then any value: a request's size alone (hundreds of
+        # thousands of unknown inputs, parameters or repeated outputs; 1.6M one-byte passages) cost seconds on the
+        # event loop, no other call answered meanwhile, before the refusal its names or counts had decided
+        wanted = ranking.requested_outputs(o.name for o in request.outputs)
+        ranking.check_input_names(t.name for t in request.inputs)
+        ranking.check_parameter_names(request.parameters)
         common.require_passage_count(self.config, ranking.declared_passages(request.inputs))
+        parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
         body = ranking.parse_request(read_bytes_inputs(request), parameters, served_id)
-        wanted = [o.name for o in request.outputs] or [o.name for o in ranking.OUTPUTS]
-        outputs = {o.name: o for o in ranking.OUTPUTS}
-        unknown = [w for w in wanted if w not in outputs]
-        if unknown:
-            raise TensorError(f"Unknown output(s) {', '.join(repr(u) for u in unknown)}; the outputs are: "
-                              + ", ".join(outputs))
         req = nim.rerank_request(body)
         common.require_ready(self.models)
         model = self.models.get(served_id)
@@ -178,10 +176,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         values = ranking.output_values(result)
         response = pb.ModelInferResponse(model_name=request.model_name or ranking.grpc_model_name(model.name),
                                          model_version="1", id=request.id)
-        for name in wanted:
-            out = outputs[name]
-            response.outputs.add(name=name, datatype=out.datatype, shape=list(values[name].shape))
-            response.raw_output_contents.append(raw_output(out.datatype, values[name]))
+        for out in wanted:
+            response.outputs.add(name=out.name, datatype=out.datatype, shape=list(values[out.name].shape))
+            response.raw_output_contents.append(raw_output(out.datatype, values[out.name]))
         return response
 
     # --- shared -------------------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Run as a script (tests/server/grpc/test_service_calls.py), in a process of its own: the gRPC service's
+protocol stubs cannot share a process with tritonclient's, which the other gRPC tests load. Calls the service
+with a fake context and a fake set of models, and prints one JSON object: each case's status, message, and
+what the service did on the way (values read)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+
+from openrerank.observe.metrics import Metrics
+from openrerank.server.config import ServerConfig
+from openrerank.server.drain import Drain
+from openrerank.server.grpc import service as service_module
+from openrerank.server.grpc.protocol import open_inference_pb2 as pb
+from openrerank.server.grpc.service import InferenceService
+
+MODEL = "tiny"
+#: What the service's readers were handed: a request refused by its names must read no value.
+reads = {"inputs": 0, "parameters": 0}
+_read_bytes_inputs, _parameter_value = service_module.read_bytes_inputs, service_module.parameter_value
+
+
+def _counting_read_bytes_inputs(request: Any) -> Any:
+    reads["inputs"] += 1
+    return _read_bytes_inputs(request)
+
+
+def _counting_parameter_value(param: Any) -> Any:
+    reads["parameters"] += 1
+    return _parameter_value(param)
+
+
+service_module.read_bytes_inputs = _counting_read_bytes_inputs
+service_module.parameter_value = _counting_parameter_value
+
+
+class Context:
+    """A servicer context: no metadata, no deadline."""
+
+    def __init__(self) -> None:
+        self.status: tuple[str, str] | None = None
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def set_trailing_metadata(self, _metadata: tuple) -> None:
+        pass
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code.name, details)
+        raise grpc.aio.AbortError()
+
+
+def service() -> InferenceService:
+    model = SimpleNamespace(name=MODEL)
+    models = SimpleNamespace(names=[MODEL], ids=[MODEL], aliases={}, ready=True, live=True, models=lambda: [model])
+    return InferenceService(SimpleNamespace(config=ServerConfig(), metrics=Metrics(), drain=Drain(30.0),
+                                            models=models))
+
+
+def ranking_request() -> Any:
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="query", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"q")
+    request.inputs.add(name="passage", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"p")
+    return request
+
+
+async def infer(request: Any) -> dict:
+    """ModelInfer's status and message, and how many times values were read."""
+    reads.update(inputs=0, parameters=0)
+    context = Context()
+    try:
+        await service().ModelInfer(request, context)
+    except grpc.aio.AbortError:
+        pass
+    status, message = context.status or ("OK", "")
+    return {"status": status, "message": message, **reads}
+
+
+async def many_unknown_inputs() -> dict:
+    request = ranking_request()
+    for i in range(10_000):
+        request.inputs.add(name=f"x{i}", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a")
+    return await infer(request)
+
+
+async def many_unknown_parameters() -> dict:
+    request = ranking_request()
+    request.parameters["truncate"].string_param = "END"
+    for i in range(10_000):
+        request.parameters[f"p{i}"].int64_param = 1
+    return await infer(request)
+
+
+async def a_repeated_output() -> dict:
+    request = ranking_request()
+    for _ in range(10_000):
+        request.outputs.add(name="logit")
+    return await infer(request)
+
+
+async def main() -> dict:
+    return {"unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
+            "repeated_output": await a_repeated_output()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))
