@@ -107,9 +107,21 @@ async def a_repeated_output() -> dict:
     return await infer(request)
 
 
+async def model_ready_while_draining() -> dict:
+    served = service()
+    ready = {}
+    for when in ("before", "draining"):
+        if when == "draining":
+            served.state.drain.begin()
+        server = await served.ServerReady(pb.ServerReadyRequest(), Context())
+        model = await served.ModelReady(pb.ModelReadyRequest(name=MODEL), Context())
+        ready[when] = {"server": server.ready, "model": model.ready}
+    return ready
+
+
 async def main() -> dict:
     return {"unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
-            "repeated_output": await a_repeated_output()}
+            "repeated_output": await a_repeated_output(), "ready": await model_ready_while_draining()}
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ def test_sigterm_drains_grpc_with_http_on_one_grace_period(tmp_path):
             # channel connected before
             until(lambda: not serving(address) and time.monotonic() - signalled < GRACE_S,
                   "the drain to end SERVING within the grace period")
+            # and no probe says ready: ModelReady said true while ServerReady said false and calls were refused
+            assert not late.is_server_ready() and not late.is_model_ready(MODEL)
             refused = failure(late.infer, MODEL, ranking_inputs("q", ["p"]))
             assert status_of(refused) == "UNAVAILABLE" and "takes no new requests" in refused.message(), refused
             # by the service, the server still listening: grpc's own stop would cancel (CANCELLED, which clients

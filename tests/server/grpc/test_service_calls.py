@@ -1,5 +1,5 @@
-"""The service's refusals by names alone, with a fake context and fake models. Run in a process of its own
-(service_calls.py): the service's stubs cannot be loaded beside tritonclient's."""
+"""The service's refusals by names alone and its readiness while draining, with a fake context and fake models.
+Run in a process of its own (service_calls.py): the service's stubs cannot be loaded beside tritonclient's."""
 
 from __future__ import annotations
 
@@ -43,3 +43,9 @@ def test_a_repeated_output_is_refused_before_any_work(outcome):
     assert refused["status"] == "INVALID_ARGUMENT", refused
     assert refused["message"] == "output 'logit' is requested more than once; request each output once", refused
     assert refused["inputs"] == 0, refused
+
+
+def test_model_ready_is_false_while_draining_as_server_ready_is(outcome):
+    """ModelReady said true during the drain, while ServerReady said false and ModelInfer was refused."""
+    assert outcome["ready"] == {"before": {"server": True, "model": True},
+                                "draining": {"server": False, "model": False}}

@@ -110,8 +110,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _live(self) -> Any:
         return pb.ServerLiveResponse(live=self.models.live)
 
+    def _serving(self) -> bool:
+        """Ready, and not draining: what ServerReady and ModelReady say (ModelInfer is refused UNAVAILABLE once the
+        drain has begun, and a ModelReady of true meanwhile sent a client's next call to its refusal)."""
+        return self.models.ready and not self.state.drain.draining
+
     async def _ready(self) -> Any:
-        return pb.ServerReadyResponse(ready=self.models.ready and not self.state.drain.draining)
+        return pb.ServerReadyResponse(ready=self._serving())
 
     async def _model_ready(self, request: Any) -> Any:
         try:
@@ -119,7 +124,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self._check_version(request.version)
         except (UnknownModelError, _Abort):  # not served: not ready (Triton's answer), as for an unknown name
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.models.ready and name in {m.name for m in self.models.models()})
+        return pb.ModelReadyResponse(ready=self._serving() and name in {m.name for m in self.models.models()})
 
     async def _server_metadata(self) -> Any:
         return pb.ServerMetadataResponse(name="openrerank", version=__version__, extensions=[])
