@@ -1,7 +1,7 @@
 """Run as a script (tests/server/grpc/test_service_calls.py), in a process of its own: the gRPC service's
 protocol stubs cannot share a process with tritonclient's, which the other gRPC tests load. Calls the service
 with a fake context and a fake set of models, and prints one JSON object: each case's status, message, and
-what the service did on the way (values read)."""
+what the service did on the way (values read, counters)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from openrerank.server.config import ServerConfig
 from openrerank.server.drain import Drain
 from openrerank.server.grpc import service as service_module
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
-from openrerank.server.grpc.service import InferenceService
+from openrerank.server.grpc.service import SERVICE, InferenceService
 
 MODEL = "tiny"
 #: What the service's readers were handed: a request refused by its names must read no value.
@@ -40,9 +40,10 @@ service_module.parameter_value = _counting_parameter_value
 
 
 class Context:
-    """A servicer context: no metadata, no deadline."""
+    """A servicer context: no metadata; `time_remaining` as grpc's (None: no deadline; 0 once it passed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining = remaining
         self.status: tuple[str, str] | None = None
 
     def invocation_metadata(self) -> tuple:
@@ -52,7 +53,7 @@ class Context:
         pass
 
     def time_remaining(self) -> float | None:
-        return None
+        return self.remaining
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.status = (code.name, details)
@@ -119,9 +120,34 @@ async def model_ready_while_draining() -> dict:
     return ready
 
 
+async def cancelled(remaining: float | None) -> dict:
+    """A ModelInfer cancelled by grpc while its work runs, `remaining` of its client's deadline left (None: it
+    has none): the client's deadline cancels a call while the server's copy of it has a few ms left."""
+    served = service()
+    metrics = served.state.metrics
+
+    async def work(_usage: dict) -> None:
+        await asyncio.Event().wait()  # scoring that outlasts the call
+
+    call = asyncio.ensure_future(served._call("ModelInfer", Context(remaining), work))
+    await asyncio.sleep(0)
+    call.cancel()  # what grpc does to the handler when the call ends: deadline or disconnect
+    try:
+        await call
+    except asyncio.CancelledError:
+        pass
+    route = f"/{SERVICE}/ModelInfer"
+    return {status: metrics.registry.get_sample_value("openrerank_requests_total",
+                                                      {"route": route, "status": status, "protocol": "grpc"})
+            for status in ("DEADLINE_EXCEEDED", "CANCELLED")} | {
+        "disconnects": metrics.registry.get_sample_value("openrerank_client_disconnects_total")}
+
+
 async def main() -> dict:
     return {"unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
-            "repeated_output": await a_repeated_output(), "ready": await model_ready_while_draining()}
+            "repeated_output": await a_repeated_output(), "ready": await model_ready_while_draining(),
+            "deadline": [await cancelled(r) for r in (0.0, 0.005)],
+            "disconnect": [await cancelled(r) for r in (None, 5.0)]}
 
 
 if __name__ == "__main__":

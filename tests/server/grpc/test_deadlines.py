@@ -21,6 +21,7 @@ from tests.support import run_server
 
 MODEL = "sentence_transformers_all_minilm_l6_v2"
 SERVED = "sentence-transformers/all-MiniLM-L6-v2"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
 #: ~120 tokens a pair: seconds of work for 256 of them
 LONG = ["river bank water stone " * 24 + str(i) for i in range(256)]
 
@@ -60,13 +61,22 @@ def idle(server) -> bool:
     return metric(server, "openrerank_queue_depth", model=SERVED) == 0
 
 
+def deadlines_exceeded(server) -> float:
+    return metric(server, "openrerank_requests_total", route=INFER, status="DEADLINE_EXCEEDED", protocol="grpc")
+
+
 def test_the_clients_deadline_is_honoured(slow_server):
-    before = abandoned(slow_server)
+    """And recorded as a deadline: grpc's timer for the client's deadline, which cancels the handler, most often
+    ran before the engine's (the same instant), and the call was recorded CANCELLED, a client that went away."""
+    before, before_deadlines = abandoned(slow_server), deadlines_exceeded(slow_server)
+    disconnects = metric(slow_server, "openrerank_client_disconnects_total")
     with grpcclient.InferenceServerClient(slow_server.grpc_url) as c:
         exc = failure(c.infer, MODEL, ranking_inputs("river", LONG), client_timeout=1.0)
     assert status_of(exc) == "DEADLINE_EXCEEDED"
     until(lambda: abandoned(slow_server) == before + 1, "the server to give the work up")
     until(lambda: idle(slow_server), "the queue to empty")
+    assert deadlines_exceeded(slow_server) == before_deadlines + 1
+    assert metric(slow_server, "openrerank_client_disconnects_total") == disconnects
 
 
 def test_the_clients_deadline_is_named_not_the_servers_timeout(slow_server):

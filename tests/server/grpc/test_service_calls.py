@@ -1,5 +1,6 @@
-"""The service's refusals by names alone and its readiness while draining, with a fake context and fake models.
-Run in a process of its own (service_calls.py): the service's stubs cannot be loaded beside tritonclient's."""
+"""The service's refusals by names alone, readiness while draining, and a deadline told from a disconnect, with a
+fake context and fake models. Run in a process of its own (service_calls.py): the service's stubs cannot be
+loaded beside tritonclient's."""
 
 from __future__ import annotations
 
@@ -49,3 +50,11 @@ def test_model_ready_is_false_while_draining_as_server_ready_is(outcome):
     """ModelReady said true during the drain, while ServerReady said false and ModelInfer was refused."""
     assert outcome["ready"] == {"before": {"server": True, "model": True},
                                 "draining": {"server": False, "model": False}}
+
+
+def test_a_call_ended_by_its_clients_deadline_is_a_deadline_not_a_disconnect(outcome):
+    """The client's deadline cancels the handler; when it did so before the engine's deadline (the same instant)
+    failed the work, the call was recorded CANCELLED and counted as a client that went away. Its cancellation
+    arrives while the server's copy of the deadline has a few ms left (0.5-7 ms seen)."""
+    assert outcome["deadline"] == [{"DEADLINE_EXCEEDED": 1.0, "CANCELLED": None, "disconnects": 0.0}] * 2
+    assert outcome["disconnect"] == [{"DEADLINE_EXCEEDED": None, "CANCELLED": 1.0, "disconnects": 1.0}] * 2
