@@ -11,7 +11,8 @@ client sees CANCELLED, which it does not retry (SIGTERM during six 512-passage c
 machine: 6 calls CANCELLED in 8 runs, calls that arrived while the event loop was busy with the others; now
 none, those not yet started being refused UNAVAILABLE instead). Without a drain (the app
 stopped otherwise) it stops when the app stops, before the models. `grpc.health.v1` reports
-SERVING exactly while the server is ready (every model loaded and every worker alive) and not draining.
+NOT_SERVING as the drain begins, and otherwise follows readiness (every model loaded and every worker alive)
+within `HEALTH_POLL_S`: nothing announces readiness (a worker dies in its own thread), so it is polled.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from openrerank.server.grpc.service import SERVICE, InferenceService
 
 log = logging.getLogger("openrerank")
 
-#: How often the health service looks at readiness (it changes when loading ends or a worker dies).
+#: How often the health service looks at readiness (it changes when loading ends or a worker dies): the most
+#: `grpc.health.v1` lags it by (docs/api.md says so).
 HEALTH_POLL_S = 0.5
 
 
