@@ -101,13 +101,6 @@ async def many_unknown_parameters() -> dict:
     return await infer(request)
 
 
-async def a_repeated_output() -> dict:
-    request = ranking_request()
-    for _ in range(10_000):
-        request.outputs.add(name="logit")
-    return await infer(request)
-
-
 async def model_ready_while_draining() -> dict:
     served = service()
     ready = {}
@@ -145,7 +138,7 @@ async def cancelled(remaining: float | None) -> dict:
 
 async def main() -> dict:
     return {"unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
-            "repeated_output": await a_repeated_output(), "ready": await model_ready_while_draining(),
+            "ready": await model_ready_while_draining(),
             "deadline": [await cancelled(r) for r in (0.0, 0.005)],
             "disconnect": [await cancelled(r) for r in (None, 5.0)]}
 

@@ -49,8 +49,9 @@ def test_both_passage_spellings_at_once_are_refused():
 def test_outputs_are_requested_once_each_and_named_by_the_first_few_unknown():
     assert [o.name for o in requested_outputs([])] == ["index", "logit", "token_count"]
     assert [o.name for o in requested_outputs(["logit", "index"])] == ["logit", "index"]
-    with pytest.raises(TensorError, match="output 'logit' is requested more than once"):
-        requested_outputs(["logit"] * 100_000)
+    # a repeated name is answered once (Triton's core keeps requested outputs in a set): 100k mentions of
+    # `logit` were answered 100k times, a 207 MB answer to 0.9 MB
+    assert [o.name for o in requested_outputs(["logit"] * 100_000 + ["index", "logit"])] == ["logit", "index"]
     names = (f"o{i}" for i in range(100_000))
     with pytest.raises(TensorError, match=r"^Unknown output\(s\) 'o0', 'o1', 'o2', \.\.\.; the outputs are: index"):
         requested_outputs(names)
