@@ -327,3 +327,21 @@ def test_a_pre_exported_prompt_less_bi_encoder_leaves_the_prompt_out_too(prompt_
         np.testing.assert_allclose(got, st.encode(PASSAGES, prompt_name="query"), atol=TOL, rtol=0)
     finally:
         served.close()
+
+
+def test_a_checkpoint_without_encoder_weights_is_refused_but_one_without_its_pooler_loads(tmp_path):
+    """A missing encoder tensor would be random (transformers only warns): refused, named. The pooler is never
+    read by a bi-encoder, and many embedding checkpoints leave it out: those still load."""
+    from openrerank.runtimes.base import NetworkBuild
+    from tests.families.test_cross_encoder import without_tensors
+
+    def build(path):
+        return get_family("bi-encoder").network(spec_of(path), None).build(NetworkBuild())
+
+    no_pooler = build_tiny_bi_encoder(tmp_path / "no-pooler")
+    without_tensors(no_pooler, "pooler.")
+    assert build(no_pooler) is not None
+    broken = build_tiny_bi_encoder(tmp_path / "broken")
+    without_tensors(broken, "encoder.layer.1.output.dense.")
+    with pytest.raises(ModelFormatError, match=r"lacks 2 tensors of a BertModel.*encoder\.layer\.1\.output\.dense"):
+        build(broken)

@@ -102,3 +102,34 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
     assert_parity(prep.fold(scorer.score(prep.items), len(PASSAGES)), expected, "deberta after fallback")
     with pytest.raises(Exception, match="could not be exported"):  # asked for onnx by name: no silent fallback
         create_runtime(broken, plan_runtimes("onnx", "fp32", "cpu", family.runtimes), device="cpu", threads=1)
+
+
+def without_tensors(path, prefix: str) -> None:
+    """Drop the checkpoint's tensors whose names start with `prefix` (after a `bert.`-style base prefix)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = path / "model.safetensors"
+    kept = {k: v for k, v in load_file(weights).items() if not k.split(".", 1)[-1].startswith(prefix)
+            and not k.startswith(prefix)}
+    save_file(kept, weights, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_a_checkpoint_without_its_classifier_is_refused_at_load(tmp_path, export):
+    """transformers fills missing tensors with random values and only warns: a cross-encoder saved without its
+    `classifier.*` served random scores, other ones each start. Now the build names the missing tensors."""
+    from openrerank.families.base import ModelFormatError
+    from openrerank.runtimes.base import NetworkBuild
+    from tests.support import build_tiny_model
+
+    def build(path):
+        family, spec = resolve_spec(ModelFiles.read(path))
+        return family.network(spec, None).build(NetworkBuild(export=export))
+
+    intact = build_tiny_model(tmp_path / "intact")
+    assert build(intact) is not None
+    headless = build_tiny_model(tmp_path / "headless")
+    without_tensors(headless, "classifier.")
+    with pytest.raises(ModelFormatError, match=r"lacks 2 tensors of a BertForSequenceClassification.*"
+                                               r"'classifier\.bias', 'classifier\.weight'"):
+        build(headless)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from openrerank.core.requests import ScoreKind
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
-from openrerank.families.cross_encoder import ORT_FUSIONS, encoder_input_names, load_encoder
+from openrerank.families.cross_encoder import ORT_FUSIONS, POOLER_WEIGHTS, encoder_input_names, load_encoder
 from openrerank.families.st_modules import load_dense, read_stack
 from openrerank.runtimes.base import POOLING_MASK, Network, NetworkBuild
 from openrerank.sources.safety import is_onnx_export
@@ -110,7 +110,7 @@ def _pooled_module(spec: ModelSpec, build: NetworkBuild):
     import torch
     from transformers import AutoModel
 
-    inner = load_encoder(AutoModel, spec.path, build)
+    inner = load_encoder(AutoModel, spec.path, build, unused=POOLER_WEIGHTS)
     names = encoder_input_names(inner)
     mask_at = names.index("attention_mask")
     modes: tuple[str, ...] = tuple(spec.options["pooling"].split("+"))

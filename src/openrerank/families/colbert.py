@@ -26,7 +26,7 @@ from pathlib import Path
 
 from openrerank.core.requests import ScoreKind
 from openrerank.families.base import Family, ModelFiles, ModelFormatError, ModelSpec, _read_json
-from openrerank.families.cross_encoder import encoder_input_names, load_encoder
+from openrerank.families.cross_encoder import POOLER_WEIGHTS, encoder_input_names, load_encoder
 from openrerank.families.late_scorer import LateInteractionScorer
 from openrerank.runtimes.base import Network, NetworkBuild, Runtime
 from openrerank.text.late import LateSettings, LateTextEncoder
@@ -170,7 +170,7 @@ def _token_module(path: Path, layers: list[dict], build: NetworkBuild):
     import torch
     from transformers import AutoModel
 
-    inner = load_encoder(AutoModel, path, build)
+    inner = load_encoder(AutoModel, path, build, unused=POOLER_WEIGHTS)
     names = encoder_input_names(inner)
     projections = torch.nn.Sequential(*(_load_projection(path, layer) for layer in layers))
     projections.to(dtype=next(inner.parameters()).dtype)

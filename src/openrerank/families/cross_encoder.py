@@ -31,6 +31,11 @@ DECODER_TYPES = frozenset({
 })
 
 
+#: Weights of a bare encoder (`AutoModel`) that a network over its token states never reads: the pooler, which
+#: only [CLS] classification uses (many embedding checkpoints leave it out). `load_encoder`'s `unused`.
+POOLER_WEIGHTS = ("pooler.",)
+
+
 def num_labels(config: dict) -> int:
     """As transformers reads it: id2label wins, then num_labels, else its default of 2."""
     if config.get("id2label"):
@@ -51,18 +56,30 @@ def encoder_input_names(model) -> tuple[str, ...]:
     return tuple(names)
 
 
-def load_encoder(cls, path, build: NetworkBuild):
+def load_encoder(cls, path, build: NetworkBuild, unused: tuple[str, ...] = ()):
     """`cls.from_pretrained` in the build's precision; eager attention for an ONNX export (the pattern ORT's
-    attention fusion recognises)."""
-    kw = {"dtype": torch_dtype(build.dtype), "local_files_only": True}
+    attention fusion recognises).
+
+    A checkpoint that lacks weights of `cls` is refused: transformers only warns and fills them with random
+    values, so a cross-encoder without its `classifier.*` tensors served random scores, other ones each start.
+    Buffers (`position_ids`) are not weights; `unused`: prefixes of weights the caller never reads (the pooler
+    of a bi-encoder's `AutoModel`)."""
+    kw = {"dtype": torch_dtype(build.dtype), "local_files_only": True, "output_loading_info": True}
+    loaded = None
     if build.export:
         try:
-            return cls.from_pretrained(str(path), attn_implementation="eager", **kw).eval()
+            loaded = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
         except (ValueError, TypeError):
             pass
     # use_safetensors=None lets transformers fall back to pickle; the loader has refused pickle weights
     # unless --allow-pickle was given.
-    return cls.from_pretrained(str(path), **kw).eval()
+    model, info = loaded or cls.from_pretrained(str(path), **kw)
+    weights = dict(model.named_parameters())
+    missing = sorted(k for k in info.get("missing_keys", ()) if k in weights and not k.startswith(unused))
+    if missing:
+        raise ModelFormatError(f"{path}: the checkpoint lacks {len(missing)} tensors of a {type(model).__name__} "
+                               f"(e.g. {missing[:3]}); they would be random, and so would the scores")
+    return model.eval()
 
 
 def _logits_module(path, build: NetworkBuild):
