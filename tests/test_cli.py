@@ -291,3 +291,29 @@ def test_a_grpc_server_that_cannot_load_is_one_line_at_start(tmp_path, monkeypat
                                       "--grpc-port", "0"])
     assert run_serve(args) == 2
     assert "--grpc-port: the gRPC server cannot load (ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_the_http_socket_holds_its_port_against_another_bind():
+    """A bound socket that does not listen yet does not hold its port against another SO_REUSEADDR bind: the
+    gRPC check on `--grpc-port` equal to `--port` passed, and gRPC took the port HTTP was to serve on."""
+    from openrerank.cli.main import bind_socket
+    from openrerank.cli.options import UsageError
+
+    with bind_socket("127.0.0.1", 0) as http:
+        port = http.getsockname()[1]
+        with pytest.raises(UsageError, match=rf"cannot listen on 127.0.0.1:{port}: address already in use"):
+            bind_socket("127.0.0.1", port, "--grpc-host/--grpc-port").close()
+
+
+def test_grpc_on_the_http_port_stops_the_server_in_one_line():
+    """It started and logged "ready" while gRPC held the port and every HTTP request failed; now exit 2 at
+    once, naming how each port was set."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    _one_line_error(_openrerank("serve", "--port", port, "--grpc-port", port, timeout=60),
+                    f"--grpc-port {port}: is the HTTP port too (--port {port})")
+    _one_line_error(_openrerank("serve", "--port", port, env={"OPENRERANK_GRPC_PORT": port}, timeout=60),
+                    f"OPENRERANK_GRPC_PORT='{port}': is the HTTP port too (--port {port})")

@@ -23,3 +23,16 @@ def test_unset_batching_flags_validate_and_bad_ones_are_named():
     ServerConfig().validate()
     with pytest.raises(ValueError, match=r"--max-batch-tokens 0: must be at least 1.*--max-padding 1\.0"):
         ServerConfig(max_batch_tokens=0, max_padding=1.0).validate()
+
+
+@pytest.mark.parametrize(("host", "grpc_host"), [("127.0.0.1", None), ("0.0.0.0", "127.0.0.1"),
+                                                 ("127.0.0.1", "::")])
+def test_grpc_on_the_http_port_of_an_overlapping_address_is_refused(host, grpc_host):
+    """It started, logged "ready", and gRPC held the port: every HTTP request, probes included, failed."""
+    with pytest.raises(ValueError, match=r"--grpc-port 9000: is the HTTP port too \(--port 9000\)"):
+        ServerConfig(host=host, port=9000, grpc_port=9000, grpc_host=grpc_host).validate()
+
+
+def test_grpc_may_share_the_port_number_on_another_address_or_pick_a_free_one():
+    ServerConfig(host="127.0.0.1", port=9000, grpc_port=9000, grpc_host="127.0.0.2").validate()
+    ServerConfig(port=0, grpc_port=0).validate()

@@ -227,12 +227,18 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
 
 
 def bind_socket(host: str, port: int, flags: str = "--host/--port, OPENRERANK_PORT") -> socket.socket:
-    """Take the port now, before any model loads, so a busy port fails in a second, not after the load."""
+    """Take the port now, before any model loads, so a busy port fails in a second, not after the load.
+
+    The socket listens at once: a bound socket that does not listen yet does not hold its port against another
+    SO_REUSEADDR bind, so `--grpc-port` equal to `--port` passed the gRPC check and gRPC took the HTTP port.
+    (uvicorn's `create_server(sock=...)` listens again with its own backlog; connections made before it starts
+    wait in this backlog.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)

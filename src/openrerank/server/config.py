@@ -27,6 +27,8 @@ from openrerank.observe.logs import LOG_LEVELS
 
 #: The largest gRPC message grpc can be told to accept (its channel options are C ints).
 GRPC_MESSAGE_LIMIT = 2**31 - 1
+#: Bind addresses that take a port on every interface, so on any other address too.
+_EVERY_INTERFACE = frozenset({"0.0.0.0", "::"})
 #: A web origin as browsers send it in `Origin` (RFC 6454): scheme, host, optional port; nothing after.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
@@ -119,6 +121,8 @@ class ServerConfig:
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
         need(self.grpc_port is None or 0 <= self.grpc_port <= 65535, "grpc-port", "must be 0-65535")
+        need(not self._grpc_takes_the_http_port(), "grpc-port", f"is the HTTP port too ({name('port')}): gRPC and "
+             "HTTP need a port each on one address")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):  # named by the one given
             given, missing = ("ssl-certfile", "ssl-keyfile") if self.ssl_keyfile is None else \
                 ("ssl-keyfile", "ssl-certfile")
@@ -168,6 +172,13 @@ class ServerConfig:
         need(self.log_level.lower() in LOG_LEVELS, "log-level", f"must be one of {', '.join(LOG_LEVELS)}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _grpc_takes_the_http_port(self) -> bool:
+        """Whether gRPC would bind the HTTP port on an address HTTP listens on too: the same host, or either on
+        every interface (port 0 picks a free port for each, no clash)."""
+        grpc_host = self.grpc_host or self.host
+        overlap = grpc_host == self.host or {grpc_host, self.host} & _EVERY_INTERFACE
+        return self.grpc_port is not None and self.grpc_port != 0 and self.grpc_port == self.port and bool(overlap)
 
     def _tls_problems(self, name: Callable[[str], str]) -> list[str]:
         """Load the TLS files as the servers will, so a bad certificate or key is one line now, not a traceback
