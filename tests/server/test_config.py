@@ -25,6 +25,13 @@ def test_unset_batching_flags_validate_and_bad_ones_are_named():
         ServerConfig(max_batch_tokens=0, max_padding=1.0).validate()
 
 
+@pytest.mark.parametrize("value", [0, -5])
+def test_max_inputs_below_one_is_refused(value):
+    """Before, `--max-inputs 0` started a server whose every list-form embeddings request was a 400."""
+    with pytest.raises(ValueError, match=rf"--max-inputs {value}: must be at least 1"):
+        ServerConfig(max_inputs=value).validate()
+
+
 @pytest.mark.parametrize(("host", "grpc_host"), [("127.0.0.1", None), ("0.0.0.0", "127.0.0.1"),
                                                  ("127.0.0.1", "::")])
 def test_grpc_on_the_http_port_of_an_overlapping_address_is_refused(host, grpc_host):

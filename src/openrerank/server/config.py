@@ -151,9 +151,9 @@ class ServerConfig:
         names = [a.partition("=")[0].strip() for a in self.aliases]
         problems += [f"--alias {name!r} is given {names.count(name)} times: each name may name one model"
                      for name in dict.fromkeys(names) if name and names.count(name) > 1]
-        for flag in ("max-passages", "max-body-bytes", "max-batch-tokens", "max-batch-size", "min-batch-rows",
-                     "max-queue", "max-chunks-per-passage", "max-chunks-per-request", "max-header-bytes",
-                     "max-image-bytes", "max-image-pixels"):
+        for flag in ("max-passages", "max-inputs", "max-body-bytes", "max-batch-tokens", "max-batch-size",
+                     "min-batch-rows", "max-queue", "max-chunks-per-passage", "max-chunks-per-request",
+                     "max-header-bytes", "max-image-bytes", "max-image-pixels"):
             value = getattr(self, flag.replace("-", "_"))  # None: the device's default
             need(value is None or value >= 1, flag, "must be at least 1")
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
