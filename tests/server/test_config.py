@@ -32,6 +32,14 @@ def test_max_inputs_below_one_is_refused(value):
         ServerConfig(max_inputs=value).validate()
 
 
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_refused_naming_every_interface(host):
+    """`--host ""` (an unset `$HOST` in a script) bound every interface; 0.0.0.0 says so on purpose."""
+    with pytest.raises(ValueError, match=r"--host '\s*': is empty: give 0\.0\.0\.0"):
+        ServerConfig(host=host).validate()
+    ServerConfig(host="0.0.0.0").validate()
+
+
 @pytest.mark.parametrize(("host", "grpc_host"), [("127.0.0.1", None), ("0.0.0.0", "127.0.0.1"),
                                                  ("127.0.0.1", "::")])
 def test_grpc_on_the_http_port_of_an_overlapping_address_is_refused(host, grpc_host):

@@ -121,6 +121,8 @@ class ServerConfig:
 
         need(0 <= self.port <= 65535, "port", "must be 0-65535")
         need(self.grpc_port is None or 0 <= self.grpc_port <= 65535, "grpc-port", "must be 0-65535")
+        need(self.host.strip() != "", "host", "is empty: give 0.0.0.0 to listen on every interface (an unset "
+             "variable in `--host \"$HOST\"` would otherwise expose the server on all of them)")
         need(not self._grpc_takes_the_http_port(), "grpc-port", f"is the HTTP port too ({name('port')}): gRPC and "
              "HTTP need a port each on one address")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):  # named by the one given
