@@ -19,13 +19,16 @@ def preflight(c: httpx.Client, origin: str, path: str = "/v1/ranking") -> httpx.
 
 def test_an_allowed_origin_may_call_the_api_and_read_its_answers_and_errors(tmp_path, tiny_model_dir):
     args = ["--model", f"tiny={tiny_model_dir}", "--threads", "1", "--cors-allow-origin", APP,
-            "--cors-allow-origin", "http://localhost:3000"]
+            "--cors-allow-origin", "http://localhost:3000", "--cors-allow-origin", "HTTPS://Docs.Example.com:443"]
     with run_server(args, tmp_path, api_key=KEY) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         ok = preflight(c, APP)  # no key in a preflight: it is answered before auth
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == APP
         assert "POST" in ok.headers["access-control-allow-methods"]
         assert "authorization" in ok.headers["access-control-allow-headers"].lower()
         assert preflight(c, "http://localhost:3000").headers["access-control-allow-origin"] == "http://localhost:3000"
+        # as a browser writes it (lowercase, no default port): the origin as given could never match
+        docs = preflight(c, "https://docs.example.com")
+        assert docs.status_code == 200 and docs.headers["access-control-allow-origin"] == "https://docs.example.com"
 
         answer = c.post("/v1/ranking", json=nim_body("q", ["a", "b"]),
                         headers={"Origin": APP, "Authorization": f"Bearer {KEY}"})
@@ -54,3 +57,11 @@ def test_without_the_flag_no_cors_header_is_sent(tmp_path, tiny_model_dir):
         answer = c.post("/v1/ranking", json=nim_body("q", ["a"]), headers={"Origin": APP})
         assert answer.status_code == 200
         assert not [h for h in answer.headers if h.startswith("access-control-")]
+
+
+def test_origins_are_written_as_browsers_send_them():
+    from openrerank.server.app import browser_origins
+
+    assert browser_origins(["https://App.Example.com", "https://x.example.com:443", "http://h:80", "http://h",
+                            "https://h:8443", "http://[::1]:80", "*"]) == [
+        "https://app.example.com", "https://x.example.com", "http://h", "https://h:8443", "http://[::1]", "*"]

@@ -65,6 +65,8 @@ DOCS_ASSETS = "/docs-assets"
 CORS_METHODS = ["GET", "POST"]
 CORS_EXPOSED = ["x-request-id", "retry-after"]
 CORS_MAX_AGE_S = 600
+#: The port a browser leaves out of `Origin` for each scheme.
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 _HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 422: "validation"}
@@ -337,7 +339,23 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     app.add_middleware(CatchAllMiddleware, drain=app.state.drain)
     if config.cors_allow_origins:  # outside auth: a browser's preflight carries no key
-        app.add_middleware(CORSMiddleware, allow_origins=config.cors_allow_origins, allow_methods=CORS_METHODS,
-                           allow_headers=["*"], expose_headers=CORS_EXPOSED, max_age=CORS_MAX_AGE_S)
+        app.add_middleware(CORSMiddleware, allow_origins=browser_origins(config.cors_allow_origins),
+                           allow_methods=CORS_METHODS, allow_headers=["*"], expose_headers=CORS_EXPOSED,
+                           max_age=CORS_MAX_AGE_S)
     app.add_middleware(RequestLogMiddleware, routes=routes, tracer=tracer)
     return app
+
+
+def browser_origins(origins: Sequence[str]) -> list[str]:
+    """Each `--cors-allow-origin` as a browser writes it in `Origin` (lowercase scheme and host, no default
+    port), since CORSMiddleware compares the strings: `https://App.Example.com` or `https://x.example.com:443`
+    would otherwise never match, and every preflight from that page would get a 400."""
+    written = []
+    for origin in origins:
+        scheme, sep, host = origin.partition("://")
+        scheme, host = scheme.lower(), host.lower()
+        default = _DEFAULT_PORTS.get(scheme)
+        if default and host.endswith(default):
+            host = host[: -len(default)]
+        written.append(f"{scheme}{sep}{host}")
+    return list(dict.fromkeys(written))

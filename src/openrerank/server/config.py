@@ -29,8 +29,9 @@ from openrerank.observe.logs import LOG_LEVELS
 GRPC_MESSAGE_LIMIT = 2**31 - 1
 #: Bind addresses that take a port on every interface, so on any other address too.
 _EVERY_INTERFACE = frozenset({"0.0.0.0", "::"})
-#: A web origin as browsers send it in `Origin` (RFC 6454): scheme, host, optional port; nothing after.
-_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+#: A web origin as browsers send it in `Origin` (RFC 6454): scheme, host, optional port; nothing after. Any case:
+#: the app writes it as browsers do (server/app.py, `browser_origins`).
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
 
 #: Where a replica under Ray Serve finds the API key when its application arguments hold none (a Kubernetes
