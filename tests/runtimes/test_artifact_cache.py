@@ -1,14 +1,16 @@
-"""The converted-model cache's keys: a model's content fingerprint, hashed once per start, again after an edit."""
+"""The converted-model cache's keys (a model's content fingerprint, hashed once per start, again after an edit) and
+its timing records."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from openrerank.runtimes import artifact_cache
-from openrerank.runtimes.artifact_cache import model_fingerprint
+from openrerank.runtimes.artifact_cache import ensure_record, model_fingerprint
 from tests.support import build_tiny_bi_encoder
 
 
@@ -48,3 +50,14 @@ def test_the_weights_of_sentence_transformers_modules_are_part_of_the_fingerprin
     data[-1] ^= 0x01  # the same size, another content
     weights.write_bytes(bytes(data))
     assert model_fingerprint(path) != first
+
+
+@pytest.mark.parametrize("body", [b'{"format": 4, "measu', b"\xff\xfe not text"])
+def test_a_timing_record_that_is_not_json_is_computed_again_with_a_warning(tmp_path, body, caplog) -> None:
+    """docs/engine.md: such a record "is timed again like a missing one, and a warning names the file"."""
+    path = tmp_path / "k.json"
+    path.write_bytes(body)
+    record, cached = ensure_record(tmp_path, "k", lambda: {"rate": 1.0}, "engine timing")
+    assert (record, cached) == ({"rate": 1.0}, False) and json.loads(path.read_text()) == record
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "not JSON" in warnings[0]

@@ -260,9 +260,12 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
         nonlocal warned
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except OSError:  # none yet
             return None
-        why = unusable(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+        except ValueError as exc:  # UnicodeDecodeError included
+            record, why = None, f"not JSON: {exc}"
+        else:
+            why = unusable(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
         if why is None:
             return record
         if not warned:  # the read under the lock meets it again: say it once
