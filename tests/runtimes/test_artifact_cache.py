@@ -1,17 +1,20 @@
-"""The converted-model cache's keys (a model's content fingerprint, hashed once per start, again after an edit) and
-its timing records."""
+"""The converted-model cache: a model's content fingerprint (hashed once per start, again after an edit), damaged
+entries built again, timing records that cannot be read."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from openrerank.runtimes import artifact_cache
 from openrerank.runtimes.artifact_cache import ensure_record, model_fingerprint
-from tests.support import build_tiny_bi_encoder
+from openrerank.runtimes.base import probe_features
+from tests.support import build_tiny_bi_encoder, cross_encoder_network
 
 
 def test_a_fingerprint_reads_the_weights_once_and_again_after_they_change(tmp_path: Path, tiny_model_dir,
@@ -50,6 +53,57 @@ def test_the_weights_of_sentence_transformers_modules_are_part_of_the_fingerprin
     data[-1] ^= 0x01  # the same size, another content
     weights.write_bytes(bytes(data))
     assert model_fingerprint(path) != first
+
+
+def _truncate(folder: Path, name: str) -> None:
+    with (folder / name).open("r+b") as f:
+        f.truncate(1000)
+
+
+def _same_size_garbage(folder: Path, name: str) -> None:
+    """Damage the size check cannot see: the runtime fails to open it (`open_cached`)."""
+    path = folder / name
+    path.write_bytes(b"\xff" * path.stat().st_size)
+
+
+def _runtime(kind: str, model: Path, cache: Path):
+    if kind == "onnx":
+        from openrerank.runtimes.onnx_runtime import OnnxRuntime
+
+        return OnnxRuntime(cross_encoder_network(model), threads=1, cache_dir=cache)
+    from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
+
+    return OpenVinoRuntime(cross_encoder_network(model), threads=1, cache_dir=cache, compiled_cache=False)
+
+
+def _artifact(runtime):
+    return runtime.export if hasattr(runtime, "export") else runtime.conversion
+
+
+@pytest.mark.parametrize(("kind", "damage"), [
+    ("onnx", lambda f: _truncate(f, "model.onnx")),
+    ("onnx", lambda f: (f / "model.onnx").unlink()),
+    ("onnx", lambda f: (f / "export.json").write_text('{"key": ')),
+    ("onnx", lambda f: _same_size_garbage(f, "model.onnx")),
+    ("openvino", lambda f: (f / "model.bin").unlink()),
+    ("openvino", lambda f: _truncate(f, "model.xml")),
+], ids=["onnx-truncated", "onnx-deleted", "onnx-garbage-meta", "onnx-same-size-garbage", "openvino-bin-deleted",
+        "openvino-xml-truncated"])
+def test_a_damaged_entry_is_built_again_and_scores_as_the_fresh_build(tmp_path, model_copy, kind, damage,
+                                                                       caplog) -> None:
+    """Each start failed on a damaged entry (or, under `auto`, served another engine) and nothing rebuilt it."""
+    cache = tmp_path / "cache"
+    fresh = _runtime(kind, model_copy, cache)
+    vocab = json.loads((model_copy / "config.json").read_text())["vocab_size"]
+    features = probe_features(fresh.input_names, vocab)
+    expected = fresh.run(features)
+    damage(_artifact(fresh).path.parent)
+    with caplog.at_level(logging.WARNING):
+        again = _runtime(kind, model_copy, cache)
+    assert not _artifact(again).cached and _artifact(again).path == _artifact(fresh).path
+    np.testing.assert_array_equal(again.run(features), expected)
+    assert any(r.levelname == "WARNING" and "building it again" in r.getMessage() for r in caplog.records)
+    assert _artifact(_runtime(kind, model_copy, cache)).cached  # and it stays
 
 
 @pytest.mark.parametrize("body", [b'{"format": 4, "measu', b"\xff\xfe not text"])

@@ -163,6 +163,21 @@ def test_export_command_prints_the_cached_path(tmp_path, model_copy, capsys):
     assert main(["export", "--model", str(tmp_path / "missing"), "--cache-dir", str(cache)]) == 2
 
 
+def test_export_command_rebuilds_a_damaged_entry(tmp_path, model_copy, capsys):
+    """A truncated model.onnx was reported "cached" with status 0, and every server start then failed on it."""
+    from openrerank.cli.main import main
+
+    cache = tmp_path / "cache"
+    assert main(["export", "--model", str(model_copy), "--cache-dir", str(cache)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(1000)
+    assert main(["export", "--model", str(model_copy), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr()
+    assert "exported" in out.err and Path(out.out.strip()) == path and path.stat().st_size == size
+
+
 def test_publish_race_keeps_the_first_copy(tmp_path):
     """Another process renamed its export into place first: ours is discarded, theirs kept intact."""
     final = tmp_path / "key-fp32"
@@ -172,12 +187,12 @@ def test_publish_race_keeps_the_first_copy(tmp_path):
     ours = tmp_path / ".key-tmp"
     ours.mkdir()
     (ours / export.MODEL_FILE).write_bytes(b"ours")
-    assert publish(ours, final, export.META_FILE) is False
+    assert publish(ours, final, export.META_FILE, export.MODEL_FILE) is False
     assert not ours.exists()
     assert (final / export.MODEL_FILE).read_bytes() == b"theirs"
     fresh = tmp_path / ".other-tmp"
     fresh.mkdir()
-    assert publish(fresh, tmp_path / "new-fp32", export.META_FILE) is True
+    assert publish(fresh, tmp_path / "new-fp32", export.META_FILE, export.MODEL_FILE) is True
 
 
 def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, model_copy, monkeypatch):

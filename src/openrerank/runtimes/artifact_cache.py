@@ -13,6 +13,9 @@ starting at once never read a half-written model: the first rename wins, the oth
 Within one process builds take turns on a lock (exporters keep global state); across processes (replicas
 starting together) they take turns under a `flock` on the cache directory, so one builds and the others
 wait and reuse its result.
+
+A damaged entry is built again, once, under the lock (`runtimes/cache_entries.py`); a runtime that cannot open a
+cached file that passed the checks gets it built again once too (`open_cached`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from openrerank.runtimes.cache_entries import (
+    check_entry,
+    discard,
+    entry_files,
+    publish,
+    read_meta,
+)
 from openrerank.sources.safety import file_sha256
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # One build at a time per process: torch.onnx.export and the OpenVINO converter trace through global state.
 BUILD_LOCK = threading.RLock()
 _flock_depth = 0  # > 0 while this process holds a cache directory's flock (guarded by BUILD_LOCK)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -135,27 +147,6 @@ def key_of(facts: dict) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def publish(tmp: Path, final: Path, meta_file: str) -> bool:
-    """Atomically move a finished build into place; False when another process got there first."""
-    try:
-        os.rename(tmp, final)
-        return True
-    except OSError:
-        if (final / meta_file).is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        raise
-
-
-def read_meta(folder: Path, model_file: str, meta_file: str) -> dict | None:
-    """The metadata of a complete cache folder, None when it is absent or unfinished."""
-    try:
-        meta = json.loads((folder / meta_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if (folder / model_file).is_file() else None
-
-
 @contextlib.contextmanager
 def _directory_lock(cache_dir: Path) -> Iterator[None]:
     """An exclusive lock on the cache directory across processes, held only around a build (never for a
@@ -214,30 +205,57 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
     `facts` become the folder's metadata. A failed build leaves nothing behind.
     """
     final = cache_dir / f"{key}-{variant}"
-    meta = read_meta(final, model_file, meta_file)
+    meta, _ = check_entry(final, model_file, meta_file)
     if meta is not None:
         log.info("%s cache hit: %s", what, final / model_file)
         return CachedArtifact(final / model_file, True, key, meta)
     with BUILD_LOCK, _directory_lock(cache_dir):
-        meta = read_meta(final, model_file, meta_file)  # another thread or process may have finished it
+        meta, damage = check_entry(final, model_file, meta_file)  # another thread or process may have built it
         if meta is not None:
             log.info("%s cache hit after waiting for another build: %s", what, final / model_file)
             return CachedArtifact(final / model_file, True, key, meta)
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if damage is not None:
+            log.warning("%s cache entry %s is damaged (%s): building it again", what, final, damage)
+            discard(final)
         started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users' servers
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users' servers
             details = build(tmp)
-            meta = {**facts, **details, "key": key, "build_seconds": round(time.perf_counter() - started, 2)}
+            meta = {**facts, **details, "key": key, "build_seconds": round(time.perf_counter() - started, 2),
+                    "files": entry_files(tmp, meta_file)}
             (tmp / meta_file).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            publish(tmp, final, meta_file)
+            publish(tmp, final, meta_file, model_file)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     meta = read_meta(final, model_file, meta_file) or meta
     log.info("%s ready in %.1fs: %s", what, meta["build_seconds"], final / model_file)
     return CachedArtifact(final / model_file, False, key, meta)
+
+
+def open_cached(ensure: Callable[[], CachedArtifact], open_: Callable[[CachedArtifact], T], *, meta_file: str,
+                what: str) -> tuple[CachedArtifact, T]:
+    """`open_(ensure())`; where a runtime cannot open a cached entry that passed `check_entry` (damaged inside,
+    at the same size), the entry is removed, under the locks, and built and opened once more, with a warning:
+    a failure to open what was just built is raised as it is. Out of memory is raised too: the file is fine."""
+    artifact = ensure()
+    try:
+        return artifact, open_(artifact)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if not artifact.cached:
+            raise
+        folder = artifact.path.parent
+        with BUILD_LOCK, _directory_lock(folder.parent):
+            if read_meta(folder, artifact.path.name, meta_file) == artifact.meta:  # nobody rebuilt it meanwhile
+                log.warning("%s %s could not be opened (%s: %s): building it again", what, artifact.path,
+                            type(exc).__name__, str(exc)[:300])
+                discard(folder)
+    artifact = ensure()
+    return artifact, open_(artifact)
 
 
 def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: str,

@@ -36,6 +36,7 @@ from openrerank.runtimes.artifact_cache import (
     CACHE_ENV,
     CachedArtifact,
     cache_root,
+    check_entry,
     ensure_artifact,
     key_of,
     package_versions,
@@ -178,9 +179,10 @@ def servable_export(network: Network, dtype: str) -> ExportResult | None:
     folder = Path(network.path)
     if not is_onnx_export(folder):
         return None
-    meta = read_meta(folder, MODEL_FILE, META_FILE)
+    meta, damage = check_entry(folder, MODEL_FILE, META_FILE)
     if meta is None:
-        raise ExportError(f"{folder}/{META_FILE} is unreadable")
+        raise ExportError(f"{folder} is a damaged ONNX export ({damage or f'{META_FILE} is unreadable'}); "
+                          "export it again")
     if meta.get("dtype", dtype) != dtype:
         raise ExportError(f"{folder} holds a {meta['dtype']} ONNX export; serve it with --dtype {meta['dtype']}")
     if meta.get("head", network.head) != network.head:

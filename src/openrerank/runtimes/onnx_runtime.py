@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.runtimes.artifact_cache import CachedArtifact
 from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_for
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ class OnnxRuntime(Runtime):
     ) -> None:
         import onnxruntime as ort
 
-        from openrerank.runtimes.onnx_export import ensure_onnx, servable_export
+        from openrerank.runtimes.artifact_cache import open_cached
+        from openrerank.runtimes.onnx_export import META_FILE, ensure_onnx, servable_export
 
-        self.export = servable_export(network, dtype) or ensure_onnx(network, dtype=dtype, cache_dir=cache_dir)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -54,7 +55,16 @@ class OnnxRuntime(Runtime):
         so.inter_op_num_threads = 1
         if os.environ.get(SPIN_ENV, "1").strip() == "0":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.export.path), so, providers=["CPUExecutionProvider"])
+
+        def session(export: CachedArtifact) -> ort.InferenceSession:
+            return ort.InferenceSession(str(export.path), so, providers=["CPUExecutionProvider"])
+
+        if (export := servable_export(network, dtype)) is not None:  # a pre-exported folder is never rebuilt
+            self.export, self.session = export, session(export)
+        else:  # a cached export ONNX Runtime cannot open is built again, once
+            self.export, self.session = open_cached(
+                lambda: ensure_onnx(network, dtype=dtype, cache_dir=cache_dir), session, meta_file=META_FILE,
+                what=f"ONNX {dtype} export")
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self._output = self.session.get_outputs()[0].name
         self.dtype = dtype

@@ -61,9 +61,10 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.artifact_cache import exclusive
+from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached
 from openrerank.runtimes.base import IntOrArray, Network, Runtime, default_threads, lanes_for
 from openrerank.runtimes.openvino_convert import (
+    META_FILE,
     compiled_cache_dir,
     ensure_openvino,
     import_openvino,
@@ -217,19 +218,27 @@ class OpenVinoRuntime(Runtime):
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime (use one of {OPENVINO_DTYPES})")
-        self.conversion = pre_exported_onnx(network, dtype) or ensure_openvino(
-            network, variant="int8" if dtype == "int8" else "fp32", cache_dir=cache_dir)
         self.threads = threads or default_threads()
         self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
         compiled_dir = _writable(compiled_cache_dir(cache_dir)) if compiled_cache else None
         config = compile_config(dtype, self.threads, compiled_dir, self.lanes)
-        # OpenVINO writes its compiled blob straight to the final file: a replica compiling the same model into
-        # the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read half a
-        # blob. One compile per cache directory at a time; the others then import the finished blob.
-        with exclusive(compiled_dir):
-            if compiled_dir is not None:
-                _drop_shared_blobs(compiled_dir)
-            self.compiled = ov.Core().compile_model(str(self.conversion.path), "CPU", config)
+
+        def compile_(conversion: CachedArtifact) -> object:
+            # OpenVINO writes its compiled blob straight to the final file: a replica compiling the same model
+            # into the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read
+            # half a blob. One compile per cache directory at a time; the others then import the finished blob.
+            with exclusive(compiled_dir):
+                if compiled_dir is not None:
+                    _drop_shared_blobs(compiled_dir)
+                return ov.Core().compile_model(str(conversion.path), "CPU", config)
+
+        if (conversion := pre_exported_onnx(network, dtype)) is not None:  # a pre-exported folder is never rebuilt
+            self.conversion, self.compiled = conversion, compile_(conversion)
+        else:  # a cached IR OpenVINO cannot read is converted again, once
+            variant = "int8" if dtype == "int8" else "fp32"
+            self.conversion, self.compiled = open_cached(
+                lambda: ensure_openvino(network, variant=variant, cache_dir=cache_dir), compile_,
+                meta_file=META_FILE, what=f"OpenVINO {variant} IR")
         # One infer request per stream: a caller takes a free one, so `lanes` batches run at once.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.lanes):
