@@ -1,14 +1,26 @@
-"""Cache entries on disk: what a complete one is, and replacing a damaged one."""
+"""Cache entries on disk: what a complete one is, replacing a damaged one, and staging folders left by dead builds."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from openrerank.runtimes import cache_entries
 from openrerank.runtimes.artifact_cache import ensure_artifact
-from openrerank.runtimes.cache_entries import check_entry, publish
+from openrerank.runtimes.cache_entries import (
+    STALE_STAGING_S,
+    check_entry,
+    publish,
+    remove_own_staging,
+    remove_stale_staging,
+)
 
 MODEL, META = "model.xml", "meta.json"
 
@@ -81,3 +93,63 @@ def test_publish_replaces_a_damaged_entry_instead_of_discarding_the_new_build(tm
     assert publish(ours, final, META, MODEL) is True
     assert (final / MODEL).read_text() == "ours" and not ours.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["key-fp32"]
+
+
+def _staging(cache: Path, pid: int, start: int, host: str | None = None) -> Path:
+    folder = cache / f".{'k' * 24}-fp32~{pid}-{start}@{host or socket.gethostname()}~abc123"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"\0" * 128)
+    return folder
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_staging_folder_of_a_dead_writer_is_removed_by_the_next_build(tmp_path) -> None:
+    """A conversion killed by SIGKILL (the OOM killer) left its staging folder, a model's size, forever."""
+    me = os.getpid()
+    dead = _staging(tmp_path, _dead_pid(), 1)
+    reused = _staging(tmp_path, me, cache_entries._start_time(me) + 1)  # our PID, another process's start
+    live = _staging(tmp_path, me, cache_entries._start_time(me))
+    unnamed = tmp_path / f".{'a' * 24}-x1y2z3w4"  # a release before writers were named
+    unnamed.mkdir()
+    _ensure(tmp_path)
+    assert not dead.exists() and not reused.exists()
+    assert live.exists() and unnamed.exists()  # a live writer's; an unnamed one not older than the limit
+
+
+def test_other_hosts_staging_folders_go_only_when_untouched_for_the_limit(tmp_path) -> None:
+    """Several pods may share one cache volume: another host's PID says nothing here, its age does."""
+    recent = _staging(tmp_path, 1, 1, host="other-pod")
+    old = _staging(tmp_path, 2, 1, host="other-pod")
+    then = time.time() - STALE_STAGING_S - 60
+    for p in (old, old / "model.onnx"):
+        os.utime(p, (then, then))
+    remove_stale_staging(tmp_path)
+    assert recent.exists() and not old.exists()
+
+
+def test_a_server_exiting_during_a_build_removes_its_staging_folder(tmp_path, monkeypatch) -> None:
+    """SIGTERM during a start's conversion: the server exits (`os._exit`) without waiting for the load, whose own
+    clean-up then never runs."""
+    from openrerank.server import http
+
+    started = []
+
+    def build(tmp: Path) -> dict:
+        started.append(tmp)
+        monkeypatch.setattr(http.os, "_exit", lambda status: (_ for _ in ()).throw(SystemExit(status)))
+        monkeypatch.setattr(http.logging, "shutdown", lambda: None)  # pytest's log handlers stay open
+        with pytest.raises(SystemExit):
+            http.exit_now(0)  # the shutdown, while this build still runs
+        assert not tmp.exists()
+        raise RuntimeError("cut short")
+
+    with pytest.raises(RuntimeError):
+        ensure_artifact(tmp_path, "k" * 24, "fp32", model_file=MODEL, meta_file=META, facts={}, build=build,
+                        what="test")
+    assert started and list(tmp_path.iterdir()) == []
+    remove_own_staging()  # nothing left to do

@@ -14,8 +14,9 @@ Within one process builds take turns on a lock (exporters keep global state); ac
 starting together) they take turns under a `flock` on the cache directory, so one builds and the others
 wait and reuse its result.
 
-A damaged entry is built again, once, under the lock (`runtimes/cache_entries.py`); a runtime that cannot open a
-cached file that passed the checks gets it built again once too (`open_cached`).
+A damaged entry is built again, once, under the lock, and a staging folder a killed build left is removed by the
+next build (`runtimes/cache_entries.py`); a runtime that cannot open a cached file that passed the checks gets it
+built again once too (`open_cached`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from openrerank.runtimes.cache_entries import (
+    building,
     check_entry,
     discard,
     entry_files,
     publish,
     read_meta,
+    remove_stale_staging,
+    staging_prefix,
 )
 from openrerank.sources.safety import file_sha256
 
@@ -215,11 +219,13 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
             log.info("%s cache hit after waiting for another build: %s", what, final / model_file)
             return CachedArtifact(final / model_file, True, key, meta)
         cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(cache_dir)
         if damage is not None:
             log.warning("%s cache entry %s is damaged (%s): building it again", what, final, damage)
             discard(final)
         started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), dir=cache_dir))
+        building.add(tmp)
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users' servers
             details = build(tmp)
@@ -230,6 +236,8 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            building.discard(tmp)
     meta = read_meta(final, model_file, meta_file) or meta
     log.info("%s ready in %.1fs: %s", what, meta["build_seconds"], final / model_file)
     return CachedArtifact(final / model_file, False, key, meta)

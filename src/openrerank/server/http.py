@@ -49,6 +49,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from openrerank.runtimes.cache_entries import remove_own_staging
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import UVICORN_MARGIN_S
 from openrerank.server.http_answers import (
@@ -339,7 +340,9 @@ def _shut_down_already(signum: int, frame: object) -> None:
 
 
 def exit_now(status: int) -> None:
-    """End the process at once with `status`, the log flushed: no waiting for threads (see the module docstring)."""
+    """End the process at once with `status`, the log flushed: no waiting for threads (see the module docstring).
+    A model conversion cut short cannot clean up after itself then: its staging folder is removed here."""
+    remove_own_staging()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
