@@ -70,6 +70,16 @@ def test_a_damaged_entry_is_built_again_once_with_a_warning(tmp_path, damage, wh
     assert [p.name for p in tmp_path.iterdir()] == [first.path.parent.name]  # nothing set aside is left
 
 
+def test_a_damaged_entry_that_cannot_be_removed_is_an_error_naming_what_is_wrong(tmp_path, monkeypatch) -> None:
+    """A read-only cache volume (an export Job filled it): no bare "rename failed", no build into it."""
+    first = _ensure(tmp_path)
+    (first.path.parent / "model.bin").unlink()
+    monkeypatch.setattr(cache_entries.os, "rename", lambda *a: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with pytest.raises(OSError, match=r"is damaged \(model.bin is missing\) and cannot be removed \(Read-only"):
+        _ensure(tmp_path)
+
+
 def test_an_entry_from_before_files_were_listed_is_held_to_its_model_file(tmp_path) -> None:
     """A cache an older release filled (perhaps read-only) stays usable: no `files`, a non-empty model file."""
     folder = tmp_path / "old"

@@ -178,6 +178,20 @@ def test_export_command_rebuilds_a_damaged_entry(tmp_path, model_copy, capsys):
     assert "exported" in out.err and Path(out.out.strip()) == path and path.stat().st_size == size
 
 
+def test_a_damaged_pre_exported_directory_is_refused_naming_what_is_wrong(tmp_path, model_copy):
+    """`export --out DIR` (a container image's model): never rebuilt, but refused with the reason, not an
+    ONNX Runtime protobuf error."""
+    from openrerank.cli.main import main
+    from openrerank.runtimes.onnx_export import servable_export
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(model_copy), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    with (out / export.MODEL_FILE).open("r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ExportError, match=r"damaged ONNX export \(model.onnx has 1000 bytes, \d+ when it was built"):
+        servable_export(cross_encoder_network(out), "fp32")
+
+
 def test_publish_race_keeps_the_first_copy(tmp_path):
     """Another process renamed its export into place first: ours is discarded, theirs kept intact."""
     final = tmp_path / "key-fp32"

@@ -222,7 +222,11 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
         remove_stale_staging(cache_dir)
         if damage is not None:
             log.warning("%s cache entry %s is damaged (%s): building it again", what, final, damage)
-            discard(final)
+            try:
+                discard(final)
+            except OSError as exc:  # a read-only cache volume: say what is wrong, not only that a rename failed
+                raise OSError(exc.errno, f"{final} is damaged ({damage}) and cannot be removed "
+                                         f"({exc.strerror or exc}); delete it or fill the cache again") from exc
         started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), dir=cache_dir))
         building.add(tmp)
@@ -261,7 +265,11 @@ def open_cached(ensure: Callable[[], CachedArtifact], open_: Callable[[CachedArt
             if read_meta(folder, artifact.path.name, meta_file) == artifact.meta:  # nobody rebuilt it meanwhile
                 log.warning("%s %s could not be opened (%s: %s): building it again", what, artifact.path,
                             type(exc).__name__, str(exc)[:300])
-                discard(folder)
+                try:
+                    discard(folder)
+                except OSError as cannot:  # a read-only cache volume: the runtime's own error says more
+                    log.warning("%s cannot be removed (%s)", folder, cannot)
+                    raise exc from None
     artifact = ensure()
     return artifact, open_(artifact)
 

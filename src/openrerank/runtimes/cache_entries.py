@@ -104,7 +104,8 @@ def read_meta(folder: Path, model_file: str, meta_file: str) -> dict | None:
 
 def discard(folder: Path) -> None:
     """Remove a damaged entry: renamed aside first (atomic: nobody opens half of it), then deleted; a rest left
-    by a failed delete carries this writer's name and goes with `remove_stale_staging`."""
+    by a failed delete carries this writer's name and goes with `remove_stale_staging`. Raises OSError where it
+    cannot be moved (a read-only cache volume)."""
     aside = folder.parent / f"{staging_prefix(folder.name)}discarded{time.monotonic_ns()}"
     try:
         os.rename(folder, aside)
