@@ -129,6 +129,49 @@ def test_bad_env_values_name_the_variable():
     _one_line_error(_openrerank("serve", env={"OPENRERANK_LOG_FORMAT": "xml"}), "OPENRERANK_LOG_FORMAT", "json")
 
 
+@pytest.mark.parametrize(("environ", "named"), [
+    ({"OPENRERANK_CORS_ALLOW_ORIGIN": "foo.com"}, "OPENRERANK_CORS_ALLOW_ORIGIN='foo.com': must be"),
+    ({"OPENRERANK_CORS_ALLOW_ORIGIN": "https://a.example,foo.com"},
+     "OPENRERANK_CORS_ALLOW_ORIGIN='https://a.example,foo.com', item 'foo.com': must be"),
+    ({"OPENRERANK_ALIAS": "bad"}, "OPENRERANK_ALIAS='bad': expected NAME=SERVED"),
+    ({"OPENRERANK_ALIAS": "x=a,x=b"}, "OPENRERANK_ALIAS='x=a,x=b': 'x' is given 2 times"),
+    ({"OPENRERANK_ALIAS": "x=nope"}, "OPENRERANK_ALIAS='x=nope': no model is served as nope"),
+    ({"OPENRERANK_DEVICE": "cuda:x"}, "OPENRERANK_DEVICE='cuda:x'"),  # a CPU-only build, or not cuda:N
+    ({"OPENRERANK_DEVICE": "tpu"}, "OPENRERANK_DEVICE='tpu': unknown device"),
+    ({"OPENRERANK_DTYPE": "fp16"}, "OPENRERANK_DTYPE='fp16' needs a GPU"),
+    ({"OPENRERANK_BACKEND": "onnx", "OPENRERANK_DTYPE": "bf16"},
+     "OPENRERANK_DTYPE='bf16' needs --backend openvino or torch (OPENRERANK_BACKEND='onnx': "),
+    ({"OPENRERANK_MODEL": "/nonexist"}, "OPENRERANK_MODEL='/nonexist': no such directory"),
+    ({"OPENRERANK_MODEL_FAMILY": "b=cross-encoder"}, "OPENRERANK_MODEL_FAMILY='b=cross-encoder': use NAME=VALUE"),
+])
+def test_a_setting_from_the_environment_is_named_by_its_variable(environ, named):
+    """Before, each of these errors named a flag the operator never typed (`--dtype fp16 needs a GPU`), and
+    `--device tpu` none at all; port, threads and TLS were already named by their variable."""
+    from openrerank.cli.main import preflight, serve_settings
+
+    with pytest.raises((ValueError, RuntimeError)) as err:  # what run_serve prints as one line
+        config, _, shown = serve_settings(build_parser().parse_args(["serve"]), environ)
+        preflight(config, shown)
+    assert named in str(err.value)
+    assert str(err.value).startswith("OPENRERANK_")  # the subject of the error is what was set
+
+
+def test_the_one_line_at_startup_names_the_variable():
+    _one_line_error(_openrerank("serve", env={"OPENRERANK_DTYPE": "fp16"}),
+                    "openrerank serve: error: OPENRERANK_DTYPE='fp16' needs a GPU")
+    _one_line_error(_openrerank("serve", env={"OPENRERANK_MODEL": "r=/nonexist"}),
+                    "openrerank serve: error: OPENRERANK_MODEL='r=/nonexist': no such directory")
+
+
+def test_a_flag_is_still_named_as_the_flag():
+    with pytest.raises(ValueError, match=r"^--dtype fp16 needs a GPU"):
+        from openrerank.cli.main import preflight
+
+        preflight(parse("--dtype", "fp16"))
+    with pytest.raises(ValueError, match=r"^--device tpu: unknown device; use cpu or cuda\[:N\]"):
+        preflight(parse("--device", "tpu"))
+
+
 @pytest.mark.parametrize("flag", ["--batch-wait-ms", "--request-timeout", "--graceful-timeout", "--header-timeout"])
 def test_an_infinite_number_is_refused_before_any_model_loads(flag):
     """Before, --batch-wait-ms inf served until the first request killed the model's worker for good, and

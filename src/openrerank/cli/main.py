@@ -16,6 +16,7 @@ from openrerank.cli import eval as eval_cli
 from openrerank.cli import export, families
 from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_under_name
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
+from openrerank.core.settings import Shown, setting_item
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
@@ -156,6 +157,13 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
 def config_and_nim_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
                        ) -> tuple[ServerConfig, NimEnv]:
     """`config_from_args`, and what the NIM variables amounted to (its `report()`: once logging is set up)."""
+    return serve_settings(args, environ)[:2]
+
+
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None
+                   ) -> tuple[ServerConfig, NimEnv, Shown]:
+    """`config_and_nim_env`, and how to name each setting taken from the environment (`resolve_options`), for
+    the checks after it (`preflight`, `--replicas`)."""
     environ = os.environ if environ is None else environ
     nim = read_nim_env(environ)
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
@@ -167,29 +175,31 @@ def config_and_nim_env(args: argparse.Namespace, environ: Mapping[str, str] | No
         config.validate(shown)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return config, nim
+    return config, nim, shown
 
 
-def preflight(config: ServerConfig) -> list[ResolvedModel]:
+def preflight(config: ServerConfig, shown: Shown | None = None) -> list[ResolvedModel]:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later).
 
-    `config` is validated already (config_from_args). Flags no runtime could honour fail before any model is
-    located (a hub download can be long); then each model is resolved, its runtime plan computed, and handed
-    to the app so loading does not do it again."""
+    `config` is validated already (config_from_args); `shown` names the settings taken from the environment
+    (`serve_settings`). Flags no runtime could honour fail before any model is located (a hub download can be
+    long); then each model is resolved, its runtime plan computed, and handed to the app so loading does not do
+    it again."""
     from openrerank.engine.loading import model_sources, resolve_model
     from openrerank.runtimes.base import default_threads
     from openrerank.runtimes.devices import check_device
     from openrerank.runtimes.selection import check_runtime_options
     from openrerank.server.engine_config import load_options
 
-    sources = model_sources(config.models, config.model_families, config.instructions)
+    sources = model_sources(config.models, config.model_families, config.instructions, shown)
     names = [s.served_id for s in sources]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"several models are served as {', '.join(sorted(dupes))}; use NAME=SOURCE aliases")
     for alias, target in config.alias_map().items():
         if target not in names or alias in names:
-            raise ValueError(f"--alias {alias}={target}: " + (f"{alias} is itself a served model" if alias in names
+            given = setting_item("alias", f"{alias}={target}", shown, quote=False)
+            raise ValueError(f"{given}: " + (f"{alias} is itself a served model" if alias in names
                              else f"no model is served as {target} (served: {', '.join(names)})"))
     if config.grpc_port is not None:
         from openrerank.server.grpc.ranking import name_clashes
@@ -198,8 +208,8 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
         if clashes:
             raise ValueError(f"{'; '.join(clashes)}: a client could reach only one of them over gRPC; serve "
                              "one under another name (NAME=SOURCE, --alias)")
-    check_runtime_options(config.backend, config.dtype, config.device)
-    check_device(config.device)
+    check_runtime_options(config.backend, config.dtype, config.device, shown=shown)
+    check_device(config.device, shown)
     cores = default_threads()
     if config.threads and config.threads > cores and config.device == "cpu":
         logging.getLogger("openrerank").warning(
@@ -213,7 +223,7 @@ def preflight(config: ServerConfig) -> list[ResolvedModel]:
     resolved, unresolved = [], []
     for source in sources:
         try:
-            resolved.append(resolve_model(source, load_options(config)))
+            resolved.append(resolve_model(source, load_options(config), shown))
         except Exception as exc:
             if not config.allow_partial or len(sources) == 1:
                 raise
@@ -266,7 +276,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     prog = "openrerank serve"
     try:
-        config, nim = config_and_nim_env(args)
+        config, nim, shown = serve_settings(args)
     except UsageError as exc:
         return fail(prog, str(exc))
     replicated = bool(args.replicas or args.max_replicas)
@@ -277,7 +287,7 @@ def run_serve(args: argparse.Namespace) -> int:
     nim.report()
     sock: socket.socket | None = None
     try:
-        resolved = preflight(config)
+        resolved = preflight(config, shown)
         if not replicated:
             sock = bind_socket(config.host, config.port)
             if config.grpc_port is not None:

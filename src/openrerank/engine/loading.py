@@ -19,6 +19,7 @@ import numpy as np
 
 from openrerank.core.images import ImageLimits, check_request_size, open_image, parse_data_url
 from openrerank.core.requests import InputType, ScoreKind, Truncate
+from openrerank.core.settings import Shown, setting_item
 from openrerank.core.work import EmbedItem, Task, TokenEmbedItem
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.errors import RequestTooLargeError
@@ -229,10 +230,11 @@ class LoadedModel:
 
 
 def model_sources(models: list[str], families: list[str] | None = None,
-                  instructions: list[str] | None = None) -> list[ModelSource]:
+                  instructions: list[str] | None = None, shown: Shown | None = None) -> list[ModelSource]:
     """`--model` values with the `--model-family NAME=FAMILY` and `--instruction NAME=TEXT` they get.
 
-    NAME is a served id; with a single model it may be left out (`--model-family qwen3-reranker`).
+    NAME is a served id; with a single model it may be left out (`--model-family qwen3-reranker`). `shown`:
+    how an error names the settings not typed as flags (core/settings.py).
     """
     sources = [parse_model_arg(m) for m in models]
     ids = [s.served_id for s in sources]
@@ -246,8 +248,8 @@ def model_sources(models: list[str], families: list[str] | None = None,
             elif len(ids) == 1 and not (flag == "--model-family" and sep):
                 out[ids[0]] = arg.strip() if flag == "--model-family" else arg
             else:
-                raise ValueError(f"{flag} {arg!r}: use NAME=VALUE with NAME one of the served ids "
-                                 f"({', '.join(ids)})")
+                raise ValueError(f"{setting_item(flag.lstrip('-'), arg, shown)}: use NAME=VALUE with NAME one of "
+                                 f"the served ids ({', '.join(ids)})")
         return out
 
     fams = assign(families, "--model-family")
@@ -255,12 +257,15 @@ def model_sources(models: list[str], families: list[str] | None = None,
     return [replace(s, family=fams.get(s.served_id), instruction=instr.get(s.served_id)) for s in sources]
 
 
-def resolve_model(source: ModelSource | str, options: LoadOptions | None = None) -> ResolvedModel:
-    """Locate (downloading from the hub if needed), check the weights, detect the family, check the runtime."""
+def resolve_model(source: ModelSource | str, options: LoadOptions | None = None, shown: Shown | None = None
+                  ) -> ResolvedModel:
+    """Locate (downloading from the hub if needed), check the weights, detect the family, check the runtime.
+    `shown`: how an error names the settings not typed as flags (core/settings.py)."""
     if isinstance(source, str):
         source = ModelSource(source, source)
     options = options or LoadOptions()
-    path = resolve_local_dir(source.spec, allow_pickle=options.allow_pickle, revision=options.revision)
+    path = resolve_local_dir(source.spec, allow_pickle=options.allow_pickle, revision=options.revision,
+                             named=setting_item("model", source.spec, shown, quote=False))
     weights_format = check_weights(path, allow_pickle=options.allow_pickle)
     files = ModelFiles.read(path, name=source.spec)
     family, spec = resolve_spec(files, source.family, source.instruction)
@@ -277,7 +282,7 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None)
         if options.backend not in ("auto", *runtimes) or options.device != "cpu":
             raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served on "
                              f"CPU by {' or '.join(runtimes)}: use --backend {' or '.join(runtimes)} (or auto)")
-    plan = plan_runtimes(options.backend, options.dtype, options.device, runtimes, family.id)
+    plan = plan_runtimes(options.backend, options.dtype, options.device, runtimes, family.id, shown)
     return ResolvedModel(source, weights_format, family, spec, runtimes, tuple(plan))
 
 

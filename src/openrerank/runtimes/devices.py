@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from openrerank.core.settings import Shown, setting
+
 GPU_SETUP_HINT = "scripts/setup.sh --gpu installs a CUDA build of PyTorch (docs/gpu.md)"
 
 
@@ -13,28 +15,30 @@ class DeviceError(RuntimeError):
     """The device named by --device cannot run a model here."""
 
 
-def check_device(device: str) -> None:
-    """Raise DeviceError unless `device` (cpu, cuda, cuda:N) is usable by the installed PyTorch."""
+def check_device(device: str, shown: Shown | None = None) -> None:
+    """Raise DeviceError unless `device` (cpu, cuda, cuda:N) is usable by the installed PyTorch; the error names
+    the setting as the operator gave it (`shown`, core/settings.py)."""
     if not (device == "cuda" or device.startswith("cuda:")):
         return
+    named = setting("device", device, shown)
     try:
         import torch
     except ImportError:
-        raise DeviceError(f"--device {device} needs PyTorch with CUDA, which is not installed; "
+        raise DeviceError(f"{named} needs PyTorch with CUDA, which is not installed; "
                           f"{GPU_SETUP_HINT}") from None
     if torch.version.cuda is None:
-        raise DeviceError(f"--device {device}: the installed PyTorch {torch.__version__} is a CPU-only build; "
+        raise DeviceError(f"{named}: the installed PyTorch {torch.__version__} is a CPU-only build; "
                           f"{GPU_SETUP_HINT}")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
+        raise DeviceError(f"{named}: PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
                           "usable GPU (no NVIDIA driver, no device visible, or CUDA_VISIBLE_DEVICES hides it)")
     index = device.partition(":")[2]
     if index:
         if not index.isdigit():
-            raise DeviceError(f"--device {device}: expected cuda or cuda:N")
+            raise DeviceError(f"{named}: expected cuda or cuda:N")
         count = torch.cuda.device_count()
         if int(index) >= count:
-            raise DeviceError(f"--device {device}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
+            raise DeviceError(f"{named}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
 
 
 @functools.lru_cache(maxsize=1)

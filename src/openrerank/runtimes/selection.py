@@ -46,6 +46,7 @@ import importlib.util
 import warnings
 from dataclasses import dataclass
 
+from openrerank.core.settings import Shown, setting
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
@@ -135,57 +136,67 @@ def _has(flags: frozenset[str], wanted: tuple[str, ...]) -> str | None:
     return found[0] if found else None
 
 
-def _bf16_refusal(runtime: str) -> RuntimeConfigError:
+def _names(backend: str, dtype: str, device: str, shown: Shown | None) -> dict[str, str]:
+    """How the refusals name --backend, --dtype and --device: as typed, or the variable set (`core/settings`)."""
+    return {flag: setting(flag, value, shown) for flag, value in
+            (("backend", backend), ("dtype", dtype), ("device", device))}
+
+
+def _bf16_refusal(runtime: str, names: dict[str, str]) -> RuntimeConfigError:
     return RuntimeConfigError(
-        f"--dtype bf16 on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this CPU "
+        f"{names['dtype']} on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this CPU "
         f"lacks: {_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32"
         + (", or int8" if "int8" in {"torch": TORCH_DTYPES, "openvino": OPENVINO_DTYPES, "onnx": ONNX_DTYPES}[runtime]
            else ""))
 
 
-def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str]) -> RuntimeChoice:
-    """The one runtime an explicit --backend means, or why it cannot run that way."""
+def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], names: dict[str, str]
+              ) -> RuntimeChoice:
+    """The one runtime an explicit --backend means, or why it cannot run that way (`names`: how to name the
+    settings, `_names`)."""
     gpu = is_cuda(device)
     bf16_unit = _has(flags, _BF16_FLAGS)
     if backend == "torch":
         if dtype == "int8":
-            raise RuntimeConfigError("--dtype int8 needs --backend openvino or onnx (PyTorch runs fp32/bf16/fp16)")
+            raise RuntimeConfigError(f"{names['dtype']} needs --backend openvino or onnx ({names['backend']}: "
+                                     "PyTorch runs fp32/bf16/fp16)")
         if dtype == "fp16" and not gpu:
-            raise RuntimeConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+            raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
         if dtype == "bf16" and not gpu and not bf16_unit:
-            raise _bf16_refusal("torch")
+            raise _bf16_refusal("torch", names)
         return RuntimeChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")
     if gpu:
-        raise RuntimeConfigError(f"--backend {backend} runs on CPU only; use --backend torch for --device {device}")
+        raise RuntimeConfigError(f"{names['backend']} runs on CPU only; use --backend torch for {names['device']}")
     if dtype == "fp16":
-        raise RuntimeConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+        raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if backend == "onnx":
         if dtype == "bf16":
-            raise RuntimeConfigError("--dtype bf16 needs --backend openvino or torch (ONNX Runtime here runs "
-                                     "fp32 or int8)")
+            raise RuntimeConfigError(f"{names['dtype']} needs --backend openvino or torch ({names['backend']}: "
+                                     "ONNX Runtime here runs fp32 or int8)")
         return RuntimeChoice("onnx", "fp32" if dtype == "auto" else dtype, "--backend onnx")
     # openvino
     if not openvino_available():
-        raise RuntimeConfigError("--backend openvino needs the openvino package (pip install openvino)")
+        raise RuntimeConfigError(f"{names['backend']} needs the openvino package (pip install openvino)")
     if dtype == "auto":
         dtype = "bf16" if bf16_unit else "fp32"
     if dtype == "bf16" and not bf16_unit:
-        raise _bf16_refusal("openvino")
+        raise _bf16_refusal("openvino", names)
     if dtype == "int8" and not nncf_available():
-        raise RuntimeConfigError("--backend openvino --dtype int8 needs the nncf package (pip install nncf)")
+        raise RuntimeConfigError(f"{names['backend']} {names['dtype']} needs the nncf package (pip install nncf)")
     return RuntimeChoice("openvino", dtype, "--backend openvino")
 
 
-def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], family: str) -> list[RuntimeChoice]:
+def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], family: str, names: dict[str, str]
+              ) -> list[RuntimeChoice]:
     """Candidates for `--backend auto` on CPU, best first."""
     bf16_unit = _has(flags, _BF16_FLAGS)
     ov = "openvino" in runtimes and openvino_available()
     ov_note = "" if ov or "openvino" not in runtimes else " (OpenVINO is not installed)"
     out: list[RuntimeChoice] = []
     if dtype == "fp16":
-        raise RuntimeConfigError("--dtype fp16 needs a GPU (--device cuda); on CPU use bf16 or fp32")
+        raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if dtype == "bf16" and not bf16_unit:
-        raise _bf16_refusal("torch")
+        raise _bf16_refusal("torch", names)
     if dtype == "auto":
         if ov and bf16_unit:
             out.append(RuntimeChoice("openvino", "bf16", f"the CPU has bf16 units ({bf16_unit}): OpenVINO bf16 is the "
@@ -223,23 +234,25 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
             out.append(RuntimeChoice("onnx", "int8", "--dtype int8: ONNX Runtime dynamic int8"
                                     + ("" if ov and nncf_available() else " (OpenVINO/NNCF not installed)")))
     if not out:
-        raise RuntimeConfigError(f"--dtype {dtype} needs an engine {family} does not run on "
+        raise RuntimeConfigError(f"{names['dtype']} needs an engine {family} does not run on "
                                  f"(engines: {', '.join(runtimes)})")
     return out
 
 
 def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
-                 family: str = "this model") -> list[RuntimeChoice]:
-    """The runtimes to try, best first (the first that loads serves); refuses impossible combinations.
+                 family: str = "this model", shown: Shown | None = None) -> list[RuntimeChoice]:
+    """The runtimes to try, best first (the first that loads serves); refuses impossible combinations, naming
+    each setting as the operator gave it (`shown`, core/settings.py).
 
     Deterministic: the same flags, installed packages, family and options always give the same list.
     """
+    names = _names(backend, dtype, device, shown)
     if backend not in BACKEND_CHOICES:
-        raise RuntimeConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+        raise RuntimeConfigError(f"{names['backend']}: unknown backend; choose one of {', '.join(BACKEND_CHOICES)}")
     if dtype not in DTYPES:
-        raise RuntimeConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise RuntimeConfigError(f"{names['dtype']}: unknown dtype; choose one of {', '.join(DTYPES)}")
     if device != "cpu" and not is_cuda(device):
-        raise RuntimeConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
+        raise RuntimeConfigError(f"{names['device']}: unknown device; use cpu or cuda[:N]")
     flags = cpu_flags()
     cuda_note = ""
     if is_cuda(device) and dtype == "auto":  # half precision by the GPU's capability (runtimes/devices.py)
@@ -248,15 +261,15 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
     if backend != "auto":
         if backend not in runtimes:
             raise RuntimeConfigError(f"{family} runs on the {' or '.join(runtimes)} backend, not {backend}")
-        plan = [_explicit(backend, dtype, device, flags)]
+        plan = [_explicit(backend, dtype, device, flags, names)]
         plan[0] = RuntimeChoice(plan[0].runtime, plan[0].dtype, plan[0].reason + cuda_note)
     elif is_cuda(device):
         if "torch" not in runtimes:
             raise RuntimeConfigError(f"{family} runs on CPU only (engines: {', '.join(runtimes)})")
-        plan = [_explicit("torch", dtype, device, flags)]
+        plan = [_explicit("torch", dtype, device, flags, names)]
         plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices" + cuda_note)
     else:
-        plan = _auto_cpu(dtype, runtimes, flags, family)
+        plan = _auto_cpu(dtype, runtimes, flags, family, names)
     if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):
         warnings.warn("--dtype int8 on a CPU without VNNI (avx512_vnni/avx_vnni): it runs, but is usually no "
                       "faster than fp32", RuntimeWarning, stacklevel=1)  # one location: shown once a process
@@ -264,9 +277,9 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
 
 
 def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
-                          family: str = "this model") -> str:
+                          family: str = "this model", shown: Shown | None = None) -> str:
     """Validate flags (and `OPENRERANK_LANES`) without loading anything (used by `serve` before binding);
-    returns the planned runtime."""
+    returns the planned runtime. `shown`: how to name the settings not typed as flags (core/settings.py)."""
     try:
         lane_counts(1)
     except ValueError as exc:
@@ -274,4 +287,4 @@ def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple
     root = cache_root()
     if root.exists() and not root.is_dir():  # else every conversion fails and auto quietly serves PyTorch
         raise RuntimeConfigError(f"the model cache {root} ({CACHE_ENV} or $XDG_CACHE_HOME) is not a directory")
-    return plan_runtimes(backend, dtype, device, runtimes, family)[0].runtime
+    return plan_runtimes(backend, dtype, device, runtimes, family, shown)[0].runtime

