@@ -16,6 +16,7 @@ from openrerank.cli import eval as eval_cli
 from openrerank.cli import export, families
 from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_under_name
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
+from openrerank.cli.scale_out import check_scale_out, replica_names, replica_options
 from openrerank.core.settings import Shown, setting_item
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
@@ -175,6 +176,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         config.validate(shown)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    check_scale_out(args, shown)
     return config, nim, shown
 
 
@@ -298,7 +300,7 @@ def run_serve(args: argparse.Namespace) -> int:
             sock.close()
         return fail(prog, str(exc), log_format=config.log_format)
     if replicated:
-        return run_replicas(args, config)
+        return run_replicas(args, config, shown)
     assert sock is not None
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
@@ -312,22 +314,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return http_server.run(app, config, sock)
 
 
-def run_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
-    """`serve --replicas N`: the same app on N replicas of a local Ray Serve cluster (openrerank.server.ray_local)."""
-    from openrerank.server.ray_local import run_local
+def run_replicas(args: argparse.Namespace, config: ServerConfig, shown: Shown | None = None) -> int:
+    """`serve --replicas N`: the same app on N replicas of a local Ray Serve cluster (openrerank.server.ray_local).
+    The flags are checked already (`check_scale_out`); what Ray refuses is one line naming what was set."""
+    from openrerank.server.ray_local import ReplicaSetupError, run_local
 
-    options: dict[str, str | float | int] = {}
-    for item in args.replica_options or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            return fail("openrerank serve", f"--replica-option takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = value.strip()
-    options["num_replicas"] = args.replicas or 1
-    if args.max_replicas is not None:
-        options["max_replicas"] = args.max_replicas
-    if args.replica_cpus is not None:
-        options["num_cpus"] = args.replica_cpus
-    return run_local(config, options, metrics_port=args.ray_metrics_port)
+    try:
+        return run_local(config, replica_options(args), metrics_port=args.ray_metrics_port,
+                         names=replica_names(args, shown))
+    except ReplicaSetupError as exc:
+        return fail("openrerank serve", str(exc), log_format=config.log_format)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,12 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +56,40 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_port: int | None = None) -> int:
+class ReplicaSetupError(ValueError):
+    """The replicas cannot start as asked (Ray missing, an option Ray refuses): one line, before Ray starts."""
+
+
+def options_error(exc: ValidationError | ValueError, names: Mapping[str, str]) -> str:
+    """One line for options Ray refuses, each field named as the operator set it (`names`: field -> e.g.
+    "--replicas 2", "OPENRERANK_REPLICA_CPUS='4'", "--replica-option foo=1"; a field not there as
+    `field=value`). Pydantic's own text took several lines naming model fields, and its URL."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for error in exc.errors():
+            field = ".".join(map(str, error["loc"]))
+            what = "not a replica option (openrerank.server.ray_serve.ReplicaOptions)" \
+                if error["type"] == "extra_forbidden" else error["msg"]
+            given = names.get(field) or f"{field}={error.get('input')!r}"
+            parts.append(f"{given}: {what}")
+        return "; ".join(parts)
+    return re.sub(r"\b([a-z_]+)=(\S+)", lambda m: names.get(m[1], m[0]), str(exc))
+
+
+def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_port: int | None = None,
+              names: Mapping[str, str] | None = None) -> int:
     """Serve `config` on replicas described by `replica_args` (`ReplicaOptions` fields) until a signal.
 
-    `num_cpus` defaults to an equal share of this machine's CPUs for the most replicas there can be."""
+    `num_cpus` defaults to an equal share of this machine's CPUs for the most replicas there can be. Options
+    that cannot work raise ReplicaSetupError naming each as `names` says (`options_error`)."""
     from openrerank.extras import MissingExtraError, require
 
+    names = names or {}
     set_ray_env()
     try:
         require("ray.serve", "ray", "serve --replicas")
     except MissingExtraError as exc:
-        print(f"openrerank serve: error: {exc}", file=sys.stderr)
-        return 2
+        raise ReplicaSetupError(str(exc)) from None
     import ray
     from ray import serve
 
@@ -80,10 +104,9 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
             options.num_cpus = math.floor(cpus / most * 100) / 100
         if options.num_cpus * most > cpus + 1e-9:
             raise ValueError(f"{most} replicas x {options.num_cpus:g} CPUs exceed the {cpus} CPUs here; "
-                             "lower --replica-cpus")
+                             f"lower {names.get('num_cpus', '--replica-cpus')}")
     except (ValidationError, ValueError) as exc:
-        print(f"openrerank serve: error: {exc}", file=sys.stderr)
-        return 2
+        raise ReplicaSetupError(options_error(exc, names)) from None
 
     signals = _Signals()
     flag = DrainFlag()

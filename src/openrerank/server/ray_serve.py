@@ -138,8 +138,8 @@ def deployment_options(server: ServerConfig, replicas: ReplicaOptions) -> dict[s
     else:
         low = 1 if replicas.min_replicas is None else replicas.min_replicas
         if not low <= replicas.num_replicas <= replicas.max_replicas:
-            raise ValueError(f"num_replicas {replicas.num_replicas} must lie within min_replicas {low} "
-                             f"and max_replicas {replicas.max_replicas}")
+            raise ValueError(f"num_replicas={replicas.num_replicas} must lie within min_replicas={low} "
+                             f"and max_replicas={replicas.max_replicas}")
         options["autoscaling_config"] = {
             "min_replicas": low,
             "initial_replicas": replicas.num_replicas,

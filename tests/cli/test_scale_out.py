@@ -1,0 +1,87 @@
+"""`serve --replicas`'s flags (cli/scale_out.py): checked with the other settings, one line naming the flag or
+the variable that was set. Before, Ray's pydantic validation printed several lines naming model fields
+(`num_replicas`) and pydantic's URL, only after the models were located."""
+
+from __future__ import annotations
+
+import pytest
+
+from openrerank.cli.main import build_parser, config_from_args, main
+from openrerank.cli.options import UsageError
+from openrerank.cli.scale_out import replica_names, replica_options
+
+
+def config(argv: list[str], environ: dict[str, str] | None = None):
+    return config_from_args(build_parser().parse_args(["serve", *argv]), environ or {})
+
+
+@pytest.mark.parametrize(("argv", "environ", "expected"), [
+    (["--replicas", "-1"], {}, "--replicas -1: must be at least 1"),
+    (["--replicas", "0"], {}, "--replicas 0: must be at least 1"),
+    ([], {"OPENRERANK_REPLICAS": "-1"}, "OPENRERANK_REPLICAS='-1': must be at least 1"),
+    (["--max-replicas", "0"], {}, "--max-replicas 0: must be at least 1"),
+    (["--replicas", "2", "--max-replicas", "1"], {}, "--replicas 2: more than --max-replicas 1"),
+    (["--replicas", "2"], {"OPENRERANK_MAX_REPLICAS": "1"}, "--replicas 2: more than OPENRERANK_MAX_REPLICAS='1'"),
+    (["--replica-cpus", "-0.5"], {}, "--replica-cpus -0.5: must be a finite number of CPUs"),
+    ([], {"OPENRERANK_REPLICA_CPUS": "nan"}, "OPENRERANK_REPLICA_CPUS='nan': must be a finite number of CPUs"),
+    (["--ray-metrics-port", "70000"], {}, "--ray-metrics-port 70000: must be 0-65535"),
+    (["--replica-option", "foo"], {}, "--replica-option 'foo': expected KEY=VALUE"),
+    ([], {"OPENRERANK_REPLICA_OPTION": "a=1,=2"}, "OPENRERANK_REPLICA_OPTION='a=1,=2', item '=2': expected KEY=VALUE"),
+])
+def test_a_bad_scale_out_setting_is_one_line_naming_what_was_set(argv, environ, expected):
+    with pytest.raises(UsageError) as err:
+        config(argv, environ)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value) and "num_replicas" not in str(err.value)
+
+
+def test_good_scale_out_settings_pass_and_become_replica_options():
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--max-replicas", "4", "--replica-option",
+                                      "num_cpus=9", "--replica-option", "target_ongoing_requests=8"])
+    config_from_args(args, {"OPENRERANK_REPLICA_CPUS": "0.5"})
+    assert replica_options(args) == {"num_cpus": 0.5, "target_ongoing_requests": "8", "num_replicas": 2,
+                                     "max_replicas": 4}  # the dedicated flags win over --replica-option
+    shown = {"replica-cpus": "OPENRERANK_REPLICA_CPUS='0.5'"}
+    assert replica_names(args, shown) == {"num_cpus": "OPENRERANK_REPLICA_CPUS='0.5'",
+                                          "target_ongoing_requests": "--replica-option target_ongoing_requests=8",
+                                          "num_replicas": "--replicas 2", "max_replicas": "--max-replicas 4"}
+
+
+@pytest.mark.parametrize(("flag", "field", "values"), [
+    ("replicas", "num_replicas", [-1, 0, 1, 2]),
+    ("max-replicas", "max_replicas", [-1, 0, 1, 2]),
+    ("replica-cpus", "num_cpus", [-1.0, -0.01, 0.0, 0.5, float("inf"), float("nan")]),
+])
+def test_the_cli_accepts_what_ray_accepts(flag, field, values):
+    """The CLI's bounds are ReplicaOptions' (declared there): a value passes the CLI iff Ray takes it (inf
+    CPUs aside: Ray takes it, and it exceeds every machine)."""
+    pytest.importorskip("ray.serve")
+    from pydantic import ValidationError
+
+    from openrerank.server.ray_serve import ReplicaOptions
+
+    for value in values:
+        try:
+            config([f"--{flag}", str(value)])
+            cli = True
+        except UsageError:
+            cli = False
+        try:
+            ReplicaOptions(**{field: value})
+            ray = value != float("inf")
+        except ValidationError:
+            ray = False
+        assert cli == ray, (flag, value)
+
+
+def test_what_only_ray_refuses_is_one_line_naming_the_flags(capsys):
+    pytest.importorskip("ray.serve")
+    assert main(["serve", "--replicas", "2", "--replica-option", "bogus=1", "--replica-option",
+                 "target_ongoing_requests=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "errors.pydantic.dev" not in err, err
+    assert "--replica-option bogus=1: not a replica option" in err, err
+    assert "--replica-option target_ongoing_requests=abc: Input should be a valid number" in err, err
+    assert main(["serve", "--replicas", "2", "--max-replicas", "4", "--replica-option", "min_replicas=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--replicas 2 must lie within --replica-option min_replicas=3 and --max-replicas 4" in err, err

@@ -1,0 +1,37 @@
+"""What Ray refuses of `serve --replicas`' options is one line naming the flags set (server/ray_local.py's
+`options_error`); needs no Ray (the launcher itself: tests/server/test_ray_local.py)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from openrerank.server.ray_local import options_error
+
+
+class _Options(BaseModel):  # ReplicaOptions' shape, without importing Ray
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = 4.0
+
+
+def _refusal(**values: object) -> ValidationError:
+    try:
+        _Options(**values)
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("accepted")
+
+
+def test_a_validation_error_is_one_line_with_each_field_named_as_set():
+    names = {"num_replicas": "OPENRERANK_REPLICAS='0'", "foo": "--replica-option foo=1"}
+    line = options_error(_refusal(num_replicas=0, foo="1", target_ongoing_requests="x"), names)
+    assert "\n" not in line and "errors.pydantic.dev" not in line
+    assert line.startswith("OPENRERANK_REPLICAS='0': Input should be greater than or equal to 1; "), line
+    assert "--replica-option foo=1: not a replica option" in line
+    assert "target_ongoing_requests='x': Input should be a valid number" in line  # no name given: field=value
+
+
+def test_a_cross_field_refusal_names_the_flags():
+    names = {"num_replicas": "--replicas 3", "max_replicas": "OPENRERANK_MAX_REPLICAS='2'"}
+    line = options_error(ValueError("num_replicas=3 must lie within min_replicas=1 and max_replicas=2"), names)
+    assert line == "--replicas 3 must lie within min_replicas=1 and OPENRERANK_MAX_REPLICAS='2'"
