@@ -203,6 +203,17 @@ def test_export_refusals_of_the_model_or_the_cache_are_one_line(tmp_path):
                     "openrerank export: error: ", str(tmp_path / "a-file"))
 
 
+def test_export_honours_the_pickle_variable_its_refusal_names(tmp_path):
+    """The pickle refusal (shared with serve) says to set OPENRERANK_ALLOW_PICKLE=1, which export ignored."""
+    pickled = build_tiny_model(tmp_path / "pickled", safe=False)
+    export = ("export", "--model", str(pickled), "--cache-dir", str(tmp_path / "cache"))
+    done = _openrerank(*export, env={"OPENRERANK_ALLOW_PICKLE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("model.onnx")
+    _one_line_error(_openrerank(*export, env={"OPENRERANK_ALLOW_PICKLE": "maybe"}),
+                    "openrerank export: error: OPENRERANK_ALLOW_PICKLE='maybe': expected one of")
+
+
 def test_export_that_cannot_write_its_copy_is_one_line(tmp_path):
     """A failure only writing shows (here a folder where model.onnx goes) ends in one line, exit 2, after the
     export, which stays cached."""

@@ -10,12 +10,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from openrerank.cli.options import fail
+from openrerank.cli.options import Option, UsageError, fail, option_help, resolve_options
 
 PROG = "openrerank export"
 # Weights and other runtimes' copies stay behind: the ONNX graph replaces them.
 _NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot")
 _NOT_COPIED_DIRS = ("onnx", "openvino", ".cache", ".git")
+#: One setting for `serve` and `export` (both read OPENRERANK_ALLOW_PICKLE): the pickle refusal, which the two
+#: share (sources/safety.py), names the variable, and export ignored it.
+ALLOW_PICKLE = Option("allow-pickle", "models", "allow loading pickle (.bin) weights, which can run code when "
+                      "loaded; safetensors only otherwise", switch=True)
 
 
 def _copy_file(src: str | Path, dst: str | Path) -> None:
@@ -55,9 +59,14 @@ def run_export(args: argparse.Namespace) -> int:
     from openrerank.runtimes.onnx_export import ExportError, ensure_onnx
     from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
     from openrerank.runtimes.selection import RuntimeConfigError
+    from openrerank.server.config import ServerConfig
     from openrerank.sources.safety import UnsafeWeightsError
     from openrerank.sources.source import ModelSourceError
 
+    try:
+        resolve_options(args, (ALLOW_PICKLE,), ServerConfig())  # the flag, else OPENRERANK_ALLOW_PICKLE
+    except UsageError as exc:
+        return fail(PROG, str(exc))
     out = Path(args.out) if args.out else None
     if out is not None and (problem := _not_a_directory(out)):  # found before the export, not after it
         return fail(PROG, f"--out {out}: {problem}")
@@ -130,7 +139,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="onnx: also write a servable copy into DIR (model.onnx, export.json and the tokenizer/config "
                    "files; `serve --model DIR` runs it without PyTorch); openvino: copy the IR files into DIR "
                    "(default: none)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow pickle (.bin) weights, which can run code when loaded (default: off)")
+    p.add_argument("--allow-pickle", action="store_true", default=argparse.SUPPRESS,
+                   help=option_help(ALLOW_PICKLE, False))
     p.add_argument("--revision", metavar="REV", help="hub revision: branch, tag or commit (default: the main branch)")
     p.set_defaults(func=run_export)

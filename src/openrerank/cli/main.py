@@ -75,7 +75,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("alias", "models", "another id that requests may name model SERVED by (NIM's old model ids already "
            "resolve to their new names)", repeatable=True, dest="aliases", metavar="NAME=SERVED"),
     Option("revision", "models", "hub revision (branch, tag or commit)"),
-    Option("allow-pickle", "models", "allow loading pickle (.bin) weights; safetensors only otherwise", switch=True),
+    export.ALLOW_PICKLE,
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),
     Option("max-length", "models", "cap on the tokens of one query+passage pair (none: the model's window)", int),
