@@ -203,6 +203,38 @@ def test_export_refusals_of_the_model_or_the_cache_are_one_line(tmp_path):
                     "openrerank export: error: ", str(tmp_path / "a-file"))
 
 
+def test_a_mistyped_variable_is_warned_about_with_the_close_match(caplog):
+    """OPENRERANK_APIKEY=secret was dropped silently (the server started open); unknown NIM_* were warned."""
+    from openrerank.cli.main import report_unknown_env
+
+    with caplog.at_level("WARNING", logger="openrerank"):
+        report_unknown_env({"OPENRERANK_APIKEY": "secret", "OPENRERANK_MAX_PASSAGE": "5", "OPENRERANK_PORT": "1",
+                            "OPENRERANK_LANES": "2", "OPENRERANK_CACHE_DIR": "/c", "OPENRERANK_ZZZ": "1"})
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert record.getMessage() == (
+        "OPENRERANK_ variables ignored (no such setting): OPENRERANK_APIKEY (did you mean OPENRERANK_API_KEY?), "
+        "OPENRERANK_MAX_PASSAGE (did you mean OPENRERANK_MAX_PASSAGES?), OPENRERANK_ZZZ")  # never a value
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="openrerank"):
+        report_unknown_env({"OPENRERANK_API_KEY": "k", "OPENRERANK_EVAL_CACHE": "/e", "OPENRERANK_ORT_SPIN": "0"})
+    assert not caplog.records
+
+
+def test_every_openrerank_variable_read_in_src_is_known():
+    """Each OPENRERANK_ name the code mentions is a serve flag's or declared where it is read (cli/main.py's
+    known_env), so the warning above never calls a real variable unknown."""
+    import re
+    from pathlib import Path
+
+    from openrerank.cli.main import known_env
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*(root / "src").rglob("*.py"), *(root / "benchmarks" / "src").rglob("*.py")]
+    names = {m for f in files for m in re.findall(r"OPENRERANK_[A-Z][A-Z0-9_]*[A-Z0-9]", f.read_text())}
+    assert {"OPENRERANK_CACHE_DIR", "OPENRERANK_LANES", "OPENRERANK_EVAL_CACHE"} <= names  # the grep works
+    assert names - known_env() == set()
+
+
 def test_export_honours_the_pickle_variable_its_refusal_names(tmp_path):
     """The pickle refusal (shared with serve) says to set OPENRERANK_ALLOW_PICKLE=1, which export ignored."""
     pickled = build_tiny_model(tmp_path / "pickled", safe=False)

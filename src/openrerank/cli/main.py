@@ -15,7 +15,7 @@ from openrerank import __version__
 from openrerank.cli import eval as eval_cli
 from openrerank.cli import export, families
 from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_under_name
-from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options
+from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options, unknown_env
 from openrerank.cli.scale_out import check_scale_out, replica_names, replica_options
 from openrerank.core.settings import Shown, setting_item
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
@@ -180,6 +180,26 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     return config, nim, shown
 
 
+def known_env() -> set[str]:
+    """Every OPENRERANK_ variable openrerank reads: the serve flags', and those read directly, each named where
+    it is owned (tests/test_cli.py greps src for any other)."""
+    from openrerank.eval.dense import EVAL_CACHE_ENV
+    from openrerank.runtimes.artifact_cache import CACHE_ENV
+    from openrerank.runtimes.base import LANES_ENV
+    from openrerank.runtimes.onnx_runtime import SPIN_ENV
+    from openrerank.server.config import API_KEY_ENV
+
+    return {o.env_name for o in SERVE_OPTIONS if o.env} | {EVAL_CACHE_ENV, CACHE_ENV, LANES_ENV, SPIN_ENV, API_KEY_ENV}
+
+
+def report_unknown_env(environ: Mapping[str, str]) -> None:
+    """Warn about OPENRERANK_ variables nothing reads (as about unknown NIM ones), after logging is set up."""
+    unknown = unknown_env(environ, known_env())
+    if unknown:
+        logging.getLogger("openrerank").warning("OPENRERANK_ variables ignored (no such setting): %s",
+                                                ", ".join(unknown))
+
+
 def preflight(config: ServerConfig, shown: Shown | None = None) -> list[ResolvedModel]:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later).
 
@@ -287,6 +307,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
     configure_logging(config.log_level, config.log_format)
     nim.report()
+    report_unknown_env(os.environ)
     sock: socket.socket | None = None
     try:
         resolved = preflight(config, shown)

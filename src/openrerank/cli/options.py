@@ -143,6 +143,19 @@ def resolve_options(args: argparse.Namespace, options: Iterable[Option], default
     return shown
 
 
+def unknown_env(environ: Mapping[str, str], known: Iterable[str], prefix: str = ENV_PREFIX) -> list[str]:
+    """The `prefix` variables set in `environ` that nothing reads, each with the closest known name (`prefix` +
+    APIKEY: did you mean `prefix` + API_KEY?): a mistyped variable was dropped silently, and a server meant to
+    need a key started open. Names only: a value may be a secret. Matched without the prefix, which every
+    name shares."""
+    rests = {name[len(prefix):]: name for name in known}
+    found = []
+    for name in sorted(k for k in environ if k.startswith(prefix) and k[len(prefix):] not in rests):
+        close = difflib.get_close_matches(name[len(prefix):], sorted(rests), n=1, cutoff=0.6)
+        found.append(name + (f" (did you mean {rests[close[0]]}?)" if close else ""))
+    return found
+
+
 def at_least_one(text: str) -> int:
     """An argparse type: a whole number of at least 1 (else argparse's one-line error, exit 2)."""
     try:

@@ -25,6 +25,8 @@ from openrerank.eval.data import Run, served_text
 
 Advance = Callable[[int], None]
 
+#: Where the corpus-embedding cache goes, when set.
+EVAL_CACHE_ENV = "OPENRERANK_EVAL_CACHE"
 #: Bump when the text fed to the encoder changes (e.g. how title and text are joined).
 PASSAGE_FORMAT = "title-space-text-v1"
 _ENCODE_CHUNK = 128
@@ -32,7 +34,7 @@ _ENCODE_CHUNK = 128
 
 def default_cache_dir() -> Path:
     """`$OPENRERANK_EVAL_CACHE`, else `$XDG_CACHE_HOME/openrerank/eval`, else `~/.cache/openrerank/eval`."""
-    env = os.environ.get("OPENRERANK_EVAL_CACHE")
+    env = os.environ.get(EVAL_CACHE_ENV)
     if env:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
