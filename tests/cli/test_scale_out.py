@@ -85,3 +85,6 @@ def test_what_only_ray_refuses_is_one_line_naming_the_flags(capsys):
     assert main(["serve", "--replicas", "2", "--max-replicas", "4", "--replica-option", "min_replicas=3"]) == 2
     err = capsys.readouterr().err
     assert "--replicas 2 must lie within --replica-option min_replicas=3 and --max-replicas 4" in err, err
+    assert main(["serve", "--replicas", "2", "--replica-option", "num_cpus=100000"]) == 2
+    err = capsys.readouterr().err  # named once, as set (the flag's own name was once added to it)
+    assert "error: --replica-option num_cpus=100000 per replica for 2 replicas exceeds the " in err, err

@@ -103,8 +103,8 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
         if "num_cpus" not in replica_args:
             options.num_cpus = math.floor(cpus / most * 100) / 100
         if options.num_cpus * most > cpus + 1e-9:
-            raise ValueError(f"{most} replicas x {options.num_cpus:g} CPUs exceed the {cpus} CPUs here; "
-                             f"lower {names.get('num_cpus', '--replica-cpus')}")
+            raise ValueError(f"num_cpus={options.num_cpus:g} per replica for {most} replicas exceeds the {cpus} "
+                             "CPUs here")  # the field named as set (options_error)
     except (ValidationError, ValueError) as exc:
         raise ReplicaSetupError(options_error(exc, names)) from None
 
