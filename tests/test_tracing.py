@@ -1,27 +1,33 @@
 """serve --otlp-endpoint: each scored request is a server span with tokenize/queue/inference children, joined
-to the caller's trace; received by a real OTLP/HTTP endpoint (a tiny collector in this process)."""
+to the caller's trace; received by a real OTLP/HTTP endpoint (a tiny collector in this process). A collector
+that never answers does not hold a stopping server."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import signal
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
 
-from tests.support import nim_body, run_server
+from openrerank.observe.tracing import SHUTDOWN_WAIT_S
+from tests.support import ServerProcess, nim_body, run_server
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
 
-class _Collector(http.server.BaseHTTPRequestHandler):
+class Collector(http.server.BaseHTTPRequestHandler):
     received: ClassVar[list[bytes]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
         if self.path == "/v1/traces":
-            _Collector.received.append(body)
+            Collector.received.append(body)
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.end_headers()
@@ -30,7 +36,7 @@ class _Collector(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _spans(payloads: list[bytes]) -> list:
+def received_spans(payloads: list[bytes]) -> list:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     spans = []
@@ -43,12 +49,21 @@ def _spans(payloads: list[bytes]) -> list:
     return spans
 
 
-def test_request_spans_reach_an_otlp_endpoint(tmp_path, tiny_model_dir):
-    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    threading.Thread(target=collector.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
-    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+@contextlib.contextmanager
+def collector() -> Iterator[str]:
+    """A tiny OTLP/HTTP endpoint in this process: its URL; what it receives is in `Collector.received`."""
+    Collector.received.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_request_spans_reach_an_otlp_endpoint(tmp_path, tiny_model_dir):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with collector() as endpoint:
         args = ["--model", f"tiny={tiny_model_dir}", "--otlp-endpoint", endpoint]
         with run_server(args, tmp_path, env={"OTEL_BSP_SCHEDULE_DELAY": "200"}) as server:
             with server.client() as c:
@@ -56,11 +71,9 @@ def test_request_spans_reach_an_otlp_endpoint(tmp_path, tiny_model_dir):
                               headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
             assert resp.status_code == 200
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and len(_spans(_Collector.received)) < 4:
+            while time.monotonic() < deadline and len(received_spans(Collector.received)) < 4:
                 time.sleep(0.2)
-    finally:
-        collector.shutdown()
-    spans = _spans(_Collector.received)
+    spans = received_spans(Collector.received)
     by_name = {s.name: s for s in spans}
     assert {"POST /v1/ranking", "tokenize", "queue", "inference"} <= set(by_name), sorted(by_name)
     root = by_name["POST /v1/ranking"]
@@ -71,3 +84,30 @@ def test_request_spans_reach_an_otlp_endpoint(tmp_path, tiny_model_dir):
         assert root.start_time_unix_nano <= child.start_time_unix_nano <= child.end_time_unix_nano
     attrs = {a.key: a.value for a in root.attributes}
     assert attrs["openrerank.model"].string_value == "tiny" and attrs["openrerank.passages"].int_value == 2
+
+
+
+def test_a_collector_that_never_answers_does_not_hold_a_stopping_server(tmp_path, tiny_model_dir):
+    """The span export's final flush waited its 10 s timeout (and more) on the event loop after SIGTERM: the
+    server took 12-19 s to exit, ignoring further signals. Now the flush is bounded and off the loop."""
+    hole = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    args = ["--model", f"tiny={tiny_model_dir}", "--threads", "1", "--otlp-endpoint",
+            f"http://127.0.0.1:{hole.getsockname()[1]}"]
+    server = ServerProcess(args, tmp_path)
+    try:
+        server.wait_ready(180)
+        with server.client() as c:  # a span queued for the collector as the server stops
+            assert c.post("/v1/ranking", json=nim_body("paris", ["a", "b"])).status_code == 200
+        stopped = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        status = server.proc.wait(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+        hole.close()
+    assert status == 0, server.output()[-3000:]
+    assert took < SHUTDOWN_WAIT_S + 5, f"{took:.1f} s after SIGTERM:\n{server.output()[-3000:]}"

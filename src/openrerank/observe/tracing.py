@@ -4,17 +4,32 @@ Each scored request becomes a server span (joined to the caller's trace through 
 three children, `tokenize`, `queue` and `inference`, timed by the engine's own measurements. The scheduler
 batches many requests on one worker thread, so the children are recorded after the fact from the request's
 timings rather than opened around shared code.
+
+Spans leave in batches on the SDK's own thread; a collector that is slow or down never delays a request. Its
+exports are bounded (EXPORT_TIMEOUT_S) and so is the final flush when the server stops (SHUTDOWN_WAIT_S): the
+flush waited an export's 10 s timeout and more on the event loop, and a stopping server ignored signals meanwhile.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from openrerank.extras import require
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = "openrerank"
+#: Seconds one export to the collector may take, retries included (the SDK's default: 10), unless
+#: OTEL_EXPORTER_OTLP_TRACES_TIMEOUT or OTEL_EXPORTER_OTLP_TIMEOUT sets it.
+EXPORT_TIMEOUT_S = 2.0
+#: Seconds a stopping server waits for the last spans to leave; what is still queued then is dropped.
+SHUTDOWN_WAIT_S = 3.0
+_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 
 
 def check_tracing_available() -> None:
@@ -36,8 +51,14 @@ class Tracer:
         url = endpoint.rstrip("/")
         if url.count("/") <= 2:  # scheme://host:port only
             url += "/v1/traces"
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
+        self.endpoint = url
+        timeout = None if any(os.environ.get(v) for v in _TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_S
+        exporter = OTLPSpanExporter(endpoint=url, timeout=timeout)
+        # shut down by the app (`shutdown`), bounded; the SDK's own exit hook would wait unbounded
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
+                                       shutdown_on_exit=False)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter,
+                                                            export_timeout_millis=EXPORT_TIMEOUT_S * 1e3))
         self.tracer = self.provider.get_tracer("openrerank")
 
     def record(self, name: str, headers: Mapping[str, str], start_ns: int, stages_ms: dict[str, float],
@@ -57,5 +78,14 @@ class Tracer:
             at = end
         span.end(end_time=max(at, time.time_ns()))
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
+    def shutdown(self, wait_s: float = SHUTDOWN_WAIT_S) -> bool:
+        """Send the spans still queued and stop, waiting at most `wait_s` seconds (blocking: call it off the
+        event loop); False, and a log line, when the collector did not take them in time: they are dropped."""
+        stopping = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(wait_s)
+        if stopping.is_alive():
+            log.warning("tracing: the OTLP endpoint %s did not take the last spans within %g s; they are dropped",
+                        self.endpoint, wait_s)
+            return False
+        return True

@@ -291,8 +291,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
             for companion in app.state.companions:
                 await companion.stop()
             await app.state.models.stop()
-            if tracer is not None:
-                tracer.shutdown()
+            if tracer is not None:  # off the loop and bounded: a signal meanwhile is still heard
+                await asyncio.to_thread(tracer.shutdown)
 
     # /docs and /redoc load Swagger UI and ReDoc from files the app serves itself (the fastapi-offline
     # package ships them), so the documentation works on a machine without internet access.
