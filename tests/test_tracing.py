@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 
-from openrerank.observe.tracing import SHUTDOWN_WAIT_S
+from openrerank.observe.tracing import SERVICE_NAME, SHUTDOWN_WAIT_S, Tracer
 from tests.support import ServerProcess, nim_body, run_server
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
@@ -85,6 +85,18 @@ def test_request_spans_reach_an_otlp_endpoint(tmp_path, tiny_model_dir):
     attrs = {a.key: a.value for a in root.attributes}
     assert attrs["openrerank.model"].string_value == "tiny" and attrs["openrerank.passages"].int_value == 2
 
+
+
+def test_otel_service_name_names_the_service(monkeypatch):
+    """A hard-coded `service.name` overrode OTEL_SERVICE_NAME, which the OTel SDK spec says sets it."""
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert Tracer("http://127.0.0.1:1").provider.resource.attributes["service.name"] == SERVICE_NAME
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes,deployment.environment=eu")
+    resource = Tracer("http://127.0.0.1:1").provider.resource.attributes
+    assert resource["service.name"] == "from-attributes" and resource["deployment.environment"] == "eu"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "reranker-eu")  # wins over OTEL_RESOURCE_ATTRIBUTES (the spec)
+    assert Tracer("http://127.0.0.1:1").provider.resource.attributes["service.name"] == "reranker-eu"
 
 
 def test_a_collector_that_never_answers_does_not_hold_a_stopping_server(tmp_path, tiny_model_dir):

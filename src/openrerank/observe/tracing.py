@@ -23,6 +23,7 @@ from openrerank.extras import require
 
 log = logging.getLogger(__name__)
 
+#: `service.name` unless OTEL_SERVICE_NAME (or `service.name` in OTEL_RESOURCE_ATTRIBUTES) says otherwise.
 SERVICE_NAME = "openrerank"
 #: Seconds one export to the collector may take, retries included (the SDK's default: 10), unless
 #: OTEL_EXPORTER_OTLP_TRACES_TIMEOUT or OTEL_EXPORTER_OTLP_TIMEOUT sets it.
@@ -38,13 +39,21 @@ def check_tracing_available() -> None:
         require(module, "otel", "--otlp-endpoint")
 
 
+def _resource() -> Any:
+    """The service's resource: the OTEL_* variables' attributes (the SDK's rules), with `service.name`
+    SERVICE_NAME where they name none (a hard-coded name used to override OTEL_SERVICE_NAME)."""
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+    named = "service.name" in OTELResourceDetector().detect().attributes
+    return Resource.create({} if named else {"service.name": SERVICE_NAME})
+
+
 class Tracer:
     """Exports spans over OTLP/HTTP to `endpoint` (`/v1/traces` is appended unless the URL has a path)."""
 
-    def __init__(self, endpoint: str, service_name: str = SERVICE_NAME) -> None:
+    def __init__(self, endpoint: str) -> None:
         check_tracing_available()
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -55,8 +64,7 @@ class Tracer:
         timeout = None if any(os.environ.get(v) for v in _TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_S
         exporter = OTLPSpanExporter(endpoint=url, timeout=timeout)
         # shut down by the app (`shutdown`), bounded; the SDK's own exit hook would wait unbounded
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
-                                       shutdown_on_exit=False)
+        self.provider = TracerProvider(resource=_resource(), shutdown_on_exit=False)
         self.provider.add_span_processor(BatchSpanProcessor(exporter,
                                                             export_timeout_millis=EXPORT_TIMEOUT_S * 1e3))
         self.tracer = self.provider.get_tracer("openrerank")
