@@ -51,3 +51,13 @@ def test_grpc_on_the_http_port_of_an_overlapping_address_is_refused(host, grpc_h
 def test_grpc_may_share_the_port_number_on_another_address_or_pick_a_free_one():
     ServerConfig(host="127.0.0.1", port=9000, grpc_port=9000, grpc_host="127.0.0.2").validate()
     ServerConfig(port=0, grpc_port=0).validate()
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:4318", "localhost:4318", "http://", "grpc://collector:4317",
+                                      "http://collector:99999"])
+def test_an_otlp_endpoint_that_is_not_an_http_url_is_refused(endpoint):
+    # A scheme-less 127.0.0.1:4318 started a server whose every span export then failed.
+    with pytest.raises(ValueError, match=rf"--otlp-endpoint '{endpoint}': must be an http:// or https:// URL"):
+        ServerConfig(otlp_endpoint=endpoint).validate()
+    for good in ("http://127.0.0.1:4318", "https://collector/v1/traces", "http://[::1]:4318"):
+        ServerConfig(otlp_endpoint=good).validate()

@@ -30,6 +30,8 @@ SERVICE_NAME = "openrerank"
 EXPORT_TIMEOUT_S = 2.0
 #: Seconds a stopping server waits for the last spans to leave; what is still queued then is dropped.
 SHUTDOWN_WAIT_S = 3.0
+#: The OTLP endpoint's schemes: the exporter speaks OTLP/HTTP only.
+ENDPOINT_SCHEMES = ("http", "https")
 _TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 
 

@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from openrerank.core.images import ImageLimits, pixel_bound
 from openrerank.core.settings import setting_item
@@ -25,6 +26,7 @@ from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.loading import LoadOptions
 from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 from openrerank.observe.logs import LOG_LEVELS
+from openrerank.observe.tracing import ENDPOINT_SCHEMES
 
 #: The largest gRPC message grpc can be told to accept (its channel options are C ints).
 GRPC_MESSAGE_LIMIT = 2**31 - 1
@@ -176,6 +178,9 @@ class ServerConfig:
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
         need(self.max_padding is None or 0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
         need(self.log_level.lower() in LOG_LEVELS, "log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        need(self.otlp_endpoint is None or _is_url(self.otlp_endpoint, ENDPOINT_SCHEMES), "otlp-endpoint",
+             f"must be an {' or '.join(s + '://' for s in ENDPOINT_SCHEMES)} URL with a host, e.g. "
+             "http://localhost:4318")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -217,6 +222,15 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.ssl_certfile is not None
+
+
+def _is_url(text: str, schemes: tuple[str, ...]) -> bool:
+    """`text` is a URL with one of `schemes` and a host."""
+    try:
+        parts = urlsplit(text)
+        return parts.scheme in schemes and bool(parts.hostname) and (parts.port is None or parts.port >= 0)
+    except ValueError:  # a bad port or bracketed host
+        return False
 
 
 def _no_password() -> bytes:
