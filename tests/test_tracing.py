@@ -1,6 +1,6 @@
-"""serve --otlp-endpoint: each scored request is a server span with tokenize/queue/inference children, joined
-to the caller's trace; received by a real OTLP/HTTP endpoint (a tiny collector in this process). A collector
-that never answers does not hold a stopping server."""
+"""serve --otlp-endpoint: every request is a server span (a scored one with tokenize/queue/inference children),
+joined to the caller's trace; received by a real OTLP/HTTP endpoint (a tiny collector in this process), or, in
+process, by the SDK's in-memory exporter. A collector that never answers does not hold a stopping server."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import pytest
+from fastapi.testclient import TestClient
 
 from openrerank.observe.tracing import SERVICE_NAME, SHUTDOWN_WAIT_S, Tracer
+from openrerank.server.app import create_app
+from openrerank.server.config import ServerConfig
 from tests.support import ServerProcess, nim_body, run_server
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
@@ -85,6 +88,58 @@ def test_request_spans_reach_an_otlp_endpoint(tmp_path, tiny_model_dir):
     attrs = {a.key: a.value for a in root.attributes}
     assert attrs["openrerank.model"].string_value == "tiny" and attrs["openrerank.passages"].int_value == 2
 
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
+
+
+@pytest.fixture
+def exported(monkeypatch) -> Callable[[], list]:
+    """In this process, an app's tracer exports to the SDK's InMemorySpanExporter instead of OTLP/HTTP: call
+    the result for every span exported so far (an app's spans are all there once it has stopped)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporters: list[InMemorySpanExporter] = []
+
+    def exporter(**kw) -> InMemorySpanExporter:
+        exporters.append(InMemorySpanExporter())
+        return exporters[-1]
+
+    monkeypatch.setattr("opentelemetry.exporter.otlp.proto.http.trace_exporter.OTLPSpanExporter", exporter)
+    return lambda: [span for e in exporters for span in e.get_finished_spans()]
+
+
+def traced(**kw) -> ServerConfig:
+    return ServerConfig(otlp_endpoint="http://127.0.0.1:1", **kw)
+
+
+def test_every_request_is_a_span_and_only_a_server_fault_is_an_error(tiny_model_dir, exported):
+    """Before, only a request that reached a model had a span: a 4xx or 5xx had none (README: a span per
+    request). Now each has one, ERROR for a 5xx only (OTel's HTTP conventions: a 4xx is the client's mistake),
+    with children only for the stages it reached; probes are not traced (one every few seconds)."""
+    from opentelemetry.trace import StatusCode
+
+    with TestClient(create_app(traced(models=[f"tiny={tiny_model_dir}"]), wait_for_models=True)) as c:
+        assert c.post("/v1/ranking", json=nim_body("paris", ["a", "b"]), headers=TRACEPARENT).status_code == 200
+        assert c.post("/v1/ranking", json={"query": {"text": "a"}}, headers=TRACEPARENT).status_code == 400
+        assert c.get("/no/such/path", headers=TRACEPARENT).status_code == 404
+        assert c.get("/v1/health/ready").status_code == 200
+    with TestClient(create_app(traced(models=["default"]), load_models=False)) as c:  # not ready: a 503
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"]), headers=TRACEPARENT).status_code == 503
+    spans = exported()
+    servers = [s for s in spans if s.parent is None or s.parent.is_remote]
+    by_status = {s.attributes["http.response.status_code"]: s for s in servers}
+    assert sorted(by_status) == [200, 400, 404, 503], [s.name for s in servers]  # no span for the probe
+    for span in servers:
+        assert f"{span.context.trace_id:032x}" == TRACE_ID  # each joined to the caller's trace
+    assert by_status[404].name == "GET unmatched" and by_status[400].name == "POST /v1/ranking"
+    assert by_status[503].status.status_code == StatusCode.ERROR
+    assert all(by_status[s].status.status_code == StatusCode.UNSET for s in (200, 400, 404))
+    children = [s for s in spans if s.parent is not None and not s.parent.is_remote]
+    assert {s.name for s in children} == {"tokenize", "queue", "inference"}
+    assert {s.parent.span_id for s in children} == {by_status[200].context.span_id}  # the scored request's
+    assert by_status[200].attributes["openrerank.model"] == "tiny"
 
 
 def test_otel_service_name_names_the_service(monkeypatch):

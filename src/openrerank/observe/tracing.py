@@ -1,9 +1,9 @@
 """Optional OpenTelemetry tracing (`serve --otlp-endpoint URL`, the `otel` extra), as TEI offers.
 
-Each scored request becomes a server span (joined to the caller's trace through a `traceparent` header) with
-three children, `tokenize`, `queue` and `inference`, timed by the engine's own measurements. The scheduler
-batches many requests on one worker thread, so the children are recorded after the fact from the request's
-timings rather than opened around shared code.
+Each request becomes a server span (joined to the caller's trace through a `traceparent` header, or gRPC
+metadata), its status ERROR for a server fault, with a child per stage the engine timed (`tokenize`, `queue`,
+`inference`) when the request reached the model. The scheduler batches many requests on one worker thread, so
+the children are recorded after the fact from the request's timings rather than opened around shared code.
 
 Spans leave in batches on the SDK's own thread; a collector that is slow or down never delays a request. Its
 exports are bounded (EXPORT_TIMEOUT_S) and so is the final flush when the server stops (SHUTDOWN_WAIT_S): the
@@ -72,14 +72,17 @@ class Tracer:
         self.tracer = self.provider.get_tracer("openrerank")
 
     def record(self, name: str, headers: Mapping[str, str], start_ns: int, stages_ms: dict[str, float],
-               attributes: dict[str, Any]) -> None:
-        """One server span from `start_ns` with a child per stage, laid end to end in `stages_ms` order."""
+               attributes: dict[str, Any], error: str | None = None) -> None:
+        """One server span from `start_ns` with a child per stage, laid end to end in `stages_ms` order; its
+        status ERROR with `error` as description when that is given (a server fault, not a client mistake)."""
         from opentelemetry.propagate import extract
-        from opentelemetry.trace import SpanKind, set_span_in_context
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
         parent = extract(dict(headers))
         span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, start_time=start_ns,
                                       attributes={k: v for k, v in attributes.items() if v is not None})
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
         ctx = set_span_in_context(span)
         at = start_ns
         for stage, ms in stages_ms.items():

@@ -309,6 +309,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.config = config
     app.state.public_url = public_url
     app.state.metrics = metrics or Metrics()
+    app.state.tracer = tracer  # the gRPC service's calls are spans too
     app.state.score_cache = (ScoreCache(int(config.score_cache_mb * 2**20), app.state.metrics.registry)
                              if config.score_cache_mb > 0 else None)
     # Always made (it costs nothing until a late-interaction model stores vectors): with 0 MiB it holds nothing

@@ -50,6 +50,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 #: Status recorded for a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
+#: The engine's stages a request's span gets a child for, in their order (usage's `<stage>_ms`).
+TRACED_STAGES = ("tokenize", "queue", "inference")
 
 
 def header_lines(scope: Scope, name: bytes) -> list[bytes]:
@@ -170,17 +172,29 @@ class RequestLogMiddleware:
                   "total_ms": total_ms, "request_id": request_id,
                   "reason": request_state(scope).get("error") if status >= 400 else None}
         # probes and scrapes come every few seconds: their lines are DEBUG, every other request's INFO
-        level = logging.DEBUG if is_health(scope["method"], path) or path in METRICS_PATHS else logging.INFO
-        access_log.log(level, "%s %s %d", scope["method"], route, status,
+        quiet = is_health(scope["method"], path) or path in METRICS_PATHS
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d", scope["method"], route, status,
                        extra={"fields": fields, "in_message": ("method", "route", "status")})
-        if self.tracer is not None and "model" in usage:
-            stages = {k: usage[f"{k}_ms"] for k in ("tokenize", "queue", "inference") if f"{k}_ms" in usage}
+        if not quiet:  # nor are they traced: a span every few seconds would bury the requests' own
             attrs = {"http.request.method": scope["method"], "http.route": route,
-                     "http.response.status_code": status, "openrerank.model": usage.get("model"),
-                     "openrerank.passages": usage.get("passages"), "openrerank.tokens": usage.get("tokens"),
-                     "openrerank.request_id": request_id}
-            self.tracer.record(f"{scope['method']} {route}", {k.decode("latin-1"): v.decode("latin-1")
-                               for k, v in headers.items()}, start_ns, stages, attrs)
+                     "http.response.status_code": status}
+            # OTel's HTTP conventions: a server span is an error for a 5xx only (a 4xx is the client's mistake)
+            error = (request_state(scope).get("error") or f"HTTP {status}") if status >= 500 else None
+            trace_request(self.tracer, f"{scope['method']} {route}", {k.decode("latin-1"): v.decode("latin-1")
+                          for k, v in headers.items()}, start_ns, usage, {**attrs, "openrerank.request_id":
+                          request_id}, error)
+
+
+def trace_request(tracer: Any, name: str, headers: dict[str, str], start_ns: int, usage: dict[str, Any],
+                  attributes: dict[str, Any], error: str | None) -> None:
+    """One request's server span (HTTP or gRPC; `tracer`: an `observe.tracing.Tracer`, None when tracing is
+    off), with the model's attributes and a child per stage the engine timed, where the request got that far."""
+    if tracer is None:
+        return
+    stages = {stage: usage[f"{stage}_ms"] for stage in TRACED_STAGES if f"{stage}_ms" in usage}
+    attrs = {**attributes, "openrerank.model": usage.get("model"), "openrerank.passages": usage.get("passages"),
+             "openrerank.tokens": usage.get("tokens")}
+    tracer.record(name, headers, start_ns, stages, attrs, error)
 
 
 def scope_dialect(scope: Scope) -> Dialect:

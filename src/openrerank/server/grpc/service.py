@@ -31,7 +31,7 @@ from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
 from openrerank.server.grpc.tensors import TensorError, parameter_value, raw_output, read_bytes_inputs
-from openrerank.server.middleware import bearer_matches
+from openrerank.server.middleware import bearer_matches, trace_request
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("openrerank.access")
@@ -52,6 +52,10 @@ DEADLINE_MARGIN_S = 0.1
 #: Probes: their access lines are DEBUG, as the HTTP health routes' are.
 _QUIET = ("ServerLive", "ServerReady", "ModelReady")
 _PUBLIC = _QUIET
+#: The statuses that make a call's span an error: OTel's gRPC conventions for a server span (the others are the
+#: client's mistake, as HTTP's 4xx).
+_SERVER_FAULTS = (Code.UNKNOWN, Code.DEADLINE_EXCEEDED, Code.UNIMPLEMENTED, Code.INTERNAL, Code.UNAVAILABLE,
+                  Code.DATA_LOSS)
 
 
 def _code(status: int, kind: str) -> grpc.StatusCode:
@@ -181,7 +185,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise exc.set_by(set_by) from None
         t = result.timings
         usage.update(model=model.name, passages=len(req.passages), tokens=result.prompt_tokens,
-                     queue_ms=t.queue_ms, inference_ms=t.inference_ms)
+                     tokenize_ms=t.tokenize_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms)
         values = ranking.output_values(result)
         response = pb.ModelInferResponse(model_name=request.model_name or ranking.grpc_model_name(model.name),
                                          model_version="1", id=request.id)
@@ -303,7 +307,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 self._running -= 1
                 if not self._running:
                     self._idle.set()
-            self._record(method, code, rid, usage, (time.perf_counter() - start) * 1e3)
+            self._record(method, code, rid, usage, (time.perf_counter() - start) * 1e3, context)
         try:
             await context.abort(code, safe_text(message))
         except grpc.aio.AbortError:
@@ -323,7 +327,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise _Abort(Code.UNAVAILABLE, self.state.drain.message())
         return done.result()
 
-    def _record(self, method: str, code: grpc.StatusCode, rid: str, usage: dict[str, Any], total_ms: float) -> None:
+    def _record(self, method: str, code: grpc.StatusCode, rid: str, usage: dict[str, Any], total_ms: float,
+                context: grpc.aio.ServicerContext) -> None:
         route = f"/{SERVICE}/{method}"
         status = code.name
         metrics = self.state.metrics
@@ -336,3 +341,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         level = logging.DEBUG if method in _QUIET else logging.INFO
         access_log.log(level, "gRPC %s %s", method, status,
                        extra={"fields": fields, "in_message": ("method", "status")})
+        tracer = getattr(self.state, "tracer", None)
+        if tracer is not None and method not in _QUIET:  # a span as HTTP's, joined to a `traceparent` metadata
+            trace_request(tracer, f"{SERVICE}/{method}",
+                          {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)},
+                          time.time_ns() - int(total_ms * 1e6), usage,
+                          {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method,
+                           "rpc.grpc.status_code": code.value[0], "openrerank.request_id": rid},
+                          status if code in _SERVER_FAULTS else None)
