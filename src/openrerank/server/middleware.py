@@ -50,6 +50,9 @@ REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 #: Status recorded for a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
+#: The route label of a path no route serves; its access line carries the path, cut to UNMATCHED_PATH_CHARS.
+UNMATCHED = "unmatched"
+UNMATCHED_PATH_CHARS = 200
 #: The engine's stages a request's span gets a child for, in their order (usage's `<stage>_ms`).
 TRACED_STAGES = ("tokenize", "queue", "inference")
 
@@ -121,7 +124,7 @@ def route_label(path: str, routes: set[str]) -> str:
     for prefix in PUBLIC_PREFIXES:
         if path.startswith(prefix) and prefix.rstrip("/") in routes:
             return prefix.rstrip("/")
-    return "unmatched"
+    return UNMATCHED
 
 
 class RequestLogMiddleware:
@@ -166,8 +169,10 @@ class RequestLogMiddleware:
         route = route_label(path, self.routes())
         usage = request_usage(scope)
         fields = {"protocol": "http", "method": scope["method"], "route": route, "status": status,
+                  # the path itself only where the route does not say it; bounded, as a client chose it
+                  "path": path[:UNMATCHED_PATH_CHARS] if route == UNMATCHED else None,
                   "model": usage.get("model"), "passages": usage.get("passages"), "texts": usage.get("texts"),
-                  "tokens": usage.get("tokens"),
+                  "tokens": usage.get("tokens"), "tokenize_ms": usage.get("tokenize_ms"),
                   "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
                   "total_ms": total_ms, "request_id": request_id,
                   "reason": request_state(scope).get("error") if status >= 400 else None}

@@ -336,8 +336,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         metrics.request_latency.labels(route, status, "grpc").observe(total_ms / 1e3)
         fields = {"protocol": "grpc", "method": method, "route": route, "status": status,
                   "model": usage.get("model"), "passages": usage.get("passages"), "tokens": usage.get("tokens"),
-                  "queue_ms": usage.get("queue_ms"), "inference_ms": usage.get("inference_ms"),
-                  "total_ms": total_ms, "request_id": rid}
+                  "tokenize_ms": usage.get("tokenize_ms"), "queue_ms": usage.get("queue_ms"),
+                  "inference_ms": usage.get("inference_ms"), "total_ms": total_ms, "request_id": rid}
         level = logging.DEBUG if method in _QUIET else logging.INFO
         access_log.log(level, "gRPC %s %s", method, status,
                        extra={"fields": fields, "in_message": ("method", "status")})
