@@ -180,14 +180,13 @@ class RequestLogMiddleware:
         quiet = is_health(scope["method"], path) or path in METRICS_PATHS
         access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d", scope["method"], route, status,
                        extra={"fields": fields, "in_message": ("method", "route", "status")})
-        if not quiet:  # nor are they traced: a span every few seconds would bury the requests' own
+        if self.tracer is not None and not quiet:  # nor traced: a span every few seconds would bury the rest
             attrs = {"http.request.method": scope["method"], "http.route": route,
-                     "http.response.status_code": status}
+                     "http.response.status_code": status, "openrerank.request_id": request_id}
             # OTel's HTTP conventions: a server span is an error for a 5xx only (a 4xx is the client's mistake)
             error = (request_state(scope).get("error") or f"HTTP {status}") if status >= 500 else None
-            trace_request(self.tracer, f"{scope['method']} {route}", {k.decode("latin-1"): v.decode("latin-1")
-                          for k, v in headers.items()}, start_ns, usage, {**attrs, "openrerank.request_id":
-                          request_id}, error)
+            text_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+            trace_request(self.tracer, f"{scope['method']} {route}", text_headers, start_ns, usage, attrs, error)
 
 
 def trace_request(tracer: Any, name: str, headers: dict[str, str], start_ns: int, usage: dict[str, Any],
