@@ -50,6 +50,9 @@ def test_grpc_on_the_http_port_of_an_overlapping_address_is_refused(host, grpc_h
 
 def test_grpc_may_share_the_port_number_on_another_address_or_pick_a_free_one():
     ServerConfig(host="127.0.0.1", port=9000, grpc_port=9000, grpc_host="127.0.0.2").validate()
+    # the IPv4 wildcard and an IPv6 address both listen on one port number (the first check refused them)
+    ServerConfig(host="0.0.0.0", port=9000, grpc_port=9000, grpc_host="::1").validate()
+    ServerConfig(host="::1", port=9000, grpc_port=9000, grpc_host="0.0.0.0").validate()
     ServerConfig(port=0, grpc_port=0).validate()
 
 

@@ -4,6 +4,7 @@ without the flag no CORS header is sent at all. Against `openrerank serve` with 
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.support import nim_body, run_server
 
@@ -19,7 +20,8 @@ def preflight(c: httpx.Client, origin: str, path: str = "/v1/ranking") -> httpx.
 
 def test_an_allowed_origin_may_call_the_api_and_read_its_answers_and_errors(tmp_path, tiny_model_dir):
     args = ["--model", f"tiny={tiny_model_dir}", "--threads", "1", "--cors-allow-origin", APP,
-            "--cors-allow-origin", "http://localhost:3000", "--cors-allow-origin", "HTTPS://Docs.Example.com:443"]
+            "--cors-allow-origin", "http://localhost:3000", "--cors-allow-origin", "HTTPS://Docs.Example.com:443",
+            "--cors-allow-origin", "https://bücher.example"]
     with run_server(args, tmp_path, api_key=KEY) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         ok = preflight(c, APP)  # no key in a preflight: it is answered before auth
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == APP
@@ -29,6 +31,8 @@ def test_an_allowed_origin_may_call_the_api_and_read_its_answers_and_errors(tmp_
         # as a browser writes it (lowercase, no default port): the origin as given could never match
         docs = preflight(c, "https://docs.example.com")
         assert docs.status_code == 200 and docs.headers["access-control-allow-origin"] == "https://docs.example.com"
+        idn = preflight(c, "https://xn--bcher-kva.example")  # an internationalised host, in its ASCII form
+        assert idn.status_code == 200 and idn.headers["access-control-allow-origin"] == "https://xn--bcher-kva.example"
 
         answer = c.post("/v1/ranking", json=nim_body("q", ["a", "b"]),
                         headers={"Origin": APP, "Authorization": f"Bearer {KEY}"})
@@ -65,3 +69,14 @@ def test_origins_are_written_as_browsers_send_them():
     assert browser_origins(["https://App.Example.com", "https://x.example.com:443", "http://h:80", "http://h",
                             "https://h:8443", "http://[::1]:80", "*"]) == [
         "https://app.example.com", "https://x.example.com", "http://h", "https://h:8443", "http://[::1]", "*"]
+    # an internationalised host as browsers send it (RFC 6454's ASCII serialisation)
+    assert browser_origins(["https://Bücher.example", "https://bücher.example:8443"]) == [
+        "https://xn--bcher-kva.example", "https://xn--bcher-kva.example:8443"]
+
+
+def test_an_origin_whose_host_has_no_ascii_form_is_refused():
+    from openrerank.server.config import ServerConfig
+
+    ServerConfig(cors_allow_origins=["https://bücher.example"]).validate()
+    with pytest.raises(ValueError, match="--cors-allow-origin"):
+        ServerConfig(cors_allow_origins=["https://a..bü.example"]).validate()

@@ -28,7 +28,7 @@ from openrerank.engine.served_models import ServedModels
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.body_guard import BodyGuardMiddleware
-from openrerank.server.config import ServerConfig
+from openrerank.server.config import ServerConfig, ascii_host
 from openrerank.server.dialects import cohere, embeddings, infinity, multi_vector, nim, score, tei
 from openrerank.server.drain import Drain
 from openrerank.server.engine_config import chunk_limits, image_limits, load_options, scheduler_config
@@ -348,13 +348,15 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
 
 
 def browser_origins(origins: Sequence[str]) -> list[str]:
-    """Each `--cors-allow-origin` as a browser writes it in `Origin` (lowercase scheme and host, no default
-    port), since CORSMiddleware compares the strings: `https://App.Example.com` or `https://x.example.com:443`
-    would otherwise never match, and every preflight from that page would get a 400."""
+    """Each `--cors-allow-origin` as a browser writes it in `Origin` (lowercase scheme and host, an
+    internationalised host in its ASCII form, no default port), since CORSMiddleware compares the strings:
+    `https://App.Example.com`, `https://x.example.com:443` or `https://bücher.example` (sent as
+    `https://xn--bcher-kva.example`) would otherwise never match, and every preflight from that page would get
+    a 400. ServerConfig.validate has refused a host that has no ASCII form."""
     written = []
     for origin in origins:
         scheme, sep, host = origin.partition("://")
-        scheme, host = scheme.lower(), host.lower()
+        scheme, host = scheme.lower(), ascii_host(host).lower()
         default = _DEFAULT_PORTS.get(scheme)
         if default and host.endswith(default):
             host = host[: -len(default)]

@@ -30,8 +30,10 @@ from openrerank.observe.tracing import ENDPOINT_SCHEMES
 
 #: The largest gRPC message grpc can be told to accept (its channel options are C ints).
 GRPC_MESSAGE_LIMIT = 2**31 - 1
-#: Bind addresses that take a port on every interface, so on any other address too.
-_EVERY_INTERFACE = frozenset({"0.0.0.0", "::"})
+#: The IPv4 wildcard: it takes a port on every IPv4 address. (`::`, dual-stack as Linux binds it by default, takes
+#: it on every address of both families.)
+_EVERY_IPV4 = "0.0.0.0"
+_EVERY_ADDRESS = "::"
 #: A web origin as browsers send it in `Origin` (RFC 6454): scheme, host, optional port; nothing after. Any case:
 #: the app writes it as browsers do (server/app.py, `browser_origins`).
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
@@ -149,7 +151,7 @@ class ServerConfig:
              "grpc-max-message-bytes", f"must be 1-{GRPC_MESSAGE_LIMIT} (gRPC's largest)")
         problems += [f"{setting_item('cors-allow-origin', o, shown)}: must be '*' or an origin, "
                      "scheme://host[:port] with no path"
-                     for o in self.cors_allow_origins if o != "*" and not _ORIGIN.fullmatch(o)]
+                     for o in self.cors_allow_origins if o != "*" and not _is_origin(o)]
         problems += [f"{setting_item('alias', a, shown)}: expected NAME=SERVED" for a in self.aliases
                      if not all(p.strip() for p in a.partition("=")[::2])]
         need(self.api_key is None or self.api_key.strip() != "", "api-key",
@@ -185,11 +187,15 @@ class ServerConfig:
             raise ValueError("; ".join(problems))
 
     def _grpc_takes_the_http_port(self) -> bool:
-        """Whether gRPC would bind the HTTP port on an address HTTP listens on too: the same host, or either on
-        every interface (port 0 picks a free port for each, no clash)."""
-        grpc_host = self.grpc_host or self.host
-        overlap = grpc_host == self.host or {grpc_host, self.host} & _EVERY_INTERFACE
-        return self.grpc_port is not None and self.grpc_port != 0 and self.grpc_port == self.port and bool(overlap)
+        """Whether gRPC would bind the HTTP port on an address HTTP listens on too: the same host, `::` beside
+        any, or 0.0.0.0 beside an IPv4 address (0.0.0.0 and ::1 on one port number both listen). Port 0 picks
+        a free port for each. A clash these strings do not show (`localhost` and 127.0.0.1) fails the bind."""
+        if self.grpc_port is None or self.grpc_port == 0 or self.grpc_port != self.port:
+            return False
+        hosts = {self.grpc_host or self.host, self.host}
+        if len(hosts) == 1 or _EVERY_ADDRESS in hosts:
+            return True
+        return _EVERY_IPV4 in hosts and not any(":" in h for h in hosts)
 
     def _tls_problems(self, name: Callable[[str], str]) -> list[str]:
         """Load the TLS files as the servers will, so a bad certificate or key is one line now, not a traceback
@@ -222,6 +228,28 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.ssl_certfile is not None
+
+
+def ascii_host(host: str) -> str:
+    """`host[:port]` with an internationalised name in its ASCII (IDNA) form, as browsers write it in `Origin`;
+    UnicodeError where the name has none."""
+    if host.isascii():
+        return host
+    name, sep, port = host.rpartition(":")
+    if not (sep and port.isdigit()):
+        name, sep, port = host, "", ""
+    return name.encode("idna").decode("ascii") + sep + port
+
+
+def _is_origin(text: str) -> bool:
+    """`scheme://host[:port]`, nothing after, a host with an ASCII form (what a browser can send)."""
+    if not _ORIGIN.fullmatch(text):
+        return False
+    try:
+        ascii_host(text.partition("://")[2])
+    except UnicodeError:
+        return False
+    return True
 
 
 def _is_url(text: str, schemes: tuple[str, ...]) -> bool:
