@@ -47,6 +47,20 @@ def test_good_scale_out_settings_pass_and_become_replica_options():
                                           "num_replicas": "--replicas 2", "max_replicas": "--max-replicas 4"}
 
 
+def test_an_autoscaled_deployment_without_replicas_starts_at_its_floor():
+    """It started at 1 replica: `--max-replicas 2 --replica-option min_replicas=2` was refused by Ray's check
+    ("num_replicas=1 must lie within min_replicas=2 and max_replicas=2"), a count the operator never gave."""
+    def options(*argv: str) -> dict:
+        args = build_parser().parse_args(["serve", "--max-replicas", "3", *argv])
+        config_from_args(args, {})
+        return replica_options(args)
+
+    assert options("--replica-option", "min_replicas=2")["num_replicas"] == "2"
+    assert options()["num_replicas"] == 1
+    assert options("--replica-option", "num_replicas=3", "--replica-option", "min_replicas=2")["num_replicas"] == "3"
+    assert options("--replicas", "2", "--replica-option", "min_replicas=1")["num_replicas"] == 2
+
+
 @pytest.mark.parametrize(("flag", "field", "values"), [
     ("replicas", "num_replicas", [-1, 0, 1, 2]),
     ("max-replicas", "max_replicas", [-1, 0, 1, 2]),

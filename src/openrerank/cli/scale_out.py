@@ -46,12 +46,17 @@ def check_scale_out(args: argparse.Namespace, shown: Shown | None = None) -> Non
 
 def replica_options(args: argparse.Namespace) -> dict[str, str | float | int]:
     """The `ReplicaOptions` fields the flags give (checked by `check_scale_out`); the dedicated flags win over
-    `--replica-option` for the same field."""
+    `--replica-option` for the same field. Without `--replicas` an autoscaled deployment starts at its floor
+    (`min_replicas`), as Ray Serve's does without `initial_replicas`: starting at 1 refused `--max-replicas 2
+    --replica-option min_replicas=2` as "num_replicas=1 must lie within" a range the operator gave."""
     options: dict[str, str | float | int] = {}
     for item in args.replica_options or []:
         key, _, value = item.partition("=")
         options[key.strip()] = value.strip()
-    options["num_replicas"] = args.replicas or 1
+    if args.replicas is not None:
+        options["num_replicas"] = args.replicas
+    else:
+        options.setdefault("num_replicas", options.get("min_replicas", 1))
     if args.max_replicas is not None:
         options["max_replicas"] = args.max_replicas
     if args.replica_cpus is not None:
