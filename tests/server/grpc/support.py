@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,3 +51,12 @@ def failure(call, *args: Any, **kw: Any) -> InferenceServerException:
 def status_of(exc: InferenceServerException) -> str:
     """'StatusCode.INVALID_ARGUMENT' -> 'INVALID_ARGUMENT'."""
     return str(exc.status()).removeprefix("StatusCode.")
+
+
+def run_isolated(script: str) -> dict:
+    """Run `script`, a file of this folder, in a process of its own and read the JSON object it prints: it loads
+    the service's protocol stubs, which cannot share a process with tritonclient's."""
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name(script))], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)

@@ -4,21 +4,14 @@ loaded beside tritonclient's."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).with_name("service_calls.py")
+from tests.server.grpc.support import run_isolated
 
 
 @pytest.fixture(scope="module")
 def outcome() -> dict:
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)
+    return run_isolated("service_calls.py")
 
 
 def test_many_unknown_inputs_are_refused_by_their_names_before_any_value_is_read(outcome):

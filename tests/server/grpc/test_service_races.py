@@ -4,21 +4,14 @@ of its own (service_races.py): the service's stubs cannot be loaded beside trito
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).with_name("service_races.py")
+from tests.server.grpc.support import run_isolated
 
 
 @pytest.fixture(scope="module")
 def outcome() -> dict:
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout)
+    return run_isolated("service_races.py")
 
 
 def test_a_call_cancelled_in_the_turn_its_work_fails_leaves_no_unretrieved_exception(outcome):
