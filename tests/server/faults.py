@@ -21,7 +21,7 @@ from openrerank.core.work import WorkItem
 from openrerank.families.scorer import Scorer
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
-from openrerank.server.http import guarded_protocol
+from openrerank.server.http_guard import guarded_protocol
 
 WAIT_S = 60.0
 

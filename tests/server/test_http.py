@@ -1,4 +1,4 @@
-"""The connection handling `openrerank serve` adds to uvicorn (`server/http.py`), on a bare ASGI app under
+"""The connection handling `openrerank serve` adds to uvicorn (`server/http_guard.py`), on a bare ASGI app under
 uvicorn in this process: a request answered before its body is read is closed gently, and boundedly."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import pytest
 import uvicorn
 from openrerank_bench.serve_process import free_port
 
-from openrerank.server import http
+from openrerank.server import http_guard
 
 WAIT_S = 10.0
 KEEP_ALIVE_S = 1  # uvicorn's idle keep-alive timeout here (5 s by default)
 SLOW_S = 1.5  # what POST /slow takes before it reads its body: longer than the short header timeout below
 SEEN: list[str] = []  # the paths refusing_app was called for
+REFUSED: list[tuple[int, str | None, str]] = []  # what the guard told of the requests it answered itself
 
 
 async def refusing_app(scope, receive, send) -> None:
@@ -48,9 +49,15 @@ class Served:
     def __init__(self, header_timeout: float = 5.0) -> None:
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(refusing_app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    lifespan="off", http=http.guarded_protocol(header_timeout),
+                                                    lifespan="off", http=http_guard.guarded_protocol(
+                                                        header_timeout, on_refusal=self.refused),
                                                     timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    @staticmethod
+    def refused(status: int, path: str | None, reason: str, client: object) -> None:
+        assert client is not None
+        REFUSED.append((status, path, reason))
 
     def connections(self) -> int:
         return len(self.server.server_state.connections)
@@ -73,6 +80,7 @@ class Served:
 @pytest.fixture
 def served(request) -> Iterator[Served]:
     SEEN.clear()
+    REFUSED.clear()
     s = Served(getattr(request, "param", 5.0))
     s.thread.start()
     deadline = time.monotonic() + WAIT_S
@@ -117,7 +125,7 @@ def test_expect_100_continue_gets_the_refusal_without_the_body(served):
 
 
 def test_a_quiet_client_is_closed_linger_s_after_the_answer(served, monkeypatch):
-    monkeypatch.setattr(http, "LINGER_S", 0.5)
+    monkeypatch.setattr(http_guard, "LINGER_S", 0.5)
     with socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.settimeout(WAIT_S)
         sock.sendall(head("/refuse", 1 << 20) + b"x" * 1000)  # ... and nothing more, nor a close
@@ -128,8 +136,8 @@ def test_a_quiet_client_is_closed_linger_s_after_the_answer(served, monkeypatch)
 
 
 def test_a_client_that_never_stops_sending_is_closed_after_linger_max_s(served, monkeypatch):
-    monkeypatch.setattr(http, "LINGER_S", 1.0)  # 20 sends' gaps: a stalled test thread does not end it early
-    monkeypatch.setattr(http, "LINGER_MAX_S", 2.5)
+    monkeypatch.setattr(http_guard, "LINGER_S", 1.0)  # 20 sends' gaps: a stalled test thread does not end it early
+    monkeypatch.setattr(http_guard, "LINGER_MAX_S", 2.5)
     stop = threading.Event()
     with socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.sendall(head("/refuse", 1 << 30))
@@ -153,8 +161,8 @@ def test_a_client_that_never_stops_sending_is_closed_after_linger_max_s(served, 
 def test_the_keep_alive_timeout_does_not_cut_a_linger_short(served, monkeypatch):
     """A body still arriving over a slow link outlasts uvicorn's keep-alive timeout; closing then would reset
     the connection under the client as closing at once did."""
-    monkeypatch.setattr(http, "LINGER_S", 1.0)
-    monkeypatch.setattr(http, "LINGER_MAX_S", 30.0)
+    monkeypatch.setattr(http_guard, "LINGER_S", 1.0)
+    monkeypatch.setattr(http_guard, "LINGER_MAX_S", 30.0)
     sending_s = KEEP_ALIVE_S + 1.5
     with socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.settimeout(WAIT_S)
@@ -168,7 +176,7 @@ def test_the_keep_alive_timeout_does_not_cut_a_linger_short(served, monkeypatch)
 
 
 def test_a_request_read_whole_is_closed_at_once(served, monkeypatch):
-    monkeypatch.setattr(http, "LINGER_S", 60.0)  # a linger would outlast wait_closed
+    monkeypatch.setattr(http_guard, "LINGER_S", 60.0)  # a linger would outlast wait_closed
     with socket.create_connection(("127.0.0.1", served.port)) as sock:
         sock.settimeout(WAIT_S)
         sock.sendall(head("/read", 5) + b"hello")
@@ -286,3 +294,28 @@ def test_a_transfer_coding_other_than_chunked_gets_501(served):
     assert "Transfer-Encoding 'gzip'" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"]
     served.wait_closed()
     assert SEEN == []
+
+
+def test_each_request_the_guard_answers_itself_is_told_once_with_its_path_and_why(served):
+    """They were in no metric and no access line (the app never had them): an unreadable request left only
+    uvicorn's bare "Invalid HTTP request received." at WARNING."""
+    exchange(served, b"garbage\r\n\r\n")
+    exchange(served, head("/echo", 5) + b"hello" + b"CONNECT example.com:443 HTTP/1.1\r\nhost: x\r\n\r\n")
+    exchange(served, b"POST /v1/rerank HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
+    exchange(served, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 70_000 + b"\r\n\r\n")
+    (garbage, connect, coding, large) = REFUSED
+    assert garbage[:2] == (400, None) and garbage[2].startswith("invalid HTTP request: "), garbage
+    assert connect[:2] == (400, "example.com:443") and "not a proxy" in connect[2], connect
+    assert coding[:2] == (501, "/v1/rerank") and "gzip" in coding[2], coding
+    assert large[:2] == (431, "/v1/models") and "--max-header-bytes" in large[2], large
+    assert SEEN == ["/echo"]  # the app had none of them
+
+
+@pytest.mark.parametrize("served", [0.5], indirect=True)
+def test_a_stalled_head_is_told_but_a_connection_that_sent_nothing_is_no_request(served):
+    exchange(served, b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\n")  # ... and never the rest
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:  # nothing at all
+        sock.settimeout(WAIT_S)
+        assert read_all(sock).startswith(b"HTTP/1.1 408")  # answered, but it made no request to count
+    assert [(status, path) for status, path, _ in REFUSED] == [(408, "/v1/ranking")]
+    assert "--header-timeout" in REFUSED[0][2]

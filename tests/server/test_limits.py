@@ -119,6 +119,37 @@ def test_slow_headers_and_bodies_are_cut_off(tmp_path, tiny_model_dir):
             assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 200
 
 
+def test_requests_answered_before_the_app_has_them_are_counted_and_logged(tmp_path, tiny_model_dir):
+    """An unreadable request (400), headers over the limit (431), a stalled head (408), a transfer coding it
+    cannot read (501): answered by the connection's guard, but in no metric, and the log had only uvicorn's
+    bare "Invalid HTTP request received." at WARNING, with no path, client or reason."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    args = ["--model", f"tiny={tiny_model_dir}", "--threads", "1", "--max-header-bytes", "8192",
+            "--header-timeout", "1"]
+    sends = [b"garbage\r\n\r\n", b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 9000 + b"\r\n\r\n",
+             b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\n",
+             b"POST /v1/rerank HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n"]
+    with run_server(args, tmp_path) as server:
+        answers = []
+        for data in sends:
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(data)
+                sock.settimeout(10)
+                answers.append(read_all(sock)[:12])
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        output = server.output()
+    assert answers == [b"HTTP/1.1 400", b"HTTP/1.1 431", b"HTTP/1.1 408", b"HTTP/1.1 501"]
+    counted = {(s.labels["route"], s.labels["status"]): s.value for f in text_string_to_metric_families(metrics)
+               if f.name == "openrerank_requests" for s in f.samples if s.name == "openrerank_requests_total"}
+    refused = {("unmatched", "400"): 1.0, ("/v1/models", "431"): 1.0, ("/v1/ranking", "408"): 1.0,
+               ("/v1/rerank", "501"): 1.0}  # an unreadable request has no route: "unmatched", as an unknown path
+    assert {k: v for k, v in counted.items() if not k[0].startswith(("/v1/health", "/metrics"))} == refused
+    lines = [line for line in output.splitlines() if "openrerank.access" in line and " - " in line]
+    assert len(lines) == 4 and all("reason=" in line and "client=" in line for line in lines), lines
+    assert "Invalid HTTP request received" not in output
+
+
 def serve_exit(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "openrerank", "serve", "--port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1",

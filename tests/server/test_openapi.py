@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from openrerank.server import errors
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
-from openrerank.server.http import headers_too_large
+from openrerank.server.http_answers import headers_too_large
 
 
 def test_every_route_declares_the_431_in_the_shape_its_path_answers():

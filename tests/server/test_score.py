@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from openrerank.core.requests import RerankResult, ScoreKind, Truncate
-from openrerank.server import http
+from openrerank.server import http_answers
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import score as dialect
@@ -230,7 +230,7 @@ def test_no_client_error_is_typed_as_a_server_error():
         assert dialect.error_type(status) != "InternalServerError", status
     assert dialect.error_type(400) == dialect.error_type(405) == dialect.error_type(431) == "BadRequestError"
     assert dialect.error_type(404) == "NotFoundError" and dialect.error_type(500) == "InternalServerError"
-    head = http.headers_too_large(b"POST /v1/score HTTP/1.1\r\nx-pad: aaaa", 8)
+    head = http_answers.headers_too_large(b"POST /v1/score HTTP/1.1\r\nx-pad: aaaa", 8)
     assert b'"type":"BadRequestError"' in head and b'"code":431' in head
 
 

@@ -24,7 +24,9 @@ _UVICORN_NOISE = ("Uvicorn running on", "Waiting for application startup", "Appl
                   "Waiting for application shutdown", "Application shutdown complete",
                   # "(CTRL+C to force quit)": not what a second Ctrl-C does here (server/drain.py), and the
                   # drain's own line says what happens to the requests still running
-                  "Waiting for connections to close", "Waiting for background tasks to complete")
+                  "Waiting for connections to close", "Waiting for background tasks to complete",
+                  # an unreadable request: its access line says what was wrong (server/middleware.record_refusal)
+                  "Invalid HTTP request received.")
 
 
 def _timestamp(record: logging.LogRecord) -> str:

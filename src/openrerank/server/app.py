@@ -329,6 +329,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     install_openapi_models(app, tei.OPENAPI_MODELS)
     install_openapi(app, config, app.state.models)  # after: its limits cover the hand-referenced bodies too
     routes = functools.cache(lambda: route_paths(app))
+    app.state.route_paths = routes  # for the requests the connection's guard answers (server/http.py)
     # Last added runs first: the request log sees every answer (and gives each its x-request-id), the
     # catch-all turns anything unexpected into a 500 in the dialect's shape, metrics see everything, auth
     # runs before the body is read; HEAD becomes GET innermost, so the log and metrics still say HEAD.

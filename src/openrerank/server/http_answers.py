@@ -1,4 +1,4 @@
-"""The whole answers the connection's guard (`server/http.py`) sends itself, before the app has the request:
+"""The whole answers the connection's guard (`server/http_guard.py`) sends itself, before the app has the request:
 each in the error shape of the dialect owning the request's path, with `Connection: close`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HTTP/1.1 edges uvicorn's httptools protocol gets wrong, for `server/http.py`'s protocol: an upgrade offer
+"""HTTP/1.1 edges uvicorn's httptools protocol gets wrong, for `server/http_guard.py`'s protocol: an upgrade offer
 the server does not take, transfer codings other than chunked, and request targets that are not a URL."""
 
 from __future__ import annotations

@@ -189,6 +189,19 @@ class RequestLogMiddleware:
             trace_request(self.tracer, f"{scope['method']} {route}", text_headers, start_ns, usage, attrs, error)
 
 
+def record_refusal(metrics: Metrics, routes: set[str], status: int, path: str | None, reason: str,
+                   client: Any) -> None:
+    """A request the connection's guard answered itself, before the app had it (unreadable, headers too large
+    or too slow, a transfer coding it cannot read: server/http_guard.py), counted and logged as the app's answers
+    are: such 400s were in no metric, and the log had only uvicorn's bare "Invalid HTTP request received."."""
+    route = route_label(path or "", routes)
+    metrics.requests.labels(route, str(status), "http").inc()
+    fields = {"protocol": "http", "method": "-", "route": route, "status": status,
+              "path": (path or "")[:UNMATCHED_PATH_CHARS] if route == UNMATCHED else None,
+              "client": f"{client[0]}:{client[1]}" if client else None, "reason": reason}
+    access_log.info("- %s %d", route, status, extra={"fields": fields, "in_message": ("method", "route", "status")})
+
+
 def trace_request(tracer: Any, name: str, headers: dict[str, str], start_ns: int, usage: dict[str, Any],
                   attributes: dict[str, Any], error: str | None) -> None:
     """One request's server span (HTTP or gRPC; `tracer`: an `observe.tracing.Tracer`, None when tracing is
