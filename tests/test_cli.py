@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from openrerank.cli.main import build_parser, config_from_args
+from openrerank.cli.options import UsageError
 from tests.support import build_tiny_model
 
 
@@ -220,6 +221,28 @@ def test_a_mistyped_variable_is_warned_about_with_the_close_match(caplog):
     assert not caplog.records
 
 
+#: What Kubernetes injects into a pod for Services named `openrerank` and `openrerank-gpu` created before it.
+SERVICE_LINKS = {"OPENRERANK_SERVICE_HOST": "10.96.0.10", "OPENRERANK_SERVICE_PORT": "8000",
+                 "OPENRERANK_SERVICE_PORT_HTTP": "8000", "OPENRERANK_PORT": "tcp://10.96.0.10:8000",
+                 "OPENRERANK_PORT_8000_TCP": "tcp://10.96.0.10:8000", "OPENRERANK_PORT_8000_TCP_PROTO": "tcp",
+                 "OPENRERANK_PORT_8000_TCP_PORT": "8000", "OPENRERANK_PORT_8000_TCP_ADDR": "10.96.0.10",
+                 "OPENRERANK_GPU_SERVICE_HOST": "10.96.0.11", "OPENRERANK_GPU_PORT": "tcp://10.96.0.11:8000"}
+
+
+def test_kubernetes_service_links_are_not_called_mistyped_and_a_linked_port_says_what_it_is(caplog):
+    """A Service named `openrerank` injects these into every pod made after it: each start warned about them as
+    typos ("OPENRERANK_SERVICE_HOST (did you mean OPENRERANK_GRPC_HOST?)"), and OPENRERANK_PORT=tcp://... was
+    refused only as "expected an integer"."""
+    from openrerank.cli.main import report_unknown_env
+
+    with caplog.at_level("WARNING", logger="openrerank"):
+        report_unknown_env({**SERVICE_LINKS, "OPENRERANK_PORT": "8000"})
+    assert not caplog.records
+    with pytest.raises(UsageError, match=r"OPENRERANK_PORT='tcp://10.96.0.10:8000': expected an integer "
+                                         r"\(a Kubernetes service link.*enableServiceLinks: false"):
+        config_from_args(build_parser().parse_args(["serve"]), SERVICE_LINKS)
+
+
 def test_every_openrerank_variable_read_in_src_is_known():
     """Each OPENRERANK_ name the code mentions is a serve flag's or declared where it is read (cli/main.py's
     known_env), so the warning above never calls a real variable unknown."""
@@ -383,7 +406,6 @@ def test_the_http_socket_holds_its_port_against_another_bind():
     """A bound socket that does not listen yet does not hold its port against another SO_REUSEADDR bind: the
     gRPC check on `--grpc-port` equal to `--port` passed, and gRPC took the port HTTP was to serve on."""
     from openrerank.cli.main import bind_socket
-    from openrerank.cli.options import UsageError
 
     with bind_socket("127.0.0.1", 0) as http:
         port = http.getsockname()[1]

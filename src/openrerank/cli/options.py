@@ -12,6 +12,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,14 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option], defa
         groups[opt.group].add_argument(f"--{opt.flag}", **kw)
 
 
+#: What Kubernetes (and Docker's legacy links) puts in `<SERVICE>_PORT`: a Service named `openrerank` makes
+#: OPENRERANK_PORT=tcp://10.0.0.1:8000 in every pod created after it.
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://\S+:\d+")
+#: The other variables a Service named `<prefix>...` injects (`_SERVICE_HOST`, `_SERVICE_PORT[_NAME]`,
+#: `_PORT_8000_TCP[_PROTO|_PORT|_ADDR]`): not settings, so not "ignored" ones.
+_SERVICE_LINK_NAME = re.compile(r".*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)")
+
+
 def env_value(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] | None = None) -> Any:
     """The option's value from its environment variable, or raise UsageError naming the variable (or what
     `named` says the value came from, e.g. the NIM variable it was translated from)."""
@@ -110,6 +119,9 @@ def env_value(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] 
         except (TypeError, ValueError) as exc:
             what = _TYPE_WORDS.get(opt.type, getattr(opt.type, "__name__", "a valid value"))
             detail = "" if opt.type in _TYPE_WORDS else f" ({exc})"
+            if _SERVICE_LINK.fullmatch(item):
+                detail += (" (a Kubernetes service link: a Service named like this variable's prefix injects it; "
+                           "set the variable in the pod, or `enableServiceLinks: false`)")
             raise UsageError(f"{shown}: expected {what}{detail}") from None
         if opt.choices and value not in opt.choices:
             raise UsageError(f"{shown}: expected one of {', '.join(opt.choices)}")
@@ -151,6 +163,8 @@ def unknown_env(environ: Mapping[str, str], known: Iterable[str], prefix: str = 
     rests = {name[len(prefix):]: name for name in known}
     found = []
     for name in sorted(k for k in environ if k.startswith(prefix) and k[len(prefix):] not in rests):
+        if _SERVICE_LINK_NAME.fullmatch(name) or _SERVICE_LINK.fullmatch(environ[name]):  # Kubernetes' own
+            continue
         close = difflib.get_close_matches(name[len(prefix):], sorted(rests), n=1, cutoff=0.6)
         found.append(name + (f" (did you mean {rests[close[0]]}?)" if close else ""))
     return found
