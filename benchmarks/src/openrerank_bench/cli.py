@@ -215,7 +215,9 @@ def _runnable(configs: list[str], *, given: bool, console, flag: str = "--backen
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # int8 without VNNI: the engine's own load says it
-                plan_runtimes(backend, dtype, "cpu")
+                # named as this entry's parts: not `--backend ...`, a serve flag the user did not type here
+                plan_runtimes(backend, dtype, "cpu",
+                              shown={"backend": f"backend {backend!r}", "dtype": f"dtype {dtype!r}"})
         except RuntimeConfigError as exc:
             if given:
                 raise RuntimeConfigError(f"{flag} {cfg}: {exc}") from None
