@@ -236,10 +236,10 @@ def test_an_out_of_range_nim_value_is_one_line_before_any_log():
 def test_a_served_model_name_that_does_not_apply_is_reported_not_used(caplog):
     """With --model NAME=SOURCE (or several models) NIM_SERVED_MODEL_NAME has no effect; the log said
     "NIM variables read: NIM_SERVED_MODEL_NAME as --served-model-name", a flag that does not exist."""
-    from openrerank.cli.main import build_parser, config_and_nim_env
+    from openrerank.cli.main import build_parser, serve_settings
 
     env = {"NIM_SERVED_MODEL_NAME": "nvidia/llama-nemotron-rerank-1b-v2", "NIM_SERVER_MAX_QUEUE_SIZE": "3"}
-    cfg, nim = config_and_nim_env(build_parser().parse_args(["serve", "--model", "ce=default"]), env)
+    cfg, nim, _ = serve_settings(build_parser().parse_args(["serve", "--model", "ce=default"]), env)
     assert cfg.models == ["ce=default"]
     with caplog.at_level("INFO", logger="openrerank"):
         nim.report()
@@ -247,7 +247,7 @@ def test_a_served_model_name_that_does_not_apply_is_reported_not_used(caplog):
     assert "NIM_SERVED_MODEL_NAME not used: it names the one model served" in caplog.text
     assert "served-model-name" not in caplog.text
     caplog.clear()
-    cfg, nim = config_and_nim_env(build_parser().parse_args(["serve"]), env)
+    cfg, nim, _ = serve_settings(build_parser().parse_args(["serve"]), env)
     assert cfg.models == ["nvidia/llama-nemotron-rerank-1b-v2=default"]
     with caplog.at_level("INFO", logger="openrerank"):
         nim.report()

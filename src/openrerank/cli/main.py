@@ -152,19 +152,14 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     """Flags, then OPENRERANK_* variables, then NIM_* ones (cli/nim_env.py), then ServerConfig's defaults;
     checked (ServerConfig.validate) before anything is logged. A bad value is a UsageError naming what the
     user set: the flag, or the variable and the value written there (NIM_HTTP_API_PORT='70000': ...)."""
-    return config_and_nim_env(args, environ)[0]
-
-
-def config_and_nim_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None
-                       ) -> tuple[ServerConfig, NimEnv]:
-    """`config_from_args`, and what the NIM variables amounted to (its `report()`: once logging is set up)."""
-    return serve_settings(args, environ)[:2]
+    return serve_settings(args, environ)[0]
 
 
 def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None
                    ) -> tuple[ServerConfig, NimEnv, Shown]:
-    """`config_and_nim_env`, and how to name each setting taken from the environment (`resolve_options`), for
-    the checks after it (`preflight`, `--replicas`)."""
+    """`config_from_args`, what the NIM variables amounted to (its `report()`: once logging is set up), and how
+    to name each setting taken from the environment (`resolve_options`), for the checks after it (`preflight`,
+    `--replicas`)."""
     environ = os.environ if environ is None else environ
     nim = read_nim_env(environ)
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
