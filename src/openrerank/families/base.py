@@ -109,6 +109,13 @@ class ModelFiles:
     def model_type(self) -> str:
         return str(self.config.get("model_type", "unknown"))
 
+    @property
+    def lowercase(self) -> bool:
+        """sentence-transformers lowercases every text first (`do_lower_case` of sentence_bert_config.json).
+        It reads that file only for a folder it loads through modules.json (a bi-encoder, a CrossEncoder saved
+        by sentence-transformers >= 6); `CrossEncoder` on a plain checkpoint ignores it, so this does too."""
+        return self.modules is not None and self.sbert_config.get("do_lower_case") is True
+
     def window(self) -> int:
         """Tokens one sequence may hold: the smallest of the position table, the tokenizer's
         model_max_length and sentence-transformers' max_seq_length."""

@@ -9,7 +9,9 @@ per text leaves the runtime and every engine computes the same thing. A Pooling 
 then takes a `pooling_mask` input beside the attention mask (the prompt's tokens attended to, not pooled).
 
 Every bi-encoder is also an embedding model (`/v1/embeddings`). What its files say about embeddings is read
-here: whether `encode` normalizes (a Normalize module), the query/passage prompts of
+here: whether `encode` normalizes (a Normalize module), whether it lowercases every text, prompt included
+(`do_lower_case` in sentence_bert_config.json: a Lowercase normalizer in front of the tokenizer's, as
+sentence-transformers puts there), the query/passage prompts of
 `config_sentence_transformers.json`, and whether the embeddings may be shortened (a Matryoshka model, declared
 by its card's tags, e.g. `loss:MatryoshkaLoss` as sentence-transformers writes it). Reranking embeds the query
 with its query prompt and each passage with its passage prompt, as `encode_query` / `encode_document` do, so
@@ -26,6 +28,7 @@ from openrerank.families.st_modules import load_dense, read_stack
 from openrerank.runtimes.base import POOLING_MASK, Network, NetworkBuild
 from openrerank.sources.safety import is_onnx_export
 from openrerank.text.bi import BiTextEncoder
+from openrerank.text.tokenizing import lowercased
 
 #: Prompt names models use for NIM's `input_type` values, most common first; a passage's start with
 #: sentence-transformers' `encode_document` candidates, in its order (document, passage, corpus).
@@ -179,6 +182,8 @@ class BiEncoderFamily(Family):
                 options["default_prompt_name"] = default
         if not stack["include_prompt"] and any(options.get("prompts", {}).values()):
             options["include_prompt"] = False  # only where a prompt is ever prepended: else nothing changes
+        if files.lowercase:
+            options["lowercase"] = True
         return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None, files.window(),
                          options)
 
@@ -187,6 +192,8 @@ class BiEncoderFamily(Family):
         return () if is_onnx_export(spec.path) else tuple(d["path"] for d in spec.options.get("dense") or ())
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> BiTextEncoder:
+        if spec.options.get("lowercase"):
+            tokenizer = lowercased(tokenizer)
         return BiTextEncoder(tokenizer, spec.max_length, prompts=input_prompts(spec),
                              exclude_prompt=spec.options.get("include_prompt") is False)
 

@@ -17,6 +17,7 @@ from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.runtimes.torch_runtime import torch_dtype
 from openrerank.text.pairs import PairTextEncoder
+from openrerank.text.tokenizing import lowercased
 
 # model_type -> onnxruntime.transformers optimizer family (as optimum maps them).
 ORT_FUSIONS = {
@@ -127,10 +128,13 @@ class CrossEncoderFamily(Family):
         if labels not in (1, 2):
             raise ModelFormatError(
                 f"{files.path}: {arch} has {labels} labels; a reranker needs 1 (relevance logit) or 2 (no/yes)")
-        return ModelSpec(files.path, self.id, files.model_type, arch, files.window(), {"num_labels": labels})
+        options: dict = {"num_labels": labels}
+        if files.lowercase:  # a CrossEncoder saved by sentence-transformers >= 6 with do_lower_case
+            options["lowercase"] = True
+        return ModelSpec(files.path, self.id, files.model_type, arch, files.window(), options)
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> PairTextEncoder:
-        return PairTextEncoder(tokenizer, spec.max_length)
+        return PairTextEncoder(lowercased(tokenizer) if spec.options.get("lowercase") else tokenizer, spec.max_length)
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         return Network(spec.path, head="sequence-classification:logits",

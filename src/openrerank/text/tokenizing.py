@@ -86,6 +86,27 @@ class TokenizerPool:
         return self(text, add_special_tokens=False, **kw)["input_ids"]
 
 
+def lowercased(tokenizer):
+    """A copy of `tokenizer` that lowercases every text, as sentence-transformers' `do_lower_case` does: a
+    Lowercase normalizer in front of the tokenizer's own (unless it has one), so a prompt prepended to a text is
+    lowercased with it, and offsets still point into the text as sent (chunking and bounding cut that text)."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if not tokenizer.is_fast:  # sentence-transformers' own path for a slow tokenizer
+        try:
+            tokenizer.do_lower_case = True
+        except AttributeError:
+            tokenizer.basic_tokenizer.do_lower_case = True
+        return tokenizer
+    backend = tokenizer.backend_tokenizer
+    own = backend.normalizer
+    steps = list(own) if isinstance(own, Sequence) else [] if own is None else [own]
+    if not any(isinstance(step, Lowercase) for step in steps):
+        backend.normalizer = Sequence([Lowercase(), *steps])
+    return tokenizer
+
+
 def bound_read(need: int) -> int:
     """The most characters of one text that bounding it for `need` tokens tokenizes: a fixed multiple of what
     the window needs, so no text (a megabyte run of newlines) buys seconds of CPU beyond its window's cost."""
