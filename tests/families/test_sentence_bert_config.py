@@ -1,16 +1,20 @@
 """What sentence_bert_config.json says about a model's text, read as sentence-transformers reads it: only for
-a folder it loads through modules.json, `do_lower_case` lowercases every text (its prompt included). Checked
-against `SentenceTransformer.encode` and `CrossEncoder.predict` on tiny models with a cased tokenizer."""
+a folder it loads through modules.json, `do_lower_case` lowercases every text (its prompt included) and
+`max_seq_length` replaces the tokenizer's model_max_length (never past the position table). Checked against
+`SentenceTransformer.encode` and `CrossEncoder.predict` on tiny models with a cased tokenizer."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from openrerank.core.requests import Truncate
 from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.families.base import ModelFiles
+from openrerank.families.registry import resolve_spec
 from tests.support import build_tiny_bi_encoder, build_tiny_model
 
 TOL = 1e-4
@@ -109,3 +113,46 @@ def test_a_cross_encoder_lowercases_only_where_sentence_transformers_reads_do_lo
             assert loaded.spec.options.get("lowercase", False) is lowercase
         finally:
             loaded.close()
+
+
+# -- max_seq_length: sentence-transformers lets it replace the tokenizer's model_max_length ------------------
+
+def window_of(path) -> int:
+    return resolve_spec(ModelFiles.read(path))[1].max_length
+
+
+@pytest.fixture(scope="module")
+def long_seq_bi(tmp_path_factory):
+    """max_seq_length 48 over a tokenizer's model_max_length of 16, 64 positions."""
+    path = build_tiny_bi_encoder(tmp_path_factory.mktemp("seqlen") / "model", seed=8)
+    edit_json(path / "sentence_bert_config.json", max_seq_length=48)
+    edit_json(path / "tokenizer_config.json", model_max_length=16)
+    return path
+
+
+def test_max_seq_length_wins_over_the_tokenizer_as_in_sentence_transformers(long_seq_bi, st):
+    model = st.SentenceTransformer(str(long_seq_bi), device="cpu")
+    assert window_of(long_seq_bi) == model.max_seq_length == 48
+    loaded = load_model(str(long_seq_bi), LoadOptions(backend="torch", dtype="fp32"))
+    try:
+        np.testing.assert_allclose(loaded.embed(PASSAGES, normalize=False), model.encode(PASSAGES), atol=TOL, rtol=0)
+    finally:
+        loaded.close()
+
+
+def test_max_seq_length_is_held_to_the_position_table(long_seq_bi, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(long_seq_bi, path)
+    edit_json(path / "sentence_bert_config.json", max_seq_length=512)
+    assert window_of(path) == 64
+
+
+def test_without_modules_json_the_window_is_read_as_before(cased_cross_encoders, st, tmp_path):
+    """`CrossEncoder` on a plain checkpoint reads no sentence_bert_config.json: the tokenizer's length holds."""
+    path = tmp_path / "model"
+    shutil.copytree(cased_cross_encoders[0], path)
+    edit_json(path / "tokenizer_config.json", model_max_length=16)
+    edit_json(path / "sentence_bert_config.json", max_seq_length=48)
+    assert window_of(path) == st.CrossEncoder(str(path), device="cpu").max_seq_length == 16
+    edit_json(path / "sentence_bert_config.json", max_seq_length=8)
+    assert window_of(path) == 8  # the smallest of the three, as openrerank has always read it

@@ -117,17 +117,23 @@ class ModelFiles:
         return self.modules is not None and self.sbert_config.get("do_lower_case") is True
 
     def window(self) -> int:
-        """Tokens one sequence may hold: the smallest of the position table, the tokenizer's
-        model_max_length and sentence-transformers' max_seq_length."""
+        """Tokens one sequence may hold, never more than the position table. In a modules.json folder
+        sentence-transformers' max_seq_length replaces the tokenizer's model_max_length (its Transformer module
+        passes it to the tokenizer as model_max_length), so it wins when set; otherwise the smallest of the
+        position table, the tokenizer's model_max_length and max_seq_length."""
         positions = int(self.config.get("max_position_embeddings") or 512)
         if self.model_type in _OFFSET_POSITIONS:
             positions -= 2
+        sbert_max = self.sbert_config.get("max_seq_length")
+        if not (isinstance(sbert_max, int) and sbert_max > 0):
+            sbert_max = None
+        if self.modules is not None and sbert_max is not None:
+            return min(positions, sbert_max)
         candidates = [positions]
         tok_max = self.tokenizer_config.get("model_max_length")
         if isinstance(tok_max, (int, float)) and 0 < tok_max < _UNBOUNDED:
             candidates.append(int(tok_max))
-        sbert_max = self.sbert_config.get("max_seq_length")
-        if isinstance(sbert_max, int) and sbert_max > 0:
+        if sbert_max is not None:
             candidates.append(sbert_max)
         return min(candidates)
 
