@@ -253,6 +253,17 @@ def bi_then_tiny(tmp_path_factory, tiny_model_dir):
         yield c
 
 
+@pytest.mark.parametrize("path", ["/embed", "/", "/invocations"])
+def test_embed_sends_the_compute_headers_as_rerank_does(bi_then_tiny, path):
+    """TEI sets x-compute-tokens and x-compute-time on /embed too: the tokens are /v1/embeddings' usage."""
+    texts = ["paris is the capital", "the sea"]
+    ref = bi_then_tiny.post("/v1/embeddings", json={"input": texts, "model": "bi"})
+    r = bi_then_tiny.post(path, json={"inputs": texts, "model": "bi"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-compute-tokens"] == str(ref.json()["usage"]["prompt_tokens"])
+    assert r.headers["x-compute-time"] == r.headers["x-total-time"]
+
+
 @pytest.mark.parametrize("path", ["/", "/invocations"])
 def test_root_serves_the_task_of_the_model_it_picks(bi_then_tiny, path):
     """"The" model of TEI's root is the one `model` names, else the first served, as /embed and /rerank pick."""

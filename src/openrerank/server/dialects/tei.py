@@ -156,9 +156,15 @@ async def tei_rerank(request: Request, response: Response, payload: dict) -> lis
     config: ServerConfig = common.config(request)
     req = to_internal(tei_body, chunking=config.tei_chunking)
     result = await common.rerank(request, response, req)
-    response.headers["x-compute-tokens"] = str(result.prompt_tokens)
-    response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
+    compute_headers(response, result.prompt_tokens)
     return result_to_wire(result, tei_body)
+
+
+def compute_headers(response: Response, tokens: int) -> None:
+    """TEI's x-compute-tokens and x-compute-time, which it sends on /embed as on /rerank (clients and proxies
+    meter by them); after `record_usage` set x-total-time, which is the compute time here."""
+    response.headers["x-compute-tokens"] = str(tokens)
+    response.headers["x-compute-time"] = response.headers.get("x-total-time", "0")
 
 
 _HEALTH: dict[str, Any] = {"tags": ["TEI", "Infinity"], "response_model": None, "responses": {
@@ -284,7 +290,9 @@ async def embed_answer(request: Request, body: TeiEmbedRequest) -> OrjsonRespons
     result = await embeddings.embed_texts(request, texts, body.model, input_type=input_type, truncate=truncate,
                                           dimensions=body.dimensions)
     vectors = unit_vectors(result.embeddings) if body.normalize else result.embeddings
-    return embeddings.embed_response(request, np.ascontiguousarray(vectors, dtype=np.float32), result, texts)
+    response = embeddings.embed_response(request, np.ascontiguousarray(vectors, dtype=np.float32), result, texts)
+    compute_headers(response, result.prompt_tokens)
+    return response
 
 
 @router.post("/embed", tags=["TEI"], response_model=None, responses={**_VECTORS, **_EMBED_ERRORS},
