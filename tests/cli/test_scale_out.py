@@ -4,6 +4,8 @@ the variable that was set. Before, Ray's pydantic validation printed several lin
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from openrerank.cli.main import build_parser, config_from_args, main
@@ -102,3 +104,13 @@ def test_what_only_ray_refuses_is_one_line_naming_the_flags(capsys):
     assert main(["serve", "--replicas", "2", "--replica-option", "num_cpus=100000"]) == 2
     err = capsys.readouterr().err  # named once, as set (the flag's own name was once added to it)
     assert "error: --replica-option num_cpus=100000 per replica for 2 replicas exceeds the " in err, err
+
+
+def test_without_ray_installed_it_is_one_line_naming_the_extra(monkeypatch, capsys):
+    """The `ray` extra is optional: without it, `serve --replicas` says how to install it (exit 2), no traceback."""
+    for module in ("ray", "ray.serve"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import ray` fails here as it does where Ray is absent
+    assert main(["serve", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "serve --replicas needs the 'ray' extra" in err and "scripts/setup.sh ray" in err, err
