@@ -75,3 +75,32 @@ def test_embed_backends_are_checked_only_when_embed_is_measured(tasks, monkeypat
     else:
         assert _bench(argv, monkeypatch, tmp_path, NO_BF16) == 2
         assert "error: --embed-backends openvino:bf16: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("tasks", "flag"), [("rerank", None), ("embed", "--embed-backends"),
+                                             ("rerank,embed", "--embed-backends")])
+def test_a_malformed_entry_is_refused_only_for_its_task_naming_its_flag(tasks, flag, monkeypatch, tmp_path, capsys):
+    """Before, `--tasks rerank --embed-backends bogus` exited 2 saying `--backends entries are ...`: the embeddings
+    list was checked for a task not asked for, and named as the other flag."""
+    argv = ["--tasks", tasks, "--embed-backends", "bogus"]
+    if flag is None:
+        with pytest.raises(_Reached):
+            _bench(argv, monkeypatch, tmp_path, NO_BF16)
+        return
+    assert _bench(argv, monkeypatch, tmp_path, NO_BF16) == 2
+    assert f"{flag} entries are BACKEND:DTYPE, got 'bogus'" in capsys.readouterr().err
+
+
+def test_the_roofline_caption_uses_the_median_gemm_pace(monkeypatch, tmp_path):
+    """The caption's pace is the median of the run's GEMMs, as the per-round fractions use (with an even count it
+    was the upper middle one: 3.0 here)."""
+    from types import SimpleNamespace
+
+    import openrerank_bench.cli as bench_cli
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(bench_cli, "workload_sequences", lambda *_a: ([10], 1))
+    monkeypatch.setattr(bench_cli, "flops_per_pair", lambda *_a: 1e9)
+    runner = SimpleNamespace(served=SimpleNamespace(loaded=None))
+    roof = bench_cli._roofline(runner, SimpleNamespace(queries=[], passages=[]), tmp_path, 1, [4.0, 1.0, 3.0, 2.0])
+    assert roof["gemm_gflops"] == 2.5 and roof["pairs_per_s"] == 2.5

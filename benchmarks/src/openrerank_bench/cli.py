@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -128,10 +129,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if not tasks or tasks - {"rerank", "embed"}:
         console.print(f"[red]--tasks is a comma-separated list of rerank, embed; got {args.tasks!r}[/red]")
         return 2
-    for c in configs + embed_configs:
-        if c.count(":") != 1:
-            console.print(f"[red]--backends entries are BACKEND:DTYPE, got {c!r}[/red]")
-            return 2
+    checked = ([("--backends", configs)] if "rerank" in tasks else []) + \
+        ([("--embed-backends", embed_configs)] if "embed" in tasks else [])
+    for flag, entries in checked:  # only the tasks asked for (docs/benchmarks.md), named as the flag given
+        for c in entries:
+            if c.count(":") != 1:
+                console.print(f"[red]{flag} entries are BACKEND:DTYPE, got {c!r}[/red]")
+                return 2
     try:  # only the engines of the tasks asked for; a default list's row this CPU refuses is left out, said why
         if "rerank" in tasks:
             configs = _runnable(configs, given=args.backends is not None, console=console)
@@ -362,7 +366,7 @@ def _roofline(runner: OfflineRunner, wl, model_dir: Path, threads: int, gflops: 
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     sequences, pairs = workload_sequences(runner.served.loaded, wl.queries, wl.passages)
     per_pair = flops_per_pair(config, sequences, pairs)
-    pace = sorted(gflops)[len(gflops) // 2]
+    pace = statistics.median(gflops)
     return {"gemm_gflops": round(pace, 1), "gemm_gflops_range": [round(min(gflops), 1), round(max(gflops), 1)],
             "threads": threads, "gflop_per_pair": per_pair / 1e9,
             "mean_tokens": sum(sequences) / max(1, len(sequences)), "pairs_per_s": pace * 1e9 / per_pair}
