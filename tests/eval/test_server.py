@@ -113,3 +113,21 @@ def test_server_errors_are_one_line_and_the_key_and_the_servers_max_passages_are
     capsys.readouterr()
     assert main([*common, "--server", refused]) == 2
     assert "cannot reach" in _one_line_error(capsys.readouterr().err)
+
+
+def test_the_dense_stage_reports_server_errors_in_one_line_with_the_servers_message(
+        keyed_server, tiny_beir: Path, monkeypatch, capsys) -> None:
+    """The dense stage asks the server for its embedding model first: a 401 there was httpx's two-line text
+    ("Client error '401 Unauthorized' ... For more information check: ...") without the server's message."""
+    common = ["--dataset", str(tiny_beir), "--pipelines", "sparse,dense", "--no-cache", "--quiet"]
+    monkeypatch.delenv("OPENRERANK_API_KEY", raising=False)
+    capsys.readouterr()
+    assert main([*common, "--server", keyed_server.url]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"openrerank eval: error: --server {keyed_server.url}: 401: "), line
+    assert "API key" in line, line  # the server's message
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main([*common, "--server", refused]) == 2
+    assert "cannot reach" in _one_line_error(capsys.readouterr().err)

@@ -216,18 +216,24 @@ def find_server_embedder(url: str, wanted: str | None = None, transport=None, ap
     or the first one it serves; None when it serves none (or is not an openrerank server)."""
     import httpx
 
+    from openrerank.client import RerankError, error_message
+
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=url, timeout=60, transport=transport, headers=headers) as http:
-        listed = http.get("/v1/models")
-        listed.raise_for_status()
-        embedders = [m["id"] for m in listed.json().get("data", []) if "embed" in (m.get("tasks") or [])]
-        if wanted is not None and wanted not in embedders:
-            return None
-        if not embedders:
-            return None
-        model = wanted or embedders[0]
-        meta = http.get("/v1/metadata")
-        body = meta.json() if meta.status_code == 200 else {}
+    try:
+        with httpx.Client(base_url=url, timeout=60, transport=transport, headers=headers) as http:
+            listed = http.get("/v1/models")
+            if listed.status_code != 200:  # the server's own message, as the rerank stage reports it
+                raise RerankError(error_message(listed), listed.status_code)
+            embedders = [m["id"] for m in listed.json().get("data", []) if "embed" in (m.get("tasks") or [])]
+            if wanted is not None and wanted not in embedders:
+                return None
+            if not embedders:
+                return None
+            model = wanted or embedders[0]
+            meta = http.get("/v1/metadata")
+            body = meta.json() if meta.status_code == 200 else {}
+    except httpx.HTTPError as exc:
+        raise RerankError(f"cannot reach {url}: {exc}") from None
     entry = next((m for m in body.get("models", []) if m.get("id") == model), {})
     return model, entry, int(body.get("limits", {}).get("max_inputs", 2048))

@@ -169,9 +169,13 @@ class Models:
         if self._dense is None:
             c = self.config
             if c.server and c.dense_from != "local":
+                from openrerank.client import RerankError
+
                 with self.reporter.step(f"ask {c.server} for an embedding model", None):
                     try:
                         found = find_server_embedder(c.server, c.dense_server_model, api_key=c.api_key)
+                    except RerankError:
+                        raise  # the server refused or could not be reached: one line with its message (cli/eval)
                     except Exception as exc:
                         raise PipelineError(f"cannot ask {c.server} for its models: {exc}") from exc
                 if found is not None:
