@@ -46,6 +46,36 @@ def test_memo_scores_each_pair_once_and_reset_forgets() -> None:
     assert r.asked.count(("q1", "d3")) == 2
 
 
+class ListwiseCounting(CountingReranker):
+    """A listwise stand-in: a passage's score is its length minus the list's mean, so it depends on the list."""
+
+    listwise = True
+
+    def _score_jobs(self, jobs, advance):
+        out = []
+        for job in jobs:
+            self.asked.extend((job.qid, d) for d in job.doc_ids)
+            lengths = np.array([len(p) for p in job.passages], dtype=np.float32)
+            out.append(lengths - lengths.mean())
+            advance(1)
+        return out
+
+
+def test_a_listwise_model_scores_each_list_whole_and_never_mixes_lists() -> None:
+    """Before, the (query, doc) memo sent a listwise model only the passages of a later list not seen in an
+    earlier one (as a list of their own) and mixed in the earlier list's scores: `eval --runs A B` and `--runs B A`
+    gave different rows."""
+    r = ListwiseCounting()
+    a = RerankJob("q", "x", ["d1", "d2"], ["aaaa", "bb"])
+    b = RerankJob("q", "x", ["d1", "d3", "d4"], ["aaaa", "c", "ddddddd"])
+    r.rerank([a])
+    after_a = r.rerank([b])
+    assert after_a == ListwiseCounting().rerank([b]) == {"q": {"d1": 0.0, "d3": -3.0, "d4": 3.0}}
+    assert r.asked.count(("q", "d1")) == 2  # in both lists, scored in each
+    r.rerank([b, b])
+    assert r.asked.count(("q", "d1")) == 2 and r.pairs_scored == 5  # a list already scored is not scored again
+
+
 def _nim_handler(seen: list[dict], fail_first: int = 0, max_passages: int = 512):
     state = {"inflight": 0, "max_inflight": 0, "calls": 0}
     lock = threading.Lock()
@@ -101,6 +131,26 @@ def test_server_reranker_splits_large_candidate_lists(given) -> None:
     assert [len(b["passages"]) for b in seen] == [2, 2, 1]
     assert "model" not in seen[0]
     assert out["q"]["d3"] == 2.0 and out["q"]["d0"] == 1.0
+
+
+def test_server_reranker_sends_a_listwise_models_lists_whole_and_refuses_to_split_one() -> None:
+    seen: list[dict] = []
+    inner, _ = _nim_handler(seen, max_passages=3)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/metadata":  # /v1/metadata marks the model listwise
+            return httpx.Response(200, json={"limits": {"max_passages": 3},
+                                             "models": [{"id": "other"}, {"id": "jina", "listwise": True}]})
+        return await inner(request)
+
+    r = ServerReranker("http://fake", model="jina", transport=httpx.MockTransport(handler))
+    r.rerank([RerankJob("q", "cats", ["d1", "d2"], ["cats", "dogs"])])
+    r.rerank([RerankJob("q", "cats", ["d1", "d3"], ["cats", "birds"])])
+    assert [[p["text"] for p in b["passages"]] for b in seen] == [["cats", "dogs"], ["cats", "birds"]]
+    with pytest.raises(RerankError, match=r"listwise .* 4-candidate list is more than its max_passages 3"):
+        r.rerank([RerankJob("q2", "cats", ["a", "b", "c", "d"], ["1", "2", "3", "4"])])
+    other = ServerReranker("http://fake", model="other", transport=httpx.MockTransport(handler))
+    other.rerank([RerankJob("q2", "cats", ["a", "b", "c", "d"], ["1", "2", "3", "4"])])  # not listwise: split
 
 
 def test_server_reranker_without_metadata_sends_the_default_count() -> None:

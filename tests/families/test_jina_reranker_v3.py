@@ -251,6 +251,24 @@ def test_listwise_scores_bypass_the_score_cache(jina_server, references):
 # -- the `instruction` request field on other families ---------------------------------------------------
 
 
+def test_eval_through_the_server_scores_each_candidate_list_whole(jina_server):
+    """/v1/metadata marks the listwise models, and `openrerank eval --server` reads it: a later candidate list that
+    shares passages with an earlier one is scored whole (before, only its new passages were sent, as a list of
+    their own, and the shared ones kept the earlier list's scores)."""
+    from openrerank.eval.rerank import RerankJob, ServerReranker
+
+    with jina_server.client() as c:
+        marked = {m["id"]: m.get("listwise", False) for m in c.get("/v1/metadata").json()["models"]}
+    assert marked == {"jina": True, "jina-small": True, "qwen3": False, "ce": False}
+    docs = B.PASSAGES[:6]
+    first, second = docs[:4], docs[:2] + docs[4:]
+    r = ServerReranker(jina_server.url, model="jina")
+    r.rerank([RerankJob("q", B.QUERIES[0], [f"d{i}" for i in range(4)], first)])
+    got = r.rerank([RerankJob("q", B.QUERIES[0], ["d0", "d1", "d4", "d5"], second)])["q"]
+    alone = served(jina_server, "jina", B.QUERIES[0], second)
+    np.testing.assert_allclose([got[d] for d in ("d0", "d1", "d4", "d5")], alone, rtol=0, atol=1e-6)
+
+
 def test_qwen3_takes_a_request_instruction_and_the_cache_keys_it(jina_server, jina_dirs):
     from tests.families.test_qwen3_reranker import Official
 

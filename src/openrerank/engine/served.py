@@ -346,6 +346,8 @@ class ServedModel:
             meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
         if self.loaded.multi_vector:
             meta["multi_vector"] = True
+        if self.loaded.family.listwise:  # a passage's score depends on its list: clients must not split lists
+            meta["listwise"] = True
         return meta
 
 

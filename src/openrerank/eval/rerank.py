@@ -1,7 +1,9 @@
 """Second stage: rerank each query's candidates, in-process or through a running server (NIM dialect).
 
 Both rerankers memoize (query id, doc id) -> score for the whole evaluation, so the sparse, dense and hybrid
-candidate lists (which overlap a lot) cost one scoring of their union, not three.
+candidate lists (which overlap a lot) cost one scoring of their union, not three. A listwise model's score of a
+passage depends on the other passages of its list, so for one each list is scored whole, as a client would send
+it, and remembered as that list (a row's scores never mix in scores another list gave).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ class Reranker:
     """Scores candidates; subclasses implement `_score_jobs` for the pairs not scored before."""
 
     name = "reranker"
+    #: A passage's score depends on the other passages of its list (families' `listwise`): lists are scored whole.
+    listwise = False
 
     def __init__(self) -> None:
         self._memo: dict[tuple[str, str], float] = {}
+        self._lists: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
         self.pairs_scored = 0
 
     def rerank(self, jobs: list[RerankJob], advance: Advance = lambda n: None) -> Run:
+        if self.listwise:
+            return self._rerank_lists(jobs, advance)
         todo: list[RerankJob] = []
         for job in jobs:
             keep = [i for i, d in enumerate(job.doc_ids) if (job.qid, d) not in self._memo]
@@ -56,9 +63,27 @@ class Reranker:
                 self.pairs_scored += len(job.doc_ids)
         return {job.qid: {d: self._memo[(job.qid, d)] for d in job.doc_ids} for job in jobs}
 
+    def _rerank_lists(self, jobs: list[RerankJob], advance: Advance) -> Run:
+        """Each candidate list scored whole (a listwise model), once per distinct (query, list)."""
+        todo = {}
+        for job in jobs:
+            key = (job.qid, tuple(job.doc_ids))
+            if key in self._lists or key in todo:
+                advance(1)
+            else:
+                todo[key] = job
+        if todo:
+            for (key, job), scores in zip(todo.items(), self._score_jobs(list(todo.values()), advance), strict=True):
+                if len(scores) != len(job.doc_ids):
+                    raise RuntimeError(f"reranker returned {len(scores)} scores for {len(job.doc_ids)} passages")
+                self._lists[key] = {d: float(s) for d, s in zip(job.doc_ids, scores, strict=True)}
+                self.pairs_scored += len(job.doc_ids)
+        return {job.qid: self._lists[(job.qid, tuple(job.doc_ids))] for job in jobs}
+
     def reset(self) -> None:
         """Forget memoized scores (a new dataset may reuse query and doc ids)."""
         self._memo.clear()
+        self._lists.clear()
 
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
         raise NotImplementedError
@@ -84,6 +109,7 @@ class InProcessReranker(Reranker):
         self.name = name
         self.batch_size = batch_size
         self.via_embeddings = bi_encoder_via_embeddings and model.embeds
+        self.listwise = model.family.listwise
         self.doc_embeddings = doc_embeddings if doc_embeddings is not None else {}
 
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
@@ -135,22 +161,45 @@ class ServerReranker(Reranker):
         self.retries = retries
         self.api_key = api_key
         self._transport = transport  # tests inject httpx.MockTransport
+        self._described = False
+
+    def rerank(self, jobs: list[RerankJob], advance: Advance = lambda n: None) -> Run:
+        if not self._described:  # before the memo is consulted: a listwise model's lists are scored whole
+            asyncio.run(self._describe())
+        return super().rerank(jobs, advance)
+
+    def _client(self):
+        from openrerank.client import AsyncClient
+
+        return AsyncClient(self.url, self.api_key, timeout=self.timeout_s, max_retries=self.retries,
+                           transport=self._transport)
+
+    async def _describe(self) -> None:
+        """The server's passages limit (unless given) and whether its model is listwise, from /v1/metadata."""
+        async with self._client() as client:
+            metadata = await server_metadata(client)
+        if self.max_passages is None:
+            self.max_passages = dict(metadata.get("limits") or {}).get("max_passages") or DEFAULT_MAX_PASSAGES
+        self.listwise = bool(_model_entry(metadata, self.model_name).get("listwise"))
+        self._described = True
 
     def _score_jobs(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
         return asyncio.run(self._score_all(jobs, advance))
 
     async def _score_all(self, jobs: list[RerankJob], advance: Advance) -> list[np.ndarray]:
-        from openrerank.client import AsyncClient
-
         gate = asyncio.Semaphore(self.concurrency)
-        async with AsyncClient(self.url, self.api_key, timeout=self.timeout_s, max_retries=self.retries,
-                               transport=self._transport) as client:
-            if self.max_passages is None:
-                self.max_passages = (await server_limits(client)).get("max_passages") or DEFAULT_MAX_PASSAGES
+        async with self._client() as client:
+            step = max(1, int(self.max_passages or DEFAULT_MAX_PASSAGES))
+            longest = max((len(job.passages) for job in jobs), default=0)
+            if self.listwise and longest > step:
+                from openrerank.client import RerankError
+
+                raise RerankError(f"the server's model is listwise (a passage's score depends on its whole list), "
+                                  f"and a {longest}-candidate list is more than its max_passages {step}: split, it "
+                                  "would score differently; lower --top-k or raise the server's --max-passages")
 
             async def one(job: RerankJob) -> np.ndarray:
                 parts = []
-                step = max(1, int(self.max_passages))
                 for start in range(0, len(job.passages), step):
                     images = job.images[start : start + step] if job.images is not None else None
                     async with gate:
@@ -180,17 +229,22 @@ class ServerReranker(Reranker):
 DEFAULT_MAX_PASSAGES = 512
 
 
-async def server_limits(client) -> dict:
-    """The server's per-request limits (`limits` of GET /v1/metadata); {} from a server without that route."""
+async def server_metadata(client) -> dict:
+    """GET /v1/metadata (its `limits` and `models`); {} from a server without that route (a NIM before it)."""
     from openrerank.client import RerankError
 
     try:
-        metadata = await client.metadata()
+        return dict(await client.metadata())
     except RerankError as exc:
         if exc.status in (404, 405):
             return {}
         raise
-    return dict(metadata.get("limits") or {})
+
+
+def _model_entry(metadata: dict, model: str | None) -> dict:
+    """The /v1/metadata entry of `model`, or of the first model (the one a request without `model` gets)."""
+    models = [m for m in metadata.get("models") or [] if isinstance(m, dict)]
+    return next((m for m in models if model is None or m.get("id") == model), {})
 
 
 def _scores(data: dict, n: int) -> np.ndarray:
