@@ -217,3 +217,28 @@ def test_sparse_only_rerank_rows_embed_only_the_candidates(tiny_beir: Path, tmp_
     assert "sparse+rerank: 2 pairs, 2 newly scored" in " ".join(doc["notes"])
     by = {r["pipeline"]: r for r in doc["rows"]}
     assert "dense.encode" not in by["sparse+rerank"]["seconds"]
+
+
+def test_datasets_named_alike_are_told_apart_and_piped_tables_keep_their_numbers(tmp_path: Path, make_beir,
+                                                                                 capsys) -> None:
+    """Before, two folders named `syn` were two identical columns and CSV rows, and off a terminal (CI, a log)
+    rich's 80 columns squeezed the per-dataset table's numbers to `0.…`."""
+    a, b = make_beir(tmp_path / "a" / "syn"), make_beir(tmp_path / "b" / "syn")
+    out_csv = tmp_path / "t.csv"
+    capsys.readouterr()
+    assert main(["--dataset", str(a), "--dataset", str(b), "--pipelines", "sparse,dense,hybrid", "--quiet",
+                 "--no-cache", "--csv", str(out_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out, out
+    assert "a/syn" in out and "b/syn" in out
+    with open(out_csv, newline="") as f:
+        names = {line["dataset"] for line in csv.DictReader(f)}
+    assert names == {"a/syn", "b/syn", "average"}
+
+
+def test_dataset_labels_add_folders_only_where_names_clash(tmp_path: Path) -> None:
+    from openrerank.eval.data import dataset_labels
+
+    a, b, c = tmp_path / "a" / "syn", tmp_path / "b" / "syn", tmp_path / "scifact"
+    labels = dataset_labels([a, b, c, a])  # the same folder twice (two splits) keeps one name
+    assert labels == {a.resolve(): "a/syn", b.resolve(): "b/syn", c.resolve(): "scifact"}

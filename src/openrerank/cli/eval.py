@@ -156,7 +156,7 @@ def _assign_runs(datasets: list[Path], runs: list[str]) -> list[list[Path]]:
 def run(args: argparse.Namespace) -> int:
     """Load the datasets, evaluate every pipeline, print and write the table. Returns the exit code."""
     from openrerank.client import RerankError
-    from openrerank.eval.data import DatasetError, load_dataset
+    from openrerank.eval.data import DatasetError, dataset_labels, load_dataset
     from openrerank.eval.dense import default_cache_dir
     from openrerank.eval.pipeline import EvalConfig, PipelineError, evaluate_datasets, parse_pipelines
     from openrerank.eval.progress import Reporter
@@ -212,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
         for d, split in zip(dirs, splits, strict=True):
             with reporter.step(f"load {d.name} ({split})", None):
                 datasets.append(load_dataset(d, split, limit_queries=args.limit_queries))
+        labels = dataset_labels(dirs)  # two folders named alike get the folders above them in the tables
+        for ds in datasets:
+            ds.label = labels[ds.path.resolve()]
         results = evaluate_datasets(datasets, config, rel_thresholds=thresholds, run_files=run_files,
                                     reporter=reporter)
     except (DatasetError, PipelineError) as exc:

@@ -13,7 +13,7 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,8 @@ class Dataset:
     qrels: Qrels
     corpus_file: Path
     _hash: str | None = field(default=None, repr=False)
+    #: What the tables and CSV call it: `name`, or with parent folders where two datasets share a name.
+    label: str = ""
 
     @property
     def doc_ids(self) -> list[str]:
@@ -212,13 +214,26 @@ def run_file_names(paths: list[Path]) -> dict[Path, str]:
     """Each run file's row name (the table shows `run:NAME`): its file name less .gz and RUN_FILE_SUFFIXES, and
     where distinct files share that, the folders above it until the names differ (`a/bm25`, `b/bm25`; the
     whole path as the last resort), so no row silently shows another file's numbers. `paths` are resolved."""
+    return distinct_names(paths, _run_stem)
+
+
+def dataset_labels(folders: list[Path]) -> dict[Path, str]:
+    """Each dataset folder's name in the tables and CSV: its own name, and where distinct folders share it, the
+    folders above it until the names differ (`a/scifact`, `b/scifact`). The same folder twice (two splits) keeps
+    one name: the split tells them apart."""
+    return distinct_names(list(dict.fromkeys(f.resolve() for f in folders)), lambda p: p.name)
+
+
+def distinct_names(paths: list[Path], stem: Callable[[Path], str]) -> dict[Path, str]:
+    """`stem(path)` for each of the distinct `paths`, with as many of its parent folders in front as make the
+    names differ (the whole path as the last resort)."""
     depth = dict.fromkeys(paths, 0)
 
     def label(path: Path) -> str:
         if depth[path] > len(path.parents):  # `x.trec` beside `x.trec.gz`
             return str(path)
         folders = [p.name for p in path.parents][: depth[path]][::-1]
-        return "/".join([*(n for n in folders if n), _run_stem(path)])
+        return "/".join([*(n for n in folders if n), stem(path)])
 
     while True:
         groups: dict[str, list[Path]] = {}

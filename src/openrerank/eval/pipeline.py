@@ -348,7 +348,7 @@ class DatasetRunner:
                 rows.append(self._score(p, run))
                 advance(1)
         stage_seconds = {k: round(v, 3) for k, v in self.watch.seconds.items()}
-        return DatasetResult(self.ds.name, self.ds.split, self.rel_threshold, len(self.ds.queries),
+        return DatasetResult(self.ds.label or self.ds.name, self.ds.split, self.rel_threshold, len(self.ds.queries),
                              len(self.ds.corpus), rows, stage_seconds, self.notes)
 
 

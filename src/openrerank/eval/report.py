@@ -83,8 +83,16 @@ def write_csv(results: list[DatasetResult], path: Path) -> None:
                             f"{row['seconds'].get('total', 0.0):.2f}"])
 
 
+#: The width tables get where stdout is no terminal (CI, a log file): rich's 80 columns squeezed the
+#: multi-dataset table's numbers to `0.…`; a table takes only the width it needs.
+PIPED_WIDTH = 1000
+
+
 def print_tables(results: list[DatasetResult], console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=max(console.width, PIPED_WIDTH))
     metrics = metric_names(results)
     for res in results:
         t = Table(title=f"{res.dataset} ({res.split}, {res.queries} queries, {res.docs:,} docs, "
