@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from openrerank.runtimes.heap import HEAP, HeapTrimmer
+from openrerank.runtimes.heap import HEAP, IDLE_SETTLE_S, HeapTrimmer
 
 
 def test_trims_at_most_once_per_interval():
@@ -39,3 +39,28 @@ def test_freed_heap_memory_goes_back_to_the_os():
     assert freed > before - 100, (before, freed)  # the control: freeing alone returned (almost) nothing
     assert after < freed - 200, (before, freed, after)
     del keep
+
+
+def test_trims_once_the_last_request_in_flight_ends():
+    """Requests refused before any batch (400, 413, 499) free memory that only a trim gives back: the trimmer
+    trims when the process goes idle, off the request's thread, within the interval, and not while busy."""
+    calls, later, now = [], [], [100.0]
+    trimmer = HeapTrimmer(interval_s=1.0, trim=lambda: calls.append(now[0]), clock=lambda: now[0],
+                          schedule=lambda delay, fn: later.append((delay, fn)))
+    with trimmer.request(), trimmer.request():
+        pass
+    assert calls == [] and [d for d, _ in later] == [IDLE_SETTLE_S]  # one idle trim, when the last one ended
+    with trimmer.request():  # busy again before it ran: put off until this one ends
+        later.pop()[1]()
+        assert calls == []
+    now[0] = 100.5
+    later.pop()[1]()
+    assert calls == [100.5] and trimmer.trims == 1
+    with trimmer.request():
+        pass
+    assert later[-1][0] == 1.0  # a trim half a second ago: the next waits out the interval
+    now[0] = 100.9
+    later.pop()[1]()  # run early (a batch may have trimmed since it was scheduled): it waits out the rest
+    assert calls == [100.5] and later.pop()[0] == pytest.approx(0.6)
+    with HeapTrimmer(trim=None).request():  # not glibc: nothing scheduled
+        pass

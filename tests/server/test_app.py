@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.served import ServedModel
+from openrerank.runtimes.heap import HEAP
 from openrerank.server.app import create_app, route_paths
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import MAX_ERRORS_READ, format_validation_errors
@@ -257,3 +259,21 @@ def test_a_405_allows_every_method_of_its_path():
     assert root.status_code == put.status_code == rerank.status_code == 405
     assert root.headers["allow"] == put.headers["allow"] == "GET, POST"
     assert rerank.headers["allow"] == "POST" and set(root.json()) == {"error", "error_type"}
+
+
+def test_the_heap_is_trimmed_when_the_server_goes_idle_after_a_refused_request(monkeypatch):
+    """A reviewer's server kept 1,150 MiB of RSS idle for 30 s after requests refused before any batch ran: the
+    only trim was after a batch. Now a request's end, once none is left in flight, trims (runtimes/heap.py)."""
+    trimmed = threading.Event()
+    batches: list[int] = []
+    monkeypatch.setattr(HEAP, "_trim", trimmed.set)
+    monkeypatch.setattr(HEAP, "_last", float("-inf"))
+    monkeypatch.setattr(HEAP, "after_batch", lambda: batches.append(1))
+    app = create_app(ServerConfig(models=["default"], max_body_bytes=1024), load_models=False)
+    with TestClient(app) as c:
+        trimmed.clear()
+        before = HEAP.trims
+        r = c.post("/v1/ranking", json=nim_body("q", ["x" * 4096]))
+        assert r.status_code == 413
+        assert trimmed.wait(10), "no trim after the refused request"
+    assert HEAP.trims == before + 1 and batches == []

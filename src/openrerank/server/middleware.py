@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.heap import HEAP
 from openrerank.server.drain import RETRY_AFTER_S, Drain
 from openrerank.server.errors import Dialect, dialect_for
 
@@ -296,7 +297,8 @@ class MetricsMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_wrapper)
+            with HEAP.request():  # idle again: what refused requests freed goes back to the OS (runtimes/heap.py)
+                await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
             if request_state(scope).get("disconnected"):

@@ -23,6 +23,7 @@ from openrerank import __version__
 from openrerank.core.images import ImageInputError
 from openrerank.engine.errors import DeadlineExceededError, DeadlineUnreachableError, UnknownModelError
 from openrerank.engine.served_models import ServedModels
+from openrerank.runtimes.heap import HEAP
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
 from openrerank.server.drain import CLOSED_MESSAGE
@@ -284,7 +285,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if method not in _PUBLIC and not self._authorized(context):
                 raise _Abort(Code.UNAUTHENTICATED, "missing or invalid API key: send the metadata "
                              "'authorization: Bearer <key>'")
-            return await self._within_grace(handler(usage))
+            with HEAP.request():  # as HTTP requests: the idle trim (runtimes/heap.py)
+                return await self._within_grace(handler(usage))
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= DEADLINE_MARGIN_S:
