@@ -19,6 +19,7 @@ import pytest
 from openrerank.core.requests import RerankRequest
 from openrerank.engine.admission import SchedulerConfig
 from openrerank.engine.errors import DeadlineExceededError
+from openrerank.engine.image_queue import DecodeBacklogError, ImageQueue
 from openrerank.engine.loading import LoadOptions
 from openrerank.engine.preparing import text_slices
 from openrerank.engine.served import load_served_model
@@ -40,8 +41,8 @@ def served(tmp_path_factory):
     asyncio.run(model.scheduler.stop())
 
 
-def request(images: int, texts: int = 2) -> RerankRequest:
-    urls = [data_url(picture(64, 48, seed)) for seed in range(images)]
+def request(images: int, texts: int = 2, width: int = 64) -> RerankRequest:
+    urls = [data_url(picture(width, 48, seed)) for seed in range(images)]
     passages = [f"passage {i}" for i in range(images + texts)]
     return RerankRequest("what is on the page", passages, images=(*urls, *[None] * texts))
 
@@ -71,6 +72,7 @@ def test_a_request_past_its_deadline_stops_decoding(served, monkeypatch):
         return decode(image, index)
 
     monkeypatch.setattr(nemotron_vl, "decode_image", slow)
+    monkeypatch.setattr(served, "image_queue", ImageQueue())  # no rate measured: admitted, stopped mid-decode
     counted: list[tuple[str, str]] = []
     monkeypatch.setattr(served.scheduler, "count_rejected", lambda task, reason: counted.append((task, reason)))
     images = 12
@@ -104,3 +106,106 @@ def test_an_error_in_a_later_slice_names_the_requests_passage(served):
     with pytest.raises(ImageInputError) as caught:
         asyncio.run(served.rerank(req))
     assert caught.value.passage_index == 2 and str(caught.value).startswith("passage 2: ")
+
+
+#: Widths of the images whose decoding has started (`slow_decodes`).
+STARTED: set[int] = set()
+
+
+def slow_decodes(monkeypatch, seconds: float) -> list[tuple[int, float, float]]:
+    """Each decode takes `seconds` more; the list gets (image width, start, end) of each, as they end."""
+    seen: list[tuple[int, float, float]] = []
+    decode = nemotron_vl.decode_image
+    STARTED.clear()
+
+    def slow(image, index=None):
+        start = time.monotonic()
+        STARTED.add(image.width)
+        time.sleep(seconds)
+        out = decode(image, index)
+        seen.append((image.width, start, time.monotonic()))
+        return out
+
+    monkeypatch.setattr(nemotron_vl, "decode_image", slow)
+    return seen
+
+
+async def queued(queue: ImageQueue, requests: int, width: int = 64) -> None:
+    """Until `requests` requests are in the queue (decoding or waiting), so the order they arrive in is theirs,
+    or (code without the queue) the last one, of images `width` wide, decodes."""
+    while queue._running + queue.waiting < requests and width not in STARTED:
+        await asyncio.sleep(0.005)
+
+
+def test_image_requests_decode_first_come_first_served(served, monkeypatch):
+    """A reviewer's six concurrent requests of 40 large pages all decoded at once, all finished after their
+    deadline and all ended 504 (one alone: 50 s). Now the first decodes while the later ones wait their turn."""
+    seen = slow_decodes(monkeypatch, 0.1)
+    queue = ImageQueue(slots=1)
+    monkeypatch.setattr(served, "image_queue", queue)
+    finished: dict[int, float] = {}
+
+    async def one(width: int) -> None:
+        await served.rerank(request(3, texts=0, width=width))
+        finished[width] = time.monotonic()
+
+    async def three() -> None:
+        tasks = []
+        for k, width in enumerate((64, 65, 66)):  # each request's images told apart by their width
+            tasks.append(asyncio.create_task(one(width)))
+            await queued(queue, k + 1, width)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(three())
+    assert [w for w, _, _ in seen] == [64] * 3 + [65] * 3 + [66] * 3  # before: interleaved
+    first = {w: min(s for v, s, _ in seen if v == w) for w in (64, 65, 66)}
+    last = {w: max(e for v, _, e in seen if v == w) for w in (64, 65, 66)}
+    assert last[64] <= first[65] and last[65] <= first[66]  # each waited for the one before it
+    assert finished[64] < finished[65] < finished[66]  # before: all three finished together
+
+
+def test_a_request_whose_deadline_passes_while_it_waits_decodes_nothing(served, monkeypatch):
+    """Refused as a deadline passed in the scheduler's queue is (504, counted as `deadline`), without a decode."""
+    seen = slow_decodes(monkeypatch, DECODE_S)
+    queue = ImageQueue(slots=1)
+    monkeypatch.setattr(served, "image_queue", queue)
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(served.scheduler, "count_rejected", lambda task, reason: counted.append((task, reason)))
+
+    async def both() -> BaseException | None:
+        first = asyncio.create_task(served.rerank(request(6, texts=0)))
+        await queued(queue, 1)
+        # its deadline passes before the first image is decoded: no rate yet to refuse it by (the next test)
+        late = served.rerank(request(2, texts=0, width=65), deadline=time.monotonic() + DECODE_S / 2)
+        outcome = (await asyncio.gather(late, return_exceptions=True))[0]
+        await first
+        return outcome
+
+    outcome = asyncio.run(both())
+    assert isinstance(outcome, DeadlineExceededError) and counted == [("rerank", "deadline")]
+    assert [w for w, _, _ in seen] == [64] * 6  # before: the late request's images decoded beside the first's
+
+
+def test_images_that_would_not_be_decoded_in_time_are_refused_at_once(served, monkeypatch):
+    """With the decoding rate measured, a request that would wait past its deadline is refused before waiting
+    (503, Retry-After, counted as a refusal for a deadline the scheduler could not meet: `queue_full`)."""
+    seen = slow_decodes(monkeypatch, DECODE_S)
+    queue = ImageQueue(slots=1)
+    monkeypatch.setattr(served, "image_queue", queue)
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(served.scheduler, "count_rejected", lambda task, reason: counted.append((task, reason)))
+
+    async def both() -> None:
+        await served.rerank(request(1, texts=0, width=63))  # the rate: ~DECODE_S an image
+        first = asyncio.create_task(served.rerank(request(6, texts=0)))
+        await queued(queue, 1)
+        started = time.monotonic()
+        with pytest.raises(DecodeBacklogError) as refused:
+            await served.rerank(request(2, texts=0, width=65), deadline=time.monotonic() + 4 * DECODE_S)
+        assert time.monotonic() - started < DECODE_S  # at once, not after waiting
+        assert refused.value.retry_after >= 1.0
+        await first
+
+    asyncio.run(both())
+    assert queue.seconds_per_pixel is not None and counted == [("rerank", "queue_full")]
+    assert 65 not in [w for w, _, _ in seen]

@@ -1,19 +1,22 @@
 """A request's passages as work items, prepared off the event loop a slice at a time: tokenized (and chunked),
 their images decoded, each slice in a worker-thread call of its own, checked against the request's chunk and
 token limits as they go. Small requests interleave with big ones, and a request that ends early (its client
-gone, its deadline passed) stops after the slice in hand."""
+gone, its deadline passed) stops after the slice in hand. Image requests decode in turn, first come first served
+(engine/image_queue.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from openrerank.core.images import ImageInputError, ImageLimits
 from openrerank.core.requests import RerankRequest, Truncate
 from openrerank.engine.admission import ChunkLimits
 from openrerank.engine.errors import RequestTooLargeError
+from openrerank.engine.image_queue import DecodeBacklogError, ImageQueue, decode_pixels
 from openrerank.engine.loading import LoadedModel
 from openrerank.engine.scheduler import Scheduler
 from openrerank.text.prepare import InputTooLongError, Prepared
@@ -26,12 +29,15 @@ SLICE_CHARS = 256 * 1024
 
 @dataclass(frozen=True)
 class Preparing:
-    """What a served model prepares its requests with: its model, its scheduler's budgets, its limits."""
+    """What a served model prepares its requests with: its model, its scheduler's budgets, its limits, the queue
+its image requests decode in, and the deadline of the request being prepared."""
 
     loaded: LoadedModel
     scheduler: Scheduler
     limits: ChunkLimits
     image_limits: ImageLimits
+    image_queue: ImageQueue = field(default_factory=ImageQueue)
+    deadline: float = math.inf
 
     async def requests(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
                        chunk_caps: list[int | None]) -> list[Prepared]:
@@ -79,29 +85,38 @@ class Preparing:
 
     async def images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
         """Image passages, off the event loop: every image opened and the request priced against the token
-        budget before a pixel is decoded, then decoded a slice (one image) at a time, so a request cancelled
-        (its client gone, its deadline passed) stops after the image in hand, and the worker threads that every
-        model's tokenization shares are never held for a whole request. Each slice lets go of its images as it
-        decodes them, and no list here keeps them: one full-size image is held at a time."""
+        budget before a pixel is decoded; then, in its turn in the model's image queue (first come first served,
+        a few requests at a time: the earliest finish, later ones wait without decoding), decoded a slice (one
+        image) at a time, so a request cancelled (its client gone, its deadline passed) stops after the image in
+        hand, and the worker threads that every model's tokenization shares are never held for a whole request.
+        Each slice lets go of its images as it decodes them, and no list here keeps them: one full-size image is
+        held at a time."""
         assert req.images is not None
         opened = await asyncio.to_thread(self.loaded.open_images, req.images, limits=self.image_limits,
                                          budget=self.scheduler.request_budget)
         pending = deque((a, opened[a:b]) for a, b in text_slices(texts, opened))
         del opened
+        pixels = [sum(decode_pixels(im and im.size) for im in images) for _, images in pending]
         parts: list[tuple[int, Prepared]] = []
-        while pending:
-            start, images = pending.popleft()
-            try:
-                part = await asyncio.to_thread(
-                    self.loaded.encoder.prepare_images, req.query,  # type: ignore[attr-defined]
-                    texts[start : start + len(images)], images, req.truncate, max_chunks_per_passage=chunk_cap,
-                    max_tokens_per_passage=req.max_tokens_per_passage)
-            except InputTooLongError as exc:
-                exc.passage_index += start
-                raise
-            except ImageInputError as exc:
-                raise exc.shifted(start) from None
-            parts.append((start, part))
+        try:
+            async with self.image_queue.turn(sum(pixels), self.deadline) as decoding:
+                for slice_pixels in pixels:
+                    start, images = pending.popleft()
+                    try:
+                        part = await decoding.run(
+                            slice_pixels, self.loaded.encoder.prepare_images,  # type: ignore[attr-defined]
+                            req.query, texts[start : start + len(images)], images, req.truncate,
+                            max_chunks_per_passage=chunk_cap, max_tokens_per_passage=req.max_tokens_per_passage)
+                    except InputTooLongError as exc:
+                        exc.passage_index += start
+                        raise
+                    except ImageInputError as exc:
+                        raise exc.shifted(start) from None
+                    del images
+                    parts.append((start, part))
+        except DecodeBacklogError:  # counted as the scheduler counts a request that would miss its deadline
+            self.scheduler.count_rejected("listwise" if self.loaded.family.listwise else "rerank", "queue_full")
+            raise
         return Prepared.concat(parts)
 
 

@@ -34,6 +34,7 @@ from openrerank.engine.errors import (
     RequestTooLargeError,
     UnsupportedRequestError,
 )
+from openrerank.engine.image_queue import ImageQueue
 from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
 from openrerank.engine.preparing import Preparing, text_slices
 from openrerank.engine.rates import measure_rate, work_rate
@@ -71,6 +72,7 @@ class ServedModel:
     embedding_dim: int | None = None  # length of its embeddings (embedding models), known after warm-up
     score_cache: ScoreCache | None = None
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    image_queue: ImageQueue = field(default_factory=ImageQueue)  # its image requests decode in turn
 
     @property
     def takes_images(self) -> bool:
@@ -197,7 +199,8 @@ class ServedModel:
         timeout = self.scheduler.config.request_timeout
         self.scheduler.refuse_if_full(self.rerank_task)
         try:
-            preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits)
+            preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits, self.image_queue,
+                                  deadline)
             preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
                                            max(0.0, deadline - time.monotonic()))
         except TimeoutError:  # counted as the scheduler counts a deadline passed in its queue
