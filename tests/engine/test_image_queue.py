@@ -88,6 +88,9 @@ def test_the_refusal_weighs_the_backlog_by_the_measured_rate():
     refused = queue.refusal(1_000_000, 3.0)  # 3 s > 80% of 3 s
     assert isinstance(refused, DecodeBacklogError) and refused.retry_after == 2.0
     assert queue.refusal(1_000_000, 3.0, ahead=False) is None  # its own turn: 1 s alone
+    assert "behind the image requests queued before it" in str(refused) and "retry later" in str(refused)
+    alone = queue.refusal(4_000_000, 3.0, ahead=False)  # its own images alone: retrying would not help
+    assert alone is not None and "queued before it" not in str(alone) and "fewer or smaller images" in str(alone)
 
 
 def test_a_waiter_that_can_no_longer_make_its_deadline_is_refused_as_the_rate_is_measured():

@@ -46,11 +46,14 @@ class DecodeBacklogError(QueueFullError):
     """The request's images would not be decoded before its deadline behind the image requests queued before
     it: refused at once (503/429, Retry-After) instead of decoding and ending 504."""
 
-    def __init__(self, estimate: float, left: float, retry_after: float) -> None:
+    def __init__(self, estimate: float, left: float, retry_after: float, *, queued: bool = True) -> None:
+        """`queued`: image requests are queued ahead of it (else its own images alone would take too long)."""
         QueueFullError.__init__(self, "", "", retry_after)
-        self.args = (f"server overloaded: this request's images would be decoded in about {estimate:.0f} s behind "
-                     f"the image requests queued before it, too close to its deadline in {max(0.0, left):.0f} s "
-                     f"(work is planned into at most {DEADLINE_SHARE:.0%} of the time left); retry later",)
+        where = " behind the image requests queued before it" if queued else ""
+        advice = "retry later" if queued else "send fewer or smaller images, or allow it more time"
+        self.args = (f"server overloaded: this request's images would be decoded in about {estimate:.0f} s{where}, "
+                     f"too close to its deadline in {max(0.0, left):.0f} s (work is planned into at most "
+                     f"{DEADLINE_SHARE:.0%} of the time left); {advice}",)
 
 
 class _Waiter:
@@ -91,7 +94,7 @@ class ImageQueue:
         left = deadline - self._clock()
         if estimate <= DEADLINE_SHARE * left:
             return None
-        return DecodeBacklogError(estimate, left, min(60.0, max(1.0, backlog * rate)))
+        return DecodeBacklogError(estimate, left, min(60.0, max(1.0, backlog * rate)), queued=backlog > 0)
 
     @asynccontextmanager
     async def turn(self, pixels: int, deadline: float) -> AsyncIterator[Decoding]:
