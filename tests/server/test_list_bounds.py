@@ -9,15 +9,19 @@ element is what shows no element was looked at (no timing involved).
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from openrerank.server.config import ServerConfig
-from openrerank.server.dialects import nim
+from openrerank.server.dialects import list_bounds, nim
 from openrerank.server.dialects.list_bounds import MAX_UNKNOWN_FIELDS
 from openrerank.wire.tei import TeiRerankRequest
 from tests.server.faults import WAIT_S, InProcessServer, in_thread
@@ -146,3 +150,109 @@ def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir,
         r = answer()
         assert r.status_code == 200, r.text
         assert len(r.json()["rankings"] if path == "/v1/ranking" else r.json()) == 8
+
+
+class CountingValidation(HeldValidation):
+    """A held validation that also records how many run at once and whether the garbage collector ran."""
+
+    def __init__(self, validate: Callable[..., Any]) -> None:
+        super().__init__(validate)
+        self.inside = self.most_inside = 0
+        self.gc_enabled: list[bool] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.gc_enabled.append(gc.isenabled())
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def test_big_bodies_are_worked_one_at_a_time_with_the_collector_paused(tiny_model_dir, monkeypatch):
+    """16 bodies of 2.8M empty lists, each parsed on its own worker thread, kept `/v1/health/live` unanswered for
+    28-42 s: the parser holds the GIL throughout, and the garbage collector made 90% of each parse. Here three big
+    bodies arrive while the first one's work is held: the others must wait for their turn (before, each went to a
+    thread of its own and all three were inside at once), the liveness probe is answered meanwhile, and the work
+    runs with the collector paused."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    route = next(r for r in nim.router.routes if r.path == "/v1/ranking")
+    held = CountingValidation(route.body_field.validate)
+    monkeypatch.setattr(route.body_field, "validate", held)
+    with InProcessServer(config) as server, server.client() as c:
+        answers = [in_thread(lambda: server.client().post("/v1/ranking", json=BIG["/v1/ranking"]))
+                   for _ in range(3)]
+        try:
+            assert held.entered.wait(WAIT_S), "no body was validated"
+            deadline = time.monotonic() + 2.0  # time enough for the other two to be read and go to a thread
+            while time.monotonic() < deadline and held.most_inside < 2:
+                time.sleep(0.05)
+            live = c.get("/v1/health/live", timeout=5)
+        finally:
+            held.released.set()
+        assert held.most_inside == 1, f"{held.most_inside} big bodies were worked on at once"
+        assert live.status_code == 200
+        assert [a().status_code for a in answers] == [200, 200, 200]
+    assert held.gc_enabled == [False, False, False]
+    assert gc.isenabled()
+
+
+def _run_big(work: Callable[[], Any]) -> Any:
+    return list_bounds.off_loop(list_bounds.OFF_LOOP_BYTES, work)
+
+
+def test_a_cancelled_request_keeps_the_turn_until_its_work_ends():
+    """A request cancelled while its body is parsed (its client gone) leaves the parse running on its thread: the
+    next body's work must not start beside it, nor before the loop had its turn (`LOOP_TURN_S`)."""
+    first_in, first_go = threading.Event(), threading.Event()
+    ended: list[float] = []
+
+    def first() -> str:
+        first_in.set()
+        assert first_go.wait(WAIT_S)
+        ended.append(time.monotonic())
+        return "first"
+
+    async def scenario() -> float:
+        abandoned = asyncio.ensure_future(_run_big(first))
+        await asyncio.to_thread(first_in.wait, WAIT_S)
+        abandoned.cancel()
+        second = asyncio.ensure_future(_run_big(time.monotonic))
+        await asyncio.sleep(0.2)
+        assert not second.done(), "the second body's work started while the first's still ran"
+        first_go.set()
+        started = await second
+        assert abandoned.cancelled()
+        return started
+
+    started = asyncio.run(scenario())
+    assert started - ended[0] >= list_bounds.LOOP_TURN_S * 0.9
+
+
+def test_tei_parses_a_big_body_off_the_event_loop(tiny_model_dir, monkeypatch):
+    """TEI's /rerank parses its body itself (two forms share the path), with orjson on the event loop: 16 bodies of
+    2.8M empty lists kept `/v1/health/live` unanswered for 79 s. Its parse is held here: the probe must be answered
+    meanwhile, and the request then answers normally."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    parse = orjson.loads
+
+    def big_held(data: Any) -> Any:
+        return held(data) if len(data) >= list_bounds.OFF_LOOP_BYTES else parse(data)
+
+    held = HeldValidation(parse)
+    monkeypatch.setattr(orjson, "loads", big_held)
+    with InProcessServer(config) as server, server.client() as c:
+        answer = in_thread(lambda: server.client().post("/rerank", json=BIG["/rerank"]))
+        try:
+            assert held.entered.wait(WAIT_S), "the body was never parsed"
+            live = c.get("/v1/health/live", timeout=5)
+        finally:
+            held.released.set()
+        assert live.status_code == 200
+        r = answer()
+        assert r.status_code == 200, r.text
+        assert len(r.json()) == 8
