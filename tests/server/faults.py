@@ -132,6 +132,20 @@ def until(cond: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
+class HeldCall:
+    """Wraps a function run in the server (a validation, a parse): says when a call started and holds it until
+    released (at most `WAIT_S`)."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self.call = call
+        self.entered, self.released = threading.Event(), threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.released.wait(WAIT_S)
+        return self.call(*args, **kwargs)
+
+
 def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Start `fn` in a thread; the returned callable joins it and returns (or raises) its result."""
     box: dict[str, Any] = {}

@@ -10,6 +10,10 @@ import json
 
 import pytest
 
+from openrerank.server import body_coding
+from openrerank.server.config import ServerConfig
+from tests.server.faults import WAIT_S, HeldCall, InProcessServer, in_thread
+
 BODY = json.dumps({"query": {"text": "paris"}, "passages": [{"text": "paris is a city"}]}).encode()
 
 
@@ -29,3 +33,23 @@ def test_content_encoding_on_two_lines_is_one_list(tiny_server):
                                                               "content-encoding": "gzip, gzip"})
     assert lines.status_code == one.status_code == 200, lines.text
     assert lines.json() == one.json()
+
+
+def test_a_compressed_body_is_inflated_off_the_event_loop(tiny_model_dir, monkeypatch):
+    """16 deflated bodies inflating to 8 MiB each, inflated one after another on the event loop, kept a liveness
+    probe waiting 1-2 s. The inflation is held here: the probe must be answered meanwhile (on the loop, it could
+    not be until the inflation ended), and the request then answers normally."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    held = HeldCall(body_coding.decode)
+    monkeypatch.setattr(body_coding, "decode", held)
+    with InProcessServer(config) as server, server.client() as c:
+        answer = in_thread(lambda: server.client().post("/v1/ranking", content=gzip.compress(BODY), headers={
+            "content-type": "application/json", "content-encoding": "gzip"}))
+        try:
+            assert held.entered.wait(WAIT_S), "the body was never inflated"
+            live = c.get("/v1/health/live", timeout=5)
+        finally:
+            held.released.set()
+        assert live.status_code == 200
+        r = answer()
+        assert r.status_code == 200, r.text

@@ -24,7 +24,7 @@ from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import list_bounds, nim
 from openrerank.server.dialects.list_bounds import MAX_UNKNOWN_FIELDS
 from openrerank.wire.tei import TeiRerankRequest
-from tests.server.faults import WAIT_S, InProcessServer, in_thread
+from tests.server.faults import WAIT_S, HeldCall, InProcessServer, in_thread
 
 #: tiny_server: --max-passages 8, --max-inputs at its default (2048); the multi-vector route's own bound is 64.
 OVER = 9
@@ -113,19 +113,6 @@ BIG = {
 }
 
 
-class HeldValidation:
-    """Wraps a validation: says when it started and holds it until released (at most `faults.WAIT_S`)."""
-
-    def __init__(self, validate: Callable[..., Any]) -> None:
-        self.validate = validate
-        self.entered, self.released = threading.Event(), threading.Event()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.entered.set()
-        self.released.wait(WAIT_S)
-        return self.validate(*args, **kwargs)
-
-
 @pytest.mark.parametrize("path", sorted(BIG))
 def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir, monkeypatch, path):
     """Validating a legal 8 MB body took a quarter of a second on the event loop, during which no probe was
@@ -134,11 +121,11 @@ def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir,
     config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
     with InProcessServer(config) as server, server.client() as c:
         if path == "/rerank":  # the TEI route parses and validates the body itself
-            held = HeldValidation(TeiRerankRequest.model_validate)
+            held = HeldCall(TeiRerankRequest.model_validate)
             monkeypatch.setattr(TeiRerankRequest, "model_validate", held)
         else:
             route = next(r for r in nim.router.routes if r.path == path)
-            held = HeldValidation(route.body_field.validate)
+            held = HeldCall(route.body_field.validate)
             monkeypatch.setattr(route.body_field, "validate", held)
         answer = in_thread(lambda: server.client().post(path, json=BIG[path]))
         try:
@@ -152,7 +139,7 @@ def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir,
         assert len(r.json()["rankings"] if path == "/v1/ranking" else r.json()) == 8
 
 
-class CountingValidation(HeldValidation):
+class CountingValidation(HeldCall):
     """A held validation that also records how many run at once and whether the garbage collector ran."""
 
     def __init__(self, validate: Callable[..., Any]) -> None:
@@ -243,7 +230,7 @@ def test_tei_parses_a_big_body_off_the_event_loop(tiny_model_dir, monkeypatch):
     def big_held(data: Any) -> Any:
         return held(data) if len(data) >= list_bounds.OFF_LOOP_BYTES else parse(data)
 
-    held = HeldValidation(parse)
+    held = HeldCall(parse)
     monkeypatch.setattr(orjson, "loads", big_held)
     with InProcessServer(config) as server, server.client() as c:
         answer = in_thread(lambda: server.client().post("/rerank", json=BIG["/rerank"]))
