@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import list_bounds, nim
 from openrerank.server.dialects.list_bounds import MAX_UNKNOWN_FIELDS
@@ -243,3 +244,21 @@ def test_tei_parses_a_big_body_off_the_event_loop(tiny_model_dir, monkeypatch):
         r = answer()
         assert r.status_code == 200, r.text
         assert len(r.json()) == 8
+
+
+def test_the_routes_give_a_bodys_bytes_back_once_they_have_parsed_it(tiny_model_dir, monkeypatch):
+    """A body counts against `--max-body-bytes-in-flight` until a route has parsed it (admission bounds it from
+    there): the routes that parse bodies themselves must say so, or a body would count until its answer."""
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    released: list[str] = []
+    release = body_budget.release
+
+    def spy(scope: dict) -> None:
+        released.append(scope["path"])
+        release(scope)
+
+    monkeypatch.setattr(body_budget, "release", spy)
+    with InProcessServer(config) as server, server.client() as c:
+        for path in ("/v1/ranking", "/rerank"):
+            assert c.post(path, json=BIG[path]).status_code == 200
+    assert released == ["/v1/ranking", "/rerank"]

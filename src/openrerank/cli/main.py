@@ -23,7 +23,7 @@ from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import AUTO_MODES, BACKEND_CHOICES, DTYPES
-from openrerank.server.config import ServerConfig
+from openrerank.server.config import BODIES_IN_FLIGHT, ServerConfig
 
 #: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
 #: object with `add_parser(subparsers)`. The serving package never imports them itself.
@@ -103,6 +103,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-inputs", "limits", "most texts in one /v1/embeddings request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
+    Option("max-body-bytes-in-flight", "limits", "bytes of the request bodies being received or waiting for their "
+           f"parse, all requests together, before answering 429/503 with Retry-After (none: {BODIES_IN_FLIGHT} x "
+           "max-body-bytes)", int),
     Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
     Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
            "(none: twice the per-request token budget)", int),

@@ -27,6 +27,7 @@ from openrerank.engine.served import load_served_model
 from openrerank.engine.served_models import ServedModels
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
+from openrerank.server.body_budget import BodyBudget
 from openrerank.server.body_guard import BodyGuardMiddleware
 from openrerank.server.config import ServerConfig, ascii_host
 from openrerank.server.dialects import cohere, embeddings, infinity, multi_vector, nim, score, tei
@@ -335,7 +336,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     # runs before the body is read; HEAD becomes GET innermost, so the log and metrics still say HEAD.
     app.add_middleware(HeadMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
-                       metrics=app.state.metrics, drain=app.state.drain)
+                       metrics=app.state.metrics, drain=app.state.drain,
+                       budget=BodyBudget(config.body_bytes_in_flight))
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, metrics_public=config.metrics_public)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)

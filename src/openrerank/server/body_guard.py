@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openrerank.observe.metrics import Metrics
-from openrerank.server import body_coding
-from openrerank.server.drain import Drain
+from openrerank.server import body_budget, body_coding
+from openrerank.server.body_budget import BodyBudget, BodyHold
+from openrerank.server.drain import RETRY_AFTER_S, Drain
 from openrerank.server.errors import dialect_for
 from openrerank.server.middleware import (
     first_header,
@@ -41,26 +43,38 @@ class BodyGuardMiddleware:
     slowly, or declares more than it sends, cannot hold a connection forever); refuses oversize (413)
     and non-UTF-8 (400) before any parsing, after undoing a gzip or deflate Content-Encoding
     (`server/body_coding.py`); treats bodies sent without a JSON content type (e.g.
-    `curl -d`) as JSON. Then, while the route runs, it watches for the client going away
+    `curl -d`) as JSON; refuses a body that would take the bodies held at once past their budget (the dialect's
+    overload answer, `body_budget.py`). Then, while the route runs, it watches for the client going away
     (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue; and for the end
     of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0, metrics: Metrics | None = None,
-                 drain: Drain | None = None) -> None:
+                 drain: Drain | None = None, *, budget: BodyBudget) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout = body_timeout
         self.metrics = metrics
         self.drain = drain
+        self.budget = budget  # bodies held at once (`body_budget.py`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        hold = self.budget.hold()
+        try:
+            await self._guard(scope, receive, send, hold)
+        finally:  # every way out: answered, refused, timed out, disconnected, cancelled
+            hold.release()
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send, hold: BodyHold) -> None:
         dialect = dialect_for(scope["path"])
         declared = first_header(scope, b"content-length")
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send, 413, dialect, int(declared))
+            return
+        if declared.isdigit() and not hold.resize(int(declared)):
+            await self._overloaded(scope, receive, send, dialect, int(declared))
             return
         chunks: list[bytes] = []
         size = 0
@@ -90,9 +104,13 @@ class BodyGuardMiddleware:
             if size > self.max_bytes:
                 await self._reject(scope, receive, send, 413, dialect, size)
                 return
+            if size > hold.size and not hold.resize(size):  # no length declared, or more sent than declared
+                await self._overloaded(scope, receive, send, dialect, size)
+                return
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        chunks.clear()  # held to the request's end otherwise: each body twice
         # The route gets the decoded body. Repeated lines are one list (RFC 9110 5.3): "gzip" twice is "gzip, gzip".
         if codings := header_lines(scope, b"content-encoding"):
             coding = b", ".join(codings)
@@ -102,6 +120,9 @@ class BodyGuardMiddleware:
             except body_coding.BodyCodingError as exc:
                 await dialect.response(exc.status, str(exc), exc.kind, headers=exc.headers)(scope, receive, send)
                 return
+        if not hold.resize(len(body)):  # inflated
+            await self._overloaded(scope, receive, send, dialect, len(body))
+            return
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -111,6 +132,7 @@ class BodyGuardMiddleware:
         if not is_json_media_type(first_header(scope, b"content-type")):  # the line FastAPI reads: the first
             scope = dict(scope)
             scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [_JSON_CT]
+        body_budget.keep(scope, hold)  # released once a route has parsed the body (`body_budget.release`)
         await self._run_watching(scope, body, receive, send)
 
     async def _next_part(self, receive: Receive, deadline: float) -> Message | None:
@@ -196,6 +218,19 @@ class BodyGuardMiddleware:
         route.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await route
+
+    async def _overloaded(self, scope: Scope, receive: Receive, send: Send, dialect: Any, size: int) -> None:
+        """The dialect's overload answer (503, TEI/Cohere/Infinity 429) to a body that would pass
+        `--max-body-bytes-in-flight`, counted in `openrerank_rejected_total` as `bodies_in_flight`."""
+        if self.metrics:
+            task = "embed" if "embed" in scope["path"] else "rerank"
+            self.metrics.rejected.labels("", task, "bodies_in_flight").inc()
+        held, limit = self.budget.held, self.budget.limit
+        msg = (f"server overloaded: request bodies of {held} bytes are being received or wait for their parse, and "
+               f"this one's {size} bytes would pass the limit of {limit} bytes (--max-body-bytes-in-flight); "
+               "retry later")
+        headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
+        await dialect.response(503, msg, "overloaded", headers=headers)(scope, receive, send)
 
     async def _reject(self, scope, receive, send, status, dialect, size) -> None:
         msg = f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"

@@ -42,6 +42,8 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 #: Where a replica under Ray Serve finds the API key when its application arguments hold none (a Kubernetes
 #: Secret's value in the pod's environment, not in the Serve config); the CLI's own variable for --api-key.
 API_KEY_ENV = "OPENRERANK_API_KEY"
+#: `--max-body-bytes-in-flight` unset: this many bodies of `--max-body-bytes` at once (docs/reliability.md says why).
+BODIES_IN_FLIGHT = 8
 
 
 @dataclass
@@ -74,6 +76,7 @@ class ServerConfig:
     max_passages: int = 512
     max_inputs: int = 2048  # texts in one /v1/embeddings request (OpenAI's limit)
     max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes_in_flight: int | None = None  # bodies received or waiting for their parse; None: BODIES_IN_FLIGHT
     # batching; None: the device's default policy (`batch_policy`, engine/batching.py)
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
@@ -169,6 +172,9 @@ class ServerConfig:
         for flag in ("max-request-tokens", "max-queue-tokens", "threads", "max-length"):
             value = getattr(self, flag.replace("-", "_"))
             need(value is None or value >= 1, flag, "must be at least 1 (or left unset)")
+        need(self.max_body_bytes_in_flight is None or self.max_body_bytes_in_flight >= self.max_body_bytes,
+             "max-body-bytes-in-flight", f"must be at least {name('max-body-bytes')} (or left unset): a body "
+             "that size would always be refused")
         numbers = [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)]
         problems += [f"{name(n.replace('_', '-'))}: must be a finite number" for n in numbers
                      if not math.isfinite(getattr(self, n))]  # inf overflowed timers and budgets much later
@@ -214,6 +220,12 @@ class ServerConfig:
             except (ssl.SSLError, OSError, ValueError) as exc:
                 return [f"{name('ssl-ca-certs')}: not PEM CA certificates ({_ssl_reason(exc)})"]
         return []
+
+    @property
+    def body_bytes_in_flight(self) -> int:
+        """The bytes of request bodies held at once: --max-body-bytes-in-flight, else BODIES_IN_FLIGHT bodies of
+        --max-body-bytes (`server/body_budget.py`)."""
+        return self.max_body_bytes_in_flight or BODIES_IN_FLIGHT * self.max_body_bytes
 
     @property
     def grpc_message_bytes(self) -> int:

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import ApiError, format_validation_errors
 
@@ -279,7 +280,10 @@ class BoundedRoute(APIRoute):
 
         async def bounded_handler(request: Request) -> Response:
             body = await request.body()  # JSON whatever its content type said: the body guard declared it so
-            value = await off_loop(len(body), prepare, request.app.state.config, body)
+            try:
+                value = await off_loop(len(body), prepare, request.app.state.config, body)
+            finally:
+                body_budget.release(request.scope)  # parsed: admission bounds it from here
             if value is _UNPARSED:
                 return await handler(request)  # FastAPI parses it again and answers the error
             return await handler(_ParsedRequest(request, body, value))

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from openrerank import __version__
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.families.bi_encoder import INPUT_TYPE_PROMPTS
+from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
@@ -146,6 +147,8 @@ async def json_object(request: Request, fields: str) -> dict:
         payload = await list_bounds.off_loop(len(body), orjson.loads, body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(422, f"request body is not valid JSON: {exc}") from None
+    finally:
+        body_budget.release(request.scope)  # parsed: admission bounds it from here
     if not isinstance(payload, dict):
         raise ApiError(422, f"request body must be a JSON object with {fields}")
     return payload
