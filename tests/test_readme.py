@@ -77,7 +77,18 @@ def commands(block: Block) -> list[list[str]]:
             else:
                 current.append(tok)
         out.append(current)
-    return [c for c in out if c]
+    return [_without_env(c) for c in out if _without_env(c)]
+
+
+_ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _without_env(argv: list[str]) -> list[str]:
+    """The command without the `VAR=value` assignments before it (`PYTHONPATH=src python x.py` runs `python`)."""
+    i = 0
+    while i < len(argv) and _ENV_ASSIGNMENT.match(argv[i]):
+        i += 1
+    return argv[i:]
 
 
 def _is_curl(block: Block) -> bool:
