@@ -5,6 +5,8 @@
 #   scripts/setup.sh bench        # + the benchmarks package (`openrerank bench`, benchmarks/)
 #   scripts/setup.sh otel         # + OpenTelemetry tracing (serve --otlp-endpoint)
 #   scripts/setup.sh ray          # + Ray Serve (serve --replicas N, docs/scale-out.md)
+#   scripts/setup.sh int8         # + NNCF, for OpenVINO int8 (--backend openvino --dtype int8, docs/engine.md)
+#   scripts/setup.sh server       # the server alone, without `openrerank eval`'s extra
 #   scripts/setup.sh --gpu [...]  # a CUDA build of PyTorch instead of the CPU one (docs/gpu.md)
 # Extras combine: scripts/setup.sh --gpu otel. Python 3.11 or newer (PYTHON=python3.12 to pick one).
 # torch is pinned by constraints.txt and installed first by scripts/install-torch.sh: without --gpu the CPU
@@ -20,7 +22,7 @@ for arg in "$@"; do
     --gpu) gpu=1 ;;
     server) extras=() ;;
     eval | test | otel | bench | ray | int8) extras+=("$arg") ;;
-    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/setup.sh: unknown argument '$arg' (extras: server, eval, test, otel, bench, ray, int8; flag: --gpu)" >&2
        exit 2 ;;
   esac

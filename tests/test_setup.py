@@ -102,3 +102,15 @@ def test_gpu_flag_takes_pypis_cuda_build(indexes, tmp_path):
     got, _ = resolve([str(SCRIPT), sys.executable, "--gpu"], tmp_path, PIP_INDEX_URL=indexes["pypi"],
                      PIP_FIND_LINKS=indexes["local"])
     assert got["torch"][0] == VERSION and "nvidia-cublas-cu13" in got
+
+
+def test_setup_help_names_every_extra_it_accepts():
+    """`scripts/setup.sh --help` listed neither `int8` (docs/engine.md tells users to run it) nor `server`."""
+    script = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    accepted = set(re.findall(r"^\s+([a-z0-9 |]+)\) extras\+=", script, re.M)[0].replace("|", " ").split())
+    accepted |= set(re.findall(r"^\s+([a-z0-9]+)\) extras=\(\)", script, re.M))
+    assert {"server", "eval", "int8"} <= accepted, accepted
+    shown = subprocess.run([str(REPO / "scripts" / "setup.sh"), "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    default = set(re.findall(r"^extras=\(([a-z ]*)\)", script, re.M)[0].split())  # what a plain setup.sh installs
+    assert not [extra for extra in accepted - default if f"scripts/setup.sh {extra} " not in shown], shown
