@@ -11,7 +11,12 @@ class MissingExtraError(RuntimeError):
 
 
 def install_hint(extra: str) -> str:
-    return f"scripts/setup.sh {extra} (from a clone) or pip install 'openrerank[{extra}]'"
+    """openrerank is not on PyPI (docs/deploy.md): a clone's setup script, or the wheel built from it, with the
+    extra (`pip install 'openrerank[x]'` named a package no index has)."""
+    from openrerank import __version__
+
+    return (f"scripts/setup.sh {extra} (from a clone), or the wheel with the extra: pip install "
+            f"'dist/openrerank-{__version__}-py3-none-any.whl[{extra}]' (docs/deploy.md)")
 
 
 def require(module: str, extra: str, feature: str) -> ModuleType:
