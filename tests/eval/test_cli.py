@@ -242,3 +242,26 @@ def test_dataset_labels_add_folders_only_where_names_clash(tmp_path: Path) -> No
     a, b, c = tmp_path / "a" / "syn", tmp_path / "b" / "syn", tmp_path / "scifact"
     labels = dataset_labels([a, b, c, a])  # the same folder twice (two splits) keeps one name
     assert labels == {a.resolve(): "a/syn", b.resolve(): "b/syn", c.resolve(): "scifact"}
+
+
+def test_ranx_is_compiled_in_a_step_of_its_own_before_any_dataset(tiny_beir: Path, monkeypatch) -> None:
+    """ranx compiles its metrics and fusion on first use in a process (seconds to minutes): that time was
+    counted in the first dataset's `sparse.score` and `hybrid.fuse` (89 s and 124 s for milliseconds of work)
+    with no progress line. Now a step of its own, first, calls both."""
+    import openrerank.eval.pipeline as pipeline
+    from openrerank.eval.data import load_dataset
+    from openrerank.eval.progress import Reporter
+
+    order: list[str] = []
+    real_evaluate, real_fuse = pipeline.evaluate, pipeline.fuse
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: order.append("evaluate") or real_evaluate(*a, **k))
+    monkeypatch.setattr(pipeline, "fuse", lambda *a, **k: order.append("fuse") or real_fuse(*a, **k))
+
+    class Recording(Reporter):
+        def step(self, description, total):
+            order.append(description)
+            return super().step(description, total)
+
+    cfg = pipeline.EvalConfig(pipelines=["sparse", "hybrid"], top_k=6, cache_dir=None)
+    pipeline.evaluate_datasets([load_dataset(tiny_beir)], cfg, rel_thresholds=[1], reporter=Recording(quiet=True))
+    assert order[0].startswith("ranx: compile its metrics and fusion") and order[1:3] == ["evaluate", "fuse"], order

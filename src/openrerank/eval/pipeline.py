@@ -371,6 +371,10 @@ def evaluate_datasets(datasets: list[Dataset], config: EvalConfig, *, rel_thresh
                       ) -> list[DatasetResult]:
     """The whole table: every pipeline on every dataset."""
     reporter = reporter or Reporter()
+    hybrid = any(p.startswith("hybrid") for p in config.pipelines)
+    with reporter.step("ranx: compile its metrics" + (" and fusion" if hybrid else "") + " (once per process)",
+                       None):
+        warm_up_ranx(config.metrics, config.fusion if hybrid else None)
     models = Models(config, reporter)
     wants_rerank = any(p.endswith("+rerank") for p in config.pipelines)
     reranker = make_reranker(config, models) if wants_rerank else None
@@ -392,6 +396,16 @@ def evaluate_datasets(datasets: list[Dataset], config: EvalConfig, *, rel_thresh
             reranker.close()
         models.close()
     return results
+
+
+def warm_up_ranx(metrics: tuple[str, ...], fusion: str | None) -> None:
+    """ranx compiles its metrics (and fusion) with numba on first use in a process: 7-11 s even with numba's
+    cache warm, minutes on a cold one. Done up front, in a step of its own, so the first dataset's `sparse.score`
+    and `hybrid.fuse` seconds are its own work (they read 89 s and 124 s for milliseconds of it), and a log shows
+    what the silence is."""
+    evaluate({"q": {"a": 2, "b": 1}}, {"q": {"a": 1.0, "b": 0.5, "c": 0.2}}, metrics, rel_threshold=2)
+    if fusion is not None:
+        fuse({"q": {"a": 1.0, "b": 0.5}}, {"q": {"a": 0.3, "c": 0.1}}, method=fusion, k=2)
 
 
 def _share_doc_embeddings(runner: DatasetRunner, reranker: InProcessReranker, config: EvalConfig) -> None:
