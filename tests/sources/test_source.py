@@ -112,3 +112,41 @@ def test_a_hub_download_takes_a_module_folders_pickle_only_with_allow_pickle(mon
     resolve_local_dir("openrerank-test/dense-model", allow_pickle=allow_pickle)
     pickles = {"pytorch_model.bin", "2_Dense/pytorch_model.bin"}
     assert asked["files"] == (set(repo) if allow_pickle else set(repo) - pickles)
+
+
+def _files_read_from_a_model_folder() -> set[str]:
+    """Every file name written in families/ and sources/ (string literals that look like one): a family that
+    starts reading a new file names it there, and this picks it up without a list to keep in step."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import openrerank.families
+    import openrerank.sources
+
+    looks_like_a_file = re.compile(r"^[\w.\-]+\.(json|md|metadata|txt|model|safetensors|bin|onnx|pt|pth|ckpt)$")
+    names = set()
+    for package in (openrerank.families, openrerank.sources):
+        for module in Path(package.__file__).parent.glob("*.py"):
+            for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and looks_like_a_file.match(node.value):
+                    names.add(node.value)
+    return names
+
+
+def test_a_hub_download_fetches_every_file_the_families_read():
+    """A file detection or a family reads but the download skips serves a hub id otherwise than the same folder
+    on disk (README.md's card tags, a colbert-ai artifact.metadata's lengths). Pickles come with --allow-pickle;
+    an ONNX export is a local folder written by `openrerank export`, not a hub repo."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from openrerank.sources.safety import ONNX_EXPORT_FILES
+    from openrerank.sources.source import _HUB_PATTERNS, _HUB_PICKLE_PATTERNS
+
+    names = _files_read_from_a_model_folder()
+    assert {"README.md", "artifact.metadata", "config.json", "modules.json", "tokenizer.json"} <= names
+    patterns = _HUB_PATTERNS + _HUB_PICKLE_PATTERNS
+    wanted = names - set(ONNX_EXPORT_FILES)
+    fetched = set(filter_repo_objects(sorted(wanted), allow_patterns=patterns))
+    assert wanted - fetched == set(), f"not downloaded from a hub repo: {sorted(wanted - fetched)}"

@@ -12,8 +12,14 @@ from pathlib import Path
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
-# What a reranker needs from a hub repo; skips ONNX/TF/Flax copies and other large extras.
-_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*", "*tokenizer*"]
+# What a reranker needs from a hub repo; skips ONNX/TF/Flax copies and other large extras. Every file that
+# detection or a family reads must match (README.md's card: Matryoshka and text-ranking tags; a colbert-ai
+# checkpoint's artifact.metadata: its lengths and marker tokens), else a hub id is served otherwise than the
+# same folder on disk; tests/sources/test_source.py checks the families' file names against this list.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*", "*tokenizer*", "README.md",
+                 "artifact.metadata"]
+#: A module folder's pickle (e.g. 2_Dense/pytorch_model.bin) and the root's, fetched with --allow-pickle only.
+_HUB_PICKLE_PATTERNS = ["pytorch_model*.bin", "*/pytorch_model.bin"]
 
 
 class ModelSourceError(RuntimeError):
@@ -106,7 +112,7 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None, named: 
 
     # A sentence-transformers module folder's pickle too (e.g. 2_Dense/pytorch_model.bin): the loader reads it
     # where the folder has no safetensors, with --allow-pickle only.
-    patterns = list(_HUB_PATTERNS) + (["pytorch_model*.bin", "*/pytorch_model.bin"] if allow_pickle else [])
+    patterns = list(_HUB_PATTERNS) + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except HFValidationError as exc:
