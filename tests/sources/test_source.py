@@ -150,3 +150,39 @@ def test_a_hub_download_fetches_every_file_the_families_read():
     wanted = names - set(ONNX_EXPORT_FILES)
     fetched = set(filter_repo_objects(sorted(wanted), allow_patterns=patterns))
     assert wanted - fetched == set(), f"not downloaded from a hub repo: {sorted(wanted - fetched)}"
+
+
+def _fake_hub(monkeypatch, tmp_path, repo_files):
+    """snapshot_download writes what the patterns let through of `repo_files`; model_info lists them all."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        for name in filter_repo_objects(repo_files, allow_patterns=allow_patterns):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("{}")
+        return str(tmp_path)
+
+    def fake_model_info(self, repo_id, revision=None, **kw):
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=n) for n in repo_files])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", fake_model_info)
+
+
+def test_a_pickle_only_hub_repo_gets_the_pickle_refusal_not_no_weights(monkeypatch, tmp_path):
+    """The download leaves pytorch_model.bin out without --allow-pickle; the refusal must say so (and how to
+    allow it), as it does for the same folder on disk, rather than "holds no model weights"."""
+    from huggingface_hub import constants
+
+    from openrerank.sources.safety import UnsafeWeightsError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _fake_hub(monkeypatch, tmp_path, ["config.json", "pytorch_model.bin", "vocab.txt"])
+    with pytest.raises(UnsafeWeightsError, match=r"only pickle weights \(pytorch_model.bin\).*--allow-pickle"):
+        resolve_local_dir("org/old-pickle")
+    assert resolve_local_dir("org/old-pickle", allow_pickle=True) == tmp_path  # then the loader's check runs
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a cached snapshot has no file list: the local
+    assert resolve_local_dir("org/old-pickle") == tmp_path  # check (check_weights) answers

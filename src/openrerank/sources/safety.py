@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from fnmatch import fnmatch
 from pathlib import Path
 
 SAFE_PATTERNS = ("*.safetensors",)
@@ -34,12 +35,22 @@ def check_weights(path: Path, *, allow_pickle: bool) -> str:
     if not pickles:
         raise UnsafeWeightsError(f"{path} holds no model weights (*.safetensors or pytorch_model.bin)")
     if not allow_pickle:
-        raise UnsafeWeightsError(
-            f"{path} has only pickle weights ({', '.join(pickles)}), which can run arbitrary code when "
-            "loaded; convert them to safetensors, or pass --allow-pickle (OPENRERANK_ALLOW_PICKLE=1) "
-            "if you trust the source"
-        )
+        raise pickle_refusal(str(path), pickles)
     return "pickle"
+
+
+def pickle_names(names: list[str]) -> list[str]:
+    """The top-level pickle weight files among a folder's or a hub repo's file names."""
+    return sorted(n for n in names if "/" not in n and any(fnmatch(n, pat) for pat in PICKLE_PATTERNS))
+
+
+def pickle_refusal(where: str, pickles: list[str]) -> UnsafeWeightsError:
+    """One wording for a local folder and a hub repo whose pickles the download left out."""
+    return UnsafeWeightsError(
+        f"{where} has only pickle weights ({', '.join(pickles)}), which can run arbitrary code when "
+        "loaded; convert them to safetensors, or pass --allow-pickle (OPENRERANK_ALLOW_PICKLE=1) "
+        "if you trust the source"
+    )
 
 
 def file_sha256(path: Path) -> str:

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from openrerank.sources.safety import has_safetensors, is_onnx_export, pickle_names, pickle_refusal
+
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 # What a reranker needs from a hub repo; skips ONNX/TF/Flax copies and other large extras. Every file that
@@ -114,7 +116,7 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None, named: 
     # where the folder has no safetensors, with --allow-pickle only.
     patterns = list(_HUB_PATTERNS) + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except HFValidationError as exc:
         raise ModelSourceError(f"{named}: neither a local directory nor a valid hub id ({exc})") from exc
     except Exception as exc:  # network errors, 401/404, offline mode without cache
@@ -125,3 +127,23 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None, named: 
             "Check the network (or HF_ENDPOINT / HF_TOKEN), or download the model elsewhere and pass "
             f"its local directory to --model; {offline}"
         ) from exc
+    if not allow_pickle and not has_safetensors(path) and not is_onnx_export(path):
+        _refuse_left_out_pickles(repo_id, revision, named)
+    return path
+
+
+def _refuse_left_out_pickles(repo_id: str, revision: str | None, named: str) -> None:
+    """The download leaves pickles out without --allow-pickle, so the local check would say "no weights": ask
+    the hub for the repo's file list and give the pickle refusal instead. Offline (or the list unreachable),
+    the local check's answer stands."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        siblings = HfApi().model_info(repo_id, revision=revision).siblings or []
+    except Exception:  # the snapshot came from the cache and the hub is unreachable now
+        return
+    pickles = pickle_names([s.rfilename for s in siblings])
+    if pickles:
+        raise pickle_refusal(f"{named}: the hub repo {repo_id!r}", pickles)
