@@ -38,3 +38,39 @@ def test_safetensors_preferred_and_no_weights(tmp_path, tiny_model_dir):
         f.unlink()
     with pytest.raises(UnsafeWeightsError, match="no model weights"):
         check_weights(empty, allow_pickle=True)
+
+
+def test_a_stray_safetensors_beside_a_pickle_is_not_the_model(tmp_path, pickle_model_dir):
+    """training_args.safetensors is not what from_pretrained loads: the folder still has only pickle weights, is
+    refused without --allow-pickle and reports "pickle" with it (transformers loads pytorch_model.bin)."""
+    from safetensors.torch import save_file
+
+    from openrerank.sources.safety import weights_kwargs
+
+    stray = tmp_path / "stray"
+    shutil.copytree(pickle_model_dir, stray)
+    import torch
+
+    save_file({"x": torch.zeros(1)}, str(stray / "training_args.safetensors"))
+    with pytest.raises(UnsafeWeightsError, match=r"only pickle weights \(pytorch_model.bin\)"):
+        check_weights(stray, allow_pickle=False)
+    assert check_weights(stray, allow_pickle=True) == "pickle"
+    assert weights_kwargs(stray) == {}  # pickle allowed: transformers may read it
+
+
+def test_sharded_safetensors_count_only_with_every_shard(tmp_path, tiny_model_dir):
+    """An index and its shards is what from_pretrained loads; then use_safetensors=True keeps it off a pickle."""
+    import json
+
+    from openrerank.sources.safety import weights_kwargs
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert check_weights(sharded, allow_pickle=False) == "safetensors"
+    assert weights_kwargs(sharded) == {"use_safetensors": True}
+    (sharded / "model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(UnsafeWeightsError, match="no model weights"):
+        check_weights(sharded, allow_pickle=False)

@@ -16,6 +16,7 @@ from openrerank.families.base import Family, ModelFiles, ModelFormatError, Model
 from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.runtimes.torch_runtime import torch_dtype
+from openrerank.sources.safety import weights_kwargs
 from openrerank.text.pairs import PairTextEncoder
 from openrerank.text.tokenizing import lowercased
 
@@ -65,15 +66,14 @@ def load_encoder(cls, path, build: NetworkBuild, unused: tuple[str, ...] = ()):
     values, so a cross-encoder without its `classifier.*` tensors served random scores, other ones each start.
     Buffers (`position_ids`) are not weights; `unused`: prefixes of weights the caller never reads (the pooler
     of a bi-encoder's `AutoModel`)."""
-    kw = {"dtype": torch_dtype(build.dtype), "local_files_only": True, "output_loading_info": True}
+    kw = {"dtype": torch_dtype(build.dtype), "local_files_only": True, "output_loading_info": True,
+          **weights_kwargs(path)}
     loaded = None
     if build.export:
         try:
             loaded = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
         except (ValueError, TypeError):
             pass
-    # use_safetensors=None lets transformers fall back to pickle; the loader has refused pickle weights
-    # unless --allow-pickle was given.
     model, info = loaded or cls.from_pretrained(str(path), **kw)
     weights = dict(model.named_parameters())
     missing = sorted(k for k in info.get("missing_keys", ()) if k in weights and not k.startswith(unused))

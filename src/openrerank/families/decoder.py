@@ -20,6 +20,7 @@ from openrerank.families.base import Family, ModelFiles, ModelFormatError, Model
 from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.runtimes.torch_runtime import torch_dtype
+from openrerank.sources.safety import weights_kwargs
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 
 
@@ -47,7 +48,7 @@ def _build_readout(spec: ModelSpec, token_ids: tuple[int, ...], build: NetworkBu
     from openrerank.families.shared_prefix import last_hidden_states
 
     model = AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=torch_dtype(build.dtype),
-                                                 local_files_only=True)
+                                                 local_files_only=True, **weights_kwargs(spec.path))
     head = model.get_output_embeddings().weight
     rows = head[list(token_ids)].detach().float().clone()  # (k, hidden): the only LM-head rows ever used
     softcap = getattr(model.config, "final_logit_softcapping", None)

@@ -28,6 +28,7 @@ from openrerank.families.base import Family, ModelFiles, ModelFormatError, Model
 from openrerank.families.listwise_scorer import ListwiseScorer
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.runtimes.torch_runtime import torch_dtype
+from openrerank.sources.safety import weights_kwargs
 from openrerank.text.listwise import ListwiseLimits, ListwiseTextEncoder
 
 ARCHITECTURE = "JinaForRanking"
@@ -99,7 +100,8 @@ def _build(spec: ModelSpec, markers: tuple[int, int], build: NetworkBuild):
     from safetensors import safe_open
     from transformers import Qwen3Model
 
-    body = Qwen3Model.from_pretrained(str(spec.path), dtype=torch_dtype(build.dtype), local_files_only=True)
+    body = Qwen3Model.from_pretrained(str(spec.path), dtype=torch_dtype(build.dtype), local_files_only=True,
+                                      **weights_kwargs(spec.path))
     files = _weight_files(spec.path)
     weights = []
     for name in PROJECTOR:

@@ -22,6 +22,7 @@ from openrerank.families.base import Family, ModelFiles, ModelFormatError, Model
 from openrerank.families.pair_scorer import PairScorer
 from openrerank.runtimes.base import Network, NetworkBuild
 from openrerank.runtimes.torch_runtime import torch_dtype
+from openrerank.sources.safety import weights_kwargs
 from openrerank.text.template import PromptTemplate, TemplateTextEncoder
 
 #: config architectures / model_type -> the stock transformers body it runs on
@@ -71,6 +72,7 @@ def _build(spec: ModelSpec, build: NetworkBuild):
     config.num_labels = 1
     config.is_causal = False  # transformers builds a padding-only (bidirectional) mask for the body
     kw = {"attn_implementation": "eager"} if build.export else {}
+    kw.update(weights_kwargs(spec.path))
     model, info = model_cls.from_pretrained(str(spec.path), config=config, dtype=torch_dtype(build.dtype),
                                             local_files_only=True, output_loading_info=True, **kw)
     missing = [k for k in info.get("missing_keys", []) if k]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -16,8 +17,36 @@ class UnsafeWeightsError(RuntimeError):
     pass
 
 
+#: The safetensors files transformers' from_pretrained loads: one file, or an index naming its shards.
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files from_pretrained reads from `path`, [] when it would read none. Any other *.safetensors
+    (training_args.safetensors, an adapter) is not the model: counting it let pytorch_model.bin load unrefused."""
+    path = Path(path)
+    if (path / SAFETENSORS_FILE).is_file():
+        return [path / SAFETENSORS_FILE]
+    index = path / SAFETENSORS_INDEX
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    shards = [path / name for name in sorted(set(map(str, weight_map.values())))]
+    return shards if shards and all(f.is_file() for f in shards) else []
+
+
 def has_safetensors(path: Path) -> bool:
-    return any(path.glob("*.safetensors"))
+    return bool(safetensors_files(path))
+
+
+def weights_kwargs(path: Path) -> dict:
+    """from_pretrained's keywords: safetensors only where the folder has them, so transformers never falls back
+    to a pickle beside them; elsewhere the loader has refused pickle weights unless --allow-pickle was given."""
+    return {"use_safetensors": True} if has_safetensors(path) else {}
 
 
 def is_onnx_export(path: Path) -> bool:
