@@ -74,3 +74,25 @@ def test_sharded_safetensors_count_only_with_every_shard(tmp_path, tiny_model_di
     (sharded / "model-00001-of-00001.safetensors").unlink()
     with pytest.raises(UnsafeWeightsError, match="no model weights"):
         check_weights(sharded, allow_pickle=False)
+
+
+def test_a_link_to_a_missing_blob_is_named(tmp_path, tiny_model_dir):
+    """A hub-cache snapshot whose model.safetensors points at a blob that never arrived: the refusal names the
+    link, not "no file named model.safetensors" beside a file `ls` shows."""
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc123")
+    with pytest.raises(UnsafeWeightsError, match=r"model.safetensors is a link to a missing file.*incomplete"):
+        check_weights(snapshot, allow_pickle=False)
+
+
+def test_an_onnx_folder_not_written_by_export_says_what_to_do(tmp_path, tiny_model_dir):
+    """optimum's layout (model.onnx, config, tokenizer, no export.json) is not "no model weights": say what it
+    is and how to serve it."""
+    optimum = tmp_path / "optimum"
+    shutil.copytree(tiny_model_dir, optimum)
+    (optimum / "model.safetensors").unlink()
+    (optimum / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(UnsafeWeightsError, match=r"ONNX model not written by `openrerank export`.*openrerank export"):
+        check_weights(optimum, allow_pickle=True)

@@ -49,6 +49,11 @@ def weights_kwargs(path: Path) -> dict:
     return {"use_safetensors": True} if has_safetensors(path) else {}
 
 
+def broken_links(path: Path) -> list[str]:
+    """A folder's symbolic links whose target is missing (a hub-cache snapshot whose blob never arrived)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.is_symlink() and not p.exists())
+
+
 def is_onnx_export(path: Path) -> bool:
     """True for a pre-exported ONNX model directory (served by ONNX Runtime without PyTorch)."""
     return all((Path(path) / name).is_file() for name in ONNX_EXPORT_FILES)
@@ -56,11 +61,21 @@ def is_onnx_export(path: Path) -> bool:
 
 def check_weights(path: Path, *, allow_pickle: bool) -> str:
     """Return the weight format that will be loaded ("safetensors", "onnx" or "pickle"), or raise."""
+    broken = broken_links(path)
+    if broken:  # `ls` shows them, but every reader says "no such file"
+        raise UnsafeWeightsError(
+            f"{path}: {', '.join(broken)} {'is a link' if len(broken) == 1 else 'are links'} to a missing file "
+            "(an incomplete hub download?); download the model again, or copy the missing files in")
     if has_safetensors(path):
         return "safetensors"
     if is_onnx_export(path):
         return "onnx"
     pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in path.glob(pat))
+    if not pickles and any(path.glob("*.onnx")):
+        raise UnsafeWeightsError(
+            f"{path} holds an ONNX model not written by `openrerank export` (no {ONNX_EXPORT_FILES[1]}; e.g. "
+            "optimum's layout), which openrerank does not serve: serve the original checkpoint, or export it "
+            "with `openrerank export --model SOURCE --out DIR` and serve DIR")
     if not pickles:
         raise UnsafeWeightsError(f"{path} holds no model weights (*.safetensors or pytorch_model.bin)")
     if not allow_pickle:
