@@ -143,10 +143,14 @@ class _OneAtATime:
             raise
         # The turn ends when the thread is done, not when its request is: one cancelled (its client gone)
         # leaves its parse running, and the next must not start beside it.
-        job.add_done_callback(lambda _: self._end_turn(loop))
+        job.add_done_callback(lambda done: self._end_turn(loop, done))
         return await asyncio.shield(job)
 
-    def _end_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _end_turn(self, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        if not done.cancelled():
+            # Retrieved here: a request cancelled meanwhile never awaits it, and asyncio would log the unretrieved
+            # refusal at ERROR, its repr holding the whole body (a 7 MB body logged 9 MB a disconnect).
+            done.exception()
         if self.waiting:
             loop.call_later(LOOP_TURN_S, self.lock.release)
         else:
