@@ -102,28 +102,48 @@ def test_bodies_are_held_up_to_the_budget_the_next_is_refused_and_a_parse_gives_
         route = Route(parse=False)
         g = guard(route)
         a, b = Client(g, length=1000), Client(g, length=1000)
-        await a.send(b"x" * 600)  # both still sending: 2,000 bytes held from their declared lengths
-        await settle()
-        assert g.budget.held == 2000
+        await a.send(b"x" * 600)
+        await b.send(b"x" * 600)
+        assert g.budget.held == 1200  # what has arrived
         c = Client(g, length=1000)
-        await settle()
-        assert c.status == 503 and c.task.done(), "the third body was not refused at once"
+        await c.send(b"w" * 600)
+        await a.send(b"x" * 400, more=False)  # a is read whole, not parsed: 2,200 held
+        await c.send(b"w" * 400)  # would be 2,600
+        assert c.status == 503 and c.task.done(), "the body passing the budget was not refused at once"
         assert c.header(b"retry-after") == b"1" and c.header(b"connection") == b"close"
-        assert "--max-body-bytes-in-flight" in c.message()
-        assert refusals(g) == 1
+        assert "--max-body-bytes-in-flight" in c.message() and "2200 bytes" in c.message()
+        assert refusals(g) == 1 and g.budget.held == 1600
         small = Client(g, length=500)  # within what is left
         await small.send(b"y" * 500, more=False)
-        assert g.budget.held == 2500 and route.bodies == [b"y" * 500]
+        assert g.budget.held == 2100 and route.bodies == [b"x" * 1000, b"y" * 500]
         route.parse = True
-        await a.send(b"x" * 400, more=False)
+        await b.send(b"x" * 400, more=False)
         assert g.budget.held == 1500, "a parsed body's bytes were not given back, or a body not parsed's were"
         route.done.set()
         await settle()
-        assert small.status == a.status == 200
-        assert g.budget.held == 1000  # b, still sending
-        await b.send(b"z" * 1000, more=False)
+        assert small.status == a.status == b.status == 200 and g.budget.held == 0
+
+    asyncio.run(scenario())
+
+
+def test_headers_alone_hold_nothing():
+    """Before, a body counted from its declared length: eight connections that declared 8 MiB each and sent
+    nothing held the whole budget until --body-timeout, and every other POST was refused."""
+    async def scenario() -> None:
+        route = Route(parse=True)
+        g = guard(route)
+        idle = [Client(g, length=1000) for _ in range(5)]  # 5,000 bytes declared, twice the budget
         await settle()
-        assert b.status == 200 and g.budget.held == 0
+        assert g.budget.held == 0 and not any(c.task.done() for c in idle)
+        a = Client(g, length=1000)
+        await a.send(b"x" * 1000, more=False)
+        route.done.set()
+        await settle()
+        assert a.status == 200
+        for c in idle:
+            await c.leave()
+        await asyncio.gather(*(c.task for c in idle), return_exceptions=True)
+        assert g.budget.held == 0
 
     asyncio.run(scenario())
 
@@ -150,7 +170,7 @@ def test_every_way_a_request_ends_gives_its_bytes_back(ending):
         chunked = ending == "too_large"  # no declared length: counted as it arrives, 413 past --max-body-bytes
         a = Client(g, length=None if chunked else 1000)
         await a.send(b"x" * 900)
-        assert g.budget.held == (900 if chunked else 1000)
+        assert g.budget.held == 900
         if ending == "disconnect":
             await a.leave()
         elif ending == "timeout":
@@ -162,8 +182,8 @@ def test_every_way_a_request_ends_gives_its_bytes_back(ending):
         elif ending == "refused":  # bodies without a length, the second refused as it passes the budget
             other, refused = Client(g, length=None), Client(g, length=None)
             await other.send(b"y" * 800)
-            await refused.send(b"z" * 800)
-            assert refused.status == 503 and g.budget.held == 1800
+            await refused.send(b"z" * 900)
+            assert refused.status == 503 and g.budget.held == 1700
             await refused.task
             await other.leave()
             await a.leave()
