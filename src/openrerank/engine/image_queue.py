@@ -46,14 +46,11 @@ class DecodeBacklogError(QueueFullError):
     """The request's images would not be decoded before its deadline behind the image requests queued before
     it: refused at once (503/429, Retry-After) instead of decoding and ending 504."""
 
-    def __init__(self, estimate: float, left: float, retry_after: float, *, queued: bool = True) -> None:
-        """`queued`: image requests are queued ahead of it (else its own images alone would take too long)."""
+    def __init__(self, estimate: float, left: float, retry_after: float) -> None:
         QueueFullError.__init__(self, "", "", retry_after)
-        where = " behind the image requests queued before it" if queued else ""
-        advice = "retry later" if queued else "send fewer or smaller images, or allow it more time"
-        self.args = (f"server overloaded: this request's images would be decoded in about {estimate:.0f} s{where}, "
-                     f"too close to its deadline in {max(0.0, left):.0f} s (work is planned into at most "
-                     f"{DEADLINE_SHARE:.0%} of the time left); {advice}",)
+        self.args = (f"server overloaded: this request's images would be decoded in about {estimate:.0f} s behind "
+                     f"the image requests queued before it, too close to its deadline in {max(0.0, left):.0f} s "
+                     f"(work is planned into at most {DEADLINE_SHARE:.0%} of the time left); retry later",)
 
 
 class _Waiter:
@@ -82,26 +79,28 @@ class ImageQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def refusal(self, pixels: int, deadline: float, *, ahead: bool = True) -> DecodeBacklogError | None:
-        """Why a request of `pixels` would miss `deadline` decoding (`ahead`: behind the queue), or None; None
-        until a rate is measured."""
+    def refusal(self, pixels: int, deadline: float) -> DecodeBacklogError | None:
+        """Why a request of `pixels` would miss `deadline` decoding behind the queue, or None; None until a rate
+        is measured, and None with nothing queued ahead: a request that decodes at once is left to its deadline,
+        as a text request is, and its decode measures the rate afresh (a rate measured under contention once
+        refused a legal request on an idle server, every time: refused, it never corrected the rate)."""
         with self._lock:
             rate = self.seconds_per_pixel
-            backlog = self._pixels / self.slots if ahead else 0.0
-        if rate is None:
+            backlog = self._pixels / self.slots
+        if rate is None or backlog <= 0:  # nothing ahead: it decodes now, and its decode measures the rate afresh
             return None
         estimate = (backlog + pixels) * rate
         left = deadline - self._clock()
         if estimate <= DEADLINE_SHARE * left:
             return None
-        return DecodeBacklogError(estimate, left, min(60.0, max(1.0, backlog * rate)), queued=backlog > 0)
+        return DecodeBacklogError(estimate, left, min(60.0, max(1.0, backlog * rate)))
 
     @asynccontextmanager
     async def turn(self, pixels: int, deadline: float) -> AsyncIterator[Decoding]:
         """Wait for a slot, first come first served, and hold it while the request decodes (`Decoding.run`).
         Refused (DecodeBacklogError) before waiting if it would not be decoded within its deadline behind the
-        queue, and again when its turn comes if its own images would not; a request cancelled while waiting
-        (its client gone, its deadline passed) leaves the queue having decoded nothing."""
+        queue, or while it waits, as the rate is measured; a request cancelled while waiting (its client gone,
+        its deadline passed) leaves the queue having decoded nothing."""
         refused = self.refusal(pixels, deadline)
         if refused is not None:
             raise refused
@@ -124,9 +123,6 @@ class ImageQueue:
             raise
         decoding = Decoding(self, pixels)
         try:
-            refused = self.refusal(pixels, deadline, ahead=False)
-            if refused is not None:
-                raise refused
             yield decoding
         finally:
             decoding.close()
@@ -179,6 +175,13 @@ def _wake(woken: asyncio.Future) -> None:
         woken.set_result(None)
 
 
+def _timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """`fn`'s result and the CPU seconds this thread spent on it."""
+    start = time.thread_time()
+    result = fn(*args, **kwargs)
+    return result, time.thread_time() - start
+
+
 class Decoding:
     """A request's turn: its decodes run on worker threads, and the slot is held until the one in hand ends,
     even when the request is cancelled meanwhile (a thread cannot be stopped mid-image)."""
@@ -190,13 +193,14 @@ class Decoding:
         self._closed = False
 
     async def run(self, pixels: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` on a worker thread, decoding `pixels` of the request's images."""
-        start = time.perf_counter()
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        """`fn(*args, **kwargs)` on a worker thread, decoding `pixels` of the request's images. Timed in the
+        thread's own CPU seconds: wall time counted the wait for a thread and for the GIL (a big body's parse
+        holds it throughout), and one decode timed beside six parses set a rate that refused legal requests."""
+        task = asyncio.ensure_future(asyncio.to_thread(_timed, fn, *args, **kwargs))
         self._in_hand = task
-        result = await asyncio.shield(task)
+        result, seconds = await asyncio.shield(task)
         self._in_hand = None
-        self._queue._done(pixels, time.perf_counter() - start)
+        self._queue._done(pixels, seconds)
         self.left -= pixels
         return result
 
