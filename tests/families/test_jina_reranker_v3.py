@@ -54,7 +54,7 @@ def jina_server(tmp_path_factory, jina_dirs):
     for name, path in jina_dirs.items():
         args += ["--model", f"{name}={path}"]
     args += ["--backend", "torch", "--dtype", "fp32", "--max-passages", "200", "--max-padding", "0.9",
-             "--batch-wait-ms", "5", "--score-cache-mb", "16"]
+             "--batch-wait-ms", "5", "--score-cache-mb", "16", "--alias", "jr=jina"]
     with run_server(args, tmp_path_factory.mktemp("jina-server")) as server:
         yield server
 
@@ -262,11 +262,13 @@ def test_eval_through_the_server_scores_each_candidate_list_whole(jina_server):
     assert marked == {"jina": True, "jina-small": True, "qwen3": False, "ce": False}
     docs = B.PASSAGES[:6]
     first, second = docs[:4], docs[:2] + docs[4:]
-    r = ServerReranker(jina_server.url, model="jina")
-    r.rerank([RerankJob("q", B.QUERIES[0], [f"d{i}" for i in range(4)], first)])
-    got = r.rerank([RerankJob("q", B.QUERIES[0], ["d0", "d1", "d4", "d5"], second)])["q"]
     alone = served(jina_server, "jina", B.QUERIES[0], second)
-    np.testing.assert_allclose([got[d] for d in ("d0", "d1", "d4", "d5")], alone, rtol=0, atol=1e-6)
+    for name in ("jina", "jr"):  # by its id and by an alias (/v1/metadata lists its aliases)
+        r = ServerReranker(jina_server.url, model=name)
+        r.rerank([RerankJob("q", B.QUERIES[0], [f"d{i}" for i in range(4)], first)])
+        got = r.rerank([RerankJob("q", B.QUERIES[0], ["d0", "d1", "d4", "d5"], second)])["q"]
+        assert r.listwise, name
+        np.testing.assert_allclose([got[d] for d in ("d0", "d1", "d4", "d5")], alone, rtol=0, atol=1e-6)
 
 
 def test_qwen3_takes_a_request_instruction_and_the_cache_keys_it(jina_server, jina_dirs):

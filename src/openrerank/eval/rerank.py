@@ -254,9 +254,11 @@ async def server_metadata(client) -> dict:
 
 
 def _model_entry(metadata: dict, model: str | None) -> dict:
-    """The /v1/metadata entry of `model`, or of the first model (the one a request without `model` gets)."""
+    """The /v1/metadata entry of `model` (its served id or one of its `aliases`), or of the first model (the one a
+    request without `model` gets)."""
     models = [m for m in metadata.get("models") or [] if isinstance(m, dict)]
-    return next((m for m in models if model is None or m.get("id") == model), {})
+    return next((m for m in models if model is None or model == m.get("id") or model in (m.get("aliases") or [])),
+                {})
 
 
 def _scores(data: dict, n: int) -> np.ndarray:

@@ -177,6 +177,10 @@ class ServedModelInfo(BaseModel):
     embedding_dim: int | None = None
     score_cache: ScoreCacheInfo | None = None
     multi_vector: bool | None = Field(default=None, description="It hands out per-token vectors (ColBERT).")
+    listwise: bool | None = Field(default=None, description="A passage's score depends on the other passages of "
+                                  "its request: do not split a candidate list, nor compare scores across requests.")
+    aliases: list[str] | None = Field(default=None, description="Other ids requests may name it by (--alias, NIM's "
+                                      "renamed ids).")
 
 
 class RequestLimits(BaseModel):

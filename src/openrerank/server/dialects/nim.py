@@ -120,9 +120,19 @@ async def metadata(request: Request) -> dict:
     return {
         "version": __version__,
         "modelInfo": [{"shortName": m.name, "modelUrl": m.metadata()["source"]} for m in reg.models()],
-        "models": [m.metadata() for m in reg.models()],
+        "models": [_described(m, reg) for m in reg.models()],
         "limits": limits(common.config(request), reg.models()),
     }
+
+
+def _described(model, reg: ServedModels) -> dict:
+    """A model's /v1/metadata entry, with the other ids it answers to (`aliases`) where it has any: a client that
+    names it by an alias finds its facts (e.g. `listwise`) under its served id."""
+    entry = model.metadata()
+    aliases = sorted(alias for alias, name in reg.aliases.items() if name == model.name)
+    if aliases:
+        entry["aliases"] = aliases
+    return entry
 
 
 def limits(config, models: list | None = None) -> dict:
