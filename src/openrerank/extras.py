@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from types import ModuleType
 
 
@@ -13,10 +14,12 @@ class MissingExtraError(RuntimeError):
 def install_hint(extra: str) -> str:
     """openrerank is not on PyPI (docs/deploy.md): a clone's setup script, or the wheel built from it, with the
     extra (`pip install 'openrerank[x]'` named a package no index has)."""
-    from openrerank import __version__
-
+    try:  # the installed distribution's (the package root is above this layer: it exports the client)
+        version = importlib.metadata.version("openrerank")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        version = "VERSION"
     return (f"scripts/setup.sh {extra} (from a clone), or the wheel with the extra: pip install "
-            f"'dist/openrerank-{__version__}-py3-none-any.whl[{extra}]' (docs/deploy.md)")
+            f"'dist/openrerank-{version}-py3-none-any.whl[{extra}]' (docs/deploy.md)")
 
 
 def require(module: str, extra: str, feature: str) -> ModuleType:
