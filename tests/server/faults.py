@@ -167,3 +167,20 @@ def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
         return box["value"]
 
     return join
+
+
+def live_while_held(server: InProcessServer, held: HeldCall, send: Callable[[httpx.Client], httpx.Response],
+                    what: str) -> httpx.Response:
+    """`send` a request on a thread of its own; while `held` holds it (a parse, a validation, an inflation), the
+    liveness probe must be answered (200); then release it and return its answer, which must be a 200 too."""
+    answer = in_thread(lambda: send(server.client()))
+    try:
+        assert held.entered.wait(WAIT_S), f"the body was never {what}"
+        with server.client() as probe:
+            live = probe.get("/v1/health/live", timeout=5)
+    finally:
+        held.released.set()
+    assert live.status_code == 200
+    r = answer()
+    assert r.status_code == 200, r.text
+    return r

@@ -12,7 +12,7 @@ import pytest
 
 from openrerank.server import body_coding
 from openrerank.server.config import ServerConfig
-from tests.server.faults import WAIT_S, HeldCall, InProcessServer, in_thread
+from tests.server.faults import HeldCall, InProcessServer, live_while_held
 
 BODY = json.dumps({"query": {"text": "paris"}, "passages": [{"text": "paris is a city"}]}).encode()
 
@@ -42,14 +42,6 @@ def test_a_compressed_body_is_inflated_off_the_event_loop(tiny_model_dir, monkey
     config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
     held = HeldCall(body_coding.decode)
     monkeypatch.setattr(body_coding, "decode", held)
-    with InProcessServer(config) as server, server.client() as c:
-        answer = in_thread(lambda: server.client().post("/v1/ranking", content=gzip.compress(BODY), headers={
-            "content-type": "application/json", "content-encoding": "gzip"}))
-        try:
-            assert held.entered.wait(WAIT_S), "the body was never inflated"
-            live = c.get("/v1/health/live", timeout=5)
-        finally:
-            held.released.set()
-        assert live.status_code == 200
-        r = answer()
-        assert r.status_code == 200, r.text
+    with InProcessServer(config) as server:
+        live_while_held(server, held, lambda c: c.post("/v1/ranking", content=gzip.compress(BODY), headers={
+            "content-type": "application/json", "content-encoding": "gzip"}), "inflated")

@@ -25,7 +25,7 @@ from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import list_bounds, nim
 from openrerank.server.dialects.list_bounds import MAX_UNKNOWN_FIELDS
 from openrerank.wire.tei import TeiRerankRequest
-from tests.server.faults import WAIT_S, HeldCall, InProcessServer, in_thread
+from tests.server.faults import WAIT_S, HeldCall, InProcessServer, in_thread, live_while_held
 
 #: tiny_server: --max-passages 8, --max-inputs at its default (2048); the multi-vector route's own bound is 64.
 OVER = 9
@@ -120,7 +120,7 @@ def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir,
     answered. Here the validation is held: the liveness probe must still be answered meanwhile (validated on the
     loop, it could not be until the validation ended), and the held request then answers normally."""
     config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
-    with InProcessServer(config) as server, server.client() as c:
+    with InProcessServer(config) as server:
         if path == "/rerank":  # the TEI route parses and validates the body itself
             held = HeldCall(TeiRerankRequest.model_validate)
             monkeypatch.setattr(TeiRerankRequest, "model_validate", held)
@@ -128,15 +128,7 @@ def test_a_big_body_is_validated_while_the_server_answers_others(tiny_model_dir,
             route = next(r for r in nim.router.routes if r.path == path)
             held = HeldCall(route.body_field.validate)
             monkeypatch.setattr(route.body_field, "validate", held)
-        answer = in_thread(lambda: server.client().post(path, json=BIG[path]))
-        try:
-            assert held.entered.wait(WAIT_S), "the body was never validated"
-            live = c.get("/v1/health/live", timeout=5)
-        finally:
-            held.released.set()
-        assert live.status_code == 200
-        r = answer()
-        assert r.status_code == 200, r.text
+        r = live_while_held(server, held, lambda c: c.post(path, json=BIG[path]), "validated")
         assert len(r.json()["rankings"] if path == "/v1/ranking" else r.json()) == 8
 
 
@@ -258,16 +250,8 @@ def test_tei_parses_a_big_body_off_the_event_loop(tiny_model_dir, monkeypatch):
 
     held = HeldCall(parse)
     monkeypatch.setattr(orjson, "loads", big_held)
-    with InProcessServer(config) as server, server.client() as c:
-        answer = in_thread(lambda: server.client().post("/rerank", json=BIG["/rerank"]))
-        try:
-            assert held.entered.wait(WAIT_S), "the body was never parsed"
-            live = c.get("/v1/health/live", timeout=5)
-        finally:
-            held.released.set()
-        assert live.status_code == 200
-        r = answer()
-        assert r.status_code == 200, r.text
+    with InProcessServer(config) as server:
+        r = live_while_held(server, held, lambda c: c.post("/rerank", json=BIG["/rerank"]), "parsed")
         assert len(r.json()) == 8
 
 
