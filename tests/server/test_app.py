@@ -266,14 +266,20 @@ def test_the_heap_is_trimmed_when_the_server_goes_idle_after_a_refused_request(m
     only trim was after a batch. Now a request's end, once none is left in flight, trims (runtimes/heap.py)."""
     trimmed = threading.Event()
     batches: list[int] = []
-    monkeypatch.setattr(HEAP, "_trim", trimmed.set)
+    trims: list[int] = []
+
+    def trim() -> None:
+        trims.append(1)
+        trimmed.set()
+
+    monkeypatch.setattr(HEAP, "_trim", trim)
     monkeypatch.setattr(HEAP, "_last", float("-inf"))
     monkeypatch.setattr(HEAP, "after_batch", lambda: batches.append(1))
     app = create_app(ServerConfig(models=["default"], max_body_bytes=1024), load_models=False)
     with TestClient(app) as c:
         trimmed.clear()
-        before = HEAP.trims
+        before = len(trims)
         r = c.post("/v1/ranking", json=nim_body("q", ["x" * 4096]))
         assert r.status_code == 413
         assert trimmed.wait(10), "no trim after the refused request"
-    assert HEAP.trims == before + 1 and batches == []
+    assert len(trims) == before + 1 and batches == []

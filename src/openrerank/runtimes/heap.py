@@ -68,7 +68,6 @@ class HeapTrimmer:
         self._lock = threading.Lock()
         self._busy = 0  # requests in flight
         self._idle_due = False  # an idle trim is scheduled
-        self.trims = 0  # how many times it trimmed (tests, and an operator's debugger)
 
     def after_batch(self) -> bool:
         """Trim if the last trim is `interval_s` old; True when it trimmed."""
@@ -117,8 +116,6 @@ class HeapTrimmer:
     def _call_trim(self) -> None:
         assert self._trim is not None
         self._trim()
-        with self._lock:
-            self.trims += 1
 
 
 #: The process's one trimmer: trimming is process-wide, so several models' workers share its interval.
