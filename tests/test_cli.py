@@ -348,15 +348,16 @@ def test_busy_port_fails_before_the_model_loads():
 
 def test_more_threads_than_cores_is_warned_at_start():
     """Silently accepted before; the threads take turns on the cores and score slower than fewer would."""
-    import os
     import socket
 
-    cores = len(os.sched_getaffinity(0))
+    from openrerank.core.cpus import available_cpus
+
+    cores = available_cpus()
     with socket.socket() as busy:  # the start stops right after the checks: nothing is loaded
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         done = _openrerank("serve", "--threads", str(cores + 1), "--port", str(busy.getsockname()[1]))
-    assert f"--threads {cores + 1} is more than the {cores} cores this process may use" in done.stderr
+    assert f"--threads {cores + 1} is more than the {cores} CPUs this process may use" in done.stderr
     assert " WARNING " in done.stderr and done.returncode == 2
 
 

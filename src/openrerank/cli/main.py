@@ -205,6 +205,7 @@ def preflight(config: ServerConfig, shown: Shown | None = None) -> list[Resolved
     (`serve_settings`). Flags no runtime could honour fail before any model is located (a hub download can be
     long); then each model is resolved, its runtime plan computed, and handed to the app so loading does not do
     it again."""
+    from openrerank.core.cpus import affinity_cpus, cpu_quota
     from openrerank.engine.loading import model_sources, resolve_model
     from openrerank.runtimes.base import default_threads
     from openrerank.runtimes.devices import check_device
@@ -231,9 +232,13 @@ def preflight(config: ServerConfig, shown: Shown | None = None) -> list[Resolved
     check_runtime_options(config.backend, config.dtype, config.device, shown=shown)
     check_device(config.device, shown)
     cores = default_threads()
+    if config.device == "cpu" and cores < affinity_cpus():
+        logging.getLogger("openrerank").info(
+            "a CPU quota of %.2f CPUs caps this process at %d of the %d cores it may run on: %d threads by default "
+            "(docs/engine.md, Thread knobs)", cpu_quota(), cores, affinity_cpus(), cores)
     if config.threads and config.threads > cores and config.device == "cpu":
         logging.getLogger("openrerank").warning(
-            "--threads %d is more than the %d cores this process may use: the threads will take turns on them "
+            "--threads %d is more than the %d CPUs this process may use: the threads will take turns on them "
             "and score slower than %d would (docs/engine.md, Thread knobs)",
             config.threads, cores, cores)
     if config.otlp_endpoint:

@@ -13,7 +13,6 @@ whose images would not be decoded in time behind those queued before it is refus
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from openrerank.core.cpus import available_cpus
 from openrerank.engine.errors import QueueFullError
 from openrerank.engine.rates import DEADLINE_SHARE
 
@@ -28,8 +28,7 @@ T = TypeVar("T")
 
 #: Image requests a model decodes at once: a request decodes one image at a time (one core), and the rest of
 #: the cores run the model's batches and the other requests' tokenization.
-DECODE_SLOTS = max(1, len(os.sched_getaffinity(0)) // 4 if hasattr(os, "sched_getaffinity") else
-                   (os.cpu_count() or 1) // 4)
+DECODE_SLOTS = max(1, available_cpus() // 4)
 #: Weight of the latest image in the measured seconds per pixel (an exponential moving average).
 RATE_WEIGHT = 0.3
 #: Pixels an image is counted beyond its own: what tiling it costs whatever its size (up to seven 512-pixel tiles),

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from openrerank.core.cpus import available_cpus
+
 #: A count, or an integer array of them (`Runtime.padded_shape` answers for many batches at once).
 IntOrArray = int | np.ndarray
 #: An input a pooling network may take beside the attention mask: 1 where a token is pooled. It is the attention
@@ -147,12 +149,9 @@ class RowsFailedError(RuntimeError):
 
 
 def default_threads() -> int:
-    """Cores this process may use (affinity aware: taskset, a cpuset or a Ray replica's binding), the thread
-    count every runtime defaults to."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    """CPUs this process may use (its affinity set: taskset, a cpuset or a Ray replica's binding; capped by a
+    container's CPU quota, `core/cpus.py`), the thread count every runtime defaults to."""
+    return available_cpus()
 
 
 #: Batches a lane-capable runtime runs at once, each on its share of the threads (`lanes_for`); unset: timed

@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import os
 import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from openrerank.core.cpus import available_cpus
 
 #: First guess of characters per token when only a text's first (or last) N tokens matter; the span
 #: read grows 4x while it holds too few tokens (long words, CJK, markup).
@@ -35,7 +36,7 @@ BOUND_TRIES = 4
 #: are tokenized to bound it (for an 8-token window a run of newlines of 9,000 characters is still read whole).
 BOUND_GROWTHS = 3
 #: Tokenizer copies per model: enough that a long tokenization never stalls the others.
-POOL_SIZE = max(2, min(4, os.cpu_count() or 1))
+POOL_SIZE = max(2, min(4, available_cpus()))
 _HEAD = re.compile(r"\s*\S*")  # a text's leading whitespace and first word
 _TAIL = re.compile(r"\S*\s*$")  # its last word and trailing whitespace
 
