@@ -104,7 +104,7 @@ class BodyGuardMiddleware:
             # Counted as it arrives, not from the declared length: headers alone cost nothing, and eight
             # connections that declared 8 MiB and sent none held the whole budget (every POST refused).
             if size > hold.size and not hold.resize(size):
-                await self._overloaded(scope, receive, send, dialect, size)
+                await self._overloaded(scope, receive, send, dialect, size, hold)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -120,7 +120,7 @@ class BodyGuardMiddleware:
                 await dialect.response(exc.status, str(exc), exc.kind, headers=exc.headers)(scope, receive, send)
                 return
         if not hold.resize(len(body)):  # inflated
-            await self._overloaded(scope, receive, send, dialect, len(body))
+            await self._overloaded(scope, receive, send, dialect, len(body), hold)
             return
         try:
             body.decode("utf-8")
@@ -218,16 +218,18 @@ class BodyGuardMiddleware:
         with contextlib.suppress(asyncio.CancelledError):
             await route
 
-    async def _overloaded(self, scope: Scope, receive: Receive, send: Send, dialect: Any, size: int) -> None:
-        """The dialect's overload answer (503, TEI/Cohere/Infinity 429) to a body that would pass
-        `--max-body-bytes-in-flight`, counted in `openrerank_rejected_total` as `bodies_in_flight`."""
+    async def _overloaded(self, scope: Scope, receive: Receive, send: Send, dialect: Any, size: int,
+                          hold: BodyHold) -> None:
+        """The dialect's overload answer (503, TEI/Cohere/Infinity 429) to a body of `size` bytes (so far) that
+        would pass `--max-body-bytes-in-flight`, counted in `openrerank_rejected_total` as `bodies_in_flight`;
+        `hold`: its own share, which the other bodies' count leaves out."""
         if self.metrics:
             task = "embed" if "embed" in scope["path"] else "rerank"
             self.metrics.rejected.labels("", task, "bodies_in_flight").inc()
-        held, limit = self.budget.held, self.budget.limit
-        msg = (f"server overloaded: request bodies of {held} bytes are being received or wait for their parse, and "
-               f"this one's {size} bytes would pass the limit of {limit} bytes (--max-body-bytes-in-flight); "
-               "retry later")
+        others, limit = self.budget.held - hold.size, self.budget.limit
+        msg = (f"server overloaded: other requests' bodies of {others} bytes are being received or wait for their "
+               f"parse, and this one's {size} bytes would pass the limit of {limit} bytes "
+               "(--max-body-bytes-in-flight); retry later")
         headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
         await dialect.response(503, msg, "overloaded", headers=headers)(scope, receive, send)
 
