@@ -75,3 +75,14 @@ def test_a_request_at_risk_gets_its_whole_need_first_and_its_batches_run_first()
     window = plan_window(fair, policy, window_batches=3)
     assert {id(req) for req, _ in window[0]} == {id(r) for r in fair[1:]}  # without: the small ones first
     assert len(fair[0].todo) > 0
+
+
+def test_requests_given_first_run_one_after_another_in_that_order():
+    """Two requests given first (earliest deadline, or shortest work while shutting down) are batched each on its
+    own, in `first`'s order: sorted by length across both, their batches would mix and both finish last."""
+    policy = BatchPolicy(max_tokens=100, max_size=4, max_padding=1.0)
+    short_items, long_items = make(*[20, 5] * 4), make(*[6, 19] * 6)
+    window = plan_window([long_items, short_items], policy, window_batches=10, first=[1, 0])
+    owners = [{id(req) for req, _ in b} for b in window]
+    assert all(len(o) == 1 for o in owners), owners  # no batch mixes the two
+    assert [o == {id(short_items)} for o in owners] == [True] * 2 + [False] * 3  # the first given, first

@@ -110,3 +110,38 @@ def test_sigterm_lets_a_request_finish_within_the_grace_period(tmp_path, tiny_mo
             answer = fut.result(timeout=120)
         server.proc.wait(timeout=30)
     assert answer.status_code == 200 and len(answer.json()["rankings"]) == 100
+
+
+def test_sigterm_finishes_requests_one_after_another_and_answers_the_rest_at_once(tmp_path):
+    """Four requests of ~0.4 grace periods of scoring each: shared fairly they advance together, and those that
+    cannot finish are scored until the grace period ends, then answered 503 (before: 2 of 4 answered here, the
+    other two at the end; with 200-passage requests, 0 of 4). Served shortest first, the first finish, and those
+    that cannot are answered at once: their clients retry elsewhere without waiting for the end."""
+    grace = 6.0
+    args = ["--model", "tiny=default", "--backend", "torch", "--threads", "1", "--graceful-timeout", str(grace)]
+    with run_server(args, tmp_path) as server, server.client() as c:
+        per_passage = seconds_per_passage(c)
+        n = min(512, math.ceil(0.4 * grace / per_passage))
+        bodies = [nim_body(f"query {k}", passages(f"r{k}", n + k), truncate="END") for k in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            def timed(body: dict) -> tuple[httpx.Response, float]:
+                response = server.client().post("/v1/ranking", json=body)
+                return response, time.monotonic()
+
+            futures = [pool.submit(timed, body) for body in bodies]
+            deadline = time.monotonic() + 60
+            while in_flight(c) < len(bodies) + 1:
+                assert time.monotonic() < deadline, "the requests never were all in flight"
+                time.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            answers = [f.result(timeout=120) for f in futures]
+        server.proc.wait(timeout=30)
+    statuses = [r.status_code for r, _ in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, (statuses, n, per_passage)
+    early = [at - signalled for r, at in answers if r.status_code == 503 and "would not be finished" in r.text]
+    for r, _ in answers:
+        if r.status_code == 503:
+            assert r.json()["object"] == "error" and r.headers["retry-after"] == "1", r.text
+    assert statuses.count(200) + len(early) >= 3, (statuses, [r.text[:120] for r, _ in answers])
+    assert all(t < grace - 1 for t in early), early  # told at once, not at the grace period's end

@@ -119,6 +119,11 @@ class AdmissionQueue:
         #: Where the served batches' speed is kept for the next start (`speed_record.py`); None: not kept.
         self.speed_record: SpeedRecord | None = None
         self.rate_batches = 0  # big batches served in this process (`record_speed`): the rate is worth keeping
+        #: The server is shutting down and answers what is unfinished at this `time.monotonic()` instant
+        #: (`Scheduler.drain_by`); None: not shutting down.
+        self.drain_ends: float | None = None
+        #: The worker should hand back the window it runs and plan again (the drain began).
+        self.replan = False
 
     @property
     def work_per_second(self) -> float | None:

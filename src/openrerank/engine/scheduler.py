@@ -43,9 +43,15 @@ from openrerank.engine.admission import (
     SchedulerConfig,
 )
 from openrerank.engine.batch_runner import BatchRunner
-from openrerank.engine.errors import DeadlineExceededError, EngineStoppedError, RequestTooLargeError
+from openrerank.engine.errors import (
+    DeadlineExceededError,
+    EngineStoppedError,
+    RequestTooLargeError,
+    ShutdownDeadlineError,
+)
 from openrerank.engine.pending import PendingRequest, ScoreOutcome
 from openrerank.engine.planning import spread
+from openrerank.engine.rates import DEADLINE_MARGIN_S
 from openrerank.engine.scheduler_metrics import SchedulerMetrics
 from openrerank.engine.speed_record import KeptSpeed, SpeedRecord
 from openrerank.engine.worker import Worker
@@ -173,6 +179,16 @@ class Scheduler:
         with self._cv:
             self._start_locked()
 
+    def drain_by(self, ends_at: float) -> None:
+        """The server is shutting down and answers what is unfinished at `ends_at` (a `time.monotonic()`
+        instant) itself: from now on the worker serves the pending requests one after another, shortest first,
+        and answers at once those that would not finish by then (`worker.py`, "Shutting down")."""
+        adm = self._admission
+        with self._cv:
+            adm.drain_ends = ends_at if adm.drain_ends is None else min(adm.drain_ends, ends_at)
+            adm.replan = True
+            self._cv.notify_all()
+
     async def stop(self) -> None:
         """Refuse new work, finish everything accepted, then end the worker thread."""
         adm = self._admission
@@ -268,7 +284,13 @@ class Scheduler:
             raise DeadlineExceededError(timeout) from None
         except asyncio.CancelledError:
             adm.abandon(req)
-            self._counts.cancelled(req.task)
+            if deadline - time.monotonic() <= DEADLINE_MARGIN_S:  # its client's deadline (gRPC) ended it
+                self._counts.rejected(req.task, "deadline")
+            else:
+                self._counts.cancelled(req.task)
+            raise
+        except ShutdownDeadlineError:
+            self._counts.rejected(req.task, "shutdown")
             raise
         finally:
             adm.release(req)

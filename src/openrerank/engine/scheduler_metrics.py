@@ -14,7 +14,7 @@ class SchedulerMetrics:
         self.name = name
 
     def rejected(self, task: Task, reason: str) -> None:
-        """A request refused: too_large, queue_full or deadline."""
+        """A request refused: too_large, queue_full, deadline or shutdown."""
         if self.metrics:
             self.metrics.rejected.labels(self.name, task, reason).inc()
 

@@ -117,6 +117,12 @@ class ServedModels:
                                            multi_vector=model.loaded.multi_vector)
         return model
 
+    def drain_by(self, ends_at: float) -> None:
+        """The server is shutting down and answers what is unfinished at `ends_at` itself: every model's
+        scheduler plans for it (`Scheduler.drain_by`)."""
+        for m in self._models.values():
+            m.scheduler.drain_by(ends_at)
+
     async def stop(self) -> None:
         for m in self._models.values():
             await m.scheduler.stop()

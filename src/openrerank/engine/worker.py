@@ -8,6 +8,12 @@ planned again with the newcomer, as soon as every request in the window has had 
 waits about one batch behind a big one, never for all of it, and a big request keeps getting a share of
 every window. A lone newcomer may wait `batch_wait_ms` for company before its window is planned.
 
+**Shutting down.** Once the server's drain has begun (`Scheduler.drain_by`), fair shares would have several big
+requests advance together and miss the grace period's end together, all answered 503 with their scoring wasted.
+The window in progress goes back, and from then on the requests are served one after another, shortest first,
+each whole (which finishes the most of them in the time left); one that would not finish even so is answered
+at once (`ShutdownDeadlineError`, retryable), so its client can retry elsewhere without waiting for the end.
+
 **Lanes.** Where the scorer's runtime runs several batches at once (`Runtime.lanes`: OpenVINO streams,
 ONNX Runtime concurrent runs, each lane on its share of the threads), the worker hands each batch to the
 next free lane instead of running it itself, and plans the next window while the last batches still run.
@@ -28,10 +34,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from openrerank.engine.admission import FAILED, RUNNING, STOPPED, AdmissionQueue
 from openrerank.engine.batch_runner import Batch, BatchRunner
-from openrerank.engine.errors import EngineStoppedError, WorkerDiedError
+from openrerank.engine.errors import EngineStoppedError, ShutdownDeadlineError, WorkerDiedError
 from openrerank.engine.pending import PendingRequest, post
 from openrerank.engine.planning import give_back, plan_window, spread
-from openrerank.engine.rates import at_risk
+from openrerank.engine.rates import at_risk, drain_order
 from openrerank.runtimes.heap import HEAP
 
 log = logging.getLogger(__name__)
@@ -106,10 +112,26 @@ class Worker:
                     adm.cv.wait()
             self._active.extend(adm.take_locked())
             rate = adm.work_per_second
+            drain_ends, adm.replan = adm.drain_ends, False
         self._raise_lane_error()
         now = time.monotonic()
-        first = at_risk([(r.work_left, r.deadline - now) for r in self._active], rate) if rate else []
+        if drain_ends is not None:
+            first = self._drain_first(drain_ends - now, rate)
+        else:
+            first = at_risk([(r.work_left, r.deadline - now) for r in self._active], rate) if rate else []
         return plan_window(self._active, cfg.policy, cfg.window_batches, self.runner.scorer.padded_shape, first)
+
+    def _drain_first(self, left: float, rate: float | None) -> list[int]:
+        """Shutting down with `left` seconds of grace: the requests one after another, shortest first, each
+        given its whole need (`first`); those that would not finish even so are answered now
+        (`ShutdownDeadlineError`), not at the grace period's end with their scoring wasted."""
+        kept, doomed = drain_order([r.work_left for r in self._active], left, rate)
+        for i, finish in doomed:
+            req = self._active[i]
+            self.admission.abandon(req)  # its items already planned are skipped
+            post(req, ShutdownDeadlineError(finish, left))
+        self._active = [self._active[i] for i, _ in kept]
+        return list(range(len(self._active)))
 
     def _run_window(self, window: list[Batch]) -> None:
         """Run the window's batches; once a newcomer is queued and every request in the rest of the
@@ -118,8 +140,9 @@ class Worker:
         for k, batch in enumerate(window):
             self._wait_for_lane()
             rest = window[k:]
-            if k and self.admission.queue and all(id(req) in ran for b in rest for req, _ in b):
-                # (an unlocked read of the queue: a stale answer only delays the re-plan)
+            if k and (self.admission.replan or
+                      (self.admission.queue and all(id(req) in ran for b in rest for req, _ in b))):
+                # (unlocked reads of the queue and the flag: a stale answer only delays the re-plan)
                 self._release_lane()
                 returned: dict[PendingRequest, list[int]] = defaultdict(list)
                 for b in rest:

@@ -122,7 +122,8 @@ class Metrics:
         self.inference_time = self._histogram("openrerank_inference_seconds", "Model time per batch",
                                               ("model", "task"), _LATENCY_BUCKETS)
         self.rejected = self._counter("openrerank_rejected_total", "Requests refused by back-pressure (queue_full), "
-                                      "their size (too_large) or deadline", ("model", "task", "reason"))
+                                      "their size (too_large), deadline, or as unfinishable in a shutdown (shutdown)",
+                                      ("model", "task", "reason"))
         self.cancelled = self._counter("openrerank_cancelled_total", "Requests abandoned by their client "
                                        "(disconnect) before their results were ready", ("model", "task"))
         self.batch_failures = self._counter("openrerank_batch_failures_total", "Model batches that raised (each "

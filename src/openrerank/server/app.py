@@ -250,6 +250,12 @@ def route_paths(app: FastAPI) -> set[str]:
     return {route.path for route in all_routes(app) if getattr(route, "path", None)}
 
 
+async def _tell_models_of_drain(app: FastAPI) -> None:
+    """Once the drain begins, every model plans to finish what it can before the grace period ends."""
+    await app.state.drain.wait_begun()
+    app.state.models.drain_by(app.state.drain.ends_at)
+
+
 def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
                metrics: Metrics | None = None, public_url: str | None = None,
                resolved: Sequence[ResolvedModel] = ()) -> FastAPI:
@@ -281,9 +287,11 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
                 raise RuntimeError(f"model loading failed: {app.state.models.load_error}")
         elif load_models:
             task = asyncio.create_task(load_all(app))
+        drain_watch = asyncio.create_task(_tell_models_of_drain(app))
         try:
             yield
         finally:
+            drain_watch.cancel()
             if task is not None and not task.done():  # stopped while loading: the load is not waited for
                 task.cancel()
                 loaded = {m.name for m in app.state.models.models()}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -47,6 +48,7 @@ class Drain:
         self.grace = grace
         self.draining = False
         self.cut_short = False  # ended early by a second signal, not by the time running out
+        self.ends_at: float | None = None  # the grace period's end, a `time.monotonic()` instant, once begun
         self._began = asyncio.Event()
         self._expired = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -60,6 +62,7 @@ class Drain:
         if self.draining:
             return
         self.draining = True
+        self.ends_at = time.monotonic() + self.grace
         self._began.set()
         log.info("shutting down: finishing accepted requests for up to %g s (--graceful-timeout); the rest "
                  "will be answered 503 (a second SIGTERM/SIGINT answers them now)", self.grace)
@@ -70,6 +73,7 @@ class Drain:
         if self.expired:
             return
         self.draining = self.cut_short = True
+        self.ends_at = time.monotonic()
         self._began.set()
         if self._timer is not None:
             self._timer.cancel()

@@ -22,6 +22,7 @@ import grpc
 from openrerank import __version__
 from openrerank.core.images import ImageInputError
 from openrerank.engine.errors import DeadlineExceededError, DeadlineUnreachableError, UnknownModelError
+from openrerank.engine.rates import DEADLINE_MARGIN_S
 from openrerank.engine.served_models import ServedModels
 from openrerank.runtimes.heap import HEAP
 from openrerank.server.config import ServerConfig
@@ -46,10 +47,6 @@ _KIND_STATUS = {"auth": Code.UNAUTHENTICATED, "unavailable": Code.UNAVAILABLE, "
                 "model_not_found": Code.NOT_FOUND, "overloaded": Code.RESOURCE_EXHAUSTED,
                 "too_large": Code.RESOURCE_EXHAUSTED, "timeout": Code.DEADLINE_EXCEEDED}
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-#: A call cancelled with this little of its client's deadline left ended by that deadline: the client's own timer
-#: runs ahead of the server's copy (set when the call's headers arrived), so its cancellation arrives while the
-#: server's copy still has a few ms left (0.5-7 ms seen on loopback, 300-passage calls on a busy 2-core machine).
-DEADLINE_MARGIN_S = 0.1
 #: Probes: their access lines are DEBUG, as the HTTP health routes' are.
 _QUIET = ("ServerLive", "ServerReady", "ModelReady")
 _PUBLIC = _QUIET
