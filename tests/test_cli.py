@@ -372,6 +372,23 @@ def test_model_that_fails_to_load_exits_3_with_one_error_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_native_panic_while_loading_exits_3_too(tmp_path):
+    """tokenizers' Rust panic (pyo3's PanicException, a BaseException: under `ulimit -u 6` its threads could not
+    start) ended the loading task unseen: no error line, ready 503 and live 200 for ever, never restarted."""
+    code = ("import sys; import openrerank.server.app as app\n"
+            "class PanicException(BaseException): pass\n"
+            "def panic(*args, **kwargs): raise PanicException('failed to spawn thread')\n"
+            "app.load_served_model = panic\n"
+            "from openrerank.cli.main import main; sys.exit(main(sys.argv[1:]))")
+    import os
+
+    done = subprocess.run([sys.executable, "-c", code, "serve", "--port", "0"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 3, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "could not be loaded: PanicException: failed to spawn thread" in errors[0], done.stderr[-2000:]
+
+
 def test_otlp_endpoint_without_the_extra_names_the_install_command():
     code = ("import sys; sys.modules['opentelemetry.sdk'] = None; from openrerank.cli.main import main; "
             "sys.exit(main(sys.argv[1:]))")

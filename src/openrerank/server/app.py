@@ -112,7 +112,10 @@ async def load_all(app: FastAPI) -> None:
                                              limits=chunk_limits(config), score_cache=app.state.score_cache,
                                              token_cache=app.state.token_cache, images=image_limits(config))
             await served.scheduler.start()
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+            raise
+        except BaseException as exc:  # also a native library's panic (pyo3's PanicException: tokenizers, under
+            # `ulimit -u 6`), which is no Exception: it ended this task unseen, and the server answered 503 for ever
             reason = one_line(exc)
             log.error("model %s (%s) could not be loaded: %s", source.served_id, source.spec, reason)
             log.debug("model loading traceback", exc_info=True)
