@@ -386,7 +386,8 @@ def test_a_native_panic_while_loading_exits_3_too(tmp_path):
                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 3, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "could not be loaded: PanicException: failed to spawn thread" in errors[0], done.stderr[-2000:]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert "could not be loaded: PanicException: failed to spawn thread" in errors[0]
 
 
 def test_otlp_endpoint_without_the_extra_names_the_install_command():

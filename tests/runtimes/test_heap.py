@@ -64,3 +64,22 @@ def test_trims_once_the_last_request_in_flight_ends():
     assert calls == [100.5] and later.pop()[0] == pytest.approx(0.6)
     with HeapTrimmer(trim=None).request():  # not glibc: nothing scheduled
         pass
+
+
+def test_no_thread_for_the_idle_trim_skips_it_and_the_next_request_schedules_again():
+    """At the process's thread limit (`ulimit -u`) the timer thread cannot start: the request that ended is not
+    failed by it, and the next one's end schedules the idle trim again (before, none ran again, ever)."""
+    later, fail = [], [True]
+
+    def schedule(delay, fn):
+        if fail[0]:
+            raise RuntimeError("can't start new thread")
+        later.append(fn)
+
+    trimmer = HeapTrimmer(interval_s=0.0, trim=lambda: None, schedule=schedule)
+    with trimmer.request():
+        pass  # its end raised into the request before
+    fail[0] = False
+    with trimmer.request():
+        pass
+    assert len(later) == 1

@@ -210,6 +210,26 @@ def test_anything_unexpected_is_a_500_in_the_dialect_shape_with_the_request_id(t
     assert any("ZeroDivisionError" in m and "trace-42" in m for m in logged)
 
 
+def test_no_thread_to_start_is_a_retryable_overload_not_a_500(tiny_model_dir, caplog):
+    """At the process's thread limit (`ulimit -u 12`, 50 concurrent requests) asyncio's worker threads could not
+    start: 40 requests got 500 "internal server error", each with a traceback in the log."""
+    with InProcessServer(config(tiny_model_dir)) as server, server.client() as c:
+        model = server.app.state.models.get(MODEL)
+
+        async def no_thread(*args, **kw):
+            raise RuntimeError("can't start new thread")
+
+        model.rerank_many = no_thread
+        r = c.post("/v1/ranking", json=DIALECTS["nim"][1])
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["object"] == "error" and "no thread could be started" in r.text
+        r = c.post("/rerank", json=DIALECTS["tei"][1])
+        assert r.status_code == 429 and r.json()["error_type"] == "Overloaded", r.text
+    logged = [rec for rec in caplog.records if rec.name == "openrerank.server.middleware"]
+    assert logged and all(rec.levelname == "WARNING" and rec.exc_info is None for rec in logged)
+    assert "thread limit" in logged[0].getMessage()
+
+
 def test_a_score_request_with_several_queries_is_one_admission_unit(tiny_model_dir):
     """vLLM score groups pairs by distinct text_1; they used to take one queue slot each (3 queries ->
     503 on an idle server with --max-queue 2)."""

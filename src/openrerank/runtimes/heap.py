@@ -97,7 +97,7 @@ class HeapTrimmer:
                     self._idle_due = True
                     delay = max(IDLE_SETTLE_S, self._last + self.interval_s - self._clock())
             if due:
-                self._schedule(delay, self._idle_trim)
+                self._later(delay)
 
     def _idle_trim(self) -> None:
         with self._lock:
@@ -109,9 +109,21 @@ class HeapTrimmer:
                 self._idle_due = False
                 self._last = self._clock()
         if wait > 0:  # a batch trimmed meanwhile: keep to the interval
-            self._schedule(wait, self._idle_trim)
+            self._later(wait)
             return
         self._call_trim()
+
+    def _later(self, delay: float) -> None:
+        """Schedule the idle trim; best effort: where no thread can start (the process at its thread limit,
+        `ulimit -u`) it is skipped, and the next request's end schedules it again. Before, the error escaped
+        into a request that had been answered (an "unhandled" error line each) and the flag stayed set, so no
+        idle trim ran again in the process's life."""
+        try:
+            self._schedule(delay, self._idle_trim)
+        except RuntimeError as exc:  # "can't start new thread"
+            with self._lock:
+                self._idle_due = False
+            log.debug("idle heap trim skipped: %s", exc)
 
     def _call_trim(self) -> None:
         assert self._trim is not None

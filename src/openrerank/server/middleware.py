@@ -229,6 +229,11 @@ def shutting_down_response(scope: Scope, drain: Drain | None, message: str | Non
         "Retry-After": str(RETRY_AFTER_S), "Connection": "close", "x-request-id": request_id(scope)})
 
 
+def _no_thread(exc: BaseException) -> bool:
+    """Python could not start a thread (asyncio's worker threads, a timer): the process's thread limit."""
+    return isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)
+
+
 class CatchAllMiddleware:
     """Anything unexpected becomes a 500 in the dialect's shape carrying a request id, logged once with
     the same id; never a plain-text 500 or a crashed connection.
@@ -267,10 +272,19 @@ class CatchAllMiddleware:
             await shutting_down_response(scope, self.drain)(scope, receive, send)
         except Exception as exc:
             rid = request_id(scope)
+            if started:
+                log.error("unhandled %s on %s %s (request id %s)", type(exc).__name__, scope.get("method"),
+                          scope.get("path"), rid, exc_info=exc)
+                return  # the answer is under way: the server closes the connection
+            if _no_thread(exc):  # capacity, not a bug: retryable, and no traceback per request
+                log.warning("%s %s refused: %s (the process is at its thread limit: `ulimit -u`, a cgroup's "
+                            "pids.max; request id %s)", scope.get("method"), scope.get("path"), exc, rid)
+                message = "server overloaded: no thread could be started for this request; retry later"
+                headers = {"Retry-After": str(RETRY_AFTER_S), "x-request-id": rid}
+                await scope_dialect(scope).response(503, message, "overloaded", headers=headers)(scope, receive, send)
+                return
             log.error("unhandled %s on %s %s (request id %s)", type(exc).__name__, scope.get("method"),
                       scope.get("path"), rid, exc_info=exc)
-            if started:
-                return  # the answer is under way: the server closes the connection
             message = f"internal server error (request id {rid})"
             resp = scope_dialect(scope).response(500, message, "internal", headers={"x-request-id": rid})
             await resp(scope, receive, send)
