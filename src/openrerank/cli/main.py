@@ -311,6 +311,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     nim.report()
     report_unknown_env(os.environ)
+    http_server.raise_open_files_limit()
     sock: socket.socket | None = None
     try:
         resolved = preflight(config, shown)
