@@ -469,3 +469,14 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_is_war
     assert low.stdout.split() == ["64"] and "the open-file limit is 64" in low.stderr, low.stderr
     assert " WARNING " in low.stderr
     assert raised.stdout.split() == ["4096"] and "open-file limit" not in raised.stderr, raised.stderr
+
+
+def test_no_writable_temporary_folder_is_one_line_naming_tmpdir():
+    """A read-only root with only the cache writable: the start failed on an unrelated later error."""
+    code = ("import sys, tempfile; tempfile.tempdir = None; tempfile._candidate_tempdir_list = lambda: ['/proc/1'];"
+            " from openrerank.cli.main import main; sys.exit(main(['serve', '--port', '0']))")
+    import os
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _one_line_error(done, "no writable temporary folder", "set TMPDIR")

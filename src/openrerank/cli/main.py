@@ -198,6 +198,20 @@ def report_unknown_env(environ: Mapping[str, str]) -> None:
                                                 ", ".join(unknown))
 
 
+def check_temp_dir() -> None:
+    """A writable temporary folder, or one line saying how to give one: importing PyTorch needs it, and without
+    one (a read-only root with only the cache folder writable) the start failed on a later, unrelated error
+    ("Artifact of type=precompile already registered"), the cause in earlier warnings only."""
+    import tempfile
+
+    try:
+        tempfile.gettempdir()
+    except OSError as exc:
+        raise ValueError(f"no writable temporary folder ({exc}): PyTorch and the model conversions need one; set "
+                         "TMPDIR to a writable folder, or mount one at /tmp (docker/podman `--tmpfs /tmp`, a "
+                         "Kubernetes emptyDir)") from None
+
+
 def preflight(config: ServerConfig, shown: Shown | None = None) -> list[ResolvedModel]:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later).
 
@@ -212,6 +226,7 @@ def preflight(config: ServerConfig, shown: Shown | None = None) -> list[Resolved
     from openrerank.runtimes.selection import check_runtime_options
     from openrerank.server.engine_config import load_options
 
+    check_temp_dir()
     sources = model_sources(config.models, config.model_families, config.instructions, shown)
     names = [s.served_id for s in sources]
     dupes = {n for n in names if names.count(n) > 1}
