@@ -21,6 +21,7 @@ from openrerank.core.settings import Shown, setting_item
 from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
+from openrerank.engine.rates import BUDGET_SHARE
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import AUTO_MODES, BACKEND_CHOICES, DTYPES
 from openrerank.server.config import BODIES_IN_FLIGHT, ServerConfig
@@ -111,7 +112,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "(none: twice the per-request token budget)", int),
     Option("request-timeout", "limits", "seconds from a request's arrival to its answer (504 after)", float),
     Option("max-request-tokens", "limits", "tokens one request may hold after tokenization and chunking "
-           f"(none: max-batch-tokens x request-timeout / {SECONDS_PER_BUDGET_BATCH:g} s)", int),
+           f"(none: what the model scores in {BUDGET_SHARE:.0%} of request-timeout at its measured speed; "
+           f"max-batch-tokens x request-timeout / {SECONDS_PER_BUDGET_BATCH:g} s where no speed is measured)", int),
     Option("max-chunks-per-passage", "limits", "CHUNK: windows scored per passage (the default, and the most "
            "a request may ask for)", int),
     Option("max-chunks-per-request", "limits", "CHUNK: windows scored per request", int),
