@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from openrerank.core.requests import ScoreKind
-from openrerank.server.dialects.score_form import internal_from_relevance, relevance
+from openrerank.server.dialects.score_form import relevance
 from tests.server.conftest import DEFAULT_ID
 
 QUERY = "what is the capital of france"
@@ -24,6 +24,15 @@ PASSAGES = [
     "A car engine burns fuel.",
 ]
 TOL = 1e-4
+
+
+def internal_from_relevance(values, kind: ScoreKind) -> np.ndarray:
+    """Inverse of `relevance` for a logit or a cosine: the internal score a [0, 1] relevance came from."""
+    p = np.asarray(values, dtype=np.float64)
+    if kind is ScoreKind.COSINE:
+        return 2.0 * p - 1.0
+    p = np.clip(p, 1e-300, 1 - 1e-16)
+    return np.log(p) - np.log1p(-p)
 
 
 @pytest.mark.parametrize("kind", [ScoreKind.LOGIT, ScoreKind.COSINE])

@@ -108,7 +108,7 @@ STATUS_DESCRIPTIONS = {
 
 @dataclass
 class Dialect:
-    """How one API family reports errors."""
+    """How one dialect reports errors."""
 
     name: str
     prefixes: tuple[str, ...]  # request paths it owns (exact or prefix match)
@@ -133,9 +133,6 @@ class Dialect:
                 entry["model"] = self.error_model
             out[code] = entry
         return out
-
-    def owns(self, path: str) -> bool:
-        return any(_under(path, p) for p in self.prefixes)
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -42,15 +42,3 @@ def relevance(scores: np.ndarray, kind: ScoreKind, query_vectors: int | None = N
 def result_relevance(result: RerankResult) -> np.ndarray:
     """A result's scores in [0, 1] (what every dialect but NIM reports unless asked for raw scores)."""
     return relevance(result.logits, result.score_kind, result.query_vectors)
-
-
-def internal_from_relevance(values: np.ndarray, kind: ScoreKind, query_vectors: int | None = None
-                            ) -> np.ndarray:
-    """Inverse of `relevance` (for clients comparing dialects): logit, cosine or MaxSim from [0, 1]."""
-    p = np.asarray(values, dtype=np.float64)
-    if kind is ScoreKind.MAXSIM:
-        return (2.0 * p - 1.0) * float(query_vectors or 0)
-    if kind is ScoreKind.COSINE:
-        return 2.0 * p - 1.0
-    p = np.clip(p, 1e-300, 1 - 1e-16)
-    return np.log(p) - np.log1p(-p)
