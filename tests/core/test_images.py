@@ -15,6 +15,7 @@ from openrerank.core.images import (
     EncodedImage,
     ImageInputError,
     ImageLimits,
+    ImageTooLargeError,
     decode_image,
     encoded_size,
     open_image,
@@ -40,14 +41,14 @@ def test_a_pixel_limit_above_pillows_warning_level_is_honoured():
     assert open_image(image, ImageLimits(max_pixels=100_000_000)).size == (9500, 9500)
     with pytest.raises(ImageInputError, match="90250000 pixels, above the limit of 90000000") as caught:
         open_image(image, ImageLimits(max_pixels=90_000_000))
-    assert caught.value.status == 413
+    assert isinstance(caught.value, ImageTooLargeError)
 
 
 def test_past_pillows_own_bound_it_is_refused_with_the_limit():
     side = int(pixel_bound() ** 0.5) + 10
     with pytest.raises(ImageInputError, match="more pixels than the limit of 36000000") as caught:
         open_image(EncodedImage("PNG", png_header(side, side)), ImageLimits(), passage_index=2)
-    assert caught.value.status == 413 and str(caught.value).startswith("passage 2: ")
+    assert isinstance(caught.value, ImageTooLargeError) and str(caught.value).startswith("passage 2: ")
 
 
 def test_no_pixel_limit_above_pillows_bound_is_accepted():
@@ -57,11 +58,13 @@ def test_no_pixel_limit_above_pillows_bound_is_accepted():
 
 
 def test_an_error_moves_to_the_requests_passage_index():
-    """The server decodes a request's images a slice at a time; an error names the request's passage."""
-    error = ImageInputError("the image is truncated", passage_index=1, status=400)
+    """The server decodes a request's images a slice at a time; an error names the request's passage, and stays
+    what it was (too large or not)."""
+    error = ImageInputError("the image is truncated", passage_index=1)
     moved = error.shifted(5)
-    assert (str(moved), moved.passage_index, moved.status) == ("passage 6: the image is truncated", 6, 400)
+    assert (str(moved), moved.passage_index, type(moved)) == ("passage 6: the image is truncated", 6, ImageInputError)
     assert str(ImageInputError("x").shifted(3)) == "x"
+    assert type(ImageTooLargeError("big", passage_index=0).shifted(2)) is ImageTooLargeError
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I"])
@@ -92,7 +95,7 @@ def test_an_image_of_exactly_the_byte_limit_is_taken():
     assert parse_data_url(url, ImageLimits(max_image_bytes=len(png))).data == png
     with pytest.raises(ImageInputError, match=f"holds {len(png)} bytes") as caught:
         parse_data_url(url, ImageLimits(max_image_bytes=len(png) - 1))
-    assert caught.value.status == 413
+    assert isinstance(caught.value, ImageTooLargeError)
 
 
 def test_a_png_with_damaged_exif_is_decoded_as_stored():

@@ -11,11 +11,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from openrerank.core.requests import RerankResult, ScoreKind, Truncate
+from openrerank.engine.errors import UnknownModelError
 from openrerank.server import http_answers
 from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import score as dialect
-from openrerank.server.errors import ApiError
+from openrerank.server.errors import FAILURES, ApiError
 from openrerank.wire.score import ScoreRequest
 
 # -- converters ----------------------------------------------------------------------------------
@@ -221,7 +222,8 @@ def test_engine_errors_map_to_vllm_shape():
     assert dialect.score_error_body(503, "server overloaded", "overloaded") == {
         "object": "error", "message": "server overloaded", "type": "ServiceUnavailableError", "param": None,
         "code": 503}
-    assert dialect.SCORE.response(400, "x", "model_not_found").status_code == 404
+    unknown = FAILURES[UnknownModelError]  # the status an unknown model comes with, which vLLM's shape keeps
+    assert dialect.SCORE.response(unknown.status, "x", unknown.kind).status_code == 404
 
 
 def test_no_client_error_is_typed_as_a_server_error():

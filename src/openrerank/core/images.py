@@ -8,10 +8,10 @@ pixel count is checked before a single pixel is decoded (decompression bombs); a
 truncated or corrupt files fail as the client's error. What comes out is always a still, upright (EXIF
 orientation applied), 8-bit RGB image, whatever the mode (palette, alpha, CMYK, 16-bit grey) it came in.
 
-Every failure is an `ImageInputError` with the passage it belongs to and the status a dialect answers
-(400, or 413 for sizes). This module is the one owner of the rules: the HTTP dialects and the gRPC
-`passage_image` input both hand it the client's string (`parse_data_url`, then `open_image` /
-`decode_image` off the event loop).
+Every failure is an `ImageInputError` with the passage it belongs to; one over a size limit is an
+`ImageTooLargeError` (what each answers is the server's to say: server/errors.py `FAILURES`). This module is
+the one owner of the rules: the HTTP dialects and the gRPC `passage_image` input both hand it the client's
+string (`parse_data_url`, then `open_image` / `decode_image` off the event loop).
 """
 
 from __future__ import annotations
@@ -56,19 +56,22 @@ def pixel_bound() -> int:
 
 
 class ImageInputError(ValueError):
-    """An image the server will not decode; `status` is 400 (bad image) or 413 (too large)."""
+    """An image the server will not decode: not a PNG or JPEG data URL, unreadable, animated."""
 
-    def __init__(self, message: str, *, passage_index: int | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, *, passage_index: int | None = None) -> None:
         where = f"passage {passage_index}: " if passage_index is not None else ""
         super().__init__(f"{where}{message}")
         self.reason = message
         self.passage_index = passage_index
-        self.status = status
 
     def shifted(self, offset: int) -> ImageInputError:
         """The same error for a slice of the passages that starts at `offset` of the request's."""
         index = None if self.passage_index is None else self.passage_index + offset
-        return ImageInputError(self.reason, passage_index=index, status=self.status)
+        return type(self)(self.reason, passage_index=index)
+
+
+class ImageTooLargeError(ImageInputError):
+    """An image, or a request's images together, over a size limit (bytes or pixels): smaller ones would do."""
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,14 @@ def check_request_size(urls: list[str | None], limits: ImageLimits) -> None:
     """All images of a request together, before any is decoded."""
     total = sum(encoded_size(u) for u in urls if u is not None)
     if total > limits.max_request_bytes:
-        raise ImageInputError(f"the request's images hold {total} bytes, above the limit of "
-                              f"{limits.max_request_bytes} bytes per request; send fewer or smaller images",
-                              status=413)
+        raise ImageTooLargeError(f"the request's images hold {total} bytes, above the limit of "
+                                 f"{limits.max_request_bytes} bytes per request; send fewer or smaller images")
 
 
 def parse_data_url(url: str, limits: ImageLimits, passage_index: int | None = None) -> EncodedImage:
     """A `data:image/png|jpeg;base64,...` string -> its bytes, refused unless the bytes are what it says."""
-    def fail(message: str, status: int = 400) -> ImageInputError:
-        return ImageInputError(message, passage_index=passage_index, status=status)
+    def fail(message: str, error: type[ImageInputError] = ImageInputError) -> ImageInputError:
+        return error(message, passage_index=passage_index)
 
     head = url[:64].lower()
     if head.startswith(("http://", "https://", "ftp://", "file:")):
@@ -120,7 +122,7 @@ def parse_data_url(url: str, limits: ImageLimits, passage_index: int | None = No
     size = encoded_size(url)
     if size > limits.max_image_bytes:
         raise fail(f"the image holds {size} bytes, above the limit of {limits.max_image_bytes} bytes per image",
-                   413)
+                   ImageTooLargeError)
     try:
         data = base64.b64decode(url[match.end():], validate=True)
     except (binascii.Error, ValueError):
@@ -140,15 +142,16 @@ def open_image(encoded: EncodedImage, limits: ImageLimits, passage_index: int | 
 
     from PIL import Image, UnidentifiedImageError
 
-    def fail(message: str, status: int = 400) -> ImageInputError:
-        return ImageInputError(message, passage_index=passage_index, status=status)
+    def fail(message: str, error: type[ImageInputError] = ImageInputError) -> ImageInputError:
+        return error(message, passage_index=passage_index)
 
     try:
         with warnings.catch_warnings():  # Pillow warns above ~89 Mpx; the limit below is `limits.max_pixels`
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
     except Image.DecompressionBombError:  # over pixel_bound(), which no limit passes
-        raise fail(f"the image has more pixels than the limit of {limits.max_pixels} pixels per image", 413) from None
+        raise fail(f"the image has more pixels than the limit of {limits.max_pixels} pixels per image",
+                   ImageTooLargeError) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise fail(f"the {encoded.format} image cannot be read ({type(exc).__name__})") from None
     width, height = image.size
@@ -156,7 +159,7 @@ def open_image(encoded: EncodedImage, limits: ImageLimits, passage_index: int | 
         raise fail(f"the image is {width}x{height} pixels")
     if width * height > limits.max_pixels:
         raise fail(f"the image is {width}x{height} = {width * height} pixels, above the limit of "
-                   f"{limits.max_pixels} pixels per image", 413)
+                   f"{limits.max_pixels} pixels per image", ImageTooLargeError)
     if getattr(image, "n_frames", 1) != 1:
         raise fail(f"the image has {image.n_frames} frames (animated or multi-picture); send a still PNG or JPEG")
     return image

@@ -20,7 +20,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from openrerank import __version__
-from openrerank.core.images import ImageInputError
 from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import load_served_model
@@ -39,6 +38,7 @@ from openrerank.server.errors import (
     ApiError,
     Dialect,
     Failure,
+    Kind,
     dialect_for,
     format_validation_errors,
 )
@@ -69,8 +69,8 @@ CORS_MAX_AGE_S = 600
 #: The port a browser leaves out of `Origin` for each scheme.
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
-_HTTP_KINDS = {400: "validation", 401: "auth", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 422: "validation"}
+_HTTP_KINDS = {400: Kind.VALIDATION, 401: Kind.AUTH, 404: Kind.NOT_FOUND, 405: Kind.METHOD_NOT_ALLOWED,
+               413: Kind.TOO_LARGE, 422: Kind.VALIDATION}
 
 
 #: The most characters of a load failure's one line (its head and its tail are kept: the cause is often last).
@@ -144,7 +144,7 @@ def request_dialect(request: Request) -> Dialect:
     return getattr(request.state, "dialect", None) or dialect_for(request.url.path)
 
 
-def _error_response(request: Request, status: int, message: str, kind: str,
+def _error_response(request: Request, status: int, message: str, kind: Kind,
                     headers: dict[str, str] | None = None) -> OrjsonResponse:
     return request_dialect(request).response(status, message, kind, headers)
 
@@ -201,7 +201,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         dialect = request_dialect(request)
         model = dialect.request_models.get(request.url.path)
-        return dialect.response(400, format_validation_errors(list(exc.errors()), model), "validation")
+        return dialect.response(400, format_validation_errors(list(exc.errors()), model), Kind.VALIDATION)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -211,7 +211,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
-        return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, "http"), headers)
+        return _error_response(request, exc.status_code, message, _HTTP_KINDS.get(exc.status_code, Kind.HTTP),
+                               headers)
 
     def answer(failure: Failure):
         async def handler(request: Request, exc: Exception):
@@ -219,17 +220,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return _error_response(request, failure.status, str(exc), failure.kind, headers)
         return handler
 
-    for exc_type, failure in FAILURES.items():
+    for exc_type, failure in FAILURES.items():  # Starlette picks the handler of the nearest class, as `failure_for`
         app.add_exception_handler(exc_type, answer(failure))
 
-    @app.exception_handler(ImageInputError)
-    async def _image(request: Request, exc: ImageInputError):
-        # a bad passage image: its status says which (413 too large, else 400/422 as core/images.py decides)
-        return _error_response(request, exc.status, str(exc), "too_large" if exc.status == 413 else "invalid_image")
     async def _model_fault(request: Request, exc: Exception):
         rid = request_id(request.scope)
         log.error("%s on %s (request id %s): %s", type(exc).__name__, request.url.path, rid, exc)
-        return _error_response(request, 500, f"{exc} (request id {rid})", "internal", {"x-request-id": rid})
+        return _error_response(request, 500, f"{exc} (request id {rid})", Kind.INTERNAL, {"x-request-id": rid})
 
     for exc_type in MODEL_FAULTS:
         app.add_exception_handler(exc_type, _model_fault)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import zlib
 
+from openrerank.server.errors import Kind
+
 #: The codings decoded, by their HTTP names (`x-gzip` is gzip's old alias, RFC 9110 8.4.1.3).
 _GZIP, _ZLIB = 16 + zlib.MAX_WBITS, zlib.MAX_WBITS
 _WBITS = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": _ZLIB}
@@ -22,15 +24,15 @@ ACCEPTED = "gzip, deflate"
 class BodyCodingError(ValueError):
     """A compressed body that cannot be decoded, with how it is answered."""
 
-    status, kind, headers = 400, "validation", {}
+    status, kind, headers = 400, Kind.VALIDATION, {}
 
 
 class UnsupportedCodingError(BodyCodingError):
-    status, kind, headers = 415, "unsupported_media_type", {"Accept-Encoding": ACCEPTED}
+    status, kind, headers = 415, Kind.UNSUPPORTED_MEDIA_TYPE, {"Accept-Encoding": ACCEPTED}
 
 
 class InflatedTooLargeError(BodyCodingError):
-    status, kind, headers = 413, "too_large", {"Connection": "close"}
+    status, kind, headers = 413, Kind.TOO_LARGE, {"Connection": "close"}
 
 
 def decode(body: bytes, content_encoding: bytes, limit: int) -> bytes:

@@ -16,7 +16,7 @@ from openrerank.observe.metrics import Metrics
 from openrerank.server import body_budget, body_coding
 from openrerank.server.body_budget import BodyBudget, BodyHold
 from openrerank.server.drain import RETRY_AFTER_S, Drain
-from openrerank.server.errors import dialect_for
+from openrerank.server.errors import Kind, dialect_for
 from openrerank.server.middleware import (
     first_header,
     header_lines,
@@ -87,7 +87,8 @@ class BodyGuardMiddleware:
             if message is None:
                 msg = (f"request body not received within {self.body_timeout:g} s ({size} bytes arrived; "
                        "--body-timeout)")
-                await dialect.response(408, msg, "timeout_body", headers={"Connection": "close"})(scope, receive, send)
+                await dialect.response(408, msg, Kind.TIMEOUT_BODY,
+                                       headers={"Connection": "close"})(scope, receive, send)
                 return
             if message["type"] == "http.disconnect":  # gone while sending: the client's doing (499), not a 500
                 request_state(scope)["disconnected"] = True
@@ -125,7 +126,7 @@ class BodyGuardMiddleware:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            resp = dialect.response(400, f"request body is not valid UTF-8 (byte {exc.start})", "validation")
+            resp = dialect.response(400, f"request body is not valid UTF-8 (byte {exc.start})", Kind.VALIDATION)
             await resp(scope, receive, send)
             return
         if not is_json_media_type(first_header(scope, b"content-type")):  # the line FastAPI reads: the first
@@ -231,8 +232,8 @@ class BodyGuardMiddleware:
                f"parse, and this one's {size} bytes would pass the limit of {limit} bytes "
                "(--max-body-bytes-in-flight); retry later")
         headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
-        await dialect.response(503, msg, "overloaded", headers=headers)(scope, receive, send)
+        await dialect.response(503, msg, Kind.OVERLOADED, headers=headers)(scope, receive, send)
 
     async def _reject(self, scope, receive, send, status, dialect, size) -> None:
         msg = f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"
-        await dialect.response(status, msg, "too_large", headers={"Connection": "close"})(scope, receive, send)
+        await dialect.response(status, msg, Kind.TOO_LARGE, headers={"Connection": "close"})(scope, receive, send)

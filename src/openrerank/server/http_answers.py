@@ -3,7 +3,7 @@ each in the error shape of the dialect owning the request's path, with `Connecti
 
 from __future__ import annotations
 
-from openrerank.server.errors import dialect_for
+from openrerank.server.errors import Kind, dialect_for
 from openrerank.server.responses import dumps
 
 _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -20,7 +20,7 @@ def request_path(head_start: bytes, *, whole_line: bool = False) -> str | None:
     return target[1].split(b"?", 1)[0].decode("latin-1")
 
 
-def error_answer(status: int, reason: bytes, path: str, message: str, kind: str) -> bytes:
+def error_answer(status: int, reason: bytes, path: str, message: str, kind: Kind) -> bytes:
     """A whole closing response, in the error shape of the dialect owning `path`: for a connection the
     protocol answers itself, before the app has the request."""
     body = dumps(dialect_for(path).render(status, message, kind))
@@ -32,19 +32,19 @@ def headers_too_large(head_start: bytes, limit: int) -> bytes:
     """A whole 431 response, in the error shape of the dialect owning the request's path."""
     message = f"request headers exceed {limit} bytes (--max-header-bytes)"
     return error_answer(431, b"Request Header Fields Too Large", request_path(head_start) or "/", message,
-                        "too_large")
+                        Kind.TOO_LARGE)
 
 
 def bad_request(path: str, problem: str) -> bytes:
     """A whole 400 for a request the parser could not read (llhttp's `problem`), in the path's error shape."""
-    return error_answer(400, b"Bad Request", path, f"invalid HTTP request: {problem}", "invalid_http")
+    return error_answer(400, b"Bad Request", path, f"invalid HTTP request: {problem}", Kind.INVALID_HTTP)
 
 
 def coding_not_implemented(path: str, coding: str) -> bytes:
     """A whole 501 for a body sent in a transfer coding other than chunked (RFC 9112 section 6.1)."""
     message = (f"Transfer-Encoding '{coding}' is not supported: send the body chunked alone, or with its length; "
                "a compressed body goes in Content-Encoding (gzip or deflate)")
-    return error_answer(501, b"Not Implemented", path, message, "not_implemented")
+    return error_answer(501, b"Not Implemented", path, message, Kind.NOT_IMPLEMENTED)
 
 
 def headers_too_slow(head_start: bytes, timeout: float) -> bytes:
@@ -53,4 +53,4 @@ def headers_too_slow(head_start: bytes, timeout: float) -> bytes:
     if path is None:
         return _TIMEOUT_408
     message = f"request headers not received within {timeout:g} s (--header-timeout)"
-    return error_answer(408, b"Request Timeout", path, message, "timeout_headers")
+    return error_answer(408, b"Request Timeout", path, message, Kind.TIMEOUT_HEADERS)

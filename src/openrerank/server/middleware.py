@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from openrerank.observe.metrics import Metrics
 from openrerank.runtimes.heap import HEAP
 from openrerank.server.drain import RETRY_AFTER_S, Drain
-from openrerank.server.errors import Dialect, dialect_for
+from openrerank.server.errors import Dialect, Kind, dialect_for
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("openrerank.access")
@@ -225,7 +225,7 @@ def shutting_down_response(scope: Scope, drain: Drain | None, message: str | Non
     another reason, such as `drain.CLOSED_MESSAGE` for one that arrived once the drain had begun)."""
     if message is None:
         message = drain.message() if drain is not None else "the server is shutting down; retry this request"
-    return scope_dialect(scope).response(503, message, "unavailable", headers={
+    return scope_dialect(scope).response(503, message, Kind.UNAVAILABLE, headers={
         "Retry-After": str(RETRY_AFTER_S), "Connection": "close", "x-request-id": request_id(scope)})
 
 
@@ -286,7 +286,7 @@ class CatchAllMiddleware:
             log.error("unhandled %s on %s %s (request id %s)", type(exc).__name__, scope.get("method"),
                       scope.get("path"), rid, exc_info=exc)
             message = f"internal server error (request id {rid})"
-            resp = scope_dialect(scope).response(500, message, "internal", headers={"x-request-id": rid})
+            resp = scope_dialect(scope).response(500, message, Kind.INTERNAL, headers={"x-request-id": rid})
             await resp(scope, receive, send)
 
 
@@ -350,7 +350,7 @@ class ApiKeyMiddleware:
         msg = "missing or invalid API key: send 'Authorization: Bearer <key>'"
         if len(given) > 1:
             msg = f"{len(given)} Authorization headers: send one, 'Authorization: Bearer <key>'"
-        resp = dialect_for(scope["path"]).response(401, msg, "auth", headers={"WWW-Authenticate": "Bearer"})
+        resp = dialect_for(scope["path"]).response(401, msg, Kind.AUTH, headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
 
 

@@ -21,7 +21,7 @@ from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
 from openrerank.server.config import API_KEY_ENV, ServerConfig
 from openrerank.server.drain import CLOSED_MESSAGE
-from openrerank.server.errors import dialect_for
+from openrerank.server.errors import Kind, dialect_for
 from openrerank.server.middleware import (
     REQUEST_ID_HEADER,
     is_health,
@@ -139,7 +139,7 @@ class ReplicaMiddleware:
             self.metrics.rejected.labels("", task, "replica_full").inc()
             message = (f"server overloaded: {self.inside} requests in this replica (limit {self.limit}); "
                        "retry later")
-            response = dialect_for(scope["path"]).response(503, message, "overloaded",
+            response = dialect_for(scope["path"]).response(503, message, Kind.OVERLOADED,
                                                            {"Retry-After": str(max(1, round(retry)))})
             await response(scope, receive, send)
             return

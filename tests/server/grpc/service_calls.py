@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from openrerank.core.images import ImageInputError, ImageTooLargeError
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import Drain
@@ -136,8 +137,18 @@ async def cancelled(remaining: float | None) -> dict:
         "disconnects": metrics.registry.get_sample_value("openrerank_client_disconnects_total")}
 
 
+def failures() -> dict:
+    """How the service answers failures below the server (`_status`): image errors by their class."""
+    served = service()
+    cases = {"image_too_large": ImageTooLargeError("the image holds 9 bytes", passage_index=0),
+             "image_invalid": ImageInputError("the image is truncated", passage_index=0)}
+    answers = {name: served._status(exc, "rid", "ModelInfer") for name, exc in cases.items()}
+    return {name: [code.name, message] for name, (code, message) in answers.items()}
+
+
 async def main() -> dict:
-    return {"unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
+    return {"failures": failures(),
+            "unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
             "ready": await model_ready_while_draining(),
             "deadline": [await cancelled(r) for r in (0.0, 0.005)],
             "disconnect": [await cancelled(r) for r in (None, 5.0)]}

@@ -43,3 +43,10 @@ def test_a_call_ended_by_its_clients_deadline_is_a_deadline_not_a_disconnect(out
     arrives while the server's copy of the deadline has a few ms left (0.5-7 ms seen)."""
     assert outcome["deadline"] == [{"DEADLINE_EXCEEDED": 1.0, "CANCELLED": None, "disconnects": 0.0}] * 2
     assert outcome["disconnect"] == [{"DEADLINE_EXCEEDED": None, "CANCELLED": 1.0, "disconnects": 1.0}] * 2
+
+
+def test_failures_below_the_server_are_answered_from_the_one_table(outcome):
+    """An image error's status was rebuilt by hand from an HTTP status core/images.py carried (413 or not)."""
+    failures = outcome["failures"]
+    assert failures["image_too_large"] == ["RESOURCE_EXHAUSTED", "passage 0: the image holds 9 bytes"]
+    assert failures["image_invalid"] == ["INVALID_ARGUMENT", "passage 0: the image is truncated"]

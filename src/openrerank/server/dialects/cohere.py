@@ -23,7 +23,7 @@ from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.score import check_truncation, truncation
 from openrerank.server.dialects.score_form import result_relevance
-from openrerank.server.errors import ApiError, Dialect, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, register_dialect
 from openrerank.wire.cohere import (
     CohereError,
     CohereRerankResponse,
@@ -40,17 +40,17 @@ SEARCH_UNIT_DOCUMENTS = 100
 V2_MAX_TOKENS_PER_DOC = 4096
 
 
-def cohere_error_body(status: int, message: str, kind: str) -> dict:
+def cohere_error_body(status: int, message: str, kind: Kind) -> dict:
     return {"message": message}
 
 
-def jina_error_body(status: int, message: str, kind: str) -> dict:
+def jina_error_body(status: int, message: str, kind: Kind) -> dict:
     """Cohere's body plus Jina's `detail` (Jina's clients raise KeyError without it; Cohere's SDK ignores it)."""
     return {"message": message, "detail": message}
 
 
-#: Cohere answers 429 when it is overloaded, 404 for a model it does not know.
-_STATUS_FOR = {"overloaded": 429, "model_not_found": 404, "too_many": 400, "too_long": 400}
+#: Cohere answers 429 when it is overloaded (a model it does not know is 404, as everywhere).
+_STATUS_FOR = {Kind.OVERLOADED: 429}
 #: /v2/rerank: Cohere's alone, its error body exactly Cohere's.
 COHERE = register_dialect(Dialect(
     "cohere", ("/v2/rerank",), cohere_error_body, status_for=_STATUS_FOR,

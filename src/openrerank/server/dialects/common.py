@@ -11,7 +11,7 @@ from openrerank.core.requests import RerankRequest, RerankResult, Timings
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects.list_bounds import PASSAGES, check_lists, off_loop
-from openrerank.server.errors import ApiError, format_validation_errors
+from openrerank.server.errors import ApiError, Kind, format_validation_errors
 from openrerank.server.middleware import arrival, request_usage
 from openrerank.server.middleware import request_id as scope_request_id
 
@@ -42,9 +42,9 @@ def check_ready(request: Request) -> None:
 def require_ready(reg: ServedModels) -> None:
     """check_ready for any protocol (gRPC maps the ApiError's kind to its own status)."""
     if reg.load_error:
-        raise ApiError(503, "model(s) failed to load; see the server log", kind="unavailable")
+        raise ApiError(503, "model(s) failed to load; see the server log", kind=Kind.UNAVAILABLE)
     if not reg.loaded:
-        raise ApiError(503, "model(s) not loaded yet; retry shortly", kind="unavailable",
+        raise ApiError(503, "model(s) not loaded yet; retry shortly", kind=Kind.UNAVAILABLE,
                        headers={"Retry-After": "5"})
 
 

@@ -25,7 +25,6 @@ EMBEDDINGS = register_dialect(Dialect(
     "embeddings",
     ("/v1/embeddings",),
     nim_error_body,
-    status_for={"model_not_found": 404},
     request_models={"/v1/embeddings": EmbeddingsRequest},
     error_model=NimError,
 ))

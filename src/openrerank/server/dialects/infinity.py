@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common, embeddings, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
-from openrerank.server.errors import Dialect, register_dialect
+from openrerank.server.errors import Dialect, Kind, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.infinity import (
     INFINITY_UNSPECIFIED_MODEL,
@@ -26,15 +26,15 @@ from openrerank.wire.infinity import (
 )
 
 
-def infinity_error_body(status: int, message: str, kind: str) -> dict:
+def infinity_error_body(status: int, message: str, kind: Kind) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
 
 #: Infinity's paths. /rerank is TEI's too: its handler picks this dialect for `documents` bodies.
 INFINITY = register_dialect(Dialect(
     "infinity", ("/embeddings", "/models"), infinity_error_body,
-    status_for={"validation": 422, "too_many": 422, "too_long": 422, "too_much_work": 422, "model_not_found": 400,
-                "overloaded": 429, "unavailable": 503, "timeout": 504},
+    status_for={Kind.VALIDATION: 422, Kind.TOO_MANY: 422, Kind.TOO_LONG: 422, Kind.TOO_MUCH_WORK: 422,
+                Kind.MODEL_NOT_FOUND: 400, Kind.OVERLOADED: 429},
     request_models={"/rerank": InfinityRerankRequest, "/embeddings": InfinityEmbeddingsRequest},
     error_model=InfinityError,
 ))

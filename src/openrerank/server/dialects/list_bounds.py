@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
-from openrerank.server.errors import ApiError, format_validation_errors
+from openrerank.server.errors import ApiError, Kind, format_validation_errors
 
 #: A body at least this large is parsed, counted and validated on a worker thread, not on the event loop: a
 #: legal 8 MB body (Cohere v1, 512 documents of 1,200 fields) took 91 ms to parse and 245 ms to validate, during
@@ -56,7 +56,7 @@ class ListBound:
     limit: Callable[[ServerConfig], int]
     where: str
     status: int = 400
-    kind: str = "too_many"
+    kind: Kind = Kind.TOO_MANY
     count: Callable[[Any], int | None] = field(default=_list_length)
 
     def require(self, config: ServerConfig, count: int) -> None:

@@ -20,7 +20,7 @@ from openrerank.engine.served import ServedModel
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.embeddings import encode_vector, input_texts, model_and_input_type
-from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.multi_vector import MultiVectorRequest, MultiVectorResponse
 
@@ -33,7 +33,6 @@ MULTI_VECTOR = register_dialect(Dialect(
     "multi_vector",
     (PATH,),
     nim_error_body,
-    status_for={"model_not_found": 404},
     request_models={PATH: MultiVectorRequest},
     error_model=NimError,
 ))
@@ -53,7 +52,7 @@ def input_limit(config: ServerConfig) -> int:
 
 
 list_bounds.bound(MultiVectorRequest, input=list_bounds.ListBound(
-    "inputs", input_limit, " per multi-vector request; send them in several requests", status=413, kind="too_large",
+    "inputs", input_limit, " per multi-vector request; send them in several requests", status=413, kind=Kind.TOO_LARGE,
     count=list_bounds.INPUTS.count))
 
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, Response
 from openrerank.core.requests import RerankRequest, RerankResult, Truncate
 from openrerank.server.dialects import common, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
-from openrerank.server.errors import ApiError, Dialect, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, register_dialect
 from openrerank.wire.score import SCORE_FORMS, ScoreError, ScoreRequest, ScoreResponse
 
 #: vLLM's error `type` for the statuses that have their own (the OpenAI SDK's exception names); any other
@@ -35,7 +35,7 @@ def error_type(status: int) -> str:
     return _TYPES.get(status) or ("BadRequestError" if 400 <= status < 500 else "InternalServerError")
 
 
-def score_error_body(status: int, message: str, kind: str) -> dict:
+def score_error_body(status: int, message: str, kind: Kind) -> dict:
     """vLLM's (OpenAI-style) ErrorResponse."""
     return {"object": "error", "message": message, "type": error_type(status), "param": None, "code": status}
 
@@ -44,7 +44,6 @@ SCORE = register_dialect(Dialect(
     "score",
     ("/v1/score", "/score"),
     score_error_body,
-    status_for={"model_not_found": 404},
     request_models={"/v1/score": ScoreRequest, "/score": ScoreRequest},
     error_model=ScoreError,
 ))

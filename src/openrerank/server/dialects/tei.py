@@ -26,21 +26,21 @@ from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
-from openrerank.server.errors import ApiError, Dialect, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import DEFAULT_MODEL_ID, parse_model_arg, public_source
 from openrerank.wire.infinity import InfinityError, InfinityHealth, InfinityRerankRequest, InfinityRerankResponse
 from openrerank.wire.tei import TeiEmbedRequest, TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
 _ERROR_TYPES = {
-    "empty": "Empty", "overloaded": "Overloaded", "unavailable": "Unhealthy", "internal": "Backend",
-    "timeout": "Backend", "too_long": "Validation",
+    Kind.EMPTY: "Empty", Kind.OVERLOADED: "Overloaded", Kind.UNAVAILABLE: "Unhealthy", Kind.INTERNAL: "Backend",
+    Kind.TIMEOUT: "Backend", Kind.TOO_LONG: "Validation",
 }
 #: TEI's auto-truncate: requests without `truncate` are truncated (TEI's default since 1.x).
 AUTO_TRUNCATE = True
 
 
-def tei_error_body(status: int, message: str, kind: str) -> dict:
+def tei_error_body(status: int, message: str, kind: Kind) -> dict:
     return {"error": message, "error_type": _ERROR_TYPES.get(kind, "Validation")}
 
 
@@ -48,8 +48,8 @@ TEI = register_dialect(Dialect(
     "tei",
     ("/rerank", "/embed", "/health", "/info", "/", "/invocations", "/ping"),  # "/": the root alone (`dialect_for`)
     tei_error_body,
-    status_for={"validation": 422, "too_many": 422, "too_long": 422, "model_not_found": 422, "too_much_work": 422,
-                "empty": 400, "overloaded": 429, "unavailable": 503, "timeout": 424, "internal": 424},
+    status_for={Kind.VALIDATION: 422, Kind.TOO_MANY: 422, Kind.TOO_LONG: 422, Kind.MODEL_NOT_FOUND: 422,
+                Kind.TOO_MUCH_WORK: 422, Kind.OVERLOADED: 429, Kind.TIMEOUT: 424, Kind.INTERNAL: 424},
     request_models={"/rerank": TeiRerankRequest, "/embed": TeiEmbedRequest},
     error_model=TeiError,
 ))
@@ -89,7 +89,7 @@ def to_internal(body: TeiRerankRequest, *, chunking: bool = False, auto_truncate
     `truncation_direction`, or CHUNK when the server runs with `--tei-chunking`.
     """
     if not body.texts:
-        raise ApiError(400, "`texts` cannot be empty", kind="empty")
+        raise ApiError(400, "`texts` cannot be empty", kind=Kind.EMPTY)
     truncate = auto_truncate if body.truncate is None else body.truncate
     if not truncate:
         mode = Truncate.NONE
@@ -284,11 +284,11 @@ def unit_vectors(vectors: np.ndarray) -> np.ndarray:
 async def embed_answer(request: Request, body: TeiEmbedRequest) -> OrjsonResponse:
     """TEI's embed: a bare array of vectors, through the embeddings dialect's engine call."""
     if body.inputs == [] or body.inputs == "":
-        raise ApiError(400, "`inputs` cannot be empty", kind="empty")
+        raise ApiError(400, "`inputs` cannot be empty", kind=Kind.EMPTY)
     if isinstance(body.inputs, list) and all(isinstance(v, str) for v in body.inputs) and "" in body.inputs:
         # TEI encodes each input alone and answers an empty one as it answers empty `inputs` (EncodingInput::is_empty)
         raise ApiError(400, f"`inputs` cannot be empty: inputs[{body.inputs.index('')}] is an empty string",
-                       kind="empty")
+                       kind=Kind.EMPTY)
     texts = embeddings.input_texts(body.inputs, field="inputs")
     truncate, input_type = embed_options(body)
     result = await embeddings.embed_texts(request, texts, body.model, input_type=input_type, truncate=truncate,

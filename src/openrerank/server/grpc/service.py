@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 
 from openrerank import __version__
-from openrerank.core.images import ImageInputError
 from openrerank.engine.errors import DeadlineExceededError, DeadlineUnreachableError, UnknownModelError
 from openrerank.engine.rates import DEADLINE_MARGIN_S
 from openrerank.engine.served_models import ServedModels
@@ -28,7 +27,7 @@ from openrerank.runtimes.heap import HEAP
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
 from openrerank.server.drain import CLOSED_MESSAGE
-from openrerank.server.errors import FAILURES, MODEL_FAULTS, ApiError, safe_text
+from openrerank.server.errors import MODEL_FAULTS, ApiError, Kind, failure_for, safe_text
 from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
@@ -41,11 +40,11 @@ access_log = logging.getLogger("openrerank.access")
 SERVICE = "inference.GRPCInferenceService"
 Code = grpc.StatusCode
 
-#: A failure's kind (server/errors.py: ApiError kinds and FAILURES' kinds) -> status code; any other 4xx is
+#: A failure's kind (server/errors.py `Kind`: ApiError kinds and FAILURES' kinds) -> status code; any other 4xx is
 #: INVALID_ARGUMENT, any other 5xx UNAVAILABLE. The HTTP routes' table (FAILURES) is the one list of failures.
-_KIND_STATUS = {"auth": Code.UNAUTHENTICATED, "unavailable": Code.UNAVAILABLE, "not_found": Code.NOT_FOUND,
-                "model_not_found": Code.NOT_FOUND, "overloaded": Code.RESOURCE_EXHAUSTED,
-                "too_large": Code.RESOURCE_EXHAUSTED, "timeout": Code.DEADLINE_EXCEEDED}
+_KIND_STATUS = {Kind.AUTH: Code.UNAUTHENTICATED, Kind.UNAVAILABLE: Code.UNAVAILABLE, Kind.NOT_FOUND: Code.NOT_FOUND,
+                Kind.MODEL_NOT_FOUND: Code.NOT_FOUND, Kind.OVERLOADED: Code.RESOURCE_EXHAUSTED,
+                Kind.TOO_LARGE: Code.RESOURCE_EXHAUSTED, Kind.TIMEOUT: Code.DEADLINE_EXCEEDED}
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 #: Probes: their access lines are DEBUG, as the HTTP health routes' are.
 _QUIET = ("ServerLive", "ServerReady", "ModelReady")
@@ -56,7 +55,7 @@ _SERVER_FAULTS = (Code.UNKNOWN, Code.DEADLINE_EXCEEDED, Code.UNIMPLEMENTED, Code
                   Code.DATA_LOSS)
 
 
-def _code(status: int, kind: str) -> grpc.StatusCode:
+def _code(status: int, kind: Kind) -> grpc.StatusCode:
     return _KIND_STATUS.get(kind) or (Code.INVALID_ARGUMENT if status < 500 else Code.UNAVAILABLE)
 
 
@@ -251,9 +250,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return Code.INVALID_ARGUMENT, str(exc)
         if isinstance(exc, ApiError):
             return _code(exc.status, exc.kind), exc.message
-        if isinstance(exc, ImageInputError):  # a bad or oversized passage image (HTTP 400 or 413)
-            return _code(exc.status, "too_large" if exc.status == 413 else "invalid_image"), str(exc)
-        failure = next((f for cls, f in FAILURES.items() if isinstance(exc, cls)), None)
+        failure = failure_for(exc)
         if failure is not None:
             return _code(failure.status, failure.kind), str(exc)
         if isinstance(exc, MODEL_FAULTS):
