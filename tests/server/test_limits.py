@@ -59,20 +59,30 @@ def test_the_chunk_amplification_request_is_bounded(chunk_server):
     assert after - before < 150, f"RSS {before:.0f} MiB -> {after:.0f} MiB"
 
 
-def test_a_request_over_the_token_budget_is_refused_naming_the_limit(tmp_path, tiny_model_dir):
+#: The limits of the test below, as flags or as the environment variables that set them instead.
+_AS_FLAGS = (["--max-request-tokens", "500", "--max-chunks-per-request", "20"], {},
+             {"tokens": "(--max-request-tokens)", "chunks": "(--max-chunks-per-request)"})
+_AS_VARIABLES = ([], {"OPENRERANK_MAX_REQUEST_TOKENS": "500", "OPENRERANK_MAX_CHUNKS_PER_REQUEST": "20"},
+                 {"tokens": "(OPENRERANK_MAX_REQUEST_TOKENS='500')",
+                  "chunks": "(OPENRERANK_MAX_CHUNKS_PER_REQUEST='20')"})
+
+
+@pytest.mark.parametrize(("flags", "env", "named"), [_AS_FLAGS, _AS_VARIABLES], ids=["flags", "variables"])
+def test_a_request_over_the_token_budget_is_refused_naming_the_limit(tmp_path, tiny_model_dir, flags, env, named):
+    """Each refusal names its limit as the operator set it: a limit set by a variable was named by a flag nobody
+    typed (`--max-request-tokens`)."""
     relative = os.path.relpath(tiny_model_dir)  # the server runs in this process's working directory
-    args = ["--model", f"tiny={relative}", "--max-request-tokens", "500", "--max-chunks-per-request", "20",
-            "--threads", "1"]
-    with run_server(args, tmp_path) as server, server.client() as c:
+    args = ["--model", f"tiny={relative}", *flags, "--threads", "1"]
+    with run_server(args, tmp_path, env=env) as server, server.client() as c:
         ok = c.post("/v1/ranking", json=nim_body("q", ["a b c"] * 8))
         assert ok.status_code == 200
         r = c.post("/v1/ranking", json=nim_body("q", ["paris " * 100] * 8, truncate="END"))
-        assert r.status_code == 400 and "--max-request-tokens" in r.json()["message"]
+        assert r.status_code == 400 and named["tokens"] in r.json()["message"], r.text
         r = c.post("/rerank", json={"query": "q", "texts": ["paris " * 100] * 8})
-        assert r.status_code == 422 and "--max-request-tokens" in r.json()["error"]
+        assert r.status_code == 422 and named["tokens"] in r.json()["error"], r.text
         long = "berlin " * 2000
         r = c.post("/v1/ranking", json=nim_body("q", [long, long], truncate="CHUNK"))
-        assert r.status_code == 400 and "--max-chunks-per-request" in r.json()["message"]
+        assert r.status_code == 400 and named["chunks"] in r.json()["message"], r.text
         assert re.search(r"would score \d+ chunks", r.json()["message"])  # one slice: counted whole
         # refused after its first slice of 64 passages: the count is of that slice, and says so
         r = c.post("/v1/ranking", json=nim_body("q", ["berlin " * 300] * 70, truncate="CHUNK"))
@@ -81,6 +91,18 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(tmp_path, t
         assert meta["limits"]["max_request_tokens"] == 500
         # a local folder by its name only: clients learn nothing of the server's filesystem layout
         assert meta["models"][0]["source"] == meta["modelInfo"][0]["modelUrl"] == Path(relative).name
+
+
+def test_a_timeout_names_the_nim_variable_that_set_it_and_a_flag_its_flag(tmp_path, tiny_model_dir):
+    """NIM_REQUEST_TIMEOUT_S=0.02 answered "request timed out after 0.02 s (--request-timeout)", a flag the operator
+    never typed; a limit given as a flag in the same start is still named by its flag."""
+    args = ["--model", f"tiny={tiny_model_dir}", "--max-chunks-per-passage", "4", "--threads", "1"]
+    with run_server(args, tmp_path, env={"NIM_REQUEST_TIMEOUT_S": "0.000001"}) as server, server.client() as c:
+        timed_out = c.post("/v1/ranking", json=nim_body("q", ["paris"] * 20))
+        chunks = c.post("/v1/ranking", json=nim_body("q", ["paris"], truncate="CHUNK", max_chunks_per_passage=8))
+    assert timed_out.status_code == 504, timed_out.text
+    assert timed_out.json()["message"] == "request timed out after 1e-06 s (NIM_REQUEST_TIMEOUT_S='0.000001')"
+    assert chunks.status_code == 400 and "(--max-chunks-per-passage)" in chunks.json()["message"], chunks.text
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -347,7 +347,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     scheme = "https" if config.tls else "http"
-    app = create_app(config, public_url=f"{scheme}://{shown_host}:{port}", resolved=resolved)
+    app = create_app(config, public_url=f"{scheme}://{shown_host}:{port}", resolved=resolved, shown=shown)
     if config.grpc_port is not None:
         app.state.companions.append(grpc_server(app, config.grpc_host or config.host, config.grpc_port))
     logging.getLogger("openrerank").info(

@@ -21,6 +21,12 @@ def setting(flag: str, value: object, shown: Shown | None = None) -> str:
     return (shown or {}).get(flag) or f"--{flag} {value}"
 
 
+def setting_name(flag: str, shown: Shown | None = None) -> str:
+    """How a refusal names the setting `flag` whose value it already states (a limit, a timeout): as `shown` says,
+    else `--flag` alone."""
+    return (shown or {}).get(flag) or f"--{flag}"
+
+
 def setting_item(flag: str, item: str, shown: Shown | None = None, *, quote: bool = True) -> str:
     """How an error names one value of a repeatable flag (`--model`, `--alias`): `--flag 'item'` (unquoted
     with `quote=False`), or the variable that held it, the item picked out when the variable holds several

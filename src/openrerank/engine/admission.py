@@ -212,12 +212,12 @@ class AdmissionQueue:
         budget = self.request_budget
         if not self.measured:
             if tokens > budget:
-                return RequestTooLargeError("tokens", tokens, budget, "--max-request-tokens",
+                return RequestTooLargeError("tokens", tokens, budget, "max-request-tokens",
                                             self.budget_reason(tokens, work), at_least=partial)
             return None
         if work > budget:
             limit = int(budget * tokens / work)
-            return RequestTooLargeError("tokens", tokens, limit, "--max-request-tokens",
+            return RequestTooLargeError("tokens", tokens, limit, "max-request-tokens",
                                         self.budget_reason(tokens, work), at_least=partial)
         return None
 
@@ -240,12 +240,11 @@ class AdmissionQueue:
         if self.pending:
             if cfg.max_queue_tokens or not self.measured:  # the flag's tokens, or the static budget's
                 if self.pending_tokens + tokens > cfg.queue_budget:
-                    return QueueFullError(f"{self.pending_tokens} tokens",
-                                          f"{cfg.queue_budget}, --max-queue-tokens", self.retry_after_locked())
+                    return QueueFullError(f"{self.pending_tokens} tokens", f"{cfg.queue_budget}",
+                                          self.retry_after_locked(), "max-queue-tokens")
             elif self.pending_work + work > QUEUE_BUDGETS * self.request_budget:
-                return QueueFullError(f"{self.pending_tokens} tokens",
-                                      f"{QUEUE_BUDGETS} request budgets, --max-queue-tokens",
-                                      self.retry_after_locked())
+                return QueueFullError(f"{self.pending_tokens} tokens", f"{QUEUE_BUDGETS} request budgets",
+                                      self.retry_after_locked(), "max-queue-tokens")
         rate = self.work_per_second
         if self.pending and rate and not cfg.max_request_tokens:
             estimate = finish_estimate(work, self.pending, self.pending_work, rate)
@@ -261,8 +260,8 @@ class AdmissionQueue:
         """--max-queue requests are pending: a refusal that needs nothing of the newcomer, so it is made before
         its text is tokenized too (a 300-passage request was refused only after 1.8 s of tokenizing)."""
         if self.pending >= self.config.max_queue:
-            return QueueFullError(f"{self.pending} requests", f"{self.config.max_queue}, --max-queue",
-                                  self.retry_after_locked())
+            return QueueFullError(f"{self.pending} requests", f"{self.config.max_queue}", self.retry_after_locked(),
+                                  "max-queue")
         return None
 
     def work_left_locked(self, now: float) -> Iterable[tuple[float, float]]:

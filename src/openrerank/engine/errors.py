@@ -2,10 +2,16 @@
 
 Each error carries a short, client-safe message; details that only an operator needs (exception
 text, tracebacks) go to the log, never into a response.
+
+A refusal that names the setting it applies (`--request-timeout`, `--max-queue`, ...) carries the setting's flag
+name (`EngineError.setting`), not its spelling: the operator may have set it as an environment variable (an
+OPENRERANK_ or NIM_ one) or a Ray Serve argument, which only the server knows. The server answers
+`message(shown)`, the setting named as given (core/settings.py); `str()` names the flag.
 """
 
 from __future__ import annotations
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.engine.rates import DEADLINE_SHARE
 from openrerank.runtimes.base import DeviceMemoryError
 
@@ -13,15 +19,33 @@ __all__ = ["DeadlineExceededError", "DeviceMemoryError", "EngineError", "EngineS
 
 
 class EngineError(RuntimeError):
-    pass
+    """A failure below the server, answered in the request's dialect (server/errors.py `FAILURES`)."""
+
+    #: The setting (a flag's name, without dashes) the message names; None: it names none.
+    setting: str | None = None
+
+    def message(self, shown: Shown | None = None) -> str:
+        """The client-safe message, naming `setting` as the operator gave it (`shown`, else `--flag`)."""
+        return self.naming(setting_name(self.setting, shown)) if self.setting else str(self)
+
+    def naming(self, setting: str) -> str:
+        """The message with `setting` as the setting's name: each error that carries a `setting` writes it."""
+        return str(self)
 
 
 class QueueFullError(EngineError):
     """Back-pressure: too much pending work. Dialects answer 503/429 with Retry-After."""
 
-    def __init__(self, what: str, limit: str, retry_after: float = 1.0) -> None:
+    def __init__(self, what: str, limit: str, retry_after: float = 1.0, setting: str | None = None) -> None:
+        """`limit`: how much may be pending; `setting`: the flag (without dashes) that sets or changes it."""
         self.retry_after = retry_after
-        super().__init__(f"server overloaded: {what} pending (limit {limit}); retry later")
+        self.setting = setting
+        self._pending = (what, limit)
+        super().__init__(self.naming(setting_name(setting) if setting else ""))
+
+    def naming(self, setting: str) -> str:
+        what, limit = self._pending
+        return f"server overloaded: {what} pending (limit {limit}{', ' + setting if setting else ''}); retry later"
 
 
 class DeadlineUnreachableError(QueueFullError):
@@ -29,15 +53,19 @@ class DeadlineUnreachableError(QueueFullError):
     the model's measured rate: refused at once (503/429, Retry-After) instead of a 504 much later."""
 
     def __init__(self, estimate: float, left: float, tokens_per_second: float, retry_after: float,
-                 deadline_from: str = "--request-timeout") -> None:
+                 deadline_from: str | None = None) -> None:
         """`tokens_per_second`: the measured rate for sequences as long as this request's; `deadline_from`: what
-        set the deadline (the server's flag, or a client's own deadline)."""
-        QueueFullError.__init__(self, "", "", retry_after)
+        set the deadline when not the server's request timeout (a client's own deadline)."""
         self._facts = (estimate, left, tokens_per_second, retry_after)
-        self.args = (f"server overloaded: this request would finish in about {_seconds(estimate)} s behind the "
-                     f"work pending (the model scores ~{tokens_per_second:,.0f} tokens/s here at these lengths), "
-                     f"too close to its deadline in {_seconds(max(0.0, left))} s ({deadline_from}; work is planned "
-                     f"into at most {DEADLINE_SHARE:.0%} of the time left); retry later",)
+        self.deadline_from = deadline_from
+        QueueFullError.__init__(self, "", "", retry_after, None if deadline_from else "request-timeout")
+
+    def naming(self, setting: str) -> str:
+        estimate, left, tokens_per_second, _ = self._facts
+        return (f"server overloaded: this request would finish in about {_seconds(estimate)} s behind the work "
+                f"pending (the model scores ~{tokens_per_second:,.0f} tokens/s here at these lengths), too close to "
+                f"its deadline in {_seconds(max(0.0, left))} s ({self.deadline_from or setting}; work is planned "
+                f"into at most {DEADLINE_SHARE:.0%} of the time left); retry later")
 
     def set_by(self, deadline_from: str) -> DeadlineUnreachableError:
         """The same refusal, naming what set the deadline (a gRPC client's deadline, a call's `timeout`)."""
@@ -67,21 +95,34 @@ class RequestTooLargeError(EngineError):
     """One request holds more work than the server scores for a single request (a 4xx: the client
     can split it, send fewer or shorter passages, or fewer chunks)."""
 
-    def __init__(self, what: str, amount: int, limit: int, flag: str, hint: str = "", *,
+    def __init__(self, what: str, amount: int, limit: int, setting: str, hint: str = "", *,
                  per: str = "request", at_least: bool = False) -> None:
-        """`per`: what the limit counts over; a limit per passage is asked for, not yet scored. `at_least`:
-        `amount` counts only the part of the request read so far (refused before the rest was tokenized)."""
+        """`setting`: the flag (without dashes) that sets the limit; `per`: what the limit counts over; a limit per
+        passage is asked for, not yet scored. `at_least`: `amount` counts only the part of the request read so far
+        (refused before the rest was tokenized)."""
         self.amount = amount
         self.limit = limit
+        self.setting = setting
         scores = f"at least {amount}" if at_least else f"{amount}"
-        head = (f"this request would score {scores} {what}, above the limit of {limit} per request" if per == "request"
-                else f"this request asks for {amount} {what} per {per}, above the limit of {limit}")
-        super().__init__(f"{head} ({flag}){'; ' + hint if hint else ''}")
+        self._head = (f"this request would score {scores} {what}, above the limit of {limit} per request"
+                      if per == "request" else f"this request asks for {amount} {what} per {per}, above the limit of "
+                      f"{limit}")
+        self._hint = hint
+        super().__init__(self.message())
+
+    def naming(self, setting: str) -> str:
+        return f"{self._head} ({setting}){'; ' + self._hint if self._hint else ''}"
 
 
 class DeadlineExceededError(EngineError):
+    setting = "request-timeout"
+
     def __init__(self, timeout: float) -> None:
-        super().__init__(f"request timed out after {timeout:g} s (--request-timeout)")
+        self.timeout = timeout
+        super().__init__(self.message())
+
+    def naming(self, setting: str) -> str:
+        return f"request timed out after {self.timeout:g} s ({setting})"
 
 
 class EngineStoppedError(EngineError):
@@ -140,16 +181,18 @@ class NotAnEmbeddingModelError(UnsupportedRequestError):
 
     def __init__(self, name: str | None, family: str | None, embedders: list[str], *,
                  multi_vector: bool = False) -> None:
+        """`multi_vector`: the model has per-token vectors (late interaction), which a dialect may say where to
+        ask for (the route is the server's: `what`, `where` are the message's two halves to write it between)."""
         self.embedders = embedders
-        what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
+        self.multi_vector = multi_vector
+        self.what = f"Model '{name}' ({family}) is a reranker only: it scores query-passage pairs, it has no embeddings"
         if multi_vector:
-            what = (f"Model '{name}' ({family}) has one vector per token, not one per text: its embeddings are on "
-                    f"POST /v1/embeddings/multi_vector")
+            self.what = f"Model '{name}' ({family}) has one vector per token, not one per text"
         if name is None:
-            what = "No model was named and the first served model produces no embeddings"
-        where = (f"embedding models served here: {', '.join(embedders)}" if embedders else
-                 "no embedding model is served here (serve a sentence-transformers bi-encoder, e.g. --model default)")
-        super().__init__(f"{what}; {where}")
+            self.what = "No model was named and the first served model produces no embeddings"
+        self.where = (f"embedding models served here: {', '.join(embedders)}" if embedders else "no embedding model "
+                      "is served here (serve a sentence-transformers bi-encoder, e.g. --model default)")
+        super().__init__(f"{self.what}; {self.where}")
 
 
 class ImagesNotSupportedError(UnsupportedRequestError):

@@ -157,7 +157,7 @@ class LoadedModel:
         cost = sum(self.encoder.image_cost(*im.size, i)  # type: ignore[attr-defined]
                    for i, im in enumerate(opened) if im is not None)
         if budget is not None and cost > budget:
-            raise RequestTooLargeError("tokens", cost, budget, "--max-request-tokens",
+            raise RequestTooLargeError("tokens", cost, budget, "max-request-tokens",
                                        "each image tile costs its vision patches and placeholder tokens; send "
                                        "fewer or smaller images")
         return opened

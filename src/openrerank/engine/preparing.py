@@ -74,7 +74,7 @@ its image requests decode in, and the deadline of the request being prepared."""
                 partial = b < len(texts) or ri < len(reqs) - 1  # more of the request is still to tokenize
                 if chunks > self.limits.max_chunks_per_request:
                     raise RequestTooLargeError("chunks", chunks, self.limits.max_chunks_per_request,
-                                               "--max-chunks-per-request", "send fewer or shorter passages, or "
+                                               "max-chunks-per-request", "send fewer or shorter passages, or "
                                                "ask for fewer chunks per passage", at_least=partial)
                 too_large = self.scheduler.over_budget(tokens, work, partial=partial)
                 if too_large is not None:

@@ -246,7 +246,7 @@ class ServedModel:
         asked = req.max_chunks_per_passage
         limit = self.limits.max_chunks_per_passage
         if asked is not None and asked > limit:
-            raise RequestTooLargeError("chunks", asked, limit, "--max-chunks-per-passage", per="passage")
+            raise RequestTooLargeError("chunks", asked, limit, "max-chunks-per-passage", per="passage")
         if req.truncate is not Truncate.CHUNK:
             return None
         return asked or min(req.default_chunks_per_passage or limit, limit)

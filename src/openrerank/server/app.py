@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from openrerank import __version__
+from openrerank.core.settings import Shown
 from openrerank.engine.loading import ResolvedModel, model_sources
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import load_served_model
@@ -40,6 +41,7 @@ from openrerank.server.errors import (
     Failure,
     Kind,
     dialect_for,
+    failure_message,
     format_validation_errors,
 )
 from openrerank.server.middleware import (
@@ -217,7 +219,8 @@ def install_error_handlers(app: FastAPI) -> None:
     def answer(failure: Failure):
         async def handler(request: Request, exc: Exception):
             headers = failure.headers(exc) if failure.headers else None
-            return _error_response(request, failure.status, str(exc), failure.kind, headers)
+            message = failure_message(exc, request.app.state.shown)
+            return _error_response(request, failure.status, message, failure.kind, headers)
         return handler
 
     for exc_type, failure in FAILURES.items():  # Starlette picks the handler of the nearest class, as `failure_for`
@@ -258,8 +261,12 @@ async def _tell_models_of_drain(app: FastAPI) -> None:
 
 def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
                metrics: Metrics | None = None, public_url: str | None = None,
-               resolved: Sequence[ResolvedModel] = ()) -> FastAPI:
+               resolved: Sequence[ResolvedModel] = (), shown: Shown | None = None) -> FastAPI:
     """The whole server as one ASGI app; `public_url` is only what the "ready" log line shows.
+
+    `shown`: how to name the settings not given as flags (the CLI's `serve_settings`: an environment variable, a
+    NIM one it was translated from), so a refusal that names a setting (`--request-timeout`, `--max-queue`)
+    names what the operator set.
 
     `resolved`: models the caller already resolved with this config (the CLI's preflight), so each is
     located and its runtime plan computed once per start; the others are resolved when they load.
@@ -316,6 +323,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
         static_url=DOCS_ASSETS,
     )
     app.state.config = config
+    app.state.shown = shown or {}
     app.state.public_url = public_url
     app.state.metrics = metrics or Metrics()
     app.state.tracer = tracer  # the gRPC service's calls are spans too

@@ -15,10 +15,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from openrerank.core.images import ImageInputError, ImageTooLargeError
+from openrerank.core.settings import Shown
 from openrerank.engine.errors import (
     BatchFailedError,
     DeadlineExceededError,
     DeviceMemoryError,
+    EngineError,
     EngineStoppedError,
     ModelOutputError,
     QueueFullError,
@@ -113,6 +115,12 @@ def failure_for(exc: Exception) -> Failure | None:
     """How `exc` is answered: its own class's entry in `FAILURES`, else its nearest base's (the lookup HTTP's
     exception handlers make), or None when it is no failure below the server."""
     return next((FAILURES[cls] for cls in type(exc).__mro__ if cls in FAILURES), None)
+
+
+def failure_message(exc: Exception, shown: Shown | None = None) -> str:
+    """What a failure below the server answers: its message, a setting it names written as the operator gave it
+    (`shown`: how the settings not typed as flags are named, core/settings.py)."""
+    return exc.message(shown) if isinstance(exc, EngineError) else str(exc)
 
 
 class ErrorResponse(OrjsonResponse):

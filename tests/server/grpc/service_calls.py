@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from openrerank.core.images import ImageInputError, ImageTooLargeError
+from openrerank.engine.errors import DeadlineExceededError, QueueFullError
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import Drain
@@ -138,10 +139,14 @@ async def cancelled(remaining: float | None) -> dict:
 
 
 def failures() -> dict:
-    """How the service answers failures below the server (`_status`): image errors by their class."""
+    """How the service answers failures below the server (`_status`): image errors by their class, and a setting
+    named as the operator gave it (`shown`: here the request timeout came from a NIM variable)."""
     served = service()
+    served.state.shown = {"request-timeout": "NIM_REQUEST_TIMEOUT_S='0.02'"}
     cases = {"image_too_large": ImageTooLargeError("the image holds 9 bytes", passage_index=0),
-             "image_invalid": ImageInputError("the image is truncated", passage_index=0)}
+             "image_invalid": ImageInputError("the image is truncated", passage_index=0),
+             "timeout": DeadlineExceededError(0.02),
+             "queue_full": QueueFullError("3 requests", "3", 1.0, "max-queue")}
     answers = {name: served._status(exc, "rid", "ModelInfer") for name, exc in cases.items()}
     return {name: [code.name, message] for name, (code, message) in answers.items()}
 

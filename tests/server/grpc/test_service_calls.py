@@ -45,8 +45,13 @@ def test_a_call_ended_by_its_clients_deadline_is_a_deadline_not_a_disconnect(out
     assert outcome["disconnect"] == [{"DEADLINE_EXCEEDED": None, "CANCELLED": 1.0, "disconnects": 1.0}] * 2
 
 
-def test_failures_below_the_server_are_answered_from_the_one_table(outcome):
-    """An image error's status was rebuilt by hand from an HTTP status core/images.py carried (413 or not)."""
+def test_failures_below_the_server_are_answered_from_the_one_table_naming_settings_as_given(outcome):
+    """An image error's status was rebuilt by hand from an HTTP status core/images.py carried (413 or not); and a
+    request timeout set by NIM_REQUEST_TIMEOUT_S was named `--request-timeout`, a flag nobody typed."""
     failures = outcome["failures"]
     assert failures["image_too_large"] == ["RESOURCE_EXHAUSTED", "passage 0: the image holds 9 bytes"]
     assert failures["image_invalid"] == ["INVALID_ARGUMENT", "passage 0: the image is truncated"]
+    assert failures["timeout"] == ["DEADLINE_EXCEEDED",
+                                   "request timed out after 0.02 s (NIM_REQUEST_TIMEOUT_S='0.02')"]
+    assert failures["queue_full"] == ["RESOURCE_EXHAUSTED",
+                                      "server overloaded: 3 requests pending (limit 3, --max-queue); retry later"]

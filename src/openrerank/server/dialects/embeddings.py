@@ -15,8 +15,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from openrerank.core.requests import EmbedRequest, EmbedResult, Truncate
+from openrerank.engine.errors import NotAnEmbeddingModelError
 from openrerank.server.dialects import common, list_bounds
-from openrerank.server.errors import ApiError, Dialect, NimError, nim_error_body, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.checks import valid_text
 from openrerank.wire.embeddings import EmbeddingsRequest, EmbeddingsResponse
@@ -29,6 +30,10 @@ EMBEDDINGS = register_dialect(Dialect(
     error_model=NimError,
 ))
 list_bounds.bound(EmbeddingsRequest, input=list_bounds.INPUTS)
+
+#: Where a late-interaction model's per-token vectors are (dialects/multi_vector.py serves it): named when one is
+#: asked for single vectors.
+MULTI_VECTOR_PATH = "/v1/embeddings/multi_vector"
 
 #: NIM's model-name suffixes that stand for `input_type` (for OpenAI clients, which cannot send it).
 INPUT_TYPE_SUFFIXES = {"-query": "query", "-passage": "passage"}
@@ -101,7 +106,13 @@ async def embed_texts(request: Request, texts: list[str], name: str | None, *, i
     """The one engine call of every embeddings route (OpenAI/NIM here, Infinity's, TEI's): the model `name` picks
     (None: the first embedding model), through its scheduler, within the request's deadline."""
     common.check_ready(request)
-    model = common.served_models(request).get_embedder(name)
+    try:
+        model = common.served_models(request).get_embedder(name)
+    except NotAnEmbeddingModelError as exc:
+        if not exc.multi_vector:
+            raise
+        raise ApiError(400, f"{exc.what}: its embeddings are on POST {MULTI_VECTOR_PATH}; {exc.where}",
+                       kind=Kind.UNSUPPORTED) from None
     req = EmbedRequest(texts=texts, model=model.name, input_type=input_type,  # type: ignore[arg-type]
                        truncate=truncate, dimensions=dimensions)
     return await model.embed(req, deadline=common.deadline(request))

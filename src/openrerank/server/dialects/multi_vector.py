@@ -19,12 +19,12 @@ from openrerank.engine.errors import UnknownModelError
 from openrerank.engine.served import ServedModel
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, list_bounds
-from openrerank.server.dialects.embeddings import encode_vector, input_texts, model_and_input_type
+from openrerank.server.dialects.embeddings import MULTI_VECTOR_PATH, encode_vector, input_texts, model_and_input_type
 from openrerank.server.errors import ApiError, Dialect, Kind, NimError, nim_error_body, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.wire.multi_vector import MultiVectorRequest, MultiVectorResponse
 
-PATH = "/v1/embeddings/multi_vector"
+PATH = MULTI_VECTOR_PATH
 #: Texts per request: a 512-token passage of 128-dimension vectors is ~0.6 MB of JSON floats, so a request
 #: stays under ~40 MB of response (the route's own bound; --max-inputs still applies when lower).
 MAX_INPUTS = 64

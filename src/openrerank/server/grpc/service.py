@@ -27,7 +27,7 @@ from openrerank.runtimes.heap import HEAP
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, nim
 from openrerank.server.drain import CLOSED_MESSAGE
-from openrerank.server.errors import MODEL_FAULTS, ApiError, Kind, failure_for, safe_text
+from openrerank.server.errors import MODEL_FAULTS, ApiError, Kind, failure_for, failure_message, safe_text
 from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
@@ -252,7 +252,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return _code(exc.status, exc.kind), exc.message
         failure = failure_for(exc)
         if failure is not None:
-            return _code(failure.status, failure.kind), str(exc)
+            return _code(failure.status, failure.kind), failure_message(exc, getattr(self.state, "shown", None))
         if isinstance(exc, MODEL_FAULTS):
             log.error("%s on %s (request id %s): %s", type(exc).__name__, method, rid, exc)
             return Code.INTERNAL, f"{exc} (request id {rid})"
