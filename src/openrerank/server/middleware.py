@@ -281,7 +281,8 @@ class CatchAllMiddleware:
                             "pids.max; request id %s)", scope.get("method"), scope.get("path"), exc, rid)
                 message = "server overloaded: no thread could be started for this request; retry later"
                 headers = {"Retry-After": str(RETRY_AFTER_S), "x-request-id": rid}
-                await scope_dialect(scope).response(503, message, "overloaded", headers=headers)(scope, receive, send)
+                resp = scope_dialect(scope).response(503, message, Kind.OVERLOADED, headers=headers)
+                await resp(scope, receive, send)
                 return
             log.error("unhandled %s on %s %s (request id %s)", type(exc).__name__, scope.get("method"),
                       scope.get("path"), rid, exc_info=exc)
