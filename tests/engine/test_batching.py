@@ -12,6 +12,7 @@ from openrerank.engine.batching import (
     MAX_PADDING,
     MIN_ROWS,
     BatchPolicy,
+    default_policy,
     exact_shape,
     split_batches,
 )
@@ -163,3 +164,8 @@ def test_openvino_declares_its_grid() -> None:
     for rows, width in [(1, 1), (5, 71), (9, 73), (13, 200), (128, 512)]:
         padded = pad_to_bucket({"attention_mask": np.ones((rows, width), dtype=np.int64)})
         assert runtime.padded_shape(rows, width) == padded["attention_mask"].shape
+
+
+def test_the_default_policy_is_the_gpus_on_any_cuda_device_and_the_cpus_elsewhere():
+    assert default_policy("cuda") is CUDA_POLICY and default_policy("cuda:1") is CUDA_POLICY
+    assert default_policy("cpu") is CPU_POLICY and default_policy("cudax") is CPU_POLICY

@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from openrerank.runtimes.base import IntOrArray
+from openrerank.runtimes.devices import is_cuda
 
 #: Largest share of padded tokens a batch may have once it holds `MIN_ROWS` items.
 MAX_PADDING = 0.02
@@ -177,4 +178,4 @@ CUDA_POLICY = BatchPolicy(max_tokens=32768, max_size=256, max_padding=0.2, min_r
 
 def default_policy(device: str) -> BatchPolicy:
     """The batching defaults for a device: `cpu` or `cuda[:N]`."""
-    return CUDA_POLICY if device == "cuda" or device.startswith("cuda:") else CPU_POLICY
+    return CUDA_POLICY if is_cuda(device) else CPU_POLICY

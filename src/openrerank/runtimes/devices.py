@@ -11,6 +11,11 @@ from openrerank.core.settings import Shown, setting
 GPU_SETUP_HINT = "scripts/setup.sh --gpu installs a CUDA build of PyTorch (docs/gpu.md)"
 
 
+def is_cuda(device: str) -> bool:
+    """Whether `device` names a CUDA GPU (`cuda` or `cuda:N`); every other device string is the CPU's side."""
+    return device == "cuda" or device.startswith("cuda:")
+
+
 class DeviceError(RuntimeError):
     """The device named by --device cannot run a model here."""
 
@@ -18,7 +23,7 @@ class DeviceError(RuntimeError):
 def check_device(device: str, shown: Shown | None = None) -> None:
     """Raise DeviceError unless `device` (cpu, cuda, cuda:N) is usable by the installed PyTorch; the error names
     the setting as the operator gave it (`shown`, core/settings.py)."""
-    if not (device == "cuda" or device.startswith("cuda:")):
+    if not is_cuda(device):
         return
     named = setting("device", device, shown)
     try:
@@ -55,6 +60,8 @@ def cpu_info() -> tuple[str, frozenset[str]]:
         elif line.startswith("flags") and not flags:
             flags = frozenset(line.partition(":")[2].split())
     return model, flags
+
+
 def cuda_capability(device: str) -> tuple[int, int] | None:
     """The compute capability of a CUDA device (e.g. (9, 0) for an H100), None where it cannot be read."""
     try:

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from openrerank.core.settings import Shown, setting
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
-from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability
+from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability, is_cuda
 from openrerank.runtimes.measure import Measurement, Throughput
 from openrerank.runtimes.onnx_export import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
-from openrerank.runtimes.torch_runtime import TORCH_DTYPES, is_cuda
+from openrerank.runtimes.torch_runtime import TORCH_DTYPES
 
 #: The runtimes, best CPU runtime first.
 RUNTIMES = ("openvino", "onnx", "torch")

@@ -30,6 +30,7 @@ from openrerank.runtimes.base import (
     Runtime,
     default_threads,
 )
+from openrerank.runtimes.devices import is_cuda
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, TORCH_DTYPES[name])
-
-
-def is_cuda(device: str) -> bool:
-    return device == "cuda" or device.startswith("cuda:")
 
 
 class TorchRuntime(Runtime):
