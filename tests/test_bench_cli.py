@@ -17,7 +17,7 @@ def test_a_default_engine_this_cpu_refuses_is_left_out_and_a_named_one_ends_the_
     assert _runnable(["openvino:bf16", "onnx:fp32", "torch:bf16"], given=False, console=console) == ["onnx:fp32"]
     with pytest.raises(RuntimeConfigError, match=r"--backends openvino:bf16: .*AVX512-BF16"):
         _runnable(["onnx:fp32", "openvino:bf16"], given=True, console=console)
-    with pytest.raises(RuntimeConfigError, match=r"^--backends foo:fp32: backend 'foo': unknown backend; choose one"):
+    with pytest.raises(RuntimeConfigError, match=r"^--backends foo:fp32: backend 'foo': unknown runtime; choose one"):
         _runnable(["foo:fp32"], given=True, console=console)
 
 

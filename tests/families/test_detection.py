@@ -194,7 +194,7 @@ def test_decoders_refuse_the_onnx_engine(tmp_path):
     path = _causal(tmp_path / "Qwen3-Reranker-0.6B", "Qwen3ForCausalLM", "qwen3")
     (path / "model.safetensors").write_bytes(b"")
     (path / "vocab.json").write_text("{}")  # a tokenizer's file: resolve_model refuses a folder without one
-    with pytest.raises(ValueError, match="qwen3-reranker runs on the torch backend, not onnx"):
+    with pytest.raises(ValueError, match="qwen3-reranker runs on the torch runtime, not onnx"):
         resolve_model(str(path), LoadOptions(backend="onnx"))
     assert resolve_model(str(path), LoadOptions(backend="auto")).runtime == "torch"
 

@@ -19,7 +19,7 @@ from tests.support import build_tiny_bi_encoder, cross_encoder_network
 
 def test_a_fingerprint_reads_the_weights_once_and_again_after_they_change(tmp_path: Path, tiny_model_dir,
                                                                            monkeypatch) -> None:
-    """One start asks for it several times (engine timing, conversions, served speed): 7 reads of every weight
+    """One start asks for it several times (runtime timing, conversions, served speed): 7 reads of every weight
     byte for the default model from an empty cache before it was remembered."""
     model = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model)
@@ -111,7 +111,7 @@ def test_a_timing_record_that_is_not_json_is_computed_again_with_a_warning(tmp_p
     """docs/engine.md: such a record "is timed again like a missing one, and a warning names the file"."""
     path = tmp_path / "k.json"
     path.write_bytes(body)
-    record, cached = ensure_record(tmp_path, "k", lambda: {"rate": 1.0}, "engine timing")
+    record, cached = ensure_record(tmp_path, "k", lambda: {"rate": 1.0}, "runtime timing")
     assert (record, cached) == ({"rate": 1.0}, False) and json.loads(path.read_text()) == record
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and str(path) in warnings[0] and "not JSON" in warnings[0]

@@ -1,8 +1,8 @@
-"""`--backend auto` measures: the fastest faithful engine (and its fastest lane count) serves, its timings are
+"""`--backend auto` measures: the fastest faithful runtime (and its fastest lane count) serves, its timings are
 cached and reused, replicas starting together time once, `--backend-choice rules` times nothing, and a failing
-engine hands over.
+runtime hands over.
 
-No test assumes which engine is fastest on this machine: where the winner matters, the timings are faked.
+No test assumes which runtime is fastest on this machine: where the winner matters, the timings are faked.
 """
 
 from __future__ import annotations
@@ -265,3 +265,17 @@ def test_timing_shapes_fit_the_window_and_shrink_for_big_models():
     big = timing_shapes(512, params=600e6)
     assert all(rows >= 1 for rows, _ in big)
     assert sum(r * w for r, w in big) < sum(r * w for r, w in measure.TIMING_SHAPES)
+
+
+@pytest.mark.parametrize("compared", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_measured_reason_calls_a_runtime_a_runtime(compared, tied):
+    """/v1/metadata's `engine.reason` is prose: it says "runtime" (the key keeps its public name)."""
+    from openrerank.runtimes.choosing import _measured_reason
+    from openrerank.runtimes.measure import Measurement, Timings
+
+    one = Measurement("onnx", "fp32", Throughput(50.0, 5000.0, ((8, 128),)), lanes=1)
+    two = Measurement("onnx", "fp32", Throughput(51.0, 5100.0, ((8, 128),)), lanes=2)
+    reason = _measured_reason(one, [one, two], [], Timings((one, two), False, 1.0, "k"), compared,
+                              two if tied else None)
+    assert "runtime" in reason and "engine" not in reason

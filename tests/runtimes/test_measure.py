@@ -1,7 +1,7 @@
 """`time_runtimes` takes turns: a burst of other work on the machine slows every candidate a little, not one of
 them a lot, so the ranking survives it (the fake runtimes' costs are sleeps: the test checks an order with a
-5x margin, not a speed). The engine-choice record keeps only failures that last, is used where it cannot be
-written, lives under $XDG_CACHE_HOME, and one of the wrong shape is timed again."""
+5x margin, not a speed). The runtime-timing record (`engine-choice/`) keeps only failures that last, is used
+where it cannot be written, lives under $XDG_CACHE_HOME, and one of the wrong shape is timed again."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_a_burst_of_other_work_does_not_decide_the_ranking():
         return [r.pairs_per_s for r in rates]
 
     fast, slow = rank(together=False)
-    assert fast < slow  # the control: timed alone in turn, the faster engine ranked last
+    assert fast < slow  # the control: timed alone in turn, the faster runtime ranked last
     fast, slow = rank(together=True)
     assert fast > 1.5 * slow, (fast, slow)
 
@@ -144,7 +144,26 @@ def test_a_measurement_keeps_its_lanes_and_an_older_record_reads_as_one_lane():
     assert Measurement.from_metadata({"backend": "torch", "dtype": "fp32", "error": "x"}).lanes == 1
 
 
-# The engine-choice record (`measure_candidates`): what it keeps, where it lives, and what it does not trust.
+def test_a_measurement_names_its_runtime_and_keeps_the_records_backend_key():
+    """The attribute says what it is (a runtime); the key stays "backend", as records on disk and
+    /v1/metadata's `engine.measured` have it."""
+    from openrerank.runtimes.measure import Measurement
+
+    m = Measurement("onnx", "fp32", error="x")
+    assert m.runtime == "onnx" and m.as_metadata()["backend"] == "onnx" and "runtime" not in m.as_metadata()
+
+
+def test_the_runtime_versions_are_the_package_versions_an_absent_package_named_so(monkeypatch):
+    """One helper reads package versions (`artifact_cache.package_versions`); the timing key used to carry its
+    own copy, which said None where the conversions' keys say "absent"."""
+    import numpy as np
+
+    monkeypatch.setattr(measure, "RUNTIME_PACKAGES", ("numpy", "openrerank-no-such-package"))
+    assert measure.runtime_versions() == {"numpy": np.__version__, "openrerank-no-such-package": "absent"}
+
+
+# The runtime-timing record (`measure_candidates`, in `engine-choice/`): what it keeps, where it lives, and what
+# it does not trust.
 
 CANDIDATES = [("openvino", "fp32", 1), ("onnx", "fp32", 1), ("torch", "fp32", 1)]
 
@@ -152,8 +171,8 @@ CANDIDATES = [("openvino", "fp32", 1), ("onnx", "fp32", 1), ("torch", "fp32", 1)
 class Timed(Runtime):
     input_names = ("input_ids", "attention_mask")
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self, runtime: str) -> None:
+        self.runtime = runtime
 
     def run(self, features) -> None:
         return None
@@ -164,11 +183,11 @@ def measure_with(model_dir, refuse: dict[str, BaseException]) -> tuple[Timings, 
     built and timed (timing is faked: a second per candidate is not what these tests are about)."""
     built: list[str] = []
 
-    def build(backend: str, dtype: str, lanes: int) -> Runtime:
-        built.append(backend)
-        if backend in refuse:
-            raise refuse[backend]
-        return Timed(backend)
+    def build(runtime: str, dtype: str, lanes: int) -> Runtime:
+        built.append(runtime)
+        if runtime in refuse:
+            raise refuse[runtime]
+        return Timed(runtime)
 
     timings = measure_candidates(CANDIDATES, build, model_dir=model_dir, head="score", device="cpu", threads=1,
                                  max_length=64)
@@ -177,21 +196,21 @@ def measure_with(model_dir, refuse: dict[str, BaseException]) -> tuple[Timings, 
 
 @pytest.fixture
 def fake_timing(tmp_path, monkeypatch):
-    """A private cache, and rates by backend (openvino 30/s, onnx 20/s, torch 10/s) instead of timing."""
+    """A private cache, and rates by runtime (openvino 30/s, onnx 20/s, torch 10/s) instead of timing."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     rates = {"openvino": 30.0, "onnx": 20.0, "torch": 10.0}
     monkeypatch.setattr(measure, "time_runtimes", lambda rts, shapes, vocab, seconds=1.0: [
-        Throughput(rates[rt.backend], rates[rt.backend] * 64, tuple(shapes)) for rt in rts])
+        Throughput(rates[rt.runtime], rates[rt.runtime] * 64, tuple(shapes)) for rt in rts])
     return tmp_path / "cache" / "engine-choice"
 
 
 def errors(timings: Timings) -> dict[str, str]:
-    return {m.backend: m.error for m in timings.measurements if m.error is not None}
+    return {m.runtime: m.error for m in timings.measurements if m.error is not None}
 
 
 def test_a_failure_that_may_pass_is_not_remembered(tiny_model_dir, fake_timing):
     """A corrupt cached model.onnx made ONNX Runtime fail once; the operator deleted it, and every later start
-    still read "ONNX Runtime refused it" from the record and served a slower engine."""
+    still read "ONNX Runtime refused it" from the record and served a slower runtime."""
     corrupt = RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf parsing failed.")
     out_of_disk = ExportError("could not be exported to ONNX: OSError: [Errno 28] No space left on device")
     out_of_disk.__cause__ = OSError(28, "No space left on device")
@@ -208,7 +227,7 @@ def test_a_lasting_refusal_is_remembered_and_an_unmarked_one_from_an_older_recor
                                                                                          fake_timing):
     refusal = ConversionError("unsupported operation aten::frobnicate")
     first, _ = measure_with(tiny_model_dir, {"openvino": refusal})
-    assert first.measurements[0].lasting and first.ranked[0].backend == "onnx"  # the fastest that built
+    assert first.measurements[0].lasting and first.ranked[0].runtime == "onnx"  # the fastest that built
     again, built = measure_with(tiny_model_dir, {})
     assert again.cached and not built and "frobnicate" in errors(again)["openvino"]  # read, nothing tried
     # A record written before failures said whether they last: its failures are not trusted.
@@ -249,7 +268,7 @@ def test_a_read_only_cache_times_once_and_serves_what_it_timed(tiny_model_dir, f
     with caplog.at_level("INFO"):
         timings, built = measure_with(tiny_model_dir, {})
     assert sorted(built) == sorted(b for b, _, _ in CANDIDATES)  # each built (and timed) once
-    assert timings.ranked[0].backend == "openvino" and not timings.cached
+    assert timings.ranked[0].runtime == "openvino" and not timings.cached
     [said] = [r.getMessage() for r in caplog.records if "Read-only file system" in r.getMessage()]
     assert "not cached" in said
 

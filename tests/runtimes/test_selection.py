@@ -1,4 +1,4 @@
-"""Engine selection: what `auto` picks for a CPU flag set, the fallbacks, and the combinations refused."""
+"""Runtime selection: what `auto` picks for a CPU flag set, the fallbacks, and the combinations refused."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_auto_dtype_on_cuda_is_half_precision_by_capability(machine, monkeypatch
     ("onnx", "fp32", "cuda", "CPU only"),
     ("openvino", "auto", "cuda:0", "CPU only"),
     ("onnx", "int8", "cuda:0", "CPU only"),
-    ("tensorrt", "fp32", "cpu", "unknown backend"),
+    ("tensorrt", "fp32", "cpu", "unknown runtime"),
     ("auto", "fp8", "cpu", "unknown dtype"),
     ("auto", "fp32", "tpu", "unknown device"),
 ])
@@ -137,8 +137,30 @@ def test_explicit_backends_are_exact_or_refused(machine):
     assert first("onnx", "auto") == ("onnx", "fp32")
     assert first("torch", "auto") == ("torch", "fp32")
     assert len(plan_runtimes("openvino", "auto", "cpu", ENCODERS)) == 1  # no silent substitute
-    with pytest.raises(RuntimeConfigError, match="runs on the torch backend, not openvino"):
+    with pytest.raises(RuntimeConfigError, match="runs on the torch runtime, not openvino"):
         check_runtime_options("openvino", "fp32", "cpu", ("torch",), "qwen3-reranker")
+
+
+def test_reasons_and_refusals_call_a_runtime_a_runtime(machine, monkeypatch):
+    """One word, one meaning: every plan's reason and every refusal, over machines, flags, devices and families,
+    says "runtime"; "backend" is left only in the flag's own name."""
+    monkeypatch.setattr(selection, "cuda_capability", lambda device: (9, 0))
+    said: list[str] = []
+    for flags, openvino in ((BF16_CPU, True), (VNNI_CPU, True), (OLD_CPU, False)):
+        machine(flags, openvino)
+        for backend in (*selection.BACKEND_CHOICES, "tensorrt"):
+            for dtype in selection.DTYPES:
+                for device in ("cpu", "cuda"):
+                    for runtimes in (ENCODERS, ("torch",), ("onnx",)):
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", RuntimeWarning)
+                            try:
+                                said += [c.reason for c in plan_runtimes(backend, dtype, device, runtimes, "fam")]
+                            except RuntimeConfigError as exc:
+                                said.append(str(exc))
+    text = "\n".join(said).replace("--backend", "--flag")
+    assert "runtimes: onnx" in text and "runs on the torch runtime, not onnx" in text  # the sweep reached them
+    assert "engine" not in text and "backend" not in text
 
 
 def test_bf16_on_cpu_needs_bf16_hardware(machine):

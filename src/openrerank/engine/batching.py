@@ -72,7 +72,7 @@ def split_batches(items: Sequence[HasLength], max_tokens: int, max_size: int, *,
     fall on the grid's steps. On the 43 DL19 requests of 100 BM25 passages (MiniLM tokens), OpenVINO computed
     8.0% more tokens than the pairs hold with the first-fit cuts this replaced (a batch ended once the next pair
     would pass a cap), 5.6% with these, in 13.8 batches per request instead of 20.2; on exact shapes 2.8% ->
-    2.5% (CPU caps) and 23.0% -> 21.1% (GPU caps). `benchmarks/batch_cuts.py` measures it on an engine.
+    2.5% (CPU caps) and 23.0% -> 21.1% (GPU caps). `benchmarks/batch_cuts.py` measures it on a runtime.
 
     The search runs on arrays, one batch count at a time for all the ends with that count, because it runs on
     the worker thread between batches and a GPU scores a window of ~1,400 MiniLM pairs in tens of

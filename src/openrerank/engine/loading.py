@@ -30,7 +30,7 @@ from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
 from openrerank.runtimes.choosing import create_runtime
 from openrerank.runtimes.measure import Throughput
-from openrerank.runtimes.onnx_export import exported_engines
+from openrerank.runtimes.onnx_export import exported_runtimes
 from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, plan_runtimes
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
@@ -278,7 +278,7 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None,
         check_window(family, spec, options.max_length, source.instruction)
     runtimes = family.runtimes
     if weights_format == "onnx":
-        runtimes = tuple(e for e in exported_engines(path) if e in family.runtimes)
+        runtimes = tuple(e for e in exported_runtimes(path) if e in family.runtimes)
         if options.backend not in ("auto", *runtimes) or options.device != "cpu":
             raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served on "
                              f"CPU by {' or '.join(runtimes)}: use --backend {' or '.join(runtimes)} (or auto)")

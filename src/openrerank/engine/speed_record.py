@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from openrerank.engine.knee_fit import KNEE_RANGE
 from openrerank.runtimes.artifact_cache import key_of, model_fingerprint, write_json
-from openrerank.runtimes.measure import cache_dir, engine_versions, machine_facts
+from openrerank.runtimes.measure import cache_dir, machine_facts, runtime_versions
 
 if TYPE_CHECKING:
     from openrerank.engine.loading import LoadedModel
@@ -67,7 +67,7 @@ class SpeedRecord:
             "format": SPEED_FORMAT, **machine_facts(), "threads": runtime.threads, "lanes": runtime.lanes,
             "engine": runtime.description, "model_sha256": model_fingerprint(loaded.spec.path),
             "family": loaded.family.id, "options": sorted(loaded.spec.options.items()),
-            "window": loaded.max_length, "versions": engine_versions(),
+            "window": loaded.max_length, "versions": runtime_versions(),
         }
         return cls(speed_dir() / f"{key_of(facts)}.json", loaded.knee, facts)
 

@@ -99,7 +99,7 @@ def model_fingerprint(model_dir: Path) -> str:
     The weight files are the folder's own and those in the folders of its sentence-transformers modules
     (`modules.json`: a Dense layer's `2_Dense/model.safetensors` is part of a bi-encoder's graph).
 
-    One start asks for it several times (the engine timing's key, each conversion's, the served speed's);
+    One start asks for it several times (the runtime timing's key, each conversion's, the served speed's);
     each asking read every weight byte (7 times for the default model from an empty cache: 0.07 s each here,
     seconds each for a model of gigabytes). So the hash is remembered for files whose identity, size and
     modification time are unchanged: a rewritten or edited file is hashed again."""
@@ -278,7 +278,7 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
                   unusable: Callable[[dict], str | None] = lambda record: None) -> tuple[dict, bool]:
     """The JSON record `<key>.json` in `cache_dir`, computed with `compute()` if missing; (record, cached).
 
-    For results that are facts about this machine rather than files (the engine timings `--backend auto`
+    For results that are facts about this machine rather than files (the runtime timings `--backend auto`
     chooses by): computed under the same locks as a build, so replicas starting together compute once and
     the others wait and read it; written to a temporary file and renamed, so nobody reads half a record.
 

@@ -105,7 +105,7 @@ def probe_features(input_names: Sequence[str], vocab_size: int) -> dict[str, np.
 
 
 class ModelRefusedError(RuntimeError):
-    """An engine cannot serve this model, whatever the machine's state: the conversion or export cannot be
+    """A runtime cannot serve this model, whatever the machine's state: the conversion or export cannot be
     done, or its result fails the fidelity gate. Only such a refusal is worth remembering (`measure`); a
     failure with any other cause (memory, the disk, a damaged cached file) may pass."""
 

@@ -51,9 +51,9 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
                    mode: str = DEFAULT_AUTO_MODE, max_length: int = 512) -> tuple[Runtime, RuntimeChoice]:
     """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why.
 
-    `mode="measure"`: every planned engine is timed on this machine (or its cached timings read) and the
-    fastest serves; with a single planned engine (an explicit `--backend`) it is timed too, for its
-    throughput. `mode="rules"`: the plan's first that loads, nothing timed. Either way an engine that
+    `mode="measure"`: every planned runtime is timed on this machine (or its cached timings read) and the
+    fastest serves; with a single planned runtime (an explicit `--backend`) it is timed too, for its
+    throughput. `mode="rules"`: the plan's first that loads, nothing timed. Either way a runtime that
     refuses the model (OpenVINO cannot convert it, ONNX cannot export it) hands over to the next and the
     reason says so; when every one fails, the last one's error is raised.
     """
@@ -79,16 +79,16 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
         return _first_that_loads(plan, network, device, threads)
     ranked = timings.ranked
     # What refuses a model is the runtime, whatever its lanes: one line each.
-    refused = list(dict.fromkeys(f"{label(m.backend, m.dtype)} refused it ({m.error})" for m in ranked
+    refused = list(dict.fromkeys(f"{label(m.runtime, m.dtype)} refused it ({m.error})" for m in ranked
                                  if m.throughput is None))
     failed: list[str] = []
     timed = [m for m in ranked if m.throughput is not None]
-    if not timed:  # a stale record of failures only (a fresh one is never written): let the engine say why
+    if not timed:  # a stale record of failures only (a fresh one is never written): let the runtime say why
         return _first_that_loads(plan, network, device, threads)
     fastest, timed = timed[0], _serving_order(timed)
     for i, m in enumerate(timed):
         try:
-            runtime = build(m.backend, m.dtype, m.lanes)
+            runtime = build(m.runtime, m.dtype, m.lanes)
         except Exception as exc:
             if i == len(timed) - 1:
                 raise
@@ -97,13 +97,13 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
             continue
         tied = m is timed[0] and m is not fastest  # fewer lanes, within LANES_TIE of the fastest
         reason = _measured_reason(m, timed, refused + failed, timings, len(plan) > 1, fastest if tied else None)
-        return runtime, RuntimeChoice(m.backend, m.dtype, reason, "measure", tuple(ranked), m.throughput,
+        return runtime, RuntimeChoice(m.runtime, m.dtype, reason, "measure", tuple(ranked), m.throughput,
                                       runtime.lanes)
     raise AssertionError("unreachable: the timed list is never empty")
 
 
 def _label(m: Measurement) -> str:
-    return label(m.backend, m.dtype, m.lanes)
+    return label(m.runtime, m.dtype, m.lanes)
 
 
 def _rate(m: Measurement) -> float:
@@ -130,16 +130,16 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
     when = (f"timings cached from an earlier start (key {timings.key})" if timings.cached
             else f"timed at this start in {timings.seconds:.1f}s")
     cpu = cpu_info()[0] or "this CPU"
-    lane_counts_timed = len({m.lanes for m in timed if m.backend == winner.backend and m.dtype == winner.dtype})
+    lane_counts_timed = len({m.lanes for m in timed if m.runtime == winner.runtime and m.dtype == winner.dtype})
     fewer = ", with fewer lanes, so a lone small request keeps every thread"
     tie = "" if tied_with is None else f"within {LANES_TIE:.0%} of the fastest ({_label(tied_with)})"
     if compared:
-        gate = f"of the engines that pass the fidelity gate ({FIDELITY_GATE})"
+        gate = f"of the runtimes that pass the fidelity gate ({FIDELITY_GATE})"
         what = f"the fastest on {cpu} {gate}" if not tie else f"on {cpu}, {tie} {gate}{fewer}"
     elif tie:
-        what = f"the one engine asked for, {tie}{fewer}"
+        what = f"the one runtime asked for, {tie}{fewer}"
     else:
-        what = "the one engine asked for" + (", at its fastest lane count" if lane_counts_timed > 1 else "")
+        what = "the one runtime asked for" + (", at its fastest lane count" if lane_counts_timed > 1 else "")
     parts = [f"{what}: sequences/s on {shapes}-token batches: {rates}; {when}"]
     if refused:
         parts.append("; ".join(refused))

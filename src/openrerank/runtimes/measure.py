@@ -1,17 +1,17 @@
-"""Time candidate engines on the model's own shapes, once per machine, model and engine versions.
+"""Time candidate runtimes on the model's own shapes, once per machine, model and runtime versions.
 
-`--backend auto` serves with the engine that is fastest on *this* machine among the faithful ones, because
+`--backend auto` serves with the runtime that is fastest on *this* machine among the faithful ones, because
 CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
 GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. The candidates are built, warmed up (one pass: the
 first batch of a shape compiles kernels and allocates) and timed in turns on a few batches at the lengths a
 reranker serves, for about a second each (`time_runtimes`), then closed. The timings are a JSON record in
-the converted-model cache (`engine-choice/`), keyed by the CPU (model name and flags), the thread count, the
-device, the model's content and head, the candidates, the shapes and the engine versions; later starts read
-it, and replicas starting together wait on the cache's lock while the first one times
+the converted-model cache (its `engine-choice/` folder), keyed by the CPU (model name and flags), the thread
+count, the device, the model's content and head, the candidates, the shapes and the runtime packages'
+versions; later starts read it, and replicas starting together wait on the cache's lock while the first one times
 (`artifact_cache.ensure_record`), so a machine times once. A record keeps a candidate's failure only when it
 lasts (`base.lasting_refusal`: the model cannot be converted, or fails the fidelity gate); one for a cause that
 may pass (memory, the disk, a damaged cached file) serves that start and is not written, so the next start
-tries that engine again. A record of the wrong shape is timed again, and one that cannot be written (a
+tries that runtime again. A record of the wrong shape is timed again, and one that cannot be written (a
 read-only cache volume) serves the start that timed it.
 
 A candidate is a runtime, a precision and a lane count (`runtimes/base.lane_counts`: batches run at once,
@@ -19,7 +19,7 @@ each on its share of the threads): whether two lanes beat one depends on the CPU
 wins does, so each lane count of a lane-capable runtime is timed as a candidate of its own.
 
 The winner's rate (`Throughput`, sequences and tokens per second at the timed shapes) travels with the
-engine choice, so what admits requests can size its budgets by what this engine sustains here.
+runtime choice, so what admits requests can size its budgets by what this runtime sustains here.
 """
 
 from __future__ import annotations
@@ -32,12 +32,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.artifact_cache import cache_folder, ensure_record, key_of, model_fingerprint
+from openrerank.runtimes.artifact_cache import (
+    cache_folder,
+    ensure_record,
+    key_of,
+    model_fingerprint,
+    package_versions,
+)
 from openrerank.runtimes.base import (
     LANES_ENV,
     POOLING_MASK,
@@ -66,13 +71,13 @@ _MAX_PASSES = 8
 #: candidate, stay under this many parameters (three copies of a 1.5B model); past it each candidate is timed
 #: alone, so that only one copy of the weights is in memory.
 _TOGETHER_MAX_PARAMS = 4.5e9
-#: Packages whose versions decide an engine's speed (absent ones count as absent).
-_ENGINE_PACKAGES = ("openvino", "onnxruntime", "torch", "transformers", "nncf")
+#: Packages whose versions decide a runtime's speed (absent ones count as absent).
+RUNTIME_PACKAGES = ("openvino", "onnxruntime", "torch", "transformers", "nncf")
 
 
 @dataclass(frozen=True)
 class Throughput:
-    """What an engine sustained on this machine: sequences (pairs) and padded tokens per second at `shapes`."""
+    """What a runtime sustained on this machine: sequences (pairs) and padded tokens per second at `shapes`."""
 
     pairs_per_s: float
     tokens_per_s: float
@@ -97,7 +102,7 @@ class Measurement:
     """One candidate's timing, or why it could not be timed (it failed to build or to run); `lasting`: the
     failure refuses the model for good (`base.lasting_refusal`), so a record may keep it."""
 
-    backend: str
+    runtime: str
     dtype: str
     throughput: Throughput | None = None
     error: str | None = None
@@ -105,7 +110,8 @@ class Measurement:
     lasting: bool = False
 
     def as_metadata(self) -> dict:
-        out: dict = {"backend": self.backend, "dtype": self.dtype, "lanes": self.lanes}
+        # "backend": the key records on disk and /v1/metadata's `engine.measured` have always had.
+        out: dict = {"backend": self.runtime, "dtype": self.dtype, "lanes": self.lanes}
         if self.throughput is not None:
             out.update(self.throughput.as_metadata())
         if self.error is not None:
@@ -231,44 +237,38 @@ def measurements_of(record: dict, candidates: Sequence[Candidate]) -> tuple[Meas
         float(record.get("seconds", 0.0))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
-    if [(m.backend, m.dtype, m.lanes) for m in out] != [tuple(c) for c in candidates]:
+    if [(m.runtime, m.dtype, m.lanes) for m in out] != [tuple(c) for c in candidates]:
         raise ValueError("its measurements are not this start's candidates")
     for m in out:
         rate = m.throughput.pairs_per_s if m.throughput is not None else None
         if (rate is None) == (m.error is None) or (rate is not None and not (math.isfinite(rate) and rate > 0)):
-            raise ValueError(f"{m.backend} {m.dtype} has {'no rate or error' if rate is None else 'no usable rate'}")
+            raise ValueError(f"{m.runtime} {m.dtype} has {'no rate or error' if rate is None else 'no usable rate'}")
     return out
 
 
 def record_problem(record: dict, candidates: Sequence[Candidate]) -> str | None:
-    """Why an engine-timing record must not be used or kept, None when it may: it is not one (see
+    """Why a runtime-timing record must not be used or kept, None when it may: it is not one (see
     `measurements_of`), or a candidate failed for a cause that may pass (memory, the disk, a damaged cached
     file, or a record written before failures said whether they last): remembered, it would keep that
-    engine out after the cause is gone."""
+    runtime out after the cause is gone."""
     try:
         measurements = measurements_of(record, candidates)
     except ValueError as exc:
-        return f"not an engine-timing record: {exc}"
+        return f"not a runtime-timing record: {exc}"
     passing = next((m for m in measurements if m.error is not None and not m.lasting), None)
     if passing is not None:
-        return (f"{passing.backend} {passing.dtype}, {lanes_text(passing.lanes)}, failed for a cause that may "
+        return (f"{passing.runtime} {passing.dtype}, {lanes_text(passing.lanes)}, failed for a cause that may "
                 f"pass: {passing.error}")
     return None
 
 
-def engine_versions() -> dict[str, str | None]:
-    """The versions of the packages that decide how fast an engine runs (None: not installed)."""
-    out: dict[str, str | None] = {}
-    for name in _ENGINE_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+def runtime_versions() -> dict[str, str]:
+    """The versions of the packages that decide how fast a runtime runs ("absent": not installed)."""
+    return package_versions(*RUNTIME_PACKAGES)
 
 
 def machine_facts() -> dict:
-    """What decides an engine's speed on this machine besides the engine: the CPU and the CPUs available."""
+    """What decides a runtime's speed on this machine besides the runtime: the CPU and the CPUs available."""
     model, flags = cpu_info()
     return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
             "cpus_available": default_threads()}
@@ -283,13 +283,13 @@ def _model_content(model_dir: Path) -> dict:
 
 def timing_key(model_dir: Path, head: str, candidates: Sequence[Candidate], device: str, threads: int,
                shapes: Sequence[tuple[int, int]]) -> tuple[str, dict]:
-    """The record's key: what decides which engine is fastest here."""
+    """The record's key: what decides which runtime is fastest here."""
     facts = {
         "format": MEASURE_FORMAT, **machine_facts(),
         "threads": threads, "lanes": os.environ.get(LANES_ENV), "device": device, "head": head,
         **_model_content(model_dir),
         "candidates": [list(c) for c in candidates], "shapes": [list(s) for s in shapes],
-        "versions": engine_versions(),
+        "versions": runtime_versions(),
     }
     return key_of(facts), facts
 
@@ -298,7 +298,7 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                        model_dir: Path, head: str, device: str, threads: int, max_length: int) -> Timings:
     """Every candidate (runtime, dtype, lanes) timed on this machine, or read from the cache when timed before.
 
-    `build(backend, dtype, lanes)` makes the runtime; one that raises is recorded with its error and skipped
+    `build(runtime, dtype, lanes)` makes the runtime; one that raises is recorded with its error and skipped
     (and so are that runtime's other lane counts: what refuses a model is the runtime, not its lanes); when
     every one raises, the last error is raised and nothing is cached.
     """
@@ -310,16 +310,16 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
         started = time.perf_counter()
         together = approximate_params(model_dir) * len(candidates) <= _TOGETHER_MAX_PARAMS
         results: dict[Candidate, Measurement] = {}
-        refused: dict[tuple[str, str], Exception] = {}  # a runtime that failed to build, by (backend, dtype)
+        refused: dict[tuple[str, str], Exception] = {}  # a runtime that failed to build, by (runtime, dtype)
         last_error: Exception | None = None
 
         def failed(candidate: Candidate, exc: Exception) -> None:  # hands over to the next
             nonlocal last_error
             last_error = exc
-            backend, dtype, lanes = candidate
-            results[candidate] = Measurement(backend, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            runtime, dtype, lanes = candidate
+            results[candidate] = Measurement(runtime, dtype, error=f"{type(exc).__name__}: {str(exc)[:200]}",
                                              lanes=lanes, lasting=lasting_refusal(exc))
-            log.warning("%s %s, %s, could not be timed on %s: %s", backend, dtype, lanes_text(lanes), model_dir,
+            log.warning("%s %s, %s, could not be timed on %s: %s", runtime, dtype, lanes_text(lanes), model_dir,
                         exc)
 
         def timed(groups: list[list[tuple[Candidate, Runtime]]]) -> None:
@@ -334,22 +334,22 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                         continue
                     timed([[member] for member in group])
                     continue
-                for ((backend, dtype, lanes), _), rate in zip(group, rates, strict=True):
-                    results[(backend, dtype, lanes)] = Measurement(backend, dtype, rate, lanes=lanes)
-                    log.info("timed %s %s, %s: %.1f sequences/s, %.0f tokens/s at %s", backend, dtype,
+                for ((runtime, dtype, lanes), _), rate in zip(group, rates, strict=True):
+                    results[(runtime, dtype, lanes)] = Measurement(runtime, dtype, rate, lanes=lanes)
+                    log.info("timed %s %s, %s: %.1f sequences/s, %.0f tokens/s at %s", runtime, dtype,
                              lanes_text(lanes), rate.pairs_per_s, rate.tokens_per_s, shapes)
 
         built: list[tuple[Candidate, Runtime]] = []
         try:
             for candidate in candidates:
-                backend, dtype, lanes = candidate
-                if (backend, dtype) in refused:
-                    failed(candidate, refused[(backend, dtype)])
+                runtime, dtype, lanes = candidate
+                if (runtime, dtype) in refused:
+                    failed(candidate, refused[(runtime, dtype)])
                     continue
                 try:
-                    built.append((candidate, build(backend, dtype, lanes)))
+                    built.append((candidate, build(runtime, dtype, lanes)))
                 except Exception as exc:
-                    refused[(backend, dtype)] = exc
+                    refused[(runtime, dtype)] = exc
                     failed(candidate, exc)
                     continue
                 if not together:  # big weights: one copy in memory at a time
@@ -367,6 +367,6 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                 "measurements": [m.as_metadata() for m in measurements]}
 
     # A read-only cache volume (an export Job filled it) keeps nothing: the timings serve this start all the same.
-    record, cached = ensure_record(cache_dir(), key, compute, "engine timing",
+    record, cached = ensure_record(cache_dir(), key, compute, "runtime timing",
                                    lambda r: record_problem(r, candidates))
     return Timings(measurements_of(record, candidates), cached, float(record.get("seconds", 0.0)), key)

@@ -56,7 +56,7 @@ MODEL_FILE, META_FILE = ONNX_EXPORT_FILES  # the graph and its export record
 _FUSION_TOLERANCE = 1e-3
 #: What `ensure_onnx` returns: the model.onnx path, whether it was cached, the key and export.json's facts.
 ExportResult = CachedArtifact
-__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "exported_engines",
+__all__ = ["CACHE_ENV", "ExportError", "ExportResult", "default_cache_dir", "ensure_onnx", "exported_runtimes",
            "model_fingerprint", "servable_export"]
 
 
@@ -190,8 +190,8 @@ def servable_export(network: Network, dtype: str) -> ExportResult | None:
     return ExportResult(folder / MODEL_FILE, True, str(meta.get("key", "")), meta)
 
 
-def exported_engines(folder: Path) -> tuple[str, ...]:
-    """The engines that serve a pre-exported directory: its fp32 graph runs on OpenVINO (read as ONNX, see
+def exported_runtimes(folder: Path) -> tuple[str, ...]:
+    """The runtimes that serve a pre-exported directory: its fp32 graph runs on OpenVINO (read as ONNX, see
     `openvino_convert.pre_exported_onnx`) or ONNX Runtime; an int8 graph (ONNX Runtime's dynamic
     quantization) on ONNX Runtime only."""
     meta = read_meta(Path(folder), MODEL_FILE, META_FILE) or {}

@@ -21,7 +21,7 @@ first by the rule below); which of them is fastest is measured (`--backend-choic
 each is timed for about a second on the model's own shapes the first time a model is loaded on a machine,
 once per lane count where it has lanes (`LANED_RUNTIMES`; `runtimes/base.lane_counts`), and the timings are
 cached (`runtimes/measure.py`). CPU flags do not predict speed: an AVX512-BF16 Xeon
-ran OpenVINO bf16 at 0.65x of its fp32, while on an EPYC with the same flags it was the fastest engine.
+ran OpenVINO bf16 at 0.65x of its fp32, while on an EPYC with the same flags it was the fastest runtime.
 `--backend-choice rules` serves the first of the plan without timing anything (reproducible; what tests
 that need determinism use):
 
@@ -36,7 +36,7 @@ that need determinism use):
 
 With an explicit `--dtype`, `auto` plans the runtimes for that dtype (fp32: OpenVINO, ONNX Runtime, PyTorch;
 bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
-explicit `--backend` gets exactly that runtime or a clear error, never a silent substitute. An runtime that
+explicit `--backend` gets exactly that runtime or a clear error, never a silent substitute. A runtime that
 fails to load hands over to the next candidate, and the reason says so.
 """
 
@@ -74,8 +74,8 @@ LANES_TIE = 0.05
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
-#: What "faithful" means, quoted in the reasons `auto` gives. (The reasons and refusals below still say "engine"
-#: for a runtime: they are API output, /v1/metadata's `engine.reason`, kept as clients have seen them.)
+#: What "faithful" means, quoted in the reasons `auto` gives. (The reasons and refusals say "runtime"; only the
+#: public names keep the old words: the `--backend` flag, /v1/metadata's `engine` object and its "backend" key.)
 FIDELITY_GATE = "probe scores correlate >= 0.9999 with fp32, DL19 nDCG@10 within 0.002"
 
 class RuntimeConfigError(ValueError):
@@ -200,15 +200,15 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
     if dtype == "auto":
         if ov and bf16_unit:
             out.append(RuntimeChoice("openvino", "bf16", f"the CPU has bf16 units ({bf16_unit}): OpenVINO bf16 is the "
-                                    f"fastest engine that passes the fidelity gate ({FIDELITY_GATE}); int8 is "
+                                    f"fastest runtime that passes the fidelity gate ({FIDELITY_GATE}); int8 is "
                                     "faster but fails it"))
         if ov:
             out.append(RuntimeChoice("openvino", "fp32", "no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the "
-                                    "fastest engine that passes the fidelity gate; int8 is faster but fails it"))
+                                    "fastest runtime that passes the fidelity gate; int8 is faster but fails it"))
         if "onnx" in runtimes:
             out.append(RuntimeChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + ov_note))
         if "torch" in runtimes:
-            why = "the only engine this family runs on" if runtimes == ("torch",) else "fp32, exact"
+            why = "the only runtime this family runs on" if runtimes == ("torch",) else "fp32, exact"
             out.append(RuntimeChoice("torch", "fp32", f"PyTorch fp32: {why}"))
             if runtimes == ("torch",) and bf16_unit:
                 out.append(RuntimeChoice("torch", "bf16", f"PyTorch bf16 autocast ({bf16_unit}): faster than fp32 "
@@ -216,7 +216,7 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
         return out
     if dtype == "fp32":
         if ov:
-            out.append(RuntimeChoice("openvino", "fp32", "--dtype fp32: OpenVINO is the fastest exact fp32 engine"))
+            out.append(RuntimeChoice("openvino", "fp32", "--dtype fp32: OpenVINO is the fastest exact fp32 runtime"))
         if "onnx" in runtimes:
             out.append(RuntimeChoice("onnx", "fp32", "--dtype fp32: ONNX Runtime" + ov_note))
         if "torch" in runtimes:
@@ -234,8 +234,8 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
             out.append(RuntimeChoice("onnx", "int8", "--dtype int8: ONNX Runtime dynamic int8"
                                     + ("" if ov and nncf_available() else " (OpenVINO/NNCF not installed)")))
     if not out:
-        raise RuntimeConfigError(f"{names['dtype']} needs an engine {family} does not run on "
-                                 f"(engines: {', '.join(runtimes)})")
+        raise RuntimeConfigError(f"{names['dtype']} needs a runtime {family} does not run on "
+                                 f"(runtimes: {', '.join(runtimes)})")
     return out
 
 
@@ -248,7 +248,7 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
     """
     names = _names(backend, dtype, device, shown)
     if backend not in BACKEND_CHOICES:
-        raise RuntimeConfigError(f"{names['backend']}: unknown backend; choose one of {', '.join(BACKEND_CHOICES)}")
+        raise RuntimeConfigError(f"{names['backend']}: unknown runtime; choose one of {', '.join(BACKEND_CHOICES)}")
     if dtype not in DTYPES:
         raise RuntimeConfigError(f"{names['dtype']}: unknown dtype; choose one of {', '.join(DTYPES)}")
     if device != "cpu" and not is_cuda(device):
@@ -260,14 +260,14 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
         cuda_note = f"; --dtype auto on CUDA: {why}"
     if backend != "auto":
         if backend not in runtimes:
-            raise RuntimeConfigError(f"{family} runs on the {' or '.join(runtimes)} backend, not {backend}")
+            raise RuntimeConfigError(f"{family} runs on the {' or '.join(runtimes)} runtime, not {backend}")
         plan = [_explicit(backend, dtype, device, flags, names)]
         plan[0] = RuntimeChoice(plan[0].runtime, plan[0].dtype, plan[0].reason + cuda_note)
     elif is_cuda(device):
         if "torch" not in runtimes:
-            raise RuntimeConfigError(f"{family} runs on CPU only (engines: {', '.join(runtimes)})")
+            raise RuntimeConfigError(f"{family} runs on CPU only (runtimes: {', '.join(runtimes)})")
         plan = [_explicit("torch", dtype, device, flags, names)]
-        plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the engine for CUDA devices" + cuda_note)
+        plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the runtime for CUDA devices" + cuda_note)
     else:
         plan = _auto_cpu(dtype, runtimes, flags, family, names)
     if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):
