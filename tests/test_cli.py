@@ -81,6 +81,15 @@ def test_every_serve_flag_shows_default_env_and_group():
         assert "(default: " in entry and f"env {opt.env_name}" in entry.replace("- ", "-"), opt.flag
 
 
+def test_the_queue_token_help_reads_its_default_from_admission():
+    """The default pending-token limit is `QUEUE_BUDGETS` request budgets; the help takes the count from there."""
+    from openrerank.cli.main import SERVE_OPTIONS
+    from openrerank.engine.admission import QUEUE_BUDGETS
+
+    queue_tokens = next(opt for opt in SERVE_OPTIONS if opt.flag == "max-queue-tokens")
+    assert f"none: {QUEUE_BUDGETS} x the per-request token budget" in queue_tokens.help
+
+
 def test_export_help_has_text_for_every_flag():
     export = build_parser().commands["export"]
     for action in export._actions:

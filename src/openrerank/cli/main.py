@@ -18,7 +18,7 @@ from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_u
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options, unknown_env
 from openrerank.cli.scale_out import check_scale_out, replica_names, replica_options
 from openrerank.core.settings import Shown, setting_item
-from openrerank.engine.admission import SECONDS_PER_BUDGET_BATCH
+from openrerank.engine.admission import QUEUE_BUDGETS, SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.rates import BUDGET_SHARE
@@ -109,7 +109,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "max-body-bytes)", int),
     Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
     Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
-           "(none: twice the per-request token budget)", int),
+           f"(none: {QUEUE_BUDGETS} x the per-request token budget, max-request-tokens)", int),
     Option("request-timeout", "limits", "seconds from a request's arrival to its answer (504 after)", float),
     Option("max-request-tokens", "limits", "tokens one request may hold after tokenization and chunking "
            f"(none: what the model scores in {BUDGET_SHARE:.0%} of request-timeout at its measured speed; "
