@@ -26,6 +26,7 @@ from openrerank.server.drain import RETRY_AFTER_S, Drain
 from openrerank.server.errors import Dialect, Kind, dialect_for
 
 log = logging.getLogger(__name__)
+#: One line per request, HTTP here and gRPC (`grpc/service.py`): operators filter logs by this name.
 access_log = logging.getLogger("openrerank.access")
 
 HEALTH_PATHS = ("/v1/health/live", "/v1/health/ready", "/health", "/v1/health")

@@ -32,10 +32,9 @@ from openrerank.server.grpc import ranking
 from openrerank.server.grpc.protocol import open_inference_pb2 as pb
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
 from openrerank.server.grpc.tensors import TensorError, parameter_value, raw_output, read_bytes_inputs
-from openrerank.server.middleware import bearer_matches, trace_request
+from openrerank.server.middleware import access_log, bearer_matches, trace_request
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("openrerank.access")
 
 SERVICE = "inference.GRPCInferenceService"
 Code = grpc.StatusCode
