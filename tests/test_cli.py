@@ -90,6 +90,13 @@ def test_the_queue_token_help_reads_its_default_from_admission():
     assert f"none: {QUEUE_BUDGETS} x the per-request token budget" in queue_tokens.help
 
 
+def test_export_refuses_a_precision_the_runtime_does_not_run_and_names_those_that_do(tmp_path, capsys):
+    from openrerank.cli.main import main
+
+    assert main(["export", "--dtype", "bf16", "--cache-dir", str(tmp_path)]) == 2
+    assert "ONNX Runtime runs fp32 or int8 here; bf16 runs on OpenVINO or PyTorch" in capsys.readouterr().err
+
+
 def test_export_help_has_text_for_every_flag():
     export = build_parser().commands["export"]
     for action in export._actions:

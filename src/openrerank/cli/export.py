@@ -57,8 +57,8 @@ def run_export(args: argparse.Namespace) -> int:
     from openrerank.engine.loading import LoadOptions, model_sources, resolve_model
     from openrerank.families.base import ModelFormatError
     from openrerank.runtimes.onnx_export import ExportError, ensure_onnx
-    from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
-    from openrerank.runtimes.selection import RuntimeConfigError
+    from openrerank.runtimes.openvino_convert import CACHE_FOLDER, ConversionError, ensure_openvino
+    from openrerank.runtimes.selection import RUNTIME_DTYPES, RUNTIME_NAMES, RuntimeConfigError
     from openrerank.server.config import ServerConfig
     from openrerank.sources.safety import UnsafeWeightsError
     from openrerank.sources.source import ModelSourceError
@@ -74,15 +74,18 @@ def run_export(args: argparse.Namespace) -> int:
         source = model_sources([args.model], [args.model_family] if args.model_family else None)[0]
         # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
         variant = "fp32" if args.backend == "openvino" and args.dtype == "bf16" else args.dtype
-        if args.backend == "onnx" and args.dtype == "bf16":
-            raise RuntimeConfigError("ONNX Runtime runs fp32 or int8 here; bf16 is an OpenVINO or PyTorch dtype")
+        if args.dtype not in (runs := RUNTIME_DTYPES[args.backend]):
+            elsewhere = " or ".join(RUNTIME_NAMES[r] for r, dtypes in RUNTIME_DTYPES.items() if args.dtype in dtypes)
+            raise RuntimeConfigError(f"{RUNTIME_NAMES[args.backend]} runs {' or '.join(runs)} here; {args.dtype} "
+                                     f"runs on {elsewhere}")
         resolved = resolve_model(source, LoadOptions(backend=args.backend, dtype=variant,
                                                      allow_pickle=args.allow_pickle, revision=args.revision))
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.spec.path), local_files_only=True)
         network = resolved.family.network(resolved.spec, tokenizer)
         cache_dir = Path(args.cache_dir) if args.cache_dir else None
         if args.backend == "openvino":
-            result = ensure_openvino(network, variant=variant, cache_dir=cache_dir / "openvino" if cache_dir else None)
+            ir_dir = cache_dir / CACHE_FOLDER if cache_dir else None
+            result = ensure_openvino(network, variant=variant, cache_dir=ir_dir)
         else:
             result = ensure_onnx(network, dtype=args.dtype, opset=args.opset, cache_dir=cache_dir)
     except (ModelSourceError, ModelFormatError, UnsafeWeightsError, ExportError, ConversionError,
@@ -109,24 +112,29 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from openrerank.runtimes.onnx_export import DEFAULT_OPSET, ONNX_DTYPES
-    from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES
+    from openrerank.runtimes.onnx_export import DEFAULT_OPSET
+    from openrerank.runtimes.openvino_convert import CACHE_FOLDER
+    from openrerank.runtimes.selection import CONVERTED_RUNTIMES, RUNTIME_DTYPES, RUNTIME_NAMES
 
     p = sub.add_parser("export", help="convert a model to ONNX or OpenVINO into the cache the server reads",
                        description="Export --model to ONNX with ONNX Runtime's transformer fusions (int8: dynamic "
                        "quantization), or with --backend openvino convert it to an OpenVINO IR (int8: NNCF int8 "
                        "weights; bf16 uses the fp32 IR), store it in the cache `serve` reads "
-                       "(OPENRERANK_CACHE_DIR, default $XDG_CACHE_HOME/openrerank/onnx; OpenVINO IRs in its openvino/ "
-                       "folder) and print its path. Encoder families only (LLM rerankers run on PyTorch).")
+                       f"(OPENRERANK_CACHE_DIR, default $XDG_CACHE_HOME/openrerank/onnx; OpenVINO IRs in its "
+                       f"{CACHE_FOLDER}/ folder) and print its path. Encoder families only (LLM rerankers run on "
+                       "PyTorch).")
     p.add_argument("--model", default="default", metavar="SOURCE",
                    help="'default' (the embedded all-MiniLM-L6-v2), a local model directory or a Hugging Face hub id "
                    "(default: default)")
     p.add_argument("--model-family", metavar="FAMILY",
                    help="the model's family when its files do not say (`openrerank families` lists them) "
                    "(default: detected)")
-    p.add_argument("--backend", default="onnx", choices=("onnx", "openvino"),
-                   help="the runtime to convert for: onnx (ONNX Runtime) or openvino (default: onnx)")
-    p.add_argument("--dtype", default="fp32", choices=tuple(dict.fromkeys((*ONNX_DTYPES, *OPENVINO_DTYPES))),
+    p.add_argument("--backend", default=CONVERTED_RUNTIMES[0], choices=CONVERTED_RUNTIMES,
+                   help="the runtime to convert for: "
+                   + " or ".join(f"{r} ({RUNTIME_NAMES[r]})" for r in CONVERTED_RUNTIMES)
+                   + f" (default: {CONVERTED_RUNTIMES[0]})")
+    p.add_argument("--dtype", default="fp32",
+                   choices=tuple(dict.fromkeys(d for r in CONVERTED_RUNTIMES for d in RUNTIME_DTYPES[r])),
                    help="fp32 (fused graph / IR), int8 (onnx: dynamic quantization; openvino: NNCF int8 weights) "
                    "or bf16 (openvino: the fp32 IR, run in bf16) (default: fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
@@ -134,7 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="cache that `serve` reads (default: $OPENRERANK_CACHE_DIR, else "
                    "$XDG_CACHE_HOME/openrerank/onnx; "
-                   "OpenVINO IRs in its openvino/ folder)")
+                   f"OpenVINO IRs in its {CACHE_FOLDER}/ folder)")
     p.add_argument("--out", metavar="DIR",
                    help="onnx: also write a servable copy into DIR (model.onnx, export.json and the tokenizer/config "
                    "files; `serve --model DIR` runs it without PyTorch); openvino: copy the IR files into DIR "

@@ -44,11 +44,11 @@ from openrerank.runtimes.artifact_cache import (
 )
 from openrerank.runtimes.artifact_cache import model_fingerprint as model_fingerprint
 from openrerank.runtimes.base import ModelRefusedError, Network, NetworkBuild, probe_features
+from openrerank.runtimes.onnx_runtime import ONNX_DTYPES
 from openrerank.sources.safety import ONNX_EXPORT_FILES, is_onnx_export
 
 log = logging.getLogger(__name__)
 
-ONNX_DTYPES = ("fp32", "int8")
 DEFAULT_OPSET = 17
 #: Bump when the export recipe changes in a way the versions below would not capture.
 EXPORT_FORMAT = 4

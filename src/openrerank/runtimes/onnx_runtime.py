@@ -19,6 +19,8 @@ from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_fo
 
 log = logging.getLogger(__name__)
 
+#: The precisions ONNX Runtime runs here: the fused fp32 graph, or its dynamic int8 quantization.
+ONNX_DTYPES = ("fp32", "int8")
 #: Set to 0 to stop ORT's worker threads spinning between batches (less idle CPU, a little more latency).
 SPIN_ENV = "OPENRERANK_ORT_SPIN"
 
@@ -40,6 +42,8 @@ class OnnxRuntime(Runtime):
         cache_dir: Path | None = None,
         lanes: int | None = None,
     ) -> None:
+        if dtype not in ONNX_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} for the onnx runtime (use one of {ONNX_DTYPES})")
         import onnxruntime as ort
 
         from openrerank.runtimes.artifact_cache import open_cached

@@ -56,6 +56,8 @@ IR_VARIANTS = ("fp32", "int8")
 MODEL_FILE = "model.xml"
 META_FILE = "convert.json"
 COMPILED_DIR = "compiled"
+#: The IRs' folder in the cache, beside the ONNX exports (`artifact_cache.cache_folder`).
+CACHE_FOLDER = "openvino"
 #: Bump when the conversion recipe changes in a way the versions below would not capture.
 CONVERT_FORMAT = 1
 _TOLERANCE = 1e-3
@@ -94,7 +96,7 @@ def import_openvino():
 
 def default_cache_dir() -> Path:
     """`$OPENRERANK_CACHE_DIR/openvino` when set, else `$XDG_CACHE_HOME/openrerank/openvino`."""
-    return cache_folder("openvino")
+    return cache_folder(CACHE_FOLDER)
 
 
 def compiled_cache_dir(cache_dir: Path | None = None) -> Path:

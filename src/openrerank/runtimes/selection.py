@@ -2,7 +2,8 @@
 the one that serves.
 
 The `--backend` flag keeps its name for compatibility; what it picks is a runtime. This module declares its
-legal values (`BACKEND_CHOICES`, `DTYPES`) once; the CLI and the export command take them from here.
+legal values (`BACKEND_CHOICES`, `DTYPES`, both from `RUNTIME_DTYPES`) once; the CLI and the export command
+take them from here.
 
 What can run where (anything else is refused before the server binds its port):
 
@@ -51,18 +52,26 @@ from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
 from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability, is_cuda
 from openrerank.runtimes.measure import Measurement, Throughput
-from openrerank.runtimes.onnx_export import ONNX_DTYPES
+from openrerank.runtimes.onnx_runtime import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
 from openrerank.runtimes.torch_runtime import TORCH_DTYPES
 
+#: Each runtime and the precisions it runs (each runtime module declares its own), best CPU runtime first.
+RUNTIME_DTYPES: dict[str, tuple[str, ...]] = {"openvino": OPENVINO_DTYPES, "onnx": ONNX_DTYPES,
+                                              "torch": tuple(TORCH_DTYPES)}
 #: The runtimes, best CPU runtime first.
-RUNTIMES = ("openvino", "onnx", "torch")
+RUNTIMES = tuple(RUNTIME_DTYPES)
+#: How messages and labels name each runtime.
+RUNTIME_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
+#: The runtimes that run a converted copy of the model (an ONNX graph, an OpenVINO IR), which `openrerank export`
+#: can build ahead of time; the first is its default.
+CONVERTED_RUNTIMES = ("onnx", "openvino")
 #: The runtimes that run several batches at once (`Runtime.lanes`; they take a `lanes` argument).
 LANED_RUNTIMES = ("openvino", "onnx")
 #: Legal values of `--backend` (it picks the runtime) and `--dtype` (auto, or what some runtime runs: each
 #: runtime declares its own precisions).
 BACKEND_CHOICES = ("auto", *RUNTIMES)
-DTYPES = ("auto", *dict.fromkeys((*TORCH_DTYPES, *OPENVINO_DTYPES, *ONNX_DTYPES)))
+DTYPES = ("auto", *dict.fromkeys(dtype for dtypes in RUNTIME_DTYPES.values() for dtype in dtypes))
 #: How `--backend auto` picks among the faithful runtimes (`--backend-choice`): time them here (cached), or take
 #: the rule's first.
 AUTO_MODES = ("measure", "rules")
@@ -73,10 +82,10 @@ DEFAULT_AUTO_MODE = "measure"
 LANES_TIE = 0.05
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
 #: What "faithful" means, quoted in the reasons `auto` gives. (The reasons and refusals say "runtime"; only the
 #: public names keep the old words: the `--backend` flag, /v1/metadata's `engine` object and its "backend" key.)
 FIDELITY_GATE = "probe scores correlate >= 0.9999 with fp32, DL19 nDCG@10 within 0.002"
+
 
 class RuntimeConfigError(ValueError):
     """An impossible runtime/dtype/device combination (--backend/--dtype/--device); raised before the server starts."""
@@ -117,7 +126,7 @@ class RuntimeChoice:
 
 def label(runtime: str, dtype: str, lanes: int | None = None) -> str:
     """E.g. "OpenVINO fp32", or "OpenVINO fp32 (2 lanes)" where lanes are known and the runtime has them."""
-    name = f"{_NAMES.get(runtime, runtime)} {dtype}"
+    name = f"{RUNTIME_NAMES.get(runtime, runtime)} {dtype}"
     return name if lanes is None or runtime not in LANED_RUNTIMES else f"{name} ({lanes_text(lanes)})"
 
 
@@ -145,9 +154,8 @@ def _names(backend: str, dtype: str, device: str, shown: Shown | None) -> dict[s
 def _bf16_refusal(runtime: str, names: dict[str, str]) -> RuntimeConfigError:
     return RuntimeConfigError(
         f"{names['dtype']} on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this CPU "
-        f"lacks: {_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32"
-        + (", or int8" if "int8" in {"torch": TORCH_DTYPES, "openvino": OPENVINO_DTYPES, "onnx": ONNX_DTYPES}[runtime]
-           else ""))
+        f"lacks: {RUNTIME_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32"
+        + (", or int8" if "int8" in RUNTIME_DTYPES[runtime] else ""))
 
 
 def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], names: dict[str, str]
