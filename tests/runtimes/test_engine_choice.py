@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -279,3 +280,35 @@ def test_the_measured_reason_calls_a_runtime_a_runtime(compared, tied):
     reason = _measured_reason(one, [one, two], [], Timings((one, two), False, 1.0, "k"), compared,
                               two if tied else None)
     assert "runtime" in reason and "engine" not in reason
+
+
+@pytest.mark.parametrize("mode", ["rules", "measure"])
+def test_no_thread_count_means_the_cpus_available_resolved_once_for_every_candidate(monkeypatch, cache, mode):
+    """`threads` None is resolved by `create_runtime` (`default_threads`); the runtimes are given the count."""
+    from openrerank.runtimes import choosing
+    from openrerank.runtimes.base import Runtime
+
+    class Built(Runtime):
+        lanes = 1
+
+        def run(self, features):
+            return None
+
+    given: list[object] = []
+
+    def build(choice, network, device, threads, lanes=None, *, timing=False):
+        given.append(threads)
+        return Built()
+
+    monkeypatch.setattr(choosing, "default_threads", lambda: 3)
+    monkeypatch.setattr(choosing, "_build", build)
+
+    def not_timeable(candidates, build, **kw):
+        given.append(kw["threads"])
+        raise measure.NotTimeableError("faked: the rule serves")
+
+    monkeypatch.setattr(choosing, "measure_candidates", not_timeable)
+    network = SimpleNamespace(path=Path("unused"), head="score")  # only `_build` (faked) would read it
+    choosing.create_runtime(network, plan_runtimes("torch", "fp32", "cpu", ("torch",)), device="cpu", threads=None,
+                            mode=mode)
+    assert given and set(given) == {3}

@@ -155,7 +155,7 @@ def test_concurrent_starts_share_one_valid_ir(tmp_path, model_copy):
     results = run_concurrently(lambda: ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache))
     assert len({r.path for r in results}) == 1
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging folders left
-    OpenVinoRuntime(cross_encoder_network(model_copy), cache_dir=cache).run(
+    OpenVinoRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=cache).run(
         {"input_ids": np.array([[2, 3]]), "attention_mask": np.array([[1, 1]]),
          "token_type_ids": np.zeros((1, 2), dtype=np.int64)})
 
@@ -249,7 +249,7 @@ def test_a_pre_exported_directory_is_served_by_openvino(exported_dir, model_copy
     assert auto.runtime_choice.runtime == "openvino" and auto.scorer.description.startswith("openvino-")
     assert conversions == []  # nothing converted from PyTorch
     with pytest.raises(ConversionError, match="export with --dtype int8"):
-        OpenVinoRuntime(cross_encoder_network(exported_dir), dtype="int8")
+        OpenVinoRuntime(cross_encoder_network(exported_dir), dtype="int8", threads=1)
 
 
 def test_a_pre_exported_graph_openvino_misreads_falls_back_to_onnx_runtime(exported_dir, monkeypatch):
@@ -275,7 +275,7 @@ def test_a_read_only_cache_serves_without_the_compiled_model_cache(tmp_path, mod
 
     monkeypatch.setattr(Path, "mkdir", read_only)
     with caplog.at_level("INFO", logger=openvino_runtime.__name__):
-        runtime = OpenVinoRuntime(cross_encoder_network(model_copy), cache_dir=cache)
+        runtime = OpenVinoRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=cache)
     assert runtime.conversion.cached
     assert "compiled-model cache off" in caplog.text
     assert not convert.compiled_cache_dir(cache).exists()

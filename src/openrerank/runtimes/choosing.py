@@ -29,11 +29,12 @@ from openrerank.runtimes.selection import (
 log = logging.getLogger(__name__)
 
 
-def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | None,
+def _build(choice: RuntimeChoice, network: Network, device: str, threads: int,
            lanes: int | None = None, *, timing: bool = False) -> Runtime:
-    """The runtime of `choice`; `lanes` (lane-capable runtimes only): how many batches at once, None for the
-    runtime's default (`OPENRERANK_LANES`, else its own); `timing`: it is only timed, so it leaves no compiled
-    blob behind (OpenVINO's are a model's size each)."""
+    """The runtime of `choice` on `threads` CPU threads (resolved once, in `create_runtime`); `lanes`
+    (lane-capable runtimes only): how many batches at once, None for the runtime's default (`OPENRERANK_LANES`,
+    else its own); `timing`: it is only timed, so it leaves no compiled blob behind (OpenVINO's are a model's
+    size each)."""
     if choice.runtime == "openvino":
         from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 
@@ -49,7 +50,8 @@ def _build(choice: RuntimeChoice, network: Network, device: str, threads: int | 
 
 def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: str, threads: int | None,
                    mode: str = DEFAULT_AUTO_MODE, max_length: int = 512) -> tuple[Runtime, RuntimeChoice]:
-    """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why.
+    """Build the runtime for a model's plan (`plan_runtimes`) and say which one serves and why; `threads` None:
+    the CPUs this process may use (`default_threads`), resolved here once for every candidate.
 
     `mode="measure"`: every planned runtime is timed on this machine (or its cached timings read) and the
     fastest serves; with a single planned runtime (an explicit `--backend`) it is timed too, for its
@@ -60,10 +62,11 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     if mode not in AUTO_MODES:
         raise RuntimeConfigError(f"unknown backend choice {mode!r}; choose one of {', '.join(AUTO_MODES)}")
     plan = list(plan)
+    threads = threads or default_threads()
     if mode == "rules":
         return _first_that_loads(plan, network, device, threads)
     by_key = {(c.runtime, c.dtype): c for c in plan}
-    counts = lane_counts(threads or default_threads())
+    counts = lane_counts(threads)
     candidates = [(r, d, n) for r, d in by_key for n in (counts if r in LANED_RUNTIMES else (1,))]
 
     def build(runtime: str, dtype: str, lanes: int, timing: bool = False) -> Runtime:
@@ -72,7 +75,7 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
 
     try:
         timings = measure_candidates(candidates, functools.partial(build, timing=True), model_dir=network.path,
-                                     head=network.head, device=device, threads=threads or default_threads(),
+                                     head=network.head, device=device, threads=threads,
                                      max_length=max_length)
     except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
         log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
@@ -147,7 +150,7 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
 
 
 def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str,
-                      threads: int | None) -> tuple[Runtime, RuntimeChoice]:
+                      threads: int) -> tuple[Runtime, RuntimeChoice]:
     """The rule-based choice: the plan's first runtime that loads."""
     refused: list[str] = []
     for i, choice in enumerate(plan):

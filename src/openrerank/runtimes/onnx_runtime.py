@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact
-from openrerank.runtimes.base import Network, Runtime, default_threads, lanes_for
+from openrerank.runtimes.base import Network, Runtime, lanes_for
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class OnnxRuntime(Runtime):
         network: Network,
         *,
         dtype: str = "fp32",
-        threads: int | None = None,
+        threads: int,
         cache_dir: Path | None = None,
         lanes: int | None = None,
     ) -> None:
@@ -52,7 +52,7 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        total = threads or default_threads()
+        total = threads
         self.lanes = lanes_for(total, DEFAULT_LANES, lanes)
         # A session runs concurrent `run` calls; each lane gets its share of the threads.
         so.intra_op_num_threads = max(1, total // self.lanes)

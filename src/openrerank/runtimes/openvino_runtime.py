@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached
-from openrerank.runtimes.base import IntOrArray, Network, Runtime, default_threads, lanes_for
+from openrerank.runtimes.base import IntOrArray, Network, Runtime, lanes_for
 from openrerank.runtimes.openvino_convert import (
     META_FILE,
     compiled_cache_dir,
@@ -209,16 +209,17 @@ class OpenVinoRuntime(Runtime):
         network: Network,
         *,
         dtype: str = "fp32",
-        threads: int | None = None,
+        threads: int,
         cache_dir: Path | None = None,
         lanes: int | None = None,
         compiled_cache: bool = True,
     ) -> None:
-        """`compiled_cache=False`: compile without OpenVINO's blob cache (a candidate that is only timed)."""
+        """`threads`: CPU threads, all lanes together (`choosing.create_runtime` resolves the default);
+        `compiled_cache=False`: compile without OpenVINO's blob cache (a candidate that is only timed)."""
         ov = import_openvino()
         if dtype not in OPENVINO_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime (use one of {OPENVINO_DTYPES})")
-        self.threads = threads or default_threads()
+        self.threads = threads
         self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
         compiled_dir = _writable(compiled_cache_dir(cache_dir)) if compiled_cache else None
         config = compile_config(dtype, self.threads, compiled_dir, self.lanes)

@@ -28,7 +28,6 @@ from openrerank.runtimes.base import (
     NetworkBuild,
     RowsFailedError,
     Runtime,
-    default_threads,
 )
 from openrerank.runtimes.devices import is_cuda
 
@@ -45,14 +44,14 @@ def torch_dtype(name: str):
 
 
 class TorchRuntime(Runtime):
-    def __init__(self, network: Network, *, dtype: str = "fp32", device: str = "cpu",
-                 threads: int | None = None) -> None:
+    def __init__(self, network: Network, *, dtype: str = "fp32", device: str = "cpu", threads: int) -> None:
+        """`threads`: CPU threads on `cpu` (`choosing.create_runtime` resolves the default), unused on a GPU."""
         import torch
 
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the torch runtime (use one of {sorted(TORCH_DTYPES)})")
         if not is_cuda(device):
-            self.threads = threads or default_threads()
+            self.threads = threads
             torch.set_num_threads(self.threads)
         elif dtype == "fp32":
             # fp32 means fp32: PyTorch lets cuDNN run fp32 convolutions (the VL families' patch embeddings) in
