@@ -79,7 +79,7 @@ def _run(model, items: list) -> list:
 
     outputs: list = [None] * len(items)
     for idx in default_policy("cpu").split(items):
-        for i, out in zip(idx, model.backend.score([items[i] for i in idx]), strict=True):
+        for i, out in zip(idx, model.scorer.score([items[i] for i in idx]), strict=True):
             outputs[i] = out
     return outputs
 
