@@ -3,9 +3,11 @@ entries built again, timing records that cannot be read."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,82 @@ def test_a_damaged_entry_is_built_again_and_scores_as_the_fresh_build(tmp_path, 
     np.testing.assert_array_equal(again.run(features), expected)
     assert any(r.levelname == "WARNING" and "building it again" in r.getMessage() for r in caplog.records)
     assert _artifact(_runtime(kind, model_copy, cache)).cached  # and it stays
+
+
+def _fake_cache(cache: Path) -> tuple[list[Path], Callable[[], artifact_cache.CachedArtifact]]:
+    """An entry built by a fake build (one model file), and how many builds ran: `ensure` as a runtime passes it."""
+    builds: list[Path] = []
+
+    def build(tmp: Path) -> dict:
+        builds.append(tmp)
+        (tmp / "model.xml").write_text("<net/>")
+        return {}
+
+    def ensure() -> artifact_cache.CachedArtifact:
+        return artifact_cache.ensure_artifact(cache, "k" * 24, "fp32", model_file="model.xml", meta_file="m.json",
+                                              facts={}, build=build, what="test IR")
+    return builds, ensure
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nResource temporarily unavailable\n"),
+    RuntimeError("can't start new thread"),
+    RuntimeError("Exception from src/plugins/intel_cpu/src/cpu_memory.cpp:257:\nFailed to allocate 31457280 bytes "
+                 "of memory\n"),
+    MemoryError(),
+    OSError(errno.EAGAIN, "Resource temporarily unavailable"),
+    OSError(errno.EMFILE, "Too many open files"),
+], ids=["eagain-text", "no-thread", "ov-allocation", "memory-error", "eagain", "emfile"])
+def test_a_shortage_while_opening_a_cached_entry_is_raised_and_the_entry_kept(tmp_path, error, caplog) -> None:
+    """Under `ulimit -u 6` OpenVINO could not open a good cached IR (no thread); the entry was deleted as damaged
+    and converted again, which failed the same way: a cache volume several servers share lost it for all."""
+    builds, ensure = _fake_cache(tmp_path)
+    folder = ensure().path.parent
+    opens: list[Path] = []
+
+    def open_(artifact):
+        opens.append(artifact.path)
+        raise error
+
+    with pytest.raises(type(error)) as raised:
+        artifact_cache.open_cached(ensure, open_, meta_file="m.json", what="test IR")
+    assert raised.value is error and len(opens) == 1
+    assert len(builds) == 1 and (folder / "model.xml").read_text() == "<net/>"  # not built again
+    assert not any("building it again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_that_does_not_happen_again_keeps_the_entry(tmp_path, caplog) -> None:
+    """A failure with no known text may pass too: the entry is damaged only when a second open fails as well."""
+    builds, ensure = _fake_cache(tmp_path)
+    ensure()
+    failures = [RuntimeError("something passing")]
+
+    def open_(artifact):
+        if failures:
+            raise failures.pop()
+        return "opened"
+
+    with caplog.at_level(logging.WARNING):
+        artifact, opened = artifact_cache.open_cached(ensure, open_, meta_file="m.json", what="test IR")
+    assert opened == "opened" and artifact.cached and len(builds) == 1
+    assert any("second try: kept" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cached_entry_that_fails_to_open_twice_is_built_again(tmp_path, caplog) -> None:
+    builds, ensure = _fake_cache(tmp_path)
+    ensure()
+    seen: list[bool] = []
+
+    def open_(artifact):
+        seen.append(artifact.cached)
+        if artifact.cached:
+            raise RuntimeError("Check 'false' failed: the XML is not valid")
+        return "opened"
+
+    with caplog.at_level(logging.WARNING):
+        artifact, opened = artifact_cache.open_cached(ensure, open_, meta_file="m.json", what="test IR")
+    assert (opened, artifact.cached, seen, len(builds)) == ("opened", False, [True, True, False], 2)
+    assert any("could not be opened, twice" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("body", [b'{"format": 4, "measu', b"\xff\xfe not text"])

@@ -15,8 +15,8 @@ starting together) they take turns under a `flock` on the cache directory, so on
 wait and reuse its result.
 
 A damaged entry is built again, once, under the lock, and a staging folder a killed build left is removed by the
-next build (`runtimes/cache_entries.py`); a runtime that cannot open a cached file that passed the checks gets it
-built again once too (`open_cached`).
+next build (`runtimes/cache_entries.py`); a runtime that cannot open a cached file that passed the checks, twice
+and not for want of memory or threads, gets it built again once too (`open_cached`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from openrerank.runtimes.base import out_of_resources
 from openrerank.runtimes.cache_entries import (
     building,
     check_entry,
@@ -251,25 +252,37 @@ def open_cached(ensure: Callable[[], CachedArtifact], open_: Callable[[CachedArt
                 what: str) -> tuple[CachedArtifact, T]:
     """`open_(ensure())`; where a runtime cannot open a cached entry that passed `check_entry` (damaged inside,
     at the same size), the entry is removed, under the locks, and built and opened once more, with a warning:
-    a failure to open what was just built is raised as it is. Out of memory is raised too: the file is fine."""
+    a failure to open what was just built is raised as it is.
+
+    Only damage deletes an entry: a shortage of memory, threads or file handles (`out_of_resources`: OpenVINO
+    could not start a thread under a low `ulimit -u`) is raised as it is, and any other failure must happen
+    again on a second open. On a cache volume several servers share, an entry deleted for one server's passing
+    failure cost every server a conversion, and the rebuild failed the same way."""
     artifact = ensure()
-    try:
-        return artifact, open_(artifact)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        if not artifact.cached:
-            raise
-        folder = artifact.path.parent
-        with BUILD_LOCK, _directory_lock(folder.parent):
-            if read_meta(folder, artifact.path.name, meta_file) == artifact.meta:  # nobody rebuilt it meanwhile
-                log.warning("%s %s could not be opened (%s: %s): building it again", what, artifact.path,
-                            type(exc).__name__, str(exc)[:300])
-                try:
-                    discard(folder)
-                except OSError as cannot:  # a read-only cache volume: the runtime's own error says more
-                    log.warning("%s cannot be removed (%s)", folder, cannot)
-                    raise exc from None
+    failure: Exception | None = None
+    for _ in range(2):
+        try:
+            opened = open_(artifact)
+        except Exception as exc:
+            if not artifact.cached or out_of_resources(exc):
+                raise
+            failure = exc
+            continue
+        if failure is not None:
+            log.warning("%s %s could not be opened (%s: %s), and was on a second try: kept", what, artifact.path,
+                        type(failure).__name__, str(failure)[:300])
+        return artifact, opened
+    assert failure is not None
+    folder = artifact.path.parent
+    with BUILD_LOCK, _directory_lock(folder.parent):
+        if read_meta(folder, artifact.path.name, meta_file) == artifact.meta:  # nobody rebuilt it meanwhile
+            log.warning("%s %s could not be opened, twice (%s: %s): building it again", what, artifact.path,
+                        type(failure).__name__, str(failure)[:300])
+            try:
+                discard(folder)
+            except OSError as cannot:  # a read-only cache volume: the runtime's own error says more
+                log.warning("%s cannot be removed (%s)", folder, cannot)
+                raise failure from None
     artifact = ensure()
     return artifact, open_(artifact)
 

@@ -8,7 +8,9 @@ per-family *scorer* that turns work items into scores on top of a runtime is `fa
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +129,33 @@ def lasting_refusal(exc: BaseException) -> bool:
 
 class DeviceMemoryError(RuntimeError):
     """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
+
+
+#: How a failed allocation reads in a runtime's native errors, which reach Python as RuntimeError (OpenVINO) or
+#: ONNX Runtime's own exception types, with only their text to tell them apart: OpenVINO's CPU plugin "Failed to
+#: allocate 33554432 bytes of memory", ONNX Runtime's arena "Failed to allocate memory for requested buffer of
+#: size 603979776" (both seen under `prlimit --as`), a C++ std::bad_alloc, the C library's ENOMEM text.
+_ALLOCATION_FAILED = re.compile(r"failed to allocate|bad_alloc|bad allocation|cannot allocate memory", re.IGNORECASE)
+#: The same for threads and file handles: EAGAIN's text (a thread the runtime could not start under a low
+#: `ulimit -u`), CPython's own, EMFILE's.
+_RESOURCES_SHORT = re.compile(r"resource temporarily unavailable|can't start new thread|too many open files",
+                              re.IGNORECASE)
+_SHORT_ERRNOS = frozenset({errno.ENOMEM, errno.EAGAIN, errno.EMFILE, errno.ENFILE})
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a failed allocation: a MemoryError, ENOMEM, or a runtime's native error saying so."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return True
+    return bool(_ALLOCATION_FAILED.search(str(exc)))
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    """Whether `exc` says the machine ran short of memory, threads or file handles: a passing state of the host
+    (other processes, limits), never a fault of a model's files or a request's input."""
+    if out_of_memory(exc) or (isinstance(exc, OSError) and exc.errno in _SHORT_ERRNOS):
+        return True
+    return bool(_RESOURCES_SHORT.search(str(exc)))
 
 
 class RowsFailedError(RuntimeError):
