@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from openrerank.runtimes.base import out_of_memory, out_of_resources
+from openrerank.runtimes.base import ModelRefusedError, lasting_refusal, out_of_memory, out_of_resources
 
 #: Native allocation failures as the runtimes word them (seen under `prlimit --as`).
 OPENVINO_ALLOCATION = RuntimeError(
@@ -42,3 +42,13 @@ def test_no_thread_or_file_handle_is_a_shortage_but_not_of_memory(exc) -> None:
 def test_damage_and_faults_are_no_shortage(exc) -> None:
     assert not out_of_resources(exc)
 
+
+def test_a_refusal_caused_by_a_native_shortage_does_not_last() -> None:
+    """A conversion that ran out of memory (OpenVINO's converter raises RuntimeError, not MemoryError) was
+    remembered as a refusal for good: every later start skipped that runtime on this machine."""
+    short = ModelRefusedError("OpenVINO could not convert m: RuntimeError: Failed to allocate 1024 bytes of memory")
+    short.__cause__ = OPENVINO_ALLOCATION
+    assert not lasting_refusal(short)
+    refused = ModelRefusedError("OpenVINO could not convert m: unsupported operation aten::frobnicate")
+    refused.__cause__ = RuntimeError("unsupported operation aten::frobnicate")
+    assert lasting_refusal(refused)

@@ -113,14 +113,15 @@ class ModelRefusedError(RuntimeError):
 
 
 def lasting_refusal(exc: BaseException) -> bool:
-    """Whether `exc` refuses the model for good: a `ModelRefusedError` not caused by an OSError or a lack of
-    memory (an export that ran out of disk is wrapped as an export error too)."""
+    """Whether `exc` refuses the model for good: a `ModelRefusedError` not caused by an OSError or a shortage of
+    memory, threads or file handles (`out_of_resources`; an export that ran out of disk is wrapped as an export
+    error too, and a converter's native "Failed to allocate" is a RuntimeError)."""
     if not isinstance(exc, ModelRefusedError):
         return False
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, (OSError, MemoryError, DeviceMemoryError)):
+        if isinstance(cause, (OSError, MemoryError, DeviceMemoryError)) or out_of_resources(cause):
             return False
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
