@@ -184,6 +184,49 @@ def test_a_cached_entry_that_fails_to_open_twice_is_built_again(tmp_path, caplog
     assert any("could not be opened, twice" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_a_cache_that_cannot_be_written_names_its_folder_and_the_setting(tmp_path, model_copy, monkeypatch,
+                                                                          runtime) -> None:
+    """A read-only or missing HOME gave a bare `[Errno 30] Read-only file system: '/nonexistent'`. (Tests run as
+    root, whom a read-only mode does not stop: the folder's parent is a file.)"""
+    from openrerank.runtimes.onnx_export import ensure_onnx
+    from openrerank.runtimes.openvino_convert import ensure_openvino
+
+    ensure = ensure_onnx if runtime == "onnx" else ensure_openvino
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(artifact_cache.CACHE_ENV, str(tmp_path / "file" / "cache"))
+    with pytest.raises(OSError) as raised:
+        ensure(cross_encoder_network(model_copy))
+    folder = artifact_cache.cache_root() if runtime == "onnx" else artifact_cache.cache_folder("openvino")
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOTDIR and f"cache folder {folder} " in message
+    assert f"(OPENRERANK_CACHE_DIR={tmp_path / 'file' / 'cache'})" in message and "Not a directory" in message
+    assert "set OPENRERANK_CACHE_DIR (or XDG_CACHE_HOME) to a writable folder" in message
+    assert "`openrerank export`" in message
+
+    monkeypatch.delenv(artifact_cache.CACHE_ENV)  # the default, under a HOME that cannot hold it
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "file"))
+    with pytest.raises(OSError, match=r"cache folder .*/file/\.cache/openrerank/\S+ \(the default: "
+                                      r"OPENRERANK_CACHE_DIR is unset\): Not a directory; set OPENRERANK_CACHE_DIR"):
+        ensure(cross_encoder_network(model_copy))
+
+
+def test_a_read_only_cache_folder_names_itself_not_a_staging_folder(tmp_path, monkeypatch) -> None:
+    """An existing read-only OPENRERANK_CACHE_DIR named only the staging folder a build could not create."""
+    def refuse(prefix: str, dir: Path) -> str:
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}x1y2"))
+
+    monkeypatch.setattr(artifact_cache.tempfile, "mkdtemp", refuse)
+    _, ensure = _fake_cache(tmp_path)
+    with pytest.raises(OSError) as raised:
+        ensure()
+    assert raised.value.errno == errno.EROFS and raised.value.filename is None
+    assert str(raised.value) == (f"[Errno 30] cannot write the test IR into the cache folder {tmp_path}: Read-only "
+                                 "file system; set OPENRERANK_CACHE_DIR (or XDG_CACHE_HOME) to a writable folder, "
+                                 "or fill the cache ahead with `openrerank export`")
+
+
 @pytest.mark.parametrize("body", [b'{"format": 4, "measu', b"\xff\xfe not text"])
 def test_a_timing_record_that_is_not_json_is_computed_again_with_a_warning(tmp_path, body, caplog) -> None:
     """docs/engine.md: such a record "is timed again like a missing one, and a warning names the file"."""

@@ -219,7 +219,10 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
         if meta is not None:
             log.info("%s cache hit after waiting for another build: %s", what, final / model_file)
             return CachedArtifact(final / model_file, True, key, meta)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(cache_dir, what, exc) from exc
         remove_stale_staging(cache_dir)
         if damage is not None:
             log.warning("%s cache entry %s is damaged (%s): building it again", what, final, damage)
@@ -229,7 +232,10 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
                 raise OSError(exc.errno, f"{final} is damaged ({damage}) and cannot be removed "
                                          f"({exc.strerror or exc}); delete it or fill the cache again") from exc
         started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), dir=cache_dir))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), dir=cache_dir))
+        except OSError as exc:
+            raise _unwritable(cache_dir, what, exc) from exc
         building.add(tmp)
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users' servers
@@ -246,6 +252,22 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
     meta = read_meta(final, model_file, meta_file) or meta
     log.info("%s ready in %.1fs: %s", what, meta["build_seconds"], final / model_file)
     return CachedArtifact(final / model_file, False, key, meta)
+
+
+def _unwritable(cache_dir: Path, what: str, exc: OSError) -> OSError:
+    """Why a build cannot start in `cache_dir`, and what to set: a read-only root or a missing HOME gave a bare
+    `[Errno 30] Read-only file system: '/nonexistent'`, naming neither the cache nor the setting that moves it.
+    The errno is kept: the failure may pass (`base.lasting_refusal`)."""
+    env = os.environ.get(CACHE_ENV)
+    if env and cache_dir.is_relative_to(Path(env).expanduser()):
+        whence = f" ({CACHE_ENV}={env})"
+    elif not env and cache_dir.is_relative_to(user_cache_dir()):
+        whence = f" (the default: {CACHE_ENV} is unset)"
+    else:  # a folder given outright (`openrerank export --cache-dir`)
+        whence = ""
+    return OSError(exc.errno, f"cannot write the {what} into the cache folder {cache_dir}{whence}: "
+                              f"{exc.strerror or exc}; set {CACHE_ENV} (or XDG_CACHE_HOME) to a writable folder, "
+                              "or fill the cache ahead with `openrerank export`")
 
 
 def open_cached(ensure: Callable[[], CachedArtifact], open_: Callable[[CachedArtifact], T], *, meta_file: str,
