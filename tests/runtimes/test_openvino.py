@@ -167,6 +167,41 @@ def test_a_conversion_that_drifts_is_refused(tmp_path, model_copy, monkeypatch):
     assert [p for p in (tmp_path / "cache").iterdir()] == []
 
 
+@pytest.mark.parametrize("free", [1000, 2**40])
+def test_a_full_disk_names_the_cache_folder_the_space_free_and_the_space_needed(tmp_path, model_copy, monkeypatch,
+                                                                              free):
+    """On a full disk `ov.save_model` said only `basic_ios::clear: iostream error` (a 20 MB tmpfs as the cache).
+    With room enough, the failure is something else and is raised as it was."""
+    import errno
+    import shutil
+
+    import openvino
+
+    network = cross_encoder_network(model_copy)
+    ir_bytes = ensure_openvino(network, cache_dir=tmp_path / "roomy").path.with_suffix(".bin").stat().st_size
+    real_usage = shutil.disk_usage
+
+    def fill_then_fail(model, path, compress_to_fp16=True):
+        Path(path).with_suffix(".bin").write_bytes(b"\0" * 100)  # what was written before the disk filled
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(openvino, "save_model", fill_then_fail)
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free))
+    cache = tmp_path / "cache"
+    with pytest.raises((OSError, RuntimeError)) as raised:
+        ensure_openvino(network, cache_dir=cache)
+    assert list(cache.iterdir()) == []  # no staging folder left
+    if free > ir_bytes:
+        assert type(raised.value) is RuntimeError and str(raised.value) == "basic_ios::clear: iostream error"
+        return
+    message = str(raised.value)
+    assert isinstance(raised.value, OSError) and raised.value.errno == errno.ENOSPC
+    assert f"no space for the OpenVINO IR in the cache folder {cache}: 1.1 KiB free" in message  # its own 100 too
+    assert "(OpenVINO said: basic_ios::clear: iostream error)" in message and "OPENRERANK_CACHE_DIR" in message
+    amount, unit = message.split("needs about ")[1].split(";")[0].split()
+    assert float(amount) * {"KiB": 2**10, "MiB": 2**20}[unit] == pytest.approx(ir_bytes, rel=0.1)  # the weights
+
+
 def test_int8_weights_are_compressed_on_top_of_the_cached_fp32_ir(tmp_path, model_copy, conversions):
     cache = tmp_path / "cache"
     network = cross_encoder_network(model_copy)

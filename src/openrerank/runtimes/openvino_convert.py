@@ -30,10 +30,12 @@ call of theirs here runs with their CI switch on (`CI=true`), which turns it off
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import (
+    CACHE_ENV,
     CachedArtifact,
     cache_folder,
     ensure_artifact,
@@ -61,6 +64,7 @@ CACHE_FOLDER = "openvino"
 #: Bump when the conversion recipe changes in a way the versions below would not capture.
 CONVERT_FORMAT = 1
 _TOLERANCE = 1e-3
+_MIB = 2**20
 
 
 class ConversionError(ModelRefusedError):
@@ -148,8 +152,41 @@ def _convert(network: Network, out: Path) -> dict:
     diff = _max_diff(compiled(probe)[0], expected)
     if diff > _TOLERANCE:
         raise ConversionError(f"the OpenVINO conversion of {network.path} differs from PyTorch by {diff:.3g}")
-    ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=False)
+    _save(ov, model, out)
     return {"inputs": names, "output": network.output, "max_abs_diff_vs_torch": diff}
+
+
+def _save(ov, model, out: Path) -> None:
+    """`ov.save_model` into the staging folder `out`, fp32 weights kept. On a full disk OpenVINO says only
+    `basic_ios::clear: iostream error`, so a failure is held against the space there: where the IR would not fit,
+    it is raised as ENOSPC naming the cache folder, the space free and the space the IR needs."""
+    try:
+        ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=False)
+    except Exception as exc:
+        try:
+            needed = sum(op.get_byte_size() for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
+            written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())  # freed with the staging folder
+            free = shutil.disk_usage(out).free + written
+        except Exception:  # the check is best effort: the save's own error says what it can
+            raise exc from None
+        if free >= needed + needed // 10 + _MIB:  # room enough: something else failed
+            raise
+        said = str(exc).strip()[:200]
+        raise OSError(errno.ENOSPC, f"no space for the OpenVINO IR in the cache folder {out.parent}: "
+                                    f"{_size(free)} free, the IR needs about {_size(needed)}; free some or set "
+                                    f"{CACHE_ENV} to a larger volume (OpenVINO said: {said})") from exc
+
+
+def _size(n: float) -> str:
+    """Bytes for a message: "512 bytes", "91.6 KiB", "86.7 MiB", "1.2 GiB"."""
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    units = ["KiB", "MiB", "GiB"]
+    n /= 1024
+    while n >= 1024 and len(units) > 1:
+        n /= 1024
+        units.pop(0)
+    return f"{n:.1f} {units[0]}"
 
 
 def _compress(fp32: CachedArtifact, out: Path) -> dict:
@@ -160,7 +197,7 @@ def _compress(fp32: CachedArtifact, out: Path) -> dict:
         import nncf
 
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    ov.save_model(compressed, str(out / MODEL_FILE), compress_to_fp16=False)
+    _save(ov, compressed, out)
     return {"inputs": fp32.meta["inputs"], "output": fp32.meta["output"],
             "quantization": "NNCF int8 weight compression (INT8_ASYM, per output channel); activations "
                             "quantized dynamically by the CPU plugin at run time"}
