@@ -48,6 +48,7 @@ class FakeScorer(Scorer):
         self.lengths: list[list[int]] = []
         self.threads: set[str] = set()
         self.fail_on: set[int] = set()
+        self.fail_with: Callable[[str], Exception] = BoomError  # what a batch with an id of `fail_on` raises
         self.fail_alone: set[int] = set()
         self.fatal_on: set[int] = set()
         self.on_batch: Callable[[list[int]], None] | None = None  # called as each batch enters score()
@@ -79,7 +80,7 @@ class FakeScorer(Scorer):
         if self.fatal_on.intersection(ids):
             raise FatalError(f"fatal batch {ids}")
         if self.fail_on.intersection(ids):
-            raise BoomError(f"poisoned batch {ids}")
+            raise self.fail_with(f"poisoned batch {ids}")
         if self.inner is not None:
             return self.inner.score(items)
         scores = np.asarray(ids, dtype=np.float32)

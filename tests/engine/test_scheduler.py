@@ -23,6 +23,7 @@ from openrerank.engine.errors import (
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.speed_record import SpeedRecord
 from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.base import HostMemoryError
 from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
 
@@ -310,6 +311,30 @@ def test_a_failing_input_fails_only_its_own_request() -> None:
     np.testing.assert_array_equal(r_neighbour.scores, expected(neighbour))
     assert spread[2].input_ids[0] not in {i for b in backend.batches for i in b}
     assert metrics.registry.get_sample_value("openrerank_batch_failures_total", {"model": "m", "task": "rerank"}) >= 2
+
+
+def test_memory_that_runs_short_alone_too_is_answered_as_itself_not_as_a_fault_of_the_input() -> None:
+    """OpenVINO's "Failed to allocate" under a host memory limit was answered 500 "the model failed on this
+    request's input": a `DeviceMemoryError` (the CPU runtimes raise `HostMemoryError`) is capacity, a 503."""
+    backend, ids = FakeScorer(), Ids()
+    short = ids.items(50)
+    neighbour = ids.items(50)  # shares the failing batch, then is re-run on its own
+    backend.fail_on = {short[0].input_ids[0]}
+    backend.fail_with = lambda message: HostMemoryError(f"out of host memory ({message}); retry later")
+
+    async def main() -> list:
+        sched = make(backend, max_batch_size=2)
+        blocker, _ = await block_worker(sched, backend, ids)
+        tasks = [asyncio.create_task(sched.submit(r)) for r in (short, neighbour)]
+        await until(lambda: sched.queued == 2)
+        backend.release()
+        out = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        await sched.stop()
+        return out[1:]
+
+    r_short, r_neighbour = asyncio.run(main())
+    assert isinstance(r_short, HostMemoryError) and "out of host memory" in str(r_short)
+    np.testing.assert_array_equal(r_neighbour.scores, expected(neighbour))
 
 
 def test_a_dead_worker_settles_everything_and_reports_it() -> None:

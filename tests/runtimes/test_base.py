@@ -4,10 +4,20 @@ of the model or its files, in the text of the native errors OpenVINO and ONNX Ru
 from __future__ import annotations
 
 import errno
+import queue
 
 import pytest
 
-from openrerank.runtimes.base import ModelRefusedError, lasting_refusal, out_of_memory, out_of_resources
+from openrerank.runtimes.base import (
+    DeviceMemoryError,
+    HostMemoryError,
+    ModelRefusedError,
+    lasting_refusal,
+    out_of_memory,
+    out_of_resources,
+    probe_features,
+)
+from tests.support import cross_encoder_network
 
 #: Native allocation failures as the runtimes word them (seen under `prlimit --as`).
 OPENVINO_ALLOCATION = RuntimeError(
@@ -52,3 +62,55 @@ def test_a_refusal_caused_by_a_native_shortage_does_not_last() -> None:
     refused = ModelRefusedError("OpenVINO could not convert m: unsupported operation aten::frobnicate")
     refused.__cause__ = RuntimeError("unsupported operation aten::frobnicate")
     assert lasting_refusal(refused)
+
+
+class ShortOfMemory:
+    """A native call that fails as `error` says: OpenVINO's infer request, ONNX Runtime's session."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def infer(self, *args, **kwargs):
+        raise self.error
+
+    def run(self, *args, **kwargs):
+        raise self.error
+
+
+def _runtime(kind: str, model_copy, tmp_path, error: Exception):
+    """A real runtime on the tiny model whose native call then fails with `error`."""
+    if kind == "onnx":
+        from openrerank.runtimes.onnx_runtime import OnnxRuntime
+
+        runtime = OnnxRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=tmp_path)
+        runtime.session = ShortOfMemory(error)
+        return runtime
+    from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
+
+    runtime = OpenVinoRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=tmp_path, compiled_cache=False,
+                              lanes=1)
+    runtime.run(probe_features(runtime.input_names, 100))  # the process's first inference, alone (FIRST_CALL)
+    runtime._requests = queue.SimpleQueue()
+    runtime._requests.put(ShortOfMemory(error))
+    return runtime
+
+
+@pytest.mark.parametrize(("kind", "native"), [("openvino", OPENVINO_ALLOCATION), ("onnx", ORT_ALLOCATION)])
+def test_a_runtime_out_of_host_memory_raises_a_host_memory_error(tmp_path, model_copy, kind, native) -> None:
+    """Under `prlimit --as` OpenVINO's "Failed to allocate" reached clients as 500 "the model failed on this
+    request's input": the host's memory, not the input, so a DeviceMemoryError (answered 503) that says so."""
+    runtime = _runtime(kind, model_copy, tmp_path, native)
+    features = probe_features(runtime.input_names, 100)
+    with pytest.raises(HostMemoryError) as raised:
+        runtime.run(features)
+    assert isinstance(raised.value, DeviceMemoryError) and raised.value.__cause__ is native
+    reason = "Failed to allocate 33554432 bytes of memory" if kind == "openvino" else \
+        "Failed to allocate memory for requested buffer of size 603979776"
+    assert str(raised.value) == f"out of host memory scoring a batch of 3 x 17 tokens on {kind}-fp32-cpu ({reason}); " \
+                                "retry later"
+
+    other = RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:794: Eltwise shape infer mismatch")
+    runtime = _runtime(kind, model_copy, tmp_path, other)
+    with pytest.raises(RuntimeError) as raised:
+        runtime.run(features)
+    assert raised.value is other  # any other failure is raised as it was

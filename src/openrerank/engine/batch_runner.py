@@ -4,9 +4,10 @@ Batches may run on several lanes at once (`engine/worker.py`): what they share o
 counts and completion) is updated under one lock, the scoring itself runs outside it.
 
 A batch mixes requests. If it raises, it is re-run request by request, so only the request whose input fails
-gets the error (`BatchFailedError`); a scorer that could score all but some rows (a sequence that does not fit
-in device memory even alone: `RowsFailedError`) fails only those rows' requests, with no re-run. A request
-whose items failed is marked `failed`, so its other items are skipped.
+gets the error (`BatchFailedError`; memory that ran short, a `DeviceMemoryError`, is answered as itself); a
+scorer that could score all but some rows (a sequence that does not fit in device memory even alone:
+`RowsFailedError`) fails only those rows' requests, with no re-run. A request whose items failed is marked
+`failed`, so its other items are skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from openrerank.core.work import Task
 from openrerank.engine.admission import AdmissionQueue
-from openrerank.engine.errors import BatchFailedError
+from openrerank.engine.errors import BatchFailedError, DeviceMemoryError
 from openrerank.engine.pending import PendingRequest, post
 from openrerank.engine.scheduler_metrics import SchedulerMetrics
 from openrerank.families.scorer import Scorer
@@ -102,12 +103,17 @@ class BatchRunner:
                 for req in reqs:
                     self.run([(r, i) for r, i in live if r is req], isolate=False)
                 return
-            log.error("scoring failed on %s for a request of %d items (%s: %s)", self.name,
-                      len(reqs[0].items), type(exc).__name__, exc, exc_info=True)
+            if isinstance(exc, DeviceMemoryError):  # memory ran short, alone too: capacity (503), not the input
+                log.warning("out of memory on %s for a request of %d items: %s", self.name, len(reqs[0].items), exc)
+                failure: Exception = exc
+            else:
+                log.error("scoring failed on %s for a request of %d items (%s: %s)", self.name,
+                          len(reqs[0].items), type(exc).__name__, exc, exc_info=True)
+                failure = BatchFailedError(type(exc).__name__)
             with self._lock:
                 for req in reqs:
                     req.failed = True  # its other items are skipped
-                    post(req, BatchFailedError(type(exc).__name__))
+                    post(req, failure)
             return
         finally:
             end = time.perf_counter()

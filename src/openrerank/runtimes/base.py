@@ -132,6 +132,20 @@ class DeviceMemoryError(RuntimeError):
     """One sequence alone does not fit in the device's memory: its request cannot be scored as sent."""
 
 
+class HostMemoryError(DeviceMemoryError):
+    """A runtime on the CPU could not allocate the memory a batch needs (`out_of_memory`): the host's memory, which
+    other batches, requests and processes hold too, so a shortage of the moment rather than the request's fault.
+    Answered as `DeviceMemoryError` is (503), with a Retry-After (`retry_after` seconds)."""
+
+    retry_after = 1.0
+
+    @classmethod
+    def scoring(cls, description: str, rows: int, width: int, cause: BaseException) -> HostMemoryError:
+        """The error for a (rows x width) batch that `cause` (a runtime's native allocation failure) stopped."""
+        return cls(f"out of host memory scoring a batch of {rows} x {width} tokens on {description} "
+                   f"({native_reason(cause)}); retry later")
+
+
 #: How a failed allocation reads in a runtime's native errors, which reach Python as RuntimeError (OpenVINO) or
 #: ONNX Runtime's own exception types, with only their text to tell them apart: OpenVINO's CPU plugin "Failed to
 #: allocate 33554432 bytes of memory", ONNX Runtime's arena "Failed to allocate memory for requested buffer of
@@ -157,6 +171,17 @@ def out_of_resources(exc: BaseException) -> bool:
     if out_of_memory(exc) or (isinstance(exc, OSError) and exc.errno in _SHORT_ERRNOS):
         return True
     return bool(_RESOURCES_SHORT.search(str(exc)))
+
+
+def native_reason(exc: BaseException) -> str:
+    """The part of a native error that says what ran short ("Failed to allocate N bytes of memory"), up to its
+    line's end: OpenVINO and ONNX Runtime put source locations and node names first."""
+    text = str(exc)
+    found = _ALLOCATION_FAILED.search(text) or _RESOURCES_SHORT.search(text)
+    if found is None:
+        return f"{type(exc).__name__}: {text.strip()[:200]}" if text.strip() else type(exc).__name__
+    end = text.find("\n", found.start())
+    return text[found.start(): end if end >= 0 else None].strip()[:200]
 
 
 class RowsFailedError(RuntimeError):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact
-from openrerank.runtimes.base import Network, Runtime, lanes_for
+from openrerank.runtimes.base import HostMemoryError, Network, Runtime, lanes_for, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,13 @@ class OnnxRuntime(Runtime):
                  self.lanes, "cached" if self.export.cached else "fresh export")
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        out = self.session.run([self._output], {n: features[n] for n in self.input_names})[0]
+        try:
+            out = self.session.run([self._output], {n: features[n] for n in self.input_names})[0]
+        except Exception as exc:
+            if out_of_memory(exc):  # the host's memory, not the input: a 503 to retry, not a model fault (500)
+                rows, width = features[self.input_names[0]].shape[:2]
+                raise HostMemoryError.scoring(self.description, rows, width, exc) from exc
+            raise
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
     def close(self) -> None:

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached
-from openrerank.runtimes.base import IntOrArray, Network, Runtime, lanes_for
+from openrerank.runtimes.base import HostMemoryError, IntOrArray, Network, Runtime, lanes_for, out_of_memory
 from openrerank.runtimes.openvino_convert import (
     META_FILE,
     compiled_cache_dir,
@@ -258,8 +258,13 @@ class OpenVinoRuntime(Runtime):
         inputs = pad_to_bucket({n: np.ascontiguousarray(features[n]) for n in self.input_names})
         request = self._requests.get()  # waits while every lane is busy
         try:
-            with FIRST_CALL():
-                out = request.infer(inputs, share_inputs=True)[0][:rows]
+            try:
+                with FIRST_CALL():
+                    out = request.infer(inputs, share_inputs=True)[0][:rows]
+            except Exception as exc:
+                if out_of_memory(exc):  # the host's memory, not the input: a 503 to retry, not a model fault (500)
+                    raise HostMemoryError.scoring(self.description, rows, width, exc) from exc
+                raise
             if out.ndim > 2:  # per-token outputs: cut the bucket's columns too
                 out = out[:, :width]
             return np.array(out, dtype=np.float32, copy=True)  # the request reuses its output buffer
