@@ -4,6 +4,7 @@ held, poisoned or killed on purpose; each would fail if its error handler were d
 
 from __future__ import annotations
 
+import queue
 import socket
 import time
 
@@ -124,6 +125,31 @@ def test_a_failing_input_fails_only_its_own_request(tiny_model_dir):
         assert r_poisoned.headers["x-request-id"] in body["message"]
         assert backend.batches[1] == 4  # the two queued requests did share a batch
         assert server.metric("openrerank_batch_failures_total", {"model": MODEL, "task": "rerank"}) >= 1
+
+
+def test_host_memory_that_runs_short_in_the_runtime_answers_503_with_retry_after(tiny_model_dir):
+    """Under `prlimit --as` OpenVINO's "Failed to allocate N bytes of memory" was answered 500 "the model failed on
+    this request's input": the host's memory, not the input. The runtime is real; its infer request fails."""
+    class ShortOfMemory:
+        def infer(self, *args, **kwargs):
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224:\n[CPU] Add node Check "
+                               "'ptr' failed at cpu_memory.cpp:257:\nFailed to allocate 31457280 bytes of memory\n")
+
+    cfg = ServerConfig(models=[f"{MODEL}={tiny_model_dir}"], backend="openvino", threads=1)
+    with InProcessServer(cfg) as server, server.client() as c:
+        runtime = server.backends[MODEL].runtime
+        real = runtime._requests
+        runtime._requests = queue.SimpleQueue()
+        for _ in range(runtime.lanes):
+            runtime._requests.put(ShortOfMemory())
+        for path, body in (("/v1/ranking", nim_body("q", ["paris", "berlin"])),
+                           ("/rerank", {"query": "q", "texts": ["paris", "berlin"]})):
+            r = c.post(path, json=body)
+            assert r.status_code == 503, (path, r.text)
+            assert r.headers["Retry-After"] == "1" and "Failed to allocate 31457280 bytes" in r.text
+            assert "out of host memory scoring a batch of 2 x" in r.text
+        runtime._requests = real
+        assert c.post("/v1/ranking", json=nim_body("q", ["a"])).status_code == 200  # memory back: served
 
 
 def test_a_client_that_disconnects_frees_its_work(tiny_model_dir):

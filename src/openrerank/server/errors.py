@@ -29,6 +29,7 @@ from openrerank.engine.errors import (
     UnsupportedRequestError,
     WorkerDiedError,
 )
+from openrerank.runtimes.base import HostMemoryError
 from openrerank.server.responses import OrjsonResponse
 from openrerank.text.prepare import InputTooLongError, TextInputError
 
@@ -102,6 +103,8 @@ FAILURES: dict[type[Exception], Failure] = {
     QueueFullError: Failure(503, Kind.OVERLOADED, _retry_after),
     DeadlineExceededError: Failure(504, Kind.TIMEOUT),
     EngineStoppedError: Failure(503, Kind.UNAVAILABLE, lambda exc: {"Retry-After": "1"}),
+    # A CPU runtime's host memory ran short under the load of the moment: the same answer, worth a retry.
+    HostMemoryError: Failure(503, Kind.UNAVAILABLE, _retry_after),
     # Capacity, not a client error: one of its sequences does not fit even alone (other requests scored).
     DeviceMemoryError: Failure(503, Kind.UNAVAILABLE),
     WorkerDiedError: Failure(503, Kind.UNAVAILABLE),
