@@ -7,7 +7,6 @@ import json
 from fnmatch import fnmatch
 from pathlib import Path
 
-SAFE_PATTERNS = ("*.safetensors",)
 #: A directory written by `openrerank export --out`: the ONNX graph, its export record and the tokenizer files.
 ONNX_EXPORT_FILES = ("model.onnx", "export.json")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")

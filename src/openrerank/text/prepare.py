@@ -136,10 +136,6 @@ class TextEncoder(ABC):
         passages keep theirs, as the references and vLLM do (docs/models.md)."""
         return sorted({self._added[t] for t in self.tok.ids(text) if t in self._added})
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of a text without special tokens (used by dialects for token budgets)."""
-        return len(self.tok.ids(text))
-
     def prepare(
         self,
         query: str,
