@@ -1,4 +1,4 @@
-"""The cost formula against PyTorch's own FLOP counter, and the attention knee admission weighs requests by."""
+"""The layer costs against PyTorch's own FLOP counter, and the attention knee admission weighs requests by."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from openrerank.families.cost import attention_knee, knee_of, sequence_flops
+from openrerank.families.cost import attention_knee, knee_of, layer_costs
+
+
+def sequence_flops(config: dict, tokens: int) -> float:
+    """FLOPs of one pass over `tokens` tokens as `layer_costs` counts them (the formula of families/cost.py)."""
+    matrices, attention, layers = layer_costs(config)
+    return layers * 2 * tokens * (matrices + attention * tokens)
 
 
 def counted_flops(model, tokens: int) -> int:

@@ -46,9 +46,10 @@ def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
 
 
 def sequence_flops(config: dict, tokens: int) -> float:
-    """FLOPs of one encoder pass over `tokens` tokens (see the module docstring; the serving package's
-    formula, which admission weighs long sequences by)."""
-    return cost.sequence_flops(config, tokens)
+    """FLOPs of one encoder pass over `tokens` tokens (see the module docstring): the serving package's layer
+    costs (`families/cost.py`, which admission weighs long sequences by) over the whole sequence."""
+    matrices, attention, layers = cost.layer_costs(config)
+    return layers * 2 * tokens * (matrices + attention * tokens)
 
 
 def flops_per_pair(config: dict, sequences: Sequence[int], pairs: int) -> float:

@@ -42,8 +42,9 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def _shape(config: Mapping[str, Any]) -> tuple[float, float, int]:
-    """(matrix multiply-adds per token per layer, attention multiply-adds per token per position, layers)."""
+def layer_costs(config: Mapping[str, Any]) -> tuple[float, float, int]:
+    """(matrix multiply-adds per token per layer, attention multiply-adds per token per position, layers): the
+    module docstring's formula, whose FLOPs on a sequence of n tokens are layers * 2n (matrices + attention n)."""
     h = int(config["hidden_size"])
     heads = int(config.get("num_attention_heads") or 1)
     head_dim = int(config.get("head_dim") or h // heads)
@@ -54,12 +55,6 @@ def _shape(config: Mapping[str, Any]) -> tuple[float, float, int]:
     return h * q + 2 * h * kv + q * h + gated * h * f, 2 * q, int(config["num_hidden_layers"])
 
 
-def sequence_flops(config: Mapping[str, Any], tokens: int) -> float:
-    """FLOPs of one pass over `tokens` tokens (module docstring); `config` holds the layers' shape."""
-    matrices, attention, layers = _shape(config)
-    return layers * 2 * tokens * (matrices + attention * tokens)
-
-
 def attention_knee(config: Mapping[str, Any]) -> float | None:
     """The length at which attention costs a token as much as the matrices do; None if the config does not
     say the layers' shape."""
@@ -67,7 +62,7 @@ def attention_knee(config: Mapping[str, Any]) -> float | None:
     if inner is None:
         return None
     try:
-        matrices, attention, _ = _shape(inner)
+        matrices, attention, _ = layer_costs(inner)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
     return matrices / attention if matrices > 0 and attention > 0 else None
