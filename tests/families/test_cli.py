@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from openrerank.cli.main import build_parser, config_from_args, main, preflight
+from openrerank.cli.main import build_parser, main, preflight, serve_settings
 from openrerank.engine.loading import model_sources
-from openrerank.families.registry import family_ids
+from openrerank.families.registry import FAMILIES
 
 
 def _causal_dir(path, arch="Qwen2ForCausalLM", model_type="qwen2"):
@@ -23,13 +23,13 @@ def _causal_dir(path, arch="Qwen2ForCausalLM", model_type="qwen2"):
 
 
 def serve_config(*argv: str):
-    return config_from_args(build_parser().parse_args(["serve", *argv]))
+    return serve_settings(build_parser().parse_args(["serve", *argv]))[0]
 
 
 def test_families_json_lists_every_family_with_its_semantics(capsys):
     assert main(["families", "--json"]) == 0
     listed = {f["id"]: f for f in json.loads(capsys.readouterr().out)}
-    assert list(listed) == family_ids()
+    assert list(listed) == [f.id for f in FAMILIES]
     assert {"qwen3-reranker", "mxbai-rerank-v2", "bge-reranker-gemma", "llama-bidirectional", "cross-encoder",
             "bi-encoder"} <= set(listed)
     qwen3 = listed["qwen3-reranker"]
@@ -44,7 +44,7 @@ def test_families_json_lists_every_family_with_its_semantics(capsys):
 def test_families_table(capsys):
     assert main(["families", "--width", "200"]) == 0
     out = capsys.readouterr().out
-    for fid in family_ids():
+    for fid in (f.id for f in FAMILIES):
         assert fid in out
     assert "jina-reranker-v3" in out  # listwise models are named as not served
 

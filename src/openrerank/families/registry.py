@@ -34,10 +34,6 @@ FAMILIES: tuple[Family, ...] = (
 _BY_ID = {f.id: f for f in FAMILIES}
 
 
-def family_ids() -> list[str]:
-    return [f.id for f in FAMILIES]
-
-
 def get_family(family_id: str) -> Family:
     try:
         return _BY_ID[family_id]
