@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from openrerank.eval.data import DatasetError, Doc, load_dataset, load_qrels, read_trec_run, write_trec_run
+from openrerank.eval.data import DatasetError, Doc, load_dataset, load_qrels, read_trec_run
 
 
 def test_load_beir_gz_and_split(tiny_beir: Path) -> None:
@@ -57,12 +57,11 @@ def test_qrels_without_header(tmp_path: Path) -> None:
     assert load_qrels(path) == {"1": {"A": 2, "B": 0}, "2": {"C": 1}}
 
 
-def test_trec_run_roundtrip_gz(tmp_path: Path) -> None:
+def test_a_trec_run_reads_plain_and_gzipped(tmp_path: Path) -> None:
     run = {"q1": {"d1": 3.5, "d2": 1.25}, "q2": {"d3": -0.5}}
-    plain = tmp_path / "run.trec"
-    write_trec_run(run, plain)
-    lines = plain.read_text().splitlines()
-    assert lines[0] == "q1 Q0 d1 1 3.500000 openrerank"
+    plain = tmp_path / "run.trec"  # query Q0 doc rank score tag, as trec_eval reads it
+    plain.write_text("q1 Q0 d1 1 3.500000 bm25\nq1 Q0 d2 2 1.250000 bm25\nq2 Q0 d3 1 -0.500000 bm25\n")
+    assert read_trec_run(plain) == run
     gz = tmp_path / "run.trec.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
     assert read_trec_run(gz) == run

@@ -190,13 +190,6 @@ def read_trec_run(path: str | Path) -> Run:
     return run
 
 
-def write_trec_run(run: Run, path: str | Path, tag: str = "openrerank") -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for qid, docs in run.items():
-            for rank, (doc, score) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), 1):
-                f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
-
-
 #: What a TREC run file's name ends with that is not part of its row name (`bm25_top100.trec.gz` -> bm25_top100).
 RUN_FILE_SUFFIXES = (".trec", ".run", ".txt", ".tsv")
 
