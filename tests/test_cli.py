@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from openrerank.cli.main import build_parser, config_from_args
+from openrerank.cli.main import build_parser, serve_settings
 from openrerank.cli.options import UsageError
 from tests.support import build_tiny_model
 
 
 def parse(*argv: str):
-    return config_from_args(build_parser().parse_args(["serve", *argv]))
+    return serve_settings(build_parser().parse_args(["serve", *argv]))[0]
 
 
 def test_defaults():
@@ -256,7 +256,7 @@ def test_kubernetes_service_links_are_not_called_mistyped_and_a_linked_port_says
     assert not caplog.records
     with pytest.raises(UsageError, match=r"OPENRERANK_PORT='tcp://10.96.0.10:8000': expected an integer "
                                          r"\(a Kubernetes service link.*enableServiceLinks: false"):
-        config_from_args(build_parser().parse_args(["serve"]), SERVICE_LINKS)
+        serve_settings(build_parser().parse_args(["serve"]), SERVICE_LINKS)
 
 
 def test_every_openrerank_variable_read_in_src_is_known():

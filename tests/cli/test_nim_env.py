@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from openrerank.cli.main import build_parser, config_from_args, preflight
+from openrerank.cli.main import build_parser, preflight, serve_settings
 from openrerank.cli.nim_env import read_nim_env
 from openrerank.cli.options import UsageError
 
 
 def config(argv: list[str], environ: dict[str, str]):
-    return config_from_args(build_parser().parse_args(["serve", *argv]), environ)
+    return serve_settings(build_parser().parse_args(["serve", *argv]), environ)[0]
 
 
 def test_nim_variables_fill_the_matching_settings():

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from openrerank.cli.main import build_parser, config_from_args, main
+from openrerank.cli.main import build_parser, main, serve_settings
 from openrerank.cli.options import UsageError
 from openrerank.cli.scale_out import replica_names, replica_options
 
 
 def config(argv: list[str], environ: dict[str, str] | None = None):
-    return config_from_args(build_parser().parse_args(["serve", *argv]), environ or {})
+    return serve_settings(build_parser().parse_args(["serve", *argv]), environ or {})[0]
 
 
 @pytest.mark.parametrize(("argv", "environ", "expected"), [
@@ -40,7 +40,7 @@ def test_a_bad_scale_out_setting_is_one_line_naming_what_was_set(argv, environ, 
 def test_good_scale_out_settings_pass_and_become_replica_options():
     args = build_parser().parse_args(["serve", "--replicas", "2", "--max-replicas", "4", "--replica-option",
                                       "num_cpus=9", "--replica-option", "target_ongoing_requests=8"])
-    config_from_args(args, {"OPENRERANK_REPLICA_CPUS": "0.5"})
+    serve_settings(args, {"OPENRERANK_REPLICA_CPUS": "0.5"})
     assert replica_options(args) == {"num_cpus": 0.5, "target_ongoing_requests": "8", "num_replicas": 2,
                                      "max_replicas": 4}  # the dedicated flags win over --replica-option
     shown = {"replica-cpus": "OPENRERANK_REPLICA_CPUS='0.5'"}
@@ -54,7 +54,7 @@ def test_an_autoscaled_deployment_without_replicas_starts_at_its_floor():
     ("num_replicas=1 must lie within min_replicas=2 and max_replicas=2"), a count the operator never gave."""
     def options(*argv: str) -> dict:
         args = build_parser().parse_args(["serve", "--max-replicas", "3", *argv])
-        config_from_args(args, {})
+        serve_settings(args, {})
         return replica_options(args)
 
     assert options("--replica-option", "min_replicas=2")["num_replicas"] == "2"

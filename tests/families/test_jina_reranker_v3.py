@@ -375,10 +375,10 @@ def test_a_bad_jina_instruction_flag_is_a_one_line_startup_error(jina_dirs, inst
     """`serve --instruction` with marker text failed at load with the bare marker count ValueError, and a long
     one was taken; both are now refused by the checks before the port is taken (`serve` prints the one line and
     exits 2), naming the flag."""
-    from openrerank.cli.main import build_parser, config_from_args, preflight
+    from openrerank.cli.main import build_parser, preflight, serve_settings
 
-    config = config_from_args(build_parser().parse_args(["serve", "--model", f"m={jina_dirs['jina']}",
-                                                         "--instruction", instruction]))
+    config, _, _ = serve_settings(build_parser().parse_args(["serve", "--model", f"m={jina_dirs['jina']}",
+                                                             "--instruction", instruction]))
     with pytest.raises(ValueError) as caught:
         preflight(config)
     assert str(caught.value).startswith(fragment) and "\n" not in str(caught.value)

@@ -153,18 +153,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve, options=SERVE_OPTIONS)
 
 
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
-    """Flags, then OPENRERANK_* variables, then NIM_* ones (cli/nim_env.py), then ServerConfig's defaults;
-    checked (ServerConfig.validate) before anything is logged. A bad value is a UsageError naming what the
-    user set: the flag, or the variable and the value written there (NIM_HTTP_API_PORT='70000': ...)."""
-    return serve_settings(args, environ)[0]
-
-
 def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None
                    ) -> tuple[ServerConfig, NimEnv, Shown]:
-    """`config_from_args`, what the NIM variables amounted to (its `report()`: once logging is set up), and how
-    to name each setting taken from the environment (`resolve_options`), for the checks after it (`preflight`,
-    `--replicas`)."""
+    """The server's settings: flags, then OPENRERANK_* variables, then NIM_* ones (cli/nim_env.py), then
+    ServerConfig's defaults; checked (ServerConfig.validate) before anything is logged. A bad value is a
+    UsageError naming what the user set: the flag, or the variable and the value written there
+    (NIM_HTTP_API_PORT='70000': ...). With them, what the NIM variables amounted to (its `report()`: once
+    logging is set up), and how to name each setting taken from the environment (`resolve_options`), for the
+    checks after it (`preflight`, `--replicas`)."""
     environ = os.environ if environ is None else environ
     nim = read_nim_env(environ)
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
@@ -217,7 +213,7 @@ def check_temp_dir() -> None:
 def preflight(config: ServerConfig, shown: Shown | None = None) -> list[ResolvedModel]:
     """Fail fast on bad --model/--backend/--device values before binding the port (weights load later).
 
-    `config` is validated already (config_from_args); `shown` names the settings taken from the environment
+    `config` is validated already (`serve_settings`); `shown` names the settings taken from the environment
     (`serve_settings`). Flags no runtime could honour fail before any model is located (a hub download can be
     long); then each model is resolved, its runtime plan computed, and handed to the app so loading does not do
     it again."""
