@@ -35,6 +35,28 @@ def test_add_parser_registers_eval_subcommand() -> None:
         parser.parse_args(["eval", "--dataset", "x", "--server", "u", "--rerank-model", "m"])
 
 
+def test_the_eval_flags_take_their_defaults_from_the_configs(monkeypatch) -> None:
+    """`EvalConfig` and `BM25Config` own the defaults (library use gets the same numbers as the CLI): before, the
+    flags wrote their own copies, and a default changed in one place silently diverged from the other."""
+    from openrerank.cli import eval as eval_cli
+    from openrerank.eval.pipeline import EvalConfig
+    from openrerank.eval.sparse import BM25Config
+
+    config = EvalConfig(pipelines=["sparse"], top_k=7, concurrency=3, backend="onnx", dtype="int8", fusion="wsum",
+                        rrf_k=9, dense_weight=0.25, dense_from="local", dense_model="d", rerank_model="r",
+                        bi_encoder_via_embeddings=False)
+    monkeypatch.setattr(eval_cli, "EvalConfig", lambda: config, raising=False)
+    monkeypatch.setattr(eval_cli, "BM25Config", lambda: BM25Config(k1=1.2, b=0.75, stemmer=None, stopwords="fr"),
+                        raising=False)
+    parser = argparse.ArgumentParser(prog="openrerank")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--dataset", "x"])
+    assert (args.pipelines, args.top_k, args.concurrency, args.backend, args.dtype, args.fusion, args.rrf_k,
+            args.dense_weight, args.dense_from, args.dense_model, args.rerank_model, args.rerank_path) == \
+        ("sparse", 7, 3, "onnx", "int8", "wsum", 9, 0.25, "local", "d", "r", "score")
+    assert (args.k1, args.b, args.stemmer, args.stopwords) == (1.2, 0.75, "none", "fr")
+
+
 def test_end_to_end_outputs_and_cache(tiny_beir: Path, tmp_path: Path, make_beir, capsys) -> None:
     run_file = tiny_beir / "runs.trec"
     run_file.write_text("q1 Q0 d3 1 9.0 t\nq1 Q0 d1 2 8.0 t\nq2 Q0 q2 1 5.0 t\nq2 Q0 d2 2 4.0 t\n")

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openrerank.eval.dense import EmbeddingCache, encode, model_fingerprint, search
+from openrerank.eval.dense import EmbeddingCache, encode, find_server_embedder, model_fingerprint, search
+from openrerank.wire.nim import DEFAULT_MAX_INPUTS
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -89,3 +90,19 @@ def test_server_fingerprint_ignores_what_serving_measures() -> None:
     assert server_fingerprint("http://h:8000", "m", meta) == server_fingerprint("http://h:8000", "m", moved)
     other = {**meta, "engine": {**engine, "dtype": "int8"}}
     assert server_fingerprint("http://h:8000", "m", meta) != server_fingerprint("http://h:8000", "m", other)
+
+
+@pytest.mark.parametrize(("limits", "expected"), [({"max_inputs": 16}, 16), ({}, DEFAULT_MAX_INPUTS)])
+def test_the_servers_max_inputs_is_read_and_the_wire_default_assumed_when_unsaid(limits, expected) -> None:
+    """A server's /v1/metadata `limits.max_inputs` caps the embedding chunks; a server that does not say it gets
+    the default `serve` itself applies (wire/nim.py), not a number eval keeps of its own."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "ce", "tasks": ["rerank"]},
+                                                      {"id": "bi", "tasks": ["rerank", "embed"]}]})
+        return httpx.Response(200, json={"models": [{"id": "bi", "max_length": 128}], "limits": limits})
+
+    model, entry, max_inputs = find_server_embedder("http://fake", transport=httpx.MockTransport(handler))
+    assert (model, entry, max_inputs) == ("bi", {"id": "bi", "max_length": 128}, expected)

@@ -104,7 +104,7 @@ def test_server_reranking_sends_image_passages(tmp_path):
         return httpx.Response(200, json={"rankings": [{"index": i, "logit": float(i)}
                                                       for i in range(len(body["passages"]))]})
 
-    ServerReranker("http://vl", transport=httpx.MockTransport(handler)).rerank(jobs[:1])
+    ServerReranker("http://vl", concurrency=2, transport=httpx.MockTransport(handler)).rerank(jobs[:1])
     passages = seen[0]["passages"]
     assert passages[0].keys() == {"image"} and passages[0]["image"].startswith("data:image/png;base64,")
     assert passages[1]["text"] == "a slide about river water" and passages[1]["image"].startswith("data:image/jpeg")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from openrerank.client import RerankError
-from openrerank.eval.rerank import DEFAULT_MAX_PASSAGES, InProcessReranker, Reranker, RerankJob, ServerReranker
+from openrerank.eval.rerank import InProcessReranker, Reranker, RerankJob, ServerReranker
+from openrerank.wire.nim import DEFAULT_MAX_PASSAGES
 
 JOBS = [
     RerankJob("q1", "why do cats purr", ["d1", "d2", "d3"], ["cats purr when happy", "dogs bark", "stocks fell"]),
@@ -126,7 +127,7 @@ def test_server_reranker_splits_large_candidate_lists(given) -> None:
     handler, _ = _nim_handler(seen, max_passages=2)
     passages = [f"w{i} cats" for i in range(5)]
     job = RerankJob("q", "cats w3", [f"d{i}" for i in range(5)], passages)
-    r = ServerReranker("http://fake", max_passages=given, transport=httpx.MockTransport(handler))
+    r = ServerReranker("http://fake", concurrency=2, max_passages=given, transport=httpx.MockTransport(handler))
     out = r.rerank([job])
     assert [len(b["passages"]) for b in seen] == [2, 2, 1]
     assert "model" not in seen[0]
@@ -143,13 +144,13 @@ def test_server_reranker_sends_a_listwise_models_lists_whole_and_refuses_to_spli
                                              "models": [{"id": "other"}, {"id": "jina", "listwise": True}]})
         return await inner(request)
 
-    r = ServerReranker("http://fake", model="jina", transport=httpx.MockTransport(handler))
+    r = ServerReranker("http://fake", concurrency=2, model="jina", transport=httpx.MockTransport(handler))
     r.rerank([RerankJob("q", "cats", ["d1", "d2"], ["cats", "dogs"])])
     r.rerank([RerankJob("q", "cats", ["d1", "d3"], ["cats", "birds"])])
     assert [[p["text"] for p in b["passages"]] for b in seen] == [["cats", "dogs"], ["cats", "birds"]]
     with pytest.raises(RerankError, match=r"listwise .* 4-candidate list is more than its max_passages 3"):
         r.rerank([RerankJob("q2", "cats", ["a", "b", "c", "d"], ["1", "2", "3", "4"])])
-    other = ServerReranker("http://fake", model="other", transport=httpx.MockTransport(handler))
+    other = ServerReranker("http://fake", concurrency=2, model="other", transport=httpx.MockTransport(handler))
     other.rerank([RerankJob("q2", "cats", ["a", "b", "c", "d"], ["1", "2", "3", "4"])])  # not listwise: split
 
 
@@ -165,7 +166,7 @@ def test_server_reranker_without_metadata_sends_the_default_count() -> None:
                                                       for i in range(len(body["passages"]))]})
 
     job = RerankJob("q", "x", [f"d{i}" for i in range(600)], ["p"] * 600)
-    ServerReranker("http://fake", transport=httpx.MockTransport(handler)).rerank([job])
+    ServerReranker("http://fake", concurrency=2, transport=httpx.MockTransport(handler)).rerank([job])
     assert [len(b["passages"]) for b in seen] == [DEFAULT_MAX_PASSAGES, 600 - DEFAULT_MAX_PASSAGES]
 
 
@@ -191,7 +192,7 @@ def test_server_reranker_waits_as_long_as_retry_after_says_and_sends_the_key(mon
             return httpx.Response(503, json={"object": "error", "message": "busy"}, headers={"Retry-After": "4"})
         return httpx.Response(200, json={"rankings": [{"index": 0, "logit": 1.0}]})
 
-    r = ServerReranker("http://fake", api_key="s3cret", transport=httpx.MockTransport(handler))
+    r = ServerReranker("http://fake", concurrency=2, api_key="s3cret", transport=httpx.MockTransport(handler))
     assert r.rerank([RerankJob("q", "query", ["d"], ["p"])]) == {"q": {"d": 1.0}}
     assert waits and waits[0] >= 4.0
     assert all(c.headers["authorization"] == "Bearer s3cret" for c in calls)
@@ -201,7 +202,7 @@ def test_server_error_is_reported() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(422, json={"detail": "bad"})
 
-    r = ServerReranker("http://fake", max_passages=8, transport=httpx.MockTransport(handler))
+    r = ServerReranker("http://fake", concurrency=2, max_passages=8, transport=httpx.MockTransport(handler))
     with pytest.raises(RerankError, match="422: bad"):  # the server's own message, not a traceback of ours
         r.rerank(JOBS)
 

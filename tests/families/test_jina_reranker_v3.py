@@ -264,7 +264,7 @@ def test_eval_through_the_server_scores_each_candidate_list_whole(jina_server):
     first, second = docs[:4], docs[:2] + docs[4:]
     alone = served(jina_server, "jina", B.QUERIES[0], second)
     for name in ("jina", "jr"):  # by its id and by an alias (/v1/metadata lists its aliases)
-        r = ServerReranker(jina_server.url, model=name)
+        r = ServerReranker(jina_server.url, concurrency=2, model=name)
         r.rerank([RerankJob("q", B.QUERIES[0], [f"d{i}" for i in range(4)], first)])
         got = r.rerank([RerankJob("q", B.QUERIES[0], ["d0", "d1", "d4", "d5"], second)])["q"]
         assert r.listwise, name

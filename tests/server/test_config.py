@@ -9,6 +9,7 @@ import pytest
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.server.config import ServerConfig
 from openrerank.server.engine_config import scheduler_config
+from openrerank.wire.nim import DEFAULT_MAX_INPUTS, DEFAULT_MAX_PASSAGES
 
 
 def test_the_batch_policy_is_the_devices_default_with_the_given_flags_on_top():
@@ -64,3 +65,9 @@ def test_an_otlp_endpoint_that_is_not_an_http_url_is_refused(endpoint):
         ServerConfig(otlp_endpoint=endpoint).validate()
     for good in ("http://127.0.0.1:4318", "https://collector/v1/traces", "http://[::1]:4318"):
         ServerConfig(otlp_endpoint=good).validate()
+
+
+def test_the_list_limits_default_to_the_wire_layers_declaration():
+    """One declaration, read by the server (its flags' defaults) and by `openrerank eval` (what it assumes of a
+    server whose /v1/metadata does not say): before, each wrote its own 512 and 2048."""
+    assert (ServerConfig().max_passages, ServerConfig().max_inputs) == (DEFAULT_MAX_PASSAGES, DEFAULT_MAX_INPUTS)

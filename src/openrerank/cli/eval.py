@@ -11,7 +11,11 @@ import warnings
 from pathlib import Path
 
 from openrerank.cli.options import ENV_PREFIX, DefaultsHelpFormatter, UsageError, at_least_one, fail
-from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM
+from openrerank.eval.data import DEFAULT_SPLIT
+from openrerank.eval.fusion import FUSIONS
+from openrerank.eval.metrics import DEFAULT_REL_THRESHOLD
+from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM, EvalConfig
+from openrerank.eval.sparse import BM25Config
 from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
 
 DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optionally reranked) on BEIR-layout
@@ -26,17 +30,30 @@ API_KEY_ENV = ENV_PREFIX + "API_KEY"
 DEFAULT_OUT_DIR = Path("runs")
 
 
+#: How a flag says "off" for BM25's stemmer and stopwords (BM25Config's None).
+_OFF = ("", "none", "off")
+#: --rerank-path's words -> EvalConfig.bi_encoder_via_embeddings: `auto` embeds each passage once (a bi-encoder
+#: reranker), `score` scores each query+passage pair.
+_RERANK_PATHS = {"auto": True, "score": False}
+
+
+def _flag_word(value: str | None) -> str:
+    """A BM25Config text setting as its flag writes it (None: `none`)."""
+    return "none" if value is None else value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The eval flags of the `openrerank eval` subcommand."""
+    """The eval flags of the `openrerank eval` subcommand; their defaults are `EvalConfig`'s and `BM25Config`'s."""
+    config, bm25 = EvalConfig(), BM25Config()
     data = p.add_argument_group("data")
     data.add_argument("--dataset", action="append", required=True, metavar="DIR",
                       help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv); repeat for several "
                            "datasets and an average column")
     data.add_argument("--split", action="append", metavar="NAME",
-                      help="qrels split (default test); once for all datasets or once per --dataset")
+                      help=f"qrels split (default {DEFAULT_SPLIT}); once for all datasets or once per --dataset")
     data.add_argument("--rel-threshold", action="append", type=int, metavar="N",
-                      help="grade counted as relevant by recall and MRR (default 1; TREC DL uses 2); nDCG uses the "
-                           "grades. Once for all datasets or once per --dataset")
+                      help=f"grade counted as relevant by recall and MRR (default {DEFAULT_REL_THRESHOLD}; TREC DL "
+                           "uses 2); nDCG uses the grades. Once for all datasets or once per --dataset")
     data.add_argument("--runs", nargs="+", action="extend", default=[], metavar="FILE",
                       help="existing TREC run files to score and rerank (a file inside a dataset folder belongs to "
                            "that dataset; otherwise give exactly one --dataset)")
@@ -44,49 +61,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="evaluate only the first N queries (quick runs)")
 
     pipe = p.add_argument_group("pipelines")
-    pipe.add_argument("--pipelines", default=",".join(ALL_PIPELINES),
-                      help=f"comma-separated rows (default: {','.join(ALL_PIPELINES)}; `all` = the same)")
-    pipe.add_argument("--top-k", type=at_least_one, default=100, help="candidates per query from each first stage")
-    pipe.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Anserini default 0.9)")
-    pipe.add_argument("--b", type=float, default=0.4, help="BM25 b (Anserini default 0.4)")
-    pipe.add_argument("--stemmer", default="porter",
+    pipe.add_argument("--pipelines", default=",".join(config.pipelines),
+                      help=f"comma-separated rows (`all` = {','.join(ALL_PIPELINES)})")
+    pipe.add_argument("--top-k", type=at_least_one, default=config.top_k,
+                      help="candidates per query from each first stage")
+    pipe.add_argument("--k1", type=float, default=bm25.k1, help="BM25 k1 (the value Anserini uses)")
+    pipe.add_argument("--b", type=float, default=bm25.b, help="BM25 b (the value Anserini uses)")
+    pipe.add_argument("--stemmer", default=_flag_word(bm25.stemmer),
                       help="PyStemmer algorithm for BM25 (porter = Lucene's EnglishAnalyzer; `none` to disable)")
-    pipe.add_argument("--stopwords", default="en", help="bm25s stopword list (`en` = Lucene's; `none` to disable)")
-    pipe.add_argument("--dense-model", default="default", metavar="SOURCE",
+    pipe.add_argument("--stopwords", default=_flag_word(bm25.stopwords),
+                      help="bm25s stopword list (`en` = Lucene's; `none` to disable)")
+    pipe.add_argument("--dense-model", default=config.dense_model, metavar="SOURCE",
                       help="in-process bi-encoder for the dense stage (default: the packaged all-MiniLM-L6-v2)")
-    pipe.add_argument("--dense-from", choices=DENSE_FROM, default="auto",
+    pipe.add_argument("--dense-from", choices=DENSE_FROM, default=config.dense_from,
                       help="with --server: auto = the server's /v1/embeddings when it serves an embedding model, "
                            "else --dense-model in-process; server = the server's or fail; local = --dense-model")
     pipe.add_argument("--dense-server-model", metavar="NAME",
                       help="with --server: the served embedding model for the dense stage (default: the first)")
-    pipe.add_argument("--fusion", choices=("rrf", "wsum"), default="rrf",
+    pipe.add_argument("--fusion", choices=FUSIONS, default=config.fusion,
                       help="hybrid fusion: reciprocal rank fusion or min-max normalized weighted sum (ranx)")
-    pipe.add_argument("--rrf-k", type=at_least_one, default=60, help="RRF constant")
-    pipe.add_argument("--dense-weight", type=float, default=0.5, help="wsum weight of the dense scores")
+    pipe.add_argument("--rrf-k", type=at_least_one, default=config.rrf_k, help="RRF constant")
+    pipe.add_argument("--dense-weight", type=float, default=config.dense_weight, help="wsum weight of the dense scores")
 
     rr = p.add_argument_group("reranking")
     who = rr.add_mutually_exclusive_group()
-    who.add_argument("--rerank-model", default="default", metavar="SOURCE",
+    who.add_argument("--rerank-model", default=config.rerank_model, metavar="SOURCE",
                      help="in-process reranker: `default`, a local directory or a hub id, e.g. "
                           "cross-encoder/ms-marco-MiniLM-L-6-v2 (default: default, the embedded all-MiniLM-L6-v2)")
     who.add_argument("--server", metavar="URL",
                      help="rerank through a running server's NIM /v1/ranking instead, and embed the dense stage "
                           "with its /v1/embeddings when it serves an embedding model (see --dense-from)")
     rr.add_argument("--server-model", metavar="NAME", help="`model` field sent to the server")
-    rr.add_argument("--concurrency", type=at_least_one, default=8, help="requests in flight with --server")
+    rr.add_argument("--concurrency", type=at_least_one, default=config.concurrency,
+                    help="requests in flight with --server")
     rr.add_argument("--api-key", metavar="KEY",
                     help=f"with --server: the key a server started with --api-key requires, sent as "
                          f"'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, the variable `serve` reads)")
-    rr.add_argument("--rerank-path", choices=("auto", "score"), default="auto",
+    rr.add_argument("--rerank-path", choices=tuple(_RERANK_PATHS),
+                    default=next(w for w, v in _RERANK_PATHS.items() if v == config.bi_encoder_via_embeddings),
                     help="auto: a bi-encoder reranker scores from passage embeddings computed once per passage "
                          "(same numbers as the served model); score: call the served model's scorer per "
                          "query+passage pair")
 
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+    rt.add_argument("--backend", default=config.backend, choices=BACKEND_CHOICES,
                     help="engine of the in-process models: auto (what `serve` picks: the fastest faithful engine timed "
                          "here, docs/engine.md), openvino, onnx or torch; the JSON output's `engines` says what ran")
-    rt.add_argument("--dtype", default="fp32", choices=DTYPES,
+    rt.add_argument("--dtype", default=config.dtype, choices=DTYPES,
                     help="precision of the in-process models; fp32 (exact) keeps tables comparable, auto is what "
                          "`serve` picks")
     rt.add_argument("--cache-dir", type=Path, metavar="DIR",
@@ -158,10 +179,9 @@ def run(args: argparse.Namespace) -> int:
     from openrerank.client import RerankError
     from openrerank.eval.data import DatasetError, dataset_labels, load_dataset
     from openrerank.eval.dense import default_cache_dir
-    from openrerank.eval.pipeline import EvalConfig, PipelineError, evaluate_datasets, parse_pipelines
+    from openrerank.eval.pipeline import PipelineError, evaluate_datasets, parse_pipelines
     from openrerank.eval.progress import Reporter
     from openrerank.eval.report import print_tables, write_csv, write_json, write_plot
-    from openrerank.eval.sparse import BM25Config
     from openrerank.extras import MissingExtraError
 
     try:
@@ -178,18 +198,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dirs = [Path(d).expanduser() for d in args.dataset]
     try:
-        splits = _per_dataset(args.split, len(dirs), "test", "--split")
-        thresholds = _per_dataset(args.rel_threshold, len(dirs), 1, "--rel-threshold")
+        splits = _per_dataset(args.split, len(dirs), DEFAULT_SPLIT, "--split")
+        thresholds = _per_dataset(args.rel_threshold, len(dirs), DEFAULT_REL_THRESHOLD, "--rel-threshold")
         run_files = _assign_runs(dirs, args.runs)
     except UsageError as exc:
         return fail("openrerank eval", str(exc))
-    off = ("", "none", "off")
     config = EvalConfig(
         pipelines=pipelines,
         top_k=args.top_k,
         bm25=BM25Config(k1=args.k1, b=args.b,
-                        stemmer=None if args.stemmer.lower() in off else args.stemmer,
-                        stopwords=None if args.stopwords.lower() in off else args.stopwords),
+                        stemmer=None if args.stemmer.lower() in _OFF else args.stemmer,
+                        stopwords=None if args.stopwords.lower() in _OFF else args.stopwords),
         dense_model=args.dense_model,
         rerank_model=None if args.server else args.rerank_model,
         server=args.server,
@@ -201,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         rrf_k=args.rrf_k,
         dense_weight=args.dense_weight,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
-        bi_encoder_via_embeddings=args.rerank_path == "auto",
+        bi_encoder_via_embeddings=_RERANK_PATHS[args.rerank_path],
         dense_from=args.dense_from,
         dense_server_model=args.dense_server_model,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,

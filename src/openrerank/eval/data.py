@@ -130,6 +130,10 @@ def _image_file(folder: Path, name: object, doc_id: str) -> Path | None:
     return file
 
 
+#: The qrels split evaluated unless told otherwise (BEIR's evaluation split, qrels/test.tsv).
+DEFAULT_SPLIT = "test"
+
+
 def load_qrels(path: Path) -> Qrels:
     """`query-id<TAB>corpus-id<TAB>score` with a header line (BEIR) or without."""
     qrels: Qrels = {}
@@ -143,7 +147,7 @@ def load_qrels(path: Path) -> Qrels:
     return qrels
 
 
-def load_dataset(path: str | Path, split: str = "test", *, limit_queries: int | None = None) -> Dataset:
+def load_dataset(path: str | Path, split: str = DEFAULT_SPLIT, *, limit_queries: int | None = None) -> Dataset:
     """Load a BEIR folder; keep the queries that have at least one judgment with grade > 0 in the split."""
     folder = Path(path).expanduser()
     if not folder.is_dir():

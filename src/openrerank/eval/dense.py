@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.eval.data import Run, served_text
+from openrerank.wire.nim import DEFAULT_MAX_INPUTS
 
 Advance = Callable[[int], None]
 
@@ -172,7 +173,7 @@ class ServerEncoder:
     server batches them together), 429/503 retried by the client. Vectors are normalized here, as the
     in-process path normalizes, so both give cosines whatever the model's own normalization."""
 
-    def __init__(self, url: str, model: str, metadata: dict, *, concurrency: int = 8, max_inputs: int = 2048,
+    def __init__(self, url: str, model: str, metadata: dict, *, concurrency: int, max_inputs: int,
                  api_key: str | None = None, transport=None) -> None:
         self.url = url.rstrip("/")
         self.model = model
@@ -236,4 +237,4 @@ def find_server_embedder(url: str, wanted: str | None = None, transport=None, ap
     except httpx.HTTPError as exc:
         raise RerankError(f"cannot reach {url}: {exc}") from None
     entry = next((m for m in body.get("models", []) if m.get("id") == model), {})
-    return model, entry, int(body.get("limits", {}).get("max_inputs", 2048))
+    return model, entry, int(body.get("limits", {}).get("max_inputs", DEFAULT_MAX_INPUTS))

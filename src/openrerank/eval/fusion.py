@@ -1,6 +1,6 @@
 """Hybrid first stage: fuse the sparse and dense candidate lists with `ranx.fuse`.
 
-`rrf`: reciprocal rank fusion (k=60), scores ignored. `wsum`: per-query min-max normalized scores combined
+`rrf`: reciprocal rank fusion (constant `rrf_k`), scores ignored. `wsum`: per-query min-max normalized scores combined
 as (1 - w) * sparse + w * dense; a document missing from one list gets 0 from it.
 """
 
@@ -12,9 +12,9 @@ from openrerank.eval.metrics import top_k
 FUSIONS = ("rrf", "wsum")
 
 
-def fuse(sparse: Run, dense: Run, *, method: str = "rrf", k: int = 100, rrf_k: int = 60,
-         dense_weight: float = 0.5) -> Run:
-    """Top-k of the fused list per query; a query found by only one retriever keeps that retriever's list."""
+def fuse(sparse: Run, dense: Run, *, method: str, k: int, rrf_k: int, dense_weight: float) -> Run:
+    """Top-k of the fused list per query; a query found by only one retriever keeps that retriever's list.
+    No defaults here: `EvalConfig` owns them (`fusion`, `top_k`, `rrf_k`, `dense_weight`)."""
     from ranx import Run as RRun
     from ranx import fuse as ranx_fuse
 

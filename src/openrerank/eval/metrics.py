@@ -11,6 +11,8 @@ import numpy as np
 from openrerank.eval.data import Qrels, Run
 
 DEFAULT_METRICS = ("recall@5", "ndcg@10", "mrr@10", "recall@100")
+#: The grade binary metrics count as relevant unless told otherwise: any positive one (TREC DL uses 2).
+DEFAULT_REL_THRESHOLD = 1
 _GRADED = ("ndcg", "dcg", "ndcg_burges", "dcg_burges")
 
 
@@ -37,7 +39,7 @@ def ranx_metric(name: str, rel_threshold: int) -> str:
 
 
 def evaluate(qrels: Qrels, run: Run, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
-             rel_threshold: int = 1) -> dict[str, float]:
+             rel_threshold: int = DEFAULT_REL_THRESHOLD) -> dict[str, float]:
     """Mean of each metric over the qrels' queries; a query missing from the run scores 0 (trec_eval -c).
 
     Scores are replaced by strictly decreasing rank scores first, so ranx sees exactly the trec_eval order

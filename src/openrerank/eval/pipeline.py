@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.eval.data import Dataset, Run, read_trec_run, run_file_names
 from openrerank.eval.dense import (
     EmbeddingCache,
@@ -24,7 +25,7 @@ from openrerank.eval.dense import (
     search,
 )
 from openrerank.eval.fusion import fuse
-from openrerank.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate, top_k
+from openrerank.eval.metrics import DEFAULT_METRICS, DEFAULT_REL_THRESHOLD, drop_self_hits, evaluate, top_k
 from openrerank.eval.progress import Reporter, Stopwatch
 from openrerank.eval.rerank import InProcessReranker, Reranker, RerankJob
 from openrerank.eval.sparse import BM25Config, BM25Index
@@ -63,6 +64,9 @@ def parse_pipelines(spec: str | list[str]) -> list[str]:
 
 @dataclass
 class EvalConfig:
+    """One evaluation's settings. Their defaults are `openrerank eval`'s: the CLI reads them from here
+    (`BM25Config` for the BM25 ones), and nothing below restates them."""
+
     pipelines: list[str] = field(default_factory=lambda: list(ALL_PIPELINES))
     top_k: int = 100
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -72,9 +76,9 @@ class EvalConfig:
     server: str | None = None
     server_model: str | None = None
     concurrency: int = 8
-    backend: str = "auto"
-    dtype: str = "fp32"
-    fusion: str = "rrf"
+    backend: str = LoadOptions.backend  # the in-process models' runtime (the --backend flag), as `serve`'s
+    dtype: str = "fp32"  # exact: tables stay comparable across machines (`serve` picks auto)
+    fusion: str = "rrf"  # one of FUSIONS
     rrf_k: int = 60
     dense_weight: float = 0.5
     cache_dir: Path | None = None
@@ -135,8 +139,6 @@ class Models:
         """The model `flag` names, loaded once; a model that cannot load is one PipelineError naming `flag`
         (RuntimeError/ValueError/OSError: the loaders' source, format, engine and file errors)."""
         if source not in self._loaded:
-            from openrerank.engine.loading import LoadOptions, load_model
-
             with self.reporter.step(f"load model {source}", None):
                 try:
                     self._loaded[source] = load_model(
@@ -200,7 +202,8 @@ class DatasetRunner:
     """Everything for one dataset: first-stage runs (computed once), rerank rows, scores."""
 
     def __init__(self, ds: Dataset, config: EvalConfig, models: Models, reranker: Reranker | None,
-                 reporter: Reporter, rel_threshold: int = 1, run_files: list[Path] | None = None) -> None:
+                 reporter: Reporter, rel_threshold: int = DEFAULT_REL_THRESHOLD,
+                 run_files: list[Path] | None = None) -> None:
         self.ds = ds
         self.config = config
         self.models = models
@@ -374,7 +377,7 @@ def evaluate_datasets(datasets: list[Dataset], config: EvalConfig, *, rel_thresh
     hybrid = any(p.startswith("hybrid") for p in config.pipelines)
     with reporter.step("ranx: compile its metrics" + (" and fusion" if hybrid else "") + " (once per process)",
                        None):
-        warm_up_ranx(config.metrics, config.fusion if hybrid else None)
+        warm_up_ranx(config, hybrid)
     models = Models(config, reporter)
     wants_rerank = any(p.endswith("+rerank") for p in config.pipelines)
     reranker = make_reranker(config, models) if wants_rerank else None
@@ -398,14 +401,15 @@ def evaluate_datasets(datasets: list[Dataset], config: EvalConfig, *, rel_thresh
     return results
 
 
-def warm_up_ranx(metrics: tuple[str, ...], fusion: str | None) -> None:
+def warm_up_ranx(config: EvalConfig, hybrid: bool) -> None:
     """ranx compiles its metrics (and fusion) with numba on first use in a process: 7-11 s even with numba's
     cache warm, minutes on a cold one. Done up front, in a step of its own, so the first dataset's `sparse.score`
     and `hybrid.fuse` seconds are its own work (they read 89 s and 124 s for milliseconds of it), and a log shows
     what the silence is."""
-    evaluate({"q": {"a": 2, "b": 1}}, {"q": {"a": 1.0, "b": 0.5, "c": 0.2}}, metrics, rel_threshold=2)
-    if fusion is not None:
-        fuse({"q": {"a": 1.0, "b": 0.5}}, {"q": {"a": 0.3, "c": 0.1}}, method=fusion, k=2)
+    evaluate({"q": {"a": 2, "b": 1}}, {"q": {"a": 1.0, "b": 0.5, "c": 0.2}}, config.metrics, rel_threshold=2)
+    if hybrid:
+        fuse({"q": {"a": 1.0, "b": 0.5}}, {"q": {"a": 0.3, "c": 0.1}}, method=config.fusion, k=2,
+             rrf_k=config.rrf_k, dense_weight=config.dense_weight)
 
 
 def _share_doc_embeddings(runner: DatasetRunner, reranker: InProcessReranker, config: EvalConfig) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrerank.eval.data import Run, served_text
+from openrerank.wire.nim import DEFAULT_MAX_PASSAGES
 
 Advance = Callable[[int], None]
 
@@ -160,7 +161,7 @@ class ServerReranker(Reranker):
     `concurrency` requests in flight. A candidate list longer than the server's `--max-passages` (its
     /v1/metadata `limits.max_passages`, read once; `max_passages` overrides it) is split into several requests."""
 
-    def __init__(self, url: str, *, model: str | None = None, concurrency: int = 8, timeout_s: float = 300.0,
+    def __init__(self, url: str, *, concurrency: int, model: str | None = None, timeout_s: float = 300.0,
                  max_passages: int | None = None, retries: int = 5, api_key: str | None = None,
                  transport=None) -> None:
         super().__init__()
@@ -235,10 +236,6 @@ class ServerReranker(Reranker):
 
             raise RerankError(f"{self.url}/v1/ranking did not rank every passage")
         return scores
-
-
-#: Passages per request when the server does not say its limit (a NIM without /v1/metadata).
-DEFAULT_MAX_PASSAGES = 512
 
 
 async def server_metadata(client) -> dict:

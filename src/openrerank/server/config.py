@@ -27,6 +27,7 @@ from openrerank.engine.loading import LoadOptions
 from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 from openrerank.observe.logs import LOG_LEVELS
 from openrerank.observe.tracing import ENDPOINT_SCHEMES
+from openrerank.wire.nim import DEFAULT_MAX_INPUTS, DEFAULT_MAX_PASSAGES
 
 #: The largest gRPC message grpc can be told to accept (its channel options are C ints).
 GRPC_MESSAGE_LIMIT = 2**31 - 1
@@ -73,8 +74,8 @@ class ServerConfig:
     allow_pickle: bool = False
     revision: str | None = None
     # request limits
-    max_passages: int = 512
-    max_inputs: int = 2048  # texts in one /v1/embeddings request (OpenAI's limit)
+    max_passages: int = DEFAULT_MAX_PASSAGES
+    max_inputs: int = DEFAULT_MAX_INPUTS  # texts in one /v1/embeddings request
     max_body_bytes: int = 8 * 1024 * 1024
     max_body_bytes_in_flight: int | None = None  # bodies received or waiting for their parse; None: BODIES_IN_FLIGHT
     # batching; None: the device's default policy (`batch_policy`, engine/batching.py)

@@ -183,8 +183,16 @@ class ServedModelInfo(BaseModel):
                                       "renamed ids).")
 
 
+#: Passages (or pairs) one rerank request may hold, unless the server is told otherwise (`serve --max-passages`);
+#: also what a client assumes of a server whose /v1/metadata does not say (a NIM before that route).
+DEFAULT_MAX_PASSAGES = 512
+#: Texts one /v1/embeddings request may hold (OpenAI's limit), unless told otherwise (`serve --max-inputs`); what
+#: a client assumes when /v1/metadata does not say.
+DEFAULT_MAX_INPUTS = 2048
+
+
 class RequestLimits(BaseModel):
-    """The per-request limits a client may run into (docs/reliability.md)."""
+    """The per-request limits a client may run into (docs/reliability.md); `DEFAULT_MAX_*` when not set."""
 
     model_config = _CLOSED
     max_passages: int
