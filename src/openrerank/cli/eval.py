@@ -105,8 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     rt = p.add_argument_group("runtime")
     rt.add_argument("--backend", default=config.backend, choices=BACKEND_CHOICES,
-                    help="engine of the in-process models: auto (what `serve` picks: the fastest faithful engine timed "
-                         "here, docs/engine.md), openvino, onnx or torch; the JSON output's `engines` says what ran")
+                    help="runtime of the in-process models: auto (what `serve` picks: the fastest faithful runtime "
+                         "timed here, docs/engine.md), openvino, onnx or torch; the JSON output's `engines` says what "
+                         "ran")
     rt.add_argument("--dtype", default=config.dtype, choices=DTYPES,
                     help="precision of the in-process models; fp32 (exact) keeps tables comparable, auto is what "
                          "`serve` picks")
