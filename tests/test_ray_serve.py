@@ -71,6 +71,7 @@ def test_builder_arguments_arrive_as_strings_from_serve_run():
     assert (server.max_queue, server.tei_chunking, server.threads) == (8, True, 2)
     assert (replicas.num_replicas, replicas.num_cpus) == (3, 0.5)
     assert parse_args({})[0].models == ["default"]
+    assert parse_args({"models": []})[0].models == parse_args({"model": ""})[0].models == ["default"]
     assert parse_args({"models": ["x=/m"]})[0].models == ["x=/m"]
 
 

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from openrerank.cli.main import build_parser, main, preflight, serve_settings
-from openrerank.engine.loading import model_sources
 from openrerank.families.registry import FAMILIES
+from openrerank.server.config import ServerConfig
+from openrerank.server.engine_config import model_sources
 
 
 def _causal_dir(path, arch="Qwen2ForCausalLM", model_type="qwen2"):
@@ -73,12 +74,8 @@ def test_model_family_flag_and_environment(tmp_path, monkeypatch):
     assert config.model_families == ["m=mxbai-rerank-v2"]
     preflight(config)
     monkeypatch.setenv("OPENRERANK_INSTRUCTION", "Find the passage that answers it")
-    [source] = model_sources(*_source_args(serve_config("--model", f"m={model}")))
+    [source] = model_sources(serve_config("--model", f"m={model}"))
     assert (source.family, source.instruction) == ("mxbai-rerank-v2", "Find the passage that answers it")
-
-
-def _source_args(config):
-    return config.models, config.model_families, config.instructions
 
 
 @pytest.mark.parametrize(
@@ -105,6 +102,8 @@ def test_bad_family_or_instruction_is_a_clear_startup_error(tmp_path, monkeypatc
 def test_a_bare_family_is_ambiguous_with_several_models(tmp_path):
     a, b = _causal_dir(tmp_path / "a"), _causal_dir(tmp_path / "b")
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        model_sources([str(a), str(b)], ["mxbai-rerank-v2"])
-    sources = model_sources([f"a={a}", f"b={b}"], ["a=mxbai-rerank-v2", "b=qwen3-reranker"], ["b=Find code"])
+        model_sources(ServerConfig(models=[str(a), str(b)], model_families=["mxbai-rerank-v2"]))
+    sources = model_sources(ServerConfig(models=[f"a={a}", f"b={b}"],
+                                         model_families=["a=mxbai-rerank-v2", "b=qwen3-reranker"],
+                                         instructions=["b=Find code"]))
     assert [(s.family, s.instruction) for s in sources] == [("mxbai-rerank-v2", None), ("qwen3-reranker", "Find code")]

@@ -8,7 +8,7 @@ import pytest
 
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.server.config import ServerConfig
-from openrerank.server.engine_config import scheduler_config
+from openrerank.server.engine_config import model_sources, scheduler_config
 from openrerank.wire.nim import DEFAULT_MAX_INPUTS, DEFAULT_MAX_PASSAGES
 
 
@@ -71,3 +71,23 @@ def test_the_list_limits_default_to_the_wire_layers_declaration():
     """One declaration, read by the server (its flags' defaults) and by `openrerank eval` (what it assumes of a
     server whose /v1/metadata does not say): before, each wrote its own 512 and 2048."""
     assert (ServerConfig().max_passages, ServerConfig().max_inputs) == (DEFAULT_MAX_PASSAGES, DEFAULT_MAX_INPUTS)
+
+
+@pytest.mark.parametrize("models", [[], None])
+def test_no_model_given_is_the_default_model(models):
+    """ServerConfig alone turns "no --model" into the default model: before, the CLI, Ray Serve's arguments and
+    TEI's /info each wrote their own `or ["default"]`, and a ServerConfig(models=[]) built in code served nothing."""
+    config = ServerConfig() if models is None else ServerConfig(models=models)
+    assert config.models == ["default"]
+    assert [(s.served_id, s.spec) for s in model_sources(config)] == [("sentence-transformers/all-MiniLM-L6-v2",
+                                                                       "default")]
+
+
+def test_the_model_list_is_parsed_once_into_sources_with_their_family_and_instruction():
+    config = ServerConfig(models=["a=/m/a", "b=/m/b"], model_families=["a=mxbai-rerank-v2", "b=qwen3-reranker"],
+                          instructions=["b=Find code; k=v"])
+    assert [(s.served_id, s.spec, s.family, s.instruction) for s in model_sources(config)] == [
+        ("a", "/m/a", "mxbai-rerank-v2", None), ("b", "/m/b", "qwen3-reranker", "Find code; k=v")]
+    with pytest.raises(ValueError, match=r"^OPENRERANK_INSTRUCTION='c=x': use NAME=VALUE"):
+        model_sources(ServerConfig(models=["a=/m/a", "b=/m/b"], instructions=["c=x"]),
+                      {"instruction": "OPENRERANK_INSTRUCTION='c=x'"})

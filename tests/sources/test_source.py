@@ -9,6 +9,7 @@ from openrerank.sources.source import (
     ModelSourceError,
     default_model_dir,
     parse_model_arg,
+    per_model,
     resolve_local_dir,
 )
 
@@ -186,3 +187,28 @@ def test_a_pickle_only_hub_repo_gets_the_pickle_refusal_not_no_weights(monkeypat
     assert resolve_local_dir("org/old-pickle", allow_pickle=True) == tmp_path  # then the loader's check runs
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a cached snapshot has no file list: the local
     assert resolve_local_dir("org/old-pickle") == tmp_path  # check (check_weights) answers
+
+
+def test_a_per_model_setting_goes_to_the_model_it_names():
+    """`--model-family` and `--instruction` items by served id; with one model the id may be left out. A family is
+    a word (a `=` always names a model); an instruction is free text (a `=` in it is its own)."""
+    assert per_model([" a = mxbai-rerank-v2 ", "b=qwen3-reranker"], ["a", "b"], "model-family") == \
+        {"a": "mxbai-rerank-v2", "b": "qwen3-reranker"}
+    assert per_model([" qwen3-reranker "], ["m"], "model-family") == {"m": "qwen3-reranker"}
+    assert per_model(["m= Find x=1 "], ["m"], "instruction", text=True) == {"m": " Find x=1 "}
+    assert per_model(["Find x=1"], ["m"], "instruction", text=True) == {"m": "Find x=1"}
+    assert per_model([], ["m"], "instruction", text=True) == {}
+
+
+@pytest.mark.parametrize(("values", "ids", "shown", "message"), [
+    (["other=qwen3-reranker"], ["m"], None, "--model-family 'other=qwen3-reranker': use NAME=VALUE with NAME one of "
+                                            "the served ids (m)"),
+    (["qwen3-reranker"], ["a", "b"], None, "--model-family 'qwen3-reranker': use NAME=VALUE with NAME one of the "
+                                           "served ids (a, b)"),
+    (["b=x", "c=y"], ["a", "b"], {"model-family": "OPENRERANK_MODEL_FAMILY='b=x,c=y'"},
+     "OPENRERANK_MODEL_FAMILY='b=x,c=y', item 'c=y': use NAME=VALUE with NAME one of the served ids (a, b)"),
+])
+def test_a_per_model_item_that_fits_no_model_is_named_as_given(values, ids, shown, message):
+    with pytest.raises(ValueError) as err:
+        per_model(values, ids, "model-family", shown)
+    assert str(err.value) == message

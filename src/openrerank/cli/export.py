@@ -54,12 +54,13 @@ def _not_a_directory(out: Path) -> str | None:
 def run_export(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from openrerank.engine.loading import LoadOptions, model_sources, resolve_model
+    from openrerank.engine.loading import LoadOptions, resolve_model
     from openrerank.families.base import ModelFormatError
     from openrerank.runtimes.onnx_export import ExportError, ensure_onnx
     from openrerank.runtimes.openvino_convert import CACHE_FOLDER, ConversionError, ensure_openvino
     from openrerank.runtimes.selection import RUNTIME_DTYPES, RUNTIME_NAMES, RuntimeConfigError
     from openrerank.server.config import ServerConfig
+    from openrerank.server.engine_config import model_sources
     from openrerank.sources.safety import UnsafeWeightsError
     from openrerank.sources.source import ModelSourceError
 
@@ -71,7 +72,8 @@ def run_export(args: argparse.Namespace) -> int:
     if out is not None and (problem := _not_a_directory(out)):  # found before the export, not after it
         return fail(PROG, f"--out {out}: {problem}")
     try:
-        source = model_sources([args.model], [args.model_family] if args.model_family else None)[0]
+        families = [args.model_family] if args.model_family else []
+        source = model_sources(ServerConfig(models=[args.model], model_families=families))[0]
         # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
         variant = "fp32" if args.backend == "openvino" and args.dtype == "bf16" else args.dtype
         if args.dtype not in (runs := RUNTIME_DTYPES[args.backend]):

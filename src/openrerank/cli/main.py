@@ -165,8 +165,8 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     nim = read_nim_env(environ)
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    values["models"] = serve_under_name(nim, values.get("models") or ["default"])
     config = ServerConfig(**values)
+    config.models = serve_under_name(nim, config.models)
     check_ssl_mode(nim.ssl_mode, config.tls, config.ssl_ca_certs is not None)
     try:
         config.validate(shown)
@@ -218,14 +218,14 @@ def preflight(config: ServerConfig, shown: Shown | None = None) -> list[Resolved
     long); then each model is resolved, its runtime plan computed, and handed to the app so loading does not do
     it again."""
     from openrerank.core.cpus import affinity_cpus, cpu_quota
-    from openrerank.engine.loading import model_sources, resolve_model
+    from openrerank.engine.loading import resolve_model
     from openrerank.runtimes.base import default_threads
     from openrerank.runtimes.devices import check_device
     from openrerank.runtimes.selection import check_runtime_options
-    from openrerank.server.engine_config import load_options
+    from openrerank.server.engine_config import load_options, model_sources
 
     check_temp_dir()
-    sources = model_sources(config.models, config.model_families, config.instructions, shown)
+    sources = model_sources(config, shown)
     names = [s.served_id for s in sources]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

@@ -33,7 +33,7 @@ from openrerank.runtimes.measure import Throughput
 from openrerank.runtimes.onnx_export import exported_runtimes
 from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, plan_runtimes
 from openrerank.sources.safety import check_weights
-from openrerank.sources.source import ModelSource, parse_model_arg, public_source, resolve_local_dir
+from openrerank.sources.source import ModelSource, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder
 from openrerank.text.late import LateTextEncoder
 from openrerank.text.prepare import InstructionError, Prepared, TextEncoder, WindowTooSmallError
@@ -227,34 +227,6 @@ class LoadedModel:
 
     def close(self) -> None:
         self.scorer.close()
-
-
-def model_sources(models: list[str], families: list[str] | None = None,
-                  instructions: list[str] | None = None, shown: Shown | None = None) -> list[ModelSource]:
-    """`--model` values with the `--model-family NAME=FAMILY` and `--instruction NAME=TEXT` they get.
-
-    NAME is a served id; with a single model it may be left out (`--model-family qwen3-reranker`). `shown`:
-    how an error names the settings not typed as flags (core/settings.py).
-    """
-    sources = [parse_model_arg(m) for m in models]
-    ids = [s.served_id for s in sources]
-
-    def assign(args: list[str] | None, flag: str) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for arg in args or []:
-            name, sep, value = arg.partition("=")
-            if sep and name.strip() in ids:
-                out[name.strip()] = value.strip() if flag == "--model-family" else value
-            elif len(ids) == 1 and not (flag == "--model-family" and sep):
-                out[ids[0]] = arg.strip() if flag == "--model-family" else arg
-            else:
-                raise ValueError(f"{setting_item(flag.lstrip('-'), arg, shown)}: use NAME=VALUE with NAME one of "
-                                 f"the served ids ({', '.join(ids)})")
-        return out
-
-    fams = assign(families, "--model-family")
-    instr = assign(instructions, "--instruction")
-    return [replace(s, family=fams.get(s.served_id), instruction=instr.get(s.served_id)) for s in sources]
 
 
 def resolve_model(source: ModelSource | str, options: LoadOptions | None = None, shown: Shown | None = None

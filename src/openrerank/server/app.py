@@ -21,7 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from openrerank import __version__
 from openrerank.core.settings import Shown
-from openrerank.engine.loading import ResolvedModel, model_sources
+from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import load_served_model
 from openrerank.engine.served_models import ServedModels
@@ -32,7 +32,7 @@ from openrerank.server.body_guard import BodyGuardMiddleware
 from openrerank.server.config import ServerConfig, ascii_host
 from openrerank.server.dialects import cohere, embeddings, infinity, multi_vector, nim, score, tei
 from openrerank.server.drain import Drain
-from openrerank.server.engine_config import chunk_limits, image_limits, load_options, scheduler_config
+from openrerank.server.engine_config import chunk_limits, image_limits, load_options, model_sources, scheduler_config
 from openrerank.server.errors import (
     FAILURES,
     MODEL_FAULTS,
@@ -106,7 +106,7 @@ async def load_all(app: FastAPI) -> None:
     reg: ServedModels = app.state.models
     resolved: dict[str, ResolvedModel] = app.state.resolved
     started = time.perf_counter()
-    for source in model_sources(config.models, config.model_families, config.instructions):
+    for source in app.state.sources:
         try:
             served = await asyncio.to_thread(load_served_model, resolved.get(source.served_id, source),
                                              load_options(config),
@@ -335,7 +335,8 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.models = ServedModels()
     app.state.resolved = {r.source.served_id: r for r in resolved}
     app.state.drain = Drain(config.graceful_timeout)
-    app.state.models.expected = [s.served_id for s in model_sources(config.models)]
+    app.state.sources = model_sources(config)  # the served models, parsed once: loading and TEI's /info read it
+    app.state.models.expected = [s.served_id for s in app.state.sources]
     app.state.models.aliases = nim.model_aliases(app.state.models.expected, config.alias_map())
     #: Servers that run beside HTTP in the same event loop (the gRPC server): started before the models
     #: load, stopped before they stop; each has `async start()` and `async stop()`.

@@ -27,6 +27,7 @@ from openrerank.engine.loading import LoadOptions
 from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 from openrerank.observe.logs import LOG_LEVELS
 from openrerank.observe.tracing import ENDPOINT_SCHEMES
+from openrerank.sources.source import DEFAULT_SOURCE
 from openrerank.wire.nim import DEFAULT_MAX_INPUTS, DEFAULT_MAX_PASSAGES
 
 #: The largest gRPC message grpc can be told to accept (its channel options are C ints).
@@ -49,7 +50,7 @@ BODIES_IN_FLIGHT = 8
 
 @dataclass
 class ServerConfig:
-    models: list[str] = field(default_factory=lambda: ["default"])
+    models: list[str] = field(default_factory=list)  # none given: the default model (__post_init__)
     model_families: list[str] = field(default_factory=list)  # NAME=FAMILY (or FAMILY with one model)
     instructions: list[str] = field(default_factory=list)  # NAME=TEXT: an LLM reranker's prompt instruction
     aliases: list[str] = field(default_factory=list)  # NAME=SERVED: another id a served model answers to
@@ -107,6 +108,12 @@ class ServerConfig:
     otlp_endpoint: str | None = None
     graceful_timeout: float = 30.0
     allow_partial: bool = False  # several models: serve those that load, instead of exiting
+
+    def __post_init__(self) -> None:
+        # The one place "no model given" becomes the default model: the CLI, an empty OPENRERANK_MODEL, Ray Serve's
+        # arguments and a ServerConfig built in code all come through here.
+        if not self.models:
+            self.models = [DEFAULT_SOURCE]
 
     @property
     def batch_policy(self) -> BatchPolicy:

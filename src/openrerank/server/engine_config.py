@@ -1,15 +1,33 @@
-"""Server settings -> the engine's own configuration objects (loading, scheduling, chunk and image limits).
+"""Server settings -> the engine's own configuration objects (model sources, loading, scheduling, chunk and
+image limits).
 
 The one place flags become engine objects; each knob then travels inside the object that owns it (the batch
-policy inside `SchedulerConfig`, the runtime flags inside `LoadOptions`).
+policy inside `SchedulerConfig`, the runtime flags inside `LoadOptions`, a model's family and instruction inside
+its `ModelSource`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from openrerank.core.images import ImageLimits
+from openrerank.core.settings import Shown
 from openrerank.engine.admission import ChunkLimits, SchedulerConfig
 from openrerank.engine.loading import LoadOptions
 from openrerank.server.config import ServerConfig
+from openrerank.sources.source import ModelSource, parse_model_arg, per_model
+
+
+def model_sources(config: ServerConfig, shown: Shown | None = None) -> list[ModelSource]:
+    """The served models, in order: each `--model` with the `--model-family NAME=FAMILY` and `--instruction
+    NAME=TEXT` it gets (NAME a served id, optional with one model). Every caller reads this one parse. `shown`:
+    how an error names the settings not typed as flags (core/settings.py)."""
+    sources = [parse_model_arg(m) for m in config.models]
+    ids = [s.served_id for s in sources]
+    families = per_model(config.model_families, ids, "model-family", shown)
+    instructions = per_model(config.instructions, ids, "instruction", shown, text=True)
+    return [replace(s, family=families.get(s.served_id), instruction=instructions.get(s.served_id))
+            for s in sources]
 
 
 def load_options(config: ServerConfig) -> LoadOptions:

@@ -100,8 +100,6 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOption
         replicas = ReplicaOptions(**{k: v for k, v in args.items() if k in replica_keys})
     except ValidationError as exc:
         raise ValueError(f"invalid openrerank application arguments: {exc}") from None
-    if not server.models:
-        server.models = ["default"]
     server.validate()  # the CLI's checks (an empty api_key, a port out of range, ...), named by setting
     if replicas.num_gpus > 0 and server.device == "cpu":
         raise ValueError("num_gpus reserves a GPU per replica: also pass device=cuda")

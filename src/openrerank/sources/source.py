@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from openrerank.core.settings import Shown, setting_item
 from openrerank.sources.safety import has_safetensors, is_onnx_export, pickle_names, pickle_refusal
 
+#: The source that names the embedded default model, and the id it is served under.
+DEFAULT_SOURCE = "default"
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 # What a reranker needs from a hub repo; skips ONNX/TF/Flax copies and other large extras. Every file that
@@ -45,11 +49,31 @@ def parse_model_arg(arg: str) -> ModelSource:
     name, sep, source = arg.partition("=")
     if sep and name and source and not path.exists():  # a folder named "v=2" is a folder
         return ModelSource(name.strip(), source.strip())
-    if arg == "default":
-        return ModelSource(DEFAULT_MODEL_ID, "default")
+    if arg == DEFAULT_SOURCE:
+        return ModelSource(DEFAULT_MODEL_ID, DEFAULT_SOURCE)
     if path.exists():
         return ModelSource(_folder_name(path), arg)
     return ModelSource(arg, arg)
+
+
+def per_model(values: Sequence[str], ids: Sequence[str], setting: str, shown: Shown | None = None, *,
+              text: bool = False) -> dict[str, str]:
+    """A per-model setting's `NAME=VALUE` items by served id NAME; with one model served, NAME may be left out.
+
+    `text`: the value is free text, kept as given (with one model, a `=` in it is the text's own unless NAME is
+    the served id); otherwise it is a word, stripped, and a `=` always names a model. `setting` and `shown` name
+    an item that fits no model the way the operator gave it (core/settings.py)."""
+    out: dict[str, str] = {}
+    for arg in values:
+        name, sep, value = arg.partition("=")
+        if sep and name.strip() in ids:
+            out[name.strip()] = value if text else value.strip()
+        elif len(ids) == 1 and (text or not sep):
+            out[ids[0]] = arg if text else arg.strip()
+        else:
+            raise ValueError(f"{setting_item(setting, arg, shown)}: use NAME=VALUE with NAME one of the served ids "
+                             f"({', '.join(ids)})")
+    return out
 
 
 def _folder_name(path: Path) -> str:

@@ -28,7 +28,7 @@ from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
 from openrerank.server.errors import ApiError, Dialect, Kind, register_dialect
 from openrerank.server.responses import OrjsonResponse
-from openrerank.sources.source import DEFAULT_MODEL_ID, parse_model_arg, public_source
+from openrerank.sources.source import DEFAULT_MODEL_ID, public_source
 from openrerank.wire.infinity import InfinityError, InfinityHealth, InfinityRerankRequest, InfinityRerankResponse
 from openrerank.wire.tei import TeiEmbedRequest, TeiError, TeiInfo, TeiRank, TeiRerankRequest
 
@@ -243,7 +243,7 @@ async def info(request: Request) -> dict:
     model = models[0] if models else None
     if model is not None:
         return info_body(config, model, model.name, model.loaded.source.spec)
-    sources = [parse_model_arg(m) for m in config.models] or [parse_model_arg("default")]  # loading: the first
+    sources = request.app.state.sources  # loading: the first
     first = next((s for s in sources if s.served_id in reg.names), sources[0])
     return info_body(config, None, first.served_id, first.spec)
 
