@@ -29,6 +29,7 @@ from openrerank.eval.metrics import DEFAULT_METRICS, DEFAULT_REL_THRESHOLD, drop
 from openrerank.eval.progress import Reporter, Stopwatch
 from openrerank.eval.rerank import InProcessReranker, Reranker, RerankJob
 from openrerank.eval.sparse import BM25Config, BM25Index
+from openrerank.sources.source import DEFAULT_SOURCE
 
 FIRST_STAGES = ("sparse", "dense", "hybrid")
 ALL_PIPELINES = ("sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank")
@@ -71,8 +72,8 @@ class EvalConfig:
     top_k: int = 100
     metrics: tuple[str, ...] = DEFAULT_METRICS
     bm25: BM25Config = field(default_factory=BM25Config)
-    dense_model: str = "default"
-    rerank_model: str | None = "default"  # None when reranking through a server
+    dense_model: str = DEFAULT_SOURCE  # the embedded all-MiniLM-L6-v2
+    rerank_model: str | None = DEFAULT_SOURCE  # None when reranking through a server
     server: str | None = None
     server_model: str | None = None
     concurrency: int = 8
