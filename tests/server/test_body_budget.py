@@ -88,7 +88,7 @@ class Route:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-def guard(route: Route, body_timeout: float = 60.0) -> BodyGuardMiddleware:
+def guard(route: Route, body_timeout: float = ServerConfig.body_timeout) -> BodyGuardMiddleware:
     return BodyGuardMiddleware(route, max_bytes=LIMIT, body_timeout=body_timeout, metrics=Metrics(),
                                budget=BodyBudget(BUDGET))
 
@@ -226,3 +226,10 @@ def test_the_budget_defaults_to_eight_bodies_and_may_not_be_below_one():
     assert ServerConfig(max_body_bytes_in_flight=5000).body_bytes_in_flight == 5000
     with pytest.raises(ValueError, match=r"--max-body-bytes-in-flight 1000: must be at least --max-body-bytes 2000"):
         ServerConfig(max_body_bytes=2000, max_body_bytes_in_flight=1000).validate()
+
+
+def test_the_guard_has_no_body_timeout_of_its_own():
+    """`--body-timeout`'s default is ServerConfig's alone: the guard had its own 60.0 beside it, which a changed
+    ServerConfig default would silently have left behind wherever the guard was built without the setting."""
+    with pytest.raises(TypeError, match="body_timeout"):
+        BodyGuardMiddleware(Route(), max_bytes=LIMIT, budget=BodyBudget(BUDGET))  # type: ignore[call-arg]

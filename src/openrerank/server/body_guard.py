@@ -48,8 +48,9 @@ class BodyGuardMiddleware:
     (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue; and for the end
     of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0, metrics: Metrics | None = None,
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float, metrics: Metrics | None = None,
                  drain: Drain | None = None, *, budget: BodyBudget) -> None:
+        # No default body timeout here: ServerConfig.body_timeout (--body-timeout) is the one, and the app passes it.
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout = body_timeout
