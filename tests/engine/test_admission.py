@@ -183,3 +183,14 @@ def test_a_deadline_refusal_names_what_set_the_deadline_in_seconds_a_client_can_
     named = refusal.set_by("the client's gRPC deadline")
     assert "deadline in 0 s (the client's gRPC deadline;" in str(named) and named.retry_after == 1.0
     assert "finish in about 17 s" in str(DeadlineUnreachableError(17.2, 30.0, 1_700.0, 1.0))
+
+
+def test_retry_after_is_at_most_a_minute_whatever_the_backlog():
+    """A backlog of hours at the measured rate still says Retry-After 60 (clients that honour it, such as the
+    OpenAI and Cohere SDKs, would otherwise wait that long), and 1 s with nothing pending."""
+    adm = AdmissionQueue(SchedulerConfig())
+    adm.work_per_second = 1.0
+    with adm.cv:
+        assert adm.retry_after_locked() == 1.0
+        adm.pending_work = 10_000.0
+        assert adm.retry_after_locked() == 60.0

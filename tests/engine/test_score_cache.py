@@ -416,3 +416,17 @@ def test_concurrent_requests_share_entries(tiny_model_dir):
     again = asyncio.run(go(served))
     assert prepare.items == first_round  # every entry is shared now: nothing tokenized
     assert all(a.logits.tobytes() == w.logits.tobytes() for a, w in zip(again, want, strict=True))
+
+
+def test_a_request_instruction_is_part_of_the_key(tmp_path):
+    """The same query and passage with another instruction is another score (Qwen3-Reranker, mxbai-v2 and
+    bge-gemma read it): answered from the cache, it was the first instruction's."""
+    from tests.families import builders
+
+    model = builders.build_qwen3_reranker(tmp_path / "Qwen3-Reranker-tiny")
+    served, prepare, _ = serve(str(model), ScoreCache(2**20))
+    plain = rerank(served, ["paris is the capital of france"])
+    before = prepare.items
+    asked = rerank(served, ["paris is the capital of france"], instruction="Judge whether the passage is in French")
+    assert prepare.items == before + 1, "another instruction was answered from the cache"
+    assert asked.logits[0] != plain.logits[0]

@@ -15,7 +15,7 @@ from openrerank.engine.served import ServedModel
 from openrerank.runtimes.heap import HEAP
 from openrerank.server.app import create_app, route_paths
 from openrerank.server.config import ServerConfig
-from openrerank.server.errors import MAX_ERRORS_READ, format_validation_errors
+from openrerank.server.errors import MAX_ERRORS_READ, MAX_MESSAGE_CHARS, format_validation_errors
 from openrerank.server.middleware import HeadMiddleware
 from openrerank.wire.nim import NimRankingRequest
 from tests.support import nim_body
@@ -283,3 +283,29 @@ def test_the_heap_is_trimmed_when_the_server_goes_idle_after_a_refused_request(m
         assert r.status_code == 413
         assert trimmed.wait(10), "no trim after the refused request"
     assert len(trims) == before + 1 and batches == []
+
+
+@pytest.mark.parametrize("given", ["abc status=200 model=forged", "x" * 129, "caf\u00e9"])
+def test_an_insane_request_id_is_replaced_not_echoed(given):
+    """Only a sane x-request-id is echoed and logged: a space would forge logfmt fields in the access line, and
+    an unbounded one would be echoed whole. Anything else gets an id of the server's own."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.get("/v1/models", headers={"x-request-id": given.encode("latin-1")})
+    assert r.headers["x-request-id"] != given and len(r.headers["x-request-id"]) == 32
+
+
+def test_an_error_message_quoting_client_input_is_bounded():
+    """A 404 quoting a 50,000-character model name is cut to MAX_MESSAGE_CHARS (the access log writes it too)."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.get("/v1/models/" + "m" * 50_000)
+    assert r.status_code == 404
+    message = r.json()["message"]
+    assert len(message) == MAX_MESSAGE_CHARS and message.endswith("..."), len(message)
+
+
+def test_an_unparsable_body_of_a_json_like_type_is_answered_as_not_json():
+    """`application/jsonl` is not JSON to FastAPI: the guard declares such a body JSON, so a malformed one is
+    answered "not valid JSON", not pydantic's "Input should be a valid dictionary"."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.post("/v1/ranking", content=b'{"query": ', headers={"content-type": "application/jsonl"})
+    assert r.status_code == 400 and r.json()["message"].startswith("request body is not valid JSON"), r.text

@@ -233,3 +233,28 @@ def test_the_guard_has_no_body_timeout_of_its_own():
     ServerConfig default would silently have left behind wherever the guard was built without the setting."""
     with pytest.raises(TypeError, match="body_timeout"):
         BodyGuardMiddleware(Route(), max_bytes=LIMIT, budget=BodyBudget(BUDGET))  # type: ignore[call-arg]
+
+
+def test_a_real_route_gives_a_parsed_bodys_bytes_back_while_it_waits_for_the_model(tiny_model_dir):
+    """The routes release a body's bytes once parsed (`list_bounds.BoundedRoute`): a request waiting for the model
+    does not hold --max-body-bytes-in-flight, so a second body of the same size gets in, not a 503."""
+    from tests.server.faults import InProcessServer, in_thread, until
+    from tests.support import nim_body
+
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1,
+                          max_body_bytes=20_000, max_body_bytes_in_flight=20_000)
+    body = nim_body("q", ["w " * 6000], truncate="END")  # ~12 kB: two fit only if the first's bytes went back
+    with InProcessServer(config) as server:
+        backend = server.backends["tiny"]
+        scheduler = server.app.state.models.get("tiny").scheduler
+        backend.hold()
+        first = in_thread(lambda: server.client().post("/v1/ranking", json=body))
+        backend.wait_started()
+        second = in_thread(lambda: server.client().post("/v1/ranking", json=body))
+        refused = {"model": "", "task": "rerank", "reason": "bodies_in_flight"}
+        until(lambda: scheduler.pending == 2 or server.metric("openrerank_rejected_total", refused) > 0,
+              "the second request admitted or refused")
+        backend.release()
+        assert first().status_code == 200
+        r = second()
+        assert r.status_code == 200, r.text
