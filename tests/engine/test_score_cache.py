@@ -201,7 +201,8 @@ def test_a_failed_request_does_not_fail_the_ones_waiting_for_its_passages():
         first = asyncio.create_task(cache.score("m", b"ns", "q", ["a", "b"], failing))
         await asyncio.sleep(0)  # the first request now owns "a" and "b"
         second = asyncio.create_task(cache.score("m", b"ns", "q", ["b", "c", "c"], good))
-        return await asyncio.gather(first, second, return_exceptions=True)
+        # bounded: a waiter nobody wakes would otherwise hang the test until the suite's timeout
+        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 10)
 
     first, second = asyncio.run(go())
     assert isinstance(first, RuntimeError)
@@ -320,8 +321,11 @@ def test_waiting_for_a_concurrent_request_ends_at_the_deadline():
     async def go():
         first = asyncio.create_task(cache.score("m", b"ns", "q", ["x"], owner))
         await asyncio.sleep(0)
-        with pytest.raises(TimeoutError):  # the same size: it waits, but not past its own deadline
-            await cache.score("m", b"ns", "q", ["x"], CountingScorer(), deadline=time.monotonic() + 0.1)
+        started = time.monotonic()
+        waiting = cache.score("m", b"ns", "q", ["x"], CountingScorer(), deadline=time.monotonic() + 0.1)
+        with pytest.raises(TimeoutError) as ended:  # the same size: it waits, but not past its own deadline
+            await asyncio.wait_for(waiting, 10)  # (10 s: the deadline ignored; that would hang without a bound)
+        assert ended.value.__class__ is TimeoutError and time.monotonic() - started < 5
         owner.release.set()
         await first
 
