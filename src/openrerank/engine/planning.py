@@ -72,10 +72,11 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int,
     (lists of (request, item index)): those of `first`, then quick requests', then the rest.
 
     `shape`: the scorer's runtime's `padded_shape`. `first`: indices into `pending` whose whole need comes
-    before the fair shares, in that order, and whose batches run first, each request's batches on their own
-    and in that order, so the first finishes first (those at risk of missing their deadline, earliest deadline
-    first, `rates.at_risk`; or, shutting down, the shortest first, `rates.drain_order`). Every request with
-    work gets at least one item, so none is ever starved."""
+    before the fair shares, in that order, and whose batches run first (those at risk of missing their deadline,
+    earliest deadline first, `rates.at_risk`; or, shutting down, the shortest first, `rates.drain_order`): those
+    whose remaining work fits one batch share batches (they all finish in them), then each bigger one's batches
+    on their own and in that order, so the first finishes first instead of all sorted by length together and
+    finishing last. Every request with work gets at least one item, so none is ever starved."""
     floor_cost = max(1, policy.max_tokens // max(1, policy.max_size))
     capacity = window_batches * policy.max_tokens
     needs = [sum(item_cost(p.items[i].length, floor_cost) for i in p.todo) for p in pending]
@@ -87,7 +88,8 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int,
     fair = [i for i in range(len(pending)) if i not in chosen_first]
     for i, share in zip(fair, fair_shares([needs[i] for i in fair], capacity), strict=True):
         alloc[i] = share
-    urgent: dict[int, list[tuple[P, int]]] = {k: [] for k in first}  # in `first`'s order
+    small_first: list[tuple[P, int]] = []  # requests of `first` whose remaining work fits one batch
+    urgent: dict[int, list[tuple[P, int]]] = {k: [] for k in first}  # the others, in `first`'s order
     quick: list[tuple[P, int]] = []
     rest: list[tuple[P, int]] = []
     for k, (p, need, budget) in enumerate(zip(pending, needs, alloc, strict=True)):
@@ -102,10 +104,13 @@ def plan_window(pending: Sequence[P], policy: BatchPolicy, window_batches: int,
             used += cost
             taken += 1
         chosen, p.todo = p.todo[:taken], p.todo[taken:]
-        group = urgent[k] if k in chosen_first else quick if not p.todo and need <= policy.max_tokens else rest
+        if k in chosen_first:
+            group = small_first if need <= policy.max_tokens else urgent[k]
+        else:
+            group = quick if not p.todo and need <= policy.max_tokens else rest
         group.extend((p, i) for i in chosen)
     batches: list[list[tuple[P, int]]] = []
-    for group in (*urgent.values(), quick, rest):
+    for group in (small_first, *urgent.values(), quick, rest):
         for task in TASKS:
             part = [(p, i) for p, i in group if p.items[i].task == task]
             batches.extend([part[j] for j in idx] for idx in policy.split([p.items[i] for p, i in part], shape))
