@@ -130,7 +130,9 @@ def test_a_request_past_the_grace_period_gets_the_dialects_503(tmp_path):
             futures, _ = in_flight(server, ("a",), pool, grace + WORK_S)
             server.proc.send_signal(signal.SIGTERM)
             r, _ = futures[0].result(timeout=180)
-        assert is_unavailable(r, f"did not finish within its {grace} s grace period"), (r.status_code, r.text)
+        # at the grace period's end, or at once where the replica's scheduler sees it cannot finish by then
+        # (`Scheduler.drain_by`: "would not be finished before its grace period ends")
+        assert is_unavailable(r, "grace period"), (r.status_code, r.text)
         assert server.proc.wait(timeout=120) == 0
     finally:
         server.stop()
