@@ -11,7 +11,7 @@ import pytest
 
 from openrerank.core.work import PairItem
 from openrerank.families.pair_scorer import PairScorer
-from openrerank.runtimes.base import DeviceMemoryError, Network, RowsFailedError, pad_features
+from openrerank.runtimes.base import DeviceMemoryError, HostMemoryError, Network, RowsFailedError, pad_features
 from openrerank.runtimes.torch_runtime import TorchRuntime
 
 torch = pytest.importorskip("torch")
@@ -142,3 +142,22 @@ def test_bf16_weights_stored_once_give_what_autocast_gives() -> None:
     assert stored["head"].weight.dtype == stored["emb"].weight.dtype == torch.float32
     for got, want in zip(forward(stored, ids), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_hosts_memory_running_short_on_the_cpu_is_a_host_memory_error() -> None:
+    """PyTorch's CPU allocator raises a plain RuntimeError: it reached clients as 500 "the model failed on this
+    request's input" (an LLM reranker under `prlimit --as`); the host's memory is capacity, answered 503."""
+    native = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                          "you tried to allocate 140737488355328 bytes. Error code 12 (Cannot allocate memory)")
+
+    class ShortOfMemory(MemoryBound):
+        def forward(self, input_ids, attention_mask):
+            self.calls.append(tuple(input_ids.shape))
+            raise native
+
+    module = ShortOfMemory()
+    with pytest.raises(HostMemoryError) as raised:
+        runtime(module).run(features([3, 4]))
+    assert raised.value.__cause__ is native
+    assert "out of host memory scoring a batch of 2 x 4 tokens" in str(raised.value)
+    assert len(module.calls) == 1  # not halved and retried: the GPU's rule for a batch too big

@@ -24,10 +24,12 @@ import numpy as np
 
 from openrerank.runtimes.base import (
     DeviceMemoryError,
+    HostMemoryError,
     Network,
     NetworkBuild,
     RowsFailedError,
     Runtime,
+    out_of_memory,
 )
 from openrerank.runtimes.devices import is_cuda
 
@@ -107,6 +109,14 @@ class TorchRuntime(Runtime):
             return self._forward(inputs)
         except torch.OutOfMemoryError:
             pass  # retried outside this block: the live exception's traceback pins the failed attempt's tensors
+        except RuntimeError as exc:
+            # On the CPU PyTorch's allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+            # memory ... (Cannot allocate memory)"): the host's memory, short for the moment, as OpenVINO's and ONNX
+            # Runtime's are answered (503, retry), not the input's fault (500). Not halved: the GPU's rule.
+            if is_cuda(self.device) or not out_of_memory(exc):
+                raise
+            rows, width = inputs[0].shape[0], inputs[0].shape[1]
+            raise HostMemoryError.scoring(self.description, rows, width, exc) from exc
         if is_cuda(self.device):
             torch.cuda.empty_cache()
         return None
