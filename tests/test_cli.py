@@ -496,3 +496,20 @@ def test_no_writable_temporary_folder_is_one_line_naming_tmpdir():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _one_line_error(done, "no writable temporary folder", "set TMPDIR")
+
+
+def test_without_pytorch_no_temporary_folder_is_needed():
+    """The serving image has no PyTorch: `docker run --read-only` without a /tmp still starts (the start checks
+    run and it stops at the busy port, as any start would)."""
+    import os
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code = ("import sys, tempfile; sys.modules['torch'] = None; tempfile.tempdir = None; "
+                "tempfile._candidate_tempdir_list = lambda: ['/proc/1']; from openrerank.cli.main import main; "
+                f"sys.exit(main(['serve', '--port', '{busy.getsockname()[1]}', '--backend', 'onnx']))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _one_line_error(done, "cannot listen on")

@@ -197,11 +197,18 @@ def report_unknown_env(environ: Mapping[str, str]) -> None:
 
 
 def check_temp_dir() -> None:
-    """A writable temporary folder, or one line saying how to give one: importing PyTorch needs it, and without
-    one (a read-only root with only the cache folder writable) the start failed on a later, unrelated error
-    ("Artifact of type=precompile already registered"), the cause in earlier warnings only."""
+    """A writable temporary folder where PyTorch is installed, or one line saying how to give one: importing
+    PyTorch needs it, and without one (a read-only root with only the cache folder writable) the start failed on
+    a later, unrelated error ("Artifact of type=precompile already registered"), the cause in earlier warnings
+    only. The serving image has no PyTorch and needs none (`docker run --read-only` serves as it is)."""
+    import importlib.util
     import tempfile
 
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return
+    except (ImportError, ValueError):  # blocked or half-installed: not importable either way
+        return
     try:
         tempfile.gettempdir()
     except OSError as exc:
