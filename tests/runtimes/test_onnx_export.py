@@ -134,6 +134,26 @@ def test_failed_export_leaves_nothing(tmp_path, model_copy, monkeypatch):
     assert list(cache.iterdir()) == []
 
 
+def test_a_full_disk_names_the_cache_folder_and_the_setting(tmp_path, model_copy, monkeypatch):
+    """On a full disk the export said only "could not be exported to ONNX: OSError: [Errno 28] No space left on
+    device", as if the model could not be exported: the disk is named, and the error stays an OSError (ENOSPC), a
+    passing state `auto` does not remember as the runtime refusing the model."""
+    import errno
+
+    cache = tmp_path / "cache"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "_torch_export", full)
+    with pytest.raises(OSError) as raised:
+        ensure_onnx(cross_encoder_network(model_copy), cache_dir=cache)
+    assert raised.value.errno == errno.ENOSPC and not isinstance(raised.value, ExportError)
+    message = str(raised.value)
+    assert f"no space for the ONNX export in the cache folder {cache}" in message and CACHE_ENV in message
+    assert list(cache.iterdir()) == []  # the staging folder went with it
+
+
 def test_bad_options_are_refused(model_copy, tmp_path):
     with pytest.raises(ExportError, match="dtype"):
         ensure_onnx(cross_encoder_network(model_copy), dtype="bf16", cache_dir=tmp_path)

@@ -24,6 +24,7 @@ Caching, keys and the atomic publication two concurrent starts rely on: `runtime
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -220,6 +221,14 @@ def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_O
             log.info("exporting %s to ONNX (first start with these options; cached afterwards)", network.path)
             try:
                 names, probe = _torch_export(network, raw, opset)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:  # the disk, not the model: say which folder and how to move it
+                    free = shutil.disk_usage(tmp).free / 2**20
+                    raise OSError(errno.ENOSPC, f"no space for the ONNX export in the cache folder {cache_dir}: "
+                                                f"{free:.1f} MiB free; free some or set {CACHE_ENV} to a larger "
+                                                "volume") from exc
+                raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
+                    from exc
             except Exception as exc:  # an architecture the TorchScript exporter cannot trace
                 raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
                     from exc
