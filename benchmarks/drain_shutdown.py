@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import gzip
-import itertools
-import json
 import os
 import signal
 import tempfile
@@ -25,14 +22,9 @@ from pathlib import Path
 
 import httpx
 from openrerank_bench.serve_process import ServeProcess
-from openrerank_bench.workload import default_data_dir
+from overload_stream import passages as corpus_texts  # DL19's corpus, its first N texts
 
 from openrerank.runtimes.devices import cpu_info
-
-
-def corpus(n: int) -> list[str]:
-    with gzip.open(default_data_dir() / "corpus.jsonl.gz", "rt") as f:
-        return [json.loads(line)["text"] for line in itertools.islice(f, n)]
 
 
 def body(query: str, texts: list[str]) -> dict:
@@ -74,7 +66,7 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=200, help="per request")
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
-    texts = corpus((args.requests + 1) * args.passages)
+    texts = corpus_texts((args.requests + 1) * args.passages)
     print(f"{cpu_info()[0]}, {len(os.sched_getaffinity(0))} CPUs; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as logs:
         for run in range(args.runs):
