@@ -42,13 +42,14 @@ def _vocab() -> list[str]:
     return list(dict.fromkeys(tokens))  # once each ("a" is a word and a letter): ids stay below the vocab size
 
 
-def _bert(out: Path, shape: ColbertShape, seed: int, *, architectures: list[str] | None = None):
+def _bert(out: Path, shape: ColbertShape, seed: int, *, architectures: list[str] | None = None,
+          lowercase: bool = True):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab_src.txt").write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab=str(out / "vocab_src.txt"), do_lower_case=True, model_max_length=shape.window)
+    tok = BertTokenizerFast(vocab=str(out / "vocab_src.txt"), do_lower_case=lowercase, model_max_length=shape.window)
     (out / "vocab_src.txt").unlink()
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -63,12 +64,14 @@ def _bert(out: Path, shape: ColbertShape, seed: int, *, architectures: list[str]
 
 def build_pylate_colbert(out: Path, *, shape: ColbertShape = ColbertShape(), seed: int = 11, query_length: int = 12,
                          document_length: int = 40, prefixes: tuple[str, str] = ("[unused0]", "[unused1]"),
-                         attend_to_expansion: bool = False, do_query_expansion: bool = True) -> Path:
+                         attend_to_expansion: bool = False, do_query_expansion: bool = True,
+                         lowercase: bool = True, st_lowercase: bool = False) -> Path:
     """A PyLate ColBERT folder. Prefixes not in the vocabulary (e.g. "[Q] ") are added tokens, as PyLate adds
-    them."""
+    them. `lowercase`: the tokenizer's `do_lower_case` (False: an upper-case letter is [UNK]); `st_lowercase`:
+    `do_lower_case` of sentence_bert_config.json."""
     from safetensors.torch import save_file
 
-    model, tok, projection = _bert(out, shape, seed)
+    model, tok, projection = _bert(out, shape, seed, lowercase=lowercase)
     new = [p for p in prefixes if p and p not in tok.get_vocab()]
     if new:
         tok.add_tokens(new)
@@ -84,7 +87,7 @@ def build_pylate_colbert(out: Path, *, shape: ColbertShape = ColbertShape(), see
     _json(out / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"}])
-    _json(out / "sentence_bert_config.json", {"max_seq_length": shape.window, "do_lower_case": False})
+    _json(out / "sentence_bert_config.json", {"max_seq_length": shape.window, "do_lower_case": st_lowercase})
     _json(out / "config_sentence_transformers.json", {
         "model_type": "ColBERT", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
         "similarity_fn_name": "MaxSim", "query_prefix": prefixes[0], "document_prefix": prefixes[1],
@@ -95,8 +98,11 @@ def build_pylate_colbert(out: Path, *, shape: ColbertShape = ColbertShape(), see
 
 
 def build_stanford_colbert(out: Path, *, shape: ColbertShape = ColbertShape(), seed: int = 12, query_maxlen: int = 10,
-                           doc_maxlen: int = 30, attend_to_mask_tokens: bool = False) -> Path:
-    """A colbert-ai (Stanford ColBERTv2) checkpoint: HF_ColBERT config, bert.* + linear.weight, artifact.metadata."""
+                           doc_maxlen: int = 30, attend_to_mask_tokens: bool = False, vocab_only: bool = False
+                           ) -> Path:
+    """A colbert-ai (Stanford ColBERTv2) checkpoint: HF_ColBERT config, bert.* + linear.weight, artifact.metadata.
+    `vocab_only`: the tokenizer as `vocab.txt` + `tokenizer_config.json` (`do_lower_case: true`) without a
+    `tokenizer.json`, as a checkpoint saved by an older transformers may carry it."""
     from safetensors.torch import save_file
 
     model, tok, projection = _bert(out, shape, seed, architectures=["HF_ColBERT"])
@@ -105,11 +111,24 @@ def build_stanford_colbert(out: Path, *, shape: ColbertShape = ColbertShape(), s
     weights["linear.weight"] = projection.contiguous()
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
+    if vocab_only:
+        _vocab_only(out, tok)
     _json(out / "artifact.metadata", {
         "query_token_id": "[unused0]", "doc_token_id": "[unused1]", "query_maxlen": query_maxlen,
         "doc_maxlen": doc_maxlen, "attend_to_mask_tokens": attend_to_mask_tokens, "mask_punctuation": True,
         "dim": shape.dim, "similarity": "cosine"})
     return out
+
+
+def _vocab_only(out: Path, tok) -> None:
+    """The saved tokenizer rewritten as an older checkpoint's: vocab.txt (ids in order) and tokenizer_config.json
+    without transformers 5's `backend`; no tokenizer.json."""
+    vocab = tok.get_vocab()
+    (out / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.__getitem__)) + "\n", encoding="utf-8")
+    (out / "tokenizer.json").unlink()
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("backend", None)
+    _json(out / "tokenizer_config.json", config)
 
 
 def _json(path: Path, value) -> None:

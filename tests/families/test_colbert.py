@@ -228,3 +228,54 @@ def test_multi_vector_route_errors(server):
     assert too_long.status_code == 400 and too_long.json()["object"] == "error"
     assert cut.status_code == 200 and cut.json()["data"][0]["tokens"] <= 40
     assert empty.status_code == 400
+
+
+# lowercasing ----------------------------------------------------------------------------------------------------
+
+CASED_QUERY = "What is the Capital of FRANCE?"
+CASED_PASSAGES = ["PARIS is the Capital of France.", "Berlin is the capital city of Germany", "the BANANA is Yellow"]
+
+
+def _load(path):
+    from openrerank.engine.loading import LoadOptions, load_model
+
+    return load_model(str(path), LoadOptions(backend="torch", dtype="fp32"))
+
+
+def test_an_uncased_vocab_only_tokenizer_scores_text_as_its_lowercase(tmp_path):
+    """colbert-ai's checkpoints carry an uncased BERT vocabulary (`do_lower_case` in tokenizer_config.json), maybe
+    as vocab.txt with no tokenizer.json: "Paris" is scored as "paris", as the reference scores the lowercased
+    text (an upper-case letter is not in the vocabulary: read cased, it would be [UNK])."""
+    path = build_stanford_colbert(tmp_path / "m", vocab_only=True)
+    assert not (path / "tokenizer.json").exists() and (path / "vocab.txt").is_file()
+    ref = R.Reference(path)
+    model = _load(path)
+    try:
+        got = model.score(CASED_QUERY, CASED_PASSAGES)
+        assert got == pytest.approx(ref.scores(CASED_QUERY.lower(), [p.lower() for p in CASED_PASSAGES]), abs=TOL)
+        assert got == pytest.approx(model.score(CASED_QUERY.lower(), [p.lower() for p in CASED_PASSAGES]), abs=1e-6)
+    finally:
+        model.close()
+
+
+def test_do_lower_case_of_sentence_bert_config_lowercases_a_pylate_model(tmp_path):
+    """A PyLate folder with a cased tokenizer and `do_lower_case: true` in sentence_bert_config.json: PyLate (its
+    sentence-transformers Transformer module) lowercases every text before the tokenizer, so this does too; the
+    markers are ids inserted after tokenization, untouched. Checked against sentence-transformers'
+    MultiVectorEncoder and against the same model scoring the lowercased texts; without it an upper-case letter
+    is [UNK] and the scores miss by far."""
+    path = build_pylate_colbert(tmp_path / "m", prefixes=("[Q] ", "[D] "), lowercase=False, st_lowercase=True)
+    model = _load(path)
+    try:
+        got = model.score(CASED_QUERY, CASED_PASSAGES)
+        lower = model.score(CASED_QUERY.lower(), [p.lower() for p in CASED_PASSAGES])
+        assert got == pytest.approx(lower, abs=1e-6)
+        assert got == pytest.approx(R.st_scores(path, CASED_QUERY, CASED_PASSAGES), abs=TOL)
+        cased = R.Reference(path).scores(CASED_QUERY, CASED_PASSAGES)  # the tokenizer alone: [UNK] for capitals
+        assert np.abs(cased - got).max() > WRONG
+        for side in ("query", "passage"):  # the multi-vector route's items
+            items = [model.token_items([text], input_type=side)[0].input_ids for text in ("PARIS", "paris")]
+            assert items[0] == items[1], side
+        assert model.spec.options.get("lowercase") is True  # shown in /v1/metadata
+    finally:
+        model.close()

@@ -12,6 +12,12 @@ Two checkpoint layouts, detected from their files (no remote code):
   the settings in `artifact.metadata` (`query_token_id`, `doc_token_id`, `query_maxlen`, `doc_maxlen`,
   `attend_to_mask_tokens`, `mask_punctuation`).
 
+Lowercasing is the tokenizer's (an uncased BERT's `do_lower_case` in `tokenizer_config.json`, which transformers
+applies over `tokenizer.json`'s normalizer and to a vocab.txt-only folder alike), plus, for a PyLate folder,
+`do_lower_case` of `sentence_bert_config.json`, which PyLate's sentence-transformers Transformer module applies
+in front of the tokenizer (`files.lowercase`, as the bi-encoder and cross-encoder families read it). The
+markers are inserted as ids after tokenization, so lowercasing never touches them.
+
 Defaults where a file is silent are PyLate's (`[Q] `/`[D] ` for PyLate, `[unused0]`/`[unused1]` for
 colbert-ai; 32 query and 180 document tokens; expansion on, not attended; punctuation skiplist). The
 network returns projected token vectors; the scorer (`late_scorer.py`) normalizes them, drops document
@@ -30,6 +36,7 @@ from openrerank.families.cross_encoder import POOLER_WEIGHTS, encoder_input_name
 from openrerank.families.late_scorer import LateInteractionScorer
 from openrerank.runtimes.base import Network, NetworkBuild, Runtime
 from openrerank.text.late import LateSettings, LateTextEncoder
+from openrerank.text.tokenizing import lowercased
 
 #: PyLate's defaults for what its config may leave out (pylate/models/colbert.py).
 QUERY_LENGTH = 32
@@ -215,12 +222,15 @@ class ColbertFamily(Family):
         layers = _projections(files)
         options = resolve_settings(files, files.window())
         options["_projections"] = tuple(json.dumps(layer, sort_keys=True) for layer in layers)
+        if files.lowercase and not is_stanford(files):  # PyLate reads sentence_bert_config.json; colbert-ai does not
+            options["lowercase"] = True
         archs = files.architectures
         return ModelSpec(files.path, self.id, files.model_type, archs[0] if archs else None,
                          int(options["document_length"]), options)
 
     def text_encoder(self, spec: ModelSpec, tokenizer) -> LateTextEncoder:
-        return LateTextEncoder(tokenizer, late_settings(spec))
+        return LateTextEncoder(lowercased(tokenizer) if spec.options.get("lowercase") else tokenizer,
+                               late_settings(spec))
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         layers = [json.loads(x) for x in spec.options["_projections"]]
