@@ -212,3 +212,112 @@ def test_a_per_model_item_that_fits_no_model_is_named_as_given(values, ids, show
     with pytest.raises(ValueError) as err:
         per_model(values, ids, "model-family", shown)
     assert str(err.value) == message
+
+
+# --revision with a local folder -----------------------------------------------------------------------------------
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def test_a_revision_with_a_plain_folder_or_the_default_is_refused_naming_both_settings(tmp_path):
+    """Before, --revision was dropped without a word for a local folder (as transformers, TEI and vLLM drop it):
+    an operator who pinned a revision was served whatever the folder held."""
+    assert resolve_local_dir(str(tmp_path)) == tmp_path.resolve()  # no revision: served as before
+    with pytest.raises(ModelSourceError) as err:
+        resolve_local_dir(str(tmp_path), revision="v2")
+    assert str(err.value).startswith(f"--revision v2: --model {tmp_path} is a local folder")
+    assert "pins nothing there" in str(err.value)
+    with pytest.raises(ModelSourceError, match=r"^OPENRERANK_REVISION='v2': OPENRERANK_MODEL='/m' is a local folder"):
+        resolve_local_dir(str(tmp_path), revision="v2", named="OPENRERANK_MODEL='/m'",
+                          shown={"revision": "OPENRERANK_REVISION='v2'"})
+    with pytest.raises(ModelSourceError, match=r"^--revision v2: --model default is the embedded model"):
+        resolve_local_dir("default", revision="v2")
+
+
+def test_a_revision_set_in_the_environment_is_refused_at_start_by_its_variable(tmp_path):
+    from openrerank.cli.main import build_parser, preflight, serve_settings
+
+    environ = {"OPENRERANK_MODEL": str(tmp_path), "OPENRERANK_REVISION": "v2"}
+    config, _, shown = serve_settings(build_parser().parse_args(["serve"]), environ)
+    with pytest.raises(ModelSourceError, match=r"^OPENRERANK_REVISION='v2': OPENRERANK_MODEL="):
+        preflight(config, shown)
+
+
+def _snapshot(root):
+    repo = root / "hub" / "models--org--m"
+    snap = repo / "snapshots" / SHA
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA)
+    (repo / "refs" / "v1").write_text(OTHER)  # a tag downloaded into another snapshot
+    return snap
+
+
+@pytest.mark.parametrize("revision", ["main", SHA, SHA[:7], SHA.upper()])
+def test_a_hub_cache_snapshot_of_the_revision_is_served(tmp_path, revision):
+    """huggingface_hub's own offline resolution: a commit is the snapshot's folder name, a branch or tag the
+    commit its `refs/` file records."""
+    snap = _snapshot(tmp_path)
+    assert resolve_local_dir(str(snap), revision=revision) == snap.resolve()
+
+
+@pytest.mark.parametrize(("revision", "why"), [("v1", "not revision 'v1'"), (SHA[:6], "not revision '012345'"),
+                                               (OTHER, "not revision")])
+def test_a_hub_cache_snapshot_of_another_revision_is_refused(tmp_path, revision, why):
+    with pytest.raises(ModelSourceError, match=rf"^--revision .*: --model .* is a hub cache snapshot of commit {SHA} "
+                                               rf"\(main\), {why}"):
+        resolve_local_dir(str(_snapshot(tmp_path)), revision=revision)
+
+
+def test_a_local_dir_download_is_checked_by_the_commit_its_files_came_from(tmp_path):
+    meta = tmp_path / ".cache" / "huggingface" / "download"
+    (meta / "1_Pooling").mkdir(parents=True)
+    (meta / "config.json.metadata").write_text(f"{SHA}\n\"etag\"\n1700000000.0\n")
+    (meta / "1_Pooling" / "config.json.metadata").write_text(f"{SHA}\n\"etag\"\n1700000000.0\n")
+    (meta / "tokenizer.json.metadata").write_text("")  # unreadable or empty: it says nothing
+    assert resolve_local_dir(str(tmp_path), revision=SHA[:10]) == tmp_path.resolve()
+    with pytest.raises(ModelSourceError, match=rf"local-dir` folder of commit {SHA}, not revision 'main'"):
+        resolve_local_dir(str(tmp_path), revision="main")  # the folder records no branch names
+    (meta / "model.safetensors.metadata").write_text(f"{OTHER}\n\"etag\"\n1700000000.0\n")
+    with pytest.raises(ModelSourceError, match="files come from 2 commits"):
+        resolve_local_dir(str(tmp_path), revision=SHA)
+
+
+@pytest.fixture
+def git_checkout(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    (tmp_path / "config.json").write_text("{}")
+    git("add", "config.json")
+    git("commit", "-q", "-m", "one")
+    git("tag", "light")
+    git("tag", "-a", "annotated", "-m", "a tag")
+    git("pack-refs", "--all")  # refs in packed-refs, the annotated tag with its peeled commit
+    git("tag", "loose")
+    return tmp_path, git
+
+
+def test_a_git_checkout_is_checked_by_its_head(git_checkout):
+    path, git = git_checkout
+    head = git("rev-parse", "HEAD")
+    for revision in ("main", head, head[:8], "light", "annotated", "loose"):
+        assert resolve_local_dir(str(path), revision=revision) == path.resolve(), revision
+    names = r"\(annotated, light, loose, main\)"
+    with pytest.raises(ModelSourceError, match=rf"is a git checkout of commit {head} {names}, not revision 'v9'"):
+        resolve_local_dir(str(path), revision="v9")
+    (path / "config.json").write_text('{"a": 1}')
+    git("commit", "-q", "-am", "two")
+    git("checkout", "-q", "--detach", "HEAD")
+    with pytest.raises(ModelSourceError, match="not revision 'light'"):  # HEAD has moved past the tag
+        resolve_local_dir(str(path), revision="light")
+    assert resolve_local_dir(str(path), revision=git("rev-parse", "HEAD")) == path.resolve()

@@ -237,7 +237,7 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None,
         source = ModelSource(source, source)
     options = options or LoadOptions()
     path = resolve_local_dir(source.spec, allow_pickle=options.allow_pickle, revision=options.revision,
-                             named=setting_item("model", source.spec, shown, quote=False))
+                             named=setting_item("model", source.spec, shown, quote=False), shown=shown)
     weights_format = check_weights(path, allow_pickle=options.allow_pickle)
     files = ModelFiles.read(path, name=source.spec)
     family, spec = resolve_spec(files, source.family, source.instruction)

