@@ -141,7 +141,8 @@ async def queued(queue: ImageQueue, requests: int, width: int = 64) -> None:
 
 def test_image_requests_decode_first_come_first_served(served, monkeypatch):
     """A reviewer's six concurrent requests of 40 large pages all decoded at once, all finished after their
-    deadline and all ended 504 (one alone: 50 s). Now the first decodes while the later ones wait their turn."""
+    deadline and all ended 504 (one alone: 50 s). Now the first decodes while the later ones wait their turn (of
+    equal size, they are served first come first served; a smaller one goes first, tests/engine/test_image_queue.py)."""
     seen = slow_decodes(monkeypatch, 0.1)
     queue = ImageQueue(slots=1)
     monkeypatch.setattr(served, "image_queue", queue)
@@ -190,7 +191,9 @@ def test_a_request_whose_deadline_passes_while_it_waits_decodes_nothing(served, 
 
 def test_images_that_would_not_be_decoded_in_time_are_refused_at_once(served, monkeypatch):
     """With the decoding rate measured, a request that would wait past its deadline is refused before waiting
-    (503, Retry-After, counted as a refusal for a deadline the scheduler could not meet: `queue_full`)."""
+    (503, Retry-After, counted as a refusal for a deadline the scheduler could not meet: `queue_full`): here behind
+    a request with fewer pixels left than its own (one with more it would go ahead of, tests/engine/
+    test_image_queue.py)."""
     seen = slow_decodes(monkeypatch, DECODE_S)
     queue = ImageQueue(slots=1)
     monkeypatch.setattr(served, "image_queue", queue)
@@ -203,7 +206,7 @@ def test_images_that_would_not_be_decoded_in_time_are_refused_at_once(served, mo
         await queued(queue, 1)
         started = time.monotonic()
         with pytest.raises(DecodeBacklogError) as refused:
-            await served.rerank(request(2, texts=0, width=65), deadline=time.monotonic() + 4 * DECODE_S)
+            await served.rerank(request(6, texts=0, width=65), deadline=time.monotonic() + 4 * DECODE_S)
         assert time.monotonic() - started < DECODE_S  # at once, not after waiting
         assert refused.value.retry_after >= 1.0
         await first

@@ -1,8 +1,8 @@
 """A request's passages as work items, prepared off the event loop a slice at a time: tokenized (and chunked),
 their images decoded, each slice in a worker-thread call of its own, checked against the request's chunk and
 token limits as they go. Small requests interleave with big ones, and a request that ends early (its client
-gone, its deadline passed) stops after the slice in hand. Image requests decode in turn, first come first served
-(engine/image_queue.py)."""
+gone, its deadline passed) stops after the slice in hand. Image requests decode in turn, the fewest pixels left
+first (engine/image_queue.py)."""
 
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ its image requests decode in, and the deadline of the request being prepared."""
 
     async def images(self, req: RerankRequest, texts: list[str], chunk_cap: int | None) -> Prepared:
         """Image passages, off the event loop: every image opened and the request priced against the token
-        budget before a pixel is decoded; then, in its turn in the model's image queue (first come first served,
-        a few requests at a time: the earliest finish, later ones wait without decoding), decoded a slice (one
+        budget before a pixel is decoded; then, in its turn in the model's image queue (the fewest pixels left
+        first, a few images at a time: requests finish one after another, the others wait), decoded a slice (one
         image) at a time, so a request cancelled (its client gone, its deadline passed) stops after the image in
         hand, and the worker threads that every model's tokenization shares are never held for a whole request.
         Each slice lets go of its images as it decodes them, and no list here keeps them: one full-size image is
