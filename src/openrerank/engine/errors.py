@@ -132,13 +132,14 @@ class EngineStoppedError(EngineError):
 
 class ShutdownDeadlineError(EngineStoppedError):
     """The server is shutting down and the request would not be scored before the grace period ends, even
-    with the shorter work left served first (`rates.drain_order`): answered now, retryable, instead of at the
-    end of the grace period with its scoring wasted."""
+    with the shorter work left served first (`rates.drain_order`, which plans with admission's margin): answered
+    now, retryable, instead of at the end of the grace period with its scoring wasted."""
 
     def __init__(self, finish: float, left: float) -> None:
         EngineError.__init__(self, f"the server is shutting down and this request would not be finished before its "
-                             f"grace period ends (about {finish:.0f} s of scoring at the measured rate, the shorter "
-                             f"requests' first; {max(0.0, left):.0f} s left); retry it (another replica, or this "
+                             f"grace period ends (about {finish:.1f} s of scoring at the measured rate, the shorter "
+                             f"requests' first; {max(0.0, left):.1f} s left, and work is planned into at most "
+                             f"{DEADLINE_SHARE:.0%} of it); retry it (another replica, or this "
                              "one once restarted)")
 
 

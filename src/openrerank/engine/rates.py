@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from openrerank.core.work import WorkItem
@@ -140,19 +140,27 @@ DEADLINE_SHARE = 0.8
 DEADLINE_MARGIN_S = 0.1
 
 
-def drain_order(pending: Sequence[float], left: float, work_per_second: float | None
+def drain_order(pending: Sequence[float], left: float, work_per_second: float | None, promised: Collection[int] = ()
                 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """The server is shutting down with `left` seconds of grace: the pending requests, of `pending` as work left,
     split into those that finish in time when served one after another, shortest first (which finishes the
     most of them by a common deadline), and those that would not even so; each as (index, estimated finish in
-    seconds). Without a rate every request is kept, shortest first."""
-    order = sorted(range(len(pending)), key=lambda i: pending[i])
+    seconds). Without a rate every request is kept, shortest first.
+
+    A request is kept if it would finish within `DEADLINE_SHARE` of the time left, the margin admission plans
+    with: planned to the last second, a request finished just after the end at a slightly slower rate, and was
+    answered 503 then with its scoring wasted. Those of `promised` (indices kept by an earlier plan of this
+    drain) come first, shortest first, and stay kept while they would finish by the end itself: admission's
+    promise, which a request admitted in time keeps until it would miss its deadline outright
+    (`pushed_past_deadline`); dropping one for a moment of slow batches would waste the scoring it had."""
+    promised = set(promised)
+    order = sorted(range(len(pending)), key=lambda i: (i not in promised, pending[i]))
     if not work_per_second:
         return [(i, 0.0) for i in order], []
     kept, doomed, done = [], [], 0.0
     for i in order:
         finish = done + pending[i] / work_per_second
-        if finish <= left:
+        if finish <= (left if i in promised else DEADLINE_SHARE * left):
             kept.append((i, finish))
             done = finish
         else:

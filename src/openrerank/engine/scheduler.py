@@ -182,7 +182,8 @@ class Scheduler:
     def drain_by(self, ends_at: float) -> None:
         """The server is shutting down and answers what is unfinished at `ends_at` (a `time.monotonic()`
         instant) itself: from now on the worker serves the pending requests one after another, shortest first,
-        and answers at once those that would not finish by then (`worker.py`, "Shutting down")."""
+        and answers at once those that would not finish by then, with admission's margin (`worker.py`,
+        "Shutting down")."""
         adm = self._admission
         with self._cv:
             adm.drain_ends = ends_at if adm.drain_ends is None else min(adm.drain_ends, ends_at)

@@ -11,8 +11,9 @@ every window. A lone newcomer may wait `batch_wait_ms` for company before its wi
 **Shutting down.** Once the server's drain has begun (`Scheduler.drain_by`), fair shares would have several big
 requests advance together and miss the grace period's end together, all answered 503 with their scoring wasted.
 The window in progress goes back, and from then on the requests are served one after another, shortest first,
-each whole (which finishes the most of them in the time left); one that would not finish even so is answered
-at once (`ShutdownDeadlineError`, retryable), so its client can retry elsewhere without waiting for the end.
+each whole (which finishes the most of them in the time left); one that would not finish even so, within
+admission's margin (`rates.DEADLINE_SHARE` of the time left; once kept, by the end itself), is answered at once
+(`ShutdownDeadlineError`, retryable), so its client can retry elsewhere without waiting for the end.
 
 **Lanes.** Where the scorer's runtime runs several batches at once (`Runtime.lanes`: OpenVINO streams,
 ONNX Runtime concurrent runs, each lane on its share of the threads), the worker hands each batch to the
@@ -49,6 +50,7 @@ class Worker:
         self.runner = runner
         self.name = name
         self._active: list[PendingRequest] = []  # seen by the worker, unfinished (worker thread only)
+        self._drain_kept: set[PendingRequest] = set()  # kept by the drain's last plan (`rates.drain_order`)
         self._pool: ThreadPoolExecutor | None = None  # the lanes, when the scorer has more than one
         self._free: threading.Semaphore | None = None  # one permit per idle lane
         self._in_flight: dict[Future, Batch] = {}  # batches handed to a lane (worker thread only)
@@ -123,14 +125,17 @@ class Worker:
 
     def _drain_first(self, left: float, rate: float | None) -> list[int]:
         """Shutting down with `left` seconds of grace: the requests one after another, shortest first, each
-        given its whole need (`first`); those that would not finish even so are answered now
-        (`ShutdownDeadlineError`), not at the grace period's end with their scoring wasted."""
-        kept, doomed = drain_order([r.work_left for r in self._active], left, rate)
+        given its whole need (`first`); those that would not finish even so, with admission's margin (those kept
+        by the last plan: without), are answered now (`ShutdownDeadlineError`), not at the grace period's end
+        with their scoring wasted."""
+        promised = [i for i, r in enumerate(self._active) if r in self._drain_kept]
+        kept, doomed = drain_order([r.work_left for r in self._active], left, rate, promised)
         for i, finish in doomed:
             req = self._active[i]
             self.admission.abandon(req)  # its items already planned are skipped
             post(req, ShutdownDeadlineError(finish, left))
         self._active = [self._active[i] for i, _ in kept]
+        self._drain_kept = set(self._active)
         return list(range(len(self._active)))
 
     def _run_window(self, window: list[Batch]) -> None:
