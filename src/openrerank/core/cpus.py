@@ -5,64 +5,17 @@ still sees all 64 cores in its affinity set: the limit is a CFS quota (CPU time 
 cores. Threads sized to the 64 then share two CPUs' worth of time and are throttled every period, which
 costs latency and throughput. The quota is read the way Go's automaxprocs and the JVM read it: cgroup v2
 `cpu.max` or v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`, from the process's own cgroup up to the mount's
-root (a parent's limit binds too), and rounded down (at least 1): a thread the quota cannot run is a thread
-that waits.
+root (a parent's limit binds too; `core/cgroups.py` finds the folders), and rounded down (at least 1): a
+thread the quota cannot run is a thread that waits.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
-PROC_SELF = Path("/proc/self")
-_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space in a path as \040
-
-
-def _unescape(field: str) -> str:
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _mounts(proc: Path) -> list[tuple[str, Path, str, set[str]]]:
-    """(root within the hierarchy, mount point, fs type, super options) of each cgroup mount."""
-    mounts = []
-    try:
-        lines = (proc / "mountinfo").read_text().splitlines()
-    except OSError:
-        return mounts
-    for line in lines:
-        head, sep, tail = line.partition(" - ")
-        fields, rest = head.split(), tail.split()
-        if not sep or len(fields) < 5 or len(rest) < 3 or not rest[0].startswith("cgroup"):
-            continue
-        mounts.append((_unescape(fields[3]), Path(_unescape(fields[4])), rest[0], set(rest[2].split(","))))
-    return mounts
-
-
-def _groups(proc: Path) -> list[tuple[set[str], str]]:
-    """(controllers, path) of each line of /proc/self/cgroup; v2's line has no controllers."""
-    try:
-        lines = (proc / "cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            out.append((set(parts[1].split(",")) - {""}, parts[2]))
-    return out
-
-
-def _chain(mount_root: str, mount_point: Path, path: str) -> list[Path]:
-    """The process's cgroup folder under `mount_point` and each parent up to the mount point."""
-    relative = os.path.relpath(path, mount_root)
-    folder = mount_point if relative.startswith("..") else mount_point / relative
-    chain = [folder]
-    while folder != mount_point and mount_point in folder.parents:
-        folder = folder.parent
-        chain.append(folder)
-    return chain
+from openrerank.core.cgroups import PROC_SELF, group_folders
 
 
 def _quota_v2(folder: Path) -> float | None:
@@ -85,14 +38,8 @@ def _quota_v1(folder: Path) -> float | None:
 def cpu_quota(proc: Path = PROC_SELF) -> float | None:
     """CPUs' worth of time per period the process's cgroups allow (the tightest on the way to the root), or
     None without a quota. `proc` is /proc/self (a folder of the same shape in tests)."""
-    limits = []
-    groups = _groups(proc)
-    for root, point, fstype, options in _mounts(proc):
-        for controllers, path in groups:
-            if fstype == "cgroup2" and not controllers:
-                limits += [q for q in map(_quota_v2, _chain(root, point, path)) if q is not None]
-            elif fstype == "cgroup" and "cpu" in options and "cpu" in controllers:
-                limits += [q for q in map(_quota_v1, _chain(root, point, path)) if q is not None]
+    read = {1: _quota_v1, 2: _quota_v2}
+    limits = [q for version, folder in group_folders("cpu", proc) if (q := read[version](folder)) is not None]
     return min(limits) if limits else None
 
 

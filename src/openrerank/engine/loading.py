@@ -25,7 +25,7 @@ from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.errors import RequestTooLargeError
 from openrerank.families.base import Family, ModelFiles, ModelSpec
 from openrerank.families.bi_scorer import BiEncoderScorer
-from openrerank.families.cost import knee_of
+from openrerank.families.cost import activation_bytes_of, knee_of
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
 from openrerank.runtimes.choosing import create_runtime
@@ -96,6 +96,12 @@ class LoadedModel:
     def knee(self) -> float | None:
         """The length at which attention costs a token as much as the matrices do (`families/cost.py`)."""
         return knee_of(self.spec.path)
+
+    @property
+    def token_activation_bytes(self) -> int | None:
+        """Bytes a padded token of a full-window batch holds while it runs (`families/cost.py`), an upper bound;
+        None where the config does not say the layers' shape."""
+        return activation_bytes_of(self.spec.path, self.max_length)
 
     @property
     def score_kind(self) -> ScoreKind:

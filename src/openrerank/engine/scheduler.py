@@ -74,6 +74,13 @@ class Scheduler:
         self._worker = Worker(self._admission, self._runner, name)
         self._thread: threading.Thread | None = None
 
+    def reconfigure(self, config: SchedulerConfig) -> None:
+        """Serve under `config` from the next window on (the server caps its batches to a memory limit once every
+        model has loaded, `server/app.py`)."""
+        with self._cv:
+            self.config = config
+            self._admission.config = config
+
     @property
     def scorer(self) -> Scorer:
         return self._runner.scorer

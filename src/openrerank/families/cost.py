@@ -72,3 +72,28 @@ def knee_of(path: Path) -> float | None:
     """`attention_knee` of the model in `path` (its config.json), None without one."""
     config = _read_json(Path(path) / "config.json")
     return attention_knee(config) if isinstance(config, Mapping) else None
+
+
+def token_activation_bytes(config: Mapping[str, Any], width: int) -> int | None:
+    """Bytes one padded token of a batch of `width`-token sequences holds while a layer runs, fp32: attention's
+    scores and probabilities (heads x width floats each), the feed-forward's inner activations (two of them
+    where it is gated), and a few hidden-size buffers (the residual, q, k, v, the output). Runtimes in bf16 or
+    int8 hold less, and fused attention none of the scores, so it overstates (MiniLM-L6, width 256: 40 KB per
+    token; OpenVINO bf16 held ~25 KB). None if the config does not say the layers' shape."""
+    inner = text_config(config)
+    if inner is None:
+        return None
+    try:
+        h = int(inner["hidden_size"])
+        heads = int(inner.get("num_attention_heads") or 1)
+        f = int(inner.get("intermediate_size") or 4 * h)
+    except (KeyError, TypeError, ValueError):
+        return None
+    gated = inner.get("model_type") in _GATED_FEED_FORWARD or inner.get("hidden_act") == "silu"
+    return 4 * (2 * heads * width + (2 if gated else 1) * f + 6 * h)
+
+
+def activation_bytes_of(path: Path, width: int) -> int | None:
+    """`token_activation_bytes` of the model in `path` (its config.json), None without one."""
+    config = _read_json(Path(path) / "config.json")
+    return token_activation_bytes(config, width) if isinstance(config, Mapping) else None

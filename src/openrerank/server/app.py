@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from openrerank import __version__
+from openrerank.core.memory import memory_limit
 from openrerank.core.settings import Shown
 from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.score_cache import ScoreCache
@@ -134,11 +136,37 @@ async def load_all(app: FastAPI) -> None:
         if shutdown is not None:
             shutdown()
         return
+    cap_to_memory_limit(app)
     reg.loaded = True
     where = f" on {app.state.public_url}" if app.state.public_url else ""
     access = "API key required" if config.api_key else "no API key: every route is open"
     log.info("ready: serving %s%s (loaded and warmed in %.1fs; %s)", ", ".join(reg.names), where,
              time.perf_counter() - started, access)
+
+
+def cap_to_memory_limit(app: FastAPI) -> None:
+    """Under a cgroup memory limit (`core/memory.py`), bound what the server holds at once by the room the loaded
+    models leave, for the settings the operator left unset (`ServerConfig.memory_caps`): past it the kernel kills
+    the process and every request in flight is lost, where a refusal (503/429, Retry-After) loses none."""
+    limit = memory_limit()
+    if limit is None:
+        return
+    config: ServerConfig = app.state.config
+    served = app.state.models.models()
+    caps = config.memory_caps(limit.room, [(m.loaded.token_activation_bytes, m.loaded.max_length,
+                                            m.scheduler.config.policy.max_tokens) for m in served])
+    capped = []
+    if caps.body_bytes_in_flight is not None:
+        app.state.body_budget.limit = caps.body_bytes_in_flight
+        capped.append(f"--max-body-bytes-in-flight at {caps.body_bytes_in_flight >> 20} MiB")
+    for model, tokens in zip(served, caps.batch_tokens, strict=True):
+        if tokens is not None:
+            cfg = model.scheduler.config
+            model.scheduler.reconfigure(replace(cfg, policy=replace(cfg.policy, max_tokens=tokens)))
+            capped.append(f"--max-batch-tokens at {tokens} for {model.name}")
+    log.info("a memory limit of %d MiB (%s) leaves %d MiB above what is in use with the models loaded: %s "
+             "(docs/reliability.md, Memory limits)", limit.limit >> 20, limit.folder, caps.room >> 20,
+             "caps " + ", ".join(capped) if capped else "caps nothing (the settings given, or the defaults, fit)")
 
 
 def request_dialect(request: Request) -> Dialect:
@@ -333,6 +361,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     # but still counts what those models encode.
     app.state.token_cache = TokenCache(int(config.token_cache_mb * 2**20), app.state.metrics.registry)
     app.state.models = ServedModels()
+    app.state.body_budget = BodyBudget(config.body_bytes_in_flight)  # a memory limit may lower it (load_all)
     app.state.resolved = {r.source.served_id: r for r in resolved}
     app.state.drain = Drain(config.graceful_timeout)
     app.state.sources = model_sources(config)  # the served models, parsed once: loading and TEI's /info read it
@@ -354,7 +383,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.add_middleware(HeadMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
                        metrics=app.state.metrics, drain=app.state.drain,
-                       budget=BodyBudget(config.body_bytes_in_flight))
+                       budget=app.state.body_budget)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, metrics_public=config.metrics_public)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)

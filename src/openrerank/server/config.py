@@ -46,6 +46,22 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 API_KEY_ENV = "OPENRERANK_API_KEY"
 #: `--max-body-bytes-in-flight` unset: this many bodies of `--max-body-bytes` at once (docs/reliability.md says why).
 BODIES_IN_FLIGHT = 8
+#: Under a memory limit (`core/memory.py`), the shares of the room the loaded models leave that bound what the
+#: server holds at once, where the operator left the setting unset: the models' batch activations (all models
+#: together, `--max-batch-tokens`) and the request bodies (`--max-body-bytes-in-flight`; one parses at a time, to
+#: a few times its bytes). The rest stays free: tokenized work pending (~40 bytes a token), answers being
+#: written, the allocator's slack (docs/reliability.md says what was measured).
+MEMORY_BATCH_SHARE = 0.5
+MEMORY_BODY_SHARE = 0.125
+
+
+@dataclass(frozen=True)
+class MemoryCaps:
+    """What a memory limit caps: None where it caps nothing (the operator's setting, or the default, is less)."""
+
+    room: int  # bytes the limited group may still take, the models loaded
+    body_bytes_in_flight: int | None
+    batch_tokens: list[int | None]  # per model, in the order given
 
 
 @dataclass
@@ -234,6 +250,22 @@ class ServerConfig:
         """The bytes of request bodies held at once: --max-body-bytes-in-flight, else BODIES_IN_FLIGHT bodies of
         --max-body-bytes (`server/body_budget.py`)."""
         return self.max_body_bytes_in_flight or BODIES_IN_FLIGHT * self.max_body_bytes
+
+    def memory_caps(self, room: int, models: list[tuple[int | None, int, int]]) -> MemoryCaps:
+        """What `room` bytes left under a memory limit cap among the settings left unset. `models`: per served
+        model (activation bytes per padded batch token or None where unknown, its window in tokens, its policy's
+        batch tokens). A batch keeps room for one full window; the body budget for one `--max-body-bytes` body."""
+        bodies = None
+        if self.max_body_bytes_in_flight is None:
+            share = max(self.max_body_bytes, int(MEMORY_BODY_SHARE * room))
+            bodies = share if share < self.body_bytes_in_flight else None
+        batches: list[int | None] = []
+        for token_bytes, window, max_tokens in models:
+            cap = None
+            if self.max_batch_tokens is None and token_bytes:
+                cap = max(window, int(MEMORY_BATCH_SHARE * room / len(models) / token_bytes))
+            batches.append(cap if cap is not None and cap < max_tokens else None)
+        return MemoryCaps(room, bodies, batches)
 
     @property
     def grpc_message_bytes(self) -> int:
