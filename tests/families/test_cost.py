@@ -68,3 +68,15 @@ def test_a_config_without_the_layers_shape_has_no_knee(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 384,
                                                       "num_hidden_layers": 6, "num_attention_heads": 12}))
     assert knee_of(tmp_path) == 6 * 384
+
+
+def test_token_activation_bytes_overstates_what_a_batch_holds():
+    """MiniLM-L6 at its 256-token window: 40 KB a padded token (OpenVINO bf16 held ~25 KB, measured from the
+    RSS of 16,384-token batches); a gated feed-forward counts its two inner activations; no shape, no estimate."""
+    from openrerank.families.cost import token_activation_bytes
+
+    minilm = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
+    assert token_activation_bytes(minilm, 256) == 4 * (2 * 12 * 256 + 1536 + 6 * 384) == 39_936
+    gated = {**minilm, "model_type": "qwen3"}
+    assert token_activation_bytes(gated, 256) - token_activation_bytes(minilm, 256) == 4 * 1536
+    assert token_activation_bytes({"model_type": "bert"}, 256) is None

@@ -91,3 +91,19 @@ def test_the_model_list_is_parsed_once_into_sources_with_their_family_and_instru
     with pytest.raises(ValueError, match=r"^OPENRERANK_INSTRUCTION='c=x': use NAME=VALUE"):
         model_sources(ServerConfig(models=["a=/m/a", "b=/m/b"], instructions=["c=x"]),
                       {"instruction": "OPENRERANK_INSTRUCTION='c=x'"})
+
+
+def test_a_memory_limit_caps_only_the_settings_left_unset_and_never_below_one_body_or_one_window():
+    """The room under a memory limit bounds the batches (per model: half the room, shared) and the bodies (an
+    eighth); an operator's setting wins, and a loose limit caps nothing (the defaults stand)."""
+    mib = 2**20
+    models = [(40_000, 256, 16384), (None, 512, 16384)]  # MiniLM-L6's estimate; a model of unknown shape
+    caps = ServerConfig().memory_caps(240 * mib, models)
+    assert caps.body_bytes_in_flight == 30 * mib
+    assert caps.batch_tokens == [int(0.5 * 240 * mib / 2 / 40_000), None]
+    tight = ServerConfig().memory_caps(10 * mib, models[:1])
+    assert tight.body_bytes_in_flight == 8 * mib and tight.batch_tokens == [256]
+    loose = ServerConfig().memory_caps(64 * 1024 * mib, models)
+    assert loose.body_bytes_in_flight is None and loose.batch_tokens == [None, None]
+    given = ServerConfig(max_body_bytes_in_flight=100 * mib, max_batch_tokens=20000).memory_caps(240 * mib, models)
+    assert given.body_bytes_in_flight is None and given.batch_tokens == [None, None]
