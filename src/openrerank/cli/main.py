@@ -90,7 +90,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "onnx)", choices=DTYPES),
     Option("device", "engine", "cpu or cuda[:N] (torch runtime; fails at startup without a usable GPU)"),
     Option("threads", "engine", "intra-op threads (none: the cores available)", int),
-    Option("max-batch-tokens", "engine", f"padded tokens per model batch ({_per_device('max_tokens')})", int),
+    Option("max-batch-tokens", "engine", f"padded tokens per model batch ({_per_device('max_tokens')}; under a "
+           "container memory limit, capped to half the memory the models leave)", int),
     Option("max-batch-size", "engine", f"pairs per model batch ({_per_device('max_size')})", int),
     Option("max-padding", "engine", f"largest share of padding in a model batch ({_per_device('max_padding')})",
            float),
@@ -106,7 +107,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),
     Option("max-body-bytes-in-flight", "limits", "bytes of the request bodies being received or waiting for their "
            f"parse, all requests together, before answering 429/503 with Retry-After (none: {BODIES_IN_FLIGHT} x "
-           "max-body-bytes)", int),
+           "max-body-bytes; under a container memory limit at most an eighth of the memory the models leave)", int),
     Option("max-queue", "limits", "pending requests before answering 429/503 with Retry-After", int),
     Option("max-queue-tokens", "limits", "pending tokens (all requests) before answering 429/503 "
            f"(none: {QUEUE_BUDGETS} x the per-request token budget, max-request-tokens)", int),
