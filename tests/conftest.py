@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+from openrerank_bench.serve_process import free_port
 
 from openrerank.runtimes.onnx_export import CACHE_ENV
 from tests.support import build_tiny_model, run_server
@@ -84,4 +85,22 @@ def tiny_server(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("tiny-server")
     args = ["--model", f"tiny={tiny_model_dir}", "--max-passages", "8", "--max-body-bytes", "20000"]
     with run_server(args, tmp) as server:
+        yield server
+
+
+#: The limits `env_server` is given by environment variables, as a container's operator sets them: each refusal
+#: that names one must name the variable (`OPENRERANK_MAX_PASSAGES='3'`), not a flag nobody typed.
+LIMITS_ENV = {"OPENRERANK_MAX_PASSAGES": "3", "OPENRERANK_MAX_INPUTS": "3", "OPENRERANK_MAX_BODY_BYTES": "20000",
+              "OPENRERANK_MAX_BODY_BYTES_IN_FLIGHT": "30000", "OPENRERANK_BODY_TIMEOUT": "2",
+              "OPENRERANK_HEADER_TIMEOUT": "1", "OPENRERANK_MAX_HEADER_BYTES": "4096"}
+
+
+@pytest.fixture(scope="session")
+def env_server(tmp_path_factory, tiny_model_dir):
+    """The tiny cross-encoder with its limits set by environment variables (`LIMITS_ENV`), and gRPC on
+    `server.grpc_url`, its port set by NIM's variable (NIM_GRPC_API_PORT)."""
+    port = free_port()
+    env = {**LIMITS_ENV, "NIM_GRPC_API_PORT": str(port)}
+    with run_server(["--model", f"tiny={tiny_model_dir}"], tmp_path_factory.mktemp("env-server"), env=env) as server:
+        server.grpc_url = f"127.0.0.1:{port}"
         yield server

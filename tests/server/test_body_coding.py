@@ -97,3 +97,12 @@ def test_refusals_over_http_in_the_dialects_shape(tiny_server):
         assert cut.status_code == 400 and cut.json()["code"] == 400 and "ends inside" in cut.json()["message"]
         ok = c.post("/v1/ranking", content=BODY.encode(), headers={"content-type": "application/json"})
         assert ok.status_code == 200  # the connection's refusals left the server serving
+
+
+def test_a_bomb_names_the_variable_that_set_the_limit(env_server):
+    """OPENRERANK_MAX_BODY_BYTES=20000 (tests/conftest.py's LIMITS_ENV) was named `--max-body-bytes`."""
+    with env_server.client() as c:
+        big = post(c, "/v1/ranking", gzip.compress(b" " * 200_000), "gzip")
+    assert big.status_code == 413, big.text
+    assert big.json()["message"] == ("request body inflates past the limit of 20000 bytes "
+                                     "(OPENRERANK_MAX_BODY_BYTES='20000')")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 
 import pytest
 
 from openrerank.server import body_coding
 from openrerank.server.config import ServerConfig
-from tests.server.faults import HeldCall, InProcessServer, live_while_held
+from tests.server.faults import WAIT_S, HeldCall, InProcessServer, live_while_held
 
 BODY = json.dumps({"query": {"text": "paris"}, "passages": [{"text": "paris is a city"}]}).encode()
 
@@ -45,3 +47,50 @@ def test_a_compressed_body_is_inflated_off_the_event_loop(tiny_model_dir, monkey
     with InProcessServer(config) as server:
         live_while_held(server, held, lambda c: c.post("/v1/ranking", content=gzip.compress(BODY), headers={
             "content-type": "application/json", "content-encoding": "gzip"}), "inflated")
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, dict]:
+    """The status line and JSON body of the one answer on `sock`, read until the server closes."""
+    sock.settimeout(WAIT_S)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], json.loads(body)
+
+
+def head_of(length: int) -> bytes:
+    return (b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % length)
+
+
+def test_an_oversize_body_names_the_variable_that_set_the_limit(env_server):
+    """OPENRERANK_MAX_BODY_BYTES=20000 was named `--max-body-bytes` (tests/conftest.py's LIMITS_ENV)."""
+    with env_server.client() as c:
+        r = c.post("/v1/ranking", content=b" " * 30_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["message"] == ("request body of 30000 bytes exceeds the limit of 20000 bytes "
+                                   "(OPENRERANK_MAX_BODY_BYTES='20000')")
+
+
+def test_a_body_too_slow_names_the_variable_that_set_the_timeout(env_server):
+    """OPENRERANK_BODY_TIMEOUT=2 was named `--body-timeout`."""
+    with socket.create_connection(("127.0.0.1", env_server.port)) as sock:
+        sock.sendall(head_of(1000) + b'{"query":')  # declares more than it sends
+        status, body = read_answer(sock)
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert body["message"] == "request body not received within 2 s (9 bytes arrived; OPENRERANK_BODY_TIMEOUT='2')"
+
+
+def test_the_bodies_in_flight_refusal_names_the_variable_that_set_their_budget(env_server):
+    """OPENRERANK_MAX_BODY_BYTES_IN_FLIGHT=30000 was named `--max-body-bytes-in-flight`: one body of 15,000 bytes
+    held (its sender still sending), a second one's 16,000 would pass the budget."""
+    with socket.create_connection(("127.0.0.1", env_server.port)) as held, \
+            socket.create_connection(("127.0.0.1", env_server.port)) as refused:
+        held.sendall(head_of(19_000) + b" " * 15_000)
+        time.sleep(0.3)  # received: well within its 2 s body timeout
+        refused.sendall(head_of(19_000) + b" " * 16_000)
+        status, body = read_answer(refused)
+    assert status.startswith(b"HTTP/1.1 503"), status
+    assert body["message"].endswith("would pass the limit of 30000 bytes "
+                                    "(OPENRERANK_MAX_BODY_BYTES_IN_FLIGHT='30000'); retry later"), body

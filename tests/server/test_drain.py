@@ -1,5 +1,6 @@
 """`Drain.race` (server/drain.py): work raced against the end of the shutdown grace period, the one way the
-server's parts (the body guard, the gRPC service and server) wait for something or the drain's end."""
+server's parts (the body guard, the gRPC service and server) wait for something or the drain's end; and the
+drain's log line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import gc
 import pytest
 
 from openrerank.server.drain import Drain
+from tests.support import run_server
 
 
 def run(main) -> list[str]:
@@ -78,3 +80,10 @@ def test_a_caller_cancelled_in_the_turn_its_work_failed_leaves_nothing_unretriev
             await racing
 
     assert run(main) == []
+
+
+def test_the_drain_names_the_variable_that_set_the_grace_period(tmp_path, tiny_model_dir):
+    """OPENRERANK_GRACEFUL_TIMEOUT=1 was logged as `--graceful-timeout` when the server began its drain."""
+    with run_server(["--model", f"tiny={tiny_model_dir}"], tmp_path, env={"OPENRERANK_GRACEFUL_TIMEOUT": "1"}) as s:
+        pass  # stopped with SIGINT: the drain begins
+    assert "finishing accepted requests for up to 1 s (OPENRERANK_GRACEFUL_TIMEOUT='1')" in s.output()

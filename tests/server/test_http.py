@@ -319,3 +319,22 @@ def test_a_stalled_head_is_told_but_a_connection_that_sent_nothing_is_no_request
         assert read_all(sock).startswith(b"HTTP/1.1 408")  # answered, but it made no request to count
     assert [(status, path) for status, path, _ in REFUSED] == [(408, "/v1/ranking")]
     assert "--header-timeout" in REFUSED[0][2]
+
+
+def test_headers_too_large_name_the_variable_that_set_the_limit(env_server):
+    """`openrerank serve` hands the guard how the operator set its limits: OPENRERANK_MAX_HEADER_BYTES=4096
+    (tests/conftest.py's LIMITS_ENV) was named `--max-header-bytes`, in the answer and the access log."""
+    answer = exchange(env_server, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 5000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    named = "(OPENRERANK_MAX_HEADER_BYTES='4096')"
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"] == f"request headers exceed 4096 bytes {named}"
+    assert f"request headers over 4096 bytes {named}" in env_server.output()
+
+
+def test_headers_too_slow_name_the_variable_that_set_the_timeout(env_server):
+    """OPENRERANK_HEADER_TIMEOUT=1 was named `--header-timeout`, in the answer and the access log."""
+    answer = exchange(env_server, b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\n")  # ... and never the rest
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    why = "request headers not received within 1 s (OPENRERANK_HEADER_TIMEOUT='1')"
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"] == why
+    assert why in env_server.output()

@@ -66,6 +66,29 @@ def test_an_over_count_request_is_refused_before_its_elements_are_validated(tiny
     assert message(r.json()) == expected
 
 
+#: env_server: OPENRERANK_MAX_PASSAGES='3', OPENRERANK_MAX_INPUTS='3' (tests/conftest.py's LIMITS_ENV).
+@pytest.mark.parametrize(("path", "body", "status", "expected"), [
+    ("/v1/ranking", {"query": {"text": "q"}, "passages": [{"text": ""}] * 4}, 400,
+     "Number of passages (4) exceeds the maximum of 3 (OPENRERANK_MAX_PASSAGES='3')"),
+    ("/v1/rerank", {"query": "q", "documents": [1] * 4}, 400,
+     "Number of passages (4) exceeds the maximum of 3 (OPENRERANK_MAX_PASSAGES='3')"),
+    ("/rerank", {"query": "q", "texts": [1] * 4}, 422,  # TEI: the route parses the body itself (parse_body)
+     "Number of passages (4) exceeds the maximum of 3 (OPENRERANK_MAX_PASSAGES='3')"),
+    ("/rerank", {"query": "q", "documents": [1] * 4}, 422,  # Infinity: likewise
+     "Number of passages (4) exceeds the maximum of 3 (OPENRERANK_MAX_PASSAGES='3')"),
+    ("/v1/score", {"text_1": "q", "text_2": [1] * 4}, 400,
+     "Number of pairs (4) exceeds the maximum of 3 (OPENRERANK_MAX_PASSAGES='3')"),
+    ("/v1/embeddings", {"input": [""] * 4}, 400,
+     "Number of inputs (4) exceeds the maximum of 3 (OPENRERANK_MAX_INPUTS='3')"),
+])
+def test_a_count_refusal_names_the_variable_that_set_the_limit(env_server, path, body, status, expected):
+    """A limit set by OPENRERANK_MAX_PASSAGES was named `--max-passages`, a flag the operator never typed."""
+    with env_server.client() as c:
+        r = c.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert message(r.json()) == expected
+
+
 def many(n: int) -> dict[str, int]:
     return {f"k{i}": 0 for i in range(n)}
 

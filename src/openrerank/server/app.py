@@ -363,8 +363,9 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.state.models = ServedModels()
     app.state.body_budget = BodyBudget(config.body_bytes_in_flight)  # a memory limit may lower it (load_all)
     app.state.resolved = {r.source.served_id: r for r in resolved}
-    app.state.drain = Drain(config.graceful_timeout)
-    app.state.sources = model_sources(config)  # the served models, parsed once: loading and TEI's /info read it
+    app.state.drain = Drain(config.graceful_timeout, app.state.shown)
+    # the served models, parsed once: loading and TEI's /info read it
+    app.state.sources = model_sources(config, app.state.shown)
     app.state.models.expected = [s.served_id for s in app.state.sources]
     app.state.models.aliases = nim.model_aliases(app.state.models.expected, config.alias_map())
     #: Servers that run beside HTTP in the same event loop (the gRPC server): started before the models
@@ -383,7 +384,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     app.add_middleware(HeadMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
                        metrics=app.state.metrics, drain=app.state.drain,
-                       budget=app.state.body_budget)
+                       budget=app.state.body_budget, shown=app.state.shown)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, metrics_public=config.metrics_public)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)

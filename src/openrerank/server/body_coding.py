@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.server.errors import Kind
 
 #: The codings decoded, by their HTTP names (`x-gzip` is gzip's old alias, RFC 9110 8.4.1.3).
@@ -35,8 +36,9 @@ class InflatedTooLargeError(BodyCodingError):
     status, kind, headers = 413, Kind.TOO_LARGE, {"Connection": "close"}
 
 
-def decode(body: bytes, content_encoding: bytes, limit: int) -> bytes:
-    """The body with its codings undone, last applied first; at most `limit` bytes come out."""
+def decode(body: bytes, content_encoding: bytes, limit: int, shown: Shown | None = None) -> bytes:
+    """The body with its codings undone, last applied first; at most `limit` bytes come out (`--max-body-bytes`,
+    named in the refusal as the operator gave it: `shown`, core/settings.py)."""
     codings = [c.strip().lower() for c in content_encoding.decode("latin-1").split(",")]
     codings = [c for c in codings if c and c != "identity"]
     unknown = [c for c in codings if c not in _WBITS]
@@ -44,11 +46,11 @@ def decode(body: bytes, content_encoding: bytes, limit: int) -> bytes:
         raise UnsupportedCodingError(f"Content-Encoding {unknown[0]!r} is not supported; send the body as gzip, "
                                      "deflate or uncompressed")
     for coding in reversed(codings):
-        body = _inflate(body, coding, limit)
+        body = _inflate(body, coding, limit, shown)
     return body
 
 
-def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+def _inflate(data: bytes, coding: str, limit: int, shown: Shown | None) -> bytes:
     wbits = _WBITS[coding]
     if wbits == _ZLIB and not _zlib_header(data):
         wbits = -zlib.MAX_WBITS  # raw deflate, which some clients send as "deflate" (RFC 9110 8.4.1.2)
@@ -60,7 +62,8 @@ def _inflate(data: bytes, coding: str, limit: int) -> bytes:
         except zlib.error as exc:
             raise BodyCodingError(f"request body is not valid {coding} data ({exc})") from None
         if len(out) > limit or inflater.unconsumed_tail:
-            raise InflatedTooLargeError(f"request body inflates past the limit of {limit} bytes (--max-body-bytes)")
+            raise InflatedTooLargeError(f"request body inflates past the limit of {limit} bytes "
+                                        f"({setting_name('max-body-bytes', shown)})")
         if not inflater.eof:
             raise BodyCodingError(f"request body ends inside its {coding} data")
         data = inflater.unused_data

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.observe.metrics import Metrics
 from openrerank.server import body_budget, body_coding
 from openrerank.server.body_budget import BodyBudget, BodyHold
@@ -46,10 +47,11 @@ class BodyGuardMiddleware:
     `curl -d`) as JSON; refuses a body that would take the bodies held at once past their budget (the dialect's
     overload answer, `body_budget.py`). Then, while the route runs, it watches for the client going away
     (`http.disconnect`) and cancels the route, so abandoned work leaves the model's queue; and for the end
-    of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable)."""
+    of the shutdown grace period, when an unfinished route is cancelled and answered 503 (retryable).
+    `shown`: how its refusals name the settings not typed as flags (core/settings.py)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float, metrics: Metrics | None = None,
-                 drain: Drain | None = None, *, budget: BodyBudget) -> None:
+                 drain: Drain | None = None, *, budget: BodyBudget, shown: Shown | None = None) -> None:
         # No default body timeout here: ServerConfig.body_timeout (--body-timeout) is the one, and the app passes it.
         self.app = app
         self.max_bytes = max_bytes
@@ -57,6 +59,7 @@ class BodyGuardMiddleware:
         self.metrics = metrics
         self.drain = drain
         self.budget = budget  # bodies held at once (`body_budget.py`)
+        self.shown = shown or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -87,7 +90,7 @@ class BodyGuardMiddleware:
                 return
             if message is None:
                 msg = (f"request body not received within {self.body_timeout:g} s ({size} bytes arrived; "
-                       "--body-timeout)")
+                       f"{setting_name('body-timeout', self.shown)})")
                 await dialect.response(408, msg, Kind.TIMEOUT_BODY,
                                        headers={"Connection": "close"})(scope, receive, send)
                 return
@@ -117,7 +120,7 @@ class BodyGuardMiddleware:
             coding = b", ".join(codings)
             try:  # on a worker thread: zlib lets go of the GIL, and 16 bodies of 8 MiB inflated on the loop kept
                 # a liveness probe waiting 1-2 s
-                body = await asyncio.to_thread(body_coding.decode, body, coding, self.max_bytes)
+                body = await asyncio.to_thread(body_coding.decode, body, coding, self.max_bytes, self.shown)
             except body_coding.BodyCodingError as exc:
                 await dialect.response(exc.status, str(exc), exc.kind, headers=exc.headers)(scope, receive, send)
                 return
@@ -231,10 +234,11 @@ class BodyGuardMiddleware:
         others, limit = self.budget.held - hold.size, self.budget.limit
         msg = (f"server overloaded: other requests' bodies of {others} bytes are being received or wait for their "
                f"parse, and this one's {size} bytes would pass the limit of {limit} bytes "
-               "(--max-body-bytes-in-flight); retry later")
+               f"({setting_name('max-body-bytes-in-flight', self.shown)}); retry later")
         headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
         await dialect.response(503, msg, Kind.OVERLOADED, headers=headers)(scope, receive, send)
 
     async def _reject(self, scope, receive, send, status, dialect, size) -> None:
-        msg = f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes (--max-body-bytes)"
+        msg = (f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes "
+               f"({setting_name('max-body-bytes', self.shown)})")
         await dialect.response(status, msg, Kind.TOO_LARGE, headers={"Connection": "close"})(scope, receive, send)

@@ -26,6 +26,8 @@ import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from openrerank.core.settings import Shown, setting_name
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -42,10 +44,12 @@ CLOSED_MESSAGE = ("the server is shutting down and takes no new requests; retry 
 
 class Drain:
     """The shutdown state of one server: not draining, draining (grace running), or expired (the grace period
-    ran out, or was ended early by a second signal)."""
+    ran out, or was ended early by a second signal). `shown`: how its log names `--graceful-timeout` when the
+    operator set it otherwise (core/settings.py)."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, shown: Shown | None = None) -> None:
         self.grace = grace
+        self.grace_setting = setting_name("graceful-timeout", shown)
         self.draining = False
         self.cut_short = False  # ended early by a second signal, not by the time running out
         self.ends_at: float | None = None  # the grace period's end, a `time.monotonic()` instant, once begun
@@ -64,8 +68,8 @@ class Drain:
         self.draining = True
         self.ends_at = time.monotonic() + self.grace
         self._began.set()
-        log.info("shutting down: finishing accepted requests for up to %g s (--graceful-timeout); the rest "
-                 "will be answered 503 (a second SIGTERM/SIGINT answers them now)", self.grace)
+        log.info("shutting down: finishing accepted requests for up to %g s (%s); the rest will be answered 503 "
+                 "(a second SIGTERM/SIGINT answers them now)", self.grace, self.grace_setting)
         self._timer = asyncio.get_running_loop().call_later(self.grace, self._expired.set)
 
     def end_now(self) -> None:

@@ -166,7 +166,7 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile, ssl_ca_certs=config.ssl_ca_certs,
         ssl_cert_reqs=ssl.CERT_REQUIRED if config.ssl_ca_certs else ssl.CERT_NONE,
         timeout_graceful_shutdown=config.graceful_timeout + UVICORN_MARGIN_S,
-        http=guarded_protocol(config.header_timeout, config.max_header_bytes, refusal_recorder(app))))
+        http=guarded_protocol(config.header_timeout, config.max_header_bytes, refusal_recorder(app), app.state.shown)))
 
     def request_shutdown() -> None:
         server.should_exit = True

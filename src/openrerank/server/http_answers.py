@@ -3,6 +3,7 @@ each in the error shape of the dialect owning the request's path, with `Connecti
 
 from __future__ import annotations
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.server.errors import Kind, dialect_for
 from openrerank.server.responses import dumps
 
@@ -28,9 +29,10 @@ def error_answer(status: int, reason: bytes, path: str, message: str, kind: Kind
             b"\r\n%s" % (status, reason, len(body), body))
 
 
-def headers_too_large(head_start: bytes, limit: int) -> bytes:
-    """A whole 431 response, in the error shape of the dialect owning the request's path."""
-    message = f"request headers exceed {limit} bytes (--max-header-bytes)"
+def headers_too_large(head_start: bytes, limit: int, shown: Shown | None = None) -> bytes:
+    """A whole 431 response, in the error shape of the dialect owning the request's path (`shown`: how it names
+    the limit's setting when not typed as a flag, core/settings.py)."""
+    message = f"request headers exceed {limit} bytes ({setting_name('max-header-bytes', shown)})"
     return error_answer(431, b"Request Header Fields Too Large", request_path(head_start) or "/", message,
                         Kind.TOO_LARGE)
 
@@ -47,10 +49,11 @@ def coding_not_implemented(path: str, coding: str) -> bytes:
     return error_answer(501, b"Not Implemented", path, message, Kind.NOT_IMPLEMENTED)
 
 
-def headers_too_slow(head_start: bytes, timeout: float) -> bytes:
-    """A whole 408 response: in the path's dialect once the request line arrived whole, else plain text."""
+def headers_too_slow(head_start: bytes, timeout: float, shown: Shown | None = None) -> bytes:
+    """A whole 408 response: in the path's dialect once the request line arrived whole, else plain text
+    (`shown`: how it names the timeout's setting when not typed as a flag, core/settings.py)."""
     path = request_path(head_start, whole_line=True)
     if path is None:
         return _TIMEOUT_408
-    message = f"request headers not received within {timeout:g} s (--header-timeout)"
+    message = f"request headers not received within {timeout:g} s ({setting_name('header-timeout', shown)})"
     return error_answer(408, b"Request Timeout", path, message, Kind.TIMEOUT_HEADERS)

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.server.config import ServerConfig
 from openrerank.server.http_answers import (
     bad_request,
@@ -60,10 +61,13 @@ OnRefusal = Callable[[int, "str | None", str, Any], None]
 
 
 def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig.max_header_bytes,
-                     on_refusal: OnRefusal | None = None) -> type[asyncio.Protocol] | str:
+                     on_refusal: OnRefusal | None = None, shown: Shown | None = None) -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol with a deadline on each request's headers, a bound on their size, and a
     gentle close of a connection answered early ("auto" without httptools). Each request it answers itself,
-    before the app has it, goes to `on_refusal` (the app's metrics and access log: `middleware.record_refusal`)."""
+    before the app has it, goes to `on_refusal` (the app's metrics and access log: `middleware.record_refusal`).
+    `shown`: how its answers and log name the two settings when not typed as flags (core/settings.py)."""
+    timeout_setting = setting_name("header-timeout", shown)
+    size_setting = setting_name("max-header-bytes", shown)
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -74,7 +78,7 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             unsupported_coding,
         )
     except ImportError:  # pragma: no cover - uvicorn[standard] ships httptools
-        log.warning("httptools is not installed: no --header-timeout (uvicorn's h11 protocol has none)")
+        log.warning("httptools is not installed: no %s (uvicorn's h11 protocol has none)", timeout_setting)
         return "auto"
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -123,8 +127,8 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
             super().data_received(data)
 
         def _headers_too_large(self) -> None:
-            self._refuse(headers_too_large(self._head_start, max_header_bytes), request_path(self._head_start),
-                         f"request headers over {max_header_bytes} bytes (--max-header-bytes)")
+            self._refuse(headers_too_large(self._head_start, max_header_bytes, shown), request_path(self._head_start),
+                         f"request headers over {max_header_bytes} bytes ({size_setting})")
 
         def _refuse(self, answer: bytes, path: str | None, reason: str, counted: bool = True) -> None:
             """Send `answer` to a request that cannot be served and close gently, after the answers to the
@@ -217,13 +221,13 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             if not self.transport.is_closing():
-                why = f"request headers not received within {header_timeout:g} s (--header-timeout)"
+                why = f"request headers not received within {header_timeout:g} s ({timeout_setting})"
                 if not self._begun:  # a connection that sent nothing: no request to count
                     log.info("closing a connection from %s: %s", self.client, why)
                 # after the answers to the requests before it, as every refusal (a pipelined head that
                 # stalls must not cut off the answer still being computed for the request before it)
-                self._refuse(headers_too_slow(self._head_start, header_timeout), request_path(self._head_start),
-                             why, counted=self._begun)
+                self._refuse(headers_too_slow(self._head_start, header_timeout, shown),
+                             request_path(self._head_start), why, counted=self._begun)
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)

@@ -311,6 +311,15 @@ def test_the_passage_count_is_read_from_the_shape_before_any_value(client):
     assert exc.message() == "Number of passages (9) exceeds the maximum of 8 (--max-passages)"
 
 
+def test_the_passage_count_refusal_names_the_variable_that_set_the_limit(env_server):
+    """OPENRERANK_MAX_PASSAGES=3 (tests/conftest.py's LIMITS_ENV; gRPC's port from NIM_GRPC_API_PORT) was named
+    `--max-passages` over gRPC too."""
+    with grpcclient.InferenceServerClient(env_server.grpc_url) as c:
+        exc = failure(infer, c, "q", ["a"] * 4, headers=None)
+    assert status_of(exc) == "INVALID_ARGUMENT"
+    assert exc.message() == "Number of passages (4) exceeds the maximum of 3 (OPENRERANK_MAX_PASSAGES='3')"
+
+
 def test_a_query_declaring_more_values_than_passages_is_refused_from_its_shape(client):
     query = text_input("query", ["q"])
     query.set_shape([100, 1])

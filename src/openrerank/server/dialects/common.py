@@ -8,6 +8,7 @@ from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
 from openrerank.core.requests import RerankRequest, RerankResult, Timings
+from openrerank.core.settings import Shown
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects.list_bounds import PASSAGES, check_lists, off_loop
@@ -22,6 +23,11 @@ def served_models(request: Request) -> ServedModels:
 
 def config(request: Request) -> ServerConfig:
     return request.app.state.config
+
+
+def shown(request: Request) -> Shown:
+    """How a refusal names the settings not typed as flags (core/settings.py; `create_app(shown=...)`)."""
+    return request.app.state.shown
 
 
 def unready_reason(request: Request) -> str | None:
@@ -48,10 +54,10 @@ def require_ready(reg: ServedModels) -> None:
                        headers={"Retry-After": "5"})
 
 
-def require_passage_count(config: ServerConfig, count: int) -> None:
+def require_passage_count(config: ServerConfig, count: int, shown: Shown | None = None) -> None:
     """`--max-passages` for a request that is not JSON (gRPC); JSON bodies are counted as they are parsed
-    (`list_bounds`)."""
-    PASSAGES.require(config, count)
+    (`list_bounds`). `shown`: how the refusal names the setting (core/settings.py)."""
+    PASSAGES.require(config, count, shown)
 
 
 def deadline(request: Request) -> float:
@@ -101,7 +107,7 @@ async def parse_body(request: Request, model: type[BaseModel], payload: dict) ->
     """A body the route parsed itself (a path shared by two forms), validated as `model`: 422 when it is not.
     A bounded list over its count is refused first, before any element is validated; a big body is validated
     off the event loop (`list_bounds.off_loop`)."""
-    check_lists(config(request), model, payload)
+    check_lists(config(request), model, payload, shown(request))
     try:
         return await off_loop(len(await request.body()), model.model_validate, payload)
     except ValidationError as exc:

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.errors import ApiError, Kind, format_validation_errors
@@ -50,19 +51,23 @@ def _list_length(value: Any) -> int | None:
 @dataclass(frozen=True)
 class ListBound:
     """At most `limit(config)` items in a list; past it, a refusal "Number of {what} (N) exceeds the maximum
-    of L{where}". `count`: how many items a raw JSON value holds (None: not a list this bound counts)."""
+    of L{where}", or, for a bound a setting sets, "... of L (the setting)", named as the operator gave it
+    (`setting`: its flag without dashes; `shown`, core/settings.py). `count`: how many items a raw JSON value
+    holds (None: not a list this bound counts)."""
 
     what: str
     limit: Callable[[ServerConfig], int]
-    where: str
+    where: str = ""
     status: int = 400
     kind: Kind = Kind.TOO_MANY
     count: Callable[[Any], int | None] = field(default=_list_length)
+    setting: str | None = None
 
-    def require(self, config: ServerConfig, count: int) -> None:
+    def require(self, config: ServerConfig, count: int, shown: Shown | None = None) -> None:
         limit = self.limit(config)
         if count > limit:
-            raise ApiError(self.status, f"Number of {self.what} ({count}) exceeds the maximum of {limit}{self.where}",
+            where = f" ({setting_name(self.setting, shown)})" if self.setting else self.where
+            raise ApiError(self.status, f"Number of {self.what} ({count}) exceeds the maximum of {limit}{where}",
                            kind=self.kind)
 
 
@@ -75,9 +80,9 @@ def _max_inputs(config: ServerConfig) -> int:
 
 
 #: The rerank dialects' passages (documents, texts): `--max-passages`.
-PASSAGES = ListBound("passages", _max_passages, " (--max-passages)")
+PASSAGES = ListBound("passages", _max_passages, setting="max-passages")
 #: vLLM score's texts: one pair per text of the longer side, `--max-passages` pairs.
-PAIRS = ListBound("pairs", _max_passages, " (--max-passages)")
+PAIRS = ListBound("pairs", _max_passages, setting="max-passages")
 
 
 def _texts(value: Any) -> int | None:
@@ -89,7 +94,7 @@ def _texts(value: Any) -> int | None:
 
 
 #: Embedding inputs: `--max-inputs`.
-INPUTS = ListBound("inputs", _max_inputs, " (--max-inputs)", count=_texts)
+INPUTS = ListBound("inputs", _max_inputs, count=_texts, setting="max-inputs")
 
 #: Request model -> its bounded list fields -> their bound.
 BOUNDED: dict[type[BaseModel], dict[str, ListBound]] = {}
@@ -172,14 +177,15 @@ async def off_loop(size: int, work: Callable[..., Any], *args: Any) -> Any:
     return await turns.run(work, *args)
 
 
-def check_lists(config: ServerConfig, model: type[BaseModel], payload: Any) -> None:
-    """Refuse a raw (parsed, not validated) body of `model` that holds more items in a bounded list than allowed."""
+def check_lists(config: ServerConfig, model: type[BaseModel], payload: Any, shown: Shown | None = None) -> None:
+    """Refuse a raw (parsed, not validated) body of `model` that holds more items in a bounded list than allowed
+    (`shown`: how the refusal names a setting not typed as a flag, core/settings.py)."""
     if not isinstance(payload, dict):
         return
     for name, limit in BOUNDED.get(model, {}).items():
         count = limit.count(payload.get(name))
         if count is not None:
-            limit.require(config, count)
+            limit.require(config, count, shown)
 
 
 #: A body with more unknown fields than this, where its model forbids them, is refused from its raw JSON naming
@@ -263,14 +269,14 @@ class BoundedRoute(APIRoute):
         if body_field is None or model not in BOUNDED:
             return handler
 
-        def prepare(config: ServerConfig, body: bytes) -> Any:
+        def prepare(config: ServerConfig, shown: Shown, body: bytes) -> Any:
             """The body parsed, counted and validated (`_UNPARSED` when it is not JSON)."""
             try:
                 payload = json.loads(body)
             except (ValueError, RecursionError):
                 return _UNPARSED
             try:
-                check_lists(config, model, payload)  # type: ignore[arg-type]
+                check_lists(config, model, payload, shown)  # type: ignore[arg-type]
                 check_unknown_fields(model, payload)  # type: ignore[arg-type]
             except ApiError as exc:
                 refusal = exc.with_traceback(None)  # its frames held the body's objects until it was answered
@@ -285,7 +291,8 @@ class BoundedRoute(APIRoute):
         async def bounded_handler(request: Request) -> Response:
             body = await request.body()  # JSON whatever its content type said: the body guard declared it so
             try:
-                value = await off_loop(len(body), prepare, request.app.state.config, body)
+                state = request.app.state
+                value = await off_loop(len(body), prepare, state.config, state.shown, body)
             finally:
                 body_budget.release(request.scope)  # parsed: admission bounds it from here
             if value is _UNPARSED:

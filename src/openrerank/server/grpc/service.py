@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from openrerank import __version__
+from openrerank.core.settings import Shown
 from openrerank.engine.errors import DeadlineExceededError, DeadlineUnreachableError, UnknownModelError
 from openrerank.engine.rates import DEADLINE_MARGIN_S
 from openrerank.engine.served_models import ServedModels
@@ -87,6 +88,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @property
     def config(self) -> ServerConfig:
         return self.state.config
+
+    @property
+    def shown(self) -> Shown | None:
+        """How a refusal names the settings not typed as flags (the app's `shown`; none on a state built bare)."""
+        return getattr(self.state, "shown", None)
 
     # --- the RPCs ---------------------------------------------------------------------------------------
 
@@ -159,7 +165,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         wanted = ranking.requested_outputs(o.name for o in request.outputs)
         ranking.check_input_names(t.name for t in request.inputs)
         ranking.check_parameter_names(request.parameters)
-        common.require_passage_count(self.config, ranking.declared_passages(request.inputs))
+        common.require_passage_count(self.config, ranking.declared_passages(request.inputs), self.shown)
         parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
         body = ranking.parse_request(read_bytes_inputs(request), parameters, served_id)
         req = nim.rerank_request(body)
@@ -251,7 +257,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return _code(exc.status, exc.kind), exc.message
         failure = failure_for(exc)
         if failure is not None:
-            return _code(failure.status, failure.kind), failure_message(exc, getattr(self.state, "shown", None))
+            return _code(failure.status, failure.kind), failure_message(exc, self.shown)
         if isinstance(exc, MODEL_FAULTS):
             log.error("%s on %s (request id %s): %s", type(exc).__name__, method, rid, exc)
             return Code.INTERNAL, f"{exc} (request id {rid})"
