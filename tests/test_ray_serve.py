@@ -35,7 +35,7 @@ from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.ray_drain import DRAIN, NOW, DrainFlag
 from openrerank.server.ray_replica import NON_SCORING_HEADROOM, REPLICA_HEADER, replica_app, replica_problems
 from openrerank.server.ray_router import LeastBusyRouter
-from openrerank.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, deployment_options, parse_args
+from openrerank.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, argument_names, deployment_options, parse_args
 from tests.support import ServerProcess, nim_body
 
 QUERY = "what is the capital of france"
@@ -48,6 +48,7 @@ PASSAGES = [
 ]
 MAX_QUEUE = 2  # per replica: small, so the overload test needs few requests
 BODY_TIMEOUT = 2  # seconds: short, so the slow-body test waits little
+CHUNKS = "4"  # OPENRERANK_MAX_CHUNKS_PER_PASSAGE: the passages here are one chunk each
 #: One request per dialect: (path, body); rankings through Ray must equal the in-process app's.
 DIALECT_REQUESTS = [
     ("/v1/ranking", nim_body(QUERY, PASSAGES, truncate="END")),
@@ -86,6 +87,15 @@ def test_builder_arguments_arrive_as_strings_from_serve_run():
 def test_bad_builder_arguments_are_refused_clearly(args, message):
     with pytest.raises(ValueError, match=message):
         parse_args(args)
+
+
+def test_a_builder_argument_is_named_as_written_not_as_a_flag():
+    """`serve run ... api_key=` (or a Serve config's args) was refused naming `--api-key ''`, a flag a Serve
+    config has no place for; the replicas' refusals name `max_passages=3`, not `--max-passages`."""
+    with pytest.raises(ValueError, match=r"^api_key='': "):
+        parse_args({"api_key": ""})
+    assert argument_names({"max_passages": "3", "model": "a", "num_replicas": 2, "model_families": ["a=b"]}) == {
+        "max-passages": "max_passages='3'", "model": "model='a'", "model-family": "model_families=['a=b']"}
 
 
 def test_fixed_replicas_admit_max_queue_and_let_health_and_metrics_through():
@@ -304,7 +314,8 @@ def cluster(tmp_path_factory, tiny_model_dir) -> Iterator[Cluster]:
             "--max-queue", str(MAX_QUEUE), "--ray-metrics-port", str(metrics_port), "--body-timeout", str(BODY_TIMEOUT),
             "--replica-option", "health_check_period_s=1", "--replica-option", "max_constructor_retry_count=2"]
     env = {"RAY_DEDUP_LOGS": "0",
-           "OPENRERANK_CACHE_DIR": str(tmp / "onnx-cache")}  # empty: both replicas need the export at once
+           "OPENRERANK_CACHE_DIR": str(tmp / "onnx-cache"),  # empty: both replicas need the export at once
+           "OPENRERANK_MAX_CHUNKS_PER_PASSAGE": CHUNKS}  # set as a variable: the replicas' refusals name it
     server = ServerProcess(args, tmp, env=env)
     try:
         server.wait_ready(240)
@@ -381,6 +392,16 @@ def test_ray_stays_on_loopback(cluster):
         assert addresses <= _LOOPBACK | _WILDCARD, (cluster.processes[pid], addresses)
         if addresses & _WILDCARD:  # Serve binds each replica's internal gRPC server to [::] (hard-coded)
             assert "ServeReplica" in cluster.processes[pid], (cluster.processes[pid], addresses)
+
+
+def test_a_replicas_refusal_names_the_variable_that_set_the_limit(cluster):
+    """The launcher hands the replicas how each setting was given: a replica's engine refusal named
+    `--max-chunks-per-passage`, a flag nobody typed, for OPENRERANK_MAX_CHUNKS_PER_PASSAGE."""
+    body = nim_body(QUERY, PASSAGES[:1], truncate="CHUNK", max_chunks_per_passage=8)
+    with httpx.Client(base_url=cluster.url, timeout=30) as c:
+        r = c.post("/v1/ranking", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["message"].endswith(f"(OPENRERANK_MAX_CHUNKS_PER_PASSAGE='{CHUNKS}')"), r.text
 
 
 async def _send_whole_then_read(url: str, body: bytes, n: int) -> list[httpx.Response | str]:

@@ -38,8 +38,9 @@ SHOWS_S = 30
 
 
 def start(tmp_path, grace: float) -> ServerProcess:
-    server = ServerProcess(["--replicas", "2", "--threads", "1", "--graceful-timeout", str(grace)], tmp_path,
-                           env={"RAY_DEDUP_LOGS": "0"})
+    """Two replicas; the grace period set as an operator's container sets it, by its variable."""
+    server = ServerProcess(["--replicas", "2", "--threads", "1"], tmp_path,
+                           env={"RAY_DEDUP_LOGS": "0", "OPENRERANK_GRACEFUL_TIMEOUT": str(grace)})
     server.wait_ready(240)
     return server
 
@@ -134,6 +135,8 @@ def test_a_request_past_the_grace_period_gets_the_dialects_503(tmp_path):
         # (`Scheduler.drain_by`: "would not be finished before its grace period ends")
         assert is_unavailable(r, "grace period"), (r.status_code, r.text)
         assert server.proc.wait(timeout=120) == 0
+        # named as set: the launcher said `--graceful-timeout`, a flag nobody typed
+        assert "the replicas hold, for up to 1 s (OPENRERANK_GRACEFUL_TIMEOUT='1')" in server.output()
     finally:
         server.stop()
 

@@ -367,7 +367,7 @@ def run_replicas(args: argparse.Namespace, config: ServerConfig, shown: Shown | 
 
     try:
         return run_local(config, replica_options(args), metrics_port=args.ray_metrics_port,
-                         names=replica_names(args, shown))
+                         names=replica_names(args, shown), shown=shown)
     except ReplicaSetupError as exc:
         return fail("openrerank serve", str(exc), log_format=config.log_format)
 

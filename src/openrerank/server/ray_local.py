@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from openrerank.core.settings import Shown, setting_name
 from openrerank.runtimes.base import default_threads
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import UVICORN_MARGIN_S
@@ -77,11 +78,12 @@ def options_error(exc: ValidationError | ValueError, names: Mapping[str, str]) -
 
 
 def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_port: int | None = None,
-              names: Mapping[str, str] | None = None) -> int:
+              names: Mapping[str, str] | None = None, shown: Shown | None = None) -> int:
     """Serve `config` on replicas described by `replica_args` (`ReplicaOptions` fields) until a signal.
 
     `num_cpus` defaults to an equal share of this machine's CPUs for the most replicas there can be. Options
-    that cannot work raise ReplicaSetupError naming each as `names` says (`options_error`)."""
+    that cannot work raise ReplicaSetupError naming each as `names` says (`options_error`). `shown`: how the
+    launcher and the replicas name the server settings not typed as flags (core/settings.py)."""
     from openrerank.extras import MissingExtraError, require
 
     names = names or {}
@@ -117,7 +119,7 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         try:
-            serve.run(bind(config, options, str(flag.directory)), name=APP_NAME, route_prefix="/")
+            serve.run(bind(config, options, str(flag.directory), shown), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start (e.g. a model that does not load)
             print(f"openrerank serve: error: the replicas did not start: {exc}", file=sys.stderr)
             return 1
@@ -130,7 +132,7 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
         signals.first.wait()
         held = flag.held()  # as the replicas reported it within the last POLL_S
         print(f"openrerank: stopping: draining the {held} request{'' if held == 1 else 's'} the replicas hold, "
-              f"for up to {config.graceful_timeout:g} s (--graceful-timeout)", flush=True)
+              f"for up to {config.graceful_timeout:g} s ({setting_name('graceful-timeout', shown)})", flush=True)
         drain(flag, signals, config.graceful_timeout)
         return 0
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics as serve_metrics
 
+from openrerank.core.settings import Shown
 from openrerank.engine.served_models import ServedModels
 from openrerank.observe.logs import configure_logging
 from openrerank.observe.metrics import Metrics
@@ -197,9 +198,10 @@ def take_secrets(config: ServerConfig, environ: Mapping[str, str]) -> None:
         config.api_key = environ.get(API_KEY_ENV, "").strip() or None
 
 
-def build_replica_app(config: ServerConfig, drain_dir: str | None = None) -> Any:
+def build_replica_app(config: ServerConfig, drain_dir: str | None = None, shown: Shown | None = None) -> Any:
     """The openrerank app as one replica serves it (called inside the replica process); `drain_dir`: the
-    launcher's directory whose flag starts the app's drain (`server/ray_drain.py`)."""
+    launcher's directory whose flag starts the app's drain (`server/ray_drain.py`); `shown`: how its refusals
+    name the settings not typed as flags (core/settings.py), as the launcher or the builder's arguments set them."""
     if not config.threads:
         config.threads = assigned_threads()
     take_secrets(config, os.environ)
@@ -210,7 +212,7 @@ def build_replica_app(config: ServerConfig, drain_dir: str | None = None) -> Any
     # (Ray prefixes each line it forwards to the driver with the replica's name).
     configure_logging(config.log_level, config.log_format)
     metrics = Metrics(mirror=RayMetricsMirror())
-    return replica_app(create_app(config, wait_for_models=True, metrics=metrics), config,
+    return replica_app(create_app(config, wait_for_models=True, metrics=metrics, shown=shown), config,
                        serve.get_replica_context().replica_tag, drain_dir)
 
 

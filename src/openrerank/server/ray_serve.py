@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
+from openrerank.core.settings import Shown
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import UVICORN_MARGIN_S
 from openrerank.server.ray_replica import (
@@ -75,6 +76,19 @@ class ReplicaOptions(BaseModel):
                                                     "deployment fails (Serve's default: 20)")
 
 
+#: The builder arguments of repeatable settings (ServerConfig's lists) -> the flag a `shown` mapping is keyed by.
+_LIST_FLAGS = {"model": "model", "models": "model", "model_families": "model-family", "instructions": "instruction",
+               "aliases": "alias", "cors_allow_origins": "cors-allow-origin"}
+
+
+def argument_names(args: dict[str, Any] | None) -> dict[str, str]:
+    """How a refusal names each server setting given as a builder argument (core/settings.py's `shown`, keyed by
+    flag): as written, `request_timeout='0.02'`, not a `--request-timeout` flag a Serve config never has."""
+    settings = {f.name for f in fields(ServerConfig)} | set(_LIST_FLAGS)
+    return {_LIST_FLAGS.get(key, key.replace("_", "-")): f"{key}={value!r}" for key, value in (args or {}).items()
+            if key in settings}
+
+
 def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOptions]:
     """Split builder arguments into server settings (same names as `openrerank serve` flags, with `_`)
     and replica options. Values may be strings, as `serve run ... key=value` passes them."""
@@ -100,7 +114,7 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOption
         replicas = ReplicaOptions(**{k: v for k, v in args.items() if k in replica_keys})
     except ValidationError as exc:
         raise ValueError(f"invalid openrerank application arguments: {exc}") from None
-    server.validate()  # the CLI's checks (an empty api_key, a port out of range, ...), named by setting
+    server.validate(argument_names(args))  # the CLI's checks (an empty api_key, ...), named as given
     if replicas.num_gpus > 0 and server.device == "cpu":
         raise ValueError("num_gpus reserves a GPU per replica: also pass device=cuda")
     return server, replicas
@@ -153,16 +167,18 @@ def deployment_options(server: ServerConfig, replicas: ReplicaOptions) -> dict[s
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class RerankReplica:
-    """One replica: the openrerank app, built in the replica's own process."""
+    """One replica: the openrerank app, built in the replica's own process; `shown`: how its refusals name the
+    settings not typed as flags (the launcher's environment variables, the builder's arguments)."""
 
-    def __init__(self, config: dict[str, Any], drain_dir: str | None = None) -> None:
+    def __init__(self, config: dict[str, Any], drain_dir: str | None = None, shown: Shown | None = None) -> None:
         self._config = config  # plain data: it is pickled to every replica
         self._drain_dir = drain_dir
+        self._shown = dict(shown or {})
         self._fastapi_app: Any = None  # not `self.app`: Serve reserves that name
         self._drain_watch: asyncio.Task | None = None
 
     async def __serve_build_asgi_app__(self) -> Any:
-        self._fastapi_app = build_replica_app(ServerConfig(**self._config), self._drain_dir)
+        self._fastapi_app = build_replica_app(ServerConfig(**self._config), self._drain_dir, self._shown)
         if self._drain_dir:  # on the loop that runs the app's requests (Serve's user-code loop)
             self._drain_watch = asyncio.get_running_loop().create_task(self._fastapi_app.state.replica_drain.watch())
         return self._fastapi_app  # Serve then runs its lifespan: load + warm up, or fail
@@ -177,8 +193,11 @@ class RerankReplica:
             raise RuntimeError("; ".join(problems))
 
 
-def bind(server: ServerConfig, replicas: ReplicaOptions, drain_dir: str | None = None) -> serve.Application:
-    return RerankReplica.options(**deployment_options(server, replicas)).bind(asdict(server), drain_dir)
+def bind(server: ServerConfig, replicas: ReplicaOptions, drain_dir: str | None = None,
+         shown: Shown | None = None) -> serve.Application:
+    """The deployment of `server` on `replicas`; `shown`: how the replicas name the settings not typed as flags."""
+    return RerankReplica.options(**deployment_options(server, replicas)).bind(asdict(server), drain_dir,
+                                                                              dict(shown or {}))
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -186,4 +205,4 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     files (`import_path` + `args`) and KubeRay's `serveConfigV2`. Keys: `model` (comma-separated) or
     `models`, every `openrerank serve` setting (`max_queue`, `backend`, ...) and `ReplicaOptions`."""
     server, replicas = parse_args(args)
-    return bind(server, replicas)
+    return bind(server, replicas, shown=argument_names(args))
