@@ -122,3 +122,24 @@ def test_a_hit_encodes_only_the_query_and_scores_bit_for_bit(loaded):
         assert cold == pytest.approx(other, abs=1e-5)
     finally:
         scorer.cache = None
+
+
+def test_a_lower_budget_evicts_the_least_recently_used_down_to_it_and_shows_the_new_capacity():
+    """`resize` (a memory limit lowers the budget once the models have loaded): the entries past it go, oldest
+    used first, and `/metrics` shows the new capacity."""
+    registry = CollectorRegistry()
+    one = _vectors(0).nbytes + ENTRY_OVERHEAD
+    cache = TokenCache(max_bytes=10 * one, registry=registry)
+    view = cache.bind("m", TokenCache.namespace("m"))
+    keys = [view.key([101, i, 102]) for i in range(10)]
+    for i, k in enumerate(keys):
+        view.put([(k, _vectors(i))])
+    view.get(keys[:1])  # used again: the most recent now
+    cache.resize(3 * one)
+    assert len(cache) == 3 and cache.bytes <= 3 * one
+    assert [v is not None for v in view.get([keys[0], keys[1], keys[8], keys[9]])] == [True, False, True, True]
+    assert registry.get_sample_value("openrerank_token_cache_capacity_bytes") == 3 * one
+    assert registry.get_sample_value("openrerank_token_cache_entries") == 3
+    assert registry.get_sample_value("openrerank_token_cache_evictions_total") == 7
+    view.put([(view.key([7]), _vectors(7))])
+    assert len(cache) == 3 and cache.bytes <= 3 * one

@@ -107,3 +107,16 @@ def test_a_memory_limit_caps_only_the_settings_left_unset_and_never_below_one_bo
     assert loose.body_bytes_in_flight is None and loose.batch_tokens == [None, None]
     given = ServerConfig(max_body_bytes_in_flight=100 * mib, max_batch_tokens=20000).memory_caps(240 * mib, models)
     assert given.body_bytes_in_flight is None and given.batch_tokens == [None, None]
+
+
+def test_a_memory_limit_caps_the_token_cache_only_where_a_model_keeps_token_vectors_and_it_was_left_unset():
+    """The late-interaction token cache fills as passages are seen, to its 512 MB default: under a limit it gets a
+    quarter of the room where a ColBERT model is served; a cross-encoder server keeps none, an operator's
+    --token-cache-mb wins, and a loose limit caps nothing."""
+    mib = 2**20
+    models = [(40_000, 256, 16384)]
+    assert ServerConfig().token_cache_bytes == 512 * mib and ServerConfig(token_cache_mb=4).token_cache_bytes == 4 * mib
+    assert ServerConfig().memory_caps(240 * mib, models, caches_tokens=True).token_cache_bytes == 60 * mib
+    assert ServerConfig().memory_caps(240 * mib, models).token_cache_bytes is None
+    assert ServerConfig(token_cache_mb=100).memory_caps(240 * mib, models, caches_tokens=True).token_cache_bytes is None
+    assert ServerConfig().memory_caps(64 * 1024 * mib, models, caches_tokens=True).token_cache_bytes is None

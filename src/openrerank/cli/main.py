@@ -22,6 +22,7 @@ from openrerank.engine.admission import QUEUE_BUDGETS, SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.rates import BUDGET_SHARE
+from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import AUTO_MODES, BACKEND_CHOICES, DTYPES
 from openrerank.server.config import BODIES_IN_FLIGHT, ServerConfig
@@ -101,7 +102,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("score-cache-mb", "engine", "memory for an exact LRU cache of passage scores (repeated query+passage "
            "pairs skip tokenization and the model); 0 turns it off", float),
     Option("token-cache-mb", "engine", "memory for an exact LRU cache of passages' token vectors (late-interaction "
-           "models: a passage seen again costs only the query); 0 turns it off", float),
+           "models: a passage seen again costs only the query); 0 turns it off (none: "
+           f"{DEFAULT_TOKEN_CACHE_MB:g}, under a container memory "
+           "limit at most a quarter of the memory the models leave)", float),
     Option("max-passages", "limits", "most passages in one request", int),
     Option("max-inputs", "limits", "most texts in one /v1/embeddings request", int),
     Option("max-body-bytes", "limits", "largest request body accepted (413 above)", int),

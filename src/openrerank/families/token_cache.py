@@ -73,7 +73,6 @@ class TokenCache:
             return out
 
     def put(self, entries: Sequence[tuple[bytes, np.ndarray]]) -> None:
-        evicted = 0
         with self._lock:
             for key, vectors in entries:
                 cost = vectors.nbytes + ENTRY_OVERHEAD
@@ -82,12 +81,32 @@ class TokenCache:
                 vectors.setflags(write=False)  # shared by every request that hits it
                 self._entries[key] = vectors
                 self._bytes += cost
-            while self._bytes > self.max_bytes and self._entries:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.nbytes + ENTRY_OVERHEAD
-                evicted += 1
-            size, held = len(self._entries), self._bytes
+            evicted = self._evict()
+        self._count(evicted)
+
+    def resize(self, max_bytes: int) -> None:
+        """Hold at most `max_bytes` from now on, evicting the least recently used past it (the server lowers the
+        budget to a memory limit once the models have loaded)."""
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            evicted = self._evict()
         if self._metrics:
+            self._metrics.capacity.set(self.max_bytes)
+        self._count(evicted)
+
+    def _evict(self) -> int:
+        """Drop the least recently used entries past `max_bytes` (the lock held); how many."""
+        evicted = 0
+        while self._bytes > self.max_bytes and self._entries:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes + ENTRY_OVERHEAD
+            evicted += 1
+        return evicted
+
+    def _count(self, evicted: int) -> None:
+        if self._metrics:
+            with self._lock:
+                size, held = len(self._entries), self._bytes
             self._metrics.evictions.inc(evicted)
             self._metrics.entries.set(size)
             self._metrics.bytes.set(held)
@@ -147,5 +166,5 @@ class _Metrics:
                                  "Entries evicted to stay within --token-cache-mb", registry=r)
         self.entries = Gauge("openrerank_token_cache_entries", "Passages whose token vectors are held", registry=r)
         self.bytes = Gauge("openrerank_token_cache_bytes", "Memory the held entries are accounted for", registry=r)
-        capacity = Gauge("openrerank_token_cache_capacity_bytes", "--token-cache-mb in bytes", registry=r)
-        capacity.set(max_bytes)
+        self.capacity = Gauge("openrerank_token_cache_capacity_bytes", "--token-cache-mb in bytes", registry=r)
+        self.capacity.set(max_bytes)

@@ -27,6 +27,7 @@ from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import load_served_model
 from openrerank.engine.served_models import ServedModels
+from openrerank.families.late_scorer import LateInteractionScorer
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
 from openrerank.server.body_budget import BodyBudget
@@ -154,7 +155,8 @@ def cap_to_memory_limit(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     served = app.state.models.models()
     caps = config.memory_caps(limit.room, [(m.loaded.token_activation_bytes, m.loaded.max_length,
-                                            m.scheduler.config.policy.max_tokens) for m in served])
+                                            m.scheduler.config.policy.max_tokens) for m in served],
+                              caches_tokens=any(isinstance(m.loaded.scorer, LateInteractionScorer) for m in served))
     capped = []
     if caps.body_bytes_in_flight is not None:
         app.state.body_budget.limit = caps.body_bytes_in_flight
@@ -164,6 +166,9 @@ def cap_to_memory_limit(app: FastAPI) -> None:
             cfg = model.scheduler.config
             model.scheduler.reconfigure(replace(cfg, policy=replace(cfg.policy, max_tokens=tokens)))
             capped.append(f"--max-batch-tokens at {tokens} for {model.name}")
+    if caps.token_cache_bytes is not None:
+        app.state.token_cache.resize(caps.token_cache_bytes)
+        capped.append(f"--token-cache-mb at {caps.token_cache_bytes >> 20}")
     log.info("a memory limit of %d MiB (%s) leaves %d MiB above what is in use with the models loaded: %s "
              "(docs/reliability.md, Memory limits)", limit.limit >> 20, limit.folder, caps.room >> 20,
              "caps " + ", ".join(capped) if capped else "caps nothing (the settings given, or the defaults, fit)")
@@ -359,7 +364,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
                              if config.score_cache_mb > 0 else None)
     # Always made (it costs nothing until a late-interaction model stores vectors): with 0 MiB it holds nothing
     # but still counts what those models encode.
-    app.state.token_cache = TokenCache(int(config.token_cache_mb * 2**20), app.state.metrics.registry)
+    app.state.token_cache = TokenCache(config.token_cache_bytes, app.state.metrics.registry)
     app.state.models = ServedModels()
     app.state.body_budget = BodyBudget(config.body_bytes_in_flight)  # a memory limit may lower it (load_all)
     app.state.resolved = {r.source.served_id: r for r in resolved}

@@ -53,6 +53,9 @@ BODIES_IN_FLIGHT = 8
 #: written, the allocator's slack (docs/reliability.md says what was measured).
 MEMORY_BATCH_SHARE = 0.5
 MEMORY_BODY_SHARE = 0.125
+#: ... and the late-interaction models' token-vector cache (`--token-cache-mb`), which fills as passages are seen and
+#: so would take the rest of the room in time (only where such a model is served).
+MEMORY_TOKEN_CACHE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class MemoryCaps:
     room: int  # bytes the limited group may still take, the models loaded
     body_bytes_in_flight: int | None
     batch_tokens: list[int | None]  # per model, in the order given
+    token_cache_bytes: int | None = None
 
 
 @dataclass
@@ -104,7 +108,7 @@ class ServerConfig:
     max_queue: int = SchedulerConfig.max_queue
     request_timeout: float = SchedulerConfig.request_timeout
     score_cache_mb: float = 0.0  # exact LRU of passage scores shared by all models; 0: off
-    token_cache_mb: float = DEFAULT_TOKEN_CACHE_MB  # late-interaction passages' token vectors; 0: off
+    token_cache_mb: float | None = None  # late-interaction passages' token vectors; 0: off; None: the default
     # bounded work per request (docs/reliability.md)
     max_request_tokens: int | None = None  # None: SchedulerConfig.request_budget
     max_queue_tokens: int | None = None  # None: SchedulerConfig.queue_budget
@@ -206,7 +210,7 @@ class ServerConfig:
             need(getattr(self, flag.replace("-", "_")) > 0, flag, "must be more than 0 seconds")
         need(self.batch_wait_ms >= 0, "batch-wait-ms", "must not be negative")
         need(self.score_cache_mb >= 0, "score-cache-mb", "must be 0 (off) or more")
-        need(self.token_cache_mb >= 0, "token-cache-mb", "must be 0 (off) or more")
+        need(self.token_cache_mb is None or self.token_cache_mb >= 0, "token-cache-mb", "must be 0 (off) or more")
         need(self.graceful_timeout >= 0, "graceful-timeout", "must not be negative")
         need(self.max_padding is None or 0 <= self.max_padding < 1, "max-padding", "must be at least 0 and below 1")
         need(self.log_level.lower() in LOG_LEVELS, "log-level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -251,10 +255,22 @@ class ServerConfig:
         --max-body-bytes (`server/body_budget.py`)."""
         return self.max_body_bytes_in_flight or BODIES_IN_FLIGHT * self.max_body_bytes
 
-    def memory_caps(self, room: int, models: list[tuple[int | None, int, int]]) -> MemoryCaps:
+    @property
+    def token_cache_bytes(self) -> int:
+        """The token-vector cache's budget: --token-cache-mb, else `DEFAULT_TOKEN_CACHE_MB` (families/token_cache)."""
+        mb = DEFAULT_TOKEN_CACHE_MB if self.token_cache_mb is None else self.token_cache_mb
+        return int(mb * 2**20)
+
+    def memory_caps(self, room: int, models: list[tuple[int | None, int, int]], *,
+                    caches_tokens: bool = False) -> MemoryCaps:
         """What `room` bytes left under a memory limit cap among the settings left unset. `models`: per served
         model (activation bytes per padded batch token or None where unknown, its window in tokens, its policy's
-        batch tokens). A batch keeps room for one full window; the body budget for one `--max-body-bytes` body."""
+        batch tokens). A batch keeps room for one full window; the body budget for one `--max-body-bytes` body.
+        `caches_tokens`: a served model keeps passages' token vectors (the token cache then has a share too)."""
+        tokens = None
+        if caches_tokens and self.token_cache_mb is None:
+            share = int(MEMORY_TOKEN_CACHE_SHARE * room)
+            tokens = share if share < self.token_cache_bytes else None
         bodies = None
         if self.max_body_bytes_in_flight is None:
             share = max(self.max_body_bytes, int(MEMORY_BODY_SHARE * room))
@@ -265,7 +281,7 @@ class ServerConfig:
             if self.max_batch_tokens is None and token_bytes:
                 cap = max(window, int(MEMORY_BATCH_SHARE * room / len(models) / token_bytes))
             batches.append(cap if cap is not None and cap < max_tokens else None)
-        return MemoryCaps(room, bodies, batches)
+        return MemoryCaps(room, bodies, batches, tokens)
 
     @property
     def grpc_message_bytes(self) -> int:

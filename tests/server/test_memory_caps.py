@@ -1,0 +1,55 @@
+"""What a memory limit caps in a served app (`server/app.cap_to_memory_limit`), the limit faked: the body
+budget, each model's batch tokens and, with a ColBERT model, the token cache; nothing on a host without a limit.
+(tests/core/test_memory.py runs a real server inside a real cgroup limit where the host allows one.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from openrerank.core.memory import MemoryLimit
+from openrerank.server import app as app_module
+from openrerank.server.config import MEMORY_TOKEN_CACHE_SHARE, ServerConfig
+from tests.families.colbert_builders import build_pylate_colbert
+from tests.server.faults import InProcessServer
+
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def colbert_dir(tmp_path_factory) -> Path:
+    return build_pylate_colbert(tmp_path_factory.mktemp("colbert") / "colbert")
+
+
+def _serve(config: ServerConfig, limit: MemoryLimit | None, monkeypatch) -> InProcessServer:
+    monkeypatch.setattr(app_module, "memory_limit", lambda: limit)
+    return InProcessServer(config)
+
+
+def test_a_limit_caps_the_unset_budgets_the_token_cache_included(colbert_dir, tiny_model_dir, monkeypatch, caplog):
+    limit = MemoryLimit(limit=1000 * MIB, used=760 * MIB, folder=Path("/sys/fs/cgroup/memory/pod"))  # 240 MiB room
+    config = ServerConfig(models=[f"colbert={colbert_dir}", f"tiny={tiny_model_dir}"], backend="torch", threads=1)
+    with caplog.at_level("INFO", logger="openrerank"), _serve(config, limit, monkeypatch) as server:
+        state = server.app.state
+        assert state.token_cache.max_bytes == int(MEMORY_TOKEN_CACHE_SHARE * 240 * MIB)
+        assert state.body_budget.limit == 30 * MIB
+        metrics = httpx.get(server.url + "/v1/metrics").text.splitlines()
+        capacity = next(m for m in metrics if m.startswith("openrerank_token_cache_capacity_bytes "))
+        assert float(capacity.split()[1]) == 60 * MIB
+    line = next(r.getMessage() for r in caplog.records if "a memory limit of 1000 MiB" in r.getMessage())
+    assert "--token-cache-mb at 60" in line and "--max-body-bytes-in-flight at 30 MiB" in line
+
+
+def test_an_operators_settings_and_a_host_without_a_limit_are_left_as_they_are(colbert_dir, monkeypatch):
+    limit = MemoryLimit(limit=1000 * MIB, used=760 * MIB, folder=Path("/sys/fs/cgroup/memory/pod"))
+    given = ServerConfig(models=[f"colbert={colbert_dir}"], backend="torch", threads=1, token_cache_mb=100,
+                         max_body_bytes_in_flight=50 * MIB)
+    with _serve(given, limit, monkeypatch) as server:
+        assert server.app.state.token_cache.max_bytes == 100 * MIB
+        assert server.app.state.body_budget.limit == 50 * MIB
+    unset = ServerConfig(models=[f"colbert={colbert_dir}"], backend="torch", threads=1)
+    with _serve(unset, None, monkeypatch) as server:
+        assert server.app.state.token_cache.max_bytes == unset.token_cache_bytes == 512 * MIB
+        assert server.app.state.body_budget.limit == unset.body_bytes_in_flight
