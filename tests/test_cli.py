@@ -358,8 +358,14 @@ def test_busy_port_fails_before_the_model_loads():
         done = _openrerank("serve", "--port", str(port), env={"OPENRERANK_LOG_LEVEL": "info"})
     err = done.stderr.strip()
     assert done.returncode == 2 and "Traceback" not in err
-    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err and err.endswith("(--host/--port)")
     assert "loaded" not in err and "export" not in err  # nothing was loaded first
+    with socket.socket() as busy:  # the port set by a variable is named as the variable
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _openrerank("serve", env={"OPENRERANK_PORT": str(port)})
+    assert done.returncode == 2 and done.stderr.strip().endswith(f"(--host/OPENRERANK_PORT='{port}')"), done.stderr
 
 
 def test_more_threads_than_cores_is_warned_at_start():
@@ -423,6 +429,9 @@ def test_a_max_length_too_small_for_the_models_fixed_tokens_is_refused_at_startu
     err = _one_line_error(_openrerank("serve", "--port", "0", "--model", str(tiny_model_dir), "--max-length", "4"),
                           "--max-length 4: a 4-token window is too small", "take 5")
     assert "loaded" not in err
+    _one_line_error(_openrerank("serve", "--port", "0", "--model", str(tiny_model_dir),
+                                env={"OPENRERANK_MAX_LENGTH": "4"}),
+                    "OPENRERANK_MAX_LENGTH='4': a 4-token window is too small", "take 5")
 
 
 def test_a_grpc_server_that_cannot_load_is_one_line_at_start(tmp_path, monkeypatch, capsys):

@@ -233,7 +233,7 @@ def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, mode
     """`export --out DIR` gives model.onnx + export.json + tokenizer/config, no weights; it loads (on ONNX
     Runtime, never on torch), scores like the source model, and a torch export is never attempted."""
     from openrerank.cli.main import main
-    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.engine.loading import LoadOptions, load_model, resolve_model
     from openrerank.sources.safety import check_weights
 
     out = tmp_path / "servable"
@@ -249,8 +249,10 @@ def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, mode
     passages = ["paris is the capital of france", "bananas are yellow"]
     assert np.allclose(served.score("capital of france", passages), source.score("capital of france", passages),
                        atol=1e-6)
-    with pytest.raises(ValueError, match="served on CPU by openvino or onnx"):
+    with pytest.raises(ValueError, match=r"^--backend torch: .* served on CPU by openvino or onnx"):
         load_model(str(out), LoadOptions(backend="torch"))
+    with pytest.raises(ValueError, match=r"^OPENRERANK_BACKEND='torch': .* served on CPU by openvino or onnx"):
+        resolve_model(str(out), LoadOptions(backend="torch"), {"backend": "OPENRERANK_BACKEND='torch'"})
     with pytest.raises(ExportError, match="serve it with --dtype fp32"):
         load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))
 

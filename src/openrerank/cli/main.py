@@ -17,7 +17,7 @@ from openrerank.cli import export, families
 from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_under_name
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options, unknown_env
 from openrerank.cli.scale_out import check_scale_out, replica_names, replica_options
-from openrerank.core.settings import Shown, setting_item
+from openrerank.core.settings import Shown, setting_item, setting_name
 from openrerank.engine.admission import QUEUE_BUDGETS, SECONDS_PER_BUDGET_BATCH
 from openrerank.engine.batching import CPU_POLICY, CUDA_POLICY
 from openrerank.engine.loading import ResolvedModel
@@ -285,7 +285,7 @@ def preflight(config: ServerConfig, shown: Shown | None = None) -> list[Resolved
     return resolved
 
 
-def bind_socket(host: str, port: int, flags: str = "--host/--port, OPENRERANK_PORT") -> socket.socket:
+def bind_socket(host: str, port: int, flags: str = "--host/--port") -> socket.socket:
     """Take the port now, before any model loads, so a busy port fails in a second, not after the load.
 
     The socket listens at once: a bound socket that does not listen yet does not hold its port against another
@@ -340,9 +340,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         resolved = preflight(config, shown)
         if not replicated:
-            sock = bind_socket(config.host, config.port)
+            sock = bind_socket(config.host, config.port, f"{setting_name('host', shown)}/{setting_name('port', shown)}")
             if config.grpc_port is not None:
-                bind_socket(config.grpc_host or config.host, config.grpc_port, "--grpc-host/--grpc-port").close()
+                bind_socket(config.grpc_host or config.host, config.grpc_port,
+                            f"{setting_name('grpc-host', shown)}/{setting_name('grpc-port', shown)}").close()
                 grpc_server = grpc_server_class()
     except Exception as exc:  # every startup failure is one line, exit 2
         if sock is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from openrerank.core.images import ImageLimits, check_request_size, open_image, parse_data_url
 from openrerank.core.requests import InputType, ScoreKind, Truncate
-from openrerank.core.settings import Shown, setting_item
+from openrerank.core.settings import Shown, setting, setting_item, setting_name
 from openrerank.core.work import EmbedItem, Task, TokenEmbedItem
 from openrerank.engine.batching import BatchPolicy, default_policy
 from openrerank.engine.errors import RequestTooLargeError
@@ -253,28 +253,32 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None,
     if options.max_length:
         spec = replace(spec, max_length=min(spec.max_length, options.max_length))
     if options.max_length or source.instruction is not None:
-        check_window(family, spec, options.max_length, source.instruction)
+        check_window(family, spec, options.max_length, source.instruction, shown)
     runtimes = family.runtimes
     if weights_format == "onnx":
         runtimes = tuple(e for e in exported_runtimes(path) if e in family.runtimes)
         if options.backend not in ("auto", *runtimes) or options.device != "cpu":
-            raise ValueError(f"{source.spec} is a pre-exported ONNX directory (model.onnx + export.json), served on "
-                             f"CPU by {' or '.join(runtimes)}: use --backend {' or '.join(runtimes)} (or auto)")
+            asked = (setting("backend", options.backend, shown) if options.backend not in ("auto", *runtimes)
+                     else setting("device", options.device, shown))
+            raise ValueError(f"{asked}: {source.spec} is a pre-exported ONNX directory (model.onnx + export.json), "
+                             f"served on CPU by {' or '.join(runtimes)}: serve it with backend "
+                             f"{' or '.join(runtimes)} (or auto) on the CPU")
     plan = plan_runtimes(options.backend, options.dtype, options.device, runtimes, family.id, shown)
     return ResolvedModel(source, weights_format, family, spec, runtimes, tuple(plan))
 
 
-def check_window(family: Family, spec: ModelSpec, max_length: int | None, instruction: str | None = None) -> None:
+def check_window(family: Family, spec: ModelSpec, max_length: int | None, instruction: str | None = None,
+                 shown: Shown | None = None) -> None:
     """`--max-length` must leave room for the family's fixed tokens (special tokens, markers, its prompt's text)
     and a token of query and of passage: a smaller window would start a server refusing every request. Its
     text encoder knows what it needs (`TextEncoder.min_length`); this loads the tokenizer (about a second).
     `--instruction` is held to the rule a request's own instruction is (`with_instruction`), so the startup
-    error names the flag, as its other refusals (`Family.check_instruction`) do."""
+    error names the setting as given (`shown`), as its other refusals (`Family.check_instruction`) do."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
-    flags = [f"--max-length {max_length}"] if max_length else []
-    flags += ["--instruction"] if instruction is not None else []
+    flags = [setting("max-length", max_length, shown)] if max_length else []
+    flags += [setting_name("instruction", shown)] if instruction is not None else []
     try:
         encoder = family.text_encoder(spec, tokenizer)
         encoder.check_window()

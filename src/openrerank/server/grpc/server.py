@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from openrerank.core.settings import setting_name
 from openrerank.server.drain import UVICORN_MARGIN_S
 from openrerank.server.grpc.protocol import open_inference_pb2_grpc as pb_grpc
 from openrerank.server.grpc.service import SERVICE, InferenceService
@@ -74,7 +75,9 @@ class GrpcServer:
             else:
                 self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
-            raise RuntimeError(f"cannot serve gRPC on {self.address}: {exc} (--grpc-host/--grpc-port)") from None
+            shown = self.app.state.shown
+            where = f"{setting_name('grpc-host', shown)}/{setting_name('grpc-port', shown)}"
+            raise RuntimeError(f"cannot serve gRPC on {self.address}: {exc} ({where})") from None
         await server.start()
         self._server = server
         self._watch = asyncio.create_task(self._watch_readiness())
