@@ -124,3 +124,19 @@ def test_the_served_ids_are_listed_in_order_from_the_start_whether_loaded_yet_or
     assert served.names == ["a", "b"]
     served.add(SimpleNamespace(name="extra"))  # added without being expected (as a test app adds one)
     assert served.names == ["a", "b", "extra"]
+
+
+def test_an_alias_of_a_model_that_failed_to_load_is_no_id_a_request_may_name():
+    """`ids` held every alias, also those of a model `--allow-partial` skipped: gRPC looked names up there and
+    described the failed model under its alias."""
+    from types import SimpleNamespace
+
+    from openrerank.engine.served_models import ServedModels
+
+    served = ServedModels()
+    served.expected = ["broken", "ce"]
+    served.aliases = {"old": "broken", "new": "ce"}
+    assert served.ids == ["broken", "ce", "old", "new"]  # loading: every id may yet be served
+    served.add(SimpleNamespace(name="ce"))
+    served.failed["broken"] = "no weights"
+    assert served.ids == ["ce", "new"]

@@ -63,8 +63,10 @@ class ServedModels:
 
     @property
     def ids(self) -> list[str]:
-        """Every id a request may name: the served ids, then the other ids they answer to (aliases)."""
-        return [*self.names, *self.aliases]
+        """Every id a request may name: the served ids, then the other ids they answer to (aliases). An alias of a
+        model that failed to load (`--allow-partial`) names nothing, as that model's own id does: gRPC's
+        ModelMetadata described it as served while every other route answered that it is not."""
+        return [*self.names, *(alias for alias, name in self.aliases.items() if name not in self.failed)]
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())

@@ -14,6 +14,7 @@ import grpc
 
 from openrerank.core.images import ImageInputError, ImageTooLargeError
 from openrerank.engine.errors import DeadlineExceededError, QueueFullError
+from openrerank.engine.served_models import ServedModels
 from openrerank.observe.metrics import Metrics
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import Drain
@@ -151,12 +152,46 @@ def failures() -> dict:
     return {name: [code.name, message] for name, (code, message) in answers.items()}
 
 
+async def alias_of_a_failed_model() -> dict:
+    """`--allow-partial --model broken=... --model ce=... --alias old=broken`, `broken` failed to load: each RPC's
+    status and message for the failed model's id and its alias (ModelMetadata('old') answered OK, describing
+    `broken`; ModelInfer('old')'s NOT_FOUND named 'broken', not the name the client sent)."""
+    reg = ServedModels()
+    reg.expected = ["broken", "ce"]
+    reg.add(SimpleNamespace(name="ce", scheduler=SimpleNamespace(failure=None), max_length=512,  # type: ignore[arg-type]
+                            takes_images=False))
+    reg.failed["broken"] = "SafetensorError: header too large"
+    reg.aliases = {"old": "broken", "new": "ce"}
+    reg.loaded = True
+    served = service()
+    served.state.models = reg
+    answers: dict = {}
+    for name in ("broken", "old", "new"):
+        for method, request in (("ModelMetadata", pb.ModelMetadataRequest(name=name)),
+                                ("ModelInfer", ranking_request()), ("ModelReady", pb.ModelReadyRequest(name=name))):
+            if method == "ModelInfer":
+                request.model_name = name
+            context = Context()
+            try:
+                reply = await getattr(served, method)(request, context)
+            except grpc.aio.AbortError:
+                reply = None
+            status, message = context.status or ("OK", "")
+            if method == "ModelReady":
+                message = str(reply.ready)
+            elif method == "ModelMetadata" and reply is not None:
+                message = reply.properties["model_id"]
+            answers[f"{method}({name})"] = [status, message]
+    return answers
+
+
 async def main() -> dict:
     return {"failures": failures(),
             "unknown_inputs": await many_unknown_inputs(), "unknown_parameters": await many_unknown_parameters(),
             "ready": await model_ready_while_draining(),
             "deadline": [await cancelled(r) for r in (0.0, 0.005)],
-            "disconnect": [await cancelled(r) for r in (None, 5.0)]}
+            "disconnect": [await cancelled(r) for r in (None, 5.0)],
+            "alias_of_failed": await alias_of_a_failed_model()}
 
 
 if __name__ == "__main__":

@@ -55,3 +55,17 @@ def test_failures_below_the_server_are_answered_from_the_one_table_naming_settin
                                    "request timed out after 0.02 s (NIM_REQUEST_TIMEOUT_S='0.02')"]
     assert failures["queue_full"] == ["RESOURCE_EXHAUSTED",
                                       "server overloaded: 3 requests pending (limit 3, --max-queue); retry later"]
+
+
+def test_an_alias_of_a_model_that_failed_to_load_is_not_served_and_is_named_as_sent(outcome):
+    """Under --allow-partial, ModelMetadata answered OK for an alias of the model that failed to load (describing
+    that model) while its own id was NOT_FOUND, and ModelInfer's NOT_FOUND for the alias named the failed model's id
+    instead of the name the client sent. An alias of a model that loaded still answers."""
+    answers = outcome["alias_of_failed"]
+    for name in ("broken", "old"):
+        for method in ("ModelMetadata", "ModelInfer"):
+            assert answers[f"{method}({name})"] == [
+                "NOT_FOUND", f"Model '{name}' is not served here; served models: ce"], (method, name)
+        assert answers[f"ModelReady({name})"] == ["OK", "False"]
+    assert answers["ModelMetadata(new)"] == ["OK", "ce"]
+    assert answers["ModelReady(new)"] == ["OK", "True"]
