@@ -281,6 +281,17 @@ def test_root_serves_the_task_of_the_model_it_picks(bi_then_tiny, path):
     assert_tei_error(c.post(path, json={"inputs": texts, "model": 5}), 422, "Validation", "model")
 
 
+@pytest.mark.parametrize("path", ["/", "/invocations"])
+def test_root_on_an_embedding_model_explains_a_rerank_body(bi_then_tiny, path):
+    """A reranker client's `query` + `texts` sent to the root of an embedding model (the first served, or named)
+    got a bare "field 'inputs' is required"; the reverse case said how the root routes. Now both do."""
+    c = bi_then_tiny
+    for body in ({"query": "paris", "texts": ["a", "b"]}, {"query": "paris", "texts": ["a"], "model": "bi"}):
+        assert_tei_error(c.post(path, json=body), 422, "Validation", "model 'bi', an embedding model",
+                         "send 'inputs'", "POST /rerank")
+    assert_tei_error(c.post(path, json={"query": "paris"}), 422, "Validation", "inputs")  # neither task's body
+
+
 @pytest.mark.parametrize("path", ["/embed", "/"])
 def test_an_empty_string_among_inputs_is_tei_empty(bi_then_tiny, path):
     """TEI encodes each input alone and answers an empty one 400 `Empty` (`EncodingInput::is_empty`), as it answers

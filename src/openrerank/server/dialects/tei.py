@@ -336,6 +336,9 @@ async def root(request: Request, response: Response) -> Any:
     name = payload.get("model")
     model = common.served_models(request).get(name if isinstance(name, str) else None)  # another type: 422 below
     if model.embeds:
+        if payload.get("inputs") is None and payload.get("texts") is not None:  # a reranker client's body
+            raise ApiError(422, f"POST {request.url.path} on model '{model.name}', an embedding model, embeds as "
+                           "TEI's root does: send 'inputs'; rerank 'query' and 'texts' on POST /rerank")
         body = await common.parse_body(request, TeiEmbedRequest, payload)
         return await embed_answer(request, body.model_copy(update={"model": model.name}))
     if payload.get("texts") is None and payload.get("inputs") is not None:
