@@ -172,6 +172,21 @@ def test_eviction_keeps_the_most_recent_within_the_cap():
     assert ScoreCache(ENTRY_BYTES - 1).capacity == 0
 
 
+def test_entries_are_counted_per_model_through_eviction_and_clear():
+    """The cache is one budget for every model; /v1/metadata gave each model the whole cache's entry count as its
+    own. Each model's count follows its stores, repeats and the evictions of its entries."""
+    cache = ScoreCache(5 * ENTRY_BYTES)
+    model = CountingScorer()
+    asyncio.run(cache.score("a", b"ns-a", "q", ["p0", "p1", "p2"], model))
+    asyncio.run(cache.score("b", b"ns-b", "q", ["p0"], model))
+    asyncio.run(cache.score("a", b"ns-a", "q", ["p2", "p3"], model))  # a hit and one new entry
+    assert (cache.entries_of("a"), cache.entries_of("b"), cache.entries_of("c"), len(cache)) == (4, 1, 0, 5)
+    asyncio.run(cache.score("b", b"ns-b", "q", ["p1", "p2"], model))  # evicts a's two least recently used
+    assert (cache.entries_of("a"), cache.entries_of("b"), len(cache)) == (2, 3, 5)
+    cache.clear()
+    assert (cache.entries_of("a"), cache.entries_of("b")) == (0, 0)
+
+
 def test_concurrent_requests_for_the_same_passages_score_them_once():
     registry = CollectorRegistry()
     cache = ScoreCache(2**20, registry)
@@ -366,7 +381,7 @@ def test_memory_per_entry_stays_within_the_accounted_bytes():
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    cache._store(_entries(keys))
+    cache._store("m", _entries(keys))
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert len(cache) == n
@@ -388,7 +403,7 @@ def test_memory_per_entry_stays_within_the_accounted_bytes_while_evicting():
         for r in range(6):
             keys = ScoreCache.keys(ns, f"query {r}", [f"passage number {i}" for i in range(n)])
             for a in range(0, n, 1000):
-                cache._store(_entries(keys[a : a + 1000], a))
+                cache._store("m", _entries(keys[a : a + 1000], a))
                 most = max(most, tracemalloc.get_traced_memory()[0] - before - sys.getsizeof(keys) -
                            sum(sys.getsizeof(k) for k in keys))  # the request's own keys are not the cache's
             del keys

@@ -140,3 +140,25 @@ def test_an_alias_of_a_model_that_failed_to_load_is_no_id_a_request_may_name():
     served.add(SimpleNamespace(name="ce"))
     served.failed["broken"] = "no weights"
     assert served.ids == ["ce", "new"]
+
+
+def test_metadata_gives_each_model_its_own_share_of_the_one_score_cache():
+    """Every model's `score_cache` showed the whole cache's entries as its own (5 models read as 5 caches), also a
+    listwise model's, which never uses the cache."""
+    from types import SimpleNamespace
+
+    from openrerank.engine.score_cache import ENTRY_BYTES, ScoreCache
+    from openrerank.engine.served import ServedModel
+
+    cache = ScoreCache(100 * ENTRY_BYTES)
+    cache._store("a", [(bytes([i]) * 16, (0.5, 3, 0, 1)) for i in range(4)])
+    cache._store("b", [(b"b" * 16, (0.5, 3, 0, 1))])
+
+    def described(name: str, listwise: bool) -> dict:
+        loaded = SimpleNamespace(describe=dict, family=SimpleNamespace(listwise=listwise), multi_vector=False)
+        scheduler = SimpleNamespace(request_budget=1000, work_per_second=None)
+        return ServedModel(name, loaded, scheduler, None, score_cache=cache).metadata()  # type: ignore[arg-type]
+
+    assert described("a", False)["score_cache"] == {"max_bytes": 100 * ENTRY_BYTES, "shared": True, "entries": 4}
+    assert described("b", False)["score_cache"]["entries"] == 1
+    assert "score_cache" not in described("c", True)

@@ -101,13 +101,21 @@ def test_models_and_metadata_answer_as_the_document_declares(tmp_path, tiny_mode
     config = ServerConfig(models=[f"tiny={tiny_model_dir}", f"bi={bi}", f"late={late}"], backend="torch", threads=1,
                           score_cache_mb=1)
     with TestClient(create_app(config, wait_for_models=True)) as c:
+        ranked = c.post("/v1/ranking", json={"model": "tiny", "query": {"text": "q"},
+                                             "passages": [{"text": f"p {i}"} for i in range(3)]})
+        assert ranked.status_code == 200, ranked.text
         listed = check_against_openapi(c, "/v1/models")
         meta = check_against_openapi(c, "/v1/metadata")
     assert {m["id"]: m["tasks"] for m in listed["data"]} == {"tiny": ["rerank"], "bi": ["rerank", "embed"],
                                                               "late": ["rerank"]}
     models = {m["id"]: m for m in meta["models"]}
     assert models["bi"]["embedding_dim"] > 0 and models["late"]["multi_vector"] is True
-    assert models["tiny"]["score_cache"]["max_bytes"] == 2**20 and models["tiny"]["engine"]["measured"]
+    assert models["tiny"]["engine"]["measured"]
+    # one cache for all models: every model showed its whole entries as its own (3 for each here)
+    assert {m: models[m]["score_cache"] for m in models} == {
+        "tiny": {"max_bytes": 2**20, "shared": True, "entries": 3},
+        "bi": {"max_bytes": 2**20, "shared": True, "entries": 0},
+        "late": {"max_bytes": 2**20, "shared": True, "entries": 0}}
     with TestClient(create_app(config, load_models=False)) as c:
         assert check_against_openapi(c, "/v1/models")["data"][0]["tasks"] == []
         assert check_against_openapi(c, "/v1/metadata")["models"] == []

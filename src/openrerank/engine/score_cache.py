@@ -84,6 +84,9 @@ ScoreFn = Callable[[list[str]], Awaitable[Scored]]
 #: Scores several queries' passages at once (one scheduler submission): (query's index, its passages) each.
 ScoreManyFn = Callable[[list[tuple[int, list[str]]]], Awaitable[list[Scored]]]
 _Entry = tuple[float, int, int, int]  # score, usage tokens of the passage, usage tokens shared, windows of it
+#: What the cache holds: an entry and the served model it was scored by (one shared reference: 8 bytes an entry),
+#: so that entries are counted per model (`entries_of`) and an eviction takes its count off the right model.
+_Held = tuple[float, int, int, int, str]
 
 
 @dataclass
@@ -119,7 +122,8 @@ class ScoreCache:
     def __init__(self, max_bytes: int, registry: CollectorRegistry | None = None) -> None:
         self.max_bytes = int(max_bytes)
         self.capacity = max(0, self.max_bytes // ENTRY_BYTES)
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: OrderedDict[bytes, _Held] = OrderedDict()
+        self._per_model: dict[str, int] = {}  # served id -> entries held for it
         #: key -> (the entry a running request will deliver (or None), how many passages that request scores)
         self._inflight: dict[bytes, tuple[Future, int]] = {}
         self._lock = threading.Lock()
@@ -127,6 +131,11 @@ class ScoreCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def entries_of(self, model: str) -> int:
+        """Entries held for one served model (its aliases share them): the cache is one budget for all models, and
+        /v1/metadata reports each model's share of it."""
+        return self._per_model.get(model, 0)
 
     @staticmethod
     def namespace(*parts: object) -> bytes:
@@ -170,7 +179,7 @@ class ScoreCache:
         for look in looks:
             look.result.tokenize_ms = (time.perf_counter() - t0) * 1e3
         try:
-            await self._score_into(looks, [look.todo for look in looks], queries, score, deliver=True)
+            await self._score_into(model, looks, [look.todo for look in looks], queries, score, deliver=True)
         finally:
             for look in looks:
                 self._release(look.keys, look.own)
@@ -200,7 +209,7 @@ class ScoreCache:
             for look, again in zip(looks, retry, strict=True):
                 self._metrics.shared.labels(model).inc(len(look.waiting) + len(look.copies) - len(again))
                 self._metrics.misses.labels(model).inc(len(again))
-        await self._score_into(looks, retry, queries, score, deliver=False)
+        await self._score_into(model, looks, retry, queries, score, deliver=False)
         for look in looks:
             for i, (q, j) in look.copies.items():
                 src = looks[q]
@@ -225,10 +234,10 @@ class ScoreCache:
                                np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
                 looks.append(look)
                 for i, key in enumerate(keys):
-                    entry = self._entries.get(key)
-                    if entry is not None:
+                    held = self._entries.get(key)
+                    if held is not None:
                         self._entries.move_to_end(key)
-                        look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i] = entry
+                        look.result.logits[i], look.tokens[i], look.shared_tokens, look.windows[i], _ = held
                     elif key in fresh:
                         look.copies[i] = fresh[key]
                     elif key in self._inflight:
@@ -249,7 +258,7 @@ class ScoreCache:
                     self._inflight[look.keys[i]] = (future, size)
         return looks
 
-    async def _score_into(self, looks: list[_Lookup], todo: list[list[int]],
+    async def _score_into(self, model: str, looks: list[_Lookup], todo: list[list[int]],
                           queries: Sequence[tuple[bytes, str, Sequence[str]]], score: ScoreManyFn,
                           deliver: bool) -> None:
         """Score each query's passages `todo[q]` with the model in one call, fill them in, store them, and
@@ -276,7 +285,7 @@ class ScoreCache:
             result.inference_ms += scored.inference_ms
             entries = [(look.keys[i], (float(v), int(t), look.shared_tokens, int(w)))
                        for i, v, t, w in zip(idx, scored.logits, per_passage, per_windows, strict=True)]
-            self._store(entries)
+            self._store(model, entries)
             for i, (_, entry) in zip(idx, entries, strict=True):
                 future = look.own.get(i) if deliver else None
                 if future is not None and not future.done():
@@ -293,16 +302,22 @@ class ScoreCache:
             if not future.done():
                 future.set_result(None)
 
-    def _store(self, entries: list[tuple[bytes, _Entry]]) -> None:
+    def _store(self, model: str, entries: list[tuple[bytes, _Entry]]) -> None:
+        """Hold `model`'s entries (a key names its model: one stored again is still that model's), evicting the
+        least recently used of any model beyond the capacity."""
         if self.capacity == 0:
             return
         evicted = 0
+        counts = self._per_model
         with self._lock:
-            for key, value in entries:
-                self._entries[key] = value
+            before = len(self._entries)
+            for key, (score, tokens, shared, windows) in entries:
+                self._entries[key] = (score, tokens, shared, windows, model)
                 self._entries.move_to_end(key)
+            counts[model] = counts.get(model, 0) + len(self._entries) - before
             while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+                gone = self._entries.popitem(last=False)[1][4]
+                counts[gone] -= 1
                 evicted += 1
             size = len(self._entries)
         if self._metrics:
@@ -313,6 +328,7 @@ class ScoreCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._per_model.clear()
         if self._metrics:
             self._metrics.entries.set(0)
             self._metrics.bytes.set(0)

@@ -345,8 +345,10 @@ class ServedModel:
                 meta["attention_knee_flops"] = round(self.loaded.knee or self.scheduler.knee)
         if self.embedding_dim is not None:
             meta["embedding_dim"] = self.embedding_dim
-        if self.score_cache is not None:
-            meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "entries": len(self.score_cache)}
+        if self.score_cache is not None and not self.loaded.family.listwise:  # a listwise model never uses it
+            # one cache, one budget for every model: its size is the whole budget, its entries this model's own
+            meta["score_cache"] = {"max_bytes": self.score_cache.max_bytes, "shared": True,
+                                   "entries": self.score_cache.entries_of(self.name)}
         if self.loaded.multi_vector:
             meta["multi_vector"] = True
         if self.loaded.family.listwise:  # a passage's score depends on its list: clients must not split lists

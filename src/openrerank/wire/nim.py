@@ -148,9 +148,12 @@ class EngineChoice(BaseModel):
 
 
 class ScoreCacheInfo(BaseModel):
+    """The score cache (`--score-cache-mb`) as one model sees it: one cache serves every model."""
+
     model_config = _CLOSED
-    max_bytes: int
-    entries: int
+    max_bytes: int = Field(description="The whole cache's budget, shared by every served model (not this model's).")
+    entries: int = Field(description="Passage scores held for this model (its aliases included).")
+    shared: bool = Field(default=True, description="The cache and its budget are shared by every served model.")
 
 
 class ServedModelInfo(BaseModel):
