@@ -309,3 +309,27 @@ def test_an_unparsable_body_of_a_json_like_type_is_answered_as_not_json():
     with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
         r = c.post("/v1/ranking", content=b'{"query": ', headers={"content-type": "application/jsonl"})
     assert r.status_code == 400 and r.json()["message"].startswith("request body is not valid JSON"), r.text
+
+
+@pytest.mark.parametrize(("models", "settings", "hinted"), [
+    (["a=/x/a", "b=/x/b"], {}, True), (["a=/x/a", "b=/x/b"], {"threads": 1}, False), (["a=/x/a"], {}, False),
+    (["a=/x/a", "b=/x/b"], {"device": "cuda"}, False)])
+def test_several_models_on_every_cpu_each_log_a_thread_hint_at_start(monkeypatch, caplog, models, settings, hinted):
+    """Each model takes every CPU by default: two busy at once ran up to 2.3x slower in all than with --threads 1
+    (docs/engine.md, Thread knobs), and the server said nothing of it."""
+    import logging
+
+    import openrerank.server.app as app_module
+
+    def refuse(*_args, **_kwargs):
+        raise OSError("not loaded in this test")
+
+    monkeypatch.setattr(app_module, "load_served_model", refuse)
+    monkeypatch.setattr(app_module, "default_threads", lambda: 4)
+    app = create_app(ServerConfig(models=models, **settings), load_models=False)
+    with caplog.at_level(logging.INFO, logger="openrerank.server.app"):
+        asyncio.run(app_module.load_all(app))
+    hints = [r.getMessage() for r in caplog.records if "fight over the cores" in r.getMessage()]
+    assert hints == (["2 models each run 4 threads, one per CPU this process may use (--threads not set): when "
+                      "several are busy at once their threads fight over the cores; --threads 2 (CPUs / models) "
+                      "serves them better then (docs/engine.md, Thread knobs)"] if hinted else [])

@@ -30,6 +30,7 @@ from openrerank.engine.served_models import ServedModels
 from openrerank.families.late_scorer import LateInteractionScorer
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.base import default_threads
 from openrerank.server.body_budget import BodyBudget
 from openrerank.server.body_guard import BodyGuardMiddleware
 from openrerank.server.config import ServerConfig, ascii_host
@@ -96,6 +97,18 @@ def one_line(exc: BaseException) -> str:
     return f"{text[:head]} ... {text[len(text) - (LOAD_ERROR_CHARS - head - 5):]}"
 
 
+def hint_threads(config: ServerConfig, models: int) -> None:
+    """One line at start when several models each take every CPU (the thread count left to its default): busy at
+    once, their threads fight over the cores (docs/engine.md, Thread knobs, has the measurement). A hint, not a
+    smaller default: a model busy alone would lose the cores the others leave idle."""
+    if models < 2 or config.threads or config.device != "cpu":
+        return
+    cores = default_threads()
+    log.info("%d models each run %d threads, one per CPU this process may use (--threads not set): when several are "
+             "busy at once their threads fight over the cores; --threads %d (CPUs / models) serves them better "
+             "then (docs/engine.md, Thread knobs)", models, cores, max(1, cores // models))
+
+
 async def load_all(app: FastAPI) -> None:
     """Load every model off the event loop so health/live answers during a long load.
 
@@ -108,6 +121,7 @@ async def load_all(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     reg: ServedModels = app.state.models
     resolved: dict[str, ResolvedModel] = app.state.resolved
+    hint_threads(config, len(app.state.sources))
     started = time.perf_counter()
     for source in app.state.sources:
         try:
