@@ -320,14 +320,15 @@ def test_several_models_on_every_cpu_each_log_a_thread_hint_at_start(monkeypatch
     import logging
 
     import openrerank.server.app as app_module
+    from openrerank.server import host_limits
 
     def refuse(*_args, **_kwargs):
         raise OSError("not loaded in this test")
 
     monkeypatch.setattr(app_module, "load_served_model", refuse)
-    monkeypatch.setattr(app_module, "default_threads", lambda: 4)
+    monkeypatch.setattr(host_limits, "default_threads", lambda: 4)
     app = create_app(ServerConfig(models=models, **settings), load_models=False)
-    with caplog.at_level(logging.INFO, logger="openrerank.server.app"):
+    with caplog.at_level(logging.INFO, logger="openrerank.server.host_limits"):
         asyncio.run(app_module.load_all(app))
     hints = [r.getMessage() for r in caplog.records if "fight over the cores" in r.getMessage()]
     assert hints == (["2 models each run 4 threads, one per CPU this process may use (--threads not set): when "

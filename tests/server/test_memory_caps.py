@@ -1,4 +1,4 @@
-"""What a memory limit caps in a served app (`server/app.cap_to_memory_limit`), the limit faked: the body
+"""What a memory limit caps in a served app (`server/host_limits.cap_to_memory_limit`), the limit faked: the body
 budget, each model's batch tokens and, with a ColBERT model, the token cache; nothing on a host without a limit.
 (tests/core/test_memory.py runs a real server inside a real cgroup limit where the host allows one.)"""
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from openrerank.core.memory import MemoryLimit
-from openrerank.server import app as app_module
+from openrerank.server import host_limits
 from openrerank.server.config import MEMORY_TOKEN_CACHE_SHARE, ServerConfig
 from tests.families.colbert_builders import build_pylate_colbert
 from tests.server.faults import InProcessServer
@@ -24,7 +24,7 @@ def colbert_dir(tmp_path_factory) -> Path:
 
 
 def _serve(config: ServerConfig, limit: MemoryLimit | None, monkeypatch) -> InProcessServer:
-    monkeypatch.setattr(app_module, "memory_limit", lambda: limit)
+    monkeypatch.setattr(host_limits, "memory_limit", lambda: limit)
     return InProcessServer(config)
 
 

@@ -9,7 +9,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,16 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from openrerank import __version__
-from openrerank.core.memory import memory_limit
 from openrerank.core.settings import Shown
 from openrerank.engine.loading import ResolvedModel
 from openrerank.engine.score_cache import ScoreCache
 from openrerank.engine.served import load_served_model
 from openrerank.engine.served_models import ServedModels
-from openrerank.families.late_scorer import LateInteractionScorer
 from openrerank.families.token_cache import TokenCache
 from openrerank.observe.metrics import Metrics
-from openrerank.runtimes.base import default_threads
 from openrerank.server.body_budget import BodyBudget
 from openrerank.server.body_guard import BodyGuardMiddleware
 from openrerank.server.config import ServerConfig, ascii_host
@@ -48,6 +44,7 @@ from openrerank.server.errors import (
     failure_message,
     format_validation_errors,
 )
+from openrerank.server.host_limits import cap_to_memory_limit, hint_threads
 from openrerank.server.middleware import (
     ApiKeyMiddleware,
     CatchAllMiddleware,
@@ -95,18 +92,6 @@ def one_line(exc: BaseException) -> str:
         return text
     head = LOAD_ERROR_CHARS // 3
     return f"{text[:head]} ... {text[len(text) - (LOAD_ERROR_CHARS - head - 5):]}"
-
-
-def hint_threads(config: ServerConfig, models: int) -> None:
-    """One line at start when several models each take every CPU (the thread count left to its default): busy at
-    once, their threads fight over the cores (docs/engine.md, Thread knobs, has the measurement). A hint, not a
-    smaller default: a model busy alone would lose the cores the others leave idle."""
-    if models < 2 or config.threads or config.device != "cpu":
-        return
-    cores = default_threads()
-    log.info("%d models each run %d threads, one per CPU this process may use (--threads not set): when several are "
-             "busy at once their threads fight over the cores; --threads %d (CPUs / models) serves them better "
-             "then (docs/engine.md, Thread knobs)", models, cores, max(1, cores // models))
 
 
 async def load_all(app: FastAPI) -> None:
@@ -157,35 +142,6 @@ async def load_all(app: FastAPI) -> None:
     access = "API key required" if config.api_key else "no API key: every route is open"
     log.info("ready: serving %s%s (loaded and warmed in %.1fs; %s)", ", ".join(reg.names), where,
              time.perf_counter() - started, access)
-
-
-def cap_to_memory_limit(app: FastAPI) -> None:
-    """Under a cgroup memory limit (`core/memory.py`), bound what the server holds at once by the room the loaded
-    models leave, for the settings the operator left unset (`ServerConfig.memory_caps`): past it the kernel kills
-    the process and every request in flight is lost, where a refusal (503/429, Retry-After) loses none."""
-    limit = memory_limit()
-    if limit is None:
-        return
-    config: ServerConfig = app.state.config
-    served = app.state.models.models()
-    caps = config.memory_caps(limit.room, [(m.loaded.token_activation_bytes, m.loaded.max_length,
-                                            m.scheduler.config.policy.max_tokens) for m in served],
-                              caches_tokens=any(isinstance(m.loaded.scorer, LateInteractionScorer) for m in served))
-    capped = []
-    if caps.body_bytes_in_flight is not None:
-        app.state.body_budget.limit = caps.body_bytes_in_flight
-        capped.append(f"--max-body-bytes-in-flight at {caps.body_bytes_in_flight >> 20} MiB")
-    for model, tokens in zip(served, caps.batch_tokens, strict=True):
-        if tokens is not None:
-            cfg = model.scheduler.config
-            model.scheduler.reconfigure(replace(cfg, policy=replace(cfg.policy, max_tokens=tokens)))
-            capped.append(f"--max-batch-tokens at {tokens} for {model.name}")
-    if caps.token_cache_bytes is not None:
-        app.state.token_cache.resize(caps.token_cache_bytes)
-        capped.append(f"--token-cache-mb at {caps.token_cache_bytes >> 20}")
-    log.info("a memory limit of %d MiB (%s) leaves %d MiB above what is in use with the models loaded: %s "
-             "(docs/reliability.md, Memory limits)", limit.limit >> 20, limit.folder, caps.room >> 20,
-             "caps " + ", ".join(capped) if capped else "caps nothing (the settings given, or the defaults, fit)")
 
 
 def request_dialect(request: Request) -> Dialect:
