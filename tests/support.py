@@ -166,6 +166,29 @@ def cross_encoder_network(model_dir: Path):
     return family.network(family.spec(ModelFiles.read(model_dir)), None)
 
 
+def drop_classifier(model_dir: Path) -> Path:
+    """Remove the cross-encoder's `classifier.*` tensors from its checkpoint: transformers fills them with random
+    values (and only warns), so its scores are random; the build refuses such a checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model_dir / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("classifier.")}, weights,
+              metadata={"format": "pt"})
+    return model_dir
+
+
+def build_as_an_earlier_version(monkeypatch) -> None:
+    """Cross-encoders built as a version before the build format (`Family.build_format`) did: an older number,
+    and a load that lets missing tensors through (before 0d51860 transformers' random values were served)."""
+    from openrerank.families import cross_encoder
+
+    def unchecked(cls, path, build, unused=()):
+        return cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True).eval()
+
+    monkeypatch.setattr(cross_encoder, "load_encoder", unchecked)
+    monkeypatch.setattr(cross_encoder.CrossEncoderFamily, "build_format", 0, raising=False)
+
+
 def runs_alike_at_once(laned, single, callers: int, seed: int) -> None:
     """Random full batches given to `laned.run` from `callers` threads at once score as `single.run` scores
     them one by one (lanes change when a batch runs, never what it computes)."""

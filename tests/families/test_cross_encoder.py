@@ -86,7 +86,8 @@ def test_unexportable_network_falls_back_to_torch_and_says_so(family_dirs, refer
             raise RuntimeError("this architecture does not trace")
         return network.build(b)
 
-    broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion)
+    broken = Network(network.path, network.head + ":no-export", build, network.output, network.fusion,
+                     build_format=network.build_format)
     with caplog.at_level(logging.WARNING, logger="openrerank.runtimes.choosing"):
         runtime, choice = create_runtime(broken, plan_runtimes("auto", "fp32", "cpu", family.runtimes),
                                          device="cpu", threads=1, mode="rules")

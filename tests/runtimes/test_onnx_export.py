@@ -11,7 +11,14 @@ import pytest
 from openrerank.runtimes import onnx_export as export
 from openrerank.runtimes.artifact_cache import publish
 from openrerank.runtimes.onnx_export import CACHE_ENV, ExportError, default_cache_dir, ensure_onnx
-from tests.support import build_tiny_model, cross_encoder_network, run_concurrently, runs_alike_at_once
+from tests.support import (
+    build_as_an_earlier_version,
+    build_tiny_model,
+    cross_encoder_network,
+    drop_classifier,
+    run_concurrently,
+    runs_alike_at_once,
+)
 
 
 @pytest.fixture
@@ -255,6 +262,19 @@ def test_export_out_is_a_servable_directory_without_torch_weights(tmp_path, mode
         resolve_model(str(out), LoadOptions(backend="torch"), {"backend": "OPENRERANK_BACKEND='torch'"})
     with pytest.raises(ExportError, match="serve it with --dtype fp32"):
         load_model(str(out), LoadOptions(backend="onnx", dtype="int8"))
+
+
+def test_an_entry_an_earlier_build_made_is_not_served_where_this_build_refuses_the_model(tmp_path, model_copy,
+                                                                                        monkeypatch):
+    """A version that did not refuse a cross-encoder lacking its `classifier.*` tensors cached an export of its
+    random head; its successor, which refuses that checkpoint, found the entry by the same key and served random
+    scores. The family's build format keys the entry: the build runs again, and refuses."""
+    headless, cache = drop_classifier(model_copy), tmp_path / "cache"
+    with monkeypatch.context() as earlier:
+        build_as_an_earlier_version(earlier)
+        assert not ensure_onnx(cross_encoder_network(headless), cache_dir=cache).cached
+    with pytest.raises(ExportError, match=r"lacks 2 tensors of a BertForSequenceClassification"):
+        ensure_onnx(cross_encoder_network(headless), cache_dir=cache)
 
 
 def test_caches_follow_xdg_cache_home(monkeypatch, tmp_path):

@@ -16,7 +16,14 @@ from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import openvino_convert as convert
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
 from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
-from tests.support import build_tiny_model, cross_encoder_network, run_concurrently, runs_alike_at_once
+from tests.support import (
+    build_as_an_earlier_version,
+    build_tiny_model,
+    cross_encoder_network,
+    drop_classifier,
+    run_concurrently,
+    runs_alike_at_once,
+)
 
 
 @pytest.fixture
@@ -61,6 +68,21 @@ def test_changed_weights_or_config_invalidate(tmp_path, model_copy, conversions)
     assert len(conversions) == 3
     (model_copy / "tokenizer_config.json").write_text("{}")  # the tokenizer does not shape the graph
     assert ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache).cached
+
+
+def test_an_ir_an_earlier_build_made_is_not_served_where_this_build_refuses_the_model(tmp_path, model_copy,
+                                                                                     monkeypatch):
+    """A version that let a cross-encoder without its `classifier.*` tensors through cached its IR, random head
+    included, and its successor found it by the same key. The family's build format keys the IR: the start
+    converts again, and the build refuses the checkpoint."""
+    from openrerank.families.base import ModelFormatError
+
+    headless, cache = drop_classifier(model_copy), tmp_path / "cache"
+    with monkeypatch.context() as earlier:
+        build_as_an_earlier_version(earlier)
+        assert not ensure_openvino(cross_encoder_network(headless), cache_dir=cache).cached
+    with pytest.raises(ModelFormatError, match=r"lacks 2 tensors of a BertForSequenceClassification"):
+        OpenVinoRuntime(cross_encoder_network(headless), dtype="fp32", threads=1, cache_dir=cache)
 
 
 def test_runtime_second_start_does_not_convert_or_compile_again(tmp_path, model_copy, conversions):

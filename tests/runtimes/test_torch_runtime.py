@@ -40,7 +40,7 @@ class MemoryBound(torch.nn.Module):
 
 
 def runtime(module: MemoryBound) -> TorchRuntime:
-    return TorchRuntime(Network(path=None, head="fake", build=lambda _: module), threads=1)  # type: ignore[arg-type]
+    return TorchRuntime(Network(path=None, head="fake", build=lambda _: module, build_format=1), threads=1)  # type: ignore[arg-type]
 
 
 def features(lengths: list[int]) -> dict[str, np.ndarray]:

@@ -181,6 +181,19 @@ class Family(ABC):
     listwise: ClassVar[bool] = False
     #: Passages may carry an image (vision-language rerankers); the others refuse one with a 4xx.
     takes_images: ClassVar[bool] = False
+    #: The number of the family's network build recipe: what `network` (and the code it calls) refuses and what
+    #: it builds. It keys every converted model (ONNX export, OpenVINO IR) and is recorded in a pre-exported
+    #: directory's export.json, which is refused when it differs: a graph built by code without this version's
+    #: checks is never served (a version that did not refuse a cross-encoder lacking its `classifier.*` tensors
+    #: cached random scores, and its successor, which refuses it, found that entry by the same key and served it).
+    #: A number, rather than the checks run again on each load before the cache is read, because a pre-exported
+    #: directory holds no weights to check, because the checks are what transformers finds while loading (its
+    #: missing tensors after its own renaming), which headers alone would reimplement, and because a server
+    #: without PyTorch cannot build the model to see; a number also covers every check yet to be added.
+    #: Bump it when that code changes what it refuses or builds; tests/families/test_base.py fails when the code
+    #: a converted family's `network` reaches changes, and holds the number it had.
+    #: 1: a checkpoint lacking tensors of the network is refused (`cross_encoder.load_encoder`).
+    build_format: ClassVar[int] = 1
 
     @abstractmethod
     def matches(self, files: ModelFiles) -> bool:

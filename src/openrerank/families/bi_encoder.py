@@ -199,7 +199,8 @@ class BiEncoderFamily(Family):
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         return Network(spec.path, head=network_head(spec), build=lambda b: _pooled_module(spec, b),
-                       output="embeddings", fusion=ORT_FUSIONS.get(spec.model_type))
+                       output="embeddings", fusion=ORT_FUSIONS.get(spec.model_type),
+                       build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> BiEncoderScorer:
         return BiEncoderScorer(runtime, pad_id, normalize_embeddings=bool(spec.options.get("normalize")))

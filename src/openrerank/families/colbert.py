@@ -235,7 +235,7 @@ class ColbertFamily(Family):
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         layers = [json.loads(x) for x in spec.options["_projections"]]
         return Network(spec.path, head="colbert:token-vectors", build=lambda b: _token_module(spec.path, layers, b),
-                       output="token_vectors")
+                       output="token_vectors", build_format=self.build_format)
 
     def scorer(self, spec: ModelSpec, runtime: Runtime, pad_id: int) -> LateInteractionScorer:
         return LateInteractionScorer(runtime, pad_id, late_settings(spec))

@@ -139,7 +139,7 @@ class CrossEncoderFamily(Family):
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         return Network(spec.path, head="sequence-classification:logits",
                        build=lambda b: _logits_module(spec.path, b), output="logits",
-                       fusion=ORT_FUSIONS.get(spec.model_type))
+                       fusion=ORT_FUSIONS.get(spec.model_type), build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> PairScorer:
         return PairScorer(runtime, pad_id)

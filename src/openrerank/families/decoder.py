@@ -126,7 +126,7 @@ class DecoderRerankerFamily(Family):
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         ids = self.answer_ids(tokenizer)
         return Network(spec.path, head=f"{self.id}:last-token:{'-'.join(map(str, ids))}",
-                       build=lambda b: _build_readout(spec, ids, b))
+                       build=lambda b: _build_readout(spec, ids, b), build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> PairScorer:
         return PairScorer(runtime, pad_id)

@@ -401,7 +401,8 @@ class JinaRerankerM0Family(Family):
         return JinaM0Encoder(tokenizer, spec.max_length, self.resizer(spec), o["image_token_id"], SCORE_TOKEN_ID)
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
-        return Network(spec.path, head=f"jina-reranker-m0:{LOGIT_BIAS}", build=lambda b: _build(spec, b))
+        return Network(spec.path, head=f"jina-reranker-m0:{LOGIT_BIAS}", build=lambda b: _build(spec, b),
+                       build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> JinaM0Scorer:
         return JinaM0Scorer(runtime, pad_id, spec.options["patch_size"], spec.options["merge_size"])

@@ -186,7 +186,7 @@ class JinaRerankerV3Family(Family):
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         markers = (int(tokenizer.convert_tokens_to_ids(DOC_MARKER)), int(tokenizer.convert_tokens_to_ids(QUERY_MARKER)))
         return Network(spec.path, head=f"{self.id}:markers:{markers[0]}-{markers[1]}",
-                       build=lambda b: _build(spec, markers, b))
+                       build=lambda b: _build(spec, markers, b), build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> ListwiseScorer:
         return ListwiseScorer(runtime, pad_id)

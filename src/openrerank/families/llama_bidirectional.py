@@ -147,7 +147,7 @@ class LlamaBidirectionalFamily(Family):
 
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         head = f"llama-bidirectional:{spec.options['pooling']}:{spec.options['temperature']}"
-        return Network(spec.path, head=head, build=lambda b: _build(spec, b))
+        return Network(spec.path, head=head, build=lambda b: _build(spec, b), build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> PairScorer:
         return PairScorer(runtime, pad_id)

@@ -379,7 +379,8 @@ class NemotronVLFamily(Family):
     def network(self, spec: ModelSpec, tokenizer) -> Network:
         o = spec.options
         head = f"nemotron-vl:{o['pooling']}:{o['temperature']}:{o['tile_size']}"
-        return Network(spec.path, head=head, build=lambda b: _build(spec, b))
+        return Network(spec.path, head=head, build=lambda b: _build(spec, b),
+                       build_format=self.build_format)
 
     def scorer(self, spec, runtime, pad_id) -> VisionPairScorer:
         return VisionPairScorer(runtime, pad_id, spec.options["tile_size"])

@@ -14,7 +14,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,9 @@ class Network:
     build: Callable[[NetworkBuild], Any]
     output: str = "scores"  # the ONNX output's name
     fusion: str | None = None  # onnxruntime transformer-optimizer model type ("bert"); None: no fusion recipe
+    #: Which version of the family's build code made the graph (`Family.build_format`): keys every converted model
+    #: and is recorded in a pre-exported directory, so a graph built by code with other checks is never served.
+    build_format: int = field(kw_only=True)
 
 
 def pad_features(

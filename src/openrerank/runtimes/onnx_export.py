@@ -2,9 +2,10 @@
 
 Why a cache: exporting and fusing MiniLM takes several seconds, a large model minutes; a server restart
 must not pay that again. The cache key hashes the model's content (config + weights) and everything that
-changes the produced graph (the network's head, dtype, opset, exporter format, transformers/onnxruntime
-versions; PyTorch's is recorded in export.json, not keyed, so a torch-free server finds what `export` wrote),
-so an edited checkpoint or an upgraded runtime re-exports while a plain restart reuses the file.
+changes the produced graph (the network's head and the family's build format, dtype, opset, exporter format,
+transformers/onnxruntime versions; PyTorch's is recorded in export.json, not keyed, so a torch-free server finds
+what `export` wrote), so an edited checkpoint, a family whose build now refuses or builds something else, or an
+upgraded runtime re-exports while a plain restart reuses the file.
 
 Steps (the same ones optimum and sentence-transformers' ONNX backend take):
 1. `torch.onnx.export` (the TorchScript exporter, `dynamo=False`: the dynamo exporter needs `onnxscript`
@@ -91,6 +92,7 @@ def cache_key(network: Network, *, dtype: str, opset: int) -> tuple[str, dict]:
     facts = {
         "model_sha256": model_fingerprint(network.path),
         "head": network.head,
+        "build_format": network.build_format,
         "dtype": dtype,
         "opset": opset,
         "format": EXPORT_FORMAT,

@@ -16,10 +16,11 @@ Steps:
    dynamic int8 0.991, at about the same speed; neither kind of int8 passes `auto`'s fidelity gate.
 
 Cache: `$OPENRERANK_CACHE_DIR/openvino/<key>-<fp32|int8>/` (default `$XDG_CACHE_HOME/openrerank/openvino`) with
-`model.xml`, `model.bin` and `convert.json`; the key hashes the model files, the head, the variant and the
-transformers / openvino (and nncf) versions (PyTorch's is recorded, not keyed: a torch-free server finds the
-IR an export job wrote). OpenVINO's own compiled-model cache (CPU kernels for this machine, so a restart does
-not compile again) lives beside it in `compiled/` where that is writable (a read-only cache compiles at start).
+`model.xml`, `model.bin` and `convert.json`; the key hashes the model files, the head, the family's build format
+(`Family.build_format`), the variant, the conversion format and the transformers / openvino (and nncf) versions
+(PyTorch's is recorded, not keyed: a torch-free server finds the IR an export job wrote). OpenVINO's own
+compiled-model cache (CPU kernels for this machine, so a restart does not compile again) lives beside it in
+`compiled/` where that is writable (a read-only cache compiles at start).
 
 No telemetry: OpenVINO's converter and NNCF send usage events to Google Analytics unless the user opted out
 (a missing consent file counts as consent). A self-hosted service must not phone home, so every import and
@@ -114,8 +115,9 @@ def _versions(variant: str) -> dict[str, str]:
 
 
 def cache_key(network: Network, variant: str) -> tuple[str, dict]:
-    facts = {"model_sha256": model_fingerprint(network.path), "head": network.head, "variant": variant,
-             "format": CONVERT_FORMAT, **_versions(variant)}
+    facts = {"model_sha256": model_fingerprint(network.path), "head": network.head,
+             "build_format": network.build_format, "variant": variant, "format": CONVERT_FORMAT,
+             **_versions(variant)}
     return key_of(facts), facts
 
 
