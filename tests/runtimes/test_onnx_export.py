@@ -277,6 +277,50 @@ def test_an_entry_an_earlier_build_made_is_not_served_where_this_build_refuses_t
         ensure_onnx(cross_encoder_network(headless), cache_dir=cache)
 
 
+def test_an_out_directory_an_earlier_build_made_is_refused_naming_both_build_formats(tmp_path, model_copy,
+                                                                                      monkeypatch):
+    """`export --out` of that checkpoint by the earlier version (its export.json without a build format) is never
+    rebuilt, so it is refused, on either runtime that reads it, rather than served with its random head."""
+    from openrerank.cli.main import main
+    from openrerank.engine.loading import LoadOptions, load_model
+    from openrerank.runtimes.openvino_runtime import openvino_available
+
+    out = tmp_path / "servable"
+    with monkeypatch.context() as earlier:
+        build_as_an_earlier_version(earlier)
+        assert main(["export", "--model", str(drop_classifier(model_copy)), "--out", str(out),
+                     "--cache-dir", str(tmp_path / "c")]) == 0
+    meta = json.loads((out / export.META_FILE).read_text())
+    meta.pop("build_format", None)  # as the earlier version wrote it
+    (out / export.META_FILE).write_text(json.dumps(meta))
+    refused = r"exported by an older openrerank \(network build format none; this one builds format 1, "
+    with pytest.raises(ExportError, match=refused):
+        load_model(str(out), LoadOptions(backend="onnx"))
+    if openvino_available():
+        with pytest.raises(Exception, match=refused):
+            load_model(str(out), LoadOptions(backend="openvino"))
+
+
+@pytest.mark.parametrize(("field", "value", "refused"), [
+    ("format", export.EXPORT_FORMAT + 1, rf"written by a newer openrerank \(export format {export.EXPORT_FORMAT + 1}; "
+                                         rf"this one reads {export.EXPORT_FORMAT} and older\)"),
+    ("build_format", 2, r"exported by a newer openrerank \(network build format 2; this one builds format 1, "),
+])
+def test_an_out_directory_a_newer_version_wrote_is_refused_naming_both_numbers(tmp_path, model_copy, field, value,
+                                                                               refused):
+    """An older server meeting what an upgraded export job wrote served it whatever its numbers said."""
+    from openrerank.cli.main import main
+    from openrerank.runtimes.onnx_export import servable_export
+
+    out = tmp_path / "servable"
+    assert main(["export", "--model", str(model_copy), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert servable_export(cross_encoder_network(out), "fp32") is not None  # as written, served
+    meta = json.loads((out / export.META_FILE).read_text())
+    (out / export.META_FILE).write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(ExportError, match=refused):
+        servable_export(cross_encoder_network(out), "fp32")
+
+
 def test_caches_follow_xdg_cache_home(monkeypatch, tmp_path):
     """The XDG base-directory spec: $XDG_CACHE_HOME when set to an absolute path, else ~/.cache."""
     from openrerank.runtimes import openvino_convert

@@ -178,7 +178,12 @@ def _quantize(src: Path, out: Path) -> None:
 
 def servable_export(network: Network, dtype: str) -> ExportResult | None:
     """The export inside a pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json
-    beside the tokenizer and config), opened as it is, without PyTorch; None for a plain model directory."""
+    beside the tokenizer and config), opened as it is, without PyTorch; None for a plain model directory.
+
+    Never rebuilt, so what the cache's key does is checked here: a directory of a newer export format (a layout
+    this version may misread) or of another build format of the family (`Family.build_format`: a build without
+    this version's checks of the checkpoint, or one this version would build otherwise) is refused, naming both
+    numbers."""
     folder = Path(network.path)
     if not is_onnx_export(folder):
         return None
@@ -186,6 +191,17 @@ def servable_export(network: Network, dtype: str) -> ExportResult | None:
     if meta is None:
         raise ExportError(f"{folder} is a damaged ONNX export ({damage or f'{META_FILE} is unreadable'}); "
                           "export it again")
+    written = meta.get("format")
+    if isinstance(written, int) and written > EXPORT_FORMAT:
+        raise ExportError(f"{folder} was written by a newer openrerank (export format {written}; this one reads "
+                          f"{EXPORT_FORMAT} and older): serve it with that version, or export it again with this one")
+    built = meta.get("build_format")
+    if built != network.build_format:
+        who = "a newer" if isinstance(built, int) and built > network.build_format else "an older"
+        shown = "none" if built is None else built
+        raise ExportError(f"{folder} was exported by {who} openrerank (network build format {shown}; this one builds "
+                          f"format {network.build_format}, which refuses or builds some checkpoints otherwise): "
+                          "export it again with this version")
     if meta.get("dtype", dtype) != dtype:
         raise ExportError(f"{folder} holds a {meta['dtype']} ONNX export; serve it with --dtype {meta['dtype']}")
     if meta.get("head", network.head) != network.head:
