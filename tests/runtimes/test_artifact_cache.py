@@ -6,14 +6,18 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from openrerank.runtimes import artifact_cache
+from openrerank.runtimes import artifact_cache, cache_entries
 from openrerank.runtimes.artifact_cache import ensure_record, model_fingerprint
 from openrerank.runtimes.base import probe_features
 from tests.support import build_tiny_bi_encoder, cross_encoder_network
@@ -236,3 +240,66 @@ def test_a_timing_record_that_is_not_json_is_computed_again_with_a_warning(tmp_p
     assert (record, cached) == ({"rate": 1.0}, False) and json.loads(path.read_text()) == record
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and str(path) in warnings[0] and "not JSON" in warnings[0]
+
+
+def _unused(folder: Path) -> list[Path]:
+    """Two entries, one unused for ten days, one used now; returns them."""
+    entries = []
+    for key in ("a" * 24, "b" * 24):
+        entries.append(artifact_cache.ensure_artifact(
+            folder, key, "fp32", model_file="model.xml", meta_file="meta.json", facts={},
+            build=lambda tmp: (tmp / "model.xml").write_text("<net/>") and {}, what="test").path.parent)
+    then = time.time() - 10 * 86400
+    for path in [entries[0], *entries[0].iterdir()]:
+        os.utime(path, (then, then))
+    return entries
+
+
+def _scan(folder: Path):
+    return lambda: cache_entries.artifact_entries(folder, "test", "model.xml", "meta.json", lambda meta: {})
+
+
+def _older_than_a_day(entry) -> str | None:
+    return "unused" if time.time() - entry.last_used > 86400 else None
+
+
+def test_prune_waits_for_a_build_in_the_folder_and_removes_what_it_is_asked_to(tmp_path) -> None:
+    """A build holds the folder's `flock` while it publishes (or OpenVINO writes a blob): prune takes it too, so
+    it never removes what a build is replacing or writing, and judges the entries again once it holds it."""
+    old, used = _unused(tmp_path)
+    assert [p.entry.path for p in artifact_cache.prune(tmp_path, _scan(tmp_path), _older_than_a_day,
+                                                         dry_run=True)] == [old]
+    assert old.exists()  # a dry run removes nothing
+    builder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(1.5)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        pruned = artifact_cache.prune(tmp_path, _scan(tmp_path), _older_than_a_day)
+        waited = time.monotonic() - started
+    finally:
+        builder.wait(10)
+    assert waited > 1.0, "pruned while a build held the folder"
+    assert [(p.entry.path, p.why, p.error) for p in pruned] == [(old, "unused", None)]
+    assert not old.exists() and used.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [used.name]  # nothing set aside is left
+
+
+def test_prune_reports_what_it_cannot_remove(tmp_path, monkeypatch) -> None:
+    old, _ = _unused(tmp_path)
+    monkeypatch.setattr(artifact_cache, "remove_entry", lambda entry: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    pruned = artifact_cache.prune(tmp_path, _scan(tmp_path), _older_than_a_day)
+    assert [(p.entry.path, p.error) for p in pruned] == [(old, "Read-only file system")] and old.exists()
+
+
+def test_a_record_hit_dates_the_record(tmp_path) -> None:
+    ensure_record(tmp_path, "k", lambda: {"x": 1}, "test")
+    then = time.time() - 10 * 86400
+    os.utime(tmp_path / "k.json", (then, then))
+    assert ensure_record(tmp_path, "k", lambda: {"x": 2}, "test") == ({"x": 1}, True)
+    assert time.time() - (tmp_path / "k.json").stat().st_mtime < 60

@@ -163,3 +163,83 @@ def test_a_server_exiting_during_a_build_removes_its_staging_folder(tmp_path, mo
                         what="test")
     assert started and list(tmp_path.iterdir()) == []
     remove_own_staging()  # nothing left to do
+
+
+def _entry(cache: Path, key: str, facts: dict) -> Path:
+    return ensure_artifact(cache, key, "fp32", model_file=MODEL, meta_file=META, facts=facts, build=_build,
+                           what="test").path.parent
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+HERE = {"format": 2, "pkg": "1.0"}
+
+
+def test_entries_say_what_they_were_built_with_and_whether_this_install_reads_them(tmp_path) -> None:
+    """An upgrade keys new entries; the old ones are told apart by the facts they recorded (`openrerank cache`)."""
+    current = _entry(tmp_path, "a" * 24, HERE)
+    old_version = _entry(tmp_path, "b" * 24, {"format": 2, "pkg": "0.9"})
+    old_recipe = _entry(tmp_path, "c" * 24, {"pkg": "1.0"})
+    damaged = _entry(tmp_path, "d" * 24, HERE)
+    (damaged / "model.bin").unlink()
+    (tmp_path / "openvino").mkdir()  # another kind's folder beside the ONNX exports: not an entry
+    found = {e.path: e for e in cache_entries.artifact_entries(tmp_path, "test", MODEL, META, lambda meta: HERE)}
+    assert set(found) == {current, old_version, old_recipe, damaged}
+    assert found[current].unusable is None and found[current].built_with == HERE
+    assert found[current].size == sum(p.stat().st_size for p in current.iterdir())
+    assert found[old_version].unusable == "pkg 0.9 (here 1.0)"
+    assert found[old_recipe].unusable == "format unrecorded (here 2)"
+    assert found[damaged].unusable == "damaged: model.bin is missing"
+
+
+def test_a_hit_dates_an_entry_and_a_listing_does_not(tmp_path) -> None:
+    entry = _entry(tmp_path, "a" * 24, HERE)
+    for path in [entry, *entry.iterdir()]:
+        _age(path, 10 * 86400)
+
+    def used() -> float:
+        return cache_entries.artifact_entries(tmp_path, "test", MODEL, META, lambda meta: HERE)[0].last_used
+
+    assert time.time() - used() > 9 * 86400
+    assert time.time() - used() > 9 * 86400  # the first listing read the metadata without dating it
+    _entry(tmp_path, "a" * 24, HERE)  # a start's hit
+    assert time.time() - used() < 60
+    for path in entry.iterdir():  # a volume mounted noatime: reading the files dated nothing
+        _age(path, 10 * 86400)
+    assert time.time() - used() < 60  # the hit dated the entry itself
+
+
+def test_records_are_compared_package_by_package(tmp_path) -> None:
+    here = {"format": 4, "versions": {"onnxruntime": "1.2", "openvino": "3.4"}}
+    (tmp_path / f"{'a' * 24}.json").write_text(json.dumps({**here, "measurements": []}))
+    (tmp_path / f"{'b' * 24}.json").write_text(json.dumps({"format": 4, "versions": {"onnxruntime": "1.1",
+                                                                                     "openvino": "3.4"}}))
+    (tmp_path / f"{'c' * 24}.json").write_text("[1")
+    (tmp_path / "notes.json").write_text("{}")  # not a record's name
+    found = {e.path.name[0]: e for e in cache_entries.record_entries(tmp_path, "test", lambda record: here)}
+    assert set(found) == {"a", "b", "c"}
+    assert found["a"].unusable is None and found["a"].built_with == here
+    assert found["b"].unusable == "onnxruntime 1.1 (here 1.2)"
+    assert found["c"].unusable.startswith("unreadable: ")
+
+
+def test_unfinished_builds_are_listed_a_live_one_as_building(tmp_path) -> None:
+    live = tmp_path / f"{cache_entries.staging_prefix('k' * 24 + '-fp32')}abc"
+    live.mkdir()
+    dead = tmp_path / f".{'k' * 24}-fp32~999999999-1@{socket.gethostname()}~abc"
+    dead.mkdir()
+    (dead / MODEL).write_text("<half/>")
+    writing, left = tmp_path / f".{'a' * 24}-x1.json", tmp_path / f".{'b' * 24}-x2.json"
+    writing.write_text("{")
+    left.write_text("{")
+    _age(left, STALE_STAGING_S + 60)
+    found = {e.path: e for e in cache_entries.unfinished_entries(tmp_path)}
+    assert set(found) == {live, dead, writing, left}
+    assert found[live].building and found[live].unusable is None
+    assert found[writing].building
+    assert not found[dead].building and found[dead].unusable == "a build that did not finish"
+    assert found[dead].size == len("<half/>")
+    assert not found[left].building and found[left].unusable

@@ -7,6 +7,8 @@ gates on real models in test_fidelity.py.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import openvino_convert as convert
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
-from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
+from openrerank.runtimes.openvino_runtime import SHARED_BLOB_UNUSED_S, OpenVinoRuntime
 from tests.support import (
     build_as_an_earlier_version,
     build_tiny_model,
@@ -119,12 +121,19 @@ def test_each_compile_configuration_keeps_its_own_blob(tmp_path, model_copy):
     np.testing.assert_allclose(first.run(feats), again.run(feats), atol=1e-5)
 
 
-def test_blobs_of_the_old_shared_layout_are_removed(tmp_path, model_copy):
+def _untouched(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_blobs_of_the_old_shared_layout_are_removed_once_unused_for_a_week(tmp_path, model_copy):
     """Blobs an older version wrote into the cache's root (shared by every configuration) are read by nothing
-    now; a compile with the cache removes them, and keeps its own configuration's blob and other files."""
+    now; a compile with the cache removes those untouched for `SHARED_BLOB_UNUSED_S`, and keeps its own
+    configuration's blob and other files."""
     compiled = tmp_path / "cache" / convert.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "1234567890.blob").write_bytes(b"an old blob")
+    _untouched(compiled / "1234567890.blob", SHARED_BLOB_UNUSED_S + 60)
     (compiled / "notes.txt").write_text("not a blob")
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
     assert not (compiled / "1234567890.blob").exists()
@@ -132,10 +141,28 @@ def test_blobs_of_the_old_shared_layout_are_removed(tmp_path, model_copy):
     assert len(list(compiled.glob("*/*.blob"))) == 1
 
 
+def test_a_shared_layout_blob_an_older_version_still_uses_is_kept(tmp_path, model_copy):
+    """In a rolling update, a rollback or a canary an older version on the same cache imports its blob at each
+    start and writes it again where it is gone: deleted at each start of this version, it was rewritten (90 MB)
+    at each start of that one. One used (written or read) within the week stays."""
+    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled.mkdir(parents=True)
+    (compiled / "written.blob").write_bytes(b"an old pod wrote it an hour ago")
+    _untouched(compiled / "written.blob", 3600)
+    (compiled / "read.blob").write_bytes(b"an old pod imported it an hour ago")
+    written = time.time() - SHARED_BLOB_UNUSED_S - 60
+    os.utime(compiled / "read.blob", (time.time() - 3600, written))
+    for _ in range(2):
+        OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
+    assert (compiled / "written.blob").read_bytes() == b"an old pod wrote it an hour ago"
+    assert (compiled / "read.blob").exists()
+
+
 def test_an_old_blob_that_cannot_be_removed_does_not_stop_the_start(tmp_path, model_copy, monkeypatch):
     compiled = tmp_path / "cache" / convert.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "1234567890.blob").write_bytes(b"an old blob")
+    _untouched(compiled / "1234567890.blob", SHARED_BLOB_UNUSED_S + 60)
     real_unlink = Path.unlink
 
     def refuse(self, *args, **kwargs):
@@ -507,3 +534,32 @@ def test_the_first_inference_runs_alone_and_later_ones_at_once(tmp_path, model_c
     assert all(start >= first_end for start, _ in spans[1:]), f"a call ran beside the first: {spans}"
     assert spans[2][0] < spans[1][1], f"after the first call, two lanes did not run at once: {spans}"
     runtime.close()
+
+
+def test_compiled_blobs_are_listed_with_the_openvino_build_that_wrote_them(tmp_path, model_copy):
+    """OpenVINO imports only the blobs its own build wrote; those of another (an upgrade) and of the old shared
+    layout are never read here (`openrerank cache prune`)."""
+    from openrerank.runtimes.openvino_runtime import compiled_entries
+
+    cache = tmp_path / "cache"
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
+    compiled = cache / convert.COMPILED_DIR
+    [mine] = compiled.glob("*/*.blob")
+    older = mine.parent / "123.blob"
+    older.write_bytes(mine.read_bytes()[:4096].replace(b'ie_version="', b'ie_version="1999.'))
+    (compiled / "456.blob").write_bytes(b"an old shared blob")
+    found = {e.path: e for e in compiled_entries(compiled)}
+    assert set(found) == {mine, older, compiled / "456.blob"}
+    assert found[mine].unusable is None and found[mine].size == mine.stat().st_size
+    assert found[mine].built_with == {"openvino": convert.import_openvino().get_version(),
+                                      "compile": mine.parent.name}
+    assert found[older].unusable.startswith("openvino 1999.")
+    assert "shared layout" in found[compiled / "456.blob"].unusable
+
+
+def test_the_facts_every_ir_is_keyed_by_are_this_installs(model_copy):
+    """`keyed_facts` is what `openrerank cache` holds entries to: every fact of the key but the model's."""
+    for variant in convert.IR_VARIANTS:
+        _, facts = convert.cache_key(cross_encoder_network(model_copy), variant)
+        own = {"model_sha256", "head", "variant"}
+        assert {k: v for k, v in facts.items() if k not in own} == convert.keyed_facts(variant)

@@ -14,6 +14,10 @@ Within one process builds take turns on a lock (exporters keep global state); ac
 starting together) they take turns under a `flock` on the cache directory, so one builds and the others
 wait and reuse its result.
 
+Nothing is collected by itself: an upgrade keys new entries, and the old ones stay until `openrerank cache prune`
+removes them (`prune`), under the same locks; a hit dates its entry (`cache_entries.mark_used`) for its
+`--unused-days`.
+
 A damaged entry is built again, once, under the lock, and a staging folder a killed build left is removed by the
 next build (`runtimes/cache_entries.py`); a runtime that cannot open a cached file that passed the checks, twice
 and not for want of memory or threads, gets it built again once too (`open_cached`).
@@ -38,12 +42,15 @@ from typing import TypeVar
 
 from openrerank.runtimes.base import out_of_resources
 from openrerank.runtimes.cache_entries import (
+    Entry,
     building,
     check_entry,
     discard,
     entry_files,
+    mark_used,
     publish,
     read_meta,
+    remove_entry,
     remove_stale_staging,
     staging_prefix,
 )
@@ -213,6 +220,7 @@ def ensure_artifact(cache_dir: Path, key: str, variant: str, *, model_file: str,
     meta, _ = check_entry(final, model_file, meta_file)
     if meta is not None:
         log.info("%s cache hit: %s", what, final / model_file)
+        mark_used(final)
         return CachedArtifact(final / model_file, True, key, meta)
     with BUILD_LOCK, _directory_lock(cache_dir):
         meta, damage = check_entry(final, model_file, meta_file)  # another thread or process may have built it
@@ -345,6 +353,7 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
     record = read()
     if record is not None:
         log.info("%s cache hit: %s", what, path)
+        mark_used(path)
         return record, True
     with BUILD_LOCK, _directory_lock(cache_dir):
         record = read()
@@ -361,6 +370,37 @@ def ensure_record(cache_dir: Path, key: str, compute: Callable[[], dict], what: 
         except OSError as exc:  # a read-only cache volume (an export Job filled it)
             log.info("%s not cached (%s): every start computes it", what, exc)
     return record, False
+
+
+@dataclass(frozen=True)
+class Pruned:
+    entry: Entry
+    why: str  # why it goes
+    error: str | None = None  # why it could not be removed; None: removed (or, in a dry run, would be)
+
+
+def prune(folder: Path, scan: Callable[[], list[Entry]], why: Callable[[Entry], str | None], *,
+          dry_run: bool = False) -> list[Pruned]:
+    """Remove the entries of `folder` that `why` names a reason for; `scan()` lists them. Done under the locks
+    builds take in `folder` (this process's and the directory's `flock`), so no build is publishing, replacing
+    or compiling there meanwhile, and `scan()` runs again under them: what changed since (a hit marked an entry
+    used) is judged as it is now. A build's staging folder is never `why`'s (`Entry.building`). A dry run lists
+    what would go, without the locks (it waits for no build)."""
+    if dry_run or not folder.is_dir():
+        return [Pruned(e, reason) for e in scan() if not e.building and (reason := why(e))]
+    out = []
+    with exclusive(folder):
+        for entry in scan():
+            if entry.building or not (reason := why(entry)):
+                continue
+            try:
+                remove_entry(entry)
+            except OSError as exc:  # a read-only cache volume, another user's entry
+                out.append(Pruned(entry, reason, exc.strerror or str(exc)))
+            else:
+                log.info("removed %s (%s)", entry.path, reason)
+                out.append(Pruned(entry, reason))
+    return out
 
 
 def write_json(path: Path, record: dict) -> None:

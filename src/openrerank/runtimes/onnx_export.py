@@ -87,6 +87,12 @@ def _versions() -> dict[str, str]:
     return package_versions("transformers", "onnxruntime")
 
 
+def keyed_facts() -> dict:
+    """What keys every export on this install besides the model and its options (the recipe number, the
+    versions): an entry that recorded others is never read here (`openrerank cache prune` removes it)."""
+    return {"format": EXPORT_FORMAT, **_versions()}
+
+
 def cache_key(network: Network, *, dtype: str, opset: int) -> tuple[str, dict]:
     """The cache key and the facts it was built from (kept next to the model for inspection)."""
     facts = {

@@ -114,6 +114,12 @@ def _versions(variant: str) -> dict[str, str]:
     return package_versions("transformers", "openvino", *(("nncf",) if variant == "int8" else ()))
 
 
+def keyed_facts(variant: str) -> dict:
+    """What keys every IR of `variant` on this install besides the model (the recipe number, the versions): an
+    entry that recorded others is never read here (`openrerank cache prune` removes it)."""
+    return {"format": CONVERT_FORMAT, **_versions(variant)}
+
+
 def cache_key(network: Network, variant: str) -> tuple[str, dict]:
     facts = {"model_sha256": model_fingerprint(network.path), "head": network.head,
              "build_format": network.build_format, "variant": variant, "format": CONVERT_FORMAT,

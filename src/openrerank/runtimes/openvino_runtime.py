@@ -55,7 +55,9 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +65,7 @@ import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached
 from openrerank.runtimes.base import HostMemoryError, IntOrArray, Network, Runtime, lanes_for, out_of_memory
+from openrerank.runtimes.cache_entries import Entry, differences, last_used, read_quietly
 from openrerank.runtimes.openvino_convert import (
     META_FILE,
     compiled_cache_dir,
@@ -138,17 +141,63 @@ def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
     return Path(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
 
 
+#: How long a compiled blob of the old shared layout (`compiled/*.blob`) is kept untouched before a compile deletes
+#: it: no version since per-configuration folders reads it, but an older one still running on a shared cache
+#: volume (a rolling update, a rollback, a canary) imports it at each start and, where it is gone, compiles and
+#: writes it again (90 MB for the default model): deleted at each start of this version, it was rewritten at each
+#: start of that one. Untouched for a week, no such server has started; `openrerank cache prune` removes it sooner.
+SHARED_BLOB_UNUSED_S = 7 * 24 * 3600
+#: The OpenVINO build a compiled blob was written by, from its header: the CPU plugin imports only its own.
+_BLOB_VERSION = re.compile(rb'<compiled_blob [^>]*ie_version="([^"]+)"')
+
+
 def _drop_shared_blobs(compiled_dir: Path) -> None:
     """Delete the blobs an older openrerank wrote straight into the cache's root, where every configuration
-    shared them: nothing reads them since each configuration has its own folder, and each is a model's size.
-    Called under the folder's lock, so no replica is importing one meanwhile."""
+    shared them, once untouched for `SHARED_BLOB_UNUSED_S`. Called under the folder's lock, so no replica is
+    importing one meanwhile."""
+    now = time.time()
     for blob in compiled_dir.glob("*.blob"):
         try:
+            if now - last_used(blob) <= SHARED_BLOB_UNUSED_S:
+                continue  # an older version on this cache still uses it
             blob.unlink()
         except OSError as exc:  # another start removed it first, or the volume refuses: harmless either way
             log.debug("stale OpenVINO blob %s not removed: %s", blob, exc)
         else:
-            log.info("removed %s: a compiled blob of the old shared layout, read by no configuration", blob)
+            log.info("removed %s: a compiled blob of the old shared layout, unused for %d days", blob,
+                     SHARED_BLOB_UNUSED_S // 86400)
+
+
+def compiled_entries(compiled_dir: Path) -> list[Entry]:
+    """The compiled blobs in OpenVINO's cache (`openrerank cache`): each configuration's
+    (`compiled_config_dir`), unusable here when another OpenVINO build wrote it, and those of the old shared
+    layout, which no configuration reads."""
+    here = _openvino_version()
+    out = []
+    for blob in sorted(compiled_dir.glob("*.blob")) + sorted(compiled_dir.glob("*/*.blob")):
+        try:
+            used, size = last_used(blob), blob.stat().st_size
+            found = _BLOB_VERSION.search(read_quietly(blob, 4096))
+        except OSError:  # removed meanwhile
+            continue
+        version = found.group(1).decode(errors="replace") if found else None
+        built_with = {"openvino": version, "compile": blob.parent.name}
+        if blob.parent == compiled_dir:
+            why: str | None = "the shared layout of openrerank before per-configuration folders (older versions)"
+            built_with.pop("compile")
+        elif here is None:
+            why = "openvino is not installed here"
+        else:
+            why = differences(built_with, {"openvino": here})
+        out.append(Entry(blob, "openvino compiled", size, used, built_with, why))
+    return out
+
+
+def _openvino_version() -> str | None:
+    """The build of the installed OpenVINO, as its blobs' headers name it; None where it is absent."""
+    if not openvino_available():
+        return None
+    return str(import_openvino().get_version())
 
 
 def openvino_available() -> bool:
