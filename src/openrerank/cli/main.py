@@ -1,4 +1,4 @@
-"""`openrerank serve | eval | bench | export`. Every serve flag is also an OPENRERANK_<FLAG> variable."""
+"""`openrerank serve | eval | bench | export | cache`. Every serve flag is also an OPENRERANK_<FLAG> variable."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import fields
 from importlib.metadata import entry_points
 
 from openrerank import __version__
+from openrerank.cli import cache, export, families
 from openrerank.cli import eval as eval_cli
-from openrerank.cli import export, families
 from openrerank.cli.nim_env import NimEnv, check_ssl_mode, read_nim_env, serve_under_name
 from openrerank.cli.options import Option, SuggestingParser, UsageError, add_options, fail, resolve_options, unknown_env
 from openrerank.cli.scale_out import check_scale_out, replica_names, replica_options
@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     eval_cli.add_parser(sub)
     export.add_parser(sub)
+    cache.add_parser(sub)
     families.add_parser(sub)
     for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         entry.load().add_parser(sub)

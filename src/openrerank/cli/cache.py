@@ -1,0 +1,193 @@
+"""`openrerank cache ls` and `openrerank cache prune`: what the converted-model cache holds, and removing what
+this install never reads.
+
+Every upgrade that changes transformers, ONNX Runtime or OpenVINO (or a recipe number) keys new entries: ONNX
+exports, OpenVINO IRs, compiled blobs, engine-choice and speed records. Nothing collects the old ones, and each
+export, IR or blob is a model's size. As `hf cache ls` / `hf cache prune` do for the hub's cache, `ls` shows each
+entry's size, last use, what it was built with and whether this install can use it, and `prune` removes those it
+cannot (with `--unused-days N`, also those unused for N days), under the locks builds take (`artifact_cache.prune`).
+Where each kind lives and what keys it on this install is its owner's to say; this module only gathers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from openrerank.runtimes.cache_entries import Entry
+
+_DAY = 86400.0
+Section = tuple[Path, Callable[[], list[Entry]]]  # a folder builds lock, and how its entries are listed
+
+
+def sections() -> list[Section]:
+    """Each cache folder (locked as its builds lock it) with its entries: the ONNX exports, the OpenVINO IRs
+    and compiled blobs, the engine-choice and speed records, and what unfinished builds left beside them."""
+    from openrerank.engine.speed_record import SPEED_FORMAT, speed_dir
+    from openrerank.runtimes import onnx_export
+    from openrerank.runtimes import openvino_convert as ov
+    from openrerank.runtimes.cache_entries import artifact_entries, record_entries, unfinished_entries
+    from openrerank.runtimes.measure import MEASURE_FORMAT, runtime_versions
+    from openrerank.runtimes.measure import cache_dir as choice_dir
+    from openrerank.runtimes.openvino_runtime import compiled_entries
+
+    onnx, ir, choices, speeds = onnx_export.default_cache_dir(), ov.default_cache_dir(), choice_dir(), speed_dir()
+    compiled = ov.compiled_cache_dir(ir)
+    export_facts, versions = onnx_export.keyed_facts(), runtime_versions()
+    ir_facts = {variant: ov.keyed_facts(variant) for variant in ov.IR_VARIANTS}
+
+    def exports() -> list[Entry]:
+        found = artifact_entries(onnx, "onnx export", onnx_export.MODEL_FILE, onnx_export.META_FILE,
+                                 lambda meta: export_facts)
+        return found + unfinished_entries(onnx)
+
+    def irs() -> list[Entry]:
+        found = artifact_entries(ir, "openvino ir", ov.MODEL_FILE, ov.META_FILE,
+                                 lambda meta: ir_facts.get(meta.get("variant"), ir_facts["fp32"]))
+        return found + unfinished_entries(ir)
+
+    def records(folder: Path, kind: str, fmt: int) -> Callable[[], list[Entry]]:
+        return lambda: (record_entries(folder, kind, lambda record: {"format": fmt, "versions": versions})
+                        + unfinished_entries(folder))
+
+    return [(onnx, exports), (ir, irs), (compiled, lambda: compiled_entries(compiled)),
+            (choices, records(choices, "engine choice", MEASURE_FORMAT)),
+            (speeds, records(speeds, "speed record", SPEED_FORMAT))]
+
+
+def prune_reason(unused_days: float | None, now: float) -> Callable[[Entry], str | None]:
+    """Why `prune` removes an entry: this install never reads it, or (`unused_days`) nothing used it that long."""
+    def why(entry: Entry) -> str | None:
+        if entry.unusable:
+            return entry.unusable
+        if unused_days is not None and now - entry.last_used > unused_days * _DAY:
+            return f"unused for {_age(now - entry.last_used)}"
+        return None
+    return why
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    _use_cache_dir(args)
+    entries = [e for _, scan in sections() for e in scan()]
+    if args.json:
+        print(json.dumps([_as_json(e) for e in entries], indent=2))
+        return 0
+    now = time.time()
+    rows = [(_size(e.size), _age(now - e.last_used, ago=True), e.kind,
+             "building now" if e.building else f"no: {e.unusable}" if e.unusable else "yes",
+             _built_with(e.built_with), str(e.path)) for e in entries]
+    _print_table(("SIZE", "LAST USED", "KIND", "USABLE HERE", "BUILT WITH", "PATH"), rows)
+    unusable = [e for e in entries if e.unusable and not e.building]
+    print(f"{len(entries)} entries, {_size(sum(e.size for e in entries))}; {len(unusable)} not usable here "
+          f"({_size(sum(e.size for e in unusable))})" + (": `openrerank cache prune` removes them" if unusable else ""))
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from openrerank.runtimes.artifact_cache import prune
+
+    _use_cache_dir(args)
+    why = prune_reason(args.unused_days, time.time())
+    results = [p for folder, scan in sections() for p in prune(folder, scan, why, dry_run=args.dry_run)]
+    done = [p for p in results if p.error is None]
+    for p in results:
+        if p.error is None:
+            print(f"{'would remove' if args.dry_run else 'removed'} {p.entry.path} ({p.entry.kind}, "
+                  f"{_size(p.entry.size)}): {p.why}")
+        else:
+            print(f"could not remove {p.entry.path}: {p.error}", file=sys.stderr)
+    freed = _size(sum(p.entry.size for p in done))
+    print(f"{'would free' if args.dry_run else 'freed'} {freed} ({len(done)} entries)"
+          + (f"; {len(results) - len(done)} could not be removed" if len(done) < len(results) else ""))
+    return 1 if len(done) < len(results) else 0
+
+
+def _use_cache_dir(args: argparse.Namespace) -> None:
+    """`--cache-dir DIR` stands for OPENRERANK_CACHE_DIR=DIR, as in `serve` (ONNX exports in it, the rest in
+    its folders)."""
+    from openrerank.runtimes.artifact_cache import CACHE_ENV
+
+    if args.cache_dir:
+        os.environ[CACHE_ENV] = args.cache_dir
+
+
+def _as_json(e: Entry) -> dict:
+    return {"path": str(e.path), "kind": e.kind, "size": e.size,
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(e.last_used)),
+            "built_with": e.built_with, "usable": e.unusable is None, "unusable": e.unusable, "building": e.building}
+
+
+def _built_with(facts: dict) -> str:
+    parts = []
+    for name, value in facts.items():
+        if isinstance(value, dict):
+            parts += [f"{k} {v}" for k, v in value.items()]
+        elif value is not None:
+            parts.append(f"{name} {value}")
+    return ", ".join(parts) or "-"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def _age(seconds: float, ago: bool = False) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 3600:
+        text = f"{seconds / 60:.0f} min"
+    elif seconds < _DAY:
+        text = f"{seconds / 3600:.0f} h"
+    else:
+        text = f"{seconds / _DAY:.0f} days"
+    return f"{text} ago" if ago else text
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _days(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a number of days, 0 or more, not {text!r}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="list or prune the converted-model cache (ONNX exports, OpenVINO IRs, ...)",
+                       description="The converted-model cache `serve` and `export` fill (OPENRERANK_CACHE_DIR, "
+                       "default $XDG_CACHE_HOME/openrerank): ONNX exports, OpenVINO IRs and compiled blobs, "
+                       "engine-choice and speed records. An upgrade keys new entries and leaves the old ones.")
+    actions = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cache_dir = argparse.ArgumentParser(add_help=False)
+    cache_dir.add_argument("--cache-dir", metavar="DIR",
+                           help="the cache, as OPENRERANK_CACHE_DIR names it (default: $OPENRERANK_CACHE_DIR, else "
+                           "$XDG_CACHE_HOME/openrerank's onnx/, openvino/, engine-choice/ and speed/ folders)")
+    ls = actions.add_parser("ls", parents=[cache_dir], help="each entry: size, last use, kind, whether this "
+                            "install can use it, what it was built with",
+                            description="List the cache's entries: size, last use (a start that read it, or the "
+                            "build), kind, whether this install can use it (the recipe number and package "
+                            "versions it recorded are this install's) and what it was built with.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=run_ls)
+    prune = actions.add_parser("prune", parents=[cache_dir], help="remove the entries this install never reads",
+                               description="Remove the entries this install never reads (built with another "
+                               "recipe number or package versions, damaged, the old compiled-blob layout, "
+                               "unfinished builds), under the locks builds take: safe beside running servers. "
+                               "Entries an older version sharing the cache still uses go too: prune once every "
+                               "server on the cache runs this version.")
+    prune.add_argument("--unused-days", type=_days, metavar="N",
+                       help="also remove entries no start used for N days (default: keep every usable entry)")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    prune.set_defaults(func=run_prune)

@@ -1,0 +1,109 @@
+"""`openrerank cache ls` / `prune`: after an upgrade, the entries this install never reads are told apart and
+removed, beside those it uses and a build in progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from openrerank.cli.main import main
+from openrerank.engine.speed_record import SPEED_FORMAT
+from openrerank.runtimes import onnx_export
+from openrerank.runtimes import openvino_convert as ov
+from openrerank.runtimes.artifact_cache import CACHE_ENV
+from openrerank.runtimes.cache_entries import staging_prefix
+from openrerank.runtimes.measure import MEASURE_FORMAT, runtime_versions
+
+
+def _artifact(folder: Path, key: str, variant: str, model_file: str, meta_file: str, facts: dict) -> Path:
+    entry = folder / f"{key}-{variant}"
+    entry.mkdir(parents=True)
+    (entry / model_file).write_bytes(b"\0" * 100)
+    (entry / meta_file).write_text(json.dumps({**facts, "variant": variant, "files": {model_file: 100}}))
+    return entry
+
+
+def _record(folder: Path, key: str, record: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{key}.json").write_text(json.dumps(record))
+    return folder / f"{key}.json"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> dict[str, Path]:
+    """A cache after an upgrade: each kind's entry of this install and one of the version before."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(root))
+    old = {**runtime_versions(), "onnxruntime": "1.0.0"}
+    irs = root / ov.CACHE_FOLDER
+    paths = {
+        "export": _artifact(root, "a" * 24, "fp32", onnx_export.MODEL_FILE, onnx_export.META_FILE,
+                            onnx_export.keyed_facts()),
+        "old export": _artifact(root, "b" * 24, "fp32", onnx_export.MODEL_FILE, onnx_export.META_FILE,
+                                {**onnx_export.keyed_facts(), "onnxruntime": "1.0.0"}),
+        "ir": _artifact(irs, "c" * 24, "int8", ov.MODEL_FILE, ov.META_FILE, ov.keyed_facts("int8")),
+        "old ir": _artifact(irs, "d" * 24, "fp32", ov.MODEL_FILE, ov.META_FILE,
+                            {**ov.keyed_facts("fp32"), "format": ov.CONVERT_FORMAT - 1}),
+        "choice": _record(root / "engine-choice", "e" * 24, {"format": MEASURE_FORMAT, "versions": runtime_versions()}),
+        "old choice": _record(root / "engine-choice", "f" * 24, {"format": MEASURE_FORMAT, "versions": old}),
+        "speed": _record(root / "speed", "1" * 24, {"format": SPEED_FORMAT, "versions": runtime_versions()}),
+        "old speed": _record(root / "speed", "2" * 24, {"format": SPEED_FORMAT - 1, "versions": runtime_versions()}),
+        "shared blob": irs / ov.COMPILED_DIR / "123.blob",
+        "building": root / f"{staging_prefix('3' * 24 + '-fp32')}xyz",
+    }
+    paths["shared blob"].parent.mkdir(parents=True)
+    paths["shared blob"].write_bytes(b"an old blob")
+    paths["building"].mkdir()
+    return paths
+
+
+def _ls(capsys) -> dict[Path, dict]:
+    assert main(["cache", "ls", "--json"]) == 0
+    return {Path(e["path"]): e for e in json.loads(capsys.readouterr().out)}
+
+
+def test_ls_tells_this_installs_entries_from_the_old_ones(cache, capsys) -> None:
+    listed = _ls(capsys)
+    assert set(listed) == set(cache.values())
+    assert {name for name, path in cache.items() if listed[path]["usable"]} == \
+        {"export", "ir", "choice", "speed", "building"}
+    assert listed[cache["old export"]]["unusable"].startswith("onnxruntime 1.0.0 (here ")
+    assert listed[cache["old ir"]]["unusable"] == f"format {ov.CONVERT_FORMAT - 1} (here {ov.CONVERT_FORMAT})"
+    assert listed[cache["old choice"]]["unusable"].startswith("onnxruntime 1.0.0 (here ")
+    assert listed[cache["ir"]]["built_with"] == ov.keyed_facts("int8")  # nncf keys int8 IRs
+    assert listed[cache["building"]]["building"]
+    assert main(["cache", "ls"]) == 0
+    table = capsys.readouterr().out
+    assert str(cache["old export"]) in table and "10 entries" in table and "5 not usable here" in table
+
+
+def test_prune_removes_what_this_install_never_reads_and_nothing_in_a_dry_run(cache, capsys) -> None:
+    assert main(["cache", "prune", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(p.exists() for p in cache.values())
+    assert out.count("would remove") == 5 and "would free" in out
+    assert main(["cache", "prune"]) == 0
+    assert capsys.readouterr().out.count("removed ") == 5
+    assert {name for name, path in cache.items() if path.exists()} == {"export", "ir", "choice", "speed",
+                                                                       "building"}
+
+
+def test_prune_unused_days_removes_usable_entries_nobody_used(cache, capsys, tmp_path) -> None:
+    then = time.time() - 10 * 86400
+    for path in [cache["export"], *cache["export"].iterdir(), cache["choice"]]:
+        os.utime(path, (then, then))
+    assert main(["cache", "prune", "--unused-days", "7", "--cache-dir", os.environ[CACHE_ENV]]) == 0
+    left = {name for name, path in cache.items() if path.exists()}
+    assert left == {"ir", "speed", "building"}  # used today, or a build in progress
+    assert main(["cache", "prune", "--unused-days", "0"]) == 0
+    assert {name for name, path in cache.items() if path.exists()} == {"building"}
+
+
+def test_cache_dir_names_the_cache_as_the_variable_does(cache, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert main(["cache", "ls", "--json", "--cache-dir", str(cache["export"].parent)]) == 0
+    assert {Path(e["path"]) for e in json.loads(capsys.readouterr().out)} == set(cache.values())
