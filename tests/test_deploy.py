@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -99,16 +100,28 @@ def test_kubernetes_manifest_uses_real_flags_routes_and_metrics():
     assert metric in {m.name for m in Metrics().registry.collect()}
 
 
+def _mount_of(spec: dict, path: str) -> dict:
+    """The volume `path` lies on in a pod spec's first container."""
+    mounts = spec["containers"][0]["volumeMounts"]
+    mount = max((m for m in mounts if Path(path).is_relative_to(m["mountPath"])), key=lambda m: len(m["mountPath"]))
+    return next(v for v in spec["volumes"] if v["name"] == mount["name"])
+
+
 def test_the_fill_job_exports_what_the_deployment_serves():
-    """The Job runs `openrerank export` (the export image) into the folder OPENRERANK_MODEL names, and into the
-    cache the server reads; both volumes are the same claim, written by the Job, read-only for the server."""
+    """The Job runs `openrerank export` (the export image) into the folder OPENRERANK_MODEL names, on the claim
+    the server reads read-only. Its converted-model cache is its own emptyDir: the server reads only the
+    exported folder, and on the claim every upgraded Job (new runtime versions, new keys) added a model's copy
+    that nothing collected."""
     docs = manifest("openrerank.yaml")
     job = docs["Job"]["spec"]["template"]["spec"]
     export = build_parser().parse_args(["export", *job["containers"][0]["args"]])
     assert job["containers"][0]["image"].endswith("-export")
     env = {v["name"]: v.get("value") for v in docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["OPENRERANK_MODEL"].partition("=")[2] == export.out
-    assert env["OPENRERANK_CACHE_DIR"] == export.cache_dir
+    assert "persistentVolumeClaim" in _mount_of(job, export.out)
+    assert "emptyDir" in _mount_of(job, export.cache_dir)
+    server = docs["Deployment"]["spec"]["template"]["spec"]
+    assert "persistentVolumeClaim" in _mount_of(server, env["OPENRERANK_CACHE_DIR"])  # read-only: keeps nothing
     claims = {v["persistentVolumeClaim"]["claimName"] for spec in (job, docs["Deployment"]["spec"]["template"]["spec"])
               for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {docs["PersistentVolumeClaim"]["metadata"]["name"]}
