@@ -12,6 +12,7 @@ import pytest
 
 from openrerank.cli.main import main
 from openrerank.engine.speed_record import SPEED_FORMAT
+from openrerank.families.cross_encoder import CrossEncoderFamily
 from openrerank.runtimes import onnx_export
 from openrerank.runtimes import openvino_convert as ov
 from openrerank.runtimes.artifact_cache import CACHE_ENV
@@ -40,14 +41,17 @@ def cache(tmp_path, monkeypatch) -> dict[str, Path]:
     monkeypatch.setenv(CACHE_ENV, str(root))
     old = {**runtime_versions(), "onnxruntime": "1.0.0"}
     irs = root / ov.CACHE_FOLDER
+    built = {"build_format": CrossEncoderFamily.build_format}  # the family's build code keys converted models too
     paths = {
         "export": _artifact(root, "a" * 24, "fp32", onnx_export.MODEL_FILE, onnx_export.META_FILE,
-                            onnx_export.keyed_facts()),
+                            {**onnx_export.keyed_facts(), **built}),
         "old export": _artifact(root, "b" * 24, "fp32", onnx_export.MODEL_FILE, onnx_export.META_FILE,
-                                {**onnx_export.keyed_facts(), "onnxruntime": "1.0.0"}),
-        "ir": _artifact(irs, "c" * 24, "int8", ov.MODEL_FILE, ov.META_FILE, ov.keyed_facts("int8")),
+                                {**onnx_export.keyed_facts(), **built, "onnxruntime": "1.0.0"}),
+        "ir": _artifact(irs, "c" * 24, "int8", ov.MODEL_FILE, ov.META_FILE, {**ov.keyed_facts("int8"), **built}),
         "old ir": _artifact(irs, "d" * 24, "fp32", ov.MODEL_FILE, ov.META_FILE,
-                            {**ov.keyed_facts("fp32"), "format": ov.CONVERT_FORMAT - 1}),
+                            {**ov.keyed_facts("fp32"), **built, "format": ov.CONVERT_FORMAT - 1}),
+        "unnumbered build": _artifact(root, "7" * 24, "fp32", onnx_export.MODEL_FILE, onnx_export.META_FILE,
+                                      onnx_export.keyed_facts()),  # made before build formats were recorded
         "choice": _record(root / "engine-choice", "e" * 24, {"format": MEASURE_FORMAT, "versions": runtime_versions()}),
         "old choice": _record(root / "engine-choice", "f" * 24, {"format": MEASURE_FORMAT, "versions": old}),
         "speed": _record(root / "speed", "1" * 24, {"format": SPEED_FORMAT, "versions": runtime_versions()}),
@@ -74,20 +78,22 @@ def test_ls_tells_this_installs_entries_from_the_old_ones(cache, capsys) -> None
     assert listed[cache["old export"]]["unusable"].startswith("onnxruntime 1.0.0 (here ")
     assert listed[cache["old ir"]]["unusable"] == f"format {ov.CONVERT_FORMAT - 1} (here {ov.CONVERT_FORMAT})"
     assert listed[cache["old choice"]]["unusable"].startswith("onnxruntime 1.0.0 (here ")
-    assert listed[cache["ir"]]["built_with"] == ov.keyed_facts("int8")  # nncf keys int8 IRs
+    assert listed[cache["unnumbered build"]]["unusable"] == \
+        f"build_format unrecorded (here {CrossEncoderFamily.build_format})"
+    assert listed[cache["ir"]]["built_with"] == {**ov.keyed_facts("int8"), "build_format": 1}  # nncf keys int8 IRs
     assert listed[cache["building"]]["building"]
     assert main(["cache", "ls"]) == 0
     table = capsys.readouterr().out
-    assert str(cache["old export"]) in table and "10 entries" in table and "5 not usable here" in table
+    assert str(cache["old export"]) in table and "11 entries" in table and "6 not usable here" in table
 
 
 def test_prune_removes_what_this_install_never_reads_and_nothing_in_a_dry_run(cache, capsys) -> None:
     assert main(["cache", "prune", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert all(p.exists() for p in cache.values())
-    assert out.count("would remove") == 5 and "would free" in out
+    assert out.count("would remove") == 6 and "would free" in out
     assert main(["cache", "prune"]) == 0
-    assert capsys.readouterr().out.count("removed ") == 5
+    assert capsys.readouterr().out.count("removed ") == 6
     assert {name for name, path in cache.items() if path.exists()} == {"export", "ir", "choice", "speed",
                                                                        "building"}
 

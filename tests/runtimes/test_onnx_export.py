@@ -375,5 +375,5 @@ def test_onnx_runtime_lanes_split_the_threads_and_run_at_once(tmp_path, model_co
 def test_the_facts_every_export_is_keyed_by_are_this_installs(model_copy):
     """`keyed_facts` is what `openrerank cache` holds entries to: every fact of the key but the model's own."""
     _, facts = export.cache_key(cross_encoder_network(model_copy), dtype="fp32", opset=export.DEFAULT_OPSET)
-    own = {"model_sha256", "head", "dtype", "opset"}
+    own = {"model_sha256", "head", "build_format", "dtype", "opset"}  # the model's, its family's
     assert {k: v for k, v in facts.items() if k not in own} == export.keyed_facts()

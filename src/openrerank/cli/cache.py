@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from openrerank.families.registry import FAMILIES
 from openrerank.runtimes.cache_entries import Entry
 
 _DAY = 86400.0
@@ -43,12 +44,12 @@ def sections() -> list[Section]:
 
     def exports() -> list[Entry]:
         found = artifact_entries(onnx, "onnx export", onnx_export.MODEL_FILE, onnx_export.META_FILE,
-                                 lambda meta: export_facts)
+                                 lambda meta: built_here(meta, export_facts))
         return found + unfinished_entries(onnx)
 
     def irs() -> list[Entry]:
         found = artifact_entries(ir, "openvino ir", ov.MODEL_FILE, ov.META_FILE,
-                                 lambda meta: ir_facts.get(meta.get("variant"), ir_facts["fp32"]))
+                                 lambda meta: built_here(meta, ir_facts.get(meta.get("variant"), ir_facts["fp32"])))
         return found + unfinished_entries(ir)
 
     def records(folder: Path, kind: str, fmt: int) -> Callable[[], list[Entry]]:
@@ -58,6 +59,16 @@ def sections() -> list[Section]:
     return [(onnx, exports), (ir, irs), (compiled, lambda: compiled_entries(compiled)),
             (choices, records(choices, "engine choice", MEASURE_FORMAT)),
             (speeds, records(speeds, "speed record", SPEED_FORMAT))]
+
+
+def built_here(meta: dict, facts: dict) -> dict:
+    """`facts` and the family build format an entry must have been made with to be read here
+    (`Family.build_format`, which keys converted models): one some family builds today; an entry of an older
+    build (or none recorded: made before the number existed) is never read, its key being another. The entry does
+    not say its family, so a format another family still builds passes: prune keeps rather than removes."""
+    formats = {family.build_format for family in FAMILIES}
+    built = meta.get("build_format")
+    return {**facts, "build_format": built if built in formats else max(formats)}
 
 
 def prune_reason(unused_days: float | None, now: float) -> Callable[[Entry], str | None]:
