@@ -86,6 +86,49 @@ def test_a_full_queue_refuses_before_the_request_is_tokenized(tmp_path, task):
 
     asyncio.run(go())
 
+
+@pytest.mark.parametrize("task", ["rerank", "embed"])
+def test_a_request_arrives_while_it_is_tokenized(tmp_path, task):
+    """The worker waits for company only while a request is arriving (engine/worker.py): a served model counts
+    one as arriving from its admission check until it submits, on both paths."""
+    import asyncio
+
+    from openrerank.core.requests import EmbedRequest, RerankRequest
+    from openrerank.engine.admission import SchedulerConfig
+    from openrerank.engine.loading import LoadOptions
+    from openrerank.engine.served import load_served_model
+    from openrerank.sources.source import ModelSource
+    from tests.support import build_tiny_bi_encoder
+
+    model = build_tiny_bi_encoder(tmp_path / "bi")  # a bi-encoder both reranks and embeds
+    served = load_served_model(ModelSource("m", str(model)), LoadOptions(backend="torch", threads=1),
+                               SchedulerConfig(), None)
+    admission = served.scheduler._admission
+    seen: list[tuple[int, int]] = []  # (texts, requests arriving) per call
+
+    def watch(texts: list[str]) -> None:
+        seen.append((len(texts), admission.arriving))
+
+    prepare, embedding_items = served.loaded.encoder.prepare, served.loaded.embedding_items
+    served.loaded.encoder.prepare = lambda q, passages, *a, **kw: (watch(passages), prepare(q, passages, *a, **kw))[1]
+    served.loaded.embedding_items = lambda texts, *a, **kw: (watch(texts), embedding_items(texts, *a, **kw))[1]
+    send = {"rerank": lambda texts: served.rerank(RerankRequest("q", texts)),
+            "embed": lambda texts: served.embed(EmbedRequest(texts))}[task]
+
+    async def go() -> None:
+        await served.scheduler.start()
+        try:
+            for n in (1, 9):
+                await send(["a short text"] * n)
+        finally:
+            await served.scheduler.stop()
+            served.loaded.close()
+
+    asyncio.run(go())
+    assert seen == [(1, 1), (9, 1)]  # before: not counted
+    assert admission.arriving == 0
+
+
 def test_a_listwise_models_rerank_work_is_counted_under_the_task_its_scheduler_runs():
     """A listwise model's blocks run (and are refused, and time out) in the scheduler as `listwise`; its
     scored tokens were counted as `rerank`, so one model's metrics split over two task labels."""

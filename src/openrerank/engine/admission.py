@@ -59,7 +59,9 @@ NEW, RUNNING, STOPPING, STOPPED, FAILED = "new", "running", "stopping", "stopped
 @dataclass(frozen=True)
 class SchedulerConfig:
     policy: BatchPolicy = CPU_POLICY  # how batches are cut (tokens, pairs, padding): `default_policy(device)`
-    batch_wait_ms: float = 1.0  # how long the oldest queued request may wait for company
+    #: How long the oldest queued request may wait for company, when company may come: another request
+    #: queued, or one being tokenized (`worker.py`); a lone request is planned at once.
+    batch_wait_ms: float = 1.0
     max_queue: int = 1024  # pending requests (queued or being scored) before QueueFullError
     request_timeout: float = 120.0  # seconds from arrival to result
     #: Tokens one request may hold (None: the policy's `max_tokens` x request_timeout / 2 s).
@@ -106,6 +108,9 @@ class AdmissionQueue:
         self.pending_tokens = 0
         self.pending_work = 0.0
         self.admitted: set[PendingRequest] = set()  # the pending requests, for their deadlines
+        #: Requests past the first admission check and not yet submitted: being tokenized
+        #: (`Scheduler.arriving`). The company a queued request may wait `batch_wait_ms` for (`worker.py`).
+        self.arriving = 0
         self.state = NEW
         self.failure: str | None = None  # why the worker died (the exception's type)
         #: The model's speed (`work_per_second`): from its warm-up, then as the served batches show it.

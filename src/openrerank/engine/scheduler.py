@@ -18,7 +18,7 @@ object array. Admission, deadlines, cancellation, failure isolation and metrics 
 for all three.
 
 Interface used outside the engine (the server, the Ray Serve adapter, the embeddings route):
-`submit`, `start`, `stop`, `warmup`, and the read-only `alive`, `failure`, `pending`,
+`arriving`, `submit`, `start`, `stop`, `warmup`, and the read-only `alive`, `failure`, `pending`,
 `pending_tokens`, `queued`, `retry_after`.
 """
 
@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -160,15 +161,33 @@ class Scheduler:
         """Why a request of `tokens` (`work`) is over the per-request budget, or None (`partial`: so far)."""
         return self._admission.over_budget(tokens, work, partial=partial)
 
-    def refuse_if_full(self, task: Task) -> None:
-        """QueueFullError (counted) when --max-queue requests are pending: checked before a request is
-        tokenized, so an overloaded server refuses at once instead of after preparing the work; `submit`
-        checks again, with the rest of admission."""
+    @contextmanager
+    def arriving(self, task: Task) -> Iterator[None]:
+        """Around a request's tokenizing, before its `submit`: QueueFullError (counted) at once when
+        --max-queue requests are pending, so an overloaded server refuses before preparing the work (`submit`
+        checks again, with the rest of admission); else the request counts as arriving until the block ends.
+
+        A request queued alone waits `batch_wait_ms` for company only while another is arriving or queued
+        (`worker.py`); one on an idle server is planned at once. The count drops without waking the worker
+        when the block ends normally (the `submit` that follows at once wakes it, with the request), and wakes
+        it when the block fails: the request is not coming."""
+        adm = self._admission
         with self._cv:
-            full = self._admission.queue_full_locked()
+            full = adm.queue_full_locked()
+            if full is None:
+                adm.arriving += 1
         if full is not None:
             self._counts.rejected(task, "queue_full")
             raise full
+        try:
+            yield
+        except BaseException:
+            with self._cv:
+                adm.arriving -= 1
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            adm.arriving -= 1
 
     def count_rejected(self, task: Task, reason: str) -> None:
         """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""

@@ -197,15 +197,15 @@ class ServedModel:
         scheduler submission; one float32 per passage."""
         t0 = time.perf_counter()
         timeout = self.scheduler.config.request_timeout
-        self.scheduler.refuse_if_full(self.rerank_task)
-        try:
-            preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits, self.image_queue,
-                                  deadline)
-            preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
-                                           max(0.0, deadline - time.monotonic()))
-        except TimeoutError:  # counted as the scheduler counts a deadline passed in its queue
-            self.scheduler.count_rejected(self.rerank_task, "deadline")
-            raise DeadlineExceededError(timeout) from None
+        with self.scheduler.arriving(self.rerank_task):
+            try:
+                preparing = Preparing(self.loaded, self.scheduler, self.limits, self.image_limits,
+                                      self.image_queue, deadline)
+                preps = await asyncio.wait_for(preparing.requests(reqs, passages, chunk_caps),
+                                               max(0.0, deadline - time.monotonic()))
+            except TimeoutError:  # counted as the scheduler counts a deadline passed in its queue
+                self.scheduler.count_rejected(self.rerank_task, "deadline")
+                raise DeadlineExceededError(timeout) from None
         t1 = time.perf_counter()
         outcome = await self.scheduler.submit([it for p in preps for it in p.items], timeout=timeout,
                                               deadline=deadline)
@@ -292,12 +292,12 @@ class ServedModel:
         timeout = self.scheduler.config.request_timeout
         if deadline is None:
             deadline = time.monotonic() + timeout
-        self.scheduler.refuse_if_full(task)
-        try:
-            items = await asyncio.wait_for(make_items(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            self.scheduler.count_rejected(task, "deadline")
-            raise DeadlineExceededError(timeout) from None
+        with self.scheduler.arriving(task):
+            try:
+                items = await asyncio.wait_for(make_items(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self.scheduler.count_rejected(task, "deadline")
+                raise DeadlineExceededError(timeout) from None
         tokenize_ms = (time.perf_counter() - t0) * 1e3
         return items, await self.scheduler.submit(items, timeout=timeout, deadline=deadline), tokenize_ms
 
