@@ -88,14 +88,17 @@ def test_a_full_queue_refuses_before_the_request_is_tokenized(tmp_path, task):
 
 
 @pytest.mark.parametrize("task", ["rerank", "embed"])
-def test_a_request_arrives_while_it_is_tokenized(tmp_path, task):
+def test_a_request_arrives_while_it_is_tokenized_and_a_tiny_one_is_tokenized_on_the_event_loop(tmp_path, task):
     """The worker waits for company only while a request is arriving (engine/worker.py): a served model counts
-    one as arriving from its admission check until it submits, on both paths."""
+    one as arriving from its admission check until it submits, on both paths. A tiny one is tokenized on the
+    event loop (engine/preparing.py `tiny`): the hand-off to a worker thread cost more than the tokenizing."""
     import asyncio
+    import threading
 
     from openrerank.core.requests import EmbedRequest, RerankRequest
     from openrerank.engine.admission import SchedulerConfig
     from openrerank.engine.loading import LoadOptions
+    from openrerank.engine.preparing import INLINE_TEXTS
     from openrerank.engine.served import load_served_model
     from openrerank.sources.source import ModelSource
     from tests.support import build_tiny_bi_encoder
@@ -104,10 +107,10 @@ def test_a_request_arrives_while_it_is_tokenized(tmp_path, task):
     served = load_served_model(ModelSource("m", str(model)), LoadOptions(backend="torch", threads=1),
                                SchedulerConfig(), None)
     admission = served.scheduler._admission
-    seen: list[tuple[int, int]] = []  # (texts, requests arriving) per call
+    seen: list[tuple[int, int, bool]] = []  # (texts, requests arriving, on the event loop's thread) per call
 
     def watch(texts: list[str]) -> None:
-        seen.append((len(texts), admission.arriving))
+        seen.append((len(texts), admission.arriving, threading.current_thread() is threading.main_thread()))
 
     prepare, embedding_items = served.loaded.encoder.prepare, served.loaded.embedding_items
     served.loaded.encoder.prepare = lambda q, passages, *a, **kw: (watch(passages), prepare(q, passages, *a, **kw))[1]
@@ -118,14 +121,14 @@ def test_a_request_arrives_while_it_is_tokenized(tmp_path, task):
     async def go() -> None:
         await served.scheduler.start()
         try:
-            for n in (1, 9):
+            for n in (1, INLINE_TEXTS + 1):
                 await send(["a short text"] * n)
         finally:
             await served.scheduler.stop()
             served.loaded.close()
 
     asyncio.run(go())
-    assert seen == [(1, 1), (9, 1)]  # before: not counted
+    assert seen == [(1, 1, True), (INLINE_TEXTS + 1, 1, False)]  # before: (1, 0, False), no count, a thread
     assert admission.arriving == 0
 
 

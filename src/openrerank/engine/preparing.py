@@ -2,11 +2,15 @@
 their images decoded, each slice in a worker-thread call of its own, checked against the request's chunk and
 token limits as they go. Small requests interleave with big ones, and a request that ends early (its client
 gone, its deadline passed) stops after the slice in hand. Image requests decode in turn, the fewest pixels left
-first (engine/image_queue.py)."""
+first (engine/image_queue.py).
+
+A tiny slice of text (`tiny`: a few short passages, not chunked) is tokenized on the event loop itself: handing
+it to a worker thread and back cost the server 0.7-1.7 ms, for 0.2 ms of tokenizing."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -26,6 +30,20 @@ from openrerank.text.prepare import InputTooLongError, Prepared
 SLICE_TEXTS = 64
 SLICE_CHARS = 256 * 1024
 
+#: A slice of at most this many texts, and this many characters with the query counted once per text, is
+#: tokenized on the event loop (`tiny`). At the bound it holds the loop for about 1-2 ms of CPU, at most 2.6 ms
+#: measured (a 2 KB passage, MiniLM's WordPiece or a Qwen3 BPE with its template; docs/reliability.md, "Waiting
+#: for company"): about what the HTTP layer spends on a 1-passage request, and what the hand-off saves.
+INLINE_TEXTS = 8
+INLINE_CHARS = 2048
+
+
+def tiny(texts: Sequence[str], query: str = "", truncate: Truncate = Truncate.END) -> bool:
+    """Whether tokenizing `texts` (each paired with `query`) costs less on the event loop than a worker thread's
+    hand-off: a few short texts, not chunked (chunking tokenizes each window again: 2-8x the time)."""
+    return (truncate is not Truncate.CHUNK and len(texts) <= INLINE_TEXTS
+            and sum(map(len, texts)) + len(query) * len(texts) <= INLINE_CHARS)
+
 
 @dataclass(frozen=True)
 class Preparing:
@@ -41,9 +59,9 @@ its image requests decode in, and the deadline of the request being prepared."""
 
     async def requests(self, reqs: Sequence[RerankRequest], passages: Sequence[list[str]],
                        chunk_caps: list[int | None]) -> list[Prepared]:
-        """Tokenize off the loop, a slice of passages at a time (`text_slices`): no worker thread or tokenizer
-        is held for a whole big request, so small requests interleave; a request over its chunk limit or
-        token budget is refused as soon as the slices tokenized so far pass it."""
+        """Tokenize off the loop (a `tiny` slice on it), a slice of passages at a time (`text_slices`): no
+        worker thread or tokenizer is held for a whole big request, so small requests interleave; a request over
+        its chunk limit or token budget is refused as soon as the slices tokenized so far pass it."""
         encoder = self.loaded.encoder
         out: list[Prepared] = []
         tokens = chunks = 0
@@ -59,11 +77,12 @@ its image requests decode in, and the deadline of the request being prepared."""
             # a listwise model reads its passages together (blocks): one slice, folded its own way
             slices = [(0, len(texts))] if self.loaded.family.listwise else text_slices(texts)
             for a, b in slices:
+                prepare = functools.partial(encoder.prepare, r.query, texts[a:b], r.truncate,
+                                            max_chunks_per_passage=cap,
+                                            max_tokens_per_passage=r.max_tokens_per_passage,
+                                            instruction=r.instruction)
                 try:
-                    part = await asyncio.to_thread(encoder.prepare, r.query, texts[a:b], r.truncate,
-                                                   max_chunks_per_passage=cap,
-                                                   max_tokens_per_passage=r.max_tokens_per_passage,
-                                                   instruction=r.instruction)
+                    part = prepare() if tiny(texts[a:b], r.query, r.truncate) else await asyncio.to_thread(prepare)
                 except InputTooLongError as exc:
                     exc.passage_index += a
                     raise

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.image_queue import ImageQueue
 from openrerank.engine.loading import LoadedModel, LoadOptions, ResolvedModel, load_model
-from openrerank.engine.preparing import Preparing, text_slices
+from openrerank.engine.preparing import Preparing, text_slices, tiny
 from openrerank.engine.rates import measure_rate, work_rate
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig, ScoreOutcome
 from openrerank.engine.score_cache import ScoreCache, Scored
@@ -311,12 +312,14 @@ class ServedModel:
                                total_ms=(time.perf_counter() - t0) * 1e3)
 
     async def _embedding_items(self, req: EmbedRequest) -> list:
-        """The texts' work items, tokenized off the loop a slice at a time (engine/preparing.py)."""
+        """The texts' work items, tokenized off the loop (a `tiny` slice on it) a slice at a time
+        (engine/preparing.py)."""
         items: list = []
         for a, b in text_slices(req.texts):
+            embedding_items = partial(self.loaded.embedding_items, req.texts[a:b], req.truncate, req.input_type)
             try:
-                items += await asyncio.to_thread(self.loaded.embedding_items, req.texts[a:b], req.truncate,
-                                                 req.input_type)
+                tokenize_here = tiny(req.texts[a:b], truncate=req.truncate)
+                items += embedding_items() if tokenize_here else await asyncio.to_thread(embedding_items)
             except InputTooLongError as exc:
                 exc.passage_index += a
                 raise
