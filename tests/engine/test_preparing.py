@@ -51,11 +51,12 @@ def request(images: int, texts: int = 2, width: int = 64) -> RerankRequest:
     return RerankRequest("what is on the page", passages, images=(*urls, *[None] * texts))
 
 
-def test_a_tiny_slice_is_a_few_short_texts_not_chunked():
+def test_a_tiny_slice_is_a_few_short_texts():
     assert tiny(["a"] * INLINE_TEXTS) and not tiny(["a"] * (INLINE_TEXTS + 1))
     assert tiny(["a" * (INLINE_CHARS - 8)], "q" * 8) and not tiny(["a" * (INLINE_CHARS - 7)], "q" * 8)
     assert not tiny(["a" * 500] * 4, "q" * 13)  # the query counts once per text: a pair tokenizes it again
-    assert not tiny(["a"], "q", Truncate.CHUNK)  # each window is tokenized again
+    half = INLINE_CHARS // 2  # chunking tokenizes each window again: its characters count double
+    assert tiny(["a" * (half - 8)], "q" * 8, Truncate.CHUNK) and not tiny(["a" * (half - 7)], "q" * 8, Truncate.CHUNK)
     assert tiny(["a"], "q", Truncate.START) and tiny(["a"], "q", Truncate.NONE)
 
 
@@ -78,11 +79,14 @@ def test_a_tiny_slice_is_tokenized_on_the_event_loop_and_the_rest_on_worker_thre
         return prepare(query, passages, *args, **kwargs)
 
     monkeypatch.setattr(bi.loaded.encoder, "prepare", watched)
-    asyncio.run(bi.rerank(RerankRequest("q", ["a short passage"])))
-    assert on_loop == [(1, True)]  # before: on a worker thread
+    for req in (RerankRequest("q", ["a short passage"]), RerankRequest("q", ["a short passage"] * INLINE_TEXTS),
+                RerankRequest("q", ["a short passage"], truncate=Truncate.CHUNK)):
+        on_loop.clear()
+        asyncio.run(bi.rerank(req))
+        assert on_loop == [(len(req.passages), True)]  # before: on a worker thread
     for req in (RerankRequest("q", ["a short passage"] * (INLINE_TEXTS + 1)),
                 RerankRequest("q", ["long " * (INLINE_CHARS // 5 + 1)], truncate=Truncate.END),
-                RerankRequest("q", ["a short passage"], truncate=Truncate.CHUNK)):
+                RerankRequest("q", ["long " * (INLINE_CHARS // 10 + 1)], truncate=Truncate.CHUNK)):
         on_loop.clear()
         result = asyncio.run(bi.rerank(req))
         assert len(result.logits) == len(req.passages) and on_loop == [(len(req.passages), False)]

@@ -4,8 +4,8 @@ token limits as they go. Small requests interleave with big ones, and a request 
 gone, its deadline passed) stops after the slice in hand. Image requests decode in turn, the fewest pixels left
 first (engine/image_queue.py).
 
-A tiny slice of text (`tiny`: a few short passages, not chunked) is tokenized on the event loop itself: handing
-it to a worker thread and back cost the server 0.7-1.7 ms, for 0.2 ms of tokenizing."""
+A tiny slice of text (`tiny`: a few short passages) is tokenized on the event loop itself: handing it to a
+worker thread and back cost the server 0.7-1.7 ms, for 0.2 ms of tokenizing."""
 
 from __future__ import annotations
 
@@ -30,19 +30,20 @@ from openrerank.text.prepare import InputTooLongError, Prepared
 SLICE_TEXTS = 64
 SLICE_CHARS = 256 * 1024
 
-#: A slice of at most this many texts, and this many characters with the query counted once per text, is
-#: tokenized on the event loop (`tiny`). At the bound it holds the loop for about 1-2 ms of CPU, at most 2.6 ms
-#: measured (a 2 KB passage, MiniLM's WordPiece or a Qwen3 BPE with its template; docs/reliability.md, "Waiting
-#: for company"): about what the HTTP layer spends on a 1-passage request, and what the hand-off saves.
+#: A slice of at most this many texts, and this many characters with the query counted once per text (twice
+#: that under CHUNK), is tokenized on the event loop (`tiny`). At the bound that holds the loop for 0.7-1.4 ms
+#: (median, a MiniLM WordPiece or a Qwen3 BPE with its template, on a 2-core EPYC; docs/reliability.md, "Waiting
+#: for company"): less than the HTTP layer spends on a 1-passage request, and about what the hand-off costs.
 INLINE_TEXTS = 8
 INLINE_CHARS = 2048
 
 
 def tiny(texts: Sequence[str], query: str = "", truncate: Truncate = Truncate.END) -> bool:
     """Whether tokenizing `texts` (each paired with `query`) costs less on the event loop than a worker thread's
-    hand-off: a few short texts, not chunked (chunking tokenizes each window again: 2-8x the time)."""
-    return (truncate is not Truncate.CHUNK and len(texts) <= INLINE_TEXTS
-            and sum(map(len, texts)) + len(query) * len(texts) <= INLINE_CHARS)
+    hand-off: a few short texts. Chunking tokenizes each window again, about twice the time: its characters
+    count double."""
+    chars = sum(map(len, texts)) + len(query) * len(texts)
+    return len(texts) <= INLINE_TEXTS and chars * (2 if truncate is Truncate.CHUNK else 1) <= INLINE_CHARS
 
 
 @dataclass(frozen=True)
