@@ -33,7 +33,13 @@ from openrerank.server.app import create_app
 from openrerank.server.config import ServerConfig
 from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.ray_drain import DRAIN, NOW, DrainFlag
-from openrerank.server.ray_replica import NON_SCORING_HEADROOM, REPLICA_HEADER, replica_app, replica_problems
+from openrerank.server.ray_replica import (
+    NON_SCORING_HEADROOM,
+    REPLICA_HEADER,
+    memory_share,
+    replica_app,
+    replica_problems,
+)
 from openrerank.server.ray_router import LeastBusyRouter
 from openrerank.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, argument_names, deployment_options, parse_args
 from tests.support import ServerProcess, nim_body
@@ -96,6 +102,13 @@ def test_a_builder_argument_is_named_as_written_not_as_a_flag():
         parse_args({"api_key": ""})
     assert argument_names({"max_passages": "3", "model": "a", "num_replicas": 2, "model_families": ["a=b"]}) == {
         "max-passages": "max_passages='3'", "model": "model='a'", "model-family": "model_families=['a=b']"}
+
+
+def test_replicas_on_one_machine_split_its_memory_limit_by_their_cpus():
+    """Each replica capped its batches by the whole room a memory limit left, so N replicas in one container
+    held N times what fits: each takes its reserved CPUs' share (the whole where Ray reserved none)."""
+    assert memory_share(1.0, 2) == 0.5 and memory_share(0.5, 2) == 0.25 and memory_share(4.0, 2) == 1.0
+    assert memory_share(0.0, 2) == 1.0
 
 
 def test_fixed_replicas_admit_max_queue_and_let_health_and_metrics_through():

@@ -68,6 +68,22 @@ def test_no_limit_max_and_unreadable_usage(tmp_path):
     assert memory_limit(proc).room == 100 * MIB
 
 
+def test_a_looser_parent_that_siblings_fill_binds_first(tmp_path):
+    """The container's own limit is lower, but the pod's (pod-level resources, shared by sidecars) has less room
+    left: that room is the one a batch must fit in, and its folder the one the start-up line names."""
+    mount = tmp_path / "cgroup"
+    write(mount / "kubepods" / "pod1" / "ctr", memory_max=str(800 * MIB), memory_current=str(300 * MIB),
+          memory_stat="inactive_file 0")
+    write(mount / "kubepods" / "pod1", memory_max=str(1000 * MIB), memory_current=str(900 * MIB),
+          memory_stat="inactive_file 0")
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/ctr", [f"30 23 0:26 / {mount} rw - cgroup2 cgroup2 rw"])
+    limit = memory_limit(proc)
+    assert (limit.limit, limit.room, limit.folder) == (1000 * MIB, 100 * MIB, mount / "kubepods" / "pod1")
+    write(mount / "kubepods" / "pod1", memory_current=str(400 * MIB))  # the siblings left: the container binds
+    limit = memory_limit(proc)
+    assert (limit.limit, limit.room, limit.folder) == (800 * MIB, 500 * MIB, mount / "kubepods" / "pod1" / "ctr")
+
+
 def test_the_used_memory_past_the_limit_leaves_no_room(tmp_path):
     mount = tmp_path / "cgroup"
     write(mount, memory_max=str(100 * MIB), memory_current=str(150 * MIB))

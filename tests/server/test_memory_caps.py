@@ -23,9 +23,11 @@ def colbert_dir(tmp_path_factory) -> Path:
     return build_pylate_colbert(tmp_path_factory.mktemp("colbert") / "colbert")
 
 
-def _serve(config: ServerConfig, limit: MemoryLimit | None, monkeypatch) -> InProcessServer:
+def _serve(config: ServerConfig, limit: MemoryLimit | None, monkeypatch, share: float = 1.0) -> InProcessServer:
     monkeypatch.setattr(host_limits, "memory_limit", lambda: limit)
-    return InProcessServer(config)
+    server = InProcessServer(config)
+    server.app.state.memory_share = share  # as create_app(memory_share=) sets it for a Ray replica
+    return server
 
 
 def test_a_limit_caps_the_unset_budgets_the_token_cache_included(colbert_dir, tiny_model_dir, monkeypatch, caplog):
@@ -53,3 +55,14 @@ def test_an_operators_settings_and_a_host_without_a_limit_are_left_as_they_are(c
     with _serve(unset, None, monkeypatch) as server:
         assert server.app.state.token_cache.max_bytes == unset.token_cache_bytes == 512 * MIB
         assert server.app.state.body_budget.limit == unset.body_bytes_in_flight
+
+
+def test_a_server_sharing_the_limit_caps_by_its_share_of_the_room(colbert_dir, monkeypatch, caplog):
+    """Two Ray replicas of one CPU each in a 2-CPU container: each takes half the room, not all of it."""
+    limit = MemoryLimit(limit=1000 * MIB, used=760 * MIB, folder=Path("/sys/fs/cgroup/memory/pod"))
+    config = ServerConfig(models=[f"colbert={colbert_dir}"], backend="torch", threads=1)
+    with caplog.at_level("INFO", logger="openrerank"), _serve(config, limit, monkeypatch, share=0.5) as server:
+        assert server.app.state.token_cache.max_bytes == int(MEMORY_TOKEN_CACHE_SHARE * 120 * MIB)
+        assert server.app.state.body_budget.limit == 15 * MIB
+    line = next(r.getMessage() for r in caplog.records if "a memory limit of 1000 MiB" in r.getMessage())
+    assert "leaves 240 MiB above what is in use with the models loaded, 50% of it this server's" in line

@@ -25,7 +25,7 @@ _FILES = {2: ("memory.max", "memory.current", "inactive_file"),
 
 @dataclass(frozen=True)
 class MemoryLimit:
-    """The tightest memory limit on this process and what its group holds now, in bytes."""
+    """The memory limit that binds this process first and what its group holds now, in bytes."""
 
     limit: int
     used: int
@@ -68,15 +68,19 @@ def rss_bytes(proc: Path = PROC_SELF) -> int | None:
 
 
 def memory_limit(proc: Path = PROC_SELF) -> MemoryLimit | None:
-    """The tightest memory limit of the process's groups and what that group uses now (its usage less its
-    inactive file pages; this process's RSS where the group's usage cannot be read), or None without a limit."""
-    found: tuple[int, int, Path] | None = None
+    """The memory limit of the process's groups that leaves it the least room, and what that group uses now
+    (its usage less its inactive file pages; this process's RSS where the group's usage cannot be read), or None
+    without a limit. The least room, not the lowest limit: a parent with a looser limit that siblings fill (a
+    pod's own limit shared by sidecars, a systemd slice's MemoryMax) kills this process as surely as its own."""
+    found: MemoryLimit | None = None
     for version, folder in group_folders("memory", proc):
         limit_file, usage_file, inactive = _FILES[version]
         limit = _read_int(folder / limit_file)
-        if limit is None or limit >= NO_LIMIT or (found is not None and limit >= found[0]):
+        if limit is None or limit >= NO_LIMIT:
             continue
         usage = _read_int(folder / usage_file)
         used = usage - _stat(folder, inactive) if usage is not None else rss_bytes(proc)
-        found = (limit, max(0, used or 0), folder)
-    return MemoryLimit(*found) if found else None
+        group = MemoryLimit(limit, max(0, used or 0), folder)
+        if found is None or group.room < found.room:
+            found = group
+    return found

@@ -264,7 +264,8 @@ async def _tell_models_of_drain(app: FastAPI) -> None:
 
 def create_app(config: ServerConfig | None = None, *, load_models: bool = True, wait_for_models: bool = False,
                metrics: Metrics | None = None, public_url: str | None = None,
-               resolved: Sequence[ResolvedModel] = (), shown: Shown | None = None) -> FastAPI:
+               resolved: Sequence[ResolvedModel] = (), shown: Shown | None = None,
+               memory_share: float = 1.0) -> FastAPI:
     """The whole server as one ASGI app; `public_url` is only what the "ready" log line shows.
 
     `shown`: how to name the settings not given as flags (the CLI's `serve_settings`: an environment variable, a
@@ -327,6 +328,7 @@ def create_app(config: ServerConfig | None = None, *, load_models: bool = True, 
     )
     app.state.config = config
     app.state.shown = shown or {}
+    app.state.memory_share = memory_share  # of the room under a memory limit: a Ray replica's is its CPUs' share
     app.state.public_url = public_url
     app.state.metrics = metrics or Metrics()
     app.state.tracer = tracer  # the gRPC service's calls are spans too

@@ -32,13 +32,15 @@ def hint_threads(config: ServerConfig, models: int) -> None:
 def cap_to_memory_limit(app: FastAPI) -> None:
     """Under a cgroup memory limit (`core/memory.py`), bound what the server holds at once by the room the loaded
     models leave, for the settings the operator left unset (`ServerConfig.memory_caps`): past it the kernel kills
-    the process and every request in flight is lost, where a refusal (503/429, Retry-After) loses none."""
+    the process and every request in flight is lost, where a refusal (503/429, Retry-After) loses none. Servers
+    sharing one limit (Ray replicas on one machine) each take `app.state.memory_share` of the room."""
     limit = memory_limit()
     if limit is None:
         return
     config: ServerConfig = app.state.config
     served = app.state.models.models()
-    caps = config.memory_caps(limit.room, [(m.loaded.token_activation_bytes, m.loaded.max_length,
+    share = app.state.memory_share
+    caps = config.memory_caps(int(limit.room * share), [(m.loaded.token_activation_bytes, m.loaded.max_length,
                                             m.scheduler.config.policy.max_tokens) for m in served],
                               caches_tokens=any(isinstance(m.loaded.scorer, LateInteractionScorer) for m in served))
     capped = []
@@ -53,6 +55,7 @@ def cap_to_memory_limit(app: FastAPI) -> None:
     if caps.token_cache_bytes is not None:
         app.state.token_cache.resize(caps.token_cache_bytes)
         capped.append(f"--token-cache-mb at {caps.token_cache_bytes >> 20}")
-    log.info("a memory limit of %d MiB (%s) leaves %d MiB above what is in use with the models loaded: %s "
-             "(docs/reliability.md, Memory limits)", limit.limit >> 20, limit.folder, caps.room >> 20,
+    mine = f", {share:.0%} of it this server's (its share of the CPUs)" if share < 1 else ""
+    log.info("a memory limit of %d MiB (%s) leaves %d MiB above what is in use with the models loaded%s: %s "
+             "(docs/reliability.md, Memory limits)", limit.limit >> 20, limit.folder, limit.room >> 20, mine,
              "caps " + ", ".join(capped) if capped else "caps nothing (the settings given, or the defaults, fit)")

@@ -18,6 +18,7 @@ from openrerank.core.settings import Shown
 from openrerank.engine.served_models import ServedModels
 from openrerank.observe.logs import configure_logging
 from openrerank.observe.metrics import Metrics
+from openrerank.runtimes.base import default_threads
 from openrerank.runtimes.onnx_runtime import SPIN_ENV
 from openrerank.server.app import create_app
 from openrerank.server.config import API_KEY_ENV, ServerConfig
@@ -46,12 +47,23 @@ def admitted_requests(server: ServerConfig) -> int:
     return server.max_queue * max(1, len(server.models))
 
 
-def assigned_threads() -> int:
-    """Intra-op threads for this replica: the whole CPUs Ray assigned it, at least 1 (never every core)."""
+def assigned_cpus() -> float:
+    """The CPUs Ray reserved for this replica (`num_cpus`; 0 where none)."""
     import ray
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    return max(1, int(cpus))
+    return ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+
+
+def assigned_threads() -> int:
+    """Intra-op threads for this replica: the whole CPUs Ray assigned it, at least 1 (never every core)."""
+    return max(1, int(assigned_cpus()))
+
+
+def memory_share(assigned_cpus: float, cpus: int) -> float:
+    """A replica's share of the memory limit its machine (container, pod) gives every replica on it: its CPUs'
+    share, as Ray reserves them (`num_cpus`); the whole where it reserved none. Each replica reads the room
+    left once its own models have loaded (`server/host_limits.py`), so the shares do not add up past it."""
+    return min(1.0, assigned_cpus / cpus) if assigned_cpus > 0 and cpus > 0 else 1.0
 
 
 def replica_problems(served: ServedModels) -> list[str]:
@@ -212,8 +224,9 @@ def build_replica_app(config: ServerConfig, drain_dir: str | None = None, shown:
     # (Ray prefixes each line it forwards to the driver with the replica's name).
     configure_logging(config.log_level, config.log_format)
     metrics = Metrics(mirror=RayMetricsMirror())
-    return replica_app(create_app(config, wait_for_models=True, metrics=metrics, shown=shown), config,
-                       serve.get_replica_context().replica_tag, drain_dir)
+    share = memory_share(assigned_cpus(), default_threads())
+    return replica_app(create_app(config, wait_for_models=True, metrics=metrics, shown=shown, memory_share=share),
+                       config, serve.get_replica_context().replica_tag, drain_dir)
 
 
 def replica_app(app: Any, config: ServerConfig, replica: str, drain_dir: str | None = None) -> Any:
