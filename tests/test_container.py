@@ -25,6 +25,7 @@ import httpx
 import pytest
 from openrerank_bench.serve_process import free_port
 
+from openrerank.runtimes.selection import LANES_TIE
 from tests.support import REPO, nim_body
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -167,8 +168,10 @@ def test_cpu_image_ranks_a_request_without_torch_as_non_root(image):
         # the exported ONNX served by the runtime timed fastest here, among those the image has (no PyTorch)
         engine = meta["engine"]
         assert meta["weights_format"] == "onnx" and engine["choice"] == "measure", meta
-        timed = [m["backend"] for m in engine["measured"] if "pairs_per_s" in m]
-        assert set(timed) == {"onnx", "openvino"} and engine["backend"] == timed[0], engine
+        timed = [m for m in engine["measured"] if "pairs_per_s" in m]
+        best = max(m["pairs_per_s"] for m in timed)  # served: the fastest, or one with fewer lanes within LANES_TIE
+        near = {m["backend"] for m in timed if m["pairs_per_s"] >= best * (1 - LANES_TIE)}
+        assert {m["backend"] for m in timed} == {"onnx", "openvino"} and engine["backend"] in near, engine
         assert meta["backend"].startswith(f"{engine['backend']}-"), meta
         # the image's HEALTHCHECK passes, it runs as a non-root user, and PyTorch is not in it
         _run([*PODMAN, "healthcheck", "run", name], timeout=60)
@@ -285,8 +288,10 @@ def test_images_run_the_way_the_kubernetes_manifest_runs_them(image, export_imag
         # the exported ONNX served by the runtime timed fastest here, among those the image has (no PyTorch)
         engine = meta["engine"]
         assert meta["weights_format"] == "onnx" and engine["choice"] == "measure", meta
-        timed = [m["backend"] for m in engine["measured"] if "pairs_per_s" in m]
-        assert set(timed) == {"onnx", "openvino"} and engine["backend"] == timed[0], engine
+        timed = [m for m in engine["measured"] if "pairs_per_s" in m]
+        best = max(m["pairs_per_s"] for m in timed)  # served: the fastest, or one with fewer lanes within LANES_TIE
+        near = {m["backend"] for m in timed if m["pairs_per_s"] >= best * (1 - LANES_TIE)}
+        assert {m["backend"] for m in timed} == {"onnx", "openvino"} and engine["backend"] in near, engine
         assert meta["backend"].startswith(f"{engine['backend']}-"), meta
         scrape = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
         metrics = httpx.get(f"{url}{scrape}", timeout=10)  # the scraper sends no key
