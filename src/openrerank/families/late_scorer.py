@@ -8,8 +8,9 @@ vector its best dot product with a passage vector, summed over the query vectors
 
 Each pair is scored on its own arrays (one small matrix product), so a score never depends on what
 else shared the batch, and a passage's cached vectors give bit-identical scores on a hit. A query's vectors
-are kept too, in a small byte-bounded LRU of its own (`QUERY_MEMO_BYTES`): the scheduler cuts one request's
-passages into several batches by length, and the query would otherwise be encoded again for each.
+are kept too, in a small byte-bounded LRU of their own (`families/query_memo.py`, as the bi-encoder's): the
+scheduler cuts one request's passages into several batches by length, and the query would otherwise be encoded
+again for each.
 
 The same vectors are the multi-vector embeddings (`embed`): one packed float32 row per text (`pack`),
 since the scheduler moves fixed-width rows.
@@ -17,20 +18,16 @@ since the scheduler moves fixed-width rows.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
 from openrerank.core.work import BiItem, TokenEmbedItem
+from openrerank.families.query_memo import QueryMemo, memo_key
 from openrerank.families.scorer import Scorer
 from openrerank.families.token_cache import BoundTokenCache
 from openrerank.runtimes.base import RowsFailedError, Runtime
 from openrerank.text.late import LateSettings
-
-#: Bytes of query vectors a scorer keeps (a 32-token query of 128 dimensions is 16 KiB: ~1,000 queries).
-QUERY_MEMO_BYTES = 16 * 2**20
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -51,9 +48,8 @@ class LateInteractionScorer(Scorer):
         self.settings = settings
         #: The token cache (attached by the server; None: every passage is encoded).
         self.cache: BoundTokenCache | None = None
-        self._queries: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
-        self._query_bytes = 0
-        self._lock = threading.Lock()
+        #: Normalized query vectors, keyed on the query's ids (its augmentation follows from them and `settings`).
+        self.queries = QueryMemo()
 
     @property
     def row_tokens(self) -> int:
@@ -82,16 +78,13 @@ class LateInteractionScorer(Scorer):
         """Normalized vectors of each query (real tokens, marker included): query_length of them with
         augmentation (the mask-token positions count), the real tokens' without. Queries encoded before
         (by an earlier batch of the same request, or an earlier request) come from the memo."""
-        keys = [tuple(q) for q in queries]
-        with self._lock:
-            found = {k: self._queries[k] for k in keys if k in self._queries}
-            for k in found:
-                self._queries.move_to_end(k)
-        todo = [list(k) for k in dict.fromkeys(k for k in keys if k not in found)]
+        keys = [memo_key(q) for q in queries]
+        found = self.queries.found(keys)
+        todo = {k: q for k, q in zip(keys, queries, strict=True) if k not in found}
         if todo:
-            for k, v in zip(todo, self._encode_queries(todo), strict=True):
-                found[tuple(k)] = v
-            self._remember({tuple(k): found[tuple(k)] for k in todo})
+            fresh = dict(zip(todo, self._encode_queries(list(todo.values())), strict=True))
+            self.queries.keep(fresh)
+            found.update(fresh)
         return [found[k] for k in keys]
 
     def _encode_queries(self, queries: list[list[int]]) -> list[np.ndarray]:
@@ -104,20 +97,7 @@ class LateInteractionScorer(Scorer):
         out = self._run(seqs, attended)
         if self.cache is not None:
             self.cache.encoded("query", len(queries))
-        vecs = [normalize_rows(out[i, : len(seq)]) for i, seq in enumerate(seqs)]
-        for v in vecs:
-            v.setflags(write=False)
-        return vecs
-
-    def _remember(self, fresh: dict[tuple[int, ...], np.ndarray]) -> None:
-        with self._lock:
-            for k, v in fresh.items():
-                if k not in self._queries:
-                    self._queries[k] = v
-                    self._query_bytes += v.nbytes
-            while self._query_bytes > QUERY_MEMO_BYTES and self._queries:
-                _, old = self._queries.popitem(last=False)
-                self._query_bytes -= old.nbytes
+        return [normalize_rows(out[i, : len(seq)]) for i, seq in enumerate(seqs)]  # each owns its data
 
     def _kept(self, seq: list[int]) -> np.ndarray:
         skip = self.settings.skiplist
