@@ -15,7 +15,7 @@ import numpy as np
 from openrerank.core.work import PairItem
 from openrerank.engine.rates import work_of
 from openrerank.families.scorer import Scorer
-from openrerank.runtimes.base import DeviceMemoryError, RowsFailedError
+from openrerank.runtimes.base import DeviceMemoryError, RowsFailedError, computed
 
 WAIT_S = 30.0  # generous: only reached when something is broken
 
@@ -29,7 +29,8 @@ class FatalError(BaseException):
 
 
 class FakeScorer(Scorer):
-    """Scores an item as its id (its first token); records each batch's ids and the thread it ran on.
+    """Scores an item as its id (its first token); records each batch's ids and the thread it ran on, and reports
+    the batch's shape as computed (`runtimes/base.computed`), as a runtime without a grid would.
 
     `hold()` makes the next batches block inside `score` until `release()`, so a test can stack up
     requests behind a running batch deterministically. Ids in `fail_on` make their batch raise.
@@ -83,6 +84,8 @@ class FakeScorer(Scorer):
             raise self.fail_with(f"poisoned batch {ids}")
         if self.inner is not None:
             return self.inner.score(items)
+        lengths = np.array([it.length for it in items])
+        computed(len(items), lengths.max(), np.arange(lengths.max()) < lengths[:, None])  # as a runtime does
         scores = np.asarray(ids, dtype=np.float32)
         failed = [row for row, i in enumerate(ids) if i in self.fail_alone]
         if failed:

@@ -22,8 +22,9 @@ from openrerank.engine.errors import (
 )
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from openrerank.engine.speed_record import SpeedRecord
+from openrerank.families.pair_scorer import PairScorer
 from openrerank.observe.metrics import Metrics
-from openrerank.runtimes.base import HostMemoryError
+from openrerank.runtimes.base import HostMemoryError, Runtime, computed
 from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
 
@@ -691,6 +692,57 @@ def test_metrics_describe_the_batches() -> None:
     assert value("openrerank_inference_seconds_count", lab) == n_batches
     assert value("openrerank_queue_seconds_count", lab) == 4
     assert value("openrerank_queue_depth", {"model": "m"}) == 0
+
+
+class GridRuntime(Runtime):
+    """Pads a batch to a grid of 4 rows and 8 columns, as OpenVINO's buckets do, and reports that shape; counts how
+    often the attention mask is summed (what the tally costs)."""
+
+    input_names = ("input_ids", "attention_mask")
+    description = "grid-fp32-cpu"
+
+    def __init__(self) -> None:
+        self.mask_sums = 0
+
+    def padded_shape(self, rows, width):
+        return -(-rows // 4) * 4, -(-width // 8) * 8
+
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        mask = features["attention_mask"]
+        runtime = self
+
+        class Counted:
+            def sum(self) -> int:
+                runtime.mask_sums += 1
+                return int(mask.sum())
+
+        computed(*self.padded_shape(*mask.shape), Counted())
+        return features["input_ids"][:, 0].astype(np.float32)
+
+
+@pytest.mark.parametrize("with_metrics", [True, False])
+def test_a_batch_the_runtime_pads_to_its_grid_is_recorded_at_the_grid_size(with_metrics: bool) -> None:
+    """The padding metrics read the shape the runtime ran: 3 pairs of 9, 7 and 5 tokens run as 4 x 16 (64 tokens,
+    21 real), where the items alone say 3 x 9. Without metrics nothing is tallied: the mask is never summed."""
+    runtime, metrics = GridRuntime(), Metrics() if with_metrics else None
+    items = [PairItem([i] * n) for i, n in zip((11, 12, 13), (9, 7, 5), strict=True)]
+
+    async def main() -> np.ndarray:
+        sched = Scheduler(PairScorer(runtime, pad_id=0), SchedulerConfig(CPU_POLICY), name="m", metrics=metrics)
+        await sched.start()
+        scores = (await sched.submit(items)).scores
+        await sched.stop()
+        return scores
+
+    np.testing.assert_array_equal(asyncio.run(main()), [11, 12, 13])
+    if metrics is None:
+        assert runtime.mask_sums == 0
+        return
+    value = metrics.registry.get_sample_value
+    lab = {"model": "m", "task": "rerank"}
+    assert value("openrerank_batch_size_sum", lab) == 3
+    assert value("openrerank_batch_padded_tokens_sum", lab) == 64
+    assert value("openrerank_batch_padding_ratio_sum", lab) == pytest.approx(1 - 21 / 64)
 
 
 class _DyingScorer:

@@ -1,21 +1,27 @@
 """What every runtime shares: telling a machine's passing shortage (memory, threads, file handles) from a fault
-of the model or its files, in the text of the native errors OpenVINO and ONNX Runtime raise."""
+of the model or its files, in the text of the native errors OpenVINO and ONNX Runtime raise; the shapes a runtime
+reports it computed."""
 
 from __future__ import annotations
 
 import errno
 import queue
+import threading
 
+import numpy as np
 import pytest
 
 from openrerank.runtimes.base import (
     DeviceMemoryError,
     HostMemoryError,
     ModelRefusedError,
+    computed,
     lasting_refusal,
     out_of_memory,
     out_of_resources,
+    pad_features,
     probe_features,
+    tally_computed,
 )
 from tests.support import cross_encoder_network
 
@@ -114,3 +120,54 @@ def test_a_runtime_out_of_host_memory_raises_a_host_memory_error(tmp_path, model
     with pytest.raises(RuntimeError) as raised:
         runtime.run(features)
     assert raised.value is other  # any other failure is raised as it was
+
+
+# what a runtime computed -----------------------------------------------------------------------------------------
+
+def test_computed_counts_only_inside_a_tally_and_a_tally_inside_another_keeps_its_own() -> None:
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    computed(2, 3, mask)  # nobody tallies: nothing kept anywhere
+    with tally_computed() as outer:
+        computed(4, 8, mask)  # a bucket of 4 x 8 around a 2 x 3 batch of 3 real tokens
+        with tally_computed() as inner:
+            computed(1, 5, None)
+        computed(2, 3, mask)
+    computed(2, 3, mask)
+    assert (outer.runs, outer.tokens, outer.real) == (2, 38, 6)
+    assert (inner.runs, inner.tokens, inner.real) == (1, 5, 5)
+
+
+def test_a_tally_sees_its_own_thread_only() -> None:
+    seen: list[int] = []
+
+    def other() -> None:
+        with tally_computed() as mine:
+            computed(3, 3, None)
+        seen.append(mine.tokens)
+
+    with tally_computed() as tally:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        computed(1, 2, None)
+    assert tally.tokens == 2 and seen == [9]
+
+
+@pytest.mark.parametrize("kind", ["openvino", "onnx"])
+def test_a_runtime_reports_the_shape_it_ran(tmp_path, model_copy, kind) -> None:
+    """What the padding metrics read: OpenVINO pads a 9 x 19 batch to its 10 x 20 bucket, ONNX Runtime runs it as
+    it comes; the real tokens are the mask's."""
+    if kind == "onnx":
+        from openrerank.runtimes.onnx_runtime import OnnxRuntime
+
+        runtime = OnnxRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=tmp_path)
+    else:
+        from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
+
+        runtime = OpenVinoRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=tmp_path, lanes=1)
+    seqs = [[5 + i] * (19 - i) for i in range(9)]
+    features = pad_features(seqs, None, 0, runtime.input_names)
+    with tally_computed() as tally:
+        runtime.run(features)
+    rows, width = (10, 20) if kind == "openvino" else (9, 19)
+    assert (tally.runs, tally.tokens, tally.real) == (1, rows * width, sum(map(len, seqs)))

@@ -11,7 +11,14 @@ import pytest
 
 from openrerank.core.work import PairItem
 from openrerank.families.pair_scorer import PairScorer
-from openrerank.runtimes.base import DeviceMemoryError, HostMemoryError, Network, RowsFailedError, pad_features
+from openrerank.runtimes.base import (
+    DeviceMemoryError,
+    HostMemoryError,
+    Network,
+    RowsFailedError,
+    pad_features,
+    tally_computed,
+)
 from openrerank.runtimes.torch_runtime import TorchRuntime
 
 torch = pytest.importorskip("torch")
@@ -161,3 +168,14 @@ def test_the_hosts_memory_running_short_on_the_cpu_is_a_host_memory_error() -> N
     assert raised.value.__cause__ is native
     assert "out of host memory scoring a batch of 2 x 4 tokens" in str(raised.value)
     assert len(module.calls) == 1  # not halved and retried: the GPU's rule for a batch too big
+
+
+def test_a_split_batch_reports_each_part_it_ran_and_no_failed_attempt() -> None:
+    """What the padding metrics read: the halves as they ran (each cut to its own longest row)."""
+    lengths = [3, 9, 4, 12, 5, 2, 7, 6]
+    module = MemoryBound(max_cells=2 * 12)
+    with tally_computed() as tally:
+        runtime(module).run(features(lengths))
+    ran = [(rows, width) for rows, width in module.calls if rows * width <= 24]
+    assert tally.runs == len(ran) == 4
+    assert tally.tokens == sum(rows * width for rows, width in ran) and tally.real == sum(lengths)

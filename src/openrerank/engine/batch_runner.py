@@ -12,6 +12,7 @@ scorer that could score all but some rows (a sequence that does not fit in devic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from openrerank.engine.errors import BatchFailedError, DeviceMemoryError
 from openrerank.engine.pending import PendingRequest, post
 from openrerank.engine.scheduler_metrics import SchedulerMetrics
 from openrerank.families.scorer import Scorer
-from openrerank.runtimes.base import RowsFailedError
+from openrerank.runtimes.base import Computed, RowsFailedError, tally_computed
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,11 @@ class BatchRunner:
                     req.first_start = start
                     self.metrics.queue_time(task, start - req.submitted)
         failed: set[PendingRequest] = set()
+        ran: Computed | None = None  # what the runtime computed, tallied only for the metrics
         self.busy.started(start)
         try:
-            rows = check_rows(self.scorer.compute(items), task, len(items))
+            with tally_computed() if self.metrics.enabled else contextlib.nullcontext() as ran:
+                rows = check_rows(self.scorer.compute(items), task, len(items))
         except RowsFailedError as exc:
             # Some items could not be computed even alone (e.g. out of device memory); the rest were.
             rows = check_rows(exc.outputs, task, len(items))
@@ -125,7 +128,7 @@ class BatchRunner:
         if knee is not None:
             log.info("model %s: the served batches put its attention knee at ~%.0f tokens (its FLOPs: %.0f); "
                      "admission weighs long sequences by it", self.name, knee, self.admission.knee_fit.prior)
-        self.metrics.batch(items, task, end - start)
+        self.metrics.batch(items, task, end - start, ran)
         with self._lock:
             for (req, i), row in zip(live, rows, strict=True):
                 if req in failed:

@@ -112,11 +112,12 @@ class Metrics:
                                         ("model",))
         self.batch_size = self._histogram("openrerank_batch_size", "Items (pairs or texts) per model batch",
                                           ("model", "task"), _BATCH_BUCKETS)
-        self.batch_tokens = self._histogram("openrerank_batch_padded_tokens", "Padded tokens per model batch",
+        self.batch_tokens = self._histogram("openrerank_batch_padded_tokens", "Tokens the runtime computed per model "
+                                            "batch (rows x width as it ran them, its shape buckets included)",
                                             ("model", "task"), _TOKEN_BUCKETS)
         self.padding_ratio = self._histogram("openrerank_batch_padding_ratio",
-                                             "Share of padded tokens that are padding", ("model", "task"),
-                                             _RATIO_BUCKETS)
+                                             "Share of the tokens computed per batch that were padding",
+                                             ("model", "task"), _RATIO_BUCKETS)
         self.queue_time = self._histogram("openrerank_queue_seconds", "Time a request waited before its first batch",
                                           ("model", "task"), _LATENCY_BUCKETS)
         self.inference_time = self._histogram("openrerank_inference_seconds", "Model time per batch",

@@ -8,11 +8,13 @@ per-family *scorer* that turns work items into scores on top of a runtime is `fa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +254,45 @@ def lane_counts(threads: int) -> tuple[int, ...]:
     return tuple(n for n in TIMED_LANES if n <= max(1, threads))
 
 
+class Computed:
+    """What a runtime computed while it was tallied (`tally_computed`): every forward pass's tokens as the
+    runtime ran them (rows x width after its own padding: OpenVINO's buckets) and the real tokens among them
+    (the attention mask's ones). The padding metrics read it, so they show what ran, not what the items ask."""
+
+    __slots__ = ("real", "runs", "tokens")
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.tokens = 0
+        self.real = 0
+
+
+_TALLY = threading.local()
+
+
+@contextlib.contextmanager
+def tally_computed() -> Iterator[Computed]:
+    """Tally what the runtimes compute on this thread inside the block (a runtime's `run` computes on the
+    thread that calls it). Outside one, `computed` costs an attribute lookup."""
+    tally, outer = Computed(), getattr(_TALLY, "current", None)
+    _TALLY.current = tally
+    try:
+        yield tally
+    finally:
+        _TALLY.current = outer
+
+
+def computed(rows: int, width: int, mask: Any) -> None:
+    """What a runtime calls for each forward pass it ran: `rows` x `width` as it computed them, `mask` the
+    attention mask it was given (numpy or torch; its ones are the real tokens; None: every token is real).
+    Counted only inside `tally_computed`, so the mask is summed only when someone reads it."""
+    tally = getattr(_TALLY, "current", None)
+    if tally is not None:
+        tally.runs += 1
+        tally.tokens += int(rows) * int(width)
+        tally.real += int(rows) * int(width) if mask is None else int(mask.sum())
+
+
 class Runtime(ABC):
     """Runs a network on padded features; returns its output as float32, one row per sequence."""
 
@@ -265,7 +306,8 @@ class Runtime(ABC):
     threads: int | None = None
 
     @abstractmethod
-    def run(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The network's output for `features`; each forward pass it runs is reported to `computed`."""
 
     def padded_shape(self, rows: IntOrArray, width: IntOrArray) -> tuple[IntOrArray, IntOrArray]:
         """The shape `run` computes for a (rows x width) batch; a runtime that pads to a grid says so here, so

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact
-from openrerank.runtimes.base import HostMemoryError, Network, Runtime, lanes_for, out_of_memory
+from openrerank.runtimes.base import HostMemoryError, Network, Runtime, computed, lanes_for, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class OnnxRuntime(Runtime):
                 rows, width = features[self.input_names[0]].shape[:2]
                 raise HostMemoryError.scoring(self.description, rows, width, exc) from exc
             raise
+        computed(*features[self.input_names[0]].shape[:2], features.get("attention_mask"))
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
     def close(self) -> None:

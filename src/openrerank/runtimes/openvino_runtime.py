@@ -35,7 +35,8 @@ the CPU with:
   the shape itself), so the shapes, and the memory they hold, are finite. `padded_shape` tells the batcher,
   which then cuts along the grid (`engine/batching.py`) instead of padding pairs twice. Extra columns carry a
   zero attention mask (no real token attends to them) and extra rows repeat the first (a real sequence, so
-  no all-masked row); both are cut from the output.
+  no all-masked row); both are cut from the output. The bucket's shape is what `run` reports as computed
+  (`base.computed`), so the padding metrics count the bucket's padding too.
 
 A pre-exported directory (`openrerank export --out DIR`: model.onnx + export.json) is compiled from its
 ONNX graph as it is, without PyTorch (`openvino_convert.pre_exported_onnx`).
@@ -64,7 +65,15 @@ from pathlib import Path
 import numpy as np
 
 from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached
-from openrerank.runtimes.base import HostMemoryError, IntOrArray, Network, Runtime, lanes_for, out_of_memory
+from openrerank.runtimes.base import (
+    HostMemoryError,
+    IntOrArray,
+    Network,
+    Runtime,
+    computed,
+    lanes_for,
+    out_of_memory,
+)
 from openrerank.runtimes.cache_entries import Entry, differences, last_used, read_quietly
 from openrerank.runtimes.openvino_convert import (
     META_FILE,
@@ -314,6 +323,7 @@ class OpenVinoRuntime(Runtime):
                 if out_of_memory(exc):  # the host's memory, not the input: a 503 to retry, not a model fault (500)
                     raise HostMemoryError.scoring(self.description, rows, width, exc) from exc
                 raise
+            computed(*inputs["attention_mask"].shape, features["attention_mask"])  # the bucket's shape
             if out.ndim > 2:  # per-token outputs: cut the bucket's columns too
                 out = out[:, :width]
             return np.array(out, dtype=np.float32, copy=True)  # the request reuses its output buffer

@@ -29,6 +29,7 @@ from openrerank.runtimes.base import (
     NetworkBuild,
     RowsFailedError,
     Runtime,
+    computed,
     out_of_memory,
 )
 from openrerank.runtimes.devices import is_cuda
@@ -133,6 +134,9 @@ class TorchRuntime(Runtime):
         """Score rows `first...` into `parts`, halving on out-of-memory down to single rows (which fail alone)."""
         rows = inputs[0].shape[0]
         out = self._attempt(inputs)
+        if out is not None:
+            mask = inputs[self.input_names.index("attention_mask")] if "attention_mask" in self.input_names else None
+            computed(rows, inputs[0].shape[1], mask)
         if out is not None or rows == 1:
             parts.append((first, rows, out))
             if out is None:
