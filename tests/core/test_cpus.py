@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,31 +100,42 @@ def test_no_cgroup_information_leaves_the_affinity_set(tmp_path, many_cores):
     assert cpu_quota(garbled) is None
 
 
-CPU_V1 = Path("/sys/fs/cgroup/cpu")
+CGROUP_V1 = Path("/sys/fs/cgroup")
 
 
 @contextlib.contextmanager
-def cpu_quota_group(cpus_allowed: float):
-    """A real cgroup-v1 CPU quota for the processes written into it; removed (processes sent back) after."""
-    if not ((CPU_V1 / "cgroup.procs").is_file() and os.access(CPU_V1, os.W_OK)):
-        pytest.skip("no writable cgroup-v1 cpu controller here")
-    group = CPU_V1 / f"openrerank-test-{os.getpid()}"
+def v1_group(controller: str, files: dict[str, str]):
+    """A real cgroup-v1 group of `controller` with `files` written (its limits), for the processes written into
+    its cgroup.procs; removed after, its processes sent back to the root group first."""
+    root = CGROUP_V1 / controller
+    if not ((root / "cgroup.procs").is_file() and os.access(root, os.W_OK)):
+        pytest.skip(f"no writable cgroup-v1 {controller} controller here")
+    group = root / f"openrerank-test-{os.getpid()}"
     group.mkdir()
     try:
-        (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text(str(int(cpus_allowed * 100000)))
+        for name, text in files.items():
+            (group / name).write_text(text)
         yield group
     finally:
         with contextlib.suppress(OSError):
             for pid in (group / "cgroup.procs").read_text().split():
-                (CPU_V1 / "cgroup.procs").write_text(pid)
-        group.rmdir()
+                (root / "cgroup.procs").write_text(pid)
+        deadline = time.monotonic() + 10
+        while True:  # a group is busy until the kernel has moved its last task out
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two or more CPUs to cap")
 def test_a_server_in_a_one_cpu_quota_defaults_to_one_thread_and_says_why():
     """The server's start checks run inside a real 1-CPU quota (they stop at a busy port, nothing loads)."""
-    with cpu_quota_group(1.0) as group, socket.socket() as busy:
+    with v1_group("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"}) as group, \
+            socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         code = ("import sys; from openrerank.runtimes.base import default_threads; print(default_threads()); "

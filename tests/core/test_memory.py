@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from openrerank.core.memory import memory_limit, rss_bytes
-from tests.core.test_cpus import fake_proc, write
+from tests.core.test_cpus import fake_proc, v1_group, write
 from tests.support import DL19
 
 MIB = 2**20
@@ -91,27 +91,6 @@ def test_the_used_memory_past_the_limit_leaves_no_room(tmp_path):
     assert memory_limit(proc).room == 0
 
 
-MEMORY_V1 = Path("/sys/fs/cgroup/memory")
-
-
-@contextlib.contextmanager
-def memory_limit_group(limit: int):
-    """A real cgroup-v1 memory limit for the processes written into it; removed (processes sent back) after."""
-    if not ((MEMORY_V1 / "cgroup.procs").is_file() and os.access(MEMORY_V1, os.W_OK)):
-        pytest.skip("no writable cgroup-v1 memory controller here")
-    group = MEMORY_V1 / f"openrerank-test-{os.getpid()}"
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        yield group
-    finally:
-        with contextlib.suppress(OSError):
-            for pid in (group / "cgroup.procs").read_text().split():
-                (MEMORY_V1 / "cgroup.procs").write_text(pid)
-        time.sleep(0.2)
-        group.rmdir()
-
-
 def _oom_kills(group: Path) -> int:
     lines = (group / "memory.oom_control").read_text().splitlines()
     return next((int(line.split()[1]) for line in lines if line.startswith("oom_kill ")), 0)
@@ -130,7 +109,7 @@ def test_a_server_in_a_500_mib_limit_refuses_what_it_cannot_hold_instead_of_bein
     engine = ["--backend", "openvino", "--dtype", "fp32"]  # built here, outside the limit (this run's cache)
     subprocess.run([sys.executable, "-m", "openrerank.cli.main", "export", *engine], env=env, check=True,
                    capture_output=True, timeout=120)
-    with memory_limit_group(500 * MIB) as group, socket.socket() as probe:
+    with v1_group("memory", {"memory.limit_in_bytes": str(500 * MIB)}) as group, socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
