@@ -122,3 +122,12 @@ def test_a_query_that_fails_alone_fails_the_batch_with_its_cause() -> None:
     with pytest.raises(DeviceMemoryError):
         scorer.score([BiItem([99], [5]), BiItem([99], [6])])
     assert len(scorer.queries) == 0
+
+
+def test_a_long_query_does_not_cut_short_passages_as_if_they_were_long():
+    """A batch's rows are passages (the query runs apart, once): 128 passages of 8 tokens fit one 16,384-token
+    batch whatever the query's length. Counted as the longer of the two, a 200-token query cut them into two."""
+    from openrerank.engine.batching import CPU_POLICY
+
+    items = [BiItem([101, *range(1000, 1198), 102], [101, *range(i, i + 6), 102]) for i in range(128)]
+    assert [len(b) for b in CPU_POLICY.split(items)] == [128]

@@ -62,7 +62,10 @@ class BiItem:
 
     @property
     def length(self) -> int:
-        return max(len(self.query_ids), len(self.passage_ids))
+        """The item's width in a batch: its passage's. Both scorers run each distinct query apart, once per
+        request at most (`families/query_memo.py`), so a batch's rows are passages; counted as the longer of
+        the two, a long query made the batcher cut batches of short passages as if they were long."""
+        return len(self.passage_ids)
 
 
 @dataclass(slots=True)
