@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +115,62 @@ def test_cache_dir_names_the_cache_as_the_variable_does(cache, capsys, tmp_path,
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
     assert main(["cache", "ls", "--json", "--cache-dir", str(cache["export"].parent)]) == 0
     assert {Path(e["path"]) for e in json.loads(capsys.readouterr().out)} == set(cache.values())
+
+
+def test_no_cache_is_said_and_not_shown_as_an_empty_one(tmp_path, monkeypatch, capsys) -> None:
+    """A mistyped --cache-dir listed "0 entries" and pruned "0 B", as if there were nothing to prune."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "never-built"))
+    assert main(["cache", "ls"]) == 0 and main(["cache", "prune"]) == 0  # nothing built yet: not an error
+    assert capsys.readouterr().err.count(f"no cache at {tmp_path / 'never-built'}") == 2
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "typo")]) == 1
+    assert main(["cache", "prune", "--cache-dir", str(tmp_path / "typo")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count(f"no cache at {tmp_path / 'typo'}") == 2 and "entries" not in captured.out
+
+
+def test_a_folder_that_cannot_be_read_is_one_line_and_the_others_are_pruned_and_said(cache, capsys,
+                                                                                     monkeypatch) -> None:
+    """A later folder that could not be read ended prune with a traceback, after it had removed the earlier
+    folders' entries without printing them (they were printed only at the very end)."""
+    from openrerank.runtimes import cache_entries
+
+    listing = cache_entries._listing
+
+    def refuse_irs(folder: Path) -> list[Path]:
+        if folder.name == ov.CACHE_FOLDER:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return listing(folder)
+
+    monkeypatch.setattr(cache_entries, "_listing", refuse_irs)
+    irs = cache["ir"].parent
+    assert main(["cache", "ls"]) == 1
+    captured = capsys.readouterr()
+    assert f"could not read {irs}: Permission denied" in captured.err and str(cache["export"]) in captured.out
+    assert main(["cache", "prune"]) == 1
+    captured = capsys.readouterr()
+    assert f"removed {cache['old export']}" in captured.out and "removed or read" in captured.out
+    assert f"could not read {irs}: Permission denied" in captured.err
+    assert not cache["old export"].exists() and cache["old ir"].exists()
+
+
+def test_prune_says_when_it_waits_for_a_build(cache, capsys) -> None:
+    """Waiting silently for a server converting a model (minutes) looked like a hang, inviting a Ctrl-C."""
+    root = cache["export"].parent
+    builder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(root)!r}, os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(1)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "locked"
+        assert main(["cache", "prune"]) == 0
+    finally:
+        builder.wait(10)
+    assert f"waiting for a build in {root} to finish" in capsys.readouterr().err
+
+
+def test_a_number_of_days_that_is_not_a_number_is_refused_in_words(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["cache", "prune", "--unused-days", "abc"])
+    assert "a number of days, 0 or more, not 'abc'" in capsys.readouterr().err

@@ -84,38 +84,90 @@ def prune_reason(unused_days: float | None, now: float) -> Callable[[Entry], str
 
 def run_ls(args: argparse.Namespace) -> int:
     _use_cache_dir(args)
-    entries = [e for _, scan in sections() for e in scan()]
+    found = _scanned(sections())
+    if found is None:
+        return _no_cache(args)
+    entries, unreadable = found
     if args.json:
         print(json.dumps([_as_json(e) for e in entries], indent=2))
-        return 0
+        return 1 if unreadable else 0
     now = time.time()
     rows = [(_size(e.size), _age(now - e.last_used, ago=True), e.kind,
              "building now" if e.building else f"no: {e.unusable}" if e.unusable else "yes",
              _built_with(e.built_with), str(e.path)) for e in entries]
     _print_table(("SIZE", "LAST USED", "KIND", "USABLE HERE", "BUILT WITH", "PATH"), rows)
     unusable = [e for e in entries if e.unusable and not e.building]
-    print(f"{len(entries)} entries, {_size(sum(e.size for e in entries))}; {len(unusable)} not usable here "
+    print(f"{_count(len(entries))}, {_size(sum(e.size for e in entries))}; {len(unusable)} not usable here "
           f"({_size(sum(e.size for e in unusable))})" + (": `openrerank cache prune` removes them" if unusable else ""))
-    return 0
+    return 1 if unreadable else 0
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    """Each folder's removals are printed as soon as that folder is done (an interrupted prune has said what it
+    removed), and a folder that cannot be read is one line on stderr, the others pruned all the same."""
     from openrerank.runtimes.artifact_cache import prune
 
     _use_cache_dir(args)
+    folders = sections()
+    if not any(folder.is_dir() for folder, _ in folders):
+        return _no_cache(args)
     why = prune_reason(args.unused_days, time.time())
-    results = [p for folder, scan in sections() for p in prune(folder, scan, why, dry_run=args.dry_run)]
-    done = [p for p in results if p.error is None]
-    for p in results:
-        if p.error is None:
-            print(f"{'would remove' if args.dry_run else 'removed'} {p.entry.path} ({p.entry.kind}, "
-                  f"{_size(p.entry.size)}): {p.why}")
-        else:
-            print(f"could not remove {p.entry.path}: {p.error}", file=sys.stderr)
-    freed = _size(sum(p.entry.size for p in done))
-    print(f"{'would free' if args.dry_run else 'freed'} {freed} ({len(done)} entries)"
-          + (f"; {len(results) - len(done)} could not be removed" if len(done) < len(results) else ""))
-    return 1 if len(done) < len(results) else 0
+    done = failed = 0
+    freed = 0
+
+    def waiting(folder: Path) -> None:
+        print(f"waiting for a build in {folder} to finish (a server is converting a model there) ...",
+              file=sys.stderr, flush=True)
+
+    for folder, scan in folders:
+        try:
+            results = prune(folder, scan, why, dry_run=args.dry_run, on_wait=waiting)
+        except OSError as exc:
+            print(f"could not read {folder}: {exc.strerror or exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for p in results:
+            if p.error is None:
+                done += 1
+                freed += p.entry.size
+                print(f"{'would remove' if args.dry_run else 'removed'} {p.entry.path} ({p.entry.kind}, "
+                      f"{_size(p.entry.size)}): {p.why}", flush=True)
+            else:
+                failed += 1
+                print(f"could not remove {p.entry.path}: {p.error}", file=sys.stderr)
+    print(f"{'would free' if args.dry_run else 'freed'} {_size(freed)} ({_count(done)})"
+          + (f"; {failed} could not be removed or read" if failed else ""))
+    return 1 if failed else 0
+
+
+def _scanned(folders: list[Section]) -> tuple[list[Entry], bool] | None:
+    """Every folder's entries, and whether a folder could not be read (said on stderr); None: no cache at all."""
+    if not any(folder.is_dir() for folder, _ in folders):
+        return None
+    entries: list[Entry] = []
+    unreadable = False
+    for folder, scan in folders:
+        try:
+            entries += scan()
+        except OSError as exc:
+            print(f"could not read {folder}: {exc.strerror or exc}", file=sys.stderr)
+            unreadable = True
+    return entries, unreadable
+
+
+def _no_cache(args: argparse.Namespace) -> int:
+    """No cache folder exists: said, not shown as an empty cache (a mistyped --cache-dir, the wrong user's HOME).
+    An explicit --cache-dir that is not there is an error."""
+    from openrerank.runtimes.onnx_export import default_cache_dir
+
+    root = default_cache_dir()
+    print(f"no cache at {root} (nothing built there yet, or not the folder `serve` uses: OPENRERANK_CACHE_DIR, "
+          "--cache-dir)", file=sys.stderr)
+    return 1 if args.cache_dir else 0
+
+
+def _count(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _use_cache_dir(args: argparse.Namespace) -> None:
@@ -169,7 +221,10 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 
 def _days(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"a number of days, 0 or more, not {text!r}")
     return value

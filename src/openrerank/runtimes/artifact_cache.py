@@ -160,11 +160,12 @@ def key_of(facts: dict) -> str:
 
 
 @contextlib.contextmanager
-def _directory_lock(cache_dir: Path) -> Iterator[None]:
+def _directory_lock(cache_dir: Path, on_wait: Callable[[Path], None] | None = None) -> Iterator[None]:
     """An exclusive lock on the cache directory across processes, held only around a build (never for a
     hit, so a read-only cache of ready builds needs no lock). Re-entered by a build that needs another
     (int8 from its fp32 base). Where `flock` is unavailable (no fcntl, a file system that refuses it)
-    the atomic rename alone keeps the cache consistent. Called under BUILD_LOCK."""
+    the atomic rename alone keeps the cache consistent. Called under BUILD_LOCK. `on_wait(cache_dir)`: told
+    when another process holds it (a command that waits says so; a server logs it)."""
     global _flock_depth
     if _flock_depth:  # this process holds it already (a second flock would wait on itself)
         _flock_depth += 1
@@ -187,6 +188,8 @@ def _directory_lock(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another process is building into %s; waiting for it", cache_dir)
+            if on_wait is not None:
+                on_wait(cache_dir)
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             log.debug("flock refused on %s (%s); relying on the atomic rename", cache_dir, exc)
@@ -198,14 +201,14 @@ def _directory_lock(cache_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exclusive(cache_dir: Path | None) -> Iterator[None]:
+def exclusive(cache_dir: Path | None, on_wait: Callable[[Path], None] | None = None) -> Iterator[None]:
     """This process's build lock and the directory's `flock`, around work that another thread or process
     must not do in `cache_dir` at the same time: OpenVINO writes a compiled blob in place, with no lock of
     its own. None (no cache directory) locks nothing."""
     if cache_dir is None:
         yield
         return
-    with BUILD_LOCK, _directory_lock(cache_dir):
+    with BUILD_LOCK, _directory_lock(cache_dir, on_wait):
         yield
 
 
@@ -380,16 +383,16 @@ class Pruned:
 
 
 def prune(folder: Path, scan: Callable[[], list[Entry]], why: Callable[[Entry], str | None], *,
-          dry_run: bool = False) -> list[Pruned]:
+          dry_run: bool = False, on_wait: Callable[[Path], None] | None = None) -> list[Pruned]:
     """Remove the entries of `folder` that `why` names a reason for; `scan()` lists them. Done under the locks
     builds take in `folder` (this process's and the directory's `flock`), so no build is publishing, replacing
     or compiling there meanwhile, and `scan()` runs again under them: what changed since (a hit marked an entry
     used) is judged as it is now. A build's staging folder is never `why`'s (`Entry.building`). A dry run lists
-    what would go, without the locks (it waits for no build)."""
+    what would go, without the locks (it waits for no build). `on_wait`: told when it waits for a build."""
     if dry_run or not folder.is_dir():
         return [Pruned(e, reason) for e in scan() if not e.building and (reason := why(e))]
     out = []
-    with exclusive(folder):
+    with exclusive(folder, on_wait):
         for entry in scan():
             if entry.building or not (reason := why(entry)):
                 continue
