@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from openrerank.engine.preparing import INLINE_TEXTS
 from tests.server.faults import in_thread, until
 from tests.server.stalling_serve import LOAD_STALLED, MODELS_STOPPED, QUERY_STALLED, STOP_STALLED
 from tests.server.test_shutdown import in_flight
@@ -70,7 +71,9 @@ def fails(get, url: str) -> bool:
 def rank_in_thread(server: ServerProcess, query: str):
     def post() -> httpx.Response:
         with server.client() as c:
-            return c.post("/v1/ranking", json=nim_body(query, ["a river", "a road"]))
+            # more texts than a slice tokenized on the event loop (`preparing.tiny`): a long tokenization, which
+            # the stall stands for, runs on a worker thread
+            return c.post("/v1/ranking", json=nim_body(query, ["a river", "a road"] * INLINE_TEXTS))
 
     return in_thread(post)
 

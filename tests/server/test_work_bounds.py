@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from openrerank.core.requests import Truncate
 from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.engine.preparing import INLINE_TEXTS
 from openrerank.engine.rates import BUDGET_SHARE, work_of
 from openrerank.engine.speed_record import SpeedRecord
 from openrerank.runtimes.artifact_cache import CACHE_ENV
@@ -74,7 +75,9 @@ def test_a_long_tokenization_does_not_hold_up_another_request(tiny_model_dir, ga
     reached, release = gated_tokenizer
     config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1)
     with InProcessServer(config) as server, server.client() as c:
-        big = in_thread(lambda: server.client().post("/v1/ranking", json=nim_body("q", ["GATE river"] * 3)))
+        # more texts than a slice tokenized on the event loop (`preparing.tiny`), as a 7 MB request is
+        big = in_thread(lambda: server.client().post("/v1/ranking",
+                                                     json=nim_body("q", ["GATE river"] * (INLINE_TEXTS + 1))))
         assert reached.wait(WAIT_S)  # the big request is inside the tokenizer, holding a copy
         small = c.post("/v1/ranking", json=nim_body("paris", ["paris is in france", "bananas"]))
         assert small.status_code == 200 and len(small.json()["rankings"]) == 2
