@@ -250,3 +250,23 @@ def check_against_openapi(client, path: str) -> dict:
     body = got.json()
     jsonschema.Draft202012Validator({**declared, "components": doc["components"]}).validate(body)
     return body
+
+
+@contextlib.contextmanager
+def folder_locked_by_another_process(folder: Path, seconds: float) -> Iterator[None]:
+    """Another process holds `folder`'s `flock` for `seconds` (as a build publishing into a cache folder does),
+    from the moment this is entered; waited for on exit."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(folder)!r}, os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        f"time.sleep({seconds})\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.wait(10 + seconds)

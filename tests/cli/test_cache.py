@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from openrerank.runtimes import openvino_convert as ov
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.cache_entries import staging_prefix
 from openrerank.runtimes.measure import MEASURE_FORMAT, runtime_versions
+from tests.support import folder_locked_by_another_process
 
 
 def _artifact(folder: Path, key: str, variant: str, model_file: str, meta_file: str, facts: dict) -> Path:
@@ -156,17 +155,8 @@ def test_a_folder_that_cannot_be_read_is_one_line_and_the_others_are_pruned_and_
 def test_prune_says_when_it_waits_for_a_build(cache, capsys) -> None:
     """Waiting silently for a server converting a model (minutes) looked like a hang, inviting a Ctrl-C."""
     root = cache["export"].parent
-    builder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"fd = os.open({str(root)!r}, os.O_RDONLY)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(1)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert builder.stdout.readline().strip() == "locked"
+    with folder_locked_by_another_process(root, 1):
         assert main(["cache", "prune"]) == 0
-    finally:
-        builder.wait(10)
     assert f"waiting for a build in {root} to finish" in capsys.readouterr().err
 
 

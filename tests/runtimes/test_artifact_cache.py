@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 from openrerank.runtimes import artifact_cache, cache_entries
 from openrerank.runtimes.artifact_cache import ensure_record, model_fingerprint
 from openrerank.runtimes.base import probe_features
-from tests.support import build_tiny_bi_encoder, cross_encoder_network
+from tests.support import build_tiny_bi_encoder, cross_encoder_network, folder_locked_by_another_process
 
 
 def test_a_fingerprint_reads_the_weights_once_and_again_after_they_change(tmp_path: Path, tiny_model_dir,
@@ -270,19 +268,10 @@ def test_prune_waits_for_a_build_in_the_folder_and_removes_what_it_is_asked_to(t
     assert [p.entry.path for p in artifact_cache.prune(tmp_path, _scan(tmp_path), _older_than_a_day,
                                                          dry_run=True)] == [old]
     assert old.exists()  # a dry run removes nothing
-    builder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(1.5)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert builder.stdout.readline().strip() == "locked"
+    with folder_locked_by_another_process(tmp_path, 1.5):
         started = time.monotonic()
         pruned = artifact_cache.prune(tmp_path, _scan(tmp_path), _older_than_a_day)
         waited = time.monotonic() - started
-    finally:
-        builder.wait(10)
     assert waited > 1.0, "pruned while a build held the folder"
     assert [(p.entry.path, p.why, p.error) for p in pruned] == [(old, "unused", None)]
     assert not old.exists() and used.exists()
