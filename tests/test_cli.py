@@ -164,7 +164,8 @@ def test_bad_env_values_name_the_variable():
 def test_a_setting_from_the_environment_is_named_by_its_variable(environ, named):
     """Before, each of these errors named a flag the operator never typed (`--dtype fp16 needs a GPU`), and
     `--device tpu` none at all; port, threads and TLS were already named by their variable."""
-    from openrerank.cli.main import preflight, serve_settings
+    from openrerank.cli.main import serve_settings
+    from openrerank.cli.start_checks import preflight
 
     with pytest.raises((ValueError, RuntimeError)) as err:  # what run_serve prints as one line
         config, _, shown = serve_settings(build_parser().parse_args(["serve"]), environ)
@@ -182,7 +183,7 @@ def test_the_one_line_at_startup_names_the_variable():
 
 def test_a_flag_is_still_named_as_the_flag():
     with pytest.raises(ValueError, match=r"^--dtype fp16 needs a GPU"):
-        from openrerank.cli.main import preflight
+        from openrerank.cli.start_checks import preflight
 
         preflight(parse("--dtype", "fp16"))
     with pytest.raises(ValueError, match=r"^--device tpu: unknown device; use cpu or cuda\[:N\]"):
@@ -449,7 +450,7 @@ def test_a_grpc_server_that_cannot_load_is_one_line_at_start(tmp_path, monkeypat
 def test_the_http_socket_holds_its_port_against_another_bind():
     """A bound socket that does not listen yet does not hold its port against another SO_REUSEADDR bind: the
     gRPC check on `--grpc-port` equal to `--port` passed, and gRPC took the port HTTP was to serve on."""
-    from openrerank.cli.main import bind_socket
+    from openrerank.cli.start_checks import bind_socket
 
     with bind_socket("127.0.0.1", 0) as http:
         port = http.getsockname()[1]
