@@ -105,8 +105,10 @@ def test_a_memory_limit_caps_only_the_settings_left_unset_and_never_below_one_bo
     assert tight.body_bytes_in_flight == 8 * mib and tight.batch_tokens == [256]
     loose = ServerConfig().memory_caps(64 * 1024 * mib, models)
     assert loose.body_bytes_in_flight is None and loose.batch_tokens == [None, None]
-    given = ServerConfig(max_body_bytes_in_flight=100 * mib, max_batch_tokens=20000).memory_caps(240 * mib, models)
-    assert given.body_bytes_in_flight is None and given.batch_tokens == [None, None]
+    given = ServerConfig(max_body_bytes_in_flight=100 * mib, max_batch_tokens=2000).memory_caps(240 * mib, models)
+    assert given.body_bytes_in_flight is None and given.batch_tokens == [None, None] and given.over == ()
+    over = ServerConfig(max_batch_tokens=20000, score_cache_mb=100).memory_caps(240 * mib, models)
+    assert over.over == (("max-batch-tokens", 20000 * 40_000), ("score-cache-mb", 100 * mib))
 
 
 def test_a_memory_limit_caps_the_token_cache_only_where_a_model_keeps_token_vectors_and_it_was_left_unset():

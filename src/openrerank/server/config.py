@@ -66,6 +66,9 @@ class MemoryCaps:
     body_bytes_in_flight: int | None
     batch_tokens: list[int | None]  # per model, in the order given
     token_cache_bytes: int | None = None
+    #: The settings the operator gave that hold memory, (flag, bytes) each, where together they pass the room: the
+    #: limit caps none of them (a setting given wins), so the start says the kernel may kill the server.
+    over: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -266,22 +269,33 @@ class ServerConfig:
         """What `room` bytes left under a memory limit cap among the settings left unset. `models`: per served
         model (activation bytes per padded batch token or None where unknown, its window in tokens, its policy's
         batch tokens). A batch keeps room for one full window; the body budget for one `--max-body-bytes` body.
-        `caches_tokens`: a served model keeps passages' token vectors (the token cache then has a share too)."""
+        `caches_tokens`: a served model keeps passages' token vectors (the token cache then has a share too).
+        The settings given that hold memory are summed, and named in `over` where they pass the room."""
+        given: list[tuple[str, int]] = []
         tokens = None
         if caches_tokens and self.token_cache_mb is None:
             share = int(MEMORY_TOKEN_CACHE_SHARE * room)
             tokens = share if share < self.token_cache_bytes else None
+        elif caches_tokens:
+            given.append(("token-cache-mb", self.token_cache_bytes))
         bodies = None
         if self.max_body_bytes_in_flight is None:
             share = max(self.max_body_bytes, int(MEMORY_BODY_SHARE * room))
             bodies = share if share < self.body_bytes_in_flight else None
+        else:
+            given.append(("max-body-bytes-in-flight", self.max_body_bytes_in_flight))
         batches: list[int | None] = []
         for token_bytes, window, max_tokens in models:
             cap = None
             if self.max_batch_tokens is None and token_bytes:
                 cap = max(window, int(MEMORY_BATCH_SHARE * room / len(models) / token_bytes))
             batches.append(cap if cap is not None and cap < max_tokens else None)
-        return MemoryCaps(room, bodies, batches, tokens)
+        if self.max_batch_tokens is not None:
+            given.append(("max-batch-tokens", sum(self.max_batch_tokens * (b or 0) for b, _, _ in models)))
+        if self.score_cache_mb:
+            given.append(("score-cache-mb", int(self.score_cache_mb * 2**20)))
+        over = tuple(given) if sum(b for _, b in given) > room else ()
+        return MemoryCaps(room, bodies, batches, tokens, over)
 
     @property
     def grpc_message_bytes(self) -> int:

@@ -10,6 +10,7 @@ from dataclasses import replace
 from fastapi import FastAPI
 
 from openrerank.core.memory import memory_limit
+from openrerank.core.settings import setting_name
 from openrerank.families.late_scorer import LateInteractionScorer
 from openrerank.runtimes.base import default_threads
 from openrerank.server.config import ServerConfig
@@ -40,8 +41,11 @@ def cap_to_memory_limit(app: FastAPI) -> None:
     config: ServerConfig = app.state.config
     served = app.state.models.models()
     share = app.state.memory_share
-    caps = config.memory_caps(int(limit.room * share), [(m.loaded.token_activation_bytes, m.loaded.max_length,
-                                            m.scheduler.config.policy.max_tokens) for m in served],
+    # the query memos (`families/query_memo.py`) fill as queries are seen: theirs is not room to share out
+    memos = sum(memo.budget for m in served if (memo := getattr(m.loaded.scorer, "queries", None)) is not None)
+    caps = config.memory_caps(max(0, int(limit.room * share) - memos),
+                              [(m.loaded.token_activation_bytes, m.loaded.max_length,
+                                m.scheduler.config.policy.max_tokens) for m in served],
                               caches_tokens=any(isinstance(m.loaded.scorer, LateInteractionScorer) for m in served))
     capped = []
     if caps.body_bytes_in_flight is not None:
@@ -55,6 +59,13 @@ def cap_to_memory_limit(app: FastAPI) -> None:
     if caps.token_cache_bytes is not None:
         app.state.token_cache.resize(caps.token_cache_bytes)
         capped.append(f"--token-cache-mb at {caps.token_cache_bytes >> 20}")
+    if caps.over:
+        given = ", ".join(f"{setting_name(flag, app.state.shown)} holds up to {held >> 20} MiB"
+                          for flag, held in caps.over)
+        log.warning("a memory limit of %d MiB (%s) leaves %d MiB for what this server holds at once, less than the "
+                    "settings given: %s; past the limit the kernel kills the server, every request in flight lost "
+                    "(lower them, or leave them unset and the limit caps them: docs/reliability.md, Memory limits)",
+                    limit.limit >> 20, limit.folder, caps.room >> 20, given)
     mine = f", {share:.0%} of it this server's (its share of the CPUs)" if share < 1 else ""
     log.info("a memory limit of %d MiB (%s) leaves %d MiB above what is in use with the models loaded%s: %s "
              "(docs/reliability.md, Memory limits)", limit.limit >> 20, limit.folder, limit.room >> 20, mine,
