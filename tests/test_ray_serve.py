@@ -80,6 +80,11 @@ def test_builder_arguments_arrive_as_strings_from_serve_run():
     assert parse_args({})[0].models == ["default"]
     assert parse_args({"models": []})[0].models == parse_args({"model": ""})[0].models == ["default"]
     assert parse_args({"models": ["x=/m"]})[0].models == ["x=/m"]
+    # one revision for every model, as the argument was before it took one per model; or a list of NAME=REV
+    assert parse_args({"revision": "v2"})[0].revisions == ["v2"]
+    assert parse_args({"revisions": ["a=v1", "b=v2"]})[0].revisions == ["a=v1", "b=v2"]
+    with pytest.raises(ValueError, match="either 'revision' or 'revisions'"):
+        parse_args({"revision": "v2", "revisions": ["v3"]})
 
 
 @pytest.mark.parametrize(("args", "message"), [

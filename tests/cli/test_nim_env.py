@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from openrerank.cli.main import build_parser, preflight, serve_settings
+from openrerank.cli.main import build_parser, serve_settings
 from openrerank.cli.nim_env import read_nim_env
 from openrerank.cli.options import UsageError
+from openrerank.cli.start_checks import preflight
 
 
 def config(argv: list[str], environ: dict[str, str]):

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from openrerank.cli.main import build_parser, main, preflight, serve_settings
+from openrerank.cli.main import build_parser, main, serve_settings
+from openrerank.cli.start_checks import preflight
 from openrerank.families.registry import FAMILIES
 from openrerank.server.config import ServerConfig
 from openrerank.server.engine_config import model_sources

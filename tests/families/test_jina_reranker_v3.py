@@ -375,7 +375,8 @@ def test_a_bad_jina_instruction_flag_is_a_one_line_startup_error(jina_dirs, inst
     """`serve --instruction` with marker text failed at load with the bare marker count ValueError, and a long
     one was taken; both are now refused by the checks before the port is taken (`serve` prints the one line and
     exits 2), naming the flag."""
-    from openrerank.cli.main import build_parser, preflight, serve_settings
+    from openrerank.cli.main import build_parser, serve_settings
+    from openrerank.cli.start_checks import preflight
 
     config, _, _ = serve_settings(build_parser().parse_args(["serve", "--model", f"m={jina_dirs['jina']}",
                                                              "--instruction", instruction]))

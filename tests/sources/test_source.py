@@ -230,18 +230,46 @@ def test_a_revision_with_a_plain_folder_or_the_default_is_refused_naming_both_se
     assert "pins nothing there" in str(err.value)
     with pytest.raises(ModelSourceError, match=r"^OPENRERANK_REVISION='v2': OPENRERANK_MODEL='/m' is a local folder"):
         resolve_local_dir(str(tmp_path), revision="v2", named="OPENRERANK_MODEL='/m'",
-                          shown={"revision": "OPENRERANK_REVISION='v2'"})
+                          revision_named="OPENRERANK_REVISION='v2'")
     with pytest.raises(ModelSourceError, match=r"^--revision v2: --model default is the embedded model"):
         resolve_local_dir("default", revision="v2")
 
 
 def test_a_revision_set_in_the_environment_is_refused_at_start_by_its_variable(tmp_path):
-    from openrerank.cli.main import build_parser, preflight, serve_settings
+    from openrerank.cli.main import build_parser, serve_settings
+    from openrerank.cli.start_checks import preflight
 
     environ = {"OPENRERANK_MODEL": str(tmp_path), "OPENRERANK_REVISION": "v2"}
     config, _, shown = serve_settings(build_parser().parse_args(["serve"]), environ)
     with pytest.raises(ModelSourceError, match=r"^OPENRERANK_REVISION='v2': OPENRERANK_MODEL="):
         preflight(config, shown)
+
+
+def test_a_revision_pins_the_model_it_names_and_a_folder_served_beside_it_is_left_as_it_is(tmp_path):
+    """`--revision` held for every served model: a local folder served beside a pinned snapshot was refused (it
+    records no revision). `NAME=REV` pins one model; a bare REV still pins every other one."""
+    from openrerank.cli.main import build_parser, serve_settings
+    from openrerank.cli.start_checks import preflight
+    from tests.support import build_tiny_model
+
+    snap = build_tiny_model(_snapshot(tmp_path))
+    plain = build_tiny_model(tmp_path / "plain")
+    models = ["--model", f"pinned={snap}", "--model", f"plain={plain}"]
+
+    def start(*argv: str, environ: dict | None = None):
+        config, _, shown = serve_settings(build_parser().parse_args(["serve", *models, *argv]), environ or {})
+        return preflight(config, shown)
+
+    assert [r.source.served_id for r in start("--revision", "pinned=main")] == ["pinned", "plain"]
+    snapshot = r"^--revision 'pinned=v1': --model \S*/snapshots/\w+ is a hub cache snapshot"
+    with pytest.raises(ModelSourceError, match=snapshot):
+        start("--revision", "pinned=v1")
+    with pytest.raises(ModelSourceError, match=r"^--revision 'main': --model \S*/plain is a local folder"):
+        start("--revision", "main")  # every model, the plain folder too
+    with pytest.raises(ValueError, match=r"^OPENRERANK_REVISION='pinned=v1,other=v2', item 'other=v2': use NAME=REV"):
+        start(environ={"OPENRERANK_REVISION": "pinned=v1,other=v2"})
+    with pytest.raises(ValueError, match=r"^--revision 'pinned=v1': pinned is given a revision already"):
+        start("--revision", "pinned=main", "--revision", "pinned=v1")
 
 
 def _snapshot(root):

@@ -73,7 +73,8 @@ def run_export(args: argparse.Namespace) -> int:
         return fail(PROG, f"--out {out}: {problem}")
     try:
         families = [args.model_family] if args.model_family else []
-        source = model_sources(ServerConfig(models=[args.model], model_families=families))[0]
+        source = model_sources(ServerConfig(models=[args.model], model_families=families,
+                                            revisions=[args.revision] if args.revision else []))[0]
         # bf16 is chosen when OpenVINO compiles the model; its IR is the fp32 one.
         variant = "fp32" if args.backend == "openvino" and args.dtype == "bf16" else args.dtype
         if args.dtype not in (runs := RUNTIME_DTYPES[args.backend]):
@@ -81,7 +82,7 @@ def run_export(args: argparse.Namespace) -> int:
             raise RuntimeConfigError(f"{RUNTIME_NAMES[args.backend]} runs {' or '.join(runs)} here; {args.dtype} "
                                      f"runs on {elsewhere}")
         resolved = resolve_model(source, LoadOptions(backend=args.backend, dtype=variant,
-                                                     allow_pickle=args.allow_pickle, revision=args.revision))
+                                                     allow_pickle=args.allow_pickle))
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.spec.path), local_files_only=True)
         network = resolved.family.network(resolved.spec, tokenizer)
         cache_dir = Path(args.cache_dir) if args.cache_dir else None

@@ -76,7 +76,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            dest="instructions", metavar="[NAME=]TEXT"),
     Option("alias", "models", "another id that requests may name model SERVED by (NIM's old model ids already "
            "resolve to their new names)", repeatable=True, dest="aliases", metavar="NAME=SERVED"),
-    Option("revision", "models", "hub revision (branch, tag or commit)"),
+    Option("revision", "models", "hub revision (branch, tag or commit) of model NAME, a served id; without NAME=, of "
+           "every model no NAME=REV names", repeatable=True, dest="revisions", metavar="[NAME=]REV"),
     export.ALLOW_PICKLE,
     Option("allow-partial", "models", "with several models: serve those that load instead of exiting when one "
            "fails", switch=True),

@@ -53,7 +53,6 @@ class LoadOptions:
     threads: int | None = None
     max_length: int | None = None  # override of the model's window (never above it)
     allow_pickle: bool = False
-    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,8 +241,9 @@ def resolve_model(source: ModelSource | str, options: LoadOptions | None = None,
     if isinstance(source, str):
         source = ModelSource(source, source)
     options = options or LoadOptions()
-    path = resolve_local_dir(source.spec, allow_pickle=options.allow_pickle, revision=options.revision,
-                             named=setting_item("model", source.spec, shown, quote=False), shown=shown)
+    path = resolve_local_dir(source.spec, allow_pickle=options.allow_pickle, revision=source.revision,
+                             named=setting_item("model", source.spec, shown, quote=False),
+                             revision_named=source.revision_named)
     weights_format = check_weights(path, allow_pickle=options.allow_pickle)
     files = ModelFiles.read(path, name=source.spec)
     family, spec = resolve_spec(files, source.family, source.instruction)

@@ -96,7 +96,7 @@ class ServerConfig:
     threads: int | None = None
     max_length: int | None = None
     allow_pickle: bool = False
-    revision: str | None = None
+    revisions: list[str] = field(default_factory=list)  # [NAME=]REV: a model's hub revision (no NAME: every model's)
     # request limits
     max_passages: int = DEFAULT_MAX_PASSAGES
     max_inputs: int = DEFAULT_MAX_INPUTS  # texts in one /v1/embeddings request

@@ -78,7 +78,8 @@ class ReplicaOptions(BaseModel):
 
 #: The builder arguments of repeatable settings (ServerConfig's lists) -> the flag a `shown` mapping is keyed by.
 _LIST_FLAGS = {"model": "model", "models": "model", "model_families": "model-family", "instructions": "instruction",
-               "aliases": "alias", "cors_allow_origins": "cors-allow-origin"}
+               "aliases": "alias", "cors_allow_origins": "cors-allow-origin", "revision": "revision",
+               "revisions": "revision"}
 
 
 def argument_names(args: dict[str, Any] | None) -> dict[str, str]:
@@ -99,6 +100,11 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOption
         args["models"] = args.pop("model")
     if isinstance(args.get("models"), str):
         args["models"] = [m.strip() for m in args["models"].split(",") if m.strip()]
+    if "revision" in args:  # `revision=v2` (every model), as before the setting took one per model
+        if "revisions" in args:
+            raise ValueError("give either 'revision' or 'revisions', not both")
+        value = args.pop("revision")
+        args["revisions"] = [value] if isinstance(value, str) else value
     owned = [k for k in _SERVE_OWNED if k in args]
     if owned:
         raise ValueError(f"{', '.join(owned)}: under Ray Serve the address is Serve's http_options, "

