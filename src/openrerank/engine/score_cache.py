@@ -8,7 +8,8 @@ Exact by construction: the key hashes everything that decides a passage's score 
 family and family options (instruction, pooling, labels), the window, the engine and precision, the
 truncation mode and chunk bounds — with the query and the passage text (BLAKE2b, 128 bits). A hit returns
 the float32 score the model produced, bit for bit, and the token count and number of windows (chunks) it was
-billed, so a response is the same whether it was cached or not.
+billed: the score an earlier request got, which a fresh batch matches within fp32 rounding on fp32 engines and
+within ~1e-3 on bf16 ones (their kernels add up by the batch's shape; docs/api.md says what was measured).
 
 Memory is bounded: each entry costs at most `ENTRY_BYTES` of Python heap, also once entries are evicted
 (measured in the tests), and the least recently used entries are evicted beyond `max_bytes // ENTRY_BYTES`.
