@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from openrerank.engine.batching import BatchPolicy
-from openrerank.engine.errors import QueueFullError
+from openrerank.engine.errors import QueueFullError, RequestTooLargeError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
@@ -174,6 +174,41 @@ def test_a_request_refused_at_arrival_is_not_waited_for() -> None:
             assert (out.scores == expected(lone)).all()
         finally:
             backend.release()
+            await sched.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("submits", ["nothing", "too much"])
+def test_a_request_that_arrives_but_submits_nothing_or_is_refused_stops_the_wait_for_it(submits: str) -> None:
+    """Its arrival ends normally (the submit that follows wakes the worker with it), but that submit has nothing
+    to score or is refused over the request budget: the lone queued request waited the whole batch wait."""
+    backend, ids = FakeScorer(), Ids()
+    items = ids.items(3)
+
+    async def main() -> None:
+        sched = make(backend, max_request_tokens=20)
+        await sched.start()
+        try:
+            gate = asyncio.Event()
+
+            async def arrives_then_submits() -> object:
+                with sched.arriving("rerank"):
+                    await gate.wait()
+                return await sched.submit([] if submits == "nothing" else ids.items(50))
+
+            other = asyncio.create_task(arrives_then_submits())
+            await asyncio.sleep(0)  # it is arriving
+            lone = asyncio.create_task(request(sched, items))
+            await until(lambda: sched.queued == 1, "the request queued")
+            await asyncio.sleep(0.05)
+            assert backend.batches == []  # it waits for the one arriving
+            gate.set()
+            done = await asyncio.gather(other, return_exceptions=True)
+            assert isinstance(done[0], RequestTooLargeError) == (submits == "too much")
+            out = await asyncio.wait_for(lone, PROMPT_S)  # before it was woken: LONG_WAIT_MS
+            assert (out.scores == expected(items)).all()
+        finally:
             await sched.stop()
 
     asyncio.run(main())

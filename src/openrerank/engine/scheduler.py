@@ -169,8 +169,9 @@ class Scheduler:
 
         A request queued alone waits `batch_wait_ms` for company only while another is arriving or queued
         (`worker.py`); one on an idle server is planned at once. The count drops without waking the worker
-        when the block ends normally (the `submit` that follows at once wakes it, with the request), and wakes
-        it when the block fails: the request is not coming."""
+        when the block ends normally (the `submit` that follows at once wakes it, with the request, or without
+        it where it has nothing to score or is refused), and wakes it when the block fails: the request is not
+        coming."""
         adm = self._admission
         with self._cv:
             full = adm.queue_full_locked()
@@ -188,6 +189,12 @@ class Scheduler:
             raise
         with self._cv:
             adm.arriving -= 1
+
+    def _not_coming(self) -> None:
+        """A request that was arriving submits nothing after all (nothing to score, or refused): wake the worker,
+        which may be waiting for it as company (`arriving` leaves that to the submit that follows)."""
+        with self._cv:
+            self._cv.notify_all()
 
     def count_rejected(self, task: Task, reason: str) -> None:
         """Count a refusal in `openrerank_rejected_total` (also for refusals made before submit)."""
@@ -282,6 +289,7 @@ class Scheduler:
         """
         items = list(items)
         if not items:
+            self._not_coming()
             return ScoreOutcome(np.zeros(0, dtype=np.float32), 0.0, 0.0)
         timeout = self.config.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout if deadline is None else deadline
@@ -292,6 +300,7 @@ class Scheduler:
         too_large = adm.too_large(req)
         if too_large is not None:
             self._counts.rejected(req.task, "too_large")
+            self._not_coming()
             raise too_large
         with self._cv:
             adm.check_open_locked()
@@ -301,6 +310,7 @@ class Scheduler:
                 adm.accept_locked(req)
         if full is not None:
             self._counts.rejected(req.task, "queue_full")
+            self._not_coming()
             raise full
         self._counts.depth(adm.pending, adm.pending_tokens)
         try:
