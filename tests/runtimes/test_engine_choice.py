@@ -312,3 +312,19 @@ def test_no_thread_count_means_the_cpus_available_resolved_once_for_every_candid
     choosing.create_runtime(network, plan_runtimes("torch", "fp32", "cpu", ("torch",)), device="cpu", threads=None,
                             mode=mode)
     assert given and set(given) == {3}
+
+
+def test_without_onnxruntime_the_timings_are_kept(tiny_model_dir, cache, monkeypatch):
+    """ONNX Runtime was planned though not installed: its ModuleNotFoundError is a cause that may pass, so the
+    record was never written and every start timed every runtime again (15 s for MiniLM-L6 on 2 cores)."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    candidates = planned()
+    assert not [c for c in candidates if c.startswith("onnx-")]
+    fake_rates(monkeypatch, {c: 10.0 + i for i, c in enumerate(candidates)})
+    load_model(str(tiny_model_dir)).close()
+    [record] = records(cache)
+    assert all("error" not in m for m in record["measurements"])
+    no_timing(monkeypatch)
+    again = load_model(str(tiny_model_dir))
+    assert "cached from an earlier start" in again.runtime_choice.reason
+    again.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -277,3 +278,40 @@ def test_int8_without_vnni_warns_once_however_often_it_is_planned(machine):
         check_runtime_options("onnx", "int8", "cpu")
         plan_runtimes("onnx", "int8", "cpu")
     assert len([w for w in seen if "VNNI" in str(w.message)]) == 1
+
+
+@pytest.fixture
+def no_onnxruntime(monkeypatch):
+    """onnxruntime uninstalled, as far as any import or find_spec can tell."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+
+
+def test_auto_plans_no_onnx_runtime_where_it_is_not_installed(machine, no_onnxruntime):
+    """It was planned, failed to build at every start for a cause that "may pass", and so the timings were
+    never kept: every start timed every runtime again."""
+    machine(OLD_CPU)
+    assert [(c.runtime, c.dtype) for c in plan_runtimes("auto", "auto", "cpu", ENCODERS)] == [
+        ("openvino", "fp32"), ("torch", "fp32")]
+    machine(VNNI_CPU)
+    assert first("auto", "int8") == ("openvino", "int8")
+    machine(OLD_CPU, openvino=False)
+    plan = plan_runtimes("auto", "auto", "cpu", ENCODERS)
+    assert [(c.runtime, c.dtype) for c in plan] == [("torch", "fp32")]
+    assert "OpenVINO and ONNX Runtime are not installed" in plan[0].reason
+    machine(VNNI_CPU, nncf=False)
+    with pytest.raises(RuntimeConfigError, match=r"no runtime for it is installed here.*not installed: ONNX Runtime"):
+        check_runtime_options("auto", "int8", "cpu")
+
+
+def test_an_explicit_onnx_backend_needs_onnxruntime_installed(machine, no_onnxruntime):
+    machine(OLD_CPU)
+    with pytest.raises(RuntimeConfigError, match="--backend onnx needs the onnxruntime package"):
+        check_runtime_options("onnx", "fp32", "cpu")
+
+
+def test_serve_refuses_onnx_without_onnxruntime_before_binding(no_onnxruntime, capsys):
+    """It bound the port, loaded, and exited 3 with ModuleNotFoundError; OpenVINO's check was already there."""
+    from openrerank.cli.main import main
+
+    assert main(["serve", "--backend", "onnx", "--port", "1"]) == 2
+    assert "needs the onnxruntime package" in capsys.readouterr().err

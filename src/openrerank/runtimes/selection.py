@@ -14,6 +14,9 @@ What can run where (anything else is refused before the server binds its port):
 | torch    | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX, else it is emulated)      | all      |
 | torch    | cuda   | fp32, bf16, fp16                                                | all      |
 
+OpenVINO and ONNX Runtime are planned only where their packages are installed (`openvino_available`,
+`onnxruntime_available`); an explicit `--backend` of one that is not installed is refused before binding.
+
 `--backend auto` (the default) serves with the fastest *faithful* runtime on this machine: one whose scores
 on a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default model's DL19 nDCG@10 within
 0.002 of fp32 (measured in `tests/runtimes/test_fidelity.py` and by `openrerank bench`). Which faithful
@@ -140,6 +143,28 @@ def nncf_available() -> bool:
     return importlib.util.find_spec("nncf") is not None
 
 
+def onnxruntime_available() -> bool:
+    """Whether the onnxruntime package is installed (found without importing it): without it an ONNX Runtime
+    candidate fails every start, so `auto` would time all of them again at each one."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def _installed(runtimes: tuple[str, ...]) -> dict[str, bool]:
+    """Which of the family's runtimes can be built here (PyTorch is a dependency; the others' packages may be
+    left out of an image)."""
+    check = {"openvino": openvino_available, "onnx": onnxruntime_available}
+    return {r: r in runtimes and (r not in check or check[r]()) for r in RUNTIMES}
+
+
+def _missing_note(runtimes: tuple[str, ...], installed: dict[str, bool], before: str) -> str:
+    """The note " (OpenVINO is not installed)": the runtimes ranked before `before` that the family runs on but are not
+    installed, said in the reason of the plan's first candidate, which stands in for them."""
+    missing = [RUNTIME_NAMES[r] for r in RUNTIMES[:RUNTIMES.index(before)] if r in runtimes and not installed[r]]
+    if not missing:
+        return ""
+    return f" ({' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed)"
+
+
 def _has(flags: frozenset[str], wanted: tuple[str, ...]) -> str | None:
     found = sorted(flags & set(wanted))
     return found[0] if found else None
@@ -181,6 +206,8 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
         if dtype == "bf16":
             raise RuntimeConfigError(f"{names['dtype']} needs --backend openvino or torch ({names['backend']}: "
                                      "ONNX Runtime here runs fp32 or int8)")
+        if not onnxruntime_available():
+            raise RuntimeConfigError(f"{names['backend']} needs the onnxruntime package (pip install onnxruntime)")
         return RuntimeChoice("onnx", "fp32" if dtype == "auto" else dtype, "--backend onnx")
     # openvino
     if not openvino_available():
@@ -196,10 +223,14 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
 
 def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], family: str, names: dict[str, str]
               ) -> list[RuntimeChoice]:
-    """Candidates for `--backend auto` on CPU, best first."""
+    """Candidates for `--backend auto` on CPU, best first: those of the family's runtimes that are installed."""
     bf16_unit = _has(flags, _BF16_FLAGS)
-    ov = "openvino" in runtimes and openvino_available()
-    ov_note = "" if ov or "openvino" not in runtimes else " (OpenVINO is not installed)"
+    installed = _installed(runtimes)
+    ov, ort = installed["openvino"], installed["onnx"]
+
+    def note(before: str) -> str:  # said by the first candidate only: the one that stands in for the missing
+        return "" if out else _missing_note(runtimes, installed, before)
+
     out: list[RuntimeChoice] = []
     if dtype == "fp16":
         raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
@@ -213,11 +244,11 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
         if ov:
             out.append(RuntimeChoice("openvino", "fp32", "no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the "
                                     "fastest runtime that passes the fidelity gate; int8 is faster but fails it"))
-        if "onnx" in runtimes:
-            out.append(RuntimeChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + ov_note))
+        if ort:
+            out.append(RuntimeChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + note("onnx")))
         if "torch" in runtimes:
             why = "the only runtime this family runs on" if runtimes == ("torch",) else "fp32, exact"
-            out.append(RuntimeChoice("torch", "fp32", f"PyTorch fp32: {why}"))
+            out.append(RuntimeChoice("torch", "fp32", f"PyTorch fp32: {why}" + note("torch")))
             if runtimes == ("torch",) and bf16_unit:
                 out.append(RuntimeChoice("torch", "bf16", f"PyTorch bf16 autocast ({bf16_unit}): faster than fp32 "
                                          "on some CPUs with bf16 units, slower on others"))
@@ -225,25 +256,28 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
     if dtype == "fp32":
         if ov:
             out.append(RuntimeChoice("openvino", "fp32", "--dtype fp32: OpenVINO is the fastest exact fp32 runtime"))
-        if "onnx" in runtimes:
-            out.append(RuntimeChoice("onnx", "fp32", "--dtype fp32: ONNX Runtime" + ov_note))
+        if ort:
+            out.append(RuntimeChoice("onnx", "fp32", "--dtype fp32: ONNX Runtime" + note("onnx")))
         if "torch" in runtimes:
-            out.append(RuntimeChoice("torch", "fp32", "--dtype fp32: PyTorch"))
+            out.append(RuntimeChoice("torch", "fp32", "--dtype fp32: PyTorch" + note("torch")))
     elif dtype == "bf16":
         if ov:
             out.append(RuntimeChoice("openvino", "bf16", f"--dtype bf16: OpenVINO bf16 ({bf16_unit})"))
         if "torch" in runtimes:
-            out.append(RuntimeChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})" + ov_note))
+            out.append(RuntimeChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})" + note("onnx")))
     elif dtype == "int8":
         if ov and nncf_available():
             out.append(RuntimeChoice("openvino", "int8", "--dtype int8: OpenVINO with NNCF int8 weights (closer to "
                                     "fp32 than ONNX Runtime's dynamic int8)"))
-        if "onnx" in runtimes:
+        if ort:
             out.append(RuntimeChoice("onnx", "int8", "--dtype int8: ONNX Runtime dynamic int8"
                                     + ("" if ov and nncf_available() else " (OpenVINO/NNCF not installed)")))
     if not out:
+        absent = [RUNTIME_NAMES[r] for r in runtimes if not installed[r]]
         raise RuntimeConfigError(f"{names['dtype']} needs a runtime {family} does not run on "
-                                 f"(runtimes: {', '.join(runtimes)})")
+                                 f"(runtimes: {', '.join(runtimes)})" if not absent else
+                                 f"{names['dtype']}: no runtime for it is installed here ({family} runs on "
+                                 f"{', '.join(runtimes)}; not installed: {', '.join(absent)})")
     return out
 
 
