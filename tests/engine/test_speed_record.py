@@ -85,3 +85,22 @@ def test_the_record_is_keyed_by_the_model_engine_and_machine(tmp_path: Path, mon
     assert len(paths) == len(others) and base.path not in paths
     assert base.facts["cpu_flags_sha256"] and "versions" in base.facts
     assert SpeedRecord.of(loaded(tiny_model_dir, knee=None)) is None  # no attention cost to weigh: nothing kept
+
+
+def test_each_arm_cpu_kind_keeps_its_own_speed(tmp_path: Path, monkeypatch, tiny_model_dir) -> None:
+    """Every Arm CPU read as ('', {}): a Graviton3 sized its admission budgets by a Graviton2's kept speed."""
+    from openrerank.runtimes import devices
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    samples = Path(__file__).parents[1] / "runtimes" / "cpuinfo"
+    paths = []
+    try:
+        for cpu in ("graviton2", "graviton3"):
+            monkeypatch.setattr(devices, "CPUINFO", samples / cpu)
+            devices.cpu_info.cache_clear()
+            record = SpeedRecord.of(loaded(tiny_model_dir))
+            assert record is not None and record.facts["cpu"].startswith("ARM Neoverse-")
+            paths.append(record.path)
+    finally:
+        devices.cpu_info.cache_clear()
+    assert paths[0] != paths[1]

@@ -282,6 +282,18 @@ def test_the_measured_reason_calls_a_runtime_a_runtime(compared, tied):
     assert "runtime" in reason and "engine" not in reason
 
 
+def test_the_measured_reason_names_an_arm_cpu(cpuinfo):
+    """The log and /v1/metadata said "the fastest on this CPU" on every Arm machine: it had no name."""
+    from openrerank.runtimes.choosing import _measured_reason
+    from openrerank.runtimes.measure import Measurement, Timings
+
+    cpuinfo("graviton3")
+    one = Measurement("onnx", "fp32", Throughput(50.0, 5000.0, ((8, 128),)), lanes=1)
+    torch = Measurement("torch", "fp32", Throughput(20.0, 2000.0, ((8, 128),)), lanes=1)
+    reason = _measured_reason(one, [one, torch], [], Timings((one, torch), False, 1.0, "k"), True)
+    assert "the fastest on ARM Neoverse-V1 r1p1 of the runtimes" in reason
+
+
 @pytest.mark.parametrize("mode", ["rules", "measure"])
 def test_no_thread_count_means_the_cpus_available_resolved_once_for_every_candidate(monkeypatch, cache, mode):
     """`threads` None is resolved by `create_runtime` (`default_threads`); the runtimes are given the count."""

@@ -280,3 +280,16 @@ def test_the_record_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert measure.cache_dir() == tmp_path / "openrerank" / "engine-choice"
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
     assert measure.cache_dir() == tmp_path / "mine" / "engine-choice"
+
+
+def test_each_arm_cpu_kind_times_under_its_own_key(cpuinfo, tiny_model_dir):
+    """On Arm every CPU read as ('', {}): a Graviton3 read the runtime a Graviton2 had timed, from a shared cache."""
+    candidates = [("onnx", "fp32", 1)]
+    facts, keys = {}, {}
+    for cpu in ("graviton2", "graviton3"):
+        cpuinfo(cpu)
+        facts[cpu] = measure.machine_facts()
+        keys[cpu] = measure.timing_key(tiny_model_dir, "", candidates, "cpu", 2, [(8, 128)])[0]
+    assert (facts["graviton2"]["cpu"], facts["graviton3"]["cpu"]) == ("ARM Neoverse-N1 r3p1", "ARM Neoverse-V1 r1p1")
+    assert facts["graviton2"]["cpu_flags_sha256"] != facts["graviton3"]["cpu_flags_sha256"]
+    assert keys["graviton2"] != keys["graviton3"]

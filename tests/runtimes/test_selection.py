@@ -16,6 +16,11 @@ BF16_CPU = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # e.g. 
 AMX_CPU = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8"})  # Sapphire Rapids
 VNNI_CPU = frozenset({"avx2", "avx512f", "avx512_vnni"})  # Cascade Lake, Ice Lake
 OLD_CPU = frozenset({"avx2", "fma"})
+# Arm's /proc/cpuinfo `Features`, abridged: Graviton2 (Neoverse N1, Armv8.2: int8 dot products, no bf16),
+# Graviton3 (Neoverse V1: bf16 and i8mm too), a Raspberry Pi 4 (Cortex-A72: neither).
+GRAVITON2 = frozenset({"fp", "asimd", "atomics", "asimdrdm", "lrcpc", "dcpop", "asimddp", "ssbs"})
+GRAVITON3 = GRAVITON2 | {"sve", "svebf16", "svei8mm", "i8mm", "bf16"}
+CORTEX_A72 = frozenset({"fp", "asimd", "evtstrm", "crc32", "cpuid"})
 ENCODERS = ("openvino", "onnx", "torch")
 
 
@@ -147,7 +152,8 @@ def test_reasons_and_refusals_call_a_runtime_a_runtime(machine, monkeypatch):
     says "runtime"; "backend" is left only in the flag's own name."""
     monkeypatch.setattr(selection, "cuda_capability", lambda device: (9, 0))
     said: list[str] = []
-    for flags, openvino in ((BF16_CPU, True), (VNNI_CPU, True), (OLD_CPU, False)):
+    for flags, openvino in ((BF16_CPU, True), (VNNI_CPU, True), (OLD_CPU, False), (GRAVITON3, True),
+                            (GRAVITON2, False)):
         machine(flags, openvino)
         for backend in (*selection.BACKEND_CHOICES, "tensorrt"):
             for dtype in selection.DTYPES:
@@ -278,6 +284,47 @@ def test_int8_without_vnni_warns_once_however_often_it_is_planned(machine):
         check_runtime_options("onnx", "int8", "cpu")
         plan_runtimes("onnx", "int8", "cpu")
     assert len([w for w in seen if "VNNI" in str(w.message)]) == 1
+
+
+def test_arm_bf16_is_read_from_its_features_and_served_by_pytorch(machine):
+    """Graviton3 has bf16 (Armv8.6) but was refused with an x86 message; OpenVINO's CPU plugin runs bf16 on x86
+    only, so on Arm bf16 is PyTorch's, and nothing planned there is OpenVINO bf16."""
+    machine(GRAVITON3)
+    assert first("torch", "bf16") == ("torch", "bf16")
+    assert first("auto", "bf16") == ("torch", "bf16")
+    assert "OpenVINO runs no bf16 on Arm" in plan_runtimes("auto", "bf16", "cpu", ENCODERS)[0].reason
+    assert [(c.runtime, c.dtype) for c in plan_runtimes("auto", "auto", "cpu", ("torch",))] == [
+        ("torch", "fp32"), ("torch", "bf16")]  # an LLM reranker times bf16 too
+    # The rule's choice for an encoder: exact fp32 runtimes, no speed claimed for Arm.
+    plan = plan_runtimes("auto", "auto", "cpu", ENCODERS)
+    assert [(c.runtime, c.dtype) for c in plan] == [("openvino", "fp32"), ("onnx", "fp32"), ("torch", "fp32")]
+    assert "fastest" not in plan[0].reason and "x86" in plan[0].reason
+    assert first("openvino", "auto") == ("openvino", "fp32")
+    with pytest.raises(RuntimeConfigError, match=r"OpenVINO runs bf16 on x86 CPUs only.*this Arm CPU.*--backend torch"):
+        check_runtime_options("openvino", "bf16", "cpu")
+
+
+def test_arm_without_bf16_is_refused_in_arm_words(machine):
+    machine(GRAVITON2)
+    for backend in ("torch", "openvino", "auto"):
+        with pytest.raises(RuntimeConfigError, match="needs the Arm BF16 extension") as refused:
+            check_runtime_options(backend, "bf16", "cpu")
+        assert "AVX512" not in str(refused.value)
+    assert len(plan_runtimes("auto", "auto", "cpu", ("torch",))) == 1  # emulated bf16 is never a candidate
+
+
+def test_arm_int8_dot_products_count_as_vnni_does(machine):
+    for cpu in (GRAVITON2, GRAVITON3):  # asimddp (and i8mm): no warning
+        machine(cpu)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert check_runtime_options("onnx", "int8", "cpu") == "onnx"
+    machine(CORTEX_A72)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        check_runtime_options("onnx", "int8", "cpu")
+    [said] = [str(w.message) for w in seen]
+    assert "Arm CPU without int8 dot products (Features asimddp/i8mm)" in said and "VNNI" not in said
 
 
 @pytest.fixture

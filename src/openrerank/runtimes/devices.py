@@ -4,6 +4,8 @@ without a usable GPU is one clear line and exit 2, not a traceback and a server 
 from __future__ import annotations
 
 import functools
+import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from openrerank.core.settings import Shown, setting
@@ -46,20 +48,98 @@ def check_device(device: str, shown: Shown | None = None) -> None:
             raise DeviceError(f"{named}: only {count} GPU(s) visible (cuda:0..cuda:{count - 1})")
 
 
+CPUINFO = Path("/proc/cpuinfo")
+#: Arm CPUs as /proc/cpuinfo names them (`CPU implementer`, `CPU part`; aarch64 Linux has no `model name`): the
+#: implementers, and the parts of the server and board CPUs met most (Linux's arch/arm64/include/asm/cputype.h).
+_ARM_IMPLEMENTERS = {0x41: "ARM", 0x42: "Broadcom", 0x43: "Cavium", 0x46: "Fujitsu", 0x48: "HiSilicon",
+                     0x4E: "NVIDIA", 0x50: "APM", 0x51: "Qualcomm", 0x61: "Apple", 0xC0: "Ampere"}
+_ARM_PARTS = {
+    (0x41, 0xD03): "Cortex-A53", (0x41, 0xD05): "Cortex-A55", (0x41, 0xD08): "Cortex-A72",
+    (0x41, 0xD0B): "Cortex-A76",
+    (0x41, 0xD0C): "Neoverse-N1",  # Graviton2, Ampere Altra
+    (0x41, 0xD40): "Neoverse-V1",  # Graviton3
+    (0x41, 0xD49): "Neoverse-N2",
+    (0x41, 0xD4F): "Neoverse-V2",  # Graviton4, Grace
+    (0x41, 0xD84): "Neoverse-V3", (0x41, 0xD8E): "Neoverse-N3",
+    (0x48, 0xD01): "TSV110",  # Kunpeng 920
+    (0xC0, 0xAC3): "AmpereOne", (0xC0, 0xAC4): "AmpereOne-A",
+}
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """Which CPU features mean bf16 matrix units and int8 dot products on one instruction set, and how a message
+    names them: /proc/cpuinfo lists x86's as `flags`, Arm's as `Features`, under other names."""
+
+    name: str
+    #: bf16 matrix products in hardware: without them PyTorch emulates bf16 (slower than fp32).
+    bf16: tuple[str, ...]
+    bf16_text: str
+    #: int8 dot-product instructions: without them int8 runs, but need not beat fp32.
+    int8_dot: tuple[str, ...]
+    int8_text: str
+
+
+X86 = CpuIsa("x86", ("avx512_bf16", "amx_bf16"), "AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16)",
+             ("avx512_vnni", "avx_vnni", "amx_int8"), "VNNI (avx512_vnni/avx_vnni)")
+ARM = CpuIsa("Arm", ("bf16",), "the Arm BF16 extension (Armv8.6; cpuinfo Features bf16)",
+             ("i8mm", "asimddp"), "int8 dot products (Features asimddp/i8mm)")
+
+
+def cpu_isa(flags: frozenset[str]) -> CpuIsa:
+    """The instruction set whose flags these are: Arm's Features always list Advanced SIMD (`asimd`, 32-bit
+    `neon`); anything else reads as x86, as it did before Arm was told apart."""
+    return ARM if flags & {"asimd", "neon"} else X86
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """The CPU's name and feature flags from the text of /proc/cpuinfo: x86's `model name` and `flags`; on Arm,
+    which has neither, `Features` and a name built from `CPU implementer`/`part`/`variant`/`revision` (each
+    kind of core once, so a big.LITTLE chip names both), e.g. "ARM Neoverse-V1 r1p1"."""
+    model, flags = "", frozenset[str]()
+    cores: list[str] = []
+    core: dict[str, str] = {}
+
+    def arm_core() -> None:
+        try:
+            implementer, part = int(core["CPU implementer"], 0), int(core["CPU part"], 0)
+        except (KeyError, ValueError):
+            return
+        maker = _ARM_IMPLEMENTERS.get(implementer)
+        what = (f"{maker} {_ARM_PARTS[(implementer, part)]}" if (implementer, part) in _ARM_PARTS
+                else f"{maker} part {part:#x}" if maker else f"ARM implementer {implementer:#x} part {part:#x}")
+        try:
+            what += f" r{int(core['CPU variant'], 0)}p{int(core['CPU revision'], 0)}"
+        except (KeyError, ValueError):
+            pass
+        if what not in cores:
+            cores.append(what)
+
+    for line in [*text.splitlines(), ""]:
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not key:  # a blank line ends one processor's block
+            arm_core()
+            core = {}
+        elif key == "model name" and not model:
+            model = value
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+        else:
+            core[key] = value
+    return model or " + ".join(cores), flags
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> tuple[str, frozenset[str]]:
-    """The CPU's model name and feature flags from /proc/cpuinfo (empty where unreadable, e.g. not Linux)."""
+    """The CPU's name and feature flags (`parse_cpuinfo`); where /proc/cpuinfo is missing or names nothing (macOS,
+    other architectures) the name is the machine type, e.g. "arm64", and the flags are empty."""
     try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return "", frozenset()
-    model, flags = "", frozenset()
-    for line in text.splitlines():
-        if line.startswith("model name") and not model:
-            model = line.partition(":")[2].strip()
-        elif line.startswith("flags") and not flags:
-            flags = frozenset(line.partition(":")[2].split())
-    return model, flags
+        text = ""
+    name, flags = parse_cpuinfo(text)
+    return name or platform.machine(), flags
 
 
 def cuda_capability(device: str) -> tuple[int, int] | None:

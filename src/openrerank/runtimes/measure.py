@@ -5,10 +5,11 @@ CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower t
 GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. The candidates are built, warmed up (one pass: the
 first batch of a shape compiles kernels and allocates) and timed in turns on a few batches at the lengths a
 reranker serves, for about a second each (`time_runtimes`), then closed. The timings are a JSON record in
-the converted-model cache (its `engine-choice/` folder), keyed by the CPU (model name and flags), the thread
-count, the device, the model's content and head, the candidates, the shapes and the runtime packages'
-versions; later starts read it, and replicas starting together wait on the cache's lock while the first one times
-(`artifact_cache.ensure_record`), so a machine times once. A record keeps a candidate's failure only when it
+the converted-model cache (its `engine-choice/` folder), keyed by the CPU (its name and flags: x86's model
+name, Arm's implementer and part, `devices.cpu_info`), the thread count, the device, the model's content and
+head, the candidates, the shapes and the runtime packages' versions; later starts read it, and replicas
+starting together wait on the cache's lock while the first one times (`artifact_cache.ensure_record`), so a
+machine times once. A record keeps a candidate's failure only when it
 lasts (`base.lasting_refusal`: the model cannot be converted, or fails the fidelity gate); one for a cause that
 may pass (memory, the disk, a damaged cached file) serves that start and is not written, so the next start
 tries that runtime again. A record of the wrong shape is timed again, and one that cannot be written (a
@@ -268,7 +269,8 @@ def runtime_versions() -> dict[str, str]:
 
 
 def machine_facts() -> dict:
-    """What decides a runtime's speed on this machine besides the runtime: the CPU and the CPUs available."""
+    """What decides a runtime's speed on this machine besides the runtime: the CPU (each kind of x86 or Arm CPU its
+    own name and flags) and the CPUs available."""
     model, flags = cpu_info()
     return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
             "cpus_available": default_threads()}

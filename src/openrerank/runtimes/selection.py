@@ -7,15 +7,19 @@ take them from here.
 
 What can run where (anything else is refused before the server binds its port):
 
-| runtime  | device | dtypes                                                          | families |
-|----------|--------|-----------------------------------------------------------------|----------|
-| openvino | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX), int8 (NNCF; best with VNNI) | encoders |
-| onnx     | cpu    | fp32, int8 (dynamic; fast with VNNI, runs without it)           | encoders |
-| torch    | cpu    | fp32, bf16 (needs AVX512-BF16 or AMX, else it is emulated)      | all      |
-| torch    | cuda   | fp32, bf16, fp16                                                | all      |
+| runtime  | device | dtypes                                                                     | families |
+|----------|--------|----------------------------------------------------------------------------|----------|
+| openvino | cpu    | fp32, bf16 (x86 only: needs AVX512-BF16 or AMX), int8 (NNCF; best with VNNI) | encoders |
+| onnx     | cpu    | fp32, int8 (dynamic; fast with VNNI, runs without it)                      | encoders |
+| torch    | cpu    | fp32, bf16 (needs bf16 units: AVX512-BF16/AMX, Arm BF16; else emulated)    | all      |
+| torch    | cuda   | fp32, bf16, fp16                                                           | all      |
 
 OpenVINO and ONNX Runtime are planned only where their packages are installed (`openvino_available`,
 `onnxruntime_available`); an explicit `--backend` of one that is not installed is refused before binding.
+The CPU's bf16 units and int8 dot products are read per instruction set (`devices.cpu_isa`: x86 `flags`, Arm
+`Features`). OpenVINO's CPU plugin runs bf16 on x86 only (on Arm its bf16 hint falls back to fp32), so on Arm
+bf16 means PyTorch. Every speed claim below was measured on x86 CPUs; on Arm the rule's order is the same,
+and `measure` times the candidates there as anywhere.
 
 `--backend auto` (the default) serves with the fastest *faithful* runtime on this machine: one whose scores
 on a fixed probe set correlate >= 0.9999 with fp32 and which leaves the default model's DL19 nDCG@10 within
@@ -29,14 +33,14 @@ ran OpenVINO bf16 at 0.65x of its fp32, while on an EPYC with the same flags it 
 `--backend-choice rules` serves the first of the plan without timing anything (reproducible; what tests
 that need determinism use):
 
-1. OpenVINO bf16 where the CPU has bf16 units (avx512_bf16 / amx_bf16): bf16 matrix products with fp32
+1. OpenVINO bf16 where an x86 CPU has bf16 units (avx512_bf16 / amx_bf16): bf16 matrix products with fp32
    accumulation pass the gate (probe correlation 0.99995 on the MiniLM-L6 cross-encoder, 0.99999 on the
    default bi-encoder). int8 fails it (OpenVINO int8 weights 0.9996, ONNX Runtime dynamic int8 0.991; the
    recipes tried are in docs/engine.md), so `auto` never picks int8; ask for it with `--dtype int8`.
 2. OpenVINO fp32, then ONNX Runtime fp32, then PyTorch fp32 (exact).
 3. Families that only run on PyTorch (the LLM rerankers): PyTorch fp32, and PyTorch bf16 (autocast) where
-   the CPU has bf16 units; CUDA: PyTorch, where `--dtype auto` is fp16 or bf16 by the GPU's compute
-   capability (runtimes/devices.py).
+   the CPU has bf16 units (x86 or Arm); CUDA: PyTorch, where `--dtype auto` is fp16 or bf16 by the GPU's
+   compute capability (runtimes/devices.py).
 
 With an explicit `--dtype`, `auto` plans the runtimes for that dtype (fp32: OpenVINO, ONNX Runtime, PyTorch;
 bf16: OpenVINO, then PyTorch; int8: OpenVINO with NNCF int8 weights, then ONNX Runtime dynamic int8). An
@@ -53,7 +57,7 @@ from dataclasses import dataclass
 from openrerank.core.settings import Shown, setting
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
-from openrerank.runtimes.devices import cpu_info, cuda_auto_dtype, cuda_capability, is_cuda
+from openrerank.runtimes.devices import X86, CpuIsa, cpu_info, cpu_isa, cuda_auto_dtype, cuda_capability, is_cuda
 from openrerank.runtimes.measure import Measurement, Throughput
 from openrerank.runtimes.onnx_runtime import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
@@ -83,8 +87,8 @@ DEFAULT_AUTO_MODE = "measure"
 #: throughput within the timing's noise, and a lone small request keeps every thread (one sequence cannot be
 #: shared by two lanes; docs/engine.md, "Lanes").
 LANES_TIE = 0.05
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+#: The instruction sets on which OpenVINO's CPU plugin runs bf16 (elsewhere its bf16 hint quietly runs fp32).
+_OPENVINO_BF16_ISAS = (X86,)
 #: What "faithful" means, quoted in the reasons `auto` gives. (The reasons and refusals say "runtime"; only the
 #: public names keep the old words: the `--backend` flag, /v1/metadata's `engine` object and its "backend" key.)
 FIDELITY_GATE = "probe scores correlate >= 0.9999 with fp32, DL19 nDCG@10 within 0.002"
@@ -134,7 +138,8 @@ def label(runtime: str, dtype: str, lanes: int | None = None) -> str:
 
 
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where unreadable, e.g. not Linux)."""
+    """The CPU feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`; empty where unreadable, e.g. not
+    Linux)."""
     return cpu_info()[1]
 
 
@@ -176,11 +181,28 @@ def _names(backend: str, dtype: str, device: str, shown: Shown | None) -> dict[s
             (("backend", backend), ("dtype", dtype), ("device", device))}
 
 
-def _bf16_refusal(runtime: str, names: dict[str, str]) -> RuntimeConfigError:
+def _bf16_refusal(runtime: str, names: dict[str, str], flags: frozenset[str]) -> RuntimeConfigError:
+    """Why bf16 cannot run well here, in the words of this CPU's instruction set."""
+    isa = cpu_isa(flags)
+    others = ", or int8" if "int8" in RUNTIME_DTYPES[runtime] else ""
+    if _has(flags, isa.bf16):  # bf16 units, which the runtime does not use (OpenVINO off x86)
+        return RuntimeConfigError(
+            f"{names['backend']} {names['dtype']}: {RUNTIME_NAMES[runtime]} runs bf16 on x86 CPUs only (AVX512-BF16 "
+            f"or AMX); on this {isa.name} CPU it would quietly run fp32. Use --backend torch for bf16, or --dtype "
+            f"fp32{others}")
     return RuntimeConfigError(
-        f"{names['dtype']} on CPU needs AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16), which this CPU "
-        f"lacks: {RUNTIME_NAMES[runtime]} would emulate bf16 or quietly run fp32. Use --dtype fp32"
-        + (", or int8" if "int8" in RUNTIME_DTYPES[runtime] else ""))
+        f"{names['dtype']} on CPU needs {isa.bf16_text}, which this CPU lacks: {RUNTIME_NAMES[runtime]} would "
+        f"emulate bf16 or quietly run fp32. Use --dtype fp32{others}")
+
+
+def _bf16_units(flags: frozenset[str]) -> str | None:
+    """The flag that says this CPU has bf16 matrix units (x86 or Arm), None without."""
+    return _has(flags, cpu_isa(flags).bf16)
+
+
+def _openvino_bf16(flags: frozenset[str]) -> str | None:
+    """The bf16 flag OpenVINO would use: bf16 units on an instruction set its CPU plugin runs bf16 on."""
+    return _bf16_units(flags) if cpu_isa(flags) in _OPENVINO_BF16_ISAS else None
 
 
 def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], names: dict[str, str]
@@ -188,15 +210,14 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
     """The one runtime an explicit --backend means, or why it cannot run that way (`names`: how to name the
     settings, `_names`)."""
     gpu = is_cuda(device)
-    bf16_unit = _has(flags, _BF16_FLAGS)
     if backend == "torch":
         if dtype == "int8":
             raise RuntimeConfigError(f"{names['dtype']} needs --backend openvino or onnx ({names['backend']}: "
                                      "PyTorch runs fp32/bf16/fp16)")
         if dtype == "fp16" and not gpu:
             raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
-        if dtype == "bf16" and not gpu and not bf16_unit:
-            raise _bf16_refusal("torch", names)
+        if dtype == "bf16" and not gpu and not _bf16_units(flags):
+            raise _bf16_refusal("torch", names, flags)
         return RuntimeChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")
     if gpu:
         raise RuntimeConfigError(f"{names['backend']} runs on CPU only; use --backend torch for {names['device']}")
@@ -212,10 +233,11 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
     # openvino
     if not openvino_available():
         raise RuntimeConfigError(f"{names['backend']} needs the openvino package (pip install openvino)")
+    bf16_unit = _openvino_bf16(flags)
     if dtype == "auto":
         dtype = "bf16" if bf16_unit else "fp32"
     if dtype == "bf16" and not bf16_unit:
-        raise _bf16_refusal("openvino", names)
+        raise _bf16_refusal("openvino", names, flags)
     if dtype == "int8" and not nncf_available():
         raise RuntimeConfigError(f"{names['backend']} {names['dtype']} needs the nncf package (pip install nncf)")
     return RuntimeChoice("openvino", dtype, "--backend openvino")
@@ -224,7 +246,8 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
 def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], family: str, names: dict[str, str]
               ) -> list[RuntimeChoice]:
     """Candidates for `--backend auto` on CPU, best first: those of the family's runtimes that are installed."""
-    bf16_unit = _has(flags, _BF16_FLAGS)
+    isa = cpu_isa(flags)
+    bf16_unit, ov_bf16 = _bf16_units(flags), _openvino_bf16(flags)
     installed = _installed(runtimes)
     ov, ort = installed["openvino"], installed["onnx"]
 
@@ -235,15 +258,18 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
     if dtype == "fp16":
         raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if dtype == "bf16" and not bf16_unit:
-        raise _bf16_refusal("torch", names)
+        raise _bf16_refusal("torch", names, flags)
     if dtype == "auto":
-        if ov and bf16_unit:
-            out.append(RuntimeChoice("openvino", "bf16", f"the CPU has bf16 units ({bf16_unit}): OpenVINO bf16 is the "
+        if ov and ov_bf16:
+            out.append(RuntimeChoice("openvino", "bf16", f"the CPU has bf16 units ({ov_bf16}): OpenVINO bf16 is the "
                                     f"fastest runtime that passes the fidelity gate ({FIDELITY_GATE}); int8 is "
                                     "faster but fails it"))
         if ov:
-            out.append(RuntimeChoice("openvino", "fp32", "no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the "
-                                    "fastest runtime that passes the fidelity gate; int8 is faster but fails it"))
+            why = ("no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the fastest runtime that passes the "
+                   "fidelity gate; int8 is faster but fails it") if isa is X86 else (
+                   f"OpenVINO fp32, exact: first by the rule's order, measured on x86 CPUs (on {isa.name} OpenVINO "
+                   "runs no bf16)")
+            out.append(RuntimeChoice("openvino", "fp32", why))
         if ort:
             out.append(RuntimeChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + note("onnx")))
         if "torch" in runtimes:
@@ -261,10 +287,12 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
         if "torch" in runtimes:
             out.append(RuntimeChoice("torch", "fp32", "--dtype fp32: PyTorch" + note("torch")))
     elif dtype == "bf16":
-        if ov:
-            out.append(RuntimeChoice("openvino", "bf16", f"--dtype bf16: OpenVINO bf16 ({bf16_unit})"))
+        if ov and ov_bf16:
+            out.append(RuntimeChoice("openvino", "bf16", f"--dtype bf16: OpenVINO bf16 ({ov_bf16})"))
         if "torch" in runtimes:
-            out.append(RuntimeChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})" + note("onnx")))
+            why = "" if ov_bf16 or "openvino" not in runtimes else f" (OpenVINO runs no bf16 on {isa.name})"
+            out.append(RuntimeChoice("torch", "bf16", f"--dtype bf16: PyTorch autocast ({bf16_unit})"
+                                     + (why or note("onnx"))))
     elif dtype == "int8":
         if ov and nncf_available():
             out.append(RuntimeChoice("openvino", "int8", "--dtype int8: OpenVINO with NNCF int8 weights (closer to "
@@ -312,10 +340,18 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
         plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the runtime for CUDA devices" + cuda_note)
     else:
         plan = _auto_cpu(dtype, runtimes, flags, family, names)
-    if plan[0].dtype == "int8" and not _has(flags, _VNNI_FLAGS):
-        warnings.warn("--dtype int8 on a CPU without VNNI (avx512_vnni/avx_vnni): it runs, but is usually no "
-                      "faster than fp32", RuntimeWarning, stacklevel=1)  # one location: shown once a process
+    isa = cpu_isa(flags)
+    if plan[0].dtype == "int8" and not _has(flags, isa.int8_dot):
+        warnings.warn(_int8_warning(isa), RuntimeWarning, stacklevel=1)  # one location: shown once a process
     return plan
+
+
+def _int8_warning(isa: CpuIsa) -> str:
+    """What `--dtype int8` without int8 dot products means, on this instruction set (x86's was measured; Arm's
+    is not, so it claims no speed)."""
+    if isa is X86:
+        return f"--dtype int8 on a CPU without {isa.int8_text}: it runs, but is usually no faster than fp32"
+    return f"--dtype int8 on an {isa.name} CPU without {isa.int8_text}: it runs, but may be no faster than fp32"
 
 
 def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
