@@ -20,8 +20,10 @@ ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
 ARG PIP_TRUSTED_HOST
+# ORT_DISABLE_TELEMETRY: ONNX Runtime's telemetry stays off in every process of every image (openrerank sets it
+# before it imports onnxruntime too; docs/engine.md).
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore \
-    HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+    HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 ORT_DISABLE_TELEMETRY=1
 ARG TORCH_CPU_INDEX
 WORKDIR /src
 COPY constraints.txt ./
@@ -53,7 +55,7 @@ RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /h
         openrerank) || (mkdir -p /home/openrerank && chown 10001:10001 /home/openrerank)
 USER 10001
 WORKDIR /home/openrerank
-ENV PATH=/opt/export/bin:$PATH HOME=/home/openrerank HF_HUB_DISABLE_PROGRESS_BARS=1
+ENV PATH=/opt/export/bin:$PATH HOME=/home/openrerank HF_HUB_DISABLE_PROGRESS_BARS=1 ORT_DISABLE_TELEMETRY=1
 ENTRYPOINT ["openrerank", "export"]
 
 
@@ -82,7 +84,7 @@ USER 10001
 WORKDIR /home/openrerank
 ENV PATH=/opt/openrerank/venv/bin:$PATH HOME=/home/openrerank HF_HUB_DISABLE_PROGRESS_BARS=1 \
     OPENRERANK_HOST=0.0.0.0 OPENRERANK_PORT=8000 OPENRERANK_DEVICE=cuda OPENRERANK_BACKEND=torch \
-    OPENRERANK_LOG_FORMAT=json
+    OPENRERANK_LOG_FORMAT=json ORT_DISABLE_TELEMETRY=1
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('OPENRERANK_PORT', '8000') + '/v1/health/ready', timeout=4)"]
@@ -97,7 +99,7 @@ RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --home-dir /h
         openrerank) || (mkdir -p /home/openrerank && chown 10001:10001 /home/openrerank)
 USER 10001
 WORKDIR /home/openrerank
-ENV PATH=/opt/openrerank/venv/bin:$PATH HOME=/home/openrerank HF_HUB_OFFLINE=1 \
+ENV PATH=/opt/openrerank/venv/bin:$PATH HOME=/home/openrerank HF_HUB_OFFLINE=1 ORT_DISABLE_TELEMETRY=1 \
     OPENRERANK_HOST=0.0.0.0 OPENRERANK_PORT=8000 OPENRERANK_LOG_FORMAT=json \
     OPENRERANK_MODEL=sentence-transformers/all-MiniLM-L6-v2=/opt/openrerank/models/default
 EXPOSE 8000

@@ -46,7 +46,7 @@ from openrerank.runtimes.artifact_cache import (
 )
 from openrerank.runtimes.artifact_cache import model_fingerprint as model_fingerprint
 from openrerank.runtimes.base import ModelRefusedError, Network, NetworkBuild, probe_features
-from openrerank.runtimes.onnx_runtime import ONNX_DTYPES
+from openrerank.runtimes.onnx_runtime import ONNX_DTYPES, import_onnxruntime
 from openrerank.sources.safety import ONNX_EXPORT_FILES, is_onnx_export
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,7 @@ def _torch_export(network: Network, out: Path, opset: int) -> tuple[list[str], d
 
 
 def _run_onnx(path: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -151,8 +150,7 @@ def _fuse(raw: Path, out: Path, network: Network, probe: dict) -> str:
     if family is None:
         shutil.copyfile(raw, out)
         return "none (no fusion recipe for this model type; ORT session optimizations still apply)"
-    from onnxruntime.transformers.optimizer import optimize_model
-
+    optimize_model = import_onnxruntime("onnxruntime.transformers.optimizer").optimize_model
     heads = int(config.get("num_attention_heads") or config.get("n_heads") or 0)
     hidden = int(config.get("hidden_size") or config.get("dim") or 0)
     with _quiet():
@@ -172,11 +170,11 @@ def _fuse(raw: Path, out: Path, network: Network, probe: dict) -> str:
 def _quantize(src: Path, out: Path) -> None:
     """Dynamic int8: int8 weights per output channel, uint8/int8 activations quantized per batch at run time."""
     from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantization = import_onnxruntime("onnxruntime.quantization")
 
     with _quiet():
-        quantize_dynamic(
-            str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+        quantization.quantize_dynamic(
+            str(src), str(out), weight_type=quantization.QuantType.QInt8, per_channel=True,
             # Fused contrib ops (Attention, SkipLayerNormalization) have no shape-inferred output types.
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )

@@ -4,13 +4,21 @@ The network is exported once and cached by `openrerank.runtimes.onnx_export`; th
 session on the cached file. A pre-exported directory (`openrerank export --out DIR`, e.g. baked into a
 container image) is opened as it is, without PyTorch. Inputs stay int64 (what the graph was exported with)
 so no conversion runs per batch.
+
+No telemetry: ONNX Runtime's Linux wheel (1.32) has a built-in telemetry client that looks up Microsoft's
+collector (mobile.events.data.microsoft.com) whenever a session opens, unless `ORT_DISABLE_TELEMETRY=1` is in the
+environment when onnxruntime is imported (`onnxruntime.disable_telemetry_events()` afterwards does not stop it). A
+self-hosted service must not phone home, so every import of onnxruntime here goes through `import_onnxruntime`,
+which sets it first (a value the user set wins).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -23,6 +31,15 @@ log = logging.getLogger(__name__)
 ONNX_DTYPES = ("fp32", "int8")
 #: Set to 0 to stop ORT's worker threads spinning between batches (less idle CPU, a little more latency).
 SPIN_ENV = "OPENRERANK_ORT_SPIN"
+#: ONNX Runtime's own switch for its telemetry, read when onnxruntime is imported (see the module docstring).
+TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def import_onnxruntime(module: str = "onnxruntime") -> ModuleType:
+    """onnxruntime (or one of its submodules, e.g. "onnxruntime.quantization"), imported with its telemetry off:
+    the one way openrerank imports it (see the module docstring)."""
+    os.environ.setdefault(TELEMETRY_ENV, "1")
+    return importlib.import_module(module)
 
 
 #: Concurrent runs where nothing measured them (`--backend-choice rules`): one. Two (each on half the threads) gave
@@ -44,11 +61,10 @@ class OnnxRuntime(Runtime):
     ) -> None:
         if dtype not in ONNX_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the onnx runtime (use one of {ONNX_DTYPES})")
-        import onnxruntime as ort
-
         from openrerank.runtimes.artifact_cache import open_cached
         from openrerank.runtimes.onnx_export import META_FILE, ensure_onnx, servable_export
 
+        ort = import_onnxruntime()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

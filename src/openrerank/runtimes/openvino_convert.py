@@ -238,8 +238,9 @@ def pre_exported_onnx(network: Network, dtype: str) -> CachedArtifact | None:
 
 
 def _diff_from_onnxruntime(onnx_file: Path, names: list[str], folder: Path) -> float:
-    import onnxruntime as ort
+    from openrerank.runtimes.onnx_runtime import import_onnxruntime
 
+    ort = import_onnxruntime()
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     probe = probe_features(names, int(config.get("vocab_size") or 1000))
     so = ort.SessionOptions()
