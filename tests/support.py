@@ -270,3 +270,29 @@ def folder_locked_by_another_process(folder: Path, seconds: float) -> Iterator[N
         yield
     finally:
         holder.wait(10 + seconds)
+
+
+#: Code that makes a Python process a uid with no passwd entry and HOME unset (`docker run --user 1234` of an image
+#: that lacks the user, `env -i`): `Path.home()` raises, as it does there. For a fresh interpreter (`python -c`).
+NO_HOME = """
+import os, pwd
+def _no_entry(uid):
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+pwd.getpwuid = _no_entry
+os.environ.pop("HOME", None)
+"""
+
+
+def without_a_home(monkeypatch) -> None:
+    """This process as `NO_HOME` makes one, with no cache setting (OPENRERANK_CACHE_DIR, XDG_CACHE_HOME) either."""
+    import pwd
+
+    def no_entry(uid: int):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for name in ("HOME", "XDG_CACHE_HOME", "OPENRERANK_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with contextlib.suppress(RuntimeError):
+        Path.home()
+        raise AssertionError("a home folder still resolves")

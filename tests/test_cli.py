@@ -9,7 +9,7 @@ import pytest
 
 from openrerank.cli.main import build_parser, serve_settings
 from openrerank.cli.options import UsageError
-from tests.support import build_tiny_model
+from tests.support import build_tiny_model, without_a_home
 
 
 def parse(*argv: str):
@@ -219,6 +219,20 @@ def test_export_refusals_of_the_model_or_the_cache_are_one_line(tmp_path):
     model = build_tiny_model(tmp_path / "m")
     _one_line_error(_openrerank("export", "--model", str(model), "--cache-dir", str(tmp_path / "a-file")),
                     "openrerank export: error: ", str(tmp_path / "a-file"))
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["export", "--model", "default"]])
+def test_without_a_home_serve_and_export_say_what_to_set_in_one_line(command, monkeypatch, capsys):
+    """HOME unset and a uid with no passwd entry: `serve` said only "Could not determine home directory.", and
+    `export` was a traceback."""
+    from openrerank.cli.main import main
+
+    without_a_home(monkeypatch)
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"openrerank {command[0]}: error: cannot find a home folder for the model cache ~/.cache (HOME is unset and "
+        "this user has no home in the passwd database): set OPENRERANK_CACHE_DIR or XDG_CACHE_HOME to a writable "
+        "folder")
 
 
 def test_a_mistyped_variable_is_warned_about_with_the_close_match(caplog):

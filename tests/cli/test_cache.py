@@ -18,7 +18,7 @@ from openrerank.runtimes import openvino_convert as ov
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.cache_entries import staging_prefix
 from openrerank.runtimes.measure import MEASURE_FORMAT, runtime_versions
-from tests.support import folder_locked_by_another_process
+from tests.support import folder_locked_by_another_process, without_a_home
 
 
 def _artifact(folder: Path, key: str, variant: str, model_file: str, meta_file: str, facts: dict) -> Path:
@@ -125,6 +125,15 @@ def test_no_cache_is_said_and_not_shown_as_an_empty_one(tmp_path, monkeypatch, c
     assert main(["cache", "prune", "--cache-dir", str(tmp_path / "typo")]) == 1
     captured = capsys.readouterr()
     assert captured.err.count(f"no cache at {tmp_path / 'typo'}") == 2 and "entries" not in captured.out
+
+
+def test_without_a_home_ls_and_prune_say_what_to_set_in_one_line(monkeypatch, capsys) -> None:
+    """HOME unset and a uid with no passwd entry: a traceback, as `serve` and `export` had."""
+    without_a_home(monkeypatch)
+    assert main(["cache", "ls"]) == 2 and main(["cache", "prune"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[0] for line in lines] == ["openrerank cache ls", "openrerank cache prune"]
+    assert all(line.endswith("set OPENRERANK_CACHE_DIR or XDG_CACHE_HOME to a writable folder") for line in lines)
 
 
 def test_a_folder_that_cannot_be_read_is_one_line_and_the_others_are_pruned_and_said(cache, capsys,

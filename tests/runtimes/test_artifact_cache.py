@@ -18,7 +18,12 @@ import pytest
 from openrerank.runtimes import artifact_cache, cache_entries
 from openrerank.runtimes.artifact_cache import ensure_record, model_fingerprint
 from openrerank.runtimes.base import probe_features
-from tests.support import build_tiny_bi_encoder, cross_encoder_network, folder_locked_by_another_process
+from tests.support import (
+    build_tiny_bi_encoder,
+    cross_encoder_network,
+    folder_locked_by_another_process,
+    without_a_home,
+)
 
 
 def test_a_fingerprint_reads_the_weights_once_and_again_after_they_change(tmp_path: Path, tiny_model_dir,
@@ -212,6 +217,25 @@ def test_a_cache_that_cannot_be_written_names_its_folder_and_the_setting(tmp_pat
     with pytest.raises(OSError, match=r"cache folder .*/file/\.cache/openrerank/\S+ \(the default: "
                                       r"OPENRERANK_CACHE_DIR is unset\): Not a directory; set OPENRERANK_CACHE_DIR"):
         ensure(cross_encoder_network(model_copy))
+
+
+NO_HOME_SAID = ("cannot find a home folder for the model cache ~/.cache (HOME is unset and this user has no home "
+                "in the passwd database): set OPENRERANK_CACHE_DIR or XDG_CACHE_HOME to a writable folder")
+
+
+def test_without_a_home_the_cache_names_the_settings_that_place_it(tmp_path, monkeypatch) -> None:
+    """HOME unset and a uid with no passwd entry (`docker run --user 1234`): Python's "Could not determine home
+    directory." was all `serve` said, and `export` was a traceback."""
+    without_a_home(monkeypatch)
+    for where in (artifact_cache.user_cache_dir, artifact_cache.cache_root, lambda: artifact_cache.cache_folder("x")):
+        with pytest.raises(artifact_cache.NoCacheFolderError) as raised:
+            where()
+        assert str(raised.value) == NO_HOME_SAID
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # either setting places it without a home
+    assert artifact_cache.cache_root() == tmp_path / "openrerank" / "onnx"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv(artifact_cache.CACHE_ENV, str(tmp_path / "mine"))
+    assert artifact_cache.cache_folder("openvino") == tmp_path / "mine" / "openvino"
 
 
 def test_a_read_only_cache_folder_names_itself_not_a_staging_folder(tmp_path, monkeypatch) -> None:

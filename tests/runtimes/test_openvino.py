@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from openrerank.runtimes import openvino_convert as convert
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
 from openrerank.runtimes.openvino_runtime import SHARED_BLOB_UNUSED_S, OpenVinoRuntime
 from tests.support import (
+    NO_HOME,
+    REPO,
     build_as_an_earlier_version,
     build_tiny_model,
     cross_encoder_network,
@@ -563,3 +567,21 @@ def test_the_facts_every_ir_is_keyed_by_are_this_installs(model_copy):
         _, facts = convert.cache_key(cross_encoder_network(model_copy), variant)
         own = {"model_sha256", "head", "build_format", "variant"}  # the model's, its family's
         assert {k: v for k, v in facts.items() if k not in own} == convert.keyed_facts(variant)
+
+
+def test_openvino_imports_without_a_home_and_writes_no_consent_file(tmp_path):
+    """HOME unset and a uid with no passwd entry (`docker run --user 1234`): openvino_telemetry's consent check
+    raised "Could not determine home directory." from `import openvino`, so `--backend auto` quietly lost
+    OpenVINO and `export --backend openvino` was a traceback. (A fresh interpreter: this one imported it.)"""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    code = NO_HOME + (
+        "from openrerank.runtimes.openvino_convert import import_openvino\n"
+        "ov = import_openvino()\n"
+        "print(ov.get_version() != '', 'HOME' in os.environ, 'CI' in os.environ)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "XDG_CACHE_HOME")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**env, "TMPDIR": str(temp), "PYTHONPATH": str(REPO / "src")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "False", "False"]  # imported; HOME and CI as they were
+    assert not list(temp.iterdir())  # the consent check declined (CI=true): no intel/openvino_telemetry file

@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from openrerank.cli.options import fail
 from openrerank.families.registry import FAMILIES
+from openrerank.runtimes.artifact_cache import NoCacheFolderError
 from openrerank.runtimes.cache_entries import Entry
 
 _DAY = 86400.0
@@ -84,7 +86,10 @@ def prune_reason(unused_days: float | None, now: float) -> Callable[[Entry], str
 
 def run_ls(args: argparse.Namespace) -> int:
     _use_cache_dir(args)
-    found = _scanned(sections())
+    try:
+        found = _scanned(sections())
+    except NoCacheFolderError as exc:  # no cache setting and no home: one line, as `serve` and `export` say it
+        return fail("openrerank cache ls", str(exc))
     if found is None:
         return _no_cache(args)
     entries, unreadable = found
@@ -108,7 +113,10 @@ def run_prune(args: argparse.Namespace) -> int:
     from openrerank.runtimes.artifact_cache import prune
 
     _use_cache_dir(args)
-    folders = sections()
+    try:
+        folders = sections()
+    except NoCacheFolderError as exc:
+        return fail("openrerank cache prune", str(exc))
     if not any(folder.is_dir() for folder, _ in folders):
         return _no_cache(args)
     why = prune_reason(args.unused_days, time.time())

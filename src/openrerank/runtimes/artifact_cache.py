@@ -77,11 +77,28 @@ class CachedArtifact:
     meta: dict
 
 
+class NoCacheFolderError(ValueError):
+    """No folder can hold the cache: neither `OPENRERANK_CACHE_DIR` nor an absolute `XDG_CACHE_HOME` is set,
+    and no home folder resolves (HOME unset and a uid without a passwd entry: `docker run --user 1234` of an
+    image that lacks the user, `env -i`). A setting to fix, like a flag's value, not a model's fault."""
+
+
+def home_path(path: str) -> Path:
+    """`path` with a leading `~` expanded. Where there is no home to expand it to, Python says only "Could not
+    determine home directory.", so the error names the cache settings that avoid the home instead."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise NoCacheFolderError(f"cannot find a home folder for the model cache {path} (HOME is unset and this user "
+                                 f"has no home in the passwd database): set {CACHE_ENV} or XDG_CACHE_HOME to a "
+                                 "writable folder") from None
+
+
 def user_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/openrerank` (the XDG base-directory spec; `~/.cache/openrerank` when it is unset or
     not an absolute path, as the spec says)."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.cache").expanduser()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home_path("~/.cache")
     return base / "openrerank"
 
 
@@ -90,7 +107,7 @@ def cache_root() -> Path:
     lived)."""
     env = os.environ.get(CACHE_ENV)
     if env:
-        return Path(env).expanduser()
+        return home_path(env)
     return user_cache_dir() / "onnx"
 
 
@@ -98,7 +115,7 @@ def cache_folder(name: str) -> Path:
     """The cache folder `name` beside the ONNX exports: `$OPENRERANK_CACHE_DIR/<name>` when set, else
     `$XDG_CACHE_HOME/openrerank/<name>` (`user_cache_dir`)."""
     env = os.environ.get(CACHE_ENV)
-    return (Path(env).expanduser() if env else user_cache_dir()) / name
+    return (home_path(env) if env else user_cache_dir()) / name
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -270,9 +287,13 @@ def _unwritable(cache_dir: Path, what: str, exc: OSError) -> OSError:
     `[Errno 30] Read-only file system: '/nonexistent'`, naming neither the cache nor the setting that moves it.
     The errno is kept: the failure may pass (`base.lasting_refusal`)."""
     env = os.environ.get(CACHE_ENV)
-    if env and cache_dir.is_relative_to(Path(env).expanduser()):
+    try:
+        default = home_path(env) if env else user_cache_dir()
+    except NoCacheFolderError:  # no home: the folder was given outright
+        default = None
+    if env and default and cache_dir.is_relative_to(default):
         whence = f" ({CACHE_ENV}={env})"
-    elif not env and cache_dir.is_relative_to(user_cache_dir()):
+    elif not env and default and cache_dir.is_relative_to(default):
         whence = f" (the default: {CACHE_ENV} is unset)"
     else:  # a folder given outright (`openrerank export --cache-dir`)
         whence = ""

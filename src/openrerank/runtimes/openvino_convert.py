@@ -24,8 +24,9 @@ compiled-model cache (CPU kernels for this machine, so a restart does not compil
 
 No telemetry: OpenVINO's converter and NNCF send usage events to Google Analytics unless the user opted out
 (a missing consent file counts as consent). A self-hosted service must not phone home, so every import and
-call of theirs here runs with their CI switch on (`CI=true`), which turns it off; NNCF's progress bars
-(printed to stdout) are swallowed and its log is kept to warnings.
+call of theirs here runs with their CI switch on (`CI=true`), which turns it off (with a HOME where none
+resolves: `quiet_openvino`); NNCF's progress bars (printed to stdout) are swallowed and its log is kept to
+warnings.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,24 +74,47 @@ class ConversionError(ModelRefusedError):
     """OpenVINO could not convert (or faithfully run) the model."""
 
 
+def _home_resolves() -> bool:
+    try:
+        Path.home()
+    except RuntimeError:  # HOME unset and a uid without a passwd entry
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in os.environ for the block, the previous values (or their absence) restored after it."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextlib.contextmanager
 def quiet_openvino() -> Iterator[None]:
-    """OpenVINO tools without telemetry, progress bars or info chatter (see the module docstring)."""
-    previous = os.environ.get("CI")
-    os.environ["CI"] = "true"
+    """OpenVINO tools without telemetry, progress bars or info chatter (see the module docstring).
+
+    Their telemetry's consent check asks for the home folder before it reads the CI switch, and `Path.home()`
+    raises where none resolves (HOME unset, a uid without a passwd entry: `docker run --user 1234`), so
+    `import openvino` failed and `--backend auto` quietly served without it. There HOME is the temporary folder
+    for the block: the check finds a folder, then the CI switch, and declines; nothing is written there."""
+    values = {"CI": "true"} if _home_resolves() else {"CI": "true", "HOME": tempfile.gettempdir()}
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
     nncf_log.setLevel(max(level, logging.WARNING))
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with _environ(values), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about Python booleans; outputs are checked instead
             yield
     finally:
         nncf_log.setLevel(level)
-        if previous is None:
-            os.environ.pop("CI", None)
-        else:
-            os.environ["CI"] = previous
 
 
 def import_openvino():
