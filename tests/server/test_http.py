@@ -1,11 +1,13 @@
 """The connection handling `openrerank serve` adds to uvicorn (`server/http_guard.py`), on a bare ASGI app under
-uvicorn in this process: a request answered before its body is read is closed gently, and boundedly."""
+uvicorn in this process: a request answered before its body is read is closed gently, and boundedly; and the
+open-file limit `serve` raises at start (`server/http.py`), on a faked `resource`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import resource
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ import uvicorn
 from openrerank_bench.serve_process import free_port
 
 from openrerank.server import http_guard
+from openrerank.server.http import OPEN_MAX, raise_open_files_limit
 
 WAIT_S = 10.0
 KEEP_ALIVE_S = 1  # uvicorn's idle keep-alive timeout here (5 s by default)
@@ -338,3 +341,51 @@ def test_headers_too_slow_name_the_variable_that_set_the_timeout(env_server):
     why = "request headers not received within 1 s (OPENRERANK_HEADER_TIMEOUT='1')"
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"] == why
     assert why in env_server.output()
+
+
+class FakeNofile:
+    """RLIMIT_NOFILE as a host gives it: the limits, and the soft limits setrlimit refuses (as macOS refuses any
+    above OPEN_MAX with EINVAL, a ValueError in Python, even under an unlimited hard limit)."""
+
+    def __init__(self, soft: int, hard: int, refused) -> None:
+        self.limits, self.refused, self.asked = (soft, hard), refused, []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        self.asked.append(limits)
+        if self.refused(limits[0]):
+            raise ValueError("current limit exceeds maximum limit")
+        self.limits = limits
+
+
+def _nofile(monkeypatch, soft: int, hard: int, refused) -> FakeNofile:
+    fake = FakeNofile(soft, hard, refused)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    return fake
+
+
+@pytest.mark.parametrize("infinity", [resource.RLIM_INFINITY, 2**63 - 1])  # this host's; macOS's
+def test_macos_unlimited_hard_open_file_limit_raises_the_soft_one_to_open_max(monkeypatch, caplog, infinity):
+    """macOS: soft 256, hard unlimited, and setrlimit refuses more than OPEN_MAX: the limit stayed at 256, and
+    connections past about 250 were dropped without a word."""
+    monkeypatch.setattr(resource, "RLIM_INFINITY", infinity)
+    fake = _nofile(monkeypatch, 256, infinity, lambda soft: soft == infinity or soft > OPEN_MAX)
+    with caplog.at_level("WARNING", logger="openrerank.server.http"):
+        assert raise_open_files_limit() == OPEN_MAX == 10240
+    assert fake.asked == [(infinity, infinity), (OPEN_MAX, infinity)] and fake.limits == (OPEN_MAX, infinity)
+    assert not caplog.records
+
+
+def test_the_soft_open_file_limit_goes_to_the_hard_one_and_a_refusal_below_open_max_is_warned_of(monkeypatch,
+                                                                                                   caplog):
+    fake = _nofile(monkeypatch, 1024, 65536, lambda soft: False)
+    assert raise_open_files_limit() == 65536 and fake.asked == [(65536, 65536)]
+    fake = _nofile(monkeypatch, 256, 4096, lambda soft: True)  # OPEN_MAX is above the hard limit: not asked
+    with caplog.at_level("WARNING", logger="openrerank.server.http"):
+        assert raise_open_files_limit() == 256
+    assert fake.asked == [(4096, 4096)] and "the open-file limit is 256" in caplog.text

@@ -52,6 +52,10 @@ ABANDONED_WORK_WAIT_S = 1.0
 #: and closes the ones past the limit without a line in the log (`prlimit --nofile=64`: 252 of 300 clients
 #: got an empty reply, and the log said nothing).
 FEW_OPEN_FILES = 1024
+#: macOS's OPEN_MAX: its hard limit is unlimited, but setrlimit refuses a soft limit above this (EINVAL, a
+#: ValueError in Python), so raising to the hard limit failed and the limit stayed at macOS's default 256. Go's
+#: runtime raises to min(hard, OPEN_MAX) on Darwin for this reason.
+OPEN_MAX = 10240
 
 
 class WorkerThreads(ThreadPoolExecutor):
@@ -109,17 +113,22 @@ def exit_now(status: int) -> None:
 
 
 def raise_open_files_limit() -> int:
-    """Raise the soft open-file limit to the hard one (as Go's runtime does), and warn when even that is below
-    `FEW_OPEN_FILES`. Returns the limit now in force."""
+    """Raise the soft open-file limit to the hard one (as Go's runtime does), or where that is refused to
+    `OPEN_MAX` (macOS), and warn when even that is below `FEW_OPEN_FILES`. Returns the limit now in force."""
     import resource
 
+    infinite = resource.RLIM_INFINITY
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:  # e.g. an infinite hard limit the kernel caps lower
-            log.debug("open-file limit left at %d: %s", soft, exc)
+    if hard == infinite or soft < hard:
+        below_hard = hard == infinite or OPEN_MAX < hard
+        for limit in [hard, OPEN_MAX] if soft != infinite and soft < OPEN_MAX and below_hard else [hard]:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            except (ValueError, OSError) as exc:  # an infinite hard limit the kernel caps lower (macOS: OPEN_MAX)
+                log.debug("open-file limit not raised to %s: %s", "unlimited" if limit == infinite else limit, exc)
+            else:
+                soft = limit
+                break
     if soft != resource.RLIM_INFINITY and soft < FEW_OPEN_FILES:
         log.warning("the open-file limit is %d: each connection holds one, and connections past it are accepted "
                     "and closed without an answer or a line in this log; raise it (`ulimit -n`, docker/podman "
