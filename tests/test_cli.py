@@ -235,6 +235,18 @@ def test_without_a_home_serve_and_export_say_what_to_set_in_one_line(command, mo
         "folder")
 
 
+def test_a_path_stdout_cannot_encode_is_printed_escaped_not_a_crash(tmp_path):
+    """Under a non-UTF-8 locale `export` did its work, then died printing its path (UnicodeEncodeError, exit 1),
+    and `cache ls` on its table, where the path has characters the encoding lacks."""
+    cache = tmp_path / "cache 日本"
+    (cache / "engine-choice").mkdir(parents=True)
+    (cache / "engine-choice" / "0123456789abcdef01234567.json").write_text("{}")
+    done = _openrerank("cache", "ls", env={"PYTHONIOENCODING": "ascii", "OPENRERANK_CACHE_DIR": str(cache)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"{tmp_path}/cache \\u65e5\\u672c/engine-choice/0123456789abcdef01234567.json" in done.stdout
+    assert "1 entry" in done.stdout
+
+
 def test_a_mistyped_variable_is_warned_about_with_the_close_match(caplog):
     """OPENRERANK_APIKEY=secret was dropped silently (the server started open); unknown NIM_* were warned."""
     from openrerank.cli.main import report_unknown_env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import socket
@@ -284,7 +285,17 @@ def quiet_idle_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def escape_what_the_terminal_cannot_show() -> None:
+    """Write characters stdout's encoding cannot encode as escapes (`\\u65e5`), as stderr (and so the log) already
+    does, instead of failing: under a non-UTF-8 locale (PYTHONIOENCODING=latin-1, an ASCII terminal) `export`
+    finished its work, then died on printing a path with 日本 in it (exit 1), and `cache ls` on its table."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # not a replacement without `reconfigure` (a test's capture)
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    escape_what_the_terminal_cannot_show()
     quiet_idle_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
