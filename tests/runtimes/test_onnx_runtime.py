@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from openrerank.runtimes.onnx_runtime import ONNX_DTYPES, TELEMETRY_ENV, OnnxRuntime
+from openrerank.runtimes.onnx_runtime import ONNX_DTYPES, SPIN_ENV, TELEMETRY_ENV, OnnxRuntime, threads_spin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,3 +74,14 @@ def test_onnxruntime_is_imported_only_through_import_onnxruntime():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "onnxruntime"]
     assert not found, f"import onnxruntime through onnx_runtime.import_onnxruntime: {found}"
+
+
+def test_the_spin_switch_reads_every_way_of_saying_off_and_refuses_what_is_no_switch():
+    """Only "0" turned spinning off: OPENRERANK_ORT_SPIN=false (or off, no) left the threads spinning."""
+    assert threads_spin({}) is True
+    for off in ("0", "false", "No", " off "):
+        assert threads_spin({SPIN_ENV: off}) is False, off
+    for on in ("1", "true", "YES", "on"):
+        assert threads_spin({SPIN_ENV: on}) is True, on
+    with pytest.raises(ValueError, match=r"^OPENRERANK_ORT_SPIN='maybe': expected one of"):
+        threads_spin({SPIN_ENV: "maybe"})

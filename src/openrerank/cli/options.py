@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from openrerank.core.settings import SWITCH_HINT, switch_value
+
 ENV_PREFIX = "OPENRERANK_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 _TYPE_WORDS: dict[Callable, str] = {int: "an integer", float: "a number", str: "a string"}
 
 
@@ -104,12 +104,9 @@ def env_value(opt: Option, environ: Mapping[str, str], named: Mapping[str, str] 
     raw = environ[opt.env_name]
     shown = env_shown(opt, environ, named)
     if opt.switch:
-        word = raw.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-        raise UsageError(f"{shown}: expected one of 1/true/yes/on or 0/false/no/off")
+        if (on := switch_value(raw)) is None:
+            raise UsageError(f"{shown}: {SWITCH_HINT}")
+        return on
     split = opt.repeatable and opt.split_env
     items = [p.strip() for p in raw.split(",") if p.strip()] if split else [raw.strip()]
     values = []

@@ -49,6 +49,10 @@ def preflight(config: ServerConfig, shown: Shown | None = None) -> list[Resolved
     from openrerank.server.engine_config import load_options, model_sources
 
     check_temp_dir()
+    if config.device == "cpu":
+        from openrerank.runtimes.onnx_runtime import threads_spin
+
+        threads_spin()  # a bad OPENRERANK_ORT_SPIN is one line now, not a model that fails to load
     sources = model_sources(config, shown)
     names = [s.served_id for s in sources]
     dupes = {n for n in names if names.count(n) > 1}

@@ -16,6 +16,17 @@ from collections.abc import Mapping
 Shown = Mapping[str, str]
 
 
+#: How an on/off setting may be written (a switch flag's variable, a NIM switch, OPENRERANK_ORT_SPIN), any case.
+SWITCH_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+                **dict.fromkeys(("0", "false", "no", "off", ""), False)}
+SWITCH_HINT = "expected one of 1/true/yes/on or 0/false/no/off"
+
+
+def switch_value(raw: str) -> bool | None:
+    """An on/off setting's value as written, or None where it is neither (the caller names the setting)."""
+    return SWITCH_WORDS.get(raw.strip().lower())
+
+
 def setting(flag: str, value: object, shown: Shown | None = None) -> str:
     """How an error names the setting `flag` holding `value`: as `shown` says, else `--flag value`."""
     return (shown or {}).get(flag) or f"--{flag} {value}"

@@ -17,11 +17,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
+from openrerank.core.settings import SWITCH_HINT, switch_value
 from openrerank.runtimes.artifact_cache import CachedArtifact
 from openrerank.runtimes.base import HostMemoryError, Network, Runtime, computed, lanes_for, out_of_memory
 
@@ -29,10 +31,22 @@ log = logging.getLogger(__name__)
 
 #: The precisions ONNX Runtime runs here: the fused fp32 graph, or its dynamic int8 quantization.
 ONNX_DTYPES = ("fp32", "int8")
-#: Set to 0 to stop ORT's worker threads spinning between batches (less idle CPU, a little more latency).
+#: Set to 0 (false/no/off) to stop ORT's worker threads spinning between batches (less idle CPU, a little more
+#: latency).
 SPIN_ENV = "OPENRERANK_ORT_SPIN"
 #: ONNX Runtime's own switch for its telemetry, read when onnxruntime is imported (see the module docstring).
 TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def threads_spin(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ONNX Runtime's worker threads spin between batches (`SPIN_ENV`, on unless switched off); a value
+    that is no switch is a ValueError naming it (`openrerank serve` checks it at start)."""
+    raw = environ.get(SPIN_ENV)
+    if raw is None:
+        return True
+    if (on := switch_value(raw)) is None:
+        raise ValueError(f"{SPIN_ENV}={raw!r}: {SWITCH_HINT}")
+    return on
 
 
 def import_onnxruntime(module: str = "onnxruntime") -> ModuleType:
@@ -73,7 +87,7 @@ class OnnxRuntime(Runtime):
         # A session runs concurrent `run` calls; each lane gets its share of the threads.
         so.intra_op_num_threads = max(1, total // self.lanes)
         so.inter_op_num_threads = 1
-        if os.environ.get(SPIN_ENV, "1").strip() == "0":
+        if not threads_spin():
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(export: CachedArtifact) -> ort.InferenceSession:
