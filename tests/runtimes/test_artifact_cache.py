@@ -244,13 +244,21 @@ def test_a_read_only_cache_folder_names_itself_not_a_staging_folder(tmp_path, mo
         raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}x1y2"))
 
     monkeypatch.setattr(artifact_cache.tempfile, "mkdtemp", refuse)
+    monkeypatch.setenv(artifact_cache.CACHE_ENV, str(tmp_path))
     _, ensure = _fake_cache(tmp_path)
     with pytest.raises(OSError) as raised:
         ensure()
     assert raised.value.errno == errno.EROFS and raised.value.filename is None
+    assert str(raised.value) == (f"[Errno 30] cannot write the test IR into the cache folder {tmp_path} "
+                                 f"(OPENRERANK_CACHE_DIR={tmp_path}): Read-only file system; set OPENRERANK_CACHE_DIR "
+                                 "(or XDG_CACHE_HOME) to a writable folder, or fill the cache ahead with `openrerank "
+                                 "export`")
+    # a folder given outright (`export --cache-dir`): the variables do not move it, so they are not the advice
+    monkeypatch.delenv(artifact_cache.CACHE_ENV)
+    with pytest.raises(OSError) as raised:
+        ensure()
     assert str(raised.value) == (f"[Errno 30] cannot write the test IR into the cache folder {tmp_path}: Read-only "
-                                 "file system; set OPENRERANK_CACHE_DIR (or XDG_CACHE_HOME) to a writable folder, "
-                                 "or fill the cache ahead with `openrerank export`")
+                                 "file system; give a writable folder")
 
 
 @pytest.mark.parametrize("body", [b'{"format": 4, "measu', b"\xff\xfe not text"])

@@ -295,8 +295,9 @@ def _unwritable(cache_dir: Path, what: str, exc: OSError) -> OSError:
         whence = f" ({CACHE_ENV}={env})"
     elif not env and default and cache_dir.is_relative_to(default):
         whence = f" (the default: {CACHE_ENV} is unset)"
-    else:  # a folder given outright (`openrerank export --cache-dir`)
-        whence = ""
+    else:  # a folder given outright (`openrerank export --cache-dir`): where the variables do not reach
+        return OSError(exc.errno, f"cannot write the {what} into the cache folder {cache_dir}: "
+                                  f"{exc.strerror or exc}; give a writable folder")
     return OSError(exc.errno, f"cannot write the {what} into the cache folder {cache_dir}{whence}: "
                               f"{exc.strerror or exc}; set {CACHE_ENV} (or XDG_CACHE_HOME) to a writable folder, "
                               "or fill the cache ahead with `openrerank export`")
