@@ -144,6 +144,9 @@ def test_bad_env_values_name_the_variable():
     _one_line_error(_openrerank("serve", env={"OPENRERANK_PORT": "abc"}), "OPENRERANK_PORT='abc'", "integer")
     _one_line_error(_openrerank("serve", env={"OPENRERANK_ALLOW_PICKLE": "maybe"}), "OPENRERANK_ALLOW_PICKLE")
     _one_line_error(_openrerank("serve", env={"OPENRERANK_LOG_FORMAT": "xml"}), "OPENRERANK_LOG_FORMAT", "json")
+    # read by the ONNX runtime, not a flag: "false" left the threads spinning, "maybe" was taken for on
+    _one_line_error(_openrerank("serve", env={"OPENRERANK_ORT_SPIN": "maybe"}), "OPENRERANK_ORT_SPIN='maybe'",
+                    "0/false/no/off")
 
 
 @pytest.mark.parametrize(("environ", "named"), [
@@ -217,8 +220,9 @@ def test_export_refusals_of_the_model_or_the_cache_are_one_line(tmp_path):
                     "openrerank export: error: ", "--allow-pickle")
     (tmp_path / "a-file").write_text("x")
     model = build_tiny_model(tmp_path / "m")
-    _one_line_error(_openrerank("export", "--model", str(model), "--cache-dir", str(tmp_path / "a-file")),
-                    "openrerank export: error: ", str(tmp_path / "a-file"))
+    err = _one_line_error(_openrerank("export", "--model", str(model), "--cache-dir", str(tmp_path / "a-file")),
+                          "openrerank export: error: ", str(tmp_path / "a-file"), "give a writable folder")
+    assert "OPENRERANK_CACHE_DIR" not in err  # what moves the default cache, not this folder given outright
 
 
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["export", "--model", "default"]])
@@ -549,3 +553,16 @@ def test_without_pytorch_no_temporary_folder_is_needed():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _one_line_error(done, "cannot listen on")
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in eval, export or bench printed a 20-40 line KeyboardInterrupt traceback, exit 1."""
+    from openrerank.cli import export
+    from openrerank.cli.main import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "run_export", interrupted)
+    assert main(["export", "--out", "/nonexistent/x"]) == 130
+    assert capsys.readouterr().err.strip() == "openrerank export: interrupted"
