@@ -62,6 +62,40 @@ def test_async_client_against_server(tiny_server):
     assert healthy and models == ["tiny"] and len(top) == 1 and top[0].text == PASSAGES[top[0].index]
 
 
+class ByLabel:
+    """A pandas Series after a sort or a filter, in small: iterates its values in order, but `[i]` is by label."""
+
+    def __init__(self, labels: list[int], values: list[str]) -> None:
+        self.items = dict(zip(labels, values, strict=True))
+
+    def __iter__(self):
+        return iter(self.items.values())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, label: int) -> str:
+        return self.items[label]
+
+
+def test_results_carry_their_own_text_whatever_iterable_the_passages_came_in(tiny_server):
+    """A Series-like's `[index]` read another passage's text (by label), and a generator was spent by the request, so
+    its lookup failed as a RerankError blaming the server's 200."""
+    series = ByLabel([2, 0, 1], PASSAGES)
+
+    async def go():
+        async with openrerank.AsyncClient(tiny_server.url) as client:
+            return (await client.rerank("paris", ByLabel([2, 0, 1], PASSAGES)),
+                    await client.rerank("paris", (p for p in PASSAGES)))
+
+    with openrerank.Client(tiny_server.url) as client:
+        expected = client.rerank("paris", PASSAGES)
+        answers = [client.rerank("paris", series), client.rerank("paris", (p for p in PASSAGES)), *asyncio.run(go())]
+    assert all(r.text == PASSAGES[r.index] for r in expected)
+    for results in answers:
+        assert results == expected
+
+
 def test_unreachable_server_raises_without_status():
     client = openrerank.Client(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff=0.01)
     with pytest.raises(RerankError) as err:

@@ -22,7 +22,7 @@ import base64
 import email.utils
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -119,10 +119,16 @@ class _Base:
         return min(wait, _MAX_WAIT)
 
     @staticmethod
-    def _ranking_body(query: str, passages: Sequence[str], model: str | None, truncate: str,
+    def _texts(texts: Iterable[str], name: str) -> list[str]:
+        """`texts` as one positional list, read once: the request is built from it and each result's `index`
+        looks its text up in it (a pandas Series indexes by label, a generator not at all)."""
+        if isinstance(texts, str):
+            raise TypeError(f"{name} must be strings (a list, tuple, Series, generator...), not one string")
+        return list(texts)
+
+    @staticmethod
+    def _ranking_body(query: str, passages: list[str], model: str | None, truncate: str,
                       top_n: int | None = None) -> dict:
-        if isinstance(passages, str):
-            raise TypeError("passages must be a sequence of strings, not one string")
         if top_n is not None and top_n < 0:
             raise ValueError(f"top_n {top_n}: give 0 or None (every passage) or a positive count")
         body: dict[str, Any] = {"query": {"text": query}, "passages": [{"text": p} for p in passages],
@@ -132,17 +138,16 @@ class _Base:
         return body
 
     @staticmethod
-    def _results(data: dict, passages: Sequence[str], top_n: int | None) -> list[RerankResult]:
+    def _results(data: dict, passages: list[str], top_n: int | None) -> list[RerankResult]:
         out = [RerankResult(int(r["index"]), float(r["logit"]), passages[int(r["index"])])
                for r in data["rankings"]]
         return out[:top_n] if top_n else out
 
     @staticmethod
-    def _embeddings_body(texts: Sequence[str], model: str | None, input_type: str | None, truncate: str,
+    def _embeddings_body(texts: Iterable[str], model: str | None, input_type: str | None, truncate: str,
                          dimensions: int | None) -> dict:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not one string")
-        body: dict[str, Any] = {"input": list(texts), "encoding_format": "base64", "truncate": truncate}
+        body: dict[str, Any] = {"input": _Base._texts(texts, "texts"), "encoding_format": "base64",
+                                "truncate": truncate}
         for key, value in (("model", model), ("input_type", input_type), ("dimensions", dimensions)):
             if value is not None:
                 body[key] = value
@@ -218,13 +223,14 @@ class Client(_Base):
             self._sleep(self._delay(attempt, response))
             attempt += 1
 
-    def rerank(self, query: str, passages: Sequence[str], model: str | None = None, top_n: int | None = None,
+    def rerank(self, query: str, passages: Iterable[str], model: str | None = None, top_n: int | None = None,
                truncate: Truncation = "END") -> list[RerankResult]:
         """Passages best-first (at most `top_n`); truncate NONE (over-long fails), END or CHUNK."""
+        passages = self._texts(passages, "passages")
         body = self._ranking_body(query, passages, model, truncate, top_n)
         return self._answer(self._send("POST", "/v1/ranking", body), lambda d: self._results(d, passages, top_n))
 
-    def embed(self, texts: Sequence[str], model: str | None = None, *, input_type: InputType | None = None,
+    def embed(self, texts: Iterable[str], model: str | None = None, *, input_type: InputType | None = None,
               truncate: EmbedTruncation = "END", dimensions: int | None = None) -> np.ndarray:
         """Embeddings of `texts` as a float32 array `(len(texts), dim)`, in order.
 
@@ -293,13 +299,14 @@ class AsyncClient(_Base):
             await self._sleep(self._delay(attempt, response))
             attempt += 1
 
-    async def rerank(self, query: str, passages: Sequence[str], model: str | None = None,
+    async def rerank(self, query: str, passages: Iterable[str], model: str | None = None,
                      top_n: int | None = None, truncate: Truncation = "END") -> list[RerankResult]:
+        passages = self._texts(passages, "passages")
         body = self._ranking_body(query, passages, model, truncate, top_n)
         response = await self._send("POST", "/v1/ranking", body)
         return self._answer(response, lambda d: self._results(d, passages, top_n))
 
-    async def embed(self, texts: Sequence[str], model: str | None = None, *, input_type: InputType | None = None,
+    async def embed(self, texts: Iterable[str], model: str | None = None, *, input_type: InputType | None = None,
                     truncate: EmbedTruncation = "END", dimensions: int | None = None) -> np.ndarray:
         body = self._embeddings_body(texts, model, input_type, truncate, dimensions)
         response = await self._send("POST", "/v1/embeddings", body)
