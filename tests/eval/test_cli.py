@@ -178,6 +178,63 @@ def test_bare_output_names_go_to_the_out_dir(tiny_beir: Path, tmp_path: Path, mo
     assert (tmp_path / "elsewhere" / "t.csv").is_file() and not (tmp_path / "t.json").exists()
 
 
+def _no_loading(monkeypatch) -> None:
+    """Loading a dataset fails the test: what is checked here must be refused before any work starts."""
+    import openrerank.eval.data
+
+    def load(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the refusal")
+
+    monkeypatch.setattr(openrerank.eval.data, "load_dataset", load)
+
+
+@pytest.mark.parametrize("where", ["out-dir is a file", "folder under a file", "a directory", "unmakeable"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(tiny_beir: Path, tmp_path: Path, where,
+                                                                            monkeypatch, capsys) -> None:
+    """They were found by the writers after the whole evaluation (minutes for a real dataset), as a traceback, the
+    table lost."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    flags = {"out-dir is a file": ["--out-dir", str(afile), "--csv", "r.csv"],
+             "folder under a file": ["--json", str(afile / "sub" / "t.json")],
+             "a directory": ["--plot", str(tmp_path)],
+             "unmakeable": ["--json", "/proc/openrerank-nope/t.json"]}[where]
+    if where == "unmakeable" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, where no folder can be made, even by root")
+    _no_loading(monkeypatch)
+    assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse", "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"openrerank eval: error: {flags[-2]} ")
+    assert {"out-dir is a file": f"{afile} is not a directory", "folder under a file": f"{afile} is not a directory",
+            "a directory": "is a directory", "unmakeable": "cannot write into /proc/openrerank-nope"}[where] in err
+
+
+@pytest.mark.parametrize(("flag", "named"), [("--stemmer", "is not a PyStemmer algorithm"),
+                                             ("--stopwords", "is not a bm25s stopword list")])
+def test_an_unknown_stemmer_or_stopword_list_is_one_line_before_the_evaluation(tiny_beir: Path, flag, named,
+                                                                               monkeypatch, capsys) -> None:
+    """They were a KeyError (PyStemmer) and a ValueError (bm25s) traceback from inside the BM25 index."""
+    _no_loading(monkeypatch)
+    assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse", "--quiet", flag, "klingon"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"openrerank eval: error: {flag} 'klingon' {named}")
+
+
+def test_an_output_failing_after_the_evaluation_is_one_line_and_the_others_are_written(
+        tiny_beir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import openrerank.eval.report
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(openrerank.eval.report, "write_csv", full)
+    out = ["--json", str(tmp_path / "t.json"), "--csv", str(tmp_path / "t.csv")]
+    assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse", "--quiet", "--no-cache", *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"openrerank eval: error: --csv {tmp_path / 't.csv'}: No space left on device"
+    assert json.loads((tmp_path / "t.json").read_text())["rows"]
+
+
 def test_progress_lines_when_stderr_is_not_a_terminal() -> None:
     import io
 

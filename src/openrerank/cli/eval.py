@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ from openrerank.eval.data import DEFAULT_SPLIT
 from openrerank.eval.fusion import FUSIONS
 from openrerank.eval.metrics import DEFAULT_REL_THRESHOLD
 from openrerank.eval.pipeline import ALL_PIPELINES, DENSE_FROM, EvalConfig
-from openrerank.eval.sparse import BM25Config
+from openrerank.eval.sparse import BM25Config, BM25ConfigError, analyzer
 from openrerank.runtimes.selection import BACKEND_CHOICES, DTYPES
 
 DESCRIPTION = """Evaluate retrieval pipelines (BM25, dense, hybrid, each optionally reranked) on BEIR-layout
@@ -25,6 +26,7 @@ documentation. Example: openrerank eval --dataset ../shared/data/scifact --plot 
 
 #: The variable `serve --api-key` is also read from, and eval's --api-key defaults to.
 API_KEY_ENV = ENV_PREFIX + "API_KEY"
+PROG = "openrerank eval"
 
 #: Where --json/--csv/--plot files go unless given with a directory (git-ignored in the repository).
 DEFAULT_OUT_DIR = Path("runs")
@@ -131,6 +133,26 @@ def output_path(name: Path, out_dir: Path) -> Path:
     return out_dir / name
 
 
+def output_problem(path: Path) -> str | None:
+    """Why the output file `path` cannot be written, found before the evaluation (which can run for many minutes)
+    rather than after it, with the table lost. Its folder is made now and a scratch file written and removed
+    there: a permission check alone passes for root where writing fails (/proc)."""
+    for folder in path.parents:
+        if folder.is_dir():
+            break
+        if folder.exists():
+            return f"{folder} is not a directory"
+    if path.is_dir():
+        return "is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"cannot write into {path.parent}: {exc.strerror or exc}"
+    return None
+
+
 def check_extras(plot: bool) -> None:
     """One line naming the install command when the eval extra is missing (instead of a traceback later)."""
     from openrerank.extras import require
@@ -203,7 +225,12 @@ def run(args: argparse.Namespace) -> int:
         thresholds = _per_dataset(args.rel_threshold, len(dirs), DEFAULT_REL_THRESHOLD, "--rel-threshold")
         run_files = _assign_runs(dirs, args.runs)
     except UsageError as exc:
-        return fail("openrerank eval", str(exc))
+        return fail(PROG, str(exc))
+    outputs = {flag: output_path(name, args.out_dir)
+               for flag, name in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)) if name}
+    for flag, path in outputs.items():
+        if problem := output_problem(path):
+            return fail(PROG, f"{flag} {path}: {problem}")
     config = EvalConfig(
         pipelines=pipelines,
         top_k=args.top_k,
@@ -226,6 +253,10 @@ def run(args: argparse.Namespace) -> int:
         dense_server_model=args.dense_server_model,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
+    try:
+        analyzer(config.bm25)  # an unknown stemmer or stopword list, before the data is loaded
+    except BM25ConfigError as exc:
+        return fail(PROG, f"--{exc.setting} {exc}")
     datasets = []
     start = time.perf_counter()
     try:
@@ -247,15 +278,17 @@ def run(args: argparse.Namespace) -> int:
     reporter.note(f"total {time.perf_counter() - start:.1f}s")
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
            if k != "api_key"}  # a secret: never in the JSON
-    writers = ((args.json, lambda p: write_json(results, p, cfg)), (args.csv, lambda p: write_csv(results, p)),
-               (args.plot, lambda p: write_plot(results, p, reranker=reranker_label(args))))
-    for name, write in writers:
-        if name:
-            path = output_path(name, args.out_dir)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(path)
-            reporter.note(f"wrote {path}")
-    return 0
+    writers = {"--json": lambda p: write_json(results, p, cfg), "--csv": lambda p: write_csv(results, p),
+               "--plot": lambda p: write_plot(results, p, reranker=reranker_label(args))}
+    status = 0
+    for flag, path in outputs.items():
+        try:
+            writers[flag](path)
+        except OSError as exc:  # checked up front; a disk that filled since, a folder removed: the others still go
+            status = fail(PROG, f"{flag} {path}: {exc.strerror or exc}")
+            continue
+        reporter.note(f"wrote {path}")
+    return status
 
 
 def reranker_label(args: argparse.Namespace) -> str:

@@ -26,6 +26,32 @@ class BM25Config:
                 f"stemmer={self.stemmer or 'none'}")
 
 
+class BM25ConfigError(ValueError):
+    """A stemmer or stopword list the libraries do not have; `setting` names which (`stemmer`, `stopwords`)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def analyzer(config: BM25Config):
+    """The bm25s tokenizer `config` describes. Called up front as the check of its names, so an unknown one fails
+    before the data is loaded (PyStemmer raised a KeyError, bm25s a ValueError, from inside the index)."""
+    import bm25s
+    import Stemmer
+
+    stemmer = None
+    if config.stemmer:
+        if config.stemmer not in Stemmer.algorithms():
+            raise BM25ConfigError("stemmer", f"{config.stemmer!r} is not a PyStemmer algorithm "
+                                             f"({', '.join(Stemmer.algorithms())})")
+        stemmer = Stemmer.Stemmer(config.stemmer)
+    try:
+        return bm25s.tokenization.Tokenizer(lower=True, stopwords=config.stopwords or [], stemmer=stemmer)
+    except ValueError as exc:  # bm25s's own message lists its languages
+        raise BM25ConfigError("stopwords", f"{config.stopwords!r} is not a bm25s stopword list: {exc}") from None
+
+
 class BM25Index:
     """An in-memory bm25s index over one corpus; doc ids are kept alongside bm25s's row numbers."""
 
@@ -35,19 +61,10 @@ class BM25Index:
 
         self.config = config or BM25Config()
         self.doc_ids = np.asarray(doc_ids, dtype=object)
-        self._tokenizer = bm25s.tokenization.Tokenizer(
-            lower=True, stopwords=self.config.stopwords or [], stemmer=self._stemmer()
-        )
+        self._tokenizer = analyzer(self.config)
         tokens = self._tokenizer.tokenize(texts, return_as="tuple", show_progress=show_progress)
         self._bm25 = bm25s.BM25(k1=self.config.k1, b=self.config.b, method="lucene")
         self._bm25.index(tokens, show_progress=show_progress)
-
-    def _stemmer(self):
-        if not self.config.stemmer:
-            return None
-        import Stemmer
-
-        return Stemmer.Stemmer(self.config.stemmer)
 
     def search(self, query_ids: list[str], queries: list[str], k: int, show_progress: bool = False) -> Run:
         """Top-k per query; documents with score 0 (no shared term) are not returned.
