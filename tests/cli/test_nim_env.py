@@ -59,6 +59,18 @@ def test_flags_and_openrerank_variables_win_over_nim_ones():
     assert (cfg.max_queue, cfg.request_timeout, cfg.models) == (8, 44.0, ["mine=default"])
 
 
+def test_a_nim_variable_a_flag_overrode_is_reported_not_used(caplog):
+    """The log said "NIM variables read: NIM_HTTP_API_PORT as --port" when --port was given and won."""
+    env = {"NIM_HTTP_API_PORT": "9999", "NIM_LOG_LEVEL": "WARNING", "NIM_SERVER_MAX_QUEUE_SIZE": "3"}
+    cfg, nim, _ = serve_settings(build_parser().parse_args(["serve", "--port", "8123", "--log-level", "info"]), env)
+    assert (cfg.port, cfg.log_level, cfg.max_queue) == (8123, "info", 3)
+    with caplog.at_level("INFO", logger="openrerank"):
+        nim.report()
+    assert "NIM variables read: NIM_SERVER_MAX_QUEUE_SIZE as --max-queue\n" in caplog.text + "\n"
+    assert "NIM_HTTP_API_PORT not used: --port is given" in caplog.text
+    assert "NIM_LOG_LEVEL not used: --log-level is given" in caplog.text
+
+
 def test_unknown_nim_variables_are_reported_not_dropped(caplog):
     nim = read_nim_env({"NIM_CACHE_PATH": "/x", "NIM_SSL_MODE": "TLS", "NIM_SERVER_MAX_QUEUE_SIZE": "3",
                         "OTHER": "1"})

@@ -168,7 +168,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     logging is set up), and how to name each setting taken from the environment (`resolve_options`), for the
     checks after it (`preflight`, `--replicas`)."""
     environ = os.environ if environ is None else environ
-    nim = read_nim_env(environ)
+    nim = read_nim_env(environ, given={o.flag for o in SERVE_OPTIONS if hasattr(args, o.attr)})
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**values)

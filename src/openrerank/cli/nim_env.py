@@ -13,7 +13,7 @@ docs/api.md has the table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from openrerank.cli.options import ENV_PREFIX, UsageError
@@ -141,10 +141,12 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.upper().replace("-", "_")
 
 
-def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
+def read_nim_env(environ: Mapping[str, str], given: Collection[str] = ()) -> NimEnv:
     """Translate the `NIM_*` variables of `environ`; a bad value is a UsageError naming the NIM variable.
 
-    Read in NIM_VARIABLES' order, so a newer spelling wins over an older one of the same setting."""
+    `given`: the flags (without dashes) on the command line, which win; a NIM variable they override is reported
+    as not used (the log said it was read). Read in NIM_VARIABLES' order, so a newer spelling wins over an older
+    one of the same setting."""
     out = NimEnv()
     out.ignored = sorted(k for k in environ if k.startswith("NIM_") and k not in NIM_VARIABLES
                          and k != "NIM_SSL_MODE")
@@ -167,6 +169,9 @@ def read_nim_env(environ: Mapping[str, str]) -> NimEnv:
                     out.shadowed[name] = "another NIM variable named the served model"
                 else:
                     out.served_model_name, out.served_model_from = setting, name
+                continue
+            if flag in given:
+                out.shadowed[name] = f"--{flag} is given"
                 continue
             if environ.get(env, "") != "":
                 out.shadowed[name] = f"{env} is set"
