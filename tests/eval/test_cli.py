@@ -78,7 +78,7 @@ def test_end_to_end_outputs_and_cache(tiny_beir: Path, tmp_path: Path, make_beir
     assert pipes == ["sparse", "dense", "hybrid", "sparse+rerank", "dense+rerank", "hybrid+rerank",
                      "run:runs", "run:runs+rerank"]
     for row in tiny["rows"]:
-        assert set(row["metrics"]) == {"recall@5", "ndcg@10", "mrr@10", "recall@100"}
+        assert set(row["metrics"]) == {"recall@3", "ndcg@10", "mrr@10"}  # --top-k 3: recall@5 and @100 are @3
         assert all(0.0 <= v <= 1.0 for v in row["metrics"].values())
         assert row["seconds"]["total"] >= 0
     by = {r["pipeline"]: r for r in tiny["rows"]}
@@ -103,6 +103,20 @@ def test_end_to_end_outputs_and_cache(tiny_beir: Path, tmp_path: Path, make_beir
     assert "from cache" in capsys.readouterr().out
     single = json.loads(out_json.read_text())
     assert single["dataset"] == "tiny" and [r["pipeline"] for r in single["rows"]] == ["dense"]
+
+
+def test_recall_deeper_than_top_k_is_named_by_top_k_in_table_json_and_csv(tiny_beir: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    """The recall@100 column held recall over --top-k candidates (recall@2 here) under its usual name."""
+    out = ["--json", str(tmp_path / "t.json"), "--csv", str(tmp_path / "t.csv")]
+    assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse", "--top-k", "2", "--no-cache", *out]) == 0
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert list(doc["rows"][0]["metrics"]) == ["recall@2", "ndcg@10", "mrr@10"]
+    assert "recall@5, recall@100 shown as recall@2: every run holds at most top-k 2 candidates" in doc["notes"]
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert next(csv.reader(f))[3:6] == ["recall@2", "ndcg@10", "mrr@10"]
+    table = capsys.readouterr().out
+    assert "recall@2" in table and "recall@100" not in table.replace("recall@100 shown", "")
 
 
 def test_dense_search_drops_query_id_from_candidates(tiny_beir: Path, tmp_path: Path) -> None:

@@ -59,3 +59,14 @@ def test_ranx_metric_names() -> None:
     assert ranx_metric("recall@5", 2) == "recall@5-l2"
     assert ranx_metric("ndcg@10", 2) == "ndcg@10"
     assert ranx_metric("mrr@10", 1) == "mrr@10"
+
+
+def test_a_recall_cut_deeper_than_the_runs_is_named_by_their_depth() -> None:
+    """recall@100 over runs of 10 candidates was shown as recall@100: it is recall@10 (the same value)."""
+    from openrerank.eval.metrics import DEFAULT_METRICS, measured
+
+    assert measured(DEFAULT_METRICS, 100) == DEFAULT_METRICS
+    assert measured(DEFAULT_METRICS, 10) == ("recall@5", "ndcg@10", "mrr@10", "recall@10")
+    assert measured(DEFAULT_METRICS, 3) == ("recall@3", "ndcg@10", "mrr@10")  # one column, not two
+    cut = top_k(RUN, 3)
+    assert evaluate(QRELS, cut, ["recall@100"])["recall@100"] == evaluate(QRELS, cut, ["recall@3"])["recall@3"] > 0

@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pipe.add_argument("--pipelines", default=",".join(config.pipelines),
                       help=f"comma-separated rows (`all` = {','.join(ALL_PIPELINES)})")
     pipe.add_argument("--top-k", type=at_least_one, default=config.top_k,
-                      help="candidates per query from each first stage")
+                      help="candidates per query from each first stage (below 100, recall@100 is shown as "
+                           "recall@TOP_K: the recall of every candidate there is)")
     pipe.add_argument("--k1", type=float, default=bm25.k1, help="BM25 k1 (the value Anserini uses)")
     pipe.add_argument("--b", type=float, default=bm25.b, help="BM25 b (the value Anserini uses)")
     pipe.add_argument("--stemmer", default=_flag_word(bm25.stemmer),

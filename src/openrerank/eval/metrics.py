@@ -30,6 +30,21 @@ def top_k(run: Run, k: int) -> Run:
     return {q: dict(ranked(docs)[:k]) for q, docs in run.items()}
 
 
+def measured(metrics: tuple[str, ...] | list[str], depth: int) -> tuple[str, ...]:
+    """`metrics` named by what they measure on runs of at most `depth` candidates: a recall cut deeper than the
+    runs is the recall of the whole candidate set, so recall@100 over `depth` 10 is named recall@10 (its value),
+    not read as the usual recall@100 of 100 candidates. Other cuts keep their names: nDCG@10 of 3 candidates is
+    still nDCG@10 (its ideal ranking is 10 deep). Two that come to one name are one column."""
+    out: list[str] = []
+    for name in metrics:
+        base, _, cut = name.partition("@")
+        if base == "recall" and cut.isdigit() and int(cut) > depth:
+            name = f"recall@{depth}"
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
 def ranx_metric(name: str, rel_threshold: int) -> str:
     """Our metric name -> ranx's: binary metrics get the `-l<threshold>` relevance level."""
     base = name.split("@")[0]

@@ -25,7 +25,7 @@ from openrerank.eval.dense import (
     search,
 )
 from openrerank.eval.fusion import fuse
-from openrerank.eval.metrics import DEFAULT_METRICS, DEFAULT_REL_THRESHOLD, drop_self_hits, evaluate, top_k
+from openrerank.eval.metrics import DEFAULT_METRICS, DEFAULT_REL_THRESHOLD, drop_self_hits, evaluate, measured, top_k
 from openrerank.eval.progress import Reporter, Stopwatch
 from openrerank.eval.rerank import InProcessReranker, Reranker, RerankJob
 from openrerank.eval.sparse import BM25Config, BM25Index
@@ -211,6 +211,7 @@ class DatasetRunner:
         self.reranker = reranker
         self.reporter = reporter
         self.rel_threshold = rel_threshold
+        self.metrics = measured(config.metrics, config.top_k)  # every run is cut to top_k
         unique = {p.resolve(): p for p in run_files or []}  # a file given twice is one row
         self.run_files = list(unique.values())
         self._run_names = run_file_names(list(unique))
@@ -325,7 +326,7 @@ class DatasetRunner:
 
     def _score(self, pipeline: str, run: Run) -> Row:
         with self.watch.time(f"{pipeline}.score"):
-            metrics = evaluate(self.ds.qrels, run, self.config.metrics, rel_threshold=self.rel_threshold)
+            metrics = evaluate(self.ds.qrels, run, self.metrics, rel_threshold=self.rel_threshold)
         deps = [*self._deps[pipeline], f"{pipeline}.score"]
         seconds = {stage: round(self.watch.seconds.get(stage, 0.0), 3) for stage in deps}
         seconds["total"] = round(sum(seconds.values()), 3)
@@ -347,6 +348,10 @@ class DatasetRunner:
             stages.append((name, run))
             if wants_rerank:
                 stages.append((f"{name}+rerank", self._rerank(name, run)))
+        if renamed := [m for m in self.config.metrics if m not in self.metrics]:
+            shown = [m for m in self.metrics if m not in self.config.metrics]
+            self.notes.append(f"{', '.join(renamed)} shown as {', '.join(shown)}: every run holds at most top-k "
+                              f"{self.config.top_k} candidates")
         with self.reporter.step(f"{self.ds.name}: score", len(stages)) as advance:
             for p, run in stages:
                 rows.append(self._score(p, run))
