@@ -104,3 +104,33 @@ def test_the_roofline_caption_uses_the_median_gemm_pace(monkeypatch, tmp_path):
     runner = SimpleNamespace(served=SimpleNamespace(loaded=None))
     roof = bench_cli._roofline(runner, SimpleNamespace(queries=[], passages=[]), tmp_path, 1, [4.0, 1.0, 3.0, 2.0])
     assert roof["gemm_gflops"] == 2.5 and roof["pairs_per_s"] == 2.5
+
+
+def test_a_run_file_that_is_not_there_is_one_line_before_the_dataset_is_read(monkeypatch, tmp_path, capsys):
+    """It was a FileNotFoundError traceback (exit 1) from reading the run, after the whole dataset was loaded."""
+    import openrerank.eval.data
+    from openrerank.cli.main import main
+
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset(NO_BF16))
+    monkeypatch.setattr(openrerank.eval.data, "load_dataset", lambda *_a, **_k: pytest.fail("the dataset was read"))
+    assert main(["bench", "--data", str(tmp_path), "--tasks", "rerank", "--backends", "onnx:fp32",
+                 "--run", "nope.trec"]) == 2
+    assert capsys.readouterr().err == f"openrerank bench: error: --run nope.trec: no such file in {tmp_path}\n"
+
+
+@pytest.mark.parametrize("counts", ["a", "1,x", "0", "1,-2", ","])
+def test_replica_counts_that_are_not_counts_are_one_line(counts, capsys):
+    """`--replica-counts a` was an int() ValueError traceback once the scale-out bench had started."""
+    from openrerank.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--scale-out", "--replica-counts", counts])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.splitlines()) == 1
+    assert f"argument --replica-counts: {counts!r}" in err and "give comma-separated counts, e.g. 1,2,3" in err
+
+
+def test_replica_counts_parse_to_a_list():
+    from openrerank_bench.cli import count_list
+
+    assert count_list("1,2,3") == [1, 2, 3] and count_list(" 4 ") == [4]

@@ -51,7 +51,7 @@ from openrerank_bench.runners import (
     workload_bodies,
 )
 from openrerank_bench.serve_process import ServeProcess
-from openrerank_bench.workload import DATASET, build_bench_cross_encoder, default_data_dir, load_workload
+from openrerank_bench.workload import DATASET, WorkloadError, build_bench_cross_encoder, default_data_dir, load_workload
 
 DEFAULT_CONFIGS = ("openvino:bf16", "openvino:int8", "openvino:fp32", "onnx:fp32", "onnx:int8", "torch:fp32",
                    "torch:bf16")
@@ -84,6 +84,15 @@ def _auto_pick(model_dir: Path, threads: int | None, console) -> tuple[str | Non
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """Every suite; a workload its flags cannot build (a --run file that is not there) is one line, exit 2."""
+    try:
+        return _run_suite(args)
+    except WorkloadError as exc:
+        print(f"openrerank bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_suite(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from openrerank.extras import MissingExtraError, require
@@ -426,6 +435,18 @@ def _http(args, wl, model_dir, tmp: Path, result, console) -> None:
             server.stop()
 
 
+def count_list(text: str) -> list[int]:
+    """An argparse type for --replica-counts: comma-separated counts of at least 1 (`1,2,3`); else argparse's
+    one line, exit 2 (`a` was an int() traceback)."""
+    try:
+        counts = [at_least_one(n.strip()) for n in text.split(",") if n.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}; give comma-separated counts, e.g. 1,2,3") from None
+    if not counts:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated counts, e.g. 1,2,3")
+    return counts
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from openrerank.cli.options import DefaultsHelpFormatter
 
@@ -469,7 +490,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     so = p.add_argument_group("--scale-out: Ray Serve replicas, each in its own CPU quota, against the direct "
                               "server (needs openrerank[ray]; root for the cgroup quotas)")
     so.add_argument("--scale-out", action="store_true", help="run the scale-out benchmark instead")
-    so.add_argument("--replica-counts", default="1,2,3", help="replica counts to measure")
+    so.add_argument("--replica-counts", type=count_list, default="1,2,3", help="replica counts to measure")
     so.add_argument("--cpu-quota", type=float, default=0.5, help="CPUs per replica and for the direct server")
     so.add_argument("--clients-per-replica", type=int, default=4, help="concurrent clients per replica (node)")
     so.add_argument("--requests-per-replica", type=int, default=16,

@@ -207,7 +207,7 @@ def run_scaleout(args: argparse.Namespace) -> int:
         console.print(f"[red]no benchmark data at {data}; pass --data DIR[/red]")
         return 2
     backend, _, dtype = args.scale_out_backend.partition(":")
-    counts = [int(n) for n in args.replica_counts.split(",")]
+    counts = args.replica_counts  # a list, parsed by cli.count_list
     args.passages = args.passages or 100
     wl = load_workload(data, args.run, args.queries, args.passages)
     bodies = [nim_body(q, ps) for q, ps in zip(wl.queries, wl.passages, strict=True)]

@@ -10,6 +10,10 @@ import numpy as np
 DATASET = "msmarco-trec-dl19-pooled"
 
 
+class WorkloadError(ValueError):
+    """A workload that cannot be built from the flags given (no run file, no candidates): one line, exit 2."""
+
+
 @dataclass
 class Workload:
     queries: list[str]
@@ -37,6 +41,8 @@ def load_workload(data: Path, run_file: str, queries: int | None, passages: int)
     from openrerank.eval.data import load_dataset, read_trec_run
     from openrerank.eval.metrics import ranked
 
+    if not (data / run_file).is_file():  # found before the dataset is read, not as a FileNotFoundError after it
+        raise WorkloadError(f"--run {run_file}: no such file in {data}")
     ds = load_dataset(data, split="test_full", limit_queries=queries)
     run = read_trec_run(data / run_file)
     wl = Workload([], [], qrels=ds.qrels)
@@ -48,7 +54,7 @@ def load_workload(data: Path, run_file: str, queries: int | None, passages: int)
             wl.query_ids.append(qid)
             wl.doc_ids.append(docs)
     if not wl.queries:
-        raise SystemExit(f"{data}: no query of the split has candidates in {run_file}")
+        raise WorkloadError(f"--run {run_file}: no query of {data}'s split has candidates in it")
     return wl
 
 
