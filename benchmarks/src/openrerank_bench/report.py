@@ -15,8 +15,14 @@ def _fraction(d: dict) -> str:
     return f"{d['roofline_fraction']:.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
-def render(result: dict) -> None:
-    from rich.console import Console
+def _latency(d: dict, high: str = "p95_ms") -> str:
+    """`p50/p95` (or `p50/p99`) in ms, `-` for a part not measured; empty when `d` holds no measurement."""
+    return f"{_fmt(d, 'p50_ms', '{:.0f}')}/{_fmt(d, high, '{:.0f}')}" if d else "-"
+
+
+def table(result: dict):
+    """The rich table of a bench result. Each row is built by column heading, so a figure lands under the heading
+    that says what it is (the baseline's offline p50/p95 sat under "HTTP p50/p95 ms", by position)."""
     from rich.table import Table
 
     base = result["baseline"]["pairs_per_s"]
@@ -35,34 +41,50 @@ def render(result: dict) -> None:
                      f"({roof['mean_tokens']:.0f} tokens) = {roof['pairs_per_s']:.1f} pairs/s; the roofline column "
                      "is the median of per-round fractions, each against the GEMM timed either side of it, with "
                      "their range (docs/engine.md)")
-    cols = ["engine", "offline pairs/s", "roofline", "first req.", "spread", "HTTP pairs/s", "HTTP p50/p95 ms",
-            "model share",
-            f"{conc['clients']} clients pairs/s", f"{conc['clients']}c p50/p99 ms", "fail", "corr vs fp32",
-            "max|Δ|", "default nDCG@10", "faithful"]
+    clients, clients_latency = f"{conc['clients']} clients pairs/s", f"{conc['clients']}c p50/p99 ms"
+    cols = ["engine", "offline pairs/s", "offline p50/p95 ms", "roofline", "first req.", "spread", "HTTP pairs/s",
+            "HTTP p50/p95 ms", "model share", clients, clients_latency, "fail", "corr vs fp32", "max|Δ|",
+            "default nDCG@10", "faithful"]
     for c in cols:
         t.add_column(c, justify="right")
-    t.add_row("baseline", f"{base:.1f} (1.00x)", _fraction(b), "", f"{b['spread']:.0%}", "",
-              f"{b['p50_ms']:.0f}/{b['p95_ms']:.0f}", "", "", "", "", "1", "0",
-              f"{ref_ndcg:.4f}" if ref_ndcg is not None else "-", "")
+    rows: list[dict[str, str]] = [{  # the baseline runs in-process only: no HTTP, no concurrent clients
+        "engine": "baseline", "offline pairs/s": f"{base:.1f} (1.00x)", "offline p50/p95 ms": _latency(b),
+        "roofline": _fraction(b), "spread": f"{b['spread']:.0%}", "corr vs fp32": "1", "max|Δ|": "0",
+        "default nDCG@10": f"{ref_ndcg:.4f}" if ref_ndcg is not None else "-"}]
     for row in result["backends"]:
         name = row["name"] + (" (auto)" if row.get("auto") else "")
         if row.get("error") and not row.get("offline"):
-            t.add_row(name, f"error: {row['error'][:60]}", *[""] * (len(cols) - 2))
+            rows.append({"engine": name, "offline pairs/s": f"error: {row['error'][:60]}"})
             continue
         off, http, cc = row.get("offline", {}), row.get("http", {}), row.get("concurrent", {})
         agreement = row.get("agreement", {})
         gate = row.get("faithful")
-        t.add_row(
-            name, f"{off['pairs_per_s']:.1f} ({off['pairs_per_s'] / base:.2f}x)" if off else "-",
-            _fraction(row),
-            _fmt(row.get("first_request", {}), "ratio", "{:.2f}x"),
-            _fmt(off, "spread", "{:.0%}"),
-            f"{http['pairs_per_s']:.1f} ({http['pairs_per_s'] / base:.2f}x)" if http else "-",
-            f"{_fmt(http, 'p50_ms', '{:.0f}')}/{_fmt(http, 'p95_ms', '{:.0f}')}",
-            _fmt(http, "model_share", "{:.1%}"),
-            f"{cc['pairs_per_s']:.1f} ({cc['pairs_per_s'] / off['pairs_per_s']:.2f}x off.)" if cc and off else "-",
-            f"{_fmt(cc, 'p50_ms', '{:.0f}')}/{_fmt(cc, 'p99_ms', '{:.0f}')}", _fmt(cc, "failures", "{}"),
-            _fmt(agreement, "correlation", "{:.6f}"), _fmt(agreement, "max_abs_diff", "{:.1e}"),
-            _fmt(row, "default_ndcg@10", "{:.4f}"), "-" if gate is None else ("yes" if gate else "no"),
-        )
-    Console(width=max(Console().width, 200)).print(t)
+        rows.append({
+            "engine": name,
+            "offline pairs/s": f"{off['pairs_per_s']:.1f} ({off['pairs_per_s'] / base:.2f}x)" if off else "-",
+            "offline p50/p95 ms": _latency(off),
+            "roofline": _fraction(row),
+            "first req.": _fmt(row.get("first_request", {}), "ratio", "{:.2f}x"),
+            "spread": _fmt(off, "spread", "{:.0%}"),
+            "HTTP pairs/s": f"{http['pairs_per_s']:.1f} ({http['pairs_per_s'] / base:.2f}x)" if http else "-",
+            "HTTP p50/p95 ms": _latency(http),
+            "model share": _fmt(http, "model_share", "{:.1%}"),
+            clients: f"{cc['pairs_per_s']:.1f} ({cc['pairs_per_s'] / off['pairs_per_s']:.2f}x off.)"
+            if cc and off else "-",
+            clients_latency: _latency(cc, "p99_ms"),
+            "fail": _fmt(cc, "failures", "{}"),
+            "corr vs fp32": _fmt(agreement, "correlation", "{:.6f}"),
+            "max|Δ|": _fmt(agreement, "max_abs_diff", "{:.1e}"),
+            "default nDCG@10": _fmt(row, "default_ndcg@10", "{:.4f}"),
+            "faithful": "-" if gate is None else ("yes" if gate else "no"),
+        })
+    for cells in rows:
+        assert set(cells) <= set(cols), set(cells) - set(cols)  # a cell under no heading is a bug here
+        t.add_row(*(cells.get(c, "") for c in cols))
+    return t
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+
+    Console(width=max(Console().width, 200)).print(table(result))
