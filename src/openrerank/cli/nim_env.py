@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from openrerank.cli.options import ENV_PREFIX, UsageError
+from openrerank.core.settings import switch_value
 
 log = logging.getLogger("openrerank")
 
@@ -51,12 +52,10 @@ def _microseconds_to_ms(value: str) -> str:
 
 def _switch_to(flag: str, on: str, off: str | None = None) -> Callable[[str, str], dict[str, str]]:
     def convert(name: str, value: str) -> dict[str, str]:
-        word = value.strip().lower()
-        if word in ("1", "true", "yes", "on"):
-            return {flag: on}
-        if word in ("0", "false", "no", "off", ""):
-            return {flag: off} if off else {}
-        raise UsageError(f"{name}={value!r}: expected true or false")
+        switched = switch_value(value)
+        if switched is None:
+            raise UsageError(f"{name}={value!r}: expected true or false")
+        return {flag: on} if switched else ({flag: off} if off else {})
 
     return convert
 
