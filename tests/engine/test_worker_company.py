@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from openrerank.engine.batching import BatchPolicy
-from openrerank.engine.errors import QueueFullError, RequestTooLargeError
+from openrerank.engine.errors import QueueFullError
 from openrerank.engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.sched_fakes import FakeScorer, Ids, expected, until
 
@@ -89,12 +89,10 @@ def test_requests_arriving_together_still_share_a_batch() -> None:
     assert [sorted(b) for b in backend.batches] == [sorted(it.input_ids[0] for r in requests for it in r)]
 
 
-async def arriving_until(sched: Scheduler, gate: asyncio.Event, fail: bool = False) -> None:
-    """A request being tokenized until `gate` is set, that then never submits (`fail`: its tokenizing fails)."""
+async def arriving_until(sched: Scheduler, gate: asyncio.Event) -> None:
+    """A request being tokenized until `gate` is set, that then never submits."""
     with sched.arriving("rerank"):
         await gate.wait()
-        if fail:
-            raise ValueError("bad input")
 
 
 def test_requests_queued_together_wait_for_more() -> None:
@@ -129,24 +127,36 @@ def test_requests_queued_together_wait_for_more() -> None:
     assert len(backend.batches) == 1
 
 
-def test_a_request_that_fails_while_arriving_stops_the_wait_for_it() -> None:
+@pytest.mark.parametrize("ends", ["fails", "nothing", "too much"])
+def test_a_request_that_arrives_but_brings_no_work_stops_the_wait_for_it(ends: str) -> None:
+    """Its tokenizing fails, or it ends normally (the submit that follows wakes the worker, with it) but that
+    submit has nothing to score or is refused over the request budget: the lone request queued meanwhile waited
+    the whole batch wait for it (fails: before `arriving` woke the worker; the two others: before `submit` did)."""
     backend, ids = FakeScorer(), Ids()
     items = ids.items(3)
 
+    async def arrives(sched: Scheduler, gate: asyncio.Event) -> object:
+        with sched.arriving("rerank"):
+            await gate.wait()
+            if ends == "fails":
+                raise ValueError("bad input")
+        return await sched.submit([] if ends == "nothing" else ids.items(50))
+
     async def main() -> None:
-        sched = make(backend)
+        sched = make(backend, max_request_tokens=20)
         await sched.start()
         try:
             gate = asyncio.Event()
-            failing = asyncio.create_task(arriving_until(sched, gate, fail=True))
+            other = asyncio.create_task(arrives(sched, gate))
             await asyncio.sleep(0)  # it is arriving
             lone = asyncio.create_task(request(sched, items))
             await until(lambda: sched.queued == 1, "the request queued")
             await asyncio.sleep(0.05)
             assert backend.batches == []  # it waits for the one arriving
             gate.set()
-            with pytest.raises(ValueError, match="bad input"):
-                await failing
+            [done] = await asyncio.gather(other, return_exceptions=True)
+            assert type(done).__name__ == {"fails": "ValueError", "nothing": "ScoreOutcome",
+                                           "too much": "RequestTooLargeError"}[ends]
             out = await asyncio.wait_for(lone, PROMPT_S)  # before it was woken: LONG_WAIT_MS
             assert (out.scores == expected(items)).all()
         finally:
@@ -174,41 +184,6 @@ def test_a_request_refused_at_arrival_is_not_waited_for() -> None:
             assert (out.scores == expected(lone)).all()
         finally:
             backend.release()
-            await sched.stop()
-
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize("submits", ["nothing", "too much"])
-def test_a_request_that_arrives_but_submits_nothing_or_is_refused_stops_the_wait_for_it(submits: str) -> None:
-    """Its arrival ends normally (the submit that follows wakes the worker with it), but that submit has nothing
-    to score or is refused over the request budget: the lone queued request waited the whole batch wait."""
-    backend, ids = FakeScorer(), Ids()
-    items = ids.items(3)
-
-    async def main() -> None:
-        sched = make(backend, max_request_tokens=20)
-        await sched.start()
-        try:
-            gate = asyncio.Event()
-
-            async def arrives_then_submits() -> object:
-                with sched.arriving("rerank"):
-                    await gate.wait()
-                return await sched.submit([] if submits == "nothing" else ids.items(50))
-
-            other = asyncio.create_task(arrives_then_submits())
-            await asyncio.sleep(0)  # it is arriving
-            lone = asyncio.create_task(request(sched, items))
-            await until(lambda: sched.queued == 1, "the request queued")
-            await asyncio.sleep(0.05)
-            assert backend.batches == []  # it waits for the one arriving
-            gate.set()
-            done = await asyncio.gather(other, return_exceptions=True)
-            assert isinstance(done[0], RequestTooLargeError) == (submits == "too much")
-            out = await asyncio.wait_for(lone, PROMPT_S)  # before it was woken: LONG_WAIT_MS
-            assert (out.scores == expected(items)).all()
-        finally:
             await sched.stop()
 
     asyncio.run(main())
