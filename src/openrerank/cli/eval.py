@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from openrerank.cli.options import ENV_PREFIX, DefaultsHelpFormatter, UsageError, at_least_one, fail
+from openrerank.cli.options import ENV_PREFIX, DefaultsHelpFormatter, UsageError, at_least_one, fail, parent_problem
 from openrerank.eval.data import DEFAULT_SPLIT
 from openrerank.eval.fusion import FUSIONS
 from openrerank.eval.metrics import DEFAULT_REL_THRESHOLD
@@ -138,11 +138,8 @@ def output_problem(path: Path) -> str | None:
     """Why the output file `path` cannot be written, found before the evaluation (which can run for many minutes)
     rather than after it, with the table lost. Its folder is made now and a scratch file written and removed
     there: a permission check alone passes for root where writing fails (/proc)."""
-    for folder in path.parents:
-        if folder.is_dir():
-            break
-        if folder.exists():
-            return f"{folder} is not a directory"
+    if problem := parent_problem(path):
+        return problem
     if path.is_dir():
         return "is a directory"
     try:

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from openrerank.cli.options import Option, UsageError, fail, option_help, resolve_options
+from openrerank.cli.options import Option, UsageError, fail, option_help, parent_problem, resolve_options
 
 PROG = "openrerank export"
 # Weights and other runtimes' copies stay behind: the ONNX graph replaces them.
@@ -43,12 +43,9 @@ def write_servable_dir(model_dir: Path, onnx_file: Path, out: Path) -> Path:
 def _not_a_directory(out: Path) -> str | None:
     """Why `out` cannot be (made) a directory: it, or the nearest of its parents that exists, is something
     else. Other failures (permissions, a full disk) show only when writing, after the export."""
-    for path in (out, *out.parents):
-        if path.is_dir():
-            return None
-        if path.exists():
-            return "exists and is not a directory" if path == out else f"{path} is not a directory"
-    return None
+    if out.exists() and not out.is_dir():
+        return "exists and is not a directory"
+    return parent_problem(out)
 
 
 def run_export(args: argparse.Namespace) -> int:

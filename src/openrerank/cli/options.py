@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from openrerank.core.settings import SWITCH_HINT, switch_value
@@ -226,3 +227,14 @@ def fail(prog: str, message: str, status: int = 2, *, log_format: str = "text") 
     else:
         print(line, file=sys.stderr)
     return status
+
+
+def parent_problem(path: Path) -> str | None:
+    """Why `path`'s folder cannot be made: the nearest of its parents that exists is not a directory (an output
+    flag checked before the work it would hold the results of, not after)."""
+    for folder in path.parents:
+        if folder.is_dir():
+            return None
+        if folder.exists():
+            return f"{folder} is not a directory"
+    return None
