@@ -82,6 +82,8 @@ def test_builder_arguments_arrive_as_strings_from_serve_run():
     assert parse_args({"models": ["x=/m"]})[0].models == ["x=/m"]
     # one revision for every model, as the argument was before it took one per model; or a list of NAME=REV
     assert parse_args({"revision": "v2"})[0].revisions == ["v2"]
+    assert parse_args({"revision": None})[0].revisions == []  # `revision: null` in a Serve config: no pin
+    assert parse_args({"revision": "a=v1, b=v2"})[0].revisions == ["a=v1", "b=v2"]  # as OPENRERANK_REVISION
     assert parse_args({"revisions": ["a=v1", "b=v2"]})[0].revisions == ["a=v1", "b=v2"]
     with pytest.raises(ValueError, match="either 'revision' or 'revisions'"):
         parse_args({"revision": "v2", "revisions": ["v3"]})

@@ -223,6 +223,33 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(tiny_
             "a directory": "is a directory", "unmakeable": "cannot write into /proc/openrerank-nope"}[where] in err
 
 
+def test_an_output_that_exists_needs_only_to_be_writable_itself(tiny_beir: Path, tmp_path: Path) -> None:
+    """The up-front check wrote a scratch file beside the output: `--json >(jq .)` (a pipe at /dev/fd/N) and a
+    writable file in a folder that takes no new files were refused, where the evaluation had written them."""
+    import os
+    import threading
+
+    read, write = os.pipe()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(os.fdopen(read, "rb").read()))
+    reader.start()
+    try:
+        assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse", "--quiet", "--no-cache",
+                     "--json", f"/dev/fd/{write}"]) == 0
+    finally:
+        os.close(write)
+        reader.join(timeout=60)
+    assert json.loads(got[0])["rows"]
+
+
+def test_pystemmers_aliases_are_stemmers(tiny_beir: Path, tmp_path: Path) -> None:
+    """`--stemmer en` ran before the up-front check, which knew only the names `Stemmer.algorithms()` lists."""
+    out = tmp_path / "t.json"
+    assert main(["--dataset", str(tiny_beir), "--pipelines", "sparse", "--quiet", "--no-cache", "--stemmer", "en",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"]
+
+
 @pytest.mark.parametrize(("flag", "named"), [("--stemmer", "is not a PyStemmer algorithm"),
                                              ("--stopwords", "is not a bm25s stopword list")])
 def test_an_unknown_stemmer_or_stopword_list_is_one_line_before_the_evaluation(tiny_beir: Path, flag, named,

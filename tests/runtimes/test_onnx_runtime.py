@@ -78,7 +78,7 @@ def test_onnxruntime_is_imported_only_through_import_onnxruntime():
 
 def test_the_spin_switch_reads_every_way_of_saying_off_and_refuses_what_is_no_switch():
     """Only "0" turned spinning off: OPENRERANK_ORT_SPIN=false (or off, no) left the threads spinning."""
-    assert threads_spin({}) is True
+    assert threads_spin({}) is True and threads_spin({SPIN_ENV: " "}) is True  # empty is unset, as elsewhere
     for off in ("0", "false", "No", " off "):
         assert threads_spin({SPIN_ENV: off}) is False, off
     for on in ("1", "true", "YES", "on"):

@@ -261,10 +261,10 @@ def test_a_revision_pins_the_model_it_names_and_a_folder_served_beside_it_is_lef
         return preflight(config, shown)
 
     assert [r.source.served_id for r in start("--revision", "pinned=main")] == ["pinned", "plain"]
-    snapshot = r"^--revision 'pinned=v1': --model \S*/snapshots/\w+ is a hub cache snapshot"
+    snapshot = r"^--revision pinned=v1: --model \S*/snapshots/\w+ is a hub cache snapshot"
     with pytest.raises(ModelSourceError, match=snapshot):
         start("--revision", "pinned=v1")
-    with pytest.raises(ModelSourceError, match=r"^--revision 'main': --model \S*/plain is a local folder"):
+    with pytest.raises(ModelSourceError, match=r"^--revision main: --model \S*/plain is a local folder"):
         start("--revision", "main")  # every model, the plain folder too
     with pytest.raises(ValueError, match=r"^OPENRERANK_REVISION='pinned=v1,other=v2', item 'other=v2': use NAME=REV"):
         start(environ={"OPENRERANK_REVISION": "pinned=v1,other=v2"})

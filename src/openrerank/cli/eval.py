@@ -136,12 +136,15 @@ def output_path(name: Path, out_dir: Path) -> Path:
 
 def output_problem(path: Path) -> str | None:
     """Why the output file `path` cannot be written, found before the evaluation (which can run for many minutes)
-    rather than after it, with the table lost. Its folder is made now and a scratch file written and removed
+    rather than after it, with the table lost. A path that exists (a file, a pipe: `--json >(jq .)`, /dev/fd/1)
+    needs only to be writable itself; for a new file its folder is made now and a scratch file written and removed
     there: a permission check alone passes for root where writing fails (/proc)."""
     if problem := parent_problem(path):
         return problem
     if path.is_dir():
         return "is a directory"
+    if path.exists():  # not opened here: opening a pipe and closing it would end the reader's input
+        return None if os.access(path, os.W_OK) else "cannot be written"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):

@@ -42,10 +42,11 @@ def analyzer(config: BM25Config):
 
     stemmer = None
     if config.stemmer:
-        if config.stemmer not in Stemmer.algorithms():
+        try:  # PyStemmer's own names, aliases included ("en", "eng"), which `algorithms()` does not list
+            stemmer = Stemmer.Stemmer(config.stemmer)
+        except KeyError:
             raise BM25ConfigError("stemmer", f"{config.stemmer!r} is not a PyStemmer algorithm "
-                                             f"({', '.join(Stemmer.algorithms())})")
-        stemmer = Stemmer.Stemmer(config.stemmer)
+                                             f"({', '.join(Stemmer.algorithms())})") from None
     try:
         return bm25s.tokenization.Tokenizer(lower=True, stopwords=config.stopwords or [], stemmer=stemmer)
     except ValueError as exc:  # bm25s's own message lists its languages

@@ -41,8 +41,8 @@ TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 def threads_spin(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether ONNX Runtime's worker threads spin between batches (`SPIN_ENV`, on unless switched off); a value
     that is no switch is a ValueError naming it (`openrerank serve` checks it at start)."""
-    raw = environ.get(SPIN_ENV)
-    if raw is None:
+    raw = environ.get(SPIN_ENV, "")
+    if not raw.strip():  # empty is unset, as for every other OPENRERANK_ variable
         return True
     if (on := switch_value(raw)) is None:
         raise ValueError(f"{SPIN_ENV}={raw!r}: {SWITCH_HINT}")

@@ -54,10 +54,10 @@ def model_revisions(values: list[str], ids: list[str], shown: Shown | None = Non
         if key is None:
             every = item
         else:
-            out[key] = (revision.strip(), setting_item("revision", item, shown))
+            out[key] = (revision.strip(), setting_item("revision", item, shown, quote=False))
     if every is not None:
         for name in ids:
-            out.setdefault(name, (every.strip(), setting_item("revision", every, shown)))
+            out.setdefault(name, (every.strip(), setting_item("revision", every, shown, quote=False)))
     return out
 
 

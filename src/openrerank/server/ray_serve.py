@@ -104,7 +104,11 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServerConfig, ReplicaOption
         if "revisions" in args:
             raise ValueError("give either 'revision' or 'revisions', not both")
         value = args.pop("revision")
-        args["revisions"] = [value] if isinstance(value, str) else value
+        if value is None:  # `revision: null`: no pin, as before
+            value = []
+        elif isinstance(value, str):  # `a=v1,b=v2` like OPENRERANK_REVISION, or one for every model
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        args["revisions"] = value
     owned = [k for k in _SERVE_OWNED if k in args]
     if owned:
         raise ValueError(f"{', '.join(owned)}: under Ray Serve the address is Serve's http_options, "
