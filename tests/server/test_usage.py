@@ -66,3 +66,33 @@ def test_the_official_cohere_sdk_reads_the_usage(tiny_server, pair_tokens):
                                                                              documents=DOCS)
     assert resp.meta.billed_units.search_units == 1
     assert resp.meta.tokens.input_tokens == pair_tokens and resp.meta.tokens.output_tokens == 0
+
+
+def test_a_query_encoded_apart_is_billed_once_a_request_however_many_slices_it_is_tokenized_in(tmp_path):
+    """A bi-encoder and a ColBERT model read the query once a request (`families/query_memo.py`), but a request is
+    tokenized 64 passages at a time and each slice counted the query: 65 passages billed it twice, 512 eight
+    times. The 65th passage costs what any one passage costs (the 2nd of 2), in every dialect that bills."""
+    import httpx
+
+    from openrerank.engine.preparing import SLICE_TEXTS
+    from openrerank.server.config import ServerConfig
+    from tests.families.colbert_builders import build_pylate_colbert
+    from tests.server.faults import InProcessServer
+    from tests.support import build_tiny_bi_encoder
+
+    bi, colbert = build_tiny_bi_encoder(tmp_path / "bi"), build_pylate_colbert(tmp_path / "colbert")
+    config = ServerConfig(models=[f"bi={bi}", f"colbert={colbert}"], backend="torch", threads=1)
+    with InProcessServer(config) as server:
+        def billed(model: str, n: int) -> int:
+            docs = ["paris is the capital of france"] * n
+            nim = httpx.post(server.url + "/v1/ranking", json=nim_body(QUERY, docs, model=model), timeout=120)
+            cohere = httpx.post(server.url + "/v1/rerank", json={"model": model, "query": QUERY, "documents": docs},
+                                timeout=120)
+            assert nim.status_code == cohere.status_code == 200, (nim.text, cohere.text)
+            assert cohere.json()["meta"]["tokens"]["input_tokens"] == nim.json()["usage"]["prompt_tokens"]
+            return nim.json()["usage"]["prompt_tokens"]
+
+        for model in ("bi", "colbert"):
+            one = billed(model, 2) - billed(model, 1)
+            assert billed(model, SLICE_TEXTS + 1) - billed(model, SLICE_TEXTS) == one, model
+            assert billed(model, 4 * SLICE_TEXTS) == billed(model, 1) + (4 * SLICE_TEXTS - 1) * one, model

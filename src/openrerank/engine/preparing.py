@@ -87,8 +87,8 @@ its image requests decode in, and the deadline of the request being prepared."""
                 except InputTooLongError as exc:
                     exc.passage_index += a
                     raise
+                tokens += part.extra_tokens(earlier=bool(parts))
                 parts.append((a, part))
-                tokens += part.prompt_tokens
                 work += self.scheduler.weigh(part.items)
                 chunks += part.windows if r.truncate is Truncate.CHUNK else 0
                 partial = b < len(texts) or ri < len(reqs) - 1  # more of the request is still to tokenize

@@ -6,7 +6,7 @@ window on its own: one relevant sentence in a 256-token window is drowned by the
 the embedded all-MiniLM-L6-v2: a 3,000-token document's answer sentence scores 0.86 alone, 0.80 in
 a 64-token window of whole sentences, 0.27 in a 128-token window and 0.11 in a 256-token one). So a
 bi-encoder's long passage is scored over small windows of whole sentences (`BI_CHUNK_TOKENS`),
-each overlapping the previous by about half (~1.6x the passage's tokens in all); the span they
+each overlapping the previous by about half (~1.5x the passage's tokens in all); the span they
 cover is bounded like the cross-encoder's windows (`max_chunks` model-sized windows).
 """
 
@@ -99,12 +99,12 @@ class BiTextEncoder(TextEncoder):
             p = (self.tok([prompt + t for t in texts], truncation=True, max_length=self.max_length)["input_ids"]
                  if texts else [])
             items: list[WorkItem] = [BiItem(q, ids, *lengths) for ids in p]
-            return Prepared(items, owners, len(q) + sum(len(ids) for ids in p), counts or None)
+            return Prepared(items, owners, len(q) + sum(len(ids) for ids in p), counts or None, len(q))
         p = self.encode_texts(passages, truncate, "passage")
         owners = list(range(len(passages)))
         keep = cap_chunks(owners, max_chunks)
         items = [BiItem(q, p[i], *lengths) for i in keep]
-        return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep))
+        return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep), query_tokens=len(q))
 
     def _bi_windows(self, passages: list[str], max_chunks: int | None, prompt_tokens: int = 0
                     ) -> tuple[list[str], list[int], dict[int, int]]:

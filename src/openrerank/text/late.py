@@ -105,7 +105,7 @@ class LateTextEncoder(TextEncoder):
             owners = list(range(len(passages)))
         keep = cap_chunks(owners, max_chunks)
         items: list[WorkItem] = [BiItem(q, p[i]) for i in keep]
-        return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep))
+        return Prepared(items, [owners[i] for i in keep], len(q) + sum(len(p[i]) for i in keep), query_tokens=len(q))
 
     def _windows(self, passages: list[str], max_chunks: int | None) -> tuple[list[list[int]], list[int]]:
         """Overlapping windows of each passage, each a whole document sequence with its marker."""

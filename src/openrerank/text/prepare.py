@@ -61,10 +61,19 @@ class Prepared:
     #: items: a bi-encoder scores a long passage over small sentence windows, but counts the model-sized
     #: windows its span fills, as a cross-encoder would.
     window_counts: dict[int, int] | None = None
+    #: Of `prompt_tokens`, the query's where the family encodes it apart, once a request (bi-encoder, ColBERT):
+    #: the slices of one request's passages each count it, and it is billed once (`concat`, `extra_tokens`).
+    query_tokens: int = 0
+
+    def extra_tokens(self, earlier: bool) -> int:
+        """What this slice adds to its request's tokens: all of them, less its query's where an `earlier` slice
+        counted it."""
+        return self.prompt_tokens - (self.query_tokens if earlier else 0)
 
     @staticmethod
     def concat(parts: list[tuple[int, Prepared]]) -> Prepared:
-        """One Prepared from those of consecutive slices of the passages (each with its first passage's index)."""
+        """One Prepared from those of consecutive slices of one request's passages (each with its first passage's
+        index)."""
         if len(parts) == 1 and parts[0][0] == 0:
             return parts[0][1]
         items: list[WorkItem] = []
@@ -74,7 +83,8 @@ class Prepared:
             items += part.items
             owners += [start + o for o in part.owners]
             counts.update({start + o: c for o, c in (part.window_counts or {}).items()})
-        return Prepared(items, owners, sum(part.prompt_tokens for _, part in parts), counts or None)
+        tokens = sum(part.extra_tokens(earlier=k > 0) for k, (_, part) in enumerate(parts))
+        return Prepared(items, owners, tokens, counts or None, parts[0][1].query_tokens if parts else 0)
 
     @property
     def windows(self) -> int:
