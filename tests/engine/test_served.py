@@ -149,7 +149,7 @@ def test_a_listwise_models_rerank_work_is_counted_under_the_task_its_scheduler_r
         loaded = SimpleNamespace(family=SimpleNamespace(listwise=listwise), score_kind=ScoreKind.LOGIT)
         model = ServedModel(task, loaded=loaded, scheduler=None, metrics=metrics)  # type: ignore[arg-type]
         assert model.rerank_task == task
-        model._result(RerankRequest("q", ["a", "b"]), np.zeros(2, np.float32), 7, 7, Timings(), 0.0, 1)
+        model._result(RerankRequest("q", ["a", "b"]), np.zeros(2, np.float32), 7, Timings(), 0.0, 1)
         assert registry.get_sample_value("openrerank_tokens_total", {"model": task, "task": task}) == 7
     assert registry.get_sample_value("openrerank_tokens_total", {"model": "listwise", "task": "rerank"}) is None
 

@@ -96,3 +96,25 @@ def test_a_query_encoded_apart_is_billed_once_a_request_however_many_slices_it_i
             one = billed(model, 2) - billed(model, 1)
             assert billed(model, SLICE_TEXTS + 1) - billed(model, SLICE_TEXTS) == one, model
             assert billed(model, 4 * SLICE_TEXTS) == billed(model, 1) + (4 * SLICE_TEXTS - 1) * one, model
+
+
+def test_the_tokens_counter_adds_what_usage_bills_whichever_cache_answers(tiny_model_dir):
+    """`openrerank_tokens_total` left out score-cache hits but counted token-cache and query-memo hits in full, so a
+    repeated request added 0 or its whole usage depending on which cache answered it; it adds the usage now."""
+    import httpx
+
+    from openrerank.server.config import ServerConfig
+    from tests.server.faults import InProcessServer
+
+    def counted(url: str) -> float:
+        line = next((m for m in httpx.get(url + "/v1/metrics").text.splitlines()
+                     if m.startswith('openrerank_tokens_total{model="tiny",task="rerank"}')), None)
+        return float(line.split()[-1]) if line else 0.0  # a labelled counter shows once it has counted
+
+    config = ServerConfig(models=[f"tiny={tiny_model_dir}"], backend="torch", threads=1, score_cache_mb=8)
+    with InProcessServer(config) as server:
+        for _ in range(2):  # a miss, then every passage a score-cache hit
+            before = counted(server.url)
+            answer = httpx.post(server.url + "/v1/ranking", json=nim_body(QUERY, DOCS, model="tiny"), timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert counted(server.url) - before == answer.json()["usage"]["prompt_tokens"]

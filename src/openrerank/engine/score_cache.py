@@ -74,7 +74,6 @@ class CachedScores:
 
     logits: np.ndarray
     prompt_tokens: int  # usage as if every passage had been scored (identical with or without the cache)
-    scored_tokens: int  # tokens this request actually ran through the model
     tokenize_ms: float
     queue_ms: float  # includes waiting for a concurrent request that was scoring the same passages
     inference_ms: float
@@ -231,7 +230,7 @@ class ScoreCache:
             for q, (namespace, query, passages) in enumerate(queries):
                 keys = self.keys(namespace, query, passages)
                 n = len(keys)
-                look = _Lookup(keys, CachedScores(np.zeros(n, dtype=np.float32), 0, 0, 0.0, 0.0, 0.0),
+                look = _Lookup(keys, CachedScores(np.zeros(n, dtype=np.float32), 0, 0.0, 0.0, 0.0),
                                np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64))
                 looks.append(look)
                 for i, key in enumerate(keys):
@@ -280,7 +279,6 @@ class ScoreCache:
             result.logits[idx] = scored.logits
             look.tokens[idx] = per_passage
             look.windows[idx] = per_windows
-            result.scored_tokens += scored.prompt_tokens
             result.tokenize_ms += scored.tokenize_ms
             result.queue_ms += scored.queue_ms
             result.inference_ms += scored.inference_ms

@@ -153,7 +153,7 @@ class ServedModel:
         if self.score_cache is not None and not self.loaded.family.listwise and not any(r.has_images for r in reqs):
             return await self._rerank_cached(reqs, chunk_caps, deadline, t0)
         scored = await self._score(reqs, [r.passages for r in reqs], chunk_caps, deadline)
-        return [self._result(req, s.logits, s.prompt_tokens, s.prompt_tokens,
+        return [self._result(req, s.logits, s.prompt_tokens,
                              Timings(s.tokenize_ms, s.queue_ms, s.inference_ms), t0, s.windows)
                 for req, s in zip(reqs, scored, strict=True)]
 
@@ -188,7 +188,7 @@ class ServedModel:
         except TimeoutError:  # waiting for a concurrent request's passages outlasted this one's deadline
             self.scheduler.count_rejected(self.rerank_task, "deadline")
             raise DeadlineExceededError(self.scheduler.config.request_timeout) from None
-        return [self._result(r, c.logits, c.prompt_tokens, c.scored_tokens,
+        return [self._result(r, c.logits, c.prompt_tokens,
                              Timings(c.tokenize_ms, c.queue_ms, c.inference_ms), t0, c.windows)
                 for r, c in zip(reqs, cached, strict=True)]
 
@@ -219,12 +219,12 @@ class ServedModel:
                               outcome.inference_ms))
         return out
 
-    def _result(self, req: RerankRequest, logits: np.ndarray, prompt_tokens: int, scored_tokens: int,
-                timings: Timings, t0: float, windows: int) -> RerankResult:
+    def _result(self, req: RerankRequest, logits: np.ndarray, prompt_tokens: int, timings: Timings, t0: float,
+                windows: int) -> RerankResult:
         logits = _reportable(logits)
-        if self.metrics:
+        if self.metrics:  # what the answer reports, whichever cache served it (the caches count their own hits)
             self.metrics.passages.labels(self.name).inc(len(req.passages))
-            self.metrics.tokens.labels(self.name, self.rerank_task).inc(scored_tokens)
+            self.metrics.tokens.labels(self.name, self.rerank_task).inc(prompt_tokens)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         query_vectors = None
         if self.loaded.score_kind is ScoreKind.MAXSIM:  # the bound the unit-interval form divides by

@@ -102,10 +102,11 @@ class Metrics:
         self.disconnects = self._counter("openrerank_client_disconnects_total",
                                          "Requests whose client went away before the answer (their work is "
                                          "cancelled)", ())
-        self.passages = self._counter("openrerank_passages_total", "Passages scored", ("model",))
+        self.passages = self._counter("openrerank_passages_total", "Passages answered (cache hits included)",
+                                      ("model",))
         self.texts_embedded = self._counter("openrerank_texts_embedded_total", "Texts embedded", ("model",))
-        self.tokens = self._counter("openrerank_tokens_total", "Tokens run through the model (after truncation/"
-                                    "chunking)", ("model", "task"))
+        self.tokens = self._counter("openrerank_tokens_total", "Tokens billed: what the answers' usage reports "
+                                    "(after truncation/chunking; cache hits included)", ("model", "task"))
         # engine: one queue per model (depth, tokens); the rest by task (rerank | listwise | embed), which share it
         self.queue_depth = self._gauge("openrerank_queue_depth", "Requests waiting or being scored", ("model",))
         self.queue_tokens = self._gauge("openrerank_queue_tokens", "Tokens of the requests waiting or being scored",
