@@ -127,11 +127,12 @@ def test_requests_queued_together_wait_for_more() -> None:
     assert len(backend.batches) == 1
 
 
-@pytest.mark.parametrize("ends", ["fails", "nothing", "too much"])
+@pytest.mark.parametrize("ends", ["fails", "nothing", "too much", "queue full"])
 def test_a_request_that_arrives_but_brings_no_work_stops_the_wait_for_it(ends: str) -> None:
     """Its tokenizing fails, or it ends normally (the submit that follows wakes the worker, with it) but that
-    submit has nothing to score or is refused over the request budget: the lone request queued meanwhile waited
-    the whole batch wait for it (fails: before `arriving` woke the worker; the two others: before `submit` did)."""
+    submit has nothing to score or is refused (over the request budget, the queue full): the lone request queued
+    meanwhile waited the whole batch wait for it (fails: before `arriving` woke the worker; the others: before
+    `submit` did)."""
     backend, ids = FakeScorer(), Ids()
     items = ids.items(3)
 
@@ -140,10 +141,11 @@ def test_a_request_that_arrives_but_brings_no_work_stops_the_wait_for_it(ends: s
             await gate.wait()
             if ends == "fails":
                 raise ValueError("bad input")
-        return await sched.submit([] if ends == "nothing" else ids.items(50))
+        items = {"nothing": 0, "queue full": 15}.get(ends, 50)  # over 20 tokens: refused before the queue is read
+        return await sched.submit(ids.items(items) if items else [])
 
     async def main() -> None:
-        sched = make(backend, max_request_tokens=20)
+        sched = make(backend, max_request_tokens=20, max_queue_tokens=10)  # 15 tokens behind 3 fill the queue
         await sched.start()
         try:
             gate = asyncio.Event()
@@ -156,7 +158,7 @@ def test_a_request_that_arrives_but_brings_no_work_stops_the_wait_for_it(ends: s
             gate.set()
             [done] = await asyncio.gather(other, return_exceptions=True)
             assert type(done).__name__ == {"fails": "ValueError", "nothing": "ScoreOutcome",
-                                           "too much": "RequestTooLargeError"}[ends]
+                                           "too much": "RequestTooLargeError", "queue full": "QueueFullError"}[ends]
             out = await asyncio.wait_for(lone, PROMPT_S)  # before it was woken: LONG_WAIT_MS
             assert (out.scores == expected(items)).all()
         finally:

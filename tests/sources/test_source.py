@@ -270,6 +270,8 @@ def test_a_revision_pins_the_model_it_names_and_a_folder_served_beside_it_is_lef
         start(environ={"OPENRERANK_REVISION": "pinned=v1,other=v2"})
     with pytest.raises(ValueError, match=r"^--revision 'pinned=v1': pinned is given a revision already"):
         start("--revision", "pinned=main", "--revision", "pinned=v1")
+    with pytest.raises(ValueError, match=r"^--revision 'v1': every model is given a revision already"):
+        start("--revision", "main", "--revision", "v1")
 
 
 def _snapshot(root):
