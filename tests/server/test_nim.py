@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from tests.server.faults import until
+from tests.server.test_shutdown import in_flight
 from tests.support import nim_body, run_server
 
 ALLOWED = "model, query, passages, truncate"
@@ -211,11 +213,12 @@ def test_ready_is_503_until_loaded_and_graceful_shutdown(tmp_path, tiny_model_di
     """SIGINT lets the in-flight request finish before the process exits."""
     import signal
 
-    passages = [" ".join(["river water sea"] * 40)] * 256
+    passages = [f"{i} " + " ".join(["river water sea"] * 40) for i in range(256)]  # all scored: none the same
     with run_server(["--model", str(tiny_model_dir), "--max-batch-size", "2"], tmp_path) as server:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, server.client() as c:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, server.client() as c, server.client() as probe:
             fut = pool.submit(c.post, "/v1/ranking", json=nim_body("paris", passages, truncate="END"))
-            time.sleep(0.5)
+            # the request has arrived (it and this metrics request in flight): a fixed sleep raced it under load
+            until(lambda: in_flight(probe) >= 2 or fut.done(), "the request to arrive")
             server.proc.send_signal(signal.SIGINT)
             resp = fut.result(timeout=120)
         assert resp.status_code == 200

@@ -4,7 +4,8 @@ Before, the gRPC server stopped only after uvicorn's HTTP drain had ended: for t
 reported SERVING, `ServerReady` said true and new calls were accepted and scored; its own grace period came on
 top (a --graceful-timeout of 4 s ended the process 17 s after SIGTERM), and its calls then ended in grpc's
 "Cancelling all calls", counted as client disconnects. The assertions are on what the clients see; the only
-timing is the bound on the whole shutdown, which is many grace periods wide.
+timings are bounds: NOT_SERVING within half the grace period, the calls' answers within two, the exit within
+EXIT_S after them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ MODEL = "sentence_transformers_all_minilm_l6_v2"
 #: wide enough that the probes below run inside it on a slow, shared machine: with 2 s, CI once saw the end of
 #: SERVING late in the period and the probes after it found the port closed (connection refused)
 GRACE_S = 5
+#: seconds the process may take to end once its calls are answered (a bound, not a timing: before the fix it
+#: never ended within the grace period)
+EXIT_S = 30
 #: how much scoring the in-flight calls hold, in grace periods, on whatever machine runs this
 WORK_GRACES = 5
 
@@ -59,7 +63,11 @@ def test_sigterm_drains_grpc_with_http_on_one_grace_period(tmp_path):
                 grpcclient.InferenceServerClient(address) as busy, \
                 grpcclient.InferenceServerClient(address) as late:
             assert late.is_server_ready()  # its channel is connected before the drain
-            calls = [pool.submit(failure, busy.infer, MODEL, ranking_inputs(q, passages(q, n))) for q in ("a", "b")]
+            def answered(query: str) -> tuple[InferenceServerException, float]:
+                """The call's failure, and when it came."""
+                return failure(busy.infer, MODEL, ranking_inputs(query, passages(query, n))), time.monotonic()
+
+            calls = [pool.submit(answered, q) for q in ("a", "b")]
             http = pool.submit(server.client().post, "/v1/ranking", json=nim_body("c", passages("c", n),
                                                                                    truncate="END"))
             until(lambda: in_flight(c) >= 2 + 1 + 1, "the calls all in flight (and this metrics request)")
@@ -85,14 +93,14 @@ def test_sigterm_drains_grpc_with_http_on_one_grace_period(tmp_path):
                                      f"done: {[call.done() for call in calls]}; the server's log:\n"
                                      f"{server.output()[-3000:]}") from exc
 
-            # the calls in flight get the drain's retryable answer at the end of the same grace period
+            # the calls in flight get the drain's retryable answer at the end of the same grace period: before
+            # the second one (before, they were answered after HTTP's grace period and then gRPC's own)
             for call in calls:
-                exc = call.result(timeout=120)
+                exc, at = call.result(timeout=120)
                 assert status_of(exc) == "UNAVAILABLE" and "grace period" in exc.message(), exc
+                assert at - signalled < 2 * GRACE_S, f"answered {at - signalled:.1f} s after SIGTERM, grace {GRACE_S} s"
             assert http.result(timeout=120).status_code == 503
-        server.proc.wait(timeout=30)
-        waited = time.monotonic() - signalled
-    assert waited < GRACE_S + 8, f"the process ended {waited:.1f} s after SIGTERM, grace {GRACE_S} s"
+        # the process then ends: bounded loosely, as the time to exit stretched under load (10 s past a 2 s grace)
+        assert server.proc.wait(timeout=EXIT_S) == 0, server.output()[-3000:]
     log = server.output()
     assert "went away" not in log  # the drained calls are not counted as clients that left
-    assert server.proc.returncode == 0
