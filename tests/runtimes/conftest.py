@@ -14,7 +14,10 @@ def model_copy(tmp_path, tiny_model_dir) -> Path:
     return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
 
 
-#: /proc/cpuinfo as Linux writes it on AWS Graviton2 (Neoverse N1) and Graviton3 (Neoverse V1).
+#: /proc/cpuinfo as Linux writes it (two processors each) on AWS Graviton2 (Neoverse N1) and Graviton3 (Neoverse
+#: V1), and on x86: Broadwell (Xeon E5-2686 v4: AVX2 only), Zen 2 (EPYC 7R32: AVX2 only), Cascade Lake (Xeon
+#: Platinum 8259CL: AVX-512 and VNNI, no bf16), Ice Lake (Xeon Platinum 8375C: the same and more AVX-512) and
+#: Sapphire Rapids (Xeon Platinum 8480+: avx512_bf16, AMX).
 CPUINFO_SAMPLES = Path(__file__).parent / "cpuinfo"
 
 

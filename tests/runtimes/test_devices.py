@@ -27,7 +27,7 @@ def test_a_device_that_is_not_cuda_needs_no_check():
 
 
 
-# /proc/cpuinfo as Linux writes it on other CPUs: AWS Graviton2 (Neoverse N1) and Graviton3 (Neoverse V1).
+# /proc/cpuinfo as Linux writes it on other CPUs (conftest.CPUINFO_SAMPLES).
 CPUINFO = Path(__file__).parent / "cpuinfo"
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -46,6 +46,19 @@ def test_x86_is_named_by_its_model_name_and_flags():
     assert parse_cpuinfo(X86) == ("AMD EPYC 9R14", frozenset({"fpu", "sse2", "avx2", "avx512f", "avx512_bf16",
                                                              "avx512_vnni"}))
     assert cpu_isa(parse_cpuinfo(X86)[1]) is devices.X86
+
+
+@pytest.mark.parametrize(("sample", "name", "has", "lacks"), [
+    ("broadwell", "Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz", {"avx2", "fma"}, {"avx512f", "avx512_vnni"}),
+    ("zen2", "AMD EPYC 7R32", {"avx2", "fma"}, {"avx512f", "avx512_vnni"}),
+    ("cascadelake", "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz", {"avx512f", "avx512_vnni"}, {"avx512_bf16"}),
+    ("icelake", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", {"avx512_vnni", "avx512_vbmi2"}, {"avx512_bf16"}),
+    ("sapphirerapids", "Intel(R) Xeon(R) Platinum 8480+", {"avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}, set()),
+])
+def test_x86_samples_are_read_by_model_name_and_flags(sample, name, has, lacks):
+    model, flags = parse_cpuinfo((CPUINFO / sample).read_text())
+    assert model == name and has <= flags and not lacks & flags
+    assert cpu_isa(flags) is devices.X86
 
 
 def test_arm_cpus_are_named_from_their_ids_and_read_their_features():

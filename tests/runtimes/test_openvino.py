@@ -194,9 +194,9 @@ def test_compile_options_honour_threads_and_precision(tmp_path, model_copy):
     # fp32 means f32 kernels even where OpenVINO's CPU default would be bf16
     assert str(fp32.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
     assert fp32.description == "openvino-fp32-cpu" and fp32.input_names[0] == "input_ids"
-    from openrerank.runtimes.selection import cpu_flags
+    from openrerank.runtimes.selection import _openvino_bf16, cpu_flags
 
-    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if _openvino_bf16(cpu_flags()):  # the rule that lets --dtype bf16 run on OpenVINO here
         bf16 = OpenVinoRuntime(network, dtype="bf16", threads=2, cache_dir=tmp_path)
         assert bf16.compiled.get_property("INFERENCE_NUM_THREADS") == 2
         assert "bf" in str(bf16.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
@@ -282,13 +282,13 @@ def test_int8_runtime_scores_like_fp32(tiny_model_dir):
 
 def test_bi_encoder_embeddings_run_on_openvino():
     """Embeddings (the default bi-encoder) get the engine too, and bf16 stays close to fp32."""
-    from openrerank.runtimes.selection import cpu_flags
+    from openrerank.runtimes.selection import _openvino_bf16, cpu_flags
 
     texts = ["what is the capital of france", "paris is the capital of france", "bananas are yellow"]
     fp32 = load_model("default", LoadOptions(backend="openvino", dtype="fp32"))
     emb = fp32.embed(texts)
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if _openvino_bf16(cpu_flags()):  # the rule that lets --dtype bf16 run on OpenVINO here
         bf16 = load_model("default", LoadOptions(backend="openvino", dtype="bf16"))
         assert bf16.scorer.description == "openvino-bf16-cpu"
         assert float(np.min(np.sum(bf16.embed(texts) * emb, axis=1))) > 0.999

@@ -83,7 +83,7 @@ def test_int8_keeps_ndcg(dl19, fp32_ndcg, backend):
     assert value >= fp32_ndcg - MAX_DROP, f"{backend} int8 nDCG@10 {value:.4f} vs fp32 {fp32_ndcg:.4f}"
 
 
-@pytest.mark.skipif(not selection.cpu_flags() & {"avx512_bf16", "amx_bf16"}, reason="CPU without bf16 units")
+@pytest.mark.skipif(not selection._bf16_units(selection.cpu_flags()), reason="CPU without bf16 units")
 def test_torch_bf16_keeps_ndcg(dl19, fp32_ndcg):
     value = ndcg10(dl19, "torch", "bf16")
     assert value >= fp32_ndcg - MAX_DROP, f"bf16 nDCG@10 {value:.4f} vs fp32 {fp32_ndcg:.4f}"
