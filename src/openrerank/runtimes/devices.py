@@ -75,13 +75,13 @@ class CpuIsa:
     #: bf16 matrix products in hardware: without them PyTorch emulates bf16 (slower than fp32).
     bf16: tuple[str, ...]
     bf16_text: str
-    #: int8 dot-product instructions: without them int8 runs, but need not beat fp32.
+    #: int8 dot-product instructions: without them int8 runs, but need not beat fp32 (`selection._int8_warning`).
     int8_dot: tuple[str, ...]
     int8_text: str
 
 
 X86 = CpuIsa("x86", ("avx512_bf16", "amx_bf16"), "AVX512-BF16 or AMX (cpu flags avx512_bf16/amx_bf16)",
-             ("avx512_vnni", "avx_vnni", "amx_int8"), "VNNI (avx512_vnni/avx_vnni)")
+             ("avx512_vnni", "avx_vnni", "amx_int8"), "VNNI or AMX-INT8 (avx512_vnni/avx_vnni/amx_int8)")
 ARM = CpuIsa("Arm", ("bf16",), "the Arm BF16 extension (Armv8.6; cpuinfo Features bf16)",
              ("i8mm", "asimddp"), "int8 dot products (Features asimddp/i8mm)")
 

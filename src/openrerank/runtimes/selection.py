@@ -9,8 +9,8 @@ What can run where (anything else is refused before the server binds its port):
 
 | runtime  | device | dtypes                                                                     | families |
 |----------|--------|----------------------------------------------------------------------------|----------|
-| openvino | cpu    | fp32, bf16 (x86 only: needs AVX512-BF16 or AMX), int8 (NNCF; best with VNNI) | encoders |
-| onnx     | cpu    | fp32, int8 (dynamic; fast with VNNI, runs without it)                      | encoders |
+| openvino | cpu    | fp32, bf16 (x86 only: needs AVX512-BF16 or AMX), int8 (NNCF; pays with VNNI) | encoders |
+| onnx     | cpu    | fp32, int8 (dynamic; pays with VNNI, and on AVX2 without it)               | encoders |
 | torch    | cpu    | fp32, bf16 (needs bf16 units: AVX512-BF16/AMX, Arm BF16; else emulated)    | all      |
 | torch    | cuda   | fp32, bf16, fp16                                                           | all      |
 
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from openrerank.core.settings import Shown, setting
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
-from openrerank.runtimes.devices import X86, CpuIsa, cpu_info, cpu_isa, cuda_auto_dtype, cuda_capability, is_cuda
+from openrerank.runtimes.devices import X86, cpu_info, cpu_isa, cuda_auto_dtype, cuda_capability, is_cuda
 from openrerank.runtimes.measure import Measurement, Throughput
 from openrerank.runtimes.onnx_runtime import ONNX_DTYPES
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES, openvino_available
@@ -181,18 +181,20 @@ def _names(backend: str, dtype: str, device: str, shown: Shown | None) -> dict[s
             (("backend", backend), ("dtype", dtype), ("device", device))}
 
 
-def _bf16_refusal(runtime: str, names: dict[str, str], flags: frozenset[str]) -> RuntimeConfigError:
-    """Why bf16 cannot run well here, in the words of this CPU's instruction set."""
+def _bf16_refusal(runtime: str, names: dict[str, str], flags: frozenset[str], int8: bool) -> RuntimeConfigError:
+    """Why bf16 cannot run well here, in the words of this CPU's instruction set: `runtime` is the one that would
+    have run it, and `int8` whether --dtype int8 is offered instead (only where some runtime asked for runs it)."""
     isa = cpu_isa(flags)
-    others = ", or int8" if "int8" in RUNTIME_DTYPES[runtime] else ""
+    others = ", or int8" if int8 else ""
     if _has(flags, isa.bf16):  # bf16 units, which the runtime does not use (OpenVINO off x86)
         return RuntimeConfigError(
             f"{names['backend']} {names['dtype']}: {RUNTIME_NAMES[runtime]} runs bf16 on x86 CPUs only (AVX512-BF16 "
             f"or AMX); on this {isa.name} CPU it would quietly run fp32. Use --backend torch for bf16, or --dtype "
             f"fp32{others}")
+    would = "quietly run fp32" if runtime == "openvino" else "emulate bf16 or quietly run fp32"
     return RuntimeConfigError(
         f"{names['dtype']} on CPU needs {isa.bf16_text}, which this CPU lacks: {RUNTIME_NAMES[runtime]} would "
-        f"emulate bf16 or quietly run fp32. Use --dtype fp32{others}")
+        f"{would}. Use --dtype fp32{others}")
 
 
 def _bf16_units(flags: frozenset[str]) -> str | None:
@@ -217,7 +219,7 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
         if dtype == "fp16" and not gpu:
             raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
         if dtype == "bf16" and not gpu and not _bf16_units(flags):
-            raise _bf16_refusal("torch", names, flags)
+            raise _bf16_refusal("torch", names, flags, int8=False)
         return RuntimeChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")
     if gpu:
         raise RuntimeConfigError(f"{names['backend']} runs on CPU only; use --backend torch for {names['device']}")
@@ -237,7 +239,7 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
     if dtype == "auto":
         dtype = "bf16" if bf16_unit else "fp32"
     if dtype == "bf16" and not bf16_unit:
-        raise _bf16_refusal("openvino", names, flags)
+        raise _bf16_refusal("openvino", names, flags, int8=True)
     if dtype == "int8" and not nncf_available():
         raise RuntimeConfigError(f"{names['backend']} {names['dtype']} needs the nncf package (pip install nncf)")
     return RuntimeChoice("openvino", dtype, "--backend openvino")
@@ -258,17 +260,25 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
     if dtype == "fp16":
         raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if dtype == "bf16" and not bf16_unit:
-        raise _bf16_refusal("torch", names, flags)
+        # Named as the runtime this plan would have tried first for bf16 (OpenVINO for an encoder where it is
+        # installed); none of the family's runtimes runs bf16: the refusal below says so instead.
+        would = next((r for r in ("openvino", "torch") if installed[r]), None)
+        if would is not None:
+            raise _bf16_refusal(would, names, flags, int8=bool((ov and nncf_available()) or ort))
     if dtype == "auto":
         if ov and ov_bf16:
             out.append(RuntimeChoice("openvino", "bf16", f"the CPU has bf16 units ({ov_bf16}): OpenVINO bf16 is the "
                                     f"fastest runtime that passes the fidelity gate ({FIDELITY_GATE}); int8 is "
                                     "faster but fails it"))
         if ov:
-            why = ("no bf16 units (avx512_bf16/amx_bf16): OpenVINO fp32 is the fastest runtime that passes the "
-                   "fidelity gate; int8 is faster but fails it") if isa is X86 else (
-                   f"OpenVINO fp32, exact: first by the rule's order, measured on x86 CPUs (on {isa.name} OpenVINO "
-                   "runs no bf16)")
+            if ov_bf16:  # second: the reason must not deny the bf16 units (it is shown when OpenVINO bf16 fails)
+                why = "OpenVINO fp32, exact: next in the rule's order, after OpenVINO bf16"
+            elif isa is X86:
+                why = (f"no bf16 units ({'/'.join(isa.bf16)}): OpenVINO fp32 is the fastest runtime that passes the "
+                       "fidelity gate; int8 is faster but fails it")
+            else:
+                why = (f"OpenVINO fp32, exact: first by the rule's order, measured on x86 CPUs (on {isa.name} "
+                       "OpenVINO runs no bf16)")
             out.append(RuntimeChoice("openvino", "fp32", why))
         if ort:
             out.append(RuntimeChoice("onnx", "fp32", "ONNX Runtime fp32, exact" + note("onnx")))
@@ -340,18 +350,30 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
         plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the runtime for CUDA devices" + cuda_note)
     else:
         plan = _auto_cpu(dtype, runtimes, flags, family, names)
-    isa = cpu_isa(flags)
-    if plan[0].dtype == "int8" and not _has(flags, isa.int8_dot):
-        warnings.warn(_int8_warning(isa), RuntimeWarning, stacklevel=1)  # one location: shown once a process
+    if plan[0].dtype == "int8" and (said := _int8_warning(plan[0].runtime, flags)):
+        warnings.warn(said, RuntimeWarning, stacklevel=1)  # one location: shown once a process
     return plan
 
 
-def _int8_warning(isa: CpuIsa) -> str:
-    """What `--dtype int8` without int8 dot products means, on this instruction set (x86's was measured; Arm's
-    is not, so it claims no speed)."""
-    if isa is X86:
-        return f"--dtype int8 on a CPU without {isa.int8_text}: it runs, but is usually no faster than fp32"
-    return f"--dtype int8 on an {isa.name} CPU without {isa.int8_text}: it runs, but may be no faster than fp32"
+def _int8_warning(runtime: str, flags: frozenset[str]) -> str | None:
+    """What `--dtype int8` on `runtime` means on a CPU without int8 dot products, as measured (docs/engine.md,
+    "int8: the recipes tried": an AVX2 Zen 3 without VNNI); None where it has them, or where it pays without.
+
+    On x86 without VNNI, OpenVINO's CPU plugin decompresses the int8 weights and computes in fp32 (65.3 pairs/s
+    against its fp32's 68.0), while ONNX Runtime's dynamic int8 runs AVX2's int8 products (105.0 against 68.8).
+    Nothing was measured on Arm, nor on x86 without AVX2: there it claims no speed either way."""
+    isa = cpu_isa(flags)
+    if _has(flags, isa.int8_dot):
+        return None
+    name = RUNTIME_NAMES[runtime]
+    if isa is X86 and runtime == "onnx" and "avx2" in flags:
+        return None  # 1.53x its fp32 without VNNI: nothing to warn of (its fidelity is `auto`'s concern)
+    if isa is X86 and runtime == "openvino":
+        return (f"--dtype int8 on a CPU without {isa.int8_text}: OpenVINO keeps int8 weights but computes in "
+                "fp32 here, no faster than fp32 (0.96x its fp32 on an AVX2 CPU without VNNI, where ONNX "
+                "Runtime's int8 ran at 1.53x its fp32: --backend onnx)")
+    cpu = "a CPU" if isa is X86 else f"an {isa.name} CPU"
+    return f"--dtype int8 on {cpu} without {isa.int8_text}: {name} runs it, but it may be no faster than fp32"
 
 
 def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
