@@ -58,10 +58,12 @@ def cache(tmp_path, monkeypatch) -> dict[str, Path]:
         "speed": _record(root / "speed", "1" * 24, {"format": SPEED_FORMAT, "versions": runtime_versions()}),
         "old speed": _record(root / "speed", "2" * 24, {"format": SPEED_FORMAT - 1, "versions": runtime_versions()}),
         "shared blob": irs / ov.COMPILED_DIR / "123.blob",
+        "blob before per-CPU folders": irs / ov.COMPILED_DIR / "f32-0123456789abcdef" / "456.blob",
         "building": root / f"{staging_prefix('3' * 24 + '-fp32')}xyz",
     }
-    paths["shared blob"].parent.mkdir(parents=True)
-    paths["shared blob"].write_bytes(b"an old blob")
+    for blob in ("shared blob", "blob before per-CPU folders"):
+        paths[blob].parent.mkdir(parents=True, exist_ok=True)
+        paths[blob].write_bytes(b"an old blob")
     paths["building"].mkdir()
     return paths
 
@@ -85,16 +87,16 @@ def test_ls_tells_this_installs_entries_from_the_old_ones(cache, capsys) -> None
     assert listed[cache["building"]]["building"]
     assert main(["cache", "ls"]) == 0
     table = capsys.readouterr().out
-    assert str(cache["old export"]) in table and "11 entries" in table and "6 not usable here" in table
+    assert str(cache["old export"]) in table and "12 entries" in table and "7 not usable here" in table
 
 
 def test_prune_removes_what_this_install_never_reads_and_nothing_in_a_dry_run(cache, capsys) -> None:
     assert main(["cache", "prune", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert all(p.exists() for p in cache.values())
-    assert out.count("would remove") == 6 and "would free" in out
+    assert out.count("would remove") == 7 and "would free" in out
     assert main(["cache", "prune"]) == 0
-    assert capsys.readouterr().out.count("removed ") == 6
+    assert capsys.readouterr().out.count("removed ") == 7
     assert {name for name, path in cache.items() if path.exists()} == {"export", "ir", "choice", "speed",
                                                                        "building"}
 

@@ -282,14 +282,18 @@ def test_the_record_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert measure.cache_dir() == tmp_path / "mine" / "engine-choice"
 
 
-def test_each_arm_cpu_kind_times_under_its_own_key(cpuinfo, tiny_model_dir):
-    """On Arm every CPU read as ('', {}): a Graviton3 read the runtime a Graviton2 had timed, from a shared cache."""
+def test_each_cpu_kind_times_under_its_own_key(cpuinfo, tiny_model_dir):
+    """On Arm every CPU read as ('', {}): a Graviton3 read the runtime a Graviton2 had timed, from a shared cache.
+    Each sample CPU, x86 or Arm, times under a key of its own, and the same CPU under the same one."""
     candidates = [("onnx", "fp32", 1)]
     facts, keys = {}, {}
-    for cpu in ("graviton2", "graviton3"):
+    samples = ("graviton2", "graviton3", "broadwell", "zen2", "cascadelake", "icelake", "sapphirerapids")
+    for cpu in (*samples, "graviton2"):
         cpuinfo(cpu)
+        key = measure.timing_key(tiny_model_dir, "", candidates, "cpu", 2, [(8, 128)])[0]
+        assert keys.setdefault(cpu, key) == key
         facts[cpu] = measure.machine_facts()
-        keys[cpu] = measure.timing_key(tiny_model_dir, "", candidates, "cpu", 2, [(8, 128)])[0]
     assert (facts["graviton2"]["cpu"], facts["graviton3"]["cpu"]) == ("ARM Neoverse-N1 r3p1", "ARM Neoverse-V1 r1p1")
-    assert facts["graviton2"]["cpu_flags_sha256"] != facts["graviton3"]["cpu_flags_sha256"]
-    assert keys["graviton2"] != keys["graviton3"]
+    assert facts["cascadelake"]["cpu"] == "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz"
+    assert len({f["cpu_flags_sha256"] for f in facts.values()}) == len(samples)
+    assert len(set(keys.values())) == len(samples)

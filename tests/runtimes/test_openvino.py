@@ -19,7 +19,7 @@ import pytest
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import openvino_convert as convert
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
-from openrerank.runtimes.openvino_runtime import SHARED_BLOB_UNUSED_S, OpenVinoRuntime
+from openrerank.runtimes.openvino_runtime import OLD_BLOB_UNUSED_S, OpenVinoRuntime
 from tests.support import (
     NO_HOME,
     REPO,
@@ -132,17 +132,55 @@ def _untouched(path: Path, seconds: float) -> None:
 
 def test_blobs_of_the_old_shared_layout_are_removed_once_unused_for_a_week(tmp_path, model_copy):
     """Blobs an older version wrote into the cache's root (shared by every configuration) are read by nothing
-    now; a compile with the cache removes those untouched for `SHARED_BLOB_UNUSED_S`, and keeps its own
+    now; a compile with the cache removes those untouched for `OLD_BLOB_UNUSED_S`, and keeps its own
     configuration's blob and other files."""
     compiled = tmp_path / "cache" / convert.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "1234567890.blob").write_bytes(b"an old blob")
-    _untouched(compiled / "1234567890.blob", SHARED_BLOB_UNUSED_S + 60)
+    _untouched(compiled / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
     (compiled / "notes.txt").write_text("not a blob")
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
     assert not (compiled / "1234567890.blob").exists()
     assert (compiled / "notes.txt").exists()
-    assert len(list(compiled.glob("*/*.blob"))) == 1
+    assert len(list(compiled.glob("cpu-*/*/*.blob"))) == 1
+
+
+def test_blobs_of_the_layout_before_per_cpu_folders_are_removed_once_unused_for_a_week(tmp_path, model_copy):
+    """A configuration's folder straight under `compiled/` (every kind of CPU in it) is read by nothing now: its
+    blob goes once untouched for `OLD_BLOB_UNUSED_S`, and so does the folder it leaves empty; one used within
+    the week (an older version still running on the cache) stays."""
+    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    stale, used = compiled / "f32-0123456789abcdef", compiled / "bf16-0123456789abcdef"
+    for folder in (stale, used):
+        folder.mkdir(parents=True)
+        (folder / "1234567890.blob").write_bytes(b"a blob of the layout before per-CPU folders")
+    _untouched(stale / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
+    _untouched(used / "1234567890.blob", 3600)
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
+    assert not stale.exists()
+    assert (used / "1234567890.blob").exists()
+    [mine] = compiled.glob("cpu-*/*/*.blob")
+    assert mine.parent.parent == convert.compiled_cpu_dir(compiled)
+
+
+def test_each_kind_of_cpu_compiles_into_a_folder_of_its_own(cpuinfo, tmp_path):
+    """OpenVINO keys a blob by its CPUID brand string, "AMD EPYC" on a Zen 3 VM and a Zen 4 one alike: on a
+    cache volume both share, one imported kernels compiled for the other. The blobs' folder is keyed by the
+    CPU's name and flags, the facts that key the runtime timings (`devices.cpu_facts`, one owner)."""
+    from openrerank.runtimes import measure
+    from openrerank.runtimes.devices import cpu_facts
+    from openrerank.runtimes.openvino_runtime import compile_config, compiled_config_dir
+
+    compiled = tmp_path / convert.COMPILED_DIR
+    folders = {}
+    for cpu in ("zen2", "cascadelake", "sapphirerapids", "graviton3", "zen2"):
+        cpuinfo(cpu)
+        folder = convert.compiled_cpu_dir(compiled)
+        assert folders.setdefault(cpu, folder) == folder  # the same CPU: the same folder
+        assert folder.parent == compiled and folder.name.startswith(convert.COMPILED_CPU_PREFIX)
+        assert compiled_config_dir(compiled, compile_config("fp32", 2)).parent == folder
+        assert measure.machine_facts().items() >= cpu_facts().items()  # the timing record's CPU facts
+    assert len(set(folders.values())) == 4
 
 
 def test_a_shared_layout_blob_an_older_version_still_uses_is_kept(tmp_path, model_copy):
@@ -154,7 +192,7 @@ def test_a_shared_layout_blob_an_older_version_still_uses_is_kept(tmp_path, mode
     (compiled / "written.blob").write_bytes(b"an old pod wrote it an hour ago")
     _untouched(compiled / "written.blob", 3600)
     (compiled / "read.blob").write_bytes(b"an old pod imported it an hour ago")
-    written = time.time() - SHARED_BLOB_UNUSED_S - 60
+    written = time.time() - OLD_BLOB_UNUSED_S - 60
     os.utime(compiled / "read.blob", (time.time() - 3600, written))
     for _ in range(2):
         OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
@@ -166,7 +204,7 @@ def test_an_old_blob_that_cannot_be_removed_does_not_stop_the_start(tmp_path, mo
     compiled = tmp_path / "cache" / convert.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "1234567890.blob").write_bytes(b"an old blob")
-    _untouched(compiled / "1234567890.blob", SHARED_BLOB_UNUSED_S + 60)
+    _untouched(compiled / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
     real_unlink = Path.unlink
 
     def refuse(self, *args, **kwargs):
@@ -548,15 +586,23 @@ def test_compiled_blobs_are_listed_with_the_openvino_build_that_wrote_them(tmp_p
     cache = tmp_path / "cache"
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
     compiled = cache / convert.COMPILED_DIR
-    [mine] = compiled.glob("*/*.blob")
+    [mine] = compiled.glob("cpu-*/*/*.blob")
     older = mine.parent / "123.blob"
     older.write_bytes(mine.read_bytes()[:4096].replace(b'ie_version="', b'ie_version="1999.'))
     (compiled / "456.blob").write_bytes(b"an old shared blob")
+    (compiled / "f32-0123456789abcdef").mkdir()
+    before_cpus = compiled / "f32-0123456789abcdef" / "789.blob"
+    before_cpus.write_bytes(mine.read_bytes())
+    another_cpu = compiled / "cpu-000000000000000000000000" / mine.parent.name / mine.name
+    another_cpu.parent.mkdir(parents=True)
+    another_cpu.write_bytes(mine.read_bytes())
     found = {e.path: e for e in compiled_entries(compiled)}
-    assert set(found) == {mine, older, compiled / "456.blob"}
+    assert set(found) == {mine, older, compiled / "456.blob", before_cpus, another_cpu}
     assert found[mine].unusable is None and found[mine].size == mine.stat().st_size
     assert found[mine].built_with == {"openvino": convert.import_openvino().get_version(),
-                                      "compile": mine.parent.name}
+                                      "compile": f"{mine.parent.parent.name}/{mine.parent.name}"}
+    assert found[another_cpu].unusable is None  # servers on that kind of CPU read it
+    assert found[before_cpus].unusable == "the layout of openrerank before per-CPU folders (older versions)"
     assert found[older].unusable.startswith("openvino 1999.")
     assert "shared layout" in found[compiled / "456.blob"].unusable
 

@@ -257,7 +257,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=run_ls)
     prune = actions.add_parser("prune", parents=[cache_dir], help="remove the entries this install never reads",
                                description="Remove the entries this install never reads (built with another "
-                               "recipe number or package versions, damaged, the old compiled-blob layout, "
+                               "recipe number or package versions, damaged, older compiled-blob layouts, "
                                "unfinished builds), under the locks builds take: safe beside running servers. "
                                "Entries an older version sharing the cache still uses go too: prune once every "
                                "server on the cache runs this version.")

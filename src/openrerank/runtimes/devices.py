@@ -4,6 +4,7 @@ without a usable GPU is one clear line and exit 2, not a traceback and a server 
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,14 @@ def cpu_info() -> tuple[str, frozenset[str]]:
         text = ""
     name, flags = parse_cpuinfo(text)
     return name or platform.machine(), flags
+
+
+def cpu_facts() -> dict[str, str]:
+    """What tells one kind of CPU from another: its name and a hash of its flags (`cpu_info`). It keys what holds
+    on one kind only, in a cache that several may share: which runtime is fastest (`measure.machine_facts`) and
+    OpenVINO's compiled kernels (`openvino_convert.compiled_cpu_dir`)."""
+    model, flags = cpu_info()
+    return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()}
 
 
 def cuda_capability(device: str) -> tuple[int, int] | None:

@@ -25,7 +25,6 @@ runtime choice, so what admits requests can size its budgets by what this runtim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,7 +51,7 @@ from openrerank.runtimes.base import (
     lanes_text,
     lasting_refusal,
 )
-from openrerank.runtimes.devices import cpu_info
+from openrerank.runtimes.devices import cpu_facts
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +269,8 @@ def runtime_versions() -> dict[str, str]:
 
 def machine_facts() -> dict:
     """What decides a runtime's speed on this machine besides the runtime: the CPU (each kind of x86 or Arm CPU its
-    own name and flags) and the CPUs available."""
-    model, flags = cpu_info()
-    return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
-            "cpus_available": default_threads()}
+    own name and flags: `devices.cpu_facts`) and the CPUs available."""
+    return {**cpu_facts(), "cpus_available": default_threads()}
 
 
 def _model_content(model_dir: Path) -> dict:

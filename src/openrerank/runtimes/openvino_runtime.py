@@ -18,9 +18,11 @@ the CPU with:
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (compiled under the
   cache directory's lock: OpenVINO writes the blob in place, so replicas take turns; left out where the
   cache directory is read-only, e.g. a volume an export job filled: each start then compiles). One folder
-  per compile configuration (`compiled_config_dir`): the CPU plugin names a blob by the model and the
-  device alone (its `CACHING_PROPERTIES` are only `FULL_DEVICE_NAME`), so in one folder every configuration
-  of an IR (fp32 or bf16, threads, streams) imported whichever blob was written first. On an AMX Xeon a
+  per kind of CPU (`openvino_convert.compiled_cpu_dir`), and in it one per compile configuration
+  (`compiled_config_dir`): the CPU plugin names a blob by the model and the device alone (its
+  `CACHING_PROPERTIES` are only `FULL_DEVICE_NAME`, the CPUID brand string, generic on many VMs), so in one
+  folder every configuration of an IR (fp32 or bf16, threads, streams) imported whichever blob was written
+  first, and on a shared volume so would every kind of CPU with the same brand string. On an AMX Xeon a
   bf16 compile that imported an fp32 blob crashed in `infer` (glibc "double free or corruption"); with a
   fresh cache the same start served. Candidates that `--backend auto` only times compile without it
   (`compiled_cache=False`): a blob per timed configuration would cost disk (a model's size each) for
@@ -76,8 +78,10 @@ from openrerank.runtimes.base import (
 )
 from openrerank.runtimes.cache_entries import Entry, differences, last_used, read_quietly
 from openrerank.runtimes.openvino_convert import (
+    COMPILED_CPU_PREFIX,
     META_FILE,
     compiled_cache_dir,
+    compiled_cpu_dir,
     ensure_openvino,
     import_openvino,
     pre_exported_onnx,
@@ -129,7 +133,7 @@ FIRST_CALL = FirstCallAlone()
 
 def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None, lanes: int = 1) -> dict:
     """How the CPU plugin compiles a model to serve (see the module docstring); `compiled_dir`: the compiled-
-    model cache's root, under which this configuration's blobs get a folder of their own."""
+    model cache's root, under which this kind of CPU's blobs of this configuration get a folder of their own."""
     config = {
         "INFERENCE_PRECISION_HINT": _PRECISION[dtype],
         "INFERENCE_NUM_THREADS": threads,
@@ -143,61 +147,77 @@ def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None, l
 
 
 def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
-    """The folder of one compile configuration's blobs under the compiled-model cache: OpenVINO keys a blob by
-    the model and the device only, so a configuration must not see another's (module docstring)."""
+    """The folder of one compile configuration's blobs on this kind of CPU under the compiled-model cache
+    `compiled_dir`: OpenVINO keys a blob by the model and the device name only, so neither a configuration nor
+    a kind of CPU may see another's (module docstring)."""
     settings = {k: v for k, v in config.items() if k != "CACHE_DIR"}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
+    return compiled_cpu_dir(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
 
 
-#: How long a compiled blob of the old shared layout (`compiled/*.blob`) is kept untouched before a compile deletes
-#: it: no version since per-configuration folders reads it, but an older one still running on a shared cache
-#: volume (a rolling update, a rollback, a canary) imports it at each start and, where it is gone, compiles and
-#: writes it again (90 MB for the default model): deleted at each start of this version, it was rewritten at each
-#: start of that one. Untouched for a week, no such server has started; `openrerank cache prune` removes it sooner.
-SHARED_BLOB_UNUSED_S = 7 * 24 * 3600
+#: How long a compiled blob of an older layout is kept untouched before a compile deletes it: the shared one
+#: (`compiled/*.blob`) or one configuration's folder for every CPU (`compiled/<precision>-<hash>/*.blob`). No
+#: version since reads it, but an older one still running on a shared cache volume (a rolling update, a rollback,
+#: a canary) imports it at each start and, where it is gone, compiles and writes it again (90 MB for the default
+#: model): deleted at each start of this version, it was rewritten at each start of that one. Untouched for a
+#: week, no such server has started; `openrerank cache prune` removes it sooner.
+OLD_BLOB_UNUSED_S = 7 * 24 * 3600
 #: The OpenVINO build a compiled blob was written by, from its header: the CPU plugin imports only its own.
 _BLOB_VERSION = re.compile(rb'<compiled_blob [^>]*ie_version="([^"]+)"')
 
 
-def _drop_shared_blobs(compiled_dir: Path) -> None:
-    """Delete the blobs an older openrerank wrote straight into the cache's root, where every configuration
-    shared them, once untouched for `SHARED_BLOB_UNUSED_S`. Called under the folder's lock, so no replica is
-    importing one meanwhile."""
+def _old_layout(compiled_dir: Path, blob: Path) -> str | None:
+    """Which older layout of the compiled-model cache `blob` is in, which no configuration here reads; None
+    for this one's (`compiled/cpu-<key>/<configuration>/`)."""
+    if blob.parent == compiled_dir:
+        return "the shared layout of openrerank before per-configuration folders (older versions)"
+    if blob.parent.parent == compiled_dir:
+        return "the layout of openrerank before per-CPU folders (older versions)"
+    return None
+
+
+def _drop_old_blobs(compiled_dir: Path) -> None:
+    """Delete the blobs an older openrerank wrote in an older layout (`_old_layout`), once untouched for
+    `OLD_BLOB_UNUSED_S`, and a configuration's folder left empty. Called under the folder's lock, so no replica
+    is importing one meanwhile."""
     now = time.time()
-    for blob in compiled_dir.glob("*.blob"):
+    for blob in [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob")]:
+        if (layout := _old_layout(compiled_dir, blob)) is None:
+            continue
         try:
-            if now - last_used(blob) <= SHARED_BLOB_UNUSED_S:
+            if now - last_used(blob) <= OLD_BLOB_UNUSED_S:
                 continue  # an older version on this cache still uses it
             blob.unlink()
         except OSError as exc:  # another start removed it first, or the volume refuses: harmless either way
             log.debug("stale OpenVINO blob %s not removed: %s", blob, exc)
-        else:
-            log.info("removed %s: a compiled blob of the old shared layout, unused for %d days", blob,
-                     SHARED_BLOB_UNUSED_S // 86400)
+            continue
+        log.info("removed %s: a compiled blob of %s, unused for %d days", blob, layout, OLD_BLOB_UNUSED_S // 86400)
+        if blob.parent != compiled_dir:
+            with contextlib.suppress(OSError):  # not empty (another blob, a file of its own): kept
+                blob.parent.rmdir()
 
 
 def compiled_entries(compiled_dir: Path) -> list[Entry]:
-    """The compiled blobs in OpenVINO's cache (`openrerank cache`): each configuration's
-    (`compiled_config_dir`), unusable here when another OpenVINO build wrote it, and those of the old shared
-    layout, which no configuration reads."""
+    """The compiled blobs in OpenVINO's cache (`openrerank cache`): each kind of CPU's and configuration's
+    (`compiled_config_dir`), unusable here when another OpenVINO build wrote it, and those of older layouts
+    (`_old_layout`), which no configuration reads. Another kind of CPU's blob is usable: by servers on that
+    kind sharing the cache (as its runtime timings are)."""
     here = _openvino_version()
     out = []
-    for blob in sorted(compiled_dir.glob("*.blob")) + sorted(compiled_dir.glob("*/*.blob")):
+    blobs = [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
+             *compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*/*/*.blob")]
+    for blob in sorted(blobs):
         try:
             used, size = last_used(blob), blob.stat().st_size
             found = _BLOB_VERSION.search(read_quietly(blob, 4096))
         except OSError:  # removed meanwhile
             continue
         version = found.group(1).decode(errors="replace") if found else None
-        built_with = {"openvino": version, "compile": blob.parent.name}
+        built_with = {"openvino": version, "compile": blob.parent.relative_to(compiled_dir).as_posix()}
         if blob.parent == compiled_dir:
-            why: str | None = "the shared layout of openrerank before per-configuration folders (older versions)"
             built_with.pop("compile")
-        elif here is None:
-            why = "openvino is not installed here"
-        else:
-            why = differences(built_with, {"openvino": here})
+        why = _old_layout(compiled_dir, blob) or (
+            "openvino is not installed here" if here is None else differences(built_with, {"openvino": here}))
         out.append(Entry(blob, "openvino compiled", size, used, built_with, why))
     return out
 
@@ -288,7 +308,7 @@ class OpenVinoRuntime(Runtime):
             # half a blob. One compile per cache directory at a time; the others then import the finished blob.
             with exclusive(compiled_dir):
                 if compiled_dir is not None:
-                    _drop_shared_blobs(compiled_dir)
+                    _drop_old_blobs(compiled_dir)
                 return ov.Core().compile_model(str(conversion.path), "CPU", config)
 
         if (conversion := pre_exported_onnx(network, dtype)) is not None:  # a pre-exported folder is never rebuilt
