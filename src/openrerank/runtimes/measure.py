@@ -6,7 +6,7 @@ GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. The candidates are buil
 first batch of a shape compiles kernels and allocates) and timed in turns on a few batches at the lengths a
 reranker serves, for about a second each (`time_runtimes`), then closed. The timings are a JSON record in
 the converted-model cache (its `engine-choice/` folder), keyed by the CPU (its name and flags: x86's model
-name, Arm's implementer and part, `devices.cpu_info`), the thread count, the device, the model's content and
+name, Arm's implementer and part, `devices.cpu_facts`), the thread count, the device, the model's content and
 head, the candidates, the shapes and the runtime packages' versions; later starts read it, and replicas
 starting together wait on the cache's lock while the first one times (`artifact_cache.ensure_record`), so a
 machine times once. A record keeps a candidate's failure only when it
