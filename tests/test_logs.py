@@ -87,6 +87,39 @@ hf.get_logger("transformers.tokenization_utils_base").warning("a tokenizer warni
         ("transformers.tokenization_utils_base", "a tokenizer warning")]
 
 
+def test_an_upgrade_offer_uvicorns_h11_protocol_ignores_is_not_warned_of_per_request():
+    """Without httptools `serve` runs uvicorn's h11 protocol, which warned twice for each request offering an
+    upgrade the server ignores (h2c; a websocket under ws="none"), the second telling to install a WebSocket
+    library. The request is served and logged as any other."""
+    script = """
+import asyncio, socket, threading, time
+import uvicorn
+from openrerank.observe.logs import configure_logging
+configure_logging("info", "text")
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off", http="h11", ws="none"))
+threading.Thread(target=lambda: asyncio.run(server.serve([sock])), daemon=True).start()
+while not server.started:
+    time.sleep(0.02)
+for offer in (b"websocket", b"h2c"):
+    with socket.create_connection(sock.getsockname()) as client:
+        client.sendall(b"GET / HTTP/1.1\\r\\nhost: x\\r\\nconnection: upgrade, close\\r\\nupgrade: " + offer
+                       + b"\\r\\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n"
+                       + b"sec-websocket-version: 13\\r\\n\\r\\n")
+        print(client.recv(100)[:12].decode())
+server.should_exit = True
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["HTTP/1.1", "200", "HTTP/1.1", "200"], done.stdout
+    assert "WARNING" not in done.stderr and "upgrade" not in done.stderr.lower(), done.stderr
+
+
 def test_text_field_values_cannot_end_their_line_or_field():
     rec = _record("POST /v1/ranking 400", reason='model "x\nEVIL INFO forged\u2028y" k=v', model="m", empty="")
     text = TextFormatter().format(rec)

@@ -52,7 +52,7 @@ class Served:
     def __init__(self, header_timeout: float = 5.0) -> None:
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(refusing_app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    lifespan="off", http=http_guard.guarded_protocol(
+                                                    lifespan="off", ws="none", http=http_guard.guarded_protocol(
                                                         header_timeout, on_refusal=self.refused),
                                                     timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
@@ -230,6 +230,17 @@ def test_an_upgrade_offer_it_does_not_take_is_served_with_its_body(served):
         served.wait_closed()
 
 
+def test_an_upgrade_offer_it_does_not_take_with_connection_close_is_served_with_its_body(served):
+    """With `Connection: Upgrade, close` llhttp skipped everything after the offer's head, its body too: the
+    request waited for a body it never got (the app's body timeout, a 408)."""
+    for offer in (b"upgrade: h2c", b"upgrade: websocket"):
+        SEEN.clear()
+        answer = exchange(served, head("/echo", 5, b"connection: Upgrade, close", offer) + b"hello")
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nhello"), answer
+        assert SEEN == ["/echo"]
+        served.wait_closed()
+
+
 def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(served):
     """uvicorn answered the malformed request at once, in plain text, and closed: the valid request's answer
     was lost (and it was logged as the client's disconnect)."""
@@ -341,6 +352,30 @@ def test_headers_too_slow_name_the_variable_that_set_the_timeout(env_server):
     why = "request headers not received within 1 s (OPENRERANK_HEADER_TIMEOUT='1')"
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"] == why
     assert why in env_server.output()
+
+
+WEBSOCKET_OFFER = (b"upgrade: websocket\r\nconnection: Upgrade, close\r\n"
+                   b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n")
+
+
+def test_a_websocket_upgrade_offer_is_served_as_plain_http(env_server):
+    """The server has no WebSocket routes, but uvicorn took every `Upgrade: websocket` request into its
+    handshake: an empty 403 (a valid key) or a text/plain 400 on any path, a health route included, in no
+    access log. `serve` runs uvicorn with ws="none": the offer is ignored, as an h2c one is."""
+    ready = exchange(env_server, b"GET /v1/health/ready HTTP/1.1\r\nhost: x\r\n" + WEBSOCKET_OFFER + b"\r\n")
+    assert ready.startswith(b"HTTP/1.1 200 "), ready[:300]
+    body = b'{"bad": 1}'
+    bad = exchange(env_server, b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                   b"content-length: %d\r\n" % len(body) + WEBSOCKET_OFFER + b"\r\n" + body)
+    assert bad.startswith(b"HTTP/1.1 400 "), bad[:300]
+    answer = json.loads(bad.split(b"\r\n\r\n", 1)[1])  # NIM's error shape, from the app's own handlers
+    assert answer["object"] == "error" and answer["type"] == "validation", answer
+    request_id = dict(line.split(b": ", 1) for line in bad.split(b"\r\n\r\n")[0].split(b"\r\n")[1:])[
+        b"x-request-id"].decode()
+    deadline = time.monotonic() + WAIT_S  # its access line is written once the answer has gone out
+    while f"request_id={request_id}" not in env_server.output():
+        assert time.monotonic() < deadline, "no access line for the request"
+        time.sleep(0.05)
 
 
 class FakeNofile:

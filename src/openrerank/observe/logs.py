@@ -26,7 +26,11 @@ _UVICORN_NOISE = ("Uvicorn running on", "Waiting for application startup", "Appl
                   # drain's own line says what happens to the requests still running
                   "Waiting for connections to close", "Waiting for background tasks to complete",
                   # an unreadable request: its access line says what was wrong (server/middleware.record_refusal)
-                  "Invalid HTTP request received.")
+                  "Invalid HTTP request received.",
+                  # an upgrade offer it ignores (h2c; a websocket: `serve` has no WebSocket routes, ws="none") is
+                  # served as plain HTTP and logged as such; uvicorn's h11 protocol (without httptools) warned
+                  # twice a request, the second telling to install a WebSocket library
+                  "Unsupported upgrade request.", "No supported WebSocket library detected")
 
 
 def _timestamp(record: logging.LogRecord) -> str:

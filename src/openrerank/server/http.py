@@ -170,8 +170,12 @@ def run(app: Any, config: ServerConfig, sock: socket.socket) -> int:
                 exit_now(128 + sig)
             self.loop.call_soon_threadsafe(app.state.drain.end_now)  # not uvicorn's force-quit (docstring)
 
+    # ws="none": the server has no WebSocket routes. uvicorn's default ("auto", with `websockets` installed) took
+    # every `Upgrade: websocket` request into its handshake: a text/plain 400 or an empty 403 on any path (a health
+    # route, without the API key's 401), in no access log and no metric. Now the offer is ignored, as an h2c one
+    # is (`http_edges.OfferIgnoringParser`), and the request served as plain HTTP.
     server = DrainingServer(uvicorn.Config(
-        app, log_config=None, log_level=config.log_level, access_log=False,
+        app, log_config=None, log_level=config.log_level, access_log=False, ws="none",
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile, ssl_ca_certs=config.ssl_ca_certs,
         ssl_cert_reqs=ssl.CERT_REQUIRED if config.ssl_ca_certs else ssl.CERT_NONE,
         timeout_graceful_shutdown=config.graceful_timeout + UVICORN_MARGIN_S,

@@ -46,15 +46,23 @@ class StopParsing(Exception):
 
 class OfferIgnoringParser(httptools.HttpRequestParser):
     """llhttp as uvicorn drives it, except that an upgrade offer the server does not take (h2c, which curl
-    --http2, Java's and Ktor's clients send on plain http; anything but a websocket) is ignored, as RFC 9110
-    section 7.8 allows: llhttp stops at the end of such a request's head, uvicorn then handed the app an
-    empty body and took the body's bytes for the next request. The body's framing is replayed to llhttp
-    (a head the protocol does not see) and the body read as the request's. A parse the protocol itself
-    stopped (a request it refused) ends quietly, without uvicorn's 400."""
+    --http2, Java's and Ktor's clients send on plain http; a websocket too where uvicorn runs with ws="none", as
+    `serve` does) is ignored, as RFC 9110 section 7.8 allows: llhttp stops at the end of such a request's head,
+    uvicorn then handed the app an empty body and took the body's bytes for the next request. The body's
+    framing is replayed to llhttp (a head the protocol does not see) and the body read as the request's. A
+    parse the protocol itself stopped (a request it refused) ends quietly, without uvicorn's 400."""
 
     def __init__(self, protocol: Any) -> None:
         super().__init__(protocol)
         self.protocol = protocol
+
+    def _restart(self) -> None:
+        """llhttp afresh, with the leniency the guard's protocol gives it (`http_guard`)."""
+        httptools.HttpRequestParser.__init__(self, self.protocol)
+        try:
+            self.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # pragma: no cover - httptools < 0.6.3
+            pass
 
     def feed_data(self, data: bytes) -> None:
         while data:
@@ -65,6 +73,8 @@ class OfferIgnoringParser(httptools.HttpRequestParser):
                 if self.protocol._should_upgrade():  # a websocket: uvicorn's
                     raise
                 data = data[exc.args[0]:]
+                if not self.should_keep_alive():  # `Connection: close`: llhttp skipped all after the head, the
+                    self._restart()  # framing and body too (a 408 once the body timed out): a fresh parse
                 self.protocol.replaying = True
                 try:
                     super().feed_data(body_framing(self.protocol.headers))

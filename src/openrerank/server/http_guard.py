@@ -12,8 +12,9 @@ loses the answer. Such a connection is closed gently instead (half-closed, the r
 dropped, bounded by LINGER_S and LINGER_MAX_S). A reverse proxy in front should still bound connections per
 client (docs/reliability.md). A request that cannot be served (unreadable: 400; a transfer coding other than
 chunked: 501; headers too large: 431) is answered after the requests pipelined before it, in the path's error
-shape: uvicorn closed at once, losing their answers. An upgrade offer other than a websocket (h2c) is ignored
-and the request served with its body (`server/http_edges.py`).
+shape: uvicorn closed at once, losing their answers. An upgrade offer the server does not take
+(h2c; a websocket too, `server/http.py` runs uvicorn with ws="none") is ignored and the request served with its
+body (`server/http_edges.py`).
 
 Each request the guard answers itself, before the app has it, is counted and logged as the app's answers are
 (`refusal_recorder`, `middleware.record_refusal`).
