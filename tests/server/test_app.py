@@ -131,6 +131,38 @@ def test_an_empty_body_is_named_as_such_in_the_dialect_shape(path, keys):
     assert set(r.json()) == keys and r.json()["message"] == "request body is empty: send a JSON object"
 
 
+def error_message(answer) -> str:
+    """The message of an error answer in any dialect's shape."""
+    body = answer.json()
+    said = body.get("message", body.get("error"))
+    return said["message"] if isinstance(said, dict) else said
+
+
+# every route that takes a JSON body: FastAPI's and `list_bounds`' parse (the standard library), or TEI's own (orjson)
+BODY_ROUTES = [path for path, _ in EMPTY_BODY_SHAPES] + ["/embed", "/embeddings", "/rerank", "/", "/invocations"]
+STDLIB_PARSED = [path for path in BODY_ROUTES if path not in ("/rerank", "/", "/invocations")]
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
+def test_a_body_that_is_not_json_is_told_where_it_broke_on_every_route(path):
+    """The routes the standard library parses said "request body is not valid JSON: Invalid control character
+    at", the sentence cut where its position was, which orjson's routes gave."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.post(path, content=b'{"query":"a\x01b"}', headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert error_message(r).startswith("request body is not valid JSON: "), r.text
+    assert error_message(r).endswith("line 1 column 12 (char 11)"), r.text
+
+
+@pytest.mark.parametrize("path", STDLIB_PARSED)
+def test_a_number_over_the_digit_limit_is_named(path):
+    """Python's JSON parser refuses an integer of more than 4,300 digits with a ValueError, not a JSON error:
+    the answer was a bare "request body is not valid JSON"."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.post(path, content=b'{"n": ' + b"1" * 4400 + b"}", headers={"content-type": "application/json"})
+    assert error_message(r) == "request body holds a number of more than 4300 digits, too long to read", r.text
+
+
 @pytest.mark.parametrize("public", [False, True])
 def test_metrics_public_opens_the_scrape_route_only(public):
     """With --api-key, a Prometheus that scrapes by pod annotation (no key) needs --metrics-public."""

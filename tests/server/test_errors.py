@@ -3,6 +3,9 @@ setting named as the operator gave it."""
 
 from __future__ import annotations
 
+import json
+
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
@@ -18,12 +21,37 @@ from openrerank.server.errors import (
     ApiError,
     Dialect,
     Kind,
+    body_parse_message,
     failure_for,
     failure_message,
     nim_error_body,
 )
 
 SHOWN = {"request-timeout": "NIM_REQUEST_TIMEOUT_S='0.02'"}
+
+
+def _parse_error(body: str, parse=json.loads) -> BaseException:
+    try:
+        parse(body)
+    except (ValueError, RecursionError) as exc:
+        return exc
+    raise AssertionError(f"{body!r} parsed")
+
+
+def test_a_body_parse_error_says_where_in_one_wording_whichever_parser_read_it():
+    """The standard library's message names a position it does not hold ("... at"): the position follows it;
+    orjson's error is the standard library's, positioned the same way."""
+    assert body_parse_message(_parse_error('{"a": "b')) == (
+        "request body is not valid JSON: Unterminated string starting at line 1 column 7 (char 6)")
+    assert body_parse_message(_parse_error('{\n "a": }')) == (
+        "request body is not valid JSON: Expecting value: line 2 column 7 (char 8)")
+    said = body_parse_message(_parse_error('{"a": }', orjson.loads))  # orjson's own words, its position
+    assert said.startswith("request body is not valid JSON: ") and said.endswith(": line 1 column 7 (char 6)"), said
+    assert body_parse_message(_parse_error("[" * 100_000)) == "request body is nested too deeply to parse"
+    assert body_parse_message(_parse_error("1" * 5000)) == (
+        "request body holds a number of more than 4300 digits, too long to read")
+    with pytest.raises(MemoryError):  # not the client's: a logged 500
+        body_parse_message(MemoryError())
 
 
 def test_an_image_error_is_answered_by_its_class_not_by_an_http_status_it_carries():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import re
 import time
@@ -40,6 +41,7 @@ from openrerank.server.errors import (
     Dialect,
     Failure,
     Kind,
+    body_parse_message,
     dialect_for,
     failure_message,
     format_validation_errors,
@@ -172,16 +174,6 @@ def install_openapi_models(app: FastAPI, models: tuple[type[BaseModel], ...]) ->
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def body_parse_message(cause: BaseException | None) -> str:
-    """What FastAPI's generic "error parsing the body" (it catches any exception while parsing) meant, when
-    the client caused it; anything else (MemoryError, a bug) is raised again, to surface as a logged 500."""
-    if isinstance(cause, RecursionError):
-        return "request body is nested too deeply to parse"
-    if cause is None or isinstance(cause, ValueError):  # JSON and UTF-8 decoding errors are ValueErrors
-        return "request body is not valid JSON"
-    raise cause
-
-
 def allowed_methods(request: Request) -> str:
     """A 405's `Allow`: the methods of every route of the request's path. Starlette names those of the first route
     whose path matches, and TEI's `/` is two routes (GET: health, POST: the model's task)."""
@@ -205,6 +197,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         dialect = request_dialect(request)
+        if isinstance(exc.__cause__, json.JSONDecodeError):  # FastAPI's parse of the body: its error keeps no line
+            return dialect.response(400, body_parse_message(exc.__cause__), Kind.VALIDATION)
         model = dialect.request_models.get(request.url.path)
         return dialect.response(400, format_validation_errors(list(exc.errors()), model), Kind.VALIDATION)
 
@@ -212,7 +206,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
-            message = body_parse_message(exc.__cause__)
+            message = body_parse_message(exc.__cause__)  # FastAPI's "error parsing the body": what it meant
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)

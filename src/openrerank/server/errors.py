@@ -7,6 +7,8 @@ see exactly the error bodies they already parse.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -249,8 +251,7 @@ def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) 
                 continue
             parts.append(f"unknown field '{where}'")
         elif typ == "json_invalid":
-            ctx = err.get("ctx", {}).get("error", "")
-            parts.append(f"request body is not valid JSON: {ctx}".rstrip(": "))
+            parts.append(_not_json(err.get("ctx", {}).get("error", "")))
         elif typ == "missing" and not loc:  # FastAPI's missing body: nothing was sent
             parts.append("request body is empty: send a JSON object")
         elif typ == "missing":
@@ -265,3 +266,26 @@ def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) 
     if len(errors) > MAX_ERRORS_READ:
         parts.append(f"and {len(errors) - MAX_ERRORS_READ} more errors")
     return "; ".join(parts) or "invalid request"
+
+
+def _not_json(detail: str) -> str:
+    return f"request body is not valid JSON: {detail}".rstrip(": ")
+
+
+def body_parse_message(cause: BaseException | None) -> str:
+    """What a body that does not parse is told, whichever parser read it: the standard library's (FastAPI's, and
+    `list_bounds`) or orjson's (TEI's `json_object`; its JSONDecodeError is the standard library's), so every
+    route says where the JSON broke, by line, column and character, as orjson writes it. The standard library's
+    own message stopped mid-sentence ("Invalid control character at"), and its limit on an integer's digits
+    (a ValueError) said nothing. Anything not the client's (MemoryError, a bug) is raised again, to surface as a
+    logged 500."""
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if isinstance(cause, json.JSONDecodeError):
+        at = " " if cause.msg.endswith(" at") else ": "  # "... starting at line 1", "Expecting value: line 1"
+        return _not_json(f"{cause.msg}{at}line {cause.lineno} column {cause.colno} (char {cause.pos})")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"request body holds a number of more than {sys.get_int_max_str_digits()} digits, too long to read"
+    if cause is None or isinstance(cause, ValueError):  # UTF-8 decoding errors are ValueErrors
+        return _not_json("")
+    raise cause

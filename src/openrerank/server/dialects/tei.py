@@ -26,7 +26,7 @@ from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
-from openrerank.server.errors import ApiError, Dialect, Kind, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, body_parse_message, register_dialect
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import DEFAULT_MODEL_ID, public_source
 from openrerank.wire.infinity import InfinityError, InfinityHealth, InfinityRerankRequest, InfinityRerankResponse
@@ -146,7 +146,7 @@ async def json_object(request: Request, fields: str) -> dict:
     try:  # a big body in its turn (`list_bounds.off_loop`): on the loop, 16 parses at once stalled it for all 16
         payload = await list_bounds.off_loop(len(body), orjson.loads, body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(422, f"request body is not valid JSON: {exc}") from None
+        raise ApiError(422, body_parse_message(exc)) from None
     finally:
         body_budget.release(request.scope)  # parsed: admission bounds it from here
     if not isinstance(payload, dict):
