@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 import math
 
 import httpx
@@ -130,6 +132,29 @@ def test_malformed_json_and_oversize(tiny_server):
         big = c.post("/rerank", json={"query": "q", "texts": ["x" * 30000]})
     assert_tei_error(bad, 422, "Validation", "JSON")
     assert big.status_code == 413 and set(big.json()) == {"error", "error_type"}
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/rerank", {"query": "paris", "texts": ["banana", "paris is the capital"]}),
+    ("/rerank", {"query": "paris", "documents": ["banana", "paris is the capital"]}),  # Infinity's form
+    ("/", {"query": "paris", "texts": ["banana", "paris is the capital"]}),
+    ("/invocations", {"query": "paris", "texts": ["banana", "paris is the capital"]}),
+    ("/v1/ranking", {"query": {"text": "paris"}, "passages": [{"text": "banana"}, {"text": "paris"}]}),
+])
+def test_a_leading_byte_order_mark_is_skipped_on_every_route(tiny_server, path, body):
+    """The standard library's parse (every other route) skips a UTF-8 BOM; orjson's (these routes) refused it
+    with a 422, so TEI's own /embed took a body that its /rerank refused."""
+    raw = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    with tiny_server.client() as c:
+        plain = c.post(path, content=raw, headers=headers)
+        marked = c.post(path, content=codecs.BOM_UTF8 + raw, headers=headers)
+    def answer(r: httpx.Response) -> object:  # less what differs per request (Infinity's id and time)
+        said = r.json()
+        return {k: v for k, v in said.items() if k not in ("id", "created")} if isinstance(said, dict) else said
+
+    assert plain.status_code == 200, plain.text
+    assert marked.status_code == 200 and answer(marked) == answer(plain), marked.text
 
 
 def test_health_and_info(tiny_server, tiny_model_dir):
