@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -208,6 +209,24 @@ def test_id_is_score_and_the_callers_request_id(tiny_server):
     assert given.status_code == 200, given.text
     assert given.json()["id"] == "score-myid123" and given.headers["x-request-id"] == "myid123"
     assert made.json()["id"] == f"score-{made.headers['x-request-id']}"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"text_1": 5, "text_2": ["x"]}, "text_1: must be a string or a list of strings"),
+    ({"queries": {"a": 1}, "items": ["x"]}, "queries: must be a string or a list of strings"),
+    ({"data_1": "q", "data_2": None, "items": 5}, "items: must be a string or a list of strings"),
+    ({"text_1": ["a", 5], "text_2": ["x"]}, "text_1.1: Input should be a valid string"),
+    ({"text_1": "q\ud800", "text_2": ["x"]},
+     "text_1: text holds a lone UTF-16 surrogate (\\ud800 at character 1), which is not valid Unicode"),
+])
+@pytest.mark.parametrize("path", ["/v1/score", "/score"])
+def test_a_text_field_of_the_wrong_kind_is_named_with_what_it_takes(path, body, message):
+    """pydantic names each branch of a union by its schema: the answer read `text_1.function-after[valid_text(),
+    str]: Input should be a valid string; text_1.list[function-after[valid_text(), str]]: Input should be a valid
+    list`. A value of a branch's kind (a list) is told only that branch's errors."""
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        r = c.post(path, content=json.dumps(body), headers={"content-type": "application/json"})  # \ud800 escaped
+    assert r.status_code == 400 and r.json()["message"] == message, r.text
 
 
 def test_malformed_json(tiny_server):

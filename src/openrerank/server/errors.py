@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -236,12 +237,128 @@ def dialect_for(path: str) -> Dialect:
 MAX_ERRORS_READ = 100
 
 
+#: pydantic error types that say a value is not of a branch's kind at all (another kind might take it).
+_WRONG_KIND = ("literal_error", "enum", "is_instance_of", "none_required", "int_parsing", "float_parsing",
+               "bool_parsing")
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """The type under `Annotated` and `Optional` (a union with None and one other type)."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, UnionType) and len(_members(annotation)) == 1:
+            annotation = _members(annotation)[0]
+        else:
+            return annotation
+
+
+def _members(annotation: Any) -> tuple:
+    return tuple(a for a in get_args(annotation) if a is not type(None))
+
+
+def _choices(annotation: Any) -> tuple | None:
+    """The types a union of two or more (None aside) accepts; pydantic tags each of its errors with the branch."""
+    annotation = _unwrapped(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        return _members(annotation)
+    return None
+
+
+def _inner(annotation: Any, key: Any) -> Any:
+    """The type at `key` (a field name, a list index, a dict key) of a value of `annotation`; None: unknown."""
+    annotation = _unwrapped(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, info in annotation.model_fields.items():
+            if key in (name, info.alias, info.validation_alias):
+                return info.annotation
+        return None
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (list, set, frozenset) and isinstance(key, int) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
+
+
+def _union_tag(model: type[BaseModel], loc: tuple) -> tuple[int, tuple] | None:
+    """Where in `loc` the branch tag of the first union on its path sits, and the union's types."""
+    annotation: Any = model
+    for i, key in enumerate(loc):
+        choices = _choices(annotation)
+        if choices is not None:
+            return i, choices
+        annotation = _inner(annotation, key)
+        if annotation is None:
+            return None
+    return None
+
+
+def _kind_words(annotation: Any, many: bool = False) -> str:
+    """What a client may send for `annotation`, in JSON's words ("a string", many: "strings")."""
+    annotation = _unwrapped(annotation)
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return _or([f"'{v}'" if isinstance(v, str) else str(v) for v in get_args(annotation)])
+    if origin in (Union, UnionType):
+        return _or([_kind_words(a, many) for a in _members(annotation)])
+    if annotation is list or origin in (list, tuple, set, frozenset):
+        args = get_args(annotation)
+        of = f" of {_kind_words(args[0], True)}" if args and args[0] is not Any else ""
+        return ("lists" if many else "a list") + of
+    if annotation is dict or origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return "objects" if many else "an object"
+    for kind, one, several in ((bool, "a boolean", "booleans"), (str, "a string", "strings"),
+                               (int, "an integer", "integers"), (float, "a number", "numbers")):
+        if annotation is kind:
+            return several if many else one
+    return "values" if many else "a value"
+
+
+def _or(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _without_union_tags(errors: list[dict], model: type[BaseModel] | None) -> list[dict]:
+    """pydantic's errors for a union field (`text_1`: a string or a list of strings) name each branch by its
+    schema (`text_1.function-after[valid_text(), str]`, `text_1.list[...]`) and list every branch's error. Read
+    as the field's own: a value of no branch's kind is one error naming what the field takes; a value of a
+    branch's kind (a list, one of whose items is wrong) keeps only that branch's errors, without the tag."""
+    if model is None:
+        return errors
+    out: list[dict | tuple] = []  # the errors in order; a union field's place: its loc
+    fields: dict[tuple, tuple[tuple, list[dict]]] = {}  # a union field's loc -> its types, its value's errors
+    for err in errors:
+        loc = tuple(x for x in err.get("loc", ()) if x != "body")
+        tagged = _union_tag(model, loc)
+        if tagged is None:
+            out.append(err)
+            continue
+        at, choices = tagged
+        where = loc[:at]
+        if where not in fields:
+            fields[where] = (choices, [])
+            out.append(where)
+        typ = err.get("type", "")
+        if len(loc) > at + 1 or not (typ.endswith("_type") or typ in _WRONG_KIND):  # the value is of this kind
+            fields[where][1].append({**err, "loc": where + loc[at + 1:]})
+    resolved: list[dict] = []
+    for item in out:
+        if isinstance(item, dict):
+            resolved.append(item)
+            continue
+        choices, own = fields[item]
+        takes = _or([_kind_words(choice) for choice in choices])
+        resolved.extend(own or [{"type": "union", "loc": item, "msg": f"must be {takes}"}])
+    return resolved
+
+
 def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) -> str:
     """pydantic errors as one readable sentence (the first `MAX_ERRORS_READ`, and how many more); unknown top-level
-    fields name the allowed ones."""
+    fields name the allowed ones; a union field's errors read as the field's (`_without_union_tags`)."""
     parts: list[str] = []
     unknown: list[str] = []
-    for err in errors[:MAX_ERRORS_READ]:
+    for err in _without_union_tags(errors[:MAX_ERRORS_READ], model):
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         typ = err.get("type", "")
