@@ -55,14 +55,19 @@ class OfferIgnoringParser(httptools.HttpRequestParser):
     def __init__(self, protocol: Any) -> None:
         super().__init__(protocol)
         self.protocol = protocol
+        self._lenient()
 
-    def _restart(self) -> None:
-        """llhttp afresh, with the leniency the guard's protocol gives it (`http_guard`)."""
-        httptools.HttpRequestParser.__init__(self, self.protocol)
+    def _lenient(self) -> None:
+        """As uvicorn sets its own parser: answer a request pipelined before a close."""
         try:
             self.set_dangerous_leniencies(lenient_data_after_close=True)
         except AttributeError:  # pragma: no cover - httptools < 0.6.3
             pass
+
+    def _restart(self) -> None:
+        """llhttp afresh (the same memory, llhttp_init again), as lenient."""
+        httptools.HttpRequestParser.__init__(self, self.protocol)
+        self._lenient()
 
     def feed_data(self, data: bytes) -> None:
         while data:

@@ -104,10 +104,6 @@ def guarded_protocol(header_timeout: float, max_header_bytes: int = ServerConfig
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.parser = OfferIgnoringParser(self)
-            try:  # as uvicorn sets its own parser: answer a request pipelined before a close
-                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-            except AttributeError:  # pragma: no cover - httptools < 0.6.3
-                pass
 
         def data_received(self, data: bytes) -> None:
             if self._lingering:
