@@ -15,8 +15,9 @@ from openrerank.engine.served import ServedModel
 from openrerank.runtimes.heap import HEAP
 from openrerank.server.app import create_app, route_paths
 from openrerank.server.config import ServerConfig
-from openrerank.server.errors import MAX_ERRORS_READ, MAX_MESSAGE_CHARS, format_validation_errors
+from openrerank.server.errors import MAX_MESSAGE_CHARS
 from openrerank.server.middleware import HeadMiddleware
+from openrerank.server.request_messages import MAX_ERRORS_READ, format_validation_errors
 from openrerank.wire.nim import NimRankingRequest
 from tests.support import nim_body
 

@@ -41,10 +41,8 @@ from openrerank.server.errors import (
     Dialect,
     Failure,
     Kind,
-    body_parse_message,
     dialect_for,
     failure_message,
-    format_validation_errors,
 )
 from openrerank.server.host_limits import cap_to_memory_limit, hint_threads
 from openrerank.server.middleware import (
@@ -56,6 +54,7 @@ from openrerank.server.middleware import (
     request_id,
 )
 from openrerank.server.openapi import install_openapi
+from openrerank.server.request_messages import body_parse_message, format_validation_errors
 from openrerank.server.responses import OrjsonResponse
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,10 @@ from openrerank.core.settings import Shown
 from openrerank.engine.served_models import ServedModels
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects.list_bounds import PASSAGES, check_lists, off_loop
-from openrerank.server.errors import ApiError, Kind, format_validation_errors
+from openrerank.server.errors import ApiError, Kind
 from openrerank.server.middleware import arrival, request_usage
 from openrerank.server.middleware import request_id as scope_request_id
+from openrerank.server.request_messages import format_validation_errors
 
 
 def served_models(request: Request) -> ServedModels:

@@ -31,7 +31,8 @@ from pydantic import BaseModel
 from openrerank.core.settings import Shown, setting_name
 from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
-from openrerank.server.errors import ApiError, Kind, format_validation_errors
+from openrerank.server.errors import ApiError, Kind
+from openrerank.server.request_messages import format_validation_errors
 
 #: A body at least this large is parsed, counted and validated on a worker thread, not on the event loop: a
 #: legal 8 MB body (Cohere v1, 512 documents of 1,200 fields) took 91 ms to parse and 245 ms to validate, during

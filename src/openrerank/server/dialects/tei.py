@@ -27,7 +27,8 @@ from openrerank.server import body_budget
 from openrerank.server.config import ServerConfig
 from openrerank.server.dialects import common, embeddings, infinity, list_bounds
 from openrerank.server.dialects.score_form import result_relevance
-from openrerank.server.errors import ApiError, Dialect, Kind, body_parse_message, register_dialect
+from openrerank.server.errors import ApiError, Dialect, Kind, register_dialect
+from openrerank.server.request_messages import body_parse_message
 from openrerank.server.responses import OrjsonResponse
 from openrerank.sources.source import DEFAULT_MODEL_ID, public_source
 from openrerank.wire.infinity import InfinityError, InfinityHealth, InfinityRerankRequest, InfinityRerankResponse

@@ -21,8 +21,9 @@ import numpy as np
 from pydantic import ValidationError
 
 from openrerank.core.requests import RerankResult
-from openrerank.server.errors import format_validation_errors, safe_text
+from openrerank.server.errors import safe_text
 from openrerank.server.grpc.tensors import BytesTensor, TensorError, decode_text
+from openrerank.server.request_messages import format_validation_errors
 from openrerank.wire.nim import NimRankingRequest
 
 
