@@ -27,8 +27,10 @@ def valid_text(value: str) -> str:
     return value
 
 
-def echoable(value: Any, depth: int = 0) -> Any:
-    """Refuse a JSON value the server could not write back as it came (documents are returned whole)."""
+def echoable(value: Any, *, depth: int = 0) -> Any:
+    """Refuse a JSON value the server could not write back as it came (documents are returned whole). `depth` is
+    keyword-only: pydantic reads a second positional parameter of a validator as its `ValidationInfo` (2.7 did so
+    even with a default), and a validator must not depend on which reading a version makes."""
     if depth > MAX_DOCUMENT_DEPTH:
         raise ValueError(f"nested deeper than {MAX_DOCUMENT_DEPTH} levels")
     if isinstance(value, str):
@@ -44,10 +46,10 @@ def echoable(value: Any, depth: int = 0) -> Any:
     elif isinstance(value, dict):
         for k, v in value.items():
             valid_text(k)
-            echoable(v, depth + 1)
+            echoable(v, depth=depth + 1)
     elif isinstance(value, list):
         for v in value:
-            echoable(v, depth + 1)
+            echoable(v, depth=depth + 1)
     return value
 
 
