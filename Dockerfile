@@ -31,7 +31,7 @@ COPY scripts/install-torch.sh ./scripts/
 # The export environment: the CPU build of PyTorch (pinned; before the sources, so a source change reuses it),
 # then openrerank and the embedded default model.
 RUN python3 -m venv /opt/export && scripts/install-torch.sh /opt/export/bin/python -q
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 RUN /opt/export/bin/pip install -q -c constraints.txt . \
  && /opt/export/bin/pip wheel -q --no-deps -w /tmp/wheels .
@@ -74,7 +74,7 @@ WORKDIR /src
 COPY constraints.txt ./
 COPY scripts/install-torch.sh ./scripts/
 RUN python3 -m venv /opt/openrerank/venv && scripts/install-torch.sh /opt/openrerank/venv/bin/python --gpu -q
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 RUN /opt/openrerank/venv/bin/pip install -q -c constraints.txt . \
  && rm -rf /src

@@ -1,20 +1,27 @@
-"""What the wheel carries, built by setuptools from a clean copy of the checkout: the version is the package's own
-(`openrerank.__version__`, the one the server reports)."""
+"""What the sdist and the wheel carry, built by setuptools from a clean copy of the checkout: the version is the
+package's own (`openrerank.__version__`, the one the server reports), the licence text goes with both, and the
+sdist holds what docs/deploy.md's PyTorch step reads but not a tests/ tree it could not run."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+import openrerank
 from tests.support import REPO
 
-#: What the build reads.
-TREE = ("pyproject.toml", "README.md", "src")
+#: apache.org's LICENSE-2.0.txt, unmodified (the same bytes onnx, yarl and ml_dtypes ship).
+APACHE_2_MD5 = "3b83ef96387f14655fc854ddc3c6bd57"
+#: What the build reads, and a tests/ tree for the sdist to leave out.
+TREE = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "constraints.txt", "scripts", "src", "tests")
 
 
 def _copy(dest: Path, names: tuple[str, ...] = TREE) -> Path:
@@ -42,10 +49,31 @@ def _hook(tree: Path, hook: str, out: Path) -> Path:
 def test_the_wheels_version_is_read_from_the_package(tmp_path):
     """Bump `__version__` alone: the wheel's metadata follows (before, pyproject.toml held its own copy, and a
     bump of one of the two made a wheel that reported another version than its name)."""
-    tree = _copy(tmp_path / "tree", TREE)
+    tree = _copy(tmp_path / "tree", ("pyproject.toml", "README.md", "LICENSE", "src"))
     init = tree / "src" / "openrerank" / "__init__.py"
     text, bumped = re.subn(r'^__version__ = "[^"]+"$', '__version__ = "9.9.9.dev0"', init.read_text(), flags=re.M)
     assert bumped == 1
     init.write_text(text)
     meta = _hook(tree, "prepare_metadata_for_build_wheel", tmp_path / "meta") / "METADATA"
     assert Parser().parsestr(meta.read_text())["Version"] == "9.9.9.dev0"
+
+
+def test_the_sdist_builds_a_wheel_and_both_carry_the_licence(tmp_path):
+    sdist = _hook(_copy(tmp_path / "tree"), "build_sdist", tmp_path / "sdist")
+    top = f"openrerank-{openrerank.__version__}"
+    assert sdist.name == f"{top}.tar.gz"
+    with tarfile.open(sdist) as tar:
+        names = set(tar.getnames())
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert {f"{top}/LICENSE", f"{top}/constraints.txt", f"{top}/scripts/install-torch.sh"} <= names
+    # All of tests/ or none: setuptools' default took the top-level tests/test_*.py without tests/support.py.
+    assert not [n for n in names if n.startswith(f"{top}/tests")]
+    assert hashlib.md5((tmp_path / "unpacked" / top / "LICENSE").read_bytes()).hexdigest() == APACHE_2_MD5
+
+    wheel = _hook(tmp_path / "unpacked" / top, "build_wheel", tmp_path / "wheel")  # from the sdist alone
+    with zipfile.ZipFile(wheel) as whl:
+        meta = Parser().parsestr(whl.read(f"{top}.dist-info/METADATA").decode())
+        licence = whl.read(f"{top}.dist-info/licenses/LICENSE")
+    assert meta["Version"] == openrerank.__version__
+    assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
+    assert hashlib.md5(licence).hexdigest() == APACHE_2_MD5

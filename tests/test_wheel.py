@@ -27,7 +27,7 @@ pytest.importorskip("build")
 def test_built_wheel_installs_into_a_fresh_venv_and_serves(tmp_path):
     tree = tmp_path / "tree"  # a clean copy: building in place would leave build/ and *.egg-info behind
     tree.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, tree / name)
     shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = tmp_path / "dist"
