@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.extras import install_hint
 from openrerank.runtimes import openvino_convert, selection
 from openrerank.runtimes.selection import RuntimeConfigError, check_runtime_options, plan_runtimes
 
@@ -220,8 +221,9 @@ def test_explicit_backends_are_exact_or_refused(machine):
     with pytest.raises(RuntimeConfigError, match="needs the openvino package"):
         check_runtime_options("openvino", "fp32", "cpu")
     machine(BF16_CPU, nncf=False)
-    with pytest.raises(RuntimeConfigError, match="needs the nncf package"):
+    with pytest.raises(RuntimeConfigError, match="needs the 'int8' extra") as int8:
         check_runtime_options("openvino", "int8", "cpu")
+    assert install_hint("int8") in str(int8.value) and "pip install nncf" not in str(int8.value)  # as every extra
     assert first("openvino", "auto") == ("openvino", "bf16")
     assert first("onnx", "auto") == ("onnx", "fp32")
     assert first("torch", "auto") == ("torch", "fp32")

@@ -55,6 +55,7 @@ import warnings
 from dataclasses import dataclass
 
 from openrerank.core.settings import Shown, setting
+from openrerank.extras import install_hint
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
 from openrerank.runtimes.devices import X86, cpu_info, cpu_isa, cuda_auto_dtype, cuda_capability, is_cuda
@@ -241,7 +242,8 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
     if dtype == "bf16" and not bf16_unit:
         raise _bf16_refusal("openvino", names, flags, int8=True)
     if dtype == "int8" and not nncf_available():
-        raise RuntimeConfigError(f"{names['backend']} {names['dtype']} needs the nncf package (pip install nncf)")
+        raise RuntimeConfigError(f"{names['backend']} {names['dtype']} needs the 'int8' extra (nncf is not installed); "
+                                 f"install it with: {install_hint('int8')}")
     return RuntimeChoice("openvino", dtype, "--backend openvino")
 
 
