@@ -190,6 +190,23 @@ def test_export_command_prints_the_cached_path(tmp_path, model_copy, capsys):
     assert main(["export", "--model", str(tmp_path / "missing"), "--cache-dir", str(cache)]) == 2
 
 
+def test_an_export_without_torch_says_in_one_line_where_one_can_run(tmp_path, model_copy, monkeypatch):
+    """The serving image's environment has no PyTorch: `openrerank export` (or serving a model folder there)
+    said only "... could not be exported to ONNX: ModuleNotFoundError: No module named 'torch'"."""
+    import sys
+
+    cache = tmp_path / "cache"
+    network = cross_encoder_network(model_copy)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` is blocked, as where it is not installed
+    with pytest.raises(ExportError) as raised:
+        ensure_onnx(network, cache_dir=cache)
+    message = str(raised.value)
+    assert "\n" not in message and "ModuleNotFoundError" not in message
+    assert "the export needs PyTorch and the onnx package (torch is not installed" in message
+    assert "export image" in message and "scripts/install-torch.sh" in message
+    assert list(cache.iterdir()) == []  # nothing half-written left behind
+
+
 def test_export_command_rebuilds_a_damaged_entry(tmp_path, model_copy, capsys):
     """A truncated model.onnx was reported "cached" with status 0, and every server start then failed on it."""
     from openrerank.cli.main import main

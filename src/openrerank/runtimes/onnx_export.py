@@ -251,6 +251,16 @@ def ensure_onnx(network: Network, *, dtype: str = "fp32", opset: int = DEFAULT_O
                                                 "volume") from exc
                 raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
                     from exc
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").partition(".")[0] not in ("torch", "onnx"):
+                    raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
+                        from exc
+                # A torch-free installation, the serving image's: one line on where an export can run instead.
+                raise ExportError(
+                    f"{network.path} could not be exported to ONNX: the export needs PyTorch and the onnx package "
+                    f"({exc.name} is not installed; the serving image has neither): run it in the export image "
+                    "(docs/deploy.md), or install PyTorch's CPU build first (scripts/install-torch.sh PYTHON), then "
+                    "openrerank with its requirements (pip install -c constraints.txt ...)") from None
             except Exception as exc:  # an architecture the TorchScript exporter cannot trace
                 raise ExportError(f"{network.path} could not be exported to ONNX: {type(exc).__name__}: {exc}") \
                     from exc
