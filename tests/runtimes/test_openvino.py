@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from openrerank.engine.loading import LoadOptions, load_model
 from openrerank.runtimes import openvino_convert as convert
+from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
 from openrerank.runtimes.openvino_runtime import OLD_BLOB_UNUSED_S, OpenVinoRuntime
 from tests.support import (
@@ -379,7 +381,7 @@ def test_a_pre_exported_directory_is_served_by_openvino(exported_dir, model_copy
 
 
 def test_a_pre_exported_graph_openvino_misreads_falls_back_to_onnx_runtime(exported_dir, monkeypatch):
-    monkeypatch.setattr(convert, "_diff_from_onnxruntime", lambda *a: 0.5)
+    monkeypatch.setattr(convert, "_diff_from_onnxruntime", lambda *a: (0.5, None))
     served = load_model(str(exported_dir), LoadOptions(backend_choice="rules"))  # the rule's hand-over
     assert served.runtime_choice.runtime == "onnx" and "refused" in served.runtime_choice.reason
     with pytest.raises(ConversionError, match="away from ONNX Runtime"):
@@ -631,3 +633,110 @@ def test_openvino_imports_without_a_home_and_writes_no_consent_file(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", "False", "False"]  # imported; HOME and CI as they were
     assert not list(temp.iterdir())  # the consent check declined (CI=true): no intel/openvino_telemetry file
+
+
+# bf16 checked at load: a bf16 compile is held to fp32 on the probe batch (openvino_runtime.check_bf16).
+
+
+def _poisoned(reference: np.ndarray | None) -> np.ndarray | None:
+    """A reference the bf16 outputs are far from, as a wrong bf16 kernel's outputs are from a right one's."""
+    return None if reference is None else -reference + 1.0
+
+
+def test_the_conversion_records_its_fp32_outputs_on_the_probe_batch(tmp_path, model_copy):
+    """The reference a bf16 compile is held to, kept with the IR; one of another probe batch is not used."""
+    from openrerank.runtimes.openvino_convert import REFERENCE_KEY, probe_batch, recorded_reference
+
+    ir = ensure_openvino(cross_encoder_network(model_copy), cache_dir=tmp_path)
+    on_disk = json.loads((ir.path.parent / convert.META_FILE).read_text())
+    probe = probe_batch(model_copy, on_disk["inputs"])
+    reference = recorded_reference(on_disk, probe)
+    assert reference is not None and reference.shape == (3, 1) and on_disk[REFERENCE_KEY]["shape"] == [3, 1]
+    compiled = convert.import_openvino().Core().compile_model(str(ir.path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(compiled(probe)[0], reference, atol=1e-3)
+    other = {**probe, "input_ids": probe["input_ids"][:, ::-1].copy()}
+    assert recorded_reference(on_disk, other) is None
+
+
+def test_a_bf16_compile_far_from_fp32_is_refused(tmp_path, model_copy, monkeypatch):
+    """openvino 2025.3 with transformers 4.56 served the default model wrongly in bf16, with no error; such a
+    compile is refused at load, saying by how much and what to use instead."""
+    from openrerank.runtimes import openvino_runtime
+
+    real = openvino_runtime.recorded_reference
+    monkeypatch.setattr(openvino_runtime, "recorded_reference", lambda meta, probe: _poisoned(real(meta, probe)))
+    network = cross_encoder_network(model_copy)
+    assert OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=tmp_path).bf16_error is None  # fp32: exact
+    with pytest.raises(ConversionError) as refused:
+        OpenVinoRuntime(network, dtype="bf16", threads=1, cache_dir=tmp_path)
+    message = str(refused.value)
+    assert re.fullmatch(r"OpenVINO \S+ computes this model wrongly in bf16: on the probe batch it is [\d.]+ of the "
+                        r"outputs' scale from fp32 \(bf16's rounding stays within 0\.2\); use --dtype fp32", message)
+    assert len(message) <= 200  # what `auto`'s reason keeps of it
+
+
+def test_an_ir_without_a_recorded_reference_is_held_to_its_f32_compile(tmp_path, model_copy, monkeypatch):
+    """An IR an earlier version converted recorded no fp32 outputs: the same IR compiled at f32 is the reference."""
+    from openrerank.runtimes import openvino_runtime
+    from openrerank.runtimes.openvino_convert import REFERENCE_KEY
+
+    network = cross_encoder_network(model_copy)
+    meta_file = ensure_openvino(network, cache_dir=tmp_path).path.parent / convert.META_FILE
+    meta = json.loads(meta_file.read_text())
+    del meta[REFERENCE_KEY]
+    meta_file.write_text(json.dumps(meta))
+    computed = []
+    real = openvino_runtime._f32_reference
+
+    def counting(*args):
+        computed.append(real(*args))
+        return computed[-1]
+
+    monkeypatch.setattr(openvino_runtime, "_f32_reference", counting)
+    honest = OpenVinoRuntime(network, dtype="bf16", threads=1, cache_dir=tmp_path)
+    assert len(computed) == 1 and honest.bf16_error < openvino_runtime.BF16_TOLERANCE
+    monkeypatch.setattr(openvino_runtime, "_f32_reference", lambda *args: _poisoned(real(*args)))
+    with pytest.raises(ConversionError, match="wrongly in bf16"):
+        OpenVinoRuntime(network, dtype="bf16", threads=1, cache_dir=tmp_path)
+
+
+def test_a_pre_exported_graph_is_held_to_onnx_runtime_in_bf16(exported_dir, monkeypatch):
+    """A pre-exported folder's bf16 compile is held to ONNX Runtime's outputs, computed as the folder loads."""
+    real = convert._diff_from_onnxruntime
+    network = cross_encoder_network(exported_dir)
+    assert OpenVinoRuntime(network, dtype="bf16", threads=1).bf16_error < 0.2
+    monkeypatch.setattr(convert, "_diff_from_onnxruntime", lambda *a: (real(*a)[0], _poisoned(real(*a)[1])))
+    with pytest.raises(ConversionError, match="wrongly in bf16"):
+        OpenVinoRuntime(network, dtype="bf16", threads=1)
+
+
+@pytest.mark.parametrize("choice", ["rules", "measure"])
+def test_auto_serves_the_next_runtime_when_bf16_is_refused(tmp_path, model_copy, monkeypatch, cpuinfo, choice):
+    """On a CPU with bf16 units `auto` plans OpenVINO bf16 first; refused, the next runtime serves, and says why.
+    An explicit `--backend openvino --dtype bf16` fails at start with the refusal."""
+    from openrerank.runtimes import openvino_runtime
+
+    cpuinfo("sapphirerapids")  # avx512_bf16 and AMX: OpenVINO bf16 is planned (OpenVINO runs it here or in f32)
+    real = openvino_runtime.recorded_reference
+    monkeypatch.setattr(openvino_runtime, "recorded_reference", lambda meta, probe: _poisoned(real(meta, probe)))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # timings of its own: bf16 timed, then refused
+    served = load_model(str(model_copy), LoadOptions(backend_choice=choice))
+    assert (served.runtime_choice.runtime, served.runtime_choice.dtype) != ("openvino", "bf16")
+    assert "OpenVINO bf16 refused it (ConversionError: OpenVINO" in served.runtime_choice.reason
+    assert "wrongly in bf16" in served.runtime_choice.reason
+    with pytest.raises(ConversionError, match="use --dtype fp32"):
+        load_model(str(model_copy), LoadOptions(backend="openvino", dtype="bf16"))
+
+
+def test_honest_bf16_passes_the_check_on_a_cpu_with_bf16_units(tiny_model_dir):
+    """Where OpenVINO runs bf16 (the rule that plans it), an honest compile is well within the bound: the tiny
+    cross-encoder and the default bi-encoder (measured 0.0026 and 0.0053, the bound 0.2)."""
+    from openrerank.runtimes.openvino_runtime import BF16_TOLERANCE
+    from openrerank.runtimes.selection import _openvino_bf16, cpu_flags
+
+    if not _openvino_bf16(cpu_flags()):
+        pytest.skip("OpenVINO runs no bf16 on this CPU")
+    for model in (str(tiny_model_dir), "default"):
+        served = load_model(model, LoadOptions(backend="openvino", dtype="bf16"))
+        assert served.scorer.description == "openvino-bf16-cpu"
+        assert 0 < served.scorer.runtime.bf16_error < BF16_TOLERANCE / 10

@@ -6,6 +6,8 @@ Steps:
    (`input_ids`, `attention_mask`, `token_type_ids` where used) and both axes stay dynamic.
 2. The converted model, compiled at f32 precision, is compared with PyTorch on that batch; more than 1e-3
    apart and the conversion is refused (`ConversionError`), so `--backend auto` falls back to another runtime.
+   PyTorch's outputs on that batch are kept in `convert.json` (`probe_reference`): the fp32 reference that
+   every bf16 compile of the IR is held to when it loads (`openvino_runtime.check_bf16`).
 3. `openvino.save_model(..., compress_to_fp16=False)`: the IR keeps fp32 weights. bf16 is not a property of
    the IR but of compilation (`INFERENCE_PRECISION_HINT`), so fp32 and bf16 share one cached IR.
 4. `--dtype int8`: `nncf.compress_weights` of that IR (INT8_ASYM: int8 weights per output channel). At run
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -70,6 +73,8 @@ CACHE_FOLDER = "openvino"
 #: Bump when the conversion recipe changes in a way the versions below would not capture.
 CONVERT_FORMAT = 1
 _TOLERANCE = 1e-3
+#: The metadata key of the fp32 outputs on the probe batch (`reference_record`).
+REFERENCE_KEY = "probe_reference"
 _MIB = 2**20
 
 
@@ -169,6 +174,39 @@ def _max_diff(out: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(np.asarray(out, dtype=np.float32) - expected).max())
 
 
+def probe_batch(folder: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The probe batch (`base.probe_features`) of the model in `folder`, its ids within its vocabulary."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return probe_features(names, int(config.get("vocab_size") or 1000))
+
+
+def _probe_digest(probe: dict[str, np.ndarray]) -> str:
+    """What a recorded reference was computed on: a reference of another probe batch is not compared with."""
+    digest = hashlib.sha256()
+    for name in sorted(probe):
+        digest.update(name.encode() + str(probe[name].shape).encode() + np.ascontiguousarray(probe[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reference_record(probe: dict[str, np.ndarray], outputs: np.ndarray) -> dict:
+    """fp32 outputs on `probe`, as `convert.json` keeps them (6 significant digits: far finer than bf16)."""
+    values = np.asarray(outputs, dtype=np.float32)
+    return {"probe": _probe_digest(probe), "shape": list(values.shape),
+            "outputs": [float(f"{v:.6g}") for v in values.ravel().tolist()]}
+
+
+def recorded_reference(meta: dict, probe: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The fp32 outputs on `probe` that a conversion recorded (`reference_record`); None where it recorded none
+    (an IR converted by an earlier version) or recorded them for another probe batch."""
+    record = meta.get(REFERENCE_KEY)
+    if not isinstance(record, dict) or record.get("probe") != _probe_digest(probe):
+        return None
+    try:
+        return np.asarray(record["outputs"], dtype=np.float32).reshape(record["shape"])
+    except (KeyError, TypeError, ValueError):  # a record damaged by hand: compute the reference instead
+        return None
+
+
 def _convert(network: Network, out: Path) -> dict:
     """torch module -> IR in `out`, checked against PyTorch on the probe batch."""
     import torch
@@ -176,8 +214,7 @@ def _convert(network: Network, out: Path) -> dict:
     ov = import_openvino()
     module = network.build(NetworkBuild(export=True)).eval()
     names = list(module.input_names)
-    config = json.loads((Path(network.path) / "config.json").read_text(encoding="utf-8"))
-    probe = probe_features(names, int(config.get("vocab_size") or 1000))
+    probe = probe_batch(network.path, names)
     example = tuple(torch.from_numpy(probe[n]) for n in names)
     with torch.inference_mode():
         expected = module(*example).float().numpy()
@@ -199,7 +236,8 @@ def _convert(network: Network, out: Path) -> dict:
     if diff > _TOLERANCE:
         raise ConversionError(f"the OpenVINO conversion of {network.path} differs from PyTorch by {diff:.3g}")
     _save(ov, model, out)
-    return {"inputs": names, "output": network.output, "max_abs_diff_vs_torch": diff}
+    return {"inputs": names, "output": network.output, "max_abs_diff_vs_torch": diff,
+            REFERENCE_KEY: reference_record(probe, expected)}
 
 
 def _save(ov, model, out: Path) -> None:
@@ -255,7 +293,8 @@ def pre_exported_onnx(network: Network, dtype: str) -> CachedArtifact | None:
 
     OpenVINO's ONNX frontend takes ONNX Runtime's fused operators (Attention, SkipLayerNormalization, ...);
     its result is compared with ONNX Runtime's on the probe batch and refused past the conversion tolerance,
-    so `--backend auto` falls back to ONNX Runtime rather than serve different numbers."""
+    so `--backend auto` falls back to ONNX Runtime rather than serve different numbers. ONNX Runtime's outputs
+    are the reference a bf16 compile is then held to (`probe_reference` in the returned metadata)."""
     from openrerank.runtimes.onnx_export import ExportError, servable_export
     from openrerank.sources.safety import is_onnx_export
 
@@ -269,25 +308,30 @@ def pre_exported_onnx(network: Network, dtype: str) -> CachedArtifact | None:
         export = servable_export(network, "fp32")
     except ExportError as exc:
         raise ConversionError(str(exc)) from exc
-    diff = _diff_from_onnxruntime(export.path, list(export.meta.get("inputs") or []), folder)
+    names = list(export.meta.get("inputs") or [])
+    diff, expected = _diff_from_onnxruntime(export.path, names, folder)
     if diff > _TOLERANCE:
         raise ConversionError(f"OpenVINO reads {export.path} {diff:.3g} away from ONNX Runtime")
-    return CachedArtifact(export.path, True, export.key, {**export.meta, "max_abs_diff_vs_onnxruntime": diff})
+    return CachedArtifact(export.path, True, export.key, {
+        **export.meta, "max_abs_diff_vs_onnxruntime": diff,
+        REFERENCE_KEY: reference_record(probe_batch(folder, names), expected)})
 
 
-def _diff_from_onnxruntime(onnx_file: Path, names: list[str], folder: Path) -> float:
+def _diff_from_onnxruntime(onnx_file: Path, names: list[str], folder: Path) -> tuple[float, np.ndarray]:
+    """How far OpenVINO's f32 compile of `onnx_file` is from ONNX Runtime on the probe batch, and ONNX
+    Runtime's outputs."""
     from openrerank.runtimes.onnx_runtime import import_onnxruntime
 
     ort = import_onnxruntime()
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    probe = probe_features(names, int(config.get("vocab_size") or 1000))
+    probe = probe_batch(folder, names)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     expected = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"]).run(None, probe)[0]
     ov = import_openvino()
     compiled = ov.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                                "INFERENCE_NUM_THREADS": 1})
-    return _max_diff(compiled(probe)[0], np.asarray(expected, dtype=np.float32))
+    expected = np.asarray(expected, dtype=np.float32)
+    return _max_diff(compiled(probe)[0], expected), expected
 
 
 def ensure_openvino(network: Network, *, variant: str = "fp32", cache_dir: Path | None = None) -> CachedArtifact:

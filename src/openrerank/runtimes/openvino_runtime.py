@@ -66,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached
+from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached, package_versions
 from openrerank.runtimes.base import (
     HostMemoryError,
     IntOrArray,
@@ -80,11 +80,14 @@ from openrerank.runtimes.cache_entries import Entry, differences, last_used, rea
 from openrerank.runtimes.openvino_convert import (
     COMPILED_CPU_PREFIX,
     META_FILE,
+    ConversionError,
     compiled_cache_dir,
     compiled_cpu_dir,
     ensure_openvino,
     import_openvino,
     pre_exported_onnx,
+    probe_batch,
+    recorded_reference,
 )
 
 log = logging.getLogger(__name__)
@@ -281,7 +284,60 @@ def pad_to_bucket(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return padded
 
 
+#: How far a bf16 compile's outputs on the probe batch may be from fp32 (`bf16_error`: the largest difference
+#: over the largest fp32 output). bf16 rounds each matrix product's inputs to 8 significant bits, so an honest
+#: compile is off by up to a few hundredths. Measured on an AMD EPYC (Zen 4, AVX512-BF16), openvino 2026.4 and
+#: transformers 5.25: the MiniLM-L6 cross-encoder 0.024, the default bi-encoder 0.0053, the tests' tiny
+#: cross-encoders 0.0026-0.0046 and bi-encoders 0.00006 (openvino 2025.3 and transformers 4.56: the tiny ones
+#: 0.0093-0.0099). A broken compile is off by the outputs' own size: openvino 2025.3 with transformers 4.56 ran
+#: the default bi-encoder at 0.97 and the MiniLM-L6 cross-encoder at 1.15 (docs/engine.md, "bf16 checked at
+#: load"). The bound sits between: 8x the largest honest error, a fifth of the smallest broken one. It guards
+#: against a wrong kernel, not against bf16's rounding (the fidelity gate, measured offline, is that).
+BF16_TOLERANCE = 0.2
+
+
+def bf16_error(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """How far bf16 `outputs` are from the fp32 `reference`: the largest difference over the largest fp32 value
+    (scale-free: logits and embeddings alike)."""
+    scale = float(np.abs(reference).max())
+    return float(np.abs(np.asarray(outputs, dtype=np.float32) - reference).max()) / max(scale, 1e-6)
+
+
+def _f32_reference(conversion: CachedArtifact, probe: dict[str, np.ndarray], threads: int) -> np.ndarray:
+    """The model compiled at f32, on `probe`: the reference where the conversion recorded none."""
+    compiled = import_openvino().Core().compile_model(str(conversion.path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False})
+    with FIRST_CALL():
+        return np.asarray(compiled(probe)[0], dtype=np.float32)
+
+
+def check_bf16(runtime: OpenVinoRuntime, network: Network) -> None:
+    """Refuse a bf16 compile whose outputs on the probe batch are not fp32's within `BF16_TOLERANCE`.
+
+    OpenVINO chooses its bf16 kernels and fusions per version and per graph, and one of them can be wrong with
+    no error: openvino 2025.3 on an IR traced with transformers 4.56 (whose attention mask adds float32's min,
+    -inf in bf16) ranked the README's "Bananas" at 0.459 instead of -0.007, every sequence off. The reference
+    is what the conversion recorded (PyTorch, or ONNX Runtime for a pre-exported folder), else the same IR
+    compiled at f32. A refusal is a `ConversionError`, so `--backend auto` serves the next runtime and an
+    explicit `--dtype bf16` fails at start, saying so."""
+    probe = probe_batch(network.path, list(runtime.input_names))
+    reference = recorded_reference(runtime.conversion.meta, probe)
+    if reference is None:
+        reference = _f32_reference(runtime.conversion, probe, runtime.threads)
+    error = bf16_error(runtime.run(probe), reference)
+    runtime.bf16_error = error
+    if error > BF16_TOLERANCE:
+        version = package_versions("openvino")["openvino"]
+        # Short: `--backend auto`'s reason keeps 200 characters of it, and names the model itself.
+        raise ConversionError(
+            f"OpenVINO {version} computes this model wrongly in bf16: on the probe batch it is {error:.3g} of the "
+            f"outputs' scale from fp32 (bf16's rounding stays within {BF16_TOLERANCE}); use --dtype fp32")
+
+
 class OpenVinoRuntime(Runtime):
+    #: bf16 only: how far its outputs on the probe batch are from fp32 (`check_bf16`), as the start's log says.
+    bf16_error: float | None = None
+
     def __init__(
         self,
         network: Network,
@@ -325,6 +381,13 @@ class OpenVinoRuntime(Runtime):
         self.input_names = tuple(p.get_any_name() for p in self.compiled.inputs)
         self.dtype = dtype
         self.description = f"openvino-{dtype}-cpu"
+        if dtype == "bf16":
+            try:
+                check_bf16(self, network)
+            except Exception:
+                self.close()
+                raise
+            log.info("OpenVINO bf16 on the probe batch: %.2g of its scale from fp32", self.bf16_error)
         log.info("OpenVINO %s model on %s (%d threads, lanes: %d, %s)", dtype, self.conversion.path,
                  self.threads, self.lanes, "cached" if self.conversion.cached else "fresh conversion")
 
