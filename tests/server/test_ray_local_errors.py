@@ -1,11 +1,14 @@
 """What Ray refuses of `serve --replicas`' options is one line naming the flags set (server/ray_local.py's
-`options_error`); needs no Ray (the launcher itself: tests/server/test_ray_local.py)."""
+`options_error`), and the Ray settings the launcher sets; needs no Ray (the launcher itself:
+tests/server/test_ray_local.py)."""
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from openrerank.server.ray_local import options_error
+from openrerank.server.ray_local import options_error, set_ray_env
 
 
 class _Options(BaseModel):  # ReplicaOptions' shape, without importing Ray
@@ -35,3 +38,14 @@ def test_a_cross_field_refusal_names_the_flags():
     names = {"num_replicas": "--replicas 3", "max_replicas": "OPENRERANK_MAX_REPLICAS='2'"}
     line = options_error(ValueError("num_replicas=3 must lie within min_replicas=1 and max_replicas=2"), names)
     assert line == "--replicas 3 must lie within min_replicas=1 and OPENRERANK_MAX_REPLICAS='2'"
+
+
+def test_the_launchers_output_keeps_every_access_line(monkeypatch):
+    """Ray's driver folded the replicas' access lines (differing only in ids and timings) into one "[repeated 20x
+    across cluster]": `docker logs` lost them. An operator's own RAY_DEDUP_LOGS still wins."""
+    monkeypatch.setattr(os, "environ", {})  # what set_ray_env writes stays in this test
+    set_ray_env()
+    assert os.environ["RAY_DEDUP_LOGS"] == "0"
+    monkeypatch.setattr(os, "environ", {"RAY_DEDUP_LOGS": "1"})
+    set_ray_env()
+    assert os.environ["RAY_DEDUP_LOGS"] == "1"

@@ -47,12 +47,17 @@ RAY_ENV_DEFAULTS = {
     # missed it and bursts piled onto the other replica. (Keeping the router's cached counts longer than
     # Serve's 10 s was tried too, and left a replica avoided for a minute after a burst.)
     "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "0.5",
+    # The driver folds forwarded lines that differ only in words with digits into one "[repeated 20x across
+    # cluster]": the replicas' access lines (ids, timings) vanished from this process's output, which is what
+    # `docker logs` and a container's log collector read.
+    "RAY_DEDUP_LOGS": "0",
 }
 _OBJECT_STORE_BYTES = 128 * 2**20  # requests and answers travel over HTTP; the object store stays idle
 
 
 def set_ray_env() -> None:
-    """RAY_ENV_DEFAULTS where the environment does not say otherwise; before `import ray`, which reads them."""
+    """RAY_ENV_DEFAULTS where the environment does not say otherwise (a value the operator set wins); before
+    `import ray`, which reads them."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
