@@ -37,6 +37,46 @@ def test_a_bad_scale_out_setting_is_one_line_naming_what_was_set(argv, environ, 
     assert "\n" not in str(err.value) and "num_replicas" not in str(err.value)
 
 
+@pytest.mark.parametrize(("argv", "environ", "expected"), [
+    (["--replicas", "2", "--header-timeout", "3"], {},
+     "--header-timeout: not served with --replicas 2: Serve's proxy reads the request headers"),
+    (["--max-replicas", "2"], {"OPENRERANK_MAX_HEADER_BYTES": "100000"},
+     "OPENRERANK_MAX_HEADER_BYTES='100000': not served with --max-replicas 2: Serve's proxy reads"),
+    (["--replicas", "2", "--header-timeout", "10"], {"OPENRERANK_MAX_HEADER_BYTES": "1000"},  # the default too
+     "--header-timeout, OPENRERANK_MAX_HEADER_BYTES='1000': not served with --replicas 2"),
+    (["--replicas", "2", "--grpc-port", "8001"], {}, "--grpc-port: not served with --replicas 2: gRPC is"),
+    ([], {"OPENRERANK_REPLICAS": "2", "NIM_GRPC_API_PORT": "8001"},
+     "NIM_GRPC_API_PORT='8001': not served with OPENRERANK_REPLICAS='2': gRPC is"),
+])
+def test_what_replicas_cannot_serve_is_refused_naming_only_what_was_given(argv, environ, expected):
+    """Serve's proxy holds the connection: --header-timeout and --max-header-bytes were accepted and ignored under
+    --replicas (a 2 MB header got 200), and the gRPC/TLS refusal named `--grpc-port and --ssl-certfile/
+    --ssl-keyfile` whatever had been set, a NIM variable included."""
+    with pytest.raises(UsageError) as err:
+        config(argv, environ)
+    line = str(err.value)
+    assert expected in line and "docs/scale-out.md, \"What --replicas refuses\"" in line
+    assert "\n" not in line and line.count("--ssl") == 0 and ("grpc" in expected.lower()) == ("grpc" in line.lower())
+
+
+def test_tls_files_are_refused_with_replicas_named_as_given(tmp_path):
+    import trustme
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    with pytest.raises(UsageError) as err:
+        config(["--replicas", "2", "--ssl-certfile", str(tmp_path / "c.pem")],
+               {"NIM_SSL_KEY_PATH": str(tmp_path / "k.pem")})
+    assert f"--ssl-certfile, NIM_SSL_KEY_PATH={str(tmp_path / 'k.pem')!r}: not served with " \
+        "--replicas 2: TLS ends at Serve's proxy" in str(err.value)
+
+
+def test_the_same_settings_serve_one_process():
+    cfg = config(["--header-timeout", "3", "--grpc-port", "8001"], {"OPENRERANK_MAX_HEADER_BYTES": "1000"})
+    assert (cfg.header_timeout, cfg.max_header_bytes, cfg.grpc_port) == (3, 1000, 8001)
+
+
 def test_good_scale_out_settings_pass_and_become_replica_options():
     args = build_parser().parse_args(["serve", "--replicas", "2", "--max-replicas", "4", "--replica-option",
                                       "num_cpus=9", "--replica-option", "target_ongoing_requests=8"])

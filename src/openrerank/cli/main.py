@@ -168,7 +168,8 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     logging is set up), and how to name each setting taken from the environment (`resolve_options`), for the
     checks after it (`preflight`, `--replicas`)."""
     environ = os.environ if environ is None else environ
-    nim = read_nim_env(environ, given={o.flag for o in SERVE_OPTIONS if hasattr(args, o.attr)})
+    given = {o.flag for o in SERVE_OPTIONS if hasattr(args, o.attr)}  # typed on the command line
+    nim = read_nim_env(environ, given=given)
     shown = resolve_options(args, SERVE_OPTIONS, ServerConfig(), nim.environ(environ), named=nim.named)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**values)
@@ -178,7 +179,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         config.validate(shown)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    check_scale_out(args, shown)
+    check_scale_out(args, shown, given)
     return config, nim, shown
 
 
@@ -211,10 +212,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config, nim, shown = serve_settings(args)
     except UsageError as exc:
         return fail(prog, str(exc))
-    replicated = bool(args.replicas or args.max_replicas)
-    if replicated and (config.grpc_port is not None or config.tls):  # a usage error: refused before any work
-        return fail(prog, "--grpc-port and --ssl-certfile/--ssl-keyfile serve from one process; with "
-                    "--replicas, Ray's HTTP proxy answers (put TLS in front of it, docs/scale-out.md)")
+    replicated = bool(args.replicas or args.max_replicas)  # what replicas cannot serve is refused (check_scale_out)
     configure_logging(config.log_level, config.log_format)
     nim.report()
     report_unknown_env(os.environ)

@@ -10,18 +10,40 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from openrerank.cli.options import UsageError
-from openrerank.core.settings import Shown, setting, setting_item
+from openrerank.core.settings import Shown, setting, setting_item, setting_name
+
+#: Serve settings one process honours and replicas cannot, each with why: Serve's proxy runs its own uvicorn, so the
+#: HTTP connection (its TLS, its header limits) is Ray's, and gRPC has no proxy at all. Accepted under `--replicas`,
+#: they were ignored without a word (a slowloris held a connection past --header-timeout; a 2 MB header got 200).
+#: docs/scale-out.md, "What --replicas refuses".
+_TLS = "TLS ends at Serve's proxy, which openrerank does not configure: put TLS in a reverse proxy in front"
+_HEADERS = "Serve's proxy reads the request headers, without these limits: bound them in a reverse proxy in front"
+UNSERVED_BY_REPLICAS = {
+    "grpc-port": "gRPC is served by one process only (Serve has no gRPC proxy for it)",
+    "ssl-certfile": _TLS, "ssl-keyfile": _TLS, "ssl-ca-certs": _TLS,
+    "header-timeout": _HEADERS, "max-header-bytes": _HEADERS,
+}
 
 
-def check_scale_out(args: argparse.Namespace, shown: Shown | None = None) -> None:
-    """Raise UsageError naming every scale-out flag (or its variable, `shown`) whose value cannot work."""
+def check_scale_out(args: argparse.Namespace, shown: Shown | None = None, given: Collection[str] = ()) -> None:
+    """Raise UsageError naming every scale-out flag (or its variable, `shown`) whose value cannot work, and every
+    setting given (`given`: the flags typed; `shown`: those from variables) that replicas cannot honour."""
     problems: list[str] = []
 
     def name(flag: str) -> str:
         return setting(flag, getattr(args, flag.replace("-", "_")), shown)
+
+    if args.replicas is not None or args.max_replicas is not None:
+        replicated = name("replicas" if args.replicas is not None else "max-replicas")
+        refused: dict[str, list[str]] = {}
+        for flag, why in UNSERVED_BY_REPLICAS.items():
+            if flag in given or flag in (shown or {}):
+                refused.setdefault(why, []).append(setting_name(flag, shown))  # a value argparse read: 3.0
+        problems += [f"{', '.join(names)}: not served with {replicated}: {why} (docs/scale-out.md, \"What "
+                     "--replicas refuses\")" for why, names in refused.items()]
 
     replicas, most, cpus = args.replicas, args.max_replicas, args.replica_cpus
     if replicas is not None and replicas < 1:
