@@ -168,6 +168,21 @@ def test_every_answer_names_the_replica_a_401_and_a_preflight_too():
     assert [r.headers.get_list(REPLICA_HEADER) for r in answers] == [["replica-7"]] * 4
 
 
+def test_a_transfer_coding_other_than_chunked_gets_one_servers_501():
+    """Serve's uvicorn de-chunks `Transfer-Encoding: gzip, chunked` and hands the body on still gzipped: a 400
+    "request body is not valid UTF-8", or a plain body served as if the coding were not there."""
+    config = ServerConfig()
+    with TestClient(replica_app(create_app(config, load_models=False), config, "replica-7")) as c:
+        answer = c.post("/v1/ranking", content=b'{"query": {"text": "q"}, "passages": [{"text": "p"}]}',
+                        headers={"Transfer-Encoding": "gzip, chunked", "Content-Type": "application/json"})
+        cohere = c.post("/v1/rerank", content=b"{}", headers={"Transfer-Encoding": "GZIP"})
+        chunked = c.post("/v1/ranking", content=b"{}", headers={"Transfer-Encoding": "chunked"})
+    assert answer.status_code == 501 and answer.json()["type"] == "not_implemented"
+    assert answer.json()["message"].startswith("Transfer-Encoding 'gzip' is not supported: send the body chunked")
+    assert cohere.status_code == 501 and "Transfer-Encoding 'gzip'" in cohere.json()["message"]
+    assert chunked.status_code != 501
+
+
 def test_a_request_cancelled_by_serve_is_the_clients_499_not_a_shutdown_503(caplog):
     """Serve's proxy cancels a request whose client went away (no `http.disconnect` reaches the app). It was
     answered as a server-side cancellation (a 503, a WARNING) and counted as a 500."""

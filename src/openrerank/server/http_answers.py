@@ -42,11 +42,15 @@ def bad_request(path: str, problem: str) -> bytes:
     return error_answer(400, b"Bad Request", path, f"invalid HTTP request: {problem}", Kind.INVALID_HTTP)
 
 
+def coding_message(coding: str) -> str:
+    """What a 501 for a body in a transfer coding other than chunked says (here and in a Ray replica's app)."""
+    return (f"Transfer-Encoding '{coding}' is not supported: send the body chunked alone, or with its length; "
+            "a compressed body goes in Content-Encoding (gzip or deflate)")
+
+
 def coding_not_implemented(path: str, coding: str) -> bytes:
     """A whole 501 for a body sent in a transfer coding other than chunked (RFC 9112 section 6.1)."""
-    message = (f"Transfer-Encoding '{coding}' is not supported: send the body chunked alone, or with its length; "
-               "a compressed body goes in Content-Encoding (gzip or deflate)")
-    return error_answer(501, b"Not Implemented", path, message, Kind.NOT_IMPLEMENTED)
+    return error_answer(501, b"Not Implemented", path, coding_message(coding), Kind.NOT_IMPLEMENTED)
 
 
 def headers_too_slow(head_start: bytes, timeout: float, shown: Shown | None = None) -> bytes:

@@ -24,6 +24,8 @@ from openrerank.server.app import create_app
 from openrerank.server.config import API_KEY_ENV, ServerConfig
 from openrerank.server.drain import CLOSED_MESSAGE
 from openrerank.server.errors import Kind, dialect_for
+from openrerank.server.http_answers import coding_message
+from openrerank.server.http_edges import unsupported_coding
 from openrerank.server.middleware import (
     REQUEST_ID_HEADER,
     is_health,
@@ -110,7 +112,11 @@ class ReplicaMiddleware:
 
     Once the app's drain has begun (`server/ray_drain.py`) a new request is answered the dialect's retryable
     503 (a single server no longer accepts its connection); the health probes still reach the app (readiness
-    says 503). `replica.running` counts the requests the app runs, so the launcher knows when it is idle."""
+    says 503). `replica.running` counts the requests the app runs, so the launcher knows when it is idle.
+
+    A transfer coding other than chunked gets one server's 501: Serve's uvicorn de-chunked the body and handed
+    it on still in the other coding (`gzip, chunked`: a 400 "not valid UTF-8", or a plain body served as if
+    the coding were not there)."""
 
     def __init__(self, app: Any, *, limit: int, served: ServedModels, metrics: Metrics,
                  replica: ReplicaDrain) -> None:
@@ -129,6 +135,13 @@ class ReplicaMiddleware:
             log.info("refusing %s %s: this replica is shutting down (request id %s)", scope["method"],
                      scope["path"], request_id(scope))
             await shutting_down_response(scope, self.replica.drain, CLOSED_MESSAGE)(scope, receive, send)
+            return
+        coding = unsupported_coding(scope["headers"])
+        if coding is not None:  # one server's connection guard refuses it before the app (server/http_guard.py)
+            log.info("refusing %s %s: Transfer-Encoding %r not supported (request id %s)", scope["method"],
+                     scope["path"], coding, request_id(scope))
+            response = dialect_for(scope["path"]).response(501, coding_message(coding), Kind.NOT_IMPLEMENTED)
+            await response(scope, receive, send)
             return
         self.replica.running += 1
         try:
