@@ -155,3 +155,44 @@ def test_a_second_signal_answers_503_now_and_exits_0(tmp_path):
         assert "KeyboardInterrupt" not in server.output()
     finally:
         server.stop()
+
+
+def replica_loading(pid: int) -> bool:
+    """Whether a replica of the launcher `pid` has started (Ray titles its process `ray::ServeReplica:...`)."""
+    for child in descendants(pid):
+        try:
+            if b"ServeReplica" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.parametrize(("sig", "when"), [
+    (signal.SIGTERM, "replica"), (signal.SIGINT, "replica"),
+    (signal.SIGTERM, "ray"),  # inside ray.init, whose own handler exited 15
+])
+def test_a_signal_while_the_replicas_load_stops_the_start(tmp_path, sig, when):
+    """It was taken only once every replica had loaded (serve.run waits without looking at signals): the launcher
+    printed "ready", then drained, long after the signal (Kubernetes' SIGKILL comes after 30 s)."""
+    server = ServerProcess(["--replicas", "1", "--threads", "1"], tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while not (replica_loading(server.proc.pid) if when == "replica" else descendants(server.proc.pid)):
+            assert server.proc.poll() is None, server.output()[-3000:]
+            assert time.monotonic() < deadline, f"no {when} process started"
+            time.sleep(0.02)
+        seen = set(descendants(server.proc.pid))
+        server.proc.send_signal(sig)
+        signalled = time.monotonic()
+        while server.proc.poll() is None:  # every process it starts meanwhile, to find any left behind
+            seen |= set(descendants(server.proc.pid))
+            assert time.monotonic() < signalled + 60, "the launcher did not stop"
+            time.sleep(0.05)
+        output = server.output()
+        assert server.proc.returncode == 0, output[-3000:]
+        assert " ready on " not in output and "stopping before every replica started" in output, output[-3000:]
+        time.sleep(2)
+        assert not [p for p in seen if Path(f"/proc/{p}").exists()], "processes left behind"
+    finally:
+        server.stop()

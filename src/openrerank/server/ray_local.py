@@ -7,7 +7,8 @@ and stops every Ray process it started. Ray's own traffic stays on 127.0.0.1 (on
 `--host`). For a real cluster use `serve run`/`serve deploy` with `deploy/ray/serve.yaml`, or KubeRay
 (docs/scale-out.md).
 
-Signals, as for one server (`server/http.py`): the first begins the drain (requests in flight run on for
+Signals, as for one server (`server/http.py`): one before every replica started stops the start (no drain: no
+replica answers yet) and exits 0; after it, the first begins the drain (requests in flight run on for
 `--graceful-timeout`, then are answered the dialect's retryable 503; new ones get that 503 at once); a second
 one ends the grace period now (what still runs is answered 503), and the clean-up still runs (exit 0); a signal
 after the grace period ended exits at once, without the clean-up (status 128 + the signal's number).
@@ -100,7 +101,7 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
     import ray
     from ray import serve
 
-    from openrerank.server.ray_serve import APP_NAME, ReplicaOptions, bind, deployment_options
+    from openrerank.server.ray_serve import ReplicaOptions, bind, deployment_options
 
     cpus = default_threads()
     try:
@@ -117,17 +118,25 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
 
     signals = _Signals()
     flag = DrainFlag()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=_OBJECT_STORE_BYTES,
-             _metrics_export_port=metrics_port, logging_level=logging.WARNING)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+    for sig in (signal.SIGINT, signal.SIGTERM):  # now: a signal while Ray or the replicas start stops the start
         signal.signal(sig, signals.handle)  # kept until the process ends: see _Signals
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
         try:
-            serve.run(bind(config, options, str(flag.directory), shown), name=APP_NAME, route_prefix="/")
-        except RuntimeError as exc:  # a replica failed to start (e.g. a model that does not load)
-            print(f"openrerank serve: error: the replicas did not start: {exc}", file=sys.stderr)
-            return 1
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     object_store_memory=_OBJECT_STORE_BYTES, _metrics_export_port=metrics_port,
+                     logging_level=logging.WARNING)
+        except SystemExit as exc:  # Ray's SIGTERM handler, set inside ray.init, exits with the signal's number
+            if exc.code != signal.SIGTERM:
+                raise
+            signals.first.set()
+        signal.signal(signal.SIGTERM, signals.handle)  # again: ray.init installed its own
+        if not signals.first.is_set():
+            serve.start(http_options={"host": config.host, "port": config.port})
+        if signals.first.is_set() or not start_replicas(serve, bind(config, options, str(flag.directory), shown),
+                                                        signals):
+            print("openrerank: stopping before every replica started: the replicas still loading are abandoned",
+                  flush=True)
+            return 0
         scaling = f", autoscaling up to {options.max_replicas}" if options.max_replicas else ""
         metrics = f"; every replica's metrics at http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
         plural = "s" if options.num_replicas > 1 else ""
@@ -140,6 +149,9 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
               f"for up to {config.graceful_timeout:g} s ({setting_name('graceful-timeout', shown)})", flush=True)
         drain(flag, signals, config.graceful_timeout)
         return 0
+    except ReplicaStartError as exc:  # a replica failed to start (e.g. a model that does not load)
+        print(f"openrerank serve: error: the replicas did not start: {exc}", file=sys.stderr)
+        return 1
     finally:
         signals.grace_over = True  # a signal now exits at once, without the clean-up
         try:
@@ -148,10 +160,34 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
             # flight. Not serve.delete() first: it took the route off the proxy for its seconds of stopping the
             # replicas, and the proxy answered its plain-text 404 meanwhile (a refused connection is what a
             # stopped server gives, and every client retries that).
-            serve.shutdown()
+            if ray.is_initialized():  # not when stopped inside ray.init: serve.shutdown() would start Ray
+                serve.shutdown()
         finally:
             ray.shutdown()
             flag.remove()
+
+
+class ReplicaStartError(RuntimeError):
+    """The application failed to deploy (Serve's DEPLOY_FAILED: a replica that does not start, e.g. its model)."""
+
+
+def start_replicas(serve: Any, app: Any, signals: _Signals) -> bool:
+    """Deploy `app` on Serve's proxy and wait until every replica started (True), or a signal came first (False).
+
+    Not `serve.run`: it waits for the replicas without looking at signals, so a Ctrl-C or SIGTERM during a model's
+    load was taken only once every replica had loaded, and the launcher printed "ready" before it stopped."""
+    from ray.serve.schema import ApplicationStatus
+
+    from openrerank.server.ray_serve import APP_NAME
+
+    serve._run(app, _blocking=False, name=APP_NAME, route_prefix="/")
+    while not signals.first.wait(POLL_S):
+        status = serve.status().applications[APP_NAME]
+        if status.status == ApplicationStatus.RUNNING:
+            return True
+        if status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise ReplicaStartError(f"Deploying application {APP_NAME} failed: {status.message}")
+    return False
 
 
 class _Signals:
