@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import shutil
 import signal
 import tempfile
 import time
@@ -194,5 +195,21 @@ def test_a_signal_while_the_replicas_load_stops_the_start(tmp_path, sig, when):
         assert " ready on " not in output and "stopping before every replica started" in output, output[-3000:]
         time.sleep(2)
         assert not [p for p in seen if Path(f"/proc/{p}").exists()], "processes left behind"
+    finally:
+        server.stop()
+
+
+def test_a_replica_that_does_not_start_ends_the_start_with_exit_1(tmp_path, tiny_model_dir):
+    """Serve's DEPLOY_FAILED (here a model whose weights do not load in the replica, past the launcher's checks)
+    is one error line and exit 1, never "ready" (`ray_local.start_replicas`, which replaced serve.run's raise)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    server = ServerProcess(["--replicas", "1", "--threads", "1", "--model", f"broken={broken}"], tmp_path)
+    try:
+        assert server.proc.wait(timeout=240) == 1, server.output()[-3000:]
+        output = server.output()
+        assert "openrerank serve: error: the replicas did not start: " in output, output[-3000:]
+        assert " ready on " not in output
     finally:
         server.stop()
