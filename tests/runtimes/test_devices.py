@@ -54,6 +54,7 @@ def test_x86_is_named_by_its_model_name_and_flags():
     ("cascadelake", "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz", {"avx512f", "avx512_vnni"}, {"avx512_bf16"}),
     ("icelake", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", {"avx512_vnni", "avx512_vbmi2"}, {"avx512_bf16"}),
     ("sapphirerapids", "Intel(R) Xeon(R) Platinum 8480+", {"avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}, set()),
+    ("zen5", "AMD EPYC", {"avx512_bf16", "avx512_vnni", "avx_vnni"}, {"amx_bf16", "amx_int8"}),
 ])
 def test_x86_samples_are_read_by_model_name_and_flags(sample, name, has, lacks):
     model, flags = parse_cpuinfo((CPUINFO / sample).read_text())

@@ -287,7 +287,7 @@ def test_each_cpu_kind_times_under_its_own_key(cpuinfo, tiny_model_dir):
     Each sample CPU, x86 or Arm, times under a key of its own, and the same CPU under the same one."""
     candidates = [("onnx", "fp32", 1)]
     facts, keys = {}, {}
-    samples = ("graviton2", "graviton3", "broadwell", "zen2", "cascadelake", "icelake", "sapphirerapids")
+    samples = ("graviton2", "graviton3", "broadwell", "zen2", "cascadelake", "icelake", "sapphirerapids", "zen5")
     for cpu in (*samples, "graviton2"):
         cpuinfo(cpu)
         key = measure.timing_key(tiny_model_dir, "", candidates, "cpu", 2, [(8, 128)])[0]

@@ -175,14 +175,14 @@ def test_each_kind_of_cpu_compiles_into_a_folder_of_its_own(cpuinfo, tmp_path):
 
     compiled = tmp_path / convert.COMPILED_DIR
     folders = {}
-    for cpu in ("zen2", "cascadelake", "sapphirerapids", "graviton3", "zen2"):
+    for cpu in ("zen2", "cascadelake", "sapphirerapids", "graviton3", "zen5", "zen2"):
         cpuinfo(cpu)
         folder = convert.compiled_cpu_dir(compiled)
         assert folders.setdefault(cpu, folder) == folder  # the same CPU: the same folder
         assert folder.parent == compiled and folder.name.startswith(convert.COMPILED_CPU_PREFIX)
         assert compiled_config_dir(compiled, compile_config("fp32", 2)).parent == folder
         assert measure.machine_facts().items() >= cpu_facts().items()  # the timing record's CPU facts
-    assert len(set(folders.values())) == 4
+    assert len(set(folders.values())) == 5
 
 
 def test_a_shared_layout_blob_an_older_version_still_uses_is_kept(tmp_path, model_copy):

@@ -97,6 +97,7 @@ SAMPLE_CPUS = {
     "cascadelake": (None, True, ("openvino", "fp32")),
     "icelake": (None, True, ("openvino", "fp32")),
     "sapphirerapids": ("amx_bf16", True, ("openvino", "bf16")),
+    "zen5": ("avx512_bf16", True, ("openvino", "bf16")),
     "graviton2": (None, True, ("openvino", "fp32")),
     "graviton3": ("bf16", True, ("openvino", "fp32")),  # bf16 units, but OpenVINO runs bf16 on x86 only
 }
