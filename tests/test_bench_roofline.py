@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import numpy as np
 import pytest
-from openrerank_bench.roofline import flops_per_pair, fraction_summary, paired_fraction, sequence_flops
+from openrerank_bench import roofline
+from openrerank_bench.roofline import GEMM_LIBRARIES, flops_per_pair, fraction_summary, paired_fraction, sequence_flops
 
 
 @pytest.mark.parametrize("tokens", [8, 40, 200])
@@ -56,3 +58,41 @@ def test_the_fraction_is_the_median_of_the_rounds():
                                                              "roofline_fraction_rounds": [0.5, 0.7, 0.9]}
     assert fraction_summary(rounds(0.9, 0.5, 0.7, 0.6), 1.0)["roofline_fraction"] == pytest.approx(0.65)
     assert fraction_summary([], 1.0) == {}
+
+
+@pytest.mark.parametrize("library", GEMM_LIBRARIES)
+def test_each_library_product_is_an_fp32_product_on_the_threads_given(library):
+    """A product in lower precision (OpenVINO runs bf16 by default on a CPU with bf16 units) would set the roofline
+    on a rate no fp32 engine can reach: each library's product equals float64's to fp32's accuracy (bf16's 8-bit
+    mantissa is off by ~1e-2 of the scale)."""
+    pytest.importorskip(library)
+    size = 256
+    product = roofline.gemm_products(1, size)[library]
+    rng = np.random.default_rng(0)  # the inputs gemm_products draws
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out = product()
+    out = np.asarray(out[0] if isinstance(out, list) else (out.to_tuple()[0] if hasattr(out, "to_tuple") else out))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.abs(out - exact).max() / np.abs(exact).max() < 1e-5
+    assert roofline.gemm_gflops(product, size, repeats=2) > 0
+
+
+def test_the_roofline_is_the_fastest_library_and_one_not_installed_is_left_out(monkeypatch):
+    """On a Zen 5, PyTorch's MKL (its AVX2 path on AMD) ran at 204 GFLOP/s and OpenVINO at 448: the roofline is the
+    fastest library's, and every rate is reported."""
+    def missing(*_a):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setitem(roofline._PRODUCT_BUILDERS, "onnxruntime", missing)
+    products = roofline.gemm_products(1, 64)
+    assert set(products) == {"torch", "openvino"} & {lib for lib in GEMM_LIBRARIES if _installed(lib)}
+    rates = {"torch": 204.0, "openvino": 448.0}
+    monkeypatch.setattr(roofline, "gemm_gflops", lambda product: rates[next(k for k, p in products.items()
+                                                                              if p is product)])
+    assert roofline.fastest_gemm(products) == (max(products, key=rates.__getitem__), {k: rates[k] for k in products})
+
+
+def _installed(library: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(library) is not None

@@ -40,7 +40,14 @@ from openrerank.runtimes.selection import LANED_RUNTIMES, RuntimeConfigError
 from openrerank_bench.embed import DEFAULT_EMBED_CONFIGS
 from openrerank_bench.quality import default_model_ndcg, faithful, ndcg10, score_agreement
 from openrerank_bench.report import render
-from openrerank_bench.roofline import flops_per_pair, fraction_summary, gemm_gflops, workload_sequences
+from openrerank_bench.roofline import (
+    fastest_gemm,
+    flops_per_pair,
+    fraction_summary,
+    gemm_gflops,
+    gemm_products,
+    workload_sequences,
+)
 from openrerank_bench.runners import (
     SERVED_NAME,
     Baseline,
@@ -333,15 +340,22 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
     rounds: dict[str, list[dict]] = {"baseline": [], **{c: [] for c in runners}}
     reference: list = []
     threads = args.threads or default_threads()
-    gflops = [gemm_gflops(threads)]  # the roofline's pace, timed between every two measurements (paired)
+    # The roofline's pace: the fastest library's fp32 GEMM, timed between every two measurements (paired).
+    products = gemm_products(threads)
+    library, library_rates = fastest_gemm(products)
+    console.print(f"fp32 GEMM on {threads} threads, GFLOP/s: "
+                  + ", ".join(f"{name} {rate:.1f}" for name, rate in library_rates.items())
+                  + f"; the roofline times {library}'s")
+    gemm = products[library]
+    gflops = [library_rates[library]]
     for r in range(args.rounds):
         stats, reference = baseline.measure(wl)
-        gflops.append(gemm_gflops(threads))
+        gflops.append(gemm_gflops(gemm))
         rounds["baseline"].append({**stats, "gemm_gflops": (gflops[-2], gflops[-1])})
         console.print(f"round {r + 1}/{args.rounds}: baseline {stats['pairs_per_s']:.1f} pairs/s")
         for cfg, runner in runners.items():
             stats, scores = runner.measure(wl)
-            gflops.append(gemm_gflops(threads))
+            gflops.append(gemm_gflops(gemm))
             rounds[cfg].append({**stats, "gemm_gflops": (gflops[-2], gflops[-1])})
             rows[cfg]["agreement"] = score_agreement(scores, reference)
             console.print(f"round {r + 1}/{args.rounds}: {cfg} {stats['pairs_per_s']:.1f} pairs/s "
@@ -353,9 +367,11 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
     baseline.close()
     if runners:
         result["roofline"] = roof = _roofline(next(iter(runners.values())), wl, model_dir, threads, gflops)
-        console.print(f"fp32 roofline: GEMM {roof['gemm_gflops']:.1f} GFLOP/s on {threads} threads (median of "
-                      f"{len(gflops)}, {min(gflops):.1f}-{max(gflops):.1f}), {roof['gflop_per_pair']:.2f} GFLOP "
-                      f"per pair: {roof['pairs_per_s']:.1f} pairs/s; fractions are paired per round")
+        roof.update(gemm_library=library, gemm_library_gflops=library_rates)
+        console.print(f"fp32 roofline: {library} GEMM {roof['gemm_gflops']:.1f} GFLOP/s on {threads} threads "
+                      f"(median of {len(gflops)}, {min(gflops):.1f}-{max(gflops):.1f}), "
+                      f"{roof['gflop_per_pair']:.2f} GFLOP per pair: {roof['pairs_per_s']:.1f} pairs/s; fractions "
+                      "are paired per round")
         result["baseline"].update(fraction_summary(rounds["baseline"], roof["gflop_per_pair"]))
     for cfg, runner in runners.items():
         runner.close()

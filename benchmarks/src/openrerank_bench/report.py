@@ -36,7 +36,9 @@ def table(result: dict):
     roof = result.get("roofline")
     if roof:
         low, high = roof.get("gemm_gflops_range", (roof["gemm_gflops"],) * 2)
-        t.caption = (f"fp32 roofline: {roof['gemm_gflops']:.1f} GFLOP/s fp32 GEMM (median; {low:.0f}-{high:.0f}) on "
+        library = f"{roof['gemm_library']}'s " if roof.get("gemm_library") else ""  # older results: torch's
+        t.caption = (f"fp32 roofline: {roof['gemm_gflops']:.1f} GFLOP/s {library}fp32 GEMM (median; "
+                     f"{low:.0f}-{high:.0f}) on "
                      f"{roof['threads']} threads / {roof['gflop_per_pair']:.2f} GFLOP per pair "
                      f"({roof['mean_tokens']:.0f} tokens) = {roof['pairs_per_s']:.1f} pairs/s; the roofline column "
                      "is the median of per-round fractions, each against the GEMM timed either side of it, with "

@@ -12,6 +12,11 @@ sequence plus the query's, which is encoded once per request and shared by its p
 counted: the FLOPs an engine spends on it count against it. Above 1.0 means fewer FLOPs than fp32 dense math
 (int8/bf16 units, or skipped work).
 
+The GEMM rate is the fastest fp32 product of the installed libraries (PyTorch, OpenVINO, ONNX Runtime), chosen
+at the start of a run: PyTorch's x86 build multiplies with MKL, which takes its AVX2 path on AMD CPUs, and on a
+Zen 5 (full-width AVX-512) that ran at 204 GFLOP/s against OpenVINO's and ONNX Runtime's 448-465, so a roofline
+of PyTorch's alone set the engines against half the machine.
+
 Paired: a host's pace can drift by a third within minutes (a shared VM), so one GEMM figure for a whole run
 mixes moments. The GEMM is timed between every two measurements, and each measurement is set against the mean
 of the GEMMs just before and just after it; the fraction reported is the median of those per-round fractions.
@@ -21,28 +26,94 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from openrerank.families import cost
 
+#: The libraries whose fp32 GEMM can set the roofline, in the order they are tried.
+GEMM_LIBRARIES = ("torch", "openvino", "onnxruntime")
 
-def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """fp32 GEMM rate (GFLOP/s) of PyTorch on `threads` threads: the best of `repeats` square products."""
+
+def gemm_products(threads: int, size: int = 2048) -> dict[str, Callable[[], object]]:
+    """One fp32 `size` x `size` product per installed library, on `threads` threads, each ready to call: PyTorch's
+    `torch.mm` (MKL on x86), OpenVINO's MatMul (oneDNN; pinning off, as the engines run) and ONNX Runtime's
+    (MLAS; its pool does not spin between calls, which would take CPU from the measurement that follows)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    products: dict[str, Callable[[], object]] = {}
+    for library in GEMM_LIBRARIES:
+        try:
+            products[library] = _PRODUCT_BUILDERS[library](a, b, threads)
+        except ImportError:  # not installed: the others set the roofline
+            continue
+    return products
+
+
+def _torch_product(a, b, threads: int) -> Callable[[], object]:
     import torch
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        torch.mm(a, b)  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(previous)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+    def product() -> object:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return torch.mm(ta, tb)
+        finally:
+            torch.set_num_threads(previous)
+
+    return product
+
+
+def _openvino_product(a, b, threads: int) -> Callable[[], object]:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter(list(a.shape), ov.Type.f32)
+    model = ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False,
+                                                      "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda: request.infer({0: a})
+
+
+def _onnxruntime_product(a, b, threads: int) -> Callable[[], object]:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(a.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [a.shape[0], b.shape[1]])],
+                              [numpy_helper.from_array(b, "w")])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"x": a})
+
+
+_PRODUCT_BUILDERS = {"torch": _torch_product, "openvino": _openvino_product, "onnxruntime": _onnxruntime_product}
+
+
+def gemm_gflops(product: Callable[[], object], size: int = 2048, repeats: int = 5) -> float:
+    """The rate (GFLOP/s) of one of `gemm_products`: the best of `repeats` calls after a warm-up."""
+    product()  # warm-up (and, for OpenVINO, its first-call allocations)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best / 1e9
+
+
+def fastest_gemm(products: dict[str, Callable[[], object]]) -> tuple[str, dict[str, float]]:
+    """The library whose fp32 GEMM runs fastest here, and every library's rate (GFLOP/s)."""
+    rates = {library: round(gemm_gflops(product), 1) for library, product in products.items()}
+    return max(rates, key=rates.__getitem__), rates
 
 
 def sequence_flops(config: dict, tokens: int) -> float:
