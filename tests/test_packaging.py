@@ -21,7 +21,8 @@ from tests.support import REPO
 #: apache.org's LICENSE-2.0.txt, unmodified (the same bytes onnx, yarl and ml_dtypes ship).
 APACHE_2_MD5 = "3b83ef96387f14655fc854ddc3c6bd57"
 #: What the build reads, and a tests/ tree for the sdist to leave out.
-TREE = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "constraints.txt", "scripts", "src", "tests")
+TREE = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "CHANGELOG.md", "constraints.txt", "scripts", "src",
+        "tests")
 
 
 def _copy(dest: Path, names: tuple[str, ...] = TREE) -> Path:
@@ -65,7 +66,8 @@ def test_the_sdist_builds_a_wheel_and_both_carry_the_licence(tmp_path):
     with tarfile.open(sdist) as tar:
         names = set(tar.getnames())
         tar.extractall(tmp_path / "unpacked", filter="data")
-    assert {f"{top}/LICENSE", f"{top}/constraints.txt", f"{top}/scripts/install-torch.sh"} <= names
+    carried = ("LICENSE", "CHANGELOG.md", "constraints.txt", "scripts/install-torch.sh")
+    assert {f"{top}/{name}" for name in carried} <= names
     # All of tests/ or none: setuptools' default took the top-level tests/test_*.py without tests/support.py.
     assert not [n for n in names if n.startswith(f"{top}/tests")]
     assert hashlib.md5((tmp_path / "unpacked" / top / "LICENSE").read_bytes()).hexdigest() == APACHE_2_MD5
@@ -77,3 +79,20 @@ def test_the_sdist_builds_a_wheel_and_both_carry_the_licence(tmp_path):
     assert meta["Version"] == openrerank.__version__
     assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
     assert hashlib.md5(licence).hexdigest() == APACHE_2_MD5
+
+
+#: Where a version is written out for a reader to copy: wheel file names and image tags.
+VERSIONED = re.compile(r"openrerank(?:-ray)?(?:-|:)(\d+\.\d+\.\d+)(?=-py3-none-any\.whl|-cpu|-export|-cuda|\b)")
+
+
+def test_every_wheel_name_and_image_tag_in_the_docs_and_manifests_is_this_version():
+    """pip skips a wheel of the version already installed, so each release gets a new number (CHANGELOG.md), and
+    the commands and manifests a reader copies must name it: a stale `openrerank-0.1.0-...whl` is a file that
+    is not there, a stale image tag an image that was never built."""
+    files = [REPO / "README.md", REPO / "CHANGELOG.md", *(REPO / "docs").glob("*.md"),
+             *(REPO / "deploy").rglob("*.yaml")]
+    found = {(path.relative_to(REPO).as_posix(), m.group(0)) for path in files
+             for m in VERSIONED.finditer(path.read_text(encoding="utf-8"))}
+    assert found, "no versioned name found: the pattern is stale"
+    assert [hit for hit in found if not hit[1].endswith(openrerank.__version__)] == []
+    assert f"## {openrerank.__version__} (" in (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
