@@ -241,6 +241,21 @@ def test_an_upgrade_offer_it_does_not_take_with_connection_close_is_served_with_
         served.wait_closed()
 
 
+def test_bytes_after_a_close_offers_body_are_not_read_as_a_request(served):
+    """A `Connection: close` request is the connection's last: llhttp drops what follows it. The fresh parse
+    after an ignored offer with close forgot the close: what followed the body was parsed as a next request,
+    and a garbage one logged and counted as a 400 no client was sent."""
+    for offer in (b"", b"upgrade: h2c", b"upgrade: websocket"):
+        SEEN.clear()
+        REFUSED.clear()
+        connection = b"connection: Upgrade, close" if offer else b"connection: close"
+        request = head("/echo", 5, connection, *([offer] if offer else [])) + b"hello"
+        answer = exchange(served, request + b"GARBAGE \x01\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nhello"), answer
+        served.wait_closed()
+        assert SEEN == ["/echo"] and REFUSED == [], (offer, REFUSED)
+
+
 def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(served):
     """uvicorn answered the malformed request at once, in plain text, and closed: the valid request's answer
     was lost (and it was logged as the client's disconnect)."""

@@ -32,11 +32,14 @@ def target_problem(target: bytes) -> str | None:
     return None
 
 
-def body_framing(headers: list[tuple[bytes, bytes]]) -> bytes:
+def body_framing(headers: list[tuple[bytes, bytes]], close: bool = False) -> bytes:
     """A request head framing a body as `headers` (names in lower case) frame theirs: for llhttp to read the
-    body of a request whose head it stopped at (an upgrade offer, see OfferIgnoringParser)."""
+    body of a request whose head it stopped at (an upgrade offer, see OfferIgnoringParser). `close` keeps the
+    offer's `Connection: close`: without it a fresh llhttp read what followed the body as a next request."""
     framing = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers
                        if name in (b"content-length", b"transfer-encoding"))
+    if close:
+        framing += b"connection: close\r\n"
     return b"POST / HTTP/1.1\r\n%s\r\n" % framing
 
 
@@ -78,11 +81,12 @@ class OfferIgnoringParser(httptools.HttpRequestParser):
                 if self.protocol._should_upgrade():  # a websocket: uvicorn's
                     raise
                 data = data[exc.args[0]:]
-                if not self.should_keep_alive():  # `Connection: close`: llhttp skipped all after the head, the
-                    self._restart()  # framing and body too (a 408 once the body timed out): a fresh parse
+                close = not self.should_keep_alive()
+                if close:  # `Connection: close`: llhttp skipped all after the head, the framing and body too
+                    self._restart()  # (a 408 once the body timed out): a fresh parse, told of the close again
                 self.protocol.replaying = True
                 try:
-                    super().feed_data(body_framing(self.protocol.headers))
+                    super().feed_data(body_framing(self.protocol.headers, close))
                 finally:
                     self.protocol.replaying = False
             except httptools.HttpParserCallbackError as exc:
