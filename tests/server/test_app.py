@@ -141,7 +141,6 @@ def error_message(answer) -> str:
 
 # every route that takes a JSON body: FastAPI's and `list_bounds`' parse (the standard library), or TEI's own (orjson)
 BODY_ROUTES = [path for path, _ in EMPTY_BODY_SHAPES] + ["/embed", "/embeddings", "/rerank", "/", "/invocations"]
-STDLIB_PARSED = [path for path in BODY_ROUTES if path not in ("/rerank", "/", "/invocations")]
 
 
 @pytest.mark.parametrize("path", BODY_ROUTES)
@@ -155,13 +154,27 @@ def test_a_body_that_is_not_json_is_told_where_it_broke_on_every_route(path):
     assert error_message(r).endswith("line 1 column 12 (char 11)"), r.text
 
 
-@pytest.mark.parametrize("path", STDLIB_PARSED)
+@pytest.mark.parametrize("path", BODY_ROUTES)
 def test_a_number_over_the_digit_limit_is_named(path):
     """Python's JSON parser refuses an integer of more than 4,300 digits with a ValueError, not a JSON error:
-    the answer was a bare "request body is not valid JSON"."""
+    the answer was a bare "request body is not valid JSON". orjson's (TEI's routes) said "number is infinity
+    when parsed as double"."""
     with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
         r = c.post(path, content=b'{"n": ' + b"1" * 4400 + b"}", headers={"content-type": "application/json"})
     assert error_message(r) == "request body holds a number of more than 4300 digits, too long to read", r.text
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
+def test_an_empty_or_too_deep_body_is_told_so_in_one_wording_on_every_route(path):
+    """TEI's routes, which parse with orjson, said "Input is a zero-length, empty document: line 1 column 1
+    (char 0)" and "depth limit exceeded: line 1 column 1026 (char 1025)" where every other route named them."""
+    told = {b"": "request body is empty: send a JSON object",
+            b"  ": "request body is not valid JSON: Expecting value: line 1 column 3 (char 2)",
+            b"[" * 3000 + b"]" * 3000: "request body is nested too deeply to parse"}
+    with TestClient(create_app(ServerConfig(models=["default"]), load_models=False)) as c:
+        for body, message in told.items():
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code in (400, 422) and error_message(r) == message, (body[:4], r.text)
 
 
 @pytest.mark.parametrize("public", [False, True])

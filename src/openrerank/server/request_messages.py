@@ -5,6 +5,7 @@ own parse, the gRPC ranking tensors)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -14,6 +15,14 @@ from pydantic import BaseModel
 #: Errors a message reads at most: more would be cut at `MAX_MESSAGE_CHARS` anyway, after being formatted (600k
 #: errors made a 6.5 MB message, a second of work, to send its first 2,000 characters).
 MAX_ERRORS_READ = 100
+
+
+#: What an empty body is told, by FastAPI's routes (a missing body) and TEI's (orjson's "zero-length" document).
+EMPTY_BODY = "request body is empty: send a JSON object"
+NESTED_TOO_DEEPLY = "request body is nested too deeply to parse"
+
+#: A JSON number: an integer when it has neither a fraction nor an exponent.
+_NUMBER = re.compile(r"-?(\d+)(\.\d*)?([eE][-+]?\d+)?")
 
 
 #: pydantic error types that say a value is not of a branch's kind at all (another kind might take it).
@@ -149,7 +158,7 @@ def format_validation_errors(errors: list[dict], model: type[BaseModel] | None) 
         elif typ == "json_invalid":
             parts.append(_not_json(err.get("ctx", {}).get("error", "")))
         elif typ == "missing" and not loc:  # FastAPI's missing body: nothing was sent
-            parts.append("request body is empty: send a JSON object")
+            parts.append(EMPTY_BODY)
         elif typ == "missing":
             parts.append(f"field '{where}' is required")
         else:
@@ -168,20 +177,48 @@ def _not_json(detail: str) -> str:
     return f"request body is not valid JSON: {detail}".rstrip(": ")
 
 
+def _too_many_digits() -> str:
+    return f"request body holds a number of more than {sys.get_int_max_str_digits()} digits, too long to read"
+
+
+def _orjson_refusal(cause: json.JSONDecodeError) -> str | None:
+    """What every other route tells of the refusals orjson (TEI's routes) words its own way; None for the rest.
+    orjson says "zero-length" for an empty body and "input data is empty" at the start of one of blanks, stops at
+    depth 1024, and reads an integer as a 64-bit float: one of 4,301 digits was "number is infinity when parsed
+    as double". A number a float cannot hold that the standard library reads (`1e400`) is named as such."""
+    if cause.msg == "Input is a zero-length, empty document":
+        return EMPTY_BODY
+    if cause.msg == "input data is empty" and isinstance(cause.doc, str):  # blanks only: where the value was due
+        return body_parse_message(json.JSONDecodeError("Expecting value", cause.doc, len(cause.doc)))
+    if cause.msg == "depth limit exceeded":
+        return NESTED_TOO_DEEPLY
+    if cause.msg == "number is infinity when parsed as double":
+        number = _NUMBER.match(cause.doc, cause.pos) if isinstance(cause.doc, str) else None
+        limit = sys.get_int_max_str_digits()  # 0: no limit
+        if number and not number[2] and not number[3] and limit and len(number[1]) > limit:
+            return _too_many_digits()
+        at = f"line {cause.lineno} column {cause.colno} (char {cause.pos})"
+        return f"request body holds a number too large or too long to read as a 64-bit float: {at}"
+    return None
+
+
 def body_parse_message(cause: BaseException | None) -> str:
     """What a body that does not parse is told, whichever parser read it: the standard library's (FastAPI's, and
     `list_bounds`) or orjson's (TEI's `json_object`; its JSONDecodeError is the standard library's), so every
-    route says where the JSON broke, by line, column and character, as orjson writes it. The standard library's
-    own message stopped mid-sentence ("Invalid control character at"), and its limit on an integer's digits
-    (a ValueError) said nothing. Anything not the client's (MemoryError, a bug) is raised again, to surface as a
-    logged 500."""
+    route says where the JSON broke, by line, column and character, as orjson writes it, and an empty body, one
+    nested too deeply or an integer of too many digits in the same words whichever parser refused it. The
+    standard library's own message stopped mid-sentence ("Invalid control character at"), and its limit on an
+    integer's digits (a ValueError) said nothing. Anything not the client's (MemoryError, a bug) is raised
+    again, to surface as a logged 500."""
     if isinstance(cause, RecursionError):
-        return "request body is nested too deeply to parse"
+        return NESTED_TOO_DEEPLY
     if isinstance(cause, json.JSONDecodeError):
+        if said := _orjson_refusal(cause):
+            return said
         at = " " if cause.msg.endswith(" at") else ": "  # "... starting at line 1", "Expecting value: line 1"
         return _not_json(f"{cause.msg}{at}line {cause.lineno} column {cause.colno} (char {cause.pos})")
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
-        return f"request body holds a number of more than {sys.get_int_max_str_digits()} digits, too long to read"
+        return _too_many_digits()
     if cause is None or isinstance(cause, ValueError):  # UTF-8 decoding errors are ValueErrors
         return _not_json("")
     raise cause
