@@ -5,9 +5,12 @@ tests/server/test_ray_local.py)."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
+import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from openrerank.server import ray_local
 from openrerank.server.ray_local import options_error, set_ray_env
 
 
@@ -49,3 +52,34 @@ def test_the_launchers_output_keeps_every_access_line(monkeypatch):
     monkeypatch.setattr(os, "environ", {"RAY_DEDUP_LOGS": "1"})
     set_ray_env()
     assert os.environ["RAY_DEDUP_LOGS"] == "1"
+
+
+class _Serve:
+    """Serve's module as `start_replicas` uses it: the application's status, then none (a controller restart)."""
+
+    def __init__(self, *statuses: object) -> None:
+        self.statuses = list(statuses)
+
+    def _run(self, app: object, **kwargs: object) -> None:
+        pass
+
+    def status(self) -> SimpleNamespace:
+        from openrerank.server.ray_serve import APP_NAME
+
+        status = self.statuses.pop(0) if self.statuses else None
+        return SimpleNamespace(applications={} if status is None else {APP_NAME: status})
+
+
+def test_an_application_gone_from_serve_is_a_start_error_not_a_traceback(monkeypatch):
+    """`serve.status().applications[APP_NAME]` raised a bare KeyError (a traceback at start) when Serve lost the
+    application, as after its controller restarted; Serve's own wait says so in a RuntimeError."""
+    schema = pytest.importorskip("ray.serve.schema")  # the status enum only: no Ray is started
+    monkeypatch.setattr(ray_local, "POLL_S", 0.001)
+    deploying = SimpleNamespace(status=schema.ApplicationStatus.DEPLOYING, message="")
+    with pytest.raises(ray_local.ReplicaStartError, match=r"no longer has application .* controller restart"):
+        ray_local.start_replicas(_Serve(deploying, deploying), None, ray_local._Signals())
+    failed = SimpleNamespace(status=schema.ApplicationStatus.DEPLOY_FAILED, message="the model did not load")
+    with pytest.raises(ray_local.ReplicaStartError, match="failed: the model did not load"):
+        ray_local.start_replicas(_Serve(deploying, failed), None, ray_local._Signals())
+    running = SimpleNamespace(status=schema.ApplicationStatus.RUNNING, message="")
+    assert ray_local.start_replicas(_Serve(deploying, running), None, ray_local._Signals()) is True

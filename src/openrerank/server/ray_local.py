@@ -182,7 +182,9 @@ def start_replicas(serve: Any, app: Any, signals: _Signals) -> bool:
 
     serve._run(app, _blocking=False, name=APP_NAME, route_prefix="/")
     while not signals.first.wait(POLL_S):
-        status = serve.status().applications[APP_NAME]
+        status = serve.status().applications.get(APP_NAME)
+        if status is None:  # gone (a controller that restarted): a KeyError was a traceback at start
+            raise ReplicaStartError(f"Ray Serve no longer has application {APP_NAME} (did its controller restart?)")
         if status.status == ApplicationStatus.RUNNING:
             return True
         if status.status == ApplicationStatus.DEPLOY_FAILED:
