@@ -168,11 +168,13 @@ def test_every_answer_names_the_replica_a_401_and_a_preflight_too():
     assert [r.headers.get_list(REPLICA_HEADER) for r in answers] == [["replica-7"]] * 4
 
 
-def test_a_transfer_coding_other_than_chunked_gets_one_servers_501():
+def test_a_transfer_coding_other_than_chunked_gets_one_servers_501(caplog):
     """Serve's uvicorn de-chunks `Transfer-Encoding: gzip, chunked` and hands the body on still gzipped: a 400
-    "request body is not valid UTF-8", or a plain body served as if the coding were not there."""
+    "request body is not valid UTF-8", or a plain body served as if the coding were not there. Counted and
+    logged with its reason, as one server's guard does (the gate sits inside the metrics and access log)."""
     config = ServerConfig()
-    with TestClient(replica_app(create_app(config, load_models=False), config, "replica-7")) as c:
+    app = replica_app(create_app(config, load_models=False), config, "replica-7")
+    with caplog.at_level("INFO", logger="openrerank.access"), TestClient(app) as c:
         answer = c.post("/v1/ranking", content=b'{"query": {"text": "q"}, "passages": [{"text": "p"}]}',
                         headers={"Transfer-Encoding": "gzip, chunked", "Content-Type": "application/json"})
         cohere = c.post("/v1/rerank", content=b"{}", headers={"Transfer-Encoding": "GZIP"})
@@ -181,6 +183,10 @@ def test_a_transfer_coding_other_than_chunked_gets_one_servers_501():
     assert answer.json()["message"].startswith("Transfer-Encoding 'gzip' is not supported: send the body chunked")
     assert cohere.status_code == 501 and "Transfer-Encoding 'gzip'" in cohere.json()["message"]
     assert chunked.status_code != 501
+    assert 'openrerank_requests_total{protocol="http",route="/v1/ranking",status="501"} 1.0' in _metrics_text(app)
+    lines = [r for r in caplog.records if r.name == "openrerank.access" and r.fields["status"] == 501]
+    assert [r.fields["route"] for r in lines] == ["/v1/ranking", "/v1/rerank"]
+    assert all(r.fields["reason"].startswith("Transfer-Encoding 'gzip' is not supported") for r in lines)
 
 
 def test_a_request_cancelled_by_serve_is_the_clients_499_not_a_shutdown_503(caplog):
