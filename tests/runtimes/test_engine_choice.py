@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -340,3 +341,53 @@ def test_without_onnxruntime_the_timings_are_kept(tiny_model_dir, cache, monkeyp
     again = load_model(str(tiny_model_dir))
     assert "cached from an earlier start" in again.runtime_choice.reason
     again.close()
+
+
+def int8_served(monkeypatch, backend: str, rates: dict[str, float], mode: str = "measure"):
+    """Plan `--backend <backend> --dtype int8` and serve it with stand-in runtimes timed at `rates` (by runtime; one
+    not in it refuses the model): the choice, and the RuntimeWarnings said on the way."""
+    from openrerank.runtimes import choosing
+    from openrerank.runtimes.base import Runtime
+    from openrerank.runtimes.measure import Measurement, Timings
+
+    class Built(Runtime):
+        lanes = 1
+
+        def run(self, features):
+            return None
+
+    def build(choice, network, device, threads, lanes=None, *, timing=False):
+        if choice.runtime not in rates:
+            raise RuntimeError("refused")
+        return Built()
+
+    def timed(candidates, build, **kw):
+        return Timings(tuple(Measurement(r, d, Throughput(rates[r], rates[r] * 100, ((8, 128),)), lanes=n)
+                             for r, d, n in candidates if r in rates), False, 1.0, "k")
+
+    monkeypatch.setattr(choosing, "_build", build)
+    monkeypatch.setattr(choosing, "measure_candidates", timed)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        plan = plan_runtimes(backend, "int8", "cpu", ENCODERS)
+        _, choice = choosing.create_runtime(SimpleNamespace(path=Path("unused"), head="score"), plan, device="cpu",
+                                            threads=2, mode=mode)
+    return choice, [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_int8_warning_is_of_the_runtime_that_serves(cpuinfo, monkeypatch):
+    """On a Zen 2 (AVX2, no VNNI) `--dtype int8` plans OpenVINO int8 first, and the warning was said of it when
+    planned: "OpenVINO computes in fp32 here ... --backend onnx", while the timing served ONNX Runtime int8."""
+    cpuinfo("zen2")
+    for package in ("openvino_available", "nncf_available", "onnxruntime_available"):
+        monkeypatch.setattr(selection, package, lambda: True)
+    choice, said = int8_served(monkeypatch, "auto", {"openvino": 65.3, "onnx": 105.0})
+    assert (choice.runtime, choice.dtype) == ("onnx", "int8") and said == []  # ONNX Runtime int8 pays on AVX2
+    choice, said = int8_served(monkeypatch, "auto", {"openvino": 105.0, "onnx": 65.3})
+    assert choice.runtime == "openvino" and len(said) == 1 and "OpenVINO keeps int8 weights" in said[0]
+    choice, said = int8_served(monkeypatch, "auto", {"onnx": 105.0}, mode="rules")  # OpenVINO refuses the model
+    assert choice.runtime == "onnx" and said == []
+    choice, said = int8_served(monkeypatch, "auto", {"openvino": 65.3, "onnx": 105.0}, mode="rules")
+    assert choice.runtime == "openvino" and len(said) == 1 and "OpenVINO keeps int8 weights" in said[0]
+    choice, said = int8_served(monkeypatch, "openvino", {"openvino": 65.3})  # said when planned, not again
+    assert len(said) == 1 and "OpenVINO keeps int8 weights" in said[0]

@@ -3,7 +3,8 @@
 `--backend-choice rules`: the plan's first runtime that loads. `measure` (the default): every planned runtime
 is timed here (or its cached timings read, `runtimes/measure.py`) and the fastest serves, unless one with fewer
 lanes ties with it (`selection.LANES_TIE`). Either way a runtime that refuses the model hands over to the next
-and the reason says so. What is planned, and why, is `runtimes/selection.py`.
+and the reason says so. `--dtype int8`'s warning is said of the runtime that serves (`selection.warn_of_int8`).
+What is planned, and why, is `runtimes/selection.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from openrerank.runtimes.selection import (
     RuntimeChoice,
     RuntimeConfigError,
     label,
+    warn_of_int8,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,15 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     if mode not in AUTO_MODES:
         raise RuntimeConfigError(f"unknown backend choice {mode!r}; choose one of {', '.join(AUTO_MODES)}")
     plan = list(plan)
-    threads = threads or default_threads()
+    runtime, choice = _create(network, plan, device, threads or default_threads(), mode, max_length)
+    if len(plan) > 1:  # a plan of one warned when it was made (`plan_runtimes`), before the server bound
+        warn_of_int8(choice)
+    return runtime, choice
+
+
+def _create(network: Network, plan: list[RuntimeChoice], device: str, threads: int, mode: str,
+            max_length: int) -> tuple[Runtime, RuntimeChoice]:
+    """`create_runtime`'s choice, before anything is said of it."""
     if mode == "rules":
         return _first_that_loads(plan, network, device, threads)
     by_key = {(c.runtime, c.dtype): c for c in plan}

@@ -352,9 +352,18 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
         plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the runtime for CUDA devices" + cuda_note)
     else:
         plan = _auto_cpu(dtype, runtimes, flags, family, names)
-    if plan[0].dtype == "int8" and (said := _int8_warning(plan[0].runtime, flags)):
-        warnings.warn(said, RuntimeWarning, stacklevel=1)  # one location: shown once a process
+    if len(plan) == 1:  # settled already; a longer plan warns for the one that serves (`runtimes/choosing.py`)
+        warn_of_int8(plan[0])
     return plan
+
+
+def warn_of_int8(choice: RuntimeChoice) -> None:
+    """Warn where `choice` is int8 on a CPU where it was measured not to pay, or was not measured
+    (`_int8_warning`). Said of the runtime that serves: `--backend auto --dtype int8` plans OpenVINO first, yet
+    on an AVX2 CPU without VNNI the timing usually serves ONNX Runtime, and a warning about OpenVINO would then
+    tell the operator to do what auto already did."""
+    if choice.dtype == "int8" and (said := _int8_warning(choice.runtime, cpu_flags())):
+        warnings.warn(said, RuntimeWarning, stacklevel=1)  # one location: shown once a process
 
 
 def _int8_warning(runtime: str, flags: frozenset[str]) -> str | None:
