@@ -383,6 +383,7 @@ def test_the_int8_warning_is_of_the_runtime_that_serves(cpuinfo, monkeypatch):
         monkeypatch.setattr(selection, package, lambda: True)
     choice, said = int8_served(monkeypatch, "auto", {"openvino": 65.3, "onnx": 105.0})
     assert (choice.runtime, choice.dtype) == ("onnx", "int8") and said == []  # ONNX Runtime int8 pays on AVX2
+    assert "int8 fails the fidelity gate" in choice.reason and "that pass the fidelity gate" not in choice.reason
     choice, said = int8_served(monkeypatch, "auto", {"openvino": 105.0, "onnx": 65.3})
     assert choice.runtime == "openvino" and len(said) == 1 and "OpenVINO keeps int8 weights" in said[0]
     choice, said = int8_served(monkeypatch, "auto", {"onnx": 105.0}, mode="rules")  # OpenVINO refuses the model

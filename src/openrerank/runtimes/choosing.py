@@ -147,7 +147,10 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
     fewer = ", with fewer lanes, so a lone small request keeps every thread"
     tie = "" if tied_with is None else f"within {LANES_TIE:.0%} of the fastest ({_label(tied_with)})"
     if compared:
-        gate = f"of the runtimes that pass the fidelity gate ({FIDELITY_GATE})"
+        # int8 is planned only when asked for: it fails the gate (runtimes/selection.py), so no reason claims it.
+        gate = (f"of the runtimes that pass the fidelity gate ({FIDELITY_GATE})" if winner.dtype != "int8" else
+                "of the int8 runtimes, asked for with --dtype int8 (int8 fails the fidelity gate, "
+                f"{FIDELITY_GATE}, so auto serves it only when asked)")
         what = f"the fastest on {cpu} {gate}" if not tie else f"on {cpu}, {tie} {gate}{fewer}"
     elif tie:
         what = f"the one runtime asked for, {tie}{fewer}"
