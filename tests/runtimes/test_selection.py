@@ -133,9 +133,11 @@ def test_the_rules_on_each_sample_cpu(cpuinfo, every_runtime, sample):
     if bf16:
         assert first("auto", "bf16") == ("openvino" if x86 else "torch", "bf16")
         assert first("torch", "bf16") == ("torch", "bf16")
-    else:
-        with pytest.raises(RuntimeConfigError, match=r"OpenVINO would quietly run fp32\. Use --dtype fp32, or int8$"):
+    else:  # named as what auto would plan for bf16: on Arm, where OpenVINO runs none, PyTorch
+        would = "OpenVINO would quietly run" if x86 else "PyTorch would emulate bf16 or quietly run"
+        with pytest.raises(RuntimeConfigError, match=rf"{would} fp32\. Use --dtype fp32, or int8$") as refused:
             plan_runtimes("auto", "bf16", "cpu", ENCODERS)
+        assert x86 or "OpenVINO" not in str(refused.value)
     if int8_dot:
         assert int8_warnings("openvino") == int8_warnings("onnx") == []
     else:
@@ -426,11 +428,22 @@ def test_arm_bf16_is_read_from_its_features_and_served_by_pytorch(machine):
 
 def test_arm_without_bf16_is_refused_in_arm_words(machine):
     machine(GRAVITON2)
-    for backend in ("torch", "openvino", "auto"):
+    for backend in ("torch", "auto"):
         with pytest.raises(RuntimeConfigError, match="needs the Arm BF16 extension") as refused:
             check_runtime_options(backend, "bf16", "cpu")
         assert "AVX512" not in str(refused.value)
     assert len(plan_runtimes("auto", "auto", "cpu", ("torch",))) == 1  # emulated bf16 is never a candidate
+
+
+def test_openvino_bf16_on_arm_is_refused_as_x86_only_whatever_its_features(cpuinfo, every_runtime):
+    """`--backend openvino --dtype bf16` on a Graviton2 asked for the Arm BF16 extension, with which a Graviton3
+    is refused all the same: OpenVINO runs bf16 on x86 only. PyTorch is offered only where it runs bf16."""
+    for cpu, torch in (("graviton2", "Nor does PyTorch run it here: it needs the Arm BF16 extension"),
+                       ("graviton3", "Use --backend torch for bf16, or --dtype fp32")):
+        cpuinfo(cpu)
+        with pytest.raises(RuntimeConfigError, match="OpenVINO runs bf16 on x86 CPUs only") as explicit:
+            plan_runtimes("openvino", "bf16", "cpu", ENCODERS)
+        assert "on this Arm CPU it would quietly run fp32" in str(explicit.value) and torch in str(explicit.value)
 
 
 def test_arm_int8_dot_products_count_as_vnni_does(machine):

@@ -187,11 +187,12 @@ def _bf16_refusal(runtime: str, names: dict[str, str], flags: frozenset[str], in
     have run it, and `int8` whether --dtype int8 is offered instead (only where some runtime asked for runs it)."""
     isa = cpu_isa(flags)
     others = ", or int8" if int8 else ""
-    if _has(flags, isa.bf16):  # bf16 units, which the runtime does not use (OpenVINO off x86)
+    if runtime == "openvino" and isa not in _OPENVINO_BF16_ISAS:  # whatever the CPU's bf16 units: none is used
+        torch = ("Use --backend torch for bf16, or --dtype" if _has(flags, isa.bf16) else
+                 f"Nor does PyTorch run it here: it needs {isa.bf16_text}, which this CPU lacks. Use --dtype")
         return RuntimeConfigError(
             f"{names['backend']} {names['dtype']}: {RUNTIME_NAMES[runtime]} runs bf16 on x86 CPUs only (AVX512-BF16 "
-            f"or AMX); on this {isa.name} CPU it would quietly run fp32. Use --backend torch for bf16, or --dtype "
-            f"fp32{others}")
+            f"or AMX); on this {isa.name} CPU it would quietly run fp32. {torch} fp32{others}")
     would = "quietly run fp32" if runtime == "openvino" else "emulate bf16 or quietly run fp32"
     return RuntimeConfigError(
         f"{names['dtype']} on CPU needs {isa.bf16_text}, which this CPU lacks: {RUNTIME_NAMES[runtime]} would "
@@ -263,8 +264,10 @@ def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], fami
         raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
     if dtype == "bf16" and not bf16_unit:
         # Named as the runtime this plan would have tried first for bf16 (OpenVINO for an encoder where it is
-        # installed); none of the family's runtimes runs bf16: the refusal below says so instead.
-        would = next((r for r in ("openvino", "torch") if installed[r]), None)
+        # installed and runs bf16 on this instruction set, else PyTorch); none of the family's runtimes runs
+        # bf16: the refusal below says so instead.
+        would = next((r for r in ("openvino", "torch") if installed[r]
+                      and (r != "openvino" or isa in _OPENVINO_BF16_ISAS)), None)
         if would is not None:
             raise _bf16_refusal(would, names, flags, int8=bool((ov and nncf_available()) or ort))
     if dtype == "auto":
