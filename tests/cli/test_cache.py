@@ -175,3 +175,32 @@ def test_a_number_of_days_that_is_not_a_number_is_refused_in_words(capsys) -> No
     with pytest.raises(SystemExit):
         main(["cache", "prune", "--unused-days", "abc"])
     assert "a number of days, 0 or more, not 'abc'" in capsys.readouterr().err
+
+
+def test_another_cpus_folder_unused_for_a_week_is_pruned_and_one_in_use_kept(tmp_path, monkeypatch, capsys) -> None:
+    """A kernel upgrade changes this host's CPU folder key (a hash of every /proc/cpuinfo flag, `pti` and `ibrs`
+    too), and a retired kind of host leaves its folder: `ls` called their blobs usable and `prune` kept them for
+    ever. A folder none of whose blobs was used for a week goes, as the next compile drops it; one used within it
+    (another host's, on a shared volume) stays whole."""
+    from openrerank.runtimes.openvino_runtime import OLD_BLOB_UNUSED_S, _openvino_version
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    compiled = ov.compiled_cache_dir(ov.default_cache_dir())
+    header = f'<compiled_blob ie_version="{_openvino_version()}">'.encode()
+    retired, live = compiled / "cpu-000000000000000000000000", compiled / "cpu-111111111111111111111111"
+    blobs = {"retired fp32": retired / "f32-0123456789abcdef" / "1.blob", "retired bf16": retired / "bf16-0" / "2.blob",
+             "live, old config": live / "f32-0123456789abcdef" / "1.blob", "live": live / "bf16-0" / "2.blob",
+             "mine": ov.compiled_cpu_dir(compiled) / "f32-0123456789abcdef" / "1.blob"}
+    week_ago = time.time() - OLD_BLOB_UNUSED_S - 60
+    for name, blob in blobs.items():
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(header)
+        if name != "live":
+            os.utime(blob, (week_ago, week_ago))
+    listed = _ls(capsys)
+    assert {name for name, blob in blobs.items() if listed[blob]["usable"]} == {"live, old config", "live", "mine"}
+    assert listed[blobs["retired fp32"]]["unusable"].startswith("another kind of CPU (cpu-0000")
+    assert "none of its blobs used for 7 days" in listed[blobs["retired bf16"]]["unusable"]
+    assert main(["cache", "prune"]) == 0
+    assert capsys.readouterr().out.count("removed ") == 2
+    assert {name for name, blob in blobs.items() if blob.exists()} == {"live, old config", "live", "mine"}

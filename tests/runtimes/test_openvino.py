@@ -165,6 +165,27 @@ def test_blobs_of_the_layout_before_per_cpu_folders_are_removed_once_unused_for_
     assert mine.parent.parent == convert.compiled_cpu_dir(compiled)
 
 
+def test_another_cpus_folder_goes_once_none_of_its_blobs_was_used_for_a_week(tmp_path, model_copy):
+    """The CPU folder's key hashes every /proc/cpuinfo flag, the kernel's own too (`pti`, `ibrs`): a kernel
+    upgrade or a retired kind of host left a folder (a model's size per configuration) for ever. One none of
+    whose blobs was used for `OLD_BLOB_UNUSED_S` goes whole with the next compile; one a host of its kind used
+    within the week (a shared volume) stays whole, its other configurations' blobs too."""
+    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    retired, live = compiled / "cpu-000000000000000000000000", compiled / "cpu-111111111111111111111111"
+    for folder in (retired, live):
+        for config in ("f32-0123456789abcdef", "bf16-0123456789abcdef"):
+            (folder / config).mkdir(parents=True)
+            (folder / config / "1234567890.blob").write_bytes(b"another kind of CPU's blob")
+            _untouched(folder / config / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
+    (retired / "f32-emptied-by-prune").mkdir()
+    _untouched(live / "bf16-0123456789abcdef" / "1234567890.blob", 3600)  # a host of that kind started an hour ago
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
+    assert not retired.exists()
+    assert len(list(live.glob("*/*.blob"))) == 2
+    [mine] = [b for b in compiled.glob("cpu-*/*/*.blob") if b.parent.parent != live]
+    assert mine.parent.parent == convert.compiled_cpu_dir(compiled)
+
+
 def test_each_kind_of_cpu_compiles_into_a_folder_of_its_own(cpuinfo, tmp_path):
     """OpenVINO keys a blob by its CPUID brand string, "AMD EPYC" on a Zen 3 VM and a Zen 4 one alike: on a
     cache volume both share, one imported kernels compiled for the other. The blobs' folder is keyed by the

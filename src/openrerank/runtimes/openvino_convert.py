@@ -148,7 +148,9 @@ def compiled_cpu_dir(compiled_dir: Path) -> Path:
     """This kind of CPU's folder in the compiled-model cache `compiled_dir`, keyed by the CPU's name and flags as
     the runtime timings are (`devices.cpu_facts`). OpenVINO keys a blob by its own device name, the CPUID brand
     string, which a VM may report as bare "AMD EPYC" on a Zen 3 and a Zen 4 alike: on a cache volume hosts of
-    both kinds share, one would import kernels compiled for the other's instruction set."""
+    both kinds share, one would import kernels compiled for the other's instruction set. The flags include the
+    kernel's own (`pti`, `ibrs`): a kernel upgrade gives a new folder, and a compile deletes another key's once
+    none of its blobs was used for a week (`openvino_runtime._idle_cpu_folders`)."""
     return Path(compiled_dir) / f"{COMPILED_CPU_PREFIX}{key_of(cpu_facts())}"
 
 

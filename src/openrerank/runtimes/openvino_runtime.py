@@ -163,7 +163,8 @@ def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
 #: version since reads it, but an older one still running on a shared cache volume (a rolling update, a rollback,
 #: a canary) imports it at each start and, where it is gone, compiles and writes it again (90 MB for the default
 #: model): deleted at each start of this version, it was rewritten at each start of that one. Untouched for a
-#: week, no such server has started; `openrerank cache prune` removes it sooner.
+#: week, no such server has started; `openrerank cache prune` removes it sooner. Another kind of CPU's folder
+#: (`compiled/cpu-<key>/`) goes the same way once none of its blobs was used for as long (`_idle_cpu_folders`).
 OLD_BLOB_UNUSED_S = 7 * 24 * 3600
 #: The OpenVINO build a compiled blob was written by, from its header: the CPU plugin imports only its own.
 _BLOB_VERSION = re.compile(rb'<compiled_blob [^>]*ie_version="([^"]+)"')
@@ -179,13 +180,39 @@ def _old_layout(compiled_dir: Path, blob: Path) -> str | None:
     return None
 
 
+def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
+    """The folders of other kinds of CPU (`compiled/cpu-<key>/` but this one's) none of whose blobs was used
+    for `OLD_BLOB_UNUSED_S`, each with what it is. The key hashes every /proc/cpuinfo flag, the kernel's own
+    too (`pti`, `ibrs`, ...), so a kernel upgrade or a retired kind of host leaves a folder (a model's size per
+    configuration) that no server reads again. One a host of its kind started from within the week stays: its
+    start read its blob (the access time, `last_used`: to a day under `relatime`; a volume mounted `noatime`
+    records only writes, so there a folder goes a week after its blobs were written, and its hosts compile
+    again)."""
+    mine = compiled_cpu_dir(compiled_dir)
+    idle = {}
+    for folder in compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*"):
+        if folder == mine or not folder.is_dir():
+            continue
+        try:
+            used = max((last_used(blob) for blob in folder.glob("*/*.blob")), default=0.0)
+        except OSError:  # a blob removed meanwhile: judged at the next compile
+            continue
+        if now - used > OLD_BLOB_UNUSED_S:
+            idle[folder] = (f"another kind of CPU ({folder.name}: a host of another kind, or this one before a "
+                            "kernel upgrade changed its /proc/cpuinfo flags)")
+    return idle
+
+
 def _drop_old_blobs(compiled_dir: Path) -> None:
     """Delete the blobs an older openrerank wrote in an older layout (`_old_layout`), once untouched for
-    `OLD_BLOB_UNUSED_S`, and a configuration's folder left empty. Called under the folder's lock, so no replica
-    is importing one meanwhile."""
+    `OLD_BLOB_UNUSED_S`, and those of another kind of CPU's folder none of whose blobs was used for as long
+    (`_idle_cpu_folders`); a folder left empty goes too. Called under the folder's lock, so no replica is
+    importing one meanwhile."""
     now = time.time()
-    for blob in [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob")]:
-        if (layout := _old_layout(compiled_dir, blob)) is None:
+    idle = _idle_cpu_folders(compiled_dir, now)
+    for blob in [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
+                 *(blob for folder in idle for blob in folder.glob("*/*.blob"))]:
+        if (layout := _old_layout(compiled_dir, blob) or idle.get(blob.parent.parent)) is None:
             continue
         try:
             if now - last_used(blob) <= OLD_BLOB_UNUSED_S:
@@ -198,14 +225,22 @@ def _drop_old_blobs(compiled_dir: Path) -> None:
         if blob.parent != compiled_dir:
             with contextlib.suppress(OSError):  # not empty (another blob, a file of its own): kept
                 blob.parent.rmdir()
+    for folder in idle:  # emptied above, or by `openrerank cache prune`, which removes blobs only
+        for empty in [*folder.glob("*/"), folder]:
+            with contextlib.suppress(OSError):
+                empty.rmdir()
 
 
 def compiled_entries(compiled_dir: Path) -> list[Entry]:
     """The compiled blobs in OpenVINO's cache (`openrerank cache`): each kind of CPU's and configuration's
     (`compiled_config_dir`), unusable here when another OpenVINO build wrote it, and those of older layouts
     (`_old_layout`), which no configuration reads. Another kind of CPU's blob is usable: by servers on that
-    kind sharing the cache (as its runtime timings are)."""
+    kind sharing the cache (as its runtime timings are), unless none of its folder's blobs was used for
+    `OLD_BLOB_UNUSED_S`, the folders the next compile here deletes (`_idle_cpu_folders`): `prune` removes
+    them, as it does the older layouts'."""
     here = _openvino_version()
+    idle = _idle_cpu_folders(compiled_dir, time.time())
+    days = OLD_BLOB_UNUSED_S // 86400
     out = []
     blobs = [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
              *compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*/*/*.blob")]
@@ -219,7 +254,9 @@ def compiled_entries(compiled_dir: Path) -> list[Entry]:
         built_with = {"openvino": version, "compile": blob.parent.relative_to(compiled_dir).as_posix()}
         if blob.parent == compiled_dir:
             built_with.pop("compile")
+        cpu = idle.get(blob.parent.parent)
         why = _old_layout(compiled_dir, blob) or (
+            f"{cpu}, none of its blobs used for {days} days: the next compile here removes them" if cpu else
             "openvino is not installed here" if here is None else differences(built_with, {"openvino": here}))
         out.append(Entry(blob, "openvino compiled", size, used, built_with, why))
     return out
