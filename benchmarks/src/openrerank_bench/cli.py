@@ -9,9 +9,11 @@ packaged all-MiniLM-L6-v2 weights plus a seeded one-logit head (the compute of m
 ratio.
 
 Per engine (BACKEND:DTYPE): pairs/s in-process (through the served model's scheduler; rounds interleaved
-with the baseline's, best kept, spread shown), pairs/s and latency through the real HTTP server with one
-client and with 16, the Pearson correlation and largest difference of its scores against the fp32
-baseline's, and the default model's DL19 nDCG@10 on that engine: the two halves of the fidelity gate
+with the baseline's, best kept, spread shown), the fp32 roofline fraction of that best round (median and range
+of the rounds' beside it), the first request after `ready` against the median of the same request warm over
+the rounds (range beside it; the first request is one sample), pairs/s and latency through the real HTTP
+server with one client and with 16, the Pearson correlation and largest difference of its scores against the
+fp32 baseline's, and the default model's DL19 nDCG@10 on that engine: the two halves of the fidelity gate
 `--backend auto` relies on. Results go to a rich table and a JSON file.
 
 The embeddings row (`openrerank_bench/embed.py`) measures `/v1/embeddings`' path on the embedded default against
@@ -53,6 +55,7 @@ from openrerank_bench.runners import (
     Baseline,
     OfflineRunner,
     best_round,
+    first_request_summary,
     run_http_concurrent,
     run_http_sequential,
     workload_bodies,
@@ -379,9 +382,7 @@ def _offline(args, wl, model_dir, max_length, bi_encoder, configs, auto, result,
         if "roofline" in result:
             rows[cfg].update(fraction_summary(rounds[cfg], result["roofline"]["gflop_per_pair"]))
         if runner.first_request_ms is not None and runner.warm_request_ms:
-            rows[cfg]["first_request"] = {"first_ms": round(runner.first_request_ms, 1),
-                                          "warm_ms": round(runner.warm_request_ms, 1),
-                                          "ratio": round(runner.first_request_ms / runner.warm_request_ms, 2)}
+            rows[cfg]["first_request"] = first_request_summary(runner.first_request_ms, runner.warm_request_ms)
     loop.close()
 
 
