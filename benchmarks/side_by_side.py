@@ -4,7 +4,10 @@ Configurations, interleaved over rounds so drifting machine load spreads over al
 - per engine (`--engine BACKEND:DTYPE`, repeatable): one `openrerank serve --threads 1` alone, then two of
   them at once, each driven by its own sequential client; the figure is each server's pairs/s together
   divided by one alone (issue 16's target: each >= 0.85x; a pinning fight puts both threads on one core and
-  gives ~0.5x);
+  gives ~0.5x). Together means while both clients send: a client through its requests keeps sending (cycling
+  them) until the other is through too, and each counts the pairs done in the window both were sending (a
+  request across its edge by the part inside), so a server starved while both ran does not read better for
+  the stretch it would otherwise have run alone;
 - with `--ray`: `serve --replicas 2 --threads 1` against `--replicas 1 --threads 1`, each driven by two
   concurrent clients (target >= 1.7x); `--ray-router` (repeatable) names the request routers the 2-replica
   setup is run with, e.g. `--ray-router least-busy --ray-router power-of-two` (Serve's default) to see
@@ -46,31 +49,83 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def drive(url: str, bodies: list[bytes], pairs_each: int, out: list[float], start: threading.Barrier) -> None:
-    """One sequential client: a warm-up request, then `bodies` one after another; appends pairs/s."""
-    with httpx.Client(base_url=url, timeout=600) as client:
-        headers = {"content-type": "application/json"}
-        warm = client.post("/v1/ranking", content=bodies[0], headers=headers)
-        assert warm.status_code == 200, warm.text[:300]
-        start.wait()
-        t0 = time.perf_counter()
-        for body in bodies:
-            resp = client.post("/v1/ranking", content=body, headers=headers)
-            assert resp.status_code == 200, resp.text[:300]
-        out.append(len(bodies) * pairs_each / (time.perf_counter() - t0))
+class AllSent:
+    """Set once every client has sent its whole list: until then a client that is through keeps sending, so no
+    client is ever measured with the machine to itself."""
+
+    def __init__(self, clients: int) -> None:
+        self.left, self.lock, self.event = clients, threading.Lock(), threading.Event()
+
+    def one_done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            if self.left <= 0:
+                self.event.set()
 
 
-def run_clients(urls: list[str], bodies: list[bytes], pairs_each: int) -> list[float]:
-    """One client per url (several per url where a url repeats), all started together; pairs/s of each."""
-    rates: list[list[float]] = [[] for _ in urls]
-    barrier = threading.Barrier(len(urls))
-    threads = [threading.Thread(target=drive, args=(u, bodies, pairs_each, rates[i], barrier))
-               for i, u in enumerate(urls)]
+def drive(url: str, bodies: list[bytes], spans: list[tuple[float, float]], start: threading.Barrier,
+          all_sent: AllSent, transport: httpx.BaseTransport | None = None) -> None:
+    """One sequential client: a warm-up request, then `bodies` one after another, and on (cycling them) until every
+    client has sent its list; appends each request's (start, end)."""
+    counted = False
+    try:
+        with httpx.Client(base_url=url, timeout=600, transport=transport) as client:
+            headers = {"content-type": "application/json"}
+            warm = client.post("/v1/ranking", content=bodies[0], headers=headers)
+            assert warm.status_code == 200, warm.text[:300]
+            start.wait()
+            sent = 0
+            while sent < len(bodies) or not all_sent.event.is_set():
+                t = time.perf_counter()
+                resp = client.post("/v1/ranking", content=bodies[sent % len(bodies)], headers=headers)
+                assert resp.status_code == 200, resp.text[:300]
+                spans.append((t, time.perf_counter()))
+                sent += 1
+                if sent == len(bodies):
+                    counted = True
+                    all_sent.one_done()
+    finally:
+        if not counted:  # a failed client must not keep the others sending for ever
+            start.abort()
+            all_sent.one_done()
+
+
+def common_window_rates(spans: list[list[tuple[float, float]]], pairs_each: int) -> list[float]:
+    """Each client's pairs/s over the window in which every client was sending: from the last first start to the
+    first last end. A request that straddles an edge counts by the part of it inside. Timing each client to its
+    own end let the slower one finish alone: a fight that gave it 0.3x while both ran read 0.5x."""
+    begin, end = max(s[0][0] for s in spans), min(s[-1][1] for s in spans)
+    if end <= begin:
+        raise ValueError("the clients never sent at the same time")
+    rates = []
+    for client in spans:
+        done = sum(max(0.0, min(b, end) - max(a, begin)) / (b - a) for a, b in client if b > a)
+        rates.append(done * pairs_each / (end - begin))
+    return rates
+
+
+def run_clients(urls: list[str], bodies: list[bytes], pairs_each: int,
+                transports: list[httpx.BaseTransport | None] | None = None) -> list[float]:
+    """One client per url (several per url where a url repeats), all started together; pairs/s of each over the
+    window in which all of them were sending (`common_window_rates`)."""
+    spans: list[list[tuple[float, float]]] = [[] for _ in urls]
+    errors: list[BaseException] = []
+    barrier, all_sent = threading.Barrier(len(urls)), AllSent(len(urls))
+
+    def client(i: int) -> None:
+        try:
+            drive(urls[i], bodies, spans[i], barrier, all_sent, (transports or [None] * len(urls))[i])
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(urls))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return [r[0] for r in rates]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return common_window_rates(spans, pairs_each)
 
 
 def serve(args: list[str], log_dir: Path, timeout: float = 600) -> ServeProcess:
@@ -181,7 +236,8 @@ def main() -> int:
                 kinds = "; ".join(f"{k}: {v}" for k, v in served.items())
                 print(f"round {r + 1}: ray: 1 replica {res['1']:.1f} pairs/s, {twos} (engines {kinds})", flush=True)
     print(f"\n{cpu_name()}, {default_threads()} CPUs available; load {load_start} -> {os.getloadavg()}; "
-          f"{args.queries} requests x {args.passages} passages per client; medians of {args.rounds} rounds")
+          f"{args.queries} requests x {args.passages} passages per client (two at once: pairs/s while both send); "
+          f"medians of {args.rounds} rounds")
     print("| engine | one alone (pairs/s) | each of two at once | ratio (min of the two) | spread of ratio |")
     print("|---|---:|---:|---:|---:|")
     summary: dict = {"cpu": cpu_name(), "load": [load_start, os.getloadavg()], "engines": {}, "ray": ray,
