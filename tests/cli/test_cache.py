@@ -18,6 +18,7 @@ from openrerank.runtimes import openvino_convert as ov
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.cache_entries import staging_prefix
 from openrerank.runtimes.measure import MEASURE_FORMAT, runtime_versions
+from openrerank.runtimes.openvino_blobs import COMPILED_DIR, compiled_cache_dir, compiled_cpu_dir
 from tests.support import folder_locked_by_another_process, without_a_home
 
 
@@ -57,8 +58,8 @@ def cache(tmp_path, monkeypatch) -> dict[str, Path]:
         "old choice": _record(root / "engine-choice", "f" * 24, {"format": MEASURE_FORMAT, "versions": old}),
         "speed": _record(root / "speed", "1" * 24, {"format": SPEED_FORMAT, "versions": runtime_versions()}),
         "old speed": _record(root / "speed", "2" * 24, {"format": SPEED_FORMAT - 1, "versions": runtime_versions()}),
-        "shared blob": irs / ov.COMPILED_DIR / "123.blob",
-        "blob before per-CPU folders": irs / ov.COMPILED_DIR / "f32-0123456789abcdef" / "456.blob",
+        "shared blob": irs / COMPILED_DIR / "123.blob",
+        "blob before per-CPU folders": irs / COMPILED_DIR / "f32-0123456789abcdef" / "456.blob",
         "building": root / f"{staging_prefix('3' * 24 + '-fp32')}xyz",
     }
     for blob in ("shared blob", "blob before per-CPU folders"):
@@ -182,15 +183,15 @@ def test_another_cpus_folder_unused_for_a_week_is_pruned_and_one_in_use_kept(tmp
     too), and a retired kind of host leaves its folder: `ls` called their blobs usable and `prune` kept them for
     ever. A folder none of whose blobs was used for a week goes, as the next compile drops it; one used within it
     (another host's, on a shared volume) stays whole."""
-    from openrerank.runtimes.openvino_runtime import OLD_BLOB_UNUSED_S, _openvino_version
+    from openrerank.runtimes.openvino_blobs import OLD_BLOB_UNUSED_S, _openvino_version
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    compiled = ov.compiled_cache_dir(ov.default_cache_dir())
+    compiled = compiled_cache_dir(ov.default_cache_dir())
     header = f'<compiled_blob ie_version="{_openvino_version()}">'.encode()
     retired, live = compiled / "cpu-000000000000000000000000", compiled / "cpu-111111111111111111111111"
     blobs = {"retired fp32": retired / "f32-0123456789abcdef" / "1.blob", "retired bf16": retired / "bf16-0" / "2.blob",
              "live, old config": live / "f32-0123456789abcdef" / "1.blob", "live": live / "bf16-0" / "2.blob",
-             "mine": ov.compiled_cpu_dir(compiled) / "f32-0123456789abcdef" / "1.blob"}
+             "mine": compiled_cpu_dir(compiled) / "f32-0123456789abcdef" / "1.blob"}
     week_ago = time.time() - OLD_BLOB_UNUSED_S - 60
     for name, blob in blobs.items():
         blob.parent.mkdir(parents=True, exist_ok=True)

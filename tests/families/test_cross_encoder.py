@@ -16,7 +16,7 @@ from openrerank.families.base import ModelFiles
 from openrerank.families.registry import resolve_spec
 from openrerank.runtimes.base import Network
 from openrerank.runtimes.choosing import create_runtime
-from openrerank.runtimes.openvino_runtime import openvino_available
+from openrerank.runtimes.openvino_convert import openvino_available
 from openrerank.runtimes.selection import plan_runtimes
 from tests.families.builders import PASSAGES, QUERIES
 from tests.families.conftest import ENCODERS, SERVER_DEVICE, assert_parity, served_logits

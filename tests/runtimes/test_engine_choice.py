@@ -113,7 +113,8 @@ def test_only_the_configuration_that_serves_keeps_a_compiled_blob(tiny_model_dir
     one that serves: in the folder of its own configuration, where the next start finds it."""
     if "openvino" not in [c.runtime for c in plan_runtimes("auto", "fp32", "cpu", ENCODERS)]:
         pytest.skip("OpenVINO is not installed")
-    from openrerank.runtimes.openvino_runtime import compile_config, compiled_config_dir
+    from openrerank.runtimes.openvino_blobs import compiled_config_dir
+    from openrerank.runtimes.openvino_runtime import compile_config
 
     candidates = planned(threads=2)
     fake_rates(monkeypatch, {c: (50.0 if c == "openvino-fp32-cpu@2" else 10.0) for c in candidates})

@@ -300,7 +300,7 @@ def test_an_out_directory_an_earlier_build_made_is_refused_naming_both_build_for
     rebuilt, so it is refused, on either runtime that reads it, rather than served with its random head."""
     from openrerank.cli.main import main
     from openrerank.engine.loading import LoadOptions, load_model
-    from openrerank.runtimes.openvino_runtime import openvino_available
+    from openrerank.runtimes.openvino_convert import openvino_available
 
     out = tmp_path / "servable"
     with monkeypatch.context() as earlier:

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from openrerank.engine.loading import LoadOptions, load_model
+from openrerank.runtimes import openvino_blobs
 from openrerank.runtimes import openvino_convert as convert
 from openrerank.runtimes.artifact_cache import CACHE_ENV
+from openrerank.runtimes.openvino_blobs import OLD_BLOB_UNUSED_S
 from openrerank.runtimes.openvino_convert import ConversionError, ensure_openvino
-from openrerank.runtimes.openvino_runtime import OLD_BLOB_UNUSED_S, OpenVinoRuntime
+from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 from tests.support import (
     NO_HOME,
     REPO,
@@ -97,11 +99,11 @@ def test_runtime_second_start_does_not_convert_or_compile_again(tmp_path, model_
     cache = tmp_path / "cache"
     network = cross_encoder_network(model_copy)
     a = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
-    blobs = sorted((cache / convert.COMPILED_DIR).rglob("*.blob"))
+    blobs = sorted((cache / openvino_blobs.COMPILED_DIR).rglob("*.blob"))
     assert blobs, "OpenVINO wrote no compiled-model cache"
     b = OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
     assert not a.conversion.cached and b.conversion.cached and len(conversions) == 1
-    assert sorted((cache / convert.COMPILED_DIR).rglob("*.blob")) == blobs  # the compiled blob was reused
+    assert sorted((cache / openvino_blobs.COMPILED_DIR).rglob("*.blob")) == blobs  # the compiled blob was reused
     assert b.compiled.get_property("LOADED_FROM_CACHE")
     feats = {"input_ids": np.array([[2, 10, 11, 3, 0]]), "attention_mask": np.array([[1, 1, 1, 1, 0]]),
              "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
@@ -121,7 +123,7 @@ def test_each_compile_configuration_keeps_its_own_blob(tmp_path, model_copy):
     assert not other.compiled.get_property("LOADED_FROM_CACHE"), "compiled from another configuration's blob"
     again = OpenVinoRuntime(network, dtype="fp32", threads=2, lanes=2, cache_dir=cache)
     assert again.compiled.get_property("LOADED_FROM_CACHE")
-    assert len(list((cache / convert.COMPILED_DIR).rglob("*.blob"))) == 2
+    assert len(list((cache / openvino_blobs.COMPILED_DIR).rglob("*.blob"))) == 2
     feats = {"input_ids": np.array([[2, 10, 11, 3, 0]]), "attention_mask": np.array([[1, 1, 1, 1, 0]]),
              "token_type_ids": np.zeros((1, 5), dtype=np.int64)}
     np.testing.assert_allclose(first.run(feats), again.run(feats), atol=1e-5)
@@ -136,7 +138,7 @@ def test_blobs_of_the_old_shared_layout_are_removed_once_unused_for_a_week(tmp_p
     """Blobs an older version wrote into the cache's root (shared by every configuration) are read by nothing
     now; a compile with the cache removes those untouched for `OLD_BLOB_UNUSED_S`, and keeps its own
     configuration's blob and other files."""
-    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled = tmp_path / "cache" / openvino_blobs.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "1234567890.blob").write_bytes(b"an old blob")
     _untouched(compiled / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
@@ -151,7 +153,7 @@ def test_blobs_of_the_layout_before_per_cpu_folders_are_removed_once_unused_for_
     """A configuration's folder straight under `compiled/` (every kind of CPU in it) is read by nothing now: its
     blob goes once untouched for `OLD_BLOB_UNUSED_S`, and so does the folder it leaves empty; one used within
     the week (an older version still running on the cache) stays."""
-    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled = tmp_path / "cache" / openvino_blobs.COMPILED_DIR
     stale, used = compiled / "f32-0123456789abcdef", compiled / "bf16-0123456789abcdef"
     for folder in (stale, used):
         folder.mkdir(parents=True)
@@ -162,7 +164,7 @@ def test_blobs_of_the_layout_before_per_cpu_folders_are_removed_once_unused_for_
     assert not stale.exists()
     assert (used / "1234567890.blob").exists()
     [mine] = compiled.glob("cpu-*/*/*.blob")
-    assert mine.parent.parent == convert.compiled_cpu_dir(compiled)
+    assert mine.parent.parent == openvino_blobs.compiled_cpu_dir(compiled)
 
 
 def test_another_cpus_folder_goes_once_none_of_its_blobs_was_used_for_a_week(tmp_path, model_copy):
@@ -170,7 +172,7 @@ def test_another_cpus_folder_goes_once_none_of_its_blobs_was_used_for_a_week(tmp
     upgrade or a retired kind of host left a folder (a model's size per configuration) for ever. One none of
     whose blobs was used for `OLD_BLOB_UNUSED_S` goes whole with the next compile; one a host of its kind used
     within the week (a shared volume) stays whole, its other configurations' blobs too."""
-    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled = tmp_path / "cache" / openvino_blobs.COMPILED_DIR
     retired, live = compiled / "cpu-000000000000000000000000", compiled / "cpu-111111111111111111111111"
     for folder in (retired, live):
         for config in ("f32-0123456789abcdef", "bf16-0123456789abcdef"):
@@ -183,7 +185,7 @@ def test_another_cpus_folder_goes_once_none_of_its_blobs_was_used_for_a_week(tmp
     assert not retired.exists()
     assert len(list(live.glob("*/*.blob"))) == 2
     [mine] = [b for b in compiled.glob("cpu-*/*/*.blob") if b.parent.parent != live]
-    assert mine.parent.parent == convert.compiled_cpu_dir(compiled)
+    assert mine.parent.parent == openvino_blobs.compiled_cpu_dir(compiled)
 
 
 def test_each_kind_of_cpu_compiles_into_a_folder_of_its_own(cpuinfo, tmp_path):
@@ -192,15 +194,16 @@ def test_each_kind_of_cpu_compiles_into_a_folder_of_its_own(cpuinfo, tmp_path):
     CPU's name and flags, the facts that key the runtime timings (`devices.cpu_facts`, one owner)."""
     from openrerank.runtimes import measure
     from openrerank.runtimes.devices import cpu_facts
-    from openrerank.runtimes.openvino_runtime import compile_config, compiled_config_dir
+    from openrerank.runtimes.openvino_blobs import compiled_config_dir
+    from openrerank.runtimes.openvino_runtime import compile_config
 
-    compiled = tmp_path / convert.COMPILED_DIR
+    compiled = tmp_path / openvino_blobs.COMPILED_DIR
     folders = {}
     for cpu in ("zen2", "cascadelake", "sapphirerapids", "graviton3", "zen5", "zen2"):
         cpuinfo(cpu)
-        folder = convert.compiled_cpu_dir(compiled)
+        folder = openvino_blobs.compiled_cpu_dir(compiled)
         assert folders.setdefault(cpu, folder) == folder  # the same CPU: the same folder
-        assert folder.parent == compiled and folder.name.startswith(convert.COMPILED_CPU_PREFIX)
+        assert folder.parent == compiled and folder.name.startswith(openvino_blobs.COMPILED_CPU_PREFIX)
         assert compiled_config_dir(compiled, compile_config("fp32", 2)).parent == folder
         assert measure.machine_facts().items() >= cpu_facts().items()  # the timing record's CPU facts
     assert len(set(folders.values())) == 5
@@ -210,7 +213,7 @@ def test_a_shared_layout_blob_an_older_version_still_uses_is_kept(tmp_path, mode
     """In a rolling update, a rollback or a canary an older version on the same cache imports its blob at each
     start and writes it again where it is gone: deleted at each start of this version, it was rewritten (90 MB)
     at each start of that one. One used (written or read) within the week stays."""
-    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled = tmp_path / "cache" / openvino_blobs.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "written.blob").write_bytes(b"an old pod wrote it an hour ago")
     _untouched(compiled / "written.blob", 3600)
@@ -224,7 +227,7 @@ def test_a_shared_layout_blob_an_older_version_still_uses_is_kept(tmp_path, mode
 
 
 def test_an_old_blob_that_cannot_be_removed_does_not_stop_the_start(tmp_path, model_copy, monkeypatch):
-    compiled = tmp_path / "cache" / convert.COMPILED_DIR
+    compiled = tmp_path / "cache" / openvino_blobs.COMPILED_DIR
     compiled.mkdir(parents=True)
     (compiled / "1234567890.blob").write_bytes(b"an old blob")
     _untouched(compiled / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
@@ -245,7 +248,7 @@ def test_a_runtime_only_timed_leaves_no_blob(tmp_path, model_copy):
     cache = tmp_path / "cache"
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache,
                     compiled_cache=False).close()
-    assert not list((cache / convert.COMPILED_DIR).rglob("*.blob"))
+    assert not list((cache / openvino_blobs.COMPILED_DIR).rglob("*.blob"))
 
 
 def test_compile_options_honour_threads_and_precision(tmp_path, model_copy):
@@ -411,23 +414,21 @@ def test_a_pre_exported_graph_openvino_misreads_falls_back_to_onnx_runtime(expor
 
 def test_a_read_only_cache_serves_without_the_compiled_model_cache(tmp_path, model_copy, monkeypatch, caplog):
     """A cache volume an export job filled is mounted read-only: the compiled-model cache is left out."""
-    from openrerank.runtimes import openvino_runtime
-
     cache = tmp_path / "cache"
     ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)
     real_mkdir = Path.mkdir
 
     def read_only(self, *a, **k):
-        if self == convert.compiled_cache_dir(cache):
+        if self == openvino_blobs.compiled_cache_dir(cache):
             raise PermissionError(13, "Read-only file system", str(self))
         return real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    with caplog.at_level("INFO", logger=openvino_runtime.__name__):
+    with caplog.at_level("INFO", logger=openvino_blobs.__name__):
         runtime = OpenVinoRuntime(cross_encoder_network(model_copy), threads=1, cache_dir=cache)
     assert runtime.conversion.cached
     assert "compiled-model cache off" in caplog.text
-    assert not convert.compiled_cache_dir(cache).exists()
+    assert not openvino_blobs.compiled_cache_dir(cache).exists()
 
 
 def test_buckets_are_finite_and_pad_little():
@@ -523,7 +524,7 @@ def test_replicas_take_turns_compiling_into_a_shared_cache_dir(tmp_path, model_c
 
     cache = tmp_path / "cache"
     ensure_openvino(cross_encoder_network(model_copy), cache_dir=cache)  # the IR, so only the compile is left
-    compiled = convert.compiled_cache_dir(cache)
+    compiled = openvino_blobs.compiled_cache_dir(cache)
     compiled.mkdir(parents=True)
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
             "from pathlib import Path\n"
@@ -604,11 +605,11 @@ def test_the_first_inference_runs_alone_and_later_ones_at_once(tmp_path, model_c
 def test_compiled_blobs_are_listed_with_the_openvino_build_that_wrote_them(tmp_path, model_copy):
     """OpenVINO imports only the blobs its own build wrote; those of another (an upgrade) and of the old shared
     layout are never read here (`openrerank cache prune`)."""
-    from openrerank.runtimes.openvino_runtime import compiled_entries
+    from openrerank.runtimes.openvino_blobs import compiled_entries
 
     cache = tmp_path / "cache"
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
-    compiled = cache / convert.COMPILED_DIR
+    compiled = cache / openvino_blobs.COMPILED_DIR
     [mine] = compiled.glob("cpu-*/*/*.blob")
     older = mine.parent / "123.blob"
     older.write_bytes(mine.read_bytes()[:4096].replace(b'ie_version="', b'ie_version="1999.'))

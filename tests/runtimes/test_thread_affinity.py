@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from openrerank.runtimes.openvino_runtime import openvino_available
+from openrerank.runtimes.openvino_convert import openvino_available
 from tests.support import ServerProcess, nim_body
 
 ALLOWED = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()

@@ -37,10 +37,10 @@ def sections() -> list[Section]:
     from openrerank.runtimes.cache_entries import artifact_entries, record_entries, unfinished_entries
     from openrerank.runtimes.measure import MEASURE_FORMAT, runtime_versions
     from openrerank.runtimes.measure import cache_dir as choice_dir
-    from openrerank.runtimes.openvino_runtime import compiled_entries
+    from openrerank.runtimes.openvino_blobs import compiled_cache_dir, compiled_entries
 
     onnx, ir, choices, speeds = onnx_export.default_cache_dir(), ov.default_cache_dir(), choice_dir(), speed_dir()
-    compiled = ov.compiled_cache_dir(ir)
+    compiled = compiled_cache_dir(ir)
     export_facts, versions = onnx_export.keyed_facts(), runtime_versions()
     ir_facts = {variant: ov.keyed_facts(variant) for variant in ov.IR_VARIANTS}
 

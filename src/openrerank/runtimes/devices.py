@@ -146,7 +146,7 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 def cpu_facts() -> dict[str, str]:
     """What tells one kind of CPU from another: its name and a hash of its flags (`cpu_info`). It keys what holds
     on one kind only, in a cache that several may share: which runtime is fastest (`measure.machine_facts`) and
-    OpenVINO's compiled kernels (`openvino_convert.compiled_cpu_dir`)."""
+    OpenVINO's compiled kernels (`openvino_blobs.compiled_cpu_dir`)."""
     model, flags = cpu_info()
     return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()}
 

@@ -22,7 +22,8 @@ Cache: `$OPENRERANK_CACHE_DIR/openvino/<key>-<fp32|int8>/` (default `$XDG_CACHE_
 (`Family.build_format`), the variant, the conversion format and the transformers / openvino (and nncf) versions
 (PyTorch's is recorded, not keyed: a torch-free server finds the IR an export job wrote). OpenVINO's own
 compiled-model cache (CPU kernels for this machine, so a restart does not compile again) lives beside it in
-`compiled/cpu-<key of this kind of CPU>/` where that is writable (a read-only cache compiles at start).
+`compiled/cpu-<key of this kind of CPU>/` where that is writable (a read-only cache compiles at start):
+`openvino_blobs`.
 
 No telemetry: OpenVINO's converter and NNCF send usage events to Google Analytics unless the user opted out
 (a missing consent file counts as consent). A self-hosted service must not phone home, so every import and
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -58,16 +60,12 @@ from openrerank.runtimes.artifact_cache import (
     package_versions,
 )
 from openrerank.runtimes.base import ModelRefusedError, Network, NetworkBuild, probe_features
-from openrerank.runtimes.devices import cpu_facts
 
 log = logging.getLogger(__name__)
 
 IR_VARIANTS = ("fp32", "int8")
 MODEL_FILE = "model.xml"
 META_FILE = "convert.json"
-COMPILED_DIR = "compiled"
-#: The compiled-model cache's folder of each kind of CPU: `compiled/cpu-<key>/` (`compiled_cpu_dir`).
-COMPILED_CPU_PREFIX = "cpu-"
 #: The IRs' folder in the cache, beside the ONNX exports (`artifact_cache.cache_folder`).
 CACHE_FOLDER = "openvino"
 #: Bump when the conversion recipe changes in a way the versions below would not capture.
@@ -132,26 +130,15 @@ def import_openvino():
     return openvino
 
 
+def openvino_available() -> bool:
+    """Whether the openvino package is installed (found without importing it; a broken install still fails
+    at load, where `--backend auto` falls back to the next runtime)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
 def default_cache_dir() -> Path:
     """`$OPENRERANK_CACHE_DIR/openvino` when set, else `$XDG_CACHE_HOME/openrerank/openvino`."""
     return cache_folder(CACHE_FOLDER)
-
-
-def compiled_cache_dir(cache_dir: Path | None = None) -> Path:
-    """Where OpenVINO keeps compiled models, next to the IRs: each kind of CPU in its own folder
-    (`compiled_cpu_dir`), each compile configuration in its own below it (`CACHE_DIR`:
-    `openvino_runtime.compiled_config_dir`)."""
-    return (Path(cache_dir) if cache_dir else default_cache_dir()) / COMPILED_DIR
-
-
-def compiled_cpu_dir(compiled_dir: Path) -> Path:
-    """This kind of CPU's folder in the compiled-model cache `compiled_dir`, keyed by the CPU's name and flags as
-    the runtime timings are (`devices.cpu_facts`). OpenVINO keys a blob by its own device name, the CPUID brand
-    string, which a VM may report as bare "AMD EPYC" on a Zen 3 and a Zen 4 alike: on a cache volume hosts of
-    both kinds share, one would import kernels compiled for the other's instruction set. The flags include the
-    kernel's own (`pti`, `ibrs`): a kernel upgrade gives a new folder, and a compile deletes another key's once
-    none of its blobs was used for a week (`openvino_runtime._idle_cpu_folders`)."""
-    return Path(compiled_dir) / f"{COMPILED_CPU_PREFIX}{key_of(cpu_facts())}"
 
 
 def _versions(variant: str) -> dict[str, str]:

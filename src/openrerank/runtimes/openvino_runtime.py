@@ -18,8 +18,8 @@ the CPU with:
 - `CACHE_DIR`: OpenVINO's compiled-model cache, so a restart skips kernel compilation (compiled under the
   cache directory's lock: OpenVINO writes the blob in place, so replicas take turns; left out where the
   cache directory is read-only, e.g. a volume an export job filled: each start then compiles). One folder
-  per kind of CPU (`openvino_convert.compiled_cpu_dir`), and in it one per compile configuration
-  (`compiled_config_dir`): the CPU plugin names a blob by the model and the device alone (its
+  per kind of CPU, and in it one per compile configuration (`openvino_blobs`, which also drops the
+  blobs nothing reads any more): the CPU plugin names a blob by the model and the device alone (its
   `CACHING_PROPERTIES` are only `FULL_DEVICE_NAME`, the CPUID brand string, generic on many VMs), so in one
   folder every configuration of an IR (fp32 or bf16, threads, streams) imported whichever blob was written
   first, and on a shared volume so would every kind of CPU with the same brand string. On an AMX Xeon a
@@ -52,15 +52,9 @@ use that deadlock when two threads build them at once, which two lanes' first ba
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
-import json
 import logging
-import os
 import queue
-import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,13 +70,10 @@ from openrerank.runtimes.base import (
     lanes_for,
     out_of_memory,
 )
-from openrerank.runtimes.cache_entries import Entry, differences, last_used, read_quietly
+from openrerank.runtimes.openvino_blobs import compiled_cache_dir, compiled_config_dir, drop_old_blobs, writable
 from openrerank.runtimes.openvino_convert import (
-    COMPILED_CPU_PREFIX,
     META_FILE,
     ConversionError,
-    compiled_cache_dir,
-    compiled_cpu_dir,
     ensure_openvino,
     import_openvino,
     pre_exported_onnx,
@@ -147,145 +138,6 @@ def compile_config(dtype: str, threads: int, compiled_dir: Path | None = None, l
     if compiled_dir is not None:
         config["CACHE_DIR"] = str(compiled_config_dir(compiled_dir, config))
     return config
-
-
-def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
-    """The folder of one compile configuration's blobs on this kind of CPU under the compiled-model cache
-    `compiled_dir`: OpenVINO keys a blob by the model and the device name only, so neither a configuration nor
-    a kind of CPU may see another's (module docstring)."""
-    settings = {k: v for k, v in config.items() if k != "CACHE_DIR"}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return compiled_cpu_dir(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
-
-
-#: How long a compiled blob of an older layout is kept untouched before a compile deletes it: the shared one
-#: (`compiled/*.blob`) or one configuration's folder for every CPU (`compiled/<precision>-<hash>/*.blob`). No
-#: version since reads it, but an older one still running on a shared cache volume (a rolling update, a rollback,
-#: a canary) imports it at each start and, where it is gone, compiles and writes it again (90 MB for the default
-#: model): deleted at each start of this version, it was rewritten at each start of that one. Untouched for a
-#: week, no such server has started; `openrerank cache prune` removes it sooner. Another kind of CPU's folder
-#: (`compiled/cpu-<key>/`) goes the same way once none of its blobs was used for as long (`_idle_cpu_folders`).
-OLD_BLOB_UNUSED_S = 7 * 24 * 3600
-#: The OpenVINO build a compiled blob was written by, from its header: the CPU plugin imports only its own.
-_BLOB_VERSION = re.compile(rb'<compiled_blob [^>]*ie_version="([^"]+)"')
-
-
-def _old_layout(compiled_dir: Path, blob: Path) -> str | None:
-    """Which older layout of the compiled-model cache `blob` is in, which no configuration here reads; None
-    for this one's (`compiled/cpu-<key>/<configuration>/`)."""
-    if blob.parent == compiled_dir:
-        return "the shared layout of openrerank before per-configuration folders (older versions)"
-    if blob.parent.parent == compiled_dir:
-        return "the layout of openrerank before per-CPU folders (older versions)"
-    return None
-
-
-def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
-    """The folders of other kinds of CPU (`compiled/cpu-<key>/` but this one's) none of whose blobs was used
-    for `OLD_BLOB_UNUSED_S`, each with what it is. The key hashes every /proc/cpuinfo flag, the kernel's own
-    too (`pti`, `ibrs`, ...), so a kernel upgrade or a retired kind of host leaves a folder (a model's size per
-    configuration) that no server reads again. One a host of its kind started from within the week stays: its
-    start read its blob (the access time, `last_used`: to a day under `relatime`; a volume mounted `noatime`
-    records only writes, so there a folder goes a week after its blobs were written, and its hosts compile
-    again)."""
-    mine = compiled_cpu_dir(compiled_dir)
-    idle = {}
-    for folder in compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*"):
-        if folder == mine or not folder.is_dir():
-            continue
-        try:
-            used = max((last_used(blob) for blob in folder.glob("*/*.blob")), default=0.0)
-        except OSError:  # a blob removed meanwhile: judged at the next compile
-            continue
-        if now - used > OLD_BLOB_UNUSED_S:
-            idle[folder] = (f"another kind of CPU ({folder.name}: a host of another kind, or this one before a "
-                            "kernel upgrade changed its /proc/cpuinfo flags)")
-    return idle
-
-
-def _drop_old_blobs(compiled_dir: Path) -> None:
-    """Delete the blobs an older openrerank wrote in an older layout (`_old_layout`), once untouched for
-    `OLD_BLOB_UNUSED_S`, and those of another kind of CPU's folder none of whose blobs was used for as long
-    (`_idle_cpu_folders`); a folder left empty goes too. Called under the folder's lock, so no replica is
-    importing one meanwhile."""
-    now = time.time()
-    idle = _idle_cpu_folders(compiled_dir, now)
-    for blob in [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
-                 *(blob for folder in idle for blob in folder.glob("*/*.blob"))]:
-        if (layout := _old_layout(compiled_dir, blob) or idle.get(blob.parent.parent)) is None:
-            continue
-        try:
-            if now - last_used(blob) <= OLD_BLOB_UNUSED_S:
-                continue  # an older version on this cache still uses it
-            blob.unlink()
-        except OSError as exc:  # another start removed it first, or the volume refuses: harmless either way
-            log.debug("stale OpenVINO blob %s not removed: %s", blob, exc)
-            continue
-        log.info("removed %s: a compiled blob of %s, unused for %d days", blob, layout, OLD_BLOB_UNUSED_S // 86400)
-        if blob.parent != compiled_dir:
-            with contextlib.suppress(OSError):  # not empty (another blob, a file of its own): kept
-                blob.parent.rmdir()
-    for folder in idle:  # emptied above, or by `openrerank cache prune`, which removes blobs only
-        for empty in [*folder.glob("*/"), folder]:
-            with contextlib.suppress(OSError):
-                empty.rmdir()
-
-
-def compiled_entries(compiled_dir: Path) -> list[Entry]:
-    """The compiled blobs in OpenVINO's cache (`openrerank cache`): each kind of CPU's and configuration's
-    (`compiled_config_dir`), unusable here when another OpenVINO build wrote it, and those of older layouts
-    (`_old_layout`), which no configuration reads. Another kind of CPU's blob is usable: by servers on that
-    kind sharing the cache (as its runtime timings are), unless none of its folder's blobs was used for
-    `OLD_BLOB_UNUSED_S`, the folders the next compile here deletes (`_idle_cpu_folders`): `prune` removes
-    them, as it does the older layouts'."""
-    here = _openvino_version()
-    idle = _idle_cpu_folders(compiled_dir, time.time())
-    days = OLD_BLOB_UNUSED_S // 86400
-    out = []
-    blobs = [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
-             *compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*/*/*.blob")]
-    for blob in sorted(blobs):
-        try:
-            used, size = last_used(blob), blob.stat().st_size
-            found = _BLOB_VERSION.search(read_quietly(blob, 4096))
-        except OSError:  # removed meanwhile
-            continue
-        version = found.group(1).decode(errors="replace") if found else None
-        built_with = {"openvino": version, "compile": blob.parent.relative_to(compiled_dir).as_posix()}
-        if blob.parent == compiled_dir:
-            built_with.pop("compile")
-        cpu = idle.get(blob.parent.parent)
-        why = _old_layout(compiled_dir, blob) or (
-            f"{cpu}, none of its blobs used for {days} days: the next compile here removes them" if cpu else
-            "openvino is not installed here" if here is None else differences(built_with, {"openvino": here}))
-        out.append(Entry(blob, "openvino compiled", size, used, built_with, why))
-    return out
-
-
-def _openvino_version() -> str | None:
-    """The build of the installed OpenVINO, as its blobs' headers name it; None where it is absent."""
-    if not openvino_available():
-        return None
-    return str(import_openvino().get_version())
-
-
-def openvino_available() -> bool:
-    """Whether the openvino package is installed (found without importing it; a broken install still fails
-    at load, where `--backend auto` falls back to the next runtime)."""
-    return importlib.util.find_spec("openvino") is not None
-
-
-def _writable(folder: Path) -> Path | None:
-    """`folder`, created if needed, or None where it cannot be written (a read-only cache volume)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        log.info("OpenVINO compiled-model cache off (%s): every start compiles the model", exc)
-        return None
-    if not os.access(folder, os.W_OK):
-        log.info("OpenVINO compiled-model cache off (%s is read-only): every start compiles the model", folder)
-        return None
-    return folder
 
 
 def bucket(n: IntOrArray, fine: int) -> IntOrArray:
@@ -392,7 +244,7 @@ class OpenVinoRuntime(Runtime):
             raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime (use one of {OPENVINO_DTYPES})")
         self.threads = threads
         self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
-        compiled_dir = _writable(compiled_cache_dir(cache_dir)) if compiled_cache else None
+        compiled_dir = writable(compiled_cache_dir(cache_dir)) if compiled_cache else None
         config = compile_config(dtype, self.threads, compiled_dir, self.lanes)
 
         def compile_(conversion: CachedArtifact) -> object:
@@ -401,7 +253,7 @@ class OpenVinoRuntime(Runtime):
             # half a blob. One compile per cache directory at a time; the others then import the finished blob.
             with exclusive(compiled_dir):
                 if compiled_dir is not None:
-                    _drop_old_blobs(compiled_dir)
+                    drop_old_blobs(compiled_dir)
                 return ov.Core().compile_model(str(conversion.path), "CPU", config)
 
         if (conversion := pre_exported_onnx(network, dtype)) is not None:  # a pre-exported folder is never rebuilt

@@ -1,0 +1,184 @@
+"""OpenVINO's compiled-model cache on disk (`CACHE_DIR`): where a compile's blobs go, dropping those nothing reads
+any more, and listing them for `openrerank cache`.
+
+Layout: `<IR cache>/compiled/cpu-<key of this kind of CPU>/<precision>-<hash of the configuration>/<hash>.blob`
+(`compiled_cache_dir`, `compiled_cpu_dir`, `compiled_config_dir`). The CPU plugin names a blob by the model and the
+device alone (its `CACHING_PROPERTIES` are only `FULL_DEVICE_NAME`, the CPUID brand string, generic on many VMs), so
+in one folder every configuration of an IR (fp32 or bf16, threads, streams) imported whichever blob was written
+first, and on a shared volume so would every kind of CPU with the same brand string: each gets a folder of its own.
+Older versions wrote the shared `compiled/*.blob` and then `compiled/<precision>-<hash>/*.blob` (`_old_layout`);
+a compile drops those, and another kind of CPU's folder none of whose blobs was used, once a week has passed
+(`drop_old_blobs`). The compile itself is `openvino_runtime`'s, under the `compiled/` folder's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from openrerank.runtimes.artifact_cache import key_of
+from openrerank.runtimes.cache_entries import Entry, differences, last_used, read_quietly
+from openrerank.runtimes.devices import cpu_facts
+from openrerank.runtimes.openvino_convert import default_cache_dir, import_openvino, openvino_available
+
+log = logging.getLogger(__name__)
+
+COMPILED_DIR = "compiled"
+#: The compiled-model cache's folder of each kind of CPU: `compiled/cpu-<key>/` (`compiled_cpu_dir`).
+COMPILED_CPU_PREFIX = "cpu-"
+
+
+def compiled_cache_dir(cache_dir: Path | None = None) -> Path:
+    """Where OpenVINO keeps compiled models, next to the IRs (`cache_dir`, default the IR cache): each kind of CPU
+    in its own folder (`compiled_cpu_dir`), each compile configuration in its own below it
+    (`compiled_config_dir`)."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / COMPILED_DIR
+
+
+def compiled_cpu_dir(compiled_dir: Path) -> Path:
+    """This kind of CPU's folder in the compiled-model cache `compiled_dir`, keyed by the CPU's name and flags as
+    the runtime timings are (`devices.cpu_facts`). OpenVINO keys a blob by its own device name, the CPUID brand
+    string, which a VM may report as bare "AMD EPYC" on a Zen 3 and a Zen 4 alike: on a cache volume hosts of
+    both kinds share, one would import kernels compiled for the other's instruction set. The flags include the
+    kernel's own (`pti`, `ibrs`): a kernel upgrade gives a new folder, and a compile deletes another key's once
+    none of its blobs was used for a week (`_idle_cpu_folders`)."""
+    return Path(compiled_dir) / f"{COMPILED_CPU_PREFIX}{key_of(cpu_facts())}"
+
+
+def compiled_config_dir(compiled_dir: Path, config: dict) -> Path:
+    """The folder of one compile configuration's blobs on this kind of CPU under the compiled-model cache
+    `compiled_dir`: OpenVINO keys a blob by the model and the device name only, so neither a configuration nor
+    a kind of CPU may see another's (module docstring)."""
+    settings = {k: v for k, v in config.items() if k != "CACHE_DIR"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return compiled_cpu_dir(compiled_dir) / f"{settings['INFERENCE_PRECISION_HINT']}-{digest}"
+
+
+def writable(folder: Path) -> Path | None:
+    """`folder`, created if needed, or None where it cannot be written (a read-only cache volume)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.info("OpenVINO compiled-model cache off (%s): every start compiles the model", exc)
+        return None
+    if not os.access(folder, os.W_OK):
+        log.info("OpenVINO compiled-model cache off (%s is read-only): every start compiles the model", folder)
+        return None
+    return folder
+
+
+#: How long a compiled blob of an older layout is kept untouched before a compile deletes it: the shared one
+#: (`compiled/*.blob`) or one configuration's folder for every CPU (`compiled/<precision>-<hash>/*.blob`). No
+#: version since reads it, but an older one still running on a shared cache volume (a rolling update, a rollback,
+#: a canary) imports it at each start and, where it is gone, compiles and writes it again (90 MB for the default
+#: model): deleted at each start of this version, it was rewritten at each start of that one. Untouched for a
+#: week, no such server has started; `openrerank cache prune` removes it sooner. Another kind of CPU's folder
+#: (`compiled/cpu-<key>/`) goes the same way once none of its blobs was used for as long (`_idle_cpu_folders`).
+OLD_BLOB_UNUSED_S = 7 * 24 * 3600
+#: The OpenVINO build a compiled blob was written by, from its header: the CPU plugin imports only its own.
+_BLOB_VERSION = re.compile(rb'<compiled_blob [^>]*ie_version="([^"]+)"')
+
+
+def _old_layout(compiled_dir: Path, blob: Path) -> str | None:
+    """Which older layout of the compiled-model cache `blob` is in, which no configuration here reads; None
+    for this one's (`compiled/cpu-<key>/<configuration>/`)."""
+    if blob.parent == compiled_dir:
+        return "the shared layout of openrerank before per-configuration folders (older versions)"
+    if blob.parent.parent == compiled_dir:
+        return "the layout of openrerank before per-CPU folders (older versions)"
+    return None
+
+
+def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
+    """The folders of other kinds of CPU (`compiled/cpu-<key>/` but this one's) none of whose blobs was used
+    for `OLD_BLOB_UNUSED_S`, each with what it is. The key hashes every /proc/cpuinfo flag, the kernel's own
+    too (`pti`, `ibrs`, ...), so a kernel upgrade or a retired kind of host leaves a folder (a model's size per
+    configuration) that no server reads again. One a host of its kind started from within the week stays: its
+    start read its blob (the access time, `last_used`: to a day under `relatime`; a volume mounted `noatime`
+    records only writes, so there a folder goes a week after its blobs were written, and its hosts compile
+    again)."""
+    mine = compiled_cpu_dir(compiled_dir)
+    idle = {}
+    for folder in compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*"):
+        if folder == mine or not folder.is_dir():
+            continue
+        try:
+            used = max((last_used(blob) for blob in folder.glob("*/*.blob")), default=0.0)
+        except OSError:  # a blob removed meanwhile: judged at the next compile
+            continue
+        if now - used > OLD_BLOB_UNUSED_S:
+            idle[folder] = (f"another kind of CPU ({folder.name}: a host of another kind, or this one before a "
+                            "kernel upgrade changed its /proc/cpuinfo flags)")
+    return idle
+
+
+def drop_old_blobs(compiled_dir: Path) -> None:
+    """Delete the blobs an older openrerank wrote in an older layout (`_old_layout`), once untouched for
+    `OLD_BLOB_UNUSED_S`, and those of another kind of CPU's folder none of whose blobs was used for as long
+    (`_idle_cpu_folders`); a folder left empty goes too. Called under the folder's lock, so no replica is
+    importing one meanwhile."""
+    now = time.time()
+    idle = _idle_cpu_folders(compiled_dir, now)
+    for blob in [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
+                 *(blob for folder in idle for blob in folder.glob("*/*.blob"))]:
+        if (layout := _old_layout(compiled_dir, blob) or idle.get(blob.parent.parent)) is None:
+            continue
+        try:
+            if now - last_used(blob) <= OLD_BLOB_UNUSED_S:
+                continue  # an older version on this cache still uses it
+            blob.unlink()
+        except OSError as exc:  # another start removed it first, or the volume refuses: harmless either way
+            log.debug("stale OpenVINO blob %s not removed: %s", blob, exc)
+            continue
+        log.info("removed %s: a compiled blob of %s, unused for %d days", blob, layout, OLD_BLOB_UNUSED_S // 86400)
+        if blob.parent != compiled_dir:
+            with contextlib.suppress(OSError):  # not empty (another blob, a file of its own): kept
+                blob.parent.rmdir()
+    for folder in idle:  # emptied above, or by `openrerank cache prune`, which removes blobs only
+        for empty in [*folder.glob("*/"), folder]:
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+
+
+def compiled_entries(compiled_dir: Path) -> list[Entry]:
+    """The compiled blobs in OpenVINO's cache (`openrerank cache`): each kind of CPU's and configuration's
+    (`compiled_config_dir`), unusable here when another OpenVINO build wrote it, and those of older layouts
+    (`_old_layout`), which no configuration reads. Another kind of CPU's blob is usable: by servers on that
+    kind sharing the cache (as its runtime timings are), unless none of its folder's blobs was used for
+    `OLD_BLOB_UNUSED_S`, the folders the next compile here deletes (`_idle_cpu_folders`): `prune` removes
+    them, as it does the older layouts'."""
+    here = _openvino_version()
+    idle = _idle_cpu_folders(compiled_dir, time.time())
+    days = OLD_BLOB_UNUSED_S // 86400
+    out = []
+    blobs = [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
+             *compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*/*/*.blob")]
+    for blob in sorted(blobs):
+        try:
+            used, size = last_used(blob), blob.stat().st_size
+            found = _BLOB_VERSION.search(read_quietly(blob, 4096))
+        except OSError:  # removed meanwhile
+            continue
+        version = found.group(1).decode(errors="replace") if found else None
+        built_with = {"openvino": version, "compile": blob.parent.relative_to(compiled_dir).as_posix()}
+        if blob.parent == compiled_dir:
+            built_with.pop("compile")
+        cpu = idle.get(blob.parent.parent)
+        why = _old_layout(compiled_dir, blob) or (
+            f"{cpu}, none of its blobs used for {days} days: the next compile here removes them" if cpu else
+            "openvino is not installed here" if here is None else differences(built_with, {"openvino": here}))
+        out.append(Entry(blob, "openvino compiled", size, used, built_with, why))
+    return out
+
+
+def _openvino_version() -> str | None:
+    """The build of the installed OpenVINO, as its blobs' headers name it; None where it is absent."""
+    if not openvino_available():
+        return None
+    return str(import_openvino().get_version())
