@@ -205,3 +205,23 @@ def test_another_cpus_folder_unused_for_a_week_is_pruned_and_one_in_use_kept(tmp
     assert main(["cache", "prune"]) == 0
     assert capsys.readouterr().out.count("removed ") == 2
     assert {name for name, blob in blobs.items() if blob.exists()} == {"live, old config", "live", "mine"}
+
+
+def test_a_blobs_record_is_no_entry_and_goes_with_its_blob(tmp_path, monkeypatch, capsys) -> None:
+    """A compile records beside its blob which model wrote it (`<hash>.blob.json`), so that a later start dates
+    the blob it imports: `ls` lists the blob alone, and `prune --unused-days` removes the record with it."""
+    from openrerank.runtimes.openvino_blobs import _openvino_version
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    folder = compiled_cpu_dir(compiled_cache_dir(ov.default_cache_dir())) / "f32-0123456789abcdef"
+    folder.mkdir(parents=True)
+    used, unused = folder / "1.blob", folder / "2.blob"
+    for blob in (used, unused):
+        blob.write_bytes(f'<compiled_blob ie_version="{_openvino_version()}">'.encode())
+        (folder / f"{blob.name}.json").write_text(json.dumps({"model": f"{blob.stem * 24}/model.xml"}))
+    days_40 = time.time() - 40 * 86400
+    os.utime(unused, (days_40, days_40))
+    assert set(_ls(capsys)) == {used, unused}
+    assert main(["cache", "prune", "--unused-days", "30"]) == 0
+    assert capsys.readouterr().out.count("removed ") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["1.blob", "1.blob.json"]

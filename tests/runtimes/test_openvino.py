@@ -134,6 +134,61 @@ def _untouched(path: Path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
+def _as_under_noatime(monkeypatch) -> None:
+    """Compiles as on a volume mounted `noatime`: a blob OpenVINO imports (reads, does not write) keeps the
+    access time it had, which the test then sets as it pleases."""
+    from openrerank.runtimes import openvino_runtime
+
+    real = openvino_runtime.import_openvino()
+
+    class Core:
+        def __init__(self) -> None:
+            self._core = real.Core()
+
+        def compile_model(self, model, device, config):
+            blobs = list(Path(config["CACHE_DIR"]).glob("*.blob")) if "CACHE_DIR" in config else []
+            times = {b: (b.stat().st_atime_ns, b.stat().st_mtime_ns) for b in blobs}
+            compiled = self._core.compile_model(model, device, config)
+            for blob, (atime, mtime) in times.items():
+                if blob.exists() and blob.stat().st_mtime_ns == mtime:  # read, not written: its times stay
+                    os.utime(blob, ns=(atime, mtime))
+            return compiled
+
+    monkeypatch.setattr(openvino_runtime, "import_openvino", lambda: type("ov", (), {"Core": Core}))
+
+
+def test_a_compile_from_the_cache_dates_the_blob_it_imported_and_no_other(tmp_path, model_copy, monkeypatch):
+    """OpenVINO imports a blob without writing it: on a `noatime` volume a blob imported at every start kept the
+    date it was compiled, and `cache prune --unused-days 30` deleted it (the next start compiled again, 90 MB for
+    the default model). The compile that writes a blob records whose it is; a later compile of that model from
+    the cache dates that blob used, and only that one: a configuration's folder holds every model's blobs. A blob
+    with no record (an older version's) is left to its access time, as before."""
+    from openrerank.runtimes.cache_entries import last_used
+    from openrerank.runtimes.openvino_blobs import compiled_entries
+
+    _as_under_noatime(monkeypatch)
+    cache, other = tmp_path / "cache", build_tiny_model(tmp_path / "other", seed=7)
+    compiled = openvino_blobs.compiled_cache_dir(cache)
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
+    [mine] = compiled.glob("cpu-*/*/*.blob")
+    OpenVinoRuntime(cross_encoder_network(other), dtype="fp32", threads=1, cache_dir=cache)
+    [others] = [b for b in compiled.glob("cpu-*/*/*.blob") if b != mine]
+    assert others.parent == mine.parent  # one configuration: one folder for both models
+    assert {e.path for e in compiled_entries(compiled)} == {mine, others}  # the records are no entries
+    days_40 = time.time() - 40 * 86400
+    for blob in (mine, others):
+        os.utime(blob, (days_40, days_40))
+    again = OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
+    assert again.compiled.get_property("LOADED_FROM_CACHE")
+    assert time.time() - last_used(mine) < 600, "the blob this start imported is not dated"
+    assert last_used(others) < days_40 + 60, "another model's blob was dated by this model's start"
+    (others.parent / f"{others.name}.json").unlink()  # as an older version left it
+    OpenVinoRuntime(cross_encoder_network(other), dtype="fp32", threads=1, cache_dir=cache)
+    assert last_used(others) < days_40 + 60
+    [listed] = [e for e in compiled_entries(compiled) if e.path == mine]
+    assert listed.companions == (mine.parent / f"{mine.name}.json",)  # removed with it
+
+
 def test_blobs_of_the_old_shared_layout_are_removed_once_unused_for_a_week(tmp_path, model_copy):
     """Blobs an older version wrote into the cache's root (shared by every configuration) are read by nothing
     now; a compile with the cache removes those untouched for `OLD_BLOB_UNUSED_S`, and keeps its own
@@ -178,8 +233,10 @@ def test_another_cpus_folder_goes_once_none_of_its_blobs_was_used_for_a_week(tmp
         for config in ("f32-0123456789abcdef", "bf16-0123456789abcdef"):
             (folder / config).mkdir(parents=True)
             (folder / config / "1234567890.blob").write_bytes(b"another kind of CPU's blob")
+            (folder / config / "1234567890.blob.json").write_text('{"model": "its model"}')  # its record
             _untouched(folder / config / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
     (retired / "f32-emptied-by-prune").mkdir()
+    (retired / "f32-emptied-by-prune" / "1.blob.json").write_text('{"model": "a model"}')  # a record left behind
     _untouched(live / "bf16-0123456789abcdef" / "1234567890.blob", 3600)  # a host of that kind started an hour ago
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
     assert not retired.exists()

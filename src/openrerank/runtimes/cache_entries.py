@@ -55,6 +55,7 @@ class Entry:
     built_with: dict  # what it recorded of the facts that key it (recipe number, versions)
     unusable: str | None = None  # why this install never reads it; None: it may
     building: bool = False  # a build writes it now: never removed
+    companions: tuple[Path, ...] = ()  # small files that describe it (a compiled blob's record): removed with it
 
 
 def publish(tmp: Path, final: Path, meta_file: str, model_file: str) -> bool:
@@ -336,12 +337,16 @@ def unfinished_entries(folder: Path) -> list[Entry]:
 
 def remove_entry(entry: Entry) -> None:
     """Delete an entry: a folder renamed aside first (`discard`: nobody opens half of it), a file unlinked (a
-    reader holding it open keeps it). Raises OSError where the cache refuses (a read-only volume)."""
+    reader holding it open keeps it), then its companions. Raises OSError where the cache refuses (a read-only
+    volume)."""
     if entry.path.is_dir() and not entry.path.is_symlink():
         discard(entry.path)
     else:
         with contextlib.suppress(FileNotFoundError):
             entry.path.unlink()
+    for path in entry.companions:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _listing(folder: Path) -> list[Path]:

@@ -8,7 +8,17 @@ in one folder every configuration of an IR (fp32 or bf16, threads, streams) impo
 first, and on a shared volume so would every kind of CPU with the same brand string: each gets a folder of its own.
 Older versions wrote the shared `compiled/*.blob` and then `compiled/<precision>-<hash>/*.blob` (`_old_layout`);
 a compile drops those, and another kind of CPU's folder none of whose blobs was used, once a week has passed
-(`drop_old_blobs`). The compile itself is `openvino_runtime`'s, under the `compiled/` folder's lock.
+(`drop_old_blobs`). The compile itself is `openvino_runtime`'s, inside `compiling`: under the `compiled/` folder's
+lock, which also dates the blob the compile used.
+
+Dating a blob: OpenVINO imports a blob without writing it, and names it by a hash of its own, so nothing else
+told which blob a start used, and on a volume mounted `noatime` (common for container and network volumes) a blob
+imported at every start kept the date it was written: `cache prune --unused-days N` deleted it and the next start
+compiled again (90 MB for the default model). The blob a compile writes is the one file of its configuration's
+folder that changed meanwhile; its record beside it (`<hash>.blob.json`, `_RECORD_SUFFIX`) names the model that
+wrote it (`model_of`), and a later compile of that model that writes nothing imported it and dates it
+(`cache_entries.mark_used`), as a hit dates an ONNX export or IR. Only the recorded blob: a configuration's folder
+holds every model's blobs. A blob an older version wrote has no record and is dated by its access time only.
 """
 
 from __future__ import annotations
@@ -20,10 +30,11 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from openrerank.runtimes.artifact_cache import key_of
-from openrerank.runtimes.cache_entries import Entry, differences, last_used, read_quietly
+from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, key_of, write_json
+from openrerank.runtimes.cache_entries import Entry, differences, last_used, mark_used, read_quietly
 from openrerank.runtimes.devices import cpu_facts
 from openrerank.runtimes.openvino_convert import default_cache_dir, import_openvino, openvino_available
 
@@ -32,6 +43,8 @@ log = logging.getLogger(__name__)
 COMPILED_DIR = "compiled"
 #: The compiled-model cache's folder of each kind of CPU: `compiled/cpu-<key>/` (`compiled_cpu_dir`).
 COMPILED_CPU_PREFIX = "cpu-"
+#: A blob's record, beside it: `<hash>.blob.json`, the model that wrote it (module docstring).
+_RECORD_SUFFIX = ".json"
 
 
 def compiled_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -73,6 +86,75 @@ def writable(folder: Path) -> Path | None:
     return folder
 
 
+def model_of(conversion: CachedArtifact) -> str:
+    """What names a model in a blob's record: its converted file's content key (an IR's, or a pre-exported
+    folder's), the same wherever the cache volume is mounted."""
+    return f"{conversion.key}/{conversion.path.name}"
+
+
+@contextlib.contextmanager
+def compiling(compiled_dir: Path | None, config: dict, model: str) -> Iterator[None]:
+    """Around a compile of `model` with `config` (`CACHE_DIR` in `compiled_dir`; None: no compiled cache): under
+    the folder's lock (OpenVINO writes a blob in place, with no lock of its own, so replicas take turns), drops
+    what nothing reads (`drop_old_blobs`), then records the blob the compile wrote or dates the one it imported
+    (module docstring)."""
+    with exclusive(compiled_dir):
+        if compiled_dir is None:
+            yield
+            return
+        drop_old_blobs(compiled_dir)
+        folder = Path(config["CACHE_DIR"])
+        before = _blob_states(folder)
+        yield
+        _date(folder, before, model)
+
+
+def _blob_states(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each blob in `folder` by name, with what a write changes (inode, size, modification time)."""
+    states = {}
+    for blob in folder.glob("*.blob"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            st = blob.stat()
+            states[blob.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return states
+
+
+def _records(folder: Path) -> dict[Path, str | None]:
+    """The blobs of `folder` that have a record, with the model it names (None: unreadable)."""
+    out: dict[Path, str | None] = {}
+    for record in folder.glob(f"*.blob{_RECORD_SUFFIX}"):
+        try:
+            model = json.loads(read_quietly(record)).get("model")
+        except (OSError, ValueError, AttributeError):
+            model = None
+        out[record.with_suffix("")] = model if isinstance(model, str) else None
+    return out
+
+
+def _record_of(blob: Path) -> Path:
+    return blob.with_name(blob.name + _RECORD_SUFFIX)
+
+
+def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> None:
+    """After a compile of `model` into `folder`: the one blob that changed is the one it wrote, recorded as
+    `model`'s (in place of any older record of it); none changed, it imported `model`'s recorded blob, dated used
+    now. A record whose blob is gone goes too. Best effort: a cache that cannot be written stays as it is."""
+    written = [name for name, state in _blob_states(folder).items() if before.get(name) != state]
+    records = _records(folder)
+    try:
+        for blob, named in records.items():
+            if not blob.exists() or (written and named == model):
+                _record_of(blob).unlink(missing_ok=True)
+        if len(written) == 1:
+            write_json(_record_of(folder / written[0]), {"model": model, "written": time.time()})
+        elif not written:
+            for blob, named in records.items():
+                if named == model and blob.exists():
+                    mark_used(blob)
+    except OSError as exc:
+        log.debug("compiled blob of %s in %s not recorded: %s", model, folder, exc)
+
+
 #: How long a compiled blob of an older layout is kept untouched before a compile deletes it: the shared one
 #: (`compiled/*.blob`) or one configuration's folder for every CPU (`compiled/<precision>-<hash>/*.blob`). No
 #: version since reads it, but an older one still running on a shared cache volume (a rolling update, a rollback,
@@ -100,9 +182,8 @@ def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
     for `OLD_BLOB_UNUSED_S`, each with what it is. The key hashes every /proc/cpuinfo flag, the kernel's own
     too (`pti`, `ibrs`, ...), so a kernel upgrade or a retired kind of host leaves a folder (a model's size per
     configuration) that no server reads again. One a host of its kind started from within the week stays: its
-    start read its blob (the access time, `last_used`: to a day under `relatime`; a volume mounted `noatime`
-    records only writes, so there a folder goes a week after its blobs were written, and its hosts compile
-    again)."""
+    start dated the blob it imported (`compiling`; a blob an older version wrote, which has no record, by its
+    access time, `last_used`: to a day under `relatime`, never on a volume mounted `noatime`)."""
     mine = compiled_cpu_dir(compiled_dir)
     idle = {}
     for folder in compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*"):
@@ -137,13 +218,21 @@ def drop_old_blobs(compiled_dir: Path) -> None:
             log.debug("stale OpenVINO blob %s not removed: %s", blob, exc)
             continue
         log.info("removed %s: a compiled blob of %s, unused for %d days", blob, layout, OLD_BLOB_UNUSED_S // 86400)
+        with contextlib.suppress(OSError):
+            _record_of(blob).unlink(missing_ok=True)
         if blob.parent != compiled_dir:
             with contextlib.suppress(OSError):  # not empty (another blob, a file of its own): kept
                 blob.parent.rmdir()
-    for folder in idle:  # emptied above, or by `openrerank cache prune`, which removes blobs only
-        for empty in [*folder.glob("*/"), folder]:
-            with contextlib.suppress(OSError):
-                empty.rmdir()
+    for folder in idle:  # emptied above, or by `openrerank cache prune`, which removes blobs and their records
+        for config in folder.glob("*/"):
+            for blob in _records(config):
+                if not blob.exists():
+                    with contextlib.suppress(OSError):
+                        _record_of(blob).unlink()
+            with contextlib.suppress(OSError):  # not empty (a blob, a file of its own): kept
+                config.rmdir()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def compiled_entries(compiled_dir: Path) -> list[Entry]:
@@ -173,7 +262,9 @@ def compiled_entries(compiled_dir: Path) -> list[Entry]:
         why = _old_layout(compiled_dir, blob) or (
             f"{cpu}, none of its blobs used for {days} days: the next compile here removes them" if cpu else
             "openvino is not installed here" if here is None else differences(built_with, {"openvino": here}))
-        out.append(Entry(blob, "openvino compiled", size, used, built_with, why))
+        record = _record_of(blob)
+        companions = (record,) if record.is_file() else ()  # never an entry of its own: it goes with its blob
+        out.append(Entry(blob, "openvino compiled", size, used, built_with, why, companions=companions))
     return out
 
 

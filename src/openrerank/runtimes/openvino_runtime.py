@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, open_cached, package_versions
+from openrerank.runtimes.artifact_cache import CachedArtifact, open_cached, package_versions
 from openrerank.runtimes.base import (
     HostMemoryError,
     IntOrArray,
@@ -70,7 +70,13 @@ from openrerank.runtimes.base import (
     lanes_for,
     out_of_memory,
 )
-from openrerank.runtimes.openvino_blobs import compiled_cache_dir, compiled_config_dir, drop_old_blobs, writable
+from openrerank.runtimes.openvino_blobs import (
+    compiled_cache_dir,
+    compiled_config_dir,
+    compiling,
+    model_of,
+    writable,
+)
 from openrerank.runtimes.openvino_convert import (
     META_FILE,
     ConversionError,
@@ -250,10 +256,9 @@ class OpenVinoRuntime(Runtime):
         def compile_(conversion: CachedArtifact) -> object:
             # OpenVINO writes its compiled blob straight to the final file: a replica compiling the same model
             # into the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read
-            # half a blob. One compile per cache directory at a time; the others then import the finished blob.
-            with exclusive(compiled_dir):
-                if compiled_dir is not None:
-                    drop_old_blobs(compiled_dir)
+            # half a blob. One compile per cache directory at a time; the others then import the finished blob,
+            # which `compiling` dates.
+            with compiling(compiled_dir, config, model_of(conversion)):
                 return ov.Core().compile_model(str(conversion.path), "CPU", config)
 
         if (conversion := pre_exported_onnx(network, dtype)) is not None:  # a pre-exported folder is never rebuilt
