@@ -225,3 +225,36 @@ def test_a_blobs_record_is_no_entry_and_goes_with_its_blob(tmp_path, monkeypatch
     assert main(["cache", "prune", "--unused-days", "30"]) == 0
     assert capsys.readouterr().out.count("removed ") == 1
     assert sorted(p.name for p in folder.iterdir()) == ["1.blob", "1.blob.json"]
+
+
+def test_ls_says_which_cpu_another_cpus_blob_is_for(tmp_path, monkeypatch, capsys) -> None:
+    """The folder of each kind of CPU is keyed by a hash: `ls` showed another CPU's blobs as "yes", and an
+    operator could not tell a live folder (another host on the volume) from a dead one (this host before a kernel
+    upgrade changed its flags). Each says which CPU it is for, from the name the compile wrote in its folder."""
+    from openrerank.runtimes.devices import cpu_facts
+    from openrerank.runtimes.openvino_blobs import CPU_FILE, _openvino_version
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    compiled = compiled_cache_dir(ov.default_cache_dir())
+    folders = {"mine": compiled_cpu_dir(compiled), "zen2": compiled / "cpu-000000000000000000000000",
+               "this before an update": compiled / "cpu-111111111111111111111111",
+               "unnamed": compiled / "cpu-222222222222222222222222"}
+    names = {"mine": cpu_facts(), "zen2": {"cpu": "AMD EPYC 7R32", "cpu_flags_sha256": "1a2b3c4d" + "0" * 56},
+             "this before an update": {**cpu_facts(), "cpu_flags_sha256": "5e6f7a8b" + "0" * 56}}
+    blobs = {}
+    for name, folder in folders.items():
+        blobs[name] = folder / "f32-0123456789abcdef" / "1.blob"
+        blobs[name].parent.mkdir(parents=True)
+        blobs[name].write_bytes(f'<compiled_blob ie_version="{_openvino_version()}">'.encode())
+        if name in names:
+            (folder / CPU_FILE).write_text(json.dumps(names[name]))
+    listed = _ls(capsys)
+    assert set(listed) == set(blobs.values())
+    here = cpu_facts()["cpu_flags_sha256"][:8]
+    assert {name: listed[blob]["note"] for name, blob in blobs.items()} == {
+        "mine": None, "zen2": "another CPU: AMD EPYC 7R32 (flags 1a2b3c4d)",
+        "this before an update": f"another CPU: {cpu_facts()['cpu']} (flags 5e6f7a8b; this host's: {here})",
+        "unnamed": "another CPU: not named (its folder was made before openrerank named it)"}
+    assert all(listed[blob]["usable"] for blob in blobs.values())
+    assert main(["cache", "ls"]) == 0
+    assert "yes (another CPU: AMD EPYC 7R32 (flags 1a2b3c4d))" in capsys.readouterr().out

@@ -237,12 +237,24 @@ def test_another_cpus_folder_goes_once_none_of_its_blobs_was_used_for_a_week(tmp
             _untouched(folder / config / "1234567890.blob", OLD_BLOB_UNUSED_S + 60)
     (retired / "f32-emptied-by-prune").mkdir()
     (retired / "f32-emptied-by-prune" / "1.blob.json").write_text('{"model": "a model"}')  # a record left behind
+    (retired / openvino_blobs.CPU_FILE).write_text('{"cpu": "AMD EPYC", "cpu_flags_sha256": "0123456789"}')
     _untouched(live / "bf16-0123456789abcdef" / "1234567890.blob", 3600)  # a host of that kind started an hour ago
     OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=tmp_path / "cache")
     assert not retired.exists()
     assert len(list(live.glob("*/*.blob"))) == 2
     [mine] = [b for b in compiled.glob("cpu-*/*/*.blob") if b.parent.parent != live]
     assert mine.parent.parent == openvino_blobs.compiled_cpu_dir(compiled)
+
+
+def test_a_compile_names_the_cpu_of_its_folder(tmp_path, model_copy):
+    """A CPU folder's key is a hash: `cache ls` could not tell a live folder from a retired host's, or from this
+    host's before a kernel upgrade changed its flags. The compile writes the CPU's name and flags' hash in it."""
+    from openrerank.runtimes.devices import cpu_facts
+
+    cache = tmp_path / "cache"
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
+    folder = openvino_blobs.compiled_cpu_dir(openvino_blobs.compiled_cache_dir(cache))
+    assert json.loads((folder / openvino_blobs.CPU_FILE).read_text()) == cpu_facts()
 
 
 def test_each_kind_of_cpu_compiles_into_a_folder_of_its_own(cpuinfo, tmp_path):

@@ -98,7 +98,8 @@ def run_ls(args: argparse.Namespace) -> int:
         return 1 if unreadable else 0
     now = time.time()
     rows = [(_size(e.size), _age(now - e.last_used, ago=True), e.kind,
-             "building now" if e.building else f"no: {e.unusable}" if e.unusable else "yes",
+             "building now" if e.building else f"no: {e.unusable}" if e.unusable else
+             f"yes ({e.note})" if e.note else "yes",
              _built_with(e.built_with), str(e.path)) for e in entries]
     _print_table(("SIZE", "LAST USED", "KIND", "USABLE HERE", "BUILT WITH", "PATH"), rows)
     unusable = [e for e in entries if e.unusable and not e.building]
@@ -190,7 +191,8 @@ def _use_cache_dir(args: argparse.Namespace) -> None:
 def _as_json(e: Entry) -> dict:
     return {"path": str(e.path), "kind": e.kind, "size": e.size,
             "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(e.last_used)),
-            "built_with": e.built_with, "usable": e.unusable is None, "unusable": e.unusable, "building": e.building}
+            "built_with": e.built_with, "usable": e.unusable is None, "unusable": e.unusable, "building": e.building,
+            "note": e.note}
 
 
 def _built_with(facts: dict) -> str:

@@ -56,6 +56,7 @@ class Entry:
     unusable: str | None = None  # why this install never reads it; None: it may
     building: bool = False  # a build writes it now: never removed
     companions: tuple[Path, ...] = ()  # small files that describe it (a compiled blob's record): removed with it
+    note: str | None = None  # what `cache ls` says beside whether it is usable (another kind of CPU's: which)
 
 
 def publish(tmp: Path, final: Path, meta_file: str, model_file: str) -> bool:

@@ -45,6 +45,10 @@ COMPILED_DIR = "compiled"
 COMPILED_CPU_PREFIX = "cpu-"
 #: A blob's record, beside it: `<hash>.blob.json`, the model that wrote it (module docstring).
 _RECORD_SUFFIX = ".json"
+#: The file in each kind of CPU's folder that names the CPU (`devices.cpu_facts`), for `cache ls`: the folder's
+#: key is a hash, which told a live folder from a dead one (a retired host's, or this host's before a kernel
+#: upgrade changed its flags) to no one.
+CPU_FILE = "cpu.json"
 
 
 def compiled_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -106,7 +110,32 @@ def compiling(compiled_dir: Path | None, config: dict, model: str) -> Iterator[N
         folder = Path(config["CACHE_DIR"])
         before = _blob_states(folder)
         yield
+        _name_cpu_folder(compiled_dir)
         _date(folder, before, model)
+
+
+def _name_cpu_folder(compiled_dir: Path) -> None:
+    """Write `CPU_FILE` into this kind of CPU's folder where it is missing (a folder made before it was)."""
+    folder = compiled_cpu_dir(compiled_dir)
+    if folder.is_dir() and not (folder / CPU_FILE).exists():
+        try:
+            write_json(folder / CPU_FILE, cpu_facts())
+        except OSError as exc:  # the listing then says the folder is not named
+            log.debug("%s not written: %s", folder / CPU_FILE, exc)
+
+
+def _cpu_named(folder: Path) -> str:
+    """Which CPU another kind of CPU's folder is for, as `cache ls` says it: its name and the start of its flags'
+    hash (`CPU_FILE`), e.g. "AMD EPYC (flags 1a2b3c4d)"; where the name is this host's, this host's flags too
+    (a kernel or microcode update changes them)."""
+    try:
+        facts = json.loads(read_quietly(folder / CPU_FILE))
+        name, flags = str(facts["cpu"]), str(facts["cpu_flags_sha256"])[:8]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "not named (its folder was made before openrerank named it)"
+    here = cpu_facts()
+    return f"{name} (flags {flags}" + (f"; this host's: {here['cpu_flags_sha256'][:8]})" if name == here["cpu"]
+                                        else ")")
 
 
 def _blob_states(folder: Path) -> dict[str, tuple[int, int, int]]:
@@ -194,8 +223,8 @@ def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
         except OSError:  # a blob removed meanwhile: judged at the next compile
             continue
         if now - used > OLD_BLOB_UNUSED_S:
-            idle[folder] = (f"another kind of CPU ({folder.name}: a host of another kind, or this one before a "
-                            "kernel upgrade changed its /proc/cpuinfo flags)")
+            idle[folder] = (f"another kind of CPU ({folder.name}, {_cpu_named(folder)}: a host of another kind, "
+                            "or this one before a kernel upgrade changed its /proc/cpuinfo flags)")
     return idle
 
 
@@ -232,7 +261,9 @@ def drop_old_blobs(compiled_dir: Path) -> None:
             with contextlib.suppress(OSError):  # not empty (a blob, a file of its own): kept
                 config.rmdir()
         with contextlib.suppress(OSError):
-            folder.rmdir()
+            if not any(p.name != CPU_FILE for p in folder.iterdir()):
+                (folder / CPU_FILE).unlink(missing_ok=True)
+                folder.rmdir()
 
 
 def compiled_entries(compiled_dir: Path) -> list[Entry]:
@@ -241,9 +272,12 @@ def compiled_entries(compiled_dir: Path) -> list[Entry]:
     (`_old_layout`), which no configuration reads. Another kind of CPU's blob is usable: by servers on that
     kind sharing the cache (as its runtime timings are), unless none of its folder's blobs was used for
     `OLD_BLOB_UNUSED_S`, the folders the next compile here deletes (`_idle_cpu_folders`): `prune` removes
-    them, as it does the older layouts'."""
+    them, as it does the older layouts'. Each of another kind's says which CPU it is for (`Entry.note`,
+    `_cpu_named`)."""
     here = _openvino_version()
     idle = _idle_cpu_folders(compiled_dir, time.time())
+    mine = compiled_cpu_dir(compiled_dir)
+    named: dict[Path, str] = {}
     days = OLD_BLOB_UNUSED_S // 86400
     out = []
     blobs = [*compiled_dir.glob("*.blob"), *compiled_dir.glob("*/*.blob"),
@@ -264,7 +298,14 @@ def compiled_entries(compiled_dir: Path) -> list[Entry]:
             "openvino is not installed here" if here is None else differences(built_with, {"openvino": here}))
         record = _record_of(blob)
         companions = (record,) if record.is_file() else ()  # never an entry of its own: it goes with its blob
-        out.append(Entry(blob, "openvino compiled", size, used, built_with, why, companions=companions))
+        cpu_folder = blob.parent.parent
+        note = None
+        if cpu_folder.parent == compiled_dir and cpu_folder != mine:
+            if cpu_folder not in named:
+                named[cpu_folder] = _cpu_named(cpu_folder)
+            note = f"another CPU: {named[cpu_folder]}"
+        out.append(Entry(blob, "openvino compiled", size, used, built_with, why, companions=companions,
+                         note=note))
     return out
 
 
