@@ -819,6 +819,26 @@ def test_auto_serves_the_next_runtime_when_bf16_is_refused(tmp_path, model_copy,
         load_model(str(model_copy), LoadOptions(backend="openvino", dtype="bf16"))
 
 
+@pytest.mark.parametrize("choice", ["rules", "measure"])
+def test_backend_openvino_with_dtype_auto_falls_back_to_its_fp32_when_bf16_is_refused(tmp_path, model_copy,
+                                                                                       monkeypatch, cpuinfo, caplog,
+                                                                                       choice):
+    """`--backend openvino` with `--dtype auto` planned OpenVINO bf16 alone on a CPU with bf16 units: a bf16
+    compile refused at load failed the start (exit 3, "use --dtype fp32"), where only an explicit `--dtype bf16`
+    should. It serves OpenVINO fp32, with a warning that says why."""
+    from openrerank.runtimes import openvino_runtime
+
+    cpuinfo("sapphirerapids")  # avx512_bf16 and AMX: OpenVINO bf16 is planned (OpenVINO runs it here or in f32)
+    real = openvino_runtime.recorded_reference
+    monkeypatch.setattr(openvino_runtime, "recorded_reference", lambda meta, probe: _poisoned(real(meta, probe)))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        served = load_model(str(model_copy), LoadOptions(backend="openvino", backend_choice=choice))
+    assert (served.runtime_choice.runtime, served.runtime_choice.dtype) == ("openvino", "fp32")
+    assert "OpenVINO bf16 refused it (ConversionError: OpenVINO" in served.runtime_choice.reason
+    assert any(r.levelname == "WARNING" and "wrongly in bf16" in r.getMessage() for r in caplog.records)
+
+
 def test_honest_bf16_passes_the_check_on_a_cpu_with_bf16_units(tiny_model_dir):
     """Where OpenVINO runs bf16 (the rule that plans it), an honest compile is well within the bound: the tiny
     cross-encoder and the default bi-encoder (measured 0.0026 and 0.0053, the bound 0.2)."""

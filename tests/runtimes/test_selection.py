@@ -230,7 +230,11 @@ def test_explicit_backends_are_exact_or_refused(machine):
     assert first("openvino", "auto") == ("openvino", "bf16")
     assert first("onnx", "auto") == ("onnx", "fp32")
     assert first("torch", "auto") == ("torch", "fp32")
-    assert len(plan_runtimes("openvino", "auto", "cpu", ENCODERS)) == 1  # no silent substitute
+    for dtype in ("bf16", "fp32"):
+        assert len(plan_runtimes("openvino", dtype, "cpu", ENCODERS)) == 1  # no silent substitute
+    # --dtype auto: the runtime asked for, in bf16 and then in fp32 (a bf16 compile refused at load falls back)
+    assert [(c.runtime, c.dtype) for c in plan_runtimes("openvino", "auto", "cpu", ENCODERS)] == \
+        [("openvino", "bf16"), ("openvino", "fp32")]
     with pytest.raises(RuntimeConfigError, match="runs on the torch runtime, not openvino"):
         check_runtime_options("openvino", "fp32", "cpu", ("torch",), "qwen3-reranker")
 

@@ -211,9 +211,11 @@ def _openvino_bf16(flags: frozenset[str]) -> str | None:
 
 
 def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], names: dict[str, str]
-              ) -> RuntimeChoice:
-    """The one runtime an explicit --backend means, or why it cannot run that way (`names`: how to name the
-    settings, `_names`)."""
+              ) -> list[RuntimeChoice]:
+    """The runtime an explicit --backend means, or why it cannot run that way (`names`: how to name the settings,
+    `_names`). One precision, but `--backend openvino --dtype auto` on bf16 units: its bf16, then its fp32 (timed,
+    the faster serves), so a bf16 compile refused at load (`openvino_runtime.check_bf16`) falls back to fp32,
+    warning why, where only an explicit `--dtype bf16` stops the start."""
     gpu = is_cuda(device)
     if backend == "torch":
         if dtype == "int8":
@@ -223,7 +225,7 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
             raise RuntimeConfigError(f"{names['dtype']} needs a GPU (--device cuda); on CPU use bf16 or fp32")
         if dtype == "bf16" and not gpu and not _bf16_units(flags):
             raise _bf16_refusal("torch", names, flags, int8=False)
-        return RuntimeChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")
+        return [RuntimeChoice("torch", "fp32" if dtype == "auto" else dtype, "--backend torch")]
     if gpu:
         raise RuntimeConfigError(f"{names['backend']} runs on CPU only; use --backend torch for {names['device']}")
     if dtype == "fp16":
@@ -234,19 +236,23 @@ def _explicit(backend: str, dtype: str, device: str, flags: frozenset[str], name
                                      "ONNX Runtime here runs fp32 or int8)")
         if not onnxruntime_available():
             raise RuntimeConfigError(f"{names['backend']} needs the onnxruntime package (pip install onnxruntime)")
-        return RuntimeChoice("onnx", "fp32" if dtype == "auto" else dtype, "--backend onnx")
+        return [RuntimeChoice("onnx", "fp32" if dtype == "auto" else dtype, "--backend onnx")]
     # openvino
     if not openvino_available():
         raise RuntimeConfigError(f"{names['backend']} needs the openvino package (pip install openvino)")
     bf16_unit = _openvino_bf16(flags)
+    if dtype == "auto" and bf16_unit:
+        return [RuntimeChoice("openvino", "bf16", f"--backend openvino: bf16, the CPU has bf16 units ({bf16_unit})"),
+                RuntimeChoice("openvino", "fp32", "--backend openvino: fp32, exact, where its bf16 is refused at load "
+                              "or slower")]
     if dtype == "auto":
-        dtype = "bf16" if bf16_unit else "fp32"
+        dtype = "fp32"
     if dtype == "bf16" and not bf16_unit:
         raise _bf16_refusal("openvino", names, flags, int8=True)
     if dtype == "int8" and not nncf_available():
         raise RuntimeConfigError(f"{names['backend']} {names['dtype']} needs the 'int8' extra (nncf is not installed); "
                                  f"install it with: {install_hint('int8')}")
-    return RuntimeChoice("openvino", dtype, "--backend openvino")
+    return [RuntimeChoice("openvino", dtype, "--backend openvino")]
 
 
 def _auto_cpu(dtype: str, runtimes: tuple[str, ...], flags: frozenset[str], family: str, names: dict[str, str]
@@ -347,13 +353,13 @@ def plan_runtimes(backend: str, dtype: str, device: str, runtimes: tuple[str, ..
     if backend != "auto":
         if backend not in runtimes:
             raise RuntimeConfigError(f"{family} runs on the {' or '.join(runtimes)} runtime, not {backend}")
-        plan = [_explicit(backend, dtype, device, flags, names)]
-        plan[0] = RuntimeChoice(plan[0].runtime, plan[0].dtype, plan[0].reason + cuda_note)
+        plan = [RuntimeChoice(c.runtime, c.dtype, c.reason + cuda_note)
+                for c in _explicit(backend, dtype, device, flags, names)]
     elif is_cuda(device):
         if "torch" not in runtimes:
             raise RuntimeConfigError(f"{family} runs on CPU only (runtimes: {', '.join(runtimes)})")
-        plan = [_explicit("torch", dtype, device, flags, names)]
-        plan[0] = RuntimeChoice("torch", plan[0].dtype, "PyTorch is the runtime for CUDA devices" + cuda_note)
+        [torch] = _explicit("torch", dtype, device, flags, names)
+        plan = [RuntimeChoice("torch", torch.dtype, "PyTorch is the runtime for CUDA devices" + cuda_note)]
     else:
         plan = _auto_cpu(dtype, runtimes, flags, family, names)
     if len(plan) == 1:  # settled already; a longer plan warns for the one that serves (`runtimes/choosing.py`)
