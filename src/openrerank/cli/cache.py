@@ -1,11 +1,13 @@
 """`openrerank cache ls` and `openrerank cache prune`: what the converted-model cache holds, and removing what
 this install never reads.
 
-Every upgrade that changes transformers, ONNX Runtime or OpenVINO (or a recipe number) keys new entries: ONNX
-exports, OpenVINO IRs, compiled blobs, engine-choice and speed records. Nothing collects the old ones, and each
-export, IR or blob is a model's size. As `hf cache ls` / `hf cache prune` do for the hub's cache, `ls` shows each
-entry's size, last use, what it was built with and whether this install can use it, and `prune` removes those it
-cannot (with `--unused-days N`, also those unused for N days), under the locks builds take (`artifact_cache.prune`).
+Every upgrade that changes transformers, ONNX Runtime or OpenVINO (or a recipe number, or openrerank's cache
+layout) keys new entries: ONNX exports, OpenVINO IRs, compiled blobs, engine-choice and speed records. Nothing
+collects the old ones (but compiled blobs of an older layout or another kind of CPU, unused for a week:
+`openvino_blobs.drop_old_blobs`), and each export, IR or blob is a model's size. As `hf cache ls` /
+`hf cache prune` do for the hub's cache, `ls` shows each entry's size, last use, what it was built with and
+whether this install can use it, and `prune` removes those it cannot (with `--unused-days N`, also those unused
+for N days), under the locks builds take (`artifact_cache.prune`).
 Where each kind lives and what keys it on this install is its owner's to say; this module only gathers them.
 """
 
