@@ -297,3 +297,14 @@ def test_each_cpu_kind_times_under_its_own_key(cpuinfo, tiny_model_dir):
     assert facts["cascadelake"]["cpu"] == "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz"
     assert len({f["cpu_flags_sha256"] for f in facts.values()}) == len(samples)
     assert len(set(keys.values())) == len(samples)
+
+
+@pytest.mark.parametrize("config", [{"dtype": "bfloat16"}, {"torch_dtype": "bfloat16"},
+                                    {"text_config": {"dtype": "float16"}}, {"dtype": "float32"}, {}])
+def test_the_parameter_count_reads_the_dtype_under_either_name(tmp_path, config):
+    """transformers >= 4.56 writes `dtype`, not `torch_dtype`: a bf16 Qwen3-Reranker-0.6B counted as 0.3B, and a
+    bf16 LLM of 2.25-4.5B had both PyTorch candidates (fp32 and bf16) built at once, its fp32 copy 9-18 GB."""
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    half = "16" in json.dumps(config)
+    assert measure.approximate_params(tmp_path) == (1_000_000 if half else 500_000)

@@ -143,15 +143,29 @@ class Timings:
 
 
 def approximate_params(model_dir: Path) -> float:
-    """Parameters, from the weight files' sizes (2 bytes each unless the config says float32)."""
+    """Parameters, from the weight files' sizes (4 bytes each where the config says float32 or names no dtype,
+    else 2)."""
     model_dir = Path(model_dir)
     size = sum(p.stat().st_size for p in model_dir.iterdir()
                if p.is_file() and p.name.endswith((".safetensors", ".bin", ".onnx")))
+    return size / (4 if weights_dtype(model_dir) in (None, "float32") else 2)
+
+
+def weights_dtype(model_dir: Path) -> str | None:
+    """The weights' dtype as the config names it: `dtype` (transformers >= 4.56 writes this) or `torch_dtype`
+    (earlier ones), at the top or in `text_config` (a vision-language model's); None when it says neither."""
     try:
-        dtype = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        dtype = None
-    return size / (4 if dtype in (None, "float32") else 2)
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for where in (config, text):
+        for name in ("dtype", "torch_dtype"):
+            if isinstance(where.get(name), str):
+                return where[name]
+    return None
 
 
 def timing_shapes(max_length: int, params: float = _REFERENCE_PARAMS) -> tuple[tuple[int, int], ...]:
