@@ -4,9 +4,11 @@
 CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
 GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. The candidates are built, warmed up (one pass: the
 first batch of a shape compiles kernels and allocates) and timed in turns on a few batches at the lengths a
-reranker serves, for about a second each (`time_runtimes`), then closed. The timings are a JSON record in
+reranker serves, for about a second each (`time_runtimes`: in an order that changes every other pass, each pass
+after the threads of the one before went quiet), then closed. The timings are a JSON record in
 the converted-model cache (its `engine-choice/` folder), keyed by the CPU (its name and flags: x86's model
-name, Arm's implementer and part, `devices.cpu_facts`), the thread count, the device, the model's content and
+name, Arm's implementer and part, `devices.cpu_facts`), the thread count, whether ONNX Runtime's workers spin
+(`onnx_runtime.SPIN_ENV`), the device, the model's content and
 head, the candidates, the shapes and the runtime packages' versions; later starts read it, and replicas
 starting together wait on the cache's lock while the first one times (`artifact_cache.ensure_record`), so a
 machine times once. A record keeps a candidate's failure only when it
@@ -52,6 +54,7 @@ from openrerank.runtimes.base import (
     lasting_refusal,
 )
 from openrerank.runtimes.devices import cpu_facts
+from openrerank.runtimes.onnx_runtime import SPIN_ENV, threads_spin
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ _REFERENCE_PARAMS = 25e6
 #: Seconds of timed passes per candidate after its warm-up pass (at least one pass, at most `_MAX_PASSES`).
 TIMING_SECONDS = 1.0
 _MAX_PASSES = 8
+#: `settle`: the process is quiet once its threads kept less than half a core busy over two polls of 3 ms in a
+#: row (two: on a busy machine a spinning thread can wait out one poll for a core); it waits at most 0.1 s (a
+#: thread that never stops, e.g. another part of the process serving, is not waited for).
+_SETTLE_POLL, _SETTLE_QUIET, _SETTLE_BUSY, _SETTLE_MAX = 0.003, 2, 0.5, 0.1
 #: Candidates are built together and timed in turns (`time_runtimes`) while their weights, counted once per
 #: candidate, stay under this many parameters (three copies of a 1.5B model); past it each candidate is timed
 #: alone, so that only one copy of the weights is in memory.
@@ -204,15 +211,45 @@ def vocab_size_of(model_dir: Path) -> int:
     return int(config.get("vocab_size") or text.get("vocab_size") or 1000)
 
 
+def pass_order(count: int, index: int) -> list[int]:
+    """The order of the candidates in timed pass `index`: as given on even passes, backwards on odd ones (from
+    the last but one, the last at the end, so no candidate runs twice in a row; two can only alternate), so
+    each candidate follows a different one on every other pass and the best-of has passes after each."""
+    if index % 2 == 0 or count < 3:
+        return list(range(count))
+    return [*range(count - 2, -1, -1), count - 1]
+
+
+def settle(cpu: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.perf_counter,
+           sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait, untimed, until the process's threads have stopped working after the last pass (at most
+    `_SETTLE_MAX` seconds); returns the seconds waited.
+
+    A runtime's threads can go on burning CPU after its `run` returned: ONNX Runtime's intra-op workers spin
+    (`onnx_runtime.SPIN_ENV`) for 20-30 ms of CPU after a 1-lane pass, and whichever candidate was timed next,
+    always its 2-lane one in the plan's order, ran about 10% slower (timed 0.875x of 1 lane, served 0.975x).
+    The process's own CPU clock counts every thread's work, so other processes do not prolong the wait."""
+    started, quiet = clock(), 0
+    while True:
+        cpu_before, before = cpu(), clock()
+        sleep(_SETTLE_POLL)
+        busy = (cpu() - cpu_before) / max(clock() - before, 1e-9)  # cores the process kept busy meanwhile
+        quiet = quiet + 1 if busy < _SETTLE_BUSY else 0
+        if quiet >= _SETTLE_QUIET or clock() - started >= _SETTLE_MAX:
+            return clock() - started
+
+
 def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]], vocab_size: int,
                   seconds: float = TIMING_SECONDS) -> list[Throughput]:
-    """Each runtime's rate on `shapes`: one warm-up pass each, then timed passes in turns (A, B, C, A, B, C,
-    ...) for about `seconds` per runtime; each runtime's fastest pass counts.
+    """Each runtime's rate on `shapes`: one warm-up pass each, then timed passes in turns (A, B, C, then
+    B, A, C, ...: `pass_order`) for about `seconds` per runtime; each runtime's fastest pass counts.
 
     Taking turns is what makes the comparison fair on a machine that is not idle: a burst of other work
     slows a pass of every candidate instead of the whole timing of one (timed one after the other, a busy
     second once ranked ONNX Runtime at 0.36x of OpenVINO where the two serve at the same speed), and the
-    fastest pass is the one least disturbed.
+    fastest pass is the one least disturbed. Before each pass the process waits, untimed, for the threads of
+    the pass before to go quiet (`settle`), and the order changes every other pass: a candidate is not timed
+    against what its predecessor left running.
 
     A runtime with lanes (`Runtime.lanes`) is timed as it serves: a pass gives each lane every shape, and
     the lanes run at once. Its warm-up runs each shape on every lane at once (`lanes` copies together each
@@ -225,12 +262,14 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
             rt.run_all([f] * rt.lanes)
     batches = [feats * rt.lanes for rt, feats in zip(runtimes, features, strict=True)]
     best = [float("inf")] * len(runtimes)
-    started, passes = time.perf_counter(), 0
-    while passes < _MAX_PASSES and (passes == 0 or time.perf_counter() - started < seconds * len(runtimes)):
-        for i, (rt, feats) in enumerate(zip(runtimes, batches, strict=True)):
+    timed, passes = 0.0, 0  # seconds in timed passes: the waits in between are not part of the budget
+    while passes < _MAX_PASSES and (passes == 0 or timed < seconds * len(runtimes)):
+        for i in pass_order(len(runtimes), passes):
+            settle()
             t = time.perf_counter()
-            rt.run_all(feats)
-            best[i] = min(best[i], time.perf_counter() - t)
+            runtimes[i].run_all(batches[i])
+            took = time.perf_counter() - t
+            best[i], timed = min(best[i], took), timed + took
         passes += 1
     rows = sum(r for r, _ in shapes)
     tokens = sum(r * w for r, w in shapes)
@@ -294,12 +333,22 @@ def _model_content(model_dir: Path) -> dict:
     return {"model_sha256": model_fingerprint(model_dir), "files": files}
 
 
+def ort_spin() -> str:
+    """`OPENRERANK_ORT_SPIN` as ONNX Runtime reads it ("on"/"off"; a value that is no switch as given): spinning
+    workers change ONNX Runtime's speed, so the timing key holds it."""
+    try:
+        return "on" if threads_spin() else "off"
+    except ValueError:
+        return os.environ.get(SPIN_ENV, "")
+
+
 def timing_key(model_dir: Path, head: str, candidates: Sequence[Candidate], device: str, threads: int,
                shapes: Sequence[tuple[int, int]]) -> tuple[str, dict]:
     """The record's key: what decides which runtime is fastest here."""
     facts = {
         "format": MEASURE_FORMAT, **machine_facts(),
-        "threads": threads, "lanes": os.environ.get(LANES_ENV), "device": device, "head": head,
+        "threads": threads, "lanes": os.environ.get(LANES_ENV), "ort_spin": ort_spin(), "device": device,
+        "head": head,
         **_model_content(model_dir),
         "candidates": [list(c) for c in candidates], "shapes": [list(s) for s in shapes],
         "versions": runtime_versions(),
