@@ -1,7 +1,8 @@
 """Does the rate admission measured on short batches predict long ones? Counted in tokens against weighed as work.
 
-Admission sizes its budgets and deadline estimates from a rate timed on the engine choice's shapes (8 x 128
-and 4 x 256 tokens). Attention costs a token more the longer its sequence, so counted in tokens that rate
+Admission sizes its budgets and deadline estimates from a rate timed on the engine choice's shapes (8 x 100
+and 4 x 200 tokens, `measure.TIMING_SHAPES`). Attention costs a token more the longer its sequence, so
+counted in tokens that rate
 overstates what a long-context model scores on long passages; weighed as work (`families/cost.py`: a token
 of an L-token sequence costs 1 + L/knee) it should not. This script builds a random encoder of MiniLM-L6's
 shape with a `--window`-token window (speed only: its scores mean nothing), times the engine-choice shapes
