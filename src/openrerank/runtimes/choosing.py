@@ -140,8 +140,7 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
     shapes = " and ".join(f"{r}x{w}" for r, w in winner.throughput.shapes)
     rates = ", ".join(f"{_label(m)} {_rate(m):.1f}/s" + ("" if m is winner else f" ({_rate(m) / best:.2f}x)")
                       for m in sorted(timed, key=lambda m: -_rate(m)))
-    when = (f"timings cached from an earlier start (key {timings.key})" if timings.cached
-            else f"timed at this start in {timings.seconds:.1f}s")
+    when = timings.when  # cached or timed now, and what the machine was like while timing
     cpu = cpu_info()[0] or "this CPU"
     lane_counts_timed = len({m.lanes for m in timed if m.runtime == winner.runtime and m.dtype == winner.dtype})
     fewer = ", with fewer lanes, so a lone small request keeps every thread"

@@ -15,7 +15,10 @@ machine times once. A record keeps a candidate's failure only when it
 lasts (`base.lasting_refusal`: the model cannot be converted, or fails the fidelity gate); one for a cause that
 may pass (memory, the disk, a damaged cached file) serves that start and is not written, so the next start
 tries that runtime again. A record of the wrong shape is timed again, and one that cannot be written (a
-read-only cache volume) serves the start that timed it.
+read-only cache volume) serves the start that timed it. The record also says what the machine was like while
+timing (`timing_load`: other processes' share of the CPUs, the process's own, the load average); one timed
+while other processes had a good part of the CPUs is provisional: served by, and timed again at the next start
+(at most three times in a row).
 
 A candidate is a runtime, a precision and a lane count (`runtimes/base.lane_counts`: batches run at once,
 each on its share of the threads): whether two lanes beat one depends on the CPU as much as which runtime
@@ -55,6 +58,7 @@ from openrerank.runtimes.base import (
 )
 from openrerank.runtimes.devices import cpu_facts
 from openrerank.runtimes.onnx_runtime import SPIN_ENV, threads_spin
+from openrerank.runtimes.timing_load import TimingLoad, Usage, busy_cpu_seconds, load_average, provisional_before
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,15 @@ class Timings:
     cached: bool  # read from an earlier start's record
     seconds: float  # what timing cost (on the start that timed)
     key: str
+    #: What the machine was like while timing (`timing_load`): None in records that do not say.
+    load: TimingLoad | None = None
+
+    @property
+    def when(self) -> str:
+        """When and how the timings were taken, as the reason says it (the start log, /v1/metadata)."""
+        when = (f"timings cached from an earlier start (key {self.key})" if self.cached
+                else f"timed at this start in {self.seconds:.1f}s")
+        return when + (f", {self.load.text()}" if self.load is not None else "")
 
     @property
     def ranked(self) -> list[Measurement]:
@@ -242,8 +255,17 @@ def settle(cpu: Callable[[], float] = time.process_time, clock: Callable[[], flo
             return clock() - started
 
 
+class Rates(list[Throughput]):
+    """`time_runtimes`' answer: a rate per runtime, and the CPU time while timing (`timing_load.Usage`: the
+    process's own, and other processes' on its CPUs), which says whether other processes had the CPUs."""
+
+    def __init__(self, rates: Sequence[Throughput], usage: Usage) -> None:
+        super().__init__(rates)
+        self.usage = usage
+
+
 def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]], vocab_size: int,
-                  seconds: float = TIMING_SECONDS) -> list[Throughput]:
+                  seconds: float = TIMING_SECONDS) -> Rates:
     """Each runtime's rate on `shapes`: one warm-up pass each, then timed passes in turns (A, B, C, then
     B, A, C, ...: `pass_order`) for about `seconds` per runtime; each runtime's fastest pass counts.
 
@@ -265,19 +287,24 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
             rt.run_all([f] * rt.lanes)
     batches = [feats * rt.lanes for rt, feats in zip(runtimes, features, strict=True)]
     best = [float("inf")] * len(runtimes)
-    timed, passes = 0.0, 0  # seconds in timed passes: the waits in between are not part of the budget
+    timed, cpu, passes = 0.0, 0.0, 0  # in the timed passes: the waits in between are not part of the budget
+    busy_before, own_before, started = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     while passes < _MAX_PASSES and (passes == 0 or timed < seconds * len(runtimes)):
         for i in pass_order(len(runtimes), passes):
             settle()
-            t = time.perf_counter()
+            cpu_before, t = time.process_time(), time.perf_counter()
             runtimes[i].run_all(batches[i])
             took = time.perf_counter() - t
-            best[i], timed = min(best[i], took), timed + took
+            best[i], timed, cpu = min(best[i], took), timed + took, cpu + time.process_time() - cpu_before
         passes += 1
+    busy_after, own, span = busy_cpu_seconds(), time.process_time() - own_before, time.perf_counter() - started
+    others = (None if busy_before is None or busy_after is None
+              else max(0.0, busy_after[0] - busy_before[0] - own))  # the CPUs' busy time, less the process's own
     rows = sum(r for r, _ in shapes)
     tokens = sum(r * w for r, w in shapes)
-    return [Throughput(rows * rt.lanes / b, tokens * rt.lanes / b, tuple(shapes))
-            for rt, b in zip(runtimes, best, strict=True)]
+    return Rates([Throughput(rows * rt.lanes / b, tokens * rt.lanes / b, tuple(shapes))
+                  for rt, b in zip(runtimes, best, strict=True)],
+                 Usage(cpu, timed, others, span * (busy_after[1] if busy_after is not None else 0)))
 
 
 def cache_dir() -> Path:
@@ -370,6 +397,10 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
     shapes = timing_shapes(max_length, approximate_params(model_dir))
     vocab = vocab_size_of(model_dir)
     key, facts = timing_key(model_dir, head, candidates, device, threads, shapes)
+    # A provisional record there now (timed under load) is timed again; one a replica wrote while this start
+    # waited on the lock is used.
+    before = provisional_before(cache_dir() / f"{key}.json")
+    usage = Usage()  # CPU time while timing, every group's
 
     def compute() -> dict:
         started = time.perf_counter()
@@ -399,6 +430,8 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                         continue
                     timed([[member] for member in group])
                     continue
+                if isinstance(rates, Rates):
+                    usage.add(rates.usage)
                 for ((runtime, dtype, lanes), _), rate in zip(group, rates, strict=True):
                     results[(runtime, dtype, lanes)] = Measurement(runtime, dtype, rate, lanes=lanes)
                     log.info("timed %s %s, %s: %.1f sequences/s, %.0f tokens/s at %s", runtime, dtype,
@@ -427,11 +460,20 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
         measurements = [results[c] for c in candidates]
         if last_error is not None and all(m.throughput is None for m in measurements):
             raise last_error  # nothing can serve it: say why, and cache nothing (the cause may pass)
+        load = TimingLoad.taken(usage, threads, load_average(), before)
+        if load.under_load:
+            log.warning("timing the runtimes for %s: %s", model_dir, load.text())
         return {**facts, "key": key, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.perf_counter() - started, 2),
+                "seconds": round(time.perf_counter() - started, 2), **load.as_record(),
                 "measurements": [m.as_metadata() for m in measurements]}
 
+    def problem(record: dict) -> str | None:
+        why = record_problem(record, candidates)
+        if why is None and before is not None and before.is_record(record):
+            why = f"provisional: other processes used {before.others_share or 0:.0%} of the CPUs while it timed"
+        return why
+
     # A read-only cache volume (an export Job filled it) keeps nothing: the timings serve this start all the same.
-    record, cached = ensure_record(cache_dir(), key, compute, "runtime timing",
-                                   lambda r: record_problem(r, candidates))
-    return Timings(measurements_of(record, candidates), cached, float(record.get("seconds", 0.0)), key)
+    record, cached = ensure_record(cache_dir(), key, compute, "runtime timing", problem)
+    return Timings(measurements_of(record, candidates), cached, float(record.get("seconds", 0.0)), key,
+                   TimingLoad.of_record(record))
