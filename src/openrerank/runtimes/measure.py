@@ -63,8 +63,11 @@ from openrerank.runtimes.timing_load import TimingLoad, Usage, busy_cpu_seconds,
 log = logging.getLogger(__name__)
 
 #: Bump when what is timed or how changes, so old records are not read as new ones (2: runtimes with lanes
-#: timed with their lanes at once; 3: lane counts are candidates; 4: the warm-up runs every shape on every lane).
-MEASURE_FORMAT = 4
+#: timed with their lanes at once; 3: lane counts are candidates; 4: the warm-up runs every shape on every lane;
+#: 5: shapes off OpenVINO's grid, passes after the last one's threads went quiet, the load while timing
+#: recorded, and OpenVINO bf16 checked against fp32 at load: a record from before ranked a bf16 the check
+#: may refuse, and each start tried it twice before serving the next).
+MEASURE_FORMAT = 5
 #: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
 #: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
 #: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
