@@ -1,7 +1,7 @@
 """Does the rate admission measured on short batches predict long ones? Counted in tokens against weighed as work.
 
 Admission sizes its budgets and deadline estimates from a rate timed on the engine choice's shapes (8 x 100
-and 4 x 200 tokens, `measure.TIMING_SHAPES`). Attention costs a token more the longer its sequence, so
+and 4 x 200 tokens, `timing_passes.TIMING_SHAPES`). Attention costs a token more the longer its sequence, so
 counted in tokens that rate
 overstates what a long-context model scores on long passages; weighed as work (`families/cost.py`: a token
 of an L-token sequence costs 1 + L/knee) it should not. This script builds a random encoder of MiniLM-L6's
@@ -30,7 +30,7 @@ from openrerank.core.work import PairItem
 from openrerank.engine.admission import AdmissionQueue, SchedulerConfig
 from openrerank.engine.batching import BatchPolicy
 from openrerank.engine.rates import work_of, work_rate
-from openrerank.runtimes.measure import TIMING_SHAPES
+from openrerank.runtimes.timing_passes import TIMING_SHAPES
 
 
 def build_encoder(out: Path, window: int) -> Path:

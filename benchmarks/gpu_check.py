@@ -201,7 +201,7 @@ def encoder_dtypes(device: str, dtypes: list[str], encoders: dict, batches: tupl
     from transformers import BertConfig, BertForSequenceClassification
 
     from openrerank.engine.loading import LoadOptions, load_model
-    from openrerank.runtimes.measure import time_runtimes
+    from openrerank.runtimes.timing_passes import time_runtimes
 
     texts, _, _ = texts_for_workload()
     models = {"minilm-l6": build_minilm_cross_encoder(tmp / "dtype-minilm-l6", texts[:20000])}

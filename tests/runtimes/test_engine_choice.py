@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 
 from openrerank.engine.loading import LoadOptions, load_model
-from openrerank.runtimes import measure, openvino_convert, selection
+from openrerank.runtimes import openvino_convert, selection, timing_passes
 from openrerank.runtimes.base import LANES_ENV, default_threads, lane_counts
-from openrerank.runtimes.measure import Throughput, timing_shapes
 from openrerank.runtimes.selection import LANED_RUNTIMES, RuntimeConfigError, plan_runtimes
+from openrerank.runtimes.timing_passes import Throughput, timing_shapes
 
 ENCODERS = ("openvino", "onnx", "torch")
 
@@ -43,11 +43,11 @@ def fake_rates(monkeypatch, rates: dict[str, float]) -> list[str]:
     """Time runtimes at made-up rates (by `name`); returns what was timed."""
     timed: list[str] = []
 
-    def fake(runtimes, shapes, vocab_size, seconds=measure.TIMING_SECONDS):
+    def fake(runtimes, shapes, vocab_size, seconds=timing_passes.TIMING_SECONDS):
         timed.extend(name(rt) for rt in runtimes)
         return [Throughput(rates[name(rt)], rates[name(rt)] * 100, tuple(shapes)) for rt in runtimes]
 
-    monkeypatch.setattr(measure, "time_runtimes", fake)
+    monkeypatch.setattr(timing_passes, "time_runtimes", fake)
     return timed
 
 
@@ -55,7 +55,7 @@ def no_timing(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("timed an engine where nothing should be timed")
 
-    monkeypatch.setattr(measure, "time_runtimes", refuse)
+    monkeypatch.setattr(timing_passes, "time_runtimes", refuse)
 
 
 def records(cache) -> list[dict]:
@@ -263,11 +263,11 @@ def test_replicas_starting_together_time_once(tiny_model_dir, cache):
 
 
 def test_timing_shapes_fit_the_window_and_shrink_for_big_models():
-    assert timing_shapes(512) == measure.TIMING_SHAPES
+    assert timing_shapes(512) == timing_passes.TIMING_SHAPES
     assert all(w <= 64 for _, w in timing_shapes(64)) and len(timing_shapes(64)) == len(set(timing_shapes(64)))
     big = timing_shapes(512, params=600e6)
     assert all(rows >= 1 for rows, _ in big)
-    assert sum(r * w for r, w in big) < sum(r * w for r, w in measure.TIMING_SHAPES)
+    assert sum(r * w for r, w in big) < sum(r * w for r, w in timing_passes.TIMING_SHAPES)
 
 
 @pytest.mark.parametrize("compared", [True, False])
@@ -319,7 +319,7 @@ def test_no_thread_count_means_the_cpus_available_resolved_once_for_every_candid
 
     def not_timeable(candidates, build, **kw):
         given.append(kw["threads"])
-        raise measure.NotTimeableError("faked: the rule serves")
+        raise timing_passes.NotTimeableError("faked: the rule serves")
 
     monkeypatch.setattr(choosing, "measure_candidates", not_timeable)
     network = SimpleNamespace(path=Path("unused"), head="score")  # only `_build` (faked) would read it

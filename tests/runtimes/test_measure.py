@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from openrerank.runtimes import artifact_cache, measure
+from openrerank.runtimes import artifact_cache, measure, model_size, timing_passes
 from openrerank.runtimes.artifact_cache import CACHE_ENV
 from openrerank.runtimes.base import Runtime
-from openrerank.runtimes.measure import Throughput, Timings, measure_candidates, time_runtimes
+from openrerank.runtimes.measure import Timings, measure_candidates
 from openrerank.runtimes.onnx_export import ExportError
 from openrerank.runtimes.openvino_convert import ConversionError
+from openrerank.runtimes.timing_passes import Throughput, time_runtimes
 
 
 class FakeRuntime(Runtime):
@@ -163,7 +164,7 @@ def test_a_thread_left_busy_by_one_candidate_does_not_slow_the_next():
 
 
 def test_every_other_pass_runs_the_candidates_backwards_and_none_twice_in_a_row():
-    from openrerank.runtimes.measure import pass_order
+    from openrerank.runtimes.timing_passes import pass_order
 
     assert pass_order(7, 0) == list(range(7)) and pass_order(7, 1) == [5, 4, 3, 2, 1, 0, 6]
     for count in (3, 4, 7):
@@ -181,10 +182,10 @@ def test_settling_waits_while_the_process_works_and_no_longer_than_its_cap():
         cpu = lambda: min(now[0], busy_until)  # noqa: E731 - one core busy until then
         return cpu, lambda: now[0], lambda s: now.__setitem__(0, now[0] + s)
 
-    quiet = measure._SETTLE_QUIET * measure._SETTLE_POLL  # the polls that find the process quiet
-    assert measure.settle(*fake(0.0)) == pytest.approx(quiet)
-    assert 0.03 + quiet <= measure.settle(*fake(0.03)) <= 0.03 + quiet + measure._SETTLE_POLL
-    assert measure.settle(*fake(10.0)) == pytest.approx(measure._SETTLE_MAX, abs=measure._SETTLE_POLL)
+    quiet = timing_passes._SETTLE_QUIET * timing_passes._SETTLE_POLL  # the polls that find the process quiet
+    assert timing_passes.settle(*fake(0.0)) == pytest.approx(quiet)
+    assert 0.03 + quiet <= timing_passes.settle(*fake(0.03)) <= 0.03 + quiet + timing_passes._SETTLE_POLL
+    assert timing_passes.settle(*fake(10.0)) == pytest.approx(timing_passes._SETTLE_MAX, abs=timing_passes._SETTLE_POLL)
 
 
 def test_onnx_runtimes_spinning_is_part_of_the_timing_key(tiny_model_dir, monkeypatch):
@@ -284,7 +285,7 @@ def fake_timing(tmp_path, monkeypatch):
     """A private cache, and rates by runtime (openvino 30/s, onnx 20/s, torch 10/s) instead of timing."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     rates = {"openvino": 30.0, "onnx": 20.0, "torch": 10.0}
-    monkeypatch.setattr(measure, "time_runtimes", lambda rts, shapes, vocab, seconds=1.0: [
+    monkeypatch.setattr(timing_passes, "time_runtimes", lambda rts, shapes, vocab, seconds=1.0: [
         Throughput(rates[rt.runtime], rates[rt.runtime] * 64, tuple(shapes)) for rt in rts])
     return tmp_path / "cache" / "engine-choice"
 
@@ -392,7 +393,7 @@ def test_the_parameter_count_reads_the_dtype_under_either_name(tmp_path, config)
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 2_000_000)
     (tmp_path / "config.json").write_text(json.dumps(config))
     half = "16" in json.dumps(config)
-    assert measure.approximate_params(tmp_path) == (1_000_000 if half else 500_000)
+    assert model_size.approximate_params(tmp_path) == (1_000_000 if half else 500_000)
 
 
 def test_the_timing_charges_openvino_its_shape_grid_as_serving_does():
@@ -419,7 +420,7 @@ def test_the_timing_charges_openvino_its_shape_grid_as_serving_does():
         lengths = np.random.default_rng(seed).lognormal(np.log(90), 0.35, size=100).clip(40, 270)
         items = [Item(int(n)) for n in lengths]
         served.append(computed(items, bucket_shape) / computed(items, exact_shape))
-    shapes = measure.timing_shapes(512)
+    shapes = timing_passes.timing_shapes(512)
     timed = sum(np.prod(bucket_shape(*s)) for s in shapes) / sum(r * w for r, w in shapes)
     assert timed > 1.0 and abs(timed - np.mean(served)) < 0.02, (timed, served)
 
@@ -433,8 +434,8 @@ def busy_timing(tmp_path, monkeypatch):
     """A private cache, made-up rates, and made-up CPU use: set `machine["others"]`, the share of the CPUs
     other processes use while timing (the process itself gets 90% of its threads' time)."""
     from openrerank.runtimes import timing_load
-    from openrerank.runtimes.measure import Rates
     from openrerank.runtimes.timing_load import Usage
+    from openrerank.runtimes.timing_passes import Rates
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(timing_load, "BUSY_OTHERS", 0.25)  # the shipped value (tests/conftest.py turns it off)
@@ -447,7 +448,7 @@ def busy_timing(tmp_path, monkeypatch):
         return Rates([Throughput(rates[rt.runtime], rates[rt.runtime] * 64, tuple(shapes)) for rt in rts],
                      Usage(cpu_seconds=1.8, wall_seconds=2.0, others_seconds=machine["others"] * span, span=span))
 
-    monkeypatch.setattr(measure, "time_runtimes", fake)
+    monkeypatch.setattr(timing_passes, "time_runtimes", fake)
     return machine
 
 

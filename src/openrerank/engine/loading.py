@@ -29,9 +29,9 @@ from openrerank.families.cost import activation_bytes_of, knee_of
 from openrerank.families.registry import resolve_spec
 from openrerank.families.scorer import Scorer, TaskNotSupportedError
 from openrerank.runtimes.choosing import create_runtime
-from openrerank.runtimes.measure import Throughput
 from openrerank.runtimes.onnx_export import exported_runtimes
 from openrerank.runtimes.selection import DEFAULT_AUTO_MODE, RuntimeChoice, plan_runtimes
+from openrerank.runtimes.timing_passes import Throughput
 from openrerank.sources.safety import check_weights
 from openrerank.sources.source import ModelSource, public_source, resolve_local_dir
 from openrerank.text.bi import BiTextEncoder

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from openrerank.runtimes.base import Network, Runtime, default_threads, lane_counts
 from openrerank.runtimes.devices import cpu_info
-from openrerank.runtimes.measure import Measurement, NotTimeableError, Timings, measure_candidates
+from openrerank.runtimes.measure import Measurement, Timings, measure_candidates
 from openrerank.runtimes.selection import (
     AUTO_MODES,
     DEFAULT_AUTO_MODE,
@@ -27,6 +27,7 @@ from openrerank.runtimes.selection import (
     label,
     warn_of_int8,
 )
+from openrerank.runtimes.timing_passes import NotTimeableError
 
 log = logging.getLogger(__name__)
 

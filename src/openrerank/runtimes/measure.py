@@ -4,8 +4,8 @@
 CPU flags do not predict speed: on one AVX512-BF16 Xeon a bf16 GEMM ran slower than fp32 (145 against 206
 GFLOP/s), on an EPYC with the same flags at 862 GFLOP/s. The candidates are built, warmed up (one pass: the
 first batch of a shape compiles kernels and allocates) and timed in turns on a few batches at the lengths a
-reranker serves, for about a second each (`time_runtimes`: in an order that changes every other pass, each pass
-after the threads of the one before went quiet), then closed. The timings are a JSON record in
+reranker serves, for about a second each (`timing_passes.time_runtimes`: in an order that changes every other
+pass, each pass after the threads of the one before went quiet), then closed. The timings are a JSON record in
 the converted-model cache (its `engine-choice/` folder), keyed by the CPU (its name and flags: x86's model
 name, Arm's implementer and part, `devices.cpu_facts`), the thread count, whether ONNX Runtime's workers spin
 (`onnx_runtime.SPIN_ENV`), the device, the model's content and
@@ -26,11 +26,14 @@ wins does, so each lane count of a lane-capable runtime is timed as a candidate 
 
 The winner's rate (`Throughput`, sequences and tokens per second at the timed shapes) travels with the
 runtime choice, so what admits requests can size its budgets by what this runtime sustains here.
+
+This module owns what is timed and the record: the candidates, the key (`timing_key`: the machine's facts, the
+model, the versions), reading, checking and writing the record (`MEASURE_FORMAT`); how a group of runtimes is
+timed is `timing_passes`', the model's size `model_size`'s, the load while timing `timing_load`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,8 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from openrerank.runtimes import timing_passes
 from openrerank.runtimes.artifact_cache import (
     cache_folder,
     ensure_record,
@@ -50,15 +52,16 @@ from openrerank.runtimes.artifact_cache import (
 )
 from openrerank.runtimes.base import (
     LANES_ENV,
-    POOLING_MASK,
     Runtime,
     default_threads,
     lanes_text,
     lasting_refusal,
 )
 from openrerank.runtimes.devices import cpu_facts
+from openrerank.runtimes.model_size import approximate_params, vocab_size_of
 from openrerank.runtimes.onnx_runtime import SPIN_ENV, threads_spin
-from openrerank.runtimes.timing_load import TimingLoad, Usage, busy_cpu_seconds, load_average, provisional_before
+from openrerank.runtimes.timing_load import TimingLoad, Usage, load_average, provisional_before
+from openrerank.runtimes.timing_passes import NotTimeableError, Rates, Throughput, timing_shapes
 
 log = logging.getLogger(__name__)
 
@@ -68,46 +71,12 @@ log = logging.getLogger(__name__)
 #: recorded, and OpenVINO bf16 checked against fp32 at load: a record from before ranked a bf16 the check
 #: may refuse, and each start tried it twice before serving the next).
 MEASURE_FORMAT = 5
-#: (sequences, tokens) of the timed batches for a MiniLM-sized model (about `_REFERENCE_PARAMS`), widths capped
-#: at the model's window: a batch of short passages and one of long ones, the same number of tokens each
-#: (what a reranking request yields). Bigger models get fewer rows (at least one), so that timing costs
-#: seconds for an LLM reranker too. The widths are off OpenVINO's shape grid (`openvino_runtime.bucket_shape`
-#: pads 100 to 104 and 200 to 208), about as far as served batches are: at 128 and 256 (on the grid) the timing
-#: charged OpenVINO no padding, while on DL19 requests it computes ~3% more tokens than the runtimes without
-#: a grid (1.054 against 1.022 per real token), a push toward OpenVINO where two runtimes are within the noise.
-TIMING_SHAPES: tuple[tuple[int, int], ...] = ((8, 100), (4, 200))
-_REFERENCE_PARAMS = 25e6
-#: Seconds of timed passes per candidate after its warm-up pass (at least one pass, at most `_MAX_PASSES`).
-TIMING_SECONDS = 1.0
-_MAX_PASSES = 8
-#: `settle`: the process is quiet once its threads kept less than half a core busy over two polls of 3 ms in a
-#: row (two: on a busy machine a spinning thread can wait out one poll for a core); it waits at most 0.1 s (a
-#: thread that never stops, e.g. another part of the process serving, is not waited for).
-_SETTLE_POLL, _SETTLE_QUIET, _SETTLE_BUSY, _SETTLE_MAX = 0.003, 2, 0.5, 0.1
-#: Candidates are built together and timed in turns (`time_runtimes`) while their weights, counted once per
-#: candidate, stay under this many parameters (three copies of a 1.5B model); past it each candidate is timed
-#: alone, so that only one copy of the weights is in memory.
+#: Candidates are built together and timed in turns (`timing_passes.time_runtimes`) while their weights,
+#: counted once per candidate, stay under this many parameters (three copies of a 1.5B model); past it each
+#: candidate is timed alone, so that only one copy of the weights is in memory.
 _TOGETHER_MAX_PARAMS = 4.5e9
 #: Packages whose versions decide a runtime's speed (absent ones count as absent).
 RUNTIME_PACKAGES = ("openvino", "onnxruntime", "torch", "transformers", "nncf")
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """What a runtime sustained on this machine: sequences (pairs) and padded tokens per second at `shapes`."""
-
-    pairs_per_s: float
-    tokens_per_s: float
-    shapes: tuple[tuple[int, int], ...]
-
-    def as_metadata(self) -> dict:
-        return {"pairs_per_s": round(self.pairs_per_s, 1), "tokens_per_s": round(self.tokens_per_s),
-                "shapes": [list(s) for s in self.shapes]}
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> Throughput:
-        return cls(float(meta["pairs_per_s"]), float(meta["tokens_per_s"]),
-                   tuple((int(r), int(w)) for r, w in meta["shapes"]))
 
 
 #: What is timed: (runtime, precision, lanes); a runtime without lanes has one.
@@ -166,148 +135,6 @@ class Timings:
         ok = [m for m in self.measurements if m.throughput is not None]
         return sorted(ok, key=lambda m: -m.throughput.pairs_per_s) + [m for m in self.measurements
                                                                       if m.throughput is None]
-
-
-def approximate_params(model_dir: Path) -> float:
-    """Parameters, from the weight files' sizes (4 bytes each where the config says float32 or names no dtype,
-    else 2)."""
-    model_dir = Path(model_dir)
-    size = sum(p.stat().st_size for p in model_dir.iterdir()
-               if p.is_file() and p.name.endswith((".safetensors", ".bin", ".onnx")))
-    return size / (4 if weights_dtype(model_dir) in (None, "float32") else 2)
-
-
-def weights_dtype(model_dir: Path) -> str | None:
-    """The weights' dtype as the config names it: `dtype` (transformers >= 4.56 writes this) or `torch_dtype`
-    (earlier ones), at the top or in `text_config` (a vision-language model's); None when it says neither."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    for where in (config, text):
-        for name in ("dtype", "torch_dtype"):
-            if isinstance(where.get(name), str):
-                return where[name]
-    return None
-
-
-def timing_shapes(max_length: int, params: float = _REFERENCE_PARAMS) -> tuple[tuple[int, int], ...]:
-    """TIMING_SHAPES for a model of `params` parameters, widths capped at its window (duplicates dropped)."""
-    scale = min(1.0, _REFERENCE_PARAMS / max(params, 1.0))
-    shapes: list[tuple[int, int]] = []
-    for rows, width in TIMING_SHAPES:
-        shape = (max(1, round(rows * scale)), max(2, min(width, max_length)))
-        if shape not in shapes:
-            shapes.append(shape)
-    return tuple(shapes)
-
-
-class NotTimeableError(ValueError):
-    """The network takes an input the timer cannot make up (e.g. a vision model's `pixel_values`)."""
-
-
-def timing_features(input_names: Sequence[str], rows: int, width: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """A full batch of random token ids (no padding: the timed work is all real tokens)."""
-    rng = np.random.default_rng(rows * 7919 + width)
-    ids = rng.integers(5, max(6, min(vocab_size, 1000)), size=(rows, width)).astype(np.int64)
-    feats = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-             POOLING_MASK: np.ones_like(ids)}
-    unknown = [n for n in input_names if n not in feats]
-    if unknown:
-        raise NotTimeableError(f"its inputs {', '.join(unknown)} cannot be made up for timing")
-    return {n: feats[n] for n in input_names}
-
-
-def vocab_size_of(model_dir: Path) -> int:
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 1000
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return int(config.get("vocab_size") or text.get("vocab_size") or 1000)
-
-
-def pass_order(count: int, index: int) -> list[int]:
-    """The order of the candidates in timed pass `index`: as given on even passes, backwards on odd ones (from
-    the last but one, the last at the end, so no candidate runs twice in a row; two can only alternate), so
-    each candidate follows a different one on every other pass and the best-of has passes after each."""
-    if index % 2 == 0 or count < 3:
-        return list(range(count))
-    return [*range(count - 2, -1, -1), count - 1]
-
-
-def settle(cpu: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.perf_counter,
-           sleep: Callable[[float], None] = time.sleep) -> float:
-    """Wait, untimed, until the process's threads have stopped working after the last pass (at most
-    `_SETTLE_MAX` seconds); returns the seconds waited.
-
-    A runtime's threads can go on burning CPU after its `run` returned: ONNX Runtime's intra-op workers spin
-    (`onnx_runtime.SPIN_ENV`) for 20-30 ms of CPU after a 1-lane pass, and whichever candidate was timed next,
-    always its 2-lane one in the plan's order, ran about 10% slower (timed 0.875x of 1 lane, served 0.975x).
-    The process's own CPU clock counts every thread's work, so other processes do not prolong the wait."""
-    started, quiet = clock(), 0
-    while True:
-        cpu_before, before = cpu(), clock()
-        sleep(_SETTLE_POLL)
-        busy = (cpu() - cpu_before) / max(clock() - before, 1e-9)  # cores the process kept busy meanwhile
-        quiet = quiet + 1 if busy < _SETTLE_BUSY else 0
-        if quiet >= _SETTLE_QUIET or clock() - started >= _SETTLE_MAX:
-            return clock() - started
-
-
-class Rates(list[Throughput]):
-    """`time_runtimes`' answer: a rate per runtime, and the CPU time while timing (`timing_load.Usage`: the
-    process's own, and other processes' on its CPUs), which says whether other processes had the CPUs."""
-
-    def __init__(self, rates: Sequence[Throughput], usage: Usage) -> None:
-        super().__init__(rates)
-        self.usage = usage
-
-
-def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]], vocab_size: int,
-                  seconds: float = TIMING_SECONDS) -> Rates:
-    """Each runtime's rate on `shapes`: one warm-up pass each, then timed passes in turns (A, B, C, then
-    B, A, C, ...: `pass_order`) for about `seconds` per runtime; each runtime's fastest pass counts.
-
-    Taking turns is what makes the comparison fair on a machine that is not idle: a burst of other work
-    slows a pass of every candidate instead of the whole timing of one (timed one after the other, a busy
-    second once ranked ONNX Runtime at 0.36x of OpenVINO where the two serve at the same speed), and the
-    fastest pass is the one least disturbed. Before each pass the process waits, untimed, for the threads of
-    the pass before to go quiet (`settle`), and the order changes every other pass: a candidate is not timed
-    against what its predecessor left running.
-
-    A runtime with lanes (`Runtime.lanes`) is timed as it serves: a pass gives each lane every shape, and
-    the lanes run at once. Its warm-up runs each shape on every lane at once (`lanes` copies together each
-    hold a lane), because a lane's first batch of a shape may cost more (kernels compiled per stream): warmed
-    in one mixed pass, a fast shape could take the same lane twice and leave that cost to a timed pass."""
-    features = [[timing_features(rt.input_names, rows, width, vocab_size) for rows, width in shapes]
-                for rt in runtimes]
-    for rt, feats in zip(runtimes, features, strict=True):
-        for f in feats:
-            rt.run_all([f] * rt.lanes)
-    batches = [feats * rt.lanes for rt, feats in zip(runtimes, features, strict=True)]
-    best = [float("inf")] * len(runtimes)
-    timed, cpu, passes = 0.0, 0.0, 0  # in the timed passes: the waits in between are not part of the budget
-    busy_before, own_before, started = busy_cpu_seconds(), time.process_time(), time.perf_counter()
-    while passes < _MAX_PASSES and (passes == 0 or timed < seconds * len(runtimes)):
-        for i in pass_order(len(runtimes), passes):
-            settle()
-            cpu_before, t = time.process_time(), time.perf_counter()
-            runtimes[i].run_all(batches[i])
-            took = time.perf_counter() - t
-            best[i], timed, cpu = min(best[i], took), timed + took, cpu + time.process_time() - cpu_before
-        passes += 1
-    busy_after, own, span = busy_cpu_seconds(), time.process_time() - own_before, time.perf_counter() - started
-    others = (None if busy_before is None or busy_after is None
-              else max(0.0, busy_after[0] - busy_before[0] - own))  # the CPUs' busy time, less the process's own
-    rows = sum(r for r, _ in shapes)
-    tokens = sum(r * w for r, w in shapes)
-    return Rates([Throughput(rows * rt.lanes / b, tokens * rt.lanes / b, tuple(shapes))
-                  for rt, b in zip(runtimes, best, strict=True)],
-                 Usage(cpu, timed, others, span * (busy_after[1] if busy_after is not None else 0)))
 
 
 def cache_dir() -> Path:
@@ -424,7 +251,7 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
         def timed(groups: list[list[tuple[Candidate, Runtime]]]) -> None:
             for group in groups:
                 try:
-                    rates = time_runtimes([rt for _, rt in group], shapes, vocab)
+                    rates = timing_passes.time_runtimes([rt for _, rt in group], shapes, vocab)
                 except NotTimeableError:
                     raise  # no candidate can be timed on made-up inputs: the caller falls back to the rules
                 except Exception as exc:  # one of them failed to run: time each alone, to know which

@@ -59,10 +59,11 @@ from openrerank.extras import install_hint
 from openrerank.runtimes.artifact_cache import CACHE_ENV, cache_root
 from openrerank.runtimes.base import lane_counts, lanes_text
 from openrerank.runtimes.devices import X86, cpu_info, cpu_isa, cuda_auto_dtype, cuda_capability, is_cuda
-from openrerank.runtimes.measure import Measurement, Throughput
+from openrerank.runtimes.measure import Measurement
 from openrerank.runtimes.onnx_runtime import ONNX_DTYPES
 from openrerank.runtimes.openvino_convert import openvino_available
 from openrerank.runtimes.openvino_runtime import OPENVINO_DTYPES
+from openrerank.runtimes.timing_passes import Throughput
 from openrerank.runtimes.torch_runtime import TORCH_DTYPES
 
 #: Each runtime and the precisions it runs (each runtime module declares its own), best CPU runtime first.
