@@ -207,7 +207,7 @@ def _old_layout(compiled_dir: Path, blob: Path) -> str | None:
 
 
 def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
-    """The folders of other kinds of CPU (`compiled/cpu-<key>/` but this one's) none of whose blobs was used
+    """The folders of other kinds of CPU (each `compiled/cpu-<key>/` other than this one's) none of whose blobs was used
     for `OLD_BLOB_UNUSED_S`, each with what it is. The key hashes every /proc/cpuinfo flag, the kernel's own
     too (`pti`, `ibrs`, ...), so a kernel upgrade or a retired kind of host leaves a folder (a model's size per
     configuration) that no server reads again. One a host of its kind started from within the week stays: its
