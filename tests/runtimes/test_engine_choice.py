@@ -309,9 +309,11 @@ def test_no_thread_count_means_the_cpus_available_resolved_once_for_every_candid
             return None
 
     given: list[object] = []
+    products: list[str] = []
 
-    def build(choice, network, device, threads, lanes=None, *, timing=False):
+    def build(choice, network, device, threads, lanes=None, *, timing=False, gemm="default"):
         given.append(threads)
+        products.append(gemm)
         return Built()
 
     monkeypatch.setattr(choosing, "default_threads", lambda: 3)
@@ -326,6 +328,9 @@ def test_no_thread_count_means_the_cpus_available_resolved_once_for_every_candid
     choosing.create_runtime(network, plan_runtimes("torch", "fp32", "cpu", ("torch",)), device="cpu", threads=None,
                             mode=mode)
     assert given and set(given) == {3}
+    # PyTorch's fp32 products are timed (`torch_gemm`) where the choice is measured, even when the runtimes
+    # could not be (the rule's runtime serves), and left as PyTorch's own where nothing may be timed.
+    assert products == ["fastest" if mode == "measure" else "default"]
 
 
 def test_without_onnxruntime_the_timings_are_kept(tiny_model_dir, cache, monkeypatch):
@@ -357,7 +362,7 @@ def int8_served(monkeypatch, backend: str, rates: dict[str, float], mode: str = 
         def run(self, features):
             return None
 
-    def build(choice, network, device, threads, lanes=None, *, timing=False):
+    def build(choice, network, device, threads, lanes=None, *, timing=False, gemm="default"):
         if choice.runtime not in rates:
             raise RuntimeError("refused")
         return Built()

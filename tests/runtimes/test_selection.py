@@ -152,7 +152,7 @@ def test_rules_fallback_reason_does_not_deny_the_bf16_units(cpuinfo, every_runti
 
     from openrerank.runtimes import choosing
 
-    def build(choice, network, device, threads, lanes=None, *, timing=False):
+    def build(choice, network, device, threads, lanes=None, *, timing=False, gemm="default"):
         if choice.dtype == "bf16":
             raise RuntimeError("simulated: bf16 compile failed")
         return SimpleNamespace(lanes=2)

@@ -3,8 +3,10 @@
 `--backend-choice rules`: the plan's first runtime that loads. `measure` (the default): every planned runtime
 is timed here (or its cached timings read, `runtimes/measure.py`) and the fastest serves, unless one with fewer
 lanes ties with it (`selection.LANES_TIE`). Either way a runtime that refuses the model hands over to the next
-and the reason says so. `--dtype int8`'s warning is said of the runtime that serves (`selection.warn_of_int8`).
-What is planned, and why, is `runtimes/selection.py`.
+and the reason says so. The PyTorch runtime's fp32 CPU products follow the mode too: the faster library timed
+at load under `measure` (`runtimes/torch_gemm.py`), PyTorch's own under `rules`. `--dtype int8`'s
+warning is said of the runtime that serves (`selection.warn_of_int8`). What is planned, and why, is
+`runtimes/selection.py`.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def _build(choice: RuntimeChoice, network: Network, device: str, threads: int,
-           lanes: int | None = None, *, timing: bool = False) -> Runtime:
+           lanes: int | None = None, *, timing: bool = False, gemm: str = "default") -> Runtime:
     """The runtime of `choice` on `threads` CPU threads (resolved once, in `create_runtime`); `lanes`
     (lane-capable runtimes only): how many batches at once, None for the runtime's default (`OPENRERANK_LANES`,
     else its own); `timing`: it is only timed, so it leaves no compiled blob behind (OpenVINO's are a model's
-    size each)."""
+    size each); `gemm`: the PyTorch runtime's fp32 CPU products (`torch_gemm.GEMMS`: "fastest" where the
+    choice is measured, PyTorch's "default" where nothing is timed)."""
     if choice.runtime == "openvino":
         from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 
@@ -48,7 +51,7 @@ def _build(choice: RuntimeChoice, network: Network, device: str, threads: int,
         return OnnxRuntime(network, dtype=choice.dtype, threads=threads, lanes=lanes)
     from openrerank.runtimes.torch_runtime import TorchRuntime
 
-    return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads)
+    return TorchRuntime(network, dtype=choice.dtype, device=device, threads=threads, gemm=gemm)
 
 
 def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: str, threads: int | None,
@@ -75,14 +78,14 @@ def _create(network: Network, plan: list[RuntimeChoice], device: str, threads: i
             max_length: int) -> tuple[Runtime, RuntimeChoice]:
     """`create_runtime`'s choice, before anything is said of it."""
     if mode == "rules":
-        return _first_that_loads(plan, network, device, threads)
+        return _first_that_loads(plan, network, device, threads, gemm="default")
     by_key = {(c.runtime, c.dtype): c for c in plan}
     counts = lane_counts(threads)
     candidates = [(r, d, n) for r, d in by_key for n in (counts if r in LANED_RUNTIMES else (1,))]
 
     def build(runtime: str, dtype: str, lanes: int, timing: bool = False) -> Runtime:
         return _build(by_key[(runtime, dtype)], network, device, threads,
-                      lanes if runtime in LANED_RUNTIMES else None, timing=timing)
+                      lanes if runtime in LANED_RUNTIMES else None, timing=timing, gemm="fastest")
 
     try:
         timings = measure_candidates(candidates, functools.partial(build, timing=True), model_dir=network.path,
@@ -90,7 +93,7 @@ def _create(network: Network, plan: list[RuntimeChoice], device: str, threads: i
                                      max_length=max_length)
     except NotTimeableError as exc:  # e.g. a vision-language model: the rule's choice, and say why
         log.info("runtimes for %s not timed (%s): the rule-based choice serves", network.path, exc)
-        return _first_that_loads(plan, network, device, threads)
+        return _first_that_loads(plan, network, device, threads, gemm="fastest")
     ranked = timings.ranked
     # What refuses a model is the runtime, whatever its lanes: one line each.
     refused = list(dict.fromkeys(f"{label(m.runtime, m.dtype)} refused it ({m.error})" for m in ranked
@@ -98,7 +101,7 @@ def _create(network: Network, plan: list[RuntimeChoice], device: str, threads: i
     failed: list[str] = []
     timed = [m for m in ranked if m.throughput is not None]
     if not timed:  # a stale record of failures only (a fresh one is never written): let the runtime say why
-        return _first_that_loads(plan, network, device, threads)
+        return _first_that_loads(plan, network, device, threads, gemm="fastest")
     fastest, timed = timed[0], _serving_order(timed)
     for i, m in enumerate(timed):
         try:
@@ -162,13 +165,13 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
     return "; ".join(parts)
 
 
-def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str,
-                      threads: int) -> tuple[Runtime, RuntimeChoice]:
-    """The rule-based choice: the plan's first runtime that loads."""
+def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str, threads: int,
+                      gemm: str) -> tuple[Runtime, RuntimeChoice]:
+    """The rule-based choice: the plan's first runtime that loads (`gemm` as `_build` takes it)."""
     refused: list[str] = []
     for i, choice in enumerate(plan):
         try:
-            runtime = _build(choice, network, device, threads)
+            runtime = _build(choice, network, device, threads, gemm=gemm)
         except Exception as exc:
             if i == len(plan) - 1:
                 raise

@@ -6,7 +6,8 @@ keeps rankings closer to fp32 than casting every weight to bf16 (measured: logit
 0.985 for an all-bf16 Qwen3-0.6B-shaped model, 0.999+ under autocast). The big matrices' weights are
 stored in bf16 once at load (`store_matrices_in`): autocast would otherwise re-cast every weight on every
 batch (a fifth of the bf16 forward time in a profile) to the very same values. On GPU the weights are cast
-(fp16/bf16).
+(fp16/bf16). fp32 on the CPU multiplies with PyTorch's default library or oneDNN, whichever `torch_gemm`
+measures faster here (MKL, PyTorch's x86 default, runs its AVX2 code on AMD CPUs).
 
 On a GPU a batch stays on the device from input to score and is copied back once (one synchronisation per
 batch). A batch that runs out of device memory is split in halves, each cut to its own longest sequence,
@@ -33,6 +34,7 @@ from openrerank.runtimes.base import (
     out_of_memory,
 )
 from openrerank.runtimes.devices import is_cuda
+from openrerank.runtimes.torch_gemm import GemmChoice, choose_gemm
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,10 @@ def torch_dtype(name: str):
 
 
 class TorchRuntime(Runtime):
-    def __init__(self, network: Network, *, dtype: str = "fp32", device: str = "cpu", threads: int) -> None:
-        """`threads`: CPU threads on `cpu` (`choosing.create_runtime` resolves the default), unused on a GPU."""
+    def __init__(self, network: Network, *, dtype: str = "fp32", device: str = "cpu", threads: int,
+                 gemm: str = "default") -> None:
+        """`threads`: CPU threads on `cpu` (`choosing.create_runtime` resolves the default), unused on a GPU;
+        `gemm`: which library multiplies fp32 on the CPU (`torch_gemm.GEMMS`; "fastest" times it here)."""
         import torch
 
         if dtype not in TORCH_DTYPES:
@@ -68,6 +72,12 @@ class TorchRuntime(Runtime):
         self.module.eval().to(device)
         if self._autocast:
             store_matrices_in(self.module, torch.bfloat16)
+        #: The library of the fp32 CPU products and why (`torch_gemm`); PyTorch's own elsewhere.
+        self.gemm = GemmChoice("default", "not fp32 on the CPU")
+        if dtype == "fp32" and not is_cuda(device):
+            self.gemm = choose_gemm(self.module, gemm)
+            log.info("PyTorch fp32 products: %s (%s)", "oneDNN's" if self.gemm.library == "onednn"
+                     else "PyTorch's default", self.gemm.reason)
         self.input_names = tuple(self.module.input_names)
         self._torch = torch
         self.device = device

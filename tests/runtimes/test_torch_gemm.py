@@ -1,0 +1,138 @@
+"""The PyTorch runtime's fp32 products through oneDNN (`runtimes/torch_gemm.py`): the same scores as PyTorch's own,
+weights left as families read them, and a choice that follows the measurement, whichever library wins here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from openrerank.runtimes import torch_gemm
+from openrerank.runtimes.torch_gemm import GemmChoice, ProductTiming, choose_gemm, decide, route_linears
+from tests.support import cross_encoder_network
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(torch_gemm.onednn_linear() is None, reason="this PyTorch build has no oneDNN")
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, num_labels=1)
+    return BertForSequenceClassification(config).eval()
+
+
+def batch() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 500, (5, 23), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[3, 17:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model) -> np.ndarray:
+    with torch.inference_mode():
+        return model(**batch()).logits.numpy()
+
+
+def test_routed_layers_score_as_pytorch_does_and_keep_their_weights(monkeypatch):
+    model = tiny_bert()
+    reference = logits(model)
+    weights = {name: p for name, p in model.named_parameters()}
+    assert route_linears(model) == 2 * 6 + 2  # q, k, v, output, intermediate, output per layer; pooler, classifier
+    # Every product now runs through oneDNN: PyTorch's own linear is not called at all.
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: pytest.fail("F.linear was called"))
+    np.testing.assert_allclose(logits(model), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    monkeypatch.undo()
+    # Families read a head's weight (`head.weight.float()`): the same dense parameters, untouched.
+    assert {name: p for name, p in model.named_parameters()} == weights
+    assert all(p.layout == torch.strided for p in model.parameters())
+
+
+def test_a_routed_layer_hands_training_calls_back_to_pytorch(monkeypatch):
+    """oneDNN's op has no autograd formula: with gradients on, the layer is PyTorch's again."""
+    layer = torch.nn.Linear(8, 4)
+    route_linears(torch.nn.Sequential(layer))
+    calls: list[int] = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    layer(torch.randn(3, 8)).sum().backward()
+    assert calls == [1] and layer.weight.grad is not None
+
+
+def timing(gain: float, error: float = 1e-7) -> ProductTiming:
+    return ProductTiming((512, 384, 1536), default_s=0.01 * gain, onednn_s=0.01, error=error)
+
+
+def test_onednn_serves_only_when_clearly_faster_and_equal():
+    assert decide(timing(2.0)).library == "onednn"
+    assert "2.00x" in decide(timing(2.0)).reason
+    kept = decide(timing(1.1))
+    assert kept.library == "default" and f"under {torch_gemm.ONEDNN_MIN_GAIN}x" in kept.reason
+    assert decide(timing(torch_gemm.ONEDNN_MIN_GAIN)).library == "onednn"
+    wrong = decide(timing(3.0, error=1e-2))
+    assert wrong.library == "default" and "differs by 0.01" in wrong.reason
+    assert decide(timing(3.0, error=float("nan"))).library == "default"
+
+
+@pytest.mark.parametrize("faster, routed", [(2.0, True), (1.0, False)])
+def test_fastest_routes_as_the_measurement_says(monkeypatch, faster, routed):
+    model = tiny_bert()
+    timed: list[tuple[int, int]] = []
+
+    def fake(linear):
+        timed.append(tuple(linear.weight.shape))
+        return timing(faster)
+
+    monkeypatch.setattr(torch_gemm, "time_products", fake)
+    choice = choose_gemm(model, "fastest")
+    assert choice.library == ("onednn" if routed else "default")
+    # The shape with the most linear FLOPs (count x in x out), timed once: the 8 attention projections and the
+    # pooler at 64x64 (36,864) against 2 x 64x256 either way (32,768 each).
+    assert timed == [(64, 64)]
+    layer = model.bert.encoder.layer[0].attention.self.query
+    assert ("forward" in vars(layer)) is routed
+
+
+def test_the_timed_product_is_the_layers_not_a_vocabulary_head():
+    """A head the size of a vocabulary runs once; the per-layer projections hold the FLOPs."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 256) for _ in range(6)], torch.nn.Linear(64, 1000))
+    assert tuple(torch_gemm._dominant_linear(model).weight.shape) == (256, 64)
+
+
+def test_a_real_timing_compares_real_products():
+    """Whatever wins on this CPU, both products are timed and oneDNN's equals PyTorch's within fp32 rounding."""
+    result = torch_gemm.time_products(torch.nn.Linear(64, 48))
+    assert result.shape == (512, 64, 48)
+    assert result.default_s > 0 and result.onednn_s > 0
+    assert result.error <= torch_gemm.PRODUCT_TOLERANCE
+    huge = torch.nn.Linear(4096, 12288)
+    with torch.inference_mode():
+        rows = torch_gemm.time_products(huge).shape[0]
+    assert rows == torch_gemm._PROBE_ROWS[0]  # huge layers are probed on fewer rows
+
+
+def test_default_and_unknown_choices():
+    model = tiny_bert()
+    assert choose_gemm(model, "default") == GemmChoice("default", "PyTorch's own products (nothing timed)")
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(ValueError, match="unknown gemm 'mkl'"):
+        choose_gemm(model, "mkl")
+
+
+def test_the_torch_runtime_scores_the_same_through_either_library(model_copy):
+    from openrerank.runtimes.base import pad_features
+    from openrerank.runtimes.torch_runtime import TorchRuntime
+
+    network = cross_encoder_network(model_copy)
+    default = TorchRuntime(network, dtype="fp32", threads=1)
+    onednn = TorchRuntime(network, dtype="fp32", threads=1, gemm="onednn")
+    assert default.gemm.library == "default" and onednn.gemm.library == "onednn"
+    feats = pad_features([[101, 7, 8, 9, 102], [101, 5, 102]], None, 0, default.input_names)
+    expected = default.run(feats)
+    np.testing.assert_allclose(onednn.run(feats), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    bf16 = TorchRuntime(network, dtype="bf16", threads=1, gemm="onednn")
+    assert bf16.gemm == GemmChoice("default", "not fp32 on the CPU")
+    assert not any("forward" in vars(m) for m in bf16.module.modules())
