@@ -766,6 +766,43 @@ def test_a_bf16_compile_far_from_fp32_is_refused(tmp_path, model_copy, monkeypat
     assert len(message) <= 200  # what `auto`'s reason keeps of it
 
 
+def test_a_refused_bf16_compile_leaves_no_blob_of_its_own(tmp_path, model_copy, monkeypatch):
+    """A bf16 compile the load check refuses left its blob (a model's size) in the compiled cache, which every
+    later start on this OpenVINO refused again or never read. The refusal deletes that blob and its record,
+    whether this start wrote it or imported it, and nothing else: not the same model's fp32 blob, not another
+    model's bf16 blob in the same configuration's folder."""
+    from openrerank.runtimes import openvino_runtime
+
+    cache, other = tmp_path / "cache", build_tiny_model(tmp_path / "other", seed=7)
+    compiled = openvino_blobs.compiled_cache_dir(cache)
+    network = cross_encoder_network(model_copy)
+    OpenVinoRuntime(network, dtype="fp32", threads=1, cache_dir=cache)
+    [fp32] = compiled.glob("cpu-*/f32-*/*.blob")
+    OpenVinoRuntime(cross_encoder_network(other), dtype="bf16", threads=1, cache_dir=cache)
+    [others] = compiled.glob("cpu-*/bf16-*/*.blob")
+    OpenVinoRuntime(network, dtype="bf16", threads=1, cache_dir=cache)  # honest: kept, to be imported below
+    [mine] = [b for b in compiled.glob("cpu-*/bf16-*/*.blob") if b != others]
+    kept = {fp32, others, *(b.with_name(f"{b.name}.json") for b in (fp32, others))}
+    assert all(p.is_file() for p in kept) and mine.with_name(f"{mine.name}.json").is_file()
+
+    real, imported = openvino_runtime.import_openvino(), []
+
+    class Core:  # notes whether each compile imported its blob
+        def compile_model(self, *args):
+            compiled_model = real.Core().compile_model(*args)
+            imported.append(compiled_model.get_property("LOADED_FROM_CACHE"))
+            return compiled_model
+
+    monkeypatch.setattr(openvino_runtime, "import_openvino", lambda: type("ov", (), {"Core": Core}))
+    monkeypatch.setattr(openvino_runtime, "BF16_TOLERANCE", -1.0)  # every bf16 compile refused
+    for how in ("imported", "written"):
+        with pytest.raises(ConversionError, match="wrongly in bf16"):
+            OpenVinoRuntime(network, dtype="bf16", threads=1, cache_dir=cache)
+        assert imported.pop() == (how == "imported")
+        left = {p for p in compiled.glob("cpu-*/*/*") if p.name != openvino_blobs.CPU_FILE}
+        assert left == kept, f"the refused blob it {how} (or another) is not as it should be"
+
+
 def test_an_ir_without_a_recorded_reference_is_held_to_its_f32_compile(tmp_path, model_copy, monkeypatch):
     """An IR an earlier version converted recorded no fp32 outputs: the same IR compiled at f32 is the reference."""
     from openrerank.runtimes import openvino_runtime

@@ -19,6 +19,9 @@ folder that changed meanwhile; its record beside it (`<hash>.blob.json`, `_RECOR
 wrote it (`model_of`), and a later compile of that model that writes nothing imported it and dates it
 (`cache_entries.mark_used`), as a hit dates an ONNX export or IR. Only the recorded blob: a configuration's folder
 holds every model's blobs. A blob an older version wrote has no record and is dated by its access time only.
+
+A blob whose compile the bf16 load check refuses (`openvino_runtime.check_bf16`) is deleted with its record
+(`discard`): every later start on this OpenVINO would refuse it again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from openrerank.runtimes.artifact_cache import CachedArtifact, exclusive, key_of, write_json
@@ -96,22 +100,52 @@ def model_of(conversion: CachedArtifact) -> str:
     return f"{conversion.key}/{conversion.path.name}"
 
 
+@dataclass
+class CompiledBlob:
+    """Which blob a compile (`compiling`) wrote or imported, once it is done: None where there is no compiled
+    cache, or where it cannot tell (an imported blob an older version wrote, which has no record)."""
+
+    compiled_dir: Path | None = None
+    blob: Path | None = None
+
+
 @contextlib.contextmanager
-def compiling(compiled_dir: Path | None, config: dict, model: str) -> Iterator[None]:
+def compiling(compiled_dir: Path | None, config: dict, model: str) -> Iterator[CompiledBlob]:
     """Around a compile of `model` with `config` (`CACHE_DIR` in `compiled_dir`; None: no compiled cache): under
     the folder's lock (OpenVINO writes a blob in place, with no lock of its own, so replicas take turns), drops
     what nothing reads (`drop_old_blobs`), then records the blob the compile wrote or dates the one it imported
-    (module docstring)."""
+    (module docstring), and names it in what it yields, for `discard`."""
+    used = CompiledBlob(compiled_dir)
     with exclusive(compiled_dir):
         if compiled_dir is None:
-            yield
+            yield used
             return
         drop_old_blobs(compiled_dir)
         folder = Path(config["CACHE_DIR"])
         before = _blob_states(folder)
-        yield
+        yield used
         _name_cpu_folder(compiled_dir)
-        _date(folder, before, model)
+        used.blob = _date(folder, before, model)
+
+
+def discard(used: CompiledBlob) -> None:
+    """Delete the blob a compile wrote or imported (`compiling`), and its record: the load refused what it
+    computes (`openvino_runtime.check_bf16`), so every later start with this configuration would refuse it
+    again, and it is a model's size of disk that nothing serves from. Imported or written this time alike: the
+    CPU plugin imports only its own build's blobs, so this OpenVINO computes wrongly from it either way (a
+    compile that writes it anew is refused the same). Only that blob: its folder holds other models' blobs, and
+    other configurations have folders of their own. Under the folder's lock, so no replica is importing it
+    meanwhile; best effort, as the dating is."""
+    if used.compiled_dir is None or used.blob is None:
+        return
+    with exclusive(used.compiled_dir):
+        try:
+            used.blob.unlink(missing_ok=True)
+            _record_of(used.blob).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only volume: the next start refuses it again
+            log.debug("refused OpenVINO blob %s not removed: %s", used.blob, exc)
+            return
+    log.info("removed %s: a compiled blob the load check refused", used.blob)
 
 
 def _name_cpu_folder(compiled_dir: Path) -> None:
@@ -164,24 +198,29 @@ def _record_of(blob: Path) -> Path:
     return blob.with_name(blob.name + _RECORD_SUFFIX)
 
 
-def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> None:
+def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> Path | None:
     """After a compile of `model` into `folder`: the one blob that changed is the one it wrote, recorded as
     `model`'s (in place of any older record of it); none changed, it imported `model`'s recorded blob, dated used
-    now. A record whose blob is gone goes too. Best effort: a cache that cannot be written stays as it is."""
+    now. A record whose blob is gone goes too. Best effort: a cache that cannot be written stays as it is.
+    Returns that blob, None where it is not known (`CompiledBlob`)."""
     written = [name for name, state in _blob_states(folder).items() if before.get(name) != state]
     records = _records(folder)
+    used = None
     try:
         for blob, named in records.items():
             if not blob.exists() or (written and named == model):
                 _record_of(blob).unlink(missing_ok=True)
         if len(written) == 1:
-            write_json(_record_of(folder / written[0]), {"model": model, "written": time.time()})
+            used = folder / written[0]
+            write_json(_record_of(used), {"model": model, "written": time.time()})
         elif not written:
-            for blob, named in records.items():
-                if named == model and blob.exists():
-                    mark_used(blob)
+            imported = [blob for blob, named in records.items() if named == model and blob.exists()]
+            for blob in imported:
+                mark_used(blob)
+            used = imported[0] if len(imported) == 1 else None
     except OSError as exc:
         log.debug("compiled blob of %s in %s not recorded: %s", model, folder, exc)
+    return used
 
 
 #: How long a compiled blob of an older layout is kept untouched before a compile deletes it: the shared one

@@ -71,9 +71,11 @@ from openrerank.runtimes.base import (
     out_of_memory,
 )
 from openrerank.runtimes.openvino_blobs import (
+    CompiledBlob,
     compiled_cache_dir,
     compiled_config_dir,
     compiling,
+    discard,
     model_of,
     writable,
 )
@@ -214,7 +216,8 @@ def check_bf16(runtime: OpenVinoRuntime, network: Network) -> None:
     -inf in bf16) ranked the README's "Bananas" at 0.459 instead of -0.007, every sequence off. The reference
     is what the conversion recorded (PyTorch, or ONNX Runtime for a pre-exported folder), else the same IR
     compiled at f32. A refusal is a `ConversionError`, so `--backend auto` serves the next runtime and an
-    explicit `--dtype bf16` fails at start, saying so."""
+    explicit `--dtype bf16` fails at start, saying so; the runtime then deletes the compiled blob it wrote or
+    imported (`openvino_blobs.discard`: wrong on this OpenVINO either way, a model's size no start serves)."""
     probe = probe_batch(network.path, list(runtime.input_names))
     reference = recorded_reference(runtime.conversion.meta, probe)
     if reference is None:
@@ -252,13 +255,15 @@ class OpenVinoRuntime(Runtime):
         self.lanes = lanes_for(self.threads, DEFAULT_LANES, lanes)
         compiled_dir = writable(compiled_cache_dir(cache_dir)) if compiled_cache else None
         config = compile_config(dtype, self.threads, compiled_dir, self.lanes)
+        used = CompiledBlob()  # the blob the compile that serves wrote or imported: `check_bf16` may refuse it
 
         def compile_(conversion: CachedArtifact) -> object:
             # OpenVINO writes its compiled blob straight to the final file: a replica compiling the same model
             # into the same CACHE_DIR at that moment failed ("cannot set permissions ... .blob") or could read
             # half a blob. One compile per cache directory at a time; the others then import the finished blob,
             # which `compiling` dates.
-            with compiling(compiled_dir, config, model_of(conversion)):
+            nonlocal used
+            with compiling(compiled_dir, config, model_of(conversion)) as used:
                 return ov.Core().compile_model(str(conversion.path), "CPU", config)
 
         if (conversion := pre_exported_onnx(network, dtype)) is not None:  # a pre-exported folder is never rebuilt
@@ -280,6 +285,8 @@ class OpenVinoRuntime(Runtime):
                 check_bf16(self, network)
             except Exception:
                 self.close()
+                if self.bf16_error is not None:  # measured and refused: so would every start on this OpenVINO
+                    discard(used)
                 raise
             log.info("OpenVINO bf16 on the probe batch: %.2g of its scale from fp32", self.bf16_error)
         log.info("OpenVINO %s model on %s (%d threads, lanes: %d, %s)", dtype, self.conversion.path,
