@@ -1,16 +1,18 @@
 """What Ray refuses of `serve --replicas`' options is one line naming the flags set (server/ray_local.py's
-`options_error`), and the Ray settings the launcher sets; needs no Ray (the launcher itself:
-tests/server/test_ray_local.py)."""
+`options_error`), the Ray settings the launcher sets, and a SIGTERM as ray.init ends; starts no Ray (the launcher
+on a real one: tests/server/test_ray_local.py)."""
 
 from __future__ import annotations
 
 import os
+import signal
 from types import SimpleNamespace
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from openrerank.server import ray_local
+from openrerank.server.config import ServerConfig
 from openrerank.server.ray_local import options_error, set_ray_env
 
 
@@ -83,3 +85,50 @@ def test_an_application_gone_from_serve_is_a_start_error_not_a_traceback(monkeyp
         ray_local.start_replicas(_Serve(deploying, failed), None, ray_local._Signals())
     running = SimpleNamespace(status=schema.ApplicationStatus.RUNNING, message="")
     assert ray_local.start_replicas(_Serve(deploying, running), None, ray_local._Signals()) is True
+
+
+@pytest.mark.parametrize("when", ["in ray.init", "as ray.init returns"])
+def test_a_sigterm_as_ray_init_ends_stops_the_start_with_exit_0(monkeypatch, capsys, when):
+    """Ray's SIGTERM handler, installed by ray.init, exits 15 (SystemExit). The launcher put its own back only
+    after the try around ray.init: a SIGTERM pending as it did so (signal.signal runs the handler in place, Ray's,
+    before replacing it) exited 15 where a SIGTERM at any other moment stops the start and exits 0."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    real_signal = signal.signal
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def rays_handler(signum: int, _frame: object) -> None:  # ray.init's own
+        raise SystemExit(signum)
+
+    def init(**_kwargs: object) -> None:
+        real_signal(signal.SIGTERM, rays_handler)
+        if when == "in ray.init":
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler right after os.kill: still inside
+
+    sent = []
+
+    def signal_after_a_sigterm(sig: int, handler: object) -> object:
+        """signal.signal with a SIGTERM just before it: the handler in place runs first, as for a pending one."""
+        if when == "as ray.init returns" and sig == signal.SIGTERM and signal.getsignal(sig) is rays_handler \
+                and not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_signal(sig, handler)
+
+    def no_serve(**_kwargs: object) -> None:
+        raise AssertionError("Serve started after the signal")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", no_serve)
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(signal, "signal", signal_after_a_sigterm)
+    try:
+        assert ray_local.run_local(ServerConfig(), {"num_replicas": 1}) == 0
+        ours = signal.getsignal(signal.SIGTERM)  # not Ray's: a second signal is the launcher's too
+        assert isinstance(getattr(ours, "__self__", None), ray_local._Signals), ours
+    finally:
+        for sig, handler in kept.items():
+            real_signal(sig, handler)
+    assert "stopping before every replica started" in capsys.readouterr().out

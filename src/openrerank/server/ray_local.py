@@ -121,15 +121,19 @@ def run_local(config: ServerConfig, replica_args: dict[str, Any], *, metrics_por
     for sig in (signal.SIGINT, signal.SIGTERM):  # now: a signal while Ray or the replicas start stops the start
         signal.signal(sig, signals.handle)  # kept until the process ends: see _Signals
     try:
+        # ray.init installs Ray's SIGTERM handler, which exits with the signal's number (SystemExit(15)); ours goes
+        # back inside the same try: a SIGTERM after ray.init returned but before ours took over (signal.signal
+        # runs a pending handler, Ray's, first) exited 15 outside it, where any other moment stops cleanly.
         try:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                      object_store_memory=_OBJECT_STORE_BYTES, _metrics_export_port=metrics_port,
                      logging_level=logging.WARNING)
-        except SystemExit as exc:  # Ray's SIGTERM handler, set inside ray.init, exits with the signal's number
+            signal.signal(signal.SIGTERM, signals.handle)
+        except SystemExit as exc:
             if exc.code != signal.SIGTERM:
                 raise
             signals.first.set()
-        signal.signal(signal.SIGTERM, signals.handle)  # again: ray.init installed its own
+            signal.signal(signal.SIGTERM, signals.handle)  # Ray's may still be in place
         if not signals.first.is_set():
             serve.start(http_options={"host": config.host, "port": config.port})
         if signals.first.is_set() or not start_replicas(serve, bind(config, options, str(flag.directory), shown),
