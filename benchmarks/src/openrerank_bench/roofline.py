@@ -33,12 +33,13 @@ from collections.abc import Callable, Sequence
 from openrerank.families import cost
 
 #: The libraries whose fp32 GEMM can set the roofline, in the order they are tried.
-GEMM_LIBRARIES = ("torch", "openvino", "onnxruntime")
+GEMM_LIBRARIES = ("torch", "torch-onednn", "openvino", "onnxruntime")
 
 
 def gemm_products(threads: int, size: int = 2048) -> dict[str, Callable[[], object]]:
     """One fp32 `size` x `size` product per installed library, on `threads` threads, each ready to call: PyTorch's
-    `torch.mm` (MKL on x86), OpenVINO's MatMul (oneDNN; pinning off, as the engines run) and ONNX Runtime's
+    `torch.mm` (MKL on x86), PyTorch's oneDNN linear product (which its runtime serves where faster,
+    `runtimes/torch_gemm.py`), OpenVINO's MatMul (oneDNN; pinning off, as the engines run) and ONNX Runtime's
     (MLAS; its pool does not spin between calls, which would take CPU from the measurement that follows)."""
     import numpy as np
 
@@ -63,6 +64,27 @@ def _torch_product(a, b, threads: int) -> Callable[[], object]:
         torch.set_num_threads(threads)
         try:
             return torch.mm(ta, tb)
+        finally:
+            torch.set_num_threads(previous)
+
+    return product
+
+
+def _torch_onednn_product(a, b, threads: int) -> Callable[[], object]:
+    import torch
+
+    from openrerank.runtimes.torch_gemm import onednn_linear
+
+    linear = onednn_linear()
+    if linear is None:
+        raise ImportError("this PyTorch build has no oneDNN linear product")
+    ta, weight = torch.from_numpy(a), torch.from_numpy(b).T.contiguous()  # a linear layer multiplies by W^T
+
+    def product() -> object:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return linear(ta, weight, None, "none", [], "")
         finally:
             torch.set_num_threads(previous)
 
@@ -98,7 +120,8 @@ def _onnxruntime_product(a, b, threads: int) -> Callable[[], object]:
     return lambda: session.run(None, {"x": a})
 
 
-_PRODUCT_BUILDERS = {"torch": _torch_product, "openvino": _openvino_product, "onnxruntime": _onnxruntime_product}
+_PRODUCT_BUILDERS = {"torch": _torch_product, "torch-onednn": _torch_onednn_product, "openvino": _openvino_product,
+                     "onnxruntime": _onnxruntime_product}
 
 
 def gemm_gflops(product: Callable[[], object], size: int = 2048, repeats: int = 5) -> float:
