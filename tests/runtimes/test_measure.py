@@ -219,8 +219,8 @@ def test_each_cpu_kind_times_under_its_own_key(cpuinfo, tiny_model_dir):
 
 @pytest.fixture
 def busy_timing(tmp_path, monkeypatch):
-    """A private cache, made-up rates, and made-up CPU use: set `machine["others"]`, the share of the CPUs
-    other processes use while timing (the process itself gets 90% of its threads' time)."""
+    """A private cache, made-up rates, and made-up CPU use: set `machine["others"]`, the share of the CPU (the
+    one the timing's thread has) other processes use while timing (the process itself gets 90% of its time)."""
     from openrerank.runtimes import timing_load
     from openrerank.runtimes.timing_load import Usage
     from openrerank.runtimes.timing_passes import Rates
@@ -232,9 +232,10 @@ def busy_timing(tmp_path, monkeypatch):
     rates = {"openvino": 30.0, "onnx": 20.0, "torch": 10.0}
 
     def fake(rts, shapes, vocab, seconds=1.0):
-        span = 2.0 * 2  # 2 s on 2 CPUs
+        span = 2.0 * 1  # 2 s on the 1 CPU its 1 thread has (`measure_with`): the others' share is on its core
         return Rates([Throughput(rates[rt.runtime], rates[rt.runtime] * 64, tuple(shapes)) for rt in rts],
-                     Usage(cpu_seconds=1.8, wall_seconds=2.0, others_seconds=machine["others"] * span, span=span))
+                     Usage(cpu_seconds=1.8, wall_seconds=2.0, others_seconds=machine["others"] * span, span=span,
+                           cpus=1))
 
     monkeypatch.setattr(timing_passes, "time_runtimes", fake)
     return machine
@@ -249,7 +250,7 @@ def test_a_quiet_timing_says_so_and_is_kept(tiny_model_dir, busy_timing):
     (first, built), (again, built_again) = measure_twice_in(tiny_model_dir)
     assert built and not first.load.provisional and again.cached and not built_again
     assert (first.load.others_share, first.load.cpu_share, first.load.load_average) == (0.05, 0.9, 1.5)
-    assert "other processes used 5% of the CPUs meanwhile" in again.when and "load average 1.50" in again.when
+    assert "other processes used 5% of the CPU meanwhile" in again.when and "load average 1.50" in again.when
     assert "provisional" not in again.when
 
 
@@ -266,7 +267,8 @@ def test_a_timing_under_load_is_provisional_and_timed_again_at_most_three_times(
             timings, built = measure_with(tiny_model_dir, {})
             tries.append((timings.cached, bool(built), timings.load.tries, timings.load.provisional))
     assert tries == [(False, True, 1, True), (False, True, 2, True), (False, True, 3, False), (True, False, 3, False)]
-    assert "50% of the CPUs" in timings.when and "kept (delete the record" in timings.when
+    assert "50% of the CPU meanwhile, 0.5 cores' worth on those its 1 thread ran on" in timings.when
+    assert "kept (delete the record" in timings.when
     assert sum("timed under load" in r.getMessage() for r in caplog.records) == PROVISIONAL_TRIES
     busy_timing["others"] = 0.05  # a provisional record timed again on a quiet machine is kept as any
     for record in (Path(measure.cache_dir())).glob("*.json"):

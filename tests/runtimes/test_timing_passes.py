@@ -211,4 +211,16 @@ def test_the_timing_charges_openvino_its_shape_grid_as_serving_does():
 
 
 # Timing under load: the record says what the machine was like, and one taken while other processes had a good
-# part of the CPUs is provisional (`runtimes/timing_load.py`).
+# part of the timing's cores is provisional (`runtimes/timing_load.py`).
+
+
+def test_the_usage_counts_the_cpus_other_processes_time_is_a_share_of(monkeypatch):
+    """Under load is judged in cores (other processes' busy CPUs beyond those the timing's threads left spare),
+    so the usage carries how many CPUs its span counted: 64 on a quota'd pod's 64-core node, not its 2 threads."""
+    busy = iter([(100.0, 64), (130.0, 64)])
+    monkeypatch.setattr(timing_passes, "busy_cpu_seconds", lambda: next(busy))
+    started = time.perf_counter()
+    usage = time_runtimes([FakeRuntime(0.001, {"busy_until": 0.0, "extra": 0.0})], ((2, 16),), 100,
+                          seconds=0.01).usage
+    assert usage.cpus == 64 and 0 < usage.span <= 64 * (time.perf_counter() - started)
+

@@ -154,8 +154,9 @@ def time_runtimes(runtimes: Sequence[Runtime], shapes: Sequence[tuple[int, int]]
     busy_after, own, span = busy_cpu_seconds(), time.process_time() - own_before, time.perf_counter() - started
     others = (None if busy_before is None or busy_after is None
               else max(0.0, busy_after[0] - busy_before[0] - own))  # the CPUs' busy time, less the process's own
+    cpus = busy_after[1] if busy_after is not None else 0  # the CPUs `others` was busy time on
     rows = sum(r for r, _ in shapes)
     tokens = sum(r * w for r, w in shapes)
     return Rates([Throughput(rows * rt.lanes / b, tokens * rt.lanes / b, tuple(shapes))
                   for rt, b in zip(runtimes, best, strict=True)],
-                 Usage(cpu, timed, others, span * (busy_after[1] if busy_after is not None else 0)))
+                 Usage(cpu, timed, others, span * cpus, cpus))
