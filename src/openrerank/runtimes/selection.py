@@ -372,18 +372,21 @@ def warn_of_int8(choice: RuntimeChoice) -> None:
     """Warn where `choice` is int8 on a CPU where it was measured not to pay, or was not measured
     (`_int8_warning`). Said of the runtime that serves: `--backend auto --dtype int8` plans OpenVINO first, yet
     on an AVX2 CPU without VNNI the timing usually serves ONNX Runtime, and a warning about OpenVINO would then
-    tell the operator to do what auto already did."""
-    if choice.dtype == "int8" and (said := _int8_warning(choice.runtime, cpu_flags())):
+    tell the operator to do what auto already did. Its timings (`choice.measured`) tell whether ONNX Runtime
+    int8 was tried here: then the warning does not point at it."""
+    if choice.dtype == "int8" and (said := _int8_warning(choice.runtime, cpu_flags(), choice)):
         warnings.warn(said, RuntimeWarning, stacklevel=1)  # one location: shown once a process
 
 
-def _int8_warning(runtime: str, flags: frozenset[str]) -> str | None:
+def _int8_warning(runtime: str, flags: frozenset[str], served: RuntimeChoice | None = None) -> str | None:
     """What `--dtype int8` on `runtime` means on a CPU without int8 dot products, as measured (docs/engine.md,
     "int8: the recipes tried": an AVX2 Zen 3 without VNNI); None where it has them, or where it pays without.
 
     On x86 without VNNI, OpenVINO's CPU plugin decompresses the int8 weights and computes in fp32 (65.3 pairs/s
     against its fp32's 68.0), while ONNX Runtime's dynamic int8 runs AVX2's int8 products (105.0 against 68.8).
-    Nothing was measured on Arm, nor on x86 without AVX2: there it claims no speed either way."""
+    Nothing was measured on Arm, nor on x86 without AVX2: there it claims no speed either way. `served`: the
+    choice, whose timings may show that ONNX Runtime int8 was tried on this machine and lost or failed; then
+    "--backend onnx" would advise what this start measured as worse (`_onnx_int8_tried`)."""
     isa = cpu_isa(flags)
     if _has(flags, isa.int8_dot):
         return None
@@ -391,11 +394,26 @@ def _int8_warning(runtime: str, flags: frozenset[str]) -> str | None:
     if isa is X86 and runtime == "onnx" and "avx2" in flags:
         return None  # 1.53x its fp32 without VNNI: nothing to warn of (its fidelity is `auto`'s concern)
     if isa is X86 and runtime == "openvino":
-        return (f"--dtype int8 on a CPU without {isa.int8_text}: OpenVINO keeps int8 weights but computes in "
-                "fp32 here, no faster than fp32 (0.96x its fp32 on an AVX2 CPU without VNNI, where ONNX "
-                "Runtime's int8 ran at 1.53x its fp32: --backend onnx)")
+        said = (f"--dtype int8 on a CPU without {isa.int8_text}: OpenVINO keeps int8 weights but computes in "
+                "fp32 here, no faster than fp32 (0.96x its fp32 on an AVX2 CPU without VNNI")
+        if tried := _onnx_int8_tried(served):
+            return f"{said}); {tried}"
+        return f"{said}, where ONNX Runtime's int8 ran at 1.53x its fp32: --backend onnx)"
     cpu = "a CPU" if isa is X86 else f"an {isa.name} CPU"
     return f"--dtype int8 on {cpu} without {isa.int8_text}: {name} runs it, but it may be no faster than fp32"
+
+
+def _onnx_int8_tried(served: RuntimeChoice | None) -> str | None:
+    """What this start's timing said of ONNX Runtime int8 where it served OpenVINO int8 instead; None where
+    ONNX Runtime int8 was not among the candidates (`--backend-choice rules`, a plan of OpenVINO alone)."""
+    if served is None or not (tried := [m for m in served.measured if (m.runtime, m.dtype) == ("onnx", "int8")]):
+        return None
+    onnx = max((m.throughput.pairs_per_s for m in tried if m.throughput is not None), default=None)
+    ours = served.throughput.pairs_per_s if served.throughput is not None else None
+    if onnx is not None and ours is not None and onnx <= ours:
+        return (f"ONNX Runtime int8 was timed here too and was slower ({onnx:.1f} against {ours:.1f} "
+                "sequences/s), so the timing chose OpenVINO")
+    return "ONNX Runtime int8 was tried here too and does not serve this model (the choice's reason says why)"
 
 
 def check_runtime_options(backend: str, dtype: str, device: str, runtimes: tuple[str, ...] = RUNTIMES,
