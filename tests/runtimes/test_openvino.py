@@ -189,6 +189,34 @@ def test_a_compile_from_the_cache_dates_the_blob_it_imported_and_no_other(tmp_pa
     assert listed.companions == (mine.parent / f"{mine.name}.json",)  # removed with it
 
 
+def test_an_unrecorded_blob_alone_in_its_folder_is_recorded_by_the_start_that_imports_it(tmp_path, model_copy,
+                                                                                         monkeypatch):
+    """A 0.1.0 build with per-CPU folders wrote its blob with no record, and a start of this version imports it
+    as it is: it was never rewritten, so never recorded nor dated, and on a `noatime` volume `cache prune
+    --unused-days 30` deleted a blob imported at every start. A compile that writes nothing imported a blob;
+    where its folder holds only that one, it is this model's: recorded and dated. Among several it stays
+    undated (the test above)."""
+    from openrerank.runtimes.cache_entries import last_used
+    from openrerank.runtimes.openvino_blobs import compiled_entries
+
+    _as_under_noatime(monkeypatch)
+    cache = tmp_path / "cache"
+    compiled = openvino_blobs.compiled_cache_dir(cache)
+    OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
+    [blob] = compiled.glob("cpu-*/*/*.blob")
+    record = blob.with_name(f"{blob.name}.json")
+    model = json.loads(record.read_text())["model"]
+    record.unlink()  # as a 0.1.0 build with per-CPU folders left it
+    days_40 = time.time() - 40 * 86400
+    os.utime(blob, (days_40, days_40))
+    again = OpenVinoRuntime(cross_encoder_network(model_copy), dtype="fp32", threads=1, cache_dir=cache)
+    assert again.compiled.get_property("LOADED_FROM_CACHE")
+    assert time.time() - last_used(blob) < 600, "the unrecorded blob this start imported is not dated"
+    assert json.loads(record.read_text())["model"] == model
+    [listed] = compiled_entries(compiled)
+    assert listed.path == blob and listed.companions == (record,)
+
+
 def test_blobs_of_the_old_shared_layout_are_removed_once_unused_for_a_week(tmp_path, model_copy):
     """Blobs an older version wrote into the cache's root (shared by every configuration) are read by nothing
     now; a compile with the cache removes those untouched for `OLD_BLOB_UNUSED_S`, and keeps its own

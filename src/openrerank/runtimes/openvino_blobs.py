@@ -18,7 +18,9 @@ compiled again (90 MB for the default model). The blob a compile writes is the o
 folder that changed meanwhile; its record beside it (`<hash>.blob.json`, `_RECORD_SUFFIX`) names the model that
 wrote it (`model_of`), and a later compile of that model that writes nothing imported it and dates it
 (`cache_entries.mark_used`), as a hit dates an ONNX export or IR. Only the recorded blob: a configuration's folder
-holds every model's blobs. A blob an older version wrote has no record and is dated by its access time only.
+holds every model's blobs. A blob an older version wrote has no record: the first compile that imports it
+records it as its model's where it is its folder's only blob (`_only_unrecorded`); among others it is dated by
+its access time only.
 
 A blob whose compile the bf16 load check refuses (`openvino_runtime.check_bf16`) is deleted with its record
 (`discard`): every later start on this OpenVINO would refuse it again.
@@ -103,7 +105,8 @@ def model_of(conversion: CachedArtifact) -> str:
 @dataclass
 class CompiledBlob:
     """Which blob a compile (`compiling`) wrote or imported, once it is done: None where there is no compiled
-    cache, or where it cannot tell (an imported blob an older version wrote, which has no record)."""
+    cache, or where it cannot tell (an imported blob an older version wrote, which has no record, among others in
+    its folder: `_only_unrecorded`)."""
 
     compiled_dir: Path | None = None
     blob: Path | None = None
@@ -200,8 +203,9 @@ def _record_of(blob: Path) -> Path:
 
 def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> Path | None:
     """After a compile of `model` into `folder`: the one blob that changed is the one it wrote, recorded as
-    `model`'s (in place of any older record of it); none changed, it imported `model`'s recorded blob, dated used
-    now. A record whose blob is gone goes too. Best effort: a cache that cannot be written stays as it is.
+    `model`'s (in place of any older record of it); none changed, it imported `model`'s recorded blob, or where
+    none is recorded, the folder's one unrecorded blob (`_only_unrecorded`, recorded now), dated used now. A
+    record whose blob is gone goes too. Best effort: a cache that cannot be written stays as it is.
     Returns that blob, None where it is not known (`CompiledBlob`)."""
     written = [name for name, state in _blob_states(folder).items() if before.get(name) != state]
     records = _records(folder)
@@ -215,12 +219,25 @@ def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> 
             write_json(_record_of(used), {"model": model, "written": time.time()})
         elif not written:
             imported = [blob for blob, named in records.items() if named == model and blob.exists()]
+            if not imported and (only := _only_unrecorded(folder, records)) is not None:
+                write_json(_record_of(only), {"model": model, "adopted": time.time()})
+                imported = [only]
             for blob in imported:
                 mark_used(blob)
             used = imported[0] if len(imported) == 1 else None
     except OSError as exc:
         log.debug("compiled blob of %s in %s not recorded: %s", model, folder, exc)
     return used
+
+
+def _only_unrecorded(folder: Path, records: dict[Path, str | None]) -> Path | None:
+    """The blob a compile of `folder`'s configuration imported where no record names it: the folder's only blob,
+    if it has no record (a 0.1.0 build with per-CPU folders wrote it). A compile that returns with a cache folder
+    and writes nothing imported a blob (OpenVINO writes one for every compile it does not import, and one it
+    cannot write fails the compile), and this one is the only one there. Where the folder holds several, which
+    was imported is not known: None, and they stay dated by their access time."""
+    blobs = list(folder.glob("*.blob"))
+    return blobs[0] if len(blobs) == 1 and blobs[0] not in records else None
 
 
 #: How long a compiled blob of an older layout is kept untouched before a compile deletes it: the shared one
@@ -250,8 +267,9 @@ def _idle_cpu_folders(compiled_dir: Path, now: float) -> dict[Path, str]:
     for `OLD_BLOB_UNUSED_S`, each with what it is. The key hashes every /proc/cpuinfo flag, the kernel's own
     too (`pti`, `ibrs`, ...), so a kernel upgrade or a retired kind of host leaves a folder (a model's size per
     configuration) that no server reads again. One a host of its kind started from within the week stays: its
-    start dated the blob it imported (`compiling`; a blob an older version wrote, which has no record, by its
-    access time, `last_used`: to a day under `relatime`, never on a volume mounted `noatime`)."""
+    start dated the blob it imported (`compiling`; a blob an older version wrote that no start recorded
+    (`_only_unrecorded`), by its access time, `last_used`: to a day under `relatime`, never on a volume mounted
+    `noatime`)."""
     mine = compiled_cpu_dir(compiled_dir)
     idle = {}
     for folder in compiled_dir.glob(f"{COMPILED_CPU_PREFIX}*"):
