@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The one place the version is written: pyproject.toml reads it for the wheel's metadata ([tool.setuptools.dynamic]).
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = ["AsyncClient", "Client", "RerankError", "RerankResult", "__version__"]
 
