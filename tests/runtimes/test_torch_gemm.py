@@ -136,3 +136,19 @@ def test_the_torch_runtime_scores_the_same_through_either_library(model_copy):
     bf16 = TorchRuntime(network, dtype="bf16", threads=1, gemm="onednn")
     assert bf16.gemm == GemmChoice("default", "not fp32 on the CPU")
     assert not any("forward" in vars(m) for m in bf16.module.modules())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_routed_layer_takes_every_input_shape_a_linear_layer_takes(bias):
+    """Empty batches, a lone vector, 4-D activations and strided views, with and without a bias."""
+    layer = torch.nn.Linear(16, 8, bias=bias)
+    reference = torch.nn.Linear(16, 8, bias=bias)
+    reference.load_state_dict(layer.state_dict())
+    route_linears(torch.nn.Sequential(layer))
+    inputs = [torch.randn(0, 16), torch.randn(16), torch.randn(3, 0, 16), torch.randn(2, 3, 4, 16),
+              torch.randn(16, 5).T, torch.randn(4, 32)[:, ::2]]
+    with torch.inference_mode():
+        for x in inputs:
+            out, expected = layer(x), reference(x)
+            assert out.shape == expected.shape
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
