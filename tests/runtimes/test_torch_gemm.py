@@ -152,3 +152,24 @@ def test_a_routed_layer_takes_every_input_shape_a_linear_layer_takes(bias):
             out, expected = layer(x), reference(x)
             assert out.shape == expected.shape
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["measure", "rules"])
+def test_metadata_says_which_library_multiplies_where_it_was_timed(tiny_model_dir, tmp_path, monkeypatch, mode):
+    """`/v1/metadata`'s engine shows the measured choice of products beside the runtime's; `rules` times nothing."""
+    from openrerank.engine.loading import LoadOptions, load_model
+
+    monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch_gemm, "time_products", lambda linear: timing(2.0))  # oneDNN twice as fast
+    loaded = load_model(str(tiny_model_dir), LoadOptions(backend="torch", dtype="fp32", threads=1,
+                                                         backend_choice=mode))
+    try:
+        engine = loaded.describe()["engine"]
+        routed = any("forward" in vars(m) for m in loaded.scorer.runtime.module.modules())
+        if mode == "measure":
+            assert engine["fp32_products"]["library"] == "onednn" and "2.00x" in engine["fp32_products"]["reason"]
+            assert routed
+        else:
+            assert "fp32_products" not in engine and not routed
+    finally:
+        loaded.close()

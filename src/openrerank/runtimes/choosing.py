@@ -11,6 +11,7 @@ warning is said of the runtime that serves (`selection.warn_of_int8`). What is p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -69,6 +70,9 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
         raise RuntimeConfigError(f"unknown backend choice {mode!r}; choose one of {', '.join(AUTO_MODES)}")
     plan = list(plan)
     runtime, choice = _create(network, plan, device, threads or default_threads(), mode, max_length)
+    gemm = getattr(runtime, "gemm", None)  # the PyTorch runtime's fp32 products (`torch_gemm`), where timed
+    if gemm is not None and gemm.timed:
+        choice = dataclasses.replace(choice, products=gemm.as_metadata())
     if len(plan) > 1:  # a plan of one warned when it was made (`plan_runtimes`), before the server bound
         warn_of_int8(choice)
     return runtime, choice

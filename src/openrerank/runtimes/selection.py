@@ -118,6 +118,9 @@ class RuntimeChoice:
     #: Batches it runs at once (`Runtime.lanes`): what was measured fastest, else the runtime's default;
     #: None in a plan, before anything is built.
     lanes: int | None = None
+    #: PyTorch fp32 on the CPU: which library multiplies and why, where it was timed (`torch_gemm.GemmChoice`'s
+    #: `as_metadata`); None elsewhere.
+    products: dict | None = None
 
     @property
     def label(self) -> str:
@@ -131,6 +134,8 @@ class RuntimeChoice:
             meta["throughput"] = self.throughput.as_metadata()
         if self.measured:
             meta["measured"] = [m.as_metadata() for m in self.measured]
+        if self.products is not None:
+            meta["fp32_products"] = self.products
         return meta
 
 

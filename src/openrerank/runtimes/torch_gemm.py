@@ -19,7 +19,7 @@ import logging
 import time
 import types
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,14 @@ _REPEATS = 3
 
 @dataclass(frozen=True)
 class GemmChoice:
-    """Which library serves (`default` or `onednn`) and why, as the start's log says."""
+    """Which library serves (`default` or `onednn`) and why, as the start's log and /v1/metadata say."""
 
     library: str
     reason: str
+    timed: bool = False  # measured here (`gemm="fastest"`), so worth showing beside the runtime's own choice
+
+    def as_metadata(self) -> dict:
+        return {"library": self.library, "reason": self.reason}
 
 
 def onednn_linear():
@@ -91,11 +95,10 @@ def choose_gemm(module, gemm: str) -> GemmChoice:
     probe = _dominant_linear(module)
     if probe is None:
         return GemmChoice("default", "no fp32 linear layer to time")
-    timing = time_products(probe)
-    choice = decide(timing)
+    choice = decide(time_products(probe))
     if choice.library == "onednn":
         route_linears(module)
-    return choice
+    return replace(choice, timed=True)
 
 
 @dataclass(frozen=True)
