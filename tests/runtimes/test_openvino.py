@@ -831,6 +831,34 @@ def test_a_refused_bf16_compile_leaves_no_blob_of_its_own(tmp_path, model_copy, 
         assert left == kept, f"the refused blob it {how} (or another) is not as it should be"
 
 
+def test_a_compile_whose_blob_write_failed_adopts_and_deletes_no_other_models_blob(tmp_path, model_copy,
+                                                                                  monkeypatch):
+    """OpenVINO 2026.4 does not fail a compile whose blob write fails (a full cache volume): it returns, having
+    imported nothing and written nothing. The folder's lone unrecorded blob (a 0.1.0 build's) was then taken for
+    this model's, recorded as its, and this model's refused bf16 deleted it: another model's blob."""
+    from openrerank.runtimes import openvino_runtime
+
+    cache, other = tmp_path / "cache", build_tiny_model(tmp_path / "other", seed=7)
+    mine, theirs = cross_encoder_network(model_copy), cross_encoder_network(other)
+    OpenVinoRuntime(theirs, dtype="bf16", threads=1, cache_dir=cache).close()
+    [blob] = cache.glob("compiled/cpu-*/bf16-*/*.blob")
+    record = blob.with_name(f"{blob.name}.json")
+    record.unlink()  # as a 0.1.0 build with per-CPU folders left it
+    real = openvino_runtime.import_openvino()
+
+    class Core:  # the cache volume is full: every blob write fails, silently, as OpenVINO's do
+        def compile_model(self, path, device, config):
+            return real.Core().compile_model(path, device, {k: v for k, v in config.items() if k != "CACHE_DIR"})
+
+    monkeypatch.setattr(openvino_runtime, "import_openvino", lambda: type("ov", (), {"Core": Core}))
+    OpenVinoRuntime(mine, dtype="bf16", threads=1, cache_dir=cache).close()
+    assert not record.exists(), f"another model's blob recorded as this one's: {record.read_text()}"
+    monkeypatch.setattr(openvino_runtime, "BF16_TOLERANCE", -1.0)
+    with pytest.raises(ConversionError, match="wrongly in bf16"):
+        OpenVinoRuntime(mine, dtype="bf16", threads=1, cache_dir=cache)
+    assert blob.exists(), "this model's refused bf16 compile deleted another model's blob"
+
+
 def test_an_ir_without_a_recorded_reference_is_held_to_its_f32_compile(tmp_path, model_copy, monkeypatch):
     """An IR an earlier version converted recorded no fp32 outputs: the same IR compiled at f32 is the reference."""
     from openrerank.runtimes import openvino_runtime

@@ -110,6 +110,8 @@ class CompiledBlob:
 
     compiled_dir: Path | None = None
     blob: Path | None = None
+    #: What the compiled model says (`LOADED_FROM_CACHE`), set by the compile inside `compiling`; None: not said.
+    imported: bool | None = None
 
 
 @contextlib.contextmanager
@@ -128,7 +130,7 @@ def compiling(compiled_dir: Path | None, config: dict, model: str) -> Iterator[C
         before = _blob_states(folder)
         yield used
         _name_cpu_folder(compiled_dir)
-        used.blob = _date(folder, before, model)
+        used.blob = _date(folder, before, model, used.imported)
 
 
 def discard(used: CompiledBlob) -> None:
@@ -201,12 +203,15 @@ def _record_of(blob: Path) -> Path:
     return blob.with_name(blob.name + _RECORD_SUFFIX)
 
 
-def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> Path | None:
+def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str,
+          imported: bool | None = None) -> Path | None:
     """After a compile of `model` into `folder`: the one blob that changed is the one it wrote, recorded as
     `model`'s (in place of any older record of it); none changed, it imported `model`'s recorded blob, or where
     none is recorded, the folder's one unrecorded blob (`_only_unrecorded`, recorded now), dated used now. A
     record whose blob is gone goes too. Best effort: a cache that cannot be written stays as it is.
-    Returns that blob, None where it is not known (`CompiledBlob`)."""
+    `imported` False (OpenVINO says it compiled, yet no blob changed: its write failed, e.g. a full volume, which
+    OpenVINO 2026.4 does not report) means no blob was used, so none is dated or adopted. Returns that blob, None
+    where it is not known (`CompiledBlob`)."""
     written = [name for name, state in _blob_states(folder).items() if before.get(name) != state]
     records = _records(folder)
     used = None
@@ -217,14 +222,14 @@ def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> 
         if len(written) == 1:
             used = folder / written[0]
             write_json(_record_of(used), {"model": model, "written": time.time()})
-        elif not written:
-            imported = [blob for blob, named in records.items() if named == model and blob.exists()]
-            if not imported and (only := _only_unrecorded(folder, records)) is not None:
+        elif not written and imported is not False:
+            blobs = [blob for blob, named in records.items() if named == model and blob.exists()]
+            if not blobs and (only := _only_unrecorded(folder, records)) is not None:
                 write_json(_record_of(only), {"model": model, "adopted": time.time()})
-                imported = [only]
-            for blob in imported:
+                blobs = [only]
+            for blob in blobs:
                 mark_used(blob)
-            used = imported[0] if len(imported) == 1 else None
+            used = blobs[0] if len(blobs) == 1 else None
     except OSError as exc:
         log.debug("compiled blob of %s in %s not recorded: %s", model, folder, exc)
     return used
@@ -232,10 +237,11 @@ def _date(folder: Path, before: dict[str, tuple[int, int, int]], model: str) -> 
 
 def _only_unrecorded(folder: Path, records: dict[Path, str | None]) -> Path | None:
     """The blob a compile of `folder`'s configuration imported where no record names it: the folder's only blob,
-    if it has no record (a 0.1.0 build with per-CPU folders wrote it). A compile that returns with a cache folder
-    and writes nothing imported a blob (OpenVINO writes one for every compile it does not import, and one it
-    cannot write fails the compile), and this one is the only one there. Where the folder holds several, which
-    was imported is not known: None, and they stay dated by their access time."""
+    if it has no record (a 0.1.0 build with per-CPU folders wrote it). Asked only where the compile imported a
+    blob (`LOADED_FROM_CACHE`, or, where OpenVINO cannot say, a compile that wrote none: a write that fails, e.g.
+    on a full volume, is no error in OpenVINO 2026.4, so "wrote none" alone does not mean "imported"), and this
+    one is the only one there. Where the folder holds several, which was imported is not known: None, and they
+    stay dated by their access time."""
     blobs = list(folder.glob("*.blob"))
     return blobs[0] if len(blobs) == 1 and blobs[0] not in records else None
 

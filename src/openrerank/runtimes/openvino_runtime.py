@@ -208,6 +208,14 @@ def _f32_reference(conversion: CachedArtifact, probe: dict[str, np.ndarray], thr
         return np.asarray(compiled(probe)[0], dtype=np.float32)
 
 
+def loaded_from_cache(compiled) -> bool | None:
+    """Whether OpenVINO imported the compiled model from its blob cache (None where it cannot say)."""
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:  # a plugin or version without the property
+        return None
+
+
 def check_bf16(runtime: OpenVinoRuntime, network: Network) -> None:
     """Refuse a bf16 compile whose outputs on the probe batch are not fp32's within `BF16_TOLERANCE`.
 
@@ -264,7 +272,9 @@ class OpenVinoRuntime(Runtime):
             # which `compiling` dates.
             nonlocal used
             with compiling(compiled_dir, config, model_of(conversion)) as used:
-                return ov.Core().compile_model(str(conversion.path), "CPU", config)
+                compiled = ov.Core().compile_model(str(conversion.path), "CPU", config)
+                used.imported = loaded_from_cache(compiled)
+                return compiled
 
         if (conversion := pre_exported_onnx(network, dtype)) is not None:  # a pre-exported folder is never rebuilt
             self.conversion, self.compiled = conversion, compile_(conversion)
