@@ -349,9 +349,10 @@ def test_without_onnxruntime_the_timings_are_kept(tiny_model_dir, cache, monkeyp
     again.close()
 
 
-def int8_served(monkeypatch, backend: str, rates: dict[str, float], mode: str = "measure"):
-    """Plan `--backend <backend> --dtype int8` and serve it with stand-in runtimes timed at `rates` (by runtime; one
-    not in it refuses the model, timed or built): the choice, and the RuntimeWarnings said on the way."""
+def int8_served(monkeypatch, backend: str, rates: dict, mode: str = "measure"):
+    """Plan `--backend <backend> --dtype int8` and serve it with stand-in runtimes timed at `rates` (by runtime, or
+    by (runtime, lanes); one not in it refuses the model, timed or built): the choice, and the RuntimeWarnings
+    said on the way."""
     from openrerank.runtimes import choosing
     from openrerank.runtimes.base import Runtime
     from openrerank.runtimes.measure import Measurement, Timings
@@ -367,8 +368,11 @@ def int8_served(monkeypatch, backend: str, rates: dict[str, float], mode: str = 
             raise RuntimeError("refused")
         return Built()
 
+    def rate(runtime: str, lanes: int) -> float:
+        return rates.get((runtime, lanes), rates.get(runtime))
+
     def timed(candidates, build, **kw):
-        return Timings(tuple(Measurement(r, d, Throughput(rates[r], rates[r] * 100, ((8, 128),)), lanes=n)
+        return Timings(tuple(Measurement(r, d, Throughput(rate(r, n), rate(r, n) * 100, ((8, 128),)), lanes=n)
                              if r in rates else Measurement(r, d, error="refused", lanes=n)
                              for r, d, n in candidates), False, 1.0, "k")
 
@@ -401,6 +405,13 @@ def test_the_int8_warning_is_of_the_runtime_that_serves(cpuinfo, monkeypatch):
     assert choice.runtime == "openvino" and len(said) == 1 and "OpenVINO keeps int8 weights" in said[0]
     assert "--backend onnx" not in said[0] and "does not serve this model" in said[0]
     assert "ONNX Runtime int8 refused it (refused)" in choice.reason
+    # ONNX Runtime int8 with 2 lanes timed fastest and OpenVINO int8 with 1 within the tie: OpenVINO serves, and
+    # the warning said ONNX Runtime int8 "does not serve this model", against the reason's own rates.
+    tie = {"onnx": 60.0, ("onnx", 2): 100.0, "openvino": 90.0, ("openvino", 1): 97.0}
+    choice, said = int8_served(monkeypatch, "auto", tie)
+    assert (choice.runtime, choice.lanes) == ("openvino", 1) and len(said) == 1
+    assert "does not serve" not in said[0] and "--backend onnx" not in said[0]
+    assert "at 100.0 against 97.0 sequences/s, a tie the timing gave to the fewer lanes" in said[0]
     choice, said = int8_served(monkeypatch, "auto", {"onnx": 105.0}, mode="rules")  # OpenVINO refuses the model
     assert choice.runtime == "onnx" and said == []
     choice, said = int8_served(monkeypatch, "auto", {"openvino": 65.3, "onnx": 105.0}, mode="rules")

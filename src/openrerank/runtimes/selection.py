@@ -418,6 +418,9 @@ def _onnx_int8_tried(served: RuntimeChoice | None) -> str | None:
     if onnx is not None and ours is not None and onnx <= ours:
         return (f"ONNX Runtime int8 was timed here too and was slower ({onnx:.1f} against {ours:.1f} "
                 "sequences/s), so the timing chose OpenVINO")
+    if onnx is not None and ours is not None:  # a tie the fewer lanes won (`LANES_TIE`)
+        return (f"ONNX Runtime int8 was timed here too, at {onnx:.1f} against {ours:.1f} sequences/s, a tie the "
+                "timing gave to the fewer lanes (the choice's reason says so)")
     return "ONNX Runtime int8 was tried here too and does not serve this model (the choice's reason says why)"
 
 
