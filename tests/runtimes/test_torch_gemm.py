@@ -3,12 +3,16 @@ weights left as families read them, and a choice that follows the measurement, w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from openrerank.runtimes import torch_gemm
 from openrerank.runtimes.torch_gemm import GemmChoice, ProductTiming, choose_gemm, decide, route_linears
-from tests.support import cross_encoder_network
+from tests.support import REPO, cross_encoder_network
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(torch_gemm.onednn_linear() is None, reason="this PyTorch build has no oneDNN")
@@ -173,3 +177,72 @@ def test_metadata_says_which_library_multiplies_where_it_was_timed(tiny_model_di
             assert "fp32_products" not in engine and not routed
     finally:
         loaded.close()
+
+
+def test_the_library_is_decided_once_with_the_timing_and_kept_with_its_record(tiny_model_dir, tmp_path, monkeypatch):
+    """The timing's build decided, then the serving build decided again: a busy host could time one library and
+    serve the other at half the recorded rate. Now what serves, and a later start reading the record, multiply
+    with the library the rate was timed with, timing no product again."""
+    from openrerank.engine.loading import LoadOptions, load_model
+
+    monkeypatch.setenv("OPENRERANK_CACHE_DIR", str(tmp_path))
+    gains = [2.0, 1.0, 1.0]  # oneDNN wins the timing's decision; any later one would keep PyTorch's default
+    calls: list[float] = []
+    monkeypatch.setattr(torch_gemm, "time_products", lambda linear: timing(calls.append(gains[len(calls)])
+                                                                           or calls[-1]))
+    for start in ("timed", "from the record"):
+        loaded = load_model(str(tiny_model_dir), LoadOptions(backend="torch", dtype="fp32", threads=1))
+        try:
+            assert loaded.scorer.runtime.gemm.library == "onednn", start
+            assert any("forward" in vars(m) for m in loaded.scorer.runtime.module.modules())
+            engine = loaded.describe()["engine"]
+            assert engine["fp32_products"]["library"] == "onednn" and "2.00x" in engine["fp32_products"]["reason"]
+            assert engine["measured"][0]["products"]["library"] == "onednn"
+        finally:
+            loaded.close()
+        assert calls == [2.0], start  # timed once, by the timing's build
+
+
+def test_caps_on_onednns_caches_are_set_before_the_first_product_unless_given(monkeypatch, tiny_model_dir):
+    from openrerank.runtimes.torch_runtime import TorchRuntime
+
+    for name in torch_gemm._CACHE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # the operator's own
+    TorchRuntime(cross_encoder_network(tiny_model_dir), dtype="fp32", threads=1)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(torch_gemm.ONEDNN_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+def test_a_server_seeing_many_batch_shapes_does_not_grow_oneDNNs_caches_without_bound():
+    """Each new row count costs ~0.4 MiB of prepared products in two caches of 1,024 entries: a served model's
+    varied batches held 0.4-0.6 GiB more. In a fresh process (the caps are read at its first oneDNN product),
+    800 row counts through one routed layer, the heap trimmed as the server trims it: capped, ~55 MiB."""
+    script = """
+import ctypes, sys, torch
+from openrerank.runtimes.torch_gemm import bound_onednn_caches, route_linears
+if sys.argv[1] == "capped":
+    bound_onednn_caches()
+torch.set_num_threads(1)
+libc = ctypes.CDLL("libc.so.6")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+layer = torch.nn.Linear(384, 1536)
+route_linears(torch.nn.Sequential(layer))
+with torch.inference_mode():
+    layer(torch.randn(1, 384))
+    libc.malloc_trim(0)
+    start = rss()
+    for rows in range(2, 800):
+        layer(torch.randn(rows, 384))
+        if rows % 10 == 0:
+            libc.malloc_trim(0)
+    libc.malloc_trim(0)
+print(rss() - start)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in torch_gemm._CACHE_ENVS}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    grown = {how: float(subprocess.run([sys.executable, "-c", script, how], env=env, capture_output=True, text=True,
+                                       check=True, timeout=300).stdout.split()[-1])
+             for how in ("capped", "as PyTorch leaves it")}
+    assert grown["capped"] < 100, grown
+    assert grown["as PyTorch leaves it"] > 150, grown  # the measurement sees what the caps are for

@@ -26,6 +26,7 @@ from openrerank.engine.rates import BUDGET_SHARE
 from openrerank.families.token_cache import DEFAULT_TOKEN_CACHE_MB
 from openrerank.observe.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from openrerank.runtimes.selection import AUTO_MODES, BACKEND_CHOICES, DTYPES
+from openrerank.runtimes.torch_gemm import bound_onednn_caches
 from openrerank.server.config import BODIES_IN_FLIGHT, ServerConfig
 
 #: Subcommands other distributions add (the repo's `benchmarks/` package adds `bench`): each entry point names an
@@ -278,9 +279,11 @@ def quiet_idle_threads() -> None:
     Spinning workers burn the cores the event loop, the tokenizer threads and any neighbour need, and a
     worker descheduled mid-region stalls its peers: on this project's shared 2-core VM (load average ~15)
     two spinning threads ran a Qwen3-0.6B-shaped forward 2-3x slower than one thread, and passive waiting
-    brought two threads back to one thread's time or better. Must happen before torch loads libgomp.
+    brought two threads back to one thread's time or better. Must happen before torch loads libgomp. Also caps
+    oneDNN's caches of prepared products (`torch_gemm.bound_onednn_caches`).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    bound_onednn_caches()  # likewise read once, at the process's first oneDNN product
 
 
 def escape_what_the_terminal_cannot_show() -> None:

@@ -31,17 +31,18 @@ from openrerank.runtimes.selection import (
     warn_of_int8,
 )
 from openrerank.runtimes.timing_passes import NotTimeableError
+from openrerank.runtimes.torch_gemm import GemmChoice
 
 log = logging.getLogger(__name__)
 
 
 def _build(choice: RuntimeChoice, network: Network, device: str, threads: int,
-           lanes: int | None = None, *, timing: bool = False, gemm: str = "default") -> Runtime:
+           lanes: int | None = None, *, timing: bool = False, gemm: str | GemmChoice = "default") -> Runtime:
     """The runtime of `choice` on `threads` CPU threads (resolved once, in `create_runtime`); `lanes`
     (lane-capable runtimes only): how many batches at once, None for the runtime's default (`OPENRERANK_LANES`,
     else its own); `timing`: it is only timed, so it leaves no compiled blob behind (OpenVINO's are a model's
     size each); `gemm`: the PyTorch runtime's fp32 CPU products (`torch_gemm.GEMMS`: "fastest" where the
-    choice is measured, PyTorch's "default" where nothing is timed)."""
+    choice is measured, PyTorch's "default" where nothing is timed; a timing's decision to keep)."""
     if choice.runtime == "openvino":
         from openrerank.runtimes.openvino_runtime import OpenVinoRuntime
 
@@ -87,9 +88,10 @@ def _create(network: Network, plan: list[RuntimeChoice], device: str, threads: i
     counts = lane_counts(threads)
     candidates = [(r, d, n) for r, d in by_key for n in (counts if r in LANED_RUNTIMES else (1,))]
 
-    def build(runtime: str, dtype: str, lanes: int, timing: bool = False) -> Runtime:
+    def build(runtime: str, dtype: str, lanes: int, timing: bool = False,
+              gemm: str | GemmChoice = "fastest") -> Runtime:
         return _build(by_key[(runtime, dtype)], network, device, threads,
-                      lanes if runtime in LANED_RUNTIMES else None, timing=timing, gemm="fastest")
+                      lanes if runtime in LANED_RUNTIMES else None, timing=timing, gemm=gemm)
 
     try:
         timings = measure_candidates(candidates, functools.partial(build, timing=True), model_dir=network.path,
@@ -109,7 +111,7 @@ def _create(network: Network, plan: list[RuntimeChoice], device: str, threads: i
     fastest, timed = timed[0], _serving_order(timed)
     for i, m in enumerate(timed):
         try:
-            runtime = build(m.runtime, m.dtype, m.lanes)
+            runtime = build(m.runtime, m.dtype, m.lanes, gemm=_timed_products(m))
         except Exception as exc:
             if i == len(timed) - 1:
                 raise
@@ -167,6 +169,12 @@ def _measured_reason(winner: Measurement, timed: list[Measurement], refused: lis
     if refused:
         parts.append("; ".join(refused))
     return "; ".join(parts)
+
+
+def _timed_products(m: Measurement) -> str | GemmChoice:
+    """The library the timing multiplied PyTorch fp32 with, so that what serves runs at the rate it was timed at
+    (the timing's own build decided it; deciding again could come out the other way on a busy host)."""
+    return GemmChoice(m.products["library"], m.products["reason"]) if m.products else "fastest"
 
 
 def _first_that_loads(plan: list[RuntimeChoice], network: Network, device: str, threads: int,

@@ -95,12 +95,17 @@ class Measurement:
     error: str | None = None
     lanes: int = 1
     lasting: bool = False
+    #: PyTorch fp32 on the CPU: the library its rate was timed with (`torch_gemm.GemmChoice.as_metadata`), which
+    #: the runtime built to serve, and later starts reading the record, multiply with; None elsewhere.
+    products: dict | None = None
 
     def as_metadata(self) -> dict:
         # "backend": the key records on disk and /v1/metadata's `engine.measured` have always had.
         out: dict = {"backend": self.runtime, "dtype": self.dtype, "lanes": self.lanes}
         if self.throughput is not None:
             out.update(self.throughput.as_metadata())
+        if self.products is not None:
+            out["products"] = self.products
         if self.error is not None:
             out["error"] = self.error
             out["lasting"] = self.lasting
@@ -109,8 +114,12 @@ class Measurement:
     @classmethod
     def from_metadata(cls, meta: dict) -> Measurement:
         rate = Throughput.from_metadata(meta) if "pairs_per_s" in meta else None
+        products = meta.get("products")
+        if not (isinstance(products, dict) and products.get("library") in ("default", "onednn")
+                and isinstance(products.get("reason"), str)):
+            products = None  # absent, or not what this version writes: decided again
         return cls(meta["backend"], meta["dtype"], rate, meta.get("error"), int(meta.get("lanes", 1)),
-                   meta.get("lasting") is True)
+                   meta.get("lasting") is True, products)
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,12 @@ def timing_key(model_dir: Path, head: str, candidates: Sequence[Candidate], devi
     return key_of(facts), facts
 
 
+def _products(runtime: Runtime) -> dict | None:
+    """The library a timed PyTorch fp32 runtime multiplied with, where it was measured (`torch_gemm`)."""
+    gemm = getattr(runtime, "gemm", None)
+    return gemm.as_metadata() if gemm is not None and gemm.timed else None
+
+
 def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, str, int], Runtime], *,
                        model_dir: Path, head: str, device: str, threads: int, max_length: int) -> Timings:
     """Every candidate (runtime, dtype, lanes) timed on this machine, or read from the cache when timed before.
@@ -263,8 +278,9 @@ def measure_candidates(candidates: Sequence[Candidate], build: Callable[[str, st
                     continue
                 if isinstance(rates, Rates):
                     usage.add(rates.usage)
-                for ((runtime, dtype, lanes), _), rate in zip(group, rates, strict=True):
-                    results[(runtime, dtype, lanes)] = Measurement(runtime, dtype, rate, lanes=lanes)
+                for ((runtime, dtype, lanes), rt), rate in zip(group, rates, strict=True):
+                    results[(runtime, dtype, lanes)] = Measurement(runtime, dtype, rate, lanes=lanes,
+                                                                   products=_products(rt))
                     log.info("timed %s %s, %s: %.1f sequences/s, %.0f tokens/s at %s", runtime, dtype,
                              lanes_text(lanes), rate.pairs_per_s, rate.tokens_per_s, shapes)
 

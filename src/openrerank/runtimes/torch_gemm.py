@@ -6,16 +6,20 @@ GFLOP/s, oneDNN 330-440 on the same products), and the whole MiniLM-L6 cross-enc
 Qwen3-shaped decoder 1.93x. oneDNN, which PyTorch ships for its compiled graphs
 (`torch.ops.mkldnn._linear_pointwise`, a dense weight as it is), runs AVX-512 there. On an Intel CPU MKL is at
 full rate and the two should be alike. So the choice is measured where it runs: the product that holds most of
-the model's linear FLOPs, timed both ways at load (milliseconds), and oneDNN serves only when it is at least
-`ONEDNN_MIN_GAIN` times as fast (so a near tie keeps PyTorch's default, the same every start) and gives that
-product within fp32 rounding of the default's. The layers keep their weights (dense parameters that families
-read, e.g. a score head's); only their forward changes, and it hands anything but a plain fp32 CPU inference
-call back to `F.linear`.
+the model's linear FLOPs, timed both ways when `--backend auto` times the runtimes (tens of milliseconds; ~0.3 s
+for a 4096 x 12288 layer), and oneDNN serves only when it is at least `ONEDNN_MIN_GAIN` times as fast (so a near
+tie keeps PyTorch's default) and gives that product within fp32 rounding of the default's. The decision is kept
+with the runtime's timing (`measure.Measurement.products`): the runtime that serves, and every later start that
+reads the record, multiply with the library its rate was timed with. The layers keep their weights (dense
+parameters that families read, e.g. a score head's); only their forward changes, and it hands anything but a
+plain fp32 CPU inference call back to `F.linear`. oneDNN caches a prepared product per layer shape and row count;
+`bound_onednn_caches` keeps that from growing with every batch shape a server sees.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 from collections import defaultdict
@@ -29,10 +33,18 @@ GEMMS = ("default", "onednn", "fastest")
 ONEDNN_MIN_GAIN = 1.25
 #: The two products must agree to this fraction of the output's largest value (fp32 rounding is ~1e-6 of it).
 PRODUCT_TOLERANCE = 1e-4
-#: Rows of the timed product: enough to be a real matrix product, within `_PROBE_FLOPS` for huge layers.
+#: Rows of the timed product: up to `_PROBE_FLOPS` a product, 32 at least (a real matrix product: a 4096 x 12288
+#: layer's is then 3.2 GFLOP, its timing ~0.3 s on 2 Zen 5 cores), 512 at most.
 _PROBE_ROWS = (32, 512)
-_PROBE_FLOPS = 4e8
-_REPEATS = 3
+_PROBE_FLOPS = 1e9
+#: Best of this many of each, alternating: with 3, a loaded 2-core VM (load 1.4) put a 1.8-2.3x product under the
+#: 1.25x bar in 2 of 30 timings.
+_REPEATS = 5
+#: Entries in each of oneDNN's two caches of prepared products (its primitive cache and PyTorch's ideep cache, 1,024
+#: each by default): one per layer shape and row count, ~0.4 MiB a pair, so a server's varied batch shapes held
+#: 0.4-0.6 GiB more after a few hundred requests (128: ~55 MiB); a product not cached is prepared again in ~1.5 ms.
+ONEDNN_CACHE_CAPACITY = 128
+_CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,14 @@ class GemmChoice:
 
     def as_metadata(self) -> dict:
         return {"library": self.library, "reason": self.reason}
+
+
+def bound_onednn_caches() -> None:
+    """Cap oneDNN's caches of prepared products at `ONEDNN_CACHE_CAPACITY` (unless the operator set them): read
+    at the process's first oneDNN product, so called before any (the CLI's start, and every PyTorch runtime's
+    build). bf16 under autocast multiplies with oneDNN too, and grew the same way before."""
+    for name in _CACHE_ENVS:
+        os.environ.setdefault(name, str(ONEDNN_CACHE_CAPACITY))
 
 
 def onednn_linear():
@@ -77,21 +97,25 @@ def _onednn_forward(self, x):
 
     weight = self.weight
     if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32
-            or (torch.is_grad_enabled() and weight.requires_grad)):  # no autograd formula for oneDNN's op
+            or (torch.is_grad_enabled() and weight.requires_grad)  # no autograd formula for oneDNN's op
+            or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing()):  # bf16 out; a traceable op
         return torch.nn.functional.linear(x, weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
 
-def choose_gemm(module, gemm: str) -> GemmChoice:
-    """Route the module's fp32 products as `gemm` asks (one of `GEMMS`) and say which library serves."""
+def choose_gemm(module, gemm: str, *, reason: str | None = None) -> GemmChoice:
+    """Route the module's fp32 products as `gemm` asks (one of `GEMMS`) and say which library serves; `reason`:
+    why `gemm` was given (a timing record's decision), said in place of "as asked"."""
     if gemm not in GEMMS:
         raise ValueError(f"unknown gemm {gemm!r} (use one of {', '.join(GEMMS)})")
     if gemm == "default":
-        return GemmChoice("default", "PyTorch's own products (nothing timed)")
+        return GemmChoice("default", reason or "PyTorch's own products (nothing timed)", timed=reason is not None)
     if onednn_linear() is None:
         return GemmChoice("default", "this PyTorch build has no oneDNN linear product")
     if gemm == "onednn":
-        return GemmChoice("onednn", f"oneDNN's products, as asked ({route_linears(module)} layers)")
+        routed = route_linears(module)
+        return GemmChoice("onednn", reason or f"oneDNN's products, as asked ({routed} layers)",
+                          timed=reason is not None)
     probe = _dominant_linear(module)
     if probe is None:
         return GemmChoice("default", "no fp32 linear layer to time")

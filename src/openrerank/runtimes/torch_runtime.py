@@ -34,7 +34,7 @@ from openrerank.runtimes.base import (
     out_of_memory,
 )
 from openrerank.runtimes.devices import is_cuda
-from openrerank.runtimes.torch_gemm import GemmChoice, choose_gemm
+from openrerank.runtimes.torch_gemm import GemmChoice, bound_onednn_caches, choose_gemm
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,11 @@ def torch_dtype(name: str):
 
 class TorchRuntime(Runtime):
     def __init__(self, network: Network, *, dtype: str = "fp32", device: str = "cpu", threads: int,
-                 gemm: str = "default") -> None:
+                 gemm: str | GemmChoice = "default") -> None:
         """`threads`: CPU threads on `cpu` (`choosing.create_runtime` resolves the default), unused on a GPU;
-        `gemm`: which library multiplies fp32 on the CPU (`torch_gemm.GEMMS`; "fastest" times it here)."""
+        `gemm`: which library multiplies fp32 on the CPU (`torch_gemm.GEMMS`; "fastest" times it here), or the
+        choice a timing made (its library, and its reason to say)."""
+        bound_onednn_caches()  # before this process's first oneDNN product, which reads the caps
         import torch
 
         if dtype not in TORCH_DTYPES:
@@ -75,7 +77,8 @@ class TorchRuntime(Runtime):
         #: The library of the fp32 CPU products and why (`torch_gemm`); PyTorch's own elsewhere.
         self.gemm = GemmChoice("default", "not fp32 on the CPU")
         if dtype == "fp32" and not is_cuda(device):
-            self.gemm = choose_gemm(self.module, gemm)
+            self.gemm = (choose_gemm(self.module, gemm.library, reason=gemm.reason) if isinstance(gemm, GemmChoice)
+                         else choose_gemm(self.module, gemm))
             log.info("PyTorch fp32 products: %s (%s)", "oneDNN's" if self.gemm.library == "onednn"
                      else "PyTorch's default", self.gemm.reason)
         self.input_names = tuple(self.module.input_names)
