@@ -120,6 +120,14 @@ class TimedRate(BaseModel):
     shapes: list[list[int]]
 
 
+class FP32Products(BaseModel):
+    """Which library multiplies PyTorch's fp32 layers on the CPU, as timed here (`runtimes/torch_gemm.py`)."""
+
+    model_config = _CLOSED
+    library: Literal["default", "onednn"]
+    reason: str
+
+
 class TimedCandidate(BaseModel):
     """One runtime timed (or refused) when `--backend auto` chose by measuring."""
 
@@ -132,6 +140,8 @@ class TimedCandidate(BaseModel):
     shapes: list[list[int]] | None = None
     error: str | None = Field(default=None, description="Why it could not be timed.")
     lasting: bool | None = Field(default=None, description="The failure refuses the model for good.")
+    products: FP32Products | None = Field(default=None, description="PyTorch fp32 on the CPU: the library it "
+                                          "was timed with, which serves.")
 
 
 class EngineChoice(BaseModel):
@@ -145,6 +155,8 @@ class EngineChoice(BaseModel):
     lanes: int | None = Field(default=None, description="Batches it runs at once.")
     throughput: TimedRate | None = None
     measured: list[TimedCandidate] | None = Field(default=None, description="Every candidate timed, fastest first.")
+    fp32_products: FP32Products | None = Field(default=None, description="PyTorch fp32 on the CPU under a measured "
+                                               "choice: which library multiplies, and why.")
 
 
 class ScoreCacheInfo(BaseModel):
