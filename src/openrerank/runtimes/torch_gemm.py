@@ -1,19 +1,20 @@
 """Which library multiplies the PyTorch runtime's fp32 `nn.Linear` layers on this CPU: PyTorch's default or oneDNN.
 
-PyTorch's x86 builds multiply fp32 matrices with MKL, and MKL runs its AVX2 code on AMD CPUs: on an AMD EPYC
-Zen 5, whose AVX-512 units are full width, that is half of the machine's fp32 rate (2 threads: `F.linear` 160-195
-GFLOP/s, oneDNN 330-440 on the same products), and the whole MiniLM-L6 cross-encoder ran 1.56x slower, a
-Qwen3-shaped decoder 1.93x. oneDNN, which PyTorch ships for its compiled graphs
-(`torch.ops.mkldnn._linear_pointwise`, a dense weight as it is), runs AVX-512 there. On an Intel CPU MKL is at
-full rate and the two should be alike. So the choice is measured where it runs: the product that holds most of
-the model's linear FLOPs, timed both ways when `--backend auto` times the runtimes (tens of milliseconds; ~0.3 s
-for a 4096 x 12288 layer), and oneDNN serves only when it is at least `ONEDNN_MIN_GAIN` times as fast (so a near
-tie keeps PyTorch's default) and gives that product within fp32 rounding of the default's. The decision is kept
-with the runtime's timing (`measure.Measurement.products`): the runtime that serves, and every later start that
-reads the record, multiply with the library its rate was timed with. The layers keep their weights (dense
-parameters that families read, e.g. a score head's); only their forward changes, and it hands anything but a
-plain fp32 CPU inference call back to `F.linear`. oneDNN caches a prepared product per layer shape and row count;
-`bound_onednn_caches` keeps that from growing with every batch shape a server sees.
+PyTorch's x86 builds multiply fp32 matrices with MKL, and MKL runs its AVX2 code on AMD CPUs: on an AMD EPYC Zen
+5, whose AVX-512 units are full width, that is half of the machine's fp32 rate (2 threads: `F.linear` 160-195
+GFLOP/s, oneDNN 330-440 on the same products), and openrerank served the MiniLM-L6 cross-encoder 1.53x and a
+Qwen3-Reranker-0.6B shape 1.85x faster through oneDNN (docs/engine.md, "PyTorch fp32 through oneDNN"). oneDNN,
+which PyTorch ships for its compiled graphs (`torch.ops.mkldnn._linear_pointwise`, a dense weight as it is), runs
+AVX-512 there. On an Intel CPU MKL is at full rate and the two should be alike. So the choice is measured where it
+runs: the product that holds most of the model's linear FLOPs, timed both ways when `--backend auto` times the
+runtimes (tens of milliseconds; ~0.3 s for a 4096 x 12288 layer), and oneDNN serves only when it is at least
+`ONEDNN_MIN_GAIN` times as fast (so a near tie keeps PyTorch's default) and gives that product within fp32
+rounding of the default's. The decision is kept with the runtime's timing (`measure.Measurement.products`): the
+runtime that serves, and every later start that reads the record, multiply with the library its rate was timed
+with. The layers keep their weights (dense parameters that families read, e.g. a score head's); only their forward
+changes, and it hands anything but a plain fp32 CPU inference call back to `F.linear`. oneDNN caches a prepared
+product per layer shape and row count; `bound_onednn_caches` keeps that from growing with every batch shape a
+server sees.
 """
 
 from __future__ import annotations
