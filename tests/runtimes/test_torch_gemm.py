@@ -246,3 +246,28 @@ print(rss() - start)
              for how in ("capped", "as PyTorch leaves it")}
     assert grown["capped"] < 100, grown
     assert grown["as PyTorch leaves it"] > 150, grown  # the measurement sees what the caps are for
+
+
+def test_the_caps_are_set_before_any_candidate_is_built(monkeypatch):
+    """An ONNX export or OpenVINO conversion traces the model in PyTorch, and its first oneDNN product (a GELU)
+    fixes the caches' size: outside the CLI (`load_model`, Ray Serve's replicas) the caps came after it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from openrerank.runtimes import choosing
+    from openrerank.runtimes.selection import plan_runtimes
+
+    for name in torch_gemm._CACHE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    seen: list[dict] = []
+
+    def build(choice, network, device, threads, lanes=None, *, timing=False, gemm="default"):
+        seen.append({name: os.environ.get(name) for name in torch_gemm._CACHE_ENVS})
+        raise RuntimeError("faked: nothing to build")
+
+    monkeypatch.setattr(choosing, "_build", build)
+    with pytest.raises(RuntimeError, match="faked"):
+        choosing.create_runtime(SimpleNamespace(path=Path("unused"), head="score"),
+                                plan_runtimes("torch", "fp32", "cpu", ("torch",)), device="cpu", threads=1,
+                                mode="rules")
+    assert seen and all(v == str(torch_gemm.ONEDNN_CACHE_CAPACITY) for v in seen[0].values())

@@ -31,7 +31,7 @@ from openrerank.runtimes.selection import (
     warn_of_int8,
 )
 from openrerank.runtimes.timing_passes import NotTimeableError
-from openrerank.runtimes.torch_gemm import GemmChoice
+from openrerank.runtimes.torch_gemm import GemmChoice, bound_onednn_caches
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ def create_runtime(network: Network, plan: Sequence[RuntimeChoice], *, device: s
     if mode not in AUTO_MODES:
         raise RuntimeConfigError(f"unknown backend choice {mode!r}; choose one of {', '.join(AUTO_MODES)}")
     plan = list(plan)
+    # Before any candidate is built: an ONNX export or OpenVINO conversion traces the model in PyTorch, whose
+    # first oneDNN product (a GELU) fixes the cache size for the process (`load_model` outside the CLI, Ray
+    # Serve's own replicas).
+    bound_onednn_caches()
     runtime, choice = _create(network, plan, device, threads or default_threads(), mode, max_length)
     gemm = getattr(runtime, "gemm", None)  # the PyTorch runtime's fp32 products (`torch_gemm`), where timed
     if gemm is not None and gemm.timed:

@@ -70,8 +70,10 @@ log = logging.getLogger(__name__)
 #: 5: shapes off OpenVINO's grid, passes after the last one's threads went quiet, the load while timing
 #: recorded, and OpenVINO bf16 checked against fp32 at load: a record from before ranked a bf16 the check
 #: may refuse, and each start tried it twice before serving the next; 6: PyTorch fp32 on the CPU multiplies with
-#: the faster of its default library and oneDNN, `torch_gemm`: on AMD Zen 5 1.5-1.9x what a record said).
-MEASURE_FORMAT = 6
+#: the faster of its default library and oneDNN, `torch_gemm`: on AMD Zen 5 1.5-1.9x what a record said; 7: the
+#: library is kept with its rate, `Measurement.products`, which a format-6 record lacks, so it decided again at
+#: every start and could serve another library than it timed).
+MEASURE_FORMAT = 7
 #: Candidates are built together and timed in turns (`timing_passes.time_runtimes`) while their weights,
 #: counted once per candidate, stay under this many parameters (three copies of a 1.5B model); past it each
 #: candidate is timed alone, so that only one copy of the weights is in memory.

@@ -62,8 +62,9 @@ class GemmChoice:
 
 def bound_onednn_caches() -> None:
     """Cap oneDNN's caches of prepared products at `ONEDNN_CACHE_CAPACITY` (unless the operator set them): read
-    at the process's first oneDNN product, so called before any (the CLI's start, and every PyTorch runtime's
-    build). bf16 under autocast multiplies with oneDNN too, and grew the same way before."""
+    at the process's first oneDNN product, so called before any (the CLI's start, `choosing.create_runtime`
+    before it builds a candidate, and every PyTorch runtime's build). bf16 under autocast multiplies with oneDNN
+    too, and grew the same way before."""
     for name in _CACHE_ENVS:
         os.environ.setdefault(name, str(ONEDNN_CACHE_CAPACITY))
 
