@@ -245,7 +245,9 @@ print(rss() - start)
                                        check=True, timeout=300).stdout.split()[-1])
              for how in ("capped", "as PyTorch leaves it")}
     assert grown["capped"] < 100, grown
-    assert grown["as PyTorch leaves it"] > 150, grown  # the measurement sees what the caps are for
+    # The measurement sees what the caps are for (Zen 5: 372 against 55 MiB); relative, since a kernel's size
+    # differs between CPUs (AVX2, AVX-512, AMX).
+    assert grown["as PyTorch leaves it"] > 2 * grown["capped"], grown
 
 
 def test_the_caps_are_set_before_any_candidate_is_built(monkeypatch):
